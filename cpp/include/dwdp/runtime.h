@@ -1,0 +1,38 @@
+// NVSHMEM lifecycle owned by dwdp_ops._C.
+//
+// Invariants:
+//  * nvshmemx_init_attr is called from this module (runtime.cu), so the NVSHMEM device state that our kernels read
+//    is initialised even when another component initialised NVSHMEM first (the host library ref-counts).
+//  * Every argument that would make NVSHMEM call exit() is checked here first and reported as an exception.
+//  * One NVSHMEM world per process: after finalize() the runtime cannot be initialised again.
+#pragma once
+#include <cstddef>
+#include <cstdint>
+#include <string>
+#include <utility>
+
+namespace dwdp {
+
+// Number of CUDA devices, or 0 with the runtime's reason when there is no usable driver / GPU. Never throws.
+std::pair<int, std::string> cuda_device_count();
+// Compile-time NVSHMEM version "major.minor.patch" of the headers this module was built with.
+std::string nvshmem_version();
+size_t unique_id_size();
+// Creates an NVSHMEM unique ID on `device` (rank 0 only); the bytes are sent to the other ranks out of band.
+std::string get_unique_id(int device);
+void init(const std::string& uid, int rank, int world_size, int device);
+void finalize();
+// nvshmemx_init_status(): 0 not initialised, 1 bootstrapped, 2 initialised, 3/4 multi-process-per-GPU modes.
+int init_status();
+int my_pe();
+int n_pes();
+int device();
+// Host-side nvshmem_barrier_all (all PEs; completes outstanding puts and gets first).
+void barrier_all();
+// Collective symmetric allocation / free; addresses are returned as integers (device pointers).
+uintptr_t symmetric_malloc(size_t bytes, size_t alignment);
+void symmetric_free(uintptr_t ptr);
+// nvshmem_ptr: a local address of `pe`'s copy of the symmetric address, or 0 if pe is not P2P-reachable.
+uintptr_t symmetric_peer_ptr(uintptr_t ptr, int pe);
+
+}  // namespace dwdp

@@ -1,0 +1,150 @@
+// NVSHMEM lifecycle: unique-ID bootstrap, init/finalize, symmetric heap. See dwdp/runtime.h for the invariants.
+#include <nvshmem.h>
+#include <nvshmemx.h>
+
+#include <cstring>
+#include <mutex>
+
+#include "dwdp/check.h"
+#include "dwdp/runtime.h"
+
+namespace dwdp {
+namespace {
+
+std::mutex g_mu;
+int g_device = -1;
+bool g_initialized = false;
+bool g_finalized = false;
+
+void require_initialized(const char* what) {
+  if (g_finalized) throw std::runtime_error(std::string(what) + ": the NVSHMEM runtime was finalized");
+  if (!g_initialized) throw std::runtime_error(std::string(what) + ": the NVSHMEM runtime is not initialized");
+}
+
+void require_device(int device) {
+  auto [count, why] = cuda_device_count();
+  if (count == 0) throw std::runtime_error("no CUDA GPU is usable: " + why);
+  DWDP_REQUIRE(device >= 0 && device < count,
+               "device " << device << " does not exist: " << count << " CUDA device(s) are visible");
+}
+
+}  // namespace
+
+std::pair<int, std::string> cuda_device_count() {
+  int n = 0;
+  cudaError_t err = cudaGetDeviceCount(&n);
+  if (err != cudaSuccess) {
+    cudaGetLastError();  // clear the sticky-free error so later calls are not confused by it
+    return {0, std::string(cudaGetErrorName(err)) + ": " + cudaGetErrorString(err)};
+  }
+  return {n, n == 0 ? "no CUDA device found" : ""};
+}
+
+std::string nvshmem_version() {
+  return std::to_string(NVSHMEM_VENDOR_MAJOR_VERSION) + "." + std::to_string(NVSHMEM_VENDOR_MINOR_VERSION) + "." +
+         std::to_string(NVSHMEM_VENDOR_PATCH_VERSION);
+}
+
+size_t unique_id_size() { return sizeof(nvshmemx_uniqueid_t); }
+
+std::string get_unique_id(int device) {
+  require_device(device);
+  DeviceGuard guard(device);
+  DWDP_CUDA_CHECK(cudaFree(nullptr));  // a live runtime context before NVSHMEM touches CUDA
+  nvshmemx_uniqueid_t uid = NVSHMEMX_UNIQUEID_INITIALIZER;
+  int rc = nvshmemx_get_uniqueid(&uid);
+  if (rc != 0) throw std::runtime_error("nvshmemx_get_uniqueid failed with status " + std::to_string(rc));
+  return std::string(reinterpret_cast<const char*>(&uid), sizeof(uid));
+}
+
+void init(const std::string& uid, int rank, int world_size, int device) {
+  std::lock_guard<std::mutex> lock(g_mu);
+  if (g_finalized) throw std::runtime_error("init: NVSHMEM was finalized in this process and cannot start again");
+  if (g_initialized) throw std::runtime_error("init: NVSHMEM is already initialized by dwdp_ops in this process");
+  DWDP_REQUIRE(world_size >= 1, "world_size must be >= 1, got " << world_size);
+  DWDP_REQUIRE(rank >= 0 && rank < world_size, "rank must be in [0, " << world_size << "), got " << rank);
+  DWDP_REQUIRE(uid.size() == sizeof(nvshmemx_uniqueid_t),
+               "unique id must be " << sizeof(nvshmemx_uniqueid_t) << " bytes, got " << uid.size());
+  require_device(device);
+  // The device is selected for the lifetime of the process on purpose: NVSHMEM binds a PE to the device that is
+  // current at init.
+  DWDP_CUDA_CHECK(cudaSetDevice(device));
+  DWDP_CUDA_CHECK(cudaFree(nullptr));
+  nvshmemx_uniqueid_t id;
+  std::memcpy(&id, uid.data(), sizeof(id));
+  nvshmemx_init_attr_t attr = NVSHMEMX_INIT_ATTR_INITIALIZER;
+  int rc = nvshmemx_set_attr_uniqueid_args(rank, world_size, &id, &attr);
+  if (rc != 0) throw std::runtime_error("nvshmemx_set_attr_uniqueid_args failed with status " + std::to_string(rc));
+  rc = nvshmemx_init_attr(NVSHMEMX_INIT_WITH_UNIQUEID, &attr);
+  if (rc != 0) throw std::runtime_error("nvshmemx_init_attr failed with status " + std::to_string(rc));
+  if (nvshmem_my_pe() != rank || nvshmem_n_pes() != world_size) {
+    std::ostringstream os;
+    os << "NVSHMEM was already initialised in this process with another world: PE " << nvshmem_my_pe() << " of "
+       << nvshmem_n_pes() << ", requested " << rank << " of " << world_size;
+    nvshmem_finalize();
+    throw std::runtime_error(os.str());
+  }
+  g_device = device;
+  g_initialized = true;
+}
+
+void finalize() {
+  std::lock_guard<std::mutex> lock(g_mu);
+  if (!g_initialized) return;
+  {
+    DeviceGuard guard(g_device);
+    cudaDeviceSynchronize();
+    nvshmem_finalize();
+  }
+  g_initialized = false;
+  g_finalized = true;
+}
+
+int init_status() { return nvshmemx_init_status(); }
+
+int my_pe() {
+  require_initialized("my_pe");
+  return nvshmem_my_pe();
+}
+
+int n_pes() {
+  require_initialized("n_pes");
+  return nvshmem_n_pes();
+}
+
+int device() { return g_device; }
+
+void barrier_all() {
+  require_initialized("barrier_all");
+  DeviceGuard guard(g_device);
+  DWDP_CUDA_CHECK(cudaDeviceSynchronize());
+  nvshmem_barrier_all();
+}
+
+uintptr_t symmetric_malloc(size_t bytes, size_t alignment) {
+  require_initialized("symmetric_malloc");
+  DWDP_REQUIRE(bytes > 0, "symmetric allocation of 0 bytes");
+  DWDP_REQUIRE(alignment > 0 && (alignment & (alignment - 1)) == 0, "alignment must be a power of two, got " << alignment);
+  DeviceGuard guard(g_device);
+  void* p = nvshmem_align(alignment, bytes);
+  if (p == nullptr)
+    throw std::runtime_error("nvshmem_align(" + std::to_string(alignment) + ", " + std::to_string(bytes) +
+                             ") returned NULL: the symmetric heap is exhausted (raise NVSHMEM_SYMMETRIC_SIZE or "
+                             "dwdp_ops.init(heap_size=...))");
+  return reinterpret_cast<uintptr_t>(p);
+}
+
+void symmetric_free(uintptr_t ptr) {
+  require_initialized("symmetric_free");
+  DeviceGuard guard(g_device);
+  DWDP_CUDA_CHECK(cudaDeviceSynchronize());
+  nvshmem_free(reinterpret_cast<void*>(ptr));
+}
+
+uintptr_t symmetric_peer_ptr(uintptr_t ptr, int pe) {
+  require_initialized("peer_ptr");
+  DWDP_REQUIRE(pe >= 0 && pe < nvshmem_n_pes(), "pe must be in [0, " << nvshmem_n_pes() << "), got " << pe);
+  return reinterpret_cast<uintptr_t>(nvshmem_ptr(reinterpret_cast<const void*>(ptr), pe));
+}
+
+}  // namespace dwdp

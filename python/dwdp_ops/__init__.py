@@ -1,0 +1,48 @@
+"""dwdp_ops: Distributed Weight Data Parallelism for MoE inference.
+
+Every GPU runs data-parallel on its own requests, stores a slice of each MoE layer's experts, and pulls the experts it
+lacks from its peers one-sidedly (NVSHMEM, copy engines), ahead of use, so no GPU waits for another.
+
+Runtime (one process per GPU, started by ``python -m dwdp_ops.launch``, torchrun or mpirun):
+    init, finalize, rank, world_size, local_rank, barrier
+Symmetric memory:
+    symmetric_empty, free_symmetric, peer_view, getmem, logical_dtype, to_torch
+"""
+
+from .env import DistEnv
+from .errors import DwdpError, RendezvousError
+from .runtime import Runtime, barrier, finalize, get_runtime, init, is_initialized, local_rank, rank, world_size
+from .symmetric import free_symmetric, getmem, logical_dtype, peer_view, symmetric_empty, to_torch
+
+__version__ = "0.1.0"
+
+
+def cuda_device_count() -> int:
+    """Number of CUDA GPUs usable by this process (0 where there is no GPU or driver); never raises for a missing
+    driver."""
+    from ._native import native
+
+    return native().cuda_device_count()[0]
+
+
+__all__ = [
+    "DistEnv",
+    "DwdpError",
+    "RendezvousError",
+    "Runtime",
+    "barrier",
+    "cuda_device_count",
+    "finalize",
+    "free_symmetric",
+    "get_runtime",
+    "getmem",
+    "init",
+    "is_initialized",
+    "local_rank",
+    "logical_dtype",
+    "peer_view",
+    "rank",
+    "symmetric_empty",
+    "to_torch",
+    "world_size",
+]

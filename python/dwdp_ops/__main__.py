@@ -1,0 +1,53 @@
+"""``python -m dwdp_ops <command>``: ``info`` prints what this machine offers dwdp_ops."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+
+
+def info() -> dict:
+    from . import __version__
+    from ._native import native
+
+    c = native()
+    count, why = c.cuda_device_count()
+    out = {
+        "dwdp_ops": __version__,
+        "python": platform.python_version(),
+        "nvshmem_headers": c.nvshmem_version(),
+        "cuda_devices": count,
+    }
+    if count == 0:
+        out["why_no_gpu"] = why
+    try:
+        import cupy
+
+        out["cupy"] = cupy.__version__
+    except ImportError:
+        out["cupy"] = None
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m dwdp_ops")
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    p = sub.add_parser("info", help="versions, GPUs and NVSHMEM this install sees")
+    p.add_argument("--json", action="store_true")
+    ns = ap.parse_args(argv)
+    if ns.cmd == "info":
+        data = info()
+        if ns.json:
+            print(json.dumps(data, indent=2))
+        else:
+            for k, v in data.items():
+                print(f"{k:16s} {v}")
+            if data["cuda_devices"] == 0:
+                print("The kernels need NVIDIA GPUs; host-side planning and the CPU reference work here.")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

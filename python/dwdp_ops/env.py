@@ -1,0 +1,97 @@
+"""Where this process sits in the job: rank, world size and local rank from the launcher's environment.
+
+Pure host logic (no CUDA): parsed from a mapping so that it is testable anywhere.
+
+Recognised launchers, in order:
+  * ``torchrun`` and ``python -m dwdp_ops.launch``: ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``LOCAL_WORLD_SIZE``;
+  * ``mpirun`` (Open MPI): ``OMPI_COMM_WORLD_RANK``, ``OMPI_COMM_WORLD_SIZE``, ``OMPI_COMM_WORLD_LOCAL_RANK``,
+    ``OMPI_COMM_WORLD_LOCAL_SIZE``;
+  * none of them: a single process, rank 0 of 1.
+The rendezvous address is ``MASTER_ADDR`` (default 127.0.0.1) and ``MASTER_PORT`` (default 29531).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+DEFAULT_MASTER_ADDR = "127.0.0.1"
+DEFAULT_MASTER_PORT = 29531
+
+_TORCH = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE")
+_OMPI = ("OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE", "OMPI_COMM_WORLD_LOCAL_RANK", "OMPI_COMM_WORLD_LOCAL_SIZE")
+
+
+def _int(env: Mapping[str, str], name: str, default: int | None = None) -> int | None:
+    raw = env.get(name)
+    if raw is None or raw.strip() == "":
+        return default
+    try:
+        return int(raw.strip())
+    except ValueError:
+        raise ValueError(f"environment variable {name}={raw!r} is not an integer") from None
+
+
+@dataclass(frozen=True)
+class DistEnv:
+    """This process's place in the job. Invariants: ``0 <= rank < world_size`` and
+    ``0 <= local_rank < local_world_size <= world_size``."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    local_world_size: int = 1
+    master_addr: str = DEFAULT_MASTER_ADDR
+    master_port: int = DEFAULT_MASTER_PORT
+    launcher: str = "single"
+
+    def __post_init__(self) -> None:
+        if self.world_size < 1:
+            raise ValueError(f"world size must be >= 1, got {self.world_size}")
+        if not 0 <= self.rank < self.world_size:
+            raise ValueError(f"rank {self.rank} is outside [0, {self.world_size}) (world size {self.world_size})")
+        if not 1 <= self.local_world_size <= self.world_size:
+            raise ValueError(f"local world size {self.local_world_size} must be in [1, {self.world_size}]")
+        if not 0 <= self.local_rank < self.local_world_size:
+            raise ValueError(f"local rank {self.local_rank} is outside [0, {self.local_world_size})")
+        if not 1 <= self.master_port <= 65535:
+            raise ValueError(f"MASTER_PORT={self.master_port} is not a TCP port (1-65535)")
+
+    @classmethod
+    def from_environ(cls, environ: Mapping[str, str] | None = None) -> DistEnv:
+        env = os.environ if environ is None else environ
+        addr = env.get("MASTER_ADDR", "").strip() or DEFAULT_MASTER_ADDR
+        port = _int(env, "MASTER_PORT", DEFAULT_MASTER_PORT)
+        torch = cls._read(env, _TORCH)
+        ompi = cls._read(env, _OMPI)
+        if torch and ompi and (torch[0], torch[1]) != (ompi[0], ompi[1]):
+            raise ValueError(
+                f"launcher environments disagree: RANK={torch[0]} WORLD_SIZE={torch[1]} but "
+                f"OMPI_COMM_WORLD_RANK={ompi[0]} OMPI_COMM_WORLD_SIZE={ompi[1]}; unset one of them"
+            )
+        found = torch or ompi
+        if found is None:
+            return cls(master_addr=addr, master_port=port)
+        launcher = env.get("DWDP_LAUNCHER", "torchrun") if torch else "mpirun"
+        rank, world, local_rank, local_world = found
+        return cls(rank, world, local_rank, local_world, addr, port, launcher)
+
+    @staticmethod
+    def _read(env: Mapping[str, str], names: tuple[str, str, str, str]) -> tuple[int, int, int, int] | None:
+        rank_n, world_n, local_n, local_world_n = names
+        rank, world = _int(env, rank_n), _int(env, world_n)
+        if rank is None and world is None:
+            return None
+        if rank is None or world is None:
+            missing = rank_n if rank is None else world_n
+            present = world_n if rank is None else rank_n
+            raise ValueError(f"{present} is set but {missing} is not: a launcher sets both")
+        local_rank = _int(env, local_n, None)
+        local_world = _int(env, local_world_n, None)
+        if local_rank is None:
+            # Single-node default: the global rank picks the GPU.
+            local_rank = rank
+        if local_world is None:
+            local_world = world
+        return rank, world, local_rank, local_world

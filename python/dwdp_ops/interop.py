@@ -1,0 +1,88 @@
+"""Framework-neutral views of device memory and streams.
+
+Arrays are accepted from anything that exposes ``__cuda_array_interface__`` (CuPy, PyTorch, Numba); streams from
+CuPy (``.ptr``), PyTorch (``.cuda_stream``), cuda-python / cuda.core (``__cuda_stream__``) or a raw integer handle.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+FP8_NAMES = {"float8_e4m3fn", "e4m3", "fp8", "float8_e4m3"}
+
+
+@dataclass(frozen=True)
+class DeviceBuffer:
+    """Pointer, size and layout of a device array."""
+
+    ptr: int
+    shape: tuple[int, ...]
+    dtype: np.dtype
+    strides: tuple[int, ...] | None
+
+    @property
+    def nbytes(self) -> int:
+        return int(np.prod(self.shape, dtype=np.int64)) * self.dtype.itemsize
+
+    @property
+    def contiguous(self) -> bool:
+        if self.strides is None:
+            return True
+        expected, acc = [], self.dtype.itemsize
+        for n in reversed(self.shape):
+            expected.append(acc)
+            acc *= n
+        return tuple(reversed(expected)) == tuple(self.strides) or self.nbytes == 0
+
+
+def device_buffer(obj: Any, name: str = "array") -> DeviceBuffer:
+    """Reads ``__cuda_array_interface__``; a TypeError names the argument when the object is not a device array."""
+    cai = getattr(obj, "__cuda_array_interface__", None)
+    if cai is None:
+        raise TypeError(
+            f"{name} must be a CUDA device array (CuPy, PyTorch, Numba: anything with __cuda_array_interface__), "
+            f"got {type(obj).__name__}"
+        )
+    ptr = int(cai["data"][0])
+    return DeviceBuffer(ptr, tuple(int(x) for x in cai["shape"]), np.dtype(cai["typestr"]), cai.get("strides"))
+
+
+def normalize_dtype(dtype: Any) -> tuple[np.dtype, str]:
+    """(storage dtype, logical name). fp8 e4m3 is stored as uint8 bytes; its logical name is 'float8_e4m3fn'."""
+    name = getattr(dtype, "__name__", None) or str(dtype)
+    name = name.replace("torch.", "")
+    if name in FP8_NAMES:
+        return np.dtype(np.uint8), "float8_e4m3fn"
+    if name == "bfloat16":
+        # CuPy has no bfloat16: store the bits as uint16, view them as bf16 in the consuming framework.
+        return np.dtype(np.uint16), "bfloat16"
+    try:
+        dt = np.dtype(dtype)
+    except TypeError:
+        raise TypeError(f"dtype {dtype!r} is not supported: use a NumPy dtype, 'bfloat16' or 'float8_e4m3fn'") from None
+    if dt.hasobject or dt.itemsize == 0:
+        raise TypeError(f"dtype {dt} cannot live in device memory")
+    return dt, dt.name
+
+
+def stream_handle(stream: Any) -> int:
+    """The cudaStream_t of ``stream`` as an integer; None means CuPy's current stream (the legacy default stream
+    when CuPy is absent)."""
+    if stream is None:
+        try:
+            import cupy
+
+            return int(cupy.cuda.get_current_stream().ptr)
+        except ImportError:
+            return 0
+    if isinstance(stream, int):
+        return stream
+    for attr in ("ptr", "cuda_stream"):
+        if hasattr(stream, attr):
+            return int(getattr(stream, attr))
+    if hasattr(stream, "__cuda_stream__"):
+        return int(stream.__cuda_stream__()[1])
+    raise TypeError(f"stream must be a CuPy/PyTorch/cuda.core stream or an integer handle, got {type(stream).__name__}")

@@ -1,0 +1,162 @@
+"""``python -m dwdp_ops.launch -n N [--timeout S] script.py args...``: N ranks on this node, one per GPU.
+
+Each rank gets ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``LOCAL_WORLD_SIZE``, ``MASTER_ADDR=127.0.0.1`` and a free
+``MASTER_PORT`` (the torchrun convention, read by ``dwdp_ops.init``), plus ``PYTHONUNBUFFERED=1`` and the variables
+that keep NVLink multicast off (``NVSHMEM_DISABLE_NVLS=1``, ``NCCL_NVLS_ENABLE=0``,
+``TORCH_SYMM_MEM_DISABLE_MULTICAST=1``) unless already set. Every line a rank prints is prefixed with ``[rank r]``.
+When a rank fails, the others are terminated (SIGTERM, then SIGKILL after a grace period) and the launcher exits with
+that rank's code; ``--keep-going`` lets the others run to their end instead. ``--timeout`` ends the whole job,
+naming the ranks still running, with exit code 124.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+SAFE_ENV = {"NVSHMEM_DISABLE_NVLS": "1", "NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1"}
+GRACE_S = 5.0
+
+
+def free_port(addr: str = "127.0.0.1") -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((addr, 0))
+        return s.getsockname()[1]
+
+
+def _pump(rank: int, stream, out, lock: threading.Lock) -> None:
+    prefix = f"[rank {rank}] ".encode()
+    for line in iter(stream.readline, b""):
+        with lock:
+            out.write(prefix + line if line.endswith(b"\n") else prefix + line + b"\n")
+            out.flush()
+    stream.close()
+
+
+def _say(msg: str, lock: threading.Lock) -> None:
+    with lock:
+        sys.stdout.buffer.write(f"[launch] {msg}\n".encode())
+        sys.stdout.buffer.flush()
+
+
+def _terminate(procs: dict[int, subprocess.Popen], ranks: list[int]) -> None:
+    for r in ranks:
+        try:
+            os.killpg(procs[r].pid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+    deadline = time.monotonic() + GRACE_S
+    for r in ranks:
+        try:
+            procs[r].wait(timeout=max(0.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            try:
+                os.killpg(procs[r].pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            procs[r].wait()
+
+
+def run(
+    nprocs: int,
+    command: list[str],
+    *,
+    timeout: float | None = None,
+    keep_going: bool = False,
+    env: dict[str, str] | None = None,
+) -> int:
+    """Runs ``command`` (an argv list, for example ``[sys.executable, 'script.py']``) as ``nprocs`` ranks; returns the
+    job's exit code (0 when every rank succeeded)."""
+    if nprocs < 1:
+        raise ValueError(f"-n must be >= 1, got {nprocs}")
+    base = dict(os.environ if env is None else env)
+    for k, v in SAFE_ENV.items():
+        base.setdefault(k, v)
+    base.update(
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(free_port()),
+        WORLD_SIZE=str(nprocs),
+        LOCAL_WORLD_SIZE=str(nprocs),
+        PYTHONUNBUFFERED="1",
+        DWDP_LAUNCHER="dwdp_ops.launch",
+    )
+    lock = threading.Lock()
+    procs: dict[int, subprocess.Popen] = {}
+    pumps = []
+    for r in range(nprocs):
+        e = dict(base, RANK=str(r), LOCAL_RANK=str(r))
+        p = subprocess.Popen(command, env=e, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+        procs[r] = p
+        t = threading.Thread(target=_pump, args=(r, p.stdout, sys.stdout.buffer, lock), daemon=True)
+        t.start()
+        pumps.append(t)
+
+    def on_signal(signum, _frame):
+        _say(f"received signal {signum}; terminating every rank", lock)
+        _terminate(procs, [r for r, p in procs.items() if p.poll() is None])
+        sys.exit(128 + signum)
+
+    old = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+    start = time.monotonic()
+    code = 0
+    try:
+        while True:
+            running = [r for r, p in procs.items() if p.poll() is None]
+            failed = [r for r, p in procs.items() if p.returncode not in (None, 0)]
+            if failed and code == 0:
+                r = failed[0]
+                code = procs[r].returncode if procs[r].returncode > 0 else 128 - procs[r].returncode
+                how = f"exit code {procs[r].returncode}" if procs[r].returncode > 0 else f"signal {-procs[r].returncode}"
+                if running and not keep_going:
+                    _say(f"rank {r} failed ({how}); terminating rank(s) {running}", lock)
+                    _terminate(procs, running)
+                    running = []
+                else:
+                    _say(f"rank {r} failed ({how})", lock)
+            if not running:
+                break
+            if timeout is not None and time.monotonic() - start > timeout:
+                _say(f"timed out after {timeout:g} s; rank(s) {running} still running; terminating them", lock)
+                _terminate(procs, running)
+                code = 124
+                break
+            time.sleep(0.05)
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+        for t in pumps:
+            t.join(timeout=2.0)
+    return code
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m dwdp_ops.launch", description=__doc__.split("\n\n")[0])
+    ap.add_argument("-n", "--nprocs", type=int, required=True, help="number of ranks (one per GPU)")
+    ap.add_argument("--timeout", type=float, default=None, help="seconds before the whole job is ended (exit 124)")
+    ap.add_argument("--keep-going", action="store_true", help="when a rank fails, let the others finish")
+    ap.add_argument("-m", dest="module", default=None, help="run a module (like python -m) instead of a script")
+    ap.add_argument("script", nargs="?", help="the Python script each rank runs")
+    ap.add_argument("args", nargs=argparse.REMAINDER, help="arguments passed to the script")
+    ns = ap.parse_args(argv)
+    if ns.module is None and ns.script is None:
+        ap.error("give a script, or -m module")
+    if ns.module is not None:
+        command = [sys.executable, "-m", ns.module] + ([ns.script] if ns.script else []) + ns.args
+    else:
+        if not os.path.exists(ns.script):
+            ap.error(f"script {ns.script!r} does not exist")
+        command = [sys.executable, ns.script] + ns.args
+    try:
+        return run(ns.nprocs, command, timeout=ns.timeout, keep_going=ns.keep_going)
+    except ValueError as e:
+        ap.error(str(e))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

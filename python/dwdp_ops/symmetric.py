@@ -1,0 +1,120 @@
+"""Arrays on the NVSHMEM symmetric heap, peer views and one-sided gets.
+
+``symmetric_empty`` returns a CuPy array (usable from PyTorch through DLPack, ``to_torch``). Allocation and freeing
+are collective: every rank allocates the same shapes in the same order and frees them explicitly with
+``free_symmetric`` (never through garbage collection, whose order differs between ranks). A freed array must not be
+used again.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from .errors import DwdpError
+from .interop import device_buffer, normalize_dtype, stream_handle
+from .runtime import SymmetricBuffer, get_runtime
+
+_LOGICAL: dict[int, str] = {}  # buffer ptr -> logical dtype name for byte-stored dtypes
+
+
+def _shape(shape: Any) -> tuple[int, ...]:
+    shape = (shape,) if isinstance(shape, (int, np.integer)) else tuple(shape)
+    if not shape or any(int(n) <= 0 for n in shape):
+        raise ValueError(f"shape {shape} must be non-empty with positive extents")
+    return tuple(int(n) for n in shape)
+
+
+def _wrap(ptr: int, nbytes: int, shape, dtype, owner, strides=None):
+    import cupy
+
+    rt = get_runtime()
+    mem = cupy.cuda.UnownedMemory(ptr, nbytes, owner, device_id=rt.device)
+    return cupy.ndarray(shape, dtype, cupy.cuda.MemoryPointer(mem, 0), strides)
+
+
+def symmetric_empty(shape: Any, dtype: Any = np.float32):
+    """A CuPy array of ``shape`` on the symmetric heap, uninitialised. Collective: every rank passes the same shape
+    and dtype. fp8 e4m3 and bf16 are stored as uint8 / uint16 bits (``logical_dtype`` and ``to_torch`` recover
+    them)."""
+    shape = _shape(shape)
+    storage, logical = normalize_dtype(dtype)
+    nbytes = int(np.prod(shape, dtype=np.int64)) * storage.itemsize
+    buf = get_runtime().symmetric_alloc(nbytes, f"{logical}{list(shape)}")
+    if logical != storage.name:
+        _LOGICAL[buf.ptr] = logical
+    return _wrap(buf.ptr, nbytes, shape, storage, buf)
+
+
+def _buffer_of(array: Any, what: str) -> tuple[SymmetricBuffer, Any]:
+    rt = get_runtime()
+    rt.require(what)
+    db = device_buffer(array, what)
+    buf = rt.find_buffer(db.ptr, db.nbytes)
+    if buf is None:
+        raise DwdpError(f"{what}: the array at {db.ptr:#x} is not on the symmetric heap (or was freed)")
+    return buf, db
+
+
+def free_symmetric(array: Any) -> None:
+    """Frees the symmetric allocation that ``array`` (returned by ``symmetric_empty``) owns. Collective."""
+    buf, db = _buffer_of(array, "free_symmetric")
+    if db.ptr != buf.ptr:
+        raise DwdpError("free_symmetric: pass the array returned by symmetric_empty, not a slice of it")
+    get_runtime().symmetric_free(buf)
+    _LOGICAL.pop(buf.ptr, None)
+
+
+def logical_dtype(array: Any) -> str:
+    """The dtype a symmetric array stands for ('float8_e4m3fn', 'bfloat16', or its own dtype's name)."""
+    buf, db = _buffer_of(array, "logical_dtype")
+    return _LOGICAL.get(buf.ptr, db.dtype.name)
+
+
+def peer_view(array: Any, pe: int):
+    """A CuPy array over ``pe``'s copy of the symmetric ``array`` (same shape, strides, offset), readable and
+    writable by load/store from this GPU. Raises when ``pe`` is not P2P-reachable (use ``getmem`` there)."""
+    rt = get_runtime()
+    buf, db = _buffer_of(array, "peer_view")
+    if not 0 <= int(pe) < rt.world_size():
+        raise ValueError(f"peer_view: pe {pe} is outside [0, {rt.world_size()})")
+    base = rt.backend.symmetric_peer_ptr(buf.ptr, int(pe))
+    if base == 0:
+        raise DwdpError(
+            f"peer_view: PE {pe} is not reachable by load/store from PE {rt.rank()} (no P2P/NVLink mapping); "
+            "use dwdp_ops.getmem"
+        )
+    off = db.ptr - buf.ptr
+    return _wrap(base + off, db.nbytes, db.shape, db.dtype, buf, db.strides)
+
+
+def getmem(dst: Any, src: Any, pe: int, *, stream: Any = None, num_blocks: int = 32, threads: int = 512) -> None:
+    """One-sided NVSHMEM get on ``stream``: ``dst`` (any contiguous device array on this GPU) receives the bytes of
+    ``pe``'s copy of the symmetric array ``src``. An SM-driven kernel of ``num_blocks`` blocks; no host sync."""
+    rt = get_runtime()
+    _, s = _buffer_of(src, "getmem")
+    d = device_buffer(dst, "getmem dst")
+    if not (s.contiguous and d.contiguous):
+        raise ValueError("getmem: src and dst must be contiguous")
+    if d.nbytes != s.nbytes:
+        raise ValueError(f"getmem: dst holds {d.nbytes} bytes but src holds {s.nbytes}")
+    if not 0 <= int(pe) < rt.world_size():
+        raise ValueError(f"getmem: pe {pe} is outside [0, {rt.world_size()})")
+    rt.backend.getmem(d.ptr, s.ptr, s.nbytes, int(pe), stream_handle(stream), int(num_blocks), int(threads))
+
+
+def to_torch(array: Any):
+    """A PyTorch tensor sharing ``array``'s memory (DLPack), viewed as its logical dtype (fp8 e4m3, bf16)."""
+    import torch
+
+    t = torch.from_dlpack(array)
+    rt = get_runtime()
+    db = device_buffer(array, "to_torch")
+    buf = rt.find_buffer(db.ptr, db.nbytes) if rt.state == "initialized" else None
+    logical = _LOGICAL.get(buf.ptr) if buf is not None else None
+    if logical == "float8_e4m3fn":
+        t = t.view(torch.float8_e4m3fn)
+    elif logical == "bfloat16":
+        t = t.view(torch.bfloat16)
+    return t

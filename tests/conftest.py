@@ -1,0 +1,54 @@
+"""Shared fixtures. GPU tests carry the markers ``gpu`` / ``multigpu`` and skip with a reason where the GPUs are
+missing; everything host-side runs everywhere."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+MULTIPROC = Path(__file__).resolve().parent / "multiproc"
+
+
+def _gpu_count() -> tuple[int, str]:
+    try:
+        from dwdp_ops._native import native
+
+        return native().cuda_device_count()
+    except Exception as e:  # noqa: BLE001 - report any reason as the skip reason
+        return 0, str(e)
+
+
+GPU_COUNT, NO_GPU_REASON = _gpu_count()
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        need = 0
+        if item.get_closest_marker("gpu"):
+            need = 1
+        m = item.get_closest_marker("multigpu")
+        if m:
+            need = max(need, m.kwargs.get("n", 2))
+        if need and GPU_COUNT < need:
+            why = NO_GPU_REASON or f"{GPU_COUNT} visible"
+            item.add_marker(pytest.mark.skip(reason=f"needs {need} NVIDIA GPU(s); found {GPU_COUNT} ({why})"))
+
+
+def launch(n: int, script: str, *args: str, timeout: float = 240, keep_going: bool = False, extra_env=None):
+    """Runs tests/multiproc/<script> as n ranks through dwdp_ops.launch; returns the CompletedProcess."""
+    cmd = [sys.executable, "-m", "dwdp_ops.launch", "-n", str(n), "--timeout", str(timeout)]
+    if keep_going:
+        cmd.append("--keep-going")
+    cmd += [str(MULTIPROC / script), *args]
+    env = dict(os.environ, **(extra_env or {}))
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout + 60, env=env, cwd=ROOT)
+
+
+@pytest.fixture
+def run_ranks():
+    return launch

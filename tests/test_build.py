@@ -1,0 +1,87 @@
+"""The extension imports without a GPU driver, reports why there is no GPU, and the build fails clearly when its
+prerequisites are missing."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from conftest import ROOT
+
+
+def test_native_module_imports_and_reports():
+    from dwdp_ops._native import native
+
+    c = native()
+    count, why = c.cuda_device_count()
+    assert count >= 0 and (count > 0 or why)
+    major, minor, _patch = (int(x) for x in c.nvshmem_version().split("."))
+    assert major == 3 and minor >= 4
+    assert c.unique_id_size() > 0
+
+
+def test_native_errors_are_exceptions():
+    from dwdp_ops._native import native
+
+    c = native()
+    with pytest.raises(RuntimeError, match="not initialized"):
+        c.my_pe()
+    with pytest.raises(RuntimeError, match="not initialized"):
+        c.symmetric_malloc(1024)
+
+
+def test_native_module_links_no_driver():
+    from dwdp_ops import _C
+
+    if not shutil.which("readelf"):
+        pytest.skip("readelf not available")
+    dyn = subprocess.run(["readelf", "-d", _C.__file__], capture_output=True, text=True).stdout
+    assert "libcuda.so" not in dyn and "libnvshmem_host.so.3" in dyn
+
+
+def test_info_command_runs():
+    out = subprocess.run([sys.executable, "-m", "dwdp_ops", "info", "--json"], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert '"nvshmem_headers"' in out.stdout
+
+
+@pytest.mark.skipif(not shutil.which("cmake"), reason="cmake not on PATH")
+@pytest.mark.timeout(300)
+def test_cmake_names_missing_nvshmem(tmp_path):
+    import pybind11
+
+    env = dict(os.environ, NVSHMEM_HOME=str(tmp_path / "no-nvshmem"))
+    proc = subprocess.run(
+        ["cmake", "-S", str(ROOT), "-B", str(tmp_path / "b"), f"-DPython_EXECUTABLE={sys.executable}",
+         f"-Dpybind11_DIR={pybind11.get_cmake_dir()}"],
+        capture_output=True, text=True, env=env,
+    )
+    assert proc.returncode != 0
+    text = proc.stdout + proc.stderr
+    if "CMake 3.26 or higher is required" in text:
+        pytest.skip("the cmake on PATH is older than the build needs")
+    assert "NVSHMEM at" in text and "is incomplete" in text
+
+
+@pytest.mark.skipif(not shutil.which("cmake"), reason="cmake not on PATH")
+@pytest.mark.timeout(120)
+def test_cmake_names_missing_nvcc(tmp_path):
+    import pybind11
+
+    env = dict(os.environ, PATH="/usr/bin:/bin", CUDACXX="")
+    env.pop("CUDACXX")
+    cmake = shutil.which("cmake")
+    proc = subprocess.run(
+        [cmake, "-S", str(ROOT), "-B", str(tmp_path / "b"), f"-DPython_EXECUTABLE={sys.executable}",
+         f"-Dpybind11_DIR={pybind11.get_cmake_dir()}"],
+        capture_output=True, text=True, env=env,
+    )
+    text = proc.stdout + proc.stderr
+    if "CMake 3.26 or higher is required" in text:
+        pytest.skip("the cmake on PATH is older than the build needs")
+    assert proc.returncode != 0
+    assert "dwdp_ops needs the CUDA compiler" in text, text

@@ -1,0 +1,57 @@
+import pytest
+
+from dwdp_ops.env import DEFAULT_MASTER_PORT, DistEnv
+
+
+def test_single_process_default():
+    e = DistEnv.from_environ({})
+    assert (e.rank, e.world_size, e.local_rank, e.launcher) == (0, 1, 0, "single")
+    assert e.master_addr == "127.0.0.1" and e.master_port == DEFAULT_MASTER_PORT
+
+
+def test_torchrun_variables():
+    e = DistEnv.from_environ(
+        {"RANK": "3", "WORLD_SIZE": "4", "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "2", "MASTER_ADDR": "10.0.0.1",
+         "MASTER_PORT": "1234"}
+    )
+    assert (e.rank, e.world_size, e.local_rank, e.local_world_size) == (3, 4, 1, 2)
+    assert (e.master_addr, e.master_port, e.launcher) == ("10.0.0.1", 1234, "torchrun")
+
+
+def test_openmpi_variables():
+    e = DistEnv.from_environ(
+        {"OMPI_COMM_WORLD_RANK": "2", "OMPI_COMM_WORLD_SIZE": "4", "OMPI_COMM_WORLD_LOCAL_RANK": "2",
+         "OMPI_COMM_WORLD_LOCAL_SIZE": "4"}
+    )
+    assert (e.rank, e.world_size, e.local_rank, e.local_world_size, e.launcher) == (2, 4, 2, 4, "mpirun")
+
+
+def test_local_rank_defaults_to_rank():
+    e = DistEnv.from_environ({"RANK": "1", "WORLD_SIZE": "2"})
+    assert (e.local_rank, e.local_world_size) == (1, 2)
+
+
+def test_agreeing_launchers_are_accepted():
+    e = DistEnv.from_environ({"RANK": "1", "WORLD_SIZE": "2", "OMPI_COMM_WORLD_RANK": "1", "OMPI_COMM_WORLD_SIZE": "2"})
+    assert e.rank == 1
+
+
+@pytest.mark.parametrize(
+    "env, match",
+    [
+        ({"RANK": "x", "WORLD_SIZE": "2"}, r"RANK='x' is not an integer"),
+        ({"RANK": "0"}, r"RANK is set but WORLD_SIZE is not"),
+        ({"WORLD_SIZE": "2"}, r"WORLD_SIZE is set but RANK is not"),
+        ({"RANK": "2", "WORLD_SIZE": "2"}, r"rank 2 is outside \[0, 2\)"),
+        ({"RANK": "0", "WORLD_SIZE": "0"}, r"world size must be >= 1"),
+        ({"RANK": "0", "WORLD_SIZE": "2", "MASTER_PORT": "70000"}, r"MASTER_PORT=70000"),
+        ({"RANK": "0", "WORLD_SIZE": "2", "LOCAL_RANK": "3", "LOCAL_WORLD_SIZE": "2"}, r"local rank 3"),
+        (
+            {"RANK": "0", "WORLD_SIZE": "2", "OMPI_COMM_WORLD_RANK": "1", "OMPI_COMM_WORLD_SIZE": "2"},
+            r"launcher environments disagree",
+        ),
+    ],
+)
+def test_bad_environment_is_named(env, match):
+    with pytest.raises(ValueError, match=match):
+        DistEnv.from_environ(env)

@@ -1,0 +1,105 @@
+"""The launcher: per-rank environment, output prefixes, failure propagation and the job timeout."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+import time
+
+
+def _launch(tmp_path, body, *args, n=3):
+    script = tmp_path / "job.py"
+    script.write_text(textwrap.dedent(body))
+    cmd = [sys.executable, "-m", "dwdp_ops.launch", "-n", str(n), *args, str(script)]
+    t0 = time.monotonic()
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    return proc, time.monotonic() - t0
+
+
+def test_environment_and_prefixes(tmp_path):
+    proc, _ = _launch(
+        tmp_path,
+        """
+        import os
+        print("hello", os.environ["RANK"], os.environ["WORLD_SIZE"], os.environ["LOCAL_RANK"],
+              os.environ["MASTER_ADDR"], os.environ["NVSHMEM_DISABLE_NVLS"])
+        print("second line")
+        """,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    lines = proc.stdout.splitlines()
+    for r in range(3):
+        assert f"[rank {r}] hello {r} 3 {r} 127.0.0.1 1" in lines
+        assert f"[rank {r}] second line" in lines
+    assert all(line.startswith("[rank ") for line in lines)
+
+
+def test_one_failure_ends_the_others(tmp_path):
+    proc, took = _launch(
+        tmp_path,
+        """
+        import os, sys, time
+        if os.environ["RANK"] == "1":
+            print("failing", flush=True)
+            sys.exit(3)
+        time.sleep(60)
+        """,
+    )
+    assert proc.returncode == 3
+    assert "rank 1 failed (exit code 3); terminating rank(s) [0, 2]" in proc.stdout
+    assert took < 30
+
+
+def test_keep_going_lets_survivors_finish(tmp_path):
+    proc, _ = _launch(
+        tmp_path,
+        """
+        import os, sys, time
+        if os.environ["RANK"] == "0":
+            sys.exit(5)
+        time.sleep(1.0)
+        print("finished")
+        """,
+        "--keep-going",
+    )
+    assert proc.returncode == 5
+    assert "[rank 1] finished" in proc.stdout and "[rank 2] finished" in proc.stdout
+
+
+def test_killed_rank_is_reported_as_signal(tmp_path):
+    proc, took = _launch(
+        tmp_path,
+        """
+        import os, signal, time
+        if os.environ["RANK"] == "2":
+            os.kill(os.getpid(), signal.SIGKILL)
+        time.sleep(60)
+        """,
+    )
+    assert proc.returncode == 128 + 9
+    assert "rank 2 failed (signal 9)" in proc.stdout
+    assert took < 30
+
+
+def test_timeout_names_running_ranks(tmp_path):
+    proc, took = _launch(
+        tmp_path,
+        """
+        import os, time
+        if os.environ["RANK"] != "0":
+            time.sleep(60)
+        """,
+        "--timeout",
+        "2",
+    )
+    assert proc.returncode == 124
+    assert "timed out after 2 s; rank(s) [1, 2] still running" in proc.stdout
+    assert took < 20
+
+
+def test_missing_script_is_a_usage_error(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "-m", "dwdp_ops.launch", "-n", "2", str(tmp_path / "nope.py")], capture_output=True, text=True
+    )
+    assert proc.returncode == 2 and "does not exist" in proc.stderr

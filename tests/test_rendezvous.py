@@ -1,0 +1,178 @@
+"""The TCP control plane: payload exchange between real processes, and every failure naming the ranks concerned."""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import signal
+import threading
+import time
+
+import pytest
+
+from dwdp_ops.errors import RendezvousError
+from dwdp_ops.launch import free_port
+from dwdp_ops.rendezvous import Rendezvous
+
+
+def _ranks_in_threads(world, fn, *, port=None, timeout=10.0, worlds=None):
+    """Runs fn(rdv_or_exception, rank) for every rank in its own thread; returns {rank: result or exception}."""
+    port = port or free_port()
+    out = {}
+
+    def body(r):
+        try:
+            rdv = Rendezvous(r, (worlds or {}).get(r, world), "127.0.0.1", port, timeout)
+        except Exception as e:  # noqa: BLE001
+            out[r] = e
+            return
+        try:
+            out[r] = fn(rdv, r)
+        except Exception as e:  # noqa: BLE001
+            out[r] = e
+        finally:
+            rdv.close()
+
+    ts = [threading.Thread(target=body, args=(r,)) for r in range(world)]
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join(timeout * 3)
+    return out
+
+
+def _proc_rank(rank, world, port, q):
+    with Rendezvous(rank, world, "127.0.0.1", port, 20.0) as rdv:
+        got = rdv.allgather("exchange", f"payload-from-{rank}-pid-{os.getpid()}".encode() * (rank + 1))
+        uid = rdv.broadcast("uid", os.urandom(128) if rank == 0 else b"")
+        q.put((rank, [g.decode() for g in got], uid.hex()))
+
+
+def test_two_processes_exchange_payload():
+    ctx = mp.get_context("spawn")
+    q, port = ctx.Queue(), free_port()
+    procs = [ctx.Process(target=_proc_rank, args=(r, 2, port, q)) for r in range(2)]
+    for p in procs:
+        p.start()
+    results = dict((r, (g, u)) for r, g, u in (q.get(timeout=60) for _ in procs))
+    for p in procs:
+        p.join(30)
+        assert p.exitcode == 0
+    for r in range(2):
+        gathered, uid = results[r]
+        assert [g.split("-pid-")[0] for g in gathered] == ["payload-from-0", "payload-from-1"]
+        assert gathered[1].count("payload-from-1") == 2
+        assert len(bytes.fromhex(uid)) == 128
+    assert results[0] == results[1]  # every rank sees the same bytes, rank 0's unique ID included
+
+
+@pytest.mark.parametrize("world", [1, 3, 4])
+def test_allgather_orders_by_rank(world):
+    out = _ranks_in_threads(world, lambda rdv, r: [rdv.allgather(f"step{i}", bytes([r, i])) for i in range(5)])
+    for r in range(world):
+        assert out[r] == [[bytes([q, i]) for q in range(world)] for i in range(5)]
+
+
+def test_world_size_disagreement_is_named():
+    out = _ranks_in_threads(2, lambda rdv, r: None, worlds={0: 2, 1: 3}, timeout=5.0)
+    for r in (0, 1):
+        assert isinstance(out[r], RendezvousError), out[r]
+        assert "world size disagrees" in str(out[r]) and "rank 1 has 3" in str(out[r])
+
+
+def test_missing_ranks_are_named_on_timeout():
+    port = free_port()
+    t0 = time.monotonic()
+    out = {}
+
+    def rank1():
+        try:
+            out[1] = Rendezvous(1, 4, "127.0.0.1", port, 5.0)
+        except RendezvousError as e:
+            out[1] = e
+
+    th = threading.Thread(target=rank1)
+    th.start()
+    try:
+        with pytest.raises(RendezvousError, match=r"rank\(s\) \[2, 3\] of 4 never arrived"):
+            Rendezvous(0, 4, "127.0.0.1", port, 1.5)
+    finally:
+        th.join(10)
+    # the rank that did arrive is told the same reason instead of waiting for its own timeout
+    assert isinstance(out[1], RendezvousError) and "[2, 3] of 4 never arrived" in str(out[1])
+    assert time.monotonic() - t0 < 5
+
+
+def test_rank_without_root_times_out():
+    with pytest.raises(RendezvousError, match=r"rank 1 could not reach rank 0 at 127.0.0.1:\d+ within 0.5 s"):
+        Rendezvous(1, 2, "127.0.0.1", free_port(), 0.5)
+
+
+def test_collective_mismatch_is_reported_everywhere():
+    out = _ranks_in_threads(2, lambda rdv, r: rdv.allgather("barrier" if r == 0 else "symmetric_alloc"))
+    for r in (0, 1):
+        assert isinstance(out[r], RendezvousError)
+        assert "collective mismatch" in str(out[r]) and "'symmetric_alloc'" in str(out[r])
+
+
+def test_late_rank_in_collective_times_out_with_name():
+    def fn(rdv, r):
+        if r == 2:
+            time.sleep(3.0)
+            return "late"
+        return rdv.barrier("step")
+
+    out = _ranks_in_threads(3, fn, timeout=1.0)
+    for r in (0, 1):
+        assert isinstance(out[r], RendezvousError)
+        assert "step: rank(s) [2] did not arrive within 1 s" in str(out[r])
+
+
+def test_broken_rendezvous_refuses_further_use():
+    def fn(rdv, r):
+        if r == 1:
+            return "gone"  # closes without joining the barrier
+        try:
+            rdv.barrier("b1")
+        except RendezvousError:
+            pass
+        return rdv.barrier("b2")
+
+    out = _ranks_in_threads(2, fn, timeout=3.0)
+    assert isinstance(out[0], RendezvousError) and "failed earlier" in str(out[0])
+
+
+def _victim(rank, world, port, ready):
+    rdv = Rendezvous(rank, world, "127.0.0.1", port, 30.0)
+    rdv.barrier("ready")
+    ready.set()
+    if rank == 1:
+        time.sleep(60)  # killed by the test
+    t0 = time.monotonic()
+    try:
+        rdv.barrier("after-kill")
+    except RendezvousError as e:
+        print(f"SURVIVOR {rank} {time.monotonic() - t0:.2f}s: {e}", flush=True)
+        os._exit(7)
+    os._exit(0)
+
+
+@pytest.mark.parametrize("victim", [1])
+def test_killed_rank_makes_survivors_fail_fast(victim, capfd):
+    ctx = mp.get_context("fork")
+    port = free_port()
+    ready = ctx.Event()
+    procs = [ctx.Process(target=_victim, args=(r, 3, port, ready)) for r in range(3)]
+    for p in procs:
+        p.start()
+    assert ready.wait(30)
+    time.sleep(0.3)
+    os.kill(procs[victim].pid, signal.SIGKILL)
+    t0 = time.monotonic()
+    for r, p in enumerate(procs):
+        p.join(20)
+        if r != victim:
+            assert p.exitcode == 7, f"rank {r} did not fail cleanly: exit {p.exitcode}"
+    assert time.monotonic() - t0 < 15
+    err = capfd.readouterr().out
+    assert "rank(s) [1] disconnected" in err
