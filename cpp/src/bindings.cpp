@@ -17,8 +17,16 @@ PYBIND11_MODULE(_C, m) {
   m.def("nvshmem_version", &dwdp::nvshmem_version, "NVSHMEM header version this module was built with");
   m.def("unique_id_size", &dwdp::unique_id_size);
   m.def(
-      "get_unique_id", [](int device) { return py::bytes(dwdp::get_unique_id(device)); }, py::arg("device"),
-      py::call_guard<py::gil_scoped_release>());
+      "get_unique_id",
+      [](int device) {
+        std::string uid;
+        {
+          py::gil_scoped_release release;  // the bytes object below is built with the GIL held
+          uid = dwdp::get_unique_id(device);
+        }
+        return py::bytes(uid);
+      },
+      py::arg("device"));
   m.def(
       "init", [](py::bytes uid, int rank, int world_size, int device) {
         std::string s = uid;
