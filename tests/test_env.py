@@ -1,5 +1,4 @@
 import pytest
-
 from dwdp_ops.env import DEFAULT_MASTER_PORT, DistEnv
 
 

@@ -9,7 +9,6 @@ import threading
 import time
 
 import pytest
-
 from dwdp_ops.errors import RendezvousError
 from dwdp_ops.launch import free_port
 from dwdp_ops.rendezvous import Rendezvous
@@ -54,7 +53,7 @@ def test_two_processes_exchange_payload():
     procs = [ctx.Process(target=_proc_rank, args=(r, 2, port, q)) for r in range(2)]
     for p in procs:
         p.start()
-    results = dict((r, (g, u)) for r, g, u in (q.get(timeout=60) for _ in procs))
+    results = {r: (g, u) for r, g, u in (q.get(timeout=60) for _ in procs)}
     for p in procs:
         p.join(30)
         assert p.exitcode == 0

@@ -5,9 +5,8 @@ from __future__ import annotations
 
 import threading
 
-import pytest
-
 import dwdp_ops
+import pytest
 from dwdp_ops.errors import DwdpError
 from dwdp_ops.launch import free_port
 from dwdp_ops.runtime import Runtime
@@ -183,7 +182,7 @@ def test_double_free_is_refused():
 
 
 def test_real_module_without_gpu_raises_clearly():
-    count, why = dwdp_ops.get_runtime().backend.cuda_device_count()
+    count, _why = dwdp_ops.get_runtime().backend.cuda_device_count()
     if count:
         pytest.skip("a GPU is present: this checks the no-GPU message")
     with pytest.raises(DwdpError, match="no CUDA GPU is usable"):

@@ -1,10 +1,12 @@
 // pybind11 module dwdp_ops._C: a thin boundary. Pointers and streams cross it as integers; Python owns arrays,
 // validation of shapes and dtypes, and the lifecycle (python/dwdp_ops/runtime.py).
 #include <pybind11/pybind11.h>
+#include <pybind11/numpy.h>
 #include <pybind11/stl.h>
 
 #include "dwdp/fetch.h"
 #include "dwdp/runtime.h"
+#include "dwdp/vmm.h"
 
 namespace py = pybind11;
 
@@ -46,4 +48,35 @@ PYBIND11_MODULE(_C, m) {
   m.def("symmetric_peer_ptr", &dwdp::symmetric_peer_ptr, py::arg("ptr"), py::arg("pe"));
   m.def("getmem", &dwdp::getmem, py::arg("dst"), py::arg("src"), py::arg("nbytes"), py::arg("pe"), py::arg("stream"),
         py::arg("num_blocks"), py::arg("threads") = 512);
+  m.def("register_symmetric", &dwdp::register_symmetric, py::arg("va"), py::arg("nbytes"),
+        py::call_guard<py::gil_scoped_release>());
+  m.def("unregister_symmetric", &dwdp::unregister_symmetric, py::arg("sym"), py::arg("nbytes"),
+        py::call_guard<py::gil_scoped_release>());
+
+  using U64 = py::array_t<uint64_t, py::array::c_style | py::array::forcecast>;
+  m.def(
+      "ce_copy",
+      [](U64 dsts, U64 srcs, U64 sizes, uintptr_t stream, bool batched) {
+        if (dsts.ndim() != 1 || srcs.ndim() != 1 || sizes.ndim() != 1 || dsts.size() != srcs.size() ||
+            dsts.size() != sizes.size())
+          throw std::invalid_argument("ce_copy: dsts, srcs and sizes must be 1-D arrays of one length");
+        py::gil_scoped_release release;
+        dwdp::ce_copy(dsts.data(), srcs.data(), sizes.data(), static_cast<size_t>(dsts.size()), stream, batched);
+      },
+      py::arg("dsts"), py::arg("srcs"), py::arg("sizes"), py::arg("stream"), py::arg("batched"));
+  m.def("fetch_experts", &dwdp::fetch_experts, py::arg("table"), py::arg("num_experts"), py::arg("num_tensors"),
+        py::arg("ids"), py::arg("count_dev"), py::arg("count_cap"), py::arg("chunk"), py::arg("max_chunks"),
+        py::arg("err"), py::arg("peer_ptr"), py::arg("num_blocks"), py::arg("threads"), py::arg("stream"));
+  m.def("pack_experts", &dwdp::pack_experts, py::arg("dst"), py::arg("dst_stride"), py::arg("src_table"),
+        py::arg("nbytes"), py::arg("n"), py::arg("stream"));
+  m.attr("EXPERT_COPY_BYTES") = sizeof(dwdp::ExpertCopy);
+
+  m.def("vmm_granularity", &dwdp::vmm_granularity, py::arg("device"));
+  m.def("vmm_create", &dwdp::vmm_create, py::arg("nbytes"), py::arg("device"));
+  m.def("vmm_release", &dwdp::vmm_release, py::arg("handle"));
+  m.def("vmm_reserve", &dwdp::vmm_reserve, py::arg("nbytes"), py::arg("alignment") = 0);
+  m.def("vmm_free", &dwdp::vmm_free, py::arg("va"), py::arg("nbytes"));
+  m.def("vmm_map", &dwdp::vmm_map, py::arg("va"), py::arg("nbytes"), py::arg("handle"), py::arg("offset"),
+        py::arg("device"));
+  m.def("vmm_unmap", &dwdp::vmm_unmap, py::arg("va"), py::arg("nbytes"));
 }

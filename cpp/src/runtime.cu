@@ -147,4 +147,26 @@ uintptr_t symmetric_peer_ptr(uintptr_t ptr, int pe) {
   return reinterpret_cast<uintptr_t>(nvshmem_ptr(reinterpret_cast<const void*>(ptr), pe));
 }
 
+uintptr_t register_symmetric(uintptr_t va, size_t bytes) {
+  require_initialized("register_symmetric");
+  constexpr size_t kUnit = size_t(512) << 20;
+  DWDP_REQUIRE(bytes > 0 && bytes % kUnit == 0,
+               "register_symmetric: " << bytes << " bytes is not a positive multiple of 512 MiB, which NVSHMEM "
+                                      << "needs for user buffers on these machines");
+  DeviceGuard guard(g_device);
+  void* sym = nvshmemx_buffer_register_symmetric(reinterpret_cast<void*>(va), bytes, 0);
+  if (sym == nullptr)
+    throw std::runtime_error("nvshmemx_buffer_register_symmetric failed for " + std::to_string(bytes) +
+                             " bytes (the buffer must be a cuMemCreate allocation with a POSIX-FD handle)");
+  return reinterpret_cast<uintptr_t>(sym);
+}
+
+void unregister_symmetric(uintptr_t sym, size_t bytes) {
+  require_initialized("unregister_symmetric");
+  DeviceGuard guard(g_device);
+  DWDP_CUDA_CHECK(cudaDeviceSynchronize());
+  int rc = nvshmemx_buffer_unregister_symmetric(reinterpret_cast<void*>(sym), bytes);
+  if (rc != 0) throw std::runtime_error("nvshmemx_buffer_unregister_symmetric failed with status " + std::to_string(rc));
+}
+
 }  // namespace dwdp

@@ -7,11 +7,17 @@ Runtime (one process per GPU, started by ``python -m dwdp_ops.launch``, torchrun
     init, finalize, rank, world_size, local_rank, barrier
 Symmetric memory:
     symmetric_empty, free_symmetric, peer_view, getmem, logical_dtype, to_torch
+Experts (the paper's split weights):
+    ExpertPartition (who stores what, who fetches what), ExpertLayout (page-aligned packing),
+    ExpertStore (local storage, slots, composite/table/merge views, copy-engine and NVSHMEM fetch)
 """
 
 from .env import DistEnv
 from .errors import DwdpError, RendezvousError
+from .layout import ExpertLayout, TensorSpec
+from .partition import ExpertPartition
 from .runtime import Runtime, barrier, finalize, get_runtime, init, is_initialized, local_rank, rank, world_size
+from .store import ExpertStore
 from .symmetric import free_symmetric, getmem, logical_dtype, peer_view, symmetric_empty, to_torch
 
 __version__ = "0.1.0"
@@ -28,8 +34,12 @@ def cuda_device_count() -> int:
 __all__ = [
     "DistEnv",
     "DwdpError",
+    "ExpertLayout",
+    "ExpertPartition",
+    "ExpertStore",
     "RendezvousError",
     "Runtime",
+    "TensorSpec",
     "barrier",
     "cuda_device_count",
     "finalize",

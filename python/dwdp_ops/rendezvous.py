@@ -76,7 +76,7 @@ class _Conn:
             self.sock.settimeout(remaining)
             try:
                 chunk = self.sock.recv(1 << 16)
-            except socket.timeout:
+            except TimeoutError:
                 continue
             except (ConnectionResetError, ConnectionAbortedError, OSError):
                 return None

@@ -4,9 +4,8 @@ pattern and reads every peer's copy through peer_view and through the NVSHMEM ge
 import sys
 
 import cupy as cp
-import numpy as np
-
 import dwdp_ops
+import numpy as np
 
 
 def pattern(rank: int, n: int) -> cp.ndarray:

@@ -35,4 +35,9 @@ void symmetric_free(uintptr_t ptr);
 // nvshmem_ptr: a local address of `pe`'s copy of the symmetric address, or 0 if pe is not P2P-reachable.
 uintptr_t symmetric_peer_ptr(uintptr_t ptr, int pe);
 
+// Registers a VMM allocation (POSIX-FD handle, size a multiple of 512 MiB) as symmetric memory; collective, same
+// size on every PE. Returns the address to use with nvshmem_ptr / nvshmem gets.
+uintptr_t register_symmetric(uintptr_t va, size_t bytes);
+void unregister_symmetric(uintptr_t sym, size_t bytes);
+
 }  // namespace dwdp

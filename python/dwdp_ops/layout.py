@@ -1,0 +1,147 @@
+"""Packed expert layout of one MoE layer (pure host logic).
+
+Each weight tensor kind of an expert (``w13`` = gate and up, ``[2*I, H]``; ``w2`` = down, ``[H, I]``) has its own
+layout: expert e of a layer sits at ``e * stride`` where ``stride`` is its byte size rounded up to the VMM page
+(2 MiB). Any run of experts is therefore a run of whole pages, which is what lets a rank map its local experts and
+the fetched ones into one contiguous per-layer view (the ``composite`` mode) without copying. For DeepSeek-R1 the
+strides are exact (fp8 ``w13`` 28 MiB, ``w2`` 14 MiB; bf16 twice that), so nothing is inflated; ``inflation`` reports
+the padding for other shapes.
+
+The fp8 block scales (fp32, one per 128x128 block) are tiny (10.5 KiB per R1 expert, 2.7 MiB per layer): they are
+kept whole on every rank (as TensorRT-LLM all-gathers them at set-up) instead of being fetched, so they never break
+page alignment and cost no fetch traffic.
+
+A rank's local experts of many layers are pooled in a few allocations whose sizes are multiples of 512 MiB, the
+only sizes NVSHMEM accepts for user-registered buffers on our machines.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+PAGE = 2 << 20
+REGISTER_UNIT = 512 << 20
+FP8_BLOCK = 128
+DTYPES = {"float16": (np.dtype(np.float16), 2), "bfloat16": (np.dtype(np.uint16), 2), "float8_e4m3fn": (np.dtype(np.uint8), 1)}
+
+
+def round_up(x: int, unit: int) -> int:
+    return -(-x // unit) * unit
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """One per-expert weight tensor: logical dtype name, storage dtype (bytes of fp8 / bf16 bits), shape."""
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: str
+
+    @property
+    def storage(self) -> np.dtype:
+        return DTYPES[self.dtype][0]
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * DTYPES[self.dtype][1]
+
+
+@dataclass(frozen=True)
+class ExpertLayout:
+    """Byte layout of one layer's experts, per tensor kind. Invariant: every stride is a multiple of ``page``."""
+
+    tensors: tuple[TensorSpec, ...]
+    page: int = PAGE
+
+    def __post_init__(self) -> None:
+        if not self.tensors:
+            raise ValueError("an expert layout needs at least one tensor")
+        names = [t.name for t in self.tensors]
+        if len(set(names)) != len(names):
+            raise ValueError(f"tensor names must be unique, got {names}")
+        if self.page <= 0 or self.page % 16:
+            raise ValueError(f"page must be a positive multiple of 16 bytes, got {self.page}")
+
+    @classmethod
+    def moe(cls, hidden: int, intermediate: int, dtype: str = "float8_e4m3fn", page: int = PAGE) -> ExpertLayout:
+        """The DeepSeek layout: w13 ``[2*I, H]`` and w2 ``[H, I]`` per expert."""
+        if dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+        if hidden <= 0 or intermediate <= 0:
+            raise ValueError(f"hidden and intermediate must be positive, got {hidden}, {intermediate}")
+        return cls((TensorSpec("w13", (2 * intermediate, hidden), dtype), TensorSpec("w2", (hidden, intermediate), dtype)), page)
+
+    def index(self, name: str) -> int:
+        for i, t in enumerate(self.tensors):
+            if t.name == name:
+                return i
+        raise KeyError(f"no tensor {name!r} in this layout; tensors are {[t.name for t in self.tensors]}")
+
+    def stride(self, name: str) -> int:
+        return round_up(self.tensors[self.index(name)].nbytes, self.page)
+
+    @property
+    def strides(self) -> tuple[int, ...]:
+        return tuple(round_up(t.nbytes, self.page) for t in self.tensors)
+
+    @property
+    def expert_bytes(self) -> int:
+        """Bytes of one expert's weights (what an engine reads)."""
+        return sum(t.nbytes for t in self.tensors)
+
+    @property
+    def expert_stride(self) -> int:
+        """Bytes one expert occupies in the layout (what a fetch moves)."""
+        return sum(self.strides)
+
+    @property
+    def inflation(self) -> float:
+        """Fraction of extra bytes a fetch moves because of page padding."""
+        return self.expert_stride / self.expert_bytes - 1.0
+
+    def local_layer_bytes(self, experts_per_rank: int) -> int:
+        return experts_per_rank * self.expert_stride
+
+    def tensor_offset(self, name: str, experts_per_rank: int) -> int:
+        """Offset of a tensor kind's block inside one layer's local region: all local w13 first, then all w2."""
+        i = self.index(name)
+        return experts_per_rank * sum(self.strides[:i])
+
+
+def fp8_scale_shape(shape: tuple[int, int]) -> tuple[int, int]:
+    """Shape of the fp32 block-scale tensor of an ``[out, in]`` fp8 weight (one scale per 128x128 block)."""
+    return (-(-shape[0] // FP8_BLOCK), -(-shape[1] // FP8_BLOCK))
+
+
+@dataclass(frozen=True)
+class PoolPlan:
+    """Where each layer's local region lives: ``placement[layer] = (allocation, offset)``; allocation sizes are
+    multiples of ``REGISTER_UNIT``. Invariant: regions never overlap and never cross an allocation's end."""
+
+    sizes: tuple[int, ...]
+    placement: tuple[tuple[int, int], ...]
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(self.sizes)
+
+
+def plan_pools(num_layers: int, layer_bytes: int, max_allocation: int = 8 << 30, unit: int = REGISTER_UNIT) -> PoolPlan:
+    """Packs ``num_layers`` regions of ``layer_bytes`` (page multiples) into allocations of at most
+    ``max_allocation`` bytes (a larger region gets an allocation of its own), each rounded up to ``unit``."""
+    if num_layers < 1:
+        raise ValueError(f"num_layers must be >= 1, got {num_layers}")
+    if layer_bytes <= 0 or layer_bytes % PAGE:
+        raise ValueError(f"layer_bytes must be a positive multiple of {PAGE}, got {layer_bytes}")
+    per_alloc = max(1, max_allocation // layer_bytes)
+    sizes, placement = [], []
+    for layer in range(num_layers):
+        a, slot = divmod(layer, per_alloc)
+        if slot == 0:
+            sizes.append(0)
+        placement.append((a, slot * layer_bytes))
+        sizes[a] = (slot + 1) * layer_bytes
+    return PoolPlan(tuple(round_up(s, unit) for s in sizes), tuple(placement))

@@ -1,0 +1,458 @@
+"""Where a rank's experts live, and the per-layer views of all E experts (``composite``, ``table``, ``merge``).
+
+``ExpertStore`` owns, for the MoE layers of one model on this rank:
+  * local storage: the layers' local experts (``ExpertLayout``), pooled in VMM allocations of 512 MiB multiples
+    (``plan_pools``) and registered symmetric with NVSHMEM, so peers read them one-sidedly;
+  * remote slots: two ping-pong page pools per tensor kind (layer parity 0 and 1), each with room for the
+    ``E - L`` experts a layer fetches;
+  * a composite virtual range per (layer, tensor kind): ``[E, ...]`` with this rank's physical local pages mapped
+    zero-copy in the middle and the pages of the layer parity's slot pool around them.
+
+Views of a layer (all of the same bytes, no copy for the first two):
+  * ``composite(layer, name)``: a plain strided ``[E, ...]`` array any MoE kernel can read;
+  * ``table(layer, name)``: a device array of E pointers (local storage or slot), for pointer-array grouped GEMMs;
+  * ``merge(layer, name)``: a device-to-device copy into a dense ``[E, ...]`` buffer (the baseline).
+
+Fetch engines fill a layer's remote slots from the owners: ``fetch_ce`` (copy engine, per-peer or interleaved
+slices, optionally one ``cudaMemcpyBatchAsync``) and ``fetch_nvshmem`` (SM-driven kernel over a device-resident
+list of expert ids). Plans are built once per layer and cached; fetching allocates nothing.
+
+Invariants:
+  * Geometry (partition, layout, layer count) is identical on every rank: checked collectively at construction.
+  * Layers of the same parity share slots: fetching layer l overwrites what layer l-2 fetched. The caller orders
+    this (the prefetch scheduler's consumed events); the store does not.
+  * Construction failure releases everything already created, in reverse order; ``close()`` does the same for a
+    built store and is collective (it unregisters symmetric memory).
+  * A released layer's views and fetches raise instead of touching memory.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+
+from .errors import DwdpError
+from .interop import device_buffer, stream_handle
+from .layout import ExpertLayout, PoolPlan, plan_pools
+from .partition import ExpertPartition
+from .runtime import Runtime, get_runtime
+from .schedule import DEFAULT_SLICE, Copy, Schedule, order_copies
+
+# Mirrors dwdp::ExpertCopy in cpp/include/dwdp/fetch.h.
+EXPERT_COPY_DTYPE = np.dtype(
+    [("src", "<u8"), ("src_peer", "<u8"), ("dst", "<u8"), ("bytes", "<u8"), ("pe", "<i4"), ("pad", "<i4")]
+)
+
+
+class ExpertStore:
+    def __init__(
+        self,
+        partition: ExpertPartition,
+        layout: ExpertLayout,
+        num_layers: int,
+        *,
+        max_allocation: int = 8 << 30,
+        runtime: Runtime | None = None,
+    ):
+        import cupy as cp
+
+        rt = runtime or get_runtime()
+        rt.require("ExpertStore")
+        if partition.world_size != rt.world_size():
+            raise ValueError(
+                f"partition is for world size {partition.world_size} but the runtime has {rt.world_size()} ranks"
+            )
+        if num_layers < 1:
+            raise ValueError(f"num_layers must be >= 1, got {num_layers}")
+        self.rt, self.be = rt, rt.backend
+        self.partition, self.layout, self.num_layers = partition, layout, num_layers
+        self.rank, self.world, self.device = rt.rank(), rt.world_size(), rt.device
+        self.E, self.L = partition.num_experts, partition.experts_per_rank
+        self.lo, self.hi = partition.local_range(self.rank)
+        self.pools: PoolPlan = plan_pools(num_layers, layout.local_layer_bytes(self.L), max_allocation)
+        self._undo: list[Callable[[], None]] = []
+        self._released: set[int] = set()
+        self._closed = False
+        self._cache: dict[Any, Any] = {}
+        geometry = json.dumps(
+            [partition.num_experts, partition.experts_per_rank, partition.stride, num_layers,
+             [[t.name, list(t.shape), t.dtype] for t in layout.tensors], layout.page, list(self.pools.sizes)]
+        ).encode()
+        views = rt.rendezvous.allgather("ExpertStore", geometry)
+        if any(v != geometry for v in views):
+            bad = [r for r, v in enumerate(views) if v != views[0]]
+            raise DwdpError(f"ExpertStore: rank(s) {bad} describe a different partition/layout/layer count than rank 0")
+        gran = self.be.vmm_granularity(self.device)
+        if layout.page % gran:
+            raise ValueError(f"layout page {layout.page} is not a multiple of the device's VMM granularity {gran}")
+        try:
+            self._build(cp)
+        except BaseException:
+            self._rollback()
+            raise
+
+    # -- construction ----------------------------------------------------------------------------------------
+    def _push(self, undo: Callable[[], None]) -> None:
+        self._undo.append(undo)
+
+    def _rollback(self) -> None:
+        while self._undo:
+            fn = self._undo.pop()
+            try:
+                fn()
+            except Exception:  # noqa: BLE001 - best effort: release the rest
+                pass
+
+    def _physical(self, nbytes: int) -> tuple[int, int]:
+        """(handle, va) of a new allocation mapped at a fresh virtual range."""
+        be, dev = self.be, self.device
+        h = be.vmm_create(nbytes, dev)
+        self._push(lambda: be.vmm_release(h))
+        va = be.vmm_reserve(nbytes, 0)
+        self._push(lambda: be.vmm_free(va, nbytes))
+        be.vmm_map(va, nbytes, h, 0, dev)
+        self._push(lambda: be.vmm_unmap(va, nbytes))
+        return h, va
+
+    def _build(self, cp) -> None:
+        be, dev, lay = self.be, self.device, self.layout
+        # Local storage, registered symmetric (collective, same sizes everywhere).
+        self._pool_handle, self._pool_va, self._pool_sym, self._pool_peer = [], [], [], []
+        for size in self.pools.sizes:
+            h, va = self._physical(size)
+            sym = be.register_symmetric(va, size)
+            self._push(lambda sym=sym, size=size: be.unregister_symmetric(sym, size))
+            self._pool_handle.append(h)
+            self._pool_va.append(va)
+            self._pool_sym.append(sym)
+            self._pool_peer.append([be.symmetric_peer_ptr(sym, p) for p in range(self.world)])
+        # Remote slots: one pool per (parity, tensor kind).
+        remote = self.E - self.L
+        self.parities = min(2, self.num_layers)
+        self._slot: dict[tuple[int, int], tuple[int, int]] = {}
+        if remote:
+            for parity in range(self.parities):
+                for ti, stride in enumerate(lay.strides):
+                    self._slot[parity, ti] = self._physical(remote * stride)
+        # Composite ranges: [0, lo) and [hi, E) from the slot pool, [lo, hi) from local storage.
+        self._composite: dict[tuple[int, int], int] = {}
+        for layer in range(self.num_layers):
+            for ti, stride in enumerate(lay.strides):
+                size = self.E * stride
+                va = be.vmm_reserve(size, 0)
+                self._push(lambda va=va, size=size: be.vmm_free(va, size))
+                pieces = []
+                if self.lo:
+                    pieces.append((0, self.lo * stride, "slot", 0))
+                pieces.append((self.lo * stride, self.L * stride, "local", self._local_offset(layer, ti)))
+                if self.hi < self.E:
+                    pieces.append((self.hi * stride, (self.E - self.hi) * stride, "slot", self.lo * stride))
+                for off, n, kind, src_off in pieces:
+                    if kind == "slot":
+                        handle = self._slot[layer % self.parities, ti][0]
+                    else:
+                        handle = self._pool_handle[self.pools.placement[layer][0]]
+                    be.vmm_map(va + off, n, handle, src_off, dev)
+                    self._push(lambda a=va + off, n=n: be.vmm_unmap(a, n))
+                self._composite[layer, ti] = va
+
+    def _local_offset(self, layer: int, ti: int) -> int:
+        """Offset of (layer, tensor kind) inside its pool allocation."""
+        _alloc, off = self.pools.placement[layer]
+        return off + self.L * sum(self.layout.strides[:ti])
+
+    # -- addressing --------------------------------------------------------------------------------------------
+    def _check(self, layer: int, name: str, what: str) -> int:
+        if self._closed:
+            raise DwdpError(f"{what}: the ExpertStore is closed")
+        if not isinstance(layer, (int, np.integer)) or not 0 <= layer < self.num_layers:
+            raise ValueError(f"{what}: layer {layer} is outside [0, {self.num_layers})")
+        if layer in self._released:
+            raise DwdpError(f"{what}: layer {layer} was released")
+        return self.layout.index(name)
+
+    def local_address(self, layer: int, ti: int, expert: int) -> int:
+        a = self.pools.placement[layer][0]
+        return self._pool_va[a] + self._local_offset(layer, ti) + (expert - self.lo) * self.layout.strides[ti]
+
+    def _owner_address(self, layer: int, ti: int, expert: int, peer: int, base: str) -> int:
+        a = self.pools.placement[layer][0]
+        start = self.partition.local_range(peer)[0]
+        root = self._pool_sym[a] if base == "sym" else self._pool_peer[a][peer]
+        if root == 0:
+            raise DwdpError(f"PE {peer} is not P2P-reachable from PE {self.rank}: use the NVSHMEM engine")
+        return root + self._local_offset(layer, ti) + (expert - start) * self.layout.strides[ti]
+
+    def slot_address(self, layer: int, ti: int, expert: int) -> int:
+        """Where remote expert ``expert`` of ``layer`` lands (its slot)."""
+        if self.lo <= expert < self.hi:
+            raise ValueError(f"expert {expert} is local to rank {self.rank}; it has no slot")
+        idx = expert if expert < self.lo else expert - self.L
+        return self._slot[layer % self.parities, ti][1] + idx * self.layout.strides[ti]
+
+    def expert_address(self, layer: int, ti: int, expert: int) -> int:
+        if self.lo <= expert < self.hi:
+            return self.local_address(layer, ti, expert)
+        return self.slot_address(layer, ti, expert)
+
+    def _array(self, ptr: int, shape: tuple[int, ...], ti: int, n: int, owner: Any):
+        import cupy as cp
+
+        spec = self.layout.tensors[ti]
+        dt = spec.storage
+        inner = [dt.itemsize]
+        for d in reversed(spec.shape[1:]):
+            inner.insert(0, inner[0] * d)
+        strides = (self.layout.strides[ti], *inner)
+        nbytes = (n - 1) * self.layout.strides[ti] + spec.nbytes
+        mem = cp.cuda.UnownedMemory(ptr, nbytes, owner, device_id=self.device)
+        return cp.ndarray((n, *shape), dt, cp.cuda.MemoryPointer(mem, 0), strides)
+
+    # -- views ---------------------------------------------------------------------------------------------------
+    def local(self, layer: int, name: str):
+        """This rank's ``[L, ...]`` experts of ``layer`` (strided by the page-rounded stride)."""
+        ti = self._check(layer, name, "local")
+        return self._array(self.local_address(layer, ti, self.lo), self.layout.tensors[ti].shape, ti, self.L, self)
+
+    def composite(self, layer: int, name: str):
+        """``[E, ...]`` over the layer's composite range: local experts zero-copy, remote ones in the slots."""
+        ti = self._check(layer, name, "composite")
+        return self._array(self._composite[layer, ti], self.layout.tensors[ti].shape, ti, self.E, self)
+
+    def table(self, layer: int, name: str):
+        """A device array of E uint64 pointers to each expert's tensor (local storage or slot)."""
+        import cupy as cp
+
+        ti = self._check(layer, name, "table")
+        key = ("table", layer, ti)
+        if key not in self._cache:
+            ptrs = np.array([self.expert_address(layer, ti, e) for e in range(self.E)], dtype=np.uint64)
+            self._cache[key] = cp.asarray(ptrs)
+        return self._cache[key]
+
+    def merge(self, layer: int, name: str, out: Any = None, stream: Any = None):
+        """Copies all E experts into a dense ``[E, ...]`` array (allocated when ``out`` is None) on ``stream``."""
+        import cupy as cp
+
+        ti = self._check(layer, name, "merge")
+        spec = self.layout.tensors[ti]
+        if out is None:
+            out = cp.empty((self.E, *spec.shape), dtype=spec.storage)
+        d = device_buffer(out, "merge out")
+        if d.nbytes != self.E * spec.nbytes or not d.contiguous:
+            raise ValueError(f"merge: out must be a contiguous array of {self.E * spec.nbytes} bytes")
+        dsts = np.array([d.ptr + e * spec.nbytes for e in range(self.E)], dtype=np.uint64)
+        srcs = np.array([self.expert_address(layer, ti, e) for e in range(self.E)], dtype=np.uint64)
+        sizes = np.full(self.E, spec.nbytes, dtype=np.uint64)
+        self.be.ce_copy(dsts, srcs, sizes, stream_handle(stream), True)
+        return out
+
+    # -- loading ---------------------------------------------------------------------------------------------------
+    def load(self, layer: int, name: str, experts: Any, stream: Any = None) -> None:
+        """Packs this rank's experts of ``layer`` into local storage with the pack kernel. ``experts`` is a stacked
+        ``[E, ...]`` (this rank's slice is taken) or ``[L, ...]`` device array, or a sequence of L per-expert device
+        arrays, of the tensor's storage dtype (uint8 for fp8, uint16 for bf16 bits)."""
+        import cupy as cp
+
+        ti = self._check(layer, name, "load")
+        spec = self.layout.tensors[ti]
+        if isinstance(experts, Sequence) and not hasattr(experts, "__cuda_array_interface__"):
+            if len(experts) != self.L:
+                raise ValueError(f"load: expected {self.L} per-expert tensors for rank {self.rank}, got {len(experts)}")
+            ptrs = [self._expert_ptr(x, spec, f"{name}[{i}]") for i, x in enumerate(experts)]
+        else:
+            d = device_buffer(experts, f"load {name}")
+            self._check_dtype(d.dtype, spec, name)
+            if d.shape[1:] != spec.shape or d.shape[0] not in (self.E, self.L):
+                raise ValueError(
+                    f"load {name}: expected shape [{self.E} or {self.L}, {', '.join(map(str, spec.shape))}], got {list(d.shape)}"
+                )
+            if not d.contiguous:
+                raise ValueError(f"load {name}: the stacked tensor must be contiguous")
+            first = self.lo if d.shape[0] == self.E else 0
+            ptrs = [d.ptr + (first + i) * spec.nbytes for i in range(self.L)]
+        bad = [p for p in ptrs if p % 16]
+        if bad or spec.nbytes % 16:
+            raise ValueError(f"load {name}: expert tensors must start on 16-byte boundaries and hold a multiple of 16 bytes")
+        table = cp.asarray(np.array(ptrs, dtype=np.uint64))
+        s = stream_handle(stream)
+        self.be.pack_experts(self.local_address(layer, ti, self.lo), self.layout.strides[ti], table.data.ptr, spec.nbytes, self.L, s)
+        # keep the pointer table alive until the kernel has read it
+        cp.cuda.ExternalStream(s).synchronize() if s else cp.cuda.Device().synchronize()
+
+    @staticmethod
+    def _check_dtype(dt: np.dtype, spec, name: str) -> None:
+        if dt != spec.storage:
+            raise TypeError(
+                f"{name}: expected storage dtype {spec.storage} for {spec.dtype} weights, got {dt} "
+                "(fp8 e4m3 travels as uint8 bytes, bf16 as uint16 bits)"
+            )
+
+    def _expert_ptr(self, x: Any, spec, what: str) -> int:
+        d = device_buffer(x, what)
+        self._check_dtype(d.dtype, spec, what)
+        if d.shape != spec.shape or not d.contiguous:
+            raise ValueError(f"{what}: expected a contiguous tensor of shape {list(spec.shape)}, got {list(d.shape)}")
+        return d.ptr
+
+    # -- fetch: copy engine ------------------------------------------------------------------------------------------
+    def ce_copies(self, layer: int) -> list[Copy]:
+        """The layer's remote runs as copies (whole page-rounded strides, one per tensor kind and run)."""
+        out = []
+        for ti, stride in enumerate(self.layout.strides):
+            for peer, a, b in self.partition.fetch_plan(self.rank):
+                src = self._owner_address(layer, ti, a, peer, "peer")
+                out.append(Copy(peer, self.slot_address(layer, ti, a), src, (b - a) * stride))
+        return out
+
+    def _ce_plan(self, layer: int, schedule: Schedule, slice_bytes: int):
+        key = ("ce", layer, schedule, slice_bytes)
+        if key not in self._cache:
+            copies = order_copies(self.ce_copies(layer), self.rank, self.world, schedule, slice_bytes)
+            self._cache[key] = tuple(np.array(x, dtype=np.uint64) for x in zip(*[(c.dst, c.src, c.nbytes) for c in copies]))
+        return self._cache[key]
+
+    def fetch_ce(
+        self, layer: int, stream: Any = None, *, schedule: Schedule = "interleaved", slice_bytes: int = DEFAULT_SLICE,
+        batched: bool = True,
+    ) -> int:
+        """Fills every remote slot of ``layer`` with the copy engine, on ``stream``. Returns the bytes moved."""
+        self._check(layer, self.layout.tensors[0].name, "fetch_ce")
+        if self.E == self.L:
+            return 0
+        dsts, srcs, sizes = self._ce_plan(layer, schedule, slice_bytes)
+        self.be.ce_copy(dsts, srcs, sizes, stream_handle(stream), batched)
+        return int(sizes.sum())
+
+    # -- fetch: NVSHMEM, SM-driven ------------------------------------------------------------------------------------
+    def nvshmem_table(self, layer: int):
+        """Device array of E * T ExpertCopy records (pe = -1 for local experts)."""
+        import cupy as cp
+
+        self._check(layer, self.layout.tensors[0].name, "nvshmem_table")
+        key = ("nvshmem", layer)
+        if key not in self._cache:
+            owner = self.partition.owner_table(self.rank)
+            T = len(self.layout.tensors)
+            rec = np.zeros(self.E * T, dtype=EXPERT_COPY_DTYPE)
+            rec["pe"] = -1
+            reach = self._pool_peer[self.pools.placement[layer][0]]
+            for e in range(self.E):
+                if owner[e] == self.rank:
+                    continue
+                for ti, spec in enumerate(self.layout.tensors):
+                    i = e * T + ti
+                    rec["src"][i] = self._owner_address(layer, ti, e, owner[e], "sym")
+                    rec["src_peer"][i] = self._owner_address(layer, ti, e, owner[e], "peer") if reach[owner[e]] else 0
+                    rec["dst"][i] = self.slot_address(layer, ti, e)
+                    rec["bytes"][i] = spec.nbytes
+                    rec["pe"][i] = owner[e]
+            dev = cp.asarray(rec.view(np.uint8))
+            self._cache[key] = dev
+            self._cache.setdefault("err", cp.zeros(2, dtype=cp.int32))
+        return self._cache[key]
+
+    def remote_ids(self) -> np.ndarray:
+        """The expert ids this rank fetches, ascending."""
+        return np.array([e for e in range(self.E) if not self.lo <= e < self.hi], dtype=np.int32)
+
+    def fetch_nvshmem(
+        self,
+        layer: int,
+        ids: Any = None,
+        count: Any = None,
+        stream: Any = None,
+        *,
+        num_blocks: int = 32,
+        threads: int = 512,
+        chunk: int = 1 << 20,
+        peer_ptr: bool = False,
+    ) -> None:
+        """Fetches the remote experts named in ``ids`` (a device int32 array, e.g. the router's selection; None =
+        every remote expert) with the SM-driven kernel on ``num_blocks`` SMs. ``count`` is an int or a device int32
+        scalar read by the kernel (no host round trip). Local and repeated ids are fine; out-of-range ids in a
+        device list are skipped and reported by ``check_errors()``; in a host list they raise here."""
+        import cupy as cp
+
+        table = self.nvshmem_table(layer)
+        if ids is None:
+            key = ("all_ids",)
+            if key not in self._cache:
+                self._cache[key] = cp.asarray(self.remote_ids())
+            ids = self._cache[key]
+        elif not hasattr(ids, "__cuda_array_interface__"):
+            host = np.asarray(ids)
+            if host.size and (host.min() < 0 or host.max() >= self.E):
+                bad = host[(host < 0) | (host >= self.E)][0]
+                raise ValueError(f"fetch_nvshmem: expert id {int(bad)} is outside [0, {self.E})")
+            ids = cp.asarray(host.astype(np.int32))
+        d = device_buffer(ids, "ids")
+        if d.dtype != np.int32 or len(d.shape) != 1 or not d.contiguous:
+            raise TypeError(f"fetch_nvshmem: ids must be a contiguous 1-D int32 device array, got {d.dtype} {list(d.shape)}")
+        count_dev, cap = 0, d.shape[0]
+        if count is not None and hasattr(count, "__cuda_array_interface__"):
+            c = device_buffer(count, "count")
+            if c.dtype != np.int32:
+                raise TypeError("fetch_nvshmem: a device count must be int32")
+            count_dev = c.ptr
+        elif count is not None:
+            if not 0 <= int(count) <= cap:
+                raise ValueError(f"fetch_nvshmem: count {count} is outside [0, {cap}]")
+            cap = int(count)
+        max_bytes = max(t.nbytes for t in self.layout.tensors)
+        if peer_ptr and any(t.nbytes % 16 for t in self.layout.tensors):
+            raise ValueError("fetch_nvshmem: peer_ptr copies need tensors of a multiple of 16 bytes")
+        if chunk < 16 or chunk % 16:
+            raise ValueError(f"fetch_nvshmem: chunk must be a positive multiple of 16 bytes, got {chunk}")
+        self.be.fetch_experts(
+            table.data.ptr, self.E, len(self.layout.tensors), d.ptr, count_dev, cap, chunk, -(-max_bytes // chunk),
+            self._cache["err"].data.ptr, peer_ptr, num_blocks, threads, stream_handle(stream),
+        )
+
+    def check_errors(self) -> None:
+        """Raises if a fetch kernel met an out-of-range expert id (synchronizes the device); clears the flag."""
+        err = self._cache.get("err")
+        if err is None:
+            return
+        flag, eid = (int(x) for x in err.get())
+        if flag:
+            err.fill(0)
+            raise DwdpError(f"fetch_nvshmem: the device id list held expert id {eid}, outside [0, {self.E}); it was skipped")
+
+    # -- lifecycle ---------------------------------------------------------------------------------------------
+    def release(self, layer: int) -> None:
+        """Marks a layer released: its views, plans and fetches raise from now on."""
+        self._check(layer, self.layout.tensors[0].name, "release")
+        self._released.add(layer)
+        for k in [k for k in self._cache if isinstance(k, tuple) and len(k) > 1 and k[1] == layer]:
+            del self._cache[k]
+
+    def close(self) -> None:
+        """Unmaps and frees everything; collective (symmetric memory is unregistered). Idempotent."""
+        if self._closed:
+            return
+        import cupy as cp
+
+        cp.cuda.Device(self.device).synchronize()
+        self.rt.rendezvous.barrier("ExpertStore.close")
+        self._cache.clear()
+        self._closed = True
+        self._rollback()
+
+    def __enter__(self) -> ExpertStore:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    @property
+    def layout_inflation(self) -> float:
+        return self.layout.inflation
+
+    def remote_bytes(self) -> int:
+        return (self.E - self.L) * self.layout.expert_stride
+
+

@@ -1,0 +1,90 @@
+"""ExpertPartition: property tests over many random valid configurations, and rejection tests."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+from dwdp_ops.partition import ExpertPartition
+
+
+def random_partitions(n=300, seed=0):
+    rng = random.Random(seed)
+    for _ in range(n):
+        world = rng.randint(1, 9)
+        L = rng.randint(1, 70)
+        stride = rng.randint(1, L)
+        yield ExpertPartition(L + (world - 1) * stride, world, L, stride, rng.choice(["balanced", "lowest"]))
+
+
+@pytest.mark.parametrize("part", list(random_partitions()), ids=lambda p: f"E{p.num_experts}N{p.world_size}L{p.experts_per_rank}s{p.stride}{p.owner_policy[0]}")
+def test_plan_covers_every_expert_exactly_once(part):
+    for rank in range(part.world_size):
+        lo, hi = part.local_range(rank)
+        assert hi - lo == part.experts_per_rank and 0 <= lo and hi <= part.num_experts
+        seen = list(range(lo, hi))
+        for peer, a, b in part.fetch_plan(rank):
+            assert peer != rank and a < b
+            plo, phi = part.local_range(peer)
+            assert plo <= a and b <= phi, "a run must be stored by the peer it is fetched from"
+            seen += range(a, b)
+        assert sorted(seen) == list(range(part.num_experts))
+        assert sum(b - a for _, a, b in part.fetch_plan(rank)) == part.num_remote
+        table = part.owner_table(rank)
+        assert all(rank in part.owners(e) or table[e] != rank for e in range(part.num_experts))
+
+
+@pytest.mark.parametrize("part", [p for p in random_partitions(200, 1) if p.owner_policy == "balanced"])
+def test_balanced_peers_each_serve_stride_experts(part):
+    for rank in range(part.world_size):
+        served = {}
+        for peer, a, b in part.fetch_plan(rank):
+            served[peer] = served.get(peer, 0) + b - a
+        assert served == {p: part.stride for p in range(part.world_size) if p != rank}
+
+
+def test_lowest_takes_lowest_owner():
+    part = ExpertPartition(10, 3, 6, 2, "lowest")
+    for rank in range(3):
+        for peer, a, b in part.fetch_plan(rank):
+            for e in range(a, b):
+                assert peer == part.owners(e)[0]
+
+
+def test_deepseek_r1_four_ranks():
+    part = ExpertPartition.disjoint(256, 4)
+    assert part.local_range(1) == (64, 128)
+    assert part.fetch_plan(1) == [(0, 0, 64), (2, 128, 192), (3, 192, 256)]
+    assert part.num_remote == 192
+
+
+@pytest.mark.parametrize(
+    "args, match",
+    [
+        ((256, 4, 64, 60), r"256 != 64 \+ 3 \* 60 = 244.*experts_per_rank=64, stride=64"),
+        ((10, 3, 2, 4), r"1 <= stride <= experts_per_rank fails: stride=4, experts_per_rank=2"),
+        ((10, 3, 4, 0), r"1 <= stride <= experts_per_rank fails"),
+        ((2, 4, 1, 1), r"no valid partition exists"),
+        ((8, 0, 8, 8), r"must be >= 1"),
+    ],
+)
+def test_invalid_partitions_are_explained(args, match):
+    with pytest.raises(ValueError, match=match):
+        ExpertPartition(*args)
+
+
+def test_bad_policy_types_and_ranks():
+    with pytest.raises(ValueError, match="owner_policy"):
+        ExpertPartition(8, 2, 4, 4, "nearest")
+    with pytest.raises(TypeError, match="num_experts must be an int"):
+        ExpertPartition(8.0, 2, 4, 4)
+    part = ExpertPartition.disjoint(8, 2)
+    for bad in (-1, 2, 7):
+        with pytest.raises(ValueError, match=r"rank .* is outside the world \[0, 2\)"):
+            part.fetch_plan(bad)
+        with pytest.raises(ValueError, match="outside the world"):
+            part.local_range(bad)
+    with pytest.raises(ValueError, match=r"expert id 8 is outside \[0, 8\)"):
+        part.owners(8)
+    with pytest.raises(ValueError, match="not divisible"):
+        ExpertPartition.disjoint(10, 4)
