@@ -13,7 +13,8 @@ Cases (every figure a median of --repeats, CUDA events, all ranks starting toget
     all_to_one         ranks 1..N-1 read from rank 0 at once (rank 0's egress is shared)
   dwdp_layer_<dtype>   one real DeepSeek-R1 MoE layer (E=256, H=7168, I=2048) partitioned over the N ranks; each
                        rank fetches all its remote experts (fp8 ~44 MB, bf16 ~88 MB per expert) with:
-                       ce serial per-peer (every rank starts at peer 0), ce interleaved batched (2/8/32 MiB
+                       ce serial per-peer (every rank starts at peer 0), ce staggered (each rank starts at
+                       another peer, whole runs), ce interleaved batched (2/8/32 MiB
                        slices, staggered start), NVSHMEM block gets and peer-pointer copies at 8/16/32/all SMs.
 Output: bench/results/fetch_bandwidth_<card>_N<n>.json (and $OUT), printed table on rank 0.
 """
@@ -186,6 +187,7 @@ def dwdp_layer(b: Bench, dtype: str) -> None:
         extra = dict(num_experts=256, remote_experts=part.num_remote, expert_bytes=layout.expert_bytes)
         b.measure(case, "ce_serial_per_peer", "dwdp", nb, lambda: store.fetch_ce(0, s, schedule="per_peer", batched=False), **extra)
         b.measure(case, "ce_per_peer_batched", "dwdp", nb, lambda: store.fetch_ce(0, s, schedule="per_peer", batched=True), **extra)
+        b.measure(case, "ce_staggered", "dwdp", nb, lambda: store.fetch_ce(0, s, schedule="staggered", batched=False), **extra)
         for sl in (2, 8, 32):
             b.measure(case, f"ce_interleaved_{sl}MiB", "dwdp", nb,
                       lambda sl=sl: store.fetch_ce(0, s, schedule="interleaved", slice_bytes=sl * MiB), slice_mib=sl, **extra)

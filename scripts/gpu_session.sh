@@ -25,3 +25,11 @@ if [[ $what == bench || $what == all ]]; then
   fi
   grep -h -i -E "error|Traceback" "$OUT"/fetch_bandwidth_N*.log | head -20
 fi
+if [[ $what == probe || $what == all ]]; then
+  for g in default 33554432 2097152; do
+    for mib in 32 512; do
+      if [[ $g == default ]]; then e=""; else e="NVSHMEM_CUMEM_GRANULARITY=$g"; fi
+      env $e timeout 90 python3 -m dwdp_ops.launch -n 2 --timeout 80 scripts/probe_register_unit.py $mib 2>&1 | grep -E "registered|refused|failed" | head -3
+    done
+  done
+fi

@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import random
-
 import pytest
-from dwdp_ops.layout import PAGE, REGISTER_UNIT, ExpertLayout, fp8_scale_shape, plan_pools
+from dwdp_ops.layout import PAGE, REGISTER_UNIT, ExpertLayout, fp8_scale_shape, local_allocation_bytes, registration_overhead
 from dwdp_ops.schedule import Copy, order_copies, peer_order
 
 
@@ -30,29 +28,15 @@ def test_small_layout_reports_inflation_and_offsets():
         ExpertLayout.moe(256, 128, "int4")
 
 
-@pytest.mark.parametrize("seed", range(50))
-def test_pool_plan_never_overlaps(seed):
-    rng = random.Random(seed)
-    layers = rng.randint(1, 64)
-    layer_bytes = rng.randint(1, 700) * PAGE
-    cap = rng.choice([1 << 30, 4 << 30, 8 << 30])
-    plan = plan_pools(layers, layer_bytes, cap)
-    assert all(s % REGISTER_UNIT == 0 for s in plan.sizes)
-    by_alloc = {}
-    for a, off in plan.placement:
-        assert off + layer_bytes <= plan.sizes[a]
-        by_alloc.setdefault(a, []).append(off)
-    for offs in by_alloc.values():
-        offs.sort()
-        assert all(b - a >= layer_bytes for a, b in zip(offs, offs[1:]))
-    assert plan.total_bytes - layers * layer_bytes < len(plan.sizes) * (REGISTER_UNIT + max(0, cap))
-
-
-def test_pool_plan_rejects_bad_sizes():
-    with pytest.raises(ValueError, match="multiple of"):
-        plan_pools(2, PAGE + 1)
-    with pytest.raises(ValueError, match="num_layers"):
-        plan_pools(0, PAGE)
+@pytest.mark.parametrize("L", [1, 7, 32, 64, 128])
+def test_local_allocations_are_registration_units(L):
+    lay = ExpertLayout.moe(7168, 2048, "float8_e4m3fn")
+    for t in lay.tensors:
+        n = local_allocation_bytes(lay, t.name, L)
+        assert n % REGISTER_UNIT == 0 and L * lay.stride(t.name) <= n < L * lay.stride(t.name) + REGISTER_UNIT
+    assert registration_overhead(lay, 64) == pytest.approx((2048 + 1024) / (64 * 42) - 1)
+    with pytest.raises(ValueError, match="must be positive"):
+        local_allocation_bytes(lay, "w13", 0)
 
 
 def _copies(world, rank, per_peer=3, size=5 << 20):
@@ -75,7 +59,9 @@ def test_interleaved_moves_the_same_bytes_round_robin(world, rank):
     copies = _copies(world, rank)
     inter = order_copies(copies, rank, world, "interleaved", 2 << 20)
     serial = order_copies(copies, rank, world, "per_peer")
-    assert _bytes(inter) == _bytes(serial) == _bytes(copies)
+    stag = order_copies(copies, rank, world, "staggered")
+    assert _bytes(inter) == _bytes(serial) == _bytes(stag) == _bytes(copies)
+    assert [c.peer for c in stag][:: len(stag) // (world - 1)] == peer_order(rank, world)
     assert all(c.nbytes <= 2 << 20 for c in inter)
     first_round = [c.peer for c in inter[: world - 1]]
     assert first_round == peer_order(rank, world)  # staggered start, one slice per peer per round

@@ -50,6 +50,7 @@ PYBIND11_MODULE(_C, m) {
         py::arg("num_blocks"), py::arg("threads") = 512);
   m.def("register_symmetric", &dwdp::register_symmetric, py::arg("va"), py::arg("nbytes"),
         py::call_guard<py::gil_scoped_release>());
+  m.def("register_unit", &dwdp::register_unit);
   m.def("unregister_symmetric", &dwdp::unregister_symmetric, py::arg("sym"), py::arg("nbytes"),
         py::call_guard<py::gil_scoped_release>());
 

@@ -2,6 +2,7 @@
 #include <nvshmem.h>
 #include <nvshmemx.h>
 
+#include <cstdlib>
 #include <cstring>
 #include <mutex>
 
@@ -147,12 +148,28 @@ uintptr_t symmetric_peer_ptr(uintptr_t ptr, int pe) {
   return reinterpret_cast<uintptr_t>(nvshmem_ptr(reinterpret_cast<const void*>(ptr), pe));
 }
 
+size_t register_unit() {
+  // NVSHMEM maps registered buffers in units of its VMM granularity (NVSHMEM_CUMEM_GRANULARITY, 512 MiB by
+  // default); a buffer that is not a multiple makes NVSHMEM fail inside and end the process, so it is refused here.
+  size_t unit = size_t(512) << 20;
+  if (const char* env = std::getenv("NVSHMEM_CUMEM_GRANULARITY")) {
+    char* end = nullptr;
+    double v = std::strtod(env, &end);
+    size_t mult = 1;
+    if (end && (*end == 'k' || *end == 'K')) mult = size_t(1) << 10;
+    if (end && (*end == 'm' || *end == 'M')) mult = size_t(1) << 20;
+    if (end && (*end == 'g' || *end == 'G')) mult = size_t(1) << 30;
+    if (v > 0) unit = static_cast<size_t>(v * mult);
+  }
+  return unit;
+}
+
 uintptr_t register_symmetric(uintptr_t va, size_t bytes) {
   require_initialized("register_symmetric");
-  constexpr size_t kUnit = size_t(512) << 20;
-  DWDP_REQUIRE(bytes > 0 && bytes % kUnit == 0,
-               "register_symmetric: " << bytes << " bytes is not a positive multiple of 512 MiB, which NVSHMEM "
-                                      << "needs for user buffers on these machines");
+  const size_t unit = register_unit();
+  DWDP_REQUIRE(bytes > 0 && bytes % unit == 0,
+               "register_symmetric: " << bytes << " bytes is not a positive multiple of " << unit
+                                      << " bytes (NVSHMEM_CUMEM_GRANULARITY), which NVSHMEM needs for user buffers");
   DeviceGuard guard(g_device);
   void* sym = nvshmemx_buffer_register_symmetric(reinterpret_cast<void*>(va), bytes, 0);
   if (sym == nullptr)

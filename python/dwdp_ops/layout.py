@@ -11,8 +11,10 @@ The fp8 block scales (fp32, one per 128x128 block) are tiny (10.5 KiB per R1 exp
 kept whole on every rank (as TensorRT-LLM all-gathers them at set-up) instead of being fetched, so they never break
 page alignment and cost no fetch traffic.
 
-A rank's local experts of many layers are pooled in a few allocations whose sizes are multiples of 512 MiB, the
-only sizes NVSHMEM accepts for user-registered buffers on our machines.
+A rank's local experts of one (layer, tensor kind) form one physical allocation, registered symmetric with NVSHMEM
+so that peers read it one-sidedly. One allocation each because ``cuMemMap`` maps an allocation only from offset 0,
+and the same allocation is mapped a second time into the layer's composite range; its size is rounded up to NVSHMEM's
+registration unit (512 MiB on our machines, ``NVSHMEM_CUMEM_GRANULARITY``), which ``registration_overhead`` reports.
 """
 
 from __future__ import annotations
@@ -116,32 +118,15 @@ def fp8_scale_shape(shape: tuple[int, int]) -> tuple[int, int]:
     return (-(-shape[0] // FP8_BLOCK), -(-shape[1] // FP8_BLOCK))
 
 
-@dataclass(frozen=True)
-class PoolPlan:
-    """Where each layer's local region lives: ``placement[layer] = (allocation, offset)``; allocation sizes are
-    multiples of ``REGISTER_UNIT``. Invariant: regions never overlap and never cross an allocation's end."""
-
-    sizes: tuple[int, ...]
-    placement: tuple[tuple[int, int], ...]
-
-    @property
-    def total_bytes(self) -> int:
-        return sum(self.sizes)
+def local_allocation_bytes(layout: ExpertLayout, name: str, experts_per_rank: int, unit: int = REGISTER_UNIT) -> int:
+    """Size of the registered allocation that holds one layer's local experts of tensor kind ``name``."""
+    if experts_per_rank < 1 or unit <= 0:
+        raise ValueError(f"experts_per_rank and unit must be positive, got {experts_per_rank}, {unit}")
+    return round_up(experts_per_rank * layout.stride(name), unit)
 
 
-def plan_pools(num_layers: int, layer_bytes: int, max_allocation: int = 8 << 30, unit: int = REGISTER_UNIT) -> PoolPlan:
-    """Packs ``num_layers`` regions of ``layer_bytes`` (page multiples) into allocations of at most
-    ``max_allocation`` bytes (a larger region gets an allocation of its own), each rounded up to ``unit``."""
-    if num_layers < 1:
-        raise ValueError(f"num_layers must be >= 1, got {num_layers}")
-    if layer_bytes <= 0 or layer_bytes % PAGE:
-        raise ValueError(f"layer_bytes must be a positive multiple of {PAGE}, got {layer_bytes}")
-    per_alloc = max(1, max_allocation // layer_bytes)
-    sizes, placement = [], []
-    for layer in range(num_layers):
-        a, slot = divmod(layer, per_alloc)
-        if slot == 0:
-            sizes.append(0)
-        placement.append((a, slot * layer_bytes))
-        sizes[a] = (slot + 1) * layer_bytes
-    return PoolPlan(tuple(round_up(s, unit) for s in sizes), tuple(placement))
+def registration_overhead(layout: ExpertLayout, experts_per_rank: int, unit: int = REGISTER_UNIT) -> float:
+    """Extra local memory the registration unit costs, as a fraction of the local expert bytes."""
+    used = experts_per_rank * layout.expert_stride
+    alloc = sum(local_allocation_bytes(layout, t.name, experts_per_rank, unit) for t in layout.tensors)
+    return alloc / used - 1.0

@@ -4,6 +4,8 @@ A layer's fetch is a list of ``Copy(peer, dst, src, nbytes)``, one per (tensor k
 plan). Two schedules:
   * ``per_peer``: the runs in peer order, one copy each: every rank starts with the lowest peer, so at any moment
     several ranks pull from the same owner and share its egress (an all-to-one phase).
+  * ``staggered``: the same whole runs, but each rank starts at the peer after itself and goes round, so that at
+    any moment the ranks read from different owners (when the runs are of equal size).
   * ``interleaved``: every run cut into slices of ``slice_bytes`` (default 2 MiB), issued round-robin across the
     peers, starting at the peer after this rank (staggered), so that owners are loaded evenly at every moment.
 Invariant: both schedules move exactly the same bytes (same multiset of (dst, src) bytes), only in another order.
@@ -15,7 +17,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
 
-Schedule = Literal["per_peer", "interleaved"]
+Schedule = Literal["per_peer", "staggered", "interleaved"]
 DEFAULT_SLICE = 2 << 20
 
 
@@ -45,8 +47,11 @@ def order_copies(
 ) -> list[Copy]:
     if schedule == "per_peer":
         return sorted(copies, key=lambda c: (c.peer, c.dst))
+    rank_of = {p: i for i, p in enumerate(peer_order(rank, world_size))}
+    if schedule == "staggered":
+        return sorted(copies, key=lambda c: (rank_of.get(c.peer, world_size), c.dst))
     if schedule != "interleaved":
-        raise ValueError(f"schedule must be 'per_peer' or 'interleaved', got {schedule!r}")
+        raise ValueError(f"schedule must be 'per_peer', 'staggered' or 'interleaved', got {schedule!r}")
     queues: dict[int, list[Copy]] = {}
     for c in sorted(copies, key=lambda c: c.dst):
         queues.setdefault(c.peer, []).extend(slice_copy(c, slice_bytes))

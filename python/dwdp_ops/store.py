@@ -1,12 +1,13 @@
 """Where a rank's experts live, and the per-layer views of all E experts (``composite``, ``table``, ``merge``).
 
 ``ExpertStore`` owns, for the MoE layers of one model on this rank:
-  * local storage: the layers' local experts (``ExpertLayout``), pooled in VMM allocations of 512 MiB multiples
-    (``plan_pools``) and registered symmetric with NVSHMEM, so peers read them one-sidedly;
+  * local storage: one VMM allocation per (layer, tensor kind) holding this rank's L experts, its size rounded up to
+    NVSHMEM's registration unit, registered symmetric so that peers read it one-sidedly;
   * remote slots: two ping-pong page pools per tensor kind (layer parity 0 and 1), each with room for the
-    ``E - L`` experts a layer fetches;
+    ``E - L`` experts a layer fetches, as two allocations (the experts below and above the local range);
   * a composite virtual range per (layer, tensor kind): ``[E, ...]`` with this rank's physical local pages mapped
-    zero-copy in the middle and the pages of the layer parity's slot pool around them.
+    zero-copy in the middle and the pages of the layer parity's slot pool around them. ``cuMemMap`` maps an
+    allocation only from offset 0, which is why each piece is an allocation of its own.
 
 Views of a layer (all of the same bytes, no copy for the first two):
   * ``composite(layer, name)``: a plain strided ``[E, ...]`` array any MoE kernel can read;
@@ -36,7 +37,7 @@ import numpy as np
 
 from .errors import DwdpError
 from .interop import device_buffer, stream_handle
-from .layout import ExpertLayout, PoolPlan, plan_pools
+from .layout import ExpertLayout, local_allocation_bytes, registration_overhead
 from .partition import ExpertPartition
 from .runtime import Runtime, get_runtime
 from .schedule import DEFAULT_SLICE, Copy, Schedule, order_copies
@@ -54,7 +55,6 @@ class ExpertStore:
         layout: ExpertLayout,
         num_layers: int,
         *,
-        max_allocation: int = 8 << 30,
         runtime: Runtime | None = None,
     ):
         import cupy as cp
@@ -72,14 +72,15 @@ class ExpertStore:
         self.rank, self.world, self.device = rt.rank(), rt.world_size(), rt.device
         self.E, self.L = partition.num_experts, partition.experts_per_rank
         self.lo, self.hi = partition.local_range(self.rank)
-        self.pools: PoolPlan = plan_pools(num_layers, layout.local_layer_bytes(self.L), max_allocation)
+        self.register_unit = register_unit = self.be.register_unit()
+        self.registration_overhead = registration_overhead(layout, self.L, register_unit)
         self._undo: list[Callable[[], None]] = []
         self._released: set[int] = set()
         self._closed = False
         self._cache: dict[Any, Any] = {}
         geometry = json.dumps(
             [partition.num_experts, partition.experts_per_rank, partition.stride, num_layers,
-             [[t.name, list(t.shape), t.dtype] for t in layout.tensors], layout.page, list(self.pools.sizes)]
+             [[t.name, list(t.shape), t.dtype] for t in layout.tensors], layout.page, register_unit]
         ).encode()
         views = rt.rendezvous.allgather("ExpertStore", geometry)
         if any(v != geometry for v in views):
@@ -119,50 +120,41 @@ class ExpertStore:
 
     def _build(self, cp) -> None:
         be, dev, lay = self.be, self.device, self.layout
-        # Local storage, registered symmetric (collective, same sizes everywhere).
-        self._pool_handle, self._pool_va, self._pool_sym, self._pool_peer = [], [], [], []
-        for size in self.pools.sizes:
-            h, va = self._physical(size)
-            sym = be.register_symmetric(va, size)
-            self._push(lambda sym=sym, size=size: be.unregister_symmetric(sym, size))
-            self._pool_handle.append(h)
-            self._pool_va.append(va)
-            self._pool_sym.append(sym)
-            self._pool_peer.append([be.symmetric_peer_ptr(sym, p) for p in range(self.world)])
-        # Remote slots: one pool per (parity, tensor kind).
-        remote = self.E - self.L
+        # Local storage: one registered allocation per (layer, tensor kind); collective, same sizes everywhere.
+        self._local: dict[tuple[int, int], tuple[int, int, int, list[int]]] = {}  # handle, va, sym, peer bases
+        for layer in range(self.num_layers):
+            for ti, t in enumerate(lay.tensors):
+                size = local_allocation_bytes(lay, t.name, self.L, self.register_unit)
+                h, va = self._physical(size)
+                sym = be.register_symmetric(va, size)
+                self._push(lambda sym=sym, size=size: be.unregister_symmetric(sym, size))
+                self._local[layer, ti] = (h, va, sym, [be.symmetric_peer_ptr(sym, p) for p in range(self.world)])
+        # Remote slots per (parity, tensor kind): the experts below the local range, and those above it.
         self.parities = min(2, self.num_layers)
-        self._slot: dict[tuple[int, int], tuple[int, int]] = {}
-        if remote:
-            for parity in range(self.parities):
-                for ti, stride in enumerate(lay.strides):
-                    self._slot[parity, ti] = self._physical(remote * stride)
-        # Composite ranges: [0, lo) and [hi, E) from the slot pool, [lo, hi) from local storage.
+        self._slot: dict[tuple[int, int, str], tuple[int, int]] = {}
+        for parity in range(self.parities):
+            for ti, stride in enumerate(lay.strides):
+                if self.lo:
+                    self._slot[parity, ti, "below"] = self._physical(self.lo * stride)
+                if self.hi < self.E:
+                    self._slot[parity, ti, "above"] = self._physical((self.E - self.hi) * stride)
+        # Composite ranges: [0, lo) and [hi, E) from the slot allocations, [lo, hi) from local storage.
         self._composite: dict[tuple[int, int], int] = {}
         for layer in range(self.num_layers):
+            parity = layer % self.parities
             for ti, stride in enumerate(lay.strides):
                 size = self.E * stride
                 va = be.vmm_reserve(size, 0)
                 self._push(lambda va=va, size=size: be.vmm_free(va, size))
-                pieces = []
+                pieces = [(self.lo * stride, self.L * stride, self._local[layer, ti][0])]
                 if self.lo:
-                    pieces.append((0, self.lo * stride, "slot", 0))
-                pieces.append((self.lo * stride, self.L * stride, "local", self._local_offset(layer, ti)))
+                    pieces.append((0, self.lo * stride, self._slot[parity, ti, "below"][0]))
                 if self.hi < self.E:
-                    pieces.append((self.hi * stride, (self.E - self.hi) * stride, "slot", self.lo * stride))
-                for off, n, kind, src_off in pieces:
-                    if kind == "slot":
-                        handle = self._slot[layer % self.parities, ti][0]
-                    else:
-                        handle = self._pool_handle[self.pools.placement[layer][0]]
-                    be.vmm_map(va + off, n, handle, src_off, dev)
+                    pieces.append((self.hi * stride, (self.E - self.hi) * stride, self._slot[parity, ti, "above"][0]))
+                for off, n, handle in pieces:
+                    be.vmm_map(va + off, n, handle, 0, dev)
                     self._push(lambda a=va + off, n=n: be.vmm_unmap(a, n))
                 self._composite[layer, ti] = va
-
-    def _local_offset(self, layer: int, ti: int) -> int:
-        """Offset of (layer, tensor kind) inside its pool allocation."""
-        _alloc, off = self.pools.placement[layer]
-        return off + self.L * sum(self.layout.strides[:ti])
 
     # -- addressing --------------------------------------------------------------------------------------------
     def _check(self, layer: int, name: str, what: str) -> int:
@@ -175,23 +167,25 @@ class ExpertStore:
         return self.layout.index(name)
 
     def local_address(self, layer: int, ti: int, expert: int) -> int:
-        a = self.pools.placement[layer][0]
-        return self._pool_va[a] + self._local_offset(layer, ti) + (expert - self.lo) * self.layout.strides[ti]
+        return self._local[layer, ti][1] + (expert - self.lo) * self.layout.strides[ti]
 
     def _owner_address(self, layer: int, ti: int, expert: int, peer: int, base: str) -> int:
-        a = self.pools.placement[layer][0]
+        """Address of ``peer``'s copy of ``expert``: symmetric (for NVSHMEM gets) or its P2P mapping (loads, CE)."""
+        _h, _va, sym, peers = self._local[layer, ti]
         start = self.partition.local_range(peer)[0]
-        root = self._pool_sym[a] if base == "sym" else self._pool_peer[a][peer]
+        root = sym if base == "sym" else peers[peer]
         if root == 0:
             raise DwdpError(f"PE {peer} is not P2P-reachable from PE {self.rank}: use the NVSHMEM engine")
-        return root + self._local_offset(layer, ti) + (expert - start) * self.layout.strides[ti]
+        return root + (expert - start) * self.layout.strides[ti]
 
     def slot_address(self, layer: int, ti: int, expert: int) -> int:
         """Where remote expert ``expert`` of ``layer`` lands (its slot)."""
         if self.lo <= expert < self.hi:
             raise ValueError(f"expert {expert} is local to rank {self.rank}; it has no slot")
-        idx = expert if expert < self.lo else expert - self.L
-        return self._slot[layer % self.parities, ti][1] + idx * self.layout.strides[ti]
+        parity = layer % self.parities
+        if expert < self.lo:
+            return self._slot[parity, ti, "below"][1] + expert * self.layout.strides[ti]
+        return self._slot[parity, ti, "above"][1] + (expert - self.hi) * self.layout.strides[ti]
 
     def expert_address(self, layer: int, ti: int, expert: int) -> int:
         if self.lo <= expert < self.hi:
@@ -339,14 +333,13 @@ class ExpertStore:
             T = len(self.layout.tensors)
             rec = np.zeros(self.E * T, dtype=EXPERT_COPY_DTYPE)
             rec["pe"] = -1
-            reach = self._pool_peer[self.pools.placement[layer][0]]
             for e in range(self.E):
                 if owner[e] == self.rank:
                     continue
                 for ti, spec in enumerate(self.layout.tensors):
                     i = e * T + ti
                     rec["src"][i] = self._owner_address(layer, ti, e, owner[e], "sym")
-                    rec["src_peer"][i] = self._owner_address(layer, ti, e, owner[e], "peer") if reach[owner[e]] else 0
+                    rec["src_peer"][i] = self._owner_address(layer, ti, e, owner[e], "peer") if self._local[layer, ti][3][owner[e]] else 0
                     rec["dst"][i] = self.slot_address(layer, ti, e)
                     rec["bytes"][i] = spec.nbytes
                     rec["pe"][i] = owner[e]
@@ -447,10 +440,6 @@ class ExpertStore:
 
     def __exit__(self, *exc) -> None:
         self.close()
-
-    @property
-    def layout_inflation(self) -> float:
-        return self.layout.inflation
 
     def remote_bytes(self) -> int:
         return (self.E - self.L) * self.layout.expert_stride

@@ -77,7 +77,7 @@ def run_case(seed, world, rank):
             assert bool((B(store.local(layer, "w13")) == B(fulls[layer]["w13"][store.lo : store.hi])).all())
         dwdp_ops.barrier()
         # copy engine, every schedule; layer l and l+2 share slots (parity), so check right after each fetch
-        for layer, (schedule, batched) in enumerate([("per_peer", False), ("interleaved", True), ("interleaved", False)]):
+        for layer, (schedule, batched) in enumerate([("per_peer", False), ("interleaved", True), ("staggered", True)]):
             poison(store, layer)
             store.fetch_ce(layer, stream, schedule=schedule, batched=batched, slice_bytes=(1 << 20) * (1 + seed % 3))
             stream.synchronize()

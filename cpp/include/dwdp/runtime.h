@@ -38,6 +38,8 @@ uintptr_t symmetric_peer_ptr(uintptr_t ptr, int pe);
 // Registers a VMM allocation (POSIX-FD handle, size a multiple of 512 MiB) as symmetric memory; collective, same
 // size on every PE. Returns the address to use with nvshmem_ptr / nvshmem gets.
 uintptr_t register_symmetric(uintptr_t va, size_t bytes);
+// The size unit of registered buffers: NVSHMEM_CUMEM_GRANULARITY (bytes, or with k/m/g), 512 MiB by default.
+size_t register_unit();
 void unregister_symmetric(uintptr_t sym, size_t bytes);
 
 }  // namespace dwdp
