@@ -25,7 +25,7 @@ if [[ $what == bench || $what == all ]]; then
   fi
   grep -h -i -E "error|Traceback" "$OUT"/fetch_bandwidth_N*.log | head -20
 fi
-if [[ $what == probe || $what == all ]]; then
+if [[ $what == probe ]]; then
   for g in default 33554432 2097152; do
     for mib in 32 512; do
       if [[ $g == default ]]; then e=""; else e="NVSHMEM_CUMEM_GRANULARITY=$g"; fi

@@ -13,8 +13,9 @@ page alignment and cost no fetch traffic.
 
 A rank's local experts of one (layer, tensor kind) form one physical allocation, registered symmetric with NVSHMEM
 so that peers read it one-sidedly. One allocation each because ``cuMemMap`` maps an allocation only from offset 0,
-and the same allocation is mapped a second time into the layer's composite range; its size is rounded up to NVSHMEM's
-registration unit (512 MiB on our machines, ``NVSHMEM_CUMEM_GRANULARITY``), which ``registration_overhead`` reports.
+and the same allocation is mapped a second time, whole, into the layer's composite range (partial mappings are refused
+too). NVSHMEM registers buffers in units of ``NVSHMEM_CUMEM_GRANULARITY`` (512 MiB by default, which refuses smaller
+buffers); ``dwdp_ops.init`` sets it to 2 MiB, so the blocks need no padding (``registration_overhead`` is 0).
 """
 
 from __future__ import annotations

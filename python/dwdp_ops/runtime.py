@@ -21,6 +21,7 @@ Environment variables read here (set before ``init()``):
   ``DWDP_TIMEOUT``   seconds any collective waits for the other ranks (default 300).
   ``NVSHMEM_*``      passed through to NVSHMEM; ``init()`` sets these defaults when unset: ``NVSHMEM_DISABLE_NVLS=1``
                      (NVLink multicast stays off on our machines), ``NVSHMEM_REMOTE_TRANSPORT=none`` (one node),
+                     ``NVSHMEM_CUMEM_GRANULARITY=2097152`` (registered expert buffers of any 2 MiB multiple),
                      ``NVSHMEM_BOOTSTRAP_UID_SOCK_IFNAME=lo`` and ``NVSHMEM_BOOTSTRAP_UID_SOCK_FAMILY=AF_INET`` when
                      ``MASTER_ADDR`` is a loopback address, and ``NVSHMEM_SYMMETRIC_SIZE`` from ``heap_size``.
 """
@@ -173,6 +174,10 @@ class Runtime:
     def _set_nvshmem_env(env: DistEnv, heap: int | None) -> None:
         os.environ.setdefault("NVSHMEM_DISABLE_NVLS", "1")
         os.environ.setdefault("NVSHMEM_REMOTE_TRANSPORT", "none")
+        # 2 MiB lets NVSHMEM register any page-multiple buffer (measured on NVSHMEM 3.4.5: the 512 MiB default refuses
+        # smaller buffers), so each layer's local experts can be one allocation that is also mapped, whole, into
+        # the layer's composite view (cuMemMap maps whole allocations only).
+        os.environ.setdefault("NVSHMEM_CUMEM_GRANULARITY", str(2 << 20))
         if env.master_addr in ("127.0.0.1", "localhost"):
             os.environ.setdefault("NVSHMEM_BOOTSTRAP_UID_SOCK_IFNAME", "lo")
             os.environ.setdefault("NVSHMEM_BOOTSTRAP_UID_SOCK_FAMILY", "AF_INET")

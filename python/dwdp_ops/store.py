@@ -74,6 +74,13 @@ class ExpertStore:
         self.lo, self.hi = partition.local_range(self.rank)
         self.register_unit = register_unit = self.be.register_unit()
         self.registration_overhead = registration_overhead(layout, self.L, register_unit)
+        if self.registration_overhead:
+            raise DwdpError(
+                f"ExpertStore: NVSHMEM registers buffers in units of {register_unit} bytes, which do not divide this "
+                f"rank's local expert blocks ({[self.L * s for s in layout.strides]} bytes); a padded block could not "
+                "be mapped whole into the composite view. Leave NVSHMEM_CUMEM_GRANULARITY unset (dwdp_ops.init sets "
+                "2 MiB) or set it to the page size."
+            )
         self._undo: list[Callable[[], None]] = []
         self._released: set[int] = set()
         self._closed = False
