@@ -193,7 +193,8 @@ def dwdp_layer(b: Bench, dtype: str) -> None:
                       lambda sl=sl: store.fetch_ce(0, s, schedule="interleaved", slice_bytes=sl * MiB), slice_mib=sl, **extra)
         fetched = store.remote_ids().size * layout.expert_bytes
         for k in (8, 16, 32, sms):
-            b.measure(case, f"nvshmem_get_{k}sm", "dwdp", fetched, lambda k=k: store.fetch_nvshmem(0, None, None, s, num_blocks=k), sms=k, **extra)
+            b.measure(case, f"nvshmem_get_{k}sm", "dwdp", fetched,
+                      lambda k=k: store.fetch_nvshmem(0, None, None, s, num_blocks=k, peer_ptr=False), sms=k, **extra)
             b.measure(case, f"nvshmem_ptr_{k}sm", "dwdp", fetched,
                       lambda k=k: store.fetch_nvshmem(0, None, None, s, num_blocks=k, threads=1024, peer_ptr=True), sms=k, **extra)
         # correctness of what was just fetched, against the owners' bytes (sampled experts)
@@ -213,6 +214,7 @@ def main() -> int:
     ap.add_argument("--layer-only", action="store_true")
     ap.add_argument("--sizes-mib", default="2,8,32,128,512,1024")
     ap.add_argument("--dtypes", default="float8_e4m3fn,bfloat16")
+    ap.add_argument("--tag", default="", help="suffix of the JSON file name")
     ns = ap.parse_args()
     with dwdp_ops.init(heap_size="2g", timeout=600):
         b = Bench(ns.repeats)
@@ -226,7 +228,8 @@ def main() -> int:
             data = dict(benchmark="fetch_bandwidth", world_size=b.n, repeats=ns.repeats, **facts, nvlink=link,
                         records=b.records)
             card = facts["card"].replace("NVIDIA ", "").replace(" ", "_")
-            path = write_json(f"fetch_bandwidth_{card}_N{b.n}.json", data)
+            tag = f"_{ns.tag}" if ns.tag else ""
+            path = write_json(f"fetch_bandwidth_{card}_N{b.n}{tag}.json", data)
             print(f"wrote {path}")
         b.barrier()
     return 0

@@ -17,13 +17,21 @@ if [[ $what == tests || $what == all ]]; then
   timeout 480 python3 -m pytest -m "gpu or multigpu" -rs -v tests 2>&1 | tee "$OUT/gpu_tests.log" | grep -E "PASS|FAIL|SKIP|ERROR|passed|failed" | tail -20
 fi
 if [[ $what == bench || $what == all ]]; then
-  timeout 420 python3 -m dwdp_ops.launch -n "$NGPU" --timeout 400 bench/fetch_bandwidth.py > "$OUT/fetch_bandwidth_N$NGPU.log" 2>&1
-  echo "fetch_bandwidth N=$NGPU rc=$?"; grep "^\[rank 0\]" "$OUT/fetch_bandwidth_N$NGPU.log" | tail -60
+  # one ExpertStore per process (see store_check.py): each dtype's layer runs in its own job
+  timeout 300 python3 -m dwdp_ops.launch -n "$NGPU" --timeout 280 bench/fetch_bandwidth.py --dtypes float8_e4m3fn > "$OUT/fetch_bandwidth_N$NGPU.log" 2>&1
+  echo "fetch_bandwidth N=$NGPU rc=$?"; grep "^\[rank 0\]" "$OUT/fetch_bandwidth_N$NGPU.log" | grep -v size_sweep | tail -30
+  timeout 200 python3 -m dwdp_ops.launch -n "$NGPU" --timeout 180 bench/fetch_bandwidth.py --layer-only --dtypes bfloat16 --tag bf16 > "$OUT/fetch_bandwidth_N${NGPU}_bf16.log" 2>&1
+  echo "fetch_bandwidth N=$NGPU bf16 rc=$?"; grep "^\[rank 0\]" "$OUT/fetch_bandwidth_N${NGPU}_bf16.log" | tail -16
   if (( NGPU > 2 )); then
-    timeout 240 python3 -m dwdp_ops.launch -n 2 --timeout 220 bench/fetch_bandwidth.py --layer-only > "$OUT/fetch_bandwidth_N2.log" 2>&1
-    echo "fetch_bandwidth N=2 rc=$?"; grep "^\[rank 0\]" "$OUT/fetch_bandwidth_N2.log" | tail -20
+    for dt in float8_e4m3fn bfloat16; do
+      timeout 200 python3 -m dwdp_ops.launch -n 2 --timeout 180 bench/fetch_bandwidth.py --layer-only --dtypes $dt --tag $dt > "$OUT/fetch_bandwidth_N2_$dt.log" 2>&1
+      echo "fetch_bandwidth N=2 $dt rc=$?"; grep "^\[rank 0\]" "$OUT/fetch_bandwidth_N2_$dt.log" | tail -16
+    done
   fi
   grep -h -i -E "error|Traceback" "$OUT"/fetch_bandwidth_N*.log | head -20
+fi
+if [[ $what == probe || $what == all ]]; then
+  timeout 120 python3 -m dwdp_ops.launch -n 2 --timeout 100 scripts/probe_register_unit.py 1024 1024 2>&1 | grep -E "registered|refused|failed" | head -6
 fi
 if [[ $what == probe ]]; then
   for g in default 33554432 2097152; do

@@ -96,7 +96,8 @@ void ce_copy(const uint64_t* dsts, const uint64_t* srcs, const uint64_t* sizes, 
   if (n == 0) return;
   DeviceGuard guard(device());
   auto s = reinterpret_cast<cudaStream_t>(stream);
-  if (!batched) {
+  // cudaMemcpyBatchAsync refuses the legacy default stream (cudaErrorInvalidValue): copy one by one there.
+  if (!batched || s == nullptr) {
     for (size_t i = 0; i < n; ++i)
       DWDP_CUDA_CHECK(cudaMemcpyAsync(reinterpret_cast<void*>(dsts[i]), reinterpret_cast<const void*>(srcs[i]),
                                       sizes[i], cudaMemcpyDeviceToDevice, s));

@@ -40,7 +40,7 @@ from .interop import device_buffer, stream_handle
 from .layout import ExpertLayout, local_allocation_bytes, registration_overhead
 from .partition import ExpertPartition
 from .runtime import Runtime, get_runtime
-from .schedule import DEFAULT_SLICE, Copy, Schedule, order_copies
+from .schedule import DEFAULT_SLICE, Copy, Schedule, order_copies, peer_order
 
 # Mirrors dwdp::ExpertCopy in cpp/include/dwdp/fetch.h.
 EXPERT_COPY_DTYPE = np.dtype(
@@ -356,8 +356,12 @@ class ExpertStore:
         return self._cache[key]
 
     def remote_ids(self) -> np.ndarray:
-        """The expert ids this rank fetches, ascending."""
-        return np.array([e for e in range(self.E) if not self.lo <= e < self.hi], dtype=np.int32)
+        """The expert ids this rank fetches, grouped by owner in staggered order (the peer after this rank
+        first), so that ranks fetching everything at once start at different owners."""
+        order = {p: i for i, p in enumerate(peer_order(self.rank, self.world))}
+        owner = self.partition.owner_table(self.rank)
+        ids = [e for e in range(self.E) if not self.lo <= e < self.hi]
+        return np.array(sorted(ids, key=lambda e: (order[owner[e]], e)), dtype=np.int32)
 
     def fetch_nvshmem(
         self,
@@ -369,10 +373,12 @@ class ExpertStore:
         num_blocks: int = 32,
         threads: int = 512,
         chunk: int = 1 << 20,
-        peer_ptr: bool = False,
+        peer_ptr: bool | None = None,
     ) -> None:
         """Fetches the remote experts named in ``ids`` (a device int32 array, e.g. the router's selection; None =
-        every remote expert) with the SM-driven kernel on ``num_blocks`` SMs. ``count`` is an int or a device int32
+        every remote expert) with the SM-driven kernel on ``num_blocks`` SMs. ``peer_ptr``: copy with vector loads
+        through the NVLink mapping of the owner's buffer (None = whenever every owner is P2P-reachable, which was
+        faster on H200: see docs/benchmarks.md) instead of ``nvshmemx_getmem_nbi_block``. ``count`` is an int or a device int32
         scalar read by the kernel (no host round trip). Local and repeated ids are fine; out-of-range ids in a
         device list are skipped and reported by ``check_errors()``; in a host list they raise here."""
         import cupy as cp
@@ -403,6 +409,8 @@ class ExpertStore:
                 raise ValueError(f"fetch_nvshmem: count {count} is outside [0, {cap}]")
             cap = int(count)
         max_bytes = max(t.nbytes for t in self.layout.tensors)
+        if peer_ptr is None:
+            peer_ptr = all(self._local[layer, 0][3]) and not any(t.nbytes % 16 for t in self.layout.tensors)
         if peer_ptr and any(t.nbytes % 16 for t in self.layout.tensors):
             raise ValueError("fetch_nvshmem: peer_ptr copies need tensors of a multiple of 16 bytes")
         if chunk < 16 or chunk % 16:

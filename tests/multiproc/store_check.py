@@ -136,12 +136,13 @@ def bad_input(store, stream, E):
 
 
 def main() -> int:
-    cases = int(sys.argv[1]) if len(sys.argv) > 1 else 4
+    # One store per process: NVSHMEM 3.4.5 fails to register buffers again after unregistering others
+    # (docs/benchmarks.md), so every case runs in a fresh job.
+    seed = int(sys.argv[1]) if len(sys.argv) > 1 else 0
     with dwdp_ops.init(timeout=120):
         me, world = dwdp_ops.rank(), dwdp_ops.world_size()
-        for seed in range(cases):
-            E, L, stride, dtype = run_case(seed, world, me)
-            print(f"rank {me}: case {seed} E={E} L={L} stride={stride} {dtype} OK")
+        E, L, stride, dtype = run_case(seed, world, me)
+        print(f"rank {me}: case {seed} E={E} L={L} stride={stride} {dtype} OK")
         try:
             ExpertPartition.disjoint(8 * world, world).fetch_plan(world)
             raise AssertionError("a plan for a rank outside the world was accepted")

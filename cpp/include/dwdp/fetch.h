@@ -23,7 +23,7 @@ struct ExpertCopy {
 void getmem(uintptr_t dst, uintptr_t src, size_t bytes, int pe, uintptr_t stream, int num_blocks, int threads);
 
 // Copy engine: n copies dsts[i] <- srcs[i] of sizes[i] bytes (host arrays), either one cudaMemcpyAsync each or
-// one cudaMemcpyBatchAsync for all of them.
+// one cudaMemcpyBatchAsync for all of them (on a non-default stream; on stream 0 the copies go one by one).
 void ce_copy(const uint64_t* dsts, const uint64_t* srcs, const uint64_t* sizes, size_t n, uintptr_t stream,
              bool batched);
 
