@@ -95,7 +95,7 @@ def enable_peer(me: int, peer: int) -> None:
             raise
 
 
-def size_sweep_and_patterns(b: Bench, sizes: list[int]) -> None:
+def size_sweep_and_patterns(b: Bench, sizes: list[int], baseline_only: bool = False) -> None:
     me, n, s = b.me, b.n, b.stream
     big = max(sizes)
     sym = dwdp_ops.symmetric_empty(big, cp.uint8)
@@ -131,6 +131,9 @@ def size_sweep_and_patterns(b: Bench, sizes: list[int]) -> None:
 
     for nb in sizes:
         b.measure("size_sweep", "raw_peer", "ring", nb, lambda nb=nb: raw(ring, nb))
+        if baseline_only:
+            dwdp_ops.free_symmetric(sym)
+            return
         b.measure("size_sweep", "ce", "ring", nb, lambda nb=nb: ce(ring, nb))
         b.measure("size_sweep", "ce_batched", "ring", nb, lambda nb=nb: ce(ring, nb, batched=True))
         for k in (8, 16, 32, sms):
@@ -220,6 +223,8 @@ def main() -> int:
         b = Bench(ns.repeats)
         if not ns.layer_only:
             size_sweep_and_patterns(b, [int(x) * MiB for x in ns.sizes_mib.split(",")])
+        else:  # the baseline alone, so that every result file holds its own
+            size_sweep_and_patterns(b, [GiB], baseline_only=True)
         for dt in ns.dtypes.split(","):
             dwdp_layer(b, dt)
         if b.me == 0:

@@ -317,10 +317,12 @@ class ExpertStore:
         return self._cache[key]
 
     def fetch_ce(
-        self, layer: int, stream: Any = None, *, schedule: Schedule = "interleaved", slice_bytes: int = DEFAULT_SLICE,
+        self, layer: int, stream: Any = None, *, schedule: Schedule = "staggered", slice_bytes: int = DEFAULT_SLICE,
         batched: bool = True,
     ) -> int:
-        """Fills every remote slot of ``layer`` with the copy engine, on ``stream``. Returns the bytes moved."""
+        """Fills every remote slot of ``layer`` with the copy engine, on ``stream``. Returns the bytes moved.
+        ``staggered`` (the default) reached the raw peer-copy rate on 4 x H200 while ``per_peer`` lost half of it to
+        owner contention and ``interleaved`` slices a third to per-copy overhead (docs/benchmarks.md)."""
         self._check(layer, self.layout.tensors[0].name, "fetch_ce")
         if self.E == self.L:
             return 0

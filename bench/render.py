@@ -1,0 +1,131 @@
+"""Renders bench/results/fetch_bandwidth_*.json into a PNG plot and the markdown tables of docs/benchmarks.md.
+
+    python bench/render.py            # rewrites the generated section of docs/benchmarks.md and the PNGs
+
+Every figure is the slowest rank's median (``gbps_min``; the mean over ranks in brackets), as a fraction of the
+same run's raw cudaMemcpyPeerAsync baseline (1 GiB, one peer per reader) and of the physical NVLink rate
+(links x per-link rate from ``nvidia-smi nvlink -s``).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "bench" / "results"
+DOC = ROOT / "docs" / "benchmarks.md"
+BEGIN, END = "<!-- fetch_bandwidth:begin -->", "<!-- fetch_bandwidth:end -->"
+GiB = 1 << 30
+
+
+def load() -> list[tuple[str, dict]]:
+    return [(p.name, json.loads(p.read_text())) for p in sorted(RESULTS.glob("fetch_bandwidth_*.json"))]
+
+
+def baseline(data: dict, fallback: tuple[str, float] | None) -> tuple[float, str]:
+    for r in data["records"]:
+        if r["case"] == "size_sweep" and r["mode"] == "raw_peer" and r["bytes"] == GiB:
+            return r["gbps_min"], "same run"
+    if fallback:
+        return fallback[1], f"from {fallback[0]} (same machine, same session)"
+    raise SystemExit("no raw baseline")
+
+
+def link_rate(data: dict) -> float:
+    nv = data["nvlink"]
+    return nv["links"] * nv["gbps_per_link"]
+
+
+def fmt(r: dict, base: float, link: float) -> str:
+    return (f"| {r['mode']} | {r['bytes'] / (1 << 20):.0f} MiB | {r['gbps_min']:.1f} ({r['gbps_mean']:.1f}) | "
+            f"{r['gbps_min'] / base:.1%} | {r['gbps_min'] / link:.1%} |")
+
+
+def tables(files: list[tuple[str, dict]]) -> str:
+    main = next(((n, d) for n, d in files if any(r["case"] == "size_sweep" for r in d["records"])), None)
+    fallback = (main[0], baseline(main[1], None)[0]) if main else None
+    out = []
+    for name, d in files:
+        base, where = baseline(d, fallback)
+        link = link_rate(d)
+        out.append(f"### `{name}`\n")
+        out.append(f"{d['card']}, driver {d['driver']}, CUDA runtime {d['cuda_runtime']}, {d['world_size']} ranks, "
+                   f"{d['date']}, `{d['command']}` (launched by `python -m dwdp_ops.launch -n {d['world_size']}`); "
+                   f"NVLink {d['nvlink']['links']} links x {d['nvlink']['gbps_per_link']} GB/s = {link:.0f} GB/s per "
+                   f"direction; baseline raw peer copy {base:.1f} GB/s ({where}); medians of {d['repeats']} repeats.\n")
+        cases = []
+        for r in d["records"]:
+            if r["case"] not in cases:
+                cases.append(r["case"])
+        for case in cases:
+            rows = [r for r in d["records"] if r["case"] == case]
+            pattern = rows[0]["pattern"]
+            out.append(f"**{case}** ({'pattern per row' if case == 'pattern' else pattern})\n")
+            out.append("| mode | bytes per reader | GB/s slowest rank (mean) | of raw peer copy | of NVLink |")
+            out.append("| --- | --- | --- | --- | --- |")
+            for r in rows:
+                line = fmt(r, base, link)
+                if case == "pattern":
+                    line = line.replace(f"| {r['mode']} |", f"| {r['mode']} ({r['pattern']}) |", 1)
+                out.append(line)
+            out.append("")
+    return "\n".join(out)
+
+
+def plot(files: list[tuple[str, dict]]) -> list[str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    made = []
+    for name, d in files:
+        sweep = [r for r in d["records"] if r["case"] == "size_sweep"]
+        layers = [r for r in d["records"] if r["case"].startswith("dwdp_layer")]
+        panels = (1 if sweep else 0) + (1 if layers else 0)
+        if not panels:
+            continue
+        fig, axes = plt.subplots(1, panels, figsize=(7 * panels, 4.5), squeeze=False)
+        ax_i = 0
+        if sweep:
+            ax = axes[0][ax_i]
+            ax_i += 1
+            for mode in dict.fromkeys(r["mode"] for r in sweep):
+                rs = [r for r in sweep if r["mode"] == mode]
+                ax.plot([r["bytes"] / (1 << 20) for r in rs], [r["gbps_min"] for r in rs], marker="o", label=mode)
+            ax.axhline(link_rate(d), color="grey", ls="--", lw=1, label="NVLink physical")
+            ax.set_xscale("log", base=2)
+            ax.set_xlabel("bytes per transfer (MiB)")
+            ax.set_ylabel("GB/s (slowest rank)")
+            ax.set_title(f"one peer per reader, {d['card']}")
+            ax.legend(fontsize=7)
+            ax.grid(alpha=0.3)
+        if layers:
+            ax = axes[0][ax_i]
+            ax.barh([r["mode"] for r in layers][::-1], [r["gbps_min"] for r in layers][::-1], color="tab:blue")
+            ax.axvline(link_rate(d), color="grey", ls="--", lw=1)
+            ax.set_xlabel("GB/s (slowest rank)")
+            ax.set_title(f"{layers[0]['case']}: DeepSeek-R1 layer, N={d['world_size']}")
+            ax.grid(alpha=0.3, axis="x")
+        fig.tight_layout()
+        png = RESULTS / name.replace(".json", ".png")
+        fig.savefig(png, dpi=110)
+        plt.close(fig)
+        made.append(png.name)
+    return made
+
+
+def main() -> None:
+    files = load()
+    pngs = plot(files)
+    body = tables(files) + "\n" + "\n".join(f"![{p}](../bench/results/{p})" for p in pngs) + "\n"
+    doc = DOC.read_text() if DOC.exists() else f"# Benchmarks\n\n{BEGIN}\n{END}\n"
+    doc = re.sub(re.escape(BEGIN) + ".*?" + re.escape(END), lambda _: f"{BEGIN}\n{body}{END}", doc, flags=re.S)
+    DOC.write_text(doc)
+    print(f"wrote {DOC} and {len(pngs)} plots")
+
+
+if __name__ == "__main__":
+    main()
