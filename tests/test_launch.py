@@ -103,3 +103,12 @@ def test_missing_script_is_a_usage_error(tmp_path):
         [sys.executable, "-m", "dwdp_ops.launch", "-n", "2", str(tmp_path / "nope.py")], capture_output=True, text=True
     )
     assert proc.returncode == 2 and "does not exist" in proc.stderr
+
+
+def test_prefix_wraps_every_rank(tmp_path):
+    proc, _ = _launch(tmp_path, """
+        import os
+        print("wrapped", os.environ.get("WRAPPED"))
+        """, "--prefix", "env WRAPPED=yes", n=2)
+    assert proc.returncode == 0, proc.stdout
+    assert "[rank 0] wrapped yes" in proc.stdout and "[rank 1] wrapped yes" in proc.stdout

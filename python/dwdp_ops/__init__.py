@@ -10,6 +10,7 @@ Symmetric memory:
 Experts (the paper's split weights):
     ExpertPartition (who stores what, who fetches what), ExpertLayout (page-aligned packing),
     ExpertStore (local storage, slots, composite/table/merge views, copy-engine and NVSHMEM fetch)
+    PrefetchScheduler (layer-ahead double buffering: begin_step, wait, release; prefetch_all / on_demand / auto)
 """
 
 from .env import DistEnv
@@ -17,6 +18,7 @@ from .errors import DwdpError, RendezvousError
 from .layout import ExpertLayout, TensorSpec
 from .partition import ExpertPartition
 from .runtime import Runtime, barrier, finalize, get_runtime, init, is_initialized, local_rank, rank, world_size
+from .scheduler import PrefetchScheduler, choose_policy, expected_distinct
 from .store import ExpertStore
 from .symmetric import free_symmetric, getmem, logical_dtype, peer_view, symmetric_empty, to_torch
 
@@ -37,6 +39,9 @@ __all__ = [
     "ExpertLayout",
     "ExpertPartition",
     "ExpertStore",
+    "PrefetchScheduler",
+    "choose_policy",
+    "expected_distinct",
     "RendezvousError",
     "Runtime",
     "TensorSpec",

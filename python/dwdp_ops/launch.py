@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shlex
 import signal
 import socket
 import subprocess
@@ -141,6 +142,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--timeout", type=float, default=None, help="seconds before the whole job is ended (exit 124)")
     ap.add_argument("--keep-going", action="store_true", help="when a rank fails, let the others finish")
     ap.add_argument("-m", dest="module", default=None, help="run a module (like python -m) instead of a script")
+    ap.add_argument("--prefix", default="", help="a command put before python for every rank, e.g. 'compute-sanitizer --tool racecheck'")
     ap.add_argument("script", nargs="?", help="the Python script each rank runs")
     ap.add_argument("args", nargs=argparse.REMAINDER, help="arguments passed to the script")
     ns = ap.parse_args(argv)
@@ -152,6 +154,7 @@ def main(argv: list[str] | None = None) -> int:
         if not os.path.exists(ns.script):
             ap.error(f"script {ns.script!r} does not exist")
         command = [sys.executable, ns.script] + ns.args
+    command = shlex.split(ns.prefix) + command
     try:
         return run(ns.nprocs, command, timeout=ns.timeout, keep_going=ns.keep_going)
     except ValueError as e:
