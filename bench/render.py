@@ -122,7 +122,7 @@ def main() -> None:
     pngs = plot(files)
     body = tables(files) + "\n" + "\n".join(f"![{p}](../bench/results/{p})" for p in pngs) + "\n"
     doc = DOC.read_text() if DOC.exists() else f"# Benchmarks\n\n{BEGIN}\n{END}\n"
-    doc = re.sub(re.escape(BEGIN) + ".*?" + re.escape(END), lambda _: f"{BEGIN}\n{body}{END}", doc, flags=re.S)
+    doc = re.sub(re.escape(BEGIN) + ".*?" + re.escape(END), lambda _: f"{BEGIN}\n{body}{END}", doc, flags=re.DOTALL)
     DOC.write_text(doc)
     print(f"wrote {DOC} and {len(pngs)} plots")
 

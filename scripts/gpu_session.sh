@@ -13,7 +13,7 @@ NGPU=$(nvidia-smi -L | wc -l)
 t0=$(date +%s)
 python3 -m pip install --no-build-isolation --no-deps -e . > "$OUT/build.log" 2>&1 || { tail -50 "$OUT/build.log"; exit 1; }
 echo "build: $(( $(date +%s) - t0 )) s"
-if [[ $what == tests || $what == all ]]; then
+if [[ $what == tests || $what == all || $what == issue4 ]]; then
   timeout 480 python3 -m pytest -m "gpu or multigpu" -rs -v tests 2>&1 | tee "$OUT/gpu_tests.log" | grep -E "PASS|FAIL|SKIP|ERROR|passed|failed" | tail -20
 fi
 if [[ $what == bench || $what == all ]]; then
@@ -29,6 +29,10 @@ if [[ $what == bench || $what == all ]]; then
     done
   fi
   grep -h -i -E "error|Traceback" "$OUT"/fetch_bandwidth_N*.log | head -20
+fi
+if [[ $what == issue4 || $what == all ]]; then
+  timeout 400 python3 -m dwdp_ops.launch -n "$NGPU" --timeout 380 bench/prefetch_overlap.py > "$OUT/prefetch_overlap_N$NGPU.log" 2>&1
+  echo "prefetch_overlap N=$NGPU rc=$?"; grep "^\[rank 0\]" "$OUT/prefetch_overlap_N$NGPU.log" | tail -25
 fi
 if [[ $what == probe || $what == all ]]; then
   timeout 120 python3 -m dwdp_ops.launch -n 2 --timeout 100 scripts/probe_register_unit.py 1024 1024 2>&1 | grep -E "registered|refused|failed" | head -6

@@ -39,11 +39,14 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(pytest.mark.skip(reason=f"needs {need} NVIDIA GPU(s); found {GPU_COUNT} ({why})"))
 
 
-def launch(n: int, script: str, *args: str, timeout: float = 240, keep_going: bool = False, extra_env=None):
+def launch(n: int, script: str, *args: str, timeout: float = 240, keep_going: bool = False, extra_env=None,
+           prefix: str = ""):
     """Runs tests/multiproc/<script> as n ranks through dwdp_ops.launch; returns the CompletedProcess."""
     cmd = [sys.executable, "-m", "dwdp_ops.launch", "-n", str(n), "--timeout", str(timeout)]
     if keep_going:
         cmd.append("--keep-going")
+    if prefix:
+        cmd += ["--prefix", prefix]
     cmd += [str(MULTIPROC / script), *args]
     env = dict(os.environ, **(extra_env or {}))
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout + 60, env=env, cwd=ROOT)

@@ -3,7 +3,14 @@
 from __future__ import annotations
 
 import pytest
-from dwdp_ops.layout import PAGE, REGISTER_UNIT, ExpertLayout, fp8_scale_shape, local_allocation_bytes, registration_overhead
+from dwdp_ops.layout import (
+    PAGE,
+    REGISTER_UNIT,
+    ExpertLayout,
+    fp8_scale_shape,
+    local_allocation_bytes,
+    registration_overhead,
+)
 from dwdp_ops.schedule import Copy, order_copies, peer_order
 
 

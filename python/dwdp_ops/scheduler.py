@@ -18,8 +18,9 @@ Invariants:
      the NVSHMEM descriptor tables are built in ``__init__`` (``on_demand`` layers read the router's device-resident
      ids; the host never sees them).
   5. An ``on_demand`` layer is fetched on the compute stream itself, right after its router: ordered behind the
-     previous user of its slot by stream order, with no event, which is what makes a decode step capturable in a
-     CUDA graph.
+     previous user of its slot by stream order, waiting on no event recorded outside, which is what makes a decode
+     step capturable in a CUDA graph. Its ``release`` still records consumed, so that a later prefetch into the
+     slot waits for these reads.
 
 Policies (per step, from ``begin_step(tokens=...)`` when the scheduler's policy is ``auto``):
   ``prefetch_all``  every remote expert of the layer, before routing, by the copy engine (hidden behind compute);
@@ -105,6 +106,7 @@ class PrefetchScheduler:
             store.nvshmem_table(layer)
         self.step_policy = "prefetch_all" if policy == "auto" else policy
         self._in_flight: set[int] = set()
+        self.trace: list | None = None  # set to [] to record (kind, layer, event) of every prefetch (benchmarks)
 
     # -- the protocol -----------------------------------------------------------------------------------------
     def policy_for(self, tokens: int) -> str:
@@ -134,9 +136,21 @@ class PrefetchScheduler:
         slot = layer % 2
         cs = self.copy_stream
         cs.wait_event(self.consumed[slot])
+        if self.trace is not None:  # timing only: allocates events, off by default
+            self.trace.append(("fetch", layer, self._timed_event(cs)))
         self.store.fetch_ce(layer, cs, schedule=self.schedule, slice_bytes=self.slice_bytes, batched=self.batched)
+        if self.trace is not None:
+            self.trace.append(("fetch_end", layer, self._timed_event(cs)))
         self.ready[slot].record(cs)
         self._in_flight.add(layer)
+
+    @staticmethod
+    def _timed_event(stream):
+        import cupy as cp
+
+        ev = cp.cuda.Event()
+        ev.record(stream)
+        return ev
 
     def wait(self, layer: int, stream: Any, *, ids: Any = None, count: Any = None) -> None:
         """Before layer ``layer``'s MoE on ``stream``. ``prefetch_all``: waits for its prefetch. ``on_demand``:
@@ -159,8 +173,9 @@ class PrefetchScheduler:
         prefetch of the MoE layer two positions ahead (``prefetch_all``)."""
         self._check(layer)
         slot = layer % 2
+        # Recorded under every policy: an on_demand step's reads must also hold off a later step's prefetch.
+        self.consumed[slot].record(stream)
         if self.step_policy == "prefetch_all":
-            self.consumed[slot].record(stream)
             self._in_flight.discard(layer)
             if layer + 2 < self.num_layers:
                 self._prefetch(layer + 2)
