@@ -46,7 +46,7 @@ CHECKSUM, SPIN, ROUTE, MARK = (MOD.get_function(n) for n in ("checksum", "spin",
 
 
 def setup(seed, layers):
-    world, me = dwdp_ops.world_size(), dwdp_ops.rank()
+    world = dwdp_ops.world_size()
     rng = np.random.default_rng(seed)
     L = int(rng.integers(2, 7))
     stride = int(rng.integers(1, L + 1))
@@ -121,7 +121,7 @@ def stress(seed, steps):
 
 def graph(seed):
     layers = 3
-    store, expected, rng = setup(seed, layers)
+    store, expected, _ = setup(seed, layers)
     sched = PrefetchScheduler(store, policy="on_demand", nvshmem_blocks=8)
     stream = cp.cuda.Stream(non_blocking=True)
     n = 16  # routed (token, expert) pairs of a small decode batch
