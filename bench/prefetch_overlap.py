@@ -43,12 +43,14 @@ class Experts:
         self.y = cp.empty((E, self.m, H), cp.float16)
         self.flops = 2.0 * E * self.m * (2 * I * H + I * H)
 
-    def run(self, store: ExpertStore, layer: int) -> None:
-        w13 = store.composite(layer, "w13").view(cp.float16)  # [E, 2I, H]
-        w2 = store.composite(layer, "w2").view(cp.float16)  # [E, H, I]
-        cp.matmul(self.x, w13.transpose(0, 2, 1), out=self.h)
-        a = self.h[:, :, :I]  # silu(gate) * up is elementwise; its cost is small next to the GEMMs
-        cp.matmul(a, w2.transpose(0, 2, 1), out=self.y)
+    def run(self, store: ExpertStore, layer: int, stream) -> None:
+        """The layer's expert GEMMs, enqueued on ``stream`` (CuPy launches on its current stream)."""
+        with stream:
+            w13 = store.composite(layer, "w13")  # [E, 2I, H] fp16, read in place
+            w2 = store.composite(layer, "w2")  # [E, H, I]
+            cp.matmul(self.x, w13.transpose(0, 2, 1), out=self.h)
+            a = self.h[:, :, :I]  # silu(gate) * up is elementwise; its cost is small next to the GEMMs
+            cp.matmul(a, w2.transpose(0, 2, 1), out=self.y)
 
 
 def main() -> int:
@@ -93,7 +95,7 @@ def main() -> int:
         # 1. GEMM slowdown under concurrent fetch of another layer (layer 1 fetched while layer 0 computes)
         for T in (16384, 32768):
             ex = Experts(T)
-            alone, _ = time_op(lambda ex=ex: ex.run(store, 0), compute, ns.repeats, 2, before=bar)
+            alone, _ = time_op(lambda ex=ex: ex.run(store, 0, compute), compute, ns.repeats, 2, before=bar)
             with_ce, with_nv = [], []
             for _ in range(ns.repeats + 1):
                 bar()
@@ -105,7 +107,7 @@ def main() -> int:
                     else:
                         store.fetch_nvshmem(1, None, None, side, num_blocks=16)
                     a.record(compute)
-                    ex.run(store, 0)
+                    ex.run(store, 0, compute)
                     b.record(compute)
                     b.synchronize()
                     side.synchronize()
@@ -129,7 +131,7 @@ def main() -> int:
                 rec.setdefault("skipped_tokens", []).append(T)  # the activations do not fit beside the store
                 continue
             ex = Experts(T)
-            compute_ms, _ = time_op(lambda ex=ex: [ex.run(store, p) for p in range(ns.layers)], compute, 3, 1, before=bar)
+            compute_ms, _ = time_op(lambda ex=ex: [ex.run(store, p, compute) for p in range(ns.layers)], compute, 3, 1, before=bar)
             waits, steps = [], []
             for r in range(4):
                 bar()
@@ -143,7 +145,7 @@ def main() -> int:
                     a.record(compute)
                     sched.wait(p, compute)
                     b.record(compute)
-                    ex.run(store, p)
+                    ex.run(store, p, compute)
                     c.record(compute)
                     sched.release(p, compute)
                     evs.append((a, b, c))

@@ -13,8 +13,9 @@ NGPU=$(nvidia-smi -L | wc -l)
 t0=$(date +%s)
 python3 -m pip install --no-build-isolation --no-deps -e . > "$OUT/build.log" 2>&1 || { tail -50 "$OUT/build.log"; exit 1; }
 echo "build: $(( $(date +%s) - t0 )) s"
-if [[ $what == tests || $what == all || $what == issue4 ]]; then
-  timeout 480 python3 -m pytest -m "gpu or multigpu" -rs -v tests 2>&1 | tee "$OUT/gpu_tests.log" | grep -E "PASS|FAIL|SKIP|ERROR|passed|failed" | tail -20
+tests_sel=tests; [[ $what == issue4b ]] && tests_sel=tests/test_gpu_scheduler.py
+if [[ $what == tests || $what == all || $what == issue4 || $what == issue4b ]]; then
+  timeout 480 python3 -m pytest -m "gpu or multigpu" -rs -v $tests_sel 2>&1 | tee "$OUT/gpu_tests.log" | grep -E "PASS|FAIL|SKIP|ERROR|passed|failed" | tail -20
 fi
 if [[ $what == bench || $what == all ]]; then
   # one ExpertStore per process (see store_check.py): each dtype's layer runs in its own job
@@ -30,7 +31,7 @@ if [[ $what == bench || $what == all ]]; then
   fi
   grep -h -i -E "error|Traceback" "$OUT"/fetch_bandwidth_N*.log | head -20
 fi
-if [[ $what == issue4 || $what == all ]]; then
+if [[ $what == issue4 || $what == issue4b || $what == all ]]; then
   timeout 400 python3 -m dwdp_ops.launch -n "$NGPU" --timeout 380 bench/prefetch_overlap.py > "$OUT/prefetch_overlap_N$NGPU.log" 2>&1
   echo "prefetch_overlap N=$NGPU rc=$?"; grep "^\[rank 0\]" "$OUT/prefetch_overlap_N$NGPU.log" | tail -25
 fi

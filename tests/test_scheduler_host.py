@@ -164,6 +164,8 @@ def test_wait_without_prefetch_and_bad_layers_raise():
         sched.release(3, Stream("compute"))
     with pytest.raises(ValueError, match="policy must be"):
         PrefetchScheduler(store, policy="eager", copy_stream=copy, event_factory=lambda: Event([]))
+    with pytest.raises(ValueError, match=r"top_k must be in \[1, 8\]"):
+        PrefetchScheduler(store, top_k=9, copy_stream=copy, event_factory=lambda: Event([]))
     od = PrefetchScheduler(store, policy="on_demand", copy_stream=copy, event_factory=lambda: Event([]))
     od.begin_step()
     with pytest.raises(ValueError, match="needs the router's expert ids"):

@@ -87,6 +87,8 @@ class PrefetchScheduler:
             event_factory = event_factory or (lambda: cp.cuda.Event(disable_timing=True))
         if policy not in ("prefetch_all", "on_demand", "auto"):
             raise ValueError(f"policy must be 'prefetch_all', 'on_demand' or 'auto', got {policy!r}")
+        if not 1 <= top_k <= store.E:
+            raise ValueError(f"top_k must be in [1, {store.E}] (the layer's experts), got {top_k}")
         if store.parities != min(2, store.num_layers):
             raise ValueError("the store must have two slot parities (one for a single layer)")
         self.store, self.policy, self.top_k = store, policy, top_k

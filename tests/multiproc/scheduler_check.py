@@ -80,7 +80,7 @@ def checksum_layer(store, layer, out, mask, stream):
 def stress(seed, steps):
     layers = 5
     store, expected, rng = setup(seed, layers)
-    sched = PrefetchScheduler(store, policy="auto", nvshmem_blocks=8)
+    sched = PrefetchScheduler(store, policy="auto", top_k=min(4, store.E), nvshmem_blocks=8)
     stream = cp.cuda.Stream(non_blocking=True)
     records = []
     for step in range(steps):
