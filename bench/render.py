@@ -117,9 +117,47 @@ def plot(files: list[tuple[str, dict]]) -> list[str]:
     return made
 
 
+def plot_timelines() -> list[str]:
+    """Gantt picture of one step per recorded token count: copy stream (prefetches) and compute stream (wait, GEMMs)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    made = []
+    for p in sorted(RESULTS.glob("prefetch_overlap_*.json")):
+        d = json.loads(p.read_text())
+        tls = d["ranks"][0].get("timelines") or []
+        if not tls:
+            continue
+        fig, axes = plt.subplots(len(tls), 1, figsize=(11, 2.2 * len(tls)), squeeze=False)
+        for ax, tl in zip(axes[:, 0], tls):
+            for layer, start, end in tl["copy"]:
+                ax.broken_barh([(start, end - start)], (10, 8), color="tab:orange")
+                ax.text(start, 19, f"fetch {layer}", fontsize=7)
+            for layer, a, b, c in tl["compute"]:
+                if b - a > 0.05:
+                    ax.broken_barh([(a, b - a)], (0, 8), color="tab:red")
+                ax.broken_barh([(b, c - b)], (0, 8), color="tab:blue")
+                ax.text(b, -4, f"MoE {layer}", fontsize=7)
+            ax.set_yticks([4, 14], ["compute", "copy"])
+            ax.set_ylim(-7, 24)
+            ax.set_xlabel("ms since step start")
+            ax.set_title(f"{d['card']}, rank 0 of {d['world_size']}, {tl['tokens']} tokens/rank "
+                         "(red: compute waiting for its prefetch)", fontsize=9)
+        fig.tight_layout()
+        out = RESULTS / p.name.replace(".json", "_timeline.png")
+        fig.savefig(out, dpi=110)
+        plt.close(fig)
+        made.append(out.name)
+    return made
+
+
 def main() -> None:
     files = load()
     pngs = plot(files)
+    timelines = plot_timelines()
+    print(f"timelines: {timelines}")
     body = tables(files) + "\n" + "\n".join(f"![{p}](../bench/results/{p})" for p in pngs) + "\n"
     doc = DOC.read_text() if DOC.exists() else f"# Benchmarks\n\n{BEGIN}\n{END}\n"
     doc = re.sub(re.escape(BEGIN) + ".*?" + re.escape(END), lambda _: f"{BEGIN}\n{body}{END}", doc, flags=re.DOTALL)

@@ -122,7 +122,7 @@ def stress(seed, steps):
 def graph(seed):
     layers = 3
     store, expected, _ = setup(seed, layers)
-    sched = PrefetchScheduler(store, policy="on_demand", nvshmem_blocks=8)
+    sched = PrefetchScheduler(store, policy="on_demand", top_k=min(4, store.E), nvshmem_blocks=8)
     stream = cp.cuda.Stream(non_blocking=True)
     n = 16  # routed (token, expert) pairs of a small decode batch
     counter = cp.asarray(np.array([seed + 1], np.int32))
