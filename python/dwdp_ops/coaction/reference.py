@@ -1,0 +1,188 @@
+"""Reference co-action forward and backward (numpy, float64-friendly), the semantics of the CAN reference code.
+
+For every sample b, ``induction[b]`` (``[D']``) is cut in row-major order into ``W_0`` (``[d_0, d_1]``), then ``b_0``
+(``[d_1]``) when ``bias``, then ``W_1``, ... For each order c = 1..C: ``x = feed[b] ** c`` (element-wise, ``[T, D]``),
+``h_1 = act_0(x W_0 + b_0)``, ``h_(l+1) = act_l(h_l W_l + b_l)``; the order's output is ``concat(h_1, ..., h_L)`` summed
+over the positions t where ``mask[b, t] == 1``. ``act_l`` is tanh between layers and the identity after the last
+layer (the reference code; so a single layer has no tanh). The result concatenates the orders c = 1..C:
+``[B, C * sum(d_out)]``.
+
+Options:
+  ``order_independent``: every order has its own slice of the induction row (``D' = C * per-order width``; order c
+  reads slice c - 1), the paper's "order independence";
+  ``variant="paper"``: the paper's eq. (11): the orders are summed instead of concatenated (``[B, sum(d_out)]``) and
+  tanh follows every layer, the last included.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+
+Variant = Literal["code", "paper"]
+
+
+@dataclass(frozen=True)
+class CoActionSpec:
+    """Shape of one co-action pair. Invariant: consecutive layers chain (``d_out`` of one is ``d_in`` of the next)."""
+
+    layer_dims: tuple[tuple[int, int], ...] = ((16, 8), (8, 4))
+    orders: int = 3
+    bias: bool = False
+    order_independent: bool = False
+    variant: Variant = "code"
+
+    def __post_init__(self) -> None:
+        dims = tuple(tuple(int(x) for x in d) for d in self.layer_dims)
+        object.__setattr__(self, "layer_dims", dims)
+        if not dims or any(len(d) != 2 or min(d) < 1 for d in dims):
+            raise ValueError(f"layer_dims must be a non-empty sequence of positive (d_in, d_out) pairs, got {self.layer_dims}")
+        for (a, b), (c, _) in zip(dims, dims[1:]):
+            if b != c:
+                raise ValueError(f"layer_dims do not chain: a layer outputs {b} features but the next takes {c}")
+        if self.orders < 1:
+            raise ValueError(f"orders must be >= 1, got {self.orders}")
+        if self.variant not in ("code", "paper"):
+            raise ValueError(f"variant must be 'code' or 'paper', got {self.variant!r}")
+
+    @property
+    def feed_dim(self) -> int:
+        return self.layer_dims[0][0]
+
+    @property
+    def order_width(self) -> int:
+        """Induction floats one order uses."""
+        return sum(i * o + (o if self.bias else 0) for i, o in self.layer_dims)
+
+    @property
+    def induction_dim(self) -> int:
+        return self.order_width * (self.orders if self.order_independent else 1)
+
+    @property
+    def out_per_order(self) -> int:
+        return sum(o for _, o in self.layer_dims)
+
+    @property
+    def out_dim(self) -> int:
+        return self.out_per_order * (1 if self.variant == "paper" else self.orders)
+
+    def activated(self, layer: int) -> bool:
+        return self.variant == "paper" or layer < len(self.layer_dims) - 1
+
+    def split(self, induction: np.ndarray, order: int) -> list[tuple[np.ndarray, np.ndarray | None]]:
+        """Per-sample ``(W [B, d_in, d_out], b [B, d_out] or None)`` of each layer for ``order`` (1-based)."""
+        off = (order - 1) * self.order_width if self.order_independent else 0
+        out = []
+        for i, o in self.layer_dims:
+            w = induction[:, off : off + i * o].reshape(-1, i, o)
+            off += i * o
+            b = None
+            if self.bias:
+                b = induction[:, off : off + o]
+                off += o
+            out.append((w, b))
+        return out
+
+    def check(self, induction: np.ndarray, feed: np.ndarray, mask: np.ndarray) -> None:
+        if induction.ndim != 2:
+            raise ValueError(f"induction must be [B, D'], got shape {induction.shape}")
+        if feed.ndim != 3:
+            raise ValueError(f"feed must be [B, T, D], got shape {feed.shape}")
+        B, T, D = feed.shape
+        if induction.shape[0] != B:
+            raise ValueError(f"induction has {induction.shape[0]} rows but feed has batch {B}")
+        if induction.shape[1] != self.induction_dim:
+            raise ValueError(
+                f"induction rows hold {induction.shape[1]} floats but layer_dims={self.layer_dims}, bias={self.bias}, "
+                f"orders={self.orders}, order_independent={self.order_independent} need D' = {self.induction_dim}"
+            )
+        if D != self.feed_dim:
+            raise ValueError(f"feed has D = {D} but the first layer takes {self.feed_dim} inputs")
+        if mask.shape != (B, T):
+            raise ValueError(f"mask must be [B, T] = {(B, T)}, got {mask.shape}")
+
+
+def _forward_order(spec: CoActionSpec, induction, feed, mask, c):
+    x = feed**c
+    hs, pre = [x], []
+    for layer, (w, b) in enumerate(spec.split(induction, c)):
+        z = np.einsum("btd,bde->bte", hs[-1], w)
+        if b is not None:
+            z = z + b[:, None, :]
+        pre.append(z)
+        hs.append(np.tanh(z) if spec.activated(layer) else z)
+    m = mask[:, :, None].astype(feed.dtype)
+    pooled = np.concatenate([(h * m).sum(axis=1) for h in hs[1:]], axis=-1)
+    return pooled, hs
+
+
+def coaction_forward(
+    induction: np.ndarray,
+    feed: np.ndarray,
+    mask: np.ndarray,
+    layer_dims=((16, 8), (8, 4)),
+    orders: int = 3,
+    bias: bool = False,
+    *,
+    order_independent: bool = False,
+    variant: Variant = "code",
+) -> np.ndarray:
+    """The co-action output ``[B, C * sum(d_out)]`` (``[B, sum(d_out)]`` for ``variant="paper"``)."""
+    spec = CoActionSpec(layer_dims, orders, bias, order_independent, variant)
+    induction, feed, mask = np.asarray(induction), np.asarray(feed), np.asarray(mask)
+    spec.check(induction, feed, mask)
+    outs = [_forward_order(spec, induction, feed, mask, c)[0] for c in range(1, orders + 1)]
+    return sum(outs) if variant == "paper" else np.concatenate(outs, axis=-1)
+
+
+def coaction_backward(
+    induction: np.ndarray,
+    feed: np.ndarray,
+    mask: np.ndarray,
+    grad_out: np.ndarray,
+    layer_dims=((16, 8), (8, 4)),
+    orders: int = 3,
+    bias: bool = False,
+    *,
+    order_independent: bool = False,
+    variant: Variant = "code",
+) -> tuple[np.ndarray, np.ndarray]:
+    """Gradients ``(d loss / d induction [B, D'], d loss / d feed [B, T, D])`` given ``d loss / d output``."""
+    spec = CoActionSpec(layer_dims, orders, bias, order_independent, variant)
+    induction, feed, mask = np.asarray(induction), np.asarray(feed), np.asarray(mask)
+    spec.check(induction, feed, mask)
+    grad_out = np.asarray(grad_out)
+    if grad_out.shape != (feed.shape[0], spec.out_dim):
+        raise ValueError(f"grad_out must be [B, {spec.out_dim}], got {grad_out.shape}")
+    g_ind = np.zeros_like(induction, dtype=np.result_type(induction, grad_out))
+    g_feed = np.zeros_like(feed, dtype=np.result_type(feed, grad_out))
+    m = mask[:, :, None].astype(g_feed.dtype)
+    S = spec.out_per_order
+    for c in range(1, orders + 1):
+        g_order = grad_out if variant == "paper" else grad_out[:, (c - 1) * S : c * S]
+        _, hs = _forward_order(spec, induction, feed, mask, c)
+        params = spec.split(induction, c)
+        # direct gradient of every layer's output: the pooled sum broadcasts back to the unmasked positions
+        direct, off = [], 0
+        for _, o in spec.layer_dims:
+            direct.append(g_order[:, None, off : off + o] * m)
+            off += o
+        upstream = None
+        grads_w, grads_b = [None] * len(params), [None] * len(params)
+        for layer in range(len(params) - 1, -1, -1):
+            g_h = direct[layer] if upstream is None else direct[layer] + upstream
+            g_z = g_h * (1.0 - hs[layer + 1] ** 2) if spec.activated(layer) else g_h
+            grads_w[layer] = np.einsum("btd,bte->bde", hs[layer], g_z)
+            grads_b[layer] = g_z.sum(axis=1)
+            upstream = np.einsum("bte,bde->btd", g_z, params[layer][0])
+        g_feed += upstream * (c * feed ** (c - 1) if c > 1 else 1.0)
+        off = (c - 1) * spec.order_width if order_independent else 0
+        for (i, o), gw, gb in zip(spec.layer_dims, grads_w, grads_b):
+            g_ind[:, off : off + i * o] += gw.reshape(-1, i * o)
+            off += i * o
+            if bias:
+                g_ind[:, off : off + o] += gb
+                off += o
+    return g_ind, g_feed

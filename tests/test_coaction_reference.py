@@ -1,0 +1,147 @@
+"""CAN co-action reference: semantics, variants, gradients against finite differences, error messages."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from dwdp_ops.coaction import CoActionSpec, coaction_backward, coaction_forward
+
+CONFIGS = [
+    dict(layer_dims=((16, 8), (8, 4)), orders=3, bias=False),
+    dict(layer_dims=((4, 3),), orders=2, bias=True),
+    dict(layer_dims=((5, 4), (4, 4), (4, 2)), orders=3, bias=True),
+    dict(layer_dims=((6, 3), (3, 2)), orders=2, bias=False, order_independent=True),
+    dict(layer_dims=((6, 3), (3, 2)), orders=3, bias=True, variant="paper"),
+]
+
+
+def inputs(spec: CoActionSpec, B=3, T=5, seed=0):
+    rng = np.random.default_rng(seed)
+    ind = rng.normal(0, 0.5, (B, spec.induction_dim))
+    feed = rng.normal(0, 0.7, (B, T, spec.feed_dim))
+    mask = (rng.random((B, T)) < 0.7).astype(np.float64)
+    mask[:, 0] = 1
+    return ind, feed, mask
+
+
+def loop_forward(ind, feed, mask, spec: CoActionSpec):
+    """Sample-by-sample, position-by-position restatement of the semantics (independent of the vectorised code)."""
+    B, T, _ = feed.shape
+    out = []
+    for b in range(B):
+        orders = []
+        for c in range(1, spec.orders + 1):
+            off = (c - 1) * spec.order_width if spec.order_independent else 0
+            acc = np.zeros(spec.out_per_order)
+            for t in range(T):
+                if not mask[b, t]:
+                    continue
+                h, pos, outs, o2 = feed[b, t] ** c, off, [], 0
+                for layer, (i, o) in enumerate(spec.layer_dims):
+                    w = ind[b, pos : pos + i * o].reshape(i, o)
+                    pos += i * o
+                    z = h @ w
+                    if spec.bias:
+                        z = z + ind[b, pos : pos + o]
+                        pos += o
+                    last = layer == len(spec.layer_dims) - 1
+                    h = np.tanh(z) if (spec.variant == "paper" or not last) else z
+                    outs.append(h)
+                acc += np.concatenate(outs)
+            orders.append(acc)
+        out.append(sum(orders) if spec.variant == "paper" else np.concatenate(orders))
+    return np.array(out)
+
+
+@pytest.mark.parametrize("cfg", CONFIGS, ids=lambda c: str(c))
+def test_forward_matches_the_per_sample_loop(cfg):
+    spec = CoActionSpec(**cfg)
+    ind, feed, mask = inputs(spec)
+    got = coaction_forward(ind, feed, mask, **cfg)
+    assert got.shape == (3, spec.out_dim)
+    np.testing.assert_allclose(got, loop_forward(ind, feed, mask, spec), rtol=1e-12, atol=1e-12)
+
+
+def test_default_sizes_are_the_reference_code():
+    spec = CoActionSpec()
+    assert (spec.induction_dim, spec.feed_dim, spec.out_dim) == (160, 16, 36)
+    assert CoActionSpec(order_independent=True).induction_dim == 480
+    assert CoActionSpec(layer_dims=((16, 8), (8, 4), (4, 4))).induction_dim == 176
+
+
+def test_single_linear_unit_is_an_fm_term():
+    rng = np.random.default_rng(3)
+    ind, feed = rng.normal(size=(4, 6)), rng.normal(size=(4, 7, 6))
+    mask = np.ones((4, 7))
+    got = coaction_forward(ind, feed, mask, layer_dims=((6, 1),), orders=1)
+    np.testing.assert_allclose(got[:, 0], np.einsum("btd,bd->b", feed, ind), rtol=1e-12)
+
+
+def test_masked_positions_do_not_matter():
+    spec = CoActionSpec()
+    ind, feed, mask = inputs(spec)
+    a = coaction_forward(ind, feed, mask)
+    feed2 = feed.copy()
+    feed2[mask == 0] = 1e3
+    np.testing.assert_array_equal(a, coaction_forward(ind, feed2, mask))
+
+
+def _fd(f, x, eps=1e-6):
+    g = np.zeros_like(x)
+    it = np.nditer(x, flags=["multi_index"])
+    for _ in it:
+        i = it.multi_index
+        old = x[i]
+        x[i] = old + eps
+        up = f()
+        x[i] = old - eps
+        down = f()
+        x[i] = old
+        g[i] = (up - down) / (2 * eps)
+    return g
+
+
+@pytest.mark.parametrize("cfg", CONFIGS, ids=lambda c: str(c))
+def test_gradients_match_finite_differences(cfg):
+    spec = CoActionSpec(**cfg)
+    ind, feed, mask = inputs(spec, B=2, T=3, seed=7)
+    w = np.random.default_rng(11).normal(size=(2, spec.out_dim))
+
+    def loss():
+        return float((coaction_forward(ind, feed, mask, **cfg) * w).sum())
+
+    g_ind, g_feed = coaction_backward(ind, feed, mask, w, **cfg)
+    np.testing.assert_allclose(g_ind, _fd(loss, ind), rtol=1e-6, atol=1e-8)
+    np.testing.assert_allclose(g_feed, _fd(loss, feed), rtol=1e-6, atol=1e-8)
+    assert np.all(g_feed[mask == 0] == 0)
+
+
+@pytest.mark.parametrize(
+    "change, match",
+    [
+        (lambda i, f, m: (i[:, :-1], f, m), r"induction rows hold 159 floats .* need D' = 160"),
+        (lambda i, f, m: (i, f[:, :, :-1], m), r"feed has D = 15 but the first layer takes 16"),
+        (lambda i, f, m: (i, f, m[:, :-1]), r"mask must be \[B, T\]"),
+        (lambda i, f, m: (i[:-1], f, m), r"induction has 2 rows but feed has batch 3"),
+        (lambda i, f, m: (i, f[0], m), r"feed must be \[B, T, D\]"),
+    ],
+)
+def test_bad_shapes_are_explained(change, match):
+    spec = CoActionSpec()
+    args = change(*inputs(spec))
+    with pytest.raises(ValueError, match=match):
+        coaction_forward(*args)
+
+
+def test_bad_specs_are_explained():
+    with pytest.raises(ValueError, match="do not chain"):
+        CoActionSpec(layer_dims=((16, 8), (4, 4)))
+    with pytest.raises(ValueError, match="orders must be >= 1"):
+        CoActionSpec(orders=0)
+    with pytest.raises(ValueError, match="variant must be"):
+        CoActionSpec(variant="sum")
+    spec = CoActionSpec()
+    ind, feed, mask = inputs(spec)
+    with pytest.raises(ValueError, match=r"grad_out must be \[B, 36\]"):
+        coaction_backward(ind, feed, mask, np.zeros((3, 12)))
