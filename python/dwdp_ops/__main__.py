@@ -1,4 +1,5 @@
-"""``python -m dwdp_ops <command>``: ``info`` prints what this machine offers dwdp_ops."""
+"""``python -m dwdp_ops <command>``: ``info`` prints what this machine offers dwdp_ops; ``can-train`` trains CAN-DNN
+and the DNN baseline (numpy reference ops) and reports AUC per epoch."""
 
 from __future__ import annotations
 
@@ -36,6 +37,15 @@ def main(argv: list[str] | None = None) -> int:
     sub = ap.add_subparsers(dest="cmd", required=True)
     p = sub.add_parser("info", help="versions, GPUs and NVSHMEM this install sees")
     p.add_argument("--json", action="store_true")
+    sub.add_parser("can-train", help="train CAN-DNN and the DNN baseline (see can-train --help)", add_help=False)
+    if argv is None:
+        import sys as _sys
+
+        argv = _sys.argv[1:]
+    if argv and argv[0] == "can-train":
+        from .models.train_can import main as can_main
+
+        return can_main(argv[1:])
     ns = ap.parse_args(argv)
     if ns.cmd == "info":
         data = info()

@@ -1,0 +1,1 @@
+"""Models built on dwdp_ops ops: ``can`` (CAN-DNN and its DNN baseline, data loaders)."""

@@ -1,0 +1,176 @@
+"""Data for CAN: the DIEN/CAN Amazon Books text format and a synthetic generator with a planted co-action.
+
+Amazon Books (DIEN protocol, ``local_train_splitByUser`` / ``local_test_splitByUser``): one sample per line,
+tab-separated ``label, user, item, category, item history, category history``; the histories are
+``\\x02``-separated, oldest first. Vocabularies are built from the training file, most frequent first, with id 0
+for padding and anything unseen. Histories keep the most recent ``max_len`` behaviours.
+
+Every loader returns a ``Batchable`` of numpy arrays: ``uid [N]``, ``mid [N]``, ``cat [N]``, ``hist_mid [N, T]``,
+``hist_cat [N, T]``, ``mask [N, T]`` (float32 0/1) and ``label [N]`` (float32).
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+SEP = "\x02"
+
+
+@dataclass
+class Batchable:
+    uid: np.ndarray
+    mid: np.ndarray
+    cat: np.ndarray
+    hist_mid: np.ndarray
+    hist_cat: np.ndarray
+    mask: np.ndarray
+    label: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.label)
+
+    def batches(self, batch_size: int, rng: np.random.Generator | None = None):
+        """Yields Batchable slices of ``batch_size`` (shuffled when ``rng`` is given); the last one may be short."""
+        order = rng.permutation(len(self)) if rng is not None else np.arange(len(self))
+        for s in range(0, len(self), batch_size):
+            idx = order[s : s + batch_size]
+            yield Batchable(*(getattr(self, f)[idx] for f in self.__dataclass_fields__))
+
+
+@dataclass(frozen=True)
+class Vocab:
+    uid: dict
+    mid: dict
+    cat: dict
+
+    @property
+    def sizes(self) -> tuple[int, int, int]:
+        """Table sizes including id 0."""
+        return len(self.uid) + 1, len(self.mid) + 1, len(self.cat) + 1
+
+
+def _parse(path: Path) -> list[tuple[float, str, str, str, list[str], list[str]]]:
+    rows = []
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            line = line.rstrip("\n")
+            if not line:
+                continue
+            parts = line.split("\t")
+            if len(parts) != 6:
+                raise ValueError(
+                    f"{path}:{n}: expected 6 tab-separated fields (label, user, item, category, item history, "
+                    f"category history), got {len(parts)}"
+                )
+            label, uid, mid, cat, hm, hc = parts
+            hm, hc = hm.split(SEP) if hm else [], hc.split(SEP) if hc else []
+            if len(hm) != len(hc):
+                raise ValueError(f"{path}:{n}: item history has {len(hm)} entries but category history {len(hc)}")
+            if label not in ("0", "1", "0.0", "1.0"):
+                raise ValueError(f"{path}:{n}: label must be 0 or 1, got {label!r}")
+            rows.append((float(label), uid, mid, cat, hm, hc))
+    if not rows:
+        raise ValueError(f"{path}: no samples")
+    return rows
+
+
+def build_vocab(path: str | Path) -> Vocab:
+    rows = _parse(Path(path))
+    counts = [Counter(), Counter(), Counter()]
+    for _, uid, mid, cat, hm, hc in rows:
+        counts[0][uid] += 1
+        counts[1][mid] += 1
+        counts[1].update(hm)
+        counts[2][cat] += 1
+        counts[2].update(hc)
+    maps = [{k: i + 1 for i, (k, _) in enumerate(sorted(c.items(), key=lambda kv: (-kv[1], kv[0])))} for c in counts]
+    return Vocab(*maps)
+
+
+def load_amazon_books(path: str | Path, vocab: Vocab | None = None, max_len: int = 100) -> tuple[Batchable, Vocab]:
+    """Reads one DIEN-format file; builds the vocabulary from it when none is given (pass the training file's
+    vocabulary when loading the test file)."""
+    if max_len < 1:
+        raise ValueError(f"max_len must be >= 1, got {max_len}")
+    path = Path(path)
+    vocab = vocab or build_vocab(path)
+    rows = _parse(path)
+    N = len(rows)
+    out = Batchable(
+        np.zeros(N, np.int64), np.zeros(N, np.int64), np.zeros(N, np.int64), np.zeros((N, max_len), np.int64),
+        np.zeros((N, max_len), np.int64), np.zeros((N, max_len), np.float32), np.zeros(N, np.float32),
+    )
+    for i, (label, uid, mid, cat, hm, hc) in enumerate(rows):
+        out.label[i] = label
+        out.uid[i], out.mid[i], out.cat[i] = vocab.uid.get(uid, 0), vocab.mid.get(mid, 0), vocab.cat.get(cat, 0)
+        hm, hc = hm[-max_len:], hc[-max_len:]
+        out.hist_mid[i, : len(hm)] = [vocab.mid.get(x, 0) for x in hm]
+        out.hist_cat[i, : len(hc)] = [vocab.cat.get(x, 0) for x in hc]
+        out.mask[i, : len(hm)] = 1
+    return out, vocab
+
+
+def synthetic(
+    n: int = 20000,
+    *,
+    n_users: int = 500,
+    n_items: int = 400,
+    n_cats: int = 20,
+    seq_len: int = 20,
+    strength: float = 2.5,
+    seed: int = 0,
+) -> tuple[Batchable, tuple[int, int, int]]:
+    """Samples whose click depends on a planted interaction between the target item and the history: every item
+    has a category, and ``P(click) = sigmoid(strength * mean_t A[cat(target), cat(hist_t)] + item bias)`` with a
+    random +-1 table ``A``, so the signal lives in the (target, behaviour) pairs, not in either side alone.
+    Returns the data and the table sizes (users, items, categories) including id 0."""
+    rng = np.random.default_rng(seed)
+    item_cat = rng.integers(1, n_cats + 1, size=n_items + 1)
+    item_cat[0] = 0
+    A = rng.choice([-1.0, 1.0], size=(n_cats + 1, n_cats + 1))
+    bias = rng.normal(0, 0.3, size=n_items + 1)
+    lengths = rng.integers(1, seq_len + 1, size=n)
+    hist_mid = rng.integers(1, n_items + 1, size=(n, seq_len))
+    mask = (np.arange(seq_len)[None, :] < lengths[:, None]).astype(np.float32)
+    hist_mid = (hist_mid * mask).astype(np.int64)
+    mid = rng.integers(1, n_items + 1, size=n)
+    pair = A[item_cat[mid][:, None], item_cat[hist_mid]]  # [n, T]: the planted (target, behaviour) interaction
+    score = strength * (pair * mask).sum(1) / lengths + bias[mid]
+    label = (rng.random(n) < 1 / (1 + np.exp(-score))).astype(np.float32)
+    data = Batchable(
+        rng.integers(1, n_users + 1, size=n), mid, item_cat[mid], hist_mid, item_cat[hist_mid] * (mask > 0), mask, label
+    )
+    return data, (n_users + 1, n_items + 1, n_cats + 1)
+
+
+def split(data: Batchable, test_fraction: float = 0.2, seed: int = 0) -> tuple[Batchable, Batchable]:
+    if not 0 < test_fraction < 1:
+        raise ValueError(f"test_fraction must be in (0, 1), got {test_fraction}")
+    idx = np.random.default_rng(seed).permutation(len(data))
+    cut = int(len(data) * (1 - test_fraction))
+    pick = lambda ix: Batchable(*(getattr(data, f)[ix] for f in data.__dataclass_fields__))  # noqa: E731
+    return pick(idx[:cut]), pick(idx[cut:])
+
+
+def auc(label: np.ndarray, score: np.ndarray) -> float:
+    """Area under the ROC curve (Mann-Whitney, ties averaged)."""
+    label, score = np.asarray(label), np.asarray(score, dtype=np.float64)
+    pos = label > 0.5
+    n_pos, n_neg = int(pos.sum()), int((~pos).sum())
+    if n_pos == 0 or n_neg == 0:
+        raise ValueError("AUC needs both positive and negative labels")
+    order = np.argsort(score, kind="mergesort")
+    ranks = np.empty(len(score))
+    s = score[order]
+    i = 0
+    while i < len(s):
+        j = i
+        while j + 1 < len(s) and s[j + 1] == s[i]:
+            j += 1
+        ranks[order[i : j + 1]] = (i + j) / 2 + 1
+        i = j + 1
+    return float((ranks[pos].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
