@@ -1,0 +1,66 @@
+"""Which batched fp16 GEMM path reaches the card's rate for the expert GEMMs of one DeepSeek-R1 layer
+(E=256 experts, [m, 7168] x [7168, 4096] per expert)? One GPU. Medians of 5, CUDA events.
+
+    python bench/gemm_probe.py [m ...]
+"""
+
+import sys
+from pathlib import Path
+
+import cupy as cp
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import machine_facts, time_op, write_json  # noqa: E402
+
+E, H, N = 256, 7168, 4096
+
+
+def main() -> int:
+    ms = [int(x) for x in sys.argv[1:]] or [64, 512, 2048]
+    s = cp.cuda.Stream(non_blocking=True)
+    rs = cp.random.RandomState(0)
+    with s:
+        w = (rs.standard_normal((E, N, H), dtype=cp.float32) * 0.02).astype(cp.float16)  # [E, 2I, H] like w13
+        a = (rs.standard_normal((8192, 8192), dtype=cp.float32)).astype(cp.float16)
+    rows = []
+    with s:
+        ms_dense, _ = time_op(lambda: cp.matmul(a, a), s, 5, 2)
+    rows.append({"path": "dense 8192^3 cp.matmul", "tflops": 2 * 8192**3 / ms_dense / 1e9})
+    try:
+        import torch
+
+        tw = torch.from_dlpack(w)
+    except Exception as e:  # noqa: BLE001
+        torch, tw = None, None
+        print("torch unavailable:", e)
+    for m in ms:
+        with s:
+            x = (rs.standard_normal((E, m, H), dtype=cp.float32) * 0.1).astype(cp.float16)
+            out = cp.empty((E, m, N), cp.float16)
+        flops = 2.0 * E * m * N * H
+        cases = {
+            "cp.matmul(x, w.transpose(0,2,1), out=)": lambda: cp.matmul(x, w.transpose(0, 2, 1), out=out),
+            "cp.matmul(x, w.transpose(0,2,1))": lambda: cp.matmul(x, w.transpose(0, 2, 1)),
+            "cp.matmul(w, x.transpose(0,2,1)) (out^T)": lambda: cp.matmul(w, x.transpose(0, 2, 1)),
+        }
+        if torch is not None:
+            tx, tout = torch.from_dlpack(x), torch.from_dlpack(out)
+            cases["torch.bmm(x, w.transpose(1,2), out=)"] = lambda: torch.bmm(tx, tw.transpose(1, 2), out=tout)
+        for name, fn in cases.items():
+            with s:
+                if name.startswith("torch"):
+                    with torch.cuda.stream(torch.cuda.ExternalStream(s.ptr)):
+                        t, _ = time_op(fn, s, 5, 2)
+                else:
+                    t, _ = time_op(fn, s, 5, 2)
+            rows.append({"path": name, "m": m, "ms": t, "tflops": flops / t / 1e9})
+        del x, out
+    for r in rows:
+        print(f"{r['path']:45s} m={r.get('m', '-')!s:5s} {r['tflops']:7.1f} TFLOP/s")
+    write_json(f"gemm_probe_{machine_facts()['card'].replace('NVIDIA ', '').replace(' ', '_')}.json",
+               dict(benchmark="gemm_probe", **machine_facts(), rows=rows))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
