@@ -1,0 +1,87 @@
+"""DeepSeek-R1 configuration: the real dimensions, cut to a layer/vocab budget, and a tiny config of the same
+structure for CPU tests."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+
+
+@dataclass(frozen=True)
+class DeepSeekConfig:
+    vocab_size: int = 129280
+    dim: int = 7168
+    inter_dim: int = 18432  # dense MLP of the first layers
+    moe_inter_dim: int = 2048
+    n_layers: int = 61
+    n_dense_layers: int = 3
+    n_heads: int = 128
+    n_routed_experts: int = 256
+    n_shared_experts: int = 1
+    n_activated_experts: int = 8
+    n_expert_groups: int = 8
+    n_limited_groups: int = 4
+    route_scale: float = 2.5
+    q_lora_rank: int = 1536
+    kv_lora_rank: int = 512
+    qk_nope_head_dim: int = 128
+    qk_rope_head_dim: int = 64
+    v_head_dim: int = 128
+    rope_theta: float = 10000.0
+    rope_factor: float = 40.0
+    original_seq_len: int = 4096
+    beta_fast: int = 32
+    beta_slow: int = 1
+    mscale: float = 1.0
+    max_seq_len: int = 16384
+    rms_eps: float = 1e-6
+    block: int = 128  # fp8 weight block (128 x 128 scales)
+
+    def __post_init__(self) -> None:
+        if self.n_dense_layers > self.n_layers:
+            raise ValueError(f"n_dense_layers {self.n_dense_layers} exceeds n_layers {self.n_layers}")
+        if self.n_routed_experts % self.n_expert_groups:
+            raise ValueError("n_routed_experts must be divisible by n_expert_groups")
+        if not 1 <= self.n_limited_groups <= self.n_expert_groups:
+            raise ValueError("n_limited_groups must be in [1, n_expert_groups]")
+        per_group = self.n_routed_experts // self.n_expert_groups
+        if self.n_activated_experts > self.n_limited_groups * per_group:
+            raise ValueError("n_activated_experts exceeds the experts of the selected groups")
+        if self.qk_rope_head_dim % 2:
+            raise ValueError("qk_rope_head_dim must be even")
+
+    @property
+    def qk_head_dim(self) -> int:
+        return self.qk_nope_head_dim + self.qk_rope_head_dim
+
+    @property
+    def n_moe_layers(self) -> int:
+        return self.n_layers - self.n_dense_layers
+
+    @property
+    def softmax_scale(self) -> float:
+        s = self.qk_head_dim**-0.5
+        if self.max_seq_len > self.original_seq_len:
+            m = 0.1 * self.mscale * math.log(self.rope_factor) + 1.0
+            s *= m * m
+        return s
+
+    @classmethod
+    def r1(cls, n_layers: int = 61, vocab_size: int = 129280, **kw) -> DeepSeekConfig:
+        """The real DeepSeek-R1 dimensions with the layer count and vocabulary cut to fit a GPU budget."""
+        return cls(n_layers=n_layers, vocab_size=vocab_size, n_dense_layers=min(3, n_layers), **kw)
+
+    @classmethod
+    def tiny(cls, **kw) -> DeepSeekConfig:
+        """Same structure, small sizes: MLA with LoRA ranks, YaRN (max_seq_len > original_seq_len), grouped gate."""
+        base = dict(
+            vocab_size=97, dim=64, inter_dim=96, moe_inter_dim=32, n_layers=4, n_dense_layers=1, n_heads=4,
+            n_routed_experts=16, n_shared_experts=1, n_activated_experts=4, n_expert_groups=4, n_limited_groups=2,
+            q_lora_rank=48, kv_lora_rank=32, qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=16,
+            original_seq_len=32, max_seq_len=128, rope_factor=4.0, block=16,
+        )
+        base.update(kw)
+        return cls(**base)
+
+    def replace(self, **kw) -> DeepSeekConfig:
+        return replace(self, **kw)

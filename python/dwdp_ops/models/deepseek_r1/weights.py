@@ -1,0 +1,109 @@
+"""Deterministic random weights in the DeepSeek checkpoint formats, and fp8 e4m3 decoding.
+
+Routed experts are fp8 e4m3 bytes with one fp32 scale per 128 x 128 block (``weight_scale_inv``); everything else
+is held in float32 here (bf16 in the checkpoint). ``init_weights`` draws every tensor from a seed, so any process
+can rebuild any slice without communication. Names follow the official ``convert.py`` (w1 = gate, w3 = up, w2 =
+down). ``load_safetensors`` reads checkpoint shards with the ``safetensors`` package.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .config import DeepSeekConfig
+
+_E4M3 = None
+
+
+def e4m3_to_float(codes: np.ndarray) -> np.ndarray:
+    """Decodes float8 e4m3fn bytes (1 sign, 4 exponent bits with bias 7, 3 mantissa bits, no infinities; 0x7f and
+    0xff are NaN) to float32."""
+    global _E4M3
+    if _E4M3 is None:
+        c = np.arange(256)
+        sign = np.where(c & 0x80, -1.0, 1.0)
+        exp = (c >> 3) & 0xF
+        man = c & 0x7
+        val = np.where(exp == 0, man / 8.0 * 2.0**-6, (1 + man / 8.0) * 2.0 ** (exp - 7.0))
+        val = sign * val
+        val[(c & 0x7F) == 0x7F] = np.nan
+        _E4M3 = val.astype(np.float32)
+    return _E4M3[np.asarray(codes, dtype=np.uint8)]
+
+
+def dequant_fp8(codes: np.ndarray, scale: np.ndarray, block: int = 128) -> np.ndarray:
+    """``W[i, j] = e4m3(codes[i, j]) * scale[i // block, j // block]`` (the official ``weight_dequant``)."""
+    out, inp = codes.shape
+    want = (-(-out // block), -(-inp // block))
+    if scale.shape != want:
+        raise ValueError(f"scale shape {scale.shape} does not match {codes.shape} in {block}x{block} blocks: want {want}")
+    s = np.repeat(np.repeat(scale, block, 0), block, 1)[:out, :inp]
+    return e4m3_to_float(codes) * s
+
+
+def random_fp8(rng: np.random.Generator, shape: tuple[int, int], block: int) -> tuple[np.ndarray, np.ndarray]:
+    """Random e4m3 codes (never NaN, magnitudes up to 448) and block scales, so the weights have std about 0.02."""
+    codes = rng.integers(0, 256, size=shape, dtype=np.uint8)
+    codes[(codes & 0x7F) == 0x7F] -= 1  # no NaN codes
+    # e4m3 codes of uniform bytes are heavy-tailed; scale each block to a typical weight magnitude
+    scale = (rng.uniform(0.5, 1.5, size=(-(-shape[0] // block), -(-shape[1] // block))) * 2e-4).astype(np.float32)
+    return codes, scale
+
+
+def _dense(rng, shape, std=0.02):
+    return (rng.standard_normal(shape) * std).astype(np.float32)
+
+
+def init_weights(cfg: DeepSeekConfig, seed: int = 0) -> dict[str, np.ndarray]:
+    """All weights of the model, deterministic in ``seed``. Routed experts: ``layers.{l}.ffn.experts.{e}.{w1,w2,w3}``
+    (uint8 e4m3 codes) with ``.scale`` (fp32 blocks); the rest float32 (``[out, in]`` like ``nn.Linear``)."""
+    W: dict[str, np.ndarray] = {}
+    ss = np.random.SeedSequence(seed)
+    rngs = iter(np.random.default_rng(s) for s in ss.spawn(10_000))
+    d, H = cfg.dim, cfg.n_heads
+    W["embed"] = _dense(next(rngs), (cfg.vocab_size, d), 1.0)
+    W["norm"] = np.ones(d, np.float32)
+    W["head"] = _dense(next(rngs), (cfg.vocab_size, d))
+    for layer in range(cfg.n_layers):
+        p = f"layers.{layer}."
+        r = next(rngs)
+        W[p + "attn_norm"] = (1 + 0.1 * r.standard_normal(d)).astype(np.float32)
+        W[p + "ffn_norm"] = (1 + 0.1 * r.standard_normal(d)).astype(np.float32)
+        W[p + "attn.wq_a"] = _dense(r, (cfg.q_lora_rank, d))
+        W[p + "attn.q_norm"] = np.ones(cfg.q_lora_rank, np.float32)
+        W[p + "attn.wq_b"] = _dense(r, (H * cfg.qk_head_dim, cfg.q_lora_rank), 0.05)
+        W[p + "attn.wkv_a"] = _dense(r, (cfg.kv_lora_rank + cfg.qk_rope_head_dim, d))
+        W[p + "attn.kv_norm"] = np.ones(cfg.kv_lora_rank, np.float32)
+        W[p + "attn.wkv_b"] = _dense(r, (H * (cfg.qk_nope_head_dim + cfg.v_head_dim), cfg.kv_lora_rank), 0.05)
+        W[p + "attn.wo"] = _dense(r, (d, H * cfg.v_head_dim))
+        if layer < cfg.n_dense_layers:
+            for n, shape in (("w1", (cfg.inter_dim, d)), ("w3", (cfg.inter_dim, d)), ("w2", (d, cfg.inter_dim))):
+                W[p + f"ffn.{n}"] = _dense(r, shape)
+            continue
+        E, I = cfg.n_routed_experts, cfg.moe_inter_dim
+        W[p + "ffn.gate"] = _dense(r, (E, d), 0.05)
+        W[p + "ffn.gate_bias"] = (r.standard_normal(E) * 0.5).astype(np.float32)  # e_score_correction_bias
+        Is = I * cfg.n_shared_experts
+        for n, shape in (("w1", (Is, d)), ("w3", (Is, d)), ("w2", (d, Is))):
+            W[p + f"ffn.shared.{n}"] = _dense(r, shape)
+        for e in range(E):
+            re = next(rngs)
+            for n, shape in (("w1", (I, d)), ("w3", (I, d)), ("w2", (d, I))):
+                codes, scale = random_fp8(re, shape, cfg.block)
+                W[p + f"ffn.experts.{e}.{n}"] = codes
+                W[p + f"ffn.experts.{e}.{n}.scale"] = scale
+    return W
+
+
+def load_safetensors(paths: list[str]) -> dict[str, np.ndarray]:
+    """Tensors of one or more ``.safetensors`` shards as numpy arrays (float8 tensors as uint8 codes)."""
+    from safetensors import safe_open
+
+    out: dict[str, np.ndarray] = {}
+    for path in paths:
+        with safe_open(path, framework="numpy") as f:
+            for k in f.keys():
+                if k in out:
+                    raise ValueError(f"tensor {k!r} appears in more than one shard ({path})")
+                out[k] = f.get_tensor(k)
+    return out

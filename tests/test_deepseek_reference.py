@@ -1,0 +1,177 @@
+"""DeepSeek-R1 numpy reference: gate, fp8 format, RoPE/YaRN, MLA (naive and absorbed), KV cache, MoE, generation."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from dwdp_ops.models.deepseek_r1 import DeepSeekConfig, ReferenceModel, dequant_fp8, e4m3_to_float, init_weights, select_experts
+from dwdp_ops.models.deepseek_r1.reference import apply_rope, yarn_freqs
+from dwdp_ops.models.deepseek_r1.weights import load_safetensors
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    cfg = DeepSeekConfig.tiny()
+    return cfg, init_weights(cfg, seed=0)
+
+
+def test_real_config_and_cuts():
+    c = DeepSeekConfig.r1()
+    assert (c.dim, c.n_heads, c.q_lora_rank, c.kv_lora_rank, c.qk_head_dim, c.n_moe_layers) == (7168, 128, 1536, 512, 192, 58)
+    assert c.softmax_scale == pytest.approx(192**-0.5 * (0.1 * np.log(40) + 1) ** 2)
+    cut = DeepSeekConfig.r1(n_layers=5, vocab_size=4096)
+    assert (cut.n_layers, cut.n_dense_layers, cut.vocab_size, cut.moe_inter_dim) == (5, 3, 4096, 2048)
+    with pytest.raises(ValueError, match="n_dense_layers"):
+        DeepSeekConfig.tiny(n_layers=1, n_dense_layers=2)
+    with pytest.raises(ValueError, match="divisible"):
+        DeepSeekConfig.tiny(n_routed_experts=15)
+
+
+def test_e4m3_decoding_and_block_dequant():
+    codes = np.array([0x00, 0x38, 0xB8, 0x7E, 0xFE, 0x01, 0x08, 0x3C, 0x7F, 0xFF], np.uint8)
+    v = e4m3_to_float(codes)
+    np.testing.assert_array_equal(v[:8], [0, 1, -1, 448, -448, 2.0**-9, 2.0**-6, 1.5])
+    assert np.isnan(v[8]) and np.isnan(v[9])
+    w = np.full((5, 2), 0x38, np.uint8)  # all ones
+    s = np.array([[2.0], [3.0], [5.0]], np.float32)
+    np.testing.assert_array_equal(dequant_fp8(w, s, block=2), [[2] * 2, [2] * 2, [3] * 2, [3] * 2, [5] * 2])
+    with pytest.raises(ValueError, match="scale shape"):
+        dequant_fp8(w, s[:2], block=2)
+
+
+def gate_loop(logits, bias, n_group, topk_group, k, scale):
+    """Token by token, straight from the description of the official gate."""
+    out_w, out_i = [], []
+    for row in logits:
+        s = 1 / (1 + np.exp(-row))
+        sel = s + bias
+        per = len(row) // n_group
+        gscore = [sorted(sel[g * per : (g + 1) * per])[-2:] for g in range(n_group)]
+        gscore = [a + b for a, b in gscore]
+        groups = sorted(range(n_group), key=lambda g: -gscore[g])[:topk_group]
+        cand = [(sel[e], e) for g in groups for e in range(g * per, (g + 1) * per)]
+        ids = [e for _, e in sorted(cand, key=lambda t: -t[0])[:k]]
+        w = s[ids] / s[ids].sum() * scale
+        out_w.append(w)
+        out_i.append(ids)
+    return np.array(out_w), np.array(out_i)
+
+
+@pytest.mark.parametrize("seed", range(10))
+def test_gate_matches_the_description(seed):
+    rng = np.random.default_rng(seed)
+    logits = rng.normal(0, 2, (7, 32)).astype(np.float32)
+    bias = rng.normal(0, 1, 32).astype(np.float32)
+    w, ids = select_experts(logits, bias, 8, 3, 5, 2.5)
+    w2, ids2 = gate_loop(logits, bias, 8, 3, 5, 2.5)
+    np.testing.assert_array_equal(ids, ids2)
+    np.testing.assert_allclose(w, w2, rtol=1e-6)
+    np.testing.assert_allclose(w.sum(-1), 2.5, rtol=1e-6)
+
+
+def test_gate_bias_selects_but_does_not_weight_and_masks_with_minus_inf():
+    # group 0 holds the best unbiased scores, but the bias moves group 1 ahead
+    logits = np.array([[4.0, 4.0, 0.0, 0.0, -3.0, -3.0, -3.0, -3.0]], np.float32)
+    bias = np.array([-5, -5, 2, 2, -5, -5, -5, -5], np.float32)
+    w, ids = select_experts(logits, bias, 4, 1, 2, 1.0)
+    assert sorted(ids[0]) == [2, 3]
+    np.testing.assert_allclose(w[0], [0.5, 0.5])  # unbiased sigmoid(0) for both, normalised
+    # with every kept score negative, a 0.0 mask (HF) would pick a dropped expert; -inf (official) never does
+    logits = np.zeros((1, 8), np.float32)
+    bias = np.array([-3, -3.1, -9, -9, -9, -9, -9, -9], np.float32)
+    _, ids = select_experts(logits, bias, 4, 1, 2, 1.0)
+    assert sorted(ids[0]) == [0, 1]
+
+
+def test_gate_rejects_bad_shapes():
+    with pytest.raises(ValueError, match="do not split"):
+        select_experts(np.zeros((1, 10)), np.zeros(10), 4, 1, 1, 1.0)
+    with pytest.raises(ValueError, match="correction_bias"):
+        select_experts(np.zeros((1, 8)), np.zeros(7), 4, 1, 1, 1.0)
+    with pytest.raises(ValueError, match="top_k"):
+        select_experts(np.zeros((1, 8)), np.zeros(8), 4, 1, 3, 1.0)
+
+
+def test_yarn_and_rope():
+    plain = DeepSeekConfig.tiny(max_seq_len=32)  # not longer than original: no YaRN
+    yarn = DeepSeekConfig.tiny()
+    f0, f1 = yarn_freqs(plain)[1], yarn_freqs(yarn)[1]
+    assert f1[0] == pytest.approx(f0[0])  # the fastest rotation is kept
+    assert f1[-1] == pytest.approx(f0[-1] / yarn.rope_factor)  # the slowest is interpolated by the factor
+    x = np.random.default_rng(0).normal(size=(5, 3, 8)).astype(np.float32)
+    ang = yarn_freqs(yarn)[:5]
+    y = apply_rope(x, ang)
+    np.testing.assert_allclose(np.linalg.norm(y, axis=-1), np.linalg.norm(x, axis=-1), rtol=1e-5)
+    np.testing.assert_allclose(y[0], x[0], rtol=1e-6)  # position 0 is not rotated
+    # relative positions: <rope(q, m), rope(k, n)> depends on m - n only
+    q, k = x[0, 0], x[1, 0]
+    a = yarn_freqs(yarn)
+    d1 = apply_rope(q[None, None], a[7:8])[0, 0] @ apply_rope(k[None, None], a[4:5])[0, 0]
+    d2 = apply_rope(q[None, None], a[9:10])[0, 0] @ apply_rope(k[None, None], a[6:7])[0, 0]
+    assert d1 == pytest.approx(d2, rel=1e-5)
+
+
+def test_absorbed_mla_equals_naive(tiny):
+    cfg, W = tiny
+    prompt = [3, 17, 42, 8, 99 % cfg.vocab_size, 5, 61]
+    naive, absorbed = ReferenceModel(cfg, W), ReferenceModel(cfg, W, absorbed=True)
+    np.testing.assert_allclose(naive.prefill(prompt), absorbed.prefill(prompt), rtol=2e-4, atol=2e-4)
+    for t in (11, 29, 7):
+        np.testing.assert_allclose(naive.decode(t), absorbed.decode(t), rtol=2e-4, atol=2e-4)
+
+
+def test_kv_cache_decode_equals_full_prefill(tiny):
+    cfg, W = tiny
+    seq = [1, 9, 33, 70, 2, 44, 18, 90, 13]
+    m = ReferenceModel(cfg, W)
+    full = m.forward(seq, 0)
+    m.prefill(seq[:4])
+    for i in range(4, len(seq)):
+        np.testing.assert_allclose(m.decode(seq[i]), full[i], rtol=1e-4, atol=1e-4)
+
+
+def test_moe_equals_per_token_expert_loop(tiny):
+    cfg, W = tiny
+    m = ReferenceModel(cfg, W)
+    layer = cfg.n_dense_layers
+    x = np.random.default_rng(1).normal(size=(6, cfg.dim)).astype(np.float32)
+    y = m.moe(layer, x)
+    p = f"layers.{layer}.ffn."
+    w, ids = select_experts(x @ W[p + "gate"].T, W[p + "gate_bias"], cfg.n_expert_groups, cfg.n_limited_groups,
+                            cfg.n_activated_experts, cfg.route_scale)
+    for t in range(6):
+        want = m.mlp(x[t : t + 1], W[p + "shared.w1"], W[p + "shared.w3"], W[p + "shared.w2"])[0]
+        for k in range(cfg.n_activated_experts):
+            want = want + w[t, k] * m.mlp(x[t : t + 1], *m.expert(layer, int(ids[t, k])))[0]
+        np.testing.assert_allclose(y[t], want, rtol=1e-4, atol=1e-5)
+    assert len(np.unique(ids)) > cfg.n_activated_experts  # tokens do route to different experts
+
+
+def test_generation_is_deterministic_and_checked(tiny):
+    cfg, W = tiny
+    a, la = ReferenceModel(cfg, W).generate([5, 6, 7], 8)
+    b, _ = ReferenceModel(cfg, init_weights(cfg, seed=0)).generate([5, 6, 7], 8)
+    assert a == b and len(a) == 8 and all(0 <= t < cfg.vocab_size for t in a)
+    assert all(np.isfinite(x).all() for x in la)
+    c, _ = ReferenceModel(cfg, init_weights(cfg, seed=1)).generate([5, 6, 7], 8)
+    assert c != a  # other weights, other tokens
+    m = ReferenceModel(cfg, W)
+    with pytest.raises(ValueError, match="token ids must be in"):
+        m.prefill([cfg.vocab_size])
+    with pytest.raises(ValueError, match="exceeds max_seq_len"):
+        m.prefill(list(range(10)) * 13)
+
+
+def test_safetensors_shards_load(tmp_path, tiny):
+    st = pytest.importorskip("safetensors.numpy")
+    cfg, W = tiny
+    part = {k: v for k, v in W.items() if k.startswith("layers.1.ffn.experts.0.")}
+    st.save_file(part, str(tmp_path / "model-00001.safetensors"))
+    st.save_file({"embed": W["embed"]}, str(tmp_path / "model-00002.safetensors"))
+    got = load_safetensors([str(tmp_path / "model-00001.safetensors"), str(tmp_path / "model-00002.safetensors")])
+    assert set(got) == set(part) | {"embed"}
+    np.testing.assert_array_equal(got["layers.1.ffn.experts.0.w1"], W["layers.1.ffn.experts.0.w1"])
+    st.save_file({"embed": W["embed"]}, str(tmp_path / "dup.safetensors"))
+    with pytest.raises(ValueError, match="more than one shard"):
+        load_safetensors([str(tmp_path / "model-00002.safetensors"), str(tmp_path / "dup.safetensors")])
