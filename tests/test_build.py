@@ -84,3 +84,27 @@ def test_cmake_names_missing_nvcc(tmp_path):
         pytest.skip("the cmake on PATH is older than the build needs")
     assert proc.returncode != 0
     assert "dwdp_ops needs the CUDA compiler" in text, text
+
+
+def test_demo_runs_without_gpus_and_says_so():
+    out = subprocess.run([sys.executable, "-m", "dwdp_ops", "demo", "--ranks", "4", "--prompts", "1", "--steps", "3", "--json"],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    import json
+
+    rep = json.loads(out.stdout)
+    assert [p["local_experts"] for p in rep["plans"]] == [[0, 64], [64, 128], [128, 192], [192, 256]]
+    assert all(abs(p["fetch_GiB_per_layer"] - 192 * 42 / 1024) < 1e-9 for p in rep["plans"])
+    assert len(rep["cpu_reference"]["requests"]) == 4 and all(len(r["tokens"]) == 3 for r in rep["cpu_reference"]["requests"])
+    assert "need NVIDIA GPUs" in rep["note"]
+
+
+def test_can_train_cli_runs(tmp_path):
+    out = subprocess.run([sys.executable, "-m", "dwdp_ops", "can-train", "--samples", "600", "--epochs", "1", "--quiet",
+                          "--json", str(tmp_path / "r.json")], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert "can: epoch 1" in out.stdout and "dnn: epoch 1" in out.stdout
+    import json
+
+    res = json.loads((tmp_path / "r.json").read_text())["results"]
+    assert 0.0 <= res["can"]["test_auc"] <= 1.0

@@ -42,6 +42,11 @@ def main(argv: list[str] | None = None) -> int:
         import sys as _sys
 
         argv = _sys.argv[1:]
+    sub.add_parser("demo", help="DWDP on DeepSeek-R1 (see demo --help)", add_help=False)
+    if argv and argv[0] == "demo":
+        from .demo import main as demo_main
+
+        return demo_main(argv[1:])
     if argv and argv[0] == "can-train":
         from .models.train_can import main as can_main
 
