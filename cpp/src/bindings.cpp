@@ -4,6 +4,7 @@
 #include <pybind11/numpy.h>
 #include <pybind11/stl.h>
 
+#include "dwdp/coaction.h"
 #include "dwdp/fetch.h"
 #include "dwdp/runtime.h"
 #include "dwdp/vmm.h"
@@ -71,6 +72,42 @@ PYBIND11_MODULE(_C, m) {
   m.def("pack_experts", &dwdp::pack_experts, py::arg("dst"), py::arg("dst_stride"), py::arg("src_table"),
         py::arg("nbytes"), py::arg("n"), py::arg("stream"));
   m.attr("EXPERT_COPY_BYTES") = sizeof(dwdp::ExpertCopy);
+
+  auto dims = [](std::vector<int> din, std::vector<int> dout, int orders, bool bias, bool order_independent,
+                 bool paper) {
+    if (din.size() != dout.size() || din.empty() || din.size() > static_cast<size_t>(dwdp::kCoMaxLayers))
+      throw std::invalid_argument("co-action: 1 to 8 layers, din and dout of one length");
+    dwdp::CoActionDims d{};
+    d.num_layers = static_cast<int>(din.size());
+    d.orders = orders;
+    d.bias = bias;
+    d.order_independent = order_independent;
+    d.paper = paper;
+    for (size_t l = 0; l < din.size(); ++l) {
+      d.din[l] = din[l];
+      d.dout[l] = dout[l];
+      d.order_width += din[l] * dout[l] + (bias ? dout[l] : 0);
+      d.out_per_order += dout[l];
+    }
+    d.ind_dim = d.order_width * (order_independent ? orders : 1);
+    return d;
+  };
+  m.def(
+      "coaction_forward",
+      [dims](std::vector<int> din, std::vector<int> dout, int orders, bool bias, bool order_independent, bool paper,
+             int dtype, int B, int T, uintptr_t induction, uintptr_t ind_ids, uintptr_t feed, uintptr_t feed_ids,
+             uintptr_t mask, uintptr_t out, uintptr_t stream) {
+        dwdp::coaction_forward(dims(din, dout, orders, bias, order_independent, paper), dtype, B, T, induction, ind_ids,
+                               feed, feed_ids, mask, out, stream);
+      });
+  m.def(
+      "coaction_backward",
+      [dims](std::vector<int> din, std::vector<int> dout, int orders, bool bias, bool order_independent, bool paper,
+             int dtype, int B, int T, uintptr_t induction, uintptr_t ind_ids, uintptr_t feed, uintptr_t feed_ids,
+             uintptr_t mask, uintptr_t grad_out, uintptr_t grad_ind, uintptr_t grad_feed, uintptr_t stream) {
+        dwdp::coaction_backward(dims(din, dout, orders, bias, order_independent, paper), dtype, B, T, induction,
+                                ind_ids, feed, feed_ids, mask, grad_out, grad_ind, grad_feed, stream);
+      });
 
   m.def("vmm_granularity", &dwdp::vmm_granularity, py::arg("device"));
   m.def("vmm_create", &dwdp::vmm_create, py::arg("nbytes"), py::arg("device"));
