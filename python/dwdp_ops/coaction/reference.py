@@ -12,6 +12,9 @@ Options:
   reads slice c - 1), the paper's "order independence";
   ``variant="paper"``: the paper's eq. (11): the orders are summed instead of concatenated (``[B, sum(d_out)]``) and
   tanh follows every layer, the last included.
+
+The functions are array-module generic: given CuPy arrays they run on the GPU as a framework-style implementation
+(gathered rows, reshaped weights, batched matmuls, materialised activations), the baseline of the fused kernels.
 """
 
 from __future__ import annotations
@@ -22,6 +25,16 @@ from typing import Literal
 import numpy as np
 
 Variant = Literal["code", "paper"]
+
+
+def _xp(*arrays):
+    """numpy, or cupy when any argument is a CuPy array."""
+    for a in arrays:
+        if type(a).__module__.startswith("cupy"):
+            import cupy
+
+            return cupy
+    return np
 
 
 @dataclass(frozen=True)
@@ -105,16 +118,16 @@ class CoActionSpec:
 
 
 def _forward_order(spec: CoActionSpec, induction, feed, mask, c):
+    xp = _xp(induction, feed)
     x = feed**c
-    hs, pre = [x], []
+    hs = [x]
     for layer, (w, b) in enumerate(spec.split(induction, c)):
-        z = np.einsum("btd,bde->bte", hs[-1], w)
+        z = xp.matmul(hs[-1], w)  # [B, T, d_in] @ [B, d_in, d_out]
         if b is not None:
             z = z + b[:, None, :]
-        pre.append(z)
-        hs.append(np.tanh(z) if spec.activated(layer) else z)
+        hs.append(xp.tanh(z) if spec.activated(layer) else z)
     m = mask[:, :, None].astype(feed.dtype)
-    pooled = np.concatenate([(h * m).sum(axis=1) for h in hs[1:]], axis=-1)
+    pooled = xp.concatenate([(h * m).sum(axis=1) for h in hs[1:]], axis=-1)
     return pooled, hs
 
 
@@ -131,10 +144,11 @@ def coaction_forward(
 ) -> np.ndarray:
     """The co-action output ``[B, C * sum(d_out)]`` (``[B, sum(d_out)]`` for ``variant="paper"``)."""
     spec = CoActionSpec(layer_dims, orders, bias, order_independent, variant)
-    induction, feed, mask = np.asarray(induction), np.asarray(feed), np.asarray(mask)
+    xp = _xp(induction, feed, mask)
+    induction, feed, mask = xp.asarray(induction), xp.asarray(feed), xp.asarray(mask)
     spec.check(induction, feed, mask)
     outs = [_forward_order(spec, induction, feed, mask, c)[0] for c in range(1, orders + 1)]
-    return sum(outs) if variant == "paper" else np.concatenate(outs, axis=-1)
+    return sum(outs) if variant == "paper" else xp.concatenate(outs, axis=-1)
 
 
 def coaction_backward(
@@ -151,13 +165,14 @@ def coaction_backward(
 ) -> tuple[np.ndarray, np.ndarray]:
     """Gradients ``(d loss / d induction [B, D'], d loss / d feed [B, T, D])`` given ``d loss / d output``."""
     spec = CoActionSpec(layer_dims, orders, bias, order_independent, variant)
-    induction, feed, mask = np.asarray(induction), np.asarray(feed), np.asarray(mask)
+    xp = _xp(induction, feed, mask, grad_out)
+    induction, feed, mask = xp.asarray(induction), xp.asarray(feed), xp.asarray(mask)
     spec.check(induction, feed, mask)
-    grad_out = np.asarray(grad_out)
+    grad_out = xp.asarray(grad_out)
     if grad_out.shape != (feed.shape[0], spec.out_dim):
         raise ValueError(f"grad_out must be [B, {spec.out_dim}], got {grad_out.shape}")
-    g_ind = np.zeros_like(induction, dtype=np.result_type(induction, grad_out))
-    g_feed = np.zeros_like(feed, dtype=np.result_type(feed, grad_out))
+    g_ind = xp.zeros_like(induction, dtype=np.result_type(induction.dtype, grad_out.dtype))
+    g_feed = xp.zeros_like(feed, dtype=np.result_type(feed.dtype, grad_out.dtype))
     m = mask[:, :, None].astype(g_feed.dtype)
     S = spec.out_per_order
     for c in range(1, orders + 1):
@@ -174,9 +189,9 @@ def coaction_backward(
         for layer in range(len(params) - 1, -1, -1):
             g_h = direct[layer] if upstream is None else direct[layer] + upstream
             g_z = g_h * (1.0 - hs[layer + 1] ** 2) if spec.activated(layer) else g_h
-            grads_w[layer] = np.einsum("btd,bte->bde", hs[layer], g_z)
+            grads_w[layer] = xp.matmul(hs[layer].transpose(0, 2, 1), g_z)  # [B, d_in, d_out]
             grads_b[layer] = g_z.sum(axis=1)
-            upstream = np.einsum("bte,bde->btd", g_z, params[layer][0])
+            upstream = xp.matmul(g_z, params[layer][0].transpose(0, 2, 1))  # [B, T, d_in]
         g_feed += upstream * (c * feed ** (c - 1) if c > 1 else 1.0)
         off = (c - 1) * spec.order_width if order_independent else 0
         for (i, o), gw, gb in zip(spec.layer_dims, grads_w, grads_b):
