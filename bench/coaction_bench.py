@@ -24,8 +24,13 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import machine_facts, time_op, write_json  # noqa: E402
-
-from dwdp_ops.coaction import CoActionSpec, coaction_backward, coaction_backward_gpu, coaction_forward, coaction_forward_gpu  # noqa: E402
+from dwdp_ops.coaction import (  # noqa: E402
+    CoActionSpec,
+    coaction_backward,
+    coaction_backward_gpu,
+    coaction_forward,
+    coaction_forward_gpu,
+)
 
 ROWS = 100_000
 
@@ -52,7 +57,7 @@ def main() -> int:
     with s:
         copy_ms, _ = time_op(lambda: dst.__setitem__(Ellipsis, big), s, 10, 2)
     hbm = 2 * big.nbytes / (copy_ms * 1e6)  # GB/s, read + write
-    del big, dst
+    big = dst = None  # release the 2 GiB before the cases
     try:
         import torch
     except ImportError:

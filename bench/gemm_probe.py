@@ -57,7 +57,7 @@ def main() -> int:
                 else:
                     t, _ = time_op(fn, s, 5, 2)
             rows.append({"path": name, "m": m, "ms": t, "tflops": flops / t / 1e9})
-        del x, out
+        x = out = None  # noqa: F841 - release before the next size
     for r in rows:
         print(f"{r['path']:45s} m={r.get('m', '-')!s:5s} {r['tflops']:7.1f} TFLOP/s")
     write_json(f"gemm_probe_{machine_facts()['card'].replace('NVIDIA ', '').replace(' ', '_')}.json",

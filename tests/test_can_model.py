@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-
 from dwdp_ops.coaction import CoActionSpec
 from dwdp_ops.models.can import CanConfig, CanModel
 from dwdp_ops.models.can_data import auc, build_vocab, load_amazon_books, split, synthetic

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-
 from dwdp_ops.coaction import CoActionSpec, coaction_backward, coaction_forward
 
 CONFIGS = [
@@ -37,7 +36,7 @@ def loop_forward(ind, feed, mask, spec: CoActionSpec):
             for t in range(T):
                 if not mask[b, t]:
                     continue
-                h, pos, outs, o2 = feed[b, t] ** c, off, [], 0
+                h, pos, outs = feed[b, t] ** c, off, []
                 for layer, (i, o) in enumerate(spec.layer_dims):
                     w = ind[b, pos : pos + i * o].reshape(i, o)
                     pos += i * o

@@ -4,8 +4,14 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-
-from dwdp_ops.models.deepseek_r1 import DeepSeekConfig, ReferenceModel, dequant_fp8, e4m3_to_float, init_weights, select_experts
+from dwdp_ops.models.deepseek_r1 import (
+    DeepSeekConfig,
+    ReferenceModel,
+    dequant_fp8,
+    e4m3_to_float,
+    init_weights,
+    select_experts,
+)
 from dwdp_ops.models.deepseek_r1.reference import apply_rope, yarn_freqs
 from dwdp_ops.models.deepseek_r1.weights import load_safetensors
 

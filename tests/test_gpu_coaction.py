@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-
 from dwdp_ops.coaction import CoActionSpec, coaction_backward, coaction_forward
 
 CONFIGS = [
@@ -33,7 +32,6 @@ def rel(a, b):
 @pytest.mark.parametrize("B, T", [(3, 1), (37, 50), (64, 257)])
 def test_fp32_forward_and_backward_equal_the_reference(cfg, B, T):
     import cupy as cp
-
     from dwdp_ops.coaction import coaction_backward_gpu, coaction_forward_gpu
 
     spec = CoActionSpec(**cfg)
@@ -51,7 +49,6 @@ def test_fp32_forward_and_backward_equal_the_reference(cfg, B, T):
 @pytest.mark.gpu
 def test_table_ids_equal_gathered_rows_and_accumulate():
     import cupy as cp
-
     from dwdp_ops.coaction import coaction_backward_gpu, coaction_forward_gpu
 
     spec = CoActionSpec()
@@ -82,7 +79,6 @@ def test_table_ids_equal_gathered_rows_and_accumulate():
 @pytest.mark.gpu
 def test_bf16_is_close_and_bad_input_is_named():
     import cupy as cp
-
     from dwdp_ops.coaction import coaction_forward_gpu
 
     spec = CoActionSpec()

@@ -199,12 +199,12 @@ class Runtime:
                     for b in live:
                         be.symmetric_free(b.ptr)
                 else:
-                    warnings.warn("dwdp_ops.finalize(): ranks hold different symmetric buffers; not freeing them")
+                    warnings.warn("dwdp_ops.finalize(): ranks hold different symmetric buffers; not freeing them", stacklevel=2)
                 self._buffers.clear()
             rdv.barrier("finalize")
         except RendezvousError as e:
             clean = False
-            warnings.warn(f"dwdp_ops.finalize(): skipping NVSHMEM finalize because a peer is gone: {e}")
+            warnings.warn(f"dwdp_ops.finalize(): skipping NVSHMEM finalize because a peer is gone: {e}", stacklevel=2)
         finally:
             self.state = "finalized"
             if clean:
@@ -215,7 +215,7 @@ class Runtime:
         try:
             self.finalize()
         except Exception as e:  # noqa: BLE001 - nothing can be raised at exit
-            warnings.warn(f"dwdp_ops: finalize at exit failed: {e}")
+            warnings.warn(f"dwdp_ops: finalize at exit failed: {e}", stacklevel=2)
 
     def __enter__(self) -> Runtime:
         return self
