@@ -1,6 +1,10 @@
 #!/usr/bin/env bash
 # One device-machine session: offline build, GPU tests, benchmarks. Outputs under $OUT (or ./gpu_out).
-# Usage: scripts/gpu_session.sh [tests|bench|all]
+# Usage: scripts/gpu_session.sh MODE
+#   tests    build + every GPU test            bench   build + fetch_bandwidth (N GPUs, and N=2 layer-only)
+#   issue4   tests + prefetch_overlap          issue4b scheduler tests + prefetch_overlap
+#   can      build + coaction_bench            next    tests + prefetch_overlap + coaction_bench (what is unmeasured)
+#   probe    NVSHMEM registration probes       all     everything
 set -uo pipefail
 OUT=${OUT:-$PWD/gpu_out}; mkdir -p "$OUT"; export OUT
 export NVSHMEM_DISABLE_NVLS=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1
@@ -14,7 +18,7 @@ t0=$(date +%s)
 python3 -m pip install --no-build-isolation --no-deps -e . > "$OUT/build.log" 2>&1 || { tail -50 "$OUT/build.log"; exit 1; }
 echo "build: $(( $(date +%s) - t0 )) s"
 tests_sel=tests; [[ $what == issue4b ]] && tests_sel=tests/test_gpu_scheduler.py
-if [[ $what == tests || $what == all || $what == issue4 || $what == issue4b ]]; then
+if [[ $what == tests || $what == all || $what == issue4 || $what == issue4b || $what == next ]]; then
   timeout 480 python3 -m pytest -m "gpu or multigpu" -rs -v $tests_sel 2>&1 | tee "$OUT/gpu_tests.log" | grep -E "PASS|FAIL|SKIP|ERROR|passed|failed" | tail -20
 fi
 if [[ $what == bench || $what == all ]]; then
@@ -31,11 +35,11 @@ if [[ $what == bench || $what == all ]]; then
   fi
   grep -h -i -E "error|Traceback" "$OUT"/fetch_bandwidth_N*.log | head -20
 fi
-if [[ $what == issue4 || $what == issue4b || $what == all ]]; then
+if [[ $what == issue4 || $what == issue4b || $what == all || $what == next ]]; then
   timeout 400 python3 -m dwdp_ops.launch -n "$NGPU" --timeout 380 bench/prefetch_overlap.py > "$OUT/prefetch_overlap_N$NGPU.log" 2>&1
   echo "prefetch_overlap N=$NGPU rc=$?"; grep "^\[rank 0\]" "$OUT/prefetch_overlap_N$NGPU.log" | tail -25
 fi
-if [[ $what == can || $what == all ]]; then
+if [[ $what == can || $what == all || $what == next ]]; then
   timeout 300 python3 bench/coaction_bench.py > "$OUT/coaction_bench.log" 2>&1; echo "coaction_bench rc=$?"; tail -6 "$OUT/coaction_bench.log"
 fi
 if [[ $what == probe || $what == all ]]; then
