@@ -148,8 +148,6 @@ void pack_experts(uintptr_t dst, size_t dst_stride, uintptr_t src_table, size_t 
   DWDP_REQUIRE(bytes <= dst_stride, "pack_experts: " << bytes << " bytes do not fit a stride of " << dst_stride);
   DWDP_REQUIRE(n >= 0 && n <= 65535, "pack_experts: at most 65535 experts per call");
   if (n == 0 || bytes == 0) return;
-  int dev = 0;
-  DWDP_CUDA_CHECK(cudaGetDevice(&dev));
   const size_t n16 = bytes / 16;
   const int threads = 256;
   const int bx = static_cast<int>(std::min<size_t>((n16 + threads - 1) / threads, 1024));

@@ -20,8 +20,11 @@ from .partition import ExpertPartition
 
 
 def plan_report(ranks: int, dtype: str = "float8_e4m3fn") -> list[dict]:
-    part = ExpertPartition.disjoint(256, ranks)
-    lay = ExpertLayout.moe(7168, 2048, dtype)
+    from .models.deepseek_r1 import DeepSeekConfig
+
+    r1 = DeepSeekConfig.r1()
+    part = ExpertPartition.disjoint(r1.n_routed_experts, ranks)
+    lay = ExpertLayout.moe(r1.dim, r1.moe_inter_dim, dtype)
     out = []
     for r in range(ranks):
         runs = part.fetch_plan(r)

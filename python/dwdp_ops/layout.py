@@ -105,9 +105,6 @@ class ExpertLayout:
         """Fraction of extra bytes a fetch moves because of page padding."""
         return self.expert_stride / self.expert_bytes - 1.0
 
-    def local_layer_bytes(self, experts_per_rank: int) -> int:
-        return experts_per_rank * self.expert_stride
-
     def tensor_offset(self, name: str, experts_per_rank: int) -> int:
         """Offset of a tensor kind's block inside one layer's local region: all local w13 first, then all w2."""
         i = self.index(name)

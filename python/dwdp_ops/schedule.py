@@ -13,6 +13,7 @@ Invariant: both schedules move exactly the same bytes (same multiset of (dst, sr
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
@@ -55,13 +56,8 @@ def order_copies(
     queues: dict[int, list[Copy]] = {}
     for c in sorted(copies, key=lambda c: c.dst):
         queues.setdefault(c.peer, []).extend(slice_copy(c, slice_bytes))
-    order = [p for p in peer_order(rank, world_size) if p in queues] + sorted(set(queues) - set(peer_order(rank, world_size)))
-    out: list[Copy] = []
-    pos = {p: 0 for p in order}
-    while len(out) < sum(len(q) for q in queues.values()):
-        for p in order:
-            if pos[p] < len(queues[p]):
-                out.append(queues[p][pos[p]])
-                pos[p] += 1
-    return out
+    staggered = peer_order(rank, world_size)
+    order = [p for p in staggered if p in queues] + sorted(set(queues) - set(staggered))
+    rounds = itertools.zip_longest(*(queues[p] for p in order))  # one slice per peer per round
+    return [c for rnd in rounds for c in rnd if c is not None]
 

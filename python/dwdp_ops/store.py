@@ -57,8 +57,6 @@ class ExpertStore:
         *,
         runtime: Runtime | None = None,
     ):
-        import cupy as cp
-
         rt = runtime or get_runtime()
         rt.require("ExpertStore")
         if partition.world_size != rt.world_size():
@@ -97,7 +95,7 @@ class ExpertStore:
         if layout.page % gran:
             raise ValueError(f"layout page {layout.page} is not a multiple of the device's VMM granularity {gran}")
         try:
-            self._build(cp)
+            self._build()
         except BaseException:
             self._rollback()
             raise
@@ -125,7 +123,7 @@ class ExpertStore:
         self._push(lambda: be.vmm_unmap(va, nbytes))
         return h, va
 
-    def _build(self, cp) -> None:
+    def _build(self) -> None:
         be, dev, lay = self.be, self.device, self.layout
         # Local storage: one registered allocation per (layer, tensor kind); collective, same sizes everywhere.
         self._local: dict[tuple[int, int], tuple[int, int, int, list[int]]] = {}  # handle, va, sym, peer bases

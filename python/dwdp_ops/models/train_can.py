@@ -18,7 +18,8 @@ def train(model: CanModel, train_set, test_set, epochs: int, batch_size: int, se
     curve = []
     for epoch in range(1, epochs + 1):
         losses = []
-        bar = tqdm(list(train_set.batches(batch_size, rng)), desc=f"epoch {epoch}", disable=not progress, leave=False)
+        bar = tqdm(train_set.batches(batch_size, rng), total=-(-len(train_set) // batch_size), desc=f"epoch {epoch}",
+                   disable=not progress, leave=False)
         for b in bar:
             losses.append(model.train_step(b))
             if len(losses) % 20 == 0:

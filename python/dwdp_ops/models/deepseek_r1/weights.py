@@ -58,15 +58,18 @@ def init_weights(cfg: DeepSeekConfig, seed: int = 0) -> dict[str, np.ndarray]:
     """All weights of the model, deterministic in ``seed``. Routed experts: ``layers.{l}.ffn.experts.{e}.{w1,w2,w3}``
     (uint8 e4m3 codes) with ``.scale`` (fp32 blocks); the rest float32 (``[out, in]`` like ``nn.Linear``)."""
     W: dict[str, np.ndarray] = {}
-    ss = np.random.SeedSequence(seed)
-    rngs = iter(np.random.default_rng(s) for s in ss.spawn(10_000))
+
+    def rng(*key: int) -> np.random.Generator:
+        # one stream per tensor group, keyed by position: any process can rebuild any slice on its own
+        return np.random.default_rng(np.random.SeedSequence([seed, *key]))
+
     d, H = cfg.dim, cfg.n_heads
-    W["embed"] = _dense(next(rngs), (cfg.vocab_size, d), 1.0)
+    W["embed"] = _dense(rng(0), (cfg.vocab_size, d), 1.0)
     W["norm"] = np.ones(d, np.float32)
-    W["head"] = _dense(next(rngs), (cfg.vocab_size, d))
+    W["head"] = _dense(rng(1), (cfg.vocab_size, d))
     for layer in range(cfg.n_layers):
         p = f"layers.{layer}."
-        r = next(rngs)
+        r = rng(2, layer)
         W[p + "attn_norm"] = (1 + 0.1 * r.standard_normal(d)).astype(np.float32)
         W[p + "ffn_norm"] = (1 + 0.1 * r.standard_normal(d)).astype(np.float32)
         W[p + "attn.wq_a"] = _dense(r, (cfg.q_lora_rank, d))
@@ -87,7 +90,7 @@ def init_weights(cfg: DeepSeekConfig, seed: int = 0) -> dict[str, np.ndarray]:
         for n, shape in (("w1", (Is, d)), ("w3", (Is, d)), ("w2", (d, Is))):
             W[p + f"ffn.shared.{n}"] = _dense(r, shape)
         for e in range(E):
-            re = next(rngs)
+            re = rng(3, layer, e)
             for n, shape in (("w1", (I, d)), ("w3", (I, d)), ("w2", (d, I))):
                 codes, scale = random_fp8(re, shape, cfg.block)
                 W[p + f"ffn.experts.{e}.{n}"] = codes
