@@ -17,7 +17,7 @@ NGPU=$(nvidia-smi -L | wc -l)
 t0=$(date +%s)
 python3 -m pip install --no-build-isolation --no-deps -e . > "$OUT/build.log" 2>&1 || { tail -50 "$OUT/build.log"; exit 1; }
 echo "build: $(( $(date +%s) - t0 )) s"
-tests_sel=tests; [[ $what == issue4b ]] && tests_sel=tests/test_gpu_scheduler.py
+tests_sel=${TESTS:-tests}; [[ $what == issue4b ]] && tests_sel=tests/test_gpu_scheduler.py  # TESTS="a.py b.py" narrows
 if [[ $what == tests || $what == all || $what == issue4 || $what == issue4b || $what == next ]]; then
   timeout 480 python3 -m pytest -m "gpu or multigpu" -rs -v $tests_sel 2>&1 | tee "$OUT/gpu_tests.log" | grep -E "PASS|FAIL|SKIP|ERROR|passed|failed" | tail -20
 fi
