@@ -103,7 +103,7 @@ def test_can_train_cli_runs(tmp_path):
     out = subprocess.run([sys.executable, "-m", "dwdp_ops", "can-train", "--samples", "600", "--epochs", "1", "--quiet",
                           "--json", str(tmp_path / "r.json")], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
-    assert "can: epoch 1" in out.stdout and "dnn: epoch 1" in out.stdout
+    assert "can (cpu): epoch 1" in out.stdout and "dnn (cpu): epoch 1" in out.stdout
     import json
 
     res = json.loads((tmp_path / "r.json").read_text())["results"]

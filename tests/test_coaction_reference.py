@@ -144,3 +144,14 @@ def test_bad_specs_are_explained():
     ind, feed, mask = inputs(spec)
     with pytest.raises(ValueError, match=r"grad_out must be \[B, 36\]"):
         coaction_backward(ind, feed, mask, np.zeros((3, 12)))
+
+
+def test_fused_launch_shape_fits_the_default_and_refuses_what_cannot_fit():
+    from dwdp_ops.coaction import launch_shape
+
+    warps, smem = launch_shape(CoActionSpec())
+    assert warps == 4 and 0 < smem <= 227 * 1024
+    bw, bsmem = launch_shape(CoActionSpec(), backward=True)
+    assert bsmem > smem  # the backward keeps gradients and dz rows too
+    assert launch_shape(CoActionSpec(order_independent=True), backward=True)[1] > bsmem
+    assert launch_shape(CoActionSpec(layer_dims=((256, 256), (256, 256))), backward=True)[0] == 0

@@ -100,3 +100,38 @@ def test_bf16_is_close_and_bad_input_is_named():
         big = CoActionSpec(layer_dims=((256, 256), (256, 256)))
         coaction_forward_gpu(cp.zeros((1, big.induction_dim), cp.float32), cp.zeros((1, 2, 256), cp.float32),
                              cp.ones((1, 2), cp.float32), big)
+
+
+@pytest.mark.multigpu(n=2)
+@pytest.mark.parametrize("n", [2, 4])
+@pytest.mark.parametrize("seed", [0, 1])
+def test_sharded_table_equals_single_gpu_table(run_ranks, n, seed):
+    from conftest import GPU_COUNT
+
+    if GPU_COUNT < n:
+        pytest.skip(f"needs {n} GPUs; found {GPU_COUNT}")
+    proc = run_ranks(n, "sharded_table_check.py", str(seed), timeout=180)
+    assert proc.returncode == 0, proc.stdout[-6000:]
+    for r in range(n):
+        assert f"[rank {r}] rank {r}: sharded table over {n} GPUs" in proc.stdout
+    assert proc.stdout.count(": OK") == n, proc.stdout[-3000:]
+
+
+@pytest.mark.gpu
+def test_can_model_on_fused_kernels_matches_the_cpu_model():
+    """One training batch: the GPU model (float32, fused kernels on the tables) gives the CPU model's (float64,
+    reference op) loss and every parameter gradient."""
+    from dwdp_ops.models.can import CanConfig, CanModel
+    from dwdp_ops.models.can_data import split, synthetic
+
+    data, tables = synthetic(600, seed=3)
+    train, _ = split(data, 0.2, 3)
+    b = next(train.batches(128, np.random.default_rng(0)))
+    cpu = CanModel(CanConfig(tables, seed=4))
+    gpu = CanModel(CanConfig(tables, seed=4, device="gpu"))
+    l_cpu, g_cpu = cpu.loss_and_grads(b)
+    l_gpu, g_gpu = gpu.loss_and_grads(b)
+    assert abs(l_cpu - l_gpu) <= 1e-5 * max(1.0, abs(l_cpu))
+    assert g_cpu.keys() == g_gpu.keys()
+    for k in g_cpu:
+        assert rel(g_gpu[k].get(), g_cpu[k]) <= 1e-4, k

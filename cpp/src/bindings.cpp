@@ -4,6 +4,7 @@
 #include <pybind11/numpy.h>
 #include <pybind11/stl.h>
 
+#include "dwdp/check.h"
 #include "dwdp/coaction.h"
 #include "dwdp/fetch.h"
 #include "dwdp/runtime.h"
@@ -92,22 +93,46 @@ PYBIND11_MODULE(_C, m) {
     d.ind_dim = d.order_width * (order_independent ? orders : 1);
     return d;
   };
+  auto rows_of = [](std::vector<uint64_t> bases, std::vector<uint64_t> grads, int64_t rows_per_shard) {
+    DWDP_REQUIRE(!bases.empty() && bases.size() <= static_cast<size_t>(dwdp::kCoMaxShards),
+                 "co-action: 1 to " << dwdp::kCoMaxShards << " table shards, got " << bases.size());
+    DWDP_REQUIRE(grads.empty() || grads.size() == bases.size(), "co-action: one gradient address per shard");
+    dwdp::CoActionRows r{};
+    r.shards = static_cast<int>(bases.size());
+    r.rows_per_shard = rows_per_shard;
+    for (size_t i = 0; i < bases.size(); ++i) {
+      r.base[i] = bases[i];
+      r.grad[i] = grads.empty() ? 0 : grads[i];
+    }
+    return r;
+  };
   m.def(
       "coaction_forward",
-      [dims](std::vector<int> din, std::vector<int> dout, int orders, bool bias, bool order_independent, bool paper,
-             int dtype, int B, int T, uintptr_t induction, uintptr_t ind_ids, uintptr_t feed, uintptr_t feed_ids,
-             uintptr_t mask, uintptr_t out, uintptr_t stream) {
-        dwdp::coaction_forward(dims(din, dout, orders, bias, order_independent, paper), dtype, B, T, induction, ind_ids,
-                               feed, feed_ids, mask, out, stream);
+      [dims, rows_of](std::vector<int> din, std::vector<int> dout, int orders, bool bias, bool order_independent,
+                      bool paper, int dtype, int B, int T, std::vector<uint64_t> bases, int64_t rows_per_shard,
+                      uintptr_t ind_ids, uintptr_t feed, uintptr_t feed_ids, uintptr_t mask, uintptr_t out,
+                      uintptr_t stream) {
+        dwdp::coaction_forward(dims(din, dout, orders, bias, order_independent, paper), dtype, B, T,
+                               rows_of(bases, {}, rows_per_shard), ind_ids, feed, feed_ids, mask, out, stream);
       });
   m.def(
       "coaction_backward",
-      [dims](std::vector<int> din, std::vector<int> dout, int orders, bool bias, bool order_independent, bool paper,
-             int dtype, int B, int T, uintptr_t induction, uintptr_t ind_ids, uintptr_t feed, uintptr_t feed_ids,
-             uintptr_t mask, uintptr_t grad_out, uintptr_t grad_ind, uintptr_t grad_feed, uintptr_t stream) {
-        dwdp::coaction_backward(dims(din, dout, orders, bias, order_independent, paper), dtype, B, T, induction,
-                                ind_ids, feed, feed_ids, mask, grad_out, grad_ind, grad_feed, stream);
+      [dims, rows_of](std::vector<int> din, std::vector<int> dout, int orders, bool bias, bool order_independent,
+                      bool paper, int dtype, int B, int T, std::vector<uint64_t> bases, std::vector<uint64_t> grads,
+                      int64_t rows_per_shard, uintptr_t ind_ids, uintptr_t feed, uintptr_t feed_ids, uintptr_t mask,
+                      uintptr_t grad_out, uintptr_t grad_feed, uintptr_t stream) {
+        dwdp::coaction_backward(dims(din, dout, orders, bias, order_independent, paper), dtype, B, T,
+                                rows_of(bases, grads, rows_per_shard), ind_ids, feed, feed_ids, mask, grad_out,
+                                grad_feed, stream);
       });
+  m.def("coaction_launch_shape",
+        [dims](std::vector<int> din, std::vector<int> dout, int orders, bool bias, bool order_independent, bool paper,
+               bool backward) {
+          int warps;
+          size_t smem;
+          dwdp::coaction_launch_shape(dims(din, dout, orders, bias, order_independent, paper), backward, &warps, &smem);
+          return py::make_tuple(warps, smem);
+        });
 
   m.def("vmm_granularity", &dwdp::vmm_granularity, py::arg("device"));
   m.def("vmm_create", &dwdp::vmm_create, py::arg("nbytes"), py::arg("device"));

@@ -39,10 +39,14 @@ def vmm_unmap(va: int, nbytes: int) -> None: ...
 
 def coaction_forward(
     din: list[int], dout: list[int], orders: int, bias: bool, order_independent: bool, paper: bool, dtype: int, B: int,
-    T: int, induction: int, ind_ids: int, feed: int, feed_ids: int, mask: int, out: int, stream: int,
+    T: int, bases: list[int], rows_per_shard: int, ind_ids: int, feed: int, feed_ids: int, mask: int, out: int,
+    stream: int,
 ) -> None: ...
 def coaction_backward(
     din: list[int], dout: list[int], orders: int, bias: bool, order_independent: bool, paper: bool, dtype: int, B: int,
-    T: int, induction: int, ind_ids: int, feed: int, feed_ids: int, mask: int, grad_out: int, grad_ind: int,
-    grad_feed: int, stream: int,
+    T: int, bases: list[int], grads: list[int], rows_per_shard: int, ind_ids: int, feed: int, feed_ids: int, mask: int,
+    grad_out: int, grad_feed: int, stream: int,
 ) -> None: ...
+def coaction_launch_shape(
+    din: list[int], dout: list[int], orders: int, bias: bool, order_independent: bool, paper: bool, backward: bool,
+) -> tuple[int, int]: ...

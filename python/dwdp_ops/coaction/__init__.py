@@ -5,7 +5,7 @@ target item (the *induction* side), applied to powers of every behaviour's feed 
 ``fused``: the fused CUDA kernels for CuPy arrays (gathered rows or table + ids).
 """
 
-from .fused import coaction_backward_gpu, coaction_forward_gpu
+from .fused import ShardedTable, coaction_backward_gpu, coaction_forward_gpu, launch_shape
 from .reference import CoActionSpec, coaction_backward, coaction_forward
 
-__all__ = ["CoActionSpec", "coaction_backward", "coaction_backward_gpu", "coaction_forward", "coaction_forward_gpu"]
+__all__ = ["CoActionSpec", "ShardedTable", "launch_shape", "coaction_backward", "coaction_backward_gpu", "coaction_forward", "coaction_forward_gpu"]

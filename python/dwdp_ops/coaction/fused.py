@@ -1,15 +1,18 @@
 """The fused CUDA co-action op (``_C.coaction_forward`` / ``_C.coaction_backward``) for CuPy arrays, with the same
 semantics as ``reference``.
 
-Rows can come gathered (``induction [B, D']``, ``feed [B, T, D]``) or straight from the tables
-(``induction [rows, D']`` with ``ind_ids [B]``, ``feed [rows, D]`` with ``feed_ids [B, T]``, int64): the kernel reads
-each sample's induction row once into shared memory and the feed rows as it goes, so no per-sample weight matrix and
-no ``[B, T, ...]`` intermediate is ever written. ``dtype`` is ``float32`` or ``bfloat16`` (stored as uint16 bits, as
-CuPy has no bf16); the output has the input's storage dtype, gradients are float32. With table inputs the gradients
-are table-shaped and accumulated atomically (repeated ids add up).
+Induction rows come gathered (``induction [B, D']``), from a table (``induction [rows, D']`` with ``ind_ids [B]``,
+int64) or from a ``ShardedTable`` split over the GPUs (``ind_ids`` are global row ids); feed rows come gathered
+(``feed [B, T, D]``) or from a table (``feed [rows, D]`` with ``feed_ids [B, T]``, int64). The kernel runs one warp per
+sample: it reads the sample's induction row once into shared memory (a peer's row one-sidedly over NVLink) and the
+feed rows as it goes, so no per-sample weight matrix and no ``[B, T, ...]`` intermediate is ever written.
+``dtype`` is ``float32`` or ``bfloat16`` (stored as uint16 bits, as CuPy has no bf16); the output has the input's
+storage dtype, gradients are float32. With table inputs the gradients are table-shaped and accumulated atomically
+(repeated ids add up); a sharded table's row gradients are added to the owner's ``grad`` shard by remote atomics.
 
-Limits: 1-8 layers, layer widths up to 256, orders up to 8, and the induction row plus 128 threads' activations
-within 227 KiB of shared memory; beyond them a ValueError says which. T and B are unbounded.
+Limits: 1-8 layers, layer widths up to 256, orders up to 8, and one warp's induction row plus its 32 lanes'
+activations within 227 KiB of shared memory (``launch_shape`` tells); beyond them a ValueError says which. T and B
+are unbounded; a sharded table has at most 8 shards, all reachable by load/store (NVLink).
 """
 
 from __future__ import annotations
@@ -19,35 +22,134 @@ from typing import Any
 import numpy as np
 
 from .._native import native
+from ..errors import DwdpError
 from ..interop import device_buffer, stream_handle
 from .reference import CoActionSpec
 
 _DT = {"float32": (np.dtype(np.float32), 0), "bfloat16": (np.dtype(np.uint16), 1)}
 
 
+class ShardedTable:
+    """A ``[num_rows, dim]`` embedding table split by rows over the ranks, on the NVSHMEM symmetric heap.
+
+    Rank r owns rows ``[r * rows_per_shard, (r + 1) * rows_per_shard)`` in ``shard`` (a CuPy array) and their
+    gradient in ``grad`` (float32). The fused co-action op reads any row from its owner one-sidedly and adds row
+    gradients into the owner's ``grad``; the owner may read ``grad`` only after ``sync()``, which waits until every
+    rank's backward has finished (device synchronisation and a barrier). Construction and ``close()`` are
+    collective (every rank passes the same shape and dtype)."""
+
+    def __init__(self, num_rows: int, dim: int, dtype: str = "float32"):
+        from ..runtime import get_runtime
+        from ..symmetric import free_symmetric, peer_view, symmetric_empty
+
+        if dtype not in _DT:
+            raise ValueError(f"dtype must be 'float32' or 'bfloat16', got {dtype!r}")
+        if num_rows < 1 or dim < 1:
+            raise ValueError(f"a table needs num_rows >= 1 and dim >= 1, got [{num_rows}, {dim}]")
+        rt = get_runtime()
+        rt.require("ShardedTable")
+        self.world, self.rank = rt.world_size(), rt.rank()
+        if self.world > 8:
+            raise ValueError(f"ShardedTable supports at most 8 shards (ranks), got {self.world}")
+        self.num_rows, self.dim, self.dtype = int(num_rows), int(dim), dtype
+        self.rows_per_shard = -(-self.num_rows // self.world)
+        self._free = free_symmetric
+        self.shard = symmetric_empty((self.rows_per_shard, self.dim), _DT[dtype][0])
+        self.grad = symmetric_empty((self.rows_per_shard, self.dim), np.float32)
+        self._closed = False
+        try:
+            self.bases = [int(peer_view(self.shard, p).data.ptr) for p in range(self.world)]
+            self.grad_bases = [int(peer_view(self.grad, p).data.ptr) for p in range(self.world)]
+        except DwdpError as e:
+            self.close()
+            raise DwdpError(f"ShardedTable needs every peer reachable by load/store (NVLink): {e}") from e
+        self.grad.fill(0)
+
+    @property
+    def local_rows(self) -> tuple[int, int]:
+        """The global row range ``[lo, hi)`` this rank owns (``hi`` capped at ``num_rows``)."""
+        lo = self.rank * self.rows_per_shard
+        return lo, min(lo + self.rows_per_shard, self.num_rows)
+
+    def sync(self, stream: Any = None) -> None:
+        """Waits for this device's work and for every rank to reach this point (then all remote gradient adds into
+        this rank's ``grad`` are visible)."""
+        import cupy as cp
+
+        from ..runtime import barrier
+
+        if stream is not None:
+            cp.cuda.ExternalStream(stream_handle(stream)).synchronize()
+        cp.cuda.Device().synchronize()
+        barrier()
+
+    def close(self) -> None:
+        """Frees both symmetric arrays (collective). Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        import cupy as cp
+
+        cp.cuda.Device().synchronize()
+        self._free(self.grad)
+        self._free(self.shard)
+
+    def __enter__(self) -> ShardedTable:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def _spec_args(spec: CoActionSpec):
+    return ([i for i, _ in spec.layer_dims], [o for _, o in spec.layer_dims], spec.orders, spec.bias,
+            spec.order_independent, spec.variant == "paper")
+
+
+def launch_shape(spec: CoActionSpec, backward: bool = False) -> tuple[int, int]:
+    """``(warps per block, shared-memory bytes per block)`` of the kernel for ``spec`` (0 warps: does not fit)."""
+    return tuple(native().coaction_launch_shape(*_spec_args(spec), backward))
+
+
 def _args(spec: CoActionSpec, induction, feed, mask, ind_ids, feed_ids, dtype):
     if dtype not in _DT:
         raise ValueError(f"dtype must be 'float32' or 'bfloat16', got {dtype!r}")
     storage, code = _DT[dtype]
-    ind, fd, mk = device_buffer(induction, "induction"), device_buffer(feed, "feed"), device_buffer(mask, "mask")
-    for name, buf in (("induction", ind), ("feed", fd)):
-        if buf.dtype != storage:
-            raise TypeError(f"{name} must hold {dtype} ({storage}), got {buf.dtype}")
-        if not buf.contiguous:
-            raise ValueError(f"{name} must be contiguous")
+    fd, mk = device_buffer(feed, "feed"), device_buffer(mask, "mask")
     if mk.dtype != np.float32 or len(mk.shape) != 2 or not mk.contiguous:
         raise TypeError(f"mask must be a contiguous float32 [B, T] array, got {mk.dtype} {list(mk.shape)}")
     B, T = mk.shape
-    if len(ind.shape) != 2 or ind.shape[1] != spec.induction_dim:
-        raise ValueError(f"induction rows must hold D' = {spec.induction_dim} values, got shape {list(ind.shape)}")
+    if isinstance(induction, ShardedTable):
+        if induction._closed:
+            raise DwdpError("the ShardedTable is closed")
+        if induction.dtype != dtype:
+            raise TypeError(f"the sharded table holds {induction.dtype}, the op was asked for {dtype}")
+        if induction.dim != spec.induction_dim:
+            raise ValueError(f"induction rows must hold D' = {spec.induction_dim} values, the table has {induction.dim}")
+        if ind_ids is None:
+            raise ValueError("a ShardedTable needs ind_ids (global row ids)")
+        rows = (induction.bases, induction.rows_per_shard, induction.num_rows)
+    else:
+        ind = device_buffer(induction, "induction")
+        if ind.dtype != storage:
+            raise TypeError(f"induction must hold {dtype} ({storage}), got {ind.dtype}")
+        if not ind.contiguous:
+            raise ValueError("induction must be contiguous")
+        if len(ind.shape) != 2 or ind.shape[1] != spec.induction_dim:
+            raise ValueError(f"induction rows must hold D' = {spec.induction_dim} values, got shape {list(ind.shape)}")
+        if ind_ids is None and ind.shape[0] != B:
+            raise ValueError(f"induction has {ind.shape[0]} rows but the mask has batch {B}")
+        rows = ([ind.ptr], max(ind.shape[0], 1), ind.shape[0])
+    if fd.dtype != storage:
+        raise TypeError(f"feed must hold {dtype} ({storage}), got {fd.dtype}")
+    if not fd.contiguous:
+        raise ValueError("feed must be contiguous")
     ids_ptr = 0
     if ind_ids is not None:
         ib = device_buffer(ind_ids, "ind_ids")
         if ib.dtype != np.int64 or ib.shape != (B,):
             raise TypeError(f"ind_ids must be int64 [{B}], got {ib.dtype} {list(ib.shape)}")
         ids_ptr = ib.ptr
-    elif ind.shape[0] != B:
-        raise ValueError(f"induction has {ind.shape[0]} rows but the mask has batch {B}")
     fids_ptr = 0
     if feed_ids is not None:
         fb = device_buffer(feed_ids, "feed_ids")
@@ -58,10 +160,8 @@ def _args(spec: CoActionSpec, induction, feed, mask, ind_ids, feed_ids, dtype):
         fids_ptr = fb.ptr
     elif fd.shape != (B, T, spec.feed_dim):
         raise ValueError(f"feed must be [B, T, D] = {[B, T, spec.feed_dim]}, got {list(fd.shape)}")
-    din = [i for i, _ in spec.layer_dims]
-    dout = [o for _, o in spec.layer_dims]
-    geo = (din, dout, spec.orders, spec.bias, spec.order_independent, spec.variant == "paper", code, B, T)
-    return geo, ind, fd, mk, ids_ptr, fids_ptr, storage
+    geo = (*_spec_args(spec), code, B, T)
+    return geo, rows, fd, mk, ids_ptr, fids_ptr, storage
 
 
 def _check_ids(ids, rows: int, what: str) -> None:
@@ -71,36 +171,41 @@ def _check_ids(ids, rows: int, what: str) -> None:
 
 def coaction_forward_gpu(induction: Any, feed: Any, mask: Any, spec: CoActionSpec | None = None, *, ind_ids=None,
                          feed_ids=None, dtype: str = "float32", stream: Any = None, check_ids: bool = True):
-    """Fused forward; returns a CuPy ``[B, spec.out_dim]`` array of the input storage dtype. ``check_ids``
-    validates table ids on the device first (one host synchronisation)."""
+    """Fused forward; returns a CuPy ``[B, spec.out_dim]`` array of the input storage dtype. ``induction`` is an
+    array or a ``ShardedTable``. ``check_ids`` validates table ids on the device first (one host synchronisation)."""
     import cupy as cp
 
     spec = spec or CoActionSpec()
-    geo, ind, fd, mk, ip, fp, storage = _args(spec, induction, feed, mask, ind_ids, feed_ids, dtype)
+    geo, (bases, rps, nrows), fd, mk, ip, fp, storage = _args(spec, induction, feed, mask, ind_ids, feed_ids, dtype)
     if check_ids:
-        _check_ids(ind_ids, ind.shape[0], "ind_ids")
+        _check_ids(ind_ids, nrows, "ind_ids")
         _check_ids(feed_ids, fd.shape[0], "feed_ids")
-    out = cp.empty((geo[7], spec.out_dim), dtype=storage)
-    native().coaction_forward(*geo, ind.ptr, ip, fd.ptr, fp, mk.ptr, out.data.ptr, stream_handle(stream))
+    out = cp.empty((geo[-2], spec.out_dim), dtype=storage)
+    native().coaction_forward(*geo, bases, rps, ip, fd.ptr, fp, mk.ptr, out.data.ptr, stream_handle(stream))
     return out
 
 
 def coaction_backward_gpu(induction: Any, feed: Any, mask: Any, grad_out: Any, spec: CoActionSpec | None = None, *,
                           ind_ids=None, feed_ids=None, dtype: str = "float32", stream: Any = None, check_ids: bool = True):
     """Fused backward; returns float32 ``(grad_induction, grad_feed)`` shaped like ``induction`` and ``feed``
-    (table-shaped when ids are given)."""
+    (table-shaped when ids are given). For a ``ShardedTable`` the row gradients go to their owners' ``grad``
+    shards and ``grad_induction`` is this rank's ``grad`` (complete after ``table.sync()``)."""
     import cupy as cp
 
     spec = spec or CoActionSpec()
-    geo, ind, fd, mk, ip, fp, _ = _args(spec, induction, feed, mask, ind_ids, feed_ids, dtype)
+    geo, (bases, rps, nrows), fd, mk, ip, fp, _ = _args(spec, induction, feed, mask, ind_ids, feed_ids, dtype)
     if check_ids:
-        _check_ids(ind_ids, ind.shape[0], "ind_ids")
+        _check_ids(ind_ids, nrows, "ind_ids")
         _check_ids(feed_ids, fd.shape[0], "feed_ids")
     g = device_buffer(grad_out, "grad_out")
-    if g.dtype != np.float32 or g.shape != (geo[7], spec.out_dim) or not g.contiguous:
-        raise TypeError(f"grad_out must be a contiguous float32 [{geo[7]}, {spec.out_dim}] array, got {g.dtype} {list(g.shape)}")
-    g_ind = cp.zeros(ind.shape, cp.float32)
+    if g.dtype != np.float32 or g.shape != (geo[-2], spec.out_dim) or not g.contiguous:
+        raise TypeError(f"grad_out must be a contiguous float32 [{geo[-2]}, {spec.out_dim}] array, got {g.dtype} {list(g.shape)}")
+    if isinstance(induction, ShardedTable):
+        g_ind, grads = induction.grad, induction.grad_bases
+    else:
+        g_ind = cp.zeros((nrows, spec.induction_dim), cp.float32)
+        grads = [g_ind.data.ptr]
     g_feed = cp.zeros(fd.shape, cp.float32)
-    native().coaction_backward(*geo, ind.ptr, ip, fd.ptr, fp, mk.ptr, g.ptr, g_ind.data.ptr, g_feed.data.ptr,
+    native().coaction_backward(*geo, bases, grads, rps, ip, fd.ptr, fp, mk.ptr, g.ptr, g_feed.data.ptr,
                                stream_handle(stream))
     return g_ind, g_feed

@@ -4,7 +4,9 @@ Adam, on numpy (the co-action reference op) or any array module with the same AP
 Inputs per sample: user, target item and category, item and category histories with a 0/1 mask.
 Features: ``concat[user (18), target item + category (36), masked sum of the history's item + category (36),
 co-action(item) (36), co-action(category) (36)]`` -> BatchNorm -> FC 200 -> PReLU -> FC 80 -> PReLU -> FC 1;
-binary cross-entropy on the logit. The co-action tables are separate from the 18-d embeddings (parameter
+binary cross-entropy on the logit. ``device="cpu"`` runs in float64 numpy on the co-action reference;
+``device="gpu"`` runs in float32 CuPy with the fused co-action kernels reading the tables by id (no gathered rows)
+and returning table-shaped gradients. The co-action tables are separate from the 18-d embeddings (parameter
 independence): induction rows of 160 and feed rows of 16 per item and per category. The DNN baseline drops the two
 co-action blocks. Unlike the reference code, the history sum is masked (its padding id does not leak in) and the
 loss is the usual mean BCE (theirs is half of it).
@@ -30,13 +32,14 @@ class CanConfig:
     hidden: tuple[int, int] = (200, 80)
     lr: float = 1e-3
     seed: int = 0
+    device: str = "cpu"  # "cpu": numpy + reference op; "gpu": CuPy + fused kernels
 
 
 class Adam:
-    def __init__(self, params: dict, lr: float, b1=0.9, b2=0.999, eps=1e-8):
-        self.p, self.lr, self.b1, self.b2, self.eps, self.t = params, lr, b1, b2, eps, 0
-        self.m = {k: np.zeros_like(v) for k, v in params.items()}
-        self.v = {k: np.zeros_like(v) for k, v in params.items()}
+    def __init__(self, params: dict, lr: float, b1=0.9, b2=0.999, eps=1e-8, xp=np):
+        self.p, self.lr, self.b1, self.b2, self.eps, self.t, self.xp = params, lr, b1, b2, eps, 0, xp
+        self.m = {k: xp.zeros_like(v) for k, v in params.items()}
+        self.v = {k: xp.zeros_like(v) for k, v in params.items()}
 
     def step(self, grads: dict) -> None:
         self.t += 1
@@ -47,13 +50,15 @@ class Adam:
             m += (1 - self.b1) * g
             v *= self.b2
             v += (1 - self.b2) * g * g
-            self.p[k] -= self.lr * (m / c1) / (np.sqrt(v / c2) + self.eps)
+            self.p[k] -= self.lr * (m / c1) / (self.xp.sqrt(v / c2) + self.eps)
 
 
 class CanModel:
     """CAN-DNN (``use_coaction=True``) or the DNN baseline. ``train_step`` returns the batch loss."""
 
     def __init__(self, cfg: CanConfig):
+        if cfg.device not in ("cpu", "gpu"):
+            raise ValueError(f"device must be 'cpu' or 'gpu', got {cfg.device!r}")
         self.cfg = cfg
         rng = np.random.default_rng(cfg.seed)
         U, M, C = cfg.tables
@@ -76,25 +81,64 @@ class CanModel:
             P[f"b{i}"] = np.zeros(b)
             if i < len(dims) - 2:
                 P[f"a{i}"] = np.full(b, 0.1)  # PReLU slopes
+        if cfg.device == "gpu":
+            import cupy as cp
+
+            self.xp = cp
+            P = {k: cp.asarray(v, dtype=cp.float32) for k, v in P.items()}
+        else:
+            self.xp = np
         self.P, self.n_fc = P, len(dims) - 1
-        self.bn_mean, self.bn_var = np.zeros(d_in), np.ones(d_in)
-        self.opt = Adam(P, cfg.lr)
+        self.bn_mean, self.bn_var = self.xp.zeros(d_in, P["bn_g"].dtype), self.xp.ones(d_in, P["bn_g"].dtype)
+        self.opt = Adam(P, cfg.lr, xp=self.xp)
+
+    def _on_device(self, b: Batchable) -> Batchable:
+        if self.xp is np:
+            return b
+        xp = self.xp
+        ids = {f: xp.asarray(getattr(b, f), dtype=xp.int64) for f in ("uid", "mid", "cat", "hist_mid", "hist_cat")}
+        return Batchable(**ids, mask=xp.asarray(b.mask, dtype=xp.float32), label=xp.asarray(b.label, dtype=xp.float32))
+
+    def _coaction(self, name: str, tgt, hist, mask):
+        P, co = self.P, self.cfg.coaction
+        if self.xp is np:
+            return coaction_forward(P[f"{name}_ind"][tgt], P[f"{name}_feed"][hist], mask, co.layer_dims, co.orders,
+                                    co.bias, order_independent=co.order_independent, variant=co.variant)
+        from ..coaction.fused import coaction_forward_gpu
+
+        return coaction_forward_gpu(P[f"{name}_ind"], P[f"{name}_feed"], mask, co, ind_ids=tgt, feed_ids=hist,
+                                    check_ids=False)
+
+    def _coaction_grads(self, name: str, tgt, hist, mask, g_out):
+        """Table-shaped gradients of the induction and feed tables."""
+        P, co, xp = self.P, self.cfg.coaction, self.xp
+        if xp is not np:
+            from ..coaction.fused import coaction_backward_gpu
+
+            return coaction_backward_gpu(P[f"{name}_ind"], P[f"{name}_feed"], mask, xp.ascontiguousarray(g_out), co,
+                                         ind_ids=tgt, feed_ids=hist, check_ids=False)
+        g_ind, g_feed = coaction_backward(P[f"{name}_ind"][tgt], P[f"{name}_feed"][hist], mask, g_out, co.layer_dims,
+                                          co.orders, co.bias, order_independent=co.order_independent,
+                                          variant=co.variant)
+        gi, gf = np.zeros_like(P[f"{name}_ind"]), np.zeros_like(P[f"{name}_feed"])
+        np.add.at(gi, tgt, g_ind)
+        np.add.at(gf, hist, g_feed)
+        return gi, gf
 
     # -- forward / backward ------------------------------------------------------------------------------------
     def _features(self, b: Batchable):
-        P, co = self.P, self.cfg.coaction
+        P = self.P
         m = b.mask[:, :, None]
         parts = [P["uid"][b.uid], P["mid"][b.mid], P["cat"][b.cat],
                  (P["mid"][b.hist_mid] * m).sum(1), (P["cat"][b.hist_cat] * m).sum(1)]
         if self.cfg.use_coaction:
             for name, tgt, hist in (("mid", b.mid, b.hist_mid), ("cat", b.cat, b.hist_cat)):
-                parts.append(coaction_forward(P[f"{name}_ind"][tgt], P[f"{name}_feed"][hist], b.mask,
-                                              co.layer_dims, co.orders, co.bias,
-                                              order_independent=co.order_independent, variant=co.variant))
-        return np.concatenate(parts, axis=1)
+                parts.append(self._coaction(name, tgt, hist, b.mask))
+        return self.xp.concatenate(parts, axis=1)
 
     def logits(self, b: Batchable, train: bool = False):
-        P = self.P
+        """Logits of a batch already on the model's device (``_on_device``) and the backward cache."""
+        P, xp = self.P, self.xp
         x = self._features(b)
         if train:
             mu, var = x.mean(0), x.var(0)
@@ -102,14 +146,14 @@ class CanModel:
             self.bn_var = 0.99 * self.bn_var + 0.01 * var
         else:
             mu, var = self.bn_mean, self.bn_var
-        xhat = (x - mu) / np.sqrt(var + 1e-5)
+        xhat = (x - mu) / xp.sqrt(var + 1e-5)
         h = xhat * P["bn_g"] + P["bn_b"]
         cache = {"x": x, "xhat": xhat, "var": var, "acts": [h], "pre": []}
         for i in range(self.n_fc):
             z = h @ P[f"w{i}"] + P[f"b{i}"]
             cache["pre"].append(z)
             if i < self.n_fc - 1:
-                h = np.where(z > 0, z, P[f"a{i}"] * z)
+                h = xp.where(z > 0, z, P[f"a{i}"] * z)
                 cache["acts"].append(h)
             else:
                 h = z
@@ -122,17 +166,18 @@ class CanModel:
 
     def loss_and_grads(self, b: Batchable) -> tuple[float, dict]:
         """Mean BCE of a training batch (batch statistics in BatchNorm) and the gradient of every parameter."""
-        P, co = self.P, self.cfg.coaction
+        P, co, xp = self.P, self.cfg.coaction, self.xp
+        b = self._on_device(b)
         logit, c = self.logits(b, train=True)
         y = b.label
-        loss = float(np.mean(np.maximum(logit, 0) - logit * y + np.log1p(np.exp(-np.abs(logit)))))
-        g = ((1 / (1 + np.exp(-logit)) - y) / len(y))[:, None]
+        loss = float(xp.mean(xp.maximum(logit, 0) - logit * y + xp.log1p(xp.exp(-xp.abs(logit)))))
+        g = ((1 / (1 + xp.exp(-logit)) - y) / len(y))[:, None]
         grads = {}
         for i in range(self.n_fc - 1, -1, -1):
             if i < self.n_fc - 1:
                 z = c["pre"][i]
-                grads[f"a{i}"] = (g * np.where(z > 0, 0, z)).sum(0)
-                g = g * np.where(z > 0, 1, P[f"a{i}"])
+                grads[f"a{i}"] = (g * xp.where(z > 0, 0, z)).sum(0)
+                g = g * xp.where(z > 0, 1, P[f"a{i}"])
             h_in = c["acts"][i]
             grads[f"w{i}"] = h_in.T @ g
             grads[f"b{i}"] = g.sum(0)
@@ -141,35 +186,31 @@ class CanModel:
         grads["bn_b"] = g.sum(0)
         gx_hat = g * P["bn_g"]
         n = len(y)
-        inv = 1 / np.sqrt(c["var"] + 1e-5)
+        inv = 1 / xp.sqrt(c["var"] + 1e-5)
         gx = inv / n * (n * gx_hat - gx_hat.sum(0) - c["xhat"] * (gx_hat * c["xhat"]).sum(0))
         # split the feature gradient back onto the embeddings
         for k in ("uid", "mid", "cat"):
-            grads[k] = np.zeros_like(P[k])
+            grads[k] = xp.zeros_like(P[k])
         off = 0
         m = b.mask[:, :, None]
         for k, idx in (("uid", b.uid), ("mid", b.mid), ("cat", b.cat)):
-            np.add.at(grads[k], idx, gx[:, off : off + EMB])
+            xp.add.at(grads[k], idx, gx[:, off : off + EMB])
             off += EMB
         for k, idx in (("mid", b.hist_mid), ("cat", b.hist_cat)):
-            np.add.at(grads[k], idx, np.broadcast_to(gx[:, None, off : off + EMB], idx.shape + (EMB,)) * m)
+            xp.add.at(grads[k], idx, xp.broadcast_to(gx[:, None, off : off + EMB], idx.shape + (EMB,)) * m)
             off += EMB
         if self.cfg.use_coaction:
             for name, tgt, hist in (("mid", b.mid, b.hist_mid), ("cat", b.cat, b.hist_cat)):
                 g_out = gx[:, off : off + co.out_dim]
                 off += co.out_dim
-                g_ind, g_feed = coaction_backward(P[f"{name}_ind"][tgt], P[f"{name}_feed"][hist], b.mask, g_out,
-                                                  co.layer_dims, co.orders, co.bias,
-                                                  order_independent=co.order_independent, variant=co.variant)
-                gi, gf = np.zeros_like(P[f"{name}_ind"]), np.zeros_like(P[f"{name}_feed"])
-                np.add.at(gi, tgt, g_ind)
-                np.add.at(gf, hist, g_feed)
-                grads[f"{name}_ind"], grads[f"{name}_feed"] = gi, gf
+                grads[f"{name}_ind"], grads[f"{name}_feed"] = self._coaction_grads(name, tgt, hist, b.mask, g_out)
         return loss, grads
 
     def predict(self, data: Batchable, batch_size: int = 1024) -> np.ndarray:
-        out = [1 / (1 + np.exp(-self.logits(b)[0])) for b in data.batches(batch_size)]
-        return np.concatenate(out)
+        xp = self.xp
+        out = [1 / (1 + xp.exp(-self.logits(self._on_device(b))[0])) for b in data.batches(batch_size)]
+        res = xp.concatenate(out)
+        return res if xp is np else res.get()
 
     def evaluate(self, data: Batchable) -> float:
         return auc(data.label, self.predict(data))

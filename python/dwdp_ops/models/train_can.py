@@ -40,6 +40,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--max-len", type=int, default=100)
+    ap.add_argument("--device", choices=["cpu", "gpu", "auto"], default="auto",
+                    help="cpu: numpy reference ops (float64); gpu: CuPy + fused co-action kernels (float32); "
+                         "auto: gpu when one is usable")
     ap.add_argument("--json", default=None, help="write the curves and AUCs here")
     ap.add_argument("--plot", default=None, help="write a PNG of the training curves here (needs matplotlib)")
     ap.add_argument("--quiet", action="store_true")
@@ -54,14 +57,20 @@ def main(argv: list[str] | None = None) -> int:
         else:
             train_set, test_set = split(train_set, 0.2, ns.seed)
         tables = vocab.sizes
+    device = ns.device
+    if device == "auto":
+        from .. import cuda_device_count
+
+        device = "gpu" if cuda_device_count() > 0 else "cpu"
     results = {}
     for name in (["can", "dnn"] if ns.model == "both" else [ns.model]):
         t0 = time.time()
-        model = CanModel(CanConfig(tables, use_coaction=name == "can", lr=ns.lr, seed=ns.seed))
+        model = CanModel(CanConfig(tables, use_coaction=name == "can", lr=ns.lr, seed=ns.seed, device=device))
         curve = train(model, train_set, test_set, ns.epochs, ns.batch_size, ns.seed, progress=not ns.quiet)
-        results[name] = {"curve": curve, "test_auc": curve[-1]["test_auc"], "seconds": time.time() - t0}
+        results[name] = {"curve": curve, "test_auc": curve[-1]["test_auc"], "seconds": time.time() - t0,
+                         "device": device}
         for c in curve:
-            print(f"{name}: epoch {c['epoch']} train loss {c['train_loss']:.4f} test AUC {c['test_auc']:.4f}")
+            print(f"{name} ({device}): epoch {c['epoch']} train loss {c['train_loss']:.4f} test AUC {c['test_auc']:.4f}")
     if ns.json:
         with open(ns.json, "w") as f:
             json.dump({"args": vars(ns), "results": results}, f, indent=1)
@@ -84,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
         for a in ax:
             a.legend()
             a.grid(alpha=0.3)
-        fig.suptitle(f"CAN-DNN vs DNN, data={ns.data}, seed {ns.seed}")
+        fig.suptitle(f"CAN-DNN vs DNN, data={ns.data}, seed {ns.seed}, {device}")
         fig.tight_layout()
         fig.savefig(ns.plot, dpi=110)
     return 0
