@@ -202,7 +202,7 @@ def main() -> int:
             for x in r0["exposed"]:
                 worst = max(max(p["exposed"][i]["steady_exposed_frac"] for i in range(len(p["exposed"])) if p["exposed"][i]["tokens"] == x["tokens"]) for p in per_rank)
                 print(f"T={x['tokens']:6d}: layer {x['layer_ms']:.2f} ms, GEMM {x['gemm_layer_ms']:.2f} ms ({x['gemm_tflops']:.0f} TF/s), "
-                      f"waits {['%.2f' % w for w in x['wait_ms_per_layer']]}, steady exposed {x['steady_exposed_frac']:.1%} (worst rank {worst:.1%})")
+                      f"waits {[f'{w:.2f}' for w in x['wait_ms_per_layer']]}, steady exposed {x['steady_exposed_frac']:.1%} (worst rank {worst:.1%})")
         dwdp_ops.barrier()
         store.close()
     return 0

@@ -58,7 +58,7 @@ class ExpertPartition:
         if problems:
             examples = _valid_examples(E, N)
             hint = (
-                "; valid choices for num_experts=%d, world_size=%d include " % (E, N)
+                f"; valid choices for num_experts={E}, world_size={N} include "
                 + ", ".join(f"experts_per_rank={a}, stride={b}" for a, b in examples)
                 if examples
                 else f"; no valid partition exists for num_experts={E} over world_size={N} (need E >= N)"

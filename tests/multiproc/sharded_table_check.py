@@ -12,9 +12,8 @@ from __future__ import annotations
 import sys
 
 import cupy as cp
-import numpy as np
-
 import dwdp_ops
+import numpy as np
 from dwdp_ops.coaction import CoActionSpec, ShardedTable, coaction_backward_gpu, coaction_forward_gpu
 
 ROWS, FROWS, B, T = 1003, 500, 96, 37

@@ -34,7 +34,7 @@ def table_expert(ptr, t):
 
 def check_layer(store, layer, full, which, check_remote):
     lo, hi = store.lo, store.hi
-    for ti, t in enumerate(store.layout.tensors):
+    for t in store.layout.tensors:
         comp = store.composite(layer, t.name)
         want = full[t.name]
         for e in range(store.E):

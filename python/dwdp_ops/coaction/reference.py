@@ -52,7 +52,7 @@ class CoActionSpec:
         object.__setattr__(self, "layer_dims", dims)
         if not dims or any(len(d) != 2 or min(d) < 1 for d in dims):
             raise ValueError(f"layer_dims must be a non-empty sequence of positive (d_in, d_out) pairs, got {self.layer_dims}")
-        for (a, b), (c, _) in zip(dims, dims[1:]):
+        for (_, b), (c, _) in zip(dims, dims[1:]):
             if b != c:
                 raise ValueError(f"layer_dims do not chain: a layer outputs {b} features but the next takes {c}")
         if self.orders < 1:
