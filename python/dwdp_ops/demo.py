@@ -1,9 +1,10 @@
 """``python -m dwdp_ops demo``: DWDP on DeepSeek-R1.
 
-Today this runs the CPU path everywhere: each simulated rank's expert partition and fetch plan for the real R1 MoE
-layer, then every rank's own prompts (data parallel) through the tiny-config numpy reference, prefill and greedy
-decode, with tokens/s. The multi-GPU path (the real-dimension model on the DWDP store and scheduler, fetch GB/s,
-exposed fetch time and the check against an all-local run) is issue 5 and not written yet; the command says so.
+With two or more GPUs it launches one rank per GPU (``dwdp_ops.demo_gpu``): a layer-truncated real-dimension
+DeepSeek-R1 that fits, every rank serving its own prompts with prefill and greedy decode on DWDP, and prints
+tokens/s, fetch GB/s, exposed fetch time and the check against an all-local run of the same requests. Without GPUs
+it prints each rank's expert partition and fetch plan for the real R1 MoE layer and runs every rank's prompts
+through the tiny-config numpy reference, saying plainly that the kernels need NVIDIA GPUs.
 """
 
 from __future__ import annotations
@@ -56,12 +57,70 @@ def run_cpu(ranks: int, prompts_per_rank: int, steps: int, seed: int, progress: 
     return {"config": "tiny", "requests": results, "tokens_per_s": total / dt, "seconds": dt}
 
 
+def run_gpu(ns, gpus: int) -> dict:
+    """Launches the rank workers and returns rank 0's report."""
+    import os
+    import subprocess
+    import sys
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        out = os.path.join(tmp, "report.json")
+        cmd = [sys.executable, "-m", "dwdp_ops.launch", "-n", str(gpus), "--timeout", str(ns.timeout), "-m",
+               "dwdp_ops.demo_gpu", "--out", out, "--prompts", str(ns.prompts), "--steps", str(ns.steps),
+               "--min-len", str(ns.min_len), "--max-len", str(ns.max_len), "--vocab", str(ns.vocab),
+               "--policy", ns.policy, "--seed", str(ns.seed)]
+        if ns.moe_layers:
+            cmd += ["--moe-layers", str(ns.moe_layers)]
+        if ns.no_check:
+            cmd.append("--no-check")
+        proc = subprocess.run(cmd, stdout=sys.stderr if ns.json else None, stderr=subprocess.STDOUT)
+        if proc.returncode != 0 or not os.path.exists(out):
+            raise SystemExit(f"the GPU demo failed (launcher exit code {proc.returncode}); see the rank output above")
+        with open(out) as f:
+            return json.load(f)
+
+
+def print_gpu(rep: dict) -> None:
+    c = rep["config"]
+    print(f"DeepSeek-R1 real dimensions, {c['layers']} layers ({c['dense_layers']} dense + {c['moe_layers']} MoE, "
+          f"{c['experts']} experts, top-{c['top_k']}), vocab {c['vocab']}, bf16, on {rep['gpus']} x {rep['card']}, "
+          f"policy {rep['policy']}")
+    tot = {"prefill": 0.0, "decode": 0.0}
+    for r in rep["ranks"]:
+        s = r["summary"]
+        for kind in ("prefill", "decode"):
+            if kind not in s:
+                continue
+            x = s[kind]
+            tot[kind] += x["tokens_per_s"]
+            print(f"rank {r['rank']} {kind:7s} ({'/'.join(x['policies'])}): {x['tokens']:6d} tokens "
+                  f"{x['tokens_per_s']:9.1f} tok/s | fetch {x['fetch_GB']:7.2f} GB at {x['fetch_GBps']:6.1f} GB/s | "
+                  f"exposed fetch {x['exposed_fetch_ms']:8.2f} ms ({x['exposed_fetch_frac']:.1%} of the step time) | "
+                  f"attention {x['attn_tflops']:.0f} TFLOP/s, expert GEMMs {x['expert_tflops']:.0f} TFLOP/s")
+        if "check" in r:
+            ck = r["check"]
+            print(f"rank {r['rank']} check against the all-local run ({ck['steps']} steps): max logits rel err "
+                  f"{ck['max_rel_err']:.2e}, greedy tokens identical: {ck['tokens_equal']}")
+    dense = [r["dense_tflops"] for r in rep["ranks"]]
+    print(f"all ranks: prefill {tot['prefill']:.0f} tok/s, decode {tot['decode']:.1f} tok/s; dense bf16 GEMM "
+          f"{min(dense):.0f}-{max(dense):.0f} TFLOP/s (same run)")
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m dwdp_ops demo", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--ranks", type=int, default=4, help="ranks to plan for (CPU: simulated one after another)")
-    ap.add_argument("--prompts", type=int, default=2, help="requests per rank")
-    ap.add_argument("--steps", type=int, default=8, help="decode steps per request")
+    ap.add_argument("--ranks", type=int, default=4, help="CPU path: ranks to plan for (simulated one after another)")
+    ap.add_argument("--prompts", type=int, default=None, help="requests per rank (default: 4 on GPUs, 2 on CPU)")
+    ap.add_argument("--steps", type=int, default=None, help="greedy steps per request (default: 16 on GPUs, 8 on CPU)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--cpu", action="store_true", help="run the CPU path even where GPUs are present")
+    ap.add_argument("--moe-layers", type=int, default=None, help="GPU: MoE layers (default: as many as fit)")
+    ap.add_argument("--vocab", type=int, default=32768, help="GPU: vocabulary cut (the real one is 129280)")
+    ap.add_argument("--min-len", type=int, default=64, help="GPU: shortest prompt")
+    ap.add_argument("--max-len", type=int, default=1024, help="GPU: longest prompt")
+    ap.add_argument("--policy", default="auto", choices=["auto", "prefetch_all", "on_demand"], help="GPU: DWDP policy")
+    ap.add_argument("--no-check", action="store_true", help="GPU: skip the all-local comparison run")
+    ap.add_argument("--timeout", type=float, default=1200, help="GPU: seconds before the job is ended")
     ap.add_argument("--json", action="store_true", help="print one JSON object instead of text")
     ns = ap.parse_args(argv)
     from ._native import native
@@ -70,11 +129,25 @@ def main(argv: list[str] | None = None) -> int:
         gpus, why = native().cuda_device_count()
     except Exception as e:  # noqa: BLE001 - the demo's CPU path needs no native module
         gpus, why = 0, str(e)
+    if gpus >= 2 and not ns.cpu:
+        ns.prompts, ns.steps = ns.prompts or 4, ns.steps or 16
+        rep = run_gpu(ns, gpus)
+        if ns.json:
+            print(json.dumps(rep, indent=1))
+        else:
+            print_gpu(rep)
+        return 0
+    ns.prompts, ns.steps = ns.prompts or 2, ns.steps or 8
     report = {"gpus": gpus, "plans": plan_report(ns.ranks)}
     report["cpu_reference"] = run_cpu(ns.ranks, ns.prompts, ns.steps, ns.seed, progress=not ns.json)
-    note = ("The DWDP kernels need NVIDIA GPUs" + (f" (none usable here: {why})" if gpus == 0 else "")
-            + "; the multi-GPU DWDP demo of the real-dimension model is not implemented yet (issue 5), so this ran "
-            "the tiny configuration on the numpy reference.")
+    if gpus == 1 and not ns.cpu:
+        note = ("DWDP needs two or more GPUs (one rank per GPU) and this machine has one, so this ran the tiny "
+                "configuration on the numpy reference.")
+    elif ns.cpu and gpus:
+        note = "--cpu: ran the tiny configuration on the numpy reference."
+    else:
+        note = ("The DWDP kernels need NVIDIA GPUs (none usable here: " + why + "), so this ran the tiny "
+                "configuration on the numpy reference; with two or more GPUs the demo runs the real-dimension model.")
     report["note"] = note
     if ns.json:
         print(json.dumps(report, indent=1))

@@ -28,7 +28,7 @@ import numpy as np
 PAGE = 2 << 20
 REGISTER_UNIT = 512 << 20
 FP8_BLOCK = 128
-DTYPES = {"float16": (np.dtype(np.float16), 2), "bfloat16": (np.dtype(np.uint16), 2), "float8_e4m3fn": (np.dtype(np.uint8), 1)}
+DTYPES = {"float32": (np.dtype(np.float32), 4), "float16": (np.dtype(np.float16), 2), "bfloat16": (np.dtype(np.uint16), 2), "float8_e4m3fn": (np.dtype(np.uint8), 1)}
 
 
 def round_up(x: int, unit: int) -> int:

@@ -99,6 +99,14 @@ class CanModel:
         ids = {f: xp.asarray(getattr(b, f), dtype=xp.int64) for f in ("uid", "mid", "cat", "hist_mid", "hist_cat")}
         return Batchable(**ids, mask=xp.asarray(b.mask, dtype=xp.float32), label=xp.asarray(b.label, dtype=xp.float32))
 
+    def _scatter_add(self, dst, idx, vals) -> None:
+        if self.xp is np:
+            np.add.at(dst, idx, vals)
+        else:
+            import cupyx
+
+            cupyx.scatter_add(dst, idx, vals)
+
     def _coaction(self, name: str, tgt, hist, mask):
         P, co = self.P, self.cfg.coaction
         if self.xp is np:
@@ -194,10 +202,10 @@ class CanModel:
         off = 0
         m = b.mask[:, :, None]
         for k, idx in (("uid", b.uid), ("mid", b.mid), ("cat", b.cat)):
-            xp.add.at(grads[k], idx, gx[:, off : off + EMB])
+            self._scatter_add(grads[k], idx, gx[:, off : off + EMB])
             off += EMB
         for k, idx in (("mid", b.hist_mid), ("cat", b.hist_cat)):
-            xp.add.at(grads[k], idx, xp.broadcast_to(gx[:, None, off : off + EMB], idx.shape + (EMB,)) * m)
+            self._scatter_add(grads[k], idx, xp.broadcast_to(gx[:, None, off : off + EMB], idx.shape + (EMB,)) * m)
             off += EMB
         if self.cfg.use_coaction:
             for name, tgt, hist in (("mid", b.mid, b.hist_mid), ("cat", b.cat, b.hist_cat)):

@@ -83,5 +83,15 @@ class DeepSeekConfig:
         base.update(kw)
         return cls(**base)
 
+    @classmethod
+    def mini(cls, **kw) -> DeepSeekConfig:
+        """The R1 structure at GPU-test size: the real router (256 experts, 8 groups, top-4 groups, top-8), MLA with
+        the real latent and head dims, hidden 2048 and expert intermediate 512, so that each bf16 expert tensor is a
+        whole number of 2 MiB pages (w13 4 MiB, w2 2 MiB: the DWDP composite view is a plain strided array)."""
+        base = dict(vocab_size=8192, dim=2048, inter_dim=4096, moe_inter_dim=512, n_layers=5, n_dense_layers=1,
+                    n_heads=16, q_lora_rank=512, max_seq_len=8192)
+        base.update(kw)
+        return cls(**base)
+
     def replace(self, **kw) -> DeepSeekConfig:
         return replace(self, **kw)

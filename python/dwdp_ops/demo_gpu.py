@@ -1,0 +1,127 @@
+"""The rank worker of ``python -m dwdp_ops demo`` on GPUs (started by ``dwdp_ops.launch``, one rank per GPU).
+
+Each rank: builds the real-dimension DeepSeek-R1 cut to the MoE layers that fit this GPU (the same count on every
+rank) and to ``--vocab``, with deterministic random weights generated on the GPU; loads its expert slice into an
+``ExpertStore``; serves its own prompts (different lengths per rank) with prefill and greedy decode on DWDP under a
+``PrefetchScheduler``; then, unless ``--no-check``, frees the store and runs the first ``--check-steps`` steps of the
+same requests with every expert local (regenerated layer by layer into one ``[E, ...]`` buffer: all of them would not
+fit) and compares logits and tokens. Rank 0 writes the
+gathered report (JSON) to ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+GiB = 1 << 30
+
+
+def plan_layers(cfg, world: int, requested: int | None, free_bytes: int, reserve: int) -> int:
+    """MoE layers that fit: local experts and attention/shared weights per layer, two slot pools, the dense layers,
+    embedding and head, and ``reserve`` for activations, caches and the all-local check buffer."""
+    E, L = cfg.n_routed_experts, cfg.n_routed_experts // world
+    expert = 2 * 3 * cfg.moe_inter_dim * cfg.dim  # bf16 bytes
+    H = cfg.n_heads
+    attn = 2 * (cfg.q_lora_rank * cfg.dim + H * cfg.qk_head_dim * cfg.q_lora_rank
+                + (cfg.kv_lora_rank + cfg.qk_rope_head_dim) * cfg.dim
+                + H * (cfg.qk_nope_head_dim + cfg.v_head_dim) * cfg.kv_lora_rank + cfg.dim * H * cfg.v_head_dim)
+    per_moe = L * expert + attn + expert * cfg.n_shared_experts
+    fixed = 2 * (E - L) * expert + 3 * (attn + 2 * 3 * cfg.inter_dim * cfg.dim) + 2 * 2 * cfg.vocab_size * cfg.dim
+    fit = max(0, (free_bytes - fixed - reserve) // per_moe)
+    return int(fit if requested is None else min(fit, requested))
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="dwdp_ops.demo_gpu")
+    ap.add_argument("--moe-layers", type=int, default=None, help="MoE layers (default: as many as fit)")
+    ap.add_argument("--vocab", type=int, default=32768)
+    ap.add_argument("--prompts", type=int, default=4)
+    ap.add_argument("--min-len", type=int, default=64)
+    ap.add_argument("--max-len", type=int, default=1024)
+    ap.add_argument("--steps", type=int, default=16)
+    ap.add_argument("--policy", default="auto", choices=["auto", "prefetch_all", "on_demand"])
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--no-check", action="store_true")
+    ap.add_argument("--check-steps", type=int, default=4,
+                    help="steps of the all-local check (it regenerates every layer's experts at every step)")
+    ap.add_argument("--out", required=True)
+    ns = ap.parse_args(argv)
+
+    import cupy as cp
+    import torch
+    from tqdm import tqdm
+
+    import dwdp_ops
+    from dwdp_ops.models.deepseek_r1 import DeepSeekConfig
+    from dwdp_ops.models.deepseek_r1.gpu import DwdpExperts, GpuModel, LocalExperts, dense_gemm_tflops
+    from dwdp_ops.models.deepseek_r1.gpu_weights import DeviceWeights
+    from dwdp_ops.models.deepseek_r1.serve import (
+        RunResult,
+        build_store,
+        compare,
+        prompts_for,
+        run_requests,
+        summarize,
+    )
+    from dwdp_ops.scheduler import PrefetchScheduler
+
+    with dwdp_ops.init(timeout=900) as rt:
+        me, n = rt.rank(), rt.world_size()
+        torch.cuda.set_device(rt.device)
+        lead = me == 0
+        probe = DeepSeekConfig.r1(n_layers=61, vocab_size=ns.vocab)
+        free = cp.cuda.runtime.memGetInfo()[0]
+        reserve = 12 * GiB  # activations and caches; the all-local check runs after the store is freed
+        fit = plan_layers(probe, n, ns.moe_layers, free, reserve)
+        votes = rt.rendezvous.allgather("demo:layers", str(fit).encode())
+        moe_layers = min(int(v) for v in votes)
+        if moe_layers < 1:
+            raise SystemExit(f"rank {me}: not even one MoE layer of the real model fits ({free / GiB:.0f} GiB free)")
+        cfg = DeepSeekConfig.r1(n_layers=3 + moe_layers, vocab_size=ns.vocab)
+        weights = DeviceWeights(cfg, ns.seed, torch.bfloat16)
+        dense_rate = dense_gemm_tflops()
+        prompts = prompts_for(me, ns.prompts, ns.min_len, ns.max_len, cfg.vocab_size, ns.seed)
+        max_seq = max(map(len, prompts)) + ns.steps
+        store = build_store(cfg, weights, progress=lead)
+        try:
+            sched = PrefetchScheduler(store, policy=ns.policy, top_k=cfg.n_activated_experts)
+            model = GpuModel(cfg, weights, DwdpExperts(store, sched, weights.dtype), max_requests=len(prompts),
+                             max_seq=max_seq)
+            run_requests(model, [p[:16] for p in prompts], 2, scheduler=sched, store=store)  # warm-up
+            dwdp_ops.barrier()
+            bar = tqdm(total=ns.steps, desc=f"DWDP decode on {n} GPUs", disable=not lead, file=sys.stdout)
+            run = run_requests(model, prompts, ns.steps, scheduler=sched, store=store, progress=bar)
+            bar.close()
+            store.check_errors()
+            del model
+        finally:
+            dwdp_ops.barrier()
+            store.close()
+        torch.cuda.empty_cache()
+        rec = {"rank": me, "prompt_lens": list(map(len, prompts)), "tokens": run.tokens, "wall_s": run.wall_s,
+               "summary": summarize(run.steps), "steps": [vars(s) for s in run.steps], "dense_tflops": dense_rate}
+        if not ns.no_check:
+            local = GpuModel(cfg, weights, LocalExperts(weights, cfg, regenerate=True), max_requests=len(prompts),
+                             max_seq=max_seq)
+            k = max(1, min(ns.check_steps, ns.steps))
+            base = run_requests(local, prompts, k)
+            rec["check"] = compare(RunResult([t[:k] for t in run.tokens], run.logits[:k], [], 0.0), base)
+            rec["check"]["steps"] = k
+            del local
+        gathered = rt.rendezvous.allgather("demo:report", json.dumps(rec).encode())
+        if lead:
+            report = {"gpus": n, "card": torch.cuda.get_device_name(), "config": {
+                "layers": cfg.n_layers, "dense_layers": cfg.n_dense_layers, "moe_layers": cfg.n_moe_layers,
+                "dim": cfg.dim, "experts": cfg.n_routed_experts, "top_k": cfg.n_activated_experts,
+                "moe_inter_dim": cfg.moe_inter_dim, "vocab": cfg.vocab_size, "dtype": "bfloat16"},
+                "policy": ns.policy, "steps": ns.steps, "ranks": [json.loads(g) for g in gathered]}
+            with open(ns.out, "w") as f:
+                json.dump(report, f)
+        dwdp_ops.barrier()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

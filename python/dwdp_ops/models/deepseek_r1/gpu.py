@@ -1,0 +1,387 @@
+"""DeepSeek-R1 on one GPU rank, with its MoE layers on DWDP: the GPU twin of ``reference.ReferenceModel``.
+
+A rank serves its own requests (data parallel). ``GpuModel.forward`` takes one token list per request: a prefill
+(the whole prompt, from position 0) or a decode step (one token per request, after the cached ones). Math follows
+the numpy reference; the implementation choices are:
+
+  * attention: MLA with the KV cache holding only the normalised 512-dim latent and the rotated 64-dim rope key per
+    position (the absorbed cache). Prefill expands K/V per head from the latent and runs causal
+    ``scaled_dot_product_attention`` per request; decode runs the absorbed form batched over the requests
+    (``q_nope`` folded into the latent space by ``wkv_b``'s K part, ``wkv_b``'s V part applied after attention);
+  * router: the official gate (``select_experts``) on float32 logits;
+  * routed experts: token-expert pairs sorted by expert, then one grouped GEMM per projection
+    (``torch._grouped_mm``, bf16) reading the experts in place from their ``[E, ...]`` view, which for DWDP is the
+    store's composite range (local experts zero-copy, remote ones in the slots: no merge copy). Other dtypes (the
+    float32 check against numpy) loop over the selected experts;
+  * experts come from an ``ExpertSource``: ``DwdpExperts`` (ExpertStore + PrefetchScheduler: ``begin_step``,
+    ``wait`` after the router, ``release`` after the expert kernels are enqueued) or ``LocalExperts`` (every expert
+    on this GPU: the all-local baseline and oracle, optionally regenerated layer by layer into one buffer).
+
+All work is enqueued on ``stream`` (a CuPy stream; PyTorch runs on it through ``ExternalStream``). Timing (CUDA
+events around attention, expert GEMMs and the wait for experts) is collected when ``timing`` is on.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from .config import DeepSeekConfig
+from .gpu_weights import require_torch
+from .reference import yarn_freqs
+
+
+def select_experts_torch(logits, bias, n_group: int, topk_group: int, top_k: int, scale: float):
+    """The gate of ``reference.select_experts`` on the GPU (float32). Returns ``(weights [T, k], ids [T, k])``."""
+    torch = require_torch()
+    T, E = logits.shape
+    per = E // n_group
+    scores = logits.float().sigmoid()
+    sel = scores + bias
+    top2 = sel.view(T, n_group, per).topk(2, dim=-1).values.sum(-1)
+    keep = top2.topk(topk_group, dim=-1).indices
+    drop = torch.ones((T, n_group), dtype=torch.bool, device=logits.device).scatter_(1, keep, False)
+    sel = sel.masked_fill(drop.repeat_interleave(per, 1), float("-inf"))
+    ids = sel.topk(top_k, dim=-1).indices
+    w = scores.gather(1, ids)
+    return w / w.sum(-1, keepdim=True) * scale, ids
+
+
+# -- expert sources ----------------------------------------------------------------------------------------------------
+class LocalExperts:
+    """Every expert of every MoE layer on this GPU (``regenerate``: one ``[E, ...]`` buffer refilled from the weight
+    source at each layer, for models whose experts do not all fit)."""
+
+    name = "all-local"
+
+    def __init__(self, weights, cfg: DeepSeekConfig, regenerate: bool = False):
+        self.weights, self.cfg, self.regenerate = weights, cfg, regenerate
+        E = cfg.n_routed_experts
+        if regenerate:
+            self._buf = weights.experts(cfg.n_dense_layers, 0, E)
+            self._held = -1
+        else:
+            self._layers = [weights.experts(cfg.n_dense_layers + p, 0, E) for p in range(cfg.n_moe_layers)]
+
+    def begin_step(self, tokens: int) -> str:
+        return "local"
+
+    def weights_for(self, p: int, ids, stream) -> tuple[Any, Any]:
+        if not self.regenerate:
+            return self._layers[p]
+        if self._held != p:
+            self.weights.experts(self.cfg.n_dense_layers + p, 0, self.cfg.n_routed_experts, out=self._buf)
+            self._held = p
+        return self._buf
+
+    def release(self, p: int, stream) -> None:
+        pass
+
+
+class DwdpExperts:
+    """The experts of a rank's ``ExpertStore`` under a ``PrefetchScheduler``. MoE position p is store layer p."""
+
+    name = "dwdp"
+
+    def __init__(self, store, scheduler, dtype):
+        torch = require_torch()
+        self.store, self.sched = store, scheduler
+        self.views = []
+        for p in range(store.num_layers):
+            pair = []
+            for n in ("w13", "w2"):
+                a = store.composite(p, n)
+                t = torch.from_dlpack(a.view(np.int16) if a.dtype.itemsize == 2 and a.dtype.kind == "u" else a)
+                pair.append(t.view(dtype) if t.dtype != dtype else t)
+            self.views.append(tuple(pair))
+
+    def begin_step(self, tokens: int) -> str:
+        return self.sched.begin_step(tokens=tokens)
+
+    def weights_for(self, p: int, ids, stream) -> tuple[Any, Any]:
+        if self.sched.step_policy == "on_demand":
+            self.sched.wait(p, stream, ids=ids.reshape(-1).to(dtype=require_torch().int32).contiguous())
+        else:
+            self.sched.wait(p, stream)
+        return self.views[p]
+
+    def release(self, p: int, stream) -> None:
+        self.sched.release(p, stream)
+
+
+# -- the model ---------------------------------------------------------------------------------------------------------
+@dataclass
+class StepTiming:
+    """Per-step CUDA-event spans (milliseconds once ``resolve``d): attention blocks, the two expert GEMMs with the
+    activation between them (not the sort, gather and weighted scatter around them), and the wait for a layer's
+    experts (the exposed prefetch, or the on-demand fetch itself)."""
+
+    attn: list = field(default_factory=list)
+    experts: list = field(default_factory=list)
+    wait: list = field(default_factory=list)
+    attn_flops: float = 0.0
+    expert_flops: float = 0.0
+
+    def resolve(self) -> dict:
+        def total(pairs):
+            return float(sum(a.elapsed_time(b) for a, b in pairs))
+
+        return {"attn_ms": total(self.attn), "experts_ms": total(self.experts), "wait_ms": total(self.wait),
+                "wait_ms_per_layer": [a.elapsed_time(b) for a, b in self.wait],
+                "attn_flops": self.attn_flops, "expert_flops": self.expert_flops}
+
+
+class GpuModel:
+    def __init__(self, cfg: DeepSeekConfig, weights, experts, *, max_requests: int, max_seq: int | None = None,
+                 stream: Any = None, grouped: bool | None = None):
+        torch = require_torch()
+        import cupy as cp
+
+        self.cfg, self.W, self.experts = cfg, weights, experts
+        self.dtype, self.device = weights.dtype, weights.device
+        self.max_requests = int(max_requests)
+        self.max_seq = int(max_seq or cfg.max_seq_len)
+        if self.max_seq > cfg.max_seq_len:
+            raise ValueError(f"max_seq {self.max_seq} exceeds the model's max_seq_len {cfg.max_seq_len}")
+        self.stream = stream or cp.cuda.Stream(non_blocking=True)
+        self.tstream = torch.cuda.ExternalStream(self.stream.ptr, device=self.device)
+        self.grouped = (self.dtype == torch.bfloat16 and hasattr(torch, "_grouped_mm")) if grouped is None else grouped
+        self.P = {n: weights.dense(n) for n in self._dense_names()}
+        ang = yarn_freqs(cfg)[: self.max_seq]
+        self.cos = torch.from_numpy(np.cos(ang)).float().to(self.device)
+        self.sin = torch.from_numpy(np.sin(ang)).float().to(self.device)
+        R, S = self.max_requests, self.max_seq
+        self.cache_latent = [torch.zeros((R, S, cfg.kv_lora_rank), dtype=self.dtype, device=self.device)
+                             for _ in range(cfg.n_layers)]
+        self.cache_pe = [torch.zeros((R, S, cfg.qk_rope_head_dim), dtype=self.dtype, device=self.device)
+                         for _ in range(cfg.n_layers)]
+        self.lengths = [0] * R
+        self.timing: StepTiming | None = None
+        self.last_policy = None
+        self.last_ids: list = []
+
+    def _dense_names(self):
+        from .gpu_weights import dense_shapes
+
+        return list(dense_shapes(self.cfg))
+
+    # -- small blocks ------------------------------------------------------------------------------------------------
+    def _rms(self, x, w):
+        torch = require_torch()
+        x32 = x.float()
+        return (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.cfg.rms_eps) * w).to(self.dtype)
+
+    def _rope(self, x, pos):
+        """Rotates adjacent pairs of the last axis of ``x [N, ..., r]`` by the angles of positions ``pos [N]``."""
+        torch = require_torch()
+        c = self.cos[pos].view(pos.shape[0], *([1] * (x.dim() - 2)), -1)
+        s = self.sin[pos].view(pos.shape[0], *([1] * (x.dim() - 2)), -1)
+        xr = x.float().unflatten(-1, (-1, 2))
+        a, b = xr[..., 0], xr[..., 1]
+        return torch.stack([a * c - b * s, a * s + b * c], -1).flatten(-2).to(self.dtype)
+
+    def _mlp(self, x, w1, w3, w2):
+        torch = require_torch()
+        return (torch.nn.functional.silu(x @ w1.T) * (x @ w3.T)) @ w2.T
+
+    def _event(self):
+        torch = require_torch()
+        ev = torch.cuda.Event(enable_timing=True)
+        ev.record(self.tstream)
+        return ev
+
+    # -- attention ---------------------------------------------------------------------------------------------------
+    def _attention(self, layer: int, x, pos, segments, decode: bool):
+        torch = require_torch()
+        cfg, p = self.cfg, f"layers.{layer}.attn."
+        P = self.P
+        N, H, nope, rope, vd = x.shape[0], cfg.n_heads, cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim
+        q = (self._rms(x @ P[p + "wq_a"].T, P[p + "q_norm"]) @ P[p + "wq_b"].T).view(N, H, nope + rope)
+        q_nope, q_pe = q[..., :nope], self._rope(q[..., nope:], pos)
+        kv = x @ P[p + "wkv_a"].T
+        latent = self._rms(kv[:, : cfg.kv_lora_rank], P[p + "kv_norm"])
+        k_pe = self._rope(kv[:, cfg.kv_lora_rank :].unsqueeze(1), pos).squeeze(1)
+        wkv_b = P[p + "wkv_b"].view(H, nope + vd, cfg.kv_lora_rank)
+        cl, cp_ = self.cache_latent[layer], self.cache_pe[layer]
+        flops = 2.0 * N * (cfg.dim * (cfg.q_lora_rank + cfg.kv_lora_rank + rope) + cfg.q_lora_rank * H * (nope + rope)
+                           + H * vd * cfg.dim)
+        if decode:
+            r = torch.tensor([s[0] for s in segments], device=self.device)
+            cl[r, pos] = latent
+            cp_[r, pos] = k_pe
+            T = int(max(self.lengths[s[0]] for s in segments)) + 1
+            lat, kpe = cl[r, :T], cp_[r, :T]  # [N, T, c], [N, T, r]
+            q_lat = torch.einsum("nhd,hdc->nhc", q_nope, wkv_b[:, :nope])
+            scores = (torch.bmm(q_lat, lat.transpose(1, 2)) + torch.bmm(q_pe, kpe.transpose(1, 2))).float()
+            scores *= cfg.softmax_scale
+            scores.masked_fill_(torch.arange(T, device=self.device)[None, None, :] > pos[:, None, None], float("-inf"))
+            o_lat = torch.bmm(scores.softmax(-1).to(self.dtype), lat)
+            o = torch.einsum("nhc,hdc->nhd", o_lat, wkv_b[:, nope:])
+            flops += 2.0 * N * H * (nope * cfg.kv_lora_rank + T * (2 * cfg.kv_lora_rank + rope) + cfg.kv_lora_rank * vd)
+        else:
+            o = torch.empty((N, H, vd), dtype=self.dtype, device=self.device)
+            for r, a, b in segments:
+                S = b - a
+                cl[r, :S] = latent[a:b]
+                cp_[r, :S] = k_pe[a:b]
+                kvb = (latent[a:b] @ P[p + "wkv_b"].T).view(S, H, nope + vd)
+                k = torch.cat([kvb[..., :nope], k_pe[a:b, None, :].expand(S, H, rope)], -1)
+                qq = torch.cat([q_nope[a:b], q_pe[a:b]], -1)
+                o[a:b] = torch.nn.functional.scaled_dot_product_attention(
+                    qq.transpose(0, 1), k.transpose(0, 1), kvb[..., nope:].transpose(0, 1), is_causal=True,
+                    scale=cfg.softmax_scale).transpose(0, 1)
+                flops += 2.0 * S * cfg.kv_lora_rank * H * (nope + vd) + 2.0 * H * S * S * (nope + rope + vd) / 2
+        if self.timing is not None:
+            self.timing.attn_flops += flops
+        return o.reshape(N, H * vd) @ P[p + "wo"].T
+
+    # -- MoE ---------------------------------------------------------------------------------------------------------
+    def _routed(self, x, w, ids, w13, w2):
+        torch = require_torch()
+        cfg = self.cfg
+        N, k = ids.shape
+        I = cfg.moe_inter_dim
+        flat = ids.reshape(-1)
+        order = torch.argsort(flat, stable=True)
+        tok = order // k
+        xs = x[tok]
+        t0 = self._event() if self.timing is not None else None
+        if self.grouped:
+            offs = torch.bincount(flat, minlength=cfg.n_routed_experts).cumsum(0).to(torch.int32)
+            h = torch._grouped_mm(xs, w13.transpose(-2, -1), offs=offs)
+            a = torch.nn.functional.silu(h[:, :I]) * h[:, I:]
+            ys = torch._grouped_mm(a, w2.transpose(-2, -1), offs=offs)
+        else:
+            counts = torch.bincount(flat, minlength=cfg.n_routed_experts).tolist()
+            ys = torch.empty((N * k, cfg.dim), dtype=self.dtype, device=self.device)
+            s = 0
+            for e, c in enumerate(counts):
+                if c:
+                    ys[s : s + c] = self._mlp(xs[s : s + c], w13[e, :I], w13[e, I:], w2[e])
+                    s += c
+        if t0 is not None:
+            self.timing.experts.append((t0, self._event()))
+            self.timing.expert_flops += 2.0 * N * k * 3 * I * cfg.dim
+        ys.mul_(w.reshape(-1)[order, None].to(ys.dtype))
+        return torch.zeros_like(x).index_add_(0, tok, ys)
+
+    def _moe(self, layer: int, x):
+        cfg, P, p = self.cfg, self.P, f"layers.{layer}.ffn."
+        pos = layer - cfg.n_dense_layers
+        logits = x.float() @ P[p + "gate"].T
+        w, ids = select_experts_torch(logits, P[p + "gate_bias"], cfg.n_expert_groups, cfg.n_limited_groups,
+                                      cfg.n_activated_experts, cfg.route_scale)
+        self.last_ids.append(ids)
+        t0 = self._event() if self.timing is not None else None
+        w13, w2 = self.experts.weights_for(pos, ids, self.stream)
+        if t0 is not None:
+            t1 = self._event()
+            self.timing.wait.append((t0, t1))
+        y = self._routed(x, w, ids, w13, w2)
+        self.experts.release(pos, self.stream)  # after the expert kernels are enqueued
+        return y + self._mlp(x, P[p + "shared.w1"], P[p + "shared.w3"], P[p + "shared.w2"])
+
+    # -- the step ----------------------------------------------------------------------------------------------------
+    def reset(self) -> None:
+        self.lengths = [0] * self.max_requests
+
+    def forward(self, requests: list[int], tokens: list[list[int]], timing: bool = False):
+        """One step for ``requests`` (slots in ``[0, max_requests)``): a prefill (every token list a whole prompt,
+        starting at position 0) or a decode (one token each, after the cached positions). Returns float32 logits of
+        the last position of each request, ``[len(requests), vocab]`` (a torch tensor on this GPU)."""
+        torch = require_torch()
+        cfg = self.cfg
+        if len(requests) != len(tokens) or not requests:
+            raise ValueError("forward needs one non-empty token list per request")
+        if len(set(requests)) != len(requests) or not all(0 <= r < self.max_requests for r in requests):
+            raise ValueError(f"requests must be distinct slots in [0, {self.max_requests})")
+        cont = [len(t) == 1 and self.lengths[r] > 0 for r, t in zip(requests, tokens)]
+        decode = all(cont)
+        if any(cont) and not decode:
+            raise ValueError("a step is either a prefill of every request (whole prompts) or a decode of every "
+                             "request (one token each after a prefill); this one mixes both")
+        if not decode:
+            for r in requests:
+                self.lengths[r] = 0
+        segments, pos, flat, a = [], [], [], 0
+        for r, t in zip(requests, tokens):
+            if not t:
+                raise ValueError(f"request {r}: empty token list")
+            start = self.lengths[r]
+            if start + len(t) > self.max_seq:
+                raise ValueError(f"request {r}: {start + len(t)} positions exceed max_seq {self.max_seq}")
+            segments.append((r, a, a + len(t)))
+            pos.extend(range(start, start + len(t)))
+            flat.extend(t)
+            a += len(t)
+        ids = np.asarray(flat, dtype=np.int64)
+        if ids.min() < 0 or ids.max() >= cfg.vocab_size:
+            raise ValueError(f"token ids must be in [0, {cfg.vocab_size})")
+        self.timing = StepTiming() if timing else None
+        self.last_ids = []
+        with torch.cuda.stream(self.tstream):
+            tok = torch.from_numpy(ids).to(self.device, non_blocking=False)
+            pos_t = torch.tensor(pos, device=self.device)
+            self.last_policy = self.experts.begin_step(len(flat)) if cfg.n_moe_layers else None
+            x = self.P["embed"][tok]
+            for layer in range(cfg.n_layers):
+                p = f"layers.{layer}."
+                t0 = self._event() if timing else None
+                x = x + self._attention(layer, self._rms(x, self.P[p + "attn_norm"]), pos_t, segments, decode)
+                if timing:
+                    self.timing.attn.append((t0, self._event()))
+                h = self._rms(x, self.P[p + "ffn_norm"])
+                if layer < cfg.n_dense_layers:
+                    x = x + self._mlp(h, self.P[p + "ffn.w1"], self.P[p + "ffn.w3"], self.P[p + "ffn.w2"])
+                else:
+                    x = x + self._moe(layer, h)
+            last = torch.tensor([b - 1 for _, _, b in segments], device=self.device)
+            logits = (self._rms(x[last], self.P["norm"]) @ self.P["head"].T).float()
+        # the caller's stream may read the logits: order it behind this step (our stream is non-blocking)
+        torch.cuda.current_stream(self.device).wait_stream(self.tstream)
+        for r, a, b in segments:
+            self.lengths[r] += b - a
+        return logits
+
+    def generate(self, prompts: list[list[int]], steps: int, on_step=None):
+        """Greedy decoding of every prompt (request slots 0..n-1): prefill, then ``steps - 1`` decode steps.
+        Returns ``(tokens [n][steps], logits list of [n, vocab] float32 host arrays)``. ``on_step(i, logits)`` is
+        called after each step."""
+        n = len(prompts)
+        if n > self.max_requests:
+            raise ValueError(f"{n} prompts exceed max_requests {self.max_requests}")
+        reqs = list(range(n))
+        logits = self.forward(reqs, prompts)
+        out, all_logits = [[] for _ in range(n)], []
+        for i in range(steps):
+            if i:
+                logits = self.forward(reqs, [[o[-1]] for o in out])
+            host = logits.cpu().numpy()
+            all_logits.append(host)
+            for r in range(n):
+                out[r].append(int(np.argmax(host[r])))
+            if on_step is not None:
+                on_step(i, host)
+        return out, all_logits
+
+
+def dense_gemm_tflops(n: int = 8192, dtype: Any = None, repeats: int = 10) -> float:
+    """The dense GEMM rate of this GPU (``n^3``, median of ``repeats``, CUDA events): the yardstick of the expert
+    GEMM rate."""
+    torch = require_torch()
+    dtype = dtype or torch.bfloat16
+    a = torch.randn((n, n), device="cuda", dtype=dtype)
+    b = torch.randn((n, n), device="cuda", dtype=dtype)
+    times = []
+    for i in range(repeats + 2):
+        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        s.record()
+        a @ b
+        e.record()
+        e.synchronize()
+        if i >= 2:
+            times.append(s.elapsed_time(e))
+    return 2.0 * n**3 / (float(np.median(times)) * 1e-3) / 1e12
+

@@ -1,0 +1,158 @@
+"""Running a rank's requests on the GPU model, DWDP set-up and the all-local check: shared by the ``demo`` command,
+the integration test and ``bench/deepseek_forward.py``."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from .config import DeepSeekConfig
+from .gpu_weights import require_torch
+
+
+def torch_to_cupy(t):
+    """A CuPy view of a torch tensor (bf16 as uint16 bits, the store's storage dtype)."""
+    import cupy as cp
+
+    torch = require_torch()
+    if t.dtype == torch.bfloat16:
+        return cp.from_dlpack(t.view(torch.int16)).view(cp.uint16)
+    return cp.from_dlpack(t)
+
+
+def layout_dtype(dtype) -> str:
+    torch = require_torch()
+    return {torch.bfloat16: "bfloat16", torch.float32: "float32", torch.float16: "float16"}[dtype]
+
+
+def build_store(cfg: DeepSeekConfig, weights, progress: bool = False):
+    """An ``ExpertStore`` over this rank's runtime holding its slice of every MoE layer's experts, loaded from
+    ``weights`` (collective)."""
+    from tqdm import tqdm
+
+    from ...layout import ExpertLayout
+    from ...partition import ExpertPartition
+    from ...runtime import get_runtime
+    from ...store import ExpertStore
+
+    rt = get_runtime()
+    part = ExpertPartition.disjoint(cfg.n_routed_experts, rt.world_size())
+    layout = ExpertLayout.moe(cfg.dim, cfg.moe_inter_dim, layout_dtype(weights.dtype))
+    store = ExpertStore(part, layout, cfg.n_moe_layers)
+    try:
+        for p in tqdm(range(cfg.n_moe_layers), desc="loading experts", disable=not progress, leave=False):
+            w13, w2 = weights.experts(cfg.n_dense_layers + p, store.lo, store.hi)
+            store.load(p, "w13", torch_to_cupy(w13))
+            store.load(p, "w2", torch_to_cupy(w2))
+            del w13, w2
+    except BaseException:
+        store.close()
+        raise
+    return store
+
+
+@dataclass
+class StepStats:
+    kind: str  # prefill / decode
+    policy: str | None
+    tokens: int
+    step_ms: float
+    attn_ms: float
+    experts_ms: float
+    wait_ms: float
+    attn_flops: float
+    expert_flops: float
+    fetch_bytes: int = 0
+    fetch_ms: float = 0.0
+    wait_ms_per_layer: list = field(default_factory=list)
+
+
+@dataclass
+class RunResult:
+    tokens: list  # [request][step]
+    logits: list  # per step, [n, vocab] float32
+    steps: list  # StepStats
+    wall_s: float
+
+
+def run_requests(model, prompts: list[list[int]], steps: int, *, scheduler=None, store=None, progress=None) -> RunResult:
+    """Prefill then ``steps - 1`` greedy decode steps of ``prompts`` on ``model`` with per-step timing. With a DWDP
+    ``scheduler``/``store``: the bytes and time of each step's fetches (prefetch: copy-stream spans of the
+    scheduler trace; on-demand: the fetch kernel spans, bytes of the distinct remote experts routed)."""
+    import time
+
+    torch = require_torch()
+    n = len(prompts)
+    reqs = list(range(n))
+    out, all_logits, stats = [[] for _ in range(n)], [], []
+    t_start = time.perf_counter()
+    for i in range(steps):
+        if scheduler is not None:
+            scheduler.trace = []
+        a = torch.cuda.Event(enable_timing=True)
+        b = torch.cuda.Event(enable_timing=True)
+        a.record(model.tstream)
+        toks = prompts if i == 0 else [[o[-1]] for o in out]
+        logits = model.forward(reqs, toks, timing=True)
+        b.record(model.tstream)
+        host = logits.cpu().numpy()  # synchronises
+        if scheduler is not None:
+            scheduler.copy_stream.synchronize()
+        tm = model.timing.resolve()
+        st = StepStats("prefill" if i == 0 else "decode", model.last_policy, sum(len(t) for t in toks),
+                       a.elapsed_time(b), tm["attn_ms"], tm["experts_ms"], tm["wait_ms"], tm["attn_flops"],
+                       tm["expert_flops"], wait_ms_per_layer=tm["wait_ms_per_layer"])
+        if scheduler is not None and store is not None:
+            if model.last_policy == "prefetch_all":
+                starts = {lay: ev for kind, lay, ev in scheduler.trace if kind == "fetch"}
+                spans = [starts[lay].elapsed_time(ev) for kind, lay, ev in scheduler.trace if kind == "fetch_end"]
+                st.fetch_ms, st.fetch_bytes = float(sum(spans)), len(spans) * store.remote_bytes()
+            else:
+                remote = 0
+                for ids in model.last_ids:
+                    u = np.unique(ids.cpu().numpy())
+                    remote += int(((u < store.lo) | (u >= store.hi)).sum())
+                st.fetch_ms, st.fetch_bytes = st.wait_ms, remote * store.layout.expert_bytes
+            scheduler.trace = None
+        stats.append(st)
+        all_logits.append(host)
+        for r in range(n):
+            out[r].append(int(np.argmax(host[r])))
+        if progress is not None:
+            progress.update(1)
+    return RunResult(out, all_logits, stats, time.perf_counter() - t_start)
+
+
+def compare(a: RunResult, b: RunResult) -> dict:
+    """Largest per-step relative error (Frobenius over the step's ``[n, vocab]`` logits) and token agreement."""
+    errs = [float(np.linalg.norm(x - y) / max(np.linalg.norm(y), 1e-30)) for x, y in zip(a.logits, b.logits)]
+    return {"max_rel_err": max(errs), "rel_err_per_step": errs, "tokens_equal": a.tokens == b.tokens}
+
+
+def prompts_for(rank: int, count: int, lo: int, hi: int, vocab: int, seed: int = 0) -> list[list[int]]:
+    """A rank's own requests: ``count`` prompts of lengths drawn from ``[lo, hi]`` (different per rank)."""
+    rng = np.random.default_rng([seed, rank, 7])
+    return [rng.integers(0, vocab, size=int(rng.integers(lo, hi + 1))).tolist() for _ in range(count)]
+
+
+def summarize(stats: list[StepStats]) -> dict[str, Any]:
+    """Prefill and decode totals of a run's steps."""
+    out = {}
+    for kind in ("prefill", "decode"):
+        s = [x for x in stats if x.kind == kind]
+        if not s:
+            continue
+        ms = sum(x.step_ms for x in s)
+        out[kind] = {
+            "steps": len(s), "tokens": sum(x.tokens for x in s), "ms": ms,
+            "tokens_per_s": sum(x.tokens for x in s) / (ms * 1e-3),
+            "policies": sorted({str(x.policy) for x in s}),
+            "attn_tflops": sum(x.attn_flops for x in s) / max(sum(x.attn_ms for x in s) * 1e-3, 1e-12) / 1e12,
+            "expert_tflops": sum(x.expert_flops for x in s) / max(sum(x.experts_ms for x in s) * 1e-3, 1e-12) / 1e12,
+            "fetch_GB": sum(x.fetch_bytes for x in s) / 1e9, "fetch_ms": sum(x.fetch_ms for x in s),
+            "fetch_GBps": sum(x.fetch_bytes for x in s) / max(sum(x.fetch_ms for x in s) * 1e-3, 1e-12) / 1e9,
+            "exposed_fetch_ms": sum(x.wait_ms for x in s), "exposed_fetch_frac": sum(x.wait_ms for x in s) / ms,
+        }
+    return out

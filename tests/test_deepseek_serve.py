@@ -1,0 +1,52 @@
+"""Host logic of the GPU demo and the integration check: run comparison, step summaries, per-rank prompts, the
+layer budget."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from dwdp_ops.demo_gpu import plan_layers
+from dwdp_ops.models.deepseek_r1 import DeepSeekConfig
+from dwdp_ops.models.deepseek_r1.serve import RunResult, StepStats, compare, prompts_for, summarize
+
+
+def test_compare_reports_the_worst_step_and_token_agreement():
+    rng = np.random.default_rng(0)
+    base = [rng.normal(size=(3, 50)).astype(np.float32) for _ in range(4)]
+    near = [b + 1e-4 * rng.normal(size=b.shape).astype(np.float32) for b in base]
+    far = [b.copy() for b in base]
+    far[2][1] += 1.0
+    a = RunResult([[1, 2], [3, 4], [5, 6]], base, [], 0.0)
+    c = compare(RunResult([[1, 2], [3, 4], [5, 6]], near, [], 0.0), a)
+    assert c["tokens_equal"] and c["max_rel_err"] < 1e-3 and len(c["rel_err_per_step"]) == 4
+    c = compare(RunResult([[1, 2], [3, 4], [5, 7]], far, [], 0.0), a)
+    assert not c["tokens_equal"] and c["max_rel_err"] == pytest.approx(c["rel_err_per_step"][2]) and c["max_rel_err"] > 1e-2
+
+
+def test_summary_splits_prefill_and_decode():
+    steps = [StepStats("prefill", "prefetch_all", 1000, 100.0, 20.0, 50.0, 10.0, 4e12, 25e12, 8 << 30, 40.0),
+             StepStats("decode", "on_demand", 4, 10.0, 2.0, 1.0, 5.0, 1e9, 1e9, 1 << 30, 5.0),
+             StepStats("decode", "on_demand", 4, 10.0, 2.0, 1.0, 5.0, 1e9, 1e9, 1 << 30, 5.0)]
+    s = summarize(steps)
+    assert s["prefill"]["tokens_per_s"] == pytest.approx(1000 / 0.1)
+    assert s["prefill"]["expert_tflops"] == pytest.approx(25e12 / 0.05 / 1e12)
+    assert s["prefill"]["fetch_GBps"] == pytest.approx((8 << 30) / 0.04 / 1e9)
+    assert s["decode"]["steps"] == 2 and s["decode"]["policies"] == ["on_demand"]
+    assert s["decode"]["exposed_fetch_frac"] == pytest.approx(0.5)
+
+
+def test_prompts_differ_by_rank_and_respect_bounds():
+    a, b = prompts_for(0, 5, 3, 40, 100), prompts_for(1, 5, 3, 40, 100)
+    assert a != b and a == prompts_for(0, 5, 3, 40, 100)
+    assert all(3 <= len(p) <= 40 and max(p) < 100 for p in a + b)
+
+
+def test_layer_budget_grows_with_memory_and_ranks():
+    cfg = DeepSeekConfig.r1(vocab_size=32768)
+    GiB = 1 << 30
+    h200 = plan_layers(cfg, 4, None, 139 * GiB, 12 * GiB)
+    h100 = plan_layers(cfg, 4, None, 78 * GiB, 12 * GiB)
+    assert h200 > h100 >= 1
+    assert plan_layers(cfg, 2, None, 139 * GiB, 12 * GiB) < h200  # more local experts per layer
+    assert plan_layers(cfg, 4, 3, 139 * GiB, 12 * GiB) == 3
+    assert plan_layers(cfg, 4, None, 20 * GiB, 12 * GiB) == 0
