@@ -5,10 +5,12 @@
 #   issue4   tests + prefetch_overlap          issue4b scheduler tests + prefetch_overlap
 #   can      build + coaction_bench            next    tests + prefetch_overlap + coaction_bench (what is unmeasured)
 #   probe    NVSHMEM registration probes       all     everything
-#   r2       tests (TESTS) + coaction_bench + CAN training on GPU (3 seeds) + deepseek_forward + demo
+#   r2a      tests (TESTS) + coaction_bench + CAN training on GPU (3 seeds)
+#   r2b      deepseek_forward + demo (JSON and a short text run)
 # Logs and result files are also packed into $OUT/outputs.tgz (only a few files come back from a device call).
 set -uo pipefail
-OUT=${OUT:-$PWD/gpu_out}; mkdir -p "$OUT"; export OUT
+FINAL=${OUT:-$PWD/gpu_out}; mkdir -p "$FINAL"
+OUT=$(mktemp -d); export OUT  # everything is written here and packed into $FINAL/outputs.tgz at the end
 export NVSHMEM_DISABLE_NVLS=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1
 what=${1:-all}
 NGPU=$(nvidia-smi -L | wc -l)
@@ -20,8 +22,8 @@ t0=$(date +%s)
 python3 -m pip install --no-build-isolation --no-deps -e . > "$OUT/build.log" 2>&1 || { tail -50 "$OUT/build.log"; exit 1; }
 echo "build: $(( $(date +%s) - t0 )) s"
 tests_sel=${TESTS:-tests}; [[ $what == issue4b ]] && tests_sel=tests/test_gpu_scheduler.py  # TESTS="a.py b.py" narrows
-if [[ $what == tests || $what == all || $what == issue4 || $what == issue4b || $what == next || $what == r2 ]]; then
-  timeout 480 python3 -m pytest -m "gpu or multigpu" -rs -v $tests_sel 2>&1 | tee "$OUT/gpu_tests.log" | grep -E "PASS|FAIL|SKIP|ERROR|passed|failed" | tail -20
+if [[ $what == tests || $what == all || $what == issue4 || $what == issue4b || $what == next || $what == r2a ]]; then
+  timeout ${TEST_TIMEOUT:-480} python3 -m pytest -m "gpu or multigpu" -rs -v $tests_sel 2>&1 | tee "$OUT/gpu_tests.log" | grep -E "PASS|FAIL|SKIP|ERROR|passed|failed" | tail -20
 fi
 if [[ $what == bench || $what == all ]]; then
   # one ExpertStore per process (see store_check.py): each dtype's layer runs in its own job
@@ -41,7 +43,7 @@ if [[ $what == issue4 || $what == issue4b || $what == all || $what == next ]]; t
   timeout 400 python3 -m dwdp_ops.launch -n "$NGPU" --timeout 380 bench/prefetch_overlap.py > "$OUT/prefetch_overlap_N$NGPU.log" 2>&1
   echo "prefetch_overlap N=$NGPU rc=$?"; grep "^\[rank 0\]" "$OUT/prefetch_overlap_N$NGPU.log" | tail -25
 fi
-if [[ $what == can || $what == all || $what == next || $what == r2 ]]; then
+if [[ $what == can || $what == all || $what == next || $what == r2a ]]; then
   timeout 300 python3 bench/coaction_bench.py > "$OUT/coaction_bench.log" 2>&1; echo "coaction_bench rc=$?"; tail -6 "$OUT/coaction_bench.log"
 fi
 if [[ $what == probe || $what == all ]]; then
@@ -55,19 +57,22 @@ if [[ $what == probe ]]; then
     done
   done
 fi
-if [[ $what == r2 || $what == all ]]; then
+if [[ $what == r2a || $what == all ]]; then
   mkdir -p "$OUT/can"
   for seed in 0 1 2; do
     timeout 200 python3 -m dwdp_ops can-train --device gpu --samples 100000 --epochs 3 --seed $seed --quiet \
       --json "$OUT/can/can_gpu_seed$seed.json" --plot "$OUT/can/can_gpu_seed$seed.png" > "$OUT/can/can_gpu_seed$seed.log" 2>&1
     echo "can-train seed $seed rc=$?"; tail -2 "$OUT/can/can_gpu_seed$seed.log"
   done
-  timeout 400 python3 -m dwdp_ops.launch -n "$NGPU" --timeout 380 bench/deepseek_forward.py > "$OUT/deepseek_forward_N$NGPU.log" 2>&1
+fi
+if [[ $what == r2b || $what == all ]]; then
+  timeout 240 python3 -m dwdp_ops.launch -n "$NGPU" --timeout 230 bench/deepseek_forward.py > "$OUT/deepseek_forward_N$NGPU.log" 2>&1
   echo "deepseek_forward rc=$?"; grep "^\[rank 0\]" "$OUT/deepseek_forward_N$NGPU.log" | tail -6
-  timeout 600 python3 -m dwdp_ops demo --json --timeout 560 > "$OUT/demo.json" 2> "$OUT/demo.log"
+  timeout 300 python3 -m dwdp_ops demo --json --timeout 280 > "$OUT/demo.json" 2> "$OUT/demo.log"
   echo "demo rc=$?"; tail -5 "$OUT/demo.log"
   timeout 60 python3 -m dwdp_ops demo --no-check --moe-layers 2 --steps 4 --prompts 2 --max-len 128 > "$OUT/demo_text.txt" 2>&1
   echo "demo text rc=$?"; tail -8 "$OUT/demo_text.txt"
 fi
 cp bench/results/*.json "$OUT/" 2>/dev/null
-( cd "$OUT" && tar czf outputs.tgz --exclude outputs.tgz . )
+cp -r bench/results/can "$OUT/results_can" 2>/dev/null
+tar czf "$FINAL/outputs.tgz" -C "$OUT" . && cp "$OUT/machine.txt" "$FINAL/"

@@ -106,8 +106,11 @@ def run_requests(model, prompts: list[list[int]], steps: int, *, scheduler=None,
                        tm["expert_flops"], wait_ms_per_layer=tm["wait_ms_per_layer"])
         if scheduler is not None and store is not None:
             if model.last_policy == "prefetch_all":
+                import cupy as cp
+
                 starts = {lay: ev for kind, lay, ev in scheduler.trace if kind == "fetch"}
-                spans = [starts[lay].elapsed_time(ev) for kind, lay, ev in scheduler.trace if kind == "fetch_end"]
+                spans = [cp.cuda.get_elapsed_time(starts[lay], ev) for kind, lay, ev in scheduler.trace
+                         if kind == "fetch_end"]
                 st.fetch_ms, st.fetch_bytes = float(sum(spans)), len(spans) * store.remote_bytes()
             else:
                 remote = 0
