@@ -6,7 +6,7 @@
 #   can      build + coaction_bench            next    tests + prefetch_overlap + coaction_bench (what is unmeasured)
 #   probe    NVSHMEM registration probes       all     everything
 #   r2a      tests (TESTS) + coaction_bench + CAN training on GPU (3 seeds)
-#   r2b      deepseek_forward + demo (JSON and a short text run)
+#   r2b      deepseek_forward + demo (JSON and a short text run)   r2   r2a without coaction_bench, then r2b
 # Logs and result files are also packed into $OUT/outputs.tgz (only a few files come back from a device call).
 set -uo pipefail
 FINAL=${OUT:-$PWD/gpu_out}; mkdir -p "$FINAL"
@@ -22,7 +22,7 @@ t0=$(date +%s)
 python3 -m pip install --no-build-isolation --no-deps -e . > "$OUT/build.log" 2>&1 || { tail -50 "$OUT/build.log"; exit 1; }
 echo "build: $(( $(date +%s) - t0 )) s"
 tests_sel=${TESTS:-tests}; [[ $what == issue4b ]] && tests_sel=tests/test_gpu_scheduler.py  # TESTS="a.py b.py" narrows
-if [[ $what == tests || $what == all || $what == issue4 || $what == issue4b || $what == next || $what == r2a ]]; then
+if [[ $what == tests || $what == all || $what == issue4 || $what == issue4b || $what == next || $what == r2a || $what == r2 ]]; then
   timeout ${TEST_TIMEOUT:-480} python3 -m pytest -m "gpu or multigpu" -rs -v $tests_sel 2>&1 | tee "$OUT/gpu_tests.log" | grep -E "PASS|FAIL|SKIP|ERROR|passed|failed" | tail -20
 fi
 if [[ $what == bench || $what == all ]]; then
@@ -43,7 +43,7 @@ if [[ $what == issue4 || $what == issue4b || $what == all || $what == next ]]; t
   timeout 400 python3 -m dwdp_ops.launch -n "$NGPU" --timeout 380 bench/prefetch_overlap.py > "$OUT/prefetch_overlap_N$NGPU.log" 2>&1
   echo "prefetch_overlap N=$NGPU rc=$?"; grep "^\[rank 0\]" "$OUT/prefetch_overlap_N$NGPU.log" | tail -25
 fi
-if [[ $what == can || $what == all || $what == next || $what == r2a ]]; then
+if [[ $what == can || $what == all || $what == next || $what == r2a || $what == r2 ]]; then
   timeout 300 python3 bench/coaction_bench.py > "$OUT/coaction_bench.log" 2>&1; echo "coaction_bench rc=$?"; tail -6 "$OUT/coaction_bench.log"
 fi
 if [[ $what == probe || $what == all ]]; then
@@ -57,7 +57,7 @@ if [[ $what == probe ]]; then
     done
   done
 fi
-if [[ $what == r2a || $what == all ]]; then
+if [[ $what == r2a || $what == r2 || $what == all ]]; then
   mkdir -p "$OUT/can"
   for seed in 0 1 2; do
     timeout 200 python3 -m dwdp_ops can-train --device gpu --samples 100000 --epochs 3 --seed $seed --quiet \
@@ -65,7 +65,7 @@ if [[ $what == r2a || $what == all ]]; then
     echo "can-train seed $seed rc=$?"; tail -2 "$OUT/can/can_gpu_seed$seed.log"
   done
 fi
-if [[ $what == r2b || $what == all ]]; then
+if [[ $what == r2b || $what == r2 || $what == all ]]; then
   timeout 240 python3 -m dwdp_ops.launch -n "$NGPU" --timeout 230 bench/deepseek_forward.py > "$OUT/deepseek_forward_N$NGPU.log" 2>&1
   echo "deepseek_forward rc=$?"; grep "^\[rank 0\]" "$OUT/deepseek_forward_N$NGPU.log" | tail -6
   timeout 300 python3 -m dwdp_ops demo --json --timeout 280 > "$OUT/demo.json" 2> "$OUT/demo.log"
@@ -74,5 +74,4 @@ if [[ $what == r2b || $what == all ]]; then
   echo "demo text rc=$?"; tail -8 "$OUT/demo_text.txt"
 fi
 cp bench/results/*.json "$OUT/" 2>/dev/null
-cp -r bench/results/can "$OUT/results_can" 2>/dev/null
 tar czf "$FINAL/outputs.tgz" -C "$OUT" . && cp "$OUT/machine.txt" "$FINAL/"
