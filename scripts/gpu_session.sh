@@ -22,6 +22,9 @@ t0=$(date +%s)
 python3 -m pip install --no-build-isolation --no-deps -e . > "$OUT/build.log" 2>&1 || { tail -50 "$OUT/build.log"; exit 1; }
 echo "build: $(( $(date +%s) - t0 )) s"
 tests_sel=${TESTS:-tests}; [[ $what == issue4b ]] && tests_sel=tests/test_gpu_scheduler.py  # TESTS="a.py b.py" narrows
+if [[ -n ${DIAG:-} ]]; then
+  timeout 200 python3 -m dwdp_ops.launch -n 2 --timeout 190 $DIAG > "$OUT/diag.log" 2>&1; echo "diag rc=$?"; tail -30 "$OUT/diag.log"
+fi
 if [[ $what == tests || $what == all || $what == issue4 || $what == issue4b || $what == next || $what == r2a || $what == r2 ]]; then
   timeout ${TEST_TIMEOUT:-480} python3 -m pytest -m "gpu or multigpu" -rs -v $tests_sel 2>&1 | tee "$OUT/gpu_tests.log" | grep -E "PASS|FAIL|SKIP|ERROR|passed|failed" | tail -20
 fi

@@ -66,8 +66,10 @@ def run_gpu(ns, gpus: int) -> dict:
 
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "report.json")
-        cmd = [sys.executable, "-m", "dwdp_ops.launch", "-n", str(gpus), "--timeout", str(ns.timeout), "-m",
-               "dwdp_ops.demo_gpu", "--out", out, "--prompts", str(ns.prompts), "--steps", str(ns.steps),
+        from . import demo_gpu
+
+        cmd = [sys.executable, "-m", "dwdp_ops.launch", "-n", str(gpus), "--timeout", str(ns.timeout),
+               demo_gpu.__file__, "--out", out, "--prompts", str(ns.prompts), "--steps", str(ns.steps),
                "--min-len", str(ns.min_len), "--max-len", str(ns.max_len), "--vocab", str(ns.vocab),
                "--policy", ns.policy, "--seed", str(ns.seed)]
         if ns.moe_layers:

@@ -135,7 +135,7 @@ class StepTiming:
 
 class GpuModel:
     def __init__(self, cfg: DeepSeekConfig, weights, experts, *, max_requests: int, max_seq: int | None = None,
-                 stream: Any = None, grouped: bool | None = None):
+                 stream: Any = None, grouped: bool | None = None, align: int = 16):
         torch = require_torch()
         import cupy as cp
 
@@ -148,6 +148,7 @@ class GpuModel:
         self.stream = stream or cp.cuda.Stream(non_blocking=True)
         self.tstream = torch.cuda.ExternalStream(self.stream.ptr, device=self.device)
         self.grouped = (self.dtype == torch.bfloat16 and hasattr(torch, "_grouped_mm")) if grouped is None else grouped
+        self.align = int(align)
         self.P = {n: weights.dense(n) for n in self._dense_names()}
         ang = yarn_freqs(cfg)[: self.max_seq]
         self.cos = torch.from_numpy(np.cos(ang)).float().to(self.device)
@@ -229,9 +230,12 @@ class GpuModel:
                 kvb = (latent[a:b] @ P[p + "wkv_b"].T).view(S, H, nope + vd)
                 k = torch.cat([kvb[..., :nope], k_pe[a:b, None, :].expand(S, H, rope)], -1)
                 qq = torch.cat([q_nope[a:b], q_pe[a:b]], -1)
+                v = kvb[..., nope:]
+                if vd < nope + rope:  # equal head dims let SDPA pick its flash kernel; the padding columns are 0
+                    v = torch.nn.functional.pad(v, (0, nope + rope - vd))
                 o[a:b] = torch.nn.functional.scaled_dot_product_attention(
-                    qq.transpose(0, 1), k.transpose(0, 1), kvb[..., nope:].transpose(0, 1), is_causal=True,
-                    scale=cfg.softmax_scale).transpose(0, 1)
+                    qq.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), is_causal=True,
+                    scale=cfg.softmax_scale).transpose(0, 1)[..., :vd]
                 flops += 2.0 * S * cfg.kv_lora_rank * H * (nope + vd) + 2.0 * H * S * S * (nope + rope + vd) / 2
         if self.timing is not None:
             self.timing.attn_flops += flops
@@ -249,10 +253,30 @@ class GpuModel:
         xs = x[tok]
         t0 = self._event() if self.timing is not None else None
         if self.grouped:
-            offs = torch.bincount(flat, minlength=cfg.n_routed_experts).cumsum(0).to(torch.int32)
-            h = torch._grouped_mm(xs, w13.transpose(-2, -1), offs=offs)
-            a = torch.nn.functional.silu(h[:, :I]) * h[:, I:]
-            ys = torch._grouped_mm(a, w2.transpose(-2, -1), offs=offs)
+            E = cfg.n_routed_experts
+            counts = torch.bincount(flat, minlength=E)
+            if self.align > 1:
+                # every expert's rows start on a multiple of `align` (zero rows between groups, never read back);
+                # the padded size is bounded without a host round trip: at most min(E, N*k) groups are non-empty
+                A = self.align
+                padded = (counts + A - 1) // A * A
+                pstart = padded.cumsum(0) - padded
+                start = counts.cumsum(0) - counts
+                e_sorted = flat[order]
+                dst = pstart[e_sorted] + torch.arange(N * k, device=x.device) - start[e_sorted]
+                rows = N * k + (A - 1) * min(E, N * k)
+                xp = torch.zeros((rows, cfg.dim), dtype=x.dtype, device=x.device)
+                xp[dst] = xs
+                offs = padded.cumsum(0).to(torch.int32)
+                offs[-1] = rows  # the last group takes the tail of zero rows
+                h = torch._grouped_mm(xp, w13.transpose(-2, -1), offs=offs)
+                a = torch.nn.functional.silu(h[:, :I]) * h[:, I:]
+                ys = torch._grouped_mm(a, w2.transpose(-2, -1), offs=offs)[dst]
+            else:
+                offs = counts.cumsum(0).to(torch.int32)
+                h = torch._grouped_mm(xs, w13.transpose(-2, -1), offs=offs)
+                a = torch.nn.functional.silu(h[:, :I]) * h[:, I:]
+                ys = torch._grouped_mm(a, w2.transpose(-2, -1), offs=offs)
         else:
             counts = torch.bincount(flat, minlength=cfg.n_routed_experts).tolist()
             ys = torch.empty((N * k, cfg.dim), dtype=self.dtype, device=self.device)
