@@ -9,13 +9,17 @@ the numpy reference; the implementation choices are:
     ``scaled_dot_product_attention`` per request; decode runs the absorbed form batched over the requests
     (``q_nope`` folded into the latent space by ``wkv_b``'s K part, ``wkv_b``'s V part applied after attention);
   * router: the official gate (``select_experts``) on float32 logits;
-  * routed experts: token-expert pairs sorted by expert, then one grouped GEMM per projection
+  * routed experts: token-expert pairs sorted by expert, then one grouped GEMM per projection (groups aligned to
+    16 rows)
     (``torch._grouped_mm``, bf16) reading the experts in place from their ``[E, ...]`` view, which for DWDP is the
     store's composite range (local experts zero-copy, remote ones in the slots: no merge copy). Other dtypes (the
     float32 check against numpy) loop over the selected experts;
   * experts come from an ``ExpertSource``: ``DwdpExperts`` (ExpertStore + PrefetchScheduler: ``begin_step``,
     ``wait`` after the router, ``release`` after the expert kernels are enqueued) or ``LocalExperts`` (every expert
-    on this GPU: the all-local baseline and oracle, optionally regenerated layer by layer into one buffer).
+    on this GPU: the all-local baseline and oracle, optionally regenerated layer by layer into one buffer);
+  * determinism: no atomics anywhere in a step (the expert outputs are combined by a small batched GEMM, not
+    ``index_add_``), so the DWDP and all-local runs of the same requests give identical logits. With random weights
+    the logits have many near ties, and an ``index_add_``'s order-dependent bf16 rounding (1e-3) flipped greedy tokens.
 
 All work is enqueued on ``stream`` (a CuPy stream; PyTorch runs on it through ``ExternalStream``). Timing (CUDA
 events around attention, expert GEMMs and the wait for experts) is collected when ``timing`` is on.
@@ -288,8 +292,11 @@ class GpuModel:
         if t0 is not None:
             self.timing.experts.append((t0, self._event()))
             self.timing.expert_flops += 2.0 * N * k * 3 * I * cfg.dim
-        ys.mul_(w.reshape(-1)[order, None].to(ys.dtype))
-        return torch.zeros_like(x).index_add_(0, tok, ys)
+        # deterministic combine (no atomics): back to token order, then each token's k outputs weighted and summed
+        # by a batched GEMM with fp32 accumulation, so that DWDP and all-local runs agree bit for bit
+        yt = torch.empty_like(ys)
+        yt[order] = ys
+        return torch.bmm(w.to(ys.dtype).unsqueeze(1), yt.view(N, k, cfg.dim)).squeeze(1)
 
     def _moe(self, layer: int, x):
         cfg, P, p = self.cfg, self.P, f"layers.{layer}.ffn."
