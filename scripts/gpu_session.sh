@@ -7,6 +7,7 @@
 #   probe    NVSHMEM registration probes       all     everything
 #   r2a      tests (TESTS) + coaction_bench + CAN training on GPU (3 seeds)
 #   r2b      deepseek_forward + demo (JSON and a short text run)   r2   r2a without coaction_bench, then r2b
+#   r2c      tests + r2b
 # Logs and result files are also packed into $OUT/outputs.tgz (only a few files come back from a device call).
 set -uo pipefail
 FINAL=${OUT:-$PWD/gpu_out}; mkdir -p "$FINAL"
@@ -25,7 +26,7 @@ tests_sel=${TESTS:-tests}; [[ $what == issue4b ]] && tests_sel=tests/test_gpu_sc
 if [[ -n ${DIAG:-} ]]; then
   timeout 200 python3 -m dwdp_ops.launch -n 2 --timeout 190 $DIAG > "$OUT/diag.log" 2>&1; echo "diag rc=$?"; tail -30 "$OUT/diag.log"
 fi
-if [[ $what == tests || $what == all || $what == issue4 || $what == issue4b || $what == next || $what == r2a || $what == r2 ]]; then
+if [[ $what == tests || $what == all || $what == issue4 || $what == issue4b || $what == next || $what == r2a || $what == r2 || $what == r2c ]]; then
   timeout ${TEST_TIMEOUT:-480} python3 -m pytest -m "gpu or multigpu" -rs -v $tests_sel 2>&1 | tee "$OUT/gpu_tests.log" | grep -E "PASS|FAIL|SKIP|ERROR|passed|failed" | tail -20
 fi
 if [[ $what == bench || $what == all ]]; then
@@ -46,7 +47,7 @@ if [[ $what == issue4 || $what == issue4b || $what == all || $what == next ]]; t
   timeout 400 python3 -m dwdp_ops.launch -n "$NGPU" --timeout 380 bench/prefetch_overlap.py > "$OUT/prefetch_overlap_N$NGPU.log" 2>&1
   echo "prefetch_overlap N=$NGPU rc=$?"; grep "^\[rank 0\]" "$OUT/prefetch_overlap_N$NGPU.log" | tail -25
 fi
-if [[ $what == can || $what == all || $what == next || $what == r2a || $what == r2 ]]; then
+if [[ $what == can || $what == all || $what == next || $what == r2a || $what == r2 || $what == r2c ]]; then
   timeout 300 python3 bench/coaction_bench.py > "$OUT/coaction_bench.log" 2>&1; echo "coaction_bench rc=$?"; tail -6 "$OUT/coaction_bench.log"
 fi
 if [[ $what == probe || $what == all ]]; then
@@ -68,7 +69,7 @@ if [[ $what == r2a || $what == r2 || $what == all ]]; then
     echo "can-train seed $seed rc=$?"; tail -2 "$OUT/can/can_gpu_seed$seed.log"
   done
 fi
-if [[ $what == r2b || $what == r2 || $what == all ]]; then
+if [[ $what == r2b || $what == r2 || $what == r2c || $what == all ]]; then
   timeout 240 python3 -m dwdp_ops.launch -n "$NGPU" --timeout 230 bench/deepseek_forward.py > "$OUT/deepseek_forward_N$NGPU.log" 2>&1
   echo "deepseek_forward rc=$?"; grep "^\[rank 0\]" "$OUT/deepseek_forward_N$NGPU.log" | tail -6
   timeout 300 python3 -m dwdp_ops demo --json --timeout 280 > "$OUT/demo.json" 2> "$OUT/demo.log"
