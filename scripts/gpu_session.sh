@@ -47,7 +47,7 @@ if [[ $what == issue4 || $what == issue4b || $what == all || $what == next ]]; t
   timeout 400 python3 -m dwdp_ops.launch -n "$NGPU" --timeout 380 bench/prefetch_overlap.py > "$OUT/prefetch_overlap_N$NGPU.log" 2>&1
   echo "prefetch_overlap N=$NGPU rc=$?"; grep "^\[rank 0\]" "$OUT/prefetch_overlap_N$NGPU.log" | tail -25
 fi
-if [[ $what == can || $what == all || $what == next || $what == r2a || $what == r2 || $what == r2c ]]; then
+if [[ $what == can || $what == all || $what == next || $what == r2a ]]; then
   timeout 300 python3 bench/coaction_bench.py > "$OUT/coaction_bench.log" 2>&1; echo "coaction_bench rc=$?"; tail -6 "$OUT/coaction_bench.log"
 fi
 if [[ $what == probe || $what == all ]]; then
