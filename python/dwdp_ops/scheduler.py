@@ -72,13 +72,15 @@ class PrefetchScheduler:
         schedule: Schedule = "staggered",
         slice_bytes: int = DEFAULT_SLICE,
         batched: bool | None = None,
-        nvshmem_blocks: int = 16,
+        nvshmem_blocks: int = 32,
         ce_gbps: float = 370.0,
         sm_gbps: float = 320.0,
         copy_stream: Any = None,
         event_factory: Any = None,
     ):
-        """``copy_stream`` and ``event_factory`` (a callable returning an event with ``record(stream)``) default to
+        """``nvshmem_blocks``: SMs of the on-demand fetch kernel; it runs alone on the compute stream (the layer's
+        GEMMs need its data), and 32 SMs reached 90 % of the copy engine on 4 x H200 (docs/benchmarks.md).
+        ``copy_stream`` and ``event_factory`` (a callable returning an event with ``record(stream)``) default to
         a new non-blocking CuPy stream and ``cupy.cuda.Event(disable_timing=True)``; tests pass stand-ins."""
         if copy_stream is None or event_factory is None:
             import cupy as cp

@@ -253,7 +253,8 @@ class ExpertStore:
     def load(self, layer: int, name: str, experts: Any, stream: Any = None) -> None:
         """Packs this rank's experts of ``layer`` into local storage with the pack kernel. ``experts`` is a stacked
         ``[E, ...]`` (this rank's slice is taken) or ``[L, ...]`` device array, or a sequence of L per-expert device
-        arrays, of the tensor's storage dtype (uint8 for fp8, uint16 for bf16 bits)."""
+        arrays, of the tensor's storage dtype (uint8 for fp8, uint16 for bf16 bits). It synchronizes this device when
+        done; peers may fetch these experts only after a barrier that every rank reaches after its loads."""
         import cupy as cp
 
         ti = self._check(layer, name, "load")

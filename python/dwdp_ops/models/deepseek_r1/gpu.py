@@ -255,7 +255,7 @@ class GpuModel:
         order = torch.argsort(flat, stable=True)
         tok = order // k
         xs = x[tok]
-        t0 = self._event() if self.timing is not None else None
+        timed = self.timing is not None
         if self.grouped:
             E = cfg.n_routed_experts
             counts = torch.bincount(flat, minlength=E)
@@ -273,24 +273,31 @@ class GpuModel:
                 xp[dst] = xs
                 offs = padded.cumsum(0).to(torch.int32)
                 offs[-1] = rows  # the last group takes the tail of zero rows
+                t0 = self._event() if timed else None
                 h = torch._grouped_mm(xp, w13.transpose(-2, -1), offs=offs)
                 a = torch.nn.functional.silu(h[:, :I]) * h[:, I:]
-                ys = torch._grouped_mm(a, w2.transpose(-2, -1), offs=offs)[dst]
+                ys = torch._grouped_mm(a, w2.transpose(-2, -1), offs=offs)
+                t1 = self._event() if timed else None
+                ys = ys[dst]
             else:
                 offs = counts.cumsum(0).to(torch.int32)
+                t0 = self._event() if timed else None
                 h = torch._grouped_mm(xs, w13.transpose(-2, -1), offs=offs)
                 a = torch.nn.functional.silu(h[:, :I]) * h[:, I:]
                 ys = torch._grouped_mm(a, w2.transpose(-2, -1), offs=offs)
+                t1 = self._event() if timed else None
         else:
             counts = torch.bincount(flat, minlength=cfg.n_routed_experts).tolist()
             ys = torch.empty((N * k, cfg.dim), dtype=self.dtype, device=self.device)
+            t0 = self._event() if timed else None
             s = 0
             for e, c in enumerate(counts):
                 if c:
                     ys[s : s + c] = self._mlp(xs[s : s + c], w13[e, :I], w13[e, I:], w2[e])
                     s += c
-        if t0 is not None:
-            self.timing.experts.append((t0, self._event()))
+            t1 = self._event() if timed else None
+        if timed:
+            self.timing.experts.append((t0, t1))
             self.timing.expert_flops += 2.0 * N * k * 3 * I * cfg.dim
         # deterministic combine (no atomics): back to token order, then each token's k outputs weighted and summed
         # by a batched GEMM with fp32 accumulation, so that DWDP and all-local runs agree bit for bit

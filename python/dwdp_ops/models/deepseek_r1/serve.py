@@ -29,7 +29,8 @@ def layout_dtype(dtype) -> str:
 
 def build_store(cfg: DeepSeekConfig, weights, progress: bool = False):
     """An ``ExpertStore`` over this rank's runtime holding its slice of every MoE layer's experts, loaded from
-    ``weights`` (collective)."""
+    ``weights`` (collective). Returns after every rank has loaded: a peer may fetch from this rank's storage as soon
+    as it returns (without the closing barrier a fast rank copied a slow rank's experts before they were written)."""
     from tqdm import tqdm
 
     from ...layout import ExpertLayout
@@ -47,6 +48,7 @@ def build_store(cfg: DeepSeekConfig, weights, progress: bool = False):
             store.load(p, "w13", torch_to_cupy(w13))
             store.load(p, "w2", torch_to_cupy(w2))
             del w13, w2
+        rt.barrier()
     except BaseException:
         store.close()
         raise
