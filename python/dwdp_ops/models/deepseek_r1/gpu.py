@@ -104,9 +104,19 @@ class DwdpExperts:
     def begin_step(self, tokens: int) -> str:
         return self.sched.begin_step(tokens=tokens)
 
+    def unique_ids(self, ids):
+        """The router's ids as the fetch list, each expert once: sorted, repeats replaced by a local expert (which
+        the fetch kernel skips). On the device, without a host round trip; without it a decode step fetched every
+        expert as many times as tokens chose it."""
+        torch = require_torch()
+        s = torch.sort(ids.reshape(-1).to(torch.int32)).values
+        rep = torch.zeros_like(s, dtype=torch.bool)
+        rep[1:] = s[1:] == s[:-1]
+        return torch.where(rep, torch.full_like(s, self.store.lo), s).contiguous()
+
     def weights_for(self, p: int, ids, stream) -> tuple[Any, Any]:
         if self.sched.step_policy == "on_demand":
-            self.sched.wait(p, stream, ids=ids.reshape(-1).to(dtype=require_torch().int32).contiguous())
+            self.sched.wait(p, stream, ids=self.unique_ids(ids))
         else:
             self.sched.wait(p, stream)
         return self.views[p]
