@@ -65,6 +65,8 @@ def main() -> int:
     ap.add_argument("--tokens", default="1024,2048,4096,8192,16384,32768,65536")
     ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--repeats", type=int, default=10)
+    ap.add_argument("--tag", default="", help="suffix of the result file name")
+    ap.add_argument("--skip-slowdown", action="store_true", help="only the exposed-fetch sweep")
     ns = ap.parse_args()
     with dwdp_ops.init(timeout=600):
         me, n = dwdp_ops.rank(), dwdp_ops.world_size()
@@ -100,7 +102,7 @@ def main() -> int:
                "remote_bytes": store.remote_bytes(), "slowdown": [], "exposed": [], "timeline": None}
 
         # 1. GEMM slowdown under concurrent fetch of another layer (layer 1 fetched while layer 0 computes)
-        for T in (16384, 32768):
+        for T in () if ns.skip_slowdown else (16384, 32768):
             ex = Experts(T)
             alone, _ = time_op(lambda ex=ex: ex.run(store, 0, compute), compute, ns.repeats, 2, before=bar)
             with_ce, with_nv = [], []
@@ -194,7 +196,7 @@ def main() -> int:
             data = dict(benchmark="prefetch_overlap", world_size=n, repeats=ns.repeats, layers=ns.layers,
                         dtype="float16", **machine_facts(), ranks=per_rank)
             card = data["card"].replace("NVIDIA ", "").replace(" ", "_")
-            print(f"wrote {write_json(f'prefetch_overlap_{card}_N{n}.json', data)}")
+            print(f"wrote {write_json(f'prefetch_overlap_{card}_N{n}{ns.tag}.json', data)}")
             r0 = per_rank[0]
             print(f"B={r0['fetch_ce_gbps']:.1f} GB/s C={r0['roofline']['C_tflops']:.0f} TFLOP/s T*={r0['roofline']['T_star']:.0f}")
             for s in r0["slowdown"]:

@@ -108,3 +108,12 @@ def test_can_train_cli_runs(tmp_path):
 
     res = json.loads((tmp_path / "r.json").read_text())["results"]
     assert 0.0 <= res["can"]["test_auc"] <= 1.0
+
+
+def test_console_scripts_are_installed():
+    from importlib.metadata import entry_points
+
+    names = {e.name: e.value for e in entry_points(group="console_scripts") if e.name.startswith("dwdp-")}
+    assert names.get("dwdp-demo") == "dwdp_ops.demo:main"
+    assert names.get("dwdp-can-train") == "dwdp_ops.models.train_can:main"
+    assert names.get("dwdp-launch") == "dwdp_ops.launch:main"
