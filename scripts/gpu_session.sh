@@ -1,20 +1,21 @@
 #!/usr/bin/env bash
-# One device-machine session: offline build, GPU tests, benchmarks. Outputs under $OUT (or ./gpu_out).
-# Usage: scripts/gpu_session.sh MODE
-#   tests    build + every GPU test            bench   build + fetch_bandwidth (N GPUs, and N=2 layer-only)
-#   issue4   tests + prefetch_overlap          issue4b scheduler tests + prefetch_overlap
-#   can      build + coaction_bench            next    tests + prefetch_overlap + coaction_bench (what is unmeasured)
-#   probe    NVSHMEM registration probes       all     everything
-#   r2a      tests (TESTS) + coaction_bench + CAN training on GPU (3 seeds)
-#   r2b      deepseek_forward + demo (JSON and a short text run)   r2   r2a without coaction_bench, then r2b
-#   r2c      tests + r2b
-# Logs and result files are also packed into $OUT/outputs.tgz (only a few files come back from a device call).
+# One device-machine session: offline build, GPU tests, benchmarks. Everything is written to a scratch folder and
+# packed into $OUT/outputs.tgz (a device call returns only a few files), with machine.txt beside it.
+# Usage: [TESTS="tests/a.py ..."] [TEST_TIMEOUT=s] scripts/gpu_session.sh MODE
+#   tests     build + the GPU tests (TESTS narrows them)
+#   fetch     build + fetch_bandwidth (N GPUs, and the N=2 layer-only jobs)           issue 3
+#   overlap   build + prefetch_overlap                                                issue 4
+#   can       build + coaction_bench + CAN-DNN/DNN training on the GPU (3 seeds)      issue 6
+#   deepseek  build + deepseek_forward + demo (JSON and a short text run)             issue 5
+#   probe     build + NVSHMEM registration probes
+#   all       tests, fetch, overlap, can, deepseek (longer than one 10-minute device call: use one mode per call)
 set -uo pipefail
 FINAL=${OUT:-$PWD/gpu_out}; mkdir -p "$FINAL"
-OUT=$(mktemp -d); export OUT  # everything is written here and packed into $FINAL/outputs.tgz at the end
+OUT=$(mktemp -d); export OUT
 export NVSHMEM_DISABLE_NVLS=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1
 what=${1:-all}
 NGPU=$(nvidia-smi -L | wc -l)
+want() { [[ $what == "$1" || $what == all ]]; }
 {
   date -u; nvidia-smi --query-gpu=index,name,driver_version,memory.total --format=csv; nvidia-smi topo -m
   nvidia-smi nvlink -s -i 0 | head -6; python3 --version; nvcc --version | tail -1
@@ -22,14 +23,11 @@ NGPU=$(nvidia-smi -L | wc -l)
 t0=$(date +%s)
 python3 -m pip install --no-build-isolation --no-deps -e . > "$OUT/build.log" 2>&1 || { tail -50 "$OUT/build.log"; exit 1; }
 echo "build: $(( $(date +%s) - t0 )) s"
-tests_sel=${TESTS:-tests}; [[ $what == issue4b ]] && tests_sel=tests/test_gpu_scheduler.py  # TESTS="a.py b.py" narrows
-if [[ -n ${DIAG:-} ]]; then
-  timeout 200 python3 -m dwdp_ops.launch -n 2 --timeout 190 $DIAG > "$OUT/diag.log" 2>&1; echo "diag rc=$?"; tail -30 "$OUT/diag.log"
+if want tests; then
+  timeout "${TEST_TIMEOUT:-480}" python3 -m pytest -m "gpu or multigpu" -rs -v ${TESTS:-tests} 2>&1 | tee "$OUT/gpu_tests.log" \
+    | grep -E "FAIL|SKIP|ERROR|passed|failed" | tail -20
 fi
-if [[ $what == tests || $what == all || $what == issue4 || $what == issue4b || $what == next || $what == r2a || $what == r2 || $what == r2c ]]; then
-  timeout ${TEST_TIMEOUT:-480} python3 -m pytest -m "gpu or multigpu" -rs -v $tests_sel 2>&1 | tee "$OUT/gpu_tests.log" | grep -E "PASS|FAIL|SKIP|ERROR|passed|failed" | tail -20
-fi
-if [[ $what == bench || $what == all ]]; then
+if want fetch; then
   # one ExpertStore per process (see store_check.py): each dtype's layer runs in its own job
   timeout 300 python3 -m dwdp_ops.launch -n "$NGPU" --timeout 280 bench/fetch_bandwidth.py --dtypes float8_e4m3fn > "$OUT/fetch_bandwidth_N$NGPU.log" 2>&1
   echo "fetch_bandwidth N=$NGPU rc=$?"; grep "^\[rank 0\]" "$OUT/fetch_bandwidth_N$NGPU.log" | grep -v size_sweep | tail -30
@@ -41,27 +39,13 @@ if [[ $what == bench || $what == all ]]; then
       echo "fetch_bandwidth N=2 $dt rc=$?"; grep "^\[rank 0\]" "$OUT/fetch_bandwidth_N2_$dt.log" | tail -16
     done
   fi
-  grep -h -i -E "error|Traceback" "$OUT"/fetch_bandwidth_N*.log | head -20
 fi
-if [[ $what == issue4 || $what == issue4b || $what == all || $what == next ]]; then
+if want overlap; then
   timeout 400 python3 -m dwdp_ops.launch -n "$NGPU" --timeout 380 bench/prefetch_overlap.py > "$OUT/prefetch_overlap_N$NGPU.log" 2>&1
   echo "prefetch_overlap N=$NGPU rc=$?"; grep "^\[rank 0\]" "$OUT/prefetch_overlap_N$NGPU.log" | tail -25
 fi
-if [[ $what == can || $what == all || $what == next || $what == r2a ]]; then
+if want can; then
   timeout 300 python3 bench/coaction_bench.py > "$OUT/coaction_bench.log" 2>&1; echo "coaction_bench rc=$?"; tail -6 "$OUT/coaction_bench.log"
-fi
-if [[ $what == probe || $what == all ]]; then
-  timeout 120 python3 -m dwdp_ops.launch -n 2 --timeout 100 scripts/probe_register_unit.py 1024 1024 2>&1 | grep -E "registered|refused|failed" | head -6
-fi
-if [[ $what == probe ]]; then
-  for g in default 33554432 2097152; do
-    for mib in 32 512; do
-      if [[ $g == default ]]; then e=""; else e="NVSHMEM_CUMEM_GRANULARITY=$g"; fi
-      env $e timeout 90 python3 -m dwdp_ops.launch -n 2 --timeout 80 scripts/probe_register_unit.py $mib 2>&1 | grep -E "registered|refused|failed" | head -3
-    done
-  done
-fi
-if [[ $what == r2a || $what == r2 || $what == all ]]; then
   mkdir -p "$OUT/can"
   for seed in 0 1 2; do
     timeout 200 python3 -m dwdp_ops can-train --device gpu --samples 100000 --epochs 3 --seed $seed --quiet \
@@ -69,13 +53,22 @@ if [[ $what == r2a || $what == r2 || $what == all ]]; then
     echo "can-train seed $seed rc=$?"; tail -2 "$OUT/can/can_gpu_seed$seed.log"
   done
 fi
-if [[ $what == r2b || $what == r2 || $what == r2c || $what == all ]]; then
+if want deepseek; then
   timeout 240 python3 -m dwdp_ops.launch -n "$NGPU" --timeout 230 bench/deepseek_forward.py > "$OUT/deepseek_forward_N$NGPU.log" 2>&1
   echo "deepseek_forward rc=$?"; grep "^\[rank 0\]" "$OUT/deepseek_forward_N$NGPU.log" | tail -6
   timeout 300 python3 -m dwdp_ops demo --json --timeout 280 > "$OUT/demo.json" 2> "$OUT/demo.log"
   echo "demo rc=$?"; tail -5 "$OUT/demo.log"
-  timeout 60 python3 -m dwdp_ops demo --no-check --moe-layers 2 --steps 4 --prompts 2 --max-len 128 > "$OUT/demo_text.txt" 2>&1
+  timeout 120 python3 -m dwdp_ops demo --no-check --moe-layers 2 --steps 4 --prompts 2 --max-len 128 > "$OUT/demo_text.txt" 2>&1
   echo "demo text rc=$?"; tail -8 "$OUT/demo_text.txt"
+fi
+if want probe; then
+  timeout 120 python3 -m dwdp_ops.launch -n 2 --timeout 100 scripts/probe_register_unit.py 1024 1024 2>&1 | grep -E "registered|refused|failed" | head -6
+  for g in default 33554432 2097152; do
+    for mib in 32 512; do
+      if [[ $g == default ]]; then e=""; else e="NVSHMEM_CUMEM_GRANULARITY=$g"; fi
+      env $e timeout 90 python3 -m dwdp_ops.launch -n 2 --timeout 80 scripts/probe_register_unit.py $mib 2>&1 | grep -E "registered|refused|failed" | head -3
+    done
+  done
 fi
 cp bench/results/*.json "$OUT/" 2>/dev/null
 tar czf "$FINAL/outputs.tgz" -C "$OUT" . && cp "$OUT/machine.txt" "$FINAL/"
