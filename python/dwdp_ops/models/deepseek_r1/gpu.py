@@ -65,7 +65,7 @@ class LocalExperts:
         E = cfg.n_routed_experts
         if regenerate:
             self._buf = weights.experts(cfg.n_dense_layers, 0, E)
-            self._held = -1
+            self._held = 0  # the buffer holds MoE position 0
         else:
             self._layers = [weights.experts(cfg.n_dense_layers + p, 0, E) for p in range(cfg.n_moe_layers)]
 
