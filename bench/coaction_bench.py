@@ -23,7 +23,7 @@ import cupy as cp
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import machine_facts, time_op, write_json  # noqa: E402
+from common import machine_facts, result_name, time_op, write_json  # noqa: E402
 from dwdp_ops.coaction import (  # noqa: E402
     CoActionSpec,
     coaction_backward,
@@ -137,8 +137,7 @@ def main() -> int:
             rows.append(rec)
             print({k: (round(v, 3) if isinstance(v, float) else v) for k, v in rec.items()}, flush=True)
     facts = machine_facts()
-    write_json(f"coaction_bench_{facts['card'].replace('NVIDIA ', '').replace(' ', '_')}.json",
-               dict(benchmark="coaction", hbm_copy_gbps=hbm, **facts, rows=rows))
+    write_json(result_name("coaction_bench", facts["card"]), dict(benchmark="coaction", hbm_copy_gbps=hbm, **facts, rows=rows))
     return 0
 
 

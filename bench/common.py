@@ -61,6 +61,11 @@ def machine_facts() -> dict:
     }
 
 
+def result_name(benchmark: str, card: str, suffix: str = "") -> str:
+    """``<benchmark>_<card without "NVIDIA ", spaces as _><suffix>.json``, e.g. ``fetch_bandwidth_H200_N4.json``."""
+    return f"{benchmark}_{card.replace('NVIDIA ', '').replace(' ', '_')}{suffix}.json"
+
+
 def write_json(name: str, data: dict) -> Path:
     RESULTS.mkdir(parents=True, exist_ok=True)
     path = RESULTS / name

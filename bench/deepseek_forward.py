@@ -20,7 +20,7 @@ from statistics import median
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import dwdp_ops
 import torch
-from common import machine_facts, write_json
+from common import machine_facts, result_name, write_json
 from dwdp_ops.models.deepseek_r1 import DeepSeekConfig
 from dwdp_ops.models.deepseek_r1.gpu import DwdpExperts, GpuModel, dense_gemm_tflops
 from dwdp_ops.models.deepseek_r1.gpu_weights import DeviceWeights
@@ -73,8 +73,7 @@ def main() -> int:
             per_rank = [json.loads(g) for g in gathered]
             data = dict(benchmark="deepseek_forward", world_size=n, layers=cfg.n_layers, moe_layers=cfg.n_moe_layers,
                         dtype="bfloat16", **machine_facts(), ranks=per_rank)
-            card = data["card"].replace("NVIDIA ", "").replace(" ", "_")
-            print(f"wrote {write_json(f'deepseek_forward_{card}_N{n}.json', data)}")
+            print(f"wrote {write_json(result_name('deepseek_forward', data['card'], f'_N{n}'), data)}")
             for i, r0 in enumerate(per_rank[0]["rows"]):
                 worst = min(p["rows"][i]["expert_of_dense"] for p in per_rank)
                 print(f"T={r0['tokens']:6d}: attention {r0['attn_tflops']:.0f} TFLOP/s, expert GEMMs {r0['expert_tflops']:.0f} "

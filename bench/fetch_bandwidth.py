@@ -31,7 +31,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import dwdp_ops
-from common import machine_facts, nvlink_facts, time_op, write_json
+from common import machine_facts, nvlink_facts, result_name, time_op, write_json
 from dwdp_ops import ExpertLayout, ExpertPartition, ExpertStore
 from dwdp_ops.runtime import get_runtime
 
@@ -232,9 +232,8 @@ def main() -> int:
             link = nvlink_facts(0)
             data = dict(benchmark="fetch_bandwidth", world_size=b.n, repeats=ns.repeats, **facts, nvlink=link,
                         records=b.records)
-            card = facts["card"].replace("NVIDIA ", "").replace(" ", "_")
             tag = f"_{ns.tag}" if ns.tag else ""
-            path = write_json(f"fetch_bandwidth_{card}_N{b.n}{tag}.json", data)
+            path = write_json(result_name("fetch_bandwidth", facts["card"], f"_N{b.n}{tag}"), data)
             print(f"wrote {path}")
         b.barrier()
     return 0

@@ -10,7 +10,7 @@ from pathlib import Path
 import cupy as cp
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import machine_facts, time_op, write_json  # noqa: E402
+from common import machine_facts, result_name, time_op, write_json  # noqa: E402
 
 E, H, N = 256, 7168, 4096
 
@@ -60,8 +60,8 @@ def main() -> int:
         x = out = None  # noqa: F841 - release before the next size
     for r in rows:
         print(f"{r['path']:45s} m={r.get('m', '-')!s:5s} {r['tflops']:7.1f} TFLOP/s")
-    write_json(f"gemm_probe_{machine_facts()['card'].replace('NVIDIA ', '').replace(' ', '_')}.json",
-               dict(benchmark="gemm_probe", **machine_facts(), rows=rows))
+    facts = machine_facts()
+    write_json(result_name("gemm_probe", facts["card"]), dict(benchmark="gemm_probe", **facts, rows=rows))
     return 0
 
 

@@ -26,7 +26,7 @@ import cupy as cp
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import dwdp_ops
-from common import machine_facts, time_op, write_json
+from common import machine_facts, result_name, time_op, write_json
 from dwdp_ops import ExpertLayout, ExpertPartition, ExpertStore, PrefetchScheduler
 
 H, I, E, K = 7168, 2048, 256, 8
@@ -195,8 +195,7 @@ def main() -> int:
             per_rank = [json.loads(g) for g in gathered]
             data = dict(benchmark="prefetch_overlap", world_size=n, repeats=ns.repeats, layers=ns.layers,
                         dtype="float16", **machine_facts(), ranks=per_rank)
-            card = data["card"].replace("NVIDIA ", "").replace(" ", "_")
-            print(f"wrote {write_json(f'prefetch_overlap_{card}_N{n}{ns.tag}.json', data)}")
+            print(f"wrote {write_json(result_name('prefetch_overlap', data['card'], f'_N{n}{ns.tag}'), data)}")
             r0 = per_rank[0]
             print(f"B={r0['fetch_ce_gbps']:.1f} GB/s C={r0['roofline']['C_tflops']:.0f} TFLOP/s T*={r0['roofline']['T_star']:.0f}")
             for s in r0["slowdown"]:

@@ -29,13 +29,15 @@ def test_tiny_model_on_one_gpu_equals_the_numpy_reference():
     import torch
     from dwdp_ops.models.deepseek_r1.gpu import GpuModel, LocalExperts
     from dwdp_ops.models.deepseek_r1.gpu_weights import NumpyWeights
+    from dwdp_ops.models.deepseek_r1.serve import run_requests
 
     cfg = DeepSeekConfig.tiny()
     W = init_weights(cfg, 1)
     weights = NumpyWeights(cfg, W, torch.float32)
     model = GpuModel(cfg, weights, LocalExperts(weights, cfg), max_requests=3, max_seq=40)
     prompts = [[5, 9, 1], list(range(3, 20)), [42]]
-    toks, logits = model.generate(prompts, 6)
+    run = run_requests(model, prompts, 6)
+    toks, logits = run.tokens, run.logits
     for r, prompt in enumerate(prompts):
         want_toks, want = ReferenceModel(cfg, W).generate(prompt, 6)
         assert toks[r] == want_toks

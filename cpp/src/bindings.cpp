@@ -69,7 +69,8 @@ PYBIND11_MODULE(_C, m) {
       py::arg("dsts"), py::arg("srcs"), py::arg("sizes"), py::arg("stream"), py::arg("batched"));
   m.def("fetch_experts", &dwdp::fetch_experts, py::arg("table"), py::arg("num_experts"), py::arg("num_tensors"),
         py::arg("ids"), py::arg("count_dev"), py::arg("count_cap"), py::arg("chunk"), py::arg("max_chunks"),
-        py::arg("err"), py::arg("peer_ptr"), py::arg("num_blocks"), py::arg("threads"), py::arg("stream"));
+        py::arg("err"), py::arg("first"), py::arg("peer_ptr"), py::arg("num_blocks"), py::arg("threads"),
+        py::arg("stream"));
   m.def("pack_experts", &dwdp::pack_experts, py::arg("dst"), py::arg("dst_stride"), py::arg("src_table"),
         py::arg("nbytes"), py::arg("n"), py::arg("stream"));
   m.attr("EXPERT_COPY_BYTES") = sizeof(dwdp::ExpertCopy);

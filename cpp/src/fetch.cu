@@ -1,4 +1,5 @@
 // SM-driven one-sided fetch kernels and the pack kernel. See dwdp/fetch.h.
+#include <algorithm>
 #include <nvshmem.h>
 #include <nvshmemx.h>
 
@@ -35,12 +36,26 @@ __device__ __forceinline__ void block_copy16(uint4* __restrict__ dst, const uint
   for (; i < n16; i += step) __stcs(dst + i, __ldcs(src + i));
 }
 
+__device__ __forceinline__ int id_count(const int32_t* count_dev, int count_cap) {
+  return count_dev != nullptr ? min(max(*count_dev, 0), count_cap) : count_cap;
+}
+
+// first[e] = the smallest list position holding expert e (first[] preset to a large value by a memset).
+__global__ void first_occurrence_kernel(const int32_t* __restrict__ ids, const int32_t* __restrict__ count_dev,
+                                        int count_cap, int num_experts, int* __restrict__ first) {
+  const int count = id_count(count_dev, count_cap);
+  for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < count; i += gridDim.x * blockDim.x) {
+    const int e = ids[i];
+    if (e >= 0 && e < num_experts) atomicMin(&first[e], i);
+  }
+}
+
 template <bool kPeerPtr>
 __global__ void fetch_experts_kernel(const ExpertCopy* __restrict__ table, int num_experts, int num_tensors,
                                      const int32_t* __restrict__ ids, const int32_t* __restrict__ count_dev,
-                                     int count_cap, size_t chunk, int max_chunks, int* __restrict__ err) {
-  int count = count_cap;
-  if (count_dev != nullptr) count = min(max(*count_dev, 0), count_cap);
+                                     int count_cap, size_t chunk, int max_chunks, int* __restrict__ err,
+                                     const int* __restrict__ first) {
+  const int count = id_count(count_dev, count_cap);
   const long long total = static_cast<long long>(count) * num_tensors * max_chunks;
   for (long long w = blockIdx.x; w < total; w += gridDim.x) {
     const int c = static_cast<int>(w % max_chunks);
@@ -51,6 +66,7 @@ __global__ void fetch_experts_kernel(const ExpertCopy* __restrict__ table, int n
       if (threadIdx.x == 0 && err != nullptr && atomicCAS(err, 0, 1) == 0) err[1] = e;
       continue;
     }
+    if (first != nullptr && first[e] != i) continue;  // a repeat: fetched by its first occurrence
     const ExpertCopy cp = table[static_cast<size_t>(e) * num_tensors + t];
     const size_t off = static_cast<size_t>(c) * chunk;
     if (cp.pe < 0 || off >= cp.bytes) continue;
@@ -119,8 +135,8 @@ void ce_copy(const uint64_t* dsts, const uint64_t* srcs, const uint64_t* sizes, 
 }
 
 void fetch_experts(uintptr_t table, int num_experts, int num_tensors, uintptr_t ids, uintptr_t count_dev,
-                   int count_cap, size_t chunk, int max_chunks, uintptr_t err, bool peer_ptr, int num_blocks,
-                   int threads, uintptr_t stream) {
+                   int count_cap, size_t chunk, int max_chunks, uintptr_t err, uintptr_t first, bool peer_ptr,
+                   int num_blocks, int threads, uintptr_t stream) {
   DWDP_REQUIRE(device() >= 0, "fetch_experts: the NVSHMEM runtime is not initialized");
   DWDP_REQUIRE(num_blocks >= 1 && num_blocks <= 65535, "fetch_experts: num_blocks must be in [1, 65535]");
   DWDP_REQUIRE(threads >= 32 && threads <= 1024 && threads % 32 == 0, "fetch_experts: bad thread count " << threads);
@@ -133,12 +149,18 @@ void fetch_experts(uintptr_t table, int num_experts, int num_tensors, uintptr_t 
   auto* id = reinterpret_cast<const int32_t*>(ids);
   auto* cnt = reinterpret_cast<const int32_t*>(count_dev);
   auto* e = reinterpret_cast<int*>(err);
+  auto* f = reinterpret_cast<int*>(first);
+  if (f != nullptr) {
+    DWDP_CUDA_CHECK(cudaMemsetAsync(f, 0x7f, sizeof(int) * static_cast<size_t>(num_experts), s));  // 0x7f7f7f7f
+    first_occurrence_kernel<<<std::min((count_cap + 255) / 256, 1024), 256, 0, s>>>(id, cnt, count_cap, num_experts, f);
+    DWDP_LAUNCH_CHECK();
+  }
   if (peer_ptr)
     fetch_experts_kernel<true><<<num_blocks, threads, 0, s>>>(tab, num_experts, num_tensors, id, cnt, count_cap, chunk,
-                                                              max_chunks, e);
+                                                              max_chunks, e, f);
   else
     fetch_experts_kernel<false><<<num_blocks, threads, 0, s>>>(tab, num_experts, num_tensors, id, cnt, count_cap,
-                                                               chunk, max_chunks, e);
+                                                               chunk, max_chunks, e, f);
   DWDP_LAUNCH_CHECK();
 }
 

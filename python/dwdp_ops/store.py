@@ -354,6 +354,7 @@ class ExpertStore:
             dev = cp.asarray(rec.view(np.uint8))
             self._cache[key] = dev
             self._cache.setdefault("err", cp.zeros(2, dtype=cp.int32))
+            self._cache.setdefault("first", cp.empty(self.E, dtype=cp.int32))  # repeat detection scratch
         return self._cache[key]
 
     def remote_ids(self) -> np.ndarray:
@@ -380,8 +381,9 @@ class ExpertStore:
         every remote expert) with the SM-driven kernel on ``num_blocks`` SMs. ``peer_ptr``: copy with vector loads
         through the NVLink mapping of the owner's buffer (None = whenever every owner is P2P-reachable, which was
         faster on H200: see docs/benchmarks.md) instead of ``nvshmemx_getmem_nbi_block``. ``count`` is an int or a device int32
-        scalar read by the kernel (no host round trip). Local and repeated ids are fine; out-of-range ids in a
-        device list are skipped and reported by ``check_errors()``; in a host list they raise here."""
+        scalar read by the kernel (no host round trip). Local ids are skipped and a repeated id is fetched once, so
+        a router's ids can be passed as they are; out-of-range ids in a device list are skipped and reported by
+        ``check_errors()``; in a host list they raise here."""
         import cupy as cp
 
         table = self.nvshmem_table(layer)
@@ -418,7 +420,8 @@ class ExpertStore:
             raise ValueError(f"fetch_nvshmem: chunk must be a positive multiple of 16 bytes, got {chunk}")
         self.be.fetch_experts(
             table.data.ptr, self.E, len(self.layout.tensors), d.ptr, count_dev, cap, chunk, -(-max_bytes // chunk),
-            self._cache["err"].data.ptr, peer_ptr, num_blocks, threads, stream_handle(stream),
+            self._cache["err"].data.ptr, self._cache["first"].data.ptr, peer_ptr, num_blocks, threads,
+            stream_handle(stream),
         )
 
     def check_errors(self) -> None:

@@ -32,9 +32,11 @@ void ce_copy(const uint64_t* dsts, const uint64_t* srcs, const uint64_t* sizes, 
 // the device, clamped to count_cap), else count_cap. Ids outside [0, num_experts) are skipped and recorded in
 // err[0] (flag) / err[1] (the id). peer_ptr: copy through the P2P mapping (src_peer) with vector loads instead of
 // nvshmemx_getmem_nbi_block. `chunk` bytes per work item; max_chunks = ceil(max bytes / chunk).
+// `first` (a device int32 scratch of num_experts, or 0): when given, an expert named several times in the list (a
+// router's ids) is fetched once, by its first occurrence; a memset and a pass over the ids find it on the stream.
 void fetch_experts(uintptr_t table, int num_experts, int num_tensors, uintptr_t ids, uintptr_t count_dev,
-                   int count_cap, size_t chunk, int max_chunks, uintptr_t err, bool peer_ptr, int num_blocks,
-                   int threads, uintptr_t stream);
+                   int count_cap, size_t chunk, int max_chunks, uintptr_t err, uintptr_t first, bool peer_ptr,
+                   int num_blocks, int threads, uintptr_t stream);
 
 // Pack: dst + e * dst_stride <- (bytes at src_table[e]) for e in [0, n); src_table is a device array of n
 // pointers. Needs 16-byte aligned pointers, stride and size.

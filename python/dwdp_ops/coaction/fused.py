@@ -71,15 +71,13 @@ class ShardedTable:
         lo = self.rank * self.rows_per_shard
         return lo, min(lo + self.rows_per_shard, self.num_rows)
 
-    def sync(self, stream: Any = None) -> None:
+    def sync(self) -> None:
         """Waits for this device's work and for every rank to reach this point (then all remote gradient adds into
         this rank's ``grad`` are visible)."""
         import cupy as cp
 
         from ..runtime import barrier
 
-        if stream is not None:
-            cp.cuda.ExternalStream(stream_handle(stream)).synchronize()
         cp.cuda.Device().synchronize()
         barrier()
 

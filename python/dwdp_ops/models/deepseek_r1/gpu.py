@@ -9,11 +9,10 @@ the numpy reference; the implementation choices are:
     ``scaled_dot_product_attention`` per request; decode runs the absorbed form batched over the requests
     (``q_nope`` folded into the latent space by ``wkv_b``'s K part, ``wkv_b``'s V part applied after attention);
   * router: the official gate (``select_experts``) on float32 logits;
-  * routed experts: token-expert pairs sorted by expert, then one grouped GEMM per projection (groups aligned to
-    16 rows)
-    (``torch._grouped_mm``, bf16) reading the experts in place from their ``[E, ...]`` view, which for DWDP is the
-    store's composite range (local experts zero-copy, remote ones in the slots: no merge copy). Other dtypes (the
-    float32 check against numpy) loop over the selected experts;
+  * routed experts: token-expert pairs sorted by expert, then one grouped GEMM per projection
+    (``torch._grouped_mm``, bf16, groups aligned to 16 rows) reading the experts in place from their ``[E, ...]``
+    view, which for DWDP is the store's composite range (local experts zero-copy, remote ones in the slots: no merge
+    copy). Other dtypes (the float32 check against numpy) loop over the selected experts;
   * experts come from an ``ExpertSource``: ``DwdpExperts`` (ExpertStore + PrefetchScheduler: ``begin_step``,
     ``wait`` after the router, ``release`` after the expert kernels are enqueued) or ``LocalExperts`` (every expert
     on this GPU: the all-local baseline and oracle, optionally regenerated layer by layer into one buffer);
@@ -33,7 +32,7 @@ from typing import Any
 import numpy as np
 
 from .config import DeepSeekConfig
-from .gpu_weights import require_torch
+from .gpu_weights import dense_shapes, require_torch
 from .reference import yarn_freqs
 
 
@@ -57,8 +56,6 @@ def select_experts_torch(logits, bias, n_group: int, topk_group: int, top_k: int
 class LocalExperts:
     """Every expert of every MoE layer on this GPU (``regenerate``: one ``[E, ...]`` buffer refilled from the weight
     source at each layer, for models whose experts do not all fit)."""
-
-    name = "all-local"
 
     def __init__(self, weights, cfg: DeepSeekConfig, regenerate: bool = False):
         self.weights, self.cfg, self.regenerate = weights, cfg, regenerate
@@ -87,8 +84,6 @@ class LocalExperts:
 class DwdpExperts:
     """The experts of a rank's ``ExpertStore`` under a ``PrefetchScheduler``. MoE position p is store layer p."""
 
-    name = "dwdp"
-
     def __init__(self, store, scheduler, dtype):
         torch = require_torch()
         self.store, self.sched = store, scheduler
@@ -104,19 +99,10 @@ class DwdpExperts:
     def begin_step(self, tokens: int) -> str:
         return self.sched.begin_step(tokens=tokens)
 
-    def unique_ids(self, ids):
-        """The router's ids as the fetch list, each expert once: sorted, repeats replaced by a local expert (which
-        the fetch kernel skips). On the device, without a host round trip; without it a decode step fetched every
-        expert as many times as tokens chose it."""
-        torch = require_torch()
-        s = torch.sort(ids.reshape(-1).to(torch.int32)).values
-        rep = torch.zeros_like(s, dtype=torch.bool)
-        rep[1:] = s[1:] == s[:-1]
-        return torch.where(rep, torch.full_like(s, self.store.lo), s).contiguous()
-
     def weights_for(self, p: int, ids, stream) -> tuple[Any, Any]:
         if self.sched.step_policy == "on_demand":
-            self.sched.wait(p, stream, ids=self.unique_ids(ids))
+            # the router's ids as they are: the fetch kernel fetches a repeated expert once
+            self.sched.wait(p, stream, ids=ids.reshape(-1).to(require_torch().int32).contiguous())
         else:
             self.sched.wait(p, stream)
         return self.views[p]
@@ -153,7 +139,7 @@ class GpuModel:
         torch = require_torch()
         import cupy as cp
 
-        self.cfg, self.W, self.experts = cfg, weights, experts
+        self.cfg, self.experts = cfg, experts
         self.dtype, self.device = weights.dtype, weights.device
         self.max_requests = int(max_requests)
         self.max_seq = int(max_seq or cfg.max_seq_len)
@@ -163,7 +149,7 @@ class GpuModel:
         self.tstream = torch.cuda.ExternalStream(self.stream.ptr, device=self.device)
         self.grouped = (self.dtype == torch.bfloat16 and hasattr(torch, "_grouped_mm")) if grouped is None else grouped
         self.align = int(align)
-        self.P = {n: weights.dense(n) for n in self._dense_names()}
+        self.P = {n: weights.dense(n) for n in dense_shapes(cfg)}
         ang = yarn_freqs(cfg)[: self.max_seq]
         self.cos = torch.from_numpy(np.cos(ang)).float().to(self.device)
         self.sin = torch.from_numpy(np.sin(ang)).float().to(self.device)
@@ -176,11 +162,6 @@ class GpuModel:
         self.timing: StepTiming | None = None
         self.last_policy = None
         self.last_ids: list = []
-
-    def _dense_names(self):
-        from .gpu_weights import dense_shapes
-
-        return list(dense_shapes(self.cfg))
 
     # -- small blocks ------------------------------------------------------------------------------------------------
     def _rms(self, x, w):
@@ -392,27 +373,6 @@ class GpuModel:
         for r, a, b in segments:
             self.lengths[r] += b - a
         return logits
-
-    def generate(self, prompts: list[list[int]], steps: int, on_step=None):
-        """Greedy decoding of every prompt (request slots 0..n-1): prefill, then ``steps - 1`` decode steps.
-        Returns ``(tokens [n][steps], logits list of [n, vocab] float32 host arrays)``. ``on_step(i, logits)`` is
-        called after each step."""
-        n = len(prompts)
-        if n > self.max_requests:
-            raise ValueError(f"{n} prompts exceed max_requests {self.max_requests}")
-        reqs = list(range(n))
-        logits = self.forward(reqs, prompts)
-        out, all_logits = [[] for _ in range(n)], []
-        for i in range(steps):
-            if i:
-                logits = self.forward(reqs, [[o[-1]] for o in out])
-            host = logits.cpu().numpy()
-            all_logits.append(host)
-            for r in range(n):
-                out[r].append(int(np.argmax(host[r])))
-            if on_step is not None:
-                on_step(i, host)
-        return out, all_logits
 
 
 def dense_gemm_tflops(n: int = 8192, dtype: Any = None, repeats: int = 10) -> float:
