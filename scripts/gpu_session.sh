@@ -7,7 +7,6 @@
 #   overlap   build + prefetch_overlap                                                issue 4
 #   can       build + coaction_bench + CAN-DNN/DNN training on the GPU (3 seeds)      issue 6
 #   deepseek  build + deepseek_forward + demo (JSON and a short text run)             issue 5
-#   probe     build + NVSHMEM registration probes
 #   all       tests, fetch, overlap, can, deepseek (longer than one 10-minute device call: use one mode per call)
 set -uo pipefail
 FINAL=${OUT:-$PWD/gpu_out}; mkdir -p "$FINAL"
@@ -60,15 +59,6 @@ if want deepseek; then
   echo "demo rc=$?"; tail -5 "$OUT/demo.log"
   timeout 120 python3 -m dwdp_ops demo --no-check --moe-layers 2 --steps 4 --prompts 2 --max-len 128 > "$OUT/demo_text.txt" 2>&1
   echo "demo text rc=$?"; tail -8 "$OUT/demo_text.txt"
-fi
-if want probe; then
-  timeout 120 python3 -m dwdp_ops.launch -n 2 --timeout 100 scripts/probe_register_unit.py 1024 1024 2>&1 | grep -E "registered|refused|failed" | head -6
-  for g in default 33554432 2097152; do
-    for mib in 32 512; do
-      if [[ $g == default ]]; then e=""; else e="NVSHMEM_CUMEM_GRANULARITY=$g"; fi
-      env $e timeout 90 python3 -m dwdp_ops.launch -n 2 --timeout 80 scripts/probe_register_unit.py $mib 2>&1 | grep -E "registered|refused|failed" | head -3
-    done
-  done
 fi
 cp bench/results/*.json "$OUT/" 2>/dev/null
 tar czf "$FINAL/outputs.tgz" -C "$OUT" . && cp "$OUT/machine.txt" "$FINAL/"
