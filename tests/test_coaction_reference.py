@@ -155,3 +155,31 @@ def test_fused_launch_shape_fits_the_default_and_refuses_what_cannot_fit():
     assert bsmem > smem  # the backward keeps gradients and dz rows too
     assert launch_shape(CoActionSpec(order_independent=True), backward=True)[1] > bsmem
     assert launch_shape(CoActionSpec(layer_dims=((256, 256), (256, 256))), backward=True)[0] == 0
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_one_signature_with_the_gpu_op(seed):
+    """``coaction_forward(ind, feed, mask, CoActionSpec())`` and the table + ids form, as the GPU op takes them."""
+    rng = np.random.default_rng(seed)
+    spec = CoActionSpec(((4, 3), (3, 2)), orders=2, bias=True)
+    B, T, rows_i, rows_f = 5, 7, 9, 11
+    table_i = rng.standard_normal((rows_i, spec.induction_dim))
+    table_f = rng.standard_normal((rows_f, spec.feed_dim)) * 0.5
+    ind_ids = rng.integers(0, rows_i, B)
+    feed_ids = rng.integers(0, rows_f, (B, T))
+    mask = (rng.random((B, T)) < 0.7).astype(np.float32)
+    gathered = coaction_forward(table_i[ind_ids], table_f[feed_ids], mask, spec)
+    np.testing.assert_allclose(coaction_forward(table_i, table_f, mask, spec, ind_ids=ind_ids, feed_ids=feed_ids), gathered)
+    legacy = coaction_forward(table_i[ind_ids], table_f[feed_ids], mask, spec.layer_dims, spec.orders, spec.bias)
+    np.testing.assert_array_equal(legacy, gathered)
+    g = rng.standard_normal(gathered.shape)
+    gi, gf = coaction_backward(table_i[ind_ids], table_f[feed_ids], mask, g, spec)
+    ti, tf = coaction_backward(table_i, table_f, mask, g, spec, ind_ids=ind_ids, feed_ids=feed_ids)
+    want_i = np.zeros_like(table_i)
+    np.add.at(want_i, ind_ids, gi)
+    want_f = np.zeros_like(table_f)
+    np.add.at(want_f, feed_ids.reshape(-1), gf.reshape(-1, spec.feed_dim))
+    np.testing.assert_allclose(ti, want_i, rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(tf, want_f, rtol=1e-12, atol=1e-12)
+    with pytest.raises(ValueError, match="ind_ids must be in"):
+        coaction_forward(table_i, table_f, mask, spec, ind_ids=ind_ids + rows_i, feed_ids=feed_ids)

@@ -43,6 +43,13 @@ PYBIND11_MODULE(_C, m) {
   m.def("my_pe", &dwdp::my_pe);
   m.def("n_pes", &dwdp::n_pes);
   m.def("device", &dwdp::device);
+  m.def("p2p_native_atomics", &dwdp::p2p_native_atomics, py::arg("peer_bus_id"),
+        "1 / 0: native atomics between this GPU and the peer (PCI bus id); -1: the peer is not visible here");
+  m.def("pci_bus_id", &dwdp::pci_bus_id, "PCI bus id of this rank's GPU");
+  m.def("stream_is_capturing", &dwdp::stream_is_capturing, py::arg("stream"));
+  m.def("event_record", &dwdp::event_record, py::arg("event"), py::arg("stream"),
+        "records a cudaEvent_t on a stream; inside a graph capture as an external record node (re-recorded by "
+        "every replay)");
   m.def("barrier_all", &dwdp::barrier_all, py::call_guard<py::gil_scoped_release>());
   m.def("symmetric_malloc", &dwdp::symmetric_malloc, py::arg("nbytes"), py::arg("alignment") = 256,
         py::call_guard<py::gil_scoped_release>());

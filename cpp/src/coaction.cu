@@ -257,7 +257,7 @@ __global__ void __launch_bounds__(kWarpsMax * 32) backward_kernel(CoActionDims d
   float* gdst = reinterpret_cast<float*>(rows.grad[shard]) + local * d.ind_dim;
   for (int i = lane; i < d.ind_dim; i += 32) {
     if (ind_ids)
-      atomicAdd(&gdst[i], gW[i]);  // a peer's shard: a remote atomic over NVLink
+      atomicAdd_system(&gdst[i], gW[i]);  // maybe a peer's shard: system scope, so peers' adds are atomic with ours
     else
       gdst[i] = gW[i];
   }
@@ -304,6 +304,7 @@ int prepare(const CoActionDims& d, bool backward, const void* kernel, size_t* sm
 void coaction_forward(const CoActionDims& d, int dtype, int B, int T, const CoActionRows& rows, uintptr_t ind_ids,
                       uintptr_t feed, uintptr_t feed_ids, uintptr_t mask, uintptr_t out, uintptr_t stream) {
   check_rows(rows);
+  DeviceGuard guard(device_of(out, "coaction_forward: out"));
   auto s = reinterpret_cast<cudaStream_t>(stream);
   const Geo g(d, false);
   auto launch = [&](auto kernel, auto tag) {
@@ -327,6 +328,7 @@ void coaction_backward(const CoActionDims& d, int dtype, int B, int T, const CoA
                        uintptr_t stream) {
   check_rows(rows);
   for (int i = 0; i < rows.shards; ++i) DWDP_REQUIRE(rows.grad[i] != 0, "co-action: shard " << i << " has no gradient");
+  DeviceGuard guard(device_of(grad_feed, "coaction_backward: grad_feed"));
   auto s = reinterpret_cast<cudaStream_t>(stream);
   const Geo g(d, true);
   auto launch = [&](auto kernel, auto tag) {

@@ -21,7 +21,7 @@ __global__ void getmem_kernel(char* __restrict__ dst, const char* __restrict__ s
   nvshmem_quiet();
 }
 
-// Block-wide copy of n bytes (16-byte aligned pointers and n % 16 == 0), 4 vectors in flight per thread.
+// Block-wide copy of n16 16-byte vectors (16-byte aligned pointers), 4 vectors in flight per thread.
 __device__ __forceinline__ void block_copy16(uint4* __restrict__ dst, const uint4* __restrict__ src, size_t n16) {
   constexpr int kUnroll = 4;
   size_t i = threadIdx.x;
@@ -73,6 +73,9 @@ __global__ void fetch_experts_kernel(const ExpertCopy* __restrict__ table, int n
     const size_t n = cp.bytes - off < chunk ? cp.bytes - off : chunk;
     if constexpr (kPeerPtr) {
       block_copy16(reinterpret_cast<uint4*>(cp.dst + off), reinterpret_cast<const uint4*>(cp.src_peer + off), n / 16);
+      // the tail of a tensor whose size is not a multiple of 16 bytes (only the last chunk has one), byte by byte
+      for (size_t b = (n & ~size_t(15)) + threadIdx.x; b < n; b += blockDim.x)
+        reinterpret_cast<char*>(cp.dst + off)[b] = reinterpret_cast<const char*>(cp.src_peer + off)[b];
     } else {
       nvshmemx_getmem_nbi_block(reinterpret_cast<void*>(cp.dst + off), reinterpret_cast<const void*>(cp.src + off), n,
                                 cp.pe);
@@ -94,7 +97,7 @@ __global__ void pack_kernel(uint4* __restrict__ dst, size_t dst_stride16, const 
 }  // namespace
 
 void getmem(uintptr_t dst, uintptr_t src, size_t bytes, int pe, uintptr_t stream, int num_blocks, int threads) {
-  DWDP_REQUIRE(device() >= 0, "getmem: the NVSHMEM runtime is not initialized");
+  require_initialized("getmem");
   DWDP_REQUIRE(pe >= 0 && pe < n_pes(), "getmem: pe must be in [0, " << n_pes() << "), got " << pe);
   DWDP_REQUIRE(num_blocks >= 1 && num_blocks <= 65535, "getmem: num_blocks must be in [1, 65535], got " << num_blocks);
   DWDP_REQUIRE(threads >= 32 && threads <= 1024 && threads % 32 == 0,
@@ -108,7 +111,7 @@ void getmem(uintptr_t dst, uintptr_t src, size_t bytes, int pe, uintptr_t stream
 
 void ce_copy(const uint64_t* dsts, const uint64_t* srcs, const uint64_t* sizes, size_t n, uintptr_t stream,
              bool batched) {
-  DWDP_REQUIRE(device() >= 0, "ce_copy: the NVSHMEM runtime is not initialized");
+  require_initialized("ce_copy");
   if (n == 0) return;
   DeviceGuard guard(device());
   auto s = reinterpret_cast<cudaStream_t>(stream);
@@ -137,7 +140,7 @@ void ce_copy(const uint64_t* dsts, const uint64_t* srcs, const uint64_t* sizes, 
 void fetch_experts(uintptr_t table, int num_experts, int num_tensors, uintptr_t ids, uintptr_t count_dev,
                    int count_cap, size_t chunk, int max_chunks, uintptr_t err, uintptr_t first, bool peer_ptr,
                    int num_blocks, int threads, uintptr_t stream) {
-  DWDP_REQUIRE(device() >= 0, "fetch_experts: the NVSHMEM runtime is not initialized");
+  require_initialized("fetch_experts");
   DWDP_REQUIRE(num_blocks >= 1 && num_blocks <= 65535, "fetch_experts: num_blocks must be in [1, 65535]");
   DWDP_REQUIRE(threads >= 32 && threads <= 1024 && threads % 32 == 0, "fetch_experts: bad thread count " << threads);
   DWDP_REQUIRE(chunk >= 16 && chunk % 16 == 0, "fetch_experts: chunk must be a positive multiple of 16 bytes");
@@ -170,6 +173,7 @@ void pack_experts(uintptr_t dst, size_t dst_stride, uintptr_t src_table, size_t 
   DWDP_REQUIRE(bytes <= dst_stride, "pack_experts: " << bytes << " bytes do not fit a stride of " << dst_stride);
   DWDP_REQUIRE(n >= 0 && n <= 65535, "pack_experts: at most 65535 experts per call");
   if (n == 0 || bytes == 0) return;
+  DeviceGuard guard(device_of(dst, "pack_experts: destination"));
   const size_t n16 = bytes / 16;
   const int threads = 256;
   const int bx = static_cast<int>(std::min<size_t>((n16 + threads - 1) / threads, 1024));

@@ -17,11 +17,6 @@ int g_device = -1;
 bool g_initialized = false;
 bool g_finalized = false;
 
-void require_initialized(const char* what) {
-  if (g_finalized) throw std::runtime_error(std::string(what) + ": the NVSHMEM runtime was finalized");
-  if (!g_initialized) throw std::runtime_error(std::string(what) + ": the NVSHMEM runtime is not initialized");
-}
-
 void require_device(int device) {
   auto [count, why] = cuda_device_count();
   if (count == 0) throw std::runtime_error("no CUDA GPU is usable: " + why);
@@ -30,6 +25,11 @@ void require_device(int device) {
 }
 
 }  // namespace
+
+void require_initialized(const char* what) {
+  if (g_finalized) throw std::runtime_error(std::string(what) + ": the NVSHMEM runtime was finalized");
+  if (!g_initialized) throw std::runtime_error(std::string(what) + ": the NVSHMEM runtime is not initialized");
+}
 
 std::pair<int, std::string> cuda_device_count() {
   int n = 0;
@@ -99,6 +99,7 @@ void finalize() {
   }
   g_initialized = false;
   g_finalized = true;
+  g_device = -1;  // kernels launched after finalize find no runtime (require_initialized) instead of a stale device
 }
 
 int init_status() { return nvshmemx_init_status(); }
@@ -114,6 +115,41 @@ int n_pes() {
 }
 
 int device() { return g_device; }
+
+int p2p_native_atomics(const std::string& peer_bus_id) {
+  require_initialized("p2p_native_atomics");
+  int peer = -1;
+  if (cudaDeviceGetByPCIBusId(&peer, peer_bus_id.c_str()) != cudaSuccess) {
+    cudaGetLastError();
+    return -1;  // the peer's GPU is not visible to this process: nothing can be asked about it
+  }
+  if (peer == g_device) return 1;
+  int v = 0;
+  DWDP_CUDA_CHECK(cudaDeviceGetP2PAttribute(&v, cudaDevP2PAttrNativeAtomicSupported, g_device, peer));
+  return v;
+}
+
+std::string pci_bus_id() {
+  require_initialized("pci_bus_id");
+  char buf[64] = {0};
+  DWDP_CUDA_CHECK(cudaDeviceGetPCIBusId(buf, sizeof(buf), g_device));
+  return std::string(buf);
+}
+
+bool stream_is_capturing(uintptr_t stream) {
+  cudaStreamCaptureStatus st = cudaStreamCaptureStatusNone;
+  DWDP_CUDA_CHECK(cudaStreamIsCapturing(reinterpret_cast<cudaStream_t>(stream), &st));
+  return st == cudaStreamCaptureStatusActive;
+}
+
+void event_record(uintptr_t event, uintptr_t stream) {
+  auto s = reinterpret_cast<cudaStream_t>(stream);
+  auto e = reinterpret_cast<cudaEvent_t>(event);
+  // Inside a capture a plain record only orders the capture; an external record becomes a graph node that
+  // records the event again at every replay, so eager work after replays can wait for them.
+  DWDP_CUDA_CHECK(stream_is_capturing(stream) ? cudaEventRecordWithFlags(e, s, cudaEventRecordExternal)
+                                              : cudaEventRecord(e, s));
+}
 
 void barrier_all() {
   require_initialized("barrier_all");

@@ -4,6 +4,7 @@
 #pragma once
 #include <cuda_runtime.h>
 
+#include <cstdint>
 #include <sstream>
 #include <stdexcept>
 #include <string>
@@ -55,5 +56,18 @@ class DeviceGuard {
   int prev_ = 0;
   bool changed_ = false;
 };
+
+// The device that owns device memory at ptr (a kernel is launched there, whatever the caller's current device).
+inline int device_of(uintptr_t ptr, const char* what) {
+  cudaPointerAttributes attr{};
+  cudaError_t err = cudaPointerGetAttributes(&attr, reinterpret_cast<const void*>(ptr));
+  if (err != cudaSuccess) throw_cuda(err, what, __FILE__, __LINE__);
+  if (attr.type != cudaMemoryTypeDevice && attr.type != cudaMemoryTypeManaged) {
+    std::ostringstream os;
+    os << what << ": address 0x" << std::hex << ptr << " is not device memory";
+    throw std::invalid_argument(os.str());
+  }
+  return attr.device;
+}
 
 }  // namespace dwdp

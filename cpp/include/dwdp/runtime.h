@@ -27,6 +27,15 @@ int init_status();
 int my_pe();
 int n_pes();
 int device();
+// Throws unless init() succeeded and finalize() has not run; every kernel entry point that needs NVSHMEM calls it.
+void require_initialized(const char* what);
+// 1 when this device and the peer GPU (PCI bus id) have native atomics over their link, 0 when not, -1 when the
+// peer is not visible to this process.
+int p2p_native_atomics(const std::string& peer_bus_id);
+std::string pci_bus_id();
+bool stream_is_capturing(uintptr_t stream);
+// cudaEventRecord, or an external event-record node when the stream is being captured (replays re-record it).
+void event_record(uintptr_t event, uintptr_t stream);
 // Host-side nvshmem_barrier_all (all PEs; completes outstanding puts and gets first).
 void barrier_all();
 // Collective symmetric allocation / free; addresses are returned as integers (device pointers).

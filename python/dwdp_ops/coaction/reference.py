@@ -131,24 +131,65 @@ def _forward_order(spec: CoActionSpec, induction, feed, mask, c):
     return pooled, hs
 
 
+def _spec_of(spec, layer_dims, orders, bias, order_independent, variant) -> CoActionSpec:
+    """The spec from either a ``CoActionSpec`` (the GPU op's signature) or the legacy keyword form."""
+    if isinstance(spec, CoActionSpec):
+        return spec
+    if spec is not None:  # legacy positional layer_dims
+        layer_dims = spec
+    return CoActionSpec(layer_dims, orders, bias, order_independent, variant)
+
+
+def _gather(xp, table, ids, what: str, shape_hint: str):
+    ids = xp.asarray(ids)
+    if ids.dtype.kind not in "iu":
+        raise TypeError(f"{what} must be integer row ids, got {ids.dtype}")
+    if ids.size and (int(ids.min()) < 0 or int(ids.max()) >= table.shape[0]):
+        raise ValueError(f"{what} must be in [0, {table.shape[0]}) (the table's rows)")
+    if table.ndim != 2:
+        raise ValueError(f"with {what} the table must be 2-D {shape_hint}, got shape {list(table.shape)}")
+    return table[ids], ids
+
+
 def coaction_forward(
     induction: np.ndarray,
     feed: np.ndarray,
     mask: np.ndarray,
-    layer_dims=((16, 8), (8, 4)),
+    spec: CoActionSpec | tuple | None = None,
     orders: int = 3,
     bias: bool = False,
     *,
+    ind_ids=None,
+    feed_ids=None,
+    layer_dims=((16, 8), (8, 4)),
     order_independent: bool = False,
     variant: Variant = "code",
 ) -> np.ndarray:
-    """The co-action output ``[B, C * sum(d_out)]`` (``[B, sum(d_out)]`` for ``variant="paper"``)."""
-    spec = CoActionSpec(layer_dims, orders, bias, order_independent, variant)
+    """The co-action output ``[B, C * sum(d_out)]`` (``[B, sum(d_out)]`` for ``variant="paper"``).
+
+    The same signature as ``coaction_forward_gpu``: ``induction`` is gathered rows ``[B, D']`` or a table
+    ``[rows, D']`` with ``ind_ids [B]``; ``feed`` is ``[B, T, D]`` or a table ``[rows, D]`` with ``feed_ids [B, T]``;
+    ``mask [B, T]``; ``spec`` a ``CoActionSpec`` (or, the older form, ``layer_dims, orders, bias`` and the keyword
+    options). Returns a new array; any array module (numpy or CuPy)."""
+    spec = _spec_of(spec, layer_dims, orders, bias, order_independent, variant)
     xp = _xp(induction, feed, mask)
     induction, feed, mask = xp.asarray(induction), xp.asarray(feed), xp.asarray(mask)
+    if ind_ids is not None:
+        induction, _ = _gather(xp, induction, ind_ids, "ind_ids", "[rows, D']")
+    if feed_ids is not None:
+        feed, _ = _gather(xp, feed, feed_ids, "feed_ids", "[rows, D]")
     spec.check(induction, feed, mask)
-    outs = [_forward_order(spec, induction, feed, mask, c)[0] for c in range(1, orders + 1)]
-    return sum(outs) if variant == "paper" else xp.concatenate(outs, axis=-1)
+    outs = [_forward_order(spec, induction, feed, mask, c)[0] for c in range(1, spec.orders + 1)]
+    return sum(outs) if spec.variant == "paper" else xp.concatenate(outs, axis=-1)
+
+
+def _scatter_add(xp, table, ids, rows) -> None:
+    if xp is np:
+        np.add.at(table, ids, rows)
+    else:  # CuPy
+        import cupyx
+
+        cupyx.scatter_add(table, ids, rows)
 
 
 def coaction_backward(
@@ -156,18 +197,37 @@ def coaction_backward(
     feed: np.ndarray,
     mask: np.ndarray,
     grad_out: np.ndarray,
-    layer_dims=((16, 8), (8, 4)),
+    spec: CoActionSpec | tuple | None = None,
     orders: int = 3,
     bias: bool = False,
     *,
+    ind_ids=None,
+    feed_ids=None,
+    layer_dims=((16, 8), (8, 4)),
     order_independent: bool = False,
     variant: Variant = "code",
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Gradients ``(d loss / d induction [B, D'], d loss / d feed [B, T, D])`` given ``d loss / d output``."""
-    spec = CoActionSpec(layer_dims, orders, bias, order_independent, variant)
+    """Gradients ``(d loss / d induction, d loss / d feed)`` given ``d loss / d output [B, out_dim]``, shaped like
+    ``induction`` and ``feed``: ``[B, D']`` / ``[B, T, D]``, or table-shaped when ids are given (repeated ids add
+    up), as ``coaction_backward_gpu`` returns them."""
+    spec = _spec_of(spec, layer_dims, orders, bias, order_independent, variant)
     xp = _xp(induction, feed, mask, grad_out)
     induction, feed, mask = xp.asarray(induction), xp.asarray(feed), xp.asarray(mask)
+    if ind_ids is not None or feed_ids is not None:
+        rows_i, ids_i = _gather(xp, induction, ind_ids, "ind_ids", "[rows, D']") if ind_ids is not None else (induction, None)
+        rows_f, ids_f = _gather(xp, feed, feed_ids, "feed_ids", "[rows, D]") if feed_ids is not None else (feed, None)
+        g_i, g_f = coaction_backward(rows_i, rows_f, mask, grad_out, spec)
+        if ids_i is not None:
+            t = xp.zeros(induction.shape, dtype=g_i.dtype)
+            _scatter_add(xp, t, ids_i.reshape(-1), g_i.reshape(-1, induction.shape[1]))
+            g_i = t
+        if ids_f is not None:
+            t = xp.zeros(feed.shape, dtype=g_f.dtype)
+            _scatter_add(xp, t, ids_f.reshape(-1), g_f.reshape(-1, feed.shape[1]))
+            g_f = t
+        return g_i, g_f
     spec.check(induction, feed, mask)
+    orders, bias, order_independent, variant = spec.orders, spec.bias, spec.order_independent, spec.variant
     grad_out = xp.asarray(grad_out)
     if grad_out.shape != (feed.shape[0], spec.out_dim):
         raise ValueError(f"grad_out must be [B, {spec.out_dim}], got {grad_out.shape}")
