@@ -209,3 +209,42 @@ def test_expected_distinct_and_auto_rule():
         expected_distinct(8, 9, 1)
     with pytest.raises(ValueError):
         choose_policy(8, 4, 2, 1, 0, 1)
+
+
+@pytest.mark.parametrize("kw, match", [
+    ({"policy": "fast"}, "policy must be 'prefetch_all', 'on_demand' or 'auto'"),
+    ({"top_k": 0}, r"top_k must be in \[1, 8\]"),
+    ({"top_k": 2.5}, r"top_k must be in \[1, 8\]"),
+    ({"schedule": "random"}, "schedule must be"),
+    ({"nvshmem_blocks": 0}, "nvshmem_blocks must be"),
+    ({"ce_gbps": 0}, "must be positive"),
+])
+def test_bad_arguments_are_named_before_any_gpu_work(kw, match):
+    """No stand-in streams or events: the constructor must fail on the argument before creating CUDA objects."""
+    with pytest.raises(ValueError, match=match):
+        PrefetchScheduler(FakeStore(2), **kw)
+
+
+def test_abort_after_a_failed_step_lets_the_next_step_start():
+    cs = Stream("copy")
+    cs.synced = 0
+
+    def sync():
+        cs.synced += 1
+
+    cs.synchronize = sync
+    sched = PrefetchScheduler(FakeStore(4), copy_stream=cs, event_factory=lambda: Event("e"))
+    compute = Stream("compute")
+    with pytest.raises(KeyError):
+        with sched.step(tokens=10) as policy:
+            assert policy == "prefetch_all"
+            sched.wait(0, compute)
+            raise KeyError("the model failed between wait and release")
+    assert cs.synced == 1  # abort waited for the prefetches in flight
+    assert sched.begin_step(tokens=10) == "prefetch_all"  # not "layers [0, 1] were not released"
+    for p in range(4):
+        sched.wait(p, compute)
+        sched.release(p, compute)
+    with pytest.raises(RuntimeError, match="call abort"):
+        sched.begin_step(tokens=10)
+        sched.begin_step(tokens=10)

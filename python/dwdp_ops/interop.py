@@ -86,3 +86,14 @@ def stream_handle(stream: Any) -> int:
     if hasattr(stream, "__cuda_stream__"):
         return int(stream.__cuda_stream__()[1])
     raise TypeError(f"stream must be a CuPy/PyTorch/cuda.core stream or an integer handle, got {type(stream).__name__}")
+
+
+def cupy_stream(stream: Any):
+    """A CuPy stream for ``stream`` (any handle ``stream_handle`` takes), for ``with cupy_stream(s): ...`` blocks: CuPy
+    allocations, fills and copies inside the block are enqueued on ``s``, and a temporary freed afterwards returns to
+    the memory pool of ``s`` (CuPy's pool is stream-ordered), so a later allocation can reuse it only behind the work
+    already queued on ``s``."""
+    import cupy
+
+    h = stream_handle(stream)
+    return cupy.cuda.ExternalStream(h) if h else cupy.cuda.Stream.null

@@ -21,6 +21,11 @@ Invariants:
      previous user of its slot by stream order, waiting on no event recorded outside, which is what makes a decode
      step capturable in a CUDA graph. Its ``release`` still records consumed, so that a later prefetch into the
      slot waits for these reads.
+  6. Graphs and eager steps mix: inside a capture, ``release`` records consumed as an *external* event-record node,
+     so every replay records it again and an eager ``prefetch_all`` step after replays waits for their reads.
+  7. A step that fails half-way (an exception between ``begin_step`` and the last ``release``) is ended by
+     ``abort()``, which waits for the prefetches in flight and clears them; ``with sched.step(tokens=T):`` calls it
+     on an exception. The next ``begin_step`` then starts cleanly.
 
 Policies (per step, from ``begin_step(tokens=...)`` when the scheduler's policy is ``auto``):
   ``prefetch_all``  every remote expert of the layer, before routing, by the copy engine (hidden behind compute);
@@ -34,8 +39,10 @@ Policies (per step, from ``begin_step(tokens=...)`` when the scheduler's policy 
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any, Literal
 
+from .interop import stream_handle
 from .schedule import DEFAULT_SLICE, Schedule
 from .store import ExpertStore
 
@@ -82,17 +89,24 @@ class PrefetchScheduler:
         GEMMs need its data), and 32 SMs reached 90 % of the copy engine on 4 x H200 (docs/benchmarks.md).
         ``copy_stream`` and ``event_factory`` (a callable returning an event with ``record(stream)``) default to
         a new non-blocking CuPy stream and ``cupy.cuda.Event(disable_timing=True)``; tests pass stand-ins."""
+        # Validate everything before touching the GPU, so that a bad argument is named, not met as a CUDA error.
+        if policy not in ("prefetch_all", "on_demand", "auto"):
+            raise ValueError(f"policy must be 'prefetch_all', 'on_demand' or 'auto', got {policy!r}")
+        if isinstance(top_k, bool) or not isinstance(top_k, int) or not 1 <= top_k <= store.E:
+            raise ValueError(f"top_k must be in [1, {store.E}] (an int: the layer's experts), got {top_k!r}")
+        if schedule not in ("staggered", "per_peer", "interleaved"):
+            raise ValueError(f"schedule must be 'staggered', 'per_peer' or 'interleaved', got {schedule!r}")
+        if not 1 <= nvshmem_blocks <= 65535:
+            raise ValueError(f"nvshmem_blocks must be in [1, 65535], got {nvshmem_blocks}")
+        if ce_gbps <= 0 or sm_gbps <= 0:
+            raise ValueError(f"ce_gbps and sm_gbps must be positive, got {ce_gbps} and {sm_gbps}")
+        if store.parities != min(2, store.num_layers):
+            raise ValueError("the store must have two slot parities (one for a single layer)")
         if copy_stream is None or event_factory is None:
             import cupy as cp
 
             copy_stream = copy_stream or cp.cuda.Stream(non_blocking=True)
             event_factory = event_factory or (lambda: cp.cuda.Event(disable_timing=True))
-        if policy not in ("prefetch_all", "on_demand", "auto"):
-            raise ValueError(f"policy must be 'prefetch_all', 'on_demand' or 'auto', got {policy!r}")
-        if not 1 <= top_k <= store.E:
-            raise ValueError(f"top_k must be in [1, {store.E}] (the layer's experts), got {top_k}")
-        if store.parities != min(2, store.num_layers):
-            raise ValueError("the store must have two slot parities (one for a single layer)")
         self.store, self.policy, self.top_k = store, policy, top_k
         self.schedule, self.slice_bytes = schedule, slice_bytes
         self.batched = (schedule == "interleaved") if batched is None else batched
@@ -128,13 +142,41 @@ class PrefetchScheduler:
         if not 1 <= n <= self.store.num_layers:
             raise ValueError(f"begin_step: num_layers {n} is outside [1, {self.store.num_layers}]")
         if self._in_flight:
-            raise RuntimeError(f"begin_step: layers {sorted(self._in_flight)} of the previous step were not released")
+            raise RuntimeError(
+                f"begin_step: layers {sorted(self._in_flight)} of the previous step were not released; release them, "
+                "or call abort() after a failed step"
+            )
         self.num_layers = n
         self.step_policy = self.policy_for(tokens or 0)
         if self.step_policy == "prefetch_all":
             for p in range(min(2, self.num_layers)):
                 self._prefetch(p)
         return self.step_policy
+
+    def abort(self) -> None:
+        """Ends a step that failed half-way: waits for the prefetches in flight (the copy stream) and forgets them.
+        Consumed events stay as recorded, so the next prefetch into a slot still waits for the reads queued before."""
+        if self._in_flight:
+            self.copy_stream.synchronize()
+            self._in_flight.clear()
+
+    @contextlib.contextmanager
+    def step(self, tokens: int | None = None, num_layers: int | None = None):
+        """``with sched.step(tokens=T) as policy:`` runs ``begin_step`` and, if the body raises, ``abort()``."""
+        policy = self.begin_step(tokens=tokens, num_layers=num_layers)
+        try:
+            yield policy
+        except BaseException:
+            self.abort()
+            raise
+
+    def _record(self, event: Any, stream: Any) -> None:
+        """Records ``event`` on ``stream``; inside a capture as an external node (invariant 6)."""
+        ptr = getattr(event, "ptr", None)
+        if isinstance(ptr, int) and hasattr(self.store, "be"):
+            self.store.be.event_record(ptr, stream_handle(stream))
+        else:  # stand-in events of the protocol tests
+            event.record(stream)
 
     def _prefetch(self, layer: int) -> None:
         slot = layer % 2
@@ -178,7 +220,7 @@ class PrefetchScheduler:
         self._check(layer)
         slot = layer % 2
         # Recorded under every policy: an on_demand step's reads must also hold off a later step's prefetch.
-        self.consumed[slot].record(stream)
+        self._record(self.consumed[slot], stream)
         if self.step_policy == "prefetch_all":
             self._in_flight.discard(layer)
             if layer + 2 < self.num_layers:

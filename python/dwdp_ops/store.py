@@ -22,9 +22,19 @@ Invariants:
   * Geometry (partition, layout, layer count) is identical on every rank: checked collectively at construction.
   * Layers of the same parity share slots: fetching layer l overwrites what layer l-2 fetched. The caller orders
     this (the prefetch scheduler's consumed events); the store does not.
-  * Construction failure releases everything already created, in reverse order; ``close()`` does the same for a
-    built store and is collective (it unregisters symmetric memory).
-  * A released layer's views and fetches raise instead of touching memory.
+  * Construction is collective and runs in three phases (local storage, symmetric registration, slots and views);
+    after each phase the ranks agree on the control plane, so a failure on any rank makes every rank release what it
+    created (in reverse order) and raise the same error naming the failed ranks, instead of leaving peers waiting in
+    NVSHMEM. Errors met while releasing are reported (an exception note, or a DwdpError from ``close()``), never
+    swallowed. ``close()`` is collective (it unregisters symmetric memory).
+  * Stream order: everything a call enqueues (kernels, copies, and the temporaries it allocates, such as a host id
+    list copied to the device) goes on the caller's stream; a temporary returns to the memory pool of that stream
+    (CuPy's pool is stream-ordered), so it is reused only behind the work that reads it. Plans and descriptor tables
+    are built once, synchronously, before any stream reads them (``prepare``); a CUDA-graph capture never builds one.
+  * Per-stream scratch: the repeat-detection array and the error flag of ``fetch_nvshmem`` exist once per stream, so
+    fetches on different streams never share them. A graph captured on stream S uses S's scratch.
+  * Lifetimes: ``release(layer)`` makes the layer's views and fetches raise, but its device tables stay alive until
+    ``close()`` (a fetch already queued may still read them). After ``dwdp_ops.finalize()`` every call raises.
 """
 
 from __future__ import annotations
@@ -36,7 +46,7 @@ from typing import Any
 import numpy as np
 
 from .errors import DwdpError
-from .interop import device_buffer, stream_handle
+from .interop import cupy_stream, device_buffer, stream_handle
 from .layout import ExpertLayout, local_allocation_bytes, registration_overhead
 from .partition import ExpertPartition
 from .runtime import Runtime, get_runtime
@@ -79,10 +89,12 @@ class ExpertStore:
                 "be mapped whole into the composite view. Leave NVSHMEM_CUMEM_GRANULARITY unset (dwdp_ops.init sets "
                 "2 MiB) or set it to the page size."
             )
-        self._undo: list[Callable[[], None]] = []
+        self._undo: list[tuple[str, Callable[[], None]]] = []
         self._released: set[int] = set()
         self._closed = False
         self._cache: dict[Any, Any] = {}
+        self._scratch: dict[int, tuple[Any, Any]] = {}  # stream handle -> (error flag [2], first occurrence [E])
+        self._retired: list[Any] = []  # device tables of released layers, freed at close()
         geometry = json.dumps(
             [partition.num_experts, partition.experts_per_rank, partition.stride, num_layers,
              [[t.name, list(t.shape), t.dtype] for t in layout.tensors], layout.page, register_unit]
@@ -95,45 +107,87 @@ class ExpertStore:
         if layout.page % gran:
             raise ValueError(f"layout page {layout.page} is not a multiple of the device's VMM granularity {gran}")
         try:
-            self._build()
-        except BaseException:
-            self._rollback()
+            for phase, build in (("local storage", self._build_local), ("registration", self._build_register),
+                                 ("slots and views", self._build_views)):
+                failure = None
+                try:
+                    build()
+                except Exception as e:  # noqa: BLE001 - every rank must learn of it before anyone raises
+                    failure = e
+                self._agree(phase, failure)
+        except BaseException as e:
+            self._rollback(e)
             raise
 
     # -- construction ----------------------------------------------------------------------------------------
-    def _push(self, undo: Callable[[], None]) -> None:
-        self._undo.append(undo)
+    def _agree(self, phase: str, failure: BaseException | None) -> None:
+        """All ranks report how ``phase`` went; if it failed anywhere, every rank raises the same DwdpError."""
+        mine = b"" if failure is None else f"{type(failure).__name__}: {failure}".encode()
+        views = self.rt.rendezvous.allgather(f"ExpertStore:{phase}", mine)
+        failed = {r: v.decode(errors="replace") for r, v in enumerate(views) if v}
+        if failed:
+            detail = "; ".join(f"rank {r}: {m}" for r, m in sorted(failed.items()))
+            raise DwdpError(
+                f"ExpertStore construction failed in phase '{phase}' on rank(s) {sorted(failed)} ({detail}); every "
+                "rank released what it had created"
+            ) from failure
 
-    def _rollback(self) -> None:
+    def _push(self, what: str, undo: Callable[[], None]) -> None:
+        self._undo.append((what, undo))
+
+    def _rollback(self, cause: BaseException | None = None) -> None:
+        """Releases everything created so far, in reverse order. Every step is attempted; failures are reported on
+        ``cause`` (as a note) or, without one, raised as one DwdpError."""
+        errors = []
         while self._undo:
-            fn = self._undo.pop()
+            what, fn = self._undo.pop()
             try:
                 fn()
-            except Exception:  # noqa: BLE001 - best effort: release the rest
-                pass
+            except Exception as e:  # noqa: BLE001 - release the rest, then report
+                errors.append(f"{what}: {e}")
+        if errors:
+            msg = f"ExpertStore: {len(errors)} release step(s) failed: " + "; ".join(errors[:8])
+            if cause is None:
+                raise DwdpError(msg)
+            if hasattr(cause, "add_note"):
+                cause.add_note(msg)
+            else:  # Python 3.10
+                import warnings
+
+                warnings.warn(msg, stacklevel=3)
 
     def _physical(self, nbytes: int) -> tuple[int, int]:
         """(handle, va) of a new allocation mapped at a fresh virtual range."""
         be, dev = self.be, self.device
         h = be.vmm_create(nbytes, dev)
-        self._push(lambda: be.vmm_release(h))
+        self._push("vmm_release", lambda: be.vmm_release(h))
         va = be.vmm_reserve(nbytes, 0)
-        self._push(lambda: be.vmm_free(va, nbytes))
+        self._push("vmm_free", lambda: be.vmm_free(va, nbytes))
         be.vmm_map(va, nbytes, h, 0, dev)
-        self._push(lambda: be.vmm_unmap(va, nbytes))
+        self._push("vmm_unmap", lambda: be.vmm_unmap(va, nbytes))
         return h, va
 
-    def _build(self) -> None:
-        be, dev, lay = self.be, self.device, self.layout
-        # Local storage: one registered allocation per (layer, tensor kind); collective, same sizes everywhere.
+    def _build_local(self) -> None:
+        """Phase 1 (local): one allocation per (layer, tensor kind) for this rank's experts."""
         self._local: dict[tuple[int, int], tuple[int, int, int, list[int]]] = {}  # handle, va, sym, peer bases
         for layer in range(self.num_layers):
-            for ti, t in enumerate(lay.tensors):
-                size = local_allocation_bytes(lay, t.name, self.L, self.register_unit)
+            for ti, t in enumerate(self.layout.tensors):
+                size = local_allocation_bytes(self.layout, t.name, self.L, self.register_unit)
                 h, va = self._physical(size)
-                sym = be.register_symmetric(va, size)
-                self._push(lambda sym=sym, size=size: be.unregister_symmetric(sym, size))
-                self._local[layer, ti] = (h, va, sym, [be.symmetric_peer_ptr(sym, p) for p in range(self.world)])
+                self._local[layer, ti] = (h, va, 0, [])
+
+    def _build_register(self) -> None:
+        """Phase 2 (collective in NVSHMEM, same order and sizes on every rank): register the local allocations."""
+        be = self.be
+        for (layer, ti), (h, va, _sym, _peers) in sorted(self._local.items()):
+            size = local_allocation_bytes(self.layout, self.layout.tensors[ti].name, self.L, self.register_unit)
+            sym = be.register_symmetric(va, size)
+            self._push("unregister_symmetric", lambda sym=sym, size=size: be.unregister_symmetric(sym, size))
+            self._local[layer, ti] = (h, va, sym, [be.symmetric_peer_ptr(sym, p) for p in range(self.world)])
+
+    def _build_views(self) -> None:
+        """Phase 3 (local): slot pools and the composite ranges."""
+        be, dev, lay = self.be, self.device, self.layout
         # Remote slots per (parity, tensor kind): the experts below the local range, and those above it.
         self.parities = min(2, self.num_layers)
         self._slot: dict[tuple[int, int, str], tuple[int, int]] = {}
@@ -150,7 +204,7 @@ class ExpertStore:
             for ti, stride in enumerate(lay.strides):
                 size = self.E * stride
                 va = be.vmm_reserve(size, 0)
-                self._push(lambda va=va, size=size: be.vmm_free(va, size))
+                self._push("vmm_free", lambda va=va, size=size: be.vmm_free(va, size))
                 pieces = [(self.lo * stride, self.L * stride, self._local[layer, ti][0])]
                 if self.lo:
                     pieces.append((0, self.lo * stride, self._slot[parity, ti, "below"][0]))
@@ -158,11 +212,12 @@ class ExpertStore:
                     pieces.append((self.hi * stride, (self.E - self.hi) * stride, self._slot[parity, ti, "above"][0]))
                 for off, n, handle in pieces:
                     be.vmm_map(va + off, n, handle, 0, dev)
-                    self._push(lambda a=va + off, n=n: be.vmm_unmap(a, n))
+                    self._push("vmm_unmap", lambda a=va + off, n=n: be.vmm_unmap(a, n))
                 self._composite[layer, ti] = va
 
     # -- addressing --------------------------------------------------------------------------------------------
     def _check(self, layer: int, name: str, what: str) -> int:
+        self.rt.require(f"ExpertStore.{what}")
         if self._closed:
             raise DwdpError(f"{what}: the ExpertStore is closed")
         if not isinstance(layer, (int, np.integer)) or not 0 <= layer < self.num_layers:
@@ -223,14 +278,29 @@ class ExpertStore:
 
     def table(self, layer: int, name: str):
         """A device array of E uint64 pointers to each expert's tensor (local storage or slot)."""
-        import cupy as cp
 
         ti = self._check(layer, name, "table")
         key = ("table", layer, ti)
         if key not in self._cache:
             ptrs = np.array([self.expert_address(layer, ti, e) for e in range(self.E)], dtype=np.uint64)
-            self._cache[key] = cp.asarray(ptrs)
+            self._cache[key] = self._device_const(ptrs, "table")
         return self._cache[key]
+
+    def _device_const(self, host: np.ndarray, what: str):
+        """A device copy of ``host`` that every stream may read: copied and synchronised now (plans are built once,
+        before use). Refused while a CUDA graph is being captured (a synchronisation would break the capture)."""
+        import cupy as cp
+
+        with cp.cuda.Device(self.device):
+            s = cp.cuda.get_current_stream()
+            if self.be.stream_is_capturing(s.ptr):
+                raise DwdpError(
+                    f"ExpertStore: the {what} plan is built on first use, which cannot happen inside a CUDA graph "
+                    "capture; call store.prepare() (or run the step once eagerly) before capturing"
+                )
+            dev = cp.asarray(host)
+            s.synchronize()
+        return dev
 
     def merge(self, layer: int, name: str, out: Any = None, stream: Any = None):
         """Copies all E experts into a dense ``[E, ...]`` array (allocated when ``out`` is None) on ``stream``."""
@@ -239,10 +309,12 @@ class ExpertStore:
         ti = self._check(layer, name, "merge")
         spec = self.layout.tensors[ti]
         if out is None:
-            out = cp.empty((self.E, *spec.shape), dtype=spec.storage)
+            with cupy_stream(stream):  # allocated on the stream that writes it
+                out = cp.empty((self.E, *spec.shape), dtype=spec.storage)
         d = device_buffer(out, "merge out")
         if d.nbytes != self.E * spec.nbytes or not d.contiguous:
             raise ValueError(f"merge: out must be a contiguous array of {self.E * spec.nbytes} bytes")
+
         dsts = np.array([d.ptr + e * spec.nbytes for e in range(self.E)], dtype=np.uint64)
         srcs = np.array([self.expert_address(layer, ti, e) for e in range(self.E)], dtype=np.uint64)
         sizes = np.full(self.E, spec.nbytes, dtype=np.uint64)
@@ -277,11 +349,12 @@ class ExpertStore:
         bad = [p for p in ptrs if p % 16]
         if bad or spec.nbytes % 16:
             raise ValueError(f"load {name}: expert tensors must start on 16-byte boundaries and hold a multiple of 16 bytes")
-        table = cp.asarray(np.array(ptrs, dtype=np.uint64))
         s = stream_handle(stream)
-        self.be.pack_experts(self.local_address(layer, ti, self.lo), self.layout.strides[ti], table.data.ptr, spec.nbytes, self.L, s)
-        # keep the pointer table alive until the kernel has read it
-        cp.cuda.ExternalStream(s).synchronize() if s else cp.cuda.Device().synchronize()
+        with cupy_stream(s):  # the pointer table is copied on the stream the pack kernel runs on
+            table = cp.asarray(np.array(ptrs, dtype=np.uint64))
+            self.be.pack_experts(self.local_address(layer, ti, self.lo), self.layout.strides[ti], table.data.ptr,
+                                 spec.nbytes, self.L, s)
+            cp.cuda.get_current_stream().synchronize()  # the table lives until the kernel has read it
 
     @staticmethod
     def _check_dtype(dt: np.dtype, spec, name: str) -> None:
@@ -332,7 +405,6 @@ class ExpertStore:
     # -- fetch: NVSHMEM, SM-driven ------------------------------------------------------------------------------------
     def nvshmem_table(self, layer: int):
         """Device array of E * T ExpertCopy records (pe = -1 for local experts)."""
-        import cupy as cp
 
         self._check(layer, self.layout.tensors[0].name, "nvshmem_table")
         key = ("nvshmem", layer)
@@ -351,11 +423,35 @@ class ExpertStore:
                     rec["dst"][i] = self.slot_address(layer, ti, e)
                     rec["bytes"][i] = spec.nbytes
                     rec["pe"][i] = owner[e]
-            dev = cp.asarray(rec.view(np.uint8))
-            self._cache[key] = dev
-            self._cache.setdefault("err", cp.zeros(2, dtype=cp.int32))
-            self._cache.setdefault("first", cp.empty(self.E, dtype=cp.int32))  # repeat detection scratch
+            self._cache[key] = self._device_const(rec.view(np.uint8), "NVSHMEM descriptor")
         return self._cache[key]
+
+    def prepare(self, layers: Sequence[int] | None = None, streams: Sequence[Any] = ()) -> None:
+        """Builds the device tables of ``layers`` (default: all) and the fetch scratch of ``streams`` now, so that a
+        CUDA graph captured later finds them (nothing may be built during a capture)."""
+        import cupy as cp
+
+        for layer in range(self.num_layers) if layers is None else layers:
+            self.nvshmem_table(layer)
+        if "all_ids" not in self._cache:
+            self._cache["all_ids"] = self._device_const(self.remote_ids(), "remote id list")
+        for st in streams:
+            self._scratch_for(stream_handle(st))
+        cp.cuda.Device(self.device).synchronize()
+
+    def _scratch_for(self, s: int):
+        """(error flag [2], first occurrence [E]) of stream handle ``s``, created on that stream."""
+        import cupy as cp
+
+        if s not in self._scratch:
+            if self.be.stream_is_capturing(s):
+                raise DwdpError(
+                    "fetch_nvshmem: first fetch on this stream inside a CUDA graph capture; call "
+                    "store.prepare(streams=[stream]) (or fetch once eagerly on it) before capturing"
+                )
+            with cupy_stream(s):
+                self._scratch[s] = (cp.zeros(2, dtype=cp.int32), cp.empty(self.E, dtype=cp.int32))
+        return self._scratch[s]
 
     def remote_ids(self) -> np.ndarray:
         """The expert ids this rank fetches, grouped by owner in staggered order (the peer after this rank
@@ -387,71 +483,97 @@ class ExpertStore:
         import cupy as cp
 
         table = self.nvshmem_table(layer)
+        s = stream_handle(stream)
         if ids is None:
-            key = ("all_ids",)
-            if key not in self._cache:
-                self._cache[key] = cp.asarray(self.remote_ids())
-            ids = self._cache[key]
+            if "all_ids" not in self._cache:
+                self._cache["all_ids"] = self._device_const(self.remote_ids(), "remote id list")
+            ids = self._cache["all_ids"]
         elif not hasattr(ids, "__cuda_array_interface__"):
             host = np.asarray(ids)
+            if host.ndim != 1 or (host.size and host.dtype.kind not in "iu"):
+                raise TypeError(f"fetch_nvshmem: a host id list must be a 1-D sequence of integers, got {host.dtype} {list(host.shape)}")
             if host.size and (host.min() < 0 or host.max() >= self.E):
                 bad = host[(host < 0) | (host >= self.E)][0]
                 raise ValueError(f"fetch_nvshmem: expert id {int(bad)} is outside [0, {self.E})")
-            ids = cp.asarray(host.astype(np.int32))
+            if self.be.stream_is_capturing(s):
+                raise DwdpError(
+                    "fetch_nvshmem: a host id list cannot be used inside a CUDA graph capture (the replay would read a "
+                    "temporary); pass a device int32 array that lives as long as the graph"
+                )
+            with cupy_stream(s):  # a temporary on the caller's stream: reused only behind the kernel that reads it
+                ids = cp.asarray(host.astype(np.int32))
         d = device_buffer(ids, "ids")
         if d.dtype != np.int32 or len(d.shape) != 1 or not d.contiguous:
             raise TypeError(f"fetch_nvshmem: ids must be a contiguous 1-D int32 device array, got {d.dtype} {list(d.shape)}")
         count_dev, cap = 0, d.shape[0]
         if count is not None and hasattr(count, "__cuda_array_interface__"):
             c = device_buffer(count, "count")
-            if c.dtype != np.int32:
-                raise TypeError("fetch_nvshmem: a device count must be int32")
+            if c.dtype != np.int32 or c.nbytes != 4:
+                raise TypeError(f"fetch_nvshmem: a device count must be one int32, got {c.dtype} {list(c.shape)}")
             count_dev = c.ptr
         elif count is not None:
             if not 0 <= int(count) <= cap:
                 raise ValueError(f"fetch_nvshmem: count {count} is outside [0, {cap}]")
             cap = int(count)
         max_bytes = max(t.nbytes for t in self.layout.tensors)
+        peers = self._local[layer, 0][3]
+        unreachable = [p for p in range(self.world) if p != self.rank and not peers[p]]
         if peer_ptr is None:
-            peer_ptr = all(self._local[layer, 0][3]) and not any(t.nbytes % 16 for t in self.layout.tensors)
-        if peer_ptr and any(t.nbytes % 16 for t in self.layout.tensors):
-            raise ValueError("fetch_nvshmem: peer_ptr copies need tensors of a multiple of 16 bytes")
+            peer_ptr = not unreachable
+        elif peer_ptr and unreachable:
+            raise DwdpError(f"fetch_nvshmem: peer_ptr=True needs every owner P2P-reachable; PE(s) {unreachable} are not")
         if chunk < 16 or chunk % 16:
             raise ValueError(f"fetch_nvshmem: chunk must be a positive multiple of 16 bytes, got {chunk}")
+        if not 1 <= num_blocks <= 65535:
+            raise ValueError(f"fetch_nvshmem: num_blocks must be in [1, 65535], got {num_blocks}")
+        err, first = self._scratch_for(s)
         self.be.fetch_experts(
             table.data.ptr, self.E, len(self.layout.tensors), d.ptr, count_dev, cap, chunk, -(-max_bytes // chunk),
-            self._cache["err"].data.ptr, self._cache["first"].data.ptr, peer_ptr, num_blocks, threads,
-            stream_handle(stream),
+            err.data.ptr, first.data.ptr, peer_ptr, num_blocks, threads, s,
         )
 
     def check_errors(self) -> None:
-        """Raises if a fetch kernel met an out-of-range expert id (synchronizes the device); clears the flag."""
-        err = self._cache.get("err")
-        if err is None:
+        """Raises if a fetch kernel on any stream met an out-of-range expert id, then clears the flags. Synchronises
+        the device first, so the flags are read and cleared with no fetch in flight."""
+        import cupy as cp
+
+        if not self._scratch:
             return
-        flag, eid = (int(x) for x in err.get())
-        if flag:
-            err.fill(0)
-            raise DwdpError(f"fetch_nvshmem: the device id list held expert id {eid}, outside [0, {self.E}); it was skipped")
+        cp.cuda.Device(self.device).synchronize()
+        bad = []
+        for err, _first in self._scratch.values():
+            flag, eid = (int(x) for x in err.get())
+            if flag:
+                bad.append(eid)
+                err[...] = 0
+        cp.cuda.Device(self.device).synchronize()
+        if bad:
+            raise DwdpError(
+                f"fetch_nvshmem: the device id list held expert id(s) {bad}, outside [0, {self.E}); they were skipped"
+            )
 
     # -- lifecycle ---------------------------------------------------------------------------------------------
     def release(self, layer: int) -> None:
-        """Marks a layer released: its views, plans and fetches raise from now on."""
+        """Marks a layer released: its views, plans and fetches raise from now on. Its device tables stay alive
+        until ``close()``, since a fetch already queued on some stream may still read them."""
         self._check(layer, self.layout.tensors[0].name, "release")
         self._released.add(layer)
         for k in [k for k in self._cache if isinstance(k, tuple) and len(k) > 1 and k[1] == layer]:
-            del self._cache[k]
+            self._retired.append(self._cache.pop(k))
 
     def close(self) -> None:
-        """Unmaps and frees everything; collective (symmetric memory is unregistered). Idempotent."""
+        """Unmaps and frees everything; collective (symmetric memory is unregistered). Idempotent. Raises a DwdpError
+        listing the release steps that failed, after attempting all of them."""
         if self._closed:
             return
         import cupy as cp
 
         cp.cuda.Device(self.device).synchronize()
+        self._closed = True
         self.rt.rendezvous.barrier("ExpertStore.close")
         self._cache.clear()
-        self._closed = True
+        self._retired.clear()
+        self._scratch.clear()
         self._rollback()
 
     def __enter__(self) -> ExpertStore:
