@@ -1,0 +1,359 @@
+"""Token dispatch/combine planning for expert parallelism (DEP): the pure numpy reference of the contract in
+``notes/dispatch_api.md`` (issue 12), shared by the NCCL baseline and the NVLink kernels. No CUDA here.
+
+Routing of one step on a source rank ``src``: ``x [T, H]``, ``topk_ids [T, k]`` (expert ids in ``[0, E)`` or ``-1``
+= skipped slot), ``topk_weights [T, k]`` float32, and an ``ExpertPartition(E, N, L, stride)`` (rank r stores
+experts ``[r * stride, r * stride + L)``).
+
+Owner rule, per pair ``(t, j)`` with ``e = topk_ids[t, j] >= 0`` (deterministic, per pair, device-friendly):
+    owners = partition.owners(e) (ascending); dest = src if src in owners else owners[(t + e) % len(owners)].
+With ``stride == L`` every expert has one owner (DEP's placement); with replication the ``(t + e)`` rotation
+spreads a source's pairs of a replicated expert evenly over its owners. The owners of ``e`` are the contiguous
+ranks ``lo..hi`` with ``lo = max(0, ceil((e - L + 1) / stride))`` and ``hi = min(N - 1, e // stride)``.
+
+Send side (``SendPlan``, per source): a token goes ONCE to each distinct dest among its pairs (dest == src is a
+local "send": same layout, no traffic). The packed send buffer is dest-major: for d = 0..N-1 the tokens with a pair
+going to d, ascending; ``send_pos[t, d]`` is t's rank among them (-1 if none), ``send_offsets`` the exclusive prefix
+of ``send_counts``. Each row carries, per slot j, the local expert index at its dest (``e - d * stride``, or -1 when
+the pair goes elsewhere or is skipped) and the weight ``topk_weights[t, j]``.
+
+Receive side (``RecvPlan``, per dest d): rows from src s = 0..N-1, rows of s in send order (``recv_offsets``).
+Pairs ``(s, row, j)`` with local expert ``le >= 0`` are grouped by le ascending, ``(s, row, j)`` ascending inside a
+group (the reference order; a kernel may order a group differently). Group le holds ``expert_counts[le]`` rows
+starting at a multiple of ``align``; ``offs[le]`` (int32, cumulative) is the group's end rounded up to ``align``, so
+every group start and every offs is a multiple of ``align`` and ``offs[L-1] == num_rows``; rows of a group past its
+count are padding, never read back. ``torch._grouped_mm(x_grouped, W.transpose(-2, -1), offs=offs)`` works.
+
+Combine (``reference_moe``): at d, ``partial[r] = sum_j (ascending j, le >= 0) w_j * y[pair(r, j)]`` in float32;
+at the source ``out[t] = sum_d (ascending d, send_pos[t, d] >= 0) partial_d[send_pos[t, d]]`` in float32, rounded
+once to the storage dtype; a token with no pair gets 0.
+
+Capacity: ``T <= max_tokens`` (so rows per (src, dest) <= max_tokens); grouped rows ``<= max_pairs``, by default
+``N * max_tokens * min(k, L) + L * (align - 1)``. A step needing more raises ``ValueError`` naming need and capacity.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from .partition import ExpertPartition
+
+__all__ = [
+    "RecvPlan",
+    "SendPlan",
+    "default_max_pairs",
+    "owner_dest",
+    "plan_recv",
+    "plan_send",
+    "reference_moe",
+    "round_to_bfloat16",
+]
+
+
+# -- helpers -----------------------------------------------------------------------------------------------------------
+def _check_partition(partition) -> None:
+    if not isinstance(partition, ExpertPartition):
+        raise TypeError(f"partition must be an ExpertPartition, got {type(partition).__name__}")
+
+
+def _check_rank(partition: ExpertPartition, rank) -> None:
+    if not isinstance(rank, (int, np.integer)) or isinstance(rank, bool) or not 0 <= rank < partition.world_size:
+        raise ValueError(f"rank {rank!r} is outside the partition's world [0, {partition.world_size})")
+
+
+def default_max_pairs(partition: ExpertPartition, max_tokens: int, top_k: int, align: int) -> int:
+    """The contract's worst case of grouped rows at one dest: ``N * max_tokens * min(k, L) + L * (align - 1)``."""
+    L = partition.experts_per_rank
+    return partition.world_size * max_tokens * min(top_k, L) + L * (align - 1)
+
+
+def owner_dest(topk_ids: np.ndarray, partition: ExpertPartition, src: int) -> np.ndarray:
+    """The owner rule (module docstring), vectorised: ``dest [T, k]`` int32, -1 for skipped slots. ``topk_ids``
+    must already be validated (integers in ``[-1, E)``)."""
+    N, L, s = partition.world_size, partition.experts_per_rank, partition.stride
+    ids = np.asarray(topk_ids, dtype=np.int64)
+    e = np.maximum(ids, 0)
+    lo = np.maximum(0, -((L - 1 - e) // s))  # ceil((e - L + 1) / s), clipped
+    hi = np.minimum(N - 1, e // s)
+    cnt = hi - lo + 1
+    t = np.arange(ids.shape[0], dtype=np.int64)[:, None]
+    dest = np.where((lo <= src) & (src <= hi), src, lo + (t + e) % cnt)
+    return np.where(ids >= 0, dest, -1).astype(np.int32)
+
+
+def round_to_bfloat16(a: np.ndarray) -> np.ndarray:
+    """float32 values rounded to the nearest bfloat16 (ties to even, as torch's conversion), returned as float32.
+    NaN stays NaN. Used as ``storage`` of ``reference_moe`` for bf16 hidden states."""
+    a = np.ascontiguousarray(a, dtype=np.float32)
+    bits = a.view(np.uint32).astype(np.uint64)
+    rounded = ((bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000).astype(np.uint32).view(np.float32)
+    return np.where(np.isnan(a), a, rounded).reshape(a.shape)
+
+
+# -- the send side -----------------------------------------------------------------------------------------------------
+@dataclass(frozen=True, eq=False)
+class SendPlan:
+    """One source rank's dispatch plan (module docstring). Arrays are host numpy arrays owned by the plan.
+
+    rank, world_size, num_tokens (T), top_k (k), hidden-independent; max_tokens: the capacity it was checked against
+    (None = unchecked).
+    dest             [T, k] int32   dest rank of each pair, -1 for a skipped slot
+    send_pos         [T, N] int32   row of token t among the tokens sent to d, -1 if t sends nothing to d
+    send_counts      [N]    int64   rows sent to each dest (dest == rank included: the local rows)
+    send_offsets     [N]    int64   exclusive prefix of send_counts (start of dest d in the packed send buffer)
+    send_token       [S]    int32   token of each packed send row (S = send_counts.sum(), dest-major, t ascending)
+    row_local_expert [S, k] int32   per packed row and slot: local expert index at the row's dest, else -1
+    row_weight       [S, k] float32 per packed row and slot: topk_weights[t, j]
+    Invariants: send_pos[t, d] >= 0 iff some dest[t, j] == d; send_token[send_offsets[d] + send_pos[t, d]] == t.
+    """
+
+    rank: int
+    world_size: int
+    num_tokens: int
+    top_k: int
+    max_tokens: int | None
+    dest: np.ndarray
+    send_pos: np.ndarray
+    send_counts: np.ndarray
+    send_offsets: np.ndarray
+    send_token: np.ndarray
+    row_local_expert: np.ndarray
+    row_weight: np.ndarray
+
+    def rows_for(self, d: int) -> slice:
+        """The packed send rows going to dest ``d``."""
+        a = int(self.send_offsets[d])
+        return slice(a, a + int(self.send_counts[d]))
+
+
+def _validate_routing(topk_ids, topk_weights, partition: ExpertPartition) -> tuple[np.ndarray, np.ndarray]:
+    ids = np.asarray(topk_ids)
+    w = np.asarray(topk_weights)
+    if ids.ndim != 2:
+        raise ValueError(f"topk_ids must be [T, k], got shape {ids.shape}")
+    if ids.dtype.kind not in "iu":
+        raise TypeError(f"topk_ids must be an integer array, got dtype {ids.dtype}")
+    if w.shape != ids.shape:
+        raise ValueError(f"topk_weights must have topk_ids' shape {ids.shape}, got {w.shape}")
+    if w.dtype != np.float32:
+        raise TypeError(f"topk_weights must be float32 (the contract's weight dtype), got {w.dtype}")
+    T, k = ids.shape
+    E = partition.num_experts
+    if k < 1 or k > E:
+        raise ValueError(f"top_k (topk_ids.shape[1]) must be in [1, {E}] (the layer's experts), got {k}")
+    if ids.size:
+        bad = (ids < -1) | (ids >= E)
+        if bad.any():
+            t, j = np.argwhere(bad)[0]
+            raise ValueError(f"topk_ids[{t}, {j}] = {ids[t, j]} is outside [-1, {E}) (-1 = skipped slot)")
+    return ids.astype(np.int64), w
+
+
+def plan_send(topk_ids, topk_weights, partition: ExpertPartition, rank: int, max_tokens: int | None = None) -> SendPlan:
+    """Plans source ``rank``'s dispatch of one step (pure, host). ``topk_ids [T, k]`` integer in ``[-1, E)``,
+    ``topk_weights [T, k]`` float32. Raises ValueError/TypeError for bad shapes, dtypes or ids, ``k > E``, and for
+    ``T > max_tokens`` (naming the step's T and the capacity)."""
+    _check_partition(partition)
+    _check_rank(partition, rank)
+    ids, w = _validate_routing(topk_ids, topk_weights, partition)
+    T, k = ids.shape
+    if max_tokens is not None:
+        if not isinstance(max_tokens, (int, np.integer)) or isinstance(max_tokens, bool) or max_tokens < 0:
+            raise ValueError(f"max_tokens must be an int >= 0 or None, got {max_tokens!r}")
+        if T > max_tokens:
+            raise ValueError(f"rank {rank}: this step has T={T} tokens but the dispatch capacity is "
+                             f"max_tokens={max_tokens}")
+    N, s = partition.world_size, partition.stride
+    dest = owner_dest(ids, partition, rank)
+    to_d = (dest[:, :, None] == np.arange(N)[None, None, :]).any(axis=1)  # [T, N]
+    send_counts = to_d.sum(axis=0).astype(np.int64)
+    send_offsets = np.concatenate([[0], np.cumsum(send_counts)[:-1]]).astype(np.int64)
+    send_pos = np.where(to_d, np.cumsum(to_d, axis=0) - 1, -1).astype(np.int32)
+    d_idx, t_idx = np.nonzero(to_d.T)  # dest-major, tokens ascending
+    send_token = t_idx.astype(np.int32)
+    row_dest = d_idx.astype(np.int64)
+    row_ids = ids[t_idx]  # [S, k]
+    goes = dest[t_idx] == row_dest[:, None]
+    row_local_expert = np.where(goes, row_ids - row_dest[:, None] * s, -1).astype(np.int32)
+    row_weight = w[t_idx].astype(np.float32)
+    return SendPlan(int(rank), N, T, k, None if max_tokens is None else int(max_tokens), dest, send_pos,
+                    send_counts, send_offsets, send_token, row_local_expert, row_weight)
+
+
+# -- the receive side --------------------------------------------------------------------------------------------------
+@dataclass(frozen=True, eq=False)
+class RecvPlan:
+    """One dest rank's receive layout (module docstring). R = recv_counts.sum() rows, P = expert_counts.sum() pairs.
+
+    rank, align; num_rows: grouped rows incl. alignment padding (== offs[-1]); max_pairs: the capacity checked.
+    recv_counts      [N]    int64   rows from each source s (= send_plans[s].send_counts[rank])
+    recv_offsets     [N]    int64   exclusive prefix: rows of s are recv_offsets[s] + row
+    recv_token       [R]    int32   the source-side token of each received row (for tests; a kernel need not know it)
+    local_expert     [R, k] int32   per received row and slot: local expert, -1 = not for this rank / skipped
+    weight           [R, k] float32 per received row and slot: the token's weight
+    expert_counts    [L]    int64   pairs per local expert
+    offs             [L]    int32   cumulative group ends, each rounded up to align (group le starts at offs[le-1])
+    pair_pos         [R, k] int32   grouped row of pair (row, j), -1 where local_expert < 0
+    grouped_row      [num_rows] int32  received row of each grouped row, -1 for padding
+    grouped_slot     [num_rows] int32  slot j of each grouped row, -1 for padding
+    Invariants: grouped_row[pair_pos[r, j]] == r and grouped_slot[pair_pos[r, j]] == j for every valid pair; group
+    le's rows are [start_le, start_le + expert_counts[le]) with start_le = offs[le-1] (0 for le = 0), start_le %
+    align == 0, in (s, row, j) ascending order.
+    """
+
+    rank: int
+    align: int
+    num_rows: int
+    max_pairs: int | None
+    recv_counts: np.ndarray
+    recv_offsets: np.ndarray
+    recv_token: np.ndarray
+    local_expert: np.ndarray
+    weight: np.ndarray
+    expert_counts: np.ndarray
+    offs: np.ndarray
+    pair_pos: np.ndarray
+    grouped_row: np.ndarray
+    grouped_slot: np.ndarray
+
+    @property
+    def group_starts(self) -> np.ndarray:
+        """[L] int64: first grouped row of each local expert."""
+        return np.concatenate([[0], self.offs[:-1]]).astype(np.int64)
+
+    def rows_from(self, s: int) -> slice:
+        a = int(self.recv_offsets[s])
+        return slice(a, a + int(self.recv_counts[s]))
+
+
+def plan_recv(send_plans: Sequence[SendPlan], partition: ExpertPartition, rank: int, align: int = 1,
+              max_pairs: int | None = None) -> RecvPlan:
+    """Plans dest ``rank``'s receive layout from every source's ``SendPlan`` (``send_plans[s]`` is source s's).
+    ``max_pairs`` None: the contract's default when every plan has a ``max_tokens`` (the largest), else unchecked.
+    Raises ValueError when the grouped rows exceed ``max_pairs`` (naming need and capacity) or the plans do not
+    match the partition."""
+    _check_partition(partition)
+    _check_rank(partition, rank)
+    N, L = partition.world_size, partition.experts_per_rank
+    if not isinstance(align, (int, np.integer)) or isinstance(align, bool) or align < 1:
+        raise ValueError(f"align must be an int >= 1, got {align!r}")
+    if len(send_plans) != N:
+        raise ValueError(f"need one SendPlan per rank of the partition's world ({N}), got {len(send_plans)}")
+    ks = set()
+    for s, p in enumerate(send_plans):
+        if not isinstance(p, SendPlan):
+            raise TypeError(f"send_plans[{s}] must be a SendPlan, got {type(p).__name__}")
+        if p.rank != s or p.world_size != N:
+            raise ValueError(f"send_plans[{s}] is rank {p.rank}'s plan over world {p.world_size}; expected rank {s} "
+                             f"over world {N}")
+        ks.add(p.top_k)
+    if len(ks) != 1:
+        raise ValueError(f"every source must use the same top_k, got {sorted(ks)}")
+    k = ks.pop()
+    if max_pairs is None and all(p.max_tokens is not None for p in send_plans):
+        max_pairs = default_max_pairs(partition, max(p.max_tokens for p in send_plans), k, align)
+    rows = [p.rows_for(rank) for p in send_plans]
+    recv_counts = np.array([p.send_counts[rank] for p in send_plans], dtype=np.int64)
+    recv_offsets = np.concatenate([[0], np.cumsum(recv_counts)[:-1]]).astype(np.int64)
+    recv_token = np.concatenate([p.send_token[r] for p, r in zip(send_plans, rows)]).astype(np.int32)
+    local_expert = np.concatenate([p.row_local_expert[r] for p, r in zip(send_plans, rows)]).reshape(-1, k)
+    weight = np.concatenate([p.row_weight[r] for p, r in zip(send_plans, rows)]).reshape(-1, k)
+    R = local_expert.shape[0]
+    le = local_expert.reshape(-1)
+    valid = le >= 0
+    expert_counts = np.bincount(le[valid], minlength=L).astype(np.int64)
+    padded = (expert_counts + align - 1) // align * align
+    ends = np.cumsum(padded)
+    num_rows = int(ends[-1]) if L else 0
+    if max_pairs is not None and num_rows > max_pairs:
+        raise ValueError(f"rank {rank}: this step needs {num_rows} grouped rows ({int(expert_counts.sum())} pairs + "
+                         f"alignment padding to {align}) but the capacity is max_pairs={max_pairs}")
+    starts = ends - padded
+    flat = np.nonzero(valid)[0]  # (row, j) ascending == (s, row, j) ascending
+    order = flat[np.argsort(le[flat], kind="stable")]
+    sorted_le = le[order]
+    first = np.concatenate([[0], np.cumsum(expert_counts)[:-1]])
+    pos = starts[sorted_le] + np.arange(order.size) - first[sorted_le]
+    pair_pos = np.full(R * k, -1, dtype=np.int64)
+    pair_pos[order] = pos
+    grouped_row = np.full(num_rows, -1, dtype=np.int32)
+    grouped_slot = np.full(num_rows, -1, dtype=np.int32)
+    grouped_row[pos] = order // k
+    grouped_slot[pos] = order % k
+    return RecvPlan(int(rank), int(align), num_rows, max_pairs, recv_counts, recv_offsets, recv_token,
+                    local_expert.astype(np.int32), weight.astype(np.float32), expert_counts,
+                    ends.astype(np.int32), pair_pos.reshape(R, k).astype(np.int32), grouped_row, grouped_slot)
+
+
+# -- the whole MoE, reference ------------------------------------------------------------------------------------------
+ExpertFn = Callable[[int, int, np.ndarray], np.ndarray]
+
+
+def reference_moe(xs_per_rank: Sequence[np.ndarray], ids_per_rank: Sequence[np.ndarray],
+                  w_per_rank: Sequence[np.ndarray], partition: ExpertPartition, expert_fn: ExpertFn, align: int = 1,
+                  *, storage: Callable[[np.ndarray], np.ndarray] | None = None,
+                  max_tokens: int | None = None) -> list[np.ndarray]:
+    """Every rank's combined MoE output, exactly as the contract computes it (the oracle for the kernels and the NCCL
+    path). Not collective: it sees every rank's inputs.
+
+    xs_per_rank[r]  [T_r, H] float array (float32 holding bf16 values for a bf16 run)
+    ids_per_rank[r] [T_r, k] integer, w_per_rank[r] [T_r, k] float32
+    expert_fn(rank, local_expert, x [n, H] float32) -> y [n, H]: the expert MLP at dest ``rank`` for one group
+    (called once per non-empty group, rows in the group's reference order).
+    storage(float32 array) -> float32 array: rounding to the hidden states' storage dtype, applied to expert outputs
+    and to the final sums (``round_to_bfloat16`` for bf16); default: cast to each rank's x dtype.
+    Returns ``[out_r [T_r, H]]`` in each rank's x dtype (float32 for a custom storage).
+    """
+    _check_partition(partition)
+    N = partition.world_size
+    for name, seq in (("xs_per_rank", xs_per_rank), ("ids_per_rank", ids_per_rank), ("w_per_rank", w_per_rank)):
+        if len(seq) != N:
+            raise ValueError(f"{name} must have one entry per rank ({N}), got {len(seq)}")
+    xs = [np.asarray(x) for x in xs_per_rank]
+    H = None
+    for r, x in enumerate(xs):
+        if x.ndim != 2 or x.dtype.kind != "f":
+            raise ValueError(f"xs_per_rank[{r}] must be a float [T, H] array, got {x.dtype} {x.shape}")
+        if np.asarray(ids_per_rank[r]).shape[:1] != x.shape[:1]:
+            raise ValueError(f"ids_per_rank[{r}] has {np.asarray(ids_per_rank[r]).shape[:1]} tokens, x has "
+                             f"{x.shape[0]}")
+        if H is not None and x.shape[1] != H:
+            raise ValueError(f"every rank needs the same hidden size, got {H} and {x.shape[1]} (rank {r})")
+        H = x.shape[1]
+
+    def store(a: np.ndarray, like: np.ndarray) -> np.ndarray:
+        return storage(a).astype(np.float32) if storage is not None else a.astype(like.dtype).astype(np.float32)
+
+    sends = [plan_send(ids_per_rank[r], w_per_rank[r], partition, r, max_tokens) for r in range(N)]
+    partials = []  # partials[d]: [R_d, H] float32
+    for d in range(N):
+        rp = plan_recv(sends, partition, d, align)
+        x_recv = np.concatenate([xs[s][sends[s].send_token[sends[s].rows_for(d)]] for s in range(N)]
+                                ).astype(np.float32).reshape(-1, H)
+        y = np.zeros((rp.num_rows, H), dtype=np.float32)
+        for le, (a, c) in enumerate(zip(rp.group_starts, rp.expert_counts)):
+            if c:
+                rows = x_recv[rp.grouped_row[a:a + c]]
+                out = np.asarray(expert_fn(d, le, rows), dtype=np.float32)
+                if out.shape != rows.shape:
+                    raise ValueError(f"expert_fn({d}, {le}, x {rows.shape}) returned shape {out.shape}")
+                y[a:a + c] = store(out, xs[d])
+        R, k = rp.local_expert.shape
+        part = np.zeros((R, H), dtype=np.float32)
+        for j in range(k):
+            ok = rp.local_expert[:, j] >= 0
+            part[ok] = part[ok] + rp.weight[ok, j:j + 1] * y[rp.pair_pos[ok, j]]
+        partials.append(part)
+    outs = []
+    for s in range(N):
+        sp = sends[s]
+        acc = np.zeros((sp.num_tokens, H), dtype=np.float32)
+        offs = [sum(int(sends[q].send_counts[d]) for q in range(s)) for d in range(N)]  # s's rows start at d
+        for d in range(N):
+            ok = sp.send_pos[:, d] >= 0
+            acc[ok] = acc[ok] + partials[d][offs[d] + sp.send_pos[ok, d]]
+        outs.append(storage(acc).astype(np.float32) if storage is not None else acc.astype(xs[s].dtype))
+    return outs

@@ -1,0 +1,278 @@
+"""The pure dispatch/combine plan (dwdp_ops.dispatch_plan) against brute-force per-pair loops written from the
+contract (notes/dispatch_api.md), over random routings and the edge cases of issue 12."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from dwdp_ops import ExpertPartition
+from dwdp_ops.dispatch_plan import (
+    RecvPlan,
+    SendPlan,
+    default_max_pairs,
+    owner_dest,
+    plan_recv,
+    plan_send,
+    reference_moe,
+    round_to_bfloat16,
+)
+
+PARTITIONS = [
+    ExpertPartition.disjoint(16, 2),
+    ExpertPartition.disjoint(12, 3),
+    ExpertPartition.disjoint(16, 4),
+    ExpertPartition(10, 3, 6, 2),  # replication: stride < L, up to 3 owners
+    ExpertPartition(9, 2, 6, 3),
+    ExpertPartition(8, 1, 8, 8),
+]
+
+
+def routing(rng, T, k, E, skip=0.0):
+    """T tokens choosing k distinct experts each, a fraction ``skip`` of slots set to -1."""
+    ids = np.array([rng.choice(E, size=k, replace=False) for _ in range(T)], np.int32).reshape(T, k)
+    ids[rng.random((T, k)) < skip] = -1
+    w = rng.random((T, k)).astype(np.float32)
+    return ids, w
+
+
+# -- brute force from the contract -------------------------------------------------------------------------------------
+def brute_dest(ids, part, src):
+    T, k = ids.shape
+    out = np.full((T, k), -1)
+    for t in range(T):
+        for j in range(k):
+            e = int(ids[t, j])
+            if e < 0:
+                continue
+            owners = part.owners(e)
+            out[t, j] = src if src in owners else owners[(t + e) % len(owners)]
+    return out
+
+
+def brute_send_rows(ids, w, part, src):
+    """{d: [(t, [le per j], [w per j])]} in send order."""
+    dest = brute_dest(ids, part, src)
+    rows = {d: [] for d in range(part.world_size)}
+    for d in range(part.world_size):
+        for t in range(ids.shape[0]):
+            if (dest[t] == d).any():
+                les = [int(ids[t, j]) - d * part.stride if dest[t, j] == d else -1 for j in range(ids.shape[1])]
+                rows[d].append((t, les, list(w[t])))
+    return rows
+
+
+def brute_grouped(all_rows, d, L, align):
+    """The reference pair order at dest d: [(le, s, row, j)] sorted, and each pair's grouped position."""
+    pairs = []
+    for s, rows in enumerate(all_rows):
+        for row, (_t, les, _w) in enumerate(rows[d]):
+            for j, le in enumerate(les):
+                if le >= 0:
+                    pairs.append((le, s, row, j))
+    pairs.sort()
+    pos, nxt, cur = {}, 0, -1
+    for le, s, row, j in pairs:
+        if le != cur:
+            for _ in range(cur + 1, le + 1):  # groups in between are empty: start where the last ended
+                nxt = -(-nxt // align) * align
+            cur = le
+        pos[(s, row, j)] = nxt
+        nxt += 1
+    return pairs, pos
+
+
+# -- the owner rule and the send side ----------------------------------------------------------------------------------
+@pytest.mark.parametrize("part", PARTITIONS, ids=str)
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_owner_rule_and_send_plan_equal_brute_force(part, seed):
+    rng = np.random.default_rng(seed)
+    k = min(4, part.num_experts)
+    for src in range(part.world_size):
+        ids, w = routing(rng, 23, k, part.num_experts, skip=0.2)
+        assert np.array_equal(owner_dest(ids, part, src), brute_dest(ids, part, src))
+        sp = plan_send(ids, w, part, src)
+        rows = brute_send_rows(ids, w, part, src)
+        assert isinstance(sp, SendPlan) and sp.dest.dtype == np.int32 and sp.send_pos.dtype == np.int32
+        for d in range(part.world_size):
+            got = sp.rows_for(d)
+            assert sp.send_counts[d] == len(rows[d])
+            assert [int(t) for t in sp.send_token[got]] == [r[0] for r in rows[d]]
+            assert sp.row_local_expert[got].tolist() == [r[1] for r in rows[d]]
+            assert np.array_equal(sp.row_weight[got], np.array([r[2] for r in rows[d]], np.float32).reshape(-1, k))
+            for i, (t, _, _) in enumerate(rows[d]):
+                assert sp.send_pos[t, d] == i
+            sent = {r[0] for r in rows[d]}
+            assert all(sp.send_pos[t, d] == -1 for t in range(ids.shape[0]) if t not in sent)
+        assert np.array_equal(sp.send_offsets, np.concatenate([[0], np.cumsum(sp.send_counts)[:-1]]))
+
+
+def test_local_pairs_stay_local_and_remote_ones_rotate_over_owners():
+    part = ExpertPartition(10, 3, 6, 2)  # rank 0: 0-5, rank 1: 2-7, rank 2: 4-9
+    ids = np.array([[3, 9], [4, 6], [5, 6]], np.int32)
+    d = owner_dest(ids, part, 0)
+    assert d[:, 0].tolist() == [0, 0, 0]  # 3, 4, 5 are rank 0's own
+    # expert 6: owners [1, 2]; (t + 6) % 2 -> t=1: 1 -> rank 2, t=2: 0 -> rank 1;  expert 9: owner 2 only
+    assert d[:, 1].tolist() == [2, 2, 1]
+
+
+def test_token_sent_once_per_dest_even_with_all_k_experts_there():
+    part = ExpertPartition.disjoint(16, 2)
+    ids = np.array([[8, 9, 10, 11], [0, 9, 1, 15]], np.int32)
+    sp = plan_send(ids, np.ones((2, 4), np.float32), part, 0)
+    assert sp.send_counts.tolist() == [1, 2]
+    assert sp.row_local_expert[sp.rows_for(1)].tolist() == [[0, 1, 2, 3], [-1, 1, -1, 7]]
+    assert sp.row_local_expert[sp.rows_for(0)].tolist() == [[0, -1, 1, -1]]
+
+
+# -- the receive side --------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("part", PARTITIONS, ids=str)
+@pytest.mark.parametrize("align", [1, 4, 16])
+@pytest.mark.parametrize("seed", [0, 1])
+def test_recv_plan_equals_brute_force_and_inverse_maps_round_trip(part, align, seed):
+    rng = np.random.default_rng(100 + seed)
+    k = min(3, part.num_experts)
+    N, L = part.world_size, part.experts_per_rank
+    Ts = [int(rng.integers(0, 30)) for _ in range(N)]
+    Ts[0] = 0  # an empty rank still takes part
+    routs = [routing(rng, T, k, part.num_experts, skip=0.15) for T in Ts]
+    sends = [plan_send(i, w, part, r) for r, (i, w) in enumerate(routs)]
+    all_rows = [brute_send_rows(i, w, part, r) for r, (i, w) in enumerate(routs)]
+    for d in range(N):
+        rp = plan_recv(sends, part, d, align)
+        assert isinstance(rp, RecvPlan)
+        pairs, pos = brute_grouped(all_rows, d, L, align)
+        assert rp.recv_counts.tolist() == [len(all_rows[s][d]) for s in range(N)]
+        counts = np.bincount([p[0] for p in pairs], minlength=L)
+        assert rp.expert_counts.tolist() == counts.tolist()
+        ends = np.cumsum(-(-counts // align) * align)
+        assert rp.offs.dtype == np.int32 and rp.offs.tolist() == ends.tolist()
+        assert rp.num_rows == (int(ends[-1]) if L else 0)
+        assert all(int(a) % align == 0 for a in rp.group_starts)
+        for (_le, s, row, j) in pairs:
+            r = int(rp.recv_offsets[s]) + row
+            assert rp.pair_pos[r, j] == pos[(s, row, j)]
+            assert rp.grouped_row[rp.pair_pos[r, j]] == r and rp.grouped_slot[rp.pair_pos[r, j]] == j
+            assert rp.recv_token[r] == all_rows[s][d][row][0]
+        assert (rp.pair_pos >= 0).sum() == len(pairs)
+        assert np.array_equal(rp.pair_pos < 0, rp.local_expert < 0)
+        assert (rp.grouped_row >= 0).sum() == len(pairs)  # the rest is padding
+
+
+# -- the reference MoE -------------------------------------------------------------------------------------------------
+def scaled(rank, le, x):
+    return x * np.float32(le + 1)
+
+
+@pytest.mark.parametrize("part", PARTITIONS, ids=str)
+@pytest.mark.parametrize("case", ["random", "empty_rank", "one_expert", "all_k_on_one_rank", "skipped"])
+def test_reference_moe_equals_all_local_computation(part, case):
+    """out[t] = sum_j w_j * expert_{e_j}(x_t): the expert at dest d with local index le is global e = d*stride + le,
+    so y = x * (le + 1) is a different function per (dest, le); the all-local sum uses the dest the rule picks."""
+    rng = np.random.default_rng(7)
+    N, E, H = part.world_size, part.num_experts, 8
+    k = min(3, E)
+    Ts = [17, 5, 0, 9][:N] if N > 1 else [11]
+    if case == "empty_rank":
+        Ts[-1] = 0
+    xs, ids, ws = [], [], []
+    for T in Ts:
+        i, w = routing(rng, T, k, E, skip=0.3 if case == "skipped" else 0.0)
+        if case == "one_expert":
+            i[:, 0] = E - 1
+            i[:, 1:] = -1
+        if case == "all_k_on_one_rank":
+            lo, hi = part.local_range(N - 1)
+            i = np.array([rng.choice(np.arange(lo, hi), size=k, replace=False) for _ in range(T)]).reshape(T, k)
+        xs.append(rng.standard_normal((T, H)).astype(np.float32))
+        ids.append(i.astype(np.int32))
+        ws.append(w)
+    outs = reference_moe(xs, ids, ws, part, scaled, align=4)
+    for s in range(N):
+        dest = owner_dest(ids[s], part, s)
+        want = np.zeros((Ts[s], H))
+        for t in range(Ts[s]):
+            for j in range(k):
+                e = ids[s][t, j]
+                if e >= 0:
+                    le = e - dest[t, j] * part.stride
+                    want[t] += float(ws[s][t, j]) * xs[s][t].astype(np.float64) * (le + 1)
+        assert outs[s].shape == (Ts[s], H) and outs[s].dtype == np.float32
+        np.testing.assert_allclose(outs[s], want, rtol=2e-6, atol=1e-6)
+
+
+def test_reference_moe_identity_bf16_storage_is_x_times_weight_sum_for_one_dest():
+    """With every pair of a token at one dest, the fixed order gives exactly bf16(sum_j w_j * x) in float32."""
+    part = ExpertPartition.disjoint(8, 2)
+    rng = np.random.default_rng(3)
+    x = [round_to_bfloat16(rng.standard_normal((6, 16)).astype(np.float32)) for _ in range(2)]
+    ids = [np.array([[0, 1, 2]] * 6, np.int32), np.array([[4, 5, -1]] * 6, np.int32)]
+    ws = [rng.random((6, 3)).astype(np.float32) for _ in range(2)]
+    outs = reference_moe(x, ids, ws, part, lambda d, le, v: v, align=16, storage=round_to_bfloat16)
+    for s in range(2):
+        acc = np.zeros_like(x[s])
+        for j in range(3):
+            if ids[s][0, j] >= 0:
+                acc = acc + ws[s][:, j:j + 1] * x[s]
+        assert np.array_equal(outs[s], round_to_bfloat16(acc))
+
+
+def test_round_to_bfloat16_ties_to_even_and_nan():
+    a = np.array([1.0, 1.0 + 2**-8, 1.0 + 3 * 2**-8, -2.5, np.nan, np.inf], np.float32)
+    r = round_to_bfloat16(a)
+    assert r[0] == 1.0 and r[1] == 1.0 and r[2] == 1.0 + 2**-6 and r[3] == -2.5
+    assert np.isnan(r[4]) and r[5] == np.inf
+    assert not (r[:4].view(np.uint32) & 0xFFFF).any()
+    torch = pytest.importorskip("torch", reason="torch not installed: the comparison with torch's rounding is skipped")
+    v = np.random.default_rng(0).standard_normal(10000).astype(np.float32)
+    assert np.array_equal(round_to_bfloat16(v), torch.from_numpy(v).bfloat16().float().numpy())
+
+
+# -- bad input and capacity --------------------------------------------------------------------------------------------
+P2 = ExpertPartition.disjoint(8, 2)
+OK_IDS = np.array([[0, 5]], np.int32)
+OK_W = np.ones((1, 2), np.float32)
+
+
+@pytest.mark.parametrize("ids, w, err, match", [
+    (np.array([0, 5], np.int32), OK_W, ValueError, r"\[T, k\]"),
+    (OK_IDS.astype(np.float32), OK_W, TypeError, "integer"),
+    (OK_IDS, np.ones((1, 3), np.float32), ValueError, "shape"),
+    (OK_IDS, OK_W.astype(np.float64), TypeError, "float32"),
+    (np.array([[0, 8]], np.int32), OK_W, ValueError, r"topk_ids\[0, 1\] = 8 is outside \[-1, 8\)"),
+    (np.array([[-2, 1]], np.int32), OK_W, ValueError, r"= -2 is outside"),
+    (np.zeros((1, 9), np.int32), np.ones((1, 9), np.float32), ValueError, r"top_k .* \[1, 8\].* got 9"),
+])
+def test_plan_send_rejects_bad_input(ids, w, err, match):
+    with pytest.raises(err, match=match):
+        plan_send(ids, w, P2, 0)
+
+
+def test_capacity_errors_name_need_and_capacity():
+    ids = np.array([[0, 5]] * 5, np.int32)
+    w = np.ones((5, 2), np.float32)
+    with pytest.raises(ValueError, match=r"T=5 tokens .* max_tokens=4"):
+        plan_send(ids, w, P2, 0, max_tokens=4)
+    sends = [plan_send(ids, w, P2, r, max_tokens=5) for r in range(2)]
+    # default capacity holds the worst case
+    assert default_max_pairs(P2, 5, 2, 16) == 2 * 5 * 2 + 4 * 15
+    plan_recv(sends, P2, 1, align=16)
+    with pytest.raises(ValueError, match=r"needs 16 grouped rows .* max_pairs=15"):
+        plan_recv(sends, P2, 1, align=16, max_pairs=15)
+
+
+def test_partition_mismatch_and_bad_ranks():
+    sends = [plan_send(OK_IDS, OK_W, P2, r) for r in range(2)]
+    with pytest.raises(ValueError, match="one SendPlan per rank"):
+        plan_recv(sends[:1], P2, 0)
+    with pytest.raises(ValueError, match="rank 1's plan"):
+        plan_recv([sends[1], sends[0]], P2, 0)
+    with pytest.raises(ValueError, match="outside the partition's world"):
+        plan_send(OK_IDS, OK_W, P2, 2)
+    with pytest.raises(ValueError, match="over world 2"):
+        plan_recv(sends + [sends[0]], ExpertPartition.disjoint(12, 3), 0)
+    with pytest.raises(TypeError, match="ExpertPartition"):
+        plan_send(OK_IDS, OK_W, (8, 2, 4, 4), 0)
+    with pytest.raises(ValueError, match="align"):
+        plan_recv(sends, P2, 0, align=0)
+    with pytest.raises(ValueError, match="one entry per rank"):
+        reference_moe([np.zeros((1, 4), np.float32)], [OK_IDS], [OK_W], P2, scaled)
