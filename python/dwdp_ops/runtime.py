@@ -189,7 +189,7 @@ class Runtime:
         if self.state != "initialized":
             return
         rdv, be = self._rdv, self.backend
-        clean = True
+        clean = False  # NVSHMEM's finalize is collective: call it only after every rank met us here
         try:
             if self._buffers:
                 live = sorted(self._buffers.values(), key=lambda b: b.index)
@@ -202,9 +202,12 @@ class Runtime:
                     warnings.warn("dwdp_ops.finalize(): ranks hold different symmetric buffers; not freeing them", stacklevel=2)
                 self._buffers.clear()
             rdv.barrier("finalize")
+            clean = True
         except RendezvousError as e:
-            clean = False
             warnings.warn(f"dwdp_ops.finalize(): skipping NVSHMEM finalize because a peer is gone: {e}", stacklevel=2)
+        except BaseException as e:  # noqa: BLE001 - any failure before the barrier: never enter a collective alone
+            warnings.warn(f"dwdp_ops.finalize(): skipping NVSHMEM finalize after {type(e).__name__}: {e}", stacklevel=2)
+            raise
         finally:
             self.state = "finalized"
             if clean:
@@ -266,7 +269,22 @@ class Runtime:
             raise DwdpError(
                 f"symmetric allocation is collective and every rank must ask for the same size; got {detail}"
             )
-        ptr = self.backend.symmetric_malloc(nbytes, alignment)
+        failure = None
+        try:
+            ptr = self.backend.symmetric_malloc(nbytes, alignment)
+        except Exception as e:  # noqa: BLE001 - the other ranks must learn of it
+            failure = e
+        views = self._rdv.allgather("symmetric_alloc:done", b"" if failure is None else str(failure).encode())
+        failed = [r for r, v in enumerate(views) if v]
+        if failed:
+            if failure is None:  # freeing is collective too, and the failed ranks have nothing to free
+                warnings.warn(
+                    f"symmetric allocation of {nbytes} bytes ({label}) failed on rank(s) {failed}; this rank's "
+                    "allocation stays on the heap until finalize", stacklevel=2)
+            raise DwdpError(
+                f"symmetric allocation of {nbytes} bytes ({label}) failed on rank(s) {failed}: "
+                + "; ".join(f"rank {r}: {views[r].decode(errors='replace')}" for r in failed)
+            ) from failure
         buf = SymmetricBuffer(ptr, nbytes, self._next_index, label)
         self._next_index += 1
         self._buffers[ptr] = buf

@@ -566,15 +566,18 @@ class ExpertStore:
         listing the release steps that failed, after attempting all of them."""
         if self._closed:
             return
-        import cupy as cp
-
-        cp.cuda.Device(self.device).synchronize()
+        self._synchronize()
         self._closed = True
         self.rt.rendezvous.barrier("ExpertStore.close")
         self._cache.clear()
         self._retired.clear()
         self._scratch.clear()
         self._rollback()
+
+    def _synchronize(self) -> None:
+        import cupy as cp
+
+        cp.cuda.Device(self.device).synchronize()
 
     def __enter__(self) -> ExpertStore:
         return self

@@ -10,6 +10,9 @@ feed rows as it goes, so no per-sample weight matrix and no ``[B, T, ...]`` inte
 storage dtype, gradients are float32. With table inputs the gradients are table-shaped and accumulated atomically
 (repeated ids add up); a sharded table's row gradients are added to the owner's ``grad`` shard by remote atomics.
 
+Stream order: outputs, gradient buffers and the id checks are allocated and run on the caller's ``stream`` (CuPy's
+pool is stream-ordered, so a buffer freed later is reused only behind the kernels that wrote it).
+
 Limits: 1-8 layers, layer widths up to 256, orders up to 8, and one warp's induction row plus its 32 lanes'
 activations within 227 KiB of shared memory (``launch_shape`` tells); beyond them a ValueError says which. T and B
 are unbounded; a sharded table has at most 8 shards, all reachable by load/store (NVLink).
@@ -23,7 +26,7 @@ import numpy as np
 
 from .._native import native
 from ..errors import DwdpError
-from ..interop import device_buffer, stream_handle
+from ..interop import cupy_stream, device_buffer, stream_handle
 from .reference import CoActionSpec
 
 _DT = {"float32": (np.dtype(np.float32), 0), "bfloat16": (np.dtype(np.uint16), 1)}
@@ -35,8 +38,10 @@ class ShardedTable:
     Rank r owns rows ``[r * rows_per_shard, (r + 1) * rows_per_shard)`` in ``shard`` (a CuPy array) and their
     gradient in ``grad`` (float32). The fused co-action op reads any row from its owner one-sidedly and adds row
     gradients into the owner's ``grad``; the owner may read ``grad`` only after ``sync()``, which waits until every
-    rank's backward has finished (device synchronisation and a barrier). Construction and ``close()`` are
-    collective (every rank passes the same shape and dtype)."""
+    rank's backward has finished (device synchronisation and a barrier). Construction, ``zero_grad()`` and ``close()``
+    are collective (every rank passes the same shape and dtype); construction returns only when every shard's
+    ``grad`` is zero and every rank has checked that its GPU and each peer's add floats natively over their link
+    (``cudaDevP2PAttrNativeAtomicSupported``), which the remote gradient adds need."""
 
     def __init__(self, num_rows: int, dim: int, dtype: str = "float32"):
         from ..runtime import get_runtime
@@ -60,10 +65,38 @@ class ShardedTable:
         try:
             self.bases = [int(peer_view(self.shard, p).data.ptr) for p in range(self.world)]
             self.grad_bases = [int(peer_view(self.grad, p).data.ptr) for p in range(self.world)]
+            self._check_atomics(rt)
         except DwdpError as e:
             self.close()
-            raise DwdpError(f"ShardedTable needs every peer reachable by load/store (NVLink): {e}") from e
+            raise DwdpError(f"ShardedTable needs every peer reachable by load/store (NVLink) with native atomics: {e}") from e
+        self.zero_grad()
+
+    def _check_atomics(self, rt) -> None:
+        be = rt.backend
+        buses = [b.decode() for b in rt.rendezvous.allgather("ShardedTable:bus", be.pci_bus_id().encode())]
+        verdict = {p: be.p2p_native_atomics(bus) for p, bus in enumerate(buses) if p != self.rank}
+        bad = {p: v for p, v in verdict.items() if v != 1}
+        views = rt.rendezvous.allgather("ShardedTable:atomics", repr(sorted(bad.items())).encode())
+        problems = [f"rank {r}: {v.decode()}" for r, v in enumerate(views) if v != b"[]"]
+        if problems:
+            raise DwdpError(
+                "peer GPUs without native atomics over their link (value 0) or not visible to the rank (value -1), "
+                "as (peer, value): " + "; ".join(problems)
+            )
+
+    def zero_grad(self) -> None:
+        """Zeroes this rank's ``grad`` shard. Collective: waits until every rank has finished its earlier work
+        (their remote adds into this shard included), zeroes, and waits again so that no peer's next backward can
+        add into a shard before it is zeroed."""
+        import cupy as cp
+
+        from ..runtime import barrier
+
+        cp.cuda.Device().synchronize()
+        barrier()
         self.grad.fill(0)
+        cp.cuda.Device().synchronize()
+        barrier()
 
     @property
     def local_rows(self) -> tuple[int, int]:
@@ -162,9 +195,16 @@ def _args(spec: CoActionSpec, induction, feed, mask, ind_ids, feed_ids, dtype):
     return geo, rows, fd, mk, ids_ptr, fids_ptr, storage
 
 
-def _check_ids(ids, rows: int, what: str) -> None:
-    if ids is not None and ids.size and (int(ids.min()) < 0 or int(ids.max()) >= rows):
-        raise ValueError(f"{what} must be in [0, {rows}) (the table's rows)")
+def _check_ids(ids, rows: int, what: str, stream) -> None:
+    """Range check on the device, on the caller's stream (behind whatever wrote the ids), then one host read."""
+    import cupy as cp
+
+    if ids is None:
+        return
+    with cupy_stream(stream):
+        a = cp.asarray(ids)
+        if a.size and (int(a.min()) < 0 or int(a.max()) >= rows):
+            raise ValueError(f"{what} must be in [0, {rows}) (the table's rows)")
 
 
 def coaction_forward_gpu(induction: Any, feed: Any, mask: Any, spec: CoActionSpec | None = None, *, ind_ids=None,
@@ -176,9 +216,12 @@ def coaction_forward_gpu(induction: Any, feed: Any, mask: Any, spec: CoActionSpe
     spec = spec or CoActionSpec()
     geo, (bases, rps, nrows), fd, mk, ip, fp, storage = _args(spec, induction, feed, mask, ind_ids, feed_ids, dtype)
     if check_ids:
-        _check_ids(ind_ids, nrows, "ind_ids")
-        _check_ids(feed_ids, fd.shape[0], "feed_ids")
-    out = cp.empty((geo[-2], spec.out_dim), dtype=storage)
+        _check_ids(ind_ids, nrows, "ind_ids", stream)
+        _check_ids(feed_ids, fd.shape[0], "feed_ids", stream)
+    B, T = geo[-2], geo[-1]
+    with cupy_stream(stream):  # the output belongs to the stream that writes it
+        # T == 0: nothing to pool, the output is zero (the kernel is not launched)
+        out = cp.zeros((B, spec.out_dim), dtype=storage) if T == 0 else cp.empty((B, spec.out_dim), dtype=storage)
     native().coaction_forward(*geo, bases, rps, ip, fd.ptr, fp, mk.ptr, out.data.ptr, stream_handle(stream))
     return out
 
@@ -193,17 +236,18 @@ def coaction_backward_gpu(induction: Any, feed: Any, mask: Any, grad_out: Any, s
     spec = spec or CoActionSpec()
     geo, (bases, rps, nrows), fd, mk, ip, fp, _ = _args(spec, induction, feed, mask, ind_ids, feed_ids, dtype)
     if check_ids:
-        _check_ids(ind_ids, nrows, "ind_ids")
-        _check_ids(feed_ids, fd.shape[0], "feed_ids")
+        _check_ids(ind_ids, nrows, "ind_ids", stream)
+        _check_ids(feed_ids, fd.shape[0], "feed_ids", stream)
     g = device_buffer(grad_out, "grad_out")
     if g.dtype != np.float32 or g.shape != (geo[-2], spec.out_dim) or not g.contiguous:
         raise TypeError(f"grad_out must be a contiguous float32 [{geo[-2]}, {spec.out_dim}] array, got {g.dtype} {list(g.shape)}")
-    if isinstance(induction, ShardedTable):
-        g_ind, grads = induction.grad, induction.grad_bases
-    else:
-        g_ind = cp.zeros((nrows, spec.induction_dim), cp.float32)
-        grads = [g_ind.data.ptr]
-    g_feed = cp.zeros(fd.shape, cp.float32)
+    with cupy_stream(stream):  # zeroed on the stream whose kernel adds into them
+        if isinstance(induction, ShardedTable):
+            g_ind, grads = induction.grad, induction.grad_bases
+        else:
+            g_ind = cp.zeros((nrows, spec.induction_dim), cp.float32)
+            grads = [g_ind.data.ptr]
+        g_feed = cp.zeros(fd.shape, cp.float32)
     native().coaction_backward(*geo, bases, grads, rps, ip, fd.ptr, fp, mk.ptr, g.ptr, g_feed.data.ptr,
                                stream_handle(stream))
     return g_ind, g_feed

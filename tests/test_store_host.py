@@ -1,0 +1,169 @@
+"""ExpertStore construction on the CPU: a fake native backend and control plane. A failure in any phase, on this rank
+or on a peer, makes this rank raise a DwdpError naming the phase and the failed ranks, after releasing every resource
+it created exactly once; release errors are reported, not swallowed."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import pytest
+from dwdp_ops import DwdpError, ExpertLayout, ExpertPartition, ExpertStore
+
+MIB = 1 << 20
+PHASES = ["local storage", "registration", "slots and views"]
+
+
+class FakeBackend:
+    def __init__(self, fail_on=None, fail_release=None):
+        self.fail_on = fail_on or {}  # function name -> the call number (1-based) that raises
+        self.fail_release = fail_release
+        self.calls = Counter()
+        self.live = Counter()  # kind -> resources alive
+        self.next = 1 << 40
+
+    def _call(self, name):
+        self.calls[name] += 1
+        if self.fail_on.get(name) == self.calls[name]:
+            raise RuntimeError(f"injected failure in {name}")
+
+    def _new(self, kind):
+        self.next += 64 * MIB
+        self.live[kind] += 1
+        return self.next
+
+    def _free(self, kind, name):
+        self._call(name)
+        if name == self.fail_release:
+            raise RuntimeError(f"injected release failure in {name}")
+        assert self.live[kind] > 0, f"{kind} released more often than created"
+        self.live[kind] -= 1
+
+    def register_unit(self):
+        return 2 * MIB
+
+    def vmm_granularity(self, dev):
+        return 2 * MIB
+
+    def vmm_create(self, n, dev):
+        self._call("vmm_create")
+        return self._new("handle")
+
+    def vmm_release(self, h):
+        self._free("handle", "vmm_release")
+
+    def vmm_reserve(self, n, align):
+        self._call("vmm_reserve")
+        return self._new("range")
+
+    def vmm_free(self, va, n):
+        self._free("range", "vmm_free")
+
+    def vmm_map(self, va, n, h, off, dev):
+        self._call("vmm_map")
+        self.live["map"] += 1
+
+    def vmm_unmap(self, va, n):
+        self._free("map", "vmm_unmap")
+
+    def register_symmetric(self, va, n):
+        self._call("register_symmetric")
+        return self._new("registration")
+
+    def unregister_symmetric(self, sym, n):
+        self._free("registration", "unregister_symmetric")
+
+    def symmetric_peer_ptr(self, sym, p):
+        return sym + p
+
+
+class FakeRendezvous:
+    def __init__(self, world, peer_failures=None):
+        self.world, self.peer_failures = world, peer_failures or {}  # collective name -> message of rank 1
+
+    def allgather(self, name, payload):
+        peer = self.peer_failures.get(name, b"" if name.startswith("ExpertStore:") else payload)
+        return [payload, peer] + [b"" if name.startswith("ExpertStore:") else payload] * (self.world - 2)
+
+    def barrier(self, name):
+        pass
+
+
+class FakeRuntime:
+    def __init__(self, backend, rdv, world=2):
+        self.backend, self.rendezvous, self.device, self.world = backend, rdv, 0, world
+        self.state = "initialized"
+
+    def require(self, what):
+        if self.state != "initialized":
+            raise DwdpError(f"{what}: the dwdp_ops runtime was finalized")
+
+    def rank(self):
+        return 0
+
+    def world_size(self):
+        return self.world
+
+
+@pytest.fixture(autouse=True)
+def no_gpu_sync(monkeypatch):
+    monkeypatch.setattr(ExpertStore, "_synchronize", lambda self: None)
+
+
+def make(backend, peer_failures=None, layers=2):
+    part = ExpertPartition.disjoint(8, 2)
+    layout = ExpertLayout.moe(256, 128, "bfloat16")
+    rt = FakeRuntime(backend, FakeRendezvous(2, peer_failures))
+    return ExpertStore(part, layout, layers, runtime=rt), rt
+
+
+def test_built_store_releases_everything_once_on_close():
+    be = FakeBackend()
+    store, rt = make(be)
+    assert be.live["registration"] == 4 and be.live["handle"] > 4
+    store.close()
+    assert not +be.live, f"left alive: {+be.live}"
+    store.close()  # idempotent
+    assert not +be.live
+
+
+@pytest.mark.parametrize("fn, nth, phase", [
+    ("vmm_create", 1, "local storage"), ("vmm_create", 3, "local storage"), ("vmm_map", 2, "local storage"),
+    ("register_symmetric", 1, "registration"), ("register_symmetric", 4, "registration"),
+    ("vmm_create", 6, "slots and views"), ("vmm_reserve", 9, "slots and views"), ("vmm_map", 8, "slots and views"),
+])
+def test_failure_on_this_rank_in_each_phase(fn, nth, phase):
+    be = FakeBackend(fail_on={fn: nth})
+    with pytest.raises(DwdpError, match=rf"phase '{phase}' on rank\(s\) \[0\].*injected failure in {fn}"):
+        make(be)
+    assert not +be.live, f"left alive after the rollback: {+be.live}"
+
+
+@pytest.mark.parametrize("phase", PHASES)
+def test_failure_on_a_peer_makes_this_rank_raise_and_roll_back(phase):
+    be = FakeBackend()
+    with pytest.raises(DwdpError, match=rf"phase '{phase}' on rank\(s\) \[1\].*out of memory"):
+        make(be, peer_failures={f"ExpertStore:{phase}": b"RuntimeError: out of memory"})
+    assert not +be.live, f"left alive after the rollback: {+be.live}"
+    done = PHASES.index(phase)
+    assert be.calls["register_symmetric"] == (4 if done >= 1 else 0)  # never entered a collective the peer skipped
+
+
+def test_release_errors_are_reported_not_swallowed():
+    be = FakeBackend(fail_on={"register_symmetric": 2}, fail_release="vmm_free")
+    with pytest.raises(DwdpError) as info:
+        make(be)
+    notes = "".join(getattr(info.value, "__notes__", []))
+    assert "release step(s) failed" in notes and "vmm_free" in notes
+    be = FakeBackend(fail_release="vmm_unmap")
+    store, _ = make(be)
+    with pytest.raises(DwdpError, match="release step.*vmm_unmap"):
+        store.close()
+
+
+def test_calls_after_finalize_raise():
+    store, rt = make(FakeBackend())
+    rt.state = "finalized"
+    with pytest.raises(DwdpError, match="finalized"):
+        store.composite(0, "w13")
+    with pytest.raises(DwdpError, match="finalized"):
+        store.fetch_ce(0)
