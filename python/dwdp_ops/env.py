@@ -8,6 +8,10 @@ Recognised launchers, in order:
     ``OMPI_COMM_WORLD_LOCAL_SIZE``;
   * none of them: a single process, rank 0 of 1.
 The rendezvous address is ``MASTER_ADDR`` (default 127.0.0.1) and ``MASTER_PORT`` (default 29531).
+
+Under ``torchrun`` (recognised by the ``TORCHELASTIC_*`` variables its agent sets, ``under_torchrun``),
+``MASTER_ADDR:MASTER_PORT`` is where torchrun's own TCPStore listens; ``rendezvous.Rendezvous`` then asks that store
+for the port of our control plane instead of listening there itself.
 """
 
 from __future__ import annotations
@@ -20,7 +24,18 @@ DEFAULT_MASTER_ADDR = "127.0.0.1"
 DEFAULT_MASTER_PORT = 29531
 
 _TORCH = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE")
+_TORCHELASTIC = ("TORCHELASTIC_RUN_ID", "TORCHELASTIC_RESTART_COUNT", "TORCHELASTIC_USE_AGENT_STORE", "GROUP_RANK")
 _OMPI = ("OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE", "OMPI_COMM_WORLD_LOCAL_RANK", "OMPI_COMM_WORLD_LOCAL_SIZE")
+
+
+def under_torchrun(environ: Mapping[str, str] | None = None) -> bool:
+    """True when this process was started by torchrun's elastic agent (it sets ``TORCHELASTIC_RUN_ID``,
+    ``TORCHELASTIC_RESTART_COUNT``, ``TORCHELASTIC_USE_AGENT_STORE`` and ``GROUP_RANK`` for every worker) and not by
+    ``dwdp_ops.launch`` (``DWDP_LAUNCHER``), whose ``MASTER_PORT`` is free for us."""
+    env = os.environ if environ is None else environ
+    if env.get("DWDP_LAUNCHER"):
+        return False
+    return "RANK" in env and any(env.get(k, "").strip() for k in _TORCHELASTIC)
 
 
 def _int(env: Mapping[str, str], name: str, default: int | None = None) -> int | None:

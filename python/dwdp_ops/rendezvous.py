@@ -4,6 +4,12 @@ fail with a message instead of hanging.
 Rank 0 is the hub: it listens at ``MASTER_ADDR:MASTER_PORT``; every other rank connects and stays connected until
 ``close()``. Frames are a 4-byte big-endian length followed by a JSON object; payload bytes travel base64-encoded.
 
+Under ``torchrun`` (``env.under_torchrun``) torchrun's own TCPStore already listens at ``MASTER_ADDR:MASTER_PORT``.
+There rank 0 listens on a free port of ``MASTER_ADDR`` (bound before it is published, so it cannot be taken) and
+publishes it in torchrun's store under a key unique to this rendezvous; the other ranks read it from the store and
+connect as usual. The store is torchrun's agent store when torchrun says so (``TORCHELASTIC_USE_AGENT_STORE=True``),
+otherwise rank 0 hosts a multi-tenant TCPStore at ``MASTER_PORT``, as ``torch.distributed``'s ``env://`` does.
+
 Invariants:
   * Every collective (``allgather``, ``broadcast``, ``barrier``) carries a name and a sequence number; rank 0 checks
     that all ranks called the same collective in the same order and fails all of them if not.
@@ -16,12 +22,15 @@ from __future__ import annotations
 
 import base64
 import json
+import os
 import selectors
 import socket
 import struct
 import time
 from collections.abc import Sequence
+from datetime import timedelta
 
+from .env import under_torchrun
 from .errors import RendezvousError
 
 _HEADER = struct.Struct(">I")
@@ -97,15 +106,74 @@ class _Conn:
             pass
 
 
-class Rendezvous:
-    """The control plane of one job. Use as a context manager or call ``close()``."""
+class _TorchrunPort:
+    """Publishes rank 0's control-plane port through torchrun's TCPStore at ``addr:port`` and reads it elsewhere."""
 
-    def __init__(self, rank: int, world_size: int, addr: str = "127.0.0.1", port: int = 29531, timeout: float = 60.0):
+    _uses = 0  # rendezvous made through the store in this process; every rank makes them in the same order
+
+    def __init__(self, rank: int, addr: str, port: int, timeout: float):
+        try:
+            from torch.distributed import TCPStore
+        except ImportError as e:
+            raise RendezvousError(
+                f"rendezvous: this process runs under torchrun, whose store at {addr}:{port} carries the rendezvous, "
+                f"but torch.distributed cannot be imported ({e})"
+            ) from None
+        _TorchrunPort._uses += 1
+        self.key = f"dwdp_ops/rendezvous/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}/{_TorchrunPort._uses}"
+        self.where, self.timeout = f"{addr}:{port}", timeout
+        agent = os.environ.get("TORCHELASTIC_USE_AGENT_STORE", "") == "True"
+        try:
+            self.store = TCPStore(
+                host_name=addr, port=port, is_master=rank == 0 and not agent, timeout=timedelta(seconds=timeout),
+                wait_for_workers=False, multi_tenant=True,
+            )
+        except (RuntimeError, ValueError) as e:
+            raise RendezvousError(
+                f"rendezvous: rank {rank} cannot reach torchrun's store at {self.where} ({e}); check MASTER_ADDR and "
+                "MASTER_PORT"
+            ) from None
+
+    def publish(self, port: int) -> None:
+        self.store.set(self.key, str(port))
+
+    def lookup(self, rank: int) -> int:
+        try:
+            self.store.wait([self.key], timedelta(seconds=self.timeout))
+            return int(self.store.get(self.key))
+        except (RuntimeError, ValueError) as e:
+            raise RendezvousError(
+                f"rendezvous: rank {rank} did not find rank 0's control-plane port in torchrun's store at "
+                f"{self.where} within {self.timeout:g} s (is rank 0 running?): {e}"
+            ) from None
+
+
+class Rendezvous:
+    """The control plane of one job. Use as a context manager or call ``close()``.
+
+    ``torchrun``: None (default) detects torchrun from this process's environment (``env.under_torchrun``) and, when
+    ``addr``/``port`` are its ``MASTER_ADDR``/``MASTER_PORT``, exchanges the port through torchrun's store; True /
+    False force either way. ``port`` is then the store's port, and ``self.port`` becomes the control plane's."""
+
+    def __init__(
+        self,
+        rank: int,
+        world_size: int,
+        addr: str = "127.0.0.1",
+        port: int = 29531,
+        timeout: float = 60.0,
+        *,
+        torchrun: bool | None = None,
+    ):
         if world_size < 1 or not 0 <= rank < world_size:
             raise ValueError(f"rendezvous: rank {rank} is outside [0, {world_size})")
         if timeout <= 0:
             raise ValueError(f"rendezvous: timeout must be > 0 seconds, got {timeout}")
         self.rank, self.world_size, self.addr, self.port, self.timeout = rank, world_size, addr, port, timeout
+        if torchrun is None:
+            torchrun = under_torchrun() and os.environ.get("MASTER_PORT", "").strip() == str(port)
+        self._torchrun = bool(torchrun)
+        self._store: _TorchrunPort | None = None
         self._seq = 0
         self._peers: dict[int, _Conn] = {}  # rank 0 only
         self._hub: _Conn | None = None  # ranks > 0
@@ -123,12 +191,16 @@ class Rendezvous:
         if self.world_size == 1:
             return
         deadline = time.monotonic() + self.timeout
+        if self._torchrun:
+            self._store = _TorchrunPort(self.rank, self.addr, self.port, self.timeout)
+            if self.rank != 0:
+                self.port = self._store.lookup(self.rank)
         where = f"{self.addr}:{self.port}"
         if self.rank == 0:
             ls = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
             ls.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             try:
-                ls.bind((self.addr, self.port))
+                ls.bind((self.addr, 0 if self._store else self.port))
             except OSError as e:
                 ls.close()
                 raise RendezvousError(
@@ -136,6 +208,10 @@ class Rendezvous:
                 ) from None
             ls.listen(self.world_size * 2)
             self._listener = ls
+            if self._store is not None:
+                self.port = ls.getsockname()[1]
+                where = f"{self.addr}:{self.port}"
+                self._store.publish(self.port)
             self._accept_all(deadline, where)
         else:
             self._hub = self._dial(deadline, where)
@@ -346,6 +422,11 @@ class Rendezvous:
 
     # -- teardown ---------------------------------------------------------------------------------------------
     @property
+    def torchrun_store(self) -> bool:
+        """True when the control plane's port was exchanged through torchrun's store."""
+        return self._torchrun
+
+    @property
     def broken(self) -> bool:
         return self._broken is not None
 
@@ -359,6 +440,7 @@ class Rendezvous:
             self._hub.close()
         if self._listener is not None:
             self._listener.close()
+        self._store = None
 
     def __enter__(self) -> Rendezvous:
         return self

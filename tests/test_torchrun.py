@@ -1,0 +1,121 @@
+"""The control plane under torchrun, on CPU: torchrun's own TCPStore listens at MASTER_PORT, so our rendezvous takes
+its port from that store (rank 0 publishes a free one) instead of listening there. Real torchrun jobs of
+tests/multiproc/launcher_check.py --control-plane; skipped with a reason where torch is not installed."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+from conftest import MULTIPROC, ROOT
+from dwdp_ops.env import under_torchrun
+
+SCRIPT = str(MULTIPROC / "launcher_check.py")
+
+
+def _torch_distributed() -> str | None:
+    try:
+        import torch.distributed as dist
+    except ImportError as e:
+        return f"torch is not installed ({e}); pip install torch to test the torchrun path"
+    if not dist.is_available():
+        return "this torch build has no torch.distributed"
+    return None
+
+
+needs_torch = pytest.mark.skipif(_torch_distributed() is not None, reason=str(_torch_distributed()))
+
+
+def _clean_env() -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("TORCHELASTIC_", "OMPI_", "DWDP_")) and k not in
+           ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "GROUP_RANK")}
+    env["OMP_NUM_THREADS"] = "1"
+    return env
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.parametrize(
+    "env, expected",
+    [
+        ({}, False),
+        ({"RANK": "0", "WORLD_SIZE": "2"}, False),  # set by hand or by another tool: MASTER_PORT is ours
+        ({"RANK": "0", "WORLD_SIZE": "2", "TORCHELASTIC_RUN_ID": "x"}, True),
+        ({"RANK": "1", "WORLD_SIZE": "2", "GROUP_RANK": "0"}, True),
+        ({"RANK": "0", "WORLD_SIZE": "2", "TORCHELASTIC_RUN_ID": "x", "DWDP_LAUNCHER": "dwdp_ops.launch"}, False),
+        ({"TORCHELASTIC_RUN_ID": "x"}, False),  # no rank: not a worker
+    ],
+)
+def test_under_torchrun_reads_the_agent_environment(env, expected):
+    assert under_torchrun(env) is expected
+
+
+@needs_torch
+@pytest.mark.timeout(180)
+@pytest.mark.parametrize(
+    "launcher_args",
+    [
+        ["--standalone"],  # c10d rendezvous, agent store on a free port
+        ["--master-addr", "127.0.0.1", "--master-port", "PORT"],  # static rendezvous at a given MASTER_PORT
+    ],
+    ids=["standalone", "static"],
+)
+@pytest.mark.parametrize("torch_pg", [False, True], ids=["ours-only", "with-gloo"])
+def test_torchrun_job_uses_the_torchrun_store(launcher_args, torch_pg):
+    args = [str(_free_port()) if a == "PORT" else a for a in launcher_args]
+    cmd = [sys.executable, "-m", "torch.distributed.run", *args, "--nproc-per-node", "2", SCRIPT,
+           "--control-plane", "--expect", "torchrun"] + (["--torch-pg"] if torch_pg else [])
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=150, env=_clean_env(), cwd=ROOT)
+    text = out.stdout + out.stderr
+    assert out.returncode == 0, text
+    for r in range(2):
+        assert f"launcher_check ok rank={r} world=2 launcher=torchrun torchrun_store=True" in out.stdout, text
+
+
+@needs_torch
+@pytest.mark.timeout(120)
+def test_without_the_agent_store_rank0_hosts_the_store():
+    """TORCHELASTIC_USE_AGENT_STORE=False (torchrun's other mode): nobody listens at MASTER_PORT until rank 0 hosts a
+    multi-tenant TCPStore there, which a later torch process group shares."""
+    port = _free_port()
+    base = dict(_clean_env(), WORLD_SIZE="2", LOCAL_WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
+                TORCHELASTIC_RUN_ID="test", TORCHELASTIC_USE_AGENT_STORE="False", TORCHELASTIC_RESTART_COUNT="0")
+    procs = [subprocess.Popen([sys.executable, SCRIPT, "--control-plane", "--torch-pg"],
+                              env=dict(base, RANK=str(r), LOCAL_RANK=str(r)), stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True, cwd=ROOT) for r in range(2)]
+    outs = [p.communicate(timeout=100)[0] for p in procs]
+    for r, (p, text) in enumerate(zip(procs, outs)):
+        assert p.returncode == 0, text
+        assert f"launcher_check ok rank={r} world=2 launcher=torchrun torchrun_store=True" in text, text
+
+
+@needs_torch
+@pytest.mark.timeout(60)
+def test_missing_rank0_is_reported_through_the_store():
+    """Rank 1 alone under a torchrun environment: it names the store and the missing port instead of hanging."""
+    from dwdp_ops.errors import RendezvousError
+    from dwdp_ops.rendezvous import Rendezvous
+    from torch.distributed import TCPStore
+
+    store = TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)
+    with pytest.raises(RendezvousError, match=r"rank 1 did not find rank 0's control-plane port in torchrun's store"):
+        Rendezvous(1, 2, "127.0.0.1", store.port, 1.0, torchrun=True)
+    del store
+
+
+@needs_torch
+@pytest.mark.timeout(60)
+def test_no_store_at_master_port_is_reported():
+    from dwdp_ops.errors import RendezvousError
+    from dwdp_ops.rendezvous import Rendezvous
+
+    with pytest.raises(RendezvousError, match=r"rank 1 cannot reach torchrun's store at 127\.0\.0\.1:\d+"):
+        Rendezvous(1, 2, "127.0.0.1", _free_port(), 1.0, torchrun=True)
