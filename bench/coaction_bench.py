@@ -1,29 +1,38 @@
 """Fused co-action op against framework versions (one GPU).
 
-    python bench/coaction_bench.py
+    python bench/coaction_bench.py [--repeats 20] [--compile-mode max-autotune-no-cudagraphs]
 
 One co-action pair of the CAN reference configuration (D=16, 16->8->4, 3 orders, no bias) reading its rows from
 tables of 100 000 ids (induction 160 floats, feed 16 floats) by random ids, for B in {1024, 8192} and T in {50, 100}
-(80 % of the positions valid). Forward, and forward + backward with the table gradients, each timed as the median
-of 20 repeats with CUDA events:
-  fused     dwdp_ops.coaction.coaction_{forward,backward}_gpu with table + ids (no gather, no intermediates)
-  cupy      the same math as gathers, reshaped weights and batched matmuls in CuPy (dwdp_ops.coaction.reference
-            on CuPy arrays), table gradients by scatter-add
-  torch     the same in PyTorch with autograd, where PyTorch is installed
+(80 % of the positions valid). Forward, and a step (forward + backward with the table gradients). Per case the
+variants below are timed interleaved (bench/common.py ``time_interleaved``: one repeat runs every variant once, the
+order rotated by one place per repeat), --repeats repeats after 3 warm-up repeats, CUDA events on one stream;
+figures are medians, speed-ups the median of the per-repeat ratios:
+  fused          dwdp_ops.coaction.coaction_{forward,backward}_gpu with table + ids, the default path
+                 (``check_ids=True``: the ids are range-checked on the device first, one host synchronisation)
+  fused_nocheck  the same with ``check_ids=False`` (the kernels alone)
+  cupy           the same math as gathers, reshaped weights and batched matmuls in CuPy (dwdp_ops.coaction.reference
+                 on CuPy arrays), table gradients by scatter-add
+  torch          the same in PyTorch with autograd (eager), where PyTorch is installed
+  torch_compile  that PyTorch function through ``torch.compile(mode=--compile-mode, dynamic=False)``, one compiled
+                 function per (B, T), compiled and warmed up (forward and backward) before any timing
 Peak memory is the allocator's high-water mark of the step; "of HBM" divides the fused kernel's unavoidable bytes
-by its time and by the device-to-device copy rate measured in the same run.
+by the ``check_ids=False`` forward time and by the device-to-device copy rate measured in the same run.
 """
 
 from __future__ import annotations
 
+import argparse
+import contextlib
 import sys
 from pathlib import Path
+from statistics import median
 
 import cupy as cp
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import machine_facts, result_name, time_op, write_json  # noqa: E402
+from common import machine_facts, median_ratio, result_name, time_interleaved, time_op, write_json  # noqa: E402
 from dwdp_ops.coaction import (  # noqa: E402
     CoActionSpec,
     coaction_backward,
@@ -46,13 +55,44 @@ def pool_peak(fn, stream):
     return pool.total_bytes() - base
 
 
+def torch_coaction(tt, tf, tids, tfids, tmask):
+    """The co-action forward in PyTorch (gathers, reshaped weights, batched matmuls), for eager and compiled runs."""
+    import torch
+
+    ind, x0 = tt[tids], tf[tfids]
+    w0 = ind[:, :128].reshape(-1, 16, 8)
+    w1 = ind[:, 128:160].reshape(-1, 8, 4)
+    outs = []
+    for c in (1, 2, 3):
+        h1 = torch.tanh(torch.bmm(x0**c, w0))
+        h2 = torch.bmm(h1, w1)
+        outs.append((torch.cat([h1, h2], -1) * tmask[:, :, None]).sum(1))
+    return torch.cat(outs, -1)
+
+
+def torch_peak(step) -> float:
+    import torch
+
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    step()
+    torch.cuda.synchronize()
+    return (torch.cuda.max_memory_allocated() - base) / 2**20
+
+
 def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--repeats", type=int, default=20)
+    ap.add_argument("--compile-mode", default="max-autotune-no-cudagraphs",
+                    help="torch.compile mode of the compiled baseline ('default' compiles faster)")
+    ns = ap.parse_args()
     spec = CoActionSpec()
     s = cp.cuda.Stream(non_blocking=True)
     rs = np.random.default_rng(0)
     table = cp.asarray(rs.normal(0, 0.3, (ROWS, spec.induction_dim)).astype(np.float32))
     ftable = cp.asarray(rs.normal(0, 0.6, (ROWS, spec.feed_dim)).astype(np.float32))
-    big = cp.empty(1 << 28, cp.float32)
+    big = cp.asarray(rs.random(1 << 28, dtype=np.float32))  # random, never zeros
     dst = cp.empty_like(big)
     with s:
         copy_ms, _ = time_op(lambda: dst.__setitem__(Ellipsis, big), s, 10, 2)
@@ -70,74 +110,99 @@ def main() -> int:
             mask = cp.asarray((rs.random((B, T)) < 0.8).astype(np.float32))
             g = cp.asarray(rs.normal(size=(B, spec.out_dim)).astype(np.float32))
 
-            def fused_fwd():
-                return coaction_forward_gpu(table, ftable, mask, spec, ind_ids=ids, feed_ids=fids, stream=s, check_ids=False)
+            def fused_fwd(check=True):
+                return coaction_forward_gpu(table, ftable, mask, spec, ind_ids=ids, feed_ids=fids, stream=s,
+                                            check_ids=check)
 
-            def fused_step():
-                fused_fwd()
-                return coaction_backward_gpu(table, ftable, mask, g, spec, ind_ids=ids, feed_ids=fids, stream=s, check_ids=False)
+            def fused_step(check=True):
+                fused_fwd(check)
+                return coaction_backward_gpu(table, ftable, mask, g, spec, ind_ids=ids, feed_ids=fids, stream=s,
+                                             check_ids=check)
 
             def cupy_fwd():
-                return coaction_forward(table[ids], ftable[fids], mask)
+                return coaction_forward(table[ids], ftable[fids], mask, spec)
 
             def cupy_step():
                 ind, feed = table[ids], ftable[fids]
-                coaction_forward(ind, feed, mask)
-                gi, gf = coaction_backward(ind, feed, mask, g)
+                coaction_forward(ind, feed, mask, spec)
+                gi, gf = coaction_backward(ind, feed, mask, g, spec)
                 ti, tf = cp.zeros_like(table), cp.zeros_like(ftable)
                 cp.add.at(ti, ids, gi)
                 cp.add.at(tf, fids, gf)
                 return ti, tf
 
+            fwd_ops = {"fused": fused_fwd, "fused_nocheck": lambda: fused_fwd(False), "cupy": cupy_fwd}
+            step_ops = {"fused": fused_step, "fused_nocheck": lambda: fused_step(False), "cupy": cupy_step}
+            rec = {"B": B, "T": T}
             # correctness on this data before timing
             with s:
-                assert float(cp.abs(fused_fwd() - cupy_fwd()).max()) < 1e-3
-            rec = {"B": B, "T": T}
-            for name, fwd, step in (("fused", fused_fwd, fused_step), ("cupy", cupy_fwd, cupy_step)):
-                with s:
-                    rec[f"{name}_fwd_ms"], _ = time_op(fwd, s, 20, 3)
-                    rec[f"{name}_step_ms"], _ = time_op(step, s, 20, 3)
-                rec[f"{name}_peak_MiB"] = pool_peak(step, s) / 2**20
+                ref = cupy_fwd()
+                for name, fn in (("fused", fused_fwd), ("fused_nocheck", lambda: fused_fwd(False))):
+                    err = float(cp.linalg.norm(fn() - ref) / cp.linalg.norm(ref))
+                    if not err < 1e-4:
+                        raise RuntimeError(f"{name} forward differs from the CuPy reference: rel. error {err:.3g}")
+            ts = None
             if torch is not None:
+                ts = torch.cuda.ExternalStream(s.ptr)
                 tt = torch.from_dlpack(table).clone().requires_grad_(True)
                 tf = torch.from_dlpack(ftable).clone().requires_grad_(True)
-                tids, tfids, tmask, tg = (torch.from_dlpack(a) for a in (ids, fids, mask, g))
+                targs = (tt, tf, *(torch.from_dlpack(a) for a in (ids, fids, mask)))
+                tg = torch.from_dlpack(g)
+                compiled = torch.compile(torch_coaction, mode=ns.compile_mode, dynamic=False)
 
-                def torch_fwd():
-                    ind, x0 = tt[tids], tf[tfids]
-                    outs = []
-                    for c in (1, 2, 3):
-                        w0 = ind[:, :128].reshape(-1, 16, 8)
-                        w1 = ind[:, 128:160].reshape(-1, 8, 4)
-                        h1 = torch.tanh(torch.bmm(x0**c, w0))
-                        h2 = torch.bmm(h1, w1)
-                        outs.append((torch.cat([h1, h2], -1) * tmask[:, :, None]).sum(1))
-                    return torch.cat(outs, -1)
-
-                def torch_step():
+                def torch_step(fn):
                     tt.grad = tf.grad = None
-                    torch_fwd().backward(tg)
+                    fn(*targs).backward(tg)
 
-                ts = torch.cuda.ExternalStream(s.ptr)
-                with torch.cuda.stream(ts):
-                    rec["torch_fwd_ms"], _ = time_op(lambda: torch_fwd().detach(), s, 20, 3)
-                    rec["torch_step_ms"], _ = time_op(torch_step, s, 20, 3)
-                    torch.cuda.reset_peak_memory_stats()
-                    base = torch.cuda.memory_allocated()
-                    torch_step()
+                fwd_ops["torch"] = lambda: torch_coaction(*targs).detach()
+                fwd_ops["torch_compile"] = lambda: compiled(*targs).detach()
+                step_ops["torch"] = lambda: torch_step(torch_coaction)
+                step_ops["torch_compile"] = lambda: torch_step(compiled)
+                with torch.cuda.stream(ts):  # compile and warm up outside any timing; check it against eager
+                    for _ in range(3):
+                        torch_step(compiled)
+                    got, want = compiled(*targs).detach(), torch_coaction(*targs).detach()
                     torch.cuda.synchronize()
-                    rec["torch_peak_MiB"] = (torch.cuda.max_memory_allocated() - base) / 2**20
+                    err = float((got - want).norm() / want.norm())
+                    if not err < 1e-4:
+                        raise RuntimeError(f"torch.compile forward differs from eager PyTorch: rel. error {err:.3g}")
+                    rec["torch_compile_mode"] = ns.compile_mode
+            with s, (torch.cuda.stream(ts) if ts is not None else contextlib.nullcontext()):
+                fwd_t = time_interleaved(fwd_ops, s, ns.repeats, 3)
+                step_t = time_interleaved(step_ops, s, ns.repeats, 3)
+            for name in fwd_ops:
+                rec[f"{name}_fwd_ms"] = median(fwd_t[name])
+                rec[f"{name}_step_ms"] = median(step_t[name])
+                if name != "fused":  # how many times the default fused path's time, per repeat
+                    rec[f"{name}_fwd_over_fused"] = median_ratio(fwd_t[name], fwd_t["fused"])
+                    rec[f"{name}_step_over_fused"] = median_ratio(step_t[name], step_t["fused"])
+            rec["times_ms"] = {"fwd": fwd_t, "step": step_t}
+            rec["fused_peak_MiB"] = pool_peak(fused_step, s) / 2**20
+            rec["cupy_peak_MiB"] = pool_peak(cupy_step, s) / 2**20
+            if ts is not None:
+                with torch.cuda.stream(ts):
+                    rec["torch_peak_MiB"] = torch_peak(step_ops["torch"])
+                    rec["torch_compile_peak_MiB"] = torch_peak(step_ops["torch_compile"])
             fwd_bytes = 4 * (B * spec.induction_dim + B * T * spec.feed_dim + B * T + B * spec.out_dim) + 8 * (B + B * T)
             rec["fused_fwd_bytes"] = fwd_bytes
-            rec["fused_fwd_of_hbm"] = fwd_bytes / (rec["fused_fwd_ms"] * 1e6) / hbm
-            rec["speedup_fwd_vs_cupy"] = rec["cupy_fwd_ms"] / rec["fused_fwd_ms"]
-            rec["speedup_step_vs_cupy"] = rec["cupy_step_ms"] / rec["fused_step_ms"]
-            if torch is not None:
-                rec["speedup_step_vs_torch"] = rec["torch_step_ms"] / rec["fused_step_ms"]
+            rec["fused_fwd_of_hbm"] = fwd_bytes / (rec["fused_nocheck_fwd_ms"] * 1e6) / hbm
+            rec["speedup_fwd_vs_cupy"] = rec["cupy_fwd_over_fused"]
+            rec["speedup_step_vs_cupy"] = rec["cupy_step_over_fused"]
+            if ts is not None:
+                rec["speedup_step_vs_torch"] = rec["torch_step_over_fused"]
+                rec["speedup_step_vs_torch_compile"] = rec["torch_compile_step_over_fused"]
             rows.append(rec)
-            print({k: (round(v, 3) if isinstance(v, float) else v) for k, v in rec.items()}, flush=True)
+            print({k: (round(v, 3) if isinstance(v, float) else v) for k, v in rec.items() if k != "times_ms"},
+                  flush=True)
+            if ts is not None:
+                del compiled, fwd_ops, step_ops, targs, tt, tf
+                torch.cuda.empty_cache()
     facts = machine_facts()
-    write_json(result_name("coaction_bench", facts["card"]), dict(benchmark="coaction", hbm_copy_gbps=hbm, **facts, rows=rows))
+    write_json(result_name("coaction_bench", facts["card"]),
+               dict(benchmark="coaction", hbm_copy_gbps=hbm, repeats=ns.repeats, method="variants interleaved per "
+                    "repeat (order rotated); medians; *_over_fused = median of per-repeat ratios to the default "
+                    "fused path (check_ids=True)", torch_compile_mode=ns.compile_mode if torch else None,
+                    **facts, rows=rows))
     return 0
 
 

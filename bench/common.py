@@ -16,7 +16,8 @@ RESULTS = Path(__file__).resolve().parent / "results"
 
 def time_op(op, stream, repeats=10, warmup=2, before=None):
     """Median and all times (ms) of ``op()`` enqueued on ``stream``, timed with CUDA events. ``before`` runs
-    before each repeat (outside the timed region), e.g. a barrier so all ranks start together."""
+    before each repeat (outside the timed region), e.g. a barrier so all ranks start together. For one op alone;
+    to compare ops (or an op with its baseline) use ``time_interleaved``."""
     import cupy as cp
 
     times = []
@@ -31,6 +32,57 @@ def time_op(op, stream, repeats=10, warmup=2, before=None):
         if i >= warmup:
             times.append(cp.cuda.get_elapsed_time(start, end))
     return median(times), times
+
+
+def _rotation(names: list[str], r: int) -> list[str]:
+    k = r % len(names)
+    return names[k:] + names[:k]
+
+
+def time_interleaved(ops: dict, stream, repeats: int = 10, warmup: int = 2, before=None, after=None) -> dict:
+    """Times several ops against each other, interleaved: one repeat runs every op once, in an order rotated by one
+    place per repeat (A B C, B C A, C A B, ...), so that drifts of clock, temperature or neighbours reach every op
+    alike; never "all A, then all B". Each op is timed with CUDA events on ``stream`` around ``op()``.
+
+    ``ops``: name -> ``op`` or ``(pre, op)``: ``pre()`` is enqueued before the start event and is not timed (e.g.
+    a fetch started on another stream that ``op`` runs beside); ``None`` means this rank does not run the op (it
+    still joins ``before``, so ranks stay in step). ``before`` runs before each op (e.g. a device sync and a
+    barrier, so that all ranks start together), ``after`` after each op's end event has completed (e.g. waiting
+    for a side stream). The rotation depends only on the repeat index, so every rank runs the same order.
+    Returns name -> list of ``repeats`` times in ms (warm-up repeats dropped; ``None`` entries for ops not run)."""
+    import cupy as cp
+
+    names = list(ops)
+    times: dict = {n: [] for n in names}
+    for r in range(warmup + repeats):
+        for name in _rotation(names, r):
+            if before is not None:
+                before()
+            op = ops[name]
+            if op is None:
+                if r >= warmup:
+                    times[name].append(None)
+                continue
+            pre, op = op if isinstance(op, tuple) else (None, op)
+            if pre is not None:
+                pre()
+            start, end = cp.cuda.Event(), cp.cuda.Event()
+            start.record(stream)
+            op()
+            end.record(stream)
+            end.synchronize()
+            if after is not None:
+                after()
+            if r >= warmup:
+                times[name].append(cp.cuda.get_elapsed_time(start, end))
+    return times
+
+
+def median_ratio(num: list, den: list):
+    """Median over repeats of ``num[i] / den[i]`` (the per-repeat ratio of two interleaved series); None when
+    either series was not run on this rank."""
+    pairs = [(a, b) for a, b in zip(num, den, strict=True) if a is not None and b is not None]
+    return median(a / b for a, b in pairs) if pairs else None
 
 
 def nvlink_facts(device: int = 0) -> dict:

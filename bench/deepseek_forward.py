@@ -1,11 +1,12 @@
 """DeepSeek-R1 forward on DWDP: attention and expert-GEMM TFLOP/s against the dense GEMM rate, and exposed fetch.
 
-    python -m dwdp_ops.launch -n 4 bench/deepseek_forward.py [--tokens 4096,16384,32768]
+    python -m dwdp_ops.launch -n 2 bench/deepseek_forward.py [--tokens 4096,16384,32768] [--repeats 10]
 
 Real R1 dimensions (bf16), 1 dense + 3 MoE layers, vocab 8192, experts split over the N ranks. For each number of
-tokens per rank, a prefill of 16 requests of tokens/16 each under ``PrefetchScheduler(prefetch_all)``, 3 timed
-repeats after a warm-up; per repeat the CUDA-event spans of the attention blocks, of the two grouped expert GEMMs
-(with the activation between them) and of the waits for experts. The dense bf16 GEMM rate (8192^3) is measured in
+tokens per rank, a prefill of 16 requests of tokens/16 each under ``PrefetchScheduler(prefetch_all)``, --repeats
+timed repeats (default 10, the count docs/benchmarks.md states for every figure) after a warm-up, all ranks starting
+each repeat together after a barrier; figures are medians over repeats; per repeat the CUDA-event spans of the
+attention blocks, of the two grouped expert GEMMs (with the activation between them) and of the waits for experts. The dense bf16 GEMM rate (8192^3) is measured in
 the same run. Output: bench/results/deepseek_forward_<card>_N<n>.json (and $OUT).
 """
 
@@ -32,7 +33,7 @@ def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--tokens", default="4096,16384,32768")
     ap.add_argument("--requests", type=int, default=16)
-    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--repeats", type=int, default=10, help="timed prefill repeats per token count (after a warm-up)")
     ns = ap.parse_args()
     with dwdp_ops.init(timeout=900) as rt:
         me, n = rt.rank(), rt.world_size()
@@ -72,7 +73,7 @@ def main() -> int:
         if me == 0:
             per_rank = [json.loads(g) for g in gathered]
             data = dict(benchmark="deepseek_forward", world_size=n, layers=cfg.n_layers, moe_layers=cfg.n_moe_layers,
-                        dtype="bfloat16", **machine_facts(), ranks=per_rank)
+                        dtype="bfloat16", repeats=ns.repeats, requests=ns.requests, **machine_facts(), ranks=per_rank)
             print(f"wrote {write_json(result_name('deepseek_forward', data['card'], f'_N{n}'), data)}")
             for i, r0 in enumerate(per_rank[0]["rows"]):
                 worst = min(p["rows"][i]["expert_of_dense"] for p in per_rank)

@@ -1,15 +1,23 @@
 """Prefetch overlap: does the copy-engine prefetch hide behind the expert GEMMs, and what does it cost them?
 
-Run on N GPUs:  python -m dwdp_ops.launch -n 4 bench/prefetch_overlap.py [--tokens 1024,...,65536]
+Run on N GPUs:  python -m dwdp_ops.launch -n 2 bench/prefetch_overlap.py [--tokens 1024,...,65536] [--repeats 10]
 
 DeepSeek-R1 expert shapes (H=7168, I=2048, E=256, top-8), fp16 weights (CuPy has fp16 GEMMs; fp8 would halve the
-fetch bytes and double the GEMM rate, leaving T* about the same), experts partitioned over the N ranks.
-  1. slowdown: one layer's expert GEMMs alone, then with the copy-engine prefetch of another layer running, then with
-     the NVSHMEM fetch (16 SMs) running; medians, same run.
-  2. exposed fetch: a step over the store's MoE layers under PrefetchScheduler(prefetch_all) for tokens per rank from
-     1K to 64K; per layer, the time the compute stream waits for its prefetch (layers 0-1 are the warm-up, which a
-     model hides behind its dense layers and first attention; steady state is layer >= 2), next to the roofline
-     T* = (E - L) * bytes_per_param * C / (2 * k * B) from the GEMM rate C and fetch bandwidth B measured here.
+fetch bytes and double the GEMM rate, leaving T* about the same), experts partitioned over the N ranks. Every
+comparison is interleaved (bench/common.py ``time_interleaved``): one repeat runs each variant once, in an order
+rotated by one place per repeat, all ranks starting each variant together after a barrier; figures are medians over
+repeats and ratios are the median of the per-repeat ratios, never a ratio of medians from separate loops.
+  0. fetch alone: one layer's copy-engine fetch and NVSHMEM fetch (16 SMs), interleaved; B = remote bytes / time.
+  1. slowdown: one layer's expert GEMMs alone / with the copy-engine prefetch of another layer running / with the
+     NVSHMEM fetch (16 SMs) of another layer running, interleaved per repeat; slowdown = median over repeats of
+     (GEMMs with fetch / GEMMs alone in the same repeat) - 1.
+  2. exposed fetch: per repeat, a step over the store's MoE layers with no fetch ("alone") and a step under
+     PrefetchScheduler(prefetch_all), interleaved, for tokens per rank from 1K to 64K. Exposed fetch of a layer =
+     the time the compute stream waits for its prefetch. One denominator everywhere: the layer time alone, i.e. the
+     same layer's expert GEMMs in the alone step of the same repeat; exposed fraction = wait / layer time alone,
+     median over repeats. Layers 0-1 are the warm-up, which a model hides behind its dense layers and first
+     attention; the steady state is layer >= 2 and its figure is the worst steady layer of each repeat. Next to it
+     the roofline T* = (E - L) * bytes_per_param * C / (2 * k * B) from the GEMM rate C (alone) and B measured here.
   3. a stream timeline of one step (copy and compute streams), as a PNG.
 Output: bench/results/prefetch_overlap_<card>_N<n>.json (and $OUT), PNG timeline by bench/render.py.
 """
@@ -26,7 +34,7 @@ import cupy as cp
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import dwdp_ops
-from common import machine_facts, result_name, time_op, write_json
+from common import machine_facts, median_ratio, result_name, time_interleaved, write_json
 from dwdp_ops import ExpertLayout, ExpertPartition, ExpertStore, PrefetchScheduler
 
 H, I, E, K = 7168, 2048, 256, 8
@@ -60,11 +68,95 @@ class Experts:
             torch.bmm(a, w2.transpose(1, 2), out=self.ty)
 
 
+def exposed_sweep(ns, store: ExpertStore, sched: PrefetchScheduler, compute, side, bar, rec: dict) -> None:
+    """Section 2: per tokens count, the alone step and the scheduled step interleaved per repeat (module docstring)."""
+    L = ns.layers
+    for T in [int(x) for x in ns.tokens.split(",")]:
+        need = E * max(1, T * K // E) * (2 * H + 2 * I) * 2  # x, h, y in fp16
+        fits = need < cp.cuda.runtime.memGetInfo()[0] - (3 << 30)
+        votes = dwdp_ops.get_runtime().rendezvous.allgather(f"fits:{T}", json.dumps(fits).encode())
+        if not all(json.loads(v) for v in votes):
+            rec.setdefault("skipped_tokens", []).append(T)  # the activations do not fit beside the store
+            continue
+        ex = Experts(T)
+        runs: dict[str, list] = {"alone": [], "prefetch": []}  # per run (warm-up included): per-layer events
+        total = 1 + ns.repeats  # one warm-up repeat
+        timeline_events: dict = {}
+
+        def alone(ex=ex):
+            evs = []
+            for p in range(L):
+                a, c = cp.cuda.Event(), cp.cuda.Event()
+                a.record(compute)
+                ex.run(store, p, compute)
+                c.record(compute)
+                evs.append((a, c))
+            runs["alone"].append(evs)
+
+        def prefetch(ex=ex):
+            last = len(runs["prefetch"]) == total - 1
+            t0 = cp.cuda.Event()
+            t0.record(compute)
+            sched.trace = [] if last else None
+            sched.begin_step()
+            evs = []
+            for p in range(L):
+                a, b, c = cp.cuda.Event(), cp.cuda.Event(), cp.cuda.Event()
+                a.record(compute)
+                sched.wait(p, compute)
+                b.record(compute)
+                ex.run(store, p, compute)
+                c.record(compute)
+                sched.release(p, compute)
+                evs.append((a, b, c))
+            runs["prefetch"].append(evs)
+            if last:
+                timeline_events.update(t0=t0, evs=evs, trace=sched.trace)
+            sched.trace = None
+
+        times = time_interleaved({"alone": alone, "prefetch": prefetch}, compute, ns.repeats, 1, before=bar,
+                                 after=side.synchronize)
+        el = cp.cuda.get_elapsed_time
+        alone_ms = [[el(a, c) for a, c in evs] for evs in runs["alone"][1:]]  # [repeat][layer]
+        wait_ms = [[el(a, b) for a, b, _ in evs] for evs in runs["prefetch"][1:]]
+        layer_ms = [[el(a, c) for a, _, c in evs] for evs in runs["prefetch"][1:]]
+        steady = list(range(2, L)) or list(range(L))
+        # one denominator: the layer time alone (same layer, alone step of the same repeat)
+        frac = [[w[p] / a[p] for p in range(L)] for w, a in zip(wait_ms, alone_ms, strict=True)]
+        gemm_layer_ms = median(sum(a) / L for a in alone_ms)
+        rec["exposed"].append({
+            "tokens": T,
+            "gemm_layer_ms": gemm_layer_ms,
+            "gemm_tflops": ex.flops / (gemm_layer_ms * 1e-3) / 1e12,
+            "alone_step_ms": median(times["alone"]), "step_ms": median(times["prefetch"]),
+            "step_over_alone": median_ratio(times["prefetch"], times["alone"]),
+            "alone_ms_per_layer": [median(a[p] for a in alone_ms) for p in range(L)],
+            "layer_ms_per_layer": [median(x[p] for x in layer_ms) for p in range(L)],
+            "wait_ms_per_layer": [median(w[p] for w in wait_ms) for p in range(L)],
+            "exposed_frac_per_layer": [median(f[p] for f in frac) for p in range(L)],
+            "steady_exposed_ms": median(max(w[p] for p in steady) for w in wait_ms),
+            "steady_exposed_frac": median(max(f[p] for p in steady) for f in frac),
+            "denominator": "layer time alone (the same layer's expert GEMMs with no fetch, same repeat)",
+        })
+        if T in (16384, 65536) and timeline_events:
+            t0, evs = timeline_events["t0"], timeline_events["evs"]
+            tl = {"tokens": T, "compute": [[p, el(t0, a), el(t0, b), el(t0, c)] for p, (a, b, c) in enumerate(evs)],
+                  "copy": []}
+            starts = {lay: ev for kind, lay, ev in timeline_events["trace"] if kind == "fetch"}
+            for kind, lay, ev in timeline_events["trace"]:
+                if kind == "fetch_end":
+                    tl["copy"].append([lay, el(t0, starts[lay]), el(t0, ev)])
+            rec.setdefault("timelines", []).append(tl)
+        del ex, alone, prefetch  # the closures hold the activations
+        runs.clear()
+        cp.get_default_memory_pool().free_all_blocks()
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--tokens", default="1024,2048,4096,8192,16384,32768,65536")
     ap.add_argument("--layers", type=int, default=4)
-    ap.add_argument("--repeats", type=int, default=10)
+    ap.add_argument("--repeats", type=int, default=10, help="timed repeats of every interleaved comparison")
     ap.add_argument("--tag", default="", help="suffix of the result file name")
     ap.add_argument("--skip-slowdown", action="store_true", help="only the exposed-fetch sweep")
     ns = ap.parse_args()
@@ -75,7 +167,7 @@ def main() -> int:
         store = ExpertStore(part, layout, ns.layers)
         for layer in range(ns.layers):
             for ti, t in enumerate(layout.tensors):
-                # small random fp16 values (no infs/NaNs in the GEMMs)
+                # small random fp16 values (no infs/NaNs in the GEMMs, never zeros)
                 loc = store.local(layer, t.name).view(cp.float16)
                 rs = cp.random.RandomState(100 * me + 10 * layer + ti)
                 for e in range(store.L):
@@ -94,98 +186,41 @@ def main() -> int:
             cp.cuda.Device().synchronize()
             dwdp_ops.barrier()
 
-        # fetch bandwidth B (copy engine, staggered) and the NVSHMEM kernel, one layer, all ranks at once
-        fetch_ms, _ = time_op(lambda: store.fetch_ce(1, compute), compute, ns.repeats, 2, before=bar)
+        # 0. fetch bandwidth B (copy engine, staggered) and the NVSHMEM kernel, one layer, all ranks at once
+        ft = time_interleaved({"ce": lambda: store.fetch_ce(1, compute),
+                               "nvshmem16": lambda: store.fetch_nvshmem(1, None, None, compute, num_blocks=16)},
+                              compute, ns.repeats, 2, before=bar)
+        fetch_ms = median(ft["ce"])
         B = store.remote_bytes() / (fetch_ms * 1e6)
-        nv_ms, _ = time_op(lambda: store.fetch_nvshmem(1, None, None, compute, num_blocks=16), compute, ns.repeats, 2, before=bar)
-        rec = {"fetch_ce_ms": fetch_ms, "fetch_ce_gbps": B, "fetch_nvshmem16_ms": nv_ms,
-               "remote_bytes": store.remote_bytes(), "slowdown": [], "exposed": [], "timeline": None}
+        rec = {"fetch_ce_ms": fetch_ms, "fetch_ce_gbps": B, "fetch_nvshmem16_ms": median(ft["nvshmem16"]),
+               "nvshmem16_over_ce": median_ratio(ft["nvshmem16"], ft["ce"]), "fetch_times_ms": ft,
+               "remote_bytes": store.remote_bytes(), "slowdown": [], "exposed": []}
 
         # 1. GEMM slowdown under concurrent fetch of another layer (layer 1 fetched while layer 0 computes)
         for T in () if ns.skip_slowdown else (16384, 32768):
             ex = Experts(T)
-            alone, _ = time_op(lambda ex=ex: ex.run(store, 0, compute), compute, ns.repeats, 2, before=bar)
-            with_ce, with_nv = [], []
-            for _ in range(ns.repeats + 1):
-                bar()
-                for mode, sink in (("ce", with_ce), ("nv", with_nv)):
-                    bar()
-                    a, b = cp.cuda.Event(), cp.cuda.Event()
-                    if mode == "ce":
-                        store.fetch_ce(1, side)
-                    else:
-                        store.fetch_nvshmem(1, None, None, side, num_blocks=16)
-                    a.record(compute)
-                    ex.run(store, 0, compute)
-                    b.record(compute)
-                    b.synchronize()
-                    side.synchronize()
-                    sink.append(cp.cuda.get_elapsed_time(a, b))
-            c_rate = ex.flops / (alone * 1e-3)
-            rec["slowdown"].append({"tokens": T, "gemm_ms": alone, "gemm_tflops": c_rate / 1e12,
-                                    "with_ce_ms": median(with_ce[1:]), "with_nvshmem16_ms": median(with_nv[1:]),
-                                    "slowdown_ce": median(with_ce[1:]) / alone - 1,
-                                    "slowdown_nvshmem16": median(with_nv[1:]) / alone - 1,
-                                    "fetch_longer_than_gemm": fetch_ms > alone})
-            del ex
+
+            def gemm(ex=ex):
+                ex.run(store, 0, compute)
+
+            t = time_interleaved({
+                "alone": gemm,
+                "ce": (lambda: store.fetch_ce(1, side), gemm),
+                "nvshmem16": (lambda: store.fetch_nvshmem(1, None, None, side, num_blocks=16), gemm),
+            }, compute, ns.repeats, 2, before=bar, after=side.synchronize)
+            alone = median(t["alone"])
+            rec["slowdown"].append({
+                "tokens": T, "gemm_ms": alone, "gemm_tflops": ex.flops / (alone * 1e-3) / 1e12,
+                "with_ce_ms": median(t["ce"]), "with_nvshmem16_ms": median(t["nvshmem16"]),
+                "slowdown_ce": median_ratio(t["ce"], t["alone"]) - 1,
+                "slowdown_nvshmem16": median_ratio(t["nvshmem16"], t["alone"]) - 1,
+                "fetch_longer_than_gemm": fetch_ms > alone, "times_ms": t})
+            del ex, gemm, t
             cp.get_default_memory_pool().free_all_blocks()
 
         # 2. exposed fetch against tokens per rank
         sched = PrefetchScheduler(store, policy="prefetch_all", copy_stream=side)
-        for T in [int(x) for x in ns.tokens.split(",")]:
-            need = E * max(1, T * K // E) * (2 * H + 2 * I) * 2  # x, h, y in fp16
-            fits = need < cp.cuda.runtime.memGetInfo()[0] - (3 << 30)
-            votes = dwdp_ops.get_runtime().rendezvous.allgather(f"fits:{T}", json.dumps(fits).encode())
-            if not all(json.loads(v) for v in votes):
-                rec.setdefault("skipped_tokens", []).append(T)  # the activations do not fit beside the store
-                continue
-            ex = Experts(T)
-            compute_ms, _ = time_op(lambda ex=ex: [ex.run(store, p, compute) for p in range(ns.layers)], compute, 3, 1, before=bar)
-            waits, steps = [], []
-            for r in range(4):
-                bar()
-                evs = []
-                t0 = cp.cuda.Event()
-                t0.record(compute)
-                sched.trace = [] if r == 3 else None
-                sched.begin_step()
-                for p in range(ns.layers):
-                    a, b, c = cp.cuda.Event(), cp.cuda.Event(), cp.cuda.Event()
-                    a.record(compute)
-                    sched.wait(p, compute)
-                    b.record(compute)
-                    ex.run(store, p, compute)
-                    c.record(compute)
-                    sched.release(p, compute)
-                    evs.append((a, b, c))
-                evs[-1][2].synchronize()
-                side.synchronize()
-                if r == 0:
-                    continue  # warm-up
-                waits.append([cp.cuda.get_elapsed_time(a, b) for a, b, _ in evs])
-                steps.append(cp.cuda.get_elapsed_time(t0, evs[-1][2]))
-                if r == 3 and T in (16384, 65536):
-                    tl = {"tokens": T, "compute": [], "copy": []}
-                    for p, (a, b, c) in enumerate(evs):
-                        tl["compute"].append([p, cp.cuda.get_elapsed_time(t0, a), cp.cuda.get_elapsed_time(t0, b),
-                                              cp.cuda.get_elapsed_time(t0, c)])
-                    starts = {lay: ev for kind, lay, ev in sched.trace if kind == "fetch"}
-                    for kind, lay, ev in sched.trace:
-                        if kind == "fetch_end":
-                            tl["copy"].append([lay, cp.cuda.get_elapsed_time(t0, starts[lay]), cp.cuda.get_elapsed_time(t0, ev)])
-                    rec.setdefault("timelines", []).append(tl)
-            sched.trace = None
-            per_layer_wait = [median(w[p] for w in waits) for p in range(ns.layers)]
-            layer_ms = median(steps) / ns.layers
-            steady = per_layer_wait[2:] or per_layer_wait
-            gemm_layer_ms = compute_ms / ns.layers
-            rec["exposed"].append({
-                "tokens": T, "gemm_layer_ms": gemm_layer_ms, "gemm_tflops": ex.flops / (gemm_layer_ms * 1e-3) / 1e12,
-                "step_ms": median(steps), "layer_ms": layer_ms, "wait_ms_per_layer": per_layer_wait,
-                "steady_exposed_ms": max(steady), "steady_exposed_frac": max(steady) / layer_ms,
-            })
-            del ex
-            cp.get_default_memory_pool().free_all_blocks()
+        exposed_sweep(ns, store, sched, compute, side, bar, rec)
         C = max(x["gemm_tflops"] for x in rec["exposed"]) * 1e12
         bpp = 2  # fp16
         rec["roofline"] = {"C_tflops": C / 1e12, "B_gbps": B, "bytes_per_param": bpp,
@@ -194,16 +229,25 @@ def main() -> int:
         if me == 0:
             per_rank = [json.loads(g) for g in gathered]
             data = dict(benchmark="prefetch_overlap", world_size=n, repeats=ns.repeats, layers=ns.layers,
-                        dtype="float16", **machine_facts(), ranks=per_rank)
+                        dtype="float16", method="interleaved per repeat, order rotated; medians; ratios are medians "
+                        "of per-repeat ratios; exposed fraction = wait / layer time alone (same repeat)",
+                        **machine_facts(), ranks=per_rank)
             print(f"wrote {write_json(result_name('prefetch_overlap', data['card'], f'_N{n}{ns.tag}'), data)}")
             r0 = per_rank[0]
-            print(f"B={r0['fetch_ce_gbps']:.1f} GB/s C={r0['roofline']['C_tflops']:.0f} TFLOP/s T*={r0['roofline']['T_star']:.0f}")
-            for s in r0["slowdown"]:
-                print(f"T={s['tokens']}: GEMM {s['gemm_ms']:.2f} ms; +CE {s['slowdown_ce']:+.1%}; +NVSHMEM16 {s['slowdown_nvshmem16']:+.1%}")
-            for x in r0["exposed"]:
-                worst = max(max(p["exposed"][i]["steady_exposed_frac"] for i in range(len(p["exposed"])) if p["exposed"][i]["tokens"] == x["tokens"]) for p in per_rank)
-                print(f"T={x['tokens']:6d}: layer {x['layer_ms']:.2f} ms, GEMM {x['gemm_layer_ms']:.2f} ms ({x['gemm_tflops']:.0f} TF/s), "
-                      f"waits {[f'{w:.2f}' for w in x['wait_ms_per_layer']]}, steady exposed {x['steady_exposed_frac']:.1%} (worst rank {worst:.1%})")
+            print(f"B={r0['fetch_ce_gbps']:.1f} GB/s (NVSHMEM 16 SMs takes {r0['nvshmem16_over_ce']:.2f}x the copy "
+                  f"engine's time) C={r0['roofline']['C_tflops']:.0f} TFLOP/s T*={r0['roofline']['T_star']:.0f}")
+            for i, s in enumerate(r0["slowdown"]):
+                worst_ce = max(p["slowdown"][i]["slowdown_ce"] for p in per_rank)
+                worst_nv = max(p["slowdown"][i]["slowdown_nvshmem16"] for p in per_rank)
+                print(f"T={s['tokens']}: GEMM alone {s['gemm_ms']:.2f} ms; +CE {s['slowdown_ce']:+.1%} (worst rank "
+                      f"{worst_ce:+.1%}); +NVSHMEM16 {s['slowdown_nvshmem16']:+.1%} (worst rank {worst_nv:+.1%})")
+            for i, x in enumerate(r0["exposed"]):
+                worst = max(p["exposed"][i]["steady_exposed_frac"] for p in per_rank)
+                print(f"T={x['tokens']:6d}: layer alone {x['gemm_layer_ms']:.2f} ms ({x['gemm_tflops']:.0f} TF/s), "
+                      f"step {x['step_ms']:.1f} ms = {x['step_over_alone']:.3f}x alone, "
+                      f"waits {[f'{w:.2f}' for w in x['wait_ms_per_layer']]} ms, steady exposed "
+                      f"{x['steady_exposed_ms']:.3f} ms = {x['steady_exposed_frac']:.2%} of the layer alone "
+                      f"(worst rank {worst:.2%})")
         dwdp_ops.barrier()
         store.close()
     return 0
