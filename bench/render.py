@@ -1,6 +1,7 @@
 """Renders bench/results/fetch_bandwidth_*.json into a PNG plot and the markdown tables of docs/benchmarks.md.
 
     python bench/render.py            # rewrites the generated section of docs/benchmarks.md and the PNGs
+    python bench/render.py --help     # this text
 
 Every figure is the slowest rank's median (``gbps_min``; the mean over ranks in brackets), as a fraction of the
 same run's raw cudaMemcpyPeerAsync baseline (1 GiB, one peer per reader) and of the physical NVLink rate
@@ -9,6 +10,7 @@ same run's raw cudaMemcpyPeerAsync baseline (1 GiB, one peer per reader) and of 
 
 from __future__ import annotations
 
+import argparse
 import json
 import re
 from pathlib import Path
@@ -29,7 +31,7 @@ def baseline(data: dict, fallback: tuple[str, float] | None) -> tuple[float, str
         if r["case"] == "size_sweep" and r["mode"] == "raw_peer" and r["bytes"] == GiB:
             return r["gbps_min"], "same run"
     if fallback:
-        return fallback[1], f"from {fallback[0]} (same machine, same session)"
+        return fallback[1], f"from {fallback[0]} (same machine, measured in the same batch)"
     raise SystemExit("no raw baseline")
 
 
@@ -153,7 +155,10 @@ def plot_timelines() -> list[str]:
     return made
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(prog="python bench/render.py", description=re.sub(r"``(.+?)``", r"\1", __doc__),
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.parse_args(argv)
     files = load()
     pngs = plot(files)
     timelines = plot_timelines()

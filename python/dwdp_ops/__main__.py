@@ -1,5 +1,6 @@
-"""``python -m dwdp_ops <command>``: ``info`` prints what this machine offers dwdp_ops; ``can-train`` trains CAN-DNN
-and the DNN baseline (numpy reference ops) and reports AUC per epoch."""
+"""``python -m dwdp_ops COMMAND``: ``info`` prints what this machine offers dwdp_ops; ``demo`` runs DWDP on
+DeepSeek-R1; ``can-train`` trains CAN-DNN and the DNN baseline and reports AUC per epoch; ``launch`` runs a script as
+N ranks (one per GPU). Each command parses its own options (``python -m dwdp_ops COMMAND --help``)."""
 
 from __future__ import annotations
 
@@ -32,25 +33,55 @@ def info() -> dict:
     return out
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m dwdp_ops")
-    sub = ap.add_subparsers(dest="cmd", required=True)
-    p = sub.add_parser("info", help="versions, GPUs and NVSHMEM this install sees")
-    p.add_argument("--json", action="store_true")
-    sub.add_parser("can-train", help="train CAN-DNN and the DNN baseline (see can-train --help)", add_help=False)
-    if argv is None:
-        import sys as _sys
+COMMANDS = {
+    "info": "versions, GPUs and NVSHMEM this install sees",
+    "demo": "DWDP on DeepSeek-R1: real model on 2+ GPUs, fetch plans and the numpy reference on CPU",
+    "can-train": "train CAN-DNN and the DNN baseline, report test AUC per epoch",
+    "launch": "run a script as N ranks on this node, one per GPU",
+}
+PROG = "python -m dwdp_ops"
 
-        argv = _sys.argv[1:]
-    sub.add_parser("demo", help="DWDP on DeepSeek-R1 (see demo --help)", add_help=False)
-    if argv and argv[0] == "demo":
+
+def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
+
+    ap = argparse.ArgumentParser(
+        prog=PROG, description="dwdp_ops: Distributed Weight Data Parallelism for MoE inference (CUDA + NVSHMEM).",
+        epilog=f"'{PROG} COMMAND --help' shows the options of one command.")
+    ap.add_argument("--version", action="version", version=f"dwdp_ops {__version__}")
+    sub = ap.add_subparsers(dest="cmd", metavar="COMMAND", title="commands")
+    p = sub.add_parser("info", help=COMMANDS["info"], description=COMMANDS["info"])
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of text")
+    for name in ("demo", "can-train", "launch"):  # parsed by their own main(), see main() below
+        sub.add_parser(name, help=COMMANDS[name], add_help=False)
+    return ap
+
+
+def _delegate(name: str, argv: list[str]) -> int:
+    prog = f"{PROG} {name}"
+    if name == "demo":
         from .demo import main as demo_main
 
-        return demo_main(argv[1:])
-    if argv and argv[0] == "can-train":
+        return demo_main(argv, prog=prog)
+    if name == "can-train":
         from .models.train_can import main as can_main
 
-        return can_main(argv[1:])
+        return can_main(argv, prog=prog)
+    from .launch import main as launch_main
+
+    return launch_main(argv, prog=prog)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m dwdp_ops COMMAND ...``: ``info`` here, the other commands in their own modules (each parses its
+    own options, so ``demo --help`` shows the demo's). Without a command: the usage and a hint, exit code 2."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    ap = build_parser()
+    if argv and argv[0] in ("demo", "can-train", "launch"):
+        return _delegate(argv[0], argv[1:])
+    if not argv:
+        ap.print_help(sys.stderr)
+        ap.exit(2, f"{PROG}: error: give a command ({', '.join(COMMANDS)}); for a start try '{PROG} info'\n")
     ns = ap.parse_args(argv)
     if ns.cmd == "info":
         data = info()
@@ -61,7 +92,8 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"{k:16s} {v}")
             if data["cuda_devices"] == 0:
                 print("The kernels need NVIDIA GPUs; host-side planning and the CPU reference work here.")
-    return 0
+        return 0
+    ap.error(f"give a command ({', '.join(COMMANDS)})")
 
 
 if __name__ == "__main__":

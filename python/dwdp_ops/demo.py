@@ -1,9 +1,10 @@
-"""``python -m dwdp_ops demo``: DWDP on DeepSeek-R1.
+"""``python -m dwdp_ops demo`` (also ``dwdp-demo``): DWDP on DeepSeek-R1.
 
 With two or more GPUs it launches one rank per GPU (``dwdp_ops.demo_gpu``): a layer-truncated real-dimension
 DeepSeek-R1 that fits, every rank serving its own prompts with prefill and greedy decode on DWDP, and prints
 tokens/s, fetch GB/s, exposed fetch time and the check against an all-local run of the same requests. Without GPUs
-it prints each rank's expert partition and fetch plan for the real R1 MoE layer and runs every rank's prompts
+it prints each rank's expert partition and fetch plan for the real R1 MoE layer (expert weights in ``--dtype``,
+bfloat16 like the GPU demo unless asked otherwise) and runs every rank's prompts
 through the tiny-config numpy reference, saying plainly that the kernels need NVIDIA GPUs.
 """
 
@@ -16,11 +17,16 @@ import time
 import numpy as np
 from tqdm import tqdm
 
+from ._cli import HelpFormatter, divisor_of, nonnegative_int, plain, positive_float, positive_int, usable_gpus
 from .layout import ExpertLayout
 from .partition import ExpertPartition
 
+DEMO_DTYPES = ("bfloat16", "float8_e4m3fn")
+POLICIES = ("auto", "prefetch_all", "on_demand")
 
-def plan_report(ranks: int, dtype: str = "float8_e4m3fn") -> list[dict]:
+
+def plan_report(ranks: int, dtype: str = "bfloat16") -> list[dict]:
+    """Each rank's local experts and fetch plan for one real R1 MoE layer with expert weights in ``dtype``."""
     from .models.deepseek_r1 import DeepSeekConfig
 
     r1 = DeepSeekConfig.r1()
@@ -30,7 +36,8 @@ def plan_report(ranks: int, dtype: str = "float8_e4m3fn") -> list[dict]:
     for r in range(ranks):
         runs = part.fetch_plan(r)
         out.append({"rank": r, "local_experts": list(part.local_range(r)),
-                    "fetch_plan": [{"peer": p, "experts": [a, b], "MiB": (b - a) * lay.expert_stride / 2**20} for p, a, b in runs],
+                    "fetch_plan": [{"peer": p, "experts": [a, b], "MiB": (b - a) * lay.expert_stride / 2**20}
+                                   for p, a, b in runs],
                     "fetch_GiB_per_layer": part.num_remote * lay.expert_stride / 2**30})
     return out
 
@@ -109,38 +116,66 @@ def print_gpu(rep: dict) -> None:
           f"{min(dense):.0f}-{max(dense):.0f} TFLOP/s (same run)")
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m dwdp_ops demo", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--ranks", type=int, default=4, help="CPU path: ranks to plan for (simulated one after another)")
-    ap.add_argument("--prompts", type=int, default=None, help="requests per rank (default: 4 on GPUs, 2 on CPU)")
-    ap.add_argument("--steps", type=int, default=None, help="greedy steps per request (default: 16 on GPUs, 8 on CPU)")
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--cpu", action="store_true", help="run the CPU path even where GPUs are present")
-    ap.add_argument("--moe-layers", type=int, default=None, help="GPU: MoE layers (default: as many as fit)")
-    ap.add_argument("--vocab", type=int, default=32768, help="GPU: vocabulary cut (the real one is 129280)")
-    ap.add_argument("--min-len", type=int, default=64, help="GPU: shortest prompt")
-    ap.add_argument("--max-len", type=int, default=1024, help="GPU: longest prompt")
-    ap.add_argument("--policy", default="auto", choices=["auto", "prefetch_all", "on_demand"], help="GPU: DWDP policy")
-    ap.add_argument("--no-check", action="store_true", help="GPU: skip the all-local comparison run")
-    ap.add_argument("--timeout", type=float, default=1200, help="GPU: seconds before the job is ended")
-    ap.add_argument("--json", action="store_true", help="print one JSON object instead of text")
-    ns = ap.parse_args(argv)
-    from ._native import native
+def build_parser(prog: str = "dwdp-demo") -> argparse.ArgumentParser:
+    from .models.deepseek_r1 import DeepSeekConfig
 
-    try:
-        gpus, why = native().cuda_device_count()
-    except Exception as e:  # noqa: BLE001 - the demo's CPU path needs no native module
-        gpus, why = 0, str(e)
+    r1 = DeepSeekConfig.r1()
+    ap = argparse.ArgumentParser(prog=prog, description=plain(__doc__), formatter_class=HelpFormatter)
+    ap.add_argument("--ranks", type=divisor_of(r1.n_routed_experts, "DeepSeek-R1's routed experts"), default=4,
+                    help=f"CPU path: ranks to plan for (simulated one after another); must divide "
+                         f"{r1.n_routed_experts}, R1's routed experts")
+    ap.add_argument("--prompts", type=positive_int, default=None,
+                    help="requests per rank (default: 4 on GPUs, 2 on CPU)")
+    ap.add_argument("--steps", type=positive_int, default=None,
+                    help="greedy steps per request (default: 16 on GPUs, 8 on CPU)")
+    ap.add_argument("--seed", type=nonnegative_int, default=0, help="seed of the weights and the prompts")
+    ap.add_argument("--dtype", choices=DEMO_DTYPES, default="bfloat16",
+                    help="expert weight dtype the fetch plan is sized for; the GPU demo runs bfloat16")
+    ap.add_argument("--cpu", action="store_true", help="run the CPU path even where GPUs are present")
+    ap.add_argument("--moe-layers", type=positive_int, default=None, help="GPU: MoE layers (default: as many as fit)")
+    ap.add_argument("--vocab", type=positive_int, default=32768,
+                    help=f"GPU: vocabulary cut, at most the real {r1.vocab_size}")
+    ap.add_argument("--min-len", type=positive_int, default=64, help="GPU: shortest prompt, in tokens")
+    ap.add_argument("--max-len", type=positive_int, default=1024, help="GPU: longest prompt, in tokens")
+    ap.add_argument("--policy", default="auto", choices=POLICIES,
+                    help="GPU: DWDP policy; auto picks per step, prefetch_all fetches every remote expert, "
+                         "on_demand fetches only the routed ones")
+    ap.add_argument("--no-check", action="store_true", help="GPU: skip the all-local comparison run")
+    ap.add_argument("--timeout", type=positive_float, default=1200, help="GPU: seconds before the job is ended")
+    ap.add_argument("--json", action="store_true", help="print one JSON object instead of text")
+    ap.set_defaults(max_vocab=r1.vocab_size)
+    return ap
+
+
+def check_args(ap: argparse.ArgumentParser, ns: argparse.Namespace) -> None:
+    """Checks that involve several options; a bad combination exits with code 2 and one ``error:`` line."""
+    if ns.min_len > ns.max_len:
+        ap.error(f"--min-len ({ns.min_len}) must be <= --max-len ({ns.max_len})")
+    if ns.vocab > ns.max_vocab:
+        ap.error(f"argument --vocab: expected at most {ns.max_vocab} (DeepSeek-R1's vocabulary), got {ns.vocab}")
+
+
+def main(argv: list[str] | None = None, prog: str = "dwdp-demo") -> int:
+    """Entry point of ``dwdp-demo`` and ``python -m dwdp_ops demo`` (which passes its own ``prog``)."""
+    ap = build_parser(prog)
+    ns = ap.parse_args(argv)
+    check_args(ap, ns)
+    gpus, why = usable_gpus()
     if gpus >= 2 and not ns.cpu:
-        ns.prompts, ns.steps = ns.prompts or 4, ns.steps or 16
+        if ns.dtype != "bfloat16":
+            ap.error(f"argument --dtype: the GPU demo runs bfloat16, got {ns.dtype}; add --cpu for the "
+                     f"{ns.dtype} plan report")
+        ns.prompts = 4 if ns.prompts is None else ns.prompts
+        ns.steps = 16 if ns.steps is None else ns.steps
         rep = run_gpu(ns, gpus)
         if ns.json:
             print(json.dumps(rep, indent=1))
         else:
             print_gpu(rep)
         return 0
-    ns.prompts, ns.steps = ns.prompts or 2, ns.steps or 8
-    report = {"gpus": gpus, "plans": plan_report(ns.ranks)}
+    ns.prompts = 2 if ns.prompts is None else ns.prompts
+    ns.steps = 8 if ns.steps is None else ns.steps
+    report = {"gpus": gpus, "dtype": ns.dtype, "plans": plan_report(ns.ranks, ns.dtype)}
     report["cpu_reference"] = run_cpu(ns.ranks, ns.prompts, ns.steps, ns.seed, progress=not ns.json)
     if gpus == 1 and not ns.cpu:
         note = ("DWDP needs two or more GPUs (one rank per GPU) and this machine has one, so this ran the tiny "
@@ -154,10 +189,11 @@ def main(argv: list[str] | None = None) -> int:
     if ns.json:
         print(json.dumps(report, indent=1))
         return 0
+    print(f"Fetch plan of one DeepSeek-R1 MoE layer over {ns.ranks} rank(s), expert weights in {ns.dtype}:")
     for p in report["plans"]:
         runs = ", ".join(f"{x['experts'][0]}-{x['experts'][1] - 1} from rank {x['peer']}" for x in p["fetch_plan"])
-        print(f"rank {p['rank']}: keeps experts {p['local_experts'][0]}-{p['local_experts'][1] - 1}; fetches {runs} "
-              f"({p['fetch_GiB_per_layer']:.2f} GiB per MoE layer in fp8)")
+        print(f"rank {p['rank']}: keeps experts {p['local_experts'][0]}-{p['local_experts'][1] - 1}; "
+              f"fetches {runs or 'nothing'} ({p['fetch_GiB_per_layer']:.2f} GiB per MoE layer in {ns.dtype})")
     for r in report["cpu_reference"]["requests"]:
         print(f"rank {r['rank']} request {r['request']} (prompt {r['prompt_len']} tokens): {r['tokens']}")
     print(f"tokens/s (numpy reference, tiny config): {report['cpu_reference']['tokens_per_s']:.1f}")

@@ -1,4 +1,5 @@
-"""``python -m dwdp_ops.launch -n N [--timeout S] script.py args...``: N ranks on this node, one per GPU.
+"""``python -m dwdp_ops.launch -n N [--timeout S] script.py args...`` (also ``dwdp-launch``): N ranks on this node,
+one per GPU.
 
 Each rank gets ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``LOCAL_WORLD_SIZE``, ``MASTER_ADDR=127.0.0.1`` and a free
 ``MASTER_PORT`` (the torchrun convention, read by ``dwdp_ops.init``), plus ``PYTHONUNBUFFERED=1`` and the variables
@@ -14,12 +15,15 @@ from __future__ import annotations
 import argparse
 import os
 import shlex
+import shutil
 import signal
 import socket
 import subprocess
 import sys
 import threading
 import time
+
+from ._cli import HelpFormatter, plain, positive_float, positive_int
 
 SAFE_ENV = {"NVSHMEM_DISABLE_NVLS": "1", "NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1"}
 GRACE_S = 5.0
@@ -74,8 +78,12 @@ def run(
 ) -> int:
     """Runs ``command`` (an argv list, for example ``[sys.executable, 'script.py']``) as ``nprocs`` ranks; returns the
     job's exit code (0 when every rank succeeded)."""
-    if nprocs < 1:
-        raise ValueError(f"-n must be >= 1, got {nprocs}")
+    if not isinstance(nprocs, int) or isinstance(nprocs, bool) or nprocs < 1:
+        raise ValueError(f"nprocs must be an integer >= 1, got {nprocs!r}")
+    if timeout is not None and not timeout > 0:
+        raise ValueError(f"timeout must be > 0 seconds or None, got {timeout!r}")
+    if not command:
+        raise ValueError("command must be a non-empty argv list")
     base = dict(os.environ if env is None else env)
     for k, v in SAFE_ENV.items():
         base.setdefault(k, v)
@@ -113,7 +121,8 @@ def run(
             if failed and code == 0:
                 r = failed[0]
                 code = procs[r].returncode if procs[r].returncode > 0 else 128 - procs[r].returncode
-                how = f"exit code {procs[r].returncode}" if procs[r].returncode > 0 else f"signal {-procs[r].returncode}"
+                rc = procs[r].returncode
+                how = f"exit code {rc}" if rc > 0 else f"signal {-rc}"
                 if running and not keep_going:
                     _say(f"rank {r} failed ({how}); terminating rank(s) {running}", lock)
                     _terminate(procs, running)
@@ -136,15 +145,24 @@ def run(
     return code
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m dwdp_ops.launch", description=__doc__.split("\n\n")[0])
-    ap.add_argument("-n", "--nprocs", type=int, required=True, help="number of ranks (one per GPU)")
-    ap.add_argument("--timeout", type=float, default=None, help="seconds before the whole job is ended (exit 124)")
+def build_parser(prog: str = "dwdp-launch") -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog=prog, description=plain(__doc__.split("\n\n")[0]), formatter_class=HelpFormatter)
+    ap.add_argument("-n", "--nprocs", type=positive_int, required=True, help="number of ranks (one per GPU)")
+    ap.add_argument("--timeout", type=positive_float, default=None,
+                    help="seconds before the whole job is ended with exit code 124 (default: no limit)")
     ap.add_argument("--keep-going", action="store_true", help="when a rank fails, let the others finish")
     ap.add_argument("-m", dest="module", default=None, help="run a module (like python -m) instead of a script")
-    ap.add_argument("--prefix", default="", help="a command put before python for every rank, e.g. 'compute-sanitizer --tool racecheck'")
+    ap.add_argument("--prefix", default="",
+                    help="a command put before python for every rank, e.g. 'compute-sanitizer --tool racecheck' "
+                         "(default: none)")
     ap.add_argument("script", nargs="?", help="the Python script each rank runs")
     ap.add_argument("args", nargs=argparse.REMAINDER, help="arguments passed to the script")
+    return ap
+
+
+def main(argv: list[str] | None = None, prog: str = "dwdp-launch") -> int:
+    """Entry point of ``dwdp-launch``, ``python -m dwdp_ops.launch`` and ``python -m dwdp_ops launch``."""
+    ap = build_parser(prog)
     ns = ap.parse_args(argv)
     if ns.module is None and ns.script is None:
         ap.error("give a script, or -m module")
@@ -153,13 +171,17 @@ def main(argv: list[str] | None = None) -> int:
     else:
         if not os.path.exists(ns.script):
             ap.error(f"script {ns.script!r} does not exist")
+        if not os.path.isfile(ns.script):
+            ap.error(f"script {ns.script!r} is not a file")
         command = [sys.executable, ns.script] + ns.args
-    command = shlex.split(ns.prefix) + command
     try:
-        return run(ns.nprocs, command, timeout=ns.timeout, keep_going=ns.keep_going)
+        prefix = shlex.split(ns.prefix)
     except ValueError as e:
-        ap.error(str(e))
+        ap.error(f"argument --prefix: cannot split {ns.prefix!r} into words ({e})")
+    if prefix and shutil.which(prefix[0]) is None:
+        ap.error(f"argument --prefix: {prefix[0]!r} is not an executable on PATH")
+    return run(ns.nprocs, prefix + command, timeout=ns.timeout, keep_going=ns.keep_going)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(prog="python -m dwdp_ops.launch"))

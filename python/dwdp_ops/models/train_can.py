@@ -1,19 +1,43 @@
-"""``python -m dwdp_ops can-train``: trains CAN-DNN and/or the DNN baseline and reports test AUC per epoch."""
+"""``python -m dwdp_ops can-train`` (also ``dwdp-can-train``): trains CAN-DNN and/or the DNN baseline and reports
+test AUC per epoch.
+
+Every option is checked before training starts (files exist, output directories are writable, matplotlib is present
+for ``--plot``, a GPU is usable for ``--device gpu``); a training loss that stops being finite ends the run with the
+epoch and step where it happened (``train`` raises ``FloatingPointError``; the command exits with code 1).
+"""
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
+import sys
 import time
 
 import numpy as np
 from tqdm import tqdm
 
+from .._cli import (
+    HelpFormatter,
+    existing_file,
+    nonnegative_int,
+    plain,
+    positive_float,
+    positive_int,
+    usable_gpus,
+    writable_path,
+)
 from .can import CanConfig, CanModel
 from .can_data import load_amazon_books, split, synthetic
 
 
 def train(model: CanModel, train_set, test_set, epochs: int, batch_size: int, seed: int, progress: bool = True):
+    """Trains ``epochs`` passes of shuffled ``batch_size`` batches; returns one record per epoch (mean train loss,
+    test AUC, every step's loss). Raises ValueError for ``epochs`` or ``batch_size`` < 1 and FloatingPointError,
+    naming the epoch and step, when a loss is not finite."""
+    for name, v in (("epochs", epochs), ("batch_size", batch_size)):
+        if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+            raise ValueError(f"{name} must be an integer >= 1, got {v!r}")
     rng = np.random.default_rng(seed)
     curve = []
     for epoch in range(1, epochs + 1):
@@ -21,7 +45,14 @@ def train(model: CanModel, train_set, test_set, epochs: int, batch_size: int, se
         bar = tqdm(train_set.batches(batch_size, rng), total=-(-len(train_set) // batch_size), desc=f"epoch {epoch}",
                    disable=not progress, leave=False)
         for b in bar:
-            losses.append(model.train_step(b))
+            loss = float(model.train_step(b))
+            if not np.isfinite(loss):
+                bar.close()
+                lr = getattr(getattr(model, "cfg", None), "lr", None)
+                raise FloatingPointError(
+                    f"the training loss became {loss} at epoch {epoch}, step {len(losses) + 1}"
+                    + (f" (learning rate {lr:g})" if lr is not None else "") + "; try a lower --lr")
+            losses.append(loss)
             if len(losses) % 20 == 0:
                 bar.set_postfix(loss=f"{np.mean(losses[-20:]):.4f}")
         curve.append({"epoch": epoch, "train_loss": float(np.mean(losses)), "test_auc": model.evaluate(test_set),
@@ -29,71 +60,135 @@ def train(model: CanModel, train_set, test_set, epochs: int, batch_size: int, se
     return curve
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m dwdp_ops can-train", description=__doc__)
-    ap.add_argument("--data", default="synthetic", help="'synthetic' or a DIEN-format training file")
-    ap.add_argument("--test", default=None, help="DIEN-format test file (default: 20%% of the data)")
-    ap.add_argument("--model", choices=["can", "dnn", "both"], default="both")
-    ap.add_argument("--samples", type=int, default=20000, help="synthetic samples")
-    ap.add_argument("--epochs", type=int, default=2)
-    ap.add_argument("--batch-size", type=int, default=128)
-    ap.add_argument("--lr", type=float, default=1e-3)
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--max-len", type=int, default=100)
+def _data_source(text: str) -> str:
+    """``synthetic`` or an existing DIEN-format file."""
+    return text if text == "synthetic" else existing_file(text)
+
+
+def build_parser(prog: str = "dwdp-can-train") -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog=prog, description=plain(__doc__), formatter_class=HelpFormatter)
+    ap.add_argument("--data", type=_data_source, default="synthetic",
+                    help="'synthetic' or a DIEN-format training file")
+    ap.add_argument("--test", type=existing_file, default=None,
+                    help="DIEN-format test file, with --data FILE (default: 20%% of the data)")
+    ap.add_argument("--model", choices=["can", "dnn", "both"], default="both",
+                    help="CAN-DNN, the DNN baseline, or both")
+    ap.add_argument("--samples", type=positive_int, default=20000, help="synthetic samples (with --data synthetic)")
+    ap.add_argument("--epochs", type=positive_int, default=2, help="passes over the training set")
+    ap.add_argument("--batch-size", type=positive_int, default=128, help="samples per training step")
+    ap.add_argument("--lr", type=positive_float, default=1e-3, help="Adam learning rate")
+    ap.add_argument("--seed", type=nonnegative_int, default=0, help="seed of the data, the split and the weights")
+    ap.add_argument("--max-len", type=positive_int, default=100, help="behaviours kept per history (DIEN files)")
     ap.add_argument("--device", choices=["cpu", "gpu", "auto"], default="auto",
                     help="cpu: numpy reference ops (float64); gpu: CuPy + fused co-action kernels (float32); "
                          "auto: gpu when one is usable")
-    ap.add_argument("--json", default=None, help="write the curves and AUCs here")
-    ap.add_argument("--plot", default=None, help="write a PNG of the training curves here (needs matplotlib)")
-    ap.add_argument("--quiet", action="store_true")
-    ns = ap.parse_args(argv)
+    ap.add_argument("--json", type=writable_path, default=None, help="write the curves and AUCs to this file")
+    ap.add_argument("--plot", type=writable_path, default=None,
+                    help="write a PNG of the training curves to this file (needs matplotlib)")
+    ap.add_argument("--quiet", action="store_true", help="no progress bars")
+    return ap
+
+
+def _pick_device(ap: argparse.ArgumentParser, requested: str) -> str:
+    if requested == "cpu":
+        return "cpu"
+    count, why = usable_gpus()
+    have_cupy = importlib.util.find_spec("cupy") is not None
+    if requested == "auto":
+        return "gpu" if count > 0 and have_cupy else "cpu"
+    if count == 0:
+        ap.error(f"argument --device: gpu needs a usable NVIDIA GPU and none was found ({why}); use --device cpu")
+    if not have_cupy:
+        ap.error("argument --device: gpu needs CuPy, which is not installed (pip install cupy-cuda13x); "
+                 "use --device cpu")
+    return "gpu"
+
+
+def _load(ap: argparse.ArgumentParser, ns: argparse.Namespace):
+    """The train and test sets and the embedding table sizes; unusable data ends with a usage error."""
     if ns.data == "synthetic":
         data, tables = synthetic(ns.samples, seed=ns.seed)
         train_set, test_set = split(data, 0.2, ns.seed)
+        fix = "use more --samples"
     else:
-        train_set, vocab = load_amazon_books(ns.data, max_len=ns.max_len)
+        try:
+            train_set, vocab = load_amazon_books(ns.data, max_len=ns.max_len)
+        except (ValueError, OSError, UnicodeDecodeError) as e:
+            ap.error(f"argument --data: cannot read it: {e}")
         if ns.test:
-            test_set, _ = load_amazon_books(ns.test, vocab, ns.max_len)
+            try:
+                test_set, _ = load_amazon_books(ns.test, vocab, ns.max_len)
+            except (ValueError, OSError, UnicodeDecodeError) as e:
+                ap.error(f"argument --test: cannot read it: {e}")
         else:
             train_set, test_set = split(train_set, 0.2, ns.seed)
         tables = vocab.sizes
-    device = ns.device
-    if device == "auto":
-        from .. import cuda_device_count
+        fix = "use a larger --data file" + ("" if ns.test else " or give --test")
+    if len(train_set) == 0:
+        ap.error(f"the training set is empty; {fix}")
+    labels = set(np.unique(test_set.label).tolist())
+    if len(test_set) == 0 or not {0.0, 1.0} <= labels:
+        ap.error(f"the test set ({len(test_set)} samples) needs both clicked and non-clicked samples for its AUC; "
+                 f"{fix}")
+    return train_set, test_set, tables
 
-        device = "gpu" if cuda_device_count() > 0 else "cpu"
+
+def main(argv: list[str] | None = None, prog: str = "dwdp-can-train") -> int:
+    """Entry point of ``dwdp-can-train`` and ``python -m dwdp_ops can-train`` (which passes its own ``prog``)."""
+    ap = build_parser(prog)
+    ns = ap.parse_args(argv)
+    if ns.test and ns.data == "synthetic":
+        ap.error("argument --test: --test needs --data FILE (synthetic data is split 80/20)")
+    if ns.plot and importlib.util.find_spec("matplotlib") is None:
+        ap.error("argument --plot: needs matplotlib, which is not installed (pip install matplotlib)")
+    device = _pick_device(ap, ns.device)
+    train_set, test_set, tables = _load(ap, ns)
     results = {}
     for name in (["can", "dnn"] if ns.model == "both" else [ns.model]):
         t0 = time.time()
         model = CanModel(CanConfig(tables, use_coaction=name == "can", lr=ns.lr, seed=ns.seed, device=device))
-        curve = train(model, train_set, test_set, ns.epochs, ns.batch_size, ns.seed, progress=not ns.quiet)
+        try:
+            curve = train(model, train_set, test_set, ns.epochs, ns.batch_size, ns.seed, progress=not ns.quiet)
+        except FloatingPointError as e:
+            ap.exit(1, f"{ap.prog}: error: {name}: {e}\n")
         results[name] = {"curve": curve, "test_auc": curve[-1]["test_auc"], "seconds": time.time() - t0,
                          "device": device}
         for c in curve:
-            print(f"{name} ({device}): epoch {c['epoch']} train loss {c['train_loss']:.4f} test AUC {c['test_auc']:.4f}")
+            print(f"{name} ({device}): epoch {c['epoch']} train loss {c['train_loss']:.4f} "
+                  f"test AUC {c['test_auc']:.4f}")
     if ns.json:
         with open(ns.json, "w") as f:
             json.dump({"args": vars(ns), "results": results}, f, indent=1)
     if ns.plot:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
-        fig, ax = plt.subplots(1, 2, figsize=(10, 3.8))
-        for name, r in results.items():
-            losses = np.concatenate([c["losses"] for c in r["curve"]])
-            k = max(1, len(losses) // 100)
-            ax[0].plot(np.convolve(losses, np.ones(k) / k, mode="valid"), label=name)
-            ax[1].plot([c["epoch"] for c in r["curve"]], [c["test_auc"] for c in r["curve"]], marker="o", label=name)
-        ax[0].set_xlabel("step")
-        ax[0].set_ylabel("train loss (moving mean)")
-        ax[1].set_xlabel("epoch")
-        ax[1].set_ylabel("test AUC")
-        for a in ax:
-            a.legend()
-            a.grid(alpha=0.3)
-        fig.suptitle(f"CAN-DNN vs DNN, data={ns.data}, seed {ns.seed}, {device}")
-        fig.tight_layout()
-        fig.savefig(ns.plot, dpi=110)
+        plot(results, ns.plot, f"CAN-DNN vs DNN, data={ns.data}, seed {ns.seed}, {device}")
     return 0
+
+
+def plot(results: dict, path: str, title: str) -> None:
+    """PNG of the smoothed training loss per step and the test AUC per epoch of every model in ``results``."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(1, 2, figsize=(10, 3.8))
+    for name, r in results.items():
+        losses = np.concatenate([c["losses"] for c in r["curve"]])
+        k = max(1, len(losses) // 100)
+        ax[0].plot(np.convolve(losses, np.ones(k) / k, mode="valid"), label=name)
+        ax[1].plot([c["epoch"] for c in r["curve"]], [c["test_auc"] for c in r["curve"]], marker="o", label=name)
+    ax[0].set_xlabel("step")
+    ax[0].set_ylabel("train loss (moving mean)")
+    ax[1].set_xlabel("epoch")
+    ax[1].set_ylabel("test AUC")
+    for a in ax:
+        a.legend()
+        a.grid(alpha=0.3)
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    sys.exit(main(prog="python -m dwdp_ops.models.train_can"))

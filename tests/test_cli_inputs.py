@@ -1,0 +1,354 @@
+"""Every command line refuses bad input the argparse way: exit code 2, the usage, and one ``PROG: error: ...`` line
+on stderr that names the option; never a traceback, a silent default or a run that fails only at its end. Each class
+of bad input (not an integer / number, zero, negative, out of range, not finite, missing file, directory instead of a
+file, unwritable output, inconsistent options) is covered for every option it applies to. Also: good inputs still
+run, help texts name their program and show defaults, and the top-level command lists its commands."""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from dwdp_ops import __main__ as top
+from dwdp_ops import demo, launch
+from dwdp_ops.models import train_can
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = str(Path(__file__).resolve())  # an existing file for the launcher cases that must fail before running it
+
+
+def run_main(main, argv, capsys, **kw):
+    """(exit code, stdout, stderr) of ``main(argv)`` run in-process; SystemExit is the exit code."""
+    try:
+        code = main(argv, **kw)
+    except SystemExit as e:
+        code = e.code
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def assert_usage_error(code, err, option, prog=None):
+    assert code == 2, err
+    assert "Traceback" not in err
+    errors = [line for line in err.splitlines() if "error:" in line]
+    assert len(errors) == 1, err
+    assert option in errors[0], errors[0]
+    if prog is not None:
+        assert errors[0].startswith(f"{prog}: error: "), errors[0]
+    return errors[0]
+
+
+# ---------------------------------------------------------------------------------------------------------- demo
+NOT_INT = ["x", "1.5", "", "2e3"]
+DEMO_INT_OPTIONS = ["--ranks", "--prompts", "--steps", "--seed", "--moe-layers", "--vocab", "--min-len", "--max-len"]
+DEMO_POSITIVE = ["--ranks", "--prompts", "--steps", "--moe-layers", "--vocab", "--min-len", "--max-len"]
+
+DEMO_BAD = (
+    [(opt, [opt, v]) for opt in DEMO_INT_OPTIONS for v in NOT_INT]
+    + [(opt, [opt, "0"]) for opt in DEMO_POSITIVE]
+    + [(opt, [opt, "-2"]) for opt in DEMO_INT_OPTIONS]
+    + [("--ranks", ["--ranks", v]) for v in ("3", "5", "6", "100", "512")]  # do not divide R1's 256 experts
+    + [("--timeout", ["--timeout", v]) for v in ("0", "-1", "nan", "inf", "soon")]
+    + [("--vocab", ["--vocab", "129281"])]
+    + [("--min-len", ["--min-len", "100", "--max-len", "99"])]
+    + [("--dtype", ["--dtype", v]) for v in ("fp8", "float32", "int4")]
+    + [("--policy", ["--policy", v]) for v in ("fast", "")]
+    + [("--bogus", ["--bogus"])]
+)
+
+
+@pytest.mark.parametrize("option, argv", DEMO_BAD, ids=[" ".join(a) or "empty" for _, a in DEMO_BAD])
+def test_demo_rejects_bad_values(option, argv, capsys):
+    code, out, err = run_main(demo.main, argv, capsys)
+    assert_usage_error(code, err, option, prog="dwdp-demo")
+    assert out == ""
+
+
+def test_demo_ranks_error_says_why(capsys):
+    code, _, err = run_main(demo.main, ["--ranks", "3"], capsys)
+    line = assert_usage_error(code, err, "--ranks")
+    assert "256" in line and "[1, 2, 4, 8, 16, 32, 64, 128, 256]" in line
+
+
+def test_demo_cpu_json_runs_and_keeps_explicit_counts(capsys):
+    code, out, err = run_main(demo.main, ["--cpu", "--ranks", "2", "--prompts", "1", "--steps", "1", "--json"], capsys)
+    assert code == 0, err
+    rep = json.loads(out)
+    assert rep["dtype"] == "bfloat16" and len(rep["plans"]) == 2
+    reqs = rep["cpu_reference"]["requests"]
+    assert [(r["rank"], r["request"]) for r in reqs] == [(0, 0), (1, 0)]
+    assert all(len(r["tokens"]) == 1 for r in reqs)  # --steps 1 is used, not a default
+
+
+@pytest.mark.parametrize("ranks", ["1", "4"])
+def test_demo_text_names_the_dtype_of_every_size(ranks, capsys):
+    sizes = {}
+    for dtype in ("bfloat16", "float8_e4m3fn"):
+        code, out, err = run_main(demo.main, ["--cpu", "--ranks", ranks, "--prompts", "1", "--steps", "1",
+                                              "--dtype", dtype], capsys)
+        assert code == 0, err
+        plan_lines = [line for line in out.splitlines() if "GiB per MoE layer" in line]
+        assert len(plan_lines) == int(ranks)
+        assert all(line.endswith(f"GiB per MoE layer in {dtype})") for line in plan_lines)
+        assert " fp8" not in out and " bf16" not in out
+        sizes[dtype] = demo.plan_report(int(ranks), dtype)[0]["fetch_GiB_per_layer"]
+    assert sizes["bfloat16"] == 2 * sizes["float8_e4m3fn"]
+
+
+# ----------------------------------------------------------------------------------------------------- can-train
+@pytest.fixture
+def no_training(monkeypatch):
+    """Fails the test if training starts: every check must come before it."""
+    calls = []
+    monkeypatch.setattr(train_can, "train", lambda *a, **k: calls.append(a) or pytest.fail("training started"))
+    return calls
+
+
+def _dien(path: Path, rows: list[tuple[int, str]]) -> str:
+    path.write_text("".join(f"{label}\tu{i}\t{item}\tc{i % 3}\ti1\x02i2\tc1\x02c2\n" for i, (label, item) in
+                            enumerate(rows)))
+    return str(path)
+
+
+CAN_BAD = (
+    [(opt, [opt, v]) for opt in ("--epochs", "--batch-size", "--samples", "--max-len", "--seed") for v in NOT_INT]
+    + [(opt, [opt, "0"]) for opt in ("--epochs", "--batch-size", "--samples", "--max-len")]
+    + [(opt, [opt, "-5"]) for opt in ("--epochs", "--batch-size", "--samples", "--max-len", "--seed")]
+    + [("--lr", ["--lr", v]) for v in ("0", "-0.1", "nan", "inf", "fast")]
+    + [("--data", ["--data", "{tmp}/missing.txt"]), ("--data", ["--data", "{tmp}"]), ("--data", ["--data", "{bad}"]),
+       ("--test", ["--data", "{good}", "--test", "{tmp}/missing.txt"]),
+       ("--test", ["--data", "{good}", "--test", "{bad}"]),
+       ("--test", ["--test", "{good}"]),  # --test with synthetic data
+       ("--samples", ["--samples", "3"])]  # too few for a test set with both labels
+    + [(opt, [opt, "{tmp}/no/such/dir/out"]) for opt in ("--json", "--plot")]
+    + [(opt, [opt, "{tmp}"]) for opt in ("--json", "--plot")]  # a directory, not a file
+    + [("--model", ["--model", "gbdt"]), ("--device", ["--device", "tpu"])]
+)
+
+
+@pytest.fixture
+def can_files(tmp_path):
+    bad = tmp_path / "bad.txt"
+    bad.write_text("not\tenough fields\n")
+    good = _dien(tmp_path / "good.txt", [(i % 2, f"i{i % 5}") for i in range(40)])
+    return {"tmp": str(tmp_path), "bad": str(bad), "good": good}
+
+
+@pytest.mark.parametrize("option, argv", CAN_BAD, ids=[" ".join(a) or "empty" for _, a in CAN_BAD])
+def test_can_train_rejects_bad_values_before_training(option, argv, can_files, capsys, no_training):
+    argv = [a.format(**can_files) for a in argv]
+    code, _, err = run_main(train_can.main, ["--quiet", *argv], capsys)
+    assert_usage_error(code, err, option, prog="dwdp-can-train")
+    assert not no_training
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root may write into any directory")
+@pytest.mark.parametrize("option", ["--json", "--plot"])
+def test_can_train_rejects_unwritable_outputs(option, tmp_path, capsys, no_training):
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    ro.chmod(0o500)
+    try:
+        code, _, err = run_main(train_can.main, [option, str(ro / "out")], capsys)
+    finally:
+        ro.chmod(0o700)
+    line = assert_usage_error(code, err, option)
+    assert "not writable" in line
+
+
+def test_can_train_gpu_without_gpu_says_so(monkeypatch, capsys, no_training):
+    monkeypatch.setattr(train_can, "usable_gpus", lambda: (0, "no NVIDIA driver found"))
+    code, _, err = run_main(train_can.main, ["--device", "gpu"], capsys)
+    line = assert_usage_error(code, err, "--device")
+    assert "no NVIDIA driver found" in line and "--device cpu" in line
+
+
+def test_can_train_plot_needs_matplotlib(monkeypatch, capsys, no_training, tmp_path):
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "matplotlib" else real(name, *a))
+    code, _, err = run_main(train_can.main, ["--plot", str(tmp_path / "p.png")], capsys)
+    line = assert_usage_error(code, err, "--plot")
+    assert "matplotlib" in line
+
+
+class _DivergingModel:
+    class cfg:  # noqa: N801 - mimics CanModel.cfg
+        lr = 10.0
+
+    def __init__(self, bad_step: int):
+        self.steps, self.bad_step = 0, bad_step
+
+    def train_step(self, _batch) -> float:
+        self.steps += 1
+        return float("nan") if self.steps == self.bad_step else 0.5
+
+    def evaluate(self, _data) -> float:
+        return 0.5
+
+
+@pytest.mark.parametrize("bad_step, epoch, step", [(1, 1, 1), (3, 1, 3), (6, 2, 1), (7, 2, 2)])
+def test_non_finite_loss_names_epoch_and_step(bad_step, epoch, step):
+    data, _ = train_can.synthetic(50, seed=0)  # 5 batches of 10 per epoch
+    match = rf"at epoch {epoch}, step {step} \(learning rate 10\); try a lower --lr"
+    with pytest.raises(FloatingPointError, match=match):
+        train_can.train(_DivergingModel(bad_step), data, data, 3, 10, 0, progress=False)
+
+
+@pytest.mark.parametrize("epochs, batch_size", [(0, 10), (1, 0), (1, -5), (1.0, 10), (True, 10)])
+def test_train_rejects_bad_counts(epochs, batch_size):
+    data, _ = train_can.synthetic(50, seed=0)
+    with pytest.raises(ValueError, match="must be an integer >= 1"):
+        train_can.train(_DivergingModel(99), data, data, epochs, batch_size, 0, progress=False)
+
+
+def test_can_train_stops_on_nan_with_one_error_line(monkeypatch, capsys):
+    monkeypatch.setattr(train_can.CanModel, "train_step", lambda self, b: float("inf"))
+    code, out, err = run_main(train_can.main, ["--samples", "200", "--quiet", "--device", "cpu"], capsys)
+    assert code == 1 and "Traceback" not in err
+    errors = [line for line in err.splitlines() if "error:" in line]
+    assert len(errors) == 1 and "epoch 1, step 1" in errors[0] and "--lr" in errors[0], err
+    assert "test AUC" not in out
+
+
+def test_can_train_good_run_writes_its_outputs(tmp_path, capsys):
+    argv = ["--samples", "400", "--epochs", "1", "--quiet", "--model", "dnn", "--device", "cpu",
+            "--json", str(tmp_path / "r.json"), "--plot", str(tmp_path / "r.png")]
+    code, out, err = run_main(train_can.main, argv, capsys)
+    assert code == 0, err
+    assert "dnn (cpu): epoch 1" in out
+    assert json.loads((tmp_path / "r.json").read_text())["results"]["dnn"]["curve"][0]["epoch"] == 1
+    assert (tmp_path / "r.png").stat().st_size > 0
+
+
+def test_can_train_reads_a_separate_test_file(tmp_path, capsys):
+    train_file = _dien(tmp_path / "train.txt", [(i % 2, f"i{i % 7}") for i in range(60)])
+    test_file = _dien(tmp_path / "test.txt", [(i % 2, f"i{i % 7}") for i in range(20)])
+    argv = ["--data", train_file, "--test", test_file, "--epochs", "1", "--quiet", "--model", "dnn", "--device", "cpu"]
+    code, out, err = run_main(train_can.main, argv, capsys)
+    assert code == 0, err
+    assert "dnn (cpu): epoch 1" in out and "test AUC" in out
+
+
+# -------------------------------------------------------------------------------------------------------- launch
+LAUNCH_BAD = (
+    [("--nprocs", ["-n", v, SCRIPT]) for v in ("0", "-2", "x", "1.5")]
+    + [("--timeout", ["-n", "1", "--timeout", v, SCRIPT]) for v in ("0", "-3", "nan", "inf", "later")]
+    + [("--prefix", ["-n", "1", "--prefix", p, SCRIPT]) for p in ("definitely-not-a-tool-7f3a", "./nope --x", "'a")]
+    + [("does not exist", ["-n", "1", "/definitely/missing.py"]), ("is not a file", ["-n", "1", str(ROOT)])]
+    + [("give a script", ["-n", "1"]), ("--nprocs", [SCRIPT])]
+)
+
+
+@pytest.mark.parametrize("what, argv", LAUNCH_BAD,
+                         ids=[" ".join(a[:-1] if a[-1] == SCRIPT else a) for _, a in LAUNCH_BAD])
+def test_launch_rejects_bad_values(what, argv, capsys):
+    code, out, err = run_main(launch.main, argv, capsys)
+    assert_usage_error(code, err, what, prog="dwdp-launch")
+
+
+@pytest.mark.parametrize("kw, match", [
+    ({"nprocs": 0, "command": ["true"]}, r"nprocs must be an integer >= 1, got 0"),
+    ({"nprocs": 2.0, "command": ["true"]}, r"nprocs must be an integer >= 1, got 2.0"),
+    ({"nprocs": 1, "command": ["true"], "timeout": 0}, r"timeout must be > 0 seconds or None, got 0"),
+    ({"nprocs": 1, "command": []}, r"command must be a non-empty argv list"),
+])
+def test_launch_run_api_rejects_bad_values(kw, match):
+    with pytest.raises(ValueError, match=match):
+        launch.run(**kw)
+
+
+def test_launch_missing_prefix_tool_in_a_subprocess(tmp_path):
+    script = tmp_path / "s.py"
+    script.write_text("raise SystemExit('must not run')\n")
+    proc = subprocess.run([sys.executable, "-m", "dwdp_ops.launch", "-n", "2", "--prefix", "missing-tool --flag",
+                           str(script)], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    errors = [line for line in proc.stderr.splitlines() if "error:" in line]
+    assert errors == ["python -m dwdp_ops.launch: error: argument --prefix: 'missing-tool' is not an executable on "
+                      "PATH"], proc.stderr
+    assert "must not run" not in proc.stdout
+
+
+# ------------------------------------------------------------------------------------- python -m dwdp_ops, help
+def test_bare_invocation_lists_the_commands(capsys):
+    code, out, err = run_main(top.main, [], capsys)
+    assert code == 2 and out == ""
+    for cmd in ("info", "demo", "can-train", "launch"):
+        assert f"\n    {cmd}" in err
+    errors = [line for line in err.splitlines() if "error:" in line]
+    assert len(errors) == 1 and "python -m dwdp_ops info" in errors[0]
+
+
+def test_version_and_unknown_command(capsys):
+    from dwdp_ops import __version__
+
+    code, out, _ = run_main(top.main, ["--version"], capsys)
+    assert code == 0 and out.strip() == f"dwdp_ops {__version__}"
+    code, _, err = run_main(top.main, ["serve"], capsys)
+    assert_usage_error(code, err, "invalid choice: 'serve'", prog="python -m dwdp_ops")
+
+
+def test_info_still_works(capsys):
+    code, out, err = run_main(top.main, ["info", "--json"], capsys)
+    assert code == 0, err
+    assert "dwdp_ops" in json.loads(out)
+
+
+@pytest.mark.parametrize("cmd, bad", [("demo", ["--ranks", "3"]), ("can-train", ["--epochs", "0"]),
+                                      ("launch", ["-n", "0", SCRIPT])])
+def test_subcommands_report_under_their_own_name(cmd, bad, capsys):
+    code, out, _ = run_main(top.main, [cmd, "--help"], capsys)
+    assert code == 0 and out.startswith(f"usage: python -m dwdp_ops {cmd} ")
+    code, _, err = run_main(top.main, [cmd, *bad], capsys)
+    assert_usage_error(code, err, bad[0], prog=f"python -m dwdp_ops {cmd}")
+
+
+@pytest.mark.parametrize("main, prog", [(demo.main, "dwdp-demo"), (train_can.main, "dwdp-can-train"),
+                                        (launch.main, "dwdp-launch")])
+def test_console_script_program_names(main, prog, capsys):
+    code, out, _ = run_main(main, ["--help"], capsys)
+    assert code == 0 and out.startswith(f"usage: {prog} ")
+
+
+@pytest.mark.skipif(shutil.which("dwdp-demo") is None, reason="console scripts not on PATH")
+def test_installed_console_script_help():
+    proc = subprocess.run(["dwdp-demo", "--help"], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0 and proc.stdout.startswith("usage: dwdp-demo ")
+
+
+PARSERS = {"demo": demo.build_parser, "can-train": train_can.build_parser, "launch": launch.build_parser,
+           "top": top.build_parser}
+
+
+@pytest.mark.parametrize("name", list(PARSERS))
+def test_help_has_no_markup_and_every_option_explains_its_default(name, capsys):
+    ap = PARSERS[name]()
+    text = ap.format_help()
+    assert "`" not in text
+    for action in ap._actions:
+        if not action.option_strings or isinstance(action, (argparse._HelpAction, argparse._VersionAction)):
+            continue
+        assert action.help, f"{action.option_strings} has no help"
+        shown = ap.formatter_class(ap.prog)._get_help_string(action)
+        if action.default is not None and action.default is not False:
+            assert "default" in shown, f"{action.option_strings}: {shown!r} does not show its default"
+
+
+def test_render_help_does_not_render(tmp_path):
+    doc = ROOT / "docs" / "benchmarks.md"
+    before = doc.stat().st_mtime_ns if doc.exists() else None
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "render.py"), "--help"], capture_output=True,
+                          text=True, timeout=60)
+    assert proc.returncode == 0 and proc.stdout.startswith("usage: python bench/render.py")
+    assert "`" not in proc.stdout
+    assert (doc.stat().st_mtime_ns if doc.exists() else None) == before
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "render.py"), "--bogus"], capture_output=True,
+                          text=True, timeout=60)
+    assert proc.returncode == 2 and "error: unrecognized arguments: --bogus" in proc.stderr
