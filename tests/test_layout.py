@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 from dwdp_ops.layout import (
     PAGE,
     REGISTER_UNIT,
     ExpertLayout,
+    TensorSpec,
     fp8_scale_shape,
     local_allocation_bytes,
     registration_overhead,
@@ -80,3 +82,106 @@ def test_stagger_spreads_first_owners():
     assert sorted(firsts) == [0, 1, 2, 3]
     with pytest.raises(ValueError, match="schedule must be"):
         order_copies([], 0, 2, "random")
+
+
+# ------------------------------------------------------------------------------------------- validation of the specs
+BAD_SPECS = [
+    # (name, shape, dtype), exception, message
+    (("w", (0, 4), "float16"), ValueError,
+     r"every dimension of 'w' \(shape \(0, 4\)\) must be a positive integer, got 0"),
+    (("w", (4, -1), "float16"), ValueError, r"must be a positive integer, got -1"),
+    (("w", (4.0, 4), "float16"), TypeError, r"must be a positive integer, got 4.0 \(float\)"),
+    (("w", (4, 2.5), "float16"), TypeError, r"got 2.5 \(float\)"),
+    (("w", (True, 4), "float16"), TypeError, r"got True \(bool\)"),
+    (("w", ("4", 4), "float16"), TypeError, r"got '4' \(str\)"),
+    (("w", (None,), "float16"), TypeError, r"got None \(NoneType\)"),
+    (("w", (), "float16"), ValueError, r"shape of 'w' must have at least one dimension"),
+    (("w", 4, "float16"), TypeError, r"shape of 'w' must be a tuple of positive integers, got 4"),
+    (("w", "44", "float16"), TypeError, r"must be a tuple of positive integers, got '44'"),
+    (("w", (4, 4), "int4"), ValueError,
+     r"dtype must be one of \['bfloat16', 'float16', 'float32', 'float8_e4m3fn'\], got 'int4'"),
+    (("w", (4, 4), "fp8"), ValueError, r"dtype must be one of .*got 'fp8'"),
+    (("w", (4, 4), None), ValueError, r"dtype must be one of .*got None"),
+    (("w", (4, 4), np.float16), ValueError, r"dtype must be one of"),
+    ((3, (4, 4), "float16"), TypeError, r"tensor name must be a string, got 3 \(int\)"),
+    ((None, (4, 4), "float16"), TypeError, r"tensor name must be a string, got None"),
+    (("", (4, 4), "float16"), ValueError, r"tensor name must be a non-empty string"),
+]
+
+
+@pytest.mark.parametrize("args, exc, match", BAD_SPECS, ids=[repr(a) for a, _, _ in BAD_SPECS])
+def test_tensor_spec_rejects_bad_input(args, exc, match):
+    with pytest.raises(exc, match=match):
+        TensorSpec(*args)
+
+
+@pytest.mark.parametrize("shape", [(4, 8), [4, 8], (np.int64(4), np.int32(8))])
+def test_tensor_spec_normalises_integer_shapes(shape):
+    t = TensorSpec("w", shape, "bfloat16")
+    assert t.shape == (4, 8) and all(type(d) is int for d in t.shape) and t.nbytes == 64
+    assert hash(t) == hash(TensorSpec("w", (4, 8), "bfloat16"))
+
+
+BAD_LAYOUTS = [
+    (dict(page=0), ValueError, r"page \(bytes\) must be a positive integer, got 0"),
+    (dict(page=-16), ValueError, r"got -16"),
+    (dict(page=24), ValueError, r"page must be a positive multiple of 16 bytes, got 24"),
+    (dict(page=PAGE + 8), ValueError, r"multiple of 16 bytes"),
+    (dict(page=16.0), TypeError, r"page \(bytes\) must be a positive integer, got 16.0 \(float\)"),
+    (dict(page="2M"), TypeError, r"got '2M' \(str\)"),
+    (dict(page=True), TypeError, r"got True \(bool\)"),
+    (dict(tensors=()), ValueError, r"at least one tensor"),
+    (dict(tensors=("w13",)), TypeError, r"tensors must be a tuple of TensorSpec"),
+    (dict(tensors=TensorSpec("w", (4,), "float16")), TypeError, r"tensors must be a tuple of TensorSpec"),
+    (dict(tensors=(TensorSpec("w", (4,), "float16"),) * 2), ValueError, r"tensor names must be unique"),
+]
+
+
+@pytest.mark.parametrize("kw, exc, match", BAD_LAYOUTS, ids=[repr(k) for k, _, _ in BAD_LAYOUTS])
+def test_expert_layout_rejects_bad_input(kw, exc, match):
+    kw = dict({"tensors": (TensorSpec("w", (4, 4), "float16"),)}, **kw)
+    with pytest.raises(exc, match=match):
+        ExpertLayout(**kw)
+
+
+BAD_MOE = [
+    ((0, 2048), ValueError, r"hidden must be a positive integer, got 0"),
+    ((7168, -1), ValueError, r"intermediate must be a positive integer, got -1"),
+    ((7168.0, 2048), TypeError, r"hidden must be a positive integer, got 7168.0 \(float\)"),
+    (("7168", 2048), TypeError, r"hidden .* got '7168' \(str\)"),
+    ((7168, None), TypeError, r"intermediate .* got None"),
+    ((True, 2048), TypeError, r"hidden .* got True \(bool\)"),
+    ((7168, 2048, "int8"), ValueError, r"dtype must be one of .*got 'int8'"),
+    ((7168, 2048, "bfloat16", 100), ValueError, r"multiple of 16 bytes, got 100"),
+]
+
+
+@pytest.mark.parametrize("args, exc, match", BAD_MOE, ids=[repr(a) for a, _, _ in BAD_MOE])
+def test_moe_layout_rejects_bad_sizes(args, exc, match):
+    with pytest.raises(exc, match=match):
+        ExpertLayout.moe(*args)
+
+
+def test_moe_layout_accepts_numpy_sizes():
+    assert ExpertLayout.moe(np.int64(7168), np.int32(2048), "bfloat16") == ExpertLayout.moe(7168, 2048, "bfloat16")
+
+
+@pytest.mark.parametrize("page, granularity, ok", [
+    (PAGE, PAGE, True), (PAGE, 64 << 10, True), (4 * PAGE, PAGE, True), (1 << 20, PAGE, False), (3 << 20, PAGE, False),
+    (PAGE, 4 * PAGE, False),
+])
+def test_check_page_against_vmm_granularity(page, granularity, ok):
+    lay = ExpertLayout.moe(256, 128, "float16", page=page)
+    if ok:
+        lay.check_page(granularity)
+    else:
+        with pytest.raises(ValueError, match=rf"layout page \({page} bytes\) is not a multiple of the VMM allocation "
+                                             rf"granularity \({granularity} bytes\)"):
+            lay.check_page(granularity)
+
+
+@pytest.mark.parametrize("granularity, exc", [(0, ValueError), (-PAGE, ValueError), (2.0 * PAGE, TypeError),
+                                              ("2MiB", TypeError), (None, TypeError)])
+def test_check_page_rejects_bad_granularity(granularity, exc):
+    with pytest.raises(exc, match=r"granularity \(bytes\) must be a positive integer"):
+        ExpertLayout.moe(256, 128).check_page(granularity)

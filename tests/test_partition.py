@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import random
 
+import numpy as np
 import pytest
 from dwdp_ops.partition import ExpertPartition
 
@@ -88,3 +89,46 @@ def test_bad_policy_types_and_ranks():
         part.owners(8)
     with pytest.raises(ValueError, match="not divisible"):
         ExpertPartition.disjoint(10, 4)
+
+
+NOT_INTS = [1.0, "1", True, None, [1]]
+
+
+@pytest.mark.parametrize("bad", NOT_INTS, ids=repr)
+def test_ranks_and_expert_ids_must_be_integers(bad):
+    part = ExpertPartition.disjoint(8, 2)
+    for call in (part.local_range, part.fetch_plan, part.owner_table):
+        with pytest.raises(TypeError, match=rf"rank must be an int, got {type(bad).__name__}"):
+            call(bad)
+    with pytest.raises(TypeError, match=rf"expert must be an int, got {type(bad).__name__}"):
+        part.owners(bad)
+
+
+@pytest.mark.parametrize("field", range(4))
+@pytest.mark.parametrize("bad", NOT_INTS, ids=repr)
+def test_every_size_must_be_an_integer(field, bad):
+    args = [8, 2, 4, 4]
+    args[field] = bad
+    name = ("num_experts", "world_size", "experts_per_rank", "stride")[field]
+    with pytest.raises(TypeError, match=rf"{name} must be an int, got {type(bad).__name__}"):
+        ExpertPartition(*args)
+
+
+@pytest.mark.parametrize("args, exc, match", [
+    ((256, 0), ValueError, r"num_experts and world_size must be >= 1, got 256 and 0"),
+    ((256, -4), ValueError, r"must be >= 1, got 256 and -4"),
+    ((0, 4), ValueError, r"must be >= 1, got 0 and 4"),
+    ((256, 3), ValueError, r"num_experts=256 is not divisible by world_size=3"),
+    ((256.0, 4), TypeError, r"num_experts must be an int, got float"),
+    ((256, "4"), TypeError, r"world_size must be an int, got str"),
+    ((256, True), TypeError, r"world_size must be an int, got bool"),
+])
+def test_disjoint_rejects_bad_sizes(args, exc, match):
+    with pytest.raises(exc, match=match):
+        ExpertPartition.disjoint(*args)
+
+
+def test_numpy_integers_are_accepted():
+    part = ExpertPartition.disjoint(np.int64(256), np.int32(4))
+    assert part == ExpertPartition.disjoint(256, 4)
+    assert part.local_range(np.int64(1)) == (64, 128) and part.owners(np.int16(200)) == [3]

@@ -16,11 +16,18 @@ so that peers read it one-sidedly. One allocation each because ``cuMemMap`` maps
 and the same allocation is mapped a second time, whole, into the layer's composite range (partial mappings are refused
 too). NVSHMEM registers buffers in units of ``NVSHMEM_CUMEM_GRANULARITY`` (512 MiB by default, which refuses smaller
 buffers); ``dwdp_ops.init`` sets it to 2 MiB, so the blocks need no padding (``registration_overhead`` is 0).
+
+Validation: a ``TensorSpec`` needs a non-empty string name, a non-empty shape of positive integers (Python or numpy
+integers; bools, floats and strings are refused) and a dtype from ``DTYPES``; an ``ExpertLayout`` needs a page that
+is a positive integer multiple of 16 bytes. Wrong types raise TypeError, wrong values ValueError, each naming the
+value and what is expected. ``ExpertLayout.check_page(granularity)`` checks the page against a VMM allocation
+granularity (a page that is not a multiple of it cannot be mapped page by page).
 """
 
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass
 
 import numpy as np
@@ -28,11 +35,30 @@ import numpy as np
 PAGE = 2 << 20
 REGISTER_UNIT = 512 << 20
 FP8_BLOCK = 128
-DTYPES = {"float32": (np.dtype(np.float32), 4), "float16": (np.dtype(np.float16), 2), "bfloat16": (np.dtype(np.uint16), 2), "float8_e4m3fn": (np.dtype(np.uint8), 1)}
+DTYPES = {
+    "float32": (np.dtype(np.float32), 4),
+    "float16": (np.dtype(np.float16), 2),
+    "bfloat16": (np.dtype(np.uint16), 2),
+    "float8_e4m3fn": (np.dtype(np.uint8), 1),
+}
 
 
 def round_up(x: int, unit: int) -> int:
     return -(-x // unit) * unit
+
+
+def _positive_int(value, what: str) -> int:
+    """``value`` as an int, or TypeError (not an integer; bools are refused) / ValueError (not >= 1) naming it."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{what} must be a positive integer, got {value!r} ({type(value).__name__})")
+    if value < 1:
+        raise ValueError(f"{what} must be a positive integer, got {value}")
+    return int(value)
+
+
+def _check_dtype(dtype) -> None:
+    if not isinstance(dtype, str) or dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
 
 
 @dataclass(frozen=True)
@@ -42,6 +68,20 @@ class TensorSpec:
     name: str
     shape: tuple[int, ...]
     dtype: str
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.name, str):
+            raise TypeError(f"a tensor name must be a string, got {self.name!r} ({type(self.name).__name__})")
+        if not self.name:
+            raise ValueError("a tensor name must be a non-empty string, got ''")
+        if isinstance(self.shape, (str, bytes)) or not isinstance(self.shape, (tuple, list)):
+            raise TypeError(f"shape of {self.name!r} must be a tuple of positive integers, got {self.shape!r}")
+        if not self.shape:
+            raise ValueError(f"shape of {self.name!r} must have at least one dimension, got ()")
+        shape = tuple(_positive_int(d, f"every dimension of {self.name!r} (shape {tuple(self.shape)!r})")
+                      for d in self.shape)
+        object.__setattr__(self, "shape", shape)
+        _check_dtype(self.dtype)
 
     @property
     def storage(self) -> np.dtype:
@@ -60,22 +100,37 @@ class ExpertLayout:
     page: int = PAGE
 
     def __post_init__(self) -> None:
+        if not isinstance(self.tensors, (tuple, list)) or not all(isinstance(t, TensorSpec) for t in self.tensors):
+            raise TypeError(f"tensors must be a tuple of TensorSpec, got {self.tensors!r}")
         if not self.tensors:
             raise ValueError("an expert layout needs at least one tensor")
+        object.__setattr__(self, "tensors", tuple(self.tensors))
         names = [t.name for t in self.tensors]
         if len(set(names)) != len(names):
             raise ValueError(f"tensor names must be unique, got {names}")
-        if self.page <= 0 or self.page % 16:
-            raise ValueError(f"page must be a positive multiple of 16 bytes, got {self.page}")
+        page = _positive_int(self.page, "page (bytes)")
+        if page % 16:
+            raise ValueError(f"page must be a positive multiple of 16 bytes, got {page}")
+        object.__setattr__(self, "page", page)
+
+    def check_page(self, granularity: int) -> None:
+        """Raises ValueError unless ``page`` is a multiple of ``granularity`` (bytes), e.g. the VMM allocation
+        granularity ``cuMemGetAllocationGranularity`` reports (2 MiB on H100/H200): only then is every expert run a
+        run of whole mappable pages. TypeError / ValueError when ``granularity`` is not a positive integer."""
+        g = _positive_int(granularity, "granularity (bytes)")
+        if self.page % g:
+            raise ValueError(
+                f"the layout page ({self.page} bytes) is not a multiple of the VMM allocation granularity ({g} bytes); "
+                f"use a page that is, e.g. {round_up(self.page, g)}")
 
     @classmethod
     def moe(cls, hidden: int, intermediate: int, dtype: str = "float8_e4m3fn", page: int = PAGE) -> ExpertLayout:
         """The DeepSeek layout: w13 ``[2*I, H]`` and w2 ``[H, I]`` per expert."""
-        if dtype not in DTYPES:
-            raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
-        if hidden <= 0 or intermediate <= 0:
-            raise ValueError(f"hidden and intermediate must be positive, got {hidden}, {intermediate}")
-        return cls((TensorSpec("w13", (2 * intermediate, hidden), dtype), TensorSpec("w2", (hidden, intermediate), dtype)), page)
+        _check_dtype(dtype)
+        hidden = _positive_int(hidden, "hidden")
+        intermediate = _positive_int(intermediate, "intermediate")
+        w13 = TensorSpec("w13", (2 * intermediate, hidden), dtype)
+        return cls((w13, TensorSpec("w2", (hidden, intermediate), dtype)), page)
 
     def index(self, name: str) -> int:
         for i, t in enumerate(self.tensors):

@@ -7,14 +7,24 @@ experts between neighbours (fewer bytes to fetch, more memory).
 
 Invariants of ``fetch_plan(rank)``: its runs are contiguous, non-empty, disjoint from the local range and from each
 other, each is owned by the peer named, and together with the local range they cover every expert exactly once.
+
+Bad input: sizes, ranks and expert ids that are not integers (bools included) raise TypeError; values that break
+the conditions above raise ValueError naming the condition and, for sizes, valid choices.
 """
 
 from __future__ import annotations
 
+import numbers
 from dataclasses import dataclass
 from typing import Literal
 
 OwnerPolicy = Literal["balanced", "lowest"]
+
+
+def _check_int(value, name: str) -> None:
+    """TypeError unless ``value`` is an integer (Python or numpy; bools are refused)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__} ({value!r})")
 
 
 def _valid_examples(num_experts: int, world_size: int, limit: int = 3) -> list[tuple[int, int]]:
@@ -68,13 +78,19 @@ class ExpertPartition:
     @classmethod
     def disjoint(cls, num_experts: int, world_size: int, owner_policy: OwnerPolicy = "balanced") -> ExpertPartition:
         """The split without replication (``stride == experts_per_rank``); needs ``num_experts % world_size == 0``."""
-        if world_size < 1 or num_experts % world_size:
+        _check_int(num_experts, "num_experts")
+        _check_int(world_size, "world_size")
+        if world_size < 1 or num_experts < 1:
+            raise ValueError(f"num_experts and world_size must be >= 1, got {num_experts} and {world_size}")
+        num_experts, world_size = int(num_experts), int(world_size)
+        if num_experts % world_size:
             raise ValueError(f"num_experts={num_experts} is not divisible by world_size={world_size}")
         per = num_experts // world_size
         return cls(num_experts, world_size, per, per, owner_policy)
 
     def _check_rank(self, rank: int) -> None:
-        if not isinstance(rank, int) or not 0 <= rank < self.world_size:
+        _check_int(rank, "rank")
+        if not 0 <= rank < self.world_size:
             raise ValueError(f"rank {rank!r} is outside the world [0, {self.world_size})")
 
     def local_range(self, rank: int) -> tuple[int, int]:
@@ -84,9 +100,11 @@ class ExpertPartition:
 
     def owners(self, expert: int) -> list[int]:
         """Every rank that stores ``expert``, lowest first."""
+        _check_int(expert, "expert")
         if not 0 <= expert < self.num_experts:
             raise ValueError(f"expert id {expert} is outside [0, {self.num_experts})")
-        return [r for r in range(self.world_size) if r * self.stride <= expert < r * self.stride + self.experts_per_rank]
+        s, L = self.stride, self.experts_per_rank
+        return [r for r in range(self.world_size) if r * s <= expert < r * s + L]
 
     @property
     def num_remote(self) -> int:
