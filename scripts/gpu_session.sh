@@ -6,7 +6,7 @@
 #   fetch     build + fetch_bandwidth (N GPUs, and the N=2 layer-only jobs)           issue 3
 #   overlap   build + prefetch_overlap                                                issue 4
 #   can       build + coaction_bench + CAN-DNN/DNN training on the GPU (3 seeds)      issue 6
-#   deepseek  build + deepseek_forward + demo (JSON and a short text run)             issue 5
+#   deepseek  build + deepseek_forward (10 repeats) + demo (JSON and a short text run) issue 5
 #   all       tests, fetch, overlap, can, deepseek (longer than one 10-minute device call: use one mode per call)
 set -uo pipefail
 FINAL=${OUT:-$PWD/gpu_out}; mkdir -p "$FINAL"
@@ -44,7 +44,8 @@ if want overlap; then
   echo "prefetch_overlap N=$NGPU rc=$?"; grep "^\[rank 0\]" "$OUT/prefetch_overlap_N$NGPU.log" | tail -25
 fi
 if want can; then
-  timeout 300 python3 bench/coaction_bench.py > "$OUT/coaction_bench.log" 2>&1; echo "coaction_bench rc=$?"; tail -6 "$OUT/coaction_bench.log"
+  timeout 300 python3 bench/coaction_bench.py > "$OUT/coaction_bench.log" 2>&1; echo "coaction_bench rc=$?"
+  grep "^{'B'" "$OUT/coaction_bench.log" | cut -c1-600  # one line per case (torch.compile's autotune log around them)
   mkdir -p "$OUT/can"
   for seed in 0 1 2; do
     timeout 200 python3 -m dwdp_ops can-train --device gpu --samples 100000 --epochs 3 --seed $seed --quiet \
@@ -53,7 +54,7 @@ if want can; then
   done
 fi
 if want deepseek; then
-  timeout 240 python3 -m dwdp_ops.launch -n "$NGPU" --timeout 230 bench/deepseek_forward.py > "$OUT/deepseek_forward_N$NGPU.log" 2>&1
+  timeout 300 python3 -m dwdp_ops.launch -n "$NGPU" --timeout 290 bench/deepseek_forward.py > "$OUT/deepseek_forward_N$NGPU.log" 2>&1
   echo "deepseek_forward rc=$?"; grep "^\[rank 0\]" "$OUT/deepseek_forward_N$NGPU.log" | tail -6
   timeout 300 python3 -m dwdp_ops demo --json --timeout 280 > "$OUT/demo.json" 2> "$OUT/demo.log"
   echo "demo rc=$?"; tail -5 "$OUT/demo.log"
