@@ -11,19 +11,33 @@ import sys
 
 
 def info() -> dict:
+    """What this install offers: versions, the NVSHMEM built against and loaded, GPUs. Never raises for a missing
+    ``_C``, NVSHMEM, CuPy, driver or GPU: the key ``native`` then holds the one-line reason."""
     from . import __version__
-    from ._native import native
+    from ._native import build_info, describe_cuda_error, loaded_nvshmem, native_or_reason
+    from .versions import installed_nvshmem_wheels
 
-    c = native()
-    count, why = c.cuda_device_count()
+    c, why_native = native_or_reason()
+    built = build_info() or {}
+    loaded = loaded_nvshmem()
+    wheels = installed_nvshmem_wheels()
     out = {
         "dwdp_ops": __version__,
         "python": platform.python_version(),
-        "nvshmem_headers": c.nvshmem_version(),
-        "cuda_devices": count,
+        "native": "ok" if c is not None else f"unavailable: {why_native}",
+        "nvshmem_headers": c.nvshmem_version() if c is not None else built.get("nvshmem_version"),
+        "nvshmem_loaded": f"{loaded[0]} ({loaded[1]})" if loaded else None,
+        "nvshmem_wheel": ", ".join(f"{d}=={v}" for d, v in sorted(wheels.items())) or None,
+        "cuda_built": built.get("cuda_version") or None,
     }
-    if count == 0:
-        out["why_no_gpu"] = why
+    if c is not None:
+        count, why = c.cuda_device_count()
+        out["cuda_devices"] = count
+        if count == 0:
+            out["why_no_gpu"] = describe_cuda_error(why)
+    else:
+        out["cuda_devices"] = 0
+        out["why_no_gpu"] = "dwdp_ops._C is unavailable (see native)"
     try:
         import cupy
 
