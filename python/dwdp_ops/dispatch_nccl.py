@@ -1,0 +1,319 @@
+"""The NCCL baseline of DEP token dispatch/combine: the contract of ``notes/dispatch_api.md`` (issue 12) through
+``torch.distributed.all_to_all_single`` (NCCL on GPUs, gloo on CPU for tests), as users would otherwise write it.
+
+Semantics are ``dwdp_ops.dispatch_plan``'s (owner rule, send order, grouped receive layout, reduction orders); the
+planning here is the same computation in torch ops on the tensors' device (no numpy round trip, no per-token
+Python loop; Python loops only over the k slots and the N ranks).
+
+Per ``dispatch`` (collective over the group, every rank calls it, T = 0 included):
+  1. plan on the device: dest per pair, the tokens per dest, and per (dest, local expert) pair counts;
+  2. one ``all_to_all_single`` of int64 counts ``[N, L + 2]`` per rank: rows, a bad-ids flag, pairs per local
+     expert; then ONE host synchronisation (``.cpu()`` of the sent and received counts) to get the split sizes,
+     as every user of ``all_to_all_single`` with uneven splits must; it also makes a bad ``topk_ids`` on any rank
+     raise on every rank (no rank is left waiting in the next collective);
+  3. one ``all_to_all_single`` of the packed rows: each row is the token's hidden state (input dtype, bit-exact)
+     followed by k int32 local expert ids (-1 = not for that dest) and k float32 weights (bit-exact), sent as bytes;
+  4. the grouped layout at the dest (groups by local expert, (s, row, j) order, starts aligned to ``align``, zero
+     padding), ready for ``torch._grouped_mm(x_grouped, W.transpose(-2, -1), offs=handle.offs)``.
+``combine`` (collective; no host synchronisation): float32 partial per received row over slots j ascending, one
+``all_to_all_single`` of the partials back (``combine_dtype``, float32 by default as the contract's "rounded once";
+bfloat16 halves the bytes but rounds twice), then the sum over dests ascending in float32, rounded once to x's dtype.
+
+All ranks must pass the same x dtype, hidden size and top_k. Capacity is not bounded here (buffers are allocated per
+step); the NVLink kernels are the capacity-bounded, graph-capturable path.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import os
+from dataclasses import dataclass
+from typing import Any
+
+from .env import DistEnv
+from .errors import DwdpError
+from .partition import ExpertPartition
+
+__all__ = ["NcclDispatchHandle", "NcclDispatcher", "init_process_group_from_env"]
+
+
+def _torch():
+    try:
+        import torch
+        import torch.distributed as dist
+    except ImportError as e:  # pragma: no cover - depends on the machine
+        raise ImportError("dwdp_ops.dispatch_nccl needs PyTorch with torch.distributed; install torch") from e
+    return torch, dist
+
+
+def init_process_group_from_env(backend: str | None = None, timeout_s: float | None = None) -> DistEnv:
+    """Initialises ``torch.distributed`` for this process from our launcher's environment (``python -m
+    dwdp_ops.launch``, torchrun or mpirun: ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR``, ...).
+
+    Rendezvous ``tcp://MASTER_ADDR:PORT`` with PORT = ``DWDP_NCCL_PORT`` when set, else ``MASTER_PORT + 1``
+    (``MASTER_PORT`` itself is ``dwdp_ops.init``'s control plane; both can run in one job). Backend: ``backend``,
+    else ``nccl`` when CUDA is available, else ``gloo``; with nccl the current CUDA device is set to ``LOCAL_RANK``.
+    Timeout: ``timeout_s``, else ``DWDP_TIMEOUT`` (default 300 s). Collective (every rank calls it). A group already
+    initialised with this world is kept (returns at once); one with another world raises DwdpError.
+    Returns this process's ``DistEnv``."""
+    torch, dist = _torch()
+    env = DistEnv.from_environ()
+    raw = os.environ.get("DWDP_NCCL_PORT", "").strip()
+    try:
+        port = int(raw) if raw else env.master_port + 1
+    except ValueError:
+        raise ValueError(f"DWDP_NCCL_PORT={raw!r} is not an integer") from None
+    if not 1 <= port <= 65535:
+        raise ValueError(f"the torch.distributed port {port} (DWDP_NCCL_PORT or MASTER_PORT + 1) is not a TCP port")
+    if dist.is_initialized():
+        if (dist.get_rank(), dist.get_world_size()) != (env.rank, env.world_size):
+            raise DwdpError(f"torch.distributed is already initialised as rank {dist.get_rank()} of "
+                            f"{dist.get_world_size()}, but the environment says rank {env.rank} of {env.world_size}")
+        return env
+    if backend is None:
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if backend not in ("nccl", "gloo"):
+        raise ValueError(f"backend must be 'nccl' or 'gloo', got {backend!r}")
+    if backend == "nccl":
+        if not torch.cuda.is_available():
+            raise DwdpError("backend 'nccl' needs CUDA, but torch sees no GPU")
+        torch.cuda.set_device(env.local_rank)
+    t = float(os.environ.get("DWDP_TIMEOUT", 300)) if timeout_s is None else float(timeout_s)
+    if t <= 0:
+        raise ValueError(f"timeout must be > 0 seconds, got {t}")
+    dist.init_process_group(backend, init_method=f"tcp://{env.master_addr}:{port}", rank=env.rank,
+                            world_size=env.world_size, timeout=_dt.timedelta(seconds=t))
+    return env
+
+
+@dataclass(frozen=True, eq=False)
+class NcclDispatchHandle:
+    """What ``NcclDispatcher.dispatch`` returns; tensors on the dispatcher's device, returned (owned by the handle).
+    R = received rows, S = sent rows, P = pairs at this rank.
+
+    x_grouped   [num_rows, H] x dtype   hidden states grouped by local expert, zero padding between groups
+    offs        [L] int32               cumulative group ends rounded up to align (offs[-1] == num_rows)
+    num_rows    int                     grouped rows incl. padding
+    expert_counts tuple[int]            pairs per local expert (host)
+    pair_pos    [R, k] int64            grouped row of (received row, slot j), -1 where the slot is not for this rank
+    recv_local_expert [R, k] int32      local expert per received row and slot (-1 = none)
+    recv_weight [R, k] float32          the source's weight per received row and slot
+    send_token  [S] int64               token of each packed send row (dest-major, tokens ascending)
+    send_pos    [T, N] int64            row of token t among the tokens sent to d, -1 if none
+    send_counts, recv_counts tuple[int] rows sent to / received from each rank (host)
+    num_tokens  int                     T of this rank; dtype: x's dtype (the output's)
+    """
+
+    x_grouped: Any
+    offs: Any
+    num_rows: int
+    expert_counts: tuple
+    pair_pos: Any
+    recv_local_expert: Any
+    recv_weight: Any
+    send_token: Any
+    send_pos: Any
+    send_counts: tuple
+    recv_counts: tuple
+    num_tokens: int
+    dtype: Any
+
+    @property
+    def num_recv(self) -> int:
+        return sum(self.recv_counts)
+
+    @property
+    def num_sent(self) -> int:
+        return sum(self.send_counts)
+
+
+class NcclDispatcher:
+    """DEP dispatch/combine over ``torch.distributed.all_to_all_single`` (module docstring). ``group``: a process
+    group of exactly ``partition.world_size`` ranks (default: the world; its ranks are the partition's ranks).
+    ``align``: grouped-row alignment (16 for ``torch._grouped_mm``). ``combine_dtype``: dtype of the partials sent
+    back (default float32). Tensors live on the current CUDA device with nccl, on the CPU with gloo."""
+
+    def __init__(self, partition: ExpertPartition, hidden: int, top_k: int, *, group: Any = None, align: int = 16,
+                 combine_dtype: Any = None):
+        torch, dist = _torch()
+        if not isinstance(partition, ExpertPartition):
+            raise TypeError(f"partition must be an ExpertPartition, got {type(partition).__name__}")
+        for name, v, lo in (("hidden", hidden, 1), ("top_k", top_k, 1), ("align", align, 1)):
+            if not isinstance(v, int) or isinstance(v, bool) or v < lo:
+                raise ValueError(f"{name} must be an int >= {lo}, got {v!r}")
+        if top_k > partition.num_experts:
+            raise ValueError(f"top_k must be in [1, {partition.num_experts}] (the layer's experts), got {top_k}")
+        if not dist.is_initialized():
+            raise DwdpError("torch.distributed is not initialised; call init_process_group_from_env() first")
+        world = dist.get_world_size(group)
+        if world != partition.world_size:
+            raise ValueError(f"the process group has {world} ranks but the partition's world_size is "
+                             f"{partition.world_size}")
+        self.partition, self.hidden, self.top_k, self.align, self.group = partition, hidden, top_k, align, group
+        self.rank = dist.get_rank(group)
+        self.combine_dtype = torch.float32 if combine_dtype is None else combine_dtype
+        if not self.combine_dtype.is_floating_point:
+            raise TypeError(f"combine_dtype must be a floating dtype, got {self.combine_dtype}")
+        if dist.get_backend(group) == "nccl":
+            self.device = torch.device("cuda", torch.cuda.current_device())
+        else:
+            self.device = torch.device("cpu")
+
+    # -- helpers -------------------------------------------------------------------------------------------------
+    def _a2a_rows(self, inp, out_rows: int, out_splits: list[int], in_splits: list[int]):
+        """all_to_all_single of 2-D rows of any dtype, moved as bytes (bit-exact, any backend)."""
+        torch, dist = _torch()
+        width = inp.shape[1]
+        nb = width * inp.element_size()
+        out = torch.empty((out_rows, width), dtype=inp.dtype, device=inp.device)
+        ib = inp.contiguous().reshape(-1).view(torch.uint8).reshape(inp.shape[0], nb)
+        ob = out.reshape(-1).view(torch.uint8).reshape(out_rows, nb)
+        dist.all_to_all_single(ob, ib, output_split_sizes=out_splits, input_split_sizes=in_splits, group=self.group)
+        return out
+
+    def _dest(self, e, valid):
+        """The owner rule on the device: dest [T, k] int64, -1 for skipped slots."""
+        torch, _ = _torch()
+        p = self.partition
+        N, L, s, me = p.world_size, p.experts_per_rank, p.stride, self.rank
+        ec = e.clamp(0, p.num_experts - 1)
+        lo = (-torch.div(L - 1 - ec, s, rounding_mode="floor")).clamp(min=0)
+        hi = torch.div(ec, s, rounding_mode="floor").clamp(max=N - 1)
+        t = torch.arange(e.shape[0], device=e.device).unsqueeze(1)
+        local = (lo <= me) & (me <= hi)
+        dest = torch.where(local, torch.full_like(lo, me), lo + torch.remainder(t + ec, hi - lo + 1))
+        return torch.where(valid, dest, torch.full_like(dest, -1))
+
+    def _check_inputs(self, x, topk_ids, topk_weights) -> None:
+        torch, _ = _torch()
+        for name, a in (("x", x), ("topk_ids", topk_ids), ("topk_weights", topk_weights)):
+            if not isinstance(a, torch.Tensor):
+                raise TypeError(f"{name} must be a torch.Tensor, got {type(a).__name__}")
+            if a.device != self.device:
+                raise ValueError(f"{name} is on {a.device}, the dispatcher works on {self.device}")
+        if x.dim() != 2 or x.shape[1] != self.hidden:
+            raise ValueError(f"x must be [T, {self.hidden}], got {tuple(x.shape)}")
+        if not x.dtype.is_floating_point:
+            raise TypeError(f"x must be a floating tensor (bf16, fp16, fp32, fp8), got {x.dtype}")
+        want = (x.shape[0], self.top_k)
+        if tuple(topk_ids.shape) != want:
+            raise ValueError(f"topk_ids must be [T, top_k] = {list(want)}, got {tuple(topk_ids.shape)}")
+        if topk_ids.dtype not in (torch.int32, torch.int64, torch.int16, torch.uint8, torch.int8):
+            raise TypeError(f"topk_ids must be an integer tensor, got {topk_ids.dtype}")
+        if tuple(topk_weights.shape) != want:
+            raise ValueError(f"topk_weights must be [T, top_k] = {list(want)}, got {tuple(topk_weights.shape)}")
+        if topk_weights.dtype != torch.float32:
+            raise TypeError(f"topk_weights must be float32 (the contract's weight dtype), got {topk_weights.dtype}")
+
+    # -- the two collectives -------------------------------------------------------------------------------------
+    def dispatch(self, x, topk_ids, topk_weights) -> NcclDispatchHandle:
+        """Sends each token once to every distinct owner its pairs go to; returns the grouped receive layout.
+        Collective over the group. ``x [T, H]`` (any float dtype, every rank the same), ``topk_ids [T, k]`` integer
+        in ``[-1, E)``, ``topk_weights [T, k]`` float32, all on the dispatcher's device; T may be 0. One host
+        synchronisation (the split sizes). Raises ValueError on every rank when any rank passed ids outside
+        ``[-1, E)``."""
+        torch, dist = _torch()
+        self._check_inputs(x, topk_ids, topk_weights)
+        p, dev = self.partition, self.device
+        N, L, E, s, k = p.world_size, p.experts_per_rank, p.num_experts, p.stride, self.top_k
+        T = x.shape[0]
+        e = topk_ids.to(torch.int64)
+        valid = e >= 0
+        bad = ((e < -1) | (e >= E)).any().to(torch.int64)
+        dest = self._dest(e, valid)
+        ranks = torch.arange(N, device=dev)
+        to_d = (dest.unsqueeze(-1) == ranks).any(dim=1)  # [T, N]
+        send_counts = to_d.sum(dim=0)
+        send_pos = torch.where(to_d, torch.cumsum(to_d.to(torch.int64), dim=0) - 1, -1)
+        le = e - dest.clamp(min=0) * s
+        key = torch.where(valid, dest * L + le, N * L).reshape(-1)
+        pair_counts = torch.zeros(N * L + 1, dtype=torch.int64, device=dev)
+        pair_counts.scatter_add_(0, key, torch.ones_like(key))
+        counts = torch.cat([send_counts.unsqueeze(1), bad.expand(N).unsqueeze(1), pair_counts[:-1].view(N, L)], 1)
+        recv = torch.empty_like(counts)
+        dist.all_to_all_single(recv.view(-1), counts.view(-1), group=self.group)
+        host = torch.cat([counts.reshape(-1), recv.reshape(-1)]).cpu().view(2, N, L + 2)  # the one host sync
+        bad_ranks = [r for r in range(N) if int(host[1, r, 1])]
+        if bad_ranks:
+            raise ValueError(f"topk_ids of rank(s) {bad_ranks} hold expert ids outside [-1, {E}) (-1 = skipped "
+                             f"slot); every rank raises")
+        sc = [int(c) for c in host[0, :, 0]]
+        rc = [int(c) for c in host[1, :, 0]]
+        ec = host[1, :, 2:].sum(dim=0)
+        padded = (ec + self.align - 1) // self.align * self.align
+        num_rows = int(padded.sum())
+        S, R, P = sum(sc), sum(rc), int(ec.sum())
+
+        # the packed send rows: dest-major, tokens ascending
+        send_offsets = torch.cumsum(send_counts, 0) - send_counts
+        slot = torch.where(to_d, send_offsets.unsqueeze(0) + send_pos, S).reshape(-1)
+        tok_of = torch.empty(S + 1, dtype=torch.int64, device=dev)
+        tok_of.scatter_(0, slot, torch.arange(T, device=dev).repeat_interleave(N))
+        d_of = torch.empty(S + 1, dtype=torch.int64, device=dev)
+        d_of.scatter_(0, slot, ranks.repeat(T))
+        send_token, row_d = tok_of[:S], d_of[:S].unsqueeze(1)
+        row_le = torch.where(dest[send_token] == row_d, e[send_token] - row_d * s, -1).to(torch.int32)
+        row_w = topk_weights[send_token].contiguous().reshape(-1).view(torch.int32).reshape(S, k)
+        hb = self.hidden * x.element_size()
+        xs = x[send_token]  # a new contiguous [S, H] (x itself may have odd strides when empty)
+        packed = torch.cat([xs.reshape(-1).view(torch.uint8).reshape(S, hb),
+                            row_le.reshape(-1).view(torch.uint8).reshape(S, 4 * k),
+                            row_w.reshape(-1).view(torch.uint8).reshape(S, 4 * k)], 1)
+        got = self._a2a_rows(packed, R, rc, sc)
+        x_recv = got[:, :hb].contiguous().reshape(-1).view(x.dtype).reshape(R, self.hidden)
+        meta = got[:, hb:].contiguous().reshape(-1).view(torch.int32).reshape(R, 2 * k)
+        recv_le = meta[:, :k].contiguous()
+        recv_w = meta[:, k:].contiguous().reshape(-1).view(torch.float32).reshape(R, k)
+
+        # the grouped layout: by local expert, (s, row, j) ascending inside a group
+        ec_d = recv[:, 2:].sum(dim=0)
+        pad_d = (ec_d + self.align - 1) // self.align * self.align
+        offs = torch.cumsum(pad_d, 0)
+        starts = offs - pad_d
+        first = torch.cumsum(ec_d, 0) - ec_d
+        flat = recv_le.reshape(-1).to(torch.int64)
+        gkey = torch.where(flat >= 0, flat, L)
+        order = torch.sort(gkey, stable=True).indices[:P]
+        g = gkey[order]
+        pos = starts[g] + torch.arange(P, device=dev) - first[g]
+        pair_pos = torch.full((R * k,), -1, dtype=torch.int64, device=dev)
+        pair_pos.scatter_(0, order, pos)
+        x_grouped = torch.zeros((num_rows, self.hidden), dtype=x.dtype, device=dev)
+        x_grouped[pos] = x_recv[torch.div(order, k, rounding_mode="floor")]
+        return NcclDispatchHandle(
+            x_grouped=x_grouped, offs=offs.to(torch.int32), num_rows=num_rows,
+            expert_counts=tuple(int(c) for c in ec), pair_pos=pair_pos.view(R, k), recv_local_expert=recv_le,
+            recv_weight=recv_w, send_token=send_token, send_pos=send_pos, send_counts=tuple(sc),
+            recv_counts=tuple(rc), num_tokens=T, dtype=x.dtype)
+
+    def combine(self, y_grouped, handle: NcclDispatchHandle):
+        """Weighted sum of each token's expert outputs, back at its source. Collective over the group.
+        ``y_grouped [num_rows, H]`` (the experts' outputs in ``handle.x_grouped``'s layout, any float dtype; padding
+        rows are not read). Returns ``out [T, H]`` in x's dtype (new tensor). No host synchronisation."""
+        torch, _ = _torch()
+        if not isinstance(handle, NcclDispatchHandle):
+            raise TypeError(f"handle must be an NcclDispatchHandle, got {type(handle).__name__}")
+        if not isinstance(y_grouped, torch.Tensor) or tuple(y_grouped.shape) != (handle.num_rows, self.hidden):
+            got = tuple(y_grouped.shape) if isinstance(y_grouped, torch.Tensor) else type(y_grouped).__name__
+            raise ValueError(f"y_grouped must be a [{handle.num_rows}, {self.hidden}] tensor (the handle's grouped "
+                             f"rows), got {got}")
+        if not y_grouped.dtype.is_floating_point or y_grouped.device != self.device:
+            raise TypeError(f"y_grouped must be a floating tensor on {self.device}, got {y_grouped.dtype} on "
+                            f"{y_grouped.device}")
+        R, H = handle.num_recv, self.hidden
+        acc = torch.zeros((R, H), dtype=torch.float32, device=self.device)
+        if handle.num_rows:
+            for j in range(self.top_k):  # slots ascending, float32, one product then one add per slot
+                pp = handle.pair_pos[:, j]
+                term = handle.recv_weight[:, j:j + 1] * y_grouped[pp.clamp(min=0)].to(torch.float32)
+                acc = acc + torch.where((pp >= 0).unsqueeze(1), term, torch.zeros((), device=self.device))
+        back = self._a2a_rows(acc.to(self.combine_dtype), handle.num_sent, list(handle.send_counts),
+                              list(handle.recv_counts))
+        out = torch.zeros((handle.num_tokens, H), dtype=torch.float32, device=self.device)
+        a = 0
+        for c in handle.send_counts:  # dests ascending; a token appears at most once per dest
+            if c:
+                tok = handle.send_token[a:a + c]
+                out[tok] = out[tok] + back[a:a + c].to(torch.float32)
+            a += c
+        return out.to(handle.dtype)

@@ -1,0 +1,123 @@
+"""The all_to_all_single DEP baseline (dwdp_ops.dispatch_nccl): gloo processes on the CPU (and NCCL on GPUs) against
+the pure reference, through tests/multiproc/dispatch_nccl_check.py; input validation in one process."""
+
+from __future__ import annotations
+
+import pytest
+from conftest import GPU_COUNT
+
+torch = pytest.importorskip("torch", reason="torch is not installed (pip install torch): the NCCL/gloo baseline needs it")
+dist = pytest.importorskip("torch.distributed", reason="this torch build has no torch.distributed")
+
+from dwdp_ops import ExpertPartition  # noqa: E402
+from dwdp_ops.dispatch_nccl import NcclDispatcher, init_process_group_from_env  # noqa: E402
+from dwdp_ops.errors import DwdpError  # noqa: E402
+from dwdp_ops.launch import free_port  # noqa: E402
+
+
+def _ok(proc, n, backend, dtype):
+    assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-2000:]
+    for r in range(n):
+        assert f"[rank {r}] rank {r}: dispatch_nccl" in proc.stdout and f"scenarios OK ({backend}, {dtype})" in proc.stdout
+    assert "MISMATCH" not in proc.stdout
+
+
+@pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="torch.distributed has no gloo")
+@pytest.mark.parametrize("n", [1, 2, 3])
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_gloo_dispatch_combine_equal_reference(run_ranks, n, dtype):
+    proc = run_ranks(n, "dispatch_nccl_check.py", "--backend", "gloo", "--dtype", dtype, "--seeds", "2", timeout=240)
+    _ok(proc, n, "gloo", dtype)
+
+
+@pytest.mark.multigpu(n=2)
+@pytest.mark.parametrize("n", [2, 4])
+def test_nccl_dispatch_combine_equal_reference(run_ranks, n):
+    if GPU_COUNT < n:
+        pytest.skip(f"needs {n} GPUs; found {GPU_COUNT}")
+    proc = run_ranks(n, "dispatch_nccl_check.py", "--backend", "nccl", "--dtype", "bfloat16", timeout=300)
+    _ok(proc, n, "nccl", "bfloat16")
+
+
+# -- one process ------------------------------------------------------------------------------------------------------
+@pytest.fixture
+def world1(monkeypatch):
+    """A gloo group of one rank in this process, destroyed afterwards."""
+    for k, v in dict(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", LOCAL_WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
+                     MASTER_PORT=str(free_port() - 1)).items():
+        monkeypatch.setenv(k, v)
+    monkeypatch.delenv("DWDP_NCCL_PORT", raising=False)
+    if dist.is_initialized():
+        pytest.skip("torch.distributed is already initialised in this process")
+    env = init_process_group_from_env("gloo", timeout_s=30)
+    yield env
+    dist.destroy_process_group()
+
+
+def test_dispatcher_needs_an_initialised_group():
+    if dist.is_initialized():
+        pytest.skip("torch.distributed is already initialised in this process")
+    with pytest.raises(DwdpError, match="init_process_group_from_env"):
+        NcclDispatcher(ExpertPartition.disjoint(8, 1), 16, 2)
+
+
+@pytest.mark.parametrize("raw, match", [("abc", "DWDP_NCCL_PORT='abc' is not an integer"), ("70000", "not a TCP port")])
+def test_bad_port_is_named(monkeypatch, raw, match):
+    monkeypatch.setenv("DWDP_NCCL_PORT", raw)
+    with pytest.raises(ValueError, match=match):
+        init_process_group_from_env("gloo")
+
+
+def test_one_rank_round_trip_and_group_reuse(world1):
+    assert world1.rank == 0 and dist.get_backend() == "gloo"
+    assert init_process_group_from_env("gloo") == world1  # already initialised: kept
+    part = ExpertPartition.disjoint(8, 1)
+    d = NcclDispatcher(part, 16, 2, align=4)
+    x = torch.randn(5, 16)
+    ids = torch.tensor([[0, 7], [3, -1], [-1, -1], [7, 0], [2, 3]], dtype=torch.int32)
+    w = torch.rand(5, 2)
+    h = d.dispatch(x, ids, w)
+    assert h.offs.dtype == torch.int32 and h.offs.tolist() == [4, 4, 8, 12, 12, 12, 12, 16]
+    out = d.combine(h.x_grouped, h)  # identity experts
+    want = x * (w * (ids >= 0)).sum(1, keepdim=True)
+    torch.testing.assert_close(out, want, rtol=1e-6, atol=1e-6)
+    assert out[2].abs().sum() == 0  # no pair: 0
+
+
+@pytest.mark.parametrize("args, kwargs, err, match", [
+    ((ExpertPartition.disjoint(8, 2), 16, 2), {}, ValueError, "group has 1 ranks but the partition's world_size is 2"),
+    ((ExpertPartition.disjoint(8, 1), 0, 2), {}, ValueError, "hidden must be an int >= 1"),
+    ((ExpertPartition.disjoint(8, 1), 16, 9), {}, ValueError, r"top_k must be in \[1, 8\]"),
+    ((ExpertPartition.disjoint(8, 1), 16, 2), {"align": 0}, ValueError, "align"),
+    (((8, 1), 16, 2), {}, TypeError, "ExpertPartition"),
+])
+def test_constructor_rejects_bad_arguments(world1, args, kwargs, err, match):
+    with pytest.raises(err, match=match):
+        NcclDispatcher(*args, **kwargs)
+
+
+@pytest.mark.parametrize("x, ids, w, err, match", [
+    (torch.zeros(3, 8), torch.zeros(3, 2, dtype=torch.int32), torch.zeros(3, 2), ValueError, r"x must be \[T, 16\]"),
+    (torch.zeros(3, 16, dtype=torch.int32), torch.zeros(3, 2, dtype=torch.int32), torch.zeros(3, 2), TypeError,
+     "floating"),
+    (torch.zeros(3, 16), torch.zeros(3, 3, dtype=torch.int32), torch.zeros(3, 2), ValueError, "topk_ids must be"),
+    (torch.zeros(3, 16), torch.zeros(3, 2), torch.zeros(3, 2), TypeError, "integer"),
+    (torch.zeros(3, 16), torch.zeros(3, 2, dtype=torch.int32), torch.zeros(3, 2, dtype=torch.float64), TypeError,
+     "float32"),
+    (torch.zeros(3, 16), torch.tensor([[0, 8]] * 3, dtype=torch.int32), torch.zeros(3, 2), ValueError,
+     r"rank\(s\) \[0\] hold expert ids outside \[-1, 8\)"),
+    ([[0.0] * 16], torch.zeros(1, 2, dtype=torch.int32), torch.zeros(1, 2), TypeError, "torch.Tensor"),
+])
+def test_dispatch_rejects_bad_input(world1, x, ids, w, err, match):
+    d = NcclDispatcher(ExpertPartition.disjoint(8, 1), 16, 2)
+    with pytest.raises(err, match=match):
+        d.dispatch(x, ids, w)
+
+
+def test_combine_rejects_a_wrong_shape(world1):
+    d = NcclDispatcher(ExpertPartition.disjoint(8, 1), 16, 2)
+    h = d.dispatch(torch.zeros(2, 16), torch.tensor([[0, 1], [1, 2]], dtype=torch.int32), torch.ones(2, 2))
+    with pytest.raises(ValueError, match=rf"\[{h.num_rows}, 16\]"):
+        d.combine(torch.zeros(h.num_rows + 1, 16), h)
+    with pytest.raises(TypeError, match="NcclDispatchHandle"):
+        d.combine(h.x_grouped, object())
