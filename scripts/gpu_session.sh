@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # One device-machine session: offline build, GPU tests, benchmarks. Everything is written to a scratch folder and
 # packed into $OUT/outputs.tgz (a device call returns only a few files), with machine.txt beside it.
-# Usage: [TESTS="tests/a.py ..."] [TEST_TIMEOUT=s] scripts/gpu_session.sh MODE
-#   tests     build + the GPU tests (TESTS narrows them)
+# Usage: [TESTS="tests/a.py ..."] [TEST_TIMEOUT=s] scripts/gpu_session.sh MODE[,MODE...]
+#   tests     build + the GPU tests (TESTS narrows them); the script exits with pytest's code
+#   dispatch  build + dispatch_bandwidth (our dispatch/combine against NCCL all_to_all_single)
 #   fetch     build + fetch_bandwidth (N GPUs, and the N=2 layer-only jobs)           issue 3
 #   overlap   build + prefetch_overlap                                                issue 4
 #   can       build + coaction_bench + CAN-DNN/DNN training on the GPU (3 seeds)      issue 6
@@ -14,7 +15,7 @@ OUT=$(mktemp -d); export OUT
 export NVSHMEM_DISABLE_NVLS=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1
 what=${1:-all}
 NGPU=$(nvidia-smi -L | wc -l)
-want() { [[ $what == "$1" || $what == all ]]; }
+want() { [[ ",$what," == *",$1,"* || $what == all ]]; }
 {
   date -u; nvidia-smi --query-gpu=index,name,driver_version,memory.total --format=csv; nvidia-smi topo -m
   nvidia-smi nvlink -s -i 0 | head -6; python3 --version; nvcc --version | tail -1
@@ -22,9 +23,16 @@ want() { [[ $what == "$1" || $what == all ]]; }
 t0=$(date +%s)
 python3 -m pip install --no-build-isolation --no-deps -e . > "$OUT/build.log" 2>&1 || { tail -50 "$OUT/build.log"; exit 1; }
 echo "build: $(( $(date +%s) - t0 )) s"
+rc=0
 if want tests; then
-  timeout "${TEST_TIMEOUT:-480}" python3 -m pytest -m "gpu or multigpu" -rs -v ${TESTS:-tests} 2>&1 | tee "$OUT/gpu_tests.log" \
-    | grep -E "FAIL|SKIP|ERROR|passed|failed" | tail -20
+  DWDP_REQUIRE_GPU=1 timeout "${TEST_TIMEOUT:-480}" python3 -m pytest -m "gpu or multigpu" -rs -v ${TESTS:-tests} > "$OUT/gpu_tests.log" 2>&1
+  rc=$?  # pytest's own exit code (124: timed out)
+  grep -E "FAIL|SKIP|ERROR|passed|failed" "$OUT/gpu_tests.log" | tail -25
+  echo "pytest exit code: $rc"
+fi
+if want dispatch; then
+  timeout 300 python3 -m dwdp_ops.launch -n "$NGPU" --timeout 280 bench/dispatch_bandwidth.py > "$OUT/dispatch_bandwidth_N$NGPU.log" 2>&1
+  echo "dispatch_bandwidth N=$NGPU rc=$?"; grep "^\[rank 0\]" "$OUT/dispatch_bandwidth_N$NGPU.log" | tail -30
 fi
 if want fetch; then
   # one ExpertStore per process (see store_check.py): each dtype's layer runs in its own job
@@ -63,3 +71,4 @@ if want deepseek; then
 fi
 cp bench/results/*.json "$OUT/" 2>/dev/null
 tar czf "$FINAL/outputs.tgz" -C "$OUT" . && cp "$OUT/machine.txt" "$FINAL/"
+exit $rc

@@ -24,6 +24,14 @@ def _gpu_count() -> tuple[int, str]:
 
 
 GPU_COUNT, NO_GPU_REASON = _gpu_count()
+# DWDP_REQUIRE_GPU=1 (set by scripts/gpu_session.sh on GPU machines): a missing GPU, driver or native module is a
+# failure there, not a reason to skip every GPU test.
+REQUIRE_GPU = os.environ.get("DWDP_REQUIRE_GPU", "") == "1"
+
+
+def pytest_sessionstart(session):
+    if REQUIRE_GPU and GPU_COUNT == 0:
+        raise pytest.UsageError(f"DWDP_REQUIRE_GPU=1 but no GPU is usable: {NO_GPU_REASON}")
 
 
 def pytest_collection_modifyitems(config, items):

@@ -6,6 +6,7 @@
 
 #include "dwdp/check.h"
 #include "dwdp/coaction.h"
+#include "dwdp/dispatch.h"
 #include "dwdp/fetch.h"
 #include "dwdp/runtime.h"
 #include "dwdp/vmm.h"
@@ -141,6 +142,35 @@ PYBIND11_MODULE(_C, m) {
           dwdp::coaction_launch_shape(dims(din, dout, orders, bias, order_independent, paper), backward, &warps, &smem);
           return py::make_tuple(warps, smem);
         });
+
+  // Token dispatch: the geometry and buffer addresses travel as a dict (python/dwdp_ops/dispatch.py builds it).
+  auto dispatch_args = [](const py::dict& d) {
+    dwdp::DispatchArgs a{};
+    auto i = [&](const char* k) { return d[k].cast<long long>(); };
+    a.rank = i("rank"); a.world = i("world"); a.hidden = i("hidden"); a.top_k = i("top_k");
+    a.num_experts = i("num_experts"); a.experts_per_rank = i("experts_per_rank"); a.stride = i("stride");
+    a.max_tokens = i("max_tokens"); a.max_pairs = i("max_pairs"); a.align = i("align"); a.ids_int64 = i("ids_int64");
+    a.num_blocks = i("num_blocks"); a.threads = i("threads"); a.spin_budget = i("spin_budget");
+    auto arr = [&](const char* k, uint64_t* out) {
+      auto v = d[k].cast<std::vector<uint64_t>>();
+      DWDP_REQUIRE(static_cast<int>(v.size()) == a.world && a.world <= dwdp::kDispatchMaxRanks,
+                   "dispatch: " << k << " needs one address per rank");
+      for (size_t r = 0; r < v.size(); ++r) out[r] = v[r];
+    };
+    arr("recv_x", a.recv_x); arr("recv_meta", a.recv_meta); arr("recv_w", a.recv_w);
+    arr("recv_count", a.recv_count); arr("comb", a.comb); arr("flags", a.flags);
+    a.send_pos = i("send_pos"); a.send_count = i("send_count"); a.expert_count = i("expert_count");
+    a.offs = i("offs"); a.pair_pos = i("pair_pos"); a.x_grouped = i("x_grouped"); a.epoch = i("state");
+    return a;
+  };
+  m.def("dispatch_tokens", [dispatch_args](const py::dict& args, uintptr_t x, uintptr_t ids, uintptr_t w, int T,
+                                           uintptr_t stream) {
+    dwdp::dispatch_tokens(dispatch_args(args), x, ids, w, T, stream);
+  });
+  m.def("combine_tokens", [dispatch_args](const py::dict& args, uintptr_t y, uintptr_t out, int T, uintptr_t stream) {
+    dwdp::combine_tokens(dispatch_args(args), y, out, T, stream);
+  });
+  m.attr("DISPATCH_STATE_BYTES") = 24;
 
   m.def("vmm_granularity", &dwdp::vmm_granularity, py::arg("device"));
   m.def("vmm_create", &dwdp::vmm_create, py::arg("nbytes"), py::arg("device"));
