@@ -1,0 +1,181 @@
+"""Per-step choice between moving weights and moving tokens (pure host logic, no CUDA).
+
+Modes of one step (every MoE layer of the step uses it):
+  ``prefetch_all``  every remote expert of layer l+1 by the copy engine while layer l computes (DWDP);
+  ``on_demand``     after the router, only the remote experts some local token selected, by the SM (NVSHMEM) fetch;
+  ``dispatch``      tokens go to the experts' owners and the weighted results come back (DEP; collective).
+
+The rule (per MoE layer, times in seconds; rank r has T_r tokens; every rank the same configuration):
+  E experts, L = experts_per_rank, k = top_k, H = hidden, X = layout_bytes_per_expert, P = X / param_bytes
+  parameters per expert, so one (token, expert) pair costs 2P FLOP.  Rates: B_ce, B_sm, B_d (GB/s), latency lat (µs,
+  per collective), C (TFLOP/s).
+    gemm(pairs)       = pairs * 2P / C
+    prefetch_all_r    = gemm(T_r k) + max(0, (E - L) X / B_ce - gemm(T_r k))  = max(gemm(T_r k), (E - L) X / B_ce)
+                        (the prefetch of layer l+1 is hidden behind layer l's compute; only the excess is exposed)
+    on_demand_r       = gemm(T_r k) + D(T_r) (E - L) / E * X / B_sm,   D(T) = E (1 - (1 - k/E)^T)
+                        (the expected distinct experts of T tokens, scheduler.expected_distinct; not overlapped:
+                        the fetch needs the router's ids)
+    dispatch_r        = 2 lat + (max(S_r, R_r) (H b_x + 8k) + max(S_r, R_r) H b_p) / B_d + gemm(W_r)
+                        S_r = T_r sum_{d != r} q(r, d)   rows r sends,   R_r = sum_{s != r} T_s q(s, d=r)   rows r gets
+                        W_r = sum_s T_s m(s, r)          pairs r computes
+                        m(s, d): expected pairs per token of s that the owner rule (dispatch_plan) sends to d, under
+                        uniform routing: (k / E) sum_e [s owns e and d == s] + [s does not own e, d owns e] / owners(e)
+                        q(s, d) = 1 - prod_{i<k} (E - n - i) / (E - i) with n = m(s, d) E / k: the probability that a
+                        token of s sends a row to d (exact, hypergeometric, for one owner per expert).
+                        b_x = token_bytes (bf16: 2), b_p = partial_bytes (the contract's float32 partials: 4);
+                        8k bytes of per-row metadata; the combine moves the same rows the other way. Not overlapped.
+  The step's mode minimises max_r cost_r (dispatch waits for the slowest rank; the table reports the others the same
+  way). Ties (equal maxima) go to the first of ``MODES`` = (prefetch_all, on_demand, dispatch): the modes that couple
+  ranks less come first. ``allowed`` restricts the candidates (``("dispatch",)`` forces a mode).
+
+Agreement: ``dispatch`` needs every rank in the layer, so the mode must be the same on every rank. It is a
+deterministic function of shared information: ``tokens_per_rank`` comes from ONE small collective per step (an
+all-gather of each rank's T, e.g. ``all_gather_into_tensor`` of one int64 or the rendezvous allgather), the rest is
+configuration every rank holds; the same float operations on the same inputs give every rank the same mode.
+
+The default ``Rates`` are H200 figures: B_ce and B_sm measured (docs/benchmarks.md), C the measured bf16 expert GEMM
+rate; the dispatch rate and latency are placeholders to replace with ``bench/dispatch_bandwidth.py``'s figures.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from .partition import ExpertPartition
+from .scheduler import expected_distinct
+
+__all__ = ["MODES", "ModeChoice", "Rates", "choose_mode", "pair_shares"]
+
+MODES = ("prefetch_all", "on_demand", "dispatch")
+
+
+@dataclass(frozen=True)
+class Rates:
+    """Measured rates of one machine. Bandwidths in GB/s (1e9 bytes/s), latency in µs per collective (dispatch and
+    combine are one each), GEMM rate in TFLOP/s."""
+
+    ce_gbps: float = 370.0  # copy-engine fetch of remote experts, H200 (docs/benchmarks.md: 373.9-374.2)
+    sm_gbps: float = 320.0  # on-demand NVSHMEM fetch on 32 SMs, H200
+    dispatch_gbps: float = 300.0  # placeholder: replace with measured (bench/dispatch_bandwidth.py)
+    dispatch_latency_us: float = 40.0  # placeholder: replace with measured (bench/dispatch_bandwidth.py, 1-256 tokens)
+    gemm_tflops: float = 640.0  # bf16 grouped expert GEMM, H200 (docs/benchmarks.md: 635-658)
+
+    def __post_init__(self) -> None:
+        for name in ("ce_gbps", "sm_gbps", "dispatch_gbps", "gemm_tflops", "dispatch_latency_us"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+                raise TypeError(f"Rates.{name} must be a finite number, got {v!r}")
+            if v < 0 or (v == 0 and name != "dispatch_latency_us"):
+                raise ValueError(f"Rates.{name} must be > 0 (latency >= 0), got {v}")
+
+
+@dataclass(frozen=True)
+class ModeChoice:
+    """``mode``: the step's mode. ``cost_us[mode]``: the maximum over ranks of the per-layer cost (µs) of each
+    candidate; ``per_rank_us[mode]``: the per-rank costs (µs, rank order). For logs: ``table()``."""
+
+    mode: str
+    cost_us: dict = field(default_factory=dict)
+    per_rank_us: dict = field(default_factory=dict)
+
+    def table(self) -> str:
+        rows = [f"{m:13s} {self.cost_us[m]:12.1f} us (max over ranks)  per rank "
+                + " ".join(f"{c:.1f}" for c in self.per_rank_us[m]) + ("  <- chosen" if m == self.mode else "")
+                for m in self.cost_us]
+        return "\n".join(rows)
+
+
+def pair_shares(partition: ExpertPartition, top_k: int) -> list[list[float]]:
+    """``m[s][d]``: expected pairs per token of source s that the owner rule sends to d (incl. d == s: local),
+    under uniform routing (module docstring). Each row sums to top_k."""
+    E, N = partition.num_experts, partition.world_size
+    m = [[0.0] * N for _ in range(N)]
+    for e in range(E):
+        owners = partition.owners(e)
+        for s in range(N):
+            if s in owners:
+                m[s][s] += top_k / E
+            else:
+                for d in owners:
+                    m[s][d] += top_k / E / len(owners)
+    return m
+
+
+def _p_row(m: float, E: int, k: int) -> float:
+    """P(a token sends at least one pair to a dest that takes m pairs per token in expectation)."""
+    n = m * E / k
+    miss = 1.0
+    for i in range(k):
+        miss *= max(0.0, (E - n - i) / (E - i))
+    return 1.0 - miss
+
+
+def _int_param(name: str, v, lo: int) -> int:
+    if isinstance(v, bool) or not isinstance(v, int) or v < lo:
+        raise ValueError(f"{name} must be an int >= {lo}, got {v!r}")
+    return v
+
+
+def choose_mode(tokens_per_rank: Sequence[int], partition: ExpertPartition, layout_bytes_per_expert: int,
+                hidden: int, top_k: int, rates: Rates | None = None, allowed: Sequence[str] = MODES, *,
+                param_bytes: float = 2.0, token_bytes: float = 2.0, partial_bytes: float = 4.0) -> ModeChoice:
+    """The step's mode by the rule of the module docstring. ``tokens_per_rank``: every rank's T this step (the same
+    list on every rank); ``layout_bytes_per_expert``: one expert's bytes (``ExpertLayout.expert_bytes``);
+    ``param_bytes``: bytes per weight parameter (2 bf16, 1 fp8) for the GEMM FLOPs; ``token_bytes``: bytes per
+    hidden element in dispatch; ``partial_bytes``: bytes per element of the combine's partials. Pure; not a
+    collective (the caller gathers ``tokens_per_rank``). Raises ValueError/TypeError for bad input."""
+    if not isinstance(partition, ExpertPartition):
+        raise TypeError(f"partition must be an ExpertPartition, got {type(partition).__name__}")
+    rates = Rates() if rates is None else rates
+    if not isinstance(rates, Rates):
+        raise TypeError(f"rates must be a Rates, got {type(rates).__name__}")
+    E, N, L = partition.num_experts, partition.world_size, partition.experts_per_rank
+    tokens = list(tokens_per_rank)
+    if len(tokens) != N:
+        raise ValueError(f"tokens_per_rank needs one count per rank of the partition's world ({N}), got {len(tokens)}")
+    for r, t in enumerate(tokens):
+        _int_param(f"tokens_per_rank[{r}]", t, 0)
+    X = _int_param("layout_bytes_per_expert", layout_bytes_per_expert, 1)
+    H = _int_param("hidden", hidden, 1)
+    k = _int_param("top_k", top_k, 1)
+    if k > E:
+        raise ValueError(f"top_k must be in [1, {E}] (the layer's experts), got {k}")
+    for name, v in (("param_bytes", param_bytes), ("token_bytes", token_bytes), ("partial_bytes", partial_bytes)):
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0:
+            raise ValueError(f"{name} must be a number > 0, got {v!r}")
+    allowed = tuple(allowed)
+    unknown = [a for a in allowed if a not in MODES]
+    if not allowed or unknown or len(set(allowed)) != len(allowed):
+        raise ValueError(f"allowed must be a non-empty subset of {MODES} without repeats, got {allowed}")
+
+    pair_s = 2.0 * (X / param_bytes) / (rates.gemm_tflops * 1e12)
+    fetch_all = (E - L) * X / (rates.ce_gbps * 1e9)
+    lat = rates.dispatch_latency_us * 1e-6
+    m = pair_shares(partition, k)
+    q = [[_p_row(m[s][d], E, k) for d in range(N)] for s in range(N)]
+    bytes_d, bytes_c = H * token_bytes + 8 * k, H * partial_bytes
+    per_rank: dict[str, tuple[float, ...]] = {}
+    for mode in MODES:
+        if mode not in allowed:
+            continue
+        costs = []
+        for r, T in enumerate(tokens):
+            own = T * k * pair_s
+            if mode == "prefetch_all":
+                c = own + max(0.0, fetch_all - own)
+            elif mode == "on_demand":
+                c = own + expected_distinct(E, k, T) * (E - L) / E * X / (rates.sm_gbps * 1e9)
+            else:
+                sent = T * sum(q[r][d] for d in range(N) if d != r)
+                got = sum(tokens[s] * q[s][r] for s in range(N) if s != r)
+                rows = max(sent, got)
+                work = sum(tokens[s] * m[s][r] for s in range(N)) * pair_s
+                c = 2 * lat + rows * (bytes_d + bytes_c) / (rates.dispatch_gbps * 1e9) + work
+            costs.append(c * 1e6)
+        per_rank[mode] = tuple(costs)
+    cost = {mode: max(c) for mode, c in per_rank.items()}
+    best = min(cost.values())
+    mode = next(md for md in MODES if md in cost and cost[md] == best)
+    return ModeChoice(mode, cost, per_rank)

@@ -1,0 +1,160 @@
+"""The per-step mode rule (dwdp_ops.policy): each mode wins where the formulas say, the boundaries, ties, the
+minimax over ranks, DeepSeek-R1 sizes, and bad input."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+from dwdp_ops import ExpertPartition
+from dwdp_ops.policy import MODES, ModeChoice, Rates, choose_mode, pair_shares
+
+# DeepSeek-R1 MoE layer: 256 experts, hidden 7168, intermediate 2048, top-8; bf16 expert = 3 * H * I * 2 bytes
+R1_BYTES = 3 * 7168 * 2048 * 2
+R1_2 = ExpertPartition.disjoint(256, 2)
+
+
+@pytest.mark.parametrize("tokens", [1, 8, 64, 128, 256])
+def test_r1_decode_at_two_ranks_moves_tokens(tokens):
+    c = choose_mode([tokens, tokens], R1_2, R1_BYTES, 7168, 8)
+    assert c.mode == "dispatch", c.table()
+
+
+@pytest.mark.parametrize("tokens", [32768, 65536])
+def test_r1_large_prefill_at_two_ranks_moves_weights(tokens):
+    c = choose_mode([tokens, tokens], R1_2, R1_BYTES, 7168, 8)
+    assert c.mode == "prefetch_all", c.table()
+
+
+def test_r1_uneven_decode_still_dispatch_and_table_prints():
+    c = choose_mode([256, 3], R1_2, R1_BYTES, 7168, 8)
+    assert c.mode == "dispatch"
+    assert "<- chosen" in c.table() and set(c.cost_us) == set(MODES)
+
+
+def test_costs_equal_the_formulas_by_hand():
+    """Two ranks, two experts, one each, top-1: q = m = 1/2 per remote dest."""
+    part = ExpertPartition.disjoint(2, 2)
+    r = Rates(ce_gbps=100, sm_gbps=50, dispatch_gbps=10, dispatch_latency_us=7, gemm_tflops=1)
+    X, H, T0, T1 = 10**6, 100, 40, 10
+    c = choose_mode([T0, T1], part, X, H, 1, r, param_bytes=2, token_bytes=2, partial_bytes=4)
+    pair = 2 * (X / 2) / 1e12
+    fetch = X / 100e9
+    for rank, T in enumerate((T0, T1)):
+        assert c.per_rank_us["prefetch_all"][rank] == pytest.approx(max(T * pair, fetch) * 1e6)
+        distinct = 2 * (1 - (1 - 1 / 2) ** T)
+        assert c.per_rank_us["on_demand"][rank] == pytest.approx((T * pair + distinct / 2 * X / 50e9) * 1e6)
+    for rank, (T, other) in enumerate(((T0, T1), (T1, T0))):
+        rows = max(T, other) / 2
+        work = (T + other) / 2 * pair
+        want = 2 * 7e-6 + rows * (H * 2 + 8 + H * 4) / 10e9 + work
+        assert c.per_rank_us["dispatch"][rank] == pytest.approx(want * 1e6)
+    for m in MODES:
+        assert c.cost_us[m] == max(c.per_rank_us[m])
+
+
+def test_prefetch_overlap_boundary():
+    """prefetch_all's exposed fetch is max(0, fetch - compute): flat up to T* = fetch / pair time, linear after."""
+    part = ExpertPartition.disjoint(4, 2)
+    X = 10**6
+    r = Rates(ce_gbps=1, gemm_tflops=1)  # fetch = 2 X / 1e9 = 2 ms; pair = 2 * X / 2 / 1e12 = 1 us
+    costs = {T: choose_mode([T, 0], part, X, 8, 1, r, allowed=("prefetch_all",)).cost_us["prefetch_all"]
+             for T in (0, 1000, 2000, 2001, 4000)}
+    assert costs[0] == costs[1000] == pytest.approx(2000.0)
+    assert costs[2000] == pytest.approx(2000.0) and costs[2001] == pytest.approx(2001.0)
+    assert costs[4000] == pytest.approx(4000.0)
+
+
+def test_crossover_prefetch_all_dispatch_at_the_computed_token_count():
+    """k = 1, E = 2 over 2 ranks, compute negligible: prefetch_all = X / B_ce; dispatch = 2 lat + T/2 * row / B_d.
+    With X / B_ce = 1000 us, lat = 100 us, row = 2*100 + 8 + 4*100 = 608 bytes, B_d = 0.608 GB/s (1 us per row):
+    T* = 2 * (1000 - 200) = 1600."""
+    part = ExpertPartition.disjoint(2, 2)
+    r = Rates(ce_gbps=1, dispatch_gbps=0.608, dispatch_latency_us=100, gemm_tflops=1e9)
+    X = 10**6  # 1000 us at 1 GB/s
+
+    def mode(T):
+        return choose_mode([T, T], part, X, 100, 1, r, allowed=("prefetch_all", "dispatch")).mode
+
+    assert mode(1598) == "dispatch" and mode(1602) == "prefetch_all"
+
+
+def test_on_demand_wins_when_dispatch_latency_is_huge_and_few_tokens():
+    r = Rates(dispatch_latency_us=1e6)
+    c = choose_mode([1, 1], R1_2, R1_BYTES, 7168, 8, r)
+    assert c.mode == "on_demand", c.table()
+    # on demand fetches ~8 * 128/256 = 4 remote experts instead of 128
+    assert c.cost_us["on_demand"] < c.cost_us["prefetch_all"] / 20
+
+
+def test_ties_go_in_the_documented_order():
+    one = ExpertPartition.disjoint(8, 1)  # nothing remote: prefetch_all == on_demand == compute
+    c = choose_mode([100], one, 10**6, 16, 2, Rates(dispatch_latency_us=0))
+    assert c.cost_us["prefetch_all"] == c.cost_us["on_demand"] and c.mode == "prefetch_all"
+    c = choose_mode([100], one, 10**6, 16, 2, Rates(dispatch_latency_us=0), allowed=("dispatch", "on_demand"))
+    assert c.cost_us["on_demand"] == c.cost_us["dispatch"] and c.mode == "on_demand"
+    c = choose_mode([0, 0], R1_2, R1_BYTES, 7168, 8, Rates(dispatch_latency_us=0))
+    assert c.cost_us["on_demand"] == c.cost_us["dispatch"] == 0 and c.mode == "on_demand"
+
+
+def test_the_slowest_rank_decides():
+    """Rank 1 has no tokens (on_demand costs it nothing) but rank 0's large batch decides for both."""
+    c = choose_mode([32768, 0], R1_2, R1_BYTES, 7168, 8)
+    best_alone = [min(MODES, key=lambda m, r=r: c.per_rank_us[m][r]) for r in range(2)]
+    assert best_alone[1] == "on_demand"
+    assert c.mode == min(MODES, key=lambda m: max(c.per_rank_us[m])) == best_alone[0]
+    assert c.mode != "on_demand"
+
+
+def test_allowed_forces_a_mode():
+    c = choose_mode([1, 1], R1_2, R1_BYTES, 7168, 8, allowed=("prefetch_all",))
+    assert c.mode == "prefetch_all" and set(c.cost_us) == {"prefetch_all"}
+    assert isinstance(c, ModeChoice)
+
+
+@pytest.mark.parametrize("part", [ExpertPartition.disjoint(16, 4), ExpertPartition(10, 3, 6, 2),
+                                  ExpertPartition(9, 2, 6, 3)], ids=str)
+def test_pair_shares_follow_the_owner_rule(part):
+    import numpy as np
+    from dwdp_ops.dispatch_plan import plan_send
+
+    k = 2
+    m = pair_shares(part, k)
+    for s in range(part.world_size):
+        assert sum(m[s]) == pytest.approx(k)
+        # each expert on 12 consecutive tokens (12 is a multiple of every owner count here): the rotation (t + e)
+        # visits each owner equally, so the empirical share equals m exactly
+        ids = np.array([[e, -1] for e in range(part.num_experts) for _i in range(12)], np.int32)
+        dest = plan_send(ids, np.ones(ids.shape, np.float32), part, s).dest[:, 0]
+        for d in range(part.world_size):
+            assert (dest == d).mean() * k == pytest.approx(m[s][d])
+
+
+@pytest.mark.parametrize("kwargs, err, match", [
+    (dict(tokens_per_rank=[1]), ValueError, r"one count per rank .* \(2\), got 1"),
+    (dict(tokens_per_rank=[1, -1]), ValueError, r"tokens_per_rank\[1\] must be an int >= 0"),
+    (dict(tokens_per_rank=[1, 2.5]), ValueError, r"tokens_per_rank\[1\]"),
+    (dict(tokens_per_rank=[True, 1]), ValueError, r"tokens_per_rank\[0\]"),
+    (dict(top_k=257), ValueError, r"top_k must be in \[1, 256\]"),
+    (dict(layout_bytes_per_expert=0), ValueError, "layout_bytes_per_expert"),
+    (dict(hidden=0), ValueError, "hidden"),
+    (dict(allowed=()), ValueError, "non-empty subset"),
+    (dict(allowed=("prefetch_all", "fetch")), ValueError, "non-empty subset"),
+    (dict(rates=(370, 320)), TypeError, "Rates"),
+    (dict(partition=(256, 2)), TypeError, "ExpertPartition"),
+    (dict(param_bytes=0), ValueError, "param_bytes"),
+])
+def test_bad_input_is_named(kwargs, err, match):
+    args = dict(tokens_per_rank=[1, 1], partition=R1_2, layout_bytes_per_expert=R1_BYTES, hidden=7168, top_k=8)
+    args.update(kwargs)
+    with pytest.raises(err, match=match):
+        choose_mode(**args)
+
+
+@pytest.mark.parametrize("field, value, err", [("ce_gbps", 0, ValueError), ("gemm_tflops", -1, ValueError),
+                                               ("dispatch_latency_us", -1, ValueError),
+                                               ("sm_gbps", math.inf, TypeError), ("dispatch_gbps", "300", TypeError)])
+def test_bad_rates(field, value, err):
+    with pytest.raises(err, match=f"Rates.{field}"):
+        Rates(**{field: value})
+    assert Rates(dispatch_latency_us=0).dispatch_latency_us == 0
