@@ -12,8 +12,11 @@ def _ranks(n):
         pytest.skip(f"needs {n} GPUs; found {GPU_COUNT}")
 
 
-@pytest.mark.multigpu(n=2)
-@pytest.mark.parametrize("n", [2, 4])
+RANKS = [pytest.param(1, marks=pytest.mark.gpu, id="n1"), pytest.param(2, marks=pytest.mark.multigpu(n=2), id="n2"),
+         pytest.param(4, marks=pytest.mark.multigpu(n=4), id="n4")]
+
+
+@pytest.mark.parametrize("n", RANKS)
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_dispatch_combine_exact(run_ranks, n, seed):
     _ranks(n)
@@ -23,8 +26,7 @@ def test_dispatch_combine_exact(run_ranks, n, seed):
         assert f"[rank {r}] rank {r}: dispatch exact checks passed" in proc.stdout
 
 
-@pytest.mark.multigpu(n=2)
-@pytest.mark.parametrize("n", [2, 4])
+@pytest.mark.parametrize("n", RANKS)
 def test_dispatch_with_expert_gemms_and_graphs(run_ranks, n):
     _ranks(n)
     pytest.importorskip("torch")
