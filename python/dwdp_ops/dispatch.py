@@ -60,12 +60,14 @@ class DispatchHandle:
     offs: Any
     num_tokens: int
     step: int
+    torch_views: tuple | None = None
 
     def torch(self):
-        """``(x_grouped, offs)`` as PyTorch tensors (bf16 and int32), zero-copy through DLPack."""
-        import torch
-
-        return torch.from_dlpack(self.x_grouped.view(np.int16)).view(torch.bfloat16), torch.from_dlpack(self.offs)
+        """``(x_grouped, offs)`` as PyTorch tensors (bf16 and int32), zero-copy; made once by the dispatcher (a DLPack
+        exchange inside a CUDA-graph capture would break it)."""
+        if self.torch_views is None:
+            raise DwdpError("DispatchHandle.torch(): PyTorch was not importable when the dispatcher was built")
+        return self.torch_views
 
 
 class TokenDispatcher:
@@ -170,6 +172,13 @@ class TokenDispatcher:
             raise
         self._step = 0
         self._pending: DispatchHandle | None = None
+        try:  # zero-copy PyTorch views, made now: DLPack exchanges record events, which a graph capture forbids
+            import torch
+
+            self._torch_views = (torch.from_dlpack(self.x_grouped.view(np.int16)).view(torch.bfloat16),
+                                 torch.from_dlpack(self.offs))
+        except ImportError:
+            self._torch_views = None
 
     # -- the two halves ----------------------------------------------------------------------------------------------
     def dispatch(self, x: Any, topk_ids: Any, topk_weights: Any, stream: Any = None) -> DispatchHandle:
@@ -193,7 +202,7 @@ class TokenDispatcher:
         self._args["ids_int64"] = int(ib.dtype == np.int64)
         self.rt.backend.dispatch_tokens(self._args, xb.ptr, ib.ptr, wb.ptr, T, stream_handle(stream))
         self._step += 1
-        self._pending = DispatchHandle(self.x_grouped, self.offs, T, self._step)
+        self._pending = DispatchHandle(self.x_grouped, self.offs, T, self._step, self._torch_views)
         return self._pending
 
     def combine(self, y_grouped: Any, handle: DispatchHandle, out: Any = None, stream: Any = None):

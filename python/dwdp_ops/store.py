@@ -548,8 +548,9 @@ class ExpertStore:
                 err[...] = 0
         cp.cuda.Device(self.device).synchronize()
         if bad:
+            more = f" (and {bad[1:]} on other streams)" if len(bad) > 1 else ""
             raise DwdpError(
-                f"fetch_nvshmem: the device id list held expert id(s) {bad}, outside [0, {self.E}); they were skipped"
+                f"fetch_nvshmem: the device id list held expert id {bad[0]}{more}, outside [0, {self.E}); it was skipped"
             )
 
     # -- lifecycle ---------------------------------------------------------------------------------------------

@@ -30,6 +30,8 @@ def from_bits(u16) -> np.ndarray:
 
 def routing(rng, case, T, k, part, rank):
     E = part.num_experts
+    if T == 0:
+        return np.zeros((0, k), np.int64)
     if case == "hot":
         ids = np.full((T, k), -1, np.int64)
         ids[:, 0] = 3 % E
