@@ -175,3 +175,28 @@ def test_killed_rank_makes_survivors_fail_fast(victim, capfd):
     assert time.monotonic() - t0 < 15
     err = capfd.readouterr().out
     assert "rank(s) [1] disconnected" in err
+
+
+def test_collectives_from_several_threads_of_one_rank_never_mix_replies():
+    """Two threads of every rank issue collectives at once: each call must get back a complete gather whose own entry
+    is its own payload (without the per-process lock the threads read each other's replies)."""
+
+    def fn(rdv, r):
+        errors = []
+
+        def worker(tid):
+            for i in range(30):
+                mine = f"{r}:{tid}:{i}".encode()
+                got = rdv.allgather("work", mine)
+                if len(got) != 3 or got[r] != mine:
+                    errors.append((tid, i, got))
+
+        ts = [threading.Thread(target=worker, args=(tid,)) for tid in range(2)]
+        for t in ts:
+            t.start()
+        for t in ts:
+            t.join(30)
+        return errors
+
+    out = _ranks_in_threads(3, fn, timeout=20.0)
+    assert all(out[r] == [] for r in range(3)), out

@@ -26,6 +26,7 @@ import os
 import selectors
 import socket
 import struct
+import threading
 import time
 from collections.abc import Sequence
 from datetime import timedelta
@@ -175,6 +176,7 @@ class Rendezvous:
         self._torchrun = bool(torchrun)
         self._store: _TorchrunPort | None = None
         self._seq = 0
+        self._lock = threading.Lock()
         self._peers: dict[int, _Conn] = {}  # rank 0 only
         self._hub: _Conn | None = None  # ranks > 0
         self._listener: socket.socket | None = None
@@ -315,18 +317,21 @@ class Rendezvous:
 
     # -- collectives ------------------------------------------------------------------------------------------
     def allgather(self, name: str, payload: bytes = b"") -> list[bytes]:
-        """Every rank's ``payload``, indexed by rank. Collective: all ranks call it with the same ``name``."""
-        self._check_usable(name)
-        self._seq += 1
-        if self.world_size == 1:
-            return [bytes(payload)]
-        try:
-            if self.rank == 0:
-                return self._gather_at_root(name, bytes(payload))
-            return self._gather_at_leaf(name, bytes(payload))
-        except RendezvousError as e:
-            self._broken = str(e)
-            raise
+        """Every rank's ``payload``, indexed by rank. Collective: all ranks call it with the same ``name``.
+        Thread-safe: collectives of one process run one at a time (a second thread waits), so two threads can never
+        receive each other's replies; their order must still agree across ranks, which the name check verifies."""
+        with self._lock:
+            self._check_usable(name)
+            self._seq += 1
+            if self.world_size == 1:
+                return [bytes(payload)]
+            try:
+                if self.rank == 0:
+                    return self._gather_at_root(name, bytes(payload))
+                return self._gather_at_leaf(name, bytes(payload))
+            except RendezvousError as e:
+                self._broken = str(e)
+                raise
 
     def broadcast(self, name: str, payload: bytes = b"", root: int = 0) -> bytes:
         """``root``'s payload on every rank."""
