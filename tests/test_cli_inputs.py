@@ -218,6 +218,7 @@ def test_can_train_stops_on_nan_with_one_error_line(monkeypatch, capsys):
 
 
 def test_can_train_good_run_writes_its_outputs(tmp_path, capsys):
+    pytest.importorskip("matplotlib", reason="--plot needs matplotlib (the bench extra)")
     argv = ["--samples", "400", "--epochs", "1", "--quiet", "--model", "dnn", "--device", "cpu",
             "--json", str(tmp_path / "r.json"), "--plot", str(tmp_path / "r.png")]
     code, out, err = run_main(train_can.main, argv, capsys)

@@ -121,7 +121,7 @@ def test_calls_before_init_raise():
 
 def test_no_gpu_is_reported_before_anything_starts():
     be = FakeBackend(devices=0)
-    with pytest.raises(DwdpError, match=r"rank 0 of 1: no CUDA GPU is usable \(cudaErrorNoDevice"):
+    with pytest.raises(DwdpError, match=r"rank 0 of 1: no CUDA GPU is usable \(no NVIDIA GPU found"):
         Runtime(be).init(environ={}, timeout=5)
     assert be.calls == []
 

@@ -11,12 +11,19 @@ Experts (the paper's split weights):
     ExpertPartition (who stores what, who fetches what), ExpertLayout (page-aligned packing),
     ExpertStore (local storage, slots, composite/table/merge views, copy-engine and NVSHMEM fetch)
     PrefetchScheduler (layer-ahead double buffering: begin_step, wait, release; prefetch_all / on_demand / auto)
+Tokens (expert parallelism, DEP; the sibling of the weight fetch):
+    dispatch.TokenDispatcher (NVLink dispatch / combine kernels), dispatch_plan (the pure reference: plan_send,
+    plan_recv, reference_moe), dispatch_nccl.NcclDispatcher (the all_to_all_single baseline; needs PyTorch),
+    policy.choose_mode (per-step choice between prefetch_all, on_demand and dispatch)
 """
 
+from .dispatch import DispatchHandle, TokenDispatcher
+from .dispatch_plan import RecvPlan, SendPlan, plan_recv, plan_send, reference_moe
 from .env import DistEnv
 from .errors import DwdpError, RendezvousError
 from .layout import ExpertLayout, TensorSpec
 from .partition import ExpertPartition
+from .policy import MODES, ModeChoice, Rates, choose_mode
 from .runtime import Runtime, barrier, finalize, get_runtime, init, is_initialized, local_rank, rank, world_size
 from .scheduler import PrefetchScheduler, choose_policy, expected_distinct
 from .store import ExpertStore
@@ -34,7 +41,18 @@ def cuda_device_count() -> int:
 
 
 __all__ = [
+    "MODES",
+    "DispatchHandle",
     "DistEnv",
+    "ModeChoice",
+    "Rates",
+    "RecvPlan",
+    "SendPlan",
+    "TokenDispatcher",
+    "choose_mode",
+    "plan_recv",
+    "plan_send",
+    "reference_moe",
     "DwdpError",
     "ExpertLayout",
     "ExpertPartition",

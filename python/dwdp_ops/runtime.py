@@ -20,7 +20,7 @@ Invariants:
 Environment variables read here (set before ``init()``):
   ``DWDP_TIMEOUT``   seconds any collective waits for the other ranks (default 300).
   ``NVSHMEM_*``      passed through to NVSHMEM; ``init()`` sets these defaults when unset: ``NVSHMEM_DISABLE_NVLS=1``
-                     (NVLink multicast stays off on our machines), ``NVSHMEM_REMOTE_TRANSPORT=none`` (one node),
+                     (NVLink multicast stays off: it can take shared hosts' GPUs out of service), ``NVSHMEM_REMOTE_TRANSPORT=none`` (one node),
                      ``NVSHMEM_CUMEM_GRANULARITY=2097152`` (registered expert buffers of any 2 MiB multiple),
                      ``NVSHMEM_BOOTSTRAP_UID_SOCK_IFNAME=lo`` and ``NVSHMEM_BOOTSTRAP_UID_SOCK_FAMILY=AF_INET`` when
                      ``MASTER_ADDR`` is a loopback address, and ``NVSHMEM_SYMMETRIC_SIZE`` from ``heap_size``.
@@ -130,7 +130,9 @@ class Runtime:
         count, why = be.cuda_device_count()
         where = f"rank {env.rank} of {env.world_size}"
         if count == 0:
-            raise DwdpError(f"{where}: no CUDA GPU is usable ({why}); dwdp_ops kernels need an NVIDIA GPU")
+            from ._native import describe_cuda_error
+
+            raise DwdpError(f"{where}: no CUDA GPU is usable ({describe_cuda_error(why)}); dwdp_ops kernels need an NVIDIA GPU")
         if env.local_world_size > count:
             raise DwdpError(
                 f"{where}: {env.local_world_size} ranks run on this node but only {count} GPU(s) are visible "
