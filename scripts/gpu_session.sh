@@ -31,7 +31,7 @@ if want tests; then
   echo "pytest exit code: $rc"
 fi
 if want dispatch; then
-  timeout 300 python3 -m dwdp_ops.launch -n "$NGPU" --timeout 280 bench/dispatch_bandwidth.py > "$OUT/dispatch_bandwidth_N$NGPU.log" 2>&1
+  t=${DISPATCH_TIMEOUT:-300}; timeout $t python3 -m dwdp_ops.launch -n "$NGPU" --timeout $((t - 20)) bench/dispatch_bandwidth.py ${DISPATCH_ARGS:-} > "$OUT/dispatch_bandwidth_N$NGPU.log" 2>&1
   echo "dispatch_bandwidth N=$NGPU rc=$?"; grep "^\[rank 0\]" "$OUT/dispatch_bandwidth_N$NGPU.log" | tail -30
 fi
 if want fetch; then
