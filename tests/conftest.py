@@ -47,6 +47,17 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(pytest.mark.skip(reason=f"needs {need} NVIDIA GPU(s); found {GPU_COUNT} ({why})"))
 
 
+def launcher_free_env(**extra: str) -> dict[str, str]:
+    """This process's environment without any launcher's variables (torchrun, mpirun, ours), for tests that start a
+    launcher themselves; ``extra`` is added on top."""
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("TORCHELASTIC_", "OMPI_", "DWDP_")) and k not in
+           ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "GROUP_RANK")}
+    env["OMP_NUM_THREADS"] = "1"
+    env.update(extra)
+    return env
+
+
 def launch(n: int, script: str, *args: str, timeout: float = 240, keep_going: bool = False, extra_env=None,
            prefix: str = ""):
     """Runs tests/multiproc/<script> as n ranks through dwdp_ops.launch; returns the CompletedProcess."""

@@ -6,31 +6,16 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 import subprocess
 import sys
 
 import pytest
-from conftest import MULTIPROC, ROOT
+from conftest import MULTIPROC, ROOT, launcher_free_env
+from dwdp_ops.launch import free_port
 
 SCRIPT = str(MULTIPROC / "launcher_check.py")
 SAFE_ENV = {"NVSHMEM_DISABLE_NVLS": "1", "NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1"}
 pytestmark = [pytest.mark.multigpu(n=2), pytest.mark.timeout(300)]
-
-
-def _env() -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith(("TORCHELASTIC_", "OMPI_", "DWDP_")) and k not in
-           ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "GROUP_RANK")}
-    env.update(SAFE_ENV)
-    env["OMP_NUM_THREADS"] = "1"
-    return env
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _check(out: subprocess.CompletedProcess, launcher: str) -> None:
@@ -49,14 +34,14 @@ def test_torchrun():
     pytest.importorskip("torch.distributed", reason="torch is not installed; torchrun comes with it")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", SCRIPT,
            "--expect", "torchrun"]
-    _check(subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=_env(), cwd=ROOT), "torchrun")
+    _check(subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=launcher_free_env(**SAFE_ENV), cwd=ROOT), "torchrun")
 
 
 def test_mpirun():
     mpirun = shutil.which("mpirun")
     if mpirun is None:
         pytest.skip("mpirun is not on PATH (Open MPI)")
-    env = dict(_env(), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
+    env = dict(launcher_free_env(**SAFE_ENV), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
     # one node: no remote shell is needed, but Open MPI checks that its rsh agent exists (machines without ssh)
     cmd = [mpirun, "-np", "2", "--oversubscribe", "--mca", "plm_rsh_agent", "sh"]
     if os.geteuid() == 0:

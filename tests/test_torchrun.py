@@ -4,14 +4,13 @@ tests/multiproc/launcher_check.py --control-plane; skipped with a reason where t
 
 from __future__ import annotations
 
-import os
-import socket
 import subprocess
 import sys
 
 import pytest
-from conftest import MULTIPROC, ROOT
+from conftest import MULTIPROC, ROOT, launcher_free_env
 from dwdp_ops.env import under_torchrun
+from dwdp_ops.launch import free_port
 
 SCRIPT = str(MULTIPROC / "launcher_check.py")
 
@@ -27,20 +26,6 @@ def _torch_distributed() -> str | None:
 
 
 needs_torch = pytest.mark.skipif(_torch_distributed() is not None, reason=str(_torch_distributed()))
-
-
-def _clean_env() -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith(("TORCHELASTIC_", "OMPI_", "DWDP_")) and k not in
-           ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "GROUP_RANK")}
-    env["OMP_NUM_THREADS"] = "1"
-    return env
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.mark.parametrize(
@@ -70,10 +55,10 @@ def test_under_torchrun_reads_the_agent_environment(env, expected):
 )
 @pytest.mark.parametrize("torch_pg", [False, True], ids=["ours-only", "with-gloo"])
 def test_torchrun_job_uses_the_torchrun_store(launcher_args, torch_pg):
-    args = [str(_free_port()) if a == "PORT" else a for a in launcher_args]
+    args = [str(free_port()) if a == "PORT" else a for a in launcher_args]
     cmd = [sys.executable, "-m", "torch.distributed.run", *args, "--nproc-per-node", "2", SCRIPT,
            "--control-plane", "--expect", "torchrun"] + (["--torch-pg"] if torch_pg else [])
-    out = subprocess.run(cmd, capture_output=True, text=True, timeout=150, env=_clean_env(), cwd=ROOT)
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=150, env=launcher_free_env(), cwd=ROOT)
     text = out.stdout + out.stderr
     assert out.returncode == 0, text
     for r in range(2):
@@ -85,8 +70,8 @@ def test_torchrun_job_uses_the_torchrun_store(launcher_args, torch_pg):
 def test_without_the_agent_store_rank0_hosts_the_store():
     """TORCHELASTIC_USE_AGENT_STORE=False (torchrun's other mode): nobody listens at MASTER_PORT until rank 0 hosts a
     multi-tenant TCPStore there, which a later torch process group shares."""
-    port = _free_port()
-    base = dict(_clean_env(), WORLD_SIZE="2", LOCAL_WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
+    port = free_port()
+    base = dict(launcher_free_env(), WORLD_SIZE="2", LOCAL_WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
                 TORCHELASTIC_RUN_ID="test", TORCHELASTIC_USE_AGENT_STORE="False", TORCHELASTIC_RESTART_COUNT="0")
     procs = [subprocess.Popen([sys.executable, SCRIPT, "--control-plane", "--torch-pg"],
                               env=dict(base, RANK=str(r), LOCAL_RANK=str(r)), stdout=subprocess.PIPE,
@@ -118,4 +103,4 @@ def test_no_store_at_master_port_is_reported():
     from dwdp_ops.rendezvous import Rendezvous
 
     with pytest.raises(RendezvousError, match=r"rank 1 cannot reach torchrun's store at 127\.0\.0\.1:\d+"):
-        Rendezvous(1, 2, "127.0.0.1", _free_port(), 1.0, torchrun=True)
+        Rendezvous(1, 2, "127.0.0.1", free_port(), 1.0, torchrun=True)
