@@ -18,19 +18,7 @@ def time_op(op, stream, repeats=10, warmup=2, before=None):
     """Median and all times (ms) of ``op()`` enqueued on ``stream``, timed with CUDA events. ``before`` runs
     before each repeat (outside the timed region), e.g. a barrier so all ranks start together. For one op alone;
     to compare ops (or an op with its baseline) use ``time_interleaved``."""
-    import cupy as cp
-
-    times = []
-    for i in range(warmup + repeats):
-        if before is not None:
-            before()
-        start, end = cp.cuda.Event(), cp.cuda.Event()
-        start.record(stream)
-        op()
-        end.record(stream)
-        end.synchronize()
-        if i >= warmup:
-            times.append(cp.cuda.get_elapsed_time(start, end))
+    times = time_interleaved({"op": op}, stream, repeats, warmup, before)["op"]
     return median(times), times
 
 
