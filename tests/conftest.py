@@ -16,9 +16,9 @@ MULTIPROC = Path(__file__).resolve().parent / "multiproc"
 
 def _gpu_count() -> tuple[int, str]:
     try:
-        from dwdp_ops._native import native
+        from dwdp_ops._native import device_count
 
-        return native().cuda_device_count()
+        return device_count()  # the reason in words ("no NVIDIA driver found", a version skew, ...)
     except Exception as e:  # noqa: BLE001 - report any reason as the skip reason
         return 0, str(e)
 
