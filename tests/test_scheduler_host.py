@@ -6,7 +6,10 @@ from __future__ import annotations
 import random
 
 import pytest
-from dwdp_ops.scheduler import PrefetchScheduler, choose_policy, expected_distinct
+from dwdp_ops.layout import ExpertLayout
+from dwdp_ops.partition import ExpertPartition
+from dwdp_ops.policy import Rates, choose_mode, expected_distinct
+from dwdp_ops.scheduler import PrefetchScheduler
 
 
 class Event:
@@ -26,8 +29,14 @@ class Stream:
 
 
 class FakeStore:
-    def __init__(self, layers, E=8, L=4):
+    """The store surface the scheduler uses: geometry (a real partition and the real-dimension bf16 layout, so that
+    the auto rule sees DeepSeek-R1's expert size), plans and the two fetch engines recorded as stream ops."""
+
+    def __init__(self, layers, E=8, L=4, rank=0):
         self.num_layers, self.parities, self.E, self.L = layers, min(2, layers), E, L
+        self.partition = ExpertPartition.disjoint(E, E // L)
+        self.layout = ExpertLayout.moe(7168, 2048, "bfloat16")
+        self.rank = rank
         self.plans = []
 
     def _ce_plan(self, layer, schedule, slice_bytes):
@@ -73,7 +82,7 @@ def run_protocol(layers, steps, rng, release_before_read=False, vary_layers=True
 
     store.fetch_ce = fetch_ce
     store.fetch_nvshmem = fetch_nvshmem
-    sched = PrefetchScheduler(store, policy="auto", copy_stream=copy, event_factory=lambda: E(log))
+    sched = PrefetchScheduler(store, policy="auto", top_k=1, copy_stream=copy, event_factory=lambda: E(log))
     for _ in range(steps):
         active = rng.randint(1, layers) if vary_layers else layers
         # decode-sized steps go on demand (written on the compute stream), prefill-sized ones prefetch everything
@@ -117,8 +126,8 @@ def execute(host, compute, copy, rng):
         s = rng.choice(runnable)
         op = queues[s][pos[s]]
         pos[s] += 1
-        if op[0] == "record":
-            done[id(op[1])] = op[2]
+        if op[0] == "record":  # an event is what its latest record says: an older record completing later is moot
+            done[id(op[1])] = max(done.get(id(op[1]), 0), op[2])
         elif op[0] == "write":
             slot[op[1] % 2] = op[1]
         elif op[0] == "read":
@@ -199,30 +208,42 @@ def test_expected_distinct_and_auto_rule():
     assert expected_distinct(256, 8, 0) == 0
     assert expected_distinct(256, 8, 1) == pytest.approx(8)
     assert expected_distinct(256, 8, 100000) == pytest.approx(256)
-    # decode (few tokens): on demand; prefill (many tokens): prefetch everything
-    assert choose_policy(256, 64, 8, 4, 370, 320) == "on_demand"
-    assert choose_policy(256, 64, 8, 4096, 370, 320) == "prefetch_all"
-    # the crossover is where D / E * 1/B_sm == 1/B_ce
-    t = next(t for t in range(1, 1000) if choose_policy(256, 64, 8, t, 370, 320) == "prefetch_all")
-    assert expected_distinct(256, 8, t) / 256 / 320 >= 1 / 370 > expected_distinct(256, 8, t - 1) / 256 / 320
     with pytest.raises(ValueError):
         expected_distinct(8, 9, 1)
-    with pytest.raises(ValueError):
-        choose_policy(8, 4, 2, 1, 0, 1)
+    # without a dispatcher auto picks between the weight modes on this rank's T alone: decode on demand, prefill
+    # prefetch everything, and the choice is policy.choose_mode's over the two weight modes
+    store = FakeStore(2)
+    sched = PrefetchScheduler(store, policy="auto", top_k=1, copy_stream=Stream("c"), event_factory=lambda: Event([]))
+    assert sched.policy_for(1) == "on_demand"
+    assert sched.policy_for(4096) == "prefetch_all"
+    for t in (0, 1, 7, 100, 1000, 5000):
+        want = choose_mode([t, t], store.partition, store.layout.expert_bytes, 1, 1, Rates(),
+                           ("prefetch_all", "on_demand")).mode
+        assert sched.policy_for(t) == want
+    assert sched.last_choice.mode == want and set(sched.last_choice.cost_us) == {"prefetch_all", "on_demand"}
 
 
 @pytest.mark.parametrize("kw, match", [
-    ({"policy": "fast"}, "policy must be 'prefetch_all', 'on_demand' or 'auto'"),
+    ({"policy": "fast"}, "policy must be 'prefetch_all', 'on_demand', 'dispatch' or 'auto'"),
+    ({"policy": "dispatch"}, "policy 'dispatch' moves tokens: pass dispatcher="),
     ({"top_k": 0}, r"top_k must be in \[1, 8\]"),
     ({"top_k": 2.5}, r"top_k must be in \[1, 8\]"),
     ({"schedule": "random"}, "schedule must be"),
     ({"nvshmem_blocks": 0}, "nvshmem_blocks must be"),
-    ({"ce_gbps": 0}, "must be positive"),
+    ({"dispatcher": "wrong partition"}, "is not the store's"),
+    ({"dispatcher": "wrong top_k"}, "differs from the scheduler's 8"),
 ])
 def test_bad_arguments_are_named_before_any_gpu_work(kw, match):
     """No stand-in streams or events: the constructor must fail on the argument before creating CUDA objects."""
+    store = FakeStore(2)
+    if kw.get("dispatcher") == "wrong partition":
+        kw = {"dispatcher": FakeDispatcher(ExpertPartition(8, 2, 6, 2), 8)}  # replicated: not the store's placement
+    elif kw.get("dispatcher") == "wrong top_k":
+        kw = {"dispatcher": FakeDispatcher(store.partition, 4)}
     with pytest.raises(ValueError, match=match):
-        PrefetchScheduler(FakeStore(2), **kw)
+        PrefetchScheduler(store, **kw)
+    with pytest.raises(TypeError, match="rates must be a dwdp_ops.policy.Rates"):
+        PrefetchScheduler(store, rates={"ce_gbps": 1})
 
 
 def test_abort_after_a_failed_step_lets_the_next_step_start():
@@ -248,3 +269,100 @@ def test_abort_after_a_failed_step_lets_the_next_step_start():
     with pytest.raises(RuntimeError, match="call abort"):
         sched.begin_step(tokens=10)
         sched.begin_step(tokens=10)
+
+
+class FakeDispatcher:
+    """The TokenDispatcher surface the scheduler uses; dispatch/combine recorded as stream ops."""
+
+    def __init__(self, partition, top_k, max_tokens=64, hidden=7168):
+        self.partition, self.top_k, self.max_tokens, self.hidden = partition, top_k, max_tokens, hidden
+        self._pending = None
+
+    def dispatch(self, x, ids, w, stream):
+        stream.ops.append(("dispatch", x))
+        self._pending = ("handle", x)
+        return self._pending
+
+    def combine(self, y, handle, out=None, stream=None):
+        assert handle is self._pending
+        stream.ops.append(("combine", y))
+        self._pending = None
+        return "out"
+
+
+def test_dispatch_mode_moves_tokens_and_no_weights():
+    store = FakeStore(3)
+    copy, compute = Stream("copy"), Stream("compute")
+    d = FakeDispatcher(store.partition, 2)
+    sched = PrefetchScheduler(store, policy="dispatch", top_k=2, dispatcher=d, copy_stream=copy,
+                              event_factory=lambda: Event([]))
+    n_copy = len(copy.ops)
+    with sched.step(tokens=5) as mode:
+        assert mode == "dispatch"
+        for p in range(3):
+            with pytest.raises(RuntimeError, match="moves tokens"):
+                sched.wait(p, compute)
+            h = sched.dispatch(p, p, "ids", "w", compute)
+            with pytest.raises(RuntimeError, match="was dispatched and not combined"):
+                sched.dispatch(p, p, "ids", "w", compute)
+            with pytest.raises(RuntimeError, match="dispatched and not combined"):
+                sched.release(p, compute)
+            assert sched.combine(p, "y", h, compute) == "out"
+            with pytest.raises(RuntimeError, match="was not dispatched"):
+                sched.combine(p, "y", h, compute)
+            sched.release(p, compute)
+    assert len(copy.ops) == n_copy  # no weights moved
+    assert [op[0] for op in compute.ops if op[0] != "record"] == ["dispatch", "combine"] * 3
+    # a step that raises between dispatch and combine is aborted; the next step starts
+    with pytest.raises(KeyError), sched.step(tokens=5):
+        sched.dispatch(0, 0, "ids", "w", compute)
+        raise KeyError("boom")
+    assert sched.begin_step(tokens=5) == "dispatch" and d._pending is None
+    # a weight step cannot dispatch
+    pf = PrefetchScheduler(store, policy="prefetch_all", top_k=2, dispatcher=d, copy_stream=copy,
+                           event_factory=lambda: Event([]))
+    pf.begin_step()
+    with pytest.raises(RuntimeError, match="mode is 'prefetch_all', not 'dispatch'"):
+        pf.dispatch(0, 0, "ids", "w", compute)
+
+
+def test_auto_with_a_dispatcher_agrees_across_ranks_with_one_gather_per_step():
+    """Every simulated rank passes its own T; the gather returns the same list to each, and every rank's mode is
+    the same (the one choose_mode gives for the whole list): decode moves tokens, a large prefill moves weights, a
+    step over the dispatcher's capacity on any rank cannot dispatch."""
+    world = 2
+    stores = [FakeStore(2, E=8, L=4, rank=r) for r in range(world)]
+    calls = []
+    steps = [[4, 4], [4, 0], [30000, 20000], [60, 70], [64, 65]]
+    for step in steps:
+        modes = []
+        for r, store in enumerate(stores):
+            d = FakeDispatcher(store.partition, 2, max_tokens=64)
+
+            def gather(t, step=step, r=r):
+                calls.append(t)
+                assert t == step[r]
+                return list(step)
+
+            sched = PrefetchScheduler(store, policy="auto", top_k=2, dispatcher=d, gather=gather,
+                                      copy_stream=Stream("c"), event_factory=lambda: Event([]))
+            modes.append(sched.policy_for(step[r]))
+            allowed = ("prefetch_all", "on_demand", "dispatch") if max(step) <= 64 else ("prefetch_all", "on_demand")
+            want = choose_mode(step, store.partition, store.layout.expert_bytes, 7168, 2, Rates(), allowed).mode
+            assert modes[-1] == want, (step, sched.last_choice.table())
+        assert len(set(modes)) == 1
+    assert len(calls) == world * len(steps)  # one gather per rank per step
+    decode = PrefetchScheduler(stores[0], policy="auto", top_k=2, dispatcher=FakeDispatcher(stores[0].partition, 2),
+                               gather=lambda t: [t, 4], copy_stream=Stream("c"), event_factory=lambda: Event([]))
+    assert decode.policy_for(4) == "dispatch"
+    assert decode.policy_for(4, tokens_per_rank=[4, 60000]) == "prefetch_all"  # over capacity: weights
+    with pytest.raises(ValueError, match="tokens_per_rank must hold every rank's tokens"):
+        decode.policy_for(4, tokens_per_rank=[5, 4])
+    with pytest.raises(ValueError, match="tokens_per_rank must hold every rank's tokens"):
+        decode.policy_for(4, tokens_per_rank=[4])
+    bad = PrefetchScheduler(stores[0], policy="auto", top_k=2, dispatcher=FakeDispatcher(stores[0].partition, 2),
+                            gather=lambda t: [t], copy_stream=Stream("c"), event_factory=lambda: Event([]))
+    with pytest.raises(ValueError, match="gather returned 1 counts for 2 ranks"):
+        bad.begin_step(tokens=3)
+    with pytest.raises(ValueError, match="tokens must be an int >= 0"):
+        bad.begin_step(tokens=-1)

@@ -23,9 +23,9 @@ from .env import DistEnv
 from .errors import DwdpError, RendezvousError
 from .layout import ExpertLayout, TensorSpec
 from .partition import ExpertPartition
-from .policy import MODES, ModeChoice, Rates, choose_mode
+from .policy import MODES, ModeChoice, Rates, choose_mode, expected_distinct
 from .runtime import Runtime, barrier, finalize, get_runtime, init, is_initialized, local_rank, rank, world_size
-from .scheduler import PrefetchScheduler, choose_policy, expected_distinct
+from .scheduler import PrefetchScheduler
 from .store import ExpertStore
 from .symmetric import free_symmetric, getmem, logical_dtype, peer_view, symmetric_empty, to_torch
 
@@ -62,7 +62,6 @@ __all__ = [
     "Runtime",
     "TensorSpec",
     "barrier",
-    "choose_policy",
     "cuda_device_count",
     "expected_distinct",
     "finalize",

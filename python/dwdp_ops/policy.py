@@ -13,7 +13,7 @@ The rule (per MoE layer, times in seconds; rank r has T_r tokens; every rank the
     prefetch_all_r    = gemm(T_r k) + max(0, (E - L) X / B_ce - gemm(T_r k))  = max(gemm(T_r k), (E - L) X / B_ce)
                         (the prefetch of layer l+1 is hidden behind layer l's compute; only the excess is exposed)
     on_demand_r       = gemm(T_r k) + D(T_r) (E - L) / E * X / B_sm,   D(T) = E (1 - (1 - k/E)^T)
-                        (the expected distinct experts of T tokens, scheduler.expected_distinct; not overlapped:
+                        (the expected distinct experts of T tokens, ``expected_distinct``; not overlapped:
                         the fetch needs the router's ids)
     dispatch_r        = 2 lat + (max(S_r, R_r) (H b_x + 8k) + max(S_r, R_r) H b_p) / B_d + gemm(W_r)
                         S_r = T_r sum_{d != r} q(r, d)   rows r sends,   R_r = sum_{s != r} T_s q(s, d=r)   rows r gets
@@ -44,9 +44,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from .partition import ExpertPartition
-from .scheduler import expected_distinct
 
-__all__ = ["MODES", "ModeChoice", "Rates", "choose_mode", "pair_shares"]
+__all__ = ["MODES", "ModeChoice", "Rates", "choose_mode", "expected_distinct", "pair_shares"]
 
 MODES = ("prefetch_all", "on_demand", "dispatch")
 
@@ -85,6 +84,15 @@ class ModeChoice:
                 + " ".join(f"{c:.1f}" for c in self.per_rank_us[m]) + ("  <- chosen" if m == self.mode else "")
                 for m in self.cost_us]
         return "\n".join(rows)
+
+
+def expected_distinct(num_experts: int, top_k: int, tokens: int) -> float:
+    """Expected distinct experts selected by ``tokens`` tokens each choosing ``top_k`` of ``num_experts`` uniformly."""
+    if not 0 < top_k <= num_experts:
+        raise ValueError(f"top_k must be in [1, {num_experts}], got {top_k}")
+    if tokens < 0:
+        raise ValueError(f"tokens must be >= 0, got {tokens}")
+    return num_experts * (1.0 - (1.0 - top_k / num_experts) ** tokens)
 
 
 def pair_shares(partition: ExpertPartition, top_k: int) -> list[list[float]]:

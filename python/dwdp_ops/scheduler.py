@@ -27,46 +27,35 @@ Invariants:
      ``abort()``, which waits for the prefetches in flight and clears them; ``with sched.step(tokens=T):`` calls it
      on an exception. The next ``begin_step`` then starts cleanly.
 
-Policies (per step, from ``begin_step(tokens=...)`` when the scheduler's policy is ``auto``):
+Modes (per step; the scheduler's ``policy`` forces one, or ``auto`` picks one per step):
   ``prefetch_all``  every remote expert of the layer, before routing, by the copy engine (hidden behind compute);
   ``on_demand``     after the router, only the remote experts some token selected, by the NVSHMEM kernel;
-  ``auto``          ``on_demand`` when fetching the expected distinct remote experts at the SM engine's bandwidth
-                    takes less time than fetching all remote experts at the copy engine's bandwidth:
-                    ``D * (E - L) / E / B_sm < (E - L) / B_ce`` with ``D = E * (1 - (1 - k / E) ** T)``; else
-                    ``prefetch_all``. (The prefetch is hidden only when compute is long enough; when it is not,
-                    on-demand moves fewer bytes, which is the decode case.)
+  ``dispatch``      no weights move: tokens go to the experts' owners and the weighted results come back
+                    (DEP, through the ``TokenDispatcher`` given as ``dispatcher``; every rank joins every layer);
+  ``auto``          the mode ``policy.choose_mode`` picks from measured ``rates`` and the step's token counts (its
+                    docstring has the rule). ``dispatch`` is a candidate only with a ``dispatcher`` and when every
+                    rank's tokens fit its ``max_tokens``.
+
+Agreement: ``dispatch`` needs every rank in the layer, so with a dispatcher ``auto`` must give every rank the same
+mode. ``begin_step(tokens=T)`` then gathers every rank's T with ONE host all-gather per step (the control plane's
+``rendezvous.allgather``; an engine that already knows every rank's count passes ``tokens_per_rank`` and no
+collective runs), and ``choose_mode`` is a deterministic function of that list and of configuration every rank
+shares. Without a dispatcher the two weight modes are rank-local and ``auto`` decides on this rank's T alone.
 """
 
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable, Sequence
 from typing import Any, Literal
 
 from .interop import stream_handle
+from .policy import MODES, Rates, choose_mode
 from .schedule import DEFAULT_SLICE, Schedule
 from .store import ExpertStore
 
-Policy = Literal["prefetch_all", "on_demand", "auto"]
-
-
-def expected_distinct(num_experts: int, top_k: int, tokens: int) -> float:
-    """Expected distinct experts selected by ``tokens`` tokens each choosing ``top_k`` of ``num_experts`` uniformly."""
-    if not 0 < top_k <= num_experts:
-        raise ValueError(f"top_k must be in [1, {num_experts}], got {top_k}")
-    if tokens < 0:
-        raise ValueError(f"tokens must be >= 0, got {tokens}")
-    return num_experts * (1.0 - (1.0 - top_k / num_experts) ** tokens)
-
-
-def choose_policy(num_experts: int, experts_per_rank: int, top_k: int, tokens: int, ce_gbps: float, sm_gbps: float) -> str:
-    """The ``auto`` rule (pure): see the module docstring."""
-    if ce_gbps <= 0 or sm_gbps <= 0:
-        raise ValueError("bandwidths must be positive")
-    remote = num_experts - experts_per_rank
-    if remote == 0:
-        return "prefetch_all"
-    on_demand = expected_distinct(num_experts, top_k, tokens) * remote / num_experts / sm_gbps
-    return "on_demand" if on_demand < remote / ce_gbps else "prefetch_all"
+Policy = Literal["prefetch_all", "on_demand", "dispatch", "auto"]
+POLICIES = ("prefetch_all", "on_demand", "dispatch", "auto")
 
 
 class PrefetchScheduler:
@@ -80,26 +69,40 @@ class PrefetchScheduler:
         slice_bytes: int = DEFAULT_SLICE,
         batched: bool | None = None,
         nvshmem_blocks: int = 32,
-        ce_gbps: float = 370.0,
-        sm_gbps: float = 320.0,
+        rates: Rates | None = None,
+        dispatcher: Any = None,
+        gather: Callable[[int], Sequence[int]] | None = None,
         copy_stream: Any = None,
         event_factory: Any = None,
     ):
         """``nvshmem_blocks``: SMs of the on-demand fetch kernel; it runs alone on the compute stream (the layer's
         GEMMs need its data), and 32 SMs reached 90 % of the copy engine on 4 x H200 (docs/benchmarks.md).
+        ``rates``: the measured rates ``auto`` decides with (``policy.Rates``; H200 figures by default).
+        ``dispatcher``: a ``TokenDispatcher`` over the store's partition with the same ``top_k`` (the ``dispatch``
+        mode; ``auto`` considers it only when given). ``gather``: ``T -> every rank's T`` for ``auto`` with a
+        dispatcher (default: the control plane's all-gather; must be collective and return the same list everywhere).
         ``copy_stream`` and ``event_factory`` (a callable returning an event with ``record(stream)``) default to
         a new non-blocking CuPy stream and ``cupy.cuda.Event(disable_timing=True)``; tests pass stand-ins."""
         # Validate everything before touching the GPU, so that a bad argument is named, not met as a CUDA error.
-        if policy not in ("prefetch_all", "on_demand", "auto"):
-            raise ValueError(f"policy must be 'prefetch_all', 'on_demand' or 'auto', got {policy!r}")
+        if policy not in POLICIES:
+            raise ValueError(f"policy must be 'prefetch_all', 'on_demand', 'dispatch' or 'auto', got {policy!r}")
         if isinstance(top_k, bool) or not isinstance(top_k, int) or not 1 <= top_k <= store.E:
             raise ValueError(f"top_k must be in [1, {store.E}] (an int: the layer's experts), got {top_k!r}")
         if schedule not in ("staggered", "per_peer", "interleaved"):
             raise ValueError(f"schedule must be 'staggered', 'per_peer' or 'interleaved', got {schedule!r}")
         if not 1 <= nvshmem_blocks <= 65535:
             raise ValueError(f"nvshmem_blocks must be in [1, 65535], got {nvshmem_blocks}")
-        if ce_gbps <= 0 or sm_gbps <= 0:
-            raise ValueError(f"ce_gbps and sm_gbps must be positive, got {ce_gbps} and {sm_gbps}")
+        rates = Rates() if rates is None else rates
+        if not isinstance(rates, Rates):
+            raise TypeError(f"rates must be a dwdp_ops.policy.Rates, got {type(rates).__name__}")
+        if policy == "dispatch" and dispatcher is None:
+            raise ValueError("policy 'dispatch' moves tokens: pass dispatcher=TokenDispatcher(...)")
+        if dispatcher is not None:
+            if dispatcher.partition != store.partition:
+                raise ValueError(f"the dispatcher's partition {dispatcher.partition} is not the store's "
+                                 f"{store.partition}: tokens would go to ranks that do not hold their experts")
+            if dispatcher.top_k != top_k:
+                raise ValueError(f"the dispatcher's top_k {dispatcher.top_k} differs from the scheduler's {top_k}")
         if store.parities != min(2, store.num_layers):
             raise ValueError("the store must have two slot parities (one for a single layer)")
         if copy_stream is None or event_factory is None:
@@ -110,7 +113,8 @@ class PrefetchScheduler:
         self.store, self.policy, self.top_k = store, policy, top_k
         self.schedule, self.slice_bytes = schedule, slice_bytes
         self.batched = (schedule == "interleaved") if batched is None else batched
-        self.nvshmem_blocks, self.ce_gbps, self.sm_gbps = nvshmem_blocks, ce_gbps, sm_gbps
+        self.nvshmem_blocks, self.rates, self.dispatcher = nvshmem_blocks, rates, dispatcher
+        self._gather = gather
         self.num_layers = store.num_layers
         self.copy_stream = copy_stream
         self.ready = [event_factory() for _ in range(2)]
@@ -122,32 +126,71 @@ class PrefetchScheduler:
             if store.E != store.L:
                 store._ce_plan(layer, schedule, slice_bytes)
             store.nvshmem_table(layer)
-        self.step_policy = "prefetch_all" if policy == "auto" else policy
+        self.step_policy = {"auto": "prefetch_all"}.get(policy, policy)
+        self.last_choice = None  # the ModeChoice of the latest auto step (costs per mode, for logs)
         self._in_flight: set[int] = set()
+        self._dispatched: int | None = None  # the layer whose tokens are out (dispatch mode)
         self.trace: list | None = None  # set to [] to record (kind, layer, event) of every prefetch (benchmarks)
 
     # -- the protocol -----------------------------------------------------------------------------------------
-    def policy_for(self, tokens: int) -> str:
+    def choose(self, tokens_per_rank: Sequence[int]):
+        """The ``auto`` rule for one step (pure; ``policy.choose_mode`` with this scheduler's configuration):
+        returns the ``ModeChoice``. ``tokens_per_rank``: every rank's T (the same list on every rank)."""
+        s = self.store
+        allowed = ("prefetch_all", "on_demand")
+        d = self.dispatcher
+        if d is not None and max(tokens_per_rank, default=0) <= d.max_tokens:
+            allowed = MODES
+        lay = s.layout
+        return choose_mode(list(tokens_per_rank), s.partition, lay.expert_bytes, d.hidden if d else 1, self.top_k,
+                           self.rates, allowed, param_bytes=lay.expert_bytes / sum(
+                               _numel(t.shape) for t in lay.tensors))
+
+    def policy_for(self, tokens: int, tokens_per_rank: Sequence[int] | None = None) -> str:
+        """The step's mode: the forced policy, or ``auto``'s choice (see the module docstring; with a dispatcher and
+        no ``tokens_per_rank`` this is a collective: every rank must call it)."""
         if self.policy != "auto":
             return self.policy
-        s = self.store
-        return choose_policy(s.E, s.L, self.top_k, tokens, self.ce_gbps, self.sm_gbps)
+        if tokens_per_rank is None:
+            if self.dispatcher is not None:
+                tokens_per_rank = self._gather_tokens(tokens)
+            else:
+                tokens_per_rank = [tokens] * self.store.partition.world_size  # rank-local: this rank's T alone
+        elif len(tokens_per_rank) != self.store.partition.world_size or tokens_per_rank[self.store.rank] != tokens:
+            raise ValueError(f"tokens_per_rank must hold every rank's tokens ({self.store.partition.world_size} "
+                             f"counts, this rank's = {tokens}), got {list(tokens_per_rank)}")
+        self.last_choice = self.choose(tokens_per_rank)
+        return self.last_choice.mode
 
-    def begin_step(self, tokens: int | None = None, num_layers: int | None = None) -> str:
-        """Starts a forward step over the first ``num_layers`` MoE layers (default: all): picks the step's policy
-        (``auto`` needs ``tokens``) and, for ``prefetch_all``, prefetches the first two. Returns the policy."""
+    def _gather_tokens(self, tokens: int) -> list[int]:
+        if self._gather is not None:
+            got = [int(t) for t in self._gather(tokens)]
+        else:
+            got = [int(v) for v in self.store.rt.rendezvous.allgather("PrefetchScheduler.step", str(tokens).encode())]
+        if len(got) != self.store.partition.world_size:
+            raise ValueError(f"gather returned {len(got)} counts for {self.store.partition.world_size} ranks")
+        return got
+
+    def begin_step(self, tokens: int | None = None, num_layers: int | None = None, *,
+                   tokens_per_rank: Sequence[int] | None = None) -> str:
+        """Starts a forward step over the first ``num_layers`` MoE layers (default: all): picks the step's mode
+        (``auto`` needs ``tokens``, this rank's count; see the module docstring for ``tokens_per_rank`` and the
+        collective) and, for ``prefetch_all``, prefetches the first two. Returns the mode."""
         if self.policy == "auto" and tokens is None:
             raise ValueError("begin_step: the auto policy needs the number of tokens on this rank")
+        if tokens is not None and (isinstance(tokens, bool) or not isinstance(tokens, int) or tokens < 0):
+            raise ValueError(f"begin_step: tokens must be an int >= 0, got {tokens!r}")
         n = self.store.num_layers if num_layers is None else int(num_layers)
         if not 1 <= n <= self.store.num_layers:
             raise ValueError(f"begin_step: num_layers {n} is outside [1, {self.store.num_layers}]")
-        if self._in_flight:
+        if self._in_flight or self._dispatched is not None:
+            busy = sorted(self._in_flight) or [self._dispatched]
             raise RuntimeError(
-                f"begin_step: layers {sorted(self._in_flight)} of the previous step were not released; release them, "
+                f"begin_step: layers {busy} of the previous step were not released; release them, "
                 "or call abort() after a failed step"
             )
         self.num_layers = n
-        self.step_policy = self.policy_for(tokens or 0)
+        self.step_policy = self.policy_for(tokens or 0, tokens_per_rank)
         if self.step_policy == "prefetch_all":
             for p in range(min(2, self.num_layers)):
                 self._prefetch(p)
@@ -159,11 +202,18 @@ class PrefetchScheduler:
         if self._in_flight:
             self.copy_stream.synchronize()
             self._in_flight.clear()
+        # A dispatch without its combine cannot be undone: the peers wait in their combine for this rank's partials
+        # and trap at the dispatcher's timeout, naming this rank. The scheduler forgets it so that a process that
+        # survives (one rank) can go on.
+        if self._dispatched is not None:
+            self._dispatched = None
+            self.dispatcher._pending = None
 
     @contextlib.contextmanager
-    def step(self, tokens: int | None = None, num_layers: int | None = None):
+    def step(self, tokens: int | None = None, num_layers: int | None = None, *,
+             tokens_per_rank: Sequence[int] | None = None):
         """``with sched.step(tokens=T) as policy:`` runs ``begin_step`` and, if the body raises, ``abort()``."""
-        policy = self.begin_step(tokens=tokens, num_layers=num_layers)
+        policy = self.begin_step(tokens=tokens, num_layers=num_layers, tokens_per_rank=tokens_per_rank)
         try:
             yield policy
         except BaseException:
@@ -203,6 +253,8 @@ class PrefetchScheduler:
         fetches the remote experts named by the router's device ids (``ids``, int32; ``count`` optional, host int
         or device int32) on ``stream``."""
         self._check(layer)
+        if self.step_policy == "dispatch":
+            raise RuntimeError(f"wait({layer}): this step moves tokens (dispatch); call dispatch() and combine()")
         if self.step_policy == "prefetch_all":
             if layer not in self._in_flight:
                 raise RuntimeError(
@@ -214,10 +266,37 @@ class PrefetchScheduler:
             raise ValueError(f"wait({layer}): the on_demand policy needs the router's expert ids")
         self.store.fetch_nvshmem(layer, ids, count, stream, num_blocks=self.nvshmem_blocks)
 
+    def dispatch(self, layer: int, x: Any, topk_ids: Any, topk_weights: Any, stream: Any):
+        """``dispatch`` mode, layer ``layer``: sends this rank's tokens to their experts' owners (collective: every
+        rank calls it for the layer). Tensors as ``TokenDispatcher.dispatch`` (``x [T, H]`` bf16, ``topk_ids
+        [T, k]`` int32/int64, ``topk_weights [T, k]`` float32, all on this GPU); returns its ``DispatchHandle``,
+        whose grouped rows the caller's expert GEMMs read with the store's ``local`` experts."""
+        self._check(layer)
+        if self.step_policy != "dispatch":
+            raise RuntimeError(f"dispatch({layer}): this step's mode is {self.step_policy!r}, not 'dispatch'")
+        if self._dispatched is not None:
+            raise RuntimeError(f"dispatch({layer}): layer {self._dispatched} was dispatched and not combined")
+        handle = self.dispatcher.dispatch(x, topk_ids, topk_weights, stream)
+        self._dispatched = layer
+        return handle
+
+    def combine(self, layer: int, y_grouped: Any, handle: Any, stream: Any, out: Any = None):
+        """``dispatch`` mode: returns the weighted expert outputs of layer ``layer`` to their tokens (collective).
+        ``y_grouped [max_pairs, H]`` bf16 in ``handle``'s row order; ``out [T, H]`` bf16, caller-allocated or
+        returned."""
+        self._check(layer)
+        if self._dispatched != layer:
+            raise RuntimeError(f"combine({layer}): layer {layer} was not dispatched")
+        out = self.dispatcher.combine(y_grouped, handle, out=out, stream=stream)
+        self._dispatched = None
+        return out
+
     def release(self, layer: int, stream: Any) -> None:
         """After layer ``layer``'s MoE kernels are enqueued on ``stream``: records consumed, then enqueues the
         prefetch of the MoE layer two positions ahead (``prefetch_all``)."""
         self._check(layer)
+        if self._dispatched == layer:
+            raise RuntimeError(f"release({layer}): the layer was dispatched and not combined")
         slot = layer % 2
         # Recorded under every policy: an on_demand step's reads must also hold off a later step's prefetch.
         self._record(self.consumed[slot], stream)
@@ -229,3 +308,10 @@ class PrefetchScheduler:
     def _check(self, layer: int) -> None:
         if not 0 <= layer < self.num_layers:
             raise ValueError(f"layer {layer} is outside [0, {self.num_layers})")
+
+
+def _numel(shape) -> int:
+    n = 1
+    for d in shape:
+        n *= int(d)
+    return n

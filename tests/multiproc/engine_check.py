@@ -14,7 +14,7 @@ import sys
 import cupy as cp
 import dwdp_ops
 import numpy as np
-from dwdp_ops import DwdpError, ExpertLayout, ExpertPartition, ExpertStore, PrefetchScheduler
+from dwdp_ops import DwdpError, ExpertLayout, ExpertPartition, ExpertStore, PrefetchScheduler, Rates
 from dwdp_ops.runtime import get_runtime
 
 SPIN = cp.RawKernel(r"""
@@ -135,7 +135,7 @@ def chunks(seed):
 def graph(seed):
     store, full = setup(seed)
     remote = [e for e in range(store.E) if not store.lo <= e < store.hi]
-    sched = PrefetchScheduler(store, policy="auto", top_k=1, ce_gbps=100.0, sm_gbps=100.0)  # T=1: on_demand; huge T: prefetch_all
+    sched = PrefetchScheduler(store, policy="auto", top_k=1, rates=Rates(ce_gbps=100.0, sm_gbps=100.0))  # T=1: on_demand; huge T: prefetch_all
     g_stream = cp.cuda.Stream(non_blocking=True)
     compute = cp.cuda.Stream(non_blocking=True)
     ids = cp.asarray(np.array(remote, np.int32))
