@@ -14,7 +14,10 @@ rebuilds every rank's inputs from the seeds) at sizes <= ``--check-max`` tokens 
 > 1e-2 fails the run), and against ``x * sum_j w_j`` at every size (max rel. err reported).
 
 Timing: per repeat, the modes run one after the other (A, B, A, B, ...), each started after a device sync and a
-barrier, timed with CUDA events on the current stream (the NCCL path includes its one host sync, the counts).
+barrier, timed with CUDA events on the current stream (the NCCL path includes its one host sync, the counts). One
+timed op is ``--chain`` dispatch + combine pairs back to back (default 8; the figure is the time per pair), as a
+model's MoE layers follow each other: with ``--chain 1`` the ranks' skew at leaving the host barrier (tens to
+hundreds of microseconds) is counted as latency, which a model pays once per step, not once per layer.
 Per size and mode: each rank's median; ``time_ms`` = the slowest rank's median (a collective is as slow as its
 slowest rank); ``ratio`` = median over repeats of ours / NCCL, each repeat's time taken as the slowest rank's.
 Bytes (exact, from the routing): payload each rank sends to OTHER ranks: dispatch ``rows_sent * H * 2`` (bf16) plus
@@ -173,11 +176,12 @@ class Runner:
                 self.sync_barrier()
                 a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
                 a.record()
-                self.run_once(m, x, ids, w)
+                for _ in range(self.ns.chain):  # layers back to back, as a model runs them
+                    self.run_once(m, x, ids, w)
                 b.record()
                 b.synchronize()
                 if i >= self.ns.warmup:
-                    times[m].append(a.elapsed_time(b))
+                    times[m].append(a.elapsed_time(b) / self.ns.chain)
         per_rank = self.allgather(f"t{T}", {"times": times, "payload": payload, "sent": sent, "got": got,
                                             "checks": checks})
         rec = {"tokens_per_rank": T, "modes": {}}
@@ -271,6 +275,7 @@ def main() -> int:
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--check-max", type=int, default=256, help="largest size checked against reference_moe")
+    ap.add_argument("--chain", type=int, default=8, help="dispatch + combine pairs per timed op (time per pair)")
     ap.add_argument("--num-sms", type=int, default=None, help="SMs of our kernels (TokenDispatcher's default)")
     ap.add_argument("--heap", default="16g", help="NVSHMEM symmetric heap per rank")
     ap.add_argument("--tag", default="", help="suffix of the result file names")
@@ -283,6 +288,8 @@ def main() -> int:
         ap.error(f"--tokens must be comma-separated integers, got {ns.tokens!r}")
     if not ns.tokens or min(ns.tokens) < 1:
         ap.error("--tokens needs at least one size, each >= 1")
+    if ns.chain < 1 or ns.repeats < 1 or ns.warmup < 0:
+        ap.error(f"--chain and --repeats must be >= 1 and --warmup >= 0, got {ns.chain}, {ns.repeats}, {ns.warmup}")
     if ns.dry_run:
         import importlib.util
         import os
@@ -320,7 +327,7 @@ def main() -> int:
         if r.me == 0:
             facts = machine_facts()
             data = dict(benchmark="dispatch_bandwidth", world_size=r.n, hidden=HIDDEN, top_k=TOP_K,
-                        num_experts=EXPERTS, repeats=ns.repeats, warmup=ns.warmup, seed=ns.seed,
+                        num_experts=EXPERTS, repeats=ns.repeats, warmup=ns.warmup, seed=ns.seed, chain=ns.chain,
                         num_sms=getattr(r.modes.get("ours"), "num_sms", ns.num_sms), ours=r.ours_error or "dwdp_ops.dispatch.TokenDispatcher",
                         **facts, nvlink=nvlink_facts(0), raw_peer_copy=raw, records=records,
                         latency_us={m: {rec["tokens_per_rank"]: rec["modes"][m]["time_ms"] * 1e3 for rec in records

@@ -7,8 +7,9 @@
 #   fetch     build + fetch_bandwidth (N GPUs, and the N=2 layer-only jobs)           issue 3
 #   overlap   build + prefetch_overlap                                                issue 4
 #   can       build + coaction_bench + CAN-DNN/DNN training on the GPU (3 seeds)      issue 6
-#   deepseek  build + deepseek_forward (10 repeats) + demo (JSON and a short text run) issue 5
-#   all       tests, fetch, overlap, can, deepseek (longer than one 10-minute device call: use one mode per call)
+#   deepseek  build + deepseek_forward (10 repeats)                                   issue 5
+#   demo      build + bench/demo_policies.py: demo under auto and on_demand, same prompts and layers  issue 12
+#   all       tests, fetch, overlap, can, deepseek, demo (longer than one 10-minute device call: use one mode per call)
 set -uo pipefail
 FINAL=${OUT:-$PWD/gpu_out}; mkdir -p "$FINAL"
 OUT=$(mktemp -d); export OUT
@@ -64,10 +65,10 @@ fi
 if want deepseek; then
   timeout 300 python3 -m dwdp_ops.launch -n "$NGPU" --timeout 290 bench/deepseek_forward.py > "$OUT/deepseek_forward_N$NGPU.log" 2>&1
   echo "deepseek_forward rc=$?"; grep "^\[rank 0\]" "$OUT/deepseek_forward_N$NGPU.log" | tail -6
-  timeout 300 python3 -m dwdp_ops demo --json --timeout 280 > "$OUT/demo.json" 2> "$OUT/demo.log"
-  echo "demo rc=$?"; tail -5 "$OUT/demo.log"
-  timeout 120 python3 -m dwdp_ops demo --no-check --moe-layers 2 --steps 4 --prompts 2 --max-len 128 > "$OUT/demo_text.txt" 2>&1
-  echo "demo text rc=$?"; tail -8 "$OUT/demo_text.txt"
+fi
+if want demo; then
+  timeout "${DEMO_TIMEOUT:-420}" python3 bench/demo_policies.py ${DEMO_ARGS:-} > "$OUT/demo_policies_N$NGPU.log" 2>&1
+  echo "demo_policies rc=$?"; tail -12 "$OUT/demo_policies_N$NGPU.log"
 fi
 cp bench/results/*.json "$OUT/" 2>/dev/null
 tar czf "$FINAL/outputs.tgz" -C "$OUT" . && cp "$OUT/machine.txt" "$FINAL/"

@@ -1,5 +1,6 @@
 """GPU tests of the DeepSeek-R1 forward: the gate and the tiny model against numpy on one GPU, and the DWDP
-integration test (prefill + 8 decode steps under prefetch_all and on_demand against an all-local run) on 2 and 4."""
+integration test (prefill + 8 decode steps under prefetch_all, on_demand, dispatch (DEP) and auto against an all-local
+run) on 2 and 4."""
 
 from __future__ import annotations
 
@@ -73,10 +74,11 @@ def test_dwdp_decode_steps_match_the_all_local_run(run_ranks, n, config):
         pytest.skip(f"needs {n} GPUs; found {GPU_COUNT}")
     proc = run_ranks(n, "deepseek_check.py", config, "9", timeout=400)
     assert proc.returncode == 0, proc.stdout[-8000:]
+    policies = ("prefetch_all", "on_demand") + (("dispatch", "auto") if config == "mini" else ())
     for r in range(n):
-        for policy in ("prefetch_all", "on_demand"):
+        for policy in policies:
             assert f"[rank {r}] rank {r}: {config} {policy}" in proc.stdout
-    assert proc.stdout.count(": OK") == n * (3 if config == "tiny" else 2), proc.stdout[-4000:]
+    assert proc.stdout.count(": OK") == n * (3 if config == "tiny" else 4), proc.stdout[-4000:]
     assert "MISMATCH" not in proc.stdout
 
 

@@ -278,8 +278,11 @@ class FakeDispatcher:
         self.partition, self.top_k, self.max_tokens, self.hidden = partition, top_k, max_tokens, hidden
         self._pending = None
 
-    def dispatch(self, x, ids, w, stream):
-        stream.ops.append(("dispatch", x))
+    def rows_for(self, tokens_per_rank):
+        return sum(tokens_per_rank) * 2
+
+    def dispatch(self, x, ids, w, stream, max_rows=None):
+        stream.ops.append(("dispatch", x, max_rows))
         self._pending = ("handle", x)
         return self._pending
 
@@ -294,8 +297,8 @@ def test_dispatch_mode_moves_tokens_and_no_weights():
     store = FakeStore(3)
     copy, compute = Stream("copy"), Stream("compute")
     d = FakeDispatcher(store.partition, 2)
-    sched = PrefetchScheduler(store, policy="dispatch", top_k=2, dispatcher=d, copy_stream=copy,
-                              event_factory=lambda: Event([]))
+    sched = PrefetchScheduler(store, policy="dispatch", top_k=2, dispatcher=d, gather=lambda t: [t, t],
+                              copy_stream=copy, event_factory=lambda: Event([]))
     n_copy = len(copy.ops)
     with sched.step(tokens=5) as mode:
         assert mode == "dispatch"
@@ -313,6 +316,15 @@ def test_dispatch_mode_moves_tokens_and_no_weights():
             sched.release(p, compute)
     assert len(copy.ops) == n_copy  # no weights moved
     assert [op[0] for op in compute.ops if op[0] != "record"] == ["dispatch", "combine"] * 3
+    # the forced dispatch mode gathers every rank's T (default gather: the store's control plane; here a stand-in)
+    # and bounds the grouped rows with it
+    assert [op[2] for op in compute.ops if op[0] == "dispatch"] == [20] * 3
+    bounded = PrefetchScheduler(store, policy="dispatch", top_k=2, dispatcher=d, gather=lambda t: [t, 7],
+                                copy_stream=copy, event_factory=lambda: Event([]))
+    bounded.begin_step(tokens=5)
+    h = bounded.dispatch(0, "x", "ids", "w", compute)
+    assert compute.ops[-1] == ("dispatch", "x", 24) and bounded.step_tokens == [5, 7]
+    bounded.combine(0, "y", h, compute)
     # a step that raises between dispatch and combine is aborted; the next step starts
     with pytest.raises(KeyError), sched.step(tokens=5):
         sched.dispatch(0, 0, "ids", "w", compute)

@@ -1,8 +1,10 @@
 """``python -m dwdp_ops demo`` (also ``dwdp-demo``): DWDP on DeepSeek-R1.
 
 With two or more GPUs it launches one rank per GPU (``dwdp_ops.demo_gpu``): a layer-truncated real-dimension
-DeepSeek-R1 that fits, every rank serving its own prompts with prefill and greedy decode on DWDP, and prints
-tokens/s, fetch GB/s, exposed fetch time and the check against an all-local run of the same requests. Without GPUs
+DeepSeek-R1 that fits, every rank serving its own prompts with prefill and greedy decode, each step moving weights
+(DWDP) or tokens (DEP) as ``--policy auto`` picks from measured rates (or as forced), and prints per rank the modes
+chosen, tokens/s, fetch GB/s, exposed fetch time, dispatch time and the check against an all-local run of the same
+requests. Without GPUs
 it prints each rank's expert partition and fetch plan for the real R1 MoE layer (expert weights in ``--dtype``,
 bfloat16 like the GPU demo unless asked otherwise) and runs every rank's prompts
 through the tiny-config numpy reference, saying plainly that the kernels need NVIDIA GPUs.
@@ -22,7 +24,7 @@ from .layout import ExpertLayout
 from .partition import ExpertPartition
 
 DEMO_DTYPES = ("bfloat16", "float8_e4m3fn")
-POLICIES = ("auto", "prefetch_all", "on_demand")
+POLICIES = ("auto", "prefetch_all", "on_demand", "dispatch")
 
 
 def plan_report(ranks: int, dtype: str = "bfloat16") -> list[dict]:
@@ -103,9 +105,11 @@ def print_gpu(rep: dict) -> None:
                 continue
             x = s[kind]
             tot[kind] += x["tokens_per_s"]
-            print(f"rank {r['rank']} {kind:7s} ({'/'.join(x['policies'])}): {x['tokens']:6d} tokens "
+            modes = ", ".join(f"{m} x{c}" for m, c in x.get("modes", {}).items()) or "/".join(x["policies"])
+            print(f"rank {r['rank']} {kind:7s} ({modes}): {x['tokens']:6d} tokens "
                   f"{x['tokens_per_s']:9.1f} tok/s | fetch {x['fetch_GB']:7.2f} GB at {x['fetch_GBps']:6.1f} GB/s | "
                   f"exposed fetch {x['exposed_fetch_ms']:8.2f} ms ({x['exposed_fetch_frac']:.1%} of the step time) | "
+                  f"dispatch+combine {x.get('comm_ms', 0.0):7.2f} ms | "
                   f"attention {x['attn_tflops']:.0f} TFLOP/s, expert GEMMs {x['expert_tflops']:.0f} TFLOP/s")
         if "check" in r:
             ck = r["check"]
@@ -125,7 +129,7 @@ def build_parser(prog: str = "dwdp-demo") -> argparse.ArgumentParser:
                     help=f"CPU path: ranks to plan for (simulated one after another); must divide "
                          f"{r1.n_routed_experts}, R1's routed experts")
     ap.add_argument("--prompts", type=positive_int, default=None,
-                    help="requests per rank (default: 4 on GPUs, 2 on CPU)")
+                    help="requests per rank (default: 8 on GPUs, 2 on CPU)")
     ap.add_argument("--steps", type=positive_int, default=None,
                     help="greedy steps per request (default: 16 on GPUs, 8 on CPU)")
     ap.add_argument("--seed", type=nonnegative_int, default=0, help="seed of the weights and the prompts")
@@ -135,11 +139,12 @@ def build_parser(prog: str = "dwdp-demo") -> argparse.ArgumentParser:
     ap.add_argument("--moe-layers", type=positive_int, default=None, help="GPU: MoE layers (default: as many as fit)")
     ap.add_argument("--vocab", type=positive_int, default=32768,
                     help=f"GPU: vocabulary cut, at most the real {r1.vocab_size}")
-    ap.add_argument("--min-len", type=positive_int, default=64, help="GPU: shortest prompt, in tokens")
-    ap.add_argument("--max-len", type=positive_int, default=1024, help="GPU: longest prompt, in tokens")
+    ap.add_argument("--min-len", type=positive_int, default=1024, help="GPU: shortest prompt, in tokens")
+    ap.add_argument("--max-len", type=positive_int, default=4096, help="GPU: longest prompt, in tokens")
     ap.add_argument("--policy", default="auto", choices=POLICIES,
-                    help="GPU: DWDP policy; auto picks per step, prefetch_all fetches every remote expert, "
-                         "on_demand fetches only the routed ones")
+                    help="GPU: auto picks per step between moving weights and moving tokens (dwdp_ops.policy); "
+                         "prefetch_all fetches every remote expert ahead, on_demand fetches the routed ones, "
+                         "dispatch sends the tokens to the experts' owners (DEP)")
     ap.add_argument("--no-check", action="store_true", help="GPU: skip the all-local comparison run")
     ap.add_argument("--timeout", type=positive_float, default=1200, help="GPU: seconds before the job is ended")
     ap.add_argument("--json", action="store_true", help="print one JSON object instead of text")
@@ -165,7 +170,7 @@ def main(argv: list[str] | None = None, prog: str = "dwdp-demo") -> int:
         if ns.dtype != "bfloat16":
             ap.error(f"argument --dtype: the GPU demo runs bfloat16, got {ns.dtype}; add --cpu for the "
                      f"{ns.dtype} plan report")
-        ns.prompts = 4 if ns.prompts is None else ns.prompts
+        ns.prompts = 8 if ns.prompts is None else ns.prompts
         ns.steps = 16 if ns.steps is None else ns.steps
         rep = run_gpu(ns, gpus)
         if ns.json:

@@ -2,8 +2,9 @@
 
 Each rank: builds the real-dimension DeepSeek-R1 cut to the MoE layers that fit this GPU (the same count on every
 rank) and to ``--vocab``, with deterministic random weights generated on the GPU; loads its expert slice into an
-``ExpertStore``; serves its own prompts (different lengths per rank) with prefill and greedy decode on DWDP under a
-``PrefetchScheduler``; then, unless ``--no-check``, frees the store and runs the first ``--check-steps`` steps of the
+``ExpertStore``; serves its own prompts (different lengths per rank) with prefill and greedy decode under a
+``PrefetchScheduler`` whose policy moves weights (``prefetch_all``, ``on_demand``), tokens (``dispatch``: DEP through a
+``TokenDispatcher`` sized for the largest step of any rank) or picks per step (``auto``, the default); then, unless ``--no-check``, frees the store and runs the first ``--check-steps`` steps of the
 same requests with every expert local (regenerated layer by layer into one ``[E, ...]`` buffer: all of them would not
 fit) and compares logits and tokens. Rank 0 writes the
 gathered report (JSON) to ``--out``.
@@ -16,6 +17,14 @@ import json
 import sys
 
 GiB = 1 << 30
+
+
+def dispatch_capacity(world: int, prompts: int, min_len: int, max_len: int, vocab: int, seed: int) -> int:
+    """The largest step of any rank (its prefill: the sum of its prompt lengths), known before ``init`` because
+    every rank's prompts are a function of its rank and the seed."""
+    from dwdp_ops.models.deepseek_r1.serve import prompts_for
+
+    return max(sum(map(len, prompts_for(r, prompts, min_len, max_len, vocab, seed))) for r in range(world))
 
 
 def plan_layers(cfg, world: int, requested: int | None, free_bytes: int, reserve: int) -> int:
@@ -41,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--min-len", type=int, default=64)
     ap.add_argument("--max-len", type=int, default=1024)
     ap.add_argument("--steps", type=int, default=16)
-    ap.add_argument("--policy", default="auto", choices=["auto", "prefetch_all", "on_demand"])
+    ap.add_argument("--policy", default="auto", choices=["auto", "prefetch_all", "on_demand", "dispatch"])
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--no-check", action="store_true")
     ap.add_argument("--check-steps", type=int, default=4,
@@ -54,6 +63,8 @@ def main(argv: list[str] | None = None) -> int:
     from tqdm import tqdm
 
     import dwdp_ops
+    from dwdp_ops import TokenDispatcher
+    from dwdp_ops.env import DistEnv
     from dwdp_ops.models.deepseek_r1 import DeepSeekConfig
     from dwdp_ops.models.deepseek_r1.gpu import DwdpExperts, GpuModel, LocalExperts, dense_gemm_tflops
     from dwdp_ops.models.deepseek_r1.gpu_weights import DeviceWeights
@@ -67,13 +78,21 @@ def main(argv: list[str] | None = None) -> int:
     )
     from dwdp_ops.scheduler import PrefetchScheduler
 
-    with dwdp_ops.init(timeout=900) as rt:
+    world = DistEnv.from_environ().world_size
+    probe = DeepSeekConfig.r1(n_layers=61, vocab_size=ns.vocab)
+    moves_tokens = ns.policy in ("auto", "dispatch")
+    cap = dispatch_capacity(world, ns.prompts, ns.min_len, ns.max_len, ns.vocab, ns.seed) if moves_tokens else 0
+    H, k = probe.dim, probe.n_activated_experts
+    heap = TokenDispatcher.heap_bytes(world, cap, H, k) + 256 * (1 << 20) if moves_tokens else None
+    with dwdp_ops.init(timeout=900, heap_size=heap) as rt:
         me, n = rt.rank(), rt.world_size()
         torch.cuda.set_device(rt.device)
         lead = me == 0
-        probe = DeepSeekConfig.r1(n_layers=61, vocab_size=ns.vocab)
         free = cp.cuda.runtime.memGetInfo()[0]
-        reserve = 12 * GiB  # activations and caches; the all-local check runs after the store is freed
+        # activations and caches (the all-local check runs after the store is freed), and the dispatcher's grouped
+        # rows with the expert outputs over them
+        reserve = 16 * GiB + (2 * TokenDispatcher.local_bytes(n, cap, H, k, probe.n_routed_experts // n)
+                              if moves_tokens else 0)
         fit = plan_layers(probe, n, ns.moe_layers, free, reserve)
         votes = rt.rendezvous.allgather("demo:layers", str(fit).encode())
         moe_layers = min(int(v) for v in votes)
@@ -85,23 +104,32 @@ def main(argv: list[str] | None = None) -> int:
         prompts = prompts_for(me, ns.prompts, ns.min_len, ns.max_len, cfg.vocab_size, ns.seed)
         max_seq = max(map(len, prompts)) + ns.steps
         store = build_store(cfg, weights, progress=lead)
+        disp = None
         try:
-            sched = PrefetchScheduler(store, policy=ns.policy, top_k=cfg.n_activated_experts)
+            if moves_tokens:
+                disp = TokenDispatcher(store.partition, cfg.dim, cfg.n_activated_experts, cap)
+            sched = PrefetchScheduler(store, policy=ns.policy, top_k=cfg.n_activated_experts, dispatcher=disp)
             model = GpuModel(cfg, weights, DwdpExperts(store, sched, weights.dtype), max_requests=len(prompts),
                              max_seq=max_seq)
-            run_requests(model, [p[:16] for p in prompts], 2, scheduler=sched, store=store)  # warm-up
+            # warm-up: the same prompts, prefill and one decode step (every kernel shape the run meets)
+            run_requests(model, prompts, 2, scheduler=sched, store=store)
             dwdp_ops.barrier()
             bar = tqdm(total=ns.steps, desc=f"DWDP decode on {n} GPUs", disable=not lead, file=sys.stdout)
             run = run_requests(model, prompts, ns.steps, scheduler=sched, store=store, progress=bar)
             bar.close()
             store.check_errors()
+            if disp is not None:
+                disp.check_errors()
             del model
         finally:
             dwdp_ops.barrier()
+            if disp is not None:
+                disp.close()
             store.close()
         torch.cuda.empty_cache()
         rec = {"rank": me, "prompt_lens": list(map(len, prompts)), "tokens": run.tokens, "wall_s": run.wall_s,
-               "summary": summarize(run.steps), "steps": [vars(s) for s in run.steps], "dense_tflops": dense_rate}
+               "summary": summarize(run.steps), "steps": [vars(s) for s in run.steps], "dense_tflops": dense_rate,
+               "dispatch_capacity": cap, "rates": vars(sched.rates)}
         if not ns.no_check:
             local = GpuModel(cfg, weights, LocalExperts(weights, cfg, regenerate=True), max_requests=len(prompts),
                              max_seq=max_seq)

@@ -48,9 +48,11 @@ _CLOCK_HZ = 2.0e9  # cycles per second used to turn the timeout into a spin budg
 class DispatchHandle:
     """What ``dispatch`` returns, valid until the matching ``combine``.
 
-    x_grouped  ``[max_pairs, H]`` uint16 (bf16 bits) CuPy array: the received rows grouped by local expert, group
+    x_grouped  ``[rows, H]`` uint16 (bf16 bits) CuPy array: the received rows grouped by local expert, group
                ``le`` in rows ``[offs[le-1], offs[le])`` (its real rows first, then padding up to ``align``); rows past
                ``offs[L-1]`` and the padding are never read back. Owned by the dispatcher (reused next layer).
+    rows       the row bound of this call (``max_rows``, at most ``max_pairs``): the expert GEMMs need cover only
+               ``x_grouped[:rows]``, and ``combine`` reads ``y_grouped[:rows]``.
     offs       ``[L]`` int32 CuPy array: cumulative group ends (multiples of ``align``), for ``torch._grouped_mm``.
     num_tokens this rank's T for this step.
     step       the dispatcher's call number (checked by ``combine``).
@@ -61,13 +63,15 @@ class DispatchHandle:
     num_tokens: int
     step: int
     torch_views: tuple | None = None
+    rows: int = 0
 
     def torch(self):
-        """``(x_grouped, offs)`` as PyTorch tensors (bf16 and int32), zero-copy; made once by the dispatcher (a DLPack
-        exchange inside a CUDA-graph capture would break it)."""
+        """``(x_grouped[:rows], offs)`` as PyTorch tensors (bf16 and int32), zero-copy; made from views the dispatcher
+        created once (a DLPack exchange inside a CUDA-graph capture would break it)."""
         if self.torch_views is None:
             raise DwdpError("DispatchHandle.torch(): PyTorch was not importable when the dispatcher was built")
-        return self.torch_views
+        xg, offs = self.torch_views
+        return xg[: self.rows], offs
 
 
 class TokenDispatcher:
@@ -180,8 +184,32 @@ class TokenDispatcher:
         except ImportError:
             self._torch_views = None
 
+    # -- sizes (for memory plans, before any allocation) ------------------------------------------------------------
+    @staticmethod
+    def heap_bytes(world: int, max_tokens: int, hidden: int, top_k: int) -> int:
+        """Bytes of the NVSHMEM symmetric heap one dispatcher takes (receive rows, metadata, weights, counts,
+        float32 combine partials, flags), before the heap's own alignment."""
+        return world * max_tokens * (6 * hidden + 8 * top_k) + 4 * world + 16 * world
+
+    @staticmethod
+    def local_bytes(world: int, max_tokens: int, hidden: int, top_k: int, experts_per_rank: int, align: int = 16,
+                    max_pairs: int | None = None) -> int:
+        """Bytes of ordinary device memory one dispatcher takes (``x_grouped`` and the plans); the caller's expert
+        outputs ``y_grouped`` need as much again as ``x_grouped``."""
+        rows = (world * max_tokens * min(top_k, experts_per_rank) + experts_per_rank * (align - 1)
+                if max_pairs is None else max_pairs)
+        return rows * hidden * 2 + max_tokens * world * 4 + world * max_tokens * top_k * 4 + 12 * experts_per_rank
+
     # -- the two halves ----------------------------------------------------------------------------------------------
-    def dispatch(self, x: Any, topk_ids: Any, topk_weights: Any, stream: Any = None) -> DispatchHandle:
+    def rows_for(self, tokens_per_rank) -> int:
+        """The most grouped rows a step with these per-rank token counts can fill (every token's pairs at this
+        rank, groups padded to ``align``), capped at ``max_pairs``: the ``max_rows`` that keeps a small step's
+        expert GEMMs small. Host arithmetic, no synchronisation."""
+        L = self.partition.experts_per_rank
+        return min(self.max_pairs, sum(int(t) for t in tokens_per_rank) * min(self.top_k, L) + L * (self.align - 1))
+
+    def dispatch(self, x: Any, topk_ids: Any, topk_weights: Any, stream: Any = None, *,
+                 max_rows: int | None = None) -> DispatchHandle:
         """Sends each token's hidden state once to every owner of its routed experts and groups what this rank
         receives by local expert. Collective in the sense that every rank must call it for the same layer.
 
@@ -190,27 +218,34 @@ class TokenDispatcher:
             topk_ids: ``[T, k]`` int32 or int64 expert ids in ``[0, E)``, or -1 for an unused slot.
             topk_weights: ``[T, k]`` float32.
             stream: the caller's stream (any handle ``interop.stream_handle`` takes); everything is enqueued on it.
+            max_rows: grouped rows this call may fill (default ``max_pairs``; ``rows_for(every rank's T)`` is a
+                bound that always holds). A step needing more sets the capacity error ``check_errors`` reports.
         Returns:
             a ``DispatchHandle`` whose ``x_grouped`` / ``offs`` the caller's expert GEMMs read (owned by the
             dispatcher, valid until the next dispatch).
         """
         self._require("dispatch")
+        rows = self.max_pairs if max_rows is None else max_rows
+        if isinstance(rows, bool) or not isinstance(rows, (int, np.integer)) or not 1 <= rows <= self.max_pairs:
+            raise ValueError(f"dispatch: max_rows must be an int in [1, max_pairs = {self.max_pairs}], got {max_rows!r}")
         if self._pending is not None:
             raise DwdpError("TokenDispatcher.dispatch: the previous dispatch was not combined yet (call combine first)")
         xb, ib, wb = self._inputs(x, topk_ids, topk_weights)
         T = xb.shape[0]
         self._args["ids_int64"] = int(ib.dtype == np.int64)
+        self._args["max_pairs"] = int(rows)
         self.rt.backend.dispatch_tokens(self._args, xb.ptr, ib.ptr, wb.ptr, T, stream_handle(stream))
         self._step += 1
-        self._pending = DispatchHandle(self.x_grouped, self.offs, T, self._step, self._torch_views)
+        self._pending = DispatchHandle(self.x_grouped[: int(rows)], self.offs, T, self._step, self._torch_views,
+                                       int(rows))
         return self._pending
 
     def combine(self, y_grouped: Any, handle: DispatchHandle, out: Any = None, stream: Any = None):
         """Returns every token's weighted sum of its experts' outputs to this rank.
 
         Args:
-            y_grouped: ``[max_pairs, H]`` bf16 expert outputs in ``handle.x_grouped``'s row order (only rows of real
-                pairs are read).
+            y_grouped: ``[rows, H]`` bf16 expert outputs in ``handle.x_grouped``'s row order, at least
+                ``handle.rows`` rows (only rows of real pairs are read).
             handle: the handle of this layer's ``dispatch``.
             out: optional caller-allocated ``[T, H]`` bf16 output; allocated on ``stream`` otherwise (CuPy uint16).
             stream: as for ``dispatch``.
@@ -225,8 +260,9 @@ class TokenDispatcher:
         yb = device_buffer(y_grouped, "y_grouped")
         if yb.dtype.itemsize != 2 or len(yb.shape) != 2 or yb.shape[1] != self.hidden or not yb.contiguous:
             raise TypeError(f"combine: y_grouped must be a contiguous bf16 [rows, {self.hidden}] array, got {yb.dtype} {list(yb.shape)}")
-        if yb.shape[0] < self.max_pairs:
-            raise ValueError(f"combine: y_grouped must have max_pairs = {self.max_pairs} rows (as x_grouped), got {yb.shape[0]}")
+        if yb.shape[0] < handle.rows:
+            raise ValueError(f"combine: y_grouped must have at least handle.rows = {handle.rows} rows (as the handle's "
+                             f"x_grouped), got {yb.shape[0]}")
         T = handle.num_tokens
         s = stream_handle(stream)
         if out is None:
@@ -251,8 +287,9 @@ class TokenDispatcher:
             cp.cuda.Device(self.rt.device).synchronize()
             if code == 1:
                 raise DwdpError(f"dispatch: an expert id {value} is outside [-1, {self.partition.num_experts}); its slot was skipped")
-            raise DwdpError(f"dispatch: the step needed {value} grouped rows but max_pairs is {self.max_pairs}; "
-                            "the overflowing pairs were dropped (raise max_pairs)")
+            raise DwdpError(f"dispatch: a step needed {value} grouped rows but its max_rows / max_pairs allowed fewer "
+                            f"(max_pairs {self.max_pairs}); the overflowing pairs were dropped (raise max_pairs, or "
+                            "pass a max_rows that bounds the step: rows_for(every rank's tokens))")
 
     # -- helpers -----------------------------------------------------------------------------------------------------
     def _require(self, what: str) -> None:

@@ -34,7 +34,7 @@ all-gather of each rank's T, e.g. ``all_gather_into_tensor`` of one int64 or the
 configuration every rank holds; the same float operations on the same inputs give every rank the same mode.
 
 The default ``Rates`` are H200 figures: B_ce and B_sm measured (docs/benchmarks.md), C the measured bf16 expert GEMM
-rate; the dispatch rate and latency are placeholders to replace with ``bench/dispatch_bandwidth.py``'s figures.
+rate, B_d and lat fitted to ``bench/dispatch_bandwidth.py``'s 2 x H200 run.
 """
 
 from __future__ import annotations
@@ -57,8 +57,11 @@ class Rates:
 
     ce_gbps: float = 370.0  # copy-engine fetch of remote experts, H200 (docs/benchmarks.md: 373.9-374.2)
     sm_gbps: float = 320.0  # on-demand NVSHMEM fetch on 32 SMs, H200
-    dispatch_gbps: float = 300.0  # placeholder: replace with measured (bench/dispatch_bandwidth.py)
-    dispatch_latency_us: float = 40.0  # placeholder: replace with measured (bench/dispatch_bandwidth.py, 1-256 tokens)
+    # our dispatch + combine on 2 x H200 (bench/results/dispatch_bandwidth_H200_N2.json, 32 SMs): a straight line
+    # through 1K-16K tokens per rank gives 0.50 us per row of 43 KB (bf16 row + metadata + float32 partial) and
+    # ~310 us at zero rows, i.e. two collectives of ~155 us (that run counted the ranks' skew at a host barrier)
+    dispatch_gbps: float = 85.0
+    dispatch_latency_us: float = 155.0
     gemm_tflops: float = 640.0  # bf16 grouped expert GEMM, H200 (docs/benchmarks.md: 635-658)
 
     def __post_init__(self) -> None:

@@ -128,6 +128,7 @@ class PrefetchScheduler:
             store.nvshmem_table(layer)
         self.step_policy = {"auto": "prefetch_all"}.get(policy, policy)
         self.last_choice = None  # the ModeChoice of the latest auto step (costs per mode, for logs)
+        self.step_tokens: list[int] | None = None  # every rank's T this step, where gathered or given
         self._in_flight: set[int] = set()
         self._dispatched: int | None = None  # the layer whose tokens are out (dispatch mode)
         self.trace: list | None = None  # set to [] to record (kind, layer, event) of every prefetch (benchmarks)
@@ -146,20 +147,25 @@ class PrefetchScheduler:
                            self.rates, allowed, param_bytes=lay.expert_bytes / sum(
                                _numel(t.shape) for t in lay.tensors))
 
-    def policy_for(self, tokens: int, tokens_per_rank: Sequence[int] | None = None) -> str:
-        """The step's mode: the forced policy, or ``auto``'s choice (see the module docstring; with a dispatcher and
-        no ``tokens_per_rank`` this is a collective: every rank must call it)."""
-        if self.policy != "auto":
+    def policy_for(self, tokens: int | None, tokens_per_rank: Sequence[int] | None = None) -> str:
+        """The step's mode: the forced policy, or ``auto``'s choice (see the module docstring). With a dispatcher,
+        ``tokens`` and no ``tokens_per_rank`` this is a collective (every rank must call it): every rank's T is
+        gathered, which also bounds the step's grouped rows (``TokenDispatcher.rows_for``), so that a decode step's
+        expert GEMMs cover a few rows rather than the dispatcher's whole capacity."""
+        self.step_tokens = None
+        if self.policy in ("prefetch_all", "on_demand"):
             return self.policy
-        if tokens_per_rank is None:
-            if self.dispatcher is not None:
-                tokens_per_rank = self._gather_tokens(tokens)
-            else:
-                tokens_per_rank = [tokens] * self.store.partition.world_size  # rank-local: this rank's T alone
-        elif len(tokens_per_rank) != self.store.partition.world_size or tokens_per_rank[self.store.rank] != tokens:
-            raise ValueError(f"tokens_per_rank must hold every rank's tokens ({self.store.partition.world_size} "
-                             f"counts, this rank's = {tokens}), got {list(tokens_per_rank)}")
-        self.last_choice = self.choose(tokens_per_rank)
+        if tokens_per_rank is not None:
+            if len(tokens_per_rank) != self.store.partition.world_size or tokens_per_rank[self.store.rank] != tokens:
+                raise ValueError(f"tokens_per_rank must hold every rank's tokens ({self.store.partition.world_size} "
+                                 f"counts, this rank's = {tokens}), got {list(tokens_per_rank)}")
+            self.step_tokens = [int(t) for t in tokens_per_rank]
+        elif self.dispatcher is not None and tokens is not None:
+            self.step_tokens = self._gather_tokens(tokens)
+        if self.policy == "dispatch":
+            return "dispatch"
+        # auto; without a dispatcher the weight modes are rank-local: this rank's T alone
+        self.last_choice = self.choose(self.step_tokens or [tokens] * self.store.partition.world_size)
         return self.last_choice.mode
 
     def _gather_tokens(self, tokens: int) -> list[int]:
@@ -190,7 +196,7 @@ class PrefetchScheduler:
                 "or call abort() after a failed step"
             )
         self.num_layers = n
-        self.step_policy = self.policy_for(tokens or 0, tokens_per_rank)
+        self.step_policy = self.policy_for(tokens, tokens_per_rank)
         if self.step_policy == "prefetch_all":
             for p in range(min(2, self.num_layers)):
                 self._prefetch(p)
@@ -276,7 +282,8 @@ class PrefetchScheduler:
             raise RuntimeError(f"dispatch({layer}): this step's mode is {self.step_policy!r}, not 'dispatch'")
         if self._dispatched is not None:
             raise RuntimeError(f"dispatch({layer}): layer {self._dispatched} was dispatched and not combined")
-        handle = self.dispatcher.dispatch(x, topk_ids, topk_weights, stream)
+        rows = self.dispatcher.rows_for(self.step_tokens) if self.step_tokens is not None else None
+        handle = self.dispatcher.dispatch(x, topk_ids, topk_weights, stream, max_rows=rows)
         self._dispatched = layer
         return handle
 

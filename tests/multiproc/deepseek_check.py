@@ -3,9 +3,12 @@
     deepseek_check.py CONFIG [STEPS]     CONFIG: mini (bf16, device-generated weights) or tiny (float32, numpy weights)
 
 Every rank serves its own prompts of different lengths. The model runs prefill + STEPS - 1 greedy decode steps on DWDP
-under ``prefetch_all`` and under ``on_demand`` (one ExpertStore, one scheduler per policy), then with every expert
-local on this GPU; each DWDP run must match the all-local run (logits relative error <= 1e-2 at every step, identical
-tokens). With ``tiny`` the all-local run must also match the numpy reference request by request.
+under ``prefetch_all`` and under ``on_demand`` (one ExpertStore, one scheduler per policy), with ``mini`` (bf16) also
+under ``dispatch`` (DEP: tokens move, through a TokenDispatcher over the store's partition) and ``auto`` (the mode
+chosen per step; rates set so that the prefill moves weights and the decode steps move tokens, which the check
+asserts), then with every expert local on this GPU. The weight modes must equal the all-local run bit for bit
+(logits and tokens); the token modes must give identical tokens and logits within 1e-2 (their combine sums in
+another order: see models/deepseek_r1/gpu.py). With ``tiny`` the all-local run must also match the numpy reference.
 """
 
 from __future__ import annotations
@@ -19,7 +22,13 @@ from dwdp_ops.models.deepseek_r1 import DeepSeekConfig, ReferenceModel, init_wei
 from dwdp_ops.models.deepseek_r1.gpu import DwdpExperts, GpuModel, LocalExperts
 from dwdp_ops.models.deepseek_r1.gpu_weights import DeviceWeights, NumpyWeights
 from dwdp_ops.models.deepseek_r1.serve import build_store, compare, prompts_for, run_requests
+from dwdp_ops.policy import Rates
 from dwdp_ops.scheduler import PrefetchScheduler
+
+# auto's rates for the mini model on 2+ GPUs: a fast copy engine (fetching every remote expert ~0.1 ms) and a slow
+# token path (~10 us a row, 1 us latency), so that a step of 4 tokens per rank moves tokens and a prefill of >= 20
+# tokens per rank moves weights, each by a margin of about 2x in the cost model
+AUTO_RATES = Rates(ce_gbps=10000.0, dispatch_gbps=1.2, dispatch_latency_us=1.0)
 
 
 def main() -> int:
@@ -40,30 +49,52 @@ def main() -> int:
             prompts = prompts_for(me, 4, 5, 120, cfg.vocab_size)
         max_seq = max(map(len, prompts)) + steps
         store = build_store(cfg, weights)
-        runs = {}
+        policies = ("prefetch_all", "on_demand") + (("dispatch", "auto") if which == "mini" else ())
+        # one dispatcher capacity on every rank (symmetric buffers): the largest step of any rank
+        cap = max(int(v) for v in dwdp_ops.get_runtime().rendezvous.allgather(
+            "deepseek_check:cap", str(sum(map(len, prompts))).encode()))
+        runs, choices = {}, {}
+        disp = None
         try:
-            for policy in ("prefetch_all", "on_demand"):
-                sched = PrefetchScheduler(store, policy=policy, top_k=cfg.n_activated_experts)
+            if which == "mini":
+                disp = dwdp_ops.TokenDispatcher(store.partition, cfg.dim, cfg.n_activated_experts, cap)
+            for policy in policies:
+                sched = PrefetchScheduler(store, policy=policy, top_k=cfg.n_activated_experts,
+                                          dispatcher=disp if policy in ("dispatch", "auto") else None,
+                                          rates=AUTO_RATES if policy == "auto" else None)
                 model = GpuModel(cfg, weights, DwdpExperts(store, sched, weights.dtype), max_requests=len(prompts),
                                  max_seq=max_seq)
                 runs[policy] = run_requests(model, prompts, steps, scheduler=sched, store=store)
+                if policy == "auto":
+                    choices[policy] = sched.last_choice.table()
                 del model
             store.check_errors()
+            if disp is not None:
+                disp.check_errors()
         finally:
             dwdp_ops.barrier()
+            if disp is not None:
+                disp.close()
             store.close()
         local = GpuModel(cfg, weights, LocalExperts(weights, cfg), max_requests=len(prompts), max_seq=max_seq)
         base = run_requests(local, prompts, steps)
         ok = True
         for policy, run in runs.items():
             c = compare(run, base)
-            good = c["max_rel_err"] <= 1e-2 and c["tokens_equal"]
+            used = [s.policy for s in run.steps]
+            exact = policy in ("prefetch_all", "on_demand")
+            good = (c["max_rel_err"] == 0.0 if exact else c["max_rel_err"] <= 1e-2) and c["tokens_equal"]
+            if policy == "auto":  # the prefill moves weights, every decode step moves tokens
+                good &= used[0] in ("prefetch_all", "on_demand") and all(m == "dispatch" for m in used[1:])
+            if policy == "dispatch":
+                good &= all(m == "dispatch" for m in used)
             ok &= good
-            used = sorted({s.policy for s in run.steps})
             fetched = sum(s.fetch_bytes for s in run.steps) / 2**20
-            print(f"rank {me}: {which} {policy} (steps used {used}, {fetched:.0f} MiB fetched) vs all-local: "
-                  f"max rel err {c['max_rel_err']:.2e}, tokens equal {c['tokens_equal']}: {'OK' if good else 'MISMATCH'}",
-                  flush=True)
+            print(f"rank {me}: {which} {policy} (modes {used}, {fetched:.0f} MiB fetched) vs all-local "
+                  f"({'bit for bit' if exact else 'rel err <= 1e-2'}): max rel err {c['max_rel_err']:.2e}, "
+                  f"tokens equal {c['tokens_equal']}: {'OK' if good else 'MISMATCH'}", flush=True)
+            if not good and policy in choices:
+                print(f"rank {me}: last auto choice\n{choices[policy]}", flush=True)
         if W is not None:
             errs, same = [], True
             for r, prompt in enumerate(prompts):

@@ -74,11 +74,15 @@ def exact(seed):
                 xs = [from_bits(i[0]) for i in inputs]
                 want = reference_moe(xs, [i[1] for i in inputs], [i[2] for i in inputs], part,
                                      lambda d, le, rows: rows, align=16, storage=round_to_bfloat16)[rank]
+                # half the cases bound the grouped rows by every rank's T (what a scheduler that knows the counts
+                # passes): the identity experts then read only x_grouped[:rows]
+                rows = disp.rows_for([len(i[0]) for i in inputs]) if case in ("random", "hot") else None
                 with stream:
                     # work queued ahead on the caller's non-blocking stream: ordering mistakes would show
                     cp.cuda.runtime.memsetAsync(disp.x_grouped.data.ptr, 0xFF, disp.x_grouped.nbytes, stream.ptr)
                     xd, idd, wd = cp.asarray(x), cp.asarray(ids.astype(np.int32 if seed % 2 else np.int64)), cp.asarray(w)
-                    h = disp.dispatch(xd, idd, wd, stream=stream)
+                    h = disp.dispatch(xd, idd, wd, stream=stream, max_rows=rows)
+                    assert h.rows == (rows or disp.max_pairs) and h.x_grouped.shape[0] == h.rows
                     out = disp.combine(h.x_grouped, h, stream=stream)  # identity experts
                     got = from_bits(out.get())
                 disp.check_errors()
@@ -87,6 +91,25 @@ def exact(seed):
                     bad = np.argwhere(got != want)
                     print(f"rank {rank} {case} replicate={replicate}: {len(bad)} values differ, first {bad[:3].tolist()}")
                     ok = False
+            # sizes: the symmetric heap the dispatcher took is what heap_bytes plans
+            heap = sum(a.nbytes for a in disp._sym)
+            if heap != TokenDispatcher.heap_bytes(world, 512, H, k):
+                print(f"rank {rank}: symmetric bytes {heap} != heap_bytes {TokenDispatcher.heap_bytes(world, 512, H, k)}")
+                ok = False
+            # a max_rows too small for the step: the owner of the hot expert reports the capacity error, naming it
+            owner = part.owners(3)  # every rank has tokens in the 'hot' case, all routed to expert 3
+            x, ids, w = make_inputs(seed, part, H, k, "hot", world)[rank]
+            with stream:
+                h = disp.dispatch(cp.asarray(x), cp.asarray(ids), cp.asarray(w), stream=stream, max_rows=1)
+                disp.combine(h.x_grouped, h, stream=stream)
+            try:
+                disp.check_errors()
+                raised = False
+            except dwdp_ops.DwdpError as e:
+                raised = "max_rows" in str(e)
+            if raised != (rank in owner):
+                print(f"rank {rank}: capacity error raised={raised}, expected {rank in owner}")
+                ok = False
     print(f"rank {rank}: dispatch exact checks {'passed' if ok else 'FAILED'}")
     return ok
 

@@ -16,9 +16,16 @@ the numpy reference; the implementation choices are:
   * experts come from an ``ExpertSource``: ``DwdpExperts`` (ExpertStore + PrefetchScheduler: ``begin_step``,
     ``wait`` after the router, ``release`` after the expert kernels are enqueued) or ``LocalExperts`` (every expert
     on this GPU: the all-local baseline and oracle, optionally regenerated layer by layer into one buffer);
+  * moving tokens instead of weights (DEP): when the scheduler's step mode is ``dispatch`` (forced, or chosen by
+    ``auto``), a MoE layer sends its tokens to the experts' owners (``TokenDispatcher``), runs the same grouped
+    GEMMs over the rows it received with its own local experts (the store's ``local`` view), and combines the
+    weighted outputs back; attention stays data parallel. Every rank joins every such layer. bf16 only;
   * determinism: no atomics anywhere in a step (the expert outputs are combined by a small batched GEMM, not
     ``index_add_``), so the DWDP and all-local runs of the same requests give identical logits. With random weights
     the logits have many near ties, and an ``index_add_``'s order-dependent bf16 rounding (1e-3) flipped greedy tokens.
+    The router weights are rounded to the activation dtype before the combine in every mode; the DEP combine sums
+    each token's terms per owner rank, then over ranks (float32, one rounding), so a DEP layer may differ from the
+    all-local one in the last bit of a few elements: its logits agree to rounding, not bit for bit.
 
 All work is enqueued on ``stream`` (a CuPy stream; PyTorch runs on it through ``ExternalStream``). Timing (CUDA
 events around attention, expert GEMMs and the wait for experts) is collected when ``timing`` is on.
@@ -82,22 +89,38 @@ class LocalExperts:
 
 
 class DwdpExperts:
-    """The experts of a rank's ``ExpertStore`` under a ``PrefetchScheduler``. MoE position p is store layer p."""
+    """The experts of a rank's ``ExpertStore`` under a ``PrefetchScheduler``. MoE position p is store layer p.
+
+    Weight modes (``prefetch_all`` / ``on_demand``): ``weights_for`` returns the layer's ``[E, ...]`` composite
+    views. ``dispatch`` mode (the scheduler holds a ``TokenDispatcher``): ``dispatch`` / ``combine`` move the tokens
+    and ``local_weights`` returns this rank's ``[L, ...]`` experts (no slot is read)."""
 
     def __init__(self, store, scheduler, dtype):
-        torch = require_torch()
         self.store, self.sched = store, scheduler
-        self.views = []
-        for p in range(store.num_layers):
-            pair = []
-            for n in ("w13", "w2"):
-                a = store.composite(p, n)
-                t = torch.from_dlpack(a.view(np.int16) if a.dtype.itemsize == 2 and a.dtype.kind == "u" else a)
-                pair.append(t.view(dtype) if t.dtype != dtype else t)
-            self.views.append(tuple(pair))
+        self.views = [tuple(_torch_view(store.composite(p, n), dtype) for n in ("w13", "w2"))
+                      for p in range(store.num_layers)]
+        self.local = [tuple(_torch_view(store.local(p, n), dtype) for n in ("w13", "w2"))
+                      for p in range(store.num_layers)]
 
     def begin_step(self, tokens: int) -> str:
         return self.sched.begin_step(tokens=tokens)
+
+    @property
+    def moves_tokens(self) -> bool:
+        """Whether this step's MoE layers dispatch tokens (DEP) instead of reading fetched weights."""
+        return self.sched.step_policy == "dispatch"
+
+    def local_weights(self, p: int) -> tuple[Any, Any]:
+        return self.local[p]
+
+    def dispatch(self, p: int, x, w, ids, stream):
+        """``x [T, H]`` bf16, ``w [T, k]`` float32, ``ids [T, k]`` int64 -> the dispatcher's handle (collective)."""
+        return self.sched.dispatch(p, x, ids, w, stream)
+
+    def combine(self, p: int, y_grouped, handle, out, stream) -> None:
+        """``y_grouped [max_pairs, H]`` bf16 -> ``out [T, H]`` bf16, caller-allocated (collective)."""
+        torch = require_torch()
+        self.sched.combine(p, y_grouped.view(torch.int16), handle, stream, out=out.view(torch.int16))
 
     def weights_for(self, p: int, ids, stream) -> tuple[Any, Any]:
         if self.sched.step_policy == "on_demand":
@@ -111,16 +134,25 @@ class DwdpExperts:
         self.sched.release(p, stream)
 
 
+def _torch_view(a, dtype):
+    """A zero-copy PyTorch view of a store view (bf16 is stored as uint16 bits)."""
+    torch = require_torch()
+    t = torch.from_dlpack(a.view(np.int16) if a.dtype.itemsize == 2 and a.dtype.kind == "u" else a)
+    return t.view(dtype) if t.dtype != dtype else t
+
+
 # -- the model ---------------------------------------------------------------------------------------------------------
 @dataclass
 class StepTiming:
     """Per-step CUDA-event spans (milliseconds once ``resolve``d): attention blocks, the two expert GEMMs with the
     activation between them (not the sort, gather and weighted scatter around them), and the wait for a layer's
-    experts (the exposed prefetch, or the on-demand fetch itself)."""
+    experts (the exposed prefetch, or the on-demand fetch itself); under ``dispatch``, the dispatch and the combine
+    (``comm``: the token traffic and the wait for the slowest peer, which one span cannot tell apart)."""
 
     attn: list = field(default_factory=list)
     experts: list = field(default_factory=list)
     wait: list = field(default_factory=list)
+    comm: list = field(default_factory=list)
     attn_flops: float = 0.0
     expert_flops: float = 0.0
 
@@ -129,6 +161,7 @@ class StepTiming:
             return float(sum(a.elapsed_time(b) for a, b in pairs))
 
         return {"attn_ms": total(self.attn), "experts_ms": total(self.experts), "wait_ms": total(self.wait),
+                "comm_ms": total(self.comm),
                 "wait_ms_per_layer": [a.elapsed_time(b) for a, b in self.wait],
                 "attn_flops": self.attn_flops, "expert_flops": self.expert_flops}
 
@@ -237,6 +270,41 @@ class GpuModel:
         return o.reshape(N, H * vd) @ P[p + "wo"].T
 
     # -- MoE ---------------------------------------------------------------------------------------------------------
+    def _grouped_swiglu(self, xg, offs, w13, w2):
+        """The expert MLP over rows grouped by expert: ``xg [R, H]`` bf16, group g in rows ``[offs[g-1], offs[g])``
+        (``offs [G]`` int32), ``w13 [G, 2I, H]``, ``w2 [G, H, I]`` -> ``[R, H]`` bf16 (rows past ``offs[-1]`` are
+        not meaningful). Two ``torch._grouped_mm`` with the SwiGLU between; the one expert kernel of every mode."""
+        torch = require_torch()
+        I = self.cfg.moe_inter_dim
+        h = torch._grouped_mm(xg, w13.transpose(-2, -1), offs=offs)
+        a = torch.nn.functional.silu(h[:, :I]) * h[:, I:]
+        return torch._grouped_mm(a, w2.transpose(-2, -1), offs=offs)
+
+    def _routed_dispatch(self, pos: int, x, w, ids):
+        """A DEP layer: tokens to their experts' owners, this rank's experts over the rows it received, weighted
+        results back (collective: every rank runs it for the layer)."""
+        torch = require_torch()
+        if self.dtype != torch.bfloat16 or not self.grouped:
+            raise ValueError(f"moving tokens (dispatch) needs the bf16 grouped-GEMM model, this one is {self.dtype}")
+        timed = self.timing is not None
+        c0 = self._event() if timed else None
+        handle = self.experts.dispatch(pos, x, w.float(), ids, self.stream)
+        c1 = self._event() if timed else None
+        xg, offs = handle.torch()
+        w13, w2 = self.experts.local_weights(pos)
+        ys = self._grouped_swiglu(xg, offs, w13, w2)
+        c2 = self._event() if timed else None
+        out = torch.empty_like(x)
+        self.experts.combine(pos, ys, handle, out, self.stream)
+        if timed:
+            c3 = self._event()
+            self.timing.comm += [(c0, c1), (c2, c3)]
+            self.timing.experts.append((c1, c2))
+            N, k = ids.shape
+            # the FLOPs of this rank's own pairs: the pairs it received are not known on the host (no sync)
+            self.timing.expert_flops += 2.0 * N * k * 3 * self.cfg.moe_inter_dim * self.cfg.dim
+        return out
+
     def _routed(self, x, w, ids, w13, w2):
         torch = require_torch()
         cfg = self.cfg
@@ -265,17 +333,13 @@ class GpuModel:
                 offs = padded.cumsum(0).to(torch.int32)
                 offs[-1] = rows  # the last group takes the tail of zero rows
                 t0 = self._event() if timed else None
-                h = torch._grouped_mm(xp, w13.transpose(-2, -1), offs=offs)
-                a = torch.nn.functional.silu(h[:, :I]) * h[:, I:]
-                ys = torch._grouped_mm(a, w2.transpose(-2, -1), offs=offs)
+                ys = self._grouped_swiglu(xp, offs, w13, w2)
                 t1 = self._event() if timed else None
                 ys = ys[dst]
             else:
                 offs = counts.cumsum(0).to(torch.int32)
                 t0 = self._event() if timed else None
-                h = torch._grouped_mm(xs, w13.transpose(-2, -1), offs=offs)
-                a = torch.nn.functional.silu(h[:, :I]) * h[:, I:]
-                ys = torch._grouped_mm(a, w2.transpose(-2, -1), offs=offs)
+                ys = self._grouped_swiglu(xs, offs, w13, w2)
                 t1 = self._event() if timed else None
         else:
             counts = torch.bincount(flat, minlength=cfg.n_routed_experts).tolist()
@@ -303,12 +367,16 @@ class GpuModel:
         w, ids = select_experts_torch(logits, P[p + "gate_bias"], cfg.n_expert_groups, cfg.n_limited_groups,
                                       cfg.n_activated_experts, cfg.route_scale)
         self.last_ids.append(ids)
-        t0 = self._event() if self.timing is not None else None
-        w13, w2 = self.experts.weights_for(pos, ids, self.stream)
-        if t0 is not None:
-            t1 = self._event()
-            self.timing.wait.append((t0, t1))
-        y = self._routed(x, w, ids, w13, w2)
+        w = w.to(self.dtype)  # rounded once, the same in every mode (see the module docstring)
+        if getattr(self.experts, "moves_tokens", False):
+            y = self._routed_dispatch(pos, x, w, ids)
+        else:
+            t0 = self._event() if self.timing is not None else None
+            w13, w2 = self.experts.weights_for(pos, ids, self.stream)
+            if t0 is not None:
+                t1 = self._event()
+                self.timing.wait.append((t0, t1))
+            y = self._routed(x, w, ids, w13, w2)
         self.experts.release(pos, self.stream)  # after the expert kernels are enqueued
         return y + self._mlp(x, P[p + "shared.w1"], P[p + "shared.w3"], P[p + "shared.w2"])
 

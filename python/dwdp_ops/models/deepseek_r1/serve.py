@@ -68,6 +68,8 @@ class StepStats:
     expert_flops: float
     fetch_bytes: int = 0
     fetch_ms: float = 0.0
+    comm_ms: float = 0.0  # dispatch + combine (DEP steps)
+    mode_costs: dict | None = None  # auto: the cost model's per-layer estimate of each mode (us, max over ranks)
     wait_ms_per_layer: list = field(default_factory=list)
 
 
@@ -82,7 +84,8 @@ class RunResult:
 def run_requests(model, prompts: list[list[int]], steps: int, *, scheduler=None, store=None, progress=None) -> RunResult:
     """Prefill then ``steps - 1`` greedy decode steps of ``prompts`` on ``model`` with per-step timing. With a DWDP
     ``scheduler``/``store``: the bytes and time of each step's fetches (prefetch: copy-stream spans of the
-    scheduler trace; on-demand: the fetch kernel spans, bytes of the distinct remote experts routed)."""
+    scheduler trace; on-demand: the fetch kernel spans, bytes of the distinct remote experts routed; dispatch:
+    none, its dispatch + combine time is ``comm_ms``)."""
     import time
 
     torch = require_torch()
@@ -105,8 +108,10 @@ def run_requests(model, prompts: list[list[int]], steps: int, *, scheduler=None,
         tm = model.timing.resolve()
         st = StepStats("prefill" if i == 0 else "decode", model.last_policy, sum(len(t) for t in toks),
                        a.elapsed_time(b), tm["attn_ms"], tm["experts_ms"], tm["wait_ms"], tm["attn_flops"],
-                       tm["expert_flops"], wait_ms_per_layer=tm["wait_ms_per_layer"])
-        if scheduler is not None and store is not None:
+                       tm["expert_flops"], comm_ms=tm["comm_ms"], wait_ms_per_layer=tm["wait_ms_per_layer"])
+        if scheduler is not None and getattr(scheduler, "policy", None) == "auto" and scheduler.last_choice:
+            st.mode_costs = dict(scheduler.last_choice.cost_us)
+        if scheduler is not None and store is not None and model.last_policy != "dispatch":  # DEP moves no weights
             if model.last_policy == "prefetch_all":
                 import cupy as cp
 
@@ -159,5 +164,7 @@ def summarize(stats: list[StepStats]) -> dict[str, Any]:
             "fetch_GB": sum(x.fetch_bytes for x in s) / 1e9, "fetch_ms": sum(x.fetch_ms for x in s),
             "fetch_GBps": sum(x.fetch_bytes for x in s) / max(sum(x.fetch_ms for x in s) * 1e-3, 1e-12) / 1e9,
             "exposed_fetch_ms": sum(x.wait_ms for x in s), "exposed_fetch_frac": sum(x.wait_ms for x in s) / ms,
+            "comm_ms": sum(x.comm_ms for x in s), "modes": {m: sum(1 for x in s if str(x.policy) == m)
+                                                           for m in sorted({str(x.policy) for x in s})},
         }
     return out
