@@ -8,7 +8,9 @@ seed (same weights, same prompts per rank), the same number of MoE layers (the f
 with the dispatcher's buffers reserved, the others are given that count) and the all-local check on. A whole demo
 is minutes of set-up (weights generated and loaded), so the policies run one after the other, not interleaved: each
 run's own warm-up (the same prompts, prefill + one decode step) precedes its timed steps, and the figures are the
-per-rank prefill and decode tokens/s of the timed steps (CUDA events around each step, ``serve.summarize``).
+per-rank prefill and decode tokens/s of the timed steps (CUDA events around each step, ``serve.summarize``): over all
+decode steps, and at the median decode step (the first decode step after a prefill whose mode leaves the ranks
+independent absorbs the wait for the slowest rank's prefill when decode moves tokens; both are reported).
 
 Output: bench/results/demo_policies_<card>_N<n>.json (every run's report, per-rank ratios against the last policy
 given, the modes each step used) and a table on stdout.
@@ -44,8 +46,8 @@ def run_demo(policy: str, ns, moe_layers: int | None) -> dict:
     return rep
 
 
-def per_rank(rep: dict, kind: str) -> list[float]:
-    return [r["summary"][kind]["tokens_per_s"] for r in rep["ranks"]]
+def per_rank(rep: dict, kind: str, key: str = "tokens_per_s") -> list[float]:
+    return [r["summary"][kind][key] for r in rep["ranks"]]
 
 
 def main() -> int:
@@ -69,18 +71,22 @@ def main() -> int:
         layers = layers or runs[p]["config"]["moe_layers"]
         print(f"{p}: {runs[p]['config']['moe_layers']} MoE layers done", flush=True)
     base = policies[-1]
-    table = ["| policy | rank | prefill modes | prefill tok/s | decode modes | decode tok/s | decode x " + base
-             + " | prefill x " + base + " | tokens = all-local | max logits rel err |", "|" + " --- |" * 10]
+    table = ["| policy | rank | prefill modes | prefill tok/s | decode modes | decode tok/s (all steps / median step) "
+             "| decode x " + base + " (all / median) | prefill x " + base + " | tokens = all-local | max logits rel err |",
+             "|" + " --- |" * 10]
     ratios = {}
     for p, rep in runs.items():
         dec, pre = per_rank(rep, "decode"), per_rank(rep, "prefill")
         bdec, bpre = per_rank(runs[base], "decode"), per_rank(runs[base], "prefill")
-        ratios[p] = {"decode": [a / b for a, b in zip(dec, bdec)], "prefill": [a / b for a, b in zip(pre, bpre)]}
+        med, bmed = per_rank(rep, "decode", "tokens_per_s_median_step"), per_rank(runs[base], "decode", "tokens_per_s_median_step")
+        ratios[p] = {"decode": [a / b for a, b in zip(dec, bdec)], "prefill": [a / b for a, b in zip(pre, bpre)],
+                     "decode_median_step": [a / b for a, b in zip(med, bmed)]}
         for i, r in enumerate(rep["ranks"]):
             s = r["summary"]
             ck = r.get("check", {})
             table.append(f"| {p} | {r['rank']} | {s['prefill'].get('modes')} | {pre[i]:.0f} | {s['decode'].get('modes')} "
-                         f"| {dec[i]:.1f} | {ratios[p]['decode'][i]:.2f} | {ratios[p]['prefill'][i]:.2f} "
+                         f"| {dec[i]:.1f} / {med[i]:.1f} | {ratios[p]['decode'][i]:.2f} / "
+                         f"{ratios[p]['decode_median_step'][i]:.2f} | {ratios[p]['prefill'][i]:.2f} "
                          f"| {ck.get('tokens_equal')} | {ck.get('max_rel_err', float('nan')):.2e} |")
     facts = machine_facts()
     data = dict(benchmark="demo_policies", policies=policies, baseline=base, moe_layers=layers, prompts=ns.prompts,

@@ -222,7 +222,13 @@ class GpuModel:
         return ev
 
     # -- attention ---------------------------------------------------------------------------------------------------
-    def _attention(self, layer: int, x, pos, segments, decode: bool):
+    def _device_ints(self, values):
+        """A host int list as an int64 tensor on this GPU without draining the stream (pinned, non-blocking: a
+        pageable copy waits for every kernel queued before it, which made each decode layer launch-bound)."""
+        torch = require_torch()
+        return torch.tensor(values, dtype=torch.int64).pin_memory().to(self.device, non_blocking=True)
+
+    def _attention(self, layer: int, x, pos, segments, decode: bool, req=None):
         torch = require_torch()
         cfg, p = self.cfg, f"layers.{layer}.attn."
         P = self.P
@@ -237,7 +243,7 @@ class GpuModel:
         flops = 2.0 * N * (cfg.dim * (cfg.q_lora_rank + cfg.kv_lora_rank + rope) + cfg.q_lora_rank * H * (nope + rope)
                            + H * vd * cfg.dim)
         if decode:
-            r = torch.tensor([s[0] for s in segments], device=self.device)
+            r = req  # the requests' cache slots, made once per step
             cl[r, pos] = latent
             cp_[r, pos] = k_pe
             T = int(max(self.lengths[s[0]] for s in segments)) + 1
@@ -419,14 +425,15 @@ class GpuModel:
         self.timing = StepTiming() if timing else None
         self.last_ids = []
         with torch.cuda.stream(self.tstream):
-            tok = torch.from_numpy(ids).to(self.device, non_blocking=False)
-            pos_t = torch.tensor(pos, device=self.device)
+            tok = self._device_ints(ids.tolist())
+            pos_t = self._device_ints(pos)
+            req_t = self._device_ints([r for r, _, _ in segments]) if decode else None
             self.last_policy = self.experts.begin_step(len(flat)) if cfg.n_moe_layers else None
             x = self.P["embed"][tok]
             for layer in range(cfg.n_layers):
                 p = f"layers.{layer}."
                 t0 = self._event() if timing else None
-                x = x + self._attention(layer, self._rms(x, self.P[p + "attn_norm"]), pos_t, segments, decode)
+                x = x + self._attention(layer, self._rms(x, self.P[p + "attn_norm"]), pos_t, segments, decode, req_t)
                 if timing:
                     self.timing.attn.append((t0, self._event()))
                 h = self._rms(x, self.P[p + "ffn_norm"])
@@ -434,7 +441,7 @@ class GpuModel:
                     x = x + self._mlp(h, self.P[p + "ffn.w1"], self.P[p + "ffn.w3"], self.P[p + "ffn.w2"])
                 else:
                     x = x + self._moe(layer, h)
-            last = torch.tensor([b - 1 for _, _, b in segments], device=self.device)
+            last = self._device_ints([b - 1 for _, _, b in segments])
             logits = (self._rms(x[last], self.P["norm"]) @ self.P["head"].T).float()
         # the caller's stream may read the logits: order it behind this step (our stream is non-blocking)
         torch.cuda.current_stream(self.device).wait_stream(self.tstream)

@@ -158,6 +158,9 @@ def summarize(stats: list[StepStats]) -> dict[str, Any]:
         out[kind] = {
             "steps": len(s), "tokens": sum(x.tokens for x in s), "ms": ms,
             "tokens_per_s": sum(x.tokens for x in s) / (ms * 1e-3),
+            # robust to one step that absorbs a wait for a slower peer (the first coupled step after independent ones)
+            "median_step_ms": float(np.median([x.step_ms for x in s])),
+            "tokens_per_s_median_step": float(np.median([x.tokens / (x.step_ms * 1e-3) for x in s])),
             "policies": sorted({str(x.policy) for x in s}),
             "attn_tflops": sum(x.attn_flops for x in s) / max(sum(x.attn_ms for x in s) * 1e-3, 1e-12) / 1e12,
             "expert_tflops": sum(x.expert_flops for x in s) / max(sum(x.experts_ms for x in s) * 1e-3, 1e-12) / 1e12,
