@@ -5,7 +5,8 @@ keep large prefills on moving weights?
 
 Runs ``python -m dwdp_ops demo --json`` once per policy (all GPUs of the machine, one rank per GPU), with the same
 seed (same weights, same prompts per rank), the same number of MoE layers (the first run plans it from free memory
-with the dispatcher's buffers reserved, the others are given that count) and the all-local check on. A whole demo
+with the dispatcher's buffers reserved, the others are given that count), decode steps as CUDA graphs in every run
+(``--no-graphs``: eager in every run) and the all-local check on. A whole demo
 is minutes of set-up (weights generated and loaded), so the policies run one after the other, not interleaved: each
 run's own warm-up (the same prompts, prefill + one decode step) precedes its timed steps, and the figures are the
 per-rank prefill and decode tokens/s of the timed steps (CUDA events around each step, ``serve.summarize``): over all
@@ -35,6 +36,8 @@ def run_demo(policy: str, ns, moe_layers: int | None) -> dict:
            "--seed", str(ns.seed), "--timeout", str(ns.timeout)]
     if moe_layers:
         cmd += ["--moe-layers", str(moe_layers)]
+    if ns.no_graphs:
+        cmd.append("--no-graphs")
     with tempfile.TemporaryFile("w+") as log:
         proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=log, text=True)
         if proc.returncode != 0:
@@ -60,6 +63,7 @@ def main() -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--moe-layers", type=int, default=None, help="default: what the first run plans")
     ap.add_argument("--timeout", type=int, default=600, help="seconds per demo run")
+    ap.add_argument("--no-graphs", action="store_true", help="decode steps eager in every run (default: CUDA graphs)")
     ap.add_argument("--tag", default="")
     ns = ap.parse_args()
     policies = [p for p in ns.policies.split(",") if p]
@@ -90,6 +94,7 @@ def main() -> int:
                          f"| {ck.get('tokens_equal')} | {ck.get('max_rel_err', float('nan')):.2e} |")
     facts = machine_facts()
     data = dict(benchmark="demo_policies", policies=policies, baseline=base, moe_layers=layers, prompts=ns.prompts,
+                graphs=not ns.no_graphs,
                 min_len=ns.min_len, max_len=ns.max_len, steps=ns.steps, seed=ns.seed, ratios=ratios, runs=runs,
                 **facts, method=__doc__)
     gpus = runs[base]["gpus"]

@@ -74,11 +74,12 @@ def test_dwdp_decode_steps_match_the_all_local_run(run_ranks, n, config):
         pytest.skip(f"needs {n} GPUs; found {GPU_COUNT}")
     proc = run_ranks(n, "deepseek_check.py", config, "9", timeout=400)
     assert proc.returncode == 0, proc.stdout[-8000:]
-    policies = ("prefetch_all", "on_demand") + (("dispatch", "auto") if config == "mini" else ())
+    policies = ("prefetch_all", "on_demand") + (
+        ("dispatch", "auto", "on_demand+graph", "dispatch+graph", "auto+graph") if config == "mini" else ())
     for r in range(n):
         for policy in policies:
-            assert f"[rank {r}] rank {r}: {config} {policy}" in proc.stdout
-    assert proc.stdout.count(": OK") == n * (3 if config == "tiny" else 4), proc.stdout[-4000:]
+            assert f"[rank {r}] rank {r}: {config} {policy} " in proc.stdout
+    assert proc.stdout.count(": OK") == n * (3 if config == "tiny" else 7), proc.stdout[-4000:]
     assert "MISMATCH" not in proc.stdout
 
 

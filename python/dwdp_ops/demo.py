@@ -85,6 +85,8 @@ def run_gpu(ns, gpus: int) -> dict:
             cmd += ["--moe-layers", str(ns.moe_layers)]
         if ns.no_check:
             cmd.append("--no-check")
+        if ns.no_graphs:
+            cmd.append("--no-graphs")
         proc = subprocess.run(cmd, stdout=sys.stderr if ns.json else None, stderr=subprocess.STDOUT)
         if proc.returncode != 0 or not os.path.exists(out):
             raise SystemExit(f"the GPU demo failed (launcher exit code {proc.returncode}); see the rank output above")
@@ -96,7 +98,7 @@ def print_gpu(rep: dict) -> None:
     c = rep["config"]
     print(f"DeepSeek-R1 real dimensions, {c['layers']} layers ({c['dense_layers']} dense + {c['moe_layers']} MoE, "
           f"{c['experts']} experts, top-{c['top_k']}), vocab {c['vocab']}, bf16, on {rep['gpus']} x {rep['card']}, "
-          f"policy {rep['policy']}")
+          f"policy {rep['policy']}, decode {'CUDA graphs' if rep.get('graphs') else 'eager'}")
     tot = {"prefill": 0.0, "decode": 0.0}
     for r in rep["ranks"]:
         s = r["summary"]
@@ -146,6 +148,8 @@ def build_parser(prog: str = "dwdp-demo") -> argparse.ArgumentParser:
                          "prefetch_all fetches every remote expert ahead, on_demand fetches the routed ones, "
                          "dispatch sends the tokens to the experts' owners (DEP)")
     ap.add_argument("--no-check", action="store_true", help="GPU: skip the all-local comparison run")
+    ap.add_argument("--no-graphs", action="store_true",
+                    help="GPU: run decode steps eagerly (default: each decode step a CUDA graph where its mode allows)")
     ap.add_argument("--timeout", type=positive_float, default=1200, help="GPU: seconds before the job is ended")
     ap.add_argument("--json", action="store_true", help="print one JSON object instead of text")
     ap.set_defaults(max_vocab=r1.vocab_size)

@@ -53,6 +53,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--policy", default="auto", choices=["auto", "prefetch_all", "on_demand", "dispatch"])
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--no-check", action="store_true")
+    ap.add_argument("--no-graphs", action="store_true", help="run decode steps eagerly (default: CUDA graphs)")
     ap.add_argument("--check-steps", type=int, default=4,
                     help="steps of the all-local check (it regenerates every layer's experts at every step)")
     ap.add_argument("--out", required=True)
@@ -112,10 +113,11 @@ def main(argv: list[str] | None = None) -> int:
             model = GpuModel(cfg, weights, DwdpExperts(store, sched, weights.dtype), max_requests=len(prompts),
                              max_seq=max_seq)
             # warm-up: the same prompts, prefill and one decode step (every kernel shape the run meets)
-            run_requests(model, prompts, 2, scheduler=sched, store=store)
+            graph = not ns.no_graphs
+            run_requests(model, prompts, 2, scheduler=sched, store=store, graph=graph)  # captures the decode graph
             dwdp_ops.barrier()
             bar = tqdm(total=ns.steps, desc=f"DWDP decode on {n} GPUs", disable=not lead, file=sys.stdout)
-            run = run_requests(model, prompts, ns.steps, scheduler=sched, store=store, progress=bar)
+            run = run_requests(model, prompts, ns.steps, scheduler=sched, store=store, progress=bar, graph=graph)
             bar.close()
             store.check_errors()
             if disp is not None:
@@ -144,7 +146,7 @@ def main(argv: list[str] | None = None) -> int:
                 "layers": cfg.n_layers, "dense_layers": cfg.n_dense_layers, "moe_layers": cfg.n_moe_layers,
                 "dim": cfg.dim, "experts": cfg.n_routed_experts, "top_k": cfg.n_activated_experts,
                 "moe_inter_dim": cfg.moe_inter_dim, "vocab": cfg.vocab_size, "dtype": "bfloat16"},
-                "policy": ns.policy, "steps": ns.steps, "ranks": [json.loads(g) for g in gathered]}
+                "policy": ns.policy, "steps": ns.steps, "graphs": not ns.no_graphs, "ranks": [json.loads(g) for g in gathered]}
             with open(ns.out, "w") as f:
                 json.dump(report, f)
         dwdp_ops.barrier()

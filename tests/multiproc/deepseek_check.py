@@ -6,9 +6,11 @@ Every rank serves its own prompts of different lengths. The model runs prefill +
 under ``prefetch_all`` and under ``on_demand`` (one ExpertStore, one scheduler per policy), with ``mini`` (bf16) also
 under ``dispatch`` (DEP: tokens move, through a TokenDispatcher over the store's partition) and ``auto`` (the mode
 chosen per step; rates set so that the prefill moves weights and the decode steps move tokens, which the check
-asserts), then with every expert local on this GPU. The weight modes must equal the all-local run bit for bit
-(logits and tokens); the token modes must give identical tokens and logits within 1e-2 (their combine sums in
-another order: see models/deepseek_r1/gpu.py). With ``tiny`` the all-local run must also match the numpy reference.
+asserts), then with every expert local on this GPU; with ``mini`` also on_demand, dispatch and auto with every decode
+step a CUDA graph (captured at the first decode step, replayed after, mixed with eager prefills), which must equal
+the same policy's eager run bit for bit. The weight modes must equal the all-local run bit for bit (logits and
+tokens); the token modes must give identical tokens and logits within 1e-2 (their combine sums in another order:
+see models/deepseek_r1/gpu.py). With ``tiny`` the all-local run must also match the numpy reference.
 """
 
 from __future__ import annotations
@@ -49,7 +51,11 @@ def main() -> int:
             prompts = prompts_for(me, 4, 5, 120, cfg.vocab_size)
         max_seq = max(map(len, prompts)) + steps
         store = build_store(cfg, weights)
-        policies = ("prefetch_all", "on_demand") + (("dispatch", "auto") if which == "mini" else ())
+        # (name, policy, decode steps as CUDA graphs)
+        policies = [("prefetch_all", "prefetch_all", False), ("on_demand", "on_demand", False)]
+        if which == "mini":
+            policies += [("dispatch", "dispatch", False), ("auto", "auto", False), ("on_demand+graph", "on_demand", True),
+                         ("dispatch+graph", "dispatch", True), ("auto+graph", "auto", True)]
         # one dispatcher capacity on every rank (symmetric buffers): the largest step of any rank
         cap = max(int(v) for v in dwdp_ops.get_runtime().rendezvous.allgather(
             "deepseek_check:cap", str(sum(map(len, prompts))).encode()))
@@ -58,15 +64,18 @@ def main() -> int:
         try:
             if which == "mini":
                 disp = dwdp_ops.TokenDispatcher(store.partition, cfg.dim, cfg.n_activated_experts, cap)
-            for policy in policies:
+            for name, policy, graph in policies:
                 sched = PrefetchScheduler(store, policy=policy, top_k=cfg.n_activated_experts,
                                           dispatcher=disp if policy in ("dispatch", "auto") else None,
                                           rates=AUTO_RATES if policy == "auto" else None)
                 model = GpuModel(cfg, weights, DwdpExperts(store, sched, weights.dtype), max_requests=len(prompts),
                                  max_seq=max_seq)
-                runs[policy] = run_requests(model, prompts, steps, scheduler=sched, store=store)
+                runs[name] = run_requests(model, prompts, steps, scheduler=sched, store=store, graph=graph)
+                if graph and not all(st.graphed for st in runs[name].steps[1:]):
+                    print(f"rank {me}: {which} {name}: decode steps not graphed: "
+                          f"{[st.graphed for st in runs[name].steps]} MISMATCH", flush=True)
                 if policy == "auto":
-                    choices[policy] = sched.last_choice.table()
+                    choices[name] = sched.last_choice.table()
                 del model
             store.check_errors()
             if disp is not None:
@@ -82,12 +91,14 @@ def main() -> int:
         for policy, run in runs.items():
             c = compare(run, base)
             used = [s.policy for s in run.steps]
-            exact = policy in ("prefetch_all", "on_demand")
+            exact = policy.split("+")[0] in ("prefetch_all", "on_demand")
             good = (c["max_rel_err"] == 0.0 if exact else c["max_rel_err"] <= 1e-2) and c["tokens_equal"]
-            if policy == "auto":  # the prefill moves weights, every decode step moves tokens
+            if policy.startswith("auto"):  # the prefill moves weights, every decode step moves tokens
                 good &= used[0] in ("prefetch_all", "on_demand") and all(m == "dispatch" for m in used[1:])
-            if policy == "dispatch":
+            if policy.startswith("dispatch"):
                 good &= all(m == "dispatch" for m in used)
+            if policy.endswith("+graph"):  # a graph replays exactly what the eager step computes
+                good &= all(np.array_equal(a, b) for a, b in zip(run.logits, runs[policy.split("+")[0]].logits))
             ok &= good
             fetched = sum(s.fetch_bytes for s in run.steps) / 2**20
             print(f"rank {me}: {which} {policy} (modes {used}, {fetched:.0f} MiB fetched) vs all-local "

@@ -59,6 +59,9 @@ def select_experts_torch(logits, bias, n_group: int, topk_group: int, top_k: int
     return w / w.sum(-1, keepdim=True) * scale, ids
 
 
+GRAPH_MODES = ("on_demand", "dispatch", "local")  # a prefetch_all step waits on copy-stream events: eager
+
+
 # -- expert sources ----------------------------------------------------------------------------------------------------
 class LocalExperts:
     """Every expert of every MoE layer on this GPU (``regenerate``: one ``[E, ...]`` buffer refilled from the weight
@@ -85,6 +88,9 @@ class LocalExperts:
         return self._buf
 
     def release(self, p: int, stream) -> None:
+        pass
+
+    def prepare_capture(self, stream) -> None:
         pass
 
 
@@ -132,6 +138,14 @@ class DwdpExperts:
 
     def release(self, p: int, stream) -> None:
         self.sched.release(p, stream)
+
+    def prepare_capture(self, stream) -> None:
+        """Before a CUDA-graph capture on ``stream``: the store's plans and this stream's fetch scratch exist."""
+        self.store.prepare(streams=[stream])
+
+    @property
+    def step_tokens(self):
+        return self.sched.step_tokens
 
 
 def _torch_view(a, dtype):
@@ -195,6 +209,9 @@ class GpuModel:
         self.timing: StepTiming | None = None
         self.last_policy = None
         self.last_ids: list = []
+        self.graphed = False  # whether the latest step was a graph replay
+        self._graphs: dict = {}
+        self._graph_pool = None
 
     # -- small blocks ------------------------------------------------------------------------------------------------
     def _rms(self, x, w):
@@ -246,8 +263,10 @@ class GpuModel:
             r = req  # the requests' cache slots, made once per step
             cl[r, pos] = latent
             cp_[r, pos] = k_pe
-            T = int(max(self.lengths[s[0]] for s in segments)) + 1
-            lat, kpe = cl[r, :T], cp_[r, :T]  # [N, T, c], [N, T, r]
+            # every cached position up to max_seq, masked past each request's own: the shapes do not depend on the
+            # step (a decode step is a CUDA graph), and eager and graphed steps compute the same sums
+            T = self.max_seq
+            lat, kpe = cl[r], cp_[r]  # [N, T, c], [N, T, r]
             q_lat = torch.einsum("nhd,hdc->nhc", q_nope, wkv_b[:, :nope])
             scores = (torch.bmm(q_lat, lat.transpose(1, 2)) + torch.bmm(q_pe, kpe.transpose(1, 2))).float()
             scores *= cfg.softmax_scale
@@ -390,10 +409,16 @@ class GpuModel:
     def reset(self) -> None:
         self.lengths = [0] * self.max_requests
 
-    def forward(self, requests: list[int], tokens: list[list[int]], timing: bool = False):
+    def forward(self, requests: list[int], tokens: list[list[int]], timing: bool = False, graph: bool = False):
         """One step for ``requests`` (slots in ``[0, max_requests)``): a prefill (every token list a whole prompt,
         starting at position 0) or a decode (one token each, after the cached positions). Returns float32 logits of
-        the last position of each request, ``[len(requests), vocab]`` (a torch tensor on this GPU)."""
+        the last position of each request, ``[len(requests), vocab]`` (a torch tensor on this GPU).
+
+        ``graph``: a decode step whose mode moves tokens, fetches on demand or reads local experts runs as a CUDA
+        graph, captured on first use for its (requests, mode, every rank's token count) and replayed after (the
+        mode is chosen on the host first, so ``auto`` picks among graphs; a ``prefetch_all`` step, which waits on
+        the copy stream's events, runs eagerly). A graphed step has no per-layer timing (``timing`` gives only the
+        step's own span to the caller's events); its numbers equal the eager step's."""
         torch = require_torch()
         cfg = self.cfg
         if len(requests) != len(tokens) or not requests:
@@ -422,32 +447,66 @@ class GpuModel:
         ids = np.asarray(flat, dtype=np.int64)
         if ids.min() < 0 or ids.max() >= cfg.vocab_size:
             raise ValueError(f"token ids must be in [0, {cfg.vocab_size})")
-        self.timing = StepTiming() if timing else None
-        self.last_ids = []
         with torch.cuda.stream(self.tstream):
-            tok = self._device_ints(ids.tolist())
-            pos_t = self._device_ints(pos)
-            req_t = self._device_ints([r for r, _, _ in segments]) if decode else None
-            self.last_policy = self.experts.begin_step(len(flat)) if cfg.n_moe_layers else None
-            x = self.P["embed"][tok]
-            for layer in range(cfg.n_layers):
-                p = f"layers.{layer}."
-                t0 = self._event() if timing else None
-                x = x + self._attention(layer, self._rms(x, self.P[p + "attn_norm"]), pos_t, segments, decode, req_t)
-                if timing:
-                    self.timing.attn.append((t0, self._event()))
-                h = self._rms(x, self.P[p + "ffn_norm"])
-                if layer < cfg.n_dense_layers:
-                    x = x + self._mlp(h, self.P[p + "ffn.w1"], self.P[p + "ffn.w3"], self.P[p + "ffn.w2"])
-                else:
-                    x = x + self._moe(layer, h)
-            last = self._device_ints([b - 1 for _, _, b in segments])
-            logits = (self._rms(x[last], self.P["norm"]) @ self.P["head"].T).float()
+            mode = self.experts.begin_step(len(flat)) if cfg.n_moe_layers else "local"
+            self.last_policy = mode if cfg.n_moe_layers else None
+            self.graphed = bool(graph and decode and mode in GRAPH_MODES)
+            self.timing = StepTiming() if timing and not self.graphed else None
+            if self.graphed:
+                logits = self._replay(requests, ids, pos, mode)
+            else:
+                self.last_ids = []
+                req_t = self._device_ints(list(requests)) if decode else None
+                last = None if decode else self._device_ints([b - 1 for _, _, b in segments])
+                logits = self._body(self._device_ints(ids.tolist()), self._device_ints(pos), req_t, last, segments,
+                                    decode)
         # the caller's stream may read the logits: order it behind this step (our stream is non-blocking)
         torch.cuda.current_stream(self.device).wait_stream(self.tstream)
         for r, a, b in segments:
             self.lengths[r] += b - a
         return logits
+
+    def _body(self, tok, pos_t, req_t, last, segments, decode: bool):
+        """The layers of one step, enqueued on the model's stream: tokens ``tok [N]``, positions ``pos_t [N]``, the
+        requests' cache slots ``req_t [N]`` (decode) and the rows of each request's last token ``last`` (prefill;
+        decode: every row). Returns float32 logits ``[requests, vocab]``."""
+        cfg = self.cfg
+        timing = self.timing is not None
+        x = self.P["embed"][tok]
+        for layer in range(cfg.n_layers):
+            p = f"layers.{layer}."
+            t0 = self._event() if timing else None
+            x = x + self._attention(layer, self._rms(x, self.P[p + "attn_norm"]), pos_t, segments, decode, req_t)
+            if timing:
+                self.timing.attn.append((t0, self._event()))
+            h = self._rms(x, self.P[p + "ffn_norm"])
+            if layer < cfg.n_dense_layers:
+                x = x + self._mlp(h, self.P[p + "ffn.w1"], self.P[p + "ffn.w3"], self.P[p + "ffn.w2"])
+            else:
+                x = x + self._moe(layer, h)
+        return (self._rms(x if last is None else x[last], self.P["norm"]) @ self.P["head"].T).float()
+
+    def _replay(self, requests, ids, pos, mode: str):
+        """A graphed decode step (see ``forward``): new inputs copied into the graph's static buffers, then replay."""
+        torch = require_torch()
+        key = (tuple(requests), mode, tuple(getattr(self.experts, "step_tokens", None) or ()))
+        entry = self._graphs.get(key)
+        if entry is None:
+            n = len(requests)
+            static = [torch.zeros(n, dtype=torch.int64, device=self.device) for _ in range(3)]
+            self.experts.prepare_capture(self.stream)
+            graph = torch.cuda.CUDAGraph()
+            self.last_ids = []
+            with torch.cuda.graph(graph, stream=self.tstream, pool=self._graph_pool, capture_error_mode="thread_local"):
+                out = self._body(static[0], static[1], static[2], None, None, True)
+            self._graph_pool = graph.pool()
+            entry = self._graphs[key] = (graph, static, out, list(self.last_ids))
+        graph, static, out, last_ids = entry
+        for buf, values in zip(static, (ids.tolist(), pos, list(requests))):
+            buf.copy_(torch.tensor(values, dtype=torch.int64).pin_memory(), non_blocking=True)
+        graph.replay()
+        self.last_ids = last_ids
+        return out.clone()  # the next replay overwrites the static output
 
 
 def dense_gemm_tflops(n: int = 8192, dtype: Any = None, repeats: int = 10) -> float:

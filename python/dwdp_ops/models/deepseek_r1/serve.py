@@ -9,6 +9,7 @@ from typing import Any
 import numpy as np
 
 from .config import DeepSeekConfig
+from .gpu import StepTiming
 from .gpu_weights import require_torch
 
 
@@ -70,6 +71,7 @@ class StepStats:
     fetch_ms: float = 0.0
     comm_ms: float = 0.0  # dispatch + combine (DEP steps)
     mode_costs: dict | None = None  # auto: the cost model's per-layer estimate of each mode (us, max over ranks)
+    graphed: bool = False  # a CUDA-graph replay: step_ms only, the per-layer spans are 0
     wait_ms_per_layer: list = field(default_factory=list)
 
 
@@ -81,11 +83,13 @@ class RunResult:
     wall_s: float
 
 
-def run_requests(model, prompts: list[list[int]], steps: int, *, scheduler=None, store=None, progress=None) -> RunResult:
+def run_requests(model, prompts: list[list[int]], steps: int, *, scheduler=None, store=None, progress=None,
+                 graph: bool = False) -> RunResult:
     """Prefill then ``steps - 1`` greedy decode steps of ``prompts`` on ``model`` with per-step timing. With a DWDP
     ``scheduler``/``store``: the bytes and time of each step's fetches (prefetch: copy-stream spans of the
     scheduler trace; on-demand: the fetch kernel spans, bytes of the distinct remote experts routed; dispatch:
-    none, its dispatch + combine time is ``comm_ms``)."""
+    none, its dispatch + combine time is ``comm_ms``). ``graph``: decode steps run as CUDA graphs where their mode
+    allows (``GpuModel.forward``); such a step has its total time only (no per-layer spans, ``graphed`` set)."""
     import time
 
     torch = require_torch()
@@ -100,15 +104,16 @@ def run_requests(model, prompts: list[list[int]], steps: int, *, scheduler=None,
         b = torch.cuda.Event(enable_timing=True)
         a.record(model.tstream)
         toks = prompts if i == 0 else [[o[-1]] for o in out]
-        logits = model.forward(reqs, toks, timing=True)
+        logits = model.forward(reqs, toks, timing=True, graph=graph)
         b.record(model.tstream)
         host = logits.cpu().numpy()  # synchronises
         if scheduler is not None:
             scheduler.copy_stream.synchronize()
-        tm = model.timing.resolve()
+        tm = model.timing.resolve() if model.timing is not None else StepTiming().resolve()
         st = StepStats("prefill" if i == 0 else "decode", model.last_policy, sum(len(t) for t in toks),
                        a.elapsed_time(b), tm["attn_ms"], tm["experts_ms"], tm["wait_ms"], tm["attn_flops"],
-                       tm["expert_flops"], comm_ms=tm["comm_ms"], wait_ms_per_layer=tm["wait_ms_per_layer"])
+                       tm["expert_flops"], comm_ms=tm["comm_ms"], wait_ms_per_layer=tm["wait_ms_per_layer"],
+                       graphed=model.graphed)
         if scheduler is not None and getattr(scheduler, "policy", None) == "auto" and scheduler.last_choice:
             st.mode_costs = dict(scheduler.last_choice.cost_us)
         if scheduler is not None and store is not None and model.last_policy != "dispatch":  # DEP moves no weights
@@ -165,7 +170,9 @@ def summarize(stats: list[StepStats]) -> dict[str, Any]:
             "attn_tflops": sum(x.attn_flops for x in s) / max(sum(x.attn_ms for x in s) * 1e-3, 1e-12) / 1e12,
             "expert_tflops": sum(x.expert_flops for x in s) / max(sum(x.experts_ms for x in s) * 1e-3, 1e-12) / 1e12,
             "fetch_GB": sum(x.fetch_bytes for x in s) / 1e9, "fetch_ms": sum(x.fetch_ms for x in s),
-            "fetch_GBps": sum(x.fetch_bytes for x in s) / max(sum(x.fetch_ms for x in s) * 1e-3, 1e-12) / 1e9,
+            # over the steps whose fetch was timed (a graphed step's is not)
+            "fetch_GBps": sum(x.fetch_bytes for x in s if not x.graphed) / max(sum(x.fetch_ms for x in s) * 1e-3, 1e-12) / 1e9,
+            "graphed_steps": sum(1 for x in s if x.graphed),
             "exposed_fetch_ms": sum(x.wait_ms for x in s), "exposed_fetch_frac": sum(x.wait_ms for x in s) / ms,
             "comm_ms": sum(x.comm_ms for x in s), "modes": {m: sum(1 for x in s if str(x.policy) == m)
                                                            for m in sorted({str(x.policy) for x in s})},
