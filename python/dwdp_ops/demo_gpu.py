@@ -90,9 +90,10 @@ def main(argv: list[str] | None = None) -> int:
         torch.cuda.set_device(rt.device)
         lead = me == 0
         free = cp.cuda.runtime.memGetInfo()[0]
-        # activations and caches (the all-local check runs after the store is freed), and the dispatcher's grouped
-        # rows with the expert outputs over them
-        reserve = 16 * GiB + (2 * TokenDispatcher.local_bytes(n, cap, H, k, probe.n_routed_experts // n)
+        # activations and caches (a 20K-token prefill peaked near 29 GiB of PyTorch memory with 7 MoE layers on
+        # 2 x H200, where 16 GiB left it short once a decode graph's pool existed; the all-local check runs after
+        # the store is freed), and the dispatcher's grouped rows with the expert outputs over them
+        reserve = 22 * GiB + (2 * TokenDispatcher.local_bytes(n, cap, H, k, probe.n_routed_experts // n)
                               if moves_tokens else 0)
         fit = plan_layers(probe, n, ns.moe_layers, free, reserve)
         votes = rt.rendezvous.allgather("demo:layers", str(fit).encode())

@@ -342,7 +342,8 @@ class GpuModel:
         timed = self.timing is not None
         if self.grouped:
             E = cfg.n_routed_experts
-            counts = torch.bincount(flat, minlength=E)
+            # per-expert counts without bincount (which reads its input's maximum back to the host: not capturable)
+            counts = torch.zeros(E, dtype=torch.int64, device=x.device).scatter_add_(0, flat, torch.ones_like(flat))
             if self.align > 1:
                 # every expert's rows start on a multiple of `align` (zero rows between groups, never read back);
                 # the padded size is bounded without a host round trip: at most min(E, N*k) groups are non-empty
