@@ -357,7 +357,7 @@ class GpuModel:
                 xp = torch.zeros((rows, cfg.dim), dtype=x.dtype, device=x.device)
                 xp[dst] = xs
                 offs = padded.cumsum(0).to(torch.int32)
-                offs[-1] = rows  # the last group takes the tail of zero rows
+                offs[-1:].fill_(rows)  # the last group takes the tail of zero rows (fill: capturable, no copy)
                 t0 = self._event() if timed else None
                 ys = self._grouped_swiglu(xp, offs, w13, w2)
                 t1 = self._event() if timed else None
