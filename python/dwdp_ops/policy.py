@@ -57,11 +57,11 @@ class Rates:
 
     ce_gbps: float = 370.0  # copy-engine fetch of remote experts, H200 (docs/benchmarks.md: 373.9-374.2)
     sm_gbps: float = 320.0  # on-demand NVSHMEM fetch on 32 SMs, H200
-    # our dispatch + combine on 2 x H200 (bench/results/dispatch_bandwidth_H200_N2.json, 32 SMs, layers timed back
-    # to back): a straight line through 1K-32K tokens per rank gives 0.51 us per row of 43 KB (bf16 row, metadata,
-    # float32 partial back) and ~210 us at zero rows, i.e. two collectives of ~105 us (154 us for one token)
-    dispatch_gbps: float = 84.0
-    dispatch_latency_us: float = 100.0
+    # our dispatch + combine on 2 x H200 with the default grid (every SM; bench/results/dispatch_bandwidth_H200_N2.json,
+    # layers timed back to back): a straight line through 1K-32K tokens per rank gives 0.26 us per row of 43 KB
+    # (bf16 row, metadata, float32 partial back), and one token takes 163 us for the pair: ~80 us per collective
+    dispatch_gbps: float = 165.0
+    dispatch_latency_us: float = 80.0
     gemm_tflops: float = 640.0  # bf16 grouped expert GEMM, H200 (docs/benchmarks.md: 635-658)
 
     def __post_init__(self) -> None:
