@@ -158,3 +158,23 @@ def test_bad_rates(field, value, err):
     with pytest.raises(err, match=f"Rates.{field}"):
         Rates(**{field: value})
     assert Rates(dispatch_latency_us=0).dispatch_latency_us == 0
+
+
+def test_one_byte_weights_use_the_fp8_gemm_rate():
+    """With 1-byte weights a pair is 2 X FLOP (X parameters) at ``fp8_gemm_tflops``, with 2-byte weights 2 X / 2 at
+    ``gemm_tflops``; the fetch term depends on the bytes alone. Costs by hand."""
+    part = ExpertPartition.disjoint(2, 2)
+    X = 10**6  # bytes of one expert
+    r = Rates(ce_gbps=1, gemm_tflops=1, fp8_gemm_tflops=4)
+    bf16 = choose_mode([10, 10], part, X, 8, 1, r, ("prefetch_all",), param_bytes=2)
+    fp8 = choose_mode([10, 10], part, X, 8, 1, r, ("prefetch_all",), param_bytes=1)
+    # prefetch_all = max(gemm, fetch): fetch of one remote expert = X / 1e9 s = 1000 us in both;
+    # gemm = T k 2 (X / pb) / C: bf16 10 * 2 * 5e5 / 1e12 = 10 us, fp8 10 * 2 * 1e6 / 4e12 = 5 us
+    assert bf16.cost_us["prefetch_all"] == pytest.approx(1000.0)
+    big = 10**6
+    b = choose_mode([big, big], part, X, 8, 1, r, ("prefetch_all",), param_bytes=2).cost_us["prefetch_all"]
+    f = choose_mode([big, big], part, X, 8, 1, r, ("prefetch_all",), param_bytes=1).cost_us["prefetch_all"]
+    assert b == pytest.approx(big * 2 * 5e5 / 1e12 * 1e6) and f == pytest.approx(big * 2 * 1e6 / 4e12 * 1e6)
+    assert fp8.cost_us["prefetch_all"] == pytest.approx(1000.0)
+    with pytest.raises(ValueError, match="fp8_gemm_tflops must be > 0"):
+        Rates(fp8_gemm_tflops=0)

@@ -27,16 +27,19 @@ def dispatch_capacity(world: int, prompts: int, min_len: int, max_len: int, voca
     return max(sum(map(len, prompts_for(r, prompts, min_len, max_len, vocab, seed))) for r in range(world))
 
 
-def plan_layers(cfg, world: int, requested: int | None, free_bytes: int, reserve: int) -> int:
-    """MoE layers that fit: local experts and attention/shared weights per layer, two slot pools, the dense layers,
-    embedding and head, and ``reserve`` for activations, caches and the all-local check buffer."""
+def plan_layers(cfg, world: int, requested: int | None, free_bytes: int, reserve: int, expert_itemsize: int = 2) -> int:
+    """MoE layers that fit: local experts (``expert_itemsize`` bytes per weight: 2 bf16, 1 fp8, whose float32 row
+    scales of all E experts every rank also holds) and attention/shared weights (bf16) per layer, two slot pools, the
+    dense layers, embedding and head, and ``reserve`` for activations, caches and the all-local check buffer."""
     E, L = cfg.n_routed_experts, cfg.n_routed_experts // world
-    expert = 2 * 3 * cfg.moe_inter_dim * cfg.dim  # bf16 bytes
+    expert = expert_itemsize * 3 * cfg.moe_inter_dim * cfg.dim
+    scales = 4 * E * (2 * cfg.moe_inter_dim + cfg.dim) if expert_itemsize == 1 else 0
+    shared = 2 * 3 * cfg.moe_inter_dim * cfg.dim
     H = cfg.n_heads
     attn = 2 * (cfg.q_lora_rank * cfg.dim + H * cfg.qk_head_dim * cfg.q_lora_rank
                 + (cfg.kv_lora_rank + cfg.qk_rope_head_dim) * cfg.dim
                 + H * (cfg.qk_nope_head_dim + cfg.v_head_dim) * cfg.kv_lora_rank + cfg.dim * H * cfg.v_head_dim)
-    per_moe = L * expert + attn + expert * cfg.n_shared_experts
+    per_moe = L * expert + scales + attn + shared * cfg.n_shared_experts
     fixed = 2 * (E - L) * expert + 3 * (attn + 2 * 3 * cfg.inter_dim * cfg.dim) + 2 * 2 * cfg.vocab_size * cfg.dim
     fit = max(0, (free_bytes - fixed - reserve) // per_moe)
     return int(fit if requested is None else min(fit, requested))
@@ -51,6 +54,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-len", type=int, default=1024)
     ap.add_argument("--steps", type=int, default=16)
     ap.add_argument("--policy", default="auto", choices=["auto", "prefetch_all", "on_demand", "dispatch"])
+    ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float8_e4m3fn"],
+                    help="routed experts: bf16, or fp8 e4m3 with rowwise scales (requantised from 128x128 blocks)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--no-check", action="store_true")
     ap.add_argument("--no-graphs", action="store_true", help="run decode steps eagerly (default: CUDA graphs)")
@@ -73,6 +78,7 @@ def main(argv: list[str] | None = None) -> int:
         RunResult,
         build_store,
         compare,
+        expert_scales,
         prompts_for,
         run_requests,
         summarize,
@@ -95,13 +101,15 @@ def main(argv: list[str] | None = None) -> int:
         # rows with the expert outputs over them
         reserve = 28 * GiB + (2 * TokenDispatcher.local_bytes(n, cap, H, k, probe.n_routed_experts // n)
                               if moves_tokens else 0)
-        fit = plan_layers(probe, n, ns.moe_layers, free, reserve)
+        fp8 = ns.dtype == "float8_e4m3fn"
+        fit = plan_layers(probe, n, ns.moe_layers, free, reserve, 1 if fp8 else 2)
         votes = rt.rendezvous.allgather("demo:layers", str(fit).encode())
         moe_layers = min(int(v) for v in votes)
         if moe_layers < 1:
             raise SystemExit(f"rank {me}: not even one MoE layer of the real model fits ({free / GiB:.0f} GiB free)")
         cfg = DeepSeekConfig.r1(n_layers=3 + moe_layers, vocab_size=ns.vocab)
-        weights = DeviceWeights(cfg, ns.seed, torch.bfloat16)
+        weights = DeviceWeights(cfg, ns.seed, torch.bfloat16, expert_dtype=torch.float8_e4m3fn if fp8 else None)
+        scales = expert_scales(cfg, weights)
         dense_rate = dense_gemm_tflops()
         prompts = prompts_for(me, ns.prompts, ns.min_len, ns.max_len, cfg.vocab_size, ns.seed)
         max_seq = max(map(len, prompts)) + ns.steps
@@ -111,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
             if moves_tokens:
                 disp = TokenDispatcher(store.partition, cfg.dim, cfg.n_activated_experts, cap)
             sched = PrefetchScheduler(store, policy=ns.policy, top_k=cfg.n_activated_experts, dispatcher=disp)
-            model = GpuModel(cfg, weights, DwdpExperts(store, sched, weights.dtype), max_requests=len(prompts),
+            model = GpuModel(cfg, weights, DwdpExperts(store, sched, weights.expert_dtype, scales), max_requests=len(prompts),
                              max_seq=max_seq)
             # warm-up: the same prompts, prefill and one decode step (every kernel shape the run meets)
             graph = not ns.no_graphs
@@ -147,7 +155,7 @@ def main(argv: list[str] | None = None) -> int:
             report = {"gpus": n, "card": torch.cuda.get_device_name(), "config": {
                 "layers": cfg.n_layers, "dense_layers": cfg.n_dense_layers, "moe_layers": cfg.n_moe_layers,
                 "dim": cfg.dim, "experts": cfg.n_routed_experts, "top_k": cfg.n_activated_experts,
-                "moe_inter_dim": cfg.moe_inter_dim, "vocab": cfg.vocab_size, "dtype": "bfloat16"},
+                "moe_inter_dim": cfg.moe_inter_dim, "vocab": cfg.vocab_size, "dtype": ns.dtype},
                 "policy": ns.policy, "steps": ns.steps, "graphs": not ns.no_graphs, "ranks": [json.loads(g) for g in gathered]}
             with open(ns.out, "w") as f:
                 json.dump(report, f)

@@ -8,7 +8,7 @@ Modes of one step (every MoE layer of the step uses it):
 The rule (per MoE layer, times in seconds; rank r has T_r tokens; every rank the same configuration):
   E experts, L = experts_per_rank, k = top_k, H = hidden, X = layout_bytes_per_expert, P = X / param_bytes
   parameters per expert, so one (token, expert) pair costs 2P FLOP.  Rates: B_ce, B_sm, B_d (GB/s), latency lat (µs,
-  per collective), C (TFLOP/s).
+  per collective), C (TFLOP/s: ``gemm_tflops``, or ``fp8_gemm_tflops`` for 1-byte weights).
     gemm(pairs)       = pairs * 2P / C
     prefetch_all_r    = gemm(T_r k) + max(0, (E - L) X / B_ce - gemm(T_r k))  = max(gemm(T_r k), (E - L) X / B_ce)
                         (the prefetch of layer l+1 is hidden behind layer l's compute; only the excess is exposed)
@@ -63,9 +63,13 @@ class Rates:
     dispatch_gbps: float = 165.0
     dispatch_latency_us: float = 80.0
     gemm_tflops: float = 640.0  # bf16 grouped expert GEMM, H200 (docs/benchmarks.md: 635-658)
+    # fp8 rowwise grouped expert GEMM (used when param_bytes == 1): the bf16 figure times the 1094 / 804 TFLOP/s
+    # that torch._scaled_grouped_mm / torch._grouped_mm reached on one H200 (issue 13's probe: 32 groups x 512 rows,
+    # N 4096, K 7168); to be replaced by bench/expert_gemm.py's measurement at R1 shapes
+    fp8_gemm_tflops: float = 870.0
 
     def __post_init__(self) -> None:
-        for name in ("ce_gbps", "sm_gbps", "dispatch_gbps", "gemm_tflops", "dispatch_latency_us"):
+        for name in ("ce_gbps", "sm_gbps", "dispatch_gbps", "gemm_tflops", "fp8_gemm_tflops", "dispatch_latency_us"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
                 raise TypeError(f"Rates.{name} must be a finite number, got {v!r}")
@@ -161,7 +165,8 @@ def choose_mode(tokens_per_rank: Sequence[int], partition: ExpertPartition, layo
     if not allowed or unknown or len(set(allowed)) != len(allowed):
         raise ValueError(f"allowed must be a non-empty subset of {MODES} without repeats, got {allowed}")
 
-    pair_s = 2.0 * (X / param_bytes) / (rates.gemm_tflops * 1e12)
+    C = rates.fp8_gemm_tflops if param_bytes == 1 else rates.gemm_tflops
+    pair_s = 2.0 * (X / param_bytes) / (C * 1e12)
     fetch_all = (E - L) * X / (rates.ce_gbps * 1e9)
     lat = rates.dispatch_latency_us * 1e-6
     m = pair_shares(partition, k)

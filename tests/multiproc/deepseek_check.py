@@ -1,6 +1,8 @@
 """DWDP integration check of the DeepSeek-R1 GPU forward on N GPUs.
 
-    deepseek_check.py CONFIG [STEPS]     CONFIG: mini (bf16, device-generated weights) or tiny (float32, numpy weights)
+    deepseek_check.py CONFIG [STEPS]     CONFIG: mini (bf16, device-generated weights), mini8 (the same with fp8 experts:
+                                         rowwise-requantised e4m3 bytes in the store, scales whole on every rank) or
+                                         tiny (float32, numpy weights)
 
 Every rank serves its own prompts of different lengths. The model runs prefill + STEPS - 1 greedy decode steps on DWDP
 under ``prefetch_all`` and under ``on_demand`` (one ExpertStore, one scheduler per policy), with ``mini`` (bf16) also
@@ -23,7 +25,7 @@ import torch
 from dwdp_ops.models.deepseek_r1 import DeepSeekConfig, ReferenceModel, init_weights
 from dwdp_ops.models.deepseek_r1.gpu import DwdpExperts, GpuModel, LocalExperts
 from dwdp_ops.models.deepseek_r1.gpu_weights import DeviceWeights, NumpyWeights
-from dwdp_ops.models.deepseek_r1.serve import build_store, compare, prompts_for, run_requests
+from dwdp_ops.models.deepseek_r1.serve import build_store, compare, expert_scales, prompts_for, run_requests
 from dwdp_ops.policy import Rates
 from dwdp_ops.scheduler import PrefetchScheduler
 
@@ -47,7 +49,8 @@ def main() -> int:
         else:
             cfg = DeepSeekConfig.mini()
             W = None
-            weights = DeviceWeights(cfg, 0, torch.bfloat16)
+            weights = DeviceWeights(cfg, 0, torch.bfloat16,
+                                    expert_dtype=torch.float8_e4m3fn if which == "mini8" else None)
             prompts = prompts_for(me, 4, 5, 120, cfg.vocab_size)
         max_seq = max(map(len, prompts)) + steps
         store = build_store(cfg, weights)
@@ -56,20 +59,23 @@ def main() -> int:
         if which == "mini":
             policies += [("dispatch", "dispatch", False), ("auto", "auto", False), ("on_demand+graph", "on_demand", True),
                          ("dispatch+graph", "dispatch", True), ("auto+graph", "auto", True)]
+        if which == "mini8":
+            policies += [("dispatch", "dispatch", False), ("dispatch+graph", "dispatch", True)]
+        scales = expert_scales(cfg, weights)
         # one dispatcher capacity on every rank (symmetric buffers): the largest step of any rank
         cap = max(int(v) for v in dwdp_ops.get_runtime().rendezvous.allgather(
             "deepseek_check:cap", str(sum(map(len, prompts))).encode()))
         runs, choices = {}, {}
         disp = None
         try:
-            if which == "mini":
+            if which in ("mini", "mini8"):
                 disp = dwdp_ops.TokenDispatcher(store.partition, cfg.dim, cfg.n_activated_experts, cap)
             for name, policy, graph in policies:
                 sched = PrefetchScheduler(store, policy=policy, top_k=cfg.n_activated_experts,
                                           dispatcher=disp if policy in ("dispatch", "auto") else None,
                                           rates=AUTO_RATES if policy == "auto" else None)
-                model = GpuModel(cfg, weights, DwdpExperts(store, sched, weights.dtype), max_requests=len(prompts),
-                                 max_seq=max_seq)
+                model = GpuModel(cfg, weights, DwdpExperts(store, sched, weights.expert_dtype, scales),
+                                 max_requests=len(prompts), max_seq=max_seq)
                 runs[name] = run_requests(model, prompts, steps, scheduler=sched, store=store, graph=graph)
                 if graph and not all(st.graphed for st in runs[name].steps[1:]):
                     print(f"rank {me}: {which} {name}: decode steps not graphed: "

@@ -68,22 +68,32 @@ class LocalExperts:
     source at each layer, for models whose experts do not all fit)."""
 
     def __init__(self, weights, cfg: DeepSeekConfig, regenerate: bool = False):
+        torch = require_torch()
         self.weights, self.cfg, self.regenerate = weights, cfg, regenerate
-        E = cfg.n_routed_experts
+        self.fp8 = getattr(weights, "expert_dtype", None) == torch.float8_e4m3fn
         if regenerate:
-            self._buf = weights.experts(cfg.n_dense_layers, 0, E)
+            self._buf = self._load(0)
             self._held = 0  # the buffer holds MoE position 0
         else:
-            self._layers = [weights.experts(cfg.n_dense_layers + p, 0, E) for p in range(cfg.n_moe_layers)]
+            self._layers = [self._load(p) for p in range(cfg.n_moe_layers)]
+
+    def _load(self, p: int, out=None) -> tuple:
+        """``(w13, w2, s13, s2)`` of every expert of MoE position p (scales None unless fp8)."""
+        layer, E = self.cfg.n_dense_layers + p, self.cfg.n_routed_experts
+        if self.fp8:
+            (w13, w2), (s13, s2) = self.weights.experts_fp8(layer, 0, E)
+            return w13, w2, s13, s2
+        return (*self.weights.experts(layer, 0, E, out=None if out is None else out[:2]), None, None)
 
     def begin_step(self, tokens: int) -> str:
         return "local"
 
-    def weights_for(self, p: int, ids, stream) -> tuple[Any, Any]:
+    def weights_for(self, p: int, ids, stream) -> tuple:
+        """``(w13 [E, 2I, H], w2 [E, H, I], s13 [E, 2I] | None, s2 [E, H] | None)``."""
         if not self.regenerate:
             return self._layers[p]
         if self._held != p:
-            self.weights.experts(self.cfg.n_dense_layers + p, 0, self.cfg.n_routed_experts, out=self._buf)
+            self._buf = self._load(p, out=None if self.fp8 else self._buf)
             self._held = p
         return self._buf
 
@@ -101,12 +111,21 @@ class DwdpExperts:
     views. ``dispatch`` mode (the scheduler holds a ``TokenDispatcher``): ``dispatch`` / ``combine`` move the tokens
     and ``local_weights`` returns this rank's ``[L, ...]`` experts (no slot is read)."""
 
-    def __init__(self, store, scheduler, dtype):
+    def __init__(self, store, scheduler, dtype, scales: list | None = None):
+        """``dtype``: the experts' torch dtype in the store (the model dtype, or float8_e4m3fn with ``scales``: per
+        MoE position ``(s13 [E, 2I], s2 [E, H])`` float32, ``serve.expert_scales``)."""
+        torch = require_torch()
+        if (dtype == torch.float8_e4m3fn) != (scales is not None):
+            raise ValueError("fp8 experts need their rowwise scales (scales=serve.expert_scales(...)), and only they")
+        if scales is not None and len(scales) != store.num_layers:
+            raise ValueError(f"scales: one (s13, s2) pair per store layer ({store.num_layers}), got {len(scales)}")
         self.store, self.sched = store, scheduler
-        self.views = [tuple(_torch_view(store.composite(p, n), dtype) for n in ("w13", "w2"))
+        sc = scales or [(None, None)] * store.num_layers
+        self.views = [(*(_torch_view(store.composite(p, n), dtype) for n in ("w13", "w2")), *sc[p])
                       for p in range(store.num_layers)]
-        self.local = [tuple(_torch_view(store.local(p, n), dtype) for n in ("w13", "w2"))
-                      for p in range(store.num_layers)]
+        lo, hi = store.lo, store.hi
+        self.local = [(*(_torch_view(store.local(p, n), dtype) for n in ("w13", "w2")),
+                       *(None if s is None else s[lo:hi] for s in sc[p])) for p in range(store.num_layers)]
 
     def begin_step(self, tokens: int) -> str:
         return self.sched.begin_step(tokens=tokens)
@@ -116,7 +135,8 @@ class DwdpExperts:
         """Whether this step's MoE layers dispatch tokens (DEP) instead of reading fetched weights."""
         return self.sched.step_policy == "dispatch"
 
-    def local_weights(self, p: int) -> tuple[Any, Any]:
+    def local_weights(self, p: int) -> tuple:
+        """``(w13 [L, 2I, H], w2 [L, H, I], s13 | None, s2 | None)``: this rank's experts (dispatch mode)."""
         return self.local[p]
 
     def dispatch(self, p: int, x, w, ids, stream):
@@ -128,7 +148,8 @@ class DwdpExperts:
         torch = require_torch()
         self.sched.combine(p, y_grouped.view(torch.int16), handle, stream, out=out.view(torch.int16))
 
-    def weights_for(self, p: int, ids, stream) -> tuple[Any, Any]:
+    def weights_for(self, p: int, ids, stream) -> tuple:
+        """``(w13 [E, 2I, H], w2 [E, H, I], s13 | None, s2 | None)`` over the composite range, once fetched."""
         if self.sched.step_policy == "on_demand":
             # the router's ids as they are: the fetch kernel fetches a repeated expert once
             self.sched.wait(p, stream, ids=ids.reshape(-1).to(require_torch().int32).contiguous())
@@ -295,12 +316,18 @@ class GpuModel:
         return o.reshape(N, H * vd) @ P[p + "wo"].T
 
     # -- MoE ---------------------------------------------------------------------------------------------------------
-    def _grouped_swiglu(self, xg, offs, w13, w2):
+    def _grouped_swiglu(self, xg, offs, w13, w2, s13=None, s2=None):
         """The expert MLP over rows grouped by expert: ``xg [R, H]`` bf16, group g in rows ``[offs[g-1], offs[g])``
         (``offs [G]`` int32), ``w13 [G, 2I, H]``, ``w2 [G, H, I]`` -> ``[R, H]`` bf16 (rows past ``offs[-1]`` are
-        not meaningful). Two ``torch._grouped_mm`` with the SwiGLU between; the one expert kernel of every mode."""
+        not meaningful). Two ``torch._grouped_mm`` with the SwiGLU between, or with fp8 weights and their rowwise
+        scales ``s13 [G, 2I]`` / ``s2 [G, H]`` two ``torch._scaled_grouped_mm`` (``fp8.grouped_swiglu_fp8``); the
+        one expert kernel of every mode."""
         torch = require_torch()
         I = self.cfg.moe_inter_dim
+        if s13 is not None:
+            from .fp8 import grouped_swiglu_fp8
+
+            return grouped_swiglu_fp8(xg, offs, w13, w2, s13, s2, I)
         h = torch._grouped_mm(xg, w13.transpose(-2, -1), offs=offs)
         a = torch.nn.functional.silu(h[:, :I]) * h[:, I:]
         return torch._grouped_mm(a, w2.transpose(-2, -1), offs=offs)
@@ -316,8 +343,7 @@ class GpuModel:
         handle = self.experts.dispatch(pos, x, w.float(), ids, self.stream)
         c1 = self._event() if timed else None
         xg, offs = handle.torch()
-        w13, w2 = self.experts.local_weights(pos)
-        ys = self._grouped_swiglu(xg, offs, w13, w2)
+        ys = self._grouped_swiglu(xg, offs, *self.experts.local_weights(pos))
         c2 = self._event() if timed else None
         out = torch.empty_like(x)
         self.experts.combine(pos, ys, handle, out, self.stream)
@@ -330,7 +356,7 @@ class GpuModel:
             self.timing.expert_flops += 2.0 * N * k * 3 * self.cfg.moe_inter_dim * self.cfg.dim
         return out
 
-    def _routed(self, x, w, ids, w13, w2):
+    def _routed(self, x, w, ids, w13, w2, s13=None, s2=None):
         torch = require_torch()
         cfg = self.cfg
         N, k = ids.shape
@@ -359,13 +385,13 @@ class GpuModel:
                 offs = padded.cumsum(0).to(torch.int32)
                 offs[-1:].fill_(rows)  # the last group takes the tail of zero rows (fill: capturable, no copy)
                 t0 = self._event() if timed else None
-                ys = self._grouped_swiglu(xp, offs, w13, w2)
+                ys = self._grouped_swiglu(xp, offs, w13, w2, s13, s2)
                 t1 = self._event() if timed else None
                 ys = ys[dst]
             else:
                 offs = counts.cumsum(0).to(torch.int32)
                 t0 = self._event() if timed else None
-                ys = self._grouped_swiglu(xs, offs, w13, w2)
+                ys = self._grouped_swiglu(xs, offs, w13, w2, s13, s2)
                 t1 = self._event() if timed else None
         else:
             counts = torch.bincount(flat, minlength=cfg.n_routed_experts).tolist()
@@ -374,7 +400,11 @@ class GpuModel:
             s = 0
             for e, c in enumerate(counts):
                 if c:
-                    ys[s : s + c] = self._mlp(xs[s : s + c], w13[e, :I], w13[e, I:], w2[e])
+                    a13, a2 = w13[e], w2[e]
+                    if s13 is not None:  # fp8: dequantise this expert's rows
+                        a13 = (a13.float() * s13[e][:, None]).to(self.dtype)
+                        a2 = (a2.float() * s2[e][:, None]).to(self.dtype)
+                    ys[s : s + c] = self._mlp(xs[s : s + c], a13[:I], a13[I:], a2)
                     s += c
             t1 = self._event() if timed else None
         if timed:
@@ -398,11 +428,11 @@ class GpuModel:
             y = self._routed_dispatch(pos, x, w, ids)
         else:
             t0 = self._event() if self.timing is not None else None
-            w13, w2 = self.experts.weights_for(pos, ids, self.stream)
+            experts = self.experts.weights_for(pos, ids, self.stream)
             if t0 is not None:
                 t1 = self._event()
                 self.timing.wait.append((t0, t1))
-            y = self._routed(x, w, ids, w13, w2)
+            y = self._routed(x, w, ids, *experts)
         self.experts.release(pos, self.stream)  # after the expert kernels are enqueued
         return y + self._mlp(x, P[p + "shared.w1"], P[p + "shared.w3"], P[p + "shared.w2"])
 

@@ -5,6 +5,12 @@ and the gate's correction bias in float32, the rest in the model dtype) and ``ex
 experts ``lo .. hi-1`` of a MoE layer as ``w13 [n, 2I, H]`` (gate rows then up rows) and ``w2 [n, H, I]``,
 dequantised from fp8 e4m3 codes with 128 x 128 block scales to the model dtype).
 
+With ``expert_dtype=torch.float8_e4m3fn`` the routed experts are also served as the store keeps them:
+``experts_fp8(layer, lo, hi)`` gives ``(w13 [n, 2I, H], w2 [n, H, I])`` float8_e4m3fn with rowwise float32 scales
+``(s13 [n, 2I], s2 [n, H])``, requantised at load from the same block-scaled codes (``fp8.requant_block``; the
+numpy truth is ``dwdp_ops.quant``), and ``expert_scales(layer)`` the scales of all E experts (every rank holds them
+whole; the store moves only the fp8 bytes).
+
 ``DeviceWeights`` draws every tensor from its own generator, seeded by ``(seed, name)`` (experts by
 ``(seed, layer, expert)``), so any rank rebuilds any slice without communication and a second, all-local run gets
 the same bytes: the property the DWDP integration check rests on. It has the distribution of ``weights.init_weights``
@@ -68,11 +74,53 @@ def dense_shapes(cfg: DeepSeekConfig) -> dict[str, tuple[tuple[int, ...], float 
     return out
 
 
-class DeviceWeights:
-    def __init__(self, cfg: DeepSeekConfig, seed: int = 0, dtype: Any = None, device: int | None = None):
+class _ExpertsFp8:
+    """The fp8 expert methods shared by both weight sources (they need ``_block_codes(layer, e)``)."""
+
+    def experts_fp8(self, layer: int, lo: int, hi: int):
+        """``(w13 [n, 2I, H], w2 [n, H, I])`` float8_e4m3fn and ``(s13 [n, 2I], s2 [n, H])`` float32 of experts
+        ``lo .. hi-1``: each projection's block-scaled codes requantised per output row."""
+        torch = require_torch()
+        from .fp8 import requant_block
+
+        cfg = self.cfg
+        I, d, n = cfg.moe_inter_dim, cfg.dim, hi - lo
+        w13 = torch.empty((n, 2 * I, d), dtype=torch.float8_e4m3fn, device=self.device)
+        w2 = torch.empty((n, d, I), dtype=torch.float8_e4m3fn, device=self.device)
+        s13 = torch.empty((n, 2 * I), dtype=torch.float32, device=self.device)
+        s2 = torch.empty((n, d), dtype=torch.float32, device=self.device)
+        for i, e in enumerate(range(lo, hi)):
+            (c1, b1), (c3, b3), (c2, b2) = self._block_codes(layer, e)
+            w13[i, :I], s13[i, :I] = requant_block(c1, b1, cfg.block)
+            w13[i, I:], s13[i, I:] = requant_block(c3, b3, cfg.block)
+            w2[i], s2[i] = requant_block(c2, b2, cfg.block)
+        return (w13, w2), (s13, s2)
+
+    def expert_scales(self, layer: int):
+        """``(s13 [E, 2I], s2 [E, H])``: the rowwise scales of every expert of ``layer`` (computed here from the
+        block-scaled weights, expert by expert, so no rank needs another's)."""
+        torch = require_torch()
+        cfg = self.cfg
+        E, I, d = cfg.n_routed_experts, cfg.moe_inter_dim, cfg.dim
+        s13 = torch.empty((E, 2 * I), dtype=torch.float32, device=self.device)
+        s2 = torch.empty((E, d), dtype=torch.float32, device=self.device)
+        for e in range(E):
+            _, (a, b) = self.experts_fp8(layer, e, e + 1)
+            s13[e], s2[e] = a[0], b[0]
+        return s13, s2
+
+
+class DeviceWeights(_ExpertsFp8):
+    def __init__(self, cfg: DeepSeekConfig, seed: int = 0, dtype: Any = None, device: int | None = None,
+                 expert_dtype: Any = None):
+        """``expert_dtype``: ``torch.float8_e4m3fn`` to serve the routed experts as fp8 with rowwise scales
+        (``experts_fp8``); default the model dtype (``experts``, dequantised)."""
         torch = require_torch()
         self.cfg, self.seed = cfg, int(seed)
         self.dtype = dtype or torch.bfloat16
+        self.expert_dtype = expert_dtype or self.dtype
+        if self.expert_dtype not in (self.dtype, torch.float8_e4m3fn):
+            raise ValueError(f"expert_dtype must be the model dtype or torch.float8_e4m3fn, got {self.expert_dtype}")
         self.device = torch.device("cuda", torch.cuda.current_device() if device is None else device)
         self.shapes = dense_shapes(cfg)
 
@@ -97,16 +145,30 @@ class DeviceWeights:
             t = float(kind) * torch.randn(shape, generator=g, device=self.device)
         return t.float() if _is_fp32(name) else t.to(self.dtype)
 
-    def _fp8(self, g, shape: tuple[int, int]):
-        """Random e4m3 codes (no NaN) with block scales, dequantised (the ``random_fp8`` distribution)."""
+    def _fp8_codes(self, g, shape: tuple[int, int]):
+        """Random e4m3 codes (no NaN) and 128 x 128 block scales (the ``random_fp8`` distribution)."""
         torch = require_torch()
         b = self.cfg.block
         codes = torch.randint(0, 256, shape, generator=g, device=self.device, dtype=torch.uint8)
         codes -= ((codes & 0x7F) == 0x7F).to(torch.uint8)
         sb = (-(-shape[0] // b), -(-shape[1] // b))
         scale = (torch.rand(sb, generator=g, device=self.device) + 0.5) * 2e-4
+        return codes, scale
+
+    def _fp8(self, g, shape: tuple[int, int]):
+        """The block-scaled weight dequantised to the model dtype."""
+        torch = require_torch()
+        b = self.cfg.block
+        codes, scale = self._fp8_codes(g, shape)
         full = scale.repeat_interleave(b, 0).repeat_interleave(b, 1)[: shape[0], : shape[1]]
         return (codes.view(torch.float8_e4m3fn).float() * full).to(self.dtype)
+
+    def _block_codes(self, layer: int, e: int):
+        """``((codes, scale_inv) of w1, of w3, of w2)`` of expert ``e``: the same draws as ``experts``."""
+        cfg = self.cfg
+        I, d = cfg.moe_inter_dim, cfg.dim
+        g = self._gen("expert", layer, e)
+        return self._fp8_codes(g, (I, d)), self._fp8_codes(g, (I, d)), self._fp8_codes(g, (d, I))
 
     def experts(self, layer: int, lo: int, hi: int, out: tuple[Any, Any] | None = None):
         """``(w13 [n, 2I, H], w2 [n, H, I])`` of experts ``lo .. hi-1`` of MoE layer ``layer`` (written into
@@ -126,14 +188,30 @@ class DeviceWeights:
         return w13, w2
 
 
-class NumpyWeights:
-    """A numpy weight dict (``init_weights`` or a checkpoint) on the GPU; experts dequantised on the host."""
+class NumpyWeights(_ExpertsFp8):
+    """A numpy weight dict (``init_weights`` or a checkpoint) on the GPU; experts dequantised on the host, or served
+    as fp8 with rowwise scales (``expert_dtype=torch.float8_e4m3fn``: the block-scaled codes go to the GPU as they
+    are and are requantised there)."""
 
-    def __init__(self, cfg: DeepSeekConfig, weights: dict[str, np.ndarray], dtype: Any = None, device: int | None = None):
+    def __init__(self, cfg: DeepSeekConfig, weights: dict[str, np.ndarray], dtype: Any = None, device: int | None = None,
+                 expert_dtype: Any = None):
         torch = require_torch()
         self.cfg, self.W = cfg, weights
         self.dtype = dtype or torch.float32
+        self.expert_dtype = expert_dtype or self.dtype
+        if self.expert_dtype not in (self.dtype, torch.float8_e4m3fn):
+            raise ValueError(f"expert_dtype must be the model dtype or torch.float8_e4m3fn, got {self.expert_dtype}")
         self.device = torch.device("cuda", torch.cuda.current_device() if device is None else device)
+
+    def _block_codes(self, layer: int, e: int):
+        torch = require_torch()
+        p = f"layers.{layer}.ffn.experts.{e}."
+
+        def up(n):
+            return (torch.from_numpy(np.ascontiguousarray(self.W[p + n])).to(self.device),
+                    torch.from_numpy(np.ascontiguousarray(self.W[p + n + ".scale"], dtype=np.float32)).to(self.device))
+
+        return up("w1"), up("w3"), up("w2")
 
     def dense(self, name: str):
         torch = require_torch()

@@ -20,17 +20,21 @@ def torch_to_cupy(t):
     torch = require_torch()
     if t.dtype == torch.bfloat16:
         return cp.from_dlpack(t.view(torch.int16)).view(cp.uint16)
+    if t.dtype == torch.float8_e4m3fn:
+        return cp.from_dlpack(t.view(torch.uint8))
     return cp.from_dlpack(t)
 
 
 def layout_dtype(dtype) -> str:
     torch = require_torch()
-    return {torch.bfloat16: "bfloat16", torch.float32: "float32", torch.float16: "float16"}[dtype]
+    return {torch.bfloat16: "bfloat16", torch.float32: "float32", torch.float16: "float16",
+            torch.float8_e4m3fn: "float8_e4m3fn"}[dtype]
 
 
 def build_store(cfg: DeepSeekConfig, weights, progress: bool = False):
     """An ``ExpertStore`` over this rank's runtime holding its slice of every MoE layer's experts, loaded from
-    ``weights`` (collective). Returns after every rank has loaded: a peer may fetch from this rank's storage as soon
+    ``weights`` (collective): in the model dtype, or fp8 bytes when ``weights.expert_dtype`` is float8_e4m3fn (the
+    rowwise scales are not in the store: ``expert_scales``). Returns after every rank has loaded: a peer may fetch from this rank's storage as soon
     as it returns (without the closing barrier a fast rank copied a slow rank's experts before they were written)."""
     from tqdm import tqdm
 
@@ -41,11 +45,16 @@ def build_store(cfg: DeepSeekConfig, weights, progress: bool = False):
 
     rt = get_runtime()
     part = ExpertPartition.disjoint(cfg.n_routed_experts, rt.world_size())
-    layout = ExpertLayout.moe(cfg.dim, cfg.moe_inter_dim, layout_dtype(weights.dtype))
+    xdt = getattr(weights, "expert_dtype", weights.dtype)
+    layout = ExpertLayout.moe(cfg.dim, cfg.moe_inter_dim, layout_dtype(xdt))
     store = ExpertStore(part, layout, cfg.n_moe_layers)
+    fp8 = layout.tensors[0].dtype == "float8_e4m3fn"
     try:
         for p in tqdm(range(cfg.n_moe_layers), desc="loading experts", disable=not progress, leave=False):
-            w13, w2 = weights.experts(cfg.n_dense_layers + p, store.lo, store.hi)
+            if fp8:  # the fp8 bytes only: every rank holds the scales whole (expert_scales)
+                (w13, w2), _ = weights.experts_fp8(cfg.n_dense_layers + p, store.lo, store.hi)
+            else:
+                w13, w2 = weights.experts(cfg.n_dense_layers + p, store.lo, store.hi)
             store.load(p, "w13", torch_to_cupy(w13))
             store.load(p, "w2", torch_to_cupy(w2))
             del w13, w2
@@ -54,6 +63,15 @@ def build_store(cfg: DeepSeekConfig, weights, progress: bool = False):
         store.close()
         raise
     return store
+
+
+def expert_scales(cfg: DeepSeekConfig, weights) -> list | None:
+    """Per MoE position, ``(s13 [E, 2I], s2 [E, H])`` float32 rowwise scales of every expert (fp8 weights), or None
+    (other dtypes). Every rank computes all of them (``weights.expert_scales``), so none is sent."""
+    torch = require_torch()
+    if getattr(weights, "expert_dtype", None) != torch.float8_e4m3fn:
+        return None
+    return [weights.expert_scales(cfg.n_dense_layers + p) for p in range(cfg.n_moe_layers)]
 
 
 @dataclass

@@ -1,0 +1,75 @@
+"""The PyTorch side of fp8 experts on the CPU: quantisation against the numpy truth (``dwdp_ops.quant``) bit for bit,
+and the grouped fp8 MLP's calls checked by PyTorch's own shape/stride rules on meta tensors laid out like the
+store's page-strided views (the GEMM itself needs a GPU: tests/test_gpu_deepseek.py)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+quant = pytest.importorskip("dwdp_ops.quant")
+fp8 = pytest.importorskip("dwdp_ops.models.deepseek_r1.fp8")
+
+
+def _bits(t):
+    return t.view(torch.uint8).numpy()
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_quant_rows_equals_the_numpy_rowwise_quantisation(seed):
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((37, 96)).astype(np.float32) * np.exp(rng.uniform(-12, 6, size=(37, 1))).astype(np.float32)
+    x[3] = 0.0  # a zero row: scale 1, codes 0
+    x[5, :4] = [1e-30, -1e-30, 7.0, 0.0]  # values that underflow next to a large one
+    q, s = fp8.quant_rows(torch.from_numpy(x), chunk=8)  # several chunks
+    qn, sn = quant.quant_rowwise(x)
+    np.testing.assert_array_equal(s.numpy(), sn)
+    np.testing.assert_array_equal(_bits(q), qn)
+    assert s[3] == 1.0 and not _bits(q)[3].any()
+
+
+def test_quant_rows_of_bf16_rows():
+    x = (torch.randn(16, 64) * 3).to(torch.bfloat16)
+    q, s = fp8.quant_rows(x)
+    qn, sn = quant.quant_rowwise(x.float().numpy())
+    np.testing.assert_array_equal(_bits(q), qn)
+    np.testing.assert_array_equal(s.numpy(), sn)
+
+
+def test_requant_block_equals_the_numpy_requantisation():
+    rng = np.random.default_rng(3)
+    w = rng.standard_normal((300, 200)).astype(np.float32) * 0.02  # partial blocks on both axes
+    codes, scale_inv = quant.quant_block(w)
+    q, s = fp8.requant_block(torch.from_numpy(codes), torch.from_numpy(scale_inv))
+    qn, sn = quant.requant_rowwise_from_block(codes, scale_inv)
+    np.testing.assert_array_equal(_bits(q), qn)
+    np.testing.assert_array_equal(s.numpy(), sn)
+    with pytest.raises(ValueError, match="does not match 300x200"):
+        fp8.requant_block(torch.from_numpy(codes), torch.from_numpy(scale_inv[:1]))
+
+
+def _page_strided(G, N, K, page=2 << 20):
+    """A meta fp8 ``[G, N, K]`` view whose experts sit a page-rounded stride apart, like ``ExpertStore.composite``."""
+    stride = -(-N * K // page) * page
+    base = torch.empty(G * stride, dtype=torch.float8_e4m3fn, device="meta")
+    return base.as_strided((G, N, K), (stride, K, 1))
+
+
+@pytest.mark.parametrize("H, I, G, R", [(7168, 2048, 256, 4096), (64, 32, 16, 48), (2048, 512, 128, 2048 + 16 * 128)])
+def test_grouped_fp8_mlp_calls_satisfy_pytorchs_layout_rules(H, I, G, R):
+    """R1, tiny and mini shapes: the store's views transposed are column-major with 16-byte strides, the scales
+    have the shapes ``_scaled_grouped_mm`` checks, the output is bf16 [R, H]."""
+    xg = torch.empty((R, H), dtype=torch.bfloat16, device="meta")
+    offs = torch.empty((G,), dtype=torch.int32, device="meta")
+    w13, w2 = _page_strided(G, 2 * I, H), _page_strided(G, H, I)
+    s13 = torch.empty((G, 2 * I), dtype=torch.float32, device="meta")
+    s2 = torch.empty((G, H), dtype=torch.float32, device="meta")
+    y = fp8.grouped_swiglu_fp8(xg, offs, w13, w2, s13, s2, I)
+    assert y.shape == (R, H) and y.dtype == torch.bfloat16
+    # a local slice of the scale table (dispatch mode: experts lo..hi of E) is accepted the same way
+    h = G // 2
+    y = fp8.grouped_swiglu_fp8(xg, offs[:h], w13[:h], w2[:h], s13[:h], s2[:h], I)
+    assert y.shape == (R, H)
+    with pytest.raises(RuntimeError, match="non-batch dimension|to have|Expected"):
+        fp8.grouped_swiglu_fp8(xg, offs, w13, w2, s13[:, :8], s2, I)  # scales of the wrong width
