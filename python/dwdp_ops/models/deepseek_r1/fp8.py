@@ -3,8 +3,9 @@ quantisation and the grouped expert MLP over ``torch._scaled_grouped_mm``.
 
 Format (the numpy truth is ``dwdp_ops.quant``): a weight ``[N, K]`` is ``q [N, K]`` float8_e4m3fn with one float32
 ``scale [N]`` per output row, ``W = q * scale[:, None]``, ``scale = amax(|row|) / 448`` (1.0 for a zero row);
-activations ``[R, K]`` the same per row (per token). Values are divided by the scale in float32 and clamped to
-+-448 before the cast (PyTorch's cast gives NaN above 448; the numpy encoder saturates), so both round alike.
+activations ``[R, K]`` the same per row (per token). Values are divided (not multiplied by a reciprocal) by the
+scale in float32 and clamped to +-448 before the cast, which rounds to nearest even: bit for bit the numpy encoder
+(older PyTorch releases cast values above 448 to NaN; the clamp makes every release and the encoder agree).
 
 The grouped GEMM takes ``a [R, K]`` fp8 row-major with ``scale_a [R]`` and ``b [G, K, N]`` fp8 column-major (the
 transpose of the store's ``[G, N, K]`` view, no copy) with ``scale_b [G, N]``, groups of rows ending at ``offs [G]``
@@ -23,7 +24,7 @@ QUANT_CHUNK = 16384  # rows quantised at a time: bounds the float32 temporary ([
 
 def quant_rows(x: Any, chunk: int = QUANT_CHUNK) -> tuple[Any, Any]:
     """``x [R, K]`` (bf16 / float) -> ``(q [R, K] float8_e4m3fn, scale [R] float32)`` per row: scale = amax / 448
-    (1.0 for an all-zero row), q = clamp(x / scale, +-448) rounded to nearest even. Returned (allocated on the
+    (1.0 where that is 0: a zero row), q = clamp(x / scale, +-448) rounded to nearest even. Returned (allocated on the
     current stream); capturable (no host round trip; the chunking is by shape only)."""
     torch = require_torch()
     if x.dim() != 2:
@@ -33,8 +34,8 @@ def quant_rows(x: Any, chunk: int = QUANT_CHUNK) -> tuple[Any, Any]:
     scale = torch.empty((R,), dtype=torch.float32, device=x.device)
     for a in range(0, R, chunk):
         xs = x[a : a + chunk].float()
-        amax = xs.abs().amax(dim=1)
-        s = torch.where(amax > 0, amax / E4M3_MAX, torch.ones_like(amax))
+        s = xs.abs().amax(dim=1) / E4M3_MAX
+        s = torch.where(s == 0, torch.ones_like(s), s)  # a zero row, or one whose amax / 448 underflows
         scale[a : a + chunk] = s
         q[a : a + chunk] = (xs / s[:, None]).clamp_(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn)
     return q, scale

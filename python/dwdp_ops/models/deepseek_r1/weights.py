@@ -10,35 +10,19 @@ from __future__ import annotations
 
 import numpy as np
 
+from ...quant import dequant_block, from_e4m3
 from .config import DeepSeekConfig
-
-_E4M3 = None
 
 
 def e4m3_to_float(codes: np.ndarray) -> np.ndarray:
-    """Decodes float8 e4m3fn bytes (1 sign, 4 exponent bits with bias 7, 3 mantissa bits, no infinities; 0x7f and
-    0xff are NaN) to float32."""
-    global _E4M3
-    if _E4M3 is None:
-        c = np.arange(256)
-        sign = np.where(c & 0x80, -1.0, 1.0)
-        exp = (c >> 3) & 0xF
-        man = c & 0x7
-        val = np.where(exp == 0, man / 8.0 * 2.0**-6, (1 + man / 8.0) * 2.0 ** (exp - 7.0))
-        val = sign * val
-        val[(c & 0x7F) == 0x7F] = np.nan
-        _E4M3 = val.astype(np.float32)
-    return _E4M3[np.asarray(codes, dtype=np.uint8)]
+    """Decodes float8 e4m3fn bytes to float32 (``dwdp_ops.quant.from_e4m3``: 0x7f / 0xff are NaN)."""
+    return from_e4m3(codes)
 
 
 def dequant_fp8(codes: np.ndarray, scale: np.ndarray, block: int = 128) -> np.ndarray:
-    """``W[i, j] = e4m3(codes[i, j]) * scale[i // block, j // block]`` (the official ``weight_dequant``)."""
-    out, inp = codes.shape
-    want = (-(-out // block), -(-inp // block))
-    if scale.shape != want:
-        raise ValueError(f"scale shape {scale.shape} does not match {codes.shape} in {block}x{block} blocks: want {want}")
-    s = np.repeat(np.repeat(scale, block, 0), block, 1)[:out, :inp]
-    return e4m3_to_float(codes) * s
+    """``W[i, j] = e4m3(codes[i, j]) * scale[i // block, j // block]`` (the official ``weight_dequant``;
+    ``dwdp_ops.quant.dequant_block``)."""
+    return dequant_block(codes, scale, block)
 
 
 def random_fp8(rng: np.random.Generator, shape: tuple[int, int], block: int) -> tuple[np.ndarray, np.ndarray]:
