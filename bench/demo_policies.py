@@ -38,6 +38,7 @@ def run_demo(policy: str, ns, moe_layers: int | None) -> dict:
         cmd += ["--moe-layers", str(moe_layers)]
     if ns.no_graphs:
         cmd.append("--no-graphs")
+    cmd += ["--dtype", ns.dtype]
     with tempfile.TemporaryFile("w+") as log:
         proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=log, text=True)
         if proc.returncode != 0:
@@ -64,6 +65,7 @@ def main() -> int:
     ap.add_argument("--moe-layers", type=int, default=None, help="default: what the first run plans")
     ap.add_argument("--timeout", type=int, default=600, help="seconds per demo run")
     ap.add_argument("--no-graphs", action="store_true", help="decode steps eager in every run (default: CUDA graphs)")
+    ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float8_e4m3fn"], help="routed experts")
     ap.add_argument("--tag", default="")
     ns = ap.parse_args()
     policies = [p for p in ns.policies.split(",") if p]
@@ -94,7 +96,7 @@ def main() -> int:
                          f"| {ck.get('tokens_equal')} | {ck.get('max_rel_err', float('nan')):.2e} |")
     facts = machine_facts()
     data = dict(benchmark="demo_policies", policies=policies, baseline=base, moe_layers=layers, prompts=ns.prompts,
-                graphs=not ns.no_graphs,
+                graphs=not ns.no_graphs, dtype=ns.dtype,
                 min_len=ns.min_len, max_len=ns.max_len, steps=ns.steps, seed=ns.seed, ratios=ratios, runs=runs,
                 **facts, method=__doc__)
     gpus = runs[base]["gpus"]
