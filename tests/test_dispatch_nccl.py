@@ -117,7 +117,33 @@ def test_dispatch_rejects_bad_input(world1, x, ids, w, err, match):
 def test_combine_rejects_a_wrong_shape(world1):
     d = NcclDispatcher(ExpertPartition.disjoint(8, 1), 16, 2)
     h = d.dispatch(torch.zeros(2, 16), torch.tensor([[0, 1], [1, 2]], dtype=torch.int32), torch.ones(2, 2))
-    with pytest.raises(ValueError, match=rf"\[{h.num_rows}, 16\]"):
-        d.combine(torch.zeros(h.num_rows + 1, 16), h)
+    with pytest.raises(ValueError, match=rf"\[>= {h.num_rows}, 16\]"):
+        d.combine(torch.zeros(h.num_rows - 1, 16), h)
+    with pytest.raises(ValueError, match=rf"\[>= {h.num_rows}, 16\]"):
+        d.combine(torch.zeros(h.num_rows, 8), h)
     with pytest.raises(TypeError, match="NcclDispatchHandle"):
         d.combine(h.x_grouped, object())
+    with pytest.raises(ValueError, match=r"out must be a \[2, 16\] torch.float32"):
+        d.combine(h.x_grouped, h, out=torch.zeros(3, 16))
+
+
+def test_the_scheduler_protocol_matches_the_nvlink_dispatcher(world1):
+    """What PrefetchScheduler and GpuModel call on a dispatcher: rows_for, max_tokens, dispatch(stream, max_rows),
+    handle.torch() / rows, combine(out=, stream=) with extra rows, check_errors, abandon."""
+    d = NcclDispatcher(ExpertPartition.disjoint(8, 1), 16, 2)
+    assert d.max_tokens >= 2**31 - 1 and d.rows_for([3]) == 3 * 2 + 8 * 15
+    x = torch.randn(3, 16)
+    ids = torch.tensor([[0, 1], [1, 2], [7, -1]], dtype=torch.int64)
+    w = torch.rand(3, 2)
+    h = d.dispatch(x, ids, w, None, max_rows=d.rows_for([3]))
+    xg, offs = h.torch()
+    assert xg is h.x_grouped and offs is h.offs and h.rows == h.num_rows
+    y = torch.cat([xg, torch.full((5, 16), float("nan"))])  # rows past num_rows are never read
+    out = torch.empty(3, 16)
+    assert d.combine(y, h, out=out, stream=None) is out
+    want = x * (w * (ids >= 0)).sum(1, keepdim=True)
+    torch.testing.assert_close(out, want)
+    d.check_errors()
+    d.abandon()
+    with pytest.raises(ValueError, match="needs .* grouped rows, more than max_rows = 1"):
+        d.dispatch(x, ids, w, max_rows=1)

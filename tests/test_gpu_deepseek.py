@@ -75,7 +75,7 @@ def test_dwdp_decode_steps_match_the_all_local_run(run_ranks, n, config):
     proc = run_ranks(n, "deepseek_check.py", config, "9", timeout=400)
     assert proc.returncode == 0, proc.stdout[-8000:]
     policies = ("prefetch_all", "on_demand") + {
-        "mini": ("dispatch", "auto", "on_demand+graph", "dispatch+graph", "auto+graph"),
+        "mini": ("dispatch", "auto", "on_demand+graph", "dispatch+graph", "auto+graph", "dispatch_nccl"),
         "mini8": ("dispatch", "dispatch+graph"), "tiny": ()}[config]
     for r in range(n):
         for policy in policies:

@@ -286,6 +286,9 @@ class FakeDispatcher:
         self._pending = ("handle", x)
         return self._pending
 
+    def abandon(self):
+        self._pending = None
+
     def combine(self, y, handle, out=None, stream=None):
         assert handle is self._pending
         stream.ops.append(("combine", y))

@@ -181,6 +181,7 @@ class TokenDispatcher:
             raise
         self._step = 0
         self._pending: DispatchHandle | None = None
+        self.capturable = True  # a dispatch / combine pair may be captured in a CUDA graph (fixed capacities)
         try:  # zero-copy PyTorch views, made now: DLPack exchanges record events, which a graph capture forbids
             import torch
 
@@ -253,10 +254,11 @@ class TokenDispatcher:
         """Returns every token's weighted sum of its experts' outputs to this rank.
 
         Args:
-            y_grouped: ``[rows, H]`` bf16 expert outputs in ``handle.x_grouped``'s row order, at least
-                ``handle.rows`` rows (only rows of real pairs are read).
+            y_grouped: ``[rows, H]`` bf16 expert outputs (a PyTorch bf16 tensor, or uint16 bits) in
+                ``handle.x_grouped``'s row order, at least ``handle.rows`` rows (only rows of real pairs are read).
             handle: the handle of this layer's ``dispatch``.
-            out: optional caller-allocated ``[T, H]`` bf16 output; allocated on ``stream`` otherwise (CuPy uint16).
+            out: optional caller-allocated ``[T, H]`` bf16 output (PyTorch bf16 or uint16 bits); allocated on
+                ``stream`` otherwise (CuPy uint16).
             stream: as for ``dispatch``.
         Returns:
             ``out``: ``[T, H]`` bf16, token t = sum over its valid slots of weight * expert output (0 without any).
@@ -266,8 +268,8 @@ class TokenDispatcher:
         self._require("combine")
         if self._pending is None or handle is not self._pending:
             raise DwdpError("TokenDispatcher.combine: pass the handle of the latest dispatch, once")
-        yb = device_buffer(y_grouped, "y_grouped")
-        if yb.dtype.itemsize != 2 or len(yb.shape) != 2 or yb.shape[1] != self.hidden or not yb.contiguous:
+        yb = _bf16(y_grouped, "y_grouped")
+        if len(yb.shape) != 2 or yb.shape[1] != self.hidden or not yb.contiguous:
             raise TypeError(f"combine: y_grouped must be a contiguous bf16 [rows, {self.hidden}] array, got {yb.dtype} {list(yb.shape)}")
         if yb.shape[0] < handle.rows:
             raise ValueError(f"combine: y_grouped must have at least handle.rows = {handle.rows} rows (as the handle's "
@@ -277,12 +279,18 @@ class TokenDispatcher:
         if out is None:
             with cupy_stream(s):
                 out = cp.empty((T, self.hidden), cp.uint16)
-        ob = device_buffer(out, "out")
-        if ob.dtype.itemsize != 2 or ob.shape != (T, self.hidden) or not ob.contiguous:
+        ob = _bf16(out, "out")
+        if ob.shape != (T, self.hidden) or not ob.contiguous:
             raise TypeError(f"combine: out must be a contiguous bf16 [{T}, {self.hidden}] array, got {ob.dtype} {list(ob.shape)}")
         self.rt.backend.combine_tokens(self._args, yb.ptr, ob.ptr, T, s)
         self._pending = None
         return out
+
+    def abandon(self) -> None:
+        """Forgets a dispatch whose combine will never run (a step that failed between them), so that the next
+        ``dispatch`` is accepted. The peers cannot be told: they wait in their combine for this rank's partials and
+        trap at ``timeout``, naming this rank (a failed DEP layer ends the job)."""
+        self._pending = None
 
     def check_errors(self) -> None:
         """Raises (after synchronising the device) if a dispatch met an expert id outside [-1, E) or needed more

@@ -119,6 +119,15 @@ class NcclDispatchHandle:
     dtype: Any
 
     @property
+    def rows(self) -> int:
+        """Grouped rows (``num_rows``): the name ``TokenDispatcher``'s handle uses."""
+        return self.num_rows
+
+    def torch(self):
+        """``(x_grouped, offs)``, as ``DispatchHandle.torch()`` (already PyTorch tensors)."""
+        return self.x_grouped, self.offs
+
+    @property
     def num_recv(self) -> int:
         return sum(self.recv_counts)
 
@@ -158,6 +167,8 @@ class NcclDispatcher:
             self.device = torch.device("cuda", torch.cuda.current_device())
         else:
             self.device = torch.device("cpu")
+        self.max_tokens = 2**31 - 1  # no capacity: buffers are allocated per step
+        self.capturable = False  # one host synchronisation per dispatch: never inside a CUDA graph
 
     # -- helpers -------------------------------------------------------------------------------------------------
     def _a2a_rows(self, inp, out_rows: int, out_splits: list[int], in_splits: list[int]):
@@ -205,13 +216,47 @@ class NcclDispatcher:
         if topk_weights.dtype != torch.float32:
             raise TypeError(f"topk_weights must be float32 (the contract's weight dtype), got {topk_weights.dtype}")
 
+    # -- the protocol the scheduler drives (the same as TokenDispatcher's) -------------------------------------------
+    def rows_for(self, tokens_per_rank) -> int:
+        """The most grouped rows a step with these per-rank token counts can fill (``TokenDispatcher.rows_for``);
+        informational here: the grouped rows are sized exactly per step."""
+        L = self.partition.experts_per_rank
+        return sum(int(t) for t in tokens_per_rank) * min(self.top_k, L) + L * (self.align - 1)
+
+    def check_errors(self) -> None:
+        """Nothing is deferred: bad ids raise in ``dispatch`` on every rank."""
+
+    def abandon(self) -> None:
+        """Nothing to forget (no state between dispatch and combine lives in the dispatcher). The peers of a rank
+        that skips a combine wait in their ``all_to_all_single`` until the process group's timeout."""
+
+    def _on(self, stream):
+        """A context running PyTorch work on ``stream`` (any handle ``interop.stream_handle`` takes; None: the
+        current stream)."""
+        import contextlib
+
+        torch, _ = _torch()
+        if stream is None or self.device.type != "cuda":
+            return contextlib.nullcontext()
+        from .interop import stream_handle
+
+        return torch.cuda.stream(torch.cuda.ExternalStream(stream_handle(stream), device=self.device))
+
     # -- the two collectives -------------------------------------------------------------------------------------
-    def dispatch(self, x, topk_ids, topk_weights) -> NcclDispatchHandle:
+    def dispatch(self, x, topk_ids, topk_weights, stream: Any = None, *, max_rows: int | None = None) -> NcclDispatchHandle:
         """Sends each token once to every distinct owner its pairs go to; returns the grouped receive layout.
         Collective over the group. ``x [T, H]`` (any float dtype, every rank the same), ``topk_ids [T, k]`` integer
         in ``[-1, E)``, ``topk_weights [T, k]`` float32, all on the dispatcher's device; T may be 0. One host
         synchronisation (the split sizes). Raises ValueError on every rank when any rank passed ids outside
-        ``[-1, E)``."""
+        ``[-1, E)``. ``stream``: where the work goes (default: PyTorch's current stream). ``max_rows``: accepted for
+        the scheduler's protocol; a step needing more rows raises ValueError (on this rank) instead of dropping."""
+        with self._on(stream):
+            h = self._dispatch(x, topk_ids, topk_weights)
+        if max_rows is not None and h.num_rows > max_rows:
+            raise ValueError(f"dispatch: the step needs {h.num_rows} grouped rows, more than max_rows = {max_rows}")
+        return h
+
+    def _dispatch(self, x, topk_ids, topk_weights) -> NcclDispatchHandle:
         torch, dist = _torch()
         self._check_inputs(x, topk_ids, topk_weights)
         p, dev = self.partition, self.device
@@ -286,17 +331,33 @@ class NcclDispatcher:
             recv_weight=recv_w, send_token=send_token, send_pos=send_pos, send_counts=tuple(sc),
             recv_counts=tuple(rc), num_tokens=T, dtype=x.dtype)
 
-    def combine(self, y_grouped, handle: NcclDispatchHandle):
+    def combine(self, y_grouped, handle: NcclDispatchHandle, out: Any = None, stream: Any = None):
         """Weighted sum of each token's expert outputs, back at its source. Collective over the group.
-        ``y_grouped [num_rows, H]`` (the experts' outputs in ``handle.x_grouped``'s layout, any float dtype; padding
-        rows are not read). Returns ``out [T, H]`` in x's dtype (new tensor). No host synchronisation."""
+        ``y_grouped [rows >= num_rows, H]`` (the experts' outputs in ``handle.x_grouped``'s layout, any float dtype;
+        padding rows and rows past ``num_rows`` are not read). Returns ``out [T, H]`` in x's dtype: the caller's
+        tensor when given (written in place), else a new one. No host synchronisation. ``stream`` as ``dispatch``."""
         torch, _ = _torch()
         if not isinstance(handle, NcclDispatchHandle):
             raise TypeError(f"handle must be an NcclDispatchHandle, got {type(handle).__name__}")
-        if not isinstance(y_grouped, torch.Tensor) or tuple(y_grouped.shape) != (handle.num_rows, self.hidden):
+        if (not isinstance(y_grouped, torch.Tensor) or y_grouped.dim() != 2 or y_grouped.shape[0] < handle.num_rows
+                or y_grouped.shape[1] != self.hidden):
             got = tuple(y_grouped.shape) if isinstance(y_grouped, torch.Tensor) else type(y_grouped).__name__
-            raise ValueError(f"y_grouped must be a [{handle.num_rows}, {self.hidden}] tensor (the handle's grouped "
+            raise ValueError(f"y_grouped must be a [>= {handle.num_rows}, {self.hidden}] tensor (the handle's grouped "
                              f"rows), got {got}")
+        if out is not None and (not isinstance(out, torch.Tensor) or tuple(out.shape) != (handle.num_tokens, self.hidden)
+                                or out.dtype != handle.dtype or out.device != self.device):
+            got = f"{tuple(out.shape)} {out.dtype} on {out.device}" if isinstance(out, torch.Tensor) else type(out).__name__
+            raise ValueError(f"out must be a [{handle.num_tokens}, {self.hidden}] {handle.dtype} tensor on "
+                             f"{self.device}, got {got}")
+        with self._on(stream):
+            res = self._combine(y_grouped[: handle.num_rows], handle)
+            if out is None:
+                return res
+            out.copy_(res)
+        return out
+
+    def _combine(self, y_grouped, handle: NcclDispatchHandle):
+        torch, _ = _torch()
         if not y_grouped.dtype.is_floating_point or y_grouped.device != self.device:
             raise TypeError(f"y_grouped must be a floating tensor on {self.device}, got {y_grouped.dtype} on "
                             f"{y_grouped.device}")

@@ -213,7 +213,7 @@ class PrefetchScheduler:
         # survives (one rank) can go on.
         if self._dispatched is not None:
             self._dispatched = None
-            self.dispatcher._pending = None
+            self.dispatcher.abandon()
 
     @contextlib.contextmanager
     def step(self, tokens: int | None = None, num_layers: int | None = None, *,

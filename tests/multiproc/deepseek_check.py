@@ -10,7 +10,8 @@ under ``dispatch`` (DEP: tokens move, through a TokenDispatcher over the store's
 chosen per step; rates set so that the prefill moves weights and the decode steps move tokens, which the check
 asserts), then with every expert local on this GPU; with ``mini`` also on_demand, dispatch and auto with every decode
 step a CUDA graph (captured at the first decode step, replayed after, mixed with eager prefills), which must equal
-the same policy's eager run bit for bit. The weight modes must equal the all-local run bit for bit (logits and
+the same policy's eager run bit for bit; and ``dispatch`` through NCCL ``all_to_all_single`` (``NcclDispatcher``, the
+baseline; whether its logits equal ours bit for bit is printed). The weight modes must equal the all-local run bit for bit (logits and
 tokens); the token modes must give identical tokens and logits within 1e-2 (their combine sums in another order:
 see models/deepseek_r1/gpu.py). With ``tiny`` the all-local run must also match the numpy reference.
 """
@@ -58,7 +59,8 @@ def main() -> int:
         policies = [("prefetch_all", "prefetch_all", False), ("on_demand", "on_demand", False)]
         if which == "mini":
             policies += [("dispatch", "dispatch", False), ("auto", "auto", False), ("on_demand+graph", "on_demand", True),
-                         ("dispatch+graph", "dispatch", True), ("auto+graph", "auto", True)]
+                         ("dispatch+graph", "dispatch", True), ("auto+graph", "auto", True),
+                         ("dispatch_nccl", "dispatch", False)]  # DEP through all_to_all_single, the baseline
         if which == "mini8":
             policies += [("dispatch", "dispatch", False), ("dispatch+graph", "dispatch", True)]
         scales = expert_scales(cfg, weights)
@@ -70,9 +72,15 @@ def main() -> int:
         try:
             if which in ("mini", "mini8"):
                 disp = dwdp_ops.TokenDispatcher(store.partition, cfg.dim, cfg.n_activated_experts, cap)
+            if which == "mini":
+                from dwdp_ops.dispatch_nccl import NcclDispatcher, init_process_group_from_env
+
+                init_process_group_from_env()
+                nccl = NcclDispatcher(store.partition, cfg.dim, cfg.n_activated_experts)
             for name, policy, graph in policies:
+                d = nccl if name == "dispatch_nccl" else disp
                 sched = PrefetchScheduler(store, policy=policy, top_k=cfg.n_activated_experts,
-                                          dispatcher=disp if policy in ("dispatch", "auto") else None,
+                                          dispatcher=d if policy in ("dispatch", "auto") else None,
                                           rates=AUTO_RATES if policy == "auto" else None)
                 model = GpuModel(cfg, weights, DwdpExperts(store, sched, weights.expert_dtype, scales),
                                  max_requests=len(prompts), max_seq=max_seq)
@@ -91,6 +99,8 @@ def main() -> int:
             if disp is not None:
                 disp.close()
             store.close()
+            if torch.distributed.is_initialized():
+                torch.distributed.destroy_process_group()
         local = GpuModel(cfg, weights, LocalExperts(weights, cfg), max_requests=len(prompts), max_seq=max_seq)
         base = run_requests(local, prompts, steps)
         ok = True
@@ -103,6 +113,9 @@ def main() -> int:
                 good &= used[0] in ("prefetch_all", "on_demand") and all(m == "dispatch" for m in used[1:])
             if policy.startswith("dispatch"):
                 good &= all(m == "dispatch" for m in used)
+            if policy == "dispatch_nccl":  # same routing and reduction order as ours; GEMM tiling may differ
+                same = all(np.array_equal(a, b) for a, b in zip(run.logits, runs["dispatch"].logits))
+                print(f"rank {me}: dispatch_nccl logits bit-equal to our dispatch: {same}", flush=True)
             if policy.endswith("+graph"):  # a graph replays exactly what the eager step computes
                 good &= all(np.array_equal(a, b) for a, b in zip(run.logits, runs[policy.split("+")[0]].logits))
             ok &= good

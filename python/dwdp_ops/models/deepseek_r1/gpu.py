@@ -131,6 +131,11 @@ class DwdpExperts:
         return self.sched.begin_step(tokens=tokens)
 
     @property
+    def dispatch_capturable(self) -> bool:
+        """Whether this step's dispatcher may run inside a CUDA graph (ours: yes; the NCCL baseline: no)."""
+        return bool(getattr(self.sched.dispatcher, "capturable", False))
+
+    @property
     def moves_tokens(self) -> bool:
         """Whether this step's MoE layers dispatch tokens (DEP) instead of reading fetched weights."""
         return self.sched.step_policy == "dispatch"
@@ -144,9 +149,8 @@ class DwdpExperts:
         return self.sched.dispatch(p, x, ids, w, stream)
 
     def combine(self, p: int, y_grouped, handle, out, stream) -> None:
-        """``y_grouped [max_pairs, H]`` bf16 -> ``out [T, H]`` bf16, caller-allocated (collective)."""
-        torch = require_torch()
-        self.sched.combine(p, y_grouped.view(torch.int16), handle, stream, out=out.view(torch.int16))
+        """``y_grouped [rows, H]`` bf16 -> ``out [T, H]`` bf16, caller-allocated (collective)."""
+        self.sched.combine(p, y_grouped, handle, stream, out=out)
 
     def weights_for(self, p: int, ids, stream) -> tuple:
         """``(w13 [E, 2I, H], w2 [E, H, I], s13 | None, s2 | None)`` over the composite range, once fetched."""
@@ -445,8 +449,8 @@ class GpuModel:
         starting at position 0) or a decode (one token each, after the cached positions). Returns float32 logits of
         the last position of each request, ``[len(requests), vocab]`` (a torch tensor on this GPU).
 
-        ``graph``: a decode step whose mode moves tokens, fetches on demand or reads local experts runs as a CUDA
-        graph, captured on first use for its (requests, mode, every rank's token count) and replayed after (the
+        ``graph``: a decode step whose mode moves tokens (with a capturable dispatcher), fetches on demand or reads
+        local experts runs as a CUDA graph, captured on first use for its (requests, mode, every rank's token count) and replayed after (the
         mode is chosen on the host first, so ``auto`` picks among graphs; a ``prefetch_all`` step, which waits on
         the copy stream's events, runs eagerly). A graphed step has no per-layer timing (``timing`` gives only the
         step's own span to the caller's events); its numbers equal the eager step's."""
@@ -481,7 +485,8 @@ class GpuModel:
         with torch.cuda.stream(self.tstream):
             mode = self.experts.begin_step(len(flat)) if cfg.n_moe_layers else "local"
             self.last_policy = mode if cfg.n_moe_layers else None
-            self.graphed = bool(graph and decode and mode in GRAPH_MODES)
+            self.graphed = bool(graph and decode and mode in GRAPH_MODES
+                                and (mode != "dispatch" or getattr(self.experts, "dispatch_capturable", False)))
             self.timing = StepTiming() if timing and not self.graphed else None
             if self.graphed:
                 logits = self._replay(requests, ids, pos, mode)
