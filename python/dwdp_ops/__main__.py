@@ -1,6 +1,7 @@
 """``python -m dwdp_ops COMMAND``: ``info`` prints what this machine offers dwdp_ops; ``demo`` runs DWDP on
 DeepSeek-R1; ``can-train`` trains CAN-DNN and the DNN baseline and reports AUC per epoch; ``launch`` runs a script as
-N ranks (one per GPU). Each command parses its own options (``python -m dwdp_ops COMMAND --help``)."""
+N ranks (one per GPU); ``sim`` predicts DWDP against DEP on a context-only server (CPU only). Each command parses its
+own options (``python -m dwdp_ops COMMAND --help``)."""
 
 from __future__ import annotations
 
@@ -52,6 +53,7 @@ COMMANDS = {
     "demo": "DWDP on DeepSeek-R1: real model on 2+ GPUs, fetch plans and the numpy reference on CPU",
     "can-train": "train CAN-DNN and the DNN baseline, report test AUC per epoch",
     "launch": "run a script as N ranks on this node, one per GPU",
+    "sim": "predict DWDP against DEP (iteration latency, TPS/GPU, per-category time) on CPU, no GPU needed",
 }
 PROG = "python -m dwdp_ops"
 
@@ -66,7 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = ap.add_subparsers(dest="cmd", metavar="COMMAND", title="commands")
     p = sub.add_parser("info", help=COMMANDS["info"], description=COMMANDS["info"])
     p.add_argument("--json", action="store_true", help="print one JSON object instead of text")
-    for name in ("demo", "can-train", "launch"):  # parsed by their own main(), see main() below
+    for name in ("demo", "can-train", "launch", "sim"):  # parsed by their own main(), see main() below
         sub.add_parser(name, help=COMMANDS[name], add_help=False)
     return ap
 
@@ -81,6 +83,10 @@ def _delegate(name: str, argv: list[str]) -> int:
         from .models.train_can import main as can_main
 
         return can_main(argv, prog=prog)
+    if name == "sim":
+        from .sim.cli import main as sim_main
+
+        return sim_main(argv, prog=prog)
     from .launch import main as launch_main
 
     return launch_main(argv, prog=prog)
@@ -91,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
     own options, so ``demo --help`` shows the demo's). Without a command: the usage and a hint, exit code 2."""
     argv = sys.argv[1:] if argv is None else list(argv)
     ap = build_parser()
-    if argv and argv[0] in ("demo", "can-train", "launch"):
+    if argv and argv[0] in ("demo", "can-train", "launch", "sim"):
         return _delegate(argv[0], argv[1:])
     if not argv:
         ap.print_help(sys.stderr)

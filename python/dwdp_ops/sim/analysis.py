@@ -1,0 +1,141 @@
+"""Studies built on ``simulate``: the CV x token-budget sweep, validation against measured end-to-end points, and the
+comparison with the paper's GB200 context-only result.
+
+``sweep``     DWDP and DEP over request-length CVs (default 0, 10, 20, 30 %) and token budgets (16K, 32K), plus the
+              paper's ratio-0.8 setting per budget; one row per setting.
+``validate``  predictions against measured points (e.g. issue 14's ``bench/e2e_dwdp_vs_dep.py`` output): each point a
+              dict with ``mode`` ("dwdp" or "dep"), ``N`` (or ``gpus``), ``cv`` or ``ratio``, ``max_tokens``,
+              ``iteration_ms`` and ``tps_per_gpu`` (optional: ``isl``, ``layers``, ``dense_layers``, ``seed``,
+              ``iterations``, ``hardware``); reports the relative error (predicted / measured - 1) of both figures
+              per point and whether it is within ``tolerance``.
+``paper_comparison``  the paper's Table 3 next to a prediction of its setting (GB200, N=4, ISL 8K, ratio 0.8, 32768
+              tokens, 61 layers).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+
+from .calibrate import PAPER
+from .costs import CATEGORIES, Overrides
+from .model import SimConfig, simulate
+
+__all__ = ["is_paper_setting", "paper_comparison", "sweep", "validate"]
+
+
+def _row(res: dict, setting: dict) -> dict:
+    dw, dep = res["dwdp"], res["dep"]
+    return {
+        **setting,
+        "tokens_per_iteration": res["workload"]["tokens_per_iteration"],
+        "dwdp": {"tps_per_gpu": dw["tps_per_gpu"], "iteration_ms": dw["iteration_ms"],
+                 "exposed_fetch_share": dw["shares"]["exposed_fetch"]},
+        "dep": {"tps_per_gpu": dep["tps_per_gpu"], "iteration_ms": dep["iteration_ms"],
+                "sync_share": dep["shares"]["sync_wait"], "communication_share": dep["shares"]["communication"]},
+        "ratio": res["ratio"],
+        "iteration_latency_change": res["iteration_latency_change"],
+    }
+
+
+def sweep(hardware: str = "h200", gpus: int = 2, *, isl: int = 8192, cvs: Sequence[float] = (0.0, 0.1, 0.2, 0.3),
+          budgets: Sequence[int] = (16384, 32768), ratio: float | None = 0.8, layers: int = 61,
+          dense_layers: int | None = None, seed: int = 0, iterations: int = 32,
+          overrides: Overrides | None = None) -> list[dict]:
+    """One row per (budget, CV), and per budget the ``ratio`` setting (None: none). Rows: ``cv`` or ``input_ratio``,
+    ``max_tokens``, ``dwdp`` / ``dep`` (TPS/GPU, iteration ms, DEP's sync and communication shares, DWDP's exposed
+    fetch share), ``ratio`` (DWDP / DEP TPS/GPU) and ``iteration_latency_change``."""
+    rows = []
+    ov = overrides or Overrides()
+    for budget in budgets:
+        base = dict(hardware=hardware, gpus=gpus, isl=isl, max_tokens=budget, layers=layers,
+                    dense_layers=dense_layers, seed=seed, iterations=iterations, overrides=ov)
+        if ratio is not None:
+            rows.append(_row(simulate(SimConfig(ratio=ratio, **base)), {"input_ratio": ratio, "max_tokens": budget}))
+        for cv in cvs:
+            rows.append(_row(simulate(SimConfig(cv=cv, **base)), {"cv": cv, "max_tokens": budget}))
+    return rows
+
+
+def _point_config(p: dict, defaults: dict) -> SimConfig:
+    missing = [k for k in ("mode", "max_tokens", "iteration_ms", "tps_per_gpu") if k not in p]
+    if "N" not in p and "gpus" not in p:
+        missing.append("N")
+    if ("cv" in p) == ("ratio" in p):
+        missing.append("exactly one of cv and ratio")
+    if missing:
+        raise ValueError(f"measured point {p!r} lacks {', '.join(missing)}")
+    if p["mode"] not in ("dwdp", "dep"):
+        raise ValueError(f"measured point mode must be 'dwdp' or 'dep', got {p['mode']!r}")
+    for k in ("iteration_ms", "tps_per_gpu"):
+        if not isinstance(p[k], (int, float)) or not p[k] > 0:
+            raise ValueError(f"measured point {k} must be a number > 0, got {p[k]!r}")
+    kw = dict(defaults)
+    for k in ("isl", "layers", "dense_layers", "seed", "iterations", "hardware"):
+        if k in p:
+            kw[k] = p[k]
+    return SimConfig(gpus=p.get("N", p.get("gpus")), cv=p.get("cv"), ratio=p.get("ratio"),
+                     max_tokens=p["max_tokens"], **kw)
+
+
+def validate(measured_points: Iterable[dict], *, hardware: str = "h200", isl: int = 8192, layers: int = 61,
+             dense_layers: int | None = None, seed: int = 0, iterations: int = 32, tolerance: float = 0.10,
+             overrides: Overrides | None = None) -> dict:
+    """Predicted against measured, point by point (module docstring). Returns ``points`` (each measured point with
+    ``predicted_iteration_ms``, ``predicted_tps_per_gpu``, ``rel_err_iteration_ms``, ``rel_err_tps_per_gpu``,
+    ``within_tolerance``), ``max_abs_rel_err`` and ``all_within``. Settings shared by several points are simulated
+    once."""
+    defaults = dict(hardware=hardware, isl=isl, layers=layers, dense_layers=dense_layers, seed=seed,
+                    iterations=iterations, overrides=overrides or Overrides())
+    cache: dict[SimConfig, dict] = {}
+    out = []
+    for p in measured_points:
+        cfg = _point_config(p, defaults)
+        if cfg not in cache:
+            cache[cfg] = simulate(cfg)
+        pred = cache[cfg][p["mode"]]
+        e_it = pred["iteration_ms"] / p["iteration_ms"] - 1.0
+        e_tps = pred["tps_per_gpu"] / p["tps_per_gpu"] - 1.0
+        out.append({**p, "predicted_iteration_ms": pred["iteration_ms"], "predicted_tps_per_gpu": pred["tps_per_gpu"],
+                    "rel_err_iteration_ms": e_it, "rel_err_tps_per_gpu": e_tps,
+                    "within_tolerance": abs(e_it) <= tolerance and abs(e_tps) <= tolerance})
+    worst = max((max(abs(x["rel_err_iteration_ms"]), abs(x["rel_err_tps_per_gpu"])) for x in out), default=0.0)
+    return {"tolerance": tolerance, "points": out, "max_abs_rel_err": worst,
+            "all_within": all(x["within_tolerance"] for x in out)}
+
+
+def is_paper_setting(config: dict) -> bool:
+    """Whether a result's ``config`` is the paper's context-only setting (any hardware)."""
+    return (config.get("gpus") == PAPER["gpus"] and config.get("isl") == PAPER["isl"]
+            and config.get("ratio") == PAPER["ratio"] and config.get("max_tokens") == PAPER["max_tokens"]
+            and config.get("layers") == PAPER["layers"])
+
+
+def paper_comparison(result: dict) -> dict:
+    """The paper's Table 3 (GB200, DEP4 against DWDP4) next to ``result``: iteration latency change, DEP's
+    communication and synchronisation shares, per-category ms of both modes and the overlapped copy."""
+    dep3, dw3 = PAPER["table3_dep4_ms"], PAPER["table3_dwdp4_ms"]
+    names = {"attention": "attention", "expert_gemm": "grouped_gemm", "dense_gemm": "dense_gemm", "others": "others",
+             "communication": "communication", "sync_wait": "sync_wait"}
+    rows = {}
+    for cat in CATEGORIES:
+        key = names.get(cat)
+        rows[cat] = {"paper_dep_ms": dep3.get(key, 0.0) if key else 0.0,
+                     "paper_dwdp_ms": dw3.get(key, 0.0) if key else 0.0,
+                     "predicted_dep_ms": result["dep"]["breakdown_ms"][cat],
+                     "predicted_dwdp_ms": result["dwdp"]["breakdown_ms"][cat]}
+    return {
+        "paper_iteration_latency_change": dw3["iteration"] / dep3["iteration"] - 1.0,
+        "predicted_iteration_latency_change": result["iteration_latency_change"],
+        "paper_dep_communication_share": dep3["communication"] / dep3["iteration"],
+        "predicted_dep_communication_share": result["dep"]["shares"]["communication"],
+        "paper_dep_sync_share": dep3["sync_wait"] / dep3["iteration"],
+        "predicted_dep_sync_share": result["dep"]["shares"]["sync_wait"],
+        "paper_overlapped_copy_ms": dw3["overlapped_copy"],
+        "predicted_overlapped_copy_ms": result["dwdp"]["overlapped_copy_ms"],
+        "paper_iteration_ms": {"dep": dep3["iteration"], "dwdp": dw3["iteration"]},
+        "predicted_iteration_ms": {"dep": result["dep"]["iteration_ms"], "dwdp": result["dwdp"]["iteration_ms"]},
+        "categories": rows,
+        "note": "the paper's Table 3 is read as ms per iteration (its units are doubtful); the gb200 profile takes "
+                "DEP4's compute categories and the interference from this table, so only communication, "
+                "synchronisation wait and the fetch are predicted independently",
+    }

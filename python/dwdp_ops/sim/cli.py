@@ -1,0 +1,197 @@
+"""Predict DWDP against DEP for DeepSeek-R1 prefill on a context-only server (CPU only, seconds).
+
+Each rank drains its own queue of prefill requests; an iteration takes whole requests up to --max-tokens (a longer
+request is chunked into --max-tokens pieces). Request lengths: --ratio R (uniform in [R x ISL, ISL], the paper's) or
+--cv C (gamma, mean ISL, coefficient of variation C); seeded per rank, the same queues for both modes. DWDP moves
+weights (copy engine, behind compute); DEP moves tokens (dispatch + combine at every MoE layer, where every rank
+waits for the slowest). Rates come from the hardware profile's calibration file (h200: our measurements; gb200: the
+paper's breakdown and public link figures); the --*-gbps / --attention-tflops / --interference options replace one
+rate for a what-if. The model, its equations and its limits: docs/simulator.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+
+from .._cli import HelpFormatter, existing_file, nonnegative_int, plain, positive_float, positive_int, writable_path
+from .analysis import is_paper_setting, paper_comparison, sweep
+from .costs import CATEGORIES, PROFILES, Overrides
+from .model import SimConfig, simulate
+from .plot import MISSING, have_matplotlib, plot
+
+__all__ = ["build_parser", "main"]
+
+
+def _bounded_int(lo: int, hi: int, what: str):
+    def check(text: str) -> int:
+        try:
+            v = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer in [{lo}, {hi}] ({what}), got {text!r}") from None
+        if not lo <= v <= hi:
+            raise argparse.ArgumentTypeError(f"expected an integer in [{lo}, {hi}] ({what}), got {v}")
+        return v
+
+    check.__name__ = f"int_{lo}_{hi}"
+    return check
+
+
+def _float_in(lo: float, hi: float, lo_open: bool, what: str):
+    def check(text: str) -> float:
+        try:
+            v = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number in {what}, got {text!r}") from None
+        if not math.isfinite(v) or v > hi or v < lo or (lo_open and v == lo):
+            raise argparse.ArgumentTypeError(f"expected a number in {what}, got {text!r}")
+        return v
+
+    check.__name__ = "number"
+    return check
+
+
+def build_parser(prog: str = "python -m dwdp_ops sim") -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog=prog, description=plain(__doc__), formatter_class=HelpFormatter)
+    ap.add_argument("--hardware", choices=PROFILES, default="h200",
+                    help="calibration profile shipped in dwdp_ops/sim/calibration")
+    ap.add_argument("--calibration", type=existing_file, default=None,
+                    help="a calibration JSON file to use instead of --hardware's (schema: docs/simulator.md)")
+    ap.add_argument("--gpus", type=_bounded_int(1, 256, "GPUs of one DWDP / DEP group, at most one expert each"),
+                    default=2, help="group size N")
+    ap.add_argument("--isl", type=positive_int, default=8192, help="input sequence length: the longest (--ratio) or "
+                                                                   "mean (--cv) request, tokens")
+    src = ap.add_mutually_exclusive_group()
+    src.add_argument("--ratio", type=_float_in(0.0, 1.0, True, "(0, 1]"), default=None,
+                     help="request lengths uniform in [RATIO x ISL, ISL] (default when neither is given: 0.8)")
+    src.add_argument("--cv", type=_float_in(0.0, 5.0, False, "[0, 5]"), default=None,
+                     help="request lengths gamma-distributed with mean ISL and this coefficient of variation")
+    ap.add_argument("--max-tokens", type=positive_int, default=32768, help="token budget of one iteration per rank")
+    ap.add_argument("--layers", type=_bounded_int(1, 61, "DeepSeek-R1 has 61"), default=61,
+                    help="model depth (R1: 61 = 3 dense + 58 MoE)")
+    ap.add_argument("--dense-layers", type=_bounded_int(0, 61, "at most --layers"), default=None,
+                    help="dense layers first (default: min(3, --layers); 0: MoE layers only)")
+    ap.add_argument("--iterations", type=_bounded_int(1, 10000, "per rank"), default=32,
+                    help="iterations simulated per rank")
+    ap.add_argument("--seed", type=nonnegative_int, default=0, help="seed of the request lengths")
+    ap.add_argument("--attention-tflops", type=positive_float, default=None,
+                    help="what-if: core attention rate, TFLOP/s, flat in length (default: the profile's curve)")
+    ap.add_argument("--fetch-gbps", type=positive_float, default=None,
+                    help="what-if: copy-engine fetch rate per reader, GB/s (default: the profile's)")
+    ap.add_argument("--dispatch-gbps", type=positive_float, default=None,
+                    help="what-if: dispatch / combine rate per rank, GB/s (default: the profile's)")
+    ap.add_argument("--dispatch-latency-us", type=_float_in(0.0, 1e6, False, "[0, 1e6]"), default=None,
+                    help="what-if: latency of one dispatch or combine, us (default: the profile's)")
+    ap.add_argument("--interference", type=_float_in(-0.5, 10.0, True, "(-0.5, 10]"), default=None,
+                    help="what-if: slowdown of every compute category while a copy runs, e.g. 0.05 "
+                         "(default: the profile's per-category factors)")
+    ap.add_argument("--sweep", action="store_true",
+                    help="also sweep CV 0/10/20/30 %% and budgets 16K/32K (plus --ratio's setting, 0.8 by default)")
+    ap.add_argument("--json", action="store_true", help="print one JSON object instead of text")
+    ap.add_argument("--plot", type=writable_path, default=None, metavar="FILE",
+                    help="write a figure (category bars; DEP sync share and DWDP gain against CV) to FILE")
+    return ap
+
+
+def check_args(ap: argparse.ArgumentParser, ns: argparse.Namespace) -> None:
+    """Checks that involve several options; a bad combination exits with code 2 and one ``error:`` line."""
+    if ns.dense_layers is not None and ns.dense_layers > ns.layers:
+        ap.error(f"argument --dense-layers: expected at most --layers ({ns.layers}), got {ns.dense_layers}")
+    if ns.plot and not have_matplotlib():
+        ap.error(MISSING)
+    if ns.calibration:
+        from .costs import load_calibration
+
+        try:
+            load_calibration(ns.calibration)
+        except ValueError as e:
+            ap.error(f"argument --calibration: {e}")
+
+
+def _text(res: dict, rows: list[dict] | None) -> str:
+    c, w, m = res["config"], res["workload"], res["model"]
+    src = (f"uniform in [{math.ceil(c['ratio'] * c['isl'] - 1e-9)}, {c['isl']}]" if c.get("ratio") is not None
+           else f"gamma, mean {c['isl']}, CV {c['cv']:g}")
+    lines = [
+        f"DeepSeek-R1 prefill on {c['gpus']} x {c['calibration']}: {c['layers']} layers ({c['dense_layers']} dense + "
+        f"{c['moe_layers']} MoE), request lengths {src}, at most {c['max_tokens']} tokens per iteration, "
+        f"{c['iterations']} iterations per rank, seed {c['seed']}"
+        + (f", what-if {c['overrides']}" if c["overrides"] else ""),
+        f"per rank and iteration: {w['tokens_per_iteration']:.0f} tokens in {w['requests_per_iteration']:.2f} "
+        f"requests (sampled request CV {w['request_tokens_cv']:.3f}); {m['partition']['experts_per_rank']} experts "
+        f"per rank, DWDP fetches {m['partition']['remote_experts']} per MoE layer in "
+        f"{m['fetch_ms_per_moe_layer']:.2f} ms; DEP moves {m['dep_rows_per_rank_per_layer']:.0f} rows per rank "
+        "and layer",
+        "",
+        f"{'ms per iteration':18s} {'DWDP':>11s} {'DEP':>11s} {'(DEP-DWDP)/DEP':>15s}",
+    ]
+    dw, dep = res["dwdp"], res["dep"]
+    for cat in CATEGORIES:
+        a, b = dw["breakdown_ms"][cat], dep["breakdown_ms"][cat]
+        lines.append(f"{cat:18s} {a:11.1f} {b:11.1f} {100 * (b - a) / dep['iteration_ms']:+14.2f}%")
+    lines.append(f"{'iteration':18s} {dw['iteration_ms']:11.1f} {dep['iteration_ms']:11.1f} "
+                 f"{-100 * res['iteration_latency_change']:+14.2f}%")
+    lines.append(f"{'overlapped copy':18s} {dw['overlapped_copy_ms']:11.1f} {'-':>11s}   (not in the sum)")
+    lines.append(f"{'interference':18s} {sum(dw['interference_ms'].values()):11.1f} {'-':>11s}   (in DWDP's compute "
+                 "rows)")
+    lines.append(f"TPS/GPU: DWDP {dw['tps_per_gpu']:.0f}, DEP {dep['tps_per_gpu']:.0f}; ratio DWDP / DEP = "
+                 f"{res['ratio']:.4f}; DEP synchronisation wait {100 * dep['shares']['sync_wait']:.1f} %, "
+                 f"communication {100 * dep['shares']['communication']:.1f} % of its iteration")
+    if "paper" in res:
+        p = res["paper"]
+        lines += ["", "The paper (GB200 x 4, Table 3, read as ms per iteration) against this prediction:",
+                  f"  iteration latency DWDP / DEP - 1: paper {100 * p['paper_iteration_latency_change']:+.1f} %, "
+                  f"predicted {100 * p['predicted_iteration_latency_change']:+.1f} %",
+                  f"  DEP communication share: paper {100 * p['paper_dep_communication_share']:.1f} %, predicted "
+                  f"{100 * p['predicted_dep_communication_share']:.1f} %; synchronisation share: paper "
+                  f"{100 * p['paper_dep_sync_share']:.1f} %, predicted {100 * p['predicted_dep_sync_share']:.1f} %",
+                  f"  overlapped copy: paper {p['paper_overlapped_copy_ms']:.0f}, predicted "
+                  f"{p['predicted_overlapped_copy_ms']:.0f}",
+                  f"  ({p['note']})"]
+    if rows:
+        lines += ["", f"{'setting':14s} {'budget':>7s} {'tokens/it':>9s} {'DWDP TPS':>9s} {'DEP TPS':>9s} "
+                      f"{'ratio':>7s} {'DEP sync':>8s} {'DEP comm':>8s} {'exposed':>8s}"]
+        for r in rows:
+            name = f"cv {r['cv']:g}" if "cv" in r else f"ratio {r['input_ratio']:g}"
+            lines.append(f"{name:14s} {r['max_tokens']:7d} {r['tokens_per_iteration']:9.0f} "
+                         f"{r['dwdp']['tps_per_gpu']:9.0f} {r['dep']['tps_per_gpu']:9.0f} {r['ratio']:7.4f} "
+                         f"{100 * r['dep']['sync_share']:7.1f}% {100 * r['dep']['communication_share']:7.1f}% "
+                         f"{100 * r['dwdp']['exposed_fetch_share']:7.1f}%")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None, prog: str = "python -m dwdp_ops sim") -> int:
+    ap = build_parser(prog)
+    ns = ap.parse_args(argv)
+    check_args(ap, ns)
+    ov = Overrides(attention_tflops=ns.attention_tflops, fetch_gbps=ns.fetch_gbps, dispatch_gbps=ns.dispatch_gbps,
+                   dispatch_latency_us=ns.dispatch_latency_us, interference=ns.interference)
+    hardware = ns.calibration or ns.hardware
+    cfg = SimConfig(hardware=hardware, gpus=ns.gpus, isl=ns.isl, ratio=ns.ratio, cv=ns.cv, max_tokens=ns.max_tokens,
+                    layers=ns.layers, dense_layers=ns.dense_layers, seed=ns.seed, iterations=ns.iterations,
+                    overrides=ov)
+    res = simulate(cfg)
+    if is_paper_setting(res["config"]) and res["config"]["calibration"] == "gb200":
+        res["paper"] = paper_comparison(res)
+    rows = None
+    if ns.sweep or ns.plot:
+        rows = sweep(hardware, ns.gpus, isl=ns.isl, ratio=cfg.ratio, layers=ns.layers,
+                     dense_layers=ns.dense_layers, seed=ns.seed, iterations=ns.iterations, overrides=ov,
+                     budgets=(16384, 32768) if ns.sweep else (ns.max_tokens,))
+        if ns.sweep:
+            res["sweep"] = rows
+    if ns.plot:
+        plot(res, ns.plot, [r for r in rows if "cv" in r])
+    if ns.json:
+        print(json.dumps(res, indent=1))
+    else:
+        print(_text(res, res.get("sweep")))
+        if ns.plot:
+            print(f"figure: {ns.plot}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,371 @@
+"""Iteration-level simulation of DWDP (``prefetch_all``) and DEP for DeepSeek-R1 prefill on N GPUs.
+
+Both modes serve the same per-rank queues (``workload``: same seed, same batches); every rank replicates attention,
+dense layers, shared expert and router (attention data parallelism), and each MoE layer's routed experts are
+partitioned over the N ranks (``ExpertPartition``: disjoint where N divides 256, else the largest stride with
+neighbours overlapping, as the paper's N=3/5/7 examples). Layers: ``dense_layers`` dense ones first (R1: 3), then
+MoE ones (R1: 58). Per-operation times come from ``costs.CostModel``.
+
+One rank's work in one iteration of T tokens (chunks of lengths S_c after prefixes P_c), per layer:
+  attention block = MLA projections (dense GEMMs) + elementwise others (T c_att) + core attention (sum over chunks)
+  dense layer     + dense MLP (dense GEMMs)
+  MoE layer       + shared expert and router (dense GEMMs) + MoE others(T) + routed expert GEMMs
+and the LM head of the requests that finish in the iteration.
+
+DWDP (each rank on its own; no collective): the expert GEMMs of MoE layer j run over all E experts
+(p = T k pairs, m = T k / E rows per expert) once MoE layer j's E - L remote experts have arrived. The copy engine
+fetches them, F = (E - L) X / B_fetch per layer, one layer after another on one copy stream, into two slots: layers
+0 and 1 are issued when the iteration starts (hidden behind the dense layers and the first attention), layer j >= 2
+when layer j - 2's expert GEMMs have finished with its slot. Compute waits only where a fetch is late (exposed
+fetch); while a copy is in flight every compute category runs (1 + s_cat) slower (measured interference). This is an
+exact two-stream event simulation, so in a steady state of identical layers of compute C the exposed fetch is
+max(0, F - C (1 + s)) per layer. A rank's iteration time is its own; TPS/GPU = mean over ranks of its tokens / its
+time.
+
+DEP (tokens move; every MoE layer is a collective): at MoE layer j rank r arrives after its own work since the last
+combine (A_r: attention block, shared expert, router, others; for j = 0 also the dense layers), the dispatch starts
+when the slowest rank arrives, then each rank runs its expert GEMMs over the W_r = sum_s T_s m(s, r) pairs it
+receives (``policy.pair_shares``, uniform routing) on its L experts, the combine starts when the slowest rank's GEMMs
+end; dispatch and combine take max_r (lat + rows_r H b / B_disp), rows_r = max(rows sent, rows received)
+(hypergeometric, as ``policy.choose_mode``). Synchronisation wait of rank r = sum over layers of
+(max A - A_r) + (max G - G_r) (+ the LM-head tail). All ranks run iteration i together; the iteration takes
+sum_j (max_r A_r + dispatch + max_r G_r + combine) + max_r tail_r. With N = 1 or no MoE layer there is no collective.
+
+Categories (the paper's Table 3): attention (core), expert_gemm, dense_gemm, others, communication (dispatch +
+combine), sync_wait, exposed_fetch; they add up to each rank's iteration time; DWDP's compute categories include
+their interference slowdown (reported also as ``interference_ms``); ``overlapped_copy_ms`` is the copy engine's busy
+time, hidden or not, outside the sum.
+
+Not modelled: routing imbalance (hot experts; DEP's expert GEMMs are balanced here, which favours DEP), expert
+parallel load balancing, overlap of communication with compute in DEP (no two-batch overlap), many-to-one copy-engine
+contention and the 2 MiB-slice mitigation, CUDA-graph/launch overheads, KV-cache transfer, memory capacity (the
+full 61-layer R1 in bf16 does not fit on 2 H200s; the simulator only times it), decode.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+
+from ..models.deepseek_r1.config import DeepSeekConfig
+from ..partition import ExpertPartition
+from ..policy import _p_row, pair_shares
+from .costs import CATEGORIES, COMPUTE, CostModel, Overrides, load_calibration
+from .workload import Iteration, workload
+
+__all__ = ["RankStep", "SimConfig", "dep_iteration", "dwdp_timeline", "partition_for", "simulate"]
+
+
+@dataclass(frozen=True)
+class SimConfig:
+    """One simulated setting. ``hardware``: a shipped profile (``h200``, ``gb200``) or a calibration file; exactly one
+    of ``ratio`` and ``cv`` (``ratio`` 0.8 if neither is given); ``dense_layers``: None = min(3, layers)."""
+
+    hardware: str = "h200"
+    gpus: int = 2
+    isl: int = 8192
+    ratio: float | None = None
+    cv: float | None = None
+    max_tokens: int = 32768
+    layers: int = 61
+    dense_layers: int | None = None
+    seed: int = 0
+    iterations: int = 32
+    overrides: Overrides = field(default_factory=Overrides)
+
+    def __post_init__(self) -> None:
+        if self.ratio is None and self.cv is None:
+            object.__setattr__(self, "ratio", 0.8)
+        if self.ratio is not None and self.cv is not None:
+            raise ValueError("give one of ratio and cv, not both")
+        ints = {"gpus": 1, "isl": 1, "max_tokens": 1, "layers": 1, "seed": 0, "iterations": 1}
+        for name, lo in ints.items():
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < lo:
+                raise ValueError(f"{name} must be an integer >= {lo}, got {v!r}")
+        if self.layers > 61:
+            raise ValueError(f"layers must be at most 61 (DeepSeek-R1), got {self.layers}")
+        if self.gpus > 256:
+            raise ValueError(f"gpus must be at most 256 (one expert per GPU), got {self.gpus}")
+        d = self.dense_layers
+        if d is not None and (isinstance(d, bool) or not isinstance(d, int) or not 0 <= d <= self.layers):
+            raise ValueError(f"dense_layers must be an integer in [0, layers={self.layers}], got {d!r}")
+        if self.ratio is not None and not (isinstance(self.ratio, (int, float)) and 0 < self.ratio <= 1):
+            raise ValueError(f"ratio must be in (0, 1], got {self.ratio!r}")
+        if self.cv is not None and not (isinstance(self.cv, (int, float)) and math.isfinite(self.cv)
+                                        and self.cv >= 0):
+            raise ValueError(f"cv must be a finite number >= 0, got {self.cv!r}")
+
+    @property
+    def n_dense(self) -> int:
+        return min(3, self.layers) if self.dense_layers is None else self.dense_layers
+
+    def model_config(self) -> DeepSeekConfig:
+        return DeepSeekConfig.r1(n_layers=self.layers).replace(n_dense_layers=self.n_dense)
+
+
+def partition_for(num_experts: int, ranks: int) -> ExpertPartition:
+    """Disjoint where ``ranks`` divides ``num_experts``; else the largest stride P with L = E - (N - 1) P >= P."""
+    if num_experts % ranks == 0:
+        return ExpertPartition.disjoint(num_experts, ranks)
+    for stride in range(num_experts // ranks, 0, -1):
+        per = num_experts - (ranks - 1) * stride
+        if stride <= per:
+            return ExpertPartition(num_experts, ranks, per, stride)
+    raise ValueError(f"no partition of {num_experts} experts over {ranks} ranks")
+
+
+@dataclass(frozen=True)
+class RankStep:
+    """One rank's own work in one iteration (ms, per layer where it recurs)."""
+
+    tokens: int
+    finished: int
+    attention: float  # core attention per layer
+    proj: float  # MLA projections per layer (dense GEMMs)
+    attn_others: float  # elementwise work of the attention block per layer
+    dense_mlp: float  # dense MLP of a dense layer
+    shared: float  # shared expert + router of a MoE layer (dense GEMMs)
+    moe_others: float  # other work of a MoE layer
+    lm_head: float  # LM head of the finished requests
+
+    @classmethod
+    def of(cls, it: Iteration, costs: CostModel) -> RankStep:
+        ops, T = costs.ops, it.tokens
+        pre = np.array([c.prefix for c in it.chunks], dtype=float)
+        new = np.array([c.length for c in it.chunks], dtype=float)
+        return cls(T, it.finished, costs.attention_ms(pre, new), costs.dense_ms(T * ops.proj_flops_per_token),
+                   costs.attention_others_ms(T), costs.dense_ms(T * ops.dense_mlp_flops_per_token),
+                   costs.dense_ms(T * ops.shared_flops_per_token), costs.moe_others_ms(T),
+                   costs.dense_ms(it.finished * ops.lm_head_flops_per_row))
+
+    def attention_block(self) -> list[tuple[str, float]]:
+        return [("dense_gemm", self.proj), ("others", self.attn_others), ("attention", self.attention)]
+
+
+def _zero() -> dict[str, float]:
+    return {c: 0.0 for c in CATEGORIES}
+
+
+# ----------------------------------------------------------------------------------------------------------- DWDP
+def dwdp_timeline(segments, moe_layers: int, fetch_ms: float, slowdown: dict[str, float]) -> dict:
+    """Two-stream event simulation of one DWDP iteration on one rank (module docstring). ``segments``: the compute
+    stream in order, ``(category, ms, j)`` with ``j`` the MoE layer whose expert GEMMs this is (it waits for fetch j
+    and frees its slot when done) or None. Returns ``time_ms``, ``breakdown`` (categories, ms; compute includes
+    interference), ``interference_ms`` and ``overlapped_copy_ms``."""
+    M = moe_layers
+    out, extra = _zero(), {c: 0.0 for c in COMPUTE}
+    fetched = [False] * M
+    t = busy = 0.0
+    state = {"next": 0, "cur": None, "rem": 0.0, "freed": -1}
+
+    def start() -> None:
+        while state["cur"] is None and state["next"] < M and (state["next"] < 2 or state["freed"] >= state["next"] - 2):
+            j = state["next"]
+            state["next"] += 1
+            if fetch_ms <= 0:
+                fetched[j] = True
+            else:
+                state["cur"], state["rem"] = j, fetch_ms
+
+    def finish() -> None:
+        fetched[state["cur"]] = True
+        state["cur"], state["rem"] = None, 0.0
+        start()
+
+    start()
+    for cat, ms, j in segments:
+        if j is not None:
+            while not fetched[j]:
+                if state["cur"] is None:  # cannot happen: fetch j is issued once expert GEMMs j-2 are done
+                    raise AssertionError(f"fetch {j} neither done nor in flight")
+                t += state["rem"]
+                busy += state["rem"]
+                out["exposed_fetch"] += state["rem"]
+                finish()
+        work, s = float(ms), slowdown[cat]
+        while work > 0:
+            if state["cur"] is None:
+                t += work
+                out[cat] += work
+                work = 0.0
+                continue
+            need = work * (1.0 + s)
+            step = min(need, state["rem"])
+            done = step / (1.0 + s) if step < need else work
+            t += step
+            busy += step
+            out[cat] += step
+            extra[cat] += step - done
+            work -= done
+            state["rem"] -= step
+            if state["rem"] <= 1e-12:
+                finish()
+        if j is not None:
+            state["freed"] = j
+            start()
+    if state["cur"] is not None or not all(fetched):
+        raise AssertionError("a fetch outlived the iteration")
+    return {"time_ms": t, "breakdown": out, "interference_ms": extra, "overlapped_copy_ms": busy}
+
+
+def dwdp_segments(step: RankStep, cfg: DeepSeekConfig, expert_ms: float) -> list:
+    seg = []
+    for layer in range(cfg.n_layers):
+        seg += [(c, ms, None) for c, ms in step.attention_block()]
+        if layer < cfg.n_dense_layers:
+            seg.append(("dense_gemm", step.dense_mlp, None))
+        else:
+            seg += [("dense_gemm", step.shared, None), ("others", step.moe_others, None),
+                    ("expert_gemm", expert_ms, layer - cfg.n_dense_layers)]
+    seg.append(("dense_gemm", step.lm_head, None))
+    return seg
+
+
+# ------------------------------------------------------------------------------------------------------------ DEP
+def dep_iteration(steps: list[RankStep], cfg: DeepSeekConfig, expert_ms: list[float], dispatch_ms: float,
+                  combine_ms: float) -> dict:
+    """One DEP iteration of all ranks in lockstep (module docstring). ``expert_ms[r]``: rank r's expert GEMMs of one
+    MoE layer; ``dispatch_ms`` / ``combine_ms``: one collective each (the slowest rank's). Returns ``time_ms`` and
+    ``breakdown`` per rank."""
+    N, M, D = len(steps), cfg.n_moe_layers, cfg.n_dense_layers
+    per = [_zero() for _ in range(N)]
+
+    def own(r: int, items) -> float:
+        s = 0.0
+        for c, ms in items:
+            per[r][c] += ms
+            s += ms
+        return s
+
+    if N == 1 or M == 0:  # no collective: each rank on its own (the iteration is its slowest rank's, for lockstep)
+        times = []
+        for r, st in enumerate(steps):
+            items = [x for _ in range(cfg.n_layers) for x in st.attention_block()]
+            items += [("dense_gemm", st.dense_mlp)] * D + [("dense_gemm", st.shared), ("others", st.moe_others),
+                                                          ("expert_gemm", expert_ms[r])] * M
+            times.append(own(r, items + [("dense_gemm", st.lm_head)]))
+        T = max(times)
+        for r in range(N):
+            per[r]["sync_wait"] += T - times[r]
+        return {"time_ms": T, "breakdown": per}
+    t = 0.0
+    for j in range(M):
+        arrive = []
+        for r, st in enumerate(steps):
+            items = []
+            if j == 0:
+                items += [x for _ in range(D) for x in st.attention_block()] + [("dense_gemm", st.dense_mlp)] * D
+            items += st.attention_block() + [("dense_gemm", st.shared), ("others", st.moe_others)]
+            arrive.append(own(r, items))
+        gemm = [own(r, [("expert_gemm", expert_ms[r])]) for r in range(N)]
+        a, g = max(arrive), max(gemm)
+        for r in range(N):
+            per[r]["sync_wait"] += (a - arrive[r]) + (g - gemm[r])
+            per[r]["communication"] += dispatch_ms + combine_ms
+        t += a + dispatch_ms + g + combine_ms
+    tail = [own(r, [("dense_gemm", st.lm_head)]) for r, st in enumerate(steps)]
+    for r in range(N):
+        per[r]["sync_wait"] += max(tail) - tail[r]
+    return {"time_ms": t + max(tail), "breakdown": per}
+
+
+# ------------------------------------------------------------------------------------------------------- simulate
+def _summary(times: np.ndarray, tokens: np.ndarray, breakdowns: list[list[dict]], extra: dict | None,
+             copy_ms: float) -> dict:
+    """times, tokens: [rank, iteration]."""
+    cats = {c: float(np.mean([[b[c] for b in row] for row in breakdowns])) for c in CATEGORIES}
+    it_ms = float(times.mean())
+    per_rank_tps = tokens.sum(axis=1) / (times.sum(axis=1) * 1e-3)
+    out = {
+        "tps_per_gpu": float(per_rank_tps.mean()),
+        "iteration_ms": it_ms,
+        "breakdown_ms": cats,
+        "shares": {c: v / it_ms if it_ms else 0.0 for c, v in cats.items()},
+        "overlapped_copy_ms": copy_ms,
+    }
+    if extra is not None:
+        out["interference_ms"] = extra
+    out["per_rank_iteration_ms"] = [float(x) for x in times.mean(axis=1)]
+    return out
+
+
+def simulate(config: SimConfig, calibration: dict | None = None) -> dict:
+    """Predict DWDP and DEP for ``config`` (module docstring). ``calibration``: a calibration dict to use instead of
+    loading ``config.hardware``. Returns a JSON-ready dict with ``dwdp``, ``dep``, ``ratio`` (DWDP / DEP TPS/GPU) and
+    ``iteration_latency_change`` (DWDP / DEP iteration time - 1)."""
+    cal = load_calibration(config.hardware) if calibration is None else calibration
+    cfg = config.model_config()
+    costs = CostModel(cal, cfg, config.overrides)
+    N, E, k, M = config.gpus, cfg.n_routed_experts, cfg.n_activated_experts, cfg.n_moe_layers
+    part = partition_for(E, N)
+    L = part.experts_per_rank
+    work = workload(N, config.iterations, config.isl, config.max_tokens, ratio=config.ratio, cv=config.cv,
+                    seed=config.seed)
+    steps = [[RankStep.of(it, costs) for it in row] for row in work]
+    tokens = np.array([[s.tokens for s in row] for row in steps], dtype=float)
+
+    fetch = costs.fetch_ms(E - L)
+    m = pair_shares(part, k)
+    q = [[_p_row(m[s][d], E, k) for d in range(N)] for s in range(N)]
+
+    dw_t = np.zeros((N, config.iterations))
+    dw_b: list[list[dict]] = [[] for _ in range(N)]
+    dw_x = {c: 0.0 for c in COMPUTE}
+    dw_copy = 0.0
+    for r in range(N):
+        for i, st in enumerate(steps[r]):
+            res = dwdp_timeline(dwdp_segments(st, cfg, costs.expert_ms(st.tokens * k, E)), M, fetch,
+                                costs.interference)
+            dw_t[r, i] = res["time_ms"]
+            dw_b[r].append(res["breakdown"])
+            dw_copy += res["overlapped_copy_ms"]
+            for c in COMPUTE:
+                dw_x[c] += res["interference_ms"][c]
+    n_it = N * config.iterations
+    dwdp = _summary(dw_t, tokens, dw_b, {c: v / n_it for c, v in dw_x.items()}, dw_copy / n_it)
+
+    dep_t = np.zeros((N, config.iterations))
+    dep_b: list[list[dict]] = [[] for _ in range(N)]
+    rows_mean = 0.0
+    for i in range(config.iterations):
+        T = [steps[r][i].tokens for r in range(N)]
+        pairs = [sum(T[s] * m[s][r] for s in range(N)) for r in range(N)]
+        rows = [max(T[r] * sum(q[r][d] for d in range(N) if d != r), sum(T[s] * q[s][r] for s in range(N) if s != r))
+                for r in range(N)]
+        rows_mean += sum(rows) / N / config.iterations
+        disp = max(costs.dispatch_ms(x) for x in rows) if N > 1 else 0.0
+        comb = max(costs.combine_ms(x) for x in rows) if N > 1 else 0.0
+        res = dep_iteration([steps[r][i] for r in range(N)], cfg, [costs.expert_ms(p, L) for p in pairs], disp, comb)
+        dep_t[:, i] = res["time_ms"]
+        for r in range(N):
+            dep_b[r].append(res["breakdown"][r])
+    dep = _summary(dep_t, tokens, dep_b, None, 0.0)
+    dep["per_rank_iteration_ms"] = dep["per_rank_iteration_ms"][:1]  # lockstep: one time for all
+
+    lengths = [c.length + c.prefix for row in work for it in row for c in it.chunks if c.last]
+    return {
+        "config": {k2: v for k2, v in asdict(config).items() if k2 != "overrides"}
+        | {"overrides": {k2: v for k2, v in asdict(config.overrides).items() if v is not None},
+           "dense_layers": cfg.n_dense_layers, "moe_layers": M, "calibration": cal["hardware"]},
+        "workload": {
+            "tokens_per_iteration": float(tokens.mean()),
+            "requests_per_iteration": float(np.mean([len(it.chunks) for row in work for it in row])),
+            "request_tokens_mean": float(np.mean(lengths)) if lengths else 0.0,
+            "request_tokens_cv": float(np.std(lengths) / np.mean(lengths)) if lengths else 0.0,
+            "chunked_iterations": int(sum(1 for row in work for it in row if any(not c.last or c.prefix
+                                                                                for c in it.chunks))),
+        },
+        "model": {
+            "partition": {"experts_per_rank": L, "stride": part.stride, "remote_experts": E - L},
+            "fetch_ms_per_moe_layer": fetch,
+            "dep_rows_per_rank_per_layer": rows_mean,
+            "expert_bytes": costs.expert_bytes,
+        },
+        "dwdp": dwdp,
+        "dep": dep,
+        "ratio": dwdp["tps_per_gpu"] / dep["tps_per_gpu"],
+        "iteration_latency_change": dwdp["iteration_ms"] / dep["iteration_ms"] - 1.0,
+    }

@@ -1,0 +1,135 @@
+"""Request lengths and batching of a context-only (prefill) server, one queue per rank.
+
+Request lengths (integers >= 1, drawn with ``numpy.random.default_rng([seed, rank])``: deterministic per seed and
+rank, the same for every mode):
+  ``ratio=R``  uniform integers in [ceil(R * ISL), ISL] (the paper's "input ratio": ISL 8K, R = 0.8);
+  ``cv=C``     a gamma distribution with mean ISL and coefficient of variation C (shape 1 / C^2, scale ISL * C^2),
+               rounded to the nearest integer and at least 1; C = 0 gives every request exactly ISL tokens.
+               Gamma because it is positive and skewed like real prompt lengths; the long tail can exceed the
+               token budget, which chunking handles.
+
+Batching (per rank, first come first served, as a context server without overlap scheduling): an iteration takes
+whole requests from the head of the queue while their tokens fit ``max_tokens``; the first request that does not fit
+closes the iteration and opens the next one (requests are never reordered, and a request is never split to fill a
+budget). A request longer than ``max_tokens`` is chunked (chunked prefill): it is cut into pieces of ``max_tokens``
+tokens and a last piece of the remainder; each full piece is an iteration of its own, piece i attending to the
+i * max_tokens tokens before it (its prefix, from the KV cache) and causally within itself; the last piece starts
+the next iteration, which then takes whole requests behind it as usual. The LM head runs once per request, in the
+iteration of its last piece.
+
+Not modelled: arrivals (every queue is full from the start: a throughput measurement), a maximum batch size (the
+paper's 64 is never reached at ISL 8K), KV-cache capacity and prefix-cache hits.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+__all__ = ["Chunk", "Iteration", "batch_requests", "rank_iterations", "request_lengths", "workload"]
+
+
+@dataclass(frozen=True)
+class Chunk:
+    """``length`` new tokens of request ``request`` after ``prefix`` tokens already in its KV cache; ``last``: the
+    request's final piece (its LM head runs in this iteration)."""
+
+    request: int
+    prefix: int
+    length: int
+    last: bool = True
+
+
+@dataclass(frozen=True)
+class Iteration:
+    chunks: tuple[Chunk, ...]
+
+    @property
+    def tokens(self) -> int:
+        return sum(c.length for c in self.chunks)
+
+    @property
+    def finished(self) -> int:
+        """Requests whose last piece is in this iteration (LM-head rows)."""
+        return sum(1 for c in self.chunks if c.last)
+
+
+def _check_source(isl: int, ratio: float | None, cv: float | None) -> None:
+    if isinstance(isl, bool) or not isinstance(isl, (int, np.integer)) or isl < 1:
+        raise ValueError(f"isl must be an integer >= 1, got {isl!r}")
+    if (ratio is None) == (cv is None):
+        raise ValueError("give exactly one of ratio (uniform in [ratio * isl, isl]) and cv (gamma, mean isl)")
+    if ratio is not None and not (isinstance(ratio, (int, float)) and 0 < ratio <= 1):
+        raise ValueError(f"ratio must be in (0, 1], got {ratio!r}")
+    if cv is not None and not (isinstance(cv, (int, float)) and math.isfinite(cv) and cv >= 0):
+        raise ValueError(f"cv must be a finite number >= 0, got {cv!r}")
+
+
+def request_lengths(n: int, isl: int, *, ratio: float | None = None, cv: float | None = None,
+                    rng: np.random.Generator) -> np.ndarray:
+    """``n`` request lengths (int64, each >= 1) by the rule of the module docstring."""
+    _check_source(isl, ratio, cv)
+    if ratio is not None:
+        lo = max(1, math.ceil(ratio * isl - 1e-9))
+        return rng.integers(lo, isl + 1, size=n, dtype=np.int64)
+    if cv == 0:
+        return np.full(n, isl, dtype=np.int64)
+    x = rng.gamma(1.0 / cv**2, isl * cv**2, size=n)
+    return np.maximum(1, np.rint(x)).astype(np.int64)
+
+
+def batch_requests(lengths, max_tokens: int, first_request: int = 0) -> list[Iteration]:
+    """Every iteration that the queue ``lengths`` (in order) makes under ``max_tokens`` (module docstring). The last
+    iteration returned may have had room for requests that were not in the queue."""
+    if isinstance(max_tokens, bool) or not isinstance(max_tokens, (int, np.integer)) or max_tokens < 1:
+        raise ValueError(f"max_tokens must be an integer >= 1, got {max_tokens!r}")
+    out: list[Iteration] = []
+    cur: list[Chunk] = []
+    used = 0
+    for i, n in enumerate(int(x) for x in lengths):
+        if n < 1:
+            raise ValueError(f"request lengths must be >= 1, got {n} at position {i}")
+        rid = first_request + i
+        if used + n <= max_tokens:
+            cur.append(Chunk(rid, 0, n))
+            used += n
+            continue
+        if cur:
+            out.append(Iteration(tuple(cur)))
+            cur, used = [], 0
+        prefix = 0
+        while n - prefix > max_tokens:  # full pieces of a long request, one iteration each
+            out.append(Iteration((Chunk(rid, prefix, max_tokens, last=False),)))
+            prefix += max_tokens
+        cur, used = [Chunk(rid, prefix, n - prefix)], n - prefix
+    if cur:
+        out.append(Iteration(tuple(cur)))
+    return out
+
+
+def rank_iterations(rank: int, iterations: int, isl: int, max_tokens: int, *, ratio: float | None = None,
+                    cv: float | None = None, seed: int = 0) -> list[Iteration]:
+    """The first ``iterations`` complete iterations of rank ``rank``'s queue (lengths drawn in blocks from the rank's
+    generator until one more iteration than needed exists, so that the last one kept was closed by a request that
+    did not fit, not by the end of the draw)."""
+    _check_source(isl, ratio, cv)
+    if isinstance(iterations, bool) or not isinstance(iterations, int) or iterations < 1:
+        raise ValueError(f"iterations must be an integer >= 1, got {iterations!r}")
+    rng = np.random.default_rng([seed, rank])
+    block = max(64, iterations * (max_tokens // max(isl, 1) + 2))
+    lengths = np.empty(0, dtype=np.int64)
+    while True:
+        lengths = np.concatenate([lengths, request_lengths(block, isl, ratio=ratio, cv=cv, rng=rng)])
+        its = batch_requests(lengths, max_tokens)
+        if len(its) > iterations:
+            return its[:iterations]
+
+
+def workload(ranks: int, iterations: int, isl: int, max_tokens: int, *, ratio: float | None = None,
+             cv: float | None = None, seed: int = 0) -> list[list[Iteration]]:
+    """``[rank][iteration]``: every rank's own queue, batched (module docstring)."""
+    if isinstance(ranks, bool) or not isinstance(ranks, int) or ranks < 1:
+        raise ValueError(f"ranks must be an integer >= 1, got {ranks!r}")
+    return [rank_iterations(r, iterations, isl, max_tokens, ratio=ratio, cv=cv, seed=seed) for r in range(ranks)]
