@@ -16,9 +16,9 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 
-from .calibrate import PAPER
 from .costs import CATEGORIES, Overrides
 from .model import SimConfig, simulate
+from .paper import PAPER
 
 __all__ = ["is_paper_setting", "paper_comparison", "sweep", "validate"]
 

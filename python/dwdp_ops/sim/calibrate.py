@@ -46,20 +46,14 @@ import numpy as np
 
 from ..models.deepseek_r1.config import DeepSeekConfig
 from .costs import SCHEMA, R1Ops, validate_calibration
+from .paper import PAPER
 
-__all__ = ["PAPER", "gb200_calibration", "h200_calibration", "main", "paper_workload"]
+__all__ = ["gb200_calibration", "h200_calibration", "main", "paper_workload"]
 
 PACKAGE_DIR = Path(__file__).resolve().parent / "calibration"
 REPO_RESULTS = Path(__file__).resolve().parents[3] / "bench" / "results"
 
 H200_HBM_GBPS = 4800.0  # H200 HBM3e (NVIDIA H200 datasheet)
-PAPER = {  # the paper's context-only setting and Table 3 (../shared/reference/dwdp.md section 5.2)
-    "gpus": 4, "isl": 8192, "ratio": 0.8, "max_tokens": 32768, "layers": 61,
-    "table3_dep4_ms": {"attention": 269.67, "grouped_gemm": 342.40, "dense_gemm": 177.50, "others": 241.69,
-                       "communication": 126.74, "sync_wait": 161.85, "iteration": 1319.85},
-    "table3_dwdp4_ms": {"attention": 320.56, "grouped_gemm": 337.42, "dense_gemm": 189.28, "others": 284.32,
-                        "overlapped_copy": 429.00, "iteration": 1131.58},
-}
 GB200 = {"hbm_gbps": 8000.0, "nvlink_gbps": 900.0}  # one GPU of GB200 NVL72
 GB200_SPEC = ("HBM3e 8 TB/s per GPU; NVLink 5 1.8 TB/s bidirectional = 900 GB/s per direction (NVIDIA GB200 NVL72 "
               "specification; https://glennklockwood.com/garden/processors/B200)")
@@ -109,9 +103,9 @@ def h200_calibration(results: Path = REPO_RESULTS) -> dict:
     for m in sorted(pts):
         r, src = pts[m]
         t = m / r  # proportional to one expert's time
-        used = r if t >= t_prev else m / t_prev
-        t_prev = max(t, t_prev)
-        expert_points.append({"rows_per_expert": m, "tflops": _r(used), "measured_tflops": _r(r), "source": src})
+        used = _r(r) if t >= t_prev else math.floor(m / t_prev * 1e3) / 1e3  # rounded down: stays monotone
+        t_prev = max(m / used, t_prev)
+        expert_points.append({"rows_per_expert": m, "tflops": used, "measured_tflops": _r(r), "source": src})
 
     # attention block: per-token, per-layer time against request length S
     S, t, req = [], [], {}
@@ -140,9 +134,9 @@ def h200_calibration(results: Path = REPO_RESULTS) -> dict:
         dense_ms = (T * (n_dense * ops.dense_mlp_flops_per_token + n_moe * ops.shared_flops_per_token)
                     + rs[0]["requests"] * lm_head) / (dense * 1e12) * 1e3
         ns = (rem - dense_ms) / (n_moe * T) * 1e6
-        used = max(ns, tot_prev / T)
-        tot_prev = max(tot_prev, ns * T)
-        others_points.append({"tokens": T, "ns_per_token": _r(used), "measured_ns_per_token": _r(ns),
+        used = _r(ns) if ns * T >= tot_prev else math.ceil(tot_prev / T * 1e3) / 1e3  # rounded up: monotone
+        tot_prev = max(tot_prev, used * T)
+        others_points.append({"tokens": T, "ns_per_token": used, "measured_ns_per_token": _r(ns),
                               "source": f"{F} rows[tokens={T}]: step_ms - attn_ms - experts_ms - wait_ms - modelled "
                                         f"dense GEMMs ({dense_ms:.3g} ms), per MoE layer ({n_moe}) and token (mean of "
                                         "ranks)"})
@@ -245,12 +239,12 @@ def gb200_calibration(h200: dict) -> dict:
     t_first = ep[0]["rows_per_expert"] * fpp / (ep[0]["tflops"] * 1e12)  # one bf16 expert's time at the smallest m
     hbm_eff = h200["weights"]["expert_bytes"] / t_first / (H200_HBM_GBPS * 1e9)
     BW = GB200["hbm_gbps"] * hbm_eff * 1e9
-    points = []
-    for m in (16, 32, 64, 128, 256, 512, 1024, 2048, 4096):
-        te = max(m * fpp / (exp_tflops * 1e12), nvfp4_bytes / BW)
-        points.append({"rows_per_expert": m, "tflops": _r(m * fpp / te / 1e12),
-                       "source": f"max(compute at {exp_tflops:.4g} TFLOP/s, one NVFP4 expert's {nvfp4_bytes} B "
-                                 f"at {GB200['hbm_gbps']:.0f} GB/s x {hbm_eff:.3f})"})
+    knee = math.ceil(nvfp4_bytes / BW * exp_tflops * 1e12 / fpp)  # rows per expert where compute meets HBM
+    points = [{"rows_per_expert": m, "tflops": _r(exp_tflops),
+               "source": f"compute rate {exp_tflops:.4g} TFLOP/s (below); the first point sits at the knee where "
+                         f"one NVFP4 expert's {nvfp4_bytes} B at {GB200['hbm_gbps']:.0f} GB/s x {hbm_eff:.3f} "
+                         "take as long as its rows' FLOPs, so below it the time is the weight read (HBM-bound)"}
+              for m in (knee, 4096)]
     nvlink_h200 = 18 * 26.5625
     fetch_eff = h200["fetch"]["gbps"] / nvlink_h200
     sl = {c: _r(t3_dw / t3_dep - 1.0, 4) for c, t3_dw, t3_dep in (

@@ -209,14 +209,16 @@ class CostModel:
         ep = cal["expert_gemm"]["points"]
         self._m = np.array([p["rows_per_expert"] for p in ep], dtype=float)
         self._r_exp = np.array([p["tflops"] for p in ep], dtype=float)
-        self._te = self._m * self.ops.expert_flops_per_pair / (self._r_exp * 1e12) * 1e3  # ms per expert
+        # ms per expert at each point; a running maximum keeps the time monotone for any file (the shipped ones
+        # already are)
+        self._te = np.maximum.accumulate(self._m * self.ops.expert_flops_per_pair / (self._r_exp * 1e12) * 1e3)
         ap = cal["attention"]["core_points"]
         self._s = np.array([p["seq_len"] for p in ap], dtype=float)
         self._r_att = np.array([p["tflops"] for p in ap], dtype=float)
         self.attn_others_ns = float(cal["attention"]["others_ns_per_token"])
         op = cal["others"]["points"]
         self._t_oth = np.array([0.0] + [p["tokens"] for p in op], dtype=float)
-        self._ms_oth = np.array([0.0] + [p["tokens"] * p["ns_per_token"] * 1e-6 for p in op], dtype=float)
+        self._ms_oth = np.maximum.accumulate(np.array([0.0] + [p["tokens"] * p["ns_per_token"] * 1e-6 for p in op]))
         self._ns_oth_last = float(op[-1]["ns_per_token"])
         self.fetch_gbps = float(ov.fetch_gbps or cal["fetch"]["gbps"])
         d = cal["dispatch"]
