@@ -1,0 +1,497 @@
+"""The DWDP / DEP simulator (``dwdp_ops.sim``, ``python -m dwdp_ops sim``): request-length statistics and batching,
+the cost models against the calibration points they were built from, the DEP synchronisation and DWDP exposed-fetch
+mechanics, degenerate cases, the paper's GB200 setting, the command line and the calibration files. CPU only."""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+from importlib import resources
+from pathlib import Path
+
+import numpy as np
+import pytest
+from dwdp_ops import __main__ as top
+from dwdp_ops.models.deepseek_r1.config import DeepSeekConfig
+from dwdp_ops.sim import calibrate, cli, plot
+from dwdp_ops.sim.analysis import paper_comparison, sweep, validate
+from dwdp_ops.sim.costs import CATEGORIES, PROFILES, CostModel, Overrides, load_calibration, validate_calibration
+from dwdp_ops.sim.model import SimConfig, dwdp_timeline, partition_for, simulate
+from dwdp_ops.sim.workload import batch_requests, rank_iterations, request_lengths, workload
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "bench" / "results"
+R1 = DeepSeekConfig.r1()
+NO_SLOW = {c: 0.0 for c in ("attention", "expert_gemm", "dense_gemm", "others")}
+
+
+def run_main(argv, capsys, main=cli.main):
+    try:
+        code = main(argv)
+    except SystemExit as e:
+        code = e.code
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+# -------------------------------------------------------------------------------------------------------- workload
+def test_ratio_lengths_are_uniform_in_their_bounds():
+    x = request_lengths(40000, 8192, ratio=0.8, rng=np.random.default_rng(1))
+    assert x.min() >= math.ceil(0.8 * 8192) and x.max() <= 8192
+    assert x.min() == 6554 and x.max() == 8192  # both ends drawn in 40000 samples of 1639 values
+    assert abs(x.mean() / ((6554 + 8192) / 2) - 1) < 0.005
+    assert abs(x.std() / ((8192 - 6554 + 1) / math.sqrt(12)) - 1) < 0.02
+
+
+@pytest.mark.parametrize("cv", [0.1, 0.2, 0.3, 0.6])
+def test_cv_lengths_have_the_mean_and_cv_asked_for(cv):
+    x = request_lengths(40000, 8192, cv=cv, rng=np.random.default_rng(2)).astype(float)
+    assert x.min() >= 1
+    assert abs(x.mean() / 8192 - 1) < 0.01
+    assert abs((x.std() / x.mean()) / cv - 1) < 0.03
+
+
+def test_cv_zero_gives_exactly_isl_and_draws_are_seeded():
+    assert set(request_lengths(100, 8192, cv=0.0, rng=np.random.default_rng(0)).tolist()) == {8192}
+    a = rank_iterations(0, 8, 8192, 32768, cv=0.2, seed=3)
+    assert a == rank_iterations(0, 8, 8192, 32768, cv=0.2, seed=3)
+    assert a != rank_iterations(1, 8, 8192, 32768, cv=0.2, seed=3)
+    assert a != rank_iterations(0, 8, 8192, 32768, cv=0.2, seed=4)
+
+
+@pytest.mark.parametrize("kw", [dict(), dict(ratio=0.8, cv=0.2), dict(ratio=0.0), dict(ratio=1.5), dict(cv=-0.1),
+                                dict(cv=float("nan"))])
+def test_length_source_errors(kw):
+    with pytest.raises(ValueError):
+        request_lengths(4, 8192, rng=np.random.default_rng(0), **kw)
+
+
+@pytest.mark.parametrize("max_tokens", [1000, 8192, 16384, 32768])
+def test_batching_never_exceeds_the_budget_and_keeps_every_token_in_order(max_tokens):
+    lengths = request_lengths(400, 8192, cv=0.6, rng=np.random.default_rng(5))
+    its = batch_requests(lengths, max_tokens)
+    assert all(0 < it.tokens <= max_tokens for it in its)
+    seen: dict[int, int] = {}
+    order = []
+    for it in its:
+        for c in it.chunks:
+            assert c.prefix == seen.get(c.request, 0)  # pieces in order, each after the previous
+            seen[c.request] = c.prefix + c.length
+            if c.last:
+                order.append(c.request)
+    assert order == list(range(len(lengths)))
+    assert [seen[i] for i in range(len(lengths))] == lengths.tolist()
+    for it in its:  # only a request longer than the budget is ever cut
+        for c in it.chunks:
+            if not (c.prefix == 0 and c.last):
+                assert lengths[c.request] > max_tokens
+    for a, b in zip(its, its[1:]):  # an iteration closes only when the next whole request did not fit
+        nxt = b.chunks[0]
+        if nxt.prefix == 0:
+            assert a.tokens + min(lengths[nxt.request], max_tokens + 1) > max_tokens
+
+
+def test_chunking_of_a_long_request():
+    its = batch_requests([5000, 70000, 3000, 2000], 32768)
+    got = [[(c.request, c.prefix, c.length, c.last) for c in it.chunks] for it in its]
+    assert got == [[(0, 0, 5000, True)],
+                   [(1, 0, 32768, False)],
+                   [(1, 32768, 32768, False)],
+                   [(1, 65536, 4464, True), (2, 0, 3000, True), (3, 0, 2000, True)]]
+    assert [it.finished for it in its] == [1, 0, 0, 3]
+
+
+def test_rank_iterations_and_workload_shapes():
+    w = workload(3, 5, 8192, 16384, ratio=0.8, seed=1)
+    assert len(w) == 3 and all(len(r) == 5 for r in w)
+    with pytest.raises(ValueError):
+        batch_requests([10, 0], 100)
+    with pytest.raises(ValueError):
+        batch_requests([10], 0)
+
+
+# ----------------------------------------------------------------------------------------------------------- costs
+@pytest.fixture(scope="module", params=PROFILES)
+def model(request):
+    return CostModel(load_calibration(request.param), R1)
+
+
+def test_cost_models_are_monotone(model):
+    S = np.arange(1, 70000, 997)
+    att = [model.attention_ms(0, s) for s in S]
+    assert all(b > a for a, b in zip(att, att[1:]))
+    att_prefix = [model.attention_ms(p, 4096) for p in range(0, 65536, 4096)]
+    assert all(b > a for a, b in zip(att_prefix, att_prefix[1:]))
+    for experts in (256, 128, 64, 32, 1):
+        t = [model.expert_ms(p, experts) for p in range(0, 600000, 3001)]
+        assert all(b >= a for a, b in zip(t, t[1:])) and t[-1] > t[1] > 0
+    oth = [model.moe_others_ms(T) for T in range(0, 70000, 500)]
+    assert all(b >= a for a, b in zip(oth, oth[1:]))
+    d = [model.dispatch_ms(r) + model.combine_ms(r) for r in range(0, 100000, 1000)]
+    assert all(b > a for a, b in zip(d, d[1:]))
+    assert model.fetch_ms(2) == pytest.approx(2 * model.fetch_ms(1))
+
+
+def test_cost_models_reproduce_their_calibration_points(model):
+    cal, ops = model.cal, model.ops
+    for p in cal["expert_gemm"]["points"]:
+        for experts in (256, 32):
+            pairs = p["rows_per_expert"] * experts
+            want = pairs * ops.expert_flops_per_pair / (p["tflops"] * 1e12) * 1e3
+            assert model.expert_ms(pairs, experts) == pytest.approx(want, rel=1e-9)
+    for p in cal["attention"]["core_points"]:
+        S = p["seq_len"]
+        want = float(ops.core_flops(0, S)) / (p["tflops"] * 1e12) * 1e3
+        assert model.attention_ms(0, S) == pytest.approx(want, rel=1e-9)
+    for p in cal["others"]["points"]:
+        assert model.moe_others_ms(p["tokens"]) == pytest.approx(p["tokens"] * p["ns_per_token"] * 1e-6, rel=1e-9,
+                                                                 abs=1e-12)
+    assert model.dense_ms(1e12) == pytest.approx(1e3 / cal["dense_gemm"]["tflops"])
+    assert model.fetch_ms(1) == pytest.approx(cal["weights"]["expert_bytes"] / cal["fetch"]["gbps"] * 1e-6)
+    # below the first point one expert's time is constant (every expert's weights are read whatever the rows)
+    p0 = cal["expert_gemm"]["points"][0]
+    assert model.expert_ms(p0["rows_per_expert"] * 256 / 4, 256) == pytest.approx(model.expert_ms(
+        p0["rows_per_expert"] * 256, 256))
+
+
+def test_attention_override_is_flat():
+    m = CostModel(load_calibration("h200"), R1, Overrides(attention_tflops=400))
+    for S in (256, 8192, 30000):
+        assert float(m.ops.core_flops(0, S)) / (m.attention_ms(0, S) * 1e-3) / 1e12 == pytest.approx(400)
+
+
+@pytest.mark.skipif(not (RESULTS / "deepseek_forward_H200_N2.json").is_file(), reason="bench/results not here")
+def test_h200_model_reproduces_the_measurements():
+    m = CostModel(load_calibration("h200"), R1)
+    fwd = json.loads((RESULTS / "deepseek_forward_H200_N2.json").read_text())
+    for T in (4096, 16384, 32768):
+        rows = [r for rk in fwd["ranks"] for r in rk["rows"] if r["tokens"] == T]
+        S = T // rows[0]["requests"]
+        # attention block: projections + others + core, per token and layer, as measured (mean of ranks)
+        measured = np.mean([r["attn_ms"] for r in rows]) / fwd["layers"]
+        model = (m.dense_ms(T * m.ops.proj_flops_per_token) + m.attention_others_ms(T)
+                 + rows[0]["requests"] * m.attention_ms(0, S))
+        assert model == pytest.approx(measured, rel=1e-3)
+        exp = np.mean([r["expert_tflops"] for r in rows])
+        got = T * 8 * m.ops.expert_flops_per_pair / (m.expert_ms(T * 8, 256) * 1e-3) / 1e12
+        assert got == pytest.approx(exp, rel=0.03)
+    dsp = json.loads((RESULTS / "dispatch_bandwidth_H200_N2.json").read_text())
+    for r in dsp["records"]:
+        if r["tokens_per_rank"] >= 1024:
+            rows = max(r["rows_sent_per_rank"] + r["rows_received_per_rank"])
+            assert m.dispatch_ms(rows) + m.combine_ms(rows) == pytest.approx(r["modes"]["ours"]["time_ms"], rel=0.06)
+
+
+@pytest.mark.skipif(not (RESULTS / "deepseek_forward_H200_N2.json").is_file(), reason="bench/results not here")
+def test_shipped_calibration_files_regenerate_from_bench_results(capsys):
+    assert calibrate.main(["--check"]) == 0, capsys.readouterr().err
+
+
+def test_calibration_regeneration_writes_valid_files(tmp_path):
+    if not (RESULTS / "deepseek_forward_H200_N2.json").is_file():
+        pytest.skip("bench/results not here")
+    assert calibrate.main(["--out-dir", str(tmp_path)]) == 0
+    for name in PROFILES:
+        validate_calibration(json.loads((tmp_path / f"{name}.json").read_text()))
+    assert calibrate.main(["--check", "--out-dir", str(tmp_path)]) == 0
+    (tmp_path / "gb200.json").write_text("{}")
+    assert calibrate.main(["--check", "--out-dir", str(tmp_path)]) == 1
+
+
+# ----------------------------------------------------------------------------------------------------- calibration
+@pytest.mark.parametrize("name", PROFILES)
+def test_shipped_calibrations_follow_the_schema_and_name_every_source(name):
+    text = resources.files("dwdp_ops.sim").joinpath("calibration", f"{name}.json").read_text()
+    cal = validate_calibration(json.loads(text))
+    assert cal["hardware"] == name
+    for section in ("weights", "dense_gemm", "expert_gemm", "attention", "others", "fetch", "dispatch",
+                    "interference"):
+        assert len(cal[section]["source"]) > 20
+    for p in cal["expert_gemm"]["points"] + cal["attention"]["core_points"] + cal["others"]["points"]:
+        assert p["source"].strip()
+
+
+@pytest.mark.parametrize("breakage, message", [
+    (lambda c: c.update(schema="other/1"), "schema"),
+    (lambda c: c.pop("fetch"), "'fetch'"),
+    (lambda c: c["fetch"].update(gbps=-1), "fetch.gbps"),
+    (lambda c: c["dispatch"].pop("source"), "dispatch.source"),
+    (lambda c: c["expert_gemm"]["points"].reverse(), "increasing rows_per_expert"),
+    (lambda c: c["attention"]["core_points"][0].update(tflops=float("inf")), "core_points[0].tflops"),
+    (lambda c: c["interference"].pop("others"), "interference.others"),
+    (lambda c: c["others"].update(points=[]), "others.points"),
+])
+def test_broken_calibrations_are_refused_with_the_problem_named(breakage, message):
+    cal = copy.deepcopy(load_calibration("h200"))
+    breakage(cal)
+    with pytest.raises(ValueError, match="invalid calibration") as e:
+        validate_calibration(cal)
+    assert message in str(e.value)
+
+
+def test_load_calibration_errors(tmp_path):
+    with pytest.raises(ValueError, match="no calibration profile or file"):
+        load_calibration("tpu")
+    bad = tmp_path / "bad.json"
+    bad.write_text("{not json")
+    with pytest.raises(ValueError, match="not valid JSON"):
+        load_calibration(bad)
+
+
+# ------------------------------------------------------------------------------------------------------ DWDP model
+def _layers(prelude: float, a: float, g: float, M: int) -> list:
+    seg = [("dense_gemm", prelude, None)]
+    for j in range(M):
+        seg += [("attention", a, None), ("expert_gemm", g, j)]
+    return seg
+
+
+@pytest.mark.parametrize("F", [0.0, 2.0, 4.0, 5.0])
+def test_dwdp_exposed_fetch_is_zero_when_compute_per_layer_covers_the_fetch(F):
+    a, g, M = 3.0, 2.0, 12  # C = 5 per layer
+    res = dwdp_timeline(_layers(10.0, a, g, M), M, F, NO_SLOW)
+    assert res["breakdown"]["exposed_fetch"] == 0.0
+    assert res["time_ms"] == pytest.approx(10.0 + M * (a + g))
+    assert res["overlapped_copy_ms"] == pytest.approx(M * F)
+
+
+@pytest.mark.parametrize("s", [0.0, 0.1])
+@pytest.mark.parametrize("F", [6.0, 8.0, 20.0])
+def test_dwdp_exposed_fetch_equals_fetch_minus_compute_otherwise(F, s):
+    a, g, M = 3.0, 2.0, 10
+    slow = {c: s for c in NO_SLOW}
+    prelude = F / (1 + s) - a  # the first layer's GEMMs start exactly when its fetch ends
+    res = dwdp_timeline(_layers(prelude, a, g, M), M, F, slow)
+    C = (a + g) * (1 + s)  # the copy is always busy until the last fetch ends, so compute runs slowed until then
+    assert res["breakdown"]["exposed_fetch"] == pytest.approx((M - 1) * (F - C))
+    assert res["time_ms"] == pytest.approx(M * F + g)  # the last GEMMs run after the last copy, at full speed
+    assert sum(res["interference_ms"].values()) == pytest.approx(s * (prelude + M * a + (M - 1) * g))
+    assert sum(res["breakdown"].values()) == pytest.approx(res["time_ms"])
+
+
+def test_dwdp_copy_of_layer_j_waits_for_the_slot_of_layer_j_minus_2():
+    # one long GEMM in layer 0 holds slot 0, so fetch 2 cannot start before it ends
+    seg = [("dense_gemm", 1.0, None), ("expert_gemm", 50.0, 0), ("expert_gemm", 1.0, 1), ("expert_gemm", 1.0, 2)]
+    res = dwdp_timeline(seg, 3, 10.0, NO_SLOW)
+    # fetch 0: [0,10], GEMM 0: [10,60], fetch 1: [10,20], fetch 2: [60,70], GEMM 1: [60,61], GEMM 2 waits to 70
+    assert res["breakdown"]["exposed_fetch"] == pytest.approx(9.0 + 9.0)
+    assert res["time_ms"] == pytest.approx(71.0)
+
+
+# ------------------------------------------------------------------------------------------------------- simulate
+def small(**kw) -> SimConfig:
+    base = dict(hardware="h200", gpus=2, layers=8, iterations=8)
+    base.update(kw)
+    return SimConfig(**base)
+
+
+def test_dep_sync_wait_is_zero_with_cv_zero_and_identical_ranks():
+    r = simulate(small(gpus=4, cv=0.0))
+    assert r["dep"]["breakdown_ms"]["sync_wait"] == pytest.approx(0.0, abs=1e-9)
+    assert r["dep"]["breakdown_ms"]["communication"] > 0
+    assert simulate(small(gpus=4, ratio=0.8))["dep"]["breakdown_ms"]["sync_wait"] > 0
+
+
+def test_dep_sync_wait_grows_with_cv():
+    # many short requests per iteration: the spread of a rank's work follows the CV, not the packing
+    shares = [simulate(small(gpus=4, isl=1024, max_tokens=65536, cv=cv, iterations=16))["dep"]["shares"]["sync_wait"]
+              for cv in (0.0, 0.1, 0.3, 0.6)]
+    assert shares[0] == pytest.approx(0.0, abs=1e-12)
+    assert all(b > a for a, b in zip(shares, shares[1:])), shares
+
+
+def test_categories_add_up_to_the_iteration():
+    r = simulate(small(gpus=4, cv=0.3, max_tokens=16384))
+    for mode in ("dwdp", "dep"):
+        assert sum(r[mode]["breakdown_ms"][c] for c in CATEGORIES) == pytest.approx(r[mode]["iteration_ms"])
+    assert r["dwdp"]["breakdown_ms"]["communication"] == 0 and r["dwdp"]["breakdown_ms"]["sync_wait"] == 0
+    assert r["dep"]["breakdown_ms"]["exposed_fetch"] == 0 and r["dep"]["overlapped_copy_ms"] == 0
+    assert r["ratio"] == pytest.approx(r["dwdp"]["tps_per_gpu"] / r["dep"]["tps_per_gpu"])
+
+
+@pytest.mark.parametrize("hardware", PROFILES)
+def test_one_gpu_is_the_same_in_both_modes(hardware):
+    r = simulate(small(hardware=hardware, gpus=1, cv=0.3))
+    assert r["ratio"] == pytest.approx(1.0, abs=1e-12)
+    assert r["dwdp"]["overlapped_copy_ms"] == 0 and sum(r["dwdp"]["interference_ms"].values()) == 0
+    assert r["dep"]["breakdown_ms"]["communication"] == 0 and r["dep"]["breakdown_ms"]["sync_wait"] == 0
+    assert r["model"]["partition"]["remote_experts"] == 0
+
+
+def test_no_moe_layer_means_no_collective_and_no_fetch():
+    r = simulate(small(gpus=4, layers=3, ratio=0.8))
+    assert r["config"]["moe_layers"] == 0
+    assert r["dep"]["breakdown_ms"]["communication"] == 0 and r["dwdp"]["overlapped_copy_ms"] == 0
+
+
+def test_more_gpus_move_more_rows_and_fetch_more():
+    rs = [simulate(small(gpus=n, cv=0.0, overrides=Overrides(attention_tflops=400))) for n in (2, 4, 8)]
+    comm = [r["dep"]["shares"]["communication"] for r in rs]
+    fetch = [r["model"]["fetch_ms_per_moe_layer"] for r in rs]
+    assert comm[0] < comm[1] < comm[2] and fetch[0] < fetch[1] < fetch[2]
+
+
+def test_fetch_exposed_when_the_budget_is_small():
+    r = simulate(small(gpus=8, isl=1024, max_tokens=1024, cv=0.0))
+    assert r["dwdp"]["breakdown_ms"]["exposed_fetch"] > 0
+    assert r["dwdp"]["breakdown_ms"]["exposed_fetch"] < r["dwdp"]["overlapped_copy_ms"]
+
+
+@pytest.mark.parametrize("n, per, stride", [(2, 128, 128), (3, 86, 85), (5, 52, 51), (7, 40, 36), (8, 32, 32)])
+def test_partition_for_any_group_size(n, per, stride):
+    p = partition_for(256, n)
+    assert (p.experts_per_rank, p.stride) == (per, stride)
+    r = simulate(small(gpus=n, cv=0.1, iterations=2, layers=5))
+    assert r["model"]["partition"]["remote_experts"] == 256 - per
+
+
+def test_simulation_is_deterministic_per_seed():
+    assert simulate(small(cv=0.2, seed=7)) == simulate(small(cv=0.2, seed=7))
+    assert simulate(small(cv=0.2, seed=7))["dep"]["iteration_ms"] != simulate(small(cv=0.2, seed=8))["dep"][
+        "iteration_ms"]
+
+
+@pytest.mark.parametrize("kw", [dict(gpus=0), dict(layers=62), dict(ratio=0.8, cv=0.1), dict(dense_layers=9),
+                                dict(iterations=0), dict(cv=-1.0), dict(max_tokens=0)])
+def test_bad_configs_are_refused(kw):
+    with pytest.raises(ValueError):
+        small(**kw)
+
+
+def test_gb200_paper_setting_runs_and_reports_against_the_paper():
+    r = simulate(SimConfig(hardware="gb200", gpus=4, isl=8192, ratio=0.8, max_tokens=32768, layers=61))
+    p = paper_comparison(r)
+    assert 0.9 < r["ratio"] < 1.5
+    assert p["paper_iteration_latency_change"] == pytest.approx(-0.1426, abs=5e-4)
+    # DEP4's compute categories come from the paper's Table 3 (by construction, within the sampling of lengths)
+    for cat in ("attention", "expert_gemm", "dense_gemm", "others"):
+        row = p["categories"][cat]
+        assert row["predicted_dep_ms"] == pytest.approx(row["paper_dep_ms"], rel=0.02)
+    # the independent parts: communication and the copy are near the paper's; synchronisation is well below it
+    assert p["predicted_dep_communication_share"] == pytest.approx(p["paper_dep_communication_share"], abs=0.05)
+    assert p["predicted_overlapped_copy_ms"] == pytest.approx(p["paper_overlapped_copy_ms"], rel=0.05)
+    assert 0 < p["predicted_dep_sync_share"] < p["paper_dep_sync_share"]
+    print(f"GB200 paper setting: predicted DWDP / DEP iteration {100 * r['iteration_latency_change']:+.1f} % "
+          f"(paper {100 * p['paper_iteration_latency_change']:+.1f} %), TPS/GPU ratio {r['ratio']:.3f}")
+
+
+# -------------------------------------------------------------------------------------------------------- analysis
+def test_sweep_has_one_row_per_setting():
+    rows = sweep("h200", 2, cvs=(0.0, 0.2), budgets=(16384, 32768), layers=6, iterations=4)
+    assert [(r.get("cv"), r.get("input_ratio"), r["max_tokens"]) for r in rows] == [
+        (None, 0.8, 16384), (0.0, None, 16384), (0.2, None, 16384),
+        (None, 0.8, 32768), (0.0, None, 32768), (0.2, None, 32768)]
+    for r in rows:
+        assert r["ratio"] == pytest.approx(r["dwdp"]["tps_per_gpu"] / r["dep"]["tps_per_gpu"])
+    assert rows[1]["dep"]["sync_share"] == pytest.approx(0.0, abs=1e-12)
+
+
+def test_validate_reports_relative_error_per_point():
+    cfg = dict(layers=6, iterations=4)
+    pred = simulate(SimConfig(hardware="h200", gpus=2, cv=0.1, max_tokens=16384, **cfg))
+    pts = [
+        {"mode": "dwdp", "N": 2, "cv": 0.1, "max_tokens": 16384, "iteration_ms": pred["dwdp"]["iteration_ms"] / 1.05,
+         "tps_per_gpu": pred["dwdp"]["tps_per_gpu"]},
+        {"mode": "dep", "N": 2, "cv": 0.1, "max_tokens": 16384, "iteration_ms": pred["dep"]["iteration_ms"],
+         "tps_per_gpu": pred["dep"]["tps_per_gpu"] / 1.5},
+    ]
+    v = validate(pts, **cfg)
+    a, b = v["points"]
+    assert a["rel_err_iteration_ms"] == pytest.approx(0.05) and a["rel_err_tps_per_gpu"] == pytest.approx(0.0)
+    assert a["within_tolerance"] and not b["within_tolerance"]
+    assert b["rel_err_tps_per_gpu"] == pytest.approx(0.5)
+    assert v["max_abs_rel_err"] == pytest.approx(0.5) and not v["all_within"]
+    with pytest.raises(ValueError, match="lacks"):
+        validate([{"mode": "dep", "N": 2, "max_tokens": 16384, "iteration_ms": 1.0, "tps_per_gpu": 1.0}], **cfg)
+    with pytest.raises(ValueError, match="mode"):
+        validate([dict(pts[0], mode="tp")], **cfg)
+
+
+# ------------------------------------------------------------------------------------------------------------- CLI
+def test_cli_json_has_both_modes_and_the_ratio(capsys):
+    code, out, err = run_main(["--json", "--layers", "6", "--iterations", "4", "--cv", "0.2"], capsys)
+    assert code == 0, err
+    d = json.loads(out)
+    for mode in ("dwdp", "dep"):
+        assert d[mode]["tps_per_gpu"] > 0 and d[mode]["iteration_ms"] > 0
+        assert set(d[mode]["breakdown_ms"]) == set(CATEGORIES)
+    assert d["ratio"] == pytest.approx(d["dwdp"]["tps_per_gpu"] / d["dep"]["tps_per_gpu"])
+    assert d["config"]["cv"] == 0.2 and d["config"]["ratio"] is None
+
+
+def test_cli_text_and_the_paper_comparison(capsys):
+    code, out, err = run_main(["--hardware", "gb200", "--gpus", "4", "--isl", "8192", "--ratio", "0.8",
+                               "--max-tokens", "32768", "--layers", "61"], capsys)
+    assert code == 0, err
+    assert "ms per iteration" in out and "sync_wait" in out and "ratio DWDP / DEP =" in out
+    assert "paper -14.3 %" in out
+    code, out, _ = run_main(["--layers", "6", "--iterations", "2", "--sweep"], capsys)
+    assert code == 0 and "cv 0.3" in out and "ratio 0.8" in out and "paper" not in out
+
+
+def test_cli_through_the_top_level_command(capsys):
+    code, out, _ = run_main(["sim", "--help"], capsys, main=top.main)
+    assert code == 0 and out.startswith("usage: python -m dwdp_ops sim ")
+    code, _, err = run_main(["sim", "--gpus", "0"], capsys, main=top.main)
+    assert code == 2 and "python -m dwdp_ops sim: error: argument --gpus" in err
+
+
+@pytest.mark.parametrize("argv, option", [
+    (["--gpus", "0"], "--gpus"), (["--gpus", "257"], "--gpus"), (["--gpus", "two"], "--gpus"),
+    (["--isl", "0"], "--isl"), (["--ratio", "0"], "--ratio"), (["--ratio", "1.2"], "--ratio"),
+    (["--cv", "-0.1"], "--cv"), (["--cv", "nan"], "--cv"), (["--ratio", "0.8", "--cv", "0.2"], "--cv"),
+    (["--max-tokens", "-5"], "--max-tokens"), (["--layers", "62"], "--layers"), (["--layers", "0"], "--layers"),
+    (["--layers", "3", "--dense-layers", "4"], "--dense-layers"), (["--iterations", "0"], "--iterations"),
+    (["--seed", "-1"], "--seed"), (["--hardware", "tpu"], "--hardware"), (["--fetch-gbps", "0"], "--fetch-gbps"),
+    (["--attention-tflops", "inf"], "--attention-tflops"), (["--interference", "-1"], "--interference"),
+    (["--dispatch-latency-us", "-3"], "--dispatch-latency-us"), (["--plot", "/no/such/dir/x.png"], "--plot"),
+    (["--calibration", "/no/such.json"], "--calibration"),
+])
+def test_cli_bad_arguments_exit_2_with_one_error_line(argv, option, capsys):
+    code, out, err = run_main(argv, capsys)
+    assert code == 2 and out == ""
+    assert "Traceback" not in err
+    errors = [line for line in err.splitlines() if "error:" in line]
+    assert len(errors) == 1 and errors[0].startswith("python -m dwdp_ops sim: error: ") and option in errors[0], err
+
+
+def test_cli_refuses_a_broken_calibration_file(tmp_path, capsys):
+    bad = tmp_path / "cal.json"
+    cal = load_calibration("h200")
+    cal["fetch"]["gbps"] = 0
+    bad.write_text(json.dumps(cal))
+    code, _, err = run_main(["--calibration", str(bad)], capsys)
+    assert code == 2 and "fetch.gbps" in err and "Traceback" not in err
+    cal["fetch"]["gbps"] = 100.0
+    bad.write_text(json.dumps(cal))
+    code, out, err = run_main(["--calibration", str(bad), "--layers", "5", "--iterations", "2", "--json"], capsys)
+    assert code == 0, err
+    assert json.loads(out)["config"]["hardware"] == str(bad)
+
+
+def test_cli_help_shows_every_default(capsys):
+    ap = cli.build_parser()
+    assert "`" not in ap.format_help()
+    for action in ap._actions:
+        if not action.option_strings or action.dest == "help":
+            continue
+        assert action.help, action.option_strings
+        shown = ap.formatter_class(ap.prog)._get_help_string(action)
+        if action.default is not None and action.default is not False:
+            assert "default" in shown, action.option_strings
+
+
+def test_cli_plot(tmp_path, capsys):
+    pytest.importorskip("matplotlib")
+    path = tmp_path / "sim.png"
+    code, out, err = run_main(["--layers", "5", "--iterations", "2", "--plot", str(path)], capsys)
+    assert code == 0, err
+    assert path.stat().st_size > 10000 and "figure:" in out
+
+
+def test_cli_plot_without_matplotlib_says_so(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(cli, "have_matplotlib", lambda: False)
+    code, _, err = run_main(["--plot", str(tmp_path / "x.png")], capsys)
+    assert code == 2 and "needs matplotlib" in err and "Traceback" not in err
+    assert plot.MISSING in err
