@@ -17,7 +17,7 @@ from dwdp_ops.models.deepseek_r1.config import DeepSeekConfig
 from dwdp_ops.sim import calibrate, cli, plot
 from dwdp_ops.sim.analysis import paper_comparison, sweep, validate
 from dwdp_ops.sim.costs import CATEGORIES, PROFILES, CostModel, Overrides, load_calibration, validate_calibration
-from dwdp_ops.sim.model import SimConfig, dwdp_timeline, partition_for, simulate
+from dwdp_ops.sim.model import RankStep, SimConfig, dep_iteration, dwdp_timeline, partition_for, simulate
 from dwdp_ops.sim.workload import batch_requests, rank_iterations, request_lengths, workload
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -277,6 +277,26 @@ def test_dwdp_copy_of_layer_j_waits_for_the_slot_of_layer_j_minus_2():
     # fetch 0: [0,10], GEMM 0: [10,60], fetch 1: [10,20], fetch 2: [60,70], GEMM 1: [60,61], GEMM 2 waits to 70
     assert res["breakdown"]["exposed_fetch"] == pytest.approx(9.0 + 9.0)
     assert res["time_ms"] == pytest.approx(71.0)
+
+
+def test_dep_iteration_waits_for_the_slowest_rank_at_every_collective():
+    cfg = DeepSeekConfig.r1(n_layers=5)  # 3 dense + 2 MoE layers
+    fast = RankStep(1000, 1, attention=1.0, proj=0.5, attn_others=0.5, dense_mlp=2.0, shared=0.25, moe_others=0.25,
+                    lm_head=0.1)
+    slow = RankStep(1200, 1, attention=3.0, proj=0.5, attn_others=0.5, dense_mlp=2.0, shared=0.25, moe_others=0.25,
+                    lm_head=0.3)
+    res = dep_iteration([fast, slow], cfg, expert_ms=[4.0, 1.0], dispatch_ms=0.7, combine_ms=0.9)
+    # MoE layer 0: arrive after 3 dense layers + attention block + shared + others; layer 1: attention block + ...
+    a0 = [3 * (2.0 + 2.0) + 2.0 + 0.5, 3 * (4.0 + 2.0) + 4.0 + 0.5]
+    a1 = [2.0 + 0.5, 4.0 + 0.5]
+    want_t = sum(max(a) + 0.7 + 4.0 + 0.9 for a in (a0, a1)) + 0.3
+    assert res["time_ms"] == pytest.approx(want_t)
+    for r in range(2):
+        b = res["breakdown"][r]
+        sync = sum(max(a) - a[r] for a in (a0, a1)) + 2 * (4.0 - [4.0, 1.0][r]) + (0.3 - [0.1, 0.3][r])
+        assert b["sync_wait"] == pytest.approx(sync)
+        assert b["communication"] == pytest.approx(2 * (0.7 + 0.9))
+        assert sum(b.values()) == pytest.approx(want_t)
 
 
 # ------------------------------------------------------------------------------------------------------- simulate
