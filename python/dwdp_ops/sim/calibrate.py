@@ -241,7 +241,7 @@ def gb200_calibration(h200: dict) -> dict:
     BW = GB200["hbm_gbps"] * hbm_eff * 1e9
     knee = math.ceil(nvfp4_bytes / BW * exp_tflops * 1e12 / fpp)  # rows per expert where compute meets HBM
     points = [{"rows_per_expert": m, "tflops": _r(exp_tflops),
-               "source": f"compute rate {exp_tflops:.4g} TFLOP/s (below); the first point sits at the knee where "
+               "source": f"compute rate {exp_tflops:.4g} TFLOP/s (see expert_gemm.source); the first point sits at the knee where "
                          f"one NVFP4 expert's {nvfp4_bytes} B at {GB200['hbm_gbps']:.0f} GB/s x {hbm_eff:.3f} "
                          "take as long as its rows' FLOPs, so below it the time is the weight read (HBM-bound)"}
               for m in (knee, 4096)]
