@@ -9,7 +9,7 @@
 #   can       build + coaction_bench + CAN-DNN/DNN training on the GPU (3 seeds)      issue 6
 #   deepseek  build + deepseek_forward (10 repeats)                                   issue 5
 #   demo      build + bench/demo_policies.py: demo under auto and on_demand, same prompts and layers  issue 12
-#   fp8       build + bench/expert_gemm.py, the fp8 GPU tests, demo_policies with fp8 experts         issue 13
+#   fp8       build + the fp8 GPU tests + bench/expert_gemm.py                                   issue 13
 #   all       tests, fetch, overlap, can, deepseek, demo (longer than one 10-minute device call: use one mode per call)
 set -uo pipefail
 FINAL=${OUT:-$PWD/gpu_out}; mkdir -p "$FINAL"
@@ -72,11 +72,11 @@ if want demo; then
   echo "demo_policies rc=$?"; tail -12 "$OUT/demo_policies_N$NGPU.log"
 fi
 if want fp8; then
-  timeout 240 python3 bench/expert_gemm.py > "$OUT/expert_gemm.log" 2>&1; echo "expert_gemm rc=$?"; grep "^T=" "$OUT/expert_gemm.log"
+  # fits one 10-minute device call with the build; the fp8 demo comparison is `DEMO_ARGS="--dtype float8_e4m3fn
+  # --tag fp8" scripts/gpu_session.sh demo` in a call of its own
   DWDP_REQUIRE_GPU=1 timeout 240 python3 -m pytest -m "gpu or multigpu" -rs -v -k "fp8 or mini8" tests/test_gpu_deepseek.py \
-    > "$OUT/gpu_tests_fp8.log" 2>&1; echo "fp8 tests rc=$?"; tail -5 "$OUT/gpu_tests_fp8.log"
-  timeout 300 python3 bench/demo_policies.py --dtype float8_e4m3fn --tag fp8 > "$OUT/demo_policies_fp8.log" 2>&1
-  echo "demo_policies fp8 rc=$?"; tail -8 "$OUT/demo_policies_fp8.log"
+    tests/test_fp8_torch.py > "$OUT/gpu_tests_fp8.log" 2>&1; echo "fp8 tests rc=$?"; tail -5 "$OUT/gpu_tests_fp8.log"
+  timeout 300 python3 bench/expert_gemm.py > "$OUT/expert_gemm.log" 2>&1; echo "expert_gemm rc=$?"; grep "^T=" "$OUT/expert_gemm.log"
 fi
 cp bench/results/*.json "$OUT/" 2>/dev/null
 tar czf "$FINAL/outputs.tgz" -C "$OUT" . && cp "$OUT/machine.txt" "$FINAL/"

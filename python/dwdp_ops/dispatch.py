@@ -240,8 +240,9 @@ class TokenDispatcher:
         T = xb.shape[0]
         self._args["ids_int64"] = int(ib.dtype == np.int64)
         self._args["max_pairs"] = int(rows)
-        # rows this call can move: T sent per destination, and at most every source's T received (a received row
-        # carries 1..min(k, L) pairs, so rows // min(k, L) bounds the rows from a max_rows given by the caller)
+        # rows this call can move: T sent per destination, and about rows // min(k, L) received when max_rows came
+        # from rows_for (a bound on the received rows only then; the grid size affects speed, never correctness:
+        # every kernel strides over its grid)
         recv = self.world * self.max_tokens if max_rows is None else -(-int(rows) // min(self.top_k, self.partition.experts_per_rank))
         self._args["num_blocks"] = min(self.num_sms, max(8, -(-max(T, recv) // 16)))
         self.rt.backend.dispatch_tokens(self._args, xb.ptr, ib.ptr, wb.ptr, T, stream_handle(stream))

@@ -70,6 +70,9 @@ def grouped_swiglu_fp8(xg: Any, offs: Any, w13: Any, w2: Any, s13: Any, s2: Any,
     torch = require_torch()
     xq, xs = quant_rows(xg)
     h = torch._scaled_grouped_mm(xq, w13.transpose(-2, -1), xs, s13, offs=offs, out_dtype=torch.bfloat16)
+    del xq
     a = torch.nn.functional.silu(h[:, :inter]) * h[:, inter:]
+    del h  # a large prefill's temporaries: each freed as soon as its reader is enqueued (stream-ordered pool)
     aq, as_ = quant_rows(a)
+    del a
     return torch._scaled_grouped_mm(aq, w2.transpose(-2, -1), as_, s2, offs=offs, out_dtype=torch.bfloat16)

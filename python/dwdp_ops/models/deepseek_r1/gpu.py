@@ -10,16 +10,18 @@ the numpy reference; the implementation choices are:
     (``q_nope`` folded into the latent space by ``wkv_b``'s K part, ``wkv_b``'s V part applied after attention);
   * router: the official gate (``select_experts``) on float32 logits;
   * routed experts: token-expert pairs sorted by expert, then one grouped GEMM per projection
-    (``torch._grouped_mm``, bf16, groups aligned to 16 rows) reading the experts in place from their ``[E, ...]``
-    view, which for DWDP is the store's composite range (local experts zero-copy, remote ones in the slots: no merge
-    copy). Other dtypes (the float32 check against numpy) loop over the selected experts;
+    (``torch._grouped_mm`` in bf16, or ``torch._scaled_grouped_mm`` for fp8 experts with rowwise scales and
+    per-token fp8 activations (``fp8.py``); groups aligned to 16 rows) reading the experts in place from their
+    ``[E, ...]`` view, which for DWDP is the store's composite range (local experts zero-copy, remote ones in the
+    slots: no merge copy). A float32 model (the check against numpy) loops over the selected experts;
   * experts come from an ``ExpertSource``: ``DwdpExperts`` (ExpertStore + PrefetchScheduler: ``begin_step``,
     ``wait`` after the router, ``release`` after the expert kernels are enqueued) or ``LocalExperts`` (every expert
     on this GPU: the all-local baseline and oracle, optionally regenerated layer by layer into one buffer);
   * moving tokens instead of weights (DEP): when the scheduler's step mode is ``dispatch`` (forced, or chosen by
     ``auto``), a MoE layer sends its tokens to the experts' owners (``TokenDispatcher``), runs the same grouped
     GEMMs over the rows it received with its own local experts (the store's ``local`` view), and combines the
-    weighted outputs back; attention stays data parallel. Every rank joins every such layer. bf16 only;
+    weighted outputs back; attention stays data parallel. Every rank joins every such layer. The tokens travel in
+    bf16 (a bf16 model; its experts bf16 or fp8);
   * determinism: no atomics anywhere in a step (the expert outputs are combined by a small batched GEMM, not
     ``index_add_``), so the DWDP and all-local runs of the same requests give identical logits. With random weights
     the logits have many near ties, and an ``index_add_``'s order-dependent bf16 rounding (1e-3) flipped greedy tokens.
@@ -103,6 +105,9 @@ class LocalExperts:
     def prepare_capture(self, stream) -> None:
         pass
 
+    def abort(self) -> None:
+        pass
+
 
 class DwdpExperts:
     """The experts of a rank's ``ExpertStore`` under a ``PrefetchScheduler``. MoE position p is store layer p.
@@ -167,6 +172,10 @@ class DwdpExperts:
     def prepare_capture(self, stream) -> None:
         """Before a CUDA-graph capture on ``stream``: the store's plans and this stream's fetch scratch exist."""
         self.store.prepare(streams=[stream])
+
+    def abort(self) -> None:
+        """After a step failed half-way (``PrefetchScheduler.abort``)."""
+        self.sched.abort()
 
     @property
     def step_tokens(self):
@@ -298,7 +307,10 @@ class GpuModel:
             scores.masked_fill_(torch.arange(T, device=self.device)[None, None, :] > pos[:, None, None], float("-inf"))
             o_lat = torch.bmm(scores.softmax(-1).to(self.dtype), lat)
             o = torch.einsum("nhc,hdc->nhd", o_lat, wkv_b[:, nope:])
-            flops += 2.0 * N * H * (nope * cfg.kv_lora_rank + T * (2 * cfg.kv_lora_rank + rope) + cfg.kv_lora_rank * vd)
+            # useful FLOPs: each request's own positions (the masked rest of max_seq is computed but not counted)
+            seen = sum(self.lengths[s[0]] + 1 for s in segments) if segments else N * T
+            flops += 2.0 * H * (N * nope * cfg.kv_lora_rank + seen * (2 * cfg.kv_lora_rank + rope)
+                                + N * cfg.kv_lora_rank * vd)
         else:
             o = torch.empty((N, H, vd), dtype=self.dtype, device=self.device)
             for r, a, b in segments:
@@ -485,17 +497,24 @@ class GpuModel:
         with torch.cuda.stream(self.tstream):
             mode = self.experts.begin_step(len(flat)) if cfg.n_moe_layers else "local"
             self.last_policy = mode if cfg.n_moe_layers else None
-            self.graphed = bool(graph and decode and mode in GRAPH_MODES
+            # LocalExperts(regenerate=True) draws weights inside the step: never captured
+            self.graphed = bool(graph and decode and mode in GRAPH_MODES and not getattr(self.experts, "regenerate", False)
                                 and (mode != "dispatch" or getattr(self.experts, "dispatch_capturable", False)))
             self.timing = StepTiming() if timing and not self.graphed else None
-            if self.graphed:
-                logits = self._replay(requests, ids, pos, mode)
-            else:
-                self.last_ids = []
-                req_t = self._device_ints(list(requests)) if decode else None
-                last = None if decode else self._device_ints([b - 1 for _, _, b in segments])
-                logits = self._body(self._device_ints(ids.tolist()), self._device_ints(pos), req_t, last, segments,
-                                    decode)
+            try:
+                if self.graphed:
+                    logits = self._replay(requests, ids, pos, mode)
+                else:
+                    self.last_ids = []
+                    req_t = self._device_ints(list(requests)) if decode else None
+                    last = None if decode else self._device_ints([b - 1 for _, _, b in segments])
+                    logits = self._body(self._device_ints(ids.tolist()), self._device_ints(pos), req_t, last,
+                                        segments, decode)
+            except BaseException:
+                # end the scheduler's step so that the next begin_step is accepted on this rank (a failed DEP
+                # layer still leaves the peers waiting: they trap at the dispatcher's timeout, naming this rank)
+                self.experts.abort()
+                raise
         # the caller's stream may read the logits: order it behind this step (our stream is non-blocking)
         torch.cuda.current_stream(self.device).wait_stream(self.tstream)
         for r, a, b in segments:
