@@ -10,6 +10,7 @@
 #   deepseek  build + deepseek_forward (10 repeats)                                   issue 5
 #   demo      build + bench/demo_policies.py: demo under auto and on_demand, same prompts and layers  issue 12
 #   fp8       build + the fp8 GPU tests + bench/expert_gemm.py                                   issue 13
+#   attention build + bench/attention_probe.py: SDPA backends on R1 prefill shapes (one GPU)    issue 14
 #   all       tests, fetch, overlap, can, deepseek, demo (longer than one 10-minute device call: use one mode per call)
 set -uo pipefail
 FINAL=${OUT:-$PWD/gpu_out}; mkdir -p "$FINAL"
@@ -70,6 +71,10 @@ fi
 if want demo; then
   timeout "${DEMO_TIMEOUT:-420}" python3 bench/demo_policies.py ${DEMO_ARGS:-} > "$OUT/demo_policies_N$NGPU.log" 2>&1
   echo "demo_policies rc=$?"; tail -12 "$OUT/demo_policies_N$NGPU.log"
+fi
+if want attention; then
+  timeout 200 python3 bench/attention_probe.py > "$OUT/attention_probe.log" 2>&1; echo "attention_probe rc=$?"
+  grep "^S=" "$OUT/attention_probe.log"
 fi
 if want fp8; then
   # fits one 10-minute device call with the build; the fp8 demo comparison is `DEMO_ARGS="--dtype float8_e4m3fn
