@@ -11,6 +11,7 @@
 #   demo      build + bench/demo_policies.py: demo under auto and on_demand, same prompts and layers  issue 12
 #   fp8       build + the fp8 GPU tests + bench/expert_gemm.py                                   issue 13
 #   attention build + bench/attention_probe.py: SDPA backends on R1 prefill shapes (one GPU)    issue 14
+#   e2e       build + bench/e2e_dwdp_vs_dep.py on every GPU (E2E_ARGS, E2E_TIMEOUT)               issue 14
 #   all       tests, fetch, overlap, can, deepseek, demo (longer than one 10-minute device call: use one mode per call)
 set -uo pipefail
 FINAL=${OUT:-$PWD/gpu_out}; mkdir -p "$FINAL"
@@ -71,6 +72,10 @@ fi
 if want demo; then
   timeout "${DEMO_TIMEOUT:-420}" python3 bench/demo_policies.py ${DEMO_ARGS:-} > "$OUT/demo_policies_N$NGPU.log" 2>&1
   echo "demo_policies rc=$?"; tail -12 "$OUT/demo_policies_N$NGPU.log"
+fi
+if want e2e; then
+  t=${E2E_TIMEOUT:-500}; timeout $t python3 -m dwdp_ops.launch -n "$NGPU" --timeout $((t - 20)) bench/e2e_dwdp_vs_dep.py \
+    ${E2E_ARGS:-} > "$OUT/e2e_N$NGPU.log" 2>&1; echo "e2e N=$NGPU rc=$?"; grep "^\[rank 0\] |" "$OUT/e2e_N$NGPU.log" | tail -40
 fi
 if want attention; then
   timeout 200 python3 bench/attention_probe.py > "$OUT/attention_probe.log" 2>&1; echo "attention_probe rc=$?"

@@ -1,0 +1,312 @@
+"""DWDP against DEP on a context (prefill-only) server: the paper's experiment on our machines (issue 14).
+
+    python -m dwdp_ops.launch -n 2 bench/e2e_dwdp_vs_dep.py [--budgets 16384,32768] [--dists ratio0.8,cv0,cv0.1,...]
+    python bench/e2e_dwdp_vs_dep.py --dry-run [--world 2]     # the workload plan; needs no GPU
+
+Every rank drains its own queue of prefill requests (``dwdp_ops.sim.workload``: the simulator's generator and
+batching, so that measured points and predictions describe the same workload): lengths uniform in
+[R * ISL, ISL] (``ratioR``, the paper's setting R = 0.8) or gamma with mean ISL and coefficient of variation C
+(``cvC``); an iteration takes whole requests up to the token budget. A request longer than the budget would be
+chunked by the simulator; the model has no chunked prefill yet, so such a request is cut to the budget here (its
+length is reported; at ISL 8K it happens only in the gamma tails).
+
+Model: real-dimension DeepSeek-R1 (3 dense layers, then as many MoE layers as fit beside the DWDP slots and the
+dispatcher, the same count in every mode; ``--moe-only``: MoE layers only), random weights generated on the GPUs,
+vocabulary ``--vocab``. One ``GpuModel`` (same attention, dense and expert kernels); only its expert source changes
+between modes: ``dwdp`` (``prefetch_all``: the copy engine fetches every remote expert of layer l+1 while layer l
+computes), ``dep`` (``dispatch`` through our NVLink ``TokenDispatcher``), ``dep_nccl`` (``dispatch`` through
+``NcclDispatcher``, torch.distributed ``all_to_all_single``). Modes are interleaved per iteration (the order
+rotates), each (iteration, mode) started after a device sync and a host barrier; the first ``--warmup`` iterations
+are not timed.
+
+Per (iteration, mode, rank): the step's CUDA-event time and its categories: attention blocks (``attn``: the whole
+MLA block incl. its projections), expert GEMMs (``experts``), exposed fetch (``wait``: the compute stream waiting
+for a prefetch), communication (``comm``: dispatch + combine spans) and the rest (``other``: dense MLPs, shared
+experts, router, norms, head). DEP's synchronisation wait is estimated per iteration as a rank's comm time minus the
+fastest rank's (the fastest rank waited least; what it spent is the transfer itself). The overlapped copy (the
+copy-stream spans of the prefetches) is reported beside the sum, not in it.
+TPS/GPU = the tokens every rank processed over every rank's busy time (sum over ranks / sum of step times, i.e.
+tokens per second per GPU); iteration latency = the mean over iterations of the slowest rank's step.
+
+Before timing: a short check (2 prompts of 32 tokens per rank) of every mode against an all-local run of the same
+requests (every expert regenerated on this GPU before the store exists): DWDP equal to the last bit, DEP within
+1e-2 with identical argmax tokens.
+
+Output: bench/results/e2e_dwdp_vs_dep_<card>_N<n>.json (records per budget and distribution, the measured points
+in ``dwdp_ops.sim.validate``'s form) and a table on rank 0. Not yet run on a GPU (written in a session without one).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from statistics import mean
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import machine_facts, result_name, write_json  # noqa: E402
+
+GiB = 1 << 30
+MODES = ("dwdp", "dep", "dep_nccl")
+
+
+def parse_dist(text: str) -> dict:
+    """``ratio0.8`` -> {"ratio": 0.8}; ``cv0.2`` -> {"cv": 0.2}."""
+    for key in ("ratio", "cv"):
+        if text.startswith(key):
+            try:
+                return {key: float(text[len(key):])}
+            except ValueError:
+                break
+    raise ValueError(f"a distribution is ratioR or cvC (e.g. ratio0.8, cv0.2), got {text!r}")
+
+
+def plan(world: int, iterations: int, isl: int, budget: int, dist: dict, seed: int) -> list[list[list[int]]]:
+    """``[rank][iteration]`` -> request lengths: the simulator's draws (``sim.workload``: the same generator, seeds
+    and block sizes as ``rank_iterations``) with every length cut to the budget before batching, so that no
+    request is chunked (module docstring)."""
+    import numpy as np
+    from dwdp_ops.sim.workload import batch_requests, request_lengths
+
+    out = []
+    for rank in range(world):
+        rng = np.random.default_rng([seed, rank])
+        block = max(64, iterations * (budget // max(isl, 1) + 2))
+        lengths = np.empty(0, dtype=np.int64)
+        while True:
+            lengths = np.concatenate([lengths, request_lengths(block, isl, rng=rng, **dist)])
+            its = batch_requests(np.minimum(lengths, budget), budget)
+            if len(its) > iterations:
+                break
+        out.append([[c.length for c in it.chunks] for it in its[:iterations]])
+    return out
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--budgets", default="16384,32768", help="max tokens per iteration, comma-separated")
+    ap.add_argument("--dists", default="ratio0.8,cv0,cv0.1,cv0.2,cv0.3")
+    ap.add_argument("--isl", type=int, default=8192)
+    ap.add_argument("--iterations", type=int, default=8, help="timed iterations per rank and mode")
+    ap.add_argument("--warmup", type=int, default=1)
+    ap.add_argument("--modes", default=",".join(MODES))
+    ap.add_argument("--moe-layers", type=int, default=None, help="default: as many as fit")
+    ap.add_argument("--moe-only", action="store_true", help="no dense layers (the 'MoE layers only' variant)")
+    ap.add_argument("--vocab", type=int, default=32768)
+    ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float8_e4m3fn"])
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--tag", default="")
+    ap.add_argument("--dry-run", action="store_true")
+    ap.add_argument("--world", type=int, default=None, help="ranks assumed by --dry-run (default WORLD_SIZE or 2)")
+    ns = ap.parse_args()
+    try:
+        budgets = [int(b) for b in ns.budgets.split(",") if b.strip()]
+        dists = [(d, parse_dist(d)) for d in ns.dists.split(",") if d.strip()]
+    except ValueError as e:
+        ap.error(str(e))
+    modes = [m for m in ns.modes.split(",") if m]
+    if not budgets or min(budgets) < 1 or not dists or any(m not in MODES for m in modes) or not modes:
+        ap.error(f"--budgets >= 1, at least one --dists, --modes a subset of {MODES}")
+    if ns.isl < 1 or ns.iterations < 1 or ns.warmup < 0:
+        ap.error("--isl and --iterations must be >= 1, --warmup >= 0")
+    if ns.dry_run:
+        import os
+
+        world = ns.world or int(os.environ.get("WORLD_SIZE", "2"))
+        for b in budgets:
+            for name, d in dists:
+                p = plan(world, ns.warmup + ns.iterations, ns.isl, b, d, ns.seed)
+                toks = [[sum(it) for it in rank] for rank in p]
+                print(f"budget {b} {name}: tokens per iteration per rank {toks}")
+        return 0
+    return run(ns, budgets, dists, modes)
+
+
+def run(ns, budgets, dists, modes) -> int:  # pragma: no cover - GPU only
+    import cupy as cp
+    import dwdp_ops
+    import numpy as np
+    import torch
+    from dwdp_ops import TokenDispatcher
+    from dwdp_ops.demo_gpu import plan_layers
+    from dwdp_ops.dispatch_nccl import NcclDispatcher, init_process_group_from_env
+    from dwdp_ops.env import DistEnv
+    from dwdp_ops.models.deepseek_r1 import DeepSeekConfig
+    from dwdp_ops.models.deepseek_r1.gpu import DwdpExperts, GpuModel, LocalExperts, dense_gemm_tflops
+    from dwdp_ops.models.deepseek_r1.gpu_weights import DeviceWeights
+    from dwdp_ops.models.deepseek_r1.serve import build_store, expert_scales
+    from dwdp_ops.scheduler import PrefetchScheduler
+
+    world = DistEnv.from_environ().world_size
+    cap = max(budgets)
+    probe = DeepSeekConfig.r1(n_layers=61, vocab_size=ns.vocab)
+    H, k = probe.dim, probe.n_activated_experts
+    heap = TokenDispatcher.heap_bytes(world, cap, H, k) + 256 * (1 << 20)
+    fp8 = ns.dtype == "float8_e4m3fn"
+    with dwdp_ops.init(timeout=1200, heap_size=heap) as rt:
+        me = rt.rank()
+        torch.cuda.set_device(rt.device)
+        init_process_group_from_env()
+        rdv = rt.rendezvous
+        free = cp.cuda.runtime.memGetInfo()[0]
+        local_b = TokenDispatcher.local_bytes(world, cap, H, k, probe.n_routed_experts // world)
+        reserve = 36 * GiB + 2 * local_b  # a budget-sized prefill's activations (bf16 peaked near 35 GiB at 20K)
+        fit = plan_layers(probe, world, ns.moe_layers, free, reserve, 1 if fp8 else 2)
+        moe = min(int(v) for v in rdv.allgather("e2e:layers", str(fit).encode()))
+        if moe < 1:
+            raise SystemExit(f"rank {me}: no MoE layer fits ({free / GiB:.0f} GiB free)")
+        dense = 0 if ns.moe_only else 3
+        cfg = DeepSeekConfig.r1(n_layers=dense + moe, vocab_size=ns.vocab).replace(n_dense_layers=dense)
+        weights = DeviceWeights(cfg, ns.seed, torch.bfloat16, expert_dtype=torch.float8_e4m3fn if fp8 else None)
+        dense_rate = dense_gemm_tflops()
+        plans = [plan(world, ns.warmup + ns.iterations, ns.isl, b, d, ns.seed)[me] for b in budgets for _, d in dists]
+        max_req = max(len(it) for p in plans for it in p)
+        max_seq = max(64, max(n for p in plans for it in p for n in it))
+
+        # the check's all-local run, before the store exists (every expert of a layer on this GPU at once)
+        rng = np.random.default_rng([ns.seed, me, 99])
+        check_prompts = [rng.integers(0, cfg.vocab_size, 32).tolist() for _ in range(2)]
+        local = GpuModel(cfg, weights, LocalExperts(weights, cfg, regenerate=True), max_requests=2, max_seq=64)
+        want = local.forward([0, 1], check_prompts).cpu().numpy()
+        del local
+        torch.cuda.empty_cache()
+
+        store = build_store(cfg, weights)
+        scales = expert_scales(cfg, weights)
+        disp = nccl = None
+        try:
+            disp = TokenDispatcher(store.partition, cfg.dim, k, cap)
+            nccl = NcclDispatcher(store.partition, cfg.dim, k)
+            scheds = {"dwdp": PrefetchScheduler(store, policy="prefetch_all", top_k=k),
+                      "dep": PrefetchScheduler(store, policy="dispatch", top_k=k, dispatcher=disp),
+                      "dep_nccl": PrefetchScheduler(store, policy="dispatch", top_k=k, dispatcher=nccl)}
+            sources = {m: DwdpExperts(store, scheds[m], weights.expert_dtype, scales) for m in modes}
+            model = GpuModel(cfg, weights, sources[modes[0]], max_requests=max(max_req, 2), max_seq=max_seq)
+            check = {}
+            for m in modes:
+                model.experts = sources[m]
+                got = model.forward([0, 1], check_prompts).cpu().numpy()
+                err = float(np.linalg.norm(got - want) / np.linalg.norm(want))
+                check[m] = {"rel_err": err, "tokens_equal": bool((got.argmax(-1) == want.argmax(-1)).all())}
+            ok = all((c["rel_err"] == 0.0 if m == "dwdp" else c["rel_err"] <= 1e-2) and c["tokens_equal"]
+                     for m, c in check.items())
+            oks = [json.loads(v) for v in rdv.allgather("e2e:check", json.dumps(ok).encode())]
+            if not all(oks):
+                raise SystemExit(f"rank {me}: the check against the all-local run failed on ranks "
+                                 f"{[r for r, v in enumerate(oks) if not v]}: {check}")
+            records = [measure(model, sources, scheds, modes, ns, b, name, d, me, world, rdv, cfg)
+                       for b in budgets for name, d in dists]
+            store.check_errors()
+            disp.check_errors()
+        finally:
+            dwdp_ops.barrier()
+            if disp is not None:
+                disp.close()
+            store.close()
+            torch.distributed.destroy_process_group()
+        if me == 0:
+            facts = machine_facts()
+            points = [{"mode": "dwdp" if m == "dwdp" else "dep", "impl": m, "gpus": world, "max_tokens": r["budget"],
+                       **r["dist"], "iteration_ms": r["modes"][m]["iteration_ms"],
+                       "tps_per_gpu": r["modes"][m]["tps_per_gpu"]} for r in records for m in r["modes"]]
+            data = dict(benchmark="e2e_dwdp_vs_dep", world_size=world, dtype=ns.dtype, isl=ns.isl,
+                        layers=cfg.n_layers, dense_layers=cfg.n_dense_layers, moe_layers=cfg.n_moe_layers,
+                        vocab=cfg.vocab_size, iterations=ns.iterations, warmup=ns.warmup, seed=ns.seed,
+                        dense_gemm_tflops=dense_rate, check=check, records=records, points=points, **facts,
+                        method=__doc__)
+            tag = f"_{ns.tag}" if ns.tag else ""
+            path = write_json(result_name("e2e_dwdp_vs_dep", facts["card"], f"_N{world}{tag}"), data)
+            print(table(records))
+            print(f"wrote {path}")
+        dwdp_ops.barrier()
+    return 0
+
+
+def measure(model, sources, scheds, modes, ns, budget, name, dist, me, world, rdv, cfg):  # pragma: no cover - GPU
+    """One (budget, distribution): every iteration under every mode (interleaved), gathered over the ranks."""
+    import cupy as cp
+    import dwdp_ops
+    import numpy as np
+    import torch
+
+    its = plan(world, ns.warmup + ns.iterations, ns.isl, budget, dist, ns.seed)[me]
+    rows = []
+    for i, lengths in enumerate(its):
+        rng = np.random.default_rng([ns.seed, me, budget, i])
+        prompts = [rng.integers(0, cfg.vocab_size, n).tolist() for n in lengths]
+        order = modes[i % len(modes):] + modes[: i % len(modes)]
+        for m in order:
+            model.experts = sources[m]
+            sched = scheds[m]
+            sched.trace = [] if m == "dwdp" else None
+            torch.cuda.synchronize()
+            dwdp_ops.barrier()
+            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            a.record(model.tstream)
+            model.forward(list(range(len(prompts))), prompts, timing=True)
+            b.record(model.tstream)
+            b.synchronize()
+            sched.copy_stream.synchronize()
+            tm = model.timing.resolve()
+            copy = 0.0
+            if sched.trace:
+                starts = {lay: ev for kind, lay, ev in sched.trace if kind == "fetch"}
+                copy = sum(cp.cuda.get_elapsed_time(starts[lay], ev) for kind, lay, ev in sched.trace
+                           if kind == "fetch_end")
+            sched.trace = None
+            step = a.elapsed_time(b)
+            if i >= ns.warmup:
+                rows.append({"iteration": i, "mode": m, "tokens": sum(lengths), "requests": len(lengths),
+                             "step_ms": step, "attn_ms": tm["attn_ms"], "experts_ms": tm["experts_ms"],
+                             "wait_ms": tm["wait_ms"], "comm_ms": tm["comm_ms"], "copy_ms": copy,
+                             "attn_flops": tm["attn_flops"]})
+    per_rank = [json.loads(v) for v in rdv.allgather(f"e2e:{budget}:{name}", json.dumps(rows).encode())]
+    out = {"budget": budget, "dist_name": name, "dist": dist, "modes": {}}
+    for m in modes:
+        rs = [[x for x in rk if x["mode"] == m] for rk in per_rank]  # [rank][iteration]
+        tokens = sum(x["tokens"] for rk in rs for x in rk)
+        busy = sum(x["step_ms"] for rk in rs for x in rk)
+        n_it = len(rs[0])
+        sync = []
+        for j in range(n_it):
+            fastest = min(rk[j]["comm_ms"] for rk in rs)
+            sync += [rk[j]["comm_ms"] - fastest for rk in rs]
+        cats = {}
+        for key in ("attn_ms", "experts_ms", "wait_ms", "comm_ms", "copy_ms"):
+            cats[key] = mean(x[key] for rk in rs for x in rk)
+        cats["sync_wait_ms"] = mean(sync) if sync else 0.0
+        cats["comm_ms"] -= cats["sync_wait_ms"]
+        cats["step_ms"] = mean(x["step_ms"] for rk in rs for x in rk)
+        cats["other_ms"] = cats["step_ms"] - sum(cats[c] for c in ("attn_ms", "experts_ms", "wait_ms", "comm_ms",
+                                                                   "sync_wait_ms"))
+        attn_s = sum(x["attn_ms"] for rk in rs for x in rk) * 1e-3
+        out["modes"][m] = {
+            "tps_per_gpu": tokens / (busy * 1e-3) if busy else None,
+            "iteration_ms": mean(max(rk[j]["step_ms"] for rk in rs) for j in range(n_it)),
+            "categories_ms": cats,
+            "attn_tflops": sum(x["attn_flops"] for rk in rs for x in rk) / attn_s / 1e12 if attn_s else None,
+            "rows": rs,
+        }
+    for m in modes:
+        if m != "dwdp" and "dwdp" in out["modes"]:
+            out[f"dwdp_over_{m}"] = out["modes"]["dwdp"]["tps_per_gpu"] / out["modes"][m]["tps_per_gpu"]
+    return out
+
+
+def table(records) -> str:
+    lines = ["| budget | lengths | mode | TPS/GPU | iteration ms | attention | experts | exposed fetch | comm | sync wait "
+             "| other | overlapped copy | DWDP / this |", "|" + " --- |" * 13]
+    for r in records:
+        for m, v in r["modes"].items():
+            c = v["categories_ms"]
+            ratio = r.get(f"dwdp_over_{m}")
+            lines.append(f"| {r['budget']} | {r['dist_name']} | {m} | {v['tps_per_gpu']:.0f} | {v['iteration_ms']:.1f} "
+                         f"| {c['attn_ms']:.1f} | {c['experts_ms']:.1f} | {c['wait_ms']:.1f} | {c['comm_ms']:.1f} "
+                         f"| {c['sync_wait_ms']:.1f} | {c['other_ms']:.1f} | {c['copy_ms']:.1f} | "
+                         f"{'' if ratio is None else f'{ratio:.3f}'} |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

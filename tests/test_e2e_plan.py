@@ -1,0 +1,46 @@
+"""The DWDP-vs-DEP benchmark's workload (bench/e2e_dwdp_vs_dep.py) on the CPU: the simulator's draws and batching
+where no request exceeds the budget (so that measured points and predictions describe the same requests), cut to
+the budget where one does, and bad arguments refused."""
+
+from __future__ import annotations
+
+import importlib.util
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from dwdp_ops.sim.workload import workload
+
+ROOT = Path(__file__).resolve().parents[1]
+spec = importlib.util.spec_from_file_location("e2e", ROOT / "bench" / "e2e_dwdp_vs_dep.py")
+e2e = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(e2e)
+
+
+@pytest.mark.parametrize("budget, dist", [(16384, {"ratio": 0.8}), (32768, {"cv": 0.0}), (32768, {"cv": 0.1})])
+def test_the_plan_is_the_simulators_workload_when_nothing_is_chunked(budget, dist):
+    got = e2e.plan(2, 6, 8192, budget, dist, seed=3)
+    want = workload(2, 6, 8192, budget, seed=3, **dist)
+    assert all(c.prefix == 0 for rank in want for it in rank for c in it.chunks)  # nothing chunked here
+    assert got == [[[c.length for c in it.chunks] for it in rank] for rank in want]
+
+
+def test_long_requests_are_cut_to_the_budget_and_iterations_fit():
+    p = e2e.plan(3, 20, 8192, 8192, {"cv": 0.6}, seed=1)  # gamma tails well past the budget
+    assert len(p) == 3 and all(len(rank) == 20 for rank in p)
+    assert all(0 < sum(it) <= 8192 and all(1 <= n <= 8192 for n in it) for rank in p for it in rank)
+    assert any(n == 8192 for rank in p for it in rank for n in it)  # at least one was cut
+
+
+@pytest.mark.parametrize("text, want", [("ratio0.8", {"ratio": 0.8}), ("cv0", {"cv": 0.0}), ("cv0.25", {"cv": 0.25})])
+def test_distribution_names(text, want):
+    assert e2e.parse_dist(text) == want
+
+
+@pytest.mark.parametrize("args, msg", [(["--dists", "foo"], "ratioR or cvC"), (["--modes", "dep,x"], "subset of"),
+                                       (["--iterations", "0"], "must be >= 1")])
+def test_bad_arguments_exit_2_with_one_line(args, msg):
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "e2e_dwdp_vs_dep.py"), "--dry-run", *args],
+                          capture_output=True, text=True)
+    assert proc.returncode == 2 and msg in proc.stderr
