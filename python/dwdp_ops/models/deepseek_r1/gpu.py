@@ -40,6 +40,7 @@ from typing import Any
 
 import numpy as np
 
+from ..routed import combine_pairs, routed_experts
 from .config import DeepSeekConfig
 from .gpu_weights import dense_shapes, require_torch
 from .reference import yarn_freqs
@@ -373,43 +374,27 @@ class GpuModel:
         return out
 
     def _routed(self, x, w, ids, w13, w2, s13=None, s2=None):
+        """The routed experts of one MoE layer (``models.routed``: sort, aligned groups, grouped MLP, deterministic
+        combine); a float32 model loops over the selected experts instead."""
         torch = require_torch()
         cfg = self.cfg
         N, k = ids.shape
         I = cfg.moe_inter_dim
-        flat = ids.reshape(-1)
-        order = torch.argsort(flat, stable=True)
-        tok = order // k
-        xs = x[tok]
         timed = self.timing is not None
+        spans = []
+
+        def mlp(xg, offs):
+            t0 = self._event() if timed else None
+            y = self._grouped_swiglu(xg, offs, w13, w2, s13, s2)
+            spans.append((t0, self._event() if timed else None))
+            return y
+
         if self.grouped:
-            E = cfg.n_routed_experts
-            # per-expert counts without bincount (which reads its input's maximum back to the host: not capturable)
-            counts = torch.zeros(E, dtype=torch.int64, device=x.device).scatter_add_(0, flat, torch.ones_like(flat))
-            if self.align > 1:
-                # every expert's rows start on a multiple of `align` (zero rows between groups, never read back);
-                # the padded size is bounded without a host round trip: at most min(E, N*k) groups are non-empty
-                A = self.align
-                padded = (counts + A - 1) // A * A
-                pstart = padded.cumsum(0) - padded
-                start = counts.cumsum(0) - counts
-                e_sorted = flat[order]
-                dst = pstart[e_sorted] + torch.arange(N * k, device=x.device) - start[e_sorted]
-                rows = N * k + (A - 1) * min(E, N * k)
-                xp = torch.zeros((rows, cfg.dim), dtype=x.dtype, device=x.device)
-                xp[dst] = xs
-                offs = padded.cumsum(0).to(torch.int32)
-                offs[-1:].fill_(rows)  # the last group takes the tail of zero rows (fill: capturable, no copy)
-                t0 = self._event() if timed else None
-                ys = self._grouped_swiglu(xp, offs, w13, w2, s13, s2)
-                t1 = self._event() if timed else None
-                ys = ys[dst]
-            else:
-                offs = counts.cumsum(0).to(torch.int32)
-                t0 = self._event() if timed else None
-                ys = self._grouped_swiglu(xs, offs, w13, w2, s13, s2)
-                t1 = self._event() if timed else None
+            out = routed_experts(x, w, ids, mlp, num_experts=cfg.n_routed_experts, align=self.align)
         else:
+            flat = ids.reshape(-1)
+            order = torch.argsort(flat, stable=True)
+            xs = x[order // k]
             counts = torch.bincount(flat, minlength=cfg.n_routed_experts).tolist()
             ys = torch.empty((N * k, cfg.dim), dtype=self.dtype, device=self.device)
             t0 = self._event() if timed else None
@@ -422,15 +407,12 @@ class GpuModel:
                         a2 = (a2.float() * s2[e][:, None]).to(self.dtype)
                     ys[s : s + c] = self._mlp(xs[s : s + c], a13[:I], a13[I:], a2)
                     s += c
-            t1 = self._event() if timed else None
+            spans.append((t0, self._event() if timed else None))
+            out = combine_pairs(ys, order, w)
         if timed:
-            self.timing.experts.append((t0, t1))
+            self.timing.experts += spans
             self.timing.expert_flops += 2.0 * N * k * 3 * I * cfg.dim
-        # deterministic combine (no atomics): back to token order, then each token's k outputs weighted and summed
-        # by a batched GEMM with fp32 accumulation, so that DWDP and all-local runs agree bit for bit
-        yt = torch.empty_like(ys)
-        yt[order] = ys
-        return torch.bmm(w.to(ys.dtype).unsqueeze(1), yt.view(N, k, cfg.dim)).squeeze(1)
+        return out
 
     def _moe(self, layer: int, x):
         cfg, P, p = self.cfg, self.P, f"layers.{layer}.ffn."

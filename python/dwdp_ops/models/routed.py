@@ -1,0 +1,57 @@
+"""The routed-expert step around a grouped expert MLP, shared by ``GpuModel`` and the Hugging Face integration:
+token-expert pairs sorted by expert, laid out in groups that start on multiples of ``align`` (zero rows between
+groups), the grouped MLP over all groups at once, and the deterministic combine.
+
+Invariants: no host round trip (the padded size is bounded by shapes alone: at most ``min(E, T k)`` groups are
+non-empty), so the step is capturable in a CUDA graph; no atomics (the combine is a batched GEMM with float32
+accumulation in slot order), so two runs of the same routing give the same bits whatever experts are local.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+
+def routed_experts(x: Any, w: Any, ids: Any, mlp: Callable[[Any, Any], Any], *, num_experts: int,
+                   align: int = 16) -> Any:
+    """``x [T, H]``, router weights ``w [T, k]`` (combined in ``x``'s dtype's precision: rounded to it first),
+    expert ids ``ids [T, k]`` int64 in ``[0, num_experts)``; ``mlp(x_grouped [R, H], offs [E] int32) -> [R, H]`` the
+    grouped expert MLP (group e in rows ``[offs[e-1], offs[e])``). Returns ``[T, H]`` in ``x``'s dtype: token t's
+    ``sum_j w[t, j] * expert_{ids[t, j]}(x[t])``."""
+    import torch
+
+    T, k = ids.shape
+    E = int(num_experts)
+    flat = ids.reshape(-1)
+    order = torch.argsort(flat, stable=True)
+    xs = x[order // k]
+    # per-expert counts without bincount (which reads its input's maximum back to the host: not capturable)
+    counts = torch.zeros(E, dtype=torch.int64, device=x.device).scatter_add_(0, flat, torch.ones_like(flat))
+    if align > 1:
+        padded = (counts + align - 1) // align * align
+        pstart = padded.cumsum(0) - padded
+        start = counts.cumsum(0) - counts
+        e_sorted = flat[order]
+        dst = pstart[e_sorted] + torch.arange(T * k, device=x.device) - start[e_sorted]
+        rows = T * k + (align - 1) * min(E, T * k)
+        xp = torch.zeros((rows, x.shape[1]), dtype=x.dtype, device=x.device)
+        xp[dst] = xs
+        offs = padded.cumsum(0).to(torch.int32)
+        offs[-1:].fill_(rows)  # the last group takes the tail of zero rows (fill: capturable, no copy)
+        ys = mlp(xp, offs)[dst]
+    else:
+        ys = mlp(xs, counts.cumsum(0).to(torch.int32))
+    return combine_pairs(ys, order, w)
+
+
+def combine_pairs(ys: Any, order: Any, w: Any) -> Any:
+    """Expert outputs of the pairs in sorted order ``ys [T k, H]`` back to token order (``order`` the sort's
+    permutation), weighted by ``w [T, k]`` (rounded to ``ys``'s dtype) and summed over the k slots by a batched GEMM
+    (float32 accumulation, slot order): ``[T, H]``."""
+    import torch
+
+    T, k = w.shape
+    yt = torch.empty_like(ys)
+    yt[order] = ys
+    return torch.bmm(w.to(ys.dtype).unsqueeze(1), yt.view(T, k, ys.shape[1])).squeeze(1)
