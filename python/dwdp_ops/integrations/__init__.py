@@ -1,0 +1,1 @@
+"""Integrations of dwdp_ops into other libraries' models (``transformers``: Hugging Face DeepSeek-V3)."""

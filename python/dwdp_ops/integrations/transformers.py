@@ -1,0 +1,241 @@
+"""Hugging Face ``DeepseekV3ForCausalLM`` (transformers 5.x) with its routed experts on DWDP.
+
+transformers 5 keeps a MoE layer's routed experts as ``gate_up_proj [E, 2I, H]`` (gate rows, then up rows) and
+``down_proj [E, H, I]`` on a ``DeepseekV3Experts`` module whose forward dispatches on
+``config._experts_implementation`` through ``transformers.integrations.moe.ALL_EXPERTS_FUNCTIONS`` with the
+interface ``experts(self, hidden_states [T, H], top_k_index [T, k], top_k_weights [T, k]) -> [T, H]``. That is our
+layout (``ExpertLayout.moe``), so ``DwdpDeepseekV3(model)``:
+
+  1. plans which experts this rank keeps (``plan``: ``ExpertPartition.disjoint`` over the job's ranks, or a given
+     partition) and refuses configurations it cannot serve, naming why (not DeepSeek-V3, no MoE layer, experts not
+     divisible as asked);
+  2. moves this rank's slice of every MoE layer's experts into an ``ExpertStore`` (collective: one process per GPU
+     under ``dwdp_ops.launch`` or torchrun) and frees the model's own expert tensors;
+  3. registers the experts implementation ``"dwdp"``: before a layer's experts it waits for the layer's prefetch (or
+     fetches the routed experts, ``on_demand``), runs the grouped expert MLP over the store's ``[E, ...]``
+     composite view (``models.routed`` + ``dwdp::expert_mlp``: no merge copy), then releases the slot so that the
+     prefetch of the layer two ahead starts; a forward pre-hook on the decoder stack begins each step
+     (``PrefetchScheduler.begin_step``, which prefetches the first two layers: a layer ahead of its use);
+  4. leaves everything else of the model as it is (attention, router, shared experts, ``generate``).
+
+Differences from the Hugging Face experts: the combine rounds the router weights to the activation dtype and sums
+the k slots in float32 by a batched GEMM (HF: float32 products, summed in float32, then cast); tokens agree, logits
+to bf16 rounding. Hugging Face's router in 5.17 masks the dropped groups with ``-inf`` like the official gate (older
+reports of ``0.0`` are about earlier releases; ``tests/test_transformers_integration.py`` checks it).
+
+Not yet: DEP (``dispatch``) through this integration, fp8 checkpoints (``DeepseekV3`` fp8 weights are dequantised by
+transformers before they reach the experts).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from ..errors import DwdpError
+from ..partition import ExpertPartition
+
+EXPERTS_IMPLEMENTATION = "dwdp"
+
+__all__ = ["EXPERTS_IMPLEMENTATION", "DwdpDeepseekV3", "ExpertPlan", "moe_layers", "plan"]
+
+
+@dataclass(frozen=True)
+class ExpertPlan:
+    """``layers``: decoder-layer indices with routed experts (MoE position p is ``layers[p]``); ``partition``: the
+    expert placement; ``rank``'s experts are ``[lo, hi)``; the expert shapes ``hidden``, ``inter``; ``top_k``."""
+
+    layers: tuple[int, ...]
+    partition: ExpertPartition
+    rank: int
+    lo: int
+    hi: int
+    hidden: int
+    inter: int
+    top_k: int
+
+
+def _text_config(config: Any) -> Any:
+    return getattr(config, "text_config", None) or config
+
+
+def moe_layers(model: Any) -> list[tuple[int, Any]]:
+    """``(decoder layer index, its DeepseekV3Experts module)`` of every MoE layer of ``model``."""
+    decoder = getattr(getattr(model, "model", model), "layers", None)
+    if decoder is None:
+        raise DwdpError(f"{type(model).__name__} has no decoder layers at model.model.layers")
+    out = []
+    for i, layer in enumerate(decoder):
+        experts = getattr(getattr(layer, "mlp", None), "experts", None)
+        if experts is not None and hasattr(experts, "gate_up_proj") and hasattr(experts, "down_proj"):
+            out.append((i, experts))
+    return out
+
+
+def plan(model_or_config: Any, world: int, rank: int, partition: ExpertPartition | None = None,
+         layers: list[int] | None = None) -> ExpertPlan:
+    """Which experts rank ``rank`` of ``world`` keeps, for a ``DeepseekV3ForCausalLM`` (or its config with
+    ``layers``, the MoE layer indices). Pure; raises ValueError naming what is unsupported."""
+    config = getattr(model_or_config, "config", model_or_config)
+    cfg = _text_config(config)
+    if getattr(cfg, "model_type", None) not in ("deepseek_v3", "kimi_k2"):
+        raise ValueError(f"DWDP experts need a DeepSeek-V3 model (model_type 'deepseek_v3'), got "
+                         f"{getattr(cfg, 'model_type', type(config).__name__)!r}")
+    if layers is None:
+        if not hasattr(model_or_config, "config"):
+            raise ValueError("plan(config, ...) needs layers=[the MoE layer indices]; or pass the model")
+        layers = [i for i, _ in moe_layers(model_or_config)]
+    if not layers:
+        raise ValueError("this DeepSeek-V3 configuration has no MoE layer (first_k_dense_replace >= "
+                         f"num_hidden_layers = {getattr(cfg, 'num_hidden_layers', '?')}): nothing to distribute")
+    E = int(getattr(cfg, "n_routed_experts", 0) or getattr(cfg, "num_local_experts", 0))
+    if isinstance(world, bool) or not isinstance(world, int) or world < 1 or not 0 <= rank < world:
+        raise ValueError(f"world must be >= 1 and rank in [0, world), got world {world!r}, rank {rank!r}")
+    if partition is None:
+        if E % world:
+            raise ValueError(f"{E} routed experts do not split evenly over {world} ranks; pass a partition "
+                             f"(dwdp_ops.ExpertPartition(E, N, experts_per_rank, stride)) that covers them")
+        partition = ExpertPartition.disjoint(E, world)
+    if partition.num_experts != E or partition.world_size != world:
+        raise ValueError(f"the partition is for {partition.num_experts} experts over {partition.world_size} ranks; "
+                         f"the model has {E} experts and the job {world} ranks")
+    lo, hi = partition.local_range(rank)
+    return ExpertPlan(tuple(int(i) for i in layers), partition, rank, lo, hi, int(cfg.hidden_size),
+                      int(cfg.moe_intermediate_size), int(cfg.num_experts_per_tok))
+
+
+def dwdp_experts_forward(self, hidden_states, top_k_index, top_k_weights):
+    """The ``"dwdp"`` experts implementation (``ALL_EXPERTS_FUNCTIONS``): ``hidden_states [T, H]``, ``top_k_index
+    [T, k]``, ``top_k_weights [T, k]`` -> ``[T, H]`` in ``hidden_states``'s dtype."""
+    owner, p = getattr(self, "_dwdp", (None, None))
+    if owner is None:
+        raise DwdpError("the 'dwdp' experts implementation is set on a layer DwdpDeepseekV3 did not prepare")
+    return owner.experts(p, hidden_states, top_k_index, top_k_weights)
+
+
+def register() -> None:
+    """Registers ``"dwdp"`` in transformers' experts interface (idempotent)."""
+    from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
+
+    ALL_EXPERTS_FUNCTIONS.register(EXPERTS_IMPLEMENTATION, dwdp_experts_forward)
+
+
+class DwdpDeepseekV3:
+    """DWDP for a loaded ``DeepseekV3ForCausalLM`` (module docstring). Collective construction and ``close()``.
+
+    Args:
+        model: the Hugging Face model, on this rank's GPU, bf16.
+        policy: ``prefetch_all``, ``on_demand`` or ``auto`` (``PrefetchScheduler``).
+        partition: the expert placement (default: disjoint over the job's ranks).
+        views: for tests without a GPU only: per MoE position ``(w13, w2)`` tensors standing in for the store's
+            composite views, with ``scheduler`` a stand-in (no store is built, no expert tensor is freed).
+    """
+
+    def __init__(self, model: Any, *, policy: str = "prefetch_all", partition: ExpertPartition | None = None,
+                 views: list | None = None, scheduler: Any = None, rates: Any = None):
+        self.model = model
+        self._hooks: list[Any] = []
+        self.store = None
+        if views is None:
+            from ..runtime import get_runtime
+
+            rt = get_runtime()
+            rt.require("DwdpDeepseekV3")
+            self.plan = plan(model, rt.world_size(), rt.rank(), partition)
+        else:
+            self.plan = plan(model, 1, 0, partition)
+        layers = dict(moe_layers(model))
+        self._experts = [layers[i] for i in self.plan.layers]
+        if views is None:
+            self.store, self.views = self._build_store()
+            from ..scheduler import PrefetchScheduler
+
+            self.sched = PrefetchScheduler(self.store, policy=policy, top_k=self.plan.top_k, rates=rates)
+        else:
+            if scheduler is None or len(views) != len(self._experts):
+                raise ValueError("views (one (w13, w2) per MoE layer) come with a stand-in scheduler")
+            self.views, self.sched = list(views), scheduler
+        for p, ex in enumerate(self._experts):
+            ex._dwdp = (self, p)
+        register()
+        cfg = _text_config(model.config)
+        self._previous = getattr(cfg, "_experts_implementation", None)
+        cfg._experts_implementation = EXPERTS_IMPLEMENTATION
+        decoder = getattr(model, "model", model)
+        self._hooks.append(decoder.register_forward_pre_hook(self._begin_step, with_kwargs=True))
+
+    # -- construction ------------------------------------------------------------------------------------------------
+    def _build_store(self):
+        """Moves this rank's experts into an ExpertStore (collective) and frees the model's expert tensors."""
+        import torch
+
+        from ..layout import ExpertLayout
+        from ..models.deepseek_r1.gpu import _torch_view
+        from ..models.deepseek_r1.serve import layout_dtype, torch_to_cupy
+        from ..runtime import get_runtime
+        from ..store import ExpertStore
+
+        pl = self.plan
+        dtype = self._experts[0].gate_up_proj.dtype
+        store = ExpertStore(pl.partition, ExpertLayout.moe(pl.hidden, pl.inter, layout_dtype(dtype)), len(pl.layers))
+        try:
+            for p, ex in enumerate(self._experts):
+                with torch.no_grad():
+                    store.load(p, "w13", torch_to_cupy(ex.gate_up_proj.data[pl.lo:pl.hi].contiguous()))
+                    store.load(p, "w2", torch_to_cupy(ex.down_proj.data[pl.lo:pl.hi].contiguous()))
+                torch.cuda.synchronize()
+                empty = torch.empty(0, dtype=dtype, device=ex.gate_up_proj.device)
+                ex.gate_up_proj = torch.nn.Parameter(empty, requires_grad=False)  # the store holds them now
+                ex.down_proj = torch.nn.Parameter(empty.clone(), requires_grad=False)
+            get_runtime().barrier()  # every rank's experts are loaded before any peer fetches them
+        except BaseException:
+            store.close()
+            raise
+        views = [tuple(_torch_view(store.composite(p, n), dtype) for n in ("w13", "w2")) for p in range(len(pl.layers))]
+        return store, views
+
+    # -- the step ----------------------------------------------------------------------------------------------------
+    def _begin_step(self, module, args, kwargs):
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        emb = kwargs.get("inputs_embeds")
+        tokens = int(ids.numel()) if ids is not None else int(emb.shape[0] * emb.shape[1])
+        self.sched.abort()  # a step that raised half-way (or a generate() stopped early) leaves nothing in flight
+        self.sched.begin_step(tokens=tokens)
+
+    def experts(self, p: int, hidden_states, top_k_index, top_k_weights):
+        """MoE position ``p``'s routed experts for ``hidden_states [T, H]`` (see ``dwdp_experts_forward``)."""
+        import torch
+
+        from ..models.routed import routed_experts
+        from ..torch import expert_mlp
+
+        stream = torch.cuda.current_stream() if hidden_states.is_cuda else None
+        ids = top_k_index.to(torch.int64)
+        if self.sched.step_policy == "on_demand":
+            self.sched.wait(p, stream, ids=ids.reshape(-1).to(torch.int32).contiguous())
+        else:
+            self.sched.wait(p, stream)
+        w13, w2 = self.views[p]
+        out = routed_experts(hidden_states, top_k_weights, ids, lambda xg, offs: expert_mlp(xg, offs, w13, w2),
+                             num_experts=self.plan.partition.num_experts)
+        self.sched.release(p, stream)
+        return out.to(hidden_states.dtype)
+
+    # -- lifetime ----------------------------------------------------------------------------------------------------
+    def close(self) -> None:
+        """Removes the hooks, restores the model's experts implementation name and frees the store (collective). The
+        model's expert weights are not restored (they were freed): the model is unusable without DWDP after this."""
+        for h in self._hooks:
+            h.remove()
+        self._hooks.clear()
+        cfg = _text_config(self.model.config)
+        cfg._experts_implementation = self._previous
+        if self.store is not None:
+            self.store.close()
+            self.store = None
+
+    def __enter__(self) -> DwdpDeepseekV3:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

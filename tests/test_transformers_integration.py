@@ -1,0 +1,116 @@
+"""The Hugging Face DeepSeek-V3 integration (dwdp_ops.integrations.transformers) on the CPU: the plan and its
+refusals, the 'dwdp' experts implementation driven through a stand-in scheduler over the model's own expert tensors
+(same logits to bf16 rounding, same greedy tokens from generate(), one begin_step per forward, wait / release per
+MoE layer in order), and Hugging Face's router against the official gate where masking dropped groups with 0.0
+instead of -inf would change the choice. The store-backed path runs on GPUs (tests/multiproc)."""
+
+from __future__ import annotations
+
+import pytest
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers", reason="transformers is not installed (pip install transformers)")
+
+from dwdp_ops import ExpertPartition  # noqa: E402
+from dwdp_ops.integrations import transformers as hf  # noqa: E402
+
+
+def tiny_config(**kw):
+    base = dict(vocab_size=128, hidden_size=64, intermediate_size=96, moe_intermediate_size=32, num_hidden_layers=3,
+                num_attention_heads=4, num_key_value_heads=4, n_shared_experts=1, n_routed_experts=16,
+                routed_scaling_factor=2.5, kv_lora_rank=32, q_lora_rank=48, qk_rope_head_dim=8, v_head_dim=16,
+                qk_nope_head_dim=16, n_group=4, topk_group=2, num_experts_per_tok=4, first_k_dense_replace=1,
+                max_position_embeddings=128, num_mtp_layers=0)
+    base.update(kw)
+    return transformers.DeepseekV3Config(**base)
+
+
+def tiny_model(seed=0, **kw):
+    torch.manual_seed(seed)
+    m = transformers.DeepseekV3ForCausalLM(tiny_config(**kw)).to(torch.bfloat16).eval()
+    with torch.no_grad():
+        for _, ex in hf.moe_layers(m):
+            ex.gate_up_proj.normal_(0, 0.05)
+            ex.down_proj.normal_(0, 0.05)
+        for layer in m.model.layers:
+            if hasattr(layer.mlp, "gate"):
+                layer.mlp.gate.weight.normal_(0, 0.5)
+                layer.mlp.gate.e_score_correction_bias.normal_(0, 0.2)
+    return m
+
+
+class StandInScheduler:
+    def __init__(self, layers):
+        self.step_policy, self.log, self.layers = "prefetch_all", [], layers
+
+    def begin_step(self, tokens):
+        self.log.append(("begin", tokens))
+        return self.step_policy
+
+    def abort(self):
+        pass
+
+    def wait(self, p, stream, ids=None):
+        self.log.append(("wait", p))
+
+    def release(self, p, stream):
+        self.log.append(("release", p))
+
+
+def test_plan_keeps_a_slice_per_rank_and_names_what_it_cannot_serve():
+    m = tiny_model()
+    p = hf.plan(m, 4, 2)
+    assert p.layers == (1, 2) and (p.lo, p.hi) == (8, 12) and (p.hidden, p.inter, p.top_k) == (64, 32, 4)
+    assert hf.plan(m, 2, 1, ExpertPartition(16, 2, 10, 6)).lo == 6  # replicated placement
+    with pytest.raises(ValueError, match="16 routed experts do not split evenly over 3 ranks"):
+        hf.plan(m, 3, 0)
+    with pytest.raises(ValueError, match="has no MoE layer"):
+        hf.plan(tiny_model(first_k_dense_replace=3), 2, 0)
+    with pytest.raises(ValueError, match="need a DeepSeek-V3 model"):
+        hf.plan(transformers.LlamaConfig(), 2, 0, layers=[0])
+    with pytest.raises(ValueError, match="the partition is for 8 experts"):
+        hf.plan(m, 2, 0, ExpertPartition.disjoint(8, 2))
+
+
+def test_dwdp_experts_equal_hugging_faces_and_generate_the_same_tokens():
+    ids = torch.tensor([[5, 17, 99, 3, 64, 8, 1]])
+    base = tiny_model(1)
+    base.config._experts_implementation = "eager"
+    with torch.no_grad():
+        want = base(ids).logits.float()
+        want_tokens = base.generate(ids, max_new_tokens=6, do_sample=False)
+    model = tiny_model(1)
+    views = [(ex.gate_up_proj.data, ex.down_proj.data) for _, ex in hf.moe_layers(model)]
+    sched = StandInScheduler(len(views))
+    with hf.DwdpDeepseekV3(model, views=views, scheduler=sched) as dw, torch.no_grad():
+        assert model.config._experts_implementation == "dwdp"
+        got = model(ids).logits.float()
+        assert sched.log == [("begin", 7), ("wait", 0), ("release", 0), ("wait", 1), ("release", 1)]
+        sched.log.clear()
+        tokens = model.generate(ids, max_new_tokens=6, do_sample=False)
+        begins = [t for kind, t in sched.log if kind == "begin"]
+        assert begins[0] == 7 and all(t == 1 for t in begins[1:]) and len(begins) == 6
+        assert dw.plan.layers == (1, 2)
+    assert model.config._experts_implementation != "dwdp"
+    rel = float((got - want).norm() / want.norm())
+    assert rel < 2e-2, rel
+    assert torch.equal(tokens, want_tokens)
+
+
+def test_hugging_faces_router_masks_dropped_groups_like_the_official_gate():
+    """Scores + bias below zero in the kept groups: a router that masked dropped groups with 0.0 would pick experts
+    of dropped groups (0.0 beats the negative kept ones); the official gate (-inf) never does."""
+    from dwdp_ops.models.deepseek_r1.gpu import select_experts_torch
+
+    m = tiny_model(2)
+    router = m.model.layers[1].mlp.gate
+    with torch.no_grad():
+        router.e_score_correction_bias.fill_(-2.0)  # every score + bias < 0
+        router.e_score_correction_bias[:4] = -1.0  # group 0 strongest
+        x = torch.randn(9, 64)
+        _, w, idx = router(x)
+        logits = x.float() @ router.weight.float().T
+        w2, idx2 = select_experts_torch(logits, router.e_score_correction_bias.float(), 4, 2, 4, 2.5)
+    assert [sorted(r) for r in idx.tolist()] == [sorted(r) for r in idx2.tolist()]
+    groups = idx // 4
+    assert all(len(set(r.tolist())) <= 2 for r in groups)  # only the kept groups
