@@ -299,12 +299,13 @@ def reference_moe(xs_per_rank: Sequence[np.ndarray], ids_per_rank: Sequence[np.n
     """Every rank's combined MoE output, exactly as the contract computes it (the oracle for the kernels and the NCCL
     path). Not collective: it sees every rank's inputs.
 
-    xs_per_rank[r]  [T_r, H] float array (float32 holding bf16 values for a bf16 run)
-    ids_per_rank[r] [T_r, k] integer, w_per_rank[r] [T_r, k] float32
-    expert_fn(rank, local_expert, x [n, H] float32) -> y [n, H]: the expert MLP at dest ``rank`` for one group
-    (called once per non-empty group, rows in the group's reference order).
-    storage(float32 array) -> float32 array: rounding to the hidden states' storage dtype, applied to expert outputs
-    and to the final sums (``round_to_bfloat16`` for bf16); default: cast to each rank's x dtype.
+    - ``xs_per_rank[r]``: ``[T_r, H]`` float array (float32 holding bf16 values for a bf16 run)
+    - ``ids_per_rank[r]``: ``[T_r, k]`` integer, ``w_per_rank[r]``: ``[T_r, k]`` float32
+    - ``expert_fn(rank, local_expert, x [n, H] float32) -> y [n, H]``: the expert MLP at dest ``rank`` for one group
+      (called once per non-empty group, rows in the group's reference order).
+    - ``storage(float32 array) -> float32 array``: rounding to the hidden states' storage dtype, applied to expert
+      outputs and to the final sums (``round_to_bfloat16`` for bf16); default: cast to each rank's x dtype.
+
     Returns ``[out_r [T_r, H]]`` in each rank's x dtype (float32 for a custom storage).
     """
     _check_partition(partition)

@@ -48,6 +48,7 @@ from .partition import ExpertPartition
 __all__ = ["MODES", "ModeChoice", "Rates", "choose_mode", "expected_distinct", "pair_shares"]
 
 MODES = ("prefetch_all", "on_demand", "dispatch")
+"""The step modes ``choose_mode`` picks from, in tie-break order (the modes that couple ranks less come first)."""
 
 
 @dataclass(frozen=True)

@@ -319,6 +319,7 @@ _RUNTIME = Runtime()
 
 
 def get_runtime() -> Runtime:
+    """This process's ``Runtime`` (one per process; its state is ``new`` until ``init()``)."""
     return _RUNTIME
 
 
@@ -337,20 +338,28 @@ def finalize() -> None:
 
 
 def rank() -> int:
+    """This process's rank (NVSHMEM PE) in ``[0, world_size())``; raises DwdpError before ``init()`` and after
+    ``finalize()``."""
     return _RUNTIME.rank()
 
 
 def world_size() -> int:
+    """The number of ranks (one per GPU) in the job; raises DwdpError before ``init()`` and after
+    ``finalize()``."""
     return _RUNTIME.world_size()
 
 
 def local_rank() -> int:
+    """This process's rank on its node (the GPU it uses by default); raises DwdpError before ``init()`` and after
+    ``finalize()``."""
     return _RUNTIME.local_rank()
 
 
 def barrier() -> None:
+    """Collective: all ranks meet on the control plane (raises naming the missing ranks), then in NVSHMEM."""
     _RUNTIME.barrier()
 
 
 def is_initialized() -> bool:
+    """True between a successful ``init()`` and ``finalize()``."""
     return _RUNTIME.state == "initialized"
