@@ -124,6 +124,9 @@ def main() -> int:
 
 
 def run(ns, budgets, dists, modes) -> int:  # pragma: no cover - GPU only
+    import os
+
+    os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")  # modes of different temporaries
     import cupy as cp
     import dwdp_ops
     import numpy as np
@@ -151,7 +154,11 @@ def run(ns, budgets, dists, modes) -> int:  # pragma: no cover - GPU only
         rdv = rt.rendezvous
         free = cp.cuda.runtime.memGetInfo()[0]
         local_b = TokenDispatcher.local_bytes(world, cap, H, k, probe.n_routed_experts // world)
-        reserve = 36 * GiB + 2 * local_b  # a budget-sized prefill's activations (bf16 peaked near 35 GiB at 20K)
+        # a budget-sized prefill's activations (bf16 peaked near 35 GiB at 20K tokens: ~1.8 GiB per 1K tokens), the
+        # NCCL path's per-step buffers (grouped rows in, out, gathered: ~4 x cap x k x H x 2 bytes), fp8's quantised
+        # copies, and the dispatcher's grouped rows with the outputs over them
+        reserve = (int(1.8 * GiB * cap / 1024) + 4 * cap * k * H * 2 + (cap * k * (H + probe.moe_inter_dim) if fp8 else 0)
+                   + 2 * local_b)
         fit = plan_layers(probe, world, ns.moe_layers, free, reserve, 1 if fp8 else 2)
         moe = min(int(v) for v in rdv.allgather("e2e:layers", str(fit).encode()))
         if moe < 1:
@@ -195,8 +202,13 @@ def run(ns, budgets, dists, modes) -> int:  # pragma: no cover - GPU only
             if not all(oks):
                 raise SystemExit(f"rank {me}: the check against the all-local run failed on ranks "
                                  f"{[r for r, v in enumerate(oks) if not v]}: {check}")
-            records = [measure(model, sources, scheds, modes, ns, b, name, d, me, world, rdv, cfg)
-                       for b in budgets for name, d in dists]
+            records = []
+            for b in budgets:
+                for name, d in dists:
+                    records.append(measure(model, sources, scheds, modes, ns, b, name, d, me, world, rdv, cfg))
+                    if me == 0:  # kept as it comes: a later failure (memory, timeout) loses nothing measured
+                        write_json(result_name("e2e_dwdp_vs_dep", "partial", f"_N{world}"),
+                                   {"records": records, "dtype": ns.dtype, "layers": cfg.n_layers})
             store.check_errors()
             disp.check_errors()
         finally:
@@ -207,9 +219,13 @@ def run(ns, budgets, dists, modes) -> int:  # pragma: no cover - GPU only
             torch.distributed.destroy_process_group()
         if me == 0:
             facts = machine_facts()
-            points = [{"mode": "dwdp" if m == "dwdp" else "dep", "impl": m, "gpus": world, "max_tokens": r["budget"],
-                       **r["dist"], "iteration_ms": r["modes"][m]["iteration_ms"],
-                       "tps_per_gpu": r["modes"][m]["tps_per_gpu"]} for r in records for m in r["modes"]]
+            # the simulator's points (sim.validate): our DEP only (dep_nccl is the other implementation, kept in
+            # the records), with the model actually measured (its layer count, not R1's 61)
+            points = [{"mode": m, "gpus": world, "max_tokens": r["budget"], **r["dist"], "isl": ns.isl,
+                       "layers": cfg.n_layers, "dense_layers": cfg.n_dense_layers, "seed": ns.seed,
+                       "iterations": ns.iterations, "iteration_ms": r["modes"][m]["iteration_ms"],
+                       "tps_per_gpu": r["modes"][m]["tps_per_gpu"]} for r in records for m in ("dwdp", "dep")
+                      if m in r["modes"]]
             data = dict(benchmark="e2e_dwdp_vs_dep", world_size=world, dtype=ns.dtype, isl=ns.isl,
                         layers=cfg.n_layers, dense_layers=cfg.n_dense_layers, moe_layers=cfg.n_moe_layers,
                         vocab=cfg.vocab_size, iterations=ns.iterations, warmup=ns.warmup, seed=ns.seed,

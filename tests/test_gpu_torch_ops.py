@@ -1,6 +1,6 @@
 """The PyTorch custom ops on one GPU: ``dwdp::expert_mlp`` (bf16 and fp8) equals the model's grouped path, traces
-under ``torch.compile(fullgraph=True)`` and replays in a CUDA graph with the eager result. (The store and dispatch
-ops' GPU tests run inside the multi-process checks; see the closing notes of issue 15.)"""
+under ``torch.compile(fullgraph=True)`` and replays in a CUDA graph with the eager result. The store and dispatch ops (wait, release, dispatch,
+combine) have no GPU test yet (issue 15 stays open for it)."""
 
 from __future__ import annotations
 

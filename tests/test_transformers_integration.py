@@ -70,6 +70,11 @@ def test_plan_keeps_a_slice_per_rank_and_names_what_it_cannot_serve():
         hf.plan(transformers.LlamaConfig(), 2, 0, layers=[0])
     with pytest.raises(ValueError, match="the partition is for 8 experts"):
         hf.plan(m, 2, 0, ExpertPartition.disjoint(8, 2))
+    views = [(ex.gate_up_proj.data, ex.down_proj.data) for _, ex in hf.moe_layers(m)]
+    with pytest.raises(ValueError, match="serves bf16 experts; this model's are torch.float32"):
+        hf.DwdpDeepseekV3(m.float(), views=views, scheduler=StandInScheduler(2))
+    with pytest.raises(ValueError, match="DEP through this integration is not supported yet"):
+        hf.DwdpDeepseekV3(tiny_model(), policy="dispatch", views=views, scheduler=StandInScheduler(2))
 
 
 def test_dwdp_experts_equal_hugging_faces_and_generate_the_same_tokens():

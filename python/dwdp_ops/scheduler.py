@@ -234,10 +234,21 @@ class PrefetchScheduler:
         else:  # stand-in events of the protocol tests
             event.record(stream)
 
+    @staticmethod
+    def _wait_event(stream: Any, event: Any) -> None:
+        """``stream`` waits for ``event``: any stream ``interop.stream_handle`` takes (CuPy, PyTorch, a raw handle;
+        None: CuPy's current stream); stand-in events of the protocol tests go through the stand-in stream."""
+        if isinstance(getattr(event, "ptr", None), int):
+            import cupy as cp
+
+            cp.cuda.ExternalStream(stream_handle(stream)).wait_event(event)
+        else:
+            stream.wait_event(event)
+
     def _prefetch(self, layer: int) -> None:
         slot = layer % 2
         cs = self.copy_stream
-        cs.wait_event(self.consumed[slot])
+        self._wait_event(cs, self.consumed[slot])
         if self.trace is not None:  # timing only: allocates events, off by default
             self.trace.append(("fetch", layer, self._timed_event(cs)))
         self.store.fetch_ce(layer, cs, schedule=self.schedule, slice_bytes=self.slice_bytes, batched=self.batched)
@@ -266,7 +277,7 @@ class PrefetchScheduler:
                 raise RuntimeError(
                     f"wait({layer}): layer {layer} was never prefetched; call begin_step() and release() each layer"
                 )
-            stream.wait_event(self.ready[layer % 2])
+            self._wait_event(stream, self.ready[layer % 2])
             return
         if ids is None:
             raise ValueError(f"wait({layer}): the on_demand policy needs the router's expert ids")

@@ -23,8 +23,10 @@ the k slots in float32 by a batched GEMM (HF: float32 products, summed in float3
 to bf16 rounding. Hugging Face's router in 5.17 masks the dropped groups with ``-inf`` like the official gate (older
 reports of ``0.0`` are about earlier releases; ``tests/test_transformers_integration.py`` checks it).
 
-Not yet: DEP (``dispatch``) through this integration, fp8 checkpoints (``DeepseekV3`` fp8 weights are dequantised by
-transformers before they reach the experts).
+Limits: each rank first holds the whole Hugging Face model on its GPU, and the store is built while its experts are
+still there (peak: the model plus the store), so this serves models that fit one GPU; the full 671B R1 needs a loader
+that reads only the rank's slice. Not yet: DEP (``dispatch``) through this integration; fp8 checkpoints (load them
+with ``dequantize=True``: bf16 experts only; other dtypes are refused).
 """
 
 from __future__ import annotations
@@ -146,6 +148,16 @@ class DwdpDeepseekV3:
             self.plan = plan(model, 1, 0, partition)
         layers = dict(moe_layers(model))
         self._experts = [layers[i] for i in self.plan.layers]
+        import torch
+
+        for ex in self._experts:
+            if hasattr(ex, "gate_up_proj_scale_inv") or ex.gate_up_proj.dtype != torch.bfloat16:
+                raise ValueError(f"DwdpDeepseekV3 serves bf16 experts; this model's are {ex.gate_up_proj.dtype}"
+                                 + (" with block scales (an fp8 checkpoint: load it with dequantize=True)"
+                                    if hasattr(ex, "gate_up_proj_scale_inv") else " (cast the model to bfloat16)"))
+        if policy not in ("prefetch_all", "on_demand", "auto"):
+            raise ValueError(f"policy must be 'prefetch_all', 'on_demand' or 'auto' (DEP through this integration "
+                             f"is not supported yet), got {policy!r}")
         if views is None:
             self.store, self.views = self._build_store()
             from ..scheduler import PrefetchScheduler
@@ -187,6 +199,7 @@ class DwdpDeepseekV3:
                 empty = torch.empty(0, dtype=dtype, device=ex.gate_up_proj.device)
                 ex.gate_up_proj = torch.nn.Parameter(empty, requires_grad=False)  # the store holds them now
                 ex.down_proj = torch.nn.Parameter(empty.clone(), requires_grad=False)
+            torch.cuda.empty_cache()  # the freed experts back to the driver (PyTorch's cache would keep them)
             get_runtime().barrier()  # every rank's experts are loaded before any peer fetches them
         except BaseException:
             store.close()

@@ -37,9 +37,13 @@ def routed_experts(x: Any, w: Any, ids: Any, mlp: Callable[[Any, Any], Any], *, 
         rows = T * k + (align - 1) * min(E, T * k)
         xp = torch.zeros((rows, x.shape[1]), dtype=x.dtype, device=x.device)
         xp[dst] = xs
+        del xs  # large prefills: every temporary goes back to the (stream-ordered) pool once its reader is enqueued
         offs = padded.cumsum(0).to(torch.int32)
         offs[-1:].fill_(rows)  # the last group takes the tail of zero rows (fill: capturable, no copy)
-        ys = mlp(xp, offs)[dst]
+        y = mlp(xp, offs)
+        del xp
+        ys = y[dst]
+        del y
     else:
         ys = mlp(xs, counts.cumsum(0).to(torch.int32))
     return combine_pairs(ys, order, w)
