@@ -39,6 +39,7 @@ rate, B_d and lat fitted to ``bench/dispatch_bandwidth.py``'s 2 x H200 run.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -119,6 +120,16 @@ def pair_shares(partition: ExpertPartition, top_k: int) -> list[list[float]]:
     return m
 
 
+@functools.lru_cache(maxsize=64)
+def _shares(partition: ExpertPartition, top_k: int) -> tuple[tuple[tuple[float, ...], ...], tuple[tuple[float, ...], ...]]:
+    """``(m, q)`` of the module docstring for a configuration: computed once (``choose_mode`` runs every step on the
+    host, ahead of the step's kernels; these O(E N + N^2 k) loops depend on the configuration alone)."""
+    m = pair_shares(partition, top_k)
+    E, N = partition.num_experts, partition.world_size
+    q = tuple(tuple(_p_row(m[s][d], E, top_k) for d in range(N)) for s in range(N))
+    return tuple(tuple(r) for r in m), q
+
+
 def _p_row(m: float, E: int, k: int) -> float:
     """P(a token sends at least one pair to a dest that takes m pairs per token in expectation)."""
     n = m * E / k
@@ -170,8 +181,7 @@ def choose_mode(tokens_per_rank: Sequence[int], partition: ExpertPartition, layo
     pair_s = 2.0 * (X / param_bytes) / (C * 1e12)
     fetch_all = (E - L) * X / (rates.ce_gbps * 1e9)
     lat = rates.dispatch_latency_us * 1e-6
-    m = pair_shares(partition, k)
-    q = [[_p_row(m[s][d], E, k) for d in range(N)] for s in range(N)]
+    m, q = _shares(partition, k)
     bytes_d, bytes_c = H * token_bytes + 8 * k, H * partial_bytes
     per_rank: dict[str, tuple[float, ...]] = {}
     for mode in MODES:
