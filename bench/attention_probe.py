@@ -10,7 +10,12 @@ requests of S tokens. Cases (each timed, or its error recorded):
   * ``<backend>+padV``      the same with V zero-padded to 192 (what ``GpuModel`` does today so that one kernel
                             takes q, k and v of equal head dims);
   * ``<backend>+loop``      one call per request (``GpuModel``'s per-request loop) instead of one batched call;
-  * ``default``             no restriction (PyTorch's own choice), V as it is.
+  * ``default``             no restriction (PyTorch's own choice), V as it is;
+  * ``packed:<backend>``    ``dwdp_ops.models.attention.prefill_attention`` with that backend on the same requests
+                            packed back to back ``[B * S, 128, d]`` (what ``GpuModel``'s prefill calls).
+A second record per S (``mix``) draws the requests' lengths uniformly in [0.8 S, S] (the paper's input ratio) up to
+the same token budget and times the packed backends only (varlen kernels against the zero-padded dense batch and the
+per-request loop); FLOPs count each request's own causal square.
 FLOPs (causal, useful only): 2 * B * H * S^2 / 2 * (192 + 128). The dense bf16 GEMM rate (8192^3) of the same run
 is the yardstick. All cases interleaved per repeat (``bench/common.time_interleaved``), CUDA events, medians; where
 the math backend ran (S <= ``--math-max``), every case's output is compared with it (max relative error).
@@ -60,6 +65,42 @@ def main() -> int:
     g = torch.Generator(device="cuda").manual_seed(0)
     n = 8192
     da = torch.randn((n, n), generator=g, device="cuda").to(torch.bfloat16)
+    from dwdp_ops.models.attention import BACKENDS as PACKED
+    from dwdp_ops.models.attention import prefill_attention
+
+    def packed_case(records, S, lens):
+        """The packed backends on requests of ``lens`` tokens; one record."""
+        T = sum(lens)
+        qp = torch.randn((T, HEADS, QK), generator=g, device="cuda").to(torch.bfloat16)
+        kp = torch.randn((T, HEADS, QK), generator=g, device="cuda").to(torch.bfloat16)
+        vp_ = torch.randn((T, HEADS, V), generator=g, device="cuda").to(torch.bfloat16)
+        ok, errors, outs = {}, {}, {}
+        with torch.cuda.stream(ts):
+            for b in PACKED:
+                def op(b=b):
+                    return prefill_attention(qp, kp, vp_, lens, scale, backend=b)
+                try:
+                    outs[b] = op().float()
+                    ok["packed:" + b] = op
+                except Exception as e:  # noqa: BLE001 - a backend that refuses these shapes is a result
+                    errors["packed:" + b] = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
+            ok["dense_gemm"] = lambda: da @ da
+            times = time_interleaved(ok, stream, ns.repeats, ns.warmup)
+        flops = sum(2.0 * HEADS * m * m / 2 * (QK + V) for m in lens)
+        rec = {"S": S, "kind": "mix", "lengths": lens, "requests": len(lens), "errors": errors, "cases": {}}
+        for name, t in times.items():
+            ms = median(t)
+            c = {"median_ms": ms, "tflops": (2.0 * n**3 if name == "dense_gemm" else flops) / (ms * 1e-3) / 1e12}
+            b = name.split(":", 1)[-1]
+            if b in outs and "loop" in outs and b != "loop":
+                c["max_rel_err_vs_loop"] = float((outs[b] - outs["loop"]).abs().max() / outs["loop"].abs().max())
+            rec["cases"][name] = c
+        records.append(rec)
+        print(f"S={S:5d} mix x{len(lens):3d} ({min(lens)}-{max(lens)}): " + ", ".join(
+            f"{k} {v['tflops']:.0f}" for k, v in sorted(rec["cases"].items()))
+            + (f"; refused: {errors}" if errors else ""), flush=True)
+
+    rng = __import__("numpy").random.default_rng(0)
     records = []
     for S in lengths:
         B = ns.batch_tokens // S
@@ -78,6 +119,11 @@ def main() -> int:
             return op
 
         cases = {"default": call(None, v, False)}
+        packed = [t.transpose(1, 2).contiguous().view(B * S, HEADS, t.shape[-1]) for t in (q, k, v)]
+        for b in PACKED:
+            def pk(b=b, packed=packed, B=B, S=S):
+                return prefill_attention(*packed, [S] * B, scale, backend=b).view(B, S, HEADS, V).transpose(1, 2)
+            cases["packed:" + b] = pk
         for b in BACKENDS:
             if b == "math" and S > ns.math_max:
                 continue
@@ -97,7 +143,7 @@ def main() -> int:
             ok["dense_gemm"] = lambda: da @ da
             times = time_interleaved(ok, stream, ns.repeats, ns.warmup)
         flops = 2.0 * B * HEADS * S * S / 2 * (QK + V)
-        rec = {"S": S, "requests": B, "errors": errors, "cases": {}}
+        rec = {"S": S, "kind": "equal", "requests": B, "errors": errors, "cases": {}}
         for name, t in times.items():
             ms = median(t)
             tf = (2.0 * n**3 if name == "dense_gemm" else flops) / (ms * 1e-3) / 1e12
@@ -111,7 +157,14 @@ def main() -> int:
               f"{rec['cases']['dense_gemm']['tflops']:.0f}); " + ", ".join(
                   f"{k} {v['tflops']:.0f}" for k, v in sorted(rec["cases"].items()) if k != "dense_gemm")
               + (f"; refused: {sorted(errors)}" if errors else ""), flush=True)
-        del q, k, v, vp, outs
+        del q, k, v, vp, outs, packed
+        lens = []
+        while True:
+            m = int(rng.integers(int(0.8 * S), S + 1))
+            if sum(lens) + m > ns.batch_tokens:
+                break
+            lens.append(m)
+        packed_case(records, S, lens)
     facts = machine_facts()
     data = dict(benchmark="attention_probe", heads=HEADS, qk_head_dim=QK, v_head_dim=V, scale=scale,
                 batch_tokens=ns.batch_tokens, repeats=ns.repeats, torch=torch.__version__,

@@ -10,7 +10,9 @@
 #   deepseek  build + deepseek_forward (10 repeats)                                   issue 5
 #   demo      build + bench/demo_policies.py: demo under auto and on_demand, same prompts and layers  issue 12
 #   fp8       build + the fp8 GPU tests + bench/expert_gemm.py                                   issue 13
-#   attention build + bench/attention_probe.py: SDPA backends on R1 prefill shapes (one GPU)    issue 14
+#   attention build + tests/test_gpu_attention.py + bench/attention_probe.py: SDPA and packed backends on R1
+#             prefill shapes (one GPU)                                                            issue 14
+#   gemm      build + bench/expert_gemm.py alone (fp8 / bf16 grouped against dense)                issue 13
 #   e2e       build + bench/e2e_dwdp_vs_dep.py on every GPU (E2E_ARGS, E2E_TIMEOUT)               issue 14
 #   all       tests, fetch, overlap, can, deepseek, demo (longer than one 10-minute device call: use one mode per call)
 set -uo pipefail
@@ -78,8 +80,13 @@ if want e2e; then
     ${E2E_ARGS:-} > "$OUT/e2e_N$NGPU.log" 2>&1; echo "e2e N=$NGPU rc=$?"; grep "^\[rank 0\] |" "$OUT/e2e_N$NGPU.log" | tail -40
 fi
 if want attention; then
-  timeout 200 python3 bench/attention_probe.py > "$OUT/attention_probe.log" 2>&1; echo "attention_probe rc=$?"
+  DWDP_REQUIRE_GPU=1 timeout 120 python3 -m pytest -m gpu -rs -q tests/test_gpu_attention.py > "$OUT/gpu_tests_attention.log" 2>&1
+  echo "attention tests rc=$?"; tail -4 "$OUT/gpu_tests_attention.log"
+  timeout 240 python3 bench/attention_probe.py > "$OUT/attention_probe.log" 2>&1; echo "attention_probe rc=$?"
   grep "^S=" "$OUT/attention_probe.log"
+fi
+if want gemm; then
+  timeout 200 python3 bench/expert_gemm.py > "$OUT/expert_gemm.log" 2>&1; echo "expert_gemm rc=$?"; grep "^T=" "$OUT/expert_gemm.log"
 fi
 if want fp8; then
   # fits one 10-minute device call with the build; the fp8 demo comparison is `DEMO_ARGS="--dtype float8_e4m3fn

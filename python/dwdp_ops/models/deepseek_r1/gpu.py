@@ -5,8 +5,9 @@ A rank serves its own requests (data parallel). ``GpuModel.forward`` takes one t
 the numpy reference; the implementation choices are:
 
   * attention: MLA with the KV cache holding only the normalised 512-dim latent and the rotated 64-dim rope key per
-    position (the absorbed cache). Prefill expands K/V per head from the latent and runs causal
-    ``scaled_dot_product_attention`` per request; decode runs the absorbed form batched over the requests
+    position (the absorbed cache). Prefill expands K/V per head from the latent and runs one causal attention call
+    over the step's packed prompts (``models.attention.prefill_attention``: cuDNN's variable-length kernel, V at its
+    own head dim); decode runs the absorbed form batched over the requests
     (``q_nope`` folded into the latent space by ``wkv_b``'s K part, ``wkv_b``'s V part applied after attention);
   * router: the official gate (``select_experts``) on float32 logits;
   * routed experts: token-expert pairs sorted by expert, then one grouped GEMM per projection
@@ -40,6 +41,7 @@ from typing import Any
 
 import numpy as np
 
+from ..attention import prefill_attention
 from ..routed import combine_pairs, routed_experts
 from .config import DeepSeekConfig
 from .gpu_weights import dense_shapes, require_torch
@@ -295,7 +297,7 @@ class GpuModel:
         flops = 2.0 * N * (cfg.dim * (cfg.q_lora_rank + cfg.kv_lora_rank + rope) + cfg.q_lora_rank * H * (nope + rope)
                            + H * vd * cfg.dim)
         if decode:
-            r = req  # the requests' cache slots, made once per step
+            r = req  # the requests' cache slots (one token each), made once per step
             cl[r, pos] = latent
             cp_[r, pos] = k_pe
             # every cached position up to max_seq, masked past each request's own: the shapes do not depend on the
@@ -313,21 +315,16 @@ class GpuModel:
             flops += 2.0 * H * (N * nope * cfg.kv_lora_rank + seen * (2 * cfg.kv_lora_rank + rope)
                                 + N * cfg.kv_lora_rank * vd)
         else:
-            o = torch.empty((N, H, vd), dtype=self.dtype, device=self.device)
-            for r, a, b in segments:
-                S = b - a
-                cl[r, :S] = latent[a:b]
-                cp_[r, :S] = k_pe[a:b]
-                kvb = (latent[a:b] @ P[p + "wkv_b"].T).view(S, H, nope + vd)
-                k = torch.cat([kvb[..., :nope], k_pe[a:b, None, :].expand(S, H, rope)], -1)
-                qq = torch.cat([q_nope[a:b], q_pe[a:b]], -1)
-                v = kvb[..., nope:]
-                if vd < nope + rope:  # equal head dims let SDPA pick its flash kernel; the padding columns are 0
-                    v = torch.nn.functional.pad(v, (0, nope + rope - vd))
-                o[a:b] = torch.nn.functional.scaled_dot_product_attention(
-                    qq.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), is_causal=True,
-                    scale=cfg.softmax_scale).transpose(0, 1)[..., :vd]
-                flops += 2.0 * S * cfg.kv_lora_rank * H * (nope + vd) + 2.0 * H * S * S * (nope + rope + vd) / 2
+            # the whole step's prompts at once: cache writes by (slot, position) per token, one attention call
+            cl[req, pos] = latent
+            cp_[req, pos] = k_pe
+            kvb = (latent @ P[p + "wkv_b"].T).view(N, H, nope + vd)
+            k = torch.cat([kvb[..., :nope], k_pe[:, None, :].expand(N, H, rope)], -1)
+            qq = torch.cat([q_nope, q_pe], -1)
+            lengths = [b - a for _, a, b in segments]
+            o = prefill_attention(qq, k, kvb[..., nope:], lengths, cfg.softmax_scale)
+            flops += 2.0 * N * cfg.kv_lora_rank * H * (nope + vd) + sum(
+                2.0 * H * S * S * (nope + rope + vd) / 2 for S in lengths)
         if self.timing is not None:
             self.timing.attn_flops += flops
         return o.reshape(N, H * vd) @ P[p + "wo"].T
@@ -488,7 +485,8 @@ class GpuModel:
                     logits = self._replay(requests, ids, pos, mode)
                 else:
                     self.last_ids = []
-                    req_t = self._device_ints(list(requests)) if decode else None
+                    # each token's cache slot (decode: one token per request)
+                    req_t = self._device_ints([r for r, a, b in segments for _ in range(b - a)])
                     last = None if decode else self._device_ints([b - 1 for _, _, b in segments])
                     logits = self._body(self._device_ints(ids.tolist()), self._device_ints(pos), req_t, last,
                                         segments, decode)
@@ -505,7 +503,7 @@ class GpuModel:
 
     def _body(self, tok, pos_t, req_t, last, segments, decode: bool):
         """The layers of one step, enqueued on the model's stream: tokens ``tok [N]``, positions ``pos_t [N]``, the
-        requests' cache slots ``req_t [N]`` (decode) and the rows of each request's last token ``last`` (prefill;
+        tokens' cache slots ``req_t [N]`` and the rows of each request's last token ``last`` (prefill;
         decode: every row). Returns float32 logits ``[requests, vocab]``."""
         cfg = self.cfg
         timing = self.timing is not None
