@@ -1,0 +1,193 @@
+"""The fused co-action op for PyTorch: a ``torch.autograd.Function`` over ``coaction_forward_gpu`` /
+``coaction_backward_gpu``, so a PyTorch CTR model trains with the fused kernels.
+
+``coaction(induction, feed, mask, spec, ind_ids=..., feed_ids=...)`` takes and returns ``torch.Tensor``s on one CUDA
+device; the tensors reach the kernels without a copy (DLPack, bf16 as its 16-bit pattern since CuPy has no bf16) and
+everything runs on PyTorch's current stream of that device (the backward on the stream autograd gives it, the
+forward's). ``loss.backward()`` fills ``induction.grad`` and ``feed.grad`` like any PyTorch op would: shaped like the
+inputs (table-shaped when ids are given, repeated ids added up) and of the inputs' dtype (the kernels accumulate in
+float32; a bf16 input gets its float32 gradient rounded once to bf16). The mask and the ids get no gradient.
+
+Importing this module needs PyTorch; ``dwdp_ops.coaction`` imports it only when ``coaction`` or
+``CoActionFunction`` is first used, so the CuPy ops stay usable without PyTorch.
+
+Not supported here: a ``ShardedTable`` (its row gradients land in the owners' shards, not in a tensor's ``.grad``;
+use ``coaction_forward_gpu`` / ``coaction_backward_gpu`` with it) and double backward.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.autograd.function import once_differentiable
+
+from .reference import CoActionSpec
+
+__all__ = ["CoActionFunction", "coaction"]
+
+_DTYPES = {torch.float32: "float32", torch.bfloat16: "bfloat16"}
+
+
+def _stream(device: torch.device):
+    """A CuPy stream object for PyTorch's current stream on ``device`` (CuPy's null stream for the legacy default)."""
+    from ..interop import cupy_stream
+
+    return cupy_stream(torch.cuda.current_stream(device).cuda_stream)
+
+
+def _to_cupy(t: torch.Tensor):
+    """A CuPy view of ``t`` (no copy). bf16 goes over as its 16-bit pattern (int16 in DLPack, viewed as uint16, the
+    storage dtype ``fused`` takes); called inside the caller's stream context, so DLPack adds no cross-stream wait."""
+    import cupy as cp
+
+    t = t.detach()
+    if t.dtype == torch.bfloat16:
+        return cp.from_dlpack(t.view(torch.int16)).view(cp.uint16)
+    return cp.from_dlpack(t)
+
+
+def _to_torch(a, dtype: torch.dtype) -> torch.Tensor:
+    """A tensor sharing CuPy array ``a``'s memory, viewed as ``dtype`` (bf16 from its uint16 bits)."""
+    import cupy as cp
+
+    if dtype == torch.bfloat16:
+        return torch.from_dlpack(a.view(cp.int16)).view(torch.bfloat16)
+    return torch.from_dlpack(a)
+
+
+def _checked(induction, feed, mask, spec, ind_ids, feed_ids):
+    """Validates the tensors' types, dtypes, shapes and devices, in that order (clear messages before any kernel
+    runs); returns them contiguous, the ids as int64, the mask as float32, and the kernels' dtype name."""
+    from .fused import ShardedTable
+
+    if isinstance(induction, ShardedTable):
+        raise TypeError("coaction (the autograd op) does not take a ShardedTable: its row gradients go to the owners' "
+                        "shards, not to a tensor's .grad; call coaction_forward_gpu / coaction_backward_gpu with it")
+    if not isinstance(spec, CoActionSpec):
+        raise TypeError(f"spec must be a CoActionSpec, got {type(spec).__name__}")
+    named = {"induction": induction, "feed": feed, "mask": mask}
+    if ind_ids is not None:
+        named["ind_ids"] = ind_ids
+    if feed_ids is not None:
+        named["feed_ids"] = feed_ids
+    for name, t in named.items():
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if induction.dtype not in _DTYPES:
+        raise TypeError(f"induction must be float32 or bfloat16, got {induction.dtype}")
+    if feed.dtype != induction.dtype:
+        raise TypeError(f"feed must have induction's dtype ({induction.dtype}), got {feed.dtype}")
+    if mask.dtype not in (torch.float32, torch.bool):
+        raise TypeError(f"mask must be float32 (1.0 where a behaviour is present) or bool, got {mask.dtype}")
+    if mask.dim() != 2:
+        raise ValueError(f"mask must be [B, T], got shape {list(mask.shape)}")
+    B, T = mask.shape
+    for name, ids in (("ind_ids", ind_ids), ("feed_ids", feed_ids)):
+        if ids is not None and (ids.dtype.is_floating_point or ids.dtype.is_complex or ids.dtype == torch.bool):
+            raise TypeError(f"{name} must be integer row ids, got {ids.dtype}")
+    if induction.dim() != 2 or induction.shape[1] != spec.induction_dim:
+        raise ValueError(f"induction must be [{'rows' if ind_ids is not None else 'B'}, D' = {spec.induction_dim}] "
+                         f"for {spec}, got shape {list(induction.shape)}")
+    if ind_ids is None:
+        if induction.shape[0] != B:
+            raise ValueError(f"induction has {induction.shape[0]} rows but the mask has batch {B} (pass ind_ids to "
+                             "read the rows from a table)")
+    elif tuple(ind_ids.shape) != (B,):
+        raise ValueError(f"ind_ids must be [B] = [{B}], got shape {list(ind_ids.shape)}")
+    if feed_ids is None:
+        if tuple(feed.shape) != (B, T, spec.feed_dim):
+            raise ValueError(f"feed must be [B, T, D] = {[B, T, spec.feed_dim]}, got shape {list(feed.shape)} (pass "
+                             "feed_ids to read the rows from a table)")
+    else:
+        if feed.dim() != 2 or feed.shape[1] != spec.feed_dim:
+            raise ValueError(f"with feed_ids the feed table must be [rows, D = {spec.feed_dim}], got shape {list(feed.shape)}")
+        if tuple(feed_ids.shape) != (B, T):
+            raise ValueError(f"feed_ids must be [B, T] = [{B}, {T}], got shape {list(feed_ids.shape)}")
+    devices = {name: t.device for name, t in named.items()}
+    if any(d.type != "cuda" for d in devices.values()):
+        where = ", ".join(f"{n} on {d}" for n, d in devices.items())
+        raise ValueError(f"coaction runs the fused CUDA kernels: every tensor must be on a CUDA device, got {where} "
+                         "(move them with .cuda(), or use dwdp_ops.coaction.coaction_forward on numpy arrays)")
+    if len(set(devices.values())) > 1:
+        where = ", ".join(f"{n} on {d}" for n, d in devices.items())
+        raise ValueError(f"coaction needs every tensor on one CUDA device, got {where}")
+    ind_ids = None if ind_ids is None else ind_ids.to(torch.int64).contiguous()
+    feed_ids = None if feed_ids is None else feed_ids.to(torch.int64).contiguous()
+    mask = mask.to(torch.float32).contiguous()
+    return induction.contiguous(), feed.contiguous(), mask, ind_ids, feed_ids, _DTYPES[induction.dtype]
+
+
+class CoActionFunction(torch.autograd.Function):
+    """``CoActionFunction.apply(induction, feed, mask, spec, ind_ids, feed_ids, check_ids)``: the fused co-action
+    forward, with the fused backward as its gradient (for induction and feed). Prefer ``coaction``, which checks the
+    arguments and has keyword defaults."""
+
+    @staticmethod
+    def forward(ctx, induction, feed, mask, spec, ind_ids, feed_ids, check_ids):
+        import cupy as cp
+
+        from .fused import coaction_forward_gpu
+
+        dtype = _DTYPES[induction.dtype]
+        device = induction.device
+        with cp.cuda.Device(device.index), _stream(device) as s:
+            ids = None if ind_ids is None else _to_cupy(ind_ids)
+            fids = None if feed_ids is None else _to_cupy(feed_ids)
+            out = coaction_forward_gpu(_to_cupy(induction), _to_cupy(feed), _to_cupy(mask), spec, ind_ids=ids,
+                                       feed_ids=fids, dtype=dtype, stream=s, check_ids=check_ids)
+            result = _to_torch(out, induction.dtype)
+        ctx.spec, ctx.dtype = spec, dtype
+        ctx.save_for_backward(induction, feed, mask, ind_ids, feed_ids)
+        return result
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_out):
+        from .fused import coaction_backward_gpu
+
+        induction, feed, mask, ind_ids, feed_ids = ctx.saved_tensors
+        need_ind, need_feed = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        if not (need_ind or need_feed):
+            return (None,) * 7
+        import cupy as cp
+
+        device = induction.device
+        g = grad_out.to(torch.float32).contiguous()  # the kernel takes float32 [B, out_dim]
+        with cp.cuda.Device(device.index), _stream(device) as s:
+            ids = None if ind_ids is None else _to_cupy(ind_ids)
+            fids = None if feed_ids is None else _to_cupy(feed_ids)
+            # the ids were range-checked by the forward (or the caller said not to): no second host synchronisation
+            g_ind, g_feed = coaction_backward_gpu(_to_cupy(induction), _to_cupy(feed), _to_cupy(mask), _to_cupy(g),
+                                                  ctx.spec, ind_ids=ids, feed_ids=fids, dtype=ctx.dtype, stream=s,
+                                                  check_ids=False)
+            gi = _to_torch(g_ind, torch.float32).to(induction.dtype) if need_ind else None
+            gf = _to_torch(g_feed, torch.float32).to(feed.dtype) if need_feed else None
+        return gi, gf, None, None, None, None, None
+
+
+def coaction(induction: torch.Tensor, feed: torch.Tensor, mask: torch.Tensor, spec: CoActionSpec | None = None, *,
+             ind_ids: torch.Tensor | None = None, feed_ids: torch.Tensor | None = None,
+             check_ids: bool = True) -> torch.Tensor:
+    """The fused co-action op on PyTorch tensors, differentiable in ``induction`` and ``feed``.
+
+    Args:
+        induction: gathered rows `[B, D']`, or a table `[rows, D']` with `ind_ids`; float32 or bfloat16.
+        feed: gathered rows `[B, T, D]`, or a table `[rows, D]` with `feed_ids`; the dtype of `induction`.
+        mask: `[B, T]`, float32 (1.0 where a behaviour is present) or bool.
+        spec: the shape of the co-action pair (default `CoActionSpec()`: D = 16, 16 -> 8 -> 4, 3 orders).
+        ind_ids: `[B]` integer row ids into the induction table (converted to int64).
+        feed_ids: `[B, T]` integer row ids into the feed table (converted to int64).
+        check_ids: range-check the ids on the device first (one host synchronisation per forward).
+
+    Returns:
+        `[B, spec.out_dim]` of the inputs' dtype, on their device. Its gradients reach `induction` and `feed`
+        (table-shaped with ids, repeated ids added up), of their dtype.
+
+    Raises:
+        TypeError: a non-tensor, a `ShardedTable`, or a wrong dtype (induction and feed float32 or bfloat16 alike,
+            mask float32 or bool, integer ids).
+        ValueError: a tensor off CUDA or on another device than the rest, or a shape that does not fit `spec`; the
+            fused op's own ValueErrors (ids out of range, a spec beyond the kernels' limits) pass through.
+    """
+    spec = spec or CoActionSpec()
+    induction, feed, mask, ind_ids, feed_ids, _ = _checked(induction, feed, mask, spec, ind_ids, feed_ids)
+    return CoActionFunction.apply(induction, feed, mask, spec, ind_ids, feed_ids, bool(check_ids))
