@@ -1,9 +1,19 @@
 """Prefetch overlap: does the copy-engine prefetch hide behind the expert GEMMs, and what does it cost them?
 
 Run on N GPUs:  python -m dwdp_ops.launch -n 2 bench/prefetch_overlap.py [--tokens 1024,...,65536] [--repeats 10]
+    [--dtype float16|float8_e4m3fn] [--fp8-mlp gemms|full]
 
-DeepSeek-R1 expert shapes (H=7168, I=2048, E=256, top-8), fp16 weights (CuPy has fp16 GEMMs; fp8 would halve the
-fetch bytes and double the GEMM rate, leaving T* about the same), experts partitioned over the N ranks. Every
+DeepSeek-R1 expert shapes (H=7168, I=2048, E=256, top-8), experts partitioned over the N ranks, weights in one of:
+  float16 (default): the expert GEMMs are two ``torch.bmm`` per layer over the store's composite views (m = T * k / E
+     rows per expert; the activation between them is left out, its cost is small next to the GEMMs);
+  float8_e4m3fn (issue 13): the store holds fp8 e4m3 bytes (half the fetched bytes; the float32 rowwise scales of all
+     experts are held whole by every rank, never fetched) and the layer runs the two rowwise-scaled grouped GEMMs of
+     the model's fp8 path, ``torch._scaled_grouped_mm`` over the composite views in place (``--fp8-mlp gemms``,
+     default: activations quantised once up front, so the layer is the two GEMMs as in float16), or the whole fp8
+     expert MLP ``models.deepseek_r1.fp8.grouped_swiglu_fp8`` (``--fp8-mlp full``: per-token quantisation before each
+     GEMM and the SwiGLU, as the model runs it). Rows per expert are rounded up to 16 (the grouped GEMM's alignment).
+The fetch is the same copy-engine prefetch in both (the store moves its layout's bytes); T* below is recomputed
+from this dtype's bytes per parameter, the GEMM rate C measured here in this dtype and B measured here. Every
 comparison is interleaved (bench/common.py ``time_interleaved``): one repeat runs each variant once, in an order
 rotated by one place per repeat, all ranks starting each variant together after a barrier; figures are medians over
 repeats and ratios are the median of the per-repeat ratios, never a ratio of medians from separate loops.
@@ -17,9 +27,10 @@ repeats and ratios are the median of the per-repeat ratios, never a ratio of med
      same layer's expert GEMMs in the alone step of the same repeat; exposed fraction = wait / layer time alone,
      median over repeats. Layers 0-1 are the warm-up, which a model hides behind its dense layers and first
      attention; the steady state is layer >= 2 and its figure is the worst steady layer of each repeat. Next to it
-     the roofline T* = (E - L) * bytes_per_param * C / (2 * k * B) from the GEMM rate C (alone) and B measured here.
+     the roofline T* = (E - L) * bytes_per_param * C / (2 * k * B) (``t_star``) from the GEMM rate C (alone) and B
+     measured here.
   3. a stream timeline of one step (copy and compute streams), as a PNG.
-Output: bench/results/prefetch_overlap_<card>_N<n>.json (and $OUT), PNG timeline by bench/render.py.
+Output: bench/results/prefetch_overlap_<card>_N<n>[_fp8]<tag>.json (and $OUT), PNG timeline by bench/render.py.
 """
 
 from __future__ import annotations
@@ -38,6 +49,58 @@ from common import machine_facts, median_ratio, result_name, time_interleaved, w
 from dwdp_ops import ExpertLayout, ExpertPartition, ExpertStore, PrefetchScheduler
 
 H, I, E, K = 7168, 2048, 256, 8
+DTYPES = ("float16", "float8_e4m3fn")
+BYTES_PER_PARAM = {"float16": 2, "float8_e4m3fn": 1}
+ALIGN = 16  # rows per group of torch._scaled_grouped_mm: multiples of 16
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(prog="prefetch_overlap.py")
+    ap.add_argument("--tokens", default="1024,2048,4096,8192,16384,32768,65536")
+    ap.add_argument("--layers", type=int, default=4)
+    ap.add_argument("--repeats", type=int, default=10, help="timed repeats of every interleaved comparison")
+    ap.add_argument("--tag", default="", help="suffix of the result file name")
+    ap.add_argument("--skip-slowdown", action="store_true", help="only the exposed-fetch sweep")
+    ap.add_argument("--dtype", default="float16", choices=DTYPES,
+                    help="expert weights: fp16 (torch.bmm) or fp8 e4m3 with rowwise scales (torch._scaled_grouped_mm)")
+    ap.add_argument("--fp8-mlp", default="gemms", choices=("gemms", "full"),
+                    help="fp8 layer: the two scaled grouped GEMMs only, or the model's whole fp8 expert MLP")
+    ns = ap.parse_args(argv)
+    ns.token_counts = [int(x) for x in ns.tokens.split(",")]
+    if any(T < 1 for T in ns.token_counts) or ns.layers < 1 or ns.repeats < 1:
+        ap.error("--tokens, --layers and --repeats must be positive")
+    return ns
+
+
+def result_suffix(n: int, dtype: str, tag: str = "") -> str:
+    """``_N<n><tag>`` for fp16 (the name of the earlier runs), ``_N<n>_fp8<tag>`` for fp8."""
+    return f"_N{n}" + ("_fp8" if dtype == "float8_e4m3fn" else "") + tag
+
+
+def rows_per_expert(tokens: int, dtype: str) -> int:
+    """m = T * k / E rows per expert (at least 1); fp8 rounds up to the grouped GEMM's 16-row alignment."""
+    m = max(1, tokens * K // E)
+    return -(-m // ALIGN) * ALIGN if dtype == "float8_e4m3fn" else m
+
+
+def t_star(experts: int, local: int, bytes_per_param: float, gemm_flops: float, fetch_gbps: float, top_k: int) -> float:
+    """Tokens per rank at which one layer's expert GEMMs take as long as its fetch: fetching the ``experts - local``
+    remote experts of P parameters takes ``(E - L) * P * bytes_per_param / B``, and each token costs ``2 * k * P``
+    FLOPs at rate C, so T* = (E - L) * bytes_per_param * C / (2 * k * B) (P cancels; C in FLOP/s, B in GB/s).
+    fp8 halves the bytes and raises C; T* moves by C_fp8 / (2 C_fp16) at the same B."""
+    return (experts - local) * bytes_per_param * gemm_flops / (2 * top_k * fetch_gbps * 1e9)
+
+
+def activation_bytes(tokens: int, dtype: str, fp8_mlp: str = "gemms") -> int:
+    """Device bytes of one token count's activations (the memory check before a sweep point)."""
+    R = E * rows_per_expert(tokens, dtype)
+    if dtype == "float16":
+        return R * (2 * H + 2 * I) * 2  # x, h, y in fp16
+    # xq, aq (fp8), their row scales, h [R, 2I] and y [R, H] in bf16
+    need = R * (H + I + 8 + 2 * 2 * I + 2 * H)
+    if fp8_mlp == "full":  # x in bf16, the SwiGLU output, quant_rows' float32 chunks
+        need += R * (2 * H + 2 * I) + 3 * 16384 * H * 4
+    return need
 
 
 class Experts:
@@ -68,17 +131,70 @@ class Experts:
             torch.bmm(a, w2.transpose(1, 2), out=self.ty)
 
 
-def exposed_sweep(ns, store: ExpertStore, sched: PrefetchScheduler, compute, side, bar, rec: dict) -> None:
+class Fp8Experts:
+    """fp8 activations for T tokens per rank spread evenly over the E experts (m rows each, a multiple of 16),
+    grouped by expert as the model groups them (``offs``), and the rowwise scales of every expert's weights."""
+
+    def __init__(self, tokens: int, scales, mlp: str = "gemms"):
+        import torch
+        from dwdp_ops.models.deepseek_r1.fp8 import quant_rows
+
+        self.m, self.mlp = rows_per_expert(tokens, "float8_e4m3fn"), mlp
+        R = E * self.m
+        g = torch.Generator(device="cuda").manual_seed(5)
+        x = (torch.randn((R, H), generator=g, device="cuda") * 0.1).to(torch.bfloat16)
+        if mlp == "full":
+            self.x = x  # quantised per layer inside grouped_swiglu_fp8, as the model does
+        else:  # quantised once: the layer is the two GEMMs, as the float16 mode's
+            self.xq, self.xs = quant_rows(x)
+            del x
+            self.aq, self.as_ = quant_rows((torch.randn((R, I), generator=g, device="cuda") * 0.1).to(torch.bfloat16))
+        self.offs = torch.arange(1, E + 1, dtype=torch.int32, device="cuda") * self.m
+        self.s13, self.s2 = scales
+        self.flops = 2.0 * R * (2 * I * H + I * H)
+        torch.cuda.synchronize()  # the inputs were made on PyTorch's stream; the GEMMs run on another
+
+    def run(self, store: ExpertStore, layer: int, stream) -> None:
+        """The layer's fp8 expert GEMMs on ``stream``, over the composite range in place (the transposed views are
+        the column-major operands ``torch._scaled_grouped_mm`` takes; no copy)."""
+        import torch
+        from dwdp_ops.models.deepseek_r1.fp8 import grouped_swiglu_fp8
+
+        fp8 = torch.float8_e4m3fn
+        w13 = torch.from_dlpack(store.composite(layer, "w13")).view(fp8)  # [E, 2I, H], uint8 storage viewed as e4m3
+        w2 = torch.from_dlpack(store.composite(layer, "w2")).view(fp8)  # [E, H, I]
+        with torch.cuda.stream(torch.cuda.ExternalStream(stream.ptr)):
+            if self.mlp == "full":
+                grouped_swiglu_fp8(self.x, self.offs, w13, w2, self.s13, self.s2, I)
+            else:
+                torch._scaled_grouped_mm(self.xq, w13.transpose(-2, -1), self.xs, self.s13, offs=self.offs,
+                                         out_dtype=torch.bfloat16)
+                torch._scaled_grouped_mm(self.aq, w2.transpose(-2, -1), self.as_, self.s2, offs=self.offs,
+                                         out_dtype=torch.bfloat16)
+
+
+def make_experts(ns, tokens: int, scales):
+    return Fp8Experts(tokens, scales, ns.fp8_mlp) if ns.dtype == "float8_e4m3fn" else Experts(tokens)
+
+
+def free_activations() -> None:
+    import torch
+
+    cp.get_default_memory_pool().free_all_blocks()
+    torch.cuda.empty_cache()
+
+
+def exposed_sweep(ns, store: ExpertStore, sched: PrefetchScheduler, compute, side, bar, rec: dict, scales) -> None:
     """Section 2: per tokens count, the alone step and the scheduled step interleaved per repeat (module docstring)."""
     L = ns.layers
-    for T in [int(x) for x in ns.tokens.split(",")]:
-        need = E * max(1, T * K // E) * (2 * H + 2 * I) * 2  # x, h, y in fp16
+    for T in ns.token_counts:
+        need = activation_bytes(T, ns.dtype, ns.fp8_mlp)
         fits = need < cp.cuda.runtime.memGetInfo()[0] - (3 << 30)
         votes = dwdp_ops.get_runtime().rendezvous.allgather(f"fits:{T}", json.dumps(fits).encode())
         if not all(json.loads(v) for v in votes):
             rec.setdefault("skipped_tokens", []).append(T)  # the activations do not fit beside the store
             continue
-        ex = Experts(T)
+        ex = make_experts(ns, T, scales)
         runs: dict[str, list] = {"alone": [], "prefetch": []}  # per run (warm-up included): per-layer events
         total = 1 + ns.repeats  # one warm-up repeat
         timeline_events: dict = {}
@@ -149,29 +265,49 @@ def exposed_sweep(ns, store: ExpertStore, sched: PrefetchScheduler, compute, sid
             rec.setdefault("timelines", []).append(tl)
         del ex, alone, prefetch  # the closures hold the activations
         runs.clear()
-        cp.get_default_memory_pool().free_all_blocks()
+        free_activations()
 
 
-def main() -> int:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--tokens", default="1024,2048,4096,8192,16384,32768,65536")
-    ap.add_argument("--layers", type=int, default=4)
-    ap.add_argument("--repeats", type=int, default=10, help="timed repeats of every interleaved comparison")
-    ap.add_argument("--tag", default="", help="suffix of the result file name")
-    ap.add_argument("--skip-slowdown", action="store_true", help="only the exposed-fetch sweep")
-    ns = ap.parse_args()
+def fill_fp8(store: ExpertStore, layout: ExpertLayout, layers: int, me: int):
+    """This rank's experts as fp8 e4m3 (random normal weights requantised per row, finite, never all zeros) and the
+    rowwise scales ``(s13 [E, 2I], s2 [E, H])`` every rank holds whole. The scales are one constant per tensor (the
+    same on every rank and layer): their values do not change the timing, only the GEMMs' outputs."""
+    import torch
+    from dwdp_ops.models.deepseek_r1.fp8 import quant_rows
+
+    for layer in range(layers):
+        for ti, t in enumerate(layout.tensors):
+            loc = torch.from_dlpack(store.local(layer, t.name)).view(torch.float8_e4m3fn)  # [L, ...] page-strided
+            g = torch.Generator(device="cuda").manual_seed(100 * me + 10 * layer + ti)
+            for e in range(store.L):
+                loc[e] = quant_rows(torch.randn(t.shape, generator=g, device="cuda") * 0.02)[0]
+    s13 = torch.full((E, 2 * I), 0.02 * 4 / 448, dtype=torch.float32, device="cuda")
+    s2 = torch.full((E, H), 0.02 * 4 / 448, dtype=torch.float32, device="cuda")
+    torch.cuda.synchronize()
+    return s13, s2
+
+
+def main(argv: list[str] | None = None) -> int:
+    ns = parse_args(argv)
     with dwdp_ops.init(timeout=600):
         me, n = dwdp_ops.rank(), dwdp_ops.world_size()
         part = ExpertPartition.disjoint(E, n)
-        layout = ExpertLayout.moe(H, I, "float16")
+        layout = ExpertLayout.moe(H, I, ns.dtype)
         store = ExpertStore(part, layout, ns.layers)
-        for layer in range(ns.layers):
-            for ti, t in enumerate(layout.tensors):
-                # small random fp16 values (no infs/NaNs in the GEMMs, never zeros)
-                loc = store.local(layer, t.name).view(cp.float16)
-                rs = cp.random.RandomState(100 * me + 10 * layer + ti)
-                for e in range(store.L):
-                    loc[e] = (rs.standard_normal(t.shape, dtype=cp.float32) * 0.02).astype(cp.float16)
+        scales = None
+        if ns.dtype == "float8_e4m3fn":
+            import torch
+
+            torch.cuda.set_device(dwdp_ops.get_runtime().device)  # "cuda" below is this rank's GPU
+            scales = fill_fp8(store, layout, ns.layers, me)
+        else:
+            for layer in range(ns.layers):
+                for ti, t in enumerate(layout.tensors):
+                    # small random fp16 values (no infs/NaNs in the GEMMs, never zeros)
+                    loc = store.local(layer, t.name).view(cp.float16)
+                    rs = cp.random.RandomState(100 * me + 10 * layer + ti)
+                    for e in range(store.L):
+                        loc[e] = (rs.standard_normal(t.shape, dtype=cp.float32) * 0.02).astype(cp.float16)
         cp.cuda.Device().synchronize()
         dwdp_ops.barrier()
         compute = cp.cuda.Stream(non_blocking=True)
@@ -198,7 +334,7 @@ def main() -> int:
 
         # 1. GEMM slowdown under concurrent fetch of another layer (layer 1 fetched while layer 0 computes)
         for T in () if ns.skip_slowdown else (16384, 32768):
-            ex = Experts(T)
+            ex = make_experts(ns, T, scales)
 
             def gemm(ex=ex):
                 ex.run(store, 0, compute)
@@ -216,23 +352,23 @@ def main() -> int:
                 "slowdown_nvshmem16": median_ratio(t["nvshmem16"], t["alone"]) - 1,
                 "fetch_longer_than_gemm": fetch_ms > alone, "times_ms": t})
             del ex, gemm, t
-            cp.get_default_memory_pool().free_all_blocks()
+            free_activations()
 
         # 2. exposed fetch against tokens per rank
         sched = PrefetchScheduler(store, policy="prefetch_all", copy_stream=side)
-        exposed_sweep(ns, store, sched, compute, side, bar, rec)
+        exposed_sweep(ns, store, sched, compute, side, bar, rec, scales)
         C = max(x["gemm_tflops"] for x in rec["exposed"]) * 1e12
-        bpp = 2  # fp16
-        rec["roofline"] = {"C_tflops": C / 1e12, "B_gbps": B, "bytes_per_param": bpp,
-                           "T_star": (E - store.L) * bpp * C / (2 * K * B * 1e9)}
+        bpp = BYTES_PER_PARAM[ns.dtype]
+        rec["roofline"] = {"C_tflops": C / 1e12, "B_gbps": B, "bytes_per_param": bpp, "dtype": ns.dtype,
+                           "T_star": t_star(E, store.L, bpp, C, B, K)}
         gathered = dwdp_ops.get_runtime().rendezvous.allgather("overlap", json.dumps(rec).encode())
         if me == 0:
             per_rank = [json.loads(g) for g in gathered]
             data = dict(benchmark="prefetch_overlap", world_size=n, repeats=ns.repeats, layers=ns.layers,
-                        dtype="float16", method="interleaved per repeat, order rotated; medians; ratios are medians "
+                        dtype=ns.dtype, fp8_mlp=ns.fp8_mlp if ns.dtype == "float8_e4m3fn" else None, method="interleaved per repeat, order rotated; medians; ratios are medians "
                         "of per-repeat ratios; exposed fraction = wait / layer time alone (same repeat)",
                         **machine_facts(), ranks=per_rank)
-            print(f"wrote {write_json(result_name('prefetch_overlap', data['card'], f'_N{n}{ns.tag}'), data)}")
+            print(f"wrote {write_json(result_name('prefetch_overlap', data['card'], result_suffix(n, ns.dtype, ns.tag)), data)}")
             r0 = per_rank[0]
             print(f"B={r0['fetch_ce_gbps']:.1f} GB/s (NVSHMEM 16 SMs takes {r0['nvshmem16_over_ce']:.2f}x the copy "
                   f"engine's time) C={r0['roofline']['C_tflops']:.0f} TFLOP/s T*={r0['roofline']['T_star']:.0f}")
