@@ -10,7 +10,7 @@ from dwdp_ops.models import attention as A
 
 def test_backend_order_default_and_environment():
     assert A.backend_order({}) == A.DEFAULT_ORDER
-    assert A.backend_order({A.ENV: " dense , loop "}) == ("dense", "loop")
+    assert A.backend_order({A.ENV: " flex , loop "}) == ("flex", "loop")
     with pytest.raises(ValueError, match=r"unknown backend\(s\) \['fa9'\]"):
         A.backend_order({A.ENV: "dense,fa9"})
     with pytest.raises(ValueError, match="unknown"):

@@ -231,14 +231,19 @@ def test_tiny_model_with_fp8_experts_against_the_block_scaled_numpy_reference():
     cfg = DeepSeekConfig.tiny()
     W = init_weights(cfg, 4)
     prompts = [[5, 9, 1], list(range(3, 20)), [42]]
-    want = [ReferenceModel(cfg, W).generate(p, 4)[1] for p in prompts]
-    errs = {}
+    ref = [ReferenceModel(cfg, W).generate(p, 4) for p in prompts]
+    want = [lg for _, lg in ref]
+    errs, compared = {}, {}
     for name, xdt in (("bf16", None), ("fp8", torch.float8_e4m3fn)):
         w = NumpyWeights(cfg, W, torch.bfloat16, expert_dtype=xdt)
         model = GpuModel(cfg, w, LocalExperts(w, cfg), max_requests=3, max_seq=40)
         run = run_requests(model, prompts, 4)
+        # step i's logits are comparable while the inputs agree: the tokens generated before it are the reference's
+        # (an argmax near a tie may pick another token, after which the two runs continue different texts)
+        pairs = [(r, i) for r in range(3) for i in range(4) if run.tokens[r][:i] == ref[r][0][:i]]
+        compared[name] = len(pairs)
         errs[name] = max(float(np.linalg.norm(run.logits[i][r] - want[r][i]) / np.linalg.norm(want[r][i]))
-                         for r in range(3) for i in range(4))
+                         for r, i in pairs)
     # one MoE layer in fp8 against float32 on the block-scaled weights, on unit-RMS hidden states like the model's
     w8 = NumpyWeights(cfg, W, torch.bfloat16, expert_dtype=torch.float8_e4m3fn)
     (q13, q2), (s13, s2) = w8.experts_fp8(cfg.n_dense_layers, 0, cfg.n_routed_experts)
@@ -254,5 +259,6 @@ def test_tiny_model_with_fp8_experts_against_the_block_scaled_numpy_reference():
     e_layer = float((y8 - y32).norm() / y32.norm())
     bound = errs["bf16"] + 2 * cfg.n_moe_layers * e_layer
     print(f"tiny fp8 experts: logits rel err {errs['fp8']:.3e} (bf16 experts {errs['bf16']:.3e}, one fp8 MoE layer "
-          f"{e_layer:.3e}, bound {bound:.3e})")
+          f"{e_layer:.3e}, bound {bound:.3e}; steps compared {compared})")
+    assert min(compared.values()) >= 3  # every request's prefill at least
     assert errs["fp8"] <= bound

@@ -123,6 +123,9 @@ def main() -> int:
             print(f"rank {me}: {which} {policy} (modes {used}, {fetched:.0f} MiB fetched) vs all-local "
                   f"({'bit for bit' if exact else 'rel err <= 1e-2'}): max rel err {c['max_rel_err']:.2e}, "
                   f"tokens equal {c['tokens_equal']}: {'OK' if good else 'MISMATCH'}", flush=True)
+            if not good:
+                print(f"rank {me}: {policy}: rel err per step {[f'{e:.1e}' for e in c['rel_err_per_step']]}; tokens "
+                      f"{run.tokens}", flush=True)
             if not good and policy in choices:
                 print(f"rank {me}: last auto choice\n{choices[policy]}", flush=True)
         if W is not None:
