@@ -3,8 +3,8 @@
     python bench/coaction_bench.py [--repeats 20] [--compile-mode max-autotune-no-cudagraphs]
 
 One co-action pair of the CAN reference configuration (D=16, 16->8->4, 3 orders, no bias) reading its rows from
-tables of 100 000 ids (induction 160 floats, feed 16 floats) by random ids, for B in {1024, 8192} and T in {50, 100}
-(80 % of the positions valid). Forward, and a step (forward + backward with the table gradients). Per case the
+tables of 100 000 ids (induction 160 floats, feed 16 floats) by random ids, for (B, T) in (1024, 50), (1024, 100),
+(8192, 50), (8192, 100), (2048, 1000), (16384, 200) (80 % of the positions valid; --sizes picks some). Forward, and a step (forward + backward with the table gradients). Per case the
 variants below are timed interleaved (bench/common.py ``time_interleaved``: one repeat runs every variant once, the
 order rotated by one place per repeat), --repeats repeats after 3 warm-up repeats, CUDA events on one stream;
 figures are medians, speed-ups the median of the per-repeat ratios:
@@ -16,8 +16,18 @@ figures are medians, speed-ups the median of the per-repeat ratios:
   torch          the same in PyTorch with autograd (eager), where PyTorch is installed
   torch_compile  that PyTorch function through ``torch.compile(mode=--compile-mode, dynamic=False)``, one compiled
                  function per (B, T), compiled and warmed up (forward and backward) before any timing
-Peak memory is the allocator's high-water mark of the step; "of HBM" divides the fused kernel's unavoidable bytes
-by the ``check_ids=False`` forward time and by the device-to-device copy rate measured in the same run.
+Peak memory is the allocator's high-water mark of the step.
+
+Roofline, per case, at rates measured in the same run: the HBM rate of a 1 GiB device-to-device copy (read + write
+bytes over time) and the fp32 FMA rate of a small CuPy RawKernel (every thread runs 8 independent chains of
+dependent FMAs; 2 FLOP per FMA). Bytes the op must move (``*_bytes``): forward = induction rows and ids, gathered
+feed rows and ids, mask, output; step = the forward's, then the backward's reads of the same plus grad_out, the
+dense table-shaped gradients it returns zeroed (written once) and the row gradients added into them (read + write
+per gathered row). FLOPs it must do (``*_flops``): 2 per multiply-add of the micro-MLP at the unmasked positions,
+every order (forward F); the step 3 F (the backward's weight gradients and input gradients are 2 F; recomputing the
+forward, which the kernels do instead of storing activations, is not counted). ``*_roofline_ms`` is the larger of
+bytes / HBM rate and FLOPs / FMA rate, ``*_bound`` names which, ``*_of_roofline`` divides it by the
+``check_ids=False`` kernel time (1.0 = at the hardware's limit) and ``*_of_roofline_default`` by the default path's.
 """
 
 from __future__ import annotations
@@ -81,9 +91,54 @@ def torch_peak(step) -> float:
     return (torch.cuda.max_memory_allocated() - base) / 2**20
 
 
+SIZES = ((1024, 50), (1024, 100), (8192, 50), (8192, 100), (2048, 1000), (16384, 200))
+
+FMA_KERNEL = r"""
+extern "C" __global__ void fma_rate(float* out, int iters, float a, float b) {
+  float x0 = threadIdx.x, x1 = x0 + 1.f, x2 = x0 + 2.f, x3 = x0 + 3.f, x4 = x0 + 4.f, x5 = x0 + 5.f, x6 = x0 + 6.f,
+        x7 = x0 + 7.f;
+  for (int i = 0; i < iters; ++i) {
+#pragma unroll
+    for (int k = 0; k < 16; ++k) {
+      x0 = fmaf(x0, a, b); x1 = fmaf(x1, a, b); x2 = fmaf(x2, a, b); x3 = fmaf(x3, a, b);
+      x4 = fmaf(x4, a, b); x5 = fmaf(x5, a, b); x6 = fmaf(x6, a, b); x7 = fmaf(x7, a, b);
+    }
+  }
+  out[blockIdx.x * blockDim.x + threadIdx.x] = x0 + x1 + x2 + x3 + x4 + x5 + x6 + x7;
+}
+"""
+
+
+def fma_tflops(stream) -> float:
+    """fp32 FMA rate (TFLOP/s, 2 FLOP per FMA) of a CuPy RawKernel: 8 blocks of 256 threads per SM, each thread 8
+    independent chains of 16 x iters dependent FMAs (the result is stored, so none is optimised away)."""
+    k = cp.RawKernel(FMA_KERNEL, "fma_rate")
+    sms = cp.cuda.runtime.getDeviceProperties(cp.cuda.Device().id)["multiProcessorCount"]
+    blocks, threads, iters = sms * 8, 256, 4096
+    out = cp.empty(blocks * threads, cp.float32)
+    a, b = np.float32(0.999), np.float32(1e-3)
+    with stream:
+        ms, _ = time_op(lambda: k((blocks,), (threads,), (out, np.int32(iters), a, b)), stream, 10, 2)
+    return 2.0 * blocks * threads * iters * 16 * 8 / (ms * 1e-3) / 1e12
+
+
+def roofline(spec: CoActionSpec, B: int, T: int, valid: int, elem: int = 4) -> dict:
+    """Bytes and FLOPs the forward and the step must move / do (see the module docstring)."""
+    D, Di, O = spec.feed_dim, spec.induction_dim, spec.out_dim
+    fwd_bytes = elem * (B * Di + B * T * D + B * O) + 8 * (B + B * T) + 4 * B * T
+    bwd_bytes = (fwd_bytes - elem * B * O + 4 * B * O  # the forward's inputs again, grad_out instead of the output
+                 + 4 * (ROWS * Di + ROWS * D)  # the dense table gradients, zeroed
+                 + 2 * 4 * (B * Di + B * T * D))  # row gradients added in (read + write)
+    macs = sum(i * o for i, o in spec.layer_dims)
+    fwd_flops = 2.0 * valid * spec.orders * macs
+    return dict(fwd_bytes=fwd_bytes, step_bytes=fwd_bytes + bwd_bytes, fwd_flops=fwd_flops, step_flops=3 * fwd_flops)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--repeats", type=int, default=20)
+    ap.add_argument("--sizes", default=",".join(f"{b}x{t}" for b, t in SIZES),
+                    help="comma-separated BxT cases (default: all six)")
     ap.add_argument("--compile-mode", default="max-autotune-no-cudagraphs",
                     help="torch.compile mode of the compiled baseline ('default' compiles faster)")
     ns = ap.parse_args()
@@ -98,108 +153,120 @@ def main() -> int:
         copy_ms, _ = time_op(lambda: dst.__setitem__(Ellipsis, big), s, 10, 2)
     hbm = 2 * big.nbytes / (copy_ms * 1e6)  # GB/s, read + write
     big = dst = None  # release the 2 GiB before the cases
+    fma = fma_tflops(s)
+    print(f"HBM device-to-device copy {hbm:.0f} GB/s, fp32 FMA (RawKernel) {fma:.1f} TFLOP/s", flush=True)
+    sizes = [tuple(int(v) for v in c.split("x")) for c in ns.sizes.split(",")]
     try:
         import torch
     except ImportError:
         torch = None
     rows = []
-    for B in (1024, 8192):
-        for T in (50, 100):
-            ids = cp.asarray(rs.integers(0, ROWS, B))
-            fids = cp.asarray(rs.integers(0, ROWS, (B, T)))
-            mask = cp.asarray((rs.random((B, T)) < 0.8).astype(np.float32))
-            g = cp.asarray(rs.normal(size=(B, spec.out_dim)).astype(np.float32))
+    for B, T in sizes:
+        ids = cp.asarray(rs.integers(0, ROWS, B))
+        fids = cp.asarray(rs.integers(0, ROWS, (B, T)))
+        mask = cp.asarray((rs.random((B, T)) < 0.8).astype(np.float32))
+        g = cp.asarray(rs.normal(size=(B, spec.out_dim)).astype(np.float32))
 
-            def fused_fwd(check=True):
-                return coaction_forward_gpu(table, ftable, mask, spec, ind_ids=ids, feed_ids=fids, stream=s,
-                                            check_ids=check)
+        def fused_fwd(check=True):
+            return coaction_forward_gpu(table, ftable, mask, spec, ind_ids=ids, feed_ids=fids, stream=s,
+                                        check_ids=check)
 
-            def fused_step(check=True):
-                fused_fwd(check)
-                return coaction_backward_gpu(table, ftable, mask, g, spec, ind_ids=ids, feed_ids=fids, stream=s,
-                                             check_ids=check)
+        def fused_step(check=True):
+            fused_fwd(check)
+            return coaction_backward_gpu(table, ftable, mask, g, spec, ind_ids=ids, feed_ids=fids, stream=s,
+                                         check_ids=check)
 
-            def cupy_fwd():
-                return coaction_forward(table[ids], ftable[fids], mask, spec)
+        def cupy_fwd():
+            return coaction_forward(table[ids], ftable[fids], mask, spec)
 
-            def cupy_step():
-                ind, feed = table[ids], ftable[fids]
-                coaction_forward(ind, feed, mask, spec)
-                gi, gf = coaction_backward(ind, feed, mask, g, spec)
-                ti, tf = cp.zeros_like(table), cp.zeros_like(ftable)
-                cp.add.at(ti, ids, gi)
-                cp.add.at(tf, fids, gf)
-                return ti, tf
+        def cupy_step():
+            ind, feed = table[ids], ftable[fids]
+            coaction_forward(ind, feed, mask, spec)
+            gi, gf = coaction_backward(ind, feed, mask, g, spec)
+            ti, tf = cp.zeros_like(table), cp.zeros_like(ftable)
+            cp.add.at(ti, ids, gi)
+            cp.add.at(tf, fids, gf)
+            return ti, tf
 
-            fwd_ops = {"fused": fused_fwd, "fused_nocheck": lambda: fused_fwd(False), "cupy": cupy_fwd}
-            step_ops = {"fused": fused_step, "fused_nocheck": lambda: fused_step(False), "cupy": cupy_step}
-            rec = {"B": B, "T": T}
-            # correctness on this data before timing
-            with s:
-                ref = cupy_fwd()
-                for name, fn in (("fused", fused_fwd), ("fused_nocheck", lambda: fused_fwd(False))):
-                    err = float(cp.linalg.norm(fn() - ref) / cp.linalg.norm(ref))
-                    if not err < 1e-4:
-                        raise RuntimeError(f"{name} forward differs from the CuPy reference: rel. error {err:.3g}")
-            ts = None
-            if torch is not None:
-                ts = torch.cuda.ExternalStream(s.ptr)
-                tt = torch.from_dlpack(table).clone().requires_grad_(True)
-                tf = torch.from_dlpack(ftable).clone().requires_grad_(True)
-                targs = (tt, tf, *(torch.from_dlpack(a) for a in (ids, fids, mask)))
-                tg = torch.from_dlpack(g)
-                compiled = torch.compile(torch_coaction, mode=ns.compile_mode, dynamic=False)
+        fwd_ops = {"fused": fused_fwd, "fused_nocheck": lambda: fused_fwd(False), "cupy": cupy_fwd}
+        step_ops = {"fused": fused_step, "fused_nocheck": lambda: fused_step(False), "cupy": cupy_step}
+        rec = {"B": B, "T": T}
+        # correctness on this data before timing
+        with s:
+            ref = cupy_fwd()
+            for name, fn in (("fused", fused_fwd), ("fused_nocheck", lambda: fused_fwd(False))):
+                err = float(cp.linalg.norm(fn() - ref) / cp.linalg.norm(ref))
+                if not err < 1e-4:
+                    raise RuntimeError(f"{name} forward differs from the CuPy reference: rel. error {err:.3g}")
+        ts = None
+        if torch is not None:
+            ts = torch.cuda.ExternalStream(s.ptr)
+            tt = torch.from_dlpack(table).clone().requires_grad_(True)
+            tf = torch.from_dlpack(ftable).clone().requires_grad_(True)
+            targs = (tt, tf, *(torch.from_dlpack(a) for a in (ids, fids, mask)))
+            tg = torch.from_dlpack(g)
+            compiled = torch.compile(torch_coaction, mode=ns.compile_mode, dynamic=False)
 
-                def torch_step(fn):
-                    tt.grad = tf.grad = None
-                    fn(*targs).backward(tg)
+            def torch_step(fn):
+                tt.grad = tf.grad = None
+                fn(*targs).backward(tg)
 
-                fwd_ops["torch"] = lambda: torch_coaction(*targs).detach()
-                fwd_ops["torch_compile"] = lambda: compiled(*targs).detach()
-                step_ops["torch"] = lambda: torch_step(torch_coaction)
-                step_ops["torch_compile"] = lambda: torch_step(compiled)
-                with torch.cuda.stream(ts):  # compile and warm up outside any timing; check it against eager
-                    for _ in range(3):
-                        torch_step(compiled)
-                    got, want = compiled(*targs).detach(), torch_coaction(*targs).detach()
-                    torch.cuda.synchronize()
-                    err = float((got - want).norm() / want.norm())
-                    if not err < 1e-4:
-                        raise RuntimeError(f"torch.compile forward differs from eager PyTorch: rel. error {err:.3g}")
-                    rec["torch_compile_mode"] = ns.compile_mode
-            with s, (torch.cuda.stream(ts) if ts is not None else contextlib.nullcontext()):
-                fwd_t = time_interleaved(fwd_ops, s, ns.repeats, 3)
-                step_t = time_interleaved(step_ops, s, ns.repeats, 3)
-            for name in fwd_ops:
-                rec[f"{name}_fwd_ms"] = median(fwd_t[name])
-                rec[f"{name}_step_ms"] = median(step_t[name])
-                if name != "fused":  # how many times the default fused path's time, per repeat
-                    rec[f"{name}_fwd_over_fused"] = median_ratio(fwd_t[name], fwd_t["fused"])
-                    rec[f"{name}_step_over_fused"] = median_ratio(step_t[name], step_t["fused"])
-            rec["times_ms"] = {"fwd": fwd_t, "step": step_t}
-            rec["fused_peak_MiB"] = pool_peak(fused_step, s) / 2**20
-            rec["cupy_peak_MiB"] = pool_peak(cupy_step, s) / 2**20
-            if ts is not None:
-                with torch.cuda.stream(ts):
-                    rec["torch_peak_MiB"] = torch_peak(step_ops["torch"])
-                    rec["torch_compile_peak_MiB"] = torch_peak(step_ops["torch_compile"])
-            fwd_bytes = 4 * (B * spec.induction_dim + B * T * spec.feed_dim + B * T + B * spec.out_dim) + 8 * (B + B * T)
-            rec["fused_fwd_bytes"] = fwd_bytes
-            rec["fused_fwd_of_hbm"] = fwd_bytes / (rec["fused_nocheck_fwd_ms"] * 1e6) / hbm
-            rec["speedup_fwd_vs_cupy"] = rec["cupy_fwd_over_fused"]
-            rec["speedup_step_vs_cupy"] = rec["cupy_step_over_fused"]
-            if ts is not None:
-                rec["speedup_step_vs_torch"] = rec["torch_step_over_fused"]
-                rec["speedup_step_vs_torch_compile"] = rec["torch_compile_step_over_fused"]
-            rows.append(rec)
-            print({k: (round(v, 3) if isinstance(v, float) else v) for k, v in rec.items() if k != "times_ms"},
-                  flush=True)
-            if ts is not None:
-                del compiled, fwd_ops, step_ops, targs, tt, tf
-                torch.cuda.empty_cache()
+            fwd_ops["torch"] = lambda: torch_coaction(*targs).detach()
+            fwd_ops["torch_compile"] = lambda: compiled(*targs).detach()
+            step_ops["torch"] = lambda: torch_step(torch_coaction)
+            step_ops["torch_compile"] = lambda: torch_step(compiled)
+            with torch.cuda.stream(ts):  # compile and warm up outside any timing; check it against eager
+                for _ in range(3):
+                    torch_step(compiled)
+                got, want = compiled(*targs).detach(), torch_coaction(*targs).detach()
+                torch.cuda.synchronize()
+                err = float((got - want).norm() / want.norm())
+                if not err < 1e-4:
+                    raise RuntimeError(f"torch.compile forward differs from eager PyTorch: rel. error {err:.3g}")
+                rec["torch_compile_mode"] = ns.compile_mode
+        with s, (torch.cuda.stream(ts) if ts is not None else contextlib.nullcontext()):
+            fwd_t = time_interleaved(fwd_ops, s, ns.repeats, 3)
+            step_t = time_interleaved(step_ops, s, ns.repeats, 3)
+        for name in fwd_ops:
+            rec[f"{name}_fwd_ms"] = median(fwd_t[name])
+            rec[f"{name}_step_ms"] = median(step_t[name])
+            if name != "fused":  # how many times the default fused path's time, per repeat
+                rec[f"{name}_fwd_over_fused"] = median_ratio(fwd_t[name], fwd_t["fused"])
+                rec[f"{name}_step_over_fused"] = median_ratio(step_t[name], step_t["fused"])
+        rec["times_ms"] = {"fwd": fwd_t, "step": step_t}
+        rec["fused_peak_MiB"] = pool_peak(fused_step, s) / 2**20
+        rec["cupy_peak_MiB"] = pool_peak(cupy_step, s) / 2**20
+        if ts is not None:
+            with torch.cuda.stream(ts):
+                rec["torch_peak_MiB"] = torch_peak(step_ops["torch"])
+                rec["torch_compile_peak_MiB"] = torch_peak(step_ops["torch_compile"])
+        rl = roofline(spec, B, T, int(mask.sum()))
+        for ph in ("fwd", "step"):
+            t_bytes = rl[f"{ph}_bytes"] / (hbm * 1e6)  # ms
+            t_flops = rl[f"{ph}_flops"] / (fma * 1e9)  # ms
+            rec[f"{ph}_bytes"], rec[f"{ph}_flops"] = rl[f"{ph}_bytes"], rl[f"{ph}_flops"]
+            rec[f"{ph}_bytes_ms"], rec[f"{ph}_flops_ms"] = t_bytes, t_flops
+            rec[f"{ph}_roofline_ms"] = max(t_bytes, t_flops)
+            rec[f"{ph}_bound"] = "bytes" if t_bytes >= t_flops else "flops"
+            rec[f"{ph}_of_roofline"] = rec[f"{ph}_roofline_ms"] / rec[f"fused_nocheck_{ph}_ms"]
+            rec[f"{ph}_of_roofline_default"] = rec[f"{ph}_roofline_ms"] / rec[f"fused_{ph}_ms"]
+        rec["fused_fwd_of_hbm"] = rl["fwd_bytes"] / (rec["fused_nocheck_fwd_ms"] * 1e6) / hbm
+        rec["speedup_fwd_vs_cupy"] = rec["cupy_fwd_over_fused"]
+        rec["speedup_step_vs_cupy"] = rec["cupy_step_over_fused"]
+        if ts is not None:
+            rec["speedup_step_vs_torch"] = rec["torch_step_over_fused"]
+            rec["speedup_step_vs_torch_compile"] = rec["torch_compile_step_over_fused"]
+        rows.append(rec)
+        print({k: (round(v, 3) if isinstance(v, float) else v) for k, v in rec.items() if k != "times_ms"},
+              flush=True)
+        if ts is not None:
+            del compiled, fwd_ops, step_ops, targs, tt, tf
+            torch.cuda.empty_cache()
     facts = machine_facts()
     write_json(result_name("coaction_bench", facts["card"]),
-               dict(benchmark="coaction", hbm_copy_gbps=hbm, repeats=ns.repeats, method="variants interleaved per "
+               dict(benchmark="coaction", hbm_copy_gbps=hbm, fma_tflops=fma,
+                    fma_method="CuPy RawKernel, 8 independent fp32 FMA chains per thread, 8 x 256 threads per SM",
+                    repeats=ns.repeats, method="variants interleaved per "
                     "repeat (order rotated); medians; *_over_fused = median of per-repeat ratios to the default "
                     "fused path (check_ids=True)", torch_compile_mode=ns.compile_mode if torch else None,
                     **facts, rows=rows))

@@ -135,3 +135,183 @@ def test_can_model_on_fused_kernels_matches_the_cpu_model():
     assert g_cpu.keys() == g_gpu.keys()
     for k in g_cpu:
         assert rel(g_gpu[k].get(), g_cpu[k]) <= 1e-4, k
+
+
+# ---- issue 16: the (sample, behaviour) kernels at their edges, against the float64 reference --------------------
+
+
+def bf16_bits(a):
+    """float32 -> bfloat16 bits (round to nearest even), as uint16."""
+    u = np.ascontiguousarray(a, np.float32).view(np.uint32)
+    return ((u + 0x7FFF + ((u >> 16) & 1)) >> 16).astype(np.uint16)
+
+
+def bf16_value(bits):
+    return (bits.astype(np.uint32) << 16).view(np.float32)
+
+
+def run_both(spec, ind, feed, mask, g, dtype="float32", ind_ids=None, feed_ids=None):
+    """GPU forward and backward (fp32 results) and the float64 reference on the same (dtype-rounded) inputs."""
+    import cupy as cp
+    from dwdp_ops.coaction import coaction_backward_gpu, coaction_forward_gpu
+
+    if dtype == "bfloat16":
+        ind_in, feed_in = bf16_bits(ind), bf16_bits(feed)
+        ind, feed = bf16_value(ind_in), bf16_value(feed_in)
+    else:
+        ind_in, feed_in = ind, feed
+    kw = {} if ind_ids is None else dict(ind_ids=cp.asarray(ind_ids))
+    if feed_ids is not None:
+        kw["feed_ids"] = cp.asarray(feed_ids)
+    args = (cp.asarray(ind_in), cp.asarray(feed_in), cp.asarray(mask))
+    out = coaction_forward_gpu(*args, spec, dtype=dtype, **kw).get()
+    if dtype == "bfloat16":
+        out = bf16_value(out)
+    gi, gf = coaction_backward_gpu(*args, cp.asarray(g), spec, dtype=dtype, **kw)
+    rkw = {} if ind_ids is None else dict(ind_ids=ind_ids)
+    if feed_ids is not None:
+        rkw["feed_ids"] = feed_ids
+    f64 = (ind.astype(np.float64), feed.astype(np.float64), mask)
+    want = coaction_forward(*f64, spec, **rkw)
+    wi, wf = coaction_backward(*f64, g.astype(np.float64), spec, **rkw)
+    return (out, gi.get(), gf.get()), (want, wi, wf)
+
+
+def assert_close(got, want, tol):
+    for name, a, b in zip(("forward", "grad_induction", "grad_feed"), got, want):
+        if not np.any(b):  # e.g. everything masked: exactly zero
+            assert not np.any(a), name
+        else:
+            assert rel(a, b) <= tol, (name, rel(a, b))
+
+
+TOL = {"float32": 1e-5, "bfloat16": 2e-2}
+EDGE_SPECS = [CoActionSpec(), CoActionSpec(((5, 4),), orders=2, bias=True),
+              CoActionSpec(((6, 5), (5, 4), (4, 2)), orders=3, bias=True, order_independent=True),
+              CoActionSpec(bias=True, variant="paper")]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("spec", EDGE_SPECS, ids=lambda s: f"{s.layer_dims}-o{s.orders}-b{int(s.bias)}-"
+                         f"oi{int(s.order_independent)}-{s.variant}")
+@pytest.mark.parametrize("B, T", [(1, 1), (5, 1), (1, 33), (4, 2000), (1, 2000), (300, 37)])
+def test_edges_of_batch_and_sequence(spec, dtype, B, T):
+    """T = 1, T = 2000, B = 1 (and rounds that are not multiples of 32), with sample 0 all masked when B > 1."""
+    ind, feed, mask, g = inputs(spec, B, T, 7 * B + T)
+    if B > 1:
+        mask[0] = 0
+    got, want = run_both(spec, ind, feed, mask, g, dtype)
+    assert_close(got, want, TOL[dtype])
+    if B > 1:
+        assert not np.any(got[0][0]) and not np.any(got[2][0])
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_all_masked_batch_gives_zeros(dtype):
+    spec = CoActionSpec(bias=True)
+    ind, feed, mask, g = inputs(spec, 9, 40, 3)
+    got, _ = run_both(spec, ind, feed, np.zeros_like(mask), g, dtype)
+    for a in got:
+        assert not np.any(a)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("n_ind, n_feed", [(1, 1), (3, 5), (50, 2)])
+@pytest.mark.parametrize("spec", [CoActionSpec(), CoActionSpec(((6, 5), (5, 3)), orders=2, bias=True,
+                                                               order_independent=True)], ids=["default", "odd"])
+def test_heavily_repeated_table_ids(spec, dtype, n_ind, n_feed):
+    """Tables of a few rows, so that ids repeat inside a block (induction) and inside a round (feed): the row
+    gradients add up exactly as scatter-add."""
+    rng = np.random.default_rng(n_ind * 10 + n_feed)
+    B, T = 203, 70
+    table = rng.normal(0, 0.3, (n_ind, spec.induction_dim)).astype(np.float32)
+    ftable = rng.normal(0, 0.6, (n_feed, spec.feed_dim)).astype(np.float32)
+    ids = rng.integers(0, n_ind, B)
+    fids = rng.integers(0, n_feed, (B, T))
+    mask = (rng.random((B, T)) < 0.8).astype(np.float32)
+    g = rng.normal(size=(B, spec.out_dim)).astype(np.float32)
+    got, want = run_both(spec, table, ftable, mask, g, dtype, ind_ids=ids, feed_ids=fids)
+    assert_close(got, want, TOL[dtype])
+
+
+def _fast_spec(n):
+    return CoActionSpec(((32, 32),) * n, orders=8, bias=True, order_independent=True)
+
+
+def _fallback_spec(w):
+    return CoActionSpec(((w, w),), orders=1, bias=True)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("which", ["fast", "fallback"])
+def test_widths_at_the_shared_memory_limit(which, dtype):
+    """fast: 32-wide layers (the register kernels' widest), 8 orders with their own slices, as many layers as the
+    fast kernels' shared memory takes; fallback: one square layer as wide as one warp's shared memory allows (the
+    next width, 8 more, is refused by name). Both against the float64 reference."""
+    import cupy as cp
+    from dwdp_ops.coaction import coaction_backward_gpu, launch_shape
+    from dwdp_ops.coaction.fused import uses_fast_kernels
+
+    if which == "fast":
+        n = max(k for k in range(1, 9) if uses_fast_kernels(_fast_spec(k), backward=True))
+        spec = _fast_spec(n)
+    else:
+        n = max(w for w in range(64, 257, 8) if launch_shape(_fallback_spec(w), backward=True)[0] >= 1)
+        spec = _fallback_spec(n)
+        assert not uses_fast_kernels(spec, backward=True)
+        big = _fallback_spec(n + 8)
+        with pytest.raises(ValueError, match="shared memory"):
+            coaction_backward_gpu(cp.zeros((1, big.induction_dim), cp.float32),
+                                  cp.zeros((1, 2, big.feed_dim), cp.float32), cp.ones((1, 2), cp.float32),
+                                  cp.zeros((1, big.out_dim), cp.float32), big)
+    B, T = 6, 45
+    rng = np.random.default_rng(n)
+    ind = (rng.normal(0, 1.0, (B, spec.induction_dim)) / np.sqrt(spec.feed_dim)).astype(np.float32)
+    feed = rng.normal(0, 0.6, (B, T, spec.feed_dim)).astype(np.float32)
+    mask = (rng.random((B, T)) < 0.8).astype(np.float32)
+    g = rng.normal(size=(B, spec.out_dim)).astype(np.float32)
+    got, want = run_both(spec, ind, feed, mask, g, dtype)
+    assert_close(got, want, TOL[dtype])
+
+
+@pytest.mark.gpu
+def test_fast_and_fallback_kernels_agree():
+    """A 36-wide first layer runs on the fallback, a 32-wide one on the fast kernels: padding the feed with zero
+    columns (and their weight rows with anything) must not change either's answer."""
+    import cupy as cp
+    from dwdp_ops.coaction import coaction_forward_gpu
+    from dwdp_ops.coaction.fused import uses_fast_kernels
+
+    narrow, wide = CoActionSpec(((32, 8), (8, 4))), CoActionSpec(((36, 8), (8, 4)))
+    assert uses_fast_kernels(narrow) and not uses_fast_kernels(wide)
+    ind, feed, mask, _ = inputs(narrow, 50, 90, 11)
+    wi = np.zeros((50, wide.induction_dim), np.float32)
+    wi[:, : 32 * 8] = ind[:, : 32 * 8]
+    wi[:, 32 * 8 : 36 * 8] = 0.5  # weight rows of the zero feed columns
+    wi[:, 36 * 8 :] = ind[:, 32 * 8 :]
+    wf = np.concatenate([feed, np.zeros((50, 90, 4), np.float32)], -1)
+    a = coaction_forward_gpu(cp.asarray(ind), cp.asarray(feed), cp.asarray(mask), narrow).get()
+    b = coaction_forward_gpu(cp.asarray(wi), cp.asarray(wf), cp.asarray(mask), wide).get()
+    assert rel(a, b) <= 1e-6
+
+
+@pytest.mark.gpu
+def test_id_check_names_the_bad_array():
+    import cupy as cp
+    from dwdp_ops.coaction import coaction_backward_gpu, coaction_forward_gpu
+
+    spec = CoActionSpec()
+    table = cp.zeros((10, spec.induction_dim), cp.float32)
+    ftable = cp.zeros((7, spec.feed_dim), cp.float32)
+    mask = cp.ones((4, 5), cp.float32)
+    ids, fids = cp.arange(4, dtype=cp.int64), cp.zeros((4, 5), cp.int64)
+    with pytest.raises(ValueError, match=r"feed_ids must be in \[0, 7\)"):
+        coaction_forward_gpu(table, ftable, mask, spec, ind_ids=ids, feed_ids=fids - 1)
+    with pytest.raises(ValueError, match=r"ind_ids must be in \[0, 10\)"):
+        coaction_backward_gpu(table, ftable, mask, cp.zeros((4, 36), cp.float32), spec, ind_ids=ids + 7,
+                              feed_ids=fids)
+    coaction_forward_gpu(table, ftable, mask, spec, ind_ids=ids, feed_ids=fids + 6)  # the last rows are fine

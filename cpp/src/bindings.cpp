@@ -142,6 +142,25 @@ PYBIND11_MODULE(_C, m) {
           dwdp::coaction_launch_shape(dims(din, dout, orders, bias, order_independent, paper), backward, &warps, &smem);
           return py::make_tuple(warps, smem);
         });
+  m.def("coaction_fast_path",
+        [dims](std::vector<int> din, std::vector<int> dout, int orders, bool bias, bool order_independent, bool paper,
+               bool backward) {
+          int warps;
+          size_t smem;
+          bool fast;
+          dwdp::coaction_launch_shape(dims(din, dout, orders, bias, order_independent, paper), backward, &warps, &smem,
+                                      &fast);
+          return fast;
+        },
+        "whether the register (fast) kernels take this shape; else the shared-memory fallback (or nothing fits)");
+  m.def(
+      "coaction_check_ids",
+      [](uintptr_t ind_ids, int64_t n_ind, int64_t ind_rows, uintptr_t feed_ids, int64_t n_feed, int64_t feed_rows,
+         uintptr_t stream) {
+        py::gil_scoped_release release;  // waits for the stream
+        return dwdp::coaction_check_ids(ind_ids, n_ind, ind_rows, feed_ids, n_feed, feed_rows, stream);
+      },
+      "range check of table ids on the stream, one host synchronisation: bit 0 ind_ids bad, bit 1 feed_ids bad");
 
   // Token dispatch: the geometry and buffer addresses travel as a dict (python/dwdp_ops/dispatch.py builds it).
   auto dispatch_args = [](const py::dict& d) {

@@ -1,7 +1,8 @@
-// Fused CAN co-action kernels. See dwdp/coaction.h.
+// Fused CAN co-action kernels. See dwdp/coaction.h for the two kernel families (fast path, fallback).
 #include <cuda_bf16.h>
 
 #include <algorithm>
+#include <mutex>
 
 #include "dwdp/check.h"
 #include "dwdp/coaction.h"
@@ -122,12 +123,12 @@ __device__ __forceinline__ void load_x0(const CoActionDims& d, const Geo& g, int
 }
 
 template <typename T>
-__global__ void __launch_bounds__(kWarpsMax * 32) forward_kernel(CoActionDims d, Geo g, int B, int T_len, CoActionRows rows,
+__global__ void __launch_bounds__(kWarpsMax * 32) warp_forward_kernel(CoActionDims d, Geo g, int B, int T_len, CoActionRows rows,
                                                                  const int64_t* __restrict__ ind_ids,
                                                                  const T* __restrict__ feed,
                                                                  const int64_t* __restrict__ feed_ids,
                                                                  const float* __restrict__ mask, T* __restrict__ out) {
-  extern __shared__ float smem[];
+  extern __shared__ __align__(16) float smem[];
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   const int b = blockIdx.x * (blockDim.x >> 5) + warp;
   if (b >= B) return;  // warps are independent: no block-wide barrier below
@@ -157,14 +158,14 @@ __global__ void __launch_bounds__(kWarpsMax * 32) forward_kernel(CoActionDims d,
 }
 
 template <typename T>
-__global__ void __launch_bounds__(kWarpsMax * 32) backward_kernel(CoActionDims d, Geo g, int B, int T_len, CoActionRows rows,
+__global__ void __launch_bounds__(kWarpsMax * 32) warp_backward_kernel(CoActionDims d, Geo g, int B, int T_len, CoActionRows rows,
                                                                   const int64_t* __restrict__ ind_ids,
                                                                   const T* __restrict__ feed,
                                                                   const int64_t* __restrict__ feed_ids,
                                                                   const float* __restrict__ mask,
                                                                   const float* __restrict__ grad_out,
                                                                   float* __restrict__ grad_feed) {
-  extern __shared__ float smem[];
+  extern __shared__ __align__(16) float smem[];
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   const int b = blockIdx.x * (blockDim.x >> 5) + warp;
   if (b >= B) return;
@@ -263,6 +264,570 @@ __global__ void __launch_bounds__(kWarpsMax * 32) backward_kernel(CoActionDims d
   }
 }
 
+// ---------------------------------------------------------------------------------------------------------------
+// Fast path: a warp per sample, lanes over its unmasked behaviours, activations in registers, weights padded in
+// shared memory (see dwdp/coaction.h).
+
+constexpr int kFastWarps = 4;   // most warps (samples) per block; fewer when one warp needs > 227 KiB / 4
+constexpr int kQueue = 64;      // compacted behaviour indices a warp may hold: up to 31 left over + 32 new
+constexpr int kFastMaxW = 32;   // widest padded layer (and D) the register path takes
+
+__host__ __device__ constexpr int pad4(int x) { return (x + 3) & ~3; }
+
+struct Fast {
+  int L, C, bias, oi, paper;
+  int D, Dp, S, Sp, n_out, outs;  // outs: pooled blocks of Sp (1 for the paper variant, else C)
+  int din[kCoMaxLayers], dout[kCoMaxLayers], dip[kCoMaxLayers], dnp[kCoMaxLayers];
+  int woff[kCoMaxLayers];   // padded offset of layer l in a slice ([dip][dnp] weights, then [dnp] bias)
+  int uoff[kCoMaxLayers];   // unpadded offset of layer l in an order's slice of the induction row
+  int goff[kCoMaxLayers], goffp[kCoMaxLayers];  // output offset of layer l in an order (unpadded, padded)
+  int tile[kCoMaxLayers];   // weight-gradient register tile (1, 2 or 4 square) of layer l
+  int wslice, slices, order_width, ind_dim, MW;
+  int RS;                   // staging row stride (floats): a multiple of 4 with RS / 4 odd (conflict-free 16 B rows)
+  int rH0, rH, rDZ, rGX;    // staging row layout: x^c [Dp] | layer outputs [Sp] | dz [Sp] | d feed [Dp] (backward)
+  int oW, oGW, oVec, oQ, oStage, per_warp;  // per-warp shared memory (floats): W | gW | acc or G | queue | rows
+  int feed_vec, gfeed_vec;  // 16-byte feed loads / grad_feed stores are aligned (set at launch)
+};
+
+Fast make_fast(const CoActionDims& d, bool backward) {
+  Fast f{};
+  f.L = d.num_layers;
+  f.C = d.orders;
+  f.bias = d.bias;
+  f.oi = d.order_independent;
+  f.paper = d.paper;
+  f.D = d.din[0];
+  f.Dp = pad4(f.D);
+  f.order_width = d.order_width;
+  f.ind_dim = d.ind_dim;
+  f.slices = d.order_independent ? d.orders : 1;
+  int mw = f.Dp, w = 0, u = 0, o = 0, op = 0;
+  for (int l = 0; l < f.L; ++l) {
+    f.din[l] = d.din[l];
+    f.dout[l] = d.dout[l];
+    f.dip[l] = l == 0 ? f.Dp : pad4(d.dout[l - 1]);
+    f.dnp[l] = pad4(d.dout[l]);
+    mw = std::max(mw, f.dnp[l]);
+    f.woff[l] = w;
+    f.uoff[l] = u;
+    f.goff[l] = o;
+    f.goffp[l] = op;
+    w += f.dip[l] * f.dnp[l] + (f.bias ? f.dnp[l] : 0);
+    u += f.din[l] * f.dout[l] + (f.bias ? f.dout[l] : 0);
+    o += f.dout[l];
+    op += f.dnp[l];
+    // tile edge t costs ceil(tiles / 32) passes of (2 loads + t * t FMAs) per behaviour: take the cheapest
+    int best = 1;
+    long best_cost = -1;
+    for (int t = 1; t <= 4; t *= 2) {
+      const long tiles = static_cast<long>(f.dip[l] / t) * (f.dnp[l] / t);
+      const long cost = (tiles + 31) / 32 * (2 + t * t);
+      if (best_cost < 0 || cost < best_cost) best = t, best_cost = cost;
+    }
+    f.tile[l] = best;
+  }
+  f.wslice = w;
+  f.S = o;
+  f.Sp = op;
+  f.outs = d.paper ? 1 : d.orders;
+  f.n_out = f.outs * f.S;
+  f.MW = mw <= 8 ? 8 : mw <= 16 ? 16 : mw <= kFastMaxW ? kFastMaxW : 0;
+  f.rH0 = 0;
+  f.rH = backward ? f.Dp : 0;
+  f.rDZ = f.rH + f.Sp;
+  f.rGX = f.rDZ + f.Sp;
+  const int width = backward ? f.rGX + f.Dp : f.rH + f.Sp;
+  f.RS = pad4(width);
+  if ((f.RS / 4) % 2 == 0) f.RS += 4;
+  const int wpad = f.slices * f.wslice;
+  f.oW = 0;
+  f.oGW = wpad;
+  f.oVec = f.oGW + (backward ? wpad : 0);
+  f.oQ = f.oVec + pad4(f.outs * f.Sp);
+  f.oStage = f.oQ + kQueue;
+  f.per_warp = f.oStage + 32 * f.RS;
+  return f;
+}
+
+template <int N>
+__device__ __forceinline__ void ld_vec(const float* p, float (&v)[N]) {
+  if constexpr (N == 1) {
+    v[0] = p[0];
+  } else if constexpr (N == 2) {
+    const float2 a = *reinterpret_cast<const float2*>(p);
+    v[0] = a.x, v[1] = a.y;
+  } else {
+    const float4 a = *reinterpret_cast<const float4*>(p);
+    v[0] = a.x, v[1] = a.y, v[2] = a.z, v[3] = a.w;
+  }
+}
+
+// This lane's behaviour's feed row into x[0..D), zeros elsewhere (and everywhere when !on).
+template <int MW>
+__device__ __forceinline__ void load_feed(const float* __restrict__ feed, size_t frow, const Fast& f, bool on,
+                                          float (&x)[MW]) {
+#pragma unroll
+  for (int i = 0; i < MW; ++i) x[i] = 0.f;
+  if (!on) return;
+  const float* p = feed + frow * f.D;
+  if (f.feed_vec) {
+#pragma unroll
+    for (int c = 0; c < MW / 4; ++c)
+      if (4 * c < f.D) {
+        const float4 v = *reinterpret_cast<const float4*>(p + 4 * c);
+        x[4 * c] = v.x, x[4 * c + 1] = v.y, x[4 * c + 2] = v.z, x[4 * c + 3] = v.w;
+      }
+  } else {
+#pragma unroll
+    for (int i = 0; i < MW; ++i)
+      if (i < f.D) x[i] = p[i];
+  }
+}
+
+template <int MW>
+__device__ __forceinline__ void load_feed(const __nv_bfloat16* __restrict__ feed, size_t frow, const Fast& f, bool on,
+                                          float (&x)[MW]) {
+#pragma unroll
+  for (int i = 0; i < MW; ++i) x[i] = 0.f;
+  if (!on) return;
+  const __nv_bfloat16* p = feed + frow * f.D;
+  if (f.feed_vec) {  // D % 8 == 0: 16-byte loads of 8 values; a word holds element 2k in its low half
+#pragma unroll
+    for (int c = 0; c < MW / 8; ++c)
+      if (8 * c < f.D) {
+        const uint4 r = *reinterpret_cast<const uint4*>(p + 8 * c);
+        const unsigned wd[4] = {r.x, r.y, r.z, r.w};
+#pragma unroll
+        for (int k = 0; k < 4; ++k) {
+          x[8 * c + 2 * k] = __uint_as_float(wd[k] << 16);
+          x[8 * c + 2 * k + 1] = __uint_as_float(wd[k] & 0xffff0000u);
+        }
+      }
+  } else {
+#pragma unroll
+    for (int i = 0; i < MW; ++i)
+      if (i < f.D) x[i] = __bfloat162float(p[i]);
+  }
+}
+
+template <int MW>
+__device__ __forceinline__ void store_row(float* dst, const float (&v)[MW], int n) {
+#pragma unroll
+  for (int c = 0; c < MW / 4; ++c)
+    if (4 * c < n) reinterpret_cast<float4*>(dst)[c] = make_float4(v[4 * c], v[4 * c + 1], v[4 * c + 2], v[4 * c + 3]);
+}
+
+// z[0..dnp) = act(a[0..dip) W + bias) for one layer; W is [dip][dnp] (+ [dnp] bias) in shared memory, zero-padded,
+// so padded outputs are act(0) = 0. Every weight is read once, as a 16-byte broadcast.
+template <int MW>
+__device__ __forceinline__ void layer_fwd(const float* __restrict__ w, int dip, int dnp, bool bias, bool act,
+                                          const float (&a)[MW], float (&z)[MW]) {
+  const float4* w4 = reinterpret_cast<const float4*>(w);
+  const int n4 = dnp >> 2;
+#pragma unroll
+  for (int jc = 0; jc < MW / 4; ++jc) {
+    if (jc < n4) {
+      float4 s = bias ? w4[dip * n4 + jc] : make_float4(0.f, 0.f, 0.f, 0.f);
+#pragma unroll
+      for (int ic = 0; ic < MW / 4; ++ic) {
+        if (4 * ic < dip) {
+#pragma unroll
+          for (int q = 0; q < 4; ++q) {
+            const int i = 4 * ic + q;
+            const float4 v = w4[i * n4 + jc];
+            s.x = fmaf(a[i], v.x, s.x);
+            s.y = fmaf(a[i], v.y, s.y);
+            s.z = fmaf(a[i], v.z, s.z);
+            s.w = fmaf(a[i], v.w, s.w);
+          }
+        }
+      }
+      z[4 * jc] = act ? tanhf(s.x) : s.x;
+      z[4 * jc + 1] = act ? tanhf(s.y) : s.y;
+      z[4 * jc + 2] = act ? tanhf(s.z) : s.z;
+      z[4 * jc + 3] = act ? tanhf(s.w) : s.w;
+    }
+  }
+}
+
+// The next round of up to 32 unmasked behaviours of a sample: compacts the mask with ballots into the warp's queue
+// q[kQueue] (qn entries, scanned up to t0). Returns the round's size n (0: the sample is done; warp-uniform) and
+// this lane's behaviour (-1 for lanes >= n).
+__device__ __forceinline__ int next_round(const float* __restrict__ mrow, int T_len, int* q, int& qn, int& t0,
+                                          int lane, int* my_t) {
+  while (qn < 32 && t0 < T_len) {
+    const int t = t0 + lane;
+    const bool on = t < T_len && mrow[t] != 0.f;
+    const unsigned bal = __ballot_sync(0xffffffffu, on);
+    if (on) q[qn + __popc(bal & ((1u << lane) - 1u))] = t;
+    qn += __popc(bal);
+    t0 += 32;
+  }
+  __syncwarp();
+  const int n = min(qn, 32);
+  *my_t = lane < n ? q[lane] : -1;
+  __syncwarp();
+  if (lane < qn - n) q[lane] = q[lane + 32];  // reads [32, qn), writes [0, qn - 32): disjoint
+  __syncwarp();
+  qn -= n;
+  return n;
+}
+
+// fn(unpadded index in the induction row, padded index in the warp's W / gW) for this lane's share of the row.
+template <typename Fn>
+__device__ __forceinline__ void for_params(const Fast& f, int lane, Fn fn) {
+  for (int s = 0; s < f.slices; ++s)
+    for (int l = 0; l < f.L; ++l) {
+      const int u = s * f.order_width + f.uoff[l], p = s * f.wslice + f.woff[l];
+      const int di = f.din[l], dn = f.dout[l], dnp = f.dnp[l];
+      for (int k = lane; k < di * dn; k += 32) {
+        const int i = k / dn;
+        fn(u + k, p + i * dnp + (k - i * dn));
+      }
+      if (f.bias)
+        for (int j = lane; j < dn; j += 32) fn(u + di * dn + j, p + f.dip[l] * dnp + j);
+    }
+}
+
+// fn(index in the output row [n_out], padded index in acc / G [outs * Sp]) for this lane's share.
+template <typename Fn>
+__device__ __forceinline__ void for_outputs(const Fast& f, int lane, Fn fn) {
+  for (int o = 0; o < f.outs; ++o)
+    for (int l = 0; l < f.L; ++l)
+      for (int j = lane; j < f.dout[l]; j += 32) fn(o * f.S + f.goff[l] + j, o * f.Sp + f.goffp[l] + j);
+}
+
+// The sample's induction row into the warp's padded W (zeros where padded or where the row is missing).
+template <typename T>
+__device__ __forceinline__ void stage_w(const Fast& f, const T* row, float* W, int lane) {
+  const int wpad = f.slices * f.wslice;
+  for (int i = lane; i < wpad / 4; i += 32) reinterpret_cast<float4*>(W)[i] = make_float4(0.f, 0.f, 0.f, 0.f);
+  __syncwarp();
+  if (row) for_params(f, lane, [&](int u, int p) { W[p] = ld(row, u); });
+  __syncwarp();
+}
+
+template <typename T, int MW>
+__global__ void __launch_bounds__(kFastWarps * 32) fast_forward_kernel(Fast f, int B, int T_len, CoActionRows rows,
+                                                                       const int64_t* __restrict__ ind_ids,
+                                                                       const T* __restrict__ feed,
+                                                                       const int64_t* __restrict__ feed_ids,
+                                                                       const float* __restrict__ mask,
+                                                                       T* __restrict__ out) {
+  extern __shared__ __align__(16) float smem[];
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  const int b = blockIdx.x * (blockDim.x >> 5) + warp;
+  if (b >= B) return;  // warps are independent: no block-wide barrier in this kernel
+  float* base = smem + static_cast<size_t>(warp) * f.per_warp;
+  float* W = base + f.oW;
+  float* acc = base + f.oVec;
+  int* q = reinterpret_cast<int*>(base + f.oQ);
+  float* stg = base + f.oStage;
+  float* my = stg + lane * f.RS;
+  int shard;
+  int64_t local;
+  const T* row = induction_row<T>(rows, ind_ids, b, f.ind_dim, &shard, &local);
+  for (int i = lane; i < f.outs * f.Sp; i += 32) acc[i] = 0.f;
+  stage_w(f, row, W, lane);
+  const float* mrow = mask + static_cast<size_t>(b) * T_len;
+  int qn = 0, t0 = 0;
+  for (;;) {
+    int t;
+    const int n = next_round(mrow, T_len, q, qn, t0, lane, &t);
+    if (n == 0) break;
+    const size_t pos = static_cast<size_t>(b) * T_len + (t < 0 ? 0 : t);
+    const size_t frow = t < 0 ? 0 : feed_ids ? static_cast<size_t>(feed_ids[pos]) : pos;
+    float x[MW], p[MW], a[MW], z[MW];
+    load_feed<MW>(feed, frow, f, t >= 0, x);
+#pragma unroll
+    for (int i = 0; i < MW; ++i) p[i] = x[i], z[i] = 0.f;
+    for (int c = 1; c <= f.C; ++c) {
+      if (c > 1) {
+#pragma unroll
+        for (int i = 0; i < MW; ++i) p[i] *= x[i];
+      }
+#pragma unroll
+      for (int i = 0; i < MW; ++i) a[i] = p[i];
+      const float* Wc = W + (f.oi ? (c - 1) * f.wslice : 0);
+      for (int l = 0; l < f.L; ++l) {
+        layer_fwd<MW>(Wc + f.woff[l], f.dip[l], f.dnp[l], f.bias, f.paper || l < f.L - 1, a, z);
+        store_row<MW>(my + f.rH + f.goffp[l], z, f.dnp[l]);
+#pragma unroll
+        for (int i = 0; i < MW; ++i) a[i] = z[i];
+      }
+      __syncwarp();
+      float* accc = acc + (f.paper ? 0 : (c - 1) * f.Sp);
+      for (int j = lane; j < f.Sp; j += 32) {  // pooled sums: column sums over the round's n rows
+        const float* col = stg + f.rH + j;
+        float s = 0.f;
+#pragma unroll 8
+        for (int m = 0; m < n; ++m) s += col[m * f.RS];
+        accc[j] += s;
+      }
+      __syncwarp();
+    }
+  }
+  __syncwarp();
+  for_outputs(f, lane, [&](int k, int pk) { st(out, static_cast<size_t>(b) * f.n_out + k, acc[pk]); });
+}
+
+// gW[dip][dnp] += sum over the round's n rows of H[m][i] * DZ[m][j], lanes over TI x TI register tiles.
+template <int TI>
+__device__ __forceinline__ void gw_tiles(float* gw, const float* stg, int RS, int hoff, int dzoff, int dip, int dnp,
+                                         int n, int lane) {
+  const int nti = dip / TI, ntj = dnp / TI;
+  for (int tile = lane; tile < nti * ntj; tile += 32) {
+    const int ti = tile / ntj, tj = tile - ti * ntj;
+    float s[TI][TI];
+#pragma unroll
+    for (int u = 0; u < TI; ++u)
+#pragma unroll
+      for (int v = 0; v < TI; ++v) s[u][v] = 0.f;
+    const float* hp = stg + hoff + ti * TI;
+    const float* dp = stg + dzoff + tj * TI;
+#pragma unroll 4
+    for (int m = 0; m < n; ++m) {
+      float h[TI], g[TI];
+      ld_vec<TI>(hp + m * RS, h);
+      ld_vec<TI>(dp + m * RS, g);
+#pragma unroll
+      for (int u = 0; u < TI; ++u)
+#pragma unroll
+        for (int v = 0; v < TI; ++v) s[u][v] = fmaf(h[u], g[v], s[u][v]);
+    }
+#pragma unroll
+    for (int u = 0; u < TI; ++u)
+#pragma unroll
+      for (int v = 0; v < TI; ++v) gw[(ti * TI + u) * dnp + tj * TI + v] += s[u][v];
+  }
+}
+
+template <typename T, int MW>
+__global__ void __launch_bounds__(kFastWarps * 32) fast_backward_kernel(Fast f, int B, int T_len, CoActionRows rows,
+                                                                        const int64_t* __restrict__ ind_ids,
+                                                                        const T* __restrict__ feed,
+                                                                        const int64_t* __restrict__ feed_ids,
+                                                                        const float* __restrict__ mask,
+                                                                        const float* __restrict__ grad_out,
+                                                                        float* __restrict__ grad_feed) {
+  extern __shared__ __align__(16) float smem[];
+  __shared__ int64_t blk_row[kFastWarps];  // the table row each warp's gradient belongs to (-1: none)
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  const int b = blockIdx.x * (blockDim.x >> 5) + warp;
+  float* base = smem + static_cast<size_t>(warp) * f.per_warp;
+  float* W = base + f.oW;
+  float* gW = base + f.oGW;
+  float* G = base + f.oVec;
+  int* q = reinterpret_cast<int*>(base + f.oQ);
+  float* stg = base + f.oStage;
+  float* my = stg + lane * f.RS;
+  int shard = 0;
+  int64_t local = 0;
+  const T* row = b < B ? induction_row<T>(rows, ind_ids, b, f.ind_dim, &shard, &local) : nullptr;
+  // No early return: with ids every warp of the block meets the barrier before the row gradients are combined.
+  if (row) {
+    const int wpad = f.slices * f.wslice;
+    for (int i = lane; i < wpad / 4; i += 32) reinterpret_cast<float4*>(gW)[i] = make_float4(0.f, 0.f, 0.f, 0.f);
+    for (int i = lane; i < pad4(f.outs * f.Sp); i += 32) G[i] = 0.f;
+    stage_w(f, row, W, lane);  // its barriers also order the zeroing above before the scatter below
+    for_outputs(f, lane, [&](int k, int pk) { G[pk] = grad_out[static_cast<size_t>(b) * f.n_out + k]; });
+    __syncwarp();
+    const float* mrow = mask + static_cast<size_t>(b) * T_len;
+    int qn = 0, t0 = 0;
+    for (;;) {
+      int t;
+      const int n = next_round(mrow, T_len, q, qn, t0, lane, &t);
+      if (n == 0) break;
+      const size_t pos = static_cast<size_t>(b) * T_len + (t < 0 ? 0 : t);
+      const size_t frow = t < 0 ? 0 : feed_ids ? static_cast<size_t>(feed_ids[pos]) : pos;
+      float x[MW], pm1[MW];  // x and x^(c-1)
+      load_feed<MW>(feed, frow, f, t >= 0, x);
+#pragma unroll
+      for (int i = 0; i < MW; ++i) pm1[i] = 1.f;
+      for (int i = 0; i < f.Dp; i += 4) *reinterpret_cast<float4*>(my + f.rGX + i) = make_float4(0.f, 0.f, 0.f, 0.f);
+      for (int c = 1; c <= f.C; ++c) {
+        const float* Wc = W + (f.oi ? (c - 1) * f.wslice : 0);
+        float a[MW], z[MW];
+        // forward, every layer's output staged in this lane's row
+#pragma unroll
+        for (int i = 0; i < MW; ++i) a[i] = pm1[i] * x[i], z[i] = 0.f;
+        store_row<MW>(my + f.rH0, a, f.Dp);
+        for (int l = 0; l < f.L; ++l) {
+          layer_fwd<MW>(Wc + f.woff[l], f.dip[l], f.dnp[l], f.bias, f.paper || l < f.L - 1, a, z);
+          store_row<MW>(my + f.rH + f.goffp[l], z, f.dnp[l]);
+#pragma unroll
+          for (int i = 0; i < MW; ++i) a[i] = z[i];
+        }
+        // backward: dz of each layer (gradient at its pre-activation), last layer first, staged in the row
+        const float* Gc = G + (f.paper ? 0 : (c - 1) * f.Sp);
+        float dzn[MW];  // dz of the layer above
+#pragma unroll
+        for (int i = 0; i < MW; ++i) dzn[i] = 0.f;
+        for (int l = f.L - 1; l >= 0; --l) {
+          const bool act = f.paper || l < f.L - 1, up = l < f.L - 1;
+          const int n4 = f.dnp[l] >> 2, n4u = up ? f.dnp[l + 1] >> 2 : 0;
+          const float4* wu = reinterpret_cast<const float4*>(Wc + (up ? f.woff[l + 1] : 0));  // [dnp[l]][dnp[l+1]]
+          const float* hout = my + f.rH + f.goffp[l];
+          float dz[MW];
+#pragma unroll
+          for (int jc = 0; jc < MW / 4; ++jc) {
+            dz[4 * jc] = dz[4 * jc + 1] = dz[4 * jc + 2] = dz[4 * jc + 3] = 0.f;
+            if (jc < n4) {
+              const float4 g4 = reinterpret_cast<const float4*>(Gc + f.goffp[l])[jc];
+              const float4 h4 = reinterpret_cast<const float4*>(hout)[jc];
+              float u[4] = {g4.x, g4.y, g4.z, g4.w};
+              const float h[4] = {h4.x, h4.y, h4.z, h4.w};
+#pragma unroll
+              for (int qq = 0; qq < 4; ++qq) {
+#pragma unroll
+                for (int kc = 0; kc < MW / 4; ++kc) {
+                  if (kc < n4u) {
+                    const float4 v = wu[(4 * jc + qq) * n4u + kc];
+                    u[qq] = fmaf(dzn[4 * kc], v.x, u[qq]);
+                    u[qq] = fmaf(dzn[4 * kc + 1], v.y, u[qq]);
+                    u[qq] = fmaf(dzn[4 * kc + 2], v.z, u[qq]);
+                    u[qq] = fmaf(dzn[4 * kc + 3], v.w, u[qq]);
+                  }
+                }
+                dz[4 * jc + qq] = act ? u[qq] * (1.f - h[qq] * h[qq]) : u[qq];
+              }
+            }
+          }
+          store_row<MW>(my + f.rDZ + f.goffp[l], dz, f.dnp[l]);
+#pragma unroll
+          for (int i = 0; i < MW; ++i) dzn[i] = dz[i];
+        }
+        // d/dx of x^c through the first layer: gx[i] += c x^(c-1)[i] * sum_j dz0[j] W0[i][j]
+        {
+          const int n4 = f.dnp[0] >> 2;
+          const float4* w0 = reinterpret_cast<const float4*>(Wc + f.woff[0]);
+          const float cf = static_cast<float>(c);
+#pragma unroll
+          for (int ic = 0; ic < MW / 4; ++ic) {
+            if (4 * ic < f.Dp) {
+              float s[4];
+#pragma unroll
+              for (int qq = 0; qq < 4; ++qq) {
+                s[qq] = 0.f;
+#pragma unroll
+                for (int jc = 0; jc < MW / 4; ++jc) {
+                  if (jc < n4) {
+                    const float4 v = w0[(4 * ic + qq) * n4 + jc];
+                    s[qq] = fmaf(dzn[4 * jc], v.x, s[qq]);
+                    s[qq] = fmaf(dzn[4 * jc + 1], v.y, s[qq]);
+                    s[qq] = fmaf(dzn[4 * jc + 2], v.z, s[qq]);
+                    s[qq] = fmaf(dzn[4 * jc + 3], v.w, s[qq]);
+                  }
+                }
+              }
+              float4* gx = reinterpret_cast<float4*>(my + f.rGX) + ic;
+              float4 g = *gx;
+              g.x = fmaf(s[0], cf * pm1[4 * ic], g.x);
+              g.y = fmaf(s[1], cf * pm1[4 * ic + 1], g.y);
+              g.z = fmaf(s[2], cf * pm1[4 * ic + 2], g.z);
+              g.w = fmaf(s[3], cf * pm1[4 * ic + 3], g.w);
+              *gx = g;
+            }
+          }
+        }
+#pragma unroll
+        for (int i = 0; i < MW; ++i) pm1[i] *= x[i];
+        __syncwarp();
+        // this order's weight (and bias) gradients over the round's n rows; lanes own disjoint entries
+        float* gWc = gW + (f.oi ? (c - 1) * f.wslice : 0);
+        for (int l = 0; l < f.L; ++l) {
+          const int hoff = l == 0 ? f.rH0 : f.rH + f.goffp[l - 1], dzoff = f.rDZ + f.goffp[l];
+          float* gw = gWc + f.woff[l];
+          if (f.tile[l] == 4)
+            gw_tiles<4>(gw, stg, f.RS, hoff, dzoff, f.dip[l], f.dnp[l], n, lane);
+          else if (f.tile[l] == 2)
+            gw_tiles<2>(gw, stg, f.RS, hoff, dzoff, f.dip[l], f.dnp[l], n, lane);
+          else
+            gw_tiles<1>(gw, stg, f.RS, hoff, dzoff, f.dip[l], f.dnp[l], n, lane);
+          if (f.bias)
+            for (int j = lane; j < f.dnp[l]; j += 32) {
+              float s = 0.f;
+              for (int m = 0; m < n; ++m) s += stg[m * f.RS + dzoff + j];
+              gw[f.dip[l] * f.dnp[l] + j] += s;
+            }
+        }
+        __syncwarp();
+      }
+      // feed gradient of this lane's behaviour (its row's gx, complete over the orders)
+      if (feed_ids) {
+        // lanes of the round that share a feed row: the lowest one adds their sum (as few atomics as repeats need)
+        const unsigned long long key = t >= 0 ? static_cast<unsigned long long>(frow) : ~0ull - lane;
+        const unsigned peers = __match_any_sync(0xffffffffu, key);
+        if (t >= 0 && lane == __ffs(peers) - 1) {
+          float* dst = grad_feed + frow * f.D;
+          if (f.gfeed_vec) {
+            for (int i = 0; i < f.D; i += 4) {
+              float4 s = make_float4(0.f, 0.f, 0.f, 0.f);
+              for (unsigned pm = peers; pm; pm &= pm - 1) {
+                const float4 v = *reinterpret_cast<const float4*>(stg + (__ffs(pm) - 1) * f.RS + f.rGX + i);
+                s.x += v.x, s.y += v.y, s.z += v.z, s.w += v.w;
+              }
+              atomicAdd(reinterpret_cast<float4*>(dst + i), s);
+            }
+          } else {
+            for (int i = 0; i < f.D; ++i) {
+              float s = 0.f;
+              for (unsigned pm = peers; pm; pm &= pm - 1) s += stg[(__ffs(pm) - 1) * f.RS + f.rGX + i];
+              atomicAdd(dst + i, s);
+            }
+          }
+        }
+      } else if (t >= 0) {
+        float* dst = grad_feed + frow * f.D;
+        if (f.gfeed_vec) {
+          for (int i = 0; i < f.D; i += 4)
+            *reinterpret_cast<float4*>(dst + i) = *reinterpret_cast<const float4*>(my + f.rGX + i);
+        } else {
+          for (int i = 0; i < f.D; ++i) dst[i] = my[f.rGX + i];
+        }
+      }
+      __syncwarp();  // the rows are read by other lanes above and rewritten by the next round
+    }
+  }
+  if (!ind_ids) {  // gathered rows: one row per sample, written
+    if (row) {
+      float* gdst = reinterpret_cast<float*>(rows.grad[0]) + static_cast<size_t>(b) * f.ind_dim;
+      for_params(f, lane, [&](int u, int p) { gdst[u] = gW[p]; });
+    }
+    return;
+  }
+  // Table rows: the block's warps with one id add up their gradients in shared memory, and the first of them adds
+  // the sum to the owner's shard (system scope: the shard may be a peer's, and peers add into ours).
+  if (lane == 0) blk_row[warp] = row ? ind_ids[b] : -1;
+  __syncthreads();  // reached by every warp of the block (ind_ids is a kernel argument, uniform)
+  if (!row) return;
+  const int64_t id = blk_row[warp];
+  for (int w = 0; w < warp; ++w)
+    if (blk_row[w] == id) return;  // an earlier warp adds this row
+  unsigned others = 0;
+  for (int w = warp + 1; w < static_cast<int>(blockDim.x >> 5); ++w)
+    if (blk_row[w] == id) others |= 1u << w;
+  float* gdst = reinterpret_cast<float*>(rows.grad[shard]) + local * f.ind_dim;
+  for_params(f, lane, [&](int u, int p) {
+    float s = gW[p];
+    for (unsigned o = others; o; o &= o - 1) s += smem[static_cast<size_t>(__ffs(o) - 1) * f.per_warp + f.oGW + p];
+    atomicAdd_system(&gdst[u], s);
+  });
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// Id range check (one pass over both id arrays; flags in mapped pinned host memory, no atomics).
+
+__global__ void check_ids_kernel(const int64_t* __restrict__ ids, int64_t n, int64_t rows, volatile int* flag) {
+  bool bad = false;
+  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int64_t v = ids[i];
+    bad |= v < 0 || v >= rows;
+  }
+  if (__any_sync(0xffffffffu, bad) && (threadIdx.x & 31) == 0) *flag = 1;
+}
+
 void check_dims(const CoActionDims& d) {
   DWDP_REQUIRE(d.num_layers >= 1 && d.num_layers <= kCoMaxLayers, "co-action: 1 to " << kCoMaxLayers << " layers");
   for (int l = 0; l < d.num_layers; ++l) {
@@ -281,23 +846,54 @@ void check_rows(const CoActionRows& r) {
 
 }  // namespace
 
-void coaction_launch_shape(const CoActionDims& d, bool backward, int* warps, size_t* smem) {
+namespace {
+size_t fallback_shape(const CoActionDims& d, bool backward, int* warps) {
   const Geo g(d, backward);
   const size_t per = sizeof(float) * static_cast<size_t>(g.per_warp);
   *warps = static_cast<int>(std::min<size_t>(kWarpsMax, kSmemMax / per));
+  return per;
+}
+
+// The fast path takes a shape when its padded widths fit the register arrays and one warp's shared memory fits.
+bool fast_fits(const Fast& f) {
+  return f.MW > 0 && sizeof(float) * static_cast<size_t>(f.per_warp) <= kSmemMax;
+}
+}  // namespace
+
+void coaction_launch_shape(const CoActionDims& d, bool backward, int* warps, size_t* smem, bool* fast) {
+  const Fast f = make_fast(d, backward);
+  const bool use_fast = fast_fits(f);
+  if (fast) *fast = use_fast;
+  if (use_fast) {
+    const size_t per = sizeof(float) * static_cast<size_t>(f.per_warp);
+    *warps = static_cast<int>(std::min<size_t>(kFastWarps, kSmemMax / per));
+    *smem = per * static_cast<size_t>(*warps);
+    return;
+  }
+  const size_t per = fallback_shape(d, backward, warps);
   *smem = per * static_cast<size_t>(*warps);
 }
 
 namespace {
-int prepare(const CoActionDims& d, bool backward, const void* kernel, size_t* smem) {
+// Validates, picks the path, raises the kernel's shared-memory limit. Returns warps per block.
+int prepare(const CoActionDims& d, bool backward, bool* fast, const void* fast_kernel, const void* warp_kernel,
+            size_t* smem) {
   check_dims(d);
   int warps;
-  coaction_launch_shape(d, backward, &warps, smem);
+  coaction_launch_shape(d, backward, &warps, smem, fast);
   DWDP_REQUIRE(warps >= 1, "co-action: one warp's induction row and activations need "
                                << sizeof(float) * Geo(d, backward).per_warp
                                << " bytes of shared memory; at most 227 KiB (use smaller layers or fewer orders)");
-  DWDP_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(*smem)));
+  DWDP_CUDA_CHECK(cudaFuncSetAttribute(*fast ? fast_kernel : warp_kernel,
+                                       cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(*smem)));
   return warps;
+}
+
+// The fast kernel instance for the padded width MW (8, 16 or 32).
+template <typename K8, typename K16, typename K32>
+const void* by_width(int mw, K8 k8, K16 k16, K32 k32) {
+  return mw == 8 ? reinterpret_cast<const void*>(k8)
+                 : mw == 16 ? reinterpret_cast<const void*>(k16) : reinterpret_cast<const void*>(k32);
 }
 }  // namespace
 
@@ -306,21 +902,39 @@ void coaction_forward(const CoActionDims& d, int dtype, int B, int T, const CoAc
   check_rows(rows);
   DeviceGuard guard(device_of(out, "coaction_forward: out"));
   auto s = reinterpret_cast<cudaStream_t>(stream);
-  const Geo g(d, false);
-  auto launch = [&](auto kernel, auto tag) {
+  auto launch = [&](auto tag, auto k8, auto k16, auto k32, auto kwarp) {
     using E = decltype(tag);
+    Fast f = make_fast(d, false);
     size_t smem;
-    const int warps = prepare(d, false, reinterpret_cast<const void*>(kernel), &smem);
+    bool fast;
+    const void* kfast = f.MW ? by_width(f.MW, k8, k16, k32) : nullptr;
+    const int warps = prepare(d, false, &fast, kfast, reinterpret_cast<const void*>(kwarp), &smem);
     if (B == 0 || T == 0) return;
-    kernel<<<(B + warps - 1) / warps, warps * 32, smem, s>>>(
-        d, g, B, T, rows, reinterpret_cast<const int64_t*>(ind_ids), reinterpret_cast<const E*>(feed),
-        reinterpret_cast<const int64_t*>(feed_ids), reinterpret_cast<const float*>(mask), reinterpret_cast<E*>(out));
+    const auto* ids = reinterpret_cast<const int64_t*>(ind_ids);
+    const auto* fd = reinterpret_cast<const E*>(feed);
+    const auto* fids = reinterpret_cast<const int64_t*>(feed_ids);
+    const auto* mk = reinterpret_cast<const float*>(mask);
+    auto* o = reinterpret_cast<E*>(out);
+    if (fast) {
+      f.feed_vec = feed % 16 == 0 && (f.D * sizeof(E)) % 16 == 0;
+      const dim3 grid((B + warps - 1) / warps), block(warps * 32);
+      if (f.MW == 8)
+        k8<<<grid, block, smem, s>>>(f, B, T, rows, ids, fd, fids, mk, o);
+      else if (f.MW == 16)
+        k16<<<grid, block, smem, s>>>(f, B, T, rows, ids, fd, fids, mk, o);
+      else
+        k32<<<grid, block, smem, s>>>(f, B, T, rows, ids, fd, fids, mk, o);
+    } else {
+      kwarp<<<(B + warps - 1) / warps, warps * 32, smem, s>>>(d, Geo(d, false), B, T, rows, ids, fd, fids, mk, o);
+    }
     DWDP_LAUNCH_CHECK();
   };
   if (dtype == 0)
-    launch(forward_kernel<float>, float{});
+    launch(float{}, fast_forward_kernel<float, 8>, fast_forward_kernel<float, 16>, fast_forward_kernel<float, 32>,
+           warp_forward_kernel<float>);
   else
-    launch(forward_kernel<__nv_bfloat16>, __nv_bfloat16{});
+    launch(__nv_bfloat16{}, fast_forward_kernel<__nv_bfloat16, 8>, fast_forward_kernel<__nv_bfloat16, 16>,
+           fast_forward_kernel<__nv_bfloat16, 32>, warp_forward_kernel<__nv_bfloat16>);
 }
 
 void coaction_backward(const CoActionDims& d, int dtype, int B, int T, const CoActionRows& rows, uintptr_t ind_ids,
@@ -330,22 +944,69 @@ void coaction_backward(const CoActionDims& d, int dtype, int B, int T, const CoA
   for (int i = 0; i < rows.shards; ++i) DWDP_REQUIRE(rows.grad[i] != 0, "co-action: shard " << i << " has no gradient");
   DeviceGuard guard(device_of(grad_feed, "coaction_backward: grad_feed"));
   auto s = reinterpret_cast<cudaStream_t>(stream);
-  const Geo g(d, true);
-  auto launch = [&](auto kernel, auto tag) {
+  auto launch = [&](auto tag, auto k8, auto k16, auto k32, auto kwarp) {
     using E = decltype(tag);
+    Fast f = make_fast(d, true);
     size_t smem;
-    const int warps = prepare(d, true, reinterpret_cast<const void*>(kernel), &smem);
+    bool fast;
+    const void* kfast = f.MW ? by_width(f.MW, k8, k16, k32) : nullptr;
+    const int warps = prepare(d, true, &fast, kfast, reinterpret_cast<const void*>(kwarp), &smem);
     if (B == 0 || T == 0) return;
-    kernel<<<(B + warps - 1) / warps, warps * 32, smem, s>>>(
-        d, g, B, T, rows, reinterpret_cast<const int64_t*>(ind_ids), reinterpret_cast<const E*>(feed),
-        reinterpret_cast<const int64_t*>(feed_ids), reinterpret_cast<const float*>(mask),
-        reinterpret_cast<const float*>(grad_out), reinterpret_cast<float*>(grad_feed));
+    const auto* ids = reinterpret_cast<const int64_t*>(ind_ids);
+    const auto* fd = reinterpret_cast<const E*>(feed);
+    const auto* fids = reinterpret_cast<const int64_t*>(feed_ids);
+    const auto* mk = reinterpret_cast<const float*>(mask);
+    const auto* go = reinterpret_cast<const float*>(grad_out);
+    auto* gf = reinterpret_cast<float*>(grad_feed);
+    if (fast) {
+      f.feed_vec = feed % 16 == 0 && (f.D * sizeof(E)) % 16 == 0;
+      f.gfeed_vec = grad_feed % 16 == 0 && f.D % 4 == 0;
+      const dim3 grid((B + warps - 1) / warps), block(warps * 32);
+      if (f.MW == 8)
+        k8<<<grid, block, smem, s>>>(f, B, T, rows, ids, fd, fids, mk, go, gf);
+      else if (f.MW == 16)
+        k16<<<grid, block, smem, s>>>(f, B, T, rows, ids, fd, fids, mk, go, gf);
+      else
+        k32<<<grid, block, smem, s>>>(f, B, T, rows, ids, fd, fids, mk, go, gf);
+    } else {
+      kwarp<<<(B + warps - 1) / warps, warps * 32, smem, s>>>(d, Geo(d, true), B, T, rows, ids, fd, fids, mk, go, gf);
+    }
     DWDP_LAUNCH_CHECK();
   };
   if (dtype == 0)
-    launch(backward_kernel<float>, float{});
+    launch(float{}, fast_backward_kernel<float, 8>, fast_backward_kernel<float, 16>, fast_backward_kernel<float, 32>,
+           warp_backward_kernel<float>);
   else
-    launch(backward_kernel<__nv_bfloat16>, __nv_bfloat16{});
+    launch(__nv_bfloat16{}, fast_backward_kernel<__nv_bfloat16, 8>, fast_backward_kernel<__nv_bfloat16, 16>,
+           fast_backward_kernel<__nv_bfloat16, 32>, warp_backward_kernel<__nv_bfloat16>);
+}
+
+int coaction_check_ids(uintptr_t ind_ids, int64_t n_ind, int64_t ind_rows, uintptr_t feed_ids, int64_t n_feed,
+                       int64_t feed_rows, uintptr_t stream) {
+  const bool ci = ind_ids && n_ind > 0, cf = feed_ids && n_feed > 0;
+  if (!ci && !cf) return 0;
+  DeviceGuard guard(device_of(ci ? ind_ids : feed_ids, "coaction_check_ids: ids"));
+  auto s = reinterpret_cast<cudaStream_t>(stream);
+  // Two flags in mapped pinned host memory, allocated once per process; the lock keeps callers on other threads
+  // from sharing them mid-check.
+  static std::mutex lock;
+  static int* flags = nullptr;
+  std::lock_guard<std::mutex> hold(lock);
+  if (!flags) DWDP_CUDA_CHECK(cudaHostAlloc(&flags, 2 * sizeof(int), cudaHostAllocMapped | cudaHostAllocPortable));
+  volatile int* vf = flags;
+  vf[0] = vf[1] = 0;
+  int* dev = nullptr;
+  DWDP_CUDA_CHECK(cudaHostGetDevicePointer(reinterpret_cast<void**>(&dev), flags, 0));
+  auto run = [&](uintptr_t ids, int64_t n, int64_t rows, int* flag) {
+    const int threads = 256;
+    const int64_t blocks = std::min<int64_t>((n + threads - 1) / threads, 1024);
+    check_ids_kernel<<<static_cast<int>(blocks), threads, 0, s>>>(reinterpret_cast<const int64_t*>(ids), n, rows, flag);
+    DWDP_LAUNCH_CHECK();
+  };
+  if (ci) run(ind_ids, n_ind, ind_rows, dev);
+  if (cf) run(feed_ids, n_feed, feed_rows, dev + 1);
+  DWDP_CUDA_CHECK(cudaStreamSynchronize(s));
+  return (vf[0] ? 1 : 0) | (vf[1] ? 2 : 0);
 }
 
 }  // namespace dwdp

@@ -1,13 +1,26 @@
-// Fused CAN co-action forward and backward (one warp per sample; see python/dwdp_ops/coaction/fused.py).
+// Fused CAN co-action forward and backward (see python/dwdp_ops/coaction/fused.py and docs/coaction.md).
 //
-// Per sample b the induction row is read once into the warp's shared memory (as fp32): from the gathered
-// ``induction[b]`` or, with ``ind_ids``, from a table that may be split into shards on several GPUs (row r lives in
-// shard r / rows_per_shard at row r % rows_per_shard; the shard bases are local or NVLink peer pointers, so a remote
-// row is pulled one-sidedly). Lanes take behaviours t = t0 + lane, t0 = 0, 32, ..., skip masked ones, read the feed
-// row and run the micro-MLP of every order with their activations in a shared-memory column of their own; pooled
-// sums and weight gradients are warp-level column sums over those activations (no atomics inside a sample, no
-// per-sample weight matrix and no [B, T, ...] intermediate in global memory). Backward recomputes the forward.
-// Table gradients are added atomically to the owner's gradient shard (remote atomics over NVLink for peers).
+// Two kernel families, chosen by shape on the host (coaction_launch_shape says which sizes):
+//
+// Fast path (every layer width and D padded to a multiple of 4 at most 32, and the per-warp shared memory below
+// within 227 KiB): a warp per sample, its lanes over the sample's unmasked behaviours (the mask is compacted with
+// ballots, so a round holds 32 valid (sample, behaviour) pairs except the last). The sample's induction row is read
+// once into the warp's shared memory as fp32, each layer padded to [d_in/4*4, d_out/4*4] with zeros, and reused by
+// every behaviour and order; a lane keeps its behaviour's activations in registers, reads the weights as 16-byte
+// broadcasts, and stages each layer's output (and, backward, each layer's dz) in its own shared-memory row. Pooled
+// sums are column sums over the round's rows; weight gradients are register-tiled column sums of outer products over
+// the same rows into the warp's fp32 gradient row: per sample, no global atomics. Table-row gradients: the gathered
+// form writes its rows; with ids the warps of a block first add up the rows of equal ids and one warp adds the sum
+// (one atomic per element and distinct id per block; remote system-scope atomics for a peer's shard); feed-table
+// gradients are summed over the lanes of a round that share a feed id (match_any) and added by one lane with
+// 16-byte atomics where D allows.
+//
+// Fallback (wider layers): one warp per sample, 32 behaviours at a time, every lane's activations in a
+// shared-memory column, warp column sums (the original kernels). No kernel spin-waits.
+//
+// Induction rows come from the gathered ``induction[b]`` or, with ``ind_ids``, from a table that may be split into
+// shards on several GPUs (row r lives in shard r / rows_per_shard at row r % rows_per_shard; the shard bases are local
+// or NVLink peer pointers, so a remote row is pulled one-sidedly). Backward recomputes the forward.
 #pragma once
 #include <cstdint>
 
@@ -45,7 +58,13 @@ void coaction_forward(const CoActionDims& d, int dtype, int B, int T, const CoAc
 void coaction_backward(const CoActionDims& d, int dtype, int B, int T, const CoActionRows& rows, uintptr_t ind_ids,
                        uintptr_t feed, uintptr_t feed_ids, uintptr_t mask, uintptr_t grad_out, uintptr_t grad_feed,
                        uintptr_t stream);
-// Warps per block and dynamic shared memory per block the kernels would use (0 warps: does not fit).
-void coaction_launch_shape(const CoActionDims& d, bool backward, int* warps, size_t* smem);
+// Warps per block and dynamic shared memory per block the kernels would use (0 warps: does not fit); *fast (may be
+// null) says whether the fast path takes this shape.
+void coaction_launch_shape(const CoActionDims& d, bool backward, int* warps, size_t* smem, bool* fast = nullptr);
+// Range check of table ids on the device, stream-ordered, then one host synchronisation of ``stream``: returns
+// bit 0 set when an ind_ids entry is outside [0, ind_rows), bit 1 for feed_ids outside [0, feed_rows). A null ids
+// pointer (or count 0) is not checked.
+int coaction_check_ids(uintptr_t ind_ids, int64_t n_ind, int64_t ind_rows, uintptr_t feed_ids, int64_t n_feed,
+                       int64_t feed_rows, uintptr_t stream);
 
 }  // namespace dwdp

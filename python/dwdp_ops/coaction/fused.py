@@ -3,19 +3,25 @@ semantics as ``reference``.
 
 Induction rows come gathered (``induction [B, D']``), from a table (``induction [rows, D']`` with ``ind_ids [B]``,
 int64) or from a ``ShardedTable`` split over the GPUs (``ind_ids`` are global row ids); feed rows come gathered
-(``feed [B, T, D]``) or from a table (``feed [rows, D]`` with ``feed_ids [B, T]``, int64). The kernel runs one warp per
-sample: it reads the sample's induction row once into shared memory (a peer's row one-sidedly over NVLink) and the
-feed rows as it goes, so no per-sample weight matrix and no ``[B, T, ...]`` intermediate is ever written.
+(``feed [B, T, D]``) or from a table (``feed [rows, D]`` with ``feed_ids [B, T]``, int64). A warp runs one sample:
+it reads the sample's induction row (the micro-MLP's weights) once into shared memory (a peer's row one-sidedly over
+NVLink) and reuses it for all the sample's behaviours and orders; its lanes take the unmasked behaviours (the mask
+compacted with ballots), one (sample, behaviour) pair each, with the activations in registers. Pooled sums and
+weight gradients are column sums over the lanes' staged rows in shared memory, so no per-sample weight matrix, no
+``[B, T, ...]`` intermediate and no global atomic inside a sample. Layers wider than 32 (after padding to a multiple
+of 4) run on the older shared-memory kernels (``uses_fast_kernels`` tells), with the same results.
 ``dtype`` is ``float32`` or ``bfloat16`` (stored as uint16 bits, as CuPy has no bf16); the output has the input's
 storage dtype, gradients are float32. With table inputs the gradients are table-shaped and accumulated atomically
-(repeated ids add up); a sharded table's row gradients are added to the owner's ``grad`` shard by remote atomics.
+(repeated ids add up: the warps of a block first add the rows of equal induction ids, the lanes of a round the rows
+of equal feed ids); a sharded table's row gradients are added to the owner's ``grad`` shard by remote atomics.
 
 Stream order: outputs, gradient buffers and the id checks are allocated and run on the caller's ``stream`` (CuPy's
-pool is stream-ordered, so a buffer freed later is reused only behind the kernels that wrote it).
+pool is stream-ordered, so a buffer freed later is reused only behind the kernels that wrote it). The id check is
+one small kernel over both id arrays and one synchronisation of that stream.
 
-Limits: 1-8 layers, layer widths up to 256, orders up to 8, and one warp's induction row plus its 32 lanes'
-activations within 227 KiB of shared memory (``launch_shape`` tells); beyond them a ValueError says which. T and B
-are unbounded; a sharded table has at most 8 shards, all reachable by load/store (NVLink).
+Limits: 1-8 layers, layer widths up to 256, orders up to 8, and one warp's shared memory within 227 KiB
+(``launch_shape`` tells); beyond them a ValueError says which. T and B are unbounded; a sharded table has at most 8
+shards, all reachable by load/store (NVLink).
 """
 
 from __future__ import annotations
@@ -142,6 +148,12 @@ def launch_shape(spec: CoActionSpec, backward: bool = False) -> tuple[int, int]:
     return tuple(native().coaction_launch_shape(*_spec_args(spec), backward))
 
 
+def uses_fast_kernels(spec: CoActionSpec, backward: bool = False) -> bool:
+    """Whether ``spec`` runs on the register (fast) kernels; False: the shared-memory fallback for wide layers (or
+    nothing fits, see ``launch_shape``)."""
+    return bool(native().coaction_fast_path(*_spec_args(spec), backward))
+
+
 def _args(spec: CoActionSpec, induction, feed, mask, ind_ids, feed_ids, dtype):
     if dtype not in _DT:
         raise ValueError(f"dtype must be 'float32' or 'bfloat16', got {dtype!r}")
@@ -195,16 +207,14 @@ def _args(spec: CoActionSpec, induction, feed, mask, ind_ids, feed_ids, dtype):
     return geo, rows, fd, mk, ids_ptr, fids_ptr, storage
 
 
-def _check_ids(ids, rows: int, what: str, stream) -> None:
-    """Range check on the device, on the caller's stream (behind whatever wrote the ids), then one host read."""
-    import cupy as cp
-
-    if ids is None:
-        return
-    with cupy_stream(stream):
-        a = cp.asarray(ids)
-        if a.size and (int(a.min()) < 0 or int(a.max()) >= rows):
-            raise ValueError(f"{what} must be in [0, {rows}) (the table's rows)")
+def _check_ids(ip: int, B: int, nrows: int, fp: int, T: int, frows: int, stream) -> None:
+    """Range check of both id arrays on the device, on the caller's stream (behind whatever wrote the ids): one
+    kernel each, then one synchronisation of that stream."""
+    bad = native().coaction_check_ids(ip, B, nrows, fp, B * T, frows, stream_handle(stream))
+    if bad & 1:
+        raise ValueError(f"ind_ids must be in [0, {nrows}) (the table's rows)")
+    if bad & 2:
+        raise ValueError(f"feed_ids must be in [0, {frows}) (the table's rows)")
 
 
 def coaction_forward_gpu(induction: Any, feed: Any, mask: Any, spec: CoActionSpec | None = None, *, ind_ids=None,
@@ -215,10 +225,9 @@ def coaction_forward_gpu(induction: Any, feed: Any, mask: Any, spec: CoActionSpe
 
     spec = spec or CoActionSpec()
     geo, (bases, rps, nrows), fd, mk, ip, fp, storage = _args(spec, induction, feed, mask, ind_ids, feed_ids, dtype)
-    if check_ids:
-        _check_ids(ind_ids, nrows, "ind_ids", stream)
-        _check_ids(feed_ids, fd.shape[0], "feed_ids", stream)
     B, T = geo[-2], geo[-1]
+    if check_ids:
+        _check_ids(ip, B, nrows, fp, T, fd.shape[0], stream)
     with cupy_stream(stream):  # the output belongs to the stream that writes it
         # T == 0: nothing to pool, the output is zero (the kernel is not launched)
         out = cp.zeros((B, spec.out_dim), dtype=storage) if T == 0 else cp.empty((B, spec.out_dim), dtype=storage)
@@ -236,8 +245,7 @@ def coaction_backward_gpu(induction: Any, feed: Any, mask: Any, grad_out: Any, s
     spec = spec or CoActionSpec()
     geo, (bases, rps, nrows), fd, mk, ip, fp, _ = _args(spec, induction, feed, mask, ind_ids, feed_ids, dtype)
     if check_ids:
-        _check_ids(ind_ids, nrows, "ind_ids", stream)
-        _check_ids(feed_ids, fd.shape[0], "feed_ids", stream)
+        _check_ids(ip, geo[-2], nrows, fp, geo[-1], fd.shape[0], stream)
     g = device_buffer(grad_out, "grad_out")
     if g.dtype != np.float32 or g.shape != (geo[-2], spec.out_dim) or not g.contiguous:
         raise TypeError(f"grad_out must be a contiguous float32 [{geo[-2]}, {spec.out_dim}] array, got {g.dtype} {list(g.shape)}")
