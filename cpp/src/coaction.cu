@@ -611,7 +611,7 @@ __global__ void __launch_bounds__(kFastWarps * 32) fast_backward_kernel(Fast f, 
                                                                         const float* __restrict__ grad_out,
                                                                         float* __restrict__ grad_feed) {
   extern __shared__ __align__(16) float smem[];
-  __shared__ int64_t blk_row[kFastWarps];  // the table row each warp's gradient belongs to (-1: none)
+  __shared__ int64_t blk_row[kFastWarps];  // the table row each warp's gradient belongs to (-1: none); <= kFastStatic
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   const int b = blockIdx.x * (blockDim.x >> 5) + warp;
   float* base = smem + static_cast<size_t>(warp) * f.per_warp;
@@ -855,8 +855,10 @@ size_t fallback_shape(const CoActionDims& d, bool backward, int* warps) {
 }
 
 // The fast path takes a shape when its padded widths fit the register arrays and one warp's shared memory fits.
+// kFastStatic: the backward's static shared memory (blk_row) comes out of the same 227 KiB.
+constexpr size_t kFastStatic = 64;
 bool fast_fits(const Fast& f) {
-  return f.MW > 0 && sizeof(float) * static_cast<size_t>(f.per_warp) <= kSmemMax;
+  return f.MW > 0 && sizeof(float) * static_cast<size_t>(f.per_warp) <= kSmemMax - kFastStatic;
 }
 }  // namespace
 
@@ -866,7 +868,7 @@ void coaction_launch_shape(const CoActionDims& d, bool backward, int* warps, siz
   if (fast) *fast = use_fast;
   if (use_fast) {
     const size_t per = sizeof(float) * static_cast<size_t>(f.per_warp);
-    *warps = static_cast<int>(std::min<size_t>(kFastWarps, kSmemMax / per));
+    *warps = static_cast<int>(std::min<size_t>(kFastWarps, (kSmemMax - kFastStatic) / per));
     *smem = per * static_cast<size_t>(*warps);
     return;
   }
