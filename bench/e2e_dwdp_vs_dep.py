@@ -124,9 +124,9 @@ def main() -> int:
 
 
 def run(ns, budgets, dists, modes) -> int:  # pragma: no cover - GPU only
-    import os
-
-    os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")  # modes of different temporaries
+    # no PYTORCH_CUDA_ALLOC_CONF=expandable_segments here: with it the first torch.cuda.empty_cache() after the
+    # all-local check failed on both ranks with "CUDA error: context is destroyed" (2 x H200, torch 2.11, NVSHMEM and
+    # NCCL initialised in the process)
     import cupy as cp
     import dwdp_ops
     import numpy as np

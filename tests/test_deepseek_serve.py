@@ -23,6 +23,28 @@ def test_compare_reports_the_worst_step_and_token_agreement():
     assert not c["tokens_equal"] and c["max_rel_err"] == pytest.approx(c["rel_err_per_step"][2]) and c["max_rel_err"] > 1e-2
 
 
+def _greedy(logits):
+    return [[int(np.argmax(step[r])) for step in logits] for r in range(logits[0].shape[0])]
+
+
+def test_a_flip_ends_the_comparison_of_its_request_and_is_reported_with_its_margin():
+    rng = np.random.default_rng(1)
+    base = [rng.normal(size=(2, 20)) for _ in range(3)]
+    base[1][0, :2] = [5.0, 4.9999]  # request 0, step 1: a near tie (margin 1e-4)
+    b = RunResult(_greedy(base), base, [], 0.0)
+    tie = [x + 1e-3 * rng.normal(size=x.shape) for x in base]
+    tie[1][0, :2] = [4.9995, 5.0005]  # flipped by a difference of 5e-4
+    tie[2][0] += 50.0  # after the flip the inputs differ: not compared
+    c = compare(RunResult(_greedy(tie), tie, [], 0.0), b)
+    assert not c["tokens_equal"] and c["comparable_rel_err"] < 1e-2 < c["max_rel_err"]
+    (f,) = c["flips"]
+    assert (f["request"], f["step"]) == (0, 1) and f["margin"] == pytest.approx(1e-4) and f["max_abs_diff"] < 1e-2
+    far = [x.copy() for x in base]
+    far[0][1, 7] = 100.0  # request 1 takes another token at the prefill through a large error: caught
+    c = compare(RunResult(_greedy(far), far, [], 0.0), b)
+    assert c["comparable_rel_err"] > 1e-2 and c["flips"][0]["step"] == 0
+
+
 def test_summary_splits_prefill_and_decode():
     steps = [StepStats("prefill", "prefetch_all", 1000, 100.0, 20.0, 50.0, 10.0, 4e12, 25e12, 8 << 30, 40.0),
              StepStats("decode", "on_demand", 4, 10.0, 2.0, 1.0, 5.0, 1e9, 1e9, 1 << 30, 5.0),

@@ -108,7 +108,9 @@ def main() -> int:
             c = compare(run, base)
             used = [s.policy for s in run.steps]
             exact = policy.split("+")[0] in ("prefetch_all", "on_demand")
-            good = (c["max_rel_err"] == 0.0 if exact else c["max_rel_err"] <= 1e-2) and c["tokens_equal"]
+            # weight modes: bit for bit; DEP (GEMMs over other row sets may tile differently): logits within 1e-2
+            # while the inputs agree, a token flip only where that error decides a near tie (serve.compare)
+            good = (c["max_rel_err"] == 0.0 and c["tokens_equal"]) if exact else c["comparable_rel_err"] <= 1e-2
             if policy.startswith("auto"):  # the prefill moves weights, every decode step moves tokens
                 good &= used[0] in ("prefetch_all", "on_demand") and all(m == "dispatch" for m in used[1:])
             if policy.startswith("dispatch"):
@@ -120,9 +122,11 @@ def main() -> int:
                 good &= all(np.array_equal(a, b) for a, b in zip(run.logits, runs[policy.split("+")[0]].logits))
             ok &= good
             fetched = sum(s.fetch_bytes for s in run.steps) / 2**20
+            flips = f" (flips at near ties: {c['flips']})" if c["flips"] else ""
             print(f"rank {me}: {which} {policy} (modes {used}, {fetched:.0f} MiB fetched) vs all-local "
-                  f"({'bit for bit' if exact else 'rel err <= 1e-2'}): max rel err {c['max_rel_err']:.2e}, "
-                  f"tokens equal {c['tokens_equal']}: {'OK' if good else 'MISMATCH'}", flush=True)
+                  f"({'bit for bit' if exact else 'rel err <= 1e-2 while inputs agree'}): max rel err "
+                  f"{c['max_rel_err']:.2e} (comparable steps {c['comparable_rel_err']:.2e}), tokens equal "
+                  f"{c['tokens_equal']}{flips}: {'OK' if good else 'MISMATCH'}", flush=True)
             if not good:
                 print(f"rank {me}: {policy}: rel err per step {[f'{e:.1e}' for e in c['rel_err_per_step']]}; tokens "
                       f"{run.tokens}", flush=True)

@@ -159,9 +159,27 @@ def run_requests(model, prompts: list[list[int]], steps: int, *, scheduler=None,
 
 
 def compare(a: RunResult, b: RunResult) -> dict:
-    """Largest per-step relative error (Frobenius over the step's ``[n, vocab]`` logits) and token agreement."""
+    """Largest per-step relative error (Frobenius over the step's ``[n, vocab]`` logits) and token agreement, plus
+    the greedy comparison a numerically different (not bit-equal) run is judged by: request r's step i is comparable
+    while both runs fed it the same tokens (``a.tokens[r][:i] == b.tokens[r][:i]``); ``comparable_rel_err`` is the
+    largest relative error of a request's logits over its comparable steps; ``flips`` lists where the greedy tokens
+    first part (request, step, ``b``'s top-2 margin there, the largest absolute logit difference). A flip needs a
+    difference of at least half the margin, so with ``comparable_rel_err`` small every flip is a near tie that
+    rounding decided; the steps after it are not compared (their inputs differ)."""
     errs = [float(np.linalg.norm(x - y) / max(np.linalg.norm(y), 1e-30)) for x, y in zip(a.logits, b.logits)]
-    return {"max_rel_err": max(errs), "rel_err_per_step": errs, "tokens_equal": a.tokens == b.tokens}
+    comparable, flips = [], []
+    for r in range(len(b.tokens)):
+        for i in range(min(len(a.logits), len(b.logits))):
+            if a.tokens[r][:i] != b.tokens[r][:i]:
+                break
+            x, y = np.asarray(a.logits[i][r], np.float64), np.asarray(b.logits[i][r], np.float64)
+            comparable.append(float(np.linalg.norm(x - y) / max(np.linalg.norm(y), 1e-30)))
+            if i < min(len(a.tokens[r]), len(b.tokens[r])) and a.tokens[r][i] != b.tokens[r][i]:
+                top2 = np.sort(y)[-2:]
+                flips.append({"request": r, "step": i, "margin": float(top2[1] - top2[0]),
+                              "max_abs_diff": float(np.abs(x - y).max())})
+    return {"max_rel_err": max(errs), "rel_err_per_step": errs, "tokens_equal": a.tokens == b.tokens,
+            "comparable_rel_err": max(comparable) if comparable else 0.0, "flips": flips}
 
 
 def prompts_for(rank: int, count: int, lo: int, hi: int, vocab: int, seed: int = 0) -> list[list[int]]:
