@@ -1,6 +1,7 @@
 """The routed-expert step around a grouped expert MLP, shared by ``GpuModel`` and the Hugging Face integration:
-token-expert pairs sorted by expert, laid out in groups that start on multiples of ``align`` (zero rows between
-groups), the grouped MLP over all groups at once, and the deterministic combine.
+token-expert pairs sorted by expert, gathered in one pass into groups that start on multiples of ``align`` (padding
+rows between groups), the grouped MLP over all groups at once, one gather back to token order and the deterministic
+combine.
 
 Invariants: no host round trip (the padded size is bounded by shapes alone: at most ``min(E, T k)`` groups are
 non-empty), so the step is capturable in a CUDA graph; no atomics (the combine is a batched GEMM with float32
@@ -25,7 +26,6 @@ def routed_experts(x: Any, w: Any, ids: Any, mlp: Callable[[Any, Any], Any], *, 
     E = int(num_experts)
     flat = ids.reshape(-1)
     order = torch.argsort(flat, stable=True)
-    xs = x[order // k]
     # per-expert counts without bincount (which reads its input's maximum back to the host: not capturable)
     counts = torch.zeros(E, dtype=torch.int64, device=x.device).scatter_add_(0, flat, torch.ones_like(flat))
     if align > 1:
@@ -33,19 +33,25 @@ def routed_experts(x: Any, w: Any, ids: Any, mlp: Callable[[Any, Any], Any], *, 
         pstart = padded.cumsum(0) - padded
         start = counts.cumsum(0) - counts
         e_sorted = flat[order]
-        dst = pstart[e_sorted] + torch.arange(T * k, device=x.device) - start[e_sorted]
+        dst = pstart[e_sorted] + torch.arange(T * k, device=x.device) - start[e_sorted]  # sorted pair -> its row
         rows = T * k + (align - 1) * min(E, T * k)
-        xp = torch.zeros((rows, x.shape[1]), dtype=x.dtype, device=x.device)
-        xp[dst] = xs
-        del xs  # large prefills: every temporary goes back to the (stream-ordered) pool once its reader is enqueued
+        # one gather builds the grouped rows: each row names its token (padding rows read token 0: finite values
+        # whose outputs are never read back); no [T k, H] staging copy, no memset, no scatter
+        src = torch.zeros(rows, dtype=torch.int64, device=x.device)
+        src[dst] = order // k
+        xp = x[src]
+        del src  # large prefills: every temporary goes back to the (stream-ordered) pool once its reader is enqueued
         offs = padded.cumsum(0).to(torch.int32)
-        offs[-1:].fill_(rows)  # the last group takes the tail of zero rows (fill: capturable, no copy)
+        offs[-1:].fill_(rows)  # the last group takes the tail of padding rows (fill: capturable, no copy)
         y = mlp(xp, offs)
         del xp
-        ys = y[dst]
+        pos = torch.empty_like(dst)
+        pos[order] = dst  # pair j (token-major: t k + slot) -> its row
+        yt = y[pos]  # one gather back to token-major order
         del y
-    else:
-        ys = mlp(xs, counts.cumsum(0).to(torch.int32))
+        return torch.bmm(w.to(yt.dtype).unsqueeze(1), yt.view(T, k, yt.shape[1])).squeeze(1)
+    xs = x[order // k]
+    ys = mlp(xs, counts.cumsum(0).to(torch.int32))
     return combine_pairs(ys, order, w)
 
 
