@@ -8,6 +8,7 @@
 #include "dwdp/coaction.h"
 #include "dwdp/dispatch.h"
 #include "dwdp/fetch.h"
+#include "dwdp/quant.h"
 #include "dwdp/runtime.h"
 #include "dwdp/vmm.h"
 
@@ -199,4 +200,6 @@ PYBIND11_MODULE(_C, m) {
   m.def("vmm_map", &dwdp::vmm_map, py::arg("va"), py::arg("nbytes"), py::arg("handle"), py::arg("offset"),
         py::arg("device"));
   m.def("vmm_unmap", &dwdp::vmm_unmap, py::arg("va"), py::arg("nbytes"));
+
+  dwdp::register_quant(m);  // fp8 activation quantisation (cpp/src/quant_bindings.cpp)
 }

@@ -5,7 +5,15 @@ Format (the numpy truth is ``dwdp_ops.quant``): a weight ``[N, K]`` is ``q [N, K
 ``scale [N]`` per output row, ``W = q * scale[:, None]``, ``scale = amax(|row|) / 448`` (1.0 for a zero row);
 activations ``[R, K]`` the same per row (per token). Values are divided (not multiplied by a reciprocal) by the
 scale in float32 and clamped to +-448 before the cast, which rounds to nearest even: bit for bit the numpy encoder
-(older PyTorch releases cast values above 448 to NaN; the clamp makes every release and the encoder agree).
+(older PyTorch releases cast values above 448 to NaN; the clamp makes every release and the encoder agree). The
+scale is ``amax / 448`` divided by a tensor, never by the Python number: on CUDA PyTorch divides by a CPU scalar as a
+multiplication by its float32 reciprocal, which differs from the quotient in the last bit for about half the amax
+values.
+
+On CUDA, bf16 activations take fused kernels of ``dwdp_ops._C`` (``cpp/src/quant.cu``): ``quant_rows`` in one pass
+over each row, and ``swiglu_quant`` (the SwiGLU between the two GEMMs fused with the second quantisation), both bit
+for bit the PyTorch implementations ``quant_rows_torch`` / ``swiglu_quant_torch``, which stay the path for every
+other device, dtype or layout (and the reference the GPU tests compare with, ``tests/test_gpu_quant.py``).
 
 The grouped GEMM takes ``a [R, K]`` fp8 row-major with ``scale_a [R]`` and ``b [G, K, N]`` fp8 column-major (the
 transpose of the store's ``[G, N, K]`` view, no copy) with ``scale_b [G, N]``, groups of rows ending at ``offs [G]``
@@ -20,12 +28,58 @@ from .gpu_weights import require_torch
 
 E4M3_MAX = 448.0
 QUANT_CHUNK = 16384  # rows quantised at a time: bounds the float32 temporary ([chunk, K] x 4 bytes)
+_NATIVE: Any = None  # dwdp_ops._C with the fused kernels, False without them, None until looked up
+
+
+def _native_quant() -> Any:
+    """``dwdp_ops._C`` when it has the fused quantisation kernels, else None (no extension, or one built before
+    them); looked up once."""
+    global _NATIVE
+    if _NATIVE is None:
+        from ..._native import native_or_reason
+
+        c, _why = native_or_reason()
+        _NATIVE = c if c is not None and hasattr(c, "quant_rows_bf16") else False
+    return _NATIVE or None
+
+
+def _fused_ok(x: Any, width: int) -> bool:
+    """Whether the fused kernels take ``x`` (2-D) with output rows of ``width``: a CUDA bf16 tensor, last dimension
+    contiguous, data and row stride 16-byte aligned, ``width`` a multiple of 8 up to ``_C.QUANT_MAX_K``."""
+    torch = require_torch()
+    if not (x.is_cuda and x.dtype == torch.bfloat16 and x.dim() == 2 and x.stride(1) == 1):
+        return False
+    if width <= 0 or width % 8 or x.data_ptr() % 16 or (x.shape[0] > 1 and x.stride(0) % 8):
+        return False
+    c = _native_quant()
+    return c is not None and width <= c.QUANT_MAX_K
+
+
+def _fused(fn: str, x: Any, width: int) -> tuple[Any, Any]:
+    torch = require_torch()
+    R = x.shape[0]
+    q = torch.empty((R, width), dtype=torch.float8_e4m3fn, device=x.device)
+    scale = torch.empty((R,), dtype=torch.float32, device=x.device)
+    if R:
+        stride = x.stride(0) if R > 1 else x.shape[1]
+        getattr(_native_quant(), fn)(x.data_ptr(), stride, q.data_ptr(), scale.data_ptr(), R, width, x.device.index,
+                                     torch.cuda.current_stream(x.device).cuda_stream)
+    return q, scale
 
 
 def quant_rows(x: Any, chunk: int = QUANT_CHUNK) -> tuple[Any, Any]:
     """``x [R, K]`` (bf16 / float) -> ``(q [R, K] float8_e4m3fn, scale [R] float32)`` per row: scale = amax / 448
     (1.0 where that is 0: a zero row), q = clamp(x / scale, +-448) rounded to nearest even. Returned (allocated on the
-    current stream); capturable (no host round trip; the chunking is by shape only)."""
+    current stream); capturable (no host round trip). CUDA bf16 rows (16-byte aligned, K a multiple of 8): the fused
+    kernel, one pass; anything else: ``quant_rows_torch`` (the same bits)."""
+    if x.dim() == 2 and _fused_ok(x, x.shape[1]):
+        return _fused("quant_rows_bf16", x, x.shape[1])
+    return quant_rows_torch(x, chunk)
+
+
+def quant_rows_torch(x: Any, chunk: int = QUANT_CHUNK) -> tuple[Any, Any]:
+    """``quant_rows`` in PyTorch operations, any device and float dtype (in row chunks of ``chunk``: bounds the
+    float32 temporary); bit for bit the numpy ``dwdp_ops.quant.quant_rowwise``."""
     torch = require_torch()
     if x.dim() != 2:
         raise ValueError(f"quant_rows: x must be [rows, K], got shape {list(x.shape)}")
@@ -34,11 +88,30 @@ def quant_rows(x: Any, chunk: int = QUANT_CHUNK) -> tuple[Any, Any]:
     scale = torch.empty((R,), dtype=torch.float32, device=x.device)
     for a in range(0, R, chunk):
         xs = x[a : a + chunk].float()
-        s = xs.abs().amax(dim=1) / E4M3_MAX
+        s = xs.abs().amax(dim=1)
+        s = s / torch.full_like(s, E4M3_MAX)  # a true division (CUDA turns `/ 448.0` into `* fl(1 / 448)`)
         s = torch.where(s == 0, torch.ones_like(s), s)  # a zero row, or one whose amax / 448 underflows
         scale[a : a + chunk] = s
         q[a : a + chunk] = (xs / s[:, None]).clamp_(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn)
     return q, scale
+
+
+def swiglu_quant(h: Any, inter: int) -> tuple[Any, Any]:
+    """``h [R, 2I]`` -> ``quant_rows(silu(h[:, :I]) * h[:, I:])`` (the SwiGLU in ``h``'s dtype, PyTorch's rounding).
+    CUDA bf16: one fused kernel (each row of ``h`` read once, the product never written); else
+    ``swiglu_quant_torch``."""
+    if h.dim() != 2 or h.shape[1] != 2 * inter:
+        raise ValueError(f"swiglu_quant: h must be [rows, 2 * {inter}], got shape {list(h.shape)}")
+    if _fused_ok(h, inter):
+        return _fused("swiglu_quant_bf16", h, inter)
+    return swiglu_quant_torch(h, inter)
+
+
+def swiglu_quant_torch(h: Any, inter: int) -> tuple[Any, Any]:
+    """``swiglu_quant`` in PyTorch operations: the reference of the fused kernel."""
+    torch = require_torch()
+    a = torch.nn.functional.silu(h[:, :inter]) * h[:, inter:]
+    return quant_rows_torch(a)
 
 
 def dequant_rows(q: Any, scale: Any) -> Any:
@@ -66,13 +139,12 @@ def grouped_swiglu_fp8(xg: Any, offs: Any, w13: Any, w2: Any, s13: Any, s2: Any,
     ``[offs[g-1], offs[g])`` (``offs [G]`` int32, multiples of 16), ``w13 [G, 2I, H]`` / ``w2 [G, H, I]``
     float8_e4m3fn (any page-strided batch stride, rows contiguous), ``s13 [G, 2I]`` / ``s2 [G, H]`` float32 row
     scales -> ``[R, H]`` bf16. Activations are quantised per row before each GEMM (``quant_rows``); the SwiGLU runs
-    on the first GEMM's bf16 output. Rows past ``offs[-1]`` are not meaningful."""
+    on the first GEMM's bf16 output, fused with the second quantisation (``swiglu_quant``). Rows past ``offs[-1]``
+    are not meaningful."""
     torch = require_torch()
     xq, xs = quant_rows(xg)
     h = torch._scaled_grouped_mm(xq, w13.transpose(-2, -1), xs, s13, offs=offs, out_dtype=torch.bfloat16)
-    del xq
-    a = torch.nn.functional.silu(h[:, :inter]) * h[:, inter:]
-    del h  # a large prefill's temporaries: each freed as soon as its reader is enqueued (stream-ordered pool)
-    aq, as_ = quant_rows(a)
-    del a
+    del xq  # a large prefill's temporaries: each freed as soon as its reader is enqueued (stream-ordered pool)
+    aq, as_ = swiglu_quant(h, inter)
+    del h
     return torch._scaled_grouped_mm(aq, w2.transpose(-2, -1), as_, s2, offs=offs, out_dtype=torch.bfloat16)
