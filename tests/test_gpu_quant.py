@@ -42,7 +42,7 @@ def _rows(R: int, K: int, seed: int, swiglu: bool = False):
     specials = [
         lambda r: r.zero_(),                                          # a zero row: scale 1, codes 0
         lambda r: r.zero_().neg_(),                                   # -0.0: codes 0x80
-        lambda r: r.uniform_(-big, big, generator=g),                 # near the bf16 maximum
+        lambda r: r.uniform_(-1.0, 1.0, generator=g).mul_(big),      # near the bf16 maximum (uniform_ caps to - from)
         lambda r: r.uniform_(-1e-39, 1e-39, generator=g),             # bf16 subnormals (scale a float32 subnormal)
         lambda r: r.uniform_(-1e-3, 1e-3, generator=g).index_fill_(0, torch.tensor([0], device="cuda"), 7.0),
         lambda r: r.zero_().index_fill_(0, torch.tensor([K - 1], device="cuda"), -3e-5),  # one nonzero value

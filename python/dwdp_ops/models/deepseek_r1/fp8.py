@@ -134,17 +134,22 @@ def requant_block(codes: Any, scale_inv: Any, block: int = 128) -> tuple[Any, An
     return quant_rows(w)
 
 
-def grouped_swiglu_fp8(xg: Any, offs: Any, w13: Any, w2: Any, s13: Any, s2: Any, inter: int) -> Any:
+def grouped_swiglu_fp8(xg: Any, offs: Any, w13: Any, w2: Any, s13: Any, s2: Any, inter: int, *,
+                       fast_accum: bool = False) -> Any:
     """The expert MLP over rows grouped by expert with fp8 weights: ``xg [R, H]`` bf16, group g in rows
     ``[offs[g-1], offs[g])`` (``offs [G]`` int32, multiples of 16), ``w13 [G, 2I, H]`` / ``w2 [G, H, I]``
     float8_e4m3fn (any page-strided batch stride, rows contiguous), ``s13 [G, 2I]`` / ``s2 [G, H]`` float32 row
     scales -> ``[R, H]`` bf16. Activations are quantised per row before each GEMM (``quant_rows``); the SwiGLU runs
     on the first GEMM's bf16 output, fused with the second quantisation (``swiglu_quant``). Rows past ``offs[-1]``
-    are not meaningful."""
+    are not meaningful. ``fast_accum``: the GEMMs' ``use_fast_accum`` (Hopper: partial sums stay in the tensor
+    core's reduced-precision accumulator instead of being promoted to float32; faster, less exact: measured in
+    ``bench/expert_gemm.py``, off in the model)."""
     torch = require_torch()
     xq, xs = quant_rows(xg)
-    h = torch._scaled_grouped_mm(xq, w13.transpose(-2, -1), xs, s13, offs=offs, out_dtype=torch.bfloat16)
+    h = torch._scaled_grouped_mm(xq, w13.transpose(-2, -1), xs, s13, offs=offs, out_dtype=torch.bfloat16,
+                                 use_fast_accum=fast_accum)
     del xq  # a large prefill's temporaries: each freed as soon as its reader is enqueued (stream-ordered pool)
     aq, as_ = swiglu_quant(h, inter)
     del h
-    return torch._scaled_grouped_mm(aq, w2.transpose(-2, -1), as_, s2, offs=offs, out_dtype=torch.bfloat16)
+    return torch._scaled_grouped_mm(aq, w2.transpose(-2, -1), as_, s2, offs=offs, out_dtype=torch.bfloat16,
+                                    use_fast_accum=fast_accum)
