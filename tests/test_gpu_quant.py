@@ -140,6 +140,28 @@ def test_kernels_replay_in_a_cuda_graph():
     _assert_same(got_h, want_h)
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("live", [0, 1, 777, 1000])
+def test_live_rows_bound_the_rows_processed(live):
+    """A device count bounds the rows the kernels touch (the tail of a worst-case DEP buffer): the live rows equal
+    the unbounded result, the rows past the bound keep what was in the output (poisoned here), read from the device
+    without a host round trip."""
+    x = _rows(1000, 7168, seed=5).to(torch.bfloat16)
+    h = _rows(1000, 4096, seed=6, swiglu=True).to(torch.bfloat16)
+    n = torch.tensor([live, 123], dtype=torch.int32, device="cuda")
+    for got, want in ((fp8.quant_rows(x, live_rows=n), fp8.quant_rows(x)),
+                      (fp8.swiglu_quant(h, 2048, live_rows=n), fp8.swiglu_quant(h, 2048))):
+        _assert_same((got[0][:live], got[1][:live]), (want[0][:live], want[1][:live]))
+    poison = torch.full((1000,), 7.0, device="cuda")
+    q = torch.empty((1000, 7168), dtype=torch.float8_e4m3fn, device="cuda")
+    fp8._native_quant().quant_rows_bf16(x.data_ptr(), x.stride(0), q.data_ptr(), poison.data_ptr(), 1000, 7168,
+                                        x.device.index, torch.cuda.current_stream().cuda_stream, n.data_ptr())
+    torch.cuda.synchronize()
+    assert bool((poison[live:] == 7.0).all()) and not bool((poison[:live] == 7.0).any())
+    with pytest.raises(ValueError, match="live_rows must be an int32 tensor"):
+        fp8.quant_rows(x, live_rows=n.long())
+
+
 def _time_ms(fn, repeats: int = 20) -> float:
     for _ in range(3):
         fn()

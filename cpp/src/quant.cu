@@ -64,12 +64,14 @@ __device__ __forceinline__ unsigned short encode2(unsigned w, float s) {
 template <int PER, bool SWIGLU>
 __global__ void __launch_bounds__(kBlock) quant_rows_kernel(const uint4* __restrict__ x, long long stride16,
                                                           uint2* __restrict__ q, float* __restrict__ scale,
-                                                          long long rows, int nvec, int tpr) {
+                                                          long long rows, int nvec, int tpr,
+                                                          const int* __restrict__ live_rows) {
   __shared__ unsigned red[kBlock / 32];
   const int sub = threadIdx.x / tpr, t = threadIdx.x % tpr;
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, wpr = tpr >> 5;
   const long long row = static_cast<long long>(blockIdx.x) * (blockDim.x / tpr) + sub;
-  const bool live = row < rows;
+  // rows at or past *live_rows (a device count, e.g. the end of the last expert group) are neither read nor written
+  const bool live = row < rows && (live_rows == nullptr || row < static_cast<long long>(*live_rows));
   const uint4* xr = x + (live ? row : 0) * stride16;
 
   uint4 v[PER];
@@ -112,7 +114,7 @@ __global__ void __launch_bounds__(kBlock) quant_rows_kernel(const uint4* __restr
 
 template <bool SWIGLU>
 void launch(const char* fn, uintptr_t x, int64_t x_stride, uintptr_t q, uintptr_t scale, int64_t rows, int64_t k,
-            int device, uintptr_t stream) {
+            int device, uintptr_t stream, uintptr_t live_rows) {
   DWDP_REQUIRE(rows >= 0, fn << ": rows must be >= 0, got " << rows);
   DWDP_REQUIRE(k > 0 && k % kVec == 0 && k <= kQuantMaxK,
                fn << ": the row width must be a positive multiple of 8 up to " << kQuantMaxK << ", got " << k);
@@ -122,6 +124,7 @@ void launch(const char* fn, uintptr_t x, int64_t x_stride, uintptr_t q, uintptr_
   DWDP_REQUIRE(rows <= 1 || x_stride >= in_width,
                fn << ": row stride " << x_stride << " is shorter than a row of " << in_width << " elements");
   DWDP_REQUIRE(q % 8 == 0 && scale % 4 == 0, fn << ": q must be 8-byte and scale 4-byte aligned");
+  DWDP_REQUIRE(live_rows % 4 == 0, fn << ": live_rows must point to an int32 (4-byte aligned) or be 0");
   if (rows == 0) return;
   DWDP_REQUIRE(x != 0 && q != 0 && scale != 0, fn << ": null pointer");
 
@@ -139,12 +142,13 @@ void launch(const char* fn, uintptr_t x, int64_t x_stride, uintptr_t q, uintptr_
   auto* qp = reinterpret_cast<uint2*>(q);
   auto* sp = reinterpret_cast<float*>(scale);
   const long long stride16 = x_stride / kVec;
+  auto* lr = reinterpret_cast<const int*>(live_rows);
   const dim3 grid(static_cast<unsigned>(blocks)), block(static_cast<unsigned>(tpr * rpb));
   switch (per) {
-    case 1: quant_rows_kernel<1, SWIGLU><<<grid, block, 0, s>>>(xp, stride16, qp, sp, rows, nvec, tpr); break;
-    case 2: quant_rows_kernel<2, SWIGLU><<<grid, block, 0, s>>>(xp, stride16, qp, sp, rows, nvec, tpr); break;
-    case 4: quant_rows_kernel<4, SWIGLU><<<grid, block, 0, s>>>(xp, stride16, qp, sp, rows, nvec, tpr); break;
-    default: quant_rows_kernel<8, SWIGLU><<<grid, block, 0, s>>>(xp, stride16, qp, sp, rows, nvec, tpr); break;
+    case 1: quant_rows_kernel<1, SWIGLU><<<grid, block, 0, s>>>(xp, stride16, qp, sp, rows, nvec, tpr, lr); break;
+    case 2: quant_rows_kernel<2, SWIGLU><<<grid, block, 0, s>>>(xp, stride16, qp, sp, rows, nvec, tpr, lr); break;
+    case 4: quant_rows_kernel<4, SWIGLU><<<grid, block, 0, s>>>(xp, stride16, qp, sp, rows, nvec, tpr, lr); break;
+    default: quant_rows_kernel<8, SWIGLU><<<grid, block, 0, s>>>(xp, stride16, qp, sp, rows, nvec, tpr, lr); break;
   }
   DWDP_LAUNCH_CHECK();
 }
@@ -152,13 +156,13 @@ void launch(const char* fn, uintptr_t x, int64_t x_stride, uintptr_t q, uintptr_
 }  // namespace
 
 void quant_rows_bf16(uintptr_t x, int64_t x_stride, uintptr_t q, uintptr_t scale, int64_t rows, int64_t k,
-                     int device, uintptr_t stream) {
-  launch<false>("quant_rows_bf16", x, x_stride, q, scale, rows, k, device, stream);
+                     int device, uintptr_t stream, uintptr_t live_rows) {
+  launch<false>("quant_rows_bf16", x, x_stride, q, scale, rows, k, device, stream, live_rows);
 }
 
 void swiglu_quant_bf16(uintptr_t h, int64_t h_stride, uintptr_t q, uintptr_t scale, int64_t rows, int64_t inter,
-                       int device, uintptr_t stream) {
-  launch<true>("swiglu_quant_bf16", h, h_stride, q, scale, rows, inter, device, stream);
+                       int device, uintptr_t stream, uintptr_t live_rows) {
+  launch<true>("swiglu_quant_bf16", h, h_stride, q, scale, rows, inter, device, stream, live_rows);
 }
 
 }  // namespace dwdp

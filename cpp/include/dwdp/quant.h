@@ -19,14 +19,16 @@ class module_;
 namespace dwdp {
 
 // x [rows, k] bf16, row stride x_stride elements (last dim contiguous; x and the stride 16-byte aligned, k % 8 == 0,
-// k <= kQuantMaxK) -> q [rows, k] e4m3 contiguous (8-byte aligned), scale [rows] float32.
+// k <= kQuantMaxK) -> q [rows, k] e4m3 contiguous (8-byte aligned), scale [rows] float32. live_rows: 0, or a device
+// int32 whose value bounds the rows processed (rows at or past it are neither read nor written: the tail of a
+// grouped buffer sized for the worst case, skipped without a host round trip).
 void quant_rows_bf16(uintptr_t x, int64_t x_stride, uintptr_t q, uintptr_t scale, int64_t rows, int64_t k,
-                     int device, uintptr_t stream);
+                     int device, uintptr_t stream, uintptr_t live_rows = 0);
 
 // h [rows, 2 * inter] bf16, row stride h_stride elements (same alignment rules, inter % 8 == 0) -> q [rows, inter]
-// e4m3 contiguous, scale [rows] float32.
+// e4m3 contiguous, scale [rows] float32; live_rows as for quant_rows_bf16.
 void swiglu_quant_bf16(uintptr_t h, int64_t h_stride, uintptr_t q, uintptr_t scale, int64_t rows, int64_t inter,
-                       int device, uintptr_t stream);
+                       int device, uintptr_t stream, uintptr_t live_rows = 0);
 
 constexpr int64_t kQuantMaxK = 8 * 8 * 256;  // 8 elements per vector, 8 vectors per thread, 256 threads per row
 

@@ -55,25 +55,33 @@ def _fused_ok(x: Any, width: int) -> bool:
     return c is not None and width <= c.QUANT_MAX_K
 
 
-def _fused(fn: str, x: Any, width: int) -> tuple[Any, Any]:
+def _fused(fn: str, x: Any, width: int, live_rows: Any = None) -> tuple[Any, Any]:
     torch = require_torch()
     R = x.shape[0]
+    lr = 0
+    if live_rows is not None:
+        if not (live_rows.is_cuda and live_rows.dtype == torch.int32 and live_rows.numel() >= 1
+                and live_rows.device == x.device):
+            raise ValueError("live_rows must be an int32 tensor on x's GPU (its first element bounds the rows)")
+        lr = live_rows.data_ptr()
     q = torch.empty((R, width), dtype=torch.float8_e4m3fn, device=x.device)
     scale = torch.empty((R,), dtype=torch.float32, device=x.device)
     if R:
         stride = x.stride(0) if R > 1 else x.shape[1]
         getattr(_native_quant(), fn)(x.data_ptr(), stride, q.data_ptr(), scale.data_ptr(), R, width, x.device.index,
-                                     torch.cuda.current_stream(x.device).cuda_stream)
+                                     torch.cuda.current_stream(x.device).cuda_stream, lr)
     return q, scale
 
 
-def quant_rows(x: Any, chunk: int = QUANT_CHUNK) -> tuple[Any, Any]:
+def quant_rows(x: Any, chunk: int = QUANT_CHUNK, *, live_rows: Any = None) -> tuple[Any, Any]:
     """``x [R, K]`` (bf16 / float) -> ``(q [R, K] float8_e4m3fn, scale [R] float32)`` per row: scale = amax / 448
     (1.0 where that is 0: a zero row), q = clamp(x / scale, +-448) rounded to nearest even. Returned (allocated on the
     current stream); capturable (no host round trip). CUDA bf16 rows (16-byte aligned, K a multiple of 8): the fused
-    kernel, one pass; anything else: ``quant_rows_torch`` (the same bits)."""
+    kernel, one pass; anything else: ``quant_rows_torch`` (the same bits). ``live_rows``: None, or an int32 tensor
+    on x's GPU whose first element bounds the rows the fused kernel processes (rows past it are left unwritten:
+    the tail of a grouped buffer sized for the worst case; the PyTorch path computes them anyway)."""
     if x.dim() == 2 and _fused_ok(x, x.shape[1]):
-        return _fused("quant_rows_bf16", x, x.shape[1])
+        return _fused("quant_rows_bf16", x, x.shape[1], live_rows)
     return quant_rows_torch(x, chunk)
 
 
@@ -96,14 +104,14 @@ def quant_rows_torch(x: Any, chunk: int = QUANT_CHUNK) -> tuple[Any, Any]:
     return q, scale
 
 
-def swiglu_quant(h: Any, inter: int) -> tuple[Any, Any]:
+def swiglu_quant(h: Any, inter: int, *, live_rows: Any = None) -> tuple[Any, Any]:
     """``h [R, 2I]`` -> ``quant_rows(silu(h[:, :I]) * h[:, I:])`` (the SwiGLU in ``h``'s dtype, PyTorch's rounding).
     CUDA bf16: one fused kernel (each row of ``h`` read once, the product never written); else
-    ``swiglu_quant_torch``."""
+    ``swiglu_quant_torch``. ``live_rows`` as for ``quant_rows``."""
     if h.dim() != 2 or h.shape[1] != 2 * inter:
         raise ValueError(f"swiglu_quant: h must be [rows, 2 * {inter}], got shape {list(h.shape)}")
     if _fused_ok(h, inter):
-        return _fused("swiglu_quant_bf16", h, inter)
+        return _fused("swiglu_quant_bf16", h, inter, live_rows)
     return swiglu_quant_torch(h, inter)
 
 
@@ -145,11 +153,12 @@ def grouped_swiglu_fp8(xg: Any, offs: Any, w13: Any, w2: Any, s13: Any, s2: Any,
     core's reduced-precision accumulator instead of being promoted to float32; faster, less exact: measured in
     ``bench/expert_gemm.py``, off in the model)."""
     torch = require_torch()
-    xq, xs = quant_rows(xg)
+    live = offs[-1:]  # rows past the last group (a worst-case-sized DEP buffer's tail) are skipped, not quantised
+    xq, xs = quant_rows(xg, live_rows=live)
     h = torch._scaled_grouped_mm(xq, w13.transpose(-2, -1), xs, s13, offs=offs, out_dtype=torch.bfloat16,
                                  use_fast_accum=fast_accum)
     del xq  # a large prefill's temporaries: each freed as soon as its reader is enqueued (stream-ordered pool)
-    aq, as_ = swiglu_quant(h, inter)
+    aq, as_ = swiglu_quant(h, inter, live_rows=live)
     del h
     return torch._scaled_grouped_mm(aq, w2.transpose(-2, -1), as_, s2, offs=offs, out_dtype=torch.bfloat16,
                                     use_fast_accum=fast_accum)
