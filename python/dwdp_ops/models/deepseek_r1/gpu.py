@@ -233,6 +233,7 @@ class GpuModel:
         self.tstream = torch.cuda.ExternalStream(self.stream.ptr, device=self.device)
         self.grouped = (self.dtype == torch.bfloat16 and hasattr(torch, "_grouped_mm")) if grouped is None else grouped
         self.align = int(align)
+        self._step_pairs = 0  # this step's token-expert pairs on this rank (set by forward)
         self.P = {n: weights.dense(n) for n in dense_shapes(cfg)}
         ang = yarn_freqs(cfg)[: self.max_seq]
         self.cos = torch.from_numpy(np.cos(ang)).float().to(self.device)
@@ -341,8 +342,10 @@ class GpuModel:
         if s13 is not None:
             from .fp8 import FAST_ACCUM_MIN_ROWS, grouped_swiglu_fp8
 
-            # large steps accumulate in the tensor cores' fast mode (faster there, same error against bf16: fp8.py)
-            return grouped_swiglu_fp8(xg, offs, w13, w2, s13, s2, I, fast_accum=xg.shape[0] >= FAST_ACCUM_MIN_ROWS)
+            # large steps accumulate in the tensor cores' fast mode (faster there, same error against bf16: fp8.py);
+            # decided by this rank's token-expert pairs, the same in every mode (not by a buffer's worst-case size)
+            fast = self._step_pairs >= FAST_ACCUM_MIN_ROWS
+            return grouped_swiglu_fp8(xg, offs, w13, w2, s13, s2, I, fast_accum=fast)
         h = torch._grouped_mm(xg, w13.transpose(-2, -1), offs=offs)
         a = torch.nn.functional.silu(h[:, :I]) * h[:, I:]
         return torch._grouped_mm(a, w2.transpose(-2, -1), offs=offs)
@@ -472,6 +475,7 @@ class GpuModel:
             flat.extend(t)
             a += len(t)
         ids = np.asarray(flat, dtype=np.int64)
+        self._step_pairs = len(flat) * cfg.n_activated_experts
         if ids.min() < 0 or ids.max() >= cfg.vocab_size:
             raise ValueError(f"token ids must be in [0, {cfg.vocab_size})")
         with torch.cuda.stream(self.tstream):
