@@ -81,7 +81,7 @@ def test_demo_cpu_json_runs_and_keeps_explicit_counts(capsys):
     code, out, err = run_main(demo.main, ["--cpu", "--ranks", "2", "--prompts", "1", "--steps", "1", "--json"], capsys)
     assert code == 0, err
     rep = json.loads(out)
-    assert rep["dtype"] == "bfloat16" and len(rep["plans"]) == 2
+    assert rep["dtype"] == "float8_e4m3fn" and len(rep["plans"]) == 2
     reqs = rep["cpu_reference"]["requests"]
     assert [(r["rank"], r["request"]) for r in reqs] == [(0, 0), (1, 0)]
     assert all(len(r["tokens"]) == 1 for r in reqs)  # --steps 1 is used, not a default

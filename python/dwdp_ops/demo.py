@@ -136,7 +136,7 @@ def build_parser(prog: str = "dwdp-demo") -> argparse.ArgumentParser:
     ap.add_argument("--steps", type=positive_int, default=None,
                     help="greedy steps per request (default: 16 on GPUs, 8 on CPU)")
     ap.add_argument("--seed", type=nonnegative_int, default=0, help="seed of the weights and the prompts")
-    ap.add_argument("--dtype", choices=DEMO_DTYPES, default="bfloat16",
+    ap.add_argument("--dtype", choices=DEMO_DTYPES, default="float8_e4m3fn",
                     help="routed-expert dtype: the GPU model's experts (fp8: e4m3 bytes with rowwise scales, "
                          "requantised from the checkpoint's 128x128 blocks), or what the CPU fetch plan is sized for")
     ap.add_argument("--cpu", action="store_true", help="run the CPU path even where GPUs are present")

@@ -54,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-len", type=int, default=1024)
     ap.add_argument("--steps", type=int, default=16)
     ap.add_argument("--policy", default="auto", choices=["auto", "prefetch_all", "on_demand", "dispatch"])
-    ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float8_e4m3fn"],
+    ap.add_argument("--dtype", default="float8_e4m3fn", choices=["bfloat16", "float8_e4m3fn"],
                     help="routed experts: bf16, or fp8 e4m3 with rowwise scales (requantised from 128x128 blocks)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--no-check", action="store_true")
