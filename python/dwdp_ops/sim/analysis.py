@@ -6,8 +6,16 @@ comparison with the paper's GB200 context-only result.
 ``validate``  predictions against measured points (e.g. issue 14's ``bench/e2e_dwdp_vs_dep.py`` output): each point a
               dict with ``mode`` ("dwdp" or "dep"), ``N`` (or ``gpus``), ``cv`` or ``ratio``, ``max_tokens``,
               ``iteration_ms`` and ``tps_per_gpu`` (optional: ``isl``, ``layers``, ``dense_layers``, ``seed``,
-              ``iterations``, ``hardware``); reports the relative error (predicted / measured - 1) of both figures
-              per point and whether it is within ``tolerance``.
+              ``iterations``, ``warmup``, ``hardware``); reports the relative error (predicted / measured - 1) of
+              both figures per point and whether it is within ``tolerance``. The measured iteration is the
+              benchmark's: the slowest rank's step, averaged over iterations (``slowest_rank_iteration_ms``; for
+              DEP, in lockstep, the same as ``iteration_ms``).
+``e2e_categories``  a prediction regrouped as ``bench/e2e_dwdp_vs_dep.py`` groups its CUDA-event spans: ``attn`` (the
+              whole MLA block: core + MLA projections + the block's elementwise work), ``experts`` (expert GEMMs),
+              ``other`` (dense MLPs, shared expert + router, MoE-layer others, LM head), ``comm``, ``sync_wait``,
+              ``wait`` (exposed fetch), ``step`` (their sum: the mean step of a rank).
+``validate_e2e``  ``validate`` on an e2e result file's ``points``, with each point's measured categories (from the
+              file's ``records``) next to ``e2e_categories`` of the prediction.
 ``paper_comparison``  the paper's Table 3 next to a prediction of its setting (GB200, N=4, ISL 8K, ratio 0.8, 32768
               tokens, 61 layers).
 """
@@ -20,7 +28,8 @@ from .costs import CATEGORIES, Overrides
 from .model import SimConfig, simulate
 from .paper import PAPER
 
-__all__ = ["is_paper_setting", "paper_comparison", "sweep", "validate"]
+__all__ = ["E2E_CATEGORIES", "e2e_categories", "is_paper_setting", "paper_comparison", "sweep", "validate",
+           "validate_e2e", "validation_table"]
 
 
 def _row(res: dict, setting: dict) -> dict:
@@ -70,7 +79,7 @@ def _point_config(p: dict, defaults: dict) -> SimConfig:
         if not isinstance(p[k], (int, float)) or not p[k] > 0:
             raise ValueError(f"measured point {k} must be a number > 0, got {p[k]!r}")
     kw = dict(defaults)
-    for k in ("isl", "layers", "dense_layers", "seed", "iterations", "hardware"):
+    for k in ("isl", "layers", "dense_layers", "seed", "iterations", "warmup", "hardware"):
         if k in p:
             kw[k] = p[k]
     return SimConfig(gpus=p.get("N", p.get("gpus")), cv=p.get("cv"), ratio=p.get("ratio"),
@@ -81,8 +90,9 @@ def validate(measured_points: Iterable[dict], *, hardware: str = "h200", isl: in
              dense_layers: int | None = None, seed: int = 0, iterations: int = 32, tolerance: float = 0.10,
              overrides: Overrides | None = None) -> dict:
     """Predicted against measured, point by point (module docstring). Returns ``points`` (each measured point with
-    ``predicted_iteration_ms``, ``predicted_tps_per_gpu``, ``rel_err_iteration_ms``, ``rel_err_tps_per_gpu``,
-    ``within_tolerance``), ``max_abs_rel_err`` and ``all_within``. Settings shared by several points are simulated
+    ``predicted_iteration_ms`` (the slowest rank's, as the benchmark measures it), ``predicted_tps_per_gpu``,
+    ``rel_err_iteration_ms``, ``rel_err_tps_per_gpu``, ``within_tolerance``, ``predicted_categories_ms``
+    (``e2e_categories``)), ``max_abs_rel_err`` and ``all_within``. Settings shared by several points are simulated
     once."""
     defaults = dict(hardware=hardware, isl=isl, layers=layers, dense_layers=dense_layers, seed=seed,
                     iterations=iterations, overrides=overrides or Overrides())
@@ -93,14 +103,89 @@ def validate(measured_points: Iterable[dict], *, hardware: str = "h200", isl: in
         if cfg not in cache:
             cache[cfg] = simulate(cfg)
         pred = cache[cfg][p["mode"]]
-        e_it = pred["iteration_ms"] / p["iteration_ms"] - 1.0
+        it_ms = pred["slowest_rank_iteration_ms"]
+        e_it = it_ms / p["iteration_ms"] - 1.0
         e_tps = pred["tps_per_gpu"] / p["tps_per_gpu"] - 1.0
-        out.append({**p, "predicted_iteration_ms": pred["iteration_ms"], "predicted_tps_per_gpu": pred["tps_per_gpu"],
+        out.append({**p, "predicted_iteration_ms": it_ms, "predicted_tps_per_gpu": pred["tps_per_gpu"],
                     "rel_err_iteration_ms": e_it, "rel_err_tps_per_gpu": e_tps,
-                    "within_tolerance": abs(e_it) <= tolerance and abs(e_tps) <= tolerance})
+                    "within_tolerance": abs(e_it) <= tolerance and abs(e_tps) <= tolerance,
+                    "predicted_categories_ms": e2e_categories(pred)})
     worst = max((max(abs(x["rel_err_iteration_ms"]), abs(x["rel_err_tps_per_gpu"])) for x in out), default=0.0)
     return {"tolerance": tolerance, "points": out, "max_abs_rel_err": worst,
             "all_within": all(x["within_tolerance"] for x in out)}
+
+
+E2E_CATEGORIES = ("attn", "experts", "other", "comm", "sync_wait", "wait", "step")
+
+
+def e2e_categories(mode_result: dict) -> dict:
+    """One mode's prediction (``simulate(...)["dwdp"]`` or ``["dep"]``) in the e2e benchmark's categories (module
+    docstring), ms per rank and iteration (means over ranks and iterations, as the benchmark's ``categories_ms``)."""
+    d, b = mode_result["detail_ms"], mode_result["breakdown_ms"]
+    out = {
+        "attn": d["attention"] + d["dense_gemm:mla_proj"] + d["others:attn_block"],
+        "experts": b["expert_gemm"],
+        "other": (d["dense_gemm:dense_mlp"] + d["dense_gemm:shared_router"] + d["dense_gemm:lm_head"]
+                  + d["others:moe"]),
+        "comm": b["communication"],
+        "sync_wait": b["sync_wait"],
+        "wait": b["exposed_fetch"],
+    }
+    out["step"] = sum(out.values())
+    return out
+
+
+def _measured_categories(record: dict, mode: str) -> dict:
+    c = record["modes"][mode]["categories_ms"]
+    return {"attn": c["attn_ms"], "experts": c["experts_ms"], "other": c["other_ms"], "comm": c["comm_ms"],
+            "sync_wait": c["sync_wait_ms"], "wait": c["wait_ms"], "step": c["step_ms"],
+            "overlapped_copy": c.get("copy_ms", 0.0)}
+
+
+def validate_e2e(result: dict, *, hardware: str = "h200", tolerance: float = 0.10,
+                 overrides: Overrides | None = None) -> dict:
+    """``validate`` on the ``points`` of a ``bench/e2e_dwdp_vs_dep.py`` result (its JSON as a dict), each point
+    simulated with the benchmark's iterations after its ``warmup`` (the same draws: the benchmark uses
+    ``sim.workload``), plus ``measured_categories_ms`` from the matching record (budget, distribution, mode). A
+    bf16 profile against an fp8 result is refused."""
+    if not isinstance(result, dict) or not isinstance(result.get("points"), list) or not result["points"]:
+        raise ValueError("an e2e result needs a non-empty 'points' list (bench/e2e_dwdp_vs_dep.py's output)")
+    if hardware == "h200" and result.get("dtype", "bfloat16") != "bfloat16":
+        raise ValueError(f"the h200 profile is calibrated with bf16 experts; this result has {result['dtype']} "
+                         "experts (no fp8 profile yet)")
+    warmup = int(result.get("warmup", 0))
+    points = [{"warmup": warmup, **p} for p in result["points"]]
+    v = validate(points, hardware=hardware, tolerance=tolerance, overrides=overrides)
+    records = result.get("records") or []
+    for p in v["points"]:
+        dist = {k: p[k] for k in ("cv", "ratio") if k in p}
+        rec = next((r for r in records if r.get("budget") == p["max_tokens"] and r.get("dist") == dist
+                    and p["mode"] in r.get("modes", {})), None)
+        if rec is not None:
+            p["measured_categories_ms"] = _measured_categories(rec, p["mode"])
+    return v
+
+
+def validation_table(v: dict) -> str:
+    """``validate_e2e``'s result as text: per point the iteration and TPS/GPU (measured, predicted, error) and per
+    category measured / predicted ms per rank and iteration."""
+    cats = ("attn", "experts", "other", "comm", "sync_wait", "wait", "step")
+    head = (f"{'mode':5s} {'budget':>6s} {'lengths':9s} {'it meas':>8s} {'it pred':>8s} {'err':>7s} "
+            f"{'TPS meas':>8s} {'TPS pred':>8s} {'err':>7s}  " + " ".join(f"{c:>13s}" for c in cats))
+    lines = [head]
+    for p in v["points"]:
+        name = f"cv{p['cv']:g}" if "cv" in p else f"ratio{p['ratio']:g}"
+        mc, pc = p.get("measured_categories_ms"), p["predicted_categories_ms"]
+        cells = " ".join(f"{(mc[c] if mc else float('nan')):6.1f}/{pc[c]:<6.1f}" for c in cats)
+        lines.append(f"{p['mode']:5s} {p['max_tokens']:6d} {name:9s} {p['iteration_ms']:8.1f} "
+                     f"{p['predicted_iteration_ms']:8.1f} {100 * p['rel_err_iteration_ms']:+6.1f}% "
+                     f"{p['tps_per_gpu']:8.0f} {p['predicted_tps_per_gpu']:8.0f} {100 * p['rel_err_tps_per_gpu']:+6.1f}%  "
+                     + cells)
+    n_in = sum(1 for p in v["points"] if p["within_tolerance"])
+    lines.append(f"categories: measured/predicted ms per rank and iteration (e2e_categories); {n_in} of "
+                 f"{len(v['points'])} points within {100 * v['tolerance']:.0f} % on both figures; worst "
+                 f"{100 * v['max_abs_rel_err']:.1f} %")
+    return "\n".join(lines)
 
 
 def is_paper_setting(config: dict) -> bool:

@@ -6,11 +6,16 @@ from public figures plus the efficiencies measured on H200.
 ``--check`` writes nothing and exits 1 if the files it would write differ from those in ``--out-dir`` (default: the
 package's ``sim/calibration``). Every number in a file names where it came from (file and field, or source).
 
-H200 (2 x H200 runs of 2026-11-30, bf16 experts), from these files in ``--results``:
+H200 (2 x H200 runs of 2026-11-30 and 2026-12-01, bf16 experts), from these files in ``--results``:
+  attention_probe_H200.json       the attention core rate of ``models/attention.py``'s ``prefill_attention`` as
+                                  ``auto`` runs it for mixed lengths (the per-request cuDNN loop, case
+                                  ``packed:loop`` of the ``mix`` records: lengths uniform in [0.8 S, S]), one point
+                                  per S at the FLOP-weighted length; the equal-length rate (``packed:dense``, one
+                                  cuDNN call) recorded beside it (``attention_points``)
   deepseek_forward_H200_N2.json   dense GEMM rate; expert GEMM rate at 128 / 512 / 1024 rows per expert; the
-                                  attention block against request length, split into its intercept (projections
-                                  at the dense rate + elementwise "others") and a core rate per length by a least-
-                                  squares line t(S) = a + b S through the per-token times; the MoE layers' other
+                                  attention block's elementwise work (per-token time of the block minus the MLA
+                                  projections at the dense rate and the core at the probe's equal-length rate:
+                                  these rows are 16 requests of equal length); the MoE layers' other
                                   work (step - attention - expert GEMMs - fetch waits - modelled dense GEMMs, per
                                   MoE layer and token); the fetch rate measured inside the model while it computes
   prefetch_overlap_H200_N2.json   expert GEMM rate at 32 / 64 / 256 / 2048 rows per expert (torch.bmm, same shapes,
@@ -70,12 +75,69 @@ def _load(results: Path, name: str) -> dict:
     return json.loads(path.read_text())
 
 
+PROBE = "attention_probe_H200.json"
+LATER_PROBE = "attention_probe_H200_with_flex.json"  # a later run of the same probe at S = 1024 and 8192 only
+
+
+def attention_points(results: Path, ops: R1Ops) -> tuple[list[dict], list[dict], str]:
+    """The attention core rate of ``models/attention.py``'s ``prefill_attention`` under ``auto`` from
+    ``bench/results/attention_probe_H200.json``: ``core_points`` from the ``mix`` records (lengths uniform in
+    [0.8 S, S], up to 32768 tokens), case ``packed:loop`` (what auto runs for mixed lengths: one cuDNN SDPA call per
+    request), each placed at the FLOP-weighted length of its requests (sum L^3 / sum L^2, the length whose rate the
+    record's time averages); ``equal_points`` from the ``equal`` records, case ``packed:dense`` (what auto runs for
+    equal lengths: one cuDNN call over views), at S. Returns both lists and a description for the ``source``."""
+    probe = _load(results, PROBE)
+    P = f"bench/results/{PROBE}"
+    core, equal = [], []
+    for r in sorted(probe["records"], key=lambda r: (r["kind"], r["S"])):
+        if r["kind"] == "mix" and "packed:loop" in r["cases"]:
+            L = np.array(r["lengths"], dtype=float)
+            s_eff = int(round(float((L**3).sum() / (L**2).sum())))
+            flops = float(ops.core_flops(0, L).sum())
+            rate = flops / (r["cases"]["packed:loop"]["median_ms"] * 1e-3) / 1e12
+            core.append({"seq_len": s_eff, "tflops": _r(rate), "measured_tflops": _r(r["cases"]["packed:loop"]["tflops"]),
+                         "requests": len(L), "lengths": [int(L.min()), int(L.max())],
+                         "source": f"{P} records[S={r['S']}, kind=mix].cases['packed:loop'] ({len(L)} requests of "
+                                   f"{int(L.min())}-{int(L.max())} tokens, {int(L.sum())} in all; seq_len: sum L^3 / "
+                                   "sum L^2; rate: core FLOPs of costs.R1Ops / median_ms)"})
+        elif r["kind"] == "equal" and "packed:dense" in r["cases"]:
+            equal.append({"seq_len": int(r["S"]), "tflops": _r(r["cases"]["packed:dense"]["tflops"]),
+                          "source": f"{P} records[S={r['S']}, kind=equal].cases['packed:dense'] ({r['requests']} "
+                                    f"requests of {r['S']} tokens, one cuDNN call)"})
+    if not core or not equal:
+        raise ValueError(f"{P} has no mix records with packed:loop or no equal records with packed:dense")
+    core.sort(key=lambda p: p["seq_len"])
+    equal.sort(key=lambda p: p["seq_len"])
+    desc = (f"{P} ({probe.get('date', '?')}, torch {probe.get('torch', '?')}, cuDNN {probe.get('cudnn', '?')}, one "
+            f"H200; S = {', '.join(str(r['S']) for r in probe['records'] if r['kind'] == 'mix')}): the rate of "
+            "prefill_attention's per-request cuDNN loop ('packed:loop', what auto runs when a step's requests have "
+            "different lengths) on requests uniform in [0.8 S, S], placed at the FLOP-weighted length; "
+            "interpolated linearly in length between the points, constant outside them (below "
+            f"{core[0]['seq_len']} and above {core[-1]['seq_len']} tokens)")
+    later = results / LATER_PROBE
+    if later.is_file():
+        lp = json.loads(later.read_text())
+        diffs = []
+        for r in lp["records"]:
+            if r["kind"] == "mix" and "packed:loop" in r["cases"]:
+                ref = next((x for x in probe["records"] if x["kind"] == "mix" and x["S"] == r["S"]), None)
+                if ref is not None:
+                    diffs.append(f"S={r['S']}: {r['cases']['packed:loop']['tflops']:.0f} against "
+                                 f"{ref['cases']['packed:loop']['tflops']:.0f}")
+        if diffs:
+            desc += (f"; a later run with only S = 1024 and 8192 (bench/results/{LATER_PROBE}) measured "
+                     f"packed:loop {', '.join(diffs)} TFLOP/s (not used: it lacks 2048 and 4096)")
+    return core, equal, desc
+
+
 def h200_calibration(results: Path = REPO_RESULTS) -> dict:
     """The H200 profile from the measured result files (module docstring)."""
     fwd = _load(results, "deepseek_forward_H200_N2.json")
     ovl = _load(results, "prefetch_overlap_H200_N2.json")
     dsp = _load(results, "dispatch_bandwidth_H200_N2.json")
     fb = _load(results, "fetch_bandwidth_H200_N2_bfloat16.json")
+    if fwd.get("dtype", "bfloat16") != "bfloat16":  # bench/deepseek_forward.py --dtype float8_e4m3fn writes *_fp8.json
+        raise ValueError(f"deepseek_forward_H200_N2.json has {fwd['dtype']} experts; the h200 profile is bf16")
     cfg = DeepSeekConfig.r1()
     ops = R1Ops(cfg)
     E, k = cfg.n_routed_experts, cfg.n_activated_experts
@@ -107,22 +169,25 @@ def h200_calibration(results: Path = REPO_RESULTS) -> dict:
         t_prev = max(m / used, t_prev)
         expert_points.append({"rows_per_expert": m, "tflops": used, "measured_tflops": _r(r), "source": src})
 
-    # attention block: per-token, per-layer time against request length S
-    S, t, req = [], [], {}
+    # attention core: the rate of models/attention.py's prefill_attention as ``auto`` runs it, from the probe
+    core_points, equal_points, att_ok = attention_points(results, ops)
+    # attention block: per-token, per-layer time of deepseek_forward's rows (16 requests of equal length S: auto ran
+    # one cuDNN call, the probe's "packed:dense"); what is left after the projections at the dense rate and the core
+    # at the equal-length rate is the block's elementwise work (norms, RoPE, cache writes, concatenations, copies)
+    proj_ns = ops.proj_flops_per_token / (dense * 1e12) * 1e9
+    eq_s = np.array([p["seq_len"] for p in equal_points], dtype=float)
+    eq_r = np.array([p["tflops"] for p in equal_points], dtype=float)
+    resid, resid_src = {}, []
     for T in Ts:
         rs = rows_by_T[T]
-        S.append(T / rs[0]["requests"])
-        req[int(S[-1])] = T
-        t.append(mean(r["attn_ms"] for r in rs) / (fwd["layers"] * T) * 1e6)  # ns per token per layer
-    S_arr, t_arr = np.array(S), np.array(t)
-    b, a = np.polyfit(S_arr, t_arr, 1)
-    proj_ns = ops.proj_flops_per_token / (dense * 1e12) * 1e9
-    core_points = []
-    for s, ti in zip(S, t):
-        per_token = float(ops.core_flops(0, s)) / s
-        core_points.append({"seq_len": int(s), "tflops": _r(per_token / ((ti - a) * 1e-9) / 1e12),
-                            "source": f"{F} rows[tokens={req[int(s)]}] attn_ms: per-token time {ti:.4g} ns minus the "
-                                      f"fit's intercept {a:.4g} ns, core FLOPs of models/deepseek_r1/gpu.py"})
+        s = T / rs[0]["requests"]
+        ti = mean(r["attn_ms"] for r in rs) / (fwd["layers"] * T) * 1e6  # ns per token per layer
+        core_ns = float(ops.core_flops(0, s)) / s / (float(np.interp(s, eq_s, eq_r)) * 1e12) * 1e9
+        resid[T] = ti - proj_ns - core_ns
+        resid_src.append(f"S={s:.0f}: {ti:.4g} - {proj_ns:.4g} - {core_ns:.4g} = {resid[T]:.4g} ns"
+                         + (" (S below the probe's lengths: core at its shortest point's rate)" if s < eq_s[0] else ""))
+    used_T = [T for T in Ts if T / rows_by_T[T][0]["requests"] >= eq_s[0]] or Ts
+    attn_others = mean(resid[T] for T in used_T)
 
     # others of a MoE layer, per token: what the step spends outside attention, expert GEMMs, waits and dense GEMMs
     n_moe, n_dense = fwd["moe_layers"], fwd["layers"] - fwd["moe_layers"]
@@ -160,7 +225,9 @@ def h200_calibration(results: Path = REPO_RESULTS) -> dict:
         "schema": SCHEMA,
         "hardware": "h200",
         "description": "NVIDIA H200 SXM (NVLink 18 links, NVSwitch), DeepSeek-R1 with bf16 experts, our kernels: "
-                       "measured on 2 x H200 on 2026-11-30 (driver 580.159.04, CUDA runtime 13.0)",
+                       f"measured on 2 x H200 (deepseek_forward {fwd.get('date', '?')[:10]}, attention probe "
+                       f"{_load(results, PROBE).get('date', '?')[:10]}, the other files 2026-11-30; driver 580.159.04, "
+                       "CUDA runtime 13.0)",
         "generated_by": "python -m dwdp_ops.sim.calibrate --profile h200 (from bench/results)",
         "weights": {"expert_bytes": expert_bytes, "param_bytes": 2,
                     "source": "bench/results/fetch_bandwidth_H200_N2_bfloat16.json records[0].expert_bytes "
@@ -174,13 +241,17 @@ def h200_calibration(results: Path = REPO_RESULTS) -> dict:
                                   "smaller m (measurement noise in the HBM-bound range; measured_tflops: raw)"},
         "attention": {
             "core_points": core_points,
-            "others_ns_per_token": _r(a - proj_ns),
-            "fit_ns_per_token": {"intercept": _r(a), "slope_per_token_of_length": _r(b)},
-            "source": f"{F} ranks[*].rows[*].attn_ms (the whole MLA block of gpu.py: projections, per-request causal "
-                      "SDPA with V padded to 192, output projection; 16 requests per rank; mean of ranks) divided by "
-                      f"layers ({fwd['layers']}) and tokens; least-squares line through the per-token times: the "
-                      f"intercept ({a:.4g} ns) is the MLA projections at the dense rate ({proj_ns:.4g} ns) plus "
-                      "others_ns_per_token; the rest is the core, whose rate is given per request length",
+            "equal_length_points": equal_points,
+            "others_ns_per_token": _r(attn_others),
+            "others_per_row_ns": {str(T): _r(v) for T, v in resid.items()},
+            "source": f"core_points: {att_ok}. others_ns_per_token: {F} ranks[*].rows[*].attn_ms (the whole MLA "
+                      "block of gpu.py: norm, projections, cache writes, prefill_attention, output projection; 16 "
+                      f"equal requests per rank, mean of ranks) per layer ({fwd['layers']}) and token, minus the MLA "
+                      f"projections at the dense rate ({proj_ns:.4g} ns) and the core at the equal-length rate "
+                      f"(equal_length_points: auto's one cuDNN call for equal lengths, which these rows ran), mean "
+                      f"over the rows with S >= {eq_s[0]:.0f} ({'; '.join(resid_src)}). The model applies "
+                      "equal_length_points to a step whose requests all have one length (auto's one cuDNN call: "
+                      "CV 0) and core_points otherwise",
         },
         "others": {"points": others_points,
                    "source": "everything of a MoE layer that is not attention, expert GEMMs or dense GEMMs (router "

@@ -17,7 +17,7 @@ import math
 import sys
 
 from .._cli import HelpFormatter, existing_file, nonnegative_int, plain, positive_float, positive_int, writable_path
-from .analysis import is_paper_setting, paper_comparison, sweep
+from .analysis import is_paper_setting, paper_comparison, sweep, validate_e2e, validation_table
 from .costs import CATEGORIES, PROFILES, Overrides
 from .model import SimConfig, simulate
 from .plot import MISSING, have_matplotlib, plot
@@ -89,6 +89,10 @@ def build_parser(prog: str = "python -m dwdp_ops sim") -> argparse.ArgumentParse
                          "(default: the profile's per-category factors)")
     ap.add_argument("--sweep", action="store_true",
                     help="also sweep CV 0/10/20/30 %% and budgets 16K/32K (plus --ratio's setting, 0.8 by default)")
+    ap.add_argument("--validate", type=existing_file, default=None, metavar="FILE",
+                    help="instead of a prediction: the validation table of a bench/e2e_dwdp_vs_dep.py result FILE "
+                         "(every point simulated with the --hardware or --calibration profile; measured against "
+                         "predicted iteration, TPS/GPU and categories)")
     ap.add_argument("--json", action="store_true", help="print one JSON object instead of text")
     ap.add_argument("--plot", type=writable_path, default=None, metavar="FILE",
                     help="write a figure (category bars; DEP sync share and DWDP gain against CV) to FILE")
@@ -169,6 +173,13 @@ def main(argv: list[str] | None = None, prog: str = "python -m dwdp_ops sim") ->
     ov = Overrides(attention_tflops=ns.attention_tflops, fetch_gbps=ns.fetch_gbps, dispatch_gbps=ns.dispatch_gbps,
                    dispatch_latency_us=ns.dispatch_latency_us, interference=ns.interference)
     hardware = ns.calibration or ns.hardware
+    if ns.validate:
+        try:
+            v = validate_e2e(json.loads(open(ns.validate).read()), hardware=hardware, overrides=ov)
+        except (ValueError, KeyError, TypeError) as e:
+            ap.error(f"argument --validate: {e}")
+        print(json.dumps(v, indent=1) if ns.json else validation_table(v))
+        return 0
     cfg = SimConfig(hardware=hardware, gpus=ns.gpus, isl=ns.isl, ratio=ns.ratio, cv=ns.cv, max_tokens=ns.max_tokens,
                     layers=ns.layers, dense_layers=ns.dense_layers, seed=ns.seed, iterations=ns.iterations,
                     overrides=ov)

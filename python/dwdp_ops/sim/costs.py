@@ -13,7 +13,9 @@ Operation counts follow ``models/deepseek_r1/gpu.py`` (the same FLOP formulas th
 
 Times (one GPU, milliseconds):
   attention      = core FLOPs / R_att(P + S)   R_att: the core rate interpolated linearly in the context length
-                   between the calibration points, constant outside them (or ``attention_tflops`` if given)
+                   between the calibration points, constant outside them (or ``attention_tflops`` if given);
+                   a step of two or more whole requests of one length uses ``equal_length_points`` if the file
+                   has them (the model's attention runs one call over equal-length requests, a loop otherwise)
   MLA projections, shared expert, router, dense MLP, LM head = FLOPs / R_dense   ("dense GEMMs")
   attention-block others = T * c_att           elementwise work of the attention block (norms, RoPE, copies)
   MoE others(T)  = piecewise linear through (0, 0) and the calibration points (T_i, T_i * c_i), slope c_last beyond:
@@ -144,6 +146,8 @@ def validate_calibration(cal: dict) -> dict:
     _points(cal["expert_gemm"], "points", "rows_per_expert", "tflops", "expert_gemm", p)
     _points(cal["attention"], "core_points", "seq_len", "tflops", "attention", p)
     _num(cal["attention"], "others_ns_per_token", "attention", p, strict=False)
+    if "equal_length_points" in cal["attention"]:  # optional: the rate when a step's requests have equal lengths
+        _points(cal["attention"], "equal_length_points", "seq_len", "tflops", "attention", p)
     _points(cal["others"], "points", "tokens", "ns_per_token", "others", p, y_strict=False)
     _num(cal["fetch"], "gbps", "fetch", p)
     for key in ("gbps", "dispatch_bytes_per_element", "combine_bytes_per_element"):
@@ -215,6 +219,9 @@ class CostModel:
         ap = cal["attention"]["core_points"]
         self._s = np.array([p["seq_len"] for p in ap], dtype=float)
         self._r_att = np.array([p["tflops"] for p in ap], dtype=float)
+        eq = cal["attention"].get("equal_length_points") or []
+        self._s_eq = np.array([p["seq_len"] for p in eq], dtype=float)
+        self._r_eq = np.array([p["tflops"] for p in eq], dtype=float)
         self.attn_others_ns = float(cal["attention"]["others_ns_per_token"])
         op = cal["others"]["points"]
         self._t_oth = np.array([0.0] + [p["tokens"] for p in op], dtype=float)
@@ -238,10 +245,18 @@ class CostModel:
         return np.interp(np.asarray(context, dtype=float), self._s, self._r_att)
 
     def attention_ms(self, prefix, length) -> float:
-        """Core attention of chunks (arrays of prefix and new tokens), summed."""
+        """Core attention of one step's chunks (arrays of prefix and new tokens), summed. Where the calibration has
+        ``equal_length_points`` and the step has two or more chunks, all whole requests of one length, their rate
+        applies (the model's ``auto`` runs one call over all of them then), else ``core_points``' per chunk (one
+        call per request; a lone request is one call of batch 1 either way)."""
         prefix, length = np.asarray(prefix, dtype=float), np.asarray(length, dtype=float)
         flops = self.ops.core_flops(prefix, length)
-        return float(np.sum(flops / (self.attention_rate(prefix + length) * 1e12)) * 1e3)
+        if (self.overrides.attention_tflops is None and self._s_eq.size and length.size > 1
+                and not np.any(prefix) and np.all(length == length.flat[0])):
+            rate = np.interp(length, self._s_eq, self._r_eq)
+        else:
+            rate = self.attention_rate(prefix + length)
+        return float(np.sum(flops / (rate * 1e12)) * 1e3)
 
     def dense_ms(self, flops: float) -> float:
         return flops / (self.dense_tflops * 1e12) * 1e3

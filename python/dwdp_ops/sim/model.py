@@ -73,6 +73,7 @@ class SimConfig:
     dense_layers: int | None = None
     seed: int = 0
     iterations: int = 32
+    warmup: int = 0
     overrides: Overrides = field(default_factory=Overrides)
 
     def __post_init__(self) -> None:
@@ -80,7 +81,7 @@ class SimConfig:
             object.__setattr__(self, "ratio", 0.8)
         if self.ratio is not None and self.cv is not None:
             raise ValueError("give one of ratio and cv, not both")
-        ints = {"gpus": 1, "isl": 1, "max_tokens": 1, "layers": 1, "seed": 0, "iterations": 1}
+        ints = {"gpus": 1, "isl": 1, "max_tokens": 1, "layers": 1, "seed": 0, "iterations": 1, "warmup": 0}
         for name, lo in ints.items():
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < lo:
@@ -142,11 +143,22 @@ class RankStep:
                    costs.dense_ms(it.finished * ops.lm_head_flops_per_row))
 
     def attention_block(self) -> list[tuple[str, float]]:
-        return [("dense_gemm", self.proj), ("others", self.attn_others), ("attention", self.attention)]
+        return [("dense_gemm:mla_proj", self.proj), ("others:attn_block", self.attn_others),
+                ("attention", self.attention)]
 
 
 def _zero() -> dict[str, float]:
     return {c: 0.0 for c in CATEGORIES}
+
+
+# finer labels of the compute segments ("category:part"), reported as ``detail_ms`` beside the categories so that a
+# prediction can be regrouped as a benchmark groups its spans (``analysis.e2e_categories``)
+DETAIL = ("attention", "dense_gemm:mla_proj", "others:attn_block", "dense_gemm:dense_mlp", "dense_gemm:shared_router",
+          "others:moe", "expert_gemm", "dense_gemm:lm_head")
+
+
+def _base(label: str) -> str:
+    return label.split(":", 1)[0]
 
 
 # ----------------------------------------------------------------------------------------------------------- DWDP
@@ -156,7 +168,7 @@ def dwdp_timeline(segments, moe_layers: int, fetch_ms: float, slowdown: dict[str
     and frees its slot when done) or None. Returns ``time_ms``, ``breakdown`` (categories, ms; compute includes
     interference), ``interference_ms`` and ``overlapped_copy_ms``."""
     M = moe_layers
-    out, extra = _zero(), {c: 0.0 for c in COMPUTE}
+    out, extra, detail = _zero(), {c: 0.0 for c in COMPUTE}, {}
     fetched = [False] * M
     t = busy = 0.0
     state = {"next": 0, "cur": None, "rem": 0.0, "freed": -1}
@@ -185,11 +197,14 @@ def dwdp_timeline(segments, moe_layers: int, fetch_ms: float, slowdown: dict[str
                 busy += state["rem"]
                 out["exposed_fetch"] += state["rem"]
                 finish()
+        label, cat = cat, _base(cat)
         work, s = float(ms), slowdown[cat]
+        detail.setdefault(label, 0.0)
         while work > 0:
             if state["cur"] is None:
                 t += work
                 out[cat] += work
+                detail[label] += work
                 work = 0.0
                 continue
             need = work * (1.0 + s)
@@ -198,6 +213,7 @@ def dwdp_timeline(segments, moe_layers: int, fetch_ms: float, slowdown: dict[str
             t += step
             busy += step
             out[cat] += step
+            detail[label] += step
             extra[cat] += step - done
             work -= done
             state["rem"] -= step
@@ -208,7 +224,7 @@ def dwdp_timeline(segments, moe_layers: int, fetch_ms: float, slowdown: dict[str
             start()
     if state["cur"] is not None or not all(fetched):
         raise AssertionError("a fetch outlived the iteration")
-    return {"time_ms": t, "breakdown": out, "interference_ms": extra, "overlapped_copy_ms": busy}
+    return {"time_ms": t, "breakdown": out, "interference_ms": extra, "overlapped_copy_ms": busy, "detail": detail}
 
 
 def dwdp_segments(step: RankStep, cfg: DeepSeekConfig, expert_ms: float) -> list:
@@ -216,11 +232,11 @@ def dwdp_segments(step: RankStep, cfg: DeepSeekConfig, expert_ms: float) -> list
     for layer in range(cfg.n_layers):
         seg += [(c, ms, None) for c, ms in step.attention_block()]
         if layer < cfg.n_dense_layers:
-            seg.append(("dense_gemm", step.dense_mlp, None))
+            seg.append(("dense_gemm:dense_mlp", step.dense_mlp, None))
         else:
-            seg += [("dense_gemm", step.shared, None), ("others", step.moe_others, None),
+            seg += [("dense_gemm:shared_router", step.shared, None), ("others:moe", step.moe_others, None),
                     ("expert_gemm", expert_ms, layer - cfg.n_dense_layers)]
-    seg.append(("dense_gemm", step.lm_head, None))
+    seg.append(("dense_gemm:lm_head", step.lm_head, None))
     return seg
 
 
@@ -232,11 +248,13 @@ def dep_iteration(steps: list[RankStep], cfg: DeepSeekConfig, expert_ms: list[fl
     ``breakdown`` per rank."""
     N, M, D = len(steps), cfg.n_moe_layers, cfg.n_dense_layers
     per = [_zero() for _ in range(N)]
+    detail: list[dict[str, float]] = [{} for _ in range(N)]
 
     def own(r: int, items) -> float:
         s = 0.0
         for c, ms in items:
-            per[r][c] += ms
+            per[r][_base(c)] += ms
+            detail[r][c] = detail[r].get(c, 0.0) + ms
             s += ms
         return s
 
@@ -244,21 +262,23 @@ def dep_iteration(steps: list[RankStep], cfg: DeepSeekConfig, expert_ms: list[fl
         times = []
         for r, st in enumerate(steps):
             items = [x for _ in range(cfg.n_layers) for x in st.attention_block()]
-            items += [("dense_gemm", st.dense_mlp)] * D + [("dense_gemm", st.shared), ("others", st.moe_others),
-                                                          ("expert_gemm", expert_ms[r])] * M
-            times.append(own(r, items + [("dense_gemm", st.lm_head)]))
+            items += [("dense_gemm:dense_mlp", st.dense_mlp)] * D + [
+                ("dense_gemm:shared_router", st.shared), ("others:moe", st.moe_others),
+                ("expert_gemm", expert_ms[r])] * M
+            times.append(own(r, items + [("dense_gemm:lm_head", st.lm_head)]))
         T = max(times)
         for r in range(N):
             per[r]["sync_wait"] += T - times[r]
-        return {"time_ms": T, "breakdown": per}
+        return {"time_ms": T, "breakdown": per, "detail": detail}
     t = 0.0
     for j in range(M):
         arrive = []
         for r, st in enumerate(steps):
             items = []
             if j == 0:
-                items += [x for _ in range(D) for x in st.attention_block()] + [("dense_gemm", st.dense_mlp)] * D
-            items += st.attention_block() + [("dense_gemm", st.shared), ("others", st.moe_others)]
+                items += [x for _ in range(D) for x in st.attention_block()] + [("dense_gemm:dense_mlp",
+                                                                                   st.dense_mlp)] * D
+            items += st.attention_block() + [("dense_gemm:shared_router", st.shared), ("others:moe", st.moe_others)]
             arrive.append(own(r, items))
         gemm = [own(r, [("expert_gemm", expert_ms[r])]) for r in range(N)]
         a, g = max(arrive), max(gemm)
@@ -266,23 +286,26 @@ def dep_iteration(steps: list[RankStep], cfg: DeepSeekConfig, expert_ms: list[fl
             per[r]["sync_wait"] += (a - arrive[r]) + (g - gemm[r])
             per[r]["communication"] += dispatch_ms + combine_ms
         t += a + dispatch_ms + g + combine_ms
-    tail = [own(r, [("dense_gemm", st.lm_head)]) for r, st in enumerate(steps)]
+    tail = [own(r, [("dense_gemm:lm_head", st.lm_head)]) for r, st in enumerate(steps)]
     for r in range(N):
         per[r]["sync_wait"] += max(tail) - tail[r]
-    return {"time_ms": t + max(tail), "breakdown": per}
+    return {"time_ms": t + max(tail), "breakdown": per, "detail": detail}
 
 
 # ------------------------------------------------------------------------------------------------------- simulate
 def _summary(times: np.ndarray, tokens: np.ndarray, breakdowns: list[list[dict]], extra: dict | None,
-             copy_ms: float) -> dict:
+             copy_ms: float, details: list[list[dict]]) -> dict:
     """times, tokens: [rank, iteration]."""
     cats = {c: float(np.mean([[b[c] for b in row] for row in breakdowns])) for c in CATEGORIES}
+    detail = {d: float(np.mean([[b.get(d, 0.0) for b in row] for row in details])) for d in DETAIL}
     it_ms = float(times.mean())
     per_rank_tps = tokens.sum(axis=1) / (times.sum(axis=1) * 1e-3)
     out = {
         "tps_per_gpu": float(per_rank_tps.mean()),
         "iteration_ms": it_ms,
         "breakdown_ms": cats,
+        "detail_ms": detail,
+        "slowest_rank_iteration_ms": float(times.max(axis=0).mean()),
         "shares": {c: v / it_ms if it_ms else 0.0 for c, v in cats.items()},
         "overlapped_copy_ms": copy_ms,
     }
@@ -302,8 +325,9 @@ def simulate(config: SimConfig, calibration: dict | None = None) -> dict:
     N, E, k, M = config.gpus, cfg.n_routed_experts, cfg.n_activated_experts, cfg.n_moe_layers
     part = partition_for(E, N)
     L = part.experts_per_rank
-    work = workload(N, config.iterations, config.isl, config.max_tokens, ratio=config.ratio, cv=config.cv,
-                    seed=config.seed)
+    work = workload(N, config.warmup + config.iterations, config.isl, config.max_tokens, ratio=config.ratio,
+                    cv=config.cv, seed=config.seed)
+    work = [row[config.warmup:] for row in work]  # a benchmark's untimed first iterations, drawn and dropped
     steps = [[RankStep.of(it, costs) for it in row] for row in work]
     tokens = np.array([[s.tokens for s in row] for row in steps], dtype=float)
 
@@ -313,6 +337,7 @@ def simulate(config: SimConfig, calibration: dict | None = None) -> dict:
 
     dw_t = np.zeros((N, config.iterations))
     dw_b: list[list[dict]] = [[] for _ in range(N)]
+    dw_d: list[list[dict]] = [[] for _ in range(N)]
     dw_x = {c: 0.0 for c in COMPUTE}
     dw_copy = 0.0
     for r in range(N):
@@ -321,14 +346,16 @@ def simulate(config: SimConfig, calibration: dict | None = None) -> dict:
                                 costs.interference)
             dw_t[r, i] = res["time_ms"]
             dw_b[r].append(res["breakdown"])
+            dw_d[r].append(res["detail"])
             dw_copy += res["overlapped_copy_ms"]
             for c in COMPUTE:
                 dw_x[c] += res["interference_ms"][c]
     n_it = N * config.iterations
-    dwdp = _summary(dw_t, tokens, dw_b, {c: v / n_it for c, v in dw_x.items()}, dw_copy / n_it)
+    dwdp = _summary(dw_t, tokens, dw_b, {c: v / n_it for c, v in dw_x.items()}, dw_copy / n_it, dw_d)
 
     dep_t = np.zeros((N, config.iterations))
     dep_b: list[list[dict]] = [[] for _ in range(N)]
+    dep_d: list[list[dict]] = [[] for _ in range(N)]
     rows_mean = 0.0
     for i in range(config.iterations):
         T = [steps[r][i].tokens for r in range(N)]
@@ -342,7 +369,8 @@ def simulate(config: SimConfig, calibration: dict | None = None) -> dict:
         dep_t[:, i] = res["time_ms"]
         for r in range(N):
             dep_b[r].append(res["breakdown"][r])
-    dep = _summary(dep_t, tokens, dep_b, None, 0.0)
+            dep_d[r].append(res["detail"][r])
+    dep = _summary(dep_t, tokens, dep_b, None, 0.0, dep_d)
     dep["per_rank_iteration_ms"] = dep["per_rank_iteration_ms"][:1]  # lockstep: one time for all
 
     lengths = [c.length + c.prefix for row in work for it in row for c in it.chunks if c.last]
