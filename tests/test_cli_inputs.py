@@ -353,3 +353,22 @@ def test_render_help_does_not_render(tmp_path):
     proc = subprocess.run([sys.executable, str(ROOT / "bench" / "render.py"), "--bogus"], capture_output=True,
                           text=True, timeout=60)
     assert proc.returncode == 2 and "error: unrecognized arguments: --bogus" in proc.stderr
+
+
+def test_gpu_demo_runs_its_worker_as_a_module_with_its_options_intact():
+    """Run as a script, demo_gpu.py's directory came first on sys.path and ``import torch`` found dwdp_ops/torch.py
+    (the 2 x H200 run of 2026-12-01 failed so): the launcher must run ``python -m dwdp_ops.demo_gpu`` with every
+    option the demo passes."""
+    import argparse
+
+    from dwdp_ops.launch import build_parser, worker_command
+
+    ns = argparse.Namespace(timeout=60.0, prompts=3, steps=4, min_len=8, max_len=16, vocab=1024, policy="auto",
+                            seed=1, dtype="float8_e4m3fn", moe_layers=2, no_check=True, no_graphs=False)
+    cmd = demo.gpu_command(ns, 2, "/tmp/r.json")
+    assert cmd[1:3] == ["-m", "dwdp_ops.launch"]
+    worker = worker_command(build_parser("x").parse_args(cmd[3:]))
+    assert worker[1:3] == ["-m", "dwdp_ops.demo_gpu"] and not any(a.endswith(".py") for a in worker)
+    assert worker[3:] == ["--out", "/tmp/r.json", "--prompts", "3", "--steps", "4", "--min-len", "8", "--max-len", "16",
+                          "--vocab", "1024", "--policy", "auto", "--seed", "1", "--dtype", "float8_e4m3fn",
+                          "--moe-layers", "2", "--no-check"]

@@ -66,6 +66,25 @@ def run_cpu(ranks: int, prompts_per_rank: int, steps: int, seed: int, progress: 
     return {"config": "tiny", "requests": results, "tokens_per_s": total / dt, "seconds": dt}
 
 
+def gpu_command(ns, gpus: int, out: str) -> list[str]:
+    """The launcher command of the GPU demo: ``dwdp_ops.demo_gpu`` run as a module on every rank (run as a script,
+    its directory would come first on ``sys.path`` and ``import torch`` would find ``dwdp_ops/torch.py``)."""
+    import sys
+
+    cmd = [sys.executable, "-m", "dwdp_ops.launch", "-n", str(gpus), "--timeout", str(ns.timeout),
+           "-m", "dwdp_ops.demo_gpu", "--",  # "--": the module's own options follow
+           "--out", out, "--prompts", str(ns.prompts), "--steps", str(ns.steps),
+           "--min-len", str(ns.min_len), "--max-len", str(ns.max_len), "--vocab", str(ns.vocab),
+           "--policy", ns.policy, "--seed", str(ns.seed), "--dtype", ns.dtype]
+    if ns.moe_layers:
+        cmd += ["--moe-layers", str(ns.moe_layers)]
+    if ns.no_check:
+        cmd.append("--no-check")
+    if ns.no_graphs:
+        cmd.append("--no-graphs")
+    return cmd
+
+
 def run_gpu(ns, gpus: int) -> dict:
     """Launches the rank workers and returns rank 0's report."""
     import os
@@ -75,18 +94,7 @@ def run_gpu(ns, gpus: int) -> dict:
 
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "report.json")
-        from . import demo_gpu
-
-        cmd = [sys.executable, "-m", "dwdp_ops.launch", "-n", str(gpus), "--timeout", str(ns.timeout),
-               demo_gpu.__file__, "--out", out, "--prompts", str(ns.prompts), "--steps", str(ns.steps),
-               "--min-len", str(ns.min_len), "--max-len", str(ns.max_len), "--vocab", str(ns.vocab),
-               "--policy", ns.policy, "--seed", str(ns.seed), "--dtype", ns.dtype]
-        if ns.moe_layers:
-            cmd += ["--moe-layers", str(ns.moe_layers)]
-        if ns.no_check:
-            cmd.append("--no-check")
-        if ns.no_graphs:
-            cmd.append("--no-graphs")
+        cmd = gpu_command(ns, gpus, out)
         proc = subprocess.run(cmd, stdout=sys.stderr if ns.json else None, stderr=subprocess.STDOUT)
         if proc.returncode != 0 or not os.path.exists(out):
             raise SystemExit(f"the GPU demo failed (launcher exit code {proc.returncode}); see the rank output above")

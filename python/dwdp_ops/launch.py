@@ -160,6 +160,12 @@ def build_parser(prog: str = "dwdp-launch") -> argparse.ArgumentParser:
     return ap
 
 
+def worker_command(ns) -> list[str]:
+    """Each rank's command for ``-m module``: ``python -m module`` and what follows it (after ``--`` when the
+    module's own options come first: ``-m pkg.mod -- --out x``)."""
+    return [sys.executable, "-m", ns.module] + ([ns.script] if ns.script else []) + ns.args
+
+
 def main(argv: list[str] | None = None, prog: str = "dwdp-launch") -> int:
     """Entry point of ``dwdp-launch``, ``python -m dwdp_ops.launch`` and ``python -m dwdp_ops launch``."""
     ap = build_parser(prog)
@@ -167,7 +173,7 @@ def main(argv: list[str] | None = None, prog: str = "dwdp-launch") -> int:
     if ns.module is None and ns.script is None:
         ap.error("give a script, or -m module")
     if ns.module is not None:
-        command = [sys.executable, "-m", ns.module] + ([ns.script] if ns.script else []) + ns.args
+        command = worker_command(ns)
     else:
         if not os.path.exists(ns.script):
             ap.error(f"script {ns.script!r} does not exist")
