@@ -95,7 +95,9 @@ def test_demo_runs_without_gpus_and_says_so():
 
     rep = json.loads(out.stdout)
     assert [p["local_experts"] for p in rep["plans"]] == [[0, 64], [64, 128], [128, 192], [192, 256]]
-    assert all(abs(p["fetch_GiB_per_layer"] - 192 * 84 / 1024) < 1e-9 for p in rep["plans"])  # bf16: 84 MiB an expert
+    # fp8 experts by default: 42 MiB an expert (bf16: 84)
+    assert rep["dtype"] == "float8_e4m3fn"
+    assert all(abs(p["fetch_GiB_per_layer"] - 192 * 42 / 1024) < 1e-9 for p in rep["plans"])
     assert len(rep["cpu_reference"]["requests"]) == 4 and all(len(r["tokens"]) == 3 for r in rep["cpu_reference"]["requests"])
     assert "need NVIDIA GPUs" in rep["note"]
 
