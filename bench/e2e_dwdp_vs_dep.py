@@ -37,7 +37,7 @@ requests (every expert regenerated on this GPU before the store exists): DWDP eq
 1e-2 with identical argmax tokens.
 
 Output: bench/results/e2e_dwdp_vs_dep_<card>_N<n>.json (records per budget and distribution, the measured points
-in ``dwdp_ops.sim.validate``'s form) and a table on rank 0. Not yet run on a GPU (written in a session without one).
+in ``dwdp_ops.sim.validate``'s form) and a table on rank 0. Runs of 2 x H200: docs/benchmarks.md (issue 14).
 """
 
 from __future__ import annotations
@@ -92,7 +92,7 @@ def main() -> int:
     ap.add_argument("--budgets", default="16384,32768", help="max tokens per iteration, comma-separated")
     ap.add_argument("--dists", default="ratio0.8,cv0,cv0.1,cv0.2,cv0.3")
     ap.add_argument("--isl", type=int, default=8192)
-    ap.add_argument("--iterations", type=int, default=9,
+    ap.add_argument("--iterations", type=int, default=6,
                     help="timed iterations per rank and mode, a multiple of the number of modes (each leads equally)")
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--modes", default=",".join(MODES))
@@ -266,13 +266,13 @@ def measure(model, sources, scheds, modes, ns, budget, name, dist, me, world, rd
         # iteration, outside every mode's timed step (else the mode that runs first pays it; timed for the record)
         with torch.cuda.stream(model.tstream):
             w0, w1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            w0.record(model.tstream)
             T, Hh = sum(lengths), cfg.n_heads
             qk = torch.zeros((T, Hh, cfg.qk_nope_head_dim + cfg.qk_rope_head_dim), dtype=torch.bfloat16,
                              device=model.device)
             # V exactly as the model passes it (a slice of the K/V expansion): cuDNN's plans are keyed by strides
             # too, and a contiguous V warmed nothing (the 01:32Z run)
             kv = torch.zeros((T, Hh, cfg.qk_nope_head_dim + cfg.v_head_dim), dtype=torch.bfloat16, device=model.device)
+            w0.record(model.tstream)  # after the inputs' memsets: the attention (and its plans) alone
             prefill_attention(qk, qk, kv[..., cfg.qk_nope_head_dim:], lengths, cfg.softmax_scale)
             w1.record(model.tstream)
             w1.synchronize()

@@ -142,7 +142,7 @@ class Fp8Experts:
         self.m, self.mlp = rows_per_expert(tokens, "float8_e4m3fn"), mlp
         R = E * self.m
         g = torch.Generator(device="cuda").manual_seed(5)
-        x = (torch.randn((R, H), generator=g, device="cuda") * 0.1).to(torch.bfloat16)
+        x = torch.randn((R, H), generator=g, device="cuda", dtype=torch.bfloat16).mul_(0.1)  # no float32 copies
         if mlp == "full":
             self.x = x  # quantised per layer inside grouped_swiglu_fp8, as the model does
         else:  # quantised once: the layer is the two GEMMs, as the float16 mode's

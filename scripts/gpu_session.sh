@@ -91,8 +91,9 @@ fi
 if want fp8; then
   # fits one 10-minute device call with the build; the fp8 demo comparison is `DEMO_ARGS="--dtype float8_e4m3fn
   # --tag fp8" scripts/gpu_session.sh demo` in a call of its own
-  DWDP_REQUIRE_GPU=1 timeout 240 python3 -m pytest -m "gpu or multigpu" -rs -v -k "fp8 or mini8" tests/test_gpu_deepseek.py \
-    tests/test_fp8_torch.py > "$OUT/gpu_tests_fp8.log" 2>&1; echo "fp8 tests rc=$?"; tail -5 "$OUT/gpu_tests_fp8.log"
+  DWDP_REQUIRE_GPU=1 timeout 240 python3 -m pytest -m "gpu or multigpu" -rs -v -k "fp8 or mini8 or quant" \
+    tests/test_gpu_quant.py tests/test_gpu_deepseek.py tests/test_fp8_torch.py > "$OUT/gpu_tests_fp8.log" 2>&1
+  echo "fp8 tests rc=$?"; tail -5 "$OUT/gpu_tests_fp8.log"
   timeout 300 python3 bench/expert_gemm.py > "$OUT/expert_gemm.log" 2>&1; echo "expert_gemm rc=$?"; grep "^T=" "$OUT/expert_gemm.log"
 fi
 cp bench/results/*.json "$OUT/" 2>/dev/null

@@ -6,7 +6,7 @@ DeepSeek-R1 that fits, every rank serving its own prompts with prefill and greed
 chosen, tokens/s, fetch GB/s, exposed fetch time, dispatch time and the check against an all-local run of the same
 requests. Without GPUs
 it prints each rank's expert partition and fetch plan for the real R1 MoE layer (expert weights in ``--dtype``,
-bfloat16 like the GPU demo unless asked otherwise) and runs every rank's prompts
+fp8 like the GPU demo unless asked otherwise) and runs every rank's prompts
 through the tiny-config numpy reference, saying plainly that the kernels need NVIDIA GPUs.
 """
 

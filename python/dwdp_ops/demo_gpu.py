@@ -99,11 +99,11 @@ def main(argv: list[str] | None = None) -> int:
         # activations and caches (a 20K-token prefill peaked near 29 GiB of PyTorch memory, 35 GiB reserved, with
         # 7 MoE layers on 2 x H200; the all-local check runs after the store is freed), and the dispatcher's grouped
         # rows with the expert outputs over them
-        # fp8 adds the quantised copies of the grouped rows (x and the SwiGLU output) and a float32 chunk:
-        # rows * (H + I) + 3 * 16384 * H * 4 bytes at the largest step's rows (8 pairs per token)
+        # fp8 adds the quantised copies of the grouped rows (x and the SwiGLU output, fused kernels: no float32
+        # chunk): rows * (H + I) bytes at the largest step's rows (8 pairs per token)
         rows8 = 8 * max(cap, ns.prompts * ns.max_len) if ns.dtype == "float8_e4m3fn" else 0
-        reserve = 28 * GiB + (rows8 * (probe.dim + probe.moe_inter_dim) + (3 * 16384 * probe.dim * 4 if rows8 else 0)) + (2 * TokenDispatcher.local_bytes(n, cap, H, k, probe.n_routed_experts // n)
-                              if moves_tokens else 0)
+        dispatcher = 2 * TokenDispatcher.local_bytes(n, cap, H, k, probe.n_routed_experts // n) if moves_tokens else 0
+        reserve = 28 * GiB + rows8 * (probe.dim + probe.moe_inter_dim) + dispatcher
         fp8 = ns.dtype == "float8_e4m3fn"
         fit = plan_layers(probe, n, ns.moe_layers, free, reserve, 1 if fp8 else 2)
         votes = rt.rendezvous.allgather("demo:layers", str(fit).encode())

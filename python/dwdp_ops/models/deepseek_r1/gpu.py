@@ -343,7 +343,8 @@ class GpuModel:
             from .fp8 import FAST_ACCUM_MIN_ROWS, grouped_swiglu_fp8
 
             # large steps accumulate in the tensor cores' fast mode (faster there, same error against bf16: fp8.py);
-            # decided by this rank's token-expert pairs, the same in every mode (not by a buffer's worst-case size)
+            # decided by this rank's own token-expert pairs of the step, not by a buffer's worst-case size (in DEP
+            # the GEMM also carries other ranks' tokens, whose own steps may fall on the other side of the bound)
             fast = self._step_pairs >= FAST_ACCUM_MIN_ROWS
             return grouped_swiglu_fp8(xg, offs, w13, w2, s13, s2, I, fast_accum=fast)
         h = torch._grouped_mm(xg, w13.transpose(-2, -1), offs=offs)
