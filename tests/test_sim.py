@@ -242,6 +242,9 @@ def test_shipped_calibrations_follow_the_schema_and_name_every_source(name):
     (lambda c: c["attention"]["core_points"][0].update(tflops=float("inf")), "core_points[0].tflops"),
     (lambda c: c["interference"].pop("others"), "interference.others"),
     (lambda c: c["others"].update(points=[]), "others.points"),
+    (lambda c: c["rank_speed"].update(slowest_vs_mean=-0.01), "rank_speed.slowest_vs_mean"),
+    (lambda c: c["rank_speed"].update(slowest_vs_mean=1.0), "rank_speed.slowest_vs_mean"),
+    (lambda c: c["rank_speed"].pop("source"), "rank_speed.source"),
 ])
 def test_broken_calibrations_are_refused_with_the_problem_named(breakage, message):
     cal = copy.deepcopy(load_calibration("h200"))
@@ -327,16 +330,57 @@ def small(**kw) -> SimConfig:
     return SimConfig(**base)
 
 
+SAME_GPUS = Overrides(rank_slowdown=0.0)  # identical ranks: h200.json's measured rank_speed switched off
+
+
 def test_dep_sync_wait_is_zero_with_cv_zero_and_identical_ranks():
-    r = simulate(small(gpus=4, cv=0.0))
+    r = simulate(small(gpus=4, cv=0.0, overrides=SAME_GPUS))
     assert r["dep"]["breakdown_ms"]["sync_wait"] == pytest.approx(0.0, abs=1e-9)
     assert r["dep"]["breakdown_ms"]["communication"] > 0
-    assert simulate(small(gpus=4, ratio=0.8))["dep"]["breakdown_ms"]["sync_wait"] > 0
+    assert simulate(small(gpus=4, ratio=0.8, overrides=SAME_GPUS))["dep"]["breakdown_ms"]["sync_wait"] > 0
+
+
+def test_a_calibration_without_rank_speed_means_identical_ranks():
+    cal = copy.deepcopy(load_calibration("h200"))
+    s = cal.pop("rank_speed")["slowest_vs_mean"]
+    assert 0.001 < s < 0.05  # measured: rank 1 about 1 % slower than the mean of the 2 ranks
+    assert CostModel(validate_calibration(cal), R1).rank_factors(4) == [1.0] * 4
+    old, same = simulate(small(gpus=2, cv=0.0), calibration=cal), simulate(small(gpus=2, cv=0.0, overrides=SAME_GPUS))
+    assert (old["dwdp"], old["dep"], old["model"]) == (same["dwdp"], same["dep"], same["model"])
+    assert "rank_speed" not in load_calibration("gb200")
+
+
+@pytest.mark.parametrize("gpus", [2, 4])
+def test_rank_speed_spread_gives_dep_sync_wait_at_cv_zero_and_leaves_dwdp_tps(gpus):
+    s = load_calibration("h200")["rank_speed"]["slowest_vs_mean"]
+    cfg = dict(gpus=gpus, cv=0.0, max_tokens=32768)
+    same, spread = simulate(small(**cfg, overrides=SAME_GPUS)), simulate(small(**cfg))
+    f = spread["model"]["rank_compute_factors"]
+    assert f[-1] == pytest.approx(1 + s) and np.mean(f) == pytest.approx(1.0)
+    # DEP: every rank waits for the slow one at every collective. At CV 0 each rank's compute C is the same, so a
+    # fast rank waits (1 + s - (1 - s / (N - 1))) C, the slow one nothing: per rank on average s C
+    dep0, dep1 = same["dep"], spread["dep"]
+    assert dep0["breakdown_ms"]["sync_wait"] == pytest.approx(0.0, abs=1e-9)
+    compute = sum(dep0["breakdown_ms"][c] for c in ("attention", "expert_gemm", "dense_gemm", "others"))
+    assert dep1["breakdown_ms"]["sync_wait"] == pytest.approx(s * compute, rel=1e-6)
+    assert dep1["iteration_ms"] == pytest.approx(dep0["iteration_ms"] + s * compute, rel=1e-6)
+    assert dep1["tps_per_gpu"] < dep0["tps_per_gpu"]
+    # DWDP: no collective, no wait; each rank its own time. The fetch stays hidden here, so the mean over ranks of
+    # tokens / time and of the iteration time move only at second order (and by the interference, which lasts as
+    # long as the copy, not as the compute), while the slowest rank's iteration grows by about s
+    dw0, dw1 = same["dwdp"], spread["dwdp"]
+    assert dw1["breakdown_ms"]["sync_wait"] == 0 and dw1["breakdown_ms"]["exposed_fetch"] == 0
+    assert dw1["tps_per_gpu"] == pytest.approx(dw0["tps_per_gpu"], rel=1e-3)
+    assert dw1["iteration_ms"] == pytest.approx(dw0["iteration_ms"], rel=1e-3)
+    assert dw1["slowest_rank_iteration_ms"] == pytest.approx((1 + s) * dw0["slowest_rank_iteration_ms"], rel=1e-3)
+    assert dw1["slowest_rank_iteration_ms"] > (1 + s / 2) * dw0["slowest_rank_iteration_ms"]
+    assert spread["ratio"] > same["ratio"]
 
 
 def test_dep_sync_wait_grows_with_cv():
     # many short requests per iteration: the spread of a rank's work follows the CV, not the packing
-    shares = [simulate(small(gpus=4, isl=1024, max_tokens=65536, cv=cv, iterations=16))["dep"]["shares"]["sync_wait"]
+    shares = [simulate(small(gpus=4, isl=1024, max_tokens=65536, cv=cv, iterations=16,
+                             overrides=SAME_GPUS))["dep"]["shares"]["sync_wait"]
               for cv in (0.0, 0.1, 0.3, 0.6)]
     assert shares[0] == pytest.approx(0.0, abs=1e-12)
     assert all(b > a for a, b in zip(shares, shares[1:])), shares
@@ -425,7 +469,10 @@ def test_sweep_has_one_row_per_setting():
         (None, 0.8, 32768), (0.0, None, 32768), (0.2, None, 32768)]
     for r in rows:
         assert r["ratio"] == pytest.approx(r["dwdp"]["tps_per_gpu"] / r["dep"]["tps_per_gpu"])
-    assert rows[1]["dep"]["sync_share"] == pytest.approx(0.0, abs=1e-12)
+    # CV 0: DEP's only wait is h200.json's rank speed spread, s C of an iteration longer than C
+    assert 0 < rows[1]["dep"]["sync_share"] < load_calibration("h200")["rank_speed"]["slowest_vs_mean"]
+    same = sweep("h200", 2, cvs=(0.0,), budgets=(16384,), ratio=None, layers=6, iterations=4, overrides=SAME_GPUS)
+    assert same[0]["dep"]["sync_share"] == pytest.approx(0.0, abs=1e-12)
 
 
 def test_validate_reports_relative_error_per_point():
@@ -534,7 +581,8 @@ def test_cli_through_the_top_level_command(capsys):
     (["--seed", "-1"], "--seed"), (["--hardware", "tpu"], "--hardware"), (["--fetch-gbps", "0"], "--fetch-gbps"),
     (["--attention-tflops", "inf"], "--attention-tflops"), (["--interference", "-1"], "--interference"),
     (["--dispatch-latency-us", "-3"], "--dispatch-latency-us"), (["--plot", "/no/such/dir/x.png"], "--plot"),
-    (["--calibration", "/no/such.json"], "--calibration"),
+    (["--calibration", "/no/such.json"], "--calibration"), (["--rank-slowdown", "-0.1"], "--rank-slowdown"),
+    (["--rank-slowdown", "1"], "--rank-slowdown"),
 ])
 def test_cli_bad_arguments_exit_2_with_one_error_line(argv, option, capsys):
     code, out, err = run_main(argv, capsys)

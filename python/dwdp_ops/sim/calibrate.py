@@ -17,7 +17,10 @@ H200 (2 x H200 runs of 2026-11-30 and 2026-12-01, bf16 experts), from these file
                                   projections at the dense rate and the core at the probe's equal-length rate:
                                   these rows are 16 requests of equal length); the MoE layers' other
                                   work (step - attention - expert GEMMs - fetch waits - modelled dense GEMMs, per
-                                  MoE layer and token); the fetch rate measured inside the model while it computes
+                                  MoE layer and token); the fetch rate measured inside the model while it computes;
+                                  the per-rank speed spread (``rank_speed``: both ranks ran the same rows, so the
+                                  slowest rank's step - wait over the rows with >= 16384 tokens, against the mean of
+                                  ranks)
   prefetch_overlap_H200_N2.json   expert GEMM rate at 32 / 64 / 256 / 2048 rows per expert (torch.bmm, same shapes,
                                   within 1 % of the grouped GEMM where both measured); the GEMM slowdown under a
                                   concurrent copy at 16K tokens (the copy outlasts the GEMM: fully overlapped)
@@ -206,6 +209,8 @@ def h200_calibration(results: Path = REPO_RESULTS) -> dict:
                                         f"dense GEMMs ({dense_ms:.3g} ms), per MoE layer ({n_moe}) and token (mean of "
                                         "ranks)"})
 
+    rank_speed = _rank_speed(fwd, F)
+
     fetch_rows = [r for T in Ts if T >= 16384 for r in rows_by_T[T]]
     fetch = min(r["fetch_GBps"] for r in fetch_rows)
     copy_alone = min(r["fetch_ce_gbps"] for r in ovl["ranks"])
@@ -273,7 +278,59 @@ def h200_calibration(results: Path = REPO_RESULTS) -> dict:
                                                       if s["tokens"] == T), 4)
                                          for T in sorted({s["tokens"] for s in ovl["ranks"][0]["slowdown"]})}},
     }
+    if rank_speed is not None:
+        cal["rank_speed"] = rank_speed
     return validate_calibration(cal)
+
+
+RANK_SPEED_MIN_TOKENS = 16384  # below this the step holds fetch waits (47 ms at 4096 tokens), which hide speed
+
+
+def _rank_speed(fwd: dict, where: str) -> dict | None:
+    """The slowest rank's compute against the mean of ranks, from ``deepseek_forward``'s per-rank rows (every rank
+    runs the same requests: same tokens, same lengths). Compute of a row = ``step_ms - wait_ms``; over the rows with
+    at least ``RANK_SPEED_MIN_TOKENS`` tokens, the slowest rank (largest sum) against the mean of ranks' sums, - 1.
+    None with one rank or no such rows."""
+    ranks = fwd["ranks"]
+    if len(ranks) < 2:
+        return None
+    by_T = [{row["tokens"]: row for row in rk["rows"]} for rk in ranks]
+    Ts = sorted(T for T in set.intersection(*(set(b) for b in by_T)) if T >= RANK_SPEED_MIN_TOKENS)
+    if not Ts:
+        return None
+    comp = {T: [b[T]["step_ms"] - b[T]["wait_ms"] for b in by_T] for T in sorted(set.intersection(*(set(b)
+                                                                                                   for b in by_T)))}
+    tot = [sum(comp[T][r] for T in Ts) for r in range(len(ranks))]
+    slow = int(np.argmax(tot))
+    s = tot[slow] / mean(tot) - 1.0
+    per_row = {}
+    for T, c in comp.items():
+        rows = [b[T] for b in by_T]
+        per_row[str(T)] = {
+            "compute_ms": [_r(x) for x in c],
+            "slowest_vs_mean": _r(max(c) / mean(c) - 1.0, 4),
+            "slowest_rank": int(np.argmax(c)),
+            "attn_ms_vs_mean": [_r(r["attn_ms"] / mean(x["attn_ms"] for x in rows) - 1.0, 4) for r in rows],
+            "experts_ms_vs_mean": [_r(r["experts_ms"] / mean(x["experts_ms"] for x in rows) - 1.0, 4) for r in rows],
+            "used": T >= RANK_SPEED_MIN_TOKENS,
+        }
+    dense = [rk["dense_tflops"] for rk in ranks]
+    rows_txt = ", ".join(f"{T}: {100 * per_row[str(T)]['slowest_vs_mean']:.2f} % (rank "
+                         f"{per_row[str(T)]['slowest_rank']})" for T in comp)
+    return {
+        "slowest_vs_mean": _r(s, 4),
+        "slowest_rank": slow,
+        "per_row": per_row,
+        "source": f"{where} ranks[*].rows[tokens>={RANK_SPEED_MIN_TOKENS}]: compute = step_ms - wait_ms (every rank "
+                  f"ran the same {fwd.get('requests', '?')} requests); the slowest rank's (rank {slow}) sum over "
+                  f"those rows / the mean of ranks' sums - 1. Per row (slowest against the mean): {rows_txt}; rows "
+                  f"below {RANK_SPEED_MIN_TOKENS} tokens are not used (their steps hold fetch waits). Not uniform "
+                  "over the kernels (per_row: attention and expert GEMM time per rank against the mean), and the "
+                  f"ranks' dense_tflops (8192^3 GEMM) are {', '.join(f'{x:.1f}' for x in dense)}: one factor on all "
+                  "compute is an assumption. The simulator scales the slowest rank's compute by (1 + s) and each "
+                  "other's by (1 - s / (N - 1)) (the calibrated rates are means of ranks); for N > 2 (one slow GPU "
+                  "among equal others) an extrapolation from these 2 ranks",
+    }
 
 
 def paper_workload(cfg: DeepSeekConfig) -> dict:

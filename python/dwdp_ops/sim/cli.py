@@ -5,8 +5,8 @@ request is chunked into --max-tokens pieces). Request lengths: --ratio R (unifor
 --cv C (gamma, mean ISL, coefficient of variation C); seeded per rank, the same queues for both modes. DWDP moves
 weights (copy engine, behind compute); DEP moves tokens (dispatch + combine at every MoE layer, where every rank
 waits for the slowest). Rates come from the hardware profile's calibration file (h200: our measurements; gb200: the
-paper's breakdown and public link figures); the --*-gbps / --attention-tflops / --interference options replace one
-rate for a what-if. The model, its equations and its limits: docs/simulator.md.
+paper's breakdown and public link figures); the --*-gbps / --attention-tflops / --interference / --rank-slowdown
+options replace one rate for a what-if. The model, its equations and its limits: docs/simulator.md.
 """
 
 from __future__ import annotations
@@ -87,6 +87,9 @@ def build_parser(prog: str = "python -m dwdp_ops sim") -> argparse.ArgumentParse
     ap.add_argument("--interference", type=_float_in(-0.5, 10.0, True, "(-0.5, 10]"), default=None,
                     help="what-if: slowdown of every compute category while a copy runs, e.g. 0.05 "
                          "(default: the profile's per-category factors)")
+    ap.add_argument("--rank-slowdown", type=_float_in(0.0, 0.99, False, "[0, 0.99]"), default=None,
+                    help="what-if: the slowest rank's compute time against the mean of ranks, e.g. 0.01; 0: identical "
+                         "GPUs (default: the profile's rank_speed, 0 if it has none)")
     ap.add_argument("--sweep", action="store_true",
                     help="also sweep CV 0/10/20/30 %% and budgets 16K/32K (plus --ratio's setting, 0.8 by default)")
     ap.add_argument("--validate", type=existing_file, default=None, metavar="FILE",
@@ -171,7 +174,8 @@ def main(argv: list[str] | None = None, prog: str = "python -m dwdp_ops sim") ->
     ns = ap.parse_args(argv)
     check_args(ap, ns)
     ov = Overrides(attention_tflops=ns.attention_tflops, fetch_gbps=ns.fetch_gbps, dispatch_gbps=ns.dispatch_gbps,
-                   dispatch_latency_us=ns.dispatch_latency_us, interference=ns.interference)
+                   dispatch_latency_us=ns.dispatch_latency_us, interference=ns.interference,
+                   rank_slowdown=ns.rank_slowdown)
     hardware = ns.calibration or ns.hardware
     if ns.validate:
         try:

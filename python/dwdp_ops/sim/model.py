@@ -31,6 +31,13 @@ end; dispatch and combine take max_r (lat + rows_r H b / B_disp), rows_r = max(r
 (max A - A_r) + (max G - G_r) (+ the LM-head tail). All ranks run iteration i together; the iteration takes
 sum_j (max_r A_r + dispatch + max_r G_r + combine) + max_r tail_r. With N = 1 or no MoE layer there is no collective.
 
+Rank speed (``CostModel.rank_factors``): with a calibration's ``rank_speed`` s > 0, every compute time of the last
+rank is x (1 + s) and of the others x (1 - s / (N - 1)) (mean 1: the calibration is a mean of ranks), in both modes.
+In DEP the others wait for the slow rank at every collective (synchronisation wait even at CV 0); in DWDP each rank
+keeps its own time, so TPS/GPU moves only at second order in s, ``iteration_ms`` (mean over ranks) not at first
+order, and ``slowest_rank_iteration_ms`` (the slow rank's time, what a benchmark's per-step maximum measures) grows
+by about s.
+
 Categories (the paper's Table 3): attention (core), expert_gemm, dense_gemm, others, communication (dispatch +
 combine), sync_wait, exposed_fetch; they add up to each rank's iteration time; DWDP's compute categories include
 their interference slowdown (reported also as ``interference_ms``); ``overlapped_copy_ms`` is the copy engine's busy
@@ -133,14 +140,15 @@ class RankStep:
     lm_head: float  # LM head of the finished requests
 
     @classmethod
-    def of(cls, it: Iteration, costs: CostModel) -> RankStep:
-        ops, T = costs.ops, it.tokens
+    def of(cls, it: Iteration, costs: CostModel, speed: float = 1.0) -> RankStep:
+        """``speed``: this rank's compute-time factor (``CostModel.rank_factors``), applied to every time."""
+        ops, T, f = costs.ops, it.tokens, float(speed)
         pre = np.array([c.prefix for c in it.chunks], dtype=float)
         new = np.array([c.length for c in it.chunks], dtype=float)
-        return cls(T, it.finished, costs.attention_ms(pre, new), costs.dense_ms(T * ops.proj_flops_per_token),
-                   costs.attention_others_ms(T), costs.dense_ms(T * ops.dense_mlp_flops_per_token),
-                   costs.dense_ms(T * ops.shared_flops_per_token), costs.moe_others_ms(T),
-                   costs.dense_ms(it.finished * ops.lm_head_flops_per_row))
+        return cls(T, it.finished, f * costs.attention_ms(pre, new), f * costs.dense_ms(T * ops.proj_flops_per_token),
+                   f * costs.attention_others_ms(T), f * costs.dense_ms(T * ops.dense_mlp_flops_per_token),
+                   f * costs.dense_ms(T * ops.shared_flops_per_token), f * costs.moe_others_ms(T),
+                   f * costs.dense_ms(it.finished * ops.lm_head_flops_per_row))
 
     def attention_block(self) -> list[tuple[str, float]]:
         return [("dense_gemm:mla_proj", self.proj), ("others:attn_block", self.attn_others),
@@ -328,7 +336,8 @@ def simulate(config: SimConfig, calibration: dict | None = None) -> dict:
     work = workload(N, config.warmup + config.iterations, config.isl, config.max_tokens, ratio=config.ratio,
                     cv=config.cv, seed=config.seed)
     work = [row[config.warmup:] for row in work]  # a benchmark's untimed first iterations, drawn and dropped
-    steps = [[RankStep.of(it, costs) for it in row] for row in work]
+    speed = costs.rank_factors(N)  # compute-time factor per rank (1.0 each without a rank_speed spread)
+    steps = [[RankStep.of(it, costs, speed[r]) for it in row] for r, row in enumerate(work)]
     tokens = np.array([[s.tokens for s in row] for row in steps], dtype=float)
 
     fetch = costs.fetch_ms(E - L)
@@ -342,7 +351,7 @@ def simulate(config: SimConfig, calibration: dict | None = None) -> dict:
     dw_copy = 0.0
     for r in range(N):
         for i, st in enumerate(steps[r]):
-            res = dwdp_timeline(dwdp_segments(st, cfg, costs.expert_ms(st.tokens * k, E)), M, fetch,
+            res = dwdp_timeline(dwdp_segments(st, cfg, speed[r] * costs.expert_ms(st.tokens * k, E)), M, fetch,
                                 costs.interference)
             dw_t[r, i] = res["time_ms"]
             dw_b[r].append(res["breakdown"])
@@ -365,7 +374,8 @@ def simulate(config: SimConfig, calibration: dict | None = None) -> dict:
         rows_mean += sum(rows) / N / config.iterations
         disp = max(costs.dispatch_ms(x) for x in rows) if N > 1 else 0.0
         comb = max(costs.combine_ms(x) for x in rows) if N > 1 else 0.0
-        res = dep_iteration([steps[r][i] for r in range(N)], cfg, [costs.expert_ms(p, L) for p in pairs], disp, comb)
+        res = dep_iteration([steps[r][i] for r in range(N)], cfg, [speed[r] * costs.expert_ms(pairs[r], L)
+                                                                   for r in range(N)], disp, comb)
         dep_t[:, i] = res["time_ms"]
         for r in range(N):
             dep_b[r].append(res["breakdown"][r])
@@ -391,6 +401,7 @@ def simulate(config: SimConfig, calibration: dict | None = None) -> dict:
             "fetch_ms_per_moe_layer": fetch,
             "dep_rows_per_rank_per_layer": rows_mean,
             "expert_bytes": costs.expert_bytes,
+            "rank_compute_factors": speed,
         },
         "dwdp": dwdp,
         "dep": dep,
