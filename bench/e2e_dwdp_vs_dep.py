@@ -253,7 +253,6 @@ def measure(model, sources, scheds, modes, ns, budget, name, dist, me, world, rd
     import dwdp_ops
     import numpy as np
     import torch
-    from dwdp_ops.models.attention import prefill_attention
 
     its = plan(world, ns.warmup + ns.iterations, ns.isl, budget, dist, ns.seed)[me]
     rows, warm_ms = [], []
@@ -264,21 +263,9 @@ def measure(model, sources, scheds, modes, ns, budget, name, dist, me, world, rd
         order = modes[lead:] + modes[:lead]
         # cuDNN builds (and caches) an attention plan the first time it sees a request length: paid here, once per
         # iteration, outside every mode's timed step (else the mode that runs first pays it; timed for the record)
-        with torch.cuda.stream(model.tstream):
-            w0, w1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            T, Hh = sum(lengths), cfg.n_heads
-            qk = torch.zeros((T, Hh, cfg.qk_nope_head_dim + cfg.qk_rope_head_dim), dtype=torch.bfloat16,
-                             device=model.device)
-            # V exactly as the model passes it (a slice of the K/V expansion): cuDNN's plans are keyed by strides
-            # too, and a contiguous V warmed nothing (the 01:32Z run)
-            kv = torch.zeros((T, Hh, cfg.qk_nope_head_dim + cfg.v_head_dim), dtype=torch.bfloat16, device=model.device)
-            w0.record(model.tstream)  # after the inputs' memsets: the attention (and its plans) alone
-            prefill_attention(qk, qk, kv[..., cfg.qk_nope_head_dim:], lengths, cfg.softmax_scale)
-            w1.record(model.tstream)
-            w1.synchronize()
-            del qk, kv
+        ms = model.warm_prefill_attention(lengths)
         if i >= ns.warmup:
-            warm_ms.append(w0.elapsed_time(w1))
+            warm_ms.append(ms)
         for m in order:
             model.experts = sources[m]
             sched = scheds[m]

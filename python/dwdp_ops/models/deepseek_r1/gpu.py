@@ -5,9 +5,9 @@ A rank serves its own requests (data parallel). ``GpuModel.forward`` takes one t
 the numpy reference; the implementation choices are:
 
   * attention: MLA with the KV cache holding only the normalised 512-dim latent and the rotated 64-dim rope key per
-    position (the absorbed cache). Prefill expands K/V per head from the latent and runs one causal attention call
-    over the step's packed prompts (``models.attention.prefill_attention``: cuDNN's variable-length kernel, V at its
-    own head dim); decode runs the absorbed form batched over the requests
+    position (the absorbed cache). Prefill expands K/V per head from the latent for the step's packed prompts and
+    runs ``models.attention.prefill_attention`` (cuDNN: one call over all prompts of equal length, else one per
+    prompt; V at its own head dim); decode runs the absorbed form batched over the requests
     (``q_nope`` folded into the latent space by ``wkv_b``'s K part, ``wkv_b``'s V part applied after attention);
   * router: the official gate (``select_experts``) on float32 logits;
   * routed experts: token-expert pairs sorted by expert, then one grouped GEMM per projection
@@ -283,6 +283,24 @@ class GpuModel:
         torch = require_torch()
         return torch.tensor(values, dtype=torch.int64).pin_memory().to(self.device, non_blocking=True)
 
+    def warm_prefill_attention(self, lengths) -> float:
+        """Runs the prefill attention once on zeros laid out exactly as ``_attention`` passes them (q, k contiguous;
+        V a slice of the K/V expansion), for requests of ``lengths`` tokens, and returns its milliseconds (CUDA
+        events; synchronises). cuDNN builds and caches a plan per new length and stride pattern the first time it
+        meets one; a benchmark comparing steps calls this first so that no step pays it (the plan is then this
+        process's for every layer and later request of that length)."""
+        torch = require_torch()
+        cfg = self.cfg
+        T, H, nope = sum(lengths), cfg.n_heads, cfg.qk_nope_head_dim
+        with torch.cuda.stream(self.tstream):
+            qk = torch.zeros((T, H, nope + cfg.qk_rope_head_dim), dtype=self.dtype, device=self.device)
+            kvb = torch.zeros((T, H, nope + cfg.v_head_dim), dtype=self.dtype, device=self.device)
+            a = self._event()
+            prefill_attention(qk, qk, kvb[..., nope:], list(lengths), cfg.softmax_scale)
+            b = self._event()
+        b.synchronize()
+        return a.elapsed_time(b)
+
     def _attention(self, layer: int, x, pos, segments, decode: bool, req=None):
         torch = require_torch()
         cfg, p = self.cfg, f"layers.{layer}.attn."
@@ -492,7 +510,7 @@ class GpuModel:
                 else:
                     self.last_ids = []
                     # each token's cache slot (decode: one token per request)
-                    req_t = self._device_ints([r for r, a, b in segments for _ in range(b - a)])
+                    req_t = self._device_ints(np.repeat([r for r, _, _ in segments], [b - a for _, a, b in segments]))
                     last = None if decode else self._device_ints([b - 1 for _, _, b in segments])
                     logits = self._body(self._device_ints(ids.tolist()), self._device_ints(pos), req_t, last,
                                         segments, decode)
