@@ -14,6 +14,8 @@
 #             prefill shapes (one GPU)                                                            issue 14
 #   gemm      build + bench/expert_gemm.py alone (fp8 / bf16 grouped against dense)                issue 13
 #   e2e       build + bench/e2e_dwdp_vs_dep.py on every GPU (E2E_ARGS, E2E_TIMEOUT)               issue 14
+#   main      build + the main command `python -m dwdp_ops demo` (fp8 default) and `--dtype bfloat16`, same seed and
+#             prompts, JSON reports (MAIN_ARGS adds options to both)                              issues 12, 13
 #   all       tests, fetch, overlap, can, deepseek, demo (longer than one 10-minute device call: use one mode per call)
 set -uo pipefail
 FINAL=${OUT:-$PWD/gpu_out}; mkdir -p "$FINAL"
@@ -74,6 +76,13 @@ fi
 if want demo; then
   timeout "${DEMO_TIMEOUT:-420}" python3 bench/demo_policies.py ${DEMO_ARGS:-} > "$OUT/demo_policies_N$NGPU.log" 2>&1
   echo "demo_policies rc=$?"; tail -12 "$OUT/demo_policies_N$NGPU.log"
+fi
+if want main; then
+  for dt in float8_e4m3fn bfloat16; do
+    timeout "${MAIN_TIMEOUT:-240}" python3 -m dwdp_ops demo --json --dtype $dt ${MAIN_ARGS:-} > "$OUT/demo_$dt.json" 2> "$OUT/demo_$dt.log"
+    echo "demo --dtype $dt rc=$?"; python3 -c "import json, sys; from dwdp_ops.demo import print_gpu; print_gpu(json.load(open(sys.argv[1])))" \
+      "$OUT/demo_$dt.json" 2>&1 | tail -12
+  done
 fi
 if want e2e; then
   t=${E2E_TIMEOUT:-500}; timeout $t python3 -m dwdp_ops.launch -n "$NGPU" --timeout $((t - 20)) bench/e2e_dwdp_vs_dep.py \
