@@ -7,10 +7,15 @@
 One GPU. Shapes: H 7168, I 2048, 256 experts, top-8 (every expert of the layer on this GPU, as a DWDP rank computes
 them after the fetch). Per case: the rank's T tokens pick 8 distinct experts each, uniformly or with Zipf(1.1)
 popularity over a random expert order (skewed: a few experts take many rows, many take few or none); pairs are
-grouped by expert in 16-row-aligned groups (zero padding rows), exactly as ``GpuModel`` does. Timed: the two
-projections with the SwiGLU between (``fp8.grouped_swiglu_fp8``, which includes the per-token activation
-quantisation before each GEMM, against the bf16 ``GpuModel._grouped_swiglu`` equivalent). Weights: random block-scaled
-fp8 requantised per row (fp8), and their dequantised bf16 values (bf16); inputs random normal, never zeros.
+grouped by expert in 16-row-aligned groups (padding rows read token 0), exactly as ``GpuModel`` does. Timed, each
+from the rank's tokens ``x [T, H]`` bf16 to the grouped expert outputs, the way ``models.routed`` runs it: bf16 - the
+gather of the tokens' rows into expert order, then the two projections with the SwiGLU between (``torch._grouped_mm``,
+the bf16 ``GpuModel._grouped_swiglu``); fp8 - each token quantised once (``fp8.quant_rows``, fused kernel), its fp8
+row and scale gathered (half the bytes of the bf16 gather), then ``fp8.grouped_swiglu_fp8`` (the SwiGLU fused with
+the second quantisation), with and without fast accumulation (both GEMMs, or only the first or the second); also
+fp8 with the quantisation after the gather (``fp8_quant_after_gather``: T x 8 rows
+quantised instead of T, the arrangement before 2026-12-01). Weights: random block-scaled fp8 requantised per row
+(fp8), and their dequantised bf16 values (bf16); inputs random normal, never zeros.
 TFLOP/s counts 2 * pairs * 3 * H * I (real rows only, not padding). The dense rates are an 8192^3 bf16 GEMM and the
 same in fp8 with rowwise scales. Every case is timed interleaved (bf16, fp8, dense bf16, dense fp8 rotated per
 repeat, ``bench/common.time_interleaved``), CUDA events, medians; the fp8/bf16 ratio is the median of per-repeat
@@ -34,8 +39,8 @@ ALIGN = 16
 DEFAULT_TOKENS = [1024, 2048, 4096, 8192, 16384, 32768, 65536]
 
 
-def expert_counts(T: int, routing: str, seed: int):
-    """Pairs per expert for T tokens choosing K distinct experts (numpy, host)."""
+def expert_ids(T: int, routing: str, seed: int):
+    """``[T, K]`` distinct experts per token (numpy, host), uniform or Zipf(1.1) popularity."""
     import numpy as np
 
     rng = np.random.default_rng(seed)
@@ -44,13 +49,38 @@ def expert_counts(T: int, routing: str, seed: int):
     else:
         p = 1.0 / np.arange(1, E + 1) ** 1.1
         p = p[rng.permutation(E)] / p.sum()
-    counts = np.zeros(E, np.int64)
+    out = []
     for a in range(0, T, 4096):  # distinct experts per token, by Gumbel top-k on log p
         n = min(4096, T - a)
         keys = np.log(p)[None, :] + rng.gumbel(size=(n, E))
-        ids = np.argpartition(-keys, K, axis=1)[:, :K]
-        counts += np.bincount(ids.ravel(), minlength=E)
-    return counts
+        out.append(np.argpartition(-keys, K, axis=1)[:, :K])
+    return np.concatenate(out)
+
+
+def expert_counts(T: int, routing: str, seed: int):
+    """Pairs per expert for T tokens choosing K distinct experts (numpy, host)."""
+    import numpy as np
+
+    return np.bincount(expert_ids(T, routing, seed).ravel(), minlength=E)
+
+
+def grouped_rows(ids):
+    """The aligned grouped layout of ``ids [T, K]`` as ``models.routed`` builds it: ``(src [R] token of each row,
+    padding rows 0; real [R] bool; counts [E]; padded [E])``."""
+    import numpy as np
+
+    flat = ids.ravel()
+    order = np.argsort(flat, kind="stable")
+    counts = np.bincount(flat, minlength=E)
+    padded = -(-counts // ALIGN) * ALIGN
+    pstart, start = np.cumsum(padded) - padded, np.cumsum(counts) - counts
+    e_sorted = flat[order]
+    dst = pstart[e_sorted] + np.arange(flat.size) - start[e_sorted]
+    src = np.zeros(int(padded.sum()), np.int64)
+    src[dst] = order // K
+    real = np.zeros(src.size, bool)
+    real[dst] = True
+    return src, real, counts, padded
 
 
 def plan(tokens, routings):
@@ -87,7 +117,7 @@ def main() -> int:
     import cupy as cp
     import numpy as np
     import torch
-    from dwdp_ops.models.deepseek_r1.fp8 import grouped_swiglu_fp8, quant_rows, requant_block
+    from dwdp_ops.models.deepseek_r1.fp8 import gather_rows, grouped_swiglu_fp8, quant_rows, requant_block
 
     dev = torch.device("cuda")
     g = torch.Generator(device=dev).manual_seed(ns.seed)
@@ -119,22 +149,28 @@ def main() -> int:
 
     records = []
     for T, routing in cases:
-        counts = expert_counts(T, routing, ns.seed)
-        padded = [-(-int(c) // ALIGN) * ALIGN for c in counts]
+        src_np, real_np, counts, padded = grouped_rows(expert_ids(T, routing, ns.seed))
         offs = torch.tensor(np.cumsum(padded), dtype=torch.int32, device=dev)
-        xg = torch.zeros((sum(padded), H), dtype=torch.bfloat16, device=dev)
-        real = torch.zeros(sum(padded), dtype=torch.bool, device=dev)
-        a = 0
-        for c, p in zip(counts, padded):
-            xg[a : a + int(c)] = torch.randn((int(c), H), generator=g, device=dev).to(torch.bfloat16)
-            real[a : a + int(c)] = True
-            a += p
+        src = torch.from_numpy(src_np).to(dev)
+        real = torch.from_numpy(real_np).to(dev)
+        x = torch.randn((T, H), generator=g, device=dev).to(torch.bfloat16)
+
+        def run_bf16(x=x, src=src, offs=offs):
+            return bf16_mlp(x[src], offs)
+
+        def run_fp8(fast=False, x=x, src=src, offs=offs):
+            return grouped_swiglu_fp8(gather_rows(*quant_rows(x), src), offs, w13_8, w2_8, s13, s2, I,
+                                      fast_accum=fast)
+
+        def run_fp8_after(x=x, src=src, offs=offs):
+            return grouped_swiglu_fp8(x[src], offs, w13_8, w2_8, s13, s2, I)
+
         ts.wait_stream(torch.cuda.current_stream())  # the inputs were filled on the default stream
         with torch.cuda.stream(ts):
-            yb = bf16_mlp(xg, offs)
+            yb = run_bf16()
             errs = []
-            for fast in (False, True):
-                y8 = grouped_swiglu_fp8(xg, offs, w13_8, w2_8, s13, s2, I, fast_accum=fast)
+            for fn in (run_fp8, lambda: run_fp8(True), run_fp8_after):
+                y8 = fn()
                 num = den = 0.0
                 for a in range(0, yb.shape[0], 16384):  # real rows only, in chunks (no full float32 copies)
                     r = real[a : a + 16384]
@@ -144,12 +180,15 @@ def main() -> int:
                 errs.append((num / den) ** 0.5)
                 del y8
             del yb
-        err, err_fast = errs
+        err, err_fast, err_after = errs
+        assert abs(err_after - err) <= 1e-6 * err, "quantising before or after the gather must give the same bits"
         ops = {
-            "bf16_grouped": lambda xg=xg, offs=offs: bf16_mlp(xg, offs),
-            "fp8_grouped": lambda xg=xg, offs=offs: grouped_swiglu_fp8(xg, offs, w13_8, w2_8, s13, s2, I),
-            "fp8_grouped_fast_accum": lambda xg=xg, offs=offs: grouped_swiglu_fp8(xg, offs, w13_8, w2_8, s13, s2, I,
-                                                                                  fast_accum=True),
+            "bf16_grouped": run_bf16,
+            "fp8_grouped": run_fp8,
+            "fp8_grouped_fast_accum": lambda: run_fp8(True),
+            "fp8_quant_after_gather": run_fp8_after,
+            "fp8_fast_accum_first_gemm": lambda: run_fp8((True, False)),
+            "fp8_fast_accum_second_gemm": lambda: run_fp8((False, True)),
             "bf16_dense": lambda: da @ db.T,
             "fp8_dense": lambda: torch._scaled_mm(qa, qb.T, sa[:, None], sb[None, :], out_dtype=torch.bfloat16),
         }
@@ -160,10 +199,17 @@ def main() -> int:
                "aligned_rows": int(sum(padded)), "rel_err_fp8_vs_bf16": err,
                "rel_err_fp8_fast_accum_vs_bf16": err_fast,
                "median_ms": {k: median(v) for k, v in times.items()},
-               "ratio_fp8_over_bf16_time": median_ratio(times["fp8_grouped"], times["bf16_grouped"])}
+               "ratio_fp8_over_bf16_time": median_ratio(times["fp8_grouped"], times["bf16_grouped"]),
+               "ratio_fp8_fast_accum_over_bf16_time": median_ratio(times["fp8_grouped_fast_accum"], times["bf16_grouped"]),
+               "ratio_fp8_quant_after_gather_over_bf16_time": median_ratio(times["fp8_quant_after_gather"],
+                                                                           times["bf16_grouped"]),
+               "includes": "the gather of the tokens into expert order (bf16 rows, or fp8 rows + scales)"}
         rec["tflops"] = {"bf16_grouped": flops / rec["median_ms"]["bf16_grouped"] / 1e9,
                          "fp8_grouped": flops / rec["median_ms"]["fp8_grouped"] / 1e9,
                          "fp8_grouped_fast_accum": flops / rec["median_ms"]["fp8_grouped_fast_accum"] / 1e9,
+                         "fp8_quant_after_gather": flops / rec["median_ms"]["fp8_quant_after_gather"] / 1e9,
+                         "fp8_fast_accum_first_gemm": flops / rec["median_ms"]["fp8_fast_accum_first_gemm"] / 1e9,
+                         "fp8_fast_accum_second_gemm": flops / rec["median_ms"]["fp8_fast_accum_second_gemm"] / 1e9,
                          "bf16_dense": 2.0 * n**3 / rec["median_ms"]["bf16_dense"] / 1e9,
                          "fp8_dense": 2.0 * n**3 / rec["median_ms"]["fp8_dense"] / 1e9}
         rec["fp8_speedup"] = 1.0 / rec["ratio_fp8_over_bf16_time"]
@@ -172,7 +218,8 @@ def main() -> int:
         print(f"T={T:6d} {routing:7s}: bf16 {t['bf16_grouped']:6.0f} fp8 {t['fp8_grouped']:6.0f} TFLOP/s "
               f"(x{rec['fp8_speedup']:.2f}; dense bf16 {t['bf16_dense']:.0f}, fp8 {t['fp8_dense']:.0f}); "
               f"fp8 vs bf16 rel err {err:.2e}; fast accum {t['fp8_grouped_fast_accum']:.0f} TFLOP/s, "
-              f"rel err {err_fast:.2e}", flush=True)
+              f"rel err {err_fast:.2e}; quant after gather {t['fp8_quant_after_gather']:.0f}; fast first / second GEMM "
+              f"{t['fp8_fast_accum_first_gemm']:.0f} / {t['fp8_fast_accum_second_gemm']:.0f}", flush=True)
     facts = machine_facts()
     data = dict(benchmark="expert_gemm", hidden=H, inter=I, experts=E, top_k=K, align=ALIGN, repeats=ns.repeats,
                 seed=ns.seed, **facts, records=records, method=__doc__)

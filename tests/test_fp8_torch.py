@@ -73,3 +73,9 @@ def test_grouped_fp8_mlp_calls_satisfy_pytorchs_layout_rules(H, I, G, R):
     assert y.shape == (R, H)
     with pytest.raises(RuntimeError, match="non-batch dimension|to have|Expected"):
         fp8.grouped_swiglu_fp8(xg, offs, w13, w2, s13[:, :8], s2, I)  # scales of the wrong width
+    # rows quantised before the routed gather (models.routed): the pair is taken as is
+    q = torch.empty((R, H), dtype=torch.float8_e4m3fn, device="meta")
+    s = torch.empty((R,), dtype=torch.float32, device="meta")
+    assert fp8.grouped_swiglu_fp8((q, s), offs, w13, w2, s13, s2, I).shape == (R, H)
+    with pytest.raises(ValueError, match=r"scale \[R\] float32"):
+        fp8.grouped_swiglu_fp8((q, s[:, None]), offs, w13, w2, s13, s2, I)

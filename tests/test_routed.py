@@ -52,3 +52,38 @@ def test_combine_is_in_slot_order_and_repeatable():
     yt = torch.empty_like(ys)
     yt[order] = ys
     torch.testing.assert_close(a, (w.unsqueeze(-1) * yt.view(T, k, H)).sum(1))
+
+
+@pytest.mark.parametrize("align", [1, 16])
+@pytest.mark.parametrize("T", [1, 5, 64])
+def test_quantising_before_the_gather_gives_the_bits_of_quantising_the_gathered_rows(align, T):
+    """fp8 experts: ``quantize=`` quantises each token once and hands the MLP gathered fp8 rows and scales; they must
+    be bit for bit what quantising the gathered bf16 rows gives (padding rows included), so the routed output is
+    identical either way."""
+    from dwdp_ops.models.deepseek_r1.fp8 import quant_rows
+
+    g = torch.Generator().manual_seed(T * 7 + align)
+    E, H, I, k = 12, 32, 16, 3
+    x = torch.randn((T, H), generator=g).to(torch.bfloat16)
+    x[0, :] = 0.0  # a zero row: scale 1.0
+    ids = torch.stack([torch.randperm(E, generator=g)[:k] for _ in range(T)])
+    w = torch.rand((T, k), generator=g)
+    w13 = (torch.randn((E, 2 * I, H), generator=g) * 0.1).to(torch.bfloat16)
+    w2 = (torch.randn((E, H, I), generator=g) * 0.1).to(torch.bfloat16)
+    seen = {}
+
+    def mlp_from(kind):
+        inner = _grouped_mlp(w13, w2)
+
+        def mlp(xg, offs):
+            q, s = xg if isinstance(xg, tuple) else quant_rows(xg)
+            seen[kind] = (q.view(torch.uint8).clone(), s.clone())
+            return inner((q.float() * s[:, None]).to(torch.bfloat16), offs)
+
+        return mlp
+
+    a = routed_experts(x, w, ids, mlp_from("after"), num_experts=E, align=align)
+    b = routed_experts(x, w, ids, mlp_from("before"), num_experts=E, align=align, quantize=quant_rows)
+    assert torch.equal(seen["after"][0], seen["before"][0]) and torch.equal(seen["after"][1], seen["before"][1])
+    assert seen["before"][0].shape[0] >= T * k
+    assert torch.equal(a, b)

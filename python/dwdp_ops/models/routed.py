@@ -15,14 +15,29 @@ from typing import Any
 
 
 def routed_experts(x: Any, w: Any, ids: Any, mlp: Callable[[Any, Any], Any], *, num_experts: int,
-                   align: int = 16) -> Any:
+                   align: int = 16, quantize: Callable[[Any], tuple[Any, Any]] | None = None) -> Any:
     """``x [T, H]``, router weights ``w [T, k]`` (combined in ``x``'s dtype's precision: rounded to it first),
     expert ids ``ids [T, k]`` int64 in ``[0, num_experts)``; ``mlp(x_grouped [R, H], offs [E] int32) -> [R, H]`` the
     grouped expert MLP (group e in rows ``[offs[e-1], offs[e])``). Returns ``[T, H]`` in ``x``'s dtype: token t's
-    ``sum_j w[t, j] * expert_{ids[t, j]}(x[t])``."""
+    ``sum_j w[t, j] * expert_{ids[t, j]}(x[t])``.
+
+    ``quantize(x) -> (q [T, H] float8_e4m3fn, scale [T] float32)``: a per-row quantisation (fp8 experts). Each token
+    is then quantised once, before the gather, and ``mlp`` receives the gathered pair ``(q_grouped, scale_grouped)``
+    instead of bf16 rows: the same bits as quantising the gathered rows (a row's quantisation depends on that row
+    only), with k times fewer rows quantised and half the gather's bytes."""
     import torch
 
     T, k = ids.shape
+    if quantize is not None:
+        from .deepseek_r1.fp8 import gather_rows
+
+        xq, xsc = quantize(x)
+
+        def take(index):
+            return gather_rows(xq, xsc, index)
+    else:
+        def take(index):
+            return x[index]
     E = int(num_experts)
     flat = ids.reshape(-1)
     order = torch.argsort(flat, stable=True)
@@ -39,7 +54,7 @@ def routed_experts(x: Any, w: Any, ids: Any, mlp: Callable[[Any, Any], Any], *, 
         # whose outputs are never read back); no [T k, H] staging copy, no memset, no scatter
         src = torch.zeros(rows, dtype=torch.int64, device=x.device)
         src[dst] = order // k
-        xp = x[src]
+        xp = take(src)
         del src  # large prefills: every temporary goes back to the (stream-ordered) pool once its reader is enqueued
         offs = padded.cumsum(0).to(torch.int32)
         offs[-1:].fill_(rows)  # the last group takes the tail of padding rows (fill: capturable, no copy)
@@ -50,7 +65,7 @@ def routed_experts(x: Any, w: Any, ids: Any, mlp: Callable[[Any, Any], Any], *, 
         yt = y[pos]  # one gather back to token-major order
         del y
         return torch.bmm(w.to(yt.dtype).unsqueeze(1), yt.view(T, k, yt.shape[1])).squeeze(1)
-    xs = x[order // k]
+    xs = take(order // k)
     ys = mlp(xs, counts.cumsum(0).to(torch.int32))
     return combine_pairs(ys, order, w)
 

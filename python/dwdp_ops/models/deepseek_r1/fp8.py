@@ -77,6 +77,13 @@ def _fused(fn: str, x: Any, width: int, live_rows: Any = None) -> tuple[Any, Any
     return q, scale
 
 
+def gather_rows(q: Any, scale: Any, index: Any) -> tuple[Any, Any]:
+    """Rows ``index [R]`` (int64) of quantised activations ``q [T, K]`` float8_e4m3fn / ``scale [T]`` float32:
+    ``(q[index], scale[index])``, the fp8 bytes gathered as uint8 (one byte a value: half a bf16 gather's traffic)."""
+    torch = require_torch()
+    return q.view(torch.uint8)[index].view(torch.float8_e4m3fn), scale[index]
+
+
 def quant_rows(x: Any, chunk: int = QUANT_CHUNK, *, live_rows: Any = None) -> tuple[Any, Any]:
     """``x [R, K]`` (bf16 / float) -> ``(q [R, K] float8_e4m3fn, scale [R] float32)`` per row: scale = amax / 448
     (1.0 where that is 0: a zero row), q = clamp(x / scale, +-448) rounded to nearest even. Returned (allocated on the
@@ -147,22 +154,32 @@ def requant_block(codes: Any, scale_inv: Any, block: int = 128) -> tuple[Any, An
 
 
 def grouped_swiglu_fp8(xg: Any, offs: Any, w13: Any, w2: Any, s13: Any, s2: Any, inter: int, *,
-                       fast_accum: bool = False) -> Any:
-    """The expert MLP over rows grouped by expert with fp8 weights: ``xg [R, H]`` bf16, group g in rows
+                       fast_accum: bool | tuple[bool, bool] = False) -> Any:
+    """The expert MLP over rows grouped by expert with fp8 weights: ``xg [R, H]`` bf16, or the same rows already
+    quantised as a pair ``(q [R, H] float8_e4m3fn, scale [R] float32)`` (``quant_rows``' output: the routed step
+    quantises each token once and gathers the fp8 rows, ``models.routed``), group g in rows
     ``[offs[g-1], offs[g])`` (``offs [G]`` int32, multiples of 16), ``w13 [G, 2I, H]`` / ``w2 [G, H, I]``
     float8_e4m3fn (any page-strided batch stride, rows contiguous), ``s13 [G, 2I]`` / ``s2 [G, H]`` float32 row
-    scales -> ``[R, H]`` bf16. Activations are quantised per row before each GEMM (``quant_rows``); the SwiGLU runs
-    on the first GEMM's bf16 output, fused with the second quantisation (``swiglu_quant``). Rows past ``offs[-1]``
-    are not meaningful. ``fast_accum``: the GEMMs' ``use_fast_accum`` (Hopper: partial sums stay in the tensor
-    core's reduced-precision accumulator instead of being promoted to float32; measured in ``bench/expert_gemm.py``:
-    faster from 32K tokens, the same error against bf16; ``GpuModel`` turns it on from ``FAST_ACCUM_MIN_ROWS`` pairs)."""
+    scales -> ``[R, H]`` bf16. bf16 activations are quantised per row before the first GEMM (``quant_rows``); the
+    SwiGLU runs on the first GEMM's bf16 output, fused with the second quantisation (``swiglu_quant``). Rows past
+    ``offs[-1]`` are not meaningful. ``fast_accum``: the GEMMs' ``use_fast_accum``, one flag or a pair (first
+    GEMM, second GEMM) (Hopper: partial sums stay in the tensor core's reduced-precision accumulator instead of being
+    promoted to float32; measured in ``bench/expert_gemm.py``: faster from 32K tokens, the same error against bf16;
+    ``GpuModel`` turns it on from ``FAST_ACCUM_MIN_ROWS`` pairs)."""
     torch = require_torch()
     live = offs[-1:]  # rows past the last group (a worst-case-sized DEP buffer's tail) are skipped, not quantised
-    xq, xs = quant_rows(xg, live_rows=live)
+    if isinstance(xg, tuple):
+        xq, xs = xg
+        if xq.dtype != torch.float8_e4m3fn or xs.dtype != torch.float32 or xs.shape != (xq.shape[0],):
+            raise ValueError("grouped_swiglu_fp8: a quantised input must be (q [R, H] float8_e4m3fn, scale [R] "
+                             f"float32), got {xq.dtype} {list(xq.shape)} and {xs.dtype} {list(xs.shape)}")
+    else:
+        xq, xs = quant_rows(xg, live_rows=live)
+    fast1, fast2 = fast_accum if isinstance(fast_accum, tuple) else (fast_accum, fast_accum)
     h = torch._scaled_grouped_mm(xq, w13.transpose(-2, -1), xs, s13, offs=offs, out_dtype=torch.bfloat16,
-                                 use_fast_accum=fast_accum)
-    del xq  # a large prefill's temporaries: each freed as soon as its reader is enqueued (stream-ordered pool)
+                                 use_fast_accum=bool(fast1))
+    del xq, xs, xg  # a large prefill's temporaries: each freed as soon as its reader is enqueued (stream-ordered pool)
     aq, as_ = swiglu_quant(h, inter, live_rows=live)
     del h
     return torch._scaled_grouped_mm(aq, w2.transpose(-2, -1), as_, s2, offs=offs, out_dtype=torch.bfloat16,
-                                    use_fast_accum=fast_accum)
+                                    use_fast_accum=bool(fast2))

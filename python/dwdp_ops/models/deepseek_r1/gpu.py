@@ -350,7 +350,8 @@ class GpuModel:
 
     # -- MoE ---------------------------------------------------------------------------------------------------------
     def _grouped_swiglu(self, xg, offs, w13, w2, s13=None, s2=None):
-        """The expert MLP over rows grouped by expert: ``xg [R, H]`` bf16, group g in rows ``[offs[g-1], offs[g])``
+        """The expert MLP over rows grouped by expert: ``xg [R, H]`` bf16 (fp8 experts: or its rows already
+        quantised, ``(q, scale)``, see ``fp8.grouped_swiglu_fp8``), group g in rows ``[offs[g-1], offs[g])``
         (``offs [G]`` int32), ``w13 [G, 2I, H]``, ``w2 [G, H, I]`` -> ``[R, H]`` bf16 (rows past ``offs[-1]`` are
         not meaningful). Two ``torch._grouped_mm`` with the SwiGLU between, or with fp8 weights and their rowwise
         scales ``s13 [G, 2I]`` / ``s2 [G, H]`` two ``torch._scaled_grouped_mm`` (``fp8.grouped_swiglu_fp8``); the
@@ -410,7 +411,11 @@ class GpuModel:
             return y
 
         if self.grouped:
-            out = routed_experts(x, w, ids, mlp, num_experts=cfg.n_routed_experts, align=self.align)
+            quantize = None
+            if s13 is not None:  # fp8 experts: each token quantised once, its fp8 row gathered (models.routed)
+                from .fp8 import quant_rows as quantize
+            out = routed_experts(x, w, ids, mlp, num_experts=cfg.n_routed_experts, align=self.align,
+                                 quantize=quantize)
         else:
             flat = ids.reshape(-1)
             order = torch.argsort(flat, stable=True)
