@@ -79,3 +79,12 @@ def test_grouped_fp8_mlp_calls_satisfy_pytorchs_layout_rules(H, I, G, R):
     assert fp8.grouped_swiglu_fp8((q, s), offs, w13, w2, s13, s2, I).shape == (R, H)
     with pytest.raises(ValueError, match=r"scale \[R\] float32"):
         fp8.grouped_swiglu_fp8((q, s[:, None]), offs, w13, w2, s13, s2, I)
+
+
+def test_fast_accumulation_rule_at_its_boundaries():
+    """``use_fast_accum``: on up to 2K tokens x top-8 and from 32K x top-8 (where expert_gemm measured it faster),
+    off between."""
+    assert fp8.use_fast_accum(0) and fp8.use_fast_accum(8) and fp8.use_fast_accum(fp8.FAST_ACCUM_MAX_SMALL_ROWS)
+    assert not fp8.use_fast_accum(fp8.FAST_ACCUM_MAX_SMALL_ROWS + 1)
+    assert not fp8.use_fast_accum(8192 * 8) and not fp8.use_fast_accum(fp8.FAST_ACCUM_MIN_ROWS - 1)
+    assert fp8.use_fast_accum(fp8.FAST_ACCUM_MIN_ROWS) and fp8.use_fast_accum(65536 * 8)

@@ -27,10 +27,22 @@ from typing import Any
 from .gpu_weights import require_torch
 
 E4M3_MAX = 448.0
-# grouped rows from which the fp8 expert MLP accumulates with ``use_fast_accum`` (``bench/expert_gemm.py`` on one H200,
-# 2026-12-01: 810-939 TFLOP/s against 682-752 at 32K-64K tokens x top-8, 426-694 against 513-663 at 8K-16K, relative
-# error against bf16 4.65e-2 against 4.64e-2 either way)
+# token-expert pairs of a rank's step for which the fp8 expert MLP accumulates with ``use_fast_accum``
+# (``bench/expert_gemm.py`` on one H200, 2026-12-01T02:33Z, each token quantised before the gather): faster at 1K-2K
+# tokens x top-8 (159-389 -> 190-389 TFLOP/s: 1.9-2.0x bf16 against 1.4-1.6x) and from 32K (704-753 -> 794-954:
+# 1.49-1.80x against 1.30-1.42x), slower at 4K-8K (0.84-1.22x bf16 against 1.31-1.33x) and mixed at 16K (1.21 / 1.36x
+# against 1.30 / 1.31x); relative error against bf16 4.65e-2 against 4.64e-2 either way
+FAST_ACCUM_MAX_SMALL_ROWS = 2048 * 8
 FAST_ACCUM_MIN_ROWS = 32768 * 8
+
+
+def use_fast_accum(pairs: int) -> bool:
+    """Whether a step with ``pairs`` token-expert pairs on this rank runs the fp8 GEMMs with fast accumulation: at
+    most ``FAST_ACCUM_MAX_SMALL_ROWS`` or at least ``FAST_ACCUM_MIN_ROWS`` (where the benchmark measured it faster;
+    between them PyTorch's fast-accumulation kernels were slower on an H200)."""
+    return pairs <= FAST_ACCUM_MAX_SMALL_ROWS or pairs >= FAST_ACCUM_MIN_ROWS
+
+
 QUANT_CHUNK = 16384  # rows quantised at a time: bounds the float32 temporary ([chunk, K] x 4 bytes)
 _NATIVE: Any = None  # dwdp_ops._C with the fused kernels, False without them, None until looked up
 
@@ -165,7 +177,7 @@ def grouped_swiglu_fp8(xg: Any, offs: Any, w13: Any, w2: Any, s13: Any, s2: Any,
     ``offs[-1]`` are not meaningful. ``fast_accum``: the GEMMs' ``use_fast_accum``, one flag or a pair (first
     GEMM, second GEMM) (Hopper: partial sums stay in the tensor core's reduced-precision accumulator instead of being
     promoted to float32; measured in ``bench/expert_gemm.py``: faster from 32K tokens, the same error against bf16;
-    ``GpuModel`` turns it on from ``FAST_ACCUM_MIN_ROWS`` pairs)."""
+    ``GpuModel`` turns it on where ``use_fast_accum`` says)."""
     torch = require_torch()
     live = offs[-1:]  # rows past the last group (a worst-case-sized DEP buffer's tail) are skipped, not quantised
     if isinstance(xg, tuple):

@@ -359,12 +359,13 @@ class GpuModel:
         torch = require_torch()
         I = self.cfg.moe_inter_dim
         if s13 is not None:
-            from .fp8 import FAST_ACCUM_MIN_ROWS, grouped_swiglu_fp8
+            from .fp8 import grouped_swiglu_fp8, use_fast_accum
 
-            # large steps accumulate in the tensor cores' fast mode (faster there, same error against bf16: fp8.py);
+            # small and large steps accumulate in the tensor cores' fast mode (measured faster there, the same error against
+            # bf16: fp8.use_fast_accum);
             # decided by this rank's own token-expert pairs of the step, not by a buffer's worst-case size (in DEP
             # the GEMM also carries other ranks' tokens, whose own steps may fall on the other side of the bound)
-            fast = self._step_pairs >= FAST_ACCUM_MIN_ROWS
+            fast = use_fast_accum(self._step_pairs)
             return grouped_swiglu_fp8(xg, offs, w13, w2, s13, s2, I, fast_accum=fast)
         h = torch._grouped_mm(xg, w13.transpose(-2, -1), offs=offs)
         a = torch.nn.functional.silu(h[:, :I]) * h[:, I:]
