@@ -1,108 +1,143 @@
-"""``demo`` under each policy on the same machine and prompts: does moving tokens for decode pay, and does ``auto``
-keep large prefills on moving weights?
+"""``demo`` under two policies on the same machine, store and prompts, interleaved: does moving tokens for decode pay,
+and does ``auto`` keep large prefills on moving weights?
 
-    python bench/demo_policies.py [--policies auto,on_demand] [--prompts 8 --min-len 1024 --max-len 4096 --steps 16]
+    python bench/demo_policies.py [--policies auto,on_demand] [--pairs 3] [--dtype float8_e4m3fn]
+                                  [--prompts 8 --min-len 1024 --max-len 4096 --steps 16]
+    python bench/demo_policies.py --dry-run      # the command it runs; needs no GPU
 
-Runs ``python -m dwdp_ops demo --json`` once per policy (all GPUs of the machine, one rank per GPU), with the same
-seed (same weights, same prompts per rank), the same number of MoE layers (the first run plans it from free memory
-with the dispatcher's buffers reserved, the others are given that count), decode steps as CUDA graphs in every run
-(``--no-graphs``: eager in every run) and the all-local check on. A whole demo
-is minutes of set-up (weights generated and loaded), so the policies run one after the other, not interleaved: each
-run's own warm-up (the same prompts, prefill + one decode step) precedes its timed steps, and the figures are the
-per-rank prefill and decode tokens/s of the timed steps (CUDA events around each step, ``serve.summarize``): over all
-decode steps, and at the median decode step (the first decode step after a prefill whose mode leaves the ranks
-independent absorbs the wait for the slowest rank's prefill when decode moves tokens; both are reported).
+One job of the GPU demo's rank workers (``dwdp_ops.demo_gpu``, all GPUs of the machine, one rank per GPU, the same
+command ``python -m dwdp_ops demo`` launches) with ``--compare-policy``: the weights are generated and the store
+built once; the first policy serves the prompts (prefill + greedy decode, its own warm-up first), then the second
+policy's warm-up, then ``--pairs`` pairs of whole runs of the same prompts on the same store, one run per policy,
+the leading policy alternating per pair (A B, B A, A B, ...); every run of both policies is checked against the
+all-local run of the same requests (the first ``--check-steps`` steps, default 4). Decode steps are CUDA graphs in
+every run (``--no-graphs``: eager). Figures per rank: prefill and decode tokens/s of each run (CUDA events around
+each step, ``serve.summarize``), over all decode steps and at the median decode step (the first decode step after a
+prefill whose mode leaves the ranks independent absorbs the wait for the slowest rank's prefill when decode moves
+tokens); the ratios are medians over the pairs of the per-pair ratios, first policy over second.
 
-Output: bench/results/demo_policies_<card>_N<n>.json (every run's report, per-rank ratios against the last policy
-given, the modes each step used) and a table on stdout.
+Output: bench/results/demo_policies_<card>_N<n>[_tag].json (the demo report with every run's summary and check,
+the per-pair and median ratios) and a table on stdout.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
+from statistics import median
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import machine_facts, result_name, write_json  # noqa: E402
 
-
-def run_demo(policy: str, ns, moe_layers: int | None) -> dict:
-    cmd = [sys.executable, "-m", "dwdp_ops", "demo", "--json", "--policy", policy, "--prompts", str(ns.prompts),
-           "--min-len", str(ns.min_len), "--max-len", str(ns.max_len), "--steps", str(ns.steps),
-           "--seed", str(ns.seed), "--timeout", str(ns.timeout)]
-    if moe_layers:
-        cmd += ["--moe-layers", str(moe_layers)]
-    if ns.no_graphs:
-        cmd.append("--no-graphs")
-    cmd += ["--dtype", ns.dtype]
-    with tempfile.TemporaryFile("w+") as log:
-        proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=log, text=True)
-        if proc.returncode != 0:
-            log.seek(0)
-            sys.stderr.write(log.read()[-6000:])
-            raise SystemExit(f"demo --policy {policy} failed with exit code {proc.returncode}")
-    rep = json.loads(proc.stdout)
-    rep["command"] = " ".join(["python", "-m", "dwdp_ops"] + cmd[3:])
-    return rep
+POLICIES = ("auto", "prefetch_all", "on_demand", "dispatch")
 
 
-def per_rank(rep: dict, kind: str, key: str = "tokens_per_s") -> list[float]:
-    return [r["summary"][kind][key] for r in rep["ranks"]]
-
-
-def main() -> int:
+def parse(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--policies", default="auto,on_demand", help="comma-separated; ratios are against the last one")
+    ap.add_argument("--policies", default="auto,on_demand", help="two policies, comma-separated; ratios first / second")
+    ap.add_argument("--pairs", type=int, default=3, help="interleaved pairs of whole runs")
     ap.add_argument("--prompts", type=int, default=8)
     ap.add_argument("--min-len", type=int, default=1024)
     ap.add_argument("--max-len", type=int, default=4096)
     ap.add_argument("--steps", type=int, default=16)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--moe-layers", type=int, default=None, help="default: what the first run plans")
-    ap.add_argument("--timeout", type=int, default=600, help="seconds per demo run")
+    ap.add_argument("--vocab", type=int, default=32768)
+    ap.add_argument("--moe-layers", type=int, default=None, help="default: as many as fit")
+    ap.add_argument("--timeout", type=int, default=900, help="seconds for the whole job")
     ap.add_argument("--no-graphs", action="store_true", help="decode steps eager in every run (default: CUDA graphs)")
-    ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float8_e4m3fn"], help="routed experts")
+    ap.add_argument("--dtype", default="float8_e4m3fn", choices=["bfloat16", "float8_e4m3fn"], help="routed experts")
+    ap.add_argument("--gpus", type=int, default=None, help="default: every GPU of the machine")
     ap.add_argument("--tag", default="")
-    ns = ap.parse_args()
-    policies = [p for p in ns.policies.split(",") if p]
-    if len(policies) < 2:
-        ap.error("--policies needs at least two policies to compare")
-    runs, layers = {}, ns.moe_layers
-    for p in policies:
-        runs[p] = run_demo(p, ns, layers)
-        layers = layers or runs[p]["config"]["moe_layers"]
-        print(f"{p}: {runs[p]['config']['moe_layers']} MoE layers done", flush=True)
-    base = policies[-1]
-    table = ["| policy | rank | prefill modes | prefill tok/s | decode modes | decode tok/s (all steps / median step) "
-             "| decode x " + base + " (all / median) | prefill x " + base + " | tokens = all-local | max logits rel err |",
-             "|" + " --- |" * 10]
-    ratios = {}
-    for p, rep in runs.items():
-        dec, pre = per_rank(rep, "decode"), per_rank(rep, "prefill")
-        bdec, bpre = per_rank(runs[base], "decode"), per_rank(runs[base], "prefill")
-        med, bmed = per_rank(rep, "decode", "tokens_per_s_median_step"), per_rank(runs[base], "decode", "tokens_per_s_median_step")
-        ratios[p] = {"decode": [a / b for a, b in zip(dec, bdec)], "prefill": [a / b for a, b in zip(pre, bpre)],
-                     "decode_median_step": [a / b for a, b in zip(med, bmed)]}
-        for i, r in enumerate(rep["ranks"]):
-            s = r["summary"]
-            ck = r.get("check", {})
-            table.append(f"| {p} | {r['rank']} | {s['prefill'].get('modes')} | {pre[i]:.0f} | {s['decode'].get('modes')} "
-                         f"| {dec[i]:.1f} / {med[i]:.1f} | {ratios[p]['decode'][i]:.2f} / "
-                         f"{ratios[p]['decode_median_step'][i]:.2f} | {ratios[p]['prefill'][i]:.2f} "
-                         f"| {ck.get('tokens_equal')} | {ck.get('max_rel_err', float('nan')):.2e} |")
+    ap.add_argument("--dry-run", action="store_true", help="print the command and exit")
+    ns = ap.parse_args(argv)
+    ns.policy_list = [p for p in ns.policies.split(",") if p]
+    if len(ns.policy_list) != 2 or len(set(ns.policy_list)) != 2 or any(p not in POLICIES for p in ns.policy_list):
+        ap.error(f"--policies needs two different policies of {', '.join(POLICIES)}, got {ns.policies!r}")
+    if ns.pairs < 1 or ns.prompts < 1 or ns.steps < 2 or not 1 <= ns.min_len <= ns.max_len:
+        ap.error("--pairs and --prompts must be >= 1, --steps >= 2 and 1 <= --min-len <= --max-len")
+    return ns
+
+
+def command(ns, gpus: int, out: str) -> list[str]:
+    """The demo's own launcher command (``dwdp_ops.demo.gpu_command``) with the interleaved comparison added."""
+    from dwdp_ops.demo import gpu_command
+
+    demo_ns = argparse.Namespace(prompts=ns.prompts, steps=ns.steps, min_len=ns.min_len, max_len=ns.max_len,
+                                 vocab=ns.vocab, policy=ns.policy_list[0], seed=ns.seed, dtype=ns.dtype,
+                                 moe_layers=ns.moe_layers, no_check=False, no_graphs=ns.no_graphs, timeout=ns.timeout)
+    return gpu_command(demo_ns, gpus, out) + ["--compare-policy", ns.policy_list[1], "--pairs", str(ns.pairs)]
+
+
+def ratios(rank: dict, a: str, b: str) -> dict:
+    """Per-pair ratios a / b of one rank's runs (prefill tok/s, decode tok/s over all steps and at the median step),
+    and their medians."""
+    keys = {"prefill": ("prefill", "tokens_per_s"), "decode": ("decode", "tokens_per_s"),
+            "decode_median_step": ("decode", "tokens_per_s_median_step")}
+    per = {k: [] for k in keys}
+    for pair in rank["interleaved"]:
+        ra, rb = pair["runs"][a]["summary"], pair["runs"][b]["summary"]
+        for k, (kind, key) in keys.items():
+            per[k].append(ra[kind][key] / rb[kind][key])
+    return {"per_pair": per, "median": {k: median(v) for k, v in per.items()}}
+
+
+def table(rep: dict, a: str, b: str) -> list[str]:
+    rows = [f"| rank | policy | prefill modes | decode modes | prefill tok/s (median of runs) | decode tok/s, all steps "
+            f"/ median step | decode {a} / {b} (all / median step; per pair) | prefill {a} / {b} | tokens = all-local "
+            f"(every run) | largest comparable rel err |", "|" + " --- |" * 10]
+    for r in rep["ranks"]:
+        rr = r["ratios"]
+        for pol in (a, b):
+            runs = [p["runs"][pol] for p in r["interleaved"]]
+            s = [x["summary"] for x in runs]
+            checks = [x["check"] for x in runs if x["check"]]
+            ok = all(c["tokens_equal"] for c in checks) if checks else None
+            err = max((c.get("comparable_rel_err", c["max_rel_err"]) for c in checks), default=float("nan"))
+            dec, pre = "", ""
+            if pol == a:
+                dec = (f"{rr['median']['decode']:.2f} / {rr['median']['decode_median_step']:.2f}; "
+                       + ", ".join(f"{x:.2f}" for x in rr["per_pair"]["decode"]))
+                pre = f"{rr['median']['prefill']:.2f}"
+            rows.append(f"| {r['rank']} | {pol} | {s[0]['prefill']['modes']} | {s[0]['decode']['modes']} "
+                        f"| {median(x['prefill']['tokens_per_s'] for x in s):.0f} "
+                        f"| {median(x['decode']['tokens_per_s'] for x in s):.1f} / "
+                        f"{median(x['decode']['tokens_per_s_median_step'] for x in s):.1f} | {dec} | {pre} | {ok} "
+                        f"| {err:.2e} |")
+    return rows
+
+
+def main(argv=None) -> int:
+    ns = parse(argv)
+    a, b = ns.policy_list
+    if ns.dry_run:
+        print(" ".join(command(ns, ns.gpus or 2, "report.json")))
+        return 0
+    import cupy as cp
+
+    gpus = ns.gpus or cp.cuda.runtime.getDeviceCount()
+    with tempfile.TemporaryDirectory() as tmp:
+        out = os.path.join(tmp, "report.json")
+        cmd = command(ns, gpus, out)
+        proc = subprocess.run(cmd)
+        if proc.returncode != 0 or not os.path.exists(out):
+            raise SystemExit(f"the demo job failed (launcher exit code {proc.returncode}); see its output above")
+        rep = json.loads(Path(out).read_text())
+    for r in rep["ranks"]:
+        r["ratios"] = ratios(r, a, b)
     facts = machine_facts()
-    data = dict(benchmark="demo_policies", policies=policies, baseline=base, moe_layers=layers, prompts=ns.prompts,
-                graphs=not ns.no_graphs, dtype=ns.dtype,
-                min_len=ns.min_len, max_len=ns.max_len, steps=ns.steps, seed=ns.seed, ratios=ratios, runs=runs,
-                **facts, method=__doc__)
-    gpus = runs[base]["gpus"]
+    data = dict(benchmark="demo_policies", policies=[a, b], baseline=b, pairs=ns.pairs, dtype=ns.dtype,
+                moe_layers=rep["config"]["moe_layers"], prompts=ns.prompts, graphs=not ns.no_graphs,
+                min_len=ns.min_len, max_len=ns.max_len, steps=ns.steps, seed=ns.seed,
+                command=" ".join(["python", "bench/demo_policies.py"] + (argv if argv is not None else sys.argv[1:])),
+                demo_command=" ".join(cmd[1:]), **facts, report=rep, method=__doc__)
     name = result_name("demo_policies", facts["card"], f"_N{gpus}{'_' + ns.tag if ns.tag else ''}")
     path = write_json(name, data)
-    print("\n".join(table))
+    print("\n".join(table(rep, a, b)))
     print(f"wrote {path}")
     return 0
 

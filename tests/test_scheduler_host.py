@@ -381,3 +381,25 @@ def test_auto_with_a_dispatcher_agrees_across_ranks_with_one_gather_per_step():
         bad.begin_step(tokens=3)
     with pytest.raises(ValueError, match="tokens must be an int >= 0"):
         bad.begin_step(tokens=-1)
+
+
+def test_set_policy_between_steps_and_not_inside_one():
+    """A benchmark interleaves two policies on one store: ``set_policy`` takes effect at the next step, refuses a
+    change mid-step, an unknown policy and ``dispatch`` without a dispatcher."""
+    sched = PrefetchScheduler(FakeStore(2), copy_stream=Stream("copy"), event_factory=lambda: Event("e"))
+    compute = Stream("compute")
+    assert sched.begin_step(tokens=4) == "prefetch_all"
+    with pytest.raises(RuntimeError, match="between steps"):
+        sched.set_policy("on_demand")
+    for p in range(2):
+        sched.wait(p, compute)
+        sched.release(p, compute)
+    sched.set_policy("on_demand")
+    assert sched.begin_step(tokens=4) == "on_demand"
+    for p in range(2):
+        sched.release(p, compute)
+    with pytest.raises(ValueError, match="policy must be"):
+        sched.set_policy("fastest")
+    with pytest.raises(ValueError, match="without a dispatcher"):
+        sched.set_policy("dispatch")
+    assert sched.policy == "on_demand"

@@ -61,8 +61,17 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-graphs", action="store_true", help="run decode steps eagerly (default: CUDA graphs)")
     ap.add_argument("--check-steps", type=int, default=4,
                     help="steps of the all-local check (it regenerates every layer's experts at every step)")
+    ap.add_argument("--compare-policy", default=None, choices=["auto", "prefetch_all", "on_demand", "dispatch"],
+                    help="after the main run, time --pairs pairs of whole runs (prefill + decode of the same prompts) "
+                         "of --policy and this policy on the same store, interleaved with the leader alternating, "
+                         "each checked against the all-local run (bench/demo_policies.py)")
+    ap.add_argument("--pairs", type=int, default=3, help="pairs of the interleaved comparison")
     ap.add_argument("--out", required=True)
     ns = ap.parse_args(argv)
+    if ns.compare_policy == ns.policy:
+        ap.error("--compare-policy must differ from --policy")
+    if ns.pairs < 1:
+        ap.error("--pairs must be >= 1")
 
     import cupy as cp
     import torch
@@ -87,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
 
     world = DistEnv.from_environ().world_size
     probe = DeepSeekConfig.r1(n_layers=61, vocab_size=ns.vocab)
-    moves_tokens = ns.policy in ("auto", "dispatch")
+    moves_tokens = bool({ns.policy, ns.compare_policy} & {"auto", "dispatch"})
     cap = dispatch_capacity(world, ns.prompts, ns.min_len, ns.max_len, ns.vocab, ns.seed) if moves_tokens else 0
     H, k = probe.dim, probe.n_activated_experts
     heap = TokenDispatcher.heap_bytes(world, cap, H, k) + 256 * (1 << 20) if moves_tokens else None
@@ -132,6 +141,21 @@ def main(argv: list[str] | None = None) -> int:
             bar = tqdm(total=ns.steps, desc=f"DWDP decode on {n} GPUs", disable=not lead, file=sys.stdout)
             run = run_requests(model, prompts, ns.steps, scheduler=sched, store=store, progress=bar, graph=graph)
             bar.close()
+            interleaved = []
+            if ns.compare_policy:
+                # the other policy's warm-up (its graphs), then pairs of whole runs, the leading policy alternating
+                sched.set_policy(ns.compare_policy)
+                run_requests(model, prompts, 2, scheduler=sched, store=store, graph=graph)
+                torch.cuda.empty_cache()
+                for i in range(ns.pairs):
+                    order = (ns.policy, ns.compare_policy) if i % 2 == 0 else (ns.compare_policy, ns.policy)
+                    pair = {}
+                    for pol in order:
+                        sched.set_policy(pol)
+                        dwdp_ops.barrier()
+                        pair[pol] = run_requests(model, prompts, ns.steps, scheduler=sched, store=store, graph=graph)
+                    interleaved.append((order[0], pair))
+                sched.set_policy(ns.policy)
             store.check_errors()
             if disp is not None:
                 disp.check_errors()
@@ -145,6 +169,7 @@ def main(argv: list[str] | None = None) -> int:
         rec = {"rank": me, "prompt_lens": list(map(len, prompts)), "tokens": run.tokens, "wall_s": run.wall_s,
                "summary": summarize(run.steps), "steps": [vars(s) for s in run.steps], "dense_tflops": dense_rate,
                "dispatch_capacity": cap, "rates": vars(sched.rates)}
+        checks = {}
         if not ns.no_check:
             local = GpuModel(cfg, weights, LocalExperts(weights, cfg, regenerate=True), max_requests=len(prompts),
                              max_seq=max_seq)
@@ -152,14 +177,23 @@ def main(argv: list[str] | None = None) -> int:
             base = run_requests(local, prompts, k)
             rec["check"] = compare(RunResult([t[:k] for t in run.tokens], run.logits[:k], [], 0.0), base)
             rec["check"]["steps"] = k
+            for i, (_lead, pair) in enumerate(interleaved):
+                for pol, r in pair.items():
+                    checks[i, pol] = compare(RunResult([t[:k] for t in r.tokens], r.logits[:k], [], 0.0), base)
             del local
+        if interleaved:  # every run's summary, its tokens against the main run's, its check against all-local
+            rec["interleaved"] = [
+                {"lead": lead_pol, "runs": {pol: {"summary": summarize(r.steps), "tokens_equal_main": r.tokens == run.tokens,
+                                                  "check": checks.get((i, pol))} for pol, r in pair.items()}}
+                for i, (lead_pol, pair) in enumerate(interleaved)]
         gathered = rt.rendezvous.allgather("demo:report", json.dumps(rec).encode())
         if lead:
             report = {"gpus": n, "card": torch.cuda.get_device_name(), "config": {
                 "layers": cfg.n_layers, "dense_layers": cfg.n_dense_layers, "moe_layers": cfg.n_moe_layers,
                 "dim": cfg.dim, "experts": cfg.n_routed_experts, "top_k": cfg.n_activated_experts,
                 "moe_inter_dim": cfg.moe_inter_dim, "vocab": cfg.vocab_size, "dtype": ns.dtype},
-                "policy": ns.policy, "steps": ns.steps, "graphs": not ns.no_graphs, "ranks": [json.loads(g) for g in gathered]}
+                "policy": ns.policy, "compare_policy": ns.compare_policy, "pairs": ns.pairs if ns.compare_policy else 0,
+                "steps": ns.steps, "graphs": not ns.no_graphs, "ranks": [json.loads(g) for g in gathered]}
             with open(ns.out, "w") as f:
                 json.dump(report, f)
         dwdp_ops.barrier()

@@ -133,6 +133,20 @@ class PrefetchScheduler:
         self._dispatched: int | None = None  # the layer whose tokens are out (dispatch mode)
         self.trace: list | None = None  # set to [] to record (kind, layer, event) of every prefetch (benchmarks)
 
+    def set_policy(self, policy: Policy) -> None:
+        """Changes the policy between steps (a benchmark interleaving two policies on one store, the same requests).
+        Every rank must make the same change before the same step (``auto`` and ``dispatch`` steps are collective).
+        Raises between ``begin_step`` and the last ``release`` of a step, and for ``dispatch`` without a dispatcher."""
+        if policy not in POLICIES:
+            raise ValueError(f"policy must be 'prefetch_all', 'on_demand', 'dispatch' or 'auto', got {policy!r}")
+        if policy == "dispatch" and self.dispatcher is None:
+            raise ValueError("policy 'dispatch' moves tokens: this scheduler was built without a dispatcher")
+        if self._in_flight or self._dispatched is not None:
+            raise RuntimeError("set_policy: a step is in progress (layers not released); change the policy between "
+                               "steps")
+        self.policy = policy
+        self.last_choice = None
+
     # -- the protocol -----------------------------------------------------------------------------------------
     def choose(self, tokens_per_rank: Sequence[int]):
         """The ``auto`` rule for one step (pure; ``policy.choose_mode`` with this scheduler's configuration):

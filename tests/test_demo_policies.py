@@ -1,0 +1,74 @@
+"""bench/demo_policies.py on the CPU: the job it launches (the demo's own worker command with the interleaved
+comparison), the per-pair ratios and the table from a synthetic report, bad arguments; demo_gpu's own checks of the
+comparison options."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+import demo_policies  # noqa: E402
+
+
+def _summary(prefill, decode, median_step):
+    return {"prefill": {"tokens_per_s": prefill, "modes": {"prefetch_all": 1}},
+            "decode": {"tokens_per_s": decode, "tokens_per_s_median_step": median_step, "modes": {"dispatch": 15}}}
+
+
+def _report():
+    check = {"tokens_equal": True, "max_rel_err": 0.0, "comparable_rel_err": 0.0}
+    runs = [({"auto": (9000, 600, 650), "on_demand": (4500, 200, 210)}), ({"auto": (9100, 500, 640), "on_demand": (4600, 250, 200)}),
+            ({"auto": (8800, 700, 660), "on_demand": (4400, 175, 220)})]
+    inter = [{"lead": ("auto", "on_demand")[i % 2],
+              "runs": {p: {"summary": _summary(*v), "tokens_equal_main": True, "check": check} for p, v in r.items()}}
+             for i, r in enumerate(runs)]
+    return {"config": {"moe_layers": 6}, "ranks": [{"rank": 0, "interleaved": inter}]}
+
+
+def test_ratios_are_medians_of_per_pair_ratios():
+    rank = _report()["ranks"][0]
+    r = demo_policies.ratios(rank, "auto", "on_demand")
+    assert r["per_pair"]["decode"] == pytest.approx([3.0, 2.0, 4.0])
+    assert r["median"]["decode"] == pytest.approx(3.0)  # not the ratio of medians (600 / 200)
+    assert r["median"]["prefill"] == pytest.approx(2.0)
+    assert r["median"]["decode_median_step"] == pytest.approx(650 / 210)
+
+
+def test_table_has_a_row_per_rank_and_policy():
+    rep = _report()
+    for r in rep["ranks"]:
+        r["ratios"] = demo_policies.ratios(r, "auto", "on_demand")
+    rows = demo_policies.table(rep, "auto", "on_demand")
+    assert len(rows) == 2 + 2
+    assert "3.00 / " in rows[2] and "3.00, 2.00, 4.00" in rows[2] and "| True |" in rows[2]
+
+
+def test_command_is_the_demo_worker_with_the_comparison(capsys):
+    from dwdp_ops.launch import build_parser, worker_command
+
+    ns = demo_policies.parse(["--policies", "auto,on_demand", "--pairs", "5", "--dtype", "bfloat16"])
+    cmd = demo_policies.command(ns, 2, "/tmp/r.json")
+    worker = worker_command(build_parser("x").parse_args(cmd[3:]))
+    assert worker[1:3] == ["-m", "dwdp_ops.demo_gpu"]
+    assert worker[-4:] == ["--compare-policy", "on_demand", "--pairs", "5"]
+    assert "--policy" in worker and worker[worker.index("--policy") + 1] == "auto"
+    assert demo_policies.main(["--dry-run"]) == 0 and "--compare-policy on_demand" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("argv", [["--policies", "auto"], ["--policies", "auto,auto"], ["--policies", "auto,fast"],
+                                  ["--pairs", "0"], ["--steps", "1"], ["--min-len", "9", "--max-len", "8"]])
+def test_bad_arguments_are_refused(argv):
+    with pytest.raises(SystemExit):
+        demo_policies.parse(argv)
+
+
+@pytest.mark.parametrize("argv", [["--policy", "auto", "--compare-policy", "auto"], ["--compare-policy", "on_demand",
+                                                                                    "--pairs", "0"]])
+def test_demo_gpu_refuses_a_comparison_with_itself_or_no_pairs(argv):
+    from dwdp_ops import demo_gpu
+
+    with pytest.raises(SystemExit):
+        demo_gpu.main(["--out", "/tmp/x.json"] + argv)
