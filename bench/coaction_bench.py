@@ -10,7 +10,10 @@ order rotated by one place per repeat), --repeats repeats after 3 warm-up repeat
 figures are medians, speed-ups the median of the per-repeat ratios:
   fused          dwdp_ops.coaction.coaction_{forward,backward}_gpu with table + ids, the default path
                  (``check_ids=True``: the ids are range-checked on the device first, one host synchronisation)
-  fused_nocheck  the same with ``check_ids=False`` (the kernels alone)
+  fused_nocheck  the same with ``check_ids=False`` (the kernels alone); the reference shape runs on the specialised
+                 kernels (compile-time widths, ``fused.uses_specialized_kernels``)
+  fused_general  ``fused_nocheck`` on the general fast kernels (``DWDP_COACTION_SPECIALIZED=0``): the kernels before
+                 the specialisation, as a same-run baseline
   cupy           the same math as gathers, reshaped weights and batched matmuls in CuPy (dwdp_ops.coaction.reference
                  on CuPy arrays), table gradients by scatter-add
   torch          the same in PyTorch with autograd (eager), where PyTorch is installed
@@ -34,6 +37,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import os
 import sys
 from pathlib import Path
 from statistics import median
@@ -50,6 +54,7 @@ from dwdp_ops.coaction import (  # noqa: E402
     coaction_forward,
     coaction_forward_gpu,
 )
+from dwdp_ops.coaction.fused import uses_specialized_kernels  # noqa: E402
 
 ROWS = 100_000
 
@@ -188,13 +193,23 @@ def main() -> int:
             cp.add.at(tf, fids, gf)
             return ti, tf
 
-        fwd_ops = {"fused": fused_fwd, "fused_nocheck": lambda: fused_fwd(False), "cupy": cupy_fwd}
-        step_ops = {"fused": fused_step, "fused_nocheck": lambda: fused_step(False), "cupy": cupy_step}
-        rec = {"B": B, "T": T}
+        def general(fn):  # the same call on the general fast kernels (the specialised ones turned off)
+            os.environ["DWDP_COACTION_SPECIALIZED"] = "0"
+            try:
+                return fn(False)
+            finally:
+                os.environ.pop("DWDP_COACTION_SPECIALIZED")
+
+        fwd_ops = {"fused": fused_fwd, "fused_nocheck": lambda: fused_fwd(False), "cupy": cupy_fwd,
+                   "fused_general": lambda: general(fused_fwd)}
+        step_ops = {"fused": fused_step, "fused_nocheck": lambda: fused_step(False), "cupy": cupy_step,
+                    "fused_general": lambda: general(fused_step)}
+        rec = {"B": B, "T": T, "specialized": uses_specialized_kernels(spec)}
         # correctness on this data before timing
         with s:
             ref = cupy_fwd()
-            for name, fn in (("fused", fused_fwd), ("fused_nocheck", lambda: fused_fwd(False))):
+            for name, fn in (("fused", fused_fwd), ("fused_nocheck", lambda: fused_fwd(False)),
+                             ("fused_general", lambda: general(fused_fwd))):
                 err = float(cp.linalg.norm(fn() - ref) / cp.linalg.norm(ref))
                 if not err < 1e-4:
                     raise RuntimeError(f"{name} forward differs from the CuPy reference: rel. error {err:.3g}")

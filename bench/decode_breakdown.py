@@ -128,7 +128,6 @@ def main(argv=None) -> int:
                 prompt_lens=list(map(len, prompts)), vocab=cfg.vocab_size, steps=ns.steps, seed=ns.seed,
                 expert_GB=expert_gb, step_ms=step_ms, step_ms_all=times, kernel_busy_us_per_step=busy,
                 categories_us_per_step=cats, kernels=kernels,
-                command=" ".join(["python", "bench/decode_breakdown.py"] + (argv if argv is not None else sys.argv[1:])),
                 **facts, method=__doc__)
     path = write_json(result_name("decode_breakdown", facts["card"], f"_{ns.tag}" if ns.tag else ""), data)
     print(f"decode step (graphed, {n} requests, {ns.moe_layers} MoE layers, experts {ns.dtype}): median {step_ms:.3f} ms;"

@@ -315,3 +315,44 @@ def test_id_check_names_the_bad_array():
         coaction_backward_gpu(table, ftable, mask, cp.zeros((4, 36), cp.float32), spec, ind_ids=ids + 7,
                               feed_ids=fids)
     coaction_forward_gpu(table, ftable, mask, spec, ind_ids=ids, feed_ids=fids + 6)  # the last rows are fine
+
+
+SPECIALIZED = [CoActionSpec(), CoActionSpec(bias=True), CoActionSpec(orders=1), CoActionSpec(orders=5, bias=True),
+               CoActionSpec(order_independent=True), CoActionSpec(orders=2, bias=True, order_independent=True)]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("spec", SPECIALIZED, ids=lambda s: f"o{s.orders}-b{int(s.bias)}-oi{int(s.order_independent)}")
+@pytest.mark.parametrize("ids", [False, True], ids=["gathered", "table"])
+def test_specialized_kernels_equal_the_reference_and_the_general_kernels(spec, dtype, ids, monkeypatch):
+    """The reference shape (16 -> 8 -> 4, linear last layer) runs on the specialised kernels, with every option they
+    take (orders 1-5, bias, order independence, table ids or gathered rows, fp32 and bf16): against the float64
+    reference, and against the general fast kernels on the same inputs (DWDP_COACTION_SPECIALIZED=0)."""
+    from dwdp_ops.coaction.fused import uses_fast_kernels, uses_specialized_kernels
+
+    assert uses_specialized_kernels(spec) and uses_specialized_kernels(spec, backward=True)
+    rng = np.random.default_rng(spec.orders * 7 + int(spec.bias) + 2 * int(spec.order_independent))
+    B, T = 130, 75
+    ind, feed, mask, g = inputs(spec, B, T, 5)
+    kw = {}
+    if ids:  # tables smaller than the batch: induction ids repeat inside blocks, feed ids inside rounds
+        kw = dict(ind_ids=rng.integers(0, 40, B), feed_ids=rng.integers(0, 300, (B, T)))
+        ind = rng.normal(0, 0.3, (40, spec.induction_dim)).astype(np.float32)
+        feed = rng.normal(0, 0.6, (300, spec.feed_dim)).astype(np.float32)
+    got, want = run_both(spec, ind, feed, mask, g, dtype, **kw)
+    assert_close(got, want, TOL[dtype])
+    monkeypatch.setenv("DWDP_COACTION_SPECIALIZED", "0")
+    assert not uses_specialized_kernels(spec) and uses_fast_kernels(spec)
+    general, _ = run_both(spec, ind, feed, mask, g, dtype, **kw)
+    for name, a, b in zip(("forward", "grad_induction", "grad_feed"), got, general):
+        assert rel(a, b) <= (1e-6 if dtype == "float32" else 1e-2), name
+
+
+@pytest.mark.gpu
+def test_shapes_the_specialized_kernels_do_not_take():
+    from dwdp_ops.coaction.fused import uses_specialized_kernels
+
+    for spec in (CoActionSpec(variant="paper", bias=True), CoActionSpec(((16, 8), (8, 8))),
+                 CoActionSpec(((8, 8), (8, 4))), CoActionSpec(((16, 8), (8, 4), (4, 4)))):
+        assert not uses_specialized_kernels(spec), spec.layer_dims

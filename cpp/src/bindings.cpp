@@ -154,6 +154,12 @@ PYBIND11_MODULE(_C, m) {
           return fast;
         },
         "whether the register (fast) kernels take this shape; else the shared-memory fallback (or nothing fits)");
+  m.def("coaction_specialized",
+        [dims](std::vector<int> din, std::vector<int> dout, int orders, bool bias, bool order_independent, bool paper,
+               bool backward) {
+          return dwdp::coaction_specialized(dims(din, dout, orders, bias, order_independent, paper), backward);
+        },
+        "whether the specialised kernels (compile-time widths) take this shape; DWDP_COACTION_SPECIALIZED=0: never");
   m.def(
       "coaction_check_ids",
       [](uintptr_t ind_ids, int64_t n_ind, int64_t ind_rows, uintptr_t feed_ids, int64_t n_feed, int64_t feed_rows,

@@ -2,6 +2,7 @@
 #include <cuda_bf16.h>
 
 #include <algorithm>
+#include <cstdlib>
 #include <mutex>
 
 #include "dwdp/check.h"
@@ -816,6 +817,351 @@ __global__ void __launch_bounds__(kFastWarps * 32) fast_backward_kernel(Fast f, 
 }
 
 // ---------------------------------------------------------------------------------------------------------------
+// Specialised path: the fast path's organisation (a warp per sample, lanes over compacted behaviours, the induction
+// row staged once) for two-layer MLPs whose last layer is linear (the reference code's variant, not the paper's) with
+// compile-time widths D -> N1 -> N2 (instantiated in kSpecShapes). Every loop over a width is unrolled, so the
+// per-behaviour work is the FMAs, the 16-byte weight broadcasts and the tanh, without the runtime-width predicates
+// and indexing the general fast path spends most of its instructions on (Nsight Compute, 2026-12-01: 22 % FFMA in
+// the forward, 31 % in the backward). Pooled sums go to lane-private accumulator rows and are reduced over the lanes
+// once per sample. Backward: with a linear last layer, dz of that layer is the sample's grad_out block (the same for
+// every behaviour), so the first layer's upstream gradient u_c = G1_c + W2_c G2_c is one vector per (sample, order),
+// W2's gradient is (sum of h1) x G2_c and only W1's gradient needs the per-behaviour outer products (staged rows,
+// 2x2 register tiles over the round's rows).
+
+// Per-warp layout of the specialised kernels (floats): W | gW (backward) | G (backward) | U (backward) | queue |
+// 32 lane rows of RS floats. Forward row: accumulators [C][N1 + N2]. Backward row: p [D] | dz1 [N1] | sum of h1
+// [C][N1] | sum of dz1 [C][N1] (bias only); p is reused for the behaviour's feed gradient at the end of a round.
+struct SpecGeo {
+  int oW, oGW, oVec, oU, oQ, oRows, RS, rDZ, rH1, rB1, per_warp;
+};
+
+__host__ __device__ constexpr int odd4(int x) { return (pad4(x) / 4) % 2 ? pad4(x) : pad4(x) + 4; }
+
+SpecGeo make_spec_geo(const Fast& f, bool backward) {
+  SpecGeo g{};
+  const int wpad = f.slices * f.wslice, N1 = f.dout[0];
+  g.oW = 0;
+  g.oGW = wpad;
+  g.oVec = g.oGW + (backward ? wpad : 0);
+  g.oU = g.oVec + (backward ? pad4(f.outs * f.Sp) : 0);
+  g.oQ = g.oU + (backward ? pad4(f.C * N1) : 0);
+  g.oRows = g.oQ + kQueue;
+  if (backward) {
+    g.rDZ = f.Dp;
+    g.rH1 = g.rDZ + N1;
+    g.rB1 = g.rH1 + f.C * N1;
+    g.RS = odd4(g.rB1 + (f.bias ? f.C * N1 : 0));
+  } else {
+    g.RS = odd4(f.C * f.S);
+  }
+  g.per_warp = g.oRows + 32 * g.RS;
+  return g;
+}
+
+// z[DN] = a[DI] W (+ bias) for W [DI][DN] (then [DN] bias) in shared memory, as 16-byte broadcasts.
+template <int DI, int DN>
+__device__ __forceinline__ void spec_layer(const float* __restrict__ w, bool bias, const float (&a)[DI],
+                                           float (&z)[DN]) {
+  const float4* w4 = reinterpret_cast<const float4*>(w);
+#pragma unroll
+  for (int jc = 0; jc < DN / 4; ++jc) {
+    float4 s = bias ? w4[DI * (DN / 4) + jc] : make_float4(0.f, 0.f, 0.f, 0.f);
+#pragma unroll
+    for (int i = 0; i < DI; ++i) {
+      const float4 v = w4[i * (DN / 4) + jc];
+      s.x = fmaf(a[i], v.x, s.x);
+      s.y = fmaf(a[i], v.y, s.y);
+      s.z = fmaf(a[i], v.z, s.z);
+      s.w = fmaf(a[i], v.w, s.w);
+    }
+    z[4 * jc] = s.x, z[4 * jc + 1] = s.y, z[4 * jc + 2] = s.z, z[4 * jc + 3] = s.w;
+  }
+}
+
+// dst[0..N) += v * a[0..N) (16-byte shared-memory accesses; N a multiple of 4).
+template <int N>
+__device__ __forceinline__ void spec_acc(float* dst, float v, const float (&a)[N]) {
+#pragma unroll
+  for (int c = 0; c < N / 4; ++c) {
+    float4 r = reinterpret_cast<float4*>(dst)[c];
+    r.x = fmaf(v, a[4 * c], r.x);
+    r.y = fmaf(v, a[4 * c + 1], r.y);
+    r.z = fmaf(v, a[4 * c + 2], r.z);
+    r.w = fmaf(v, a[4 * c + 3], r.w);
+    reinterpret_cast<float4*>(dst)[c] = r;
+  }
+}
+
+template <typename T, int D, int N1, int N2>
+__global__ void __launch_bounds__(kFastWarps * 32) spec_forward_kernel(Fast f, SpecGeo g, int B, int T_len,
+                                                                       CoActionRows rows,
+                                                                       const int64_t* __restrict__ ind_ids,
+                                                                       const T* __restrict__ feed,
+                                                                       const int64_t* __restrict__ feed_ids,
+                                                                       const float* __restrict__ mask,
+                                                                       T* __restrict__ out) {
+  constexpr int S = N1 + N2;
+  extern __shared__ __align__(16) float smem[];
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  const int b = blockIdx.x * (blockDim.x >> 5) + warp;
+  if (b >= B) return;  // warps are independent: no block-wide barrier in this kernel
+  float* base = smem + static_cast<size_t>(warp) * g.per_warp;
+  float* W = base + g.oW;
+  int* q = reinterpret_cast<int*>(base + g.oQ);
+  float* acc_rows = base + g.oRows;
+  float* my = acc_rows + lane * g.RS;
+  int shard;
+  int64_t local;
+  const T* row = induction_row<T>(rows, ind_ids, b, f.ind_dim, &shard, &local);
+  for (int i = 0; i < g.RS; i += 4) *reinterpret_cast<float4*>(my + i) = make_float4(0.f, 0.f, 0.f, 0.f);
+  stage_w(f, row, W, lane);
+  const float* mrow = mask + static_cast<size_t>(b) * T_len;
+  int qn = 0, t0 = 0;
+  for (;;) {
+    int t;
+    const int n = next_round(mrow, T_len, q, qn, t0, lane, &t);
+    if (n == 0) break;
+    const size_t pos = static_cast<size_t>(b) * T_len + (t < 0 ? 0 : t);
+    const size_t frow = t < 0 ? 0 : feed_ids ? static_cast<size_t>(feed_ids[pos]) : pos;
+    float x[D], p[D];
+    load_feed<D>(feed, frow, f, t >= 0, x);
+    const float v = t >= 0 ? 1.f : 0.f;  // a lane past the round's n adds nothing (bias makes its h non-zero)
+#pragma unroll
+    for (int i = 0; i < D; ++i) p[i] = x[i];
+    for (int c = 1; c <= f.C; ++c) {
+      if (c > 1) {
+#pragma unroll
+        for (int i = 0; i < D; ++i) p[i] *= x[i];
+      }
+      const float* Wc = W + (f.oi ? (c - 1) * f.wslice : 0);
+      float h1[N1], h2[N2];
+      spec_layer<D, N1>(Wc, f.bias, p, h1);
+#pragma unroll
+      for (int j = 0; j < N1; ++j) h1[j] = tanhf(h1[j]);
+      spec_layer<N1, N2>(Wc + f.woff[1], f.bias, h1, h2);
+      spec_acc<N1>(my + (c - 1) * S, v, h1);
+      spec_acc<N2>(my + (c - 1) * S + N1, v, h2);
+    }
+  }
+  __syncwarp();
+  // out[b] = the lanes' accumulators summed: [C][N1 + N2] is the output row's layout (outs = C, unpadded widths)
+  for (int k = lane; k < f.C * S; k += 32) {
+    float s = 0.f;
+#pragma unroll 8
+    for (int m = 0; m < 32; ++m) s += acc_rows[m * g.RS + k];
+    st(out, static_cast<size_t>(b) * f.n_out + k, s);
+  }
+}
+
+template <typename T, int D, int N1, int N2>
+__global__ void __launch_bounds__(kFastWarps * 32) spec_backward_kernel(Fast f, SpecGeo g, int B, int T_len,
+                                                                        CoActionRows rows,
+                                                                        const int64_t* __restrict__ ind_ids,
+                                                                        const T* __restrict__ feed,
+                                                                        const int64_t* __restrict__ feed_ids,
+                                                                        const float* __restrict__ mask,
+                                                                        const float* __restrict__ grad_out,
+                                                                        float* __restrict__ grad_feed) {
+  constexpr int S = N1 + N2;
+  constexpr int TI = D / 2, TJ = N1 / 2;  // W1's gradient in 2x2 tiles, lanes over the tiles
+  extern __shared__ __align__(16) float smem[];
+  __shared__ int64_t blk_row[kFastWarps];  // the table row each warp's gradient belongs to (-1: none)
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  const int b = blockIdx.x * (blockDim.x >> 5) + warp;
+  float* base = smem + static_cast<size_t>(warp) * g.per_warp;
+  float* W = base + g.oW;
+  float* gW = base + g.oGW;
+  float* G = base + g.oVec;
+  float* U = base + g.oU;
+  int* q = reinterpret_cast<int*>(base + g.oQ);
+  float* rws = base + g.oRows;
+  float* my = rws + lane * g.RS;
+  int shard = 0;
+  int64_t local = 0;
+  const T* row = b < B ? induction_row<T>(rows, ind_ids, b, f.ind_dim, &shard, &local) : nullptr;
+  // No early return: with ids every warp of the block meets the barrier before the row gradients are combined.
+  if (row) {
+    const int wpad = f.slices * f.wslice;
+    for (int i = lane; i < wpad / 4; i += 32) reinterpret_cast<float4*>(gW)[i] = make_float4(0.f, 0.f, 0.f, 0.f);
+    for (int i = g.rH1; i < g.RS; i += 4) *reinterpret_cast<float4*>(my + i) = make_float4(0.f, 0.f, 0.f, 0.f);
+    stage_w(f, row, W, lane);  // its barriers also order the zeroing above before the reads below
+    for (int k = lane; k < f.C * S; k += 32) G[k] = grad_out[static_cast<size_t>(b) * f.n_out + k];
+    __syncwarp();
+    // u_c = G1_c + W2_c G2_c: the first layer's upstream gradient, the same for every behaviour of the sample
+    for (int k = lane; k < f.C * N1; k += 32) {
+      const int c = k / N1, j = k - c * N1;
+      const float* w2 = W + (f.oi ? c * f.wslice : 0) + f.woff[1] + j * N2;
+      float u = G[c * S + j];
+#pragma unroll
+      for (int m = 0; m < N2; ++m) u = fmaf(w2[m], G[c * S + N1 + m], u);
+      U[k] = u;
+    }
+    __syncwarp();
+    const float* mrow = mask + static_cast<size_t>(b) * T_len;
+    int qn = 0, t0 = 0, valid = 0;
+    for (;;) {
+      int t;
+      const int n = next_round(mrow, T_len, q, qn, t0, lane, &t);
+      if (n == 0) break;
+      valid += n;
+      const size_t pos = static_cast<size_t>(b) * T_len + (t < 0 ? 0 : t);
+      const size_t frow = t < 0 ? 0 : feed_ids ? static_cast<size_t>(feed_ids[pos]) : pos;
+      float x[D], pm1[D], gx[D];
+      load_feed<D>(feed, frow, f, t >= 0, x);
+      const float v = t >= 0 ? 1.f : 0.f;
+#pragma unroll
+      for (int i = 0; i < D; ++i) pm1[i] = 1.f, gx[i] = 0.f;
+      for (int c = 1; c <= f.C; ++c) {
+        const float* Wc = W + (f.oi ? (c - 1) * f.wslice : 0);
+        float p[D], h1[N1], dz[N1];
+#pragma unroll
+        for (int i = 0; i < D; ++i) p[i] = pm1[i] * x[i];
+        spec_layer<D, N1>(Wc, f.bias, p, h1);
+        const float4* u4 = reinterpret_cast<const float4*>(U + (c - 1) * N1);
+#pragma unroll
+        for (int jc = 0; jc < N1 / 4; ++jc) {
+          const float4 u = u4[jc];
+          const float uu[4] = {u.x, u.y, u.z, u.w};
+#pragma unroll
+          for (int qq = 0; qq < 4; ++qq) {
+            const float h = tanhf(h1[4 * jc + qq]);
+            h1[4 * jc + qq] = h;
+            dz[4 * jc + qq] = v * uu[qq] * (1.f - h * h);
+          }
+        }
+        // d/dx of x^c: gx[i] += c x^(c-1)[i] * (W1 dz)[i]
+        const float4* w4 = reinterpret_cast<const float4*>(Wc);
+        const float cf = static_cast<float>(c);
+#pragma unroll
+        for (int i = 0; i < D; ++i) {
+          float s = 0.f;
+#pragma unroll
+          for (int jc = 0; jc < N1 / 4; ++jc) {
+            const float4 w = w4[i * (N1 / 4) + jc];
+            s = fmaf(w.x, dz[4 * jc], s);
+            s = fmaf(w.y, dz[4 * jc + 1], s);
+            s = fmaf(w.z, dz[4 * jc + 2], s);
+            s = fmaf(w.w, dz[4 * jc + 3], s);
+          }
+          gx[i] = fmaf(s, cf * pm1[i], gx[i]);
+        }
+        spec_acc<N1>(my + g.rH1 + (c - 1) * N1, v, h1);
+        if (f.bias) spec_acc<N1>(my + g.rB1 + (c - 1) * N1, 1.f, dz);
+        store_row<D>(my, p, D);
+        store_row<N1>(my + g.rDZ, dz, N1);
+#pragma unroll
+        for (int i = 0; i < D; ++i) pm1[i] = p[i];
+        __syncwarp();
+        // W1's gradient over the round's rows: sum_m p_m x dz_m, a 2x2 tile per lane
+        float* gw = gW + (f.oi ? (c - 1) * f.wslice : 0);
+        for (int tile = lane; tile < TI * TJ; tile += 32) {
+          const int ti = tile / TJ, tj = tile - ti * TJ;
+          float s00 = 0.f, s01 = 0.f, s10 = 0.f, s11 = 0.f;
+#pragma unroll 4
+          for (int m = 0; m < n; ++m) {
+            const float2 a = *reinterpret_cast<const float2*>(rws + m * g.RS + 2 * ti);
+            const float2 d = *reinterpret_cast<const float2*>(rws + m * g.RS + g.rDZ + 2 * tj);
+            s00 = fmaf(a.x, d.x, s00);
+            s01 = fmaf(a.x, d.y, s01);
+            s10 = fmaf(a.y, d.x, s10);
+            s11 = fmaf(a.y, d.y, s11);
+          }
+          float2* r0 = reinterpret_cast<float2*>(gw + (2 * ti) * N1 + 2 * tj);
+          float2* r1 = reinterpret_cast<float2*>(gw + (2 * ti + 1) * N1 + 2 * tj);
+          float2 a0 = *r0, a1 = *r1;
+          a0.x += s00, a0.y += s01, a1.x += s10, a1.y += s11;
+          *r0 = a0, *r1 = a1;
+        }
+        __syncwarp();  // the rows are rewritten by the next order
+      }
+      // feed gradient of this lane's behaviour, staged in its row's p slots for the lanes that share its feed row
+      if (feed_ids) {
+        store_row<D>(my, gx, D);
+        __syncwarp();
+        const unsigned long long key = t >= 0 ? static_cast<unsigned long long>(frow) : ~0ull - lane;
+        const unsigned peers = __match_any_sync(0xffffffffu, key);
+        if (t >= 0 && lane == __ffs(peers) - 1) {
+          float* dst = grad_feed + frow * f.D;
+          if (f.gfeed_vec) {
+#pragma unroll
+            for (int i = 0; i < D; i += 4) {
+              float4 s = make_float4(0.f, 0.f, 0.f, 0.f);
+              for (unsigned pm = peers; pm; pm &= pm - 1) {
+                const float4 w = *reinterpret_cast<const float4*>(rws + (__ffs(pm) - 1) * g.RS + i);
+                s.x += w.x, s.y += w.y, s.z += w.z, s.w += w.w;
+              }
+              atomicAdd(reinterpret_cast<float4*>(dst + i), s);
+            }
+          } else {
+            for (int i = 0; i < f.D; ++i) {
+              float s = 0.f;
+              for (unsigned pm = peers; pm; pm &= pm - 1) s += rws[(__ffs(pm) - 1) * g.RS + i];
+              atomicAdd(dst + i, s);
+            }
+          }
+        }
+        __syncwarp();  // the rows are rewritten by the next round
+      } else if (t >= 0) {
+        float* dst = grad_feed + frow * f.D;
+        if (f.gfeed_vec) {
+#pragma unroll
+          for (int i = 0; i < D; i += 4)
+            *reinterpret_cast<float4*>(dst + i) = make_float4(gx[i], gx[i + 1], gx[i + 2], gx[i + 3]);
+        } else {
+#pragma unroll
+          for (int i = 0; i < D; ++i)
+            if (i < f.D) dst[i] = gx[i];
+        }
+      }
+    }
+    __syncwarp();
+    // W2's gradient (sum of h1) x G2_c and the biases' gradients from the lanes' accumulators: lane j owns row j
+    // of W2 and bias1[j] in every slice, lane m < N2 bias2[m]; the orders are added in turn (deterministic)
+    for (int j = lane; j < N1; j += 32)
+      for (int c = 0; c < f.C; ++c) {
+        float hs = 0.f, bs = 0.f;
+#pragma unroll 8
+        for (int m = 0; m < 32; ++m) {
+          hs += rws[m * g.RS + g.rH1 + c * N1 + j];
+          if (f.bias) bs += rws[m * g.RS + g.rB1 + c * N1 + j];
+        }
+        float* gw = gW + (f.oi ? c * f.wslice : 0);
+        const float* g2 = G + c * S + N1;
+#pragma unroll
+        for (int m = 0; m < N2; ++m) gw[f.woff[1] + j * N2 + m] += hs * g2[m];
+        if (f.bias) gw[D * N1 + j] += bs;
+      }
+    if (f.bias)
+      for (int m = lane; m < N2; m += 32)
+        for (int c = 0; c < f.C; ++c)
+          gW[(f.oi ? c * f.wslice : 0) + f.woff[1] + N1 * N2 + m] += static_cast<float>(valid) * G[c * S + N1 + m];
+    __syncwarp();
+  }
+  if (!ind_ids) {  // gathered rows: one row per sample, written
+    if (row) {
+      float* gdst = reinterpret_cast<float*>(rows.grad[0]) + static_cast<size_t>(b) * f.ind_dim;
+      for_params(f, lane, [&](int u, int p) { gdst[u] = gW[p]; });
+    }
+    return;
+  }
+  if (lane == 0) blk_row[warp] = row ? ind_ids[b] : -1;
+  __syncthreads();  // reached by every warp of the block (ind_ids is a kernel argument, uniform)
+  if (!row) return;
+  const int64_t id = blk_row[warp];
+  for (int w = 0; w < warp; ++w)
+    if (blk_row[w] == id) return;  // an earlier warp adds this row
+  unsigned others = 0;
+  for (int w = warp + 1; w < static_cast<int>(blockDim.x >> 5); ++w)
+    if (blk_row[w] == id) others |= 1u << w;
+  float* gdst = reinterpret_cast<float*>(rows.grad[shard]) + local * f.ind_dim;
+  for_params(f, lane, [&](int u, int p) {
+    float s = gW[p];
+    for (unsigned o = others; o; o &= o - 1) s += smem[static_cast<size_t>(__ffs(o) - 1) * g.per_warp + g.oGW + p];
+    atomicAdd_system(&gdst[u], s);
+  });
+}
+
+// ---------------------------------------------------------------------------------------------------------------
 // Id range check (one pass over both id arrays; flags in mapped pinned host memory, no atomics).
 
 __global__ void check_ids_kernel(const int64_t* __restrict__ ids, int64_t n, int64_t rows, volatile int* flag) {
@@ -862,7 +1208,42 @@ bool fast_fits(const Fast& f) {
 }
 }  // namespace
 
+namespace {
+// The specialised kernels' shape (D, N1, N2) = (16, 8, 4), the CAN reference configuration: a two-layer MLP whose
+// last layer is linear (not the paper variant). DWDP_COACTION_SPECIALIZED=0 sends it to the general fast path (a
+// benchmark's same-run baseline); read at every launch.
+constexpr int kSpecD = 16, kSpecN1 = 8, kSpecN2 = 4;
+
+bool spec_disabled() {
+  const char* e = std::getenv("DWDP_COACTION_SPECIALIZED");
+  return e && e[0] == '0' && e[1] == '\0';
+}
+
+// Warps per block and dynamic shared memory of the specialised kernels for d; false when they do not take it.
+bool spec_shape(const CoActionDims& d, bool backward, int* warps, size_t* smem) {
+  if (spec_disabled() || d.paper || d.num_layers != 2 || d.din[0] != kSpecD || d.dout[0] != kSpecN1 ||
+      d.din[1] != kSpecN1 || d.dout[1] != kSpecN2 || d.orders < 1 || d.orders > 8)
+    return false;
+  const size_t per = sizeof(float) * static_cast<size_t>(make_spec_geo(make_fast(d, backward), backward).per_warp);
+  const int w = static_cast<int>(std::min<size_t>(kFastWarps, (kSmemMax - kFastStatic) / per));
+  if (w < 1) return false;
+  *warps = w;
+  *smem = per * static_cast<size_t>(w);
+  return true;
+}
+}  // namespace
+
+bool coaction_specialized(const CoActionDims& d, bool backward) {
+  int w;
+  size_t sm;
+  return spec_shape(d, backward, &w, &sm);
+}
+
 void coaction_launch_shape(const CoActionDims& d, bool backward, int* warps, size_t* smem, bool* fast) {
+  if (spec_shape(d, backward, warps, smem)) {
+    if (fast) *fast = true;
+    return;
+  }
   const Fast f = make_fast(d, backward);
   const bool use_fast = fast_fits(f);
   if (fast) *fast = use_fast;
@@ -904,21 +1285,32 @@ void coaction_forward(const CoActionDims& d, int dtype, int B, int T, const CoAc
   check_rows(rows);
   DeviceGuard guard(device_of(out, "coaction_forward: out"));
   auto s = reinterpret_cast<cudaStream_t>(stream);
-  auto launch = [&](auto tag, auto k8, auto k16, auto k32, auto kwarp) {
+  auto launch = [&](auto tag, auto k8, auto k16, auto k32, auto kwarp, auto kspec) {
     using E = decltype(tag);
     Fast f = make_fast(d, false);
-    size_t smem;
-    bool fast;
-    const void* kfast = f.MW ? by_width(f.MW, k8, k16, k32) : nullptr;
-    const int warps = prepare(d, false, &fast, kfast, reinterpret_cast<const void*>(kwarp), &smem);
-    if (B == 0 || T == 0) return;
     const auto* ids = reinterpret_cast<const int64_t*>(ind_ids);
     const auto* fd = reinterpret_cast<const E*>(feed);
     const auto* fids = reinterpret_cast<const int64_t*>(feed_ids);
     const auto* mk = reinterpret_cast<const float*>(mask);
     auto* o = reinterpret_cast<E*>(out);
+    f.feed_vec = feed % 16 == 0 && (f.D * sizeof(E)) % 16 == 0;
+    int swarps;
+    size_t ssmem;
+    check_dims(d);
+    if (spec_shape(d, false, &swarps, &ssmem)) {
+      DWDP_CUDA_CHECK(cudaFuncSetAttribute(kspec, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(ssmem)));
+      if (B == 0 || T == 0) return;
+      kspec<<<(B + swarps - 1) / swarps, swarps * 32, ssmem, s>>>(f, make_spec_geo(f, false), B, T, rows, ids, fd,
+                                                                  fids, mk, o);
+      DWDP_LAUNCH_CHECK();
+      return;
+    }
+    size_t smem;
+    bool fast;
+    const void* kfast = f.MW ? by_width(f.MW, k8, k16, k32) : nullptr;
+    const int warps = prepare(d, false, &fast, kfast, reinterpret_cast<const void*>(kwarp), &smem);
+    if (B == 0 || T == 0) return;
     if (fast) {
-      f.feed_vec = feed % 16 == 0 && (f.D * sizeof(E)) % 16 == 0;
       const dim3 grid((B + warps - 1) / warps), block(warps * 32);
       if (f.MW == 8)
         k8<<<grid, block, smem, s>>>(f, B, T, rows, ids, fd, fids, mk, o);
@@ -933,10 +1325,11 @@ void coaction_forward(const CoActionDims& d, int dtype, int B, int T, const CoAc
   };
   if (dtype == 0)
     launch(float{}, fast_forward_kernel<float, 8>, fast_forward_kernel<float, 16>, fast_forward_kernel<float, 32>,
-           warp_forward_kernel<float>);
+           warp_forward_kernel<float>, spec_forward_kernel<float, kSpecD, kSpecN1, kSpecN2>);
   else
     launch(__nv_bfloat16{}, fast_forward_kernel<__nv_bfloat16, 8>, fast_forward_kernel<__nv_bfloat16, 16>,
-           fast_forward_kernel<__nv_bfloat16, 32>, warp_forward_kernel<__nv_bfloat16>);
+           fast_forward_kernel<__nv_bfloat16, 32>, warp_forward_kernel<__nv_bfloat16>,
+           spec_forward_kernel<__nv_bfloat16, kSpecD, kSpecN1, kSpecN2>);
 }
 
 void coaction_backward(const CoActionDims& d, int dtype, int B, int T, const CoActionRows& rows, uintptr_t ind_ids,
@@ -946,23 +1339,34 @@ void coaction_backward(const CoActionDims& d, int dtype, int B, int T, const CoA
   for (int i = 0; i < rows.shards; ++i) DWDP_REQUIRE(rows.grad[i] != 0, "co-action: shard " << i << " has no gradient");
   DeviceGuard guard(device_of(grad_feed, "coaction_backward: grad_feed"));
   auto s = reinterpret_cast<cudaStream_t>(stream);
-  auto launch = [&](auto tag, auto k8, auto k16, auto k32, auto kwarp) {
+  auto launch = [&](auto tag, auto k8, auto k16, auto k32, auto kwarp, auto kspec) {
     using E = decltype(tag);
     Fast f = make_fast(d, true);
-    size_t smem;
-    bool fast;
-    const void* kfast = f.MW ? by_width(f.MW, k8, k16, k32) : nullptr;
-    const int warps = prepare(d, true, &fast, kfast, reinterpret_cast<const void*>(kwarp), &smem);
-    if (B == 0 || T == 0) return;
     const auto* ids = reinterpret_cast<const int64_t*>(ind_ids);
     const auto* fd = reinterpret_cast<const E*>(feed);
     const auto* fids = reinterpret_cast<const int64_t*>(feed_ids);
     const auto* mk = reinterpret_cast<const float*>(mask);
     const auto* go = reinterpret_cast<const float*>(grad_out);
     auto* gf = reinterpret_cast<float*>(grad_feed);
+    f.feed_vec = feed % 16 == 0 && (f.D * sizeof(E)) % 16 == 0;
+    f.gfeed_vec = grad_feed % 16 == 0 && f.D % 4 == 0;
+    int swarps;
+    size_t ssmem;
+    check_dims(d);
+    if (spec_shape(d, true, &swarps, &ssmem)) {
+      DWDP_CUDA_CHECK(cudaFuncSetAttribute(kspec, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(ssmem)));
+      if (B == 0 || T == 0) return;
+      kspec<<<(B + swarps - 1) / swarps, swarps * 32, ssmem, s>>>(f, make_spec_geo(f, true), B, T, rows, ids, fd,
+                                                                  fids, mk, go, gf);
+      DWDP_LAUNCH_CHECK();
+      return;
+    }
+    size_t smem;
+    bool fast;
+    const void* kfast = f.MW ? by_width(f.MW, k8, k16, k32) : nullptr;
+    const int warps = prepare(d, true, &fast, kfast, reinterpret_cast<const void*>(kwarp), &smem);
+    if (B == 0 || T == 0) return;
     if (fast) {
-      f.feed_vec = feed % 16 == 0 && (f.D * sizeof(E)) % 16 == 0;
-      f.gfeed_vec = grad_feed % 16 == 0 && f.D % 4 == 0;
       const dim3 grid((B + warps - 1) / warps), block(warps * 32);
       if (f.MW == 8)
         k8<<<grid, block, smem, s>>>(f, B, T, rows, ids, fd, fids, mk, go, gf);
@@ -977,10 +1381,11 @@ void coaction_backward(const CoActionDims& d, int dtype, int B, int T, const CoA
   };
   if (dtype == 0)
     launch(float{}, fast_backward_kernel<float, 8>, fast_backward_kernel<float, 16>, fast_backward_kernel<float, 32>,
-           warp_backward_kernel<float>);
+           warp_backward_kernel<float>, spec_backward_kernel<float, kSpecD, kSpecN1, kSpecN2>);
   else
     launch(__nv_bfloat16{}, fast_backward_kernel<__nv_bfloat16, 8>, fast_backward_kernel<__nv_bfloat16, 16>,
-           fast_backward_kernel<__nv_bfloat16, 32>, warp_backward_kernel<__nv_bfloat16>);
+           fast_backward_kernel<__nv_bfloat16, 32>, warp_backward_kernel<__nv_bfloat16>,
+           spec_backward_kernel<__nv_bfloat16, kSpecD, kSpecN1, kSpecN2>);
 }
 
 int coaction_check_ids(uintptr_t ind_ids, int64_t n_ind, int64_t ind_rows, uintptr_t feed_ids, int64_t n_feed,

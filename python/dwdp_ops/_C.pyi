@@ -59,3 +59,9 @@ def coaction_backward(
 def coaction_launch_shape(
     din: list[int], dout: list[int], orders: int, bias: bool, order_independent: bool, paper: bool, backward: bool,
 ) -> tuple[int, int]: ...
+def coaction_fast_path(
+    din: list[int], dout: list[int], orders: int, bias: bool, order_independent: bool, paper: bool, backward: bool,
+) -> bool: ...
+def coaction_specialized(
+    din: list[int], dout: list[int], orders: int, bias: bool, order_independent: bool, paper: bool, backward: bool,
+) -> bool: ...

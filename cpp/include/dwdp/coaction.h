@@ -15,6 +15,11 @@
 // gradients are summed over the lanes of a round that share a feed id (match_any) and added by one lane with
 // 16-byte atomics where D allows.
 //
+// Specialised path (the CAN reference shape, D = 16, 16 -> 8 -> 4, linear last layer): the fast path's organisation
+// with every width a compile-time constant, lane-private pooled accumulators reduced once per sample, and, backward,
+// the linear last layer's gradients from per-sample sums (only the first layer's weight gradient needs per-behaviour
+// outer products).
+//
 // Fallback (wider layers): one warp per sample, 32 behaviours at a time, every lane's activations in a
 // shared-memory column, warp column sums (the original kernels). No kernel spin-waits.
 //
@@ -61,6 +66,9 @@ void coaction_backward(const CoActionDims& d, int dtype, int B, int T, const CoA
 // Warps per block and dynamic shared memory per block the kernels would use (0 warps: does not fit); *fast (may be
 // null) says whether the fast path takes this shape.
 void coaction_launch_shape(const CoActionDims& d, bool backward, int* warps, size_t* smem, bool* fast = nullptr);
+// Whether the specialised kernels (compile-time widths, two layers with a linear last one; see coaction.cu) take this
+// shape; DWDP_COACTION_SPECIALIZED=0 turns them off.
+bool coaction_specialized(const CoActionDims& d, bool backward);
 // Range check of table ids on the device, stream-ordered, then one host synchronisation of ``stream``: returns
 // bit 0 set when an ind_ids entry is outside [0, ind_rows), bit 1 for feed_ids outside [0, feed_rows). A null ids
 // pointer (or count 0) is not checked.

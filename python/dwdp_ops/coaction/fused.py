@@ -154,6 +154,14 @@ def uses_fast_kernels(spec: CoActionSpec, backward: bool = False) -> bool:
     return bool(native().coaction_fast_path(*_spec_args(spec), backward))
 
 
+def uses_specialized_kernels(spec: CoActionSpec, backward: bool = False) -> bool:
+    """Whether ``spec`` runs on the specialised kernels (compile-time widths: the CAN reference shape, D = 16,
+    16 -> 8 -> 4, any orders, bias, order independence, not the paper variant); ``DWDP_COACTION_SPECIALIZED=0``
+    sends every shape to the general kernels (read at each call)."""
+    c = native()
+    return bool(getattr(c, "coaction_specialized", lambda *a: False)(*_spec_args(spec), backward))
+
+
 def _args(spec: CoActionSpec, induction, feed, mask, ind_ids, feed_ids, dtype):
     if dtype not in _DT:
         raise ValueError(f"dtype must be 'float32' or 'bfloat16', got {dtype!r}")
