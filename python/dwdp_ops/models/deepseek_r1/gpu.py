@@ -68,6 +68,9 @@ GRAPH_MODES = ("on_demand", "dispatch", "local")  # a prefetch_all step waits on
 
 
 # -- expert sources ----------------------------------------------------------------------------------------------------
+
+CACHE_ALIGN = 64  # positions of the KV caches are allocated in multiples of this (GpuModel.cache_len)
+
 class LocalExperts:
     """Every expert of every MoE layer on this GPU (``regenerate``: one ``[E, ...]`` buffer refilled from the weight
     source at each layer, for models whose experts do not all fit)."""
@@ -238,7 +241,11 @@ class GpuModel:
         ang = yarn_freqs(cfg)[: self.max_seq]
         self.cos = torch.from_numpy(np.cos(ang)).float().to(self.device)
         self.sin = torch.from_numpy(np.sin(ang)).float().to(self.device)
-        R, S = self.max_requests, self.max_seq
+        # the caches hold cache_len >= max_seq positions, a multiple of CACHE_ALIGN: a decode step attends over all of
+        # them (masked past each request's own), and a length that is not a multiple of 8 sent cuBLAS to
+        # alignment-1 kernels (bench/decode_breakdown.py, 2026-12-01: 1.6 ms of a 9.4 ms decode step)
+        self.cache_len = -(-self.max_seq // CACHE_ALIGN) * CACHE_ALIGN
+        R, S = self.max_requests, self.cache_len
         self.cache_latent = [torch.zeros((R, S, cfg.kv_lora_rank), dtype=self.dtype, device=self.device)
                              for _ in range(cfg.n_layers)]
         self.cache_pe = [torch.zeros((R, S, cfg.qk_rope_head_dim), dtype=self.dtype, device=self.device)
@@ -319,9 +326,9 @@ class GpuModel:
             r = req  # the requests' cache slots (one token each), made once per step
             cl[r, pos] = latent
             cp_[r, pos] = k_pe
-            # every cached position up to max_seq, masked past each request's own: the shapes do not depend on the
+            # every cached position up to cache_len, masked past each request's own: the shapes do not depend on the
             # step (a decode step is a CUDA graph), and eager and graphed steps compute the same sums
-            T = self.max_seq
+            T = self.cache_len
             lat, kpe = cl[r], cp_[r]  # [N, T, c], [N, T, r]
             q_lat = torch.einsum("nhd,hdc->nhc", q_nope, wkv_b[:, :nope])
             scores = (torch.bmm(q_lat, lat.transpose(1, 2)) + torch.bmm(q_pe, kpe.transpose(1, 2))).float()
@@ -329,7 +336,7 @@ class GpuModel:
             scores.masked_fill_(torch.arange(T, device=self.device)[None, None, :] > pos[:, None, None], float("-inf"))
             o_lat = torch.bmm(scores.softmax(-1).to(self.dtype), lat)
             o = torch.einsum("nhc,hdc->nhd", o_lat, wkv_b[:, nope:])
-            # useful FLOPs: each request's own positions (the masked rest of max_seq is computed but not counted)
+            # useful FLOPs: each request's own positions (the masked rest of the cache is computed but not counted)
             seen = sum(self.lengths[s[0]] + 1 for s in segments) if segments else N * T
             flops += 2.0 * H * (N * nope * cfg.kv_lora_rank + seen * (2 * cfg.kv_lora_rank + rope)
                                 + N * cfg.kv_lora_rank * vd)
