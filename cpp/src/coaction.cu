@@ -953,8 +953,10 @@ __global__ void __launch_bounds__(kFastWarps * 32) spec_forward_kernel(Fast f, S
   }
 }
 
+// Three blocks per SM (at most 168 registers, a few bytes spilled): Nsight Compute at B = 8192, T = 100,
+// 2026-12-01: 227 us against 263 us with the 240 registers the compiler takes unbounded (12 % occupancy).
 template <typename T, int D, int N1, int N2>
-__global__ void __launch_bounds__(kFastWarps * 32) spec_backward_kernel(Fast f, SpecGeo g, int B, int T_len,
+__global__ void __launch_bounds__(kFastWarps * 32, 3) spec_backward_kernel(Fast f, SpecGeo g, int B, int T_len,
                                                                         CoActionRows rows,
                                                                         const int64_t* __restrict__ ind_ids,
                                                                         const T* __restrict__ feed,
