@@ -55,6 +55,8 @@ def parse(argv=None):
     ap.add_argument("--steps", type=int, default=8)
     ap.add_argument("--vocab", type=int, default=32768)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--router", choices=("balanced", "skewed"), default="balanced",
+                    help="the random model's router (models.deepseek_r1.gpu_weights.ROUTERS)")
     ap.add_argument("--top", type=int, default=15, help="kernels listed by name")
     ap.add_argument("--tag", default="")
     ap.add_argument("--dry-run", action="store_true")
@@ -84,7 +86,8 @@ def main(argv=None) -> int:
     from torch.profiler import ProfilerActivity, profile
 
     fp8 = ns.dtype == "float8_e4m3fn"
-    weights = DeviceWeights(cfg, ns.seed, torch.bfloat16, expert_dtype=torch.float8_e4m3fn if fp8 else None)
+    weights = DeviceWeights(cfg, ns.seed, torch.bfloat16, expert_dtype=torch.float8_e4m3fn if fp8 else None,
+                            router=ns.router)
     prompts = prompts_for(0, ns.prompts, ns.min_len, ns.max_len, cfg.vocab_size, ns.seed)
     n = len(prompts)
     model = GpuModel(cfg, weights, LocalExperts(weights, cfg), max_requests=n,
@@ -124,7 +127,7 @@ def main(argv=None) -> int:
     busy = sum(cats.values())
     step_ms = median(times)
     facts = machine_facts()
-    data = dict(benchmark="decode_breakdown", moe_layers=ns.moe_layers, dtype=ns.dtype, prompts=n,
+    data = dict(benchmark="decode_breakdown", moe_layers=ns.moe_layers, dtype=ns.dtype, router=ns.router, prompts=n,
                 prompt_lens=list(map(len, prompts)), vocab=cfg.vocab_size, steps=ns.steps, seed=ns.seed,
                 expert_GB=expert_gb, step_ms=step_ms, step_ms_all=times, kernel_busy_us_per_step=busy,
                 categories_us_per_step=cats, kernels=kernels,

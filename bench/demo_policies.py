@@ -51,6 +51,8 @@ def parse(argv=None):
     ap.add_argument("--timeout", type=int, default=900, help="seconds for the whole job")
     ap.add_argument("--no-graphs", action="store_true", help="decode steps eager in every run (default: CUDA graphs)")
     ap.add_argument("--dtype", default="float8_e4m3fn", choices=["bfloat16", "float8_e4m3fn"], help="routed experts")
+    ap.add_argument("--router", choices=("balanced", "skewed"), default="balanced",
+                    help="the random model's router (models.deepseek_r1.gpu_weights.ROUTERS)")
     ap.add_argument("--gpus", type=int, default=None, help="default: every GPU of the machine")
     ap.add_argument("--tag", default="")
     ap.add_argument("--dry-run", action="store_true", help="print the command and exit")
@@ -69,7 +71,8 @@ def command(ns, gpus: int, out: str) -> list[str]:
 
     demo_ns = argparse.Namespace(prompts=ns.prompts, steps=ns.steps, min_len=ns.min_len, max_len=ns.max_len,
                                  vocab=ns.vocab, policy=ns.policy_list[0], seed=ns.seed, dtype=ns.dtype,
-                                 moe_layers=ns.moe_layers, no_check=False, no_graphs=ns.no_graphs, timeout=ns.timeout)
+                                 moe_layers=ns.moe_layers, no_check=False, no_graphs=ns.no_graphs, timeout=ns.timeout,
+                                 router=ns.router)
     return gpu_command(demo_ns, gpus, out) + ["--compare-policy", ns.policy_list[1], "--pairs", str(ns.pairs)]
 
 
@@ -130,7 +133,7 @@ def main(argv=None) -> int:
     for r in rep["ranks"]:
         r["ratios"] = ratios(r, a, b)
     facts = machine_facts()
-    data = dict(benchmark="demo_policies", policies=[a, b], baseline=b, pairs=ns.pairs, dtype=ns.dtype,
+    data = dict(benchmark="demo_policies", policies=[a, b], baseline=b, pairs=ns.pairs, dtype=ns.dtype, router=ns.router,
                 moe_layers=rep["config"]["moe_layers"], prompts=ns.prompts, graphs=not ns.no_graphs,
                 min_len=ns.min_len, max_len=ns.max_len, steps=ns.steps, seed=ns.seed,
                 command=" ".join(["python", "bench/demo_policies.py"] + (argv if argv is not None else sys.argv[1:])),

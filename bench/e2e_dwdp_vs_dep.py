@@ -101,6 +101,9 @@ def main() -> int:
     ap.add_argument("--vocab", type=int, default=32768)
     ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float8_e4m3fn"])
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--router", choices=("balanced", "skewed"), default="balanced",
+                    help="the random model's router (models.deepseek_r1.gpu_weights.ROUTERS): balanced gives DEP even "
+                         "expert loads, skewed (the runs before 2026-12-01) overloads one rank's experts")
     ap.add_argument("--tag", default="")
     ap.add_argument("--dry-run", action="store_true")
     ap.add_argument("--world", type=int, default=None, help="ranks assumed by --dry-run (default WORLD_SIZE or 2)")
@@ -173,7 +176,8 @@ def run(ns, budgets, dists, modes) -> int:  # pragma: no cover - GPU only
             raise SystemExit(f"rank {me}: no MoE layer fits ({free / GiB:.0f} GiB free)")
         dense = 0 if ns.moe_only else 3
         cfg = DeepSeekConfig.r1(n_layers=dense + moe, vocab_size=ns.vocab).replace(n_dense_layers=dense)
-        weights = DeviceWeights(cfg, ns.seed, torch.bfloat16, expert_dtype=torch.float8_e4m3fn if fp8 else None)
+        weights = DeviceWeights(cfg, ns.seed, torch.bfloat16, expert_dtype=torch.float8_e4m3fn if fp8 else None,
+                                router=ns.router)
         dense_rate = dense_gemm_tflops()
         plans = [plan(world, ns.warmup + ns.iterations, ns.isl, b, d, ns.seed)[me] for b in budgets for _, d in dists]
         max_req = max(len(it) for p in plans for it in p)
@@ -234,7 +238,7 @@ def run(ns, budgets, dists, modes) -> int:  # pragma: no cover - GPU only
                        "iterations": ns.iterations, "iteration_ms": r["modes"][m]["iteration_ms"],
                        "tps_per_gpu": r["modes"][m]["tps_per_gpu"]} for r in records for m in ("dwdp", "dep")
                       if m in r["modes"]]
-            data = dict(benchmark="e2e_dwdp_vs_dep", world_size=world, dtype=ns.dtype, isl=ns.isl,
+            data = dict(benchmark="e2e_dwdp_vs_dep", world_size=world, dtype=ns.dtype, router=ns.router, isl=ns.isl,
                         layers=cfg.n_layers, dense_layers=cfg.n_dense_layers, moe_layers=cfg.n_moe_layers,
                         vocab=cfg.vocab_size, iterations=ns.iterations, warmup=ns.warmup, seed=ns.seed,
                         dense_gemm_tflops=dense_rate, check=check, records=records, points=points, **facts,

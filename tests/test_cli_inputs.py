@@ -371,4 +371,4 @@ def test_gpu_demo_runs_its_worker_as_a_module_with_its_options_intact():
     assert worker[1:3] == ["-m", "dwdp_ops.demo_gpu"] and not any(a.endswith(".py") for a in worker)
     assert worker[3:] == ["--out", "/tmp/r.json", "--prompts", "3", "--steps", "4", "--min-len", "8", "--max-len", "16",
                           "--vocab", "1024", "--policy", "auto", "--seed", "1", "--dtype", "float8_e4m3fn",
-                          "--moe-layers", "2", "--no-check"]
+                          "--router", "balanced", "--moe-layers", "2", "--no-check"]

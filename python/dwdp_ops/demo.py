@@ -75,7 +75,8 @@ def gpu_command(ns, gpus: int, out: str) -> list[str]:
            "-m", "dwdp_ops.demo_gpu", "--",  # "--": the module's own options follow
            "--out", out, "--prompts", str(ns.prompts), "--steps", str(ns.steps),
            "--min-len", str(ns.min_len), "--max-len", str(ns.max_len), "--vocab", str(ns.vocab),
-           "--policy", ns.policy, "--seed", str(ns.seed), "--dtype", ns.dtype]
+           "--policy", ns.policy, "--seed", str(ns.seed), "--dtype", ns.dtype,
+           "--router", getattr(ns, "router", "balanced")]
     if ns.moe_layers:
         cmd += ["--moe-layers", str(ns.moe_layers)]
     if ns.no_check:
@@ -157,6 +158,10 @@ def build_parser(prog: str = "dwdp-demo") -> argparse.ArgumentParser:
                     help="GPU: auto picks per step between moving weights and moving tokens (dwdp_ops.policy); "
                          "prefetch_all fetches every remote expert ahead, on_demand fetches the routed ones, "
                          "dispatch sends the tokens to the experts' owners (DEP)")
+    ap.add_argument("--router", choices=("balanced", "skewed"), default="balanced",
+                    help="GPU: the random model's router: balanced (gate correction bias 0: every expert used, even "
+                         "loads, what a trained model's balancing bias aims at) or skewed (bias std 0.5: a few "
+                         "experts take most tokens)")
     ap.add_argument("--no-check", action="store_true", help="GPU: skip the all-local comparison run")
     ap.add_argument("--no-graphs", action="store_true",
                     help="GPU: run decode steps eagerly (default: each decode step a CUDA graph where its mode allows)")

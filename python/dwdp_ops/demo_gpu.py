@@ -57,6 +57,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--dtype", default="float8_e4m3fn", choices=["bfloat16", "float8_e4m3fn"],
                     help="routed experts: bf16, or fp8 e4m3 with rowwise scales (requantised from 128x128 blocks)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--router", choices=("balanced", "skewed"), default="balanced",
+                    help="the random router (models.deepseek_r1.gpu_weights.ROUTERS)")
     ap.add_argument("--no-check", action="store_true")
     ap.add_argument("--no-graphs", action="store_true", help="run decode steps eagerly (default: CUDA graphs)")
     ap.add_argument("--check-steps", type=int, default=4,
@@ -120,7 +122,8 @@ def main(argv: list[str] | None = None) -> int:
         if moe_layers < 1:
             raise SystemExit(f"rank {me}: not even one MoE layer of the real model fits ({free / GiB:.0f} GiB free)")
         cfg = DeepSeekConfig.r1(n_layers=3 + moe_layers, vocab_size=ns.vocab)
-        weights = DeviceWeights(cfg, ns.seed, torch.bfloat16, expert_dtype=torch.float8_e4m3fn if fp8 else None)
+        weights = DeviceWeights(cfg, ns.seed, torch.bfloat16, expert_dtype=torch.float8_e4m3fn if fp8 else None,
+                                router=ns.router)
         scales = expert_scales(cfg, weights)
         dense_rate = dense_gemm_tflops()
         prompts = prompts_for(me, ns.prompts, ns.min_len, ns.max_len, cfg.vocab_size, ns.seed)
@@ -191,7 +194,8 @@ def main(argv: list[str] | None = None) -> int:
             report = {"gpus": n, "card": torch.cuda.get_device_name(), "config": {
                 "layers": cfg.n_layers, "dense_layers": cfg.n_dense_layers, "moe_layers": cfg.n_moe_layers,
                 "dim": cfg.dim, "experts": cfg.n_routed_experts, "top_k": cfg.n_activated_experts,
-                "moe_inter_dim": cfg.moe_inter_dim, "vocab": cfg.vocab_size, "dtype": ns.dtype},
+                "moe_inter_dim": cfg.moe_inter_dim, "vocab": cfg.vocab_size, "dtype": ns.dtype,
+                "router": ns.router},
                 "policy": ns.policy, "compare_policy": ns.compare_policy, "pairs": ns.pairs if ns.compare_policy else 0,
                 "steps": ns.steps, "graphs": not ns.no_graphs, "ranks": [json.loads(g) for g in gathered]}
             with open(ns.out, "w") as f:

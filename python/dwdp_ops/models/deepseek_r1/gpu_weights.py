@@ -16,6 +16,15 @@ whole; the store moves only the fp8 bytes).
 the same bytes: the property the DWDP integration check rests on. It has the distribution of ``weights.init_weights``
 but not its values (numpy and CUDA generators differ); ``NumpyWeights`` serves the numpy weights themselves (the tiny
 configuration against the numpy reference, or a checkpoint read by ``load_safetensors``).
+
+Routers (``DeviceWeights(router=...)``, ``ROUTERS``): the random gate's correction bias decides how concentrated the
+routing is, which decides how much work each expert owner gets (DEP's balance) and how many distinct remote experts a
+step routes to (on-demand fetch). ``"skewed"`` (the default, ``init_weights``' distribution: bias ~ N(0, 0.5^2)): the
+bias dominates the saturated sigmoid scores, so 2048 random tokens use 49-62 of the 256 experts, the top 16 take
+70-77 % of the pairs, and the two halves of the experts (two DEP ranks) get 27-52 % / 73-48 % (``tests/test_routers.py``,
+seeds 0-3). ``"balanced"`` (bias 0): the same tokens use all 256 experts with a load CV of 0.12-0.13 and halves of
+50-51 %, the state DeepSeek-V3's aux-loss-free balancing bias is trained towards (a trained model's per-batch loads
+sit between the two). Benchmarks that compare DEP with DWDP say which they used.
 """
 
 from __future__ import annotations
@@ -38,6 +47,9 @@ def require_torch():
             "(CuPy has no bfloat16 dtype and no grouped GEMM); install torch for your CUDA version"
         ) from e
     return torch
+
+
+ROUTERS = {"skewed": 0.5, "balanced": 0.0}  # router -> std of the gate's random correction bias
 
 
 def _is_fp32(name: str) -> bool:
@@ -112,10 +124,14 @@ class _ExpertsFp8:
 
 class DeviceWeights(_ExpertsFp8):
     def __init__(self, cfg: DeepSeekConfig, seed: int = 0, dtype: Any = None, device: int | None = None,
-                 expert_dtype: Any = None):
+                 expert_dtype: Any = None, router: str = "skewed"):
         """``expert_dtype``: ``torch.float8_e4m3fn`` to serve the routed experts as fp8 with rowwise scales
-        (``experts_fp8``); default the model dtype (``experts``, dequantised)."""
+        (``experts_fp8``); default the model dtype (``experts``, dequantised). ``router``: a key of ``ROUTERS``
+        (see the module docstring)."""
         torch = require_torch()
+        if router not in ROUTERS:
+            raise ValueError(f"router must be one of {sorted(ROUTERS)}, got {router!r}")
+        self.router, self._bias_std = router, ROUTERS[router]
         self.cfg, self.seed = cfg, int(seed)
         self.dtype = dtype or torch.bfloat16
         self.expert_dtype = expert_dtype or self.dtype
@@ -140,7 +156,7 @@ class DeviceWeights(_ExpertsFp8):
         elif kind == "norm":
             t = 1 + 0.1 * torch.randn(shape, generator=g, device=self.device)
         elif kind == "bias":
-            t = 0.5 * torch.randn(shape, generator=g, device=self.device)
+            t = self._bias_std * torch.randn(shape, generator=g, device=self.device)
         else:
             t = float(kind) * torch.randn(shape, generator=g, device=self.device)
         return t.float() if _is_fp32(name) else t.to(self.dtype)
