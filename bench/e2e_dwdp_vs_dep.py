@@ -19,7 +19,9 @@ computes), ``dep`` (``dispatch`` through our NVLink ``TokenDispatcher``), ``dep_
 rotates so that each mode leads as many timed iterations: ``--iterations`` is a multiple of the modes), each (iteration, mode) started after a device sync and a host barrier; the first ``--warmup`` iterations
 are not timed.
 
-Per (iteration, mode, rank): the step's CUDA-event time and its categories: attention blocks (``attn``: the whole
+Per iteration: the routed token-expert pairs per DEP owner rank (``owner_load``, measured after the iteration's first
+mode, outside the timing; max over mean per iteration: how unevenly the router loads DEP's expert owners, see
+``--router``). Per (iteration, mode, rank): the step's CUDA-event time and its categories: attention blocks (``attn``: the whole
 MLA block incl. its projections), expert GEMMs (``experts``), exposed fetch (``wait``: the compute stream waiting
 for a prefetch), communication (``comm``: dispatch + combine spans) and the rest (``other``: dense MLPs, shared
 experts, router, norms, head). DEP's synchronisation wait is estimated per iteration as a rank's comm time minus the
@@ -251,6 +253,20 @@ def run(ns, budgets, dists, modes) -> int:  # pragma: no cover - GPU only
     return 0
 
 
+def routed_pairs_per_owner(ids_per_layer, num_experts: int, world: int) -> list[int]:
+    """Token-expert pairs of a step per owner rank of the disjoint partition (rank r owns experts
+    ``[r E / n, (r + 1) E / n)``), summed over the MoE layers: ``ids_per_layer`` a list of ``[T, k]`` expert ids
+    (tensors or arrays)."""
+    import numpy as np
+
+    per = num_experts // world
+    tot = np.zeros(world, np.int64)
+    for ids in ids_per_layer:
+        a = ids.cpu().numpy() if hasattr(ids, "cpu") else np.asarray(ids)
+        tot += np.bincount(a.reshape(-1) // per, minlength=world)[:world]
+    return tot.tolist()
+
+
 def measure(model, sources, scheds, modes, ns, budget, name, dist, me, world, rdv, cfg):  # pragma: no cover - GPU
     """One (budget, distribution): every iteration under every mode (interleaved), gathered over the ranks."""
     import cupy as cp
@@ -290,8 +306,11 @@ def measure(model, sources, scheds, modes, ns, budget, name, dist, me, world, rd
                            if kind == "fetch_end")
             sched.trace = None
             step = a.elapsed_time(b)
+            owner_pairs = None
+            if m == order[0]:  # the routing of this iteration's tokens (the same in every mode), after the timing
+                owner_pairs = routed_pairs_per_owner(model.last_ids, cfg.n_routed_experts, world)
             if i >= ns.warmup:
-                rows.append({"iteration": i, "mode": m, "lead": m == order[0], "tokens": sum(lengths), "requests": len(lengths),
+                rows.append({"owner_pairs": owner_pairs,"iteration": i, "mode": m, "lead": m == order[0], "tokens": sum(lengths), "requests": len(lengths),
                              "step_ms": step, "attn_ms": tm["attn_ms"], "experts_ms": tm["experts_ms"],
                              "wait_ms": tm["wait_ms"], "comm_ms": tm["comm_ms"], "copy_ms": copy,
                              "attn_flops": tm["attn_flops"]})
@@ -323,6 +342,17 @@ def measure(model, sources, scheds, modes, ns, budget, name, dist, me, world, rd
             "attn_tflops": sum(x["attn_flops"] for rk in rs for x in rk) / attn_s / 1e12 if attn_s else None,
             "rows": rs,
         }
+    # DEP's expert owners' loads: every rank's routed pairs per owner (disjoint partition), summed over the ranks,
+    # max over mean per iteration (1.0: even; the slowest owner's expert GEMMs set DEP's pace)
+    loads = []
+    for j in range(len(per_rank[0])):
+        per_owner = [rk[j]["owner_pairs"] for rk in per_rank if rk[j]["owner_pairs"] is not None]
+        if per_owner:
+            tot = [sum(col) for col in zip(*per_owner)]
+            loads.append({"iteration": per_rank[0][j]["iteration"], "pairs_per_owner": tot,
+                          "max_over_mean": max(tot) / (sum(tot) / len(tot)) if sum(tot) else 1.0})
+    out["owner_load"] = loads
+    out["owner_load_max_over_mean"] = mean(x["max_over_mean"] for x in loads) if loads else None
     for m in modes:
         if m != "dwdp" and "dwdp" in out["modes"]:
             out[f"dwdp_over_{m}"] = out["modes"]["dwdp"]["tps_per_gpu"] / out["modes"][m]["tps_per_gpu"]
@@ -331,15 +361,16 @@ def measure(model, sources, scheds, modes, ns, budget, name, dist, me, world, rd
 
 def table(records) -> str:
     lines = ["| budget | lengths | mode | TPS/GPU | iteration ms | attention | experts | exposed fetch | comm | sync wait "
-             "| other | overlapped copy | DWDP / this |", "|" + " --- |" * 13]
+             "| other | overlapped copy | DWDP / this | DEP owner load max/mean |", "|" + " --- |" * 14]
     for r in records:
+        load = r.get("owner_load_max_over_mean")
         for m, v in r["modes"].items():
             c = v["categories_ms"]
             ratio = r.get(f"dwdp_over_{m}")
             lines.append(f"| {r['budget']} | {r['dist_name']} | {m} | {v['tps_per_gpu']:.0f} | {v['iteration_ms']:.1f} "
                          f"| {c['attn_ms']:.1f} | {c['experts_ms']:.1f} | {c['wait_ms']:.1f} | {c['comm_ms']:.1f} "
                          f"| {c['sync_wait_ms']:.1f} | {c['other_ms']:.1f} | {c['copy_ms']:.1f} | "
-                         f"{'' if ratio is None else f'{ratio:.3f}'} |")
+                         f"{'' if ratio is None else f'{ratio:.3f}'} | {'' if load is None else f'{load:.2f}'} |")
     return "\n".join(lines)
 
 

@@ -44,3 +44,11 @@ def test_bad_arguments_exit_2_with_one_line(args, msg):
     proc = subprocess.run([sys.executable, str(ROOT / "bench" / "e2e_dwdp_vs_dep.py"), "--dry-run", *args],
                           capture_output=True, text=True)
     assert proc.returncode == 2 and msg in proc.stderr
+
+
+def test_routed_pairs_per_owner_counts_each_owners_experts_over_the_layers():
+    import numpy as np
+
+    ids = [np.array([[0, 1], [2, 3]]), np.array([[3, 3], [0, 2]])]  # 4 experts, 2 ranks: rank 0 owns 0-1
+    assert e2e.routed_pairs_per_owner(ids, 4, 2) == [3, 5]
+    assert e2e.routed_pairs_per_owner([np.zeros((0, 8), np.int64)], 256, 4) == [0, 0, 0, 0]
