@@ -238,8 +238,8 @@ def run(ns, budgets, dists, modes) -> int:  # pragma: no cover - GPU only
             points = [{"mode": m, "gpus": world, "max_tokens": r["budget"], **r["dist"], "isl": ns.isl,
                        "layers": cfg.n_layers, "dense_layers": cfg.n_dense_layers, "seed": ns.seed,
                        "iterations": ns.iterations, "iteration_ms": r["modes"][m]["iteration_ms"],
-                       "tps_per_gpu": r["modes"][m]["tps_per_gpu"]} for r in records for m in ("dwdp", "dep")
-                      if m in r["modes"]]
+                       "tps_per_gpu": r["modes"][m]["tps_per_gpu"], **owner_load_point(r)}
+                      for r in records for m in ("dwdp", "dep") if m in r["modes"]]
             data = dict(benchmark="e2e_dwdp_vs_dep", world_size=world, dtype=ns.dtype, router=ns.router, isl=ns.isl,
                         layers=cfg.n_layers, dense_layers=cfg.n_dense_layers, moe_layers=cfg.n_moe_layers,
                         vocab=cfg.vocab_size, iterations=ns.iterations, warmup=ns.warmup, seed=ns.seed,
@@ -251,6 +251,16 @@ def run(ns, budgets, dists, modes) -> int:  # pragma: no cover - GPU only
             print(f"wrote {path}")
         dwdp_ops.barrier()
     return 0
+
+
+def owner_load_point(record: dict) -> dict:
+    """``{"owner_load": [...]}``: a record's mean per-owner pair shares (each iteration's pairs per owner over its
+    mean, averaged over the iterations; the simulator's ``SimConfig.owner_load``), or {} without measured loads."""
+    loads = [x["pairs_per_owner"] for x in record.get("owner_load") or [] if sum(x["pairs_per_owner"])]
+    if not loads:
+        return {}
+    n = len(loads[0])
+    return {"owner_load": [sum(x[r] / (sum(x) / n) for x in loads) / len(loads) for r in range(n)]}
 
 
 def routed_pairs_per_owner(ids_per_layer, num_experts: int, world: int) -> list[int]:

@@ -52,3 +52,9 @@ def test_routed_pairs_per_owner_counts_each_owners_experts_over_the_layers():
     ids = [np.array([[0, 1], [2, 3]]), np.array([[3, 3], [0, 2]])]  # 4 experts, 2 ranks: rank 0 owns 0-1
     assert e2e.routed_pairs_per_owner(ids, 4, 2) == [3, 5]
     assert e2e.routed_pairs_per_owner([np.zeros((0, 8), np.int64)], 256, 4) == [0, 0, 0, 0]
+
+
+def test_owner_load_point_is_the_mean_of_per_iteration_shares():
+    rec = {"owner_load": [{"pairs_per_owner": [1, 3]}, {"pairs_per_owner": [2, 2]}, {"pairs_per_owner": [0, 0]}]}
+    assert e2e.owner_load_point(rec) == {"owner_load": [0.75, 1.25]}
+    assert e2e.owner_load_point({}) == {} and e2e.owner_load_point({"owner_load": []}) == {}

@@ -631,3 +631,27 @@ def test_cli_plot_without_matplotlib_says_so(tmp_path, capsys, monkeypatch):
     code, _, err = run_main(["--plot", str(tmp_path / "x.png")], capsys)
     assert code == 2 and "needs matplotlib" in err and "Traceback" not in err
     assert plot.MISSING in err
+
+
+def test_owner_load_unbalances_dep_and_leaves_dwdp():
+    """A router that loads one owner's experts more (``owner_load``) lengthens DEP's expert phase to that owner's
+    GEMMs (the others wait) and leaves DWDP as it was; an even load is the uniform routing exactly."""
+    base = dict(gpus=2, cv=0.0, max_tokens=32768, overrides=SAME_GPUS)
+    even, uni = simulate(small(**base, owner_load=(1.0, 1.0))), simulate(small(**base))
+    assert (even["dwdp"], even["dep"]) == (uni["dwdp"], uni["dep"])
+    skew = simulate(small(**base, owner_load=(0.5, 1.5)))
+    assert skew["dwdp"] == uni["dwdp"]
+    assert skew["dep"]["breakdown_ms"]["sync_wait"] > 0 == uni["dep"]["breakdown_ms"]["sync_wait"]
+    assert skew["dep"]["iteration_ms"] > uni["dep"]["iteration_ms"] and skew["ratio"] > uni["ratio"]
+    # the slow owner's GEMMs carry 1.5x the uniform pairs, the fast owner's 0.5x and it waits for the difference:
+    # about 0.5x the uniform GEMM time per rank on average (the GEMM rate depends a little on the rows)
+    g = uni["dep"]["breakdown_ms"]["expert_gemm"]
+    assert skew["dep"]["breakdown_ms"]["expert_gemm"] == pytest.approx(g, rel=0.05)
+    assert skew["dep"]["breakdown_ms"]["sync_wait"] == pytest.approx(0.5 * g, rel=0.1)
+    assert simulate(small(**base, owner_load=(2, 6)))["dep"] == skew["dep"]  # only the relative loads count
+
+
+@pytest.mark.parametrize("bad", [(1.0,), (1.0, 0.0), (1.0, float("nan")), [1.0, 1.0]])
+def test_owner_load_errors(bad):
+    with pytest.raises(ValueError, match="owner_load"):
+        small(gpus=2, owner_load=bad)

@@ -82,8 +82,9 @@ def _point_config(p: dict, defaults: dict) -> SimConfig:
     for k in ("isl", "layers", "dense_layers", "seed", "iterations", "warmup", "hardware"):
         if k in p:
             kw[k] = p[k]
+    ol = p.get("owner_load")
     return SimConfig(gpus=p.get("N", p.get("gpus")), cv=p.get("cv"), ratio=p.get("ratio"),
-                     max_tokens=p["max_tokens"], **kw)
+                     max_tokens=p["max_tokens"], owner_load=None if ol is None else tuple(float(x) for x in ol), **kw)
 
 
 def validate(measured_points: Iterable[dict], *, hardware: str = "h200", isl: int = 8192, layers: int = 61,

@@ -90,6 +90,9 @@ def build_parser(prog: str = "python -m dwdp_ops sim") -> argparse.ArgumentParse
     ap.add_argument("--rank-slowdown", type=_float_in(0.0, 0.99, False, "[0, 0.99]"), default=None,
                     help="what-if: the slowest rank's compute time against the mean of ranks, e.g. 0.01; 0: identical "
                          "GPUs (default: the profile's rank_speed, 0 if it has none)")
+    ap.add_argument("--owner-load", type=_owner_load, default=None, metavar="L0,L1,...",
+                    help="relative routed pairs per DEP owner rank (one per GPU, e.g. 0.55,1.45 for a router that "
+                         "loads the second rank's experts 2.6x the first's); default: uniform routing")
     ap.add_argument("--sweep", action="store_true",
                     help="also sweep CV 0/10/20/30 %% and budgets 16K/32K (plus --ratio's setting, 0.8 by default)")
     ap.add_argument("--validate", type=existing_file, default=None, metavar="FILE",
@@ -102,8 +105,20 @@ def build_parser(prog: str = "python -m dwdp_ops sim") -> argparse.ArgumentParse
     return ap
 
 
+def _owner_load(text: str) -> tuple[float, ...]:
+    try:
+        vals = tuple(float(x) for x in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers > 0, got {text!r}") from None
+    if not vals or not all(math.isfinite(v) and v > 0 for v in vals):
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers > 0, got {text!r}")
+    return vals
+
+
 def check_args(ap: argparse.ArgumentParser, ns: argparse.Namespace) -> None:
     """Checks that involve several options; a bad combination exits with code 2 and one ``error:`` line."""
+    if ns.owner_load is not None and len(ns.owner_load) != ns.gpus:
+        ap.error(f"argument --owner-load: expected {ns.gpus} values (one per GPU), got {len(ns.owner_load)}")
     if ns.dense_layers is not None and ns.dense_layers > ns.layers:
         ap.error(f"argument --dense-layers: expected at most --layers ({ns.layers}), got {ns.dense_layers}")
     if ns.plot and not have_matplotlib():
@@ -186,7 +201,7 @@ def main(argv: list[str] | None = None, prog: str = "python -m dwdp_ops sim") ->
         return 0
     cfg = SimConfig(hardware=hardware, gpus=ns.gpus, isl=ns.isl, ratio=ns.ratio, cv=ns.cv, max_tokens=ns.max_tokens,
                     layers=ns.layers, dense_layers=ns.dense_layers, seed=ns.seed, iterations=ns.iterations,
-                    overrides=ov)
+                    overrides=ov, owner_load=ns.owner_load)
     res = simulate(cfg)
     if is_paper_setting(res["config"]) and res["config"]["calibration"] == "gb200":
         res["paper"] = paper_comparison(res)

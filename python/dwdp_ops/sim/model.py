@@ -43,8 +43,13 @@ combine), sync_wait, exposed_fetch; they add up to each rank's iteration time; D
 their interference slowdown (reported also as ``interference_ms``); ``overlapped_copy_ms`` is the copy engine's busy
 time, hidden or not, outside the sum.
 
-Not modelled: routing imbalance (hot experts; DEP's expert GEMMs are balanced here, which favours DEP), expert
-parallel load balancing, overlap of communication with compute in DEP (no two-batch overlap), many-to-one copy-engine
+Routing imbalance (``SimConfig.owner_load``): relative token-expert pairs per DEP owner rank (mean 1; None = the
+uniform routing above). Owner r's expert GEMMs carry ``owner_load[r]`` times its uniform share of pairs and it
+receives that many times its uniform rows; DWDP's expert GEMMs are not changed (every rank computes its own tokens on
+all E experts: skew only reshapes its groups, a second-order effect not modelled). ``bench/e2e_dwdp_vs_dep.py``
+records the measured per-owner pairs with every point, so a validation simulates the router the run had.
+
+Not modelled: hot experts inside an owner's slice, expert parallel load balancing, overlap of communication with compute in DEP (no two-batch overlap), many-to-one copy-engine
 contention and the 2 MiB-slice mitigation, CUDA-graph/launch overheads, KV-cache transfer, memory capacity (the
 full 61-layer R1 in bf16 does not fit on 2 H200s; the simulator only times it), decode.
 """
@@ -82,6 +87,7 @@ class SimConfig:
     iterations: int = 32
     warmup: int = 0
     overrides: Overrides = field(default_factory=Overrides)
+    owner_load: tuple[float, ...] | None = None
 
     def __post_init__(self) -> None:
         if self.ratio is None and self.cv is None:
@@ -105,6 +111,19 @@ class SimConfig:
         if self.cv is not None and not (isinstance(self.cv, (int, float)) and math.isfinite(self.cv)
                                         and self.cv >= 0):
             raise ValueError(f"cv must be a finite number >= 0, got {self.cv!r}")
+        if self.owner_load is not None:
+            ol = self.owner_load
+            if (not isinstance(ol, tuple) or len(ol) != self.gpus
+                    or not all(isinstance(x, (int, float)) and math.isfinite(x) and x > 0 for x in ol)):
+                raise ValueError(f"owner_load must be a tuple of {self.gpus} finite numbers > 0 (one per GPU), "
+                                 f"got {ol!r}")
+
+    def owner_factors(self) -> list[float]:
+        """``owner_load`` scaled to mean 1 (all 1.0 without it)."""
+        if self.owner_load is None:
+            return [1.0] * self.gpus
+        mean = sum(self.owner_load) / len(self.owner_load)
+        return [x / mean for x in self.owner_load]
 
     @property
     def n_dense(self) -> int:
@@ -362,15 +381,16 @@ def simulate(config: SimConfig, calibration: dict | None = None) -> dict:
     n_it = N * config.iterations
     dwdp = _summary(dw_t, tokens, dw_b, {c: v / n_it for c, v in dw_x.items()}, dw_copy / n_it, dw_d)
 
+    load = config.owner_factors()
     dep_t = np.zeros((N, config.iterations))
     dep_b: list[list[dict]] = [[] for _ in range(N)]
     dep_d: list[list[dict]] = [[] for _ in range(N)]
     rows_mean = 0.0
     for i in range(config.iterations):
         T = [steps[r][i].tokens for r in range(N)]
-        pairs = [sum(T[s] * m[s][r] for s in range(N)) for r in range(N)]
-        rows = [max(T[r] * sum(q[r][d] for d in range(N) if d != r), sum(T[s] * q[s][r] for s in range(N) if s != r))
-                for r in range(N)]
+        pairs = [load[r] * sum(T[s] * m[s][r] for s in range(N)) for r in range(N)]
+        rows = [max(T[r] * sum(q[r][d] for d in range(N) if d != r),
+                    load[r] * sum(T[s] * q[s][r] for s in range(N) if s != r)) for r in range(N)]
         rows_mean += sum(rows) / N / config.iterations
         disp = max(costs.dispatch_ms(x) for x in rows) if N > 1 else 0.0
         comb = max(costs.combine_ms(x) for x in rows) if N > 1 else 0.0
@@ -385,7 +405,8 @@ def simulate(config: SimConfig, calibration: dict | None = None) -> dict:
 
     lengths = [c.length + c.prefix for row in work for it in row for c in it.chunks if c.last]
     return {
-        "config": {k2: v for k2, v in asdict(config).items() if k2 != "overrides"}
+        "config": {k2: (list(v) if isinstance(v, tuple) else v) for k2, v in asdict(config).items()
+                   if k2 != "overrides"}
         | {"overrides": {k2: v for k2, v in asdict(config.overrides).items() if v is not None},
            "dense_layers": cfg.n_dense_layers, "moe_layers": M, "calibration": cal["hardware"]},
         "workload": {
