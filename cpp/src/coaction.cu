@@ -603,6 +603,79 @@ __device__ __forceinline__ void gw_tiles(float* gw, const float* stg, int RS, in
   }
 }
 
+// The feed gradient of this lane's behaviour ``t`` (-1: none), staged in its shared-memory row at ``gx`` (the
+// warp's rows start at ``rows_base``, RS floats apart, the same offset in each): written to row ``frow`` of
+// ``grad_feed``, or with feed ids added, the lanes of the round that share a feed row summed by the lowest of them
+// (as few atomics as repeats need). Every lane of the warp calls it (match_any).
+__device__ __forceinline__ void store_feed_grad(const Fast& f, float* __restrict__ grad_feed, bool feed_ids,
+                                                size_t frow, int t, const float* rows_base, int RS, int gx_off,
+                                                int lane) {
+  const float* gx = rows_base + lane * RS + gx_off;
+  if (feed_ids) {
+    const unsigned long long key = t >= 0 ? static_cast<unsigned long long>(frow) : ~0ull - lane;
+    const unsigned peers = __match_any_sync(0xffffffffu, key);
+    if (t >= 0 && lane == __ffs(peers) - 1) {
+      float* dst = grad_feed + frow * f.D;
+      if (f.gfeed_vec) {
+        for (int i = 0; i < f.D; i += 4) {
+          float4 s = make_float4(0.f, 0.f, 0.f, 0.f);
+          for (unsigned pm = peers; pm; pm &= pm - 1) {
+            const float4 v = *reinterpret_cast<const float4*>(rows_base + (__ffs(pm) - 1) * RS + gx_off + i);
+            s.x += v.x, s.y += v.y, s.z += v.z, s.w += v.w;
+          }
+          atomicAdd(reinterpret_cast<float4*>(dst + i), s);
+        }
+      } else {
+        for (int i = 0; i < f.D; ++i) {
+          float s = 0.f;
+          for (unsigned pm = peers; pm; pm &= pm - 1) s += rows_base[(__ffs(pm) - 1) * RS + gx_off + i];
+          atomicAdd(dst + i, s);
+        }
+      }
+    }
+  } else if (t >= 0) {
+    float* dst = grad_feed + frow * f.D;
+    if (f.gfeed_vec) {
+      for (int i = 0; i < f.D; i += 4)
+        *reinterpret_cast<float4*>(dst + i) = *reinterpret_cast<const float4*>(gx + i);
+    } else {
+      for (int i = 0; i < f.D; ++i) dst[i] = gx[i];
+    }
+  }
+}
+
+// The sample's induction-row gradient (the warp's padded ``gW``, at ``oGW`` in each warp's ``per_warp`` floats of
+// ``smem``) to its destination. Gathered rows (no ids): row b written. Table rows: the block's warps with one id add
+// up their gradients in shared memory, and the first of them adds the sum to the owner's shard (system scope: the
+// shard may be a peer's, and peers add into ours). With ids every warp of the block must call it (block barrier).
+__device__ __forceinline__ void store_row_grad(const Fast& f, const CoActionRows& rows, const int64_t* ind_ids,
+                                               int b, bool has_row, int shard, int64_t local, const float* smem,
+                                               int per_warp, int oGW, int64_t* blk_row, int warp, int lane) {
+  const float* gW = smem + static_cast<size_t>(warp) * per_warp + oGW;
+  if (!ind_ids) {
+    if (has_row) {
+      float* gdst = reinterpret_cast<float*>(rows.grad[0]) + static_cast<size_t>(b) * f.ind_dim;
+      for_params(f, lane, [&](int u, int p) { gdst[u] = gW[p]; });
+    }
+    return;
+  }
+  if (lane == 0) blk_row[warp] = has_row ? ind_ids[b] : -1;
+  __syncthreads();  // reached by every warp of the block (ind_ids is a kernel argument, uniform)
+  if (!has_row) return;
+  const int64_t id = blk_row[warp];
+  for (int w = 0; w < warp; ++w)
+    if (blk_row[w] == id) return;  // an earlier warp adds this row
+  unsigned others = 0;
+  for (int w = warp + 1; w < static_cast<int>(blockDim.x >> 5); ++w)
+    if (blk_row[w] == id) others |= 1u << w;
+  float* gdst = reinterpret_cast<float*>(rows.grad[shard]) + local * f.ind_dim;
+  for_params(f, lane, [&](int u, int p) {
+    float s = gW[p];
+    for (unsigned o = others; o; o &= o - 1) s += smem[static_cast<size_t>(__ffs(o) - 1) * per_warp + oGW + p];
+    atomicAdd_system(&gdst[u], s);
+  });
+}
+
 template <typename T, int MW>
 __global__ void __launch_bounds__(kFastWarps * 32) fast_backward_kernel(Fast f, int B, int T_len, CoActionRows rows,
                                                                         const int64_t* __restrict__ ind_ids,
@@ -755,65 +828,11 @@ __global__ void __launch_bounds__(kFastWarps * 32) fast_backward_kernel(Fast f, 
         __syncwarp();
       }
       // feed gradient of this lane's behaviour (its row's gx, complete over the orders)
-      if (feed_ids) {
-        // lanes of the round that share a feed row: the lowest one adds their sum (as few atomics as repeats need)
-        const unsigned long long key = t >= 0 ? static_cast<unsigned long long>(frow) : ~0ull - lane;
-        const unsigned peers = __match_any_sync(0xffffffffu, key);
-        if (t >= 0 && lane == __ffs(peers) - 1) {
-          float* dst = grad_feed + frow * f.D;
-          if (f.gfeed_vec) {
-            for (int i = 0; i < f.D; i += 4) {
-              float4 s = make_float4(0.f, 0.f, 0.f, 0.f);
-              for (unsigned pm = peers; pm; pm &= pm - 1) {
-                const float4 v = *reinterpret_cast<const float4*>(stg + (__ffs(pm) - 1) * f.RS + f.rGX + i);
-                s.x += v.x, s.y += v.y, s.z += v.z, s.w += v.w;
-              }
-              atomicAdd(reinterpret_cast<float4*>(dst + i), s);
-            }
-          } else {
-            for (int i = 0; i < f.D; ++i) {
-              float s = 0.f;
-              for (unsigned pm = peers; pm; pm &= pm - 1) s += stg[(__ffs(pm) - 1) * f.RS + f.rGX + i];
-              atomicAdd(dst + i, s);
-            }
-          }
-        }
-      } else if (t >= 0) {
-        float* dst = grad_feed + frow * f.D;
-        if (f.gfeed_vec) {
-          for (int i = 0; i < f.D; i += 4)
-            *reinterpret_cast<float4*>(dst + i) = *reinterpret_cast<const float4*>(my + f.rGX + i);
-        } else {
-          for (int i = 0; i < f.D; ++i) dst[i] = my[f.rGX + i];
-        }
-      }
+      store_feed_grad(f, grad_feed, feed_ids != nullptr, frow, t, stg, f.RS, f.rGX, lane);
       __syncwarp();  // the rows are read by other lanes above and rewritten by the next round
     }
   }
-  if (!ind_ids) {  // gathered rows: one row per sample, written
-    if (row) {
-      float* gdst = reinterpret_cast<float*>(rows.grad[0]) + static_cast<size_t>(b) * f.ind_dim;
-      for_params(f, lane, [&](int u, int p) { gdst[u] = gW[p]; });
-    }
-    return;
-  }
-  // Table rows: the block's warps with one id add up their gradients in shared memory, and the first of them adds
-  // the sum to the owner's shard (system scope: the shard may be a peer's, and peers add into ours).
-  if (lane == 0) blk_row[warp] = row ? ind_ids[b] : -1;
-  __syncthreads();  // reached by every warp of the block (ind_ids is a kernel argument, uniform)
-  if (!row) return;
-  const int64_t id = blk_row[warp];
-  for (int w = 0; w < warp; ++w)
-    if (blk_row[w] == id) return;  // an earlier warp adds this row
-  unsigned others = 0;
-  for (int w = warp + 1; w < static_cast<int>(blockDim.x >> 5); ++w)
-    if (blk_row[w] == id) others |= 1u << w;
-  float* gdst = reinterpret_cast<float*>(rows.grad[shard]) + local * f.ind_dim;
-  for_params(f, lane, [&](int u, int p) {
-    float s = gW[p];
-    for (unsigned o = others; o; o &= o - 1) s += smem[static_cast<size_t>(__ffs(o) - 1) * f.per_warp + f.oGW + p];
-    atomicAdd_system(&gdst[u], s);
-  });
+  store_row_grad(f, rows, ind_ids, b, row != nullptr, shard, local, smem, f.per_warp, f.oGW, blk_row, warp, lane);
 }
 
 // ---------------------------------------------------------------------------------------------------------------
@@ -1078,32 +1097,12 @@ __global__ void __launch_bounds__(kFastWarps * 32, 3) spec_backward_kernel(Fast 
         }
         __syncwarp();  // the rows are rewritten by the next order
       }
-      // feed gradient of this lane's behaviour, staged in its row's p slots for the lanes that share its feed row
+      // feed gradient of this lane's behaviour: with feed ids staged in its row's p slots for the lanes that share
+      // its feed row (store_feed_grad), else written from the registers
       if (feed_ids) {
         store_row<D>(my, gx, D);
         __syncwarp();
-        const unsigned long long key = t >= 0 ? static_cast<unsigned long long>(frow) : ~0ull - lane;
-        const unsigned peers = __match_any_sync(0xffffffffu, key);
-        if (t >= 0 && lane == __ffs(peers) - 1) {
-          float* dst = grad_feed + frow * f.D;
-          if (f.gfeed_vec) {
-#pragma unroll
-            for (int i = 0; i < D; i += 4) {
-              float4 s = make_float4(0.f, 0.f, 0.f, 0.f);
-              for (unsigned pm = peers; pm; pm &= pm - 1) {
-                const float4 w = *reinterpret_cast<const float4*>(rws + (__ffs(pm) - 1) * g.RS + i);
-                s.x += w.x, s.y += w.y, s.z += w.z, s.w += w.w;
-              }
-              atomicAdd(reinterpret_cast<float4*>(dst + i), s);
-            }
-          } else {
-            for (int i = 0; i < f.D; ++i) {
-              float s = 0.f;
-              for (unsigned pm = peers; pm; pm &= pm - 1) s += rws[(__ffs(pm) - 1) * g.RS + i];
-              atomicAdd(dst + i, s);
-            }
-          }
-        }
+        store_feed_grad(f, grad_feed, true, frow, t, rws, g.RS, 0, lane);
         __syncwarp();  // the rows are rewritten by the next round
       } else if (t >= 0) {
         float* dst = grad_feed + frow * f.D;
@@ -1141,28 +1140,7 @@ __global__ void __launch_bounds__(kFastWarps * 32, 3) spec_backward_kernel(Fast 
           gW[(f.oi ? c * f.wslice : 0) + f.woff[1] + N1 * N2 + m] += static_cast<float>(valid) * G[c * S + N1 + m];
     __syncwarp();
   }
-  if (!ind_ids) {  // gathered rows: one row per sample, written
-    if (row) {
-      float* gdst = reinterpret_cast<float*>(rows.grad[0]) + static_cast<size_t>(b) * f.ind_dim;
-      for_params(f, lane, [&](int u, int p) { gdst[u] = gW[p]; });
-    }
-    return;
-  }
-  if (lane == 0) blk_row[warp] = row ? ind_ids[b] : -1;
-  __syncthreads();  // reached by every warp of the block (ind_ids is a kernel argument, uniform)
-  if (!row) return;
-  const int64_t id = blk_row[warp];
-  for (int w = 0; w < warp; ++w)
-    if (blk_row[w] == id) return;  // an earlier warp adds this row
-  unsigned others = 0;
-  for (int w = warp + 1; w < static_cast<int>(blockDim.x >> 5); ++w)
-    if (blk_row[w] == id) others |= 1u << w;
-  float* gdst = reinterpret_cast<float*>(rows.grad[shard]) + local * f.ind_dim;
-  for_params(f, lane, [&](int u, int p) {
-    float s = gW[p];
-    for (unsigned o = others; o; o &= o - 1) s += smem[static_cast<size_t>(__ffs(o) - 1) * g.per_warp + g.oGW + p];
-    atomicAdd_system(&gdst[u], s);
-  });
+  store_row_grad(f, rows, ind_ids, b, row != nullptr, shard, local, smem, g.per_warp, g.oGW, blk_row, warp, lane);
 }
 
 // ---------------------------------------------------------------------------------------------------------------
