@@ -44,6 +44,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--tokens", default="4096,16384,32768")
     ap.add_argument("--requests", type=int, default=16)
     ap.add_argument("--repeats", type=int, default=10, help="timed prefill repeats per token count (after a warm-up)")
+    ap.add_argument("--router", choices=("balanced", "skewed"), default="balanced",
+                    help="the random model's router (models.deepseek_r1.gpu_weights.ROUTERS; the runs before "
+                         "2026-12-01T03:00Z were skewed)")
     ap.add_argument("--dtype", default="bfloat16", choices=DTYPES,
                     help="routed experts: bf16, or fp8 e4m3 with rowwise scales (the demo's --dtype float8_e4m3fn)")
     ns = ap.parse_args(argv)
@@ -85,7 +88,8 @@ def main(argv: list[str] | None = None) -> int:
         me, n = rt.rank(), rt.world_size()
         torch.cuda.set_device(rt.device)
         cfg = DeepSeekConfig.r1(n_layers=4, vocab_size=8192).replace(n_dense_layers=1)
-        weights = DeviceWeights(cfg, 0, torch.bfloat16, expert_dtype=torch.float8_e4m3fn if fp8 else None)
+        weights = DeviceWeights(cfg, 0, torch.bfloat16, expert_dtype=torch.float8_e4m3fn if fp8 else None,
+                                router=ns.router)
         scales = expert_scales(cfg, weights)  # fp8: every expert's rowwise scales on every rank; bf16: None
         store = build_store(cfg, weights)
         remote_bytes = store.remote_bytes()  # one layer's fetch: fp8 halves it
@@ -125,7 +129,7 @@ def main(argv: list[str] | None = None) -> int:
         gathered = rt.rendezvous.allgather("deepseek_forward", json.dumps(mine).encode())
         if me == 0:
             per_rank = [json.loads(g) for g in gathered]
-            data = dict(benchmark="deepseek_forward", world_size=n, layers=cfg.n_layers, moe_layers=cfg.n_moe_layers,
+            data = dict(benchmark="deepseek_forward", router=ns.router, world_size=n, layers=cfg.n_layers, moe_layers=cfg.n_moe_layers,
                         dtype=ns.dtype, model_dtype="bfloat16", repeats=ns.repeats, requests=ns.requests,
                         expert_of_dense="expert GEMM rate / dense GEMM rate of the experts' dtype (fp8: dense_fp8_tflops)",
                         **machine_facts(), ranks=per_rank)

@@ -14,7 +14,9 @@ all-local run of the same requests (the first ``--check-steps`` steps, default 4
 every run (``--no-graphs``: eager). Figures per rank: prefill and decode tokens/s of each run (CUDA events around
 each step, ``serve.summarize``), over all decode steps and at the median decode step (the first decode step after a
 prefill whose mode leaves the ranks independent absorbs the wait for the slowest rank's prefill when decode moves
-tokens); the ratios are medians over the pairs of the per-pair ratios, first policy over second.
+tokens); the ratios are medians over the pairs of the per-pair ratios, first policy over second. When either policy
+moves tokens the job reserves the dispatcher's memory for both, so it may fit fewer MoE layers than a standalone
+``demo --policy on_demand`` (the layer count is in the report). The table's mode columns show the first pair's runs.
 
 Output: bench/results/demo_policies_<card>_N<n>[_tag].json (the demo report with every run's summary and check,
 the per-pair and median ratios) and a table on stdout.
@@ -48,7 +50,9 @@ def parse(argv=None):
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--vocab", type=int, default=32768)
     ap.add_argument("--moe-layers", type=int, default=None, help="default: as many as fit")
-    ap.add_argument("--timeout", type=int, default=900, help="seconds for the whole job")
+    ap.add_argument("--timeout", type=int, default=540,
+                    help="seconds for the whole job (set-up, the first policy's run, its warm-up, 2 x --pairs runs, "
+                         "the all-local check); within one 10-minute device call")
     ap.add_argument("--no-graphs", action="store_true", help="decode steps eager in every run (default: CUDA graphs)")
     ap.add_argument("--dtype", default="float8_e4m3fn", choices=["bfloat16", "float8_e4m3fn"], help="routed experts")
     ap.add_argument("--router", choices=("balanced", "skewed"), default="balanced",

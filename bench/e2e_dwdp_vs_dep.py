@@ -317,10 +317,10 @@ def measure(model, sources, scheds, modes, ns, budget, name, dist, me, world, rd
             sched.trace = None
             step = a.elapsed_time(b)
             owner_pairs = None
-            if m == order[0]:  # the routing of this iteration's tokens (the same in every mode), after the timing
+            if m == order[0] and i >= ns.warmup:  # this iteration's routing (the modes agree up to DEP's rounding)
                 owner_pairs = routed_pairs_per_owner(model.last_ids, cfg.n_routed_experts, world)
             if i >= ns.warmup:
-                rows.append({"owner_pairs": owner_pairs,"iteration": i, "mode": m, "lead": m == order[0], "tokens": sum(lengths), "requests": len(lengths),
+                rows.append({"owner_pairs": owner_pairs, "iteration": i, "mode": m, "lead": m == order[0], "tokens": sum(lengths), "requests": len(lengths),
                              "step_ms": step, "attn_ms": tm["attn_ms"], "experts_ms": tm["experts_ms"],
                              "wait_ms": tm["wait_ms"], "comm_ms": tm["comm_ms"], "copy_ms": copy,
                              "attn_flops": tm["attn_flops"]})

@@ -74,7 +74,7 @@ if want deepseek; then
   echo "deepseek_forward rc=$?"; grep "^\[rank 0\]" "$OUT/deepseek_forward_N$NGPU.log" | tail -6
 fi
 if want demo; then
-  timeout "${DEMO_TIMEOUT:-420}" python3 bench/demo_policies.py ${DEMO_ARGS:-} > "$OUT/demo_policies_N$NGPU.log" 2>&1
+  timeout "${DEMO_TIMEOUT:-570}" python3 bench/demo_policies.py --timeout 540 ${DEMO_ARGS:-} > "$OUT/demo_policies_N$NGPU.log" 2>&1
   echo "demo_policies rc=$?"; tail -12 "$OUT/demo_policies_N$NGPU.log"
 fi
 if want main; then

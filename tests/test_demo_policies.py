@@ -73,18 +73,3 @@ def test_demo_gpu_refuses_a_comparison_with_itself_or_no_pairs(argv):
     with pytest.raises(SystemExit):
         demo_gpu.main(["--out", "/tmp/x.json"] + argv)
 
-
-def test_decode_breakdown_categories_and_dry_run(capsys):
-    import decode_breakdown as db
-
-    assert db.category("void cutlass::device_kernel<f8f8bf16_grouped::Kernel>") == "expert GEMMs (grouped)"
-    assert db.category("quant_rows_kernel<__nv_bfloat16>") == "fp8 quantisation (ours)"
-    assert db.category("sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n") == "dense GEMMs"
-    assert db.category("void at::native::(anonymous namespace)::cunn_SoftMaxForward<4, float>") == "attention softmax"
-    assert db.category("void at::native::index_elementwise_kernel<128, 4>") == "indexing (gather / scatter / sort)"
-    assert db.category("void at::native::vectorized_elementwise_kernel<4, at::native::FillFunctor<float>>") == \
-        "elementwise and reductions"
-    assert db.category("my_kernel") == "other"
-    assert db.main(["--dry-run", "--moe-layers", "2"]) == 0 and "5 layers" in capsys.readouterr().out
-    with pytest.raises(SystemExit):
-        db.parse(["--steps", "0"])

@@ -318,7 +318,8 @@ def test_id_check_names_the_bad_array():
 
 
 SPECIALIZED = [CoActionSpec(), CoActionSpec(bias=True), CoActionSpec(orders=1), CoActionSpec(orders=5, bias=True),
-               CoActionSpec(order_independent=True), CoActionSpec(orders=2, bias=True, order_independent=True)]
+               CoActionSpec(order_independent=True), CoActionSpec(orders=2, bias=True, order_independent=True),
+               CoActionSpec(orders=8, bias=True, order_independent=True)]  # the most shared memory it takes
 
 
 @pytest.mark.gpu
@@ -327,7 +328,7 @@ SPECIALIZED = [CoActionSpec(), CoActionSpec(bias=True), CoActionSpec(orders=1), 
 @pytest.mark.parametrize("ids", [False, True], ids=["gathered", "table"])
 def test_specialized_kernels_equal_the_reference_and_the_general_kernels(spec, dtype, ids, monkeypatch):
     """The reference shape (16 -> 8 -> 4, linear last layer) runs on the specialised kernels, with every option they
-    take (orders 1-5, bias, order independence, table ids or gathered rows, fp32 and bf16): against the float64
+    take (orders 1-8, bias, order independence, table ids or gathered rows, fp32 and bf16): against the float64
     reference, and against the general fast kernels on the same inputs (DWDP_COACTION_SPECIALIZED=0)."""
     from dwdp_ops.coaction.fused import uses_fast_kernels, uses_specialized_kernels
 

@@ -655,3 +655,14 @@ def test_owner_load_unbalances_dep_and_leaves_dwdp():
 def test_owner_load_errors(bad):
     with pytest.raises(ValueError, match="owner_load"):
         small(gpus=2, owner_load=bad)
+
+
+@pytest.mark.parametrize("extra, message", [(["--owner-load", "1,2,3"], "expected 2 values"),
+                                            (["--owner-load", "1,-2"], "numbers > 0"),
+                                            (["--owner-load", "1,2", "--sweep"], "not with --sweep")])
+def test_cli_owner_load_errors(extra, message, capsys):
+    from dwdp_ops.sim.cli import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["--gpus", "2", *extra])
+    assert e.value.code == 2 and message in capsys.readouterr().err

@@ -1221,11 +1221,9 @@ bool coaction_specialized(const CoActionDims& d, bool backward) {
   return spec_shape(d, backward, &w, &sm);
 }
 
-void coaction_launch_shape(const CoActionDims& d, bool backward, int* warps, size_t* smem, bool* fast) {
-  if (spec_shape(d, backward, warps, smem)) {
-    if (fast) *fast = true;
-    return;
-  }
+namespace {
+// The general kernels' shape (fast path or fallback), whatever the specialised kernels would take.
+void general_shape(const CoActionDims& d, bool backward, int* warps, size_t* smem, bool* fast) {
   const Fast f = make_fast(d, backward);
   const bool use_fast = fast_fits(f);
   if (fast) *fast = use_fast;
@@ -1238,14 +1236,25 @@ void coaction_launch_shape(const CoActionDims& d, bool backward, int* warps, siz
   const size_t per = fallback_shape(d, backward, warps);
   *smem = per * static_cast<size_t>(*warps);
 }
+}  // namespace
+
+void coaction_launch_shape(const CoActionDims& d, bool backward, int* warps, size_t* smem, bool* fast) {
+  if (spec_shape(d, backward, warps, smem)) {
+    if (fast) *fast = true;
+    return;
+  }
+  general_shape(d, backward, warps, smem, fast);
+}
 
 namespace {
-// Validates, picks the path, raises the kernel's shared-memory limit. Returns warps per block.
+// Validates, picks the general path, raises the kernel's shared-memory limit. Returns warps per block. (The launches
+// ask spec_shape first; this one is the general kernels' own shape, so that the specialised kernels' shape can
+// never reach a general launch, even if DWDP_COACTION_SPECIALIZED changes between the two reads.)
 int prepare(const CoActionDims& d, bool backward, bool* fast, const void* fast_kernel, const void* warp_kernel,
             size_t* smem) {
   check_dims(d);
   int warps;
-  coaction_launch_shape(d, backward, &warps, smem, fast);
+  general_shape(d, backward, &warps, smem, fast);
   DWDP_REQUIRE(warps >= 1, "co-action: one warp's induction row and activations need "
                                << sizeof(float) * Geo(d, backward).per_warp
                                << " bytes of shared memory; at most 227 KiB (use smaller layers or fewer orders)");

@@ -29,8 +29,6 @@ def routed_experts(x: Any, w: Any, ids: Any, mlp: Callable[[Any, Any], Any], *, 
 
     T, k = ids.shape
     if quantize is not None:
-        from .deepseek_r1.fp8 import gather_rows
-
         xq, xsc = quantize(x)
 
         def take(index):
@@ -68,6 +66,14 @@ def routed_experts(x: Any, w: Any, ids: Any, mlp: Callable[[Any, Any], Any], *, 
     xs = take(order // k)
     ys = mlp(xs, counts.cumsum(0).to(torch.int32))
     return combine_pairs(ys, order, w)
+
+
+def gather_rows(q: Any, scale: Any, index: Any) -> tuple[Any, Any]:
+    """Rows ``index [R]`` (int64) of quantised activations ``q [T, K]`` (a one-byte float type, e.g. float8_e4m3fn) /
+    ``scale [T]``: ``(q[index], scale[index])``, the bytes gathered as uint8 (half a bf16 gather's traffic)."""
+    import torch
+
+    return q.view(torch.uint8)[index].view(q.dtype), scale[index]
 
 
 def combine_pairs(ys: Any, order: Any, w: Any) -> Any:

@@ -119,6 +119,9 @@ def check_args(ap: argparse.ArgumentParser, ns: argparse.Namespace) -> None:
     """Checks that involve several options; a bad combination exits with code 2 and one ``error:`` line."""
     if ns.owner_load is not None and len(ns.owner_load) != ns.gpus:
         ap.error(f"argument --owner-load: expected {ns.gpus} values (one per GPU), got {len(ns.owner_load)}")
+    if ns.owner_load is not None and (ns.sweep or ns.plot or ns.validate):
+        ap.error("argument --owner-load: not with --sweep, --plot or --validate (they take even routing, or the "
+                 "loads each measured point recorded)")
     if ns.dense_layers is not None and ns.dense_layers > ns.layers:
         ap.error(f"argument --dense-layers: expected at most --layers ({ns.layers}), got {ns.dense_layers}")
     if ns.plot and not have_matplotlib():
@@ -203,7 +206,7 @@ def main(argv: list[str] | None = None, prog: str = "python -m dwdp_ops sim") ->
                     layers=ns.layers, dense_layers=ns.dense_layers, seed=ns.seed, iterations=ns.iterations,
                     overrides=ov, owner_load=ns.owner_load)
     res = simulate(cfg)
-    if is_paper_setting(res["config"]) and res["config"]["calibration"] == "gb200":
+    if is_paper_setting(res["config"]) and res["config"]["calibration"] == "gb200" and ns.owner_load is None:
         res["paper"] = paper_comparison(res)
     rows = None
     if ns.sweep or ns.plot:

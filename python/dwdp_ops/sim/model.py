@@ -44,8 +44,8 @@ their interference slowdown (reported also as ``interference_ms``); ``overlapped
 time, hidden or not, outside the sum.
 
 Routing imbalance (``SimConfig.owner_load``): relative token-expert pairs per DEP owner rank (mean 1; None = the
-uniform routing above). Owner r's expert GEMMs carry ``owner_load[r]`` times its uniform share of pairs and it
-receives that many times its uniform rows; DWDP's expert GEMMs are not changed (every rank computes its own tokens on
+uniform routing above). Owner r's expert GEMMs carry ``owner_load[r]`` times its uniform share of pairs, and a token
+sends it a row with the probability of at least one of those pairs (capped at top-k); DWDP's expert GEMMs are not changed (every rank computes its own tokens on
 all E experts: skew only reshapes its groups, a second-order effect not modelled). ``bench/e2e_dwdp_vs_dep.py``
 records the measured per-owner pairs with every point, so a validation simulates the router the run had.
 
@@ -361,7 +361,6 @@ def simulate(config: SimConfig, calibration: dict | None = None) -> dict:
 
     fetch = costs.fetch_ms(E - L)
     m = pair_shares(part, k)
-    q = [[_p_row(m[s][d], E, k) for d in range(N)] for s in range(N)]
 
     dw_t = np.zeros((N, config.iterations))
     dw_b: list[list[dict]] = [[] for _ in range(N)]
@@ -382,6 +381,9 @@ def simulate(config: SimConfig, calibration: dict | None = None) -> dict:
     dwdp = _summary(dw_t, tokens, dw_b, {c: v / n_it for c, v in dw_x.items()}, dw_copy / n_it, dw_d)
 
     load = config.owner_factors()
+    # with a router's imbalance, owner d gets load[d] times its uniform pairs: a token sends a row to d with the
+    # probability of at least one of those pairs (capped at top-k)
+    ql = [[_p_row(min(k, load[d] * m[s][d]), E, k) for d in range(N)] for s in range(N)]
     dep_t = np.zeros((N, config.iterations))
     dep_b: list[list[dict]] = [[] for _ in range(N)]
     dep_d: list[list[dict]] = [[] for _ in range(N)]
@@ -389,8 +391,8 @@ def simulate(config: SimConfig, calibration: dict | None = None) -> dict:
     for i in range(config.iterations):
         T = [steps[r][i].tokens for r in range(N)]
         pairs = [load[r] * sum(T[s] * m[s][r] for s in range(N)) for r in range(N)]
-        rows = [max(T[r] * sum(q[r][d] for d in range(N) if d != r),
-                    load[r] * sum(T[s] * q[s][r] for s in range(N) if s != r)) for r in range(N)]
+        rows = [max(T[r] * sum(ql[r][d] for d in range(N) if d != r), sum(T[s] * ql[s][r] for s in range(N) if s != r))
+                for r in range(N)]
         rows_mean += sum(rows) / N / config.iterations
         disp = max(costs.dispatch_ms(x) for x in rows) if N > 1 else 0.0
         comb = max(costs.combine_ms(x) for x in rows) if N > 1 else 0.0

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from ..routed import gather_rows  # noqa: F401  (re-exported: the routed step gathers quantised rows with it)
 from .gpu_weights import require_torch
 
 E4M3_MAX = 448.0
@@ -87,13 +88,6 @@ def _fused(fn: str, x: Any, width: int, live_rows: Any = None) -> tuple[Any, Any
         getattr(_native_quant(), fn)(x.data_ptr(), stride, q.data_ptr(), scale.data_ptr(), R, width, x.device.index,
                                      torch.cuda.current_stream(x.device).cuda_stream, lr)
     return q, scale
-
-
-def gather_rows(q: Any, scale: Any, index: Any) -> tuple[Any, Any]:
-    """Rows ``index [R]`` (int64) of quantised activations ``q [T, K]`` float8_e4m3fn / ``scale [T]`` float32:
-    ``(q[index], scale[index])``, the fp8 bytes gathered as uint8 (one byte a value: half a bf16 gather's traffic)."""
-    torch = require_torch()
-    return q.view(torch.uint8)[index].view(torch.float8_e4m3fn), scale[index]
 
 
 def quant_rows(x: Any, chunk: int = QUANT_CHUNK, *, live_rows: Any = None) -> tuple[Any, Any]:

@@ -19,12 +19,13 @@ configuration against the numpy reference, or a checkpoint read by ``load_safete
 
 Routers (``DeviceWeights(router=...)``, ``ROUTERS``): the random gate's correction bias decides how concentrated the
 routing is, which decides how much work each expert owner gets (DEP's balance) and how many distinct remote experts a
-step routes to (on-demand fetch). ``"skewed"`` (the default, ``init_weights``' distribution: bias ~ N(0, 0.5^2)): the
+step routes to (on-demand fetch). ``"skewed"`` (``init_weights``' distribution, and every GPU run before
+2026-12-01T03:00Z: bias ~ N(0, 0.5^2)): the
 bias dominates the saturated sigmoid scores, so 2048 random tokens use 49-62 of the 256 experts, the top 16 take
 70-77 % of the pairs, and the two halves of the experts (two DEP ranks) get 27-52 % / 73-48 % (``tests/test_routers.py``,
 seeds 0-3). ``"balanced"`` (bias 0): the same tokens use all 256 experts with a load CV of 0.12-0.13 and halves of
 50-51 %, the state DeepSeek-V3's aux-loss-free balancing bias is trained towards (a trained model's per-batch loads
-sit between the two). Benchmarks that compare DEP with DWDP say which they used.
+sit between the two); it is the default. Benchmarks that compare DEP with DWDP say which they used.
 """
 
 from __future__ import annotations
@@ -124,7 +125,7 @@ class _ExpertsFp8:
 
 class DeviceWeights(_ExpertsFp8):
     def __init__(self, cfg: DeepSeekConfig, seed: int = 0, dtype: Any = None, device: int | None = None,
-                 expert_dtype: Any = None, router: str = "skewed"):
+                 expert_dtype: Any = None, router: str = "balanced"):
         """``expert_dtype``: ``torch.float8_e4m3fn`` to serve the routed experts as fp8 with rowwise scales
         (``experts_fp8``); default the model dtype (``experts``, dequantised). ``router``: a key of ``ROUTERS``
         (see the module docstring)."""
