@@ -133,6 +133,7 @@ def print_gpu(rep: dict) -> None:
 
 
 def build_parser(prog: str = "dwdp-demo") -> argparse.ArgumentParser:
+    from .demo_gpu import moe_layers_arg
     from .models.deepseek_r1 import DeepSeekConfig
 
     r1 = DeepSeekConfig.r1()
@@ -149,7 +150,9 @@ def build_parser(prog: str = "dwdp-demo") -> argparse.ArgumentParser:
                     help="routed-expert dtype: the GPU model's experts (fp8: e4m3 bytes with rowwise scales, "
                          "requantised from the checkpoint's 128x128 blocks), or what the CPU fetch plan is sized for")
     ap.add_argument("--cpu", action="store_true", help="run the CPU path even where GPUs are present")
-    ap.add_argument("--moe-layers", type=positive_int, default=None, help="GPU: MoE layers (default: as many as fit)")
+    ap.add_argument("--moe-layers", type=moe_layers_arg, default=None,
+                    help="GPU: MoE layers, or 'all' (R1's 58: the whole 61-layer model); default: as many as fit. The "
+                         "per-rank memory plan is printed first, and a count that does not fit is an error naming it")
     ap.add_argument("--vocab", type=positive_int, default=32768,
                     help=f"GPU: vocabulary cut, at most the real {r1.vocab_size}")
     ap.add_argument("--min-len", type=positive_int, default=1024, help="GPU: shortest prompt, in tokens")

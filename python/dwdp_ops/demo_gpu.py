@@ -28,26 +28,33 @@ def dispatch_capacity(world: int, prompts: int, min_len: int, max_len: int, voca
 
 
 def plan_layers(cfg, world: int, requested: int | None, free_bytes: int, reserve: int, expert_itemsize: int = 2) -> int:
-    """MoE layers that fit: local experts (``expert_itemsize`` bytes per weight: 2 bf16, 1 fp8, whose float32 row
-    scales of all E experts every rank also holds) and attention/shared weights (bf16) per layer, two slot pools, the
-    dense layers, embedding and head, and ``reserve`` for activations, caches and the all-local check buffer."""
-    E, L = cfg.n_routed_experts, cfg.n_routed_experts // world
-    expert = expert_itemsize * 3 * cfg.moe_inter_dim * cfg.dim
-    scales = 4 * E * (2 * cfg.moe_inter_dim + cfg.dim) if expert_itemsize == 1 else 0
-    shared = 2 * 3 * cfg.moe_inter_dim * cfg.dim
-    H = cfg.n_heads
-    attn = 2 * (cfg.q_lora_rank * cfg.dim + H * cfg.qk_head_dim * cfg.q_lora_rank
-                + (cfg.kv_lora_rank + cfg.qk_rope_head_dim) * cfg.dim
-                + H * (cfg.qk_nope_head_dim + cfg.v_head_dim) * cfg.kv_lora_rank + cfg.dim * H * cfg.v_head_dim)
-    per_moe = L * expert + scales + attn + shared * cfg.n_shared_experts
-    fixed = 2 * (E - L) * expert + 3 * (attn + 2 * 3 * cfg.inter_dim * cfg.dim) + 2 * 2 * cfg.vocab_size * cfg.dim
-    fit = max(0, (free_bytes - fixed - reserve) // per_moe)
+    """MoE layers that fit beside ``reserve`` bytes (activations, caches, buffers): ``memory.plan_memory``'s weight and
+    slot items for ``cfg``'s vocabulary (as many as fit, at most ``requested``)."""
+    from dwdp_ops.models.deepseek_r1.memory import moe_layers_that_fit
+
+    fit = moe_layers_that_fit(world, free_bytes - reserve, vocab_size=cfg.vocab_size, expert_itemsize=expert_itemsize,
+                              requests=0, cache_len=0, step_tokens=0)
     return int(fit if requested is None else min(fit, requested))
+
+
+def moe_layers_arg(text: str) -> int | None:
+    """``--moe-layers``: a count >= 1, or ``all`` (R1's 58)."""
+    if text == "all":
+        return 58
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a count >= 1 or 'all', got {text!r}") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"expected a count >= 1 or 'all', got {text!r}")
+    return v
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="dwdp_ops.demo_gpu")
-    ap.add_argument("--moe-layers", type=int, default=None, help="MoE layers (default: as many as fit)")
+    ap.add_argument("--moe-layers", type=moe_layers_arg, default=None,
+                    help="MoE layers, or 'all' (R1's 58); default: as many as fit. A count that does not fit is an "
+                         "error naming the memory plan, before anything is allocated")
     ap.add_argument("--vocab", type=int, default=32768)
     ap.add_argument("--prompts", type=int, default=4)
     ap.add_argument("--min-len", type=int, default=64)
@@ -83,8 +90,9 @@ def main(argv: list[str] | None = None) -> int:
     from dwdp_ops import TokenDispatcher
     from dwdp_ops.env import DistEnv
     from dwdp_ops.models.deepseek_r1 import DeepSeekConfig
-    from dwdp_ops.models.deepseek_r1.gpu import DwdpExperts, GpuModel, LocalExperts, dense_gemm_tflops
+    from dwdp_ops.models.deepseek_r1.gpu import CACHE_ALIGN, DwdpExperts, GpuModel, LocalExperts, dense_gemm_tflops
     from dwdp_ops.models.deepseek_r1.gpu_weights import DeviceWeights
+    from dwdp_ops.models.deepseek_r1.memory import moe_layers_that_fit, plan_memory
     from dwdp_ops.models.deepseek_r1.serve import (
         RunResult,
         build_store,
@@ -107,20 +115,25 @@ def main(argv: list[str] | None = None) -> int:
         torch.cuda.set_device(rt.device)
         lead = me == 0
         free = cp.cuda.runtime.memGetInfo()[0]
-        # activations and caches (a 20K-token prefill peaked near 29 GiB of PyTorch memory, 35 GiB reserved, with
-        # 7 MoE layers on 2 x H200; the all-local check runs after the store is freed), and the dispatcher's grouped
-        # rows with the expert outputs over them
-        # fp8 adds the quantised copies of the grouped rows (x and the SwiGLU output, fused kernels: no float32
-        # chunk): rows * (H + I) bytes at the largest step's rows (8 pairs per token)
-        rows8 = 8 * max(cap, ns.prompts * ns.max_len) if ns.dtype == "float8_e4m3fn" else 0
-        dispatcher = 2 * TokenDispatcher.local_bytes(n, cap, H, k, probe.n_routed_experts // n) if moves_tokens else 0
-        reserve = 28 * GiB + rows8 * (probe.dim + probe.moe_inter_dim) + dispatcher
         fp8 = ns.dtype == "float8_e4m3fn"
-        fit = plan_layers(probe, n, ns.moe_layers, free, reserve, 1 if fp8 else 2)
+        dispatcher = 2 * TokenDispatcher.local_bytes(n, cap, H, k, probe.n_routed_experts // n) if moves_tokens else 0
+        # the memory plan (models.deepseek_r1.memory): weights, slots, KV cache, the largest step's activations
+        step = dispatch_capacity(world, ns.prompts, ns.min_len, ns.max_len, ns.vocab, ns.seed)
+        mem = dict(expert_itemsize=1 if fp8 else 2, requests=ns.prompts, step_tokens=step, dispatcher_bytes=dispatcher,
+                   cache_len=-(-(ns.max_len + ns.steps) // CACHE_ALIGN) * CACHE_ALIGN)
+        try:
+            fit = moe_layers_that_fit(n, free, vocab_size=ns.vocab, requested=ns.moe_layers, **mem)
+        except ValueError as e:  # before anything is allocated: every rank says so and the job ends
+            raise SystemExit(f"rank {me}: {e}") from None
         votes = rt.rendezvous.allgather("demo:layers", str(fit).encode())
         moe_layers = min(int(v) for v in votes)
         if moe_layers < 1:
-            raise SystemExit(f"rank {me}: not even one MoE layer of the real model fits ({free / GiB:.0f} GiB free)")
+            raise SystemExit(f"rank {me}: not even one MoE layer of the real model fits ({free / GiB:.0f} GiB free):\n"
+                             + plan_memory(DeepSeekConfig.r1(n_layers=4, vocab_size=ns.vocab), n, free=free,
+                                           **mem).table())
+        plan = plan_memory(DeepSeekConfig.r1(n_layers=3 + moe_layers, vocab_size=ns.vocab), n, free=free, **mem)
+        if lead:
+            print(f"memory plan per rank ({3 + moe_layers} layers, {n} ranks):\n{plan.table()}", flush=True)
         cfg = DeepSeekConfig.r1(n_layers=3 + moe_layers, vocab_size=ns.vocab)
         weights = DeviceWeights(cfg, ns.seed, torch.bfloat16, expert_dtype=torch.float8_e4m3fn if fp8 else None,
                                 router=ns.router)
@@ -136,6 +149,7 @@ def main(argv: list[str] | None = None) -> int:
             sched = PrefetchScheduler(store, policy=ns.policy, top_k=cfg.n_activated_experts, dispatcher=disp)
             model = GpuModel(cfg, weights, DwdpExperts(store, sched, weights.expert_dtype, scales), max_requests=len(prompts),
                              max_seq=max_seq)
+            used_after_setup = free - cp.cuda.runtime.memGetInfo()[0]
             # warm-up: the same prompts, prefill and one decode step (every kernel shape the run meets)
             graph = not ns.no_graphs
             run_requests(model, prompts, 2, scheduler=sched, store=store, graph=graph)  # captures the decode graph
@@ -169,7 +183,12 @@ def main(argv: list[str] | None = None) -> int:
                 disp.close()
             store.close()
         torch.cuda.empty_cache()
-        rec = {"rank": me, "prompt_lens": list(map(len, prompts)), "tokens": run.tokens, "wall_s": run.wall_s,
+        # the plan against what the run used: device memory in use after the set-up (cudaMemGetInfo) and PyTorch's
+        # peak (its caching allocator holds every activation; the store's memory is NVSHMEM's, outside it)
+        mem_rec = {"plan_bytes": plan.items, "plan_total": plan.total, "free_before": free,
+                   "used_after_setup": used_after_setup, "torch_max_reserved": torch.cuda.max_memory_reserved(),
+                   "torch_max_allocated": torch.cuda.max_memory_allocated()}
+        rec = {"rank": me, "memory": mem_rec, "prompt_lens": list(map(len, prompts)), "tokens": run.tokens, "wall_s": run.wall_s,
                "summary": summarize(run.steps), "steps": [vars(s) for s in run.steps], "dense_tflops": dense_rate,
                "dispatch_capacity": cap, "rates": vars(sched.rates)}
         checks = {}

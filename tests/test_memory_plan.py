@@ -1,0 +1,58 @@
+"""The per-rank memory plan (models.deepseek_r1.memory) on the CPU: its items, the fit search, the error before any
+allocation, and the demo's --moe-layers all."""
+
+from __future__ import annotations
+
+import argparse
+
+import pytest
+from dwdp_ops.models.deepseek_r1 import DeepSeekConfig
+from dwdp_ops.models.deepseek_r1.memory import GiB, moe_layers_that_fit, plan_memory
+
+R1 = DeepSeekConfig.r1()
+
+
+def test_items_of_the_full_model_on_eight_gpus():
+    p = plan_memory(R1, 8, expert_itemsize=1, requests=1, cache_len=8192, step_tokens=8192, free=139 * GiB)
+    it = p.items
+    # 32 of 256 fp8 experts (42 MiB each) of 58 layers, plus every expert's row scales; two slots of 224 experts
+    assert it["routed experts"] == 58 * (32 * 42 * (1 << 20) + 4 * 256 * (2 * 2048 + 7168))
+    assert it["prefetch slots"] == 2 * 224 * 42 * (1 << 20)
+    assert 75 * GiB < it["routed experts"] < 78 * GiB and 18 * GiB < it["prefetch slots"] < 19 * GiB
+    assert it["KV cache"] == 2 * 8192 * 61 * 576
+    assert p.total == sum(it.values()) and list(it)[0] == "routed experts"
+    bf16 = plan_memory(R1, 8, expert_itemsize=2, requests=1, cache_len=8192, step_tokens=8192, free=139 * GiB)
+    assert not bf16.fits and bf16.items["routed experts"] > 1.9 * it["routed experts"]
+
+
+def test_check_names_every_item_and_the_shortfall():
+    p = plan_memory(R1, 8, expert_itemsize=2, requests=8, cache_len=8192, step_tokens=65536, free=139 * GiB)
+    with pytest.raises(ValueError) as e:
+        p.check()
+    msg = str(e.value)
+    assert "does not fit" in msg and "short by" in msg and "routed experts" in msg and "activations" in msg
+    plan_memory(R1, 8, expert_itemsize=1, requests=1, cache_len=64, step_tokens=1024, free=200 * GiB).check()
+
+
+def test_layers_that_fit_grow_with_memory_and_a_request_too_large_is_an_error():
+    kw = dict(vocab_size=32768, expert_itemsize=1, requests=8, cache_len=4160, step_tokens=20000)
+    small, big = moe_layers_that_fit(2, 100 * GiB, **kw), moe_layers_that_fit(2, 139 * GiB, **kw)
+    assert 1 <= small < big < 58
+    assert moe_layers_that_fit(8, 139 * GiB, **kw) > big  # fewer local experts per layer
+    assert moe_layers_that_fit(2, 139 * GiB, requested=big, **kw) == big
+    with pytest.raises(ValueError, match="with 58 MoE layers does not fit"):
+        moe_layers_that_fit(2, 139 * GiB, requested=58, **kw)
+    with pytest.raises(ValueError, match=r"in \[1, 58\]"):
+        moe_layers_that_fit(2, 139 * GiB, requested=59, **kw)
+    assert moe_layers_that_fit(2, 10 * GiB, **kw) == 0
+    with pytest.raises(ValueError, match="divide"):
+        plan_memory(R1, 3)
+
+
+def test_demo_moe_layers_argument():
+    from dwdp_ops.demo_gpu import moe_layers_arg
+
+    assert moe_layers_arg("all") == 58 and moe_layers_arg("6") == 6
+    for bad in ("0", "x", "-1"):
+        with pytest.raises(argparse.ArgumentTypeError):
+            moe_layers_arg(bad)
