@@ -10,7 +10,8 @@ lengths in [--min-len, --max-len]) are prefilled, then greedy decode steps run a
 two warm-up steps (the capture), then ``--steps`` steps timed with CUDA events (median) and, separately,
 ``--steps`` steps under ``torch.profiler`` (CUDA kernels inside the graph replays are recorded), whose kernels are
 summed by name and by category (expert GEMMs, dense GEMMs, attention softmax, our quantisation kernels, indexing,
-other elementwise and reductions). A decode step of DEP or on-demand DWDP runs the same kernels plus its token
+other elementwise and reductions). The prefill's activation peak (PyTorch's allocator) is recorded next to the
+memory plan's estimate for that step (``models.deepseek_r1.memory``). A decode step of DEP or on-demand DWDP runs the same kernels plus its token
 or weight movement, so this splits the part that every mode shares from what the modes change (bench/demo_policies.py).
 
 Output: bench/results/decode_breakdown_<card>[_tag].json, a table on stdout.
@@ -82,6 +83,7 @@ def main(argv=None) -> int:
     import torch
     from dwdp_ops.models.deepseek_r1.gpu import GpuModel, LocalExperts
     from dwdp_ops.models.deepseek_r1.gpu_weights import DeviceWeights
+    from dwdp_ops.models.deepseek_r1.memory import plan_memory
     from dwdp_ops.models.deepseek_r1.serve import prompts_for
     from torch.profiler import ProfilerActivity, profile
 
@@ -93,8 +95,17 @@ def main(argv=None) -> int:
     model = GpuModel(cfg, weights, LocalExperts(weights, cfg), max_requests=n,
                      max_seq=max(map(len, prompts)) + 2 * ns.steps + 4)
     reqs = list(range(n))
+    # the prefill's activation peak (PyTorch's allocator above what the weights and caches hold), next to the memory
+    # plan's estimate for the same step (models.deepseek_r1.memory: issue 18 asks for the peak within 5 %)
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
     logits = model.forward(reqs, prompts)
     toks = logits.argmax(-1).tolist()
+    act_peak = torch.cuda.max_memory_allocated() - before
+    step_tokens = sum(map(len, prompts))
+    act_plan = plan_memory(cfg, 1, expert_itemsize=1 if fp8 else 2, requests=n, step_tokens=step_tokens,
+                           cache_len=model.cache_len).items["activations"]
 
     def decode():
         nonlocal toks
@@ -129,10 +140,13 @@ def main(argv=None) -> int:
     facts = machine_facts()
     data = dict(benchmark="decode_breakdown", moe_layers=ns.moe_layers, dtype=ns.dtype, router=ns.router, prompts=n,
                 prompt_lens=list(map(len, prompts)), vocab=cfg.vocab_size, steps=ns.steps, seed=ns.seed,
-                expert_GB=expert_gb, step_ms=step_ms, step_ms_all=times, kernel_busy_us_per_step=busy,
+                expert_GB=expert_gb, prefill_tokens=step_tokens, prefill_activation_peak_bytes=act_peak,
+                planned_activation_bytes=act_plan, step_ms=step_ms, step_ms_all=times, kernel_busy_us_per_step=busy,
                 categories_us_per_step=cats, kernels=kernels,
                 **facts, method=__doc__)
     path = write_json(result_name("decode_breakdown", facts["card"], f"_{ns.tag}" if ns.tag else ""), data)
+    print(f"prefill of {step_tokens} tokens: activation peak {act_peak / 2**30:.2f} GiB, memory plan "
+          f"{act_plan / 2**30:.2f} GiB ({act_plan / act_peak - 1:+.1%})")
     print(f"decode step (graphed, {n} requests, {ns.moe_layers} MoE layers, experts {ns.dtype}): median {step_ms:.3f} ms;"
           f" kernels busy {busy / 1e3:.3f} ms per step")
     print("| category | us per step | share of kernel time |\n| --- | --- | --- |")
