@@ -9,14 +9,18 @@ Items, bytes per rank (``plan_memory``):
   shared experts      the shared expert of every MoE layer (bf16; the router's float32 gate is counted with it)
   embedding and head  two [vocab, H] bf16 tables
   KV cache            latent + rope key per position: requests x cache_len x layers x (kv_lora_rank + rope) x 2
-  activations         the largest step's working set: ``ACT_BYTES_PER_TOKEN`` per token of that step (one
-                      measurement: a 20K-token prefill of the demo peaked near 29 GiB of PyTorch memory with 7 MoE
-                      layers on 2 x H200, 2026-11-30) plus, with fp8 experts, the quantised copies of the grouped
-                      rows (8 pairs a token, H + I bytes each)
+  activations         the largest step's working set: ``ACT_BYTES_PER_TOKEN[expert_itemsize]`` per token of that
+                      step, measured: the peak of PyTorch's allocator over a 20022-token prefill of the demo's model
+                      with every expert local on one H200 (``bench/decode_breakdown.py``, 2026-12-01T03:53Z: 6.04 GiB
+                      with fp8 experts, 6.85 GiB with bf16; the 29 GiB of a 2026-11-30 demo predates the one-gather
+                      routing and the fused quantisation)
   dispatcher          the token dispatcher's local buffers when a step may move tokens (given by the caller)
+  headroom            not a use but a reserve the fit decision keeps: ``HEADROOM_FRACTION`` of the activations
+                      (the caching allocator's fragmentation) plus ``HEADROOM_FIXED`` (CUDA context, cuBLAS / cuDNN
+                      workspaces, NCCL)
 
 ``MemoryPlan.check`` raises before any allocation when the total exceeds the free memory, naming every item and the
-shortfall. The activation figure is the only measured coefficient; the demo records each rank's measured peak next to
+shortfall. The activation coefficients are the only measured ones; the demo records each rank's measured use next to
 the plan so that a run checks it (issue 18 asks for the peak within 5 %).
 """
 
@@ -27,7 +31,9 @@ from dataclasses import dataclass, field
 from .config import DeepSeekConfig
 
 GiB = 1 << 30
-ACT_BYTES_PER_TOKEN = 29 * GiB // 20022  # one measured prefill (module docstring)
+ACT_BYTES_PER_TOKEN = {1: 6485169664 // 20022, 2: 7355736064 // 20022}  # fp8 / bf16 experts (module docstring)
+HEADROOM_FRACTION = 0.25
+HEADROOM_FIXED = 3 * GiB
 SLOT_PAGE = 2 << 20  # the store rounds each expert block to 2 MiB pages
 
 
@@ -41,6 +47,11 @@ class MemoryPlan:
     @property
     def total(self) -> int:
         return sum(self.items.values())
+
+    @property
+    def predicted_use(self) -> int:
+        """The bytes the plan predicts the run uses: every item but the headroom."""
+        return self.total - self.items.get("headroom", 0)
 
     @property
     def fits(self) -> bool:
@@ -89,9 +100,10 @@ def plan_memory(cfg: DeepSeekConfig, world: int, *, expert_itemsize: int = 1, re
         "shared experts and router": M * (2 * 3 * I * H * cfg.n_shared_experts + 4 * E * H),
         "embedding and head": 2 * 2 * cfg.vocab_size * H,
         "KV cache": 2 * requests * cache_len * cfg.n_layers * (cfg.kv_lora_rank + cfg.qk_rope_head_dim),
-        "activations": ACT_BYTES_PER_TOKEN * step_tokens + (8 * step_tokens * (H + I) if expert_itemsize == 1 else 0),
+        "activations": ACT_BYTES_PER_TOKEN[expert_itemsize] * step_tokens,
         "dispatcher": int(dispatcher_bytes),
     }
+    items["headroom"] = int(HEADROOM_FRACTION * items["activations"]) + HEADROOM_FIXED
     return MemoryPlan(items, int(free))
 
 
