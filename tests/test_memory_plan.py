@@ -21,6 +21,9 @@ def test_items_of_the_full_model_on_eight_gpus():
     assert 75 * GiB < it["routed experts"] < 78 * GiB and 18 * GiB < it["prefetch slots"] < 19 * GiB
     assert it["KV cache"] == 2 * 8192 * 61 * 576
     assert p.total == sum(it.values()) and list(it)[0] == "routed experts"
+    # the activations are the measured coefficient times the step's tokens; the headroom is a reserve on top
+    assert it["activations"] == 8192 * (6485169664 // 20022)
+    assert p.predicted_use == p.total - it["headroom"] and it["headroom"] >= 3 * GiB
     bf16 = plan_memory(R1, 8, expert_itemsize=2, requests=1, cache_len=8192, step_tokens=8192, free=139 * GiB)
     assert not bf16.fits and bf16.items["routed experts"] > 1.9 * it["routed experts"]
 
