@@ -246,10 +246,13 @@ class GpuModel:
         # alignment-1 kernels (bench/decode_breakdown.py, 2026-12-01: 1.6 ms of a 9.4 ms decode step)
         self.cache_len = -(-self.max_seq // CACHE_ALIGN) * CACHE_ALIGN
         R, S = self.max_requests, self.cache_len
-        self.cache_latent = [torch.zeros((R, S, cfg.kv_lora_rank), dtype=self.dtype, device=self.device)
-                             for _ in range(cfg.n_layers)]
-        self.cache_pe = [torch.zeros((R, S, cfg.qk_rope_head_dim), dtype=self.dtype, device=self.device)
+        # one [R, S, kv_lora_rank + rope] cache per layer, the latent and the rope key side by side, so that a decode
+        # step reads both in one pass and scores them with one GEMM; cache_latent / cache_pe are views of it
+        c = cfg.kv_lora_rank
+        self.cache_kv = [torch.zeros((R, S, c + cfg.qk_rope_head_dim), dtype=self.dtype, device=self.device)
                          for _ in range(cfg.n_layers)]
+        self.cache_latent = [kv[..., :c] for kv in self.cache_kv]
+        self.cache_pe = [kv[..., c:] for kv in self.cache_kv]
         self.lengths = [0] * R
         self.timing: StepTiming | None = None
         self.last_policy = None
@@ -329,12 +332,18 @@ class GpuModel:
             # every cached position up to cache_len, masked past each request's own: the shapes do not depend on the
             # step (a decode step is a CUDA graph), and eager and graphed steps compute the same sums
             T = self.cache_len
-            lat, kpe = cl[r], cp_[r]  # [N, T, c], [N, T, r]
+            slots = [sg[0] for sg in segments]
+            ckv = self.cache_kv[layer]
+            if slots and slots == list(range(slots[0], slots[0] + len(slots))):
+                cache = ckv[slots[0] : slots[0] + len(slots)]  # the requests' caches as a view: no gather
+            else:
+                cache = ckv[r]  # [N, T, c + rope]
             q_lat = torch.einsum("nhd,hdc->nhc", q_nope, wkv_b[:, :nope])
-            scores = (torch.bmm(q_lat, lat.transpose(1, 2)) + torch.bmm(q_pe, kpe.transpose(1, 2))).float()
+            # latent and rope scores in one GEMM over [c + rope] (float32 accumulation, one rounding)
+            scores = torch.bmm(torch.cat([q_lat, q_pe], -1), cache.transpose(1, 2)).float()
             scores *= cfg.softmax_scale
             scores.masked_fill_(torch.arange(T, device=self.device)[None, None, :] > pos[:, None, None], float("-inf"))
-            o_lat = torch.bmm(scores.softmax(-1).to(self.dtype), lat)
+            o_lat = torch.bmm(scores.softmax(-1).to(self.dtype), cache[..., : cfg.kv_lora_rank])
             o = torch.einsum("nhc,hdc->nhd", o_lat, wkv_b[:, nope:])
             # useful FLOPs: each request's own positions (the masked rest of the cache is computed but not counted)
             seen = sum(self.lengths[s[0]] + 1 for s in segments) if segments else N * T
