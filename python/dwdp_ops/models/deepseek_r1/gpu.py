@@ -332,7 +332,7 @@ class GpuModel:
             # every cached position up to cache_len, masked past each request's own: the shapes do not depend on the
             # step (a decode step is a CUDA graph), and eager and graphed steps compute the same sums
             T = self.cache_len
-            slots = [sg[0] for sg in segments]
+            slots = [sg[0] for sg in segments] if segments else []
             ckv = self.cache_kv[layer]
             if slots and slots == list(range(slots[0], slots[0] + len(slots))):
                 cache = ckv[slots[0] : slots[0] + len(slots)]  # the requests' caches as a view: no gather
@@ -579,7 +579,9 @@ class GpuModel:
             graph = torch.cuda.CUDAGraph()
             self.last_ids = []
             with torch.cuda.graph(graph, stream=self.tstream, pool=self._graph_pool, capture_error_mode="thread_local"):
-                out = self._body(static[0], static[1], static[2], None, None, True)
+                # one token per request (the slots decide whether the decode attention reads the caches as a view)
+                out = self._body(static[0], static[1], static[2], None, [(r, i, i + 1) for i, r in enumerate(requests)],
+                                 True)
             self._graph_pool = graph.pool()
             entry = self._graphs[key] = (graph, static, out, list(self.last_ids))
         graph, static, out, last_ids = entry
