@@ -11,8 +11,9 @@ two warm-up steps (the capture), then ``--steps`` steps timed with CUDA events (
 ``--steps`` steps under ``torch.profiler`` (CUDA kernels inside the graph replays are recorded), whose kernels are
 summed by name and by category (expert GEMMs, dense GEMMs, attention softmax, our quantisation kernels, indexing,
 other elementwise and reductions). The prefill's activation peak (PyTorch's allocator) is recorded next to the
-memory plan's estimate for that step (``models.deepseek_r1.memory``). A decode step of DEP or on-demand DWDP runs the same kernels plus its token
-or weight movement, so this splits the part that every mode shares from what the modes change (bench/demo_policies.py).
+memory plan's estimate for that step (``models.deepseek_r1.memory``). A decode step of DEP or on-demand DWDP runs
+the same kernels plus its token or weight movement, so this splits the part that every mode shares from what the
+modes change (bench/demo_policies.py).
 
 Output: bench/results/decode_breakdown_<card>[_tag].json, a table on stdout.
 """

@@ -16,13 +16,13 @@ vocabulary ``--vocab``. One ``GpuModel`` (same attention, dense and expert kerne
 between modes: ``dwdp`` (``prefetch_all``: the copy engine fetches every remote expert of layer l+1 while layer l
 computes), ``dep`` (``dispatch`` through our NVLink ``TokenDispatcher``), ``dep_nccl`` (``dispatch`` through
 ``NcclDispatcher``, torch.distributed ``all_to_all_single``). Modes are interleaved per iteration (the order
-rotates so that each mode leads as many timed iterations: ``--iterations`` is a multiple of the modes), each (iteration, mode) started after a device sync and a host barrier; the first ``--warmup`` iterations
-are not timed.
+rotates so that each mode leads as many timed iterations: ``--iterations`` is a multiple of the modes), each
+(iteration, mode) started after a device sync and a host barrier; the first ``--warmup`` iterations are not timed.
 
 Per iteration: the routed token-expert pairs per DEP owner rank (``owner_load``, measured after the iteration's first
 mode, outside the timing; max over mean per iteration: how unevenly the router loads DEP's expert owners, see
-``--router``). Per (iteration, mode, rank): the step's CUDA-event time and its categories: attention blocks (``attn``: the whole
-MLA block incl. its projections), expert GEMMs (``experts``), exposed fetch (``wait``: the compute stream waiting
+``--router``). Per (iteration, mode, rank): the step's CUDA-event time and its categories: attention blocks
+(``attn``: the whole MLA block incl. its projections), expert GEMMs (``experts``), exposed fetch (``wait``: the compute stream waiting
 for a prefetch), communication (``comm``: dispatch + combine spans) and the rest (``other``: dense MLPs, shared
 experts, router, norms, head). DEP's synchronisation wait is estimated per iteration as a rank's comm time minus the
 fastest rank's (the fastest rank waited least; what it spent is the transfer itself). The overlapped copy (the
@@ -320,7 +320,8 @@ def measure(model, sources, scheds, modes, ns, budget, name, dist, me, world, rd
             if m == order[0] and i >= ns.warmup:  # this iteration's routing (the modes agree up to DEP's rounding)
                 owner_pairs = routed_pairs_per_owner(model.last_ids, cfg.n_routed_experts, world)
             if i >= ns.warmup:
-                rows.append({"owner_pairs": owner_pairs, "iteration": i, "mode": m, "lead": m == order[0], "tokens": sum(lengths), "requests": len(lengths),
+                rows.append({"owner_pairs": owner_pairs, "iteration": i, "mode": m, "lead": m == order[0],
+                             "tokens": sum(lengths), "requests": len(lengths),
                              "step_ms": step, "attn_ms": tm["attn_ms"], "experts_ms": tm["experts_ms"],
                              "wait_ms": tm["wait_ms"], "comm_ms": tm["comm_ms"], "copy_ms": copy,
                              "attn_flops": tm["attn_flops"]})

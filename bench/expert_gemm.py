@@ -117,7 +117,8 @@ def main() -> int:
     import cupy as cp
     import numpy as np
     import torch
-    from dwdp_ops.models.deepseek_r1.fp8 import gather_rows, grouped_swiglu_fp8, quant_rows, requant_block
+    from dwdp_ops.models.deepseek_r1.fp8 import grouped_swiglu_fp8, quant_rows, requant_block
+    from dwdp_ops.models.routed import gather_rows
 
     dev = torch.device("cuda")
     g = torch.Generator(device=dev).manual_seed(ns.seed)

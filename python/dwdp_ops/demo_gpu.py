@@ -40,7 +40,9 @@ def plan_layers(cfg, world: int, requested: int | None, free_bytes: int, reserve
 def moe_layers_arg(text: str) -> int | None:
     """``--moe-layers``: a count >= 1, or ``all`` (R1's 58)."""
     if text == "all":
-        return 58
+        from dwdp_ops.models.deepseek_r1 import DeepSeekConfig
+
+        return DeepSeekConfig.r1().n_moe_layers
     try:
         v = int(text)
     except ValueError:
@@ -107,7 +109,8 @@ def main(argv: list[str] | None = None) -> int:
     world = DistEnv.from_environ().world_size
     probe = DeepSeekConfig.r1(n_layers=61, vocab_size=ns.vocab)
     moves_tokens = bool({ns.policy, ns.compare_policy} & {"auto", "dispatch"})
-    cap = dispatch_capacity(world, ns.prompts, ns.min_len, ns.max_len, ns.vocab, ns.seed) if moves_tokens else 0
+    step = dispatch_capacity(world, ns.prompts, ns.min_len, ns.max_len, ns.vocab, ns.seed)  # the largest prefill
+    cap = step if moves_tokens else 0
     H, k = probe.dim, probe.n_activated_experts
     heap = TokenDispatcher.heap_bytes(world, cap, H, k) + 256 * (1 << 20) if moves_tokens else None
     with dwdp_ops.init(timeout=900, heap_size=heap) as rt:
@@ -118,15 +121,19 @@ def main(argv: list[str] | None = None) -> int:
         fp8 = ns.dtype == "float8_e4m3fn"
         dispatcher = 2 * TokenDispatcher.local_bytes(n, cap, H, k, probe.n_routed_experts // n) if moves_tokens else 0
         # the memory plan (models.deepseek_r1.memory): weights, slots, KV cache, the largest step's activations
-        step = dispatch_capacity(world, ns.prompts, ns.min_len, ns.max_len, ns.vocab, ns.seed)
         mem = dict(expert_itemsize=1 if fp8 else 2, requests=ns.prompts, step_tokens=step, dispatcher_bytes=dispatcher,
                    cache_len=-(-(ns.max_len + ns.steps) // CACHE_ALIGN) * CACHE_ALIGN)
+        why = ""
         try:
             fit = moe_layers_that_fit(n, free, vocab_size=ns.vocab, requested=ns.moe_layers, **mem)
-        except ValueError as e:  # before anything is allocated: every rank says so and the job ends
-            raise SystemExit(f"rank {me}: {e}") from None
-        votes = rt.rendezvous.allgather("demo:layers", str(fit).encode())
-        moe_layers = min(int(v) for v in votes)
+        except ValueError as e:  # voted as -1: every rank learns it at the same collective, before any allocation
+            fit, why = -1, str(e)
+        votes = [int(v) for v in rt.rendezvous.allgather("demo:layers", str(fit).encode())]
+        if min(votes) < 0:
+            short = [r for r, v in enumerate(votes) if v < 0]
+            raise SystemExit(f"rank {me}: " + (why or f"--moe-layers {ns.moe_layers} does not fit on rank(s) {short} "
+                                                      "(their message names the memory plan)"))
+        moe_layers = min(votes)
         if moe_layers < 1:
             raise SystemExit(f"rank {me}: not even one MoE layer of the real model fits ({free / GiB:.0f} GiB free):\n"
                              + plan_memory(DeepSeekConfig.r1(n_layers=4, vocab_size=ns.vocab), n, free=free,

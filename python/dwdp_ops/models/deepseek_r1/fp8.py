@@ -24,7 +24,6 @@ from __future__ import annotations
 
 from typing import Any
 
-from ..routed import gather_rows  # noqa: F401  (re-exported: the routed step gathers quantised rows with it)
 from .gpu_weights import require_torch
 
 E4M3_MAX = 448.0

@@ -65,12 +65,10 @@ def select_experts_torch(logits, bias, n_group: int, topk_group: int, top_k: int
 
 
 GRAPH_MODES = ("on_demand", "dispatch", "local")  # a prefetch_all step waits on copy-stream events: eager
+CACHE_ALIGN = 64  # positions of the KV caches are allocated in multiples of this (GpuModel.cache_len)
 
 
 # -- expert sources ----------------------------------------------------------------------------------------------------
-
-CACHE_ALIGN = 64  # positions of the KV caches are allocated in multiples of this (GpuModel.cache_len)
-
 class LocalExperts:
     """Every expert of every MoE layer on this GPU (``regenerate``: one ``[E, ...]`` buffer refilled from the weight
     source at each layer, for models whose experts do not all fit)."""
@@ -377,10 +375,10 @@ class GpuModel:
         if s13 is not None:
             from .fp8 import grouped_swiglu_fp8, use_fast_accum
 
-            # small and large steps accumulate in the tensor cores' fast mode (measured faster there, the same error against
-            # bf16: fp8.use_fast_accum);
-            # decided by this rank's own token-expert pairs of the step, not by a buffer's worst-case size (in DEP
-            # the GEMM also carries other ranks' tokens, whose own steps may fall on the other side of the bound)
+            # small and large steps accumulate in the tensor cores' fast mode (measured faster there, the same error
+            # against bf16: fp8.use_fast_accum), decided by this rank's own token-expert pairs of the step, not by a
+            # buffer's worst-case size (in DEP the GEMM also carries other ranks' tokens, whose own steps may fall on
+            # the other side of the bound)
             fast = use_fast_accum(self._step_pairs)
             return grouped_swiglu_fp8(xg, offs, w13, w2, s13, s2, I, fast_accum=fast)
         h = torch._grouped_mm(xg, w13.transpose(-2, -1), offs=offs)
