@@ -19,6 +19,11 @@ figures are medians, speed-ups the median of the per-repeat ratios:
   torch          the same in PyTorch with autograd (eager), where PyTorch is installed
   torch_compile  that PyTorch function through ``torch.compile(mode=--compile-mode, dynamic=False)``, one compiled
                  function per (B, T), compiled and warmed up (forward and backward) before any timing
+Pipelined (``*_pipelined_ms``): ``fused_nocheck``, ``torch`` and ``torch_compile`` also run as --pipeline (default 10)
+back-to-back calls inside one timed op, reported per call: what a training loop whose host runs ahead of the GPU
+pays (a call's host work overlaps the previous call's kernels, so the figure is the larger of the two per call).
+Host time (``*_host_us``): wall-clock time per call of 50 back-to-back ``check_ids=False`` calls on the host, the
+stream synchronised only after them (the host work of a call: argument checks, allocations, launches).
 Peak memory is the allocator's high-water mark of the step.
 
 Roofline, per case, at rates measured in the same run: the HBM rate of a 1 GiB device-to-device copy (read + write
@@ -30,7 +35,8 @@ per gathered row). FLOPs it must do (``*_flops``): 2 per multiply-add of the mic
 every order (forward F); the step 3 F (the backward's weight gradients and input gradients are 2 F; recomputing the
 forward, which the kernels do instead of storing activations, is not counted). ``*_roofline_ms`` is the larger of
 bytes / HBM rate and FLOPs / FMA rate, ``*_bound`` names which, ``*_of_roofline`` divides it by the
-``check_ids=False`` kernel time (1.0 = at the hardware's limit) and ``*_of_roofline_default`` by the default path's.
+``check_ids=False`` kernel time (1.0 = at the hardware's limit), ``*_of_roofline_default`` by the default path's and
+``*_of_roofline_pipelined`` by the pipelined kernels' time per call.
 """
 
 from __future__ import annotations
@@ -39,6 +45,7 @@ import argparse
 import contextlib
 import os
 import sys
+import time
 from pathlib import Path
 from statistics import median
 
@@ -83,6 +90,26 @@ def torch_coaction(tt, tf, tids, tfids, tmask):
         h2 = torch.bmm(h1, w1)
         outs.append((torch.cat([h1, h2], -1) * tmask[:, :, None]).sum(1))
     return torch.cat(outs, -1)
+
+
+def repeated(fn, k: int):
+    """``fn`` run ``k`` times back to back (no synchronisation between): one pipelined op."""
+    def run():
+        for _ in range(k):
+            fn()
+    return run
+
+
+def host_us(fn, stream, calls: int = 50) -> float:
+    """Host wall-clock microseconds per call of ``calls`` back-to-back calls, the stream synchronised after them."""
+    fn()
+    stream.synchronize()
+    t = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    t = time.perf_counter() - t
+    stream.synchronize()
+    return t / calls * 1e6
 
 
 def torch_peak(step) -> float:
@@ -144,6 +171,8 @@ def main() -> int:
     ap.add_argument("--repeats", type=int, default=20)
     ap.add_argument("--sizes", default=",".join(f"{b}x{t}" for b, t in SIZES),
                     help="comma-separated BxT cases (default: all six)")
+    ap.add_argument("--pipeline", type=int, default=10,
+                    help="calls per timed op of the pipelined variants (fused kernels, PyTorch eager and compiled)")
     ap.add_argument("--compile-mode", default="max-autotune-no-cudagraphs",
                     help="torch.compile mode of the compiled baseline ('default' compiles faster)")
     ns = ap.parse_args()
@@ -204,7 +233,9 @@ def main() -> int:
                    "fused_general": lambda: general(fused_fwd)}
         step_ops = {"fused": fused_step, "fused_nocheck": lambda: fused_step(False), "cupy": cupy_step,
                     "fused_general": lambda: general(fused_step)}
-        rec = {"B": B, "T": T, "specialized": uses_specialized_kernels(spec)}
+        fwd_ops["fused_nocheck_pipelined"] = repeated(fwd_ops["fused_nocheck"], ns.pipeline)
+        step_ops["fused_nocheck_pipelined"] = repeated(step_ops["fused_nocheck"], ns.pipeline)
+        rec = {"B": B, "T": T, "specialized": uses_specialized_kernels(spec), "pipeline": ns.pipeline}
         # correctness on this data before timing
         with s:
             ref = cupy_fwd()
@@ -230,6 +261,9 @@ def main() -> int:
             fwd_ops["torch_compile"] = lambda: compiled(*targs).detach()
             step_ops["torch"] = lambda: torch_step(torch_coaction)
             step_ops["torch_compile"] = lambda: torch_step(compiled)
+            for name in ("torch", "torch_compile"):
+                fwd_ops[f"{name}_pipelined"] = repeated(fwd_ops[name], ns.pipeline)
+                step_ops[f"{name}_pipelined"] = repeated(step_ops[name], ns.pipeline)
             with torch.cuda.stream(ts):  # compile and warm up outside any timing; check it against eager
                 for _ in range(3):
                     torch_step(compiled)
@@ -242,13 +276,24 @@ def main() -> int:
         with s, (torch.cuda.stream(ts) if ts is not None else contextlib.nullcontext()):
             fwd_t = time_interleaved(fwd_ops, s, ns.repeats, 3)
             step_t = time_interleaved(step_ops, s, ns.repeats, 3)
+        for name in [n for n in fwd_ops if n.endswith("_pipelined")]:  # per call
+            fwd_t[name] = [v / ns.pipeline for v in fwd_t[name]]
+            step_t[name] = [v / ns.pipeline for v in step_t[name]]
         for name in fwd_ops:
             rec[f"{name}_fwd_ms"] = median(fwd_t[name])
             rec[f"{name}_step_ms"] = median(step_t[name])
             if name != "fused":  # how many times the default fused path's time, per repeat
                 rec[f"{name}_fwd_over_fused"] = median_ratio(fwd_t[name], fwd_t["fused"])
                 rec[f"{name}_step_over_fused"] = median_ratio(step_t[name], step_t["fused"])
+        if ts is not None:  # the pipelined kernels against pipelined PyTorch, per repeat
+            for ph, tt_ in (("fwd", fwd_t), ("step", step_t)):
+                for name in ("torch", "torch_compile"):
+                    rec[f"pipelined_{ph}_{name}_over_fused"] = median_ratio(tt_[f"{name}_pipelined"],
+                                                                            tt_["fused_nocheck_pipelined"])
         rec["times_ms"] = {"fwd": fwd_t, "step": step_t}
+        with s:
+            rec["fused_nocheck_host_fwd_us"] = host_us(lambda: fused_fwd(False), s)
+            rec["fused_nocheck_host_step_us"] = host_us(lambda: fused_step(False), s)
         rec["fused_peak_MiB"] = pool_peak(fused_step, s) / 2**20
         rec["cupy_peak_MiB"] = pool_peak(cupy_step, s) / 2**20
         if ts is not None:
@@ -265,6 +310,7 @@ def main() -> int:
             rec[f"{ph}_bound"] = "bytes" if t_bytes >= t_flops else "flops"
             rec[f"{ph}_of_roofline"] = rec[f"{ph}_roofline_ms"] / rec[f"fused_nocheck_{ph}_ms"]
             rec[f"{ph}_of_roofline_default"] = rec[f"{ph}_roofline_ms"] / rec[f"fused_{ph}_ms"]
+            rec[f"{ph}_of_roofline_pipelined"] = rec[f"{ph}_roofline_ms"] / rec[f"fused_nocheck_pipelined_{ph}_ms"]
         rec["fused_fwd_of_hbm"] = rl["fwd_bytes"] / (rec["fused_nocheck_fwd_ms"] * 1e6) / hbm
         rec["speedup_fwd_vs_cupy"] = rec["cupy_fwd_over_fused"]
         rec["speedup_step_vs_cupy"] = rec["cupy_step_over_fused"]

@@ -7,6 +7,8 @@
 #   fetch     build + fetch_bandwidth (N GPUs, and the N=2 layer-only jobs)           issue 3
 #   overlap   build + prefetch_overlap                                                issue 4
 #   can       build + coaction_bench + CAN-DNN/DNN training on the GPU (3 seeds)      issue 6
+#   canprof   build + Nsight Compute of the co-action kernels at B = 8192, T = 100 (bench/coaction_profile.py:
+#             the specialised forward and backward, then the general ones)                   issue 16
 #   deepseek  build + deepseek_forward (10 repeats)                                   issue 5
 #   demo      build + bench/demo_policies.py: demo under auto and on_demand, same prompts and layers  issue 12
 #   fp8       build + the fp8 GPU tests + bench/expert_gemm.py                                   issue 13
@@ -67,6 +69,15 @@ if want can; then
     timeout 200 python3 -m dwdp_ops can-train --device gpu --samples 100000 --epochs 3 --seed $seed --quiet \
       --json "$OUT/can/can_gpu_seed$seed.json" --plot "$OUT/can/can_gpu_seed$seed.png" > "$OUT/can/can_gpu_seed$seed.log" 2>&1
     echo "can-train seed $seed rc=$?"; tail -2 "$OUT/can/can_gpu_seed$seed.log"
+  done
+fi
+if want canprof; then
+  for which in spec general; do
+    args=""; [[ $which == general ]] && args="--general"
+    timeout 150 ncu --kernel-name "regex:${which}_|fast_" --launch-skip 4 --launch-count 2 --section SpeedOfLight \
+      --section Occupancy --section LaunchStats --section WarpStateStats --section ComputeWorkloadAnalysis \
+      python3 bench/coaction_profile.py $args > "$OUT/ncu_coaction_$which.txt" 2>&1
+    echo "ncu $which rc=$?"; grep -E "^  [a-z ]*void|Duration|Registers Per|Achieved Occupancy|Issue Slots Busy" "$OUT/ncu_coaction_$which.txt" | cut -c1-150
   done
 fi
 if want deepseek; then

@@ -186,7 +186,8 @@ def assert_close(got, want, tol):
 
 
 TOL = {"float32": 1e-5, "bfloat16": 2e-2}
-EDGE_SPECS = [CoActionSpec(), CoActionSpec(((5, 4),), orders=2, bias=True),
+EDGE_SPECS = [CoActionSpec(), CoActionSpec(orders=4, bias=True, order_independent=True),
+              CoActionSpec(((5, 4),), orders=2, bias=True),
               CoActionSpec(((6, 5), (5, 4), (4, 2)), orders=3, bias=True, order_independent=True),
               CoActionSpec(bias=True, variant="paper")]
 
@@ -220,8 +221,9 @@ def test_all_masked_batch_gives_zeros(dtype):
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 @pytest.mark.parametrize("n_ind, n_feed", [(1, 1), (3, 5), (50, 2)])
-@pytest.mark.parametrize("spec", [CoActionSpec(), CoActionSpec(((6, 5), (5, 3)), orders=2, bias=True,
-                                                               order_independent=True)], ids=["default", "odd"])
+@pytest.mark.parametrize("spec", [CoActionSpec(), CoActionSpec(orders=2, bias=True, order_independent=True),
+                                  CoActionSpec(((6, 5), (5, 3)), orders=2, bias=True, order_independent=True)],
+                         ids=["default", "specialised-bias-oi", "odd"])
 def test_heavily_repeated_table_ids(spec, dtype, n_ind, n_feed):
     """Tables of a few rows, so that ids repeat inside a block (induction) and inside a round (feed): the row
     gradients add up exactly as scatter-add."""
@@ -317,9 +319,9 @@ def test_id_check_names_the_bad_array():
     coaction_forward_gpu(table, ftable, mask, spec, ind_ids=ids, feed_ids=fids + 6)  # the last rows are fine
 
 
-SPECIALIZED = [CoActionSpec(), CoActionSpec(bias=True), CoActionSpec(orders=1), CoActionSpec(orders=5, bias=True),
+SPECIALIZED = [CoActionSpec(), CoActionSpec(bias=True), CoActionSpec(orders=1), CoActionSpec(orders=4, bias=True),
                CoActionSpec(order_independent=True), CoActionSpec(orders=2, bias=True, order_independent=True),
-               CoActionSpec(orders=8, bias=True, order_independent=True)]  # the most shared memory it takes
+               CoActionSpec(orders=4, bias=True, order_independent=True)]  # the most shared memory it takes
 
 
 @pytest.mark.gpu
@@ -328,7 +330,7 @@ SPECIALIZED = [CoActionSpec(), CoActionSpec(bias=True), CoActionSpec(orders=1), 
 @pytest.mark.parametrize("ids", [False, True], ids=["gathered", "table"])
 def test_specialized_kernels_equal_the_reference_and_the_general_kernels(spec, dtype, ids, monkeypatch):
     """The reference shape (16 -> 8 -> 4, linear last layer) runs on the specialised kernels, with every option they
-    take (orders 1-8, bias, order independence, table ids or gathered rows, fp32 and bf16): against the float64
+    take (orders 1-4, bias, order independence, table ids or gathered rows, fp32 and bf16): against the float64
     reference, and against the general fast kernels on the same inputs (DWDP_COACTION_SPECIALIZED=0)."""
     from dwdp_ops.coaction.fused import uses_fast_kernels, uses_specialized_kernels
 
@@ -346,14 +348,43 @@ def test_specialized_kernels_equal_the_reference_and_the_general_kernels(spec, d
     monkeypatch.setenv("DWDP_COACTION_SPECIALIZED", "0")
     assert not uses_specialized_kernels(spec) and uses_fast_kernels(spec)
     general, _ = run_both(spec, ind, feed, mask, g, dtype, **kw)
+    # the specialised kernels' tanh (ex2 / rcp approximations, ~2e-7 absolute) is not the general kernels' tanhf
     for name, a, b in zip(("forward", "grad_induction", "grad_feed"), got, general):
-        assert rel(a, b) <= (1e-6 if dtype == "float32" else 1e-2), name
+        assert rel(a, b) <= (3e-6 if dtype == "float32" else 1e-2), name
 
 
 @pytest.mark.gpu
 def test_shapes_the_specialized_kernels_do_not_take():
     from dwdp_ops.coaction.fused import uses_specialized_kernels
 
-    for spec in (CoActionSpec(variant="paper", bias=True), CoActionSpec(((16, 8), (8, 8))),
+    for spec in (CoActionSpec(variant="paper", bias=True), CoActionSpec(orders=5), CoActionSpec(((16, 8), (8, 8))),
                  CoActionSpec(((8, 8), (8, 4))), CoActionSpec(((16, 8), (8, 4), (4, 4)))):
         assert not uses_specialized_kernels(spec), spec.layer_dims
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("spec", [CoActionSpec(), CoActionSpec(orders=4, bias=True, order_independent=True)],
+                         ids=["reference", "o4-b1-oi1"])
+def test_specialized_kernels_are_deterministic_on_a_busy_stream(spec):
+    """Gathered rows (no atomics): two runs give bit-identical outputs and gradients, the second on a non-blocking
+    stream with a large copy still queued ahead of it (the kernels read their inputs behind it) and the pool's
+    blocks reused at once."""
+    import cupy as cp
+    from dwdp_ops.coaction import coaction_backward_gpu, coaction_forward_gpu
+
+    ind, feed, mask, g = inputs(spec, 777, 130, 21)
+    args = (cp.asarray(ind), cp.asarray(feed), cp.asarray(mask))
+    first = [coaction_forward_gpu(*args, spec).get(), *(a.get() for a in coaction_backward_gpu(*args, cp.asarray(g), spec))]
+    s = cp.cuda.Stream(non_blocking=True)
+    big = cp.ones(1 << 27, cp.float32)
+    with s:
+        dst = cp.empty_like(big)
+        dst[...] = big  # queued ahead of the op on the same stream
+        out = coaction_forward_gpu(*args, spec, stream=s)
+        gi, gf = coaction_backward_gpu(*args, cp.asarray(g), spec, stream=s)
+        del dst
+        scratch = cp.empty(1 << 27, cp.float32)  # reuses the freed block, behind the op on this stream
+        scratch.fill(7)
+    s.synchronize()
+    for a, b in zip(first, (out.get(), gi.get(), gf.get())):
+        assert np.array_equal(a, b)

@@ -836,64 +836,95 @@ __global__ void __launch_bounds__(kFastWarps * 32) fast_backward_kernel(Fast f, 
 }
 
 // ---------------------------------------------------------------------------------------------------------------
-// Specialised path: the fast path's organisation (a warp per sample, lanes over compacted behaviours, the induction
-// row staged once) for two-layer MLPs whose last layer is linear (the reference code's variant, not the paper's) with
-// compile-time widths D -> N1 -> N2 (instantiated in kSpecShapes). Every loop over a width is unrolled, so the
-// per-behaviour work is the FMAs, the 16-byte weight broadcasts and the tanh, without the runtime-width predicates
-// and indexing the general fast path spends most of its instructions on (Nsight Compute, 2026-12-01: 22 % FFMA in
-// the forward, 31 % in the backward). Pooled sums go to lane-private accumulator rows and are reduced over the lanes
-// once per sample. Backward: with a linear last layer, dz of that layer is the sample's grad_out block (the same for
-// every behaviour), so the first layer's upstream gradient u_c = G1_c + W2_c G2_c is one vector per (sample, order),
-// W2's gradient is (sum of h1) x G2_c and only W1's gradient needs the per-behaviour outer products (staged rows,
-// 2x2 register tiles over the round's rows).
+// Specialised path: the CAN reference shape (D = 16, 16 -> 8 -> 4, linear last layer: the reference code's variant,
+// not the paper's) with 1-4 orders; widths, order count and order independence are compile-time constants. A warp
+// runs a sample, its lanes over the sample's compacted unmasked behaviours, the induction row staged once in shared
+// memory (at these widths its layout is the row's own: nothing is padded). Three facts of the shape organise it:
+//  - the last layer is linear, so its pooled output is (sum over behaviours of h1) W2 (+ n b2): per behaviour only
+//    h1 = tanh(x^c W1) is computed; the second layer runs once per sample;
+//  - every order reads the same feed row, so one pass over its 16 values forms x^c for every order and all C x 8
+//    first-layer sums at once (C x 8 independent FMA chains; with shared weights each 16-byte weight broadcast
+//    feeds every order);
+//  - backward, dz of the last layer is the sample's grad_out block for every behaviour, so the first layer's
+//    upstream gradient u_c = G1_c + W2_c G2_c is one vector per (sample, order), W2's gradient is (sum of h1) x G2_c,
+//    and only W1's gradient needs per-behaviour outer products: each lane owns one 2 x 2 tile of W1 in every order
+//    and accumulates it in registers over all of the sample's rounds from the round's staged rows (x and dz).
+// tanh is 1 - 2 / (exp(2|z|) + 1) on the hardware's ex2 and rcp approximations (absolute error about 2e-7; the
+// general kernels use tanhf, about 4x the instructions). Pooled sums, weight gradients and the order sums are
+// accumulated in a fixed order: results do not depend on scheduling.
 
-// Per-warp layout of the specialised kernels (floats): W | gW (backward) | G (backward) | U (backward) | queue |
-// 32 lane rows of RS floats. Forward row: accumulators [C][N1 + N2]. Backward row: p [D] | dz1 [N1] | sum of h1
-// [C][N1] | sum of dz1 [C][N1] (bias only); p is reused for the behaviour's feed gradient at the end of a round.
+constexpr int kSpecD = 16, kSpecN1 = 8, kSpecN2 = 4, kSpecMaxOrders = 4;
+
+__device__ __forceinline__ float tanh_fast(float z) {
+  const float e = __expf(2.f * fabsf(z));  // inf for |z| > 44: 2 / inf = 0, tanh = +-1
+  return copysignf(1.f - __fdividef(2.f, e + 1.f), z);
+}
+
+// Per-warp shared memory of the specialised kernels (floats): W | gW (backward) | G (backward: grad_out row) |
+// U (forward: pooled h1 sums; backward: u_c) | queue | 32 lane rows of RS floats. Forward row: h1 sums [C][N1].
+// Backward row: x [D] | dz [C][N1] | feed gradient [D] (feed ids only) | sums of dz [C][N1] (bias only).
 struct SpecGeo {
-  int oW, oGW, oVec, oU, oQ, oRows, RS, rDZ, rH1, rB1, per_warp;
+  int oW, oGW, oG, oU, oQ, oRows, RS, rDZ, rGX, rB, per_warp;
 };
 
 __host__ __device__ constexpr int odd4(int x) { return (pad4(x) / 4) % 2 ? pad4(x) : pad4(x) + 4; }
 
 SpecGeo make_spec_geo(const Fast& f, bool backward) {
   SpecGeo g{};
-  const int wpad = f.slices * f.wslice, N1 = f.dout[0];
+  const int wrow = pad4(f.slices * f.wslice), cn = f.C * kSpecN1;
   g.oW = 0;
-  g.oGW = wpad;
-  g.oVec = g.oGW + (backward ? wpad : 0);
-  g.oU = g.oVec + (backward ? pad4(f.outs * f.Sp) : 0);
-  g.oQ = g.oU + (backward ? pad4(f.C * N1) : 0);
+  g.oGW = wrow;
+  g.oG = g.oGW + (backward ? wrow : 0);
+  g.oU = g.oG + (backward ? pad4(f.n_out) : 0);
+  g.oQ = g.oU + pad4(cn);
   g.oRows = g.oQ + kQueue;
-  if (backward) {
-    g.rDZ = f.Dp;
-    g.rH1 = g.rDZ + N1;
-    g.rB1 = g.rH1 + f.C * N1;
-    g.RS = odd4(g.rB1 + (f.bias ? f.C * N1 : 0));
-  } else {
-    g.RS = odd4(f.C * f.S);
-  }
+  g.rDZ = kSpecD;
+  g.rGX = g.rDZ + cn;
+  g.rB = g.rGX + kSpecD;
+  g.RS = backward ? odd4(g.rB + (f.bias ? cn : 0)) : odd4(cn);
   g.per_warp = g.oRows + 32 * g.RS;
   return g;
 }
 
-// z[DN] = a[DI] W (+ bias) for W [DI][DN] (then [DN] bias) in shared memory, as 16-byte broadcasts.
-template <int DI, int DN>
-__device__ __forceinline__ void spec_layer(const float* __restrict__ w, bool bias, const float (&a)[DI],
-                                           float (&z)[DN]) {
-  const float4* w4 = reinterpret_cast<const float4*>(w);
+// The sample's induction row into the warp's W as fp32 (zeros when the row is missing): a straight copy, since the
+// specialised shape pads nothing.
+template <typename T>
+__device__ __forceinline__ void stage_row(const Fast& f, const T* row, float* W, int lane) {
+  for (int i = lane; i < f.ind_dim; i += 32) W[i] = row ? ld(row, i) : 0.f;
+  __syncwarp();
+}
+
+// z[c][0..N1) = (x^(c+1)) W1_c (+ b1_c) for every order c < C at once; W1_c is [D][N1] (then [N1] bias) at
+// W + c * ws (ws: floats between orders' slices, used only when OI), read as 16-byte broadcasts.
+template <int C, bool OI>
+__device__ __forceinline__ void spec_first_layer(const float* __restrict__ W, int ws, bool bias,
+                                                 const float (&x)[kSpecD], float (&z)[C][kSpecN1]) {
+  constexpr int D = kSpecD, N4 = kSpecN1 / 4;
 #pragma unroll
-  for (int jc = 0; jc < DN / 4; ++jc) {
-    float4 s = bias ? w4[DI * (DN / 4) + jc] : make_float4(0.f, 0.f, 0.f, 0.f);
+  for (int c = 0; c < C; ++c) {
+    const float4* w4 = reinterpret_cast<const float4*>(W + (OI ? c * ws : 0));
 #pragma unroll
-    for (int i = 0; i < DI; ++i) {
-      const float4 v = w4[i * (DN / 4) + jc];
-      s.x = fmaf(a[i], v.x, s.x);
-      s.y = fmaf(a[i], v.y, s.y);
-      s.z = fmaf(a[i], v.z, s.z);
-      s.w = fmaf(a[i], v.w, s.w);
+    for (int jc = 0; jc < N4; ++jc) {
+      const float4 b = bias ? w4[D * N4 + jc] : make_float4(0.f, 0.f, 0.f, 0.f);
+      z[c][4 * jc] = b.x, z[c][4 * jc + 1] = b.y, z[c][4 * jc + 2] = b.z, z[c][4 * jc + 3] = b.w;
     }
-    z[4 * jc] = s.x, z[4 * jc + 1] = s.y, z[4 * jc + 2] = s.z, z[4 * jc + 3] = s.w;
+  }
+#pragma unroll
+  for (int i = 0; i < D; ++i) {
+    float p = x[i];
+#pragma unroll
+    for (int c = 0; c < C; ++c) {
+      if (c) p *= x[i];
+      const float4* w4 = reinterpret_cast<const float4*>(W + (OI ? c * ws : 0)) + i * N4;
+#pragma unroll
+      for (int jc = 0; jc < N4; ++jc) {
+        const float4 w = w4[jc];
+        z[c][4 * jc] = fmaf(p, w.x, z[c][4 * jc]);
+        z[c][4 * jc + 1] = fmaf(p, w.y, z[c][4 * jc + 1]);
+        z[c][4 * jc + 2] = fmaf(p, w.z, z[c][4 * jc + 2]);
+        z[c][4 * jc + 3] = fmaf(p, w.w, z[c][4 * jc + 3]);
+      }
+    }
   }
 }
 
@@ -911,90 +942,103 @@ __device__ __forceinline__ void spec_acc(float* dst, float v, const float (&a)[N
   }
 }
 
-// Six blocks per SM (at most 80 registers): Nsight Compute at B = 8192, T = 100, 2026-12-01: 79.9 us against 83.6 us
-// with the 124 registers the GPU host's compiler takes unbounded.
-template <typename T, int D, int N1, int N2>
-__global__ void __launch_bounds__(kFastWarps * 32, 6) spec_forward_kernel(Fast f, SpecGeo g, int B, int T_len,
-                                                                       CoActionRows rows,
-                                                                       const int64_t* __restrict__ ind_ids,
-                                                                       const T* __restrict__ feed,
-                                                                       const int64_t* __restrict__ feed_ids,
-                                                                       const float* __restrict__ mask,
-                                                                       T* __restrict__ out) {
-  constexpr int S = N1 + N2;
+// This lane's behaviour of the round: its feed row (zeros for a lane past the round's n) and where it lives.
+template <typename T>
+__device__ __forceinline__ size_t spec_feed(const Fast& f, const T* __restrict__ feed,
+                                            const int64_t* __restrict__ feed_ids, int b, int T_len, int t,
+                                            float (&x)[kSpecD]) {
+  const size_t pos = static_cast<size_t>(b) * T_len + (t < 0 ? 0 : t);
+  const size_t frow = t < 0 ? 0 : feed_ids ? static_cast<size_t>(feed_ids[pos]) : pos;
+  load_feed<kSpecD>(feed, frow, f, t >= 0, x);
+  return frow;
+}
+
+template <int C>
+constexpr int spec_fwd_blocks() { return C <= 2 ? 6 : 5; }
+template <int C>
+constexpr int spec_bwd_blocks() { return C <= 3 ? 4 : 3; }
+
+template <typename T, int C, bool OI>
+__global__ void __launch_bounds__(kFastWarps * 32, spec_fwd_blocks<C>()) spec_forward_kernel(
+    Fast f, SpecGeo g, int B, int T_len, CoActionRows rows, const int64_t* __restrict__ ind_ids,
+    const T* __restrict__ feed, const int64_t* __restrict__ feed_ids, const float* __restrict__ mask,
+    T* __restrict__ out) {
+  constexpr int D = kSpecD, N1 = kSpecN1, N2 = kSpecN2, S = N1 + N2;
   extern __shared__ __align__(16) float smem[];
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   const int b = blockIdx.x * (blockDim.x >> 5) + warp;
   if (b >= B) return;  // warps are independent: no block-wide barrier in this kernel
   float* base = smem + static_cast<size_t>(warp) * g.per_warp;
-  float* W = base + g.oW;
+  const float* W = base + g.oW;
+  float* hs = base + g.oU;
   int* q = reinterpret_cast<int*>(base + g.oQ);
-  float* acc_rows = base + g.oRows;
-  float* my = acc_rows + lane * g.RS;
+  float* rws = base + g.oRows;
   int shard;
   int64_t local;
-  const T* row = induction_row<T>(rows, ind_ids, b, f.ind_dim, &shard, &local);
-  for (int i = 0; i < g.RS; i += 4) *reinterpret_cast<float4*>(my + i) = make_float4(0.f, 0.f, 0.f, 0.f);
-  stage_w(f, row, W, lane);
+  stage_row(f, induction_row<T>(rows, ind_ids, b, f.ind_dim, &shard, &local), base + g.oW, lane);
+  float acc[C][N1];
+#pragma unroll
+  for (int c = 0; c < C; ++c)
+#pragma unroll
+    for (int j = 0; j < N1; ++j) acc[c][j] = 0.f;
   const float* mrow = mask + static_cast<size_t>(b) * T_len;
-  int qn = 0, t0 = 0;
+  int qn = 0, t0 = 0, valid = 0;
   for (;;) {
     int t;
     const int n = next_round(mrow, T_len, q, qn, t0, lane, &t);
     if (n == 0) break;
-    const size_t pos = static_cast<size_t>(b) * T_len + (t < 0 ? 0 : t);
-    const size_t frow = t < 0 ? 0 : feed_ids ? static_cast<size_t>(feed_ids[pos]) : pos;
-    float x[D], p[D];
-    load_feed<D>(feed, frow, f, t >= 0, x);
-    const float v = t >= 0 ? 1.f : 0.f;  // a lane past the round's n adds nothing (bias makes its h non-zero)
+    valid += n;
+    float x[D], z[C][N1];
+    spec_feed(f, feed, feed_ids, b, T_len, t, x);
+    spec_first_layer<C, OI>(W, f.wslice, f.bias, x, z);
+    const float v = t >= 0 ? 1.f : 0.f;  // a lane past the round's n adds nothing (a bias makes its z non-zero)
 #pragma unroll
-    for (int i = 0; i < D; ++i) p[i] = x[i];
-    for (int c = 1; c <= f.C; ++c) {
-      if (c > 1) {
+    for (int c = 0; c < C; ++c)
 #pragma unroll
-        for (int i = 0; i < D; ++i) p[i] *= x[i];
-      }
-      const float* Wc = W + (f.oi ? (c - 1) * f.wslice : 0);
-      float h1[N1], h2[N2];
-      spec_layer<D, N1>(Wc, f.bias, p, h1);
-#pragma unroll
-      for (int j = 0; j < N1; ++j) h1[j] = tanhf(h1[j]);
-      spec_layer<N1, N2>(Wc + f.woff[1], f.bias, h1, h2);
-      spec_acc<N1>(my + (c - 1) * S, v, h1);
-      spec_acc<N2>(my + (c - 1) * S + N1, v, h2);
-    }
+      for (int j = 0; j < N1; ++j) acc[c][j] = fmaf(v, tanh_fast(z[c][j]), acc[c][j]);
   }
+  // the lanes' h1 sums -> hs [C][N1] (column sums over the lane rows, in lane order)
+  float* my = rws + lane * g.RS;
+#pragma unroll
+  for (int c = 0; c < C; ++c) store_row<N1>(my + c * N1, acc[c], N1);
   __syncwarp();
-  // out[b] = the lanes' accumulators summed: [C][N1 + N2] is the output row's layout (outs = C, unpadded widths)
-  for (int k = lane; k < f.C * S; k += 32) {
+  for (int k = lane; k < C * N1; k += 32) {
     float s = 0.f;
 #pragma unroll 8
-    for (int m = 0; m < 32; ++m) s += acc_rows[m * g.RS + k];
-    st(out, static_cast<size_t>(b) * f.n_out + k, s);
+    for (int m = 0; m < 32; ++m) s += rws[m * g.RS + k];
+    hs[k] = s;
+  }
+  __syncwarp();
+  // out[b] = [C][h1 sums (N1) | h1 sums W2_c + valid b2_c (N2)]
+  for (int k = lane; k < C * S; k += 32) {
+    const int c = k / S, j = k - c * S;
+    float o;
+    if (j < N1) {
+      o = hs[c * N1 + j];
+    } else {
+      const float* w2 = W + (OI ? c * f.wslice : 0) + f.woff[1];
+      o = f.bias ? static_cast<float>(valid) * w2[N1 * N2 + j - N1] : 0.f;
+#pragma unroll
+      for (int i = 0; i < N1; ++i) o = fmaf(hs[c * N1 + i], w2[i * N2 + j - N1], o);
+    }
+    st(out, static_cast<size_t>(b) * f.n_out + k, o);
   }
 }
 
-// Three blocks per SM (at most 168 registers, a few bytes spilled): Nsight Compute at B = 8192, T = 100,
-// 2026-12-01: 227 us against 263 us with the 240 registers the compiler takes unbounded (12 % occupancy).
-template <typename T, int D, int N1, int N2>
-__global__ void __launch_bounds__(kFastWarps * 32, 3) spec_backward_kernel(Fast f, SpecGeo g, int B, int T_len,
-                                                                        CoActionRows rows,
-                                                                        const int64_t* __restrict__ ind_ids,
-                                                                        const T* __restrict__ feed,
-                                                                        const int64_t* __restrict__ feed_ids,
-                                                                        const float* __restrict__ mask,
-                                                                        const float* __restrict__ grad_out,
-                                                                        float* __restrict__ grad_feed) {
-  constexpr int S = N1 + N2;
-  constexpr int TI = D / 2, TJ = N1 / 2;  // W1's gradient in 2x2 tiles, lanes over the tiles
+template <typename T, int C, bool OI>
+__global__ void __launch_bounds__(kFastWarps * 32, spec_bwd_blocks<C>()) spec_backward_kernel(
+    Fast f, SpecGeo g, int B, int T_len, CoActionRows rows, const int64_t* __restrict__ ind_ids,
+    const T* __restrict__ feed, const int64_t* __restrict__ feed_ids, const float* __restrict__ mask,
+    const float* __restrict__ grad_out, float* __restrict__ grad_feed) {
+  constexpr int D = kSpecD, N1 = kSpecN1, N2 = kSpecN2, S = N1 + N2;
   extern __shared__ __align__(16) float smem[];
   __shared__ int64_t blk_row[kFastWarps];  // the table row each warp's gradient belongs to (-1: none)
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   const int b = blockIdx.x * (blockDim.x >> 5) + warp;
   float* base = smem + static_cast<size_t>(warp) * g.per_warp;
-  float* W = base + g.oW;
+  const float* W = base + g.oW;
   float* gW = base + g.oGW;
-  float* G = base + g.oVec;
+  float* G = base + g.oG;
   float* U = base + g.oU;
   int* q = reinterpret_cast<int*>(base + g.oQ);
   float* rws = base + g.oRows;
@@ -1004,22 +1048,30 @@ __global__ void __launch_bounds__(kFastWarps * 32, 3) spec_backward_kernel(Fast 
   const T* row = b < B ? induction_row<T>(rows, ind_ids, b, f.ind_dim, &shard, &local) : nullptr;
   // No early return: with ids every warp of the block meets the barrier before the row gradients are combined.
   if (row) {
-    const int wpad = f.slices * f.wslice;
-    for (int i = lane; i < wpad / 4; i += 32) reinterpret_cast<float4*>(gW)[i] = make_float4(0.f, 0.f, 0.f, 0.f);
-    for (int i = g.rH1; i < g.RS; i += 4) *reinterpret_cast<float4*>(my + i) = make_float4(0.f, 0.f, 0.f, 0.f);
-    stage_w(f, row, W, lane);  // its barriers also order the zeroing above before the reads below
-    for (int k = lane; k < f.C * S; k += 32) G[k] = grad_out[static_cast<size_t>(b) * f.n_out + k];
-    __syncwarp();
+    for (int i = lane; i < g.oG - g.oGW; i += 32) gW[i] = 0.f;
+    if (f.bias)
+      for (int i = g.rB; i < g.rB + C * N1; i += 4) *reinterpret_cast<float4*>(my + i) = make_float4(0.f, 0.f, 0.f, 0.f);
+    for (int k = lane; k < C * S; k += 32) G[k] = grad_out[static_cast<size_t>(b) * f.n_out + k];
+    stage_row(f, row, base + g.oW, lane);  // its barrier orders the writes above before the reads below
     // u_c = G1_c + W2_c G2_c: the first layer's upstream gradient, the same for every behaviour of the sample
-    for (int k = lane; k < f.C * N1; k += 32) {
+    for (int k = lane; k < C * N1; k += 32) {
       const int c = k / N1, j = k - c * N1;
-      const float* w2 = W + (f.oi ? c * f.wslice : 0) + f.woff[1] + j * N2;
+      const float* w2 = W + (OI ? c * f.wslice : 0) + f.woff[1] + j * N2;
       float u = G[c * S + j];
 #pragma unroll
       for (int m = 0; m < N2; ++m) u = fmaf(w2[m], G[c * S + N1 + m], u);
       U[k] = u;
     }
     __syncwarp();
+    const int ti = lane >> 2, tj = lane & 3;  // this lane's 2 x 2 tile of W1: rows 2 ti, 2 ti + 1; columns 2 tj, +1
+    float tacc[C][4], hacc[C][N1];
+#pragma unroll
+    for (int c = 0; c < C; ++c) {
+#pragma unroll
+      for (int k = 0; k < 4; ++k) tacc[c][k] = 0.f;
+#pragma unroll
+      for (int j = 0; j < N1; ++j) hacc[c][j] = 0.f;
+    }
     const float* mrow = mask + static_cast<size_t>(b) * T_len;
     int qn = 0, t0 = 0, valid = 0;
     for (;;) {
@@ -1027,117 +1079,127 @@ __global__ void __launch_bounds__(kFastWarps * 32, 3) spec_backward_kernel(Fast 
       const int n = next_round(mrow, T_len, q, qn, t0, lane, &t);
       if (n == 0) break;
       valid += n;
-      const size_t pos = static_cast<size_t>(b) * T_len + (t < 0 ? 0 : t);
-      const size_t frow = t < 0 ? 0 : feed_ids ? static_cast<size_t>(feed_ids[pos]) : pos;
-      float x[D], pm1[D], gx[D];
-      load_feed<D>(feed, frow, f, t >= 0, x);
+      float x[D], z[C][N1];
+      const size_t frow = spec_feed(f, feed, feed_ids, b, T_len, t, x);
+      spec_first_layer<C, OI>(W, f.wslice, f.bias, x, z);
       const float v = t >= 0 ? 1.f : 0.f;
+      // h1 sums (for W2's gradient) and dz = v u_c (1 - h1^2), in place of z
 #pragma unroll
-      for (int i = 0; i < D; ++i) pm1[i] = 1.f, gx[i] = 0.f;
-      for (int c = 1; c <= f.C; ++c) {
-        const float* Wc = W + (f.oi ? (c - 1) * f.wslice : 0);
-        float p[D], h1[N1], dz[N1];
-#pragma unroll
-        for (int i = 0; i < D; ++i) p[i] = pm1[i] * x[i];
-        spec_layer<D, N1>(Wc, f.bias, p, h1);
-        const float4* u4 = reinterpret_cast<const float4*>(U + (c - 1) * N1);
+      for (int c = 0; c < C; ++c) {
+        const float4* u4 = reinterpret_cast<const float4*>(U + c * N1);
 #pragma unroll
         for (int jc = 0; jc < N1 / 4; ++jc) {
           const float4 u = u4[jc];
           const float uu[4] = {u.x, u.y, u.z, u.w};
 #pragma unroll
-          for (int qq = 0; qq < 4; ++qq) {
-            const float h = tanhf(h1[4 * jc + qq]);
-            h1[4 * jc + qq] = h;
-            dz[4 * jc + qq] = v * uu[qq] * (1.f - h * h);
+          for (int k = 0; k < 4; ++k) {
+            const int j = 4 * jc + k;
+            const float h = tanh_fast(z[c][j]);
+            hacc[c][j] = fmaf(v, h, hacc[c][j]);
+            z[c][j] = v * uu[k] * fmaf(-h, h, 1.f);
           }
         }
-        // d/dx of x^c: gx[i] += c x^(c-1)[i] * (W1 dz)[i]
-        const float4* w4 = reinterpret_cast<const float4*>(Wc);
-        const float cf = static_cast<float>(c);
+        if (f.bias) spec_acc<N1>(my + g.rB + c * N1, 1.f, z[c]);
+      }
+      store_row<D>(my, x, D);
 #pragma unroll
-        for (int i = 0; i < D; ++i) {
-          float s = 0.f;
+      for (int c = 0; c < C; ++c) store_row<N1>(my + g.rDZ + c * N1, z[c], N1);
+      // feed gradient: gx_i = sum_c (c + 1) x_i^c (W1_c dz_c)_i
+      float gx[D];
+#pragma unroll
+      for (int i = 0; i < D; ++i) {
+        float s = 0.f, pw = 1.f;
+#pragma unroll
+        for (int c = 0; c < C; ++c) {
+          const float4* w4 = reinterpret_cast<const float4*>(W + (OI ? c * f.wslice : 0)) + i * (N1 / 4);
+          float sc = 0.f;
 #pragma unroll
           for (int jc = 0; jc < N1 / 4; ++jc) {
-            const float4 w = w4[i * (N1 / 4) + jc];
-            s = fmaf(w.x, dz[4 * jc], s);
-            s = fmaf(w.y, dz[4 * jc + 1], s);
-            s = fmaf(w.z, dz[4 * jc + 2], s);
-            s = fmaf(w.w, dz[4 * jc + 3], s);
+            const float4 w = w4[jc];
+            sc = fmaf(w.x, z[c][4 * jc], sc);
+            sc = fmaf(w.y, z[c][4 * jc + 1], sc);
+            sc = fmaf(w.z, z[c][4 * jc + 2], sc);
+            sc = fmaf(w.w, z[c][4 * jc + 3], sc);
           }
-          gx[i] = fmaf(s, cf * pm1[i], gx[i]);
+          s = fmaf(sc, static_cast<float>(c + 1) * pw, s);
+          pw *= x[i];
         }
-        spec_acc<N1>(my + g.rH1 + (c - 1) * N1, v, h1);
-        if (f.bias) spec_acc<N1>(my + g.rB1 + (c - 1) * N1, 1.f, dz);
-        store_row<D>(my, p, D);
-        store_row<N1>(my + g.rDZ, dz, N1);
-#pragma unroll
-        for (int i = 0; i < D; ++i) pm1[i] = p[i];
-        __syncwarp();
-        // W1's gradient over the round's rows: sum_m p_m x dz_m, a 2x2 tile per lane
-        float* gw = gW + (f.oi ? (c - 1) * f.wslice : 0);
-        for (int tile = lane; tile < TI * TJ; tile += 32) {
-          const int ti = tile / TJ, tj = tile - ti * TJ;
-          float s00 = 0.f, s01 = 0.f, s10 = 0.f, s11 = 0.f;
-#pragma unroll 4
-          for (int m = 0; m < n; ++m) {
-            const float2 a = *reinterpret_cast<const float2*>(rws + m * g.RS + 2 * ti);
-            const float2 d = *reinterpret_cast<const float2*>(rws + m * g.RS + g.rDZ + 2 * tj);
-            s00 = fmaf(a.x, d.x, s00);
-            s01 = fmaf(a.x, d.y, s01);
-            s10 = fmaf(a.y, d.x, s10);
-            s11 = fmaf(a.y, d.y, s11);
-          }
-          float2* r0 = reinterpret_cast<float2*>(gw + (2 * ti) * N1 + 2 * tj);
-          float2* r1 = reinterpret_cast<float2*>(gw + (2 * ti + 1) * N1 + 2 * tj);
-          float2 a0 = *r0, a1 = *r1;
-          a0.x += s00, a0.y += s01, a1.x += s10, a1.y += s11;
-          *r0 = a0, *r1 = a1;
-        }
-        __syncwarp();  // the rows are rewritten by the next order
+        gx[i] = s;
       }
-      // feed gradient of this lane's behaviour: with feed ids staged in its row's p slots for the lanes that share
-      // its feed row (store_feed_grad), else written from the registers
-      if (feed_ids) {
-        store_row<D>(my, gx, D);
-        __syncwarp();
-        store_feed_grad(f, grad_feed, true, frow, t, rws, g.RS, 0, lane);
-        __syncwarp();  // the rows are rewritten by the next round
+      if (feed_ids) store_row<D>(my + g.rGX, gx, D);
+      __syncwarp();
+      // W1's gradient: this lane's tile in every order, summed over the round's rows m of x^(c+1) (x) dz_c
+#pragma unroll 2
+      for (int m = 0; m < n; ++m) {
+        const float* rm = rws + m * g.RS;
+        const float2 xa = *reinterpret_cast<const float2*>(rm + 2 * ti);
+        float p0 = xa.x, p1 = xa.y;
+#pragma unroll
+        for (int c = 0; c < C; ++c) {
+          if (c) p0 *= xa.x, p1 *= xa.y;
+          const float2 d = *reinterpret_cast<const float2*>(rm + g.rDZ + c * N1 + 2 * tj);
+          tacc[c][0] = fmaf(p0, d.x, tacc[c][0]);
+          tacc[c][1] = fmaf(p0, d.y, tacc[c][1]);
+          tacc[c][2] = fmaf(p1, d.x, tacc[c][2]);
+          tacc[c][3] = fmaf(p1, d.y, tacc[c][3]);
+        }
+      }
+      if (feed_ids) {  // lanes sharing a feed row add theirs once (staged in the rows above)
+        store_feed_grad(f, grad_feed, true, frow, t, rws, g.RS, g.rGX, lane);
       } else if (t >= 0) {
-        float* dst = grad_feed + frow * f.D;
+        float* dst = grad_feed + frow * D;
         if (f.gfeed_vec) {
 #pragma unroll
           for (int i = 0; i < D; i += 4)
             *reinterpret_cast<float4*>(dst + i) = make_float4(gx[i], gx[i + 1], gx[i + 2], gx[i + 3]);
         } else {
 #pragma unroll
-          for (int i = 0; i < D; ++i)
-            if (i < f.D) dst[i] = gx[i];
+          for (int i = 0; i < D; ++i) dst[i] = gx[i];
         }
       }
+      __syncwarp();  // the rows are rewritten by the next round
     }
+    // W1: the lanes' tiles (without order independence the orders share one W1: summed in order)
+#pragma unroll
+    for (int c = 0; c < C; ++c) {
+      if (!OI && c) continue;
+      float s[4];
+#pragma unroll
+      for (int k = 0; k < 4; ++k) {
+        s[k] = tacc[c][k];
+        if (!OI)
+#pragma unroll
+          for (int c2 = 1; c2 < C; ++c2) s[k] += tacc[c2][k];
+      }
+      float* gw = gW + (OI ? c * f.wslice : 0);
+      gw[(2 * ti) * N1 + 2 * tj] += s[0];
+      gw[(2 * ti) * N1 + 2 * tj + 1] += s[1];
+      gw[(2 * ti + 1) * N1 + 2 * tj] += s[2];
+      gw[(2 * ti + 1) * N1 + 2 * tj + 1] += s[3];
+    }
+    // W2 and the biases from the h1 and dz sums: the lanes' h1 sums go to their rows' first C x N1 slots; lane j
+    // then owns row j of W2 and b1[j] in every slice, lane m < N2 b2[m]; orders are added in turn
+#pragma unroll
+    for (int c = 0; c < C; ++c) store_row<N1>(my + c * N1, hacc[c], N1);
     __syncwarp();
-    // W2's gradient (sum of h1) x G2_c and the biases' gradients from the lanes' accumulators: lane j owns row j
-    // of W2 and bias1[j] in every slice, lane m < N2 bias2[m]; the orders are added in turn (deterministic)
     for (int j = lane; j < N1; j += 32)
-      for (int c = 0; c < f.C; ++c) {
-        float hs = 0.f, bs = 0.f;
+      for (int c = 0; c < C; ++c) {
+        float hsum = 0.f, bsum = 0.f;
 #pragma unroll 8
         for (int m = 0; m < 32; ++m) {
-          hs += rws[m * g.RS + g.rH1 + c * N1 + j];
-          if (f.bias) bs += rws[m * g.RS + g.rB1 + c * N1 + j];
+          hsum += rws[m * g.RS + c * N1 + j];
+          if (f.bias) bsum += rws[m * g.RS + g.rB + c * N1 + j];
         }
-        float* gw = gW + (f.oi ? c * f.wslice : 0);
+        float* gw = gW + (OI ? c * f.wslice : 0);
         const float* g2 = G + c * S + N1;
 #pragma unroll
-        for (int m = 0; m < N2; ++m) gw[f.woff[1] + j * N2 + m] += hs * g2[m];
-        if (f.bias) gw[D * N1 + j] += bs;
+        for (int m = 0; m < N2; ++m) gw[f.woff[1] + j * N2 + m] += hsum * g2[m];
+        if (f.bias) gw[D * N1 + j] += bsum;
       }
     if (f.bias)
       for (int m = lane; m < N2; m += 32)
-        for (int c = 0; c < f.C; ++c)
-          gW[(f.oi ? c * f.wslice : 0) + f.woff[1] + N1 * N2 + m] += static_cast<float>(valid) * G[c * S + N1 + m];
+        for (int c = 0; c < C; ++c)
+          gW[(OI ? c * f.wslice : 0) + f.woff[1] + N1 * N2 + m] += static_cast<float>(valid) * G[c * S + N1 + m];
     __syncwarp();
   }
   store_row_grad(f, rows, ind_ids, b, row != nullptr, shard, local, smem, g.per_warp, g.oGW, blk_row, warp, lane);
@@ -1192,10 +1254,9 @@ bool fast_fits(const Fast& f) {
 
 namespace {
 // The specialised kernels' shape (D, N1, N2) = (16, 8, 4), the CAN reference configuration: a two-layer MLP whose
-// last layer is linear (not the paper variant). DWDP_COACTION_SPECIALIZED=0 sends it to the general fast path (a
+// last layer is linear (not the paper variant), 1-4 orders (more go to the general kernels: C x 8 first-layer sums
+// per lane in registers). DWDP_COACTION_SPECIALIZED=0 sends it to the general fast path (a
 // benchmark's same-run baseline); read at every launch.
-constexpr int kSpecD = 16, kSpecN1 = 8, kSpecN2 = 4;
-
 bool spec_disabled() {
   const char* e = std::getenv("DWDP_COACTION_SPECIALIZED");
   return e && e[0] == '0' && e[1] == '\0';
@@ -1204,7 +1265,7 @@ bool spec_disabled() {
 // Warps per block and dynamic shared memory of the specialised kernels for d; false when they do not take it.
 bool spec_shape(const CoActionDims& d, bool backward, int* warps, size_t* smem) {
   if (spec_disabled() || d.paper || d.num_layers != 2 || d.din[0] != kSpecD || d.dout[0] != kSpecN1 ||
-      d.din[1] != kSpecN1 || d.dout[1] != kSpecN2 || d.orders < 1 || d.orders > 8)
+      d.din[1] != kSpecN1 || d.dout[1] != kSpecN2 || d.orders < 1 || d.orders > kSpecMaxOrders)
     return false;
   const size_t per = sizeof(float) * static_cast<size_t>(make_spec_geo(make_fast(d, backward), backward).per_warp);
   const int w = static_cast<int>(std::min<size_t>(kFastWarps, (kSmemMax - kFastStatic) / per));
@@ -1271,12 +1332,23 @@ const void* by_width(int mw, K8 k8, K16 k16, K32 k32) {
 }
 }  // namespace
 
+namespace {
+// Dynamic shared memory a kernel may take without raising its attribute.
+constexpr size_t kSmemDefault = 48 * 1024;
+
+// The specialised kernel instance for C orders (1-4; spec_shape admits no other).
+template <typename K>
+K spec_pick(int C, K k1, K k2, K k3, K k4) {
+  return C == 1 ? k1 : C == 2 ? k2 : C == 3 ? k3 : k4;
+}
+}  // namespace
+
 void coaction_forward(const CoActionDims& d, int dtype, int B, int T, const CoActionRows& rows, uintptr_t ind_ids,
                       uintptr_t feed, uintptr_t feed_ids, uintptr_t mask, uintptr_t out, uintptr_t stream) {
   check_rows(rows);
   DeviceGuard guard(device_of(out, "coaction_forward: out"));
   auto s = reinterpret_cast<cudaStream_t>(stream);
-  auto launch = [&](auto tag, auto k8, auto k16, auto k32, auto kwarp, auto kspec) {
+  auto launch = [&](auto tag, auto k8, auto k16, auto k32, auto kwarp) {
     using E = decltype(tag);
     Fast f = make_fast(d, false);
     const auto* ids = reinterpret_cast<const int64_t*>(ind_ids);
@@ -1289,7 +1361,12 @@ void coaction_forward(const CoActionDims& d, int dtype, int B, int T, const CoAc
     size_t ssmem;
     check_dims(d);
     if (spec_shape(d, false, &swarps, &ssmem)) {
-      DWDP_CUDA_CHECK(cudaFuncSetAttribute(kspec, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(ssmem)));
+      const auto kspec = f.oi ? spec_pick(f.C, spec_forward_kernel<E, 1, true>, spec_forward_kernel<E, 2, true>,
+                                                spec_forward_kernel<E, 3, true>, spec_forward_kernel<E, 4, true>)
+                              : spec_pick(f.C, spec_forward_kernel<E, 1, false>, spec_forward_kernel<E, 2, false>,
+                                                 spec_forward_kernel<E, 3, false>, spec_forward_kernel<E, 4, false>);
+      if (ssmem > kSmemDefault)
+        DWDP_CUDA_CHECK(cudaFuncSetAttribute(kspec, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(ssmem)));
       if (B == 0 || T == 0) return;
       kspec<<<(B + swarps - 1) / swarps, swarps * 32, ssmem, s>>>(f, make_spec_geo(f, false), B, T, rows, ids, fd,
                                                                   fids, mk, o);
@@ -1316,11 +1393,10 @@ void coaction_forward(const CoActionDims& d, int dtype, int B, int T, const CoAc
   };
   if (dtype == 0)
     launch(float{}, fast_forward_kernel<float, 8>, fast_forward_kernel<float, 16>, fast_forward_kernel<float, 32>,
-           warp_forward_kernel<float>, spec_forward_kernel<float, kSpecD, kSpecN1, kSpecN2>);
+           warp_forward_kernel<float>);
   else
     launch(__nv_bfloat16{}, fast_forward_kernel<__nv_bfloat16, 8>, fast_forward_kernel<__nv_bfloat16, 16>,
-           fast_forward_kernel<__nv_bfloat16, 32>, warp_forward_kernel<__nv_bfloat16>,
-           spec_forward_kernel<__nv_bfloat16, kSpecD, kSpecN1, kSpecN2>);
+           fast_forward_kernel<__nv_bfloat16, 32>, warp_forward_kernel<__nv_bfloat16>);
 }
 
 void coaction_backward(const CoActionDims& d, int dtype, int B, int T, const CoActionRows& rows, uintptr_t ind_ids,
@@ -1330,7 +1406,7 @@ void coaction_backward(const CoActionDims& d, int dtype, int B, int T, const CoA
   for (int i = 0; i < rows.shards; ++i) DWDP_REQUIRE(rows.grad[i] != 0, "co-action: shard " << i << " has no gradient");
   DeviceGuard guard(device_of(grad_feed, "coaction_backward: grad_feed"));
   auto s = reinterpret_cast<cudaStream_t>(stream);
-  auto launch = [&](auto tag, auto k8, auto k16, auto k32, auto kwarp, auto kspec) {
+  auto launch = [&](auto tag, auto k8, auto k16, auto k32, auto kwarp) {
     using E = decltype(tag);
     Fast f = make_fast(d, true);
     const auto* ids = reinterpret_cast<const int64_t*>(ind_ids);
@@ -1345,7 +1421,13 @@ void coaction_backward(const CoActionDims& d, int dtype, int B, int T, const CoA
     size_t ssmem;
     check_dims(d);
     if (spec_shape(d, true, &swarps, &ssmem)) {
-      DWDP_CUDA_CHECK(cudaFuncSetAttribute(kspec, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(ssmem)));
+      const auto kspec = f.oi ? spec_pick(f.C, spec_backward_kernel<E, 1, true>, spec_backward_kernel<E, 2, true>,
+                                                spec_backward_kernel<E, 3, true>, spec_backward_kernel<E, 4, true>)
+                              : spec_pick(f.C, spec_backward_kernel<E, 1, false>,
+                                                 spec_backward_kernel<E, 2, false>, spec_backward_kernel<E, 3, false>,
+                                                 spec_backward_kernel<E, 4, false>);
+      if (ssmem > kSmemDefault)
+        DWDP_CUDA_CHECK(cudaFuncSetAttribute(kspec, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(ssmem)));
       if (B == 0 || T == 0) return;
       kspec<<<(B + swarps - 1) / swarps, swarps * 32, ssmem, s>>>(f, make_spec_geo(f, true), B, T, rows, ids, fd,
                                                                   fids, mk, go, gf);
@@ -1372,11 +1454,10 @@ void coaction_backward(const CoActionDims& d, int dtype, int B, int T, const CoA
   };
   if (dtype == 0)
     launch(float{}, fast_backward_kernel<float, 8>, fast_backward_kernel<float, 16>, fast_backward_kernel<float, 32>,
-           warp_backward_kernel<float>, spec_backward_kernel<float, kSpecD, kSpecN1, kSpecN2>);
+           warp_backward_kernel<float>);
   else
     launch(__nv_bfloat16{}, fast_backward_kernel<__nv_bfloat16, 8>, fast_backward_kernel<__nv_bfloat16, 16>,
-           fast_backward_kernel<__nv_bfloat16, 32>, warp_backward_kernel<__nv_bfloat16>,
-           spec_backward_kernel<__nv_bfloat16, kSpecD, kSpecN1, kSpecN2>);
+           fast_backward_kernel<__nv_bfloat16, 32>, warp_backward_kernel<__nv_bfloat16>);
 }
 
 int coaction_check_ids(uintptr_t ind_ids, int64_t n_ind, int64_t ind_rows, uintptr_t feed_ids, int64_t n_feed,

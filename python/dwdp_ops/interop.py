@@ -95,5 +95,7 @@ def cupy_stream(stream: Any):
     already queued on ``s``."""
     import cupy
 
+    if isinstance(stream, (cupy.cuda.Stream, cupy.cuda.ExternalStream)):
+        return stream  # already one (no new wrapper object per call on hot paths)
     h = stream_handle(stream)
     return cupy.cuda.ExternalStream(h) if h else cupy.cuda.Stream.null

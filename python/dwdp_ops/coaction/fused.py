@@ -26,6 +26,7 @@ shards, all reachable by load/store (NVLink).
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import numpy as np
@@ -138,7 +139,9 @@ class ShardedTable:
         self.close()
 
 
+@functools.lru_cache(maxsize=256)
 def _spec_args(spec: CoActionSpec):
+    """The kernels' shape arguments of ``spec`` (cached per spec: the fused calls are on a training step's hot path)."""
     return ([i for i, _ in spec.layer_dims], [o for _, o in spec.layer_dims], spec.orders, spec.bias,
             spec.order_independent, spec.variant == "paper")
 
@@ -215,10 +218,10 @@ def _args(spec: CoActionSpec, induction, feed, mask, ind_ids, feed_ids, dtype):
     return geo, rows, fd, mk, ids_ptr, fids_ptr, storage
 
 
-def _check_ids(ip: int, B: int, nrows: int, fp: int, T: int, frows: int, stream) -> None:
-    """Range check of both id arrays on the device, on the caller's stream (behind whatever wrote the ids): one
+def _check_ids(ip: int, B: int, nrows: int, fp: int, T: int, frows: int, stream: int) -> None:
+    """Range check of both id arrays on the device, on the caller's stream (``stream``: its handle) (behind whatever wrote the ids): one
     kernel each, then one synchronisation of that stream."""
-    bad = native().coaction_check_ids(ip, B, nrows, fp, B * T, frows, stream_handle(stream))
+    bad = native().coaction_check_ids(ip, B, nrows, fp, B * T, frows, stream)
     if bad & 1:
         raise ValueError(f"ind_ids must be in [0, {nrows}) (the table's rows)")
     if bad & 2:
@@ -234,12 +237,13 @@ def coaction_forward_gpu(induction: Any, feed: Any, mask: Any, spec: CoActionSpe
     spec = spec or CoActionSpec()
     geo, (bases, rps, nrows), fd, mk, ip, fp, storage = _args(spec, induction, feed, mask, ind_ids, feed_ids, dtype)
     B, T = geo[-2], geo[-1]
+    h = stream_handle(stream)
     if check_ids:
-        _check_ids(ip, B, nrows, fp, T, fd.shape[0], stream)
+        _check_ids(ip, B, nrows, fp, T, fd.shape[0], h)
     with cupy_stream(stream):  # the output belongs to the stream that writes it
         # T == 0: nothing to pool, the output is zero (the kernel is not launched)
         out = cp.zeros((B, spec.out_dim), dtype=storage) if T == 0 else cp.empty((B, spec.out_dim), dtype=storage)
-    native().coaction_forward(*geo, bases, rps, ip, fd.ptr, fp, mk.ptr, out.data.ptr, stream_handle(stream))
+    native().coaction_forward(*geo, bases, rps, ip, fd.ptr, fp, mk.ptr, out.data.ptr, h)
     return out
 
 
@@ -252,8 +256,9 @@ def coaction_backward_gpu(induction: Any, feed: Any, mask: Any, grad_out: Any, s
 
     spec = spec or CoActionSpec()
     geo, (bases, rps, nrows), fd, mk, ip, fp, _ = _args(spec, induction, feed, mask, ind_ids, feed_ids, dtype)
+    h = stream_handle(stream)
     if check_ids:
-        _check_ids(ip, geo[-2], nrows, fp, geo[-1], fd.shape[0], stream)
+        _check_ids(ip, geo[-2], nrows, fp, geo[-1], fd.shape[0], h)
     g = device_buffer(grad_out, "grad_out")
     if g.dtype != np.float32 or g.shape != (geo[-2], spec.out_dim) or not g.contiguous:
         raise TypeError(f"grad_out must be a contiguous float32 [{geo[-2]}, {spec.out_dim}] array, got {g.dtype} {list(g.shape)}")
@@ -264,6 +269,5 @@ def coaction_backward_gpu(induction: Any, feed: Any, mask: Any, grad_out: Any, s
             g_ind = cp.zeros((nrows, spec.induction_dim), cp.float32)
             grads = [g_ind.data.ptr]
         g_feed = cp.zeros(fd.shape, cp.float32)
-    native().coaction_backward(*geo, bases, grads, rps, ip, fd.ptr, fp, mk.ptr, g.ptr, g_feed.data.ptr,
-                               stream_handle(stream))
+    native().coaction_backward(*geo, bases, grads, rps, ip, fd.ptr, fp, mk.ptr, g.ptr, g_feed.data.ptr, h)
     return g_ind, g_feed
