@@ -895,9 +895,14 @@ __device__ __forceinline__ void mma3(float (&d)[4], float a0, float a1, float a2
   split_tf32(a1, hi[1], lo[1]);
   split_tf32(a2, hi[2], lo[2]);
   split_tf32(a3, hi[3], lo[3]);
-  mma_tf32(d, lo, b.hi);
-  mma_tf32(d, hi, b.lo);
+  // the correction terms in their own accumulator, added once with round-to-nearest: the tensor cores' fp32
+  // accumulation truncates, which would bias long sums (Ootomo & Yokota, 2022)
+  float s[4] = {0.f, 0.f, 0.f, 0.f};
+  mma_tf32(s, lo, b.hi);
+  mma_tf32(s, hi, b.lo);
   mma_tf32(d, hi, b.hi);
+#pragma unroll
+  for (int k = 0; k < 4; ++k) d[k] += s[k];
 }
 
 // B operands of one order's W1 ([D][N1] at w, fp32 in shared memory). zb[ks]: Z = X W1, k-step ks; k slot t is
@@ -924,20 +929,16 @@ __device__ __forceinline__ W1Frags w1_frags(const float* w, int g, int t, bool g
   return f;
 }
 
-// Z_c for this thread's rows from X^(c+1) = pw * x (elementwise): z[r][e] = row g + 8r, unit 2t + e (bias added
-// when given).
-__device__ __forceinline__ void z_tile(const float (&pw)[4][4], const float (&x)[4][4], const W1Frags& w, float b0,
-                                       float b1, float (&z)[4][2]) {
+// Z_c for this thread's rows from p = X^(c+1): z[r][e] = row g + 8r, unit 2t + e (bias added when given).
+__device__ __forceinline__ void z_tile(const float (&p)[4][4], const W1Frags& w, float b0, float b1,
+                                       float (&z)[4][2]) {
 #pragma unroll
   for (int mt = 0; mt < 2; ++mt) {
     float d[4] = {b0, b1, b0, b1};
     const int r0 = 2 * mt, r1 = 2 * mt + 1;
 #pragma unroll
-    for (int ks = 0; ks < 2; ++ks) {
-      const int i0 = 2 * ks, i1 = 2 * ks + 1;
-      mma3(d, pw[r0][i0] * x[r0][i0], pw[r1][i0] * x[r1][i0], pw[r0][i1] * x[r0][i1], pw[r1][i1] * x[r1][i1],
-           w.zb[ks]);
-    }
+    for (int ks = 0; ks < 2; ++ks)
+      mma3(d, p[r0][2 * ks], p[r1][2 * ks], p[r0][2 * ks + 1], p[r1][2 * ks + 1], w.zb[ks]);
     z[r0][0] = d[0], z[r0][1] = d[1], z[r1][0] = d[2], z[r1][1] = d[3];
   }
 }
@@ -1081,24 +1082,19 @@ __global__ void __launch_bounds__(kFastWarps * 32, spec_fwd_blocks<C>()) spec_fo
     const int n = next_rows(mrow, T_len, q, qn, t0, lane, tr);
     if (n == 0) break;
     valid += n;
-    float x[4][4], pw[4][4];  // pw: x^c at the start of order c
+    float x[4][4], p[4][4];  // p: x^(c + 1)
     spec_rows(f, feed, feed_ids, b, T_len, ti, tr, x);
 #pragma unroll
-    for (int r = 0; r < 4; ++r)
-#pragma unroll
-      for (int i = 0; i < 4; ++i) pw[r][i] = 1.f;
-#pragma unroll
     for (int c = 0; c < C; ++c) {
+#pragma unroll
+      for (int r = 0; r < 4; ++r)
+#pragma unroll
+        for (int i = 0; i < 4; ++i) p[r][i] = c ? p[r][i] * x[r][i] : x[r][i];
       const float* wc = W + (OI ? c * f.wslice : 0);
       const W1Frags w = OI ? w1_frags(wc, gi, ti, false) : w0;
       const float b0 = f.bias ? wc[D * N1 + 2 * ti] : 0.f, b1 = f.bias ? wc[D * N1 + 2 * ti + 1] : 0.f;
       float z[4][2];
-      z_tile(pw, x, w, b0, b1, z);
-      if (c + 1 < C)
-#pragma unroll
-        for (int r = 0; r < 4; ++r)
-#pragma unroll
-          for (int i = 0; i < 4; ++i) pw[r][i] *= x[r][i];
+      z_tile(p, w, b0, b1, z);
 #pragma unroll
       for (int r = 0; r < 4; ++r) {
         const float v = tr[r] >= 0 ? 1.f : 0.f;  // a row past n adds nothing (a bias makes its z non-zero)
@@ -1194,18 +1190,18 @@ __global__ void __launch_bounds__(kFastWarps * 32, spec_bwd_blocks<C>()) spec_ba
 #pragma unroll
         for (int i = 0; i < 4; ++i) gx[r][i] = 0.f;
       }
-      float pw[4][4];  // x^c at the start of order c
-#pragma unroll
-      for (int r = 0; r < 4; ++r)
-#pragma unroll
-        for (int i = 0; i < 4; ++i) pw[r][i] = 1.f;
+      float pw[4][4];  // x^c at the start of order c (unused for c = 0)
 #pragma unroll
       for (int c = 0; c < C; ++c) {
         const float* wc = W + (OI ? c * f.wslice : 0);
         const W1Frags w = OI ? w1_frags(wc, gi, ti, true) : w0;
         const float b0 = f.bias ? wc[D * N1 + 2 * ti] : 0.f, b1 = f.bias ? wc[D * N1 + 2 * ti + 1] : 0.f;
-        float z[4][2];
-        z_tile(pw, x, w, b0, b1, z);
+        float p[4][4], z[4][2];  // p: x^(c + 1)
+#pragma unroll
+        for (int r = 0; r < 4; ++r)
+#pragma unroll
+          for (int i = 0; i < 4; ++i) p[r][i] = c ? pw[r][i] * x[r][i] : x[r][i];
+        z_tile(p, w, b0, b1, z);
         const float u0 = U[c * N1 + 2 * ti], u1 = U[c * N1 + 2 * ti + 1];
 #pragma unroll
         for (int r = 0; r < 4; ++r) {
@@ -1230,18 +1226,23 @@ __global__ void __launch_bounds__(kFastWarps * 32, spec_bwd_blocks<C>()) spec_ba
             mma3(d, z[2 * mt][0], z[2 * mt + 1][0], z[2 * mt][1], z[2 * mt + 1][1], w.gb[nt]);
 #pragma unroll
             for (int e = 0; e < 2; ++e) {
-              gx[2 * mt][2 * nt + e] = fmaf(d[e], cf * pw[2 * mt][2 * nt + e], gx[2 * mt][2 * nt + e]);
-              gx[2 * mt + 1][2 * nt + e] = fmaf(d[2 + e], cf * pw[2 * mt + 1][2 * nt + e], gx[2 * mt + 1][2 * nt + e]);
+              const float s0 = c ? cf * pw[2 * mt][2 * nt + e] : 1.f, s1 = c ? cf * pw[2 * mt + 1][2 * nt + e] : 1.f;
+              gx[2 * mt][2 * nt + e] = fmaf(d[e], s0, gx[2 * mt][2 * nt + e]);
+              gx[2 * mt + 1][2 * nt + e] = fmaf(d[2 + e], s1, gx[2 * mt + 1][2 * nt + e]);
             }
           }
-        if (c + 1 < C)
 #pragma unroll
-          for (int r = 0; r < 4; ++r)
+        for (int r = 0; r < 4; ++r)
 #pragma unroll
-            for (int i = 0; i < 4; ++i) pw[r][i] *= x[r][i];
+          for (int i = 0; i < 4; ++i) pw[r][i] = p[r][i];
       }
       __syncwarp();
       // W1's gradient: X^(c+1)^T dZ_c over the round's rows, k-steps of 8 rows (rows past n hold zeros)
+      float dr[C][4];  // this round's sums (tensor-core accumulation kept short), added to gw1 with round-to-nearest
+#pragma unroll
+      for (int c = 0; c < C; ++c)
+#pragma unroll
+        for (int k = 0; k < 4; ++k) dr[c][k] = 0.f;
       for (int kk = 0; 8 * kk < n; ++kk) {
         const float* ra = rws + (8 * kk + ti) * g.RS;
         const float* rb = ra + 4 * g.RS;
@@ -1253,9 +1254,13 @@ __global__ void __launch_bounds__(kFastWarps * 32, spec_bwd_blocks<C>()) spec_ba
 #pragma unroll
             for (int k = 0; k < 4; ++k) a[k] *= xa[k];
           const BFrag bz = bfrag(ra[g.rDZ + c * N1 + gi], rb[g.rDZ + c * N1 + gi]);
-          mma3(gw1[c], a[0], a[1], a[2], a[3], bz);
+          mma3(dr[c], a[0], a[1], a[2], a[3], bz);
         }
       }
+#pragma unroll
+      for (int c = 0; c < C; ++c)
+#pragma unroll
+        for (int k = 0; k < 4; ++k) gw1[c][k] += dr[c][k];
       // this thread's rows' feed gradients (features 4t .. 4t + 3)
 #pragma unroll
       for (int r = 0; r < 4; ++r) {
