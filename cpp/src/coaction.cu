@@ -838,180 +838,40 @@ __global__ void __launch_bounds__(kFastWarps * 32) fast_backward_kernel(Fast f, 
 // ---------------------------------------------------------------------------------------------------------------
 // Specialised path: the CAN reference shape (D = 16, 16 -> 8 -> 4, linear last layer: the reference code's variant,
 // not the paper's) with 1-4 orders; widths, order count and order independence are compile-time constants. A warp
-// runs a sample: the induction row is staged once in shared memory (at these widths its layout is the row's own),
-// the mask is compacted with ballots, and each round of up to 32 unmasked behaviours is a [32 x 16] tile whose three
-// products run on the tensor cores (mma.sync m16n8k8, TF32 inputs split three ways, a = a_hi + a_lo, so that
-// a_hi b_hi + a_hi b_lo + a_lo b_hi keeps fp32 accuracy: relative error ~1e-6):
-//  - forward, per order c: Z_c = X^(c+1) W1_c, [32 x 16] x [16 x 8]; the last layer is linear, so its pooled output
-//    is (sum over behaviours of tanh Z_c) W2_c (+ n b2_c), computed once per sample;
-//  - backward, per order: dZ_c = u_c (1 - H_c^2) with u_c = G1_c + W2_c G2_c one vector per (sample, order) (dz of
-//    the linear layer is the sample's grad_out block for every behaviour); the feed gradient dZ_c W1_c^T
-//    ([32 x 8] x [8 x 16]) times (c + 1) X^c; W1's gradient X^(c+1)^T dZ_c ([16 x 32] x [32 x 8]) accumulated in
-//    the mma's registers over all of the sample's rounds; W2's gradient (sum of H_c) x G2_c per sample.
-// Each thread owns rows g, g + 8, g + 16, g + 24 of the tile (g = lane / 4) and features 4 t .. 4 t + 3 (t = lane % 4,
-// one 16-byte feed load per row); the products' k and n indices are permuted (features into the k slots a thread
-// holds, hidden units so that Z's accumulator layout is dZ's operand layout), so no value crosses lanes except for
-// W1's gradient, whose operands are staged through shared memory (rows x features, rows x units). Pooled sums and
-// per-sample gradients are reduced over the lanes in a fixed order: results do not depend on scheduling. tanh is
-// 1 - 2 / (exp(2|z|) + 1) on the hardware's ex2 and rcp approximations (absolute error ~2e-7; the general kernels use
-// tanhf).
+// runs a sample, its lanes over the sample's compacted unmasked behaviours, the induction row staged once in shared
+// memory (at these widths its layout is the row's own: nothing is padded). Three facts of the shape organise it:
+//  - the last layer is linear, so its pooled output is (sum over behaviours of h1) W2 (+ n b2): per behaviour only
+//    h1 = tanh(x^c W1) is computed; the second layer runs once per sample;
+//  - every order reads the same feed row, so one pass over its 16 values forms x^c for every order and all C x 8
+//    first-layer sums at once (C x 8 independent FMA chains; with shared weights each 16-byte weight broadcast
+//    feeds every order);
+//  - backward, dz of the last layer is the sample's grad_out block for every behaviour, so the first layer's
+//    upstream gradient u_c = G1_c + W2_c G2_c is one vector per (sample, order), W2's gradient is (sum of h1) x G2_c,
+//    and only W1's gradient needs per-behaviour outer products: each lane owns one 2 x 2 tile of W1 in every order
+//    and accumulates it in registers over all of the sample's rounds from the round's staged rows (x and dz).
+// tanh is 1 - 2 / (exp(2|z|) + 1) on the hardware's ex2 and rcp approximations (absolute error about 2e-7; the
+// general kernels use tanhf, about 4x the instructions). Pooled sums, weight gradients and the order sums are
+// accumulated in a fixed order: results do not depend on scheduling.
 
 constexpr int kSpecD = 16, kSpecN1 = 8, kSpecN2 = 4, kSpecMaxOrders = 4;
 
+// Six instructions (two on the MUFU pipe): the PTX approximations directly, since __expf and __fdividef add range
+// checks that a non-negative argument and a denominator >= 2 never need.
 __device__ __forceinline__ float tanh_fast(float z) {
-  const float e = __expf(2.f * fabsf(z));  // inf for |z| > 44: 2 / inf = 0, tanh = +-1
-  return copysignf(1.f - __fdividef(2.f, e + 1.f), z);
-}
-
-// x = hi + lo, both TF32 (rounded to nearest).
-__device__ __forceinline__ void split_tf32(float x, uint32_t& hi, uint32_t& lo) {
-  asm("cvt.rna.tf32.f32 %0, %1;" : "=r"(hi) : "f"(x));
-  asm("cvt.rna.tf32.f32 %0, %1;" : "=r"(lo) : "f"(x - __uint_as_float(hi)));
-}
-
-// d += a b for one m16n8k8 tile in three TF32 products (small terms first). Operand layouts (PTX ISA, m16n8k8 .tf32;
-// g = lane / 4, t = lane % 4): a = {(g, t), (g + 8, t), (g, t + 4), (g + 8, t + 4)} of A [16 x 8];
-// b = {(t, g), (t + 4, g)} of B [8 x 8]; d = {(g, 2t), (g, 2t + 1), (g + 8, 2t), (g + 8, 2t + 1)} of D [16 x 8].
-struct BFrag {
-  uint32_t hi[2], lo[2];
-};
-
-__device__ __forceinline__ BFrag bfrag(float b0, float b1) {
-  BFrag f;
-  split_tf32(b0, f.hi[0], f.lo[0]);
-  split_tf32(b1, f.hi[1], f.lo[1]);
-  return f;
-}
-
-__device__ __forceinline__ void mma_tf32(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
-  asm("mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};"
-      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
-}
-
-__device__ __forceinline__ void mma3(float (&d)[4], float a0, float a1, float a2, float a3, const BFrag& b) {
-  uint32_t hi[4], lo[4];
-  split_tf32(a0, hi[0], lo[0]);
-  split_tf32(a1, hi[1], lo[1]);
-  split_tf32(a2, hi[2], lo[2]);
-  split_tf32(a3, hi[3], lo[3]);
-  // the correction terms in their own accumulator, added once with round-to-nearest: the tensor cores' fp32
-  // accumulation truncates, which would bias long sums (Ootomo & Yokota, 2022)
-  float s[4] = {0.f, 0.f, 0.f, 0.f};
-  mma_tf32(s, lo, b.hi);
-  mma_tf32(s, hi, b.lo);
-  mma_tf32(d, hi, b.hi);
-#pragma unroll
-  for (int k = 0; k < 4; ++k) d[k] += s[k];
-}
-
-// B operands of one order's W1 ([D][N1] at w, fp32 in shared memory). zb[ks]: Z = X W1, k-step ks; k slot t is
-// feature 4t + 2ks and k slot t + 4 feature 4t + 2ks + 1 (the features this thread holds), n = hidden unit g.
-// gb[nt]: dX = dZ W1^T, n-tile nt; k slot t is unit 2t, k slot t + 4 unit 2t + 1 (Z's accumulator columns), and
-// n = g is feature 4 (g / 2) + 2 nt + g % 2, so that the accumulator's columns 2t, 2t + 1 are features
-// 4t + 2nt, 4t + 2nt + 1 (again this thread's).
-struct W1Frags {
-  BFrag zb[2], gb[2];
-};
-
-__device__ __forceinline__ W1Frags w1_frags(const float* w, int g, int t, bool grad) {
-  constexpr int N1 = kSpecN1;
-  W1Frags f;
-#pragma unroll
-  for (int ks = 0; ks < 2; ++ks) f.zb[ks] = bfrag(w[(4 * t + 2 * ks) * N1 + g], w[(4 * t + 2 * ks + 1) * N1 + g]);
-  if (grad) {
-#pragma unroll
-    for (int nt = 0; nt < 2; ++nt) {
-      const int i = 4 * (g >> 1) + 2 * nt + (g & 1);
-      f.gb[nt] = bfrag(w[i * N1 + 2 * t], w[i * N1 + 2 * t + 1]);
-    }
-  }
-  return f;
-}
-
-// Z_c for this thread's rows from p = X^(c+1): z[r][e] = row g + 8r, unit 2t + e (bias added when given).
-__device__ __forceinline__ void z_tile(const float (&p)[4][4], const W1Frags& w, float b0, float b1,
-                                       float (&z)[4][2]) {
-#pragma unroll
-  for (int mt = 0; mt < 2; ++mt) {
-    float d[4] = {b0, b1, b0, b1};
-    const int r0 = 2 * mt, r1 = 2 * mt + 1;
-#pragma unroll
-    for (int ks = 0; ks < 2; ++ks)
-      mma3(d, p[r0][2 * ks], p[r1][2 * ks], p[r0][2 * ks + 1], p[r1][2 * ks + 1], w.zb[ks]);
-    z[r0][0] = d[0], z[r0][1] = d[1], z[r1][0] = d[2], z[r1][1] = d[3];
-  }
-}
-
-// The next round of up to 32 unmasked behaviours of a sample, compacted with ballots into the warp's queue q
-// (qn entries, scanned up to t0). Returns the round's size n (0: the sample is done; warp-uniform) and the behaviour
-// of each of this thread's rows g + 8r (-1 past n).
-__device__ __forceinline__ int next_rows(const float* __restrict__ mrow, int T_len, int* q, int& qn, int& t0,
-                                         int lane, int (&tr)[4]) {
-  while (qn < 32 && t0 < T_len) {
-    const int t = t0 + lane;
-    const bool on = t < T_len && mrow[t] != 0.f;
-    const unsigned bal = __ballot_sync(0xffffffffu, on);
-    if (on) q[qn + __popc(bal & ((1u << lane) - 1u))] = t;
-    qn += __popc(bal);
-    t0 += 32;
-  }
-  __syncwarp();
-  const int n = min(qn, 32);
-#pragma unroll
-  for (int r = 0; r < 4; ++r) tr[r] = (lane >> 2) + 8 * r < n ? q[(lane >> 2) + 8 * r] : -1;
-  __syncwarp();
-  if (lane < qn - n) q[lane] = q[lane + 32];  // reads [32, qn), writes [0, qn - 32): disjoint
-  __syncwarp();
-  qn -= n;
-  return n;
-}
-
-__device__ __forceinline__ void ld4(const float* __restrict__ p, bool vec, float (&v)[4]) {
-  if (vec) {
-    const float4 a = *reinterpret_cast<const float4*>(p);
-    v[0] = a.x, v[1] = a.y, v[2] = a.z, v[3] = a.w;
-  } else {
-#pragma unroll
-    for (int i = 0; i < 4; ++i) v[i] = p[i];
-  }
-}
-
-__device__ __forceinline__ void ld4(const __nv_bfloat16* __restrict__ p, bool vec, float (&v)[4]) {
-  if (vec) {  // 8 bytes: a word holds element 2k in its low half
-    const uint2 r = *reinterpret_cast<const uint2*>(p);
-    v[0] = __uint_as_float(r.x << 16), v[1] = __uint_as_float(r.x & 0xffff0000u);
-    v[2] = __uint_as_float(r.y << 16), v[3] = __uint_as_float(r.y & 0xffff0000u);
-  } else {
-#pragma unroll
-    for (int i = 0; i < 4; ++i) v[i] = __bfloat162float(p[i]);
-  }
-}
-
-// This thread's features 4t .. 4t + 3 of each of its rows (zeros past the round's n) and the rows' feed rows.
-__device__ __forceinline__ size_t feed_row(const int64_t* __restrict__ feed_ids, int b, int T_len, int t) {
-  const size_t pos = static_cast<size_t>(b) * T_len + t;
-  return feed_ids ? static_cast<size_t>(feed_ids[pos]) : pos;
-}
-
-template <typename T>
-__device__ __forceinline__ void spec_rows(const Fast& f, const T* __restrict__ feed,
-                                          const int64_t* __restrict__ feed_ids, int b, int T_len, int t,
-                                          const int (&tr)[4], float (&x)[4][4]) {
-#pragma unroll
-  for (int r = 0; r < 4; ++r) {
-#pragma unroll
-    for (int i = 0; i < 4; ++i) x[r][i] = 0.f;
-    if (tr[r] >= 0) ld4(feed + feed_row(feed_ids, b, T_len, tr[r]) * kSpecD + 4 * t, f.feed_vec, x[r]);
-  }
+  float e, r;
+  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(e) : "f"(fabsf(z) * 2.8853900817779268f));  // exp(2|z|); inf past |z| 44
+  asm("rcp.approx.ftz.f32 %0, %1;" : "=f"(r) : "f"(e + 1.f));                          // 1 / inf = 0: tanh = +-1
+  return copysignf(fmaf(-2.f, r, 1.f), z);
 }
 
 // Per-warp shared memory of the specialised kernels (floats): W | gW (backward) | G (backward: grad_out row) |
-// U (u_c) | H (pooled h1 sums) | Bs (dz sums, backward) | queue | backward: 32 rows of RS floats, x [D] | dz [C][N1]
-// (RS = 8 mod 32: the fragment reads of W1's gradient, rows 8k + t and columns g, hit distinct banks).
+// U (forward: pooled h1 sums; backward: u_c) | queue | 32 lane rows of RS floats. Forward row: h1 sums [C][N1].
+// Backward row: x [D] | dz [C][N1] | feed gradient [D] (feed ids only) | sums of dz [C][N1] (bias only).
 struct SpecGeo {
-  int oW, oGW, oG, oU, oH, oB, oQ, oRows, RS, rDZ, per_warp;
+  int oW, oGW, oG, oU, oQ, oRows, RS, rDZ, rGX, rB, per_warp;
 };
+
+__host__ __device__ constexpr int odd4(int x) { return (pad4(x) / 4) % 2 ? pad4(x) : pad4(x) + 4; }
 
 SpecGeo make_spec_geo(const Fast& f, bool backward) {
   SpecGeo g{};
@@ -1020,14 +880,12 @@ SpecGeo make_spec_geo(const Fast& f, bool backward) {
   g.oGW = wrow;
   g.oG = g.oGW + (backward ? wrow : 0);
   g.oU = g.oG + (backward ? pad4(f.n_out) : 0);
-  g.oH = g.oU + (backward ? cn : 0);
-  g.oB = g.oH + cn;
-  g.oQ = g.oB + (backward ? cn : 0);
+  g.oQ = g.oU + pad4(cn);
   g.oRows = g.oQ + kQueue;
   g.rDZ = kSpecD;
-  int rs = kSpecD + cn;
-  while (rs % 32 != 8) ++rs;
-  g.RS = backward ? rs : 0;
+  g.rGX = g.rDZ + cn;
+  g.rB = g.rGX + kSpecD;
+  g.RS = backward ? odd4(g.rB + (f.bias ? cn : 0)) : odd4(cn);
   g.per_warp = g.oRows + 32 * g.RS;
   return g;
 }
@@ -1040,74 +898,122 @@ __device__ __forceinline__ void stage_row(const Fast& f, const T* row, float* W,
   __syncwarp();
 }
 
-// Sums v over the lanes of equal t (the 8 groups g), in a fixed order; every lane gets the sum.
-__device__ __forceinline__ float sum_over_groups(float v) {
-  v += __shfl_xor_sync(0xffffffffu, v, 4);
-  v += __shfl_xor_sync(0xffffffffu, v, 8);
-  v += __shfl_xor_sync(0xffffffffu, v, 16);
-  return v;
+// z[c][0..N1) = (x^(c+1)) W1_c (+ b1_c) for every order c < C at once; W1_c is [D][N1] (then [N1] bias) at
+// W + c * ws (ws: floats between orders' slices, used only when OI), read as 16-byte broadcasts.
+template <int C, bool OI>
+__device__ __forceinline__ void spec_first_layer(const float* __restrict__ W, int ws, bool bias,
+                                                 const float (&x)[kSpecD], float (&z)[C][kSpecN1]) {
+  constexpr int D = kSpecD, N4 = kSpecN1 / 4;
+#pragma unroll
+  for (int c = 0; c < C; ++c) {
+    const float4* w4 = reinterpret_cast<const float4*>(W + (OI ? c * ws : 0));
+#pragma unroll
+    for (int jc = 0; jc < N4; ++jc) {
+      const float4 b = bias ? w4[D * N4 + jc] : make_float4(0.f, 0.f, 0.f, 0.f);
+      z[c][4 * jc] = b.x, z[c][4 * jc + 1] = b.y, z[c][4 * jc + 2] = b.z, z[c][4 * jc + 3] = b.w;
+    }
+  }
+#pragma unroll
+  for (int i = 0; i < D; ++i) {
+    float p = x[i];
+#pragma unroll
+    for (int c = 0; c < C; ++c) {
+      if (c) p *= x[i];
+      const float4* w4 = reinterpret_cast<const float4*>(W + (OI ? c * ws : 0)) + i * N4;
+#pragma unroll
+      for (int jc = 0; jc < N4; ++jc) {
+        const float4 w = w4[jc];
+        z[c][4 * jc] = fmaf(p, w.x, z[c][4 * jc]);
+        z[c][4 * jc + 1] = fmaf(p, w.y, z[c][4 * jc + 1]);
+        z[c][4 * jc + 2] = fmaf(p, w.z, z[c][4 * jc + 2]);
+        z[c][4 * jc + 3] = fmaf(p, w.w, z[c][4 * jc + 3]);
+      }
+    }
+  }
 }
 
+// dst[0..N) += v * a[0..N) (16-byte shared-memory accesses; N a multiple of 4).
+template <int N>
+__device__ __forceinline__ void spec_acc(float* dst, float v, const float (&a)[N]) {
+#pragma unroll
+  for (int c = 0; c < N / 4; ++c) {
+    float4 r = reinterpret_cast<float4*>(dst)[c];
+    r.x = fmaf(v, a[4 * c], r.x);
+    r.y = fmaf(v, a[4 * c + 1], r.y);
+    r.z = fmaf(v, a[4 * c + 2], r.z);
+    r.w = fmaf(v, a[4 * c + 3], r.w);
+    reinterpret_cast<float4*>(dst)[c] = r;
+  }
+}
+
+// This lane's behaviour of the round: its feed row (zeros for a lane past the round's n) and where it lives.
+template <typename T>
+__device__ __forceinline__ size_t spec_feed(const Fast& f, const T* __restrict__ feed,
+                                            const int64_t* __restrict__ feed_ids, int b, int T_len, int t,
+                                            float (&x)[kSpecD]) {
+  const size_t pos = static_cast<size_t>(b) * T_len + (t < 0 ? 0 : t);
+  const size_t frow = t < 0 ? 0 : feed_ids ? static_cast<size_t>(feed_ids[pos]) : pos;
+  load_feed<kSpecD>(feed, frow, f, t >= 0, x);
+  return frow;
+}
+
+// Two warps (samples) a block: a block's slot on the SM frees when its slowest sample ends, so small blocks keep the
+// SMs fuller as samples of different lengths finish. Register caps: 80 (forward) / 128 (backward) for up to 3 orders.
+constexpr int kSpecWarps = 2;
 template <int C>
-constexpr int spec_fwd_blocks() { return C <= 2 ? 8 : 6; }
+constexpr int spec_fwd_blocks() { return (C <= 2 ? 6 : 5) * kFastWarps / kSpecWarps; }
 template <int C>
-constexpr int spec_bwd_blocks() { return C <= 2 ? 4 : 3; }
+constexpr int spec_bwd_blocks() { return (C <= 3 ? 4 : 3) * kFastWarps / kSpecWarps; }
 
 template <typename T, int C, bool OI>
-__global__ void __launch_bounds__(kFastWarps * 32, spec_fwd_blocks<C>()) spec_forward_kernel(
+__global__ void __launch_bounds__(kSpecWarps * 32, spec_fwd_blocks<C>()) spec_forward_kernel(
     Fast f, SpecGeo g, int B, int T_len, CoActionRows rows, const int64_t* __restrict__ ind_ids,
     const T* __restrict__ feed, const int64_t* __restrict__ feed_ids, const float* __restrict__ mask,
     T* __restrict__ out) {
   constexpr int D = kSpecD, N1 = kSpecN1, N2 = kSpecN2, S = N1 + N2;
   extern __shared__ __align__(16) float smem[];
-  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, gi = lane >> 2, ti = lane & 3;
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   const int b = blockIdx.x * (blockDim.x >> 5) + warp;
   if (b >= B) return;  // warps are independent: no block-wide barrier in this kernel
   float* base = smem + static_cast<size_t>(warp) * g.per_warp;
   const float* W = base + g.oW;
-  float* hs = base + g.oH;
+  float* hs = base + g.oU;
   int* q = reinterpret_cast<int*>(base + g.oQ);
+  float* rws = base + g.oRows;
   int shard;
   int64_t local;
   stage_row(f, induction_row<T>(rows, ind_ids, b, f.ind_dim, &shard, &local), base + g.oW, lane);
-  W1Frags w0{};
-  if (!OI) w0 = w1_frags(W, gi, ti, false);
-  float acc[C][2];
+  float acc[C][N1];
 #pragma unroll
-  for (int c = 0; c < C; ++c) acc[c][0] = acc[c][1] = 0.f;
+  for (int c = 0; c < C; ++c)
+#pragma unroll
+    for (int j = 0; j < N1; ++j) acc[c][j] = 0.f;
   const float* mrow = mask + static_cast<size_t>(b) * T_len;
   int qn = 0, t0 = 0, valid = 0;
   for (;;) {
-    int tr[4];
-    const int n = next_rows(mrow, T_len, q, qn, t0, lane, tr);
+    int t;
+    const int n = next_round(mrow, T_len, q, qn, t0, lane, &t);
     if (n == 0) break;
     valid += n;
-    float x[4][4], p[4][4];  // p: x^(c + 1)
-    spec_rows(f, feed, feed_ids, b, T_len, ti, tr, x);
+    float x[D], z[C][N1];
+    spec_feed(f, feed, feed_ids, b, T_len, t, x);
+    spec_first_layer<C, OI>(W, f.wslice, f.bias, x, z);
+    const float v = t >= 0 ? 1.f : 0.f;  // a lane past the round's n adds nothing (a bias makes its z non-zero)
 #pragma unroll
-    for (int c = 0; c < C; ++c) {
+    for (int c = 0; c < C; ++c)
 #pragma unroll
-      for (int r = 0; r < 4; ++r)
-#pragma unroll
-        for (int i = 0; i < 4; ++i) p[r][i] = c ? p[r][i] * x[r][i] : x[r][i];
-      const float* wc = W + (OI ? c * f.wslice : 0);
-      const W1Frags w = OI ? w1_frags(wc, gi, ti, false) : w0;
-      const float b0 = f.bias ? wc[D * N1 + 2 * ti] : 0.f, b1 = f.bias ? wc[D * N1 + 2 * ti + 1] : 0.f;
-      float z[4][2];
-      z_tile(p, w, b0, b1, z);
-#pragma unroll
-      for (int r = 0; r < 4; ++r) {
-        const float v = tr[r] >= 0 ? 1.f : 0.f;  // a row past n adds nothing (a bias makes its z non-zero)
-        acc[c][0] = fmaf(v, tanh_fast(z[r][0]), acc[c][0]);
-        acc[c][1] = fmaf(v, tanh_fast(z[r][1]), acc[c][1]);
-      }
-    }
+      for (int j = 0; j < N1; ++j) acc[c][j] = fmaf(v, tanh_fast(z[c][j]), acc[c][j]);
   }
-  // pooled h1 sums: unit 2t + e of order c over the 8 groups
+  // the lanes' h1 sums -> hs [C][N1] (column sums over the lane rows, in lane order)
+  float* my = rws + lane * g.RS;
 #pragma unroll
-  for (int c = 0; c < C; ++c) {
-    const float s0 = sum_over_groups(acc[c][0]), s1 = sum_over_groups(acc[c][1]);
-    if (gi == 0) hs[c * N1 + 2 * ti] = s0, hs[c * N1 + 2 * ti + 1] = s1;
+  for (int c = 0; c < C; ++c) store_row<N1>(my + c * N1, acc[c], N1);
+  __syncwarp();
+  for (int k = lane; k < C * N1; k += 32) {
+    float s = 0.f;
+#pragma unroll 8
+    for (int m = 0; m < 32; ++m) s += rws[m * g.RS + k];
+    hs[k] = s;
   }
   __syncwarp();
   // out[b] = [C][h1 sums (N1) | h1 sums W2_c + valid b2_c (N2)]
@@ -1127,30 +1033,31 @@ __global__ void __launch_bounds__(kFastWarps * 32, spec_fwd_blocks<C>()) spec_fo
 }
 
 template <typename T, int C, bool OI>
-__global__ void __launch_bounds__(kFastWarps * 32, spec_bwd_blocks<C>()) spec_backward_kernel(
+__global__ void __launch_bounds__(kSpecWarps * 32, spec_bwd_blocks<C>()) spec_backward_kernel(
     Fast f, SpecGeo g, int B, int T_len, CoActionRows rows, const int64_t* __restrict__ ind_ids,
     const T* __restrict__ feed, const int64_t* __restrict__ feed_ids, const float* __restrict__ mask,
     const float* __restrict__ grad_out, float* __restrict__ grad_feed) {
   constexpr int D = kSpecD, N1 = kSpecN1, N2 = kSpecN2, S = N1 + N2;
   extern __shared__ __align__(16) float smem[];
   __shared__ int64_t blk_row[kFastWarps];  // the table row each warp's gradient belongs to (-1: none)
-  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, gi = lane >> 2, ti = lane & 3;
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   const int b = blockIdx.x * (blockDim.x >> 5) + warp;
   float* base = smem + static_cast<size_t>(warp) * g.per_warp;
   const float* W = base + g.oW;
   float* gW = base + g.oGW;
   float* G = base + g.oG;
   float* U = base + g.oU;
-  float* H = base + g.oH;
-  float* Bs = base + g.oB;
   int* q = reinterpret_cast<int*>(base + g.oQ);
   float* rws = base + g.oRows;
+  float* my = rws + lane * g.RS;
   int shard = 0;
   int64_t local = 0;
   const T* row = b < B ? induction_row<T>(rows, ind_ids, b, f.ind_dim, &shard, &local) : nullptr;
   // No early return: with ids every warp of the block meets the barrier before the row gradients are combined.
   if (row) {
     for (int i = lane; i < g.oG - g.oGW; i += 32) gW[i] = 0.f;
+    if (f.bias)
+      for (int i = g.rB; i < g.rB + C * N1; i += 4) *reinterpret_cast<float4*>(my + i) = make_float4(0.f, 0.f, 0.f, 0.f);
     for (int k = lane; k < C * S; k += 32) G[k] = grad_out[static_cast<size_t>(b) * f.n_out + k];
     stage_row(f, row, base + g.oW, lane);  // its barrier orders the writes above before the reads below
     // u_c = G1_c + W2_c G2_c: the first layer's upstream gradient, the same for every behaviour of the sample
@@ -1163,163 +1070,138 @@ __global__ void __launch_bounds__(kFastWarps * 32, spec_bwd_blocks<C>()) spec_ba
       U[k] = u;
     }
     __syncwarp();
-    W1Frags w0{};
-    if (!OI) w0 = w1_frags(W, gi, ti, true);
-    // W1's gradient per order in the mma's accumulator layout: (feature g, unit 2t), (g, 2t + 1), (g + 8, 2t),
-    // (g + 8, 2t + 1); h1 and dz sums of units 2t, 2t + 1 over this thread's rows
-    float gw1[C][4], hacc[C][2], bacc[C][2];
+    const int ti = lane >> 2, tj = lane & 3;  // this lane's 2 x 2 tile of W1: rows 2 ti, 2 ti + 1; columns 2 tj, +1
+    float tacc[C][4], hacc[C][N1];
 #pragma unroll
     for (int c = 0; c < C; ++c) {
 #pragma unroll
-      for (int k = 0; k < 4; ++k) gw1[c][k] = 0.f;
-      hacc[c][0] = hacc[c][1] = bacc[c][0] = bacc[c][1] = 0.f;
+      for (int k = 0; k < 4; ++k) tacc[c][k] = 0.f;
+#pragma unroll
+      for (int j = 0; j < N1; ++j) hacc[c][j] = 0.f;
     }
     const float* mrow = mask + static_cast<size_t>(b) * T_len;
     int qn = 0, t0 = 0, valid = 0;
     for (;;) {
-      int tr[4];
-      const int n = next_rows(mrow, T_len, q, qn, t0, lane, tr);
+      int t;
+      const int n = next_round(mrow, T_len, q, qn, t0, lane, &t);
       if (n == 0) break;
       valid += n;
-      float x[4][4], gx[4][4];
-      spec_rows(f, feed, feed_ids, b, T_len, ti, tr, x);
-#pragma unroll
-      for (int r = 0; r < 4; ++r) {
-        *reinterpret_cast<float4*>(rws + ((gi + 8 * r) * g.RS + 4 * ti)) =
-            make_float4(x[r][0], x[r][1], x[r][2], x[r][3]);
-#pragma unroll
-        for (int i = 0; i < 4; ++i) gx[r][i] = 0.f;
-      }
-      float pw[4][4];  // x^c at the start of order c (unused for c = 0)
+      float x[D], z[C][N1];
+      const size_t frow = spec_feed(f, feed, feed_ids, b, T_len, t, x);
+      spec_first_layer<C, OI>(W, f.wslice, f.bias, x, z);
+      const float v = t >= 0 ? 1.f : 0.f;
+      // h1 sums (for W2's gradient) and dz = v u_c (1 - h1^2), in place of z
 #pragma unroll
       for (int c = 0; c < C; ++c) {
-        const float* wc = W + (OI ? c * f.wslice : 0);
-        const W1Frags w = OI ? w1_frags(wc, gi, ti, true) : w0;
-        const float b0 = f.bias ? wc[D * N1 + 2 * ti] : 0.f, b1 = f.bias ? wc[D * N1 + 2 * ti + 1] : 0.f;
-        float p[4][4], z[4][2];  // p: x^(c + 1)
+        const float4* u4 = reinterpret_cast<const float4*>(U + c * N1);
 #pragma unroll
-        for (int r = 0; r < 4; ++r)
+        for (int jc = 0; jc < N1 / 4; ++jc) {
+          const float4 u = u4[jc];
+          const float uu[4] = {u.x, u.y, u.z, u.w};
 #pragma unroll
-          for (int i = 0; i < 4; ++i) p[r][i] = c ? pw[r][i] * x[r][i] : x[r][i];
-        z_tile(p, w, b0, b1, z);
-        const float u0 = U[c * N1 + 2 * ti], u1 = U[c * N1 + 2 * ti + 1];
-#pragma unroll
-        for (int r = 0; r < 4; ++r) {
-          const float v = tr[r] >= 0 ? 1.f : 0.f;
-          const float h0 = tanh_fast(z[r][0]), h1 = tanh_fast(z[r][1]);
-          hacc[c][0] = fmaf(v, h0, hacc[c][0]);
-          hacc[c][1] = fmaf(v, h1, hacc[c][1]);
-          z[r][0] = v * u0 * fmaf(-h0, h0, 1.f);  // dz, in place
-          z[r][1] = v * u1 * fmaf(-h1, h1, 1.f);
-          bacc[c][0] += z[r][0];
-          bacc[c][1] += z[r][1];
-          *reinterpret_cast<float2*>(rws + ((gi + 8 * r) * g.RS + g.rDZ + c * N1 + 2 * ti)) =
-              make_float2(z[r][0], z[r][1]);
-        }
-        // feed gradient: dZ_c W1_c^T (features 4t + 2nt + e of rows g + 16mt, g + 8 + 16mt) times (c + 1) x^c
-        const float cf = static_cast<float>(c + 1);
-#pragma unroll
-        for (int mt = 0; mt < 2; ++mt)
-#pragma unroll
-          for (int nt = 0; nt < 2; ++nt) {
-            float d[4] = {0.f, 0.f, 0.f, 0.f};
-            mma3(d, z[2 * mt][0], z[2 * mt + 1][0], z[2 * mt][1], z[2 * mt + 1][1], w.gb[nt]);
-#pragma unroll
-            for (int e = 0; e < 2; ++e) {
-              const float s0 = c ? cf * pw[2 * mt][2 * nt + e] : 1.f, s1 = c ? cf * pw[2 * mt + 1][2 * nt + e] : 1.f;
-              gx[2 * mt][2 * nt + e] = fmaf(d[e], s0, gx[2 * mt][2 * nt + e]);
-              gx[2 * mt + 1][2 * nt + e] = fmaf(d[2 + e], s1, gx[2 * mt + 1][2 * nt + e]);
-            }
+          for (int k = 0; k < 4; ++k) {
+            const int j = 4 * jc + k;
+            const float h = tanh_fast(z[c][j]);
+            hacc[c][j] = fmaf(v, h, hacc[c][j]);
+            z[c][j] = v * uu[k] * fmaf(-h, h, 1.f);
           }
-#pragma unroll
-        for (int r = 0; r < 4; ++r)
-#pragma unroll
-          for (int i = 0; i < 4; ++i) pw[r][i] = p[r][i];
+        }
+        if (f.bias) spec_acc<N1>(my + g.rB + c * N1, 1.f, z[c]);
       }
-      __syncwarp();
-      // W1's gradient: X^(c+1)^T dZ_c over the round's rows, k-steps of 8 rows (rows past n hold zeros)
-      float dr[C][4];  // this round's sums (tensor-core accumulation kept short), added to gw1 with round-to-nearest
+      store_row<D>(my, x, D);
 #pragma unroll
-      for (int c = 0; c < C; ++c)
+      for (int c = 0; c < C; ++c) store_row<N1>(my + g.rDZ + c * N1, z[c], N1);
+      // feed gradient: gx_i = sum_c (c + 1) x_i^c (W1_c dz_c)_i
+      float gx[D];
 #pragma unroll
-        for (int k = 0; k < 4; ++k) dr[c][k] = 0.f;
-      for (int kk = 0; 8 * kk < n; ++kk) {
-        const float* ra = rws + (8 * kk + ti) * g.RS;
-        const float* rb = ra + 4 * g.RS;
-        float a[4] = {ra[gi], ra[gi + 8], rb[gi], rb[gi + 8]};
-        const float xa[4] = {a[0], a[1], a[2], a[3]};
+      for (int i = 0; i < D; ++i) {
+        float s = 0.f, pw = 1.f;
 #pragma unroll
         for (int c = 0; c < C; ++c) {
-          if (c)
+          const float4* w4 = reinterpret_cast<const float4*>(W + (OI ? c * f.wslice : 0)) + i * (N1 / 4);
+          float sc = 0.f;
 #pragma unroll
-            for (int k = 0; k < 4; ++k) a[k] *= xa[k];
-          const BFrag bz = bfrag(ra[g.rDZ + c * N1 + gi], rb[g.rDZ + c * N1 + gi]);
-          mma3(dr[c], a[0], a[1], a[2], a[3], bz);
+          for (int jc = 0; jc < N1 / 4; ++jc) {
+            const float4 w = w4[jc];
+            sc = fmaf(w.x, z[c][4 * jc], sc);
+            sc = fmaf(w.y, z[c][4 * jc + 1], sc);
+            sc = fmaf(w.z, z[c][4 * jc + 2], sc);
+            sc = fmaf(w.w, z[c][4 * jc + 3], sc);
+          }
+          s = fmaf(sc, static_cast<float>(c + 1) * pw, s);
+          pw *= x[i];
+        }
+        gx[i] = s;
+      }
+      if (feed_ids) store_row<D>(my + g.rGX, gx, D);
+      __syncwarp();
+      // W1's gradient: this lane's tile in every order, summed over the round's rows m of x^(c+1) (x) dz_c
+#pragma unroll 2
+      for (int m = 0; m < n; ++m) {
+        const float* rm = rws + m * g.RS;
+        const float2 xa = *reinterpret_cast<const float2*>(rm + 2 * ti);
+        float p0 = xa.x, p1 = xa.y;
+#pragma unroll
+        for (int c = 0; c < C; ++c) {
+          if (c) p0 *= xa.x, p1 *= xa.y;
+          const float2 d = *reinterpret_cast<const float2*>(rm + g.rDZ + c * N1 + 2 * tj);
+          tacc[c][0] = fmaf(p0, d.x, tacc[c][0]);
+          tacc[c][1] = fmaf(p0, d.y, tacc[c][1]);
+          tacc[c][2] = fmaf(p1, d.x, tacc[c][2]);
+          tacc[c][3] = fmaf(p1, d.y, tacc[c][3]);
         }
       }
-#pragma unroll
-      for (int c = 0; c < C; ++c)
-#pragma unroll
-        for (int k = 0; k < 4; ++k) gw1[c][k] += dr[c][k];
-      // this thread's rows' feed gradients (features 4t .. 4t + 3)
-#pragma unroll
-      for (int r = 0; r < 4; ++r) {
-        if (tr[r] < 0) continue;
-        float* dst = grad_feed + feed_row(feed_ids, b, T_len, tr[r]) * D + 4 * ti;
+      if (feed_ids) {  // lanes sharing a feed row add theirs once (staged in the rows above)
+        store_feed_grad(f, grad_feed, true, frow, t, rws, g.RS, g.rGX, lane);
+      } else if (t >= 0) {
+        float* dst = grad_feed + frow * D;
         if (f.gfeed_vec) {
-          const float4 v4 = make_float4(gx[r][0], gx[r][1], gx[r][2], gx[r][3]);
-          if (feed_ids)
-            atomicAdd(reinterpret_cast<float4*>(dst), v4);
-          else
-            *reinterpret_cast<float4*>(dst) = v4;
+#pragma unroll
+          for (int i = 0; i < D; i += 4)
+            *reinterpret_cast<float4*>(dst + i) = make_float4(gx[i], gx[i + 1], gx[i + 2], gx[i + 3]);
         } else {
 #pragma unroll
-          for (int i = 0; i < 4; ++i) {
-            if (feed_ids)
-              atomicAdd(dst + i, gx[r][i]);
-            else
-              dst[i] = gx[r][i];
-          }
+          for (int i = 0; i < D; ++i) dst[i] = gx[i];
         }
       }
       __syncwarp();  // the rows are rewritten by the next round
     }
-    // sums of h1 and dz over the groups -> H, Bs [C][N1]
-#pragma unroll
-    for (int c = 0; c < C; ++c)
-#pragma unroll
-      for (int e = 0; e < 2; ++e) {
-        const float hsum = sum_over_groups(hacc[c][e]), bsum = sum_over_groups(bacc[c][e]);
-        if (gi == 0) H[c * N1 + 2 * ti + e] = hsum, Bs[c * N1 + 2 * ti + e] = bsum;
-      }
-    // W1 from the accumulators (without order independence the orders share one W1: summed in order)
+    // W1: the lanes' tiles (without order independence the orders share one W1: summed in order)
 #pragma unroll
     for (int c = 0; c < C; ++c) {
       if (!OI && c) continue;
       float s[4];
 #pragma unroll
       for (int k = 0; k < 4; ++k) {
-        s[k] = gw1[c][k];
+        s[k] = tacc[c][k];
         if (!OI)
 #pragma unroll
-          for (int c2 = 1; c2 < C; ++c2) s[k] += gw1[c2][k];
+          for (int c2 = 1; c2 < C; ++c2) s[k] += tacc[c2][k];
       }
       float* gw = gW + (OI ? c * f.wslice : 0);
-      gw[gi * N1 + 2 * ti] += s[0];
-      gw[gi * N1 + 2 * ti + 1] += s[1];
-      gw[(gi + 8) * N1 + 2 * ti] += s[2];
-      gw[(gi + 8) * N1 + 2 * ti + 1] += s[3];
+      gw[(2 * ti) * N1 + 2 * tj] += s[0];
+      gw[(2 * ti) * N1 + 2 * tj + 1] += s[1];
+      gw[(2 * ti + 1) * N1 + 2 * tj] += s[2];
+      gw[(2 * ti + 1) * N1 + 2 * tj + 1] += s[3];
     }
+    // W2 and the biases from the h1 and dz sums: the lanes' h1 sums go to their rows' first C x N1 slots; lane j
+    // then owns row j of W2 and b1[j] in every slice, lane m < N2 b2[m]; orders are added in turn
+#pragma unroll
+    for (int c = 0; c < C; ++c) store_row<N1>(my + c * N1, hacc[c], N1);
     __syncwarp();
-    // W2 (sum of h1) x G2_c and b1 (sum of dz): lane j owns row j of W2 and b1[j] in every slice, lane m < N2
-    // b2[m]; orders are added in turn
     for (int j = lane; j < N1; j += 32)
       for (int c = 0; c < C; ++c) {
+        float hsum = 0.f, bsum = 0.f;
+#pragma unroll 8
+        for (int m = 0; m < 32; ++m) {
+          hsum += rws[m * g.RS + c * N1 + j];
+          if (f.bias) bsum += rws[m * g.RS + g.rB + c * N1 + j];
+        }
         float* gw = gW + (OI ? c * f.wslice : 0);
         const float* g2 = G + c * S + N1;
 #pragma unroll
-        for (int m = 0; m < N2; ++m) gw[f.woff[1] + j * N2 + m] += H[c * N1 + j] * g2[m];
-        if (f.bias) gw[D * N1 + j] += Bs[c * N1 + j];
+        for (int m = 0; m < N2; ++m) gw[f.woff[1] + j * N2 + m] += hsum * g2[m];
+        if (f.bias) gw[D * N1 + j] += bsum;
       }
     if (f.bias)
       for (int m = lane; m < N2; m += 32)
@@ -1393,7 +1275,7 @@ bool spec_shape(const CoActionDims& d, bool backward, int* warps, size_t* smem) 
       d.din[1] != kSpecN1 || d.dout[1] != kSpecN2 || d.orders < 1 || d.orders > kSpecMaxOrders)
     return false;
   const size_t per = sizeof(float) * static_cast<size_t>(make_spec_geo(make_fast(d, backward), backward).per_warp);
-  const int w = static_cast<int>(std::min<size_t>(kFastWarps, (kSmemMax - kFastStatic) / per));
+  const int w = static_cast<int>(std::min<size_t>(kSpecWarps, (kSmemMax - kFastStatic) / per));
   if (w < 1) return false;
   *warps = w;
   *smem = per * static_cast<size_t>(w);
