@@ -106,8 +106,9 @@ template <typename T>
 __device__ __forceinline__ const T* induction_row(const CoActionRows& r, const int64_t* ids, int b, int ind_dim,
                                                   int* shard, int64_t* local) {
   const int64_t row = ids ? ids[b] : b;
-  *shard = static_cast<int>(row / r.rows_per_shard);
-  *local = row - static_cast<int64_t>(*shard) * r.rows_per_shard;
+  // one shard (every table but a ShardedTable): no 64-bit division, a ~100-instruction routine on the GPU
+  *shard = r.shards == 1 ? (row >= r.rows_per_shard ? 1 : 0) : static_cast<int>(row / r.rows_per_shard);
+  *local = r.shards == 1 ? row : row - static_cast<int64_t>(*shard) * r.rows_per_shard;
   if (row < 0 || *shard >= r.shards) return nullptr;  // the host checks ids; never read out of range
   return reinterpret_cast<const T*>(r.base[*shard]) + *local * ind_dim;
 }
@@ -963,7 +964,7 @@ constexpr int kSpecWarps = 2;
 template <int C>
 constexpr int spec_fwd_blocks() { return (C <= 2 ? 6 : 5) * kFastWarps / kSpecWarps; }
 template <int C>
-constexpr int spec_bwd_blocks() { return (C <= 3 ? 4 : 3) * kFastWarps / kSpecWarps; }
+constexpr int spec_bwd_blocks() { return (C <= 2 ? 4 : 3) * kFastWarps / kSpecWarps; }
 
 template <typename T, int C, bool OI>
 __global__ void __launch_bounds__(kSpecWarps * 32, spec_fwd_blocks<C>()) spec_forward_kernel(
@@ -990,15 +991,21 @@ __global__ void __launch_bounds__(kSpecWarps * 32, spec_fwd_blocks<C>()) spec_fo
     for (int j = 0; j < N1; ++j) acc[c][j] = 0.f;
   const float* mrow = mask + static_cast<size_t>(b) * T_len;
   int qn = 0, t0 = 0, valid = 0;
-  for (;;) {
-    int t;
-    const int n = next_round(mrow, T_len, q, qn, t0, lane, &t);
-    if (n == 0) break;
+  // rounds are software-pipelined: the next round's feed rows are loaded while this round computes
+  int t;
+  float xn[D];
+  int n = next_round(mrow, T_len, q, qn, t0, lane, &t);
+  if (n) spec_feed(f, feed, feed_ids, b, T_len, t, xn);
+  while (n) {
     valid += n;
+    const int tc = t;
     float x[D], z[C][N1];
-    spec_feed(f, feed, feed_ids, b, T_len, t, x);
+#pragma unroll
+    for (int i = 0; i < D; ++i) x[i] = xn[i];
+    n = next_round(mrow, T_len, q, qn, t0, lane, &t);
+    if (n) spec_feed(f, feed, feed_ids, b, T_len, t, xn);
     spec_first_layer<C, OI>(W, f.wslice, f.bias, x, z);
-    const float v = t >= 0 ? 1.f : 0.f;  // a lane past the round's n adds nothing (a bias makes its z non-zero)
+    const float v = tc >= 0 ? 1.f : 0.f;  // a lane past the round's n adds nothing (a bias makes its z non-zero)
 #pragma unroll
     for (int c = 0; c < C; ++c)
 #pragma unroll
@@ -1081,13 +1088,21 @@ __global__ void __launch_bounds__(kSpecWarps * 32, spec_bwd_blocks<C>()) spec_ba
     }
     const float* mrow = mask + static_cast<size_t>(b) * T_len;
     int qn = 0, t0 = 0, valid = 0;
-    for (;;) {
-      int t;
-      const int n = next_round(mrow, T_len, q, qn, t0, lane, &t);
-      if (n == 0) break;
+    // rounds are software-pipelined: the next round's feed rows are loaded while this round computes
+    int tn;
+    float xn[D];
+    size_t frown = 0;
+    int nn = next_round(mrow, T_len, q, qn, t0, lane, &tn);
+    if (nn) frown = spec_feed(f, feed, feed_ids, b, T_len, tn, xn);
+    while (nn) {
+      const int n = nn, t = tn;
+      const size_t frow = frown;
       valid += n;
       float x[D], z[C][N1];
-      const size_t frow = spec_feed(f, feed, feed_ids, b, T_len, t, x);
+#pragma unroll
+      for (int i = 0; i < D; ++i) x[i] = xn[i];
+      nn = next_round(mrow, T_len, q, qn, t0, lane, &tn);
+      if (nn) frown = spec_feed(f, feed, feed_ids, b, T_len, tn, xn);
       spec_first_layer<C, OI>(W, f.wslice, f.bias, x, z);
       const float v = t >= 0 ? 1.f : 0.f;
       // h1 sums (for W2's gradient) and dz = v u_c (1 - h1^2), in place of z

@@ -165,10 +165,17 @@ def uses_specialized_kernels(spec: CoActionSpec, backward: bool = False) -> bool
     return bool(getattr(c, "coaction_specialized", lambda *a: False)(*_spec_args(spec), backward))
 
 
+@functools.lru_cache(maxsize=256)
+def _dims(spec: CoActionSpec) -> tuple[int, int, int]:
+    """``(feed_dim, induction_dim, out_dim)`` of ``spec`` (properties that sum over the layers: cached per spec)."""
+    return spec.feed_dim, spec.induction_dim, spec.out_dim
+
+
 def _args(spec: CoActionSpec, induction, feed, mask, ind_ids, feed_ids, dtype):
     if dtype not in _DT:
         raise ValueError(f"dtype must be 'float32' or 'bfloat16', got {dtype!r}")
     storage, code = _DT[dtype]
+    feed_dim, induction_dim, _ = _dims(spec)
     fd, mk = device_buffer(feed, "feed"), device_buffer(mask, "mask")
     if mk.dtype != np.float32 or len(mk.shape) != 2 or not mk.contiguous:
         raise TypeError(f"mask must be a contiguous float32 [B, T] array, got {mk.dtype} {list(mk.shape)}")
@@ -178,8 +185,8 @@ def _args(spec: CoActionSpec, induction, feed, mask, ind_ids, feed_ids, dtype):
             raise DwdpError("the ShardedTable is closed")
         if induction.dtype != dtype:
             raise TypeError(f"the sharded table holds {induction.dtype}, the op was asked for {dtype}")
-        if induction.dim != spec.induction_dim:
-            raise ValueError(f"induction rows must hold D' = {spec.induction_dim} values, the table has {induction.dim}")
+        if induction.dim != induction_dim:
+            raise ValueError(f"induction rows must hold D' = {induction_dim} values, the table has {induction.dim}")
         if ind_ids is None:
             raise ValueError("a ShardedTable needs ind_ids (global row ids)")
         rows = (induction.bases, induction.rows_per_shard, induction.num_rows)
@@ -189,8 +196,8 @@ def _args(spec: CoActionSpec, induction, feed, mask, ind_ids, feed_ids, dtype):
             raise TypeError(f"induction must hold {dtype} ({storage}), got {ind.dtype}")
         if not ind.contiguous:
             raise ValueError("induction must be contiguous")
-        if len(ind.shape) != 2 or ind.shape[1] != spec.induction_dim:
-            raise ValueError(f"induction rows must hold D' = {spec.induction_dim} values, got shape {list(ind.shape)}")
+        if len(ind.shape) != 2 or ind.shape[1] != induction_dim:
+            raise ValueError(f"induction rows must hold D' = {induction_dim} values, got shape {list(ind.shape)}")
         if ind_ids is None and ind.shape[0] != B:
             raise ValueError(f"induction has {ind.shape[0]} rows but the mask has batch {B}")
         rows = ([ind.ptr], max(ind.shape[0], 1), ind.shape[0])
@@ -209,11 +216,11 @@ def _args(spec: CoActionSpec, induction, feed, mask, ind_ids, feed_ids, dtype):
         fb = device_buffer(feed_ids, "feed_ids")
         if fb.dtype != np.int64 or fb.shape != (B, T):
             raise TypeError(f"feed_ids must be int64 [{B}, {T}], got {fb.dtype} {list(fb.shape)}")
-        if len(fd.shape) != 2 or fd.shape[1] != spec.feed_dim:
-            raise ValueError(f"the feed table must be [rows, {spec.feed_dim}], got {list(fd.shape)}")
+        if len(fd.shape) != 2 or fd.shape[1] != feed_dim:
+            raise ValueError(f"the feed table must be [rows, {feed_dim}], got {list(fd.shape)}")
         fids_ptr = fb.ptr
-    elif fd.shape != (B, T, spec.feed_dim):
-        raise ValueError(f"feed must be [B, T, D] = {[B, T, spec.feed_dim]}, got {list(fd.shape)}")
+    elif fd.shape != (B, T, feed_dim):
+        raise ValueError(f"feed must be [B, T, D] = {[B, T, feed_dim]}, got {list(fd.shape)}")
     geo = (*_spec_args(spec), code, B, T)
     return geo, rows, fd, mk, ids_ptr, fids_ptr, storage
 
@@ -242,7 +249,8 @@ def coaction_forward_gpu(induction: Any, feed: Any, mask: Any, spec: CoActionSpe
         _check_ids(ip, B, nrows, fp, T, fd.shape[0], h)
     with cupy_stream(stream):  # the output belongs to the stream that writes it
         # T == 0: nothing to pool, the output is zero (the kernel is not launched)
-        out = cp.zeros((B, spec.out_dim), dtype=storage) if T == 0 else cp.empty((B, spec.out_dim), dtype=storage)
+        out_dim = _dims(spec)[2]
+        out = cp.zeros((B, out_dim), dtype=storage) if T == 0 else cp.empty((B, out_dim), dtype=storage)
     native().coaction_forward(*geo, bases, rps, ip, fd.ptr, fp, mk.ptr, out.data.ptr, h)
     return out
 
@@ -260,13 +268,14 @@ def coaction_backward_gpu(induction: Any, feed: Any, mask: Any, grad_out: Any, s
     if check_ids:
         _check_ids(ip, geo[-2], nrows, fp, geo[-1], fd.shape[0], h)
     g = device_buffer(grad_out, "grad_out")
-    if g.dtype != np.float32 or g.shape != (geo[-2], spec.out_dim) or not g.contiguous:
-        raise TypeError(f"grad_out must be a contiguous float32 [{geo[-2]}, {spec.out_dim}] array, got {g.dtype} {list(g.shape)}")
+    _, induction_dim, out_dim = _dims(spec)
+    if g.dtype != np.float32 or g.shape != (geo[-2], out_dim) or not g.contiguous:
+        raise TypeError(f"grad_out must be a contiguous float32 [{geo[-2]}, {out_dim}] array, got {g.dtype} {list(g.shape)}")
     with cupy_stream(stream):  # zeroed on the stream whose kernel adds into them
         if isinstance(induction, ShardedTable):
             g_ind, grads = induction.grad, induction.grad_bases
         else:
-            g_ind = cp.zeros((nrows, spec.induction_dim), cp.float32)
+            g_ind = cp.zeros((nrows, induction_dim), cp.float32)
             grads = [g_ind.data.ptr]
         g_feed = cp.zeros(fd.shape, cp.float32)
     native().coaction_backward(*geo, bases, grads, rps, ip, fd.ptr, fp, mk.ptr, g.ptr, g_feed.data.ptr, h)
