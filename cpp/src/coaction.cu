@@ -964,7 +964,7 @@ constexpr int kSpecWarps = 2;
 template <int C>
 constexpr int spec_fwd_blocks() { return (C <= 2 ? 6 : 5) * kFastWarps / kSpecWarps; }
 template <int C>
-constexpr int spec_bwd_blocks() { return (C <= 2 ? 4 : 3) * kFastWarps / kSpecWarps; }
+constexpr int spec_bwd_blocks() { return (C <= 3 ? 4 : 3) * kFastWarps / kSpecWarps; }
 
 template <typename T, int C, bool OI>
 __global__ void __launch_bounds__(kSpecWarps * 32, spec_fwd_blocks<C>()) spec_forward_kernel(
@@ -991,21 +991,15 @@ __global__ void __launch_bounds__(kSpecWarps * 32, spec_fwd_blocks<C>()) spec_fo
     for (int j = 0; j < N1; ++j) acc[c][j] = 0.f;
   const float* mrow = mask + static_cast<size_t>(b) * T_len;
   int qn = 0, t0 = 0, valid = 0;
-  // rounds are software-pipelined: the next round's feed rows are loaded while this round computes
-  int t;
-  float xn[D];
-  int n = next_round(mrow, T_len, q, qn, t0, lane, &t);
-  if (n) spec_feed(f, feed, feed_ids, b, T_len, t, xn);
-  while (n) {
+  for (;;) {
+    int t;
+    const int n = next_round(mrow, T_len, q, qn, t0, lane, &t);
+    if (n == 0) break;
     valid += n;
-    const int tc = t;
     float x[D], z[C][N1];
-#pragma unroll
-    for (int i = 0; i < D; ++i) x[i] = xn[i];
-    n = next_round(mrow, T_len, q, qn, t0, lane, &t);
-    if (n) spec_feed(f, feed, feed_ids, b, T_len, t, xn);
+    spec_feed(f, feed, feed_ids, b, T_len, t, x);
     spec_first_layer<C, OI>(W, f.wslice, f.bias, x, z);
-    const float v = tc >= 0 ? 1.f : 0.f;  // a lane past the round's n adds nothing (a bias makes its z non-zero)
+    const float v = t >= 0 ? 1.f : 0.f;  // a lane past the round's n adds nothing (a bias makes its z non-zero)
 #pragma unroll
     for (int c = 0; c < C; ++c)
 #pragma unroll
@@ -1088,21 +1082,13 @@ __global__ void __launch_bounds__(kSpecWarps * 32, spec_bwd_blocks<C>()) spec_ba
     }
     const float* mrow = mask + static_cast<size_t>(b) * T_len;
     int qn = 0, t0 = 0, valid = 0;
-    // rounds are software-pipelined: the next round's feed rows are loaded while this round computes
-    int tn;
-    float xn[D];
-    size_t frown = 0;
-    int nn = next_round(mrow, T_len, q, qn, t0, lane, &tn);
-    if (nn) frown = spec_feed(f, feed, feed_ids, b, T_len, tn, xn);
-    while (nn) {
-      const int n = nn, t = tn;
-      const size_t frow = frown;
+    for (;;) {
+      int t;
+      const int n = next_round(mrow, T_len, q, qn, t0, lane, &t);
+      if (n == 0) break;
       valid += n;
       float x[D], z[C][N1];
-#pragma unroll
-      for (int i = 0; i < D; ++i) x[i] = xn[i];
-      nn = next_round(mrow, T_len, q, qn, t0, lane, &tn);
-      if (nn) frown = spec_feed(f, feed, feed_ids, b, T_len, tn, xn);
+      const size_t frow = spec_feed(f, feed, feed_ids, b, T_len, t, x);
       spec_first_layer<C, OI>(W, f.wslice, f.bias, x, z);
       const float v = t >= 0 ? 1.f : 0.f;
       // h1 sums (for W2's gradient) and dz = v u_c (1 - h1^2), in place of z
