@@ -9,7 +9,9 @@ NVLink) and reuses it for all the sample's behaviours and orders; its lanes take
 compacted with ballots), one (sample, behaviour) pair each, with the activations in registers. Pooled sums and
 weight gradients are column sums over the lanes' staged rows in shared memory, so no per-sample weight matrix, no
 ``[B, T, ...]`` intermediate and no global atomic inside a sample. Layers wider than 32 (after padding to a multiple
-of 4) run on the older shared-memory kernels (``uses_fast_kernels`` tells), with the same results.
+of 4) run on the older shared-memory kernels (``uses_fast_kernels`` tells), with the same results; the CAN reference
+shape (16 -> 8 -> 4, linear last layer, 1-4 orders) runs on specialised kernels with the same organisation and
+compile-time widths (``uses_specialized_kernels``; docs/coaction.md).
 ``dtype`` is ``float32`` or ``bfloat16`` (stored as uint16 bits, as CuPy has no bf16); the output has the input's
 storage dtype, gradients are float32. With table inputs the gradients are table-shaped and accumulated atomically
 (repeated ids add up: the warps of a block first add the rows of equal induction ids, the lanes of a round the rows
@@ -159,7 +161,7 @@ def uses_fast_kernels(spec: CoActionSpec, backward: bool = False) -> bool:
 
 def uses_specialized_kernels(spec: CoActionSpec, backward: bool = False) -> bool:
     """Whether ``spec`` runs on the specialised kernels (compile-time widths: the CAN reference shape, D = 16,
-    16 -> 8 -> 4, any orders, bias, order independence, not the paper variant); ``DWDP_COACTION_SPECIALIZED=0``
+    16 -> 8 -> 4, orders 1-4, bias, order independence, not the paper variant); ``DWDP_COACTION_SPECIALIZED=0``
     sends every shape to the general kernels (read at each call)."""
     c = native()
     return bool(getattr(c, "coaction_specialized", lambda *a: False)(*_spec_args(spec), backward))
