@@ -16,7 +16,7 @@ each step, ``serve.summarize``), over all decode steps and at the median decode 
 prefill whose mode leaves the ranks independent absorbs the wait for the slowest rank's prefill when decode moves
 tokens); the ratios are medians over the pairs of the per-pair ratios, first policy over second. When either policy
 moves tokens the job reserves the dispatcher's memory for both, so it may fit fewer MoE layers than a standalone
-``demo --policy on_demand`` (the layer count is in the report). The table's mode columns show the first pair's runs.
+``demo --policy on_demand`` (the layer count is in the report). The table's mode columns sum each mode's steps over every run of the policy.
 
 Output: bench/results/demo_policies_<card>_N<n>[_tag].json (the demo report with every run's summary and check,
 the per-pair and median ratios) and a table on stdout.
@@ -93,8 +93,17 @@ def ratios(rank: dict, a: str, b: str) -> dict:
     return {"per_pair": per, "median": {k: median(v) for k, v in per.items()}}
 
 
+def modes_over(summaries: list, kind: str) -> str:
+    """The steps of each mode summed over runs (``kind`` "prefill" or "decode"), e.g. "dispatch x45"."""
+    total: dict = {}
+    for s in summaries:
+        for m, c in s[kind]["modes"].items():
+            total[m] = total.get(m, 0) + c
+    return ", ".join(f"{m} x{c}" for m, c in total.items()) or "-"
+
+
 def table(rep: dict, a: str, b: str) -> list[str]:
-    rows = [f"| rank | policy | prefill modes | decode modes | prefill tok/s (median of runs) | decode tok/s, all steps "
+    rows = [f"| rank | policy | prefill modes (steps, all runs) | decode modes (steps, all runs) | prefill tok/s (median of runs) | decode tok/s, all steps "
             f"/ median step | decode {a} / {b} (all / median step; per pair) | prefill {a} / {b} | tokens = all-local "
             f"(every run) | largest comparable rel err |", "|" + " --- |" * 10]
     for r in rep["ranks"]:
@@ -110,7 +119,7 @@ def table(rep: dict, a: str, b: str) -> list[str]:
                 dec = (f"{rr['median']['decode']:.2f} / {rr['median']['decode_median_step']:.2f}; "
                        + ", ".join(f"{x:.2f}" for x in rr["per_pair"]["decode"]))
                 pre = f"{rr['median']['prefill']:.2f}"
-            rows.append(f"| {r['rank']} | {pol} | {s[0]['prefill']['modes']} | {s[0]['decode']['modes']} "
+            rows.append(f"| {r['rank']} | {pol} | {modes_over(s, 'prefill')} | {modes_over(s, 'decode')} "
                         f"| {median(x['prefill']['tokens_per_s'] for x in s):.0f} "
                         f"| {median(x['decode']['tokens_per_s'] for x in s):.1f} / "
                         f"{median(x['decode']['tokens_per_s_median_step'] for x in s):.1f} | {dec} | {pre} | {ok} "

@@ -44,6 +44,10 @@ def test_table_has_a_row_per_rank_and_policy():
     rows = demo_policies.table(rep, "auto", "on_demand")
     assert len(rows) == 2 + 2
     assert "3.00 / " in rows[2] and "3.00, 2.00, 4.00" in rows[2] and "| True |" in rows[2]
+    # the mode columns count every run's steps (3 runs of 1 prefill and 15 decode steps), not the first pair's
+    assert "| prefetch_all x3 | dispatch x45 |" in rows[2]
+    rep["ranks"][0]["interleaved"][1]["runs"]["auto"]["summary"]["decode"]["modes"] = {"on_demand": 15}
+    assert "| dispatch x30, on_demand x15 |" in demo_policies.table(rep, "auto", "on_demand")[2]
 
 
 def test_command_is_the_demo_worker_with_the_comparison(capsys):
