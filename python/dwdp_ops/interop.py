@@ -60,7 +60,9 @@ def device_buffer(obj: Any, name: str = "array") -> DeviceBuffer:
     the fused ops' per-call path)."""
     nd = _cupy_ndarray()
     if nd and type(obj) is nd:
-        return DeviceBuffer(obj.data.ptr, obj.shape, obj.dtype, None if obj.flags.c_contiguous else obj.strides)
+        # the interface reports pointer 0 for an empty array; so does this path (a view's data.ptr may not be 0)
+        return DeviceBuffer(obj.data.ptr if obj.size else 0, obj.shape, obj.dtype,
+                            None if obj.flags.c_contiguous else obj.strides)
     cai = getattr(obj, "__cuda_array_interface__", None)
     if cai is None:
         raise TypeError(

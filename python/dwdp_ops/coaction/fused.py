@@ -144,7 +144,7 @@ class ShardedTable:
 @functools.lru_cache(maxsize=256)
 def _spec_args(spec: CoActionSpec):
     """The kernels' shape arguments of ``spec`` (cached per spec: the fused calls are on a training step's hot path)."""
-    return ([i for i, _ in spec.layer_dims], [o for _, o in spec.layer_dims], spec.orders, spec.bias,
+    return (tuple(i for i, _ in spec.layer_dims), tuple(o for _, o in spec.layer_dims), spec.orders, spec.bias,
             spec.order_independent, spec.variant == "paper")
 
 
