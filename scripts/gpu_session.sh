@@ -74,7 +74,7 @@ fi
 if want canprof; then
   for which in spec general; do
     args=""; [[ $which == general ]] && args="--general"
-    timeout 150 ncu --kernel-name "regex:${which}_|fast_" --launch-skip 4 --launch-count 2 --section SpeedOfLight \
+    timeout 150 ncu --kernel-name "regex:spec_|fast_" --launch-skip 4 --launch-count 2 --section SpeedOfLight \
       --section Occupancy --section LaunchStats --section WarpStateStats --section ComputeWorkloadAnalysis \
       python3 bench/coaction_profile.py $args > "$OUT/ncu_coaction_$which.txt" 2>&1
     echo "ncu $which rc=$?"; grep -E "^  [a-z ]*void|Duration|Registers Per|Achieved Occupancy|Issue Slots Busy" "$OUT/ncu_coaction_$which.txt" | cut -c1-150

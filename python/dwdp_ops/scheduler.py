@@ -58,6 +58,15 @@ Policy = Literal["prefetch_all", "on_demand", "dispatch", "auto"]
 POLICIES = ("prefetch_all", "on_demand", "dispatch", "auto")
 
 
+def _check_policy(policy: str, has_dispatcher: bool, without: str) -> None:
+    """Raises ValueError for a policy that is not one of ``POLICIES``, or ``dispatch`` without a dispatcher
+    (``without``: what the message says about that)."""
+    if policy not in POLICIES:
+        raise ValueError(f"policy must be 'prefetch_all', 'on_demand', 'dispatch' or 'auto', got {policy!r}")
+    if policy == "dispatch" and not has_dispatcher:
+        raise ValueError(f"policy 'dispatch' moves tokens: {without}")
+
+
 class PrefetchScheduler:
     def __init__(
         self,
@@ -84,8 +93,7 @@ class PrefetchScheduler:
         ``copy_stream`` and ``event_factory`` (a callable returning an event with ``record(stream)``) default to
         a new non-blocking CuPy stream and ``cupy.cuda.Event(disable_timing=True)``; tests pass stand-ins."""
         # Validate everything before touching the GPU, so that a bad argument is named, not met as a CUDA error.
-        if policy not in POLICIES:
-            raise ValueError(f"policy must be 'prefetch_all', 'on_demand', 'dispatch' or 'auto', got {policy!r}")
+        _check_policy(policy, dispatcher is not None, "pass dispatcher=TokenDispatcher(...)")
         if isinstance(top_k, bool) or not isinstance(top_k, int) or not 1 <= top_k <= store.E:
             raise ValueError(f"top_k must be in [1, {store.E}] (an int: the layer's experts), got {top_k!r}")
         if schedule not in ("staggered", "per_peer", "interleaved"):
@@ -95,8 +103,6 @@ class PrefetchScheduler:
         rates = Rates() if rates is None else rates
         if not isinstance(rates, Rates):
             raise TypeError(f"rates must be a dwdp_ops.policy.Rates, got {type(rates).__name__}")
-        if policy == "dispatch" and dispatcher is None:
-            raise ValueError("policy 'dispatch' moves tokens: pass dispatcher=TokenDispatcher(...)")
         if dispatcher is not None:
             if dispatcher.partition != store.partition:
                 raise ValueError(f"the dispatcher's partition {dispatcher.partition} is not the store's "
@@ -137,10 +143,7 @@ class PrefetchScheduler:
         """Changes the policy between steps (a benchmark interleaving two policies on one store, the same requests).
         Every rank must make the same change before the same step (``auto`` and ``dispatch`` steps are collective).
         Raises between ``begin_step`` and the last ``release`` of a step, and for ``dispatch`` without a dispatcher."""
-        if policy not in POLICIES:
-            raise ValueError(f"policy must be 'prefetch_all', 'on_demand', 'dispatch' or 'auto', got {policy!r}")
-        if policy == "dispatch" and self.dispatcher is None:
-            raise ValueError("policy 'dispatch' moves tokens: this scheduler was built without a dispatcher")
+        _check_policy(policy, self.dispatcher is not None, "this scheduler was built without a dispatcher")
         if self._in_flight or self._dispatched is not None:
             raise RuntimeError("set_policy: a step is in progress (layers not released); change the policy between "
                                "steps")

@@ -15,10 +15,10 @@
 // gradients are summed over the lanes of a round that share a feed id (match_any) and added by one lane with
 // 16-byte atomics where D allows.
 //
-// Specialised path (the CAN reference shape, D = 16, 16 -> 8 -> 4, linear last layer): the fast path's organisation
-// with every width a compile-time constant, lane-private pooled accumulators reduced once per sample, and, backward,
-// the linear last layer's gradients from per-sample sums (only the first layer's weight gradient needs per-behaviour
-// outer products).
+// Specialised path (the CAN reference shape, D = 16, 16 -> 8 -> 4, linear last layer, 1-4 orders): the fast path's
+// organisation with every width and the order count compile-time constants, all orders' first-layer sums from one
+// pass over a feed row, the linear last layer once per sample from the pooled h1, and, backward, only the first
+// layer's weight gradient from per-behaviour outer products (register tiles over a sample's rounds).
 //
 // Fallback (wider layers): one warp per sample, 32 behaviours at a time, every lane's activations in a
 // shared-memory column, warp column sums (the original kernels). No kernel spin-waits.

@@ -163,8 +163,7 @@ def uses_specialized_kernels(spec: CoActionSpec, backward: bool = False) -> bool
     """Whether ``spec`` runs on the specialised kernels (compile-time widths: the CAN reference shape, D = 16,
     16 -> 8 -> 4, orders 1-4, bias, order independence, not the paper variant); ``DWDP_COACTION_SPECIALIZED=0``
     sends every shape to the general kernels (read at each call)."""
-    c = native()
-    return bool(getattr(c, "coaction_specialized", lambda *a: False)(*_spec_args(spec), backward))
+    return bool(native().coaction_specialized(*_spec_args(spec), backward))
 
 
 @functools.lru_cache(maxsize=256)
@@ -228,8 +227,8 @@ def _args(spec: CoActionSpec, induction, feed, mask, ind_ids, feed_ids, dtype):
 
 
 def _check_ids(ip: int, B: int, nrows: int, fp: int, T: int, frows: int, stream: int) -> None:
-    """Range check of both id arrays on the device, on the caller's stream (``stream``: its handle) (behind whatever wrote the ids): one
-    kernel each, then one synchronisation of that stream."""
+    """Range check of both id arrays on the device, on the caller's stream (``stream``: its handle; behind whatever
+    wrote the ids): one kernel each, then one synchronisation of that stream."""
     bad = native().coaction_check_ids(ip, B, nrows, fp, B * T, frows, stream)
     if bad & 1:
         raise ValueError(f"ind_ids must be in [0, {nrows}) (the table's rows)")
@@ -272,7 +271,8 @@ def coaction_backward_gpu(induction: Any, feed: Any, mask: Any, grad_out: Any, s
     g = device_buffer(grad_out, "grad_out")
     _, induction_dim, out_dim = _dims(spec)
     if g.dtype != np.float32 or g.shape != (geo[-2], out_dim) or not g.contiguous:
-        raise TypeError(f"grad_out must be a contiguous float32 [{geo[-2]}, {out_dim}] array, got {g.dtype} {list(g.shape)}")
+        raise TypeError(f"grad_out must be a contiguous float32 [{geo[-2]}, {out_dim}] array, "
+                        f"got {g.dtype} {list(g.shape)}")
     with cupy_stream(stream):  # zeroed on the stream whose kernel adds into them
         if isinstance(induction, ShardedTable):
             g_ind, grads = induction.grad, induction.grad_bases
