@@ -839,8 +839,9 @@ __global__ void __launch_bounds__(kFastWarps * 32) fast_backward_kernel(Fast f, 
 // ---------------------------------------------------------------------------------------------------------------
 // Specialised path: the CAN reference shape (D = 16, 16 -> 8 -> 4, linear last layer: the reference code's variant,
 // not the paper's) with 1-4 orders; widths, order count and order independence are compile-time constants. A warp
-// runs a sample, its lanes over the sample's compacted unmasked behaviours, the induction row staged once in shared
-// memory (at these widths its layout is the row's own: nothing is padded). Three facts of the shape organise it:
+// runs a sample, its lanes over the sample's compacted unmasked behaviours in rounds of 32, the induction row staged
+// once in shared memory (at these widths its layout is the row's own: nothing is padded). Three facts of the shape
+// organise the arithmetic:
 //  - the last layer is linear, so its pooled output is (sum over behaviours of h1) W2 (+ n b2): per behaviour only
 //    h1 = tanh(x^c W1) is computed; the second layer runs once per sample;
 //  - every order reads the same feed row, so one pass over its 16 values forms x^c for every order and all C x 8
@@ -848,24 +849,32 @@ __global__ void __launch_bounds__(kFastWarps * 32) fast_backward_kernel(Fast f, 
 //    feeds every order);
 //  - backward, dz of the last layer is the sample's grad_out block for every behaviour, so the first layer's
 //    upstream gradient u_c = G1_c + W2_c G2_c is one vector per (sample, order), W2's gradient is (sum of h1) x G2_c,
-//    and only W1's gradient needs per-behaviour outer products: each lane owns one 2 x 2 tile of W1 in every order
+//    and only W1's gradient needs per-behaviour outer products: each lane owns one 1 x 4 tile of W1 in every order
 //    and accumulates it in registers over all of the sample's rounds from the round's staged rows (x and dz).
-// tanh is 1 - 2 / (exp(2|z|) + 1) on the hardware's ex2 and rcp approximations, a Taylor polynomial below |z| = 1/4
+// And one fact of the machine organises the memory traffic: a round's global reads form a chain (mask -> the
+// compacted behaviours -> their feed ids -> their feed rows), and a warp that walks it round by round waits on it
+// every round (a third of all warp cycles in Nsight Compute). So the chain runs ahead of the arithmetic: the mask
+// chunks two ahead and the feed ids one round ahead are loaded into registers, and round r + 1's feed rows are copied
+// into the warp's second feed buffer (cp.async) while round r computes; the induction row and grad_out are loaded
+// into registers before the first round's chain and stored to shared memory after it. Only a sample's first round
+// waits for memory.
+// tanh is 1 - 2 / (exp(2z) + 1) on the hardware's ex2 and rcp approximations, a Taylor polynomial below |z| = 1/4
 // (relative error ~1e-6 everywhere, see tanh_fast; the general kernels use tanhf). Pooled sums, weight gradients and
 // the order sums are accumulated in a fixed order: results do not depend on scheduling.
 
 constexpr int kSpecD = 16, kSpecN1 = 8, kSpecN2 = 4, kSpecMaxOrders = 4;
 
-// tanh to ~1e-6 relative everywhere. |z| >= 1/4: 1 - 2 / (exp(2|z|) + 1) on the PTX approximations directly (two
-// MUFU instructions; __expf and __fdividef would add range checks that a non-negative argument and a denominator
-// >= 2 never need); its absolute error (~2e-7) is a relative error above 1e-6 below |z| = 1/4 (3e-4 at 1e-3, biased),
-// so there the odd Taylor polynomial to z^7 takes over (truncation 0.022 z^9: < 4e-7 relative). Both are computed and
-// one selected (no divergence): 13 instructions against tanhf's longer sequence.
+// tanh to ~1e-6 relative everywhere. |z| >= 1/4: 1 - 2 / (exp(2z) + 1) on the PTX approximations directly (two
+// MUFU instructions; __expf and __fdividef would add range checks that this form never needs: exp(2z) is 0 below
+// z = -44 and inf above 44, giving -1 and 1); its absolute error (~3e-7) is a relative error above 1e-6 below
+// |z| = 1/4 (3e-4 at 1e-3, biased), so there the odd Taylor polynomial to z^7 takes over (truncation 0.022 z^9:
+// < 4e-7 relative). Both are computed and one selected (no divergence): 12 instructions against tanhf's longer
+// sequence.
 __device__ __forceinline__ float tanh_fast(float z) {
   float e, r;
-  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(e) : "f"(fabsf(z) * 2.8853900817779268f));  // exp(2|z|); inf past |z| 44
-  asm("rcp.approx.ftz.f32 %0, %1;" : "=f"(r) : "f"(e + 1.f));                          // 1 / inf = 0: tanh = +-1
-  const float big = copysignf(fmaf(-2.f, r, 1.f), z);
+  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(e) : "f"(z * 2.8853900817779268f));  // exp(2z)
+  asm("rcp.approx.ftz.f32 %0, %1;" : "=f"(r) : "f"(e + 1.f));
+  const float big = fmaf(-2.f, r, 1.f);
   const float z2 = z * z;
   const float p = fmaf(fmaf(-17.f / 315.f, z2, 2.f / 15.f), z2, -1.f / 3.f);  // z - z^3/3 + 2z^5/15 - 17z^7/315
   const float small = fmaf(z * z2, p, z);
@@ -873,15 +882,19 @@ __device__ __forceinline__ float tanh_fast(float z) {
 }
 
 // Per-warp shared memory of the specialised kernels (floats): W | gW (backward) | G (backward: grad_out row) |
-// U (forward: pooled h1 sums; backward: u_c) | queue | 32 lane rows of RS floats. Forward row: h1 sums [C][N1].
-// Backward row: x [D] | dz [C][N1] | feed gradient [D] (feed ids only) | sums of dz [C][N1] (bias only).
+// U (forward: pooled h1 sums; backward: u_c) | queue | lane rows (backward: 32 rows of RS floats: dz [C][N1] | sums
+// of dz [C][N1] (bias only) | feed gradient [D] (bf16 feeds only; an fp32 feed gradient is staged over the lane's
+// own feed row) | two feed buffers of 32 rows, FRS floats apart, in the feed's own element type (FRS x 4 bytes: an
+// odd number of 16-byte units, so 8 lanes reading 16 bytes of their rows hit distinct banks). The forward's
+// end-of-sample column sums reuse the feed buffers (32 rows of odd4(C x N1) floats).
 struct SpecGeo {
-  int oW, oGW, oG, oU, oQ, oRows, RS, rDZ, rGX, rB, per_warp;
+  int oW, oGW, oG, oU, oQ, oRows, RS, rDZ, rB, rGX, oFeed, FRS, per_warp;
 };
 
 __host__ __device__ constexpr int odd4(int x) { return (pad4(x) / 4) % 2 ? pad4(x) : pad4(x) + 4; }
 
-SpecGeo make_spec_geo(const Fast& f, bool backward) {
+// elem: bytes of a feed element (4: fp32, 2: bf16).
+SpecGeo make_spec_geo(const Fast& f, bool backward, int elem) {
   SpecGeo g{};
   const int wrow = pad4(f.slices * f.wslice), cn = f.C * kSpecN1;
   g.oW = 0;
@@ -890,19 +903,38 @@ SpecGeo make_spec_geo(const Fast& f, bool backward) {
   g.oU = g.oG + (backward ? pad4(f.n_out) : 0);
   g.oQ = g.oU + pad4(cn);
   g.oRows = g.oQ + kQueue;
-  g.rDZ = kSpecD;
-  g.rGX = g.rDZ + cn;
-  g.rB = g.rGX + kSpecD;
-  g.RS = backward ? odd4(g.rB + (f.bias ? cn : 0)) : odd4(cn);
-  g.per_warp = g.oRows + 32 * g.RS;
+  g.rDZ = 0;
+  g.rB = cn;
+  g.rGX = g.rB + (f.bias ? cn : 0);
+  g.RS = backward ? odd4(g.rGX + (elem == 4 ? 0 : kSpecD)) : 0;
+  g.FRS = odd4(kSpecD * elem / 4);
+  g.oFeed = g.oRows + 32 * g.RS;
+  g.per_warp = g.oFeed + std::max(2 * 32 * g.FRS, backward ? 0 : 32 * odd4(cn));
   return g;
 }
 
-// The sample's induction row into the warp's W as fp32 (zeros when the row is missing): a straight copy, since the
-// specialised shape pads nothing.
-template <typename T>
-__device__ __forceinline__ void stage_row(const Fast& f, const T* row, float* W, int lane) {
-  for (int i = lane; i < f.ind_dim; i += 32) W[i] = row ? ld(row, i) : 0.f;
+// Registers per lane that hold an induction row of the (C, OI) shape with biases (the largest) on its way to W.
+template <int C, bool OI>
+__host__ __device__ constexpr int spec_row_regs() {
+  return ((OI ? C : 1) * (kSpecD * kSpecN1 + kSpecN1 + kSpecN1 * kSpecN2 + kSpecN2) + 31) / 32;
+}
+
+// The sample's induction row into registers (zeros when the row is missing; element lane + 32 k in r[k]) ...
+template <typename T, int NR>
+__device__ __forceinline__ void spec_load_row(const T* row, int ind_dim, int lane, float (&r)[NR]) {
+#pragma unroll
+  for (int k = 0; k < NR; ++k) {
+    const int i = lane + 32 * k;
+    r[k] = row && i < ind_dim ? ld(row, i) : 0.f;
+  }
+}
+
+// ... and from the registers into the warp's W as fp32, once the first round's loads are out.
+template <int NR>
+__device__ __forceinline__ void spec_store_row(float* W, int ind_dim, int lane, const float (&r)[NR]) {
+#pragma unroll
+  for (int k = 0; k < NR; ++k)
+    if (lane + 32 * k < ind_dim) W[lane + 32 * k] = r[k];
   __syncwarp();
 }
 
@@ -954,20 +986,151 @@ __device__ __forceinline__ void spec_acc(float* dst, float v, const float (&a)[N
   }
 }
 
-// This lane's behaviour of the round: its feed row (zeros for a lane past the round's n) and where it lives.
-template <typename T>
-__device__ __forceinline__ size_t spec_feed(const Fast& f, const T* __restrict__ feed,
-                                            const int64_t* __restrict__ feed_ids, int b, int T_len, int t,
-                                            float (&x)[kSpecD]) {
+// A sample's compaction state: the queue's fill, the next mask position to scan and the mask chunks at ts and
+// ts + 32 (this lane's element; 0 past the row), loaded two chunks ahead of their ballot.
+struct SpecQueue {
+  int qn, ts;
+  float mk0, mk1;
+};
+
+__device__ __forceinline__ float spec_mask_at(const float* __restrict__ mrow, int T_len, int t) {
+  return t < T_len ? mrow[t] : 0.f;
+}
+
+__device__ __forceinline__ SpecQueue spec_queue(const float* __restrict__ mrow, int T_len, int lane) {
+  return SpecQueue{0, 0, spec_mask_at(mrow, T_len, lane), spec_mask_at(mrow, T_len, 32 + lane)};
+}
+
+// The sample's next round of up to 32 unmasked behaviours, as next_round (same rounds, same order), from the
+// prefetched mask chunks. Returns the round's size n (0: the sample is done; warp-uniform) and this lane's behaviour
+// (-1 for lanes >= n).
+__device__ __forceinline__ int spec_next_round(const float* __restrict__ mrow, int T_len, int* q, SpecQueue& s,
+                                               int lane, int* my_t) {
+  while (s.qn < 32 && s.ts < T_len) {
+    const bool on = s.mk0 != 0.f;
+    s.mk0 = s.mk1;
+    s.mk1 = spec_mask_at(mrow, T_len, s.ts + 64 + lane);
+    const unsigned bal = __ballot_sync(0xffffffffu, on);
+    if (on) q[s.qn + __popc(bal & ((1u << lane) - 1u))] = s.ts + lane;
+    s.qn += __popc(bal);
+    s.ts += 32;
+  }
+  __syncwarp();
+  const int n = min(s.qn, 32);
+  *my_t = lane < n ? q[lane] : -1;
+  __syncwarp();
+  if (lane < s.qn - n) q[lane] = q[lane + 32];  // reads [32, qn), writes [0, qn - 32): disjoint
+  __syncwarp();
+  s.qn -= n;
+  return n;
+}
+
+// The feed row of behaviour t (-1: none, row 0 unread) of sample b: its id, or its gathered position.
+__device__ __forceinline__ size_t spec_frow(const int64_t* __restrict__ feed_ids, int b, int T_len, int t) {
   const size_t pos = static_cast<size_t>(b) * T_len + (t < 0 ? 0 : t);
-  const size_t frow = t < 0 ? 0 : feed_ids ? static_cast<size_t>(feed_ids[pos]) : pos;
-  load_feed<kSpecD>(feed, frow, f, t >= 0, x);
-  return frow;
+  return t < 0 ? 0 : feed_ids ? static_cast<size_t>(feed_ids[pos]) : pos;
+}
+
+__device__ __forceinline__ void cp_async16(void* dst, const void* src, bool on) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(
+                   static_cast<unsigned>(__cvta_generic_to_shared(dst))),
+               "l"(src), "r"(on ? 16 : 0)
+               : "memory");
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
+template <int N>
+__device__ __forceinline__ void cp_async_wait() {
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
+}
+
+// This lane's feed row of a coming round into its row of a feed buffer, raw (zeros when !on): asynchronous copies
+// (cp.async, one commit group per round, waited for before the round computes); rows that are not 16-byte aligned
+// go through registers at once.
+template <typename T>
+__device__ __forceinline__ void spec_fetch_row(const Fast& f, const T* __restrict__ feed, size_t frow, bool on,
+                                               float* dst) {
+  if (f.feed_vec) {
+    const char* src = reinterpret_cast<const char*>(feed + frow * kSpecD);
+#pragma unroll
+    for (int c = 0; c < kSpecD * static_cast<int>(sizeof(T)) / 16; ++c)
+      cp_async16(reinterpret_cast<char*>(dst) + 16 * c, src + 16 * c, on);
+  } else {
+    T* d = reinterpret_cast<T*>(dst);
+#pragma unroll
+    for (int i = 0; i < kSpecD; ++i) d[i] = on ? feed[frow * kSpecD + i] : T{};
+  }
+}
+
+// A staged feed row as fp32: all of it, or element i.
+template <typename T>
+__device__ __forceinline__ void spec_read_x(const float* row, float (&x)[kSpecD]) {
+  if constexpr (sizeof(T) == 4) {
+#pragma unroll
+    for (int c = 0; c < kSpecD / 4; ++c) {
+      const float4 v = reinterpret_cast<const float4*>(row)[c];
+      x[4 * c] = v.x, x[4 * c + 1] = v.y, x[4 * c + 2] = v.z, x[4 * c + 3] = v.w;
+    }
+  } else {  // a word holds element 2k in its low half
+#pragma unroll
+    for (int c = 0; c < kSpecD / 8; ++c) {
+      const uint4 r = reinterpret_cast<const uint4*>(row)[c];
+      const unsigned wd[4] = {r.x, r.y, r.z, r.w};
+#pragma unroll
+      for (int k = 0; k < 4; ++k) {
+        x[8 * c + 2 * k] = __uint_as_float(wd[k] << 16);
+        x[8 * c + 2 * k + 1] = __uint_as_float(wd[k] & 0xffff0000u);
+      }
+    }
+  }
+}
+
+template <typename T>
+__device__ __forceinline__ float spec_x_at(const float* row, int i) {
+  if constexpr (sizeof(T) == 4)
+    return row[i];
+  else
+    return __uint_as_float(static_cast<unsigned>(reinterpret_cast<const unsigned short*>(row)[i]) << 16);
+}
+
+// The round's feed gradients (lane m's at gx_base + m * stride) added to grad_feed by feed id: the lanes that share
+// a row are summed in lane order by the lowest of them, which then issues its atomics back to back, each from its
+// own registers (an atomic reads its source registers after issue: rewriting them would wait for it). Every lane
+// calls it (match_any).
+__device__ __forceinline__ void spec_store_feed_grad(const Fast& f, float* __restrict__ grad_feed, size_t frow,
+                                                     int t, const float* gx_base, int stride, int lane) {
+  constexpr int Q = kSpecD / 4;
+  const unsigned long long key = t >= 0 ? static_cast<unsigned long long>(frow) : ~0ull - lane;
+  const unsigned peers = __match_any_sync(0xffffffffu, key);
+  if (t < 0 || lane != __ffs(peers) - 1) return;
+  float4 s[Q];
+#pragma unroll
+  for (int k = 0; k < Q; ++k) s[k] = make_float4(0.f, 0.f, 0.f, 0.f);
+  for (unsigned pm = peers; pm; pm &= pm - 1) {
+    const float4* src = reinterpret_cast<const float4*>(gx_base + (__ffs(pm) - 1) * stride);
+#pragma unroll
+    for (int k = 0; k < Q; ++k) {
+      const float4 v = src[k];
+      s[k].x += v.x, s[k].y += v.y, s[k].z += v.z, s[k].w += v.w;
+    }
+  }
+  float* dst = grad_feed + frow * kSpecD;
+  if (f.gfeed_vec) {
+#pragma unroll
+    for (int k = 0; k < Q; ++k) atomicAdd(reinterpret_cast<float4*>(dst) + k, s[k]);
+  } else {
+#pragma unroll
+    for (int k = 0; k < Q; ++k) {
+      atomicAdd(dst + 4 * k, s[k].x);
+      atomicAdd(dst + 4 * k + 1, s[k].y);
+      atomicAdd(dst + 4 * k + 2, s[k].z);
+      atomicAdd(dst + 4 * k + 3, s[k].w);
+    }
+  }
 }
 
 // Two warps (samples) a block: a block's slot on the SM frees when its slowest sample ends, so small blocks keep the
 // SMs fuller as samples of different lengths finish. Register caps for up to 3 orders: 102 (forward, 10 blocks of 64
-// threads; 96 used) / 128 (backward, 8 blocks), the bounds Nsight Compute measured best for the first version.
+// threads) / 128 (backward, 8 blocks), the bounds Nsight Compute measured best for the first version.
 constexpr int kSpecWarps = 2;
 template <int C>
 constexpr int spec_fwd_blocks() { return (C <= 2 ? 6 : 5) * kFastWarps / kSpecWarps; }
@@ -979,49 +1142,68 @@ __global__ void __launch_bounds__(kSpecWarps * 32, spec_fwd_blocks<C>()) spec_fo
     Fast f, SpecGeo g, int B, int T_len, CoActionRows rows, const int64_t* __restrict__ ind_ids,
     const T* __restrict__ feed, const int64_t* __restrict__ feed_ids, const float* __restrict__ mask,
     T* __restrict__ out) {
-  constexpr int D = kSpecD, N1 = kSpecN1, N2 = kSpecN2, S = N1 + N2;
+  constexpr int D = kSpecD, N1 = kSpecN1, N2 = kSpecN2, S = N1 + N2, NR = spec_row_regs<C, OI>();
   extern __shared__ __align__(16) float smem[];
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   const int b = blockIdx.x * (blockDim.x >> 5) + warp;
   if (b >= B) return;  // warps are independent: no block-wide barrier in this kernel
   float* base = smem + static_cast<size_t>(warp) * g.per_warp;
-  const float* W = base + g.oW;
+  float* W = base + g.oW;
   float* hs = base + g.oU;
   int* q = reinterpret_cast<int*>(base + g.oQ);
-  float* rws = base + g.oRows;
+  float* fbuf = base + g.oFeed;
+  const int buf = 32 * g.FRS;  // floats between the two feed buffers
   int shard;
   int64_t local;
-  stage_row(f, induction_row<T>(rows, ind_ids, b, f.ind_dim, &shard, &local), base + g.oW, lane);
+  float wr[NR];
+  spec_load_row(induction_row<T>(rows, ind_ids, b, f.ind_dim, &shard, &local), f.ind_dim, lane, wr);
+  // the pipeline: round a computes from fbuf[cur] while round b's rows arrive in the other buffer
+  const float* mrow = mask + static_cast<size_t>(b) * T_len;
+  SpecQueue sq = spec_queue(mrow, T_len, lane);
+  int ta, tb;
+  int na = spec_next_round(mrow, T_len, q, sq, lane, &ta);
+  int nb = spec_next_round(mrow, T_len, q, sq, lane, &tb);
+  size_t fb = spec_frow(feed_ids, b, T_len, tb);
+  spec_fetch_row(f, feed, spec_frow(feed_ids, b, T_len, ta), ta >= 0, fbuf + lane * g.FRS);
+  cp_async_commit();
+  spec_store_row(W, f.ind_dim, lane, wr);
   float acc[C][N1];
 #pragma unroll
   for (int c = 0; c < C; ++c)
 #pragma unroll
     for (int j = 0; j < N1; ++j) acc[c][j] = 0.f;
-  const float* mrow = mask + static_cast<size_t>(b) * T_len;
-  int qn = 0, t0 = 0, valid = 0;
-  for (;;) {
-    int t;
-    const int n = next_round(mrow, T_len, q, qn, t0, lane, &t);
-    if (n == 0) break;
-    valid += n;
+  int valid = 0, cur = 0;
+  while (na > 0) {
+    if (nb > 0) spec_fetch_row(f, feed, fb, tb >= 0, fbuf + (cur ^ 1) * buf + lane * g.FRS);
+    cp_async_commit();  // (an empty group past the sample's last round: the wait below still means "round a in")
+    int tc;
+    const int nc = spec_next_round(mrow, T_len, q, sq, lane, &tc);
+    const size_t fc = spec_frow(feed_ids, b, T_len, tc);
+    cp_async_wait<1>();  // a lane reads only its own row: no warp barrier needed
+    valid += na;
     float x[D], z[C][N1];
-    spec_feed(f, feed, feed_ids, b, T_len, t, x);
+    spec_read_x<T>(fbuf + cur * buf + lane * g.FRS, x);
     spec_first_layer<C, OI>(W, f.wslice, f.bias, x, z);
-    const float v = t >= 0 ? 1.f : 0.f;  // a lane past the round's n adds nothing (a bias makes its z non-zero)
+    const float v = ta >= 0 ? 1.f : 0.f;  // a lane past the round's n adds nothing (a bias makes its z non-zero)
 #pragma unroll
     for (int c = 0; c < C; ++c)
 #pragma unroll
       for (int j = 0; j < N1; ++j) acc[c][j] = fmaf(v, tanh_fast(z[c][j]), acc[c][j]);
+    na = nb, ta = tb, nb = nc, tb = tc, fb = fc, cur ^= 1;
   }
-  // the lanes' h1 sums -> hs [C][N1] (column sums over the lane rows, in lane order)
-  float* my = rws + lane * g.RS;
+  // the lanes' h1 sums -> hs [C][N1] (column sums over lane rows staged in the feed buffers, in lane order)
+  cp_async_wait<0>();
+  constexpr int RR = odd4(C * N1);
+  float* rws = fbuf;
+  float* my = rws + lane * RR;
+  __syncwarp();
 #pragma unroll
   for (int c = 0; c < C; ++c) store_row<N1>(my + c * N1, acc[c], N1);
   __syncwarp();
   for (int k = lane; k < C * N1; k += 32) {
     float s = 0.f;
 #pragma unroll 8
-    for (int m = 0; m < 32; ++m) s += rws[m * g.RS + k];
+    for (int m = 0; m < 32; ++m) s += rws[m * RR + k];
     hs[k] = s;
   }
   __syncwarp();
@@ -1046,7 +1228,9 @@ __global__ void __launch_bounds__(kSpecWarps * 32, spec_bwd_blocks<C>()) spec_ba
     Fast f, SpecGeo g, int B, int T_len, CoActionRows rows, const int64_t* __restrict__ ind_ids,
     const T* __restrict__ feed, const int64_t* __restrict__ feed_ids, const float* __restrict__ mask,
     const float* __restrict__ grad_out, float* __restrict__ grad_feed) {
-  constexpr int D = kSpecD, N1 = kSpecN1, N2 = kSpecN2, S = N1 + N2;
+  constexpr int D = kSpecD, N1 = kSpecN1, N2 = kSpecN2, S = N1 + N2, NR = spec_row_regs<C, OI>();
+  constexpr int NG = (C * S + 31) / 32;  // grad_out values per lane
+  constexpr bool kGxInFeed = sizeof(T) == 4;  // the fp32 feed gradient is staged over the lane's feed row
   extern __shared__ __align__(16) float smem[];
   __shared__ int64_t blk_row[kFastWarps];  // the table row each warp's gradient belongs to (-1: none)
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
@@ -1059,17 +1243,35 @@ __global__ void __launch_bounds__(kSpecWarps * 32, spec_bwd_blocks<C>()) spec_ba
   int* q = reinterpret_cast<int*>(base + g.oQ);
   float* rws = base + g.oRows;
   float* my = rws + lane * g.RS;
+  float* fbuf = base + g.oFeed;
+  const int buf = 32 * g.FRS;
   int shard = 0;
   int64_t local = 0;
   const T* row = b < B ? induction_row<T>(rows, ind_ids, b, f.ind_dim, &shard, &local) : nullptr;
   // No early return: with ids every warp of the block meets the barrier before the row gradients are combined.
   if (row) {
+    float wr[NR], gr[NG];
+    spec_load_row(row, f.ind_dim, lane, wr);
+#pragma unroll
+    for (int k = 0; k < NG; ++k)
+      gr[k] = lane + 32 * k < C * S ? grad_out[static_cast<size_t>(b) * f.n_out + lane + 32 * k] : 0.f;
+    const float* mrow = mask + static_cast<size_t>(b) * T_len;
+    SpecQueue sq = spec_queue(mrow, T_len, lane);
+    int ta, tb;
+    int na = spec_next_round(mrow, T_len, q, sq, lane, &ta);
+    size_t fa = spec_frow(feed_ids, b, T_len, ta);
+    int nb = spec_next_round(mrow, T_len, q, sq, lane, &tb);
+    size_t fb = spec_frow(feed_ids, b, T_len, tb);
     for (int i = lane; i < g.oG - g.oGW; i += 32) gW[i] = 0.f;
     if (f.bias)
       for (int i = g.rB; i < g.rB + C * N1; i += 4)
         *reinterpret_cast<float4*>(my + i) = make_float4(0.f, 0.f, 0.f, 0.f);
-    for (int k = lane; k < C * S; k += 32) G[k] = grad_out[static_cast<size_t>(b) * f.n_out + k];
-    stage_row(f, row, base + g.oW, lane);  // its barrier orders the writes above before the reads below
+    spec_fetch_row(f, feed, fa, ta >= 0, fbuf + lane * g.FRS);
+    cp_async_commit();
+#pragma unroll
+    for (int k = 0; k < NG; ++k)
+      if (lane + 32 * k < C * S) G[lane + 32 * k] = gr[k];
+    spec_store_row(base + g.oW, f.ind_dim, lane, wr);  // its barrier orders the writes above before the reads below
     // u_c = G1_c + W2_c G2_c: the first layer's upstream gradient, the same for every behaviour of the sample
     for (int k = lane; k < C * N1; k += 32) {
       const int c = k / N1, j = k - c * N1;
@@ -1080,7 +1282,7 @@ __global__ void __launch_bounds__(kSpecWarps * 32, spec_bwd_blocks<C>()) spec_ba
       U[k] = u;
     }
     __syncwarp();
-    const int ti = lane >> 2, tj = lane & 3;  // this lane's 2 x 2 tile of W1: rows 2 ti, 2 ti + 1; columns 2 tj, +1
+    const int ti = lane >> 1, tj = lane & 1;  // this lane's 1 x 4 tile of W1: row ti, columns 4 tj .. 4 tj + 3
     float tacc[C][4], hacc[C][N1];
 #pragma unroll
     for (int c = 0; c < C; ++c) {
@@ -1089,17 +1291,21 @@ __global__ void __launch_bounds__(kSpecWarps * 32, spec_bwd_blocks<C>()) spec_ba
 #pragma unroll
       for (int j = 0; j < N1; ++j) hacc[c][j] = 0.f;
     }
-    const float* mrow = mask + static_cast<size_t>(b) * T_len;
-    int qn = 0, t0 = 0, valid = 0;
-    for (;;) {
-      int t;
-      const int n = next_round(mrow, T_len, q, qn, t0, lane, &t);
-      if (n == 0) break;
-      valid += n;
+    int valid = 0, cur = 0;
+    while (na > 0) {
+      if (nb > 0) spec_fetch_row(f, feed, fb, tb >= 0, fbuf + (cur ^ 1) * buf + lane * g.FRS);
+      cp_async_commit();
+      int tc;
+      const int nc = spec_next_round(mrow, T_len, q, sq, lane, &tc);
+      const size_t fc = spec_frow(feed_ids, b, T_len, tc);
+      cp_async_wait<1>();
+      __syncwarp();  // every lane's row of round a is in: the W1 tiles read all of them
+      valid += na;
+      float* rb = fbuf + cur * buf;
       float x[D], z[C][N1];
-      const size_t frow = spec_feed(f, feed, feed_ids, b, T_len, t, x);
+      spec_read_x<T>(rb + lane * g.FRS, x);
       spec_first_layer<C, OI>(W, f.wslice, f.bias, x, z);
-      const float v = t >= 0 ? 1.f : 0.f;
+      const float v = ta >= 0 ? 1.f : 0.f;
       // h1 sums (for W2's gradient) and dz = v u_c (1 - h1^2), in place of z
 #pragma unroll
       for (int c = 0; c < C; ++c) {
@@ -1118,7 +1324,6 @@ __global__ void __launch_bounds__(kSpecWarps * 32, spec_bwd_blocks<C>()) spec_ba
         }
         if (f.bias) spec_acc<N1>(my + g.rB + c * N1, 1.f, z[c]);
       }
-      store_row<D>(my, x, D);
 #pragma unroll
       for (int c = 0; c < C; ++c) store_row<N1>(my + g.rDZ + c * N1, z[c], N1);
       // feed gradient: gx_i = sum_c (c + 1) x_i^c (W1_c dz_c)_i
@@ -1143,28 +1348,32 @@ __global__ void __launch_bounds__(kSpecWarps * 32, spec_bwd_blocks<C>()) spec_ba
         }
         gx[i] = s;
       }
-      if (feed_ids) store_row<D>(my + g.rGX, gx, D);
       __syncwarp();
       // W1's gradient: this lane's tile in every order, summed over the round's rows m of x^(c+1) (x) dz_c
 #pragma unroll 2
-      for (int m = 0; m < n; ++m) {
-        const float* rm = rws + m * g.RS;
-        const float2 xa = *reinterpret_cast<const float2*>(rm + 2 * ti);
-        float p0 = xa.x, p1 = xa.y;
+      for (int m = 0; m < na; ++m) {
+        const float xm = spec_x_at<T>(rb + m * g.FRS, ti);
+        const float* dm = rws + m * g.RS + g.rDZ + 4 * tj;
+        float p = xm;
 #pragma unroll
         for (int c = 0; c < C; ++c) {
-          if (c) p0 *= xa.x, p1 *= xa.y;
-          const float2 d = *reinterpret_cast<const float2*>(rm + g.rDZ + c * N1 + 2 * tj);
-          tacc[c][0] = fmaf(p0, d.x, tacc[c][0]);
-          tacc[c][1] = fmaf(p0, d.y, tacc[c][1]);
-          tacc[c][2] = fmaf(p1, d.x, tacc[c][2]);
-          tacc[c][3] = fmaf(p1, d.y, tacc[c][3]);
+          if (c) p *= xm;
+          const float4 d = *reinterpret_cast<const float4*>(dm + c * N1);
+          tacc[c][0] = fmaf(p, d.x, tacc[c][0]);
+          tacc[c][1] = fmaf(p, d.y, tacc[c][1]);
+          tacc[c][2] = fmaf(p, d.z, tacc[c][2]);
+          tacc[c][3] = fmaf(p, d.w, tacc[c][3]);
         }
       }
-      if (feed_ids) {  // lanes sharing a feed row add theirs once (staged in the rows above)
-        store_feed_grad(f, grad_feed, true, frow, t, rws, g.RS, g.rGX, lane);
-      } else if (t >= 0) {
-        float* dst = grad_feed + frow * D;
+      if (feed_ids) {  // lanes sharing a feed row add theirs once (staged in shared memory)
+        if (kGxInFeed) __syncwarp();  // every lane's tiles have read the feed rows the gradients overwrite
+        float* gxs = kGxInFeed ? rb : rws + g.rGX;
+        const int gstride = kGxInFeed ? g.FRS : g.RS;
+        store_row<D>(gxs + lane * gstride, gx, D);
+        __syncwarp();
+        spec_store_feed_grad(f, grad_feed, fa, ta, gxs, gstride, lane);
+      } else if (ta >= 0) {
+        float* dst = grad_feed + fa * D;
         if (f.gfeed_vec) {
 #pragma unroll
           for (int i = 0; i < D; i += 4)
@@ -1174,7 +1383,8 @@ __global__ void __launch_bounds__(kSpecWarps * 32, spec_bwd_blocks<C>()) spec_ba
           for (int i = 0; i < D; ++i) dst[i] = gx[i];
         }
       }
-      __syncwarp();  // the rows are rewritten by the next round
+      __syncwarp();  // the rows and this feed buffer are rewritten by the coming rounds
+      na = nb, ta = tb, fa = fb, nb = nc, tb = tc, fb = fc, cur ^= 1;
     }
     // W1: the lanes' tiles (without order independence the orders share one W1: summed in order)
 #pragma unroll
@@ -1188,11 +1398,9 @@ __global__ void __launch_bounds__(kSpecWarps * 32, spec_bwd_blocks<C>()) spec_ba
 #pragma unroll
           for (int c2 = 1; c2 < C; ++c2) s[k] += tacc[c2][k];
       }
-      float* gw = gW + (OI ? c * f.wslice : 0);
-      gw[(2 * ti) * N1 + 2 * tj] += s[0];
-      gw[(2 * ti) * N1 + 2 * tj + 1] += s[1];
-      gw[(2 * ti + 1) * N1 + 2 * tj] += s[2];
-      gw[(2 * ti + 1) * N1 + 2 * tj + 1] += s[3];
+      float* gw = gW + (OI ? c * f.wslice : 0) + ti * N1 + 4 * tj;
+#pragma unroll
+      for (int k = 0; k < 4; ++k) gw[k] += s[k];
     }
     // W2 and the biases from the h1 and dz sums: the lanes' h1 sums go to their rows' first C x N1 slots; lane j
     // then owns row j of W2 and b1[j] in every slice, lane m < N2 b2[m]; orders are added in turn
@@ -1279,12 +1487,13 @@ bool spec_disabled() {
   return e && e[0] == '0' && e[1] == '\0';
 }
 
-// Warps per block and dynamic shared memory of the specialised kernels for d; false when they do not take it.
-bool spec_shape(const CoActionDims& d, bool backward, int* warps, size_t* smem) {
+// Warps per block and dynamic shared memory of the specialised kernels for d with feed elements of elem bytes (the
+// queries without a dtype use 4, the larger); false when they do not take it.
+bool spec_shape(const CoActionDims& d, bool backward, int elem, int* warps, size_t* smem) {
   if (spec_disabled() || d.paper || d.num_layers != 2 || d.din[0] != kSpecD || d.dout[0] != kSpecN1 ||
       d.din[1] != kSpecN1 || d.dout[1] != kSpecN2 || d.orders < 1 || d.orders > kSpecMaxOrders)
     return false;
-  const size_t per = sizeof(float) * static_cast<size_t>(make_spec_geo(make_fast(d, backward), backward).per_warp);
+  const size_t per = sizeof(float) * static_cast<size_t>(make_spec_geo(make_fast(d, backward), backward, elem).per_warp);
   const int w = static_cast<int>(std::min<size_t>(kSpecWarps, (kSmemMax - kFastStatic) / per));
   if (w < 1) return false;
   *warps = w;
@@ -1296,7 +1505,7 @@ bool spec_shape(const CoActionDims& d, bool backward, int* warps, size_t* smem) 
 bool coaction_specialized(const CoActionDims& d, bool backward) {
   int w;
   size_t sm;
-  return spec_shape(d, backward, &w, &sm);
+  return spec_shape(d, backward, 4, &w, &sm);
 }
 
 namespace {
@@ -1317,7 +1526,7 @@ void general_shape(const CoActionDims& d, bool backward, int* warps, size_t* sme
 }  // namespace
 
 void coaction_launch_shape(const CoActionDims& d, bool backward, int* warps, size_t* smem, bool* fast) {
-  if (spec_shape(d, backward, warps, smem)) {
+  if (spec_shape(d, backward, 4, warps, smem)) {
     if (fast) *fast = true;
     return;
   }
@@ -1377,7 +1586,7 @@ void coaction_forward(const CoActionDims& d, int dtype, int B, int T, const CoAc
     int swarps;
     size_t ssmem;
     check_dims(d);
-    if (spec_shape(d, false, &swarps, &ssmem)) {
+    if (spec_shape(d, false, sizeof(E), &swarps, &ssmem)) {
       const auto kspec = f.oi ? spec_pick(f.C, spec_forward_kernel<E, 1, true>, spec_forward_kernel<E, 2, true>,
                                                 spec_forward_kernel<E, 3, true>, spec_forward_kernel<E, 4, true>)
                               : spec_pick(f.C, spec_forward_kernel<E, 1, false>, spec_forward_kernel<E, 2, false>,
@@ -1386,7 +1595,7 @@ void coaction_forward(const CoActionDims& d, int dtype, int B, int T, const CoAc
         DWDP_CUDA_CHECK(
             cudaFuncSetAttribute(kspec, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(ssmem)));
       if (B == 0 || T == 0) return;
-      kspec<<<(B + swarps - 1) / swarps, swarps * 32, ssmem, s>>>(f, make_spec_geo(f, false), B, T, rows, ids, fd,
+      kspec<<<(B + swarps - 1) / swarps, swarps * 32, ssmem, s>>>(f, make_spec_geo(f, false, sizeof(E)), B, T, rows, ids, fd,
                                                                   fids, mk, o);
       DWDP_LAUNCH_CHECK();
       return;
@@ -1438,7 +1647,7 @@ void coaction_backward(const CoActionDims& d, int dtype, int B, int T, const CoA
     int swarps;
     size_t ssmem;
     check_dims(d);
-    if (spec_shape(d, true, &swarps, &ssmem)) {
+    if (spec_shape(d, true, sizeof(E), &swarps, &ssmem)) {
       const auto kspec = f.oi ? spec_pick(f.C, spec_backward_kernel<E, 1, true>, spec_backward_kernel<E, 2, true>,
                                                 spec_backward_kernel<E, 3, true>, spec_backward_kernel<E, 4, true>)
                               : spec_pick(f.C, spec_backward_kernel<E, 1, false>,
@@ -1448,7 +1657,7 @@ void coaction_backward(const CoActionDims& d, int dtype, int B, int T, const CoA
         DWDP_CUDA_CHECK(
             cudaFuncSetAttribute(kspec, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(ssmem)));
       if (B == 0 || T == 0) return;
-      kspec<<<(B + swarps - 1) / swarps, swarps * 32, ssmem, s>>>(f, make_spec_geo(f, true), B, T, rows, ids, fd,
+      kspec<<<(B + swarps - 1) / swarps, swarps * 32, ssmem, s>>>(f, make_spec_geo(f, true, sizeof(E)), B, T, rows, ids, fd,
                                                                   fids, mk, go, gf);
       DWDP_LAUNCH_CHECK();
       return;
