@@ -11,11 +11,7 @@ figures are medians, speed-ups the median of the per-repeat ratios:
   fused          dwdp_ops.coaction.coaction_{forward,backward}_gpu with table + ids, the default path
                  (``check_ids=True``: the ids are range-checked on the device first, one host synchronisation)
   fused_nocheck  the same with ``check_ids=False`` (the kernels alone); the reference shape runs on the specialised
-                 kernels (compile-time widths, ``fused.uses_specialized_kernels``). Its step, like ``fused``'s and
-                 the autograd op's, keeps the forward's first-layer activations for the backward
-                 (``save=True``: fp32, B x T x 96 bytes, in the step's peak memory)
-  fused_recompute  ``fused_nocheck`` with ``save=False``: the backward recomputes the activations (the forward is
-                 the same call as ``fused_nocheck``'s; the step is what differs)
+                 kernels (compile-time widths, ``fused.uses_specialized_kernels``)
   fused_general  ``fused_nocheck`` on the general fast kernels (``DWDP_COACTION_SPECIALIZED=0``): the kernels before
                  the specialisation, as a same-run baseline
   cupy           the same math as gathers, reshaped weights and batched matmuls in CuPy (dwdp_ops.coaction.reference
@@ -23,9 +19,9 @@ figures are medians, speed-ups the median of the per-repeat ratios:
   torch          the same in PyTorch with autograd (eager), where PyTorch is installed
   torch_compile  that PyTorch function through ``torch.compile(mode=--compile-mode, dynamic=False)``, one compiled
                  function per (B, T), compiled and warmed up (forward and backward) before any timing
-Pipelined (``*_pipelined_ms``): ``fused_nocheck``, ``fused_recompute``, ``torch`` and ``torch_compile`` also run as
---pipeline (default 10) back-to-back calls inside one timed op, reported per call: what a training loop whose host
-runs ahead of the GPU pays (a call's host work overlaps the previous call's kernels, so the figure is the larger of the two per call).
+Pipelined (``*_pipelined_ms``): ``fused_nocheck``, ``torch`` and ``torch_compile`` also run as --pipeline (default 10)
+back-to-back calls inside one timed op, reported per call: what a training loop whose host runs ahead of the GPU
+pays (a call's host work overlaps the previous call's kernels, so the figure is the larger of the two per call).
 Host time (``*_host_us``): wall-clock time per call of 50 back-to-back ``check_ids=False`` calls on the host, the
 stream synchronised only after them (the host work of a call: argument checks, allocations, launches).
 Peak memory is the allocator's high-water mark of the step.
@@ -209,12 +205,10 @@ def main() -> int:
             return coaction_forward_gpu(table, ftable, mask, spec, ind_ids=ids, feed_ids=fids, stream=s,
                                         check_ids=check)
 
-        def fused_step(check=True, save=True):
-            # as a training step runs it (the autograd op): the forward keeps its activations for the backward
-            out = coaction_forward_gpu(table, ftable, mask, spec, ind_ids=ids, feed_ids=fids, stream=s,
-                                       check_ids=check, save=save)
+        def fused_step(check=True):
+            fused_fwd(check)
             return coaction_backward_gpu(table, ftable, mask, g, spec, ind_ids=ids, feed_ids=fids, stream=s,
-                                         check_ids=check, saved=out[1] if save else None)
+                                         check_ids=check)
 
         def cupy_fwd():
             return coaction_forward(table[ids], ftable[fids], mask, spec)
@@ -238,12 +232,9 @@ def main() -> int:
         fwd_ops = {"fused": fused_fwd, "fused_nocheck": lambda: fused_fwd(False), "cupy": cupy_fwd,
                    "fused_general": lambda: general(fused_fwd)}
         step_ops = {"fused": fused_step, "fused_nocheck": lambda: fused_step(False), "cupy": cupy_step,
-                    "fused_general": lambda: general(lambda check: fused_step(check, save=False))}
-        fwd_ops["fused_recompute"] = fwd_ops["fused_nocheck"]  # the same forward (one that keeps nothing)
-        step_ops["fused_recompute"] = lambda: fused_step(False, save=False)
-        for name in ("fused_nocheck", "fused_recompute"):
-            fwd_ops[f"{name}_pipelined"] = repeated(fwd_ops[name], ns.pipeline)
-            step_ops[f"{name}_pipelined"] = repeated(step_ops[name], ns.pipeline)
+                    "fused_general": lambda: general(fused_step)}
+        fwd_ops["fused_nocheck_pipelined"] = repeated(fwd_ops["fused_nocheck"], ns.pipeline)
+        step_ops["fused_nocheck_pipelined"] = repeated(step_ops["fused_nocheck"], ns.pipeline)
         rec = {"B": B, "T": T, "specialized": uses_specialized_kernels(spec), "pipeline": ns.pipeline}
         # correctness on this data before timing
         with s:
@@ -304,7 +295,6 @@ def main() -> int:
             rec["fused_nocheck_host_fwd_us"] = host_us(lambda: fused_fwd(False), s)
             rec["fused_nocheck_host_step_us"] = host_us(lambda: fused_step(False), s)
         rec["fused_peak_MiB"] = pool_peak(fused_step, s) / 2**20
-        rec["fused_recompute_peak_MiB"] = pool_peak(lambda: fused_step(True, save=False), s) / 2**20
         rec["cupy_peak_MiB"] = pool_peak(cupy_step, s) / 2**20
         if ts is not None:
             with torch.cuda.stream(ts):

@@ -3,10 +3,8 @@
     ncu --kernel-name regex:spec_ --launch-skip 4 --launch-count 2 python bench/coaction_profile.py [--B 8192 --T 100]
 
 Tables of 100 000 rows read by random ids, 80 % of the positions valid (as ``coaction_bench.py``); two warm-up steps,
-then the profiled step (the launches ``--launch-skip 4`` leaves: its forward and its backward). The step is a training
-step's: the forward keeps its activations for the backward (``save=True``); ``--recompute`` makes the backward
-recompute them instead. ``--general`` runs the general kernels instead of the specialised ones
-(``DWDP_COACTION_SPECIALIZED=0``; they always recompute).
+then the profiled step (the launches ``--launch-skip 4`` leaves: its forward and its backward). ``--general`` runs the
+general kernels instead of the specialised ones (``DWDP_COACTION_SPECIALIZED=0``).
 """
 
 from __future__ import annotations
@@ -25,7 +23,6 @@ def main() -> int:
     ap.add_argument("--T", type=int, default=100)
     ap.add_argument("--rows", type=int, default=100_000)
     ap.add_argument("--general", action="store_true", help="the general kernels (DWDP_COACTION_SPECIALIZED=0)")
-    ap.add_argument("--recompute", action="store_true", help="the backward recomputes the forward's activations")
     ns = ap.parse_args()
     if ns.general:
         os.environ["DWDP_COACTION_SPECIALIZED"] = "0"
@@ -40,10 +37,8 @@ def main() -> int:
     mask = cp.asarray((rs.random((ns.B, ns.T)) < 0.8).astype(np.float32))
     g = cp.asarray(rs.normal(size=(ns.B, spec.out_dim)).astype(np.float32))
     for _ in range(3):
-        _, saved = coaction_forward_gpu(table, ftable, mask, spec, ind_ids=ids, feed_ids=fids, check_ids=False,
-                                        save=True)
-        coaction_backward_gpu(table, ftable, mask, g, spec, ind_ids=ids, feed_ids=fids, check_ids=False,
-                              saved=None if ns.recompute else saved)
+        coaction_forward_gpu(table, ftable, mask, spec, ind_ids=ids, feed_ids=fids, check_ids=False)
+        coaction_backward_gpu(table, ftable, mask, g, spec, ind_ids=ids, feed_ids=fids, check_ids=False)
     cp.cuda.Device().synchronize()
     print("done")
     return 0

@@ -151,9 +151,7 @@ def bf16_value(bits):
 
 
 def run_both(spec, ind, feed, mask, g, dtype="float32", ind_ids=None, feed_ids=None):
-    """GPU forward and backward (fp32 results) and the float64 reference on the same (dtype-rounded) inputs. As a
-    training step runs it: the forward keeps its activations for the backward where the kernels take that
-    (``save=True``; the recomputing backward is checked against it in ``test_saved_activations_...``)."""
+    """GPU forward and backward (fp32 results) and the float64 reference on the same (dtype-rounded) inputs."""
     import cupy as cp
     from dwdp_ops.coaction import coaction_backward_gpu, coaction_forward_gpu
 
@@ -166,11 +164,10 @@ def run_both(spec, ind, feed, mask, g, dtype="float32", ind_ids=None, feed_ids=N
     if feed_ids is not None:
         kw["feed_ids"] = cp.asarray(feed_ids)
     args = (cp.asarray(ind_in), cp.asarray(feed_in), cp.asarray(mask))
-    out, saved = coaction_forward_gpu(*args, spec, dtype=dtype, save=True, **kw)
-    out = out.get()
+    out = coaction_forward_gpu(*args, spec, dtype=dtype, **kw).get()
     if dtype == "bfloat16":
         out = bf16_value(out)
-    gi, gf = coaction_backward_gpu(*args, cp.asarray(g), spec, dtype=dtype, saved=saved, **kw)
+    gi, gf = coaction_backward_gpu(*args, cp.asarray(g), spec, dtype=dtype, **kw)
     rkw = {} if ind_ids is None else dict(ind_ids=ind_ids)
     if feed_ids is not None:
         rkw["feed_ids"] = feed_ids
@@ -435,68 +432,3 @@ def test_unaligned_feed_rows_take_the_scalar_loads():
     assert rel(out, coaction_forward(*f64, spec, feed_ids=fids)) <= 1e-5
     wi, wf = coaction_backward(*f64, g.astype(np.float64), spec, feed_ids=fids)
     assert rel(gi.get(), wi) <= 1e-5 and rel(gf.get(), wf) <= 1e-5
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-@pytest.mark.parametrize("spec", SPECIALIZED, ids=lambda s: f"o{s.orders}-b{int(s.bias)}-oi{int(s.order_independent)}")
-@pytest.mark.parametrize("B, T", [(1, 1), (130, 75), (3, 2000)])
-def test_saved_activations_give_the_recomputed_gradients(spec, dtype, B, T):
-    """Gathered rows (no atomics): the forward's output is the same with and without ``save``, and the backward
-    reading the saved activations gives the recomputing backward's gradients bit for bit; the saved array holds
-    the first layer's tanh activations at the unmasked positions (float64 reference, 1e-5)."""
-    import cupy as cp
-    from dwdp_ops.coaction import coaction_backward_gpu, coaction_forward_gpu
-    from dwdp_ops.coaction.fused import saved_width
-
-    ind, feed, mask, g = inputs(spec, B, T, 31)
-    if dtype == "bfloat16":
-        ind, feed = bf16_value(bf16_bits(ind)), bf16_value(bf16_bits(feed))
-        args = (cp.asarray(bf16_bits(ind)), cp.asarray(bf16_bits(feed)), cp.asarray(mask))
-    else:
-        args = (cp.asarray(ind), cp.asarray(feed), cp.asarray(mask))
-    plain = coaction_forward_gpu(*args, spec, dtype=dtype)
-    out, saved = coaction_forward_gpu(*args, spec, dtype=dtype, save=True)
-    assert saved.shape == (B, T, saved_width(spec)) == (B, T, spec.orders * 8) and saved.dtype == np.float32
-    assert cp.array_equal(plain, out)
-    with_saved = coaction_backward_gpu(*args, cp.asarray(g), spec, dtype=dtype, saved=saved)
-    recomputed = coaction_backward_gpu(*args, cp.asarray(g), spec, dtype=dtype)
-    for a, b in zip(with_saved, recomputed):
-        assert cp.array_equal(a, b)
-    # h1 of order c at (b, t): tanh(x^(c+1) W1_c + b1_c), in float64
-    W = ind.astype(np.float64)
-    on = mask != 0
-    h = saved.get()[on]
-    x = feed.astype(np.float64)[on]
-    rows = np.broadcast_to(np.arange(B)[:, None], (B, T))[on]
-    per = spec.induction_dim // (spec.orders if spec.order_independent else 1)
-    for c in range(spec.orders):
-        w = W[rows, (c * per if spec.order_independent else 0):][:, :16 * 8].reshape(-1, 16, 8)
-        z = np.einsum("ni,nij->nj", x ** (c + 1), w)
-        if spec.bias:
-            z += W[rows, (c * per if spec.order_independent else 0) + 128:][:, :8]
-        want = np.tanh(z)
-        assert rel(h[:, 8 * c:8 * c + 8], want) <= 1e-5, c
-
-
-@pytest.mark.gpu
-def test_saved_activations_are_checked():
-    """What ``saved`` must be: the forward's float32 [B, T, orders x 8] array, and only for the specialised shape
-    (a general-kernel spec's forward returns None for it)."""
-    import cupy as cp
-    from dwdp_ops.coaction import coaction_backward_gpu, coaction_forward_gpu
-
-    spec = CoActionSpec()
-    ind, feed, mask, g = inputs(spec, 9, 20, 4)
-    args = (cp.asarray(ind), cp.asarray(feed), cp.asarray(mask))
-    _, saved = coaction_forward_gpu(*args, spec, save=True)
-    for bad in (saved[:, :10], saved.astype(cp.float64), saved[..., :8], cp.zeros((9, 20, 24, 1), cp.float32)):
-        with pytest.raises(TypeError, match="saved must be"):
-            coaction_backward_gpu(*args, cp.asarray(g), spec, saved=bad)
-    paper = CoActionSpec(variant="paper", bias=True)
-    ind, feed, mask, g = inputs(paper, 9, 20, 4)
-    pargs = (cp.asarray(ind), cp.asarray(feed), cp.asarray(mask))
-    out, none = coaction_forward_gpu(*pargs, paper, save=True)
-    assert none is None and out.shape == (9, paper.out_dim)
-    with pytest.raises(ValueError, match="only used by the specialised kernels"):
-        coaction_backward_gpu(*pargs, cp.asarray(g), paper, saved=saved)

@@ -121,19 +121,19 @@ PYBIND11_MODULE(_C, m) {
       [dims, rows_of](std::vector<int> din, std::vector<int> dout, int orders, bool bias, bool order_independent,
                       bool paper, int dtype, int B, int T, std::vector<uint64_t> bases, int64_t rows_per_shard,
                       uintptr_t ind_ids, uintptr_t feed, uintptr_t feed_ids, uintptr_t mask, uintptr_t out,
-                      uintptr_t saved, uintptr_t stream) {
+                      uintptr_t stream) {
         dwdp::coaction_forward(dims(din, dout, orders, bias, order_independent, paper), dtype, B, T,
-                               rows_of(bases, {}, rows_per_shard), ind_ids, feed, feed_ids, mask, out, saved, stream);
+                               rows_of(bases, {}, rows_per_shard), ind_ids, feed, feed_ids, mask, out, stream);
       });
   m.def(
       "coaction_backward",
       [dims, rows_of](std::vector<int> din, std::vector<int> dout, int orders, bool bias, bool order_independent,
                       bool paper, int dtype, int B, int T, std::vector<uint64_t> bases, std::vector<uint64_t> grads,
                       int64_t rows_per_shard, uintptr_t ind_ids, uintptr_t feed, uintptr_t feed_ids, uintptr_t mask,
-                      uintptr_t grad_out, uintptr_t saved, uintptr_t grad_feed, uintptr_t stream) {
+                      uintptr_t grad_out, uintptr_t grad_feed, uintptr_t stream) {
         dwdp::coaction_backward(dims(din, dout, orders, bias, order_independent, paper), dtype, B, T,
                                 rows_of(bases, grads, rows_per_shard), ind_ids, feed, feed_ids, mask, grad_out,
-                                saved, grad_feed, stream);
+                                grad_feed, stream);
       });
   m.def("coaction_launch_shape",
         [dims](std::vector<int> din, std::vector<int> dout, int orders, bool bias, bool order_independent, bool paper,

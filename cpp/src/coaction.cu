@@ -882,24 +882,16 @@ __device__ __forceinline__ float tanh_fast(float z) {
 }
 
 // Per-warp shared memory of the specialised kernels (floats): W | gW (backward) | G (backward: grad_out row) |
-// U (forward: pooled h1 sums; backward: u_c) | queue | lane rows (backward, when needed: 32 rows of RS floats: sums
+// U (forward: pooled h1 sums; backward: u_c) | queue | lane rows (backward: 32 rows of RS floats: dz [C][N1] | sums
 // of dz [C][N1] (bias only) | feed gradient [D] (bf16 feeds only; an fp32 feed gradient is staged over the lane's
-// own feed row)) | two feed buffers of 32 rows, FRS floats apart (FRS x 4 bytes: an odd number of 16-byte units, so
-// 8 lanes reading 16 bytes of their rows hit distinct banks). A buffer row holds the feed row in the feed's own
-// element type (kSpecXW floats), and in the backward then h1 [C][N1] (copied from the saved activations, or
-// computed), overwritten by dz. The forward's end-of-sample column sums reuse the feed buffers (32 rows of
-// odd4(C x N1) floats), and so do the backward's h1 sums.
+// own feed row) | two feed buffers of 32 rows, FRS floats apart, in the feed's own element type (FRS x 4 bytes: an
+// odd number of 16-byte units, so 8 lanes reading 16 bytes of their rows hit distinct banks). The forward's
+// end-of-sample column sums reuse the feed buffers (32 rows of odd4(C x N1) floats).
 struct SpecGeo {
-  int oW, oGW, oG, oU, oQ, oRows, RS, rB, rGX, oFeed, FRS, per_warp;
+  int oW, oGW, oG, oU, oQ, oRows, RS, rDZ, rB, rGX, oFeed, FRS, per_warp;
 };
 
 __host__ __device__ constexpr int odd4(int x) { return (pad4(x) / 4) % 2 ? pad4(x) : pad4(x) + 4; }
-
-// Floats of a staged feed row of elements of elem bytes, and the feed-buffer row stride of the C-order kernels.
-__host__ __device__ constexpr int spec_xw(int elem) { return kSpecD * elem / 4; }
-__host__ __device__ constexpr int spec_frs(int elem, int C, bool backward) {
-  return odd4(spec_xw(elem) + (backward ? C * kSpecN1 : 0));
-}
 
 // elem: bytes of a feed element (4: fp32, 2: bf16).
 SpecGeo make_spec_geo(const Fast& f, bool backward, int elem) {
@@ -911,13 +903,13 @@ SpecGeo make_spec_geo(const Fast& f, bool backward, int elem) {
   g.oU = g.oG + (backward ? pad4(f.n_out) : 0);
   g.oQ = g.oU + pad4(cn);
   g.oRows = g.oQ + kQueue;
-  g.rB = 0;
+  g.rDZ = 0;
+  g.rB = cn;
   g.rGX = g.rB + (f.bias ? cn : 0);
-  const int width = g.rGX + (elem == 4 ? 0 : kSpecD);
-  g.RS = backward && width ? odd4(width) : 0;
-  g.FRS = spec_frs(elem, f.C, backward);
+  g.RS = backward ? odd4(g.rGX + (elem == 4 ? 0 : kSpecD)) : 0;
+  g.FRS = odd4(kSpecD * elem / 4);
   g.oFeed = g.oRows + 32 * g.RS;
-  g.per_warp = g.oFeed + std::max(2 * 32 * g.FRS, 32 * odd4(cn));
+  g.per_warp = g.oFeed + std::max(2 * 32 * g.FRS, backward ? 0 : 32 * odd4(cn));
   return g;
 }
 
@@ -1069,15 +1061,6 @@ __device__ __forceinline__ void spec_fetch_row(const Fast& f, const T* __restric
   }
 }
 
-// This lane's saved h1 [n floats] of a coming round (saved: the forward's [B, T, n] activations; zeros when !on),
-// asynchronously into its buffer row after the feed row, in the same commit group.
-template <int n>
-__device__ __forceinline__ void spec_fetch_saved(const float* __restrict__ saved, size_t pos, bool on, float* dst) {
-  const float* src = saved + (on ? pos * n : 0);
-#pragma unroll
-  for (int c = 0; c < n / 4; ++c) cp_async16(dst + 4 * c, src + 4 * c, on);
-}
-
 // A staged feed row as fp32: all of it, or element i.
 template <typename T>
 __device__ __forceinline__ void spec_read_x(const float* row, float (&x)[kSpecD]) {
@@ -1158,9 +1141,8 @@ template <typename T, int C, bool OI>
 __global__ void __launch_bounds__(kSpecWarps * 32, spec_fwd_blocks<C>()) spec_forward_kernel(
     Fast f, SpecGeo g, int B, int T_len, CoActionRows rows, const int64_t* __restrict__ ind_ids,
     const T* __restrict__ feed, const int64_t* __restrict__ feed_ids, const float* __restrict__ mask,
-    T* __restrict__ out, float* __restrict__ saved) {
+    T* __restrict__ out) {
   constexpr int D = kSpecD, N1 = kSpecN1, N2 = kSpecN2, S = N1 + N2, NR = spec_row_regs<C, OI>();
-  constexpr int FRS = spec_frs(sizeof(T), C, false), BUF = 32 * FRS;  // feed-buffer row stride, buffer size
   extern __shared__ __align__(16) float smem[];
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   const int b = blockIdx.x * (blockDim.x >> 5) + warp;
@@ -1170,6 +1152,7 @@ __global__ void __launch_bounds__(kSpecWarps * 32, spec_fwd_blocks<C>()) spec_fo
   float* hs = base + g.oU;
   int* q = reinterpret_cast<int*>(base + g.oQ);
   float* fbuf = base + g.oFeed;
+  const int buf = 32 * g.FRS;  // floats between the two feed buffers
   int shard;
   int64_t local;
   float wr[NR];
@@ -1181,7 +1164,7 @@ __global__ void __launch_bounds__(kSpecWarps * 32, spec_fwd_blocks<C>()) spec_fo
   int na = spec_next_round(mrow, T_len, q, sq, lane, &ta);
   int nb = spec_next_round(mrow, T_len, q, sq, lane, &tb);
   size_t fb = spec_frow(feed_ids, b, T_len, tb);
-  spec_fetch_row(f, feed, spec_frow(feed_ids, b, T_len, ta), ta >= 0, fbuf + lane * FRS);
+  spec_fetch_row(f, feed, spec_frow(feed_ids, b, T_len, ta), ta >= 0, fbuf + lane * g.FRS);
   cp_async_commit();
   spec_store_row(W, f.ind_dim, lane, wr);
   float acc[C][N1];
@@ -1191,7 +1174,7 @@ __global__ void __launch_bounds__(kSpecWarps * 32, spec_fwd_blocks<C>()) spec_fo
     for (int j = 0; j < N1; ++j) acc[c][j] = 0.f;
   int valid = 0, cur = 0;
   while (na > 0) {
-    if (nb > 0) spec_fetch_row(f, feed, fb, tb >= 0, fbuf + (cur ^ 1) * BUF + lane * FRS);
+    if (nb > 0) spec_fetch_row(f, feed, fb, tb >= 0, fbuf + (cur ^ 1) * buf + lane * g.FRS);
     cp_async_commit();  // (an empty group past the sample's last round: the wait below still means "round a in")
     int tc;
     const int nc = spec_next_round(mrow, T_len, q, sq, lane, &tc);
@@ -1199,24 +1182,13 @@ __global__ void __launch_bounds__(kSpecWarps * 32, spec_fwd_blocks<C>()) spec_fo
     cp_async_wait<1>();  // a lane reads only its own row: no warp barrier needed
     valid += na;
     float x[D], z[C][N1];
-    spec_read_x<T>(fbuf + cur * BUF + lane * FRS, x);
+    spec_read_x<T>(fbuf + cur * buf + lane * g.FRS, x);
     spec_first_layer<C, OI>(W, f.wslice, f.bias, x, z);
     const float v = ta >= 0 ? 1.f : 0.f;  // a lane past the round's n adds nothing (a bias makes its z non-zero)
 #pragma unroll
     for (int c = 0; c < C; ++c)
 #pragma unroll
-      for (int j = 0; j < N1; ++j) {
-        z[c][j] = tanh_fast(z[c][j]);
-        acc[c][j] = fmaf(v, z[c][j], acc[c][j]);
-      }
-    if (saved && ta >= 0) {  // h1 for the backward: [B, T, C x N1], written where the mask is set
-      float4* dst = reinterpret_cast<float4*>(saved + (static_cast<size_t>(b) * T_len + ta) * (C * N1));
-#pragma unroll
-      for (int c = 0; c < C; ++c)
-#pragma unroll
-        for (int jc = 0; jc < N1 / 4; ++jc)
-          dst[c * (N1 / 4) + jc] = make_float4(z[c][4 * jc], z[c][4 * jc + 1], z[c][4 * jc + 2], z[c][4 * jc + 3]);
-    }
+      for (int j = 0; j < N1; ++j) acc[c][j] = fmaf(v, tanh_fast(z[c][j]), acc[c][j]);
     na = nb, ta = tb, nb = nc, tb = tc, fb = fc, cur ^= 1;
   }
   // the lanes' h1 sums -> hs [C][N1] (column sums over lane rows staged in the feed buffers, in lane order)
@@ -1255,10 +1227,9 @@ template <typename T, int C, bool OI>
 __global__ void __launch_bounds__(kSpecWarps * 32, spec_bwd_blocks<C>()) spec_backward_kernel(
     Fast f, SpecGeo g, int B, int T_len, CoActionRows rows, const int64_t* __restrict__ ind_ids,
     const T* __restrict__ feed, const int64_t* __restrict__ feed_ids, const float* __restrict__ mask,
-    const float* __restrict__ grad_out, const float* __restrict__ saved, float* __restrict__ grad_feed) {
-  constexpr int D = kSpecD, N1 = kSpecN1, N2 = kSpecN2, S = N1 + N2, CN = C * N1, NR = spec_row_regs<C, OI>();
+    const float* __restrict__ grad_out, float* __restrict__ grad_feed) {
+  constexpr int D = kSpecD, N1 = kSpecN1, N2 = kSpecN2, S = N1 + N2, NR = spec_row_regs<C, OI>();
   constexpr int NG = (C * S + 31) / 32;  // grad_out values per lane
-  constexpr int FRS = spec_frs(sizeof(T), C, true), BUF = 32 * FRS, XW = spec_xw(sizeof(T));  // h1 / dz at XW
   constexpr bool kGxInFeed = sizeof(T) == 4;  // the fp32 feed gradient is staged over the lane's feed row
   extern __shared__ __align__(16) float smem[];
   __shared__ int64_t blk_row[kFastWarps];  // the table row each warp's gradient belongs to (-1: none)
@@ -1273,6 +1244,7 @@ __global__ void __launch_bounds__(kSpecWarps * 32, spec_bwd_blocks<C>()) spec_ba
   float* rws = base + g.oRows;
   float* my = rws + lane * g.RS;
   float* fbuf = base + g.oFeed;
+  const int buf = 32 * g.FRS;
   int shard = 0;
   int64_t local = 0;
   const T* row = b < B ? induction_row<T>(rows, ind_ids, b, f.ind_dim, &shard, &local) : nullptr;
@@ -1284,7 +1256,6 @@ __global__ void __launch_bounds__(kSpecWarps * 32, spec_bwd_blocks<C>()) spec_ba
     for (int k = 0; k < NG; ++k)
       gr[k] = lane + 32 * k < C * S ? grad_out[static_cast<size_t>(b) * f.n_out + lane + 32 * k] : 0.f;
     const float* mrow = mask + static_cast<size_t>(b) * T_len;
-    const size_t pos0 = static_cast<size_t>(b) * T_len;
     SpecQueue sq = spec_queue(mrow, T_len, lane);
     int ta, tb;
     int na = spec_next_round(mrow, T_len, q, sq, lane, &ta);
@@ -1293,16 +1264,16 @@ __global__ void __launch_bounds__(kSpecWarps * 32, spec_bwd_blocks<C>()) spec_ba
     size_t fb = spec_frow(feed_ids, b, T_len, tb);
     for (int i = lane; i < g.oG - g.oGW; i += 32) gW[i] = 0.f;
     if (f.bias)
-      for (int i = g.rB; i < g.rB + CN; i += 4) *reinterpret_cast<float4*>(my + i) = make_float4(0.f, 0.f, 0.f, 0.f);
-    spec_fetch_row(f, feed, fa, ta >= 0, fbuf + lane * FRS);
-    if (saved) spec_fetch_saved<CN>(saved, pos0 + ta, ta >= 0, fbuf + lane * FRS + XW);
+      for (int i = g.rB; i < g.rB + C * N1; i += 4)
+        *reinterpret_cast<float4*>(my + i) = make_float4(0.f, 0.f, 0.f, 0.f);
+    spec_fetch_row(f, feed, fa, ta >= 0, fbuf + lane * g.FRS);
     cp_async_commit();
 #pragma unroll
     for (int k = 0; k < NG; ++k)
       if (lane + 32 * k < C * S) G[lane + 32 * k] = gr[k];
     spec_store_row(base + g.oW, f.ind_dim, lane, wr);  // its barrier orders the writes above before the reads below
     // u_c = G1_c + W2_c G2_c: the first layer's upstream gradient, the same for every behaviour of the sample
-    for (int k = lane; k < CN; k += 32) {
+    for (int k = lane; k < C * N1; k += 32) {
       const int c = k / N1, j = k - c * N1;
       const float* w2 = W + (OI ? c * f.wslice : 0) + f.woff[1] + j * N2;
       float u = G[c * S + j];
@@ -1322,11 +1293,7 @@ __global__ void __launch_bounds__(kSpecWarps * 32, spec_bwd_blocks<C>()) spec_ba
     }
     int valid = 0, cur = 0;
     while (na > 0) {
-      if (nb > 0) {
-        float* dst = fbuf + (cur ^ 1) * BUF + lane * FRS;
-        spec_fetch_row(f, feed, fb, tb >= 0, dst);
-        if (saved) spec_fetch_saved<CN>(saved, pos0 + tb, tb >= 0, dst + XW);
-      }
+      if (nb > 0) spec_fetch_row(f, feed, fb, tb >= 0, fbuf + (cur ^ 1) * buf + lane * g.FRS);
       cp_async_commit();
       int tc;
       const int nc = spec_next_round(mrow, T_len, q, sq, lane, &tc);
@@ -1334,27 +1301,12 @@ __global__ void __launch_bounds__(kSpecWarps * 32, spec_bwd_blocks<C>()) spec_ba
       cp_async_wait<1>();
       __syncwarp();  // every lane's row of round a is in: the W1 tiles read all of them
       valid += na;
-      float* rb = fbuf + cur * BUF;
-      float* mine = rb + lane * FRS;
+      float* rb = fbuf + cur * buf;
       float x[D], z[C][N1];
-      spec_read_x<T>(mine, x);
-      if (saved) {  // h1 from the forward
-#pragma unroll
-        for (int c = 0; c < C; ++c)
-#pragma unroll
-          for (int jc = 0; jc < N1 / 4; ++jc) {
-            const float4 h = reinterpret_cast<const float4*>(mine + XW + c * N1)[jc];
-            z[c][4 * jc] = h.x, z[c][4 * jc + 1] = h.y, z[c][4 * jc + 2] = h.z, z[c][4 * jc + 3] = h.w;
-          }
-      } else {  // recomputed, as the forward computes it
-        spec_first_layer<C, OI>(W, f.wslice, f.bias, x, z);
-#pragma unroll
-        for (int c = 0; c < C; ++c)
-#pragma unroll
-          for (int j = 0; j < N1; ++j) z[c][j] = tanh_fast(z[c][j]);
-      }
+      spec_read_x<T>(rb + lane * g.FRS, x);
+      spec_first_layer<C, OI>(W, f.wslice, f.bias, x, z);
       const float v = ta >= 0 ? 1.f : 0.f;
-      // h1 sums (for W2's gradient) and dz = v u_c (1 - h1^2), in place of h1
+      // h1 sums (for W2's gradient) and dz = v u_c (1 - h1^2), in place of z
 #pragma unroll
       for (int c = 0; c < C; ++c) {
         const float4* u4 = reinterpret_cast<const float4*>(U + c * N1);
@@ -1365,7 +1317,7 @@ __global__ void __launch_bounds__(kSpecWarps * 32, spec_bwd_blocks<C>()) spec_ba
 #pragma unroll
           for (int k = 0; k < 4; ++k) {
             const int j = 4 * jc + k;
-            const float h = z[c][j];
+            const float h = tanh_fast(z[c][j]);
             hacc[c][j] = fmaf(v, h, hacc[c][j]);
             z[c][j] = v * uu[k] * fmaf(-h, h, 1.f);
           }
@@ -1373,7 +1325,7 @@ __global__ void __launch_bounds__(kSpecWarps * 32, spec_bwd_blocks<C>()) spec_ba
         if (f.bias) spec_acc<N1>(my + g.rB + c * N1, 1.f, z[c]);
       }
 #pragma unroll
-      for (int c = 0; c < C; ++c) store_row<N1>(mine + XW + c * N1, z[c], N1);
+      for (int c = 0; c < C; ++c) store_row<N1>(my + g.rDZ + c * N1, z[c], N1);
       // feed gradient: gx_i = sum_c (c + 1) x_i^c (W1_c dz_c)_i
       float gx[D];
 #pragma unroll
@@ -1398,27 +1350,25 @@ __global__ void __launch_bounds__(kSpecWarps * 32, spec_bwd_blocks<C>()) spec_ba
       }
       __syncwarp();
       // W1's gradient: this lane's tile in every order, summed over the round's rows m of x^(c+1) (x) dz_c
-      {
-        const float* rm = rb;
 #pragma unroll 2
-        for (int m = 0; m < na; ++m, rm += FRS) {
-          const float xm = spec_x_at<T>(rm, ti);
-          float p = xm;
+      for (int m = 0; m < na; ++m) {
+        const float xm = spec_x_at<T>(rb + m * g.FRS, ti);
+        const float* dm = rws + m * g.RS + g.rDZ + 4 * tj;
+        float p = xm;
 #pragma unroll
-          for (int c = 0; c < C; ++c) {
-            if (c) p *= xm;
-            const float4 d = *reinterpret_cast<const float4*>(rm + XW + c * N1 + 4 * tj);
-            tacc[c][0] = fmaf(p, d.x, tacc[c][0]);
-            tacc[c][1] = fmaf(p, d.y, tacc[c][1]);
-            tacc[c][2] = fmaf(p, d.z, tacc[c][2]);
-            tacc[c][3] = fmaf(p, d.w, tacc[c][3]);
-          }
+        for (int c = 0; c < C; ++c) {
+          if (c) p *= xm;
+          const float4 d = *reinterpret_cast<const float4*>(dm + c * N1);
+          tacc[c][0] = fmaf(p, d.x, tacc[c][0]);
+          tacc[c][1] = fmaf(p, d.y, tacc[c][1]);
+          tacc[c][2] = fmaf(p, d.z, tacc[c][2]);
+          tacc[c][3] = fmaf(p, d.w, tacc[c][3]);
         }
       }
       if (feed_ids) {  // lanes sharing a feed row add theirs once (staged in shared memory)
         if (kGxInFeed) __syncwarp();  // every lane's tiles have read the feed rows the gradients overwrite
         float* gxs = kGxInFeed ? rb : rws + g.rGX;
-        const int gstride = kGxInFeed ? FRS : g.RS;
+        const int gstride = kGxInFeed ? g.FRS : g.RS;
         store_row<D>(gxs + lane * gstride, gx, D);
         __syncwarp();
         spec_store_feed_grad(f, grad_feed, fa, ta, gxs, gstride, lane);
@@ -1452,19 +1402,17 @@ __global__ void __launch_bounds__(kSpecWarps * 32, spec_bwd_blocks<C>()) spec_ba
 #pragma unroll
       for (int k = 0; k < 4; ++k) gw[k] += s[k];
     }
-    // W2 and the biases from the h1 and dz sums: the lanes' h1 sums go to rows of the (now idle) feed buffers; lane
-    // j then owns row j of W2 and b1[j] in every slice, lane m < N2 b2[m]; orders are added in turn
-    cp_async_wait<0>();
-    constexpr int RR = odd4(CN);
+    // W2 and the biases from the h1 and dz sums: the lanes' h1 sums go to their rows' first C x N1 slots; lane j
+    // then owns row j of W2 and b1[j] in every slice, lane m < N2 b2[m]; orders are added in turn
 #pragma unroll
-    for (int c = 0; c < C; ++c) store_row<N1>(fbuf + lane * RR + c * N1, hacc[c], N1);
+    for (int c = 0; c < C; ++c) store_row<N1>(my + c * N1, hacc[c], N1);
     __syncwarp();
     for (int j = lane; j < N1; j += 32)
       for (int c = 0; c < C; ++c) {
         float hsum = 0.f, bsum = 0.f;
 #pragma unroll 8
         for (int m = 0; m < 32; ++m) {
-          hsum += fbuf[m * RR + c * N1 + j];
+          hsum += rws[m * g.RS + c * N1 + j];
           if (f.bias) bsum += rws[m * g.RS + g.rB + c * N1 + j];
         }
         float* gw = gW + (OI ? c * f.wslice : 0);
@@ -1622,8 +1570,7 @@ K spec_pick(int C, K k1, K k2, K k3, K k4) {
 }  // namespace
 
 void coaction_forward(const CoActionDims& d, int dtype, int B, int T, const CoActionRows& rows, uintptr_t ind_ids,
-                      uintptr_t feed, uintptr_t feed_ids, uintptr_t mask, uintptr_t out, uintptr_t saved,
-                      uintptr_t stream) {
+                      uintptr_t feed, uintptr_t feed_ids, uintptr_t mask, uintptr_t out, uintptr_t stream) {
   check_rows(rows);
   DeviceGuard guard(device_of(out, "coaction_forward: out"));
   auto s = reinterpret_cast<cudaStream_t>(stream);
@@ -1639,11 +1586,7 @@ void coaction_forward(const CoActionDims& d, int dtype, int B, int T, const CoAc
     int swarps;
     size_t ssmem;
     check_dims(d);
-    const bool spec = spec_shape(d, false, sizeof(E), &swarps, &ssmem);
-    DWDP_REQUIRE(!saved || spec, "coaction_forward: saved activations need the specialised kernels (this shape "
-                                 "runs on the general ones, which recompute)");
-    DWDP_REQUIRE(saved % 16 == 0, "coaction_forward: saved activations must be 16-byte aligned");
-    if (spec) {
+    if (spec_shape(d, false, sizeof(E), &swarps, &ssmem)) {
       const auto kspec = f.oi ? spec_pick(f.C, spec_forward_kernel<E, 1, true>, spec_forward_kernel<E, 2, true>,
                                                 spec_forward_kernel<E, 3, true>, spec_forward_kernel<E, 4, true>)
                               : spec_pick(f.C, spec_forward_kernel<E, 1, false>, spec_forward_kernel<E, 2, false>,
@@ -1652,9 +1595,8 @@ void coaction_forward(const CoActionDims& d, int dtype, int B, int T, const CoAc
         DWDP_CUDA_CHECK(
             cudaFuncSetAttribute(kspec, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(ssmem)));
       if (B == 0 || T == 0) return;
-      kspec<<<(B + swarps - 1) / swarps, swarps * 32, ssmem, s>>>(f, make_spec_geo(f, false, sizeof(E)), B, T, rows,
-                                                                  ids, fd, fids, mk, o,
-                                                                  reinterpret_cast<float*>(saved));
+      kspec<<<(B + swarps - 1) / swarps, swarps * 32, ssmem, s>>>(f, make_spec_geo(f, false, sizeof(E)), B, T, rows, ids, fd,
+                                                                  fids, mk, o);
       DWDP_LAUNCH_CHECK();
       return;
     }
@@ -1685,8 +1627,8 @@ void coaction_forward(const CoActionDims& d, int dtype, int B, int T, const CoAc
 }
 
 void coaction_backward(const CoActionDims& d, int dtype, int B, int T, const CoActionRows& rows, uintptr_t ind_ids,
-                       uintptr_t feed, uintptr_t feed_ids, uintptr_t mask, uintptr_t grad_out, uintptr_t saved,
-                       uintptr_t grad_feed, uintptr_t stream) {
+                       uintptr_t feed, uintptr_t feed_ids, uintptr_t mask, uintptr_t grad_out, uintptr_t grad_feed,
+                       uintptr_t stream) {
   check_rows(rows);
   for (int i = 0; i < rows.shards; ++i) DWDP_REQUIRE(rows.grad[i] != 0, "co-action: shard " << i << " has no gradient");
   DeviceGuard guard(device_of(grad_feed, "coaction_backward: grad_feed"));
@@ -1705,11 +1647,7 @@ void coaction_backward(const CoActionDims& d, int dtype, int B, int T, const CoA
     int swarps;
     size_t ssmem;
     check_dims(d);
-    const bool spec = spec_shape(d, true, sizeof(E), &swarps, &ssmem);
-    DWDP_REQUIRE(!saved || spec, "coaction_backward: saved activations need the specialised kernels (this shape "
-                                 "runs on the general ones, which recompute)");
-    DWDP_REQUIRE(saved % 16 == 0, "coaction_backward: saved activations must be 16-byte aligned");
-    if (spec) {
+    if (spec_shape(d, true, sizeof(E), &swarps, &ssmem)) {
       const auto kspec = f.oi ? spec_pick(f.C, spec_backward_kernel<E, 1, true>, spec_backward_kernel<E, 2, true>,
                                                 spec_backward_kernel<E, 3, true>, spec_backward_kernel<E, 4, true>)
                               : spec_pick(f.C, spec_backward_kernel<E, 1, false>,
@@ -1719,9 +1657,8 @@ void coaction_backward(const CoActionDims& d, int dtype, int B, int T, const CoA
         DWDP_CUDA_CHECK(
             cudaFuncSetAttribute(kspec, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(ssmem)));
       if (B == 0 || T == 0) return;
-      kspec<<<(B + swarps - 1) / swarps, swarps * 32, ssmem, s>>>(f, make_spec_geo(f, true, sizeof(E)), B, T, rows,
-                                                                  ids, fd, fids, mk, go,
-                                                                  reinterpret_cast<const float*>(saved), gf);
+      kspec<<<(B + swarps - 1) / swarps, swarps * 32, ssmem, s>>>(f, make_spec_geo(f, true, sizeof(E)), B, T, rows, ids, fd,
+                                                                  fids, mk, go, gf);
       DWDP_LAUNCH_CHECK();
       return;
     }

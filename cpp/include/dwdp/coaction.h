@@ -56,17 +56,13 @@ struct CoActionRows {
 };
 
 // dtype: 0 = float32, 1 = bfloat16 (inputs and output); gradients are float32.
-// saved (0: none; only where coaction_specialized): float32 [B, T, orders x dout[0]], the first layer's activations
-// h1 written at every unmasked (b, t) for coaction_backward to read instead of recomputing them.
 void coaction_forward(const CoActionDims& d, int dtype, int B, int T, const CoActionRows& rows, uintptr_t ind_ids,
-                      uintptr_t feed, uintptr_t feed_ids, uintptr_t mask, uintptr_t out, uintptr_t saved,
-                      uintptr_t stream);
+                      uintptr_t feed, uintptr_t feed_ids, uintptr_t mask, uintptr_t out, uintptr_t stream);
 // Gradients: with ind_ids == 0, rows.grad[0] is [B, D'] and is written; else the table gradient shards are
 // accumulated atomically. grad_feed is [B, T, D] (written) or, with feed_ids, the feed table gradient (accumulated).
-// saved: 0 (recompute the forward's activations) or what coaction_forward wrote for the same inputs and mask.
 void coaction_backward(const CoActionDims& d, int dtype, int B, int T, const CoActionRows& rows, uintptr_t ind_ids,
-                       uintptr_t feed, uintptr_t feed_ids, uintptr_t mask, uintptr_t grad_out, uintptr_t saved,
-                       uintptr_t grad_feed, uintptr_t stream);
+                       uintptr_t feed, uintptr_t feed_ids, uintptr_t mask, uintptr_t grad_out, uintptr_t grad_feed,
+                       uintptr_t stream);
 // Warps per block and dynamic shared memory per block the kernels would use (0 warps: does not fit); *fast (may be
 // null) says whether the fast path takes this shape.
 void coaction_launch_shape(const CoActionDims& d, bool backward, int* warps, size_t* smem, bool* fast = nullptr);

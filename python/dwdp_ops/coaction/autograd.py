@@ -129,19 +129,14 @@ class CoActionFunction(torch.autograd.Function):
 
         dtype = _DTYPES[induction.dtype]
         device = induction.device
-        # with a gradient to come, the specialised kernels keep the first layer's activations (fp32, B x T x
-        # orders x 8) for the backward rather than recomputing them
-        save = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
         with cp.cuda.Device(device.index), _stream(device) as s:
             ids = None if ind_ids is None else _to_cupy(ind_ids)
             fids = None if feed_ids is None else _to_cupy(feed_ids)
             out = coaction_forward_gpu(_to_cupy(induction), _to_cupy(feed), _to_cupy(mask), spec, ind_ids=ids,
-                                       feed_ids=fids, dtype=dtype, stream=s, check_ids=check_ids, save=save)
-            out, saved = out if save else (out, None)
+                                       feed_ids=fids, dtype=dtype, stream=s, check_ids=check_ids)
             result = _to_torch(out, induction.dtype)
-            saved = None if saved is None else _to_torch(saved, torch.float32)
         ctx.spec, ctx.dtype = spec, dtype
-        ctx.save_for_backward(induction, feed, mask, ind_ids, feed_ids, saved)
+        ctx.save_for_backward(induction, feed, mask, ind_ids, feed_ids)
         return result
 
     @staticmethod
@@ -149,7 +144,7 @@ class CoActionFunction(torch.autograd.Function):
     def backward(ctx, grad_out):
         from .fused import coaction_backward_gpu
 
-        induction, feed, mask, ind_ids, feed_ids, saved = ctx.saved_tensors
+        induction, feed, mask, ind_ids, feed_ids = ctx.saved_tensors
         need_ind, need_feed = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         if not (need_ind or need_feed):
             return (None,) * 7
@@ -163,8 +158,7 @@ class CoActionFunction(torch.autograd.Function):
             # the ids were range-checked by the forward (or the caller said not to): no second host synchronisation
             g_ind, g_feed = coaction_backward_gpu(_to_cupy(induction), _to_cupy(feed), _to_cupy(mask), _to_cupy(g),
                                                   ctx.spec, ind_ids=ids, feed_ids=fids, dtype=ctx.dtype, stream=s,
-                                                  check_ids=False,
-                                                  saved=None if saved is None else _to_cupy(saved))
+                                                  check_ids=False)
             gi = _to_torch(g_ind, torch.float32).to(induction.dtype) if need_ind else None
             gf = _to_torch(g_feed, torch.float32).to(feed.dtype) if need_feed else None
         return gi, gf, None, None, None, None, None

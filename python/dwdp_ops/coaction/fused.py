@@ -236,22 +236,10 @@ def _check_ids(ip: int, B: int, nrows: int, fp: int, T: int, frows: int, stream:
         raise ValueError(f"feed_ids must be in [0, {frows}) (the table's rows)")
 
 
-def saved_width(spec: CoActionSpec) -> int:
-    """Floats per behaviour of the activations ``coaction_forward_gpu(save=True)`` returns (``orders x`` the first
-    layer's width); 0 when ``spec`` runs on the general kernels, which recompute them in the backward."""
-    return spec.orders * spec.layer_dims[0][1] if uses_specialized_kernels(spec) else 0
-
-
 def coaction_forward_gpu(induction: Any, feed: Any, mask: Any, spec: CoActionSpec | None = None, *, ind_ids=None,
-                         feed_ids=None, dtype: str = "float32", stream: Any = None, check_ids: bool = True,
-                         save: bool = False):
+                         feed_ids=None, dtype: str = "float32", stream: Any = None, check_ids: bool = True):
     """Fused forward; returns a CuPy ``[B, spec.out_dim]`` array of the input storage dtype. ``induction`` is an
-    array or a ``ShardedTable``. ``check_ids`` validates table ids on the device first (one host synchronisation).
-
-    ``save=True`` returns ``(out, saved)``: ``saved`` is float32 ``[B, T, saved_width(spec)]``, the first layer's
-    activations at every unmasked position (the rest of it is never written), for ``coaction_backward_gpu(saved=)``
-    to read instead of recomputing them (B x T x 96 bytes at the reference shape; on the specialised kernels only:
-    ``saved`` is None where ``spec`` runs on the general ones). Allocated on ``stream``."""
+    array or a ``ShardedTable``. ``check_ids`` validates table ids on the device first (one host synchronisation)."""
     import cupy as cp
 
     spec = spec or CoActionSpec()
@@ -260,27 +248,19 @@ def coaction_forward_gpu(induction: Any, feed: Any, mask: Any, spec: CoActionSpe
     h = stream_handle(stream)
     if check_ids:
         _check_ids(ip, B, nrows, fp, T, fd.shape[0], h)
-    width = saved_width(spec) if save else 0
-    with cupy_stream(stream):  # the outputs belong to the stream that writes them
+    with cupy_stream(stream):  # the output belongs to the stream that writes it
         # T == 0: nothing to pool, the output is zero (the kernel is not launched)
         out_dim = _dims(spec)[2]
         out = cp.zeros((B, out_dim), dtype=storage) if T == 0 else cp.empty((B, out_dim), dtype=storage)
-        saved = cp.empty((B, T, width), cp.float32) if width else None
-    native().coaction_forward(*geo, bases, rps, ip, fd.ptr, fp, mk.ptr, out.data.ptr,
-                              0 if saved is None else saved.data.ptr, h)
-    return (out, saved) if save else out
+    native().coaction_forward(*geo, bases, rps, ip, fd.ptr, fp, mk.ptr, out.data.ptr, h)
+    return out
 
 
 def coaction_backward_gpu(induction: Any, feed: Any, mask: Any, grad_out: Any, spec: CoActionSpec | None = None, *,
-                          ind_ids=None, feed_ids=None, dtype: str = "float32", stream: Any = None, check_ids: bool = True,
-                          saved: Any = None):
+                          ind_ids=None, feed_ids=None, dtype: str = "float32", stream: Any = None, check_ids: bool = True):
     """Fused backward; returns float32 ``(grad_induction, grad_feed)`` shaped like ``induction`` and ``feed``
     (table-shaped when ids are given). For a ``ShardedTable`` the row gradients go to their owners' ``grad``
-    shards and ``grad_induction`` is this rank's ``grad`` (complete after ``table.sync()``).
-
-    ``saved``: None (the first layer is recomputed) or what ``coaction_forward_gpu(save=True)`` returned for the
-    same inputs, ids and mask (not checked: other values give wrong gradients); the gradients are the same either
-    way, bit for bit."""
+    shards and ``grad_induction`` is this rank's ``grad`` (complete after ``table.sync()``)."""
     import cupy as cp
 
     spec = spec or CoActionSpec()
@@ -290,18 +270,6 @@ def coaction_backward_gpu(induction: Any, feed: Any, mask: Any, grad_out: Any, s
         _check_ids(ip, geo[-2], nrows, fp, geo[-1], fd.shape[0], h)
     g = device_buffer(grad_out, "grad_out")
     _, induction_dim, out_dim = _dims(spec)
-    sp = 0
-    if saved is not None:
-        width = saved_width(spec)
-        if not width:
-            raise ValueError("saved activations are only used by the specialised kernels, and this spec runs on the "
-                             "general ones: pass saved=None (the forward returns None for it)")
-        sv = device_buffer(saved, "saved")
-        want = (geo[-2], geo[-1], width)
-        if sv.dtype != np.float32 or sv.shape != want or not sv.contiguous or sv.ptr % 16:
-            raise TypeError(f"saved must be the forward's contiguous float32 {list(want)} activations, "
-                            f"got {sv.dtype} {list(sv.shape)}")
-        sp = sv.ptr
     if g.dtype != np.float32 or g.shape != (geo[-2], out_dim) or not g.contiguous:
         raise TypeError(f"grad_out must be a contiguous float32 [{geo[-2]}, {out_dim}] array, "
                         f"got {g.dtype} {list(g.shape)}")
@@ -312,5 +280,5 @@ def coaction_backward_gpu(induction: Any, feed: Any, mask: Any, grad_out: Any, s
             g_ind = cp.zeros((nrows, induction_dim), cp.float32)
             grads = [g_ind.data.ptr]
         g_feed = cp.zeros(fd.shape, cp.float32)
-    native().coaction_backward(*geo, bases, grads, rps, ip, fd.ptr, fp, mk.ptr, g.ptr, sp, g_feed.data.ptr, h)
+    native().coaction_backward(*geo, bases, grads, rps, ip, fd.ptr, fp, mk.ptr, g.ptr, g_feed.data.ptr, h)
     return g_ind, g_feed

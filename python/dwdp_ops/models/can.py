@@ -107,30 +107,24 @@ class CanModel:
 
             cupyx.scatter_add(dst, idx, vals)
 
-    def _coaction(self, name: str, tgt, hist, mask, saves: dict | None = None):
-        """The co-action features of table pair ``name``; on the GPU with ``saves`` (a training step) the fused
-        forward keeps its activations in ``saves[name]`` for ``_coaction_grads``."""
+    def _coaction(self, name: str, tgt, hist, mask):
         P, co = self.P, self.cfg.coaction
         if self.xp is np:
             return coaction_forward(P[f"{name}_ind"][tgt], P[f"{name}_feed"][hist], mask, co.layer_dims, co.orders,
                                     co.bias, order_independent=co.order_independent, variant=co.variant)
         from ..coaction.fused import coaction_forward_gpu
 
-        if saves is None:
-            return coaction_forward_gpu(P[f"{name}_ind"], P[f"{name}_feed"], mask, co, ind_ids=tgt, feed_ids=hist,
-                                        check_ids=False)
-        out, saves[name] = coaction_forward_gpu(P[f"{name}_ind"], P[f"{name}_feed"], mask, co, ind_ids=tgt,
-                                                feed_ids=hist, check_ids=False, save=True)
-        return out
+        return coaction_forward_gpu(P[f"{name}_ind"], P[f"{name}_feed"], mask, co, ind_ids=tgt, feed_ids=hist,
+                                    check_ids=False)
 
-    def _coaction_grads(self, name: str, tgt, hist, mask, g_out, saved=None):
-        """Table-shaped gradients of the induction and feed tables (``saved``: the forward's activations, GPU)."""
+    def _coaction_grads(self, name: str, tgt, hist, mask, g_out):
+        """Table-shaped gradients of the induction and feed tables."""
         P, co, xp = self.P, self.cfg.coaction, self.xp
         if xp is not np:
             from ..coaction.fused import coaction_backward_gpu
 
             return coaction_backward_gpu(P[f"{name}_ind"], P[f"{name}_feed"], mask, xp.ascontiguousarray(g_out), co,
-                                         ind_ids=tgt, feed_ids=hist, check_ids=False, saved=saved)
+                                         ind_ids=tgt, feed_ids=hist, check_ids=False)
         g_ind, g_feed = coaction_backward(P[f"{name}_ind"][tgt], P[f"{name}_feed"][hist], mask, g_out, co.layer_dims,
                                           co.orders, co.bias, order_independent=co.order_independent,
                                           variant=co.variant)
@@ -140,21 +134,20 @@ class CanModel:
         return gi, gf
 
     # -- forward / backward ------------------------------------------------------------------------------------
-    def _features(self, b: Batchable, saves: dict | None = None):
+    def _features(self, b: Batchable):
         P = self.P
         m = b.mask[:, :, None]
         parts = [P["uid"][b.uid], P["mid"][b.mid], P["cat"][b.cat],
                  (P["mid"][b.hist_mid] * m).sum(1), (P["cat"][b.hist_cat] * m).sum(1)]
         if self.cfg.use_coaction:
             for name, tgt, hist in (("mid", b.mid, b.hist_mid), ("cat", b.cat, b.hist_cat)):
-                parts.append(self._coaction(name, tgt, hist, b.mask, saves))
+                parts.append(self._coaction(name, tgt, hist, b.mask))
         return self.xp.concatenate(parts, axis=1)
 
     def logits(self, b: Batchable, train: bool = False):
         """Logits of a batch already on the model's device (``_on_device``) and the backward cache."""
         P, xp = self.P, self.xp
-        saves = {} if train and xp is not np else None
-        x = self._features(b, saves)
+        x = self._features(b)
         if train:
             mu, var = x.mean(0), x.var(0)
             self.bn_mean = 0.99 * self.bn_mean + 0.01 * mu
@@ -163,7 +156,7 @@ class CanModel:
             mu, var = self.bn_mean, self.bn_var
         xhat = (x - mu) / xp.sqrt(var + 1e-5)
         h = xhat * P["bn_g"] + P["bn_b"]
-        cache = {"x": x, "xhat": xhat, "var": var, "acts": [h], "pre": [], "co_saved": saves or {}}
+        cache = {"x": x, "xhat": xhat, "var": var, "acts": [h], "pre": []}
         for i in range(self.n_fc):
             z = h @ P[f"w{i}"] + P[f"b{i}"]
             cache["pre"].append(z)
@@ -218,8 +211,7 @@ class CanModel:
             for name, tgt, hist in (("mid", b.mid, b.hist_mid), ("cat", b.cat, b.hist_cat)):
                 g_out = gx[:, off : off + co.out_dim]
                 off += co.out_dim
-                grads[f"{name}_ind"], grads[f"{name}_feed"] = self._coaction_grads(name, tgt, hist, b.mask, g_out,
-                                                                                   c["co_saved"].get(name))
+                grads[f"{name}_ind"], grads[f"{name}_feed"] = self._coaction_grads(name, tgt, hist, b.mask, g_out)
         return loss, grads
 
     def predict(self, data: Batchable, batch_size: int = 1024) -> np.ndarray:
