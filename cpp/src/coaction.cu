@@ -881,6 +881,23 @@ __device__ __forceinline__ float tanh_fast(float z) {
   return fabsf(z) < 0.25f ? small : big;
 }
 
+// The forward stages its first layer (W1, b1) multiplied by kTanhScale = 2 log2(e), so its pre-activations arrive as
+// zs = 2 log2(e) z: tanh_scaled(zs) = tanh(z) is tanh_fast without the scaling multiply (11 instructions; the Taylor
+// coefficients carry the powers of 1 / kTanhScale). The backward stages W unscaled (its feed gradient is W1 dz).
+constexpr float kTanhScale = 2.8853900817779268f;
+__device__ __forceinline__ float tanh_scaled(float zs) {
+  float e, r;
+  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(e) : "f"(zs));  // exp(2z)
+  asm("rcp.approx.ftz.f32 %0, %1;" : "=f"(r) : "f"(e + 1.f));
+  const float big = fmaf(-2.f, r, 1.f);
+  const float s2 = zs * zs;
+  // z - z^3/3 + 2z^5/15 - 17z^7/315 at z = zs / kTanhScale
+  constexpr float c0 = 0.34657359027997264f, c1 = -0.013876027166205394f, c2 = 0.0006666779073214222f,
+                  c3 = -3.2412059333627164e-05f;
+  const float p = fmaf(fmaf(fmaf(c3, s2, c2), s2, c1), s2, c0);
+  return fabsf(zs) < 0.25f * kTanhScale ? zs * p : big;
+}
+
 // Per-warp shared memory of the specialised kernels (floats): W | gW (backward) | G (backward: grad_out row) |
 // U (forward: pooled h1 sums; backward: u_c) | queue | lane rows (backward: 32 rows of RS floats: dz [C][N1] | sums
 // of dz [C][N1] (bias only) | feed gradient [D] (bf16 feeds only; an fp32 feed gradient is staged over the lane's
@@ -929,12 +946,16 @@ __device__ __forceinline__ void spec_load_row(const T* row, int ind_dim, int lan
   }
 }
 
-// ... and from the registers into the warp's W as fp32, once the first round's loads are out.
+// ... and from the registers into the warp's W as fp32, once the first round's loads are out; the first `first`
+// floats of every `slice` floats (W1 and b1 of each order's slice) multiplied by `scale`.
 template <int NR>
-__device__ __forceinline__ void spec_store_row(float* W, int ind_dim, int lane, const float (&r)[NR]) {
+__device__ __forceinline__ void spec_store_row(float* W, int ind_dim, int lane, const float (&r)[NR],
+                                               float scale = 1.f, int slice = 1, int first = 0) {
 #pragma unroll
-  for (int k = 0; k < NR; ++k)
-    if (lane + 32 * k < ind_dim) W[lane + 32 * k] = r[k];
+  for (int k = 0; k < NR; ++k) {
+    const int i = lane + 32 * k;
+    if (i < ind_dim) W[i] = i % slice < first ? r[k] * scale : r[k];
+  }
   __syncwarp();
 }
 
@@ -968,6 +989,33 @@ __device__ __forceinline__ void spec_first_layer(const float* __restrict__ W, in
         z[c][4 * jc + 2] = fmaf(p, w.z, z[c][4 * jc + 2]);
         z[c][4 * jc + 3] = fmaf(p, w.w, z[c][4 * jc + 3]);
       }
+    }
+  }
+}
+
+// z[c][0..4) = columns 4 half .. 4 half + 3 of (x^(c+1)) W1_c (+ b1_c): spec_first_layer's half (two lanes share a
+// behaviour, each computing half its neurons; the two halves of a warp read distinct 16-byte broadcasts).
+template <int C, bool OI>
+__device__ __forceinline__ void spec_first_layer_half(const float* __restrict__ W, int ws, bool bias, int half,
+                                                      const float (&x)[kSpecD], float (&z)[C][4]) {
+  constexpr int D = kSpecD, N4 = kSpecN1 / 4;
+#pragma unroll
+  for (int c = 0; c < C; ++c) {
+    const float4 b = bias ? reinterpret_cast<const float4*>(W + (OI ? c * ws : 0))[D * N4 + half]
+                          : make_float4(0.f, 0.f, 0.f, 0.f);
+    z[c][0] = b.x, z[c][1] = b.y, z[c][2] = b.z, z[c][3] = b.w;
+  }
+#pragma unroll
+  for (int i = 0; i < D; ++i) {
+    float p = x[i];
+#pragma unroll
+    for (int c = 0; c < C; ++c) {
+      if (c) p *= x[i];
+      const float4 w = reinterpret_cast<const float4*>(W + (OI ? c * ws : 0))[i * N4 + half];
+      z[c][0] = fmaf(p, w.x, z[c][0]);
+      z[c][1] = fmaf(p, w.y, z[c][1]);
+      z[c][2] = fmaf(p, w.z, z[c][2]);
+      z[c][3] = fmaf(p, w.w, z[c][3]);
     }
   }
 }
@@ -1143,6 +1191,7 @@ __global__ void __launch_bounds__(kSpecWarps * 32, spec_fwd_blocks<C>()) spec_fo
     const T* __restrict__ feed, const int64_t* __restrict__ feed_ids, const float* __restrict__ mask,
     T* __restrict__ out) {
   constexpr int D = kSpecD, N1 = kSpecN1, N2 = kSpecN2, S = N1 + N2, NR = spec_row_regs<C, OI>();
+  constexpr int FRS = odd4(kSpecD * static_cast<int>(sizeof(T)) / 4);  // g.FRS, as a constant
   extern __shared__ __align__(16) float smem[];
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   const int b = blockIdx.x * (blockDim.x >> 5) + warp;
@@ -1152,7 +1201,7 @@ __global__ void __launch_bounds__(kSpecWarps * 32, spec_fwd_blocks<C>()) spec_fo
   float* hs = base + g.oU;
   int* q = reinterpret_cast<int*>(base + g.oQ);
   float* fbuf = base + g.oFeed;
-  const int buf = 32 * g.FRS;  // floats between the two feed buffers
+  const int buf = 32 * FRS;  // floats between the two feed buffers
   int shard;
   int64_t local;
   float wr[NR];
@@ -1164,9 +1213,10 @@ __global__ void __launch_bounds__(kSpecWarps * 32, spec_fwd_blocks<C>()) spec_fo
   int na = spec_next_round(mrow, T_len, q, sq, lane, &ta);
   int nb = spec_next_round(mrow, T_len, q, sq, lane, &tb);
   size_t fb = spec_frow(feed_ids, b, T_len, tb);
-  spec_fetch_row(f, feed, spec_frow(feed_ids, b, T_len, ta), ta >= 0, fbuf + lane * g.FRS);
+  spec_fetch_row(f, feed, spec_frow(feed_ids, b, T_len, ta), ta >= 0, fbuf + lane * FRS);
   cp_async_commit();
-  spec_store_row(W, f.ind_dim, lane, wr);
+  // W1 and b1 of every slice pre-scaled for tanh_scaled
+  spec_store_row(W, f.ind_dim, lane, wr, kTanhScale, f.wslice, f.woff[1]);
   float acc[C][N1];
 #pragma unroll
   for (int c = 0; c < C; ++c)
@@ -1174,52 +1224,68 @@ __global__ void __launch_bounds__(kSpecWarps * 32, spec_fwd_blocks<C>()) spec_fo
     for (int j = 0; j < N1; ++j) acc[c][j] = 0.f;
   int valid = 0, cur = 0;
   while (na > 0) {
-    if (nb > 0) spec_fetch_row(f, feed, fb, tb >= 0, fbuf + (cur ^ 1) * buf + lane * g.FRS);
+    if (nb > 0) spec_fetch_row(f, feed, fb, tb >= 0, fbuf + (cur ^ 1) * buf + lane * FRS);
     cp_async_commit();  // (an empty group past the sample's last round: the wait below still means "round a in")
     int tc;
     const int nc = spec_next_round(mrow, T_len, q, sq, lane, &tc);
     const size_t fc = spec_frow(feed_ids, b, T_len, tc);
-    cp_async_wait<1>();  // a lane reads only its own row: no warp barrier needed
+    cp_async_wait<1>();
     valid += na;
-    float x[D], z[C][N1];
-    spec_read_x<T>(fbuf + cur * buf + lane * g.FRS, x);
-    spec_first_layer<C, OI>(W, f.wslice, f.bias, x, z);
-    const float v = ta >= 0 ? 1.f : 0.f;  // a lane past the round's n adds nothing (a bias makes its z non-zero)
+    float x[D];
+    if (na > 16) {  // a lane a behaviour (lanes past na add nothing: a bias makes their z non-zero)
+      float z[C][N1];
+      spec_read_x<T>(fbuf + cur * buf + lane * FRS, x);
+      spec_first_layer<C, OI>(W, f.wslice, f.bias, x, z);
+      const float v = ta >= 0 ? 1.f : 0.f;
 #pragma unroll
-    for (int c = 0; c < C; ++c)
+      for (int c = 0; c < C; ++c)
 #pragma unroll
-      for (int j = 0; j < N1; ++j) acc[c][j] = fmaf(v, tanh_fast(z[c][j]), acc[c][j]);
+        for (int j = 0; j < N1; ++j) acc[c][j] = fmaf(v, tanh_scaled(z[c][j]), acc[c][j]);
+    } else {  // a short round (a sample's last): two lanes a behaviour, lane m and m + 16 its neurons 0-3 and 4-7
+      __syncwarp();  // lane m + 16 reads the row lane m's copies brought
+      const int m = lane & 15, half = lane >> 4;
+      float z[C][4];
+      spec_read_x<T>(fbuf + cur * buf + m * FRS, x);
+      spec_first_layer_half<C, OI>(W, f.wslice, f.bias, half, x, z);
+      const float v = m < na ? 1.f : 0.f, vlo = half ? 0.f : v, vhi = half ? v : 0.f;
+#pragma unroll
+      for (int c = 0; c < C; ++c)
+#pragma unroll
+        for (int k = 0; k < 4; ++k) {
+          const float h = tanh_scaled(z[c][k]);
+          acc[c][k] = fmaf(vlo, h, acc[c][k]);
+          acc[c][4 + k] = fmaf(vhi, h, acc[c][4 + k]);
+        }
+      __syncwarp();  // every lane has read its row before the buffer is refilled
+    }
     na = nb, ta = tb, nb = nc, tb = tc, fb = fc, cur ^= 1;
   }
-  // the lanes' h1 sums -> hs [C][N1] (column sums over lane rows staged in the feed buffers, in lane order)
+  // h1 sums: column sums over the lanes' rows (staged in the feed buffers), in lane order; lane k < C x N1 owns
+  // column k = (c, j) and writes it, then lane k < C x N2 writes (c, m) of the second layer:
+  // out[b] = [C][h1 sums (N1) | h1 sums W2_c + valid b2_c (N2)]
   cp_async_wait<0>();
   constexpr int RR = odd4(C * N1);
   float* rws = fbuf;
-  float* my = rws + lane * RR;
   __syncwarp();
 #pragma unroll
-  for (int c = 0; c < C; ++c) store_row<N1>(my + c * N1, acc[c], N1);
+  for (int c = 0; c < C; ++c) store_row<N1>(rws + lane * RR + c * N1, acc[c], N1);
   __syncwarp();
-  for (int k = lane; k < C * N1; k += 32) {
+  T* o = out + static_cast<size_t>(b) * f.n_out;
+  if (lane < C * N1) {
     float s = 0.f;
 #pragma unroll 8
-    for (int m = 0; m < 32; ++m) s += rws[m * RR + k];
-    hs[k] = s;
+    for (int m = 0; m < 32; ++m) s += rws[m * RR + lane];
+    hs[lane] = s;
+    st(o, (lane / N1) * S + lane % N1, s);
   }
   __syncwarp();
-  // out[b] = [C][h1 sums (N1) | h1 sums W2_c + valid b2_c (N2)]
-  for (int k = lane; k < C * S; k += 32) {
-    const int c = k / S, j = k - c * S;
-    float o;
-    if (j < N1) {
-      o = hs[c * N1 + j];
-    } else {
-      const float* w2 = W + (OI ? c * f.wslice : 0) + f.woff[1];
-      o = f.bias ? static_cast<float>(valid) * w2[N1 * N2 + j - N1] : 0.f;
+  if (lane < C * N2) {
+    const int c = lane / N2, m = lane % N2;
+    const float* w2 = W + (OI ? c * f.wslice : 0) + f.woff[1];
+    float v = f.bias ? static_cast<float>(valid) * w2[N1 * N2 + m] : 0.f;
 #pragma unroll
-      for (int i = 0; i < N1; ++i) o = fmaf(hs[c * N1 + i], w2[i * N2 + j - N1], o);
-    }
-    st(out, static_cast<size_t>(b) * f.n_out + k, o);
+    for (int i = 0; i < N1; ++i) v = fmaf(hs[c * N1 + i], w2[i * N2 + m], v);
+    st(o, c * S + N1 + m, v);
   }
 }
 
@@ -1231,6 +1297,7 @@ __global__ void __launch_bounds__(kSpecWarps * 32, spec_bwd_blocks<C>()) spec_ba
   constexpr int D = kSpecD, N1 = kSpecN1, N2 = kSpecN2, S = N1 + N2, NR = spec_row_regs<C, OI>();
   constexpr int NG = (C * S + 31) / 32;  // grad_out values per lane
   constexpr bool kGxInFeed = sizeof(T) == 4;  // the fp32 feed gradient is staged over the lane's feed row
+  constexpr int FRS = odd4(kSpecD * static_cast<int>(sizeof(T)) / 4);  // g.FRS, as a constant
   extern __shared__ __align__(16) float smem[];
   __shared__ int64_t blk_row[kFastWarps];  // the table row each warp's gradient belongs to (-1: none)
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
@@ -1244,7 +1311,7 @@ __global__ void __launch_bounds__(kSpecWarps * 32, spec_bwd_blocks<C>()) spec_ba
   float* rws = base + g.oRows;
   float* my = rws + lane * g.RS;
   float* fbuf = base + g.oFeed;
-  const int buf = 32 * g.FRS;
+  const int buf = 32 * FRS;
   int shard = 0;
   int64_t local = 0;
   const T* row = b < B ? induction_row<T>(rows, ind_ids, b, f.ind_dim, &shard, &local) : nullptr;
@@ -1266,7 +1333,7 @@ __global__ void __launch_bounds__(kSpecWarps * 32, spec_bwd_blocks<C>()) spec_ba
     if (f.bias)
       for (int i = g.rB; i < g.rB + C * N1; i += 4)
         *reinterpret_cast<float4*>(my + i) = make_float4(0.f, 0.f, 0.f, 0.f);
-    spec_fetch_row(f, feed, fa, ta >= 0, fbuf + lane * g.FRS);
+    spec_fetch_row(f, feed, fa, ta >= 0, fbuf + lane * FRS);
     cp_async_commit();
 #pragma unroll
     for (int k = 0; k < NG; ++k)
@@ -1293,7 +1360,7 @@ __global__ void __launch_bounds__(kSpecWarps * 32, spec_bwd_blocks<C>()) spec_ba
     }
     int valid = 0, cur = 0;
     while (na > 0) {
-      if (nb > 0) spec_fetch_row(f, feed, fb, tb >= 0, fbuf + (cur ^ 1) * buf + lane * g.FRS);
+      if (nb > 0) spec_fetch_row(f, feed, fb, tb >= 0, fbuf + (cur ^ 1) * buf + lane * FRS);
       cp_async_commit();
       int tc;
       const int nc = spec_next_round(mrow, T_len, q, sq, lane, &tc);
@@ -1303,7 +1370,7 @@ __global__ void __launch_bounds__(kSpecWarps * 32, spec_bwd_blocks<C>()) spec_ba
       valid += na;
       float* rb = fbuf + cur * buf;
       float x[D], z[C][N1];
-      spec_read_x<T>(rb + lane * g.FRS, x);
+      spec_read_x<T>(rb + lane * FRS, x);
       spec_first_layer<C, OI>(W, f.wslice, f.bias, x, z);
       const float v = ta >= 0 ? 1.f : 0.f;
       // h1 sums (for W2's gradient) and dz = v u_c (1 - h1^2), in place of z
@@ -1350,10 +1417,11 @@ __global__ void __launch_bounds__(kSpecWarps * 32, spec_bwd_blocks<C>()) spec_ba
       }
       __syncwarp();
       // W1's gradient: this lane's tile in every order, summed over the round's rows m of x^(c+1) (x) dz_c
+      const float* xr = rb;
+      const float* dm = rws + g.rDZ + 4 * tj;
 #pragma unroll 2
-      for (int m = 0; m < na; ++m) {
-        const float xm = spec_x_at<T>(rb + m * g.FRS, ti);
-        const float* dm = rws + m * g.RS + g.rDZ + 4 * tj;
+      for (int m = 0; m < na; ++m, xr += FRS, dm += g.RS) {
+        const float xm = spec_x_at<T>(xr, ti);
         float p = xm;
 #pragma unroll
         for (int c = 0; c < C; ++c) {
@@ -1368,7 +1436,7 @@ __global__ void __launch_bounds__(kSpecWarps * 32, spec_bwd_blocks<C>()) spec_ba
       if (feed_ids) {  // lanes sharing a feed row add theirs once (staged in shared memory)
         if (kGxInFeed) __syncwarp();  // every lane's tiles have read the feed rows the gradients overwrite
         float* gxs = kGxInFeed ? rb : rws + g.rGX;
-        const int gstride = kGxInFeed ? g.FRS : g.RS;
+        const int gstride = kGxInFeed ? FRS : g.RS;
         store_row<D>(gxs + lane * gstride, gx, D);
         __syncwarp();
         spec_store_feed_grad(f, grad_feed, fa, ta, gxs, gstride, lane);
