@@ -9,7 +9,8 @@ variants below are timed interleaved (bench/common.py ``time_interleaved``: one 
 order rotated by one place per repeat), --repeats repeats after 3 warm-up repeats, CUDA events on one stream;
 figures are medians, speed-ups the median of the per-repeat ratios:
   fused          dwdp_ops.coaction.coaction_{forward,backward}_gpu with table + ids, the default path
-                 (``check_ids=True``: the ids are range-checked on the device first, one host synchronisation)
+                 (``check_ids=True``: the ids are range-checked on the device first, one host synchronisation; a
+                 step checks them once, in its forward, as the autograd op ``coaction`` does)
   fused_nocheck  the same with ``check_ids=False`` (the kernels alone); the reference shape runs on the specialised
                  kernels (compile-time widths, ``fused.uses_specialized_kernels``)
   fused_general  ``fused_nocheck`` on the general fast kernels (``DWDP_COACTION_SPECIALIZED=0``): the kernels before
@@ -206,9 +207,10 @@ def main() -> int:
                                         check_ids=check)
 
         def fused_step(check=True):
+            # the ids are checked once a step, by the forward, as the autograd op does (its backward reuses them)
             fused_fwd(check)
             return coaction_backward_gpu(table, ftable, mask, g, spec, ind_ids=ids, feed_ids=fids, stream=s,
-                                         check_ids=check)
+                                         check_ids=False)
 
         def cupy_fwd():
             return coaction_forward(table[ids], ftable[fids], mask, spec)
