@@ -1417,36 +1417,21 @@ __global__ void __launch_bounds__(kSpecWarps * 32, spec_bwd_blocks<C>()) spec_ba
         gx[i] = s;
       }
       __syncwarp();
-      // W1's gradient: this lane's tile in every order, summed over the round's rows m of x^(c+1) (x) dz_c; row
-      // m + 1's shared-memory loads are issued before row m's FMAs (they would otherwise wait on their own loads)
-      {
-        const float* xr = rb;
-        const float* dm = rws + g.rDZ + 4 * tj;
-        float xn = spec_x_at<T>(xr, ti);  // na >= 1: row 0 exists
-        float4 dn[C];
-#pragma unroll
-        for (int c = 0; c < C; ++c) dn[c] = *reinterpret_cast<const float4*>(dm + c * N1);
+      // W1's gradient: this lane's tile in every order, summed over the round's rows m of x^(c+1) (x) dz_c
+      const float* xr = rb;
+      const float* dm = rws + g.rDZ + 4 * tj;
 #pragma unroll 2
-        for (int m = 0; m < na; ++m) {
-          const float xm = xn;
-          float4 d[C];
+      for (int m = 0; m < na; ++m, xr += FRS, dm += g.RS) {
+        const float xm = spec_x_at<T>(xr, ti);
+        float p = xm;
 #pragma unroll
-          for (int c = 0; c < C; ++c) d[c] = dn[c];
-          xr += FRS, dm += g.RS;
-          if (m + 1 < na) {
-            xn = spec_x_at<T>(xr, ti);
-#pragma unroll
-            for (int c = 0; c < C; ++c) dn[c] = *reinterpret_cast<const float4*>(dm + c * N1);
-          }
-          float p = xm;
-#pragma unroll
-          for (int c = 0; c < C; ++c) {
-            if (c) p *= xm;
-            tacc[c][0] = fmaf(p, d[c].x, tacc[c][0]);
-            tacc[c][1] = fmaf(p, d[c].y, tacc[c][1]);
-            tacc[c][2] = fmaf(p, d[c].z, tacc[c][2]);
-            tacc[c][3] = fmaf(p, d[c].w, tacc[c][3]);
-          }
+        for (int c = 0; c < C; ++c) {
+          if (c) p *= xm;
+          const float4 d = *reinterpret_cast<const float4*>(dm + c * N1);
+          tacc[c][0] = fmaf(p, d.x, tacc[c][0]);
+          tacc[c][1] = fmaf(p, d.y, tacc[c][1]);
+          tacc[c][2] = fmaf(p, d.z, tacc[c][2]);
+          tacc[c][3] = fmaf(p, d.w, tacc[c][3]);
         }
       }
       if (feed_ids) {  // lanes sharing a feed row add theirs once (staged in shared memory)
