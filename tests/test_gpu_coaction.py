@@ -432,3 +432,24 @@ def test_unaligned_feed_rows_take_the_scalar_loads():
     assert rel(out, coaction_forward(*f64, spec, feed_ids=fids)) <= 1e-5
     wi, wf = coaction_backward(*f64, g.astype(np.float64), spec, feed_ids=fids)
     assert rel(gi.get(), wi) <= 1e-5 and rel(gf.get(), wf) <= 1e-5
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("T", [10, 45], ids=["short-round-only", "full-and-short-rounds"])
+def test_a_nan_weight_stays_in_its_own_column(T):
+    """A NaN in one first-layer weight (W1[0][1] of sample 0, shared by every order) makes that neuron's pooled sums
+    and the second layer NaN for that sample and nothing else: in a sample's short last round (two lanes a behaviour,
+    each half the neurons) as in full rounds, the same NaN pattern as the float64 reference, the finite values
+    within 1e-5."""
+    import cupy as cp
+    from dwdp_ops.coaction import coaction_forward_gpu
+
+    spec = CoActionSpec()
+    ind, feed, mask, _ = inputs(spec, 3, T, 8)
+    ind[0, 1] = np.nan
+    out = coaction_forward_gpu(cp.asarray(ind), cp.asarray(feed), cp.asarray(mask), spec).get()
+    want = coaction_forward(ind.astype(np.float64), feed.astype(np.float64), mask, spec)
+    assert np.isnan(want[0]).sum() == spec.orders * (1 + 4)  # neuron 1's sum and the 4 outputs after it, each order
+    assert np.array_equal(np.isnan(out), np.isnan(want))
+    ok = ~np.isnan(want)
+    assert rel(out[ok], want[ok]) <= 1e-5

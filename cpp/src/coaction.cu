@@ -1248,14 +1248,14 @@ __global__ void __launch_bounds__(kSpecWarps * 32, spec_fwd_blocks<C>()) spec_fo
       float z[C][4];
       spec_read_x<T>(fbuf + cur * buf + m * FRS, x);
       spec_first_layer_half<C, OI>(W, f.wslice, f.bias, half, x, z);
-      const float v = m < na ? 1.f : 0.f, vlo = half ? 0.f : v, vhi = half ? v : 0.f;
+      const float v = m < na ? 1.f : 0.f;
 #pragma unroll
       for (int c = 0; c < C; ++c)
 #pragma unroll
-        for (int k = 0; k < 4; ++k) {
+        for (int k = 0; k < 4; ++k) {  // selected, not multiplied by 0: a NaN stays in its own column
           const float h = tanh_scaled(z[c][k]);
-          acc[c][k] = fmaf(vlo, h, acc[c][k]);
-          acc[c][4 + k] = fmaf(vhi, h, acc[c][4 + k]);
+          acc[c][k] = fmaf(v, half ? 0.f : h, acc[c][k]);
+          acc[c][4 + k] = fmaf(v, half ? h : 0.f, acc[c][4 + k]);
         }
       __syncwarp();  // every lane has read its row before the buffer is refilled
     }
@@ -1455,6 +1455,7 @@ __global__ void __launch_bounds__(kSpecWarps * 32, spec_bwd_blocks<C>()) spec_ba
       __syncwarp();  // the rows and this feed buffer are rewritten by the coming rounds
       na = nb, ta = tb, fa = fb, nb = nc, tb = tc, fb = fc, cur ^= 1;
     }
+    cp_async_wait<0>();  // a sample without a valid behaviour leaves its prologue's (zero-fill) copies unwaited
     // W1: the lanes' tiles (without order independence the orders share one W1: summed in order)
 #pragma unroll
     for (int c = 0; c < C; ++c) {
@@ -1560,7 +1561,8 @@ bool spec_disabled() {
 // queries without a dtype use 4, the larger); false when they do not take it.
 bool spec_shape(const CoActionDims& d, bool backward, int elem, int* warps, size_t* smem) {
   if (spec_disabled() || d.paper || d.num_layers != 2 || d.din[0] != kSpecD || d.dout[0] != kSpecN1 ||
-      d.din[1] != kSpecN1 || d.dout[1] != kSpecN2 || d.orders < 1 || d.orders > kSpecMaxOrders)
+      d.din[1] != kSpecN1 || d.dout[1] != kSpecN2 || d.orders < 1 || d.orders > kSpecMaxOrders ||
+      d.ind_dim != (d.order_independent ? d.orders : 1) * d.order_width)  // the row as the kernels lay it out
     return false;
   const size_t per = sizeof(float) * static_cast<size_t>(make_spec_geo(make_fast(d, backward), backward, elem).per_warp);
   const int w = static_cast<int>(std::min<size_t>(kSpecWarps, (kSmemMax - kFastStatic) / per));
