@@ -452,6 +452,19 @@ __device__ __forceinline__ void layer_fwd(const float* __restrict__ w, int dip, 
   }
 }
 
+// Takes a round of up to 32 behaviours off the front of the warp's queue q (qn entries): this lane's (-1 for lanes
+// >= n) in *my_t, the rest moved to the front. Returns n (warp-uniform).
+__device__ __forceinline__ int take_round(int* q, int& qn, int lane, int* my_t) {
+  __syncwarp();
+  const int n = min(qn, 32);
+  *my_t = lane < n ? q[lane] : -1;
+  __syncwarp();
+  if (lane < qn - n) q[lane] = q[lane + 32];  // reads [32, qn), writes [0, qn - 32): disjoint
+  __syncwarp();
+  qn -= n;
+  return n;
+}
+
 // The next round of up to 32 unmasked behaviours of a sample: compacts the mask with ballots into the warp's queue
 // q[kQueue] (qn entries, scanned up to t0). Returns the round's size n (0: the sample is done; warp-uniform) and
 // this lane's behaviour (-1 for lanes >= n).
@@ -465,14 +478,7 @@ __device__ __forceinline__ int next_round(const float* __restrict__ mrow, int T_
     qn += __popc(bal);
     t0 += 32;
   }
-  __syncwarp();
-  const int n = min(qn, 32);
-  *my_t = lane < n ? q[lane] : -1;
-  __syncwarp();
-  if (lane < qn - n) q[lane] = q[lane + 32];  // reads [32, qn), writes [0, qn - 32): disjoint
-  __syncwarp();
-  qn -= n;
-  return n;
+  return take_round(q, qn, lane, my_t);
 }
 
 // fn(unpadded index in the induction row, padded index in the warp's W / gW) for this lane's share of the row.
@@ -910,6 +916,9 @@ struct SpecGeo {
 
 __host__ __device__ constexpr int odd4(int x) { return (pad4(x) / 4) % 2 ? pad4(x) : pad4(x) + 4; }
 
+// Floats between the rows of a feed buffer for feed elements of elem bytes (4: fp32, 2: bf16).
+__host__ __device__ constexpr int spec_frs(int elem) { return odd4(kSpecD * elem / 4); }
+
 // elem: bytes of a feed element (4: fp32, 2: bf16).
 SpecGeo make_spec_geo(const Fast& f, bool backward, int elem) {
   SpecGeo g{};
@@ -924,7 +933,7 @@ SpecGeo make_spec_geo(const Fast& f, bool backward, int elem) {
   g.rB = cn;
   g.rGX = g.rB + (f.bias ? cn : 0);
   g.RS = backward ? odd4(g.rGX + (elem == 4 ? 0 : kSpecD)) : 0;
-  g.FRS = odd4(kSpecD * elem / 4);
+  g.FRS = spec_frs(elem);
   g.oFeed = g.oRows + 32 * g.RS;
   g.per_warp = g.oFeed + std::max(2 * 32 * g.FRS, backward ? 0 : 32 * odd4(cn));
   return g;
@@ -954,7 +963,13 @@ __device__ __forceinline__ void spec_store_row(float* W, int ind_dim, int lane, 
 #pragma unroll
   for (int k = 0; k < NR; ++k) {
     const int i = lane + 32 * k;
-    if (i < ind_dim) W[i] = i % slice < first ? r[k] * scale : r[k];
+    float v = r[k];
+    if (first > 0) {  // i's offset in its slice, without a division (at most kSpecMaxOrders slices)
+      int j = i;
+      while (j >= slice) j -= slice;
+      if (j < first) v *= scale;
+    }
+    if (i < ind_dim) W[i] = v;
   }
   __syncwarp();
 }
@@ -1063,14 +1078,7 @@ __device__ __forceinline__ int spec_next_round(const float* __restrict__ mrow, i
     s.qn += __popc(bal);
     s.ts += 32;
   }
-  __syncwarp();
-  const int n = min(s.qn, 32);
-  *my_t = lane < n ? q[lane] : -1;
-  __syncwarp();
-  if (lane < s.qn - n) q[lane] = q[lane + 32];  // reads [32, qn), writes [0, qn - 32): disjoint
-  __syncwarp();
-  s.qn -= n;
-  return n;
+  return take_round(q, s.qn, lane, my_t);
 }
 
 // The feed row of behaviour t (-1: none, row 0 unread) of sample b: its id, or its gathered position.
@@ -1192,7 +1200,7 @@ __global__ void __launch_bounds__(kSpecWarps * 32, spec_fwd_blocks<C>()) spec_fo
     const T* __restrict__ feed, const int64_t* __restrict__ feed_ids, const float* __restrict__ mask,
     T* __restrict__ out) {
   constexpr int D = kSpecD, N1 = kSpecN1, N2 = kSpecN2, S = N1 + N2, NR = spec_row_regs<C, OI>();
-  constexpr int FRS = odd4(kSpecD * static_cast<int>(sizeof(T)) / 4);  // g.FRS, as a constant
+  constexpr int FRS = spec_frs(sizeof(T));  // g.FRS, as a constant
   extern __shared__ __align__(16) float smem[];
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   const int b = blockIdx.x * (blockDim.x >> 5) + warp;
@@ -1298,7 +1306,7 @@ __global__ void __launch_bounds__(kSpecWarps * 32, spec_bwd_blocks<C>()) spec_ba
   constexpr int D = kSpecD, N1 = kSpecN1, N2 = kSpecN2, S = N1 + N2, NR = spec_row_regs<C, OI>();
   constexpr int NG = (C * S + 31) / 32;  // grad_out values per lane
   constexpr bool kGxInFeed = sizeof(T) == 4;  // the fp32 feed gradient is staged over the lane's feed row
-  constexpr int FRS = odd4(kSpecD * static_cast<int>(sizeof(T)) / 4);  // g.FRS, as a constant
+  constexpr int FRS = spec_frs(sizeof(T));  // g.FRS, as a constant
   extern __shared__ __align__(16) float smem[];
   __shared__ int64_t blk_row[kFastWarps];  // the table row each warp's gradient belongs to (-1: none)
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
