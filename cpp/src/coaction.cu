@@ -1,5 +1,6 @@
 // Fused CAN co-action kernels. See dwdp/coaction.h for the two kernel families (fast path, fallback).
 #include <cuda_bf16.h>
+#include <cuda_fp16.h>
 
 #include <algorithm>
 #include <cstdlib>
@@ -908,8 +909,7 @@ __device__ __forceinline__ float tanh_scaled(float zs) {
 // U (forward: pooled h1 sums; backward: u_c) | queue | lane rows (backward: 32 rows of RS floats: dz [C][N1] | sums
 // of dz [C][N1] (bias only) | feed gradient [D] (bf16 feeds only; an fp32 feed gradient is staged over the lane's
 // own feed row) | two feed buffers of 32 rows, FRS floats apart, in the feed's own element type (FRS x 4 bytes: an
-// odd number of 16-byte units, so 8 lanes reading 16 bytes of their rows hit distinct banks). The forward's
-// end-of-sample column sums reuse the feed buffers (32 rows of odd4(C x N1) floats).
+// odd number of 16-byte units, so 8 lanes reading 16 bytes of their rows hit distinct banks).
 struct SpecGeo {
   int oW, oGW, oG, oU, oQ, oRows, RS, rDZ, rB, rGX, oFeed, FRS, per_warp;
 };
@@ -935,7 +935,7 @@ SpecGeo make_spec_geo(const Fast& f, bool backward, int elem) {
   g.RS = backward ? odd4(g.rGX + (elem == 4 ? 0 : kSpecD)) : 0;
   g.FRS = spec_frs(elem);
   g.oFeed = g.oRows + 32 * g.RS;
-  g.per_warp = g.oFeed + std::max(2 * 32 * g.FRS, backward ? 0 : 32 * odd4(cn));
+  g.per_warp = g.oFeed + 2 * 32 * g.FRS;
   return g;
 }
 
@@ -1004,33 +1004,6 @@ __device__ __forceinline__ void spec_first_layer(const float* __restrict__ W, in
         z[c][4 * jc + 2] = fmaf(p, w.z, z[c][4 * jc + 2]);
         z[c][4 * jc + 3] = fmaf(p, w.w, z[c][4 * jc + 3]);
       }
-    }
-  }
-}
-
-// z[c][0..4) = columns 4 half .. 4 half + 3 of (x^(c+1)) W1_c (+ b1_c): spec_first_layer's half (two lanes share a
-// behaviour, each computing half its neurons; the two halves of a warp read distinct 16-byte broadcasts).
-template <int C, bool OI>
-__device__ __forceinline__ void spec_first_layer_half(const float* __restrict__ W, int ws, bool bias, int half,
-                                                      const float (&x)[kSpecD], float (&z)[C][4]) {
-  constexpr int D = kSpecD, N4 = kSpecN1 / 4;
-#pragma unroll
-  for (int c = 0; c < C; ++c) {
-    const float4 b = bias ? reinterpret_cast<const float4*>(W + (OI ? c * ws : 0))[D * N4 + half]
-                          : make_float4(0.f, 0.f, 0.f, 0.f);
-    z[c][0] = b.x, z[c][1] = b.y, z[c][2] = b.z, z[c][3] = b.w;
-  }
-#pragma unroll
-  for (int i = 0; i < D; ++i) {
-    float p = x[i];
-#pragma unroll
-    for (int c = 0; c < C; ++c) {
-      if (c) p *= x[i];
-      const float4 w = reinterpret_cast<const float4*>(W + (OI ? c * ws : 0))[i * N4 + half];
-      z[c][0] = fmaf(p, w.x, z[c][0]);
-      z[c][1] = fmaf(p, w.y, z[c][1]);
-      z[c][2] = fmaf(p, w.z, z[c][2]);
-      z[c][3] = fmaf(p, w.w, z[c][3]);
     }
   }
 }
@@ -1148,6 +1121,167 @@ __device__ __forceinline__ float spec_x_at(const float* row, int i) {
     return __uint_as_float(static_cast<unsigned>(reinterpret_cast<const unsigned short*>(row)[i]) << 16);
 }
 
+// The first layer on the tensor cores. 16 behaviours at a time, order c's pre-activations are one mma.sync m16n8k16:
+// x^(c+1) (a 16 x 16 tile: rows the behaviours, columns the feed values) times W1_c (16 x 8). fp32 operands enter as
+// fp16 pairs v = hi + lo (hi = fp16(v), lo = fp16(v - hi): 22 significant bits), and three products, lo hi + hi lo +
+// hi hi, accumulate in fp32 (the lo lo term is below 2^-22 of the result, under the 1e-5 the kernels are held to).
+// fp16's range is narrow, so every tile's x and every sample's W1 are scaled by a power of two, undone exactly on the
+// fp32 result: W1's largest magnitude to [16, 32), x's to [16, 32) (up to 3 orders: x^3 < 2^15, below fp16's 65504)
+// or [4, 8) (4 orders). A tile whose largest |x| is outside [2^-20, 2^24), or a sample whose largest |W1| is outside
+// [2^-26, 2^35) (subnormal, infinite and all-NaN operands included; all-zero tiles stay), takes the CUDA-core path
+// instead: the same values by FMAs. Each lane holds rows g and g + 8 of the tile (g = lane / 4) and columns 2q and
+// 2q + 1 (q = lane % 4) of every order's [16 x 8] result: the mma's own accumulator layout.
+#if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 800
+constexpr bool kSpecTensorCores = true;
+#else
+constexpr bool kSpecTensorCores = false;
+#endif
+
+__device__ __forceinline__ float pow2f(int e) { return __int_as_float((e + 127) << 23); }  // e in [-126, 127]
+
+__device__ __forceinline__ float warp_max(float v) {
+#pragma unroll
+  for (int o = 16; o; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+  return v;
+}
+
+// The exponent s that puts m 2^s in [2^top, 2^(top + 1)) for a warp's largest magnitude m >= 0, if m's exponent is
+// in [lo, hi] (false otherwise: zero, subnormal, inf or NaN included).
+__device__ __forceinline__ bool spec_scale_exp(float m, int top, int lo, int hi, int& s) {
+  const int e = (__float_as_int(m) >> 23) - 127;
+  s = top - e;
+  return e >= lo && e <= hi;
+}
+
+// (a, b) as fp16 pairs: hi = fp16(a, b) and lo = fp16(a - hi.x, b - hi.y) (low halves a's).
+__device__ __forceinline__ void split_h2(float a, float b, unsigned& hi, unsigned& lo) {
+  const __half2 h = __floats2half2_rn(a, b);
+  const float2 f = __half22float2(h);
+  const __half2 l = __floats2half2_rn(a - f.x, b - f.y);
+  hi = *reinterpret_cast<const unsigned*>(&h);
+  lo = *reinterpret_cast<const unsigned*>(&l);
+}
+
+// d += A B for one m16n8k16 tile (A: 4 fp16 pairs, B: 2; the PTX ISA's fragment layouts).
+__device__ __forceinline__ void mma16816(float (&d)[4], const unsigned (&a)[4], unsigned b0, unsigned b1) {
+#if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 800
+  asm("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+#endif
+}
+
+// Elements i and i + 1 (i even) of a staged feed row as fp32.
+template <typename T>
+__device__ __forceinline__ float2 spec_x_pair(const float* row, int i) {
+  if constexpr (sizeof(T) == 4) {
+    return *reinterpret_cast<const float2*>(row + i);
+  } else {  // a word holds element 2k in its low half
+    const unsigned w = reinterpret_cast<const unsigned*>(row)[i >> 1];
+    return make_float2(__uint_as_float(w << 16), __uint_as_float(w & 0xffff0000u));
+  }
+}
+
+// A sample's W1 as this lane's B fragments (column g, rows 2q, 2q + 1, 2q + 8, 2q + 9 of each [16 x 8] W1_c; one for
+// all orders without order independence), scaled by 2^sw, and whether the tensor cores may take it.
+template <int C, bool OI>
+struct SpecW1 {
+  unsigned hi[OI ? C : 1][2], lo[OI ? C : 1][2];
+  int sw;
+  bool tc;
+};
+
+template <int C, bool OI>
+__device__ __forceinline__ SpecW1<C, OI> spec_w1_frags(const float* __restrict__ W, int ws, int lane) {
+  constexpr int NB = OI ? C : 1, N1 = kSpecN1;
+  const int g = lane >> 2, q = lane & 3;
+  float w[NB][4];
+  float m = 0.f;
+#pragma unroll
+  for (int c = 0; c < NB; ++c) {
+    const float* w1 = W + c * ws;
+#pragma unroll
+    for (int k = 0; k < 4; ++k) {
+      w[c][k] = w1[(2 * q + (k & 1) + 8 * (k >> 1)) * N1 + g];
+      m = fmaxf(m, fabsf(w[c][k]));
+    }
+  }
+  SpecW1<C, OI> r;
+  r.tc = kSpecTensorCores && spec_scale_exp(warp_max(m), 4, -26, 34, r.sw);
+  const float fw = r.tc ? pow2f(r.sw) : 1.f;
+#pragma unroll
+  for (int c = 0; c < NB; ++c) {
+    split_h2(w[c][0] * fw, w[c][1] * fw, r.hi[c][0], r.lo[c][0]);
+    split_h2(w[c][2] * fw, w[c][3] * fw, r.hi[c][1], r.lo[c][1]);
+  }
+  return r;
+}
+
+// z[c][0..4) = (x^(c+1)) W1_c + b1_c at (row g, column 2q), (g, 2q + 1), (g + 8, 2q), (g + 8, 2q + 1) of the 16-row
+// tile whose first staged row is `rows` (row stride FRS floats, the feed's element type T; rows past the round are
+// zeros). W1_c and bz (this lane's two b1_c columns) as staged; warp-uniform choice of tensor or CUDA cores.
+template <typename T, int C, bool OI>
+__device__ __forceinline__ void spec_tile_z(const float* rows, const float* __restrict__ W, int ws,
+                                            const SpecW1<C, OI>& wf, const float (&bz)[C][2], int lane,
+                                            float (&z)[C][4]) {
+  constexpr int D = kSpecD, N1 = kSpecN1, FRS = spec_frs(sizeof(T));
+  const int g = lane >> 2, q = lane & 3;
+  const float* r0 = rows + g * FRS;
+  const float* r1 = rows + (g + 8) * FRS;
+  // this lane's A elements in fragment order: (g, 2q..2q+1), (g+8, 2q..), (g, 2q+8..), (g+8, 2q+8..)
+  const float2 xa = spec_x_pair<T>(r0, 2 * q), xb = spec_x_pair<T>(r1, 2 * q);
+  const float2 xc = spec_x_pair<T>(r0, 2 * q + 8), xd = spec_x_pair<T>(r1, 2 * q + 8);
+  float v[8] = {xa.x, xa.y, xb.x, xb.y, xc.x, xc.y, xd.x, xd.y};
+  float m = 0.f;
+#pragma unroll
+  for (int k = 0; k < 8; ++k) m = fmaxf(m, fabsf(v[k]));
+  m = warp_max(m);
+  int sx = 0;
+  const bool zero = m == 0.f;  // an all-zero tile: x^c = 0 in fp16 too
+  if (wf.tc && (zero || spec_scale_exp(m, C <= 3 ? 4 : 2, -20, 23, sx))) {
+    const float fx = pow2f(sx);
+    float p[8];
+#pragma unroll
+    for (int k = 0; k < 8; ++k) v[k] *= fx, p[k] = v[k];
+#pragma unroll
+    for (int c = 0; c < C; ++c) {
+      if (c)
+#pragma unroll
+        for (int k = 0; k < 8; ++k) p[k] *= v[k];
+      unsigned ah[4], al[4];
+#pragma unroll
+      for (int r = 0; r < 4; ++r) split_h2(p[2 * r], p[2 * r + 1], ah[r], al[r]);
+      const int cb = OI ? c : 0;
+      float d[4] = {0.f, 0.f, 0.f, 0.f};
+      mma16816(d, al, wf.hi[cb][0], wf.hi[cb][1]);
+      mma16816(d, ah, wf.lo[cb][0], wf.lo[cb][1]);
+      mma16816(d, ah, wf.hi[cb][0], wf.hi[cb][1]);
+      const float inv = pow2f(-(wf.sw + (c + 1) * sx));
+      z[c][0] = fmaf(d[0], inv, bz[c][0]);
+      z[c][1] = fmaf(d[1], inv, bz[c][1]);
+      z[c][2] = fmaf(d[2], inv, bz[c][0]);
+      z[c][3] = fmaf(d[3], inv, bz[c][1]);
+    }
+  } else {  // CUDA cores
+#pragma unroll
+    for (int c = 0; c < C; ++c) z[c][0] = z[c][2] = bz[c][0], z[c][1] = z[c][3] = bz[c][1];
+#pragma unroll 4
+    for (int i = 0; i < D; ++i) {
+      const float x0 = spec_x_at<T>(r0, i), x1 = spec_x_at<T>(r1, i);
+      float p0 = x0, p1 = x1;
+#pragma unroll
+      for (int c = 0; c < C; ++c) {
+        if (c) p0 *= x0, p1 *= x1;
+        const float2 w = *reinterpret_cast<const float2*>(W + (OI ? c * ws : 0) + i * N1 + 2 * q);
+        z[c][0] = fmaf(p0, w.x, z[c][0]);
+        z[c][1] = fmaf(p0, w.y, z[c][1]);
+        z[c][2] = fmaf(p1, w.x, z[c][2]);
+        z[c][3] = fmaf(p1, w.y, z[c][3]);
+      }
+    }
+  }
+}
+
 // The round's feed gradients (lane m's at gx_base + m * stride) added to grad_feed by feed id: the lanes that share
 // a row are summed in lane order by the lowest of them, which then issues its atomics back to back, each from its
 // own registers (an atomic reads its source registers after issue: rewriting them would wait for it). Every lane
@@ -1208,7 +1342,7 @@ __global__ void __launch_bounds__(kSpecWarps * 32, spec_fwd_blocks<C>()) spec_fo
   float* base = smem + static_cast<size_t>(warp) * g.per_warp;
   float* W = base + g.oW;
   float* hs = base + g.oU;
-  int* q = reinterpret_cast<int*>(base + g.oQ);
+  int* q_ = reinterpret_cast<int*>(base + g.oQ);
   float* fbuf = base + g.oFeed;
   const int buf = 32 * FRS;  // floats between the two feed buffers
   int shard;
@@ -1219,75 +1353,63 @@ __global__ void __launch_bounds__(kSpecWarps * 32, spec_fwd_blocks<C>()) spec_fo
   const float* mrow = mask + static_cast<size_t>(b) * T_len;
   SpecQueue sq = spec_queue(mrow, T_len, lane);
   int ta, tb;
-  int na = spec_next_round(mrow, T_len, q, sq, lane, &ta);
-  int nb = spec_next_round(mrow, T_len, q, sq, lane, &tb);
+  int na = spec_next_round(mrow, T_len, q_, sq, lane, &ta);
+  int nb = spec_next_round(mrow, T_len, q_, sq, lane, &tb);
   size_t fb = spec_frow(feed_ids, b, T_len, tb);
   spec_fetch_row(f, feed, spec_frow(feed_ids, b, T_len, ta), ta >= 0, fbuf + lane * FRS);
   cp_async_commit();
   // W1 and b1 of every slice pre-scaled for tanh_scaled
   spec_store_row(W, f.ind_dim, lane, wr, kTanhScale, f.wslice, f.woff[1]);
-  float acc[C][N1];
+  const SpecW1<C, OI> wf = spec_w1_frags<C, OI>(W, f.wslice, lane);
+  const int tq = lane & 3, tg = lane >> 2;  // this lane's tile column pair and rows
+  float bz[C][2], acc[C][2];  // this lane's b1 columns 2q, 2q + 1 of every order; its h1 sums (rows g, g + 8)
 #pragma unroll
-  for (int c = 0; c < C; ++c)
-#pragma unroll
-    for (int j = 0; j < N1; ++j) acc[c][j] = 0.f;
+  for (int c = 0; c < C; ++c) {
+    const float2 bb = f.bias ? *reinterpret_cast<const float2*>(W + (OI ? c * f.wslice : 0) + D * N1 + 2 * tq)
+                             : make_float2(0.f, 0.f);
+    bz[c][0] = bb.x, bz[c][1] = bb.y, acc[c][0] = acc[c][1] = 0.f;
+  }
   int valid = 0, cur = 0;
   while (na > 0) {
     if (nb > 0) spec_fetch_row(f, feed, fb, tb >= 0, fbuf + (cur ^ 1) * buf + lane * FRS);
     cp_async_commit();  // (an empty group past the sample's last round: the wait below still means "round a in")
     int tc;
-    const int nc = spec_next_round(mrow, T_len, q, sq, lane, &tc);
+    const int nc = spec_next_round(mrow, T_len, q_, sq, lane, &tc);
     const size_t fc = spec_frow(feed_ids, b, T_len, tc);
     cp_async_wait<1>();
+    __syncwarp();  // the tiles read every lane's row
     valid += na;
-    float x[D];
-    if (na > 16) {  // a lane a behaviour (lanes past na add nothing: a bias makes their z non-zero)
-      float z[C][N1];
-      spec_read_x<T>(fbuf + cur * buf + lane * FRS, x);
-      spec_first_layer<C, OI>(W, f.wslice, f.bias, x, z);
-      const float v = ta >= 0 ? 1.f : 0.f;
-#pragma unroll
-      for (int c = 0; c < C; ++c)
-#pragma unroll
-        for (int j = 0; j < N1; ++j) acc[c][j] = fmaf(v, tanh_scaled(z[c][j]), acc[c][j]);
-    } else {  // a short round (a sample's last): two lanes a behaviour, lane m and m + 16 its neurons 0-3 and 4-7
-      __syncwarp();  // lane m + 16 reads the row lane m's copies brought
-      const int m = lane & 15, half = lane >> 4;
+    for (int r0 = 0; r0 < na; r0 += 16) {  // 16-row tiles; rows past na are zeros, their h1 selected away
       float z[C][4];
-      spec_read_x<T>(fbuf + cur * buf + m * FRS, x);
-      spec_first_layer_half<C, OI>(W, f.wslice, f.bias, half, x, z);
-      const float v = m < na ? 1.f : 0.f;
+      spec_tile_z<T, C, OI>(fbuf + cur * buf + r0 * FRS, W, f.wslice, wf, bz, lane, z);
+      const float v0 = r0 + tg < na ? 1.f : 0.f, v1 = r0 + tg + 8 < na ? 1.f : 0.f;
 #pragma unroll
-      for (int c = 0; c < C; ++c)
-#pragma unroll
-        for (int k = 0; k < 4; ++k) {  // selected, not multiplied by 0: a NaN stays in its own column
-          const float h = tanh_scaled(z[c][k]);
-          acc[c][k] = fmaf(v, half ? 0.f : h, acc[c][k]);
-          acc[c][4 + k] = fmaf(v, half ? h : 0.f, acc[c][4 + k]);
-        }
-      __syncwarp();  // every lane has read its row before the buffer is refilled
+      for (int c = 0; c < C; ++c) {
+        acc[c][0] = fmaf(v0, tanh_scaled(z[c][0]), acc[c][0]);
+        acc[c][1] = fmaf(v0, tanh_scaled(z[c][1]), acc[c][1]);
+        acc[c][0] = fmaf(v1, tanh_scaled(z[c][2]), acc[c][0]);
+        acc[c][1] = fmaf(v1, tanh_scaled(z[c][3]), acc[c][1]);
+      }
     }
+    __syncwarp();  // every lane has read the buffer before it is refilled
     na = nb, ta = tb, nb = nc, tb = tc, fb = fc, cur ^= 1;
   }
-  // h1 sums: column sums over the lanes' rows (staged in the feed buffers), in lane order; lane k < C x N1 owns
-  // column k = (c, j) and writes it, then lane k < C x N2 writes (c, m) of the second layer:
-  // out[b] = [C][h1 sums (N1) | h1 sums W2_c + valid b2_c (N2)]
+  // h1 sums: the 8 lanes of a column pair (same q) added by a butterfly over g (a fixed order); lanes 0-3 hold the
+  // sums of columns 2q, 2q + 1 of every order. Lane k < C x N1 writes column k = (c, j), then lane k < C x N2 (c, m)
+  // of the second layer: out[b] = [C][h1 sums (N1) | h1 sums W2_c + valid b2_c (N2)]
   cp_async_wait<0>();
-  constexpr int RR = odd4(C * N1);
-  float* rws = fbuf;
-  __syncwarp();
 #pragma unroll
-  for (int c = 0; c < C; ++c) store_row<N1>(rws + lane * RR + c * N1, acc[c], N1);
+  for (int c = 0; c < C; ++c)
+#pragma unroll
+    for (int k = 0; k < 2; ++k)
+#pragma unroll
+      for (int o = 4; o < 32; o <<= 1) acc[c][k] += __shfl_xor_sync(0xffffffffu, acc[c][k], o);
+  if (lane < 4)
+#pragma unroll
+    for (int c = 0; c < C; ++c) *reinterpret_cast<float2*>(hs + c * N1 + 2 * lane) = make_float2(acc[c][0], acc[c][1]);
   __syncwarp();
   T* o = out + static_cast<size_t>(b) * f.n_out;
-  if (lane < C * N1) {
-    float s = 0.f;
-#pragma unroll 8
-    for (int m = 0; m < 32; ++m) s += rws[m * RR + lane];
-    hs[lane] = s;
-    st(o, (lane / N1) * S + lane % N1, s);
-  }
-  __syncwarp();
+  if (lane < C * N1) st(o, (lane / N1) * S + lane % N1, hs[lane]);
   if (lane < C * N2) {
     const int c = lane / N2, m = lane % N2;
     const float* w2 = W + (OI ? c * f.wslice : 0) + f.woff[1];
@@ -1485,14 +1607,22 @@ __global__ void __launch_bounds__(kSpecWarps * 32, spec_bwd_blocks<C>()) spec_ba
 #pragma unroll
     for (int c = 0; c < C; ++c) store_row<N1>(my + c * N1, hacc[c], N1);
     __syncwarp();
+    // lane k < C x N1 sums column k = (c, j) over the 32 rows in row order: h1 into U, dz (bias) into the feed
+    // buffer (both free after the rounds)
+    if (lane < C * N1) {
+      float hsum = 0.f, bsum = 0.f;
+#pragma unroll 8
+      for (int m = 0; m < 32; ++m) {
+        hsum += rws[m * g.RS + lane];
+        if (f.bias) bsum += rws[m * g.RS + g.rB + lane];
+      }
+      U[lane] = hsum;
+      fbuf[lane] = bsum;
+    }
+    __syncwarp();
     for (int j = lane; j < N1; j += 32)
       for (int c = 0; c < C; ++c) {
-        float hsum = 0.f, bsum = 0.f;
-#pragma unroll 8
-        for (int m = 0; m < 32; ++m) {
-          hsum += rws[m * g.RS + c * N1 + j];
-          if (f.bias) bsum += rws[m * g.RS + g.rB + c * N1 + j];
-        }
+        const float hsum = U[c * N1 + j], bsum = fbuf[c * N1 + j];
         float* gw = gW + (OI ? c * f.wslice : 0);
         const float* g2 = G + c * S + N1;
 #pragma unroll
