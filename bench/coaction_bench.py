@@ -23,6 +23,8 @@ figures are medians, speed-ups the median of the per-repeat ratios:
 Pipelined (``*_pipelined_ms``): ``fused_nocheck``, ``torch`` and ``torch_compile`` also run as --pipeline (default 10)
 back-to-back calls inside one timed op, reported per call: what a training loop whose host runs ahead of the GPU
 pays (a call's host work overlaps the previous call's kernels, so the figure is the larger of the two per call).
+Graphed (``*_graph_ms``): ``fused_nocheck`` as --pipeline calls captured once in a CUDA graph (CuPy stream capture)
+and replayed, per call: the kernels' own time, without the host's (what an engine that captures its step pays).
 Host time (``*_host_us``): wall-clock time per call of 50 back-to-back ``check_ids=False`` calls on the host, the
 stream synchronised only after them (the host work of a call: argument checks, allocations, launches).
 Peak memory is the allocator's high-water mark of the step.
@@ -36,8 +38,8 @@ per gathered row). FLOPs it must do (``*_flops``): 2 per multiply-add of the mic
 every order (forward F); the step 3 F (the backward's weight gradients and input gradients are 2 F; recomputing the
 forward, which the kernels do instead of storing activations, is not counted). ``*_roofline_ms`` is the larger of
 bytes / HBM rate and FLOPs / FMA rate, ``*_bound`` names which, ``*_of_roofline`` divides it by the
-``check_ids=False`` kernel time (1.0 = at the hardware's limit), ``*_of_roofline_default`` by the default path's and
-``*_of_roofline_pipelined`` by the pipelined kernels' time per call.
+``check_ids=False`` kernel time (1.0 = at the hardware's limit), ``*_of_roofline_default`` by the default path's,
+``*_of_roofline_pipelined`` by the pipelined kernels' time per call and ``*_of_roofline_graph`` by the graphed ones'.
 """
 
 from __future__ import annotations
@@ -98,6 +100,27 @@ def repeated(fn, k: int):
     def run():
         for _ in range(k):
             fn()
+    return run
+
+
+def graphed(fn, k: int, stream):
+    """``k`` back-to-back calls of ``fn`` captured once in a CUDA graph on ``stream`` and replayed as one op. The
+    captured calls' outputs stay referenced by the op (``op.keep``), so the memory pool never hands their blocks to
+    anyone else while the graph writes them; k warm-up calls first leave k outputs' blocks cached in the pool, so the
+    capture allocates nothing anew."""
+    with stream:
+        warm = [fn() for _ in range(k)]
+        del warm
+        stream.synchronize()
+        stream.begin_capture()
+        try:
+            keep = [fn() for _ in range(k)]
+        finally:
+            graph = stream.end_capture()
+
+    def run():
+        graph.launch(stream)
+    run.keep = keep
     return run
 
 
@@ -237,6 +260,8 @@ def main() -> int:
                     "fused_general": lambda: general(fused_step)}
         fwd_ops["fused_nocheck_pipelined"] = repeated(fwd_ops["fused_nocheck"], ns.pipeline)
         step_ops["fused_nocheck_pipelined"] = repeated(step_ops["fused_nocheck"], ns.pipeline)
+        fwd_ops["fused_nocheck_graph"] = graphed(fwd_ops["fused_nocheck"], ns.pipeline, s)
+        step_ops["fused_nocheck_graph"] = graphed(step_ops["fused_nocheck"], ns.pipeline, s)
         rec = {"B": B, "T": T, "specialized": uses_specialized_kernels(spec), "pipeline": ns.pipeline}
         # correctness on this data before timing
         with s:
@@ -246,6 +271,10 @@ def main() -> int:
                 err = float(cp.linalg.norm(fn() - ref) / cp.linalg.norm(ref))
                 if not err < 1e-4:
                     raise RuntimeError(f"{name} forward differs from the CuPy reference: rel. error {err:.3g}")
+            fwd_ops["fused_nocheck_graph"]()  # a replay writes what an eager call does
+            err = float(cp.linalg.norm(fwd_ops["fused_nocheck_graph"].keep[-1] - ref) / cp.linalg.norm(ref))
+            if not err < 1e-4:
+                raise RuntimeError(f"the graphed forward differs from the CuPy reference: rel. error {err:.3g}")
         ts = None
         if torch is not None:
             ts = torch.cuda.ExternalStream(s.ptr)
@@ -278,7 +307,7 @@ def main() -> int:
         with s, (torch.cuda.stream(ts) if ts is not None else contextlib.nullcontext()):
             fwd_t = time_interleaved(fwd_ops, s, ns.repeats, 3)
             step_t = time_interleaved(step_ops, s, ns.repeats, 3)
-        for name in [n for n in fwd_ops if n.endswith("_pipelined")]:  # per call
+        for name in [n for n in fwd_ops if n.endswith(("_pipelined", "_graph"))]:  # per call
             fwd_t[name] = [v / ns.pipeline for v in fwd_t[name]]
             step_t[name] = [v / ns.pipeline for v in step_t[name]]
         for name in fwd_ops:
@@ -313,6 +342,7 @@ def main() -> int:
             rec[f"{ph}_of_roofline"] = rec[f"{ph}_roofline_ms"] / rec[f"fused_nocheck_{ph}_ms"]
             rec[f"{ph}_of_roofline_default"] = rec[f"{ph}_roofline_ms"] / rec[f"fused_{ph}_ms"]
             rec[f"{ph}_of_roofline_pipelined"] = rec[f"{ph}_roofline_ms"] / rec[f"fused_nocheck_pipelined_{ph}_ms"]
+            rec[f"{ph}_of_roofline_graph"] = rec[f"{ph}_roofline_ms"] / rec[f"fused_nocheck_graph_{ph}_ms"]
         rec["fused_fwd_of_hbm"] = rl["fwd_bytes"] / (rec["fused_nocheck_fwd_ms"] * 1e6) / hbm
         rec["speedup_fwd_vs_cupy"] = rec["cupy_fwd_over_fused"]
         rec["speedup_step_vs_cupy"] = rec["cupy_step_over_fused"]

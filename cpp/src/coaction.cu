@@ -5,6 +5,7 @@
 #include <algorithm>
 #include <cstdlib>
 #include <mutex>
+#include <set>
 
 #include "dwdp/check.h"
 #include "dwdp/coaction.h"
@@ -1125,11 +1126,12 @@ __device__ __forceinline__ float spec_x_at(const float* row, int i) {
 // x^(c+1) (a 16 x 16 tile: rows the behaviours, columns the feed values) times W1_c (16 x 8). fp32 operands enter as
 // fp16 pairs v = hi + lo (hi = fp16(v), lo = fp16(v - hi): 22 significant bits), and three products, lo hi + hi lo +
 // hi hi, accumulate in fp32 (the lo lo term is below 2^-22 of the result, under the 1e-5 the kernels are held to).
-// fp16's range is narrow, so every tile's x and every sample's W1 are scaled by a power of two, undone exactly on the
-// fp32 result: W1's largest magnitude to [16, 32), x's to [16, 32) (up to 3 orders: x^3 < 2^15, below fp16's 65504)
-// or [4, 8) (4 orders). A tile whose largest |x| is outside [2^-20, 2^24), or a sample whose largest |W1| is outside
-// [2^-26, 2^35) (subnormal, infinite and all-NaN operands included; all-zero tiles stay), takes the CUDA-core path
-// instead: the same values by FMAs. Each lane holds rows g and g + 8 of the tile (g = lane / 4) and columns 2q and
+// fp16's range is narrow, so every behaviour's x and every sample's W1 are scaled by a power of two, undone exactly on
+// the fp32 result: W1's largest magnitude to [16, 32), a behaviour's largest |x| to [16, 32) (up to 3 orders: x^3 <
+// 2^15, below fp16's 65504) or [4, 8) (4 orders); each behaviour keeps its own relative precision. A tile with a
+// behaviour whose largest |x| is outside [2^-20, 2^24), or a sample whose largest |W1| is outside [2^-26, 2^35)
+// (subnormal, infinite and all-NaN operands included; all-zero rows stay), takes the CUDA-core path instead: the
+// same values by FMAs. Each lane holds rows g and g + 8 of the tile (g = lane / 4) and columns 2q and
 // 2q + 1 (q = lane % 4) of every order's [16 x 8] result: the mma's own accumulator layout.
 #if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 800
 constexpr bool kSpecTensorCores = true;
@@ -1207,7 +1209,9 @@ __device__ __forceinline__ SpecW1<C, OI> spec_w1_frags(const float* __restrict__
     }
   }
   SpecW1<C, OI> r;
-  r.tc = kSpecTensorCores && spec_scale_exp(warp_max(m), 4, -26, 34, r.sw);
+  m = warp_max(m);
+  r.tc = kSpecTensorCores && (m == 0.f || spec_scale_exp(m, 4, -26, 34, r.sw));  // zeros: a missing row
+  if (m == 0.f) r.sw = 0;
   const float fw = r.tc ? pow2f(r.sw) : 1.f;
 #pragma unroll
   for (int c = 0; c < NB; ++c) {
@@ -1232,17 +1236,25 @@ __device__ __forceinline__ void spec_tile_z(const float* rows, const float* __re
   const float2 xa = spec_x_pair<T>(r0, 2 * q), xb = spec_x_pair<T>(r1, 2 * q);
   const float2 xc = spec_x_pair<T>(r0, 2 * q + 8), xd = spec_x_pair<T>(r1, 2 * q + 8);
   float v[8] = {xa.x, xa.y, xb.x, xb.y, xc.x, xc.y, xd.x, xd.y};
-  float m = 0.f;
+  // each row (behaviour) its own scale: its largest |x| over the 4 lanes that hold it (lanes 4g .. 4g + 3)
+  float m0 = fmaxf(fmaxf(fabsf(v[0]), fabsf(v[1])), fmaxf(fabsf(v[4]), fabsf(v[5])));
+  float m1 = fmaxf(fmaxf(fabsf(v[2]), fabsf(v[3])), fmaxf(fabsf(v[6]), fabsf(v[7])));
 #pragma unroll
-  for (int k = 0; k < 8; ++k) m = fmaxf(m, fabsf(v[k]));
-  m = warp_max(m);
-  int sx = 0;
-  const bool zero = m == 0.f;  // an all-zero tile: x^c = 0 in fp16 too
-  if (wf.tc && (zero || spec_scale_exp(m, C <= 3 ? 4 : 2, -20, 23, sx))) {
-    const float fx = pow2f(sx);
+  for (int o = 1; o < 4; o <<= 1) {
+    m0 = fmaxf(m0, __shfl_xor_sync(0xffffffffu, m0, o));
+    m1 = fmaxf(m1, __shfl_xor_sync(0xffffffffu, m1, o));
+  }
+  constexpr int top = C <= 3 ? 4 : 2;
+  int s0 = 0, s1 = 0;  // an all-zero row (rows past the round included) stays unscaled: x^c = 0 in fp16 too
+  const bool ok0 = m0 == 0.f || spec_scale_exp(m0, top, -20, 23, s0);
+  const bool ok1 = m1 == 0.f || spec_scale_exp(m1, top, -20, 23, s1);
+  if (m0 == 0.f) s0 = 0;
+  if (m1 == 0.f) s1 = 0;
+  if (__all_sync(0xffffffffu, wf.tc && ok0 && ok1)) {
+    const float f0 = pow2f(s0), f1 = pow2f(s1);
     float p[8];
 #pragma unroll
-    for (int k = 0; k < 8; ++k) v[k] *= fx, p[k] = v[k];
+    for (int k = 0; k < 8; ++k) v[k] *= (k & 2) ? f1 : f0, p[k] = v[k];
 #pragma unroll
     for (int c = 0; c < C; ++c) {
       if (c)
@@ -1256,11 +1268,11 @@ __device__ __forceinline__ void spec_tile_z(const float* rows, const float* __re
       mma16816(d, al, wf.hi[cb][0], wf.hi[cb][1]);
       mma16816(d, ah, wf.lo[cb][0], wf.lo[cb][1]);
       mma16816(d, ah, wf.hi[cb][0], wf.hi[cb][1]);
-      const float inv = pow2f(-(wf.sw + (c + 1) * sx));
-      z[c][0] = fmaf(d[0], inv, bz[c][0]);
-      z[c][1] = fmaf(d[1], inv, bz[c][1]);
-      z[c][2] = fmaf(d[2], inv, bz[c][0]);
-      z[c][3] = fmaf(d[3], inv, bz[c][1]);
+      const float i0 = pow2f(-(wf.sw + (c + 1) * s0)), i1 = pow2f(-(wf.sw + (c + 1) * s1));
+      z[c][0] = fmaf(d[0], i0, bz[c][0]);
+      z[c][1] = fmaf(d[1], i0, bz[c][1]);
+      z[c][2] = fmaf(d[2], i1, bz[c][0]);
+      z[c][3] = fmaf(d[3], i1, bz[c][1]);
     }
   } else {  // CUDA cores
 #pragma unroll
@@ -1319,12 +1331,12 @@ __device__ __forceinline__ void spec_store_feed_grad(const Fast& f, float* __res
 }
 
 // Two warps (samples) a block: a block's slot on the SM frees when its slowest sample ends, so small blocks keep the
-// SMs fuller as samples of different lengths finish. Register caps for up to 3 orders: 102 (forward, 10 blocks of 64
-// threads) / 128 (backward, 8 blocks), the bounds Nsight Compute measured best for the first version and again for the
-// pipelined one (at 96 registers the backward spills: 227 us against 148 us; the forward gains nothing at 80).
+// SMs fuller as samples of different lengths finish. Register caps for up to 3 orders: 80 (forward, 12 blocks of 64
+// threads: 6 warps a scheduler; its tensor-core first layer keeps 6 h1 sums a lane, not 24) / 128 (backward, 8
+// blocks; at 96 registers the backward spills: 227 us against 148 us).
 constexpr int kSpecWarps = 2;
 template <int C>
-constexpr int spec_fwd_blocks() { return (C <= 2 ? 6 : 5) * kFastWarps / kSpecWarps; }
+constexpr int spec_fwd_blocks() { return (C <= 3 ? 6 : 5) * kFastWarps / kSpecWarps; }
 template <int C>
 constexpr int spec_bwd_blocks() { return (C <= 3 ? 4 : 3) * kFastWarps / kSpecWarps; }
 
@@ -1771,6 +1783,18 @@ namespace {
 // Dynamic shared memory a kernel may take without raising its attribute.
 constexpr size_t kSmemDefault = 48 * 1024;
 
+// The specialised kernels' blocks are small and many: under the default L1 / shared-memory split their shared memory
+// bounds a SM to 10 blocks (Nsight Compute), below what their registers allow. Each asks once for the largest
+// shared-memory carveout (a per-function hint the driver keeps).
+void prefer_shared(const void* kernel) {
+  static std::mutex mu;
+  static std::set<const void*> done;
+  std::lock_guard<std::mutex> lock(mu);
+  if (done.insert(kernel).second)
+    DWDP_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributePreferredSharedMemoryCarveout,
+                                         cudaSharedmemCarveoutMaxShared));
+}
+
 // The specialised kernel instance for C orders (1-4; spec_shape admits no other).
 template <typename K>
 K spec_pick(int C, K k1, K k2, K k3, K k4) {
@@ -1800,6 +1824,7 @@ void coaction_forward(const CoActionDims& d, int dtype, int B, int T, const CoAc
                                                 spec_forward_kernel<E, 3, true>, spec_forward_kernel<E, 4, true>)
                               : spec_pick(f.C, spec_forward_kernel<E, 1, false>, spec_forward_kernel<E, 2, false>,
                                                  spec_forward_kernel<E, 3, false>, spec_forward_kernel<E, 4, false>);
+      prefer_shared(reinterpret_cast<const void*>(kspec));
       if (ssmem + kFastStatic > kSmemDefault)
         DWDP_CUDA_CHECK(
             cudaFuncSetAttribute(kspec, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(ssmem)));
@@ -1862,6 +1887,7 @@ void coaction_backward(const CoActionDims& d, int dtype, int B, int T, const CoA
                               : spec_pick(f.C, spec_backward_kernel<E, 1, false>,
                                                  spec_backward_kernel<E, 2, false>, spec_backward_kernel<E, 3, false>,
                                                  spec_backward_kernel<E, 4, false>);
+      prefer_shared(reinterpret_cast<const void*>(kspec));
       if (ssmem + kFastStatic > kSmemDefault)
         DWDP_CUDA_CHECK(
             cudaFuncSetAttribute(kspec, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(ssmem)));
