@@ -1336,7 +1336,7 @@ __device__ __forceinline__ void spec_store_feed_grad(const Fast& f, float* __res
 // blocks; at 96 registers the backward spills: 227 us against 148 us).
 constexpr int kSpecWarps = 2;
 template <int C>
-constexpr int spec_fwd_blocks() { return (C <= 3 ? 6 : 5) * kFastWarps / kSpecWarps; }
+constexpr int spec_fwd_blocks() { return (C <= 3 ? 7 : 5) * kFastWarps / kSpecWarps; }
 template <int C>
 constexpr int spec_bwd_blocks() { return (C <= 3 ? 4 : 3) * kFastWarps / kSpecWarps; }
 
@@ -1887,7 +1887,6 @@ void coaction_backward(const CoActionDims& d, int dtype, int B, int T, const CoA
                               : spec_pick(f.C, spec_backward_kernel<E, 1, false>,
                                                  spec_backward_kernel<E, 2, false>, spec_backward_kernel<E, 3, false>,
                                                  spec_backward_kernel<E, 4, false>);
-      prefer_shared(reinterpret_cast<const void*>(kspec));
       if (ssmem + kFastStatic > kSmemDefault)
         DWDP_CUDA_CHECK(
             cudaFuncSetAttribute(kspec, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(ssmem)));
