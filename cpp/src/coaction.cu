@@ -4,9 +4,8 @@
 
 #include <algorithm>
 #include <cstdlib>
-#include <map>
 #include <mutex>
-#include <tuple>
+#include <set>
 
 #include "dwdp/check.h"
 #include "dwdp/coaction.h"
@@ -1332,20 +1331,17 @@ __device__ __forceinline__ void spec_store_feed_grad(const Fast& f, float* __res
 }
 
 // Two warps (samples) a block: a block's slot on the SM frees when its slowest sample ends, so small blocks keep the
-// SMs fuller as samples of different lengths finish. Register caps: forward 80 (12 blocks of 64 threads: 6 warps a
-// scheduler; its tensor-core first layer keeps 6 h1 sums a lane, not 24), 96 for 4 orders or 3 independent ones and
-// 128 for 4 independent ones (the next sample's induction row waits in registers: 15 and 20 a lane); backward 128 for
-// up to 3 orders (8 blocks; at 96 registers it spills: 227 us against 148 us).
+// SMs fuller as samples of different lengths finish. Register caps for up to 3 orders: 80 (forward, 12 blocks of 64
+// threads: 6 warps a scheduler; its tensor-core first layer keeps 6 h1 sums a lane, not 24) / 128 (backward, 8
+// blocks; at 96 registers the backward spills: 227 us against 148 us).
 constexpr int kSpecWarps = 2;
-template <int C, bool OI>
-constexpr int spec_fwd_blocks() {
-  return (OI && C == 4 ? 4 : C <= 3 && !(OI && C == 3) ? 6 : 5) * kFastWarps / kSpecWarps;
-}
+template <int C>
+constexpr int spec_fwd_blocks() { return (C <= 3 ? 7 : 5) * kFastWarps / kSpecWarps; }
 template <int C>
 constexpr int spec_bwd_blocks() { return (C <= 3 ? 4 : 3) * kFastWarps / kSpecWarps; }
 
 template <typename T, int C, bool OI>
-__global__ void __launch_bounds__(kSpecWarps * 32, spec_fwd_blocks<C, OI>()) spec_forward_kernel(
+__global__ void __launch_bounds__(kSpecWarps * 32, spec_fwd_blocks<C>()) spec_forward_kernel(
     Fast f, SpecGeo g, int B, int T_len, CoActionRows rows, const int64_t* __restrict__ ind_ids,
     const T* __restrict__ feed, const int64_t* __restrict__ feed_ids, const float* __restrict__ mask,
     T* __restrict__ out) {
@@ -1353,8 +1349,7 @@ __global__ void __launch_bounds__(kSpecWarps * 32, spec_fwd_blocks<C, OI>()) spe
   constexpr int FRS = spec_frs(sizeof(T));  // g.FRS, as a constant
   extern __shared__ __align__(16) float smem[];
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-  const int stride = gridDim.x * (blockDim.x >> 5);  // the warps stride over the samples
-  int b = blockIdx.x * (blockDim.x >> 5) + warp;
+  const int b = blockIdx.x * (blockDim.x >> 5) + warp;
   if (b >= B) return;  // warps are independent: no block-wide barrier in this kernel
   float* base = smem + static_cast<size_t>(warp) * g.per_warp;
   float* W = base + g.oW;
@@ -1364,13 +1359,11 @@ __global__ void __launch_bounds__(kSpecWarps * 32, spec_fwd_blocks<C, OI>()) spe
   const int buf = 32 * FRS;  // floats between the two feed buffers
   int shard;
   int64_t local;
-  // a sample's induction row and first mask chunks are loaded while the warp's previous sample computes
   float wr[NR];
   spec_load_row(induction_row<T>(rows, ind_ids, b, f.ind_dim, &shard, &local), f.ind_dim, lane, wr);
-  SpecQueue sq = spec_queue(mask + static_cast<size_t>(b) * T_len, T_len, lane);
-  for (; b < B; b += stride) {
   // the pipeline: round a computes from fbuf[cur] while round b's rows arrive in the other buffer
   const float* mrow = mask + static_cast<size_t>(b) * T_len;
+  SpecQueue sq = spec_queue(mrow, T_len, lane);
   int ta, tb;
   int na = spec_next_round(mrow, T_len, q_, sq, lane, &ta);
   int nb = spec_next_round(mrow, T_len, q_, sq, lane, &tb);
@@ -1379,12 +1372,6 @@ __global__ void __launch_bounds__(kSpecWarps * 32, spec_fwd_blocks<C, OI>()) spe
   cp_async_commit();
   // W1 and b1 of every slice pre-scaled for tanh_scaled
   spec_store_row(W, f.ind_dim, lane, wr, kTanhScale, f.wslice, f.woff[1]);
-  const int bn = b + stride;  // the warp's next sample
-  SpecQueue sqn{};
-  if (bn < B) {
-    spec_load_row(induction_row<T>(rows, ind_ids, bn, f.ind_dim, &shard, &local), f.ind_dim, lane, wr);
-    sqn = spec_queue(mask + static_cast<size_t>(bn) * T_len, T_len, lane);
-  }
   const SpecW1<C, OI> wf = spec_w1_frags<C, OI>(W, f.wslice, lane);
   const int tq = lane & 3, tg = lane >> 2;  // this lane's tile column pair and rows
   float bz[C][2], acc[C][2];  // this lane's b1 columns 2q, 2q + 1 of every order; its h1 sums (rows g, g + 8)
@@ -1442,9 +1429,6 @@ __global__ void __launch_bounds__(kSpecWarps * 32, spec_fwd_blocks<C, OI>()) spe
 #pragma unroll
     for (int i = 0; i < N1; ++i) v = fmaf(hs[c * N1 + i], w2[i * N2 + m], v);
     st(o, c * S + N1 + m, v);
-  }
-  sq = sqn;
-  __syncwarp();  // W, hs and the queue are the next sample's
   }
 }
 
@@ -1799,25 +1783,16 @@ namespace {
 // Dynamic shared memory a kernel may take without raising its attribute.
 constexpr size_t kSmemDefault = 48 * 1024;
 
-// How many blocks of `kernel` (threads, dynamic shared memory smem) the current device keeps resident at once, once
-// asked for the largest shared-memory carveout: the specialised forward's blocks are small and many, and under the
-// default L1 / shared-memory split its shared memory bounds a SM to 10 blocks (Nsight Compute), below what its
-// registers allow. Cached per kernel, size and device.
-int resident_blocks(const void* kernel, int threads, size_t smem) {
+// The specialised kernels' blocks are small and many: under the default L1 / shared-memory split their shared memory
+// bounds a SM to 10 blocks (Nsight Compute), below what their registers allow. Each asks once for the largest
+// shared-memory carveout (a per-function hint the driver keeps).
+void prefer_shared(const void* kernel) {
   static std::mutex mu;
-  static std::map<std::tuple<const void*, size_t, int>, int> cache;
-  int dev = 0;
-  DWDP_CUDA_CHECK(cudaGetDevice(&dev));
+  static std::set<const void*> done;
   std::lock_guard<std::mutex> lock(mu);
-  const auto key = std::make_tuple(kernel, smem, dev);
-  const auto it = cache.find(key);
-  if (it != cache.end()) return it->second;
-  DWDP_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributePreferredSharedMemoryCarveout,
-                                       cudaSharedmemCarveoutMaxShared));
-  int per_sm = 0, sms = 0;
-  DWDP_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, threads, smem));
-  DWDP_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev));
-  return cache[key] = std::max(1, per_sm * sms);
+  if (done.insert(kernel).second)
+    DWDP_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributePreferredSharedMemoryCarveout,
+                                         cudaSharedmemCarveoutMaxShared));
 }
 
 // The specialised kernel instance for C orders (1-4; spec_shape admits no other).
@@ -1849,13 +1824,13 @@ void coaction_forward(const CoActionDims& d, int dtype, int B, int T, const CoAc
                                                 spec_forward_kernel<E, 3, true>, spec_forward_kernel<E, 4, true>)
                               : spec_pick(f.C, spec_forward_kernel<E, 1, false>, spec_forward_kernel<E, 2, false>,
                                                  spec_forward_kernel<E, 3, false>, spec_forward_kernel<E, 4, false>);
+      prefer_shared(reinterpret_cast<const void*>(kspec));
       if (ssmem + kFastStatic > kSmemDefault)
         DWDP_CUDA_CHECK(
             cudaFuncSetAttribute(kspec, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(ssmem)));
-      const int resident = resident_blocks(reinterpret_cast<const void*>(kspec), swarps * 32, ssmem);
       if (B == 0 || T == 0) return;
-      const int grid = std::min((B + swarps - 1) / swarps, resident);  // its warps stride over the samples
-      kspec<<<grid, swarps * 32, ssmem, s>>>(f, make_spec_geo(f, false, sizeof(E)), B, T, rows, ids, fd, fids, mk, o);
+      kspec<<<(B + swarps - 1) / swarps, swarps * 32, ssmem, s>>>(f, make_spec_geo(f, false, sizeof(E)), B, T, rows, ids, fd,
+                                                                  fids, mk, o);
       DWDP_LAUNCH_CHECK();
       return;
     }
