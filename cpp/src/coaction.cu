@@ -1331,18 +1331,17 @@ __device__ __forceinline__ void spec_store_feed_grad(const Fast& f, float* __res
 }
 
 // Two warps (samples) a block: a block's slot on the SM frees when its slowest sample ends, so small blocks keep the
-// SMs fuller as samples of different lengths finish. Register caps: forward 64 for up to 3 orders (16 blocks of 64
-// threads, 8 warps a scheduler: its tensor-core first layer keeps 6 h1 sums a lane, not 24; 72 for 3 independent
-// orders, 96 for 4, no spills), backward 128 for up to 3 orders (8 blocks; at 96 registers it spills: 227 us against
-// 148 us).
+// SMs fuller as samples of different lengths finish. Register caps for up to 3 orders: 80 (forward, 12 blocks of 64
+// threads: 6 warps a scheduler; its tensor-core first layer keeps 6 h1 sums a lane, not 24) / 128 (backward, 8
+// blocks; at 96 registers the backward spills: 227 us against 148 us).
 constexpr int kSpecWarps = 2;
-template <int C, bool OI>
-constexpr int spec_fwd_blocks() { return (C <= 3 ? (OI && C == 3 ? 7 : 8) : 5) * kFastWarps / kSpecWarps; }
+template <int C>
+constexpr int spec_fwd_blocks() { return (C <= 3 ? 7 : 5) * kFastWarps / kSpecWarps; }
 template <int C>
 constexpr int spec_bwd_blocks() { return (C <= 3 ? 4 : 3) * kFastWarps / kSpecWarps; }
 
 template <typename T, int C, bool OI>
-__global__ void __launch_bounds__(kSpecWarps * 32, spec_fwd_blocks<C, OI>()) spec_forward_kernel(
+__global__ void __launch_bounds__(kSpecWarps * 32, spec_fwd_blocks<C>()) spec_forward_kernel(
     Fast f, SpecGeo g, int B, int T_len, CoActionRows rows, const int64_t* __restrict__ ind_ids,
     const T* __restrict__ feed, const int64_t* __restrict__ feed_ids, const float* __restrict__ mask,
     T* __restrict__ out) {
