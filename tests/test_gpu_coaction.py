@@ -453,3 +453,33 @@ def test_a_nan_weight_stays_in_its_own_column(T):
     assert np.array_equal(np.isnan(out), np.isnan(want))
     ok = ~np.isnan(want)
     assert rel(out[ok], want[ok]) <= 1e-5
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize(
+    "feed_scale, ind_scale, where",
+    [
+        (1e-7, 1.0, "all"),  # every behaviour's largest |x| below 2^-20
+        (1e-7, 1.0, "one"),  # one such behaviour a sample: its tiles on the CUDA cores, the rest on the tensor cores
+        (3e7, 1e-7, "all"),  # |x| above 2^24 (W1 in range: only the tiles fall back)
+        (1.0, 1e-9, "all"),  # W1 below 2^-26: the sample's every tile on the CUDA cores
+        (1.0, 1e12, "all"),  # W1 above 2^35
+    ],
+    ids=["x-small", "x-small-one", "x-large", "w1-small", "w1-large"],
+)
+def test_operands_out_of_fp16_range_take_the_cuda_core_first_layer(feed_scale, ind_scale, where):
+    """The specialised forward runs the first layer on the tensor cores in split fp16, each behaviour's x and each
+    sample's W1 scaled by a power of two into fp16's range; a tile with a behaviour outside the scalable range, or a
+    sample whose W1 is, takes the CUDA-core path. Outputs and gradients within 1e-5 of the float64 reference there
+    too, and in tiles next to such a behaviour."""
+    from dwdp_ops.coaction.fused import uses_specialized_kernels
+
+    spec = CoActionSpec()
+    assert uses_specialized_kernels(spec)
+    ind, feed, mask, g = inputs(spec, 40, 45, 21)
+    if where == "all":
+        feed = feed * feed_scale
+    else:
+        feed[:, 3] *= feed_scale
+    got, want = run_both(spec, (ind * ind_scale).astype(np.float32), feed.astype(np.float32), mask, g)
+    assert_close(got, want, 1e-5)
