@@ -854,7 +854,8 @@ __global__ void __launch_bounds__(kFastWarps * 32) fast_backward_kernel(Fast f, 
 //    h1 = tanh(x^c W1) is computed; the second layer runs once per sample;
 //  - every order reads the same feed row, so one pass over its 16 values forms x^c for every order and all C x 8
 //    first-layer sums at once (C x 8 independent FMA chains; with shared weights each 16-byte weight broadcast
-//    feeds every order);
+//    feeds every order); the forward instead takes the round's rows 16 at a time through the tensor cores (split
+//    fp16, see spec_tile_z) and keeps its h1 sums in the mma's accumulator layout;
 //  - backward, dz of the last layer is the sample's grad_out block for every behaviour, so the first layer's
 //    upstream gradient u_c = G1_c + W2_c G2_c is one vector per (sample, order), W2's gradient is (sum of h1) x G2_c,
 //    and only W1's gradient needs per-behaviour outer products: each lane owns one 1 x 4 tile of W1 in every order
