@@ -104,10 +104,11 @@ def repeated(fn, k: int):
 
 
 def graphed(fn, k: int, stream):
-    """``k`` back-to-back calls of ``fn`` captured once in a CUDA graph on ``stream`` and replayed as one op. The
-    captured calls' outputs stay referenced by the op (``op.keep``), so the memory pool never hands their blocks to
-    anyone else while the graph writes them; k warm-up calls first leave k outputs' blocks cached in the pool, so the
-    capture allocates nothing anew."""
+    """``k`` back-to-back calls of ``fn`` captured once in a CUDA graph on ``stream`` and replayed as one op. ``fn``
+    must return every array it allocates (a tuple for several): they stay referenced by the op (``op.keep``), so the
+    memory pool never hands their blocks to anyone else while the graph writes them (a block freed during capture
+    goes back to the pool and would be overwritten by every replay); k warm-up calls first leave k calls' blocks
+    cached in the pool, so the capture allocates nothing anew."""
     with stream:
         warm = [fn() for _ in range(k)]
         del warm
@@ -230,10 +231,12 @@ def main() -> int:
                                         check_ids=check)
 
         def fused_step(check=True):
-            # the ids are checked once a step, by the forward, as the autograd op does (its backward reuses them)
-            fused_fwd(check)
-            return coaction_backward_gpu(table, ftable, mask, g, spec, ind_ids=ids, feed_ids=fids, stream=s,
-                                         check_ids=False)
+            # the ids are checked once a step, by the forward, as the autograd op does (its backward reuses them);
+            # returns every array the step allocates (the graphed variant keeps them referenced)
+            out = fused_fwd(check)
+            gi, gf = coaction_backward_gpu(table, ftable, mask, g, spec, ind_ids=ids, feed_ids=fids, stream=s,
+                                           check_ids=False)
+            return out, gi, gf
 
         def cupy_fwd():
             return coaction_forward(table[ids], ftable[fids], mask, spec)
@@ -271,10 +274,19 @@ def main() -> int:
                 err = float(cp.linalg.norm(fn() - ref) / cp.linalg.norm(ref))
                 if not err < 1e-4:
                     raise RuntimeError(f"{name} forward differs from the CuPy reference: rel. error {err:.3g}")
-            fwd_ops["fused_nocheck_graph"]()  # a replay writes what an eager call does
-            err = float(cp.linalg.norm(fwd_ops["fused_nocheck_graph"].keep[-1] - ref) / cp.linalg.norm(ref))
-            if not err < 1e-4:
-                raise RuntimeError(f"the graphed forward differs from the CuPy reference: rel. error {err:.3g}")
+            # a replay writes what an eager call does: every captured output poisoned first, then compared
+            want_step = fused_step(False)
+            for name, ops, want in (("forward", fwd_ops, (ref,)), ("step", step_ops, want_step)):
+                op = ops["fused_nocheck_graph"]
+                outs = [a for kept in op.keep for a in (kept if isinstance(kept, tuple) else (kept,))]
+                for a in outs:
+                    a.fill(np.nan)
+                op()
+                for i, a in enumerate(outs):
+                    w = want[i % len(want)]
+                    err = float(cp.linalg.norm(a - w) / cp.linalg.norm(w))
+                    if not err < 1e-4:
+                        raise RuntimeError(f"the graphed {name} differs from the eager one: rel. error {err:.3g}")
         ts = None
         if torch is not None:
             ts = torch.cuda.ExternalStream(s.ptr)

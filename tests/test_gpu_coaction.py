@@ -435,11 +435,11 @@ def test_unaligned_feed_rows_take_the_scalar_loads():
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("T", [10, 45], ids=["short-round-only", "full-and-short-rounds"])
+@pytest.mark.parametrize("T", [10, 45], ids=["one-tile", "full-rounds-and-tiles"])
 def test_a_nan_weight_stays_in_its_own_column(T):
     """A NaN in one first-layer weight (W1[0][1] of sample 0, shared by every order) makes that neuron's pooled sums
-    and the second layer NaN for that sample and nothing else: in a sample's short last round (two lanes a behaviour,
-    each half the neurons) as in full rounds, the same NaN pattern as the float64 reference, the finite values
+    and the second layer NaN for that sample and nothing else: in a round of one 16-row tensor-core tile (rows past
+    the round included) as in full rounds of two, the same NaN pattern as the float64 reference, the finite values
     within 1e-5."""
     import cupy as cp
     from dwdp_ops.coaction import coaction_forward_gpu

@@ -1125,15 +1125,19 @@ __device__ __forceinline__ float spec_x_at(const float* row, int i) {
 
 // The first layer on the tensor cores. 16 behaviours at a time, order c's pre-activations are one mma.sync m16n8k16:
 // x^(c+1) (a 16 x 16 tile: rows the behaviours, columns the feed values) times W1_c (16 x 8). fp32 operands enter as
-// fp16 pairs v = hi + lo (hi = fp16(v), lo = fp16(v - hi): 22 significant bits), and three products, lo hi + hi lo +
-// hi hi, accumulate in fp32 (the lo lo term is below 2^-22 of the result, under the 1e-5 the kernels are held to).
+// fp16 pairs v = hi + lo (hi = fp16(v), lo = fp16(v - hi)), and three products, lo hi + hi lo + hi hi, accumulate in
+// fp32 (the dropped lo lo term is ~2^-22 of its product; the tensor cores' fp32 accumulation truncates).
 // fp16's range is narrow, so every behaviour's x and every sample's W1 are scaled by a power of two, undone exactly on
 // the fp32 result: W1's largest magnitude to [16, 32), a behaviour's largest |x| to [16, 32) (up to 3 orders: x^3 <
-// 2^15, below fp16's 65504) or [4, 8) (4 orders); each behaviour keeps its own relative precision. A tile with a
-// behaviour whose largest |x| is outside [2^-20, 2^24), or a sample whose largest |W1| is outside [2^-26, 2^35)
-// (subnormal, infinite and all-NaN operands included; all-zero rows stay), takes the CUDA-core path instead: the
-// same values by FMAs. Each lane holds rows g and g + 8 of the tile (g = lane / 4) and columns 2q and
-// 2q + 1 (q = lane % 4) of every order's [16 x 8] result: the mma's own accumulator layout.
+// 2^15, below fp16's 65504) or [4, 8) (4 orders). A tile with a behaviour whose largest |x| is outside [2^-20, 2^24),
+// or a sample whose largest |W1| is outside [2^-26, 2^35) (subnormal and infinite maxima included; all-zero rows
+// stay; NaNs are skipped by the maxima and propagate in their own row or column), takes the CUDA-core path instead:
+// the same values by FMAs. Precision: an element within 2^8 of its row's (x) or its sample's (W1) largest keeps ~22
+// significant bits; smaller ones lose them to fp16's subnormal range (an absolute ~2^-25 of the scale). On ordinary
+// data that is ~3e-7 of the largest term of a sum, but a W1 with one outlier weight far above the rest (3e4 x in a
+// numpy model of this path) leaves the other columns ~4e-5 relative accuracy: one scale per sample, not per column.
+// Each lane holds rows g and g + 8 of the tile (g = lane / 4) and columns 2q and 2q + 1 (q = lane % 4) of every
+// order's [16 x 8] result: the mma's own accumulator layout.
 #if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 800
 constexpr bool kSpecTensorCores = true;
 #else
@@ -1332,9 +1336,9 @@ __device__ __forceinline__ void spec_store_feed_grad(const Fast& f, float* __res
 }
 
 // Two warps (samples) a block: a block's slot on the SM frees when its slowest sample ends, so small blocks keep the
-// SMs fuller as samples of different lengths finish. Register caps for up to 3 orders: 80 (forward, 12 blocks of 64
-// threads: 6 warps a scheduler; its tensor-core first layer keeps 6 h1 sums a lane, not 24) / 128 (backward, 8
-// blocks; at 96 registers the backward spills: 227 us against 148 us).
+// SMs fuller as samples of different lengths finish. Register caps for up to 3 orders: 72 (forward, 14 blocks of 64
+// threads, 7 warps a scheduler: its tensor-core first layer keeps 6 h1 sums a lane, not 24; 16 blocks at 64 registers
+// measured slower) / 128 (backward, 8 blocks; at 96 registers the backward spills: 227 us against 148 us).
 constexpr int kSpecWarps = 2;
 template <int C>
 constexpr int spec_fwd_blocks() { return (C <= 3 ? 7 : 5) * kFastWarps / kSpecWarps; }
@@ -1392,7 +1396,7 @@ __global__ void __launch_bounds__(kSpecWarps * 32, spec_fwd_blocks<C>()) spec_fo
     cp_async_wait<1>();
     __syncwarp();  // the tiles read every lane's row
     valid += na;
-    for (int r0 = 0; r0 < na; r0 += 16) {  // 16-row tiles; rows past na are zeros, their h1 selected away
+    for (int r0 = 0; r0 < na; r0 += 16) {  // 16-row tiles; rows past na are zeros, their h1 multiplied by 0
       float z[C][4];
       spec_tile_z<T, C, OI>(fbuf + cur * buf + r0 * FRS, W, f.wslice, wf, bz, lane, z);
       const float v0 = r0 + tg < na ? 1.f : 0.f, v1 = r0 + tg + 8 < na ? 1.f : 0.f;
@@ -1784,9 +1788,11 @@ namespace {
 // Dynamic shared memory a kernel may take without raising its attribute.
 constexpr size_t kSmemDefault = 48 * 1024;
 
-// The specialised kernels' blocks are small and many: under the default L1 / shared-memory split their shared memory
-// bounds a SM to 10 blocks (Nsight Compute), below what their registers allow. Each asks once for the largest
-// shared-memory carveout (a per-function hint the driver keeps).
+// The specialised forward's blocks are small and many: under the default L1 / shared-memory split its shared memory
+// bounds a SM to 10 blocks (Nsight Compute), below what its registers allow, so it asks once per process for the
+// largest shared-memory carveout (a per-function hint, set on the device current at the first call: other devices
+// of the process keep the default split, which costs occupancy, not results). The backward keeps the default: with
+// the largest carveout (less L1) it ran 14 % slower.
 void prefer_shared(const void* kernel) {
   static std::mutex mu;
   static std::set<const void*> done;
