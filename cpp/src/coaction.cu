@@ -1127,15 +1127,16 @@ __device__ __forceinline__ float spec_x_at(const float* row, int i) {
 // x^(c+1) (a 16 x 16 tile: rows the behaviours, columns the feed values) times W1_c (16 x 8). fp32 operands enter as
 // fp16 pairs v = hi + lo (hi = fp16(v), lo = fp16(v - hi)), and three products, lo hi + hi lo + hi hi, accumulate in
 // fp32 (the dropped lo lo term is ~2^-22 of its product; the tensor cores' fp32 accumulation truncates).
-// fp16's range is narrow, so every behaviour's x and every sample's W1 are scaled by a power of two, undone exactly on
-// the fp32 result: W1's largest magnitude to [16, 32), a behaviour's largest |x| to [16, 32) (up to 3 orders: x^3 <
-// 2^15, below fp16's 65504) or [4, 8) (4 orders). A tile with a behaviour whose largest |x| is outside [2^-20, 2^24),
-// or a sample whose largest |W1| is outside [2^-26, 2^35) (subnormal and infinite maxima included; all-zero rows
-// stay; NaNs are skipped by the maxima and propagate in their own row or column), takes the CUDA-core path instead:
-// the same values by FMAs. Precision: an element within 2^8 of its row's (x) or its sample's (W1) largest keeps ~22
-// significant bits; smaller ones lose them to fp16's subnormal range (an absolute ~2^-25 of the scale). On ordinary
-// data that is ~3e-7 of the largest term of a sum, but a W1 with one outlier weight far above the rest (3e4 x in a
-// numpy model of this path) leaves the other columns ~4e-5 relative accuracy: one scale per sample, not per column.
+// fp16's range is narrow, so every behaviour's x and every column of a sample's W1 are scaled by a power of two,
+// undone exactly on the fp32 result: a W1 column's largest magnitude to [16, 32), a behaviour's largest |x| to
+// [16, 32) (up to 3 orders: x^3 < 2^15, below fp16's 65504) or [4, 8) (4 orders). A tile with a behaviour whose
+// largest |x| is outside [2^-20, 2^24), or a sample with a W1 column whose largest |W1| is outside [2^-26, 2^35)
+// (subnormal and infinite maxima included; all-zero rows and columns stay; NaNs are skipped by the maxima and
+// propagate in their own row or column), takes the CUDA-core path instead: the same values by FMAs. Precision: an
+// element within 2^8 of its row's (x) or its column's (W1) largest keeps ~22 significant bits; smaller ones lose them
+// to fp16's subnormal range (an absolute ~2^-25 of the scale): ~3e-7 of the largest term of a sum on ordinary data.
+// The scale is per column, so an outlier weight costs only its own column (whose sum it dominates): with one scale a
+// sample, a weight 3e4 x above the rest had left the other columns ~4e-5 relative accuracy.
 // Each lane holds rows g and g + 8 of the tile (g = lane / 4) and columns 2q and 2q + 1 (q = lane % 4) of every
 // order's [16 x 8] result: the mma's own accumulator layout.
 #if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 800
@@ -1190,11 +1191,14 @@ __device__ __forceinline__ float2 spec_x_pair(const float* row, int i) {
 }
 
 // A sample's W1 as this lane's B fragments (column g, rows 2q, 2q + 1, 2q + 8, 2q + 9 of each [16 x 8] W1_c; one for
-// all orders without order independence), scaled by 2^sw, and whether the tensor cores may take it.
+// all orders without order independence), each column scaled by its own power of two (its largest magnitude to
+// [16, 32): a column's precision does not depend on the other columns' weights), and whether the tensor cores may
+// take it: every column's largest |W1| in [2^-26, 2^35) or zero. sw: the exponents of the scales of this lane's
+// output columns 2q and 2q + 1 (the accumulator layout), to undo on the result.
 template <int C, bool OI>
 struct SpecW1 {
   unsigned hi[OI ? C : 1][2], lo[OI ? C : 1][2];
-  int sw;
+  int sw[OI ? C : 1][2];
   bool tc;
 };
 
@@ -1202,27 +1206,29 @@ template <int C, bool OI>
 __device__ __forceinline__ SpecW1<C, OI> spec_w1_frags(const float* __restrict__ W, int ws, int lane) {
   constexpr int NB = OI ? C : 1, N1 = kSpecN1;
   const int g = lane >> 2, q = lane & 3;
-  float w[NB][4];
-  float m = 0.f;
+  SpecW1<C, OI> r;
+  bool ok = kSpecTensorCores;
 #pragma unroll
   for (int c = 0; c < NB; ++c) {
     const float* w1 = W + c * ws;
+    float w[4], m = 0.f;
 #pragma unroll
     for (int k = 0; k < 4; ++k) {
-      w[c][k] = w1[(2 * q + (k & 1) + 8 * (k >> 1)) * N1 + g];
-      m = fmaxf(m, fabsf(w[c][k]));
+      w[k] = w1[(2 * q + (k & 1) + 8 * (k >> 1)) * N1 + g];
+      m = fmaxf(m, fabsf(w[k]));
     }
+    m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, 1));  // column g's largest: the 4 lanes that hold it
+    m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, 2));
+    int s = 0;
+    ok &= m == 0.f || spec_scale_exp(m, 4, -26, 34, s);  // zeros: a missing row
+    if (m == 0.f || !ok) s = 0;
+    const float fw = pow2f(s);
+    split_h2(w[0] * fw, w[1] * fw, r.hi[c][0], r.lo[c][0]);
+    split_h2(w[2] * fw, w[3] * fw, r.hi[c][1], r.lo[c][1]);
+    r.sw[c][0] = __shfl_sync(0xffffffffu, s, 8 * q);  // column 2q's scale (held by lanes 4 (2q) ..)
+    r.sw[c][1] = __shfl_sync(0xffffffffu, s, 8 * q + 4);
   }
-  SpecW1<C, OI> r;
-  m = warp_max(m);
-  r.tc = kSpecTensorCores && (m == 0.f || spec_scale_exp(m, 4, -26, 34, r.sw));  // zeros: a missing row
-  if (m == 0.f) r.sw = 0;
-  const float fw = r.tc ? pow2f(r.sw) : 1.f;
-#pragma unroll
-  for (int c = 0; c < NB; ++c) {
-    split_h2(w[c][0] * fw, w[c][1] * fw, r.hi[c][0], r.lo[c][0]);
-    split_h2(w[c][2] * fw, w[c][3] * fw, r.hi[c][1], r.lo[c][1]);
-  }
+  r.tc = __all_sync(0xffffffffu, ok);
   return r;
 }
 
@@ -1273,11 +1279,11 @@ __device__ __forceinline__ void spec_tile_z(const float* rows, const float* __re
       mma16816(d, al, wf.hi[cb][0], wf.hi[cb][1]);
       mma16816(d, ah, wf.lo[cb][0], wf.lo[cb][1]);
       mma16816(d, ah, wf.hi[cb][0], wf.hi[cb][1]);
-      const float i0 = pow2f(-(wf.sw + (c + 1) * s0)), i1 = pow2f(-(wf.sw + (c + 1) * s1));
-      z[c][0] = fmaf(d[0], i0, bz[c][0]);
-      z[c][1] = fmaf(d[1], i0, bz[c][1]);
-      z[c][2] = fmaf(d[2], i1, bz[c][0]);
-      z[c][3] = fmaf(d[3], i1, bz[c][1]);
+      const int e0 = (c + 1) * s0, e1 = (c + 1) * s1, w0 = wf.sw[cb][0], w1 = wf.sw[cb][1];
+      z[c][0] = fmaf(d[0], pow2f(-(w0 + e0)), bz[c][0]);
+      z[c][1] = fmaf(d[1], pow2f(-(w1 + e0)), bz[c][1]);
+      z[c][2] = fmaf(d[2], pow2f(-(w0 + e1)), bz[c][0]);
+      z[c][3] = fmaf(d[3], pow2f(-(w1 + e1)), bz[c][1]);
     }
   } else {  // CUDA cores
 #pragma unroll
