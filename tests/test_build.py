@@ -112,6 +112,10 @@ def test_can_train_cli_runs(tmp_path):
 
     res = json.loads((tmp_path / "r.json").read_text())["results"]
     assert 0.0 <= res["can"]["test_auc"] <= 1.0
+    for r in res.values():  # the measured step time per batch: one figure a step, inside the run's wall time
+        steps = r["curve"][0]["step_ms"]
+        assert r["steps"] == len(steps) == -(-480 // 128) and all(t > 0 for t in steps)
+        assert min(steps) <= r["step_ms_median"] <= max(steps) and sum(steps) < 1e3 * r["seconds"]
 
 
 def test_console_scripts_are_installed():
