@@ -1147,12 +1147,6 @@ constexpr bool kSpecTensorCores = false;
 
 __device__ __forceinline__ float pow2f(int e) { return __int_as_float((e + 127) << 23); }  // e in [-126, 127]
 
-__device__ __forceinline__ float warp_max(float v) {
-#pragma unroll
-  for (int o = 16; o; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
-  return v;
-}
-
 // The exponent s that puts m 2^s in [2^top, 2^(top + 1)) for a warp's largest magnitude m >= 0, if m's exponent is
 // in [lo, hi] (false otherwise: zero, subnormal, inf or NaN included).
 __device__ __forceinline__ bool spec_scale_exp(float m, int top, int lo, int hi, int& s) {
