@@ -33,10 +33,11 @@ from .can_data import load_amazon_books, split, synthetic
 
 def train(model: CanModel, train_set, test_set, epochs: int, batch_size: int, seed: int, progress: bool = True):
     """Trains ``epochs`` passes of shuffled ``batch_size`` batches; returns one record per epoch (mean train loss,
-    test AUC, every step's loss, and ``step_ms``: every step's wall-clock milliseconds, from the batch in hand to its
-    loss on the host, which waits for the device: the step time per batch, without the batching, the evaluation
-    or the model's construction). Raises ValueError for ``epochs`` or ``batch_size`` < 1 and FloatingPointError,
-    naming the epoch and step, when a loss is not finite."""
+    test AUC, every step's loss, and ``step_ms``: every step's wall-clock milliseconds, from the batch in hand to the
+    return of ``train_step``). On the GPU the loss reaches the host before the step's backward and update are done,
+    so a step's time holds the previous step's tail instead of its own: in steady state (the median) that is the
+    step time per batch, without the batching, the evaluation or the model's construction. Raises ValueError for
+    ``epochs`` or ``batch_size`` < 1 and FloatingPointError, naming the epoch and step, when a loss is not finite."""
     for name, v in (("epochs", epochs), ("batch_size", batch_size)):
         if not isinstance(v, int) or isinstance(v, bool) or v < 1:
             raise ValueError(f"{name} must be an integer >= 1, got {v!r}")
@@ -149,7 +150,7 @@ def main(argv: list[str] | None = None, prog: str = "dwdp-can-train") -> int:
     train_set, test_set, tables = _load(ap, ns)
     results = {}
     for name in (["can", "dnn"] if ns.model == "both" else [ns.model]):
-        t0 = time.time()
+        t0 = time.perf_counter()
         model = CanModel(CanConfig(tables, use_coaction=name == "can", lr=ns.lr, seed=ns.seed, device=device))
         try:
             curve = train(model, train_set, test_set, ns.epochs, ns.batch_size, ns.seed, progress=not ns.quiet)
@@ -157,7 +158,7 @@ def main(argv: list[str] | None = None, prog: str = "dwdp-can-train") -> int:
             ap.exit(1, f"{ap.prog}: error: {name}: {e}\n")
         steps = [t for c in curve for t in c["step_ms"]]
         # the median step: robust to the first steps' one-time work (kernel compilation, allocator warm-up)
-        results[name] = {"curve": curve, "test_auc": curve[-1]["test_auc"], "seconds": time.time() - t0,
+        results[name] = {"curve": curve, "test_auc": curve[-1]["test_auc"], "seconds": time.perf_counter() - t0,
                          "step_ms_median": float(np.median(steps)), "steps": len(steps), "device": device}
         for c in curve:
             print(f"{name} ({device}): epoch {c['epoch']} train loss {c['train_loss']:.4f} "
