@@ -16,9 +16,10 @@
 // 16-byte atomics where D allows.
 //
 // Specialised path (the CAN reference shape, D = 16, 16 -> 8 -> 4, linear last layer, 1-4 orders): the fast path's
-// organisation with every width and the order count compile-time constants, all orders' first-layer sums from one
-// pass over a feed row, the linear last layer once per sample from the pooled h1, and, backward, only the first
-// layer's weight gradient from per-behaviour outer products (register tiles over a sample's rounds).
+// organisation with every width and the order count compile-time constants, the forward's first layer on the tensor
+// cores (split fp16, 16 behaviours a tile; the backward's from one pass over a feed row for all orders), the linear
+// last layer once per sample from the pooled h1, and, backward, only the first layer's weight gradient from
+// per-behaviour outer products (register tiles over a sample's rounds).
 //
 // Fallback (wider layers): one warp per sample, 32 behaviours at a time, every lane's activations in a
 // shared-memory column, warp column sums (the original kernels). No kernel spin-waits.
