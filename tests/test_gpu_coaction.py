@@ -319,6 +319,110 @@ def test_id_check_names_the_bad_array():
     coaction_forward_gpu(table, ftable, mask, spec, ind_ids=ids, feed_ids=fids + 6)  # the last rows are fine
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("which", ["specialized", "fast", "fallback"])
+def test_unchecked_bad_ids_never_leave_the_tables(which):
+    """``check_ids=False`` with ids far outside the tables (negative, past the end, 2^40): every kernel family stays
+    inside them, as its contract says: an induction id outside the table is a zero row whose gradient goes nowhere, a
+    feed id outside it is row 0 (read forward, added into backward). Checked exactly against the float64 reference on
+    those substitutions, then the context is still healthy (a checked call afterwards)."""
+    import cupy as cp
+    from dwdp_ops.coaction import coaction_backward_gpu, coaction_forward_gpu
+    from dwdp_ops.coaction.fused import uses_fast_kernels, uses_specialized_kernels
+
+    spec = {"specialized": CoActionSpec(), "fast": CoActionSpec(((6, 5), (5, 4)), orders=2, bias=True),
+            "fallback": _fallback_spec(64)}[which]
+    assert uses_specialized_kernels(spec) == (which == "specialized")
+    assert uses_fast_kernels(spec) == (which != "fallback")
+    rng = np.random.default_rng(17)
+    B, T, rows, frows = 24, 70, 30, 20
+    table = (rng.normal(0, 1.0, (rows, spec.induction_dim)) / np.sqrt(spec.feed_dim)).astype(np.float32)
+    ftable = rng.normal(0, 0.6, (frows, spec.feed_dim)).astype(np.float32)
+    ids = rng.integers(0, rows, B)
+    fids = rng.integers(0, frows, (B, T))
+    ids[[1, 5, 9]] = [-1, rows, 1 << 40]
+    fids[2, :7] = [-1, frows, 1 << 40, -(1 << 40), frows + 3, -5, 1 << 62]
+    fids[7, 3] = -1
+    mask = (rng.random((B, T)) < 0.8).astype(np.float32)
+    mask[2, :7] = 1.0
+    mask[7, 3] = 1.0
+    g = rng.normal(size=(B, spec.out_dim)).astype(np.float32)
+    good = (ids >= 0) & (ids < rows)
+    ind_rows = np.where(good[:, None], table[np.where(good, ids, 0)], 0.0)  # a bad induction id: a zero row
+    fsub = np.where((fids >= 0) & (fids < frows), fids, 0)  # a bad feed id: row 0
+    args = (cp.asarray(table), cp.asarray(ftable), cp.asarray(mask), spec)
+    kw = dict(ind_ids=cp.asarray(ids), feed_ids=cp.asarray(fids), check_ids=False)
+    out = coaction_forward_gpu(*args, **kw).get()
+    want = coaction_forward(ind_rows.astype(np.float64), ftable[fsub].astype(np.float64), mask, spec)
+    assert rel(out, want) <= 1e-5
+    gi, gf = coaction_backward_gpu(*args[:3], cp.asarray(g), spec, **kw)
+    ri, rf = coaction_backward(ind_rows.astype(np.float64), ftable[fsub].astype(np.float64), mask,
+                               g.astype(np.float64), spec)
+    wi, wf = np.zeros(table.shape), np.zeros(ftable.shape)
+    np.add.at(wi, ids[good], ri[good])
+    np.add.at(wf, fsub, rf)
+    assert rel(gi.get(), wi) <= 1e-5 and rel(gf.get(), wf) <= 1e-5
+    with pytest.raises(ValueError, match=r"ind_ids must be in \[0, 30\)"):
+        coaction_forward_gpu(*args, ind_ids=cp.asarray(ids), feed_ids=cp.asarray(fsub))
+    with pytest.raises(ValueError, match=r"feed_ids must be in \[0, 20\)"):
+        coaction_forward_gpu(*args, ind_ids=cp.asarray(np.where(good, ids, 0)), feed_ids=cp.asarray(fids))
+    ok = coaction_forward_gpu(*args, ind_ids=cp.asarray(np.where(good, ids, 0)), feed_ids=cp.asarray(fsub))
+    cp.cuda.Device().synchronize()
+    assert np.isfinite(ok.get()).all()
+
+
+@pytest.mark.gpu
+def test_id_check_sees_ids_written_on_the_stream_just_before():
+    """The forward's check runs on the caller's stream behind what is queued there (a large copy, then a kernel that
+    writes the ids) and the host waits for it after launching the forward: ids made bad, or made good, by the
+    stream's last kernel are judged as written; a failed check leaves the stream and the pool usable."""
+    import cupy as cp
+    from dwdp_ops.coaction import coaction_forward_gpu
+
+    spec = CoActionSpec()
+    rng = np.random.default_rng(3)
+    B, T, rows = 300, 60, 50
+    table = cp.asarray(rng.normal(0, 0.3, (rows, spec.induction_dim)).astype(np.float32))
+    ftable = cp.asarray(rng.normal(0, 0.6, (rows, spec.feed_dim)).astype(np.float32))
+    mask = cp.asarray((rng.random((B, T)) < 0.8).astype(np.float32))
+    good_ids = cp.asarray(rng.integers(0, rows, B))
+    fids = cp.asarray(rng.integers(0, rows, (B, T)))
+    big = cp.ones(1 << 27, cp.float32)
+    s = cp.cuda.Stream(non_blocking=True)
+    want = coaction_forward_gpu(table, ftable, mask, spec, ind_ids=good_ids, feed_ids=fids).get()
+    for _ in range(3):
+        with s:
+            dst = cp.empty_like(big)
+            dst[...] = big  # queued ahead
+            ids = good_ids + rows  # written on s, behind the copy: all bad
+            with pytest.raises(ValueError, match=r"ind_ids must be in \[0, 50\)"):
+                coaction_forward_gpu(table, ftable, mask, spec, ind_ids=ids, feed_ids=fids, stream=s)
+            dst[...] = big
+            ids -= rows  # good again, written on s just before the call
+            out = coaction_forward_gpu(table, ftable, mask, spec, ind_ids=ids, feed_ids=fids, stream=s)
+            del dst
+            scratch = cp.empty(1 << 27, cp.float32)  # the pool's freed block, reused behind the op
+            scratch.fill(3)
+        s.synchronize()
+        assert np.array_equal(out.get(), want)
+
+
+@pytest.mark.gpu
+def test_empty_tables_with_ids_are_refused_before_any_launch():
+    import cupy as cp
+    from dwdp_ops.coaction import coaction_forward_gpu
+
+    spec = CoActionSpec()
+    mask = cp.ones((2, 3), cp.float32)
+    with pytest.raises(ValueError, match=r"feed_ids must be in \[0, 0\): the feed table is empty"):
+        coaction_forward_gpu(cp.zeros((4, spec.induction_dim), cp.float32), cp.zeros((0, spec.feed_dim), cp.float32),
+                             mask, spec, ind_ids=cp.zeros(2, cp.int64), feed_ids=cp.zeros((2, 3), cp.int64),
+                             check_ids=False)
+    with pytest.raises(ValueError, match=r"ind_ids must be in \[0, 0\): the induction table is empty"):
+        coaction_forward_gpu(cp.zeros((0, spec.induction_dim), cp.float32), cp.zeros((4, spec.feed_dim), cp.float32),
+                             mask, spec, ind_ids=cp.zeros(2, cp.int64), feed_ids=cp.zeros((2, 3), cp.int64))
+
+
 # every (orders, order independence) instance of the specialised kernels, with and without bias
 SPECIALIZED = [CoActionSpec(), CoActionSpec(bias=True), CoActionSpec(orders=1), CoActionSpec(orders=2),
                CoActionSpec(orders=4, bias=True), CoActionSpec(orders=1, order_independent=True),

@@ -103,13 +103,16 @@ PYBIND11_MODULE(_C, m) {
     d.ind_dim = d.order_width * (order_independent ? orders : 1);
     return d;
   };
-  auto rows_of = [](std::vector<uint64_t> bases, std::vector<uint64_t> grads, int64_t rows_per_shard) {
+  auto rows_of = [](std::vector<uint64_t> bases, std::vector<uint64_t> grads, int64_t rows_per_shard,
+                    int64_t num_rows, uintptr_t feed_ids, int64_t feed_rows) {
     DWDP_REQUIRE(!bases.empty() && bases.size() <= static_cast<size_t>(dwdp::kCoMaxShards),
                  "co-action: 1 to " << dwdp::kCoMaxShards << " table shards, got " << bases.size());
     DWDP_REQUIRE(grads.empty() || grads.size() == bases.size(), "co-action: one gradient address per shard");
     dwdp::CoActionRows r{};
     r.shards = static_cast<int>(bases.size());
     r.rows_per_shard = rows_per_shard;
+    r.num_rows = num_rows;
+    r.feed_rows = feed_ids ? feed_rows : 0;
     for (size_t i = 0; i < bases.size(); ++i) {
       r.base[i] = bases[i];
       r.grad[i] = grads.empty() ? 0 : grads[i];
@@ -120,20 +123,25 @@ PYBIND11_MODULE(_C, m) {
       "coaction_forward",
       [dims, rows_of](std::vector<int> din, std::vector<int> dout, int orders, bool bias, bool order_independent,
                       bool paper, int dtype, int B, int T, std::vector<uint64_t> bases, int64_t rows_per_shard,
-                      uintptr_t ind_ids, uintptr_t feed, uintptr_t feed_ids, uintptr_t mask, uintptr_t out,
-                      uintptr_t stream) {
-        dwdp::coaction_forward(dims(din, dout, orders, bias, order_independent, paper), dtype, B, T,
-                               rows_of(bases, {}, rows_per_shard), ind_ids, feed, feed_ids, mask, out, stream);
-      });
+                      int64_t num_rows, uintptr_t ind_ids, uintptr_t feed, uintptr_t feed_ids, int64_t feed_rows,
+                      uintptr_t mask, uintptr_t out, uintptr_t stream, bool check_ids) {
+        const auto d = dims(din, dout, orders, bias, order_independent, paper);
+        const auto r = rows_of(bases, {}, rows_per_shard, num_rows, feed_ids, feed_rows);
+        py::gil_scoped_release release;  // with check_ids, waits for the check
+        return dwdp::coaction_forward(d, dtype, B, T, r, ind_ids, feed, feed_ids, mask, out, stream, check_ids);
+      },
+      "fused forward; with check_ids the ids' range check runs first on the stream and its bits are returned (0: in "
+      "range) once it has finished, the forward already launched behind it");
   m.def(
       "coaction_backward",
       [dims, rows_of](std::vector<int> din, std::vector<int> dout, int orders, bool bias, bool order_independent,
                       bool paper, int dtype, int B, int T, std::vector<uint64_t> bases, std::vector<uint64_t> grads,
-                      int64_t rows_per_shard, uintptr_t ind_ids, uintptr_t feed, uintptr_t feed_ids, uintptr_t mask,
-                      uintptr_t grad_out, uintptr_t grad_feed, uintptr_t stream) {
+                      int64_t rows_per_shard, int64_t num_rows, uintptr_t ind_ids, uintptr_t feed,
+                      uintptr_t feed_ids, int64_t feed_rows, uintptr_t mask, uintptr_t grad_out,
+                      uintptr_t grad_feed, uintptr_t stream) {
         dwdp::coaction_backward(dims(din, dout, orders, bias, order_independent, paper), dtype, B, T,
-                                rows_of(bases, grads, rows_per_shard), ind_ids, feed, feed_ids, mask, grad_out,
-                                grad_feed, stream);
+                                rows_of(bases, grads, rows_per_shard, num_rows, feed_ids, feed_rows), ind_ids, feed,
+                                feed_ids, mask, grad_out, grad_feed, stream);
       });
   m.def("coaction_launch_shape",
         [dims](std::vector<int> din, std::vector<int> dout, int orders, bool bias, bool order_independent, bool paper,
@@ -164,10 +172,10 @@ PYBIND11_MODULE(_C, m) {
       "coaction_check_ids",
       [](uintptr_t ind_ids, int64_t n_ind, int64_t ind_rows, uintptr_t feed_ids, int64_t n_feed, int64_t feed_rows,
          uintptr_t stream) {
-        py::gil_scoped_release release;  // waits for the stream
+        py::gil_scoped_release release;  // waits for the check
         return dwdp::coaction_check_ids(ind_ids, n_ind, ind_rows, feed_ids, n_feed, feed_rows, stream);
       },
-      "range check of table ids on the stream, one host synchronisation: bit 0 ind_ids bad, bit 1 feed_ids bad");
+      "range check of table ids on the stream, the host waiting for it: bit 0 ind_ids bad, bit 1 feed_ids bad");
 
   // Token dispatch: the geometry and buffer addresses travel as a dict (python/dwdp_ops/dispatch.py builds it).
   auto dispatch_args = [](const py::dict& d) {

@@ -3,7 +3,9 @@
 #include <cuda_fp16.h>
 
 #include <algorithm>
+#include <chrono>
 #include <cstdlib>
+#include <map>
 #include <mutex>
 #include <set>
 
@@ -23,6 +25,14 @@ __device__ __forceinline__ float ld(const float* p, size_t i) { return p[i]; }
 __device__ __forceinline__ float ld(const __nv_bfloat16* p, size_t i) { return __bfloat162float(p[i]); }
 __device__ __forceinline__ void st(float* p, size_t i, float v) { p[i] = v; }
 __device__ __forceinline__ void st(__nv_bfloat16* p, size_t i, float v) { p[i] = __float2bfloat16(v); }
+
+// The feed-table row of the id at pos. An id outside [0, rows) reads (backward: adds into) row 0 instead: the kernels
+// never touch memory outside the table, whatever the ids (check_ids rejects such ids; without it the result is wrong,
+// not a fault). rows >= 1 (the host refuses an empty table with ids).
+__device__ __forceinline__ size_t feed_row(const int64_t* __restrict__ ids, size_t pos, int64_t rows) {
+  const int64_t v = ids[pos];
+  return static_cast<uint64_t>(v) < static_cast<uint64_t>(rows) ? static_cast<size_t>(v) : 0;
+}
 
 // Per-warp shared memory, in floats: W[ind_dim] | gW[ind_dim] (backward) | vec[n_out] (acc or grad_out) | scratch.
 // Scratch rows (x kLd): valid | x0[D] | h[D + S] (h_0 = x^c, then each layer's output) | dz[S] | gx[D] (backward).
@@ -108,20 +118,23 @@ template <typename T>
 __device__ __forceinline__ const T* induction_row(const CoActionRows& r, const int64_t* ids, int b, int ind_dim,
                                                   int* shard, int64_t* local) {
   const int64_t row = ids ? ids[b] : b;
+  *shard = 0, *local = 0;
+  // an id outside the table: a zero row, never a read out of range (the range check reports it)
+  if (static_cast<uint64_t>(row) >= static_cast<uint64_t>(r.num_rows)) return nullptr;
   // one shard (every table but a ShardedTable): no 64-bit division, a ~100-instruction routine on the GPU
-  *shard = r.shards == 1 ? (row >= r.rows_per_shard ? 1 : 0) : static_cast<int>(row / r.rows_per_shard);
+  *shard = r.shards == 1 ? 0 : static_cast<int>(row / r.rows_per_shard);
   *local = r.shards == 1 ? row : row - static_cast<int64_t>(*shard) * r.rows_per_shard;
-  if (row < 0 || *shard >= r.shards) return nullptr;  // the host checks ids; never read out of range
   return reinterpret_cast<const T*>(r.base[*shard]) + *local * ind_dim;
 }
 
 template <typename T>
 __device__ __forceinline__ void load_x0(const CoActionDims& d, const Geo& g, int b, int T_len, int t, const T* feed,
-                                        const int64_t* feed_ids, const float* mask, float* col, size_t* frow) {
+                                        const int64_t* feed_ids, int64_t feed_rows, const float* mask, float* col,
+                                        size_t* frow) {
   const bool on = t < T_len && mask[static_cast<size_t>(b) * T_len + t] != 0.f;
   R(col, g.valid) = on ? 1.f : 0.f;
   *frow = 0;
-  if (on) *frow = feed_ids ? static_cast<size_t>(feed_ids[static_cast<size_t>(b) * T_len + t])
+  if (on) *frow = feed_ids ? feed_row(feed_ids, static_cast<size_t>(b) * T_len + t, feed_rows)
                            : static_cast<size_t>(b) * T_len + t;
   for (int i = 0; i < g.D; ++i) R(col, g.x0 + i) = on ? ld(feed, *frow * g.D + i) : 0.f;
 }
@@ -149,7 +162,7 @@ __global__ void __launch_bounds__(kWarpsMax * 32) warp_forward_kernel(CoActionDi
   __syncwarp();
   for (int t0 = 0; t0 < T_len; t0 += 32) {
     size_t frow;
-    load_x0(d, g, b, T_len, t0 + lane, feed, feed_ids, mask, col, &frow);
+    load_x0(d, g, b, T_len, t0 + lane, feed, feed_ids, rows.feed_rows, mask, col, &frow);
     for (int c = 1; c <= d.orders; ++c) {
       lane_mlp(d, g, W, c, col);
       __syncwarp();
@@ -200,7 +213,7 @@ __global__ void __launch_bounds__(kWarpsMax * 32) warp_backward_kernel(CoActionD
   }
   for (int t0 = 0; t0 < T_len; t0 += 32) {
     size_t frow;
-    load_x0(d, g, b, T_len, t0 + lane, feed, feed_ids, mask, col, &frow);
+    load_x0(d, g, b, T_len, t0 + lane, feed, feed_ids, rows.feed_rows, mask, col, &frow);
     const float v = R(col, g.valid);
     for (int i = 0; i < g.D; ++i) R(col, g.gx + i) = 0.f;
     for (int c = 1; c <= d.orders; ++c) {
@@ -546,7 +559,7 @@ __global__ void __launch_bounds__(kFastWarps * 32) fast_forward_kernel(Fast f, i
     const int n = next_round(mrow, T_len, q, qn, t0, lane, &t);
     if (n == 0) break;
     const size_t pos = static_cast<size_t>(b) * T_len + (t < 0 ? 0 : t);
-    const size_t frow = t < 0 ? 0 : feed_ids ? static_cast<size_t>(feed_ids[pos]) : pos;
+    const size_t frow = t < 0 ? 0 : feed_ids ? feed_row(feed_ids, pos, rows.feed_rows) : pos;
     float x[MW], p[MW], a[MW], z[MW];
     load_feed<MW>(feed, frow, f, t >= 0, x);
 #pragma unroll
@@ -722,7 +735,7 @@ __global__ void __launch_bounds__(kFastWarps * 32) fast_backward_kernel(Fast f, 
       const int n = next_round(mrow, T_len, q, qn, t0, lane, &t);
       if (n == 0) break;
       const size_t pos = static_cast<size_t>(b) * T_len + (t < 0 ? 0 : t);
-      const size_t frow = t < 0 ? 0 : feed_ids ? static_cast<size_t>(feed_ids[pos]) : pos;
+      const size_t frow = t < 0 ? 0 : feed_ids ? feed_row(feed_ids, pos, rows.feed_rows) : pos;
       float x[MW], pm1[MW];  // x and x^(c-1)
       load_feed<MW>(feed, frow, f, t >= 0, x);
 #pragma unroll
@@ -1057,9 +1070,10 @@ __device__ __forceinline__ int spec_next_round(const float* __restrict__ mrow, i
 }
 
 // The feed row of behaviour t (-1: none, row 0 unread) of sample b: its id, or its gathered position.
-__device__ __forceinline__ size_t spec_frow(const int64_t* __restrict__ feed_ids, int b, int T_len, int t) {
+__device__ __forceinline__ size_t spec_frow(const int64_t* __restrict__ feed_ids, int64_t feed_rows, int b, int T_len,
+                                            int t) {
   const size_t pos = static_cast<size_t>(b) * T_len + (t < 0 ? 0 : t);
-  return t < 0 ? 0 : feed_ids ? static_cast<size_t>(feed_ids[pos]) : pos;
+  return t < 0 ? 0 : feed_ids ? feed_row(feed_ids, pos, feed_rows) : pos;
 }
 
 __device__ __forceinline__ void cp_async16(void* dst, const void* src, bool on) {
@@ -1372,8 +1386,8 @@ __global__ void __launch_bounds__(kSpecWarps * 32, spec_fwd_blocks<C>()) spec_fo
   int ta, tb;
   int na = spec_next_round(mrow, T_len, q_, sq, lane, &ta);
   int nb = spec_next_round(mrow, T_len, q_, sq, lane, &tb);
-  size_t fb = spec_frow(feed_ids, b, T_len, tb);
-  spec_fetch_row(f, feed, spec_frow(feed_ids, b, T_len, ta), ta >= 0, fbuf + lane * FRS);
+  size_t fb = spec_frow(feed_ids, rows.feed_rows, b, T_len, tb);
+  spec_fetch_row(f, feed, spec_frow(feed_ids, rows.feed_rows, b, T_len, ta), ta >= 0, fbuf + lane * FRS);
   cp_async_commit();
   // W1 and b1 of every slice pre-scaled for tanh_scaled
   spec_store_row(W, f.ind_dim, lane, wr, kTanhScale, f.wslice, f.woff[1]);
@@ -1392,7 +1406,7 @@ __global__ void __launch_bounds__(kSpecWarps * 32, spec_fwd_blocks<C>()) spec_fo
     cp_async_commit();  // (an empty group past the sample's last round: the wait below still means "round a in")
     int tc;
     const int nc = spec_next_round(mrow, T_len, q_, sq, lane, &tc);
-    const size_t fc = spec_frow(feed_ids, b, T_len, tc);
+    const size_t fc = spec_frow(feed_ids, rows.feed_rows, b, T_len, tc);
     cp_async_wait<1>();
     __syncwarp();  // the tiles read every lane's row
     valid += na;
@@ -1474,9 +1488,9 @@ __global__ void __launch_bounds__(kSpecWarps * 32, spec_bwd_blocks<C>()) spec_ba
     SpecQueue sq = spec_queue(mrow, T_len, lane);
     int ta, tb;
     int na = spec_next_round(mrow, T_len, q, sq, lane, &ta);
-    size_t fa = spec_frow(feed_ids, b, T_len, ta);
+    size_t fa = spec_frow(feed_ids, rows.feed_rows, b, T_len, ta);
     int nb = spec_next_round(mrow, T_len, q, sq, lane, &tb);
-    size_t fb = spec_frow(feed_ids, b, T_len, tb);
+    size_t fb = spec_frow(feed_ids, rows.feed_rows, b, T_len, tb);
     for (int i = lane; i < g.oG - g.oGW; i += 32) gW[i] = 0.f;
     if (f.bias)
       for (int i = g.rB; i < g.rB + C * N1; i += 4)
@@ -1512,7 +1526,7 @@ __global__ void __launch_bounds__(kSpecWarps * 32, spec_bwd_blocks<C>()) spec_ba
       cp_async_commit();
       int tc;
       const int nc = spec_next_round(mrow, T_len, q, sq, lane, &tc);
-      const size_t fc = spec_frow(feed_ids, b, T_len, tc);
+      const size_t fc = spec_frow(feed_ids, rows.feed_rows, b, T_len, tc);
       cp_async_wait<1>();
       __syncwarp();  // every lane's row of round a is in: the W1 tiles read all of them
       valid += na;
@@ -1656,17 +1670,95 @@ __global__ void __launch_bounds__(kSpecWarps * 32, spec_bwd_blocks<C>()) spec_ba
 }
 
 // ---------------------------------------------------------------------------------------------------------------
-// Id range check (one pass over both id arrays; flags in mapped pinned host memory, no atomics).
+// Id range check: one pass over both id arrays (a = ind_ids, b = feed_ids); flags in mapped pinned host memory, set
+// (never cleared) by a warp that saw a bad id, no atomics.
 
-__global__ void check_ids_kernel(const int64_t* __restrict__ ids, int64_t n, int64_t rows, volatile int* flag) {
-  bool bad = false;
-  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n;
+__global__ void check_ids_kernel(const int64_t* __restrict__ a, int64_t na, int64_t ra, const int64_t* __restrict__ b,
+                                 int64_t nb, int64_t rb, volatile int* flags) {
+  bool bad_a = false, bad_b = false;
+  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < na + nb;
        i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    const int64_t v = ids[i];
-    bad |= v < 0 || v >= rows;
+    if (i < na) {
+      const int64_t v = a[i];
+      bad_a |= v < 0 || v >= ra;
+    } else {
+      const int64_t v = b[i - na];
+      bad_b |= v < 0 || v >= rb;
+    }
   }
-  if (__any_sync(0xffffffffu, bad) && (threadIdx.x & 31) == 0) *flag = 1;
+  const bool any_a = __any_sync(0xffffffffu, bad_a), any_b = __any_sync(0xffffffffu, bad_b);
+  if ((threadIdx.x & 31) == 0) {
+    if (any_a) flags[0] = 1;
+    if (any_b) flags[1] = 1;
+  }
 }
+
+// One range check in flight per process: the flags (mapped pinned host memory, allocated at the first check) are
+// shared, so an IdCheck holds the lock from its launch to its result (callers on other threads wait their turn).
+// The result is awaited on an event recorded behind the check kernel (one per device, created at its first check):
+// the caller launches its own work first, then waits for the check alone.
+class IdCheck {
+ public:
+  // Launches the check of both arrays (a null pointer or a count of 0: that array is not checked) on stream s of the
+  // current device; `active` is false when there is nothing to check (then result() is 0 and nothing was launched).
+  IdCheck(uintptr_t ind_ids, int64_t n_ind, int64_t ind_rows, uintptr_t feed_ids, int64_t n_feed, int64_t feed_rows,
+          cudaStream_t s) {
+    const bool ci = ind_ids && n_ind > 0, cf = feed_ids && n_feed > 0;
+    if (!ci && !cf) return;
+    hold_ = std::unique_lock<std::mutex>(lock());
+    static int* flags = nullptr;
+    if (!flags) DWDP_CUDA_CHECK(cudaHostAlloc(&flags, 2 * sizeof(int), cudaHostAllocMapped | cudaHostAllocPortable));
+    flags_ = flags;
+    flags_[0] = flags_[1] = 0;
+    int* dev = nullptr;
+    DWDP_CUDA_CHECK(cudaHostGetDevicePointer(reinterpret_cast<void**>(&dev), flags, 0));
+    int device;
+    DWDP_CUDA_CHECK(cudaGetDevice(&device));
+    static std::map<int, cudaEvent_t> events;
+    auto it = events.find(device);
+    if (it == events.end()) {
+      cudaEvent_t e;
+      DWDP_CUDA_CHECK(cudaEventCreateWithFlags(&e, cudaEventDisableTiming));
+      it = events.emplace(device, e).first;
+    }
+    event_ = it->second;
+    const int64_t n = (ci ? n_ind : 0) + (cf ? n_feed : 0);
+    const int threads = 256;
+    const int64_t blocks = std::min<int64_t>((n + threads - 1) / threads, 1024);
+    check_ids_kernel<<<static_cast<int>(blocks), threads, 0, s>>>(
+        reinterpret_cast<const int64_t*>(ind_ids), ci ? n_ind : 0, ind_rows, reinterpret_cast<const int64_t*>(feed_ids),
+        cf ? n_feed : 0, feed_rows, dev);
+    DWDP_LAUNCH_CHECK();
+    DWDP_CUDA_CHECK(cudaEventRecord(event_, s));
+  }
+
+  // Waits for the check (and what the stream ran before it): bit 0 a bad ind id, bit 1 a bad feed id. It spins on the
+  // event for up to a millisecond (a check launched before the caller's own launches is usually done by then), then
+  // blocks: the context's scheduling mode (spin, yield or blocking synchronisation) only shapes long waits.
+  int result() {
+    if (!event_) return 0;
+    const auto t0 = std::chrono::steady_clock::now();
+    for (;;) {
+      const cudaError_t e = cudaEventQuery(event_);
+      if (e == cudaSuccess) break;
+      if (e != cudaErrorNotReady) DWDP_CUDA_CHECK(e);
+      if (std::chrono::steady_clock::now() - t0 > std::chrono::milliseconds(1)) {
+        DWDP_CUDA_CHECK(cudaEventSynchronize(event_));
+        break;
+      }
+    }
+    return (flags_[0] ? 1 : 0) | (flags_[1] ? 2 : 0);
+  }
+
+ private:
+  static std::mutex& lock() {
+    static std::mutex m;
+    return m;
+  }
+  std::unique_lock<std::mutex> hold_;
+  volatile int* flags_ = nullptr;
+  cudaEvent_t event_ = nullptr;
+};
 
 void check_dims(const CoActionDims& d) {
   DWDP_REQUIRE(d.num_layers >= 1 && d.num_layers <= kCoMaxLayers, "co-action: 1 to " << kCoMaxLayers << " layers");
@@ -1678,9 +1770,12 @@ void check_dims(const CoActionDims& d) {
   DWDP_REQUIRE(d.orders >= 1 && d.orders <= 8, "co-action: orders must be in [1, 8]");
 }
 
-void check_rows(const CoActionRows& r) {
+void check_rows(const CoActionRows& r, uintptr_t feed_ids, int64_t n_feed_ids) {
+  DWDP_REQUIRE(!feed_ids || n_feed_ids == 0 || r.feed_rows >= 1, "co-action: feed ids index a feed table with no rows");
   DWDP_REQUIRE(r.shards >= 1 && r.shards <= kCoMaxShards, "co-action: 1 to " << kCoMaxShards << " table shards");
   DWDP_REQUIRE(r.rows_per_shard >= 1, "co-action: rows_per_shard must be positive");
+  DWDP_REQUIRE(r.num_rows >= 0 && r.num_rows <= r.rows_per_shard * r.shards,
+               "co-action: num_rows must be in [0, rows_per_shard x shards]");
   for (int s = 0; s < r.shards; ++s) DWDP_REQUIRE(r.base[s] != 0, "co-action: shard " << s << " has no address");
 }
 
@@ -1809,11 +1904,16 @@ K spec_pick(int C, K k1, K k2, K k3, K k4) {
 }
 }  // namespace
 
-void coaction_forward(const CoActionDims& d, int dtype, int B, int T, const CoActionRows& rows, uintptr_t ind_ids,
-                      uintptr_t feed, uintptr_t feed_ids, uintptr_t mask, uintptr_t out, uintptr_t stream) {
-  check_rows(rows);
+int coaction_forward(const CoActionDims& d, int dtype, int B, int T, const CoActionRows& rows, uintptr_t ind_ids,
+                     uintptr_t feed, uintptr_t feed_ids, uintptr_t mask, uintptr_t out, uintptr_t stream,
+                     bool check_ids) {
+  check_rows(rows, feed_ids, static_cast<int64_t>(B) * T);
   DeviceGuard guard(device_of(out, "coaction_forward: out"));
   auto s = reinterpret_cast<cudaStream_t>(stream);
+  // the check first on the stream, its result awaited after the forward's launch (the kernels are memory-safe on any
+  // ids, see CoActionRows)
+  IdCheck check(check_ids ? ind_ids : 0, B, rows.num_rows,
+                check_ids ? feed_ids : 0, static_cast<int64_t>(B) * T, rows.feed_rows, s);
   auto launch = [&](auto tag, auto k8, auto k16, auto k32, auto kwarp) {
     using E = decltype(tag);
     Fast f = make_fast(d, false);
@@ -1865,12 +1965,13 @@ void coaction_forward(const CoActionDims& d, int dtype, int B, int T, const CoAc
   else
     launch(__nv_bfloat16{}, fast_forward_kernel<__nv_bfloat16, 8>, fast_forward_kernel<__nv_bfloat16, 16>,
            fast_forward_kernel<__nv_bfloat16, 32>, warp_forward_kernel<__nv_bfloat16>);
+  return check.result();
 }
 
 void coaction_backward(const CoActionDims& d, int dtype, int B, int T, const CoActionRows& rows, uintptr_t ind_ids,
                        uintptr_t feed, uintptr_t feed_ids, uintptr_t mask, uintptr_t grad_out, uintptr_t grad_feed,
                        uintptr_t stream) {
-  check_rows(rows);
+  check_rows(rows, feed_ids, static_cast<int64_t>(B) * T);
   for (int i = 0; i < rows.shards; ++i) DWDP_REQUIRE(rows.grad[i] != 0, "co-action: shard " << i << " has no gradient");
   DeviceGuard guard(device_of(grad_feed, "coaction_backward: grad_feed"));
   auto s = reinterpret_cast<cudaStream_t>(stream);
@@ -1929,32 +2030,14 @@ void coaction_backward(const CoActionDims& d, int dtype, int B, int T, const CoA
            fast_backward_kernel<__nv_bfloat16, 32>, warp_backward_kernel<__nv_bfloat16>);
 }
 
+
 int coaction_check_ids(uintptr_t ind_ids, int64_t n_ind, int64_t ind_rows, uintptr_t feed_ids, int64_t n_feed,
                        int64_t feed_rows, uintptr_t stream) {
   const bool ci = ind_ids && n_ind > 0, cf = feed_ids && n_feed > 0;
   if (!ci && !cf) return 0;
   DeviceGuard guard(device_of(ci ? ind_ids : feed_ids, "coaction_check_ids: ids"));
-  auto s = reinterpret_cast<cudaStream_t>(stream);
-  // Two flags in mapped pinned host memory, allocated once per process; the lock keeps callers on other threads
-  // from sharing them mid-check.
-  static std::mutex lock;
-  static int* flags = nullptr;
-  std::lock_guard<std::mutex> hold(lock);
-  if (!flags) DWDP_CUDA_CHECK(cudaHostAlloc(&flags, 2 * sizeof(int), cudaHostAllocMapped | cudaHostAllocPortable));
-  volatile int* vf = flags;
-  vf[0] = vf[1] = 0;
-  int* dev = nullptr;
-  DWDP_CUDA_CHECK(cudaHostGetDevicePointer(reinterpret_cast<void**>(&dev), flags, 0));
-  auto run = [&](uintptr_t ids, int64_t n, int64_t rows, int* flag) {
-    const int threads = 256;
-    const int64_t blocks = std::min<int64_t>((n + threads - 1) / threads, 1024);
-    check_ids_kernel<<<static_cast<int>(blocks), threads, 0, s>>>(reinterpret_cast<const int64_t*>(ids), n, rows, flag);
-    DWDP_LAUNCH_CHECK();
-  };
-  if (ci) run(ind_ids, n_ind, ind_rows, dev);
-  if (cf) run(feed_ids, n_feed, feed_rows, dev + 1);
-  DWDP_CUDA_CHECK(cudaStreamSynchronize(s));
-  return (vf[0] ? 1 : 0) | (vf[1] ? 2 : 0);
+  IdCheck check(ind_ids, n_ind, ind_rows, feed_ids, n_feed, feed_rows, reinterpret_cast<cudaStream_t>(stream));
+  return check.result();
 }
 
 }  // namespace dwdp

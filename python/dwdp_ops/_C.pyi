@@ -48,13 +48,13 @@ def swiglu_quant_bf16(h: int, h_stride: int, q: int, scale: int, rows: int, inte
 
 def coaction_forward(
     din: list[int], dout: list[int], orders: int, bias: bool, order_independent: bool, paper: bool, dtype: int, B: int,
-    T: int, bases: list[int], rows_per_shard: int, ind_ids: int, feed: int, feed_ids: int, mask: int, out: int,
-    stream: int,
-) -> None: ...
+    T: int, bases: list[int], rows_per_shard: int, num_rows: int, ind_ids: int, feed: int, feed_ids: int,
+    feed_rows: int, mask: int, out: int, stream: int, check_ids: bool,
+) -> int: ...
 def coaction_backward(
     din: list[int], dout: list[int], orders: int, bias: bool, order_independent: bool, paper: bool, dtype: int, B: int,
-    T: int, bases: list[int], grads: list[int], rows_per_shard: int, ind_ids: int, feed: int, feed_ids: int, mask: int,
-    grad_out: int, grad_feed: int, stream: int,
+    T: int, bases: list[int], grads: list[int], rows_per_shard: int, num_rows: int, ind_ids: int, feed: int,
+    feed_ids: int, feed_rows: int, mask: int, grad_out: int, grad_feed: int, stream: int,
 ) -> None: ...
 def coaction_launch_shape(
     din: list[int], dout: list[int], orders: int, bias: bool, order_independent: bool, paper: bool, backward: bool,

@@ -48,17 +48,28 @@ struct CoActionDims {
   int out_per_order;      // sum of dout
 };
 
-// Where induction rows (and their gradients) live. Gathered rows: one shard, rows_per_shard = B, no ids.
+// Where induction rows (and their gradients) live. Gathered rows: one shard, rows_per_shard = num_rows = B, no ids.
+// num_rows: the induction table's rows (the last shard may end in padding); feed_rows: the feed table's rows (with
+// feed ids; >= 1). An induction id outside [0, num_rows) reads a zero row (and adds its gradient nowhere), a feed id
+// outside [0, feed_rows) reads (backward: adds into) row 0: no ids make a kernel touch memory outside the tables; the
+// range check (check_ids) is what reports them.
 struct CoActionRows {
   uint64_t base[kCoMaxShards];  // row storage of each shard (dtype of the op)
   uint64_t grad[kCoMaxShards];  // fp32 gradient of each shard (backward only)
   int64_t rows_per_shard;
   int shards;
+  int64_t num_rows;
+  int64_t feed_rows;
 };
 
 // dtype: 0 = float32, 1 = bfloat16 (inputs and output); gradients are float32.
-void coaction_forward(const CoActionDims& d, int dtype, int B, int T, const CoActionRows& rows, uintptr_t ind_ids,
-                      uintptr_t feed, uintptr_t feed_ids, uintptr_t mask, uintptr_t out, uintptr_t stream);
+// check_ids: the range check of both id arrays (ind_ids against num_rows, feed_ids against feed_rows)
+// is launched on the stream before the forward, and the host waits for the check alone after launching the forward
+// (the forward runs meanwhile, memory-safe on any ids; see CoActionRows): returns coaction_check_ids's bits (0 when not
+// checked). A caller that gets a nonzero result discards the output.
+int coaction_forward(const CoActionDims& d, int dtype, int B, int T, const CoActionRows& rows, uintptr_t ind_ids,
+                     uintptr_t feed, uintptr_t feed_ids, uintptr_t mask, uintptr_t out, uintptr_t stream,
+                     bool check_ids = false);
 // Gradients: with ind_ids == 0, rows.grad[0] is [B, D'] and is written; else the table gradient shards are
 // accumulated atomically. grad_feed is [B, T, D] (written) or, with feed_ids, the feed table gradient (accumulated).
 void coaction_backward(const CoActionDims& d, int dtype, int B, int T, const CoActionRows& rows, uintptr_t ind_ids,
@@ -70,9 +81,9 @@ void coaction_launch_shape(const CoActionDims& d, bool backward, int* warps, siz
 // Whether the specialised kernels (compile-time widths, two layers with a linear last one; see coaction.cu) take this
 // shape; DWDP_COACTION_SPECIALIZED=0 turns them off.
 bool coaction_specialized(const CoActionDims& d, bool backward);
-// Range check of table ids on the device, stream-ordered, then one host synchronisation of ``stream``: returns
-// bit 0 set when an ind_ids entry is outside [0, ind_rows), bit 1 for feed_ids outside [0, feed_rows). A null ids
-// pointer (or count 0) is not checked.
+// Range check of table ids on the device, stream-ordered (one kernel over both arrays), then the host waits for it:
+// returns bit 0 set when an ind_ids entry is outside [0, ind_rows), bit 1 for feed_ids outside [0, feed_rows). A null
+// ids pointer (or count 0) is not checked.
 int coaction_check_ids(uintptr_t ind_ids, int64_t n_ind, int64_t ind_rows, uintptr_t feed_ids, int64_t n_feed,
                        int64_t feed_rows, uintptr_t stream);
 

@@ -176,7 +176,8 @@ def coaction(induction: torch.Tensor, feed: torch.Tensor, mask: torch.Tensor, sp
         spec: the shape of the co-action pair (default `CoActionSpec()`: D = 16, 16 -> 8 -> 4, 3 orders).
         ind_ids: `[B]` integer row ids into the induction table (converted to int64).
         feed_ids: `[B, T]` integer row ids into the feed table (converted to int64).
-        check_ids: range-check the ids on the device first (one host synchronisation per forward).
+        check_ids: range-check the ids on the device in front of the forward's kernel; the host waits for the check
+            (not for the forward) and raises ValueError on an id outside its table.
 
     Returns:
         `[B, spec.out_dim]` of the inputs' dtype, on their device. Its gradients reach `induction` and `feed`

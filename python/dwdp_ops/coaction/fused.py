@@ -19,7 +19,10 @@ of equal feed ids); a sharded table's row gradients are added to the owner's ``g
 
 Stream order: outputs, gradient buffers and the id checks are allocated and run on the caller's ``stream`` (CuPy's
 pool is stream-ordered, so a buffer freed later is reused only behind the kernels that wrote it). The id check is
-one small kernel over both id arrays and one synchronisation of that stream.
+one small kernel over both id arrays on that stream, and the host waits for it (and for what the stream ran before
+it): the forward launches its kernel behind the check first and waits after, so the wait overlaps the launch; the
+backward waits before launching. The kernels never touch memory outside the tables whatever the ids (an induction
+id outside the table reads a zero row, a feed id row 0), so an unchecked bad id gives a wrong result, not a fault.
 
 Limits: 1-8 layers, layer widths up to 256, orders up to 8, and one warp's shared memory within 227 KiB
 (``launch_shape`` tells); beyond them a ValueError says which. T and B are unbounded; a sharded table has at most 8
@@ -212,6 +215,8 @@ def _args(spec: CoActionSpec, induction, feed, mask, ind_ids, feed_ids, dtype):
         if ib.dtype != np.int64 or ib.shape != (B,):
             raise TypeError(f"ind_ids must be int64 [{B}], got {ib.dtype} {list(ib.shape)}")
         ids_ptr = ib.ptr
+        if rows[2] == 0 and B > 0:
+            raise ValueError("ind_ids must be in [0, 0): the induction table is empty")
     fids_ptr = 0
     if feed_ids is not None:
         fb = device_buffer(feed_ids, "feed_ids")
@@ -220,39 +225,47 @@ def _args(spec: CoActionSpec, induction, feed, mask, ind_ids, feed_ids, dtype):
         if len(fd.shape) != 2 or fd.shape[1] != feed_dim:
             raise ValueError(f"the feed table must be [rows, {feed_dim}], got {list(fd.shape)}")
         fids_ptr = fb.ptr
+        if fd.shape[0] == 0 and B * T > 0:  # no row for the kernels to fall back on (see the module docstring)
+            raise ValueError("feed_ids must be in [0, 0): the feed table is empty")
     elif fd.shape != (B, T, feed_dim):
         raise ValueError(f"feed must be [B, T, D] = {[B, T, feed_dim]}, got {list(fd.shape)}")
     geo = (*_spec_args(spec), code, B, T)
     return geo, rows, fd, mk, ids_ptr, fids_ptr, storage
 
 
-def _check_ids(ip: int, B: int, nrows: int, fp: int, T: int, frows: int, stream: int) -> None:
-    """Range check of both id arrays on the device, on the caller's stream (``stream``: its handle; behind whatever
-    wrote the ids): one kernel each, then one synchronisation of that stream."""
-    bad = native().coaction_check_ids(ip, B, nrows, fp, B * T, frows, stream)
+def _raise_bad_ids(bad: int, nrows: int, frows: int) -> None:
+    """The ValueError for the id check's bits (bit 0: an ind id out of range, bit 1: a feed id), if any."""
     if bad & 1:
         raise ValueError(f"ind_ids must be in [0, {nrows}) (the table's rows)")
     if bad & 2:
         raise ValueError(f"feed_ids must be in [0, {frows}) (the table's rows)")
 
 
+def _check_ids(ip: int, B: int, nrows: int, fp: int, T: int, frows: int, stream: int) -> None:
+    """Range check of both id arrays on the device, on the caller's stream (``stream``: its handle; behind whatever
+    wrote the ids): one kernel, then the host waits for it."""
+    _raise_bad_ids(native().coaction_check_ids(ip, B, nrows, fp, B * T, frows, stream), nrows, frows)
+
+
 def coaction_forward_gpu(induction: Any, feed: Any, mask: Any, spec: CoActionSpec | None = None, *, ind_ids=None,
                          feed_ids=None, dtype: str = "float32", stream: Any = None, check_ids: bool = True):
     """Fused forward; returns a CuPy ``[B, spec.out_dim]`` array of the input storage dtype. ``induction`` is an
-    array or a ``ShardedTable``. ``check_ids`` validates table ids on the device first (one host synchronisation)."""
+    array or a ``ShardedTable``. ``check_ids`` range-checks table ids on the device in front of the forward's kernel
+    and waits for the check (not for the forward) before returning; bad ids raise ValueError (the output is dropped)."""
     import cupy as cp
 
     spec = spec or CoActionSpec()
     geo, (bases, rps, nrows), fd, mk, ip, fp, storage = _args(spec, induction, feed, mask, ind_ids, feed_ids, dtype)
     B, T = geo[-2], geo[-1]
     h = stream_handle(stream)
-    if check_ids:
-        _check_ids(ip, B, nrows, fp, T, fd.shape[0], h)
     with cupy_stream(stream):  # the output belongs to the stream that writes it
         # T == 0: nothing to pool, the output is zero (the kernel is not launched)
         out_dim = _dims(spec)[2]
         out = cp.zeros((B, out_dim), dtype=storage) if T == 0 else cp.empty((B, out_dim), dtype=storage)
-    native().coaction_forward(*geo, bases, rps, ip, fd.ptr, fp, mk.ptr, out.data.ptr, h)
+    frows = fd.shape[0]
+    bad = native().coaction_forward(*geo, bases, rps, nrows, ip, fd.ptr, fp, frows, mk.ptr, out.data.ptr, h,
+                                    bool(check_ids))
+    _raise_bad_ids(bad, nrows, frows)
     return out
 
 
@@ -280,5 +293,6 @@ def coaction_backward_gpu(induction: Any, feed: Any, mask: Any, grad_out: Any, s
             g_ind = cp.zeros((nrows, induction_dim), cp.float32)
             grads = [g_ind.data.ptr]
         g_feed = cp.zeros(fd.shape, cp.float32)
-    native().coaction_backward(*geo, bases, grads, rps, ip, fd.ptr, fp, mk.ptr, g.ptr, g_feed.data.ptr, h)
+    native().coaction_backward(*geo, bases, grads, rps, nrows, ip, fd.ptr, fp, fd.shape[0], mk.ptr, g.ptr,
+                               g_feed.data.ptr, h)
     return g_ind, g_feed
