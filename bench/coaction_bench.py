@@ -4,13 +4,15 @@
 
 One co-action pair of the CAN reference configuration (D=16, 16->8->4, 3 orders, no bias) reading its rows from
 tables of 100 000 ids (induction 160 floats, feed 16 floats) by random ids, for (B, T) in (1024, 50), (1024, 100),
-(8192, 50), (8192, 100), (2048, 1000), (16384, 200) (80 % of the positions valid; --sizes picks some). Forward, and a step (forward + backward with the table gradients). Per case the
-variants below are timed interleaved (bench/common.py ``time_interleaved``: one repeat runs every variant once, the
-order rotated by one place per repeat), --repeats repeats after 3 warm-up repeats, CUDA events on one stream;
+(8192, 50), (8192, 100), (2048, 1000), (16384, 200) (80 % of the positions valid; --sizes picks some). Forward,
+and a step (forward + backward with the table gradients). Per case the
+variants below are timed interleaved (bench/common.py ``time_interleaved``: one repeat runs every variant once, in
+an order shuffled per repeat), --repeats repeats after 3 warm-up repeats, CUDA events on one stream;
 figures are medians, speed-ups the median of the per-repeat ratios:
   fused          dwdp_ops.coaction.coaction_{forward,backward}_gpu with table + ids, the default path
-                 (``check_ids=True``: the ids are range-checked on the device first, one host synchronisation; a
-                 step checks them once, in its forward, as the autograd op ``coaction`` does)
+                 (``check_ids=True``: the ids are range-checked on the device in front of the forward's kernel and
+                 the host waits for the check after launching that kernel; a step checks them once, in its forward,
+                 as the autograd op ``coaction`` does)
   fused_nocheck  the same with ``check_ids=False`` (the kernels alone); the reference shape runs on the specialised
                  kernels (compile-time widths, ``fused.uses_specialized_kernels``)
   fused_general  ``fused_nocheck`` on the general fast kernels (``DWDP_COACTION_SPECIALIZED=0``): the kernels before
@@ -31,10 +33,13 @@ Peak memory is the allocator's high-water mark of the step.
 
 Roofline, per case, at rates measured in the same run: the HBM rate of a 1 GiB device-to-device copy (read + write
 bytes over time) and the fp32 FMA rate of a small CuPy RawKernel (every thread runs 8 independent chains of
-dependent FMAs; 2 FLOP per FMA). Bytes the op must move (``*_bytes``): forward = induction rows and ids, gathered
-feed rows and ids, mask, output; step = the forward's, then the backward's reads of the same plus grad_out, the
+dependent FMAs; 2 FLOP per FMA). Bytes the op must move (``*_bytes``): forward = induction rows and ids, the mask,
+the feed ids and feed rows of the unmasked positions only (a masked position's row and id need not be read, and the
+kernels do not read them), output; step = the forward's, then the backward's reads of the same plus grad_out, the
 dense table-shaped gradients it returns zeroed (written once) and the row gradients added into them (read + write
-per gathered row). FLOPs it must do (``*_flops``): 2 per multiply-add of the micro-MLP at the unmasked positions,
+per sample and per unmasked position). Until 2026-12-01 the count took the feed rows and ids of every position,
+masked ones included: ~20 % more bytes at 80 % valid, so the fractions of roofline reported before then are
+~1.2x what this count gives. FLOPs it must do (``*_flops``): 2 per multiply-add of the micro-MLP at the unmasked positions,
 every order (forward F); the step 3 F (the backward's weight gradients and input gradients are 2 F; recomputing the
 forward, which the kernels do instead of storing activations, is not counted). ``*_roofline_ms`` is the larger of
 bytes / HBM rate and FLOPs / FMA rate, ``*_bound`` names which, ``*_of_roofline`` divides it by the
@@ -182,10 +187,11 @@ def fma_tflops(stream) -> float:
 def roofline(spec: CoActionSpec, B: int, T: int, valid: int, elem: int = 4) -> dict:
     """Bytes and FLOPs the forward and the step must move / do (see the module docstring)."""
     D, Di, O = spec.feed_dim, spec.induction_dim, spec.out_dim
-    fwd_bytes = elem * (B * Di + B * T * D + B * O) + 8 * (B + B * T) + 4 * B * T
+    # induction rows and ids, feed rows and ids of the unmasked positions, the whole mask, the output
+    fwd_bytes = elem * (B * Di + valid * D + B * O) + 8 * (B + valid) + 4 * B * T
     bwd_bytes = (fwd_bytes - elem * B * O + 4 * B * O  # the forward's inputs again, grad_out instead of the output
                  + 4 * (ROWS * Di + ROWS * D)  # the dense table gradients, zeroed
-                 + 2 * 4 * (B * Di + B * T * D))  # row gradients added in (read + write)
+                 + 2 * 4 * (B * Di + valid * D))  # row gradients added in (read + write)
     macs = sum(i * o for i, o in spec.layer_dims)
     fwd_flops = 2.0 * valid * spec.orders * macs
     return dict(fwd_bytes=fwd_bytes, step_bytes=fwd_bytes + bwd_bytes, fwd_flops=fwd_flops, step_flops=3 * fwd_flops)
@@ -372,7 +378,7 @@ def main() -> int:
                dict(benchmark="coaction", hbm_copy_gbps=hbm, fma_tflops=fma,
                     fma_method="CuPy RawKernel, 8 independent fp32 FMA chains per thread, 8 x 256 threads per SM",
                     repeats=ns.repeats, method="variants interleaved per "
-                    "repeat (order rotated); medians; *_over_fused = median of per-repeat ratios to the default "
+                    "repeat (order shuffled per repeat); medians; *_over_fused = median of per-repeat ratios to the default "
                     "fused path (check_ids=True)", torch_compile_mode=ns.compile_mode if torch else None,
                     **facts, rows=rows))
     return 0

@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime as _dt
 import json
 import os
+import random
 import re
 import subprocess
 import sys
@@ -22,28 +23,33 @@ def time_op(op, stream, repeats=10, warmup=2, before=None):
     return median(times), times
 
 
-def _rotation(names: list[str], r: int) -> list[str]:
-    k = r % len(names)
-    return names[k:] + names[:k]
+def _order(names: list[str], r: int) -> list[str]:
+    """The order of repeat ``r``: a permutation of ``names`` drawn from a generator seeded by ``r`` alone (every rank
+    draws the same). Not a rotation: with a rotation by one place per repeat every op always follows the same op, and
+    an op's time depends on its predecessor: eager ops are host-bound, and a host-heavy op (``torch.compile``'s 10
+    pipelined calls, ~5 ms of Python) leaves the host's caches cold for the next one. Measured on one H200
+    (bench/results/logs/coaction_bench_order_probe_2026-12-01.txt): the same fused call took 197 us behind that op
+    and 85 us behind another."""
+    return random.Random(r).sample(names, len(names))
 
 
 def time_interleaved(ops: dict, stream, repeats: int = 10, warmup: int = 2, before=None, after=None) -> dict:
-    """Times several ops against each other, interleaved: one repeat runs every op once, in an order rotated by one
-    place per repeat (A B C, B C A, C A B, ...), so that drifts of clock, temperature or neighbours reach every op
-    alike; never "all A, then all B". Each op is timed with CUDA events on ``stream`` around ``op()``.
+    """Times several ops against each other, interleaved: one repeat runs every op once, in an order drawn afresh
+    per repeat (``_order``), so that drifts of clock, temperature or neighbours, and the op that ran just before,
+    reach every op alike; never "all A, then all B". Each op is timed with CUDA events on ``stream`` around ``op()``.
 
     ``ops``: name -> ``op`` or ``(pre, op)``: ``pre()`` is enqueued before the start event and is not timed (e.g.
     a fetch started on another stream that ``op`` runs beside); ``None`` means this rank does not run the op (it
     still joins ``before``, so ranks stay in step). ``before`` runs before each op (e.g. a device sync and a
     barrier, so that all ranks start together), ``after`` after each op's end event has completed (e.g. waiting
-    for a side stream). The rotation depends only on the repeat index, so every rank runs the same order.
+    for a side stream). The order depends only on the repeat index, so every rank runs the same order.
     Returns name -> list of ``repeats`` times in ms (warm-up repeats dropped; ``None`` entries for ops not run)."""
     import cupy as cp
 
     names = list(ops)
     times: dict = {n: [] for n in names}
     for r in range(warmup + repeats):
-        for name in _rotation(names, r):
+        for name in _order(names, r):
             if before is not None:
                 before()
             op = ops[name]

@@ -17,7 +17,7 @@ fp8 with the quantisation after the gather (``fp8_quant_after_gather``: T x 8 ro
 quantised instead of T, the arrangement before 2026-12-01). Weights: random block-scaled fp8 requantised per row
 (fp8), and their dequantised bf16 values (bf16); inputs random normal, never zeros.
 TFLOP/s counts 2 * pairs * 3 * H * I (real rows only, not padding). The dense rates are an 8192^3 bf16 GEMM and the
-same in fp8 with rowwise scales. Every case is timed interleaved (bf16, fp8, dense bf16, dense fp8 rotated per
+same in fp8 with rowwise scales. Every case is timed interleaved (bf16, fp8, dense bf16, dense fp8 shuffled per
 repeat, ``bench/common.time_interleaved``), CUDA events, medians; the fp8/bf16 ratio is the median of per-repeat
 ratios. Before timing, each case checks fp8 against bf16 on its real rows (relative Frobenius error reported).
 

@@ -4,7 +4,7 @@ Run on N GPUs:  python -m dwdp_ops.launch -n 2 bench/fetch_bandwidth.py [--layer
 
 Every figure is a median of --repeats, timed with CUDA events, all ranks starting each op together after a barrier.
 The modes of one group (one size of the sweep, one pattern, one DWDP layer) are timed interleaved with the baseline
-(bench/common.py ``time_interleaved``: per repeat each op once, the order rotated by one place per repeat). The
+(bench/common.py ``time_interleaved``: per repeat each op once, in an order shuffled per repeat). The
 baseline is a raw ``cudaMemcpyPeerAsync`` of 1 GiB from a buffer this process allocated on the next rank's GPU
 (one peer per reader), measured inside every group, so every result (every mode, dtype and job, ``--layer-only``
 too) carries its own same-run baseline: ``baseline`` in each JSON record, and ``of_baseline_per_rank`` = the median
@@ -300,7 +300,7 @@ def main() -> int:
             link = nvlink_facts(0)
             data = dict(benchmark="fetch_bandwidth", world_size=b.n, repeats=ns.repeats, **facts, nvlink=link,
                         baseline_method="per group: raw cudaMemcpyPeerAsync, 1 GiB, one peer per reader (ring), "
-                        "interleaved with the group's modes (order rotated per repeat); of_baseline = median of "
+                        "interleaved with the group's modes (order shuffled per repeat); of_baseline = median of "
                         "per-repeat GB/s ratios", records=b.records)
             tag = f"_{ns.tag}" if ns.tag else ""
             path = write_json(result_name("fetch_bandwidth", facts["card"], f"_N{b.n}{tag}"), data)

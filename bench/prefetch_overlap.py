@@ -15,7 +15,7 @@ DeepSeek-R1 expert shapes (H=7168, I=2048, E=256, top-8), experts partitioned ov
 The fetch is the same copy-engine prefetch in both (the store moves its layout's bytes); T* below is recomputed
 from this dtype's bytes per parameter, the GEMM rate C measured here in this dtype and B measured here. Every
 comparison is interleaved (bench/common.py ``time_interleaved``): one repeat runs each variant once, in an order
-rotated by one place per repeat, all ranks starting each variant together after a barrier; figures are medians over
+shuffled per repeat (the same on every rank), all ranks starting each variant together after a barrier; figures are medians over
 repeats and ratios are the median of the per-repeat ratios, never a ratio of medians from separate loops.
   0. fetch alone: one layer's copy-engine fetch and NVSHMEM fetch (16 SMs), interleaved; B = remote bytes / time.
   1. slowdown: one layer's expert GEMMs alone / with the copy-engine prefetch of another layer running / with the
@@ -365,7 +365,7 @@ def main(argv: list[str] | None = None) -> int:
         if me == 0:
             per_rank = [json.loads(g) for g in gathered]
             data = dict(benchmark="prefetch_overlap", world_size=n, repeats=ns.repeats, layers=ns.layers,
-                        dtype=ns.dtype, fp8_mlp=ns.fp8_mlp if ns.dtype == "float8_e4m3fn" else None, method="interleaved per repeat, order rotated; medians; ratios are medians "
+                        dtype=ns.dtype, fp8_mlp=ns.fp8_mlp if ns.dtype == "float8_e4m3fn" else None, method="interleaved per repeat, order shuffled; medians; ratios are medians "
                         "of per-repeat ratios; exposed fraction = wait / layer time alone (same repeat)",
                         **machine_facts(), ranks=per_rank)
             print(f"wrote {write_json(result_name('prefetch_overlap', data['card'], result_suffix(n, ns.dtype, ns.tag)), data)}")
