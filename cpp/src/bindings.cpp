@@ -127,8 +127,10 @@ PYBIND11_MODULE(_C, m) {
                       uintptr_t mask, uintptr_t out, uintptr_t stream, bool check_ids) {
         const auto d = dims(din, dout, orders, bias, order_independent, paper);
         const auto r = rows_of(bases, {}, rows_per_shard, num_rows, feed_ids, feed_rows);
-        py::gil_scoped_release release;  // with check_ids, waits for the check
-        return dwdp::coaction_forward(d, dtype, B, T, r, ind_ids, feed, feed_ids, mask, out, stream, check_ids);
+        if (!check_ids)  // launches only: the GIL stays (handing it to another thread costs more than they take)
+          return dwdp::coaction_forward(d, dtype, B, T, r, ind_ids, feed, feed_ids, mask, out, stream, false);
+        py::gil_scoped_release release;  // waits for the check (and what the stream ran before it)
+        return dwdp::coaction_forward(d, dtype, B, T, r, ind_ids, feed, feed_ids, mask, out, stream, true);
       },
       "fused forward; with check_ids the ids' range check runs first on the stream and its bits are returned (0: in "
       "range) once it has finished, the forward already launched behind it");

@@ -1511,15 +1511,23 @@ __global__ void __launch_bounds__(kSpecWarps * 32, spec_bwd_blocks<C>()) spec_ba
       U[k] = u;
     }
     __syncwarp();
-    const int ti = lane >> 1, tj = lane & 1;  // this lane's 1 x 4 tile of W1: row ti, columns 4 tj .. 4 tj + 3
-    float tacc[C][4], hacc[C][N1];
+    // this lane's tile of W1's gradient, columns 4 tj .. 4 tj + 3 (tj = lane & 1): row ti = lane / 2 of every order,
+    // over all the round's rows; or (kHalves: one W1 for 2 or 3 orders) rows ri and ri + 8 (ri = lane / 2 % 8), the
+    // orders folded per row by Horner (x dz_0 + x^2 dz_1 + ... = x (dz_0 + x (dz_1 + ...))), over the round's even
+    // rows (lanes 0-15) or odd rows (16-31), the halves added once per sample: 5 shared-memory loads a row pair
+    // instead of 8, and 8 accumulators instead of 12 at 3 orders (1 order has 4 already, 4 orders spill more)
+    constexpr bool kHalves = !OI && (C == 2 || C == 3);
+    constexpr int NT = kHalves ? 2 : C;
+    const int ti = lane >> 1, tj = lane & 1, ri = ti & 7, th = lane >> 4;
+    float tacc[NT][4], hacc[C][N1];
 #pragma unroll
-    for (int c = 0; c < C; ++c) {
+    for (int c = 0; c < NT; ++c)
 #pragma unroll
       for (int k = 0; k < 4; ++k) tacc[c][k] = 0.f;
 #pragma unroll
+    for (int c = 0; c < C; ++c)
+#pragma unroll
       for (int j = 0; j < N1; ++j) hacc[c][j] = 0.f;
-    }
     int valid = 0, cur = 0;
     while (na > 0) {
       if (nb > 0) spec_fetch_row(f, feed, fb, tb >= 0, fbuf + (cur ^ 1) * buf + lane * FRS);
@@ -1578,21 +1586,44 @@ __global__ void __launch_bounds__(kSpecWarps * 32, spec_bwd_blocks<C>()) spec_ba
         gx[i] = s;
       }
       __syncwarp();
-      // W1's gradient: this lane's tile in every order, summed over the round's rows m of x^(c+1) (x) dz_c
-      const float* xr = rb;
-      const float* dm = rws + g.rDZ + 4 * tj;
+      // W1's gradient: this lane's tile, summed over the round's rows m of x^(c+1) (x) dz_c
+      if constexpr (!kHalves) {
+        const float* xr = rb;
+        const float* dm = rws + g.rDZ + 4 * tj;
 #pragma unroll 2
-      for (int m = 0; m < na; ++m, xr += FRS, dm += g.RS) {
-        const float xm = spec_x_at<T>(xr, ti);
-        float p = xm;
+        for (int m = 0; m < na; ++m, xr += FRS, dm += g.RS) {
+          const float xm = spec_x_at<T>(xr, ti);
+          float p = xm;
 #pragma unroll
-        for (int c = 0; c < C; ++c) {
-          if (c) p *= xm;
-          const float4 d = *reinterpret_cast<const float4*>(dm + c * N1);
-          tacc[c][0] = fmaf(p, d.x, tacc[c][0]);
-          tacc[c][1] = fmaf(p, d.y, tacc[c][1]);
-          tacc[c][2] = fmaf(p, d.z, tacc[c][2]);
-          tacc[c][3] = fmaf(p, d.w, tacc[c][3]);
+          for (int c = 0; c < C; ++c) {
+            if (c) p *= xm;
+            const float4 d = *reinterpret_cast<const float4*>(dm + c * N1);
+            tacc[c][0] = fmaf(p, d.x, tacc[c][0]);
+            tacc[c][1] = fmaf(p, d.y, tacc[c][1]);
+            tacc[c][2] = fmaf(p, d.z, tacc[c][2]);
+            tacc[c][3] = fmaf(p, d.w, tacc[c][3]);
+          }
+        }
+      } else {
+        const float* xr = rb + th * FRS;
+        const float* dm = rws + g.rDZ + 4 * tj + th * g.RS;
+#pragma unroll 2
+        for (int m = th; m < na; m += 2, xr += 2 * FRS, dm += 2 * g.RS) {
+          const float xa = spec_x_at<T>(xr, ri), xb = spec_x_at<T>(xr, ri + 8);
+          float d[C][4];
+#pragma unroll
+          for (int c = 0; c < C; ++c) {
+            const float4 v = *reinterpret_cast<const float4*>(dm + c * N1);
+            d[c][0] = v.x, d[c][1] = v.y, d[c][2] = v.z, d[c][3] = v.w;
+          }
+#pragma unroll
+          for (int k = 0; k < 4; ++k) {
+            float ha = d[C - 1][k], hb = ha;
+#pragma unroll
+            for (int c = C - 2; c >= 0; --c) ha = fmaf(xa, ha, d[c][k]), hb = fmaf(xb, hb, d[c][k]);
+            tacc[0][k] = fmaf(xa, ha, tacc[0][k]);
+            tacc[1][k] = fmaf(xb, hb, tacc[1][k]);
+          }
         }
       }
       if (feed_ids) {  // lanes sharing a feed row add theirs once (staged in shared memory)
@@ -1617,21 +1648,36 @@ __global__ void __launch_bounds__(kSpecWarps * 32, spec_bwd_blocks<C>()) spec_ba
       na = nb, ta = tb, fa = fb, nb = nc, tb = tc, fb = fc, cur ^= 1;
     }
     cp_async_wait<0>();  // a sample without a valid behaviour leaves its prologue's (zero-fill) copies unwaited
-    // W1: the lanes' tiles (without order independence the orders share one W1: summed in order)
+    // W1: the lanes' tiles (without order independence the orders share one W1: summed in order; kHalves: the
+    // even-row half plus the odd-row half, lanes 0-15 store)
+    if constexpr (!kHalves) {
 #pragma unroll
-    for (int c = 0; c < C; ++c) {
-      if (!OI && c) continue;
-      float s[4];
+      for (int c = 0; c < C; ++c) {
+        if (!OI && c) continue;
+        float s[4];
 #pragma unroll
-      for (int k = 0; k < 4; ++k) {
-        s[k] = tacc[c][k];
-        if (!OI)
+        for (int k = 0; k < 4; ++k) {
+          s[k] = tacc[c][k];
+          if (!OI)
 #pragma unroll
-          for (int c2 = 1; c2 < C; ++c2) s[k] += tacc[c2][k];
+            for (int c2 = 1; c2 < C; ++c2) s[k] += tacc[c2][k];
+        }
+        float* gw = gW + (OI ? c * f.wslice : 0) + ti * N1 + 4 * tj;
+#pragma unroll
+        for (int k = 0; k < 4; ++k) gw[k] += s[k];
       }
-      float* gw = gW + (OI ? c * f.wslice : 0) + ti * N1 + 4 * tj;
+    } else {
 #pragma unroll
-      for (int k = 0; k < 4; ++k) gw[k] += s[k];
+      for (int r = 0; r < 2; ++r)
+#pragma unroll
+        for (int k = 0; k < 4; ++k) tacc[r][k] += __shfl_xor_sync(0xffffffffu, tacc[r][k], 16);
+      if (th == 0)
+#pragma unroll
+        for (int r = 0; r < 2; ++r) {
+          float* gw = gW + (ri + 8 * r) * N1 + 4 * tj;
+#pragma unroll
+          for (int k = 0; k < 4; ++k) gw[k] += tacc[r][k];
+        }
     }
     // W2 and the biases from the h1 and dz sums: the lanes' h1 sums go to their rows' first C x N1 slots; lane j
     // then owns row j of W2 and b1[j] in every slice, lane m < N2 b2[m]; orders are added in turn
