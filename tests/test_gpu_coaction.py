@@ -408,6 +408,36 @@ def test_id_check_sees_ids_written_on_the_stream_just_before():
 
 
 @pytest.mark.gpu
+def test_a_refused_forward_leaves_no_stale_id_flag():
+    """The forward launches its id check before its own launch is refused (a layer too wide for shared memory: a
+    ValueError from the native call). That check, on bad ids and queued behind a large copy, must not set the flags
+    of the next call's check: the refused call waits for it before letting go of them (on a stale check the next,
+    good call would raise "ind_ids must be in ...")."""
+    import cupy as cp
+    from dwdp_ops.coaction import coaction_forward_gpu, launch_shape
+
+    wide = _fallback_spec(next(w for w in range(64, 264, 8) if launch_shape(_fallback_spec(w))[0] < 1))
+    spec = CoActionSpec()
+    s = cp.cuda.Stream(non_blocking=True)
+    big = cp.ones(1 << 28, cp.float32)
+    mask = cp.ones((2, 3), cp.float32)
+    table, ftable = cp.zeros((4, spec.induction_dim), cp.float32), cp.zeros((4, spec.feed_dim), cp.float32)
+    ids, fids = cp.zeros(2, cp.int64), cp.zeros((2, 3), cp.int64)
+    for _ in range(3):
+        with s:
+            dst = cp.empty_like(big)
+            dst[...] = big  # the refused call's check runs behind this
+            with pytest.raises(ValueError, match="shared memory"):
+                coaction_forward_gpu(cp.zeros((4, wide.induction_dim), cp.float32),
+                                     cp.zeros((4, wide.feed_dim), cp.float32), mask, wide, ind_ids=ids + 99,
+                                     feed_ids=fids, stream=s)
+            out = coaction_forward_gpu(table, ftable, mask, spec, ind_ids=ids, feed_ids=fids, stream=s)
+            del dst
+        s.synchronize()
+        assert np.array_equal(out.get(), np.zeros((2, spec.out_dim), np.float32))
+
+
+@pytest.mark.gpu
 def test_empty_tables_with_ids_are_refused_before_any_launch():
     import cupy as cp
     from dwdp_ops.coaction import coaction_forward_gpu

@@ -1746,7 +1746,7 @@ __global__ void check_ids_kernel(const int64_t* __restrict__ a, int64_t na, int6
 class IdCheck {
  public:
   // Launches the check of both arrays (a null pointer or a count of 0: that array is not checked) on stream s of the
-  // current device; `active` is false when there is nothing to check (then result() is 0 and nothing was launched).
+  // current device; with nothing to check nothing is launched, no lock is taken and result() is 0.
   IdCheck(uintptr_t ind_ids, int64_t n_ind, int64_t ind_rows, uintptr_t feed_ids, int64_t n_feed, int64_t feed_rows,
           cudaStream_t s) {
     const bool ci = ind_ids && n_ind > 0, cf = feed_ids && n_feed > 0;
@@ -1778,11 +1778,20 @@ class IdCheck {
     DWDP_CUDA_CHECK(cudaEventRecord(event_, s));
   }
 
+  // An exception between the launch and result() (a shape the kernels refuse, a failed launch): the check kernel may
+  // still be writing the shared flags, so it is waited for before the lock lets the next check reset them.
+  ~IdCheck() {
+    if (event_ && !done_) cudaEventSynchronize(event_);
+  }
+  IdCheck(const IdCheck&) = delete;
+  IdCheck& operator=(const IdCheck&) = delete;
+
   // Waits for the check (and what the stream ran before it): bit 0 a bad ind id, bit 1 a bad feed id. It spins on the
   // event for up to a millisecond (a check launched before the caller's own launches is usually done by then), then
   // blocks: the context's scheduling mode (spin, yield or blocking synchronisation) only shapes long waits.
   int result() {
     if (!event_) return 0;
+    done_ = true;
     const auto t0 = std::chrono::steady_clock::now();
     for (;;) {
       const cudaError_t e = cudaEventQuery(event_);
@@ -1804,6 +1813,7 @@ class IdCheck {
   std::unique_lock<std::mutex> hold_;
   volatile int* flags_ = nullptr;
   cudaEvent_t event_ = nullptr;
+  bool done_ = false;
 };
 
 void check_dims(const CoActionDims& d) {
