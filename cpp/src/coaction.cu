@@ -1613,8 +1613,8 @@ __global__ void __launch_bounds__(kSpecWarps * 32, spec_bwd_blocks<C>()) spec_ba
           float d[C][4];
 #pragma unroll
           for (int c = 0; c < C; ++c) {
-            const float4 v = *reinterpret_cast<const float4*>(dm + c * N1);
-            d[c][0] = v.x, d[c][1] = v.y, d[c][2] = v.z, d[c][3] = v.w;
+            const float4 dv = *reinterpret_cast<const float4*>(dm + c * N1);
+            d[c][0] = dv.x, d[c][1] = dv.y, d[c][2] = dv.z, d[c][3] = dv.w;
           }
 #pragma unroll
           for (int k = 0; k < 4; ++k) {
@@ -1771,11 +1771,16 @@ class IdCheck {
     const int64_t n = (ci ? n_ind : 0) + (cf ? n_feed : 0);
     const int threads = 256;
     const int64_t blocks = std::min<int64_t>((n + threads - 1) / threads, 1024);
-    check_ids_kernel<<<static_cast<int>(blocks), threads, 0, s>>>(
-        reinterpret_cast<const int64_t*>(ind_ids), ci ? n_ind : 0, ind_rows, reinterpret_cast<const int64_t*>(feed_ids),
-        cf ? n_feed : 0, feed_rows, dev);
-    DWDP_LAUNCH_CHECK();
-    DWDP_CUDA_CHECK(cudaEventRecord(event_, s));
+    try {
+      check_ids_kernel<<<static_cast<int>(blocks), threads, 0, s>>>(
+          reinterpret_cast<const int64_t*>(ind_ids), ci ? n_ind : 0, ind_rows,
+          reinterpret_cast<const int64_t*>(feed_ids), cf ? n_feed : 0, feed_rows, dev);
+      DWDP_LAUNCH_CHECK();
+      DWDP_CUDA_CHECK(cudaEventRecord(event_, s));
+    } catch (...) {  // no destructor runs for a constructor that throws: a queued check is waited for here
+      cudaStreamSynchronize(s);
+      throw;
+    }
   }
 
   // An exception between the launch and result() (a shape the kernels refuse, a failed launch): the check kernel may

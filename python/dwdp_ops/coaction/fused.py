@@ -263,8 +263,9 @@ def coaction_forward_gpu(induction: Any, feed: Any, mask: Any, spec: CoActionSpe
         out_dim = _dims(spec)[2]
         out = cp.zeros((B, out_dim), dtype=storage) if T == 0 else cp.empty((B, out_dim), dtype=storage)
     frows = fd.shape[0]
+    # without ids there is nothing to check (and no wait: the launch keeps the GIL)
     bad = native().coaction_forward(*geo, bases, rps, nrows, ip, fd.ptr, fp, frows, mk.ptr, out.data.ptr, h,
-                                    bool(check_ids))
+                                    bool(check_ids and (ip or fp)))
     _raise_bad_ids(bad, nrows, frows)
     return out
 
