@@ -5,10 +5,10 @@
 One co-action pair of the CAN reference configuration (D=16, 16->8->4, 3 orders, no bias) reading its rows from
 tables of 100 000 ids (induction 160 floats, feed 16 floats) by random ids, for (B, T) in (1024, 50), (1024, 100),
 (8192, 50), (8192, 100), (2048, 1000), (16384, 200) (80 % of the positions valid; --sizes picks some). Forward,
-and a step (forward + backward with the table gradients). Per case the
-variants below are timed interleaved (bench/common.py ``time_interleaved``: one repeat runs every variant once, in
-an order shuffled per repeat), --repeats repeats after 3 warm-up repeats, CUDA events on one stream;
-figures are medians, speed-ups the median of the per-repeat ratios:
+and a step (forward + backward with the table gradients). Per case the variants below are timed interleaved
+(bench/common.py ``time_interleaved``: one repeat runs every variant once, in an order shuffled per repeat),
+--repeats repeats after 3 warm-up repeats, CUDA events on one stream; figures are medians, speed-ups the median of
+the per-repeat ratios:
   fused          dwdp_ops.coaction.coaction_{forward,backward}_gpu with table + ids, the default path
                  (``check_ids=True``: the ids are range-checked on the device in front of the forward's kernel and
                  the host waits for the check after launching that kernel; a step checks them once, in its forward,
@@ -38,9 +38,9 @@ the feed ids and feed rows of the unmasked positions only (a masked position's r
 kernels do not read them), output; step = the forward's, then the backward's reads of the same plus grad_out, the
 dense table-shaped gradients it returns zeroed (written once) and the row gradients added into them (read + write
 per sample and per unmasked position). Until 2026-12-01 the count took the feed rows and ids of every position,
-masked ones included: ~20 % more bytes at 80 % valid, so the fractions of roofline reported before then are
-~1.2x what this count gives. FLOPs it must do (``*_flops``): 2 per multiply-add of the micro-MLP at the unmasked positions,
-every order (forward F); the step 3 F (the backward's weight gradients and input gradients are 2 F; recomputing the
+masked ones included: ~20 % more bytes at 80 % valid, so the fractions of roofline reported before then are ~1.2x
+what this count gives. FLOPs it must do (``*_flops``): 2 per multiply-add of the micro-MLP at the unmasked
+positions, every order (forward F); the step 3 F (the backward's weight gradients and input gradients are 2 F; recomputing the
 forward, which the kernels do instead of storing activations, is not counted). ``*_roofline_ms`` is the larger of
 bytes / HBM rate and FLOPs / FMA rate, ``*_bound`` names which, ``*_of_roofline`` divides it by the
 ``check_ids=False`` kernel time (1.0 = at the hardware's limit), ``*_of_roofline_default`` by the default path's,
@@ -377,9 +377,8 @@ def main() -> int:
     write_json(result_name("coaction_bench", facts["card"]),
                dict(benchmark="coaction", hbm_copy_gbps=hbm, fma_tflops=fma,
                     fma_method="CuPy RawKernel, 8 independent fp32 FMA chains per thread, 8 x 256 threads per SM",
-                    repeats=ns.repeats, method="variants interleaved per "
-                    "repeat (order shuffled per repeat); medians; *_over_fused = median of per-repeat ratios to the default "
-                    "fused path (check_ids=True)", torch_compile_mode=ns.compile_mode if torch else None,
+                    repeats=ns.repeats, method="variants interleaved per repeat (order shuffled per repeat); "
+                    "medians; *_over_fused = median of per-repeat ratios to the default fused path (check_ids=True)", torch_compile_mode=ns.compile_mode if torch else None,
                     **facts, rows=rows))
     return 0
 

@@ -1,5 +1,7 @@
 // pybind11 module dwdp_ops._C: a thin boundary. Pointers and streams cross it as integers; Python owns arrays,
 // validation of shapes and dtypes, and the lifecycle (python/dwdp_ops/runtime.py).
+#include <optional>
+
 #include <pybind11/pybind11.h>
 #include <pybind11/numpy.h>
 #include <pybind11/stl.h>
@@ -127,10 +129,11 @@ PYBIND11_MODULE(_C, m) {
                       uintptr_t mask, uintptr_t out, uintptr_t stream, bool check_ids) {
         const auto d = dims(din, dout, orders, bias, order_independent, paper);
         const auto r = rows_of(bases, {}, rows_per_shard, num_rows, feed_ids, feed_rows);
-        if (!check_ids)  // launches only: the GIL stays (handing it to another thread costs more than they take)
-          return dwdp::coaction_forward(d, dtype, B, T, r, ind_ids, feed, feed_ids, mask, out, stream, false);
-        py::gil_scoped_release release;  // waits for the check (and what the stream ran before it)
-        return dwdp::coaction_forward(d, dtype, B, T, r, ind_ids, feed, feed_ids, mask, out, stream, true);
+        // the GIL is released only to wait for the check (and what the stream ran before it); a call that only
+        // launches keeps it (handing it to another thread costs more than the launches take)
+        std::optional<py::gil_scoped_release> release;
+        if (check_ids) release.emplace();
+        return dwdp::coaction_forward(d, dtype, B, T, r, ind_ids, feed, feed_ids, mask, out, stream, check_ids);
       },
       "fused forward; with check_ids the ids' range check runs first on the stream and its bits are returned (0: in "
       "range) once it has finished, the forward already launched behind it");

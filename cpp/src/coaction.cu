@@ -1752,12 +1752,13 @@ class IdCheck {
     const bool ci = ind_ids && n_ind > 0, cf = feed_ids && n_feed > 0;
     if (!ci && !cf) return;
     hold_ = std::unique_lock<std::mutex>(lock());
-    static int* flags = nullptr;
-    if (!flags) DWDP_CUDA_CHECK(cudaHostAlloc(&flags, 2 * sizeof(int), cudaHostAllocMapped | cudaHostAllocPortable));
+    static int *flags = nullptr, *dev = nullptr;  // dev: their device address (one for every device: portable, UVA)
+    if (!flags) {
+      DWDP_CUDA_CHECK(cudaHostAlloc(&flags, 2 * sizeof(int), cudaHostAllocMapped | cudaHostAllocPortable));
+      DWDP_CUDA_CHECK(cudaHostGetDevicePointer(reinterpret_cast<void**>(&dev), flags, 0));
+    }
     flags_ = flags;
     flags_[0] = flags_[1] = 0;
-    int* dev = nullptr;
-    DWDP_CUDA_CHECK(cudaHostGetDevicePointer(reinterpret_cast<void**>(&dev), flags, 0));
     int device;
     DWDP_CUDA_CHECK(cudaGetDevice(&device));
     static std::map<int, cudaEvent_t> events;
@@ -2090,7 +2091,6 @@ void coaction_backward(const CoActionDims& d, int dtype, int B, int T, const CoA
     launch(__nv_bfloat16{}, fast_backward_kernel<__nv_bfloat16, 8>, fast_backward_kernel<__nv_bfloat16, 16>,
            fast_backward_kernel<__nv_bfloat16, 32>, warp_backward_kernel<__nv_bfloat16>);
 }
-
 
 int coaction_check_ids(uintptr_t ind_ids, int64_t n_ind, int64_t ind_rows, uintptr_t feed_ids, int64_t n_feed,
                        int64_t feed_rows, uintptr_t stream) {

@@ -63,10 +63,10 @@ struct CoActionRows {
 };
 
 // dtype: 0 = float32, 1 = bfloat16 (inputs and output); gradients are float32.
-// check_ids: the range check of both id arrays (ind_ids against num_rows, feed_ids against feed_rows)
-// is launched on the stream before the forward, and the host waits for the check alone after launching the forward
-// (the forward runs meanwhile, memory-safe on any ids; see CoActionRows): returns coaction_check_ids's bits (0 when not
-// checked). A caller that gets a nonzero result discards the output.
+// check_ids: the range check of both id arrays (ind_ids against num_rows, feed_ids against feed_rows) is launched on
+// the stream before the forward, and the host waits for the check alone after launching the forward (which runs
+// meanwhile, memory-safe on any ids; see CoActionRows): returns coaction_check_ids's bits (0 when not checked). A
+// caller that gets a nonzero result discards the output.
 int coaction_forward(const CoActionDims& d, int dtype, int B, int T, const CoActionRows& rows, uintptr_t ind_ids,
                      uintptr_t feed, uintptr_t feed_ids, uintptr_t mask, uintptr_t out, uintptr_t stream,
                      bool check_ids = false);
