@@ -104,6 +104,41 @@ def test_table_gradients_are_table_shaped_and_accumulate(dtype, bound):
 
 
 @pytest.mark.gpu
+def test_one_table_in_two_calls_and_forwards_without_a_backward():
+    """The forward zeroes its backward's gradient arrays (TableGrads): one table read by two calls in one loss gets
+    the sum of both calls' gradients (each call its own arrays), forwards whose graph is dropped without a backward
+    give their arrays back to the pool, and a forward under no_grad makes none."""
+    import cupy as cp
+    from dwdp_ops.coaction import coaction
+
+    spec = CoActionSpec()
+    B, T, rows = 300, 40, 50
+    table, ftable, mask, gout = (t.cuda() for t in make(spec, B, T, 8, rows=rows))
+    g = torch.Generator().manual_seed(9)
+    ids, ids2 = (torch.randint(0, rows, (B,), generator=g).cuda() for _ in range(2))
+    fids = torch.randint(0, rows, (B, T), generator=g).cuda()
+    a, b = table.clone().requires_grad_(), ftable.clone().requires_grad_()
+    ((coaction(a, b, mask, spec, ind_ids=ids, feed_ids=fids) + coaction(a, b, mask, spec, ind_ids=ids2,
+                                                                         feed_ids=fids)) * gout).sum().backward()
+    ra, rb = table.double().requires_grad_(), ftable.double().requires_grad_()
+    want = (torch_reference(spec, ra[ids], rb[fids], mask.double())
+            + torch_reference(spec, ra[ids2], rb[fids], mask.double()))
+    (want * gout.double()).sum().backward()
+    assert rel(a.grad, ra.grad) <= 1e-5 and rel(b.grad, rb.grad) <= 1e-5
+    torch.cuda.synchronize()
+    pool = cp.get_default_memory_pool()
+    used = pool.used_bytes()
+    for _ in range(5):
+        coaction(a, b, mask, spec, ind_ids=ids, feed_ids=fids)  # the graph (and its TableGrads) dropped at once
+    torch.cuda.synchronize()
+    assert pool.used_bytes() == used
+    with torch.no_grad():
+        out = coaction(a, b, mask, spec, ind_ids=ids, feed_ids=fids)
+        assert pool.used_bytes() - used < 2 * table.numel() * 4  # no table-sized gradient arrays
+    del out
+
+
+@pytest.mark.gpu
 def test_runs_on_the_current_torch_stream_and_only_needed_gradients():
     from dwdp_ops.coaction import coaction
 

@@ -190,3 +190,19 @@ def test_one_signature_with_the_gpu_op(seed):
     np.testing.assert_allclose(tf, want_f, rtol=1e-12, atol=1e-12)
     with pytest.raises(ValueError, match="ind_ids must be in"):
         coaction_forward(table_i, table_f, mask, spec, ind_ids=ind_ids + rows_i, feed_ids=feed_ids)
+
+
+@pytest.mark.parametrize("args, kwargs, exc, match", [
+    (((4, 160), (4, 16)), dict(zero="backward"), ValueError, "zero must be 'forward'"),
+    (((-1, 160), (4, 16)), {}, ValueError, "induction_shape must be a non-empty tuple of sizes >= 0"),
+    (((4, 160), ()), {}, ValueError, "feed_shape must be a non-empty tuple"),
+    (((4, 160), None), {}, TypeError, "feed_shape must be a tuple of ints"),
+    ((("a", 160), (4, 16)), {}, TypeError, "induction_shape must be a tuple of ints"),
+])
+def test_table_grads_arguments_are_checked_before_any_device_work(args, kwargs, exc, match):
+    """TableGrads refuses a bad zero mode or shape before it allocates or queues anything (no GPU needed), and an
+    instance whose constructor raised has nothing to wait for when it is collected."""
+    from dwdp_ops.coaction import TableGrads
+
+    with pytest.raises(exc, match=match):
+        TableGrads(*args, **kwargs)

@@ -637,3 +637,188 @@ def test_operands_out_of_fp16_range_take_the_cuda_core_first_layer(feed_scale, i
         feed[:, 3] *= feed_scale
     got, want = run_both(spec, (ind * ind_scale).astype(np.float32), feed.astype(np.float32), mask, g)
     assert_close(got, want, 1e-5)
+
+
+def _table_case(B=300, T=70, rows=64, seed=31):
+    import cupy as cp
+
+    spec = CoActionSpec()
+    rng = np.random.default_rng(seed)
+    table = cp.asarray(rng.normal(0, 0.3, (rows, spec.induction_dim)).astype(np.float32))
+    ftable = cp.asarray(rng.normal(0, 0.6, (rows, spec.feed_dim)).astype(np.float32))
+    ids, fids = cp.asarray(rng.integers(0, rows, B)), cp.asarray(rng.integers(0, rows, (B, T)))
+    mask = cp.asarray((rng.random((B, T)) < 0.8).astype(np.float32))
+    g = cp.asarray(rng.normal(size=(B, spec.out_dim)).astype(np.float32))
+    return spec, table, ftable, ids, fids, mask, g
+
+
+@pytest.mark.gpu
+def test_backward_adds_into_given_gradients():
+    """grads=(grad_induction, grad_feed): the backward adds into the caller's arrays and returns them (twice: twice the
+    gradient on top of what they held); wrong shapes, dtypes, layouts and a sharded table's grads are refused by
+    name."""
+    import cupy as cp
+    from dwdp_ops.coaction import coaction_backward_gpu
+
+    spec, table, ftable, ids, fids, mask, g = _table_case()
+    kw = dict(ind_ids=ids, feed_ids=fids, check_ids=False)
+    gi, gf = coaction_backward_gpu(table, ftable, mask, g, spec, **kw)
+    ai, af = cp.full(table.shape, 0.5, cp.float32), cp.full(ftable.shape, -2.0, cp.float32)
+    for _ in range(2):
+        ri, rf = coaction_backward_gpu(table, ftable, mask, g, spec, grads=(ai, af), **kw)
+        assert ri is ai and rf is af
+    assert rel(ai.get(), 0.5 + 2 * gi.get()) <= 1e-6 and rel(af.get(), -2.0 + 2 * gf.get()) <= 1e-6
+    for bad, what in (((ai[:-1], af), "grad_induction must be a contiguous float32 \\[64, 160\\]"),
+                      ((ai, af.astype(cp.float64)), "grad_feed must be a contiguous float32 \\[64, 16\\]"),
+                      ((cp.asfortranarray(ai.reshape(160, 64)).reshape(64, 160, order="F"), af), "grad_induction"),
+                      ((ai,), "grads must be None, a TableGrads or a pair")):
+        with pytest.raises(TypeError, match=what):
+            coaction_backward_gpu(table, ftable, mask, g, spec, grads=bad, **kw)
+    if cp.cuda.runtime.getDeviceCount() > 1:
+        with cp.cuda.Device(1):
+            other = cp.zeros(table.shape, cp.float32)
+        with pytest.raises(ValueError, match="grad_induction is on another device"):
+            coaction_backward_gpu(table, ftable, mask, g, spec, grads=(other, af), **kw)
+
+
+def _poison_pool(n_ind, n_feed):
+    """A NaN-filled block of the size TableGrads takes for these float counts, freed back to the current stream's
+    pool (the next TableGrads of those sizes gets it)."""
+    import cupy as cp
+
+    a = cp.full(-(-n_ind // 64) * 64 + n_feed, np.nan, cp.float32)
+    del a
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("zero", ["forward", "side"])
+def test_table_grads_zeroed_ahead_on_a_busy_stream_and_in_graphs(zero):
+    """TableGrads zeroed by the forward's kernel (zero='forward') or on a side stream behind what the caller's stream
+    had queued (zero='side', behind a large copy) while the forward runs; the backward waits for the zeroing. The
+    arrays come from pool blocks poisoned with NaN just before; eager steps and CUDA-graph replays of the same step
+    alternate; every step's gradients equal a plain backward's bit for bit (gathered rows: no atomics in the way), and
+    a replay rewrites the graph's outputs."""
+    import cupy as cp
+    from dwdp_ops.coaction import TableGrads, coaction_backward_gpu, coaction_forward_gpu
+
+    spec, table, ftable, ids, fids, mask, g = _table_case()
+    ind, feed = table[ids], ftable[fids]  # gathered rows: deterministic gradients
+    want_out = coaction_forward_gpu(ind, feed, mask, spec)
+    want = coaction_backward_gpu(ind, feed, mask, g, spec)
+    s = cp.cuda.Stream(non_blocking=True)
+    big = cp.ones(1 << 27, cp.float32)
+
+    def step():
+        tg = TableGrads(ind.shape, feed.shape, stream=s, zero=zero)
+        out = coaction_forward_gpu(ind, feed, mask, spec, stream=s, zero_grads=tg if zero == "forward" else None)
+        return (out, *coaction_backward_gpu(ind, feed, mask, g, spec, stream=s, grads=tg))
+
+    with s:
+        step()
+        s.synchronize()
+        s.begin_capture()
+        try:
+            captured = step()
+        finally:
+            graph = s.end_capture()
+        for i in range(6):
+            dst = cp.empty_like(big)
+            dst[...] = big  # queued ahead: the zeroing comes behind it
+            if i % 2:
+                for a in captured:
+                    a.fill(np.nan)
+                graph.launch(s)
+                got = captured
+            else:
+                _poison_pool(ind.size, feed.size)  # NaN-filled pool blocks of s for TableGrads to take
+                got = step()
+            del dst
+            s.synchronize()
+            for a, b in zip(got, (want_out, *want)):
+                assert np.array_equal(a.get(), b.get()), i
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", ["specialized", "bf16", "general", "table"])
+def test_the_forward_zeroes_table_grads_on_every_path(case):
+    """zero_grads on the specialised kernels (zeroed by the kernel; fp32 and bf16 inputs), the general ones (a memset
+    in front of the kernel), and with table ids (atomics: within 1e-6 of a plain backward): the gradients the
+    backward adds into them equal a plain backward's, from NaN-poisoned pool blocks."""
+    import cupy as cp
+    from dwdp_ops.coaction import TableGrads, coaction_backward_gpu, coaction_forward_gpu
+    from dwdp_ops.coaction.fused import uses_specialized_kernels
+
+    spec = CoActionSpec(layer_dims=((5, 4),), orders=2, bias=True) if case == "general" else CoActionSpec()
+    assert uses_specialized_kernels(spec) == (case != "general")
+    B, T = 333, 45
+    ind, feed, mask, g = (cp.asarray(a) for a in inputs(spec, B, T, 3))
+    kw = {}
+    if case == "bf16":
+        ind, feed = cp.asarray(bf16_bits(ind.get())), cp.asarray(bf16_bits(feed.get()))
+        kw = dict(dtype="bfloat16")
+    if case == "table":
+        _, ind, feed, ids, fids, mask, g = _table_case(B=B, T=T)
+        kw = dict(ind_ids=ids, feed_ids=fids)
+    want = coaction_backward_gpu(ind, feed, mask, g, spec, **kw)
+    for _ in range(2):
+        _poison_pool(ind.size, feed.size)
+        tg = TableGrads(ind.shape, feed.shape)
+        coaction_forward_gpu(ind, feed, mask, spec, zero_grads=tg, **kw)
+        got = coaction_backward_gpu(ind, feed, mask, g, spec, grads=tg, **kw)
+        for a, b in zip(got, want):
+            a, b = a.get(), b.get()
+            assert np.array_equal(a, b) if case != "table" else rel(a, b) <= 1e-6
+
+
+@pytest.mark.gpu
+def test_table_grads_misuse_is_refused_by_name():
+    """A TableGrads(zero='forward') that no forward zeroed, or passed to a second forward, a side-zeroed one passed to
+    a forward, a wrong zero mode or shape, and a non-TableGrads zero_grads: each a clear exception."""
+    import cupy as cp
+    from dwdp_ops.coaction import TableGrads, coaction_backward_gpu, coaction_forward_gpu
+
+    spec, table, ftable, ids, fids, mask, g = _table_case(B=20, T=9)
+    kw = dict(ind_ids=ids, feed_ids=fids)
+    tg = TableGrads(table.shape, ftable.shape)
+    with pytest.raises(ValueError, match="not zeroed yet"):
+        coaction_backward_gpu(table, ftable, mask, g, spec, grads=tg, **kw)
+    coaction_forward_gpu(table, ftable, mask, spec, zero_grads=tg, **kw)
+    with pytest.raises(ValueError, match="zeroed already"):
+        coaction_forward_gpu(table, ftable, mask, spec, zero_grads=tg, **kw)
+    with pytest.raises(ValueError, match="zeroed already"):
+        coaction_forward_gpu(table, ftable, mask, spec, zero_grads=TableGrads(table.shape, ftable.shape, zero="side"),
+                             **kw)
+    with pytest.raises(TypeError, match="zero_grads must be a TableGrads"):
+        coaction_forward_gpu(table, ftable, mask, spec, zero_grads=(tg.induction, tg.feed), **kw)
+    with pytest.raises(ValueError, match="zero must be 'forward'"):
+        TableGrads(table.shape, ftable.shape, zero="backward")
+    with pytest.raises(TypeError, match="grad_induction must be a contiguous float32 \\[64, 160\\]"):
+        coaction_backward_gpu(table, ftable, mask, g, spec, grads=TableGrads((63, 160), ftable.shape, zero="side"), **kw)
+    if cp.cuda.runtime.getDeviceCount() > 1:
+        with cp.cuda.Device(1):
+            other = TableGrads(table.shape, ftable.shape)
+        with pytest.raises(ValueError, match="on device 1, the forward runs on device 0"):
+            coaction_forward_gpu(table, ftable, mask, spec, zero_grads=other, **kw)
+
+
+@pytest.mark.gpu
+def test_table_grads_dropped_unused_hold_the_pool_behind_their_zeroing():
+    """TableGrads zeroed on a side stream and dropped without a backward, behind a long copy: the allocating stream
+    waits for the zeroing, so the next array from the same pool blocks, filled on that stream, keeps its fill (a
+    zeroing left pending could land after it)."""
+    import cupy as cp
+    from dwdp_ops.coaction import TableGrads
+
+    s = cp.cuda.Stream(non_blocking=True)
+    big = cp.ones(1 << 28, cp.float32)
+    with s:
+        for _ in range(5):
+            dst = cp.empty_like(big)
+            dst[...] = big
+            TableGrads((1 << 20, 16), (4096, 16), stream=s, zero="side").close()
+            a = cp.empty((1 << 24) + 4096 * 16, cp.float32)  # the size of its block: the same block again
+            a.fill(3)
+            del dst
+            s.synchronize()
+            assert bool((a == 3).all())
+            del a

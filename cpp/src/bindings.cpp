@@ -126,17 +126,27 @@ PYBIND11_MODULE(_C, m) {
       [dims, rows_of](std::vector<int> din, std::vector<int> dout, int orders, bool bias, bool order_independent,
                       bool paper, int dtype, int B, int T, std::vector<uint64_t> bases, int64_t rows_per_shard,
                       int64_t num_rows, uintptr_t ind_ids, uintptr_t feed, uintptr_t feed_ids, int64_t feed_rows,
-                      uintptr_t mask, uintptr_t out, uintptr_t stream, bool check_ids) {
+                      uintptr_t mask, uintptr_t out, uintptr_t stream, bool check_ids,
+                      std::vector<uint64_t> zero_ptrs, std::vector<int64_t> zero_floats) {
         const auto d = dims(din, dout, orders, bias, order_independent, paper);
         const auto r = rows_of(bases, {}, rows_per_shard, num_rows, feed_ids, feed_rows);
+        if (zero_ptrs.size() > 2 || zero_ptrs.size() != zero_floats.size())
+          throw std::invalid_argument("coaction_forward: at most two arrays to zero, an address and a count each");
+        dwdp::CoActionZero z;
+        for (size_t i = 0; i < zero_ptrs.size(); ++i) {
+          if (zero_floats[i] < 0) throw std::invalid_argument("coaction_forward: a negative count to zero");
+          z.ptr[i] = zero_ptrs[i];
+          z.n[i] = zero_floats[i];
+        }
         // the GIL is released only to wait for the check (and what the stream ran before it); a call that only
         // launches keeps it (handing it to another thread costs more than the launches take)
         std::optional<py::gil_scoped_release> release;
         if (check_ids) release.emplace();
-        return dwdp::coaction_forward(d, dtype, B, T, r, ind_ids, feed, feed_ids, mask, out, stream, check_ids);
+        return dwdp::coaction_forward(d, dtype, B, T, r, ind_ids, feed, feed_ids, mask, out, stream, check_ids, z);
       },
       "fused forward; with check_ids the ids' range check runs first on the stream and its bits are returned (0: in "
-      "range) once it has finished, the forward already launched behind it");
+      "range) once it has finished, the forward already launched behind it; zero_ptrs / zero_floats: float32 arrays "
+      "the call zeroes (a later backward's gradients)");
   m.def(
       "coaction_backward",
       [dims, rows_of](std::vector<int> din, std::vector<int> dout, int orders, bool bias, bool order_independent,

@@ -1359,11 +1359,31 @@ constexpr int spec_fwd_blocks() { return (C <= 3 ? 7 : 5) * kFastWarps / kSpecWa
 template <int C>
 constexpr int spec_bwd_blocks() { return (C <= 3 ? 4 : 3) * kFastWarps / kSpecWarps; }
 
+// Sample b's share (1 / B) of the float32 arrays in z zeroed (TableGrads: a later backward's gradients), 16-byte
+// streaming stores (written once here, read back only by that backward: kept out of the way of the forward's gathers
+// in L2); the last sample also zeroes what is left past the last whole 16 bytes. Addresses are 16-byte aligned (the
+// host sends unaligned ones to a memset instead). Issued at the end of the sample, by every sample: the zeroing then
+// costs the forward about half of what a memset of the same bytes takes (at its start, or by fewer samples with
+// larger shares, it cost more; docs/benchmarks.md).
+__device__ __forceinline__ void spec_zero_share(const CoActionZero& z, int b, int B, int lane) {
+#pragma unroll
+  for (int k = 0; k < 2; ++k) {
+    if (!z.ptr[k]) continue;
+    float* p = reinterpret_cast<float*>(z.ptr[k]);
+    const size_t n = static_cast<size_t>(z.n[k]), n4 = n / 4;
+    const size_t lo = n4 * b / B, hi = n4 * (b + 1) / B;
+    float4* q = reinterpret_cast<float4*>(p);
+    for (size_t i = lo + lane; i < hi; i += 32) __stcs(q + i, make_float4(0.f, 0.f, 0.f, 0.f));
+    if (b == B - 1)
+      for (size_t i = 4 * n4 + lane; i < n; i += 32) p[i] = 0.f;
+  }
+}
+
 template <typename T, int C, bool OI>
 __global__ void __launch_bounds__(kSpecWarps * 32, spec_fwd_blocks<C>()) spec_forward_kernel(
     Fast f, SpecGeo g, int B, int T_len, CoActionRows rows, const int64_t* __restrict__ ind_ids,
     const T* __restrict__ feed, const int64_t* __restrict__ feed_ids, const float* __restrict__ mask,
-    T* __restrict__ out) {
+    T* __restrict__ out, CoActionZero zero) {
   constexpr int D = kSpecD, N1 = kSpecN1, N2 = kSpecN2, S = N1 + N2, NR = spec_row_regs<C, OI>();
   constexpr int FRS = spec_frs(sizeof(T));  // g.FRS, as a constant
   extern __shared__ __align__(16) float smem[];
@@ -1449,6 +1469,7 @@ __global__ void __launch_bounds__(kSpecWarps * 32, spec_fwd_blocks<C>()) spec_fo
     for (int i = 0; i < N1; ++i) v = fmaf(hs[c * N1 + i], w2[i * N2 + m], v);
     st(o, c * S + N1 + m, v);
   }
+  spec_zero_share(zero, b, B, lane);  // at the sample's end: measured faster than at its start (see the docs)
 }
 
 template <typename T, int C, bool OI>
@@ -1966,12 +1987,29 @@ K spec_pick(int C, K k1, K k2, K k3, K k4) {
 }
 }  // namespace
 
+namespace {
+// The arrays of z zeroed by cudaMemsetAsync on s (the forward's path when its kernel does not zero them).
+void zero_by_memset(const CoActionZero& z, cudaStream_t s) {
+  for (int k = 0; k < 2; ++k)
+    if (z.ptr[k] && z.n[k] > 0)
+      DWDP_CUDA_CHECK(cudaMemsetAsync(reinterpret_cast<void*>(z.ptr[k]), 0, sizeof(float) * z.n[k], s));
+}
+}  // namespace
+
 int coaction_forward(const CoActionDims& d, int dtype, int B, int T, const CoActionRows& rows, uintptr_t ind_ids,
                      uintptr_t feed, uintptr_t feed_ids, uintptr_t mask, uintptr_t out, uintptr_t stream,
-                     bool check_ids) {
+                     bool check_ids, const CoActionZero& zero) {
   check_rows(rows, feed_ids, static_cast<int64_t>(B) * T);
   DeviceGuard guard(device_of(out, "coaction_forward: out"));
   auto s = reinterpret_cast<cudaStream_t>(stream);
+  CoActionZero zk;  // what the specialised kernel zeroes (16-byte aligned arrays; the rest by memset)
+  CoActionZero zm;
+  for (int k = 0; k < 2; ++k) {
+    if (!zero.ptr[k] || zero.n[k] <= 0) continue;
+    CoActionZero& to = zero.ptr[k] % 16 == 0 ? zk : zm;
+    to.ptr[k] = zero.ptr[k];
+    to.n[k] = zero.n[k];
+  }
   // the check first on the stream, its result awaited after the forward's launch (the kernels are memory-safe on any
   // ids, see CoActionRows)
   IdCheck check(check_ids ? ind_ids : 0, B, rows.num_rows,
@@ -1997,9 +2035,13 @@ int coaction_forward(const CoActionDims& d, int dtype, int B, int T, const CoAct
       if (ssmem + kFastStatic > kSmemDefault)
         DWDP_CUDA_CHECK(
             cudaFuncSetAttribute(kspec, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(ssmem)));
-      if (B == 0 || T == 0) return;
+      zero_by_memset(zm, s);
+      if (B == 0 || T == 0) {
+        zero_by_memset(zk, s);
+        return;
+      }
       kspec<<<(B + swarps - 1) / swarps, swarps * 32, ssmem, s>>>(f, make_spec_geo(f, false, sizeof(E)), B, T, rows, ids, fd,
-                                                                  fids, mk, o);
+                                                                  fids, mk, o, zk);
       DWDP_LAUNCH_CHECK();
       return;
     }
@@ -2007,6 +2049,7 @@ int coaction_forward(const CoActionDims& d, int dtype, int B, int T, const CoAct
     bool fast;
     const void* kfast = f.MW ? by_width(f.MW, k8, k16, k32) : nullptr;
     const int warps = prepare(d, false, &fast, kfast, reinterpret_cast<const void*>(kwarp), &smem);
+    zero_by_memset(zero, s);
     if (B == 0 || T == 0) return;
     if (fast) {
       const dim3 grid((B + warps - 1) / warps), block(warps * 32);
@@ -2035,7 +2078,12 @@ void coaction_backward(const CoActionDims& d, int dtype, int B, int T, const CoA
                        uintptr_t stream) {
   check_rows(rows, feed_ids, static_cast<int64_t>(B) * T);
   for (int i = 0; i < rows.shards; ++i) DWDP_REQUIRE(rows.grad[i] != 0, "co-action: shard " << i << " has no gradient");
-  DeviceGuard guard(device_of(grad_feed, "coaction_backward: grad_feed"));
+  const int device = device_of(grad_feed, "coaction_backward: grad_feed");
+  // a caller's gradient arrays (one shard: no sharded table's peer views) on the kernel's device, like grad_feed
+  if (rows.shards == 1)
+    DWDP_REQUIRE(device_of(rows.grad[0], "coaction_backward: grad_induction") == device,
+                 "co-action: grad_induction is on another device than grad_feed (both on the kernel's device)");
+  DeviceGuard guard(device);
   auto s = reinterpret_cast<cudaStream_t>(stream);
   auto launch = [&](auto tag, auto k8, auto k16, auto k32, auto kwarp) {
     using E = decltype(tag);

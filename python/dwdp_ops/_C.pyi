@@ -49,7 +49,7 @@ def swiglu_quant_bf16(h: int, h_stride: int, q: int, scale: int, rows: int, inte
 def coaction_forward(
     din: list[int], dout: list[int], orders: int, bias: bool, order_independent: bool, paper: bool, dtype: int, B: int,
     T: int, bases: list[int], rows_per_shard: int, num_rows: int, ind_ids: int, feed: int, feed_ids: int,
-    feed_rows: int, mask: int, out: int, stream: int, check_ids: bool,
+    feed_rows: int, mask: int, out: int, stream: int, check_ids: bool, zero_ptrs: list[int], zero_floats: list[int],
 ) -> int: ...
 def coaction_backward(
     din: list[int], dout: list[int], orders: int, bias: bool, order_independent: bool, paper: bool, dtype: int, B: int,

@@ -67,9 +67,17 @@ struct CoActionRows {
 // the stream before the forward, and the host waits for the check alone after launching the forward (which runs
 // meanwhile, memory-safe on any ids; see CoActionRows): returns coaction_check_ids's bits (0 when not checked). A
 // caller that gets a nonzero result discards the output.
+// zero: up to two float32 arrays (address, count of floats; address 0: none) the forward zeroes for a later backward
+// (TableGrads): the specialised kernels alongside their work, a share per sample, when an address is 16-byte
+// aligned; otherwise a cudaMemsetAsync on the stream in front of the kernel. Either way they are zero for the work
+// queued on the stream behind the call.
+struct CoActionZero {
+  uint64_t ptr[2] = {0, 0};
+  int64_t n[2] = {0, 0};
+};
 int coaction_forward(const CoActionDims& d, int dtype, int B, int T, const CoActionRows& rows, uintptr_t ind_ids,
                      uintptr_t feed, uintptr_t feed_ids, uintptr_t mask, uintptr_t out, uintptr_t stream,
-                     bool check_ids = false);
+                     bool check_ids = false, const CoActionZero& zero = {});
 // Gradients: with ind_ids == 0, rows.grad[0] is [B, D'] and is written; else the table gradient shards are
 // accumulated atomically. grad_feed is [B, T, D] (written) or, with feed_ids, the feed table gradient (accumulated).
 void coaction_backward(const CoActionDims& d, int dtype, int B, int T, const CoActionRows& rows, uintptr_t ind_ids,

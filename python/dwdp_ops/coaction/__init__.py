@@ -7,7 +7,7 @@ target item (the *induction* side), applied to powers of every behaviour's feed 
 first use so that this package needs no PyTorch.
 """
 
-from .fused import ShardedTable, coaction_backward_gpu, coaction_forward_gpu, launch_shape
+from .fused import ShardedTable, TableGrads, coaction_backward_gpu, coaction_forward_gpu, launch_shape
 from .reference import CoActionSpec, coaction_backward, coaction_forward
 
 _TORCH = ("CoActionFunction", "coaction")
@@ -21,5 +21,5 @@ def __getattr__(name: str):
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-__all__ = ["CoActionFunction", "CoActionSpec", "ShardedTable", "launch_shape", "coaction", "coaction_backward",
+__all__ = ["CoActionFunction", "CoActionSpec", "ShardedTable", "TableGrads", "launch_shape", "coaction", "coaction_backward",
            "coaction_backward_gpu", "coaction_forward", "coaction_forward_gpu"]

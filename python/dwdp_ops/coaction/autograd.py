@@ -7,6 +7,9 @@ everything runs on PyTorch's current stream of that device (the backward on the 
 forward's). ``loss.backward()`` fills ``induction.grad`` and ``feed.grad`` like any PyTorch op would: shaped like the
 inputs (table-shaped when ids are given, repeated ids added up) and of the inputs' dtype (the kernels accumulate in
 float32; a bf16 input gets its float32 gradient rounded once to bf16). The mask and the ids get no gradient.
+When a gradient is needed, the forward makes the backward's float32 gradient arrays (``TableGrads``, shaped like
+``induction`` and ``feed``: table-sized with ids) and its kernel zeroes them alongside its work, so they are held
+from the forward to the backward (memory a plain backward would allocate only when it runs).
 
 Importing this module needs PyTorch; ``dwdp_ops.coaction`` imports it only when ``coaction`` or
 ``CoActionFunction`` is first used, so the CuPy ops stay usable without PyTorch.
@@ -125,17 +128,20 @@ class CoActionFunction(torch.autograd.Function):
     def forward(ctx, induction, feed, mask, spec, ind_ids, feed_ids, check_ids):
         import cupy as cp
 
-        from .fused import coaction_forward_gpu
+        from .fused import TableGrads, coaction_forward_gpu
 
         dtype = _DTYPES[induction.dtype]
         device = induction.device
         with cp.cuda.Device(device.index), _stream(device) as s:
             ids = None if ind_ids is None else _to_cupy(ind_ids)
             fids = None if feed_ids is None else _to_cupy(feed_ids)
+            # the backward's gradient arrays, zeroed by this forward's kernel (no memsets in the backward's way)
+            grads = (TableGrads(tuple(induction.shape), tuple(feed.shape), stream=s)
+                     if ctx.needs_input_grad[0] or ctx.needs_input_grad[1] else None)
             out = coaction_forward_gpu(_to_cupy(induction), _to_cupy(feed), _to_cupy(mask), spec, ind_ids=ids,
-                                       feed_ids=fids, dtype=dtype, stream=s, check_ids=check_ids)
+                                       feed_ids=fids, dtype=dtype, stream=s, check_ids=check_ids, zero_grads=grads)
             result = _to_torch(out, induction.dtype)
-        ctx.spec, ctx.dtype = spec, dtype
+        ctx.spec, ctx.dtype, ctx.grads = spec, dtype, grads
         ctx.save_for_backward(induction, feed, mask, ind_ids, feed_ids)
         return result
 
@@ -158,7 +164,8 @@ class CoActionFunction(torch.autograd.Function):
             # the ids were range-checked by the forward (or the caller said not to): no second host synchronisation
             g_ind, g_feed = coaction_backward_gpu(_to_cupy(induction), _to_cupy(feed), _to_cupy(mask), _to_cupy(g),
                                                   ctx.spec, ind_ids=ids, feed_ids=fids, dtype=ctx.dtype, stream=s,
-                                                  check_ids=False)
+                                                  check_ids=False, grads=ctx.grads)
+            ctx.grads = None  # (once_differentiable: one backward)
             gi = _to_torch(g_ind, torch.float32).to(induction.dtype) if need_ind else None
             gf = _to_torch(g_feed, torch.float32).to(feed.dtype) if need_feed else None
         return gi, gf, None, None, None, None, None

@@ -32,6 +32,7 @@ shards, all reachable by load/store (NVLink).
 from __future__ import annotations
 
 import functools
+import math
 from typing import Any
 
 import numpy as np
@@ -144,6 +145,134 @@ class ShardedTable:
         self.close()
 
 
+class TableGrads:
+    """Float32 gradient arrays for one coming ``coaction_backward_gpu(..., grads=this)``, zeroed ahead of it, off the
+    backward's critical path.
+
+    ``TableGrads(induction_shape, feed_shape, stream=s, zero=...)`` allocates ``induction`` (``[rows, D']``, the
+    induction table's or the gathered rows' shape) and ``feed`` (``[rows, D]`` or ``[B, T, D]``), float32, in one
+    block of CuPy's pool on ``s`` (the feed's part 256-byte aligned). Not collective. ``zero`` says who zeroes them:
+
+    - ``"forward"`` (default): the next ``coaction_forward_gpu(..., zero_grads=this)``; the specialised kernels
+      zero them alongside their work, a share per sample (no separate memset), other kernels by a memset on the
+      forward's stream in front of the kernel. The backward refuses them until a forward has done so.
+    - ``"side"``: a ``cudaMemsetAsync`` on a side stream of the current device at once, behind everything queued on
+      ``s`` so far (an event), overlapping whatever ``s`` runs next.
+
+    ``ready_on(stream)`` makes ``stream`` wait for the zeroing (the backward calls it; nothing to do on the stream
+    that zeroed them); ``close()`` (or the context manager's exit, or garbage collection) makes ``s`` wait for it, so
+    the pool never hands the arrays' blocks to later work on ``s`` while the zeroing may still write them. A wait
+    across streams for a forward's zeroing is an event recorded on the forward's stream when the wait is asked for
+    (covering the zeroing and whatever that stream queued after it). Memory: both arrays are held from construction
+    on (a training step's forward): make them just before the forward whose backward takes them. Environment: none."""
+
+    _sides: dict = {}
+
+    def __init__(self, induction_shape, feed_shape, stream: Any = None, zero: str = "forward"):
+        import cupy as cp
+
+        if zero not in ("forward", "side"):
+            raise ValueError(f"zero must be 'forward' (the next forward zeroes them) or 'side' (a side stream, now), "
+                             f"got {zero!r}")
+        self._closed = True  # (until construction succeeds: nothing to wait for)
+        si, sf = _shape(induction_shape, "induction_shape"), _shape(feed_shape, "feed_shape")
+        ni, nf = math.prod(si), math.prod(sf)
+        self._stream = cupy_stream(stream)
+        # one pool block for both (a training step's hot path: one allocation), feed's part 256-byte aligned
+        off = -(-ni // 64) * 64
+        with self._stream:
+            mem = cp.cuda.alloc(4 * (off + nf))
+        self.induction = cp.ndarray(si, cp.float32, mem)
+        self.feed = cp.ndarray(sf, cp.float32, mem + 4 * off)
+        self._device = mem.device_id
+        self._targets = [mem.ptr, mem.ptr + 4 * off], [ni, nf]
+        self._by = None  # the stream that queued the zeroing (None: not queued yet)
+        self._event = None  # zero="side": recorded behind the side stream's memsets
+        if zero == "side":
+            dev = self._device
+            side = TableGrads._sides.get(dev)
+            if side is None:
+                side = TableGrads._sides[dev] = cp.cuda.Stream(non_blocking=True)
+            fork = cp.cuda.Event(disable_timing=True)
+            fork.record(self._stream)
+            side.wait_event(fork)
+            for a in (self.induction, self.feed):
+                if a.nbytes:
+                    cp.cuda.runtime.memsetAsync(a.data.ptr, 0, a.nbytes, side.ptr)
+            self._event = cp.cuda.Event(disable_timing=True)
+            self._event.record(side)
+            self._by = side
+        self._closed = False
+
+    @property
+    def arrays(self):
+        """``(induction, feed)``: the two gradient arrays (zero once the zeroing has run; see ``ready_on``)."""
+        return self.induction, self.feed
+
+    def _zero_targets(self) -> tuple[list[int], list[int]]:
+        """For the forward that zeroes them (on the current device): their addresses and float counts (refused if
+        already zeroed or on another device)."""
+        import cupy as cp
+
+        if self._by is not None:
+            raise ValueError("these TableGrads are zeroed already (zero='side', or passed to a forward before): make "
+                             "new ones for each backward")
+        if self._device != cp.cuda.runtime.getDevice():
+            raise ValueError(f"these TableGrads are on device {self._device}, the forward runs on device "
+                             f"{cp.cuda.runtime.getDevice()}")
+        return self._targets
+
+    def _wait(self, stream) -> None:
+        """``stream`` (a CuPy stream) waits for the queued zeroing."""
+        import cupy as cp
+
+        if self._event is not None:
+            stream.wait_event(self._event)
+        elif stream.ptr != self._by.ptr:
+            ev = cp.cuda.Event(disable_timing=True)
+            ev.record(self._by)
+            stream.wait_event(ev)
+
+    def ready_on(self, stream: Any = None) -> None:
+        """Makes ``stream`` (None: CuPy's current stream) wait for the zeroing; asynchronous. Raises ValueError
+        before any zeroing was queued (``zero='forward'`` and no forward took them yet)."""
+        if self._by is None:
+            raise ValueError("these TableGrads (zero='forward') are not zeroed yet: pass them to coaction_forward_gpu "
+                             "as zero_grads before the backward takes them")
+        self._wait(cupy_stream(stream))
+
+    def close(self) -> None:
+        """Makes the allocating stream wait for the zeroing, if one was queued (see the class docstring).
+        Idempotent."""
+        if not self._closed:
+            self._closed = True
+            if self._by is not None:
+                self._wait(self._stream)
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:  # interpreter shutdown: the streams may be gone already
+            pass
+
+    def __enter__(self) -> TableGrads:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def _shape(shape, name: str) -> tuple:
+    """``shape`` as a tuple of ints >= 0 (at least one), or a TypeError / ValueError naming ``name``."""
+    try:
+        shape = tuple(int(v) for v in shape)
+    except (TypeError, ValueError):
+        raise TypeError(f"{name} must be a tuple of ints, got {shape!r}") from None
+    if not shape or any(v < 0 for v in shape):
+        raise ValueError(f"{name} must be a non-empty tuple of sizes >= 0, got {list(shape)}")
+    return shape
+
+
 @functools.lru_cache(maxsize=256)
 def _spec_args(spec: CoActionSpec):
     """The kernels' shape arguments of ``spec`` (cached per spec: the fused calls are on a training step's hot path)."""
@@ -248,33 +377,51 @@ def _check_ids(ip: int, B: int, nrows: int, fp: int, T: int, frows: int, stream:
 
 
 def coaction_forward_gpu(induction: Any, feed: Any, mask: Any, spec: CoActionSpec | None = None, *, ind_ids=None,
-                         feed_ids=None, dtype: str = "float32", stream: Any = None, check_ids: bool = True):
+                         feed_ids=None, dtype: str = "float32", stream: Any = None, check_ids: bool = True,
+                         zero_grads: TableGrads | None = None):
     """Fused forward; returns a CuPy ``[B, spec.out_dim]`` array of the input storage dtype. ``induction`` is an
     array or a ``ShardedTable``. ``check_ids`` range-checks table ids on the device in front of the forward's kernel
-    and waits for the check (not for the forward) before returning; bad ids raise ValueError (the output is dropped)."""
+    and waits for the check (not for the forward) before returning; bad ids raise ValueError (the output is dropped).
+    ``zero_grads``: a ``TableGrads(zero="forward")`` this call zeroes for the backward (see ``TableGrads``)."""
     import cupy as cp
 
     spec = spec or CoActionSpec()
     geo, (bases, rps, nrows), fd, mk, ip, fp, storage = _args(spec, induction, feed, mask, ind_ids, feed_ids, dtype)
     B, T = geo[-2], geo[-1]
     h = stream_handle(stream)
+    if zero_grads is None:
+        zp, zn = [], []
+    elif isinstance(zero_grads, TableGrads):
+        zp, zn = zero_grads._zero_targets()
+    else:
+        raise TypeError(f"zero_grads must be a TableGrads or None, got {type(zero_grads).__name__}")
     with cupy_stream(stream):  # the output belongs to the stream that writes it
         # T == 0: nothing to pool, the output is zero (the kernel is not launched)
         out_dim = _dims(spec)[2]
         out = cp.zeros((B, out_dim), dtype=storage) if T == 0 else cp.empty((B, out_dim), dtype=storage)
     frows = fd.shape[0]
     # without ids there is nothing to check (and no wait: the launch keeps the GIL)
+    if zero_grads is not None:  # (before the call: a launch that fails may have queued a memset already)
+        zero_grads._by = cupy_stream(stream)  # queued there: ready_on / close wait for that stream from here on
     bad = native().coaction_forward(*geo, bases, rps, nrows, ip, fd.ptr, fp, frows, mk.ptr, out.data.ptr, h,
-                                    bool(check_ids and (ip or fp)))
+                                    bool(check_ids and (ip or fp)), zp, zn)
     _raise_bad_ids(bad, nrows, frows)
     return out
 
 
 def coaction_backward_gpu(induction: Any, feed: Any, mask: Any, grad_out: Any, spec: CoActionSpec | None = None, *,
-                          ind_ids=None, feed_ids=None, dtype: str = "float32", stream: Any = None, check_ids: bool = True):
+                          ind_ids=None, feed_ids=None, dtype: str = "float32", stream: Any = None,
+                          check_ids: bool = True, grads: Any = None):
     """Fused backward; returns float32 ``(grad_induction, grad_feed)`` shaped like ``induction`` and ``feed``
     (table-shaped when ids are given). For a ``ShardedTable`` the row gradients go to their owners' ``grad``
-    shards and ``grad_induction`` is this rank's ``grad`` (complete after ``table.sync()``)."""
+    shards and ``grad_induction`` is this rank's ``grad`` (complete after ``table.sync()``).
+
+    ``grads``: where the gradients go. None: two new arrays, zeroed on ``stream`` in front of the kernel. A
+    ``TableGrads``: its two arrays (zeroed ahead, off ``stream``; ``stream`` waits for that zeroing first). A pair
+    ``(grad_induction, grad_feed)`` of caller-allocated contiguous float32 arrays shaped like ``induction`` and
+    ``feed``, on the op's device and ready on ``stream``. The backward **adds** into given arrays (gradient
+    accumulation) and returns them. A ``ShardedTable`` takes only None. Not collective (a ``ShardedTable``'s remote
+    adds aside)."""
     import cupy as cp
 
     spec = spec or CoActionSpec()
@@ -287,13 +434,39 @@ def coaction_backward_gpu(induction: Any, feed: Any, mask: Any, grad_out: Any, s
     if g.dtype != np.float32 or g.shape != (geo[-2], out_dim) or not g.contiguous:
         raise TypeError(f"grad_out must be a contiguous float32 [{geo[-2]}, {out_dim}] array, "
                         f"got {g.dtype} {list(g.shape)}")
-    with cupy_stream(stream):  # zeroed on the stream whose kernel adds into them
-        if isinstance(induction, ShardedTable):
-            g_ind, grads = induction.grad, induction.grad_bases
-        else:
-            g_ind = cp.zeros((nrows, induction_dim), cp.float32)
-            grads = [g_ind.data.ptr]
-        g_feed = cp.zeros(fd.shape, cp.float32)
-    native().coaction_backward(*geo, bases, grads, rps, nrows, ip, fd.ptr, fp, fd.shape[0], mk.ptr, g.ptr,
-                               g_feed.data.ptr, h)
+    sharded = isinstance(induction, ShardedTable)
+    if grads is not None:
+        if sharded:
+            raise ValueError("a ShardedTable's row gradients go to its grad shards: pass grads=None")
+        pair = grads.arrays if isinstance(grads, TableGrads) else grads
+        if not isinstance(pair, tuple | list) or len(pair) != 2:
+            raise TypeError(f"grads must be None, a TableGrads or a pair (grad_induction, grad_feed), got "
+                            f"{type(grads).__name__}")
+        g_ind, g_feed = pair
+        gi_ptr = _grad_buffer(g_ind, "grad_induction", (nrows, induction_dim))
+        gf_ptr = _grad_buffer(g_feed, "grad_feed", tuple(fd.shape))
+        if isinstance(grads, TableGrads):
+            grads.ready_on(stream)
+        grads_ptrs = [gi_ptr]
+    else:
+        with cupy_stream(stream):  # zeroed on the stream whose kernel adds into them
+            if sharded:
+                g_ind, grads_ptrs = induction.grad, induction.grad_bases
+            else:
+                g_ind = cp.zeros((nrows, induction_dim), cp.float32)
+                grads_ptrs = [g_ind.data.ptr]
+            g_feed = cp.zeros(fd.shape, cp.float32)
+        gf_ptr = g_feed.data.ptr
+    native().coaction_backward(*geo, bases, grads_ptrs, rps, nrows, ip, fd.ptr, fp, fd.shape[0], mk.ptr, g.ptr, gf_ptr,
+                               h)
     return g_ind, g_feed
+
+
+def _grad_buffer(a: Any, name: str, shape: tuple) -> int:
+    """The device address of ``a``, checked to be a contiguous float32 array of ``shape`` (its device is checked by
+    the native backward: both gradients on the kernel's device)."""
+    b = device_buffer(a, name)
+    if b.dtype != np.float32 or tuple(b.shape) != tuple(shape) or not b.contiguous:
+        raise TypeError(f"{name} must be a contiguous float32 {list(shape)} array (the gradient it adds into), "
+                        f"got {'contiguous' if b.contiguous else 'non-contiguous'} {b.dtype} {list(b.shape)}")
+    return b.ptr
