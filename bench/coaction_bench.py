@@ -27,6 +27,10 @@ back-to-back calls inside one timed op, reported per call: what a training loop 
 pays (a call's host work overlaps the previous call's kernels, so the figure is the larger of the two per call).
 Graphed (``*_graph_ms``): ``fused_nocheck`` as --pipeline calls captured once in a CUDA graph (CuPy stream capture)
 and replayed, per call: the kernels' own time, without the host's (what an engine that captures its step pays).
+Every fused step zeroes its table gradients as the autograd op does: ``TableGrads`` made before the forward, zeroed
+by the forward's kernel (a share per sample, alongside its work), the backward adding into them. Step-only baseline
+``fused_zeroed`` (isolated and ``_graph``): ``fused_nocheck``'s step with the gradients zeroed by the backward's
+memsets on the stream in front of its kernel instead (the way before ``TableGrads``).
 Host time (``*_host_us``): wall-clock time per call of 50 back-to-back ``check_ids=False`` calls on the host, the
 stream synchronised only after them (the host work of a call: argument checks, allocations, launches).
 Peak memory is the allocator's high-water mark of the step.
@@ -64,6 +68,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import machine_facts, median_ratio, result_name, time_interleaved, time_op, write_json  # noqa: E402
 from dwdp_ops.coaction import (  # noqa: E402
     CoActionSpec,
+    TableGrads,
     coaction_backward,
     coaction_backward_gpu,
     coaction_forward,
@@ -72,6 +77,20 @@ from dwdp_ops.coaction import (  # noqa: E402
 from dwdp_ops.coaction.fused import uses_specialized_kernels  # noqa: E402
 
 ROWS = 100_000
+
+
+@contextlib.contextmanager
+def env(name: str, value: str):
+    """``name=value`` in the environment inside the block (the kernels read their switches at every launch)."""
+    old = os.environ.get(name)
+    os.environ[name] = value
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = old
 
 
 def pool_peak(fn, stream):
@@ -232,16 +251,19 @@ def main() -> int:
         mask = cp.asarray((rs.random((B, T)) < 0.8).astype(np.float32))
         g = cp.asarray(rs.normal(size=(B, spec.out_dim)).astype(np.float32))
 
-        def fused_fwd(check=True):
+        def fused_fwd(check=True, zero_grads=None):
             return coaction_forward_gpu(table, ftable, mask, spec, ind_ids=ids, feed_ids=fids, stream=s,
-                                        check_ids=check)
+                                        check_ids=check, zero_grads=zero_grads)
 
-        def fused_step(check=True):
-            # the ids are checked once a step, by the forward, as the autograd op does (its backward reuses them);
-            # returns every array the step allocates (the graphed variant keeps them referenced)
-            out = fused_fwd(check)
+        def fused_step(check=True, ahead=True):
+            # as the autograd op runs it: the ids checked once a step, by the forward (its backward reuses them), and
+            # the table gradients zeroed by the forward's kernel (TableGrads); ahead=False: zeroed by the backward
+            # on the stream in front of its kernel instead (the way before); returns every array the step allocates
+            # (the graphed variant keeps them referenced)
+            grads = TableGrads(table.shape, ftable.shape, stream=s) if ahead else None
+            out = fused_fwd(check, grads)
             gi, gf = coaction_backward_gpu(table, ftable, mask, g, spec, ind_ids=ids, feed_ids=fids, stream=s,
-                                           check_ids=False)
+                                           check_ids=False, grads=grads)
             return out, gi, gf
 
         def cupy_fwd():
@@ -257,11 +279,8 @@ def main() -> int:
             return ti, tf
 
         def general(fn):  # the same call on the general fast kernels (the specialised ones turned off)
-            os.environ["DWDP_COACTION_SPECIALIZED"] = "0"
-            try:
+            with env("DWDP_COACTION_SPECIALIZED", "0"):
                 return fn(False)
-            finally:
-                os.environ.pop("DWDP_COACTION_SPECIALIZED")
 
         fwd_ops = {"fused": fused_fwd, "fused_nocheck": lambda: fused_fwd(False), "cupy": cupy_fwd,
                    "fused_general": lambda: general(fused_fwd)}
@@ -271,6 +290,10 @@ def main() -> int:
         step_ops["fused_nocheck_pipelined"] = repeated(step_ops["fused_nocheck"], ns.pipeline)
         fwd_ops["fused_nocheck_graph"] = graphed(fwd_ops["fused_nocheck"], ns.pipeline, s)
         step_ops["fused_nocheck_graph"] = graphed(step_ops["fused_nocheck"], ns.pipeline, s)
+        # step-only baselines: the table gradients zeroed by the backward's memsets in front of its kernel (the way
+        # before TableGrads), isolated and graphed
+        step_only = {"fused_zeroed": lambda: fused_step(False, ahead=False)}
+        step_only["fused_zeroed_graph"] = graphed(step_only["fused_zeroed"], ns.pipeline, s)
         rec = {"B": B, "T": T, "specialized": uses_specialized_kernels(spec), "pipeline": ns.pipeline}
         # correctness on this data before timing
         with s:
@@ -282,8 +305,15 @@ def main() -> int:
                     raise RuntimeError(f"{name} forward differs from the CuPy reference: rel. error {err:.3g}")
             # a replay writes what an eager call does: every captured output poisoned first, then compared
             want_step = fused_step(False)
-            for name, ops, want in (("forward", fwd_ops, (ref,)), ("step", step_ops, want_step)):
-                op = ops["fused_nocheck_graph"]
+            zeroed = fused_step(False, ahead=False)
+            for a, w in zip(zeroed, want_step):
+                err = float(cp.linalg.norm(a - w) / cp.linalg.norm(w))
+                if not err < 1e-5:
+                    raise RuntimeError(f"the step with its gradients zeroed by the backward differs: rel. error {err:.3g}")
+            for name, op, want in (("forward", fwd_ops["fused_nocheck_graph"], (ref,)),
+                                   ("step", step_ops["fused_nocheck_graph"], want_step),
+                                   ("step, gradients zeroed by the backward", step_only["fused_zeroed_graph"],
+                                    want_step)):
                 outs = [a for kept in op.keep for a in (kept if isinstance(kept, tuple) else (kept,))]
                 for a in outs:
                     a.fill(np.nan)
@@ -324,10 +354,17 @@ def main() -> int:
                 rec["torch_compile_mode"] = ns.compile_mode
         with s, (torch.cuda.stream(ts) if ts is not None else contextlib.nullcontext()):
             fwd_t = time_interleaved(fwd_ops, s, ns.repeats, 3)
-            step_t = time_interleaved(step_ops, s, ns.repeats, 3)
-        for name in [n for n in fwd_ops if n.endswith(("_pipelined", "_graph"))]:  # per call
-            fwd_t[name] = [v / ns.pipeline for v in fwd_t[name]]
+            step_t = time_interleaved({**step_ops, **step_only}, s, ns.repeats, 3)
+        for name in [n for n in step_t if n.endswith(("_pipelined", "_graph"))]:  # per call
+            if name in fwd_t:
+                fwd_t[name] = [v / ns.pipeline for v in fwd_t[name]]
             step_t[name] = [v / ns.pipeline for v in step_t[name]]
+        for name in step_only:
+            rec[f"{name}_step_ms"] = median(step_t[name])
+            rec[f"{name}_step_over_fused"] = median_ratio(step_t[name], step_t["fused"])
+        # the same-run comparison TableGrads is judged by (median of per-repeat ratios)
+        rec["ahead_over_zeroed_step_graph"] = median_ratio(step_t["fused_nocheck_graph"], step_t["fused_zeroed_graph"])
+        rec["ahead_over_zeroed_step"] = median_ratio(step_t["fused_nocheck"], step_t["fused_zeroed"])
         for name in fwd_ops:
             rec[f"{name}_fwd_ms"] = median(fwd_t[name])
             rec[f"{name}_step_ms"] = median(step_t[name])
