@@ -1359,7 +1359,7 @@ constexpr int spec_fwd_blocks() { return (C <= 3 ? 7 : 5) * kFastWarps / kSpecWa
 template <int C>
 constexpr int spec_bwd_blocks() { return (C <= 3 ? 4 : 3) * kFastWarps / kSpecWarps; }
 
-// Sample b's share (1 / B) of the float32 arrays in z zeroed (TableGrads: a later backward's gradients), 16-byte
+// Sample b's share (about 1 / B) of the float32 arrays in z zeroed (TableGrads: a later backward's gradients), 16-byte
 // streaming stores (written once here, read back only by that backward: kept out of the way of the forward's gathers
 // in L2); the last sample also zeroes what is left past the last whole 16 bytes. Addresses are 16-byte aligned (the
 // host sends unaligned ones to a memset instead). Issued at the end of the sample, by every sample: the zeroing then
@@ -1371,7 +1371,8 @@ __device__ __forceinline__ void spec_zero_share(const CoActionZero& z, int b, in
     if (!z.ptr[k]) continue;
     float* p = reinterpret_cast<float*>(z.ptr[k]);
     const size_t n = static_cast<size_t>(z.n[k]), n4 = n / 4;
-    const size_t lo = n4 * b / B, hi = n4 * (b + 1) / B;
+    const size_t q4 = n4 / B, r4 = n4 % B;  // shares of q4 or q4 + 1 (the first r4 samples) 16-byte units
+    const size_t lo = q4 * b + min(static_cast<size_t>(b), r4), hi = lo + q4 + (static_cast<size_t>(b) < r4 ? 1 : 0);
     float4* q = reinterpret_cast<float4*>(p);
     for (size_t i = lo + lane; i < hi; i += 32) __stcs(q + i, make_float4(0.f, 0.f, 0.f, 0.f));
     if (b == B - 1)
@@ -2002,11 +2003,15 @@ int coaction_forward(const CoActionDims& d, int dtype, int B, int T, const CoAct
   check_rows(rows, feed_ids, static_cast<int64_t>(B) * T);
   DeviceGuard guard(device_of(out, "coaction_forward: out"));
   auto s = reinterpret_cast<cudaStream_t>(stream);
-  CoActionZero zk;  // what the specialised kernel zeroes (16-byte aligned arrays; the rest by memset)
+  // what the specialised kernel zeroes: 16-byte aligned arrays when a sample's share of them is at most 128 KiB (a
+  // few samples cannot zero a large table at the memory's rate: a memset does); the rest by memset
+  CoActionZero zk;
   CoActionZero zm;
+  const int64_t total = zero.n[0] + zero.n[1];
+  const bool by_kernel = B > 0 && static_cast<int64_t>(sizeof(float)) * total / B <= 128 * 1024;
   for (int k = 0; k < 2; ++k) {
     if (!zero.ptr[k] || zero.n[k] <= 0) continue;
-    CoActionZero& to = zero.ptr[k] % 16 == 0 ? zk : zm;
+    CoActionZero& to = by_kernel && zero.ptr[k] % 16 == 0 ? zk : zm;
     to.ptr[k] = zero.ptr[k];
     to.n[k] = zero.n[k];
   }
@@ -2080,9 +2085,12 @@ void coaction_backward(const CoActionDims& d, int dtype, int B, int T, const CoA
   for (int i = 0; i < rows.shards; ++i) DWDP_REQUIRE(rows.grad[i] != 0, "co-action: shard " << i << " has no gradient");
   const int device = device_of(grad_feed, "coaction_backward: grad_feed");
   // a caller's gradient arrays (one shard: no sharded table's peer views) on the kernel's device, like grad_feed
-  if (rows.shards == 1)
-    DWDP_REQUIRE(device_of(rows.grad[0], "coaction_backward: grad_induction") == device,
-                 "co-action: grad_induction is on another device than grad_feed (both on the kernel's device)");
+  if (rows.shards == 1) {
+    const int gi_device = device_of(rows.grad[0], "coaction_backward: grad_induction");
+    DWDP_REQUIRE(gi_device == device, "co-action: grad_induction is on device " << gi_device << ", grad_feed on device "
+                                                                                 << device
+                                                                                 << " (both on the op's device)");
+  }
   DeviceGuard guard(device);
   auto s = reinterpret_cast<cudaStream_t>(stream);
   auto launch = [&](auto tag, auto k8, auto k16, auto k32, auto kwarp) {

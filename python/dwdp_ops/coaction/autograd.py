@@ -7,9 +7,10 @@ everything runs on PyTorch's current stream of that device (the backward on the 
 forward's). ``loss.backward()`` fills ``induction.grad`` and ``feed.grad`` like any PyTorch op would: shaped like the
 inputs (table-shaped when ids are given, repeated ids added up) and of the inputs' dtype (the kernels accumulate in
 float32; a bf16 input gets its float32 gradient rounded once to bf16). The mask and the ids get no gradient.
-When a gradient is needed, the forward makes the backward's float32 gradient arrays (``TableGrads``, shaped like
-``induction`` and ``feed``: table-sized with ids) and its kernel zeroes them alongside its work, so they are held
-from the forward to the backward (memory a plain backward would allocate only when it runs).
+When a gradient is needed (grad mode on and ``induction`` or ``feed`` requiring grad), the forward makes the
+backward's float32 gradient arrays (``TableGrads``, shaped like ``induction`` and ``feed``: table-sized with ids) and
+its kernel zeroes them alongside its work, so they are held from the forward to the backward, a pair per call
+(memory a plain backward would allocate only when it runs).
 
 Importing this module needs PyTorch; ``dwdp_ops.coaction`` imports it only when ``coaction`` or
 ``CoActionFunction`` is first used, so the CuPy ops stay usable without PyTorch.
@@ -120,12 +121,14 @@ def _checked(induction, feed, mask, spec, ind_ids, feed_ids):
 
 
 class CoActionFunction(torch.autograd.Function):
-    """``CoActionFunction.apply(induction, feed, mask, spec, ind_ids, feed_ids, check_ids)``: the fused co-action
-    forward, with the fused backward as its gradient (for induction and feed). Prefer ``coaction``, which checks the
-    arguments and has keyword defaults."""
+    """``CoActionFunction.apply(induction, feed, mask, spec, ind_ids, feed_ids, check_ids, zero_ahead)``: the fused
+    co-action forward, with the fused backward as its gradient (for induction and feed). ``zero_ahead``: the forward
+    makes the backward's gradient arrays and its kernel zeroes them (``TableGrads``) when a gradient is needed; pass
+    it only when a backward will follow (``coaction`` passes ``torch.is_grad_enabled()`` and a tensor requiring
+    grad). Prefer ``coaction``, which checks the arguments and has keyword defaults."""
 
     @staticmethod
-    def forward(ctx, induction, feed, mask, spec, ind_ids, feed_ids, check_ids):
+    def forward(ctx, induction, feed, mask, spec, ind_ids, feed_ids, check_ids, zero_ahead):
         import cupy as cp
 
         from .fused import TableGrads, coaction_forward_gpu
@@ -137,7 +140,7 @@ class CoActionFunction(torch.autograd.Function):
             fids = None if feed_ids is None else _to_cupy(feed_ids)
             # the backward's gradient arrays, zeroed by this forward's kernel (no memsets in the backward's way)
             grads = (TableGrads(tuple(induction.shape), tuple(feed.shape), stream=s)
-                     if ctx.needs_input_grad[0] or ctx.needs_input_grad[1] else None)
+                     if zero_ahead and (ctx.needs_input_grad[0] or ctx.needs_input_grad[1]) else None)
             out = coaction_forward_gpu(_to_cupy(induction), _to_cupy(feed), _to_cupy(mask), spec, ind_ids=ids,
                                        feed_ids=fids, dtype=dtype, stream=s, check_ids=check_ids, zero_grads=grads)
             result = _to_torch(out, induction.dtype)
@@ -153,7 +156,7 @@ class CoActionFunction(torch.autograd.Function):
         induction, feed, mask, ind_ids, feed_ids = ctx.saved_tensors
         need_ind, need_feed = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         if not (need_ind or need_feed):
-            return (None,) * 7
+            return (None,) * 8
         import cupy as cp
 
         device = induction.device
@@ -168,7 +171,7 @@ class CoActionFunction(torch.autograd.Function):
             ctx.grads = None  # (once_differentiable: one backward)
             gi = _to_torch(g_ind, torch.float32).to(induction.dtype) if need_ind else None
             gf = _to_torch(g_feed, torch.float32).to(feed.dtype) if need_feed else None
-        return gi, gf, None, None, None, None, None
+        return gi, gf, None, None, None, None, None, None
 
 
 def coaction(induction: torch.Tensor, feed: torch.Tensor, mask: torch.Tensor, spec: CoActionSpec | None = None, *,
@@ -198,4 +201,7 @@ def coaction(induction: torch.Tensor, feed: torch.Tensor, mask: torch.Tensor, sp
     """
     spec = spec or CoActionSpec()
     induction, feed, mask, ind_ids, feed_ids, _ = _checked(induction, feed, mask, spec, ind_ids, feed_ids)
-    return CoActionFunction.apply(induction, feed, mask, spec, ind_ids, feed_ids, bool(check_ids))
+    # a backward can follow only with grad mode on and a tensor requiring grad (ctx.needs_input_grad inside the
+    # forward sees requires_grad only, not the grad mode)
+    zero_ahead = torch.is_grad_enabled() and (induction.requires_grad or feed.requires_grad)
+    return CoActionFunction.apply(induction, feed, mask, spec, ind_ids, feed_ids, bool(check_ids), zero_ahead)

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import functools
 import math
+import operator
 from typing import Any
 
 import numpy as np
@@ -153,28 +154,31 @@ class TableGrads:
     induction table's or the gathered rows' shape) and ``feed`` (``[rows, D]`` or ``[B, T, D]``), float32, in one
     block of CuPy's pool on ``s`` (the feed's part 256-byte aligned). Not collective. ``zero`` says who zeroes them:
 
-    - ``"forward"`` (default): the next ``coaction_forward_gpu(..., zero_grads=this)``; the specialised kernels
-      zero them alongside their work, a share per sample (no separate memset), other kernels by a memset on the
+    - ``"forward"`` (default): the next ``coaction_forward_gpu(..., zero_grads=this)`` (its shapes checked against
+      the op's first); the specialised kernels zero them alongside their work, a share per sample (no separate
+      memset) when each sample's share is at most 128 KiB, other kernels and larger shares by a memset on the
       forward's stream in front of the kernel. The backward refuses them until a forward has done so.
     - ``"side"``: a ``cudaMemsetAsync`` on a side stream of the current device at once, behind everything queued on
       ``s`` so far (an event), overlapping whatever ``s`` runs next.
 
-    ``ready_on(stream)`` makes ``stream`` wait for the zeroing (the backward calls it; nothing to do on the stream
-    that zeroed them); ``close()`` (or the context manager's exit, or garbage collection) makes ``s`` wait for it, so
-    the pool never hands the arrays' blocks to later work on ``s`` while the zeroing may still write them. A wait
-    across streams for a forward's zeroing is an event recorded on the forward's stream when the wait is asked for
-    (covering the zeroing and whatever that stream queued after it). Memory: both arrays are held from construction
-    on (a training step's forward): make them just before the forward whose backward takes them. Environment: none."""
+    One instance serves one backward (a second one is refused). Stream order: a forward or backward on another stream
+    than ``s`` first waits for what ``s`` had queued (the block may have been in use there before the pool handed it
+    out) and ``s`` then waits for that backward, so the pool never hands the block to later work on ``s`` while the
+    backward may still write it; ``ready_on(stream)`` makes ``stream`` wait for the zeroing (the backward calls it);
+    ``close()`` (or the context manager's exit, or garbage collection) makes ``s`` wait for the zeroing. A wait across
+    streams is an event recorded when it is asked for, so an instance made inside a CUDA-graph capture must be used
+    up or closed inside it. Memory: both arrays are held from construction on (a training step's forward), one pair
+    per call: make them just before the forward whose backward takes them. Environment: none."""
 
     _sides: dict = {}
 
     def __init__(self, induction_shape, feed_shape, stream: Any = None, zero: str = "forward"):
         import cupy as cp
 
+        self._closed = True  # (until construction succeeds: nothing to wait for)
         if zero not in ("forward", "side"):
             raise ValueError(f"zero must be 'forward' (the next forward zeroes them) or 'side' (a side stream, now), "
                              f"got {zero!r}")
-        self._closed = True  # (until construction succeeds: nothing to wait for)
         si, sf = _shape(induction_shape, "induction_shape"), _shape(feed_shape, "feed_shape")
         ni, nf = math.prod(si), math.prod(sf)
         self._stream = cupy_stream(stream)
@@ -188,6 +192,7 @@ class TableGrads:
         self._targets = [mem.ptr, mem.ptr + 4 * off], [ni, nf]
         self._by = None  # the stream that queued the zeroing (None: not queued yet)
         self._event = None  # zero="side": recorded behind the side stream's memsets
+        self._failed = self._used = False
         if zero == "side":
             dev = self._device
             side = TableGrads._sides.get(dev)
@@ -209,17 +214,35 @@ class TableGrads:
         """``(induction, feed)``: the two gradient arrays (zero once the zeroing has run; see ``ready_on``)."""
         return self.induction, self.feed
 
-    def _zero_targets(self) -> tuple[list[int], list[int]]:
-        """For the forward that zeroes them (on the current device): their addresses and float counts (refused if
-        already zeroed or on another device)."""
+    def _check_device(self, op: str) -> None:
         import cupy as cp
 
+        dev = cp.cuda.runtime.getDevice()
+        if self._device != dev:
+            raise ValueError(f"these TableGrads are on device {self._device}, the {op} runs on device {dev}")
+
+    def _after_alloc(self, stream) -> None:
+        """``stream`` (a CuPy stream) waits for what the allocating stream had queued, if it is another one."""
+        import cupy as cp
+
+        if stream.ptr != self._stream.ptr:
+            ev = cp.cuda.Event(disable_timing=True)
+            ev.record(self._stream)
+            stream.wait_event(ev)
+
+    def _zero_targets(self, ind_shape: tuple, feed_shape: tuple, stream) -> tuple[list[int], list[int]]:
+        """For the forward (on ``stream``, the current device) that zeroes them: their addresses and float counts,
+        once the shapes, the device and the state are checked."""
+        if self._failed:
+            raise ValueError("the forward that was to zero these TableGrads raised: make new ones")
         if self._by is not None:
             raise ValueError("these TableGrads are zeroed already (zero='side', or passed to a forward before): make "
                              "new ones for each backward")
-        if self._device != cp.cuda.runtime.getDevice():
-            raise ValueError(f"these TableGrads are on device {self._device}, the forward runs on device "
-                             f"{cp.cuda.runtime.getDevice()}")
+        if self.induction.shape != ind_shape or self.feed.shape != feed_shape:
+            raise ValueError(f"these TableGrads are {list(self.induction.shape)} and {list(self.feed.shape)}, the op's "
+                             f"gradients are {list(ind_shape)} (induction) and {list(feed_shape)} (feed)")
+        self._check_device("forward")
+        self._after_alloc(stream)
         return self._targets
 
     def _wait(self, stream) -> None:
@@ -235,11 +258,34 @@ class TableGrads:
 
     def ready_on(self, stream: Any = None) -> None:
         """Makes ``stream`` (None: CuPy's current stream) wait for the zeroing; asynchronous. Raises ValueError
-        before any zeroing was queued (``zero='forward'`` and no forward took them yet)."""
+        before any zeroing was queued (``zero='forward'`` and no forward took them yet) or after the forward that was
+        to queue it raised."""
+        if self._failed:
+            raise ValueError("the forward that was to zero these TableGrads raised: make new ones")
         if self._by is None:
             raise ValueError("these TableGrads (zero='forward') are not zeroed yet: pass them to coaction_forward_gpu "
                              "as zero_grads before the backward takes them")
         self._wait(cupy_stream(stream))
+
+    def _take(self, stream) -> tuple:
+        """For the backward on ``stream`` (a CuPy stream): the arrays, once the state and device are checked and
+        ``stream`` waits for the zeroing (and for the allocating stream, if another)."""
+        if self._used:
+            raise ValueError("these TableGrads were used by a backward already: make new ones for each backward")
+        self.ready_on(stream)
+        self._check_device("backward")
+        self._after_alloc(stream)
+        self._used = True
+        return self.induction, self.feed
+
+    def _release_after(self, stream) -> None:
+        """The backward was queued on ``stream``: the allocating stream waits for it if it is another one."""
+        import cupy as cp
+
+        if stream.ptr != self._stream.ptr:
+            ev = cp.cuda.Event(disable_timing=True)
+            ev.record(stream)
+            self._stream.wait_event(ev)
 
     def close(self) -> None:
         """Makes the allocating stream wait for the zeroing, if one was queued (see the class docstring).
@@ -265,8 +311,8 @@ class TableGrads:
 def _shape(shape, name: str) -> tuple:
     """``shape`` as a tuple of ints >= 0 (at least one), or a TypeError / ValueError naming ``name``."""
     try:
-        shape = tuple(int(v) for v in shape)
-    except (TypeError, ValueError):
+        shape = tuple(operator.index(v) for v in shape)
+    except TypeError:
         raise TypeError(f"{name} must be a tuple of ints, got {shape!r}") from None
     if not shape or any(v < 0 for v in shape):
         raise ValueError(f"{name} must be a non-empty tuple of sizes >= 0, got {list(shape)}")
@@ -392,7 +438,9 @@ def coaction_forward_gpu(induction: Any, feed: Any, mask: Any, spec: CoActionSpe
     if zero_grads is None:
         zp, zn = [], []
     elif isinstance(zero_grads, TableGrads):
-        zp, zn = zero_grads._zero_targets()
+        if isinstance(induction, ShardedTable):
+            raise ValueError("a ShardedTable's row gradients go to its grad shards: pass zero_grads=None")
+        zp, zn = zero_grads._zero_targets((nrows, _dims(spec)[1]), tuple(fd.shape), cupy_stream(stream))
     else:
         raise TypeError(f"zero_grads must be a TableGrads or None, got {type(zero_grads).__name__}")
     with cupy_stream(stream):  # the output belongs to the stream that writes it
@@ -403,8 +451,13 @@ def coaction_forward_gpu(induction: Any, feed: Any, mask: Any, spec: CoActionSpe
     # without ids there is nothing to check (and no wait: the launch keeps the GIL)
     if zero_grads is not None:  # (before the call: a launch that fails may have queued a memset already)
         zero_grads._by = cupy_stream(stream)  # queued there: ready_on / close wait for that stream from here on
-    bad = native().coaction_forward(*geo, bases, rps, nrows, ip, fd.ptr, fp, frows, mk.ptr, out.data.ptr, h,
-                                    bool(check_ids and (ip or fp)), zp, zn)
+    try:
+        bad = native().coaction_forward(*geo, bases, rps, nrows, ip, fd.ptr, fp, frows, mk.ptr, out.data.ptr, h,
+                                        bool(check_ids and (ip or fp)), zp, zn)
+    except BaseException:
+        if zero_grads is not None:
+            zero_grads._failed = True  # (close() still waits for that stream)
+        raise
     _raise_bad_ids(bad, nrows, frows)
     return out
 
@@ -417,11 +470,11 @@ def coaction_backward_gpu(induction: Any, feed: Any, mask: Any, grad_out: Any, s
     shards and ``grad_induction`` is this rank's ``grad`` (complete after ``table.sync()``).
 
     ``grads``: where the gradients go. None: two new arrays, zeroed on ``stream`` in front of the kernel. A
-    ``TableGrads``: its two arrays (zeroed ahead, off ``stream``; ``stream`` waits for that zeroing first). A pair
-    ``(grad_induction, grad_feed)`` of caller-allocated contiguous float32 arrays shaped like ``induction`` and
-    ``feed``, on the op's device and ready on ``stream``. The backward **adds** into given arrays (gradient
-    accumulation) and returns them. A ``ShardedTable`` takes only None. Not collective (a ``ShardedTable``'s remote
-    adds aside)."""
+    ``TableGrads``: its two arrays (zeroed ahead; ``stream`` waits for that zeroing first), returned. A pair
+    ``(grad_induction, grad_feed)`` of caller-allocated contiguous float32 arrays shaped like the induction and feed
+    tables, on the op's device and ready on ``stream``, with ``ind_ids`` and ``feed_ids`` given: the backward **adds**
+    into them (gradient accumulation) and returns them (gathered rows' gradients are written, not added, so a pair
+    needs both ids). A ``ShardedTable`` takes only None. Not collective (a ``ShardedTable``'s remote adds aside)."""
     import cupy as cp
 
     spec = spec or CoActionSpec()
@@ -435,18 +488,23 @@ def coaction_backward_gpu(induction: Any, feed: Any, mask: Any, grad_out: Any, s
         raise TypeError(f"grad_out must be a contiguous float32 [{geo[-2]}, {out_dim}] array, "
                         f"got {g.dtype} {list(g.shape)}")
     sharded = isinstance(induction, ShardedTable)
+    tg = grads if isinstance(grads, TableGrads) else None
     if grads is not None:
         if sharded:
             raise ValueError("a ShardedTable's row gradients go to its grad shards: pass grads=None")
-        pair = grads.arrays if isinstance(grads, TableGrads) else grads
-        if not isinstance(pair, tuple | list) or len(pair) != 2:
-            raise TypeError(f"grads must be None, a TableGrads or a pair (grad_induction, grad_feed), got "
-                            f"{type(grads).__name__}")
-        g_ind, g_feed = pair
+        if tg is None:
+            if not isinstance(grads, tuple | list) or len(grads) != 2:
+                raise TypeError(f"grads must be None, a TableGrads or a pair (grad_induction, grad_feed), got "
+                                f"{type(grads).__name__}")
+            if ind_ids is None or feed_ids is None:  # gathered rows' gradients are written, not added
+                raise ValueError("grads=(grad_induction, grad_feed) adds into table-shaped gradients: it needs ind_ids "
+                                 "and feed_ids (gathered rows' gradients are written where the mask is set, not "
+                                 "added); use a TableGrads or grads=None")
+        g_ind, g_feed = grads if tg is None else grads.arrays
         gi_ptr = _grad_buffer(g_ind, "grad_induction", (nrows, induction_dim))
         gf_ptr = _grad_buffer(g_feed, "grad_feed", tuple(fd.shape))
-        if isinstance(grads, TableGrads):
-            grads.ready_on(stream)
+        if tg is not None:
+            tg._take(cupy_stream(stream))
         grads_ptrs = [gi_ptr]
     else:
         with cupy_stream(stream):  # zeroed on the stream whose kernel adds into them
@@ -459,6 +517,8 @@ def coaction_backward_gpu(induction: Any, feed: Any, mask: Any, grad_out: Any, s
         gf_ptr = g_feed.data.ptr
     native().coaction_backward(*geo, bases, grads_ptrs, rps, nrows, ip, fd.ptr, fp, fd.shape[0], mk.ptr, g.ptr, gf_ptr,
                                h)
+    if tg is not None:
+        tg._release_after(cupy_stream(stream))
     return g_ind, g_feed
 
 
