@@ -206,3 +206,17 @@ def test_table_grads_arguments_are_checked_before_any_device_work(args, kwargs, 
 
     with pytest.raises(exc, match=match):
         TableGrads(*args, **kwargs)
+
+
+def test_a_gradient_array_device_is_read_from_cupy_and_torch_objects():
+    """The backward compares a caller's gradient arrays' device with its own: CuPy's ``.device.id``, PyTorch's
+    ``.device.index``, None for an object that says neither (then only the native check that both are on one device
+    applies)."""
+    from types import SimpleNamespace
+
+    from dwdp_ops.coaction.fused import _array_device
+
+    assert _array_device(SimpleNamespace(device=SimpleNamespace(id=1))) == 1
+    assert _array_device(SimpleNamespace(device=SimpleNamespace(index=2, type="cuda"))) == 2
+    assert _array_device(SimpleNamespace(device=SimpleNamespace(id=0, index=5))) == 0
+    assert _array_device(object()) is None

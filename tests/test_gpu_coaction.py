@@ -679,9 +679,12 @@ def test_backward_adds_into_given_gradients():
             coaction_backward_gpu(table, ftable, mask, g, spec, grads=bad, **kw)
     if cp.cuda.runtime.getDeviceCount() > 1:
         with cp.cuda.Device(1):
-            other = cp.zeros(table.shape, cp.float32)
-        with pytest.raises(ValueError, match="grad_induction is on device 1, grad_feed on device 0"):
+            other, other_f = cp.zeros(table.shape, cp.float32), cp.zeros(ftable.shape, cp.float32)
+        with pytest.raises(ValueError, match="grad_induction is on device 1, the backward runs on device 0"):
             coaction_backward_gpu(table, ftable, mask, g, spec, grads=(other, af), **kw)
+        with pytest.raises(ValueError, match="grad_feed is on device 1, the backward runs on device 0"):
+            coaction_backward_gpu(table, ftable, mask, g, spec, grads=(ai, other_f), **kw)
+
 
 
 def _poison_pool(n_ind, n_feed):

@@ -503,6 +503,12 @@ def coaction_backward_gpu(induction: Any, feed: Any, mask: Any, grad_out: Any, s
         g_ind, g_feed = grads if tg is None else grads.arrays
         gi_ptr = _grad_buffer(g_ind, "grad_induction", (nrows, induction_dim))
         gf_ptr = _grad_buffer(g_feed, "grad_feed", tuple(fd.shape))
+        if tg is None:
+            dev = cp.cuda.runtime.getDevice()
+            for name, a in (("grad_induction", g_ind), ("grad_feed", g_feed)):
+                on = _array_device(a)
+                if on is not None and on != dev:
+                    raise ValueError(f"{name} is on device {on}, the backward runs on device {dev}")
         if tg is not None:
             tg._take(cupy_stream(stream))
         grads_ptrs = [gi_ptr]
@@ -522,9 +528,16 @@ def coaction_backward_gpu(induction: Any, feed: Any, mask: Any, grad_out: Any, s
     return g_ind, g_feed
 
 
+def _array_device(a: Any) -> int | None:
+    """The CUDA device of a CuPy array (``.device.id``) or a PyTorch tensor (``.device.index``); None if unknown
+    (the native backward still checks that both gradients are on one device)."""
+    d = getattr(a, "device", None)
+    dev = getattr(d, "id", None)
+    return dev if dev is not None else getattr(d, "index", None)
+
+
 def _grad_buffer(a: Any, name: str, shape: tuple) -> int:
-    """The device address of ``a``, checked to be a contiguous float32 array of ``shape`` (its device is checked by
-    the native backward: both gradients on the kernel's device)."""
+    """The device address of ``a``, checked to be a contiguous float32 array of ``shape``."""
     b = device_buffer(a, name)
     if b.dtype != np.float32 or tuple(b.shape) != tuple(shape) or not b.contiguous:
         raise TypeError(f"{name} must be a contiguous float32 {list(shape)} array (the gradient it adds into), "
