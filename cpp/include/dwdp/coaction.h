@@ -69,8 +69,8 @@ struct CoActionRows {
 // caller that gets a nonzero result discards the output.
 // zero: up to two float32 arrays (address, count of floats; address 0: none) the forward zeroes for a later backward
 // (TableGrads): the specialised kernels alongside their work, a share per sample, when an address is 16-byte
-// aligned; otherwise a cudaMemsetAsync on the stream in front of the kernel. Either way they are zero for the work
-// queued on the stream behind the call.
+// aligned and a sample's share of both is at most 128 KiB; otherwise a cudaMemsetAsync on the stream in front of the
+// kernel. Either way they are zero for the work queued on the stream behind the call.
 struct CoActionZero {
   uint64_t ptr[2] = {0, 0};
   int64_t n[2] = {0, 0};
