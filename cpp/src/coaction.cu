@@ -2083,15 +2083,8 @@ void coaction_backward(const CoActionDims& d, int dtype, int B, int T, const CoA
                        uintptr_t stream) {
   check_rows(rows, feed_ids, static_cast<int64_t>(B) * T);
   for (int i = 0; i < rows.shards; ++i) DWDP_REQUIRE(rows.grad[i] != 0, "co-action: shard " << i << " has no gradient");
-  const int device = device_of(grad_feed, "coaction_backward: grad_feed");
-  // a caller's gradient arrays (one shard: no sharded table's peer views) on the kernel's device, like grad_feed
-  if (rows.shards == 1) {
-    const int gi_device = device_of(rows.grad[0], "coaction_backward: grad_induction");
-    DWDP_REQUIRE(gi_device == device, "co-action: grad_induction is on device " << gi_device << ", grad_feed on device "
-                                                                                 << device
-                                                                                 << " (both on the op's device)");
-  }
-  DeviceGuard guard(device);
+  // (a caller's gradient arrays are checked to be on the op's device in Python, coaction_backward_gpu's grads=)
+  DeviceGuard guard(device_of(grad_feed, "coaction_backward: grad_feed"));
   auto s = reinterpret_cast<cudaStream_t>(stream);
   auto launch = [&](auto tag, auto k8, auto k16, auto k32, auto kwarp) {
     using E = decltype(tag);

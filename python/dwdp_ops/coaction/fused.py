@@ -434,23 +434,23 @@ def coaction_forward_gpu(induction: Any, feed: Any, mask: Any, spec: CoActionSpe
     spec = spec or CoActionSpec()
     geo, (bases, rps, nrows), fd, mk, ip, fp, storage = _args(spec, induction, feed, mask, ind_ids, feed_ids, dtype)
     B, T = geo[-2], geo[-1]
-    h = stream_handle(stream)
+    h, cs = stream_handle(stream), cupy_stream(stream)
+    _, induction_dim, out_dim = _dims(spec)
     if zero_grads is None:
         zp, zn = [], []
     elif isinstance(zero_grads, TableGrads):
         if isinstance(induction, ShardedTable):
             raise ValueError("a ShardedTable's row gradients go to its grad shards: pass zero_grads=None")
-        zp, zn = zero_grads._zero_targets((nrows, _dims(spec)[1]), tuple(fd.shape), cupy_stream(stream))
+        zp, zn = zero_grads._zero_targets((nrows, induction_dim), tuple(fd.shape), cs)
     else:
         raise TypeError(f"zero_grads must be a TableGrads or None, got {type(zero_grads).__name__}")
-    with cupy_stream(stream):  # the output belongs to the stream that writes it
+    with cs:  # the output belongs to the stream that writes it
         # T == 0: nothing to pool, the output is zero (the kernel is not launched)
-        out_dim = _dims(spec)[2]
         out = cp.zeros((B, out_dim), dtype=storage) if T == 0 else cp.empty((B, out_dim), dtype=storage)
     frows = fd.shape[0]
-    # without ids there is nothing to check (and no wait: the launch keeps the GIL)
     if zero_grads is not None:  # (before the call: a launch that fails may have queued a memset already)
-        zero_grads._by = cupy_stream(stream)  # queued there: ready_on / close wait for that stream from here on
+        zero_grads._by = cs  # queued there: ready_on / close wait for that stream from here on
+    # without ids there is nothing to check (and no wait: the launch keeps the GIL)
     try:
         bad = native().coaction_forward(*geo, bases, rps, nrows, ip, fd.ptr, fp, frows, mk.ptr, out.data.ptr, h,
                                         bool(check_ids and (ip or fp)), zp, zn)
@@ -479,7 +479,7 @@ def coaction_backward_gpu(induction: Any, feed: Any, mask: Any, grad_out: Any, s
 
     spec = spec or CoActionSpec()
     geo, (bases, rps, nrows), fd, mk, ip, fp, _ = _args(spec, induction, feed, mask, ind_ids, feed_ids, dtype)
-    h = stream_handle(stream)
+    h, cs = stream_handle(stream), cupy_stream(stream)
     if check_ids:
         _check_ids(ip, geo[-2], nrows, fp, geo[-1], fd.shape[0], h)
     g = device_buffer(grad_out, "grad_out")
@@ -503,17 +503,17 @@ def coaction_backward_gpu(induction: Any, feed: Any, mask: Any, grad_out: Any, s
         g_ind, g_feed = grads if tg is None else grads.arrays
         gi_ptr = _grad_buffer(g_ind, "grad_induction", (nrows, induction_dim))
         gf_ptr = _grad_buffer(g_feed, "grad_feed", tuple(fd.shape))
-        if tg is None:
+        if tg is None:  # (a TableGrads' device is checked by _take)
             dev = cp.cuda.runtime.getDevice()
-            for name, a in (("grad_induction", g_ind), ("grad_feed", g_feed)):
-                on = _array_device(a)
-                if on is not None and on != dev:
+            for name, a, ptr in (("grad_induction", g_ind, gi_ptr), ("grad_feed", g_feed, gf_ptr)):
+                on = _array_device(a, ptr)
+                if on is not None and on != dev:  # (None: an empty array, no address)
                     raise ValueError(f"{name} is on device {on}, the backward runs on device {dev}")
-        if tg is not None:
-            tg._take(cupy_stream(stream))
+        else:
+            tg._take(cs)
         grads_ptrs = [gi_ptr]
     else:
-        with cupy_stream(stream):  # zeroed on the stream whose kernel adds into them
+        with cs:  # zeroed on the stream whose kernel adds into them
             if sharded:
                 g_ind, grads_ptrs = induction.grad, induction.grad_bases
             else:
@@ -524,16 +524,22 @@ def coaction_backward_gpu(induction: Any, feed: Any, mask: Any, grad_out: Any, s
     native().coaction_backward(*geo, bases, grads_ptrs, rps, nrows, ip, fd.ptr, fp, fd.shape[0], mk.ptr, g.ptr, gf_ptr,
                                h)
     if tg is not None:
-        tg._release_after(cupy_stream(stream))
+        tg._release_after(cs)
     return g_ind, g_feed
 
 
-def _array_device(a: Any) -> int | None:
-    """The CUDA device of a CuPy array (``.device.id``) or a PyTorch tensor (``.device.index``); None if unknown
-    (the native backward still checks that both gradients are on one device)."""
+def _array_device(a: Any, ptr: int | None = None) -> int | None:
+    """The CUDA device of a CuPy array (``.device.id``) or a PyTorch tensor (``.device.index``); for any other
+    object, that of its address ``ptr`` (``cudaPointerGetAttributes``); None if neither is known."""
     d = getattr(a, "device", None)
     dev = getattr(d, "id", None)
-    return dev if dev is not None else getattr(d, "index", None)
+    if dev is None:
+        dev = getattr(d, "index", None)
+    if dev is None and ptr:
+        import cupy as cp
+
+        dev = cp.cuda.runtime.pointerGetAttributes(ptr).device
+    return dev
 
 
 def _grad_buffer(a: Any, name: str, shape: tuple) -> int:
