@@ -210,7 +210,7 @@ def test_table_grads_arguments_are_checked_before_any_device_work(args, kwargs, 
 
 def test_a_gradient_array_device_is_read_from_cupy_and_torch_objects():
     """The backward compares a caller's gradient arrays' device with its own: CuPy's ``.device.id``, PyTorch's
-    ``.device.index``; an object that says neither is looked up by its address (a GPU test), and without an address
+    ``.device.index``; an object that says neither is looked up by its address (needs a GPU: not tested here), and without an address
     (an empty array) the device is unknown: None."""
     from types import SimpleNamespace
 
