@@ -590,6 +590,25 @@ def test_a_nan_weight_stays_in_its_own_column(T):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("value", [np.inf, -np.inf], ids=["inf", "-inf"])
+def test_an_infinite_feed_value_saturates_its_behaviour(value):
+    """A feed value of +-inf (sample 0, behaviour 5, unmasked): its pre-activations are +-inf and their tanh +-1, as
+    in the float64 reference, so the forward's outputs are finite and within 1e-5 of it (its tile cannot be scaled
+    into fp16's range and takes the CUDA cores); the other samples as usual."""
+    import cupy as cp
+    from dwdp_ops.coaction import coaction_forward_gpu
+
+    spec = CoActionSpec()
+    ind, feed, mask, _ = inputs(spec, 5, 40, 12)
+    feed[0, 5, 2] = value
+    mask[0, 5] = 1.0
+    out = coaction_forward_gpu(cp.asarray(ind), cp.asarray(feed), cp.asarray(mask), spec).get()
+    want = coaction_forward(ind.astype(np.float64), feed.astype(np.float64), mask, spec)
+    assert np.isfinite(want).all() and np.isfinite(out).all()
+    assert rel(out, want) <= 1e-5
+
+
+@pytest.mark.gpu
 @pytest.mark.parametrize("spec", [CoActionSpec(), CoActionSpec(orders=4, bias=True, order_independent=True)],
                          ids=["shared-w1", "o4-oi"])
 def test_an_outlier_weight_costs_only_its_own_column(spec):
@@ -879,3 +898,4 @@ def test_table_grads_across_streams():
         del gi, gf, tg
         for a, b in zip(got, want):
             assert rel(a, b) <= 1e-6
+

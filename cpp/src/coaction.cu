@@ -670,6 +670,9 @@ __device__ __forceinline__ void store_feed_grad(const Fast& f, float* __restrict
 // ``smem``) to its destination. Gathered rows (no ids): row b written. Table rows: the block's warps with one id add
 // up their gradients in shared memory, and the first of them adds the sum to the owner's shard (system scope: the
 // shard may be a peer's, and peers add into ours). With ids every warp of the block must call it (block barrier).
+// flat (the specialised kernels): gW is laid out as the row itself, 16-byte aligned; a one-shard table (no peer adds
+// into it) then takes 16-byte device-scope atomics where its row is 16-byte aligned, a quarter of the instructions.
+template <bool flat = false>
 __device__ __forceinline__ void store_row_grad(const Fast& f, const CoActionRows& rows, const int64_t* ind_ids,
                                                int b, bool has_row, int shard, int64_t local, const float* smem,
                                                int per_warp, int oGW, int64_t* blk_row, int warp, int lane) {
@@ -691,6 +694,18 @@ __device__ __forceinline__ void store_row_grad(const Fast& f, const CoActionRows
   for (int w = warp + 1; w < static_cast<int>(blockDim.x >> 5); ++w)
     if (blk_row[w] == id) others |= 1u << w;
   float* gdst = reinterpret_cast<float*>(rows.grad[shard]) + local * f.ind_dim;
+  if (flat && rows.shards == 1 && f.ind_dim % 4 == 0 && reinterpret_cast<uintptr_t>(gdst) % 16 == 0) {
+    for (int u = 4 * lane; u < f.ind_dim; u += 128) {
+      float4 s = *reinterpret_cast<const float4*>(gW + u);
+      for (unsigned o = others; o; o &= o - 1) {
+        const float* other = smem + static_cast<size_t>(__ffs(o) - 1) * per_warp + oGW;
+        const float4 t = *reinterpret_cast<const float4*>(other + u);
+        s.x += t.x, s.y += t.y, s.z += t.z, s.w += t.w;
+      }
+      atomicAdd(reinterpret_cast<float4*>(gdst + u), s);
+    }
+    return;
+  }
   for_params(f, lane, [&](int u, int p) {
     float s = gW[p];
     for (unsigned o = others; o; o &= o - 1) s += smem[static_cast<size_t>(__ffs(o) - 1) * per_warp + oGW + p];
@@ -880,32 +895,22 @@ __global__ void __launch_bounds__(kFastWarps * 32) fast_backward_kernel(Fast f, 
 // into the warp's second feed buffer (cp.async) while round r computes; the induction row and grad_out are loaded
 // into registers before the first round's chain and stored to shared memory after it. Only a sample's first round
 // waits for memory.
-// tanh is 1 - 2 / (exp(2z) + 1) on the hardware's ex2 and rcp approximations, a Taylor polynomial below |z| = 1/4
-// (relative error ~1e-6 everywhere, see tanh_fast; the general kernels use tanhf). Pooled sums, weight gradients and
+// tanh is 1 - 2 / (exp(2z) + 1) on the hardware's ex2 and rcp approximations, a minimax polynomial below |z| = 1/4
+// (relative error ~1e-6 everywhere, see tanh_scaled; the general kernels use tanhf). Pooled sums, weight gradients and
 // the order sums are accumulated in a fixed order: results do not depend on scheduling.
 
 constexpr int kSpecD = 16, kSpecN1 = 8, kSpecN2 = 4, kSpecMaxOrders = 4;
 
-// tanh to ~1e-6 relative everywhere. |z| >= 1/4: 1 - 2 / (exp(2z) + 1) on the PTX approximations directly (two
+// tanh to ~1e-6 relative everywhere, for pre-activations scaled by kTanhScale = 2 log2(e): both specialised kernels
+// stage their first layer (W1, b1) multiplied by it, so z arrives as zs = 2 log2(e) z and exp(2z) is one ex2
+// (the backward divides u by kTanhScale, so that dz and with it the feed gradient W1 dz come out unscaled, and
+// multiplies the W1 and b1 sums back). |z| >= 1/4: 1 - 2 / (exp(2z) + 1) on the PTX approximations directly (two
 // MUFU instructions; __expf and __fdividef would add range checks that this form never needs: exp(2z) is 0 below
 // z = -44 and inf above 44, giving -1 and 1); its absolute error (~3e-7) is a relative error above 1e-6 below
-// |z| = 1/4 (3e-4 at 1e-3, biased), so there the odd Taylor polynomial to z^7 takes over (truncation 0.022 z^9:
-// < 4e-7 relative). Both are computed and one selected (no divergence): 12 instructions against tanhf's longer
-// sequence.
-__device__ __forceinline__ float tanh_fast(float z) {
-  float e, r;
-  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(e) : "f"(z * 2.8853900817779268f));  // exp(2z)
-  asm("rcp.approx.ftz.f32 %0, %1;" : "=f"(r) : "f"(e + 1.f));
-  const float big = fmaf(-2.f, r, 1.f);
-  const float z2 = z * z;
-  const float p = fmaf(fmaf(-17.f / 315.f, z2, 2.f / 15.f), z2, -1.f / 3.f);  // z - z^3/3 + 2z^5/15 - 17z^7/315
-  const float small = fmaf(z * z2, p, z);
-  return fabsf(z) < 0.25f ? small : big;
-}
-
-// The forward stages its first layer (W1, b1) multiplied by kTanhScale = 2 log2(e), so its pre-activations arrive as
-// zs = 2 log2(e) z: tanh_scaled(zs) = tanh(z) is tanh_fast without the scaling multiply (11 instructions; the Taylor
-// coefficients carry the powers of 1 / kTanhScale). The backward stages W unscaled (its feed gradient is W1 dz).
+// |z| = 1/4 (3e-4 at 1e-3, biased), so there z P(z^2) takes over, P the minimax quadratic of tanh(z) / z on
+// [0, 1/16] in z^2 (relative error 4e-7, 5e-7 in fp32 arithmetic; the Taylor polynomial to z^7 had one more term for
+// 3e-7; P's coefficients carry the powers of 1 / kTanhScale). Both are computed and one selected (no divergence): 10
+// instructions against tanhf's longer sequence.
 constexpr float kTanhScale = 2.8853900817779268f;
 __device__ __forceinline__ float tanh_scaled(float zs) {
   float e, r;
@@ -913,10 +918,9 @@ __device__ __forceinline__ float tanh_scaled(float zs) {
   asm("rcp.approx.ftz.f32 %0, %1;" : "=f"(r) : "f"(e + 1.f));
   const float big = fmaf(-2.f, r, 1.f);
   const float s2 = zs * zs;
-  // z - z^3/3 + 2z^5/15 - 17z^7/315 at z = zs / kTanhScale
-  constexpr float c0 = 0.34657359027997264f, c1 = -0.013876027166205394f, c2 = 0.0006666779073214222f,
-                  c3 = -3.2412059333627164e-05f;
-  const float p = fmaf(fmaf(fmaf(c3, s2, c2), s2, c1), s2, c0);
+  // z P(z^2) at z = zs / kTanhScale
+  constexpr float c0 = 0.34657344222068787f, c1 = -0.013871272094547749f, c2 = 0.0006420938880182803f;
+  const float p = fmaf(fmaf(c2, s2, c1), s2, c0);
   return fabsf(zs) < 0.25f * kTanhScale ? zs * p : big;
 }
 
@@ -979,9 +983,10 @@ __device__ __forceinline__ void spec_store_row(float* W, int ind_dim, int lane, 
   for (int k = 0; k < NR; ++k) {
     const int i = lane + 32 * k;
     float v = r[k];
-    if (first > 0) {  // i's offset in its slice, without a division (at most kSpecMaxOrders slices)
+    if (first > 0) {  // i's offset in its slice, without a division (at most kSpecMaxOrders slices; one: the row)
       int j = i;
-      while (j >= slice) j -= slice;
+      if (slice < ind_dim)
+        while (j >= slice) j -= slice;
       if (j < first) v *= scale;
     }
     if (i < ind_dim) W[i] = v;
@@ -1365,18 +1370,39 @@ constexpr int spec_bwd_blocks() { return (C <= 3 ? 4 : 3) * kFastWarps / kSpecWa
 // host sends unaligned ones to a memset instead). Issued at the end of the sample, by every sample: the zeroing then
 // costs the forward about half of what a memset of the same bytes takes (at its start, or by fewer samples with
 // larger shares, it cost more; docs/benchmarks.md).
-__device__ __forceinline__ void spec_zero_share(const CoActionZero& z, int b, int B, int lane) {
+// The shares are laid out on the host (spec_zero_plan): no 64-bit division per sample.
+struct SpecZero {
+  float4* p[2];       // the arrays (nullptr: none), 16-byte aligned
+  int64_t q4[2];      // 16-byte units a sample zeroes; the first r4 samples one more
+  int64_t r4[2];
+  float* tail[2];     // the floats past the last whole 16 bytes (ntail < 4 of them), zeroed by the last sample
+  int ntail[2];
+};
+
+SpecZero spec_zero_plan(const CoActionZero& z, int B) {
+  SpecZero p{};
+  for (int k = 0; k < 2; ++k) {
+    if (!z.ptr[k] || z.n[k] <= 0 || B <= 0) continue;
+    const int64_t n4 = z.n[k] / 4;
+    p.p[k] = reinterpret_cast<float4*>(z.ptr[k]);
+    p.q4[k] = n4 / B;
+    p.r4[k] = n4 % B;
+    p.tail[k] = reinterpret_cast<float*>(z.ptr[k]) + 4 * n4;
+    p.ntail[k] = static_cast<int>(z.n[k] - 4 * n4);
+  }
+  return p;
+}
+
+__device__ __forceinline__ void spec_zero_share(const SpecZero& z, int b, int B, int lane) {
 #pragma unroll
   for (int k = 0; k < 2; ++k) {
-    if (!z.ptr[k]) continue;
-    float* p = reinterpret_cast<float*>(z.ptr[k]);
-    const size_t n = static_cast<size_t>(z.n[k]), n4 = n / 4;
-    const size_t q4 = n4 / B, r4 = n4 % B;  // shares of q4 or q4 + 1 (the first r4 samples) 16-byte units
-    const size_t lo = q4 * b + min(static_cast<size_t>(b), r4), hi = lo + q4 + (static_cast<size_t>(b) < r4 ? 1 : 0);
-    float4* q = reinterpret_cast<float4*>(p);
-    for (size_t i = lo + lane; i < hi; i += 32) __stcs(q + i, make_float4(0.f, 0.f, 0.f, 0.f));
-    if (b == B - 1)
-      for (size_t i = 4 * n4 + lane; i < n; i += 32) p[i] = 0.f;
+    if (!z.p[k]) continue;
+    const int64_t lo = z.q4[k] * b + min(static_cast<int64_t>(b), z.r4[k]);
+    const int cnt = static_cast<int>(z.q4[k]) + (b < z.r4[k] ? 1 : 0);  // at most 128 KiB / 16 (the host's bound)
+    float4* q = z.p[k] + lo;
+#pragma unroll 4
+    for (int i = lane; i < cnt; i += 32) __stcs(q + i, make_float4(0.f, 0.f, 0.f, 0.f));
+    if (b == B - 1 && lane < z.ntail[k]) z.tail[k][lane] = 0.f;
   }
 }
 
@@ -1384,7 +1410,7 @@ template <typename T, int C, bool OI>
 __global__ void __launch_bounds__(kSpecWarps * 32, spec_fwd_blocks<C>()) spec_forward_kernel(
     Fast f, SpecGeo g, int B, int T_len, CoActionRows rows, const int64_t* __restrict__ ind_ids,
     const T* __restrict__ feed, const int64_t* __restrict__ feed_ids, const float* __restrict__ mask,
-    T* __restrict__ out, CoActionZero zero) {
+    T* __restrict__ out, SpecZero zero) {
   constexpr int D = kSpecD, N1 = kSpecN1, N2 = kSpecN2, S = N1 + N2, NR = spec_row_regs<C, OI>();
   constexpr int FRS = spec_frs(sizeof(T));  // g.FRS, as a constant
   extern __shared__ __align__(16) float smem[];
@@ -1513,7 +1539,8 @@ __global__ void __launch_bounds__(kSpecWarps * 32, spec_bwd_blocks<C>()) spec_ba
     size_t fa = spec_frow(feed_ids, rows.feed_rows, b, T_len, ta);
     int nb = spec_next_round(mrow, T_len, q, sq, lane, &tb);
     size_t fb = spec_frow(feed_ids, rows.feed_rows, b, T_len, tb);
-    for (int i = lane; i < g.oG - g.oGW; i += 32) gW[i] = 0.f;
+    for (int i = 4 * lane; i < g.oG - g.oGW; i += 128)  // (a multiple of 4 floats, 16-byte aligned)
+      *reinterpret_cast<float4*>(gW + i) = make_float4(0.f, 0.f, 0.f, 0.f);
     if (f.bias)
       for (int i = g.rB; i < g.rB + C * N1; i += 4)
         *reinterpret_cast<float4*>(my + i) = make_float4(0.f, 0.f, 0.f, 0.f);
@@ -1522,7 +1549,9 @@ __global__ void __launch_bounds__(kSpecWarps * 32, spec_bwd_blocks<C>()) spec_ba
 #pragma unroll
     for (int k = 0; k < NG; ++k)
       if (lane + 32 * k < C * S) G[lane + 32 * k] = gr[k];
-    spec_store_row(base + g.oW, f.ind_dim, lane, wr);  // its barrier orders the writes above before the reads below
+    // W1 and b1 of every slice pre-scaled for tanh_scaled (as the forward's); the barrier of spec_store_row orders
+    // the writes above before the reads below
+    spec_store_row(base + g.oW, f.ind_dim, lane, wr, kTanhScale, f.wslice, f.woff[1]);
     // u_c = G1_c + W2_c G2_c: the first layer's upstream gradient, the same for every behaviour of the sample
     for (int k = lane; k < C * N1; k += 32) {
       const int c = k / N1, j = k - c * N1;
@@ -1530,14 +1559,15 @@ __global__ void __launch_bounds__(kSpecWarps * 32, spec_bwd_blocks<C>()) spec_ba
       float u = G[c * S + j];
 #pragma unroll
       for (int m = 0; m < N2; ++m) u = fmaf(w2[m], G[c * S + N1 + m], u);
-      U[k] = u;
+      U[k] = u * (1.f / kTanhScale);  // dz then comes out divided by kTanhScale: W1 dz is the feed gradient
     }
     __syncwarp();
     // this lane's tile of W1's gradient, columns 4 tj .. 4 tj + 3 (tj = lane & 1): row ti = lane / 2 of every order,
-    // over all the round's rows; or (kHalves: one W1 for 2 or 3 orders) rows ri and ri + 8 (ri = lane / 2 % 8), the
-    // orders folded per row by Horner (x dz_0 + x^2 dz_1 + ... = x (dz_0 + x (dz_1 + ...))), over the round's even
-    // rows (lanes 0-15) or odd rows (16-31), the halves added once per sample: 5 shared-memory loads a row pair
-    // instead of 8, and 8 accumulators instead of 12 at 3 orders (1 order has 4 already, 4 orders spill more)
+    // over all the round's rows; or (kHalves: one W1 for 2 or 3 orders) rows 2 ri and 2 ri + 1 (ri = lane / 2 % 8:
+    // one 8-byte load of x a behaviour), the orders folded per row by Horner (x dz_0 + x^2 dz_1 + ... =
+    // x (dz_0 + x (dz_1 + ...))), over the round's even rows (lanes 0-15) or odd rows (16-31), the halves added once
+    // per sample: 4 shared-memory loads a behaviour instead of 8, and 8 accumulators instead of 12 at 3 orders (1 order
+    // has 4 already, 4 orders spill more)
     constexpr bool kHalves = !OI && (C == 2 || C == 3);
     constexpr int NT = kHalves ? 2 : C;
     const int ti = lane >> 1, tj = lane & 1, ri = ti & 7, th = lane >> 4;
@@ -1564,48 +1594,74 @@ __global__ void __launch_bounds__(kSpecWarps * 32, spec_bwd_blocks<C>()) spec_ba
       float x[D], z[C][N1];
       spec_read_x<T>(rb + lane * FRS, x);
       spec_first_layer<C, OI>(W, f.wslice, f.bias, x, z);
-      const float v = ta >= 0 ? 1.f : 0.f;
-      // h1 sums (for W2's gradient) and dz = v u_c (1 - h1^2), in place of z
+      // h1 sums (for W2's gradient) and dz = v u_c (1 - h1^2), in place of z (v: the lane has a behaviour)
+      if (f.bias) {
+        const float v = ta >= 0 ? 1.f : 0.f;
 #pragma unroll
-      for (int c = 0; c < C; ++c) {
-        const float4* u4 = reinterpret_cast<const float4*>(U + c * N1);
+        for (int c = 0; c < C; ++c) {
+          const float4* u4 = reinterpret_cast<const float4*>(U + c * N1);
 #pragma unroll
-        for (int jc = 0; jc < N1 / 4; ++jc) {
-          const float4 u = u4[jc];
-          const float uu[4] = {u.x, u.y, u.z, u.w};
+          for (int jc = 0; jc < N1 / 4; ++jc) {
+            const float4 u = u4[jc];
+            const float uu[4] = {u.x, u.y, u.z, u.w};
 #pragma unroll
-          for (int k = 0; k < 4; ++k) {
-            const int j = 4 * jc + k;
-            const float h = tanh_fast(z[c][j]);
-            hacc[c][j] = fmaf(v, h, hacc[c][j]);
-            z[c][j] = v * uu[k] * fmaf(-h, h, 1.f);
+            for (int k = 0; k < 4; ++k) {
+              const int j = 4 * jc + k;
+              const float h = tanh_scaled(z[c][j]);
+              hacc[c][j] = fmaf(v, h, hacc[c][j]);
+              z[c][j] = v * uu[k] * fmaf(-h, h, 1.f);
+            }
+          }
+          spec_acc<N1>(my + g.rB + c * N1, 1.f, z[c]);
+        }
+      } else {  // without bias a lane past the round has x = 0 (zero-filled), so z = 0 and h1 = 0; its dz row lies
+                // past the rows W1's gradient reads and its feed gradient is not stored: v is not needed
+#pragma unroll
+        for (int c = 0; c < C; ++c) {
+          const float4* u4 = reinterpret_cast<const float4*>(U + c * N1);
+#pragma unroll
+          for (int jc = 0; jc < N1 / 4; ++jc) {
+            const float4 u = u4[jc];
+            const float uu[4] = {u.x, u.y, u.z, u.w};
+#pragma unroll
+            for (int k = 0; k < 4; ++k) {
+              const int j = 4 * jc + k;
+              const float h = tanh_scaled(z[c][j]);
+              hacc[c][j] += h;
+              z[c][j] = uu[k] * fmaf(-h, h, 1.f);
+            }
           }
         }
-        if (f.bias) spec_acc<N1>(my + g.rB + c * N1, 1.f, z[c]);
       }
 #pragma unroll
       for (int c = 0; c < C; ++c) store_row<N1>(my + g.rDZ + c * N1, z[c], N1);
-      // feed gradient: gx_i = sum_c (c + 1) x_i^c (W1_c dz_c)_i
+      // feed gradient: gx_i = sum_c (c + 1) x_i^c (W1_c dz_c)_i, by Horner in x_i over (c + 1) dz_c (scaled once a
+      // round: dz is staged unscaled above, for W1's gradient)
       float gx[D];
 #pragma unroll
+      for (int c = 1; c < C; ++c)
+#pragma unroll
+        for (int j = 0; j < N1; ++j) z[c][j] *= static_cast<float>(c + 1);
+#pragma unroll
       for (int i = 0; i < D; ++i) {
-        float s = 0.f, pw = 1.f;
+        float sc[C];
 #pragma unroll
         for (int c = 0; c < C; ++c) {
           const float4* w4 = reinterpret_cast<const float4*>(W + (OI ? c * f.wslice : 0)) + i * (N1 / 4);
-          float sc = 0.f;
+          sc[c] = 0.f;
 #pragma unroll
           for (int jc = 0; jc < N1 / 4; ++jc) {
             const float4 w = w4[jc];
-            sc = fmaf(w.x, z[c][4 * jc], sc);
-            sc = fmaf(w.y, z[c][4 * jc + 1], sc);
-            sc = fmaf(w.z, z[c][4 * jc + 2], sc);
-            sc = fmaf(w.w, z[c][4 * jc + 3], sc);
+            sc[c] = fmaf(w.x, z[c][4 * jc], sc[c]);
+            sc[c] = fmaf(w.y, z[c][4 * jc + 1], sc[c]);
+            sc[c] = fmaf(w.z, z[c][4 * jc + 2], sc[c]);
+            sc[c] = fmaf(w.w, z[c][4 * jc + 3], sc[c]);
           }
-          s = fmaf(sc, static_cast<float>(c + 1) * pw, s);
-          pw *= x[i];
         }
-        gx[i] = s;
+        float sum = sc[C - 1];
+#pragma unroll
+        for (int c = C - 2; c >= 0; --c) sum = fmaf(sum, x[i], sc[c]);
+        gx[i] = sum;
       }
       __syncwarp();
       // W1's gradient: this lane's tile, summed over the round's rows m of x^(c+1) (x) dz_c
@@ -1629,9 +1685,10 @@ __global__ void __launch_bounds__(kSpecWarps * 32, spec_bwd_blocks<C>()) spec_ba
       } else {
         const float* xr = rb + th * FRS;
         const float* dm = rws + g.rDZ + 4 * tj + th * g.RS;
-#pragma unroll 2
+#pragma unroll 4
         for (int m = th; m < na; m += 2, xr += 2 * FRS, dm += 2 * g.RS) {
-          const float xa = spec_x_at<T>(xr, ri), xb = spec_x_at<T>(xr, ri + 8);
+          const float2 xp = spec_x_pair<T>(xr, 2 * ri);
+          const float xa = xp.x, xb = xp.y;
           float d[C][4];
 #pragma unroll
           for (int c = 0; c < C; ++c) {
@@ -1686,7 +1743,7 @@ __global__ void __launch_bounds__(kSpecWarps * 32, spec_bwd_blocks<C>()) spec_ba
         }
         float* gw = gW + (OI ? c * f.wslice : 0) + ti * N1 + 4 * tj;
 #pragma unroll
-        for (int k = 0; k < 4; ++k) gw[k] += s[k];
+        for (int k = 0; k < 4; ++k) gw[k] += s[k] * kTanhScale;  // (dz came out divided by it)
       }
     } else {
 #pragma unroll
@@ -1696,9 +1753,9 @@ __global__ void __launch_bounds__(kSpecWarps * 32, spec_bwd_blocks<C>()) spec_ba
       if (th == 0)
 #pragma unroll
         for (int r = 0; r < 2; ++r) {
-          float* gw = gW + (ri + 8 * r) * N1 + 4 * tj;
+          float* gw = gW + (2 * ri + r) * N1 + 4 * tj;
 #pragma unroll
-          for (int k = 0; k < 4; ++k) gw[k] += tacc[r][k];
+          for (int k = 0; k < 4; ++k) gw[k] += tacc[r][k] * kTanhScale;
         }
     }
     // W2 and the biases from the h1 and dz sums: the lanes' h1 sums go to their rows' first C x N1 slots; lane j
@@ -1716,7 +1773,7 @@ __global__ void __launch_bounds__(kSpecWarps * 32, spec_bwd_blocks<C>()) spec_ba
         if (f.bias) bsum += rws[m * g.RS + g.rB + lane];
       }
       U[lane] = hsum;
-      fbuf[lane] = bsum;
+      fbuf[lane] = bsum * kTanhScale;
     }
     __syncwarp();
     for (int j = lane; j < N1; j += 32)
@@ -1734,7 +1791,8 @@ __global__ void __launch_bounds__(kSpecWarps * 32, spec_bwd_blocks<C>()) spec_ba
           gW[(OI ? c * f.wslice : 0) + f.woff[1] + N1 * N2 + m] += static_cast<float>(valid) * G[c * S + N1 + m];
     __syncwarp();
   }
-  store_row_grad(f, rows, ind_ids, b, row != nullptr, shard, local, smem, g.per_warp, g.oGW, blk_row, warp, lane);
+  store_row_grad<true>(f, rows, ind_ids, b, row != nullptr, shard, local, smem, g.per_warp, g.oGW, blk_row, warp,
+                       lane);
 }
 
 // ---------------------------------------------------------------------------------------------------------------
@@ -2046,7 +2104,7 @@ int coaction_forward(const CoActionDims& d, int dtype, int B, int T, const CoAct
         return;
       }
       kspec<<<(B + swarps - 1) / swarps, swarps * 32, ssmem, s>>>(f, make_spec_geo(f, false, sizeof(E)), B, T, rows, ids, fd,
-                                                                  fids, mk, o, zk);
+                                                                  fids, mk, o, spec_zero_plan(zk, B));
       DWDP_LAUNCH_CHECK();
       return;
     }
