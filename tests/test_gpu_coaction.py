@@ -898,4 +898,3 @@ def test_table_grads_across_streams():
         del gi, gf, tg
         for a, b in zip(got, want):
             assert rel(a, b) <= 1e-6
-

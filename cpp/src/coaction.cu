@@ -908,8 +908,9 @@ constexpr int kSpecD = 16, kSpecN1 = 8, kSpecN2 = 4, kSpecMaxOrders = 4;
 // MUFU instructions; __expf and __fdividef would add range checks that this form never needs: exp(2z) is 0 below
 // z = -44 and inf above 44, giving -1 and 1); its absolute error (~3e-7) is a relative error above 1e-6 below
 // |z| = 1/4 (3e-4 at 1e-3, biased), so there z P(z^2) takes over, P the minimax quadratic of tanh(z) / z on
-// [0, 1/16] in z^2 (relative error 4e-7, 5e-7 in fp32 arithmetic; the Taylor polynomial to z^7 had one more term for
-// 3e-7; P's coefficients carry the powers of 1 / kTanhScale). Both are computed and one selected (no divergence): 10
+// [0, 1/16] in z^2 (relative error 4e-7, 5e-7 in fp32 arithmetic, largest at 0 where P = 1 - 4.3e-7: a bias of that
+// size on small pre-activations; the Taylor polynomial to z^7 had one more term for 3e-7; P's coefficients carry the
+// powers of 1 / kTanhScale). Both are computed and one selected (no divergence): 10
 // instructions against tanhf's longer sequence.
 constexpr float kTanhScale = 2.8853900817779268f;
 __device__ __forceinline__ float tanh_scaled(float zs) {
@@ -1318,6 +1319,24 @@ __device__ __forceinline__ void spec_tile_z(const float* rows, const float* __re
   }
 }
 
+// One feed row's gradient s added at dst (16-byte atomics where grad_feed is aligned), each atomic from its own
+// registers (an atomic reads its source registers after issue: rewriting them would wait for it).
+__device__ __forceinline__ void spec_add_feed_grad(const Fast& f, float* dst, const float4 (&s)[kSpecD / 4]) {
+  constexpr int Q = kSpecD / 4;
+  if (f.gfeed_vec) {
+#pragma unroll
+    for (int k = 0; k < Q; ++k) atomicAdd(reinterpret_cast<float4*>(dst) + k, s[k]);
+  } else {
+#pragma unroll
+    for (int k = 0; k < Q; ++k) {
+      atomicAdd(dst + 4 * k, s[k].x);
+      atomicAdd(dst + 4 * k + 1, s[k].y);
+      atomicAdd(dst + 4 * k + 2, s[k].z);
+      atomicAdd(dst + 4 * k + 3, s[k].w);
+    }
+  }
+}
+
 // The round's feed gradients (lane m's at gx_base + m * stride) added to grad_feed by feed id: the lanes that share
 // a row are summed in lane order by the lowest of them, which then issues its atomics back to back, each from its
 // own registers (an atomic reads its source registers after issue: rewriting them would wait for it). Every lane
@@ -1339,19 +1358,7 @@ __device__ __forceinline__ void spec_store_feed_grad(const Fast& f, float* __res
       s[k].x += v.x, s[k].y += v.y, s[k].z += v.z, s[k].w += v.w;
     }
   }
-  float* dst = grad_feed + frow * kSpecD;
-  if (f.gfeed_vec) {
-#pragma unroll
-    for (int k = 0; k < Q; ++k) atomicAdd(reinterpret_cast<float4*>(dst) + k, s[k]);
-  } else {
-#pragma unroll
-    for (int k = 0; k < Q; ++k) {
-      atomicAdd(dst + 4 * k, s[k].x);
-      atomicAdd(dst + 4 * k + 1, s[k].y);
-      atomicAdd(dst + 4 * k + 2, s[k].z);
-      atomicAdd(dst + 4 * k + 3, s[k].w);
-    }
-  }
+  spec_add_feed_grad(f, grad_feed + frow * kSpecD, s);
 }
 
 // Two warps (samples) a block: a block's slot on the SM frees when its slowest sample ends, so small blocks keep the
@@ -1566,8 +1573,8 @@ __global__ void __launch_bounds__(kSpecWarps * 32, spec_bwd_blocks<C>()) spec_ba
     // over all the round's rows; or (kHalves: one W1 for 2 or 3 orders) rows 2 ri and 2 ri + 1 (ri = lane / 2 % 8:
     // one 8-byte load of x a behaviour), the orders folded per row by Horner (x dz_0 + x^2 dz_1 + ... =
     // x (dz_0 + x (dz_1 + ...))), over the round's even rows (lanes 0-15) or odd rows (16-31), the halves added once
-    // per sample: 4 shared-memory loads a behaviour instead of 8, and 8 accumulators instead of 12 at 3 orders (1 order
-    // has 4 already, 4 orders spill more)
+    // per sample: each lane reads its half of the behaviours (4 shared-memory loads each: x's pair and 3 dz vectors),
+    // and keeps 8 accumulators instead of 12 at 3 orders (1 order has 4 already, 4 orders spill more)
     constexpr bool kHalves = !OI && (C == 2 || C == 3);
     constexpr int NT = kHalves ? 2 : C;
     const int ti = lane >> 1, tj = lane & 1, ri = ti & 7, th = lane >> 4;
@@ -1594,7 +1601,8 @@ __global__ void __launch_bounds__(kSpecWarps * 32, spec_bwd_blocks<C>()) spec_ba
       float x[D], z[C][N1];
       spec_read_x<T>(rb + lane * FRS, x);
       spec_first_layer<C, OI>(W, f.wslice, f.bias, x, z);
-      // h1 sums (for W2's gradient) and dz = v u_c (1 - h1^2), in place of z (v: the lane has a behaviour)
+      // h1 sums (for W2's gradient) and dz = v u_c (1 - h1^2) / kTanhScale (U holds u / kTanhScale), in place of z
+      // (v: the lane has a behaviour; needed with bias only, see the other branch)
       if (f.bias) {
         const float v = ta >= 0 ? 1.f : 0.f;
 #pragma unroll
@@ -1705,13 +1713,24 @@ __global__ void __launch_bounds__(kSpecWarps * 32, spec_bwd_blocks<C>()) spec_ba
           }
         }
       }
-      if (feed_ids) {  // lanes sharing a feed row add theirs once (staged in shared memory)
-        if (kGxInFeed) __syncwarp();  // every lane's tiles have read the feed rows the gradients overwrite
-        float* gxs = kGxInFeed ? rb : rws + g.rGX;
-        const int gstride = kGxInFeed ? FRS : g.RS;
-        store_row<D>(gxs + lane * gstride, gx, D);
-        __syncwarp();
-        spec_store_feed_grad(f, grad_feed, fa, ta, gxs, gstride, lane);
+      if (feed_ids) {
+        const unsigned long long key = ta >= 0 ? static_cast<unsigned long long>(fa) : ~0ull - lane;
+        if (__all_sync(0xffffffffu, __match_any_sync(0xffffffffu, key) == 1u << lane)) {
+          // no feed row twice in the round (the common case): each lane adds its own, from its registers
+          if (ta >= 0) {
+            const float4 s4[D / 4] = {make_float4(gx[0], gx[1], gx[2], gx[3]), make_float4(gx[4], gx[5], gx[6], gx[7]),
+                                      make_float4(gx[8], gx[9], gx[10], gx[11]),
+                                      make_float4(gx[12], gx[13], gx[14], gx[15])};
+            spec_add_feed_grad(f, grad_feed + fa * D, s4);
+          }
+        } else {  // lanes sharing a feed row add theirs once (staged in shared memory)
+          if (kGxInFeed) __syncwarp();  // every lane's tiles have read the feed rows the gradients overwrite
+          float* gxs = kGxInFeed ? rb : rws + g.rGX;
+          const int gstride = kGxInFeed ? FRS : g.RS;
+          store_row<D>(gxs + lane * gstride, gx, D);
+          __syncwarp();
+          spec_store_feed_grad(f, grad_feed, fa, ta, gxs, gstride, lane);
+        }
       } else if (ta >= 0) {
         float* dst = grad_feed + fa * D;
         if (f.gfeed_vec) {
