@@ -609,6 +609,31 @@ def test_an_infinite_feed_value_saturates_its_behaviour(value):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("value", [np.inf, -np.inf], ids=["inf", "-inf"])
+@pytest.mark.parametrize("bias", [False, True], ids=["no-bias", "bias"])
+def test_an_infinite_weight_saturates_its_column(value, bias):
+    """W1[0][1] = +-inf in sample 0's induction row: every behaviour's pre-activation of column 1 is +-inf (x_0 is
+    never 0 here) and its tanh +-1, as in the float64 reference, so the outputs are finite and within 1e-5 of it.
+    The sample's first layer takes the CUDA cores (an infinite W1 column cannot be scaled into fp16's range); its last
+    tile has rows past the round, whose x = 0 times the infinite weight would be NaN if they were computed (they
+    were, before: the sample's outputs were NaN)."""
+    import cupy as cp
+    from dwdp_ops.coaction import coaction_forward_gpu
+    from dwdp_ops.coaction.fused import uses_specialized_kernels
+
+    spec = CoActionSpec(bias=bias)
+    assert uses_specialized_kernels(spec)
+    ind, feed, mask, _ = inputs(spec, 6, 45, 13)
+    mask[0] = 0.0
+    mask[0, :21] = 1.0  # 21 behaviours: a round of 21, its second tile 5 rows
+    ind[0, 1] = value
+    out = coaction_forward_gpu(cp.asarray(ind), cp.asarray(feed), cp.asarray(mask), spec).get()
+    want = coaction_forward(ind.astype(np.float64), feed.astype(np.float64), mask, spec)
+    assert np.isfinite(want).all() and np.isfinite(out).all()
+    assert rel(out, want) <= 1e-5
+
+
+@pytest.mark.gpu
 @pytest.mark.parametrize("spec", [CoActionSpec(), CoActionSpec(orders=4, bias=True, order_independent=True)],
                          ids=["shared-w1", "o4-oi"])
 def test_an_outlier_weight_costs_only_its_own_column(spec):
@@ -674,7 +699,7 @@ def _table_case(B=300, T=70, rows=64, seed=31):
 @pytest.mark.gpu
 def test_backward_adds_into_given_gradients():
     """grads=(grad_induction, grad_feed): the backward adds into the caller's arrays and returns them (twice: twice the
-    gradient on top of what they held); wrong shapes, dtypes, layouts, a pair without both ids (gathered rows'
+    gradient on top of what they held; and into arrays 4 bytes off 16-byte alignment); wrong shapes, dtypes, layouts, a pair without both ids (gathered rows'
     gradients are written, not added) and arrays on two devices are refused by name."""
     import cupy as cp
     from dwdp_ops.coaction import coaction_backward_gpu
@@ -687,6 +712,14 @@ def test_backward_adds_into_given_gradients():
         ri, rf = coaction_backward_gpu(table, ftable, mask, g, spec, grads=(ai, af), **kw)
         assert ri is ai and rf is af
     assert rel(ai.get(), 0.5 + 2 * gi.get()) <= 1e-6 and rel(af.get(), -2.0 + 2 * gf.get()) <= 1e-6
+    # arrays 4 bytes past a 16-byte boundary: the row gradients take the scalar atomics (the induction row's and the
+    # feed rows' 16-byte atomics need aligned rows); the same sums
+    bi, bf = cp.full(table.size + 1, 0.5, cp.float32), cp.full(ftable.size + 1, -2.0, cp.float32)
+    ui, uf = bi[1:].reshape(table.shape), bf[1:].reshape(ftable.shape)
+    assert ui.data.ptr % 16 == 4 and uf.data.ptr % 16 == 4
+    coaction_backward_gpu(table, ftable, mask, g, spec, grads=(ui, uf), **kw)
+    assert rel(ui.get(), 0.5 + gi.get()) <= 1e-6 and rel(uf.get(), -2.0 + gf.get()) <= 1e-6
+    assert bi[0].item() == 0.5 and bf[0].item() == -2.0  # nothing written before the arrays
     with pytest.raises(ValueError, match="needs ind_ids and feed_ids"):  # gathered rows' gradients are written
         coaction_backward_gpu(table[ids], ftable, mask, g, spec, feed_ids=fids, check_ids=False,
                               grads=(cp.zeros((len(ids), 160), cp.float32), af))

@@ -1248,11 +1248,13 @@ __device__ __forceinline__ SpecW1<C, OI> spec_w1_frags(const float* __restrict__
 
 // z[c][0..4) = (x^(c+1)) W1_c + b1_c at (row g, column 2q), (g, 2q + 1), (g + 8, 2q), (g + 8, 2q + 1) of the 16-row
 // tile whose first staged row is `rows` (row stride FRS floats, the feed's element type T; rows past the round are
-// zeros). W1_c and bz (this lane's two b1_c columns) as staged; warp-uniform choice of tensor or CUDA cores.
+// zeros). W1_c and bz (this lane's two b1_c columns) as staged; warp-uniform choice of tensor or CUDA cores. in0 / in1:
+// whether rows g / g + 8 hold a behaviour; the CUDA-core path sets a row past the round to b1 (the caller multiplies
+// its h1 by 0): its x = 0 times an infinite W1 (the path such a W1 takes) would be NaN, and NaN x 0 is NaN.
 template <typename T, int C, bool OI>
 __device__ __forceinline__ void spec_tile_z(const float* rows, const float* __restrict__ W, int ws,
-                                            const SpecW1<C, OI>& wf, const float (&bz)[C][2], int lane,
-                                            float (&z)[C][4]) {
+                                            const SpecW1<C, OI>& wf, const float (&bz)[C][2], int lane, bool in0,
+                                            bool in1, float (&z)[C][4]) {
   constexpr int D = kSpecD, N1 = kSpecN1, FRS = spec_frs(sizeof(T));
   const int g = lane >> 2, q = lane & 3;
   const float* r0 = rows + g * FRS;
@@ -1315,6 +1317,11 @@ __device__ __forceinline__ void spec_tile_z(const float* rows, const float* __re
         z[c][2] = fmaf(p1, w.x, z[c][2]);
         z[c][3] = fmaf(p1, w.y, z[c][3]);
       }
+    }
+#pragma unroll
+    for (int c = 0; c < C; ++c) {
+      if (!in0) z[c][0] = bz[c][0], z[c][1] = bz[c][1];
+      if (!in1) z[c][2] = bz[c][0], z[c][3] = bz[c][1];
     }
   }
 }
@@ -1466,8 +1473,9 @@ __global__ void __launch_bounds__(kSpecWarps * 32, spec_fwd_blocks<C>()) spec_fo
     valid += na;
     for (int r0 = 0; r0 < na; r0 += 16) {  // 16-row tiles; rows past na are zeros, their h1 multiplied by 0
       float z[C][4];
-      spec_tile_z<T, C, OI>(fbuf + cur * buf + r0 * FRS, W, f.wslice, wf, bz, lane, z);
-      const float v0 = r0 + tg < na ? 1.f : 0.f, v1 = r0 + tg + 8 < na ? 1.f : 0.f;
+      const bool in0 = r0 + tg < na, in1 = r0 + tg + 8 < na;
+      spec_tile_z<T, C, OI>(fbuf + cur * buf + r0 * FRS, W, f.wslice, wf, bz, lane, in0, in1, z);
+      const float v0 = in0 ? 1.f : 0.f, v1 = in1 ? 1.f : 0.f;
 #pragma unroll
       for (int c = 0; c < C; ++c) {
         acc[c][0] = fmaf(v0, tanh_scaled(z[c][0]), acc[c][0]);
@@ -1504,6 +1512,34 @@ __global__ void __launch_bounds__(kSpecWarps * 32, spec_fwd_blocks<C>()) spec_fo
     st(o, c * S + N1 + m, v);
   }
   spec_zero_share(zero, b, B, lane);  // at the sample's end: measured faster than at its start (see the docs)
+}
+
+// A backward round's lane: h1 = tanh(z) added to its h1 sums (for W2's gradient) and dz = v u_c (1 - h1^2) in place of
+// z (U holds u / kTanhScale, so dz comes out unscaled). kBias: v (1: the lane has a behaviour, 0: it is past the
+// round) multiplies both, and dz is added to the lane's b1 sums at bsum ([C][N1] floats); without bias v is not needed:
+// a lane past the round has x = 0 (zero-filled), so z = 0 and h1 = 0, its dz row lies past the rows W1's gradient
+// reads and its feed gradient is not stored.
+template <int C, bool kBias>
+__device__ __forceinline__ void spec_dz(const float* __restrict__ U, float v, float* bsum, float (&z)[C][kSpecN1],
+                                        float (&hacc)[C][kSpecN1]) {
+  constexpr int N1 = kSpecN1;
+#pragma unroll
+  for (int c = 0; c < C; ++c) {
+    const float4* u4 = reinterpret_cast<const float4*>(U + c * N1);
+#pragma unroll
+    for (int jc = 0; jc < N1 / 4; ++jc) {
+      const float4 u = u4[jc];
+      const float uu[4] = {u.x, u.y, u.z, u.w};
+#pragma unroll
+      for (int k = 0; k < 4; ++k) {
+        const int j = 4 * jc + k;
+        const float h = tanh_scaled(z[c][j]);
+        hacc[c][j] = kBias ? fmaf(v, h, hacc[c][j]) : hacc[c][j] + h;
+        z[c][j] = (kBias ? v * uu[k] : uu[k]) * fmaf(-h, h, 1.f);
+      }
+    }
+    if (kBias) spec_acc<N1>(bsum + c * N1, 1.f, z[c]);
+  }
 }
 
 template <typename T, int C, bool OI>
@@ -1601,46 +1637,11 @@ __global__ void __launch_bounds__(kSpecWarps * 32, spec_bwd_blocks<C>()) spec_ba
       float x[D], z[C][N1];
       spec_read_x<T>(rb + lane * FRS, x);
       spec_first_layer<C, OI>(W, f.wslice, f.bias, x, z);
-      // h1 sums (for W2's gradient) and dz = v u_c (1 - h1^2) / kTanhScale (U holds u / kTanhScale), in place of z
-      // (v: the lane has a behaviour; needed with bias only, see the other branch)
-      if (f.bias) {
-        const float v = ta >= 0 ? 1.f : 0.f;
-#pragma unroll
-        for (int c = 0; c < C; ++c) {
-          const float4* u4 = reinterpret_cast<const float4*>(U + c * N1);
-#pragma unroll
-          for (int jc = 0; jc < N1 / 4; ++jc) {
-            const float4 u = u4[jc];
-            const float uu[4] = {u.x, u.y, u.z, u.w};
-#pragma unroll
-            for (int k = 0; k < 4; ++k) {
-              const int j = 4 * jc + k;
-              const float h = tanh_scaled(z[c][j]);
-              hacc[c][j] = fmaf(v, h, hacc[c][j]);
-              z[c][j] = v * uu[k] * fmaf(-h, h, 1.f);
-            }
-          }
-          spec_acc<N1>(my + g.rB + c * N1, 1.f, z[c]);
-        }
-      } else {  // without bias a lane past the round has x = 0 (zero-filled), so z = 0 and h1 = 0; its dz row lies
-                // past the rows W1's gradient reads and its feed gradient is not stored: v is not needed
-#pragma unroll
-        for (int c = 0; c < C; ++c) {
-          const float4* u4 = reinterpret_cast<const float4*>(U + c * N1);
-#pragma unroll
-          for (int jc = 0; jc < N1 / 4; ++jc) {
-            const float4 u = u4[jc];
-            const float uu[4] = {u.x, u.y, u.z, u.w};
-#pragma unroll
-            for (int k = 0; k < 4; ++k) {
-              const int j = 4 * jc + k;
-              const float h = tanh_scaled(z[c][j]);
-              hacc[c][j] += h;
-              z[c][j] = uu[k] * fmaf(-h, h, 1.f);
-            }
-          }
-        }
-      }
+      // h1 sums (for W2's gradient) and dz in place of z; with bias the lane's dz also goes to its b1 sums
+      if (f.bias)
+        spec_dz<C, true>(U, ta >= 0 ? 1.f : 0.f, my + g.rB, z, hacc);
+      else
+        spec_dz<C, false>(U, 1.f, nullptr, z, hacc);
 #pragma unroll
       for (int c = 0; c < C; ++c) store_row<N1>(my + g.rDZ + c * N1, z[c], N1);
       // feed gradient: gx_i = sum_c (c + 1) x_i^c (W1_c dz_c)_i, by Horner in x_i over (c + 1) dz_c (scaled once a
