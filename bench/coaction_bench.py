@@ -20,9 +20,11 @@ the per-repeat ratios:
   cupy           the same math as gathers, reshaped weights and batched matmuls in CuPy (dwdp_ops.coaction.reference
                  on CuPy arrays), table gradients by scatter-add
   torch          the same in PyTorch with autograd (eager), where PyTorch is installed
+  fused_torch    the fused op as PyTorch users call it: ``dwdp_ops.coaction.coaction`` (the autograd op, default
+                 ``check_ids=True``) on the same tensors, its step ``.backward()`` into the tables' ``.grad``
   torch_compile  that PyTorch function through ``torch.compile(mode=--compile-mode, dynamic=False)``, one compiled
                  function per (B, T), compiled and warmed up (forward and backward) before any timing
-Pipelined (``*_pipelined_ms``): ``fused_nocheck``, ``torch`` and ``torch_compile`` also run as --pipeline (default 10)
+Pipelined (``*_pipelined_ms``): ``fused_nocheck``, ``fused_torch``, ``torch`` and ``torch_compile`` also run as --pipeline (default 10)
 back-to-back calls inside one timed op, reported per call: what a training loop whose host runs ahead of the GPU
 pays (a call's host work overlaps the previous call's kernels, so the figure is the larger of the two per call).
 Graphed (``*_graph_ms``): ``fused_nocheck`` as --pipeline calls captured once in a CUDA graph (CuPy stream capture)
@@ -336,21 +338,32 @@ def main() -> int:
                 tt.grad = tf.grad = None
                 fn(*targs).backward(tg)
 
+            from dwdp_ops.coaction import coaction  # (imports torch)
+
+            def fused_torch(tt_, tf_, tids, tfids, tmask):  # torch_coaction's signature
+                return coaction(tt_, tf_, tmask, spec, ind_ids=tids, feed_ids=tfids)
+
+            fwd_ops["fused_torch"] = lambda: fused_torch(*targs).detach()
+            step_ops["fused_torch"] = lambda: torch_step(fused_torch)
             fwd_ops["torch"] = lambda: torch_coaction(*targs).detach()
             fwd_ops["torch_compile"] = lambda: compiled(*targs).detach()
             step_ops["torch"] = lambda: torch_step(torch_coaction)
             step_ops["torch_compile"] = lambda: torch_step(compiled)
-            for name in ("torch", "torch_compile"):
+            for name in ("torch", "torch_compile", "fused_torch"):
                 fwd_ops[f"{name}_pipelined"] = repeated(fwd_ops[name], ns.pipeline)
                 step_ops[f"{name}_pipelined"] = repeated(step_ops[name], ns.pipeline)
             with torch.cuda.stream(ts):  # compile and warm up outside any timing; check it against eager
                 for _ in range(3):
                     torch_step(compiled)
                 got, want = compiled(*targs).detach(), torch_coaction(*targs).detach()
+                mine = fused_torch(*targs).detach()
                 torch.cuda.synchronize()
                 err = float((got - want).norm() / want.norm())
                 if not err < 1e-4:
                     raise RuntimeError(f"torch.compile forward differs from eager PyTorch: rel. error {err:.3g}")
+                err = float((mine - want).norm() / want.norm())
+                if not err < 1e-4:
+                    raise RuntimeError(f"the fused autograd op differs from eager PyTorch: rel. error {err:.3g}")
                 rec["torch_compile_mode"] = ns.compile_mode
         with s, (torch.cuda.stream(ts) if ts is not None else contextlib.nullcontext()):
             fwd_t = time_interleaved(fwd_ops, s, ns.repeats, 3)
@@ -376,6 +389,10 @@ def main() -> int:
                 for name in ("torch", "torch_compile"):
                     rec[f"pipelined_{ph}_{name}_over_fused"] = median_ratio(tt_[f"{name}_pipelined"],
                                                                             tt_["fused_nocheck_pipelined"])
+                # the autograd op against PyTorch autograd: isolated and pipelined, per repeat
+                rec[f"{ph}_torch_over_fused_torch"] = median_ratio(tt_["torch"], tt_["fused_torch"])
+                rec[f"pipelined_{ph}_torch_over_fused_torch"] = median_ratio(tt_["torch_pipelined"],
+                                                                             tt_["fused_torch_pipelined"])
         rec["times_ms"] = {"fwd": fwd_t, "step": step_t}
         with s:
             rec["fused_nocheck_host_fwd_us"] = host_us(lambda: fused_fwd(False), s)

@@ -107,7 +107,8 @@ def test_table_gradients_are_table_shaped_and_accumulate(dtype, bound):
 def test_one_table_in_two_calls_and_forwards_without_a_backward(monkeypatch):
     """The forward zeroes its backward's gradient arrays (TableGrads): one table read by two calls in one loss gets
     the sum of both calls' gradients (each call its own arrays), forwards whose graph is dropped without a backward
-    give their arrays back to the pool, and a forward under no_grad or on tensors that need no gradient makes none."""
+    give their arrays back to PyTorch's allocator (and CuPy's pool is never touched), and a forward under no_grad or
+    on tensors that need no gradient makes none."""
     import cupy as cp
     from dwdp_ops.coaction import coaction, fused
 
@@ -127,11 +128,11 @@ def test_one_table_in_two_calls_and_forwards_without_a_backward(monkeypatch):
     assert rel(a.grad, ra.grad) <= 1e-5 and rel(b.grad, rb.grad) <= 1e-5
     torch.cuda.synchronize()
     pool = cp.get_default_memory_pool()
-    used = pool.used_bytes()
+    used, held = pool.used_bytes(), torch.cuda.memory_allocated()
     for _ in range(5):
         coaction(a, b, mask, spec, ind_ids=ids, feed_ids=fids)  # the graph (and its TableGrads) dropped at once
     torch.cuda.synchronize()
-    assert pool.used_bytes() == used
+    assert pool.used_bytes() == used and torch.cuda.memory_allocated() == held
     made = []
     real = fused.TableGrads.__init__
     monkeypatch.setattr(fused.TableGrads, "__init__", lambda self, *a, **k: made.append(1) or real(self, *a, **k))
@@ -141,6 +142,87 @@ def test_one_table_in_two_calls_and_forwards_without_a_backward(monkeypatch):
     assert made == []  # no gradient arrays without a backward to come
     coaction(a, b, mask, spec, ind_ids=ids, feed_ids=fids)
     assert made == [1]
+
+
+@pytest.mark.gpu
+def test_a_step_makes_no_cupy_array_and_no_dlpack_exchange(monkeypatch):
+    """The autograd op hands the kernels the tensors' addresses: a training step (table + ids, and gathered rows in
+    bf16) makes no CuPy array and no DLPack capsule (each exchange cost ~0.1 ms of host time a tensor: a step took
+    ~1.1 ms of host work with them, bench/coaction_host.py); its output and gradients are PyTorch's allocations."""
+    import cupy as cp
+    from dwdp_ops.coaction import coaction
+
+    spec = CoActionSpec()
+    B, T, rows = 100, 30, 40
+    table, ftable, mask, gout = (t.cuda() for t in make(spec, B, T, 4, rows=rows))
+    g = torch.Generator().manual_seed(2)
+    ids, fids = torch.randint(0, rows, (B,), generator=g).cuda(), torch.randint(0, rows, (B, T), generator=g).cuda()
+    ind, feed, _, _ = (t.cuda() for t in make(spec, B, T, 5))
+
+    def refuse(*a, **k):
+        raise AssertionError("a DLPack exchange on the autograd op's path")
+
+    for mod, name in ((cp, "from_dlpack"), (torch, "from_dlpack"), (torch.utils.dlpack, "from_dlpack"),
+                      (torch.Tensor, "__dlpack__")):
+        monkeypatch.setattr(mod, name, refuse)
+    pool = cp.get_default_memory_pool()
+    used = pool.used_bytes()
+    for args, kw in (((table, ftable), dict(ind_ids=ids, feed_ids=fids)),
+                     ((ind.bfloat16(), feed.bfloat16()), {})):
+        a, b = (x.clone().requires_grad_() for x in args)
+        out = coaction(a, b, mask, spec, **kw)
+        (out.float() * gout).sum().backward()
+        assert out.dtype == a.dtype and a.grad.dtype == a.dtype and b.grad.shape == b.shape
+    torch.cuda.synchronize()
+    assert pool.used_bytes() == used
+
+
+@pytest.mark.gpu
+def test_a_captured_training_step_replays_like_eager_steps():
+    """A whole training step (the op's forward, its backward into the tables' .grad) captured in a CUDA graph with
+    torch.cuda.graph: replays, from NaN-filled static outputs, alternate with eager steps on PyTorch's stream and
+    give the eager step's output and gradients (the forward's kernel zeroes the gradient arrays on every replay)."""
+    from dwdp_ops.coaction import coaction
+
+    spec = CoActionSpec()
+    B, T, rows = 200, 30, 40
+    table, ftable, mask, gout = (t.cuda() for t in make(spec, B, T, 6, rows=rows))
+    g = torch.Generator().manual_seed(3)
+    ids, fids = torch.randint(0, rows, (B,), generator=g).cuda(), torch.randint(0, rows, (B, T), generator=g).cuda()
+    a, b = table.clone().requires_grad_(), ftable.clone().requires_grad_()
+
+    def step():
+        out = coaction(a, b, mask, spec, ind_ids=ids, feed_ids=fids, check_ids=False)  # (no host wait in a capture)
+        (out * gout).sum().backward()
+        return out
+
+    want = step().detach().clone()
+    wa, wb = a.grad.clone(), b.grad.clone()
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up on a side stream, as torch.cuda.graph asks
+        for _ in range(2):
+            a.grad = b.grad = None
+            step()
+    torch.cuda.current_stream().wait_stream(side)
+    a.grad = b.grad = None
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = step()
+    static = (out, a.grad, b.grad)
+    for i in range(6):
+        if i % 2:
+            for t in static:
+                t.fill_(float("nan"))
+            graph.replay()
+            got = static
+        else:
+            a.grad = b.grad = None
+            got = (step(), a.grad, b.grad)
+            a.grad, b.grad = static[1], static[2]
+        torch.cuda.synchronize()
+        assert rel(got[0], want) <= 1e-6  # (the table gradients' atomics add in any order)
+        assert rel(got[1], wa) <= 1e-6 and rel(got[2], wb) <= 1e-6
 
 
 @pytest.mark.gpu

@@ -875,6 +875,76 @@ def test_table_grads_misuse_is_refused_by_name():
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("framework", ["cupy", "torch"])
+@pytest.mark.parametrize("zero", ["forward", "side"])
+def test_callers_arrays_as_output_and_table_grads(framework, zero):
+    """out= (a caller's [B, out_dim] array) and TableGrads(arrays=...) (a caller's gradient pair) from CuPy or PyTorch,
+    NaN-filled first, on a stream with a large copy queued ahead: the forward writes out, the pair is zeroed (by the
+    forward or on the side stream) and the backward adds into it; outputs and gradients equal the op's own arrays'.
+    T = 0 zeroes out. Wrong shapes, dtypes, layouts and devices are refused by name."""
+    import cupy as cp
+    from dwdp_ops.coaction import TableGrads, coaction_backward_gpu, coaction_forward_gpu
+
+    spec, table, ftable, ids, fids, mask, g = _table_case()
+    kw = dict(ind_ids=ids, feed_ids=fids)
+    want = coaction_forward_gpu(table, ftable, mask, spec, **kw)
+    wi, wf = coaction_backward_gpu(table, ftable, mask, g, spec, **kw)
+    if framework == "torch":
+        torch = pytest.importorskip("torch")
+
+        def empty(shape):
+            return torch.full(shape, float("nan"), device="cuda")
+
+        def host(a):
+            return a.cpu().numpy()
+    else:
+        def empty(shape):
+            return cp.full(shape, np.nan, cp.float32)
+
+        def host(a):
+            return a.get()
+    s = cp.cuda.Stream(non_blocking=True)
+    big = cp.ones(1 << 27, cp.float32)
+    with s:
+        out, gi, gf = empty(want.shape), empty(table.shape), empty(ftable.shape)
+        if framework == "torch":
+            torch.cuda.synchronize()  # (torch.full ran on PyTorch's stream)
+        dst = cp.empty_like(big)
+        dst[...] = big  # queued ahead
+        tg = TableGrads(table.shape, ftable.shape, stream=s, zero=zero, arrays=(gi, gf))
+        assert tg.arrays[0] is gi and tg.arrays[1] is gf
+        got = coaction_forward_gpu(table, ftable, mask, spec, stream=s, out=out,
+                                   zero_grads=tg if zero == "forward" else None, **kw)
+        ri, rf = coaction_backward_gpu(table, ftable, mask, g, spec, stream=s, grads=tg, **kw)
+        assert got is out and ri is gi and rf is gf
+        s.synchronize()
+    assert rel(host(out), want.get()) == 0.0  # the same kernel, the same sums
+    assert rel(host(gi), wi.get()) <= 1e-6 and rel(host(gf), wf.get()) <= 1e-6  # (atomics' order)
+    out0 = empty((len(ids), spec.out_dim))
+    assert coaction_forward_gpu(table, ftable, mask[:, :0].copy(), spec, ind_ids=ids, feed_ids=fids[:, :0].copy(),
+                                out=out0) is out0
+    cp.cuda.Device().synchronize()
+    assert not np.any(host(out0))  # T = 0: zeros
+    for bad, what in ((empty((len(ids), spec.out_dim + 1)), r"out must be a contiguous float32 \[300, 36\]"),
+                      (cp.zeros(want.shape, cp.float64), "out must be"),
+                      (cp.zeros((spec.out_dim, len(ids)), cp.float32).T, "got non-contiguous float32")):
+        with pytest.raises(TypeError, match=what):
+            coaction_forward_gpu(table, ftable, mask, spec, out=bad, **kw)
+    with pytest.raises(TypeError, match=r"grad_feed must be a contiguous float32 \[64, 16\]"):
+        TableGrads(table.shape, ftable.shape, arrays=(empty(table.shape), empty((64, 15))))
+    with pytest.raises(TypeError, match="arrays must be a pair"):
+        TableGrads(table.shape, ftable.shape, arrays=empty(table.shape))
+    if cp.cuda.runtime.getDeviceCount() > 1:
+        with cp.cuda.Device(1):
+            other = cp.zeros(want.shape, cp.float32)
+            other_g = cp.zeros(table.shape, cp.float32)
+        with pytest.raises(ValueError, match="out is on device 1, the forward runs on device 0"):
+            coaction_forward_gpu(table, ftable, mask, spec, out=other, **kw)
+        with pytest.raises(ValueError, match="grad_induction is on device 1, the current device is 0"):
+            TableGrads(table.shape, ftable.shape, arrays=(other_g, empty(ftable.shape)))
+
+
+@pytest.mark.gpu
 def test_table_grads_dropped_unused_hold_the_pool_behind_their_zeroing():
     """TableGrads zeroed on a side stream and dropped without a backward, behind a long copy: the allocating stream
     waits for the zeroing, so the next array from the same pool blocks, filled on that stream, keeps its fill (a

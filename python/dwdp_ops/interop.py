@@ -1,11 +1,14 @@
 """Framework-neutral views of device memory and streams.
 
-Arrays are accepted from anything that exposes ``__cuda_array_interface__`` (CuPy, PyTorch, Numba); streams from
-CuPy (``.ptr``), PyTorch (``.cuda_stream``), cuda-python / cuda.core (``__cuda_stream__``) or a raw integer handle.
+Arrays are accepted from anything that exposes ``__cuda_array_interface__`` (CuPy, PyTorch, Numba); CuPy arrays and
+PyTorch tensors are read from their attributes instead (the same values without building the interface dict: the
+fused ops read several arrays per call); streams from CuPy (``.ptr``), PyTorch (``.cuda_stream``), cuda-python /
+cuda.core (``__cuda_stream__``) or a raw integer handle.
 """
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 from typing import Any
 
@@ -14,9 +17,11 @@ import numpy as np
 FP8_NAMES = {"float8_e4m3fn", "e4m3", "fp8", "float8_e4m3"}
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class DeviceBuffer:
-    """Pointer, size and layout of a device array."""
+    """Pointer, size and layout of a device array (``strides`` in bytes, None when C-contiguous). Not frozen: a frozen
+    dataclass's ``__init__`` sets each field through ``object.__setattr__``, several times slower, and this record is
+    made for every array of every fused call."""
 
     ptr: int
     shape: tuple[int, ...]
@@ -54,15 +59,42 @@ def _cupy_ndarray() -> Any:
     return _CUPY_NDARRAY
 
 
+_TORCH: Any = None  # (torch.Tensor, {torch dtype: numpy storage dtype}) once torch is imported
+
+
+def _torch_types() -> Any:
+    """``(torch.Tensor, dtype map)`` if the process has imported torch (never imports it), else None. The map gives
+    the storage dtype the library uses: bf16 as uint16 bits and fp8 e4m3 as uint8 bytes (``normalize_dtype``)."""
+    global _TORCH
+    if _TORCH is None:
+        torch = sys.modules.get("torch")
+        if torch is None or not hasattr(torch, "Tensor"):
+            return None
+        names = {"float32": np.float32, "float64": np.float64, "float16": np.float16, "bfloat16": np.uint16,
+                 "float8_e4m3fn": np.uint8, "int64": np.int64, "int32": np.int32, "int16": np.int16, "int8": np.int8,
+                 "uint8": np.uint8, "bool": np.bool_}
+        _TORCH = (torch.Tensor, {getattr(torch, n): np.dtype(t) for n, t in names.items() if hasattr(torch, n)})
+    return _TORCH
+
+
 def device_buffer(obj: Any, name: str = "array") -> DeviceBuffer:
     """Reads ``__cuda_array_interface__``; a TypeError names the argument when the object is not a device array.
-    A CuPy array is read from its attributes (the same values, without building the interface dict: this runs on
-    the fused ops' per-call path)."""
+    CuPy arrays and CUDA PyTorch tensors (of the dtypes in ``_torch_types``; bf16 reads as uint16 bits, fp8 e4m3 as
+    uint8 bytes) are read from their attributes: the same values, without building the interface dict (this runs on
+    the fused ops' per-call path). A ``DeviceBuffer`` is returned as it is."""
     nd = _cupy_ndarray()
     if nd and type(obj) is nd:
         # the interface reports pointer 0 for an empty array; so does this path (a view's data.ptr may not be 0)
         return DeviceBuffer(obj.data.ptr if obj.size else 0, obj.shape, obj.dtype,
                             None if obj.flags.c_contiguous else obj.strides)
+    if type(obj) is DeviceBuffer:
+        return obj
+    tt = _torch_types()
+    if tt is not None and isinstance(obj, tt[0]):
+        dt = tt[1].get(obj.dtype)
+        if dt is not None and obj.is_cuda:
+            return DeviceBuffer(obj.data_ptr() if obj.numel() else 0, tuple(obj.shape), dt,
+                                None if obj.is_contiguous() else tuple(v * dt.itemsize for v in obj.stride()))
     cai = getattr(obj, "__cuda_array_interface__", None)
     if cai is None:
         raise TypeError(
@@ -121,4 +153,20 @@ def cupy_stream(stream: Any):
     if isinstance(stream, (cupy.cuda.Stream, cupy.cuda.ExternalStream)):
         return stream  # already one (no new wrapper object per call on hot paths)
     h = stream_handle(stream)
-    return cupy.cuda.ExternalStream(h) if h else cupy.cuda.Stream.null
+    if not h:
+        return cupy.cuda.Stream.null
+    if hasattr(cupy.cuda.Stream, "from_external"):  # CuPy 14 (ExternalStream is deprecated there)
+        return cupy.cuda.Stream.from_external(stream if hasattr(stream, "__cuda_stream__") else _RawStream(h))
+    return cupy.cuda.ExternalStream(h)
+
+
+class _RawStream:
+    """A raw ``cudaStream_t`` as an object of the CUDA stream protocol (``__cuda_stream__``: version 0, handle)."""
+
+    __slots__ = ("h",)
+
+    def __init__(self, h: int):
+        self.h = h
+
+    def __cuda_stream__(self) -> tuple[int, int]:
+        return 0, self.h

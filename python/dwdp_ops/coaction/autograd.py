@@ -2,14 +2,15 @@
 ``coaction_backward_gpu``, so a PyTorch CTR model trains with the fused kernels.
 
 ``coaction(induction, feed, mask, spec, ind_ids=..., feed_ids=...)`` takes and returns ``torch.Tensor``s on one CUDA
-device; the tensors reach the kernels without a copy (DLPack, bf16 as its 16-bit pattern since CuPy has no bf16) and
-everything runs on PyTorch's current stream of that device (the backward on the stream autograd gives it, the
-forward's). ``loss.backward()`` fills ``induction.grad`` and ``feed.grad`` like any PyTorch op would: shaped like the
+device; the kernels read and write the tensors in place (their addresses, bf16 as its 16-bit pattern), the output and
+the gradients are allocated by PyTorch's caching allocator, and everything runs on PyTorch's current stream of that
+device (the backward on the stream autograd gives it, the forward's). No DLPack exchange and no CuPy array is made
+on this path: a step's host work is the argument checks and the two launches (``bench/coaction_host.py``). ``loss.backward()`` fills ``induction.grad`` and ``feed.grad`` like any PyTorch op would: shaped like the
 inputs (table-shaped when ids are given, repeated ids added up) and of the inputs' dtype (the kernels accumulate in
 float32; a bf16 input gets its float32 gradient rounded once to bf16). The mask and the ids get no gradient.
 When a gradient is needed (grad mode on and ``induction`` or ``feed`` requiring grad), the forward makes the
-backward's float32 gradient arrays (``TableGrads``, shaped like ``induction`` and ``feed``: table-sized with ids) and
-its kernel zeroes them alongside its work, so they are held from the forward to the backward, a pair per call
+backward's float32 gradient tensors (``torch.empty``, shaped like ``induction`` and ``feed``: table-sized with ids,
+handed to the kernels as ``TableGrads(arrays=...)``) and its kernel zeroes them alongside its work, so they are held from the forward to the backward, a pair per call
 (memory a plain backward would allocate only when it runs).
 
 Importing this module needs PyTorch; ``dwdp_ops.coaction`` imports it only when ``coaction`` or
@@ -31,22 +32,16 @@ __all__ = ["CoActionFunction", "coaction"]
 _DTYPES = {torch.float32: "float32", torch.bfloat16: "bfloat16"}
 
 
-def _stream(device: torch.device):
-    """A CuPy stream object for PyTorch's current stream on ``device`` (CuPy's null stream for the legacy default)."""
-    from ..interop import cupy_stream
-
-    return cupy_stream(torch.cuda.current_stream(device).cuda_stream)
+_RAW_STREAM = getattr(torch._C, "_cuda_getCurrentRawStream", None)
 
 
-def _to_cupy(t: torch.Tensor):
-    """A CuPy view of ``t`` (no copy). bf16 goes over as its 16-bit pattern (int16 in DLPack, viewed as uint16, the
-    storage dtype ``fused`` takes); called inside the caller's stream context, so DLPack adds no cross-stream wait."""
-    import cupy as cp
-
-    t = t.detach()
-    if t.dtype == torch.bfloat16:
-        return cp.from_dlpack(t.view(torch.int16)).view(cp.uint16)
-    return cp.from_dlpack(t)
+def _stream(device: torch.device) -> int:
+    """PyTorch's current stream on ``device`` as a raw handle. ``torch._C._cuda_getCurrentRawStream`` (what Triton and
+    Inductor's generated code call) where it exists: ``torch.cuda.current_stream`` builds a Stream object through
+    several Python calls (~10 us a call on the GPU machines' hosts); the public call otherwise."""
+    if _RAW_STREAM is not None:
+        return _RAW_STREAM(device.index)
+    return torch.cuda.current_stream(device).cuda_stream
 
 
 def _to_torch(a, dtype: torch.dtype) -> torch.Tensor:
@@ -106,18 +101,26 @@ def _checked(induction, feed, mask, spec, ind_ids, feed_ids):
             raise ValueError(f"with feed_ids the feed table must be [rows, D = {spec.feed_dim}], got shape {list(feed.shape)}")
         if tuple(feed_ids.shape) != (B, T):
             raise ValueError(f"feed_ids must be [B, T] = [{B}, {T}], got shape {list(feed_ids.shape)}")
-    devices = {name: t.device for name, t in named.items()}
-    if any(d.type != "cuda" for d in devices.values()):
-        where = ", ".join(f"{n} on {d}" for n, d in devices.items())
-        raise ValueError(f"coaction runs the fused CUDA kernels: every tensor must be on a CUDA device, got {where} "
-                         "(move them with .cuda(), or use dwdp_ops.coaction.coaction_forward on numpy arrays)")
-    if len(set(devices.values())) > 1:
-        where = ", ".join(f"{n} on {d}" for n, d in devices.items())
+    dev = induction.device
+    if dev.type != "cuda" or any(t.device != dev for t in named.values()):
+        where = ", ".join(f"{n} on {t.device}" for n, t in named.items())
+        if any(t.device.type != "cuda" for t in named.values()):
+            raise ValueError(f"coaction runs the fused CUDA kernels: every tensor must be on a CUDA device, got "
+                             f"{where} (move them with .cuda(), or use dwdp_ops.coaction.coaction_forward on numpy "
+                             "arrays)")
         raise ValueError(f"coaction needs every tensor on one CUDA device, got {where}")
-    ind_ids = None if ind_ids is None else ind_ids.to(torch.int64).contiguous()
-    feed_ids = None if feed_ids is None else feed_ids.to(torch.int64).contiguous()
-    mask = mask.to(torch.float32).contiguous()
-    return induction.contiguous(), feed.contiguous(), mask, ind_ids, feed_ids, _DTYPES[induction.dtype]
+    # (each conversion only where needed: even a no-op .to() / .contiguous() is a dispatcher call on the step's path)
+    if ind_ids is not None and (ind_ids.dtype != torch.int64 or not ind_ids.is_contiguous()):
+        ind_ids = ind_ids.to(torch.int64).contiguous()
+    if feed_ids is not None and (feed_ids.dtype != torch.int64 or not feed_ids.is_contiguous()):
+        feed_ids = feed_ids.to(torch.int64).contiguous()
+    if mask.dtype != torch.float32 or not mask.is_contiguous():
+        mask = mask.to(torch.float32).contiguous()
+    if not induction.is_contiguous():
+        induction = induction.contiguous()
+    if not feed.is_contiguous():
+        feed = feed.contiguous()
+    return induction, feed, mask, ind_ids, feed_ids, _DTYPES[induction.dtype]
 
 
 class CoActionFunction(torch.autograd.Function):
@@ -135,18 +138,21 @@ class CoActionFunction(torch.autograd.Function):
 
         dtype = _DTYPES[induction.dtype]
         device = induction.device
-        with cp.cuda.Device(device.index), _stream(device) as s:
-            ids = None if ind_ids is None else _to_cupy(ind_ids)
-            fids = None if feed_ids is None else _to_cupy(feed_ids)
+        s = _stream(device)
+        # the output and the backward's gradients from PyTorch's allocator, on s (the kernels' stream)
+        out = torch.empty((mask.shape[0], spec.out_dim), dtype=induction.dtype, device=device)
+        with cp.cuda.Device(device.index):
             # the backward's gradient arrays, zeroed by this forward's kernel (no memsets in the backward's way)
-            grads = (TableGrads(tuple(induction.shape), tuple(feed.shape), stream=s)
-                     if zero_ahead and (ctx.needs_input_grad[0] or ctx.needs_input_grad[1]) else None)
-            out = coaction_forward_gpu(_to_cupy(induction), _to_cupy(feed), _to_cupy(mask), spec, ind_ids=ids,
-                                       feed_ids=fids, dtype=dtype, stream=s, check_ids=check_ids, zero_grads=grads)
-            result = _to_torch(out, induction.dtype)
+            grads = None
+            if zero_ahead and (ctx.needs_input_grad[0] or ctx.needs_input_grad[1]):
+                grads = TableGrads(tuple(induction.shape), tuple(feed.shape), stream=s, arrays=(
+                    torch.empty(induction.shape, dtype=torch.float32, device=device),
+                    torch.empty(feed.shape, dtype=torch.float32, device=device)))
+            coaction_forward_gpu(induction, feed, mask, spec, ind_ids=ind_ids, feed_ids=feed_ids, dtype=dtype,
+                                 stream=s, check_ids=check_ids, zero_grads=grads, out=out)
         ctx.spec, ctx.dtype, ctx.grads = spec, dtype, grads
         ctx.save_for_backward(induction, feed, mask, ind_ids, feed_ids)
-        return result
+        return out
 
     @staticmethod
     @once_differentiable
@@ -160,17 +166,19 @@ class CoActionFunction(torch.autograd.Function):
         import cupy as cp
 
         device = induction.device
-        g = grad_out.to(torch.float32).contiguous()  # the kernel takes float32 [B, out_dim]
-        with cp.cuda.Device(device.index), _stream(device) as s:
-            ids = None if ind_ids is None else _to_cupy(ind_ids)
-            fids = None if feed_ids is None else _to_cupy(feed_ids)
+        g = grad_out  # the kernel takes float32 [B, out_dim]
+        if g.dtype != torch.float32 or not g.is_contiguous():
+            g = g.to(torch.float32).contiguous()
+        with cp.cuda.Device(device.index):
             # the ids were range-checked by the forward (or the caller said not to): no second host synchronisation
-            g_ind, g_feed = coaction_backward_gpu(_to_cupy(induction), _to_cupy(feed), _to_cupy(mask), _to_cupy(g),
-                                                  ctx.spec, ind_ids=ids, feed_ids=fids, dtype=ctx.dtype, stream=s,
+            g_ind, g_feed = coaction_backward_gpu(induction, feed, mask, g, ctx.spec, ind_ids=ind_ids,
+                                                  feed_ids=feed_ids, dtype=ctx.dtype, stream=_stream(device),
                                                   check_ids=False, grads=ctx.grads)
+            if ctx.grads is None:  # (CoActionFunction.apply with zero_ahead=False: CuPy arrays, zeroed by the backward)
+                g_ind, g_feed = _to_torch(g_ind, torch.float32), _to_torch(g_feed, torch.float32)
             ctx.grads = None  # (once_differentiable: one backward)
-            gi = _to_torch(g_ind, torch.float32).to(induction.dtype) if need_ind else None
-            gf = _to_torch(g_feed, torch.float32).to(feed.dtype) if need_feed else None
+            gi = (g_ind if induction.dtype == torch.float32 else g_ind.to(induction.dtype)) if need_ind else None
+            gf = (g_feed if feed.dtype == torch.float32 else g_feed.to(feed.dtype)) if need_feed else None
         return gi, gf, None, None, None, None, None, None
 
 

@@ -150,9 +150,12 @@ class TableGrads:
     """Float32 gradient arrays for one coming ``coaction_backward_gpu(..., grads=this)``, zeroed ahead of it, off the
     backward's critical path.
 
-    ``TableGrads(induction_shape, feed_shape, stream=s, zero=...)`` allocates ``induction`` (``[rows, D']``, the
-    induction table's or the gathered rows' shape) and ``feed`` (``[rows, D]`` or ``[B, T, D]``), float32, in one
-    block of CuPy's pool on ``s`` (the feed's part 256-byte aligned). Not collective. ``zero`` says who zeroes them:
+    ``TableGrads(induction_shape, feed_shape, stream=s, zero=..., arrays=None)`` holds ``induction`` (``[rows, D']``,
+    the induction table's or the gathered rows' shape) and ``feed`` (``[rows, D]`` or ``[B, T, D]``), float32: by
+    default allocated in one block of CuPy's pool on ``s`` (the feed's part 256-byte aligned); ``arrays=(grad_induction,
+    grad_feed)`` takes the caller's instead (contiguous float32 device arrays of those shapes on the current device,
+    any framework: PyTorch tensors from ``torch.empty`` on ``s``, say; their contents are overwritten by the zeroing).
+    Not collective. ``zero`` says who zeroes them:
 
     - ``"forward"`` (default): the next ``coaction_forward_gpu(..., zero_grads=this)`` (its shapes checked against
       the op's first); the specialised kernels zero them alongside their work, a share per sample (no separate
@@ -167,12 +170,14 @@ class TableGrads:
     backward may still write it; ``ready_on(stream)`` makes ``stream`` wait for the zeroing (the backward calls it);
     ``close()`` (or the context manager's exit, or garbage collection) makes ``s`` wait for the zeroing. A wait across
     streams is an event recorded when it is asked for, so an instance made inside a CUDA-graph capture must be used
-    up or closed inside it. Memory: both arrays are held from construction on (a training step's forward), one pair
+    up or closed inside it. The instance keeps the stream objects it is given (``s``, the forward's) alive until it is
+    dropped; a stream given as a raw integer handle must outlive it. Memory: both arrays are held from construction on (a training step's forward), one pair
     per call: make them just before the forward whose backward takes them. Environment: none."""
 
     _sides: dict = {}
 
-    def __init__(self, induction_shape, feed_shape, stream: Any = None, zero: str = "forward"):
+    def __init__(self, induction_shape, feed_shape, stream: Any = None, zero: str = "forward", *,
+                 arrays: tuple | None = None):
         import cupy as cp
 
         self._closed = True  # (until construction succeeds: nothing to wait for)
@@ -180,17 +185,34 @@ class TableGrads:
             raise ValueError(f"zero must be 'forward' (the next forward zeroes them) or 'side' (a side stream, now), "
                              f"got {zero!r}")
         si, sf = _shape(induction_shape, "induction_shape"), _shape(feed_shape, "feed_shape")
-        ni, nf = math.prod(si), math.prod(sf)
-        self._stream = cupy_stream(stream)
-        # one pool block for both (a training step's hot path: one allocation), feed's part 256-byte aligned
-        off = -(-ni // 64) * 64
-        with self._stream:
-            mem = cp.cuda.alloc(4 * (off + nf))
-        self.induction = cp.ndarray(si, cp.float32, mem)
-        self.feed = cp.ndarray(sf, cp.float32, mem + 4 * off)
-        self._device = mem.device_id
-        self._targets = [mem.ptr, mem.ptr + 4 * off], [ni, nf]
-        self._by = None  # the stream that queued the zeroing (None: not queued yet)
+        self._h = stream_handle(stream)  # the allocating stream (a raw handle: no stream object per call)
+        # the stream objects behind the handles this instance may wait on or make wait (close() runs from __del__,
+        # possibly after the caller dropped its stream: a destroyed stream's handle would crash the driver call)
+        self._streams = [stream]
+        if arrays is None:
+            ni, nf = math.prod(si), math.prod(sf)
+            # one pool block for both (a training step's hot path: one allocation), feed's part 256-byte aligned
+            off = -(-ni // 64) * 64
+            with cupy_stream(stream):
+                mem = cp.cuda.alloc(4 * (off + nf))
+            self.induction = cp.ndarray(si, cp.float32, mem)
+            self.feed = cp.ndarray(sf, cp.float32, mem + 4 * off)
+            self._device = mem.device_id
+            self._targets = [mem.ptr, mem.ptr + 4 * off], [ni, nf]
+        else:
+            if not isinstance(arrays, tuple | list) or len(arrays) != 2:
+                raise TypeError(f"arrays must be a pair (grad_induction, grad_feed), got {type(arrays).__name__}")
+            pi = _grad_buffer(arrays[0], "grad_induction", si)
+            pf = _grad_buffer(arrays[1], "grad_feed", sf)
+            dev = cp.cuda.runtime.getDevice()
+            for name, a, ptr in (("grad_induction", arrays[0], pi), ("grad_feed", arrays[1], pf)):
+                on = _array_device(a, ptr)
+                if on is not None and on != dev:
+                    raise ValueError(f"{name} is on device {on}, the current device is {dev}")
+            self.induction, self.feed = arrays
+            self._device = dev
+            self._targets = [pi, pf], [math.prod(si), math.prod(sf)]
+        self._by = None  # the stream (handle) that queued the zeroing (None: not queued yet)
         self._event = None  # zero="side": recorded behind the side stream's memsets
         self._failed = self._used = False
         if zero == "side":
@@ -198,15 +220,13 @@ class TableGrads:
             side = TableGrads._sides.get(dev)
             if side is None:
                 side = TableGrads._sides[dev] = cp.cuda.Stream(non_blocking=True)
-            fork = cp.cuda.Event(disable_timing=True)
-            fork.record(self._stream)
-            side.wait_event(fork)
-            for a in (self.induction, self.feed):
-                if a.nbytes:
-                    cp.cuda.runtime.memsetAsync(a.data.ptr, 0, a.nbytes, side.ptr)
+            _stream_wait(side.ptr, self._h)
+            for ptr, n in zip(*self._targets):
+                if n:
+                    cp.cuda.runtime.memsetAsync(ptr, 0, 4 * n, side.ptr)
             self._event = cp.cuda.Event(disable_timing=True)
             self._event.record(side)
-            self._by = side
+            self._by = side.ptr
         self._closed = False
 
     @property
@@ -221,18 +241,9 @@ class TableGrads:
         if self._device != dev:
             raise ValueError(f"these TableGrads are on device {self._device}, the {op} runs on device {dev}")
 
-    def _after_alloc(self, stream) -> None:
-        """``stream`` (a CuPy stream) waits for what the allocating stream had queued, if it is another one."""
-        import cupy as cp
-
-        if stream.ptr != self._stream.ptr:
-            ev = cp.cuda.Event(disable_timing=True)
-            ev.record(self._stream)
-            stream.wait_event(ev)
-
-    def _zero_targets(self, ind_shape: tuple, feed_shape: tuple, stream) -> tuple[list[int], list[int]]:
-        """For the forward (on ``stream``, the current device) that zeroes them: their addresses and float counts,
-        once the shapes, the device and the state are checked."""
+    def _zero_targets(self, ind_shape: tuple, feed_shape: tuple, h: int) -> tuple[list[int], list[int]]:
+        """For the forward (on stream handle ``h``, the current device) that zeroes them: their addresses and float
+        counts, once the shapes, the device and the state are checked and ``h`` waits for the allocating stream."""
         if self._failed:
             raise ValueError("the forward that was to zero these TableGrads raised: make new ones")
         if self._by is not None:
@@ -242,19 +253,17 @@ class TableGrads:
             raise ValueError(f"these TableGrads are {list(self.induction.shape)} and {list(self.feed.shape)}, the op's "
                              f"gradients are {list(ind_shape)} (induction) and {list(feed_shape)} (feed)")
         self._check_device("forward")
-        self._after_alloc(stream)
+        _stream_wait(h, self._h)
         return self._targets
 
-    def _wait(self, stream) -> None:
-        """``stream`` (a CuPy stream) waits for the queued zeroing."""
+    def _wait(self, h: int) -> None:
+        """Stream ``h`` waits for the queued zeroing."""
         import cupy as cp
 
         if self._event is not None:
-            stream.wait_event(self._event)
-        elif stream.ptr != self._by.ptr:
-            ev = cp.cuda.Event(disable_timing=True)
-            ev.record(self._by)
-            stream.wait_event(ev)
+            cp.cuda.runtime.streamWaitEvent(h, self._event.ptr, 0)
+        else:
+            _stream_wait(h, self._by)
 
     def ready_on(self, stream: Any = None) -> None:
         """Makes ``stream`` (None: CuPy's current stream) wait for the zeroing; asynchronous. Raises ValueError
@@ -265,27 +274,22 @@ class TableGrads:
         if self._by is None:
             raise ValueError("these TableGrads (zero='forward') are not zeroed yet: pass them to coaction_forward_gpu "
                              "as zero_grads before the backward takes them")
-        self._wait(cupy_stream(stream))
+        self._wait(stream_handle(stream))
 
-    def _take(self, stream) -> tuple:
-        """For the backward on ``stream`` (a CuPy stream): the arrays, once the state and device are checked and
-        ``stream`` waits for the zeroing (and for the allocating stream, if another)."""
+    def _take(self, h: int) -> tuple:
+        """For the backward on stream handle ``h``: the arrays, once the state and device are checked and ``h`` waits
+        for the zeroing (and for the allocating stream, if another)."""
         if self._used:
             raise ValueError("these TableGrads were used by a backward already: make new ones for each backward")
-        self.ready_on(stream)
+        self.ready_on(h)
         self._check_device("backward")
-        self._after_alloc(stream)
+        _stream_wait(h, self._h)
         self._used = True
         return self.induction, self.feed
 
-    def _release_after(self, stream) -> None:
-        """The backward was queued on ``stream``: the allocating stream waits for it if it is another one."""
-        import cupy as cp
-
-        if stream.ptr != self._stream.ptr:
-            ev = cp.cuda.Event(disable_timing=True)
-            ev.record(stream)
-            self._stream.wait_event(ev)
+    def _release_after(self, h: int) -> None:
+        """The backward was queued on stream handle ``h``: the allocating stream waits for it if it is another one."""
+        _stream_wait(self._h, h)
 
     def close(self) -> None:
         """Makes the allocating stream wait for the zeroing, if one was queued (see the class docstring).
@@ -293,7 +297,7 @@ class TableGrads:
         if not self._closed:
             self._closed = True
             if self._by is not None:
-                self._wait(self._stream)
+                self._wait(self._h)
 
     def __del__(self):
         try:
@@ -306,6 +310,18 @@ class TableGrads:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def _stream_wait(waiter: int, on: int) -> None:
+    """Stream ``waiter`` waits for what stream ``on`` has queued so far (raw handles of the current device; nothing
+    when they are the same stream): an event recorded on ``on`` now (its handle may be released at once: the wait
+    holds)."""
+    if waiter != on:
+        import cupy as cp
+
+        ev = cp.cuda.Event(disable_timing=True)
+        cp.cuda.runtime.eventRecord(ev.ptr, on)
+        cp.cuda.runtime.streamWaitEvent(waiter, ev.ptr, 0)
 
 
 def _shape(shape, name: str) -> tuple:
@@ -345,16 +361,18 @@ def uses_specialized_kernels(spec: CoActionSpec, backward: bool = False) -> bool
 
 
 @functools.lru_cache(maxsize=256)
-def _dims(spec: CoActionSpec) -> tuple[int, int, int]:
-    """``(feed_dim, induction_dim, out_dim)`` of ``spec`` (properties that sum over the layers: cached per spec)."""
-    return spec.feed_dim, spec.induction_dim, spec.out_dim
+def _dims(spec: CoActionSpec) -> tuple[tuple, tuple[int, int, int]]:
+    """``(_spec_args(spec), (feed_dim, induction_dim, out_dim))``: one cache lookup a call (a frozen dataclass hashes
+    its fields at every lookup; the dimensions are properties that sum over the layers)."""
+    return _spec_args(spec), (spec.feed_dim, spec.induction_dim, spec.out_dim)
 
 
 def _args(spec: CoActionSpec, induction, feed, mask, ind_ids, feed_ids, dtype):
     if dtype not in _DT:
         raise ValueError(f"dtype must be 'float32' or 'bfloat16', got {dtype!r}")
     storage, code = _DT[dtype]
-    feed_dim, induction_dim, _ = _dims(spec)
+    spec_args, dims = _dims(spec)
+    feed_dim, induction_dim, _ = dims
     fd, mk = device_buffer(feed, "feed"), device_buffer(mask, "mask")
     if mk.dtype != np.float32 or len(mk.shape) != 2 or not mk.contiguous:
         raise TypeError(f"mask must be a contiguous float32 [B, T] array, got {mk.dtype} {list(mk.shape)}")
@@ -404,8 +422,8 @@ def _args(spec: CoActionSpec, induction, feed, mask, ind_ids, feed_ids, dtype):
             raise ValueError("feed_ids must be in [0, 0): the feed table is empty")
     elif fd.shape != (B, T, feed_dim):
         raise ValueError(f"feed must be [B, T, D] = {[B, T, feed_dim]}, got {list(fd.shape)}")
-    geo = (*_spec_args(spec), code, B, T)
-    return geo, rows, fd, mk, ids_ptr, fids_ptr, storage
+    geo = (*spec_args, code, B, T)
+    return geo, rows, fd, mk, ids_ptr, fids_ptr, storage, dims
 
 
 def _raise_bad_ids(bad: int, nrows: int, frows: int) -> None:
@@ -424,35 +442,51 @@ def _check_ids(ip: int, B: int, nrows: int, fp: int, T: int, frows: int, stream:
 
 def coaction_forward_gpu(induction: Any, feed: Any, mask: Any, spec: CoActionSpec | None = None, *, ind_ids=None,
                          feed_ids=None, dtype: str = "float32", stream: Any = None, check_ids: bool = True,
-                         zero_grads: TableGrads | None = None):
-    """Fused forward; returns a CuPy ``[B, spec.out_dim]`` array of the input storage dtype. ``induction`` is an
-    array or a ``ShardedTable``. ``check_ids`` range-checks table ids on the device in front of the forward's kernel
-    and waits for the check (not for the forward) before returning; bad ids raise ValueError (the output is dropped).
-    ``zero_grads``: a ``TableGrads(zero="forward")`` this call zeroes for the backward (see ``TableGrads``)."""
+                         zero_grads: TableGrads | None = None, out: Any = None):
+    """Fused forward; returns ``[B, spec.out_dim]`` of the input storage dtype: a new CuPy array, or ``out`` (a
+    caller-allocated contiguous device array of that shape and dtype on the current device, any framework, ready on
+    ``stream``: a PyTorch tensor, say; the kernel overwrites it). ``induction`` is an array or a ``ShardedTable``.
+    ``check_ids`` range-checks table ids on the device in front of the forward's kernel and waits for the check (not
+    for the forward) before returning; bad ids raise ValueError (the output is dropped). ``zero_grads``: a
+    ``TableGrads(zero="forward")`` this call zeroes for the backward (see ``TableGrads``)."""
     import cupy as cp
 
     spec = spec or CoActionSpec()
-    geo, (bases, rps, nrows), fd, mk, ip, fp, storage = _args(spec, induction, feed, mask, ind_ids, feed_ids, dtype)
+    geo, (bases, rps, nrows), fd, mk, ip, fp, storage, (_, induction_dim, out_dim) = _args(
+        spec, induction, feed, mask, ind_ids, feed_ids, dtype)
     B, T = geo[-2], geo[-1]
-    h, cs = stream_handle(stream), cupy_stream(stream)
-    _, induction_dim, out_dim = _dims(spec)
+    h = stream_handle(stream)
     if zero_grads is None:
         zp, zn = [], []
     elif isinstance(zero_grads, TableGrads):
         if isinstance(induction, ShardedTable):
             raise ValueError("a ShardedTable's row gradients go to its grad shards: pass zero_grads=None")
-        zp, zn = zero_grads._zero_targets((nrows, induction_dim), tuple(fd.shape), cs)
+        zp, zn = zero_grads._zero_targets((nrows, induction_dim), tuple(fd.shape), h)
     else:
         raise TypeError(f"zero_grads must be a TableGrads or None, got {type(zero_grads).__name__}")
-    with cs:  # the output belongs to the stream that writes it
-        # T == 0: nothing to pool, the output is zero (the kernel is not launched)
-        out = cp.zeros((B, out_dim), dtype=storage) if T == 0 else cp.empty((B, out_dim), dtype=storage)
+    if out is None:
+        with cupy_stream(stream):  # the output belongs to the stream that writes it
+            # T == 0: nothing to pool, the output is zero (the kernel is not launched)
+            out = cp.zeros((B, out_dim), dtype=storage) if T == 0 else cp.empty((B, out_dim), dtype=storage)
+        out_ptr = out.data.ptr
+    else:
+        ob = device_buffer(out, "out")
+        if ob.dtype != storage or ob.shape != (B, out_dim) or not ob.contiguous:
+            raise TypeError(f"out must be a contiguous {dtype} [{B}, {out_dim}] array ({storage} storage), got "
+                            f"{'contiguous' if ob.contiguous else 'non-contiguous'} {ob.dtype} {list(ob.shape)}")
+        on, dev = _array_device(out, ob.ptr), cp.cuda.runtime.getDevice()
+        if on is not None and on != dev:
+            raise ValueError(f"out is on device {on}, the forward runs on device {dev}")
+        out_ptr = ob.ptr
+        if T == 0 and B:
+            cp.cuda.runtime.memsetAsync(out_ptr, 0, B * out_dim * storage.itemsize, h)
     frows = fd.shape[0]
     if zero_grads is not None:  # (before the call: a launch that fails may have queued a memset already)
-        zero_grads._by = cs  # queued there: ready_on / close wait for that stream from here on
+        zero_grads._by = h  # queued there: ready_on / close wait for that stream from here on
+        zero_grads._streams.append(stream)
     # without ids there is nothing to check (and no wait: the launch keeps the GIL)
     try:
-        bad = native().coaction_forward(*geo, bases, rps, nrows, ip, fd.ptr, fp, frows, mk.ptr, out.data.ptr, h,
+        bad = native().coaction_forward(*geo, bases, rps, nrows, ip, fd.ptr, fp, frows, mk.ptr, out_ptr, h,
                                         bool(check_ids and (ip or fp)), zp, zn)
     except BaseException:
         if zero_grads is not None:
@@ -478,12 +512,12 @@ def coaction_backward_gpu(induction: Any, feed: Any, mask: Any, grad_out: Any, s
     import cupy as cp
 
     spec = spec or CoActionSpec()
-    geo, (bases, rps, nrows), fd, mk, ip, fp, _ = _args(spec, induction, feed, mask, ind_ids, feed_ids, dtype)
-    h, cs = stream_handle(stream), cupy_stream(stream)
+    geo, (bases, rps, nrows), fd, mk, ip, fp, _, (_, induction_dim, out_dim) = _args(
+        spec, induction, feed, mask, ind_ids, feed_ids, dtype)
+    h = stream_handle(stream)
     if check_ids:
         _check_ids(ip, geo[-2], nrows, fp, geo[-1], fd.shape[0], h)
     g = device_buffer(grad_out, "grad_out")
-    _, induction_dim, out_dim = _dims(spec)
     if g.dtype != np.float32 or g.shape != (geo[-2], out_dim) or not g.contiguous:
         raise TypeError(f"grad_out must be a contiguous float32 [{geo[-2]}, {out_dim}] array, "
                         f"got {g.dtype} {list(g.shape)}")
@@ -510,10 +544,10 @@ def coaction_backward_gpu(induction: Any, feed: Any, mask: Any, grad_out: Any, s
                 if on is not None and on != dev:  # (None: an empty array, no address)
                     raise ValueError(f"{name} is on device {on}, the backward runs on device {dev}")
         else:
-            tg._take(cs)
+            tg._take(h)
         grads_ptrs = [gi_ptr]
     else:
-        with cs:  # zeroed on the stream whose kernel adds into them
+        with cupy_stream(stream):  # zeroed on the stream whose kernel adds into them
             if sharded:
                 g_ind, grads_ptrs = induction.grad, induction.grad_bases
             else:
@@ -524,7 +558,7 @@ def coaction_backward_gpu(induction: Any, feed: Any, mask: Any, grad_out: Any, s
     native().coaction_backward(*geo, bases, grads_ptrs, rps, nrows, ip, fd.ptr, fp, fd.shape[0], mk.ptr, g.ptr, gf_ptr,
                                h)
     if tg is not None:
-        tg._release_after(cs)
+        tg._release_after(h)
     return g_ind, g_feed
 
 

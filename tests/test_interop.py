@@ -1,0 +1,105 @@
+"""Framework-neutral views of device arrays and streams (``dwdp_ops.interop``): what every op's argument checks read.
+The host-side tests run everywhere (fake interface objects, CPU tensors); the GPU test checks the attribute paths of
+CuPy arrays and PyTorch tensors against their ``__cuda_array_interface__``."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from dwdp_ops.interop import DeviceBuffer, cupy_stream, device_buffer, stream_handle
+
+
+class FakeArray:
+    """An object exposing only ``__cuda_array_interface__`` (as Numba's device arrays do)."""
+
+    def __init__(self, ptr, shape, typestr, strides=None):
+        self.__cuda_array_interface__ = {"data": (ptr, False), "shape": shape, "typestr": typestr,
+                                         "strides": strides, "version": 3}
+
+
+def test_the_interface_dict_is_read():
+    b = device_buffer(FakeArray(4096, (3, 5), "<f4"), "x")
+    assert (b.ptr, b.shape, b.dtype, b.strides) == (4096, (3, 5), np.dtype(np.float32), None)
+    assert b.contiguous and b.nbytes == 60
+    t = device_buffer(FakeArray(4096, (3, 5), "<f4", (4, 12)), "x")  # a transposed view: column-major
+    assert t.strides == (4, 12) and not t.contiguous
+
+
+def test_a_device_buffer_passes_through_and_is_cheap_to_make():
+    b = DeviceBuffer(256, (2, 2), np.dtype(np.int64), None)
+    assert device_buffer(b) is b
+    b.ptr = 512  # not frozen (a frozen dataclass's __init__ is several times slower on the ops' per-call path)
+    assert b.ptr == 512
+
+
+def test_host_arrays_are_refused_by_name():
+    with pytest.raises(TypeError, match="feed must be a CUDA device array .* got ndarray"):
+        device_buffer(np.zeros(3), "feed")
+    torch = pytest.importorskip("torch")
+    with pytest.raises(TypeError, match="mask must be a CUDA device array .* got Tensor"):
+        device_buffer(torch.zeros(3), "mask")  # a CPU tensor: not read from its attributes
+
+
+def test_torch_dtypes_map_to_the_storage_dtypes():
+    torch = pytest.importorskip("torch")
+    from dwdp_ops.interop import _torch_types
+
+    tensor, dtypes = _torch_types()
+    assert tensor is torch.Tensor
+    assert dtypes[torch.bfloat16] == np.uint16  # bf16 as its bits, the library's convention (normalize_dtype)
+    assert dtypes[torch.float8_e4m3fn] == np.uint8
+    assert dtypes[torch.float32] == np.float32 and dtypes[torch.int64] == np.int64
+
+
+def test_stream_handles_from_every_kind_of_stream():
+    class CupyLike:
+        ptr = 11
+
+    class TorchLike:
+        cuda_stream = 12
+
+    class Protocol:
+        def __cuda_stream__(self):
+            return 0, 13
+
+    assert [stream_handle(s) for s in (CupyLike(), TorchLike(), Protocol(), 14)] == [11, 12, 13, 14]
+    with pytest.raises(TypeError, match="stream must be a CuPy/PyTorch/cuda.core stream or an integer handle"):
+        stream_handle("default")
+
+
+def test_a_raw_handle_becomes_a_cupy_stream_without_the_deprecated_wrapper():
+    cupy = pytest.importorskip("cupy")
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", DeprecationWarning)  # CuPy 14 deprecates ExternalStream
+        s = cupy_stream(0xABC0)
+    assert isinstance(s, cupy.cuda.Stream) and s.ptr == 0xABC0
+    assert cupy_stream(0) is cupy.cuda.Stream.null
+
+
+@pytest.mark.gpu
+def test_cupy_arrays_and_torch_tensors_read_like_their_interface():
+    """The attribute paths give what ``__cuda_array_interface__`` gives: pointers of offset views, byte strides of
+    transposed views, empty arrays' pointer 0; a bf16 tensor reads as uint16 bits (its interface has no bf16)."""
+    import cupy as cp
+
+    def via_interface(a):
+        c = a.__cuda_array_interface__
+        return c["data"][0], tuple(c["shape"]), np.dtype(c["typestr"]), c.get("strides")
+
+    a = cp.arange(60, dtype=cp.float32).reshape(6, 10)
+    for v in (a, a[2:], a.T, a[:, 3:7], a[:0]):
+        b = device_buffer(v)
+        assert (b.ptr, b.shape, b.dtype) == via_interface(v)[:3]
+        assert b.contiguous == (via_interface(v)[3] is None or v.flags.c_contiguous)
+    torch = pytest.importorskip("torch")
+    t = torch.arange(60, dtype=torch.float32, device="cuda").reshape(6, 10)
+    for v in (t, t[2:], t.T, t[:, 3:7], t[:0], t.to(torch.int64)):
+        b, want = device_buffer(v), via_interface(v)
+        assert (b.ptr, b.shape, b.dtype) == want[:3]
+        assert b.strides == want[3] or (b.strides is None and v.is_contiguous())
+    h = device_buffer(t.to(torch.bfloat16))
+    assert h.dtype == np.uint16 and h.shape == (6, 10) and h.strides is None
+    g = t.clone().requires_grad_()  # (its interface refuses a tensor that requires grad; the address is all we read)
+    assert device_buffer(g).ptr == g.data_ptr()
