@@ -21,7 +21,10 @@ the per-repeat ratios:
                  on CuPy arrays), table gradients by scatter-add
   torch          the same in PyTorch with autograd (eager), where PyTorch is installed
   fused_torch    the fused op as PyTorch users call it: ``dwdp_ops.coaction.coaction`` (the autograd op, default
-                 ``check_ids=True``) on the same tensors, its step ``.backward()`` into the tables' ``.grad``
+                 ``check_ids=True``) on the same tensors, its step ``.backward()`` into the tables' ``.grad``;
+                 ``fused_torch_graph``: that step (``check_ids=False``) captured with ``torch.cuda.graph`` and
+                 replayed --pipeline times, per call (``graph_step_torch_over_fused_torch``: pipelined PyTorch eager
+                 over it, per repeat)
   torch_compile  that PyTorch function through ``torch.compile(mode=--compile-mode, dynamic=False)``, one compiled
                  function per (B, T), compiled and warmed up (forward and backward) before any timing
 Pipelined (``*_pipelined_ms``): ``fused_nocheck``, ``fused_torch``, ``torch`` and ``torch_compile`` also run as --pipeline (default 10)
@@ -338,6 +341,30 @@ def main() -> int:
                 tt.grad = tf.grad = None
                 fn(*targs).backward(tg)
 
+            def torch_graphed(step, k):
+                """``step()`` (a training step into tt.grad / tf.grad) captured once with torch.cuda.graph, replayed
+                k times as one op; the static gradients stay referenced (``op.keep``) and the eager ops' steps,
+                which start from .grad = None, never touch them."""
+                side = torch.cuda.Stream()
+                side.wait_stream(torch.cuda.current_stream())
+                with torch.cuda.stream(side):  # warm-up on a side stream, as torch.cuda.graph asks
+                    for _ in range(3):
+                        tt.grad = tf.grad = None
+                        step()
+                torch.cuda.current_stream().wait_stream(side)
+                tt.grad = tf.grad = None
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph):
+                    step()
+                keep = (tt.grad, tf.grad)
+                tt.grad = tf.grad = None
+
+                def run():
+                    for _ in range(k):
+                        graph.replay()
+                run.keep = keep
+                return run
+
             from dwdp_ops.coaction import coaction  # (imports torch)
 
             def fused_torch(tt_, tf_, tids, tfids, tmask):  # torch_coaction's signature
@@ -365,6 +392,22 @@ def main() -> int:
                 if not err < 1e-4:
                     raise RuntimeError(f"the fused autograd op differs from eager PyTorch: rel. error {err:.3g}")
                 rec["torch_compile_mode"] = ns.compile_mode
+                # the autograd op's training step captured with torch.cuda.graph (no id check in a capture); its
+                # gradients checked against an eager step's
+                step_ops["fused_torch_graph"] = torch_graphed(
+                    lambda: coaction(tt, tf, targs[4], spec, ind_ids=targs[2], feed_ids=targs[3],
+                                     check_ids=False).backward(tg), ns.pipeline)
+                torch_step(fused_torch)
+                want_g = (tt.grad.clone(), tf.grad.clone())
+                tt.grad = tf.grad = None
+                for t_ in step_ops["fused_torch_graph"].keep:
+                    t_.fill_(float("nan"))
+                step_ops["fused_torch_graph"]()
+                torch.cuda.synchronize()
+                for a_, w_ in zip(step_ops["fused_torch_graph"].keep, want_g):
+                    err = float((a_ - w_).norm() / w_.norm())
+                    if not err < 1e-5:
+                        raise RuntimeError(f"the graphed autograd op's gradients differ: rel. error {err:.3g}")
         with s, (torch.cuda.stream(ts) if ts is not None else contextlib.nullcontext()):
             fwd_t = time_interleaved(fwd_ops, s, ns.repeats, 3)
             step_t = time_interleaved({**step_ops, **step_only}, s, ns.repeats, 3)
@@ -393,6 +436,9 @@ def main() -> int:
                 rec[f"{ph}_torch_over_fused_torch"] = median_ratio(tt_["torch"], tt_["fused_torch"])
                 rec[f"pipelined_{ph}_torch_over_fused_torch"] = median_ratio(tt_["torch_pipelined"],
                                                                              tt_["fused_torch_pipelined"])
+            rec["fused_torch_graph_step_ms"] = median(step_t["fused_torch_graph"])
+            rec["graph_step_torch_over_fused_torch"] = median_ratio(step_t["torch_pipelined"],
+                                                                    step_t["fused_torch_graph"])
         rec["times_ms"] = {"fwd": fwd_t, "step": step_t}
         with s:
             rec["fused_nocheck_host_fwd_us"] = host_us(lambda: fused_fwd(False), s)

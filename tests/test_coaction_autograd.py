@@ -148,9 +148,10 @@ def test_one_table_in_two_calls_and_forwards_without_a_backward(monkeypatch):
 def test_a_step_makes_no_cupy_array_and_no_dlpack_exchange(monkeypatch):
     """The autograd op hands the kernels the tensors' addresses: a training step (table + ids, and gathered rows in
     bf16) makes no CuPy array and no DLPack capsule (each exchange cost ~0.1 ms of host time a tensor: a step took
-    ~1.1 ms of host work with them, bench/coaction_host.py); its output and gradients are PyTorch's allocations."""
+    ~1.1 ms of host work with them, bench/coaction_host.py); its output and gradients are PyTorch's allocations, and
+    a float32 gradient becomes the table's .grad as it is (no table-sized copy by AccumulateGrad)."""
     import cupy as cp
-    from dwdp_ops.coaction import coaction
+    from dwdp_ops.coaction import coaction, fused
 
     spec = CoActionSpec()
     B, T, rows = 100, 30, 40
@@ -165,6 +166,10 @@ def test_a_step_makes_no_cupy_array_and_no_dlpack_exchange(monkeypatch):
     for mod, name in ((cp, "from_dlpack"), (torch, "from_dlpack"), (torch.utils.dlpack, "from_dlpack"),
                       (torch.Tensor, "__dlpack__")):
         monkeypatch.setattr(mod, name, refuse)
+    made = []
+    real = fused.TableGrads.__init__
+    monkeypatch.setattr(fused.TableGrads, "__init__",  # (addresses only: a reference here would force the copy)
+                        lambda self, *a, **k: made.append([t.data_ptr() for t in k["arrays"]]) or real(self, *a, **k))
     pool = cp.get_default_memory_pool()
     used = pool.used_bytes()
     for args, kw in (((table, ftable), dict(ind_ids=ids, feed_ids=fids)),
@@ -173,6 +178,8 @@ def test_a_step_makes_no_cupy_array_and_no_dlpack_exchange(monkeypatch):
         out = coaction(a, b, mask, spec, **kw)
         (out.float() * gout).sum().backward()
         assert out.dtype == a.dtype and a.grad.dtype == a.dtype and b.grad.shape == b.shape
+        if a.dtype == torch.float32:
+            assert [a.grad.data_ptr(), b.grad.data_ptr()] == made[-1]
     torch.cuda.synchronize()
     assert pool.used_bytes() == used
 
