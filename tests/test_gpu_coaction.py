@@ -714,12 +714,13 @@ def test_backward_adds_into_given_gradients():
     assert rel(ai.get(), 0.5 + 2 * gi.get()) <= 1e-6 and rel(af.get(), -2.0 + 2 * gf.get()) <= 1e-6
     # arrays 4 bytes past a 16-byte boundary: the row gradients take the scalar atomics (the induction row's and the
     # feed rows' 16-byte atomics need aligned rows); the same sums
-    bi, bf = cp.full(table.size + 1, 0.5, cp.float32), cp.full(ftable.size + 1, -2.0, cp.float32)
-    ui, uf = bi[1:].reshape(table.shape), bf[1:].reshape(ftable.shape)
+    bi, bf = cp.full(table.size + 2, 0.5, cp.float32), cp.full(ftable.size + 2, -2.0, cp.float32)
+    ui, uf = bi[1:-1].reshape(table.shape), bf[1:-1].reshape(ftable.shape)
     assert ui.data.ptr % 16 == 4 and uf.data.ptr % 16 == 4
     coaction_backward_gpu(table, ftable, mask, g, spec, grads=(ui, uf), **kw)
     assert rel(ui.get(), 0.5 + gi.get()) <= 1e-6 and rel(uf.get(), -2.0 + gf.get()) <= 1e-6
-    assert bi[0].item() == 0.5 and bf[0].item() == -2.0  # nothing written before the arrays
+    # nothing written before or after the arrays
+    assert bi[[0, -1]].tolist() == [0.5, 0.5] and bf[[0, -1]].tolist() == [-2.0, -2.0]
     with pytest.raises(ValueError, match="needs ind_ids and feed_ids"):  # gathered rows' gradients are written
         coaction_backward_gpu(table[ids], ftable, mask, g, spec, feed_ids=fids, check_ids=False,
                               grads=(cp.zeros((len(ids), 160), cp.float32), af))

@@ -44,7 +44,7 @@ def test_torch_dtypes_map_to_the_storage_dtypes():
     torch = pytest.importorskip("torch")
     from dwdp_ops.interop import _torch_types
 
-    tensor, dtypes = _torch_types()
+    tensor, dtypes, _, _ = _torch_types()
     assert tensor is torch.Tensor
     assert dtypes[torch.bfloat16] == np.uint16  # bf16 as its bits, the library's convention (normalize_dtype)
     assert dtypes[torch.float8_e4m3fn] == np.uint8
@@ -71,6 +71,8 @@ def test_a_raw_handle_becomes_a_cupy_stream_without_the_deprecated_wrapper():
     cupy = pytest.importorskip("cupy")
     import warnings
 
+    if not hasattr(cupy.cuda.Stream, "from_external"):
+        pytest.skip("CuPy < 14: ExternalStream is the only wrapper (and not deprecated there)")
     with warnings.catch_warnings():
         warnings.simplefilter("error", DeprecationWarning)  # CuPy 14 deprecates ExternalStream
         s = cupy_stream(0xABC0)
@@ -90,9 +92,9 @@ def test_cupy_arrays_and_torch_tensors_read_like_their_interface():
 
     a = cp.arange(60, dtype=cp.float32).reshape(6, 10)
     for v in (a, a[2:], a.T, a[:, 3:7], a[:0]):
-        b = device_buffer(v)
-        assert (b.ptr, b.shape, b.dtype) == via_interface(v)[:3]
-        assert b.contiguous == (via_interface(v)[3] is None or v.flags.c_contiguous)
+        b, want = device_buffer(v), via_interface(v)
+        assert (b.ptr, b.shape, b.dtype) == want[:3]
+        assert b.strides == want[3] or (b.strides is None and v.flags.c_contiguous)
     torch = pytest.importorskip("torch")
     t = torch.arange(60, dtype=torch.float32, device="cuda").reshape(6, 10)
     for v in (t, t[2:], t.T, t[:, 3:7], t[:0], t.to(torch.int64)):
@@ -101,5 +103,10 @@ def test_cupy_arrays_and_torch_tensors_read_like_their_interface():
         assert b.strides == want[3] or (b.strides is None and v.is_contiguous())
     h = device_buffer(t.to(torch.bfloat16))
     assert h.dtype == np.uint16 and h.shape == (6, 10) and h.strides is None
-    g = t.clone().requires_grad_()  # (its interface refuses a tensor that requires grad; the address is all we read)
-    assert device_buffer(g).ptr == g.data_ptr()
+    g = t.clone().requires_grad_()  # refused under grad mode, as its interface refuses it (raw writes bypass autograd)
+    with pytest.raises(TypeError, match="weights requires grad: pass weights.detach()"):
+        device_buffer(g, "weights")
+    with torch.no_grad():
+        assert device_buffer(g).ptr == g.data_ptr()
+    with pytest.raises(TypeError, match="sparse must be a CUDA device array"):  # not strided: no address to read
+        device_buffer(t.to_sparse(), "sparse")

@@ -59,12 +59,13 @@ def _cupy_ndarray() -> Any:
     return _CUPY_NDARRAY
 
 
-_TORCH: Any = None  # (torch.Tensor, {torch dtype: numpy storage dtype}) once torch is imported
+_TORCH: Any = None  # (torch.Tensor, {torch dtype: numpy storage dtype}, ...) once torch is imported
 
 
 def _torch_types() -> Any:
-    """``(torch.Tensor, dtype map)`` if the process has imported torch (never imports it), else None. The map gives
-    the storage dtype the library uses: bf16 as uint16 bits and fp8 e4m3 as uint8 bytes (``normalize_dtype``)."""
+    """``(torch.Tensor, dtype map, torch.strided, torch.is_grad_enabled)`` if the process has imported torch (never
+    imports it), else None. The map gives the storage dtype the library uses: bf16 as uint16 bits and fp8 e4m3 as
+    uint8 bytes (``normalize_dtype``)."""
     global _TORCH
     if _TORCH is None:
         torch = sys.modules.get("torch")
@@ -73,15 +74,18 @@ def _torch_types() -> Any:
         names = {"float32": np.float32, "float64": np.float64, "float16": np.float16, "bfloat16": np.uint16,
                  "float8_e4m3fn": np.uint8, "int64": np.int64, "int32": np.int32, "int16": np.int16, "int8": np.int8,
                  "uint8": np.uint8, "bool": np.bool_}
-        _TORCH = (torch.Tensor, {getattr(torch, n): np.dtype(t) for n, t in names.items() if hasattr(torch, n)})
+        _TORCH = (torch.Tensor, {getattr(torch, n): np.dtype(t) for n, t in names.items() if hasattr(torch, n)},
+                  torch.strided, torch.is_grad_enabled)
     return _TORCH
 
 
 def device_buffer(obj: Any, name: str = "array") -> DeviceBuffer:
     """Reads ``__cuda_array_interface__``; a TypeError names the argument when the object is not a device array.
-    CuPy arrays and CUDA PyTorch tensors (of the dtypes in ``_torch_types``; bf16 reads as uint16 bits, fp8 e4m3 as
-    uint8 bytes) are read from their attributes: the same values, without building the interface dict (this runs on
-    the fused ops' per-call path). A ``DeviceBuffer`` is returned as it is."""
+    CuPy arrays and strided CUDA PyTorch tensors (of the dtypes in ``_torch_types``; bf16 reads as uint16 bits, fp8
+    e4m3 as uint8 bytes) are read from their attributes: the same values, without building the interface dict (this
+    runs on the fused ops' per-call path). A tensor that requires grad is refused (TypeError) while grad mode is on,
+    as its interface refuses it: the ops write through raw addresses, which autograd cannot see (inside an
+    ``autograd.Function``'s forward and backward grad mode is off). A ``DeviceBuffer`` is returned as it is."""
     nd = _cupy_ndarray()
     if nd and type(obj) is nd:
         # the interface reports pointer 0 for an empty array; so does this path (a view's data.ptr may not be 0)
@@ -92,7 +96,11 @@ def device_buffer(obj: Any, name: str = "array") -> DeviceBuffer:
     tt = _torch_types()
     if tt is not None and isinstance(obj, tt[0]):
         dt = tt[1].get(obj.dtype)
-        if dt is not None and obj.is_cuda:
+        if dt is not None and obj.is_cuda and obj.layout is tt[2]:
+            if obj.requires_grad and tt[3]():
+                # (as its interface does: the library's ops write through raw addresses, outside autograd)
+                raise TypeError(f"{name} requires grad: pass {name}.detach() (the library's ops are not tracked by "
+                                "autograd; dwdp_ops.coaction.coaction is the differentiable co-action op)")
             return DeviceBuffer(obj.data_ptr() if obj.numel() else 0, tuple(obj.shape), dt,
                                 None if obj.is_contiguous() else tuple(v * dt.itemsize for v in obj.stride()))
     cai = getattr(obj, "__cuda_array_interface__", None)

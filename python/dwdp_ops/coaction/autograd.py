@@ -25,6 +25,7 @@ from __future__ import annotations
 import torch
 from torch.autograd.function import once_differentiable
 
+from ..interop import cupy_stream
 from .reference import CoActionSpec
 
 __all__ = ["CoActionFunction", "coaction"]
@@ -169,13 +170,16 @@ class CoActionFunction(torch.autograd.Function):
         g = grad_out  # the kernel takes float32 [B, out_dim]
         if g.dtype != torch.float32 or not g.is_contiguous():
             g = g.to(torch.float32).contiguous()
+        s = _stream(device)
         with cp.cuda.Device(device.index):
             # the ids were range-checked by the forward (or the caller said not to): no second host synchronisation
             g_ind, g_feed = coaction_backward_gpu(induction, feed, mask, g, ctx.spec, ind_ids=ind_ids,
-                                                  feed_ids=feed_ids, dtype=ctx.dtype, stream=_stream(device),
-                                                  check_ids=False, grads=ctx.grads)
-            if ctx.grads is None:  # (CoActionFunction.apply with zero_ahead=False: CuPy arrays, zeroed by the backward)
-                g_ind, g_feed = _to_torch(g_ind, torch.float32), _to_torch(g_feed, torch.float32)
+                                                  feed_ids=feed_ids, dtype=ctx.dtype, stream=s, check_ids=False,
+                                                  grads=ctx.grads)
+            if ctx.grads is None:  # (no TableGrads: zero_ahead=False, or a second backward with retain_graph)
+                # CuPy arrays, zeroed and written on s: handed over inside s's context, so DLPack adds no wait
+                with cupy_stream(s):
+                    g_ind, g_feed = _to_torch(g_ind, torch.float32), _to_torch(g_feed, torch.float32)
             ctx.grads = None  # (once_differentiable: one backward)
             gi = (g_ind if induction.dtype == torch.float32 else g_ind.to(induction.dtype)) if need_ind else None
             gf = (g_feed if feed.dtype == torch.float32 else g_feed.to(feed.dtype)) if need_feed else None

@@ -188,7 +188,7 @@ class TableGrads:
         self._h = stream_handle(stream)  # the allocating stream (a raw handle: no stream object per call)
         # the stream objects behind the handles this instance may wait on or make wait (close() runs from __del__,
         # possibly after the caller dropped its stream: a destroyed stream's handle would crash the driver call)
-        self._streams = [stream]
+        self._streams = [stream if stream is not None else cp.cuda.get_current_stream()]
         if arrays is None:
             ni, nf = math.prod(si), math.prod(sf)
             # one pool block for both (a training step's hot path: one allocation), feed's part 256-byte aligned
@@ -281,8 +281,8 @@ class TableGrads:
         for the zeroing (and for the allocating stream, if another)."""
         if self._used:
             raise ValueError("these TableGrads were used by a backward already: make new ones for each backward")
-        self.ready_on(h)
         self._check_device("backward")
+        self.ready_on(h)
         _stream_wait(h, self._h)
         self._used = True
         return self.induction, self.feed
@@ -296,7 +296,11 @@ class TableGrads:
         Idempotent."""
         if not self._closed:
             self._closed = True
-            if self._by is not None:
+            if self._by is None or (self._event is None and self._by == self._h):
+                return  # nothing queued, or queued on the allocating stream itself
+            import cupy as cp
+
+            with cp.cuda.Device(self._device):  # (from __del__ another device may be current)
                 self._wait(self._h)
 
     def __del__(self):
@@ -483,7 +487,7 @@ def coaction_forward_gpu(induction: Any, feed: Any, mask: Any, spec: CoActionSpe
     frows = fd.shape[0]
     if zero_grads is not None:  # (before the call: a launch that fails may have queued a memset already)
         zero_grads._by = h  # queued there: ready_on / close wait for that stream from here on
-        zero_grads._streams.append(stream)
+        zero_grads._streams.append(stream if stream is not None else cp.cuda.get_current_stream())
     # without ids there is nothing to check (and no wait: the launch keeps the GIL)
     try:
         bad = native().coaction_forward(*geo, bases, rps, nrows, ip, fd.ptr, fp, frows, mk.ptr, out_ptr, h,
