@@ -185,6 +185,7 @@ class TableGrads:
             raise ValueError(f"zero must be 'forward' (the next forward zeroes them) or 'side' (a side stream, now), "
                              f"got {zero!r}")
         si, sf = _shape(induction_shape, "induction_shape"), _shape(feed_shape, "feed_shape")
+        self._shapes = si, sf
         self._h = stream_handle(stream)  # the allocating stream (a raw handle: no stream object per call)
         # the stream objects behind the handles this instance may wait on or make wait (close() runs from __del__,
         # possibly after the caller dropped its stream: a destroyed stream's handle would crash the driver call)
@@ -249,8 +250,8 @@ class TableGrads:
         if self._by is not None:
             raise ValueError("these TableGrads are zeroed already (zero='side', or passed to a forward before): make "
                              "new ones for each backward")
-        if self.induction.shape != ind_shape or self.feed.shape != feed_shape:
-            raise ValueError(f"these TableGrads are {list(self.induction.shape)} and {list(self.feed.shape)}, the op's "
+        if self._shapes != (ind_shape, feed_shape):
+            raise ValueError(f"these TableGrads are {list(self._shapes[0])} and {list(self._shapes[1])}, the op's "
                              f"gradients are {list(ind_shape)} (induction) and {list(feed_shape)} (feed)")
         self._check_device("forward")
         _stream_wait(h, self._h)
@@ -538,17 +539,24 @@ def coaction_backward_gpu(induction: Any, feed: Any, mask: Any, grad_out: Any, s
                 raise ValueError("grads=(grad_induction, grad_feed) adds into table-shaped gradients: it needs ind_ids "
                                  "and feed_ids (gathered rows' gradients are written where the mask is set, not "
                                  "added); use a TableGrads or grads=None")
-        g_ind, g_feed = grads if tg is None else grads.arrays
-        gi_ptr = _grad_buffer(g_ind, "grad_induction", (nrows, induction_dim))
-        gf_ptr = _grad_buffer(g_feed, "grad_feed", tuple(fd.shape))
-        if tg is None:  # (a TableGrads' device is checked by _take)
+        if tg is None:
+            g_ind, g_feed = grads
+            gi_ptr = _grad_buffer(g_ind, "grad_induction", (nrows, induction_dim))
+            gf_ptr = _grad_buffer(g_feed, "grad_feed", tuple(fd.shape))
             dev = cp.cuda.runtime.getDevice()
             for name, a, ptr in (("grad_induction", g_ind, gi_ptr), ("grad_feed", g_feed, gf_ptr)):
                 on = _array_device(a, ptr)
                 if on is not None and on != dev:  # (None: an empty array, no address)
                     raise ValueError(f"{name} is on device {on}, the backward runs on device {dev}")
-        else:
+        else:  # (its arrays were checked when it was made: only their shapes against this op's; _take: the device)
+            for name, have, want in zip(("grad_induction", "grad_feed"), tg._shapes,
+                                        ((nrows, induction_dim), tuple(fd.shape))):
+                if have != want:
+                    raise TypeError(f"{name} must be a contiguous float32 {list(want)} array (the gradient it adds "
+                                    f"into), got contiguous float32 {list(have)}")
             tg._take(h)
+            g_ind, g_feed = tg.arrays
+            gi_ptr, gf_ptr = tg._targets[0]
         grads_ptrs = [gi_ptr]
     else:
         with cupy_stream(stream):  # zeroed on the stream whose kernel adds into them
