@@ -6,7 +6,7 @@
 #   dispatch  build + dispatch_bandwidth (our dispatch/combine against NCCL all_to_all_single)
 #   fetch     build + fetch_bandwidth (N GPUs, and the N=2 layer-only jobs)           issue 3
 #   overlap   build + prefetch_overlap                                                issue 4
-#   can       build + coaction_bench + CAN-DNN/DNN training on the GPU (3 seeds)      issue 6
+#   can       build + coaction_bench + coaction_host + CAN-DNN/DNN training on the GPU (3 seeds)  issues 6, 16
 #   canprof   build + Nsight Compute of the co-action kernels at B = 8192, T = 100 (bench/coaction_profile.py:
 #             the specialised forward and backward, then the general ones)                   issue 16
 #   deepseek  build + deepseek_forward (10 repeats)                                   issue 5
@@ -64,6 +64,8 @@ fi
 if want can; then
   timeout 300 python3 bench/coaction_bench.py > "$OUT/coaction_bench.log" 2>&1; echo "coaction_bench rc=$?"
   grep "^{'B'" "$OUT/coaction_bench.log" | cut -c1-600  # one line per case (torch.compile's autotune log around them)
+  timeout 200 python3 bench/coaction_host.py > "$OUT/coaction_host.log" 2>&1; echo "coaction_host rc=$?"
+  cut -c1-900 "$OUT/coaction_host.log"
   mkdir -p "$OUT/can"
   for seed in 0 1 2; do
     timeout 200 python3 -m dwdp_ops can-train --device gpu --samples 100000 --epochs 3 --seed $seed --quiet \
