@@ -170,6 +170,7 @@ def test_a_step_makes_no_cupy_array_and_no_dlpack_exchange(monkeypatch):
     real = fused.TableGrads.__init__
     monkeypatch.setattr(fused.TableGrads, "__init__",  # (addresses only: a reference here would force the copy)
                         lambda self, *a, **k: made.append([t.data_ptr() for t in k["arrays"]]) or real(self, *a, **k))
+
     def no_cupy_memory(nbytes):
         raise AssertionError(f"a CuPy allocation ({nbytes} bytes) on the autograd op's path")
 

@@ -5,13 +5,14 @@
 device; the kernels read and write the tensors in place (their addresses, bf16 as its 16-bit pattern), the output and
 the gradients are allocated by PyTorch's caching allocator, and everything runs on PyTorch's current stream of that
 device (the backward on the stream autograd gives it, the forward's). No DLPack exchange and no CuPy array is made
-on this path: a step's host work is the argument checks and the two launches (``bench/coaction_host.py``). ``loss.backward()`` fills ``induction.grad`` and ``feed.grad`` like any PyTorch op would: shaped like the
-inputs (table-shaped when ids are given, repeated ids added up) and of the inputs' dtype (the kernels accumulate in
-float32; a bf16 input gets its float32 gradient rounded once to bf16). The mask and the ids get no gradient.
+on this path: a step's host work is the argument checks and the two launches (``bench/coaction_host.py``).
+``loss.backward()`` fills ``induction.grad`` and ``feed.grad`` like any PyTorch op would: shaped like the inputs
+(table-shaped when ids are given, repeated ids added up) and of the inputs' dtype (the kernels accumulate in float32;
+a bf16 input gets its float32 gradient rounded once to bf16). The mask and the ids get no gradient.
 When a gradient is needed (grad mode on and ``induction`` or ``feed`` requiring grad), the forward makes the
 backward's float32 gradient tensors (``torch.empty``, shaped like ``induction`` and ``feed``: table-sized with ids,
-handed to the kernels as ``TableGrads(arrays=...)``) and its kernel zeroes them alongside its work, so they are held from the forward to the backward, a pair per call
-(memory a plain backward would allocate only when it runs).
+handed to the kernels as ``TableGrads(arrays=...)``) and its kernel zeroes them alongside its work, so they are held
+from the forward to the backward, a pair per call (memory a plain backward would allocate only when it runs).
 
 Importing this module needs PyTorch; ``dwdp_ops.coaction`` imports it only when ``coaction`` or
 ``CoActionFunction`` is first used, so the CuPy ops stay usable without PyTorch.

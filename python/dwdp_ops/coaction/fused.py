@@ -171,8 +171,9 @@ class TableGrads:
     ``close()`` (or the context manager's exit, or garbage collection) makes ``s`` wait for the zeroing. A wait across
     streams is an event recorded when it is asked for, so an instance made inside a CUDA-graph capture must be used
     up or closed inside it. The instance keeps the stream objects it is given (``s``, the forward's) alive until it is
-    dropped; a stream given as a raw integer handle must outlive it. Memory: both arrays are held from construction on (a training step's forward), one pair
-    per call: make them just before the forward whose backward takes them. Environment: none."""
+    dropped; a stream given as a raw integer handle must outlive it. Memory: both arrays are held from construction
+    on (a training step's forward), one pair per call: make them just before the forward whose backward takes them.
+    Environment: none."""
 
     _sides: dict = {}
 
