@@ -367,8 +367,8 @@ def main() -> int:
 
             from dwdp_ops.coaction import coaction  # (imports torch)
 
-            def fused_torch(tt_, tf_, tids, tfids, tmask):  # torch_coaction's signature
-                return coaction(tt_, tf_, tmask, spec, ind_ids=tids, feed_ids=tfids)
+            def fused_torch(tt_, tf_, tids, tfids, tmask, check=True):  # torch_coaction's signature
+                return coaction(tt_, tf_, tmask, spec, ind_ids=tids, feed_ids=tfids, check_ids=check)
 
             fwd_ops["fused_torch"] = lambda: fused_torch(*targs).detach()
             step_ops["fused_torch"] = lambda: torch_step(fused_torch)
@@ -395,8 +395,7 @@ def main() -> int:
                 # the autograd op's training step captured with torch.cuda.graph (no id check in a capture); its
                 # gradients checked against an eager step's
                 step_ops["fused_torch_graph"] = torch_graphed(
-                    lambda: coaction(tt, tf, targs[4], spec, ind_ids=targs[2], feed_ids=targs[3],
-                                     check_ids=False).backward(tg), ns.pipeline)
+                    lambda: fused_torch(*targs, check=False).backward(tg), ns.pipeline)
                 torch_step(fused_torch)
                 want_g = (tt.grad.clone(), tf.grad.clone())
                 tt.grad = tf.grad = None

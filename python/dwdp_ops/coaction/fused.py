@@ -204,15 +204,9 @@ class TableGrads:
         else:
             if not isinstance(arrays, tuple | list) or len(arrays) != 2:
                 raise TypeError(f"arrays must be a pair (grad_induction, grad_feed), got {type(arrays).__name__}")
-            pi = _grad_buffer(arrays[0], "grad_induction", si)
-            pf = _grad_buffer(arrays[1], "grad_feed", sf)
-            dev = cp.cuda.runtime.getDevice()
-            for name, a, ptr in (("grad_induction", arrays[0], pi), ("grad_feed", arrays[1], pf)):
-                on = _array_device(a, ptr)
-                if on is not None and on != dev:
-                    raise ValueError(f"{name} is on device {on}, the current device is {dev}")
+            pi, pf = _grad_pair(arrays, (si, sf), "the current device is")
             self.induction, self.feed = arrays
-            self._device = dev
+            self._device = cp.cuda.runtime.getDevice()
             self._targets = [pi, pf], [math.prod(si), math.prod(sf)]
         self._by = None  # the stream (handle) that queued the zeroing (None: not queued yet)
         self._event = None  # zero="side": recorded behind the side stream's memsets
@@ -480,9 +474,7 @@ def coaction_forward_gpu(induction: Any, feed: Any, mask: Any, spec: CoActionSpe
         if ob.dtype != storage or ob.shape != (B, out_dim) or not ob.contiguous:
             raise TypeError(f"out must be a contiguous {dtype} [{B}, {out_dim}] array ({storage} storage), got "
                             f"{'contiguous' if ob.contiguous else 'non-contiguous'} {ob.dtype} {list(ob.shape)}")
-        on, dev = _array_device(out, ob.ptr), cp.cuda.runtime.getDevice()
-        if on is not None and on != dev:
-            raise ValueError(f"out is on device {on}, the forward runs on device {dev}")
+        _check_device_of("out", out, ob.ptr, "the forward runs on device")
         out_ptr = ob.ptr
         if T == 0 and B:
             cp.cuda.runtime.memsetAsync(out_ptr, 0, B * out_dim * storage.itemsize, h)
@@ -540,15 +532,8 @@ def coaction_backward_gpu(induction: Any, feed: Any, mask: Any, grad_out: Any, s
                 raise ValueError("grads=(grad_induction, grad_feed) adds into table-shaped gradients: it needs ind_ids "
                                  "and feed_ids (gathered rows' gradients are written where the mask is set, not "
                                  "added); use a TableGrads or grads=None")
-        if tg is None:
             g_ind, g_feed = grads
-            gi_ptr = _grad_buffer(g_ind, "grad_induction", (nrows, induction_dim))
-            gf_ptr = _grad_buffer(g_feed, "grad_feed", tuple(fd.shape))
-            dev = cp.cuda.runtime.getDevice()
-            for name, a, ptr in (("grad_induction", g_ind, gi_ptr), ("grad_feed", g_feed, gf_ptr)):
-                on = _array_device(a, ptr)
-                if on is not None and on != dev:  # (None: an empty array, no address)
-                    raise ValueError(f"{name} is on device {on}, the backward runs on device {dev}")
+            gi_ptr, gf_ptr = _grad_pair(grads, ((nrows, induction_dim), tuple(fd.shape)), "the backward runs on device")
         else:  # (its arrays were checked when it was made: only their shapes against this op's; _take: the device)
             for name, have, want in zip(("grad_induction", "grad_feed"), tg._shapes,
                                         ((nrows, induction_dim), tuple(fd.shape))):
@@ -587,6 +572,26 @@ def _array_device(a: Any, ptr: int | None = None) -> int | None:
 
         dev = cp.cuda.runtime.pointerGetAttributes(ptr).device
     return dev
+
+
+def _check_device_of(name: str, a: Any, ptr: int, where: str) -> None:
+    """ValueError naming ``name`` unless array ``a`` (at ``ptr``) is on the current device (an empty array, whose
+    device is unknown, passes); the message ends "..., {where} {current device}"."""
+    import cupy as cp
+
+    on, dev = _array_device(a, ptr), cp.cuda.runtime.getDevice()
+    if on is not None and on != dev:
+        raise ValueError(f"{name} is on device {on}, {where} {dev}")
+
+
+def _grad_pair(pair, shapes: tuple, where: str) -> tuple[int, int]:
+    """The addresses of a caller's gradient pair ``(grad_induction, grad_feed)``, each checked to be a contiguous
+    float32 array of its shape in ``shapes`` on the current device (``where``: see ``_check_device_of``)."""
+    ptrs = []
+    for name, a, shape in zip(("grad_induction", "grad_feed"), pair, shapes):
+        ptrs.append(_grad_buffer(a, name, shape))
+        _check_device_of(name, a, ptrs[-1], where)
+    return ptrs[0], ptrs[1]
 
 
 def _grad_buffer(a: Any, name: str, shape: tuple) -> int:
