@@ -168,8 +168,13 @@ def test_a_step_makes_no_cupy_array_and_no_dlpack_exchange(monkeypatch):
         monkeypatch.setattr(mod, name, refuse)
     made = []
     real = fused.TableGrads.__init__
-    monkeypatch.setattr(fused.TableGrads, "__init__",  # (addresses only: a reference here would force the copy)
-                        lambda self, *a, **k: made.append([t.data_ptr() for t in k["arrays"]]) or real(self, *a, **k))
+    monkeypatch.setattr(fused.TableGrads, "__init__",  # (the op hands the gradient tensors' DeviceBuffers)
+                        lambda self, *a, **k: made.append([t.ptr for t in k["arrays"]]) or real(self, *a, **k))
+    read = []  # every tensor the fused ops' checks would read again: none (the op hands them DeviceBuffers)
+    real_buffer = fused.device_buffer
+    monkeypatch.setattr(fused, "device_buffer",
+                        lambda obj, name="array": (read.append(name) if isinstance(obj, torch.Tensor) else None)
+                        or real_buffer(obj, name))
 
     def no_cupy_memory(nbytes):
         raise AssertionError(f"a CuPy allocation ({nbytes} bytes) on the autograd op's path")
@@ -188,6 +193,22 @@ def test_a_step_makes_no_cupy_array_and_no_dlpack_exchange(monkeypatch):
     finally:
         cp.cuda.set_allocator(allocator)
     torch.cuda.synchronize()
+    assert read == [], f"tensors read again by the fused ops' checks: {read}"
+
+
+@pytest.mark.gpu
+def test_apply_without_the_checks_still_refuses_by_name():
+    """``CoActionFunction.apply`` called directly (no ``coaction`` checks): a tensor the op cannot hand over as it is
+    (non-contiguous, a bool mask) reaches the fused ops' own checks, which name it; nothing runs."""
+    from dwdp_ops.coaction import CoActionFunction
+
+    spec = CoActionSpec()
+    ind, feed, mask, _ = (t.cuda() for t in make(spec, 6, 5, 1))
+    strided = feed.transpose(0, 1).contiguous().transpose(0, 1)  # [B, T, D] with T-major strides
+    with pytest.raises(ValueError, match="feed must be contiguous"):
+        CoActionFunction.apply(ind, strided, mask, spec, None, None, True, False)
+    with pytest.raises(TypeError, match="mask must be a contiguous float32"):
+        CoActionFunction.apply(ind, feed, mask.bool(), spec, None, None, True, False)
 
 
 @pytest.mark.gpu
@@ -313,6 +334,20 @@ def test_import_of_the_package_does_not_need_torch():
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert "lazy: no torch here" in proc.stdout
+
+
+def test_tensors_handed_over_as_device_buffers_only_when_the_kernels_can_read_them():
+    """The op hands the fused ops a DeviceBuffer only for a contiguous tensor of a kernel dtype on the op's device;
+    anything else goes to the fused ops as it is, to be refused by their checks (a CPU tensor here)."""
+    from dwdp_ops.coaction.autograd import _buffer
+    from dwdp_ops.coaction.fused import _array_device
+    from dwdp_ops.interop import DeviceBuffer
+
+    assert _buffer(None, 0) is None
+    cpu = torch.zeros(3, 4)
+    assert _buffer(cpu, 0) is cpu
+    # a DeviceBuffer that carries its device answers the device checks without a pointer lookup
+    assert _array_device(DeviceBuffer(1 << 20, (3,), cpu.numpy().dtype, None, 5), 1 << 20) == 5
 
 
 def test_cpu_tensors_are_refused_with_the_reason():

@@ -19,14 +19,18 @@ FP8_NAMES = {"float8_e4m3fn", "e4m3", "fp8", "float8_e4m3"}
 
 @dataclass(slots=True)
 class DeviceBuffer:
-    """Pointer, size and layout of a device array (``strides`` in bytes, None when C-contiguous). Not frozen: a frozen
-    dataclass's ``__init__`` sets each field through ``object.__setattr__``, several times slower, and this record is
-    made for every array of every fused call."""
+    """Pointer, size and layout of a device array (``strides`` in bytes, None when C-contiguous), and its CUDA device
+    when the maker knows it (None: look it up from the pointer where it matters). Not frozen: a frozen dataclass's
+    ``__init__`` sets each field through ``object.__setattr__``, several times slower, and this record is made for
+    every array of every fused call. A caller that has checked its arrays already may pass DeviceBuffers to the fused
+    ops (``device_buffer`` returns one as it is): the autograd op does, so that a training step reads each tensor's
+    attributes once."""
 
     ptr: int
     shape: tuple[int, ...]
     dtype: np.dtype
     strides: tuple[int, ...] | None
+    device: int | None = None
 
     @property
     def nbytes(self) -> int:

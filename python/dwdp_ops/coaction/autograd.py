@@ -5,7 +5,9 @@
 device; the kernels read and write the tensors in place (their addresses, bf16 as its 16-bit pattern), the output and
 the gradients are allocated by PyTorch's caching allocator, and everything runs on PyTorch's current stream of that
 device (the backward on the stream autograd gives it, the forward's). No DLPack exchange and no CuPy array is made
-on this path: a step's host work is the argument checks and the two launches (``bench/coaction_host.py``).
+on this path, and each tensor's attributes are read once a step (``_checked``, then one ``DeviceBuffer`` a tensor,
+which both fused ops take as it is): a step's host work is those checks and the two launches
+(``bench/coaction_host.py``).
 ``loss.backward()`` fills ``induction.grad`` and ``feed.grad`` like any PyTorch op would: shaped like the inputs
 (table-shaped when ids are given, repeated ids added up) and of the inputs' dtype (the kernels accumulate in float32;
 a bf16 input gets its float32 gradient rounded once to bf16). The mask and the ids get no gradient.
@@ -23,15 +25,20 @@ use ``coaction_forward_gpu`` / ``coaction_backward_gpu`` with it) and double bac
 
 from __future__ import annotations
 
+from typing import Any
+
+import numpy as np
 import torch
 from torch.autograd.function import once_differentiable
 
-from ..interop import cupy_stream
+from ..interop import DeviceBuffer, cupy_stream
 from .reference import CoActionSpec
 
 __all__ = ["CoActionFunction", "coaction"]
 
 _DTYPES = {torch.float32: "float32", torch.bfloat16: "bfloat16"}
+# the fused ops' storage dtype of each tensor dtype this op hands them (bf16 as its 16-bit pattern)
+_STORAGE = {torch.float32: np.dtype(np.float32), torch.bfloat16: np.dtype(np.uint16), torch.int64: np.dtype(np.int64)}
 
 
 _RAW_STREAM = getattr(torch._C, "_cuda_getCurrentRawStream", None)
@@ -44,6 +51,19 @@ def _stream(device: torch.device) -> int:
     if _RAW_STREAM is not None:
         return _RAW_STREAM(device.index)
     return torch.cuda.current_stream(device).cuda_stream
+
+
+def _buffer(t: Any, device: int) -> Any:
+    """A contiguous tensor of a dtype in ``_STORAGE`` on CUDA device ``device`` (as ``_checked`` leaves them) as the
+    ``DeviceBuffer`` the fused ops take as it is: its attributes read once a step, not again by each op's checks.
+    Anything else (``CoActionFunction.apply`` called without ``coaction``'s checks) is returned as it is, for the
+    fused ops' own checks to refuse by name."""
+    if t is None:
+        return None
+    st = _STORAGE.get(t.dtype)
+    if st is None or t.get_device() != device or not t.is_contiguous():
+        return t
+    return DeviceBuffer(t.data_ptr() if t.numel() else 0, tuple(t.shape), st, None, device)
 
 
 def _to_torch(a, dtype: torch.dtype) -> torch.Tensor:
@@ -136,32 +156,41 @@ class CoActionFunction(torch.autograd.Function):
     def forward(ctx, induction, feed, mask, spec, ind_ids, feed_ids, check_ids, zero_ahead):
         import cupy as cp
 
-        from .fused import TableGrads, coaction_forward_gpu
+        from .fused import TableGrads, _args, _forward
 
         dtype = _DTYPES[induction.dtype]
         device = induction.device
+        dev = device.index
         s = _stream(device)
+        # the inputs as DeviceBuffers for both ops (the tensors themselves are saved for the backward: they stay
+        # alive, and autograd refuses a backward after an in-place change to one of them)
+        bufs = tuple(_buffer(t, dev) for t in (induction, feed, mask, ind_ids, feed_ids))
         # the output and the backward's gradients from PyTorch's allocator, on s (the kernels' stream)
+        # the fused ops' argument checks, once a step: the backward takes their result as it is (it runs on
+        # autograd's device thread, whose host work the step waits for)
+        args = _args(spec, *bufs, dtype)
         out = torch.empty((mask.shape[0], spec.out_dim), dtype=induction.dtype, device=device)
-        with cp.cuda.Device(device.index):
+        with cp.cuda.Device(dev):
             # the backward's gradient arrays, zeroed by this forward's kernel (no memsets in the backward's way)
-            grads = None
+            grads = gt = None
             if zero_ahead and (ctx.needs_input_grad[0] or ctx.needs_input_grad[1]):
-                grads = TableGrads(tuple(induction.shape), tuple(feed.shape), stream=s, arrays=(
-                    torch.empty(induction.shape, dtype=torch.float32, device=device),
-                    torch.empty(feed.shape, dtype=torch.float32, device=device)))
-            coaction_forward_gpu(induction, feed, mask, spec, ind_ids=ind_ids, feed_ids=feed_ids, dtype=dtype,
-                                 stream=s, check_ids=check_ids, zero_grads=grads, out=out)
-        ctx.spec, ctx.dtype, ctx.grads = spec, dtype, grads
+                gt = (torch.empty(induction.shape, dtype=torch.float32, device=device),
+                      torch.empty(feed.shape, dtype=torch.float32, device=device))
+                grads = TableGrads(bufs[0].shape, bufs[1].shape, stream=s, arrays=tuple(_buffer(t, dev) for t in gt))
+            _forward(args, bufs[0], dtype, s, check_ids, grads, _buffer(out, dev))
+        ctx.dtype, ctx.grads, ctx.grad_tensors, ctx.args = dtype, grads, gt, args
+        ctx.both_ids = ind_ids is not None and feed_ids is not None
         ctx.save_for_backward(induction, feed, mask, ind_ids, feed_ids)
         return out
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_out):
-        from .fused import coaction_backward_gpu
+        from .fused import _backward
 
-        induction, feed, mask, ind_ids, feed_ids = ctx.saved_tensors
+        # (read for autograd's check that no saved tensor was changed in place since the forward; the kernels take
+        # the forward's checked arguments: the same tensors' addresses)
+        induction, feed, *_ = ctx.saved_tensors
         need_ind, need_feed = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         if not (need_ind or need_feed):
             return (None,) * 8
@@ -174,14 +203,14 @@ class CoActionFunction(torch.autograd.Function):
         s = _stream(device)
         with cp.cuda.Device(device.index):
             # the ids were range-checked by the forward (or the caller said not to): no second host synchronisation
-            g_ind, g_feed = coaction_backward_gpu(induction, feed, mask, g, ctx.spec, ind_ids=ind_ids,
-                                                  feed_ids=feed_ids, dtype=ctx.dtype, stream=s, check_ids=False,
-                                                  grads=ctx.grads)
+            g_ind, g_feed = _backward(ctx.args, None, ctx.both_ids, _buffer(g, device.index), s, False, ctx.grads)
             if ctx.grads is None:  # (no TableGrads: zero_ahead=False, or a second backward with retain_graph)
                 # CuPy arrays, zeroed and written on s: handed over inside s's context, so DLPack adds no wait
                 with cupy_stream(s):
                     g_ind, g_feed = _to_torch(g_ind, torch.float32), _to_torch(g_feed, torch.float32)
-            ctx.grads = None  # (once_differentiable: one backward)
+            else:  # the TableGrads' arrays, as the tensors behind them
+                g_ind, g_feed = ctx.grad_tensors
+            ctx.grads = ctx.grad_tensors = None  # (once_differentiable: one backward)
             gi = (g_ind if induction.dtype == torch.float32 else g_ind.to(induction.dtype)) if need_ind else None
             gf = (g_feed if feed.dtype == torch.float32 else g_feed.to(feed.dtype)) if need_feed else None
         return gi, gf, None, None, None, None, None, None

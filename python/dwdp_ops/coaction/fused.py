@@ -449,11 +449,16 @@ def coaction_forward_gpu(induction: Any, feed: Any, mask: Any, spec: CoActionSpe
     ``check_ids`` range-checks table ids on the device in front of the forward's kernel and waits for the check (not
     for the forward) before returning; bad ids raise ValueError (the output is dropped). ``zero_grads``: a
     ``TableGrads(zero="forward")`` this call zeroes for the backward (see ``TableGrads``)."""
+    spec = spec or CoActionSpec()
+    return _forward(_args(spec, induction, feed, mask, ind_ids, feed_ids, dtype), induction, dtype, stream,
+                    check_ids, zero_grads, out)
+
+
+def _forward(a: tuple, induction: Any, dtype: str, stream: Any, check_ids: bool, zero_grads: Any, out: Any):
+    """``coaction_forward_gpu`` past its argument checks: ``a`` is ``_args``'s result for these arrays."""
     import cupy as cp
 
-    spec = spec or CoActionSpec()
-    geo, (bases, rps, nrows), fd, mk, ip, fp, storage, (_, induction_dim, out_dim) = _args(
-        spec, induction, feed, mask, ind_ids, feed_ids, dtype)
+    geo, (bases, rps, nrows), fd, mk, ip, fp, storage, (_, induction_dim, out_dim) = a
     B, T = geo[-2], geo[-1]
     h = stream_handle(stream)
     if zero_grads is None:
@@ -507,11 +512,18 @@ def coaction_backward_gpu(induction: Any, feed: Any, mask: Any, grad_out: Any, s
     tables, on the op's device and ready on ``stream``, with ``ind_ids`` and ``feed_ids`` given: the backward **adds**
     into them (gradient accumulation) and returns them (gathered rows' gradients are written, not added, so a pair
     needs both ids). A ``ShardedTable`` takes only None. Not collective (a ``ShardedTable``'s remote adds aside)."""
+    spec = spec or CoActionSpec()
+    return _backward(_args(spec, induction, feed, mask, ind_ids, feed_ids, dtype), induction,
+                     ind_ids is not None and feed_ids is not None, grad_out, stream, check_ids, grads)
+
+
+def _backward(a: tuple, induction: Any, both_ids: bool, grad_out: Any, stream: Any, check_ids: bool, grads: Any):
+    """``coaction_backward_gpu`` past the checks of its inputs: ``a`` is ``_args``'s result for these arrays (a
+    training step's forward and backward take the same ones: the autograd op computes it once, in its forward);
+    ``both_ids``: both id arrays were given."""
     import cupy as cp
 
-    spec = spec or CoActionSpec()
-    geo, (bases, rps, nrows), fd, mk, ip, fp, _, (_, induction_dim, out_dim) = _args(
-        spec, induction, feed, mask, ind_ids, feed_ids, dtype)
+    geo, (bases, rps, nrows), fd, mk, ip, fp, _, (_, induction_dim, out_dim) = a
     h = stream_handle(stream)
     if check_ids:
         _check_ids(ip, geo[-2], nrows, fp, geo[-1], fd.shape[0], h)
@@ -528,7 +540,7 @@ def coaction_backward_gpu(induction: Any, feed: Any, mask: Any, grad_out: Any, s
             if not isinstance(grads, tuple | list) or len(grads) != 2:
                 raise TypeError(f"grads must be None, a TableGrads or a pair (grad_induction, grad_feed), got "
                                 f"{type(grads).__name__}")
-            if ind_ids is None or feed_ids is None:  # gathered rows' gradients are written, not added
+            if not both_ids:  # gathered rows' gradients are written, not added
                 raise ValueError("grads=(grad_induction, grad_feed) adds into table-shaped gradients: it needs ind_ids "
                                  "and feed_ids (gathered rows' gradients are written where the mask is set, not "
                                  "added); use a TableGrads or grads=None")
@@ -561,9 +573,12 @@ def coaction_backward_gpu(induction: Any, feed: Any, mask: Any, grad_out: Any, s
 
 
 def _array_device(a: Any, ptr: int | None = None) -> int | None:
-    """The CUDA device of a CuPy array (``.device.id``) or a PyTorch tensor (``.device.index``); for any other
-    object, that of its address ``ptr`` (``cudaPointerGetAttributes``); None if neither is known."""
+    """The CUDA device of a CuPy array (``.device.id``), a PyTorch tensor (``.device.index``) or a ``DeviceBuffer``
+    that carries it (``.device``); for any other object, that of its address ``ptr`` (``cudaPointerGetAttributes``);
+    None if neither is known."""
     d = getattr(a, "device", None)
+    if type(d) is int:
+        return d
     dev = getattr(d, "id", None)
     if dev is None:
         dev = getattr(d, "index", None)
