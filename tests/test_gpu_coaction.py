@@ -239,6 +239,39 @@ def test_heavily_repeated_table_ids(spec, dtype, n_ind, n_feed):
     assert_close(got, want, TOL[dtype])
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("density, skip", [(0.05, 0), (0.8, 100), (0.5, 40)],
+                         ids=["sparse", "first-100-masked", "half"])
+def test_first_rounds_feed_ids_inside_and_past_the_early_window(density, skip):
+    """The specialised forward takes a sample's first two rounds' feed ids from ids loaded beside its mask (the first
+    96 positions) and loads the rest: masks whose first 64 unmasked positions end inside, across and far past those
+    96 (sparse rows, the first 100 positions masked) give the reference's forward and gradients; with out-of-range
+    ids at both kinds of position and the check off, the forward reads row 0 for them, as the reference given id 0."""
+    import cupy as cp
+    from dwdp_ops.coaction import coaction_forward_gpu
+    from dwdp_ops.coaction.fused import uses_specialized_kernels
+
+    spec = CoActionSpec()
+    assert uses_specialized_kernels(spec)
+    rng = np.random.default_rng(int(density * 100) + skip)
+    B, T, rows = 60, 700, 90
+    table = rng.normal(0, 0.3, (rows, spec.induction_dim)).astype(np.float32)
+    ftable = rng.normal(0, 0.6, (rows, spec.feed_dim)).astype(np.float32)
+    ids = rng.integers(0, rows, B)
+    fids = rng.integers(0, rows, (B, T))
+    mask = (rng.random((B, T)) < density).astype(np.float32)
+    mask[:, :skip] = 0.0
+    g = rng.normal(size=(B, spec.out_dim)).astype(np.float32)
+    got, want = run_both(spec, table, ftable, mask, g, ind_ids=ids, feed_ids=fids)
+    assert_close(got, want, TOL["float32"])
+    bad = rng.random((B, T)) < 0.05
+    out = coaction_forward_gpu(cp.asarray(table), cp.asarray(ftable), cp.asarray(mask), spec, ind_ids=cp.asarray(ids),
+                               feed_ids=cp.asarray(np.where(bad, rows + 7, fids)), check_ids=False).get()
+    ref = coaction_forward(table.astype(np.float64), ftable.astype(np.float64), mask, spec, ind_ids=ids,
+                           feed_ids=np.where(bad, 0, fids))
+    assert rel(out, ref) <= TOL["float32"]
+
+
 def _fast_spec(n):
     return CoActionSpec(((32, 32),) * n, orders=8, bias=True, order_independent=True)
 

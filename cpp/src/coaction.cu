@@ -1082,6 +1082,50 @@ __device__ __forceinline__ size_t spec_frow(const int64_t* __restrict__ feed_ids
   return t < 0 ? 0 : feed_ids ? feed_row(feed_ids, pos, feed_rows) : pos;
 }
 
+// Behaviour t's feed id, unchecked (its gathered position without ids; 0 for t < 0), and the row it names
+// (spec_frow_at: an id outside the table reads row 0, as feed_row): the forward loads a round's ids a round ahead
+// and checks them where their copies start, so that the wait for the load falls after the round between, not
+// before it (Nsight Compute: the check right behind the load was the forward's largest per-round stall).
+__device__ __forceinline__ int64_t spec_fid(const int64_t* __restrict__ feed_ids, int b, int T_len, int t) {
+  const size_t pos = static_cast<size_t>(b) * T_len + (t < 0 ? 0 : t);
+  return t < 0 ? 0 : feed_ids ? feed_ids[pos] : static_cast<int64_t>(pos);
+}
+__device__ __forceinline__ size_t spec_frow_at(const int64_t* __restrict__ feed_ids, int64_t feed_rows, int64_t v) {
+  return feed_ids && static_cast<uint64_t>(v) >= static_cast<uint64_t>(feed_rows) ? 0 : static_cast<size_t>(v);
+}
+
+// The feed ids of a sample's first 32 x kSpecEarlyChunks positions, this lane's (position lane + 32 k in v[k]; 0
+// past the row or without ids), loaded beside the sample's first mask chunks: the first two rounds' ids then come
+// from the lanes' registers (spec_fid_early) instead of loads behind the mask's compaction, so that a sample's first
+// copies wait for one load (the mask) instead of two.
+constexpr int kSpecEarlyChunks = 3;
+struct SpecEarlyIds {
+  int64_t v[kSpecEarlyChunks];
+};
+__device__ __forceinline__ SpecEarlyIds spec_early_ids(const int64_t* __restrict__ feed_ids, int b, int T_len,
+                                                       int lane) {
+  SpecEarlyIds r;
+#pragma unroll
+  for (int k = 0; k < kSpecEarlyChunks; ++k) {
+    const int t = lane + 32 * k;
+    r.v[k] = feed_ids && t < T_len ? feed_ids[static_cast<size_t>(b) * T_len + t] : 0;
+  }
+  return r;
+}
+// spec_fid for behaviour t from the early ids where they hold it (a load otherwise). Every lane calls it (shuffles).
+__device__ __forceinline__ int64_t spec_fid_early(const SpecEarlyIds& e, const int64_t* __restrict__ feed_ids, int b,
+                                                  int T_len, int t) {
+  int64_t v = 0;
+#pragma unroll
+  for (int k = 0; k < kSpecEarlyChunks; ++k) {
+    const int64_t s = __shfl_sync(0xffffffffu, e.v[k], t & 31);
+    if ((t >> 5) == k) v = s;
+  }
+  return feed_ids && t >= 32 * kSpecEarlyChunks ? spec_fid(feed_ids, b, T_len, t)
+         : feed_ids && t >= 0                   ? v
+                                                : spec_fid(feed_ids, b, T_len, t);
+}
+
 __device__ __forceinline__ void cp_async16(void* dst, const void* src, bool on) {
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(
                    static_cast<unsigned>(__cvta_generic_to_shared(dst))),
@@ -1443,12 +1487,14 @@ __global__ void __launch_bounds__(kSpecWarps * 32, spec_fwd_blocks<C>()) spec_fo
   spec_load_row(induction_row<T>(rows, ind_ids, b, f.ind_dim, &shard, &local), f.ind_dim, lane, wr);
   // the pipeline: round a computes from fbuf[cur] while round b's rows arrive in the other buffer
   const float* mrow = mask + static_cast<size_t>(b) * T_len;
+  const SpecEarlyIds early = spec_early_ids(feed_ids, b, T_len, lane);
   SpecQueue sq = spec_queue(mrow, T_len, lane);
   int ta, tb;
   int na = spec_next_round(mrow, T_len, q_, sq, lane, &ta);
   int nb = spec_next_round(mrow, T_len, q_, sq, lane, &tb);
-  size_t fb = spec_frow(feed_ids, rows.feed_rows, b, T_len, tb);
-  spec_fetch_row(f, feed, spec_frow(feed_ids, rows.feed_rows, b, T_len, ta), ta >= 0, fbuf + lane * FRS);
+  int64_t fb = spec_fid_early(early, feed_ids, b, T_len, tb);  // round b's id, checked where its copies start
+  spec_fetch_row(f, feed, spec_frow_at(feed_ids, rows.feed_rows, spec_fid_early(early, feed_ids, b, T_len, ta)),
+                 ta >= 0, fbuf + lane * FRS);
   cp_async_commit();
   // W1 and b1 of every slice pre-scaled for tanh_scaled
   spec_store_row(W, f.ind_dim, lane, wr, kTanhScale, f.wslice, f.woff[1]);
@@ -1463,11 +1509,12 @@ __global__ void __launch_bounds__(kSpecWarps * 32, spec_fwd_blocks<C>()) spec_fo
   }
   int valid = 0, cur = 0;
   while (na > 0) {
-    if (nb > 0) spec_fetch_row(f, feed, fb, tb >= 0, fbuf + (cur ^ 1) * buf + lane * FRS);
+    if (nb > 0)
+      spec_fetch_row(f, feed, spec_frow_at(feed_ids, rows.feed_rows, fb), tb >= 0, fbuf + (cur ^ 1) * buf + lane * FRS);
     cp_async_commit();  // (an empty group past the sample's last round: the wait below still means "round a in")
     int tc;
     const int nc = spec_next_round(mrow, T_len, q_, sq, lane, &tc);
-    const size_t fc = spec_frow(feed_ids, rows.feed_rows, b, T_len, tc);
+    const int64_t fc = spec_fid(feed_ids, b, T_len, tc);  // (checked a round later, where its copies start)
     cp_async_wait<1>();
     __syncwarp();  // the tiles read every lane's row
     valid += na;
