@@ -894,7 +894,9 @@ __global__ void __launch_bounds__(kFastWarps * 32) fast_backward_kernel(Fast f, 
 // chunks two ahead and the feed ids one round ahead are loaded into registers, and round r + 1's feed rows are copied
 // into the warp's second feed buffer (cp.async) while round r computes; the induction row and grad_out are loaded
 // into registers before the first round's chain and stored to shared memory after it. Only a sample's first round
-// waits for memory.
+// waits for memory. The forward shortens that wait too: the feed ids of a sample's first 96 positions are loaded
+// beside its mask (spec_early_ids), so its first copies wait for one load, not two; and a round's ids are
+// range-checked where their copies start, a round after their load, not right behind it.
 // tanh is 1 - 2 / (exp(2z) + 1) on the hardware's ex2 and rcp approximations, a minimax polynomial below |z| = 1/4
 // (relative error ~1e-6 everywhere, see tanh_scaled; the general kernels use tanhf). Pooled sums, weight gradients and
 // the order sums are accumulated in a fixed order: results do not depend on scheduling.
