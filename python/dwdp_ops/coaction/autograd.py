@@ -165,10 +165,10 @@ class CoActionFunction(torch.autograd.Function):
         # the inputs as DeviceBuffers for both ops (the tensors themselves are saved for the backward: they stay
         # alive, and autograd refuses a backward after an in-place change to one of them)
         bufs = tuple(_buffer(t, dev) for t in (induction, feed, mask, ind_ids, feed_ids))
-        # the output and the backward's gradients from PyTorch's allocator, on s (the kernels' stream)
         # the fused ops' argument checks, once a step: the backward takes their result as it is (it runs on
         # autograd's device thread, whose host work the step waits for)
         args = _args(spec, *bufs, dtype)
+        # the output and the backward's gradients from PyTorch's allocator, on s (the kernels' stream)
         out = torch.empty((mask.shape[0], spec.out_dim), dtype=induction.dtype, device=device)
         with cp.cuda.Device(dev):
             # the backward's gradient arrays, zeroed by this forward's kernel (no memsets in the backward's way)
