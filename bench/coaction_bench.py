@@ -27,9 +27,10 @@ the per-repeat ratios:
                  over it, per repeat)
   torch_compile  that PyTorch function through ``torch.compile(mode=--compile-mode, dynamic=False)``, one compiled
                  function per (B, T), compiled and warmed up (forward and backward) before any timing
-Pipelined (``*_pipelined_ms``): ``fused_nocheck``, ``fused_torch``, ``torch`` and ``torch_compile`` also run as --pipeline (default 10)
-back-to-back calls inside one timed op, reported per call: what a training loop whose host runs ahead of the GPU
-pays (a call's host work overlaps the previous call's kernels, so the figure is the larger of the two per call).
+Pipelined (``*_pipelined_ms``): ``fused_nocheck``, ``fused_torch``, ``torch`` and ``torch_compile`` also run as
+--pipeline (default 10) back-to-back calls inside one timed op, reported per call: what a training loop whose host
+runs ahead of the GPU pays (a call's host work overlaps the previous call's kernels, so the figure is the larger of
+the two per call).
 Graphed (``*_graph_ms``): ``fused_nocheck`` as --pipeline calls captured once in a CUDA graph (CuPy stream capture)
 and replayed, per call: the kernels' own time, without the host's (what an engine that captures its step pays).
 Every fused step zeroes its table gradients as the autograd op does: ``TableGrads`` made before the forward, zeroed

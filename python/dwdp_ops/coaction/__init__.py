@@ -21,5 +21,5 @@ def __getattr__(name: str):
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-__all__ = ["CoActionFunction", "CoActionSpec", "ShardedTable", "TableGrads", "launch_shape", "coaction", "coaction_backward",
-           "coaction_backward_gpu", "coaction_forward", "coaction_forward_gpu"]
+__all__ = ["CoActionFunction", "CoActionSpec", "ShardedTable", "TableGrads", "launch_shape", "coaction",
+           "coaction_backward", "coaction_backward_gpu", "coaction_forward", "coaction_forward_gpu"]

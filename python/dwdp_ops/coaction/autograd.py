@@ -27,18 +27,18 @@ from __future__ import annotations
 
 from typing import Any
 
-import numpy as np
 import torch
 from torch.autograd.function import once_differentiable
 
-from ..interop import DeviceBuffer, cupy_stream
+from ..interop import DeviceBuffer, _torch_types, cupy_stream
 from .reference import CoActionSpec
 
 __all__ = ["CoActionFunction", "coaction"]
 
 _DTYPES = {torch.float32: "float32", torch.bfloat16: "bfloat16"}
-# the fused ops' storage dtype of each tensor dtype this op hands them (bf16 as its 16-bit pattern)
-_STORAGE = {torch.float32: np.dtype(np.float32), torch.bfloat16: np.dtype(np.uint16), torch.int64: np.dtype(np.int64)}
+# the library's storage dtype of each tensor dtype (bf16 as its 16-bit pattern), as ``interop.device_buffer`` reads
+# tensors (torch is imported here, so ``_torch_types`` has it)
+_STORAGE = _torch_types()[1]
 
 
 _RAW_STREAM = getattr(torch._C, "_cuda_getCurrentRawStream", None)
@@ -54,10 +54,10 @@ def _stream(device: torch.device) -> int:
 
 
 def _buffer(t: Any, device: int) -> Any:
-    """A contiguous tensor of a dtype in ``_STORAGE`` on CUDA device ``device`` (as ``_checked`` leaves them) as the
-    ``DeviceBuffer`` the fused ops take as it is: its attributes read once a step, not again by each op's checks.
-    Anything else (``CoActionFunction.apply`` called without ``coaction``'s checks) is returned as it is, for the
-    fused ops' own checks to refuse by name."""
+    """A contiguous tensor on CUDA device ``device`` (as ``_checked`` leaves them) as the ``DeviceBuffer`` the fused
+    ops take as it is: its attributes read once a step, not again by each op's checks (which still check its dtype
+    and shape). Anything else (``CoActionFunction.apply`` called without ``coaction``'s checks) is returned as it is,
+    for the fused ops' own checks to refuse by name."""
     if t is None:
         return None
     st = _STORAGE.get(t.dtype)
