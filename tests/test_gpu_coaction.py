@@ -667,6 +667,36 @@ def test_an_infinite_weight_saturates_its_column(value, bias):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("value", [np.inf, -np.inf], ids=["inf", "-inf"])
+@pytest.mark.parametrize("bias", [False, True], ids=["no-bias", "bias"])
+@pytest.mark.parametrize("kernels", ["specialized", "general"])
+def test_an_infinite_weight_gives_the_references_gradients(value, bias, kernels, monkeypatch):
+    """The backward of the case above: W1[0][1] = +-inf saturates column 1 (tanh +-1, dz = 0), so W1's, b1's and
+    W2's gradients stay finite, as in the float64 reference; the feed gradient's element 0 of sample 0's unmasked
+    behaviours is NaN (the infinite weight times dz = 0), as there, and a masked behaviour's feed gradient is 0 (the
+    reference's is NaN: it multiplies the infinite weight by its zero dz too). The finite values within 1e-5. The
+    sample's last round has lanes past it (21 behaviours), whose x = 0 times the infinite weight is NaN: those
+    lanes' values must not reach the h1 or b1 sums (they did, before: NaN gradients of W2 and b1)."""
+    if kernels == "general":
+        monkeypatch.setenv("DWDP_COACTION_SPECIALIZED", "0")
+    spec = CoActionSpec(bias=bias)
+    ind, feed, mask, g = inputs(spec, 6, 45, 13)
+    mask[0] = 0.0
+    mask[0, :21] = 1.0
+    ind[0, 1] = value
+    (out, gi, gf), (want, wi, wf) = run_both(spec, ind, feed, mask, g)
+    assert np.isfinite(want).all() and np.isfinite(wi).all() and np.isnan(wf[0, :21, 0]).all()
+    assert np.isfinite(out).all() and rel(out, want) <= 1e-5
+    assert np.isfinite(gi).all() and rel(gi, wi) <= 1e-5, rel(gi, wi)
+    on = mask.astype(bool)
+    assert not np.any(gf[~on])
+    a, b = gf[on], wf[on]
+    assert np.array_equal(np.isnan(a), np.isnan(b)), np.argwhere(np.isnan(a) != np.isnan(b))[:5]
+    ok = ~np.isnan(b)
+    assert rel(a[ok], b[ok]) <= 1e-5, rel(a[ok], b[ok])
+
+
+@pytest.mark.gpu
 @pytest.mark.parametrize("spec", [CoActionSpec(), CoActionSpec(orders=4, bias=True, order_independent=True)],
                          ids=["shared-w1", "o4-oi"])
 def test_an_outlier_weight_costs_only_its_own_column(spec):

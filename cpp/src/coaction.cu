@@ -1566,8 +1566,8 @@ __global__ void __launch_bounds__(kSpecWarps * 32, spec_fwd_blocks<C>()) spec_fo
 // A backward round's lane: h1 = tanh(z) added to its h1 sums (for W2's gradient) and dz = v u_c (1 - h1^2) in place of
 // z (U holds u / kTanhScale, so dz comes out unscaled). kBias: v (1: the lane has a behaviour, 0: it is past the
 // round) multiplies both, and dz is added to the lane's b1 sums at bsum ([C][N1] floats); without bias v is not needed:
-// a lane past the round has x = 0 (zero-filled), so z = 0 and h1 = 0, its dz row lies past the rows W1's gradient
-// reads and its feed gradient is not stored.
+// a lane past the round has z = 0 (set by the caller: its x is zero-filled, but 0 times an infinite W1 is NaN), so
+// h1 = 0, its dz row lies past the rows W1's gradient reads and its feed gradient is not stored.
 template <int C, bool kBias>
 __device__ __forceinline__ void spec_dz(const float* __restrict__ U, float v, float* bsum, float (&z)[C][kSpecN1],
                                         float (&hacc)[C][kSpecN1]) {
@@ -1686,6 +1686,11 @@ __global__ void __launch_bounds__(kSpecWarps * 32, spec_bwd_blocks<C>()) spec_ba
       float x[D], z[C][N1];
       spec_read_x<T>(rb + lane * FRS, x);
       spec_first_layer<C, OI>(W, f.wslice, f.bias, x, z);
+      if (ta < 0)  // a lane past the round: its x = 0 times an infinite W1 is NaN, which its sums must not see
+#pragma unroll
+        for (int c = 0; c < C; ++c)
+#pragma unroll
+          for (int j = 0; j < N1; ++j) z[c][j] = 0.f;
       // h1 sums (for W2's gradient) and dz in place of z; with bias the lane's dz also goes to its b1 sums
       if (f.bias)
         spec_dz<C, true>(U, ta >= 0 ? 1.f : 0.f, my + g.rB, z, hacc);
