@@ -622,23 +622,38 @@ def test_a_nan_weight_stays_in_its_own_column(T):
     assert rel(out[ok], want[ok]) <= 1e-5
 
 
+def assert_finite_forward_like_reference(spec, ind, feed, mask):
+    """The fused forward on these gathered inputs is finite and within 1e-5 of the float64 reference, as finite."""
+    import cupy as cp
+    from dwdp_ops.coaction import coaction_forward_gpu
+
+    out = coaction_forward_gpu(cp.asarray(ind), cp.asarray(feed), cp.asarray(mask), spec).get()
+    want = coaction_forward(ind.astype(np.float64), feed.astype(np.float64), mask, spec)
+    assert np.isfinite(want).all() and np.isfinite(out).all()
+    assert rel(out, want) <= 1e-5
+
+
+def infinite_w1_inputs(spec, value):
+    """Sample 0 with W1[0][1] = value and 21 unmasked behaviours (a round of 21: its second tile 5 rows, lanes past
+    the round); 6 samples, T = 45."""
+    ind, feed, mask, g = inputs(spec, 6, 45, 13)
+    mask[0] = 0.0
+    mask[0, :21] = 1.0
+    ind[0, 1] = value
+    return ind, feed, mask, g
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("value", [np.inf, -np.inf], ids=["inf", "-inf"])
 def test_an_infinite_feed_value_saturates_its_behaviour(value):
     """A feed value of +-inf (sample 0, behaviour 5, unmasked): its pre-activations are +-inf and their tanh +-1, as
     in the float64 reference, so the forward's outputs are finite and within 1e-5 of it (its tile cannot be scaled
     into fp16's range and takes the CUDA cores); the other samples as usual."""
-    import cupy as cp
-    from dwdp_ops.coaction import coaction_forward_gpu
-
     spec = CoActionSpec()
     ind, feed, mask, _ = inputs(spec, 5, 40, 12)
     feed[0, 5, 2] = value
     mask[0, 5] = 1.0
-    out = coaction_forward_gpu(cp.asarray(ind), cp.asarray(feed), cp.asarray(mask), spec).get()
-    want = coaction_forward(ind.astype(np.float64), feed.astype(np.float64), mask, spec)
-    assert np.isfinite(want).all() and np.isfinite(out).all()
-    assert rel(out, want) <= 1e-5
+    assert_finite_forward_like_reference(spec, ind, feed, mask)
 
 
 @pytest.mark.gpu
@@ -650,20 +665,12 @@ def test_an_infinite_weight_saturates_its_column(value, bias):
     The sample's first layer takes the CUDA cores (an infinite W1 column cannot be scaled into fp16's range); its last
     tile has rows past the round, whose x = 0 times the infinite weight would be NaN if they were computed (they
     were, before: the sample's outputs were NaN)."""
-    import cupy as cp
-    from dwdp_ops.coaction import coaction_forward_gpu
     from dwdp_ops.coaction.fused import uses_specialized_kernels
 
     spec = CoActionSpec(bias=bias)
     assert uses_specialized_kernels(spec)
-    ind, feed, mask, _ = inputs(spec, 6, 45, 13)
-    mask[0] = 0.0
-    mask[0, :21] = 1.0  # 21 behaviours: a round of 21, its second tile 5 rows
-    ind[0, 1] = value
-    out = coaction_forward_gpu(cp.asarray(ind), cp.asarray(feed), cp.asarray(mask), spec).get()
-    want = coaction_forward(ind.astype(np.float64), feed.astype(np.float64), mask, spec)
-    assert np.isfinite(want).all() and np.isfinite(out).all()
-    assert rel(out, want) <= 1e-5
+    ind, feed, mask, _ = infinite_w1_inputs(spec, value)
+    assert_finite_forward_like_reference(spec, ind, feed, mask)
 
 
 @pytest.mark.gpu
@@ -680,10 +687,7 @@ def test_an_infinite_weight_gives_the_references_gradients(value, bias, kernels,
     if kernels == "general":
         monkeypatch.setenv("DWDP_COACTION_SPECIALIZED", "0")
     spec = CoActionSpec(bias=bias)
-    ind, feed, mask, g = inputs(spec, 6, 45, 13)
-    mask[0] = 0.0
-    mask[0, :21] = 1.0
-    ind[0, 1] = value
+    ind, feed, mask, g = infinite_w1_inputs(spec, value)
     (out, gi, gf), (want, wi, wf) = run_both(spec, ind, feed, mask, g)
     assert np.isfinite(want).all() and np.isfinite(wi).all() and np.isnan(wf[0, :21, 0]).all()
     assert np.isfinite(out).all() and rel(out, want) <= 1e-5
