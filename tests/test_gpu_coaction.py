@@ -688,7 +688,8 @@ def test_an_infinite_weight_gives_the_references_gradients(value, bias, kernels,
         monkeypatch.setenv("DWDP_COACTION_SPECIALIZED", "0")
     spec = CoActionSpec(bias=bias)
     ind, feed, mask, g = infinite_w1_inputs(spec, value)
-    (out, gi, gf), (want, wi, wf) = run_both(spec, ind, feed, mask, g)
+    with np.errstate(invalid="ignore"):  # the reference's infinite weight times dz = 0: the NaN asserted below
+        (out, gi, gf), (want, wi, wf) = run_both(spec, ind, feed, mask, g)
     assert np.isfinite(want).all() and np.isfinite(wi).all() and np.isnan(wf[0, :21, 0]).all()
     assert np.isfinite(out).all() and rel(out, want) <= 1e-5
     assert np.isfinite(gi).all() and rel(gi, wi) <= 1e-5, rel(gi, wi)

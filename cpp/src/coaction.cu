@@ -1077,13 +1077,6 @@ __device__ __forceinline__ int spec_next_round(const float* __restrict__ mrow, i
   return take_round(q, s.qn, lane, my_t);
 }
 
-// The feed row of behaviour t (-1: none, row 0 unread) of sample b: its id, or its gathered position.
-__device__ __forceinline__ size_t spec_frow(const int64_t* __restrict__ feed_ids, int64_t feed_rows, int b, int T_len,
-                                            int t) {
-  const size_t pos = static_cast<size_t>(b) * T_len + (t < 0 ? 0 : t);
-  return t < 0 ? 0 : feed_ids ? feed_row(feed_ids, pos, feed_rows) : pos;
-}
-
 // Behaviour t's feed id, unchecked (its gathered position without ids; 0 for t < 0), and the row it names
 // (spec_frow_at: an id outside the table reads row 0, as feed_row): the forward loads a round's ids a round ahead
 // and checks them where their copies start, so that the wait for the load falls after the round between, not
@@ -1094,6 +1087,11 @@ __device__ __forceinline__ int64_t spec_fid(const int64_t* __restrict__ feed_ids
 }
 __device__ __forceinline__ size_t spec_frow_at(const int64_t* __restrict__ feed_ids, int64_t feed_rows, int64_t v) {
   return feed_ids && static_cast<uint64_t>(v) >= static_cast<uint64_t>(feed_rows) ? 0 : static_cast<size_t>(v);
+}
+// The feed row of behaviour t (-1: none, row 0 unread) of sample b, its id loaded and checked at once (the backward).
+__device__ __forceinline__ size_t spec_frow(const int64_t* __restrict__ feed_ids, int64_t feed_rows, int b, int T_len,
+                                            int t) {
+  return spec_frow_at(feed_ids, feed_rows, spec_fid(feed_ids, b, T_len, t));
 }
 
 // The feed ids of a sample's first 32 x kSpecEarlyChunks positions, this lane's (position lane + 32 k in v[k]; 0
@@ -1564,10 +1562,11 @@ __global__ void __launch_bounds__(kSpecWarps * 32, spec_fwd_blocks<C>()) spec_fo
 }
 
 // A backward round's lane: h1 = tanh(z) added to its h1 sums (for W2's gradient) and dz = v u_c (1 - h1^2) in place of
-// z (U holds u / kTanhScale, so dz comes out unscaled). kBias: v (1: the lane has a behaviour, 0: it is past the
-// round) multiplies both, and dz is added to the lane's b1 sums at bsum ([C][N1] floats); without bias v is not needed:
-// a lane past the round has z = 0 (set by the caller: its x is zero-filled, but 0 times an infinite W1 is NaN), so
-// h1 = 0, its dz row lies past the rows W1's gradient reads and its feed gradient is not stored.
+// z (U holds u / kTanhScale, so dz comes out unscaled). A lane past the round has z = 0 (set by the caller: its x is
+// zero-filled, but 0 times an infinite W1 is NaN), so its h1 = 0 adds nothing to the h1 sums. kBias: dz is added to
+// the lane's b1 sums at bsum ([C][N1] floats), so v (1: the lane has a behaviour, 0: it is past the round) multiplies
+// it; without bias v is not needed: a lane past the round has its dz row past the rows W1's gradient reads, and its
+// feed gradient is not stored.
 template <int C, bool kBias>
 __device__ __forceinline__ void spec_dz(const float* __restrict__ U, float v, float* bsum, float (&z)[C][kSpecN1],
                                         float (&hacc)[C][kSpecN1]) {
