@@ -1251,12 +1251,12 @@ __device__ __forceinline__ float2 spec_x_pair(const float* row, int i) {
 // A sample's W1 as this lane's B fragments (column g, rows 2q, 2q + 1, 2q + 8, 2q + 9 of each [16 x 8] W1_c; one for
 // all orders without order independence), each column scaled by its own power of two (its largest magnitude to
 // [16, 32): a column's precision does not depend on the other columns' weights), and whether the tensor cores may
-// take it: every column's largest |W1| in [2^-26, 2^35) or zero. sw: the exponents of the scales of this lane's
-// output columns 2q and 2q + 1 (the accumulator layout), to undo on the result.
+// take it: every column's largest |W1| in [2^-26, 2^35) or zero. sb: the scales of this lane's output columns 2q and
+// 2q + 1 (the accumulator layout), to undo on the result, as the bits of pow2f(-w) for a column scaled by 2^w.
 template <int C, bool OI>
 struct SpecW1 {
   unsigned hi[OI ? C : 1][2], lo[OI ? C : 1][2];
-  int sw[OI ? C : 1][2];
+  int sb[OI ? C : 1][2];
   bool tc;
 };
 
@@ -1283,8 +1283,8 @@ __device__ __forceinline__ SpecW1<C, OI> spec_w1_frags(const float* __restrict__
     const float fw = pow2f(s);
     split_h2(w[0] * fw, w[1] * fw, r.hi[c][0], r.lo[c][0]);
     split_h2(w[2] * fw, w[3] * fw, r.hi[c][1], r.lo[c][1]);
-    r.sw[c][0] = __shfl_sync(0xffffffffu, s, 8 * q);  // column 2q's scale (held by lanes 4 (2q) ..)
-    r.sw[c][1] = __shfl_sync(0xffffffffu, s, 8 * q + 4);
+    r.sb[c][0] = (127 - __shfl_sync(0xffffffffu, s, 8 * q)) * (1 << 23);  // column 2q's (held by lanes 4 (2q) ..)
+    r.sb[c][1] = (127 - __shfl_sync(0xffffffffu, s, 8 * q + 4)) * (1 << 23);
   }
   r.tc = __all_sync(0xffffffffu, ok);
   return r;
@@ -1323,6 +1323,11 @@ __device__ __forceinline__ void spec_tile_z(const float* rows, const float* __re
   if (m1 == 0.f) s1 = 0;
   if (__all_sync(0xffffffffu, wf.tc && ok0 && ok1)) {
     const float f0 = pow2f(s0), f1 = pow2f(s1);
+    // the result's scale 2^-(w + (c + 1) s) as the bits of pow2f(-w) (staged) less (c + 1) s in the exponent field:
+    // one integer subtraction an element (not an exponent, a shift and a bias each); w + (c + 1) s lies in
+    // [-126, 127] by the bounds of spec_scale_exp above and in spec_w1_frags, so the bits are a normal power of two
+    const int u0 = s0 * (1 << 23), u1 = s1 * (1 << 23);
+    int a0 = 0, a1 = 0;  // (c + 1) s0 and (c + 1) s1 in exponent bits
     float p[8];
 #pragma unroll
     for (int k = 0; k < 8; ++k) v[k] *= (k & 2) ? f1 : f0, p[k] = v[k];
@@ -1339,11 +1344,11 @@ __device__ __forceinline__ void spec_tile_z(const float* rows, const float* __re
       mma16816(d, al, wf.hi[cb][0], wf.hi[cb][1]);
       mma16816(d, ah, wf.lo[cb][0], wf.lo[cb][1]);
       mma16816(d, ah, wf.hi[cb][0], wf.hi[cb][1]);
-      const int e0 = (c + 1) * s0, e1 = (c + 1) * s1, w0 = wf.sw[cb][0], w1 = wf.sw[cb][1];
-      z[c][0] = fmaf(d[0], pow2f(-(w0 + e0)), bz[c][0]);
-      z[c][1] = fmaf(d[1], pow2f(-(w1 + e0)), bz[c][1]);
-      z[c][2] = fmaf(d[2], pow2f(-(w0 + e1)), bz[c][0]);
-      z[c][3] = fmaf(d[3], pow2f(-(w1 + e1)), bz[c][1]);
+      a0 += u0, a1 += u1;
+      z[c][0] = fmaf(d[0], __int_as_float(wf.sb[cb][0] - a0), bz[c][0]);
+      z[c][1] = fmaf(d[1], __int_as_float(wf.sb[cb][1] - a0), bz[c][1]);
+      z[c][2] = fmaf(d[2], __int_as_float(wf.sb[cb][0] - a1), bz[c][0]);
+      z[c][3] = fmaf(d[3], __int_as_float(wf.sb[cb][1] - a1), bz[c][1]);
     }
   } else {  // CUDA cores
 #pragma unroll
