@@ -1323,9 +1323,9 @@ __device__ __forceinline__ void spec_tile_z(const float* rows, const float* __re
   if (m1 == 0.f) s1 = 0;
   if (__all_sync(0xffffffffu, wf.tc && ok0 && ok1)) {
     const float f0 = pow2f(s0), f1 = pow2f(s1);
-    // the result's scale 2^-(w + (c + 1) s) as the bits of pow2f(-w) (staged) less (c + 1) s in the exponent field:
-    // one integer subtraction an element (not an exponent, a shift and a bias each); w + (c + 1) s lies in
-    // [-126, 127] by the bounds of spec_scale_exp above and in spec_w1_frags, so the bits are a normal power of two
+    // the result's scale 2^-(w + (c + 1) s) as the bits of pow2f(-w) (staged a sample) less (c + 1) s in the exponent
+    // field: one integer subtraction a result instead of a factor built from its exponent; w + (c + 1) s lies in
+    // [-114, 118] by the bounds of spec_scale_exp above and in spec_w1_frags, so the bits are a normal power of two
     const int u0 = s0 * (1 << 23), u1 = s1 * (1 << 23);
     int a0 = 0, a1 = 0;  // (c + 1) s0 and (c + 1) s1 in exponent bits
     float p[8];
