@@ -88,6 +88,40 @@ def test_masked_positions_do_not_matter():
     np.testing.assert_array_equal(a, coaction_forward(ind, feed2, mask))
 
 
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf], ids=["nan", "inf", "-inf"])
+def test_a_masked_position_adds_nothing_whatever_its_values(bad):
+    """A masked position's feed row may hold NaN or infinities (padding): the kernels never read it, and the reference
+    leaves it out too (it had multiplied by the mask, and NaN x 0 is NaN): the same output and gradients as with an
+    ordinary row there, and a feed gradient of 0 at that position."""
+    spec = CoActionSpec(bias=True)
+    ind, feed, mask = inputs(spec)
+    mask[0, 2] = 0
+    g = np.random.default_rng(5).normal(size=(3, spec.out_dim))
+    poisoned = feed.copy()
+    poisoned[0, 2] = bad
+    np.testing.assert_array_equal(coaction_forward(ind, poisoned, mask, spec), coaction_forward(ind, feed, mask, spec))
+    gi, gf = coaction_backward(ind, poisoned, mask, g, spec)
+    wi, wf = coaction_backward(ind, feed, mask, g, spec)
+    np.testing.assert_array_equal(gi, wi)
+    np.testing.assert_array_equal(gf, wf)
+    assert not gf[0, 2].any()
+
+
+def test_any_nonzero_mask_value_marks_a_present_behaviour_once():
+    """The kernels count a position where mask != 0 once, whatever the value; the reference agrees (it had weighted
+    the position by the value): a mask of 2.0 or 0.5 or -1.0 gives what 1.0 gives."""
+    spec = CoActionSpec()
+    ind, feed, mask = inputs(spec)
+    g = np.random.default_rng(6).normal(size=(3, spec.out_dim))
+    want, (wi, wf) = coaction_forward(ind, feed, mask, spec), coaction_backward(ind, feed, mask, g, spec)
+    for v in (2.0, 0.5, -1.0):
+        m = np.where(mask != 0, v, 0.0)
+        np.testing.assert_array_equal(coaction_forward(ind, feed, m, spec), want)
+        gi, gf = coaction_backward(ind, feed, m, g, spec)
+        np.testing.assert_array_equal(gi, wi)
+        np.testing.assert_array_equal(gf, wf)
+
+
 def _fd(f, x, eps=1e-6):
     g = np.zeros_like(x)
     it = np.nditer(x, flags=["multi_index"])
@@ -148,6 +182,46 @@ def test_bad_specs_are_explained():
         coaction_backward(ind, feed, mask, np.zeros((3, 12)))
 
 
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(layer_dims=((16.9, 8), (8, 4))), "positive integer"),  # was truncated to 16
+        (dict(layer_dims=(16, 8)), "positive integer"),  # a flat pair
+        (dict(orders=2.5), "orders must be an int"),
+        (dict(orders="3"), "orders must be an int"),
+        (dict(orders=True), "orders must be an int"),
+        (dict(bias="no"), "bias must be a bool"),  # was truthy: bias on
+        (dict(order_independent=1), "order_independent must be a bool"),
+    ],
+    ids=["float-dim", "flat-pair", "float-orders", "str-orders", "bool-orders", "str-bias", "int-oi"],
+)
+def test_spec_fields_of_the_wrong_type_are_named(kwargs, match):
+    with pytest.raises(TypeError, match=match):
+        CoActionSpec(**kwargs)
+    assert CoActionSpec(orders=np.int64(2), bias=np.bool_(True)) == CoActionSpec(orders=2, bias=True)
+
+
+def test_a_spec_and_the_older_keywords_together_are_refused():
+    """The keywords would be ignored beside a CoActionSpec (an orders=1 call returned all 3 orders)."""
+    spec = CoActionSpec()
+    ind, feed, mask = inputs(spec)
+    for kw in (dict(orders=1), dict(variant="paper"), dict(bias=True)):
+        with pytest.raises(TypeError, match="either as a CoActionSpec or as keywords"):
+            coaction_forward(ind, feed, mask, spec, **kw)
+        with pytest.raises(TypeError, match="either as a CoActionSpec or as keywords"):
+            coaction_backward(ind, feed, mask, np.zeros((3, spec.out_dim)), spec, **kw)
+
+
+def test_integer_inputs_are_refused_by_the_reference():
+    """x ** c in an integer dtype wraps (an int8 100 squared gave 16)."""
+    spec = CoActionSpec()
+    ind, feed, mask = inputs(spec)
+    with pytest.raises(TypeError, match="feed must hold floating-point values, got int8"):
+        coaction_forward(ind, (feed * 100).astype(np.int8), mask, spec)
+    with pytest.raises(TypeError, match="induction must hold floating-point values, got int64"):
+        coaction_forward(ind.astype(np.int64), feed, mask, spec)
+
+
 def test_fused_launch_shape_fits_the_default_and_refuses_what_cannot_fit():
     from dwdp_ops.coaction import launch_shape
     from dwdp_ops.coaction.fused import uses_specialized_kernels
@@ -162,6 +236,62 @@ def test_fused_launch_shape_fits_the_default_and_refuses_what_cannot_fit():
     assert bsmem > smem  # the backward keeps gradients and dz rows too
     assert launch_shape(CoActionSpec(order_independent=True), backward=True)[1] > bsmem
     assert launch_shape(CoActionSpec(layer_dims=((256, 256), (256, 256))), backward=True)[0] == 0
+
+
+@pytest.mark.parametrize(
+    "spec, match",
+    [
+        (CoActionSpec(orders=9), r"orders must be in \[1, 8\]"),
+        (CoActionSpec(layer_dims=((300, 8),)), r"layer dims must be in \[1, 256\]"),
+        (CoActionSpec(layer_dims=((4, 4),) * 9), "1 to 8 layers"),
+    ],
+    ids=["orders", "width", "layers"],
+)
+def test_launch_shape_names_the_limit_a_spec_is_beyond(spec, match):
+    """The forward and backward refuse these; launch_shape had returned a shape for them."""
+    from dwdp_ops.coaction import launch_shape
+    from dwdp_ops.coaction.fused import uses_fast_kernels
+
+    with pytest.raises(ValueError, match=match):
+        launch_shape(spec)
+    with pytest.raises(ValueError, match=match):
+        uses_fast_kernels(spec, backward=True)
+
+
+def test_the_fused_ops_take_only_a_coaction_spec():
+    """The reference's older layer_dims form is not the fused op's: a TypeError naming spec, not an AttributeError or
+    an unhashable-list error from inside."""
+    from dwdp_ops.coaction import launch_shape
+    from dwdp_ops.coaction.fused import coaction_backward_gpu, coaction_forward_gpu
+
+    for bad in (((16, 8), (8, 4)), [[16, 8], [8, 4]]):
+        with pytest.raises(TypeError, match="spec must be a CoActionSpec"):
+            coaction_forward_gpu(None, None, None, bad)
+        with pytest.raises(TypeError, match="spec must be a CoActionSpec"):
+            coaction_backward_gpu(None, None, None, None, bad)
+        with pytest.raises(TypeError, match="spec must be a CoActionSpec"):
+            launch_shape(bad)
+
+
+@pytest.mark.parametrize("which", ["ind_ids", "feed_ids"])
+def test_non_contiguous_ids_are_refused(which):
+    """The kernels read ids densely: a strided view (a column of a [B, 2] array, a transposed [T, B]) had passed
+    the checks and read other ids (a negative stride, memory before the array)."""
+    from dwdp_ops.coaction.fused import _args
+    from dwdp_ops.interop import DeviceBuffer
+
+    spec, f32, i64 = CoActionSpec(), np.dtype(np.float32), np.dtype(np.int64)
+    B, T = 4, 3
+    mask = DeviceBuffer(0x3000, (B, T), f32, None)
+    table, ftable = DeviceBuffer(0x1000, (10, spec.induction_dim), f32, None), DeviceBuffer(0x2000, (10, 16), f32, None)
+    ids, fids = DeviceBuffer(0x4000, (B,), i64, None), DeviceBuffer(0x5000, (B, T), i64, None)
+    _args(spec, table, ftable, mask, ids, fids, "float32")  # dense: accepted
+    if which == "ind_ids":
+        ids = DeviceBuffer(0x4000, (B,), i64, (16,))
+    else:
+        fids = DeviceBuffer(0x5000, (B, T), i64, (8, 8 * B))
+    with pytest.raises(TypeError, match=f"{which} must be a contiguous int64 .* got a non-contiguous int64"):
+        _args(spec, table, ftable, mask, ids, fids, "float32")
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])

@@ -644,6 +644,41 @@ def infinite_w1_inputs(spec, value):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("cfg", [CONFIGS[0], CONFIGS[2]], ids=["reference-shape", "oi-3-layers"])
+@pytest.mark.parametrize("kernels", ["specialized", "general"])
+def test_masked_padding_and_mask_values_agree_with_the_reference(cfg, kernels, monkeypatch):
+    """Padding is NaN and +-inf at masked positions (gathered rows and a feed table with ids), and the present
+    positions' mask values are 1, 2, 0.5 and -1: the kernels leave masked positions out and count a nonzero mask once;
+    so does the float64 reference. Outputs and gradients within 1e-5 of it, finite, and no feed gradient at a masked
+    position (gathered rows) or from one (table rows no present position names)."""
+    import cupy as cp
+
+    if kernels == "general":
+        monkeypatch.setenv("DWDP_COACTION_SPECIALIZED", "0")
+    spec = CoActionSpec(**cfg)
+    B, T = 9, 70
+    ind, feed, mask, g = inputs(spec, B, T, 21)
+    on = mask != 0
+    pads = np.array([np.nan, np.inf, -np.inf], np.float32)
+    feed[~on] = pads[np.arange(int((~on).sum())) % 3, None]
+    mask[on] = np.array([1.0, 2.0, 0.5, -1.0], np.float32)[np.arange(int(on.sum())) % 4]
+    (out, gi, gf), (want, wi, wf) = run_both(spec, ind, feed, mask, g)
+    assert np.isfinite(out).all() and np.isfinite(gi).all() and np.isfinite(gf).all()
+    assert rel(out, want) <= 1e-5 and rel(gi, wi) <= 1e-5 and rel(gf, wf) <= 1e-5
+    assert not gf[~on].any()
+    # a feed table with ids: the rows only masked positions name hold the padding and get no gradient
+    rows = np.concatenate([feed[on], np.repeat(pads, 4)[:, None] * np.ones((1, spec.feed_dim), np.float32)])
+    fids = np.zeros((B, T), np.int64)
+    fids[on] = np.arange(int(on.sum()))
+    fids[~on] = int(on.sum()) + np.arange(int((~on).sum())) % 12
+    (out2, gi2, gf2), (want2, wi2, wf2) = run_both(spec, ind, rows, mask, g, feed_ids=fids)
+    assert np.isfinite(out2).all() and np.isfinite(gf2).all()
+    assert rel(out2, want2) <= 1e-5 and rel(gi2, wi2) <= 1e-5 and rel(gf2, wf2) <= 1e-5
+    assert not gf2[int(on.sum()):].any()
+    del cp
+
+
+@pytest.mark.gpu
 @pytest.mark.parametrize("value", [np.inf, -np.inf], ids=["inf", "-inf"])
 def test_an_infinite_feed_value_saturates_its_behaviour(value):
     """A feed value of +-inf (sample 0, behaviour 5, unmasked): its pre-activations are +-inf and their tanh +-1, as
@@ -680,8 +715,8 @@ def test_an_infinite_weight_saturates_its_column(value, bias):
 def test_an_infinite_weight_gives_the_references_gradients(value, bias, kernels, monkeypatch):
     """The backward of the case above: W1[0][1] = +-inf saturates column 1 (tanh +-1, dz = 0), so W1's, b1's and
     W2's gradients stay finite, as in the float64 reference; the feed gradient's element 0 of sample 0's unmasked
-    behaviours is NaN (the infinite weight times dz = 0), as there, and a masked behaviour's feed gradient is 0 (the
-    reference's is NaN: it multiplies the infinite weight by its zero dz too). The finite values within 1e-5. The
+    behaviours is NaN (the infinite weight times dz = 0), as there, and a masked behaviour's feed gradient is 0, as
+    there (the reference leaves masked positions out). The finite values within 1e-5. The
     sample's last round has lanes past it (21 behaviours), whose x = 0 times the infinite weight is NaN: those
     lanes' values must not reach the h1 or b1 sums (they did, before: NaN gradients of W2 and b1)."""
     if kernels == "general":
@@ -694,7 +729,7 @@ def test_an_infinite_weight_gives_the_references_gradients(value, bias, kernels,
     assert np.isfinite(out).all() and rel(out, want) <= 1e-5
     assert np.isfinite(gi).all() and rel(gi, wi) <= 1e-5, rel(gi, wi)
     on = mask.astype(bool)
-    assert not np.any(gf[~on])
+    assert not np.any(gf[~on]) and not np.any(wf[~on])
     a, b = gf[on], wf[on]
     assert np.array_equal(np.isnan(a), np.isnan(b)), np.argwhere(np.isnan(a) != np.isnan(b))[:5]
     ok = ~np.isnan(b)

@@ -2067,6 +2067,7 @@ void general_shape(const CoActionDims& d, bool backward, int* warps, size_t* sme
 }  // namespace
 
 void coaction_launch_shape(const CoActionDims& d, bool backward, int* warps, size_t* smem, bool* fast) {
+  check_dims(d);  // the op's limits, as the launches check them
   if (spec_shape(d, backward, 4, warps, smem)) {
     if (fast) *fast = true;
     return;

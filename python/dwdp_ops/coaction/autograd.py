@@ -98,7 +98,7 @@ def _checked(induction, feed, mask, spec, ind_ids, feed_ids):
     if feed.dtype != induction.dtype:
         raise TypeError(f"feed must have induction's dtype ({induction.dtype}), got {feed.dtype}")
     if mask.dtype not in (torch.float32, torch.bool):
-        raise TypeError(f"mask must be float32 (1.0 where a behaviour is present) or bool, got {mask.dtype}")
+        raise TypeError(f"mask must be float32 (nonzero where a behaviour is present) or bool, got {mask.dtype}")
     if mask.dim() != 2:
         raise ValueError(f"mask must be [B, T], got shape {list(mask.shape)}")
     B, T = mask.shape
@@ -224,7 +224,7 @@ def coaction(induction: torch.Tensor, feed: torch.Tensor, mask: torch.Tensor, sp
     Args:
         induction: gathered rows `[B, D']`, or a table `[rows, D']` with `ind_ids`; float32 or bfloat16.
         feed: gathered rows `[B, T, D]`, or a table `[rows, D]` with `feed_ids`; the dtype of `induction`.
-        mask: `[B, T]`, float32 (1.0 where a behaviour is present) or bool.
+        mask: `[B, T]`, float32 (nonzero where a behaviour is present, counted once) or bool.
         spec: the shape of the co-action pair (default `CoActionSpec()`: D = 16, 16 -> 8 -> 4, 3 orders).
         ind_ids: `[B]` integer row ids into the induction table (converted to int64).
         feed_ids: `[B, T]` integer row ids into the feed table (converted to int64).

@@ -335,6 +335,16 @@ def _shape(shape, name: str) -> tuple:
     return shape
 
 
+def _spec(spec: Any) -> CoActionSpec:
+    """``spec``, or the default CoActionSpec for None; anything else is a TypeError (the reference's older keyword
+    form, ``layer_dims`` and ``orders``, is not this op's)."""
+    if spec is None:
+        return CoActionSpec()
+    if not isinstance(spec, CoActionSpec):
+        raise TypeError(f"spec must be a CoActionSpec (or None for the default), got {type(spec).__name__}: {spec!r}")
+    return spec
+
+
 @functools.lru_cache(maxsize=256)
 def _spec_args(spec: CoActionSpec):
     """The kernels' shape arguments of ``spec`` (cached per spec: the fused calls are on a training step's hot path)."""
@@ -343,21 +353,22 @@ def _spec_args(spec: CoActionSpec):
 
 
 def launch_shape(spec: CoActionSpec, backward: bool = False) -> tuple[int, int]:
-    """``(warps per block, shared-memory bytes per block)`` of the kernel for ``spec`` (0 warps: does not fit)."""
-    return tuple(native().coaction_launch_shape(*_spec_args(spec), backward))
+    """``(warps per block, shared-memory bytes per block)`` of the kernel for ``spec`` (0 warps: one warp's shared
+    memory does not fit); a spec beyond the op's limits (module docstring) is a ValueError naming the limit."""
+    return tuple(native().coaction_launch_shape(*_spec_args(_spec(spec)), backward))
 
 
 def uses_fast_kernels(spec: CoActionSpec, backward: bool = False) -> bool:
     """Whether ``spec`` runs on the register (fast) kernels; False: the shared-memory fallback for wide layers (or
     nothing fits, see ``launch_shape``)."""
-    return bool(native().coaction_fast_path(*_spec_args(spec), backward))
+    return bool(native().coaction_fast_path(*_spec_args(_spec(spec)), backward))
 
 
 def uses_specialized_kernels(spec: CoActionSpec, backward: bool = False) -> bool:
     """Whether ``spec`` runs on the specialised kernels (compile-time widths: the CAN reference shape, D = 16,
     16 -> 8 -> 4, orders 1-4, bias, order independence, not the paper variant); ``DWDP_COACTION_SPECIALIZED=0``
     sends every shape to the general kernels (read at each call)."""
-    return bool(native().coaction_specialized(*_spec_args(spec), backward))
+    return bool(native().coaction_specialized(*_spec_args(_spec(spec)), backward))
 
 
 @functools.lru_cache(maxsize=256)
@@ -375,7 +386,8 @@ def _args(spec: CoActionSpec, induction, feed, mask, ind_ids, feed_ids, dtype):
     feed_dim, induction_dim, _ = dims
     fd, mk = device_buffer(feed, "feed"), device_buffer(mask, "mask")
     if mk.dtype != np.float32 or len(mk.shape) != 2 or not mk.contiguous:
-        raise TypeError(f"mask must be a contiguous float32 [B, T] array, got {mk.dtype} {list(mk.shape)}")
+        raise TypeError(f"mask must be a contiguous float32 [B, T] array, got "
+                        f"{'' if mk.contiguous else 'a non-contiguous '}{mk.dtype} {list(mk.shape)}")
     B, T = mk.shape
     if isinstance(induction, ShardedTable):
         if induction._closed:
@@ -405,16 +417,18 @@ def _args(spec: CoActionSpec, induction, feed, mask, ind_ids, feed_ids, dtype):
     ids_ptr = 0
     if ind_ids is not None:
         ib = device_buffer(ind_ids, "ind_ids")
-        if ib.dtype != np.int64 or ib.shape != (B,):
-            raise TypeError(f"ind_ids must be int64 [{B}], got {ib.dtype} {list(ib.shape)}")
+        if ib.dtype != np.int64 or ib.shape != (B,) or not ib.contiguous:
+            raise TypeError(f"ind_ids must be a contiguous int64 [{B}] array, got "
+                            f"{'' if ib.contiguous else 'a non-contiguous '}{ib.dtype} {list(ib.shape)}")
         ids_ptr = ib.ptr
         if rows[2] == 0 and B > 0:
             raise ValueError("ind_ids must be in [0, 0): the induction table is empty")
     fids_ptr = 0
     if feed_ids is not None:
         fb = device_buffer(feed_ids, "feed_ids")
-        if fb.dtype != np.int64 or fb.shape != (B, T):
-            raise TypeError(f"feed_ids must be int64 [{B}, {T}], got {fb.dtype} {list(fb.shape)}")
+        if fb.dtype != np.int64 or fb.shape != (B, T) or not fb.contiguous:
+            raise TypeError(f"feed_ids must be a contiguous int64 [{B}, {T}] array, got "
+                            f"{'' if fb.contiguous else 'a non-contiguous '}{fb.dtype} {list(fb.shape)}")
         if len(fd.shape) != 2 or fd.shape[1] != feed_dim:
             raise ValueError(f"the feed table must be [rows, {feed_dim}], got {list(fd.shape)}")
         fids_ptr = fb.ptr
@@ -449,7 +463,7 @@ def coaction_forward_gpu(induction: Any, feed: Any, mask: Any, spec: CoActionSpe
     ``check_ids`` range-checks table ids on the device in front of the forward's kernel and waits for the check (not
     for the forward) before returning; bad ids raise ValueError (the output is dropped). ``zero_grads``: a
     ``TableGrads(zero="forward")`` this call zeroes for the backward (see ``TableGrads``)."""
-    spec = spec or CoActionSpec()
+    spec = _spec(spec)
     return _forward(_args(spec, induction, feed, mask, ind_ids, feed_ids, dtype), induction, dtype, stream,
                     check_ids, zero_grads, out)
 
@@ -512,7 +526,7 @@ def coaction_backward_gpu(induction: Any, feed: Any, mask: Any, grad_out: Any, s
     tables, on the op's device and ready on ``stream``, with ``ind_ids`` and ``feed_ids`` given: the backward **adds**
     into them (gradient accumulation) and returns them (gathered rows' gradients are written, not added, so a pair
     needs both ids). A ``ShardedTable`` takes only None. Not collective (a ``ShardedTable``'s remote adds aside)."""
-    spec = spec or CoActionSpec()
+    spec = _spec(spec)
     return _backward(_args(spec, induction, feed, mask, ind_ids, feed_ids, dtype), induction,
                      ind_ids is not None and feed_ids is not None, grad_out, stream, check_ids, grads)
 

@@ -3,7 +3,9 @@
 For every sample b, ``induction[b]`` (``[D']``) is cut in row-major order into ``W_0`` (``[d_0, d_1]``), then ``b_0``
 (``[d_1]``) when ``bias``, then ``W_1``, ... For each order c = 1..C: ``x = feed[b] ** c`` (element-wise, ``[T, D]``),
 ``h_1 = act_0(x W_0 + b_0)``, ``h_(l+1) = act_l(h_l W_l + b_l)``; the order's output is ``concat(h_1, ..., h_L)`` summed
-over the positions t where ``mask[b, t] == 1``. ``act_l`` is tanh between layers and the identity after the last
+over the positions t where ``mask[b, t] != 0`` (any nonzero value marks a present behaviour, counted once, as in the
+fused kernels; a masked position adds nothing whatever its values, NaN and infinities included, and its feed gradient
+is 0). ``act_l`` is tanh between layers and the identity after the last
 layer (the reference code; so a single layer has no tanh). The result concatenates the orders c = 1..C:
 ``[B, C * sum(d_out)]``.
 
@@ -19,6 +21,7 @@ The functions are array-module generic: given CuPy arrays they run on the GPU as
 
 from __future__ import annotations
 
+import operator
 from dataclasses import dataclass
 from typing import Literal
 
@@ -48,15 +51,27 @@ class CoActionSpec:
     variant: Variant = "code"
 
     def __post_init__(self) -> None:
-        dims = tuple(tuple(int(x) for x in d) for d in self.layer_dims)
-        object.__setattr__(self, "layer_dims", dims)
+        want = ("layer_dims must be a non-empty sequence of positive integer (d_in, d_out) pairs, got "
+                f"{self.layer_dims!r}")
+        try:
+            dims = tuple(tuple(operator.index(x) for x in d) for d in self.layer_dims)
+        except TypeError:  # a flat pair, floats, strings
+            raise TypeError(want) from None
         if not dims or any(len(d) != 2 or min(d) < 1 for d in dims):
-            raise ValueError(f"layer_dims must be a non-empty sequence of positive (d_in, d_out) pairs, got {self.layer_dims}")
+            raise ValueError(want)
+        object.__setattr__(self, "layer_dims", dims)
         for (_, b), (c, _) in zip(dims, dims[1:]):
             if b != c:
                 raise ValueError(f"layer_dims do not chain: a layer outputs {b} features but the next takes {c}")
+        if isinstance(self.orders, bool) or not isinstance(self.orders, (int, np.integer)):
+            raise TypeError(f"orders must be an int, got {self.orders!r}")
+        object.__setattr__(self, "orders", int(self.orders))
         if self.orders < 1:
             raise ValueError(f"orders must be >= 1, got {self.orders}")
+        for name in ("bias", "order_independent"):
+            if not isinstance(getattr(self, name), (bool, np.bool_)):
+                raise TypeError(f"{name} must be a bool, got {getattr(self, name)!r}")
+            object.__setattr__(self, name, bool(getattr(self, name)))
         if self.variant not in ("code", "paper"):
             raise ValueError(f"variant must be 'code' or 'paper', got {self.variant!r}")
 
@@ -115,25 +130,43 @@ class CoActionSpec:
             raise ValueError(f"feed has D = {D} but the first layer takes {self.feed_dim} inputs")
         if mask.shape != (B, T):
             raise ValueError(f"mask must be [B, T] = {(B, T)}, got {mask.shape}")
+        for name, a in (("induction", induction), ("feed", feed)):
+            if a.dtype.kind != "f":
+                raise TypeError(f"{name} must hold floating-point values, got {a.dtype}")
 
 
 def _forward_order(spec: CoActionSpec, induction, feed, mask, c):
     xp = _xp(induction, feed)
-    x = feed**c
+    on = _present(mask)
+    x = xp.where(on, feed, 1) ** c  # padding never enters the arithmetic (1, not 0: 0 x an infinite weight is NaN)
     hs = [x]
     for layer, (w, b) in enumerate(spec.split(induction, c)):
         z = xp.matmul(hs[-1], w)  # [B, T, d_in] @ [B, d_in, d_out]
         if b is not None:
             z = z + b[:, None, :]
         hs.append(xp.tanh(z) if spec.activated(layer) else z)
-    m = mask[:, :, None].astype(feed.dtype)
-    pooled = xp.concatenate([(h * m).sum(axis=1) for h in hs[1:]], axis=-1)
+    pooled = xp.concatenate([xp.where(on, h, 0).sum(axis=1) for h in hs[1:]], axis=-1)
     return pooled, hs
 
 
+def _present(mask):
+    """``[B, T, 1]`` booleans: the positions that count (``mask != 0``)."""
+    return (mask != 0)[:, :, None]
+
+
+_LEGACY_DEFAULTS = dict(layer_dims=((16, 8), (8, 4)), orders=3, bias=False, order_independent=False, variant="code")
+
+
 def _spec_of(spec, layer_dims, orders, bias, order_independent, variant) -> CoActionSpec:
-    """The spec from either a ``CoActionSpec`` (the GPU op's signature) or the legacy keyword form."""
+    """The spec from either a ``CoActionSpec`` (the GPU op's signature) or the legacy keyword form; both at once is
+    a TypeError (the keywords would be ignored)."""
     if isinstance(spec, CoActionSpec):
+        given = dict(layer_dims=layer_dims, orders=orders, bias=bias, order_independent=order_independent,
+                     variant=variant)
+        clash = [k for k, v in given.items() if v != _LEGACY_DEFAULTS[k]]
+        if clash:
+            raise TypeError(f"pass the shape either as a CoActionSpec or as keywords, not both (got a CoActionSpec and "
+                            f"{', '.join(clash)}); set them in the CoActionSpec")
         return spec
     if spec is not None:  # legacy positional layer_dims
         layer_dims = spec
@@ -233,7 +266,8 @@ def coaction_backward(
         raise ValueError(f"grad_out must be [B, {spec.out_dim}], got {grad_out.shape}")
     g_ind = xp.zeros_like(induction, dtype=np.result_type(induction.dtype, grad_out.dtype))
     g_feed = xp.zeros_like(feed, dtype=np.result_type(feed.dtype, grad_out.dtype))
-    m = mask[:, :, None].astype(g_feed.dtype)
+    on = _present(mask)  # a masked position contributes nothing, whatever its values (NaN x 0 would be NaN)
+    feed_on = xp.where(on, feed, 1)  # as in _forward_order
     S = spec.out_per_order
     for c in range(1, orders + 1):
         g_order = grad_out if variant == "paper" else grad_out[:, (c - 1) * S : c * S]
@@ -242,17 +276,18 @@ def coaction_backward(
         # direct gradient of every layer's output: the pooled sum broadcasts back to the unmasked positions
         direct, off = [], 0
         for _, o in spec.layer_dims:
-            direct.append(g_order[:, None, off : off + o] * m)
+            direct.append(xp.where(on, g_order[:, None, off : off + o], 0))
             off += o
         upstream = None
         grads_w, grads_b = [None] * len(params), [None] * len(params)
         for layer in range(len(params) - 1, -1, -1):
             g_h = direct[layer] if upstream is None else direct[layer] + upstream
-            g_z = g_h * (1.0 - hs[layer + 1] ** 2) if spec.activated(layer) else g_h
-            grads_w[layer] = xp.matmul(hs[layer].transpose(0, 2, 1), g_z)  # [B, d_in, d_out]
+            g_z = xp.where(on, g_h * (1.0 - hs[layer + 1] ** 2) if spec.activated(layer) else g_h, 0)
+            h_in = xp.where(on, hs[layer], 0)
+            grads_w[layer] = xp.matmul(h_in.transpose(0, 2, 1), g_z)  # [B, d_in, d_out]
             grads_b[layer] = g_z.sum(axis=1)
             upstream = xp.matmul(g_z, params[layer][0].transpose(0, 2, 1))  # [B, T, d_in]
-        g_feed += upstream * (c * feed ** (c - 1) if c > 1 else 1.0)
+        g_feed += xp.where(on, upstream * (c * feed_on ** (c - 1) if c > 1 else 1.0), 0)
         off = (c - 1) * spec.order_width if order_independent else 0
         for (i, o), gw, gb in zip(spec.layer_dims, grads_w, grads_b):
             g_ind[:, off : off + i * o] += gw.reshape(-1, i * o)
