@@ -17,7 +17,7 @@
 #   gemm      build + bench/expert_gemm.py alone (fp8 / bf16 grouped against dense)                issue 13
 #   e2e       build + bench/e2e_dwdp_vs_dep.py on every GPU (E2E_ARGS, E2E_TIMEOUT)               issue 14
 #   main      build + the main command `python -m dwdp_ops demo` (fp8 default) and `--dtype bfloat16`, same seed and
-#             prompts, JSON reports (MAIN_ARGS adds options to both)                              issues 12, 13
+#             prompts, JSON reports (MAIN_ARGS adds options to both; MAIN_TIMEOUT: seconds each, default 240)  issues 12, 13
 #   all       tests, fetch, overlap, can, deepseek, demo (longer than one 10-minute device call: use one mode per call)
 set -uo pipefail
 FINAL=${OUT:-$PWD/gpu_out}; mkdir -p "$FINAL"

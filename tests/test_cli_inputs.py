@@ -102,6 +102,97 @@ def test_demo_text_names_the_dtype_of_every_size(ranks, capsys):
     assert sizes["bfloat16"] == 2 * sizes["float8_e4m3fn"]
 
 
+def _one_line(text):
+    return " ".join(text.split())
+
+
+def test_demo_cpu_steps_are_bounded_by_the_tiny_config(capsys):
+    """The CPU path's --steps limit comes from the tiny config's max_seq_len and the longest prompt: one more step
+    was a ValueError traceback from the reference model (rc 1) after the fetch plans; now a usage error naming the
+    limit, which the help names too."""
+    from dwdp_ops.models.deepseek_r1 import DeepSeekConfig
+
+    seq = DeepSeekConfig.tiny().max_seq_len
+    code, out, err = run_main(demo.main, ["--cpu", "--ranks", "1", "--steps", str(seq + 1)], capsys)
+    assert_usage_error(code, err, "--steps", prog="dwdp-demo")  # too many for any prompt
+    most = demo.cpu_max_steps()
+    assert most == seq - demo.CPU_PROMPT_LENS[1] + 1
+    for steps in (most + 1, 10 * most):
+        code, out, err = run_main(demo.main, ["--cpu", "--ranks", "1", "--steps", str(steps)], capsys)
+        line = assert_usage_error(code, err, "--steps", prog="dwdp-demo")
+        assert f"at most {most} on the CPU path" in line and f"got {steps}" in line
+        assert out == ""
+    assert f"at most {most} on CPU" in _one_line(demo.build_parser().format_help())
+
+
+def test_demo_cpu_step_limit_is_exact_for_the_longest_prompt():
+    """cpu_max_steps() steps fit a prompt of the longest CPU length; one more does not (the reference model's own
+    check), so the limit refuses nothing that would have run."""
+    from dwdp_ops.models.deepseek_r1 import DeepSeekConfig, ReferenceModel, init_weights
+
+    cfg = DeepSeekConfig.tiny()
+    w = init_weights(cfg, 0)
+    prompt = [1] * demo.CPU_PROMPT_LENS[1]
+    tokens, _ = ReferenceModel(cfg, w).generate(prompt, demo.cpu_max_steps())
+    assert len(tokens) == demo.cpu_max_steps()
+    with pytest.raises(ValueError, match="exceeds max_seq_len"):
+        ReferenceModel(cfg, w).generate(prompt, demo.cpu_max_steps() + 1)
+
+
+@pytest.fixture
+def two_gpus(monkeypatch):
+    """The demo sees two GPUs; starting the ranks fails the test (every check must come before it)."""
+    monkeypatch.setattr(demo, "usable_gpus", lambda: (2, ""))
+    monkeypatch.setattr(demo, "run_gpu", lambda ns, gpus: pytest.fail("the GPU ranks started"))
+
+
+def test_demo_gpu_steps_are_bounded_by_r1_max_seq_len(two_gpus, capsys):
+    """On GPUs a request holds up to --max-len + --steps positions, at most R1's max_seq_len: more failed only in
+    the ranks, after the expert store was built; now a usage error before they start, in the demo and its worker."""
+    from dwdp_ops import demo_gpu
+    from dwdp_ops.models.deepseek_r1 import DeepSeekConfig
+
+    seq = DeepSeekConfig.r1().max_seq_len
+    most = seq - 4096
+    code, out, err = run_main(demo.main, ["--max-len", "4096", "--steps", str(most + 1)], capsys)
+    line = assert_usage_error(code, err, "--steps", prog="dwdp-demo")
+    assert f"at most {most} on GPUs" in line and str(seq) in line and out == ""
+    code, out, err = run_main(demo_gpu.main, ["--out", "/tmp/x.json", "--max-len", "4096", "--steps", str(most + 1)],
+                              capsys)
+    assert_usage_error(code, err, "--steps", prog="dwdp_ops.demo_gpu")
+    code, out, err = run_main(demo_gpu.main, ["--out", "/tmp/x.json", "--max-len", str(seq), "--steps", "1"], capsys)
+    assert_usage_error(code, err, "--max-len", prog="dwdp_ops.demo_gpu")
+    assert f"at most {seq} minus --max-len on GPUs" in _one_line(demo.build_parser().format_help())
+
+
+@pytest.mark.parametrize("value", ["59", "100"])
+def test_demo_moe_layers_are_bounded_by_r1(value, capsys):
+    """--moe-layers above R1's MoE layer count (58) passed parsing: ignored on CPU, an error only in the GPU ranks."""
+    from dwdp_ops import demo_gpu
+    from dwdp_ops.models.deepseek_r1 import DeepSeekConfig
+
+    most = DeepSeekConfig.r1().n_moe_layers
+    code, out, err = run_main(demo.main, ["--cpu", "--moe-layers", value], capsys)
+    line = assert_usage_error(code, err, "--moe-layers", prog="dwdp-demo")
+    assert f"[1, {most}]" in line and repr(value) in line and out == ""
+    code, out, err = run_main(demo_gpu.main, ["--out", "/tmp/x.json", "--moe-layers", value], capsys)
+    assert_usage_error(code, err, "--moe-layers", prog="dwdp_ops.demo_gpu")
+    assert demo_gpu.moe_layers_arg(str(most)) == demo_gpu.moe_layers_arg("all") == most
+
+
+def test_demo_cpu_names_the_gpu_options_it_did_not_use(capsys):
+    """GPU-only options are accepted on the CPU path (as --vocab, --policy, ... always were) but no longer silently:
+    the closing note names those given, and the help says so."""
+    base = ["--cpu", "--ranks", "1", "--prompts", "1", "--steps", "1", "--json"]
+    code, out, err = run_main(demo.main, base + ["--moe-layers", "2", "--policy", "dispatch"], capsys)
+    assert code == 0, err
+    assert json.loads(out)["note"].endswith("Not used on this path (GPU only): --moe-layers, --policy.")
+    code, out, err = run_main(demo.main, base, capsys)
+    assert code == 0, err
+    assert "Not used" not in json.loads(out)["note"]
+    assert "used only by the GPU demo" in _one_line(demo.build_parser().format_help())
+
+
 # ----------------------------------------------------------------------------------------------------- can-train
 @pytest.fixture
 def no_training(monkeypatch):

@@ -54,3 +54,48 @@ def test_agreeing_launchers_are_accepted():
 def test_bad_environment_is_named(env, match):
     with pytest.raises(ValueError, match=match):
         DistEnv.from_environ(env)
+
+
+# -- DWDP_TIMEOUT: one parser (env.timeout_from_environ) for init() and dispatch_nccl --------------------------------
+def test_timeout_default_variable_and_argument():
+    from dwdp_ops.env import DEFAULT_TIMEOUT, timeout_from_environ
+
+    assert timeout_from_environ(environ={}) == DEFAULT_TIMEOUT == 300.0
+    assert timeout_from_environ(environ={"DWDP_TIMEOUT": "  "}, default=7) == 7.0  # blank counts as unset
+    assert timeout_from_environ(environ={"DWDP_TIMEOUT": " 12.5 "}) == 12.5
+    assert timeout_from_environ(3, environ={"DWDP_TIMEOUT": "abc"}) == 3.0  # the argument wins, the variable is unread
+
+
+@pytest.mark.parametrize("raw", ["abc", "-1", "0", "nan", "inf", "1e999", "5s"])
+def test_bad_timeout_variable_is_named(raw):
+    from dwdp_ops.env import timeout_from_environ
+
+    with pytest.raises(ValueError, match=rf"DWDP_TIMEOUT='{raw}': expected a finite number of seconds > 0 "
+                                         r"\(unset it for the default 300\)"):
+        timeout_from_environ(environ={"DWDP_TIMEOUT": raw})
+
+
+@pytest.mark.parametrize("bad", [0, -1.5, float("nan"), float("inf"), "abc"])
+def test_bad_timeout_argument_is_named_as_the_argument(bad):
+    from dwdp_ops.env import timeout_from_environ
+
+    with pytest.raises(ValueError, match=r"^timeout must be > 0 seconds"):
+        timeout_from_environ(bad, environ={})
+
+
+def test_nccl_baseline_names_a_bad_timeout_variable_before_starting(monkeypatch):
+    """``dispatch_nccl.init_process_group_from_env`` reads DWDP_TIMEOUT through the same parser, before any group
+    starts (gloo, one rank: nothing would start anyway, but the message must name the variable)."""
+    pytest.importorskip("torch", reason="dispatch_nccl needs torch")
+    dist = pytest.importorskip("torch.distributed")
+    from dwdp_ops.dispatch_nccl import init_process_group_from_env
+
+    if dist.is_initialized():
+        pytest.skip("torch.distributed is already initialised in this process")
+    for k, v in dict(RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT="29531").items():
+        monkeypatch.setenv(k, v)
+    for raw in ("abc", "-1"):
+        monkeypatch.setenv("DWDP_TIMEOUT", raw)
+        with pytest.raises(ValueError, match=rf"DWDP_TIMEOUT='{raw}': expected a finite number of seconds > 0"):
+            init_process_group_from_env("gloo")
+        assert not dist.is_initialized()

@@ -138,6 +138,20 @@ def test_bad_heap_size_and_timeout():
         Runtime(FakeBackend()).init(environ={}, timeout=0)
 
 
+@pytest.mark.parametrize("raw", ["abc", "-1"])
+def test_bad_timeout_variable_is_named_before_anything_starts(monkeypatch, raw):
+    """DWDP_TIMEOUT goes through ``env.timeout_from_environ``: the error names the variable and its value (it said
+    "could not convert string to float" and "timeout must be > 0 seconds"), and no GPU call was made."""
+    monkeypatch.setenv("DWDP_TIMEOUT", raw)
+    be = FakeBackend()
+    with pytest.raises(ValueError, match=rf"DWDP_TIMEOUT='{raw}': expected a finite number of seconds > 0"):
+        Runtime(be).init(environ={})
+    assert be.calls == []
+    rt = Runtime(FakeBackend())
+    rt.init(environ={}, timeout=5)  # an explicit timeout does not read the variable
+    rt.finalize()
+
+
 def test_multi_rank_init_and_collective_allocation():
     def fn(rt, r):
         a = rt.symmetric_alloc(1 << 20, "a")

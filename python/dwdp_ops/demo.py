@@ -25,6 +25,17 @@ from .partition import ExpertPartition
 
 DEMO_DTYPES = ("bfloat16", "float8_e4m3fn")
 POLICIES = ("auto", "prefetch_all", "on_demand", "dispatch")
+CPU_PROMPT_LENS = (3, 16)  # shortest and longest prompt of the CPU path, in tokens (drawn uniformly per request)
+GPU_ONLY = "GPU:"  # the help of every option that only the GPU demo uses starts so; the CPU path reports them unused
+
+
+def cpu_max_steps() -> int:
+    """The most ``--steps`` the CPU path takes: ``ReferenceModel.generate(prompt, steps)`` feeds back all but the
+    last new token, so a request holds ``len(prompt) + steps - 1`` positions, at most the tiny config's
+    ``max_seq_len`` for the longest prompt (``CPU_PROMPT_LENS``)."""
+    from .models.deepseek_r1 import DeepSeekConfig
+
+    return DeepSeekConfig.tiny().max_seq_len - CPU_PROMPT_LENS[1] + 1
 
 
 def plan_report(ranks: int, dtype: str = "bfloat16") -> list[dict]:
@@ -45,18 +56,24 @@ def plan_report(ranks: int, dtype: str = "bfloat16") -> list[dict]:
 
 
 def run_cpu(ranks: int, prompts_per_rank: int, steps: int, seed: int, progress: bool) -> dict:
+    """Every rank's prompts (lengths in ``CPU_PROMPT_LENS``) through the tiny-config numpy reference, ``steps``
+    greedy tokens each; ``1 <= steps <= cpu_max_steps()`` (ValueError otherwise, before any work)."""
     from .models.deepseek_r1 import DeepSeekConfig, ReferenceModel, init_weights
 
+    if not 1 <= steps <= cpu_max_steps():
+        raise ValueError(f"steps must be in [1, {cpu_max_steps()}] (the tiny config's max_seq_len holds the longest "
+                         f"prompt, {CPU_PROMPT_LENS[1]} tokens, and steps - 1 more), got {steps}")
     cfg = DeepSeekConfig.tiny()
     weights = init_weights(cfg, seed)
     rng = np.random.default_rng(seed)
+    lo, hi = CPU_PROMPT_LENS
     results = []
     t0 = time.perf_counter()
     total = 0
     bar = tqdm(total=ranks * prompts_per_rank, desc="requests", disable=not progress)
     for r in range(ranks):
         for i in range(prompts_per_rank):
-            prompt = rng.integers(0, cfg.vocab_size, size=int(rng.integers(3, 17))).tolist()
+            prompt = rng.integers(0, cfg.vocab_size, size=int(rng.integers(lo, hi + 1))).tolist()
             tokens, _ = ReferenceModel(cfg, weights).generate(prompt, steps)
             total += len(prompt) + steps
             results.append({"rank": r, "request": i, "prompt_len": len(prompt), "tokens": tokens})
@@ -133,26 +150,32 @@ def print_gpu(rep: dict) -> None:
 
 
 def build_parser(prog: str = "dwdp-demo") -> argparse.ArgumentParser:
-    from .demo_gpu import moe_layers_arg
+    from .demo_gpu import max_steps, moe_layers_arg
     from .models.deepseek_r1 import DeepSeekConfig
 
     r1 = DeepSeekConfig.r1()
-    ap = argparse.ArgumentParser(prog=prog, description=plain(__doc__), formatter_class=HelpFormatter)
+    epilog = (f"Options marked '{GPU_ONLY}' are checked on every path but used only by the GPU demo;\n"
+              "the CPU path names those given in its closing note.")
+    ap = argparse.ArgumentParser(prog=prog, description=plain(__doc__), formatter_class=HelpFormatter, epilog=epilog)
     ap.add_argument("--ranks", type=divisor_of(r1.n_routed_experts, "DeepSeek-R1's routed experts"), default=4,
                     help=f"CPU path: ranks to plan for (simulated one after another); must divide "
                          f"{r1.n_routed_experts}, R1's routed experts")
     ap.add_argument("--prompts", type=positive_int, default=None,
                     help="requests per rank (default: 8 on GPUs, 2 on CPU)")
     ap.add_argument("--steps", type=positive_int, default=None,
-                    help="greedy steps per request (default: 16 on GPUs, 8 on CPU)")
+                    help=f"greedy steps per request (default: 16 on GPUs, 8 on CPU); at most {cpu_max_steps()} on CPU "
+                         f"(the tiny config's {DeepSeekConfig.tiny().max_seq_len} positions hold a prompt of up to "
+                         f"{CPU_PROMPT_LENS[1]} tokens and the steps), at most {max_steps(0)} minus --max-len on GPUs "
+                         "(R1's max_seq_len)")
     ap.add_argument("--seed", type=nonnegative_int, default=0, help="seed of the weights and the prompts")
     ap.add_argument("--dtype", choices=DEMO_DTYPES, default="float8_e4m3fn",
                     help="routed-expert dtype: the GPU model's experts (fp8: e4m3 bytes with rowwise scales, "
                          "requantised from the checkpoint's 128x128 blocks), or what the CPU fetch plan is sized for")
     ap.add_argument("--cpu", action="store_true", help="run the CPU path even where GPUs are present")
     ap.add_argument("--moe-layers", type=moe_layers_arg, default=None,
-                    help="GPU: MoE layers, or 'all' (R1's 58: the whole 61-layer model); default: as many as fit. The "
-                         "per-rank memory plan is printed first, and a count that does not fit is an error naming it")
+                    help=f"GPU: MoE layers, 1 to {r1.n_moe_layers}, or 'all' (R1's {r1.n_moe_layers}: the whole "
+                         f"{r1.n_layers}-layer model); default: as many as fit. The per-rank memory plan is printed "
+                         "first, and a count that does not fit is an error naming it")
     ap.add_argument("--vocab", type=positive_int, default=32768,
                     help=f"GPU: vocabulary cut, at most the real {r1.vocab_size}")
     ap.add_argument("--min-len", type=positive_int, default=1024, help="GPU: shortest prompt, in tokens")
@@ -182,23 +205,43 @@ def check_args(ap: argparse.ArgumentParser, ns: argparse.Namespace) -> None:
         ap.error(f"argument --vocab: expected at most {ns.max_vocab} (DeepSeek-R1's vocabulary), got {ns.vocab}")
 
 
+def check_path_args(ap: argparse.ArgumentParser, ns: argparse.Namespace, on_gpus: bool) -> None:
+    """Fills the path's defaults of ``--prompts`` and ``--steps`` and checks ``--steps`` against the path's longest
+    sequence (``cpu_max_steps()`` on CPU, ``demo_gpu.max_steps(--max-len)`` on GPUs); too many exit with code 2 and
+    one ``error:`` line naming the limit, before any work."""
+    from .demo_gpu import check_steps
+
+    ns.prompts = (8 if on_gpus else 2) if ns.prompts is None else ns.prompts
+    ns.steps = (16 if on_gpus else 8) if ns.steps is None else ns.steps
+    if on_gpus:
+        check_steps(ap, ns.steps, ns.max_len)
+    elif ns.steps > cpu_max_steps():
+        ap.error(f"argument --steps: expected at most {cpu_max_steps()} on the CPU path (the tiny config's "
+                 f"max_seq_len holds a prompt of up to {CPU_PROMPT_LENS[1]} tokens and steps - 1 more), got {ns.steps}")
+
+
+def unused_gpu_options(ap: argparse.ArgumentParser, ns: argparse.Namespace) -> list[str]:
+    """The GPU-only options (help starting with ``GPU_ONLY``) given a value other than their default: what the CPU
+    path leaves unused and says so."""
+    return [a.option_strings[0] for a in ap._actions
+            if (a.help or "").startswith(GPU_ONLY) and getattr(ns, a.dest) != a.default]
+
+
 def main(argv: list[str] | None = None, prog: str = "dwdp-demo") -> int:
     """Entry point of ``dwdp-demo`` and ``python -m dwdp_ops demo`` (which passes its own ``prog``)."""
     ap = build_parser(prog)
     ns = ap.parse_args(argv)
     check_args(ap, ns)
     gpus, why = usable_gpus()
-    if gpus >= 2 and not ns.cpu:
-        ns.prompts = 8 if ns.prompts is None else ns.prompts
-        ns.steps = 16 if ns.steps is None else ns.steps
+    on_gpus = gpus >= 2 and not ns.cpu
+    check_path_args(ap, ns, on_gpus)
+    if on_gpus:
         rep = run_gpu(ns, gpus)
         if ns.json:
             print(json.dumps(rep, indent=1))
         else:
             print_gpu(rep)
         return 0
-    ns.prompts = 2 if ns.prompts is None else ns.prompts
-    ns.steps = 8 if ns.steps is None else ns.steps
     report = {"gpus": gpus, "dtype": ns.dtype, "plans": plan_report(ns.ranks, ns.dtype)}
     report["cpu_reference"] = run_cpu(ns.ranks, ns.prompts, ns.steps, ns.seed, progress=not ns.json)
     if gpus == 1 and not ns.cpu:
@@ -209,6 +252,9 @@ def main(argv: list[str] | None = None, prog: str = "dwdp-demo") -> int:
     else:
         note = ("The DWDP kernels need NVIDIA GPUs (none usable here: " + why + "), so this ran the tiny "
                 "configuration on the numpy reference; with two or more GPUs the demo runs the real-dimension model.")
+    unused = unused_gpu_options(ap, ns)
+    if unused:
+        note += f" Not used on this path (GPU only): {', '.join(unused)}."
     report["note"] = note
     if ns.json:
         print(json.dumps(report, indent=1))

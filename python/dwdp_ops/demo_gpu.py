@@ -38,30 +38,54 @@ def plan_layers(cfg, world: int, requested: int | None, free_bytes: int, reserve
 
 
 def moe_layers_arg(text: str) -> int | None:
-    """``--moe-layers``: a count >= 1, or ``all`` (R1's 58)."""
-    if text == "all":
-        from dwdp_ops.models.deepseek_r1 import DeepSeekConfig
+    """``--moe-layers``: a count in ``[1, R1's MoE layers]`` (58), or ``all`` (that count). Checked at parse time:
+    a larger count would otherwise fail only after the ranks started."""
+    from dwdp_ops.models.deepseek_r1 import DeepSeekConfig
 
-        return DeepSeekConfig.r1().n_moe_layers
+    most = DeepSeekConfig.r1().n_moe_layers
+    if text == "all":
+        return most
+    expected = f"expected a count in [1, {most}] (DeepSeek-R1's MoE layers) or 'all'"
     try:
         v = int(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a count >= 1 or 'all', got {text!r}") from None
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"expected a count >= 1 or 'all', got {text!r}")
+        raise argparse.ArgumentTypeError(f"{expected}, got {text!r}") from None
+    if not 1 <= v <= most:
+        raise argparse.ArgumentTypeError(f"{expected}, got {text!r}")
     return v
+
+
+def max_steps(max_len: int) -> int:
+    """The most ``--steps`` with prompts of up to ``max_len`` tokens: the model holds ``max_len + steps`` positions
+    (``GpuModel``'s ``max_seq``), at most R1's ``max_seq_len``; < 1 when ``max_len`` alone leaves no room."""
+    from dwdp_ops.models.deepseek_r1 import DeepSeekConfig
+
+    return DeepSeekConfig.r1().max_seq_len - max_len
+
+
+def check_steps(ap: argparse.ArgumentParser, steps: int, max_len: int) -> None:
+    """``--steps`` against ``max_steps(--max-len)``: exits with code 2 and one ``error:`` line naming the limit, before
+    any rank initialises (the model would refuse it only after the store is built)."""
+    most = max_steps(max_len)
+    if most < 1:
+        ap.error(f"argument --max-len: expected at most {max_steps(0) - 1} (DeepSeek-R1's max_seq_len "
+                 f"{max_steps(0)} minus one step), got {max_len}")
+    if steps > most:
+        ap.error(f"argument --steps: expected at most {most} on GPUs (DeepSeek-R1's max_seq_len {max_steps(0)} "
+                 f"minus --max-len {max_len}), got {steps}")
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="dwdp_ops.demo_gpu")
     ap.add_argument("--moe-layers", type=moe_layers_arg, default=None,
-                    help="MoE layers, or 'all' (R1's 58); default: as many as fit. A count that does not fit is an "
-                         "error naming the memory plan, before anything is allocated")
+                    help="MoE layers, 1 to R1's 58, or 'all' (58); default: as many as fit. A count that does not fit "
+                         "is an error naming the memory plan, before anything is allocated")
     ap.add_argument("--vocab", type=int, default=32768)
     ap.add_argument("--prompts", type=int, default=4)
     ap.add_argument("--min-len", type=int, default=64)
     ap.add_argument("--max-len", type=int, default=1024)
-    ap.add_argument("--steps", type=int, default=16)
+    ap.add_argument("--steps", type=int, default=16,
+                    help=f"greedy steps per request; at most {max_steps(0)} (R1's max_seq_len) minus --max-len")
     ap.add_argument("--policy", default="auto", choices=["auto", "prefetch_all", "on_demand", "dispatch"])
     ap.add_argument("--dtype", default="float8_e4m3fn", choices=["bfloat16", "float8_e4m3fn"],
                     help="routed experts: bf16, or fp8 e4m3 with rowwise scales (requantised from 128x128 blocks)")
@@ -83,6 +107,7 @@ def main(argv: list[str] | None = None) -> int:
         ap.error("--compare-policy must differ from --policy")
     if ns.pairs < 1:
         ap.error("--pairs must be >= 1")
+    check_steps(ap, ns.steps, ns.max_len)
 
     import cupy as cp
     import torch

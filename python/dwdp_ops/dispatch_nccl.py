@@ -30,7 +30,7 @@ import os
 from dataclasses import dataclass
 from typing import Any
 
-from .env import DistEnv
+from .env import DistEnv, timeout_from_environ
 from .errors import DwdpError
 from .partition import ExpertPartition
 
@@ -53,11 +53,13 @@ def init_process_group_from_env(backend: str | None = None, timeout_s: float | N
     Rendezvous ``tcp://MASTER_ADDR:PORT`` with PORT = ``DWDP_NCCL_PORT`` when set, else ``MASTER_PORT + 1``
     (``MASTER_PORT`` itself is ``dwdp_ops.init``'s control plane; both can run in one job). Backend: ``backend``,
     else ``nccl`` when CUDA is available, else ``gloo``; with nccl the current CUDA device is set to ``LOCAL_RANK``.
-    Timeout: ``timeout_s``, else ``DWDP_TIMEOUT`` (default 300 s). Collective (every rank calls it). A group already
+    Timeout: ``timeout_s``, else ``DWDP_TIMEOUT`` (default 300 s; ``env.timeout_from_environ``, checked before
+    anything starts: a bad value raises ValueError naming it). Collective (every rank calls it). A group already
     initialised with this world is kept (returns at once); one with another world raises DwdpError.
     Returns this process's ``DistEnv``."""
     torch, dist = _torch()
     env = DistEnv.from_environ()
+    t = timeout_from_environ(timeout_s)  # before anything is touched; a bad DWDP_TIMEOUT is named
     raw = os.environ.get("DWDP_NCCL_PORT", "").strip()
     try:
         port = int(raw) if raw else env.master_port + 1
@@ -78,9 +80,6 @@ def init_process_group_from_env(backend: str | None = None, timeout_s: float | N
         if not torch.cuda.is_available():
             raise DwdpError("backend 'nccl' needs CUDA, but torch sees no GPU")
         torch.cuda.set_device(env.local_rank)
-    t = float(os.environ.get("DWDP_TIMEOUT", 300)) if timeout_s is None else float(timeout_s)
-    if t <= 0:
-        raise ValueError(f"timeout must be > 0 seconds, got {t}")
     dist.init_process_group(backend, init_method=f"tcp://{env.master_addr}:{port}", rank=env.rank,
                             world_size=env.world_size, timeout=_dt.timedelta(seconds=t))
     return env

@@ -8,6 +8,8 @@ Recognised launchers, in order:
     ``OMPI_COMM_WORLD_LOCAL_SIZE``;
   * none of them: a single process, rank 0 of 1.
 The rendezvous address is ``MASTER_ADDR`` (default 127.0.0.1) and ``MASTER_PORT`` (default 29531).
+``DWDP_TIMEOUT`` (seconds a collective waits, default 300) is parsed by ``timeout_from_environ`` for ``init()`` and
+``dispatch_nccl.init_process_group_from_env`` alike.
 
 Under ``torchrun`` (recognised by the ``TORCHELASTIC_*`` variables its agent sets, ``under_torchrun``),
 ``MASTER_ADDR:MASTER_PORT`` is where torchrun's own TCPStore listens; ``rendezvous.Rendezvous`` then asks that store
@@ -16,12 +18,15 @@ for the port of our control plane instead of listening there itself.
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 
 DEFAULT_MASTER_ADDR = "127.0.0.1"
 DEFAULT_MASTER_PORT = 29531
+DEFAULT_TIMEOUT = 300.0
+TIMEOUT_VAR = "DWDP_TIMEOUT"
 
 _TORCH = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE")
 _TORCHELASTIC = ("TORCHELASTIC_RUN_ID", "TORCHELASTIC_RESTART_COUNT", "TORCHELASTIC_USE_AGENT_STORE", "GROUP_RANK")
@@ -46,6 +51,33 @@ def _int(env: Mapping[str, str], name: str, default: int | None = None) -> int |
         return int(raw.strip())
     except ValueError:
         raise ValueError(f"environment variable {name}={raw!r} is not an integer") from None
+
+
+def timeout_from_environ(timeout: float | None = None, environ: Mapping[str, str] | None = None,
+                         default: float = DEFAULT_TIMEOUT) -> float:
+    """Seconds a collective waits: ``timeout`` when given, else ``DWDP_TIMEOUT`` (unset or blank: ``default``).
+    Invariant: the result is a finite number > 0. Otherwise ValueError names where the value came from: the
+    ``timeout`` argument, or ``DWDP_TIMEOUT=<value>`` with what is expected."""
+    if timeout is not None:
+        try:
+            t = float(timeout)
+        except (TypeError, ValueError):
+            raise ValueError(f"timeout must be > 0 seconds, got {timeout!r}") from None
+        if not (math.isfinite(t) and t > 0):
+            raise ValueError(f"timeout must be > 0 seconds and finite, got {timeout!r}")
+        return t
+    env = os.environ if environ is None else environ
+    raw = env.get(TIMEOUT_VAR)
+    if raw is None or raw.strip() == "":
+        return float(default)
+    try:
+        t = float(raw.strip())
+    except ValueError:
+        t = math.nan
+    if not (math.isfinite(t) and t > 0):
+        raise ValueError(f"environment variable {TIMEOUT_VAR}={raw!r}: expected a finite number of seconds > 0 "
+                         f"(unset it for the default {default:g})")
+    return t
 
 
 @dataclass(frozen=True)

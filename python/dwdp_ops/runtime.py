@@ -18,7 +18,8 @@ Invariants:
   * Every native call runs with this rank's device current and restores the caller's device (``_C``'s guard).
 
 Environment variables read here (set before ``init()``):
-  ``DWDP_TIMEOUT``   seconds any collective waits for the other ranks (default 300).
+  ``DWDP_TIMEOUT``   seconds any collective waits for the other ranks (default 300; ``env.timeout_from_environ``: a
+                     value that is not a finite number > 0 raises ValueError naming it).
   ``NVSHMEM_*``      passed through to NVSHMEM; ``init()`` sets these defaults when unset: ``NVSHMEM_DISABLE_NVLS=1``
                      (NVLink multicast stays off: it can take shared hosts' GPUs out of service), ``NVSHMEM_REMOTE_TRANSPORT=none`` (one node),
                      ``NVSHMEM_CUMEM_GRANULARITY=2097152`` (registered expert buffers of any 2 MiB multiple),
@@ -37,11 +38,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from ._native import native
-from .env import DistEnv
+from .env import DEFAULT_TIMEOUT, DistEnv, timeout_from_environ
 from .errors import DwdpError, RendezvousError
 from .rendezvous import Rendezvous
-
-DEFAULT_TIMEOUT = 300.0
 
 
 @dataclass
@@ -115,9 +114,7 @@ class Runtime:
                 "in one process; start a new process"
             )
         env = DistEnv.from_environ(environ)
-        timeout = float(os.environ.get("DWDP_TIMEOUT", DEFAULT_TIMEOUT)) if timeout is None else float(timeout)
-        if timeout <= 0:
-            raise ValueError(f"timeout must be > 0 seconds, got {timeout}")
+        timeout = timeout_from_environ(timeout, default=DEFAULT_TIMEOUT)  # names DWDP_TIMEOUT when it is bad
         heap = _parse_size(heap_size)
         dev = env.local_rank if device is None else int(device)
         args = _InitArgs(env.rank, env.world_size, env.local_rank, dev, heap, f"{env.master_addr}:{env.master_port}")
