@@ -5,8 +5,12 @@ mechanics, degenerate cases, the paper's GB200 setting, the command line and the
 from __future__ import annotations
 
 import copy
+import itertools
 import json
 import math
+import re
+import subprocess
+import sys
 from importlib import resources
 from pathlib import Path
 
@@ -109,6 +113,62 @@ def test_rank_iterations_and_workload_shapes():
         batch_requests([10, 0], 100)
     with pytest.raises(ValueError):
         batch_requests([10], 0)
+
+
+def test_batching_is_lazy_and_reads_only_up_to_the_request_that_closes_an_iteration():
+    """``iter_batches`` yields an iteration as soon as it is closed: the pieces of a long request come without reading
+    the request behind it, and nothing past the request that closed the k-th iteration is read."""
+    from dwdp_ops.sim.workload import iter_batches
+
+    def queue():
+        yield from (5000, 70000)
+        raise AssertionError("read past the request that closed the iterations asked for")
+
+    its = list(itertools.islice(iter_batches(queue(), 32768), 3))
+    assert [[(c.request, c.prefix, c.length, c.last) for c in it.chunks] for it in its] == [
+        [(0, 0, 5000, True)], [(1, 0, 32768, False)], [(1, 32768, 32768, False)]]
+    endless = iter_batches(itertools.repeat(1 << 40), 1)  # one request of 2^40 tokens: pieces of 1, built lazily
+    assert [it.tokens for it in itertools.islice(endless, 4)] == [1, 1, 1, 1]
+    with pytest.raises(ValueError, match="max_tokens"):  # checked when called, not when first read
+        iter_batches([10], 0)
+
+
+def test_draws_are_the_same_values_whatever_the_block_size():
+    """``rank_iterations`` draws in blocks of at most ``DRAW_BLOCK_MAX``: numpy gives one stream for one call of n or
+    several calls adding up to n, so the queues are those of a single draw."""
+    for src in (dict(ratio=0.8), dict(ratio=0.05), dict(cv=0.3), dict(cv=5.0)):
+        one = request_lengths(3000, 8192, rng=np.random.default_rng([4, 1]), **src)
+        rng = np.random.default_rng([4, 1])
+        parts = np.concatenate([request_lengths(n, 8192, rng=rng, **src) for n in (1, 63, 1000, 7, 1929)])
+        assert np.array_equal(one, parts), src
+
+
+@pytest.mark.parametrize("args, tokens, chunks, last", [
+    # max(64, iterations (max_tokens // isl + 2)) > DRAW_BLOCK_MAX: drawn in several blocks now, in one before;
+    # the fingerprints were taken with the single-draw code
+    ((0, 40, 100, 32768, dict(cv=0.5), 3), 1308661, 13036, (13035, 0, 52, True)),
+    ((1, 64, 8, 8192, dict(ratio=0.3), 0), 524127, 95347, (95346, 0, 8, True)),
+])
+def test_block_draws_leave_the_queues_bit_identical(args, tokens, chunks, last):
+    rank, iterations, isl, budget, src, seed = args
+    its = rank_iterations(rank, iterations, isl, budget, seed=seed, **src)
+    assert len(its) == iterations
+    assert sum(it.tokens for it in its) == tokens and sum(len(it.chunks) for it in its) == chunks
+    c = its[-1].chunks[-1]
+    assert (c.request, c.prefix, c.length, c.last) == last
+
+
+def test_a_long_request_cut_into_many_pieces_is_fast():
+    """ISL 2^20 (the bound) with a budget of 1 token: every request is 2^20 pieces; only the 2 iterations asked for
+    are built (the whole first draw of 64 requests, 2^26 iterations, was built before)."""
+    cmd = [sys.executable, "-m", "dwdp_ops", "sim", "--isl", str(1 << 20), "--max-tokens", "1", "--iterations", "2",
+           "--layers", "1", "--json"]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=30, cwd=ROOT)
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["workload"]["tokens_per_iteration"] == 1.0
+    w = workload(2, 3, 1 << 20, 1, cv=0.0)
+    assert [[(c.prefix, c.length, c.last) for c in it.chunks] for it in w[0]] == [[(0, 1, False)], [(1, 1, False)],
+                                                                                  [(2, 1, False)]]
 
 
 # ----------------------------------------------------------------------------------------------------------- costs
@@ -444,6 +504,19 @@ def test_bad_configs_are_refused(kw):
         small(**kw)
 
 
+@pytest.mark.parametrize("kw, message", [
+    (dict(isl=(1 << 20) + 1), "isl must be at most 1048576"),
+    (dict(max_tokens=(1 << 20) + 1, isl=8192), "max_tokens must be at most 1048576"),
+    (dict(max_tokens=10**14), "max_tokens must be at most 1048576"),
+    (dict(isl=4, max_tokens=8192), "max_tokens must be at most 1024 x isl"),
+])
+def test_configs_above_the_bounds_are_refused_before_any_draw(kw, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        SimConfig(**kw)
+    SimConfig(isl=1 << 20, max_tokens=1 << 20)  # the bounds themselves are allowed
+    SimConfig(isl=4, max_tokens=4096)
+
+
 def test_gb200_paper_setting_runs_and_reports_against_the_paper():
     r = simulate(SimConfig(hardware="gb200", gpus=4, isl=8192, ratio=0.8, max_tokens=32768, layers=61))
     p = paper_comparison(r)
@@ -541,6 +614,84 @@ def test_validate_e2e_uses_the_benchmarks_workload_and_categories(capsys):
         validate_e2e(dict(sub, dtype="float8_e4m3fn"))
     code, out, err = run_main(["--validate", str(E2E)], capsys)
     assert code == 0 and "within 10 %" in out, err
+
+
+E2E_FP8 = RESULTS / "e2e_dwdp_vs_dep_H200_N2_fp8.json"
+H200_FILE = ROOT / "python" / "dwdp_ops" / "sim" / "calibration" / "h200.json"
+
+
+@pytest.mark.skipif(not E2E_FP8.is_file(), reason="bench/results not here")
+def test_validate_e2e_refuses_other_expert_bytes_by_the_calibrations_contents(tmp_path, capsys):
+    """The check compares the calibration's expert bytes per parameter with the result's dtype, whatever the
+    profile's name or path: the shipped h200.json by path, or renamed, is still bf16; an fp8 calibration is taken."""
+    data = json.loads(E2E_FP8.read_text())
+    sub = dict(data, points=data["points"][:2])
+    cal = load_calibration("h200")
+    renamed = tmp_path / "mine.json"
+    renamed.write_text(json.dumps(dict(cal, hardware="mine")))
+    for hw in ("h200", str(H200_FILE), str(renamed)):
+        with pytest.raises(ValueError, match="bf16 experts"):
+            validate_e2e(sub, hardware=hw)
+    code, out, err = run_main(["--validate", str(E2E_FP8), "--calibration", str(H200_FILE)], capsys)
+    errors = [line for line in err.splitlines() if "error:" in line]
+    assert code == 2 and out == "" and len(errors) == 1 and "float8_e4m3fn" in errors[0], err
+    fp8 = tmp_path / "fp8.json"
+    fp8.write_text(json.dumps(dict(cal, weights=dict(cal["weights"], expert_bytes=cal["weights"]["expert_bytes"] // 2,
+                                                     param_bytes=1))))
+    assert len(validate_e2e(sub, hardware=str(fp8))["points"]) == 2
+    no_pb = tmp_path / "no_param_bytes.json"  # derived from expert_bytes: 88080384 / (3 x 7168 x 2048) = 2
+    no_pb.write_text(json.dumps(dict(cal, weights={k: v for k, v in cal["weights"].items() if k != "param_bytes"})))
+    with pytest.raises(ValueError, match="bf16 experts"):
+        validate_e2e(sub, hardware=str(no_pb))
+    with pytest.raises(ValueError, match="nvfp4 experts"):  # gb200 (NVFP4) against a bf16 result
+        validate_e2e(dict(sub, dtype="bfloat16"), hardware="gb200")
+
+
+def _malformed(data: dict, what: str) -> dict:
+    p0, rec = data["points"][0], data["records"][0]
+    cats = rec["modes"]["dwdp"]["categories_ms"]
+    base = {k: data[k] for k in ("dtype", "warmup", "isl", "seed", "iterations")}
+    return {
+        "record int": dict(base, points=[p0], records=[5]),
+        "records object": dict(base, points=[p0], records={"a": 1}),
+        "record modes int": dict(base, points=[p0], records=[dict(rec, modes=5)]),
+        "category missing": dict(base, points=[p0], records=[dict(rec, modes={"dwdp": {"categories_ms": {
+            k: v for k, v in cats.items() if k != "attn_ms"}}})]),
+        "category inf": dict(base, points=[p0], records=[dict(rec, modes={"dwdp": {"categories_ms": dict(
+            cats, step_ms=float("inf"))}})]),
+        "point int": dict(base, points=[5]),
+        "second point int": dict(base, points=[p0, "x"]),
+        "iteration inf": dict(base, points=[dict(p0, iteration_ms=float("inf"))]),
+        "tps nan": dict(base, points=[dict(p0, tps_per_gpu=float("nan"))]),
+        "max_tokens text": dict(base, points=[dict(p0, max_tokens="16384")]),
+        "owner_load int": dict(base, points=[dict(p0, owner_load=3)]),
+        "warmup text": dict(base, points=[p0], warmup="x"),
+    }[what]
+
+
+@pytest.mark.skipif(not E2E.is_file(), reason="bench/results not here")
+@pytest.mark.parametrize("what, message", [
+    ("record int", "records[0] must be an object"), ("records object", "'records' must be a list"),
+    ("record modes int", "records[0].modes must be an object"),
+    ("category missing", "records[0].modes.dwdp.categories_ms lacks attn_ms"),
+    ("category inf", "records[0].modes.dwdp.categories_ms.step_ms must be a finite number"),
+    ("point int", "measured point 0 must be an object"), ("second point int", "measured point 1 must be an object"),
+    ("iteration inf", "measured point 0: measured iteration_ms must be a finite number > 0"),
+    ("tps nan", "measured point 0: measured tps_per_gpu must be a finite number > 0"),
+    ("max_tokens text", "measured point 0: max_tokens must be an integer"),
+    ("owner_load int", "measured point 0: owner_load must be a list"),
+    ("warmup text", "warmup must be an integer >= 0"),
+])
+def test_cli_malformed_validation_files_exit_2_naming_the_part(what, message, tmp_path, capsys):
+    path = tmp_path / "e2e.json"
+    # json.dumps writes inf / nan as Infinity / NaN, which json.loads reads back as float("inf") / float("nan"),
+    # as it reads 1e400
+    path.write_text(json.dumps(_malformed(json.loads(E2E.read_text()), what)).replace("Infinity", "1e400"))
+    code, out, err = run_main(["--validate", str(path)], capsys)
+    assert code == 2 and out == "" and "Traceback" not in err
+    errors = [line for line in err.splitlines() if "error:" in line]
+    assert len(errors) == 1 and errors[0].startswith("python -m dwdp_ops sim: error: argument --validate: "), err
+    assert message in errors[0], errors[0]
 
 
 # ------------------------------------------------------------------------------------------------------------- CLI
@@ -666,3 +817,100 @@ def test_cli_owner_load_errors(extra, message, capsys):
     with pytest.raises(SystemExit) as e:
         main(["--gpus", "2", *extra])
     assert e.value.code == 2 and message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv, option, bound", [
+    (["--max-tokens", "100000000000000"], "--max-tokens", "[1, 1048576]"),
+    (["--max-tokens", "10000000000"], "--max-tokens", "[1, 1048576]"),
+    (["--max-tokens", "1048577"], "--max-tokens", "[1, 1048576]"),
+    (["--isl", "10000000", "--max-tokens", "1", "--iterations", "1"], "--isl", "[1, 1048576]"),
+    (["--isl", "4", "--max-tokens", "8192"], "--max-tokens", "1024 x --isl (4096"),
+    (["--isl", "16", "--max-tokens", "16384", "--sweep"], "--max-tokens", "1024 x --isl (16384"),
+])
+def test_cli_isl_and_max_tokens_have_upper_bounds(argv, option, bound, capsys):
+    """Parsed and checked only (``check_args``): nothing is drawn, so a value the bound misses fails here at once."""
+    ap = cli.build_parser()
+    with pytest.raises(SystemExit) as e:
+        cli.check_args(ap, ap.parse_args(argv))
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if "error:" in line]
+    assert e.value.code == 2 and len(errors) == 1, err
+    assert f"argument {option}: " in errors[0] and bound in errors[0], errors[0]
+    for good in (["--isl", "1048576", "--max-tokens", "1048576"], ["--isl", "4", "--max-tokens", "4096"]):
+        cli.check_args(ap, ap.parse_args(good))
+    assert "at most 1048576" in ap.format_help()
+
+
+@pytest.mark.parametrize("extra, option", [
+    (["--plot", "PLOT"], "--plot"), (["--sweep"], "--sweep"), (["--gpus", "8"], "--gpus"),
+    (["--gpus", "2"], "--gpus"),  # its default, given explicitly: still not used
+    (["--cv", "0.3"], "--cv"), (["--ratio", "0.8"], "--ratio"), (["--isl", "8192"], "--isl"),
+    (["--max-tokens", "16384"], "--max-tokens"), (["--layers", "5"], "--layers"),
+    (["--dense-layers", "1"], "--dense-layers"), (["--iterations", "4"], "--iterations"), (["--seed", "0"], "--seed"),
+])
+def test_cli_validate_refuses_the_options_it_does_not_use(extra, option, tmp_path, capsys):
+    f = tmp_path / "e2e.json"
+    f.write_text("{}")
+    extra = [str(tmp_path / "x.png") if x == "PLOT" else x for x in extra]
+    code, out, err = run_main(["--validate", str(f), *extra], capsys)
+    errors = [line for line in err.splitlines() if "error:" in line]
+    assert code == 2 and out == "" and len(errors) == 1, err
+    assert "argument --validate: not with " in errors[0] and option in errors[0], errors[0]
+    assert not (tmp_path / "x.png").exists()
+
+
+@pytest.mark.skipif(not E2E.is_file(), reason="bench/results not here")
+def test_cli_validate_takes_the_profile_options_and_json(tmp_path, capsys):
+    data = json.loads(E2E.read_text())
+    f = tmp_path / "e2e.json"
+    f.write_text(json.dumps(dict(data, points=data["points"][:2])))
+    code, out, err = run_main(["--validate", str(f), "--hardware", "h200", "--calibration", str(H200_FILE), "--json",
+                               "--fetch-gbps", "300", "--rank-slowdown", "0"], capsys)
+    assert code == 0, err
+    assert len(json.loads(out)["points"]) == 2
+
+
+# ------------------------------------------------------------------------------------------------------------ docs
+DOC = ROOT / "docs" / "simulator.md"
+
+
+def _doc_validation_rows(v: dict) -> list[str]:
+    """``validate_e2e``'s points as the rows of docs/simulator.md's validation tables."""
+    rows = []
+    for p in v["points"]:
+        name = f"cv {p['cv']:g}" if "cv" in p else f"ratio {p['ratio']:g}"
+        mc, pc = p["measured_categories_ms"], p["predicted_categories_ms"]
+        cells = " | ".join(f"{mc[c]:.1f} / {pc[c]:.1f}" for c in ("attn", "experts", "other", "comm", "sync_wait"))
+        rows.append(f"| {p['max_tokens']} | {name} | {p['mode'].upper()} | {p['iteration_ms']:.1f} / "
+                    f"{p['predicted_iteration_ms']:.1f} ({100 * p['rel_err_iteration_ms']:+.1f} %) | "
+                    f"{p['tps_per_gpu']:.0f} / {p['predicted_tps_per_gpu']:.0f} ({100 * p['rel_err_tps_per_gpu']:+.1f} %)"
+                    f" | {cells} | {'yes' if p['within_tolerance'] else '**no**'} |")
+    return rows
+
+
+def test_docs_quote_what_the_simulator_prints():
+    """The figures of docs/simulator.md that its commands print: the H200 latency changes, the GB200 table's
+    iteration and overlapped copy, and each validation table, under the command that prints it."""
+    doc = DOC.read_text()
+    m = re.search(r"DWDP / DEP - 1: \*\*(\S+) % \(N = 2\), (\S+) % \(N = 4\), (\S+) % \(N = 8\)\*\*", doc)
+    assert m, "the H200 latency sentence"
+    for n, quoted in zip((2, 4, 8), m.groups()):
+        r = simulate(SimConfig(hardware="h200", gpus=n, isl=8192, ratio=0.8, max_tokens=32768, layers=61))
+        assert quoted == f"{100 * r['iteration_latency_change']:.1f}", n
+    g = simulate(SimConfig(hardware="gb200", gpus=4, isl=8192, ratio=0.8, max_tokens=32768, layers=61))
+    assert (f"| **iteration** | **1319.85** | **{g['dep']['iteration_ms']:.1f}** | **1131.58** | "
+            f"**{g['dwdp']['iteration_ms']:.1f}** |") in doc
+    assert f"| overlapped copy | 0 | 0 | 429.00 | {g['dwdp']['overlapped_copy_ms']:.1f} |" in doc
+    assert "differ by < 1 %" not in doc
+    for name in ("e2e_dwdp_vs_dep_H200_N2_first_run.json", "e2e_dwdp_vs_dep_H200_N2.json"):
+        path = RESULTS / name
+        if not path.is_file():
+            continue
+        command = f"`python -m dwdp_ops sim --validate bench/results/{name}`"
+        captions = [i.start() for i in re.finditer(re.escape(command), doc)
+                    if doc.find("| budget |", i.start()) - i.start() < 400]  # the command right above a table
+        assert len(captions) == 1, name
+        start = doc.index("| --- |", captions[0])
+        table = [line for line in doc[start:].split("\n\n")[0].splitlines()[1:]]
+        assert table == _doc_validation_rows(validate_e2e(json.loads(path.read_text()))), name
+

@@ -15,21 +15,25 @@ comparison with the paper's GB200 context-only result.
               ``other`` (dense MLPs, shared expert + router, MoE-layer others, LM head), ``comm``, ``sync_wait``,
               ``wait`` (exposed fetch), ``step`` (their sum: the mean step of a rank).
 ``validate_e2e``  ``validate`` on an e2e result file's ``points``, with each point's measured categories (from the
-              file's ``records``) next to ``e2e_categories`` of the prediction.
+              file's ``records``) next to ``e2e_categories`` of the prediction; a calibration of other expert bytes
+              per parameter than the file's ``dtype`` is refused, and so is a malformed file (ValueError naming the
+              point or record).
 ``paper_comparison``  the paper's Table 3 next to a prediction of its setting (GB200, N=4, ISL 8K, ratio 0.8, 32768
               tokens, 61 layers).
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Sequence
 
-from .costs import CATEGORIES, Overrides
+from ..models.deepseek_r1.config import DeepSeekConfig
+from .costs import CATEGORIES, Overrides, load_calibration
 from .model import SimConfig, simulate
 from .paper import PAPER
 
-__all__ = ["E2E_CATEGORIES", "e2e_categories", "is_paper_setting", "paper_comparison", "sweep", "validate",
-           "validate_e2e", "validation_table"]
+__all__ = ["DTYPE_PARAM_BYTES", "E2E_CATEGORIES", "calibration_param_bytes", "e2e_categories", "is_paper_setting",
+           "paper_comparison", "sweep", "validate", "validate_e2e", "validation_table"]
 
 
 def _row(res: dict, setting: dict) -> dict:
@@ -65,26 +69,40 @@ def sweep(hardware: str = "h200", gpus: int = 2, *, isl: int = 8192, cvs: Sequen
     return rows
 
 
-def _point_config(p: dict, defaults: dict) -> SimConfig:
+def _finite(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _point_config(p, defaults: dict, where: str) -> SimConfig:
+    """``where``: how an error names the point (``measured point 3``)."""
+    if not isinstance(p, dict):
+        raise ValueError(f"{where} must be an object (mode, N, cv or ratio, max_tokens, iteration_ms, tps_per_gpu), "
+                         f"got {type(p).__name__} {p!r}")
     missing = [k for k in ("mode", "max_tokens", "iteration_ms", "tps_per_gpu") if k not in p]
     if "N" not in p and "gpus" not in p:
         missing.append("N")
     if ("cv" in p) == ("ratio" in p):
         missing.append("exactly one of cv and ratio")
     if missing:
-        raise ValueError(f"measured point {p!r} lacks {', '.join(missing)}")
+        raise ValueError(f"{where} {p!r} lacks {', '.join(missing)}")
     if p["mode"] not in ("dwdp", "dep"):
-        raise ValueError(f"measured point mode must be 'dwdp' or 'dep', got {p['mode']!r}")
+        raise ValueError(f"{where}: mode must be 'dwdp' or 'dep', got {p['mode']!r}")
     for k in ("iteration_ms", "tps_per_gpu"):
-        if not isinstance(p[k], (int, float)) or not p[k] > 0:
-            raise ValueError(f"measured point {k} must be a number > 0, got {p[k]!r}")
+        if not _finite(p[k]) or not p[k] > 0:
+            raise ValueError(f"{where}: measured {k} must be a finite number > 0, got {p[k]!r}")
     kw = dict(defaults)
     for k in ("isl", "layers", "dense_layers", "seed", "iterations", "warmup", "hardware"):
         if k in p:
             kw[k] = p[k]
     ol = p.get("owner_load")
-    return SimConfig(gpus=p.get("N", p.get("gpus")), cv=p.get("cv"), ratio=p.get("ratio"),
-                     max_tokens=p["max_tokens"], owner_load=None if ol is None else tuple(float(x) for x in ol), **kw)
+    if ol is not None and (not isinstance(ol, list) or not all(_finite(x) for x in ol)):
+        raise ValueError(f"{where}: owner_load must be a list of numbers (one per GPU), got {ol!r}")
+    try:
+        return SimConfig(gpus=p.get("N", p.get("gpus")), cv=p.get("cv"), ratio=p.get("ratio"),
+                         max_tokens=p["max_tokens"], owner_load=None if ol is None else tuple(float(x) for x in ol),
+                         **kw)
+    except (ValueError, TypeError) as e:
+        raise ValueError(f"{where}: {e}") from None
 
 
 def validate(measured_points: Iterable[dict], *, hardware: str = "h200", isl: int = 8192, layers: int = 61,
@@ -94,13 +112,14 @@ def validate(measured_points: Iterable[dict], *, hardware: str = "h200", isl: in
     ``predicted_iteration_ms`` (the slowest rank's, as the benchmark measures it), ``predicted_tps_per_gpu``,
     ``rel_err_iteration_ms``, ``rel_err_tps_per_gpu``, ``within_tolerance``, ``predicted_categories_ms``
     (``e2e_categories``)), ``max_abs_rel_err`` and ``all_within``. Settings shared by several points are simulated
-    once."""
+    once. A point that is not an object, lacks a field, or has a measured figure that is not a finite number > 0
+    raises ValueError naming the point (``measured point i``, counted from 0) and the field."""
     defaults = dict(hardware=hardware, isl=isl, layers=layers, dense_layers=dense_layers, seed=seed,
                     iterations=iterations, overrides=overrides or Overrides())
     cache: dict[SimConfig, dict] = {}
     out = []
-    for p in measured_points:
-        cfg = _point_config(p, defaults)
+    for i, p in enumerate(measured_points):
+        cfg = _point_config(p, defaults, f"measured point {i}")
         if cfg not in cache:
             cache[cfg] = simulate(cfg)
         pred = cache[cfg][p["mode"]]
@@ -136,11 +155,74 @@ def e2e_categories(mode_result: dict) -> dict:
     return out
 
 
-def _measured_categories(record: dict, mode: str) -> dict:
-    c = record["modes"][mode]["categories_ms"]
-    return {"attn": c["attn_ms"], "experts": c["experts_ms"], "other": c["other_ms"], "comm": c["comm_ms"],
-            "sync_wait": c["sync_wait_ms"], "wait": c["wait_ms"], "step": c["step_ms"],
-            "overlapped_copy": c.get("copy_ms", 0.0)}
+# the benchmark's name of each e2e category in a record's ``categories_ms`` (``copy_ms``, optional, is reported
+# next to them as ``overlapped_copy``)
+_MEASURED = {"attn": "attn_ms", "experts": "experts_ms", "other": "other_ms", "comm": "comm_ms",
+             "sync_wait": "sync_wait_ms", "wait": "wait_ms", "step": "step_ms"}
+
+# bytes per expert-weight parameter of each expert dtype that ``bench/e2e_dwdp_vs_dep.py`` runs (its ``dtype``)
+DTYPE_PARAM_BYTES = {"bfloat16": 2.0, "float8_e4m3fn": 1.0}
+_BYTES_NAME = {2.0: "bf16", 1.0: "fp8", 0.5625: "nvfp4"}
+
+
+def calibration_param_bytes(cal: dict) -> float:
+    """Bytes per expert-weight parameter that a calibration was measured (or assumed) with: its
+    ``weights.param_bytes``, or, for a file without one, ``weights.expert_bytes`` over the parameters of one
+    DeepSeek-R1 expert (3 x hidden x moe_inter_dim)."""
+    w = cal["weights"]
+    if "param_bytes" in w:
+        if not _finite(w["param_bytes"]) or not w["param_bytes"] > 0:
+            raise ValueError(f"the calibration's weights.param_bytes must be a finite number > 0, "
+                             f"got {w['param_bytes']!r}")
+        return float(w["param_bytes"])
+    r1 = DeepSeekConfig.r1()
+    return float(w["expert_bytes"]) / (3 * r1.dim * r1.moe_inter_dim)
+
+
+def _check_dtype(result: dict, hardware: str) -> None:
+    """A calibration of other expert weights than the result's (e.g. bf16 against fp8) is refused, whatever its name
+    or path: the bytes per parameter of the calibration against those of the result's ``dtype``."""
+    dtype = result.get("dtype", "bfloat16")
+    if not isinstance(dtype, str) or dtype not in DTYPE_PARAM_BYTES:
+        raise ValueError(f"the result's dtype must be one of {', '.join(DTYPE_PARAM_BYTES)}, got {dtype!r}")
+    want = DTYPE_PARAM_BYTES[dtype]
+    have = calibration_param_bytes(load_calibration(hardware))
+    if abs(have - want) > 1e-9:
+        name = _BYTES_NAME.get(have, f"{have:g}-byte")
+        raise ValueError(f"the calibration {hardware!r} is of {name} experts ({have:g} B per parameter); this "
+                         f"result has {dtype} experts ({want:g} B per parameter): use a calibration measured with "
+                         f"{dtype} experts")
+
+
+def _check_records(records) -> list[dict]:
+    """A result's ``records`` (absent or null: none) checked for the types the matching reads: a list of objects,
+    each ``modes`` (if present) an object of objects."""
+    if records is None:
+        return []
+    if not isinstance(records, list):
+        raise ValueError(f"the result's 'records' must be a list of objects, got {type(records).__name__}")
+    for j, r in enumerate(records):
+        if not isinstance(r, dict):
+            raise ValueError(f"records[{j}] must be an object (budget, dist, modes), got {type(r).__name__} {r!r}")
+        modes = r.get("modes", {})
+        if not isinstance(modes, dict) or not all(isinstance(m, dict) for m in modes.values()):
+            raise ValueError(f"records[{j}].modes must be an object of one object per mode, got {modes!r}")
+    return records
+
+
+def _measured_categories(record: dict, mode: str, where: str) -> dict:
+    """``where``: how an error names the record's mode (``records[3].modes.dwdp``)."""
+    c = record["modes"][mode].get("categories_ms")
+    if not isinstance(c, dict):
+        raise ValueError(f"{where}.categories_ms must be an object, got {c!r}")
+    missing = [k for k in _MEASURED.values() if k not in c]
+    if missing:
+        raise ValueError(f"{where}.categories_ms lacks {', '.join(missing)}")
+    out = {cat: c[key] for cat, key in _MEASURED.items()} | {"overlapped_copy": c.get("copy_ms", 0.0)}
+    for cat, key in (*_MEASURED.items(), ("overlapped_copy", "copy_ms")):
+        if not _finite(out[cat]):
+            raise ValueError(f"{where}.categories_ms.{key} must be a finite number, got {out[cat]!r}")
+    return out
 
 
 def validate_e2e(result: dict, *, hardware: str = "h200", tolerance: float = 0.10,
@@ -148,22 +230,34 @@ def validate_e2e(result: dict, *, hardware: str = "h200", tolerance: float = 0.1
     """``validate`` on the ``points`` of a ``bench/e2e_dwdp_vs_dep.py`` result (its JSON as a dict), each point
     simulated with the benchmark's iterations after its ``warmup`` (the same draws: the benchmark uses
     ``sim.workload``), plus ``measured_categories_ms`` from the matching record (budget, distribution, mode). A
-    bf16 profile against an fp8 result is refused."""
+    calibration whose expert weights have other bytes per parameter than the result's ``dtype`` (e.g. a bf16
+    profile against an fp8 result) is refused, by its contents, not its name. Every malformed part (a point or
+    record that is not an object, a missing field or category, a measured value that is not a finite number)
+    raises ValueError naming it (``measured point i``, ``records[j]``, counted from 0)."""
     if not isinstance(result, dict) or not isinstance(result.get("points"), list) or not result["points"]:
         raise ValueError("an e2e result needs a non-empty 'points' list (bench/e2e_dwdp_vs_dep.py's output)")
-    if hardware == "h200" and result.get("dtype", "bfloat16") != "bfloat16":
-        raise ValueError(f"the h200 profile is calibrated with bf16 experts; this result has {result['dtype']} "
-                         "experts (no fp8 profile yet)")
-    warmup = int(result.get("warmup", 0))
+    for i, p in enumerate(result["points"]):
+        if not isinstance(p, dict):
+            raise ValueError(f"measured point {i} must be an object (mode, N, cv or ratio, max_tokens, "
+                             f"iteration_ms, tps_per_gpu), got {type(p).__name__} {p!r}")
+        if "hardware" in p and not isinstance(p["hardware"], str):
+            raise ValueError(f"measured point {i}: hardware must be a profile name or calibration path, "
+                             f"got {p['hardware']!r}")
+    for hw in dict.fromkeys([hardware] + [p["hardware"] for p in result["points"] if "hardware" in p]):
+        _check_dtype(result, hw)
+    warmup = result.get("warmup", 0)
+    if isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < 0:
+        raise ValueError(f"the result's warmup must be an integer >= 0, got {warmup!r}")
+    records = _check_records(result.get("records"))
     points = [{"warmup": warmup, **p} for p in result["points"]]
     v = validate(points, hardware=hardware, tolerance=tolerance, overrides=overrides)
-    records = result.get("records") or []
     for p in v["points"]:
         dist = {k: p[k] for k in ("cv", "ratio") if k in p}
-        rec = next((r for r in records if r.get("budget") == p["max_tokens"] and r.get("dist") == dist
-                    and p["mode"] in r.get("modes", {})), None)
-        if rec is not None:
-            p["measured_categories_ms"] = _measured_categories(rec, p["mode"])
+        j = next((j for j, r in enumerate(records) if r.get("budget") == p["max_tokens"] and r.get("dist") == dist
+                  and p["mode"] in r.get("modes", {})), None)
+        if j is not None:
+            where = f"records[{j}].modes.{p['mode']}"
+            p["measured_categories_ms"] = _measured_categories(records[j], p["mode"], where)
     return v
 
 

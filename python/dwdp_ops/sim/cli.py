@@ -16,10 +16,10 @@ import json
 import math
 import sys
 
-from .._cli import HelpFormatter, existing_file, nonnegative_int, plain, positive_float, positive_int, writable_path
+from .._cli import HelpFormatter, existing_file, nonnegative_int, plain, positive_float, writable_path
 from .analysis import is_paper_setting, paper_comparison, sweep, validate_e2e, validation_table
 from .costs import CATEGORIES, PROFILES, Overrides
-from .model import SimConfig, simulate
+from .model import MAX_ISL, MAX_REQUESTS_PER_ITERATION, MAX_TOKENS, SimConfig, simulate
 from .plot import MISSING, have_matplotlib, plot
 
 __all__ = ["build_parser", "main"]
@@ -61,14 +61,18 @@ def build_parser(prog: str = "python -m dwdp_ops sim") -> argparse.ArgumentParse
                     help="a calibration JSON file to use instead of --hardware's (schema: docs/simulator.md)")
     ap.add_argument("--gpus", type=_bounded_int(1, 256, "GPUs of one DWDP / DEP group, at most one expert each"),
                     default=2, help="group size N")
-    ap.add_argument("--isl", type=positive_int, default=8192, help="input sequence length: the longest (--ratio) or "
-                                                                   "mean (--cv) request, tokens")
+    ap.add_argument("--isl", type=_bounded_int(1, MAX_ISL, "tokens per request"), default=8192,
+                    help=f"input sequence length: the longest (--ratio) or mean (--cv) request, tokens (at most "
+                         f"{MAX_ISL})")
     src = ap.add_mutually_exclusive_group()
     src.add_argument("--ratio", type=_float_in(0.0, 1.0, True, "(0, 1]"), default=None,
                      help="request lengths uniform in [RATIO x ISL, ISL] (default when neither is given: 0.8)")
     src.add_argument("--cv", type=_float_in(0.0, 5.0, False, "[0, 5]"), default=None,
                      help="request lengths gamma-distributed with mean ISL and this coefficient of variation")
-    ap.add_argument("--max-tokens", type=positive_int, default=32768, help="token budget of one iteration per rank")
+    ap.add_argument("--max-tokens", type=_bounded_int(1, MAX_TOKENS, "tokens per rank and iteration"), default=32768,
+                    help=f"token budget of one iteration per rank (at most {MAX_TOKENS}, and at most "
+                         f"{MAX_REQUESTS_PER_ITERATION} x --isl: about {MAX_REQUESTS_PER_ITERATION} requests per "
+                         "iteration)")
     ap.add_argument("--layers", type=_bounded_int(1, 61, "DeepSeek-R1 has 61"), default=61,
                     help="model depth (R1: 61 = 3 dense + 58 MoE)")
     ap.add_argument("--dense-layers", type=_bounded_int(0, 61, "at most --layers"), default=None,
@@ -97,8 +101,9 @@ def build_parser(prog: str = "python -m dwdp_ops sim") -> argparse.ArgumentParse
                     help="also sweep CV 0/10/20/30 %% and budgets 16K/32K (plus --ratio's setting, 0.8 by default)")
     ap.add_argument("--validate", type=existing_file, default=None, metavar="FILE",
                     help="instead of a prediction: the validation table of a bench/e2e_dwdp_vs_dep.py result FILE "
-                         "(every point simulated with the --hardware or --calibration profile; measured against "
-                         "predicted iteration, TPS/GPU and categories)")
+                         "(every point simulated with the --hardware or --calibration profile and the what-ifs; "
+                         "measured against predicted iteration, TPS/GPU and categories); the workload options, "
+                         "--sweep and --plot are refused with it (the FILE's points give the workload)")
     ap.add_argument("--json", action="store_true", help="print one JSON object instead of text")
     ap.add_argument("--plot", type=writable_path, default=None, metavar="FILE",
                     help="write a figure (category bars; DEP sync share and DWDP gain against CV) to FILE")
@@ -115,13 +120,43 @@ def _owner_load(text: str) -> tuple[float, ...]:
     return vals
 
 
-def check_args(ap: argparse.ArgumentParser, ns: argparse.Namespace) -> None:
-    """Checks that involve several options; a bad combination exits with code 2 and one ``error:`` line."""
+# options that --validate never reads: the FILE's points give the workload; --sweep and --plot are predictions'
+VALIDATE_UNUSED = ("gpus", "isl", "ratio", "cv", "max_tokens", "layers", "dense_layers", "iterations", "seed",
+                   "sweep", "plot")
+
+
+def given_options(ap: argparse.ArgumentParser, argv: list[str] | None) -> set[str]:
+    """The ``dest`` of every option on the command line ``argv`` (None: ``sys.argv[1:]``), whatever its value (an
+    explicit default included): argparse fills a default only where the namespace lacks the attribute, so a marker
+    left in place means not given. ``argv`` must parse (parse it with ``ap`` first)."""
+    marker = object()
+    ns = argparse.Namespace(**{a.dest: marker for a in ap._actions if a.dest != argparse.SUPPRESS})
+    ap.parse_args(argv, namespace=ns)
+    return {d for d, v in vars(ns).items() if v is not marker}
+
+
+def check_args(ap: argparse.ArgumentParser, ns: argparse.Namespace, given: set[str] | None = None) -> None:
+    """Checks that involve several options; a bad combination exits with code 2 and one ``error:`` line. ``given``:
+    the options on the command line (``given_options``; None: those whose value differs from the default)."""
+    if given is None:
+        given = {a.dest for a in ap._actions if getattr(ns, a.dest, a.default) != a.default}
+    if ns.validate:
+        unused = [a.option_strings[0] for a in ap._actions if a.dest in VALIDATE_UNUSED and a.dest in given]
+        if unused:
+            ap.error(f"argument --validate: not with {', '.join(unused)} (the FILE's points give the workload of "
+                     "every prediction; --validate prints the validation table only)")
     if ns.owner_load is not None and len(ns.owner_load) != ns.gpus:
         ap.error(f"argument --owner-load: expected {ns.gpus} values (one per GPU), got {len(ns.owner_load)}")
     if ns.owner_load is not None and (ns.sweep or ns.plot or ns.validate):
         ap.error("argument --owner-load: not with --sweep, --plot or --validate (they take even routing, or the "
                  "loads each measured point recorded)")
+    budgets = [ns.max_tokens] + ([16384, 32768] if ns.sweep else [])
+    if not ns.validate and max(budgets) > MAX_REQUESTS_PER_ITERATION * ns.isl:
+        what = "--sweep's budgets (16384, 32768)" if ns.max_tokens <= MAX_REQUESTS_PER_ITERATION * ns.isl else \
+            f"--max-tokens ({ns.max_tokens})"
+        ap.error(f"argument --max-tokens: expected at most {MAX_REQUESTS_PER_ITERATION} x --isl "
+                 f"({MAX_REQUESTS_PER_ITERATION * ns.isl} for --isl {ns.isl}: about {MAX_REQUESTS_PER_ITERATION} "
+                 f"requests per iteration), got {what}")
     if ns.dense_layers is not None and ns.dense_layers > ns.layers:
         ap.error(f"argument --dense-layers: expected at most --layers ({ns.layers}), got {ns.dense_layers}")
     if ns.plot and not have_matplotlib():
@@ -190,7 +225,7 @@ def _text(res: dict, rows: list[dict] | None) -> str:
 def main(argv: list[str] | None = None, prog: str = "python -m dwdp_ops sim") -> int:
     ap = build_parser(prog)
     ns = ap.parse_args(argv)
-    check_args(ap, ns)
+    check_args(ap, ns, given_options(ap, argv))
     ov = Overrides(attention_tflops=ns.attention_tflops, fetch_gbps=ns.fetch_gbps, dispatch_gbps=ns.dispatch_gbps,
                    dispatch_latency_us=ns.dispatch_latency_us, interference=ns.interference,
                    rank_slowdown=ns.rank_slowdown)

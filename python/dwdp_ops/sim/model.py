@@ -67,13 +67,22 @@ from ..policy import _p_row, pair_shares
 from .costs import CATEGORIES, COMPUTE, CostModel, Overrides, load_calibration
 from .workload import Iteration, workload
 
-__all__ = ["RankStep", "SimConfig", "dep_iteration", "dwdp_timeline", "partition_for", "simulate"]
+__all__ = ["MAX_ISL", "MAX_REQUESTS_PER_ITERATION", "MAX_TOKENS", "RankStep", "SimConfig", "dep_iteration",
+           "dwdp_timeline", "partition_for", "simulate"]
+
+# Upper bounds of a setting. The simulator builds every request of every iteration it simulates, so its time and
+# memory grow with iterations x ranks x requests per iteration (about max_tokens / isl: both distributions have mean
+# length isl, or at least isl / 2 for a ratio); the bounds keep one setting within seconds and megabytes.
+MAX_ISL = 1 << 20  # 1048576 tokens: 6.4x DeepSeek-R1's 163840-token context
+MAX_TOKENS = 1 << 20  # 1048576 tokens per rank and iteration: 32x the paper's 32768
+MAX_REQUESTS_PER_ITERATION = 1024  # max_tokens <= this x isl: 16x the paper's largest batch (64 requests)
 
 
 @dataclass(frozen=True)
 class SimConfig:
     """One simulated setting. ``hardware``: a shipped profile (``h200``, ``gb200``) or a calibration file; exactly one
-    of ``ratio`` and ``cv`` (``ratio`` 0.8 if neither is given); ``dense_layers``: None = min(3, layers)."""
+    of ``ratio`` and ``cv`` (``ratio`` 0.8 if neither is given); ``dense_layers``: None = min(3, layers).
+    ``isl`` <= ``MAX_ISL``, ``max_tokens`` <= ``MAX_TOKENS`` and <= ``MAX_REQUESTS_PER_ITERATION`` x ``isl``."""
 
     hardware: str = "h200"
     gpus: int = 2
@@ -99,6 +108,15 @@ class SimConfig:
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < lo:
                 raise ValueError(f"{name} must be an integer >= {lo}, got {v!r}")
+        if self.isl > MAX_ISL:
+            raise ValueError(f"isl must be at most {MAX_ISL} (2^20 tokens), got {self.isl}")
+        if self.max_tokens > MAX_TOKENS:
+            raise ValueError(f"max_tokens must be at most {MAX_TOKENS} (2^20 tokens per rank and iteration), got "
+                             f"{self.max_tokens}")
+        if self.max_tokens > MAX_REQUESTS_PER_ITERATION * self.isl:
+            raise ValueError(f"max_tokens must be at most {MAX_REQUESTS_PER_ITERATION} x isl "
+                             f"({MAX_REQUESTS_PER_ITERATION * self.isl}: about {MAX_REQUESTS_PER_ITERATION} requests "
+                             f"per iteration), got {self.max_tokens}")
         if self.layers > 61:
             raise ValueError(f"layers must be at most 61 (DeepSeek-R1), got {self.layers}")
         if self.gpus > 256:

@@ -23,12 +23,15 @@ paper's 64 is never reached at ISL 8K), KV-cache capacity and prefix-cache hits.
 
 from __future__ import annotations
 
+import itertools
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
 
-__all__ = ["Chunk", "Iteration", "batch_requests", "rank_iterations", "request_lengths", "workload"]
+__all__ = ["DRAW_BLOCK_MAX", "Chunk", "Iteration", "batch_requests", "iter_batches", "rank_iterations",
+           "request_lengths", "workload"]
 
 
 @dataclass(frozen=True)
@@ -80,12 +83,22 @@ def request_lengths(n: int, isl: int, *, ratio: float | None = None, cv: float |
     return np.maximum(1, np.rint(x)).astype(np.int64)
 
 
-def batch_requests(lengths, max_tokens: int, first_request: int = 0) -> list[Iteration]:
-    """Every iteration that the queue ``lengths`` (in order) makes under ``max_tokens`` (module docstring). The last
-    iteration returned may have had room for requests that were not in the queue."""
+def iter_batches(lengths, max_tokens: int, first_request: int = 0) -> Iterator[Iteration]:
+    """The iterations that the queue ``lengths`` (any iterable, in order; it may be endless) makes under
+    ``max_tokens`` (module docstring), one at a time: an iteration is yielded as soon as it is closed (by a request
+    that did not fit, or as a full piece of a chunked request), so taking the first k of them reads only the
+    requests up to the one that closed the k-th, and builds only k iterations (however many pieces a long request
+    has). When ``lengths`` ends, the open iteration (if any) comes last, though it may have had room for more."""
+    _check_budget(max_tokens)
+    return _batches(lengths, max_tokens, first_request)
+
+
+def _check_budget(max_tokens: int) -> None:
     if isinstance(max_tokens, bool) or not isinstance(max_tokens, (int, np.integer)) or max_tokens < 1:
         raise ValueError(f"max_tokens must be an integer >= 1, got {max_tokens!r}")
-    out: list[Iteration] = []
+
+
+def _batches(lengths, max_tokens: int, first_request: int) -> Iterator[Iteration]:
     cur: list[Chunk] = []
     used = 0
     for i, n in enumerate(int(x) for x in lengths):
@@ -97,34 +110,52 @@ def batch_requests(lengths, max_tokens: int, first_request: int = 0) -> list[Ite
             used += n
             continue
         if cur:
-            out.append(Iteration(tuple(cur)))
+            yield Iteration(tuple(cur))
             cur, used = [], 0
         prefix = 0
         while n - prefix > max_tokens:  # full pieces of a long request, one iteration each
-            out.append(Iteration((Chunk(rid, prefix, max_tokens, last=False),)))
+            yield Iteration((Chunk(rid, prefix, max_tokens, last=False),))
             prefix += max_tokens
         cur, used = [Chunk(rid, prefix, n - prefix)], n - prefix
     if cur:
-        out.append(Iteration(tuple(cur)))
-    return out
+        yield Iteration(tuple(cur))
+
+
+def batch_requests(lengths, max_tokens: int, first_request: int = 0) -> list[Iteration]:
+    """Every iteration that the queue ``lengths`` (in order, finite) makes under ``max_tokens`` (module docstring;
+    ``iter_batches`` as a list). The last iteration returned may have had room for requests that were not in the
+    queue."""
+    return list(iter_batches(lengths, max_tokens, first_request))
+
+
+# requests drawn at a time by ``rank_iterations``: enough for the default settings in one draw, and a bound on what
+# is drawn beyond the last request used (the draws are the same values whatever the block size: numpy's generators
+# give one stream for one call of n or several calls adding up to n; tested)
+DRAW_BLOCK_MAX = 4096
+
+
+def _drawn_lengths(rng: np.random.Generator, block: int, isl: int, ratio: float | None,
+                   cv: float | None) -> Iterator[int]:
+    """The rank's queue, endless: request lengths drawn ``block`` at a time from ``rng``, only when the ones before
+    have been read."""
+    while True:
+        yield from request_lengths(block, isl, ratio=ratio, cv=cv, rng=rng).tolist()
 
 
 def rank_iterations(rank: int, iterations: int, isl: int, max_tokens: int, *, ratio: float | None = None,
                     cv: float | None = None, seed: int = 0) -> list[Iteration]:
-    """The first ``iterations`` complete iterations of rank ``rank``'s queue (lengths drawn in blocks from the rank's
-    generator until one more iteration than needed exists, so that the last one kept was closed by a request that
-    did not fit, not by the end of the draw)."""
+    """The first ``iterations`` complete iterations of rank ``rank``'s queue: ``iter_batches`` over lengths drawn
+    from the rank's generator in blocks of min(``DRAW_BLOCK_MAX``, max(64, iterations (max_tokens // isl + 2)))
+    as the batching reads them. Each iteration kept was closed by a request that did not fit (or is a full piece of
+    a chunked request), not by the end of a draw; time and memory grow with the iterations and requests kept (plus
+    at most one block), not with ``max_tokens`` or ``isl`` themselves."""
     _check_source(isl, ratio, cv)
     if isinstance(iterations, bool) or not isinstance(iterations, int) or iterations < 1:
         raise ValueError(f"iterations must be an integer >= 1, got {iterations!r}")
+    _check_budget(max_tokens)
     rng = np.random.default_rng([seed, rank])
-    block = max(64, iterations * (max_tokens // max(isl, 1) + 2))
-    lengths = np.empty(0, dtype=np.int64)
-    while True:
-        lengths = np.concatenate([lengths, request_lengths(block, isl, ratio=ratio, cv=cv, rng=rng)])
-        its = batch_requests(lengths, max_tokens)
-        if len(its) > iterations:
-            return its[:iterations]
+    block = min(DRAW_BLOCK_MAX, max(64, iterations * (max_tokens // isl + 2)))
+    return list(itertools.islice(iter_batches(_drawn_lengths(rng, block, isl, ratio, cv), max_tokens), iterations))
 
 
 def workload(ranks: int, iterations: int, isl: int, max_tokens: int, *, ratio: float | None = None,
