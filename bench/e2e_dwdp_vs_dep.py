@@ -70,22 +70,19 @@ def parse_dist(text: str) -> dict:
 
 def plan(world: int, iterations: int, isl: int, budget: int, dist: dict, seed: int) -> list[list[list[int]]]:
     """``[rank][iteration]`` -> request lengths: the simulator's draws (``sim.workload``: the same generator, seeds
-    and block sizes as ``rank_iterations``) with every length cut to the budget before batching, so that no
-    request is chunked (module docstring)."""
+    and lazy batching as ``rank_iterations``) with every length cut to the budget before batching, so that no
+    request is chunked (module docstring). Time and memory grow with the iterations kept, not with the budget."""
+    import itertools
+
     import numpy as np
-    from dwdp_ops.sim.workload import batch_requests, request_lengths
+    from dwdp_ops.sim.workload import draw_block, drawn_lengths, iter_batches
 
     out = []
     for rank in range(world):
         rng = np.random.default_rng([seed, rank])
-        block = max(64, iterations * (budget // max(isl, 1) + 2))
-        lengths = np.empty(0, dtype=np.int64)
-        while True:
-            lengths = np.concatenate([lengths, request_lengths(block, isl, rng=rng, **dist)])
-            its = batch_requests(np.minimum(lengths, budget), budget)
-            if len(its) > iterations:
-                break
-        out.append([[c.length for c in it.chunks] for it in its[:iterations]])
+        lengths = (min(n, budget) for n in drawn_lengths(rng, draw_block(iterations, isl, budget), isl, **dist))
+        its = itertools.islice(iter_batches(lengths, budget), iterations)
+        out.append([[c.length for c in it.chunks] for it in its])
     return out
 
 

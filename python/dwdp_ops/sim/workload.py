@@ -30,8 +30,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-__all__ = ["DRAW_BLOCK_MAX", "Chunk", "Iteration", "batch_requests", "iter_batches", "rank_iterations",
-           "request_lengths", "workload"]
+__all__ = ["DRAW_BLOCK_MAX", "Chunk", "Iteration", "batch_requests", "draw_block", "drawn_lengths", "iter_batches",
+           "rank_iterations", "request_lengths", "workload"]
 
 
 @dataclass(frozen=True)
@@ -134,8 +134,8 @@ def batch_requests(lengths, max_tokens: int, first_request: int = 0) -> list[Ite
 DRAW_BLOCK_MAX = 4096
 
 
-def _drawn_lengths(rng: np.random.Generator, block: int, isl: int, ratio: float | None,
-                   cv: float | None) -> Iterator[int]:
+def drawn_lengths(rng: np.random.Generator, block: int, isl: int, ratio: float | None = None,
+                  cv: float | None = None) -> Iterator[int]:
     """The rank's queue, endless: request lengths drawn ``block`` at a time from ``rng``, only when the ones before
     have been read."""
     while True:
@@ -154,8 +154,14 @@ def rank_iterations(rank: int, iterations: int, isl: int, max_tokens: int, *, ra
         raise ValueError(f"iterations must be an integer >= 1, got {iterations!r}")
     _check_budget(max_tokens)
     rng = np.random.default_rng([seed, rank])
-    block = min(DRAW_BLOCK_MAX, max(64, iterations * (max_tokens // isl + 2)))
-    return list(itertools.islice(iter_batches(_drawn_lengths(rng, block, isl, ratio, cv), max_tokens), iterations))
+    block = draw_block(iterations, isl, max_tokens)
+    return list(itertools.islice(iter_batches(drawn_lengths(rng, block, isl, ratio, cv), max_tokens), iterations))
+
+
+def draw_block(iterations: int, isl: int, max_tokens: int) -> int:
+    """Request lengths ``rank_iterations`` draws at a time: min(``DRAW_BLOCK_MAX``, max(64, ``iterations``
+    (``max_tokens`` // ``isl`` + 2))) (the draws are the same values whatever the block)."""
+    return min(DRAW_BLOCK_MAX, max(64, iterations * (max_tokens // max(isl, 1) + 2)))
 
 
 def workload(ranks: int, iterations: int, isl: int, max_tokens: int, *, ratio: float | None = None,
