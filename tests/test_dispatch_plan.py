@@ -276,3 +276,69 @@ def test_partition_mismatch_and_bad_ranks():
         plan_recv(sends, P2, 0, align=0)
     with pytest.raises(ValueError, match="one entry per rank"):
         reference_moe([np.zeros((1, 4), np.float32)], [OK_IDS], [OK_W], P2, scaled)
+
+
+# -- review fixes: partition identity, repeated ids, argument types ----------------------------------------------------
+def test_plan_recv_rejects_send_plans_of_another_partition():
+    """Plans made over E=16 (L=8) given to plan_recv with E=8 (L=4) used to give 8 expert counts and local expert 7."""
+    big = ExpertPartition(16, 2, 8, 8)
+    ids, w = np.array([[7, 15], [3, 12]], np.int32), np.ones((2, 2), np.float32)
+    sends = [plan_send(ids, w, big, r) for r in (0, 1)]
+    assert all(sp.partition is big for sp in sends)
+    with pytest.raises(ValueError, match=r"send_plans\[0\] was planned over ExpertPartition\(num_experts=16, "
+                                         r"world_size=2, experts_per_rank=8, stride=8\) but plan_recv got "
+                                         r"ExpertPartition\(num_experts=8, world_size=2, experts_per_rank=4, stride=4\)"):
+        plan_recv(sends, P2, 1)
+    rep = ExpertPartition(12, 2, 8, 4)  # another stride and L over the same world
+    sends = [plan_send(np.array([[9, 2]], np.int32), OK_W, rep, r) for r in (0, 1)]
+    with pytest.raises(ValueError, match=r"stride=4\) but plan_recv got .*stride=4\)"):
+        plan_recv(sends, P2, 1)
+    # the owner policy does not change dispatch ownership: plans over 'lowest' are accepted for 'balanced'
+    lowest = ExpertPartition(10, 3, 6, 2, "lowest")
+    balanced = ExpertPartition(10, 3, 6, 2)
+    ids = np.array([[0, 9], [4, 5]], np.int32)
+    a = plan_recv([plan_send(ids, OK_W.repeat(2, 0), lowest, r) for r in range(3)], balanced, 1)
+    b = plan_recv([plan_send(ids, OK_W.repeat(2, 0), balanced, r) for r in range(3)], balanced, 1)
+    assert np.array_equal(a.pair_pos, b.pair_pos) and np.array_equal(a.offs, b.offs)
+
+
+@pytest.mark.parametrize("ids, match", [
+    ([[0, 0]], r"topk_ids\[0\] selects expert 0 more than once \(slots \[0, 1\]\)"),
+    ([[0, 5, 1], [3, -1, 3], [2, 2, 2]], r"topk_ids\[1\] selects expert 3 more than once \(slots \[0, 2\]\)"),
+    ([[1, -1, 1]], r"topk_ids\[0\] selects expert 1 .*only -1, a skipped slot, may repeat"),
+])
+def test_plan_send_rejects_repeated_expert_ids(ids, match):
+    """A repeated id used to pass plan_send and then break the capacity bound (plan_recv blamed max_pairs)."""
+    ids = np.array(ids, np.int32)
+    with pytest.raises(ValueError, match=match):
+        plan_send(ids, np.ones(ids.shape, np.float32), ExpertPartition.disjoint(8, 2), 0, max_tokens=4)
+
+
+def test_repeated_skipped_slots_are_accepted():
+    ids = np.array([[-1, -1, 5], [-1, -1, -1]], np.int32)
+    sp = plan_send(ids, np.ones(ids.shape, np.float32), P2, 0)
+    assert sp.dest.tolist() == [[-1, -1, 1], [-1, -1, -1]]
+
+
+@pytest.mark.parametrize("rank", ["0", 1.0, True, None])
+def test_a_rank_of_the_wrong_type_is_a_type_error(rank):
+    with pytest.raises(TypeError, match=rf"rank must be an int in the partition's world \[0, 2\), got {rank!r}"):
+        plan_send(OK_IDS, OK_W, P2, rank)
+    sends = [plan_send(OK_IDS, OK_W, P2, r) for r in range(2)]
+    with pytest.raises(TypeError, match="rank must be an int"):
+        plan_recv(sends, P2, rank)
+    assert plan_send(OK_IDS, OK_W, P2, np.int64(1)).rank == 1
+
+
+@pytest.mark.parametrize("max_pairs, exc, match", [
+    ("3", TypeError, r"max_pairs must be an int >= 0 or None, got '3' \(str\)"),
+    (2.5, TypeError, r"got 2.5 \(float\)"),
+    (True, TypeError, r"got True \(bool\)"),
+    (-1, ValueError, r"max_pairs must be an int >= 0 or None, got -1"),
+])
+def test_plan_recv_validates_max_pairs(max_pairs, exc, match):
+    sends = [plan_send(OK_IDS, OK_W, P2, r) for r in range(2)]
+    with pytest.raises(exc, match=match):
+        plan_recv(sends, P2, 0, max_pairs=max_pairs)
+    rp = plan_recv(sends, P2, 0, max_pairs=np.int64(2))
+    assert rp.max_pairs == 2 and type(rp.max_pairs) is int

@@ -13,7 +13,7 @@ from dwdp_ops.layout import (
     local_allocation_bytes,
     registration_overhead,
 )
-from dwdp_ops.schedule import Copy, order_copies, peer_order
+from dwdp_ops.schedule import Copy, order_copies, peer_order, slice_copy
 
 
 @pytest.mark.parametrize("dtype, w13_mib, w2_mib", [("float8_e4m3fn", 28, 14), ("bfloat16", 56, 28), ("float16", 56, 28)])
@@ -44,7 +44,7 @@ def test_local_allocations_are_registration_units(L):
         n = local_allocation_bytes(lay, t.name, L)
         assert n % REGISTER_UNIT == 0 and L * lay.stride(t.name) <= n < L * lay.stride(t.name) + REGISTER_UNIT
     assert registration_overhead(lay, 64) == pytest.approx((2048 + 1024) / (64 * 42) - 1)
-    with pytest.raises(ValueError, match="must be positive"):
+    with pytest.raises(ValueError, match="experts_per_rank must be a positive integer, got 0"):
         local_allocation_bytes(lay, "w13", 0)
 
 
@@ -101,8 +101,8 @@ BAD_SPECS = [
     (("w", (4, 4), "int4"), ValueError,
      r"dtype must be one of \['bfloat16', 'float16', 'float32', 'float8_e4m3fn'\], got 'int4'"),
     (("w", (4, 4), "fp8"), ValueError, r"dtype must be one of .*got 'fp8'"),
-    (("w", (4, 4), None), ValueError, r"dtype must be one of .*got None"),
-    (("w", (4, 4), np.float16), ValueError, r"dtype must be one of"),
+    (("w", (4, 4), None), TypeError, r"dtype must be one of .*\(a string\), got None \(NoneType\)"),
+    (("w", (4, 4), np.float16), TypeError, r"dtype must be one of .*\(a string\), got <class 'numpy.float16'>"),
     ((3, (4, 4), "float16"), TypeError, r"tensor name must be a string, got 3 \(int\)"),
     ((None, (4, 4), "float16"), TypeError, r"tensor name must be a string, got None"),
     (("", (4, 4), "float16"), ValueError, r"tensor name must be a non-empty string"),
@@ -185,3 +185,67 @@ def test_check_page_against_vmm_granularity(page, granularity, ok):
 def test_check_page_rejects_bad_granularity(granularity, exc):
     with pytest.raises(exc, match=r"granularity \(bytes\) must be a positive integer"):
         ExpertLayout.moe(256, 128).check_page(granularity)
+
+
+# ------------------------------------------------------------------- review fixes: counts, units, dtypes, schedules
+R1 = ExpertLayout.moe(7168, 2048)
+
+
+@pytest.mark.parametrize("call, exc, match", [
+    (lambda: local_allocation_bytes(R1, "w13", 1.5), TypeError, r"experts_per_rank must be a positive integer, got 1.5"),
+    (lambda: local_allocation_bytes(R1, "w13", 4.0), TypeError, r"experts_per_rank .* got 4.0 \(float\)"),
+    (lambda: local_allocation_bytes(R1, "w13", "4"), TypeError, r"experts_per_rank .* got '4' \(str\)"),
+    (lambda: local_allocation_bytes(R1, "w13", True), TypeError, r"experts_per_rank .* got True \(bool\)"),
+    (lambda: local_allocation_bytes(R1, "w13", 4, 3.5), TypeError, r"unit \(bytes\) must be a positive integer, got 3.5"),
+    (lambda: local_allocation_bytes(R1, "w13", 4, 0), ValueError, r"unit \(bytes\) must be a positive integer, got 0"),
+    (lambda: registration_overhead(R1, 8.0), TypeError, r"experts_per_rank .* got 8.0 \(float\)"),
+    (lambda: registration_overhead(R1, 8, -PAGE), ValueError, r"unit \(bytes\) must be a positive integer"),
+    (lambda: R1.tensor_offset("w2", -3), ValueError, r"experts_per_rank must be a positive integer, got -3"),
+    (lambda: R1.tensor_offset("w2", 2.0), TypeError, r"experts_per_rank .* got 2.0 \(float\)"),
+])
+def test_allocation_helpers_name_bad_counts(call, exc, match):
+    with pytest.raises(exc, match=match):
+        call()
+
+
+def test_allocation_helpers_accept_numpy_counts_and_return_ints():
+    n = local_allocation_bytes(R1, "w2", np.int64(8), np.int64(PAGE))
+    assert n == 8 * R1.stride("w2") and type(n) is int
+    assert registration_overhead(R1, np.int32(8), PAGE) == 0.0
+    assert R1.tensor_offset("w2", np.int64(5)) == 5 * R1.stride("w13")
+
+
+def test_a_dtype_that_is_not_a_string_is_a_type_error():
+    with pytest.raises(TypeError, match=r"dtype must be one of .*\(a string\), got <class 'numpy.float32'>"):
+        TensorSpec("w", (2, 2), np.float32)
+    with pytest.raises(TypeError, match=r"\(a string\), got dtype\('float16'\)"):
+        ExpertLayout.moe(256, 128, np.dtype(np.float16))
+
+
+@pytest.mark.parametrize("args, exc, match", [
+    ((5, 4), ValueError, r"rank must be in \[0, world_size=4\), got 5"),
+    ((-1, 4), ValueError, r"rank must be in \[0, world_size=4\), got -1"),
+    ((0, 0), ValueError, r"world_size must be an int >= 1, got 0"),
+    (("0", 4), TypeError, r"rank must be an int in \[0, world_size=4\), got '0' \(str\)"),
+    ((0, 4.0), TypeError, r"world_size must be an int >= 1, got 4.0 \(float\)"),
+    ((0, 2, "staggered", True), TypeError, r"slice_bytes must be a positive int \(bytes\), got True \(bool\)"),
+    ((0, 2, "interleaved", 2.5), TypeError, r"slice_bytes .* got 2.5 \(float\)"),
+    ((0, 2, "interleaved", 0), ValueError, r"slice_bytes must be a positive int \(bytes\), got 0"),
+    ((0, 2, "interleaved", None), TypeError, r"slice_bytes must be a positive int .* 'interleaved' schedule, got None"),
+])
+@pytest.mark.parametrize("copies", [[], [Copy(1, 0, 0, 28 << 20)]], ids=["no copies", "one copy"])
+def test_order_copies_checks_every_argument_up_front(copies, args, exc, match):
+    with pytest.raises(exc, match=match):
+        order_copies(copies, *args)
+
+
+def test_schedule_arguments_that_are_fine():
+    c = [Copy(1, 0, 0, 10), Copy(2, 10, 10, 10), Copy(3, 20, 20, 10)]
+    assert order_copies(c, 0, 4, "staggered", None) == order_copies(c, 0, 4, "staggered")
+    assert order_copies(c, 0, 4, "per_peer", None) == order_copies(c, 0, 4, "per_peer")
+    assert order_copies(c, np.int64(0), np.int32(4), "interleaved", np.int64(4)) == order_copies(c, 0, 4, "interleaved", 4)
+    assert peer_order(np.int64(1), 4) == [2, 3, 0]
+    with pytest.raises(ValueError, match=r"rank must be in \[0, world_size=4\), got 5"):
+        peer_order(5, 4)
+    with pytest.raises(TypeError, match=r"slice_bytes .* got True \(bool\)"):
+        slice_copy(Copy(1, 0, 0, 10), True)

@@ -132,3 +132,13 @@ def test_numpy_integers_are_accepted():
     part = ExpertPartition.disjoint(np.int64(256), np.int32(4))
     assert part == ExpertPartition.disjoint(256, 4)
     assert part.local_range(np.int64(1)) == (64, 128) and part.owners(np.int16(200)) == [3]
+
+
+def test_numpy_integer_sizes_are_accepted_and_become_ints():
+    """The module docstring (and ``disjoint``) accept numpy integers; the constructor did not (review issue 2)."""
+    part = ExpertPartition(np.int64(8), np.int32(2), np.int64(4), np.int16(4))
+    assert part == ExpertPartition(8, 2, 4, 4) and hash(part) == hash(ExpertPartition(8, 2, 4, 4))
+    assert all(type(getattr(part, f)) is int for f in ("num_experts", "world_size", "experts_per_rank", "stride"))
+    assert repr(part) == repr(ExpertPartition(8, 2, 4, 4))
+    with pytest.raises(ValueError, match=r"1 <= stride <= experts_per_rank fails"):
+        ExpertPartition(np.int64(8), 2, np.int64(4), np.int64(0))

@@ -133,8 +133,8 @@ def test_pair_shares_follow_the_owner_rule(part):
 @pytest.mark.parametrize("kwargs, err, match", [
     (dict(tokens_per_rank=[1]), ValueError, r"one count per rank .* \(2\), got 1"),
     (dict(tokens_per_rank=[1, -1]), ValueError, r"tokens_per_rank\[1\] must be an int >= 0"),
-    (dict(tokens_per_rank=[1, 2.5]), ValueError, r"tokens_per_rank\[1\]"),
-    (dict(tokens_per_rank=[True, 1]), ValueError, r"tokens_per_rank\[0\]"),
+    (dict(tokens_per_rank=[1, 2.5]), TypeError, r"tokens_per_rank\[1\] must be an int >= 0, got 2.5 \(float\)"),
+    (dict(tokens_per_rank=[True, 1]), TypeError, r"tokens_per_rank\[0\] .* got True \(bool\)"),
     (dict(top_k=257), ValueError, r"top_k must be in \[1, 256\]"),
     (dict(layout_bytes_per_expert=0), ValueError, "layout_bytes_per_expert"),
     (dict(hidden=0), ValueError, "hidden"),
@@ -153,7 +153,8 @@ def test_bad_input_is_named(kwargs, err, match):
 
 @pytest.mark.parametrize("field, value, err", [("ce_gbps", 0, ValueError), ("gemm_tflops", -1, ValueError),
                                                ("dispatch_latency_us", -1, ValueError),
-                                               ("sm_gbps", math.inf, TypeError), ("dispatch_gbps", "300", TypeError)])
+                                               ("sm_gbps", math.inf, ValueError), ("gemm_tflops", math.nan, ValueError),
+                                               ("dispatch_gbps", "300", TypeError), ("ce_gbps", True, TypeError)])
 def test_bad_rates(field, value, err):
     with pytest.raises(err, match=f"Rates.{field}"):
         Rates(**{field: value})
@@ -178,3 +179,69 @@ def test_one_byte_weights_use_the_fp8_gemm_rate():
     assert fp8.cost_us["prefetch_all"] == pytest.approx(1000.0)
     with pytest.raises(ValueError, match="fp8_gemm_tflops must be > 0"):
         Rates(fp8_gemm_tflops=0)
+
+
+# -- review fixes: numpy numbers, argument types ------------------------------------------------------------------------
+def test_numpy_numbers_are_accepted_and_give_the_same_choice():
+    import numpy as np
+
+    part = ExpertPartition(8, 2, 4, 4)
+    want = choose_mode([5, 5], part, 1000, 16, 2)
+    for args, kw in [((np.array([5, 5]), part, 1000, 16, 2), {}),
+                     (([5, 5], part, np.int64(1000), np.int64(16), np.int32(2)), {}),
+                     (([np.int64(5), 5], part, 1000, 16, 2), dict(param_bytes=np.float32(2), token_bytes=np.int64(2)))]:
+        got = choose_mode(*args, **kw)
+        assert (got.mode, got.cost_us, got.per_rank_us) == (want.mode, want.cost_us, want.per_rank_us)
+    r = Rates(ce_gbps=np.float32(300), dispatch_latency_us=np.int64(80))
+    assert r.ce_gbps == 300.0 and type(r.ce_gbps) is float and r == Rates(ce_gbps=300.0, dispatch_latency_us=80.0)
+
+
+@pytest.mark.parametrize("kwargs, err, match", [
+    (dict(hidden="16"), TypeError, r"hidden must be an int >= 1, got '16' \(str\)"),
+    (dict(top_k=2.0), TypeError, r"top_k must be an int >= 1, got 2.0 \(float\)"),
+    (dict(layout_bytes_per_expert=1e6), TypeError, r"layout_bytes_per_expert .* \(float\)"),
+    (dict(token_bytes="2"), TypeError, r"token_bytes must be a number > 0, got '2' \(str\)"),
+    (dict(partial_bytes=True), TypeError, r"partial_bytes .* got True \(bool\)"),
+    (dict(partial_bytes=-4.0), ValueError, r"partial_bytes must be a number > 0, got -4.0"),
+])
+def test_a_wrong_type_is_a_type_error_and_a_bad_value_a_value_error(kwargs, err, match):
+    args = dict(tokens_per_rank=[1, 1], partition=R1_2, layout_bytes_per_expert=R1_BYTES, hidden=7168, top_k=8)
+    args.update(kwargs)
+    with pytest.raises(err, match=match):
+        choose_mode(**args)
+
+
+@pytest.mark.parametrize("args, err, match", [
+    ((0, 1, 2), ValueError, r"num_experts must be an int >= 1, got 0"),
+    ((8, 9, 1), ValueError, r"top_k must be in \[1, 8\] \(num_experts\), got 9"),
+    ((8, 0, 1), ValueError, r"top_k must be an int >= 1, got 0"),
+    ((8, 2, -1), ValueError, r"tokens must be an int >= 0, got -1"),
+    ((8, 2, 2.5), TypeError, r"tokens must be an int >= 0, got 2.5 \(float\)"),
+    ((8, "2", 2), TypeError, r"top_k .* got '2' \(str\)"),
+    ((8.0, 2, 2), TypeError, r"num_experts .* got 8.0 \(float\)"),
+])
+def test_expected_distinct_names_the_bad_argument(args, err, match):
+    from dwdp_ops.policy import expected_distinct
+
+    with pytest.raises(err, match=match):
+        expected_distinct(*args)
+
+
+def test_expected_distinct_accepts_numpy_integers():
+    import numpy as np
+    from dwdp_ops.policy import expected_distinct
+
+    assert expected_distinct(np.int64(256), np.int32(8), np.int64(7)) == expected_distinct(256, 8, 7)
+
+
+@pytest.mark.parametrize("top_k, err, match", [
+    (0, ValueError, r"top_k must be an int >= 1, got 0"),
+    (9, ValueError, r"top_k must be in \[1, 8\] \(the partition's experts\), got 9"),
+    (99, ValueError, r"got 99"),
+    (2.0, TypeError, r"top_k .* \(float\)"),
+])
+def test_pair_shares_needs_top_k_in_range(top_k, err, match):
+    with pytest.raises(err, match=match):
+        pair_shares(ExpertPartition(8, 2, 4, 4), top_k)
+    with pytest.raises(TypeError, match="partition must be an ExpertPartition"):
+        pair_shares((8, 2, 4, 4), 2)

@@ -2,8 +2,8 @@
 ``notes/dispatch_api.md`` (issue 12), shared by the NCCL baseline and the NVLink kernels. No CUDA here.
 
 Routing of one step on a source rank ``src``: ``x [T, H]``, ``topk_ids [T, k]`` (expert ids in ``[0, E)`` or ``-1``
-= skipped slot), ``topk_weights [T, k]`` float32, and an ``ExpertPartition(E, N, L, stride)`` (rank r stores
-experts ``[r * stride, r * stride + L)``).
+= skipped slot; the ids of one token are distinct, only ``-1`` may repeat in a row), ``topk_weights [T, k]`` float32,
+and an ``ExpertPartition(E, N, L, stride)`` (rank r stores experts ``[r * stride, r * stride + L)``).
 
 Owner rule, per pair ``(t, j)`` with ``e = topk_ids[t, j] >= 0`` (deterministic, per pair, device-friendly):
     owners = partition.owners(e) (ascending); dest = src if src in owners else owners[(t + e) % len(owners)].
@@ -17,7 +17,8 @@ going to d, ascending; ``send_pos[t, d]`` is t's rank among them (-1 if none), `
 of ``send_counts``. Each row carries, per slot j, the local expert index at its dest (``e - d * stride``, or -1 when
 the pair goes elsewhere or is skipped) and the weight ``topk_weights[t, j]``.
 
-Receive side (``RecvPlan``, per dest d): rows from src s = 0..N-1, rows of s in send order (``recv_offsets``).
+Receive side (``RecvPlan``, per dest d; every ``SendPlan`` must come from the same ownership: E, N, L and stride,
+which each plan records): rows from src s = 0..N-1, rows of s in send order (``recv_offsets``).
 Pairs ``(s, row, j)`` with local expert ``le >= 0`` are grouped by le ascending, ``(s, row, j)`` ascending inside a
 group (the reference order; a kernel may order a group differently). Group le holds ``expert_counts[le]`` rows
 starting at a multiple of ``align``; ``offs[le]`` (int32, cumulative) is the group's end rounded up to ``align``, so
@@ -34,6 +35,7 @@ Capacity: ``T <= max_tokens`` (so rows per (src, dest) <= max_tokens); grouped r
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -60,8 +62,23 @@ def _check_partition(partition) -> None:
 
 
 def _check_rank(partition: ExpertPartition, rank) -> None:
-    if not isinstance(rank, (int, np.integer)) or isinstance(rank, bool) or not 0 <= rank < partition.world_size:
+    """TypeError unless ``rank`` is an integer (Python or numpy; bools refused), ValueError unless it is in the
+    partition's world."""
+    if isinstance(rank, bool) or not isinstance(rank, numbers.Integral):
+        raise TypeError(f"rank must be an int in the partition's world [0, {partition.world_size}), got {rank!r} "
+                        f"({type(rank).__name__})")
+    if not 0 <= rank < partition.world_size:
         raise ValueError(f"rank {rank!r} is outside the partition's world [0, {partition.world_size})")
+
+
+def _ownership(partition: ExpertPartition) -> tuple[int, int, int, int]:
+    """What the owner rule and the local expert ids depend on (``owner_policy`` only affects weight fetches)."""
+    return partition.num_experts, partition.world_size, partition.experts_per_rank, partition.stride
+
+
+def _describe(partition: ExpertPartition) -> str:
+    E, N, L, s = _ownership(partition)
+    return f"ExpertPartition(num_experts={E}, world_size={N}, experts_per_rank={L}, stride={s})"
 
 
 def default_max_pairs(partition: ExpertPartition, max_tokens: int, top_k: int, align: int) -> int:
@@ -99,7 +116,8 @@ class SendPlan:
     """One source rank's dispatch plan (module docstring). Arrays are host numpy arrays owned by the plan.
 
     rank, world_size, num_tokens (T), top_k (k), hidden-independent; max_tokens: the capacity it was checked against
-    (None = unchecked).
+    (None = unchecked); partition: the ``ExpertPartition`` it was planned over (``plan_recv`` refuses plans whose
+    ownership, i.e. num_experts, world_size, experts_per_rank and stride, differs from its partition's).
     dest             [T, k] int32   dest rank of each pair, -1 for a skipped slot
     send_pos         [T, N] int32   row of token t among the tokens sent to d, -1 if t sends nothing to d
     send_counts      [N]    int64   rows sent to each dest (dest == rank included: the local rows)
@@ -122,6 +140,7 @@ class SendPlan:
     send_token: np.ndarray
     row_local_expert: np.ndarray
     row_weight: np.ndarray
+    partition: ExpertPartition
 
     def rows_for(self, d: int) -> slice:
         """The packed send rows going to dest ``d``."""
@@ -149,13 +168,23 @@ def _validate_routing(topk_ids, topk_weights, partition: ExpertPartition) -> tup
         if bad.any():
             t, j = np.argwhere(bad)[0]
             raise ValueError(f"topk_ids[{t}, {j}] = {ids[t, j]} is outside [-1, {E}) (-1 = skipped slot)")
+        if k > 1:
+            srt = np.sort(ids, axis=1)
+            rep = (srt[:, 1:] == srt[:, :-1]) & (srt[:, 1:] >= 0)
+            if rep.any():
+                t, j = np.argwhere(rep)[0]
+                e = int(srt[t, j + 1])
+                slots = np.flatnonzero(ids[t] == e).tolist()
+                raise ValueError(f"topk_ids[{t}] selects expert {e} more than once (slots {slots}); a token's expert "
+                                 "ids must be distinct (only -1, a skipped slot, may repeat)")
     return ids.astype(np.int64), w
 
 
 def plan_send(topk_ids, topk_weights, partition: ExpertPartition, rank: int, max_tokens: int | None = None) -> SendPlan:
     """Plans source ``rank``'s dispatch of one step (pure, host). ``topk_ids [T, k]`` integer in ``[-1, E)``,
-    ``topk_weights [T, k]`` float32. Raises ValueError/TypeError for bad shapes, dtypes or ids, ``k > E``, and for
-    ``T > max_tokens`` (naming the step's T and the capacity)."""
+    distinct within a row except -1, ``topk_weights [T, k]`` float32. Raises ValueError/TypeError for bad shapes,
+    dtypes or ids (a repeated id names its row and the id), ``k > E``, a rank that is not an int (TypeError) or
+    outside the world (ValueError), and for ``T > max_tokens`` (naming the step's T and the capacity)."""
     _check_partition(partition)
     _check_rank(partition, rank)
     ids, w = _validate_routing(topk_ids, topk_weights, partition)
@@ -180,7 +209,7 @@ def plan_send(topk_ids, topk_weights, partition: ExpertPartition, rank: int, max
     row_local_expert = np.where(goes, row_ids - row_dest[:, None] * s, -1).astype(np.int32)
     row_weight = w[t_idx].astype(np.float32)
     return SendPlan(int(rank), N, T, k, None if max_tokens is None else int(max_tokens), dest, send_pos,
-                    send_counts, send_offsets, send_token, row_local_expert, row_weight)
+                    send_counts, send_offsets, send_token, row_local_expert, row_weight, partition)
 
 
 # -- the receive side --------------------------------------------------------------------------------------------------
@@ -232,14 +261,21 @@ class RecvPlan:
 def plan_recv(send_plans: Sequence[SendPlan], partition: ExpertPartition, rank: int, align: int = 1,
               max_pairs: int | None = None) -> RecvPlan:
     """Plans dest ``rank``'s receive layout from every source's ``SendPlan`` (``send_plans[s]`` is source s's).
-    ``max_pairs`` None: the contract's default when every plan has a ``max_tokens`` (the largest), else unchecked.
-    Raises ValueError when the grouped rows exceed ``max_pairs`` (naming need and capacity) or the plans do not
-    match the partition."""
+    ``max_pairs`` None: the contract's default when every plan has a ``max_tokens`` (the largest), else unchecked;
+    otherwise an int >= 0 (TypeError / ValueError). Raises ValueError when the grouped rows exceed ``max_pairs``
+    (naming need and capacity) or the plans do not match the partition (rank, world, or ownership: a plan made over
+    another partition, naming both)."""
     _check_partition(partition)
     _check_rank(partition, rank)
     N, L = partition.world_size, partition.experts_per_rank
     if not isinstance(align, (int, np.integer)) or isinstance(align, bool) or align < 1:
         raise ValueError(f"align must be an int >= 1, got {align!r}")
+    if max_pairs is not None:
+        if isinstance(max_pairs, bool) or not isinstance(max_pairs, numbers.Integral):
+            raise TypeError(f"max_pairs must be an int >= 0 or None, got {max_pairs!r} ({type(max_pairs).__name__})")
+        if max_pairs < 0:
+            raise ValueError(f"max_pairs must be an int >= 0 or None, got {max_pairs}")
+        max_pairs = int(max_pairs)
     if len(send_plans) != N:
         raise ValueError(f"need one SendPlan per rank of the partition's world ({N}), got {len(send_plans)}")
     ks = set()
@@ -249,6 +285,9 @@ def plan_recv(send_plans: Sequence[SendPlan], partition: ExpertPartition, rank: 
         if p.rank != s or p.world_size != N:
             raise ValueError(f"send_plans[{s}] is rank {p.rank}'s plan over world {p.world_size}; expected rank {s} "
                              f"over world {N}")
+        if _ownership(p.partition) != _ownership(partition):
+            raise ValueError(f"send_plans[{s}] was planned over {_describe(p.partition)} but plan_recv got "
+                             f"{_describe(partition)}: its local expert ids would index another partition's experts")
         ks.add(p.top_k)
     if len(ks) != 1:
         raise ValueError(f"every source must use the same top_k, got {sorted(ks)}")

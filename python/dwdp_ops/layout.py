@@ -15,13 +15,17 @@ A rank's local experts of one (layer, tensor kind) form one physical allocation,
 so that peers read it one-sidedly. One allocation each because ``cuMemMap`` maps an allocation only from offset 0,
 and the same allocation is mapped a second time, whole, into the layer's composite range (partial mappings are refused
 too). NVSHMEM registers buffers in units of ``NVSHMEM_CUMEM_GRANULARITY`` (512 MiB by default, which refuses smaller
-buffers); ``dwdp_ops.init`` sets it to 2 MiB, so the blocks need no padding (``registration_overhead`` is 0).
+buffers); ``dwdp_ops.init`` sets it to 2 MiB, so the blocks need no padding: ``registration_overhead(layout, L, unit)``
+is 0 for the 2 MiB unit the store passes (the backend's ``register_unit()``) and a page that is a multiple of
+2 MiB. With this module's default ``unit = REGISTER_UNIT`` (512 MiB, NVSHMEM's own default) it is not, e.g. 2.05 for
+R1 fp8 with 8 local experts (``registration_overhead(ExpertLayout.moe(7168, 2048), 8)``).
 
 Validation: a ``TensorSpec`` needs a non-empty string name, a non-empty shape of positive integers (Python or numpy
 integers; bools, floats and strings are refused) and a dtype from ``DTYPES``; an ``ExpertLayout`` needs a page that
-is a positive integer multiple of 16 bytes. Wrong types raise TypeError, wrong values ValueError, each naming the
-value and what is expected. ``ExpertLayout.check_page(granularity)`` checks the page against a VMM allocation
-granularity (a page that is not a multiple of it cannot be mapped page by page).
+is a positive integer multiple of 16 bytes; expert counts (``experts_per_rank``) and registration units are
+positive integers. Wrong types raise TypeError (a dtype that is not a string included), wrong values ValueError,
+each naming the value and what is expected. ``ExpertLayout.check_page(granularity)`` checks the page against a VMM
+allocation granularity (a page that is not a multiple of it cannot be mapped page by page).
 """
 
 from __future__ import annotations
@@ -57,7 +61,12 @@ def _positive_int(value, what: str) -> int:
 
 
 def _check_dtype(dtype) -> None:
-    if not isinstance(dtype, str) or dtype not in DTYPES:
+    """TypeError unless ``dtype`` is a string (a numpy / torch dtype is refused: ``bfloat16`` and ``float8_e4m3fn``
+    are stored as other numpy types, so the name is the only unambiguous spelling); ValueError unless it is in
+    ``DTYPES``."""
+    if not isinstance(dtype, str):
+        raise TypeError(f"dtype must be one of {sorted(DTYPES)} (a string), got {dtype!r} ({type(dtype).__name__})")
+    if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
 
 
@@ -161,7 +170,9 @@ class ExpertLayout:
         return self.expert_stride / self.expert_bytes - 1.0
 
     def tensor_offset(self, name: str, experts_per_rank: int) -> int:
-        """Offset of a tensor kind's block inside one layer's local region: all local w13 first, then all w2."""
+        """Offset of a tensor kind's block inside one layer's local region: all local w13 first, then all w2.
+        ``experts_per_rank``: a positive integer (TypeError / ValueError otherwise); the offset is >= 0."""
+        experts_per_rank = _positive_int(experts_per_rank, "experts_per_rank")
         i = self.index(name)
         return experts_per_rank * sum(self.strides[:i])
 
@@ -172,14 +183,20 @@ def fp8_scale_shape(shape: tuple[int, int]) -> tuple[int, int]:
 
 
 def local_allocation_bytes(layout: ExpertLayout, name: str, experts_per_rank: int, unit: int = REGISTER_UNIT) -> int:
-    """Size of the registered allocation that holds one layer's local experts of tensor kind ``name``."""
-    if experts_per_rank < 1 or unit <= 0:
-        raise ValueError(f"experts_per_rank and unit must be positive, got {experts_per_rank}, {unit}")
+    """Size of the registered allocation that holds one layer's local experts of tensor kind ``name``: their bytes
+    rounded up to ``unit`` (bytes; default ``REGISTER_UNIT``, NVSHMEM's 512 MiB: pass the backend's unit). An int;
+    ``experts_per_rank`` and ``unit`` must be positive integers (TypeError / ValueError naming them otherwise)."""
+    experts_per_rank = _positive_int(experts_per_rank, "experts_per_rank")
+    unit = _positive_int(unit, "unit (bytes)")
     return round_up(experts_per_rank * layout.stride(name), unit)
 
 
 def registration_overhead(layout: ExpertLayout, experts_per_rank: int, unit: int = REGISTER_UNIT) -> float:
-    """Extra local memory the registration unit costs, as a fraction of the local expert bytes."""
+    """Extra local memory the registration unit costs, as a fraction of the local expert bytes. ``unit`` defaults
+    to ``REGISTER_UNIT`` (512 MiB), not the 2 MiB ``dwdp_ops.init`` sets: the overhead is 0 only for a unit that
+    divides every local block (the store passes the backend's unit). Bad arguments as ``local_allocation_bytes``."""
+    experts_per_rank = _positive_int(experts_per_rank, "experts_per_rank")
+    unit = _positive_int(unit, "unit (bytes)")
     used = experts_per_rank * layout.expert_stride
     alloc = sum(local_allocation_bytes(layout, t.name, experts_per_rank, unit) for t in layout.tensors)
     return alloc / used - 1.0

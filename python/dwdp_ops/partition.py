@@ -50,8 +50,8 @@ class ExpertPartition:
     def __post_init__(self) -> None:
         for name in ("num_experts", "world_size", "experts_per_rank", "stride"):
             v = getattr(self, name)
-            if not isinstance(v, int) or isinstance(v, bool):
-                raise TypeError(f"{name} must be an int, got {type(v).__name__}")
+            _check_int(v, name)
+            object.__setattr__(self, name, int(v))  # numpy integers become Python ints (equality, hashing, repr)
         if self.world_size < 1 or self.num_experts < 1:
             raise ValueError(f"num_experts and world_size must be >= 1, got {self.num_experts} and {self.world_size}")
         if self.owner_policy not in ("balanced", "lowest"):

@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import functools
 import math
+import numbers
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -71,10 +72,17 @@ class Rates:
     fp8_gemm_tflops: float = 870.0
 
     def __post_init__(self) -> None:
+        """Every field a real number (Python or numpy; numpy values become floats): TypeError otherwise (bools
+        included); ValueError unless finite and > 0 (the latency >= 0)."""
         for name in ("ce_gbps", "sm_gbps", "dispatch_gbps", "gemm_tflops", "fp8_gemm_tflops", "dispatch_latency_us"):
             v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
-                raise TypeError(f"Rates.{name} must be a finite number, got {v!r}")
+            if isinstance(v, bool) or not isinstance(v, numbers.Real):
+                raise TypeError(f"Rates.{name} must be a finite number, got {v!r} ({type(v).__name__})")
+            if type(v) not in (int, float):
+                v = float(v)
+                object.__setattr__(self, name, v)
+            if not math.isfinite(v):
+                raise ValueError(f"Rates.{name} must be a finite number, got {v!r}")
             if v < 0 or (v == 0 and name != "dispatch_latency_us"):
                 raise ValueError(f"Rates.{name} must be > 0 (latency >= 0), got {v}")
 
@@ -96,18 +104,27 @@ class ModeChoice:
 
 
 def expected_distinct(num_experts: int, top_k: int, tokens: int) -> float:
-    """Expected distinct experts selected by ``tokens`` tokens each choosing ``top_k`` of ``num_experts`` uniformly."""
-    if not 0 < top_k <= num_experts:
-        raise ValueError(f"top_k must be in [1, {num_experts}], got {top_k}")
-    if tokens < 0:
-        raise ValueError(f"tokens must be >= 0, got {tokens}")
+    """Expected distinct experts selected by ``tokens`` tokens each choosing ``top_k`` of ``num_experts`` uniformly.
+    Integers (Python or numpy): ``num_experts >= 1``, ``top_k`` in ``[1, num_experts]``, ``tokens >= 0``; TypeError /
+    ValueError naming the argument otherwise."""
+    num_experts = _int_param("num_experts", num_experts, 1)
+    top_k = _int_param("top_k", top_k, 1)
+    if top_k > num_experts:
+        raise ValueError(f"top_k must be in [1, {num_experts}] (num_experts), got {top_k}")
+    tokens = _int_param("tokens", tokens, 0)
     return num_experts * (1.0 - (1.0 - top_k / num_experts) ** tokens)
 
 
 def pair_shares(partition: ExpertPartition, top_k: int) -> list[list[float]]:
     """``m[s][d]``: expected pairs per token of source s that the owner rule sends to d (incl. d == s: local),
-    under uniform routing (module docstring). Each row sums to top_k."""
+    under uniform routing (module docstring). Each row sums to top_k. ``top_k``: an int in ``[1, num_experts]``
+    (TypeError / ValueError otherwise)."""
+    if not isinstance(partition, ExpertPartition):
+        raise TypeError(f"partition must be an ExpertPartition, got {type(partition).__name__}")
     E, N = partition.num_experts, partition.world_size
+    top_k = _int_param("top_k", top_k, 1)
+    if top_k > E:
+        raise ValueError(f"top_k must be in [1, {E}] (the partition's experts), got {top_k}")
     m = [[0.0] * N for _ in range(N)]
     for e in range(E):
         owners = partition.owners(e)
@@ -140,9 +157,12 @@ def _p_row(m: float, E: int, k: int) -> float:
 
 
 def _int_param(name: str, v, lo: int) -> int:
-    if isinstance(v, bool) or not isinstance(v, int) or v < lo:
+    """``v`` as an int: TypeError unless an integer (Python or numpy; bools refused), ValueError unless >= lo."""
+    if isinstance(v, bool) or not isinstance(v, numbers.Integral):
+        raise TypeError(f"{name} must be an int >= {lo}, got {v!r} ({type(v).__name__})")
+    if v < lo:
         raise ValueError(f"{name} must be an int >= {lo}, got {v!r}")
-    return v
+    return int(v)
 
 
 def choose_mode(tokens_per_rank: Sequence[int], partition: ExpertPartition, layout_bytes_per_expert: int,
@@ -152,7 +172,8 @@ def choose_mode(tokens_per_rank: Sequence[int], partition: ExpertPartition, layo
     list on every rank); ``layout_bytes_per_expert``: one expert's bytes (``ExpertLayout.expert_bytes``);
     ``param_bytes``: bytes per weight parameter (2 bf16, 1 fp8) for the GEMM FLOPs; ``token_bytes``: bytes per
     hidden element in dispatch; ``partial_bytes``: bytes per element of the combine's partials. Pure; not a
-    collective (the caller gathers ``tokens_per_rank``). Raises ValueError/TypeError for bad input."""
+    collective (the caller gathers ``tokens_per_rank``). Counts and sizes may be Python or numpy numbers (converted);
+    a wrong type (bools included) raises TypeError, a bad value ValueError, each naming the argument."""
     if not isinstance(partition, ExpertPartition):
         raise TypeError(f"partition must be an ExpertPartition, got {type(partition).__name__}")
     rates = Rates() if rates is None else rates
@@ -162,16 +183,20 @@ def choose_mode(tokens_per_rank: Sequence[int], partition: ExpertPartition, layo
     tokens = list(tokens_per_rank)
     if len(tokens) != N:
         raise ValueError(f"tokens_per_rank needs one count per rank of the partition's world ({N}), got {len(tokens)}")
-    for r, t in enumerate(tokens):
-        _int_param(f"tokens_per_rank[{r}]", t, 0)
+    tokens = [_int_param(f"tokens_per_rank[{r}]", t, 0) for r, t in enumerate(tokens)]
     X = _int_param("layout_bytes_per_expert", layout_bytes_per_expert, 1)
     H = _int_param("hidden", hidden, 1)
     k = _int_param("top_k", top_k, 1)
     if k > E:
         raise ValueError(f"top_k must be in [1, {E}] (the layer's experts), got {k}")
+    sizes = {}
     for name, v in (("param_bytes", param_bytes), ("token_bytes", token_bytes), ("partial_bytes", partial_bytes)):
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0:
+        if isinstance(v, bool) or not isinstance(v, numbers.Real):
+            raise TypeError(f"{name} must be a number > 0, got {v!r} ({type(v).__name__})")
+        if not v > 0:
             raise ValueError(f"{name} must be a number > 0, got {v!r}")
+        sizes[name] = v if type(v) in (int, float) else float(v)
+    param_bytes, token_bytes, partial_bytes = sizes["param_bytes"], sizes["token_bytes"], sizes["partial_bytes"]
     allowed = tuple(allowed)
     unknown = [a for a in allowed if a not in MODES]
     if not allowed or unknown or len(set(allowed)) != len(allowed):

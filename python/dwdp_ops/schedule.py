@@ -1,19 +1,26 @@
 """Copy-engine fetch schedules (pure host logic): which byte ranges to copy, and in what order.
 
 A layer's fetch is a list of ``Copy(peer, dst, src, nbytes)``, one per (tensor kind, run of the partition's fetch
-plan). Two schedules:
+plan). Three schedules:
   * ``per_peer``: the runs in peer order, one copy each: every rank starts with the lowest peer, so at any moment
     several ranks pull from the same owner and share its egress (an all-to-one phase).
   * ``staggered``: the same whole runs, but each rank starts at the peer after itself and goes round, so that at
     any moment the ranks read from different owners (when the runs are of equal size).
   * ``interleaved``: every run cut into slices of ``slice_bytes`` (default 2 MiB), issued round-robin across the
     peers, starting at the peer after this rank (staggered), so that owners are loaded evenly at every moment.
-Invariant: both schedules move exactly the same bytes (same multiset of (dst, src) bytes), only in another order.
+Invariant: the three schedules move exactly the same bytes (same multiset of (dst, src) bytes), only in another
+order.
+
+Bad input (checked up front, naming the argument): ``rank`` / ``world_size`` / ``slice_bytes`` that are not integers
+(bools included) raise TypeError; ``world_size < 1``, a rank outside ``[0, world_size)``, ``slice_bytes < 1`` and an
+unknown schedule raise ValueError. ``slice_bytes`` is used by ``interleaved`` only: the other two schedules also
+accept ``None`` there (nothing is sliced); ``interleaved`` needs a positive int.
 """
 
 from __future__ import annotations
 
 import itertools
+import numbers
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
@@ -30,9 +37,32 @@ class Copy:
     nbytes: int
 
 
+def _check_slice(slice_bytes) -> int:
+    """``slice_bytes`` as an int, or TypeError (not an integer; bools are refused) / ValueError (not >= 1)."""
+    if isinstance(slice_bytes, bool) or not isinstance(slice_bytes, numbers.Integral):
+        raise TypeError(f"slice_bytes must be a positive int (bytes), got {slice_bytes!r} ({type(slice_bytes).__name__})")
+    if slice_bytes < 1:
+        raise ValueError(f"slice_bytes must be a positive int (bytes), got {slice_bytes}")
+    return int(slice_bytes)
+
+
+def _check_world(rank, world_size) -> tuple[int, int]:
+    """``(rank, world_size)`` as ints: TypeError unless both are integers (bools refused), ValueError unless
+    ``world_size >= 1`` and ``0 <= rank < world_size``."""
+    if isinstance(world_size, bool) or not isinstance(world_size, numbers.Integral):
+        raise TypeError(f"world_size must be an int >= 1, got {world_size!r} ({type(world_size).__name__})")
+    if world_size < 1:
+        raise ValueError(f"world_size must be an int >= 1, got {world_size}")
+    if isinstance(rank, bool) or not isinstance(rank, numbers.Integral):
+        raise TypeError(f"rank must be an int in [0, world_size={world_size}), got {rank!r} ({type(rank).__name__})")
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank must be in [0, world_size={world_size}), got {rank}")
+    return int(rank), int(world_size)
+
+
 def slice_copy(c: Copy, slice_bytes: int) -> list[Copy]:
-    if slice_bytes <= 0:
-        raise ValueError(f"slice_bytes must be positive, got {slice_bytes}")
+    """``c`` cut into consecutive copies of ``slice_bytes`` (a positive int; the last one may be shorter)."""
+    slice_bytes = _check_slice(slice_bytes)
     return [
         Copy(c.peer, c.dst + off, c.src + off, min(slice_bytes, c.nbytes - off)) for off in range(0, c.nbytes, slice_bytes)
     ]
@@ -40,19 +70,29 @@ def slice_copy(c: Copy, slice_bytes: int) -> list[Copy]:
 
 def peer_order(rank: int, world_size: int) -> list[int]:
     """The other ranks, starting at ``rank + 1`` and wrapping: each rank starts at a different owner."""
+    rank, world_size = _check_world(rank, world_size)
     return [(rank + k) % world_size for k in range(1, world_size)]
 
 
 def order_copies(
-    copies: Sequence[Copy], rank: int, world_size: int, schedule: Schedule = "interleaved", slice_bytes: int = DEFAULT_SLICE
+    copies: Sequence[Copy], rank: int, world_size: int, schedule: Schedule = "interleaved",
+    slice_bytes: int | None = DEFAULT_SLICE,
 ) -> list[Copy]:
+    """``copies`` in ``schedule``'s order (module docstring) for ``rank`` of ``world_size``; every argument is
+    checked before anything is ordered (bad input: module docstring)."""
+    rank, world_size = _check_world(rank, world_size)
+    if schedule not in ("per_peer", "staggered", "interleaved"):
+        raise ValueError(f"schedule must be 'per_peer', 'staggered' or 'interleaved', got {schedule!r}")
+    if schedule == "interleaved" and slice_bytes is None:
+        raise TypeError("slice_bytes must be a positive int (bytes) for the 'interleaved' schedule, got None "
+                        "(None is accepted only by 'per_peer' and 'staggered', which do not slice)")
+    if slice_bytes is not None:
+        slice_bytes = _check_slice(slice_bytes)
     if schedule == "per_peer":
         return sorted(copies, key=lambda c: (c.peer, c.dst))
     rank_of = {p: i for i, p in enumerate(peer_order(rank, world_size))}
     if schedule == "staggered":
         return sorted(copies, key=lambda c: (rank_of.get(c.peer, world_size), c.dst))
-    if schedule != "interleaved":
-        raise ValueError(f"schedule must be 'per_peer', 'staggered' or 'interleaved', got {schedule!r}")
     queues: dict[int, list[Copy]] = {}
     for c in sorted(copies, key=lambda c: c.dst):
         queues.setdefault(c.peer, []).extend(slice_copy(c, slice_bytes))
