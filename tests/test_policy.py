@@ -245,3 +245,21 @@ def test_pair_shares_needs_top_k_in_range(top_k, err, match):
         pair_shares(ExpertPartition(8, 2, 4, 4), top_k)
     with pytest.raises(TypeError, match="partition must be an ExpertPartition"):
         pair_shares((8, 2, 4, 4), 2)
+
+
+def test_the_prefetch_estimate_moves_the_padded_stride():
+    """The copy-engine prefetch moves ``expert_stride`` bytes per expert (the store's fetch runs), not
+    ``expert_bytes``: a padded shape's prefetch_all cost grows by its inflation; the GEMM and on-demand terms do not."""
+    from dwdp_ops.layout import ExpertLayout
+
+    lay = ExpertLayout.moe(256, 128, "float16")
+    assert lay.expert_stride > lay.expert_bytes  # padded
+    p = ExpertPartition.disjoint(8, 2)
+    args = ([1, 1], p, lay.expert_bytes, 256, 2)
+    plain = choose_mode(*args, allowed=("prefetch_all", "on_demand"))
+    padded = choose_mode(*args, allowed=("prefetch_all", "on_demand"), fetch_bytes_per_expert=lay.expert_stride)
+    ratio = padded.per_rank_us["prefetch_all"][0] / plain.per_rank_us["prefetch_all"][0]
+    assert ratio == pytest.approx(lay.expert_stride / lay.expert_bytes)
+    assert padded.per_rank_us["on_demand"] == plain.per_rank_us["on_demand"]
+    with pytest.raises(ValueError, match="fetch_bytes_per_expert must be an int >= "):
+        choose_mode(*args, fetch_bytes_per_expert=lay.expert_bytes - 1)

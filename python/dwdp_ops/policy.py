@@ -10,8 +10,9 @@ The rule (per MoE layer, times in seconds; rank r has T_r tokens; every rank the
   parameters per expert, so one (token, expert) pair costs 2P FLOP.  Rates: B_ce, B_sm, B_d (GB/s), latency lat (µs,
   per collective), C (TFLOP/s: ``gemm_tflops``, or ``fp8_gemm_tflops`` for 1-byte weights).
     gemm(pairs)       = pairs * 2P / C
-    prefetch_all_r    = gemm(T_r k) + max(0, (E - L) X / B_ce - gemm(T_r k))  = max(gemm(T_r k), (E - L) X / B_ce)
-                        (the prefetch of layer l+1 is hidden behind layer l's compute; only the excess is exposed)
+    prefetch_all_r    = gemm(T_r k) + max(0, (E - L) X_f / B_ce - gemm(T_r k)) = max(gemm(T_r k), (E - L) X_f / B_ce)
+                        (the prefetch of layer l+1 is hidden behind layer l's compute; only the excess is exposed;
+                        X_f = ``fetch_bytes_per_expert``, the padded stride the copy engine moves, default X)
     on_demand_r       = gemm(T_r k) + D(T_r) (E - L) / E * X / B_sm,   D(T) = E (1 - (1 - k/E)^T)
                         (the expected distinct experts of T tokens, ``expected_distinct``; not overlapped:
                         the fetch needs the router's ids)
@@ -167,11 +168,14 @@ def _int_param(name: str, v, lo: int) -> int:
 
 def choose_mode(tokens_per_rank: Sequence[int], partition: ExpertPartition, layout_bytes_per_expert: int,
                 hidden: int, top_k: int, rates: Rates | None = None, allowed: Sequence[str] = MODES, *,
-                param_bytes: float = 2.0, token_bytes: float = 2.0, partial_bytes: float = 4.0) -> ModeChoice:
+                param_bytes: float = 2.0, token_bytes: float = 2.0, partial_bytes: float = 4.0,
+                fetch_bytes_per_expert: int | None = None) -> ModeChoice:
     """The step's mode by the rule of the module docstring. ``tokens_per_rank``: every rank's T this step (the same
     list on every rank); ``layout_bytes_per_expert``: one expert's bytes (``ExpertLayout.expert_bytes``);
     ``param_bytes``: bytes per weight parameter (2 bf16, 1 fp8) for the GEMM FLOPs; ``token_bytes``: bytes per
-    hidden element in dispatch; ``partial_bytes``: bytes per element of the combine's partials. Pure; not a
+    hidden element in dispatch; ``partial_bytes``: bytes per element of the combine's partials;
+    ``fetch_bytes_per_expert``: what the copy-engine prefetch moves per expert (``ExpertLayout.expert_stride``: the
+    padded stride, more than ``expert_bytes`` for a shape with padding; None: ``layout_bytes_per_expert``). Pure; not a
     collective (the caller gathers ``tokens_per_rank``). Counts and sizes may be Python or numpy numbers (converted);
     a wrong type (bools included) raises TypeError, a bad value ValueError, each naming the argument."""
     if not isinstance(partition, ExpertPartition):
@@ -185,6 +189,7 @@ def choose_mode(tokens_per_rank: Sequence[int], partition: ExpertPartition, layo
         raise ValueError(f"tokens_per_rank needs one count per rank of the partition's world ({N}), got {len(tokens)}")
     tokens = [_int_param(f"tokens_per_rank[{r}]", t, 0) for r, t in enumerate(tokens)]
     X = _int_param("layout_bytes_per_expert", layout_bytes_per_expert, 1)
+    Xf = X if fetch_bytes_per_expert is None else _int_param("fetch_bytes_per_expert", fetch_bytes_per_expert, X)
     H = _int_param("hidden", hidden, 1)
     k = _int_param("top_k", top_k, 1)
     if k > E:
@@ -204,7 +209,7 @@ def choose_mode(tokens_per_rank: Sequence[int], partition: ExpertPartition, layo
 
     C = rates.fp8_gemm_tflops if param_bytes == 1 else rates.gemm_tflops
     pair_s = 2.0 * (X / param_bytes) / (C * 1e12)
-    fetch_all = (E - L) * X / (rates.ce_gbps * 1e9)
+    fetch_all = (E - L) * Xf / (rates.ce_gbps * 1e9)
     lat = rates.dispatch_latency_us * 1e-6
     m, q = _shares(partition, k)
     bytes_d, bytes_c = H * token_bytes + 8 * k, H * partial_bytes

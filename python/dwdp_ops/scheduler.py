@@ -162,7 +162,7 @@ class PrefetchScheduler:
         lay = s.layout
         return choose_mode(list(tokens_per_rank), s.partition, lay.expert_bytes, d.hidden if d else 1, self.top_k,
                            self.rates, allowed, param_bytes=lay.expert_bytes / sum(
-                               _numel(t.shape) for t in lay.tensors))
+                               _numel(t.shape) for t in lay.tensors), fetch_bytes_per_expert=lay.expert_stride)
 
     def policy_for(self, tokens: int | None, tokens_per_rank: Sequence[int] | None = None) -> str:
         """The step's mode: the forced policy, or ``auto``'s choice (see the module docstring). With a dispatcher,
