@@ -368,6 +368,9 @@ def test_wrong_types_and_shapes_are_named():
         coaction(ind, feed.numpy(), mask, spec)
     with pytest.raises(TypeError, match="spec must be a CoActionSpec"):
         coaction(ind, feed, mask, ((16, 8), (8, 4)))
+    for falsy in (0, "", {}):  # not swapped for the default spec (`spec or CoActionSpec()` did)
+        with pytest.raises(TypeError, match=f"spec must be a CoActionSpec, got {type(falsy).__name__}"):
+            coaction(ind, feed, mask, falsy)
 
     def check(ind=ind, feed=feed, mask=mask, ind_ids=None, feed_ids=None):  # dtypes and shapes come before devices
         coaction(ind, feed, mask, spec, ind_ids=ind_ids, feed_ids=feed_ids)

@@ -67,6 +67,33 @@ def test_stream_handles_from_every_kind_of_stream():
         stream_handle("default")
 
 
+def test_a_bool_and_a_non_cuda_torch_stream_are_not_streams():
+    """``True`` read as handle 1 (the legacy default stream) and ``torch.Stream``, what
+    ``torch.accelerator.current_stream()`` returns, was refused even on CUDA (its CUDA case: tests/test_gpu_torch_ops.py)."""
+    for flag in (True, False):
+        with pytest.raises(TypeError, match=f"an integer handle, got bool {flag}"):
+            stream_handle(flag)
+    torch = pytest.importorskip("torch")
+    with pytest.raises(TypeError, match="stream must be a CUDA stream, got a torch.Stream on cpu"):
+        stream_handle(torch.Stream("cpu"))
+
+
+def test_a_torch_dtype_without_a_device_form_is_named():
+    """PyTorch's ``__cuda_array_interface__`` raises KeyError for a dtype it has no type string for (float8_e5m2 on a
+    CUDA tensor; this stand-in raises the same way): a TypeError names the argument and what the library reads."""
+
+    class E5m2Tensor:
+        dtype = "torch.float8_e5m2"
+
+        @property
+        def __cuda_array_interface__(self):
+            raise KeyError(self.dtype)
+
+    with pytest.raises(TypeError, match="weights has dtype torch.float8_e5m2, which the library cannot read: use "
+                                        "float16, float32"):
+        device_buffer(E5m2Tensor(), "weights")
+
+
 def test_a_raw_handle_becomes_a_cupy_stream_without_the_deprecated_wrapper():
     cupy = pytest.importorskip("cupy")
     import warnings

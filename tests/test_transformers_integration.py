@@ -2,17 +2,23 @@
 refusals, the 'dwdp' experts implementation driven through a stand-in scheduler over the model's own expert tensors
 (same logits to bf16 rounding, same greedy tokens from generate(), one begin_step per forward, wait / release per
 MoE layer in order), and Hugging Face's router against the official gate where masking dropped groups with 0.0
-instead of -inf would change the choice. The store-backed path runs on GPUs (tests/multiproc)."""
+instead of -inf would change the choice; with stand-ins for the model and the store (no transformers needed), what a
+failed construction leaves behind. The store-backed path runs on GPUs (tests/multiproc)."""
 
 from __future__ import annotations
 
 import pytest
 
 torch = pytest.importorskip("torch")
-transformers = pytest.importorskip("transformers", reason="transformers is not installed (pip install transformers)")
+try:
+    import transformers
+except ImportError:  # the stand-in tests (construction failures) run without it
+    transformers = None
 
 from dwdp_ops import ExpertPartition  # noqa: E402
 from dwdp_ops.integrations import transformers as hf  # noqa: E402
+
+needs_hf = pytest.mark.skipif(transformers is None, reason="transformers is not installed (pip install transformers)")
 
 
 def tiny_config(**kw):
@@ -57,6 +63,7 @@ class StandInScheduler:
         self.log.append(("release", p))
 
 
+@needs_hf
 def test_plan_keeps_a_slice_per_rank_and_names_what_it_cannot_serve():
     m = tiny_model()
     p = hf.plan(m, 4, 2)
@@ -77,6 +84,7 @@ def test_plan_keeps_a_slice_per_rank_and_names_what_it_cannot_serve():
         hf.DwdpDeepseekV3(tiny_model(), policy="dispatch", views=views, scheduler=StandInScheduler(2))
 
 
+@needs_hf
 def test_dwdp_experts_equal_hugging_faces_and_generate_the_same_tokens():
     ids = torch.tensor([[5, 17, 99, 3, 64, 8, 1]])
     base = tiny_model(1)
@@ -102,6 +110,7 @@ def test_dwdp_experts_equal_hugging_faces_and_generate_the_same_tokens():
     assert torch.equal(tokens, want_tokens)
 
 
+@needs_hf
 def test_hugging_faces_router_masks_dropped_groups_like_the_official_gate():
     """Scores + bias below zero in the kept groups: a router that masked dropped groups with 0.0 would pick experts
     of dropped groups (0.0 beats the negative kept ones); the official gate (-inf) never does."""
@@ -119,3 +128,93 @@ def test_hugging_faces_router_masks_dropped_groups_like_the_official_gate():
     assert [sorted(r) for r in idx.tolist()] == [sorted(r) for r in idx2.tolist()]
     groups = idx // 4
     assert all(len(set(r.tolist())) <= 2 for r in groups)  # only the kept groups
+
+
+# -- construction failures, with stand-ins (the reviewer's case: rates={"fetch_gbps": 100} raised after the experts were
+# freed, and the store was never closed) ----------------------------------------------------------------------------
+def _stand_in_model(E=4, H=16, I=8, L=2):
+    from types import SimpleNamespace as NS
+
+    class Experts(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.gate_up_proj = torch.nn.Parameter(torch.zeros(E, 2 * I, H, dtype=torch.bfloat16))
+            self.down_proj = torch.nn.Parameter(torch.zeros(E, H, I, dtype=torch.bfloat16))
+
+    class Layer(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.mlp = NS(experts=Experts())
+
+    decoder = torch.nn.Module()
+    decoder.layers = [Layer() for _ in range(L)]
+    cfg = NS(model_type="deepseek_v3", n_routed_experts=E, hidden_size=H, moe_intermediate_size=I,
+             num_experts_per_tok=2, num_hidden_layers=L)
+    return NS(config=cfg, model=decoder)
+
+
+@pytest.fixture
+def stand_in_store(monkeypatch):
+    """A one-rank runtime and a ``_build_store`` that does to the model what the real one does (frees the experts),
+    returning a store that records its closing; ``register`` a no-op (transformers may be absent)."""
+    from types import SimpleNamespace as NS
+
+    import dwdp_ops.runtime as rt
+
+    log = []
+    monkeypatch.setattr(rt, "get_runtime", lambda: NS(require=lambda *_: None, world_size=lambda: 1, rank=lambda: 0))
+    monkeypatch.setattr(hf, "register", lambda: log.append("register"))
+
+    def build(self):
+        log.append("build")
+        for ex in self._experts:
+            ex.gate_up_proj = torch.nn.Parameter(torch.empty(0, dtype=torch.bfloat16), requires_grad=False)
+        return NS(E=4, device=None, close=lambda: log.append("close")), [None] * len(self._experts)
+
+    monkeypatch.setattr(hf.DwdpDeepseekV3, "_build_store", build)
+    return log
+
+
+def test_bad_rates_and_failing_imports_are_refused_before_the_experts_are_freed(stand_in_store, monkeypatch):
+    model = _stand_in_model()
+    with pytest.raises(TypeError, match="rates must be a dwdp_ops.policy.Rates, got dict"):
+        hf.DwdpDeepseekV3(model, policy="auto", rates={"fetch_gbps": 100})
+
+    def no_transformers():
+        raise ImportError("No module named 'transformers'")
+
+    monkeypatch.setattr(hf, "register", no_transformers)
+    with pytest.raises(ImportError, match="transformers"):
+        hf.DwdpDeepseekV3(model)
+    assert stand_in_store == []  # no store built
+    assert all(ex.gate_up_proj.shape == (4, 16, 16) for _, ex in hf.moe_layers(model))  # the experts are intact
+
+
+def test_a_failure_after_the_store_is_built_closes_it_and_undoes_the_setup(stand_in_store, monkeypatch):
+    import dwdp_ops.scheduler
+
+    def no_scheduler(*a, **k):
+        raise RuntimeError("the scheduler failed")
+
+    monkeypatch.setattr(dwdp_ops.scheduler, "PrefetchScheduler", no_scheduler)
+    model = _stand_in_model()
+    with pytest.raises(RuntimeError, match="the scheduler failed"):
+        hf.DwdpDeepseekV3(model)
+    assert stand_in_store == ["register", "build", "close"]
+    assert getattr(model.config, "_experts_implementation", None) is None  # not left as "dwdp"
+    assert not model.model._forward_pre_hooks
+    assert not any(hasattr(ex, "_dwdp") for _, ex in hf.moe_layers(model))
+
+
+def test_hidden_states_off_the_stores_gpu_are_refused(stand_in_store):
+    """The experts run on the stream of the hidden states' device (tests/test_gpu_torch_ops.py checks it on two GPUs),
+    which must be the store's."""
+    from types import SimpleNamespace as NS
+
+    model = _stand_in_model()
+    views = [(ex.gate_up_proj.data, ex.down_proj.data) for _, ex in hf.moe_layers(model)]
+    dw = hf.DwdpDeepseekV3(model, views=views, scheduler=NS(step_policy="prefetch_all"))
+    dw.store = NS(device=1, close=lambda: None)
+    with pytest.raises(ValueError, match="MoE position 0's hidden states are on cpu, the expert store on cuda:1"):
+        dw.experts(0, torch.zeros(3, 16, dtype=torch.bfloat16), torch.zeros(3, 2, dtype=torch.int64), torch.ones(3, 2))
+    dw.close()

@@ -2,8 +2,8 @@
 
 Arrays are accepted from anything that exposes ``__cuda_array_interface__`` (CuPy, PyTorch, Numba); CuPy arrays and
 PyTorch tensors are read from their attributes instead (the same values without building the interface dict: the
-fused ops read several arrays per call); streams from CuPy (``.ptr``), PyTorch (``.cuda_stream``), cuda-python /
-cuda.core (``__cuda_stream__``) or a raw integer handle.
+fused ops read several arrays per call); streams from CuPy (``.ptr``), PyTorch (``torch.cuda.Stream``'s
+``.cuda_stream``, or a CUDA ``torch.Stream``), cuda-python / cuda.core (``__cuda_stream__``) or a raw integer handle.
 """
 
 from __future__ import annotations
@@ -84,7 +84,8 @@ def _torch_types() -> Any:
 
 
 def device_buffer(obj: Any, name: str = "array") -> DeviceBuffer:
-    """Reads ``__cuda_array_interface__``; a TypeError names the argument when the object is not a device array.
+    """Reads ``__cuda_array_interface__``; a TypeError names the argument when the object is not a device array, or
+    is a CUDA tensor of a dtype neither path can read (float8_e5m2, for one).
     CuPy arrays and strided CUDA PyTorch tensors (of the dtypes in ``_torch_types``; bf16 reads as uint16 bits, fp8
     e4m3 as uint8 bytes) are read from their attributes: the same values, without building the interface dict (this
     runs on the fused ops' per-call path). A tensor that requires grad is refused (TypeError) while grad mode is on,
@@ -107,7 +108,13 @@ def device_buffer(obj: Any, name: str = "array") -> DeviceBuffer:
                                 "autograd; dwdp_ops.coaction.coaction is the differentiable co-action op)")
             return DeviceBuffer(obj.data_ptr() if obj.numel() else 0, tuple(obj.shape), dt,
                                 None if obj.is_contiguous() else tuple(v * dt.itemsize for v in obj.stride()))
-    cai = getattr(obj, "__cuda_array_interface__", None)
+    try:
+        cai = getattr(obj, "__cuda_array_interface__", None)
+    except KeyError:
+        # PyTorch's interface has no type string for some dtypes (float8_e5m2, float8_e4m3fnuz, ...): its dict lookup
+        # raises KeyError, which getattr's default does not catch
+        raise TypeError(f"{name} has dtype {getattr(obj, 'dtype', '?')}, which the library cannot read: use float16, "
+                        "float32, float64, bfloat16, float8_e4m3fn, complex64/128, bool or an integer dtype") from None
     if cai is None:
         raise TypeError(
             f"{name} must be a CUDA device array (CuPy, PyTorch, Numba: anything with __cuda_array_interface__), "
@@ -136,8 +143,13 @@ def normalize_dtype(dtype: Any) -> tuple[np.dtype, str]:
 
 
 def stream_handle(stream: Any) -> int:
-    """The cudaStream_t of ``stream`` as an integer; None means CuPy's current stream (the legacy default stream
-    when CuPy is absent)."""
+    """The cudaStream_t of ``stream`` as an integer: a CuPy stream (``.ptr``), a ``torch.cuda.Stream``
+    (``.cuda_stream``), a CUDA ``torch.Stream`` (what ``torch.accelerator.current_stream()`` returns: the
+    ``cuda_stream`` of the ``torch.cuda.Stream`` of its ``stream_id`` / ``device_index``; ``stream_id`` itself is
+    PyTorch's internal id, not a handle), a cuda.core stream (``__cuda_stream__``) or an integer handle; None means
+    CuPy's current stream (the legacy default stream when CuPy is absent). A TypeError for anything else, a ``bool``
+    included (``True`` would read as handle 1, the legacy default stream), and for a ``torch.Stream`` of another
+    device type."""
     if stream is None:
         try:
             import cupy
@@ -145,6 +157,8 @@ def stream_handle(stream: Any) -> int:
             return int(cupy.cuda.get_current_stream().ptr)
         except ImportError:
             return 0
+    if isinstance(stream, bool):
+        raise TypeError(f"stream must be a CuPy/PyTorch/cuda.core stream or an integer handle, got bool {stream}")
     if isinstance(stream, int):
         return stream
     for attr in ("ptr", "cuda_stream"):
@@ -152,7 +166,20 @@ def stream_handle(stream: Any) -> int:
             return int(getattr(stream, attr))
     if hasattr(stream, "__cuda_stream__"):
         return int(stream.__cuda_stream__()[1])
+    torch = sys.modules.get("torch")
+    if torch is not None and isinstance(stream, getattr(torch, "Stream", ())):
+        return _torch_stream_handle(torch, stream)
     raise TypeError(f"stream must be a CuPy/PyTorch/cuda.core stream or an integer handle, got {type(stream).__name__}")
+
+
+def _torch_stream_handle(torch: Any, stream: Any) -> int:
+    """The cudaStream_t of a generic ``torch.Stream`` (no ``cuda_stream`` attribute), refusing other device types."""
+    if stream.device.type != "cuda":
+        raise TypeError(f"stream must be a CUDA stream, got a torch.Stream on {stream.device}")
+    # (the torch.cuda.Stream of the same stream, built from its ids as torch.cuda.current_stream builds one: no new
+    # stream; newer releases also have torch.Stream.native_handle, this works in every release we support)
+    s = torch.cuda.Stream(stream_id=stream.stream_id, device_index=stream.device_index, device_type=stream.device_type)
+    return int(s.cuda_stream)
 
 
 def cupy_stream(stream: Any):

@@ -7,17 +7,32 @@ one in this process and returns an int the ops take; ``release_handle`` forgets 
 outside the traced region: call ``scheduler.begin_step(tokens=T)`` (which may run the per-step all-gather of
 ``auto``) before the compiled layer stack, as an engine calls its own scheduler.
 
-Ops (all enqueue on PyTorch's current stream; none synchronises the host):
+Ops (all enqueue on PyTorch's current stream of their tensors' device, not the current device's; none synchronises
+the host; each refuses, by name, tensors on another device than the rest or than its scheduler's / dispatcher's GPU):
 
 ``dwdp::expert_mlp(Tensor x_grouped, Tensor offs, Tensor w13, Tensor w2, Tensor? s13, Tensor? s2) -> Tensor``
-    The grouped SwiGLU expert MLP: ``x_grouped [R, H]`` bf16 rows grouped by expert, groups ending at
-    ``offs [G]`` int32 (multiples of 16), ``w13 [G, 2I, H]`` / ``w2 [G, H, I]`` bf16, or float8_e4m3fn with
-    rowwise scales ``s13 [G, 2I]`` / ``s2 [G, H]`` float32 -> ``[R, H]`` bf16, returned. Pure.
+    The grouped SwiGLU expert MLP: ``x_grouped [R, H]`` bf16 rows grouped by expert, group g in rows
+    ``[offs[g-1], offs[g])`` of ``offs [G]`` int32 (non-decreasing group ends; rows past ``offs[-1]`` are not
+    meaningful), ``w13 [G, 2I, H]`` / ``w2 [G, H, I]`` bf16 without scales, or float8_e4m3fn with rowwise scales
+    ``s13 [G, 2I]`` / ``s2 [G, H]`` float32 -> ``[R, H]`` bf16, returned; all on one device. Pure; inference only
+    (no autograd formula: inputs that require grad run forward, and a backward through the op raises PyTorch's "no
+    autograd formula was registered"; run it under ``torch.no_grad()`` / ``torch.inference_mode()``). Group ends:
+    bf16 takes any (unaligned groups run on GPUs: ``tests/test_gpu_deepseek.py``, ``align=1``); fp8 takes groups
+    that start on multiples of 16 rows, the layout ``fp8.grouped_swiglu_fp8`` states and the only one tested
+    (``models.routed`` and ``TokenDispatcher`` pad groups to 16 rows). The op reads no tensor on the host (it must
+    stay capturable), so ``offs``'s values are the caller's contract, not checked; shapes, dtypes and devices are,
+    in the op and its fake alike (``TypeError`` for a dtype, ``ValueError`` for a shape, a missing scale or a
+    device).
 ``dwdp::wait(Tensor(a!) w13, Tensor(b!) w2, int sched, int layer, Tensor? ids) -> ()``
     Before layer ``layer``'s MoE: makes the layer's composite views (``w13``, ``w2``: the store's ``[E, ...]``
     views of that layer, which it writes) hold every expert the step needs: waits for the prefetch
-    (``prefetch_all``) or fetches the experts named by the router's ``ids`` (``on_demand``, int32, any shape).
-    Declared as mutating the views, so that it orders before their readers and is never dropped.
+    (``prefetch_all``) or fetches the experts named by the router's ``ids`` (``on_demand``; any shape, an integer
+    dtype: a float or bool tensor is refused with a ``TypeError``, as the router's weights passed by mistake would
+    otherwise name expert 0). Ids on the GPU are narrowed to int32 on the device with values outside int32 clamped
+    to ``-1`` / ``2**31 - 1``, out of every store's range, so that the fetch kernel skips them and
+    ``ExpertStore.check_errors()`` reports them (no host synchronisation; a plain cast would wrap ``2**32 + 3`` to
+    expert 3); ids on the CPU are range-checked on the host (``ValueError``). Declared as mutating the views, so
+    that it orders before their readers and is never dropped.
 ``dwdp::release(Tensor(a!) w13, Tensor moe_out, int sched, int layer) -> ()``
     After the layer's expert kernels (``moe_out``: their output, so the op orders after them): hands the slot back
     (the prefetch of layer + 2 may overwrite it). Declared as mutating ``w13`` for the same reasons.
@@ -28,8 +43,8 @@ Ops (all enqueue on PyTorch's current stream; none synchronises the host):
     bound (``TokenDispatcher.rows_for``; -1 for the capacity). Collective: every rank calls it for the layer.
 ``dwdp::combine(Tensor y_grouped, Tensor x, int disp) -> Tensor``
     The weighted expert outputs back to their tokens: ``y_grouped [rows, H]`` bf16 (in the dispatch's row order),
-    ``x`` the dispatch's ``[T, H]`` input (for the output's shape; not read) -> ``[T, H]`` bf16, returned.
-    Collective.
+    ``x`` the dispatch's ``[T, H]`` input (for the output's shape; not read; another shape is a ``ValueError``) ->
+    ``[T, H]`` bf16, returned. Collective. A combine that raised leaves the dispatch pending (it can be retried).
 """
 
 from __future__ import annotations
@@ -77,14 +92,43 @@ def lookup(h: int, kind: str | None = None) -> Any:
     return obj
 
 
-def _stream():
-    return torch.cuda.current_stream()
+def _stream(op: str, name: str, t: torch.Tensor):
+    """PyTorch's current stream on ``t``'s device (``torch.cuda.current_stream(t.device)``), where the op's kernels
+    and its library calls are enqueued: not the current device's stream, which with ``t`` on cuda:1 and cuda:0
+    current would order nothing the op touches. A ValueError names ``t`` (``name``) when it is not on a GPU."""
+    if t.device.type != "cuda":
+        raise ValueError(f"{op}: {name} must be a CUDA tensor (the op runs on its device's current stream), got "
+                         f"{name} on {t.device}")
+    return torch.cuda.current_stream(t.device)
+
+
+def _home_device(obj: Any) -> int | None:
+    """The CUDA device index of a library object where it names one (a scheduler's ``store.device``, a dispatcher's
+    ``rt.device``); None for a stand-in without one."""
+    for owner in ("store", "rt"):
+        dev = getattr(getattr(obj, owner, None), "device", None)
+        if isinstance(dev, int) and not isinstance(dev, bool) and dev >= 0:
+            return dev
+    return None
+
+
+def _check_devices(op: str, home: int | None, **tensors: torch.Tensor | None) -> None:
+    """Raises ValueError, naming every tensor's device, when the given tensors (None: absent) are not all on one
+    device, or not on CUDA device ``home`` where it is known (the library object's GPU)."""
+    given = {n: t for n, t in tensors.items() if t is not None}
+    devices = {t.device for t in given.values()}
+    where = ", ".join(f"{n} on {t.device}" for n, t in given.items())
+    if len(devices) > 1:
+        raise ValueError(f"{op}: every tensor must be on one device, got {where}")
+    if home is not None and devices and devices != {torch.device("cuda", home)}:
+        raise ValueError(f"{op}: the tensors must be on the library object's GPU, cuda:{home}, got {where}")
 
 
 # -- expert MLP ------------------------------------------------------------------------------------------------------
 @torch.library.custom_op("dwdp::expert_mlp", mutates_args=())
 def expert_mlp(x_grouped: torch.Tensor, offs: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
                s13: torch.Tensor | None = None, s2: torch.Tensor | None = None) -> torch.Tensor:
+    _check_mlp(x_grouped, offs, w13, w2, s13, s2)  # (as the fake does: an eager call refuses what a trace refuses)
     inter = w2.shape[-1]
     if s13 is not None:
         from .models.deepseek_r1.fp8 import grouped_swiglu_fp8
@@ -102,7 +146,10 @@ def _(x_grouped, offs, w13, w2, s13=None, s2=None):
 
 
 def _check_mlp(x, offs, w13, w2, s13, s2) -> None:
-    G = w13.shape[0]
+    """The argument checks of ``dwdp::expert_mlp`` (module docstring), run by the op and by its fake: shapes, the
+    weights' dtype, the scales, the other dtypes, then the devices. Reads attributes only (no tensor data: nothing
+    synchronises, capture is unaffected), so it also takes CPU, meta and fake tensors."""
+    G = w13.shape[0] if w13.dim() else -1
     if x.dim() != 2 or w13.dim() != 3 or w2.dim() != 3 or w2.shape[0] != G or offs.shape != (G,):
         raise ValueError(f"expert_mlp: x [R, H], offs [G], w13 [G, 2I, H], w2 [G, H, I]; got x {list(x.shape)}, offs "
                          f"{list(offs.shape)}, w13 {list(w13.shape)}, w2 {list(w2.shape)}")
@@ -110,30 +157,86 @@ def _check_mlp(x, offs, w13, w2, s13, s2) -> None:
     if w13.shape[2] != H or w2.shape[1] != H or I2 != 2 * w2.shape[2]:
         raise ValueError(f"expert_mlp: w13 must be [G, 2I, {H}] and w2 [G, {H}, I], got {list(w13.shape)} and "
                          f"{list(w2.shape)}")
-    if (s13 is None) != (s2 is None) or (s13 is not None and (s13.shape != (G, I2) or s2.shape != (G, H))):
-        raise ValueError("expert_mlp: fp8 weights need both row scales, s13 [G, 2I] and s2 [G, H]; bf16 neither")
+    if w13.dtype not in (torch.bfloat16, torch.float8_e4m3fn) or w2.dtype != w13.dtype:
+        raise TypeError(f"expert_mlp: w13 and w2 must both be bfloat16, or both float8_e4m3fn with row scales; got "
+                        f"{w13.dtype} and {w2.dtype}")
+    fp8 = w13.dtype == torch.float8_e4m3fn
+    if ((s13 is None) != (s2 is None) or (s13 is not None) != fp8
+            or (s13 is not None and (s13.shape != (G, I2) or s2.shape != (G, H)))):
+        raise ValueError(f"expert_mlp: fp8 weights need both row scales, s13 [G, 2I] = {[G, I2]} and s2 [G, H] = "
+                         f"{[G, H]}; bf16 neither; got {w13.dtype} weights with s13 {_desc(s13)} and s2 {_desc(s2)}")
+    if x.dtype != torch.bfloat16:
+        raise TypeError(f"expert_mlp: x_grouped must be bfloat16, got {x.dtype}")
+    if offs.dtype != torch.int32:
+        raise TypeError(f"expert_mlp: offs must be int32 (the groups' cumulative ends), got {offs.dtype}")
+    if fp8 and (s13.dtype != torch.float32 or s2.dtype != torch.float32):
+        raise TypeError(f"expert_mlp: the row scales s13 and s2 must be float32, got {s13.dtype} and {s2.dtype}")
+    _check_devices("expert_mlp", None, x_grouped=x, offs=offs, w13=w13, w2=w2, s13=s13, s2=s2)
+
+
+def _desc(t: torch.Tensor | None) -> str:
+    return "None" if t is None else f"{t.dtype} {list(t.shape)}"
 
 
 # -- weights: wait / release -----------------------------------------------------------------------------------------
+_INT32_MAX = 2**31 - 1
+
+
+def _check_ids_dtype(layer: int, ids: torch.Tensor | None) -> None:
+    if ids is not None and (ids.dtype.is_floating_point or ids.dtype.is_complex or ids.dtype == torch.bool):
+        raise TypeError(f"dwdp::wait({layer}): ids must be the router's integer expert ids (its top-k indices), got "
+                        f"{ids.dtype}")
+
+
+def _expert_ids(layer: int, ids: torch.Tensor, num_experts: int | None) -> torch.Tensor:
+    """``ids`` (any shape, an integer dtype) as the contiguous 1-D int32 list the store's fetch takes. On the CPU:
+    range-checked here (ValueError; against ``[0, num_experts)`` where known). On the GPU: no host read (the op must
+    not synchronise); a dtype wider than int32 is clamped to ``[-1, 2**31 - 1]`` on the device before the cast, so that
+    a value outside int32 becomes an id outside every store's range (the fetch kernel skips it and
+    ``ExpertStore.check_errors()`` reports it) instead of wrapping onto a real expert."""
+    flat = ids.reshape(-1)
+    if not ids.is_cuda:
+        if flat.numel():
+            bound = num_experts if num_experts is not None else _INT32_MAX + 1
+            lo, hi = int(flat.min()), int(flat.max())
+            if lo < 0 or hi >= bound:
+                raise ValueError(f"dwdp::wait({layer}): expert id {lo if lo < 0 else hi} is outside [0, {bound})")
+        return flat.to(torch.int32).contiguous()
+    if ids.dtype not in (torch.int32, torch.int16, torch.int8, torch.uint8):
+        if ids.dtype != torch.int64:
+            flat = flat.to(torch.int64)  # (unsigned 32/64-bit: clamp is defined on int64)
+        flat = flat.clamp(-1, _INT32_MAX)
+    return flat.to(torch.int32).contiguous()
+
+
 @torch.library.custom_op("dwdp::wait", mutates_args=("w13", "w2"))
 def wait(w13: torch.Tensor, w2: torch.Tensor, sched: int, layer: int, ids: torch.Tensor | None = None) -> None:
     s = lookup(sched, "PrefetchScheduler")
+    _check_ids_dtype(layer, ids)
+    # (ids may be a host list, range-checked by _expert_ids; ids on a GPU must be on the views' device)
+    _check_devices(f"dwdp::wait({layer})", _home_device(s), w13=w13, w2=w2,
+                   ids=ids if ids is not None and ids.is_cuda else None)
+    stream = _stream(f"dwdp::wait({layer})", "w13", w13)
     if s.step_policy == "on_demand":
         if ids is None:
             raise ValueError(f"dwdp::wait({layer}): the on_demand step needs the router's ids")
-        s.wait(layer, _stream(), ids=ids.reshape(-1).to(torch.int32).contiguous())
+        store = getattr(s, "store", None)
+        s.wait(layer, stream, ids=_expert_ids(layer, ids, getattr(store, "E", None)))
     else:
-        s.wait(layer, _stream())
+        s.wait(layer, stream)
 
 
 @wait.register_fake
 def _(w13, w2, sched, layer, ids=None):
+    _check_ids_dtype(layer, ids)
     return None
 
 
 @torch.library.custom_op("dwdp::release", mutates_args=("w13",))
 def release(w13: torch.Tensor, moe_out: torch.Tensor, sched: int, layer: int) -> None:
-    lookup(sched, "PrefetchScheduler").release(layer, _stream())
+    s = lookup(sched, "PrefetchScheduler")
+    _check_devices(f"dwdp::release({layer})", _home_device(s), w13=w13, moe_out=moe_out)
+    s.release(layer, _stream(f"dwdp::release({layer})", "w13", w13))
 
 
 @release.register_fake
@@ -149,7 +252,9 @@ _PENDING: dict[int, Any] = {}  # dispatcher handle -> the DispatchHandle of its 
 def dispatch(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor, disp: int,
              max_rows: int) -> tuple[torch.Tensor, torch.Tensor]:
     d = lookup(disp, "TokenDispatcher")
-    h = d.dispatch(x, topk_ids, topk_weights, _stream(), max_rows=None if max_rows < 0 else max_rows)
+    _check_devices("dwdp::dispatch", _home_device(d), x=x, topk_ids=topk_ids, topk_weights=topk_weights)
+    h = d.dispatch(x, topk_ids, topk_weights, _stream("dwdp::dispatch", "x", x),
+                   max_rows=None if max_rows < 0 else max_rows)
     _PENDING[disp] = h
     xg, offs = h.torch()
     return xg, offs
@@ -166,11 +271,18 @@ def _(x, topk_ids, topk_weights, disp, max_rows):
 @torch.library.custom_op("dwdp::combine", mutates_args=())
 def combine(y_grouped: torch.Tensor, x: torch.Tensor, disp: int) -> torch.Tensor:
     d = lookup(disp, "TokenDispatcher")
-    h = _PENDING.pop(disp, None)
+    h = _PENDING.get(disp)
     if h is None:
         raise DwdpError(f"dwdp::combine: dispatcher {disp} has no dispatch to combine")
+    if tuple(x.shape) != (h.num_tokens, d.hidden):
+        # (the fake gives the output x's rows: a traced graph and the eager op agree only for the dispatch's input)
+        raise ValueError(f"dwdp::combine: x must be the dispatch's input, [T, H] = [{h.num_tokens}, {d.hidden}] (it "
+                         f"gives the output's shape), got {list(x.shape)}")
+    _check_devices("dwdp::combine", _home_device(d), y_grouped=y_grouped, x=x)
+    stream = _stream("dwdp::combine", "y_grouped", y_grouped)
     out = torch.empty((h.num_tokens, d.hidden), dtype=torch.bfloat16, device=y_grouped.device)
-    d.combine(y_grouped, h, out=out, stream=_stream())
+    d.combine(y_grouped, h, out=out, stream=stream)
+    _PENDING.pop(disp, None)  # only once combined: a combine that raised stays pending, so that it can be retried
     return out
 
 

@@ -241,7 +241,8 @@ def coaction(induction: torch.Tensor, feed: torch.Tensor, mask: torch.Tensor, sp
         ValueError: a tensor off CUDA or on another device than the rest, or a shape that does not fit `spec`; the
             fused op's own ValueErrors (ids out of range, a spec beyond the kernels' limits) pass through.
     """
-    spec = spec or CoActionSpec()
+    if spec is None:  # (not `spec or ...`: a falsy non-spec, 0 or {}, must reach the TypeError, not the default)
+        spec = CoActionSpec()
     induction, feed, mask, ind_ids, feed_ids, _ = _checked(induction, feed, mask, spec, ind_ids, feed_ids)
     # a backward can follow only with grad mode on and a tensor requiring grad (ctx.needs_input_grad inside the
     # forward sees requires_grad only, not the grad mode)

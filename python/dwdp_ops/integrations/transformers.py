@@ -131,6 +131,14 @@ class DwdpDeepseekV3:
         partition: the expert placement (default: disjoint over the job's ranks).
         views: for tests without a GPU only: per MoE position ``(w13, w2)`` tensors standing in for the store's
             composite views, with ``scheduler`` a stand-in (no store is built, no expert tensor is freed).
+        rates: the measured rates ``auto`` decides with (a ``dwdp_ops.policy.Rates``; None: H200 figures).
+
+    Raises:
+        ValueError / TypeError: an unsupported model, policy, partition or ``rates``, before anything is built.
+            A failure after the experts moved into the store (the scheduler's construction, say) closes the store
+            (collective, as its construction), removes what was installed on the model and re-raises; the model's
+            expert tensors stay freed (the store held only this rank's slice, so they cannot be restored from it):
+            reload the model.
     """
 
     def __init__(self, model: Any, *, policy: str = "prefetch_all", partition: ExpertPartition | None = None,
@@ -158,23 +166,35 @@ class DwdpDeepseekV3:
         if policy not in ("prefetch_all", "on_demand", "auto"):
             raise ValueError(f"policy must be 'prefetch_all', 'on_demand' or 'auto' (DEP through this integration "
                              f"is not supported yet), got {policy!r}")
-        if views is None:
-            self.store, self.views = self._build_store()
-            from ..scheduler import PrefetchScheduler
+        # everything that can be checked or imported before _build_store frees the model's experts
+        from ..policy import Rates
+        from ..scheduler import PrefetchScheduler
 
-            self.sched = PrefetchScheduler(self.store, policy=policy, top_k=self.plan.top_k, rates=rates)
-        else:
-            if scheduler is None or len(views) != len(self._experts):
-                raise ValueError("views (one (w13, w2) per MoE layer) come with a stand-in scheduler")
-            self.views, self.sched = list(views), scheduler
-        for p, ex in enumerate(self._experts):
-            ex._dwdp = (self, p)
-        register()
+        if rates is not None and not isinstance(rates, Rates):
+            raise TypeError(f"rates must be a dwdp_ops.policy.Rates, got {type(rates).__name__}")
+        if views is not None and (scheduler is None or len(views) != len(self._experts)):
+            raise ValueError("views (one (w13, w2) per MoE layer) come with a stand-in scheduler")
+        register()  # (idempotent; imports transformers' experts interface)
         cfg = _text_config(model.config)
         self._previous = getattr(cfg, "_experts_implementation", None)
-        cfg._experts_implementation = EXPERTS_IMPLEMENTATION
-        decoder = getattr(model, "model", model)
-        self._hooks.append(decoder.register_forward_pre_hook(self._begin_step, with_kwargs=True))
+        if views is None:
+            self.store, self.views = self._build_store()  # frees the model's expert tensors
+        else:
+            self.views = list(views)
+        try:
+            self.sched = (PrefetchScheduler(self.store, policy=policy, top_k=self.plan.top_k, rates=rates)
+                          if views is None else scheduler)
+            for p, ex in enumerate(self._experts):
+                ex._dwdp = (self, p)
+            cfg._experts_implementation = EXPERTS_IMPLEMENTATION
+            decoder = getattr(model, "model", model)
+            self._hooks.append(decoder.register_forward_pre_hook(self._begin_step, with_kwargs=True))
+        except BaseException:
+            for ex in self._experts:
+                if getattr(ex, "_dwdp", (None,))[0] is self:
+                    del ex._dwdp
+            self.close()  # hooks, the experts implementation's name, the store
+            raise
 
     # -- construction ------------------------------------------------------------------------------------------------
     def _build_store(self):
@@ -201,10 +221,11 @@ class DwdpDeepseekV3:
                 ex.down_proj = torch.nn.Parameter(empty.clone(), requires_grad=False)
             torch.cuda.empty_cache()  # the freed experts back to the driver (PyTorch's cache would keep them)
             get_runtime().barrier()  # every rank's experts are loaded before any peer fetches them
+            views = [tuple(_torch_view(store.composite(p, n), dtype) for n in ("w13", "w2"))
+                     for p in range(len(pl.layers))]
         except BaseException:
             store.close()
             raise
-        views = [tuple(_torch_view(store.composite(p, n), dtype) for n in ("w13", "w2")) for p in range(len(pl.layers))]
         return store, views
 
     # -- the step ----------------------------------------------------------------------------------------------------
@@ -222,7 +243,12 @@ class DwdpDeepseekV3:
         from ..models.routed import routed_experts
         from ..torch import expert_mlp
 
-        stream = torch.cuda.current_stream() if hidden_states.is_cuda else None
+        home = getattr(self.store, "device", None)
+        if home is not None and hidden_states.device != torch.device("cuda", home):
+            raise ValueError(f"DwdpDeepseekV3: MoE position {p}'s hidden states are on {hidden_states.device}, the "
+                             f"expert store on cuda:{home} (keep the model on the GPU it was on when DWDP was set up)")
+        # the stream of the tensors' device, not the current device's (their kernels run there)
+        stream = torch.cuda.current_stream(hidden_states.device) if hidden_states.is_cuda else None
         ids = top_k_index.to(torch.int64)
         if self.sched.step_policy == "on_demand":
             self.sched.wait(p, stream, ids=ids.reshape(-1).to(torch.int32).contiguous())
