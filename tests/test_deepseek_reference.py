@@ -181,3 +181,83 @@ def test_safetensors_shards_load(tmp_path, tiny):
     st.save_file({"embed": W["embed"]}, str(tmp_path / "dup.safetensors"))
     with pytest.raises(ValueError, match="more than one shard"):
         load_safetensors([str(tmp_path / "model-00002.safetensors"), str(tmp_path / "dup.safetensors")])
+
+
+def test_forward_checks_start_and_token_ids_before_touching_the_cache(tiny):
+    cfg, W = tiny
+    m = ReferenceModel(cfg, W)
+    m.prefill([1, 2, 3])
+    before = [{k: v.copy() for k, v in c.items()} for c in m.cache]
+    for start in (1, 5, -1):
+        with pytest.raises(ValueError, match=rf"start must be 0 .* or the cached length 3 .*got {start}"):
+            m.forward([4], start)
+    with pytest.raises(TypeError, match="start must be an int"):
+        m.forward([4], 3.0)
+    with pytest.raises(TypeError, match="token ids must be integers"):
+        m.forward([1.7, 2.2], 3)
+    with pytest.raises(TypeError, match="token ids must be integers"):
+        m.forward([True, False], 3)
+    with pytest.raises(TypeError, match="token ids must be integers"):
+        m.prefill([1.0])
+    assert m.pos == 3
+    for c, b in zip(m.cache, before):
+        assert c.keys() == b.keys() and all(np.array_equal(c[k], b[k]) for k in b)  # untouched
+    want = ReferenceModel(cfg, W)
+    want.prefill([1, 2, 3])
+    np.testing.assert_array_equal(m.decode(4), want.decode(4))  # the model still works
+    np.testing.assert_array_equal(m.forward(np.array([5, 6], np.int32), 0), want.forward([5, 6], 0))  # 0: new seq
+
+
+def test_generate_steps_contract(tiny):
+    cfg, W = tiny
+    m = ReferenceModel(cfg, W)
+    assert m.generate([5, 6, 7], 0) == ([], [])
+    toks, logits = m.generate([5, 6, 7], 1)
+    assert len(toks) == len(logits) == 1
+    with pytest.raises(ValueError, match="steps must be >= 0, got -2"):
+        m.generate([5, 6, 7], -2)
+    with pytest.raises(TypeError, match="steps must be an int"):
+        m.generate([5, 6, 7], 2.0)
+
+
+@pytest.mark.parametrize("kw, err, msg", [
+    (dict(n_expert_groups=0), ValueError, "n_expert_groups must be >= 1"),
+    (dict(n_activated_experts=0), ValueError, "n_activated_experts must be >= 1"),
+    (dict(n_dense_layers=-1), ValueError, r"n_dense_layers -1 must be in \[0, n_layers = 4\]"),
+    (dict(n_dense_layers=5), ValueError, r"n_dense_layers 5 must be in \[0, n_layers = 4\]"),
+    (dict(n_layers=0, n_dense_layers=0), ValueError, "n_layers must be >= 1"),
+    (dict(dim=-64), ValueError, "dim must be >= 1"),
+    (dict(max_seq_len=0), ValueError, "max_seq_len must be >= 1"),
+    (dict(n_shared_experts=-1), ValueError, "n_shared_experts must be >= 0"),
+    (dict(n_heads=2.5), TypeError, "n_heads must be an int"),
+    (dict(vocab_size=True), TypeError, "vocab_size must be an int"),
+])
+def test_config_rejects_bad_fields_by_name(kw, err, msg):
+    with pytest.raises(err, match=msg):
+        DeepSeekConfig.tiny(**kw)
+
+
+def test_config_overrides():
+    c = DeepSeekConfig.r1(n_layers=5, n_dense_layers=1)
+    assert (c.n_layers, c.n_dense_layers, c.n_moe_layers) == (5, 1, 4)
+    assert DeepSeekConfig.r1(n_layers=2).n_dense_layers == 2 and DeepSeekConfig.r1().n_dense_layers == 3
+    assert DeepSeekConfig.tiny(n_dense_layers=0).n_moe_layers == 4
+
+
+def test_safetensors_fp8_and_bf16_tensors_load(tmp_path):
+    torch = pytest.importorskip("torch")
+    st = pytest.importorskip("safetensors.torch")
+    f8 = (torch.arange(16, dtype=torch.float32).reshape(4, 4) / 4 - 2).to(torch.float8_e4m3fn)
+    bf = torch.tensor([0.96875, 0.2021484375, -3.5], dtype=torch.bfloat16)
+    f32 = torch.tensor([1.5, -2.25])
+    st.save_file({"w": f8, "w.scale": f32}, str(tmp_path / "a.safetensors"))
+    st.save_file({"norm": bf}, str(tmp_path / "b.safetensors"))
+    got = load_safetensors([str(tmp_path / "a.safetensors"), str(tmp_path / "b.safetensors")])
+    assert got["w"].dtype == np.uint8 and got["w"].shape == (4, 4)
+    np.testing.assert_array_equal(got["w"], f8.view(torch.uint8).numpy())  # the fp8 codes, bit-exact
+    assert got["norm"].dtype == np.float32
+    np.testing.assert_array_equal(got["norm"], [0.96875, 0.2021484375, -3.5])
+    np.testing.assert_array_equal(got["w.scale"], [1.5, -2.25])
+    st.save_file({"w": f8}, str(tmp_path / "dup.safetensors"))
+    with pytest.raises(ValueError, match="more than one shard"):
+        load_safetensors([str(tmp_path / "a.safetensors"), str(tmp_path / "dup.safetensors")])

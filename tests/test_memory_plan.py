@@ -59,3 +59,55 @@ def test_demo_moe_layers_argument():
     for bad in ("0", "x", "-1"):
         with pytest.raises(argparse.ArgumentTypeError):
             moe_layers_arg(bad)
+
+
+def test_plan_counts_what_the_store_allocates():
+    """Routed experts and slots use the store's layout (each tensor kind rounded to 2 MiB, ``min(2, M)`` slot
+    parities), so plan == allocation for any shape; R1's own figures are unchanged (w13 and w2 are whole pages)."""
+    from dwdp_ops.layout import ExpertLayout
+
+    for cfg in (DeepSeekConfig.tiny(), DeepSeekConfig.r1(n_layers=4, moe_inter_dim=1536), DeepSeekConfig.mini(),
+                DeepSeekConfig.r1(n_layers=5)):
+        for isz, dt in ((1, "float8_e4m3fn"), (2, "bfloat16")):
+            p = plan_memory(cfg, 4, expert_itemsize=isz)
+            stride = ExpertLayout.moe(cfg.dim, cfg.moe_inter_dim, dt).expert_stride
+            E, M = cfg.n_routed_experts, cfg.n_moe_layers
+            L = E // 4
+            scales = 4 * E * (2 * cfg.moe_inter_dim + cfg.dim) if isz == 1 else 0
+            assert p.items["routed experts"] == M * (L * stride + scales), (cfg, dt)
+            assert p.items["prefetch slots"] == min(2, M) * (E - L) * stride, (cfg, dt)
+    assert plan_memory(DeepSeekConfig.tiny(), 4).items["routed experts"] == 50356224  # was 25.2 MB
+    assert plan_memory(R1, 8).items["routed experts"] == 58 * (32 * 42 * (1 << 20) + 4 * 256 * (2 * 2048 + 7168))
+
+
+def test_one_moe_layer_needs_one_slot_parity():
+    kw = dict(expert_itemsize=2, requests=1, cache_len=4096, step_tokens=4096)
+    p = plan_memory(DeepSeekConfig.r1(n_layers=4, vocab_size=32768), 2, **kw)
+    assert p.items["prefetch slots"] == 128 * 84 * (1 << 20)  # one parity of 128 remote bf16 experts (84 MiB)
+    assert moe_layers_that_fit(2, p.total + GiB, vocab_size=32768, requested=1, **kw) == 1
+
+
+@pytest.mark.parametrize("kw, err, msg", [
+    (dict(step_tokens=-100000), ValueError, "step_tokens must be >= 0"),
+    (dict(requests=-8), ValueError, "requests must be >= 0"),
+    (dict(cache_len=1.5), TypeError, "cache_len must be an int"),
+    (dict(dispatcher_bytes=-1), ValueError, "dispatcher_bytes must be >= 0"),
+    (dict(free=True), TypeError, "free"),
+    (dict(expert_itemsize=True), ValueError, "expert_itemsize"),
+])
+def test_plan_arguments_are_checked(kw, err, msg):
+    with pytest.raises(err, match=msg):
+        plan_memory(R1, 8, **kw)
+
+
+@pytest.mark.parametrize("world, err", [(True, TypeError), (2.0, TypeError), (0, ValueError), (3, ValueError)])
+def test_plan_world_is_checked(world, err):
+    with pytest.raises(err, match="world"):
+        plan_memory(R1, world)
+
+
+def test_layers_that_fit_arguments_are_checked():
+    with pytest.raises(TypeError, match=r"requested \(MoE layers\) must be an int"):
+        moe_layers_that_fit(8, 1000 * GiB, vocab_size=4096, requested=2.5)
+    with pytest.raises(TypeError, match="world must be an int"):
+        moe_layers_that_fit(True, 1000 * GiB, vocab_size=4096)

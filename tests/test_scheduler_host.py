@@ -403,3 +403,46 @@ def test_set_policy_between_steps_and_not_inside_one():
     with pytest.raises(ValueError, match="without a dispatcher"):
         sched.set_policy("dispatch")
     assert sched.policy == "on_demand"
+
+
+def test_release_only_the_oldest_waited_layer_in_flight():
+    """Invariant 3 under misuse: a second release, an out-of-order release or a release before its wait raises
+    before anything is enqueued, so no slot ever gets a second writer."""
+    store = FakeStore(4)
+    copy, comp = Stream("copy"), Stream("compute")
+    s = PrefetchScheduler(store, copy_stream=copy, event_factory=lambda: Event([]))
+    s.begin_step()
+    writes = lambda: [op for op in copy.ops if op[0] == "write"]  # noqa: E731
+    n = len(writes())
+    with pytest.raises(RuntimeError, match=r"release\(1\): layers are released in order; expected layer 0"):
+        s.release(1, comp)
+    with pytest.raises(RuntimeError, match=r"call wait\(0\)"):
+        s.release(0, comp)
+    assert len(writes()) == n
+    s.wait(0, comp)
+    s.release(0, comp)
+    assert len(writes()) == n + 1  # layer 2
+    with pytest.raises(RuntimeError, match=r"release\(0\): layer 0 was already released.*expected .* 1"):
+        s.release(0, comp)
+    assert len(writes()) == n + 1 and sorted(s._in_flight) == [1, 2]
+    for p in (1, 2, 3):
+        s.wait(p, comp)
+        s.release(p, comp)
+    assert len(writes()) == n + 2  # layer 3, then nothing past the last layer
+    s.begin_step()  # a clean next step
+
+
+def test_layers_must_be_integers_and_numpy_token_counts_are_taken():
+    np = pytest.importorskip("numpy")
+    s = PrefetchScheduler(FakeStore(4), copy_stream=Stream("c"), event_factory=lambda: Event([]))
+    s.begin_step()
+    for bad in (1.5, True, "1"):
+        with pytest.raises(TypeError, match="layer must be an int"):
+            s.wait(bad, Stream("compute"))
+        with pytest.raises(TypeError, match="layer must be an int"):
+            s.release(bad, Stream("compute"))
+    s.wait(np.int64(0), Stream("compute"))
+    s.release(np.int64(0), Stream("compute"))
+    auto = PrefetchScheduler(FakeStore(4), policy="auto", top_k=1, copy_stream=Stream("c"),
+                             event_factory=lambda: Event([]))
+    assert auto.begin_step(tokens=np.int64(5)) in ("prefetch_all", "on_demand")

@@ -167,3 +167,65 @@ def test_calls_after_finalize_raise():
         store.composite(0, "w13")
     with pytest.raises(DwdpError, match="finalized"):
         store.fetch_ce(0)
+
+
+def test_close_with_a_failed_barrier_keeps_its_memory_and_a_retry_releases_it():
+    """A failed closing barrier means a peer is gone: close() then releases nothing (unregistering symmetric memory
+    is collective and would wait for that peer forever) and raises a DwdpError saying so, the barrier's error its
+    cause; the store is unusable from then on. Before, the barrier came after marking the store closed, and a second
+    close() returned at once with everything still allocated; now it retries from the barrier."""
+    be = FakeBackend()
+    store, rt = make(be)
+    held = +be.live
+
+    def bad_barrier(name):
+        raise DwdpError("rendezvous timeout: rank 1 missing")
+
+    rt.rendezvous.barrier = bad_barrier
+    with pytest.raises(DwdpError, match="closing barrier failed.*rendezvous timeout.*keeps its memory") as info:
+        store.close()
+    assert isinstance(info.value.__cause__, DwdpError)
+    assert +be.live == held  # nothing released behind the missing peer's back
+    with pytest.raises(DwdpError, match="closed"):
+        store.slot_address(0, 0, 5)
+    rt.rendezvous.barrier = lambda name: None
+    store.close()
+    assert not +be.live
+    store.close()
+
+
+def test_close_retries_exactly_the_release_steps_that_failed():
+    be = FakeBackend(fail_release="vmm_unmap")
+    store, rt = make(be)
+    n_maps = be.live["map"]
+    with pytest.raises(DwdpError, match=rf"{n_maps} release step\(s\) failed: vmm_unmap"):
+        store.close()
+    assert +be.live == Counter(map=n_maps)  # everything else was released
+    be.fail_release = None
+    store.close()  # retries the unmaps only (a second release of anything else would trip FakeBackend's assert)
+    assert not +be.live
+    store.close()
+
+
+def test_address_helpers_check_range_kind_and_closed():
+    store, rt = make(FakeBackend())
+    assert store.lo == 0 and store.hi == 4 and store.E == 8
+    assert store.slot_address(0, 0, 7) == store.expert_address(0, 0, 7)
+    assert store.local_address(1, 1, 3) == store.expert_address(1, 1, 3)
+    for bad in (8, 100, -1):
+        with pytest.raises(ValueError, match=rf"slot_address: expert {bad} is outside \[0, 8\)"):
+            store.slot_address(0, 0, bad)
+        with pytest.raises(ValueError, match=r"expert_address: expert .* is outside \[0, 8\)"):
+            store.expert_address(0, 0, bad)
+    with pytest.raises(ValueError, match=r"local_address: expert 5 is outside \[0, 4\)"):
+        store.local_address(0, 0, 5)
+    with pytest.raises(ValueError, match=r"tensor kind 2 is outside \[0, 2\)"):
+        store.slot_address(0, 2, 5)
+    with pytest.raises(ValueError, match=r"layer 2 is outside \[0, 2\)"):
+        store.expert_address(2, 0, 5)
+    with pytest.raises(ValueError, match="expert True"):
+        store.expert_address(0, 0, True)
+    store.close()
+    for fn in (store.slot_address, store.expert_address, store.local_address):
+        with pytest.raises(DwdpError, match="closed"):
+            fn(0, 0, 1 if fn is store.local_address else 5)

@@ -95,7 +95,7 @@ class TokenDispatcher:
         timeout: seconds a device wait may spin before it reports and traps.
 
     Collective: construction and ``close()`` (symmetric allocations). Needs every peer reachable over NVLink, and
-    ``N * max_tokens * (6 * H + 8 * k) + 16 * N`` bytes of the NVSHMEM symmetric heap (``init(heap_size=...)``).
+    ``N * max_tokens * (6 * H + 8 * k) + 20 * N`` bytes of the NVSHMEM symmetric heap (``init(heap_size=...)``).
     """
 
     def __init__(self, partition: ExpertPartition, hidden: int, top_k: int, max_tokens: int, *, align: int = 16,
@@ -209,10 +209,12 @@ class TokenDispatcher:
     # -- the two halves ----------------------------------------------------------------------------------------------
     def rows_for(self, tokens_per_rank) -> int:
         """The most grouped rows a step with these per-rank token counts can fill (every token's pairs at this
-        rank, groups padded to ``align``), capped at ``max_pairs``: the ``max_rows`` that keeps a small step's
+        rank, groups padded to ``align``), capped at ``max_pairs`` and at least 1 (``dispatch`` takes ``max_rows`` in
+        ``[1, max_pairs]``; an all-empty step with ``align=1`` gets 1): the ``max_rows`` that keeps a small step's
         expert GEMMs small. Host arithmetic, no synchronisation."""
         L = self.partition.experts_per_rank
-        return min(self.max_pairs, sum(int(t) for t in tokens_per_rank) * min(self.top_k, L) + L * (self.align - 1))
+        need = sum(int(t) for t in tokens_per_rank) * min(self.top_k, L) + L * (self.align - 1)
+        return max(1, min(self.max_pairs, need))
 
     def dispatch(self, x: Any, topk_ids: Any, topk_weights: Any, stream: Any = None, *,
                  max_rows: int | None = None) -> DispatchHandle:
@@ -330,16 +332,32 @@ class TokenDispatcher:
         return xb, ib, wb
 
     def close(self) -> None:
-        """Frees the symmetric buffers (collective). Idempotent."""
-        if self._closed:
+        """Frees the symmetric buffers (collective). Idempotent once it has succeeded.
+
+        Invariants: the dispatcher is unusable from the first call on, even if that call fails. The frees are
+        collective (every rank frees the same buffers in the same order, newest first), so the first failure stops
+        them: a rank that went on after a failed free would call the next free while its peers still wait in the
+        previous one. A buffer leaves ``_sym`` as soon as its free succeeds, so ``close()`` again (on every rank)
+        resumes at the one that failed. A failed device synchronisation frees nothing. Failures raise a DwdpError
+        naming the step and the buffers still held."""
+        if self._closed and not self._sym:
             return
         self._closed = True
         import cupy as cp
 
-        cp.cuda.Device(self.rt.device).synchronize()
-        for a in reversed(self._sym):
-            self._free(a)
-        self._sym.clear()
+        try:
+            cp.cuda.Device(self.rt.device).synchronize()
+        except Exception as e:
+            raise DwdpError(f"TokenDispatcher.close: device synchronisation failed ({type(e).__name__}: {e}); "
+                            f"{len(self._sym)} buffer(s) still held (close() again retries)") from e
+        while self._sym:
+            try:
+                self._free(self._sym[-1])
+            except Exception as e:
+                raise DwdpError(f"TokenDispatcher.close: a symmetric free failed ({type(e).__name__}: {e}); "
+                                f"{len(self._sym)} buffer(s) still held (close() again, on every rank, resumes at "
+                                "this one)") from e
+            self._sym.pop()
 
     def __enter__(self) -> TokenDispatcher:
         return self

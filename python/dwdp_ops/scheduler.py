@@ -13,7 +13,9 @@ Invariants:
      reading a prefetched layer. Both consumed events are recorded once at construction, so the first two
      prefetches do not wait.
   3. ``begin_step`` prefetches positions 0 and 1; ``release(p)`` enqueues position p + 2. Nothing else fetches
-     ahead, so at most two layers are in flight and each slot has at most one writer.
+     ahead, so at most two layers are in flight and each slot has at most one writer. In a ``prefetch_all`` step
+     ``release(p)`` is accepted only for the oldest layer in flight, after its ``wait(p)``: a second release, or
+     a release out of order or before the read, raises before anything is enqueued.
   4. No call synchronizes the host, and nothing is allocated after construction: events, streams, copy plans and
      the NVSHMEM descriptor tables are built in ``__init__`` (``on_demand`` layers read the router's device-resident
      ids; the host never sees them).
@@ -46,6 +48,7 @@ shares. Without a dispatcher the two weight modes are rank-local and ``auto`` de
 from __future__ import annotations
 
 import contextlib
+import numbers
 from collections.abc import Callable, Sequence
 from typing import Any, Literal
 
@@ -136,6 +139,8 @@ class PrefetchScheduler:
         self.last_choice = None  # the ModeChoice of the latest auto step (costs per mode, for logs)
         self.step_tokens: list[int] | None = None  # every rank's T this step, where gathered or given
         self._in_flight: set[int] = set()
+        self._waited: set[int] = set()  # prefetch_all: layers in flight whose wait() ran (release needs it)
+        self._done: set[int] = set()  # prefetch_all: layers released this step (for the error message)
         self._dispatched: int | None = None  # the layer whose tokens are out (dispatch mode)
         self.trace: list | None = None  # set to [] to record (kind, layer, event) of every prefetch (benchmarks)
 
@@ -201,8 +206,10 @@ class PrefetchScheduler:
         collective) and, for ``prefetch_all``, prefetches the first two. Returns the mode."""
         if self.policy == "auto" and tokens is None:
             raise ValueError("begin_step: the auto policy needs the number of tokens on this rank")
-        if tokens is not None and (isinstance(tokens, bool) or not isinstance(tokens, int) or tokens < 0):
+        if tokens is not None and (isinstance(tokens, bool) or not isinstance(tokens, numbers.Integral) or tokens < 0):
             raise ValueError(f"begin_step: tokens must be an int >= 0, got {tokens!r}")
+        if tokens is not None:
+            tokens = int(tokens)  # numpy / torch integer scalars
         n = self.store.num_layers if num_layers is None else int(num_layers)
         if not 1 <= n <= self.store.num_layers:
             raise ValueError(f"begin_step: num_layers {n} is outside [1, {self.store.num_layers}]")
@@ -213,6 +220,8 @@ class PrefetchScheduler:
                 "or call abort() after a failed step"
             )
         self.num_layers = n
+        self._waited.clear()
+        self._done.clear()
         self.step_policy = self.policy_for(tokens, tokens_per_rank)
         if self.step_policy == "prefetch_all":
             for p in range(min(2, self.num_layers)):
@@ -225,6 +234,7 @@ class PrefetchScheduler:
         if self._in_flight:
             self.copy_stream.synchronize()
             self._in_flight.clear()
+        self._waited.clear()
         # A dispatch without its combine cannot be undone: the peers wait in their combine for this rank's partials
         # and trap at the dispatcher's timeout, naming this rank. The scheduler forgets it so that a process that
         # survives (one rank) can go on.
@@ -295,6 +305,7 @@ class PrefetchScheduler:
                     f"wait({layer}): layer {layer} was never prefetched; call begin_step() and release() each layer"
                 )
             self._wait_event(stream, self.ready[layer % 2])
+            self._waited.add(layer)
             return
         if ids is None:
             raise ValueError(f"wait({layer}): the on_demand policy needs the router's expert ids")
@@ -332,15 +343,33 @@ class PrefetchScheduler:
         self._check(layer)
         if self._dispatched == layer:
             raise RuntimeError(f"release({layer}): the layer was dispatched and not combined")
+        if self.step_policy == "prefetch_all":
+            # Invariant 3: only the oldest layer in flight, once, after its wait; else p + 2 would land in a slot
+            # that a layer not yet read (or already refilled) still occupies.
+            if layer not in self._in_flight:
+                state = "was already released" if layer in self._done else "was never prefetched"
+                raise RuntimeError(f"release({layer}): layer {layer} {state} in this step; expected the oldest layer "
+                                   f"in flight, {min(self._in_flight) if self._in_flight else 'none (step done)'}")
+            oldest = min(self._in_flight)
+            if layer != oldest:
+                raise RuntimeError(f"release({layer}): layers are released in order; expected layer {oldest} first")
+            if layer not in self._waited:
+                raise RuntimeError(f"release({layer}): call wait({layer}) (and enqueue the layer's MoE) before "
+                                   "releasing it")
         slot = layer % 2
         # Recorded under every policy: an on_demand step's reads must also hold off a later step's prefetch.
         self._record(self.consumed[slot], stream)
         if self.step_policy == "prefetch_all":
             self._in_flight.discard(layer)
+            self._waited.discard(layer)
+            self._done.add(layer)
             if layer + 2 < self.num_layers:
                 self._prefetch(layer + 2)
 
     def _check(self, layer: int) -> None:
+        """``layer`` is an integer (not a bool) in ``[0, num_layers)`` of this step."""
+        if isinstance(layer, bool) or not isinstance(layer, numbers.Integral):
+            raise TypeError(f"layer must be an int, got {layer!r} ({type(layer).__name__})")
         if not 0 <= layer < self.num_layers:
             raise ValueError(f"layer {layer} is outside [0, {self.num_layers})")
 

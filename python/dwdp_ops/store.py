@@ -92,6 +92,7 @@ class ExpertStore:
         self._undo: list[tuple[str, Callable[[], None]]] = []
         self._released: set[int] = set()
         self._closed = False
+        self._released_barrier = False  # close() passed its barrier (the release may then run, and be retried)
         self._cache: dict[Any, Any] = {}
         self._scratch: dict[int, tuple[Any, Any]] = {}  # stream handle -> (error flag [2], first occurrence [E])
         self._retired: list[Any] = []  # device tables of released layers, freed at close()
@@ -135,16 +136,21 @@ class ExpertStore:
     def _push(self, what: str, undo: Callable[[], None]) -> None:
         self._undo.append((what, undo))
 
-    def _rollback(self, cause: BaseException | None = None) -> None:
+    def _rollback(self, cause: BaseException | None = None, keep_failed: bool = False) -> None:
         """Releases everything created so far, in reverse order. Every step is attempted; failures are reported on
-        ``cause`` (as a note) or, without one, raised as one DwdpError."""
+        ``cause`` (as a note) or, without one, raised as one DwdpError. With ``keep_failed`` the failed steps stay
+        queued (in their order), so a later call retries them; the ones that succeeded never run again."""
         errors = []
+        failed: list[tuple[str, Callable[[], None]]] = []
         while self._undo:
             what, fn = self._undo.pop()
             try:
                 fn()
             except Exception as e:  # noqa: BLE001 - release the rest, then report
                 errors.append(f"{what}: {e}")
+                failed.append((what, fn))
+        if keep_failed:
+            self._undo = failed[::-1]
         if errors:
             msg = f"ExpertStore: {len(errors)} release step(s) failed: " + "; ".join(errors[:8])
             if cause is None:
@@ -226,7 +232,19 @@ class ExpertStore:
             raise DwdpError(f"{what}: layer {layer} was released")
         return self.layout.index(name)
 
+    def _where(self, what: str, layer: int, ti: int, expert: int, lo: int, hi: int) -> None:
+        """Cheap host-side checks shared by the address helpers: open store, integer layer/kind/expert in range."""
+        if self._closed:
+            raise DwdpError(f"{what}: the ExpertStore is closed")
+        for name, v, n in (("layer", layer, self.num_layers), ("tensor kind", ti, len(self.layout.strides))):
+            if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or not 0 <= v < n:
+                raise ValueError(f"{what}: {name} {v!r} is outside [0, {n})")
+        if isinstance(expert, bool) or not isinstance(expert, (int, np.integer)) or not lo <= expert < hi:
+            raise ValueError(f"{what}: expert {expert!r} is outside [{lo}, {hi})")
+
     def local_address(self, layer: int, ti: int, expert: int) -> int:
+        """Address of this rank's copy of local expert ``expert`` (in ``[lo, hi)``) of ``layer``, tensor kind ``ti``."""
+        self._where("local_address", layer, ti, expert, self.lo, self.hi)
         return self._local[layer, ti][1] + (expert - self.lo) * self.layout.strides[ti]
 
     def _owner_address(self, layer: int, ti: int, expert: int, peer: int, base: str) -> int:
@@ -239,7 +257,8 @@ class ExpertStore:
         return root + (expert - start) * self.layout.strides[ti]
 
     def slot_address(self, layer: int, ti: int, expert: int) -> int:
-        """Where remote expert ``expert`` of ``layer`` lands (its slot)."""
+        """Where remote expert ``expert`` (in ``[0, E)``, outside ``[lo, hi)``) of ``layer`` lands (its slot)."""
+        self._where("slot_address", layer, ti, expert, 0, self.E)
         if self.lo <= expert < self.hi:
             raise ValueError(f"expert {expert} is local to rank {self.rank}; it has no slot")
         parity = layer % self.parities
@@ -248,6 +267,8 @@ class ExpertStore:
         return self._slot[parity, ti, "above"][1] + (expert - self.hi) * self.layout.strides[ti]
 
     def expert_address(self, layer: int, ti: int, expert: int) -> int:
+        """Address of expert ``expert`` (in ``[0, E)``) of ``layer``: its local copy or its slot."""
+        self._where("expert_address", layer, ti, expert, 0, self.E)
         if self.lo <= expert < self.hi:
             return self.local_address(layer, ti, expert)
         return self.slot_address(layer, ti, expert)
@@ -563,17 +584,41 @@ class ExpertStore:
             self._retired.append(self._cache.pop(k))
 
     def close(self) -> None:
-        """Unmaps and frees everything; collective (symmetric memory is unregistered). Idempotent. Raises a DwdpError
-        listing the release steps that failed, after attempting all of them."""
-        if self._closed:
+        """Unmaps and frees everything; collective (symmetric memory is unregistered). Idempotent once it has
+        succeeded.
+
+        Invariants: the store is unusable (views, plans, fetches, addresses raise) from the first call on, even if
+        that call fails. The closing barrier comes first: if it fails (a peer is gone or late), nothing is released,
+        because unregistering symmetric memory is collective and would wait for that peer forever; the DwdpError
+        says so (the barrier's error is its cause) and a later ``close()`` retries from the barrier. After the
+        barrier every release step is attempted; those that failed are listed in one DwdpError at the end and stay
+        queued, so calling ``close()`` again retries exactly those. A failed device synchronisation before the
+        barrier is reported the same way, after the release."""
+        if self._closed and self._released_barrier and not self._undo:
             return
-        self._synchronize()
         self._closed = True
-        self.rt.rendezvous.barrier("ExpertStore.close")
-        self._cache.clear()
-        self._retired.clear()
-        self._scratch.clear()
-        self._rollback()
+        failure: BaseException | None = None
+        if not self._released_barrier:
+            try:
+                self._synchronize()
+            except Exception as e:  # noqa: BLE001 - the peers still wait at the barrier; report after the release
+                failure = DwdpError(f"ExpertStore.close: device synchronisation failed ({type(e).__name__}: {e})")
+                failure.__cause__ = e
+            try:
+                self.rt.rendezvous.barrier("ExpertStore.close")
+            except Exception as e:
+                raise DwdpError(f"ExpertStore.close: the closing barrier failed ({type(e).__name__}: {e}); this rank "
+                                "keeps its memory, since unregistering symmetric memory is collective and a peer is "
+                                "missing (close() again retries from the barrier)") from e
+            self._released_barrier = True
+            self._cache.clear()
+            self._retired.clear()
+            self._scratch.clear()
+        if failure is None:
+            self._rollback(keep_failed=True)
+            return
+        self._rollback(failure, keep_failed=True)  # release failures become notes on ``failure``
+        raise failure
 
     def _synchronize(self) -> None:
         import cupy as cp

@@ -8,6 +8,7 @@ used again.
 
 from __future__ import annotations
 
+import numbers
 from typing import Any
 
 import numpy as np
@@ -20,7 +21,15 @@ _LOGICAL: dict[int, str] = {}  # buffer ptr -> logical dtype name for byte-store
 
 
 def _shape(shape: Any) -> tuple[int, ...]:
-    shape = (shape,) if isinstance(shape, (int, np.integer)) else tuple(shape)
+    """``shape`` (an int or a sequence of ints) as a tuple of positive ints. Extents must be integers
+    (``numbers.Integral``, not bool): strings, floats and bools raise TypeError rather than being split or
+    truncated; an empty shape or a non-positive extent raises ValueError."""
+    if isinstance(shape, (str, bytes)):
+        raise TypeError(f"shape must be an int or a sequence of ints, got the string {shape!r}")
+    shape = (shape,) if isinstance(shape, (numbers.Integral, bool)) else tuple(shape)
+    bad = [n for n in shape if isinstance(n, bool) or not isinstance(n, numbers.Integral)]
+    if bad:
+        raise TypeError(f"shape {shape} must hold ints, got {bad[0]!r} ({type(bad[0]).__name__})")
     if not shape or any(int(n) <= 0 for n in shape):
         raise ValueError(f"shape {shape} must be non-empty with positive extents")
     return tuple(int(n) for n in shape)

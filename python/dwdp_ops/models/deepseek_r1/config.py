@@ -4,7 +4,14 @@ structure for CPU tests."""
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, replace
+import numbers
+from dataclasses import dataclass, fields, replace
+
+# Integer fields that must be >= 1 (n_shared_experts may be 0; n_dense_layers is in [0, n_layers]).
+_POSITIVE = ("vocab_size", "dim", "inter_dim", "moe_inter_dim", "n_layers", "n_heads", "n_routed_experts",
+             "n_activated_experts", "n_expert_groups", "n_limited_groups", "q_lora_rank", "kv_lora_rank",
+             "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim", "original_seq_len", "beta_fast", "beta_slow",
+             "max_seq_len", "block")
 
 
 @dataclass(frozen=True)
@@ -38,8 +45,21 @@ class DeepSeekConfig:
     block: int = 128  # fp8 weight block (128 x 128 scales)
 
     def __post_init__(self) -> None:
-        if self.n_dense_layers > self.n_layers:
-            raise ValueError(f"n_dense_layers {self.n_dense_layers} exceeds n_layers {self.n_layers}")
+        """Invariants: every integer field is an int (numbers.Integral, not bool; TypeError otherwise), >= 1
+        except ``n_shared_experts`` (>= 0) and ``n_dense_layers`` (in ``[0, n_layers]``); the router's groups divide
+        the experts. Errors name the field and what is expected."""
+        ints = {f.name for f in fields(self) if f.type in ("int", int)}
+        for name in sorted(ints):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, numbers.Integral):
+                raise TypeError(f"DeepSeekConfig.{name} must be an int, got {v!r} ({type(v).__name__})")
+        for name in _POSITIVE:
+            if getattr(self, name) < 1:
+                raise ValueError(f"DeepSeekConfig.{name} must be >= 1, got {getattr(self, name)}")
+        if self.n_shared_experts < 0:
+            raise ValueError(f"DeepSeekConfig.n_shared_experts must be >= 0, got {self.n_shared_experts}")
+        if not 0 <= self.n_dense_layers <= self.n_layers:
+            raise ValueError(f"n_dense_layers {self.n_dense_layers} must be in [0, n_layers = {self.n_layers}]")
         if self.n_routed_experts % self.n_expert_groups:
             raise ValueError("n_routed_experts must be divisible by n_expert_groups")
         if not 1 <= self.n_limited_groups <= self.n_expert_groups:
@@ -68,8 +88,10 @@ class DeepSeekConfig:
 
     @classmethod
     def r1(cls, n_layers: int = 61, vocab_size: int = 129280, **kw) -> DeepSeekConfig:
-        """The real DeepSeek-R1 dimensions with the layer count and vocabulary cut to fit a GPU budget."""
-        return cls(n_layers=n_layers, vocab_size=vocab_size, n_dense_layers=min(3, n_layers), **kw)
+        """The real DeepSeek-R1 dimensions with the layer count and vocabulary cut to fit a GPU budget; ``kw``
+        overrides any field (``n_dense_layers`` defaults to ``min(3, n_layers)``)."""
+        kw.setdefault("n_dense_layers", min(3, n_layers) if isinstance(n_layers, numbers.Integral) else n_layers)
+        return cls(n_layers=n_layers, vocab_size=vocab_size, **kw)
 
     @classmethod
     def tiny(cls, **kw) -> DeepSeekConfig:

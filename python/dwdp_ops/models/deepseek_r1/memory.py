@@ -2,8 +2,10 @@
 
 Items, bytes per rank (``plan_memory``):
   routed experts      the rank's L = E / N experts of each MoE layer, ``expert_itemsize`` bytes a weight (1 fp8,
-                      2 bf16); fp8 adds every expert's float32 row scales of each layer, held whole on every rank
-  prefetch slots      two slots of the E - L remote experts of one layer (the store's two parities)
+                      2 bf16), each tensor kind (w13, w2) rounded to 2 MiB pages exactly as the store's
+                      ``ExpertLayout.moe`` strides (so plan == allocation for any shape); fp8 adds every expert's
+                      float32 row scales of each layer, held whole on every rank
+  prefetch slots      ``min(2, MoE layers)`` slots of the E - L remote experts of one layer (the store's parities)
   attention           MLA projections of every layer (bf16)
   dense MLPs          the dense layers' MLPs (bf16)
   shared experts      the shared expert of every MoE layer (bf16; the router's float32 gate is counted with it)
@@ -26,15 +28,27 @@ the plan so that a run checks it (issue 18 asks for the peak within 5 %).
 
 from __future__ import annotations
 
+import numbers
 from dataclasses import dataclass, field
 
+from ...layout import ExpertLayout
 from .config import DeepSeekConfig
 
 GiB = 1 << 30
 ACT_BYTES_PER_TOKEN = {1: 6485169664 // 20022, 2: 7355736064 // 20022}  # fp8 / bf16 experts (module docstring)
 HEADROOM_FRACTION = 0.25
 HEADROOM_FIXED = 3 * GiB
-SLOT_PAGE = 2 << 20  # the store rounds each expert block to 2 MiB pages
+SLOT_PAGE = 2 << 20  # the store's layout page: each tensor kind of an expert is rounded up to 2 MiB
+_DTYPE = {1: "float8_e4m3fn", 2: "bfloat16"}
+
+
+def _count(value, what: str, minimum: int = 0) -> int:
+    """``value`` as an int >= ``minimum``: integers only (bools, floats, strings raise TypeError)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{what} must be an int, got {value!r} ({type(value).__name__})")
+    if value < minimum:
+        raise ValueError(f"{what} must be >= {minimum}, got {value}")
+    return int(value)
 
 
 @dataclass(frozen=True)
@@ -83,18 +97,23 @@ def plan_memory(cfg: DeepSeekConfig, world: int, *, expert_itemsize: int = 1, re
                 cache_len: int = 4096, step_tokens: int = 32768, dispatcher_bytes: int = 0,
                 free: int = 0) -> MemoryPlan:
     """The per-rank plan of ``cfg`` (its layer count and vocabulary) on ``world`` ranks (module docstring);
-    ``step_tokens``: the largest step's tokens on this rank (a prefill)."""
-    if world < 1 or cfg.n_routed_experts % world:
+    ``step_tokens``: the largest step's tokens on this rank (a prefill). ``world`` >= 1, ``requests``,
+    ``cache_len``, ``step_tokens``, ``dispatcher_bytes`` and ``free`` >= 0: ints (bools refused; TypeError /
+    ValueError naming the argument)."""
+    world = _count(world, "world", 1)
+    requests, cache_len = _count(requests, "requests"), _count(cache_len, "cache_len")
+    step_tokens, free = _count(step_tokens, "step_tokens"), _count(free, "free (bytes)")
+    dispatcher_bytes = _count(dispatcher_bytes, "dispatcher_bytes")
+    if cfg.n_routed_experts % world:
         raise ValueError(f"world must divide the {cfg.n_routed_experts} routed experts, got {world}")
-    if expert_itemsize not in (1, 2):
-        raise ValueError(f"expert_itemsize must be 1 (fp8) or 2 (bf16), got {expert_itemsize}")
+    if isinstance(expert_itemsize, bool) or expert_itemsize not in (1, 2):
+        raise ValueError(f"expert_itemsize must be 1 (fp8) or 2 (bf16), got {expert_itemsize!r}")
     E, L, M, H, I = cfg.n_routed_experts, cfg.n_routed_experts // world, cfg.n_moe_layers, cfg.dim, cfg.moe_inter_dim
-    expert = expert_itemsize * 3 * I * H
-    paged = -(-expert // SLOT_PAGE) * SLOT_PAGE
+    paged = ExpertLayout.moe(H, I, _DTYPE[expert_itemsize], page=SLOT_PAGE).expert_stride  # the store's stride
     scales = 4 * E * (2 * I + H) if expert_itemsize == 1 else 0
     items = {
         "routed experts": M * (L * paged + scales),
-        "prefetch slots": 2 * (E - L) * paged if M and world > 1 else 0,
+        "prefetch slots": min(2, M) * (E - L) * paged if world > 1 else 0,
         "attention": 2 * cfg.n_layers * _attn_params(cfg),
         "dense MLPs": 2 * cfg.n_dense_layers * 3 * cfg.inter_dim * H,
         "shared experts and router": M * (2 * 3 * I * H * cfg.n_shared_experts + 4 * E * H),
@@ -116,7 +135,9 @@ def moe_layers_that_fit(world: int, free: int, *, vocab_size: int, requested: in
     def plan(m: int) -> MemoryPlan:
         return plan_memory(DeepSeekConfig.r1(n_layers=3 + m, vocab_size=vocab_size), world, free=free, **kw)
 
+    world, free = _count(world, "world", 1), _count(free, "free (bytes)")
     if requested is not None:
+        requested = _count(requested, "requested (MoE layers)")
         if not 1 <= requested <= full:
             raise ValueError(f"MoE layers must be in [1, {full}] (DeepSeek-R1), got {requested}")
         plan(requested).check(f"DeepSeek-R1 with {requested} MoE layers")

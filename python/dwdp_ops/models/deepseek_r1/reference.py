@@ -13,6 +13,7 @@ result.
 from __future__ import annotations
 
 import math
+import numbers
 
 import numpy as np
 
@@ -187,16 +188,33 @@ class ReferenceModel:
         return np.where(np.arange(T)[None, :] > (start + np.arange(S))[:, None], -np.inf, 0.0)[None]
 
     # -- model -------------------------------------------------------------------------------------------------------
-    def forward(self, tokens, start: int) -> np.ndarray:
-        """Logits ``[S, vocab]`` of ``tokens`` at positions ``start .. start + S - 1``, updating the cache."""
-        cfg, W = self.cfg, self.W
-        tokens = np.asarray(tokens, dtype=np.int64)
+    def _checked(self, tokens, start: int) -> np.ndarray:
+        """``tokens`` as int64 after every check ``forward`` documents (start, dtype, range, max_seq_len)."""
+        cfg = self.cfg
+        if isinstance(start, bool) or not isinstance(start, numbers.Integral):
+            raise TypeError(f"start must be an int, got {start!r} ({type(start).__name__})")
+        if start != 0 and start != self.pos:
+            raise ValueError(f"start must be 0 (a new sequence) or the cached length {self.pos} (continue it), "
+                             f"got {start}")
+        tokens = np.asarray(tokens)
         if tokens.ndim != 1 or tokens.size == 0:
             raise ValueError("tokens must be a non-empty 1-D sequence of ids")
+        if tokens.dtype.kind not in "iu":
+            raise TypeError(f"token ids must be integers, got dtype {tokens.dtype}")
         if tokens.min() < 0 or tokens.max() >= cfg.vocab_size:
             raise ValueError(f"token ids must be in [0, {cfg.vocab_size})")
         if start + tokens.size > cfg.max_seq_len:
             raise ValueError(f"sequence of {start + tokens.size} tokens exceeds max_seq_len {cfg.max_seq_len}")
+        return tokens.astype(np.int64)
+
+    def forward(self, tokens, start: int) -> np.ndarray:
+        """Logits ``[S, vocab]`` of ``tokens`` at positions ``start .. start + S - 1``, updating the cache.
+
+        ``start`` is 0 (a new sequence: every layer's cache is replaced) or ``self.pos`` (continue the cached one);
+        ``tokens`` are integer ids in ``[0, vocab_size)`` (floats and bools raise TypeError, not truncated). Every
+        argument is checked before any cache is touched, so a refused call leaves the model as it was."""
+        cfg, W = self.cfg, self.W
+        tokens = self._checked(tokens, start)
         x = W["embed"][tokens].astype(np.float32)
         for layer in range(cfg.n_layers):
             p = f"layers.{layer}."
@@ -211,7 +229,8 @@ class ReferenceModel:
         return rms_norm(x, W["norm"], cfg.rms_eps) @ W["head"].T
 
     def prefill(self, tokens) -> np.ndarray:
-        """Logits of the last prompt position; resets the cache."""
+        """Logits of the last prompt position; resets the cache (only once ``tokens`` passed the checks)."""
+        tokens = self._checked(tokens, 0)
         self.reset()
         return self.forward(tokens, 0)[-1]
 
@@ -219,7 +238,14 @@ class ReferenceModel:
         return self.forward([token], self.pos)[-1]
 
     def generate(self, tokens, steps: int) -> tuple[list[int], list[np.ndarray]]:
-        """Greedy continuation: ``steps`` new tokens and the logits that chose each."""
+        """Greedy continuation: ``steps`` new tokens and the logits that chose each (``steps`` an int >= 0;
+        ``steps == 0`` returns ``([], [])`` and runs nothing; negative or non-integer raises before any work)."""
+        if isinstance(steps, bool) or not isinstance(steps, numbers.Integral):
+            raise TypeError(f"steps must be an int, got {steps!r} ({type(steps).__name__})")
+        if steps < 0:
+            raise ValueError(f"steps must be >= 0, got {steps}")
+        if steps == 0:
+            return [], []
         logits = [self.prefill(tokens)]
         out = [int(np.argmax(logits[-1]))]
         for _ in range(steps - 1):

@@ -82,15 +82,36 @@ def init_weights(cfg: DeepSeekConfig, seed: int = 0) -> dict[str, np.ndarray]:
     return W
 
 
+_TORCH_ONLY = ("F8_E4M3", "F8_E5M2", "BF16")  # safetensors dtypes numpy cannot hold
+
+
 def load_safetensors(paths: list[str]) -> dict[str, np.ndarray]:
-    """Tensors of one or more ``.safetensors`` shards as numpy arrays (float8 tensors as uint8 codes)."""
+    """Tensors of one or more ``.safetensors`` shards as numpy arrays: float8 tensors (F8_E4M3, F8_E5M2) as their
+    uint8 codes (bit-exact, for ``dequant_fp8``), bf16 tensors widened to float32 (exact), every other dtype as
+    stored. numpy cannot represent fp8 or bf16, so those tensors are read through PyTorch (the ``model`` extra);
+    shards without them need only ``safetensors``. A name in two shards raises ValueError."""
     from safetensors import safe_open
 
     out: dict[str, np.ndarray] = {}
     for path in paths:
+        special: dict[str, str] = {}
         with safe_open(path, framework="numpy") as f:
             for k in f.keys():
-                if k in out:
+                if k in out or k in special:
                     raise ValueError(f"tensor {k!r} appears in more than one shard ({path})")
-                out[k] = f.get_tensor(k)
+                dt = f.get_slice(k).get_dtype()
+                if dt in _TORCH_ONLY:
+                    special[k] = dt
+                else:
+                    out[k] = f.get_tensor(k)
+        if special:
+            try:
+                import torch
+            except ImportError as e:
+                raise ImportError(f"{path}: reading {sorted(set(special.values()))} tensors needs PyTorch (pip "
+                                  "install 'dwdp_ops[model]'); numpy cannot hold fp8 / bf16") from e
+            with safe_open(path, framework="pt") as f:
+                for k, dt in special.items():
+                    t = f.get_tensor(k)
+                    out[k] = t.float().numpy() if dt == "BF16" else t.view(torch.uint8).numpy()
     return out

@@ -1,0 +1,98 @@
+"""TokenDispatcher host-side logic on the CPU (no GPU): the row bound ``rows_for``, the heap-size formula of the
+class docstring, and ``close()``'s release protocol (every free attempted, failures raised at the end, a retry frees
+exactly what is left); and ``symmetric._shape``'s refusal of non-integer extents."""
+
+from __future__ import annotations
+
+import inspect
+
+import pytest
+from dwdp_ops.dispatch import TokenDispatcher
+from dwdp_ops.errors import DwdpError
+from dwdp_ops.partition import ExpertPartition
+from dwdp_ops.symmetric import _shape
+
+
+class RT:
+    device = 0
+
+    def require(self, what):
+        pass
+
+
+def bare(align=1, max_pairs=64):
+    """A dispatcher without device buffers: the attributes rows_for / close read."""
+    d = TokenDispatcher.__new__(TokenDispatcher)
+    d.partition, d.top_k, d.align, d.max_pairs = ExpertPartition.disjoint(8, 2), 2, align, max_pairs
+    d.rt, d._closed, d._pending = RT(), False, None
+    return d
+
+
+@pytest.fixture
+def no_device(monkeypatch):
+    cp = pytest.importorskip("cupy")
+
+    class Dev:
+        def __init__(self, i):
+            pass
+
+        def synchronize(self):
+            pass
+
+    monkeypatch.setattr(cp.cuda, "Device", Dev)
+
+
+def test_rows_for_is_at_least_one_so_dispatch_accepts_it():
+    d = bare(align=1)
+    assert d.rows_for([0, 0]) == 1  # was 0, which dispatch(max_rows=0) refuses
+    assert d.rows_for([3, 1]) == 8  # 4 tokens x min(k=2, L=4)
+    assert bare(align=16).rows_for([0, 0]) == 4 * 15
+    assert bare(align=1, max_pairs=5).rows_for([100, 100]) == 5
+
+
+def test_docstring_heap_formula_matches_heap_bytes():
+    doc = inspect.getdoc(TokenDispatcher)
+    assert "+ 20 * N" in doc and "+ 16 * N" not in doc
+    N, T, H, k = 2, 4, 8, 2
+    assert TokenDispatcher.heap_bytes(N, T, H, k) == N * T * (6 * H + 8 * k) + 20 * N
+
+
+def test_close_stops_at_a_failed_free_and_a_retry_resumes_there(no_device):
+    """The frees are collective, so the first failure stops them (newest first; a rank that went on would free the
+    next buffer while its peers wait in the failed one); the buffer stays held, the dispatcher is unusable, and
+    close() again resumes at that buffer (before, a failure left every later buffer allocated and a second close()
+    returned at once)."""
+    d = bare()
+    freed, failing = [], {"comb"}
+
+    def free(a):
+        if a in failing:
+            raise DwdpError(f"symmetric free of {a} failed")
+        freed.append(a)
+
+    d._free = free
+    d._sym = ["recv_x", "recv_meta", "recv_w", "recv_count", "comb", "flags"]
+    with pytest.raises(DwdpError, match=r"symmetric free failed.*free of comb failed.*5 buffer\(s\) still held"):
+        d.close()
+    assert freed == ["flags"] and d._sym == ["recv_x", "recv_meta", "recv_w", "recv_count", "comb"] and d._closed
+    with pytest.raises(DwdpError, match="closed"):
+        d._require("dispatch")
+    failing.clear()
+    d.close()
+    assert freed == ["flags", "comb", "recv_count", "recv_w", "recv_meta", "recv_x"] and d._sym == []
+    d.close()  # idempotent once everything is freed
+    assert len(freed) == 6
+
+
+@pytest.mark.parametrize("bad, err", [("12", TypeError), ((2.9, 3), TypeError), (True, TypeError),
+                                      ((2, True), TypeError), ((), ValueError), ((0, 4), ValueError)])
+def test_symmetric_shape_refuses_non_integer_extents(bad, err):
+    with pytest.raises(err, match="shape"):
+        _shape(bad)
+
+
+def test_symmetric_shape_accepts_ints():
+    np = pytest.importorskip("numpy")
+    assert _shape(5) == (5,)
+    assert _shape((np.int64(2), 3)) == (2, 3)
+    assert _shape([4, np.uint8(1)]) == (4, 1)
