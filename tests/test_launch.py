@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import os
+import signal
 import subprocess
 import sys
 import textwrap
 import time
+
+import pytest
 
 
 def _launch(tmp_path, body, *args, n=3):
@@ -112,3 +116,103 @@ def test_prefix_wraps_every_rank(tmp_path):
         """, "--prefix", "env WRAPPED=yes", n=2)
     assert proc.returncode == 0, proc.stdout
     assert "[rank 0] wrapped yes" in proc.stdout and "[rank 1] wrapped yes" in proc.stdout
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(") ")[1][0] != "Z"
+    except (FileNotFoundError, IndexError):
+        return False
+
+
+_HELPER_JOB = """
+    import os, subprocess, sys, time
+    r = int(os.environ["RANK"])
+    h = subprocess.Popen(["sleep", "300"])
+    open(os.path.join(sys.argv[1], f"pids{r}"), "w").write(f"{os.getpid()} {h.pid}")
+    if r == 1 and sys.argv[2] == "fail":
+        time.sleep(0.5); sys.exit(3)
+    time.sleep(60)
+    """
+
+
+def _pids(tmp_path, n):
+    return [int(x) for r in range(n) for x in (tmp_path / f"pids{r}").read_text().split()]
+
+
+@pytest.mark.timeout(60)
+def test_helpers_of_exited_ranks_are_ended(tmp_path):
+    script = tmp_path / "job.py"
+    script.write_text(textwrap.dedent(_HELPER_JOB))
+    proc = subprocess.run([sys.executable, "-m", "dwdp_ops.launch", "-n", "2", str(script), str(tmp_path), "fail"],
+                          capture_output=True, text=True, timeout=50)
+    pids = _pids(tmp_path, 2)
+    try:
+        assert proc.returncode == 3, proc.stdout
+        assert not [p for p in pids if _alive(p)], pids
+    finally:
+        for p in pids:
+            try:
+                os.kill(p, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("sig", [signal.SIGHUP, signal.SIGTERM])
+def test_hangup_ends_every_rank(tmp_path, sig):
+    script = tmp_path / "job.py"
+    script.write_text(textwrap.dedent(_HELPER_JOB))
+    p = subprocess.Popen([sys.executable, "-m", "dwdp_ops.launch", "-n", "2", str(script), str(tmp_path), "ok"],
+                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    pids = []
+    try:
+        end = time.monotonic() + 20
+        while not all((tmp_path / f"pids{r}").exists() for r in range(2)) and time.monotonic() < end:
+            time.sleep(0.05)
+        time.sleep(0.2)
+        pids = _pids(tmp_path, 2)
+        p.send_signal(sig)
+        assert p.wait(30) == 128 + sig
+        assert not [q for q in pids if _alive(q)], pids
+    finally:
+        p.kill()
+        p.wait()
+        for q in pids:
+            try:
+                os.kill(q, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+
+@pytest.mark.timeout(60)
+def test_closed_stdout_does_not_leave_ranks_running(tmp_path):
+    """``launch ... | head -1``: rank 0 prints a lot, rank 1 fails; the launcher still ends rank 0 and exits."""
+    script = tmp_path / "job.py"
+    script.write_text(textwrap.dedent("""
+        import os, sys, time
+        open(os.path.join(sys.argv[1], "pid" + os.environ["RANK"]), "w").write(str(os.getpid()))
+        if os.environ["RANK"] == "1":
+            time.sleep(1.0); sys.exit(3)
+        for i in range(200000):
+            print("x" * 50, i)
+        time.sleep(60)
+        """))
+    p = subprocess.Popen([sys.executable, "-m", "dwdp_ops.launch", "-n", "2", str(script), str(tmp_path)],
+                         stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+    pids = []
+    try:
+        p.stdout.readline()
+        p.stdout.close()
+        assert p.wait(30) == 3
+        pids = [int((tmp_path / f"pid{r}").read_text()) for r in range(2)]
+        assert not [q for q in pids if _alive(q)], pids
+    finally:
+        p.kill()
+        p.wait()
+        for q in pids:
+            try:
+                os.kill(q, signal.SIGKILL)
+            except ProcessLookupError:
+                pass

@@ -2,19 +2,22 @@
 
 from __future__ import annotations
 
+import json
 import multiprocessing as mp
 import os
 import signal
+import socket
+import struct
 import threading
 import time
 
 import pytest
 from dwdp_ops.errors import RendezvousError
 from dwdp_ops.launch import free_port
-from dwdp_ops.rendezvous import Rendezvous
+from dwdp_ops.rendezvous import Rendezvous, job_id
 
 
-def _ranks_in_threads(world, fn, *, port=None, timeout=10.0, worlds=None):
+def _ranks_in_threads(world, fn, *, port=None, timeout=10.0, worlds=None, join_s=None):
     """Runs fn(rdv_or_exception, rank) for every rank in its own thread; returns {rank: result or exception}."""
     port = port or free_port()
     out = {}
@@ -36,7 +39,7 @@ def _ranks_in_threads(world, fn, *, port=None, timeout=10.0, worlds=None):
     for t in ts:
         t.start()
     for t in ts:
-        t.join(timeout * 3)
+        t.join(join_s or timeout * 3)
     return out
 
 
@@ -200,3 +203,200 @@ def test_collectives_from_several_threads_of_one_rank_never_mix_replies():
 
     out = _ranks_in_threads(3, fn, timeout=20.0)
     assert all(out[r] == [] for r in range(3)), out
+
+
+def _raw_client(port, frames, deadline_s=5.0):
+    """A non-rank client: connects (retrying until rank 0 listens) and sends raw bytes."""
+    end = time.monotonic() + deadline_s
+    while True:
+        try:
+            s = socket.create_connection(("127.0.0.1", port), timeout=2)
+            break
+        except OSError:
+            if time.monotonic() > end:
+                raise
+            time.sleep(0.02)
+    for f in frames:
+        s.sendall(f)
+    return s
+
+
+def _frame(obj) -> bytes:
+    data = json.dumps(obj).encode() if not isinstance(obj, bytes) else obj
+    return struct.pack(">I", len(data)) + data
+
+
+@pytest.mark.timeout(60)
+def test_send_to_a_rank0_that_does_not_read_is_bounded():
+    """Rank 0 is alive but stuck before the collective; rank 1's send of more than the socket buffers hold must fail
+    within its timeout, naming rank 0, instead of blocking forever in sendall."""
+    port, stop = free_port(), threading.Event()
+
+    def rank0():
+        with Rendezvous(0, 2, "127.0.0.1", port, 5.0):
+            stop.wait(30)
+
+    th = threading.Thread(target=rank0, daemon=True)
+    th.start()
+    try:
+        with Rendezvous(1, 2, "127.0.0.1", port, 1.0) as rdv:
+            t0 = time.monotonic()
+            with pytest.raises(RendezvousError, match=r"x: rank 1 could not send its 32000000-byte payload to rank 0"):
+                rdv.allgather("x", b"a" * 32_000_000)
+            assert time.monotonic() - t0 < 5 and rdv.broken
+    finally:
+        stop.set()
+        th.join(10)
+
+
+@pytest.mark.timeout(60)
+def test_oversized_frame_is_refused_by_its_sender_and_reported_to_all():
+    out = _ranks_in_threads(3, lambda rdv, r: rdv.allgather("big", b"a" * (60_000_000 if r == 1 else 10)), timeout=3.0)
+    for r in range(3):
+        assert isinstance(out[r], RendezvousError), (r, out[r])
+        assert "rank 1 cannot send its payload of 60000000 bytes" in str(out[r]) and "exceeds" in str(out[r])
+    assert "rank 1 gave up" in str(out[0]) and "rank 1 gave up" in str(out[2])
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("junk", [
+    _frame(b"abc"), _frame([1]), _frame({"op": "hello"}), _frame({"op": "hello", "rank": "one", "world": 2}),
+    b"GET / HTTP/1.1\r\nHost: x\r\n\r\n",
+], ids=["not-json", "list", "no-rank", "str-rank", "http"])
+def test_stray_client_during_setup_is_ignored(junk):
+    """The stray client arrives between rank 0 and rank 1; rank 0 drops it and the job proceeds."""
+    port, out, socks = free_port(), {}, []
+
+    def rank(r):
+        try:
+            with Rendezvous(r, 2, "127.0.0.1", port, 5.0) as rdv:
+                out[r] = rdv.allgather("g", bytes([r]))
+        except RendezvousError as e:
+            out[r] = e
+
+    ts = [threading.Thread(target=rank, args=(0,))]
+    ts[0].start()
+    try:
+        socks.append(_raw_client(port, [junk]))
+        time.sleep(0.3)
+        ts.append(threading.Thread(target=rank, args=(1,)))
+        ts[1].start()
+    finally:
+        for t in ts:
+            t.join(30)
+        for s in socks:
+            s.close()
+    assert out == {0: [b"\0", b"\1"], 1: [b"\0", b"\1"]}, out
+
+
+@pytest.mark.timeout(60)
+def test_stray_client_is_named_when_setup_times_out():
+    port = free_port()
+    socks = []
+
+    def stray():
+        socks.append(_raw_client(port, [_frame([1])]))
+
+    th = threading.Thread(target=stray)
+    th.start()
+    try:
+        with pytest.raises(RendezvousError, match=r"rank\(s\) \[1\] of 2 never arrived; ignored client\(s\) .*127\.0\.0\.1:\d+ \(malformed"):
+            Rendezvous(0, 2, "127.0.0.1", port, 1.5)
+    finally:
+        th.join(10)
+        for s in socks:
+            s.close()
+
+
+@pytest.mark.timeout(60)
+def test_rank_that_dies_before_the_reply_is_named_and_breaks_the_rendezvous():
+    port, out = free_port(), {}
+
+    def real(r):
+        try:
+            with Rendezvous(r, 3, "127.0.0.1", port, 3.0) as rdv:
+                time.sleep(0.5)
+                try:
+                    out[r] = rdv.allgather("x", b"a" * 1000)
+                except RendezvousError as e:
+                    out[r] = e
+                out[f"broken{r}"] = rdv.broken
+        except RendezvousError as e:
+            out[r] = e
+
+    ts = [threading.Thread(target=real, args=(r,)) for r in (0, 2)]
+    for t in ts:
+        t.start()
+    s = None
+    try:
+        s = _raw_client(port, [_frame({"op": "hello", "rank": 1, "world": 3, "job": job_id()})])
+        s.recv(100)  # welcome
+        s.sendall(_frame({"op": "gather", "name": "x", "seq": 1, "data": ""}))
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))  # crash-like reset
+        s.close()
+    finally:
+        for t in ts:
+            t.join(20)
+    assert isinstance(out[0], RendezvousError) and "rank(s) [1]" in str(out[0]), out
+    assert out["broken0"] is True
+    assert isinstance(out[2], RendezvousError) and "[1]" in str(out[2]), out
+
+
+@pytest.mark.timeout(60)
+def test_rank_that_gives_up_tells_rank0():
+    """Rank 0 reaches the collective after rank 1 stopped waiting: rank 0 must fail naming rank 1, not succeed."""
+    def fn(rdv, r):
+        if r == 0:
+            time.sleep(7.0)  # rank 1 waits timeout + 5 s of grace
+        return rdv.allgather("x", bytes([r]))
+
+    out = _ranks_in_threads(2, fn, timeout=1.0, join_s=20)
+    assert isinstance(out[1], RendezvousError) and "rank 0 did not answer rank 1 within 1 s" in str(out[1])
+    assert isinstance(out[0], RendezvousError) and "x: rank 1 gave up" in str(out[0]), out[0]
+
+
+@pytest.mark.timeout(60)
+def test_client_of_another_job_is_turned_away():
+    port, out = free_port(), {}
+
+    def body(key, rank, job, delay):
+        time.sleep(delay)
+        try:
+            with Rendezvous(rank, 2, "127.0.0.1", port, 3.0, job=job) as rdv:
+                out[key] = rdv.allgather("g", job.encode())
+        except RendezvousError as e:
+            out[key] = e
+
+    ts = [threading.Thread(target=body, args=a) for a in [("A0", 0, "A", 0), ("B1", 1, "B", 0.2), ("A1", 1, "A", 0.6)]]
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join(20)
+    assert out["A0"] == [b"A", b"A"] and out["A1"] == [b"A", b"A"], out
+    assert isinstance(out["B1"], RendezvousError) and "job B" in str(out["B1"]) and "job A" in str(out["B1"])
+
+
+@pytest.mark.timeout(60)
+def test_late_duplicate_rank_is_answered_at_once():
+    port, stop = free_port(), threading.Event()
+    ready = threading.Barrier(3)
+
+    def rank(r):
+        with Rendezvous(r, 2, "127.0.0.1", port, 10.0) as rdv:
+            ready.wait(10)
+            stop.wait(20)
+            rdv.barrier()
+
+    ts = [threading.Thread(target=rank, args=(r,)) for r in (0, 1)]
+    for t in ts:
+        t.start()
+    try:
+        ready.wait(10)
+        t0 = time.monotonic()
+        with pytest.raises(RendezvousError, match=r"rank 1 \(from 127\.0\.0\.1:\d+\) arrived after all 2 ranks"):
+            Rendezvous(1, 2, "127.0.0.1", port, 10.0)
+        assert time.monotonic() - t0 < 3
+    finally:
+        stop.set()
+        for t in ts:
+            t.join(20)

@@ -7,7 +7,11 @@ that keep NVLink multicast off (``NVSHMEM_DISABLE_NVLS=1``, ``NCCL_NVLS_ENABLE=0
 ``TORCH_SYMM_MEM_DISABLE_MULTICAST=1``) unless already set. Every line a rank prints is prefixed with ``[rank r]``.
 When a rank fails, the others are terminated (SIGTERM, then SIGKILL after a grace period) and the launcher exits with
 that rank's code; ``--keep-going`` lets the others run to their end instead. ``--timeout`` ends the whole job,
-naming the ranks still running, with exit code 124.
+naming the ranks still running, with exit code 124. SIGINT, SIGTERM and SIGHUP (the terminal closed) end every
+rank the same way and exit with 128 + the signal. Whatever happens, each rank's process group (its helpers, even
+after the rank itself exited) is ended before the launcher returns; a closed stdout (``| head``) does not stop it,
+and ranks' output is still drained so that they never block. ``DWDP_JOB_ID`` (a fresh nonce unless already set)
+identifies the job to ``dwdp_ops.rendezvous``, which turns away ranks of another job on the same port.
 """
 
 from __future__ import annotations
@@ -36,18 +40,57 @@ def free_port(addr: str = "127.0.0.1") -> int:
 
 
 def _pump(rank: int, stream, out, lock: threading.Lock) -> None:
+    """Copies a rank's output, prefixed, until the rank closes it; when our own output is gone (``| head``), keeps
+    draining so that the rank never blocks on a full pipe."""
     prefix = f"[rank {rank}] ".encode()
     for line in iter(stream.readline, b""):
         with lock:
-            out.write(prefix + line if line.endswith(b"\n") else prefix + line + b"\n")
-            out.flush()
+            try:
+                out.write(prefix + line if line.endswith(b"\n") else prefix + line + b"\n")
+                out.flush()
+            except (OSError, ValueError):
+                pass
     stream.close()
 
 
 def _say(msg: str, lock: threading.Lock) -> None:
-    with lock:
+    """Best effort: a closed stdout must not keep the launcher from cleaning up. Never waits long for the lock (a
+    signal handler may interrupt the main thread while it holds it)."""
+    got = lock.acquire(timeout=1.0)
+    try:
         sys.stdout.buffer.write(f"[launch] {msg}\n".encode())
         sys.stdout.buffer.flush()
+    except (OSError, ValueError):
+        pass
+    finally:
+        if got:
+            lock.release()
+
+
+def _reap_groups(procs: dict[int, subprocess.Popen]) -> None:
+    """Ends what is left in every rank's process group (helpers of ranks that already exited included): SIGTERM,
+    then SIGKILL after the grace period."""
+
+    def signal_all(sig) -> list[int]:
+        alive = []
+        for p in procs.values():
+            try:
+                os.killpg(p.pid, sig)
+                alive.append(p.pid)
+            except (ProcessLookupError, PermissionError):
+                pass
+        return alive
+
+    if not signal_all(signal.SIGTERM):
+        return
+    deadline = time.monotonic() + GRACE_S
+    while time.monotonic() < deadline:
+        for p in procs.values():
+            p.poll()
+        if not signal_all(0):
+            return
+        time.sleep(0.05)
+    signal_all(signal.SIGKILL)
 
 
 def _terminate(procs: dict[int, subprocess.Popen], ranks: list[int]) -> None:
@@ -95,53 +138,71 @@ def run(
         PYTHONUNBUFFERED="1",
         DWDP_LAUNCHER="dwdp_ops.launch",
     )
+    base.setdefault("DWDP_JOB_ID", f"dwdp-launch-{os.getpid()}-{os.urandom(6).hex()}")  # rendezvous.job_id
     lock = threading.Lock()
     procs: dict[int, subprocess.Popen] = {}
     pumps = []
-    for r in range(nprocs):
-        e = dict(base, RANK=str(r), LOCAL_RANK=str(r))
-        p = subprocess.Popen(command, env=e, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
-        procs[r] = p
-        t = threading.Thread(target=_pump, args=(r, p.stdout, sys.stdout.buffer, lock), daemon=True)
-        t.start()
-        pumps.append(t)
+
+    stopping = []
 
     def on_signal(signum, _frame):
+        if stopping:  # already cleaning up: let it finish
+            return
+        stopping.append(signum)
         _say(f"received signal {signum}; terminating every rank", lock)
         _terminate(procs, [r for r, p in procs.items() if p.poll() is None])
         sys.exit(128 + signum)
 
-    old = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
-    start = time.monotonic()
-    code = 0
+    # Installed before the first rank starts, so that a signal (or a failed Popen) while spawning leaves none behind.
+    old = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
     try:
-        while True:
-            running = [r for r, p in procs.items() if p.poll() is None]
-            failed = [r for r, p in procs.items() if p.returncode not in (None, 0)]
-            if failed and code == 0:
-                r = failed[0]
-                code = procs[r].returncode if procs[r].returncode > 0 else 128 - procs[r].returncode
-                rc = procs[r].returncode
-                how = f"exit code {rc}" if rc > 0 else f"signal {-rc}"
-                if running and not keep_going:
-                    _say(f"rank {r} failed ({how}); terminating rank(s) {running}", lock)
-                    _terminate(procs, running)
-                    running = []
-                else:
-                    _say(f"rank {r} failed ({how})", lock)
-            if not running:
-                break
-            if timeout is not None and time.monotonic() - start > timeout:
-                _say(f"timed out after {timeout:g} s; rank(s) {running} still running; terminating them", lock)
-                _terminate(procs, running)
-                code = 124
-                break
-            time.sleep(0.05)
+        for r in range(nprocs):
+            e = dict(base, RANK=str(r), LOCAL_RANK=str(r))
+            p = subprocess.Popen(command, env=e, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                 start_new_session=True)
+            procs[r] = p
+            t = threading.Thread(target=_pump, args=(r, p.stdout, sys.stdout.buffer, lock), daemon=True)
+            t.start()
+            pumps.append(t)
+        return _supervise(procs, lock, timeout, keep_going)
     finally:
-        for s, h in old.items():
-            signal.signal(s, h)
+        stopping.append(0)
+        running = [r for r, p in procs.items() if p.poll() is None]
+        if running:
+            _terminate(procs, running)
+        _reap_groups(procs)
         for t in pumps:
             t.join(timeout=2.0)
+        for s, h in old.items():
+            signal.signal(s, h)
+
+
+def _supervise(procs: dict[int, subprocess.Popen], lock: threading.Lock, timeout: float | None,
+               keep_going: bool) -> int:
+    start = time.monotonic()
+    code = 0
+    while True:
+        running = [r for r, p in procs.items() if p.poll() is None]
+        failed = [r for r, p in procs.items() if p.returncode not in (None, 0)]
+        if failed and code == 0:
+            r = failed[0]
+            code = procs[r].returncode if procs[r].returncode > 0 else 128 - procs[r].returncode
+            rc = procs[r].returncode
+            how = f"exit code {rc}" if rc > 0 else f"signal {-rc}"
+            if running and not keep_going:
+                _say(f"rank {r} failed ({how}); terminating rank(s) {running}", lock)
+                _terminate(procs, running)
+                running = []
+            else:
+                _say(f"rank {r} failed ({how})", lock)
+        if not running:
+            break
+        if timeout is not None and time.monotonic() - start > timeout:
+            _say(f"timed out after {timeout:g} s; rank(s) {running} still running; terminating them", lock)
+            _terminate(procs, running)
+            code = 124
+            break
+        time.sleep(0.05)
     return code
 
 

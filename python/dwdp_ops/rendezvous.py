@@ -15,7 +15,17 @@ Invariants:
     that all ranks called the same collective in the same order and fails all of them if not.
   * Nobody waits longer than ``timeout`` seconds. When rank 0 gives up it tells every connected rank why (the ranks
     that never arrived, or that disconnected) before raising, so the message is the same on every survivor.
-  * A rank whose connection to rank 0 breaks raises at once, naming rank 0.
+    Sending is bounded too: a frame that a peer does not read in time fails the collective naming that peer, and
+    a frame over ``_MAX_FRAME`` is refused by its sender before anything is sent.
+  * A rank whose connection to rank 0 breaks raises at once, naming rank 0. A rank that gives up on rank 0 tells it
+    (an ``abort`` frame, best effort) and closes, so rank 0 fails that collective naming it.
+  * During set-up a client that does not say a valid hello (a port scanner, an HTTP request, garbage), or that says
+    it belongs to another job (``job_id``: ``DWDP_JOB_ID``, which ``dwdp_ops.launch`` exports, ``TORCHELASTIC_RUN_ID``,
+    ``PMIX_NAMESPACE``, ``OMPI_MCA_ess_base_jobid``, ``SLURM_JOB_ID``), is turned away and rank 0 keeps waiting; if
+    set-up then fails, the error lists those clients by address. Without any of these variables two jobs on one port
+    cannot be told apart. After set-up a late client (a duplicate ``RANK``) is answered with an error at once.
+  * When rank 0 cannot deliver a result to some ranks, it still delivers it to the others, then raises naming them;
+    any failed collective leaves the rendezvous broken (further collectives raise).
 """
 
 from __future__ import annotations
@@ -36,6 +46,21 @@ from .errors import RendezvousError
 
 _HEADER = struct.Struct(">I")
 _MAX_FRAME = 64 << 20
+_TELL_S = 1.0  # how long a best-effort error or abort frame may take to send
+_JOB_VARS = ("DWDP_JOB_ID", "TORCHELASTIC_RUN_ID", "PMIX_NAMESPACE", "OMPI_MCA_ess_base_jobid", "SLURM_JOB_ID")
+
+
+def job_id(environ=None) -> str | None:
+    """The job this process belongs to, from its launcher's environment: the first of ``_JOB_VARS`` that is set, as
+    ``NAME=value`` (``SLURM_STEP_ID`` appended to ``SLURM_JOB_ID``); None when no launcher says."""
+    env = os.environ if environ is None else environ
+    for k in _JOB_VARS:
+        v = env.get(k, "").strip()
+        if v:
+            if k == "SLURM_JOB_ID" and env.get("SLURM_STEP_ID", "").strip():
+                v += "." + env["SLURM_STEP_ID"].strip()
+            return f"{k}={v}"
+    return None
 
 
 def _ranks(ranks: Sequence[int]) -> str:
@@ -45,15 +70,48 @@ def _ranks(ranks: Sequence[int]) -> str:
 class _Conn:
     """One framed, non-blocking-friendly TCP connection."""
 
-    def __init__(self, sock: socket.socket, peer_rank: int | None = None):
+    def __init__(self, sock: socket.socket, peer_rank: int | None = None, addr: str = ""):
         self.sock = sock
         self.rank = peer_rank
+        self.addr = addr
         self.buf = bytearray()
 
-    def send(self, msg: dict) -> None:
+    def who(self) -> str:
+        return f"rank {self.rank}" if self.rank is not None else f"the client at {self.addr or '?'}"
+
+    def send(self, msg: dict, deadline: float) -> None:
+        """Sends one frame by ``deadline`` (monotonic). Raises RendezvousError for a frame over ``_MAX_FRAME`` (before
+        sending anything), TimeoutError when the peer does not read it in time, OSError when the connection broke."""
         data = json.dumps(msg).encode()
-        self.sock.setblocking(True)
+        if len(data) > _MAX_FRAME:
+            raise _FrameTooLarge(
+                f"a frame of {len(data)} bytes for {self.who()} exceeds the control plane's limit of {_MAX_FRAME} "
+                f"bytes; it is for small payloads (unique IDs, handles, barriers)"
+            )
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise TimeoutError(f"no time left to send to {self.who()}")
+        self.sock.settimeout(remaining)  # since Python 3.5 the limit bounds the whole sendall
         self.sock.sendall(_HEADER.pack(len(data)) + data)
+
+    def _take(self) -> dict | None:
+        """Removes one complete message from the buffer; raises RendezvousError for a malformed frame."""
+        if len(self.buf) < _HEADER.size:
+            return None
+        (n,) = _HEADER.unpack_from(self.buf)
+        if n > _MAX_FRAME:
+            raise RendezvousError(f"rendezvous: frame of {n} bytes from {self.who()} exceeds {_MAX_FRAME}")
+        if len(self.buf) < _HEADER.size + n:
+            return None
+        raw = bytes(self.buf[_HEADER.size : _HEADER.size + n])
+        del self.buf[: _HEADER.size + n]
+        try:
+            msg = json.loads(raw)
+        except ValueError:
+            msg = None
+        if not isinstance(msg, dict):
+            raise RendezvousError(f"rendezvous: malformed frame from {self.who()} (not a dwdp_ops rank?)")
+        return msg
 
     def feed(self) -> list[dict] | None:
         """Reads what is available; returns the complete messages, or None when the peer closed."""
@@ -67,19 +125,16 @@ class _Conn:
             return None
         self.buf += chunk
         out = []
-        while len(self.buf) >= _HEADER.size:
-            (n,) = _HEADER.unpack_from(self.buf)
-            if n > _MAX_FRAME:
-                raise RendezvousError(f"rendezvous: frame of {n} bytes from rank {self.rank} exceeds {_MAX_FRAME}")
-            if len(self.buf) < _HEADER.size + n:
-                break
-            out.append(json.loads(bytes(self.buf[_HEADER.size : _HEADER.size + n])))
-            del self.buf[: _HEADER.size + n]
+        while (msg := self._take()) is not None:
+            out.append(msg)
         return out
 
     def recv(self, deadline: float, what: str) -> dict | None:
         """Blocks until one message or the deadline; None when the peer closed; raises TimeoutError on deadline."""
         while True:
+            msg = self._take()
+            if msg is not None:
+                return msg
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 raise TimeoutError(what)
@@ -93,18 +148,16 @@ class _Conn:
             if not chunk:
                 return None
             self.buf += chunk
-            if len(self.buf) >= _HEADER.size:
-                (n,) = _HEADER.unpack_from(self.buf)
-                if len(self.buf) >= _HEADER.size + n:
-                    msg = json.loads(bytes(self.buf[_HEADER.size : _HEADER.size + n]))
-                    del self.buf[: _HEADER.size + n]
-                    return msg
 
     def close(self) -> None:
         try:
             self.sock.close()
         except OSError:
             pass
+
+
+class _FrameTooLarge(RendezvousError):
+    pass
 
 
 class _TorchrunPort:
@@ -154,7 +207,9 @@ class Rendezvous:
 
     ``torchrun``: None (default) detects torchrun from this process's environment (``env.under_torchrun``) and, when
     ``addr``/``port`` are its ``MASTER_ADDR``/``MASTER_PORT``, exchanges the port through torchrun's store; True /
-    False force either way. ``port`` is then the store's port, and ``self.port`` becomes the control plane's."""
+    False force either way. ``port`` is then the store's port, and ``self.port`` becomes the control plane's.
+    ``job``: this job's identity, sent in the hello; None (default) takes it from the launcher's environment
+    (``job_id``). Rank 0 turns away a client whose job differs (another job on the same port) and keeps waiting."""
 
     def __init__(
         self,
@@ -165,6 +220,7 @@ class Rendezvous:
         timeout: float = 60.0,
         *,
         torchrun: bool | None = None,
+        job: str | None = None,
     ):
         if world_size < 1 or not 0 <= rank < world_size:
             raise ValueError(f"rendezvous: rank {rank} is outside [0, {world_size})")
@@ -182,6 +238,8 @@ class Rendezvous:
         self._listener: socket.socket | None = None
         self._closed = False
         self._broken: str | None = None
+        self._doorman: threading.Thread | None = None
+        self.job = job if job is not None else job_id()
         try:
             self._connect()
         except BaseException:
@@ -232,8 +290,8 @@ class Rendezvous:
                 time.sleep(0.05)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         conn = _Conn(sock, 0)
-        conn.send({"op": "hello", "rank": self.rank, "world": self.world_size})
         try:
+            conn.send({"op": "hello", "rank": self.rank, "world": self.world_size, "job": self.job}, deadline)
             msg = conn.recv(deadline, "welcome")
         except TimeoutError:
             conn.close()
@@ -241,18 +299,47 @@ class Rendezvous:
                 f"rendezvous: rank {self.rank} connected to {where} but rank 0 did not admit it within "
                 f"{self.timeout:g} s"
             ) from None
+        except OSError:
+            msg = None
+        except RendezvousError as e:
+            conn.close()
+            raise RendezvousError(f"rendezvous: rank {self.rank} got a bad answer from {where}: {e}") from None
         if msg is None:
             conn.close()
             raise RendezvousError(f"rendezvous: rank 0 at {where} closed the connection during set-up")
         if msg.get("op") == "error":
             conn.close()
-            raise RendezvousError(msg["msg"])
+            raise RendezvousError(str(msg.get("msg")))
+        if msg.get("op") != "welcome":
+            conn.close()
+            raise RendezvousError(f"rendezvous: unexpected answer {msg.get('op')!r} from {where} during set-up")
         return conn
+
+    @staticmethod
+    def _tell(conns, msg: dict, seconds: float = _TELL_S) -> list[_Conn]:
+        """Best-effort ``msg`` to every conn, each bounded by ``seconds``; returns the conns it could not reach."""
+        failed = []
+        for conn in conns:
+            try:
+                conn.send(msg, time.monotonic() + seconds)
+            except (OSError, RendezvousError):
+                failed.append(conn)
+        return failed
 
     def _accept_all(self, deadline: float, where: str) -> None:
         sel = selectors.DefaultSelector()
         sel.register(self._listener, selectors.EVENT_READ, None)
         pending: list[_Conn] = []
+        dropped: list[str] = []  # clients that did not say a valid hello, for the error message
+
+        def drop(conn: _Conn, why: str, tell: str | None = None) -> None:
+            dropped.append(f"{conn.addr} ({why})")
+            sel.unregister(conn.sock)
+            pending.remove(conn)
+            if tell:
+                self._tell([conn], {"op": "error", "msg": tell})
+            conn.close()
+
         error = None
         try:
             while len(self._peers) < self.world_size - 1 and error is None:
@@ -263,57 +350,130 @@ class Rendezvous:
                         f"rendezvous timed out after {self.timeout:g} s at {where}: rank(s) {_ranks(missing)} of "
                         f"{self.world_size} never arrived"
                     )
+                    if dropped:
+                        error += f"; ignored client(s) that were not ranks of this job: {'; '.join(dropped)}"
                     break
                 for key, _ in sel.select(timeout=min(remaining, 0.5)):
                     if key.data is None:
-                        sock, _addr = self._listener.accept()
+                        try:
+                            sock, addr = self._listener.accept()
+                        except OSError:
+                            continue
                         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
                         sock.setblocking(False)
-                        conn = _Conn(sock)
+                        conn = _Conn(sock, addr=f"{addr[0]}:{addr[1]}")
                         pending.append(conn)
                         sel.register(sock, selectors.EVENT_READ, conn)
                         continue
                     conn = key.data
-                    msgs = conn.feed()
+                    if conn not in pending:
+                        continue
+                    try:
+                        msgs = conn.feed()
+                    except RendezvousError as e:
+                        drop(conn, str(e).removeprefix("rendezvous: "))
+                        continue
                     if msgs is None:
+                        if conn.buf:
+                            dropped.append(f"{conn.addr} (closed after {len(conn.buf)} bytes that are not a hello)")
                         sel.unregister(conn.sock)
                         pending.remove(conn)
                         conn.close()
                         continue
-                    for msg in msgs:
-                        error = self._admit(conn, msg)
-                        if error is None:
-                            sel.unregister(conn.sock)
-                            pending.remove(conn)
+                    if not msgs:
+                        continue
+                    verdict, why = self._admit(conn, msgs[0], where)
+                    if verdict == "ok":
+                        sel.unregister(conn.sock)
+                        pending.remove(conn)
+                    elif verdict == "drop":
+                        drop(conn, why, tell=why if msgs[0].get("op") == "hello" else None)
+                    else:
+                        error = why
                         break
         finally:
             sel.close()
         if error is not None:
-            for conn in list(self._peers.values()) + pending:
-                try:
-                    conn.send({"op": "error", "msg": error})
-                except OSError:
-                    pass
+            self._tell(list(self._peers.values()) + pending, {"op": "error", "msg": error})
             raise RendezvousError(error)
-        for conn in self._peers.values():
-            conn.send({"op": "welcome"})
+        send_deadline = time.monotonic() + self.timeout
+        failed = [
+            c.rank for c in self._peers.values()
+            if self._tell([c], {"op": "welcome"}, max(_TELL_S, send_deadline - time.monotonic()))
+        ]
+        if failed:
+            error = (
+                f"rendezvous at {where}: rank(s) {_ranks(failed)} disconnected during set-up (their process exited "
+                f"or was killed)"
+            )
+            self._tell([c for r, c in self._peers.items() if r not in failed], {"op": "error", "msg": error})
+            raise RendezvousError(error)
+        self._start_doorman(where)
 
-    def _admit(self, conn: _Conn, msg: dict) -> str | None:
-        if msg.get("op") != "hello":
-            return f"rendezvous: unexpected first message {msg.get('op')!r} from a client (not a dwdp_ops rank?)"
-        rank, world = int(msg["rank"]), int(msg["world"])
+    def _admit(self, conn: _Conn, msg: dict, where: str) -> tuple[str, str]:
+        """("ok", ""), ("drop", why) for a client that is not a rank of this job, or ("abort", error)."""
+        rank, world = msg.get("rank"), msg.get("world")
+        if msg.get("op") != "hello" or not all(type(x) is int for x in (rank, world)):
+            return "drop", f"first message is not a dwdp_ops hello: {json.dumps(msg)[:80]}"
+        job = msg.get("job")
+        if job != self.job:
+            return "drop", (
+                f"rendezvous at {where}: a client from {conn.addr} says it is rank {rank} of job "
+                f"{job or '(no job id)'}, but rank 0 there belongs to job {self.job or '(no job id)'}; two jobs share "
+                f"MASTER_ADDR:MASTER_PORT; give each its own MASTER_PORT"
+            )
         if world != self.world_size:
-            return (
+            return "abort", (
                 f"world size disagrees between ranks: rank 0 has world size {self.world_size}, rank {rank} has "
-                f"{world}; every rank must be started with the same WORLD_SIZE"
+                f"{world} (client at {conn.addr}); every rank must be started with the same WORLD_SIZE"
             )
         if not 1 <= rank < self.world_size:
-            return f"rendezvous: a client says it is rank {rank}, outside [1, {self.world_size})"
+            return "abort", f"rendezvous: a client at {conn.addr} says it is rank {rank}, outside [1, {self.world_size})"
         if rank in self._peers:
-            return f"rendezvous: rank {rank} arrived twice; check the RANK of every process"
+            return "abort", (
+                f"rendezvous: rank {rank} arrived twice (from {self._peers[rank].addr} and {conn.addr}); check the "
+                f"RANK of every process"
+            )
         conn.rank = rank
         self._peers[rank] = conn
-        return None
+        return "ok", ""
+
+    def _start_doorman(self, where: str) -> None:
+        """After set-up, answers every late client (a duplicate RANK, a second job on the port) with an error at once
+        instead of letting it wait for its timeout."""
+        ls = self._listener
+        ls.setblocking(False)
+        world = self.world_size
+        self._wake_r, self._wake_w = socket.socketpair()
+        sel = selectors.DefaultSelector()
+        sel.register(ls, selectors.EVENT_READ)
+        sel.register(self._wake_r, selectors.EVENT_READ)
+
+        def serve():
+            try:
+                while not self._closed:
+                    if not any(key.fileobj is ls for key, _ in sel.select()):
+                        continue
+                    try:
+                        sock, addr = ls.accept()
+                    except OSError:
+                        continue
+                    conn = _Conn(sock, addr=f"{addr[0]}:{addr[1]}")
+                    try:
+                        hello = conn.recv(time.monotonic() + 1.0, "hello")
+                    except (TimeoutError, RendezvousError):
+                        hello = None
+                    who = f"rank {hello.get('rank')}" if isinstance(hello, dict) else "a client"
+                    self._tell([conn], {"op": "error", "msg": (
+                        f"rendezvous at {where}: {who} (from {conn.addr}) arrived after all {world} ranks had "
+                        f"joined; check the RANK of every process, or whether another job uses this MASTER_PORT"
+                    )}, 1.0)
+                    conn.close()
+            finally:
+                sel.close()
+
+        self._doorman = threading.Thread(target=serve, name="dwdp-rendezvous-doorman", daemon=True)
+        self._doorman.start()
 
     # -- collectives ------------------------------------------------------------------------------------------
     def allgather(self, name: str, payload: bytes = b"") -> list[bytes]:
@@ -342,26 +502,41 @@ class Rendezvous:
     def barrier(self, name: str = "barrier") -> None:
         self.allgather(name)
 
+    def _give_up(self, why: str, *, tell: bool) -> RendezvousError:
+        """A rank > 0 abandons rank 0: tells it why (best effort, when the stream is at a frame boundary) and closes
+        the connection, so that rank 0 fails this collective naming this rank instead of completing it."""
+        if tell and self._hub is not None:
+            self._tell([self._hub], {"op": "abort", "rank": self.rank, "msg": why})
+        if self._hub is not None:
+            self._hub.close()
+        return RendezvousError(why)
+
     def _gather_at_leaf(self, name: str, payload: bytes) -> list[bytes]:
         hub = self._hub
+        lost = f"{name}: rank {self.rank} lost its connection to rank 0 (rank 0's process exited or was killed)"
         msg = {"op": "gather", "name": name, "seq": self._seq, "data": base64.b64encode(payload).decode()}
         try:
-            hub.send(msg)
-        except OSError:
-            raise RendezvousError(
-                f"{name}: rank {self.rank} lost its connection to rank 0 (rank 0's process exited or was killed)"
+            hub.send(msg, time.monotonic() + self.timeout)
+        except _FrameTooLarge as e:
+            raise self._give_up(f"{name}: rank {self.rank} cannot send its payload of {len(payload)} bytes: {e}",
+                                tell=True) from None
+        except TimeoutError:
+            raise self._give_up(
+                f"{name}: rank {self.rank} could not send its {len(payload)}-byte payload to rank 0 within "
+                f"{self.timeout:g} s (rank 0 is not reading: is it stuck before this collective?)", tell=False
             ) from None
+        except OSError:
+            raise RendezvousError(lost) from None
         # Rank 0 enforces the timeout and reports; allow it a grace period to do so.
         try:
             reply = hub.recv(time.monotonic() + self.timeout + 5.0, name)
         except TimeoutError:
-            raise RendezvousError(f"{name}: rank 0 did not answer rank {self.rank} within {self.timeout:g} s") from None
+            raise self._give_up(f"{name}: rank 0 did not answer rank {self.rank} within {self.timeout:g} s",
+                                tell=True) from None
         if reply is None:
-            raise RendezvousError(
-                f"{name}: rank {self.rank} lost its connection to rank 0 (rank 0's process exited or was killed)"
-            )
+            raise RendezvousError(lost)
         if reply.get("op") == "error":
-            raise RendezvousError(reply["msg"])
+            raise RendezvousError(str(reply.get("msg")))
         return [base64.b64decode(x) for x in reply["data"]]
 
     def _gather_at_root(self, name: str, payload: bytes) -> list[bytes]:
@@ -373,27 +548,45 @@ class Rendezvous:
         for conn in self._peers.values():
             conn.sock.setblocking(False)
             sel.register(conn.sock, selectors.EVENT_READ, conn)
+
+        def take(conn: _Conn) -> str | None:
+            """Reads what conn has sent; returns an error, or None."""
+            try:
+                msgs = conn.feed()
+            except RendezvousError as e:
+                return f"{name}: {e}"
+            if msgs is None:
+                dead.append(conn.rank)
+                sel.unregister(conn.sock)
+                return None
+            for m in msgs:
+                if m.get("op") == "abort":
+                    return f"{name}: rank {conn.rank} gave up: {m.get('msg')}"
+                if m.get("name") != name or m.get("seq") != self._seq:
+                    return (
+                        f"collective mismatch: rank 0 called {name!r} (#{self._seq}) while rank {conn.rank} "
+                        f"called {m.get('name')!r} (#{m.get('seq')}); every rank must make the same "
+                        f"collective calls in the same order"
+                    )
+                got[conn.rank] = base64.b64decode(m.get("data", ""))
+            return None
+
         try:
             while len(got) + len(dead) < self.world_size and error is None:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     break
                 for key, _ in sel.select(timeout=min(remaining, 0.5)):
-                    conn = key.data
-                    msgs = conn.feed()
-                    if msgs is None:
-                        dead.append(conn.rank)
-                        sel.unregister(conn.sock)
-                        continue
-                    for m in msgs:
-                        if m.get("name") != name or m.get("seq") != self._seq:
-                            error = (
-                                f"collective mismatch: rank 0 called {name!r} (#{self._seq}) while rank {conn.rank} "
-                                f"called {m.get('name')!r} (#{m.get('seq')}); every rank must make the same "
-                                f"collective calls in the same order"
-                            )
-                            break
-                        got[conn.rank] = base64.b64decode(m["data"])
+                    error = take(key.data)
+                    if error:
+                        break
+            # A rank that gave up (or died) after sending its part must not be answered as if it were waiting.
+            while error is None and not dead:
+                ready = sel.select(timeout=0)
+                if not ready:
+                    break
+                for key, _ in ready:
+                    error = take(key.data)
                     if error:
                         break
         finally:
@@ -406,17 +599,28 @@ class Rendezvous:
         if error is None and len(got) < self.world_size:
             missing = sorted(set(range(self.world_size)) - set(got))
             error = f"{name}: rank(s) {_ranks(missing)} did not arrive within {self.timeout:g} s"
+        data = [base64.b64encode(got.get(r, b"")).decode() for r in range(self.world_size)]
+        result = {"op": "result", "data": data}
+        if error is None and len(json.dumps(result)) > _MAX_FRAME:
+            error = (
+                f"{name}: the gathered payloads ({sum(len(v) for v in got.values())} bytes) exceed the control "
+                f"plane's frame limit of {_MAX_FRAME} bytes; it is for small payloads (unique IDs, handles, barriers)"
+            )
         if error is not None:
-            for r, conn in self._peers.items():
-                if r not in dead:
-                    try:
-                        conn.send({"op": "error", "msg": error})
-                    except OSError:
-                        pass
+            self._tell([c for r, c in self._peers.items() if r not in dead], {"op": "error", "msg": error})
             raise RendezvousError(error)
-        data = [base64.b64encode(got[r]).decode() for r in range(self.world_size)]
-        for conn in self._peers.values():
-            conn.send({"op": "result", "data": data})
+        send_deadline = time.monotonic() + self.timeout
+        failed = []
+        for r, conn in self._peers.items():
+            try:
+                conn.send(result, max(send_deadline, time.monotonic() + _TELL_S))
+            except (OSError, RendezvousError):
+                failed.append(r)
+        if failed:
+            raise RendezvousError(
+                f"{name}: rank 0 could not deliver the result to rank(s) {_ranks(failed)} (their process exited, was "
+                f"killed, or stopped reading within {self.timeout:g} s); the other ranks received it"
+            )
         return [got[r] for r in range(self.world_size)]
 
     def _check_usable(self, name: str) -> None:
@@ -439,6 +643,14 @@ class Rendezvous:
         if self._closed:
             return
         self._closed = True
+        if self._doorman is not None:
+            try:
+                self._wake_w.send(b"x")
+            except OSError:
+                pass
+            self._doorman.join(2.0)
+            self._wake_r.close()
+            self._wake_w.close()
         for conn in self._peers.values():
             conn.close()
         if self._hub is not None:
