@@ -53,6 +53,10 @@ class DeepSeekConfig:
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, numbers.Integral):
                 raise TypeError(f"DeepSeekConfig.{name} must be an int, got {v!r} ({type(v).__name__})")
+        if self.q_lora_rank < 1:  # before the generic message: the reason, as hf_convert gives it
+            raise ValueError(f"DeepSeekConfig.q_lora_rank must be >= 1, got {self.q_lora_rank}: our weights always "
+                             "have the LoRA query (wq_a, q_norm, wq_b); a direct query projection (q_lora_rank 0, "
+                             "Hugging Face's None) has no counterpart here")
         for name in _POSITIVE:
             if getattr(self, name) < 1:
                 raise ValueError(f"DeepSeekConfig.{name} must be >= 1, got {getattr(self, name)}")
