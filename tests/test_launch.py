@@ -141,6 +141,18 @@ def _pids(tmp_path, n):
     return [int(x) for r in range(n) for x in (tmp_path / f"pids{r}").read_text().split()]
 
 
+def _kill_all(pids, launcher=None) -> None:
+    """Test clean-up: the launcher (a Popen, if any) and every recorded pid, whatever the test saw."""
+    if launcher is not None:
+        launcher.kill()
+        launcher.wait()
+    for q in pids:
+        try:
+            os.kill(q, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
 @pytest.mark.timeout(60)
 def test_helpers_of_exited_ranks_are_ended(tmp_path):
     script = tmp_path / "job.py"
@@ -152,11 +164,7 @@ def test_helpers_of_exited_ranks_are_ended(tmp_path):
         assert proc.returncode == 3, proc.stdout
         assert not [p for p in pids if _alive(p)], pids
     finally:
-        for p in pids:
-            try:
-                os.kill(p, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+        _kill_all(pids)
 
 
 @pytest.mark.timeout(60)
@@ -177,13 +185,7 @@ def test_hangup_ends_every_rank(tmp_path, sig):
         assert p.wait(30) == 128 + sig
         assert not [q for q in pids if _alive(q)], pids
     finally:
-        p.kill()
-        p.wait()
-        for q in pids:
-            try:
-                os.kill(q, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+        _kill_all(pids, p)
 
 
 @pytest.mark.timeout(60)
@@ -209,10 +211,4 @@ def test_closed_stdout_does_not_leave_ranks_running(tmp_path):
         pids = [int((tmp_path / f"pid{r}").read_text()) for r in range(2)]
         assert not [q for q in pids if _alive(q)], pids
     finally:
-        p.kill()
-        p.wait()
-        for q in pids:
-            try:
-                os.kill(q, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+        _kill_all(pids, p)
