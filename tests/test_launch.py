@@ -212,3 +212,29 @@ def test_closed_stdout_does_not_leave_ranks_running(tmp_path):
         assert not [q for q in pids if _alive(q)], pids
     finally:
         _kill_all(pids, p)
+
+
+@pytest.mark.timeout(60)
+def test_under_nohup_a_hangup_leaves_the_job_running(tmp_path):
+    """A launcher started with SIGHUP ignored (``nohup``) keeps ignoring it: the job outlives the terminal, as before
+    SIGHUP was handled; SIGTERM still ends it."""
+    script = tmp_path / "job.py"
+    script.write_text(textwrap.dedent(_HELPER_JOB))
+    p = subprocess.Popen([sys.executable, "-m", "dwdp_ops.launch", "-n", "2", str(script), str(tmp_path), "ok"],
+                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                         preexec_fn=lambda: signal.signal(signal.SIGHUP, signal.SIG_IGN))
+    pids = []
+    try:
+        end = time.monotonic() + 20
+        while not all((tmp_path / f"pids{r}").exists() for r in range(2)) and time.monotonic() < end:
+            time.sleep(0.05)
+        time.sleep(0.2)
+        pids = _pids(tmp_path, 2)
+        p.send_signal(signal.SIGHUP)
+        time.sleep(1.0)
+        assert p.poll() is None and all(_alive(q) for q in pids)
+        p.send_signal(signal.SIGTERM)
+        assert p.wait(30) == 128 + signal.SIGTERM
+        assert not [q for q in pids if _alive(q)], pids
+    finally:
+        _kill_all(pids, p)

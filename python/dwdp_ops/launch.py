@@ -8,7 +8,8 @@ that keep NVLink multicast off (``NVSHMEM_DISABLE_NVLS=1``, ``NCCL_NVLS_ENABLE=0
 When a rank fails, the others are terminated (SIGTERM, then SIGKILL after a grace period) and the launcher exits with
 that rank's code; ``--keep-going`` lets the others run to their end instead. ``--timeout`` ends the whole job,
 naming the ranks still running, with exit code 124. SIGINT, SIGTERM and SIGHUP (the terminal closed) end every
-rank the same way and exit with 128 + the signal. Whatever happens, each rank's process group (its helpers, even
+rank the same way and exit with 128 + the signal (SIGHUP only where it is not ignored: under ``nohup`` the job
+outlives the terminal). Whatever happens, each rank's process group (its helpers, even
 after the rank itself exited) is ended before the launcher returns; a closed stdout (``| head``) does not stop it,
 and ranks' output is still drained so that they never block. ``DWDP_JOB_ID`` (a fresh nonce unless already set)
 identifies the job to ``dwdp_ops.rendezvous``, which turns away ranks of another job on the same port.
@@ -93,6 +94,21 @@ def _reap_groups(procs: dict[int, subprocess.Popen]) -> None:
     signal_all(signal.SIGKILL)
 
 
+def _status(p: subprocess.Popen) -> int | None:
+    """``p``'s exit status as ``Popen.returncode`` gives it (None while running) WITHOUT reaping it: the zombie keeps
+    its pid, and with it the rank's process-group id, from being reused by an unrelated process until the launcher's
+    clean-up has signalled that group (``_reap_groups``, which reaps)."""
+    if p.returncode is not None:
+        return p.returncode
+    try:
+        r = os.waitid(os.P_PID, p.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT)
+    except ChildProcessError:  # already reaped elsewhere
+        return p.poll()
+    if r is None:
+        return None
+    return r.si_status if r.si_code == os.CLD_EXITED else -r.si_status
+
+
 def _terminate(procs: dict[int, subprocess.Popen], ranks: list[int]) -> None:
     for r in ranks:
         try:
@@ -150,11 +166,14 @@ def run(
             return
         stopping.append(signum)
         _say(f"received signal {signum}; terminating every rank", lock)
-        _terminate(procs, [r for r, p in procs.items() if p.poll() is None])
+        _terminate(procs, [r for r, p in procs.items() if _status(p) is None])
         sys.exit(128 + signum)
 
     # Installed before the first rank starts, so that a signal (or a failed Popen) while spawning leaves none behind.
-    old = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
+    # SIGHUP only where it is not ignored: under ``nohup`` the job must outlive the terminal, as before
+    sigs = [signal.SIGINT, signal.SIGTERM] + ([signal.SIGHUP] if signal.getsignal(signal.SIGHUP) != signal.SIG_IGN
+                                              else [])
+    old = {s: signal.signal(s, on_signal) for s in sigs}
     try:
         for r in range(nprocs):
             e = dict(base, RANK=str(r), LOCAL_RANK=str(r))
@@ -167,7 +186,7 @@ def run(
         return _supervise(procs, lock, timeout, keep_going)
     finally:
         stopping.append(0)
-        running = [r for r, p in procs.items() if p.poll() is None]
+        running = [r for r, p in procs.items() if _status(p) is None]
         if running:
             _terminate(procs, running)
         _reap_groups(procs)
@@ -182,12 +201,13 @@ def _supervise(procs: dict[int, subprocess.Popen], lock: threading.Lock, timeout
     start = time.monotonic()
     code = 0
     while True:
-        running = [r for r, p in procs.items() if p.poll() is None]
-        failed = [r for r, p in procs.items() if p.returncode not in (None, 0)]
+        status = {r: _status(p) for r, p in procs.items()}  # not reaped: see _status
+        running = [r for r, rc in status.items() if rc is None]
+        failed = [r for r, rc in status.items() if rc not in (None, 0)]
         if failed and code == 0:
             r = failed[0]
-            code = procs[r].returncode if procs[r].returncode > 0 else 128 - procs[r].returncode
-            rc = procs[r].returncode
+            rc = status[r]
+            code = rc if rc > 0 else 128 - rc
             how = f"exit code {rc}" if rc > 0 else f"signal {-rc}"
             if running and not keep_going:
                 _say(f"rank {r} failed ({how}); terminating rank(s) {running}", lock)

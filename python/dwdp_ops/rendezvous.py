@@ -50,6 +50,9 @@ _TELL_S = 1.0  # how long a best-effort error or abort frame may take to send
 _JOB_VARS = ("DWDP_JOB_ID", "TORCHELASTIC_RUN_ID", "PMIX_NAMESPACE", "OMPI_MCA_ess_base_jobid", "SLURM_JOB_ID")
 
 
+_DOORMAN_S = 0.25  # seconds the doorman gives a late client to say hello, and to take its answer
+
+
 def job_id(environ=None) -> str | None:
     """The job this process belongs to, from its launcher's environment: the first of ``_JOB_VARS`` that is set, as
     ``NAME=value`` (``SLURM_STEP_ID`` appended to ``SLURM_JOB_ID``); None when no launcher says."""
@@ -459,15 +462,15 @@ class Rendezvous:
                     except OSError:
                         continue
                     conn = _Conn(sock, addr=f"{addr[0]}:{addr[1]}")
-                    try:
-                        hello = conn.recv(time.monotonic() + 1.0, "hello")
+                    try:  # short reads: close() joins this thread for 2 s at most (_DOORMAN_S each, twice)
+                        hello = conn.recv(time.monotonic() + _DOORMAN_S, "hello")
                     except (TimeoutError, RendezvousError):
                         hello = None
                     who = f"rank {hello.get('rank')}" if isinstance(hello, dict) else "a client"
                     self._tell([conn], {"op": "error", "msg": (
                         f"rendezvous at {where}: {who} (from {conn.addr}) arrived after all {world} ranks had "
                         f"joined; check the RANK of every process, or whether another job uses this MASTER_PORT"
-                    )}, 1.0)
+                    )}, _DOORMAN_S)
                     conn.close()
             finally:
                 sel.close()

@@ -117,11 +117,14 @@ def _check_devices(op: str, home: int | None, **tensors: torch.Tensor | None) ->
     device, or not on CUDA device ``home`` where it is known (the library object's GPU)."""
     given = {n: t for n, t in tensors.items() if t is not None}
     devices = {t.device for t in given.values()}
-    where = ", ".join(f"{n} on {t.device}" for n, t in given.items())
     if len(devices) > 1:
-        raise ValueError(f"{op}: every tensor must be on one device, got {where}")
+        raise ValueError(f"{op}: every tensor must be on one device, got {_where(given)}")
     if home is not None and devices and devices != {torch.device("cuda", home)}:
-        raise ValueError(f"{op}: the tensors must be on the library object's GPU, cuda:{home}, got {where}")
+        raise ValueError(f"{op}: the tensors must be on the library object's GPU, cuda:{home}, got {_where(given)}")
+
+
+def _where(given: dict) -> str:
+    return ", ".join(f"{n} on {t.device}" for n, t in given.items())
 
 
 # -- expert MLP ------------------------------------------------------------------------------------------------------
