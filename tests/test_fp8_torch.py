@@ -88,3 +88,35 @@ def test_fast_accumulation_rule_at_its_boundaries():
     assert not fp8.use_fast_accum(fp8.FAST_ACCUM_MAX_SMALL_ROWS + 1)
     assert not fp8.use_fast_accum(8192 * 8) and not fp8.use_fast_accum(fp8.FAST_ACCUM_MIN_ROWS - 1)
     assert fp8.use_fast_accum(fp8.FAST_ACCUM_MIN_ROWS) and fp8.use_fast_accum(65536 * 8)
+
+
+def test_requant_block_and_quant_rows_name_bad_inputs():
+    """Codes of another dtype (int16 had failed inside on a widened view), a bad block, K = 0 (a reduction error
+    inside before) are refused by name."""
+    from dwdp_ops.models.deepseek_r1.fp8 import quant_rows_torch, requant_block
+
+    s = torch.ones((1, 1))
+    for codes in (torch.zeros((4, 4), dtype=torch.int16), torch.zeros((4, 4)), torch.zeros(4, dtype=torch.uint8)):
+        with pytest.raises(ValueError, match="requant_block: codes must be \\[N, K\\] uint8"):
+            requant_block(codes, s, 128)
+    with pytest.raises(ValueError, match="block must be an int >= 1, got 0"):
+        requant_block(torch.zeros((4, 4), dtype=torch.uint8), s, 0)
+    with pytest.raises(ValueError, match="K >= 1"):
+        quant_rows_torch(torch.zeros((3, 0)))
+
+
+def test_from_hf_state_dict_refuses_a_tensor_of_another_layout():
+    """A transposed tensor (another layout, another transformers version) had been sliced into mislabelled
+    weights; every tensor's shape is now checked against the config."""
+    from dwdp_ops.models.deepseek_r1 import DeepSeekConfig, init_weights
+    from dwdp_ops.models.deepseek_r1 import hf_convert as hc
+
+    cfg = DeepSeekConfig.tiny()
+    W = init_weights(cfg, 0)
+    sd = hc.hf_state_dict(cfg, W)
+    assert set(hc.from_hf_state_dict(cfg, sd)) == set(W)
+    for name in ("model.layers.2.mlp.experts.down_proj", "model.layers.0.self_attn.kv_a_proj_with_mqa.weight"):
+        bad = dict(sd)
+        bad[name] = sd[name].transpose(-1, -2).contiguous()
+        with pytest.raises(ValueError, match=f"'{name}' has shape .* this config needs"):
+            hc.from_hf_state_dict(cfg, bad)

@@ -390,3 +390,12 @@ def test_block_errors():
         quant_block(np.ones((4, 4), dtype=np.int32))
     with pytest.raises(ValueError, match="quant_block: block must be a positive integer"):
         quant_block(np.ones((4, 4), dtype=np.float32), block=0)
+
+
+def test_block_dequant_names_an_empty_matrix():
+    """N or K = 0 had failed in a reshape; it is refused by name, as quant_block refuses it."""
+    from dwdp_ops.quant import dequant_block, requant_rowwise_from_block
+
+    for fn in (dequant_block, requant_rowwise_from_block):
+        with pytest.raises(ValueError, match="N, K >= 1"):
+            fn(np.zeros((0, 5), np.uint8), np.zeros((0, 1), np.float32))

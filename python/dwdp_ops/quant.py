@@ -256,6 +256,8 @@ def quant_block(w: Any, block: int = 128) -> tuple[np.ndarray, np.ndarray]:
 def _check_block_pair(q: Any, scale_inv: Any, block: Any, fn: str) -> tuple[np.ndarray, np.ndarray, int]:
     b = _block_size(block, fn)
     qa = _codes(q, "q", fn, min_ndim=2)
+    if 0 in qa.shape[-2:]:
+        raise ValueError(f"{fn}: q must be [..., N, K] with N, K >= 1, got shape {qa.shape}")
     want = _block_grid(qa.shape, b)
     sa = _scales(scale_inv, "scale_inv", fn, want, f"q shape {qa.shape} in {b}x{b} blocks")
     return qa, sa, b

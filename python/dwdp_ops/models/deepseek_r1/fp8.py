@@ -103,10 +103,12 @@ def quant_rows(x: Any, chunk: int = QUANT_CHUNK, *, live_rows: Any = None) -> tu
 
 def quant_rows_torch(x: Any, chunk: int = QUANT_CHUNK) -> tuple[Any, Any]:
     """``quant_rows`` in PyTorch operations, any device and float dtype (in row chunks of ``chunk``: bounds the
-    float32 temporary); bit for bit the numpy ``dwdp_ops.quant.quant_rowwise``."""
+    float32 temporary); bit for bit the numpy ``dwdp_ops.quant.quant_rowwise`` on finite input. Precondition: ``x``
+    finite (not checked: reading the data would synchronise a device; the numpy reference raises, here a non-finite
+    row gives a NaN or infinite scale and NaN codes)."""
     torch = require_torch()
-    if x.dim() != 2:
-        raise ValueError(f"quant_rows: x must be [rows, K], got shape {list(x.shape)}")
+    if x.dim() != 2 or x.shape[1] == 0:
+        raise ValueError(f"quant_rows: x must be [rows, K] with K >= 1, got shape {list(x.shape)}")
     R, K = x.shape
     q = torch.empty((R, K), dtype=torch.float8_e4m3fn, device=x.device)
     scale = torch.empty((R,), dtype=torch.float32, device=x.device)
@@ -146,8 +148,14 @@ def dequant_rows(q: Any, scale: Any) -> Any:
 def requant_block(codes: Any, scale_inv: Any, block: int = 128) -> tuple[Any, Any]:
     """A checkpoint's block-scaled weight (``codes [N, K]`` uint8 e4m3 bits, ``scale_inv [ceil(N/b), ceil(K/b)]``
     float32) -> rowwise ``(q [N, K] float8_e4m3fn, scale [N] float32)``: dequantised in float32, requantised per
-    row. The float32 temporary is ``[N, K]``; callers go expert by expert."""
+    row. The float32 temporary is ``[N, K]``; callers go expert by expert. Precondition: finite scales (not checked,
+    as in ``quant_rows_torch``)."""
     torch = require_torch()
+    if codes.dtype not in (torch.uint8, torch.float8_e4m3fn) or codes.dim() != 2:
+        raise ValueError(f"requant_block: codes must be [N, K] uint8 (e4m3 bits) or float8_e4m3fn, got {codes.dtype} "
+                         f"{list(codes.shape)}")
+    if isinstance(block, bool) or not isinstance(block, int) or block < 1:
+        raise ValueError(f"requant_block: block must be an int >= 1, got {block!r}")
     N, K = codes.shape
     want = (-(-N // block), -(-K // block))
     if tuple(scale_inv.shape) != want:

@@ -182,16 +182,23 @@ def from_hf_state_dict(cfg: DeepSeekConfig, sd: dict) -> dict[str, np.ndarray]:
     3 mantissa bits; the scales are each block's amax / 448, not the original ones), so a round trip of
     ``hf_state_dict`` returns the experts to fp8 rounding only."""
     from ...quant import quant_block
+    from .gpu_weights import dense_shapes
 
-    def a(name: str) -> np.ndarray:
+    def a(name: str, shape: tuple[int, ...]) -> np.ndarray:
         if name not in sd:
             raise KeyError(f"{name!r} is missing from the Hugging Face state dict")
-        return sd[name].detach().float().cpu().numpy()
+        t = sd[name]
+        if tuple(t.shape) != tuple(shape):  # a transposed or other-layout tensor would be mislabelled silently
+            raise ValueError(f"{name!r} has shape {list(t.shape)}, this config needs {list(shape)} (Hugging Face's "
+                             "DeepseekV3 layout; check the config and the transformers version)")
+        return t.detach().float().cpu().numpy()
 
-    W = {ours: a(theirs) for ours, theirs in hf_name_map(cfg).items()}
-    I = cfg.moe_inter_dim
+    shapes = dense_shapes(cfg)
+    W = {ours: a(theirs, shapes[ours][0]) for ours, theirs in hf_name_map(cfg).items()}
+    E, I, H = cfg.n_routed_experts, cfg.moe_inter_dim, cfg.dim
     for layer in range(cfg.n_dense_layers, cfg.n_layers):
-        gate_up, down = (a(f"model.layers.{layer}.{n}") for n in _EXPERTS)
+        gate_up, down = (a(f"model.layers.{layer}.{n}", shape)
+                         for n, shape in zip(_EXPERTS, ((E, 2 * I, H), (E, H, I))))
         p = f"layers.{layer}.ffn.experts."
         for e in range(cfg.n_routed_experts):
             for n, w in (("w1", gate_up[e, :I]), ("w3", gate_up[e, I:]), ("w2", down[e])):
