@@ -141,6 +141,15 @@ def _pids(tmp_path, n):
     return [int(x) for r in range(n) for x in (tmp_path / f"pids{r}").read_text().split()]
 
 
+def _wait_pids(tmp_path, n):
+    """The pids the job's ranks record (``_HELPER_JOB``), once all have (20 s at most)."""
+    end = time.monotonic() + 20
+    while not all((tmp_path / f"pids{r}").exists() for r in range(n)) and time.monotonic() < end:
+        time.sleep(0.05)
+    time.sleep(0.2)
+    return _pids(tmp_path, n)
+
+
 def _kill_all(pids, launcher=None) -> None:
     """Test clean-up: the launcher (a Popen, if any) and every recorded pid, whatever the test saw."""
     if launcher is not None:
@@ -176,11 +185,7 @@ def test_hangup_ends_every_rank(tmp_path, sig):
                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     pids = []
     try:
-        end = time.monotonic() + 20
-        while not all((tmp_path / f"pids{r}").exists() for r in range(2)) and time.monotonic() < end:
-            time.sleep(0.05)
-        time.sleep(0.2)
-        pids = _pids(tmp_path, 2)
+        pids = _wait_pids(tmp_path, 2)
         p.send_signal(sig)
         assert p.wait(30) == 128 + sig
         assert not [q for q in pids if _alive(q)], pids
@@ -225,11 +230,7 @@ def test_under_nohup_a_hangup_leaves_the_job_running(tmp_path):
                          preexec_fn=lambda: signal.signal(signal.SIGHUP, signal.SIG_IGN))
     pids = []
     try:
-        end = time.monotonic() + 20
-        while not all((tmp_path / f"pids{r}").exists() for r in range(2)) and time.monotonic() < end:
-            time.sleep(0.05)
-        time.sleep(0.2)
-        pids = _pids(tmp_path, 2)
+        pids = _wait_pids(tmp_path, 2)
         p.send_signal(signal.SIGHUP)
         time.sleep(1.0)
         assert p.poll() is None and all(_alive(q) for q in pids)
