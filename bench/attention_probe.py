@@ -51,6 +51,8 @@ def main() -> int:
         ap.error(f"--lengths must be comma-separated integers, got {ns.lengths!r}")
     if not lengths or min(lengths) < 16 or ns.batch_tokens < max(lengths) or ns.repeats < 1:
         ap.error("--lengths >= 16, --batch-tokens >= the longest length, --repeats >= 1")
+    if ns.warmup < 0 or ns.math_max < 0:
+        ap.error(f"--warmup and --math-max must be >= 0, got {ns.warmup}, {ns.math_max}")
 
     import cupy as cp
     import torch

@@ -67,20 +67,27 @@ import time
 from pathlib import Path
 from statistics import median
 
-import cupy as cp
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import machine_facts, median_ratio, result_name, time_interleaved, time_op, write_json  # noqa: E402
-from dwdp_ops.coaction import (  # noqa: E402
-    CoActionSpec,
-    TableGrads,
-    coaction_backward,
-    coaction_backward_gpu,
-    coaction_forward,
-    coaction_forward_gpu,
-)
-from dwdp_ops.coaction.fused import uses_specialized_kernels  # noqa: E402
+from dwdp_ops._cli import positive_int  # noqa: E402
+
+
+def _gpu_imports() -> None:
+    """cupy and the kernels, imported by ``main`` only after the arguments are checked (a bad value fails at once)."""
+    global cp, CoActionSpec, TableGrads, coaction_backward, coaction_backward_gpu, coaction_forward
+    global coaction_forward_gpu, uses_specialized_kernels
+    import cupy as cp
+    from dwdp_ops.coaction import (
+        CoActionSpec,
+        TableGrads,
+        coaction_backward,
+        coaction_backward_gpu,
+        coaction_forward,
+        coaction_forward_gpu,
+    )
+    from dwdp_ops.coaction.fused import uses_specialized_kernels
 
 ROWS = 100_000
 
@@ -224,14 +231,24 @@ def roofline(spec: CoActionSpec, B: int, T: int, valid: int, elem: int = 4) -> d
 
 def main() -> int:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--repeats", type=int, default=20)
+    ap.add_argument("--repeats", type=positive_int, default=20)
     ap.add_argument("--sizes", default=",".join(f"{b}x{t}" for b, t in SIZES),
                     help="comma-separated BxT cases (default: all six)")
-    ap.add_argument("--pipeline", type=int, default=10,
+    ap.add_argument("--pipeline", type=positive_int, default=10,
                     help="calls per timed op of the pipelined variants (fused kernels, PyTorch eager and compiled)")
     ap.add_argument("--compile-mode", default="max-autotune-no-cudagraphs",
                     help="torch.compile mode of the compiled baseline ('default' compiles faster)")
     ns = ap.parse_args()
+    sizes = []
+    for case in ns.sizes.split(","):
+        try:
+            B, T = (int(v) for v in case.split("x"))
+        except ValueError:
+            ap.error(f"--sizes: each case must be BxT with integers B, T >= 1 (e.g. 1024x50), got {case!r}")
+        if B < 1 or T < 1:
+            ap.error(f"--sizes: B and T must be >= 1, got {case!r}")
+        sizes.append((B, T))
+    _gpu_imports()
     spec = CoActionSpec()
     s = cp.cuda.Stream(non_blocking=True)
     rs = np.random.default_rng(0)
@@ -245,7 +262,6 @@ def main() -> int:
     big = dst = None  # release the 2 GiB before the cases
     fma = fma_tflops(s)
     print(f"HBM device-to-device copy {hbm:.0f} GB/s, fp32 FMA (RawKernel) {fma:.1f} TFLOP/s", flush=True)
-    sizes = [tuple(int(v) for v in c.split("x")) for c in ns.sizes.split(",")]
     try:
         import torch
     except ImportError:

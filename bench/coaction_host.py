@@ -46,20 +46,27 @@ import time
 from pathlib import Path
 from statistics import median
 
-import cupy as cp
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import machine_facts, result_name, write_json  # noqa: E402
-from dwdp_ops._native import native  # noqa: E402
-from dwdp_ops.coaction import (  # noqa: E402
-    CoActionSpec,
-    TableGrads,
-    coaction_backward_gpu,
-    coaction_forward_gpu,
-    fused,  # noqa: E402
-)
-from dwdp_ops.interop import device_buffer  # noqa: E402
+from dwdp_ops._cli import positive_int  # noqa: E402
+
+
+def _gpu_imports() -> None:
+    """cupy and the kernels, imported by ``main`` only after the arguments are checked (a bad value fails at once)."""
+    global cp, native, device_buffer, CoActionSpec, TableGrads, coaction_backward_gpu, coaction_forward_gpu, fused
+    import cupy as cp
+    from dwdp_ops._native import native
+    from dwdp_ops.coaction import (
+        CoActionSpec,
+        TableGrads,
+        coaction_backward_gpu,
+        coaction_forward_gpu,
+        fused,
+    )
+    from dwdp_ops.interop import device_buffer
+
 
 SIZES = ((256, 20, 1000), (8192, 100, 100_000))
 
@@ -187,10 +194,11 @@ def run(ops: dict, s, repeats: int, calls: int) -> dict:
 
 def main() -> int:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--repeats", type=int, default=15)
-    ap.add_argument("--calls", type=int, default=200, help="back-to-back calls per timed batch (the large size: a "
+    ap.add_argument("--repeats", type=positive_int, default=15)
+    ap.add_argument("--calls", type=positive_int, default=200, help="back-to-back calls per timed batch (the large size: a "
                     "tenth, at least 10)")
     ns = ap.parse_args()
+    _gpu_imports()
     s = cp.cuda.Stream(non_blocking=True)
     rs = np.random.default_rng(0)
     rows = []

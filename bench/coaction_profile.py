@@ -13,17 +13,20 @@ import argparse
 import os
 import sys
 
-import cupy as cp
 import numpy as np
 
 
 def main() -> int:
+    from dwdp_ops._cli import positive_int
+
     ap = argparse.ArgumentParser()
-    ap.add_argument("--B", type=int, default=8192)
-    ap.add_argument("--T", type=int, default=100)
-    ap.add_argument("--rows", type=int, default=100_000)
+    ap.add_argument("--B", type=positive_int, default=8192)
+    ap.add_argument("--T", type=positive_int, default=100)
+    ap.add_argument("--rows", type=positive_int, default=100_000)
     ap.add_argument("--general", action="store_true", help="the general kernels (DWDP_COACTION_SPECIALIZED=0)")
     ns = ap.parse_args()
+    import cupy as cp
+
     if ns.general:
         os.environ["DWDP_COACTION_SPECIALIZED"] = "0"
     from dwdp_ops.coaction import CoActionSpec, coaction_backward_gpu, coaction_forward_gpu

@@ -120,3 +120,15 @@ def write_json(name: str, data: dict) -> Path:
     if out:
         Path(out, name).write_text(json.dumps(data, indent=1))
     return path
+
+
+def int_list(ap, option: str, text: str, minimum: int = 1) -> list[int]:
+    """The comma-separated integers of ``text`` (at least one, each >= ``minimum``), or ``ap.error`` (one ``error:``
+    line, exit 2) naming ``option``. For checking a list option right after ``parse_args``, before any GPU work."""
+    try:
+        vals = [int(x) for x in text.split(",")]
+    except ValueError:
+        ap.error(f"{option} must be comma-separated integers, got {text!r}")
+    if min(vals) < minimum:
+        ap.error(f"{option}: every value must be >= {minimum}, got {text!r}")
+    return vals

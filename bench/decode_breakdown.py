@@ -65,6 +65,10 @@ def parse(argv=None):
     ns = ap.parse_args(argv)
     if ns.moe_layers < 1 or ns.prompts < 1 or ns.steps < 1 or not 1 <= ns.min_len <= ns.max_len:
         ap.error("--moe-layers, --prompts and --steps must be >= 1 and 1 <= --min-len <= --max-len")
+    if ns.vocab < 1:
+        ap.error(f"--vocab must be >= 1, got {ns.vocab}")
+    if ns.top < 0:
+        ap.error(f"--top must be >= 0, got {ns.top}")
     return ns
 
 

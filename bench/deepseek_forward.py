@@ -28,13 +28,20 @@ from statistics import median
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import dwdp_ops
-import torch
-from common import machine_facts, result_name, write_json
+from common import int_list, machine_facts, result_name, write_json
+from dwdp_ops._cli import positive_int
 from dwdp_ops.models.deepseek_r1 import DeepSeekConfig
-from dwdp_ops.models.deepseek_r1.gpu import DwdpExperts, GpuModel, dense_gemm_tflops
-from dwdp_ops.models.deepseek_r1.gpu_weights import DeviceWeights
-from dwdp_ops.models.deepseek_r1.serve import build_store, expert_scales, prompts_for, run_requests
 from dwdp_ops.scheduler import PrefetchScheduler
+
+
+def _gpu_imports() -> None:
+    """torch and the GPU model, imported by ``main`` only after the arguments are checked (a bad value fails at once)."""
+    global torch, DwdpExperts, GpuModel, dense_gemm_tflops, DeviceWeights, build_store, expert_scales, prompts_for
+    global run_requests
+    import torch
+    from dwdp_ops.models.deepseek_r1.gpu import DwdpExperts, GpuModel, dense_gemm_tflops
+    from dwdp_ops.models.deepseek_r1.gpu_weights import DeviceWeights
+    from dwdp_ops.models.deepseek_r1.serve import build_store, expert_scales, prompts_for, run_requests
 
 DTYPES = ("bfloat16", "float8_e4m3fn")
 
@@ -42,15 +49,15 @@ DTYPES = ("bfloat16", "float8_e4m3fn")
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(prog="deepseek_forward.py")
     ap.add_argument("--tokens", default="4096,16384,32768")
-    ap.add_argument("--requests", type=int, default=16)
-    ap.add_argument("--repeats", type=int, default=10, help="timed prefill repeats per token count (after a warm-up)")
+    ap.add_argument("--requests", type=positive_int, default=16)
+    ap.add_argument("--repeats", type=positive_int, default=10, help="timed prefill repeats per token count (after a warm-up)")
     ap.add_argument("--router", choices=("balanced", "skewed"), default="balanced",
                     help="the random model's router (models.deepseek_r1.gpu_weights.ROUTERS; the runs before "
                          "2026-12-01T03:00Z were skewed)")
     ap.add_argument("--dtype", default="bfloat16", choices=DTYPES,
                     help="routed experts: bf16, or fp8 e4m3 with rowwise scales (the demo's --dtype float8_e4m3fn)")
     ns = ap.parse_args(argv)
-    ns.token_counts = [int(x) for x in ns.tokens.split(",")]
+    ns.token_counts = int_list(ap, "--tokens", ns.tokens)
     if any(T < ns.requests or T % ns.requests for T in ns.token_counts):
         ap.error(f"--tokens: every count must be a positive multiple of --requests ({ns.requests}), got {ns.tokens}")
     return ns
@@ -83,6 +90,7 @@ def dense_fp8_tflops(n: int = 8192, repeats: int = 10) -> float:
 
 def main(argv: list[str] | None = None) -> int:
     ns = parse_args(argv)
+    _gpu_imports()
     fp8 = ns.dtype == "float8_e4m3fn"
     with dwdp_ops.init(timeout=900) as rt:
         me, n = rt.rank(), rt.world_size()

@@ -40,6 +40,8 @@ POLICIES = ("auto", "prefetch_all", "on_demand", "dispatch")
 
 
 def parse(argv=None):
+    from dwdp_ops._cli import positive_int
+
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--policies", default="auto,on_demand", help="two policies, comma-separated; ratios first / second")
     ap.add_argument("--pairs", type=int, default=3, help="interleaved pairs of whole runs")
@@ -48,16 +50,16 @@ def parse(argv=None):
     ap.add_argument("--max-len", type=int, default=4096)
     ap.add_argument("--steps", type=int, default=16)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--vocab", type=int, default=32768)
-    ap.add_argument("--moe-layers", type=int, default=None, help="default: as many as fit")
-    ap.add_argument("--timeout", type=int, default=540,
+    ap.add_argument("--vocab", type=positive_int, default=32768)
+    ap.add_argument("--moe-layers", type=positive_int, default=None, help="default: as many as fit")
+    ap.add_argument("--timeout", type=positive_int, default=540,
                     help="seconds for the whole job (set-up, the first policy's run, its warm-up, 2 x --pairs runs, "
                          "the all-local check); within one 10-minute device call")
     ap.add_argument("--no-graphs", action="store_true", help="decode steps eager in every run (default: CUDA graphs)")
     ap.add_argument("--dtype", default="float8_e4m3fn", choices=["bfloat16", "float8_e4m3fn"], help="routed experts")
     ap.add_argument("--router", choices=("balanced", "skewed"), default="balanced",
                     help="the random model's router (models.deepseek_r1.gpu_weights.ROUTERS)")
-    ap.add_argument("--gpus", type=int, default=None, help="default: every GPU of the machine")
+    ap.add_argument("--gpus", type=positive_int, default=None, help="default: every GPU of the machine")
     ap.add_argument("--tag", default="")
     ap.add_argument("--dry-run", action="store_true", help="print the command and exit")
     ns = ap.parse_args(argv)

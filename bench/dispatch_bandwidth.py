@@ -290,6 +290,10 @@ def main() -> int:
         ap.error("--tokens needs at least one size, each >= 1")
     if ns.chain < 1 or ns.repeats < 1 or ns.warmup < 0:
         ap.error(f"--chain and --repeats must be >= 1 and --warmup >= 0, got {ns.chain}, {ns.repeats}, {ns.warmup}")
+    if ns.check_max < 0:
+        ap.error(f"--check-max must be >= 0, got {ns.check_max}")
+    if (ns.num_sms is not None and ns.num_sms < 1) or (ns.world is not None and ns.world < 1):
+        ap.error(f"--num-sms and --world must be >= 1, got {ns.num_sms}, {ns.world}")
     if ns.dry_run:
         import importlib.util
         import os

@@ -117,6 +117,8 @@ def main() -> int:
         ap.error(f"--budgets >= 1, at least one --dists, --modes a subset of {MODES}")
     if ns.isl < 1 or ns.iterations < 1 or ns.warmup < 0:
         ap.error("--isl and --iterations must be >= 1, --warmup >= 0")
+    if ns.vocab < 1 or (ns.moe_layers is not None and ns.moe_layers < 1) or (ns.world is not None and ns.world < 1):
+        ap.error(f"--vocab, --moe-layers and --world must be >= 1, got {ns.vocab}, {ns.moe_layers}, {ns.world}")
     if ns.iterations % len(modes):
         ap.error(f"--iterations must be a multiple of the {len(modes)} modes, so that each leads as many iterations "
                  f"(the leading mode pays what is new to the iteration), got {ns.iterations}")

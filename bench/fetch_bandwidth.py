@@ -35,14 +35,21 @@ import sys
 from pathlib import Path
 from statistics import median
 
-import cupy as cp
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import dwdp_ops
-from common import machine_facts, median_ratio, nvlink_facts, result_name, time_interleaved, write_json
+from common import int_list, machine_facts, median_ratio, nvlink_facts, result_name, time_interleaved, write_json
 from dwdp_ops import ExpertLayout, ExpertPartition, ExpertStore
+from dwdp_ops._cli import positive_int
+from dwdp_ops.layout import DTYPES
 from dwdp_ops.runtime import get_runtime
+
+
+def _gpu_imports() -> None:
+    """cupy, imported by ``main`` only after the arguments are checked (a bad value fails at once)."""
+    global cp
+    import cupy as cp
 
 MiB = 1 << 20
 GiB = 1 << 30
@@ -283,17 +290,23 @@ def dwdp_layer(b: Bench, dtype: str) -> None:
 
 def main() -> int:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--repeats", type=int, default=10)
+    ap.add_argument("--repeats", type=positive_int, default=10)
     ap.add_argument("--layer-only", action="store_true", help="only the DWDP layer (each group has its baseline)")
     ap.add_argument("--sizes-mib", default="2,8,32,128,512,1024")
     ap.add_argument("--dtypes", default="float8_e4m3fn,bfloat16")
     ap.add_argument("--tag", default="", help="suffix of the JSON file name")
     ns = ap.parse_args()
+    sizes = int_list(ap, "--sizes-mib", ns.sizes_mib)
+    dtypes = ns.dtypes.split(",")
+    bad = [dt for dt in dtypes if dt not in DTYPES]
+    if bad:
+        ap.error(f"--dtypes: {', '.join(map(repr, bad))} not among {', '.join(sorted(DTYPES))}")
+    _gpu_imports()
     with dwdp_ops.init(heap_size="2g", timeout=600):
         b = Bench(ns.repeats)
         if not ns.layer_only:
-            size_sweep_and_patterns(b, [int(x) * MiB for x in ns.sizes_mib.split(",")])
-        for dt in ns.dtypes.split(","):
+            size_sweep_and_patterns(b, [x * MiB for x in sizes])
+        for dt in dtypes:
             dwdp_layer(b, dt)
         if b.me == 0:
             facts = machine_facts()

@@ -4,10 +4,9 @@
     python bench/gemm_probe.py [m ...]
 """
 
+import argparse
 import sys
 from pathlib import Path
-
-import cupy as cp
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import machine_facts, result_name, time_op, write_json  # noqa: E402
@@ -16,7 +15,13 @@ E, H, N = 256, 7168, 4096
 
 
 def main() -> int:
-    ms = [int(x) for x in sys.argv[1:]] or [64, 512, 2048]
+    from dwdp_ops._cli import positive_int
+
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("m", nargs="*", type=positive_int, help="rows per expert to probe (default: 64 512 2048)")
+    ms = ap.parse_args().m or [64, 512, 2048]
+    import cupy as cp
+
     s = cp.cuda.Stream(non_blocking=True)
     rs = cp.random.RandomState(0)
     with s:

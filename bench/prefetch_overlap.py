@@ -41,12 +41,16 @@ import sys
 from pathlib import Path
 from statistics import median
 
-import cupy as cp
-
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import dwdp_ops
-from common import machine_facts, median_ratio, result_name, time_interleaved, write_json
+from common import int_list, machine_facts, median_ratio, result_name, time_interleaved, write_json
 from dwdp_ops import ExpertLayout, ExpertPartition, ExpertStore, PrefetchScheduler
+
+
+def _gpu_imports() -> None:
+    """cupy, imported by ``main`` only after the arguments are checked (a bad value fails at once)."""
+    global cp
+    import cupy as cp
 
 H, I, E, K = 7168, 2048, 256, 8
 DTYPES = ("float16", "float8_e4m3fn")
@@ -66,8 +70,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--fp8-mlp", default="gemms", choices=("gemms", "full"),
                     help="fp8 layer: the two scaled grouped GEMMs only, or the model's whole fp8 expert MLP")
     ns = ap.parse_args(argv)
-    ns.token_counts = [int(x) for x in ns.tokens.split(",")]
-    if any(T < 1 for T in ns.token_counts) or ns.layers < 1 or ns.repeats < 1:
+    ns.token_counts = int_list(ap, "--tokens", ns.tokens)
+    if ns.layers < 1 or ns.repeats < 1:
         ap.error("--tokens, --layers and --repeats must be positive")
     return ns
 
@@ -289,6 +293,7 @@ def fill_fp8(store: ExpertStore, layout: ExpertLayout, layers: int, me: int):
 
 def main(argv: list[str] | None = None) -> int:
     ns = parse_args(argv)
+    _gpu_imports()
     with dwdp_ops.init(timeout=600):
         me, n = dwdp_ops.rank(), dwdp_ops.world_size()
         part = ExpertPartition.disjoint(E, n)
