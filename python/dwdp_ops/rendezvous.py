@@ -70,6 +70,17 @@ def _ranks(ranks: Sequence[int]) -> str:
     return "[" + ", ".join(str(r) for r in sorted(ranks)) + "]"
 
 
+def _encode(msg: dict, to: str) -> bytes:
+    """``msg`` as one frame (length header + JSON); a _FrameTooLarge naming ``to`` when it exceeds ``_MAX_FRAME``."""
+    data = json.dumps(msg).encode()
+    if len(data) > _MAX_FRAME:
+        raise _FrameTooLarge(
+            f"a frame of {len(data)} bytes for {to} exceeds the control plane's limit of {_MAX_FRAME} "
+            f"bytes; it is for small payloads (unique IDs, handles, barriers)"
+        )
+    return _HEADER.pack(len(data)) + data
+
+
 class _Conn:
     """One framed, non-blocking-friendly TCP connection."""
 
@@ -85,17 +96,15 @@ class _Conn:
     def send(self, msg: dict, deadline: float) -> None:
         """Sends one frame by ``deadline`` (monotonic). Raises RendezvousError for a frame over ``_MAX_FRAME`` (before
         sending anything), TimeoutError when the peer does not read it in time, OSError when the connection broke."""
-        data = json.dumps(msg).encode()
-        if len(data) > _MAX_FRAME:
-            raise _FrameTooLarge(
-                f"a frame of {len(data)} bytes for {self.who()} exceeds the control plane's limit of {_MAX_FRAME} "
-                f"bytes; it is for small payloads (unique IDs, handles, barriers)"
-            )
+        self.send_frame(_encode(msg, self.who()), deadline)
+
+    def send_frame(self, frame: bytes, deadline: float) -> None:
+        """``send`` of a frame ``_encode`` made (one encoding for a message that goes to every rank)."""
         remaining = deadline - time.monotonic()
         if remaining <= 0:
             raise TimeoutError(f"no time left to send to {self.who()}")
         self.sock.settimeout(remaining)  # since Python 3.5 the limit bounds the whole sendall
-        self.sock.sendall(_HEADER.pack(len(data)) + data)
+        self.sock.sendall(frame)
 
     def _take(self) -> dict | None:
         """Removes one complete message from the buffer; raises RendezvousError for a malformed frame."""
@@ -603,8 +612,13 @@ class Rendezvous:
             missing = sorted(set(range(self.world_size)) - set(got))
             error = f"{name}: rank(s) {_ranks(missing)} did not arrive within {self.timeout:g} s"
         data = [base64.b64encode(got.get(r, b"")).decode() for r in range(self.world_size)]
-        result = {"op": "result", "data": data}
-        if error is None and len(json.dumps(result)) > _MAX_FRAME:
+        frame = None
+        if error is None:
+            try:  # encoded once for every rank
+                frame = _encode({"op": "result", "data": data}, "every rank")
+            except _FrameTooLarge:
+                pass
+        if error is None and frame is None:
             error = (
                 f"{name}: the gathered payloads ({sum(len(v) for v in got.values())} bytes) exceed the control "
                 f"plane's frame limit of {_MAX_FRAME} bytes; it is for small payloads (unique IDs, handles, barriers)"
@@ -616,7 +630,7 @@ class Rendezvous:
         failed = []
         for r, conn in self._peers.items():
             try:
-                conn.send(result, max(send_deadline, time.monotonic() + _TELL_S))
+                conn.send_frame(frame, max(send_deadline, time.monotonic() + _TELL_S))
             except (OSError, RendezvousError):
                 failed.append(r)
         if failed:
