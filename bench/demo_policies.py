@@ -129,6 +129,18 @@ def table(rep: dict, a: str, b: str) -> list[str]:
     return rows
 
 
+def result(ns: argparse.Namespace, rep: dict, cmd: list[str], facts: dict, argv: list[str]) -> dict:
+    """The result file's record: the run's settings, the machine (``facts``: ``machine_facts()``, whose ``command``
+    this record replaces by the script's own command line as run from the repository), the demo's command and its
+    report."""
+    a, b = ns.policy_list
+    return dict(benchmark="demo_policies", policies=[a, b], baseline=b, pairs=ns.pairs, dtype=ns.dtype,
+                router=ns.router, moe_layers=rep["config"]["moe_layers"], prompts=ns.prompts, graphs=not ns.no_graphs,
+                min_len=ns.min_len, max_len=ns.max_len, steps=ns.steps, seed=ns.seed,
+                **dict(facts, command=" ".join(["python", "bench/demo_policies.py", *argv])),
+                demo_command=" ".join(cmd[1:]), report=rep, method=__doc__)
+
+
 def main(argv=None) -> int:
     ns = parse(argv)
     a, b = ns.policy_list
@@ -148,11 +160,7 @@ def main(argv=None) -> int:
     for r in rep["ranks"]:
         r["ratios"] = ratios(r, a, b)
     facts = machine_facts()
-    data = dict(benchmark="demo_policies", policies=[a, b], baseline=b, pairs=ns.pairs, dtype=ns.dtype, router=ns.router,
-                moe_layers=rep["config"]["moe_layers"], prompts=ns.prompts, graphs=not ns.no_graphs,
-                min_len=ns.min_len, max_len=ns.max_len, steps=ns.steps, seed=ns.seed,
-                command=" ".join(["python", "bench/demo_policies.py"] + (argv if argv is not None else sys.argv[1:])),
-                demo_command=" ".join(cmd[1:]), **facts, report=rep, method=__doc__)
+    data = result(ns, rep, cmd, facts, argv if argv is not None else sys.argv[1:])
     name = result_name("demo_policies", facts["card"], f"_N{gpus}{'_' + ns.tag if ns.tag else ''}")
     path = write_json(name, data)
     print("\n".join(table(rep, a, b)))

@@ -42,6 +42,7 @@ import dwdp_ops
 from common import int_list, machine_facts, median_ratio, nvlink_facts, result_name, time_interleaved, write_json
 from dwdp_ops import ExpertLayout, ExpertPartition, ExpertStore
 from dwdp_ops._cli import positive_int
+from dwdp_ops.env import DistEnv
 from dwdp_ops.layout import DTYPES
 from dwdp_ops.runtime import get_runtime
 
@@ -301,6 +302,13 @@ def main() -> int:
     bad = [dt for dt in dtypes if dt not in DTYPES]
     if bad:
         ap.error(f"--dtypes: {', '.join(map(repr, bad))} not among {', '.join(sorted(DTYPES))}")
+    try:  # (the launcher's variables, read before any GPU work; a malformed set is init's to report)
+        world = DistEnv.from_environ().world_size
+    except ValueError:
+        world = None
+    if world == 1:
+        ap.error("needs at least 2 ranks (every case reads from peers), got 1: run it under a launcher with N >= 2, "
+                 "e.g. python -m dwdp_ops.launch -n 2 bench/fetch_bandwidth.py")
     _gpu_imports()
     with dwdp_ops.init(heap_size="2g", timeout=600):
         b = Bench(ns.repeats)

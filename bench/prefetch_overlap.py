@@ -71,8 +71,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                     help="fp8 layer: the two scaled grouped GEMMs only, or the model's whole fp8 expert MLP")
     ns = ap.parse_args(argv)
     ns.token_counts = int_list(ap, "--tokens", ns.tokens)
-    if ns.layers < 1 or ns.repeats < 1:
-        ap.error("--tokens, --layers and --repeats must be positive")
+    if ns.repeats < 1:
+        ap.error(f"--repeats must be positive, got {ns.repeats}")
+    if ns.layers < 2:  # sections 0 and 1 fetch layer 1 while layer 0 computes
+        ap.error(f"--layers must be at least 2 (one layer computes while another is fetched), got {ns.layers}")
     return ns
 
 

@@ -18,6 +18,9 @@
 #   e2e       build + bench/e2e_dwdp_vs_dep.py on every GPU (E2E_ARGS, E2E_TIMEOUT)               issue 14
 #   main      build + the main command `python -m dwdp_ops demo` (fp8 default) and `--dtype bfloat16`, same seed and
 #             prompts, JSON reports (MAIN_ARGS adds options to both; MAIN_TIMEOUT: seconds each, default 240)  issues 12, 13
+#   smoke     build + every benchmark script once with its smallest arguments, for changes to the scripts' own
+#             plumbing (arguments, imports, result files); prints each exit code; the figures are not results and
+#             bench/results is restored afterwards (not part of `all`)
 #   all       tests, fetch, overlap, can, deepseek, demo (longer than one 10-minute device call: use one mode per call)
 set -uo pipefail
 FINAL=${OUT:-$PWD/gpu_out}; mkdir -p "$FINAL"
@@ -117,6 +120,33 @@ if want fp8; then
     tests/test_gpu_quant.py tests/test_gpu_deepseek.py tests/test_fp8_torch.py > "$OUT/gpu_tests_fp8.log" 2>&1
   echo "fp8 tests rc=$?"; tail -5 "$OUT/gpu_tests_fp8.log"
   timeout 300 python3 bench/expert_gemm.py > "$OUT/expert_gemm.log" 2>&1; echo "expert_gemm rc=$?"; grep "^T=" "$OUT/expert_gemm.log"
+fi
+if [[ ",$what," == *",smoke,"* ]]; then
+  keep=$(mktemp -d); cp -a bench/results "$keep/"
+  L="python3 -m dwdp_ops.launch -n $NGPU --timeout 150"
+  smoke() {  # name, command...: one run, its exit code and last lines
+    local name=$1; shift
+    timeout 170 "$@" > "$OUT/smoke_$name.log" 2>&1; local r=$?
+    echo "smoke $name rc=$r"; (( r == 0 )) || { tail -4 "$OUT/smoke_$name.log"; rc=1; }
+  }
+  smoke coaction_bench python3 bench/coaction_bench.py --sizes 256x20 --repeats 2 --pipeline 2 --compile-mode default
+  smoke coaction_host python3 bench/coaction_host.py --repeats 2 --calls 5
+  smoke coaction_profile python3 bench/coaction_profile.py --B 256 --T 20 --rows 1000
+  smoke gemm_probe python3 bench/gemm_probe.py 64
+  smoke attention_probe python3 bench/attention_probe.py --lengths 1024 --batch-tokens 2048 --repeats 2 --warmup 1
+  smoke expert_gemm python3 bench/expert_gemm.py --tokens 256 --routing uniform --repeats 2 --warmup 1
+  smoke decode_breakdown python3 bench/decode_breakdown.py --moe-layers 1 --prompts 2 --min-len 64 --max-len 128 \
+    --steps 2 --tag smoke
+  smoke demo_policies python3 bench/demo_policies.py --pairs 1 --prompts 2 --min-len 64 --max-len 128 --steps 2 \
+    --moe-layers 1 --timeout 150
+  smoke deepseek_forward $L bench/deepseek_forward.py --tokens 512 --requests 2 --repeats 1
+  smoke prefetch_overlap $L bench/prefetch_overlap.py --tokens 1024 --layers 1 --repeats 2 --skip-slowdown --tag smoke
+  smoke fetch_bandwidth $L bench/fetch_bandwidth.py --repeats 2 --sizes-mib 2 --dtypes bfloat16 --tag smoke
+  smoke dispatch_bandwidth $L bench/dispatch_bandwidth.py --tokens 128 --repeats 2 --warmup 1 --check-max 128 \
+    --heap 2g --tag smoke
+  smoke e2e_dwdp_vs_dep $L bench/e2e_dwdp_vs_dep.py --budgets 1024 --dists cv0 --isl 256 --iterations 3 --warmup 0 \
+    --moe-layers 1
+  rm -rf bench/results && cp -a "$keep/results" bench/results
 fi
 cp bench/results/*.json "$OUT/" 2>/dev/null
 tar czf "$FINAL/outputs.tgz" -C "$OUT" . && cp "$OUT/machine.txt" "$FINAL/"

@@ -3,6 +3,7 @@ before any GPU import or work (no traceback, no GPU needed)."""
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -24,6 +25,7 @@ CASES = [
     ("deepseek_forward.py", ["--tokens", "1,x"], "--tokens"),
     ("deepseek_forward.py", ["--requests", "0"], "--requests"),
     ("prefetch_overlap.py", ["--tokens", "1,,2"], "--tokens"),
+    ("prefetch_overlap.py", ["--layers", "1"], "--layers"),
     ("gemm_probe.py", ["0"], "argument m"),
     ("demo_policies.py", ["--gpus", "-3", "--dry-run"], "--gpus"),
     ("demo_policies.py", ["--gpus", "0", "--dry-run"], "--gpus"),
@@ -42,9 +44,9 @@ CASES = [
 ]
 
 
-def run(script: str, args: list[str]) -> subprocess.CompletedProcess:
+def run(script: str, args: list[str], env: dict | None = None) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, f"bench/{script}", *args], cwd=ROOT, capture_output=True, text=True,
-                          timeout=60)
+                          timeout=60, env=env)
 
 
 @pytest.mark.parametrize(("script", "args", "names"), CASES, ids=[f"{c[0]}:{' '.join(c[1])}" for c in CASES])
@@ -59,3 +61,32 @@ def test_bad_value_is_one_error_line(script, args, names):
 def test_gemm_probe_help():
     r = run("gemm_probe.py", ["--help"])
     assert r.returncode == 0 and "usage: gemm_probe.py" in r.stdout, r.stderr
+
+
+def test_fetch_bandwidth_refuses_one_rank():
+    """One rank has no peer to read from: one error line before any GPU work (it had run the size sweep and then
+    failed on an empty list of peers' figures)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("OMPI_COMM_WORLD_", "RANK", "WORLD_SIZE"))}
+    for extra in ({}, {"RANK": "0", "WORLD_SIZE": "1"}):
+        r = run("fetch_bandwidth.py", ["--repeats", "2"], {**env, **extra})
+        assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-2000:]
+        errors = [ln for ln in r.stderr.splitlines() if ln.startswith("fetch_bandwidth.py: error:")]
+        assert len(errors) == 1 and "at least 2 ranks" in errors[0], r.stderr
+
+
+def test_demo_policies_result_record():
+    """The result record names the script's own command line once (``machine_facts`` has a ``command`` of its own:
+    passing both had raised TypeError at the end of every GPU run) and keeps the machine's other facts."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    try:
+        import demo_policies
+    finally:
+        sys.path.remove(str(ROOT / "bench"))
+    ns = demo_policies.parse(["--pairs", "1", "--prompts", "2"])
+    facts = {"card": "NVIDIA H200", "sms": 132, "driver": "580", "cuda_runtime": 13000, "date": "2026-12-01",
+             "command": "python3 -m something"}
+    rep = {"config": {"moe_layers": 3}, "ranks": []}
+    rec = demo_policies.result(ns, rep, ["python3", "-m", "dwdp_ops.launch", "-n", "2"], facts, ["--pairs", "1"])
+    assert rec["command"] == "python bench/demo_policies.py --pairs 1"
+    assert rec["demo_command"] == "-m dwdp_ops.launch -n 2"
+    assert rec["card"] == "NVIDIA H200" and rec["moe_layers"] == 3 and rec["report"] is rep
