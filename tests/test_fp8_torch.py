@@ -120,3 +120,41 @@ def test_from_hf_state_dict_refuses_a_tensor_of_another_layout():
         bad[name] = sd[name].transpose(-1, -2).contiguous()
         with pytest.raises(ValueError, match=f"'{name}' has shape .* this config needs"):
             hc.from_hf_state_dict(cfg, bad)
+
+
+def test_from_hf_state_dict_warns_of_keys_it_drops():
+    """Keys it does not map (DeepSeek-R1's multi-token-prediction layer, another model's) had been dropped without a
+    word: one warning names them now; a clean round trip and the rotary buffers older transformers saved give none."""
+    import warnings
+
+    from dwdp_ops.models.deepseek_r1 import DeepSeekConfig, init_weights
+    from dwdp_ops.models.deepseek_r1 import hf_convert as hc
+
+    cfg = DeepSeekConfig.tiny()
+    W = init_weights(cfg, 0)
+    sd = hc.hf_state_dict(cfg, W)
+    rope = {k: torch.ones(4) for k in ("model.rotary_emb.inv_freq", "model.layers.0.self_attn.rotary_emb.inv_freq")}
+    for clean in (sd, {**sd, **rope}):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            assert set(hc.from_hf_state_dict(cfg, clean)) == set(W)
+        assert not caught
+    extra = f"model.layers.{cfg.n_layers}.eh_proj.weight"
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert set(hc.from_hf_state_dict(cfg, {**sd, extra: torch.ones(2, 2)})) == set(W)
+    assert len(caught) == 1 and caught[0].category is UserWarning and caught[0].filename == __file__
+    assert f"1 key(s) of the state dict have no counterpart in our weights: '{extra}'" in str(caught[0].message)
+
+
+def test_from_hf_state_dict_strict_refuses_keys_it_would_drop():
+    from dwdp_ops.models.deepseek_r1 import DeepSeekConfig, init_weights
+    from dwdp_ops.models.deepseek_r1 import hf_convert as hc
+
+    cfg = DeepSeekConfig.tiny()
+    sd = hc.hf_state_dict(cfg, init_weights(cfg, 0))
+    extra = {f"model.layers.{cfg.n_layers}.k{i}": torch.ones(1) for i in range(7)}
+    with pytest.raises(ValueError, match=rf"7 key\(s\) .*: 'model\.layers\.{cfg.n_layers}\.k0', .*k4', \.\.\.; this "
+                                         rf"config takes the {len(sd)} keys hf_state_dict\(cfg, W\) produces"):
+        hc.from_hf_state_dict(cfg, {**sd, **extra}, strict=True)
+    assert hc.from_hf_state_dict(cfg, sd, strict=True).keys() == hc.from_hf_state_dict(cfg, sd).keys()

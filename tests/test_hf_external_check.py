@@ -89,6 +89,7 @@ def test_converter_maps_every_tensor_and_refuses_what_hugging_face_cannot_expres
     # the inverse: everything but the routed experts exactly, those to fp8 rounding
     back = hc.from_hf_state_dict(cfg, sd)
     assert set(back) == set(W)
+    assert set(hc.from_hf_state_dict(cfg, want, strict=True)) == set(W)  # every key of a real state dict consumed
     for k in W:
         if ".experts." not in k:
             np.testing.assert_array_equal(back[k], W[k])

@@ -34,6 +34,7 @@ Configurations Hugging Face cannot express raise ``ValueError`` naming why (``ch
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import numpy as np
@@ -54,6 +55,8 @@ _MOE = (("ffn.gate", "mlp.gate.weight"), ("ffn.gate_bias", "mlp.gate.e_score_cor
         ("ffn.shared.w1", "mlp.shared_experts.gate_proj.weight"), ("ffn.shared.w3", "mlp.shared_experts.up_proj.weight"),
         ("ffn.shared.w2", "mlp.shared_experts.down_proj.weight"))
 _EXPERTS = ("mlp.experts.gate_up_proj", "mlp.experts.down_proj")
+# rotary buffers, not weights: non-persistent in transformers 5.x, saved by older versions (also per attention layer)
+_BUFFERS = ("rotary_emb.inv_freq", "rotary_emb.original_inv_freq")
 
 
 def check_expressible(cfg: DeepSeekConfig) -> None:
@@ -175,12 +178,15 @@ def hf_model(cfg: DeepSeekConfig, W: dict[str, np.ndarray], dtype: Any = None, d
     return model
 
 
-def from_hf_state_dict(cfg: DeepSeekConfig, sd: dict) -> dict[str, np.ndarray]:
+def from_hf_state_dict(cfg: DeepSeekConfig, sd: dict, *, strict: bool = False) -> dict[str, np.ndarray]:
     """The inverse of ``hf_state_dict``: a ``DeepseekV3ForCausalLM`` state dict (tensors of any float dtype) as our
     weight dict. Every tensor but the routed experts maps back exactly (as float32); the routed experts are encoded
     as fp8 e4m3 with ``cfg.block`` x ``cfg.block`` scales (``dwdp_ops.quant.quant_block``), which is lossy (e4m3 has
     3 mantissa bits; the scales are each block's amax / 448, not the original ones), so a round trip of
-    ``hf_state_dict`` returns the experts to fp8 rounding only."""
+    ``hf_state_dict`` returns the experts to fp8 rounding only. Keys of ``sd`` that ``hf_state_dict`` would not
+    produce for ``cfg`` (a multi-token-prediction layer such as DeepSeek-R1's ``model.layers.61.*``, another model's
+    keys) are dropped with one warning naming them, or refused with ``ValueError`` when ``strict``; the rotary
+    ``inv_freq`` buffers older transformers saved are dropped silently."""
     from ...quant import quant_block
     from .gpu_weights import dense_shapes
 
@@ -193,8 +199,20 @@ def from_hf_state_dict(cfg: DeepSeekConfig, sd: dict) -> dict[str, np.ndarray]:
                              "DeepseekV3 layout; check the config and the transformers version)")
         return t.detach().float().cpu().numpy()
 
+    names = hf_name_map(cfg)
+    taken = set(names.values()) | {f"model.layers.{layer}.{n}" for layer in range(cfg.n_dense_layers, cfg.n_layers)
+                                   for n in _EXPERTS}
+    unmapped = sorted(k for k in sd if k not in taken and not str(k).endswith(_BUFFERS))
+    if unmapped:
+        first = ", ".join(repr(k) for k in unmapped[:5]) + (", ..." if len(unmapped) > 5 else "")
+        msg = (f"from_hf_state_dict: {len(unmapped)} key(s) of the state dict have no counterpart in our weights: "
+               f"{first}; this config takes the {len(taken)} keys hf_state_dict(cfg, W) produces (model.embed_tokens, "
+               f"model.layers.0 to {cfg.n_layers - 1}, model.norm, lm_head; no multi-token-prediction layer)")
+        if strict:
+            raise ValueError(msg)
+        warnings.warn(msg + "; they are dropped (strict=True refuses them)", stacklevel=2)
     shapes = dense_shapes(cfg)
-    W = {ours: a(theirs, shapes[ours][0]) for ours, theirs in hf_name_map(cfg).items()}
+    W = {ours: a(theirs, shapes[ours][0]) for ours, theirs in names.items()}
     E, I, H = cfg.n_routed_experts, cfg.moe_inter_dim, cfg.dim
     for layer in range(cfg.n_dense_layers, cfg.n_layers):
         gate_up, down = (a(f"model.layers.{layer}.{n}", shape)
