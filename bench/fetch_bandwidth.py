@@ -196,7 +196,7 @@ def size_sweep_and_patterns(b: Bench, sizes: list[int]) -> None:
         dwdp_ops.free_symmetric(sym)
         return
     # every peer at once: 1/(N-1) of the bytes from each peer
-    part = (big // (n - 1)) // (2 * MiB) * (2 * MiB)
+    part = every_peer_part(big, n)
     peers = [(me + k) % n for k in range(1, n)]
     streams = [cp.cuda.Stream(non_blocking=True) for _ in peers]
     ev = cp.cuda.Event
@@ -218,6 +218,12 @@ def size_sweep_and_patterns(b: Bench, sizes: list[int]) -> None:
     b.group("pattern", [("raw_peer", "all_to_one", big, (lambda: raw(0, big)) if me != 0 else None, {}),
                         ("ce", "all_to_one", big, (lambda: ce(0, big)) if me != 0 else None, {})])
     dwdp_ops.free_symmetric(sym)
+
+
+def every_peer_part(big: int, n: int) -> int:
+    """Bytes the every_peer pattern reads from each of the N - 1 peers: 1/(N-1) of the largest size, in whole 2 MiB
+    slices; 0 when the largest size is under 2 MiB x (N - 1) (``main`` refuses such sizes)."""
+    return (big // (n - 1)) // (2 * MiB) * (2 * MiB)
 
 
 def every_ce(b, dst, peer_base, peers, part, slice_bytes=2 * MiB):
@@ -309,6 +315,10 @@ def main() -> int:
     if world == 1:
         ap.error("needs at least 2 ranks (every case reads from peers), got 1: run it under a launcher with N >= 2, "
                  "e.g. python -m dwdp_ops.launch -n 2 bench/fetch_bandwidth.py")
+    if world and not ns.layer_only and every_peer_part(max(sizes) * MiB, world) == 0:
+        ap.error(f"--sizes-mib: the every_peer pattern reads 1/(N-1) of the largest size from each peer in 2 MiB "
+                 f"slices, so on {world} ranks the largest size must be at least {2 * (world - 1)} MiB, got "
+                 f"{max(sizes)}")
     _gpu_imports()
     with dwdp_ops.init(heap_size="2g", timeout=600):
         b = Bench(ns.repeats)

@@ -97,6 +97,40 @@ def t_star(experts: int, local: int, bytes_per_param: float, gemm_flops: float, 
     return (experts - local) * bytes_per_param * gemm_flops / (2 * top_k * fetch_gbps * 1e9)
 
 
+def roofline(exposed: list[dict], fetch_gbps: float, dtype: str, local: int) -> dict:
+    """Section 2's roofline: C = the best expert-GEMM rate (alone) over the exposed sweep's token counts, B and
+    ``t_star``; C and T* are None when the sweep ran no token count (every one skipped: its activations did not fit
+    beside the store on some rank)."""
+    bpp = BYTES_PER_PARAM[dtype]
+    if not exposed:
+        return {"C_tflops": None, "B_gbps": fetch_gbps, "bytes_per_param": bpp, "dtype": dtype, "T_star": None}
+    C = max(x["gemm_tflops"] for x in exposed) * 1e12
+    return {"C_tflops": C / 1e12, "B_gbps": fetch_gbps, "bytes_per_param": bpp, "dtype": dtype,
+            "T_star": t_star(E, local, bpp, C, fetch_gbps, K)}
+
+
+def summary(per_rank: list[dict]) -> list[str]:
+    """Rank 0's lines on stdout: rank 0's figures, each with the worst rank's (``per_rank``: every rank's record)."""
+    r0 = per_rank[0]
+    rf = r0["roofline"]
+    lines = [f"B={r0['fetch_ce_gbps']:.1f} GB/s (NVSHMEM 16 SMs takes {r0['nvshmem16_over_ce']:.2f}x the copy engine's "
+             "time) " + (f"C={rf['C_tflops']:.0f} TFLOP/s T*={rf['T_star']:.0f}" if rf["T_star"] is not None
+                         else f"C, T*: none (no token count fit: skipped {r0.get('skipped_tokens')})")]
+    for i, s in enumerate(r0["slowdown"]):
+        worst_ce = max(p["slowdown"][i]["slowdown_ce"] for p in per_rank)
+        worst_nv = max(p["slowdown"][i]["slowdown_nvshmem16"] for p in per_rank)
+        lines.append(f"T={s['tokens']}: GEMM alone {s['gemm_ms']:.2f} ms; +CE {s['slowdown_ce']:+.1%} (worst rank "
+                     f"{worst_ce:+.1%}); +NVSHMEM16 {s['slowdown_nvshmem16']:+.1%} (worst rank {worst_nv:+.1%})")
+    for i, x in enumerate(r0["exposed"]):
+        worst = max(p["exposed"][i]["steady_exposed_frac"] for p in per_rank)
+        lines.append(f"T={x['tokens']:6d}: layer alone {x['gemm_layer_ms']:.2f} ms ({x['gemm_tflops']:.0f} TF/s), "
+                     f"step {x['step_ms']:.1f} ms = {x['step_over_alone']:.3f}x alone, "
+                     f"waits {[f'{w:.2f}' for w in x['wait_ms_per_layer']]} ms, steady exposed "
+                     f"{x['steady_exposed_ms']:.3f} ms = {x['steady_exposed_frac']:.2%} of the layer alone "
+                     f"(worst rank {worst:.2%})")
+    return lines
+
+
 def activation_bytes(tokens: int, dtype: str, fp8_mlp: str = "gemms") -> int:
     """Device bytes of one token count's activations (the memory check before a sweep point)."""
     R = E * rows_per_expert(tokens, dtype)
@@ -364,10 +398,7 @@ def main(argv: list[str] | None = None) -> int:
         # 2. exposed fetch against tokens per rank
         sched = PrefetchScheduler(store, policy="prefetch_all", copy_stream=side)
         exposed_sweep(ns, store, sched, compute, side, bar, rec, scales)
-        C = max(x["gemm_tflops"] for x in rec["exposed"]) * 1e12
-        bpp = BYTES_PER_PARAM[ns.dtype]
-        rec["roofline"] = {"C_tflops": C / 1e12, "B_gbps": B, "bytes_per_param": bpp, "dtype": ns.dtype,
-                           "T_star": t_star(E, store.L, bpp, C, B, K)}
+        rec["roofline"] = roofline(rec["exposed"], B, ns.dtype, store.L)
         gathered = dwdp_ops.get_runtime().rendezvous.allgather("overlap", json.dumps(rec).encode())
         if me == 0:
             per_rank = [json.loads(g) for g in gathered]
@@ -376,21 +407,7 @@ def main(argv: list[str] | None = None) -> int:
                         "of per-repeat ratios; exposed fraction = wait / layer time alone (same repeat)",
                         **machine_facts(), ranks=per_rank)
             print(f"wrote {write_json(result_name('prefetch_overlap', data['card'], result_suffix(n, ns.dtype, ns.tag)), data)}")
-            r0 = per_rank[0]
-            print(f"B={r0['fetch_ce_gbps']:.1f} GB/s (NVSHMEM 16 SMs takes {r0['nvshmem16_over_ce']:.2f}x the copy "
-                  f"engine's time) C={r0['roofline']['C_tflops']:.0f} TFLOP/s T*={r0['roofline']['T_star']:.0f}")
-            for i, s in enumerate(r0["slowdown"]):
-                worst_ce = max(p["slowdown"][i]["slowdown_ce"] for p in per_rank)
-                worst_nv = max(p["slowdown"][i]["slowdown_nvshmem16"] for p in per_rank)
-                print(f"T={s['tokens']}: GEMM alone {s['gemm_ms']:.2f} ms; +CE {s['slowdown_ce']:+.1%} (worst rank "
-                      f"{worst_ce:+.1%}); +NVSHMEM16 {s['slowdown_nvshmem16']:+.1%} (worst rank {worst_nv:+.1%})")
-            for i, x in enumerate(r0["exposed"]):
-                worst = max(p["exposed"][i]["steady_exposed_frac"] for p in per_rank)
-                print(f"T={x['tokens']:6d}: layer alone {x['gemm_layer_ms']:.2f} ms ({x['gemm_tflops']:.0f} TF/s), "
-                      f"step {x['step_ms']:.1f} ms = {x['step_over_alone']:.3f}x alone, "
-                      f"waits {[f'{w:.2f}' for w in x['wait_ms_per_layer']]} ms, steady exposed "
-                      f"{x['steady_exposed_ms']:.3f} ms = {x['steady_exposed_frac']:.2%} of the layer alone "
-                      f"(worst rank {worst:.2%})")
+            print("\n".join(summary(per_rank)))
         dwdp_ops.barrier()
         store.close()
     return 0

@@ -112,10 +112,13 @@ def plot(files: list[tuple[str, dict]]) -> list[str]:
             ax.grid(alpha=0.3)
         if layers:
             ax = axes[0][ax_i]
-            ax.barh([r["mode"] for r in layers][::-1], [r["gbps_min"] for r in layers][::-1], color="tab:blue")
+            cases = list(dict.fromkeys(r["case"] for r in layers))  # one per dtype of the job (--dtypes)
+            # the modes of several cases share names: label them with the case, else their bars share one row
+            labels = [r["mode"] if len(cases) == 1 else f"{r['mode']} ({r['case']})" for r in layers]
+            ax.barh(labels[::-1], [r["gbps_min"] for r in layers][::-1], color="tab:blue")
             ax.axvline(link_rate(d), color="grey", ls="--", lw=1)
             ax.set_xlabel("GB/s (slowest rank)")
-            ax.set_title(f"{layers[0]['case']}: DeepSeek-R1 layer, N={d['world_size']}")
+            ax.set_title(f"{', '.join(cases)}: DeepSeek-R1 layer, N={d['world_size']}")
             ax.grid(alpha=0.3, axis="x")
         fig.tight_layout()
         png = RESULTS / name.replace(".json", ".png")

@@ -90,3 +90,14 @@ def test_demo_policies_result_record():
     assert rec["command"] == "python bench/demo_policies.py --pairs 1"
     assert rec["demo_command"] == "-m dwdp_ops.launch -n 2"
     assert rec["card"] == "NVIDIA H200" and rec["moe_layers"] == 3 and rec["report"] is rep
+
+
+def test_fetch_bandwidth_refuses_sizes_too_small_for_every_peer():
+    """The every_peer pattern reads 1/(N-1) of the largest size from each peer in whole 2 MiB slices: on 4 ranks
+    --sizes-mib 2 made that 0 bytes, and the run failed on min() of an empty list after its whole size sweep. Now one
+    error line before any GPU work (--layer-only has no pattern and is not refused by this check)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("OMPI_COMM_WORLD_", "RANK", "WORLD_SIZE"))}
+    r = run("fetch_bandwidth.py", ["--repeats", "2", "--sizes-mib", "2"], {**env, "RANK": "0", "WORLD_SIZE": "4"})
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-2000:]
+    errors = [ln for ln in r.stderr.splitlines() if ln.startswith("fetch_bandwidth.py: error:")]
+    assert len(errors) == 1 and "--sizes-mib" in errors[0] and "at least 6 MiB" in errors[0], r.stderr

@@ -1,0 +1,88 @@
+"""The benchmarks' post-measurement code on several ranks' synthetic records (no GPU): what rank 0 computes, prints
+and renders from the gathered per-rank data."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "bench"))
+import fetch_bandwidth  # noqa: E402
+import prefetch_overlap as po  # noqa: E402
+import render  # noqa: E402
+
+MiB = 1 << 20
+
+
+def test_every_peer_part_is_whole_2mib_slices_of_the_largest_size():
+    assert fetch_bandwidth.every_peer_part(1024 * MiB, 2) == 1024 * MiB
+    assert fetch_bandwidth.every_peer_part(1024 * MiB, 8) == 146 * MiB
+    assert fetch_bandwidth.every_peer_part(6 * MiB, 4) == 2 * MiB
+    assert fetch_bandwidth.every_peer_part(2 * MiB, 4) == 0  # refused by main (see test_bench_args)
+
+
+def _slowdown(T, ce, nv):
+    return {"tokens": T, "gemm_ms": 16.8, "slowdown_ce": ce, "slowdown_nvshmem16": nv}
+
+
+def _exposed(T, frac, tflops):
+    return {"tokens": T, "gemm_layer_ms": 5.5, "gemm_tflops": tflops, "step_ms": 130.0, "step_over_alone": 1.5,
+            "wait_ms_per_layer": [30.0, 1.0, 2.0], "steady_exposed_ms": 2.0, "steady_exposed_frac": frac}
+
+
+def _overlap_rank(exposed, slowdown, skipped=None):
+    rec = {"fetch_ce_gbps": 372.6, "nvshmem16_over_ce": 1.27, "slowdown": slowdown, "exposed": exposed,
+           "roofline": po.roofline(exposed, 372.6, "float16", 128)}
+    if skipped:
+        rec["skipped_tokens"] = skipped
+    return rec
+
+
+def test_prefetch_overlap_roofline_and_summary_on_two_ranks():
+    r0 = _overlap_rank([_exposed(1024, 0.5, 132.0), _exposed(8192, 0.25, 661.0)], [_slowdown(16384, 0.047, 0.209)])
+    r1 = _overlap_rank([_exposed(1024, 0.75, 130.0), _exposed(8192, 0.125, 650.0)], [_slowdown(16384, 0.052, 0.2)])
+    rf = r0["roofline"]
+    assert rf["C_tflops"] == pytest.approx(661.0)
+    assert rf["T_star"] == pytest.approx(po.t_star(256, 128, 2, 661e12, 372.6, 8))
+    lines = po.summary([r0, r1])
+    assert len(lines) == 1 + 1 + 2
+    assert "C=661 TFLOP/s T*=" in lines[0]
+    assert "+CE +4.7% (worst rank +5.2%)" in lines[1] and "(worst rank +20.9%)" in lines[1]
+    assert "(worst rank 75.00%)" in lines[2] and "(worst rank 25.00%)" in lines[3]  # the larger rank's, per row
+
+
+def test_prefetch_overlap_without_any_token_count_keeps_its_record():
+    """Every token count skipped (the activations did not fit beside the store on some rank): the record keeps the
+    fetch and slowdown figures with C and T* None; it had failed on max() of an empty list before writing anything."""
+    ranks = [_overlap_rank([], [_slowdown(16384, 0.047, 0.209)], [65536]) for _ in range(2)]
+    assert ranks[0]["roofline"] == {"C_tflops": None, "B_gbps": 372.6, "bytes_per_param": 2, "dtype": "float16",
+                                    "T_star": None}
+    lines = po.summary(ranks)
+    assert len(lines) == 2 and "C, T*: none" in lines[0] and "65536" in lines[0]
+
+
+def test_render_plot_keeps_the_layer_cases_of_one_file_apart(tmp_path, monkeypatch):
+    """One job with the default --dtypes float8_e4m3fn,bfloat16 writes two dwdp_layer cases whose modes share names:
+    each record gets its own bar (they had been drawn over each other, 14 rows for 28 records, titled by the first
+    case only)."""
+    import matplotlib.pyplot as plt
+
+    monkeypatch.setattr(render, "RESULTS", tmp_path)
+    figs, close = [], plt.close
+    monkeypatch.setattr(plt, "close", lambda fig: (figs.append(fig), close(fig)))  # a closed figure keeps its axes
+    modes = ["ce_staggered", "nvshmem_ptr_132sm"]
+    recs = [{"case": f"dwdp_layer_{dt}", "mode": m, "gbps_min": g, "bytes": 1 << 30}
+            for dt, gs in (("float8_e4m3fn", (372.3, 336.0)), ("bfloat16", (372.5, 337.8))) for m, g in zip(modes, gs)]
+    d = {"card": "NVIDIA H200", "world_size": 2, "nvlink": {"links": 18, "gbps_per_link": 26.562}, "records": recs}
+    assert render.plot([("fetch_bandwidth_H200_N2.json", d), ("fetch_bandwidth_H200_N2_one.json",
+                                                              {**d, "records": recs[:2]})]) == [
+        "fetch_bandwidth_H200_N2.png", "fetch_bandwidth_H200_N2_one.png"]
+    two, one = (f.axes[0] for f in figs)
+    assert len({round(p.get_y(), 6) for p in two.patches}) == 4
+    assert {t.get_text() for t in two.get_yticklabels()} == {f"{m} ({c})" for m in modes for c in
+                                                              ("dwdp_layer_float8_e4m3fn", "dwdp_layer_bfloat16")}
+    assert "dwdp_layer_float8_e4m3fn, dwdp_layer_bfloat16" in two.get_title()
+    assert {t.get_text() for t in one.get_yticklabels()} == set(modes)  # one case: labelled as before
