@@ -132,3 +132,19 @@ def int_list(ap, option: str, text: str, minimum: int = 1) -> list[int]:
     if min(vals) < minimum:
         ap.error(f"{option}: every value must be >= {minimum}, got {text!r}")
     return vals
+
+
+def launcher_ranks(ap, minimum: int, why: str) -> int | None:
+    """The world size the launcher's variables give (1 without a launcher; any launcher ``dwdp_ops.env`` reads), read
+    before any GPU work; below ``minimum`` it is ``ap.error`` (one ``error:`` line, exit 2) saying ``why`` the script
+    needs more ranks. None when the variables are malformed (``dwdp_ops.init`` reports that)."""
+    from dwdp_ops.env import DistEnv
+
+    try:
+        world = DistEnv.from_environ().world_size
+    except ValueError:
+        return None
+    if world < minimum:
+        ap.error(f"needs at least {minimum} ranks ({why}), got {world}: run it under a launcher, e.g. "
+                 f"python -m dwdp_ops.launch -n {minimum} bench/{ap.prog}")
+    return world

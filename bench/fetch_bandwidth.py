@@ -39,10 +39,18 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import dwdp_ops
-from common import int_list, machine_facts, median_ratio, nvlink_facts, result_name, time_interleaved, write_json
+from common import (
+    int_list,
+    launcher_ranks,
+    machine_facts,
+    median_ratio,
+    nvlink_facts,
+    result_name,
+    time_interleaved,
+    write_json,
+)
 from dwdp_ops import ExpertLayout, ExpertPartition, ExpertStore
 from dwdp_ops._cli import positive_int
-from dwdp_ops.env import DistEnv
 from dwdp_ops.layout import DTYPES
 from dwdp_ops.runtime import get_runtime
 
@@ -308,13 +316,7 @@ def main() -> int:
     bad = [dt for dt in dtypes if dt not in DTYPES]
     if bad:
         ap.error(f"--dtypes: {', '.join(map(repr, bad))} not among {', '.join(sorted(DTYPES))}")
-    try:  # (the launcher's variables, read before any GPU work; a malformed set is init's to report)
-        world = DistEnv.from_environ().world_size
-    except ValueError:
-        world = None
-    if world == 1:
-        ap.error("needs at least 2 ranks (every case reads from peers), got 1: run it under a launcher with N >= 2, "
-                 "e.g. python -m dwdp_ops.launch -n 2 bench/fetch_bandwidth.py")
+    world = launcher_ranks(ap, 2, "every case reads from peers")
     if world and not ns.layer_only and every_peer_part(max(sizes) * MiB, world) == 0:
         ap.error(f"--sizes-mib: the every_peer pattern reads 1/(N-1) of the largest size from each peer in 2 MiB "
                  f"slices, so on {world} ranks the largest size must be at least {2 * (world - 1)} MiB, got "

@@ -43,7 +43,7 @@ from statistics import median
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import dwdp_ops
-from common import int_list, machine_facts, median_ratio, result_name, time_interleaved, write_json
+from common import int_list, launcher_ranks, machine_facts, median_ratio, result_name, time_interleaved, write_json
 from dwdp_ops import ExpertLayout, ExpertPartition, ExpertStore, PrefetchScheduler
 
 
@@ -58,7 +58,7 @@ BYTES_PER_PARAM = {"float16": 2, "float8_e4m3fn": 1}
 ALIGN = 16  # rows per group of torch._scaled_grouped_mm: multiples of 16
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+def _parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="prefetch_overlap.py")
     ap.add_argument("--tokens", default="1024,2048,4096,8192,16384,32768,65536")
     ap.add_argument("--layers", type=int, default=4)
@@ -69,6 +69,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                     help="expert weights: fp16 (torch.bmm) or fp8 e4m3 with rowwise scales (torch._scaled_grouped_mm)")
     ap.add_argument("--fp8-mlp", default="gemms", choices=("gemms", "full"),
                     help="fp8 layer: the two scaled grouped GEMMs only, or the model's whole fp8 expert MLP")
+    return ap
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    ap = _parser()
     ns = ap.parse_args(argv)
     ns.token_counts = int_list(ap, "--tokens", ns.tokens)
     if ns.repeats < 1:
@@ -329,6 +334,7 @@ def fill_fp8(store: ExpertStore, layout: ExpertLayout, layers: int, me: int):
 
 def main(argv: list[str] | None = None) -> int:
     ns = parse_args(argv)
+    launcher_ranks(_parser(), 2, "every rank fetches the experts it lacks from its peers")
     _gpu_imports()
     with dwdp_ops.init(timeout=600):
         me, n = dwdp_ops.rank(), dwdp_ops.world_size()

@@ -140,8 +140,13 @@ if [[ ",$what," == *",smoke,"* ]]; then
   smoke demo_policies python3 bench/demo_policies.py --pairs 1 --prompts 2 --min-len 64 --max-len 128 --steps 2 \
     --moe-layers 1 --timeout 150
   smoke deepseek_forward $L bench/deepseek_forward.py --tokens 512 --requests 2 --repeats 1
-  smoke prefetch_overlap $L bench/prefetch_overlap.py --tokens 1024 --layers 1 --repeats 2 --skip-slowdown --tag smoke
-  smoke fetch_bandwidth $L bench/fetch_bandwidth.py --repeats 2 --sizes-mib 2 --dtypes bfloat16 --tag smoke
+  if (( NGPU >= 2 )); then  # (both refuse one rank: they measure fetches from peers)
+    smoke prefetch_overlap $L bench/prefetch_overlap.py --tokens 1024 --layers 2 --repeats 2 --skip-slowdown --tag smoke
+    smoke fetch_bandwidth $L bench/fetch_bandwidth.py --repeats 2 --sizes-mib $(( 2 * (NGPU - 1) )) --dtypes bfloat16 \
+      --tag smoke
+  else
+    echo "smoke prefetch_overlap, fetch_bandwidth: skipped (they need 2 GPUs)"
+  fi
   smoke dispatch_bandwidth $L bench/dispatch_bandwidth.py --tokens 128 --repeats 2 --warmup 1 --check-max 128 \
     --heap 2g --tag smoke
   smoke e2e_dwdp_vs_dep $L bench/e2e_dwdp_vs_dep.py --budgets 1024 --dists cv0 --isl 256 --iterations 3 --warmup 0 \

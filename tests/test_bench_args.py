@@ -63,14 +63,16 @@ def test_gemm_probe_help():
     assert r.returncode == 0 and "usage: gemm_probe.py" in r.stdout, r.stderr
 
 
-def test_fetch_bandwidth_refuses_one_rank():
-    """One rank has no peer to read from: one error line before any GPU work (it had run the size sweep and then
-    failed on an empty list of peers' figures)."""
+@pytest.mark.parametrize("script", ["fetch_bandwidth.py", "prefetch_overlap.py"])
+def test_peer_benchmarks_refuse_one_rank(script):
+    """One rank has no peer to read from: one error line before any GPU work (fetch_bandwidth had run its size sweep
+    and then failed on an empty list of peers' figures; prefetch_overlap measures a fetch rate of 0 bytes and divides
+    by it), with or without a launcher's variables (Open MPI's too)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("OMPI_COMM_WORLD_", "RANK", "WORLD_SIZE"))}
-    for extra in ({}, {"RANK": "0", "WORLD_SIZE": "1"}):
-        r = run("fetch_bandwidth.py", ["--repeats", "2"], {**env, **extra})
+    for extra in ({}, {"RANK": "0", "WORLD_SIZE": "1"}, {"OMPI_COMM_WORLD_RANK": "0", "OMPI_COMM_WORLD_SIZE": "1"}):
+        r = run(script, ["--repeats", "2"], {**env, **extra})
         assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-2000:]
-        errors = [ln for ln in r.stderr.splitlines() if ln.startswith("fetch_bandwidth.py: error:")]
+        errors = [ln for ln in r.stderr.splitlines() if ln.startswith(f"{script}: error:")]
         assert len(errors) == 1 and "at least 2 ranks" in errors[0], r.stderr
 
 
