@@ -711,17 +711,22 @@ def test_an_infinite_weight_saturates_its_column(value, bias):
 @pytest.mark.gpu
 @pytest.mark.parametrize("value", [np.inf, -np.inf], ids=["inf", "-inf"])
 @pytest.mark.parametrize("bias", [False, True], ids=["no-bias", "bias"])
-@pytest.mark.parametrize("kernels", ["specialized", "general"])
+@pytest.mark.parametrize("kernels", ["specialized", "general", "fallback"])
 def test_an_infinite_weight_gives_the_references_gradients(value, bias, kernels, monkeypatch):
     """The backward of the case above: W1[0][1] = +-inf saturates column 1 (tanh +-1, dz = 0), so W1's, b1's and
     W2's gradients stay finite, as in the float64 reference; the feed gradient's element 0 of sample 0's unmasked
     behaviours is NaN (the infinite weight times dz = 0), as there, and a masked behaviour's feed gradient is 0, as
     there (the reference leaves masked positions out). The finite values within 1e-5. The
     sample's last round has lanes past it (21 behaviours), whose x = 0 times the infinite weight is NaN: those
-    lanes' values must not reach the h1 or b1 sums (they did, before: NaN gradients of W2 and b1)."""
+    lanes' values must not reach the h1 or b1 sums (they did, before: NaN gradients of W2 and b1). ``fallback``: a
+    40-wide first layer (16 -> 40 -> 4), which only the shared-memory fallback kernels take; its masked lanes had
+    made the forward's outputs and every gradient of the sample NaN."""
+    from dwdp_ops.coaction.fused import uses_fast_kernels
+
     if kernels == "general":
         monkeypatch.setenv("DWDP_COACTION_SPECIALIZED", "0")
-    spec = CoActionSpec(bias=bias)
+    spec = CoActionSpec(((16, 40), (40, 4)), bias=bias) if kernels == "fallback" else CoActionSpec(bias=bias)
+    assert uses_fast_kernels(spec) == (kernels != "fallback") and uses_fast_kernels(spec, True) == (kernels != "fallback")
     ind, feed, mask, g = infinite_w1_inputs(spec, value)
     with np.errstate(invalid="ignore"):  # the reference's infinite weight times dz = 0: the NaN asserted below
         (out, gi, gf), (want, wi, wf) = run_both(spec, ind, feed, mask, g)

@@ -66,7 +66,16 @@ __device__ __forceinline__ bool activated(const CoActionDims& d, int layer) {
 }
 
 // Forward of order c for this lane's behaviour: h_0 = x0 ** c, then every layer's output, into the lane's column.
-__device__ void lane_mlp(const CoActionDims& d, const Geo& g, const float* __restrict__ W, int c, float* col) {
+// A lane without a behaviour (masked, or past the row) gets zeros in every row: computed from its zero x0, an
+// infinite weight would make them NaN, and the column sums (forward: h times the 0 of `valid`; backward: h times
+// dz = 0) would carry the NaN into the sample's results, where the reference, which leaves such positions out, has
+// none.
+__device__ void lane_mlp(const CoActionDims& d, const Geo& g, const float* __restrict__ W, int c, float* col,
+                         bool on) {
+  if (!on) {
+    for (int r = g.h; r < g.h + g.D + g.S; ++r) R(col, r) = 0.f;
+    return;
+  }
   for (int i = 0; i < g.D; ++i) {
     const float v = R(col, g.x0 + i);
     float p = v;
@@ -164,7 +173,7 @@ __global__ void __launch_bounds__(kWarpsMax * 32) warp_forward_kernel(CoActionDi
     size_t frow;
     load_x0(d, g, b, T_len, t0 + lane, feed, feed_ids, rows.feed_rows, mask, col, &frow);
     for (int c = 1; c <= d.orders; ++c) {
-      lane_mlp(d, g, W, c, col);
+      lane_mlp(d, g, W, c, col, R(col, g.valid) != 0.f);
       __syncwarp();
       const int obase = d.paper ? 0 : (c - 1) * g.S;
       for (int j = lane; j < g.S; j += 32) acc[obase + j] += colsum(scratch, g.h + g.D + j, g.valid);
@@ -217,7 +226,7 @@ __global__ void __launch_bounds__(kWarpsMax * 32) warp_backward_kernel(CoActionD
     const float v = R(col, g.valid);
     for (int i = 0; i < g.D; ++i) R(col, g.gx + i) = 0.f;
     for (int c = 1; c <= d.orders; ++c) {
-      lane_mlp(d, g, W, c, col);
+      lane_mlp(d, g, W, c, col, v != 0.f);
       const float* Gc = G + (d.paper ? 0 : (c - 1) * g.S);
       int woff[kCoMaxLayers];
       for (int l = 0, w = d.order_independent ? (c - 1) * d.order_width : 0; l < L; ++l) {
@@ -236,7 +245,8 @@ __global__ void __launch_bounds__(kWarpsMax * 32) warp_backward_kernel(CoActionD
             for (int k = 0; k < dn2; ++k) up = fmaf(R(col, g.dz + goff[l + 1] + k), w2[k], up);
           }
           const float hv = R(col, hout + j);
-          R(col, g.dz + goff[l] + j) = v * (activated(d, l) ? up * (1.f - hv * hv) : up);
+          // (a select, not v times: up of a lane without a behaviour is 0 times a weight, NaN for an infinite one)
+          R(col, g.dz + goff[l] + j) = v != 0.f ? (activated(d, l) ? up * (1.f - hv * hv) : up) : 0.f;
         }
       }
       // d/dx0 of x0^c through the first layer
