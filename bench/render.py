@@ -6,7 +6,8 @@
 Every figure is the slowest rank's median (``gbps_min``; the mean over ranks in brackets), as a fraction of the
 same run's raw cudaMemcpyPeerAsync baseline (1 GiB, one peer per reader; where a record carries its own baseline,
 timed interleaved with its group, the fraction is ``of_baseline_min``: the lowest rank's median of per-repeat
-ratios) and of the physical NVLink rate (links x per-link rate from ``nvidia-smi nvlink -s``).
+ratios) and of the physical NVLink rate (links x per-link rate from ``nvidia-smi nvlink -s``; where a record has no
+NVLink rate, 0 links or no ``nvlink`` at all, the text says so and the fractions of it are left out).
 """
 
 from __future__ import annotations
@@ -40,15 +41,26 @@ def baseline(data: dict, fallback: tuple[str, float] | None) -> tuple[float, str
     raise SystemExit("no raw baseline")
 
 
-def link_rate(data: dict) -> float:
-    nv = data["nvlink"]
-    return nv["links"] * nv["gbps_per_link"]
+def link_rate(data: dict) -> float | None:
+    """GB/s per direction, or None without NVLink (``nvlink_facts``: 0 links and no per-link rate, e.g. PCIe only or
+    no nvidia-smi) or without ``nvlink`` in the record (older files)."""
+    nv = data.get("nvlink") or {}
+    return nv["links"] * nv["gbps_per_link"] if nv.get("links") and nv.get("gbps_per_link") else None
 
 
-def fmt(r: dict, base: float, link: float) -> str:
+def link_text(data: dict, link: float | None) -> str:
+    nv = data.get("nvlink")
+    if link is not None:
+        return f"NVLink {nv['links']} links x {nv['gbps_per_link']} GB/s = {link:.0f} GB/s per direction"
+    if nv is None:
+        return "NVLink not recorded, link rate unknown"
+    return f"no NVLink ({nv.get('links', 0)} links in `nvidia-smi nvlink -s`), link rate unknown"
+
+
+def fmt(r: dict, base: float, link: float | None) -> str:
     of_base = r.get("of_baseline_min", r["gbps_min"] / base)  # per-row baseline where the record carries one
     return (f"| {r['mode']} | {r['bytes'] / (1 << 20):.0f} MiB | {r['gbps_min']:.1f} ({r['gbps_mean']:.1f}) | "
-            f"{of_base:.1%} | {r['gbps_min'] / link:.1%} |")
+            f"{of_base:.1%} | {'-' if link is None else format(r['gbps_min'] / link, '.1%')} |")
 
 
 def tables(files: list[tuple[str, dict]]) -> str:
@@ -61,8 +73,8 @@ def tables(files: list[tuple[str, dict]]) -> str:
         out.append(f"### `{name}`\n")
         out.append(f"{d['card']}, driver {d['driver']}, CUDA runtime {d['cuda_runtime']}, {d['world_size']} ranks, "
                    f"{d['date']}, `{d['command']}` (launched by `python -m dwdp_ops.launch -n {d['world_size']}`); "
-                   f"NVLink {d['nvlink']['links']} links x {d['nvlink']['gbps_per_link']} GB/s = {link:.0f} GB/s per "
-                   f"direction; baseline raw peer copy {base:.1f} GB/s ({where}); medians of {d['repeats']} repeats.\n")
+                   f"{link_text(d, link)}; baseline raw peer copy {base:.1f} GB/s ({where}); medians of "
+                   f"{d['repeats']} repeats.\n")
         cases = []
         for r in d["records"]:
             if r["case"] not in cases:
@@ -96,6 +108,8 @@ def plot(files: list[tuple[str, dict]]) -> list[str]:
         if not panels:
             continue
         fig, axes = plt.subplots(1, panels, figsize=(7 * panels, 4.5), squeeze=False)
+        link = link_rate(d)
+        unknown = "" if link else " (no NVLink rate)"
         ax_i = 0
         if sweep:
             ax = axes[0][ax_i]
@@ -103,11 +117,12 @@ def plot(files: list[tuple[str, dict]]) -> list[str]:
             for mode in dict.fromkeys(r["mode"] for r in sweep):
                 rs = [r for r in sweep if r["mode"] == mode]
                 ax.plot([r["bytes"] / (1 << 20) for r in rs], [r["gbps_min"] for r in rs], marker="o", label=mode)
-            ax.axhline(link_rate(d), color="grey", ls="--", lw=1, label="NVLink physical")
+            if link:
+                ax.axhline(link, color="grey", ls="--", lw=1, label="NVLink physical")
             ax.set_xscale("log", base=2)
             ax.set_xlabel("bytes per transfer (MiB)")
             ax.set_ylabel("GB/s (slowest rank)")
-            ax.set_title(f"one peer per reader, {d['card']}")
+            ax.set_title(f"one peer per reader, {d['card']}{unknown}")
             ax.legend(fontsize=7)
             ax.grid(alpha=0.3)
         if layers:
@@ -116,9 +131,10 @@ def plot(files: list[tuple[str, dict]]) -> list[str]:
             # the modes of several cases share names: label them with the case, else their bars share one row
             labels = [r["mode"] if len(cases) == 1 else f"{r['mode']} ({r['case']})" for r in layers]
             ax.barh(labels[::-1], [r["gbps_min"] for r in layers][::-1], color="tab:blue")
-            ax.axvline(link_rate(d), color="grey", ls="--", lw=1)
+            if link:
+                ax.axvline(link, color="grey", ls="--", lw=1)
             ax.set_xlabel("GB/s (slowest rank)")
-            ax.set_title(f"{', '.join(cases)}: DeepSeek-R1 layer, N={d['world_size']}")
+            ax.set_title(f"{', '.join(cases)}: DeepSeek-R1 layer, N={d['world_size']}{unknown}")
             ax.grid(alpha=0.3, axis="x")
         fig.tight_layout()
         png = RESULTS / name.replace(".json", ".png")

@@ -86,3 +86,34 @@ def test_render_plot_keeps_the_layer_cases_of_one_file_apart(tmp_path, monkeypat
                                                               ("dwdp_layer_float8_e4m3fn", "dwdp_layer_bfloat16")}
     assert "dwdp_layer_float8_e4m3fn, dwdp_layer_bfloat16" in two.get_title()
     assert {t.get_text() for t in one.get_yticklabels()} == set(modes)  # one case: labelled as before
+
+
+def test_render_a_record_without_nvlink(tmp_path, monkeypatch):
+    """A PCIe-only machine's record: ``nvlink_facts`` gives 0 links and no per-link rate (an older file has no
+    ``nvlink`` at all). The tables and plots say the link rate is unknown and leave the fractions of it out; render had
+    failed on 0 * None (TypeError) in link_rate."""
+    import json
+
+    import matplotlib.pyplot as plt
+
+    monkeypatch.setattr(render, "RESULTS", tmp_path)
+    figs, close = [], plt.close
+    monkeypatch.setattr(plt, "close", lambda fig: (figs.append(fig), close(fig)))
+    d = json.loads((ROOT / "bench" / "results" / "fetch_bandwidth_H200_N4.json").read_text())  # sweep and layer
+    d["nvlink"] = {"links": 0, "gbps_per_link": None, "raw": ""}  # nvidia-smi nvlink -s without a link (or failing)
+    d["driver"] = None
+    older = {k: v for k, v in d.items() if k != "nvlink"}
+    files = [("fetch_bandwidth_X_N4.json", d), ("fetch_bandwidth_X_N4_older.json", older)]
+    text = render.tables(files)
+    assert text.count("no NVLink") == 1 and text.count("NVLink not recorded") == 1
+    assert text.count("link rate unknown") == 2 and "driver None" in text
+    rows = [line for line in text.splitlines() if line.startswith("| ") and not line.startswith(("| mode", "| ---"))]
+    assert len(rows) == 2 * len(d["records"])
+    assert all(line.endswith("% | - |") for line in rows)  # of raw peer copy kept, of NVLink absent
+    assert render.plot(files) == ["fetch_bandwidth_X_N4.png", "fetch_bandwidth_X_N4_older.png"]
+    assert (tmp_path / "fetch_bandwidth_X_N4.png").stat().st_size > 0
+    for fig in figs:
+        sweep, layer = fig.axes
+        assert "NVLink physical" not in [line.get_label() for line in sweep.lines]  # no link-rate line
+        assert not layer.lines
+        assert sweep.get_title().endswith(" (no NVLink rate)") and layer.get_title().endswith(" (no NVLink rate)")
