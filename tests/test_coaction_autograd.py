@@ -413,3 +413,38 @@ def test_the_tests_torch_reference_is_the_numpy_reference(cfg):
     gi, gf = coaction_backward(ind.numpy(), feed.numpy(), mask.numpy(), gout.numpy(), spec)
     assert rel(out.detach(), torch.from_numpy(want)) <= 1e-12
     assert rel(a.grad, torch.from_numpy(gi)) <= 1e-12 and rel(b.grad, torch.from_numpy(gf)) <= 1e-12
+
+
+@pytest.mark.parametrize("exc", [ValueError, TypeError])
+@pytest.mark.parametrize("bad, match", [
+    (dict(mask="3d"), r"mask must be \[B, T\], got shape \[4, 3, 1\]"),
+    (dict(ind="narrow"), r"induction must be \[B, D' = 160\]"),
+    (dict(ind="short"), "induction has 3 rows but the mask has batch 4"),
+    (dict(feed="short"), r"feed must be \[B, T, D\] = \[4, 3, 16\]"),
+    (dict(ind_ids=5), r"ind_ids must be \[B\] = \[4\]"),
+    (dict(feed_ids="table"), r"the feed table must be \[rows, D = 16\]"),
+    (dict(feed_ids=(4, 2)), r"feed_ids must be \[B, T\] = \[4, 3\]"),
+], ids=["mask", "induction", "induction_rows", "feed", "ind_ids", "feed_table", "feed_ids"])
+def test_a_wrong_shape_is_both_a_value_and_a_type_error(bad, match, exc):
+    """The autograd op's shape errors are the fused ops' CoActionArgumentError: ``except ValueError`` (as around the
+    reference) and ``except TypeError`` (as around the fused ops' combined dtype/shape checks) both catch them."""
+    from dwdp_ops.coaction import coaction
+
+    spec = CoActionSpec()
+    ind, feed, mask, _ = make(spec, 4, 3, 0)
+    kw = {}
+    if "mask" in bad:
+        mask = mask[:, :, None]
+    if "ind" in bad:
+        ind = ind[:, :100] if bad["ind"] == "narrow" else ind[:3]
+    if "feed" in bad:
+        feed = feed[:, :2]
+    if "ind_ids" in bad:
+        kw["ind_ids"] = torch.zeros(bad["ind_ids"], dtype=torch.long)
+    if "feed_ids" in bad:
+        if bad["feed_ids"] == "table":
+            kw["feed_ids"] = torch.zeros(4, 3, dtype=torch.long)
+        else:
+            feed, kw["feed_ids"] = feed[0], torch.zeros(bad["feed_ids"], dtype=torch.long)
+    with pytest.raises(exc, match=match):
+        coaction(ind, feed, mask, spec, **kw)

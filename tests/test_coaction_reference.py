@@ -294,6 +294,74 @@ def test_non_contiguous_ids_are_refused(which):
         _args(spec, table, ftable, mask, ids, fids, "float32")
 
 
+def _shape_cases():
+    """(label, call, message) for each wrongly shaped argument of the fused ops: DeviceBuffers at made-up addresses,
+    stream 0 and no id check, so every call is refused by the argument checks before any GPU work."""
+    from dwdp_ops.coaction.fused import coaction_backward_gpu, coaction_forward_gpu
+    from dwdp_ops.interop import DeviceBuffer
+
+    spec, f32, i64 = CoActionSpec(), np.dtype(np.float32), np.dtype(np.int64)
+    B, T, rows = 4, 3, 10
+
+    def buf(shape, dtype=f32):
+        return DeviceBuffer(0x1000, shape, dtype, None)
+
+    table, ftable, mask = buf((rows, spec.induction_dim)), buf((rows, spec.feed_dim)), buf((B, T))
+    ids, fids, gout = buf((B,), i64), buf((B, T), i64), buf((B, spec.out_dim))
+    good = dict(induction=table, feed=ftable, mask=mask, ind_ids=ids, feed_ids=fids)
+
+    def fwd(**bad):
+        a = {**good, **bad}
+        out = a.pop("out", None)
+        return lambda: coaction_forward_gpu(a.pop("induction"), a.pop("feed"), a.pop("mask"), spec, stream=0,
+                                            out=out, **a)
+
+    def bwd(grad_out=gout, **bad):
+        a = {**good, **bad}
+        return lambda: coaction_backward_gpu(a.pop("induction"), a.pop("feed"), a.pop("mask"), grad_out, spec,
+                                             stream=0, check_ids=False, **a)
+
+    return [
+        ("mask", fwd(mask=buf((B, T, 1))),
+         r"mask must be a contiguous float32 \[B, T\] array, got float32 \[4, 3, 1\]"),
+        ("ind_ids", fwd(ind_ids=buf((B + 1,), i64)), r"ind_ids must be a contiguous int64 \[4\] array"),
+        ("feed_ids", fwd(feed_ids=buf((B, T + 1), i64)), r"feed_ids must be a contiguous int64 \[4, 3\] array"),
+        ("out", fwd(out=buf((B, spec.out_dim + 1))), r"out must be a contiguous float32 \[4, 36\] array"),
+        ("grad_out", bwd(grad_out=buf((B + 1, spec.out_dim))), r"grad_out must be a contiguous float32 \[4, 36\]"),
+        ("grads", bwd(grads=(buf((rows - 1, spec.induction_dim)), buf((rows, spec.feed_dim)))),
+         r"grad_induction must be a contiguous float32 \[10, 160\] array"),
+        ("induction", fwd(induction=buf((rows, 100))), "induction rows must hold D' = 160 values"),
+        ("induction_rows", fwd(induction=buf((B + 1, spec.induction_dim)), ind_ids=None),
+         "induction has 5 rows but the mask has batch 4"),
+        ("feed_table", fwd(feed=buf((rows, 15))), r"the feed table must be \[rows, 16\]"),
+        ("feed", fwd(feed=buf((B, T + 1, spec.feed_dim)), feed_ids=None), r"feed must be \[B, T, D\] = \[4, 3, 16\]"),
+    ]
+
+
+@pytest.mark.parametrize("exc", [ValueError, TypeError, "CoActionArgumentError"])
+@pytest.mark.parametrize("case", range(len(_shape_cases())),
+                         ids=[label for label, _, _ in _shape_cases()])
+def test_a_wrong_shape_is_both_a_value_and_a_type_error(case, exc):
+    """A wrongly shaped array given to the fused ops (mask, ids, out, grad_out, gradient pair, induction, feed) had
+    raised TypeError in some checks and ValueError in others (the reference raises ValueError for shapes): now one
+    CoActionArgumentError, which ``except ValueError`` and ``except TypeError`` both catch; the message unchanged."""
+    if exc == "CoActionArgumentError":
+        from dwdp_ops.errors import CoActionArgumentError as exc
+    _, call, match = _shape_cases()[case]
+    with pytest.raises(exc, match=match):
+        call()
+
+
+def test_coaction_argument_error_is_exported():
+    import dwdp_ops
+    import dwdp_ops.coaction
+    from dwdp_ops.errors import CoActionArgumentError
+
+    assert dwdp_ops.CoActionArgumentError is CoActionArgumentError is dwdp_ops.coaction.CoActionArgumentError
+    assert "CoActionArgumentError" in dwdp_ops.__all__ and "CoActionArgumentError" in dwdp_ops.coaction.__all__
+    assert issubclass(CoActionArgumentError, TypeError) and issubclass(CoActionArgumentError, ValueError)
+
+
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_one_signature_with_the_gpu_op(seed):
     """``coaction_forward(ind, feed, mask, CoActionSpec())`` and the table + ids form, as the GPU op takes them."""

@@ -20,7 +20,7 @@ Tokens (expert parallelism, DEP; the sibling of the weight fetch):
 from .dispatch import DispatchHandle, TokenDispatcher
 from .dispatch_plan import RecvPlan, SendPlan, plan_recv, plan_send, reference_moe
 from .env import DistEnv
-from .errors import DwdpError, RendezvousError
+from .errors import CoActionArgumentError, DwdpError, RendezvousError
 from .layout import ExpertLayout, TensorSpec
 from .partition import ExpertPartition
 from .policy import MODES, ModeChoice, Rates, choose_mode, expected_distinct
@@ -42,6 +42,7 @@ def cuda_device_count() -> int:
 
 __all__ = [
     "MODES",
+    "CoActionArgumentError",
     "DispatchHandle",
     "DistEnv",
     "ModeChoice",

@@ -5,8 +5,11 @@ target item (the *induction* side), applied to powers of every behaviour's feed 
 ``fused``: the fused CUDA kernels for CuPy arrays (gathered rows or table + ids);
 ``autograd``: the fused kernels as a differentiable PyTorch op (``coaction``, ``CoActionFunction``), imported on
 first use so that this package needs no PyTorch.
+``CoActionArgumentError`` (from ``dwdp_ops.errors``): what the fused and autograd ops raise for a wrongly shaped
+array, both a TypeError and a ValueError.
 """
 
+from ..errors import CoActionArgumentError
 from .fused import ShardedTable, TableGrads, coaction_backward_gpu, coaction_forward_gpu, launch_shape
 from .reference import CoActionSpec, coaction_backward, coaction_forward
 
@@ -21,5 +24,5 @@ def __getattr__(name: str):
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-__all__ = ["CoActionFunction", "CoActionSpec", "ShardedTable", "TableGrads", "launch_shape", "coaction",
-           "coaction_backward", "coaction_backward_gpu", "coaction_forward", "coaction_forward_gpu"]
+__all__ = ["CoActionArgumentError", "CoActionFunction", "CoActionSpec", "ShardedTable", "TableGrads", "launch_shape",
+           "coaction", "coaction_backward", "coaction_backward_gpu", "coaction_forward", "coaction_forward_gpu"]

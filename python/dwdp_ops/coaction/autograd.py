@@ -30,6 +30,7 @@ from typing import Any
 import torch
 from torch.autograd.function import once_differentiable
 
+from ..errors import CoActionArgumentError
 from ..interop import DeviceBuffer, _torch_types, cupy_stream
 from .reference import CoActionSpec
 
@@ -100,29 +101,30 @@ def _checked(induction, feed, mask, spec, ind_ids, feed_ids):
     if mask.dtype not in (torch.float32, torch.bool):
         raise TypeError(f"mask must be float32 (nonzero where a behaviour is present) or bool, got {mask.dtype}")
     if mask.dim() != 2:
-        raise ValueError(f"mask must be [B, T], got shape {list(mask.shape)}")
+        raise CoActionArgumentError(f"mask must be [B, T], got shape {list(mask.shape)}")
     B, T = mask.shape
     for name, ids in (("ind_ids", ind_ids), ("feed_ids", feed_ids)):
         if ids is not None and (ids.dtype.is_floating_point or ids.dtype.is_complex or ids.dtype == torch.bool):
             raise TypeError(f"{name} must be integer row ids, got {ids.dtype}")
     if induction.dim() != 2 or induction.shape[1] != spec.induction_dim:
-        raise ValueError(f"induction must be [{'rows' if ind_ids is not None else 'B'}, D' = {spec.induction_dim}] "
-                         f"for {spec}, got shape {list(induction.shape)}")
+        raise CoActionArgumentError(f"induction must be [{'rows' if ind_ids is not None else 'B'}, "
+                                    f"D' = {spec.induction_dim}] for {spec}, got shape {list(induction.shape)}")
     if ind_ids is None:
         if induction.shape[0] != B:
-            raise ValueError(f"induction has {induction.shape[0]} rows but the mask has batch {B} (pass ind_ids to "
-                             "read the rows from a table)")
+            raise CoActionArgumentError(f"induction has {induction.shape[0]} rows but the mask has batch {B} (pass "
+                                        "ind_ids to read the rows from a table)")
     elif tuple(ind_ids.shape) != (B,):
-        raise ValueError(f"ind_ids must be [B] = [{B}], got shape {list(ind_ids.shape)}")
+        raise CoActionArgumentError(f"ind_ids must be [B] = [{B}], got shape {list(ind_ids.shape)}")
     if feed_ids is None:
         if tuple(feed.shape) != (B, T, spec.feed_dim):
-            raise ValueError(f"feed must be [B, T, D] = {[B, T, spec.feed_dim]}, got shape {list(feed.shape)} (pass "
-                             "feed_ids to read the rows from a table)")
+            raise CoActionArgumentError(f"feed must be [B, T, D] = {[B, T, spec.feed_dim]}, got shape "
+                                        f"{list(feed.shape)} (pass feed_ids to read the rows from a table)")
     else:
         if feed.dim() != 2 or feed.shape[1] != spec.feed_dim:
-            raise ValueError(f"with feed_ids the feed table must be [rows, D = {spec.feed_dim}], got shape {list(feed.shape)}")
+            raise CoActionArgumentError(f"with feed_ids the feed table must be [rows, D = {spec.feed_dim}], got shape "
+                                        f"{list(feed.shape)}")
         if tuple(feed_ids.shape) != (B, T):
-            raise ValueError(f"feed_ids must be [B, T] = [{B}, {T}], got shape {list(feed_ids.shape)}")
+            raise CoActionArgumentError(f"feed_ids must be [B, T] = [{B}, {T}], got shape {list(feed_ids.shape)}")
     dev = induction.device
     if dev.type != "cuda" or any(t.device != dev for t in named.values()):
         where = ", ".join(f"{n} on {t.device}" for n, t in named.items())

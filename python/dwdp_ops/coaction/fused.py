@@ -39,7 +39,7 @@ from typing import Any
 import numpy as np
 
 from .._native import native
-from ..errors import DwdpError
+from ..errors import CoActionArgumentError, DwdpError
 from ..interop import cupy_stream, device_buffer, stream_handle
 from .reference import CoActionSpec
 
@@ -246,8 +246,9 @@ class TableGrads:
             raise ValueError("these TableGrads are zeroed already (zero='side', or passed to a forward before): make "
                              "new ones for each backward")
         if self._shapes != (ind_shape, feed_shape):
-            raise ValueError(f"these TableGrads are {list(self._shapes[0])} and {list(self._shapes[1])}, the op's "
-                             f"gradients are {list(ind_shape)} (induction) and {list(feed_shape)} (feed)")
+            raise CoActionArgumentError(f"these TableGrads are {list(self._shapes[0])} and {list(self._shapes[1])}, "
+                                        f"the op's gradients are {list(ind_shape)} (induction) and "
+                                        f"{list(feed_shape)} (feed)")
         self._check_device("forward")
         _stream_wait(h, self._h)
         return self._targets
@@ -386,8 +387,8 @@ def _args(spec: CoActionSpec, induction, feed, mask, ind_ids, feed_ids, dtype):
     feed_dim, induction_dim, _ = dims
     fd, mk = device_buffer(feed, "feed"), device_buffer(mask, "mask")
     if mk.dtype != np.float32 or len(mk.shape) != 2 or not mk.contiguous:
-        raise TypeError(f"mask must be a contiguous float32 [B, T] array, got "
-                        f"{'' if mk.contiguous else 'a non-contiguous '}{mk.dtype} {list(mk.shape)}")
+        raise CoActionArgumentError(f"mask must be a contiguous float32 [B, T] array, got "
+                                    f"{'' if mk.contiguous else 'a non-contiguous '}{mk.dtype} {list(mk.shape)}")
     B, T = mk.shape
     if isinstance(induction, ShardedTable):
         if induction._closed:
@@ -395,7 +396,8 @@ def _args(spec: CoActionSpec, induction, feed, mask, ind_ids, feed_ids, dtype):
         if induction.dtype != dtype:
             raise TypeError(f"the sharded table holds {induction.dtype}, the op was asked for {dtype}")
         if induction.dim != induction_dim:
-            raise ValueError(f"induction rows must hold D' = {induction_dim} values, the table has {induction.dim}")
+            raise CoActionArgumentError(f"induction rows must hold D' = {induction_dim} values, the table has "
+                                        f"{induction.dim}")
         if ind_ids is None:
             raise ValueError("a ShardedTable needs ind_ids (global row ids)")
         rows = (induction.bases, induction.rows_per_shard, induction.num_rows)
@@ -406,9 +408,10 @@ def _args(spec: CoActionSpec, induction, feed, mask, ind_ids, feed_ids, dtype):
         if not ind.contiguous:
             raise ValueError("induction must be contiguous")
         if len(ind.shape) != 2 or ind.shape[1] != induction_dim:
-            raise ValueError(f"induction rows must hold D' = {induction_dim} values, got shape {list(ind.shape)}")
+            raise CoActionArgumentError(f"induction rows must hold D' = {induction_dim} values, got shape "
+                                        f"{list(ind.shape)}")
         if ind_ids is None and ind.shape[0] != B:
-            raise ValueError(f"induction has {ind.shape[0]} rows but the mask has batch {B}")
+            raise CoActionArgumentError(f"induction has {ind.shape[0]} rows but the mask has batch {B}")
         rows = ([ind.ptr], max(ind.shape[0], 1), ind.shape[0])
     if fd.dtype != storage:
         raise TypeError(f"feed must hold {dtype} ({storage}), got {fd.dtype}")
@@ -418,8 +421,8 @@ def _args(spec: CoActionSpec, induction, feed, mask, ind_ids, feed_ids, dtype):
     if ind_ids is not None:
         ib = device_buffer(ind_ids, "ind_ids")
         if ib.dtype != np.int64 or ib.shape != (B,) or not ib.contiguous:
-            raise TypeError(f"ind_ids must be a contiguous int64 [{B}] array, got "
-                            f"{'' if ib.contiguous else 'a non-contiguous '}{ib.dtype} {list(ib.shape)}")
+            raise CoActionArgumentError(f"ind_ids must be a contiguous int64 [{B}] array, got "
+                                        f"{'' if ib.contiguous else 'a non-contiguous '}{ib.dtype} {list(ib.shape)}")
         ids_ptr = ib.ptr
         if rows[2] == 0 and B > 0:
             raise ValueError("ind_ids must be in [0, 0): the induction table is empty")
@@ -427,15 +430,15 @@ def _args(spec: CoActionSpec, induction, feed, mask, ind_ids, feed_ids, dtype):
     if feed_ids is not None:
         fb = device_buffer(feed_ids, "feed_ids")
         if fb.dtype != np.int64 or fb.shape != (B, T) or not fb.contiguous:
-            raise TypeError(f"feed_ids must be a contiguous int64 [{B}, {T}] array, got "
-                            f"{'' if fb.contiguous else 'a non-contiguous '}{fb.dtype} {list(fb.shape)}")
+            raise CoActionArgumentError(f"feed_ids must be a contiguous int64 [{B}, {T}] array, got "
+                                        f"{'' if fb.contiguous else 'a non-contiguous '}{fb.dtype} {list(fb.shape)}")
         if len(fd.shape) != 2 or fd.shape[1] != feed_dim:
-            raise ValueError(f"the feed table must be [rows, {feed_dim}], got {list(fd.shape)}")
+            raise CoActionArgumentError(f"the feed table must be [rows, {feed_dim}], got {list(fd.shape)}")
         fids_ptr = fb.ptr
         if fd.shape[0] == 0 and B * T > 0:  # no row for the kernels to fall back on (see the module docstring)
             raise ValueError("feed_ids must be in [0, 0): the feed table is empty")
     elif fd.shape != (B, T, feed_dim):
-        raise ValueError(f"feed must be [B, T, D] = {[B, T, feed_dim]}, got {list(fd.shape)}")
+        raise CoActionArgumentError(f"feed must be [B, T, D] = {[B, T, feed_dim]}, got {list(fd.shape)}")
     geo = (*spec_args, code, B, T)
     return geo, rows, fd, mk, ids_ptr, fids_ptr, storage, dims
 
@@ -491,8 +494,9 @@ def _forward(a: tuple, induction: Any, dtype: str, stream: Any, check_ids: bool,
     else:
         ob = device_buffer(out, "out")
         if ob.dtype != storage or ob.shape != (B, out_dim) or not ob.contiguous:
-            raise TypeError(f"out must be a contiguous {dtype} [{B}, {out_dim}] array ({storage} storage), got "
-                            f"{'contiguous' if ob.contiguous else 'non-contiguous'} {ob.dtype} {list(ob.shape)}")
+            raise CoActionArgumentError(f"out must be a contiguous {dtype} [{B}, {out_dim}] array ({storage} "
+                                        f"storage), got {'contiguous' if ob.contiguous else 'non-contiguous'} "
+                                        f"{ob.dtype} {list(ob.shape)}")
         _check_device_of("out", out, ob.ptr, "the forward runs on device")
         out_ptr = ob.ptr
         if T == 0 and B:
@@ -543,8 +547,8 @@ def _backward(a: tuple, induction: Any, both_ids: bool, grad_out: Any, stream: A
         _check_ids(ip, geo[-2], nrows, fp, geo[-1], fd.shape[0], h)
     g = device_buffer(grad_out, "grad_out")
     if g.dtype != np.float32 or g.shape != (geo[-2], out_dim) or not g.contiguous:
-        raise TypeError(f"grad_out must be a contiguous float32 [{geo[-2]}, {out_dim}] array, "
-                        f"got {g.dtype} {list(g.shape)}")
+        raise CoActionArgumentError(f"grad_out must be a contiguous float32 [{geo[-2]}, {out_dim}] array, "
+                                    f"got {g.dtype} {list(g.shape)}")
     sharded = isinstance(induction, ShardedTable)
     tg = grads if isinstance(grads, TableGrads) else None
     if grads is not None:
@@ -564,8 +568,8 @@ def _backward(a: tuple, induction: Any, both_ids: bool, grad_out: Any, stream: A
             for name, have, want in zip(("grad_induction", "grad_feed"), tg._shapes,
                                         ((nrows, induction_dim), tuple(fd.shape))):
                 if have != want:
-                    raise TypeError(f"{name} must be a contiguous float32 {list(want)} array (the gradient it adds "
-                                    f"into), got contiguous float32 {list(have)}")
+                    raise CoActionArgumentError(f"{name} must be a contiguous float32 {list(want)} array (the "
+                                                f"gradient it adds into), got contiguous float32 {list(have)}")
             tg._take(h)
             g_ind, g_feed = tg.arrays
             gi_ptr, gf_ptr = tg._targets[0]
@@ -627,6 +631,7 @@ def _grad_buffer(a: Any, name: str, shape: tuple) -> int:
     """The device address of ``a``, checked to be a contiguous float32 array of ``shape``."""
     b = device_buffer(a, name)
     if b.dtype != np.float32 or tuple(b.shape) != tuple(shape) or not b.contiguous:
-        raise TypeError(f"{name} must be a contiguous float32 {list(shape)} array (the gradient it adds into), "
-                        f"got {'contiguous' if b.contiguous else 'non-contiguous'} {b.dtype} {list(b.shape)}")
+        raise CoActionArgumentError(f"{name} must be a contiguous float32 {list(shape)} array (the gradient it adds "
+                                    f"into), got {'contiguous' if b.contiguous else 'non-contiguous'} {b.dtype} "
+                                    f"{list(b.shape)}")
     return b.ptr
