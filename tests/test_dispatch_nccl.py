@@ -84,6 +84,19 @@ def test_one_rank_round_trip_and_group_reuse(world1):
     assert out[2].abs().sum() == 0  # no pair: 0
 
 
+def test_numpy_sizes_are_taken_as_ints_and_bools_refused(world1):
+    """hidden, top_k and align had to be Python ints (np.int64 was refused); any integer now, kept as ints."""
+    np = pytest.importorskip("numpy")
+    part = ExpertPartition.disjoint(8, 1)
+    d = NcclDispatcher(part, np.int64(16), np.int32(2), align=np.int64(4))
+    assert (d.hidden, d.top_k, d.align) == (16, 2, 4) and {type(d.hidden), type(d.top_k), type(d.align)} == {int}
+    x, ids, w = torch.randn(3, 16), torch.tensor([[0, 7], [3, -1], [2, 3]], dtype=torch.int32), torch.rand(3, 2)
+    h = d.dispatch(x, ids, w)
+    torch.testing.assert_close(d.combine(h.x_grouped, h), x * (w * (ids >= 0)).sum(1, keepdim=True))
+    with pytest.raises(ValueError, match=r"^top_k must be an int >= 1, got True$"):
+        NcclDispatcher(part, 16, True)
+
+
 @pytest.mark.parametrize("args, kwargs, err, match", [
     ((ExpertPartition.disjoint(8, 2), 16, 2), {}, ValueError, "group has 1 ranks but the partition's world_size is 2"),
     ((ExpertPartition.disjoint(8, 1), 0, 2), {}, ValueError, "hidden must be an int >= 1"),

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import random
 
+import numpy as np
 import pytest
 from dwdp_ops.layout import ExpertLayout
 from dwdp_ops.partition import ExpertPartition
@@ -244,6 +245,14 @@ def test_bad_arguments_are_named_before_any_gpu_work(kw, match):
         PrefetchScheduler(store, **kw)
     with pytest.raises(TypeError, match="rates must be a dwdp_ops.policy.Rates"):
         PrefetchScheduler(store, rates={"ce_gbps": 1})
+
+
+def test_top_k_takes_a_numpy_integer_and_refuses_a_bool():
+    """top_k had to be a Python int (np.int64(2) was refused); any integer now, kept as an int, bools still not."""
+    sched = PrefetchScheduler(FakeStore(2), top_k=np.int64(2), copy_stream=Stream("c"), event_factory=lambda: Event([]))
+    assert sched.top_k == 2 and type(sched.top_k) is int
+    with pytest.raises(ValueError, match=r"^top_k must be in \[1, 8\] \(an int: the layer's experts\), got True$"):
+        PrefetchScheduler(FakeStore(2), top_k=True, copy_stream=Stream("c"), event_factory=lambda: Event([]))
 
 
 def test_abort_after_a_failed_step_lets_the_next_step_start():

@@ -35,6 +35,7 @@ from typing import Any
 
 import numpy as np
 
+from ._checks import is_int
 from .errors import DwdpError
 from .interop import cupy_stream, device_buffer, stream_handle
 from .partition import ExpertPartition
@@ -111,7 +112,7 @@ class TokenDispatcher:
             num_sms = int(cp.cuda.runtime.getDeviceProperties(rt.device)["multiProcessorCount"])
         for name, v, lo in (("hidden", hidden, 8), ("top_k", top_k, 1), ("max_tokens", max_tokens, 1),
                             ("align", align, 1), ("num_sms", num_sms, 1), ("threads", threads, 64)):
-            if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < lo:
+            if not is_int(v) or v < lo:
                 raise ValueError(f"TokenDispatcher: {name} must be an int >= {lo}, got {v!r}")
         if hidden % 8:
             raise ValueError(f"TokenDispatcher: hidden must be a multiple of 8 (16-byte bf16 rows), got {hidden}")
@@ -234,7 +235,7 @@ class TokenDispatcher:
         """
         self._require("dispatch")
         rows = self.max_pairs if max_rows is None else max_rows
-        if isinstance(rows, bool) or not isinstance(rows, (int, np.integer)) or not 1 <= rows <= self.max_pairs:
+        if not is_int(rows) or not 1 <= rows <= self.max_pairs:
             raise ValueError(f"dispatch: max_rows must be an int in [1, max_pairs = {self.max_pairs}], got {max_rows!r}")
         if self._pending is not None:
             raise DwdpError("TokenDispatcher.dispatch: the previous dispatch was not combined yet (call combine first)")

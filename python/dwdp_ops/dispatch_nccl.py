@@ -30,6 +30,7 @@ import os
 from dataclasses import dataclass
 from typing import Any
 
+from ._checks import is_int
 from .env import DistEnv, timeout_from_environ
 from .errors import DwdpError
 from .partition import ExpertPartition
@@ -147,8 +148,9 @@ class NcclDispatcher:
         if not isinstance(partition, ExpertPartition):
             raise TypeError(f"partition must be an ExpertPartition, got {type(partition).__name__}")
         for name, v, lo in (("hidden", hidden, 1), ("top_k", top_k, 1), ("align", align, 1)):
-            if not isinstance(v, int) or isinstance(v, bool) or v < lo:
+            if not is_int(v) or v < lo:
                 raise ValueError(f"{name} must be an int >= {lo}, got {v!r}")
+        hidden, top_k, align = int(hidden), int(top_k), int(align)
         if top_k > partition.num_experts:
             raise ValueError(f"top_k must be in [1, {partition.num_experts}] (the layer's experts), got {top_k}")
         if not dist.is_initialized():

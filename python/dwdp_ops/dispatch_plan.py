@@ -35,12 +35,12 @@ Capacity: ``T <= max_tokens`` (so rows per (src, dest) <= max_tokens); grouped r
 
 from __future__ import annotations
 
-import numbers
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 
+from ._checks import is_int
 from .partition import ExpertPartition
 
 __all__ = [
@@ -64,7 +64,7 @@ def _check_partition(partition) -> None:
 def _check_rank(partition: ExpertPartition, rank) -> None:
     """TypeError unless ``rank`` is an integer (Python or numpy; bools refused), ValueError unless it is in the
     partition's world."""
-    if isinstance(rank, bool) or not isinstance(rank, numbers.Integral):
+    if not is_int(rank):
         raise TypeError(f"rank must be an int in the partition's world [0, {partition.world_size}), got {rank!r} "
                         f"({type(rank).__name__})")
     if not 0 <= rank < partition.world_size:
@@ -190,7 +190,7 @@ def plan_send(topk_ids, topk_weights, partition: ExpertPartition, rank: int, max
     ids, w = _validate_routing(topk_ids, topk_weights, partition)
     T, k = ids.shape
     if max_tokens is not None:
-        if not isinstance(max_tokens, (int, np.integer)) or isinstance(max_tokens, bool) or max_tokens < 0:
+        if not is_int(max_tokens) or max_tokens < 0:
             raise ValueError(f"max_tokens must be an int >= 0 or None, got {max_tokens!r}")
         if T > max_tokens:
             raise ValueError(f"rank {rank}: this step has T={T} tokens but the dispatch capacity is "
@@ -268,10 +268,10 @@ def plan_recv(send_plans: Sequence[SendPlan], partition: ExpertPartition, rank: 
     _check_partition(partition)
     _check_rank(partition, rank)
     N, L = partition.world_size, partition.experts_per_rank
-    if not isinstance(align, (int, np.integer)) or isinstance(align, bool) or align < 1:
+    if not is_int(align) or align < 1:
         raise ValueError(f"align must be an int >= 1, got {align!r}")
     if max_pairs is not None:
-        if isinstance(max_pairs, bool) or not isinstance(max_pairs, numbers.Integral):
+        if not is_int(max_pairs):
             raise TypeError(f"max_pairs must be an int >= 0 or None, got {max_pairs!r} ({type(max_pairs).__name__})")
         if max_pairs < 0:
             raise ValueError(f"max_pairs must be an int >= 0 or None, got {max_pairs}")

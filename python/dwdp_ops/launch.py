@@ -28,6 +28,7 @@ import sys
 import threading
 import time
 
+from ._checks import is_int
 from ._cli import HelpFormatter, plain, positive_float, positive_int
 
 SAFE_ENV = {"NVSHMEM_DISABLE_NVLS": "1", "NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1"}
@@ -137,8 +138,9 @@ def run(
 ) -> int:
     """Runs ``command`` (an argv list, for example ``[sys.executable, 'script.py']``) as ``nprocs`` ranks; returns the
     job's exit code (0 when every rank succeeded)."""
-    if not isinstance(nprocs, int) or isinstance(nprocs, bool) or nprocs < 1:
+    if not is_int(nprocs) or nprocs < 1:
         raise ValueError(f"nprocs must be an integer >= 1, got {nprocs!r}")
+    nprocs = int(nprocs)
     if timeout is not None and not timeout > 0:
         raise ValueError(f"timeout must be > 0 seconds or None, got {timeout!r}")
     if not command:

@@ -31,10 +31,11 @@ allocation granularity (a page that is not a multiple of it cannot be mapped pag
 from __future__ import annotations
 
 import math
-import numbers
 from dataclasses import dataclass
 
 import numpy as np
+
+from ._checks import is_int
 
 PAGE = 2 << 20
 REGISTER_UNIT = 512 << 20
@@ -53,7 +54,7 @@ def round_up(x: int, unit: int) -> int:
 
 def _positive_int(value, what: str) -> int:
     """``value`` as an int, or TypeError (not an integer; bools are refused) / ValueError (not >= 1) naming it."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+    if not is_int(value):
         raise TypeError(f"{what} must be a positive integer, got {value!r} ({type(value).__name__})")
     if value < 1:
         raise ValueError(f"{what} must be a positive integer, got {value}")

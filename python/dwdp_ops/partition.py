@@ -14,16 +14,17 @@ the conditions above raise ValueError naming the condition and, for sizes, valid
 
 from __future__ import annotations
 
-import numbers
 from dataclasses import dataclass
 from typing import Literal
+
+from ._checks import is_int
 
 OwnerPolicy = Literal["balanced", "lowest"]
 
 
 def _check_int(value, name: str) -> None:
     """TypeError unless ``value`` is an integer (Python or numpy; bools are refused)."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+    if not is_int(value):
         raise TypeError(f"{name} must be an int, got {type(value).__name__} ({value!r})")
 
 

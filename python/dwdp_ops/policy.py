@@ -46,6 +46,7 @@ import numbers
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+from ._checks import is_int
 from .partition import ExpertPartition
 
 __all__ = ["MODES", "ModeChoice", "Rates", "choose_mode", "expected_distinct", "pair_shares"]
@@ -159,7 +160,7 @@ def _p_row(m: float, E: int, k: int) -> float:
 
 def _int_param(name: str, v, lo: int) -> int:
     """``v`` as an int: TypeError unless an integer (Python or numpy; bools refused), ValueError unless >= lo."""
-    if isinstance(v, bool) or not isinstance(v, numbers.Integral):
+    if not is_int(v):
         raise TypeError(f"{name} must be an int >= {lo}, got {v!r} ({type(v).__name__})")
     if v < lo:
         raise ValueError(f"{name} must be an int >= {lo}, got {v!r}")

@@ -38,10 +38,11 @@ argument, what was given and what is expected.
 
 from __future__ import annotations
 
-import numbers
 from typing import Any
 
 import numpy as np
+
+from ._checks import is_int
 
 __all__ = [
     "E4M3_MAX",
@@ -106,7 +107,7 @@ def _scales(s: Any, name: str, fn: str, want: tuple[int, ...], what: str) -> np.
 
 
 def _block_size(block: Any, fn: str) -> int:
-    if isinstance(block, bool) or not isinstance(block, numbers.Integral) or block < 1:
+    if not is_int(block) or block < 1:
         raise ValueError(f"{fn}: block must be a positive integer, got {block!r}")
     return int(block)
 

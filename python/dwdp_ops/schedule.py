@@ -20,10 +20,11 @@ accept ``None`` there (nothing is sliced); ``interleaved`` needs a positive int.
 from __future__ import annotations
 
 import itertools
-import numbers
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
+
+from ._checks import is_int
 
 Schedule = Literal["per_peer", "staggered", "interleaved"]
 DEFAULT_SLICE = 2 << 20
@@ -39,7 +40,7 @@ class Copy:
 
 def _check_slice(slice_bytes) -> int:
     """``slice_bytes`` as an int, or TypeError (not an integer; bools are refused) / ValueError (not >= 1)."""
-    if isinstance(slice_bytes, bool) or not isinstance(slice_bytes, numbers.Integral):
+    if not is_int(slice_bytes):
         raise TypeError(f"slice_bytes must be a positive int (bytes), got {slice_bytes!r} ({type(slice_bytes).__name__})")
     if slice_bytes < 1:
         raise ValueError(f"slice_bytes must be a positive int (bytes), got {slice_bytes}")
@@ -49,11 +50,11 @@ def _check_slice(slice_bytes) -> int:
 def _check_world(rank, world_size) -> tuple[int, int]:
     """``(rank, world_size)`` as ints: TypeError unless both are integers (bools refused), ValueError unless
     ``world_size >= 1`` and ``0 <= rank < world_size``."""
-    if isinstance(world_size, bool) or not isinstance(world_size, numbers.Integral):
+    if not is_int(world_size):
         raise TypeError(f"world_size must be an int >= 1, got {world_size!r} ({type(world_size).__name__})")
     if world_size < 1:
         raise ValueError(f"world_size must be an int >= 1, got {world_size}")
-    if isinstance(rank, bool) or not isinstance(rank, numbers.Integral):
+    if not is_int(rank):
         raise TypeError(f"rank must be an int in [0, world_size={world_size}), got {rank!r} ({type(rank).__name__})")
     if not 0 <= rank < world_size:
         raise ValueError(f"rank must be in [0, world_size={world_size}), got {rank}")

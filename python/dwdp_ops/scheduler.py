@@ -48,10 +48,10 @@ shares. Without a dispatcher the two weight modes are rank-local and ``auto`` de
 from __future__ import annotations
 
 import contextlib
-import numbers
 from collections.abc import Callable, Sequence
 from typing import Any, Literal
 
+from ._checks import is_int
 from .interop import stream_handle
 from .policy import MODES, Rates, choose_mode
 from .schedule import DEFAULT_SLICE, Schedule
@@ -97,8 +97,9 @@ class PrefetchScheduler:
         a new non-blocking CuPy stream and ``cupy.cuda.Event(disable_timing=True)``; tests pass stand-ins."""
         # Validate everything before touching the GPU, so that a bad argument is named, not met as a CUDA error.
         _check_policy(policy, dispatcher is not None, "pass dispatcher=TokenDispatcher(...)")
-        if isinstance(top_k, bool) or not isinstance(top_k, int) or not 1 <= top_k <= store.E:
+        if not is_int(top_k) or not 1 <= top_k <= store.E:
             raise ValueError(f"top_k must be in [1, {store.E}] (an int: the layer's experts), got {top_k!r}")
+        top_k = int(top_k)
         if schedule not in ("staggered", "per_peer", "interleaved"):
             raise ValueError(f"schedule must be 'staggered', 'per_peer' or 'interleaved', got {schedule!r}")
         if not 1 <= nvshmem_blocks <= 65535:
@@ -206,7 +207,7 @@ class PrefetchScheduler:
         collective) and, for ``prefetch_all``, prefetches the first two. Returns the mode."""
         if self.policy == "auto" and tokens is None:
             raise ValueError("begin_step: the auto policy needs the number of tokens on this rank")
-        if tokens is not None and (isinstance(tokens, bool) or not isinstance(tokens, numbers.Integral) or tokens < 0):
+        if tokens is not None and (not is_int(tokens) or tokens < 0):
             raise ValueError(f"begin_step: tokens must be an int >= 0, got {tokens!r}")
         if tokens is not None:
             tokens = int(tokens)  # numpy / torch integer scalars
@@ -368,7 +369,7 @@ class PrefetchScheduler:
 
     def _check(self, layer: int) -> None:
         """``layer`` is an integer (not a bool) in ``[0, num_layers)`` of this step."""
-        if isinstance(layer, bool) or not isinstance(layer, numbers.Integral):
+        if not is_int(layer):
             raise TypeError(f"layer must be an int, got {layer!r} ({type(layer).__name__})")
         if not 0 <= layer < self.num_layers:
             raise ValueError(f"layer {layer} is outside [0, {self.num_layers})")

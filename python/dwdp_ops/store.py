@@ -45,6 +45,7 @@ from typing import Any
 
 import numpy as np
 
+from ._checks import is_int
 from .errors import DwdpError
 from .interop import cupy_stream, device_buffer, stream_handle
 from .layout import ExpertLayout, local_allocation_bytes, registration_overhead
@@ -237,9 +238,9 @@ class ExpertStore:
         if self._closed:
             raise DwdpError(f"{what}: the ExpertStore is closed")
         for name, v, n in (("layer", layer, self.num_layers), ("tensor kind", ti, len(self.layout.strides))):
-            if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or not 0 <= v < n:
+            if not is_int(v) or not 0 <= v < n:
                 raise ValueError(f"{what}: {name} {v!r} is outside [0, {n})")
-        if isinstance(expert, bool) or not isinstance(expert, (int, np.integer)) or not lo <= expert < hi:
+        if not is_int(expert) or not lo <= expert < hi:
             raise ValueError(f"{what}: expert {expert!r} is outside [{lo}, {hi})")
 
     def local_address(self, layer: int, ti: int, expert: int) -> int:

@@ -13,6 +13,7 @@ from typing import Any
 
 import numpy as np
 
+from ._checks import is_int
 from .errors import DwdpError
 from .interop import device_buffer, normalize_dtype, stream_handle
 from .runtime import SymmetricBuffer, get_runtime
@@ -27,7 +28,7 @@ def _shape(shape: Any) -> tuple[int, ...]:
     if isinstance(shape, (str, bytes)):
         raise TypeError(f"shape must be an int or a sequence of ints, got the string {shape!r}")
     shape = (shape,) if isinstance(shape, (numbers.Integral, bool)) else tuple(shape)
-    bad = [n for n in shape if isinstance(n, bool) or not isinstance(n, numbers.Integral)]
+    bad = [n for n in shape if not is_int(n)]
     if bad:
         raise TypeError(f"shape {shape} must hold ints, got {bad[0]!r} ({type(bad[0]).__name__})")
     if not shape or any(int(n) <= 0 for n in shape):

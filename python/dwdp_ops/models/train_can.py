@@ -17,6 +17,7 @@ import time
 import numpy as np
 from tqdm import tqdm
 
+from .._checks import is_int
 from .._cli import (
     HelpFormatter,
     existing_file,
@@ -39,8 +40,9 @@ def train(model: CanModel, train_set, test_set, epochs: int, batch_size: int, se
     step time per batch, without the batching, the evaluation or the model's construction. Raises ValueError for
     ``epochs`` or ``batch_size`` < 1 and FloatingPointError, naming the epoch and step, when a loss is not finite."""
     for name, v in (("epochs", epochs), ("batch_size", batch_size)):
-        if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+        if not is_int(v) or v < 1:
             raise ValueError(f"{name} must be an integer >= 1, got {v!r}")
+    epochs, batch_size = int(epochs), int(batch_size)  # the records' epoch numbers go into JSON
     rng = np.random.default_rng(seed)
     curve = []
     for epoch in range(1, epochs + 1):

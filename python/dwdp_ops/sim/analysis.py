@@ -27,6 +27,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable, Sequence
 
+from .._checks import is_int
 from ..models.deepseek_r1.config import DeepSeekConfig
 from .costs import CATEGORIES, Overrides, load_calibration
 from .model import SimConfig, simulate
@@ -246,8 +247,9 @@ def validate_e2e(result: dict, *, hardware: str = "h200", tolerance: float = 0.1
     for hw in dict.fromkeys([hardware] + [p["hardware"] for p in result["points"] if "hardware" in p]):
         _check_dtype(result, hw)
     warmup = result.get("warmup", 0)
-    if isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < 0:
+    if not is_int(warmup) or warmup < 0:
         raise ValueError(f"the result's warmup must be an integer >= 0, got {warmup!r}")
+    warmup = int(warmup)
     records = _check_records(result.get("records"))
     points = [{"warmup": warmup, **p} for p in result["points"]]
     v = validate(points, hardware=hardware, tolerance=tolerance, overrides=overrides)

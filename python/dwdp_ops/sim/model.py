@@ -61,6 +61,7 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
+from .._checks import is_int
 from ..models.deepseek_r1.config import DeepSeekConfig
 from ..partition import ExpertPartition
 from ..policy import _p_row, pair_shares
@@ -106,8 +107,9 @@ class SimConfig:
         ints = {"gpus": 1, "isl": 1, "max_tokens": 1, "layers": 1, "seed": 0, "iterations": 1, "warmup": 0}
         for name, lo in ints.items():
             v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < lo:
+            if not is_int(v) or v < lo:
                 raise ValueError(f"{name} must be an integer >= {lo}, got {v!r}")
+            object.__setattr__(self, name, int(v))  # a numpy integer as int: asdict() goes into JSON
         if self.isl > MAX_ISL:
             raise ValueError(f"isl must be at most {MAX_ISL} (2^20 tokens), got {self.isl}")
         if self.max_tokens > MAX_TOKENS:
@@ -122,8 +124,10 @@ class SimConfig:
         if self.gpus > 256:
             raise ValueError(f"gpus must be at most 256 (one expert per GPU), got {self.gpus}")
         d = self.dense_layers
-        if d is not None and (isinstance(d, bool) or not isinstance(d, int) or not 0 <= d <= self.layers):
+        if d is not None and (not is_int(d) or not 0 <= d <= self.layers):
             raise ValueError(f"dense_layers must be an integer in [0, layers={self.layers}], got {d!r}")
+        if d is not None:
+            object.__setattr__(self, "dense_layers", int(d))
         if self.ratio is not None and not (isinstance(self.ratio, (int, float)) and 0 < self.ratio <= 1):
             raise ValueError(f"ratio must be in (0, 1], got {self.ratio!r}")
         if self.cv is not None and not (isinstance(self.cv, (int, float)) and math.isfinite(self.cv)

@@ -30,6 +30,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .._checks import is_int
+
 __all__ = ["DRAW_BLOCK_MAX", "Chunk", "Iteration", "batch_requests", "draw_block", "drawn_lengths", "iter_batches",
            "rank_iterations", "request_lengths", "workload"]
 
@@ -60,7 +62,7 @@ class Iteration:
 
 
 def _check_source(isl: int, ratio: float | None, cv: float | None) -> None:
-    if isinstance(isl, bool) or not isinstance(isl, (int, np.integer)) or isl < 1:
+    if not is_int(isl) or isl < 1:
         raise ValueError(f"isl must be an integer >= 1, got {isl!r}")
     if (ratio is None) == (cv is None):
         raise ValueError("give exactly one of ratio (uniform in [ratio * isl, isl]) and cv (gamma, mean isl)")
@@ -94,7 +96,7 @@ def iter_batches(lengths, max_tokens: int, first_request: int = 0) -> Iterator[I
 
 
 def _check_budget(max_tokens: int) -> None:
-    if isinstance(max_tokens, bool) or not isinstance(max_tokens, (int, np.integer)) or max_tokens < 1:
+    if not is_int(max_tokens) or max_tokens < 1:
         raise ValueError(f"max_tokens must be an integer >= 1, got {max_tokens!r}")
 
 
@@ -150,8 +152,9 @@ def rank_iterations(rank: int, iterations: int, isl: int, max_tokens: int, *, ra
     a chunked request), not by the end of a draw; time and memory grow with the iterations and requests kept (plus
     at most one block), not with ``max_tokens`` or ``isl`` themselves."""
     _check_source(isl, ratio, cv)
-    if isinstance(iterations, bool) or not isinstance(iterations, int) or iterations < 1:
+    if not is_int(iterations) or iterations < 1:
         raise ValueError(f"iterations must be an integer >= 1, got {iterations!r}")
+    iterations = int(iterations)
     _check_budget(max_tokens)
     rng = np.random.default_rng([seed, rank])
     block = draw_block(iterations, isl, max_tokens)
@@ -167,6 +170,6 @@ def draw_block(iterations: int, isl: int, max_tokens: int) -> int:
 def workload(ranks: int, iterations: int, isl: int, max_tokens: int, *, ratio: float | None = None,
              cv: float | None = None, seed: int = 0) -> list[list[Iteration]]:
     """``[rank][iteration]``: every rank's own queue, batched (module docstring)."""
-    if isinstance(ranks, bool) or not isinstance(ranks, int) or ranks < 1:
+    if not is_int(ranks) or ranks < 1:
         raise ValueError(f"ranks must be an integer >= 1, got {ranks!r}")
     return [rank_iterations(r, iterations, isl, max_tokens, ratio=ratio, cv=cv, seed=seed) for r in range(ranks)]

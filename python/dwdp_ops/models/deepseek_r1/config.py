@@ -7,6 +7,8 @@ import math
 import numbers
 from dataclasses import dataclass, fields, replace
 
+from ..._checks import is_int
+
 # Integer fields that must be >= 1 (n_shared_experts may be 0; n_dense_layers is in [0, n_layers]).
 _POSITIVE = ("vocab_size", "dim", "inter_dim", "moe_inter_dim", "n_layers", "n_heads", "n_routed_experts",
              "n_activated_experts", "n_expert_groups", "n_limited_groups", "q_lora_rank", "kv_lora_rank",
@@ -51,7 +53,7 @@ class DeepSeekConfig:
         ints = {f.name for f in fields(self) if f.type in ("int", int)}
         for name in sorted(ints):
             v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, numbers.Integral):
+            if not is_int(v):
                 raise TypeError(f"DeepSeekConfig.{name} must be an int, got {v!r} ({type(v).__name__})")
         if self.q_lora_rank < 1:  # before the generic message: the reason, as hf_convert gives it
             raise ValueError(f"DeepSeekConfig.q_lora_rank must be >= 1, got {self.q_lora_rank}: our weights always "

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from ..._checks import is_int
 from .gpu_weights import require_torch
 
 E4M3_MAX = 448.0
@@ -154,8 +155,9 @@ def requant_block(codes: Any, scale_inv: Any, block: int = 128) -> tuple[Any, An
     if codes.dtype not in (torch.uint8, torch.float8_e4m3fn) or codes.dim() != 2:
         raise ValueError(f"requant_block: codes must be [N, K] uint8 (e4m3 bits) or float8_e4m3fn, got {codes.dtype} "
                          f"{list(codes.shape)}")
-    if isinstance(block, bool) or not isinstance(block, int) or block < 1:
+    if not is_int(block) or block < 1:
         raise ValueError(f"requant_block: block must be an int >= 1, got {block!r}")
+    block = int(block)
     N, K = codes.shape
     want = (-(-N // block), -(-K // block))
     if tuple(scale_inv.shape) != want:

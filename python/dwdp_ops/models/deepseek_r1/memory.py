@@ -28,9 +28,9 @@ the plan so that a run checks it (issue 18 asks for the peak within 5 %).
 
 from __future__ import annotations
 
-import numbers
 from dataclasses import dataclass, field
 
+from ..._checks import is_int
 from ...layout import ExpertLayout
 from .config import DeepSeekConfig
 
@@ -44,7 +44,7 @@ _DTYPE = {1: "float8_e4m3fn", 2: "bfloat16"}
 
 def _count(value, what: str, minimum: int = 0) -> int:
     """``value`` as an int >= ``minimum``: integers only (bools, floats, strings raise TypeError)."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+    if not is_int(value):
         raise TypeError(f"{what} must be an int, got {value!r} ({type(value).__name__})")
     if value < minimum:
         raise ValueError(f"{what} must be >= {minimum}, got {value}")

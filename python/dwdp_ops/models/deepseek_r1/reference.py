@@ -13,10 +13,10 @@ result.
 from __future__ import annotations
 
 import math
-import numbers
 
 import numpy as np
 
+from ..._checks import is_int
 from .config import DeepSeekConfig
 from .weights import dequant_fp8
 
@@ -191,7 +191,7 @@ class ReferenceModel:
     def _checked(self, tokens, start: int) -> np.ndarray:
         """``tokens`` as int64 after every check ``forward`` documents (start, dtype, range, max_seq_len)."""
         cfg = self.cfg
-        if isinstance(start, bool) or not isinstance(start, numbers.Integral):
+        if not is_int(start):
             raise TypeError(f"start must be an int, got {start!r} ({type(start).__name__})")
         if start != 0 and start != self.pos:
             raise ValueError(f"start must be 0 (a new sequence) or the cached length {self.pos} (continue it), "
@@ -240,7 +240,7 @@ class ReferenceModel:
     def generate(self, tokens, steps: int) -> tuple[list[int], list[np.ndarray]]:
         """Greedy continuation: ``steps`` new tokens and the logits that chose each (``steps`` an int >= 0;
         ``steps == 0`` returns ``([], [])`` and runs nothing; negative or non-integer raises before any work)."""
-        if isinstance(steps, bool) or not isinstance(steps, numbers.Integral):
+        if not is_int(steps):
             raise TypeError(f"steps must be an int, got {steps!r} ({type(steps).__name__})")
         if steps < 0:
             raise ValueError(f"steps must be >= 0, got {steps}")
