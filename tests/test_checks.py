@@ -96,7 +96,7 @@ def test_validate_e2e_takes_a_numpy_warmup():
     assert got == validate_e2e(sub)
 
 
-# -- bools: still refused, with each site's message ---------------------------------------------------------------------
+# -- bools: still refused, with each site's message --------------------------------------------------------------------
 @pytest.mark.parametrize("call, err, match", [
     (lambda: launch.run(True, ["true"]), ValueError, r"^nprocs must be an integer >= 1, got True$"),
     (lambda: SimConfig(gpus=True), ValueError, r"^gpus must be an integer >= 1, got True$"),

@@ -726,7 +726,8 @@ def test_an_infinite_weight_gives_the_references_gradients(value, bias, kernels,
     if kernels == "general":
         monkeypatch.setenv("DWDP_COACTION_SPECIALIZED", "0")
     spec = CoActionSpec(((16, 40), (40, 4)), bias=bias) if kernels == "fallback" else CoActionSpec(bias=bias)
-    assert uses_fast_kernels(spec) == (kernels != "fallback") and uses_fast_kernels(spec, True) == (kernels != "fallback")
+    fast = kernels != "fallback"
+    assert uses_fast_kernels(spec) == fast and uses_fast_kernels(spec, True) == fast
     ind, feed, mask, g = infinite_w1_inputs(spec, value)
     with np.errstate(invalid="ignore"):  # the reference's infinite weight times dz = 0: the NaN asserted below
         (out, gi, gf), (want, wi, wf) = run_both(spec, ind, feed, mask, g)

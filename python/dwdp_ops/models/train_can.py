@@ -42,7 +42,7 @@ def train(model: CanModel, train_set, test_set, epochs: int, batch_size: int, se
     for name, v in (("epochs", epochs), ("batch_size", batch_size)):
         if not is_int(v) or v < 1:
             raise ValueError(f"{name} must be an integer >= 1, got {v!r}")
-    epochs, batch_size = int(epochs), int(batch_size)  # the records' epoch numbers go into JSON
+    epochs, batch_size = int(epochs), int(batch_size)  # Python ints from here on (range() numbers epochs either way)
     rng = np.random.default_rng(seed)
     curve = []
     for epoch in range(1, epochs + 1):
