@@ -67,9 +67,8 @@ def test_prefetch_overlap_without_any_token_count_keeps_its_record():
 def test_render_plot_keeps_the_layer_cases_of_one_file_apart(tmp_path, monkeypatch):
     """One job with the default --dtypes float8_e4m3fn,bfloat16 writes two dwdp_layer cases whose modes share names:
     each record gets its own bar (they had been drawn over each other, 14 rows for 28 records, titled by the first
-    case only)."""
-    import matplotlib.pyplot as plt
-
+    case only). (matplotlib is the optional ``bench`` extra: skipped without it.)"""
+    plt = pytest.importorskip("matplotlib.pyplot")
     monkeypatch.setattr(render, "RESULTS", tmp_path)
     figs, close = [], plt.close
     monkeypatch.setattr(plt, "close", lambda fig: (figs.append(fig), close(fig)))  # a closed figure keeps its axes
@@ -94,11 +93,6 @@ def test_render_a_record_without_nvlink(tmp_path, monkeypatch):
     failed on 0 * None (TypeError) in link_rate."""
     import json
 
-    import matplotlib.pyplot as plt
-
-    monkeypatch.setattr(render, "RESULTS", tmp_path)
-    figs, close = [], plt.close
-    monkeypatch.setattr(plt, "close", lambda fig: (figs.append(fig), close(fig)))
     d = json.loads((ROOT / "bench" / "results" / "fetch_bandwidth_H200_N4.json").read_text())  # sweep and layer
     d["nvlink"] = {"links": 0, "gbps_per_link": None, "raw": ""}  # nvidia-smi nvlink -s without a link (or failing)
     d["driver"] = None
@@ -110,6 +104,10 @@ def test_render_a_record_without_nvlink(tmp_path, monkeypatch):
     rows = [line for line in text.splitlines() if line.startswith("| ") and not line.startswith(("| mode", "| ---"))]
     assert len(rows) == 2 * len(d["records"])
     assert all(line.endswith("% | - |") for line in rows)  # of raw peer copy kept, of NVLink absent
+    plt = pytest.importorskip("matplotlib.pyplot")  # (the plots: the optional ``bench`` extra)
+    monkeypatch.setattr(render, "RESULTS", tmp_path)
+    figs, close = [], plt.close
+    monkeypatch.setattr(plt, "close", lambda fig: (figs.append(fig), close(fig)))
     assert render.plot(files) == ["fetch_bandwidth_X_N4.png", "fetch_bandwidth_X_N4_older.png"]
     assert (tmp_path / "fetch_bandwidth_X_N4.png").stat().st_size > 0
     for fig in figs:
