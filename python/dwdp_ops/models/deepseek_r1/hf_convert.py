@@ -185,8 +185,8 @@ def from_hf_state_dict(cfg: DeepSeekConfig, sd: dict, *, strict: bool = False) -
     3 mantissa bits; the scales are each block's amax / 448, not the original ones), so a round trip of
     ``hf_state_dict`` returns the experts to fp8 rounding only. Keys of ``sd`` that ``hf_state_dict`` would not
     produce for ``cfg`` (a multi-token-prediction layer such as DeepSeek-R1's ``model.layers.61.*``, another model's
-    keys) are dropped with one warning naming them, or refused with ``ValueError`` when ``strict``; the rotary
-    ``inv_freq`` buffers older transformers saved are dropped silently."""
+    keys) are dropped with one warning giving their count and the first five, or refused with ``ValueError`` when
+    ``strict``; the rotary ``inv_freq`` buffers older transformers saved are dropped silently."""
     from ...quant import quant_block
     from .gpu_weights import dense_shapes
 
