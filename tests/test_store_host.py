@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from collections import Counter
 
+import numpy as np
 import pytest
 from dwdp_ops import DwdpError, ExpertLayout, ExpertPartition, ExpertStore
 
@@ -225,6 +226,11 @@ def test_address_helpers_check_range_kind_and_closed():
         store.expert_address(2, 0, 5)
     with pytest.raises(ValueError, match="expert True"):
         store.expert_address(0, 0, True)
+    assert store.expert_address(np.int64(1), 0, 5) == store.expert_address(1, 0, 5)
+    with pytest.raises(ValueError, match=r"release: layer True is outside \[0, 2\)"):  # it had released layer 1
+        store.release(True)
+    assert store.expert_address(1, 0, 5) > 0  # layer 1 still usable
+    store.release(np.int64(1))
     store.close()
     for fn in (store.slot_address, store.expert_address, store.local_address):
         with pytest.raises(DwdpError, match="closed"):

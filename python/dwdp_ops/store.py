@@ -227,7 +227,7 @@ class ExpertStore:
         self.rt.require(f"ExpertStore.{what}")
         if self._closed:
             raise DwdpError(f"{what}: the ExpertStore is closed")
-        if not isinstance(layer, (int, np.integer)) or not 0 <= layer < self.num_layers:
+        if not is_int(layer) or not 0 <= layer < self.num_layers:  # (bools refused: True is not layer 1)
             raise ValueError(f"{what}: layer {layer} is outside [0, {self.num_layers})")
         if layer in self._released:
             raise DwdpError(f"{what}: layer {layer} was released")
