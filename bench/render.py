@@ -54,6 +54,8 @@ def link_text(data: dict, link: float | None) -> str:
         return f"NVLink {nv['links']} links x {nv['gbps_per_link']} GB/s = {link:.0f} GB/s per direction"
     if nv is None:
         return "NVLink not recorded, link rate unknown"
+    if nv.get("links"):  # links counted, but no (or a zero) per-link rate recorded
+        return f"NVLink {nv['links']} links, per-link rate not recorded: link rate unknown"
     return f"no NVLink ({nv.get('links', 0)} links in `nvidia-smi nvlink -s`), link rate unknown"
 
 

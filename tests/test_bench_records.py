@@ -87,6 +87,17 @@ def test_render_plot_keeps_the_layer_cases_of_one_file_apart(tmp_path, monkeypat
     assert {t.get_text() for t in one.get_yticklabels()} == set(modes)  # one case: labelled as before
 
 
+def test_render_links_counted_without_a_rate():
+    """Links counted but the per-link rate missing or 0.0 (an ``nvidia-smi`` that lists the links without speeds):
+    the text names the links and says the rate is unknown; it had said "no NVLink (4 links ...)"."""
+    for rate in (None, 0.0):
+        d = {"nvlink": {"links": 4, "gbps_per_link": rate, "raw": ""}}
+        link = render.link_rate(d)
+        assert link is None
+        text = render.link_text(d, link)
+        assert "no NVLink" not in text and "4 links" in text and "link rate unknown" in text
+
+
 def test_render_a_record_without_nvlink(tmp_path, monkeypatch):
     """A PCIe-only machine's record: ``nvlink_facts`` gives 0 links and no per-link rate (an older file has no
     ``nvlink`` at all). The tables and plots say the link rate is unknown and leave the fractions of it out; render had
