@@ -75,6 +75,7 @@ def _parser() -> argparse.ArgumentParser:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap = _parser()
     ns = ap.parse_args(argv)
+    ns.parser = ap  # (main's launcher check reports through the same parser)
     ns.token_counts = int_list(ap, "--tokens", ns.tokens)
     if ns.repeats < 1:
         ap.error(f"--repeats must be positive, got {ns.repeats}")
@@ -334,7 +335,7 @@ def fill_fp8(store: ExpertStore, layout: ExpertLayout, layers: int, me: int):
 
 def main(argv: list[str] | None = None) -> int:
     ns = parse_args(argv)
-    launcher_ranks(_parser(), 2, "every rank fetches the experts it lacks from its peers")
+    launcher_ranks(ns.parser, 2, "every rank fetches the experts it lacks from its peers")
     _gpu_imports()
     with dwdp_ops.init(timeout=600):
         me, n = dwdp_ops.rank(), dwdp_ops.world_size()

@@ -48,8 +48,6 @@ _HEADER = struct.Struct(">I")
 _MAX_FRAME = 64 << 20
 _TELL_S = 1.0  # how long a best-effort error or abort frame may take to send
 _JOB_VARS = ("DWDP_JOB_ID", "TORCHELASTIC_RUN_ID", "PMIX_NAMESPACE", "OMPI_MCA_ess_base_jobid", "SLURM_JOB_ID")
-
-
 _DOORMAN_S = 0.25  # seconds the doorman gives a late client to say hello, and to take its answer
 
 
