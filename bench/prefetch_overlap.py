@@ -99,7 +99,10 @@ def t_star(experts: int, local: int, bytes_per_param: float, gemm_flops: float, 
     """Tokens per rank at which one layer's expert GEMMs take as long as its fetch: fetching the ``experts - local``
     remote experts of P parameters takes ``(E - L) * P * bytes_per_param / B``, and each token costs ``2 * k * P``
     FLOPs at rate C, so T* = (E - L) * bytes_per_param * C / (2 * k * B) (P cancels; C in FLOP/s, B in GB/s).
-    fp8 halves the bytes and raises C; T* moves by C_fp8 / (2 C_fp16) at the same B."""
+    fp8 halves the bytes and raises C; T* moves by C_fp8 / (2 C_fp16) at the same B. A fetch rate of 0 (or less)
+    is refused: no token count hides a fetch that never ends."""
+    if not fetch_gbps > 0:
+        raise ValueError(f"t_star needs a positive fetch rate (GB/s), got {fetch_gbps!r}")
     return (experts - local) * bytes_per_param * gemm_flops / (2 * top_k * fetch_gbps * 1e9)
 
 

@@ -81,6 +81,9 @@ def test_t_star_is_fetch_time_over_per_token_compute(overlap):
     t16 = overlap.t_star(E, L, 2, 661e12, 372.6, k)
     assert overlap.t_star(E, L, 1, 661e12, 372.6, k) == pytest.approx(t16 / 2)
     assert overlap.t_star(E, L, 1, 2 * 661e12, 372.6, k) == pytest.approx(t16)
+    for rate in (0.0, -1.0, float("nan")):  # (it had divided by zero, or returned a negative or NaN T*)
+        with pytest.raises(ValueError, match="positive fetch rate"):
+            overlap.t_star(E, L, 2, 661e12, rate, k)
 
 
 @pytest.mark.skipif(not (RESULTS / "prefetch_overlap_H200_N2.json").is_file(), reason="bench/results not here")
