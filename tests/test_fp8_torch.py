@@ -105,6 +105,21 @@ def test_requant_block_and_quant_rows_name_bad_inputs():
         quant_rows_torch(torch.zeros((3, 0)))
 
 
+def test_quant_rows_refuses_a_chunk_that_is_not_a_positive_int():
+    """A negative chunk had returned the uninitialised output buffers (the chunk loop never ran: garbage codes and
+    scales, no error); 0 failed inside range(), a float or a bool as well or silently."""
+    from dwdp_ops.models.deepseek_r1.fp8 import quant_rows, quant_rows_torch
+
+    x = torch.randn(5, 8)
+    for chunk in (-1, 0, 2.0, True, np.True_):
+        for fn in (quant_rows, quant_rows_torch):
+            with pytest.raises(ValueError, match=f"chunk must be an int >= 1, got {chunk!r}"):
+                fn(x, chunk)
+    q, s = quant_rows_torch(x, np.int64(2))  # numpy integers are ints
+    want_q, want_s = quant.quant_rowwise(x.numpy())
+    assert np.array_equal(_bits(q), want_q) and np.array_equal(s.numpy(), want_s)
+
+
 def test_from_hf_state_dict_refuses_a_tensor_of_another_layout():
     """A transposed tensor (another layout, another transformers version) had been sliced into mislabelled
     weights; every tensor's shape is now checked against the config."""

@@ -90,6 +90,12 @@ def _fused(fn: str, x: Any, width: int, live_rows: Any = None) -> tuple[Any, Any
     return q, scale
 
 
+def _check_chunk(chunk: Any) -> int:
+    if not is_int(chunk) or chunk < 1:
+        raise ValueError(f"quant_rows: chunk must be an int >= 1, got {chunk!r}")
+    return int(chunk)
+
+
 def quant_rows(x: Any, chunk: int = QUANT_CHUNK, *, live_rows: Any = None) -> tuple[Any, Any]:
     """``x [R, K]`` (bf16 / float) -> ``(q [R, K] float8_e4m3fn, scale [R] float32)`` per row: scale = amax / 448
     (1.0 where that is 0: a zero row), q = clamp(x / scale, +-448) rounded to nearest even. Returned (allocated on the
@@ -97,6 +103,7 @@ def quant_rows(x: Any, chunk: int = QUANT_CHUNK, *, live_rows: Any = None) -> tu
     kernel, one pass; anything else: ``quant_rows_torch`` (the same bits). ``live_rows``: None, or an int32 tensor
     on x's GPU whose first element bounds the rows the fused kernel processes (rows past it are left unwritten:
     the tail of a grouped buffer sized for the worst case; the PyTorch path computes them anyway)."""
+    _check_chunk(chunk)
     if x.dim() == 2 and _fused_ok(x, x.shape[1]):
         return _fused("quant_rows_bf16", x, x.shape[1], live_rows)
     return quant_rows_torch(x, chunk)
@@ -108,6 +115,7 @@ def quant_rows_torch(x: Any, chunk: int = QUANT_CHUNK) -> tuple[Any, Any]:
     finite (not checked: reading the data would synchronise a device; the numpy reference raises, here a non-finite
     row gives a NaN or infinite scale and NaN codes)."""
     torch = require_torch()
+    chunk = _check_chunk(chunk)
     if x.dim() != 2 or x.shape[1] == 0:
         raise ValueError(f"quant_rows: x must be [rows, K] with K >= 1, got shape {list(x.shape)}")
     R, K = x.shape
