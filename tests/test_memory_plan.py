@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 
+import numpy as np
 import pytest
 from dwdp_ops.models.deepseek_r1 import DeepSeekConfig
 from dwdp_ops.models.deepseek_r1.memory import GiB, moe_layers_that_fit, plan_memory
@@ -94,10 +95,16 @@ def test_one_moe_layer_needs_one_slot_parity():
     (dict(dispatcher_bytes=-1), ValueError, "dispatcher_bytes must be >= 0"),
     (dict(free=True), TypeError, "free"),
     (dict(expert_itemsize=True), ValueError, "expert_itemsize"),
+    (dict(expert_itemsize=np.True_), ValueError, "expert_itemsize"),  # numpy's bool had passed as 1 (fp8)
+    (dict(expert_itemsize=2.0), ValueError, "expert_itemsize"),
 ])
 def test_plan_arguments_are_checked(kw, err, msg):
     with pytest.raises(err, match=msg):
         plan_memory(R1, 8, **kw)
+
+
+def test_plan_takes_a_numpy_integer_itemsize():
+    assert plan_memory(R1, 8, expert_itemsize=np.int64(2)).items == plan_memory(R1, 8, expert_itemsize=2).items
 
 
 @pytest.mark.parametrize("world, err", [(True, TypeError), (2.0, TypeError), (0, ValueError), (3, ValueError)])

@@ -106,7 +106,7 @@ def plan_memory(cfg: DeepSeekConfig, world: int, *, expert_itemsize: int = 1, re
     dispatcher_bytes = _count(dispatcher_bytes, "dispatcher_bytes")
     if cfg.n_routed_experts % world:
         raise ValueError(f"world must divide the {cfg.n_routed_experts} routed experts, got {world}")
-    if isinstance(expert_itemsize, bool) or expert_itemsize not in (1, 2):
+    if not is_int(expert_itemsize) or expert_itemsize not in (1, 2):  # bools (numpy's too) and floats refused
         raise ValueError(f"expert_itemsize must be 1 (fp8) or 2 (bf16), got {expert_itemsize!r}")
     E, L, M, H, I = cfg.n_routed_experts, cfg.n_routed_experts // world, cfg.n_moe_layers, cfg.dim, cfg.moe_inter_dim
     paged = ExpertLayout.moe(H, I, _DTYPE[expert_itemsize], page=SLOT_PAGE).expert_stride  # the store's stride
