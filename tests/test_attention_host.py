@@ -66,3 +66,16 @@ def test_cpu_dense_and_loop_agree_with_a_direct_causal_softmax(lengths):
         out = A.prefill_attention(q, k, v, lengths, 0.3, backend=b)
         assert out.shape == (T, H, Dv)
         torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("lengths", [[1.9, 2.1], [2.0, 1.0], [True, 2], ["1", "2"]])
+def test_check_lengths_refuses_non_integers_instead_of_truncating(lengths):
+    """[1.9, 2.1] used to become [1, 2] (summing to 3 tokens: accepted, the wrong split); a length must be an
+    integer (Python or numpy; bools refused)."""
+    with pytest.raises(TypeError, match=r"lengths must be integers .*lengths\[0\]"):
+        A.check_lengths(lengths, 3)
+
+
+def test_check_lengths_accepts_numpy_integers():
+    out = A.check_lengths(np.array([2, 1], dtype=np.int32), 3)
+    assert out == [2, 1] and all(type(x) is int for x in out)

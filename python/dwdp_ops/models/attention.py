@@ -34,6 +34,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from .._checks import is_int
+
 BACKENDS = ("cudnn_varlen", "flash_varlen", "dense", "flex", "loop")
 # for requests of different lengths; measured on H200 with torch 2.11 (docs/benchmarks.md, "Prefill attention"):
 # cuDNN's ragged kernel rebuilds its cuDNN graph on every call (26-151 TFLOP/s), FA2's varlen kernel reaches ~250
@@ -60,8 +62,13 @@ def backend_order(environ=None) -> tuple[str, ...]:
 
 
 def check_lengths(lengths: Sequence[int], tokens: int) -> list[int]:
-    """The request lengths as ints; raises ValueError unless each is >= 1 and they sum to ``tokens``."""
-    out = [int(x) for x in lengths]
+    """The request lengths as ints; raises TypeError unless each is an integer (Python or numpy; bools, floats and
+    strings refused rather than truncated) and ValueError unless each is >= 1 and they sum to ``tokens``."""
+    out = list(lengths)
+    for i, x in enumerate(out):
+        if not is_int(x):
+            raise TypeError(f"lengths must be integers (token counts), got lengths[{i}] = {x!r} ({type(x).__name__})")
+    out = [int(x) for x in out]
     if not out or min(out) < 1 or sum(out) != tokens:
         raise ValueError(f"lengths must be positive and sum to the {tokens} packed tokens, got {len(out)} lengths "
                          f"summing to {sum(out)} (min {min(out) if out else None})")
