@@ -109,3 +109,13 @@ def test_coaction_beats_the_dnn_on_a_planted_interaction():
         model = CanModel(CanConfig(tables, use_coaction=use, seed=1, lr=2e-3))
         aucs[use] = train(model, tr, te, epochs=2, batch_size=128, seed=1, progress=False)[-1]["test_auc"]
     assert aucs[True] > aucs[False] + 0.02, aucs
+
+
+def test_auc_refuses_nan_scores_and_mismatched_lengths():
+    """A NaN score used to get a rank of its own (AUC 0.75 for [nan, .5, .2, nan]); mismatched lengths raised numpy's
+    boolean-index IndexError."""
+    with pytest.raises(ValueError, match=r"scores must not be NaN \(2 of 4 are\)"):
+        auc([0, 1, 0, 1], [np.nan, 0.5, 0.2, np.nan])
+    with pytest.raises(ValueError, match=r"one score per label: got 3 labels and 4 scores"):
+        auc([0, 1, 0], [0.1, 0.5, 0.2, 0.3])
+    assert auc([0, 1], [-np.inf, np.inf]) == 1.0  # infinities still order

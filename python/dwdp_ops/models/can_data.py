@@ -157,8 +157,15 @@ def split(data: Batchable, test_fraction: float = 0.2, seed: int = 0) -> tuple[B
 
 
 def auc(label: np.ndarray, score: np.ndarray) -> float:
-    """Area under the ROC curve (Mann-Whitney, ties averaged)."""
+    """Area under the ROC curve (Mann-Whitney, ties averaged). ``label`` and ``score``: 1-D, one score per label;
+    ValueError for mismatched shapes, a NaN score (it has no rank) or labels of one class only."""
     label, score = np.asarray(label), np.asarray(score, dtype=np.float64)
+    if label.ndim != 1 or score.shape != label.shape:
+        raise ValueError(f"auc needs 1-D labels and one score per label: got {label.size} labels and {score.size} "
+                         f"scores (shapes {label.shape} and {score.shape})")
+    nan = int(np.isnan(score).sum())
+    if nan:
+        raise ValueError(f"scores must not be NaN ({nan} of {score.size} are): a NaN has no rank")
     pos = label > 0.5
     n_pos, n_neg = int(pos.sum()), int((~pos).sum())
     if n_pos == 0 or n_neg == 0:
