@@ -237,6 +237,13 @@ def test_config_rejects_bad_fields_by_name(kw, err, msg):
         DeepSeekConfig.tiny(**kw)
 
 
+@pytest.mark.parametrize("n_layers", [True, np.True_, 5.0])
+def test_r1_names_a_bad_layer_count(n_layers):
+    """A bool layer count had been blamed on n_dense_layers (which r1 derives from it, and which was checked first)."""
+    with pytest.raises(TypeError, match=r"DeepSeekConfig\.n_layers must be an int"):
+        DeepSeekConfig.r1(n_layers=n_layers)
+
+
 def test_config_overrides():
     c = DeepSeekConfig.r1(n_layers=5, n_dense_layers=1)
     assert (c.n_layers, c.n_dense_layers, c.n_moe_layers) == (5, 1, 4)

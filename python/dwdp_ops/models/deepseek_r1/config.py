@@ -4,7 +4,6 @@ structure for CPU tests."""
 from __future__ import annotations
 
 import math
-import numbers
 from dataclasses import dataclass, fields, replace
 
 from ..._checks import is_int
@@ -96,7 +95,7 @@ class DeepSeekConfig:
     def r1(cls, n_layers: int = 61, vocab_size: int = 129280, **kw) -> DeepSeekConfig:
         """The real DeepSeek-R1 dimensions with the layer count and vocabulary cut to fit a GPU budget; ``kw``
         overrides any field (``n_dense_layers`` defaults to ``min(3, n_layers)``)."""
-        kw.setdefault("n_dense_layers", min(3, n_layers) if isinstance(n_layers, numbers.Integral) else n_layers)
+        kw.setdefault("n_dense_layers", min(3, n_layers) if is_int(n_layers) else 3)  # a bad n_layers is named
         return cls(n_layers=n_layers, vocab_size=vocab_size, **kw)
 
     @classmethod
