@@ -119,3 +119,13 @@ def test_auc_refuses_nan_scores_and_mismatched_lengths():
     with pytest.raises(ValueError, match=r"one score per label: got 3 labels and 4 scores"):
         auc([0, 1, 0], [0.1, 0.5, 0.2, 0.3])
     assert auc([0, 1], [-np.inf, np.inf]) == 1.0  # infinities still order
+
+
+@pytest.mark.parametrize("bad, exc", [(0, ValueError), (-3, ValueError), (2.5, TypeError), (True, TypeError)])
+def test_batches_refuse_a_batch_size_that_is_not_a_positive_integer(bad, exc):
+    """batches(-3) yielded nothing (predict then failed in concatenate, training would do no step), batches(0) raised
+    range()'s 'arg 3 must not be zero', batches(True) gave batches of one."""
+    data, _ = synthetic(10)
+    with pytest.raises(exc, match=r"batch_size must be an integer >= 1"):
+        list(data.batches(bad))
+    assert [len(b) for b in data.batches(np.int64(4))] == [4, 4, 2]

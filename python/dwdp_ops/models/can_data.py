@@ -17,6 +17,8 @@ from pathlib import Path
 
 import numpy as np
 
+from .._checks import is_int
+
 SEP = "\x02"
 
 
@@ -34,11 +36,17 @@ class Batchable:
         return len(self.label)
 
     def batches(self, batch_size: int, rng: np.random.Generator | None = None):
-        """Yields Batchable slices of ``batch_size`` (shuffled when ``rng`` is given); the last one may be short."""
+        """Batchable slices of ``batch_size`` (shuffled when ``rng`` is given); the last one may be short.
+        ``batch_size``: an integer >= 1 (Python or numpy), checked at the call: TypeError / ValueError otherwise."""
+        if not is_int(batch_size):
+            raise TypeError(f"batch_size must be an integer >= 1, got {batch_size!r} ({type(batch_size).__name__})")
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be an integer >= 1, got {batch_size}")
+        batch_size = int(batch_size)
         order = rng.permutation(len(self)) if rng is not None else np.arange(len(self))
-        for s in range(0, len(self), batch_size):
-            idx = order[s : s + batch_size]
-            yield Batchable(*(getattr(self, f)[idx] for f in self.__dataclass_fields__))
+        fields = tuple(self.__dataclass_fields__)
+        return (Batchable(*(getattr(self, f)[order[s : s + batch_size]] for f in fields))
+                for s in range(0, len(self), batch_size))
 
 
 @dataclass(frozen=True)
