@@ -237,6 +237,29 @@ def test_config_rejects_bad_fields_by_name(kw, err, msg):
         DeepSeekConfig.tiny(**kw)
 
 
+@pytest.mark.parametrize("kw, err, msg", [
+    # float fields had not been checked at all: a zero or negative rope_factor failed later in softmax_scale with
+    # "math domain error", a NaN eps gave NaN logits, a string scale a TypeError deep in the gate
+    (dict(rope_factor=0.0), ValueError, "rope_factor must be > 0, got 0.0"),
+    (dict(rope_factor=-4.0), ValueError, "rope_factor must be > 0"),
+    (dict(rope_theta=1.0), ValueError, "rope_theta must be > 1, got 1.0"),
+    (dict(rms_eps=float("nan")), ValueError, "rms_eps must be finite"),
+    (dict(rms_eps=-1e-6), ValueError, "rms_eps must be >= 0"),
+    (dict(route_scale=float("inf")), ValueError, "route_scale must be finite"),
+    (dict(mscale=float("nan")), ValueError, "mscale must be finite"),
+    (dict(route_scale="2.5"), TypeError, "route_scale must be a real number, got '2.5' \\(str\\)"),
+    (dict(rms_eps=True), TypeError, "rms_eps must be a real number"),
+])
+def test_config_rejects_bad_float_fields_by_name(kw, err, msg):
+    with pytest.raises(err, match=msg):
+        DeepSeekConfig.tiny(**kw)
+
+
+def test_config_takes_integer_and_numpy_values_for_float_fields():
+    c = DeepSeekConfig.tiny(rope_theta=10000, route_scale=np.float32(2.5), rms_eps=0.0)
+    assert c.rope_theta == 10000 and c.route_scale == 2.5
+
+
 @pytest.mark.parametrize("n_layers", [True, np.True_, 5.0])
 def test_r1_names_a_bad_layer_count(n_layers):
     """A bool layer count had been blamed on n_dense_layers (which r1 derives from it, and which was checked first)."""

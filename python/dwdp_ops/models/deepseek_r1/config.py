@@ -4,6 +4,7 @@ structure for CPU tests."""
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass, fields, replace
 
 from ..._checks import is_int
@@ -47,13 +48,27 @@ class DeepSeekConfig:
 
     def __post_init__(self) -> None:
         """Invariants: every integer field is an int (numbers.Integral, not bool; TypeError otherwise), >= 1
-        except ``n_shared_experts`` (>= 0) and ``n_dense_layers`` (in ``[0, n_layers]``); the router's groups divide
-        the experts. Errors name the field and what is expected."""
+        except ``n_shared_experts`` (>= 0) and ``n_dense_layers`` (in ``[0, n_layers]``); every float field a finite
+        real number (not bool), with ``rope_factor > 0``, ``rope_theta > 1`` and ``rms_eps >= 0``; the router's groups
+        divide the experts. Errors name the field and what is expected."""
         ints = {f.name for f in fields(self) if f.type in ("int", int)}
         for name in sorted(ints):
             v = getattr(self, name)
             if not is_int(v):
                 raise TypeError(f"DeepSeekConfig.{name} must be an int, got {v!r} ({type(v).__name__})")
+        for name in sorted(f.name for f in fields(self) if f.type in ("float", float)):
+            v = getattr(self, name)
+            if not isinstance(v, numbers.Real) or isinstance(v, bool):  # (numpy's bool is no numbers.Real)
+                raise TypeError(f"DeepSeekConfig.{name} must be a real number, got {v!r} ({type(v).__name__})")
+            if not math.isfinite(v):
+                raise ValueError(f"DeepSeekConfig.{name} must be finite, got {v}")
+        # YaRN takes log(rope_factor) and divides by log(rope_theta); RMSNorm takes sqrt(mean square + rms_eps)
+        if self.rope_factor <= 0:
+            raise ValueError(f"DeepSeekConfig.rope_factor must be > 0, got {self.rope_factor}")
+        if self.rope_theta <= 1:
+            raise ValueError(f"DeepSeekConfig.rope_theta must be > 1, got {self.rope_theta}")
+        if self.rms_eps < 0:
+            raise ValueError(f"DeepSeekConfig.rms_eps must be >= 0, got {self.rms_eps}")
         if self.q_lora_rank < 1:  # before the generic message: the reason, as hf_convert gives it
             raise ValueError(f"DeepSeekConfig.q_lora_rank must be >= 1, got {self.q_lora_rank}: our weights always "
                              "have the LoRA query (wq_a, q_norm, wq_b); a direct query projection (q_lora_rank 0, "
