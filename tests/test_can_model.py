@@ -129,3 +129,25 @@ def test_batches_refuse_a_batch_size_that_is_not_a_positive_integer(bad, exc):
     with pytest.raises(exc, match=r"batch_size must be an integer >= 1"):
         list(data.batches(bad))
     assert [len(b) for b in data.batches(np.int64(4))] == [4, 4, 2]
+
+
+@pytest.mark.parametrize("kw, exc, match", [
+    ({"n_cats": 0}, ValueError, r"n_cats must be an integer >= 1, got 0"),
+    ({"seq_len": 0}, ValueError, r"seq_len must be an integer >= 1, got 0"),
+    ({"n": -1}, ValueError, r"n must be an integer >= 0, got -1"),
+    ({"n_items": 7.5}, TypeError, r"n_items must be an integer >= 1, got 7.5"),
+    ({"n_users": True}, TypeError, r"n_users must be an integer >= 1, got True"),
+    ({"strength": float("nan")}, ValueError, r"strength must be a finite number, got nan"),
+])
+def test_synthetic_names_a_bad_argument(kw, exc, match):
+    """These raised numpy's 'low >= high' / 'negative dimensions', or (floats, bools, a NaN strength: every label 0)
+    went through."""
+    with pytest.raises(exc, match=match):
+        synthetic(**{"n": 10, **kw})
+
+
+@pytest.mark.parametrize("bad, exc", [(2.5, TypeError), (True, TypeError), (0, ValueError)])
+def test_load_amazon_books_names_a_bad_max_len(tmp_path, bad, exc):
+    path = write_fixture(tmp_path / "train")
+    with pytest.raises(exc, match=r"max_len must be an integer >= 1"):
+        load_amazon_books(path, max_len=bad)

@@ -11,6 +11,8 @@ Every loader returns a ``Batchable`` of numpy arrays: ``uid [N]``, ``mid [N]``, 
 
 from __future__ import annotations
 
+import math
+import numbers
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -86,6 +88,15 @@ def _parse(path: Path) -> list[tuple[float, str, str, str, list[str], list[str]]
     return rows
 
 
+def _count(name: str, value, lo: int) -> int:
+    """``value`` as an int: TypeError unless an integer (Python or numpy; bools refused), ValueError unless >= lo."""
+    if not is_int(value):
+        raise TypeError(f"{name} must be an integer >= {lo}, got {value!r} ({type(value).__name__})")
+    if value < lo:
+        raise ValueError(f"{name} must be an integer >= {lo}, got {value}")
+    return int(value)
+
+
 def build_vocab(path: str | Path) -> Vocab:
     rows = _parse(Path(path))
     counts = [Counter(), Counter(), Counter()]
@@ -102,8 +113,7 @@ def build_vocab(path: str | Path) -> Vocab:
 def load_amazon_books(path: str | Path, vocab: Vocab | None = None, max_len: int = 100) -> tuple[Batchable, Vocab]:
     """Reads one DIEN-format file; builds the vocabulary from it when none is given (pass the training file's
     vocabulary when loading the test file)."""
-    if max_len < 1:
-        raise ValueError(f"max_len must be >= 1, got {max_len}")
+    max_len = _count("max_len", max_len, 1)
     path = Path(path)
     vocab = vocab or build_vocab(path)
     rows = _parse(path)
@@ -135,7 +145,15 @@ def synthetic(
     """Samples whose click depends on a planted interaction between the target item and the history: every item
     has a category, and ``P(click) = sigmoid(strength * mean_t A[cat(target), cat(hist_t)] + item bias)`` with a
     random +-1 table ``A``, so the signal lives in the (target, behaviour) pairs, not in either side alone.
-    Returns the data and the table sizes (users, items, categories) including id 0."""
+    Returns the data and the table sizes (users, items, categories) including id 0. ``n`` an integer >= 0, the
+    sizes and ``seq_len`` integers >= 1, ``strength`` a finite number: TypeError / ValueError naming one otherwise."""
+    n = _count("n", n, 0)
+    n_users, n_items, n_cats, seq_len = (_count(k, v, 1) for k, v in (("n_users", n_users), ("n_items", n_items),
+                                                                     ("n_cats", n_cats), ("seq_len", seq_len)))
+    if isinstance(strength, bool) or not isinstance(strength, numbers.Real):
+        raise TypeError(f"strength must be a finite number, got {strength!r} ({type(strength).__name__})")
+    if not math.isfinite(strength):
+        raise ValueError(f"strength must be a finite number, got {strength!r}")
     rng = np.random.default_rng(seed)
     item_cat = rng.integers(1, n_cats + 1, size=n_items + 1)
     item_cat[0] = 0
