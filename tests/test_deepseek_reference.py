@@ -208,6 +208,31 @@ def test_forward_checks_start_and_token_ids_before_touching_the_cache(tiny):
     np.testing.assert_array_equal(m.forward(np.array([5, 6], np.int32), 0), want.forward([5, 6], 0))  # 0: new seq
 
 
+@pytest.mark.parametrize("absorbed", [False, True])
+def test_a_forward_that_fails_half_way_leaves_the_model_as_it_was(tiny, absorbed):
+    """A weight missing from layer 2 raised after layers 0 and 1 had appended to their caches (pos unchanged): the
+    next decode failed with a broadcasting error and a full forward of a continuation was impossible. A failed
+    forward (or prefill) now leaves position, caches and routing record as they were."""
+    cfg, W = tiny
+    W = dict(W)  # the fixture's dict is shared
+    m, want = ReferenceModel(cfg, W, absorbed), ReferenceModel(cfg, W, absorbed)
+    m.prefill([1, 2, 3])
+    want.prefill([1, 2, 3])
+    before = [{k: v.copy() for k, v in c.items()} for c in m.cache]
+    ids_before = [None if i is None else i.copy() for i in m.last_ids]
+    gate = W.pop("layers.2.ffn.gate")
+    with pytest.raises(KeyError, match="layers.2.ffn.gate"):
+        m.decode(4)
+    with pytest.raises(KeyError, match="layers.2.ffn.gate"):
+        m.prefill([7, 8])  # a failed prefill keeps the sequence it would have replaced
+    assert m.pos == 3
+    for c, b in zip(m.cache, before):
+        assert c.keys() == b.keys() and all(np.array_equal(c[k], b[k]) for k in b)
+    assert all((a is None and b is None) or np.array_equal(a, b) for a, b in zip(m.last_ids, ids_before))
+    W["layers.2.ffn.gate"] = gate
+    np.testing.assert_array_equal(m.decode(4), want.decode(4))
+
+
 def test_generate_steps_contract(tiny):
     cfg, W = tiny
     m = ReferenceModel(cfg, W)

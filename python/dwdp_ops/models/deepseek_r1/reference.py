@@ -13,6 +13,7 @@ result.
 from __future__ import annotations
 
 import math
+from contextlib import contextmanager
 
 import numpy as np
 
@@ -207,32 +208,48 @@ class ReferenceModel:
             raise ValueError(f"sequence of {start + tokens.size} tokens exceeds max_seq_len {cfg.max_seq_len}")
         return tokens.astype(np.int64)
 
+    @contextmanager
+    def _undo_on_error(self):
+        """Restores position, caches and routing record when the block raises (the layers update their caches one
+        by one; the cached arrays are replaced, never written in place, so shallow copies keep them)."""
+        saved = self.pos, [dict(c) for c in self.cache], list(self.last_ids)
+        try:
+            yield
+        except BaseException:
+            self.pos, self.cache, self.last_ids = saved
+            raise
+
     def forward(self, tokens, start: int) -> np.ndarray:
         """Logits ``[S, vocab]`` of ``tokens`` at positions ``start .. start + S - 1``, updating the cache.
 
         ``start`` is 0 (a new sequence: every layer's cache is replaced) or ``self.pos`` (continue the cached one);
         ``tokens`` are integer ids in ``[0, vocab_size)`` (floats and bools raise TypeError, not truncated). Every
-        argument is checked before any cache is touched, so a refused call leaves the model as it was."""
+        argument is checked before any cache is touched, so a refused call leaves the model as it was; a call that
+        fails later (a missing weight, say) restores the caches it had updated."""
         cfg, W = self.cfg, self.W
         tokens = self._checked(tokens, start)
-        x = W["embed"][tokens].astype(np.float32)
-        for layer in range(cfg.n_layers):
-            p = f"layers.{layer}."
-            h = rms_norm(x, W[p + "attn_norm"], cfg.rms_eps)
-            x = x + (self.attend_absorbed if self.absorbed else self.attend)(layer, h, start)
-            h = rms_norm(x, W[p + "ffn_norm"], cfg.rms_eps)
-            if layer < cfg.n_dense_layers:
-                x = x + self.mlp(h, W[p + "ffn.w1"], W[p + "ffn.w3"], W[p + "ffn.w2"])
-            else:
-                x = x + self.moe(layer, h)
+        with self._undo_on_error():
+            x = W["embed"][tokens].astype(np.float32)
+            for layer in range(cfg.n_layers):
+                p = f"layers.{layer}."
+                h = rms_norm(x, W[p + "attn_norm"], cfg.rms_eps)
+                x = x + (self.attend_absorbed if self.absorbed else self.attend)(layer, h, start)
+                h = rms_norm(x, W[p + "ffn_norm"], cfg.rms_eps)
+                if layer < cfg.n_dense_layers:
+                    x = x + self.mlp(h, W[p + "ffn.w1"], W[p + "ffn.w3"], W[p + "ffn.w2"])
+                else:
+                    x = x + self.moe(layer, h)
+            logits = rms_norm(x, W["norm"], cfg.rms_eps) @ W["head"].T
         self.pos = start + tokens.size
-        return rms_norm(x, W["norm"], cfg.rms_eps) @ W["head"].T
+        return logits
 
     def prefill(self, tokens) -> np.ndarray:
-        """Logits of the last prompt position; resets the cache (only once ``tokens`` passed the checks)."""
+        """Logits of the last prompt position; resets the cache (only once ``tokens`` passed the checks; a prefill
+        that fails later leaves the previous sequence cached)."""
         tokens = self._checked(tokens, 0)
-        self.reset()
-        return self.forward(tokens, 0)[-1]
+        with self._undo_on_error():
+            self.reset()
+            return self.forward(tokens, 0)[-1]
 
     def decode(self, token: int) -> np.ndarray:
         return self.forward([token], self.pos)[-1]
