@@ -45,6 +45,25 @@ def test_a_flip_ends_the_comparison_of_its_request_and_is_reported_with_its_marg
     assert c["comparable_rel_err"] > 1e-2 and c["flips"][0]["step"] == 0
 
 
+def test_compare_refuses_runs_of_another_shape():
+    """Runs of different request or step counts had been compared anyway: one request's logits [1, V] broadcast
+    against three requests' [3, V] into a meaningless error before an IndexError, a shorter run was compared on the
+    common steps only (silently), two empty runs raised "max() arg is an empty sequence"."""
+    rng = np.random.default_rng(2)
+    three = [rng.normal(size=(3, 50)).astype(np.float32) for _ in range(2)]
+    base = RunResult(_greedy(three), three, [], 0.0)
+    one = [x[:1] for x in three]
+    with pytest.raises(ValueError, match=r"compare: the runs differ in shape: 1 request\(s\) x 2 step\(s\) against 3 x 2"):
+        compare(RunResult(_greedy(one), one, [], 0.0), base)
+    with pytest.raises(ValueError, match=r"1 step\(s\) against 3 x 2"):
+        compare(RunResult([t[:1] for t in base.tokens], three[:1], [], 0.0), base)
+    wide = [np.concatenate([x, x], axis=1) for x in three]
+    with pytest.raises(ValueError, match=r"step 0's logits have shape \(3, 100\) against \(3, 50\)"):
+        compare(RunResult(base.tokens, wide, [], 0.0), base)
+    c = compare(RunResult([[], []], [], [], 0.0), RunResult([[], []], [], [], 0.0))
+    assert c["max_rel_err"] == 0.0 and c["tokens_equal"] and c["rel_err_per_step"] == [] and not c["flips"]
+
+
 def test_summary_splits_prefill_and_decode():
     steps = [StepStats("prefill", "prefetch_all", 1000, 100.0, 20.0, 50.0, 10.0, 4e12, 25e12, 8 << 30, 40.0),
              StepStats("decode", "on_demand", 4, 10.0, 2.0, 1.0, 5.0, 1e9, 1e9, 1 << 30, 5.0),

@@ -165,7 +165,14 @@ def compare(a: RunResult, b: RunResult) -> dict:
     largest relative error of a request's logits over its comparable steps; ``flips`` lists where the greedy tokens
     first part (request, step, ``b``'s top-2 margin there, the largest absolute logit difference). A flip needs a
     difference of at least half the margin, so with ``comparable_rel_err`` small every flip is a near tie that
-    rounding decided; the steps after it are not compared (their inputs differ)."""
+    rounding decided; the steps after it are not compared (their inputs differ). The runs must have the same
+    requests, steps and logits shapes (ValueError otherwise); two runs of no step compare equal (errors 0.0)."""
+    if (len(a.tokens), len(a.logits)) != (len(b.tokens), len(b.logits)):
+        raise ValueError(f"compare: the runs differ in shape: {len(a.tokens)} request(s) x {len(a.logits)} step(s) "
+                         f"against {len(b.tokens)} x {len(b.logits)}")
+    for i, (x, y) in enumerate(zip(a.logits, b.logits)):
+        if np.shape(x) != np.shape(y):
+            raise ValueError(f"compare: step {i}'s logits have shape {np.shape(x)} against {np.shape(y)}")
     errs = [float(np.linalg.norm(x - y) / max(np.linalg.norm(y), 1e-30)) for x, y in zip(a.logits, b.logits)]
     comparable, flips = [], []
     for r in range(len(b.tokens)):
@@ -178,7 +185,7 @@ def compare(a: RunResult, b: RunResult) -> dict:
                 top2 = np.sort(y)[-2:]
                 flips.append({"request": r, "step": i, "margin": float(top2[1] - top2[0]),
                               "max_abs_diff": float(np.abs(x - y).max())})
-    return {"max_rel_err": max(errs), "rel_err_per_step": errs, "tokens_equal": a.tokens == b.tokens,
+    return {"max_rel_err": max(errs, default=0.0), "rel_err_per_step": errs, "tokens_equal": a.tokens == b.tokens,
             "comparable_rel_err": max(comparable) if comparable else 0.0, "flips": flips}
 
 
