@@ -7,6 +7,7 @@ failed construction leaves behind. The store-backed path runs on GPUs (tests/mul
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 
 torch = pytest.importorskip("torch")
@@ -82,6 +83,22 @@ def test_plan_keeps_a_slice_per_rank_and_names_what_it_cannot_serve():
         hf.DwdpDeepseekV3(m.float(), views=views, scheduler=StandInScheduler(2))
     with pytest.raises(ValueError, match="DEP through this integration is not supported yet"):
         hf.DwdpDeepseekV3(tiny_model(), policy="dispatch", views=views, scheduler=StandInScheduler(2))
+
+
+@needs_hf
+@pytest.mark.parametrize("layers, msg", [
+    ([1.7, 2], r"got 1\.7 \(float\)"),  # had been truncated to layer 1
+    ([True, 2], r"got True \(bool\)"),  # had been taken as layer 1
+    ([2, 2], "strictly increasing"),  # one layer at two MoE positions
+    ([2, 1], "strictly increasing"),  # MoE position p is the p-th MoE layer run
+    ([1, 3], r"in \[0, 3\) \(num_hidden_layers\), got 3"),
+    ([-1], r"in \[0, 3\)"),
+])
+def test_plan_of_a_config_checks_the_layer_indices(layers, msg):
+    with pytest.raises(ValueError, match=msg):
+        hf.plan(tiny_config(), 2, 0, layers=layers)
+    assert hf.plan(tiny_config(), 2, 0, layers=[1, 2]).layers == (1, 2)
+    assert hf.plan(tiny_config(), 2, 0, layers=[1, np.int64(2)]).layers == (1, 2)
 
 
 @needs_hf
