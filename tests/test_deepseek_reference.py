@@ -183,6 +183,17 @@ def test_safetensors_shards_load(tmp_path, tiny):
         load_safetensors([str(tmp_path / "model-00002.safetensors"), str(tmp_path / "dup.safetensors")])
 
 
+def test_safetensors_loads_one_shard_given_as_a_path(tmp_path, tiny):
+    """A single path (str or Path) had been iterated character by character: 'No such device' from opening '/'."""
+    st = pytest.importorskip("safetensors.numpy")
+    cfg, W = tiny
+    path = tmp_path / "model.safetensors"
+    st.save_file({"embed": W["embed"]}, str(path))
+    for p in (str(path), path):
+        got = load_safetensors(p)
+        assert set(got) == {"embed"} and np.array_equal(got["embed"], W["embed"])
+
+
 def test_forward_checks_start_and_token_ids_before_touching_the_cache(tiny):
     cfg, W = tiny
     m = ReferenceModel(cfg, W)

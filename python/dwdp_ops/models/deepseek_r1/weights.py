@@ -8,6 +8,8 @@ down). ``load_safetensors`` reads checkpoint shards with the ``safetensors`` pac
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 
 from ...quant import dequant_block, from_e4m3
@@ -85,13 +87,15 @@ def init_weights(cfg: DeepSeekConfig, seed: int = 0) -> dict[str, np.ndarray]:
 _TORCH_ONLY = ("F8_E4M3", "F8_E5M2", "BF16")  # safetensors dtypes numpy cannot hold
 
 
-def load_safetensors(paths: list[str]) -> dict[str, np.ndarray]:
-    """Tensors of one or more ``.safetensors`` shards as numpy arrays: float8 tensors (F8_E4M3, F8_E5M2) as their
+def load_safetensors(paths: list[str] | str | os.PathLike) -> dict[str, np.ndarray]:
+    """Tensors of one or more ``.safetensors`` shards (a list of paths, or one path) as numpy arrays: float8 tensors (F8_E4M3, F8_E5M2) as their
     uint8 codes (bit-exact, for ``dequant_fp8``), bf16 tensors widened to float32 (exact), every other dtype as
     stored. numpy cannot represent fp8 or bf16, so those tensors are read through PyTorch (the ``model`` extra);
     shards without them need only ``safetensors``. A name in two shards raises ValueError."""
     from safetensors import safe_open
 
+    if isinstance(paths, (str, os.PathLike)):  # one shard (a str would be iterated character by character)
+        paths = [paths]
     out: dict[str, np.ndarray] = {}
     for path in paths:
         special: dict[str, str] = {}
