@@ -99,3 +99,35 @@ def test_nccl_baseline_names_a_bad_timeout_variable_before_starting(monkeypatch)
         with pytest.raises(ValueError, match=rf"DWDP_TIMEOUT='{raw}': expected a finite number of seconds > 0"):
             init_process_group_from_env("gloo")
         assert not dist.is_initialized()
+
+
+def test_a_bool_timeout_argument_is_refused():
+    """``init(timeout=True)`` used to mean 1 second (float(True))."""
+    import numpy as np
+    from dwdp_ops.env import timeout_from_environ
+
+    for bad in (True, False, np.bool_(True)):
+        with pytest.raises(ValueError, match=r"^timeout must be > 0 seconds"):
+            timeout_from_environ(bad, environ={})
+    assert timeout_from_environ(np.float32(2.5), environ={}) == 2.5
+
+
+@pytest.mark.parametrize("kw, match", [
+    ({"rank": 0.5, "world_size": 2}, r"rank must be an int, got 0.5"),
+    ({"world_size": 2.0}, r"world_size must be an int, got 2.0"),
+    ({"rank": True, "world_size": 2}, r"rank must be an int, got True"),
+    ({"rank": "0"}, r"rank must be an int, got '0'"),
+    ({"master_port": "29500"}, r"master_port must be an int, got '29500'"),
+])
+def test_dist_env_fields_must_be_integers(kw, match):
+    """DistEnv(rank=0.5, world_size=2) and DistEnv(rank=True, ...) were accepted; a string raised a comparison
+    TypeError that named no field."""
+    with pytest.raises(TypeError, match=match):
+        DistEnv(**kw)
+
+
+def test_dist_env_numpy_integers_become_ints():
+    import numpy as np
+
+    e = DistEnv(np.int64(1), np.int64(2))
+    assert (e.rank, e.world_size) == (1, 2) and type(e.rank) is int and type(e.world_size) is int

@@ -23,6 +23,10 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+import numpy as np
+
+from ._checks import is_int
+
 DEFAULT_MASTER_ADDR = "127.0.0.1"
 DEFAULT_MASTER_PORT = 29531
 DEFAULT_TIMEOUT = 300.0
@@ -59,6 +63,8 @@ def timeout_from_environ(timeout: float | None = None, environ: Mapping[str, str
     Invariant: the result is a finite number > 0. Otherwise ValueError names where the value came from: the
     ``timeout`` argument, or ``DWDP_TIMEOUT=<value>`` with what is expected."""
     if timeout is not None:
+        if isinstance(timeout, (bool, np.bool_)):  # float(True) would be 1 second
+            raise ValueError(f"timeout must be > 0 seconds (a number, not a bool), got {timeout!r}")
         try:
             t = float(timeout)
         except (TypeError, ValueError):
@@ -83,7 +89,8 @@ def timeout_from_environ(timeout: float | None = None, environ: Mapping[str, str
 @dataclass(frozen=True)
 class DistEnv:
     """This process's place in the job. Invariants: ``0 <= rank < world_size`` and
-    ``0 <= local_rank < local_world_size <= world_size``."""
+    ``0 <= local_rank < local_world_size <= world_size``. The five numbers are integers (Python or numpy, made
+    ints; bools, floats and strings raise TypeError naming the field)."""
 
     rank: int = 0
     world_size: int = 1
@@ -94,6 +101,11 @@ class DistEnv:
     launcher: str = "single"
 
     def __post_init__(self) -> None:
+        for name in ("rank", "world_size", "local_rank", "local_world_size", "master_port"):
+            v = getattr(self, name)
+            if not is_int(v):
+                raise TypeError(f"{name} must be an int, got {v!r} ({type(v).__name__})")
+            object.__setattr__(self, name, int(v))
         if self.world_size < 1:
             raise ValueError(f"world size must be >= 1, got {self.world_size}")
         if not 0 <= self.rank < self.world_size:
