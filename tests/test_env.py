@@ -131,3 +131,18 @@ def test_dist_env_numpy_integers_become_ints():
 
     e = DistEnv(np.int64(1), np.int64(2))
     assert (e.rank, e.world_size) == (1, 2) and type(e.rank) is int and type(e.world_size) is int
+
+
+@pytest.mark.parametrize("names", [("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE"),
+                                   ("OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE", "OMPI_COMM_WORLD_LOCAL_RANK",
+                                    "OMPI_COMM_WORLD_LOCAL_SIZE")])
+def test_a_node_size_without_a_local_rank_is_named(names):
+    """LOCAL_WORLD_SIZE=2 of WORLD_SIZE=4 without LOCAL_RANK: the global rank was taken as the local one, so rank 3
+    failed with 'local rank 3 is outside [0, 2)' (a variable nobody set) and rank 1 silently picked GPU 1."""
+    rank_n, world_n, local_n, local_world_n = names
+    for rank in (1, 3):
+        with pytest.raises(ValueError, match=rf"{local_world_n}=2 \(fewer than {world_n}=4: more than one node\) "
+                                             rf"is set but {local_n} is not"):
+            DistEnv.from_environ({rank_n: str(rank), world_n: "4", local_world_n: "2"})
+    e = DistEnv.from_environ({rank_n: "1", world_n: "2", local_world_n: "2"})  # one node: the global rank is local
+    assert (e.local_rank, e.local_world_size) == (1, 2)

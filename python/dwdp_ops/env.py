@@ -149,6 +149,9 @@ class DistEnv:
         local_rank = _int(env, local_n, None)
         local_world = _int(env, local_world_n, None)
         if local_rank is None:
+            if local_world is not None and local_world < world:
+                raise ValueError(f"{local_world_n}={local_world} (fewer than {world_n}={world}: more than one node) "
+                                 f"is set but {local_n} is not: the global rank cannot pick this node's GPU")
             # Single-node default: the global rank picks the GPU.
             local_rank = rank
         if local_world is None:
