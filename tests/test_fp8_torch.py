@@ -137,6 +137,24 @@ def test_from_hf_state_dict_refuses_a_tensor_of_another_layout():
             hc.from_hf_state_dict(cfg, bad)
 
 
+def test_from_hf_state_dict_refuses_fp8_and_integer_tensors():
+    """An fp8 checkpoint's weights (block scales in separate weight_scale_inv keys, dropped with a warning) had been
+    widened as they are, off by their scales, and integer tensors cast silently: both are refused by name now."""
+    from dwdp_ops.models.deepseek_r1 import DeepSeekConfig, init_weights
+    from dwdp_ops.models.deepseek_r1 import hf_convert as hc
+
+    cfg = DeepSeekConfig.tiny()
+    sd = hc.hf_state_dict(cfg, init_weights(cfg, 0))
+    for name, dtype in (("model.layers.0.self_attn.q_a_proj.weight", torch.float8_e4m3fn),
+                        ("model.layers.2.mlp.experts.gate_up_proj", torch.float8_e4m3fn),
+                        ("model.layers.1.mlp.gate.weight", torch.int8)):
+        bad = {**sd, name: sd[name].to(dtype)}
+        with pytest.raises(ValueError, match=rf"'{name}' is {dtype}: .*bfloat16, float16 or float32"):
+            hc.from_hf_state_dict(cfg, bad)
+    bf16 = {k: v.to(torch.bfloat16) for k, v in sd.items()}
+    assert set(hc.from_hf_state_dict(cfg, bf16)) == set(hc.from_hf_state_dict(cfg, sd))
+
+
 def test_from_hf_state_dict_warns_of_keys_it_drops():
     """Keys it does not map (DeepSeek-R1's multi-token-prediction layer, another model's) had been dropped without a
     word: one warning names them now; a clean round trip and the rotary buffers older transformers saved give none."""

@@ -179,8 +179,8 @@ def hf_model(cfg: DeepSeekConfig, W: dict[str, np.ndarray], dtype: Any = None, d
 
 
 def from_hf_state_dict(cfg: DeepSeekConfig, sd: dict, *, strict: bool = False) -> dict[str, np.ndarray]:
-    """The inverse of ``hf_state_dict``: a ``DeepseekV3ForCausalLM`` state dict (tensors of any float dtype) as our
-    weight dict. Every tensor but the routed experts maps back exactly (as float32); the routed experts are encoded
+    """The inverse of ``hf_state_dict``: a ``DeepseekV3ForCausalLM`` state dict (tensors of bfloat16, float16, float32
+    or float64; fp8 and integer tensors raise ValueError) as our weight dict. Every tensor but the routed experts maps back exactly (as float32); the routed experts are encoded
     as fp8 e4m3 with ``cfg.block`` x ``cfg.block`` scales (``dwdp_ops.quant.quant_block``), which is lossy (e4m3 has
     3 mantissa bits; the scales are each block's amax / 448, not the original ones), so a round trip of
     ``hf_state_dict`` returns the experts to fp8 rounding only. Keys of ``sd`` that ``hf_state_dict`` would not
@@ -197,6 +197,10 @@ def from_hf_state_dict(cfg: DeepSeekConfig, sd: dict, *, strict: bool = False) -
         if tuple(t.shape) != tuple(shape):  # a transposed or other-layout tensor would be mislabelled silently
             raise ValueError(f"{name!r} has shape {list(t.shape)}, this config needs {list(shape)} (Hugging Face's "
                              "DeepseekV3 layout; check the config and the transformers version)")
+        if not t.is_floating_point() or t.element_size() < 2:  # fp8 values are off by block scales held elsewhere
+            raise ValueError(f"{name!r} is {t.dtype}: the weights must be bfloat16, float16 or float32 (or float64); "
+                             "an fp8 checkpoint's weights need their weight_scale_inv (load it with "
+                             "dequantize=True), integer ones their quantisation scales")
         return t.detach().float().cpu().numpy()
 
     names = hf_name_map(cfg)
