@@ -155,6 +155,20 @@ def test_from_hf_state_dict_refuses_fp8_and_integer_tensors():
     assert set(hc.from_hf_state_dict(cfg, bf16)) == set(hc.from_hf_state_dict(cfg, sd))
 
 
+def test_from_hf_state_dict_names_the_expert_it_cannot_encode():
+    """A non-finite value in a routed expert had raised quant_block's message, naming neither tensor nor expert."""
+    from dwdp_ops.models.deepseek_r1 import DeepSeekConfig, init_weights
+    from dwdp_ops.models.deepseek_r1 import hf_convert as hc
+
+    cfg = DeepSeekConfig.tiny()
+    sd = hc.hf_state_dict(cfg, init_weights(cfg, 0))
+    name = "model.layers.2.mlp.experts.down_proj"
+    bad = {**sd, name: sd[name].clone()}
+    bad[name][3, 5, 7] = float("inf")
+    with pytest.raises(ValueError, match=rf"'{name}', expert 3 \(our layers\.2\.ffn\.experts\.3\.w2\): .*non-finite"):
+        hc.from_hf_state_dict(cfg, bad)
+
+
 def test_from_hf_state_dict_warns_of_keys_it_drops():
     """Keys it does not map (DeepSeek-R1's multi-token-prediction layer, another model's) had been dropped without a
     word: one warning names them now; a clean round trip and the rotary buffers older transformers saved give none."""

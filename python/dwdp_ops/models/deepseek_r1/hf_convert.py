@@ -223,6 +223,10 @@ def from_hf_state_dict(cfg: DeepSeekConfig, sd: dict, *, strict: bool = False) -
                          for n, shape in zip(_EXPERTS, ((E, 2 * I, H), (E, H, I))))
         p = f"layers.{layer}.ffn.experts."
         for e in range(cfg.n_routed_experts):
-            for n, w in (("w1", gate_up[e, :I]), ("w3", gate_up[e, I:]), ("w2", down[e])):
-                W[f"{p}{e}.{n}"], W[f"{p}{e}.{n}.scale"] = quant_block(w, cfg.block)
+            for n, w, src in (("w1", gate_up[e, :I], 0), ("w3", gate_up[e, I:], 0), ("w2", down[e], 1)):
+                try:
+                    W[f"{p}{e}.{n}"], W[f"{p}{e}.{n}.scale"] = quant_block(w, cfg.block)
+                except ValueError as err:  # quant_block's message names neither the tensor nor the expert
+                    raise ValueError(f"'model.layers.{layer}.{_EXPERTS[src]}', expert {e} (our {p}{e}.{n}): "
+                                     f"{err}") from err
     return W
