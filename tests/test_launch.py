@@ -239,3 +239,19 @@ def test_under_nohup_a_hangup_leaves_the_job_running(tmp_path):
         assert not [q for q in pids if _alive(q)], pids
     finally:
         _kill_all(pids, p)
+
+
+@pytest.mark.parametrize("kw, match", [
+    ({"command": "python job.py"}, r"command must be an argv list .* got the string 'python job.py'"),
+    ({"timeout": True}, r"timeout must be a number of seconds > 0 or None, got True"),
+    ({"timeout": "5"}, r"timeout must be a number of seconds > 0 or None, got '5'"),
+    ({"timeout": float("nan")}, r"timeout must be > 0 seconds or None, got nan"),
+])
+def test_run_checks_its_arguments_before_starting_a_rank(kw, match):
+    """A command given as one string reached Popen, which raised FileNotFoundError for 'python job.py';
+    timeout=True meant 1 second, '5' raised a comparison TypeError. ValueError, like run's other argument checks."""
+    from dwdp_ops import launch
+
+    args = {"command": [sys.executable, "-c", "pass"], **kw}
+    with pytest.raises(ValueError, match=match):
+        launch.run(2, args.pop("command"), **args)

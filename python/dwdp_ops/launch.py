@@ -18,6 +18,7 @@ identifies the job to ``dwdp_ops.rendezvous``, which turns away ranks of another
 from __future__ import annotations
 
 import argparse
+import numbers
 import os
 import shlex
 import shutil
@@ -137,12 +138,18 @@ def run(
     env: dict[str, str] | None = None,
 ) -> int:
     """Runs ``command`` (an argv list, for example ``[sys.executable, 'script.py']``) as ``nprocs`` ranks; returns the
-    job's exit code (0 when every rank succeeded)."""
+    job's exit code (0 when every rank succeeded). Bad arguments (``nprocs`` not an integer >= 1, ``timeout`` not a
+    number > 0 or None, ``command`` a string or empty) raise ValueError before any rank starts."""
     if not is_int(nprocs) or nprocs < 1:
         raise ValueError(f"nprocs must be an integer >= 1, got {nprocs!r}")
     nprocs = int(nprocs)
+    if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, numbers.Real)):
+        raise ValueError(f"timeout must be a number of seconds > 0 or None, got {timeout!r} ({type(timeout).__name__})")
     if timeout is not None and not timeout > 0:
         raise ValueError(f"timeout must be > 0 seconds or None, got {timeout!r}")
+    if isinstance(command, (str, bytes)):
+        raise ValueError(f"command must be an argv list (one string per word, e.g. [sys.executable, 'job.py']), got "
+                         f"the string {command!r}")
     if not command:
         raise ValueError("command must be a non-empty argv list")
     base = dict(os.environ if env is None else env)
