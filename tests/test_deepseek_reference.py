@@ -99,6 +99,24 @@ def test_gate_rejects_bad_shapes():
         select_experts(np.zeros((1, 8)), np.zeros(8), 4, 1, 3, 1.0)
 
 
+@pytest.mark.parametrize("args, err, msg", [
+    ((0, 1, 1), ValueError, "n_group must be >= 1, got 0"),  # had been a ZeroDivisionError
+    ((True, 1, 1), TypeError, r"n_group must be an int, got True \(bool\)"),  # had been taken as one group
+    ((4, 1.0, 1), TypeError, r"topk_group must be an int, got 1\.0 \(float\)"),  # had failed in a slice
+    ((4, 1, np.True_), TypeError, "top_k must be an int, got np.True_"),  # had chosen one expert
+])
+def test_gate_rejects_counts_that_are_not_ints(args, err, msg):
+    with pytest.raises(err, match=msg):
+        select_experts(np.zeros((1, 8)), np.zeros(8), *args, 1.0)
+
+
+def test_gate_takes_numpy_integer_counts():
+    logits = np.random.default_rng(3).normal(size=(5, 16)).astype(np.float32)
+    want = select_experts(logits, np.zeros(16), 4, 2, 3, 2.5)
+    got = select_experts(logits, np.zeros(16), np.int64(4), np.int32(2), np.uint8(3), 2.5)
+    assert all(np.array_equal(a, b) for a, b in zip(got, want))
+
+
 def test_yarn_and_rope():
     plain = DeepSeekConfig.tiny(max_seq_len=32)  # not longer than original: no YaRN
     yarn = DeepSeekConfig.tiny()

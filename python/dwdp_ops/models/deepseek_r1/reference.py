@@ -35,7 +35,14 @@ def select_experts(router_logits, correction_bias, n_group, topk_group, top_k, r
     """The DeepSeek-V3 gate (official code): ``s = sigmoid(logits)``; groups ranked by the sum of the top-2 of
     ``s + bias``; the other groups masked with ``-inf``; the top-k of ``s + bias`` chosen; weights are the unbiased
     ``s`` of the chosen experts, normalised to sum 1, times ``routed_scaling_factor``.
-    Returns ``(weights [T, k] float32, ids [T, k] int64)``, ids ordered by descending selection score."""
+    Returns ``(weights [T, k] float32, ids [T, k] int64)``, ids ordered by descending selection score. The counts
+    ``n_group``, ``topk_group``, ``top_k`` are ints (bools refused: TypeError)."""
+    for name, v in (("n_group", n_group), ("topk_group", topk_group), ("top_k", top_k)):
+        if not is_int(v):
+            raise TypeError(f"select_experts: {name} must be an int, got {v!r} ({type(v).__name__})")
+    if n_group < 1:
+        raise ValueError(f"select_experts: n_group must be >= 1, got {n_group}")
+    n_group, topk_group, top_k = int(n_group), int(topk_group), int(top_k)
     logits = np.asarray(router_logits, dtype=np.float32)
     if logits.ndim != 2:
         raise ValueError(f"router_logits must be [tokens, experts], got {logits.shape}")
