@@ -87,3 +87,19 @@ def test_quantising_before_the_gather_gives_the_bits_of_quantising_the_gathered_
     assert torch.equal(seen["after"][0], seen["before"][0]) and torch.equal(seen["after"][1], seen["before"][1])
     assert seen["before"][0].shape[0] >= T * k
     assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("kw, exc, match", [
+    ({"num_experts": 12.9}, TypeError, r"num_experts must be an integer >= 1, got 12.9"),
+    ({"num_experts": True}, TypeError, r"num_experts must be an integer >= 1, got True"),
+    ({"num_experts": 0}, ValueError, r"num_experts must be an integer >= 1, got 0"),
+    ({"align": 2.5}, TypeError, r"align must be an integer >= 1, got 2.5"),
+    ({"align": 0}, ValueError, r"align must be an integer >= 1, got 0"),
+])
+def test_routed_experts_names_a_bad_expert_count_or_alignment(kw, exc, match):
+    """num_experts=12.9 became 12 and True 1 (int()), an align of 2.5 failed deep in tensor indexing, align=0 ran
+    unaligned groups without a word."""
+    x = torch.zeros(2, 4)
+    ids = torch.zeros(2, 1, dtype=torch.int64)
+    with pytest.raises(exc, match=match):
+        routed_experts(x, torch.ones(2, 1), ids, lambda xg, offs: xg, **{"num_experts": 4, **kw})

@@ -13,6 +13,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+from .._checks import is_int
+
 
 def routed_experts(x: Any, w: Any, ids: Any, mlp: Callable[[Any, Any], Any], *, num_experts: int,
                    align: int = 16, quantize: Callable[[Any], tuple[Any, Any]] | None = None) -> Any:
@@ -24,9 +26,18 @@ def routed_experts(x: Any, w: Any, ids: Any, mlp: Callable[[Any, Any], Any], *, 
     ``quantize(x) -> (q [T, H] float8_e4m3fn, scale [T] float32)``: a per-row quantisation (fp8 experts). Each token
     is then quantised once, before the gather, and ``mlp`` receives the gathered pair ``(q_grouped, scale_grouped)``
     instead of bf16 rows: the same bits as quantising the gathered rows (a row's quantisation depends on that row
-    only), with k times fewer rows quantised and half the gather's bytes."""
+    only), with k times fewer rows quantised and half the gather's bytes.
+
+    ``num_experts`` and ``align``: integers >= 1 (Python or numpy; ``align=1``: groups packed back to back), checked
+    on the host before anything is enqueued (TypeError / ValueError naming the argument)."""
     import torch
 
+    for name, v in (("num_experts", num_experts), ("align", align)):
+        if not is_int(v):
+            raise TypeError(f"{name} must be an integer >= 1, got {v!r} ({type(v).__name__})")
+        if v < 1:
+            raise ValueError(f"{name} must be an integer >= 1, got {v}")
+    align = int(align)
     T, k = ids.shape
     if quantize is not None:
         xq, xsc = quantize(x)
