@@ -117,6 +117,22 @@ def test_gate_takes_numpy_integer_counts():
     assert all(np.array_equal(a, b) for a, b in zip(got, want))
 
 
+@pytest.mark.parametrize("n_group, topk_group, top_k", [(8, 4, 2), (4, 2, 3)])
+def test_the_torch_gate_equals_the_reference_with_one_expert_per_group(n_group, topk_group, top_k):
+    """DeepSeekConfig allows groups of one expert (the reference ranks a group by its one score); the GPU forward's
+    gate had failed there ("selected index k out of range": topk(2) over a group of one)."""
+    torch = pytest.importorskip("torch")
+    from dwdp_ops.models.deepseek_r1.gpu import select_experts_torch
+
+    rng = np.random.default_rng(n_group)
+    E = 8 if n_group == 8 else 16
+    logits, bias = rng.normal(size=(6, E)).astype(np.float32), rng.normal(size=E).astype(np.float32)
+    w, ids = select_experts(logits, bias, n_group, topk_group, top_k, 2.5)
+    tw, tids = select_experts_torch(torch.from_numpy(logits), torch.from_numpy(bias), n_group, topk_group, top_k, 2.5)
+    np.testing.assert_array_equal(tids.numpy(), ids)
+    np.testing.assert_allclose(tw.numpy(), w, rtol=1e-6)
+
+
 def test_yarn_and_rope():
     plain = DeepSeekConfig.tiny(max_seq_len=32)  # not longer than original: no YaRN
     yarn = DeepSeekConfig.tiny()

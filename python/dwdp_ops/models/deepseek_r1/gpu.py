@@ -55,7 +55,7 @@ def select_experts_torch(logits, bias, n_group: int, topk_group: int, top_k: int
     per = E // n_group
     scores = logits.float().sigmoid()
     sel = scores + bias
-    top2 = sel.view(T, n_group, per).topk(2, dim=-1).values.sum(-1)
+    top2 = sel.view(T, n_group, per).topk(min(2, per), dim=-1).values.sum(-1)  # a group of one: its one score
     keep = top2.topk(topk_group, dim=-1).indices
     drop = torch.ones((T, n_group), dtype=torch.bool, device=logits.device).scatter_(1, keep, False)
     sel = sel.masked_fill(drop.repeat_interleave(per, 1), float("-inf"))
