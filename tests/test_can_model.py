@@ -151,3 +151,32 @@ def test_load_amazon_books_names_a_bad_max_len(tmp_path, bad, exc):
     path = write_fixture(tmp_path / "train")
     with pytest.raises(exc, match=r"max_len must be an integer >= 1"):
         load_amazon_books(path, max_len=bad)
+
+
+def _rows(data, n):
+    return type(data)(*(getattr(data, f)[:n] for f in data.__dataclass_fields__))
+
+
+def test_train_refuses_an_empty_training_set():
+    """No batch meant no step: the epoch's loss was nan (numpy's mean of nothing) and the untrained model's AUC was
+    reported as the result."""
+    data, tables = synthetic(200, seed=0)
+    tr, te = split(data, 0.25, 0)
+    with pytest.raises(ValueError, match=r"the training set is empty"):
+        train(CanModel(CanConfig(tables)), _rows(tr, 0), te, 1, 16, 0, progress=False)
+
+
+@pytest.mark.parametrize("which", ["train", "test"])
+def test_train_names_ids_beyond_the_model_tables(which):
+    """Data from a larger vocabulary than the model's tables: numpy's IndexError named no table on the CPU (and the
+    GPU kernels, called with check_ids=False, would read out of bounds)."""
+    data, tables = synthetic(200, seed=0)
+    tr, te = split(data, 0.25, 0)
+    small = (tables[0], 5, tables[2])
+    model = CanModel(CanConfig(small))
+    ok = type(data)(*(np.minimum(getattr(tr if which == "test" else te, f), 4) if f in ("mid", "hist_mid")
+                      else getattr(tr if which == "test" else te, f) for f in data.__dataclass_fields__))
+    args = (ok, te) if which == "test" else (tr, ok)
+    with pytest.raises(ValueError, match=rf"{which} set: item ids \(mid, hist_mid\) reach \d+ but the model's item "
+                                         r"table has 5 rows \(CanConfig.tables\[1\]\)"):
+        train(model, *args, 1, 16, 0, progress=False)

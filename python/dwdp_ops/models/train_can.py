@@ -38,11 +38,18 @@ def train(model: CanModel, train_set, test_set, epochs: int, batch_size: int, se
     return of ``train_step``). On the GPU the loss reaches the host before the step's backward and update are done,
     so a step's time holds the previous step's tail instead of its own: in steady state (the median) that is the
     step time per batch, without the batching, the evaluation or the model's construction. Raises ValueError for
-    ``epochs`` or ``batch_size`` < 1 and FloatingPointError, naming the epoch and step, when a loss is not finite."""
+    ``epochs`` or ``batch_size`` < 1, an empty ``train_set`` or (for a model with ``cfg.tables``) an id outside its
+    table, and FloatingPointError, naming the epoch and step, when a loss is not finite."""
     for name, v in (("epochs", epochs), ("batch_size", batch_size)):
         if not is_int(v) or v < 1:
             raise ValueError(f"{name} must be an integer >= 1, got {v!r}")
     epochs, batch_size = int(epochs), int(batch_size)  # Python ints from here on (range() numbers epochs either way)
+    if len(train_set) == 0:
+        raise ValueError("the training set is empty: no step would run (and the epoch's loss would be nan)")
+    tables = getattr(getattr(model, "cfg", None), "tables", None)
+    if tables is not None:
+        for which, data in (("train", train_set), ("test", test_set)):
+            _check_ids(data, tables, which)
     rng = np.random.default_rng(seed)
     curve = []
     for epoch in range(1, epochs + 1):
@@ -65,6 +72,24 @@ def train(model: CanModel, train_set, test_set, epochs: int, batch_size: int, se
         curve.append({"epoch": epoch, "train_loss": float(np.mean(losses)), "test_auc": model.evaluate(test_set),
                       "losses": [float(x) for x in losses], "step_ms": step_ms})
     return curve
+
+
+_TABLES = (("user", ("uid",)), ("item", ("mid", "hist_mid")), ("category", ("cat", "hist_cat")))
+
+
+def _check_ids(data, tables, which: str) -> None:
+    """ValueError unless every id of ``data`` indexes its table of ``tables`` (users, items, categories): checked
+    once, before training, because numpy would wrap a negative id and the GPU kernels run with ``check_ids=False``."""
+    for i, (table, fields) in enumerate(_TABLES):
+        arrays = [np.asarray(getattr(data, f)) for f in fields]
+        if not any(a.size for a in arrays):
+            continue
+        lo = min(int(a.min()) for a in arrays if a.size)
+        hi = max(int(a.max()) for a in arrays if a.size)
+        if lo < 0 or hi >= tables[i]:
+            raise ValueError(f"{which} set: {table} ids ({', '.join(fields)}) reach {lo if lo < 0 else hi} but the "
+                             f"model's {table} table has {tables[i]} rows (CanConfig.tables[{i}]); build the model "
+                             "with the data's table sizes")
 
 
 def _data_source(text: str) -> str:
