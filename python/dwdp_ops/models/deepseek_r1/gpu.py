@@ -499,14 +499,11 @@ class GpuModel:
         if any(cont) and not decode:
             raise ValueError("a step is either a prefill of every request (whole prompts) or a decode of every "
                              "request (one token each after a prefill); this one mixes both")
-        if not decode:
-            for r in requests:
-                self.lengths[r] = 0
         segments, pos, flat, a = [], [], [], 0
         for r, t in zip(requests, tokens):
             if not t:
                 raise ValueError(f"request {r}: empty token list")
-            start = self.lengths[r]
+            start = self.lengths[r] if decode else 0  # a prefill starts a new sequence in the slot
             if start + len(t) > self.max_seq:
                 raise ValueError(f"request {r}: {start + len(t)} positions exceed max_seq {self.max_seq}")
             segments.append((r, a, a + len(t)))
@@ -517,6 +514,9 @@ class GpuModel:
         self._step_pairs = len(flat) * cfg.n_activated_experts
         if ids.min() < 0 or ids.max() >= cfg.vocab_size:
             raise ValueError(f"token ids must be in [0, {cfg.vocab_size})")
+        if not decode:  # only once the step is accepted: a refused prefill leaves the cached sequences
+            for r in requests:
+                self.lengths[r] = 0
         with torch.cuda.stream(self.tstream):
             mode = self.experts.begin_step(len(flat)) if cfg.n_moe_layers else "local"
             self.last_policy = mode if cfg.n_moe_layers else None

@@ -1,0 +1,30 @@
+"""Host-side checks of ``GpuModel.forward`` on the CPU: a step refused by its arguments leaves the requests' cached
+lengths as they were (the model is built without ``__init__``: the checks run before any CUDA call)."""
+
+from __future__ import annotations
+
+import pytest
+
+pytest.importorskip("torch")
+from dwdp_ops.models.deepseek_r1 import DeepSeekConfig  # noqa: E402
+from dwdp_ops.models.deepseek_r1.gpu import GpuModel  # noqa: E402
+
+
+def _model(lengths):
+    m = GpuModel.__new__(GpuModel)
+    m.cfg, m.max_requests, m.max_seq, m.lengths = DeepSeekConfig.tiny(), len(lengths), 16, list(lengths)
+    return m
+
+
+@pytest.mark.parametrize("tokens, msg", [
+    ([[1, 2], [97, 1]], r"token ids must be in \[0, 97\)"),
+    ([[1, 2], []], "request 1: empty token list"),
+    ([[1, 2], list(range(17))], "request 1: 17 positions exceed max_seq 16"),
+])
+def test_a_refused_prefill_keeps_the_cached_lengths(tokens, msg):
+    """A prefill refused for its tokens had already zeroed every request's length: the sequences cached in those
+    slots were lost (their next decode was taken for a prefill)."""
+    m = _model([5, 3])
+    with pytest.raises(ValueError, match=msg):
+        m.forward([0, 1], tokens)
+    assert m.lengths == [5, 3]
