@@ -180,3 +180,20 @@ def test_train_names_ids_beyond_the_model_tables(which):
     with pytest.raises(ValueError, match=rf"{which} set: item ids \(mid, hist_mid\) reach \d+ but the model's item "
                                          r"table has 5 rows \(CanConfig.tables\[1\]\)"):
         train(model, *args, 1, 16, 0, progress=False)
+
+
+@pytest.mark.parametrize("kw, exc, match", [
+    ({"tables": (10, 10)}, ValueError, r"tables must be three table sizes \(users, items, categories\), got \(10, 10\)"),
+    ({"tables": (10, 0, 3)}, ValueError, r"tables\[1\] must be an integer >= 1, got 0"),
+    ({"tables": (10, 4.5, 3)}, TypeError, r"tables\[1\] must be an integer >= 1, got 4.5"),
+    ({"hidden": (0,)}, ValueError, r"hidden\[0\] must be an integer >= 1, got 0"),
+    ({"lr": float("nan")}, ValueError, r"lr must be a finite number > 0, got nan"),
+    ({"lr": -1e-3}, ValueError, r"lr must be a finite number > 0, got -0.001"),
+])
+def test_can_model_names_a_bad_config(kw, exc, match):
+    """Two table sizes raised 'not enough values to unpack', a hidden width 0 a ZeroDivisionError at the first step,
+    a NaN learning rate made every weight NaN at the first step (reported later as a diverging loss) and a negative
+    one ascended the loss."""
+    with pytest.raises(exc, match=match):
+        CanModel(CanConfig(**{"tables": (10, 10, 3), **kw}))
+    CanModel(CanConfig((np.int64(10), 10, 3), hidden=(np.int32(8),)))  # numpy integers pass

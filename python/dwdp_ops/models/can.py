@@ -14,10 +14,13 @@ loss is the usual mean BCE (theirs is half of it).
 
 from __future__ import annotations
 
+import math
+import numbers
 from dataclasses import dataclass, field
 
 import numpy as np
 
+from .._checks import is_int
 from ..coaction.reference import CoActionSpec, coaction_backward, coaction_forward
 from .can_data import Batchable, auc
 
@@ -33,6 +36,23 @@ class CanConfig:
     lr: float = 1e-3
     seed: int = 0
     device: str = "cpu"  # "cpu": numpy + reference op; "gpu": CuPy + fused kernels
+
+
+def _check_config(cfg: CanConfig) -> None:
+    """TypeError / ValueError naming the field: ``tables`` three integers >= 1 (users, items, categories, id 0
+    included), ``hidden`` integers >= 1, ``lr`` a finite number > 0. Numpy integers pass."""
+    if not isinstance(cfg.tables, (tuple, list)) or len(cfg.tables) != 3:
+        raise ValueError(f"tables must be three table sizes (users, items, categories), got {cfg.tables!r}")
+    for name, values in (("tables", cfg.tables), ("hidden", cfg.hidden)):
+        for i, v in enumerate(values):
+            if not is_int(v):
+                raise TypeError(f"{name}[{i}] must be an integer >= 1, got {v!r} ({type(v).__name__})")
+            if v < 1:
+                raise ValueError(f"{name}[{i}] must be an integer >= 1, got {v}")
+    if isinstance(cfg.lr, bool) or not isinstance(cfg.lr, numbers.Real):
+        raise TypeError(f"lr must be a finite number > 0, got {cfg.lr!r} ({type(cfg.lr).__name__})")
+    if not (math.isfinite(cfg.lr) and cfg.lr > 0):
+        raise ValueError(f"lr must be a finite number > 0, got {cfg.lr!r}")
 
 
 class Adam:
@@ -59,6 +79,7 @@ class CanModel:
     def __init__(self, cfg: CanConfig):
         if cfg.device not in ("cpu", "gpu"):
             raise ValueError(f"device must be 'cpu' or 'gpu', got {cfg.device!r}")
+        _check_config(cfg)
         self.cfg = cfg
         rng = np.random.default_rng(cfg.seed)
         U, M, C = cfg.tables
