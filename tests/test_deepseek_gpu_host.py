@@ -28,3 +28,16 @@ def test_a_refused_prefill_keeps_the_cached_lengths(tokens, msg):
     with pytest.raises(ValueError, match=msg):
         m.forward([0, 1], tokens)
     assert m.lengths == [5, 3]
+
+
+@pytest.mark.parametrize("requests, tokens, err, msg", [
+    ([0], [[1.7, 2.2]], TypeError, "token ids must be integers, got float64"),  # had been truncated to [1, 2]
+    ([0], [[True, False]], TypeError, "token ids must be integers, got bool"),  # had been taken as [1, 0]
+    ([True], [[1, 2]], ValueError, r"requests must be distinct slots \(ints\)"),  # had been slot 1
+    ([0.0], [[1, 2]], ValueError, r"requests must be distinct slots \(ints\)"),
+])
+def test_forward_refuses_float_and_bool_ids_as_the_reference_does(requests, tokens, err, msg):
+    m = _model([0, 0])
+    with pytest.raises(err, match=msg):
+        m.forward(requests, tokens)
+    assert m.lengths == [0, 0]

@@ -41,6 +41,7 @@ from typing import Any
 
 import numpy as np
 
+from ..._checks import is_int
 from ..attention import prefill_attention
 from ..routed import combine_pairs, routed_experts
 from .config import DeepSeekConfig
@@ -481,7 +482,8 @@ class GpuModel:
     def forward(self, requests: list[int], tokens: list[list[int]], timing: bool = False, graph: bool = False):
         """One step for ``requests`` (slots in ``[0, max_requests)``): a prefill (every token list a whole prompt,
         starting at position 0) or a decode (one token each, after the cached positions). Returns float32 logits of
-        the last position of each request, ``[len(requests), vocab]`` (a torch tensor on this GPU).
+        the last position of each request, ``[len(requests), vocab]`` (a torch tensor on this GPU). Token ids are
+        integers in ``[0, vocab_size)`` (floats and bools raise TypeError, as in the reference, not truncated).
 
         ``graph``: a decode step whose mode moves tokens (with a capturable dispatcher), fetches on demand or reads
         local experts runs as a CUDA graph, captured on first use for its (requests, mode, every rank's token count) and replayed after (the
@@ -492,8 +494,9 @@ class GpuModel:
         cfg = self.cfg
         if len(requests) != len(tokens) or not requests:
             raise ValueError("forward needs one non-empty token list per request")
-        if len(set(requests)) != len(requests) or not all(0 <= r < self.max_requests for r in requests):
-            raise ValueError(f"requests must be distinct slots in [0, {self.max_requests})")
+        if (len(set(requests)) != len(requests)
+                or not all(is_int(r) and 0 <= r < self.max_requests for r in requests)):
+            raise ValueError(f"requests must be distinct slots (ints) in [0, {self.max_requests}), got {requests!r}")
         cont = [len(t) == 1 and self.lengths[r] > 0 for r, t in zip(requests, tokens)]
         decode = all(cont)
         if any(cont) and not decode:
@@ -510,7 +513,10 @@ class GpuModel:
             pos.extend(range(start, start + len(t)))
             flat.extend(t)
             a += len(t)
-        ids = np.asarray(flat, dtype=np.int64)
+        ids = np.asarray(flat)
+        if ids.dtype.kind not in "iu":  # as the reference: floats and bools are refused, not truncated
+            raise TypeError(f"token ids must be integers, got {ids.dtype}")
+        ids = ids.astype(np.int64)
         self._step_pairs = len(flat) * cfg.n_activated_experts
         if ids.min() < 0 or ids.max() >= cfg.vocab_size:
             raise ValueError(f"token ids must be in [0, {cfg.vocab_size})")
