@@ -263,3 +263,13 @@ def test_the_prefetch_estimate_moves_the_padded_stride():
     assert padded.per_rank_us["on_demand"] == plain.per_rank_us["on_demand"]
     with pytest.raises(ValueError, match="fetch_bytes_per_expert must be an int >= "):
         choose_mode(*args, fetch_bytes_per_expert=lay.expert_bytes - 1)
+
+
+@pytest.mark.parametrize("name", ["param_bytes", "token_bytes", "partial_bytes"])
+def test_an_infinite_size_is_refused(name):
+    """param_bytes=inf passed the '> 0' check and made every GEMM free (prefetch_all's cost became the bare fetch);
+    an infinite token or partial size made dispatch cost inf. Each is now a ValueError naming it."""
+    args = dict(tokens_per_rank=[1, 1], partition=R1_2, layout_bytes_per_expert=R1_BYTES, hidden=7168, top_k=8)
+    with pytest.raises(ValueError, match=rf"{name} must be a finite number > 0, got inf"):
+        choose_mode(**args, **{name: math.inf})
+

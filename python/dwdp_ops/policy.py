@@ -201,6 +201,8 @@ def choose_mode(tokens_per_rank: Sequence[int], partition: ExpertPartition, layo
             raise TypeError(f"{name} must be a number > 0, got {v!r} ({type(v).__name__})")
         if not v > 0:
             raise ValueError(f"{name} must be a number > 0, got {v!r}")
+        if not math.isfinite(v):
+            raise ValueError(f"{name} must be a finite number > 0, got {v!r}")
         sizes[name] = v if type(v) in (int, float) else float(v)
     param_bytes, token_bytes, partial_bytes = sizes["param_bytes"], sizes["token_bytes"], sizes["partial_bytes"]
     allowed = tuple(allowed)
