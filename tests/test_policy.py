@@ -273,3 +273,10 @@ def test_an_infinite_size_is_refused(name):
     with pytest.raises(ValueError, match=rf"{name} must be a finite number > 0, got inf"):
         choose_mode(**args, **{name: math.inf})
 
+
+def test_allowed_given_as_one_string_is_named():
+    """allowed='dispatch' was read as the letters ('d', 'i', ...) and the error listed them."""
+    args = dict(tokens_per_rank=[1, 1], partition=R1_2, layout_bytes_per_expert=R1_BYTES, hidden=7168, top_k=8)
+    with pytest.raises(ValueError, match=r"allowed must be a sequence of mode names, got the string 'dispatch' "
+                                         r"\(write \('dispatch',\)\)"):
+        choose_mode(**args, allowed="dispatch")

@@ -205,6 +205,9 @@ def choose_mode(tokens_per_rank: Sequence[int], partition: ExpertPartition, layo
             raise ValueError(f"{name} must be a finite number > 0, got {v!r}")
         sizes[name] = v if type(v) in (int, float) else float(v)
     param_bytes, token_bytes, partial_bytes = sizes["param_bytes"], sizes["token_bytes"], sizes["partial_bytes"]
+    if isinstance(allowed, str):  # tuple("dispatch") would be its letters
+        raise ValueError(f"allowed must be a sequence of mode names, got the string {allowed!r} "
+                         f"(write ({allowed!r},))")
     allowed = tuple(allowed)
     unknown = [a for a in allowed if a not in MODES]
     if not allowed or unknown or len(set(allowed)) != len(allowed):
