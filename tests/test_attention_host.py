@@ -79,3 +79,15 @@ def test_check_lengths_refuses_non_integers_instead_of_truncating(lengths):
 def test_check_lengths_accepts_numpy_integers():
     out = A.check_lengths(np.array([2, 1], dtype=np.int32), 3)
     assert out == [2, 1] and all(type(x) is int for x in out)
+
+
+@pytest.mark.parametrize("scale, exc", [(float("nan"), ValueError), (float("inf"), ValueError), (0.0, ValueError),
+                                        (-0.1, ValueError), ("0.1", TypeError), (True, TypeError)])
+def test_a_bad_softmax_scale_is_named_before_any_kernel(scale, exc):
+    """A NaN scale gave an all-NaN output without a word (every backend), 0 a uniform average over the causal
+    prefix; a string failed inside SDPA."""
+    torch = pytest.importorskip("torch")
+    q, v = torch.zeros(4, 2, 8), torch.zeros(4, 2, 4)
+    with pytest.raises(exc, match=r"scale must be a finite number > 0 \(the softmax scale\)"):
+        A.prefill_attention(q, q, v, [4], scale, backend="loop")
+    assert A.prefill_attention(q, q, v, [4], np.float32(0.5), backend="loop").shape == (4, 2, 4)

@@ -28,6 +28,8 @@ as shipped with PyTorch (we write none); the default is what measured fastest on
 
 from __future__ import annotations
 
+import math
+import numbers
 import os
 import warnings
 from collections.abc import Sequence
@@ -172,8 +174,9 @@ def prefill_attention(q, k, v, lengths: Sequence[int], scale: float, backend: st
 
     ``q [T, H, Dqk]``, ``k [T, H, Dqk]``, ``v [T, H, Dv]``: bf16 (or fp16) CUDA tensors on one GPU, the requests'
     tokens back to back (last dim contiguous; other strides free); ``lengths``: the requests' token counts (host
-    ints, each >= 1, summing to ``T``); ``scale``: the softmax scale. Returns a new ``[T, H, Dv]`` tensor of q's
-    dtype, computed on the caller's current stream. Not collective.
+    ints, each >= 1, summing to ``T``); ``scale``: the softmax scale, a finite number > 0 (TypeError / ValueError
+    otherwise, before any kernel). Returns a new ``[T, H, Dv]`` tensor of q's dtype, computed on the caller's current
+    stream. Not collective.
 
     ``backend``: one of ``BACKENDS``, or ``auto``: ``dense`` for equal lengths, else the order of ``backend_order()``
     (the fused varlen kernels skipped for float32; a backend that raises on these head dims and dtype is skipped from
@@ -184,6 +187,11 @@ def prefill_attention(q, k, v, lengths: Sequence[int], scale: float, backend: st
         raise ValueError(f"expected q, k [T, H, Dqk] and v [T, H, Dv] with equal T and H, got {tuple(q.shape)}, "
                          f"{tuple(k.shape)}, {tuple(v.shape)}")
     lengths = check_lengths(lengths, q.shape[0])
+    if isinstance(scale, bool) or not isinstance(scale, numbers.Real):
+        raise TypeError(f"scale must be a finite number > 0 (the softmax scale), got {scale!r} ({type(scale).__name__})")
+    scale = float(scale)
+    if not (math.isfinite(scale) and scale > 0):
+        raise ValueError(f"scale must be a finite number > 0 (the softmax scale), got {scale!r}")
     if backend != "auto":
         if backend not in _IMPL:
             raise ValueError(f"backend must be 'auto' or one of {BACKENDS}, got {backend!r}")
