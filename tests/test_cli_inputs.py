@@ -165,6 +165,28 @@ def test_demo_gpu_steps_are_bounded_by_r1_max_seq_len(two_gpus, capsys):
     assert f"at most {seq} minus --max-len on GPUs" in _one_line(demo.build_parser().format_help())
 
 
+def test_demo_gpu_path_runs_the_ranks_asked_for(monkeypatch, capsys):
+    """--ranks on GPUs: that many ranks, one per GPU (the GPU path had ignored it and run every usable GPU); without
+    it every usable GPU, as before; more than the GPUs (or one) a usage error before any rank starts. The CPU path
+    plans for 4 without it, as before."""
+    started = []
+    monkeypatch.setattr(demo, "usable_gpus", lambda: (4, ""))
+    monkeypatch.setattr(demo, "run_gpu", lambda ns, gpus: started.append(gpus) or {"ranks": []})
+    monkeypatch.setattr(demo, "print_gpu", lambda rep: None)
+    for argv, want in ((["--ranks", "2"], 2), ([], 4), (["--ranks", "4"], 4)):
+        code, out, err = run_main(demo.main, argv, capsys)
+        assert code == 0 and started[-1] == want, (argv, err)
+    for bad in ("8", "1"):
+        code, out, err = run_main(demo.main, ["--ranks", bad], capsys)
+        line = assert_usage_error(code, err, "--ranks", prog="dwdp-demo")
+        assert "from 2 to the 4 usable here" in line and out == ""
+    assert len(started) == 3
+    cmd = demo.gpu_command(demo.build_parser().parse_args(["--prompts", "1", "--steps", "1"]), 2, "/tmp/r.json")
+    assert cmd[cmd.index("-n") + 1] == "2"
+    code, out, err = run_main(demo.main, ["--cpu", "--prompts", "1", "--steps", "1", "--json"], capsys)
+    assert code == 0 and len(json.loads(out)["plans"]) == demo.CPU_RANKS
+
+
 @pytest.mark.parametrize("value", ["59", "100"])
 def test_demo_moe_layers_are_bounded_by_r1(value, capsys):
     """--moe-layers above R1's MoE layer count (58) passed parsing: ignored on CPU, an error only in the GPU ranks."""

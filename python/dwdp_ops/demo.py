@@ -25,6 +25,7 @@ from .partition import ExpertPartition
 
 DEMO_DTYPES = ("bfloat16", "float8_e4m3fn")
 POLICIES = ("auto", "prefetch_all", "on_demand", "dispatch")
+CPU_RANKS = 4  # ranks the CPU path plans for without --ranks
 CPU_PROMPT_LENS = (3, 16)  # shortest and longest prompt of the CPU path, in tokens (drawn uniformly per request)
 GPU_ONLY = "GPU:"  # the help of every option that only the GPU demo uses starts so; the CPU path reports them unused
 
@@ -104,7 +105,7 @@ def gpu_command(ns, gpus: int, out: str) -> list[str]:
 
 
 def run_gpu(ns, gpus: int) -> dict:
-    """Launches the rank workers and returns rank 0's report."""
+    """Launches ``gpus`` rank workers (one per GPU, the first ``gpus`` visible ones) and returns rank 0's report."""
     import os
     import subprocess
     import sys
@@ -157,9 +158,10 @@ def build_parser(prog: str = "dwdp-demo") -> argparse.ArgumentParser:
     epilog = (f"Options marked '{GPU_ONLY}' are checked on every path but used only by the GPU demo;\n"
               "the CPU path names those given in its closing note.")
     ap = argparse.ArgumentParser(prog=prog, description=plain(__doc__), formatter_class=HelpFormatter, epilog=epilog)
-    ap.add_argument("--ranks", type=divisor_of(r1.n_routed_experts, "DeepSeek-R1's routed experts"), default=4,
-                    help=f"CPU path: ranks to plan for (simulated one after another); must divide "
-                         f"{r1.n_routed_experts}, R1's routed experts")
+    ap.add_argument("--ranks", type=divisor_of(r1.n_routed_experts, "DeepSeek-R1's routed experts"), default=None,
+                    help=f"ranks, one per GPU (default: every usable GPU), at least 2 and at most the usable GPUs; "
+                         f"CPU path: ranks to plan for, simulated one after another (default {CPU_RANKS}); must "
+                         f"divide {r1.n_routed_experts}, R1's routed experts")
     ap.add_argument("--prompts", type=positive_int, default=None,
                     help="requests per rank (default: 8 on GPUs, 2 on CPU)")
     ap.add_argument("--steps", type=positive_int, default=None,
@@ -205,12 +207,17 @@ def check_args(ap: argparse.ArgumentParser, ns: argparse.Namespace) -> None:
         ap.error(f"argument --vocab: expected at most {ns.max_vocab} (DeepSeek-R1's vocabulary), got {ns.vocab}")
 
 
-def check_path_args(ap: argparse.ArgumentParser, ns: argparse.Namespace, on_gpus: bool) -> None:
-    """Fills the path's defaults of ``--prompts`` and ``--steps`` and checks ``--steps`` against the path's longest
-    sequence (``cpu_max_steps()`` on CPU, ``demo_gpu.max_steps(--max-len)`` on GPUs); too many exit with code 2 and
+def check_path_args(ap: argparse.ArgumentParser, ns: argparse.Namespace, on_gpus: bool, gpus: int = 0) -> None:
+    """Fills the path's defaults of ``--ranks`` (every one of the ``gpus`` usable GPUs, or ``CPU_RANKS``),
+    ``--prompts`` and ``--steps``, checks ``--ranks`` against the GPUs on the GPU path and ``--steps`` against the
+    path's longest sequence (``cpu_max_steps()`` on CPU, ``demo_gpu.max_steps(--max-len)`` on GPUs); too many exit with code 2 and
     one ``error:`` line naming the limit, before any work."""
     from .demo_gpu import check_steps
 
+    if on_gpus and ns.ranks is not None and not 2 <= ns.ranks <= gpus:
+        ap.error(f"argument --ranks: the GPU demo runs one rank per GPU, from 2 to the {gpus} usable here, got "
+                 f"{ns.ranks} (--cpu plans for any divisor of R1's experts on the numpy reference)")
+    ns.ranks = (gpus if on_gpus else CPU_RANKS) if ns.ranks is None else ns.ranks
     ns.prompts = (8 if on_gpus else 2) if ns.prompts is None else ns.prompts
     ns.steps = (16 if on_gpus else 8) if ns.steps is None else ns.steps
     if on_gpus:
@@ -234,9 +241,9 @@ def main(argv: list[str] | None = None, prog: str = "dwdp-demo") -> int:
     check_args(ap, ns)
     gpus, why = usable_gpus()
     on_gpus = gpus >= 2 and not ns.cpu
-    check_path_args(ap, ns, on_gpus)
+    check_path_args(ap, ns, on_gpus, gpus)
     if on_gpus:
-        rep = run_gpu(ns, gpus)
+        rep = run_gpu(ns, ns.ranks)
         if ns.json:
             print(json.dumps(rep, indent=1))
         else:
