@@ -239,7 +239,9 @@ CAN_BAD = (
        ("--test", ["--data", "{good}", "--test", "{tmp}/missing.txt"]),
        ("--test", ["--data", "{good}", "--test", "{bad}"]),
        ("--test", ["--test", "{good}"]),  # --test with synthetic data
-       ("--samples", ["--samples", "3"])]  # too few for a test set with both labels
+       ("--samples", ["--samples", "3"]),  # too few for a test set with both labels
+       # an option of the other data source (each had been ignored without a word)
+       ("--samples", ["--data", "{good}", "--samples", "100"]), ("--max-len", ["--max-len", "50"])]
     + [(opt, [opt, "{tmp}/no/such/dir/out"]) for opt in ("--json", "--plot")]
     + [(opt, [opt, "{tmp}"]) for opt in ("--json", "--plot")]  # a directory, not a file
     + [("--model", ["--model", "gbdt"]), ("--device", ["--device", "tpu"])]

@@ -92,6 +92,10 @@ def _check_ids(data, tables, which: str) -> None:
                              "with the data's table sizes")
 
 
+SYNTHETIC_SAMPLES = 20000  # --samples without a value
+FILE_MAX_LEN = 100  # --max-len without a value
+
+
 def _data_source(text: str) -> str:
     """``synthetic`` or an existing DIEN-format file."""
     return text if text == "synthetic" else existing_file(text)
@@ -105,12 +109,14 @@ def build_parser(prog: str = "dwdp-can-train") -> argparse.ArgumentParser:
                     help="DIEN-format test file, with --data FILE (default: 20%% of the data)")
     ap.add_argument("--model", choices=["can", "dnn", "both"], default="both",
                     help="CAN-DNN, the DNN baseline, or both")
-    ap.add_argument("--samples", type=positive_int, default=20000, help="synthetic samples (with --data synthetic)")
+    ap.add_argument("--samples", type=positive_int, default=None,
+                    help=f"synthetic samples, only with --data synthetic (default {SYNTHETIC_SAMPLES})")
     ap.add_argument("--epochs", type=positive_int, default=2, help="passes over the training set")
     ap.add_argument("--batch-size", type=positive_int, default=128, help="samples per training step")
     ap.add_argument("--lr", type=positive_float, default=1e-3, help="Adam learning rate")
     ap.add_argument("--seed", type=nonnegative_int, default=0, help="seed of the data, the split and the weights")
-    ap.add_argument("--max-len", type=positive_int, default=100, help="behaviours kept per history (DIEN files)")
+    ap.add_argument("--max-len", type=positive_int, default=None,
+                    help=f"behaviours kept per history, only with --data FILE (default {FILE_MAX_LEN})")
     ap.add_argument("--device", choices=["cpu", "gpu", "auto"], default="auto",
                     help="cpu: numpy reference ops (float64); gpu: CuPy + fused co-action kernels (float32); "
                          "auto: gpu when one is usable")
@@ -171,6 +177,13 @@ def main(argv: list[str] | None = None, prog: str = "dwdp-can-train") -> int:
     ns = ap.parse_args(argv)
     if ns.test and ns.data == "synthetic":
         ap.error("argument --test: --test needs --data FILE (synthetic data is split 80/20)")
+    # (an option of the other data source is refused, not ignored)
+    if ns.samples is not None and ns.data != "synthetic":
+        ap.error("argument --samples: only with --data synthetic (a file's samples are its lines)")
+    if ns.max_len is not None and ns.data == "synthetic":
+        ap.error("argument --max-len: only with --data FILE (synthetic histories have their own length)")
+    ns.samples = SYNTHETIC_SAMPLES if ns.samples is None else ns.samples
+    ns.max_len = FILE_MAX_LEN if ns.max_len is None else ns.max_len
     if ns.plot and importlib.util.find_spec("matplotlib") is None:
         ap.error("argument --plot: needs matplotlib, which is not installed (pip install matplotlib)")
     device = _pick_device(ap, ns.device)
