@@ -249,3 +249,14 @@ def test_schedule_arguments_that_are_fine():
         peer_order(5, 4)
     with pytest.raises(TypeError, match=r"slice_bytes .* got True \(bool\)"):
         slice_copy(Copy(1, 0, 0, 10), True)
+
+
+@pytest.mark.parametrize("schedule", ["per_peer", "staggered", "interleaved"])
+@pytest.mark.parametrize("nbytes, exc", [(-5, ValueError), (2.5, TypeError), (True, TypeError)])
+def test_a_copy_of_negative_or_non_integer_bytes_is_refused(schedule, nbytes, exc):
+    """The three schedules move the same bytes (module invariant): a hand-built copy of -5 bytes had been kept by
+    per_peer and staggered and dropped by interleaved's slicing. Every schedule refuses it, naming the copy."""
+    c = [Copy(1, 0, 0, 10), Copy(2, 10, 10, nbytes)]
+    with pytest.raises(exc, match=r"every copy must move an int >= 0 of bytes, got Copy\(peer=2"):
+        order_copies(c, 0, 4, schedule)
+    assert order_copies([Copy(1, 0, 0, 0)], 0, 4, schedule) in ([], [Copy(1, 0, 0, 0)])  # zero bytes: fine

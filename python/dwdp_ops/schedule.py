@@ -11,9 +11,9 @@ plan). Three schedules:
 Invariant: the three schedules move exactly the same bytes (same multiset of (dst, src) bytes), only in another
 order.
 
-Bad input (checked up front, naming the argument): ``rank`` / ``world_size`` / ``slice_bytes`` that are not integers
-(bools included) raise TypeError; ``world_size < 1``, a rank outside ``[0, world_size)``, ``slice_bytes < 1`` and an
-unknown schedule raise ValueError. ``slice_bytes`` is used by ``interleaved`` only: the other two schedules also
+Bad input (checked up front, naming the argument): ``rank`` / ``world_size`` / ``slice_bytes`` / a copy's ``nbytes``
+that are not integers (bools included) raise TypeError; ``world_size < 1``, a rank outside ``[0, world_size)``, ``slice_bytes < 1``, a copy
+of negative ``nbytes`` and an unknown schedule raise ValueError. ``slice_bytes`` is used by ``interleaved`` only: the other two schedules also
 accept ``None`` there (nothing is sliced); ``interleaved`` needs a positive int.
 """
 
@@ -89,6 +89,11 @@ def order_copies(
                         "(None is accepted only by 'per_peer' and 'staggered', which do not slice)")
     if slice_bytes is not None:
         slice_bytes = _check_slice(slice_bytes)
+    for c in copies:  # (interleaved's slicing drops a negative copy, the others kept it: not the same bytes)
+        if not is_int(c.nbytes):
+            raise TypeError(f"every copy must move an int >= 0 of bytes, got {c}")
+        if c.nbytes < 0:
+            raise ValueError(f"every copy must move an int >= 0 of bytes, got {c}")
     if schedule == "per_peer":
         return sorted(copies, key=lambda c: (c.peer, c.dst))
     rank_of = {p: i for i, p in enumerate(peer_order(rank, world_size))}
