@@ -12,9 +12,10 @@ Invariant: the three schedules move exactly the same bytes (same multiset of (ds
 order.
 
 Bad input (checked up front, naming the argument): ``rank`` / ``world_size`` / ``slice_bytes`` / a copy's ``nbytes``
-that are not integers (bools included) raise TypeError; ``world_size < 1``, a rank outside ``[0, world_size)``, ``slice_bytes < 1``, a copy
-of negative ``nbytes`` and an unknown schedule raise ValueError. ``slice_bytes`` is used by ``interleaved`` only: the other two schedules also
-accept ``None`` there (nothing is sliced); ``interleaved`` needs a positive int.
+that are not integers (bools included) raise TypeError; ``world_size < 1``, a rank outside ``[0, world_size)``,
+``slice_bytes < 1``, a copy of negative ``nbytes`` and an unknown schedule raise ValueError. ``slice_bytes`` is used by
+``interleaved`` only: the other two schedules also accept ``None`` there (nothing is sliced); ``interleaved`` needs a
+positive int.
 """
 
 from __future__ import annotations
