@@ -166,6 +166,16 @@ def test_train_refuses_an_empty_training_set():
         train(CanModel(CanConfig(tables)), _rows(tr, 0), te, 1, 16, 0, progress=False)
 
 
+def test_predict_of_no_sample_is_empty():
+    """``predict`` of an empty set (a direct call: ``train`` refuses an empty training set) had raised numpy's
+    'need at least one array to concatenate'; it gives no probability."""
+    data, tables = synthetic(50, seed=0)
+    model = CanModel(CanConfig(tables))
+    p = model.predict(_rows(data, 0))
+    assert isinstance(p, np.ndarray) and p.shape == (0,)
+    assert model.predict(_rows(data, 3)).shape == (3,)
+
+
 @pytest.mark.parametrize("which", ["train", "test"])
 def test_train_names_ids_beyond_the_model_tables(which):
     """Data from a larger vocabulary than the model's tables: numpy's IndexError named no table on the CPU (and the

@@ -236,8 +236,11 @@ class CanModel:
         return loss, grads
 
     def predict(self, data: Batchable, batch_size: int = 1024) -> np.ndarray:
+        """Click probabilities of ``data``'s samples, ``[len(data)]`` float on the host (empty for no sample)."""
         xp = self.xp
         out = [1 / (1 + xp.exp(-self.logits(self._on_device(b))[0])) for b in data.batches(batch_size)]
+        if not out:  # (no batch: concatenate of nothing would raise)
+            return np.zeros(0)
         res = xp.concatenate(out)
         return res if xp is np else res.get()
 
