@@ -316,6 +316,8 @@ def test_config_rejects_bad_fields_by_name(kw, err, msg):
     (dict(rms_eps=float("nan")), ValueError, "rms_eps must be finite"),
     (dict(rms_eps=-1e-6), ValueError, "rms_eps must be >= 0"),
     (dict(route_scale=float("inf")), ValueError, "route_scale must be finite"),
+    (dict(route_scale=-2.5), ValueError, "route_scale must be > 0, got -2.5"),  # (had flipped the experts' sum)
+    (dict(route_scale=0.0), ValueError, "route_scale must be > 0, got 0.0"),
     (dict(mscale=float("nan")), ValueError, "mscale must be finite"),
     (dict(route_scale="2.5"), TypeError, "route_scale must be a real number, got '2.5' \\(str\\)"),
     (dict(rms_eps=True), TypeError, "rms_eps must be a real number"),

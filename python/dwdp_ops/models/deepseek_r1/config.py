@@ -49,8 +49,8 @@ class DeepSeekConfig:
     def __post_init__(self) -> None:
         """Invariants: every integer field is an int (numbers.Integral, not bool; TypeError otherwise), >= 1
         except ``n_shared_experts`` (>= 0) and ``n_dense_layers`` (in ``[0, n_layers]``); every float field a finite
-        real number (not bool), with ``rope_factor > 0``, ``rope_theta > 1`` and ``rms_eps >= 0``; the router's groups
-        divide the experts. Errors name the field and what is expected."""
+        real number (not bool), with ``rope_factor > 0``, ``rope_theta > 1``, ``rms_eps >= 0`` and
+        ``route_scale > 0``; the router's groups divide the experts. Errors name the field and what is expected."""
         ints = {f.name for f in fields(self) if f.type in ("int", int)}
         for name in sorted(ints):
             v = getattr(self, name)
@@ -69,6 +69,8 @@ class DeepSeekConfig:
             raise ValueError(f"DeepSeekConfig.rope_theta must be > 1, got {self.rope_theta}")
         if self.rms_eps < 0:
             raise ValueError(f"DeepSeekConfig.rms_eps must be >= 0, got {self.rms_eps}")
+        if self.route_scale <= 0:  # (it scales the routed experts' sum: 0 drops it, a negative one flips it)
+            raise ValueError(f"DeepSeekConfig.route_scale must be > 0, got {self.route_scale}")
         if self.q_lora_rank < 1:  # before the generic message: the reason, as hf_convert gives it
             raise ValueError(f"DeepSeekConfig.q_lora_rank must be >= 1, got {self.q_lora_rank}: our weights always "
                              "have the LoRA query (wq_a, q_norm, wq_b); a direct query projection (q_lora_rank 0, "
