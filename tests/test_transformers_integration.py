@@ -102,6 +102,16 @@ def test_plan_of_a_config_checks_the_layer_indices(layers, msg):
 
 
 @needs_hf
+@pytest.mark.parametrize("world, rank", [(2, True), (2, 0.0), (2, 2), (0, 0)])
+def test_plan_names_a_bad_world_or_rank(world, rank):
+    """A bool or float rank passed the range check and failed in the partition with a TypeError, where the docstring
+    says ValueError naming world and rank."""
+    with pytest.raises(ValueError, match=r"world must be >= 1 and rank in \[0, world\)"):
+        hf.plan(tiny_config(), world, rank, layers=[1, 2])
+    assert hf.plan(tiny_config(), np.int64(2), np.int64(1), layers=[1, 2]).lo == 8
+
+
+@needs_hf
 def test_dwdp_experts_equal_hugging_faces_and_generate_the_same_tokens():
     ids = torch.tensor([[5, 17, 99, 3, 64, 8, 1]])
     base = tiny_model(1)

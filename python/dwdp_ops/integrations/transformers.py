@@ -100,7 +100,7 @@ def plan(model_or_config: Any, world: int, rank: int, partition: ExpertPartition
         raise ValueError("this DeepSeek-V3 configuration has no MoE layer (first_k_dense_replace >= "
                          f"num_hidden_layers = {getattr(cfg, 'num_hidden_layers', '?')}): nothing to distribute")
     E = int(getattr(cfg, "n_routed_experts", 0) or getattr(cfg, "num_local_experts", 0))
-    if not is_int(world) or world < 1 or not 0 <= rank < world:
+    if not is_int(world) or world < 1 or not is_int(rank) or not 0 <= rank < world:
         raise ValueError(f"world must be >= 1 and rank in [0, world), got world {world!r}, rank {rank!r}")
     world = int(world)
     if partition is None:
