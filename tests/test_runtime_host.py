@@ -201,3 +201,21 @@ def test_real_module_without_gpu_raises_clearly():
         pytest.skip("a GPU is present: this checks the no-GPU message")
     with pytest.raises(DwdpError, match="no CUDA GPU is usable"):
         Runtime().init(environ={}, timeout=5)
+
+
+@pytest.mark.parametrize("size", ["0", "-4g", "0.0001k", "inf g", "nang", True, False])
+def test_heap_size_must_be_a_positive_finite_size(size):
+    """A heap size given as a string went unchecked: '0' and '-4g' reached NVSHMEM_SYMMETRIC_SIZE as 0 and
+    -4294967296, 'inf g' raised a bare OverflowError; True was taken as 1 byte. Each is refused before anything
+    starts, naming the value."""
+    be = FakeBackend()
+    with pytest.raises((ValueError, TypeError), match=r"heap_size"):
+        Runtime(be).init(environ={}, heap_size=size)
+    assert be.calls == []
+
+
+@pytest.mark.parametrize("size, want", [("1.5g", 3 << 29), ("4096", 4096), (1 << 30, 1 << 30), (" 2M ", 2 << 20)])
+def test_heap_size_good_values(size, want):
+    from dwdp_ops.runtime import _parse_size
+
+    assert _parse_size(size) == want

@@ -64,6 +64,10 @@ class _InitArgs:
 
 
 def _parse_size(size: int | str | None) -> int | None:
+    """``heap_size`` in bytes: None, an int, or a string of bytes or a number with k/m/g/t ('4g', '1.5g'). Raises
+    TypeError for a bool, ValueError for anything else that is not a whole number of bytes > 0."""
+    if isinstance(size, bool):
+        raise TypeError(f"heap_size must be a size in bytes (an int or a string like '4g'), got {size!r}")
     if size is None or isinstance(size, int):
         if isinstance(size, int) and size <= 0:
             raise ValueError(f"heap_size must be positive, got {size}")
@@ -71,11 +75,12 @@ def _parse_size(size: int | str | None) -> int | None:
     s = str(size).strip().lower()
     mult = {"k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
     try:
-        if s and s[-1] in mult:
-            return int(float(s[:-1]) * mult[s[-1]])
-        return int(s)
-    except ValueError:
+        n = int(float(s[:-1]) * mult[s[-1]]) if s and s[-1] in mult else int(s)
+    except (ValueError, OverflowError):
         raise ValueError(f"heap_size {size!r} is not a size (bytes, or a number with k/m/g/t)") from None
+    if n <= 0:
+        raise ValueError(f"heap_size {size!r} is {n} bytes; it must be positive")
+    return n
 
 
 class Runtime:
