@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 
 import numpy as np
 import pytest
@@ -418,3 +419,31 @@ def test_a_gradient_array_device_is_read_from_cupy_and_torch_objects():
     assert _array_device(SimpleNamespace(device=SimpleNamespace(index=2, type="cuda"))) == 2
     assert _array_device(SimpleNamespace(device=SimpleNamespace(id=0, index=5))) == 0
     assert _array_device(object()) is None
+
+
+@pytest.mark.parametrize("which, ids_shape, table", [
+    ("ind_ids", (3, 1), "induction"), ("ind_ids", (), "induction"), ("ind_ids", (2,), "induction"),
+    ("feed_ids", (3,), "feed"), ("feed_ids", (3, 5, 1), "feed"), ("feed_ids", (3, 4), "feed"),
+], ids=["ind-2d", "ind-scalar", "ind-short", "feed-1d", "feed-3d", "feed-short"])
+def test_the_reference_names_ids_of_the_wrong_shape(which, ids_shape, table):
+    """Ids of the wrong shape had been gathered first: the error then named the gathered rows ("induction must be
+    [B, D'], got shape (3, 1, 160)", "feed must be [B, T, D]"), not the ids, or (fewer ids) "induction has 2 rows but
+    feed has batch 3". Now a ValueError names the ids and the shape the mask asks for, forward and backward."""
+    spec = CoActionSpec(bias=True)
+    ind, feed, mask = inputs(spec)  # B, T = 3, 5
+    kw = {which: np.zeros(ids_shape, dtype=np.int64)}
+    args = (ind, feed[0] if which == "feed_ids" else feed, mask)  # the gathered rows are a table of 3 (or 5) rows
+    want = re.escape(f"{which} must be " + ("[B] = [3]" if which == "ind_ids" else "[B, T] = [3, 5]"))
+    with pytest.raises(ValueError, match=want):
+        coaction_forward(*args, spec, **kw)
+    with pytest.raises(ValueError, match=want):
+        coaction_backward(*args, np.zeros((3, spec.out_dim)), spec, **kw)
+
+
+def test_ids_given_with_gathered_rows_are_named_before_their_range():
+    """feed_ids beside a gathered [B, T, D] feed (not a table) had been range-checked against its first extent and
+    refused as "feed_ids must be in [0, 3)": now the table's shape is checked first."""
+    spec = CoActionSpec()
+    ind, feed, mask = inputs(spec)
+    with pytest.raises(ValueError, match=r"with feed_ids the table must be 2-D \[rows, D\]"):
+        coaction_forward(ind, feed, mask, spec, feed_ids=np.full((3, 5), 4))

@@ -173,14 +173,22 @@ def _spec_of(spec, layer_dims, orders, bias, order_independent, variant) -> CoAc
     return CoActionSpec(layer_dims, orders, bias, order_independent, variant)
 
 
-def _gather(xp, table, ids, what: str, shape_hint: str):
+def _gather(xp, table, ids, what: str, shape_hint: str, mask):
+    """``(table[ids], ids)`` once the ids' dtype, the table's rank, the ids' shape (``[B]`` for ``ind_ids``, ``[B, T]``
+    for ``feed_ids``, from ``mask [B, T]``; not checked when the mask is not 2-D: ``check`` names it) and their range
+    are checked, in that order."""
     ids = xp.asarray(ids)
     if ids.dtype.kind not in "iu":
         raise TypeError(f"{what} must be integer row ids, got {ids.dtype}")
-    if ids.size and (int(ids.min()) < 0 or int(ids.max()) >= table.shape[0]):
-        raise ValueError(f"{what} must be in [0, {table.shape[0]}) (the table's rows)")
     if table.ndim != 2:
         raise ValueError(f"with {what} the table must be 2-D {shape_hint}, got shape {list(table.shape)}")
+    if mask.ndim == 2:
+        want, dims = (mask.shape[:1], "[B]") if what == "ind_ids" else (mask.shape, "[B, T]")
+        if ids.shape != want:
+            raise ValueError(f"{what} must be {dims} = {list(want)} (the mask is [B, T] = {list(mask.shape)}), got "
+                             f"shape {list(ids.shape)}")
+    if ids.size and (int(ids.min()) < 0 or int(ids.max()) >= table.shape[0]):
+        raise ValueError(f"{what} must be in [0, {table.shape[0]}) (the table's rows)")
     return table[ids], ids
 
 
@@ -208,9 +216,9 @@ def coaction_forward(
     xp = _xp(induction, feed, mask)
     induction, feed, mask = xp.asarray(induction), xp.asarray(feed), xp.asarray(mask)
     if ind_ids is not None:
-        induction, _ = _gather(xp, induction, ind_ids, "ind_ids", "[rows, D']")
+        induction, _ = _gather(xp, induction, ind_ids, "ind_ids", "[rows, D']", mask)
     if feed_ids is not None:
-        feed, _ = _gather(xp, feed, feed_ids, "feed_ids", "[rows, D]")
+        feed, _ = _gather(xp, feed, feed_ids, "feed_ids", "[rows, D]", mask)
     spec.check(induction, feed, mask)
     outs = [_forward_order(spec, induction, feed, mask, c)[0] for c in range(1, spec.orders + 1)]
     return sum(outs) if spec.variant == "paper" else xp.concatenate(outs, axis=-1)
@@ -247,8 +255,9 @@ def coaction_backward(
     xp = _xp(induction, feed, mask, grad_out)
     induction, feed, mask = xp.asarray(induction), xp.asarray(feed), xp.asarray(mask)
     if ind_ids is not None or feed_ids is not None:
-        rows_i, ids_i = _gather(xp, induction, ind_ids, "ind_ids", "[rows, D']") if ind_ids is not None else (induction, None)
-        rows_f, ids_f = _gather(xp, feed, feed_ids, "feed_ids", "[rows, D]") if feed_ids is not None else (feed, None)
+        rows_i, ids_i = (_gather(xp, induction, ind_ids, "ind_ids", "[rows, D']", mask) if ind_ids is not None
+                         else (induction, None))
+        rows_f, ids_f = _gather(xp, feed, feed_ids, "feed_ids", "[rows, D]", mask) if feed_ids is not None else (feed, None)
         g_i, g_f = coaction_backward(rows_i, rows_f, mask, grad_out, spec)
         if ids_i is not None:
             t = xp.zeros(induction.shape, dtype=g_i.dtype)
