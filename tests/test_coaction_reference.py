@@ -193,13 +193,17 @@ def test_bad_specs_are_explained():
         (dict(orders=True), "orders must be an int"),
         (dict(bias="no"), "bias must be a bool"),  # was truthy: bias on
         (dict(order_independent=1), "order_independent must be a bool"),
+        (dict(layer_dims=((16, True),)), "positive integer"),  # was taken as 1 (a bool is refused as orders)
+        (dict(layer_dims=((np.True_, 8), (8, 4))), "positive integer"),
     ],
-    ids=["float-dim", "flat-pair", "float-orders", "str-orders", "bool-orders", "str-bias", "int-oi"],
+    ids=["float-dim", "flat-pair", "float-orders", "str-orders", "bool-orders", "str-bias", "int-oi", "bool-dim",
+         "numpy-bool-dim"],
 )
 def test_spec_fields_of_the_wrong_type_are_named(kwargs, match):
     with pytest.raises(TypeError, match=match):
         CoActionSpec(**kwargs)
     assert CoActionSpec(orders=np.int64(2), bias=np.bool_(True)) == CoActionSpec(orders=2, bias=True)
+    assert CoActionSpec(layer_dims=((np.int32(16), 8), [8, np.int64(4)])) == CoActionSpec()
 
 
 def test_a_spec_and_the_older_keywords_together_are_refused():

@@ -57,6 +57,8 @@ class CoActionSpec:
             dims = tuple(tuple(operator.index(x) for x in d) for d in self.layer_dims)
         except TypeError:  # a flat pair, floats, strings
             raise TypeError(want) from None
+        if any(isinstance(x, bool) for d in self.layer_dims for x in d):  # operator.index takes True as 1
+            raise TypeError(want)
         if not dims or any(len(d) != 2 or min(d) < 1 for d in dims):
             raise ValueError(want)
         object.__setattr__(self, "layer_dims", dims)
