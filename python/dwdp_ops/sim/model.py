@@ -29,7 +29,8 @@ receives (``policy.pair_shares``, uniform routing) on its L experts, the combine
 end; dispatch and combine take max_r (lat + rows_r H b / B_disp), rows_r = max(rows sent, rows received)
 (hypergeometric, as ``policy.choose_mode``). Synchronisation wait of rank r = sum over layers of
 (max A - A_r) + (max G - G_r) (+ the LM-head tail). All ranks run iteration i together; the iteration takes
-sum_j (max_r A_r + dispatch + max_r G_r + combine) + max_r tail_r. With N = 1 or no MoE layer there is no collective.
+sum_j (max_r A_r + dispatch + max_r G_r + combine) + max_r tail_r. With N = 1 or no MoE layer there is no collective:
+each rank keeps its own time, as in DWDP.
 
 Rank speed (``CostModel.rank_factors``): with a calibration's ``rank_speed`` s > 0, every compute time of the last
 rank is x (1 + s) and of the others x (1 - s / (N - 1)) (mean 1: the calibration is a mean of ranks), in both modes.
@@ -293,8 +294,10 @@ def dwdp_segments(step: RankStep, cfg: DeepSeekConfig, expert_ms: float) -> list
 def dep_iteration(steps: list[RankStep], cfg: DeepSeekConfig, expert_ms: list[float], dispatch_ms: float,
                   combine_ms: float) -> dict:
     """One DEP iteration of all ranks in lockstep (module docstring). ``expert_ms[r]``: rank r's expert GEMMs of one
-    MoE layer; ``dispatch_ms`` / ``combine_ms``: one collective each (the slowest rank's). Returns ``time_ms`` and
-    ``breakdown`` per rank."""
+    MoE layer; ``dispatch_ms`` / ``combine_ms``: one collective each (the slowest rank's). Returns ``time_ms`` (the
+    slowest rank's), ``rank_ms`` (each rank's: all ``time_ms`` where the ranks meet at a collective) and
+    ``breakdown`` per rank. With one rank or no MoE layer there is no collective: each rank runs on its own and
+    waits for no other (no sync_wait)."""
     N, M, D = len(steps), cfg.n_moe_layers, cfg.n_dense_layers
     per = [_zero() for _ in range(N)]
     detail: list[dict[str, float]] = [{} for _ in range(N)]
@@ -307,7 +310,7 @@ def dep_iteration(steps: list[RankStep], cfg: DeepSeekConfig, expert_ms: list[fl
             s += ms
         return s
 
-    if N == 1 or M == 0:  # no collective: each rank on its own (the iteration is its slowest rank's, for lockstep)
+    if N == 1 or M == 0:  # no collective: each rank on its own, nothing to wait for
         times = []
         for r, st in enumerate(steps):
             items = [x for _ in range(cfg.n_layers) for x in st.attention_block()]
@@ -315,10 +318,7 @@ def dep_iteration(steps: list[RankStep], cfg: DeepSeekConfig, expert_ms: list[fl
                 ("dense_gemm:shared_router", st.shared), ("others:moe", st.moe_others),
                 ("expert_gemm", expert_ms[r])] * M
             times.append(own(r, items + [("dense_gemm:lm_head", st.lm_head)]))
-        T = max(times)
-        for r in range(N):
-            per[r]["sync_wait"] += T - times[r]
-        return {"time_ms": T, "breakdown": per, "detail": detail}
+        return {"time_ms": max(times), "rank_ms": times, "breakdown": per, "detail": detail}
     t = 0.0
     for j in range(M):
         arrive = []
@@ -338,7 +338,7 @@ def dep_iteration(steps: list[RankStep], cfg: DeepSeekConfig, expert_ms: list[fl
     tail = [own(r, [("dense_gemm:lm_head", st.lm_head)]) for r, st in enumerate(steps)]
     for r in range(N):
         per[r]["sync_wait"] += max(tail) - tail[r]
-    return {"time_ms": t + max(tail), "breakdown": per, "detail": detail}
+    return {"time_ms": t + max(tail), "rank_ms": [t + max(tail)] * N, "breakdown": per, "detail": detail}
 
 
 # ------------------------------------------------------------------------------------------------------- simulate
@@ -420,12 +420,13 @@ def simulate(config: SimConfig, calibration: dict | None = None) -> dict:
         comb = max(costs.combine_ms(x) for x in rows) if N > 1 else 0.0
         res = dep_iteration([steps[r][i] for r in range(N)], cfg, [speed[r] * costs.expert_ms(pairs[r], L)
                                                                    for r in range(N)], disp, comb)
-        dep_t[:, i] = res["time_ms"]
+        dep_t[:, i] = res["rank_ms"]
         for r in range(N):
             dep_b[r].append(res["breakdown"][r])
             dep_d[r].append(res["detail"][r])
     dep = _summary(dep_t, tokens, dep_b, None, 0.0, dep_d)
-    dep["per_rank_iteration_ms"] = dep["per_rank_iteration_ms"][:1]  # lockstep: one time for all
+    if N > 1 and M > 0:
+        dep["per_rank_iteration_ms"] = dep["per_rank_iteration_ms"][:1]  # lockstep: one time for all
 
     lengths = [c.length + c.prefix for row in work for it in row for c in it.chunks if c.last]
     return {

@@ -1,0 +1,28 @@
+"""Edge cases of the DWDP / DEP simulator (``dwdp_ops.sim``) found in review: each test failed on the code before
+its fix. CPU only."""
+
+from __future__ import annotations
+
+import pytest
+from dwdp_ops.sim.costs import Overrides
+from dwdp_ops.sim.model import SimConfig, simulate
+
+SAME_GPUS = Overrides(rank_slowdown=0.0)
+
+
+@pytest.mark.parametrize("overrides", [SAME_GPUS, Overrides()])
+def test_no_moe_layer_on_several_gpus_is_the_same_in_both_modes(overrides):
+    """docs/simulator.md: "With N = 1 or no MoE layer there is no collective, and both modes give the same result".
+    With dense layers only, DEP's ranks never meet, so a rank with less work does not wait for the others; DEP had
+    kept them in lockstep (iteration = the slowest rank's, the rest booked as sync_wait)."""
+    r = simulate(SimConfig(gpus=4, layers=3, dense_layers=3, cv=0.3, max_tokens=16384, iterations=6,
+                           overrides=overrides))
+    dw, dep = r["dwdp"], r["dep"]
+    assert r["config"]["moe_layers"] == 0
+    assert dep["breakdown_ms"]["sync_wait"] == 0 and dep["breakdown_ms"]["communication"] == 0
+    assert r["ratio"] == pytest.approx(1.0, rel=1e-12)
+    assert dep["iteration_ms"] == pytest.approx(dw["iteration_ms"], rel=1e-12)
+    assert dep["slowest_rank_iteration_ms"] == pytest.approx(dw["slowest_rank_iteration_ms"], rel=1e-12)
+    assert dep["per_rank_iteration_ms"] == pytest.approx(dw["per_rank_iteration_ms"], rel=1e-12)
+    for c in dw["breakdown_ms"]:
+        assert dep["breakdown_ms"][c] == pytest.approx(dw["breakdown_ms"][c], rel=1e-12, abs=1e-12), c
