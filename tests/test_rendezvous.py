@@ -400,3 +400,21 @@ def test_late_duplicate_rank_is_answered_at_once():
         stop.set()
         for t in ts:
             t.join(20)
+
+
+@pytest.mark.parametrize("timeout", [float("nan"), float("inf"), "5", True, None])
+def test_bad_timeout_is_refused_at_construction(timeout):
+    """A NaN timeout passed the '<= 0' check and made a rank > 0 wait for rank 0 forever (every deadline was NaN);
+    inf raised OverflowError from the socket layer, '5' a comparison TypeError, True meant 1 second. Refused before
+    any socket opens (world 1 included, where no wait happens)."""
+    for rank, world in ((0, 1), (1, 2)):
+        with pytest.raises((ValueError, TypeError), match="timeout"):
+            Rendezvous(rank, world, "127.0.0.1", free_port(), timeout)
+
+
+@pytest.mark.parametrize("rank, world", [(0, 1.5), (True, 2), ("0", 1), (0.0, 1), (1, True)])
+def test_rank_and_world_must_be_ints(rank, world):
+    """rank 0.0 of world 1 was accepted, rank True took part as rank 1 (its messages said 'rank True'), a float
+    world or a string rank failed with Python's own TypeError naming neither."""
+    with pytest.raises(TypeError, match="rendezvous: rank and world_size must be ints"):
+        Rendezvous(rank, world, "127.0.0.1", free_port(), 1.0)

@@ -32,6 +32,8 @@ from __future__ import annotations
 
 import base64
 import json
+import math
+import numbers
 import os
 import selectors
 import socket
@@ -41,6 +43,7 @@ import time
 from collections.abc import Sequence
 from datetime import timedelta
 
+from ._checks import is_int
 from .env import under_torchrun
 from .errors import RendezvousError
 
@@ -232,10 +235,18 @@ class Rendezvous:
         torchrun: bool | None = None,
         job: str | None = None,
     ):
+        if not (is_int(rank) and is_int(world_size)):
+            raise TypeError(f"rendezvous: rank and world_size must be ints, got rank={rank!r} ({type(rank).__name__}), "
+                            f"world_size={world_size!r} ({type(world_size).__name__})")
+        rank, world_size = int(rank), int(world_size)
         if world_size < 1 or not 0 <= rank < world_size:
             raise ValueError(f"rendezvous: rank {rank} is outside [0, {world_size})")
-        if timeout <= 0:
-            raise ValueError(f"rendezvous: timeout must be > 0 seconds, got {timeout}")
+        if isinstance(timeout, bool) or not isinstance(timeout, numbers.Real):
+            raise TypeError(f"rendezvous: timeout must be a number of seconds, got {timeout!r} "
+                            f"({type(timeout).__name__})")
+        if not (math.isfinite(timeout) and timeout > 0):  # NaN would make every deadline NaN: a wait with no end
+            raise ValueError(f"rendezvous: timeout must be a finite number of seconds > 0, got {timeout}")
+        timeout = float(timeout)
         self.rank, self.world_size, self.addr, self.port, self.timeout = rank, world_size, addr, port, timeout
         if torchrun is None:
             torchrun = under_torchrun() and os.environ.get("MASTER_PORT", "").strip() == str(port)
