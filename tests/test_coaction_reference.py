@@ -217,6 +217,20 @@ def test_a_spec_and_the_older_keywords_together_are_refused():
             coaction_backward(ind, feed, mask, np.zeros((3, spec.out_dim)), spec, **kw)
 
 
+def test_positional_layer_dims_and_the_layer_dims_keyword_together_are_refused():
+    """The older positional form (layer_dims as the fourth argument) beside a layer_dims keyword had silently used the
+    positional dims and ignored the keyword; now a TypeError, as for a CoActionSpec beside the keywords."""
+    spec = CoActionSpec(((4, 3),), orders=2)
+    ind, feed, mask = inputs(spec)
+    for kw in (dict(layer_dims=((4, 2),)), dict(layer_dims=((4, 3),))):  # even the same dims: one place to say it
+        with pytest.raises(TypeError, match="layer_dims twice"):
+            coaction_forward(ind, feed, mask, ((4, 3),), 2, **kw)
+        with pytest.raises(TypeError, match="layer_dims twice"):
+            coaction_backward(ind, feed, mask, np.zeros((3, spec.out_dim)), ((4, 3),), 2, **kw)
+    np.testing.assert_array_equal(coaction_forward(ind, feed, mask, ((4, 3),), 2),
+                                  coaction_forward(ind, feed, mask, layer_dims=((4, 3),), orders=2))
+
+
 def test_integer_inputs_are_refused_by_the_reference():
     """x ** c in an integer dtype wraps (an int8 100 squared gave 16)."""
     spec = CoActionSpec()

@@ -161,7 +161,7 @@ _LEGACY_DEFAULTS = dict(layer_dims=((16, 8), (8, 4)), orders=3, bias=False, orde
 
 def _spec_of(spec, layer_dims, orders, bias, order_independent, variant) -> CoActionSpec:
     """The spec from either a ``CoActionSpec`` (the GPU op's signature) or the legacy keyword form; both at once is
-    a TypeError (the keywords would be ignored)."""
+    a TypeError (the keywords would be ignored), as are legacy ``layer_dims`` given both positionally and by keyword."""
     if isinstance(spec, CoActionSpec):
         given = dict(layer_dims=layer_dims, orders=orders, bias=bias, order_independent=order_independent,
                      variant=variant)
@@ -171,6 +171,8 @@ def _spec_of(spec, layer_dims, orders, bias, order_independent, variant) -> CoAc
                             f"{', '.join(clash)}); set them in the CoActionSpec")
         return spec
     if spec is not None:  # legacy positional layer_dims
+        if layer_dims != _LEGACY_DEFAULTS["layer_dims"]:
+            raise TypeError(f"layer_dims twice: positionally ({spec!r}) and as the keyword ({layer_dims!r}); pass one")
         layer_dims = spec
     return CoActionSpec(layer_dims, orders, bias, order_independent, variant)
 
