@@ -26,3 +26,29 @@ def test_no_moe_layer_on_several_gpus_is_the_same_in_both_modes(overrides):
     assert dep["per_rank_iteration_ms"] == pytest.approx(dw["per_rank_iteration_ms"], rel=1e-12)
     for c in dw["breakdown_ms"]:
         assert dep["breakdown_ms"][c] == pytest.approx(dw["breakdown_ms"][c], rel=1e-12, abs=1e-12), c
+
+
+def _run_cli(argv, capsys):
+    from dwdp_ops.sim import cli
+
+    try:
+        code = cli.main(argv)
+    except SystemExit as e:
+        code = e.code
+    return (code, *capsys.readouterr())
+
+
+def test_cli_refuses_hardware_that_calibration_would_override(capsys):
+    """--calibration FILE replaces --hardware's profile: --hardware gb200 with an h200 file had been ignored without a
+    word (the run was h200's). The same profile named twice is still fine."""
+    from importlib import resources
+
+    h200 = str(resources.files("dwdp_ops.sim").joinpath("calibration", "h200.json"))
+    code, out, err = _run_cli(["--hardware", "gb200", "--calibration", h200, "--layers", "5", "--iterations", "2"],
+                              capsys)
+    errors = [line for line in err.splitlines() if "error:" in line]
+    assert code == 2 and out == "" and len(errors) == 1, (out, err)
+    assert "--hardware" in errors[0] and "gb200" in errors[0] and "'h200'" in errors[0], errors[0]
+    code, out, err = _run_cli(["--hardware", "h200", "--calibration", h200, "--layers", "5", "--iterations", "2"],
+                              capsys)
+    assert code == 0 and "2 x h200" in out, err

@@ -58,7 +58,8 @@ def build_parser(prog: str = "python -m dwdp_ops sim") -> argparse.ArgumentParse
     ap.add_argument("--hardware", choices=PROFILES, default="h200",
                     help="calibration profile shipped in dwdp_ops/sim/calibration")
     ap.add_argument("--calibration", type=existing_file, default=None,
-                    help="a calibration JSON file to use instead of --hardware's (schema: docs/simulator.md)")
+                    help="a calibration JSON file to use instead of --hardware's (schema: docs/simulator.md); with "
+                         "--hardware, only a file of that hardware")
     ap.add_argument("--gpus", type=_bounded_int(1, 256, "GPUs of one DWDP / DEP group, at most one expert each"),
                     default=2, help="group size N")
     ap.add_argument("--isl", type=_bounded_int(1, MAX_ISL, "tokens per request"), default=8192,
@@ -165,9 +166,12 @@ def check_args(ap: argparse.ArgumentParser, ns: argparse.Namespace, given: set[s
         from .costs import load_calibration
 
         try:
-            load_calibration(ns.calibration)
+            cal = load_calibration(ns.calibration)
         except ValueError as e:
             ap.error(f"argument --calibration: {e}")
+        if "hardware" in given and cal["hardware"] != ns.hardware:
+            ap.error(f"argument --calibration: {ns.calibration} is a {cal['hardware']!r} profile, not with --hardware "
+                     f"{ns.hardware} (--calibration replaces --hardware's profile: give one of them)")
 
 
 def _text(res: dict, rows: list[dict] | None) -> str:
