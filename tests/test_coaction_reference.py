@@ -465,3 +465,20 @@ def test_ids_given_with_gathered_rows_are_named_before_their_range():
     ind, feed, mask = inputs(spec)
     with pytest.raises(ValueError, match=r"with feed_ids the table must be 2-D \[rows, D\]"):
         coaction_forward(ind, feed, mask, spec, feed_ids=np.full((3, 5), 4))
+
+
+@pytest.mark.parametrize("num_rows, dim, match", [
+    (10.5, 16, "num_rows must be an int"), (True, 16, "num_rows must be an int"), (10, 16.0, "dim must be an int"),
+    (10, "16", "dim must be an int"), (None, 16, "num_rows must be an int"),
+], ids=["float-rows", "bool-rows", "float-dim", "str-dim", "none-rows"])
+def test_a_sharded_table_refuses_sizes_that_are_not_ints(num_rows, dim, match):
+    """A float size had been truncated by int() (a 10.5-row table had 10 rows), True taken as 1, and a string or None
+    failed in a comparison naming neither argument. TypeError before any runtime work (numpy integers pass: they reach
+    the runtime's own error here, with no runtime)."""
+    from dwdp_ops.coaction import ShardedTable
+    from dwdp_ops.errors import DwdpError
+
+    with pytest.raises(TypeError, match=match):
+        ShardedTable(num_rows, dim)
+    with pytest.raises(DwdpError, match="init"):
+        ShardedTable(np.int64(10), np.int32(16))

@@ -38,6 +38,7 @@ from typing import Any
 
 import numpy as np
 
+from .._checks import is_int
 from .._native import native
 from ..errors import CoActionArgumentError, DwdpError
 from ..interop import cupy_stream, device_buffer, stream_handle
@@ -63,6 +64,9 @@ class ShardedTable:
 
         if dtype not in _DT:
             raise ValueError(f"dtype must be 'float32' or 'bfloat16', got {dtype!r}")
+        for name, v in (("num_rows", num_rows), ("dim", dim)):
+            if not is_int(v):  # (int() had truncated a float, True was 1)
+                raise TypeError(f"{name} must be an int, got {type(v).__name__} {v!r}")
         if num_rows < 1 or dim < 1:
             raise ValueError(f"a table needs num_rows >= 1 and dim >= 1, got [{num_rows}, {dim}]")
         rt = get_runtime()
