@@ -455,3 +455,15 @@ def test_layers_must_be_integers_and_numpy_token_counts_are_taken():
     auto = PrefetchScheduler(FakeStore(4), policy="auto", top_k=1, copy_stream=Stream("c"),
                              event_factory=lambda: Event([]))
     assert auto.begin_step(tokens=np.int64(5)) in ("prefetch_all", "on_demand")
+
+
+def test_num_layers_must_be_an_int():
+    """begin_step(num_layers=2.7) ran a 2-layer step and num_layers=True a 1-layer step (int() truncated them), unlike
+    every layer argument of the protocol. TypeError naming num_layers; numpy integers pass."""
+    s = PrefetchScheduler(FakeStore(4), copy_stream=Stream("c"), event_factory=lambda: Event([]))
+    for bad in (2.7, True, "2"):
+        with pytest.raises(TypeError, match="num_layers must be an int"):
+            s.begin_step(num_layers=bad)
+        assert not s._in_flight  # nothing prefetched
+    assert s.begin_step(num_layers=np.int64(1)) == "prefetch_all" and s.num_layers == 1
+

@@ -211,6 +211,9 @@ class PrefetchScheduler:
             raise ValueError(f"begin_step: tokens must be an int >= 0, got {tokens!r}")
         if tokens is not None:
             tokens = int(tokens)  # numpy / torch integer scalars
+        if num_layers is not None and not is_int(num_layers):
+            raise TypeError(f"begin_step: num_layers must be an int or None, got {num_layers!r} "
+                            f"({type(num_layers).__name__})")
         n = self.store.num_layers if num_layers is None else int(num_layers)
         if not 1 <= n <= self.store.num_layers:
             raise ValueError(f"begin_step: num_layers {n} is outside [1, {self.store.num_layers}]")
