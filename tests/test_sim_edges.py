@@ -52,3 +52,19 @@ def test_cli_refuses_hardware_that_calibration_would_override(capsys):
     code, out, err = _run_cli(["--hardware", "h200", "--calibration", h200, "--layers", "5", "--iterations", "2"],
                               capsys)
     assert code == 0 and "2 x h200" in out, err
+
+
+def test_paper_setting_needs_r1s_three_dense_layers(capsys):
+    """The paper's setting is the full R1 (3 dense + 58 MoE layers): with --dense-layers 0 (61 MoE layers) the CLI had
+    still printed the paper's Table 3 comparison as if it were the same setting."""
+    from dwdp_ops.sim.analysis import is_paper_setting
+
+    base = dict(hardware="gb200", gpus=4, isl=8192, ratio=0.8, max_tokens=32768, layers=61, iterations=2)
+    assert is_paper_setting(simulate(SimConfig(**base))["config"])
+    assert is_paper_setting(simulate(SimConfig(dense_layers=3, **base))["config"])
+    assert not is_paper_setting(simulate(SimConfig(dense_layers=0, **base))["config"])
+    code, out, err = _run_cli(["--hardware", "gb200", "--gpus", "4", "--iterations", "2", "--dense-layers", "0"],
+                              capsys)
+    assert code == 0 and "The paper" not in out, err
+    code, out, err = _run_cli(["--hardware", "gb200", "--gpus", "4", "--iterations", "2"], capsys)
+    assert code == 0 and "The paper" in out, err

@@ -286,10 +286,11 @@ def validation_table(v: dict) -> str:
 
 
 def is_paper_setting(config: dict) -> bool:
-    """Whether a result's ``config`` is the paper's context-only setting (any hardware)."""
+    """Whether a result's ``config`` is the paper's context-only setting (any hardware): its group size, lengths,
+    budget and the full R1 (61 layers, 3 of them dense)."""
     return (config.get("gpus") == PAPER["gpus"] and config.get("isl") == PAPER["isl"]
             and config.get("ratio") == PAPER["ratio"] and config.get("max_tokens") == PAPER["max_tokens"]
-            and config.get("layers") == PAPER["layers"])
+            and config.get("layers") == PAPER["layers"] and config.get("dense_layers") == PAPER["dense_layers"])
 
 
 def paper_comparison(result: dict) -> dict:

@@ -7,7 +7,7 @@ from __future__ import annotations
 __all__ = ["PAPER"]
 
 PAPER = {  # the paper's context-only setting and Table 3 (../shared/reference/dwdp.md section 5.2)
-    "gpus": 4, "isl": 8192, "ratio": 0.8, "max_tokens": 32768, "layers": 61,
+    "gpus": 4, "isl": 8192, "ratio": 0.8, "max_tokens": 32768, "layers": 61, "dense_layers": 3,
     "table3_dep4_ms": {"attention": 269.67, "grouped_gemm": 342.40, "dense_gemm": 177.50, "others": 241.69,
                        "communication": 126.74, "sync_wait": 161.85, "iteration": 1319.85},
     "table3_dwdp4_ms": {"attention": 320.56, "grouped_gemm": 337.42, "dense_gemm": 189.28, "others": 284.32,
