@@ -467,3 +467,17 @@ def test_num_layers_must_be_an_int():
         assert not s._in_flight  # nothing prefetched
     assert s.begin_step(num_layers=np.int64(1)) == "prefetch_all" and s.num_layers == 1
 
+
+
+@pytest.mark.parametrize("counts", [[5, -3], [5, 2.9], [5, True], [5, "7"]])
+def test_tokens_per_rank_entries_must_be_counts(counts):
+    """Every rank's T bounds the dispatch step's grouped rows (rows_for): [5, -3] gave a bound 3 tokens short and
+    [5, 2.9] one of 2 tokens on rank 1, so the dispatch kernels would drop the overflowing pairs. ValueError naming
+    the list, before the step starts."""
+    store = FakeStore(2)
+    d = FakeDispatcher(store.partition, 2)
+    s = PrefetchScheduler(store, policy="dispatch", top_k=2, dispatcher=d, copy_stream=Stream("c"),
+                          event_factory=lambda: Event([]))
+    with pytest.raises(ValueError, match="tokens_per_rank must hold every rank's tokens"):
+        s.begin_step(tokens=5, tokens_per_rank=counts)
+    assert s.begin_step(tokens=5, tokens_per_rank=[5, np.int64(3)]) == "dispatch" and s.step_tokens == [5, 3]

@@ -179,9 +179,11 @@ class PrefetchScheduler:
         if self.policy in ("prefetch_all", "on_demand"):
             return self.policy
         if tokens_per_rank is not None:
-            if len(tokens_per_rank) != self.store.partition.world_size or tokens_per_rank[self.store.rank] != tokens:
+            if (len(tokens_per_rank) != self.store.partition.world_size
+                    or not all(is_int(t) and t >= 0 for t in tokens_per_rank)
+                    or tokens_per_rank[self.store.rank] != tokens):
                 raise ValueError(f"tokens_per_rank must hold every rank's tokens ({self.store.partition.world_size} "
-                                 f"counts, this rank's = {tokens}), got {list(tokens_per_rank)}")
+                                 f"ints >= 0, this rank's = {tokens}), got {list(tokens_per_rank)}")
             self.step_tokens = [int(t) for t in tokens_per_rank]
         elif self.dispatcher is not None and tokens is not None:
             self.step_tokens = self._gather_tokens(tokens)
