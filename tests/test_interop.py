@@ -51,6 +51,24 @@ def test_torch_dtypes_map_to_the_storage_dtypes():
     assert dtypes[torch.float32] == np.float32 and dtypes[torch.int64] == np.int64
 
 
+def test_normalize_dtype_takes_every_torch_dtype_numpy_has():
+    """``torch.bfloat16`` and ``torch.float8_e4m3fn`` were taken (by name) but ``torch.float32``, ``torch.int64`` and
+    ``torch.bool`` refused ("dtype torch.float32 is not supported"): ``symmetric_empty(shape, torch.float32)`` failed
+    where ``torch.bfloat16`` worked. A torch dtype without a numpy form is still refused by name."""
+    torch = pytest.importorskip("torch")
+    from dwdp_ops.interop import normalize_dtype
+
+    for t, want in ((torch.float32, "float32"), (torch.float16, "float16"), (torch.int64, "int64"),
+                    (torch.int32, "int32"), (torch.uint8, "uint8"), (torch.bool, "bool"), (torch.half, "float16")):
+        assert normalize_dtype(t) == (np.dtype(want), want)
+    assert normalize_dtype(torch.bfloat16) == (np.dtype(np.uint16), "bfloat16")
+    assert normalize_dtype(torch.float8_e4m3fn) == (np.dtype(np.uint8), "float8_e4m3fn")
+    for t in (torch.float8_e5m2, torch.complex32):
+        with pytest.raises(TypeError, match=f"dtype {t} is not supported"):
+            normalize_dtype(t)
+    assert normalize_dtype(np.float32) == normalize_dtype("float32") == (np.dtype(np.float32), "float32")
+
+
 def test_stream_handles_from_every_kind_of_stream():
     class CupyLike:
         ptr = 11

@@ -125,8 +125,11 @@ def device_buffer(obj: Any, name: str = "array") -> DeviceBuffer:
 
 
 def normalize_dtype(dtype: Any) -> tuple[np.dtype, str]:
-    """(storage dtype, logical name). fp8 e4m3 is stored as uint8 bytes; its logical name is 'float8_e4m3fn'."""
+    """(storage dtype, logical name) of a numpy dtype (or its name) or a torch dtype. fp8 e4m3 is stored as uint8
+    bytes; its logical name is 'float8_e4m3fn'. A torch dtype is read by its name (``torch.float32`` as float32), so
+    one without a numpy form (``torch.float8_e5m2``, ``torch.complex32``) is a TypeError."""
     name = getattr(dtype, "__name__", None) or str(dtype)
+    torch_dtype = name.startswith("torch.")
     name = name.replace("torch.", "")
     if name in FP8_NAMES:
         return np.dtype(np.uint8), "float8_e4m3fn"
@@ -134,7 +137,7 @@ def normalize_dtype(dtype: Any) -> tuple[np.dtype, str]:
         # CuPy has no bfloat16: store the bits as uint16, view them as bf16 in the consuming framework.
         return np.dtype(np.uint16), "bfloat16"
     try:
-        dt = np.dtype(dtype)
+        dt = np.dtype(name if torch_dtype else dtype)
     except TypeError:
         raise TypeError(f"dtype {dtype!r} is not supported: use a NumPy dtype, 'bfloat16' or 'float8_e4m3fn'") from None
     if dt.hasobject or dt.itemsize == 0:
