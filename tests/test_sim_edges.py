@@ -68,3 +68,42 @@ def test_paper_setting_needs_r1s_three_dense_layers(capsys):
     assert code == 0 and "The paper" not in out, err
     code, out, err = _run_cli(["--hardware", "gb200", "--gpus", "4", "--iterations", "2"], capsys)
     assert code == 0 and "The paper" in out, err
+
+
+@pytest.mark.parametrize("make, name", [
+    (lambda: SimConfig(ratio=True), "ratio"), (lambda: SimConfig(cv=True), "cv"), (lambda: SimConfig(cv=False), "cv"),
+    (lambda: SimConfig(owner_load=(True, 1.0)), "owner_load"), (lambda: Overrides(fetch_gbps=True), "fetch_gbps"),
+    (lambda: Overrides(dispatch_latency_us=False), "dispatch_latency_us"),
+    (lambda: Overrides(rank_slowdown=False), "rank_slowdown")])
+def test_bools_are_not_numbers(make, name):
+    """ratio=True had run ratio 1 (every request ISL tokens), cv=True a CV of 1, a True load or rate 1.0."""
+    with pytest.raises(ValueError, match=name):
+        make()
+
+
+def test_bool_length_parameters_are_refused_by_the_workload():
+    import numpy as np
+    from dwdp_ops.sim.workload import request_lengths, workload
+
+    with pytest.raises(ValueError, match="ratio"):
+        request_lengths(3, 8192, ratio=True, rng=np.random.default_rng(0))
+    with pytest.raises(ValueError, match="cv"):
+        workload(2, 2, 8192, 16384, cv=True)
+
+
+def test_numpy_numbers_are_numbers():
+    """Values read from an array (np.float32, np.int64) had been refused as if out of range ('ratio must be in
+    (0, 1], got np.float32(0.8)'); they are taken as the Python floats they stand for (so the result is JSON)."""
+    import json
+
+    import numpy as np
+
+    for kw, same in [(dict(ratio=np.float32(0.75)), dict(ratio=0.75)), (dict(cv=np.float32(0.25)), dict(cv=0.25)),
+                     (dict(owner_load=(np.float32(0.5), np.int64(1))), dict(owner_load=(0.5, 1.0))),
+                     (dict(overrides=Overrides(fetch_gbps=np.float32(300), dispatch_latency_us=np.int64(50),
+                                               interference=np.float32(0.25), rank_slowdown=np.float16(0.5))),
+                      dict(overrides=Overrides(fetch_gbps=300.0, dispatch_latency_us=50.0, interference=0.25,
+                                               rank_slowdown=0.5)))]:
+        a = simulate(SimConfig(layers=5, iterations=2, **kw))
+        json.dumps(a)
+        assert a == simulate(SimConfig(layers=5, iterations=2, **same)), kw

@@ -49,6 +49,7 @@ from pathlib import Path
 import numpy as np
 
 from ..models.deepseek_r1.config import DeepSeekConfig
+from .workload import is_real
 
 __all__ = ["CATEGORIES", "COMPUTE", "PROFILES", "SCHEMA", "CostModel", "Overrides", "R1Ops", "load_calibration",
            "validate_calibration"]
@@ -203,17 +204,21 @@ class Overrides:
     def __post_init__(self) -> None:
         for name in ("attention_tflops", "fetch_gbps", "dispatch_gbps"):
             v = getattr(self, name)
-            if v is not None and not (isinstance(v, (int, float)) and math.isfinite(v) and v > 0):
+            if v is not None and not (is_real(v) and math.isfinite(v) and v > 0):
                 raise ValueError(f"{name} must be a finite number > 0, got {v!r}")
         v = self.dispatch_latency_us
-        if v is not None and not (isinstance(v, (int, float)) and math.isfinite(v) and v >= 0):
+        if v is not None and not (is_real(v) and math.isfinite(v) and v >= 0):
             raise ValueError(f"dispatch_latency_us must be a finite number >= 0, got {v!r}")
         v = self.interference
-        if v is not None and not (isinstance(v, (int, float)) and math.isfinite(v) and v > -0.5):
+        if v is not None and not (is_real(v) and math.isfinite(v) and v > -0.5):
             raise ValueError(f"interference must be a finite number > -0.5, got {v!r}")
         v = self.rank_slowdown
-        if v is not None and not (isinstance(v, (int, float)) and math.isfinite(v) and 0 <= v < 1):
+        if v is not None and not (is_real(v) and math.isfinite(v) and 0 <= v < 1):
             raise ValueError(f"rank_slowdown must be a finite number in [0, 1), got {v!r}")
+        for name in ("attention_tflops", "fetch_gbps", "dispatch_gbps", "dispatch_latency_us", "interference",
+                     "rank_slowdown"):
+            if getattr(self, name) is not None:  # a numpy number as a Python float: asdict() goes into JSON
+                object.__setattr__(self, name, float(getattr(self, name)))
 
 
 class CostModel:

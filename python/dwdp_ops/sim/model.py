@@ -67,7 +67,7 @@ from ..models.deepseek_r1.config import DeepSeekConfig
 from ..partition import ExpertPartition
 from ..policy import _p_row, pair_shares
 from .costs import CATEGORIES, COMPUTE, CostModel, Overrides, load_calibration
-from .workload import Iteration, workload
+from .workload import Iteration, is_real, workload
 
 __all__ = ["MAX_ISL", "MAX_REQUESTS_PER_ITERATION", "MAX_TOKENS", "RankStep", "SimConfig", "dep_iteration",
            "dwdp_timeline", "partition_for", "simulate"]
@@ -129,17 +129,20 @@ class SimConfig:
             raise ValueError(f"dense_layers must be an integer in [0, layers={self.layers}], got {d!r}")
         if d is not None:
             object.__setattr__(self, "dense_layers", int(d))
-        if self.ratio is not None and not (isinstance(self.ratio, (int, float)) and 0 < self.ratio <= 1):
-            raise ValueError(f"ratio must be in (0, 1], got {self.ratio!r}")
-        if self.cv is not None and not (isinstance(self.cv, (int, float)) and math.isfinite(self.cv)
-                                        and self.cv >= 0):
+        if self.ratio is not None and not (is_real(self.ratio) and 0 < self.ratio <= 1):
+            raise ValueError(f"ratio must be a number in (0, 1], got {self.ratio!r}")
+        if self.cv is not None and not (is_real(self.cv) and math.isfinite(self.cv) and self.cv >= 0):
             raise ValueError(f"cv must be a finite number >= 0, got {self.cv!r}")
+        for name in ("ratio", "cv"):  # a numpy number as a Python float: asdict() goes into JSON
+            if getattr(self, name) is not None:
+                object.__setattr__(self, name, float(getattr(self, name)))
         if self.owner_load is not None:
             ol = self.owner_load
             if (not isinstance(ol, tuple) or len(ol) != self.gpus
-                    or not all(isinstance(x, (int, float)) and math.isfinite(x) and x > 0 for x in ol)):
+                    or not all(is_real(x) and math.isfinite(x) and x > 0 for x in ol)):
                 raise ValueError(f"owner_load must be a tuple of {self.gpus} finite numbers > 0 (one per GPU), "
                                  f"got {ol!r}")
+            object.__setattr__(self, "owner_load", tuple(float(x) for x in ol))
 
     def owner_factors(self) -> list[float]:
         """``owner_load`` scaled to mean 1 (all 1.0 without it)."""

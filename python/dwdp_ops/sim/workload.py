@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import numbers
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -61,14 +62,20 @@ class Iteration:
         return sum(1 for c in self.chunks if c.last)
 
 
+def is_real(value: object) -> bool:
+    """True for a real number, Python or numpy (any ``numbers.Real``: numpy floats and integers pass); bools refused,
+    as ``_checks.is_int`` does (``True`` where a ratio or a rate is asked for is a mistake, not 1.0)."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
 def _check_source(isl: int, ratio: float | None, cv: float | None) -> None:
     if not is_int(isl) or isl < 1:
         raise ValueError(f"isl must be an integer >= 1, got {isl!r}")
     if (ratio is None) == (cv is None):
         raise ValueError("give exactly one of ratio (uniform in [ratio * isl, isl]) and cv (gamma, mean isl)")
-    if ratio is not None and not (isinstance(ratio, (int, float)) and 0 < ratio <= 1):
-        raise ValueError(f"ratio must be in (0, 1], got {ratio!r}")
-    if cv is not None and not (isinstance(cv, (int, float)) and math.isfinite(cv) and cv >= 0):
+    if ratio is not None and not (is_real(ratio) and 0 < ratio <= 1):
+        raise ValueError(f"ratio must be a number in (0, 1], got {ratio!r}")
+    if cv is not None and not (is_real(cv) and math.isfinite(cv) and cv >= 0):
         raise ValueError(f"cv must be a finite number >= 0, got {cv!r}")
 
 
@@ -76,6 +83,7 @@ def request_lengths(n: int, isl: int, *, ratio: float | None = None, cv: float |
                     rng: np.random.Generator) -> np.ndarray:
     """``n`` request lengths (int64, each >= 1) by the rule of the module docstring."""
     _check_source(isl, ratio, cv)
+    ratio, cv = (None if ratio is None else float(ratio)), (None if cv is None else float(cv))
     if ratio is not None:
         lo = max(1, math.ceil(ratio * isl - 1e-9))
         return rng.integers(lo, isl + 1, size=n, dtype=np.int64)
