@@ -36,6 +36,23 @@ def test_handles_are_stable_kinds_are_checked_and_released_handles_raise():
         ops.lookup(hs)
 
 
+def test_a_subclass_of_the_kind_is_that_kind():
+    """An engine's own subclass of PrefetchScheduler (or TokenDispatcher) had been refused by every op, the kind
+    compared with the object's own class name: "handle 3 is a MyScheduler, this op needs a PrefetchScheduler"."""
+
+    class MyScheduler(PrefetchScheduler):
+        pass
+
+    s = MyScheduler()
+    h = ops.handle(s)
+    try:
+        assert ops.lookup(h, "PrefetchScheduler") is s
+        with pytest.raises(DwdpError, match="is a MyScheduler, this op needs a TokenDispatcher"):
+            ops.lookup(h, "TokenDispatcher")
+    finally:
+        ops.release_handle(h)
+
+
 @pytest.mark.parametrize("fp8", [False, True])
 def test_expert_mlp_fake_shapes(fp8):
     G, H, I, R = 8, 64, 32, 256

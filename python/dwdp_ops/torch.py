@@ -83,11 +83,12 @@ def release_handle(h: int) -> None:
 
 
 def lookup(h: int, kind: str | None = None) -> Any:
-    """The object behind handle ``h``; a DwdpError names a stale handle or one of the wrong kind."""
+    """The object behind handle ``h``; a DwdpError names a stale handle or one of the wrong kind (``kind``: a class
+    name, matched against the object's class and its bases, so that a subclass is of its base's kind)."""
     obj = _REGISTRY.get(int(h))
     if obj is None:
         raise DwdpError(f"dwdp op: handle {h} is not registered (dwdp_ops.torch.handle(obj) gives one)")
-    if kind is not None and type(obj).__name__ != kind:
+    if kind is not None and all(c.__name__ != kind for c in type(obj).__mro__):
         raise DwdpError(f"dwdp op: handle {h} is a {type(obj).__name__}, this op needs a {kind}")
     return obj
 
