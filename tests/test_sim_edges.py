@@ -107,3 +107,14 @@ def test_numpy_numbers_are_numbers():
         a = simulate(SimConfig(layers=5, iterations=2, **kw))
         json.dumps(a)
         assert a == simulate(SimConfig(layers=5, iterations=2, **same)), kw
+
+
+@pytest.mark.parametrize("bad", [8192.7, 100.0, True, "100"])
+def test_batching_refuses_lengths_that_are_not_integers(bad):
+    """A float length had been truncated (8192.7 -> 8192), True taken as a 1-token request, all without a word."""
+    import numpy as np
+    from dwdp_ops.sim.workload import batch_requests
+
+    with pytest.raises(TypeError, match="position 1"):
+        batch_requests([10, bad], 16384)
+    assert [it.tokens for it in batch_requests(np.array([10, 20], dtype=np.int32), 16384)] == [30]

@@ -94,7 +94,8 @@ def request_lengths(n: int, isl: int, *, ratio: float | None = None, cv: float |
 
 
 def iter_batches(lengths, max_tokens: int, first_request: int = 0) -> Iterator[Iteration]:
-    """The iterations that the queue ``lengths`` (any iterable, in order; it may be endless) makes under
+    """The iterations that the queue ``lengths`` (any iterable of integers >= 1, in order; it may be endless; a
+    float or a bool raises TypeError, a length < 1 ValueError, each naming its position) makes under
     ``max_tokens`` (module docstring), one at a time: an iteration is yielded as soon as it is closed (by a request
     that did not fit, or as a full piece of a chunked request), so taking the first k of them reads only the
     requests up to the one that closed the k-th, and builds only k iterations (however many pieces a long request
@@ -111,7 +112,10 @@ def _check_budget(max_tokens: int) -> None:
 def _batches(lengths, max_tokens: int, first_request: int) -> Iterator[Iteration]:
     cur: list[Chunk] = []
     used = 0
-    for i, n in enumerate(int(x) for x in lengths):
+    for i, x in enumerate(lengths):
+        if type(x) is not int and not is_int(x):  # the exact-int test first: the queues are long
+            raise TypeError(f"request lengths must be integers (Python or numpy), got {x!r} at position {i}")
+        n = int(x)
         if n < 1:
             raise ValueError(f"request lengths must be >= 1, got {n} at position {i}")
         rid = first_request + i
