@@ -235,3 +235,17 @@ def test_address_helpers_check_range_kind_and_closed():
     for fn in (store.slot_address, store.expert_address, store.local_address):
         with pytest.raises(DwdpError, match="closed"):
             fn(0, 0, 1 if fn is store.local_address else 5)
+
+
+@pytest.mark.parametrize("layers, err", [(True, TypeError), (2.5, TypeError), ("2", TypeError), (0, ValueError)])
+def test_num_layers_must_be_an_int_before_anything_is_built(layers, err):
+    """num_layers=True had built a one-layer store whose num_layers was True, 2.5 failed inside the first phase as
+    "'float' object cannot be interpreted as an integer" (after a collective) and '2' with a comparison TypeError.
+    Refused by name before any collective or allocation; numpy integers pass."""
+    be = FakeBackend()
+    with pytest.raises(err, match=r"num_layers must be .*>= 1, got"):
+        make(be, layers=layers)
+    assert not be.calls
+    store, _ = make(FakeBackend(), layers=np.int64(3))
+    assert store.num_layers == 3 and type(store.num_layers) is int
+    store.close()

@@ -74,8 +74,11 @@ class ExpertStore:
             raise ValueError(
                 f"partition is for world size {partition.world_size} but the runtime has {rt.world_size()} ranks"
             )
+        if not is_int(num_layers):
+            raise TypeError(f"num_layers must be an int >= 1, got {num_layers!r} ({type(num_layers).__name__})")
         if num_layers < 1:
             raise ValueError(f"num_layers must be >= 1, got {num_layers}")
+        num_layers = int(num_layers)  # numpy integers: the geometry is JSON
         self.rt, self.be = rt, rt.backend
         self.partition, self.layout, self.num_layers = partition, layout, num_layers
         self.rank, self.world, self.device = rt.rank(), rt.world_size(), rt.device
