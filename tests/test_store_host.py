@@ -249,3 +249,19 @@ def test_num_layers_must_be_an_int_before_anything_is_built(layers, err):
     store, _ = make(FakeBackend(), layers=np.int64(3))
     assert store.num_layers == 3 and type(store.num_layers) is int
     store.close()
+
+
+def test_ce_copies_checks_its_layer_like_the_other_plans():
+    """ce_copies (the copy-engine plan fetch_ce and the scheduler build) raised KeyError (5, 0) for layer 5 and
+    KeyError (-1, 0) for -1, and planned a released layer's copies although release() says its plans raise."""
+    store, _ = make(FakeBackend())
+    assert len(store.ce_copies(1)) == 2
+    for bad in (5, -1):
+        with pytest.raises(ValueError, match=rf"ce_copies: layer {bad} is outside \[0, 2\)"):
+            store.ce_copies(bad)
+    store.release(0)
+    with pytest.raises(DwdpError, match="ce_copies: layer 0 was released"):
+        store.ce_copies(0)
+    store.close()
+    with pytest.raises(DwdpError, match="ce_copies: the ExpertStore is closed"):
+        store.ce_copies(1)

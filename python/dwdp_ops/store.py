@@ -399,6 +399,7 @@ class ExpertStore:
     # -- fetch: copy engine ------------------------------------------------------------------------------------------
     def ce_copies(self, layer: int) -> list[Copy]:
         """The layer's remote runs as copies (whole page-rounded strides, one per tensor kind and run)."""
+        self._check(layer, self.layout.tensors[0].name, "ce_copies")
         out = []
         for ti, stride in enumerate(self.layout.strides):
             for peer, a, b in self.partition.fetch_plan(self.rank):
