@@ -482,3 +482,17 @@ def test_a_sharded_table_refuses_sizes_that_are_not_ints(num_rows, dim, match):
         ShardedTable(num_rows, dim)
     with pytest.raises(DwdpError, match="init"):
         ShardedTable(np.int64(10), np.int32(16))
+
+
+def test_the_fused_ops_document_every_array_they_take():
+    """Each fused op's docstring names its arrays with their dims and dtype (the mask and grad_out had been named
+    nowhere: the module docstring covers induction, feed and the ids only) and says whether it is collective."""
+    from dwdp_ops.coaction import coaction_backward_gpu, coaction_forward_gpu
+
+    common = ["induction", "[B, D']", "[rows, D']", "ShardedTable", "feed", "[B, T, D]", "[rows, D]", "ind_ids",
+              "[B]", "feed_ids", "[B, T]", "int64", "mask", "contiguous float32 ``[B, T]``", "float32", "bfloat16",
+              "ollective"]
+    for op, extra in ((coaction_forward_gpu, ["out", "[B, spec.out_dim]"]),
+                      (coaction_backward_gpu, ["grad_out", "float32 ``[B, spec.out_dim]``"])):
+        missing = [w for w in common + extra if w not in op.__doc__]
+        assert not missing, f"{op.__name__} does not document {missing}"

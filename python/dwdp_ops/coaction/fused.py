@@ -466,10 +466,21 @@ def coaction_forward_gpu(induction: Any, feed: Any, mask: Any, spec: CoActionSpe
                          zero_grads: TableGrads | None = None, out: Any = None):
     """Fused forward; returns ``[B, spec.out_dim]`` of the input storage dtype: a new CuPy array, or ``out`` (a
     caller-allocated contiguous device array of that shape and dtype on the current device, any framework, ready on
-    ``stream``: a PyTorch tensor, say; the kernel overwrites it). ``induction`` is an array or a ``ShardedTable``.
+    ``stream``: a PyTorch tensor, say; the kernel overwrites it).
+
+    The arrays (contiguous device arrays on the current device, any framework; ``dtype`` is ``"float32"`` or
+    ``"bfloat16"``, the latter stored as uint16 bits or a bf16 tensor):
+
+    - ``induction``: gathered rows ``[B, D']``, a table ``[rows, D']`` with ``ind_ids``, or a ``ShardedTable``
+      (with ``ind_ids``, global row ids), of ``dtype``;
+    - ``feed``: gathered rows ``[B, T, D]`` or a table ``[rows, D]`` with ``feed_ids``, of ``dtype``;
+    - ``mask``: contiguous float32 ``[B, T]``, a behaviour present where nonzero (counted once, whatever the value);
+    - ``ind_ids``: int64 ``[B]``; ``feed_ids``: int64 ``[B, T]`` (None: gathered rows).
+
     ``check_ids`` range-checks table ids on the device in front of the forward's kernel and waits for the check (not
     for the forward) before returning; bad ids raise ValueError (the output is dropped). ``zero_grads``: a
-    ``TableGrads(zero="forward")`` this call zeroes for the backward (see ``TableGrads``)."""
+    ``TableGrads(zero="forward")`` this call zeroes for the backward (see ``TableGrads``). Not collective (a
+    ``ShardedTable``'s rows are read from their owners one-sidedly)."""
     spec = _spec(spec)
     return _forward(_args(spec, induction, feed, mask, ind_ids, feed_ids, dtype), induction, dtype, stream,
                     check_ids, zero_grads, out)
@@ -527,6 +538,12 @@ def coaction_backward_gpu(induction: Any, feed: Any, mask: Any, grad_out: Any, s
     """Fused backward; returns float32 ``(grad_induction, grad_feed)`` shaped like ``induction`` and ``feed``
     (table-shaped when ids are given). For a ``ShardedTable`` the row gradients go to their owners' ``grad``
     shards and ``grad_induction`` is this rank's ``grad`` (complete after ``table.sync()``).
+
+    ``induction`` (gathered rows ``[B, D']``, a table ``[rows, D']`` with ``ind_ids``, or a ``ShardedTable``),
+    ``feed`` (``[B, T, D]``, or a table ``[rows, D]`` with ``feed_ids``), ``mask`` (contiguous float32 ``[B, T]``),
+    ``ind_ids`` (int64 ``[B]``), ``feed_ids`` (int64 ``[B, T]``), ``dtype`` (``"float32"`` or ``"bfloat16"``) and
+    ``spec`` are the forward's; ``grad_out`` is d loss / d output, a contiguous float32 ``[B, spec.out_dim]`` device
+    array (float32 for a bf16 forward too). ``check_ids``: the forward's id check, awaited before the launch.
 
     ``grads``: where the gradients go. None: two new arrays, zeroed on ``stream`` in front of the kernel. A
     ``TableGrads``: its two arrays (zeroed ahead; ``stream`` waits for that zeroing first), returned. A pair
