@@ -118,3 +118,24 @@ def test_batching_refuses_lengths_that_are_not_integers(bad):
     with pytest.raises(TypeError, match="position 1"):
         batch_requests([10, bad], 16384)
     assert [it.tokens for it in batch_requests(np.array([10, 20], dtype=np.int32), 16384)] == [30]
+
+
+def test_expert_time_stays_monotone_past_the_last_point_of_any_file():
+    """costs.CostModel keeps one expert's time non-decreasing in its rows with a running maximum "for any file"; past
+    the last point the time had been m F / R_last at the file's raw last rate, so a file whose last point is faster
+    (noise) dropped the time there: 64 rows took 0.64 F / 1e12, 65 rows 0.33 F / 1e12."""
+    import copy
+
+    from dwdp_ops.models.deepseek_r1.config import DeepSeekConfig
+    from dwdp_ops.sim.costs import CostModel, load_calibration
+
+    cal = copy.deepcopy(load_calibration("h200"))
+    cal["expert_gemm"]["points"] = [{"rows_per_expert": 32, "tflops": 50.0, "source": "test"},
+                                    {"rows_per_expert": 64, "tflops": 200.0, "source": "test"}]
+    m = CostModel(cal, DeepSeekConfig.r1())
+    t = [m.expert_ms(rows, 1) for rows in range(1, 200)]
+    assert all(b >= a for a, b in zip(t, t[1:]))
+    # past the last point: linear in rows at the last point's (running-maximum) time per row
+    assert m.expert_ms(128, 1) == pytest.approx(2 * m.expert_ms(64, 1))
+    shipped = CostModel(load_calibration("h200"), DeepSeekConfig.r1())  # a monotone file: m F / R_last as before
+    assert shipped.expert_ms(4096, 1) == pytest.approx(4096 * shipped.ops.expert_flops_per_pair / 645.094e12 * 1e3)

@@ -23,7 +23,8 @@ Times (one GPU, milliseconds):
   expert GEMMs of p pairs over n experts = n * t_e(p / n), where t_e(m) is one expert's time at m rows: linear in
                    m between the calibration points (m_i, m_i * F_pair / R_i), constant below the first point (the
                    grouped GEMM reads every expert's weights whatever the rows: HBM-bound) and m * F_pair / R_last
-                   above the last
+                   above the last (times made non-decreasing by a running maximum; above the last point, the
+                   rate at which that maximum reaches it)
   fetch of b bytes = b / B_fetch               (copy engine, per reader; DWDP)
   dispatch / combine of r rows = lat + r * H * b_{x|p} / B_disp   (one collective each; b_x: bytes per element
                    of the rows sent, b_p: of the partials returned)
@@ -306,7 +307,7 @@ class CostModel:
         if m <= self._m[-1]:
             te = float(np.interp(m, self._m, self._te))  # constant below the first point (np.interp clamps)
         else:
-            te = m * self.ops.expert_flops_per_pair / (self._r_exp[-1] * 1e12) * 1e3
+            te = self._te[-1] * m / self._m[-1]  # the last point's rate (m F / R_last where the file is monotone)
         return experts * te
 
     # communication ----------------------------------------------------------------------------------------------
