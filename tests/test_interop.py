@@ -85,6 +85,15 @@ def test_stream_handles_from_every_kind_of_stream():
         stream_handle("default")
 
 
+def test_a_numpy_integer_is_an_integer_handle():
+    """A handle read from an array (np.int64, np.uint64) had been refused ("got int64"), though the docstring takes
+    an integer handle and the package's checks take numpy integers (``_checks.is_int``); numpy bools stay refused."""
+    assert stream_handle(np.int64(14)) == 14 and stream_handle(np.uint64(2**40)) == 2**40
+    assert type(stream_handle(np.int64(14))) is int
+    with pytest.raises(TypeError, match="integer handle, got bool"):
+        stream_handle(np.True_)
+
+
 def test_a_bool_and_a_non_cuda_torch_stream_are_not_streams():
     """``True`` read as handle 1 (the legacy default stream) and ``torch.Stream``, what
     ``torch.accelerator.current_stream()`` returns, was refused even on CUDA (its CUDA case: tests/test_gpu_torch_ops.py)."""

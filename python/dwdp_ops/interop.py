@@ -149,10 +149,10 @@ def stream_handle(stream: Any) -> int:
     """The cudaStream_t of ``stream`` as an integer: a CuPy stream (``.ptr``), a ``torch.cuda.Stream``
     (``.cuda_stream``), a CUDA ``torch.Stream`` (what ``torch.accelerator.current_stream()`` returns: the
     ``cuda_stream`` of the ``torch.cuda.Stream`` of its ``stream_id`` / ``device_index``; ``stream_id`` itself is
-    PyTorch's internal id, not a handle), a cuda.core stream (``__cuda_stream__``) or an integer handle; None means
-    CuPy's current stream (the legacy default stream when CuPy is absent). A TypeError for anything else, a ``bool``
-    included (``True`` would read as handle 1, the legacy default stream), and for a ``torch.Stream`` of another
-    device type."""
+    PyTorch's internal id, not a handle), a cuda.core stream (``__cuda_stream__``) or an integer handle (Python or
+    numpy); None means CuPy's current stream (the legacy default stream when CuPy is absent). A TypeError for anything
+    else, a ``bool`` included (``True`` would read as handle 1, the legacy default stream), and for a ``torch.Stream``
+    of another device type."""
     if stream is None:
         try:
             import cupy
@@ -160,10 +160,10 @@ def stream_handle(stream: Any) -> int:
             return int(cupy.cuda.get_current_stream().ptr)
         except ImportError:
             return 0
-    if isinstance(stream, bool):
+    if isinstance(stream, (bool, np.bool_)):
         raise TypeError(f"stream must be a CuPy/PyTorch/cuda.core stream or an integer handle, got bool {stream}")
-    if isinstance(stream, int):
-        return stream
+    if isinstance(stream, (int, np.integer)):
+        return int(stream)
     for attr in ("ptr", "cuda_stream"):
         if hasattr(stream, attr):
             return int(getattr(stream, attr))
