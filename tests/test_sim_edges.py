@@ -139,3 +139,22 @@ def test_expert_time_stays_monotone_past_the_last_point_of_any_file():
     assert m.expert_ms(128, 1) == pytest.approx(2 * m.expert_ms(64, 1))
     shipped = CostModel(load_calibration("h200"), DeepSeekConfig.r1())  # a monotone file: m F / R_last as before
     assert shipped.expert_ms(4096, 1) == pytest.approx(4096 * shipped.ops.expert_flops_per_pair / 645.094e12 * 1e3)
+
+
+POINT = {"mode": "dep", "N": 2, "cv": 0.0, "max_tokens": 16384, "iteration_ms": 250.0, "tps_per_gpu": 60000.0}
+
+
+def test_validate_refuses_no_points_and_a_bad_tolerance():
+    """validate([]) had answered all_within=True (every point of none) with a worst error of 0; a tolerance of NaN or
+    -1 put every point outside, '0.1' raised a bare comparison TypeError."""
+    from dwdp_ops.sim.analysis import validate
+
+    with pytest.raises(ValueError, match="no measured point"):
+        validate([], layers=5, iterations=2)
+    with pytest.raises(ValueError, match="no measured point"):
+        validate(iter(()), layers=5, iterations=2)
+    for tol in (float("nan"), -0.1, float("inf"), "0.1", True, None):
+        with pytest.raises(ValueError, match="tolerance"):
+            validate([POINT], layers=5, iterations=2, tolerance=tol)
+    v = validate([POINT], layers=5, iterations=2, tolerance=0.5)
+    assert v["tolerance"] == 0.5 and len(v["points"]) == 1

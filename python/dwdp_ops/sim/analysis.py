@@ -32,6 +32,7 @@ from ..models.deepseek_r1.config import DeepSeekConfig
 from .costs import CATEGORIES, Overrides, load_calibration
 from .model import SimConfig, simulate
 from .paper import PAPER
+from .workload import is_real
 
 __all__ = ["DTYPE_PARAM_BYTES", "E2E_CATEGORIES", "calibration_param_bytes", "e2e_categories", "is_paper_setting",
            "paper_comparison", "sweep", "validate", "validate_e2e", "validation_table"]
@@ -114,7 +115,11 @@ def validate(measured_points: Iterable[dict], *, hardware: str = "h200", isl: in
     ``rel_err_iteration_ms``, ``rel_err_tps_per_gpu``, ``within_tolerance``, ``predicted_categories_ms``
     (``e2e_categories``)), ``max_abs_rel_err`` and ``all_within``. Settings shared by several points are simulated
     once. A point that is not an object, lacks a field, or has a measured figure that is not a finite number > 0
-    raises ValueError naming the point (``measured point i``, counted from 0) and the field."""
+    raises ValueError naming the point (``measured point i``, counted from 0) and the field; so do no point at all
+    and a ``tolerance`` that is not a finite number >= 0."""
+    if not (is_real(tolerance) and math.isfinite(tolerance) and tolerance >= 0):
+        raise ValueError(f"tolerance must be a finite number >= 0 (a relative error, e.g. 0.10), got {tolerance!r}")
+    tolerance = float(tolerance)
     defaults = dict(hardware=hardware, isl=isl, layers=layers, dense_layers=dense_layers, seed=seed,
                     iterations=iterations, overrides=overrides or Overrides())
     cache: dict[SimConfig, dict] = {}
@@ -131,7 +136,9 @@ def validate(measured_points: Iterable[dict], *, hardware: str = "h200", isl: in
                     "rel_err_iteration_ms": e_it, "rel_err_tps_per_gpu": e_tps,
                     "within_tolerance": abs(e_it) <= tolerance and abs(e_tps) <= tolerance,
                     "predicted_categories_ms": e2e_categories(pred)})
-    worst = max((max(abs(x["rel_err_iteration_ms"]), abs(x["rel_err_tps_per_gpu"])) for x in out), default=0.0)
+    if not out:
+        raise ValueError("no measured point to validate against (give at least one)")
+    worst = max(max(abs(x["rel_err_iteration_ms"]), abs(x["rel_err_tps_per_gpu"])) for x in out)
     return {"tolerance": tolerance, "points": out, "max_abs_rel_err": worst,
             "all_within": all(x["within_tolerance"] for x in out)}
 
