@@ -496,3 +496,13 @@ def test_the_fused_ops_document_every_array_they_take():
                       (coaction_backward_gpu, ["grad_out", "float32 ``[B, spec.out_dim]``"])):
         missing = [w for w in common + extra if w not in op.__doc__]
         assert not missing, f"{op.__name__} does not document {missing}"
+
+
+def test_the_forward_says_a_callers_out_is_written_when_its_ids_are_refused():
+    """The id check runs in front of the kernel but the kernel is launched before the host sees the check's result,
+    so a refused forward has written ``out`` (memory-safe, meaningless values): the docstring said only "the output
+    is dropped", true of a new output alone."""
+    from dwdp_ops.coaction import coaction_forward_gpu
+
+    doc = " ".join(coaction_forward_gpu.__doc__.split())
+    assert "a caller's ``out`` has been overwritten" in doc

@@ -478,7 +478,9 @@ def coaction_forward_gpu(induction: Any, feed: Any, mask: Any, spec: CoActionSpe
     - ``ind_ids``: int64 ``[B]``; ``feed_ids``: int64 ``[B, T]`` (None: gathered rows).
 
     ``check_ids`` range-checks table ids on the device in front of the forward's kernel and waits for the check (not
-    for the forward) before returning; bad ids raise ValueError (the output is dropped). ``zero_grads``: a
+    for the forward) before returning; bad ids raise ValueError: a new output is dropped, but a caller's ``out`` has
+    been overwritten by then (the kernel is launched before the check's result is read; it stays inside the tables,
+    so the values are only meaningless). ``zero_grads``: a
     ``TableGrads(zero="forward")`` this call zeroes for the backward (see ``TableGrads``). Not collective (a
     ``ShardedTable``'s rows are read from their owners one-sidedly)."""
     spec = _spec(spec)
