@@ -158,3 +158,11 @@ def test_validate_refuses_no_points_and_a_bad_tolerance():
             validate([POINT], layers=5, iterations=2, tolerance=tol)
     v = validate([POINT], layers=5, iterations=2, tolerance=0.5)
     assert v["tolerance"] == 0.5 and len(v["points"]) == 1
+
+
+def test_owner_load_is_scaled_without_overflow():
+    """owner_factors divided by sum / N: loads near the float maximum summed to inf and every factor became 0 (no
+    expert GEMMs, no rows in DEP) without a word; relative loads are scale-free."""
+    big = SimConfig(gpus=2, owner_load=(1e308, 1e308))
+    assert big.owner_factors() == [1.0, 1.0]
+    assert SimConfig(gpus=2, owner_load=(1.7e308, 0.85e308)).owner_factors() == pytest.approx([4 / 3, 2 / 3])

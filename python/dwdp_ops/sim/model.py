@@ -148,8 +148,9 @@ class SimConfig:
         """``owner_load`` scaled to mean 1 (all 1.0 without it)."""
         if self.owner_load is None:
             return [1.0] * self.gpus
-        mean = sum(self.owner_load) / len(self.owner_load)
-        return [x / mean for x in self.owner_load]
+        top = max(self.owner_load)  # scaled to the largest first: a sum of loads near the float maximum overflows
+        mean = sum(x / top for x in self.owner_load) / len(self.owner_load)
+        return [x / top / mean for x in self.owner_load]
 
     @property
     def n_dense(self) -> int:
