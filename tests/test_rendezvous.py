@@ -418,3 +418,25 @@ def test_rank_and_world_must_be_ints(rank, world):
     world or a string rank failed with Python's own TypeError naming neither."""
     with pytest.raises(TypeError, match="rendezvous: rank and world_size must be ints"):
         Rendezvous(rank, world, "127.0.0.1", free_port(), 1.0)
+
+
+def test_a_bad_argument_leaves_the_collective_sequence_intact():
+    """allgather counted the call before looking at its arguments: a str payload (or a name that is not a str) then
+    failed in bytes() / JSON on one rank only, after its sequence number had advanced, so the next, valid collective
+    failed on every rank as a 'collective mismatch' (#1 against #2) and broke the rendezvous. An int payload was
+    silently sent as that many zero bytes (bytes(5)). Each is a TypeError before the call counts."""
+    def fn(rdv, r):
+        if r == 1:
+            for name, payload in (("a", "text"), ("a", 5), ("a", None), (7, b"")):
+                with pytest.raises(TypeError, match="rendezvous: allgather"):
+                    rdv.allgather(name, payload)
+            with pytest.raises(TypeError, match="rendezvous: broadcast"):
+                rdv.broadcast("uid", "not bytes", root=1)
+        return rdv.allgather("a", bytes([r])), rdv.broadcast("uid", bytearray(b"x") if r == 1 else b"", root=1)
+
+    out = _ranks_in_threads(2, fn, timeout=5.0)
+    assert out == {0: ([b"\x00", b"\x01"], b"x"), 1: ([b"\x00", b"\x01"], b"x")}
+    with Rendezvous(0, 1, "127.0.0.1", free_port(), 1.0) as one:
+        with pytest.raises(TypeError, match="payload must be bytes"):
+            one.allgather("a", 5)  # had returned [b"\x00" * 5]
+        assert one.allgather("a", memoryview(b"ok")) == [b"ok"]

@@ -71,6 +71,15 @@ def _ranks(ranks: Sequence[int]) -> str:
     return "[" + ", ".join(str(r) for r in sorted(ranks)) + "]"
 
 
+def _check_args(what: str, name, payload) -> None:
+    """TypeError unless ``name`` is a str and ``payload`` bytes-like (bytes(5) would be five zero bytes)."""
+    if not isinstance(name, str):
+        raise TypeError(f"rendezvous: {what} name must be a str, got {name!r} ({type(name).__name__})")
+    if not isinstance(payload, (bytes, bytearray, memoryview)):
+        raise TypeError(f"rendezvous: {what}({name!r}): payload must be bytes, got {type(payload).__name__}; encode "
+                        "it first")
+
+
 def _encode(msg: dict, to: str) -> bytes:
     """``msg`` as one frame (length header + JSON); a _FrameTooLarge naming ``to`` when it exceeds ``_MAX_FRAME``."""
     data = json.dumps(msg).encode()
@@ -501,6 +510,7 @@ class Rendezvous:
         """Every rank's ``payload``, indexed by rank. Collective: all ranks call it with the same ``name``.
         Thread-safe: collectives of one process run one at a time (a second thread waits), so two threads can never
         receive each other's replies; their order must still agree across ranks, which the name check verifies."""
+        _check_args("allgather", name, payload)  # before the call counts: a local error must not shift the sequence
         with self._lock:
             self._check_usable(name)
             self._seq += 1
@@ -516,8 +526,9 @@ class Rendezvous:
 
     def broadcast(self, name: str, payload: bytes = b"", root: int = 0) -> bytes:
         """``root``'s payload on every rank."""
-        if not 0 <= root < self.world_size:
-            raise ValueError(f"broadcast root {root} is outside [0, {self.world_size})")
+        _check_args("broadcast", name, payload)
+        if not is_int(root) or not 0 <= root < self.world_size:
+            raise ValueError(f"broadcast root {root!r} is outside [0, {self.world_size})")
         return self.allgather(name, payload if self.rank == root else b"")[root]
 
     def barrier(self, name: str = "barrier") -> None:
