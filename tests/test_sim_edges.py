@@ -166,3 +166,23 @@ def test_owner_load_is_scaled_without_overflow():
     big = SimConfig(gpus=2, owner_load=(1e308, 1e308))
     assert big.owner_factors() == [1.0, 1.0]
     assert SimConfig(gpus=2, owner_load=(1.7e308, 0.85e308)).owner_factors() == pytest.approx([4 / 3, 2 / 3])
+
+
+def test_cli_plot_writes_the_path_it_names_and_refuses_unknown_formats(tmp_path, capsys):
+    """--plot FILE without an extension had written FILE.png (matplotlib's default) while printing 'figure: FILE';
+    an extension matplotlib cannot write (x.xyz) raised a traceback only after the whole simulation."""
+    pytest.importorskip("matplotlib")
+    path = tmp_path / "figure"
+    code, out, err = _run_cli(["--layers", "5", "--iterations", "2", "--plot", str(path)], capsys)
+    assert code == 0, err
+    assert f"figure: {path}" in out and path.is_file() and path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert not (tmp_path / "figure.png").exists()
+    bad = tmp_path / "x.xyz"
+    code, out, err = _run_cli(["--layers", "5", "--iterations", "2", "--plot", str(bad)], capsys)
+    errors = [line for line in err.splitlines() if "error:" in line]
+    assert code == 2 and out == "" and len(errors) == 1 and "Traceback" not in err, err
+    assert "--plot" in errors[0] and "xyz" in errors[0] and "png" in errors[0], errors[0]
+    assert not bad.exists()
+    svg = tmp_path / "x.SVG"
+    code, out, err = _run_cli(["--layers", "5", "--iterations", "2", "--plot", str(svg)], capsys)
+    assert code == 0 and svg.read_bytes().lstrip().startswith(b"<?xml"), err

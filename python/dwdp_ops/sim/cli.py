@@ -20,7 +20,7 @@ from .._cli import HelpFormatter, existing_file, nonnegative_int, plain, positiv
 from .analysis import is_paper_setting, paper_comparison, sweep, validate_e2e, validation_table
 from .costs import CATEGORIES, PROFILES, Overrides
 from .model import MAX_ISL, MAX_REQUESTS_PER_ITERATION, MAX_TOKENS, SimConfig, simulate
-from .plot import MISSING, have_matplotlib, plot
+from .plot import MISSING, have_matplotlib, plot, plot_format
 
 __all__ = ["build_parser", "main"]
 
@@ -107,7 +107,8 @@ def build_parser(prog: str = "python -m dwdp_ops sim") -> argparse.ArgumentParse
                          "--sweep and --plot are refused with it (the FILE's points give the workload)")
     ap.add_argument("--json", action="store_true", help="print one JSON object instead of text")
     ap.add_argument("--plot", type=writable_path, default=None, metavar="FILE",
-                    help="write a figure (category bars; DEP sync share and DWDP gain against CV) to FILE")
+                    help="write a figure (category bars; DEP sync share and DWDP gain against CV) to FILE, in the "
+                         "format of its extension (png without one)")
     return ap
 
 
@@ -162,6 +163,11 @@ def check_args(ap: argparse.ArgumentParser, ns: argparse.Namespace, given: set[s
         ap.error(f"argument --dense-layers: expected at most --layers ({ns.layers}), got {ns.dense_layers}")
     if ns.plot and not have_matplotlib():
         ap.error(MISSING)
+    if ns.plot:
+        try:
+            plot_format(ns.plot)
+        except ValueError as e:
+            ap.error(f"argument --plot: {e}")
     if ns.calibration:
         from .costs import load_calibration
 

@@ -7,9 +7,11 @@ DEP's synchronisation share and the DWDP / DEP TPS/GPU ratio (``sweep_rows`` fro
 
 from __future__ import annotations
 
+import os
+
 from .costs import CATEGORIES
 
-__all__ = ["MISSING", "have_matplotlib", "plot"]
+__all__ = ["MISSING", "have_matplotlib", "plot", "plot_format"]
 
 MISSING = "--plot needs matplotlib, which is not installed (pip install matplotlib, or the package's 'bench' extra)"
 COLORS = {"attention": "#4c72b0", "expert_gemm": "#dd8452", "dense_gemm": "#55a868", "others": "#8c8c8c",
@@ -22,6 +24,21 @@ def have_matplotlib() -> bool:
     except ImportError:
         return False
     return True
+
+
+def plot_format(path: str) -> str:
+    """The format ``plot`` writes ``path`` in: its extension (any case), PNG without one (written at ``path`` itself,
+    not ``path``.png as matplotlib would); ValueError naming the formats for an extension matplotlib cannot write.
+    Needs matplotlib."""
+    ext = os.path.splitext(path)[1][1:].lower()
+    if not ext:
+        return "png"
+    from matplotlib.backend_bases import FigureCanvasBase
+
+    formats = FigureCanvasBase.get_supported_filetypes()
+    if ext not in formats:
+        raise ValueError(f"cannot write a .{ext} figure (formats: {', '.join(sorted(formats))}; no extension: png)")
+    return ext
 
 
 def plot(result: dict, path: str, sweep_rows: list[dict] | None = None) -> None:
@@ -69,5 +86,5 @@ def plot(result: dict, path: str, sweep_rows: list[dict] | None = None) -> None:
         ax2.set_title("DEP synchronisation share and DWDP's TPS/GPU gain against CV", fontsize=9)
         ax2.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=120, format=plot_format(path))
     plt.close(fig)
