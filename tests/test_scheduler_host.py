@@ -481,3 +481,29 @@ def test_tokens_per_rank_entries_must_be_counts(counts):
     with pytest.raises(ValueError, match="tokens_per_rank must hold every rank's tokens"):
         s.begin_step(tokens=5, tokens_per_rank=counts)
     assert s.begin_step(tokens=5, tokens_per_rank=[5, np.int64(3)]) == "dispatch" and s.step_tokens == [5, 3]
+
+
+def test_an_on_demand_layer_not_released_blocks_the_next_step():
+    """An on_demand layer's release records consumed after its reads; a step that forgot it was accepted, and the next
+    prefetch_all step's copy into that slot waited on an older consumed record only, so it could overwrite experts
+    the forgotten layer's kernels were still reading. begin_step and set_policy now refuse, as they do for a
+    prefetch_all layer in flight; abort() ends such a step."""
+    store = FakeStore(4)
+    copy, comp = Stream("copy"), Stream("compute")
+    s = PrefetchScheduler(store, policy="on_demand", copy_stream=copy, event_factory=lambda: Event([]))
+    assert s.begin_step() == "on_demand"
+    for p in range(4):
+        s.wait(p, comp, ids="router-ids")
+        if p != 2:
+            s.release(p, comp)
+    with pytest.raises(RuntimeError, match="between steps"):
+        s.set_policy("prefetch_all")
+    with pytest.raises(RuntimeError, match=r"layers \[2\] of the previous step were not released"):
+        s.begin_step()
+    s.abort()
+    assert s.begin_step() == "on_demand"
+    for p in range(4):  # a complete step: nothing left over
+        s.wait(p, comp, ids="router-ids")
+        s.release(p, comp)
+    s.set_policy("prefetch_all")
+    assert s.begin_step() == "prefetch_all"

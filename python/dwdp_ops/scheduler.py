@@ -22,7 +22,7 @@ Invariants:
   5. An ``on_demand`` layer is fetched on the compute stream itself, right after its router: ordered behind the
      previous user of its slot by stream order, waiting on no event recorded outside, which is what makes a decode
      step capturable in a CUDA graph. Its ``release`` still records consumed, so that a later prefetch into the
-     slot waits for these reads.
+     slot waits for these reads; a fetched layer not released makes the next ``begin_step`` raise (``abort()``).
   6. Graphs and eager steps mix: inside a capture, ``release`` records consumed as an *external* event-record node,
      so every replay records it again and an eager ``prefetch_all`` step after replays waits for their reads.
   7. A step that fails half-way (an exception between ``begin_step`` and the last ``release``) is ended by
@@ -142,6 +142,7 @@ class PrefetchScheduler:
         self._in_flight: set[int] = set()
         self._waited: set[int] = set()  # prefetch_all: layers in flight whose wait() ran (release needs it)
         self._done: set[int] = set()  # prefetch_all: layers released this step (for the error message)
+        self._fetched: set[int] = set()  # on_demand: layers fetched (wait) and not released yet
         self._dispatched: int | None = None  # the layer whose tokens are out (dispatch mode)
         self.trace: list | None = None  # set to [] to record (kind, layer, event) of every prefetch (benchmarks)
 
@@ -150,7 +151,7 @@ class PrefetchScheduler:
         Every rank must make the same change before the same step (``auto`` and ``dispatch`` steps are collective).
         Raises between ``begin_step`` and the last ``release`` of a step, and for ``dispatch`` without a dispatcher."""
         _check_policy(policy, self.dispatcher is not None, "this scheduler was built without a dispatcher")
-        if self._in_flight or self._dispatched is not None:
+        if self._in_flight or self._fetched or self._dispatched is not None:
             raise RuntimeError("set_policy: a step is in progress (layers not released); change the policy between "
                                "steps")
         self.policy = policy
@@ -219,8 +220,8 @@ class PrefetchScheduler:
         n = self.store.num_layers if num_layers is None else int(num_layers)
         if not 1 <= n <= self.store.num_layers:
             raise ValueError(f"begin_step: num_layers {n} is outside [1, {self.store.num_layers}]")
-        if self._in_flight or self._dispatched is not None:
-            busy = sorted(self._in_flight) or [self._dispatched]
+        if self._in_flight or self._fetched or self._dispatched is not None:
+            busy = sorted(self._in_flight | self._fetched) or [self._dispatched]
             raise RuntimeError(
                 f"begin_step: layers {busy} of the previous step were not released; release them, "
                 "or call abort() after a failed step"
@@ -241,6 +242,7 @@ class PrefetchScheduler:
             self.copy_stream.synchronize()
             self._in_flight.clear()
         self._waited.clear()
+        self._fetched.clear()  # its reads are the failed step's; the next step's own reads wait for their data
         # A dispatch without its combine cannot be undone: the peers wait in their combine for this rank's partials
         # and trap at the dispatcher's timeout, naming this rank. The scheduler forgets it so that a process that
         # survives (one rank) can go on.
@@ -316,6 +318,7 @@ class PrefetchScheduler:
         if ids is None:
             raise ValueError(f"wait({layer}): the on_demand policy needs the router's expert ids")
         self.store.fetch_nvshmem(layer, ids, count, stream, num_blocks=self.nvshmem_blocks)
+        self._fetched.add(layer)
 
     def dispatch(self, layer: int, x: Any, topk_ids: Any, topk_weights: Any, stream: Any):
         """``dispatch`` mode, layer ``layer``: sends this rank's tokens to their experts' owners (collective: every
@@ -365,6 +368,7 @@ class PrefetchScheduler:
         slot = layer % 2
         # Recorded under every policy: an on_demand step's reads must also hold off a later step's prefetch.
         self._record(self.consumed[slot], stream)
+        self._fetched.discard(layer)
         if self.step_policy == "prefetch_all":
             self._in_flight.discard(layer)
             self._waited.discard(layer)
