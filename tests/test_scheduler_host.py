@@ -507,3 +507,17 @@ def test_an_on_demand_layer_not_released_blocks_the_next_step():
         s.release(p, comp)
     s.set_policy("prefetch_all")
     assert s.begin_step() == "prefetch_all"
+
+
+def test_wait_on_a_released_layer_says_so():
+    """wait(0) after release(0) in a prefetch_all step said 'layer 0 was never prefetched; call begin_step()', which
+    sent the reader to look for a missing begin_step; it names the release now."""
+    s = PrefetchScheduler(FakeStore(4), copy_stream=Stream("c"), event_factory=lambda: Event([]))
+    comp = Stream("compute")
+    s.begin_step()
+    s.wait(0, comp)
+    s.release(0, comp)
+    with pytest.raises(RuntimeError, match=r"wait\(0\): layer 0 was already released in this step"):
+        s.wait(0, comp)
+    with pytest.raises(RuntimeError, match=r"wait\(3\): layer 3 was never prefetched"):
+        s.wait(3, comp)

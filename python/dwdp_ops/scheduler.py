@@ -308,6 +308,9 @@ class PrefetchScheduler:
         if self.step_policy == "dispatch":
             raise RuntimeError(f"wait({layer}): this step moves tokens (dispatch); call dispatch() and combine()")
         if self.step_policy == "prefetch_all":
+            if layer in self._done:
+                raise RuntimeError(f"wait({layer}): layer {layer} was already released in this step (wait before "
+                                   "the layer's MoE, release after it)")
             if layer not in self._in_flight:
                 raise RuntimeError(
                     f"wait({layer}): layer {layer} was never prefetched; call begin_step() and release() each layer"
