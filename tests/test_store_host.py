@@ -265,3 +265,23 @@ def test_ce_copies_checks_its_layer_like_the_other_plans():
     store.close()
     with pytest.raises(DwdpError, match="ce_copies: the ExpertStore is closed"):
         store.ce_copies(1)
+
+
+def test_close_after_finalize_says_so_instead_of_blaming_a_peer():
+    """After dwdp_ops.finalize() the runtime's control plane raises; close() reported that as a failed closing barrier
+    ('a peer is missing', 'close() again retries from the barrier'), neither of which is true: no retry can
+    succeed. It now names the order (close stores before finalize) and releases nothing (NVSHMEM is gone)."""
+    be = FakeBackend()
+    store, rt = make(be)
+    held = +be.live
+
+    class Finalized:
+        def barrier(self, name):
+            raise DwdpError("rendezvous: the dwdp_ops runtime was finalized")
+
+    rt.rendezvous, rt.state = Finalized(), "finalized"
+    for _ in range(2):
+        with pytest.raises(DwdpError, match=r"ExpertStore.close: the dwdp_ops runtime was finalized before") as info:
+            store.close()
+        assert "peer" not in str(info.value) and "retries" not in str(info.value)
+    assert +be.live == held

@@ -598,11 +598,16 @@ class ExpertStore:
         says so (the barrier's error is its cause) and a later ``close()`` retries from the barrier. After the
         barrier every release step is attempted; those that failed are listed in one DwdpError at the end and stay
         queued, so calling ``close()`` again retries exactly those. A failed device synchronisation before the
-        barrier is reported the same way, after the release."""
+        barrier is reported the same way, after the release. After ``dwdp_ops.finalize()`` it releases nothing and
+        raises a DwdpError saying so."""
         if self._closed and self._released_barrier and not self._undo:
             return
         self._closed = True
         failure: BaseException | None = None
+        if not self._released_barrier and self.rt.state == "finalized":
+            raise DwdpError("ExpertStore.close: the dwdp_ops runtime was finalized before the store was closed; "
+                            "NVSHMEM is gone, so nothing can be unregistered and the store's memory stays until "
+                            "the process exits (close stores before dwdp_ops.finalize())")
         if not self._released_barrier:
             try:
                 self._synchronize()
