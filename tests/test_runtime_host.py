@@ -219,3 +219,13 @@ def test_heap_size_good_values(size, want):
     from dwdp_ops.runtime import _parse_size
 
     assert _parse_size(size) == want
+
+
+@pytest.mark.parametrize("device", [1.7, True, "1"])
+def test_device_must_be_an_int(device):
+    """init(device=1.7) ran on GPU 1 and device=True on GPU 1 (int() truncated them). TypeError before anything
+    starts; numpy integers pass."""
+    be = FakeBackend()
+    with pytest.raises(TypeError, match="device must be an int"):
+        Runtime(be).init(environ={}, device=device)
+    assert be.calls == []

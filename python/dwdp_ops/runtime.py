@@ -37,6 +37,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from ._checks import is_int
 from ._native import native
 from .env import DEFAULT_TIMEOUT, DistEnv, timeout_from_environ
 from .errors import DwdpError, RendezvousError
@@ -121,6 +122,9 @@ class Runtime:
         env = DistEnv.from_environ(environ)
         timeout = timeout_from_environ(timeout, default=DEFAULT_TIMEOUT)  # names DWDP_TIMEOUT when it is bad
         heap = _parse_size(heap_size)
+        if device is not None and not is_int(device):
+            raise TypeError(f"dwdp_ops.init(): device must be an int (a CUDA device index) or None, got {device!r} "
+                            f"({type(device).__name__})")
         dev = env.local_rank if device is None else int(device)
         args = _InitArgs(env.rank, env.world_size, env.local_rank, dev, heap, f"{env.master_addr}:{env.master_port}")
         if self.state == "initialized":
