@@ -491,6 +491,23 @@ def test_partition_for_any_group_size(n, per, stride):
     assert r["model"]["partition"]["remote_experts"] == 256 - per
 
 
+@pytest.mark.parametrize("n, lo, hi", [(2, 128, 128), (3, 85, 86), (7, 36, 37), (72, 3, 4)])
+def test_dep_places_each_expert_once(n, lo, hi):
+    """DEP's experts are disjoint, as even as N allows (DWDP's overlapping placement serves its fetch only). DEP had
+    used DWDP's placement: at N = 72 each rank held 43 experts and the lowest owners took most pairs (DWDP / DEP
+    2.06 on GB200, 1.64 at N = 64 and 1.74 at N = 128 beside it); now N = 72 lies between its neighbours."""
+    from dwdp_ops.sim.model import dep_expert_counts
+
+    c = dep_expert_counts(256, n)
+    assert sum(c) == 256 and (min(c), max(c)) == (lo, hi) and len(c) == n
+    r = simulate(small(gpus=n, cv=0.1, iterations=2, layers=5))
+    assert r["model"]["partition"]["dep_experts_per_rank"] == [lo, hi]
+    if n == 72:
+        ratio = {g: simulate(small(gpus=g, cv=0.3, iterations=4, layers=5, hardware="gb200"))["ratio"]
+                 for g in (64, 72, 128)}
+        assert ratio[64] < ratio[72] < ratio[128], ratio
+
+
 def test_simulation_is_deterministic_per_seed():
     assert simulate(small(cv=0.2, seed=7)) == simulate(small(cv=0.2, seed=7))
     assert simulate(small(cv=0.2, seed=7))["dep"]["iteration_ms"] != simulate(small(cv=0.2, seed=8))["dep"][

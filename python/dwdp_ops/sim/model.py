@@ -2,8 +2,9 @@
 
 Both modes serve the same per-rank queues (``workload``: same seed, same batches); every rank replicates attention,
 dense layers, shared expert and router (attention data parallelism), and each MoE layer's routed experts are
-partitioned over the N ranks (``ExpertPartition``: disjoint where N divides 256, else the largest stride with
-neighbours overlapping, as the paper's N=3/5/7 examples). Layers: ``dense_layers`` dense ones first (R1: 3), then
+partitioned over the N ranks: for DWDP's fetch an ``ExpertPartition`` (disjoint where N divides 256, else the
+largest stride with neighbours overlapping, as the paper's N=3/5/7 examples), for DEP each expert on one rank
+(``dep_expert_counts``: E / N each, else the floor or the ceiling of it). Layers: ``dense_layers`` dense ones first (R1: 3), then
 MoE ones (R1: 58). Per-operation times come from ``costs.CostModel``.
 
 One rank's work in one iteration of T tokens (chunks of lengths S_c after prefixes P_c), per layer:
@@ -25,7 +26,7 @@ time.
 DEP (tokens move; every MoE layer is a collective): at MoE layer j rank r arrives after its own work since the last
 combine (A_r: attention block, shared expert, router, others; for j = 0 also the dense layers), the dispatch starts
 when the slowest rank arrives, then each rank runs its expert GEMMs over the W_r = sum_s T_s m(s, r) pairs it
-receives (``policy.pair_shares``, uniform routing) on its L experts, the combine starts when the slowest rank's GEMMs
+receives (uniform routing: m(s, r) = k c_r / E) on its c_r experts, the combine starts when the slowest rank's GEMMs
 end; dispatch and combine take max_r (lat + rows_r H b / B_disp), rows_r = max(rows sent, rows received)
 (hypergeometric, as ``policy.choose_mode``). Synchronisation wait of rank r = sum over layers of
 (max A - A_r) + (max G - G_r) (+ the LM-head tail). All ranks run iteration i together; the iteration takes
@@ -65,7 +66,7 @@ import numpy as np
 from .._checks import is_int
 from ..models.deepseek_r1.config import DeepSeekConfig
 from ..partition import ExpertPartition
-from ..policy import _p_row, pair_shares
+from ..policy import _p_row
 from .costs import CATEGORIES, COMPUTE, CostModel, Overrides, load_calibration
 from .workload import Iteration, is_real, workload
 
@@ -160,8 +161,17 @@ class SimConfig:
         return DeepSeekConfig.r1(n_layers=self.layers).replace(n_dense_layers=self.n_dense)
 
 
+def dep_expert_counts(num_experts: int, ranks: int) -> list[int]:
+    """DEP's placement: every expert on one rank, rank r owning experts [r E // N, (r + 1) E // N) (E / N each where N
+    divides E, else the floor or the ceiling of it: 3 or 4 of R1's 256 on 72 ranks). Not ``partition_for``'s
+    overlapping placement, which serves DWDP's fetch: with it DEP's ranks held 43 of 256 experts at N = 72 and the
+    lowest owners took most pairs, a baseline no DEP deployment would run."""
+    return [(r + 1) * num_experts // ranks - r * num_experts // ranks for r in range(ranks)]
+
+
 def partition_for(num_experts: int, ranks: int) -> ExpertPartition:
-    """Disjoint where ``ranks`` divides ``num_experts``; else the largest stride P with L = E - (N - 1) P >= P."""
+    """DWDP's placement: disjoint where ``ranks`` divides ``num_experts``; else the largest stride P with
+    L = E - (N - 1) P >= P (DEP's: ``dep_expert_counts``)."""
     if num_experts % ranks == 0:
         return ExpertPartition.disjoint(num_experts, ranks)
     for stride in range(num_experts // ranks, 0, -1):
@@ -386,7 +396,6 @@ def simulate(config: SimConfig, calibration: dict | None = None) -> dict:
     tokens = np.array([[s.tokens for s in row] for row in steps], dtype=float)
 
     fetch = costs.fetch_ms(E - L)
-    m = pair_shares(part, k)
 
     dw_t = np.zeros((N, config.iterations))
     dw_b: list[list[dict]] = [[] for _ in range(N)]
@@ -407,8 +416,11 @@ def simulate(config: SimConfig, calibration: dict | None = None) -> dict:
     dwdp = _summary(dw_t, tokens, dw_b, {c: v / n_it for c, v in dw_x.items()}, dw_copy / n_it, dw_d)
 
     load = config.owner_factors()
-    # with a router's imbalance, owner d gets load[d] times its uniform pairs: a token sends a row to d with the
+    # DEP's own disjoint placement: owner d takes k c_d / E pairs of every source's token under uniform routing (its
+    # own tokens' included); with a router's imbalance load[d] times that, and a token sends a row to d with the
     # probability of at least one of those pairs (capped at top-k)
+    dep_count = dep_expert_counts(E, N)
+    m = [[k * dep_count[d] / E for d in range(N)] for _ in range(N)]
     ql = [[_p_row(min(k, load[d] * m[s][d]), E, k) for d in range(N)] for s in range(N)]
     dep_t = np.zeros((N, config.iterations))
     dep_b: list[list[dict]] = [[] for _ in range(N)]
@@ -422,8 +434,8 @@ def simulate(config: SimConfig, calibration: dict | None = None) -> dict:
         rows_mean += sum(rows) / N / config.iterations
         disp = max(costs.dispatch_ms(x) for x in rows) if N > 1 else 0.0
         comb = max(costs.combine_ms(x) for x in rows) if N > 1 else 0.0
-        res = dep_iteration([steps[r][i] for r in range(N)], cfg, [speed[r] * costs.expert_ms(pairs[r], L)
-                                                                   for r in range(N)], disp, comb)
+        res = dep_iteration([steps[r][i] for r in range(N)], cfg,
+                            [speed[r] * costs.expert_ms(pairs[r], dep_count[r]) for r in range(N)], disp, comb)
         dep_t[:, i] = res["rank_ms"]
         for r in range(N):
             dep_b[r].append(res["breakdown"][r])
@@ -447,7 +459,8 @@ def simulate(config: SimConfig, calibration: dict | None = None) -> dict:
                                                                                 for c in it.chunks))),
         },
         "model": {
-            "partition": {"experts_per_rank": L, "stride": part.stride, "remote_experts": E - L},
+            "partition": {"experts_per_rank": L, "stride": part.stride, "remote_experts": E - L,
+                          "dep_experts_per_rank": [min(dep_count), max(dep_count)]},
             "fetch_ms_per_moe_layer": fetch,
             "dep_rows_per_rank_per_layer": rows_mean,
             "expert_bytes": costs.expert_bytes,
