@@ -486,6 +486,76 @@ def test_empty_tables_with_ids_are_refused_before_any_launch():
                              mask, spec, ind_ids=cp.zeros(2, cp.int64), feed_ids=cp.zeros((2, 3), cp.int64))
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("ids", [False, True], ids=["gathered", "table"])
+def test_a_batch_of_no_sample(ids, dtype):
+    """B = 0, as the reference takes it: the forward gives [0, out_dim], the backward zero gradients (table-shaped
+    with ids), a TableGrads passed to the forward is zeroed all the same, and the PyTorch op does as much. The
+    gathered path had failed with 'co-action: shard 0 has no address' (the empty rows' address), naming nothing the
+    caller passed."""
+    import cupy as cp
+    from dwdp_ops.coaction import TableGrads, coaction_backward_gpu, coaction_forward_gpu
+
+    spec = CoActionSpec()
+    st = np.float32 if dtype == "float32" else np.uint16
+    T, rows = 7, 5
+    if ids:
+        ind, feed = cp.ones((rows, spec.induction_dim), st), cp.ones((rows, spec.feed_dim), st)
+        kw = dict(ind_ids=cp.zeros(0, cp.int64), feed_ids=cp.zeros((0, T), cp.int64))
+    else:
+        ind, feed = cp.zeros((0, spec.induction_dim), st), cp.zeros((0, T, spec.feed_dim), st)
+        kw = {}
+    mask, g = cp.zeros((0, T), cp.float32), cp.zeros((0, spec.out_dim), cp.float32)
+    s = cp.cuda.Stream(non_blocking=True)
+    out = coaction_forward_gpu(ind, feed, mask, spec, dtype=dtype, stream=s, **kw)
+    assert out.shape == (0, spec.out_dim) and out.dtype == st
+    gi, gf = coaction_backward_gpu(ind, feed, mask, g, spec, dtype=dtype, stream=s, **kw)
+    s.synchronize()
+    assert gi.shape == ind.shape and gf.shape == feed.shape and not gi.any() and not gf.any()
+    tg = TableGrads(ind.shape, feed.shape, stream=s)
+    for a in tg.arrays:
+        a.fill(np.nan)  # what a reused pool block may hold
+    coaction_forward_gpu(ind, feed, mask, spec, dtype=dtype, stream=s, zero_grads=tg, **kw)
+    gi, gf = coaction_backward_gpu(ind, feed, mask, g, spec, dtype=dtype, stream=s, grads=tg, **kw)
+    s.synchronize()
+    assert not cp.isnan(gi).any() and not gi.any() and not gf.any()
+    torch = pytest.importorskip("torch")
+    from dwdp_ops.coaction import coaction
+
+    tt, tf = torch.from_dlpack(ind), torch.from_dlpack(feed)
+    if dtype == "bfloat16":
+        tt, tf = tt.view(torch.bfloat16), tf.view(torch.bfloat16)
+    tt, tf = tt.clone().requires_grad_(True), tf.clone().requires_grad_(True)
+    targs = {k: torch.from_dlpack(v) for k, v in kw.items()}
+    o = coaction(tt, tf, torch.from_dlpack(mask), spec, **targs)
+    assert tuple(o.shape) == (0, spec.out_dim)
+    o.sum().backward()
+    assert tt.grad.shape == tt.shape and not tt.grad.any() and not tf.grad.any()
+
+
+@pytest.mark.gpu
+def test_an_input_on_another_device_is_named_before_the_launch():
+    """Every input must be on the device the kernels run on: an array on another GPU had gone to the kernel by its
+    address (an illegal access without peer mappings). On one GPU the check is shown with a DeviceBuffer that says it
+    is on device 1 (the check reads what the array says, not its address)."""
+    import cupy as cp
+    from dwdp_ops.coaction import coaction_forward_gpu
+    from dwdp_ops.interop import DeviceBuffer, device_buffer
+
+    spec = CoActionSpec()
+    ind, feed, mask, _ = (cp.asarray(a) for a in inputs(spec, 3, 4, 0))
+    for name in ("induction", "feed", "mask"):
+        args = {"induction": ind, "feed": feed, "mask": mask}
+        b = device_buffer(args[name])
+        args[name] = DeviceBuffer(b.ptr, b.shape, b.dtype, b.strides, 1)
+        with pytest.raises(ValueError, match=rf"{name} is on device 1, the op runs on the current device \(0\)"):
+            coaction_forward_gpu(args["induction"], args["feed"], args["mask"], spec)
+    b = device_buffer(ind)
+    here = DeviceBuffer(b.ptr, b.shape, b.dtype, b.strides, 0)
+    assert coaction_forward_gpu(here, feed, mask, spec).shape == (3, spec.out_dim)
+
+
 # every (orders, order independence) instance of the specialised kernels, with and without bias
 SPECIALIZED = [CoActionSpec(), CoActionSpec(bias=True), CoActionSpec(orders=1), CoActionSpec(orders=2),
                CoActionSpec(orders=4, bias=True), CoActionSpec(orders=1, order_independent=True),

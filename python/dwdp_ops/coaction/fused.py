@@ -443,6 +443,13 @@ def _args(spec: CoActionSpec, induction, feed, mask, ind_ids, feed_ids, dtype):
             raise ValueError("feed_ids must be in [0, 0): the feed table is empty")
     elif fd.shape != (B, T, feed_dim):
         raise CoActionArgumentError(f"feed must be [B, T, D] = {[B, T, feed_dim]}, got {list(fd.shape)}")
+    # every input on the device the kernels run on: an array on another GPU would be read through its address (an
+    # illegal access without peer mappings, a slow remote read with them); a ShardedTable's shards are remote by design
+    here = [("feed", feed, fd.ptr), ("mask", mask, mk.ptr)]
+    if not isinstance(induction, ShardedTable):
+        here.append(("induction", induction, rows[0][0]))
+    here += [(n, a, p) for n, a, p in (("ind_ids", ind_ids, ids_ptr), ("feed_ids", feed_ids, fids_ptr)) if p]
+    _check_devices(here, "the op runs on the current device")
     geo = (*spec_args, code, B, T)
     return geo, rows, fd, mk, ids_ptr, fids_ptr, storage, dims
 
@@ -522,6 +529,11 @@ def _forward(a: tuple, induction: Any, dtype: str, stream: Any, check_ids: bool,
     if zero_grads is not None:  # (before the call: a launch that fails may have queued a memset already)
         zero_grads._by = h  # queued there: ready_on / close wait for that stream from here on
         zero_grads._streams.append(stream if stream is not None else cp.cuda.get_current_stream())
+    if B == 0:  # no sample: nothing to read or check, out is [0, out_dim]; only the gradients to zero, on the stream
+        for ptr, n in zip(zp, zn):
+            if ptr and n > 0:
+                cp.cuda.runtime.memsetAsync(ptr, 0, 4 * n, h)
+        return out
     # without ids there is nothing to check (and no wait: the launch keeps the GIL)
     try:
         bad = native().coaction_forward(*geo, bases, rps, nrows, ip, fd.ptr, fp, frows, mk.ptr, out_ptr, h,
@@ -606,8 +618,9 @@ def _backward(a: tuple, induction: Any, both_ids: bool, grad_out: Any, stream: A
                 grads_ptrs = [g_ind.data.ptr]
             g_feed = cp.zeros(fd.shape, cp.float32)
         gf_ptr = g_feed.data.ptr
-    native().coaction_backward(*geo, bases, grads_ptrs, rps, nrows, ip, fd.ptr, fp, fd.shape[0], mk.ptr, g.ptr, gf_ptr,
-                               h)
+    if geo[-2]:  # (no sample: no gradient to add; the arrays returned are as zeroed or given)
+        native().coaction_backward(*geo, bases, grads_ptrs, rps, nrows, ip, fd.ptr, fp, fd.shape[0], mk.ptr, g.ptr,
+                                   gf_ptr, h)
     if tg is not None:
         tg._release_after(h)
     return g_ind, g_feed
@@ -628,6 +641,21 @@ def _array_device(a: Any, ptr: int | None = None) -> int | None:
 
         dev = cp.cuda.runtime.pointerGetAttributes(ptr).device
     return dev
+
+
+def _check_devices(named: list, where: str) -> None:
+    """ValueError naming the first ``(name, array, ptr)`` whose array says it is on another device than the current
+    one (CuPy's ``.device.id``, PyTorch's ``.device.index``, a ``DeviceBuffer``'s ``.device``; nothing is looked up
+    from a bare address: this runs on every call, and an array that does not say passes, as an empty one does)."""
+    known = [(name, on) for name, a, ptr in named if ptr and (on := _array_device(a)) is not None]
+    if not known:
+        return
+    import cupy as cp
+
+    dev = cp.cuda.runtime.getDevice()
+    for name, on in known:
+        if on != dev:
+            raise ValueError(f"{name} is on device {on}, {where} ({dev}): move it there, or make that device current")
 
 
 def _check_device_of(name: str, a: Any, ptr: int, where: str) -> None:
