@@ -96,3 +96,16 @@ def test_symmetric_shape_accepts_ints():
     assert _shape(5) == (5,)
     assert _shape((np.int64(2), 3)) == (2, 3)
     assert _shape([4, np.uint8(1)]) == (4, 1)
+
+
+@pytest.mark.parametrize("bad", [2.5, True, "64"])
+def test_max_pairs_must_be_an_int(bad):
+    """max_pairs went through int(): 2.5 became 2 rows and True 1, silently; a string raised int()'s own error."""
+    pytest.importorskip("cupy")
+    from types import SimpleNamespace
+
+    from dwdp_ops.dispatch import TokenDispatcher
+
+    rt = SimpleNamespace(require=lambda what: None, world_size=lambda: 2, device=0)
+    with pytest.raises(ValueError, match=r"max_pairs must be an int in \[1, 2\^31\), got"):
+        TokenDispatcher(ExpertPartition.disjoint(8, 2), 64, 2, 16, max_pairs=bad, num_sms=4, runtime=rt)

@@ -128,6 +128,8 @@ class TokenDispatcher:
             raise ValueError(f"TokenDispatcher: timeout must be > 0 seconds, got {timeout}")
         N, L = partition.world_size, partition.experts_per_rank
         worst = N * int(max_tokens) * min(int(top_k), L) + L * (int(align) - 1)
+        if max_pairs is not None and not is_int(max_pairs):  # (int() had taken 2.5 as 2 and True as 1)
+            raise ValueError(f"TokenDispatcher: max_pairs must be an int in [1, 2^31), got {max_pairs!r}")
         max_pairs = worst if max_pairs is None else int(max_pairs)
         if not 1 <= max_pairs < 2**31:
             raise ValueError(f"TokenDispatcher: max_pairs must be in [1, 2^31), got {max_pairs}")
