@@ -46,6 +46,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from pathlib import Path
 from statistics import mean
@@ -58,14 +59,19 @@ MODES = ("dwdp", "dep", "dep_nccl")
 
 
 def parse_dist(text: str) -> dict:
-    """``ratio0.8`` -> {"ratio": 0.8}; ``cv0.2`` -> {"cv": 0.2}."""
+    """``ratio0.8`` -> {"ratio": 0.8}; ``cv0.2`` -> {"cv": 0.2}. R in (0, 1] and C finite and >= 0, the workload's
+    ranges (``sim.workload``), else ValueError (main's one error line, before any GPU work)."""
     for key in ("ratio", "cv"):
         if text.startswith(key):
             try:
-                return {key: float(text[len(key):])}
+                v = float(text[len(key):])
             except ValueError:
                 break
-    raise ValueError(f"a distribution is ratioR or cvC (e.g. ratio0.8, cv0.2), got {text!r}")
+            if (0 < v <= 1) if key == "ratio" else (math.isfinite(v) and v >= 0):
+                return {key: v}
+            break
+    raise ValueError(f"a distribution is ratioR or cvC with R in (0, 1] and C >= 0 finite (e.g. ratio0.8, cv0.2), "
+                     f"got {text!r}")
 
 
 def plan(world: int, iterations: int, isl: int, budget: int, dist: dict, seed: int) -> list[list[list[int]]]:

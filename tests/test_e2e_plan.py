@@ -58,3 +58,15 @@ def test_owner_load_point_is_the_mean_of_per_iteration_shares():
     rec = {"owner_load": [{"pairs_per_owner": [1, 3]}, {"pairs_per_owner": [2, 2]}, {"pairs_per_owner": [0, 0]}]}
     assert e2e.owner_load_point(rec) == {"owner_load": [0.75, 1.25]}
     assert e2e.owner_load_point({}) == {} and e2e.owner_load_point({"owner_load": []}) == {}
+
+
+@pytest.mark.parametrize("text", ["ratio1.5", "ratio0", "ratio-0.2", "cv-0.1", "cvnan", "cvinf", "rationan"])
+def test_distributions_outside_the_workloads_range_are_refused_when_parsed(text):
+    """A ratio outside (0, 1] or a cv that is negative or not finite is named by parse_dist, so that main refuses it
+    with one error line before any GPU work: it had parsed, and the simulator's workload raised only when the run
+    drew its first plan (after the model's weights were built on every GPU; a traceback in --dry-run)."""
+    with pytest.raises(ValueError, match="ratioR or cvC"):
+        e2e.parse_dist(text)
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "e2e_dwdp_vs_dep.py"), "--dry-run", "--dists", text],
+                          capture_output=True, text=True)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr and "error:" in proc.stderr, proc.stderr
