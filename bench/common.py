@@ -148,3 +148,12 @@ def launcher_ranks(ap, minimum: int, why: str) -> int | None:
         ap.error(f"needs at least {minimum} ranks ({why}), got {world}: run it under a launcher, e.g. "
                  f"python -m dwdp_ops.launch -n {minimum} bench/{ap.prog}")
     return world
+
+
+def disjoint_world(ap, world: int | None, experts: int, case: str) -> None:
+    """``ap.error`` (one ``error:`` line, exit 2) unless ``world`` ranks divide ``experts``: for a script whose
+    ``case`` splits the experts disjointly over the ranks (``ExpertPartition.disjoint`` refuses any other world).
+    ``world`` from ``launcher_ranks`` (None: not known, left to ``dwdp_ops.init``); checked before any GPU work."""
+    if world and experts % world:
+        ap.error(f"{case} splits the {experts} experts disjointly over the ranks (ExpertPartition.disjoint): the "
+                 f"number of ranks must divide {experts}, got {world}")

@@ -37,7 +37,15 @@ from pathlib import Path
 from statistics import median
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS, machine_facts, nvlink_facts, result_name, write_json  # noqa: E402
+from common import (  # noqa: E402
+    RESULTS,
+    disjoint_world,
+    launcher_ranks,
+    machine_facts,
+    nvlink_facts,
+    result_name,
+    write_json,
+)
 
 HIDDEN, TOP_K, EXPERTS = 7168, 8, 256
 DEFAULT_TOKENS = [1, 8, 32, 128, 256, 1024, 4096, 16384, 32768]
@@ -303,6 +311,7 @@ def main() -> int:
             ap.error(f"--world must divide {EXPERTS}, got {world}")
         have = importlib.util.find_spec("dwdp_ops.dispatch") is not None
         return dry_run(ns.tokens, world, have)
+    disjoint_world(ap, launcher_ranks(ap, 1, ""), EXPERTS, "DEP's placement")
 
     import dwdp_ops
     import torch

@@ -52,7 +52,7 @@ from pathlib import Path
 from statistics import mean
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import machine_facts, result_name, write_json  # noqa: E402
+from common import disjoint_world, launcher_ranks, machine_facts, result_name, write_json  # noqa: E402
 
 GiB = 1 << 30
 MODES = ("dwdp", "dep", "dep_nccl")
@@ -138,6 +138,7 @@ def main() -> int:
                 toks = [[sum(it) for it in rank] for rank in p]
                 print(f"budget {b} {name}: tokens per iteration per rank {toks}")
         return 0
+    disjoint_world(ap, launcher_ranks(ap, 1, ""), 256, "the store (DWDP) and DEP's placement")
     return run(ns, budgets, dists, modes)
 
 

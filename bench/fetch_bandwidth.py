@@ -40,6 +40,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import dwdp_ops
 from common import (
+    disjoint_world,
     int_list,
     launcher_ranks,
     machine_facts,
@@ -317,6 +318,7 @@ def main() -> int:
     if bad:
         ap.error(f"--dtypes: {', '.join(map(repr, bad))} not among {', '.join(sorted(DTYPES))}")
     world = launcher_ranks(ap, 2, "every case reads from peers")
+    disjoint_world(ap, world, 256, "the DWDP layer case (dwdp_layer_<dtype>, every --dtypes, --layer-only too)")
     if world and not ns.layer_only and every_peer_part(max(sizes) * MiB, world) == 0:
         ap.error(f"--sizes-mib: the every_peer pattern reads 1/(N-1) of the largest size from each peer in 2 MiB "
                  f"slices, so on {world} ranks the largest size must be at least {2 * (world - 1)} MiB, got "

@@ -43,7 +43,16 @@ from statistics import median
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import dwdp_ops
-from common import int_list, launcher_ranks, machine_facts, median_ratio, result_name, time_interleaved, write_json
+from common import (
+    disjoint_world,
+    int_list,
+    launcher_ranks,
+    machine_facts,
+    median_ratio,
+    result_name,
+    time_interleaved,
+    write_json,
+)
 from dwdp_ops import ExpertLayout, ExpertPartition, ExpertStore, PrefetchScheduler
 
 
@@ -338,7 +347,8 @@ def fill_fp8(store: ExpertStore, layout: ExpertLayout, layers: int, me: int):
 
 def main(argv: list[str] | None = None) -> int:
     ns = parse_args(argv)
-    launcher_ranks(ns.parser, 2, "every rank fetches the experts it lacks from its peers")
+    world = launcher_ranks(ns.parser, 2, "every rank fetches the experts it lacks from its peers")
+    disjoint_world(ns.parser, world, E, "the store")
     _gpu_imports()
     with dwdp_ops.init(timeout=600):
         me, n = dwdp_ops.rank(), dwdp_ops.world_size()

@@ -103,3 +103,21 @@ def test_fetch_bandwidth_refuses_sizes_too_small_for_every_peer():
     assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-2000:]
     errors = [ln for ln in r.stderr.splitlines() if ln.startswith("fetch_bandwidth.py: error:")]
     assert len(errors) == 1 and "--sizes-mib" in errors[0] and "at least 6 MiB" in errors[0], r.stderr
+
+
+@pytest.mark.parametrize(("script", "args"), [
+    ("fetch_bandwidth.py", ["--repeats", "2"]),
+    ("prefetch_overlap.py", ["--repeats", "2"]),
+    ("dispatch_bandwidth.py", ["--repeats", "2"]),
+    ("e2e_dwdp_vs_dep.py", ["--iterations", "3"]),
+])
+def test_expert_split_benchmarks_refuse_a_world_that_does_not_divide_256(script, args):
+    """Their layers split DeepSeek-R1's 256 experts disjointly over the ranks (``ExpertPartition.disjoint``, which
+    refuses N not dividing 256): on 3 ranks fetch_bandwidth had run its whole size sweep and patterns before failing
+    in the DWDP layer case, e2e_dwdp_vs_dep had built the model's weights and run its all-local check; the others
+    failed after starting NVSHMEM. Now one error line before any GPU work, naming the world size."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("OMPI_COMM_WORLD_", "RANK", "WORLD_SIZE"))}
+    r = run(script, args, {**env, "RANK": "0", "WORLD_SIZE": "3"})
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-2000:]
+    errors = [ln for ln in r.stderr.splitlines() if ln.startswith(f"{script}: error:")]
+    assert len(errors) == 1 and "divide 256" in errors[0] and "got 3" in errors[0], r.stderr
