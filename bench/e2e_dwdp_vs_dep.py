@@ -28,7 +28,10 @@ experts, router, norms, head). DEP's synchronisation wait is estimated per itera
 fastest rank's (the fastest rank waited least; what it spent is the transfer itself). The overlapped copy (the
 copy-stream spans of the prefetches) is reported beside the sum, not in it.
 TPS/GPU = the tokens every rank processed over every rank's busy time (sum over ranks / sum of step times, i.e.
-tokens per second per GPU); iteration latency = the mean over iterations of the slowest rank's step.
+tokens per second per GPU); iteration latency = the mean over iterations of the slowest rank's step. DWDP against
+another mode (``dwdp_over_<mode>``, the table's "DWDP / this"): the median over iterations of the per-iteration
+ratio of their TPS/GPU (each iteration is one interleaved pair on the same requests); the ratio of the whole run's
+TPS/GPU is ``dwdp_over_<mode>_of_totals``.
 
 Before each iteration's modes: the attention of the iteration's request lengths once, untimed for the modes (cuDNN
 builds a plan per new length; the mode that ran first paid it, 1.4-2x its attention time in the first run), its time
@@ -49,7 +52,7 @@ import json
 import math
 import sys
 from pathlib import Path
-from statistics import mean
+from statistics import mean, median
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import disjoint_world, launcher_ranks, machine_facts, result_name, write_json  # noqa: E402
@@ -332,6 +335,15 @@ def measure(model, sources, scheds, modes, ns, budget, name, dist, me, world, rd
                              "wait_ms": tm["wait_ms"], "comm_ms": tm["comm_ms"], "copy_ms": copy,
                              "attn_flops": tm["attn_flops"]})
     per_rank = [json.loads(v) for v in rdv.allgather(f"e2e:{budget}:{name}", json.dumps(rows).encode())]
+    return summarise(per_rank, modes, budget, name, dist, warm_ms)
+
+
+def summarise(per_rank: list[list[dict]], modes, budget: int, name: str, dist: dict, warm_ms: list[float]) -> dict:
+    """One (budget, distribution)'s record from every rank's rows (``per_rank[rank]``: that rank's timed rows, in the
+    same (iteration, mode) order on every rank). ``dwdp_over_<m>``: the median over the timed iterations of the
+    per-iteration ratio of DWDP's TPS/GPU to mode m's (the iteration's tokens over the ranks' summed step times; the
+    two modes ran the same requests interleaved, so each iteration is one pair); ``dwdp_over_<m>_of_totals`` the
+    ratio of the modes' TPS/GPU over all iterations, beside it."""
     out = {"budget": budget, "dist_name": name, "dist": dist, "modes": {},
            "attention_warm_ms_mean": mean(warm_ms) if warm_ms else 0.0}
     for m in modes:
@@ -372,7 +384,16 @@ def measure(model, sources, scheds, modes, ns, budget, name, dist, me, world, rd
     out["owner_load_max_over_mean"] = mean(x["max_over_mean"] for x in loads) if loads else None
     for m in modes:
         if m != "dwdp" and "dwdp" in out["modes"]:
-            out[f"dwdp_over_{m}"] = out["modes"]["dwdp"]["tps_per_gpu"] / out["modes"][m]["tps_per_gpu"]
+            out[f"dwdp_over_{m}_of_totals"] = out["modes"]["dwdp"]["tps_per_gpu"] / out["modes"][m]["tps_per_gpu"]
+            a, b = out["modes"]["dwdp"]["rows"], out["modes"][m]["rows"]  # [rank][iteration]
+            pairs = []
+            for j in range(len(a[0])):
+                if any(ra[j]["iteration"] != rb[j]["iteration"] for ra, rb in zip(a, b, strict=True)):
+                    raise ValueError(f"{name}: the rows of dwdp and {m} are not the same iterations")
+                # the same tokens in both: TPS(dwdp) / TPS(m) = the summed steps of m over those of dwdp
+                pairs.append(sum(rb[j]["step_ms"] for rb in b) / sum(ra[j]["step_ms"] for ra in a))
+            out[f"dwdp_over_{m}_per_iteration"] = pairs
+            out[f"dwdp_over_{m}"] = median(pairs)
     return out
 
 

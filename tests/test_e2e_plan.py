@@ -70,3 +70,24 @@ def test_distributions_outside_the_workloads_range_are_refused_when_parsed(text)
     proc = subprocess.run([sys.executable, str(ROOT / "bench" / "e2e_dwdp_vs_dep.py"), "--dry-run", "--dists", text],
                           capture_output=True, text=True)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr and "error:" in proc.stderr, proc.stderr
+
+
+def _row(i, mode, step, comm=0.0):
+    return {"owner_pairs": [4, 4] if mode == "dwdp" else None, "iteration": i, "mode": mode, "lead": mode == "dwdp",
+            "tokens": 1000, "requests": 2, "step_ms": step, "attn_ms": 1.0, "experts_ms": 1.0, "wait_ms": 0.0,
+            "comm_ms": comm, "copy_ms": 0.0, "attn_flops": 1e12}
+
+
+def test_dwdp_over_another_mode_is_the_median_of_per_iteration_ratios():
+    """The modes run interleaved per iteration on the same requests: DWDP / DEP is the median over iterations of the
+    per-iteration TPS ratio, as every comparison of the project (one slow DWDP iteration moves it little); the run's
+    ratio of totals is kept beside it. It had been the ratio of totals only: 0.51 here, against a median of 1.95."""
+    steps = {"dwdp": [10.0, 10.0, 100.0], "dep": [20.0, 20.0, 20.0]}
+    per_rank = [[_row(i, m, steps[m][i] + rank) for i in range(3) for m in ("dwdp", "dep")] for rank in range(2)]
+    rec = e2e.summarise(per_rank, ["dwdp", "dep"], 16384, "ratio0.8", {"ratio": 0.8}, [1.0])
+    pairs = [(20 + 21) / (10 + 11), (20 + 21) / (10 + 11), (20 + 21) / (100 + 101)]
+    assert rec["dwdp_over_dep_per_iteration"] == pytest.approx(pairs)
+    assert rec["dwdp_over_dep"] == pytest.approx(41 / 21)
+    assert rec["dwdp_over_dep_of_totals"] == pytest.approx((20 * 3 * 2 + 3) / (120 * 2 + 3))
+    assert rec["modes"]["dwdp"]["tps_per_gpu"] == pytest.approx(6000 / ((120 * 2 + 3) * 1e-3))
+    assert "| 1.952 |" in e2e.table([rec])  # the table's "DWDP / this" column is the median of pairs
