@@ -30,6 +30,15 @@ def test_a_refused_prefill_keeps_the_cached_lengths(tokens, msg):
     assert m.lengths == [5, 3]
 
 
+def test_a_step_mixing_a_prefill_and_a_decode_is_refused_before_any_cuda_call():
+    """The mixed-step check had been tested only on a GPU (tests/test_gpu_deepseek.py); it needs none: request 0
+    holds a cached sequence (one token: a decode), request 1 none (a prefill)."""
+    m = _model([4, 0])
+    with pytest.raises(ValueError, match="a step is either a prefill of every request .* this one mixes both"):
+        m.forward([0, 1], [[1], [2, 3]])
+    assert m.lengths == [4, 0]
+
+
 @pytest.mark.parametrize("requests, tokens, err, msg", [
     ([0], [[1.7, 2.2]], TypeError, "token ids must be integers, got float64"),  # had been truncated to [1, 2]
     ([0], [[True, False]], TypeError, "token ids must be integers, got bool"),  # had been taken as [1, 0]
