@@ -92,6 +92,21 @@ def _gpu_imports() -> None:
 ROWS = 100_000
 
 
+def compile_mode_error(mode: str) -> str | None:
+    """Why ``mode`` is not one of this PyTorch's ``torch.compile`` modes (its own message), or None (a mode it knows,
+    or no PyTorch: no compiled variant runs). Checked with the arguments: ``torch.compile`` names a wrong mode only in
+    the first case, after the rates were measured and that case's variants built and checked."""
+    try:
+        from torch._inductor import list_mode_options
+    except ImportError:
+        return None
+    try:
+        list_mode_options(mode)
+    except RuntimeError as e:
+        return str(e)
+    return None
+
+
 @contextlib.contextmanager
 def env(name: str, value: str):
     """``name=value`` in the environment inside the block (the kernels read their switches at every launch)."""
@@ -248,6 +263,9 @@ def main() -> int:
         if B < 1 or T < 1:
             ap.error(f"--sizes: B and T must be >= 1, got {case!r}")
         sizes.append((B, T))
+    why = compile_mode_error(ns.compile_mode)
+    if why:
+        ap.error(f"--compile-mode: {why}")
     _gpu_imports()
     spec = CoActionSpec()
     s = cp.cuda.Stream(non_blocking=True)

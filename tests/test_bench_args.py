@@ -16,6 +16,7 @@ CASES = [
     ("coaction_bench.py", ["--sizes", "8x"], "--sizes"),
     ("coaction_bench.py", ["--repeats", "0"], "--repeats"),
     ("coaction_bench.py", ["--pipeline", "0"], "--pipeline"),
+    ("coaction_bench.py", ["--compile-mode", "max-autotun"], "--compile-mode"),
     ("coaction_host.py", ["--calls", "-1"], "--calls"),
     ("coaction_host.py", ["--repeats", "0"], "--repeats"),
     ("coaction_profile.py", ["--B", "0"], "--B"),
