@@ -203,13 +203,22 @@ def test_real_module_without_gpu_raises_clearly():
         Runtime().init(environ={}, timeout=5)
 
 
-@pytest.mark.parametrize("size", ["0", "-4g", "0.0001k", "inf g", "nang", True, False])
-def test_heap_size_must_be_a_positive_finite_size(size):
+@pytest.mark.parametrize("size, err, match", [
+    ("0", ValueError, r"^heap_size '0' is 0 bytes; it must be positive$"),
+    ("-4g", ValueError, r"^heap_size '-4g' is -4294967296 bytes; it must be positive$"),
+    ("0.0001k", ValueError, r"^heap_size '0.0001k' is 0 bytes; it must be positive$"),
+    ("inf g", ValueError, r"^heap_size 'inf g' is not a size"),
+    ("nang", ValueError, r"^heap_size 'nang' is not a size"),
+    (True, TypeError, r"^heap_size must be a size in bytes .*, got True$"),
+    (False, TypeError, r"^heap_size must be a size in bytes .*, got False$"),
+], ids=["0", "-4g", "0.0001k", "inf-g", "nang", "True", "False"])
+def test_heap_size_must_be_a_positive_finite_size(size, err, match):
     """A heap size given as a string went unchecked: '0' and '-4g' reached NVSHMEM_SYMMETRIC_SIZE as 0 and
     -4294967296, 'inf g' raised a bare OverflowError; True was taken as 1 byte. Each is refused before anything
-    starts, naming the value."""
+    starts, naming the value (the match had been the word 'heap_size' alone, in every message, under either error
+    type)."""
     be = FakeBackend()
-    with pytest.raises((ValueError, TypeError), match=r"heap_size"):
+    with pytest.raises(err, match=match):
         Runtime(be).init(environ={}, heap_size=size)
     assert be.calls == []
 
