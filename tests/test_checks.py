@@ -31,7 +31,9 @@ def test_is_int_takes_python_and_numpy_integers(v):
 
 
 @pytest.mark.parametrize("v", [True, False, np.bool_(True), 3.0, np.float64(3.0), "3", None, 1j, [3],
-                               np.array(3), np.array([3])])
+                               np.array(3), np.array([3])],
+                         ids=["True", "False", "np.bool_", "float", "np.float64", "str", "None", "complex", "list",
+                              "0-d array", "1-d array"])
 def test_is_int_refuses_bools_floats_and_everything_else(v):
     assert not is_int(v)
 
