@@ -84,10 +84,17 @@ def test_close_stops_at_a_failed_free_and_a_retry_resumes_there(no_device):
     assert len(freed) == 6
 
 
-@pytest.mark.parametrize("bad, err", [("12", TypeError), ((2.9, 3), TypeError), (True, TypeError),
-                                      ((2, True), TypeError), ((), ValueError), ((0, 4), ValueError)])
-def test_symmetric_shape_refuses_non_integer_extents(bad, err):
-    with pytest.raises(err, match="shape"):
+@pytest.mark.parametrize("bad, err, match", [
+    ("12", TypeError, r"^shape must be an int or a sequence of ints, got the string '12'$"),
+    ((2.9, 3), TypeError, r"^shape \(2.9, 3\) must hold ints, got 2.9 \(float\)$"),
+    (True, TypeError, r"^shape \(True,\) must hold ints, got True \(bool\)$"),
+    ((2, True), TypeError, r"^shape \(2, True\) must hold ints, got True \(bool\)$"),
+    ((), ValueError, r"^shape \(\) must be non-empty with positive extents$"),
+    ((0, 4), ValueError, r"^shape \(0, 4\) must be non-empty with positive extents$"),
+], ids=["str", "float", "bool", "bool-extent", "empty", "zero-extent"])
+def test_symmetric_shape_refuses_non_integer_extents(bad, err, match):
+    """The match had been 'shape', a word of every message: each case now names its own refusal and extent."""
+    with pytest.raises(err, match=match):
         _shape(bad)
 
 
