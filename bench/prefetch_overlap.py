@@ -26,7 +26,8 @@ repeats and ratios are the median of the per-repeat ratios, never a ratio of med
      the time the compute stream waits for its prefetch. One denominator everywhere: the layer time alone, i.e. the
      same layer's expert GEMMs in the alone step of the same repeat; exposed fraction = wait / layer time alone,
      median over repeats. Layers 0-1 are the warm-up, which a model hides behind its dense layers and first
-     attention; the steady state is layer >= 2 and its figure is the worst steady layer of each repeat. Next to it
+     attention; the steady state is layer >= 2 and its figure is the worst steady layer of each repeat (None with
+     --layers 2: no steady layer, ``exposed_stats``). Next to it
      the roofline T* = (E - L) * bytes_per_param * C / (2 * k * B) (``t_star``) from the GEMM rate C (alone) and B
      measured here.
   3. a stream timeline of one step (copy and compute streams), as a PNG.
@@ -140,13 +141,35 @@ def summary(per_rank: list[dict]) -> list[str]:
         lines.append(f"T={s['tokens']}: GEMM alone {s['gemm_ms']:.2f} ms; +CE {s['slowdown_ce']:+.1%} (worst rank "
                      f"{worst_ce:+.1%}); +NVSHMEM16 {s['slowdown_nvshmem16']:+.1%} (worst rank {worst_nv:+.1%})")
     for i, x in enumerate(r0["exposed"]):
-        worst = max(p["exposed"][i]["steady_exposed_frac"] for p in per_rank)
+        if x["steady_exposed_frac"] is None:
+            steady = "no steady layer (layers 0-1 are the warm-up: --layers 3 or more)"
+        else:
+            worst = max(p["exposed"][i]["steady_exposed_frac"] for p in per_rank)
+            steady = (f"steady exposed {x['steady_exposed_ms']:.3f} ms = {x['steady_exposed_frac']:.2%} of the layer "
+                      f"alone (worst rank {worst:.2%})")
         lines.append(f"T={x['tokens']:6d}: layer alone {x['gemm_layer_ms']:.2f} ms ({x['gemm_tflops']:.0f} TF/s), "
                      f"step {x['step_ms']:.1f} ms = {x['step_over_alone']:.3f}x alone, "
-                     f"waits {[f'{w:.2f}' for w in x['wait_ms_per_layer']]} ms, steady exposed "
-                     f"{x['steady_exposed_ms']:.3f} ms = {x['steady_exposed_frac']:.2%} of the layer alone "
-                     f"(worst rank {worst:.2%})")
+                     f"waits {[f'{w:.2f}' for w in x['wait_ms_per_layer']]} ms, {steady}")
     return lines
+
+
+def exposed_stats(alone_ms: list[list[float]], wait_ms: list[list[float]], layer_ms: list[list[float]]) -> dict:
+    """Section 2's figures of one token count from its per-repeat, per-layer times (``[repeat][layer]``, ms): the
+    layers alone, the waits for a prefetch and the layers under the scheduler. One denominator: the layer time alone
+    (same layer, alone step of the same repeat). The steady state is layer >= 2 (layers 0-1 are the warm-up); with
+    fewer than 3 layers there is none and the steady figures are None."""
+    L = len(alone_ms[0])
+    steady = range(2, L)
+    frac = [[w[p] / a[p] for p in range(L)] for w, a in zip(wait_ms, alone_ms, strict=True)]
+    return {
+        "gemm_layer_ms": median(sum(a) / L for a in alone_ms),
+        "alone_ms_per_layer": [median(a[p] for a in alone_ms) for p in range(L)],
+        "layer_ms_per_layer": [median(x[p] for x in layer_ms) for p in range(L)],
+        "wait_ms_per_layer": [median(w[p] for w in wait_ms) for p in range(L)],
+        "exposed_frac_per_layer": [median(f[p] for f in frac) for p in range(L)],
+        "steady_exposed_ms": median(max(w[p] for p in steady) for w in wait_ms) if steady else None,
+        "steady_exposed_frac": median(max(f[p] for p in steady) for f in frac) if steady else None,
+    }
 
 
 def activation_bytes(tokens: int, dtype: str, fp8_mlp: str = "gemms") -> int:
@@ -294,22 +317,14 @@ def exposed_sweep(ns, store: ExpertStore, sched: PrefetchScheduler, compute, sid
         alone_ms = [[el(a, c) for a, c in evs] for evs in runs["alone"][1:]]  # [repeat][layer]
         wait_ms = [[el(a, b) for a, b, _ in evs] for evs in runs["prefetch"][1:]]
         layer_ms = [[el(a, c) for a, _, c in evs] for evs in runs["prefetch"][1:]]
-        steady = list(range(2, L)) or list(range(L))
-        # one denominator: the layer time alone (same layer, alone step of the same repeat)
-        frac = [[w[p] / a[p] for p in range(L)] for w, a in zip(wait_ms, alone_ms, strict=True)]
-        gemm_layer_ms = median(sum(a) / L for a in alone_ms)
+        st = exposed_stats(alone_ms, wait_ms, layer_ms)
         rec["exposed"].append({
             "tokens": T,
-            "gemm_layer_ms": gemm_layer_ms,
-            "gemm_tflops": ex.flops / (gemm_layer_ms * 1e-3) / 1e12,
+            "gemm_layer_ms": st["gemm_layer_ms"],
+            "gemm_tflops": ex.flops / (st["gemm_layer_ms"] * 1e-3) / 1e12,
             "alone_step_ms": median(times["alone"]), "step_ms": median(times["prefetch"]),
             "step_over_alone": median_ratio(times["prefetch"], times["alone"]),
-            "alone_ms_per_layer": [median(a[p] for a in alone_ms) for p in range(L)],
-            "layer_ms_per_layer": [median(x[p] for x in layer_ms) for p in range(L)],
-            "wait_ms_per_layer": [median(w[p] for w in wait_ms) for p in range(L)],
-            "exposed_frac_per_layer": [median(f[p] for f in frac) for p in range(L)],
-            "steady_exposed_ms": median(max(w[p] for p in steady) for w in wait_ms),
-            "steady_exposed_frac": median(max(f[p] for p in steady) for f in frac),
+            **{k: v for k, v in st.items() if k != "gemm_layer_ms"},
             "denominator": "layer time alone (the same layer's expert GEMMs with no fetch, same repeat)",
         })
         if T in (16384, 65536) and timeline_events:

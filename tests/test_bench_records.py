@@ -126,3 +126,23 @@ def test_render_a_record_without_nvlink(tmp_path, monkeypatch):
         assert "NVLink physical" not in [line.get_label() for line in sweep.lines]  # no link-rate line
         assert not layer.lines
         assert sweep.get_title().endswith(" (no NVLink rate)") and layer.get_title().endswith(" (no NVLink rate)")
+
+
+def test_prefetch_overlap_steady_state_is_none_without_a_layer_past_the_warm_up():
+    """Layers 0-1 are the warm-up (module docstring); the steady figures are the worst of layers >= 2. With --layers 2
+    (the smoke run's) there is no steady layer: the fields are None and the summary says so. They had silently taken
+    the warm-up layers instead (here 0.5 of the layer from layer 0's wait, reported as the steady state)."""
+    alone = [[2.0, 2.0], [2.0, 2.0]]
+    wait = [[1.0, 0.1], [1.0, 0.2]]
+    layer = [[3.0, 2.1], [3.0, 2.2]]
+    st = po.exposed_stats(alone, wait, layer)
+    assert st["steady_exposed_ms"] is None and st["steady_exposed_frac"] is None
+    assert st["exposed_frac_per_layer"] == pytest.approx([0.5, 0.075])
+    st4 = po.exposed_stats([[2.0] * 4] * 3, [[1.0, 0.1, 0.2, 0.4], [1.0, 0.3, 0.6, 0.2], [1.0, 0, 0.1, 0.1]],
+                           [[3.0] * 4] * 3)
+    assert st4["steady_exposed_ms"] == pytest.approx(0.4)  # median over repeats of the worst steady layer
+    assert st4["steady_exposed_frac"] == pytest.approx(0.2)
+    assert st4["wait_ms_per_layer"] == pytest.approx([1.0, 0.1, 0.2, 0.2])
+    x = {**_exposed(1024, None, 132.0), "steady_exposed_ms": None}
+    lines = po.summary([_overlap_rank([x], []), _overlap_rank([x], [])])
+    assert "no steady layer" in lines[1]
