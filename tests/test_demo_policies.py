@@ -62,18 +62,31 @@ def test_command_is_the_demo_worker_with_the_comparison(capsys):
     assert demo_policies.main(["--dry-run"]) == 0 and "--compare-policy on_demand" in capsys.readouterr().out
 
 
-@pytest.mark.parametrize("argv", [["--policies", "auto"], ["--policies", "auto,auto"], ["--policies", "auto,fast"],
-                                  ["--pairs", "0"], ["--steps", "1"], ["--min-len", "9", "--max-len", "8"]])
-def test_bad_arguments_are_refused(argv):
-    with pytest.raises(SystemExit):
+POLICIES_MSG = "--policies needs two different policies of"
+COUNTS_MSG = "--pairs and --prompts must be >= 1, --steps >= 2 and 1 <= --min-len <= --max-len"
+
+
+# A bare pytest.raises(SystemExit) also takes sys.exit(0) (--help) or any other argparse error: each case checks
+# argparse's usage-error exit status 2 and the message of the check it is about.
+@pytest.mark.parametrize("argv, msg", [
+    (["--policies", "auto"], POLICIES_MSG), (["--policies", "auto,auto"], POLICIES_MSG),
+    (["--policies", "auto,fast"], POLICIES_MSG), (["--pairs", "0"], COUNTS_MSG), (["--steps", "1"], COUNTS_MSG),
+    (["--min-len", "9", "--max-len", "8"], COUNTS_MSG),
+], ids=["one-policy", "same-policy", "unknown-policy", "no-pairs", "one-step", "min-over-max"])
+def test_bad_arguments_are_refused(argv, msg, capsys):
+    with pytest.raises(SystemExit) as info:
         demo_policies.parse(argv)
+    assert info.value.code == 2 and msg in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("argv", [["--policy", "auto", "--compare-policy", "auto"], ["--compare-policy", "on_demand",
-                                                                                    "--pairs", "0"]])
-def test_demo_gpu_refuses_a_comparison_with_itself_or_no_pairs(argv):
+@pytest.mark.parametrize("argv, msg", [
+    (["--policy", "auto", "--compare-policy", "auto"], "--compare-policy must differ from --policy"),
+    (["--compare-policy", "on_demand", "--pairs", "0"], "--pairs must be >= 1"),
+], ids=["itself", "no-pairs"])
+def test_demo_gpu_refuses_a_comparison_with_itself_or_no_pairs(argv, msg, capsys):
     from dwdp_ops import demo_gpu
 
-    with pytest.raises(SystemExit):
+    with pytest.raises(SystemExit) as info:
         demo_gpu.main(["--out", "/tmp/x.json"] + argv)
+    assert info.value.code == 2 and msg in capsys.readouterr().err
 
