@@ -34,19 +34,22 @@ def forward():
     return load("deepseek_forward")
 
 
-def test_deepseek_forward_dtype_argument_and_file_name(forward):
+def test_deepseek_forward_dtype_argument_and_file_name(forward, capsys):
     ns = forward.parse_args([])
     assert ns.dtype == "bfloat16" and ns.token_counts == [4096, 16384, 32768]
     assert forward.parse_args(["--dtype", "float8_e4m3fn", "--tokens", "1024"]).dtype == "float8_e4m3fn"
     assert forward.result_suffix(2, "bfloat16") == "_N2"  # the name tests/test_sim.py and the docs read
     assert forward.result_suffix(2, "float8_e4m3fn") == "_N2_fp8"
-    with pytest.raises(SystemExit):
+    with pytest.raises(SystemExit) as info:
         forward.parse_args(["--dtype", "fp16"])
-    with pytest.raises(SystemExit):
+    assert info.value.code == 2 and "argument --dtype: invalid choice: 'fp16'" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as info:
         forward.parse_args(["--tokens", "1000"])  # not a multiple of the 16 requests
+    assert info.value.code == 2 and "every count must be a positive multiple of --requests (16), got 1000" in \
+        capsys.readouterr().err
 
 
-def test_prefetch_overlap_dtype_argument_and_file_name(overlap):
+def test_prefetch_overlap_dtype_argument_and_file_name(overlap, capsys):
     ns = overlap.parse_args([])
     assert (ns.dtype, ns.fp8_mlp, ns.layers, ns.repeats) == ("float16", "gemms", 4, 10)
     assert ns.token_counts == [1024, 2048, 4096, 8192, 16384, 32768, 65536]
@@ -55,8 +58,9 @@ def test_prefetch_overlap_dtype_argument_and_file_name(overlap):
     assert overlap.result_suffix(2, "float16") == "_N2"
     assert overlap.result_suffix(2, "float16", "_x") == "_N2_x"
     assert overlap.result_suffix(4, "float8_e4m3fn", "_x") == "_N4_fp8_x"
-    with pytest.raises(SystemExit):
+    with pytest.raises(SystemExit) as info:
         overlap.parse_args(["--dtype", "bfloat16"])
+    assert info.value.code == 2 and "argument --dtype: invalid choice: 'bfloat16'" in capsys.readouterr().err
 
 
 def test_rows_per_expert_are_16_aligned_in_fp8(overlap):

@@ -21,5 +21,6 @@ def test_categories_and_dry_run(capsys):
         "elementwise and reductions"
     assert db.category("my_kernel") == "other"
     assert db.main(["--dry-run", "--moe-layers", "2"]) == 0 and "5 layers" in capsys.readouterr().out
-    with pytest.raises(SystemExit):
+    with pytest.raises(SystemExit) as info:
         db.parse(["--steps", "0"])
+    assert info.value.code == 2 and "--moe-layers, --prompts and --steps must be >= 1" in capsys.readouterr().err
