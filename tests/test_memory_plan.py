@@ -57,8 +57,8 @@ def test_demo_moe_layers_argument():
     from dwdp_ops.demo_gpu import moe_layers_arg
 
     assert moe_layers_arg("all") == 58 and moe_layers_arg("6") == 6
-    for bad in ("0", "x", "-1"):
-        with pytest.raises(argparse.ArgumentTypeError):
+    for bad in ("0", "x", "-1", "59"):
+        with pytest.raises(argparse.ArgumentTypeError, match=rf"^expected a count in \[1, 58\] .*, got '{bad}'$"):
             moe_layers_arg(bad)
 
 
@@ -93,10 +93,11 @@ def test_one_moe_layer_needs_one_slot_parity():
     (dict(requests=-8), ValueError, "requests must be >= 0"),
     (dict(cache_len=1.5), TypeError, "cache_len must be an int"),
     (dict(dispatcher_bytes=-1), ValueError, "dispatcher_bytes must be >= 0"),
-    (dict(free=True), TypeError, "free"),
-    (dict(expert_itemsize=True), ValueError, "expert_itemsize"),
-    (dict(expert_itemsize=np.True_), ValueError, "expert_itemsize"),  # numpy's bool had passed as 1 (fp8)
-    (dict(expert_itemsize=2.0), ValueError, "expert_itemsize"),
+    (dict(free=True), TypeError, r"^free \(bytes\) must be an int, got True \(bool\)$"),
+    (dict(expert_itemsize=True), ValueError, r"^expert_itemsize must be 1 \(fp8\) or 2 \(bf16\), got True$"),
+    # numpy's bool had passed as 1 (fp8)
+    (dict(expert_itemsize=np.True_), ValueError, r"^expert_itemsize must be 1 \(fp8\) or 2 \(bf16\), got (np\.True_|True)$"),
+    (dict(expert_itemsize=2.0), ValueError, r"^expert_itemsize must be 1 \(fp8\) or 2 \(bf16\), got 2.0$"),
 ])
 def test_plan_arguments_are_checked(kw, err, msg):
     with pytest.raises(err, match=msg):
@@ -107,9 +108,15 @@ def test_plan_takes_a_numpy_integer_itemsize():
     assert plan_memory(R1, 8, expert_itemsize=np.int64(2)).items == plan_memory(R1, 8, expert_itemsize=2).items
 
 
-@pytest.mark.parametrize("world, err", [(True, TypeError), (2.0, TypeError), (0, ValueError), (3, ValueError)])
-def test_plan_world_is_checked(world, err):
-    with pytest.raises(err, match="world"):
+@pytest.mark.parametrize("world, err, msg", [
+    (True, TypeError, r"^world must be an int, got True \(bool\)$"),
+    (2.0, TypeError, r"^world must be an int, got 2.0 \(float\)$"),
+    (0, ValueError, r"^world must be >= 1, got 0$"),
+    (3, ValueError, r"^world must divide the 256 routed experts, got 3$"),
+])
+def test_plan_world_is_checked(world, err, msg):
+    """The match had been 'world', which all four messages (and others) contain: each case names its own check."""
+    with pytest.raises(err, match=msg):
         plan_memory(R1, world)
 
 
