@@ -556,6 +556,57 @@ def test_an_input_on_another_device_is_named_before_the_launch():
     assert coaction_forward_gpu(here, feed, mask, spec).shape == (3, spec.out_dim)
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("general", [False, True], ids=["specialized", "general"])
+def test_padding_ids_at_masked_positions_are_accepted(general, monkeypatch):
+    """Feed ids at masked positions (mask 0) may hold any value (-1 here): the id check skips them, in the forward
+    and in the backward, and the results equal those with valid ids there (a masked position contributes nothing).
+    The check had refused them. An unmasked bad id is still refused, by both ops and the PyTorch op."""
+    import cupy as cp
+    from dwdp_ops.coaction import coaction_backward_gpu, coaction_forward_gpu
+
+    if general:
+        monkeypatch.setenv("DWDP_COACTION_SPECIALIZED", "0")
+    spec = CoActionSpec(bias=True)
+    rng = np.random.default_rng(3)
+    B, T, rows = 33, 70, 11
+    table = cp.asarray(rng.normal(0, 0.3, (rows, spec.induction_dim)).astype(np.float32))
+    ftable = cp.asarray(rng.normal(0, 0.6, (rows, spec.feed_dim)).astype(np.float32))
+    ids = cp.asarray(rng.integers(0, rows, B))
+    fids = rng.integers(0, rows, (B, T))
+    m = (rng.random((B, T)) < 0.5).astype(np.float32)
+    mask, g = cp.asarray(m), cp.asarray(rng.normal(size=(B, spec.out_dim)).astype(np.float32))
+    padded = cp.asarray(np.where(m != 0, fids, -1))
+    fids = cp.asarray(fids)
+    want = coaction_forward_gpu(table, ftable, mask, spec, ind_ids=ids, feed_ids=fids)
+    got = coaction_forward_gpu(table, ftable, mask, spec, ind_ids=ids, feed_ids=padded)
+    cp.testing.assert_array_equal(got, want)
+    ref = coaction_forward(table.get().astype(np.float64), ftable.get().astype(np.float64), m, spec,
+                           ind_ids=ids.get(), feed_ids=padded.get())
+    assert rel(got.get(), ref) <= 1e-5
+    wg = coaction_backward_gpu(table, ftable, mask, g, spec, ind_ids=ids, feed_ids=fids)
+    gg = coaction_backward_gpu(table, ftable, mask, g, spec, ind_ids=ids, feed_ids=padded)
+    for a, b in zip(gg, wg):
+        assert rel(a.get(), b.get()) <= 1e-6  # (table gradients: atomics, summed in any order)
+    bad = padded.copy()
+    r, c = np.argwhere(m != 0)[0]
+    bad[int(r), int(c)] = -1
+    with pytest.raises(ValueError, match=r"feed_ids must be in \[0, 11\)"):
+        coaction_forward_gpu(table, ftable, mask, spec, ind_ids=ids, feed_ids=bad)
+    with pytest.raises(ValueError, match=r"feed_ids must be in \[0, 11\)"):
+        coaction_backward_gpu(table, ftable, mask, g, spec, ind_ids=ids, feed_ids=bad)
+    torch = pytest.importorskip("torch")
+    from dwdp_ops.coaction import coaction
+
+    tt = torch.from_dlpack(table).clone().requires_grad_(True)
+    o = coaction(tt, torch.from_dlpack(ftable), torch.from_dlpack(mask), spec, ind_ids=torch.from_dlpack(ids),
+                 feed_ids=torch.from_dlpack(padded))
+    torch.testing.assert_close(o, torch.from_dlpack(want), rtol=0, atol=0)
+    with pytest.raises(ValueError, match=r"feed_ids must be in \[0, 11\)"):
+        coaction(tt, torch.from_dlpack(ftable), torch.from_dlpack(mask), spec, ind_ids=torch.from_dlpack(ids),
+                 feed_ids=torch.from_dlpack(bad))
+
+
 # every (orders, order independence) instance of the specialised kernels, with and without bias
 SPECIALIZED = [CoActionSpec(), CoActionSpec(bias=True), CoActionSpec(orders=1), CoActionSpec(orders=2),
                CoActionSpec(orders=4, bias=True), CoActionSpec(orders=1, order_independent=True),

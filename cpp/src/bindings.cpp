@@ -186,11 +186,14 @@ PYBIND11_MODULE(_C, m) {
   m.def(
       "coaction_check_ids",
       [](uintptr_t ind_ids, int64_t n_ind, int64_t ind_rows, uintptr_t feed_ids, int64_t n_feed, int64_t feed_rows,
-         uintptr_t stream) {
+         uintptr_t stream, uintptr_t feed_mask) {
         py::gil_scoped_release release;  // waits for the check
-        return dwdp::coaction_check_ids(ind_ids, n_ind, ind_rows, feed_ids, n_feed, feed_rows, stream);
+        return dwdp::coaction_check_ids(ind_ids, n_ind, ind_rows, feed_ids, n_feed, feed_rows, stream, feed_mask);
       },
-      "range check of table ids on the stream, the host waiting for it: bit 0 ind_ids bad, bit 1 feed_ids bad");
+      py::arg("ind_ids"), py::arg("n_ind"), py::arg("ind_rows"), py::arg("feed_ids"), py::arg("n_feed"),
+      py::arg("feed_rows"), py::arg("stream"), py::arg("feed_mask") = 0,
+      "range check of table ids on the stream, the host waiting for it: bit 0 ind_ids bad, bit 1 feed_ids bad (those "
+      "where feed_mask, a float32 [B, T] mask, is 0 not checked)");
 
   // Token dispatch: the geometry and buffer addresses travel as a dict (python/dwdp_ops/dispatch.py builds it).
   auto dispatch_args = [](const py::dict& d) {

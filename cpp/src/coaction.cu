@@ -1885,17 +1885,19 @@ __global__ void __launch_bounds__(kSpecWarps * 32, spec_bwd_blocks<C>()) spec_ba
 
 // ---------------------------------------------------------------------------------------------------------------
 // Id range check: one pass over both id arrays (a = ind_ids, b = feed_ids); flags in mapped pinned host memory, set
-// (never cleared) by a warp that saw a bad id, no atomics.
+// (never cleared) by a warp that saw a bad id, no atomics. mb (may be null: every b id is checked): the mask of the b
+// ids ([B, T] float32); an id at a masked position (mask 0) is not checked, since that position contributes nothing
+// whatever its row: padding may hold any value (-1, say).
 
 __global__ void check_ids_kernel(const int64_t* __restrict__ a, int64_t na, int64_t ra, const int64_t* __restrict__ b,
-                                 int64_t nb, int64_t rb, volatile int* flags) {
+                                 int64_t nb, int64_t rb, const float* __restrict__ mb, volatile int* flags) {
   bool bad_a = false, bad_b = false;
   for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < na + nb;
        i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
     if (i < na) {
       const int64_t v = a[i];
       bad_a |= v < 0 || v >= ra;
-    } else {
+    } else if (!mb || mb[i - na] != 0.f) {  // (a NaN mask is nonzero: present, as the kernels count it)
       const int64_t v = b[i - na];
       bad_b |= v < 0 || v >= rb;
     }
@@ -1913,10 +1915,11 @@ __global__ void check_ids_kernel(const int64_t* __restrict__ a, int64_t na, int6
 // the caller launches its own work first, then waits for the check alone.
 class IdCheck {
  public:
-  // Launches the check of both arrays (a null pointer or a count of 0: that array is not checked) on stream s of the
-  // current device; with nothing to check nothing is launched, no lock is taken and result() is 0.
+  // Launches the check of both arrays (a null pointer or a count of 0: that array is not checked; feed_mask, when not
+  // null, the feed ids' [B, T] mask: masked ones are not checked) on stream s of the current device; with nothing to
+  // check nothing is launched, no lock is taken and result() is 0.
   IdCheck(uintptr_t ind_ids, int64_t n_ind, int64_t ind_rows, uintptr_t feed_ids, int64_t n_feed, int64_t feed_rows,
-          cudaStream_t s) {
+          uintptr_t feed_mask, cudaStream_t s) {
     const bool ci = ind_ids && n_ind > 0, cf = feed_ids && n_feed > 0;
     if (!ci && !cf) return;
     hold_ = std::unique_lock<std::mutex>(lock());
@@ -1943,7 +1946,8 @@ class IdCheck {
     try {
       check_ids_kernel<<<static_cast<int>(blocks), threads, 0, s>>>(
           reinterpret_cast<const int64_t*>(ind_ids), ci ? n_ind : 0, ind_rows,
-          reinterpret_cast<const int64_t*>(feed_ids), cf ? n_feed : 0, feed_rows, dev);
+          reinterpret_cast<const int64_t*>(feed_ids), cf ? n_feed : 0, feed_rows,
+          reinterpret_cast<const float*>(feed_mask), dev);
       DWDP_LAUNCH_CHECK();
       DWDP_CUDA_CHECK(cudaEventRecord(event_, s));
     } catch (...) {  // no destructor runs for a constructor that throws: a queued check is waited for here
@@ -2165,7 +2169,7 @@ int coaction_forward(const CoActionDims& d, int dtype, int B, int T, const CoAct
   // the check first on the stream, its result awaited after the forward's launch (the kernels are memory-safe on any
   // ids, see CoActionRows)
   IdCheck check(check_ids ? ind_ids : 0, B, rows.num_rows,
-                check_ids ? feed_ids : 0, static_cast<int64_t>(B) * T, rows.feed_rows, s);
+                check_ids ? feed_ids : 0, static_cast<int64_t>(B) * T, rows.feed_rows, mask, s);
   auto launch = [&](auto tag, auto k8, auto k16, auto k32, auto kwarp) {
     using E = decltype(tag);
     Fast f = make_fast(d, false);
@@ -2289,11 +2293,12 @@ void coaction_backward(const CoActionDims& d, int dtype, int B, int T, const CoA
 }
 
 int coaction_check_ids(uintptr_t ind_ids, int64_t n_ind, int64_t ind_rows, uintptr_t feed_ids, int64_t n_feed,
-                       int64_t feed_rows, uintptr_t stream) {
+                       int64_t feed_rows, uintptr_t stream, uintptr_t feed_mask) {
   const bool ci = ind_ids && n_ind > 0, cf = feed_ids && n_feed > 0;
   if (!ci && !cf) return 0;
   DeviceGuard guard(device_of(ci ? ind_ids : feed_ids, "coaction_check_ids: ids"));
-  IdCheck check(ind_ids, n_ind, ind_rows, feed_ids, n_feed, feed_rows, reinterpret_cast<cudaStream_t>(stream));
+  IdCheck check(ind_ids, n_ind, ind_rows, feed_ids, n_feed, feed_rows, feed_mask,
+                reinterpret_cast<cudaStream_t>(stream));
   return check.result();
 }
 

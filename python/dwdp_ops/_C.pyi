@@ -56,6 +56,10 @@ def coaction_backward(
     T: int, bases: list[int], grads: list[int], rows_per_shard: int, num_rows: int, ind_ids: int, feed: int,
     feed_ids: int, feed_rows: int, mask: int, grad_out: int, grad_feed: int, stream: int,
 ) -> None: ...
+def coaction_check_ids(
+    ind_ids: int, n_ind: int, ind_rows: int, feed_ids: int, n_feed: int, feed_rows: int, stream: int,
+    feed_mask: int = 0,
+) -> int: ...
 def coaction_launch_shape(
     din: list[int], dout: list[int], orders: int, bias: bool, order_independent: bool, paper: bool, backward: bool,
 ) -> tuple[int, int]: ...

@@ -91,8 +91,9 @@ void coaction_launch_shape(const CoActionDims& d, bool backward, int* warps, siz
 bool coaction_specialized(const CoActionDims& d, bool backward);
 // Range check of table ids on the device, stream-ordered (one kernel over both arrays), then the host waits for it:
 // returns bit 0 set when an ind_ids entry is outside [0, ind_rows), bit 1 for feed_ids outside [0, feed_rows). A null
-// ids pointer (or count 0) is not checked.
+// ids pointer (or count 0) is not checked. feed_mask (0: none): the feed ids' float32 [B, T] mask; a feed id where it
+// is 0 is not checked (a masked position contributes nothing; the forward passes its mask to its own check).
 int coaction_check_ids(uintptr_t ind_ids, int64_t n_ind, int64_t ind_rows, uintptr_t feed_ids, int64_t n_feed,
-                       int64_t feed_rows, uintptr_t stream);
+                       int64_t feed_rows, uintptr_t stream, uintptr_t feed_mask = 0);
 
 }  // namespace dwdp

@@ -21,8 +21,10 @@ Stream order: outputs, gradient buffers and the id checks are allocated and run 
 pool is stream-ordered, so a buffer freed later is reused only behind the kernels that wrote it). The id check is
 one small kernel over both id arrays on that stream, and the host waits for it (and for what the stream ran before
 it): the forward launches its kernel behind the check first and waits after, so the wait overlaps the launch; the
-backward waits before launching. The kernels never touch memory outside the tables whatever the ids (an induction
-id outside the table reads a zero row, a feed id row 0), so an unchecked bad id gives a wrong result, not a fault.
+backward waits before launching. A feed id at a masked position (mask 0) is not checked: that position contributes
+nothing whatever its id, so padding may hold any value (-1, say), as in the float64 reference. The kernels never
+touch memory outside the tables whatever the ids (an induction id outside the table reads a zero row, a feed id row
+0), so an unchecked bad id gives a wrong result, not a fault.
 
 Limits: 1-8 layers, layer widths up to 256, orders up to 8, and one warp's shared memory within 227 KiB
 (``launch_shape`` tells); beyond them a ValueError says which. T and B are unbounded; a sharded table has at most 8
@@ -462,10 +464,11 @@ def _raise_bad_ids(bad: int, nrows: int, frows: int) -> None:
         raise ValueError(f"feed_ids must be in [0, {frows}) (the table's rows)")
 
 
-def _check_ids(ip: int, B: int, nrows: int, fp: int, T: int, frows: int, stream: int) -> None:
+def _check_ids(ip: int, B: int, nrows: int, fp: int, T: int, frows: int, stream: int, mask: int) -> None:
     """Range check of both id arrays on the device, on the caller's stream (``stream``: its handle; behind whatever
-    wrote the ids): one kernel, then the host waits for it."""
-    _raise_bad_ids(native().coaction_check_ids(ip, B, nrows, fp, B * T, frows, stream), nrows, frows)
+    wrote the ids): one kernel, then the host waits for it. ``mask``: the float32 [B, T] mask's address; feed ids
+    where it is 0 are not checked (a masked position contributes nothing), as in the forward's own check."""
+    _raise_bad_ids(native().coaction_check_ids(ip, B, nrows, fp, B * T, frows, stream, mask), nrows, frows)
 
 
 def coaction_forward_gpu(induction: Any, feed: Any, mask: Any, spec: CoActionSpec | None = None, *, ind_ids=None,
@@ -485,7 +488,8 @@ def coaction_forward_gpu(induction: Any, feed: Any, mask: Any, spec: CoActionSpe
     - ``ind_ids``: int64 ``[B]``; ``feed_ids``: int64 ``[B, T]`` (None: gathered rows).
 
     ``check_ids`` range-checks table ids on the device in front of the forward's kernel and waits for the check (not
-    for the forward) before returning; bad ids raise ValueError: a new output is dropped, but a caller's ``out`` has
+    for the forward) before returning (feed ids at masked positions are not checked: they may hold any value, -1
+    say); bad ids raise ValueError: a new output is dropped, but a caller's ``out`` has
     been overwritten by then (the kernel is launched before the check's result is read; it stays inside the tables,
     so the values are only meaningless). ``zero_grads``: a
     ``TableGrads(zero="forward")`` this call zeroes for the backward (see ``TableGrads``). Not collective (a
@@ -579,7 +583,7 @@ def _backward(a: tuple, induction: Any, both_ids: bool, grad_out: Any, stream: A
     geo, (bases, rps, nrows), fd, mk, ip, fp, _, (_, induction_dim, out_dim) = a
     h = stream_handle(stream)
     if check_ids:
-        _check_ids(ip, geo[-2], nrows, fp, geo[-1], fd.shape[0], h)
+        _check_ids(ip, geo[-2], nrows, fp, geo[-1], fd.shape[0], h, mk.ptr)
     g = device_buffer(grad_out, "grad_out")
     if g.dtype != np.float32 or g.shape != (geo[-2], out_dim) or not g.contiguous:
         raise CoActionArgumentError(f"grad_out must be a contiguous float32 [{geo[-2]}, {out_dim}] array, "

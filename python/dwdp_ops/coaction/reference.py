@@ -180,7 +180,9 @@ def _spec_of(spec, layer_dims, orders, bias, order_independent, variant) -> CoAc
 def _gather(xp, table, ids, what: str, shape_hint: str, mask):
     """``(table[ids], ids)`` once the ids' dtype, the table's rank, the ids' shape (``[B]`` for ``ind_ids``, ``[B, T]``
     for ``feed_ids``, from ``mask [B, T]``; not checked when the mask is not 2-D: ``check`` names it) and their range
-    are checked, in that order."""
+    are checked, in that order. A feed id at a masked position (mask 0) is neither checked nor read (it is taken as
+    row 0, which contributes nothing there), as on the GPU: padding may hold any value; an empty table is refused
+    whenever there is an id, as on the GPU."""
     ids = xp.asarray(ids)
     if ids.dtype.kind not in "iu":
         raise TypeError(f"{what} must be integer row ids, got {ids.dtype}")
@@ -191,6 +193,8 @@ def _gather(xp, table, ids, what: str, shape_hint: str, mask):
         if ids.shape != want:
             raise ValueError(f"{what} must be {dims} = {list(want)} (the mask is [B, T] = {list(mask.shape)}), got "
                              f"shape {list(ids.shape)}")
+    if what == "feed_ids" and mask.ndim == 2 and ids.shape == mask.shape and table.shape[0] > 0:
+        ids = xp.where(mask != 0, ids, 0)  # (masked positions: any value, read as row 0)
     if ids.size and (int(ids.min()) < 0 or int(ids.max()) >= table.shape[0]):
         raise ValueError(f"{what} must be in [0, {table.shape[0]}) (the table's rows)")
     return table[ids], ids
