@@ -99,7 +99,8 @@ def build_parser(prog: str = "python -m dwdp_ops sim") -> argparse.ArgumentParse
                     help="relative routed pairs per DEP owner rank (one per GPU, e.g. 0.55,1.45 for a router that "
                          "loads the second rank's experts 2.6x the first's); default: uniform routing")
     ap.add_argument("--sweep", action="store_true",
-                    help="also sweep CV 0/10/20/30 %% and budgets 16K/32K (plus --ratio's setting, 0.8 by default)")
+                    help="also sweep CV 0/10/20/30 %% and budgets 16K/32K (plus a row at --ratio's setting, 0.8 by "
+                         "default, when --cv is not given)")
     ap.add_argument("--validate", type=existing_file, default=None, metavar="FILE",
                     help="instead of a prediction: the validation table of a bench/e2e_dwdp_vs_dep.py result FILE "
                          "(every point simulated with the --hardware or --calibration profile and the what-ifs; "
