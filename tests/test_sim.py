@@ -280,6 +280,15 @@ def test_calibration_regeneration_writes_valid_files(tmp_path):
     assert calibrate.main(["--check", "--out-dir", str(tmp_path)]) == 1
 
 
+def test_calibration_out_dir_that_is_a_file_is_a_usage_error(tmp_path, capsys):
+    """--out-dir naming an existing file had ended in mkdir's FileExistsError traceback after the work."""
+    f = tmp_path / "x.json"
+    f.write_text("{}")
+    with pytest.raises(SystemExit) as e:
+        calibrate.main(["--out-dir", str(f)])
+    assert e.value.code == 2 and "argument --out-dir: " in capsys.readouterr().err and f.read_text() == "{}"
+
+
 # ----------------------------------------------------------------------------------------------------- calibration
 @pytest.mark.parametrize("name", PROFILES)
 def test_shipped_calibrations_follow_the_schema_and_name_every_source(name):

@@ -444,6 +444,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--profile", choices=("h200", "gb200", "all"), default="all", help="which file(s) to write")
     ap.add_argument("--check", action="store_true", help="write nothing; exit 1 if the files would change")
     ns = ap.parse_args(argv)
+    if ns.out_dir.exists() and not ns.out_dir.is_dir():  # (mkdir had raised FileExistsError after the work)
+        ap.error(f"argument --out-dir: {ns.out_dir} exists and is not a folder")
     try:
         h200 = h200_calibration(ns.results)
     except (FileNotFoundError, KeyError, ValueError) as e:
