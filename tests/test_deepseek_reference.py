@@ -363,3 +363,10 @@ def test_safetensors_fp8_and_bf16_tensors_load(tmp_path):
     st.save_file({"w": f8}, str(tmp_path / "dup.safetensors"))
     with pytest.raises(ValueError, match="more than one shard"):
         load_safetensors([str(tmp_path / "a.safetensors"), str(tmp_path / "dup.safetensors")])
+    # e5m2 tensors come back as their values: as uint8 codes they were indistinguishable from e4m3 ones, and
+    # dequant_fp8 decoded them as e4m3 (wrong values, no error)
+    e5 = torch.tensor([0.5, -3.0, 57344.0, 1.52587890625e-05]).to(torch.float8_e5m2)
+    st.save_file({"g": e5}, str(tmp_path / "c.safetensors"))
+    got = load_safetensors(str(tmp_path / "c.safetensors"))["g"]
+    assert got.dtype == np.float32
+    np.testing.assert_array_equal(got, e5.float().numpy())

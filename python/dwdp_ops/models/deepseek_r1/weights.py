@@ -88,9 +88,10 @@ _TORCH_ONLY = ("F8_E4M3", "F8_E5M2", "BF16")  # safetensors dtypes numpy cannot 
 
 
 def load_safetensors(paths: list[str] | str | os.PathLike) -> dict[str, np.ndarray]:
-    """Tensors of one or more ``.safetensors`` shards (a list of paths, or one path) as numpy arrays: float8 tensors (F8_E4M3, F8_E5M2) as their
-    uint8 codes (bit-exact, for ``dequant_fp8``), bf16 tensors widened to float32 (exact), every other dtype as
-    stored. numpy cannot represent fp8 or bf16, so those tensors are read through PyTorch (the ``model`` extra);
+    """Tensors of one or more ``.safetensors`` shards (a list of paths, or one path) as numpy arrays: float8 e4m3
+    tensors (F8_E4M3, the checkpoints' weights) as their uint8 codes (bit-exact, for ``dequant_fp8``), float8 e5m2 and
+    bf16 tensors widened to float32 (exact; e5m2 codes read as uint8 would have been taken for e4m3 codes by
+    ``dequant_fp8``, wrong values without a word), every other dtype as stored. numpy cannot represent fp8 or bf16, so those tensors are read through PyTorch (the ``model`` extra);
     shards without them need only ``safetensors``. A name in two shards raises ValueError."""
     from safetensors import safe_open
 
@@ -117,5 +118,5 @@ def load_safetensors(paths: list[str] | str | os.PathLike) -> dict[str, np.ndarr
             with safe_open(path, framework="pt") as f:
                 for k, dt in special.items():
                     t = f.get_tensor(k)
-                    out[k] = t.float().numpy() if dt == "BF16" else t.view(torch.uint8).numpy()
+                    out[k] = t.view(torch.uint8).numpy() if dt == "F8_E4M3" else t.float().numpy()
     return out
