@@ -25,6 +25,18 @@ def test_the_interface_dict_is_read():
     assert t.strides == (4, 12) and not t.contiguous
 
 
+@pytest.mark.parametrize("shape, strides, contiguous", [
+    ((1, 5), (0, 4), True), ((1, 5), (999, 4), True),  # a dimension of one element: any stride (it was refused)
+    ((3, 1), (4, 4), True), ((3, 1, 2), (8, 0, 4), True),
+    ((3, 5), (20, 4), True), ((3, 5), (4, 12), False), ((2, 5), (40, 4), False),  # a row gap
+    ((0, 5), (4, 4), True),  # no element
+])
+def test_contiguity_ignores_the_stride_of_a_dimension_of_one(shape, strides, contiguous):
+    """NumPy and PyTorch call an array C-contiguous whatever the stride of a dimension of one element, and some
+    producers report such strides through ``__cuda_array_interface__``; the check had compared every stride."""
+    assert device_buffer(FakeArray(4096, shape, "<f4", strides), "x").contiguous is contiguous
+
+
 def test_a_device_buffer_passes_through_and_is_cheap_to_make():
     b = DeviceBuffer(256, (2, 2), np.dtype(np.int64), None)
     assert device_buffer(b) is b

@@ -38,13 +38,18 @@ class DeviceBuffer:
 
     @property
     def contiguous(self) -> bool:
-        if self.strides is None:
+        """C-contiguous: every dimension of more than one element at its C stride (a dimension of one element may
+        have any stride, as NumPy and PyTorch take it: a producer's ``__cuda_array_interface__`` may report one)."""
+        if self.strides is None or self.nbytes == 0:
             return True
-        expected, acc = [], self.dtype.itemsize
-        for n in reversed(self.shape):
-            expected.append(acc)
+        if len(self.strides) != len(self.shape):
+            return False
+        acc = self.dtype.itemsize
+        for n, st in zip(reversed(self.shape), reversed(self.strides)):
+            if n > 1 and st != acc:
+                return False
             acc *= n
-        return tuple(reversed(expected)) == tuple(self.strides) or self.nbytes == 0
+        return True
 
 
 _CUPY_NDARRAY: Any = None
