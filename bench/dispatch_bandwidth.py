@@ -21,7 +21,8 @@ hundreds of microseconds) is counted as latency, which a model pays once per ste
 Per size and mode: each rank's median; ``time_ms`` = the slowest rank's median (a collective is as slow as its
 slowest rank); ``ratio`` = median over repeats of ours / NCCL, each repeat's time taken as the slowest rank's.
 Bytes (exact, from the routing): payload each rank sends to OTHER ranks: dispatch ``rows_sent * H * 2`` (bf16) plus
-combine ``rows_received * H * 4`` (the contract's float32 partials); GB/s = the slowest rank's payload / time_ms.
+combine ``rows_received * H * 4`` (the contract's float32 partials); GB/s = the largest payload of any rank /
+time_ms (the collective's time: the rate its busiest rank needed; that rank need not be the slowest one).
 Metadata (8k bytes per row) is not counted. Raw peer copy: a CuPy copy of 1 GiB from the next rank's symmetric
 buffer through ``dwdp_ops.peer_view`` (an NVLink read by SM loads), the rate the links allow one reader.
 
