@@ -1,5 +1,6 @@
 """Which batched fp16 GEMM path reaches the card's rate for the expert GEMMs of one DeepSeek-R1 layer
-(E=256 experts, [m, 7168] x [7168, 4096] per expert)? One GPU. Medians of 5, CUDA events.
+(E=256 experts, [m, 7168] x [7168, 4096] per expert)? One GPU. Medians of 5, CUDA events; the paths of one m
+interleaved (``common.time_interleaved``).
 
     python bench/gemm_probe.py [m ...]
 """
@@ -7,9 +8,10 @@
 import argparse
 import sys
 from pathlib import Path
+from statistics import median
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import machine_facts, result_name, time_op, write_json  # noqa: E402
+from common import machine_facts, result_name, time_interleaved, time_op, write_json  # noqa: E402
 
 E, H, N = 256, 7168, 4096
 
@@ -52,15 +54,17 @@ def main() -> int:
             "cp.matmul(w, x.transpose(0,2,1)) (out^T)": lambda: cp.matmul(w, x.transpose(0, 2, 1)),
         }
         if torch is not None:
-            tx, tout = torch.from_dlpack(x), torch.from_dlpack(out)
-            cases["torch.bmm(x, w.transpose(1,2), out=)"] = lambda: torch.bmm(tx, tw.transpose(1, 2), out=tout)
-        for name, fn in cases.items():
-            with s:
-                if name.startswith("torch"):
-                    with torch.cuda.stream(torch.cuda.ExternalStream(s.ptr)):
-                        t, _ = time_op(fn, s, 5, 2)
-                else:
-                    t, _ = time_op(fn, s, 5, 2)
+            tx, tout, ts = torch.from_dlpack(x), torch.from_dlpack(out), torch.cuda.ExternalStream(s.ptr)
+
+            def bmm():
+                with torch.cuda.stream(ts):
+                    torch.bmm(tx, tw.transpose(1, 2), out=tout)
+
+            cases["torch.bmm(x, w.transpose(1,2), out=)"] = bmm
+        with s:  # the paths against each other, interleaved (one of each per repeat, the order drawn per repeat)
+            times = time_interleaved(cases, s, 5, 2)
+        for name, ts_ in times.items():
+            t = median(ts_)
             rows.append({"path": name, "m": m, "ms": t, "tflops": flops / t / 1e9})
         x = out = None  # noqa: F841 - release before the next size
     for r in rows:

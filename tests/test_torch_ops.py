@@ -34,6 +34,7 @@ def test_handles_are_stable_kinds_are_checked_and_released_handles_raise():
     ops.release_handle(hs)
     with pytest.raises(DwdpError, match=f"handle {hs} is not registered"):
         ops.lookup(hs)
+    ops.release_handle(hd)  # (the registry is process-wide)
 
 
 def test_a_subclass_of_the_kind_is_that_kind():
@@ -70,8 +71,17 @@ def test_expert_mlp_fake_shapes(fp8):
             torch.ops.dwdp.expert_mlp(x, offs, w13, w2, sc[0] if fp8 else torch.empty((G, 2 * I)), None)
 
 
-def test_a_dwdp_moe_layer_traces_with_its_ops_in_order():
-    s = ops.handle(PrefetchScheduler())
+@pytest.fixture
+def registered():
+    """``registered(obj)``: ``ops.handle(obj)``, released after the test (the registry is process-wide)."""
+    made = []
+    yield lambda obj: made.append(ops.handle(obj)) or made[-1]
+    for h in made:
+        ops.release_handle(h)
+
+
+def test_a_dwdp_moe_layer_traces_with_its_ops_in_order(registered):
+    s = registered(PrefetchScheduler())
     G, H, I, R = 8, 64, 32, 128
 
     def layer(x, offs, w13, w2):
@@ -89,8 +99,8 @@ def test_a_dwdp_moe_layer_traces_with_its_ops_in_order():
     assert all(n.is_impure() for n in gm.graph.nodes if str(n.target) in ("dwdp.wait.default", "dwdp.release.default"))
 
 
-def test_a_dep_moe_layer_traces_with_capacity_or_row_bound():
-    d = ops.handle(TokenDispatcher())
+def test_a_dep_moe_layer_traces_with_capacity_or_row_bound(registered):
+    d = registered(TokenDispatcher())
     T, H, k = 12, 64, 4
 
     def layer(x, ids, w, w13, w2, rows):
