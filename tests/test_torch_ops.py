@@ -115,6 +115,12 @@ def test_a_dep_moe_layer_traces_with_capacity_or_row_bound(registered):
                             torch.empty((8, 64, H), dtype=torch.bfloat16), torch.empty((8, H, 32), dtype=torch.bfloat16),
                             rows)
             assert out.shape == (T, H) and out.dtype == torch.bfloat16 and xg.shape == (want, H)
+    for rows in (-2, 0):  # (-2 had been taken as -1, the capacity)
+        with FakeTensorMode(), pytest.raises(ValueError, match=rf"max_rows must be -1 \(the capacity\) or a row "
+                                                               rf"bound >= 1, got {rows}"):
+            layer(torch.empty((T, H), dtype=torch.bfloat16), torch.empty((T, k), dtype=torch.int64),
+                  torch.empty((T, k)), torch.empty((8, 64, H), dtype=torch.bfloat16),
+                  torch.empty((8, H, 32), dtype=torch.bfloat16), rows)
 
 
 def _mlp_args(G=2, H=32, I=16, R=32):
@@ -283,4 +289,6 @@ def test_combine_keeps_its_dispatch_until_it_succeeds_and_checks_x(monkeypatch):
     assert out.shape == (5, 8) and bool((out == 1).all()) and h not in ops._PENDING
     with pytest.raises(DwdpError, match="has no dispatch to combine"):
         torch.ops.dwdp.combine(y, x, h)
+    ops._PENDING[h] = SimpleNamespace(num_tokens=5)  # a dispatch never combined: released with its handle
     ops.release_handle(h)
+    assert h not in ops._PENDING

@@ -77,9 +77,10 @@ def handle(obj: Any) -> int:
 
 
 def release_handle(h: int) -> None:
-    """Forgets a handle (the ops raise for it afterwards)."""
+    """Forgets a handle (the ops raise for it afterwards), and a dispatch of it not yet combined (its buffers' views)."""
     with _LOCK:
         _REGISTRY.pop(int(h), None)
+        _PENDING.pop(int(h), None)
 
 
 def lookup(h: int, kind: str | None = None) -> Any:
@@ -256,6 +257,7 @@ _PENDING: dict[int, Any] = {}  # dispatcher handle -> the DispatchHandle of its 
 def dispatch(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor, disp: int,
              max_rows: int) -> tuple[torch.Tensor, torch.Tensor]:
     d = lookup(disp, "TokenDispatcher")
+    _check_max_rows(max_rows)
     _check_devices("dwdp::dispatch", _home_device(d), x=x, topk_ids=topk_ids, topk_weights=topk_weights)
     h = d.dispatch(x, topk_ids, topk_weights, _stream("dwdp::dispatch", "x", x),
                    max_rows=None if max_rows < 0 else max_rows)
@@ -264,9 +266,17 @@ def dispatch(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor
     return xg, offs
 
 
+def _check_max_rows(max_rows: int) -> None:
+    """-1 (the capacity) or a row bound >= 1 (the dispatcher checks it against its capacity); any other negative
+    value had been taken as -1."""
+    if max_rows < -1 or max_rows == 0:
+        raise ValueError(f"dwdp::dispatch: max_rows must be -1 (the capacity) or a row bound >= 1, got {max_rows}")
+
+
 @dispatch.register_fake
 def _(x, topk_ids, topk_weights, disp, max_rows):
     d = lookup(disp, "TokenDispatcher")
+    _check_max_rows(max_rows)
     rows = d.max_pairs if max_rows < 0 else max_rows
     return (x.new_empty((rows, x.shape[1]), dtype=torch.bfloat16),
             x.new_empty((d.partition.experts_per_rank,), dtype=torch.int32))
