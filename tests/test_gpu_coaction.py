@@ -535,13 +535,17 @@ def test_a_batch_of_no_sample(ids, dtype):
 
 
 @pytest.mark.gpu
-def test_an_input_on_another_device_is_named_before_the_launch():
+def test_an_input_on_another_device_is_named_before_the_launch(monkeypatch):
     """Every input must be on the device the kernels run on: an array on another GPU had gone to the kernel by its
     address (an illegal access without peer mappings). On one GPU the check is shown with a DeviceBuffer that says it
-    is on device 1 (the check reads what the array says, not its address)."""
+    is on device 1 (the check reads what the array says, not its address; a process that sees one device skips it,
+    so the test says it sees more)."""
     import cupy as cp
-    from dwdp_ops.coaction import coaction_forward_gpu
+    from dwdp_ops.coaction import coaction_forward_gpu, fused
     from dwdp_ops.interop import DeviceBuffer, device_buffer
+
+    monkeypatch.setattr(fused, "_ONE_DEVICE", False)
+    assert fused._said_device(cp.zeros(2)) == cp.cuda.runtime.getDevice() and fused._said_device(np.zeros(2)) is None
 
     spec = CoActionSpec()
     ind, feed, mask, _ = (cp.asarray(a) for a in inputs(spec, 3, 4, 0))
@@ -554,6 +558,9 @@ def test_an_input_on_another_device_is_named_before_the_launch():
     b = device_buffer(ind)
     here = DeviceBuffer(b.ptr, b.shape, b.dtype, b.strides, 0)
     assert coaction_forward_gpu(here, feed, mask, spec).shape == (3, spec.out_dim)
+    torch = pytest.importorskip("torch")
+    assert fused._said_device(torch.zeros(2, device="cuda")) == torch.cuda.current_device()
+    assert fused._said_device(torch.zeros(2)) is None
 
 
 @pytest.mark.gpu

@@ -43,7 +43,7 @@ import numpy as np
 from .._checks import is_int
 from .._native import native
 from ..errors import CoActionArgumentError, DwdpError
-from ..interop import cupy_stream, device_buffer, stream_handle
+from ..interop import DeviceBuffer, cupy_stream, device_buffer, stream_handle
 from .reference import CoActionSpec
 
 _DT = {"float32": (np.dtype(np.float32), 0), "bfloat16": (np.dtype(np.uint16), 1)}
@@ -647,15 +647,34 @@ def _array_device(a: Any, ptr: int | None = None) -> int | None:
     return dev
 
 
+_ONE_DEVICE: bool | None = None  # the process sees one CUDA device (no array can be on another), read once
+
+
+def _said_device(a: Any) -> int | None:
+    """The device an array says it is on, read cheaply (this runs for every array of every call): a
+    ``DeviceBuffer``'s ``.device``, PyTorch's ``.get_device()``, CuPy's ``.data.device_id``; None otherwise."""
+    if type(a) is DeviceBuffer:
+        return a.device
+    if getattr(a, "is_cuda", False) is True:  # PyTorch (before .data, which makes a tensor)
+        return a.get_device()
+    dev = getattr(getattr(a, "data", None), "device_id", None)  # CuPy's MemoryPointer (not .device: an object a call)
+    return dev if type(dev) is int else None
+
+
 def _check_devices(named: list, where: str) -> None:
     """ValueError naming the first ``(name, array, ptr)`` whose array says it is on another device than the current
-    one (CuPy's ``.device.id``, PyTorch's ``.device.index``, a ``DeviceBuffer``'s ``.device``; nothing is looked up
-    from a bare address: this runs on every call, and an array that does not say passes, as an empty one does)."""
-    known = [(name, on) for name, a, ptr in named if ptr and (on := _array_device(a)) is not None]
+    one (``_said_device``; nothing is looked up from a bare address: an array that does not say passes, as an empty
+    one does). Nothing to check in a process that sees one device."""
+    global _ONE_DEVICE
+    if _ONE_DEVICE:
+        return
+    known = [(name, on) for name, a, ptr in named if ptr and (on := _said_device(a)) is not None]
     if not known:
         return
     import cupy as cp
 
+    if _ONE_DEVICE is None:
+        _ONE_DEVICE = cp.cuda.runtime.getDeviceCount() == 1
     dev = cp.cuda.runtime.getDevice()
     for name, on in known:
         if on != dev:
