@@ -37,6 +37,21 @@ def test_contiguity_ignores_the_stride_of_a_dimension_of_one(shape, strides, con
     assert device_buffer(FakeArray(4096, shape, "<f4", strides), "x").contiguous is contiguous
 
 
+def test_contiguity_of_a_strided_array_does_not_compute_its_size(monkeypatch):
+    """``contiguous`` runs for every array of every fused / dispatch call. A non-empty array whose producer reports
+    its strides is decided by the strides alone; ``nbytes`` (``np.prod``, several microseconds, where the whole stride
+    check takes well under one) is not computed for it (it was, ahead of the strides, since the size-one-dimension
+    change). An empty array is still contiguous whatever its strides."""
+    def no_nbytes(self):
+        raise AssertionError("contiguous computed nbytes")
+
+    monkeypatch.setattr(DeviceBuffer, "nbytes", property(no_nbytes))
+    assert DeviceBuffer(4096, (4096, 20, 64), np.dtype(np.float32), (5120, 256, 4)).contiguous
+    assert not DeviceBuffer(4096, (3, 5), np.dtype(np.float32), (4, 12)).contiguous
+    assert DeviceBuffer(4096, (0, 5), np.dtype(np.float32), (4, 4)).contiguous
+    assert DeviceBuffer(4096, (0, 5), np.dtype(np.float32), (4,)).contiguous  # (strides of another rank: no element)
+
+
 def test_a_device_buffer_passes_through_and_is_cheap_to_make():
     b = DeviceBuffer(256, (2, 2), np.dtype(np.int64), None)
     assert device_buffer(b) is b

@@ -40,7 +40,7 @@ class DeviceBuffer:
     def contiguous(self) -> bool:
         """C-contiguous: every dimension of more than one element at its C stride (a dimension of one element may
         have any stride, as NumPy and PyTorch take it: a producer's ``__cuda_array_interface__`` may report one)."""
-        if self.strides is None or self.nbytes == 0:
+        if self.strides is None or 0 in self.shape or self.dtype.itemsize == 0:  # (no element: not nbytes' np.prod)
             return True
         if len(self.strides) != len(self.shape):
             return False
