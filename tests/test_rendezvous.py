@@ -11,6 +11,7 @@ import struct
 import threading
 import time
 
+import numpy as np
 import pytest
 from dwdp_ops.errors import RendezvousError
 from dwdp_ops.launch import free_port
@@ -418,6 +419,21 @@ def test_rank_and_world_must_be_ints(rank, world):
     world or a string rank failed with Python's own TypeError naming neither."""
     with pytest.raises(TypeError, match="rendezvous: rank and world_size must be ints"):
         Rendezvous(rank, world, "127.0.0.1", free_port(), 1.0)
+
+
+@pytest.mark.parametrize("root, message", [
+    (0.0, r"broadcast root must be a rank \(an int\), got 0\.0 \(float\)"),
+    (True, r"broadcast root must be a rank \(an int\), got True \(bool\)"),
+    ("0", r"broadcast root must be a rank \(an int\), got '0' \(str\)"),
+    (1, r"broadcast root 1 is outside \[0, 1\)"), (-1, r"broadcast root -1 is outside \[0, 1\)"),
+], ids=["float", "bool", "str", "past", "negative"])
+def test_broadcast_names_why_its_root_is_refused(root, message):
+    """A root that is not an int was refused as 'outside [0, world)', false for 0.0 or True in a world of two; the
+    message says it must be an int, and 'outside' is kept for an int out of range."""
+    with Rendezvous(0, 1, "127.0.0.1", free_port(), 1.0) as one:
+        with pytest.raises(ValueError, match=f"^{message}$"):
+            one.broadcast("uid", b"x", root=root)
+        assert one.broadcast("uid", b"x", root=np.int64(0)) == b"x"
 
 
 def test_a_bad_argument_leaves_the_collective_sequence_intact():

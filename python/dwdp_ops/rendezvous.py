@@ -527,8 +527,10 @@ class Rendezvous:
     def broadcast(self, name: str, payload: bytes = b"", root: int = 0) -> bytes:
         """``root``'s payload on every rank."""
         _check_args("broadcast", name, payload)
-        if not is_int(root) or not 0 <= root < self.world_size:
-            raise ValueError(f"broadcast root {root!r} is outside [0, {self.world_size})")
+        if not is_int(root):  # (bools refused: True is not rank 1)
+            raise ValueError(f"broadcast root must be a rank (an int), got {root!r} ({type(root).__name__})")
+        if not 0 <= root < self.world_size:
+            raise ValueError(f"broadcast root {root} is outside [0, {self.world_size})")
         return self.allgather(name, payload if self.rank == root else b"")[root]
 
     def barrier(self, name: str = "barrier") -> None:
