@@ -89,7 +89,7 @@ def lookup(h: int, kind: str | None = None) -> Any:
     obj = _REGISTRY.get(int(h))
     if obj is None:
         raise DwdpError(f"dwdp op: handle {h} is not registered (dwdp_ops.torch.handle(obj) gives one)")
-    if kind is not None and all(c.__name__ != kind for c in type(obj).__mro__):
+    if kind is not None and type(obj).__name__ != kind and all(c.__name__ != kind for c in type(obj).__mro__):
         raise DwdpError(f"dwdp op: handle {h} is a {type(obj).__name__}, this op needs a {kind}")
     return obj
 
