@@ -6,6 +6,7 @@ from __future__ import annotations
 import threading
 
 import dwdp_ops
+import numpy as np
 import pytest
 from dwdp_ops.errors import DwdpError
 from dwdp_ops.launch import free_port
@@ -211,7 +212,9 @@ def test_real_module_without_gpu_raises_clearly():
     ("nang", ValueError, r"^heap_size 'nang' is not a size"),
     (True, TypeError, r"^heap_size must be a size in bytes .*, got True$"),
     (False, TypeError, r"^heap_size must be a size in bytes .*, got False$"),
-], ids=["0", "-4g", "0.0001k", "inf-g", "nang", "True", "False"])
+    (np.True_, TypeError, r"^heap_size must be a size in bytes .*, got (np\.)?True_?$"),  # (had been a ValueError)
+    (np.int64(0), ValueError, r"^heap_size must be positive, got 0$"),
+], ids=["0", "-4g", "0.0001k", "inf-g", "nang", "True", "False", "np.True_", "np.int64(0)"])
 def test_heap_size_must_be_a_positive_finite_size(size, err, match):
     """A heap size given as a string went unchecked: '0' and '-4g' reached NVSHMEM_SYMMETRIC_SIZE as 0 and
     -4294967296, 'inf g' raised a bare OverflowError; True was taken as 1 byte. Each is refused before anything
@@ -223,11 +226,13 @@ def test_heap_size_must_be_a_positive_finite_size(size, err, match):
     assert be.calls == []
 
 
-@pytest.mark.parametrize("size, want", [("1.5g", 3 << 29), ("4096", 4096), (1 << 30, 1 << 30), (" 2M ", 2 << 20)])
+@pytest.mark.parametrize("size, want", [("1.5g", 3 << 29), ("4096", 4096), (1 << 30, 1 << 30), (" 2M ", 2 << 20),
+                                        (np.int64(1 << 30), 1 << 30)])
 def test_heap_size_good_values(size, want):
     from dwdp_ops.runtime import _parse_size
 
-    assert _parse_size(size) == want
+    got = _parse_size(size)
+    assert got == want and type(got) is int
 
 
 @pytest.mark.parametrize("device", [1.7, True, "1"])

@@ -67,12 +67,12 @@ class _InitArgs:
 def _parse_size(size: int | str | None) -> int | None:
     """``heap_size`` in bytes: None, an int, or a string of bytes or a number with k/m/g/t ('4g', '1.5g'). Raises
     TypeError for a bool, ValueError for anything else that is not a whole number of bytes > 0."""
-    if isinstance(size, bool):
+    if isinstance(size, bool) or type(size).__name__ in ("bool", "bool_"):  # (numpy's bool is no bool instance)
         raise TypeError(f"heap_size must be a size in bytes (an int or a string like '4g'), got {size!r}")
-    if size is None or isinstance(size, int):
-        if isinstance(size, int) and size <= 0:
+    if size is None or is_int(size):
+        if size is not None and size <= 0:
             raise ValueError(f"heap_size must be positive, got {size}")
-        return size
+        return None if size is None else int(size)
     s = str(size).strip().lower()
     mult = {"k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
     try:
