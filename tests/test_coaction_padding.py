@@ -39,3 +39,16 @@ def test_feed_ids_at_masked_positions_may_hold_any_value(pad):
         coaction_forward(table, ftable, mask, spec, ind_ids=ids, feed_ids=bad)
     with pytest.raises(ValueError, match=r"ind_ids must be in \[0, 7\)"):  # induction ids are never masked
         coaction_forward(table, ftable, mask, spec, ind_ids=np.where(np.arange(5) == 0, -1, ids), feed_ids=padded)
+
+
+@pytest.mark.parametrize("mask_dtype", ["<U1", object])
+def test_a_mask_that_is_not_numbers_is_refused(mask_dtype):
+    """The reference took a mask of any dtype: a string mask compared '0' != 0 and counted every position (no error,
+    a wrong answer); the GPU ops take float32 or bool only. Numbers and booleans pass."""
+    spec, table, ftable, ids, fids, mask, g = _case()
+    bad = mask.astype(int).astype(str).astype(mask_dtype)
+    with pytest.raises(TypeError, match=r"mask must be numbers or booleans"):
+        coaction_forward(table, ftable, bad, spec, ind_ids=ids, feed_ids=fids)
+    want = coaction_forward(table, ftable, mask, spec, ind_ids=ids, feed_ids=fids)
+    for ok in (mask.astype(bool), mask.astype(np.int8), mask.astype(np.float64)):
+        np.testing.assert_array_equal(coaction_forward(table, ftable, ok, spec, ind_ids=ids, feed_ids=fids), want)

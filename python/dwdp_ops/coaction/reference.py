@@ -135,6 +135,8 @@ class CoActionSpec:
         for name, a in (("induction", induction), ("feed", feed)):
             if a.dtype.kind != "f":
                 raise TypeError(f"{name} must hold floating-point values, got {a.dtype}")
+        if mask.dtype.kind not in "biuf":  # (a string mask had compared '0' != 0 and counted every position)
+            raise TypeError(f"mask must be numbers or booleans (nonzero where a behaviour is present), got {mask.dtype}")
 
 
 def _forward_order(spec: CoActionSpec, induction, feed, mask, c):
