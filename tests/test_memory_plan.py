@@ -125,3 +125,10 @@ def test_layers_that_fit_arguments_are_checked():
         moe_layers_that_fit(8, 1000 * GiB, vocab_size=4096, requested=2.5)
     with pytest.raises(TypeError, match="world must be an int"):
         moe_layers_that_fit(True, 1000 * GiB, vocab_size=4096)
+
+
+def test_an_empty_plan_prints_its_total():
+    """MemoryPlan().table() had raised 'max() arg is an empty sequence'."""
+    from dwdp_ops.models.deepseek_r1.memory import MemoryPlan
+
+    assert MemoryPlan(free=1 << 30).table() == "  total     0.00 GiB of 1.00 GiB free"

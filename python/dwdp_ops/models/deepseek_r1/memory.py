@@ -72,7 +72,8 @@ class MemoryPlan:
         return self.total <= self.free
 
     def table(self) -> str:
-        w = max(len(k) for k in self.items)
+        """One line per item and a total, in GiB (an empty plan: the total alone)."""
+        w = max((len(k) for k in self.items), default=len("total"))
         rows = [f"  {k:<{w}s} {v / GiB:8.2f} GiB" for k, v in self.items.items()]
         rows.append(f"  {'total':<{w}s} {self.total / GiB:8.2f} GiB of {self.free / GiB:.2f} GiB free")
         return "\n".join(rows)
