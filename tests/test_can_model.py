@@ -207,3 +207,14 @@ def test_can_model_names_a_bad_config(kw, exc, match):
     with pytest.raises(exc, match=match):
         CanModel(CanConfig(**{"tables": (10, 10, 3), **kw}))
     CanModel(CanConfig((np.int64(10), 10, 3), hidden=(np.int32(8),)))  # numpy integers pass
+
+
+@pytest.mark.parametrize("bad, exc", [("0.2", TypeError), (True, TypeError), (None, TypeError), (1.0, ValueError)])
+def test_split_names_a_bad_test_fraction(bad, exc):
+    """split's test_fraction had not been type-checked: a string failed in a bare comparison TypeError naming
+    nothing, True (1) in the range check as 'got True'."""
+    data, _ = synthetic(50, seed=0)
+    with pytest.raises(exc, match=r"test_fraction must be"):
+        split(data, bad)
+    tr, te = split(data, np.float32(0.2))
+    assert len(tr) + len(te) == 50

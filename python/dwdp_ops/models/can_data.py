@@ -174,6 +174,11 @@ def synthetic(
 
 
 def split(data: Batchable, test_fraction: float = 0.2, seed: int = 0) -> tuple[Batchable, Batchable]:
+    """``(train, test)``: ``data`` shuffled by ``seed``, the last ``test_fraction`` of it (a real number in (0, 1))
+    the test set."""
+    if isinstance(test_fraction, bool) or not isinstance(test_fraction, numbers.Real):
+        raise TypeError(f"test_fraction must be a number in (0, 1), got {test_fraction!r} "
+                        f"({type(test_fraction).__name__})")
     if not 0 < test_fraction < 1:
         raise ValueError(f"test_fraction must be in (0, 1), got {test_fraction}")
     idx = np.random.default_rng(seed).permutation(len(data))
