@@ -521,3 +521,16 @@ def test_wait_on_a_released_layer_says_so():
         s.wait(0, comp)
     with pytest.raises(RuntimeError, match=r"wait\(3\): layer 3 was never prefetched"):
         s.wait(3, comp)
+
+
+def test_a_refused_begin_step_leaves_the_last_steps_state():
+    """begin_step had set num_layers (and cleared its sets) before picking the mode, so a step refused there (bad
+    tokens_per_rank, a failed gather) left the next one's layer count with the last one's mode."""
+    store = FakeStore(4)
+    d = FakeDispatcher(store.partition, 2)
+    s = PrefetchScheduler(store, policy="dispatch", top_k=2, dispatcher=d, copy_stream=Stream("c"),
+                          event_factory=lambda: Event([]))
+    assert s.begin_step(tokens=5, num_layers=4, tokens_per_rank=[5, 3]) == "dispatch" and s.num_layers == 4
+    with pytest.raises(ValueError, match="tokens_per_rank must hold every rank's tokens"):
+        s.begin_step(tokens=5, num_layers=1, tokens_per_rank=[5, -3])
+    assert s.num_layers == 4 and s.step_policy == "dispatch"

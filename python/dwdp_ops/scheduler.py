@@ -226,10 +226,11 @@ class PrefetchScheduler:
                 f"begin_step: layers {busy} of the previous step were not released; release them, "
                 "or call abort() after a failed step"
             )
+        policy = self.policy_for(tokens, tokens_per_rank)  # (first: a refusal there leaves the last step's state)
         self.num_layers = n
         self._waited.clear()
         self._done.clear()
-        self.step_policy = self.policy_for(tokens, tokens_per_rank)
+        self.step_policy = policy
         if self.step_policy == "prefetch_all":
             for p in range(min(2, self.num_layers)):
                 self._prefetch(p)
