@@ -10,6 +10,7 @@ import argparse
 import importlib.util
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -316,10 +317,17 @@ def test_non_finite_loss_names_epoch_and_step(bad_step, epoch, step):
         train_can.train(_DivergingModel(bad_step), data, data, 3, 10, 0, progress=False)
 
 
-@pytest.mark.parametrize("epochs, batch_size", [(0, 10), (1, 0), (1, -5), (1.0, 10), (True, 10)])
-def test_train_rejects_bad_counts(epochs, batch_size):
+@pytest.mark.parametrize("epochs, batch_size, message", [
+    (0, 10, "epochs must be an integer >= 1, got 0"),
+    (1, 0, "batch_size must be an integer >= 1, got 0"),
+    (1, -5, "batch_size must be an integer >= 1, got -5"),
+    (1.0, 10, "epochs must be an integer >= 1, got 1.0"),
+    (True, 10, "epochs must be an integer >= 1, got True"),
+])
+def test_train_rejects_bad_counts(epochs, batch_size, message):
+    """The error names the argument that is wrong and its value (both arguments share the message's tail)."""
     data, _ = train_can.synthetic(50, seed=0)
-    with pytest.raises(ValueError, match="must be an integer >= 1"):
+    with pytest.raises(ValueError, match=f"^{re.escape(message)}$"):
         train_can.train(_DivergingModel(99), data, data, epochs, batch_size, 0, progress=False)
 
 
