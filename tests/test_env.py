@@ -1,3 +1,5 @@
+import re
+
 import pytest
 from dwdp_ops.env import DEFAULT_MASTER_PORT, DistEnv
 
@@ -75,11 +77,14 @@ def test_bad_timeout_variable_is_named(raw):
         timeout_from_environ(environ={"DWDP_TIMEOUT": raw})
 
 
-@pytest.mark.parametrize("bad", [0, -1.5, float("nan"), float("inf"), "abc"])
-def test_bad_timeout_argument_is_named_as_the_argument(bad):
+@pytest.mark.parametrize("bad, why", [(0, " and finite"), (-1.5, " and finite"), (float("nan"), " and finite"),
+                                      (float("inf"), " and finite"), ("abc", "")])
+def test_bad_timeout_argument_is_named_as_the_argument(bad, why):
+    """Named as the argument (not the variable), with the value given: every message of the argument check starts
+    'timeout must be > 0 seconds', so the match is the whole message."""
     from dwdp_ops.env import timeout_from_environ
 
-    with pytest.raises(ValueError, match=r"^timeout must be > 0 seconds"):
+    with pytest.raises(ValueError, match=rf"^timeout must be > 0 seconds{why}, got {re.escape(repr(bad))}$"):
         timeout_from_environ(bad, environ={})
 
 
@@ -107,7 +112,7 @@ def test_a_bool_timeout_argument_is_refused():
     from dwdp_ops.env import timeout_from_environ
 
     for bad in (True, False, np.bool_(True)):
-        with pytest.raises(ValueError, match=r"^timeout must be > 0 seconds"):
+        with pytest.raises(ValueError, match=rf"^timeout must be > 0 seconds \(a number, not a bool\), got {bad!r}$"):
             timeout_from_environ(bad, environ={})
     assert timeout_from_environ(np.float32(2.5), environ={}) == 2.5
 
