@@ -403,13 +403,20 @@ def test_late_duplicate_rank_is_answered_at_once():
             t.join(20)
 
 
-@pytest.mark.parametrize("timeout", [float("nan"), float("inf"), "5", True, None])
-def test_bad_timeout_is_refused_at_construction(timeout):
+@pytest.mark.parametrize("timeout, exc, match", [
+    (float("nan"), ValueError, r"timeout must be a finite number of seconds > 0, got nan"),
+    (float("inf"), ValueError, r"timeout must be a finite number of seconds > 0, got inf"),
+    ("5", TypeError, r"timeout must be a number of seconds, got '5' \(str\)"),
+    (True, TypeError, r"timeout must be a number of seconds, got True \(bool\)"),
+    (None, TypeError, r"timeout must be a number of seconds, got None \(NoneType\)"),
+], ids=["nan", "inf", "str", "bool", "none"])
+def test_bad_timeout_is_refused_at_construction(timeout, exc, match):
     """A NaN timeout passed the '<= 0' check and made a rank > 0 wait for rank 0 forever (every deadline was NaN);
     inf raised OverflowError from the socket layer, '5' a comparison TypeError, True meant 1 second. Refused before
-    any socket opens (world 1 included, where no wait happens)."""
+    any socket opens (world 1 included, where no wait happens): a wrong type a TypeError, a bad number a ValueError,
+    each naming the value."""
     for rank, world in ((0, 1), (1, 2)):
-        with pytest.raises((ValueError, TypeError), match="timeout"):
+        with pytest.raises(exc, match=f"^rendezvous: {match}$"):
             Rendezvous(rank, world, "127.0.0.1", free_port(), timeout)
 
 
@@ -443,10 +450,13 @@ def test_a_bad_argument_leaves_the_collective_sequence_intact():
     silently sent as that many zero bytes (bytes(5)). Each is a TypeError before the call counts."""
     def fn(rdv, r):
         if r == 1:
-            for name, payload in (("a", "text"), ("a", 5), ("a", None), (7, b"")):
-                with pytest.raises(TypeError, match="rendezvous: allgather"):
+            for name, payload, why in (("a", "text", r"\('a'\): payload must be bytes, got str"),
+                                       ("a", 5, r"\('a'\): payload must be bytes, got int"),
+                                       ("a", None, r"\('a'\): payload must be bytes, got NoneType"),
+                                       (7, b"", r" name must be a str, got 7 \(int\)")):
+                with pytest.raises(TypeError, match=f"^rendezvous: allgather{why}"):
                     rdv.allgather(name, payload)
-            with pytest.raises(TypeError, match="rendezvous: broadcast"):
+            with pytest.raises(TypeError, match=r"^rendezvous: broadcast\('uid'\): payload must be bytes, got str"):
                 rdv.broadcast("uid", "not bytes", root=1)
         return rdv.allgather("a", bytes([r])), rdv.broadcast("uid", bytearray(b"x") if r == 1 else b"", root=1)
 
