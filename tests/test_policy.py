@@ -132,19 +132,21 @@ def test_pair_shares_follow_the_owner_rule(part):
 
 @pytest.mark.parametrize("kwargs, err, match", [
     (dict(tokens_per_rank=[1]), ValueError, r"one count per rank .* \(2\), got 1"),
-    (dict(tokens_per_rank=[1, -1]), ValueError, r"tokens_per_rank\[1\] must be an int >= 0"),
+    (dict(tokens_per_rank=[1, -1]), ValueError, r"tokens_per_rank\[1\] must be an int >= 0, got -1$"),
     (dict(tokens_per_rank=[1, 2.5]), TypeError, r"tokens_per_rank\[1\] must be an int >= 0, got 2.5 \(float\)"),
     (dict(tokens_per_rank=[True, 1]), TypeError, r"tokens_per_rank\[0\] .* got True \(bool\)"),
-    (dict(top_k=257), ValueError, r"top_k must be in \[1, 256\]"),
-    (dict(layout_bytes_per_expert=0), ValueError, "layout_bytes_per_expert"),
-    (dict(hidden=0), ValueError, "hidden"),
-    (dict(allowed=()), ValueError, "non-empty subset"),
-    (dict(allowed=("prefetch_all", "fetch")), ValueError, "non-empty subset"),
-    (dict(rates=(370, 320)), TypeError, "Rates"),
-    (dict(partition=(256, 2)), TypeError, "ExpertPartition"),
-    (dict(param_bytes=0), ValueError, "param_bytes"),
+    (dict(top_k=257), ValueError, r"^top_k must be in \[1, 256\] \(the layer's experts\), got 257$"),
+    (dict(layout_bytes_per_expert=0), ValueError, r"^layout_bytes_per_expert must be an int >= 1, got 0$"),
+    (dict(hidden=0), ValueError, r"^hidden must be an int >= 1, got 0$"),
+    (dict(allowed=()), ValueError, r"^allowed must be a non-empty subset of .* without repeats, got \(\)$"),
+    (dict(allowed=("prefetch_all", "fetch")), ValueError, r"non-empty subset .*, got \('prefetch_all', 'fetch'\)$"),
+    (dict(rates=(370, 320)), TypeError, r"^rates must be a Rates, got tuple$"),
+    (dict(partition=(256, 2)), TypeError, r"^partition must be an ExpertPartition, got tuple$"),
+    (dict(param_bytes=0), ValueError, r"^param_bytes must be a number > 0, got 0$"),
 ])
 def test_bad_input_is_named(kwargs, err, match):
+    """Each refusal names the argument, what it must be and the value given (a bare argument name matched any
+    message that mentioned it)."""
     args = dict(tokens_per_rank=[1, 1], partition=R1_2, layout_bytes_per_expert=R1_BYTES, hidden=7168, top_k=8)
     args.update(kwargs)
     with pytest.raises(err, match=match):
