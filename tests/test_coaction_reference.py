@@ -183,24 +183,30 @@ def test_bad_specs_are_explained():
         coaction_backward(ind, feed, mask, np.zeros((3, 12)))
 
 
+PAIRS = "a non-empty sequence of positive integer (d_in, d_out) pairs"
+
+
 @pytest.mark.parametrize(
-    "kwargs, match",
+    "kwargs, must",
     [
-        (dict(layer_dims=((16.9, 8), (8, 4))), "positive integer"),  # was truncated to 16
-        (dict(layer_dims=(16, 8)), "positive integer"),  # a flat pair
-        (dict(orders=2.5), "orders must be an int"),
-        (dict(orders="3"), "orders must be an int"),
-        (dict(orders=True), "orders must be an int"),
-        (dict(bias="no"), "bias must be a bool"),  # was truthy: bias on
-        (dict(order_independent=1), "order_independent must be a bool"),
-        (dict(layer_dims=((16, True),)), "positive integer"),  # was taken as 1 (a bool is refused as orders)
-        (dict(layer_dims=((np.True_, 8), (8, 4))), "positive integer"),
+        (dict(layer_dims=((16.9, 8), (8, 4))), PAIRS),  # was truncated to 16
+        (dict(layer_dims=(16, 8)), PAIRS),  # a flat pair
+        (dict(orders=2.5), "an int"),
+        (dict(orders="3"), "an int"),
+        (dict(orders=True), "an int"),
+        (dict(bias="no"), "a bool"),  # was truthy: bias on
+        (dict(order_independent=1), "a bool"),
+        (dict(layer_dims=((16, True),)), PAIRS),  # was taken as 1 (a bool is refused as orders)
+        (dict(layer_dims=((np.True_, 8), (8, 4))), PAIRS),
     ],
     ids=["float-dim", "flat-pair", "float-orders", "str-orders", "bool-orders", "str-bias", "int-oi", "bool-dim",
          "numpy-bool-dim"],
 )
-def test_spec_fields_of_the_wrong_type_are_named(kwargs, match):
-    with pytest.raises(TypeError, match=match):
+def test_spec_fields_of_the_wrong_type_are_named(kwargs, must):
+    """The whole message: the field, what it must be and the value given ('positive integer' alone would pass a
+    message naming another field, or none)."""
+    ((field, value),) = kwargs.items()
+    with pytest.raises(TypeError, match="^" + re.escape(f"{field} must be {must}, got {value!r}") + "$"):
         CoActionSpec(**kwargs)
     assert CoActionSpec(orders=np.int64(2), bias=np.bool_(True)) == CoActionSpec(orders=2, bias=True)
     assert CoActionSpec(layer_dims=((np.int32(16), 8), [8, np.int64(4)])) == CoActionSpec()
