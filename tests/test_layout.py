@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 from dwdp_ops.layout import (
@@ -183,7 +185,9 @@ def test_check_page_against_vmm_granularity(page, granularity, ok):
 @pytest.mark.parametrize("granularity, exc", [(0, ValueError), (-PAGE, ValueError), (2.0 * PAGE, TypeError),
                                               ("2MiB", TypeError), (None, TypeError)])
 def test_check_page_rejects_bad_granularity(granularity, exc):
-    with pytest.raises(exc, match=r"granularity \(bytes\) must be a positive integer"):
+    # the value as given (a float not shown as the int it was rounded to), its type for a TypeError
+    shown = repr(granularity) + (f" ({type(granularity).__name__})" if exc is TypeError else "")
+    with pytest.raises(exc, match=rf"^granularity \(bytes\) must be a positive integer, got {re.escape(shown)}$"):
         ExpertLayout.moe(256, 128).check_page(granularity)
 
 
