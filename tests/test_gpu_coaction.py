@@ -545,7 +545,7 @@ def test_an_input_on_another_device_is_named_before_the_launch(monkeypatch):
     from dwdp_ops.interop import DeviceBuffer, device_buffer
 
     monkeypatch.setattr(fused, "_ONE_DEVICE", False)
-    assert fused._said_device(cp.zeros(2)) == cp.cuda.runtime.getDevice() and fused._said_device(np.zeros(2)) is None
+    assert fused._array_device(cp.zeros(2)) == cp.cuda.runtime.getDevice() and fused._array_device(np.zeros(2)) is None
 
     spec = CoActionSpec()
     ind, feed, mask, _ = (cp.asarray(a) for a in inputs(spec, 3, 4, 0))
@@ -559,8 +559,8 @@ def test_an_input_on_another_device_is_named_before_the_launch(monkeypatch):
     here = DeviceBuffer(b.ptr, b.shape, b.dtype, b.strides, 0)
     assert coaction_forward_gpu(here, feed, mask, spec).shape == (3, spec.out_dim)
     torch = pytest.importorskip("torch")
-    assert fused._said_device(torch.zeros(2, device="cuda")) == torch.cuda.current_device()
-    assert fused._said_device(torch.zeros(2)) is None
+    assert fused._array_device(torch.zeros(2, device="cuda")) == torch.cuda.current_device()
+    assert fused._array_device(torch.zeros(2)) is None
 
 
 @pytest.mark.gpu

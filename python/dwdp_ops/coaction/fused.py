@@ -630,45 +630,43 @@ def _backward(a: tuple, induction: Any, both_ids: bool, grad_out: Any, stream: A
     return g_ind, g_feed
 
 
-def _array_device(a: Any, ptr: int | None = None) -> int | None:
-    """The CUDA device of a CuPy array (``.device.id``), a PyTorch tensor (``.device.index``) or a ``DeviceBuffer``
-    that carries it (``.device``); for any other object, that of its address ``ptr`` (``cudaPointerGetAttributes``);
-    None if neither is known."""
-    d = getattr(a, "device", None)
-    if type(d) is int:
-        return d
-    dev = getattr(d, "id", None)
-    if dev is None:
-        dev = getattr(d, "index", None)
-    if dev is None and ptr:
-        import cupy as cp
-
-        dev = cp.cuda.runtime.pointerGetAttributes(ptr).device
-    return dev
-
-
 _ONE_DEVICE: bool | None = None  # the process sees one CUDA device (no array can be on another), read once
 
 
-def _said_device(a: Any) -> int | None:
-    """The device an array says it is on, read cheaply (this runs for every array of every call): a
-    ``DeviceBuffer``'s ``.device``, PyTorch's ``.get_device()``, CuPy's ``.data.device_id``; None otherwise."""
+def _array_device(a: Any, ptr: int | None = None) -> int | None:
+    """The CUDA device an array is on: a ``DeviceBuffer``'s ``.device``, a CUDA PyTorch tensor's ``get_device()`` and
+    CuPy's ``.data.device_id`` first (cheap: this runs for every array of every call), then any ``.device`` that is
+    an int or has ``.id`` / ``.index``; for any other object, that of its address ``ptr`` when one is given
+    (``cudaPointerGetAttributes``); None if neither is known."""
     if type(a) is DeviceBuffer:
         return a.device
     if getattr(a, "is_cuda", False) is True:  # PyTorch (before .data, which makes a tensor)
         return a.get_device()
     dev = getattr(getattr(a, "data", None), "device_id", None)  # CuPy's MemoryPointer (not .device: an object a call)
-    return dev if type(dev) is int else None
+    if type(dev) is int:
+        return dev
+    d = getattr(a, "device", None)
+    if type(d) is int:
+        return d
+    for attr in ("id", "index"):  # (ints only: NumPy's device is the string "cpu", whose .index is a method)
+        dev = getattr(d, attr, None)
+        if type(dev) is int:
+            return dev
+    if ptr:
+        import cupy as cp
+
+        return cp.cuda.runtime.pointerGetAttributes(ptr).device
+    return None
 
 
 def _check_devices(named: list, where: str) -> None:
     """ValueError naming the first ``(name, array, ptr)`` whose array says it is on another device than the current
-    one (``_said_device``; nothing is looked up from a bare address: an array that does not say passes, as an empty
-    one does). Nothing to check in a process that sees one device."""
+    one (``_array_device`` without an address: nothing is looked up from a bare address, and an array that does not
+    say passes, as an empty one does). Nothing to check in a process that sees one device."""
     global _ONE_DEVICE
     if _ONE_DEVICE:
         return
-    known = [(name, on) for name, a, ptr in named if ptr and (on := _said_device(a)) is not None]
+    known = [(name, on) for name, a, ptr in named if ptr and (on := _array_device(a)) is not None]
     if not known:
         return
     import cupy as cp
