@@ -1,7 +1,8 @@
 """The one "is an integer" test behind the package's argument checks.
 
-``is_int`` is the predicate only: each caller keeps its own message, exception type and range check, so that an
-error still names the argument and what it expects. Python and numpy integers pass (a count read from an array
+``is_int`` is the predicate: a caller with its own message, exception type or range check builds on it, so that an
+error still names the argument and what it expects; ``int_at_least`` is the common whole check ("``name`` must be an
+int >= lo"). Python and numpy integers pass (a count read from an array
 or a JSON file is as good as a literal); bools do not, though ``bool`` subclasses ``int``: ``True`` is almost
 always a mistake where a count or an index is asked for.
 """
@@ -14,3 +15,13 @@ import numbers
 def is_int(value: object) -> bool:
     """True for an integer: Python or numpy (any ``numbers.Integral``), bools refused."""
     return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def int_at_least(name: str, value: object, lo: int, noun: str = "an int") -> int:
+    """``value`` as an int: TypeError unless an integer (``is_int``), ValueError unless >= ``lo``; both say
+    "``name`` must be ``noun`` >= ``lo``" and the value given."""
+    if not is_int(value):
+        raise TypeError(f"{name} must be {noun} >= {lo}, got {value!r} ({type(value).__name__})")
+    if value < lo:
+        raise ValueError(f"{name} must be {noun} >= {lo}, got {value!r}")
+    return int(value)

@@ -46,7 +46,7 @@ import numbers
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from ._checks import is_int
+from ._checks import int_at_least
 from .partition import ExpertPartition
 
 __all__ = ["MODES", "ModeChoice", "Rates", "choose_mode", "expected_distinct", "pair_shares"]
@@ -109,11 +109,11 @@ def expected_distinct(num_experts: int, top_k: int, tokens: int) -> float:
     """Expected distinct experts selected by ``tokens`` tokens each choosing ``top_k`` of ``num_experts`` uniformly.
     Integers (Python or numpy): ``num_experts >= 1``, ``top_k`` in ``[1, num_experts]``, ``tokens >= 0``; TypeError /
     ValueError naming the argument otherwise."""
-    num_experts = _int_param("num_experts", num_experts, 1)
-    top_k = _int_param("top_k", top_k, 1)
+    num_experts = int_at_least("num_experts", num_experts, 1)
+    top_k = int_at_least("top_k", top_k, 1)
     if top_k > num_experts:
         raise ValueError(f"top_k must be in [1, {num_experts}] (num_experts), got {top_k}")
-    tokens = _int_param("tokens", tokens, 0)
+    tokens = int_at_least("tokens", tokens, 0)
     return num_experts * (1.0 - (1.0 - top_k / num_experts) ** tokens)
 
 
@@ -124,7 +124,7 @@ def pair_shares(partition: ExpertPartition, top_k: int) -> list[list[float]]:
     if not isinstance(partition, ExpertPartition):
         raise TypeError(f"partition must be an ExpertPartition, got {type(partition).__name__}")
     E, N = partition.num_experts, partition.world_size
-    top_k = _int_param("top_k", top_k, 1)
+    top_k = int_at_least("top_k", top_k, 1)
     if top_k > E:
         raise ValueError(f"top_k must be in [1, {E}] (the partition's experts), got {top_k}")
     m = [[0.0] * N for _ in range(N)]
@@ -158,15 +158,6 @@ def _p_row(m: float, E: int, k: int) -> float:
     return 1.0 - miss
 
 
-def _int_param(name: str, v, lo: int) -> int:
-    """``v`` as an int: TypeError unless an integer (Python or numpy; bools refused), ValueError unless >= lo."""
-    if not is_int(v):
-        raise TypeError(f"{name} must be an int >= {lo}, got {v!r} ({type(v).__name__})")
-    if v < lo:
-        raise ValueError(f"{name} must be an int >= {lo}, got {v!r}")
-    return int(v)
-
-
 def choose_mode(tokens_per_rank: Sequence[int], partition: ExpertPartition, layout_bytes_per_expert: int,
                 hidden: int, top_k: int, rates: Rates | None = None, allowed: Sequence[str] = MODES, *,
                 param_bytes: float = 2.0, token_bytes: float = 2.0, partial_bytes: float = 4.0,
@@ -188,11 +179,11 @@ def choose_mode(tokens_per_rank: Sequence[int], partition: ExpertPartition, layo
     tokens = list(tokens_per_rank)
     if len(tokens) != N:
         raise ValueError(f"tokens_per_rank needs one count per rank of the partition's world ({N}), got {len(tokens)}")
-    tokens = [_int_param(f"tokens_per_rank[{r}]", t, 0) for r, t in enumerate(tokens)]
-    X = _int_param("layout_bytes_per_expert", layout_bytes_per_expert, 1)
-    Xf = X if fetch_bytes_per_expert is None else _int_param("fetch_bytes_per_expert", fetch_bytes_per_expert, X)
-    H = _int_param("hidden", hidden, 1)
-    k = _int_param("top_k", top_k, 1)
+    tokens = [int_at_least(f"tokens_per_rank[{r}]", t, 0) for r, t in enumerate(tokens)]
+    X = int_at_least("layout_bytes_per_expert", layout_bytes_per_expert, 1)
+    Xf = X if fetch_bytes_per_expert is None else int_at_least("fetch_bytes_per_expert", fetch_bytes_per_expert, X)
+    H = int_at_least("hidden", hidden, 1)
+    k = int_at_least("top_k", top_k, 1)
     if k > E:
         raise ValueError(f"top_k must be in [1, {E}] (the layer's experts), got {k}")
     sizes = {}

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .._checks import is_int
+from .._checks import int_at_least, is_int
 
 SEP = "\x02"
 
@@ -88,15 +88,6 @@ def _parse(path: Path) -> list[tuple[float, str, str, str, list[str], list[str]]
     return rows
 
 
-def _count(name: str, value, lo: int) -> int:
-    """``value`` as an int: TypeError unless an integer (Python or numpy; bools refused), ValueError unless >= lo."""
-    if not is_int(value):
-        raise TypeError(f"{name} must be an integer >= {lo}, got {value!r} ({type(value).__name__})")
-    if value < lo:
-        raise ValueError(f"{name} must be an integer >= {lo}, got {value}")
-    return int(value)
-
-
 def build_vocab(path: str | Path) -> Vocab:
     rows = _parse(Path(path))
     counts = [Counter(), Counter(), Counter()]
@@ -113,7 +104,7 @@ def build_vocab(path: str | Path) -> Vocab:
 def load_amazon_books(path: str | Path, vocab: Vocab | None = None, max_len: int = 100) -> tuple[Batchable, Vocab]:
     """Reads one DIEN-format file; builds the vocabulary from it when none is given (pass the training file's
     vocabulary when loading the test file)."""
-    max_len = _count("max_len", max_len, 1)
+    max_len = int_at_least("max_len", max_len, 1, "an integer")
     path = Path(path)
     vocab = vocab or build_vocab(path)
     rows = _parse(path)
@@ -147,8 +138,8 @@ def synthetic(
     random +-1 table ``A``, so the signal lives in the (target, behaviour) pairs, not in either side alone.
     Returns the data and the table sizes (users, items, categories) including id 0. ``n`` an integer >= 0, the
     sizes and ``seq_len`` integers >= 1, ``strength`` a finite number: TypeError / ValueError naming one otherwise."""
-    n = _count("n", n, 0)
-    n_users, n_items, n_cats, seq_len = (_count(k, v, 1) for k, v in (("n_users", n_users), ("n_items", n_items),
+    n = int_at_least("n", n, 0, "an integer")
+    n_users, n_items, n_cats, seq_len = (int_at_least(k, v, 1, "an integer") for k, v in (("n_users", n_users), ("n_items", n_items),
                                                                      ("n_cats", n_cats), ("seq_len", seq_len)))
     if isinstance(strength, bool) or not isinstance(strength, numbers.Real):
         raise TypeError(f"strength must be a finite number, got {strength!r} ({type(strength).__name__})")
