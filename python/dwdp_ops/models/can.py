@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .._checks import is_int
+from .._checks import int_at_least
 from ..coaction.reference import CoActionSpec, coaction_backward, coaction_forward
 from .can_data import Batchable, auc
 
@@ -45,10 +45,7 @@ def _check_config(cfg: CanConfig) -> None:
         raise ValueError(f"tables must be three table sizes (users, items, categories), got {cfg.tables!r}")
     for name, values in (("tables", cfg.tables), ("hidden", cfg.hidden)):
         for i, v in enumerate(values):
-            if not is_int(v):
-                raise TypeError(f"{name}[{i}] must be an integer >= 1, got {v!r} ({type(v).__name__})")
-            if v < 1:
-                raise ValueError(f"{name}[{i}] must be an integer >= 1, got {v}")
+            int_at_least(f"{name}[{i}]", v, 1, "an integer")
     if isinstance(cfg.lr, bool) or not isinstance(cfg.lr, numbers.Real):
         raise TypeError(f"lr must be a finite number > 0, got {cfg.lr!r} ({type(cfg.lr).__name__})")
     if not (math.isfinite(cfg.lr) and cfg.lr > 0):

@@ -139,8 +139,8 @@ def synthetic(
     Returns the data and the table sizes (users, items, categories) including id 0. ``n`` an integer >= 0, the
     sizes and ``seq_len`` integers >= 1, ``strength`` a finite number: TypeError / ValueError naming one otherwise."""
     n = int_at_least("n", n, 0, "an integer")
-    n_users, n_items, n_cats, seq_len = (int_at_least(k, v, 1, "an integer") for k, v in (("n_users", n_users), ("n_items", n_items),
-                                                                     ("n_cats", n_cats), ("seq_len", seq_len)))
+    n_users, n_items, n_cats, seq_len = (int_at_least(k, v, 1, "an integer") for k, v in (
+        ("n_users", n_users), ("n_items", n_items), ("n_cats", n_cats), ("seq_len", seq_len)))
     if isinstance(strength, bool) or not isinstance(strength, numbers.Real):
         raise TypeError(f"strength must be a finite number, got {strength!r} ({type(strength).__name__})")
     if not math.isfinite(strength):

@@ -13,7 +13,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from .._checks import is_int
+from .._checks import int_at_least
 
 
 def routed_experts(x: Any, w: Any, ids: Any, mlp: Callable[[Any, Any], Any], *, num_experts: int,
@@ -32,12 +32,8 @@ def routed_experts(x: Any, w: Any, ids: Any, mlp: Callable[[Any, Any], Any], *, 
     on the host before anything is enqueued (TypeError / ValueError naming the argument)."""
     import torch
 
-    for name, v in (("num_experts", num_experts), ("align", align)):
-        if not is_int(v):
-            raise TypeError(f"{name} must be an integer >= 1, got {v!r} ({type(v).__name__})")
-        if v < 1:
-            raise ValueError(f"{name} must be an integer >= 1, got {v}")
-    align = int(align)
+    int_at_least("num_experts", num_experts, 1, "an integer")
+    align = int_at_least("align", align, 1, "an integer")
     T, k = ids.shape
     if quantize is not None:
         xq, xsc = quantize(x)
