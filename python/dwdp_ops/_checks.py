@@ -1,6 +1,6 @@
-"""The one "is an integer" test behind the package's argument checks.
+"""The "is an integer" and "is a real number" tests behind the package's argument checks.
 
-``is_int`` is the predicate: a caller with its own message, exception type or range check builds on it, so that an
+``is_int`` and ``is_real`` are the predicates: a caller with its own message, exception type or range check builds on it, so that an
 error still names the argument and what it expects; ``int_at_least`` is the common whole check ("``name`` must be an
 int >= lo"). Python and numpy integers pass (a count read from an array
 or a JSON file is as good as a literal); bools do not, though ``bool`` subclasses ``int``: ``True`` is almost
@@ -15,6 +15,12 @@ import numbers
 def is_int(value: object) -> bool:
     """True for an integer: Python or numpy (any ``numbers.Integral``), bools refused."""
     return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def is_real(value: object) -> bool:
+    """True for a real number, Python or numpy (any ``numbers.Real``: numpy floats and integers pass); bools refused,
+    as ``is_int`` does (``True`` where a ratio, a rate or a timeout is asked for is a mistake, not 1.0)."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 
 def int_at_least(name: str, value: object, lo: int, noun: str = "an int") -> int:

@@ -18,7 +18,6 @@ identifies the job to ``dwdp_ops.rendezvous``, which turns away ranks of another
 from __future__ import annotations
 
 import argparse
-import numbers
 import os
 import shlex
 import shutil
@@ -29,7 +28,7 @@ import sys
 import threading
 import time
 
-from ._checks import is_int
+from ._checks import is_int, is_real
 from ._cli import HelpFormatter, plain, positive_float, positive_int
 
 SAFE_ENV = {"NVSHMEM_DISABLE_NVLS": "1", "NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1"}
@@ -143,7 +142,7 @@ def run(
     if not is_int(nprocs) or nprocs < 1:
         raise ValueError(f"nprocs must be an integer >= 1, got {nprocs!r}")
     nprocs = int(nprocs)
-    if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, numbers.Real)):
+    if timeout is not None and not is_real(timeout):
         raise ValueError(f"timeout must be a number of seconds > 0 or None, got {timeout!r} ({type(timeout).__name__})")
     if timeout is not None and not timeout > 0:
         raise ValueError(f"timeout must be > 0 seconds or None, got {timeout!r}")

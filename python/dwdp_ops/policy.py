@@ -42,11 +42,10 @@ from __future__ import annotations
 
 import functools
 import math
-import numbers
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from ._checks import int_at_least
+from ._checks import int_at_least, is_real
 from .partition import ExpertPartition
 
 __all__ = ["MODES", "ModeChoice", "Rates", "choose_mode", "expected_distinct", "pair_shares"]
@@ -78,7 +77,7 @@ class Rates:
         included); ValueError unless finite and > 0 (the latency >= 0)."""
         for name in ("ce_gbps", "sm_gbps", "dispatch_gbps", "gemm_tflops", "fp8_gemm_tflops", "dispatch_latency_us"):
             v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, numbers.Real):
+            if not is_real(v):
                 raise TypeError(f"Rates.{name} must be a finite number, got {v!r} ({type(v).__name__})")
             if type(v) not in (int, float):
                 v = float(v)
@@ -188,7 +187,7 @@ def choose_mode(tokens_per_rank: Sequence[int], partition: ExpertPartition, layo
         raise ValueError(f"top_k must be in [1, {E}] (the layer's experts), got {k}")
     sizes = {}
     for name, v in (("param_bytes", param_bytes), ("token_bytes", token_bytes), ("partial_bytes", partial_bytes)):
-        if isinstance(v, bool) or not isinstance(v, numbers.Real):
+        if not is_real(v):
             raise TypeError(f"{name} must be a number > 0, got {v!r} ({type(v).__name__})")
         if not v > 0:
             raise ValueError(f"{name} must be a number > 0, got {v!r}")

@@ -33,7 +33,6 @@ from __future__ import annotations
 import base64
 import json
 import math
-import numbers
 import os
 import selectors
 import socket
@@ -43,7 +42,7 @@ import time
 from collections.abc import Sequence
 from datetime import timedelta
 
-from ._checks import is_int
+from ._checks import is_int, is_real
 from .env import under_torchrun
 from .errors import RendezvousError
 
@@ -250,7 +249,7 @@ class Rendezvous:
         rank, world_size = int(rank), int(world_size)
         if world_size < 1 or not 0 <= rank < world_size:
             raise ValueError(f"rendezvous: rank {rank} is outside [0, {world_size})")
-        if isinstance(timeout, bool) or not isinstance(timeout, numbers.Real):
+        if not is_real(timeout):
             raise TypeError(f"rendezvous: timeout must be a number of seconds, got {timeout!r} "
                             f"({type(timeout).__name__})")
         if not (math.isfinite(timeout) and timeout > 0):  # NaN would make every deadline NaN: a wait with no end

@@ -29,14 +29,13 @@ as shipped with PyTorch (we write none); the default is what measured fastest on
 from __future__ import annotations
 
 import math
-import numbers
 import os
 import warnings
 from collections.abc import Sequence
 
 import numpy as np
 
-from .._checks import is_int
+from .._checks import is_int, is_real
 
 BACKENDS = ("cudnn_varlen", "flash_varlen", "dense", "flex", "loop")
 # for requests of different lengths; measured on H200 with torch 2.11 (docs/benchmarks.md, "Prefill attention"):
@@ -187,7 +186,7 @@ def prefill_attention(q, k, v, lengths: Sequence[int], scale: float, backend: st
         raise ValueError(f"expected q, k [T, H, Dqk] and v [T, H, Dv] with equal T and H, got {tuple(q.shape)}, "
                          f"{tuple(k.shape)}, {tuple(v.shape)}")
     lengths = check_lengths(lengths, q.shape[0])
-    if isinstance(scale, bool) or not isinstance(scale, numbers.Real):
+    if not is_real(scale):
         raise TypeError(f"scale must be a finite number > 0 (the softmax scale), got {scale!r} ({type(scale).__name__})")
     scale = float(scale)
     if not (math.isfinite(scale) and scale > 0):

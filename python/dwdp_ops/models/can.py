@@ -15,12 +15,11 @@ loss is the usual mean BCE (theirs is half of it).
 from __future__ import annotations
 
 import math
-import numbers
 from dataclasses import dataclass, field
 
 import numpy as np
 
-from .._checks import int_at_least
+from .._checks import int_at_least, is_real
 from ..coaction.reference import CoActionSpec, coaction_backward, coaction_forward
 from .can_data import Batchable, auc
 
@@ -46,7 +45,7 @@ def _check_config(cfg: CanConfig) -> None:
     for name, values in (("tables", cfg.tables), ("hidden", cfg.hidden)):
         for i, v in enumerate(values):
             int_at_least(f"{name}[{i}]", v, 1, "an integer")
-    if isinstance(cfg.lr, bool) or not isinstance(cfg.lr, numbers.Real):
+    if not is_real(cfg.lr):
         raise TypeError(f"lr must be a finite number > 0, got {cfg.lr!r} ({type(cfg.lr).__name__})")
     if not (math.isfinite(cfg.lr) and cfg.lr > 0):
         raise ValueError(f"lr must be a finite number > 0, got {cfg.lr!r}")

@@ -12,14 +12,13 @@ Every loader returns a ``Batchable`` of numpy arrays: ``uid [N]``, ``mid [N]``, 
 from __future__ import annotations
 
 import math
-import numbers
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from .._checks import int_at_least, is_int
+from .._checks import int_at_least, is_int, is_real
 
 SEP = "\x02"
 
@@ -141,7 +140,7 @@ def synthetic(
     n = int_at_least("n", n, 0, "an integer")
     n_users, n_items, n_cats, seq_len = (int_at_least(k, v, 1, "an integer") for k, v in (
         ("n_users", n_users), ("n_items", n_items), ("n_cats", n_cats), ("seq_len", seq_len)))
-    if isinstance(strength, bool) or not isinstance(strength, numbers.Real):
+    if not is_real(strength):
         raise TypeError(f"strength must be a finite number, got {strength!r} ({type(strength).__name__})")
     if not math.isfinite(strength):
         raise ValueError(f"strength must be a finite number, got {strength!r}")
@@ -167,7 +166,7 @@ def synthetic(
 def split(data: Batchable, test_fraction: float = 0.2, seed: int = 0) -> tuple[Batchable, Batchable]:
     """``(train, test)``: ``data`` shuffled by ``seed``, the last ``test_fraction`` of it (a real number in (0, 1))
     the test set."""
-    if isinstance(test_fraction, bool) or not isinstance(test_fraction, numbers.Real):
+    if not is_real(test_fraction):
         raise TypeError(f"test_fraction must be a number in (0, 1), got {test_fraction!r} "
                         f"({type(test_fraction).__name__})")
     if not 0 < test_fraction < 1:

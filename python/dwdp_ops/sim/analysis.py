@@ -27,12 +27,11 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable, Sequence
 
-from .._checks import is_int
+from .._checks import is_int, is_real
 from ..models.deepseek_r1.config import DeepSeekConfig
 from .costs import CATEGORIES, Overrides, load_calibration
 from .model import SimConfig, simulate
 from .paper import PAPER
-from .workload import is_real
 
 __all__ = ["DTYPE_PARAM_BYTES", "E2E_CATEGORIES", "calibration_param_bytes", "e2e_categories", "is_paper_setting",
            "paper_comparison", "sweep", "validate", "validate_e2e", "validation_table"]

@@ -49,8 +49,8 @@ from pathlib import Path
 
 import numpy as np
 
+from .._checks import is_real
 from ..models.deepseek_r1.config import DeepSeekConfig
-from .workload import is_real
 
 __all__ = ["CATEGORIES", "COMPUTE", "PROFILES", "SCHEMA", "CostModel", "Overrides", "R1Ops", "load_calibration",
            "validate_calibration"]

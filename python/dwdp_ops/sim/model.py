@@ -63,12 +63,12 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
-from .._checks import is_int
+from .._checks import is_int, is_real
 from ..models.deepseek_r1.config import DeepSeekConfig
 from ..partition import ExpertPartition
 from ..policy import _p_row
 from .costs import CATEGORIES, COMPUTE, CostModel, Overrides, load_calibration
-from .workload import Iteration, is_real, workload
+from .workload import Iteration, workload
 
 __all__ = ["MAX_ISL", "MAX_REQUESTS_PER_ITERATION", "MAX_TOKENS", "RankStep", "SimConfig", "dep_iteration",
            "dwdp_timeline", "partition_for", "simulate"]

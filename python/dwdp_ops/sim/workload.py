@@ -25,13 +25,12 @@ from __future__ import annotations
 
 import itertools
 import math
-import numbers
 from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
 
-from .._checks import is_int
+from .._checks import is_int, is_real
 
 __all__ = ["DRAW_BLOCK_MAX", "Chunk", "Iteration", "batch_requests", "draw_block", "drawn_lengths", "iter_batches",
            "rank_iterations", "request_lengths", "workload"]
@@ -60,12 +59,6 @@ class Iteration:
     def finished(self) -> int:
         """Requests whose last piece is in this iteration (LM-head rows)."""
         return sum(1 for c in self.chunks if c.last)
-
-
-def is_real(value: object) -> bool:
-    """True for a real number, Python or numpy (any ``numbers.Real``: numpy floats and integers pass); bools refused,
-    as ``_checks.is_int`` does (``True`` where a ratio or a rate is asked for is a mistake, not 1.0)."""
-    return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 
 def _check_source(isl: int, ratio: float | None, cv: float | None) -> None:

@@ -4,10 +4,9 @@ structure for CPU tests."""
 from __future__ import annotations
 
 import math
-import numbers
 from dataclasses import dataclass, fields, replace
 
-from ..._checks import is_int
+from ..._checks import is_int, is_real
 
 # Integer fields that must be >= 1 (n_shared_experts may be 0; n_dense_layers is in [0, n_layers]).
 _POSITIVE = ("vocab_size", "dim", "inter_dim", "moe_inter_dim", "n_layers", "n_heads", "n_routed_experts",
@@ -58,7 +57,7 @@ class DeepSeekConfig:
                 raise TypeError(f"DeepSeekConfig.{name} must be an int, got {v!r} ({type(v).__name__})")
         for name in sorted(f.name for f in fields(self) if f.type in ("float", float)):
             v = getattr(self, name)
-            if not isinstance(v, numbers.Real) or isinstance(v, bool):  # (numpy's bool is no numbers.Real)
+            if not is_real(v):
                 raise TypeError(f"DeepSeekConfig.{name} must be a real number, got {v!r} ({type(v).__name__})")
             if not math.isfinite(v):
                 raise ValueError(f"DeepSeekConfig.{name} must be finite, got {v}")
