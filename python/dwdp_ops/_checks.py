@@ -1,8 +1,8 @@
 """The "is an integer" and "is a real number" tests behind the package's argument checks.
 
-``is_int`` and ``is_real`` are the predicates: a caller with its own message, exception type or range check builds on it, so that an
-error still names the argument and what it expects; ``int_at_least`` is the common whole check ("``name`` must be an
-int >= lo"). Python and numpy integers pass (a count read from an array
+``is_int`` and ``is_real`` are the predicates: a caller with its own message, exception type or range check builds
+on them, so that an error still names the argument and what it expects; ``int_at_least`` is the common whole check
+("``name`` must be an int >= lo"). Python and numpy integers pass (a count read from an array
 or a JSON file is as good as a literal); bools do not, though ``bool`` subclasses ``int``: ``True`` is almost
 always a mistake where a count or an index is asked for.
 """

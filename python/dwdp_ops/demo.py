@@ -210,8 +210,8 @@ def check_args(ap: argparse.ArgumentParser, ns: argparse.Namespace) -> None:
 def check_path_args(ap: argparse.ArgumentParser, ns: argparse.Namespace, on_gpus: bool, gpus: int = 0) -> None:
     """Fills the path's defaults of ``--ranks`` (every one of the ``gpus`` usable GPUs, or ``CPU_RANKS``),
     ``--prompts`` and ``--steps``, checks ``--ranks`` against the GPUs on the GPU path and ``--steps`` against the
-    path's longest sequence (``cpu_max_steps()`` on CPU, ``demo_gpu.max_steps(--max-len)`` on GPUs); too many exit with code 2 and
-    one ``error:`` line naming the limit, before any work."""
+    path's longest sequence (``cpu_max_steps()`` on CPU, ``demo_gpu.max_steps(--max-len)`` on GPUs); a bad value
+    exits with code 2 and one ``error:`` line naming the limit, before any work."""
     from .demo_gpu import check_steps
 
     if on_gpus and ns.ranks is not None and not 2 <= ns.ranks <= gpus:

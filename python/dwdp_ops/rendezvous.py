@@ -457,7 +457,8 @@ class Rendezvous:
                 f"{world} (client at {conn.addr}); every rank must be started with the same WORLD_SIZE"
             )
         if not 1 <= rank < self.world_size:
-            return "abort", f"rendezvous: a client at {conn.addr} says it is rank {rank}, outside [1, {self.world_size})"
+            return "abort", (f"rendezvous: a client at {conn.addr} says it is rank {rank}, outside "
+                             f"[1, {self.world_size})")
         if rank in self._peers:
             return "abort", (
                 f"rendezvous: rank {rank} arrived twice (from {self._peers[rank].addr} and {conn.addr}); check the "

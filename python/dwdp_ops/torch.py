@@ -77,7 +77,7 @@ def handle(obj: Any) -> int:
 
 
 def release_handle(h: int) -> None:
-    """Forgets a handle (the ops raise for it afterwards), and a dispatch of it not yet combined (its buffers' views)."""
+    """Forgets a handle (the ops raise for it afterwards), and its dispatch not yet combined (its buffers' views)."""
     with _LOCK:
         _REGISTRY.pop(int(h), None)
         _PENDING.pop(int(h), None)

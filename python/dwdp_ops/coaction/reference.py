@@ -136,7 +136,8 @@ class CoActionSpec:
             if a.dtype.kind != "f":
                 raise TypeError(f"{name} must hold floating-point values, got {a.dtype}")
         if mask.dtype.kind not in "biuf":  # (a string mask had compared '0' != 0 and counted every position)
-            raise TypeError(f"mask must be numbers or booleans (nonzero where a behaviour is present), got {mask.dtype}")
+            raise TypeError(f"mask must be numbers or booleans (nonzero where a behaviour is present), got "
+                            f"{mask.dtype}")
 
 
 def _forward_order(spec: CoActionSpec, induction, feed, mask, c):
@@ -267,7 +268,8 @@ def coaction_backward(
     if ind_ids is not None or feed_ids is not None:
         rows_i, ids_i = (_gather(xp, induction, ind_ids, "ind_ids", "[rows, D']", mask) if ind_ids is not None
                          else (induction, None))
-        rows_f, ids_f = _gather(xp, feed, feed_ids, "feed_ids", "[rows, D]", mask) if feed_ids is not None else (feed, None)
+        rows_f, ids_f = (_gather(xp, feed, feed_ids, "feed_ids", "[rows, D]", mask) if feed_ids is not None
+                         else (feed, None))
         g_i, g_f = coaction_backward(rows_i, rows_f, mask, grad_out, spec)
         if ids_i is not None:
             t = xp.zeros(induction.shape, dtype=g_i.dtype)

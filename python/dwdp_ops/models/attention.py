@@ -187,7 +187,8 @@ def prefill_attention(q, k, v, lengths: Sequence[int], scale: float, backend: st
                          f"{tuple(k.shape)}, {tuple(v.shape)}")
     lengths = check_lengths(lengths, q.shape[0])
     if not is_real(scale):
-        raise TypeError(f"scale must be a finite number > 0 (the softmax scale), got {scale!r} ({type(scale).__name__})")
+        raise TypeError(f"scale must be a finite number > 0 (the softmax scale), got {scale!r} "
+                        f"({type(scale).__name__})")
     scale = float(scale)
     if not (math.isfinite(scale) and scale > 0):
         raise ValueError(f"scale must be a finite number > 0 (the softmax scale), got {scale!r}")

@@ -4,8 +4,8 @@ Both modes serve the same per-rank queues (``workload``: same seed, same batches
 dense layers, shared expert and router (attention data parallelism), and each MoE layer's routed experts are
 partitioned over the N ranks: for DWDP's fetch an ``ExpertPartition`` (disjoint where N divides 256, else the
 largest stride with neighbours overlapping, as the paper's N=3/5/7 examples), for DEP each expert on one rank
-(``dep_expert_counts``: E / N each, else the floor or the ceiling of it). Layers: ``dense_layers`` dense ones first (R1: 3), then
-MoE ones (R1: 58). Per-operation times come from ``costs.CostModel``.
+(``dep_expert_counts``: E / N each, else the floor or the ceiling of it). Layers: ``dense_layers`` dense ones first
+(R1: 3), then MoE ones (R1: 58). Per-operation times come from ``costs.CostModel``.
 
 One rank's work in one iteration of T tokens (chunks of lengths S_c after prefixes P_c), per layer:
   attention block = MLA projections (dense GEMMs) + elementwise others (T c_att) + core attention (sum over chunks)

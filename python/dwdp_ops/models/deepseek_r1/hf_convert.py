@@ -180,7 +180,8 @@ def hf_model(cfg: DeepSeekConfig, W: dict[str, np.ndarray], dtype: Any = None, d
 
 def from_hf_state_dict(cfg: DeepSeekConfig, sd: dict, *, strict: bool = False) -> dict[str, np.ndarray]:
     """The inverse of ``hf_state_dict``: a ``DeepseekV3ForCausalLM`` state dict (tensors of bfloat16, float16, float32
-    or float64; fp8 and integer tensors raise ValueError) as our weight dict. Every tensor but the routed experts maps back exactly (as float32); the routed experts are encoded
+    or float64; fp8 and integer tensors raise ValueError) as our weight dict. Every tensor but the routed experts maps
+    back exactly (as float32); the routed experts are encoded
     as fp8 e4m3 with ``cfg.block`` x ``cfg.block`` scales (``dwdp_ops.quant.quant_block``), which is lossy (e4m3 has
     3 mantissa bits; the scales are each block's amax / 448, not the original ones), so a round trip of
     ``hf_state_dict`` returns the experts to fp8 rounding only. Keys of ``sd`` that ``hf_state_dict`` would not

@@ -91,8 +91,9 @@ def load_safetensors(paths: list[str] | str | os.PathLike) -> dict[str, np.ndarr
     """Tensors of one or more ``.safetensors`` shards (a list of paths, or one path) as numpy arrays: float8 e4m3
     tensors (F8_E4M3, the checkpoints' weights) as their uint8 codes (bit-exact, for ``dequant_fp8``), float8 e5m2 and
     bf16 tensors widened to float32 (exact; e5m2 codes read as uint8 would have been taken for e4m3 codes by
-    ``dequant_fp8``, wrong values without a word), every other dtype as stored. numpy cannot represent fp8 or bf16, so those tensors are read through PyTorch (the ``model`` extra);
-    shards without them need only ``safetensors``. A name in two shards raises ValueError."""
+    ``dequant_fp8``, wrong values without a word), every other dtype as stored. numpy cannot represent fp8 or bf16,
+    so those tensors are read through PyTorch (the ``model`` extra); shards without them need only ``safetensors``. A
+    name in two shards raises ValueError."""
     from safetensors import safe_open
 
     if isinstance(paths, (str, os.PathLike)):  # one shard (a str would be iterated character by character)
