@@ -63,8 +63,8 @@ def main() -> int:
             cases["torch.bmm(x, w.transpose(1,2), out=)"] = bmm
         with s:  # the paths against each other, interleaved (one of each per repeat, the order drawn per repeat)
             times = time_interleaved(cases, s, 5, 2)
-        for name, ts_ in times.items():
-            t = median(ts_)
+        for name, samples in times.items():
+            t = median(samples)
             rows.append({"path": name, "m": m, "ms": t, "tflops": flops / t / 1e9})
         x = out = None  # noqa: F841 - release before the next size
     for r in rows:
