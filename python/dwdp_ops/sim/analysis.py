@@ -9,7 +9,8 @@ comparison with the paper's GB200 context-only result.
               ``iterations``, ``warmup``, ``hardware``); reports the relative error (predicted / measured - 1) of
               both figures per point and whether it is within ``tolerance``. The measured iteration is the
               benchmark's: the slowest rank's step, averaged over iterations (``slowest_rank_iteration_ms``; for
-              DEP, in lockstep, the same as ``iteration_ms``).
+              DEP, in lockstep, the same as ``iteration_ms``). DEP is simulated with no redundant expert slots
+              (``redundant_experts=0``): the benchmark's DEP places every expert once.
 ``e2e_categories``  a prediction regrouped as ``bench/e2e_dwdp_vs_dep.py`` groups its CUDA-event spans: ``attn`` (the
               whole MLA block: core + MLA projections + the block's elementwise work), ``experts`` (expert GEMMs),
               ``other`` (dense MLPs, shared expert + router, MoE-layer others, LM head), ``comm``, ``sync_wait``,
@@ -54,15 +55,17 @@ def _row(res: dict, setting: dict) -> dict:
 def sweep(hardware: str = "h200", gpus: int = 2, *, isl: int = 8192, cvs: Sequence[float] = (0.0, 0.1, 0.2, 0.3),
           budgets: Sequence[int] = (16384, 32768), ratio: float | None = 0.8, layers: int = 61,
           dense_layers: int | None = None, seed: int = 0, iterations: int = 32,
-          overrides: Overrides | None = None) -> list[dict]:
+          overrides: Overrides | None = None, redundant_experts: int | None = None) -> list[dict]:
     """One row per (budget, CV), and per budget the ``ratio`` setting (None: none). Rows: ``cv`` or ``input_ratio``,
     ``max_tokens``, ``dwdp`` / ``dep`` (TPS/GPU, iteration ms, DEP's sync and communication shares, DWDP's exposed
-    fetch share), ``ratio`` (DWDP / DEP TPS/GPU) and ``iteration_latency_change``."""
+    fetch share), ``ratio`` (DWDP / DEP TPS/GPU) and ``iteration_latency_change``. ``redundant_experts``: DEP's
+    (``SimConfig``; None: its default)."""
     rows = []
     ov = overrides or Overrides()
     for budget in budgets:
         base = dict(hardware=hardware, gpus=gpus, isl=isl, max_tokens=budget, layers=layers,
-                    dense_layers=dense_layers, seed=seed, iterations=iterations, overrides=ov)
+                    dense_layers=dense_layers, seed=seed, iterations=iterations, overrides=ov,
+                    redundant_experts=redundant_experts)
         if ratio is not None:
             rows.append(_row(simulate(SimConfig(ratio=ratio, **base)), {"input_ratio": ratio, "max_tokens": budget}))
         for cv in cvs:
@@ -98,10 +101,10 @@ def _point_config(p, defaults: dict, where: str) -> SimConfig:
     ol = p.get("owner_load")
     if ol is not None and (not isinstance(ol, list) or not all(_finite(x) for x in ol)):
         raise ValueError(f"{where}: owner_load must be a list of numbers (one per GPU), got {ol!r}")
-    try:
+    try:  # redundant_experts=0: the benchmark's DEP (bench/e2e_dwdp_vs_dep.py) places every expert once
         return SimConfig(gpus=p.get("N", p.get("gpus")), cv=p.get("cv"), ratio=p.get("ratio"),
                          max_tokens=p["max_tokens"], owner_load=None if ol is None else tuple(float(x) for x in ol),
-                         **kw)
+                         redundant_experts=0, **kw)
     except (ValueError, TypeError) as e:
         raise ValueError(f"{where}: {e}") from None
 

@@ -98,6 +98,12 @@ def build_parser(prog: str = "python -m dwdp_ops sim") -> argparse.ArgumentParse
     ap.add_argument("--owner-load", type=_owner_load, default=None, metavar="L0,L1,...",
                     help="relative routed pairs per DEP owner rank (one per GPU, e.g. 0.55,1.45 for a router that "
                          "loads the second rank's experts 2.6x the first's); default: uniform routing")
+    ap.add_argument("--redundant-experts", type=nonnegative_int, default=None, metavar="R",
+                    help="DEP's redundant expert slots (EPLB: replicas of the hottest ranks' experts even out the "
+                         "pairs per rank), an integer in [0, (--gpus - 1) x 256]; values that make sense: "
+                         "ceil(256 / N) x N - 256 + j x N (every rank the same slots: 0, N, 2N, ... where N divides "
+                         "256; 32, 104, ... at N = 72); 0: every expert on one rank (default: the smallest R that "
+                         "gives every rank the same slots, 32 at N = 72)")
     ap.add_argument("--sweep", action="store_true",
                     help="also sweep CV 0/10/20/30 %% and budgets 16K/32K (plus a row at --ratio's setting, 0.8 by "
                          "default, when --cv is not given)")
@@ -148,6 +154,13 @@ def check_args(ap: argparse.ArgumentParser, ns: argparse.Namespace, given: set[s
         if unused:
             ap.error(f"argument --validate: not with {', '.join(unused)} (the FILE's points give the workload of "
                      "every prediction; --validate prints the validation table only)")
+    top = (ns.gpus - 1) * 256
+    if ns.redundant_experts is not None and ns.redundant_experts > top:
+        ap.error(f"argument --redundant-experts: expected an integer in [0, (--gpus - 1) x 256 = {top}] (at the top "
+                 f"every rank holds every expert), got {ns.redundant_experts}")
+    if ns.validate and "redundant_experts" in given:
+        ap.error("argument --redundant-experts: not with --validate (the benchmark's DEP places every expert once: "
+                 "the validation simulates R = 0)")
     if ns.owner_load is not None and len(ns.owner_load) != ns.gpus:
         ap.error(f"argument --owner-load: expected {ns.gpus} values (one per GPU), got {len(ns.owner_load)}")
     if ns.owner_load is not None and (ns.sweep or ns.plot or ns.validate):
@@ -183,6 +196,7 @@ def check_args(ap: argparse.ArgumentParser, ns: argparse.Namespace, given: set[s
 
 def _text(res: dict, rows: list[dict] | None) -> str:
     c, w, m = res["config"], res["workload"], res["model"]
+    eplb = m["dep_eplb"]
     src = (f"uniform in [{math.ceil(c['ratio'] * c['isl'] - 1e-9)}, {c['isl']}]" if c.get("ratio") is not None
            else f"gamma, mean {c['isl']}, CV {c['cv']:g}")
     lines = [
@@ -195,6 +209,10 @@ def _text(res: dict, rows: list[dict] | None) -> str:
         f"per rank, DWDP fetches {m['partition']['remote_experts']} per MoE layer in "
         f"{m['fetch_ms_per_moe_layer']:.2f} ms; DEP moves {m['dep_rows_per_rank_per_layer']:.0f} rows per rank "
         "and layer",
+        f"DEP: {m['partition']['dep_experts_per_rank'][0]}-{m['partition']['dep_experts_per_rank'][1]} experts per "
+        f"rank + {eplb['redundant_experts']} redundant slots ({eplb['slots_per_rank'][0]}-{eplb['slots_per_rank'][1]} "
+        f"a rank, {eplb['replicas_used']} replicas carrying pairs); fullest rank {eplb['pairs_max_over_mean']:.3f} x "
+        f"the mean pairs ({eplb['owner_pairs_max_over_mean']:.3f} without replicas)",
         "",
         f"{'ms per iteration':18s} {'DWDP':>11s} {'DEP':>11s} {'(DEP-DWDP)/DEP':>15s}",
     ]
@@ -250,7 +268,7 @@ def main(argv: list[str] | None = None, prog: str = "python -m dwdp_ops sim") ->
         return 0
     cfg = SimConfig(hardware=hardware, gpus=ns.gpus, isl=ns.isl, ratio=ns.ratio, cv=ns.cv, max_tokens=ns.max_tokens,
                     layers=ns.layers, dense_layers=ns.dense_layers, seed=ns.seed, iterations=ns.iterations,
-                    overrides=ov, owner_load=ns.owner_load)
+                    overrides=ov, owner_load=ns.owner_load, redundant_experts=ns.redundant_experts)
     res = simulate(cfg)
     if is_paper_setting(res["config"]) and res["config"]["calibration"] == "gb200" and ns.owner_load is None:
         res["paper"] = paper_comparison(res)
@@ -258,7 +276,8 @@ def main(argv: list[str] | None = None, prog: str = "python -m dwdp_ops sim") ->
     if ns.sweep or ns.plot:
         rows = sweep(hardware, ns.gpus, isl=ns.isl, ratio=cfg.ratio, layers=ns.layers,
                      dense_layers=ns.dense_layers, seed=ns.seed, iterations=ns.iterations, overrides=ov,
-                     budgets=(16384, 32768) if ns.sweep else (ns.max_tokens,))
+                     budgets=(16384, 32768) if ns.sweep else (ns.max_tokens,),
+                     redundant_experts=ns.redundant_experts)
         if ns.sweep:
             res["sweep"] = rows
     if ns.plot:

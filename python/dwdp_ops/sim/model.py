@@ -47,17 +47,50 @@ time, hidden or not, outside the sum.
 
 Routing imbalance (``SimConfig.owner_load``): relative token-expert pairs per DEP owner rank (mean 1; None = the
 uniform routing above). Owner r's expert GEMMs carry ``owner_load[r]`` times its uniform share of pairs, and a token
-sends it a row with the probability of at least one of those pairs (capped at top-k); DWDP's expert GEMMs are not changed (every rank computes its own tokens on
-all E experts: skew only reshapes its groups, a second-order effect not modelled). ``bench/e2e_dwdp_vs_dep.py``
-records the measured per-owner pairs with every point, so a validation simulates the router the run had.
+sends it a row with the probability of at least one of those pairs (capped at top-k); DWDP's expert GEMMs are not
+changed (every rank computes its own tokens on all E experts: skew only reshapes its groups, a second-order effect not
+modelled). ``bench/e2e_dwdp_vs_dep.py`` records the measured per-owner pairs with every point, so a validation
+simulates the router the run had.
 
-Not modelled: hot experts inside an owner's slice, expert parallel load balancing, overlap of communication with compute in DEP (no two-batch overlap), many-to-one copy-engine
-contention and the 2 MiB-slice mitigation, CUDA-graph/launch overheads, KV-cache transfer, memory capacity (the
-full 61-layer R1 in bf16 does not fit on 2 H200s; the simulator only times it), decode.
+Redundant expert slots (EPLB, ``SimConfig.redundant_experts`` = R; ``dep_eplb``): DEP's E experts keep their home
+ranks (n_r: ``dep_expert_counts``; the owner loads are measured on that placement, and which of an owner's experts are
+hot is not known, so an owner's experts carry equal pairs), and R redundant slots hold replicas of them. In units of
+k / E pairs per token of the group, every home expert of rank r carries u_r = f_r (f: ``owner_factors``, mean 1),
+rank r P_r = n_r u_r, the mean is P = sum_r P_r / N.
+  slots     c_r = n_r + x_r: the R redundant slots go one at a time to the rank with the fewest slots (ties: the
+            smaller P_r, then the lower rank), so every rank holds ceil(E / N) at R = ceil(E / N) N - E, and
+            (E + R) / N wherever N divides E + R
+  level     M = min {M >= P : sum_r ceil((P_r - M)+ / u_r) <= sum_{d : P_d <= M} x_d and X <= S}, with the excess
+            X = sum_r (P_r - M)+ and the room S = sum_{d : x_d > 0} (M - P_d)+ (M = max P_r always qualifies)
+  pairs     L_r = M where P_r > M; P_r + (M - P_r) X / S where P_r < M and x_r > 0; else P_r
+A rank above the level moves its excess off in replicas of its own experts, each carrying at most one expert's pairs
+(u_r: a token's pair goes to one instance of its expert, the pairs split over the instances in any proportion, the best
+any replica choice can do); a replica sits in a redundant slot of a rank at or below M, and the ranks with a slot take
+the moved pairs in proportion to their room (fluid: an exact split over whole replicas can need up to one more replica
+a receiving rank, and a rank's intake is not checked against its slots times one expert's pairs). Invariants:
+sum_r L_r = sum_r P_r; min(P_r, M) <= L_r <= M; at most R replicas carry pairs (``replicas_used``, U); a redundant
+slot on a rank above M carries none (it would add to an overloaded rank), so an excess larger than the replicas below
+M can carry stays (M > P). With no replica used (R = 0, or too few slots below M to lower the fullest rank:
+M = max P_r) L_r = P_r and every DEP formula is the R = 0 one, bit for bit. Rank r's expert GEMMs run over
+L_r k / E pairs per token of the group (W_r above times L_r / n_r, = f_r at R = 0) on n_r + h_r experts,
+h_r = min(x_r, ceil(U (M - P_r) / S)) the replicas it holds where it takes pairs (else 0), and a token sends it a row
+with the probability of at least one of L_r k / E pairs (``_p_row`` as above: dispatch and combine follow the
+balanced pairs).
+With equal loads whole experts limit what replicas can do: at N = 72 each of the 40 ranks of 4 home experts
+(P_r = 4, P = 256 / 72 = 3.56) needs a replica, so the even layout's R = 32 (one slot on each 3-expert rank) lowers
+none of them (any placement of whole experts leaves at least 8 ranks with 4 unreplicated experts); R = 40 (4 or 5
+slots a rank) or 104 (5 each) evens them out.
+
+Not modelled: hot experts inside an owner's slice (and so EPLB moving hot experts between ranks), overlap of
+communication with compute in DEP (no two-batch overlap), many-to-one copy-engine contention and the 2 MiB-slice
+mitigation, CUDA-graph/launch overheads, KV-cache transfer, memory capacity (the full 61-layer R1 in bf16 does not fit
+on 2 H200s, and redundant slots beyond ceil(E / N) a rank take memory not counted: the simulator only times it),
+decode.
 """
 
 from __future__ import annotations
 
+import heapq
 import math
 from dataclasses import asdict, dataclass, field
 
@@ -70,8 +103,8 @@ from ..policy import _p_row
 from .costs import CATEGORIES, COMPUTE, CostModel, Overrides, load_calibration
 from .workload import Iteration, workload
 
-__all__ = ["MAX_ISL", "MAX_REQUESTS_PER_ITERATION", "MAX_TOKENS", "RankStep", "SimConfig", "dep_iteration",
-           "dwdp_timeline", "partition_for", "simulate"]
+__all__ = ["MAX_ISL", "MAX_REQUESTS_PER_ITERATION", "MAX_TOKENS", "RankStep", "SimConfig", "dep_eplb",
+           "dep_expert_counts", "dep_iteration", "dwdp_timeline", "partition_for", "simulate"]
 
 # Upper bounds of a setting. The simulator builds every request of every iteration it simulates, so its time and
 # memory grow with iterations x ranks x requests per iteration (about max_tokens / isl: both distributions have mean
@@ -85,7 +118,13 @@ MAX_REQUESTS_PER_ITERATION = 1024  # max_tokens <= this x isl: 16x the paper's l
 class SimConfig:
     """One simulated setting. ``hardware``: a shipped profile (``h200``, ``gb200``) or a calibration file; exactly one
     of ``ratio`` and ``cv`` (``ratio`` 0.8 if neither is given); ``dense_layers``: None = min(3, layers).
-    ``isl`` <= ``MAX_ISL``, ``max_tokens`` <= ``MAX_TOKENS`` and <= ``MAX_REQUESTS_PER_ITERATION`` x ``isl``."""
+    ``isl`` <= ``MAX_ISL``, ``max_tokens`` <= ``MAX_TOKENS`` and <= ``MAX_REQUESTS_PER_ITERATION`` x ``isl``.
+    ``owner_load``: relative routed pairs per DEP owner rank (``gpus`` numbers > 0; None: uniform routing).
+    ``redundant_experts``: DEP's redundant expert slots R (EPLB, module docstring), an integer in
+    [0, (gpus - 1) x 256] (at the top every rank holds every expert); None (the default): the smallest R that gives
+    every rank the same number of slots, ceil(256 / gpus) x gpus - 256 (``dep_redundant_experts``: 0 where gpus
+    divides 256, 32 at 72), no more expert memory on any rank than R = 0 puts on the fullest; R = 0 places each
+    expert once."""
 
     hardware: str = "h200"
     gpus: int = 2
@@ -100,6 +139,7 @@ class SimConfig:
     warmup: int = 0
     overrides: Overrides = field(default_factory=Overrides)
     owner_load: tuple[float, ...] | None = None
+    redundant_experts: int | None = None
 
     def __post_init__(self) -> None:
         if self.ratio is None and self.cv is None:
@@ -144,6 +184,20 @@ class SimConfig:
                 raise ValueError(f"owner_load must be a tuple of {self.gpus} finite numbers > 0 (one per GPU), "
                                  f"got {ol!r}")
             object.__setattr__(self, "owner_load", tuple(float(x) for x in ol))
+        R, top = self.redundant_experts, (self.gpus - 1) * self.model_config().n_routed_experts
+        if R is not None:
+            if not is_int(R) or not 0 <= R <= top:
+                raise ValueError(f"redundant_experts must be None or an integer in [0, (gpus - 1) x 256 = {top}] "
+                                 f"(DEP's redundant expert slots; at the top every rank holds every expert), got {R!r}")
+            object.__setattr__(self, "redundant_experts", int(R))
+
+    def dep_redundant_experts(self) -> int:
+        """R of DEP's EPLB: ``redundant_experts``, or where None the smallest R that gives every rank the same number
+        of expert slots, ceil(E / N) N - E."""
+        if self.redundant_experts is not None:
+            return self.redundant_experts
+        E = self.model_config().n_routed_experts
+        return -(-E // self.gpus) * self.gpus - E
 
     def owner_factors(self) -> list[float]:
         """``owner_load`` scaled to mean 1 (all 1.0 without it)."""
@@ -167,6 +221,59 @@ def dep_expert_counts(num_experts: int, ranks: int) -> list[int]:
     overlapping placement, which serves DWDP's fetch: with it DEP's ranks held 43 of 256 experts at N = 72 and the
     lowest owners took most pairs, a baseline no DEP deployment would run."""
     return [(r + 1) * num_experts // ranks - r * num_experts // ranks for r in range(ranks)]
+
+
+def dep_eplb(home: list[int], load: list[float], redundant: int) -> dict:
+    """DEP's redundant expert slots (EPLB, module docstring). ``home``: n_r, each rank's home experts
+    (``dep_expert_counts``); ``load``: f_r, each owner's load factor (``SimConfig.owner_factors``); ``redundant``: R.
+    Returns ``slots`` (c_r = n_r + x_r), ``gemm_experts`` (the experts rank r's GEMMs run over: n_r + h_r, h_r the
+    replicas it holds), ``factor`` (g_r = L_r / n_r: rank r's pairs against its uniform home share; ``load``
+    itself, the same floats, where no replica is used), ``replicas_used`` and ``level`` (M, in units of k / E pairs
+    per token)."""
+    N = len(home)
+    heap = [(n, n * f, r) for r, (n, f) in enumerate(zip(home, load))]  # fewest slots, then least pairs, then rank
+    heapq.heapify(heap)
+    extra = [0] * N
+    for _ in range(redundant):
+        c, p, r = heapq.heappop(heap)
+        extra[r] += 1
+        heapq.heappush(heap, (c + 1, p, r))
+    slots = [n + x for n, x in zip(home, extra)]
+    P = [n * f for n, f in zip(home, load)]
+    mean, top = sum(P) / N, max(P)
+
+    def need(M: float) -> int:  # replicas that bring every rank down to M (1e-9: M = P_r - j u_r counts j)
+        return sum(math.ceil((p - M) / f - 1e-9) for p, f in zip(P, load) if p > M)
+
+    def have(M: float) -> int:  # redundant slots on the ranks at or below M
+        return sum(x for p, x in zip(P, extra) if p <= M)
+
+    # the smallest M with need <= have and the room of the ranks with a slot >= the excess; need, have and the sets
+    # of ranks above / at or below M are constant between consecutive candidates, the room and excess linear there
+    cands = sorted({mean, top} | {p for p in P if p > mean} | {p - j * f for p, f, n in zip(P, load, home)
+                                                               for j in range(1, n + 1) if p - j * f > mean})
+    level = top
+    for lo, hi in zip(cands, cands[1:]):
+        if need(lo) > have(lo):
+            continue
+        over = [p for p in P if p > lo]
+        under = [p for p, x in zip(P, extra) if p <= lo and x > 0]
+        if not under:
+            continue
+        M = max(lo, (sum(over) + sum(under)) / (len(over) + len(under)))  # excess = room
+        if M < hi:
+            level = M
+            break
+    moved = sum(p - level for p in P if p > level)
+    if level >= top or moved <= 0:
+        return {"slots": slots, "gemm_experts": list(home), "factor": list(load), "replicas_used": 0, "level": top}
+    takes = [p < level and x > 0 for p, x in zip(P, extra)]
+    room = sum(level - p for p, t in zip(P, takes) if t)
+    used = need(level)
+    pairs = [level if p > level else p + (level - p) * moved / room if t else p for p, t in zip(P, takes)]
+    held = [min(x, math.ceil(used * (level - p) / room - 1e-9)) if t else 0 for p, x, t in zip(P, extra, takes)]
+    return {"slots": slots, "gemm_experts": [n + h for n, h in zip(home, held)],
+            "factor": [x / n for x, n in zip(pairs, home)], "replicas_used": used, "level": level}
 
 
 def partition_for(num_experts: int, ranks: int) -> ExpertPartition:
@@ -415,11 +522,14 @@ def simulate(config: SimConfig, calibration: dict | None = None) -> dict:
     n_it = N * config.iterations
     dwdp = _summary(dw_t, tokens, dw_b, {c: v / n_it for c, v in dw_x.items()}, dw_copy / n_it, dw_d)
 
-    load = config.owner_factors()
-    # DEP's own disjoint placement: owner d takes k c_d / E pairs of every source's token under uniform routing (its
-    # own tokens' included); with a router's imbalance load[d] times that, and a token sends a row to d with the
-    # probability of at least one of those pairs (capped at top-k)
+    owner = config.owner_factors()
+    # DEP's own disjoint placement: owner d takes k n_d / E pairs of every source's token under uniform routing (its
+    # own tokens' included); with a router's imbalance load[d] times that (after EPLB's replicas: L_d / n_d), and a
+    # token sends a row to d with the probability of at least one of those pairs (capped at top-k)
     dep_count = dep_expert_counts(E, N)
+    R = config.dep_redundant_experts()
+    eplb = dep_eplb(dep_count, owner, R)
+    load, gemm_experts = eplb["factor"], eplb["gemm_experts"]
     m = [[k * dep_count[d] / E for d in range(N)] for _ in range(N)]
     ql = [[_p_row(min(k, load[d] * m[s][d]), E, k) for d in range(N)] for s in range(N)]
     dep_t = np.zeros((N, config.iterations))
@@ -435,12 +545,13 @@ def simulate(config: SimConfig, calibration: dict | None = None) -> dict:
         disp = max(costs.dispatch_ms(x) for x in rows) if N > 1 else 0.0
         comb = max(costs.combine_ms(x) for x in rows) if N > 1 else 0.0
         res = dep_iteration([steps[r][i] for r in range(N)], cfg,
-                            [speed[r] * costs.expert_ms(pairs[r], dep_count[r]) for r in range(N)], disp, comb)
+                            [speed[r] * costs.expert_ms(pairs[r], gemm_experts[r]) for r in range(N)], disp, comb)
         dep_t[:, i] = res["rank_ms"]
         for r in range(N):
             dep_b[r].append(res["breakdown"][r])
             dep_d[r].append(res["detail"][r])
     dep = _summary(dep_t, tokens, dep_b, None, 0.0, dep_d)
+    mean_pairs = sum(x * n for x, n in zip(owner, dep_count)) / N
     if N > 1 and M > 0:
         dep["per_rank_iteration_ms"] = dep["per_rank_iteration_ms"][:1]  # lockstep: one time for all
 
@@ -463,6 +574,10 @@ def simulate(config: SimConfig, calibration: dict | None = None) -> dict:
                           "dep_experts_per_rank": [min(dep_count), max(dep_count)]},
             "fetch_ms_per_moe_layer": fetch,
             "dep_rows_per_rank_per_layer": rows_mean,
+            "dep_eplb": {"redundant_experts": R, "slots_per_rank": [min(eplb["slots"]), max(eplb["slots"])],
+                         "replicas_used": eplb["replicas_used"],
+                         "pairs_max_over_mean": max(x * n for x, n in zip(load, dep_count)) / mean_pairs,
+                         "owner_pairs_max_over_mean": max(x * n for x, n in zip(owner, dep_count)) / mean_pairs},
             "expert_bytes": costs.expert_bytes,
             "rank_compute_factors": speed,
         },
