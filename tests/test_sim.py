@@ -845,6 +845,187 @@ def test_cli_owner_load_errors(extra, message, capsys):
     assert e.value.code == 2 and message in capsys.readouterr().err
 
 
+# ------------------------------------------------------------------------------------------------ EPLB (DEP's slots)
+# DWDP / DEP, DEP's iteration, sync wait and rows per rank, printed by the simulator before it had redundant expert
+# slots (commit 94111a6): R = 0 must give them again.
+BEFORE_EPLB = [
+    (dict(hardware="gb200", gpus=72, layers=5, cv=0.3, max_tokens=16384, iterations=4),
+     (1.645847436699605, 56.35276807356119, 16.475987970933357, 98615.94100203717)),
+    (dict(gpus=2, layers=5, cv=0.0, max_tokens=16384, iterations=4, owner_load=(0.55, 1.45)),
+     (1.0855297298304323, 283.443755567509, 18.59240751952788, 16383.603867004065)),
+    (dict(gpus=3, layers=5, ratio=0.8, max_tokens=16384, iterations=4, owner_load=(0.5, 1.0, 1.5)),
+     (1.142885041663377, 267.3345216098902, 23.969452344595386, 28329.722849971105)),
+    (dict(gpus=72, layers=5, cv=0.1, max_tokens=16384, iterations=3, owner_load=(1.0,) * 71 + (3.0,)),
+     (2.3083463343125064, 444.5655627815472, 120.51571362154284, 103608.81061750502)),
+]
+
+
+@pytest.mark.parametrize("kw, before", BEFORE_EPLB)
+def test_no_redundant_experts_reproduces_the_simulator_before_eplb(kw, before):
+    r = simulate(SimConfig(redundant_experts=0, **kw))
+    got = (r["ratio"], r["dep"]["iteration_ms"], r["dep"]["breakdown_ms"]["sync_wait"],
+           r["model"]["dep_rows_per_rank_per_layer"])
+    assert got == pytest.approx(before, rel=1e-12, abs=0)
+    e = r["model"]["dep_eplb"]
+    assert e["redundant_experts"] == 0 and e["replicas_used"] == 0
+    assert e["pairs_max_over_mean"] == e["owner_pairs_max_over_mean"]
+    assert r["config"]["redundant_experts"] == 0
+
+
+@pytest.mark.parametrize("gpus, kw", [(2, dict(owner_load=(0.5, 1.5))), (8, dict(cv=0.2)), (4, dict(ratio=0.8))])
+def test_default_redundant_experts_is_zero_where_the_gpus_divide_256(gpus, kw):
+    """The default is the smallest R that gives every rank the same slots: none where N divides 256, so every
+    prediction at N = 2, 4, 8 ... (all the tables of docs/simulator.md) is the R = 0 one, bit for bit."""
+    assert SimConfig(gpus=gpus).dep_redundant_experts() == 0
+    default, none = simulate(small(gpus=gpus, **kw)), simulate(small(gpus=gpus, redundant_experts=0, **kw))
+    assert default["config"]["redundant_experts"] is None and none["config"]["redundant_experts"] == 0
+    assert (default["dwdp"], default["dep"], default["ratio"]) == (none["dwdp"], none["dep"], none["ratio"])
+    assert default["model"]["dep_eplb"] == none["model"]["dep_eplb"]
+
+
+NVL72 = dict(hardware="gb200", gpus=72, layers=5, cv=0.0, max_tokens=16384, iterations=2, overrides=SAME_GPUS)
+
+
+def test_nvl72_needs_a_replica_for_each_of_its_40_four_expert_ranks():
+    """At N = 72, 40 ranks hold 4 experts and 32 hold 3 (4 / (256 / 72) = 1.125 x the mean pairs). The default
+    R = 32 gives every rank 4 slots, but whole experts of equal load cannot even that out: each 4-expert rank needs a
+    replica of its own and only 32 exist, so DEP is unchanged; R = 40 (4 or 5 slots) or 104 (5 each) balance every
+    rank's pairs and expert GEMM time (CV 0, identical GPUs: the only sync wait is the GEMMs'), and DWDP / DEP drops
+    below the R = 0 figure. DWDP is not changed by DEP's slots."""
+    assert SimConfig(gpus=72).dep_redundant_experts() == 32
+    r0 = simulate(SimConfig(redundant_experts=0, **NVL72))
+    assert r0["model"]["dep_eplb"]["slots_per_rank"] == [3, 4]
+    assert r0["model"]["dep_eplb"]["pairs_max_over_mean"] == pytest.approx(1.125)
+    g0 = r0["dep"]["breakdown_ms"]["expert_gemm"]
+    assert r0["dep"]["breakdown_ms"]["sync_wait"] > 0.05 * g0  # the 3-expert ranks wait for the 4-expert ones
+    runs = {R: simulate(SimConfig(redundant_experts=R, **NVL72)) for R in (None, 39, 40, 104)}
+    for R in (None, 39):  # too few replicas: the fullest ranks keep their 4 experts' pairs
+        e = runs[R]["model"]["dep_eplb"]
+        assert e["replicas_used"] == 0 and e["pairs_max_over_mean"] == pytest.approx(1.125)
+        assert (runs[R]["dep"], runs[R]["ratio"]) == (r0["dep"], r0["ratio"])
+    assert runs[None]["model"]["dep_eplb"]["slots_per_rank"] == [4, 4]
+    for R, slots in ((40, [4, 5]), (104, [5, 5])):
+        r, e = runs[R], runs[R]["model"]["dep_eplb"]
+        assert e["redundant_experts"] == R and e["slots_per_rank"] == slots and e["replicas_used"] == 40
+        assert e["pairs_max_over_mean"] == pytest.approx(1.0, rel=1e-12)
+        assert r["dep"]["breakdown_ms"]["sync_wait"] == pytest.approx(0.0, abs=1e-9 * g0)  # GEMMs balanced
+        assert r["dep"]["breakdown_ms"]["expert_gemm"] == pytest.approx(g0, rel=1e-9)  # the same pairs, moved
+        assert r["dep"]["iteration_ms"] < r0["dep"]["iteration_ms"] and r["ratio"] < r0["ratio"]
+        assert r["model"]["dep_rows_per_rank_per_layer"] < r0["model"]["dep_rows_per_rank_per_layer"]
+        assert r["dwdp"] == r0["dwdp"]
+
+
+def test_redundant_experts_even_out_a_skewed_owner_as_far_as_their_replicas_reach():
+    """Owner loads 0.5 / 1.5 at N = 2: the hot owner's 128 experts carry 1.5 units each (k / E pairs per token), 192
+    against a mean of 128. Its replicas sit in the cold rank's redundant slots (R / 2 of them; those on the hot rank
+    carry nothing), each taking at most one expert's pairs: R = 16 moves 8 x 1.5 (level 180 = 1.40625 x the mean),
+    R = 85 gives the cold rank the 43 slots that 64 / 1.5 needs and evens the pairs out."""
+    base = dict(gpus=2, cv=0.0, max_tokens=32768, iterations=2, overrides=SAME_GPUS, owner_load=(0.5, 1.5))
+    runs = {R: simulate(small(redundant_experts=R, **base)) for R in (0, 16, 84, 85, 128)}
+    wait = {R: r["dep"]["breakdown_ms"]["sync_wait"] for R, r in runs.items()}
+    e = {R: r["model"]["dep_eplb"] for R, r in runs.items()}
+    assert e[0]["pairs_max_over_mean"] == pytest.approx(1.5) and e[0]["replicas_used"] == 0
+    assert e[16]["pairs_max_over_mean"] == pytest.approx(180 / 128) and e[16]["replicas_used"] == 8
+    assert e[16]["slots_per_rank"] == [136, 136]
+    assert 1.0 < e[84]["pairs_max_over_mean"] < e[16]["pairs_max_over_mean"]  # 42 replicas: 63 of the 64 units
+    for R in (85, 128):
+        assert e[R]["pairs_max_over_mean"] == pytest.approx(1.0, rel=1e-12) and e[R]["replicas_used"] == 43
+    assert wait[0] > wait[16] > wait[84] and wait[85] == wait[128]
+    assert 0.6 * wait[0] < wait[16] < 0.9 * wait[0]  # partly: the excess shrinks by 8 x 1.5 of 64 units
+    # even pairs leave a little wait: the cold rank runs them over 128 + 43 experts, fewer rows each (EPLB balances
+    # pairs, not GEMM time)
+    assert wait[85] < 0.05 * wait[0]
+    assert runs[85]["ratio"] < runs[16]["ratio"] < runs[0]["ratio"]
+    assert all(r["dwdp"] == runs[0]["dwdp"] for r in runs.values())
+
+
+@pytest.mark.parametrize("gpus, R", [(72, 0), (72, 32), (72, 200), (3, 2), (5, 7), (2, 300), (7, 3), (256, 256)])
+@pytest.mark.parametrize("seed", [0, 1])
+def test_eplb_keeps_every_pair_and_never_loads_a_rank_above_its_level(gpus, R, seed):
+    from dwdp_ops.sim.model import dep_eplb, dep_expert_counts
+
+    home = dep_expert_counts(256, gpus)
+    f = np.random.default_rng([seed, gpus]).lognormal(0.0, 0.5, gpus)
+    load = list(f / f.mean())
+    e = dep_eplb(home, load, R)
+    P = [n * x for n, x in zip(home, load)]
+    L = [g * n for g, n in zip(e["factor"], home)]
+    M = e["level"]
+    assert sum(e["slots"]) == 256 + R and max(e["slots"]) - min(e["slots"]) <= max(home) - min(home) + 1
+    assert sum(L) == pytest.approx(sum(P), rel=1e-12)
+    assert max(L) == pytest.approx(max(M, sum(P) / gpus), rel=1e-12)
+    for p, x in zip(P, L):
+        assert min(p, M) * (1 - 1e-12) <= x <= M * (1 + 1e-12)
+    assert e["replicas_used"] <= R
+    assert all(n <= c <= s for n, c, s in zip(home, e["gemm_experts"], e["slots"]))
+    for p, x, n, c in zip(P, L, home, e["gemm_experts"]):  # a rank holds replicas where it takes moved pairs
+        assert (c > n) == (x > p * (1 + 1e-12)), (p, x, n, c)
+    if e["replicas_used"] == 0:
+        assert e["factor"] == load and e["gemm_experts"] == home and M == max(P)
+    if R == -256 % gpus:  # the even layout: every rank ceil(256 / N) slots
+        assert e["slots"] == [-(-256 // gpus)] * gpus
+
+
+@pytest.mark.parametrize("kw", [dict(redundant_experts=-1), dict(redundant_experts=True), dict(redundant_experts=1.5),
+                                dict(redundant_experts="3"), dict(redundant_experts=257),
+                                dict(gpus=1, redundant_experts=1), dict(gpus=72, redundant_experts=71 * 256 + 1)])
+def test_bad_redundant_experts_are_refused(kw):
+    with pytest.raises(ValueError, match=r"redundant_experts must be None or an integer in \[0, "):
+        small(**kw)
+    SimConfig(gpus=kw.get("gpus", 2), redundant_experts=(kw.get("gpus", 2) - 1) * 256)  # the top is allowed
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--redundant-experts", "-1"], "expected an integer >= 0, got -1"),
+    (["--redundant-experts", "1.5"], "expected an integer >= 0, got '1.5'"),
+    (["--redundant-experts", "two"], "expected an integer >= 0, got 'two'"),
+    (["--redundant-experts", "257"], "expected an integer in [0, (--gpus - 1) x 256 = 256]"),
+    (["--gpus", "1", "--redundant-experts", "1"], "expected an integer in [0, (--gpus - 1) x 256 = 0]"),
+    (["--validate", "FILE", "--redundant-experts", "0"], "not with --validate"),
+])
+def test_cli_bad_redundant_experts_exit_2_with_one_error_line(argv, message, tmp_path, capsys):
+    f = tmp_path / "e2e.json"
+    f.write_text("{}")
+    code, out, err = run_main([str(f) if a == "FILE" else a for a in argv] + ["--layers", "5"] * ("--validate" not in
+                                                                                                  argv), capsys)
+    errors = [line for line in err.splitlines() if "error:" in line]
+    assert code == 2 and out == "" and len(errors) == 1 and "Traceback" not in err, err
+    assert "argument --redundant-experts: " in errors[0] and message in errors[0], errors[0]
+
+
+def test_cli_redundant_experts_reach_the_simulation_and_the_sweep(capsys):
+    argv = ["--hardware", "gb200", "--gpus", "72", "--layers", "5", "--iterations", "2", "--cv", "0",
+            "--rank-slowdown", "0", "--max-tokens", "16384"]
+    runs = {}
+    for extra in ([], ["--redundant-experts", "0"], ["--redundant-experts", "104"]):
+        code, out, err = run_main(argv + extra + ["--json"], capsys)
+        assert code == 0, err
+        runs[tuple(extra)] = json.loads(out)
+    assert runs[()]["model"]["dep_eplb"]["redundant_experts"] == 32 and runs[()]["config"]["redundant_experts"] is None
+    assert runs[("--redundant-experts", "0")]["model"]["dep_eplb"]["slots_per_rank"] == [3, 4]
+    even = runs[("--redundant-experts", "104")]
+    assert even["model"]["dep_eplb"]["slots_per_rank"] == [5, 5] and even["config"]["redundant_experts"] == 104
+    assert even["ratio"] < runs[("--redundant-experts", "0")]["ratio"] == runs[()]["ratio"]
+    code, out, err = run_main(argv + ["--redundant-experts", "104"], capsys)
+    assert code == 0 and "+ 104 redundant slots (5-5 a rank, 40 replicas carrying pairs)" in out, err
+    assert "fullest rank 1.000 x the mean pairs (1.125 without replicas)" in out
+    rows = {R: sweep("gb200", 72, cvs=(0.0,), budgets=(16384,), ratio=None, layers=5, iterations=2,
+                     overrides=SAME_GPUS, redundant_experts=R)[0] for R in (0, 104)}
+    assert rows[104]["ratio"] == pytest.approx(even["ratio"]) and rows[104]["ratio"] < rows[0]["ratio"]
+
+
+def test_validation_simulates_the_benchmarks_dep_without_redundant_experts():
+    """bench/e2e_dwdp_vs_dep.py's DEP places every expert once: a point is simulated with R = 0 whatever the default
+    (at N = 3 the default R = 2 would lower a skewed owner's pairs)."""
+    base = dict(gpus=3, layers=5, ratio=0.8, max_tokens=16384, iterations=2, owner_load=(0.5, 1.0, 1.5))
+    none, default = simulate(SimConfig(redundant_experts=0, **base)), simulate(SimConfig(**base))
+    assert default["model"]["dep_eplb"]["replicas_used"] > 0 and default["ratio"] != none["ratio"]
+    point = {"mode": "dep", "N": 3, "ratio": 0.8, "max_tokens": 16384, "owner_load": [0.5, 1.0, 1.5],
+             "iteration_ms": 100.0, "tps_per_gpu": 1000.0}
+    v = validate([point], layers=5, iterations=2)
+    assert v["points"][0]["predicted_iteration_ms"] == none["dep"]["slowest_rank_iteration_ms"]
+
+
 @pytest.mark.parametrize("argv, option, bound", [
     (["--max-tokens", "100000000000000"], "--max-tokens", "[1, 1048576]"),
     (["--max-tokens", "10000000000"], "--max-tokens", "[1, 1048576]"),
