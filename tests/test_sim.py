@@ -1007,7 +1007,8 @@ def test_cli_redundant_experts_reach_the_simulation_and_the_sweep(capsys):
     assert even["model"]["dep_eplb"]["slots_per_rank"] == [5, 5] and even["config"]["redundant_experts"] == 104
     assert even["ratio"] < runs[("--redundant-experts", "0")]["ratio"] == runs[()]["ratio"]
     code, out, err = run_main(argv + ["--redundant-experts", "104"], capsys)
-    assert code == 0 and "+ 104 redundant slots (5-5 a rank, 40 replicas carrying pairs)" in out, err
+    assert code == 0 and "DEP: 3-4 experts per rank + 104 redundant slots (5 a rank, 40 replicas carrying pairs)" \
+        in out, err
     assert "fullest rank 1.000 x the mean pairs (1.125 without replicas)" in out
     rows = {R: sweep("gb200", 72, cvs=(0.0,), budgets=(16384,), ratio=None, layers=5, iterations=2,
                      overrides=SAME_GPUS, redundant_experts=R)[0] for R in (0, 104)}

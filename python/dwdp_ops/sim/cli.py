@@ -194,6 +194,10 @@ def check_args(ap: argparse.ArgumentParser, ns: argparse.Namespace, given: set[s
                      f"{ns.hardware} (--calibration replaces --hardware's profile: give one of them)")
 
 
+def _span(lo_hi: list[int]) -> str:
+    return f"{lo_hi[0]}" if lo_hi[0] == lo_hi[1] else f"{lo_hi[0]}-{lo_hi[1]}"
+
+
 def _text(res: dict, rows: list[dict] | None) -> str:
     c, w, m = res["config"], res["workload"], res["model"]
     eplb = m["dep_eplb"]
@@ -209,10 +213,10 @@ def _text(res: dict, rows: list[dict] | None) -> str:
         f"per rank, DWDP fetches {m['partition']['remote_experts']} per MoE layer in "
         f"{m['fetch_ms_per_moe_layer']:.2f} ms; DEP moves {m['dep_rows_per_rank_per_layer']:.0f} rows per rank "
         "and layer",
-        f"DEP: {m['partition']['dep_experts_per_rank'][0]}-{m['partition']['dep_experts_per_rank'][1]} experts per "
-        f"rank + {eplb['redundant_experts']} redundant slots ({eplb['slots_per_rank'][0]}-{eplb['slots_per_rank'][1]} "
-        f"a rank, {eplb['replicas_used']} replicas carrying pairs); fullest rank {eplb['pairs_max_over_mean']:.3f} x "
-        f"the mean pairs ({eplb['owner_pairs_max_over_mean']:.3f} without replicas)",
+        f"DEP: {_span(m['partition']['dep_experts_per_rank'])} experts per rank + {eplb['redundant_experts']} "
+        f"redundant slots ({_span(eplb['slots_per_rank'])} a rank, {eplb['replicas_used']} replicas carrying pairs); "
+        f"fullest rank {eplb['pairs_max_over_mean']:.3f} x the mean pairs ({eplb['owner_pairs_max_over_mean']:.3f} "
+        "without replicas)",
         "",
         f"{'ms per iteration':18s} {'DWDP':>11s} {'DEP':>11s} {'(DEP-DWDP)/DEP':>15s}",
     ]
