@@ -53,13 +53,13 @@ modelled). ``bench/e2e_dwdp_vs_dep.py`` records the measured per-owner pairs wit
 simulates the router the run had.
 
 Redundant expert slots (EPLB, ``SimConfig.redundant_experts`` = R; ``dep_eplb``): DEP's E experts keep their home
-ranks (n_r: ``dep_expert_counts``; the owner loads are measured on that placement, and which of an owner's experts are
-hot is not known, so an owner's experts carry equal pairs), and R redundant slots hold replicas of them. In units of
-k / E pairs per token of the group, every home expert of rank r carries u_r = f_r (f: ``owner_factors``, mean 1),
-rank r P_r = n_r u_r, the mean is P = sum_r P_r / N.
-  slots     c_r = n_r + x_r: the R redundant slots go one at a time to the rank with the fewest slots (ties: the
-            smaller P_r, then the lower rank), so every rank holds ceil(E / N) at R = ceil(E / N) N - E, and
-            (E + R) / N wherever N divides E + R
+ranks (c_r above, ``dep_expert_counts``; the owner loads are measured on that placement, and which of an owner's
+experts are hot is not known, so an owner's experts carry equal pairs), and R redundant slots hold replicas of them.
+In units of k / E pairs per token of the group, every home expert of rank r carries u_r = f_r (f: ``owner_factors``,
+mean 1), rank r P_r = c_r u_r, the mean is P = sum_r P_r / N.
+  slots     c_r + x_r: the R redundant slots go one at a time to the rank with the fewest slots (ties: the smaller
+            P_r, then the lower rank), so every rank holds ceil(E / N) at R = ceil(E / N) N - E, and (E + R) / N
+            wherever N divides E + R
   level     M = min {M >= P : sum_r ceil((P_r - M)+ / u_r) <= sum_{d : P_d <= M} x_d and X <= S}, with the excess
             X = sum_r (P_r - M)+ and the room S = sum_{d : x_d > 0} (M - P_d)+ (M = max P_r always qualifies)
   pairs     L_r = M where P_r > M; P_r + (M - P_r) X / S where P_r < M and x_r > 0; else P_r
@@ -72,7 +72,7 @@ sum_r L_r = sum_r P_r; min(P_r, M) <= L_r <= M; at most R replicas carry pairs (
 slot on a rank above M carries none (it would add to an overloaded rank), so an excess larger than the replicas below
 M can carry stays (M > P). With no replica used (R = 0, or too few slots below M to lower the fullest rank:
 M = max P_r) L_r = P_r and every DEP formula is the R = 0 one, bit for bit. Rank r's expert GEMMs run over
-L_r k / E pairs per token of the group (W_r above times L_r / n_r, = f_r at R = 0) on n_r + h_r experts,
+L_r k / E pairs per token of the group (W_r above times L_r / c_r, = f_r at R = 0) on c_r + h_r experts,
 h_r = min(x_r, ceil(U (M - P_r) / S)) the replicas it holds where it takes pairs (else 0), and a token sends it a row
 with the probability of at least one of L_r k / E pairs (``_p_row`` as above: dispatch and combine follow the
 balanced pairs).
@@ -224,10 +224,10 @@ def dep_expert_counts(num_experts: int, ranks: int) -> list[int]:
 
 
 def dep_eplb(home: list[int], load: list[float], redundant: int) -> dict:
-    """DEP's redundant expert slots (EPLB, module docstring). ``home``: n_r, each rank's home experts
+    """DEP's redundant expert slots (EPLB, module docstring). ``home``: c_r, each rank's home experts
     (``dep_expert_counts``); ``load``: f_r, each owner's load factor (``SimConfig.owner_factors``); ``redundant``: R.
-    Returns ``slots`` (c_r = n_r + x_r), ``gemm_experts`` (the experts rank r's GEMMs run over: n_r + h_r, h_r the
-    replicas it holds), ``factor`` (g_r = L_r / n_r: rank r's pairs against its uniform home share; ``load``
+    Returns ``slots`` (c_r + x_r), ``gemm_experts`` (the experts rank r's GEMMs run over: c_r + h_r, h_r the
+    replicas it holds), ``factor`` (g_r = L_r / c_r: rank r's pairs against its uniform home share; ``load``
     itself, the same floats, where no replica is used), ``replicas_used`` and ``level`` (M, in units of k / E pairs
     per token)."""
     N = len(home)
