@@ -1122,3 +1122,24 @@ def test_docs_quote_what_the_simulator_prints():
         table = [line for line in doc[start:].split("\n\n")[0].splitlines()[1:]]
         assert table == _doc_validation_rows(validate_e2e(json.loads(path.read_text()))), name
 
+
+
+def test_docs_quote_the_redundant_expert_figures():
+    """docs/simulator.md's EPLB figures: N = 72 on GB200 (5 layers, CV 0.3, 16K tokens; 8 and 32 iterations) at the
+    default R = 32, at R = 0 and at R = 104, and the skewed N = 2 example at R = 16 / 32 / 79."""
+    doc = " ".join(DOC.read_text().split())
+    nvl = {(it, R): simulate(SimConfig(hardware="gb200", gpus=72, layers=5, cv=0.3, max_tokens=16384, iterations=it,
+                                       redundant_experts=R))["ratio"] for it in (8, 32) for R in (None, 0, 104)}
+    for it in (8, 32):
+        assert f"{nvl[it, None]:.2f}" == f"{nvl[it, 0]:.2f}"
+    assert (f"the figure stays {nvl[8, None]:.2f} ({nvl[32, None]:.2f}), the same as with R = 0" in doc)
+    assert f"DWDP / DEP is {nvl[8, 104]:.2f} ({nvl[32, 104]:.2f} with 32 iterations" in doc
+    quoted = []
+    for R in (16, 32, 79):
+        r = simulate(SimConfig(gpus=2, layers=5, cv=0.0, max_tokens=16384, owner_load=(0.55, 1.45),
+                               redundant_experts=R))
+        quoted.append((f"{r['model']['dep_eplb']['pairs_max_over_mean']:.3f}", f"{r['ratio']:.3f}",
+                       f"{100 * r['dep']['shares']['sync_wait']:.1f}"))
+    assert (f"`--redundant-experts 16` moves 8 of them ({quoted[0][0]} x the mean, DWDP / DEP 1.086 -> {quoted[0][1]}, "
+            f"sync wait 6.6 -> {quoted[0][2]} %), 32 moves 16 ({quoted[1][0]}, {quoted[1][1]}), 79 gives the cold rank "
+            f"the 40 slots the excess needs ({quoted[2][0]}, {quoted[2][1]}: the uniform figure)") in doc
