@@ -13,7 +13,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 from dwdp_ops import launch
-from dwdp_ops._checks import is_int
+from dwdp_ops._checks import is_bool, is_int
 from dwdp_ops.integrations import transformers as hf
 from dwdp_ops.models import train_can
 from dwdp_ops.partition import ExpertPartition
@@ -113,3 +113,13 @@ def test_validate_e2e_takes_a_numpy_warmup():
 def test_bools_are_refused_with_the_sites_message(call, err, match):
     with pytest.raises(err, match=match):
         call()
+
+
+@pytest.mark.parametrize("v", [True, False, np.bool_(True), np.array(False)[()]])
+def test_is_bool_takes_python_and_numpy_bools(v):
+    assert is_bool(v)
+
+
+@pytest.mark.parametrize("v", [0, 1, 1.0, np.int64(1), np.float32(0), "True", None, np.array([True])])
+def test_is_bool_refuses_numbers_and_other_objects(v):
+    assert not is_bool(v)

@@ -1,6 +1,6 @@
 """The "is an integer" and "is a real number" tests behind the package's argument checks.
 
-``is_int`` and ``is_real`` are the predicates: a caller with its own message, exception type or range check builds
+``is_int``, ``is_real`` and ``is_bool`` are the predicates: a caller with its own message, exception type or range check builds
 on them, so that an error still names the argument and what it expects; ``int_at_least`` is the common whole check
 ("``name`` must be an int >= lo"). Python and numpy integers pass (a count read from an array
 or a JSON file is as good as a literal); bools do not, though ``bool`` subclasses ``int``: ``True`` is almost
@@ -15,6 +15,12 @@ import numbers
 def is_int(value: object) -> bool:
     """True for an integer: Python or numpy (any ``numbers.Integral``), bools refused."""
     return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def is_bool(value: object) -> bool:
+    """True for a bool, Python's or numpy's (``numpy.bool``, ``numpy.bool_`` before numpy 2: no ``bool`` instance),
+    without importing numpy: where a bool is refused with its own message (a bool handle, size or timeout)."""
+    return isinstance(value, bool) or (type(value).__module__ == "numpy" and type(value).__name__ in ("bool", "bool_"))
 
 
 def is_real(value: object) -> bool:

@@ -23,9 +23,7 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-import numpy as np
-
-from ._checks import is_int
+from ._checks import is_bool, is_int
 
 DEFAULT_MASTER_ADDR = "127.0.0.1"
 DEFAULT_MASTER_PORT = 29531
@@ -63,7 +61,7 @@ def timeout_from_environ(timeout: float | None = None, environ: Mapping[str, str
     Invariant: the result is a finite number > 0. Otherwise ValueError names where the value came from: the
     ``timeout`` argument, or ``DWDP_TIMEOUT=<value>`` with what is expected."""
     if timeout is not None:
-        if isinstance(timeout, (bool, np.bool_)):  # float(True) would be 1 second
+        if is_bool(timeout):  # float(True) would be 1 second
             raise ValueError(f"timeout must be > 0 seconds (a number, not a bool), got {timeout!r}")
         try:
             t = float(timeout)

@@ -14,6 +14,8 @@ from typing import Any
 
 import numpy as np
 
+from ._checks import is_bool, is_int
+
 FP8_NAMES = {"float8_e4m3fn", "e4m3", "fp8", "float8_e4m3"}
 
 
@@ -165,9 +167,9 @@ def stream_handle(stream: Any) -> int:
             return int(cupy.cuda.get_current_stream().ptr)
         except ImportError:
             return 0
-    if isinstance(stream, (bool, np.bool_)):
+    if is_bool(stream):
         raise TypeError(f"stream must be a CuPy/PyTorch/cuda.core stream or an integer handle, got bool {stream}")
-    if isinstance(stream, (int, np.integer)):
+    if is_int(stream):
         return int(stream)
     for attr in ("ptr", "cuda_stream"):
         if hasattr(stream, attr):

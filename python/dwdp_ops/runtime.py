@@ -37,7 +37,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from ._checks import is_int
+from ._checks import is_bool, is_int
 from ._native import native
 from .env import DEFAULT_TIMEOUT, DistEnv, timeout_from_environ
 from .errors import DwdpError, RendezvousError
@@ -67,7 +67,7 @@ class _InitArgs:
 def _parse_size(size: int | str | None) -> int | None:
     """``heap_size`` in bytes: None, an int, or a string of bytes or a number with k/m/g/t ('4g', '1.5g'). Raises
     TypeError for a bool, ValueError for anything else that is not a whole number of bytes > 0."""
-    if isinstance(size, bool) or type(size).__name__ in ("bool", "bool_"):  # (numpy's bool is no bool instance)
+    if is_bool(size):
         raise TypeError(f"heap_size must be a size in bytes (an int or a string like '4g'), got {size!r}")
     if size is None or is_int(size):
         if size is not None and size <= 0:
