@@ -84,15 +84,27 @@ def command(ns, gpus: int, out: str) -> list[str]:
 
 def ratios(rank: dict, a: str, b: str) -> dict:
     """Per-pair ratios a / b of one rank's runs (prefill tok/s, decode tok/s over all steps and at the median step),
-    and their medians."""
+    and their medians. A pair whose rate is None in either run (``summarize``: no step time) has the ratio None,
+    left out of the median (None where no pair has one)."""
     keys = {"prefill": ("prefill", "tokens_per_s"), "decode": ("decode", "tokens_per_s"),
             "decode_median_step": ("decode", "tokens_per_s_median_step")}
     per = {k: [] for k in keys}
     for pair in rank["interleaved"]:
         ra, rb = pair["runs"][a]["summary"], pair["runs"][b]["summary"]
         for k, (kind, key) in keys.items():
-            per[k].append(ra[kind][key] / rb[kind][key])
-    return {"per_pair": per, "median": {k: median(v) for k, v in per.items()}}
+            x, y = ra[kind][key], rb[kind][key]
+            per[k].append(None if x is None or y is None else x / y)
+    return {"per_pair": per, "median": {k: _median(v) for k, v in per.items()}}
+
+
+def _median(values):
+    """The median of the values that are not None; None if there is none."""
+    known = [v for v in values if v is not None]
+    return median(known) if known else None
+
+
+def _num(value, spec: str) -> str:
+    return "n/a" if value is None else format(value, spec)
 
 
 def modes_over(summaries: list, kind: str) -> str:
@@ -118,14 +130,14 @@ def table(rep: dict, a: str, b: str) -> list[str]:
             err = max((c.get("comparable_rel_err", c["max_rel_err"]) for c in checks), default=float("nan"))
             dec, pre = "", ""
             if pol == a:
-                dec = (f"{rr['median']['decode']:.2f} / {rr['median']['decode_median_step']:.2f}; "
-                       + ", ".join(f"{x:.2f}" for x in rr["per_pair"]["decode"]))
-                pre = f"{rr['median']['prefill']:.2f}"
+                dec = (f"{_num(rr['median']['decode'], '.2f')} / {_num(rr['median']['decode_median_step'], '.2f')}; "
+                       + ", ".join(_num(x, ".2f") for x in rr["per_pair"]["decode"]))
+                pre = _num(rr["median"]["prefill"], ".2f")
             rows.append(f"| {r['rank']} | {pol} | {modes_over(s, 'prefill')} | {modes_over(s, 'decode')} "
-                        f"| {median(x['prefill']['tokens_per_s'] for x in s):.0f} "
-                        f"| {median(x['decode']['tokens_per_s'] for x in s):.1f} / "
-                        f"{median(x['decode']['tokens_per_s_median_step'] for x in s):.1f} | {dec} | {pre} | {ok} "
-                        f"| {err:.2e} |")
+                        f"| {_num(_median([x['prefill']['tokens_per_s'] for x in s]), '.0f')} "
+                        f"| {_num(_median([x['decode']['tokens_per_s'] for x in s]), '.1f')} / "
+                        f"{_num(_median([x['decode']['tokens_per_s_median_step'] for x in s]), '.1f')} | {dec} "
+                        f"| {pre} | {ok} | {err:.2e} |")
     return rows
 
 

@@ -3,6 +3,8 @@ layer budget."""
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 from dwdp_ops.demo_gpu import plan_layers
@@ -74,6 +76,73 @@ def test_summary_splits_prefill_and_decode():
     assert s["prefill"]["fetch_GBps"] == pytest.approx((8 << 30) / 0.04 / 1e9)
     assert s["decode"]["steps"] == 2 and s["decode"]["policies"] == ["on_demand"]
     assert s["decode"]["exposed_fetch_frac"] == pytest.approx(0.5)
+
+
+
+def _step(kind="decode", tokens=4, step_ms=10.0, attn_ms=2.0, experts_ms=1.0, wait_ms=5.0, attn_flops=1e9,
+          expert_flops=1e9, fetch_bytes=1 << 30, fetch_ms=5.0, graphed=False, policy="on_demand"):
+    return StepStats(kind, policy, tokens, step_ms, attn_ms, experts_ms, wait_ms, attn_flops, expert_flops, fetch_bytes,
+                     fetch_ms, graphed=graphed)
+
+
+def test_summary_of_untimed_steps_reports_none_rates():
+    """A step time of 0 (nothing measured) raised ZeroDivisionError (tokens/s, the median step's tokens/s, the exposed
+    fetch fraction), and a zero attention / expert / fetch time gave 0.0 (no FLOPs: a graphed step's) or FLOPs over a
+    1e-12 s clamp (1e9 TFLOP/s for one GFLOP) instead of saying that nothing was timed."""
+    s = summarize([_step(step_ms=0.0, wait_ms=0.0, attn_ms=0.0, experts_ms=0.0, fetch_ms=0.0)])["decode"]
+    assert s["tokens_per_s"] is None and s["tokens_per_s_median_step"] is None and s["median_step_ms"] is None
+    assert s["exposed_fetch_frac"] is None and s["attn_tflops"] is None and s["expert_tflops"] is None
+    assert s["fetch_GBps"] is None and s["untimed_steps"] == 1 and s["ms"] == 0.0 and s["tokens"] == 4
+    assert s["untimed"] == ["attn_tflops", "expert_tflops", "exposed_fetch_frac", "fetch_GBps", "median_step_ms",
+                            "tokens_per_s", "tokens_per_s_median_step"]
+    # CUDA-graph replays only: the step time is measured, the per-layer spans and FLOPs are not (0)
+    g = summarize([_step(attn_ms=0.0, experts_ms=0.0, wait_ms=0.0, fetch_ms=0.0, attn_flops=0.0, expert_flops=0.0,
+                         graphed=True)] * 3)["decode"]
+    assert g["tokens_per_s"] == pytest.approx(12 / 0.03) and g["untimed_steps"] == 0
+    assert g["untimed"] == ["attn_tflops", "expert_tflops", "fetch_GBps"] and g["exposed_fetch_frac"] == 0.0
+    # FLOPs counted but no time: not 1e9 TFLOP/s
+    assert summarize([_step(attn_ms=0.0)])["decode"]["attn_tflops"] is None
+
+
+def test_summary_rates_use_the_timed_steps_only():
+    """One untimed step among timed ones: its tokens are not credited to the others' time, and the median step's
+    tokens/s is over the timed steps (it had raised ZeroDivisionError)."""
+    s = summarize([_step(step_ms=10.0), _step(step_ms=0.0, wait_ms=0.0, fetch_ms=0.0), _step(step_ms=30.0)])["decode"]
+    assert s["tokens"] == 12 and s["untimed_steps"] == 1 and s["untimed"] == []
+    assert s["tokens_per_s"] == pytest.approx(8 / 0.04)
+    assert s["tokens_per_s_median_step"] == pytest.approx(np.median([4 / 0.01, 4 / 0.03]))
+    assert s["median_step_ms"] == pytest.approx(20.0)
+    assert summarize([]) == {}  # no step: no kind (callers skip a missing kind)
+
+
+@pytest.mark.parametrize("field, value", [("step_ms", -1.0), ("step_ms", float("nan")), ("attn_ms", float("inf")),
+                                          ("wait_ms", -0.5), ("fetch_ms", None), ("comm_ms", True)])
+def test_summary_refuses_impossible_times(field, value):
+    """A negative or NaN time had given a negative or NaN rate silently."""
+    st = _step()
+    setattr(st, field, value)
+    with pytest.raises(ValueError, match=rf"summarize: stats\[1\]\.{field} must be a finite number of milliseconds "
+                                         rf">= 0, got {re.escape(repr(value))}"):
+        summarize([_step(), st])
+
+
+def test_demo_prints_a_summary_with_untimed_rates(capsys):
+    """print_gpu formats every rate of the summary: a None (not timed) is printed as n/a, not a TypeError."""
+    from dwdp_ops.demo import print_gpu
+
+    timed = [_step("prefill", 100, 50.0, policy="prefetch_all")]
+    graphed = [_step(attn_ms=0.0, experts_ms=0.0, wait_ms=0.0, fetch_ms=0.0, attn_flops=0.0, expert_flops=0.0,
+                     graphed=True)] * 2
+    untimed = [_step("prefill", 100, 0.0, 0.0, 0.0, 0.0, fetch_ms=0.0, policy="prefetch_all")]
+    rep = {"config": {"layers": 4, "dense_layers": 3, "moe_layers": 1, "experts": 256, "top_k": 8, "vocab": 32768},
+           "gpus": 2, "card": "X", "policy": "auto", "graphs": True,
+           "ranks": [{"rank": 0, "summary": summarize(timed + graphed), "dense_tflops": 600.0},
+                     {"rank": 1, "summary": summarize(untimed + graphed), "dense_tflops": 600.0}]}
+    print_gpu(rep)
+    out = capsys.readouterr().out
+    assert "n/a GB/s" in out and "attention n/a TFLOP/s, expert GEMMs n/a TFLOP/s" in out
+    assert "rank 1 prefill (prefetch_all x1):    100 tokens       n/a tok/s" in out
+    assert "all ranks: prefill 2000 tok/s (ranks with a step time only), decode 800.0 tok/s;" in out
 
 
 def test_prompts_differ_by_rank_and_respect_bounds():

@@ -50,6 +50,23 @@ def test_table_has_a_row_per_rank_and_policy():
     assert "| dispatch x30, on_demand x15 |" in demo_policies.table(rep, "auto", "on_demand")[2]
 
 
+
+def test_untimed_rates_give_none_ratios_and_n_a_in_the_table():
+    """summarize reports a rate it could not time as None: a pair with one has no ratio (left out of the median) and
+    the table prints n/a, where the division and the formatting had raised TypeError."""
+    rep = _report()
+    rank = rep["ranks"][0]
+    rank["interleaved"][0]["runs"]["auto"]["summary"]["decode"]["tokens_per_s"] = None
+    for pair in rank["interleaved"]:
+        pair["runs"]["on_demand"]["summary"]["prefill"]["tokens_per_s"] = None
+    r = demo_policies.ratios(rank, "auto", "on_demand")
+    assert r["per_pair"]["decode"] == pytest.approx([None, 2.0, 4.0]) and r["median"]["decode"] == pytest.approx(3.0)
+    assert r["per_pair"]["prefill"] == [None] * 3 and r["median"]["prefill"] is None
+    rank["ratios"] = r
+    rows = demo_policies.table(rep, "auto", "on_demand")
+    assert "| 3.00 / 3.10; n/a, 2.00, 4.00 | n/a |" in rows[2] and "| n/a | 200.0 / 210.0 |" in rows[3]
+
+
 def test_command_is_the_demo_worker_with_the_comparison(capsys):
     from dwdp_ops.launch import build_parser, worker_command
 

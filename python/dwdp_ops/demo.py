@@ -121,6 +121,15 @@ def run_gpu(ns, gpus: int) -> dict:
             return json.load(f)
 
 
+def _num(value, spec: str) -> str:
+    """``value`` formatted with ``spec``, or "n/a" right-aligned to the same width for None (a rate
+    ``summarize`` could not time: its time was 0, as a graphed step's per-layer spans are)."""
+    if value is None:
+        width = spec.split(".")[0]
+        return format("n/a", f">{width}") if width else "n/a"
+    return format(value, spec)
+
+
 def print_gpu(rep: dict) -> None:
     c = rep["config"]
     print(f"DeepSeek-R1 real dimensions, {c['layers']} layers ({c['dense_layers']} dense + {c['moe_layers']} MoE, "
@@ -128,25 +137,33 @@ def print_gpu(rep: dict) -> None:
           f"on {rep['gpus']} x {rep['card']}, "
           f"policy {rep['policy']}, decode {'CUDA graphs' if rep.get('graphs') else 'eager'}")
     tot = {"prefill": 0.0, "decode": 0.0}
+    untimed: set = set()  # a kind whose tokens/s some rank could not time (summarize: None): its total is partial
     for r in rep["ranks"]:
         s = r["summary"]
         for kind in ("prefill", "decode"):
             if kind not in s:
                 continue
             x = s[kind]
-            tot[kind] += x["tokens_per_s"]
+            if x["tokens_per_s"] is None:
+                untimed.add(kind)
+            else:
+                tot[kind] += x["tokens_per_s"]
             modes = ", ".join(f"{m} x{c}" for m, c in x.get("modes", {}).items()) or "/".join(x["policies"])
             print(f"rank {r['rank']} {kind:7s} ({modes}): {x['tokens']:6d} tokens "
-                  f"{x['tokens_per_s']:9.1f} tok/s | fetch {x['fetch_GB']:7.2f} GB at {x['fetch_GBps']:6.1f} GB/s | "
-                  f"exposed fetch {x['exposed_fetch_ms']:8.2f} ms ({x['exposed_fetch_frac']:.1%} of the step time) | "
+                  f"{_num(x['tokens_per_s'], '9.1f')} tok/s | fetch {x['fetch_GB']:7.2f} GB at "
+                  f"{_num(x['fetch_GBps'], '6.1f')} GB/s | exposed fetch {x['exposed_fetch_ms']:8.2f} ms "
+                  f"({_num(x['exposed_fetch_frac'], '.1%')} of the step time) | "
                   f"dispatch+combine {x.get('comm_ms', 0.0):7.2f} ms | "
-                  f"attention {x['attn_tflops']:.0f} TFLOP/s, expert GEMMs {x['expert_tflops']:.0f} TFLOP/s")
+                  f"attention {_num(x['attn_tflops'], '.0f')} TFLOP/s, expert GEMMs {_num(x['expert_tflops'], '.0f')} "
+                  "TFLOP/s")
         if "check" in r:
             ck = r["check"]
             print(f"rank {r['rank']} check against the all-local run ({ck['steps']} steps): max logits rel err "
                   f"{ck['max_rel_err']:.2e}, greedy tokens identical: {ck['tokens_equal']}")
     dense = [r["dense_tflops"] for r in rep["ranks"]]
-    print(f"all ranks: prefill {tot['prefill']:.0f} tok/s, decode {tot['decode']:.1f} tok/s; dense bf16 GEMM "
+    part = {k: " (ranks with a step time only)" if k in untimed else "" for k in tot}
+    print(f"all ranks: prefill {tot['prefill']:.0f} tok/s{part['prefill']}, decode {tot['decode']:.1f} tok/s"
+          f"{part['decode']}; dense bf16 GEMM "
           f"{min(dense):.0f}-{max(dense):.0f} TFLOP/s (same run)")
 
 

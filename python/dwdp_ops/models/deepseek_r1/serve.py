@@ -3,11 +3,13 @@ the integration test and ``bench/deepseek_forward.py``."""
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
+from ..._checks import is_real
 from .config import DeepSeekConfig
 from .gpu import StepTiming
 from .gpu_weights import require_torch
@@ -195,29 +197,59 @@ def prompts_for(rank: int, count: int, lo: int, hi: int, vocab: int, seed: int =
     return [rng.integers(0, vocab, size=int(rng.integers(lo, hi + 1))).tolist() for _ in range(count)]
 
 
+_TIMES = ("step_ms", "attn_ms", "experts_ms", "wait_ms", "fetch_ms", "comm_ms")
+
+
+def _rate(amount: float, ms: float, unit: float = 1.0) -> float | None:
+    """``amount`` per second over ``ms`` milliseconds, in ``unit``; None where nothing was timed (``ms`` 0)."""
+    return amount / (ms * 1e-3) / unit if ms > 0 else None
+
+
 def summarize(stats: list[StepStats]) -> dict[str, Any]:
-    """Prefill and decode totals of a run's steps."""
+    """Prefill and decode totals of a run's steps: ``{"prefill": {...}, "decode": {...}}``, a kind present only if
+    some step is of it (``summarize([])`` is ``{}``; callers skip a missing kind).
+
+    A rate is None where the time it divides by is 0, i.e. was not measured, never 0, inf or NaN and never a
+    ZeroDivisionError: ``tokens_per_s`` and ``exposed_fetch_frac`` with no step time (``ms`` 0);
+    ``tokens_per_s_median_step`` (the median over the steps with a step time) and ``median_step_ms`` with no timed
+    step; ``attn_tflops`` / ``expert_tflops`` / ``fetch_GBps`` with no attention / expert / fetch time, as in a run of
+    CUDA-graph replays only (a graphed step has its step time only: its per-layer spans and FLOPs are 0) or of
+    ``dispatch`` steps only (no fetch). ``untimed_steps`` counts the steps with no step time, and ``untimed`` names the
+    rates that are None. Rates use only the timed steps: ``tokens_per_s`` is the tokens of the steps with a step time
+    over their time (every step's, as before, whenever every step is timed, as CUDA events always are). A step time
+    that is negative or not finite is a ValueError naming the step and the field."""
+    for i, x in enumerate(stats):
+        for name in _TIMES:
+            v = getattr(x, name)
+            if not (is_real(v) and math.isfinite(v) and v >= 0):
+                raise ValueError(f"summarize: stats[{i}].{name} must be a finite number of milliseconds >= 0, got {v!r}")
     out = {}
     for kind in ("prefill", "decode"):
         s = [x for x in stats if x.kind == kind]
         if not s:
             continue
         ms = sum(x.step_ms for x in s)
-        out[kind] = {
+        timed = [x for x in s if x.step_ms > 0]
+        rec = {
             "steps": len(s), "tokens": sum(x.tokens for x in s), "ms": ms,
-            "tokens_per_s": sum(x.tokens for x in s) / (ms * 1e-3),
+            "tokens_per_s": _rate(sum(x.tokens for x in timed), ms),
             # robust to one step that absorbs a wait for a slower peer (the first coupled step after independent ones)
-            "median_step_ms": float(np.median([x.step_ms for x in s])),
-            "tokens_per_s_median_step": float(np.median([x.tokens / (x.step_ms * 1e-3) for x in s])),
+            "median_step_ms": float(np.median([x.step_ms for x in timed])) if timed else None,
+            "tokens_per_s_median_step": (float(np.median([x.tokens / (x.step_ms * 1e-3) for x in timed]))
+                                         if timed else None),
+            "untimed_steps": len(s) - len(timed),
             "policies": sorted({str(x.policy) for x in s}),
-            "attn_tflops": sum(x.attn_flops for x in s) / max(sum(x.attn_ms for x in s) * 1e-3, 1e-12) / 1e12,
-            "expert_tflops": sum(x.expert_flops for x in s) / max(sum(x.experts_ms for x in s) * 1e-3, 1e-12) / 1e12,
+            "attn_tflops": _rate(sum(x.attn_flops for x in s), sum(x.attn_ms for x in s), 1e12),
+            "expert_tflops": _rate(sum(x.expert_flops for x in s), sum(x.experts_ms for x in s), 1e12),
             "fetch_GB": sum(x.fetch_bytes for x in s) / 1e9, "fetch_ms": sum(x.fetch_ms for x in s),
             # over the steps whose fetch was timed (a graphed step's is not)
-            "fetch_GBps": sum(x.fetch_bytes for x in s if not x.graphed) / max(sum(x.fetch_ms for x in s) * 1e-3, 1e-12) / 1e9,
+            "fetch_GBps": _rate(sum(x.fetch_bytes for x in s if not x.graphed), sum(x.fetch_ms for x in s), 1e9),
             "graphed_steps": sum(1 for x in s if x.graphed),
-            "exposed_fetch_ms": sum(x.wait_ms for x in s), "exposed_fetch_frac": sum(x.wait_ms for x in s) / ms,
+            "exposed_fetch_ms": sum(x.wait_ms for x in s),
+            "exposed_fetch_frac": sum(x.wait_ms for x in s) / ms if ms > 0 else None,
             "comm_ms": sum(x.comm_ms for x in s), "modes": {m: sum(1 for x in s if str(x.policy) == m)
                                                            for m in sorted({str(x.policy) for x in s})},
         }
+        rec["untimed"] = sorted(k for k, v in rec.items() if v is None)
+        out[kind] = rec
     return out
