@@ -231,6 +231,7 @@ def test_round_to_bfloat16_ties_to_even_and_nan():
 P2 = ExpertPartition.disjoint(8, 2)
 OK_IDS = np.array([[0, 5]], np.int32)
 OK_W = np.ones((1, 2), np.float32)
+SENDS = [plan_send(OK_IDS, OK_W, P2, r) for r in range(2)]
 
 
 @pytest.mark.parametrize("ids, w, err, match", [
@@ -328,6 +329,53 @@ def test_a_rank_of_the_wrong_type_is_a_type_error(rank):
     with pytest.raises(TypeError, match="rank must be an int"):
         plan_recv(sends, P2, rank)
     assert plan_send(OK_IDS, OK_W, P2, np.int64(1)).rank == 1
+
+
+@pytest.mark.parametrize("call, exc, match", [
+    # a wrong type is a TypeError, a wrong value a ValueError (as partition, layout, schedule and plan_recv's
+    # max_pairs); max_tokens and align had raised ValueError for a string, a float or a bool
+    (lambda: plan_send(OK_IDS, OK_W, P2, 0, max_tokens="3"), TypeError,
+     r"max_tokens must be an int >= 0 or None, got '3' \(str\)"),
+    (lambda: plan_send(OK_IDS, OK_W, P2, 0, max_tokens=2.5), TypeError, r"max_tokens .* got 2.5 \(float\)"),
+    (lambda: plan_send(OK_IDS, OK_W, P2, 0, max_tokens=True), TypeError, r"max_tokens .* got True \(bool\)"),
+    (lambda: plan_send(OK_IDS, OK_W, P2, 0, max_tokens=-1), ValueError, r"max_tokens must be an int >= 0 or None, got -1"),
+    (lambda: plan_recv(SENDS, P2, 0, align="16"), TypeError, r"align must be an int >= 1, got '16' \(str\)"),
+    (lambda: plan_recv(SENDS, P2, 0, align=1.0), TypeError, r"align must be an int >= 1, got 1.0 \(float\)"),
+    (lambda: plan_recv(SENDS, P2, 0, align=True), TypeError, r"align .* got True \(bool\)"),
+    (lambda: plan_recv(SENDS, P2, 0, align=0), ValueError, r"align must be an int >= 1, got 0"),
+    # not arrays: None had been "must be [T, k], got shape ()" (a ValueError), a ragged list numpy's own message
+    (lambda: plan_send(None, OK_W, P2, 0), TypeError, r"topk_ids must be an integer \[T, k\] array, got None"),
+    (lambda: plan_send(OK_IDS, None, P2, 0), TypeError, r"topk_weights must be a float32 \[T, k\] array, got None"),
+    (lambda: plan_send([[0, 1], [2]], OK_W, P2, 0), ValueError,
+     r"topk_ids must be an integer \[T, k\] array, got a list that is not one rectangular array"),
+    (lambda: plan_send(OK_IDS, [[1.0], [1.0, 2.0]], P2, 0), ValueError, r"topk_weights must be a float32 \[T, k\]"),
+    (lambda: plan_send([[0, None]], OK_W, P2, 0), TypeError, r"topk_ids .* got a list of non-numeric objects"),
+    # send_plans that are not a sequence had raised "object of type 'NoneType' has no len()"
+    (lambda: plan_recv(None, P2, 0), TypeError,
+     r"send_plans must be a sequence \(list or tuple\) of SendPlan, one per rank of the partition's world \(2\), "
+     r"got NoneType"),
+    (lambda: plan_recv(iter(SENDS), P2, 0), TypeError, r"send_plans must be a sequence .* got list_iterator"),
+    (lambda: plan_recv("ab", P2, 0), TypeError, r"send_plans must be a sequence .* got str"),
+    # messages name the argument and what is expected
+    (lambda: plan_recv(SENDS[:1], P2, 0), ValueError,
+     r"send_plans must hold one SendPlan per rank of the partition's world \(2\), got 1"),
+    (lambda: plan_recv([SENDS[0], plan_send(np.array([[0, 5, 1]], np.int32), np.ones((1, 3), np.float32), P2, 1)],
+                       P2, 0), ValueError, r"send_plans must all have the same top_k .* got top_k \[2, 3\]"),
+    (lambda: plan_send(OK_IDS, OK_W, P2, 2), ValueError,
+     r"rank 2 is outside the partition's world \[0, 2\); expected an int in \[0, 2\)"),
+    (lambda: plan_send(OK_IDS.repeat(5, 0), np.ones((5, 2), np.float32), P2, 0, max_tokens=4), ValueError,
+     r"rank 0: topk_ids has T=5 tokens \(rows\) but the dispatch capacity is max_tokens=4; expected T <= max_tokens"),
+])
+def test_bad_arguments_raise_the_house_exception_types_naming_the_argument(call, exc, match):
+    with pytest.raises(exc, match=match):
+        call()
+
+
+def test_plan_arguments_of_numpy_types_and_tuples_are_accepted():
+    sp = plan_send(OK_IDS, OK_W, P2, 0, max_tokens=np.int64(3))
+    assert sp.max_tokens == 3 and type(sp.max_tokens) is int
+    rp = plan_recv(tuple(SENDS), P2, 1, align=np.int32(4))
+    assert rp.align == 4 and type(rp.align) is int and rp.num_rows == 4
 
 
 @pytest.mark.parametrize("max_pairs, exc, match", [

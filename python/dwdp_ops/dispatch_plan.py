@@ -31,6 +31,13 @@ once to the storage dtype; a token with no pair gets 0.
 
 Capacity: ``T <= max_tokens`` (so rows per (src, dest) <= max_tokens); grouped rows ``<= max_pairs``, by default
 ``N * max_tokens * min(k, L) + L * (align - 1)``. A step needing more raises ``ValueError`` naming need and capacity.
+
+Bad arguments of ``plan_send`` / ``plan_recv`` (as ``partition``, ``layout`` and ``schedule``): a wrong type raises
+TypeError (a partition that is not an ``ExpertPartition``, ``send_plans`` that are not a sequence of ``SendPlan``,
+``topk_ids`` / ``topk_weights`` that are not arrays of an integer / float32 dtype, a rank, ``max_tokens``, ``align``
+or ``max_pairs`` that is not an int, bools included), a wrong value ValueError (a shape, an id outside ``[-1, E)``, an
+id repeated in a row, a rank outside the world, a size below its bound, plans of another ownership, a capacity
+exceeded). Every message names the argument, what was wrong and what is expected.
 """
 
 from __future__ import annotations
@@ -40,7 +47,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ._checks import is_int
+from ._checks import int_at_least, is_int
 from .partition import ExpertPartition
 
 __all__ = [
@@ -68,7 +75,36 @@ def _check_rank(partition: ExpertPartition, rank) -> None:
         raise TypeError(f"rank must be an int in the partition's world [0, {partition.world_size}), got {rank!r} "
                         f"({type(rank).__name__})")
     if not 0 <= rank < partition.world_size:
-        raise ValueError(f"rank {rank!r} is outside the partition's world [0, {partition.world_size})")
+        raise ValueError(f"rank {rank!r} is outside the partition's world [0, {partition.world_size}); expected an int "
+                         f"in [0, {partition.world_size})")
+
+
+def _optional_size(name: str, value) -> int | None:
+    """None, or ``value`` as an int >= 0: TypeError unless an integer (bools refused), ValueError if negative."""
+    if value is None:
+        return None
+    if not is_int(value):
+        raise TypeError(f"{name} must be an int >= 0 or None, got {value!r} ({type(value).__name__})")
+    if value < 0:
+        raise ValueError(f"{name} must be an int >= 0 or None, got {value!r}")
+    return int(value)
+
+
+def _array(name: str, value, expected: str) -> np.ndarray:
+    """``value`` as a numpy array; a ragged nesting is a ValueError and anything numpy holds only as objects (None, a
+    mix of types) a TypeError, both naming ``name`` and ``expected``."""
+    try:
+        a = np.asarray(value)
+    except ValueError as e:  # ragged nested sequences
+        raise ValueError(f"{name} must be {expected}, got a {type(value).__name__} that is not one rectangular "
+                         f"array (rows of different lengths?): {e}") from None
+    except TypeError as e:  # an object numpy cannot convert
+        raise TypeError(f"{name} must be {expected}, got a {type(value).__name__} numpy cannot convert: {e}") from None
+    if a.dtype == object:
+        raise TypeError(f"{name} must be {expected}, got "
+                        + (f"a {type(value).__name__} of non-numeric objects, shape {a.shape}" if a.ndim
+                           else f"{value!r} ({type(value).__name__})"))
+    return a
 
 
 def _ownership(partition: ExpertPartition) -> tuple[int, int, int, int]:
@@ -149,16 +185,16 @@ class SendPlan:
 
 
 def _validate_routing(topk_ids, topk_weights, partition: ExpertPartition) -> tuple[np.ndarray, np.ndarray]:
-    ids = np.asarray(topk_ids)
-    w = np.asarray(topk_weights)
-    if ids.ndim != 2:
-        raise ValueError(f"topk_ids must be [T, k], got shape {ids.shape}")
+    ids = _array("topk_ids", topk_ids, "an integer [T, k] array")
+    w = _array("topk_weights", topk_weights, "a float32 [T, k] array")
     if ids.dtype.kind not in "iu":
-        raise TypeError(f"topk_ids must be an integer array, got dtype {ids.dtype}")
-    if w.shape != ids.shape:
-        raise ValueError(f"topk_weights must have topk_ids' shape {ids.shape}, got {w.shape}")
+        raise TypeError(f"topk_ids must be an integer [T, k] array, got dtype {ids.dtype}")
+    if ids.ndim != 2:
+        raise ValueError(f"topk_ids must be [T, k] (2-D), got shape {ids.shape}")
     if w.dtype != np.float32:
         raise TypeError(f"topk_weights must be float32 (the contract's weight dtype), got {w.dtype}")
+    if w.shape != ids.shape:
+        raise ValueError(f"topk_weights must have topk_ids' shape {ids.shape}, got {w.shape}")
     T, k = ids.shape
     E = partition.num_experts
     if k < 1 or k > E:
@@ -182,19 +218,19 @@ def _validate_routing(topk_ids, topk_weights, partition: ExpertPartition) -> tup
 
 def plan_send(topk_ids, topk_weights, partition: ExpertPartition, rank: int, max_tokens: int | None = None) -> SendPlan:
     """Plans source ``rank``'s dispatch of one step (pure, host). ``topk_ids [T, k]`` integer in ``[-1, E)``,
-    distinct within a row except -1, ``topk_weights [T, k]`` float32. Raises ValueError/TypeError for bad shapes,
-    dtypes or ids (a repeated id names its row and the id), ``k > E``, a rank that is not an int (TypeError) or
-    outside the world (ValueError), and for ``T > max_tokens`` (naming the step's T and the capacity)."""
+    distinct within a row except -1, ``topk_weights [T, k]`` float32, ``max_tokens`` None (unchecked) or an int >= 0.
+    TypeError for a wrong type (``partition``, not an array, an array's dtype, a ``rank`` or ``max_tokens`` that is
+    not an int), ValueError for a wrong value (a shape, ``k`` outside ``[1, E]``, an id outside ``[-1, E)`` or
+    repeated in its row, naming the row and the id, a rank outside the world, a negative ``max_tokens``, and
+    ``T > max_tokens``, naming the step's T and the capacity)."""
     _check_partition(partition)
     _check_rank(partition, rank)
+    max_tokens = _optional_size("max_tokens", max_tokens)
     ids, w = _validate_routing(topk_ids, topk_weights, partition)
     T, k = ids.shape
-    if max_tokens is not None:
-        if not is_int(max_tokens) or max_tokens < 0:
-            raise ValueError(f"max_tokens must be an int >= 0 or None, got {max_tokens!r}")
-        if T > max_tokens:
-            raise ValueError(f"rank {rank}: this step has T={T} tokens but the dispatch capacity is "
-                             f"max_tokens={max_tokens}")
+    if max_tokens is not None and T > max_tokens:
+        raise ValueError(f"rank {rank}: topk_ids has T={T} tokens (rows) but the dispatch capacity is "
+                         f"max_tokens={max_tokens}; expected T <= max_tokens")
     N, s = partition.world_size, partition.stride
     dest = owner_dest(ids, partition, rank)
     to_d = (dest[:, :, None] == np.arange(N)[None, None, :]).any(axis=1)  # [T, N]
@@ -208,7 +244,7 @@ def plan_send(topk_ids, topk_weights, partition: ExpertPartition, rank: int, max
     goes = dest[t_idx] == row_dest[:, None]
     row_local_expert = np.where(goes, row_ids - row_dest[:, None] * s, -1).astype(np.int32)
     row_weight = w[t_idx].astype(np.float32)
-    return SendPlan(int(rank), N, T, k, None if max_tokens is None else int(max_tokens), dest, send_pos,
+    return SendPlan(int(rank), N, T, k, max_tokens, dest, send_pos,
                     send_counts, send_offsets, send_token, row_local_expert, row_weight, partition)
 
 
@@ -261,37 +297,37 @@ class RecvPlan:
 def plan_recv(send_plans: Sequence[SendPlan], partition: ExpertPartition, rank: int, align: int = 1,
               max_pairs: int | None = None) -> RecvPlan:
     """Plans dest ``rank``'s receive layout from every source's ``SendPlan`` (``send_plans[s]`` is source s's).
-    ``max_pairs`` None: the contract's default when every plan has a ``max_tokens`` (the largest), else unchecked;
-    otherwise an int >= 0 (TypeError / ValueError). Raises ValueError when the grouped rows exceed ``max_pairs``
-    (naming need and capacity) or the plans do not match the partition (rank, world, or ownership: a plan made over
-    another partition, naming both)."""
+    ``align`` an int >= 1; ``max_pairs`` None: the contract's default when every plan has a ``max_tokens`` (the
+    largest), else unchecked; otherwise an int >= 0. TypeError for a wrong type (``partition``, ``send_plans`` not a
+    sequence of ``SendPlan``, a ``rank``, ``align`` or ``max_pairs`` that is not an int), ValueError for a wrong value
+    (a rank outside the world, ``align < 1``, ``max_pairs < 0``, not one plan per rank, plans that do not match the
+    partition: rank, world, or ownership, a plan made over another partition, naming both; plans of different top_k),
+    and when the grouped rows exceed ``max_pairs`` (naming need and capacity)."""
     _check_partition(partition)
     _check_rank(partition, rank)
     N, L = partition.world_size, partition.experts_per_rank
-    if not is_int(align) or align < 1:
-        raise ValueError(f"align must be an int >= 1, got {align!r}")
-    if max_pairs is not None:
-        if not is_int(max_pairs):
-            raise TypeError(f"max_pairs must be an int >= 0 or None, got {max_pairs!r} ({type(max_pairs).__name__})")
-        if max_pairs < 0:
-            raise ValueError(f"max_pairs must be an int >= 0 or None, got {max_pairs}")
-        max_pairs = int(max_pairs)
+    align = int_at_least("align", align, 1)
+    max_pairs = _optional_size("max_pairs", max_pairs)
+    if isinstance(send_plans, (str, bytes)) or not isinstance(send_plans, Sequence):
+        raise TypeError(f"send_plans must be a sequence (list or tuple) of SendPlan, one per rank of the partition's "
+                        f"world ({N}), got {type(send_plans).__name__}")
     if len(send_plans) != N:
-        raise ValueError(f"need one SendPlan per rank of the partition's world ({N}), got {len(send_plans)}")
-    ks = set()
+        raise ValueError(f"send_plans must hold one SendPlan per rank of the partition's world ({N}), got "
+                         f"{len(send_plans)}")
     for s, p in enumerate(send_plans):
         if not isinstance(p, SendPlan):
-            raise TypeError(f"send_plans[{s}] must be a SendPlan, got {type(p).__name__}")
+            raise TypeError(f"send_plans[{s}] must be a SendPlan (plan_send's result), got {type(p).__name__}")
         if p.rank != s or p.world_size != N:
             raise ValueError(f"send_plans[{s}] is rank {p.rank}'s plan over world {p.world_size}; expected rank {s} "
                              f"over world {N}")
         if _ownership(p.partition) != _ownership(partition):
             raise ValueError(f"send_plans[{s}] was planned over {_describe(p.partition)} but plan_recv got "
                              f"{_describe(partition)}: its local expert ids would index another partition's experts")
-        ks.add(p.top_k)
-    if len(ks) != 1:
-        raise ValueError(f"every source must use the same top_k, got {sorted(ks)}")
-    k = ks.pop()
+    ks = [p.top_k for p in send_plans]
+    if len(set(ks)) != 1:
+        raise ValueError(f"send_plans must all have the same top_k (one layer's routing), got top_k {ks} "
+                         "(send_plans[s]'s at position s)")
+    k = ks[0]
     if max_pairs is None and all(p.max_tokens is not None for p in send_plans):
         max_pairs = default_max_pairs(partition, max(p.max_tokens for p in send_plans), k, align)
     rows = [p.rows_for(rank) for p in send_plans]
@@ -309,7 +345,8 @@ def plan_recv(send_plans: Sequence[SendPlan], partition: ExpertPartition, rank: 
     num_rows = int(ends[-1]) if L else 0
     if max_pairs is not None and num_rows > max_pairs:
         raise ValueError(f"rank {rank}: this step needs {num_rows} grouped rows ({int(expert_counts.sum())} pairs + "
-                         f"alignment padding to {align}) but the capacity is max_pairs={max_pairs}")
+                         f"alignment padding to {align}) but the capacity is max_pairs={max_pairs}; expected at most "
+                         "max_pairs (raise max_pairs, or plan fewer tokens)")
     starts = ends - padded
     flat = np.nonzero(valid)[0]  # (row, j) ascending == (s, row, j) ascending
     order = flat[np.argsort(le[flat], kind="stable")]
