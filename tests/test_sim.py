@@ -847,16 +847,21 @@ def test_cli_owner_load_errors(extra, message, capsys):
 
 # ------------------------------------------------------------------------------------------------ EPLB (DEP's slots)
 # DWDP / DEP, DEP's iteration, sync wait and rows per rank, printed by the simulator before it had redundant expert
-# slots (commit 94111a6): R = 0 must give them again.
+# slots (commit 94111a6): R = 0 must give them again. The rows with owner_load over uneven experts per rank (N = 3,
+# 72) are those of the same model with owner_load's pairs conserved (tests/test_sim_edges.py): before, owner r's
+# factor was owner_load[r] / mean(owner_load) on a share in proportion to its c_r experts, so the pairs summed to
+# 256.5 / 256 (N = 3) and 256.86 / 256 (N = 72) of tokens x top-k (then 1.142885041663377, 267.3345216098902,
+# 23.969452344595386, 28329.722849971105 and 2.3083463343125064, 444.5655627815472, 120.51571362154284,
+# 103608.81061750502).
 BEFORE_EPLB = [
     (dict(hardware="gb200", gpus=72, layers=5, cv=0.3, max_tokens=16384, iterations=4),
      (1.645847436699605, 56.35276807356119, 16.475987970933357, 98615.94100203717)),
     (dict(gpus=2, layers=5, cv=0.0, max_tokens=16384, iterations=4, owner_load=(0.55, 1.45)),
      (1.0855297298304323, 283.443755567509, 18.59240751952788, 16383.603867004065)),
     (dict(gpus=3, layers=5, ratio=0.8, max_tokens=16384, iterations=4, owner_load=(0.5, 1.0, 1.5)),
-     (1.142885041663377, 267.3345216098902, 23.969452344595386, 28329.722849971105)),
+     (1.1413167779243618, 266.96768590800934, 23.667250667725924, 28335.23816735513)),
     (dict(gpus=72, layers=5, cv=0.1, max_tokens=16384, iterations=3, owner_load=(1.0,) * 71 + (3.0,)),
-     (2.3083463343125064, 444.5655627815472, 120.51571362154284, 103608.81061750502)),
+     (2.1903923702060357, 421.8487504662387, 111.05483592662956, 103988.02857749301)),
 ]
 
 

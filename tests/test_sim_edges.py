@@ -186,3 +186,75 @@ def test_cli_plot_writes_the_path_it_names_and_refuses_unknown_formats(tmp_path,
     svg = tmp_path / "x.SVG"
     code, out, err = _run_cli(["--layers", "5", "--iterations", "2", "--plot", str(svg)], capsys)
     assert code == 0 and svg.read_bytes().lstrip().startswith(b"<?xml"), err
+
+
+# ---------------------------------------------------------------------- owner_load with uneven experts per rank
+def _dep_pairs(monkeypatch, config: SimConfig) -> tuple[list[float], list[list[float]]]:
+    """Simulates ``config`` recording what its expert GEMMs were timed at: each rank's tokens x k per iteration
+    (DWDP's calls, every rank on its own tokens over all E experts, rank-major) and DEP's pairs per rank, one list
+    per iteration (its calls, iteration-major)."""
+    from dwdp_ops.sim.costs import CostModel
+
+    calls = []
+    real = CostModel.expert_ms
+
+    def recording(self, pairs, experts):
+        calls.append(pairs)
+        return real(self, pairs, experts)
+
+    monkeypatch.setattr(CostModel, "expert_ms", recording)
+    simulate(config)
+    N, it = config.gpus, config.iterations
+    dwdp, dep = calls[:N * it], calls[N * it:]
+    assert len(dep) == N * it
+    tokens_k = [sum(dwdp[r * it + i] for r in range(N)) for i in range(it)]  # all ranks' T k, per iteration
+    return tokens_k, [dep[i * N:(i + 1) * N] for i in range(it)]
+
+
+UNEVEN = [(3, (0.5, 1.0, 1.5)), (6, (1.0, 2.0, 0.5, 1.0, 1.0, 3.0)), (72, (1.0,) * 71 + (3.0,)),
+          (72, tuple(0.5 + (r * 37 % 72) / 36 for r in range(72)))]
+
+
+@pytest.mark.parametrize("gpus, load", UNEVEN)
+@pytest.mark.parametrize("redundant", [0, None])
+def test_owner_load_conserves_the_pairs_with_uneven_experts_per_rank(monkeypatch, gpus, load, redundant):
+    """256 experts over 3, 6 or 72 GPUs: 85/86, 42/43 or 3/4 a rank. owner_load (relative pairs per owner) had been
+    scaled to an unweighted mean 1 and applied to each owner's uniform share (in proportion to its experts), so the
+    ranks' pairs summed to sum_r f_r c_r / E x T k, not T k: 256.5 / 256 at N = 3 with (0.5, 1, 1.5), 256.86 / 256 at
+    N = 72 with one owner at 3x. Now every iteration's DEP pairs over the ranks are the tokens x top-k, with and
+    without EPLB's replicas, and (R = 0) each owner takes owner_load[r] / sum(owner_load) of them."""
+    cfg = SimConfig(gpus=gpus, layers=4, ratio=0.8, max_tokens=8192, iterations=2, owner_load=load,
+                    redundant_experts=redundant)
+    from dwdp_ops.sim.model import dep_expert_counts
+
+    f = cfg.owner_factors()
+    assert sum(x * c for x, c in zip(f, dep_expert_counts(256, gpus))) == pytest.approx(256, rel=1e-12)
+    tokens_k, dep = _dep_pairs(monkeypatch, cfg)
+    for want, pairs in zip(tokens_k, dep):
+        assert sum(pairs) == pytest.approx(want, rel=1e-12)
+        if redundant == 0:
+            assert pairs == pytest.approx([want * x / sum(load) for x in load], rel=1e-12)
+
+
+@pytest.mark.parametrize("gpus", [3, 6, 72])
+def test_measured_uniform_routing_is_the_uniform_routing(gpus):
+    """A uniform router measured on DEP's placement gives pairs per owner in proportion to its experts (owner_load =
+    c_r): that must simulate as owner_load=None. The factors had been c_r / mean(c), pairs in proportion to c_r^2."""
+    from dwdp_ops.sim.model import dep_expert_counts
+
+    base = dict(gpus=gpus, layers=4, cv=0.1, max_tokens=8192, iterations=2, redundant_experts=0)
+    measured = SimConfig(owner_load=tuple(float(c) for c in dep_expert_counts(256, gpus)), **base)
+    assert measured.owner_factors() == pytest.approx([1.0] * gpus, rel=1e-12)
+    a, b = simulate(measured), simulate(SimConfig(**base))
+    for key in ("tps_per_gpu", "iteration_ms"):
+        assert a["dep"][key] == pytest.approx(b["dep"][key], rel=1e-12)
+    assert a["model"]["dep_rows_per_rank_per_layer"] == pytest.approx(b["model"]["dep_rows_per_rank_per_layer"],
+                                                                      rel=1e-12)
+
+
+@pytest.mark.parametrize("gpus, load", [(2, (0.55, 1.45)), (4, (1.0, 2.0, 0.5, 3.0)), (8, (1.0,) * 7 + (2.5,))])
+def test_owner_factors_where_the_gpus_divide_the_experts_are_the_loads_scaled_to_mean_1(gpus, load):
+    """Bit for bit what they were: the loads over their mean (scaled to the largest first)."""
+    top = max(load)
+    mean = sum(x / top for x in load) / gpus
+    assert SimConfig(gpus=gpus, owner_load=load).owner_factors() == [x / top / mean for x in load]

@@ -97,7 +97,8 @@ def build_parser(prog: str = "python -m dwdp_ops sim") -> argparse.ArgumentParse
                          "GPUs (default: the profile's rank_speed, 0 if it has none)")
     ap.add_argument("--owner-load", type=_owner_load, default=None, metavar="L0,L1,...",
                     help="relative routed pairs per DEP owner rank (one per GPU, e.g. 0.55,1.45 for a router that "
-                         "loads the second rank's experts 2.6x the first's); default: uniform routing")
+                         "gives the second rank 2.6x the first's pairs; the pairs are conserved, so with uneven "
+                         "experts per rank equal loads are equal pairs); default: uniform routing")
     ap.add_argument("--redundant-experts", type=nonnegative_int, default=None, metavar="R",
                     help="DEP's redundant expert slots (EPLB: replicas of the hottest ranks' experts even out the "
                          "pairs per rank), an integer in [0, (--gpus - 1) x 256]; values that make sense: "

@@ -45,18 +45,23 @@ combine), sync_wait, exposed_fetch; they add up to each rank's iteration time; D
 their interference slowdown (reported also as ``interference_ms``); ``overlapped_copy_ms`` is the copy engine's busy
 time, hidden or not, outside the sum.
 
-Routing imbalance (``SimConfig.owner_load``): relative token-expert pairs per DEP owner rank (mean 1; None = the
-uniform routing above). Owner r's expert GEMMs carry ``owner_load[r]`` times its uniform share of pairs, and a token
-sends it a row with the probability of at least one of those pairs (capped at top-k); DWDP's expert GEMMs are not
-changed (every rank computes its own tokens on all E experts: skew only reshapes its groups, a second-order effect not
-modelled). ``bench/e2e_dwdp_vs_dep.py`` records the measured per-owner pairs with every point, so a validation
-simulates the router the run had.
+Routing imbalance (``SimConfig.owner_load``): relative token-expert pairs per DEP owner rank (only the ratios count;
+None = the uniform routing above). Owner r takes the fraction ``owner_load[r] / sum(owner_load)`` of all the pairs,
+T k per token of the group whatever the expert counts: its expert GEMMs carry f_r times its uniform share (k c_r / E
+pairs per token) with f_r = (owner_load[r] / mean(owner_load)) (E / N) / c_r (``SimConfig.owner_factors``), so that
+sum_r c_r f_r = E and the pairs are conserved; where N divides E, f_r is owner_load[r] / mean(owner_load). With
+uneven counts (E / N not an integer, c_r the floor or the ceiling) equal loads mean equal pairs per owner, not the
+uniform routing's pairs in proportion to c_r (a measured uniform routing has owner_load proportional to c_r, f_r = 1).
+A token sends owner r a row with the probability of at least one of its pairs (capped at top-k); DWDP's expert GEMMs
+are not changed (every rank computes its own tokens on all E experts: skew only reshapes its groups, a second-order
+effect not modelled). ``bench/e2e_dwdp_vs_dep.py`` records the measured per-owner pairs with every point, so a
+validation simulates the router the run had.
 
 Redundant expert slots (EPLB, ``SimConfig.redundant_experts`` = R; ``dep_eplb``): DEP's E experts keep their home
 ranks (c_r above, ``dep_expert_counts``; the owner loads are measured on that placement, and which of an owner's
 experts are hot is not known, so an owner's experts carry equal pairs), and R redundant slots hold replicas of them.
 In units of k / E pairs per token of the group, every home expert of rank r carries u_r = f_r (f: ``owner_factors``,
-mean 1), rank r P_r = c_r u_r, the mean is P = sum_r P_r / N.
+sum_r c_r f_r = E), rank r P_r = c_r u_r, the mean is P = sum_r P_r / N = E / N.
   slots     c_r + x_r: the R redundant slots go one at a time to the rank with the fewest slots (ties: the smaller
             P_r, then the lower rank), so every rank holds ceil(E / N) at R = ceil(E / N) N - E, and (E + R) / N
             wherever N divides E + R
@@ -200,12 +205,19 @@ class SimConfig:
         return -(-E // self.gpus) * self.gpus - E
 
     def owner_factors(self) -> list[float]:
-        """``owner_load`` scaled to mean 1 (all 1.0 without it)."""
+        """f_r: DEP owner r's pairs against its uniform share (k c_r / E a token, c_r = ``dep_expert_counts``), all
+        1.0 without ``owner_load``. ``owner_load`` is relative pairs per owner: owner r takes ``owner_load[r] /
+        sum(owner_load)`` of the T k pairs, so f_r = (owner_load[r] / mean(owner_load)) x (E / N) / c_r and
+        sum_r c_r f_r = E (the pairs are conserved whatever the counts). Where N divides E the last factor is exactly
+        1.0: ``owner_load`` scaled to mean 1."""
         if self.owner_load is None:
             return [1.0] * self.gpus
+        E, N = self.model_config().n_routed_experts, self.gpus
         top = max(self.owner_load)  # scaled to the largest first: a sum of loads near the float maximum overflows
         mean = sum(x / top for x in self.owner_load) / len(self.owner_load)
-        return [x / top / mean for x in self.owner_load]
+        # E / N / c_r: 1.0 exactly where N divides E (the same floats as before); else it turns relative pairs per
+        # owner into a factor on the owner's uniform share, which is in proportion to its c_r experts
+        return [x / top / mean * (E / N / c) for x, c in zip(self.owner_load, dep_expert_counts(E, N))]
 
     @property
     def n_dense(self) -> int:
