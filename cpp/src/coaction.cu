@@ -8,6 +8,7 @@
 #include <map>
 #include <mutex>
 #include <set>
+#include <string>
 
 #include "dwdp/check.h"
 #include "dwdp/coaction.h"
@@ -1066,8 +1067,9 @@ __device__ __forceinline__ float spec_mask_at(const float* __restrict__ mrow, in
   return t < T_len ? mrow[t] : 0.f;
 }
 
-__device__ __forceinline__ SpecQueue spec_queue(const float* __restrict__ mrow, int T_len, int lane) {
-  return SpecQueue{0, 0, spec_mask_at(mrow, T_len, lane), spec_mask_at(mrow, T_len, 32 + lane)};
+// The queue of a sample's positions [t_lo, T_len) (t_lo = 0: the whole sample; a segment's end as T_len).
+__device__ __forceinline__ SpecQueue spec_queue(const float* __restrict__ mrow, int T_len, int lane, int t_lo = 0) {
+  return SpecQueue{0, t_lo, spec_mask_at(mrow, T_len, t_lo + lane), spec_mask_at(mrow, T_len, t_lo + 32 + lane)};
 }
 
 // The sample's next round of up to 32 unmasked behaviours, as next_round (same rounds, same order), from the
@@ -1112,26 +1114,29 @@ constexpr int kSpecEarlyChunks = 3;
 struct SpecEarlyIds {
   int64_t v[kSpecEarlyChunks];
 };
+// A warp that runs a segment [t_lo, t_hi) of the sample (the split forward; t_lo a multiple of 32) takes the ids of
+// positions t_lo + lane + 32 k (0 from t_hi on).
 __device__ __forceinline__ SpecEarlyIds spec_early_ids(const int64_t* __restrict__ feed_ids, int b, int T_len,
-                                                       int lane) {
+                                                       int t_lo, int t_hi, int lane) {
   SpecEarlyIds r;
 #pragma unroll
   for (int k = 0; k < kSpecEarlyChunks; ++k) {
-    const int t = lane + 32 * k;
-    r.v[k] = feed_ids && t < T_len ? feed_ids[static_cast<size_t>(b) * T_len + t] : 0;
+    const int t = t_lo + lane + 32 * k;
+    r.v[k] = feed_ids && t < t_hi ? feed_ids[static_cast<size_t>(b) * T_len + t] : 0;
   }
   return r;
 }
 // spec_fid for behaviour t from the early ids where they hold it (a load otherwise). Every lane calls it (shuffles).
 __device__ __forceinline__ int64_t spec_fid_early(const SpecEarlyIds& e, const int64_t* __restrict__ feed_ids, int b,
-                                                  int T_len, int t) {
+                                                  int T_len, int t_lo, int t) {
+  const int r = t - t_lo;  // t's place in the warp's segment (negative for t = -1: no behaviour)
   int64_t v = 0;
 #pragma unroll
   for (int k = 0; k < kSpecEarlyChunks; ++k) {
-    const int64_t s = __shfl_sync(0xffffffffu, e.v[k], t & 31);
-    if ((t >> 5) == k) v = s;
+    const int64_t s = __shfl_sync(0xffffffffu, e.v[k], r & 31);
+    if ((r >> 5) == k) v = s;
   }
-  return feed_ids && t >= 32 * kSpecEarlyChunks ? spec_fid(feed_ids, b, T_len, t)
+  return feed_ids && r >= 32 * kSpecEarlyChunks ? spec_fid(feed_ids, b, T_len, t)
          : feed_ids && t >= 0                   ? v
                                                 : spec_fid(feed_ids, b, T_len, t);
 }
@@ -1479,17 +1484,33 @@ __device__ __forceinline__ void spec_zero_share(const SpecZero& z, int b, int B,
   }
 }
 
-template <typename T, int C, bool OI>
-__global__ void __launch_bounds__(kSpecWarps * 32, spec_fwd_blocks<C>()) spec_forward_kernel(
-    Fast f, SpecGeo g, int B, int T_len, CoActionRows rows, const int64_t* __restrict__ ind_ids,
-    const T* __restrict__ feed, const int64_t* __restrict__ feed_ids, const float* __restrict__ mask,
-    T* __restrict__ out, SpecZero zero) {
+// The split forward (kSplit): a block is one sample, its K = blockDim.x / 32 warps each take a segment of the
+// sample's 32-position chunks (warp k: chunks [k n / K, (k + 1) n / K) of n; a segment may be empty), and the
+// segments' h1 sums and valid counts are added in warp order by warp 0, which writes the output row (and zeroes the
+// sample's share of the table gradients). A batch too small to fill the GPU with one warp a sample then runs a
+// long sample on several warps; the sums are deterministic for a given K, but their rounding differs from K = 1's
+// (the launch picks K from B and T: split_warps, below).
+constexpr int kSpecSplitMax = 16;  // warps a sample at most
+
+template <typename T, int C, bool OI, bool kSplit>
+__global__ void __launch_bounds__(kSplit ? kSpecSplitMax * 32 : kSpecWarps * 32, kSplit ? 1 : spec_fwd_blocks<C>())
+    spec_forward_kernel(Fast f, SpecGeo g, int B, int T_len, CoActionRows rows, const int64_t* __restrict__ ind_ids,
+                        const T* __restrict__ feed, const int64_t* __restrict__ feed_ids,
+                        const float* __restrict__ mask, T* __restrict__ out, SpecZero zero) {
   constexpr int D = kSpecD, N1 = kSpecN1, N2 = kSpecN2, S = N1 + N2, NR = spec_row_regs<C, OI>();
   constexpr int FRS = spec_frs(sizeof(T));  // g.FRS, as a constant
   extern __shared__ __align__(16) float smem[];
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-  const int b = blockIdx.x * (blockDim.x >> 5) + warp;
-  if (b >= B) return;  // warps are independent: no block-wide barrier in this kernel
+  int b, t_lo = 0, t_end = T_len;  // the sample and the warp's positions [t_lo, t_end)
+  if constexpr (kSplit) {
+    const int K = blockDim.x >> 5, chunks = (T_len + 31) >> 5;
+    b = blockIdx.x;  // the grid is B blocks: no warp returns before the block's barrier below
+    t_lo = min(T_len, 32 * static_cast<int>(static_cast<int64_t>(warp) * chunks / K));
+    t_end = min(T_len, 32 * static_cast<int>(static_cast<int64_t>(warp + 1) * chunks / K));
+  } else {
+    b = blockIdx.x * (blockDim.x >> 5) + warp;
+    if (b >= B) return;  // warps are independent: no block-wide barrier in this kernel
+  }
   float* base = smem + static_cast<size_t>(warp) * g.per_warp;
   float* W = base + g.oW;
   float* hs = base + g.oU;
@@ -1502,13 +1523,14 @@ __global__ void __launch_bounds__(kSpecWarps * 32, spec_fwd_blocks<C>()) spec_fo
   spec_load_row(induction_row<T>(rows, ind_ids, b, f.ind_dim, &shard, &local), f.ind_dim, lane, wr);
   // the pipeline: round a computes from fbuf[cur] while round b's rows arrive in the other buffer
   const float* mrow = mask + static_cast<size_t>(b) * T_len;
-  const SpecEarlyIds early = spec_early_ids(feed_ids, b, T_len, lane);
-  SpecQueue sq = spec_queue(mrow, T_len, lane);
+  const SpecEarlyIds early = spec_early_ids(feed_ids, b, T_len, t_lo, t_end, lane);
+  SpecQueue sq = spec_queue(mrow, t_end, lane, t_lo);
   int ta, tb;
-  int na = spec_next_round(mrow, T_len, q_, sq, lane, &ta);
-  int nb = spec_next_round(mrow, T_len, q_, sq, lane, &tb);
-  int64_t fb = spec_fid_early(early, feed_ids, b, T_len, tb);  // round b's id, checked where its copies start
-  spec_fetch_row(f, feed, spec_frow_at(feed_ids, rows.feed_rows, spec_fid_early(early, feed_ids, b, T_len, ta)),
+  int na = spec_next_round(mrow, t_end, q_, sq, lane, &ta);
+  int nb = spec_next_round(mrow, t_end, q_, sq, lane, &tb);
+  int64_t fb = spec_fid_early(early, feed_ids, b, T_len, t_lo, tb);  // round b's id, checked where its copies start
+  spec_fetch_row(f, feed,
+                 spec_frow_at(feed_ids, rows.feed_rows, spec_fid_early(early, feed_ids, b, T_len, t_lo, ta)),
                  ta >= 0, fbuf + lane * FRS);
   cp_async_commit();
   // W1 and b1 of every slice pre-scaled for tanh_scaled
@@ -1528,7 +1550,7 @@ __global__ void __launch_bounds__(kSpecWarps * 32, spec_fwd_blocks<C>()) spec_fo
       spec_fetch_row(f, feed, spec_frow_at(feed_ids, rows.feed_rows, fb), tb >= 0, fbuf + (cur ^ 1) * buf + lane * FRS);
     cp_async_commit();  // (an empty group past the sample's last round: the wait below still means "round a in")
     int tc;
-    const int nc = spec_next_round(mrow, T_len, q_, sq, lane, &tc);
+    const int nc = spec_next_round(mrow, t_end, q_, sq, lane, &tc);
     const int64_t fc = spec_fid(feed_ids, b, T_len, tc);  // (checked a round later, where its copies start)
     cp_async_wait<1>();
     __syncwarp();  // the tiles read every lane's row
@@ -1562,6 +1584,19 @@ __global__ void __launch_bounds__(kSpecWarps * 32, spec_fwd_blocks<C>()) spec_fo
   if (lane < 4)
 #pragma unroll
     for (int c = 0; c < C; ++c) *reinterpret_cast<float2*>(hs + c * N1 + 2 * lane) = make_float2(acc[c][0], acc[c][1]);
+  if constexpr (kSplit) {  // the segments' sums and counts, added in warp order by warp 0
+    if (lane == 0) q_[0] = valid;  // (the queue is done with)
+    __syncthreads();
+    if (warp != 0) return;
+    const int K = blockDim.x >> 5;
+    float v = lane < C * N1 ? hs[lane] : 0.f;
+    for (int k = 1; k < K; ++k) {
+      const float* other = smem + static_cast<size_t>(k) * g.per_warp;
+      if (lane < C * N1) v += other[g.oU + lane];
+      valid += reinterpret_cast<const int*>(other + g.oQ)[0];
+    }
+    if (lane < C * N1) hs[lane] = v;
+  }
   __syncwarp();
   T* o = out + static_cast<size_t>(b) * f.n_out;
   if (lane < C * N1) st(o, (lane / N1) * S + lane % N1, hs[lane]);
@@ -2057,6 +2092,75 @@ bool spec_shape(const CoActionDims& d, bool backward, int elem, int* warps, size
 }
 }  // namespace
 
+namespace {
+// DWDP_COACTION_SPLIT, read at every specialised forward launch: unset or "auto" (0 returned): the launch picks the
+// warps a sample; "1", "2", "4", "8" or "16": that many. Anything else is an error naming the variable.
+int split_from_env() {
+  const char* e = std::getenv("DWDP_COACTION_SPLIT");
+  if (!e || !*e || std::string(e) == "auto") return 0;
+  const std::string v(e);
+  for (int k = 1; k <= kSpecSplitMax; k *= 2)
+    if (v == std::to_string(k)) return k;
+  DWDP_REQUIRE(false, "DWDP_COACTION_SPLIT must be 'auto' or one of 1, 2, 4, 8, 16 (warps a sample of the "
+                      "specialised co-action forward), got '"
+                          << v << "'");
+  return 0;
+}
+
+// Multiprocessors of device dev (cached: the forward asks at every launch).
+int device_sms(int dev) {
+  static std::mutex mu;
+  static std::map<int, int> sms;
+  std::lock_guard<std::mutex> lock(mu);
+  auto it = sms.find(dev);
+  if (it != sms.end()) return it->second;
+  int n = 0;
+  DWDP_CUDA_CHECK(cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, dev));
+  sms[dev] = n;
+  return n;
+}
+}  // namespace
+
+namespace {
+// coaction_split_warps for a specialised shape of `orders` orders whose warps take per_warp_bytes of shared memory.
+int split_warps(int orders, size_t per_warp_bytes, int B, int T, int sms, int forced) {
+  const int chunks = (T + 31) / 32;
+  // the most warps a block's shared memory holds (a power of two)
+  int fit = 1;
+  while (2 * fit <= kSpecSplitMax && 2 * static_cast<size_t>(fit) * per_warp_bytes <= kSmemMax) fit *= 2;
+  if (forced) return std::min(forced, fit);
+  // The most warps a sample such that every warp keeps a chunk and the grid stays within a warp budget per SM: 16 when
+  // each warp keeps at least 4 chunks, else 8 (about where the SM's issue slots fill: more warps of short segments
+  // repeat a sample's setup for no gain). Measured on one H200 (docs/benchmarks.md, "Sixteenth session"): the best K
+  // of 1-16 at T = 100 / 1000 / 2000 and B = 1-4096, or within 1 % of it.
+  const int64_t resident = static_cast<int64_t>(kSpecWarps) * (orders <= 3 ? spec_fwd_blocks<3>() : spec_fwd_blocks<4>());
+  int k = 1;
+  for (int c = 2; c <= fit && c <= chunks; c *= 2) {
+    const int64_t budget = static_cast<int64_t>(sms) * std::min<int64_t>(chunks / c >= 4 ? 16 : 8, resident);
+    if (static_cast<int64_t>(B) * c <= budget) k = c;
+  }
+  return k;
+}
+}  // namespace
+
+int coaction_split_warps(const CoActionDims& d, int elem, int B, int T, int sms, int forced) {
+  check_dims(d);
+  DWDP_REQUIRE(elem == 2 || elem == 4, "coaction_split_warps: elem (bytes of a feed element) must be 2 or 4, got "
+                                           << elem);
+  DWDP_REQUIRE(B >= 1 && T >= 1 && sms >= 1,
+               "coaction_split_warps: B, T and sms must be >= 1, got B " << B << ", T " << T << ", sms " << sms);
+  DWDP_REQUIRE(forced >= -1 && forced <= kSpecSplitMax && (forced <= 0 || (forced & (forced - 1)) == 0),
+               "coaction_split_warps: forced must be -1 (DWDP_COACTION_SPLIT), 0 (pick) or a power of two up to "
+                   << kSpecSplitMax << ", got " << forced);
+  if (forced < 0) forced = split_from_env();
+  int w;
+  size_t sm;
+  if (!spec_shape(d, false, elem, &w, &sm)) return 0;
+  const Fast f = make_fast(d, false);
+  return split_warps(f.C, sizeof(float) * static_cast<size_t>(make_spec_geo(f, false, elem).per_warp), B, T, sms,
+                     forced);
+}
+
 bool coaction_specialized(const CoActionDims& d, bool backward) {
   int w;
   size_t sm;
@@ -2132,10 +2236,33 @@ void prefer_shared(const void* kernel) {
                                          cudaSharedmemCarveoutMaxShared));
 }
 
+// Raises a kernel's dynamic shared-memory limit to at least `bytes` (once per kernel and size: the split forward's
+// blocks take 1-16 warps' worth, and a launch inside a stream capture then makes no attribute call).
+void raise_smem(const void* kernel, size_t bytes) {
+  static std::mutex mu;
+  static std::map<const void*, size_t> done;
+  std::lock_guard<std::mutex> lock(mu);
+  size_t& have = done[kernel];
+  if (bytes <= have) return;
+  DWDP_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes)));
+  have = bytes;
+}
+
 // The specialised kernel instance for C orders (1-4; spec_shape admits no other).
 template <typename K>
 K spec_pick(int C, K k1, K k2, K k3, K k4) {
   return C == 1 ? k1 : C == 2 ? k2 : C == 3 ? k3 : k4;
+}
+}  // namespace
+
+namespace {
+// The specialised forward instance for C orders (1-4), order independence and kSplit (K warps a sample).
+template <typename E, bool kSplit>
+auto spec_forward_pick(int C, bool oi) {
+  return oi ? spec_pick(C, spec_forward_kernel<E, 1, true, kSplit>, spec_forward_kernel<E, 2, true, kSplit>,
+                        spec_forward_kernel<E, 3, true, kSplit>, spec_forward_kernel<E, 4, true, kSplit>)
+            : spec_pick(C, spec_forward_kernel<E, 1, false, kSplit>, spec_forward_kernel<E, 2, false, kSplit>,
+                        spec_forward_kernel<E, 3, false, kSplit>, spec_forward_kernel<E, 4, false, kSplit>);
 }
 }  // namespace
 
@@ -2152,7 +2279,8 @@ int coaction_forward(const CoActionDims& d, int dtype, int B, int T, const CoAct
                      uintptr_t feed, uintptr_t feed_ids, uintptr_t mask, uintptr_t out, uintptr_t stream,
                      bool check_ids, const CoActionZero& zero) {
   check_rows(rows, feed_ids, static_cast<int64_t>(B) * T);
-  DeviceGuard guard(device_of(out, "coaction_forward: out"));
+  const int dev = device_of(out, "coaction_forward: out");
+  DeviceGuard guard(dev);
   auto s = reinterpret_cast<cudaStream_t>(stream);
   // what the specialised kernel zeroes: 16-byte aligned arrays when a sample's share of them is at most 128 KiB (a
   // few samples cannot zero a large table at the memory's rate: a memset does); the rest by memset
@@ -2183,21 +2311,29 @@ int coaction_forward(const CoActionDims& d, int dtype, int B, int T, const CoAct
     size_t ssmem;
     check_dims(d);
     if (spec_shape(d, false, sizeof(E), &swarps, &ssmem)) {
-      const auto kspec = f.oi ? spec_pick(f.C, spec_forward_kernel<E, 1, true>, spec_forward_kernel<E, 2, true>,
-                                                spec_forward_kernel<E, 3, true>, spec_forward_kernel<E, 4, true>)
-                              : spec_pick(f.C, spec_forward_kernel<E, 1, false>, spec_forward_kernel<E, 2, false>,
-                                                 spec_forward_kernel<E, 3, false>, spec_forward_kernel<E, 4, false>);
-      prefer_shared(reinterpret_cast<const void*>(kspec));
-      if (ssmem + kFastStatic > kSmemDefault)
-        DWDP_CUDA_CHECK(
-            cudaFuncSetAttribute(kspec, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(ssmem)));
       zero_by_memset(zm, s);
       if (B == 0 || T == 0) {
         zero_by_memset(zk, s);
         return;
       }
-      kspec<<<(B + swarps - 1) / swarps, swarps * 32, ssmem, s>>>(f, make_spec_geo(f, false, sizeof(E)), B, T, rows, ids, fd,
-                                                                  fids, mk, o, spec_zero_plan(zk, B));
+      const SpecGeo geo = make_spec_geo(f, false, sizeof(E));
+      const int split = split_warps(f.C, sizeof(float) * static_cast<size_t>(geo.per_warp), B, T, device_sms(dev),
+                                    split_from_env());
+      if (split > 1) {
+        const auto kspec = spec_forward_pick<E, true>(f.C, f.oi);
+        const size_t ksmem = sizeof(float) * static_cast<size_t>(geo.per_warp) * split;
+        if (ksmem > kSmemDefault) raise_smem(reinterpret_cast<const void*>(kspec), ksmem);
+        kspec<<<B, split * 32, ksmem, s>>>(f, geo, B, T, rows, ids, fd, fids, mk, o, spec_zero_plan(zk, B));
+        DWDP_LAUNCH_CHECK();
+        return;
+      }
+      const auto kspec = spec_forward_pick<E, false>(f.C, f.oi);
+      prefer_shared(reinterpret_cast<const void*>(kspec));
+      if (ssmem + kFastStatic > kSmemDefault)
+        DWDP_CUDA_CHECK(
+            cudaFuncSetAttribute(kspec, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(ssmem)));
+      kspec<<<(B + swarps - 1) / swarps, swarps * 32, ssmem, s>>>(f, geo, B, T, rows, ids, fd, fids, mk, o,
+                                                                  spec_zero_plan(zk, B));
       DWDP_LAUNCH_CHECK();
       return;
     }

@@ -10,7 +10,14 @@ array, both a TypeError and a ValueError.
 """
 
 from ..errors import CoActionArgumentError
-from .fused import ShardedTable, TableGrads, coaction_backward_gpu, coaction_forward_gpu, launch_shape
+from .fused import (
+    ShardedTable,
+    TableGrads,
+    coaction_backward_gpu,
+    coaction_forward_gpu,
+    forward_split_warps,
+    launch_shape,
+)
 from .reference import CoActionSpec, coaction_backward, coaction_forward
 
 _TORCH = ("CoActionFunction", "coaction")
@@ -25,4 +32,5 @@ def __getattr__(name: str):
 
 
 __all__ = ["CoActionArgumentError", "CoActionFunction", "CoActionSpec", "ShardedTable", "TableGrads", "launch_shape",
-           "coaction", "coaction_backward", "coaction_backward_gpu", "coaction_forward", "coaction_forward_gpu"]
+           "coaction", "coaction_backward", "coaction_backward_gpu", "coaction_forward", "coaction_forward_gpu",
+           "forward_split_warps"]

@@ -1,0 +1,92 @@
+"""How many warps a sample the specialised co-action forward takes (``forward_split_warps``): the launch's pick, the
+``DWDP_COACTION_SPLIT`` override and its errors. Host logic: no GPU needed (the GPU tests of the split kernel are in
+test_gpu_coaction_split.py)."""
+
+from __future__ import annotations
+
+import pytest
+from dwdp_ops.coaction import CoActionSpec
+from dwdp_ops.coaction.fused import forward_split_warps
+
+# The picks on an H200 (132 SMs), each the fastest K of 1-16 measured there (or within 1 % of it):
+# docs/benchmarks.md, "Sixteenth session"; bench/results/coaction_split_H200.json.
+H200 = [((1, 100), 4), ((64, 100), 4), ((256, 100), 4), ((1024, 100), 1), ((4096, 100), 1),
+        ((1, 1000), 16), ((64, 1000), 16), ((256, 1000), 8), ((1024, 1000), 2), ((2048, 1000), 1),
+        ((1, 2000), 16), ((256, 2000), 8), ((1024, 2000), 2),
+        # the co-action benchmark's sizes all stay at one warp a sample
+        ((1024, 50), 1), ((8192, 50), 1), ((8192, 100), 1), ((2048, 1000), 1), ((16384, 200), 1),
+        # a sample of one chunk (T <= 32) is never split
+        ((1, 1), 1), ((1, 32), 1), ((1, 33), 2)]
+
+
+@pytest.fixture(autouse=True)
+def _no_override(monkeypatch):
+    monkeypatch.delenv("DWDP_COACTION_SPLIT", raising=False)
+    monkeypatch.delenv("DWDP_COACTION_SPECIALIZED", raising=False)
+
+
+@pytest.mark.parametrize(("bt", "k"), H200, ids=[f"{b}x{t}" for (b, t), _ in H200])
+def test_the_h200_picks(bt, k):
+    B, T = bt
+    assert forward_split_warps(CoActionSpec(), B, T, 132) == k
+    assert forward_split_warps(CoActionSpec(), B, T, 132, "bfloat16") == k
+
+
+@pytest.mark.parametrize("cfg", [dict(), dict(orders=4, order_independent=True, bias=True), dict(orders=1)], ids=str)
+@pytest.mark.parametrize("sms", [1, 8, 132])
+def test_a_pick_is_a_power_of_two_within_the_chunks_and_the_warp_budget(cfg, sms):
+    spec = CoActionSpec(**cfg)
+    for T in (1, 31, 64, 100, 500, 1000, 5000):
+        for B in (1, 3, 100, 1000, 10_000):
+            k = forward_split_warps(spec, B, T, sms)
+            chunks = -(-T // 32)
+            assert k in (1, 2, 4, 8, 16) and k <= max(1, chunks), (B, T, k)
+            assert k == 1 or B * k <= 16 * sms, (B, T, k)
+
+
+def test_fewer_samples_or_longer_ones_never_take_fewer_warps():
+    spec = CoActionSpec()
+    for T in (50, 100, 300, 1000, 2000):
+        ks = [forward_split_warps(spec, B, T, 132) for B in (1, 2, 8, 32, 128, 512, 2048, 8192)]
+        assert ks == sorted(ks, reverse=True), (T, ks)
+    for B in (1, 64, 256, 1024):
+        ks = [forward_split_warps(spec, B, T, 132) for T in (32, 64, 128, 256, 512, 1024, 2048)]
+        assert ks == sorted(ks), (B, ks)
+
+
+@pytest.mark.parametrize("value", ["1", "2", "4", "8", "16"])
+def test_the_override_forces_k(monkeypatch, value):
+    monkeypatch.setenv("DWDP_COACTION_SPLIT", value)
+    assert forward_split_warps(CoActionSpec(), 8192, 100, 132) == int(value)
+    assert forward_split_warps(CoActionSpec(), 1, 1, 132) == int(value)  # forced even where segments are empty
+
+
+@pytest.mark.parametrize("value", ["auto", ""])
+def test_auto_or_empty_is_the_pick(monkeypatch, value):
+    monkeypatch.setenv("DWDP_COACTION_SPLIT", value)
+    assert forward_split_warps(CoActionSpec(), 1, 2000, 132) == 16
+
+
+@pytest.mark.parametrize("value", ["0", "3", "32", "-1", "two", " 4", "4.0"])
+def test_a_bad_override_is_named(monkeypatch, value):
+    monkeypatch.setenv("DWDP_COACTION_SPLIT", value)
+    with pytest.raises(ValueError, match=r"DWDP_COACTION_SPLIT must be 'auto' or one of 1, 2, 4, 8, 16"):
+        forward_split_warps(CoActionSpec(), 1, 100, 132)
+
+
+def test_shapes_off_the_specialised_kernels_are_zero(monkeypatch):
+    assert forward_split_warps(CoActionSpec(variant="paper", bias=True), 1, 2000, 132) == 0
+    assert forward_split_warps(CoActionSpec(layer_dims=((16, 8), (8, 8))), 1, 2000, 132) == 0
+    monkeypatch.setenv("DWDP_COACTION_SPECIALIZED", "0")
+    assert forward_split_warps(CoActionSpec(), 1, 2000, 132) == 0
+
+
+@pytest.mark.parametrize(("kw", "match"), [
+    (dict(B=0), "B must be an integer in"), (dict(T=-1), "T must be an integer in"), (dict(sms=0), "sms must be"),
+    (dict(B=2**31), "B must be"), (dict(T=1.5), "T must be"), (dict(B=True), "B must be"),
+    (dict(dtype="float16"), "dtype must be 'float32' or 'bfloat16'"),
+])
+def test_bad_arguments_are_named(kw, match):
+    args = dict(B=4, T=100, sms=132) | kw
+    with pytest.raises(ValueError, match=match):
+        forward_split_warps(CoActionSpec(), **args)

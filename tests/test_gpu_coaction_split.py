@@ -1,0 +1,180 @@
+"""The split forward of the specialised co-action kernels (GPU): a block of K warps a sample, each a segment of the
+sample's positions (``forward_split_warps``; ``DWDP_COACTION_SPLIT`` forces K). Every K against the float64
+reference and against one warp a sample, on every specialised feature; the launch's own pick; a busy caller stream
+and CUDA-graph replays mixed with eager calls."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from dwdp_ops.coaction import CoActionSpec, coaction_forward
+
+SPECS = [dict(), dict(orders=4, order_independent=True, bias=True), dict(orders=1, bias=True),
+         dict(orders=2, order_independent=True)]
+# T = 1 and 31 leave most warps of a block an empty segment; 33 and 257 end in a partial chunk
+CASES = [(1, 1), (3, 31), (3, 33), (4, 100), (2, 2000), (5, 257)]
+
+
+def rel(a, b):
+    return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
+
+
+def inputs(spec, B, T, seed):
+    rng = np.random.default_rng(seed)
+    ind = rng.normal(0, 0.3, (B, spec.induction_dim)).astype(np.float32)
+    feed = rng.normal(0, 0.6, (B, T, spec.feed_dim)).astype(np.float32)
+    mask = (rng.random((B, T)) < 0.8).astype(np.float32)
+    if B >= 3:
+        mask[1] = 0  # a sample with no behaviour
+        mask[2] = 0
+        mask[2, T - 1] = 1  # one whose only behaviour is its last position (the last warp's segment)
+    if B >= 4:
+        mask[3, : T // 2] = 0  # one whose first half is masked (the first warps' segments empty)
+    return ind, feed, mask
+
+
+def reference(spec, ind, feed, mask):
+    return coaction_forward(ind.astype(np.float64), feed.astype(np.float64), mask, spec.layer_dims, spec.orders,
+                            spec.bias, order_independent=spec.order_independent)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("k", [2, 4, 8, 16])
+@pytest.mark.parametrize("cfg", SPECS, ids=str)
+def test_every_split_equals_the_reference_and_one_warp_a_sample(monkeypatch, cfg, k):
+    import cupy as cp
+    from dwdp_ops.coaction import coaction_forward_gpu
+
+    spec = CoActionSpec(**cfg)
+    for B, T in CASES:
+        ind, feed, mask = inputs(spec, B, T, B * T + k)
+        args = (cp.asarray(ind), cp.asarray(feed), cp.asarray(mask), spec)
+        monkeypatch.setenv("DWDP_COACTION_SPLIT", "1")
+        one = coaction_forward_gpu(*args).get()
+        monkeypatch.setenv("DWDP_COACTION_SPLIT", str(k))
+        got = coaction_forward_gpu(*args).get()
+        again = coaction_forward_gpu(*args).get()
+        want = reference(spec, ind, feed, mask)
+        assert rel(got, want) <= 1e-5, (B, T)
+        assert rel(got, one) <= 1e-6, (B, T)
+        assert np.array_equal(got, again), (B, T)  # deterministic for a given K
+        if B >= 3:
+            assert np.array_equal(got[1], np.zeros_like(got[1]))  # no behaviour: zeros (no bias b2 times 0 valid)
+
+
+@pytest.mark.gpu
+def test_split_bf16_inputs(monkeypatch):
+    import cupy as cp
+    from dwdp_ops.coaction import coaction_forward_gpu
+
+    def bf16(a):  # round to nearest even, keep the top 16 bits
+        u = a.astype(np.float32).view(np.uint32)
+        return ((u + 0x7FFF + ((u >> 16) & 1)) >> 16).astype(np.uint16)
+
+    def f32(u):
+        return (u.astype(np.uint32) << 16).view(np.float32)
+
+    spec = CoActionSpec(orders=3, bias=True)
+    ind, feed, mask = inputs(spec, 4, 300, 7)
+    bi, bfd = bf16(ind), bf16(feed)
+    want = reference(spec, f32(bi), f32(bfd), mask)
+    for k in (1, 4, 16):
+        monkeypatch.setenv("DWDP_COACTION_SPLIT", str(k))
+        got = coaction_forward_gpu(cp.asarray(bi), cp.asarray(bfd), cp.asarray(mask), spec, dtype="bfloat16").get()
+        assert rel(f32(got), want) <= 2e-2, k
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("k", [2, 8])
+def test_split_table_ids_repeated_and_table_grads_zeroed(monkeypatch, k):
+    """The table path with heavily repeated ids equals the gathered rows; a TableGrads given to a split forward is
+    zeroed (by the kernel's warp 0 of each sample: poisoned with NaN before) and its backward equals a plain one."""
+    import cupy as cp
+    from dwdp_ops.coaction import TableGrads, coaction_backward_gpu, coaction_forward_gpu
+
+    spec = CoActionSpec(orders=3, bias=True)
+    rng = np.random.default_rng(k)
+    B, T, rows = 6, 700, 5  # 700 positions over 5 feed rows: every row repeated ~140 times a sample
+    table = cp.asarray(rng.normal(0, 0.3, (rows, spec.induction_dim)).astype(np.float32))
+    ftable = cp.asarray(rng.normal(0, 0.6, (rows, spec.feed_dim)).astype(np.float32))
+    ids = cp.asarray(rng.integers(0, 2, B))
+    fids = cp.asarray(rng.integers(0, rows, (B, T)))
+    mask = cp.asarray((rng.random((B, T)) < 0.8).astype(np.float32))
+    g = cp.asarray(rng.normal(size=(B, spec.out_dim)).astype(np.float32))
+    monkeypatch.setenv("DWDP_COACTION_SPLIT", str(k))
+    want = reference(spec, table.get()[ids.get()], ftable.get()[fids.get()], mask.get())
+    tg = TableGrads(table.shape, ftable.shape)
+    tg.induction.fill(np.nan)
+    tg.feed.fill(np.nan)
+    out = coaction_forward_gpu(table, ftable, mask, spec, ind_ids=ids, feed_ids=fids, zero_grads=tg)
+    assert rel(out.get(), want) <= 1e-5
+    assert not tg.induction.any() and not tg.feed.any()  # (NaN is truthy)
+    gi, gf = coaction_backward_gpu(table, ftable, mask, g, spec, ind_ids=ids, feed_ids=fids, grads=tg)
+    wi, wf = coaction_backward_gpu(table, ftable, mask, g, spec, ind_ids=ids, feed_ids=fids)
+    assert np.isfinite(gi.get()).all() and np.isfinite(gf.get()).all()
+    assert rel(gi.get(), wi.get()) <= 1e-5 and rel(gf.get(), wf.get()) <= 1e-5
+
+
+@pytest.mark.gpu
+def test_the_launch_splits_a_small_batch_of_long_samples(monkeypatch):
+    import cupy as cp
+    from dwdp_ops.coaction import coaction_forward_gpu
+    from dwdp_ops.coaction.fused import forward_split_warps
+
+    monkeypatch.delenv("DWDP_COACTION_SPLIT", raising=False)
+    spec = CoActionSpec()
+    sms = cp.cuda.runtime.getDeviceProperties(cp.cuda.Device().id)["multiProcessorCount"]
+    assert forward_split_warps(spec, 2, 2000, sms) > 1
+    assert forward_split_warps(spec, 100 * sms, 100, sms) == 1
+    ind, feed, mask = inputs(spec, 2, 2000, 3)
+    got = coaction_forward_gpu(cp.asarray(ind), cp.asarray(feed), cp.asarray(mask), spec).get()
+    assert rel(got, reference(spec, ind, feed, mask)) <= 1e-5
+
+
+@pytest.mark.gpu
+def test_split_forward_on_a_busy_stream_and_in_graph_replays(monkeypatch):
+    """The split forward on the caller's non-blocking stream behind a large copy, captured in a CUDA graph whose
+    replays alternate with eager calls (whose outputs come from pool blocks poisoned with NaN): every output equals
+    the first eager call's bit for bit."""
+    import cupy as cp
+    from dwdp_ops.coaction import coaction_forward_gpu
+
+    monkeypatch.setenv("DWDP_COACTION_SPLIT", "8")
+    spec = CoActionSpec()
+    ind, feed, mask = inputs(spec, 5, 1000, 11)
+    ind, feed, mask = cp.asarray(ind), cp.asarray(feed), cp.asarray(mask)
+    s = cp.cuda.Stream(non_blocking=True)
+    big = cp.ones(1 << 27, cp.float32)
+    with s:
+        want = coaction_forward_gpu(ind, feed, mask, spec, stream=s).get()
+        s.begin_capture()
+        try:
+            captured = coaction_forward_gpu(ind, feed, mask, spec, stream=s)
+        finally:
+            graph = s.end_capture()
+        for i in range(6):
+            dst = cp.empty_like(big)
+            dst[...] = big  # queued ahead of the forward
+            if i % 2:
+                captured.fill(np.nan)
+                graph.launch(s)
+                got = captured
+            else:
+                cp.full(want.size, np.nan, cp.float32)  # a NaN block back to the pool for the next output
+                got = coaction_forward_gpu(ind, feed, mask, spec, stream=s)
+            del dst
+            s.synchronize()
+            assert np.array_equal(got.get(), want), i
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("value", ["3", "32", "-1", "two"])
+def test_a_bad_split_setting_is_named(monkeypatch, value):
+    import cupy as cp
+    from dwdp_ops.coaction import coaction_forward_gpu
+
+    monkeypatch.setenv("DWDP_COACTION_SPLIT", value)
+    spec = CoActionSpec()
+    ind, feed, mask = inputs(spec, 2, 10, 0)
+    with pytest.raises(ValueError, match="DWDP_COACTION_SPLIT must be 'auto' or one of 1, 2, 4, 8, 16"):
+        coaction_forward_gpu(cp.asarray(ind), cp.asarray(feed), cp.asarray(mask), spec)
