@@ -70,7 +70,7 @@ from statistics import median
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import machine_facts, median_ratio, result_name, time_interleaved, time_op, write_json  # noqa: E402
+from common import graphed, machine_facts, median_ratio, result_name, time_interleaved, time_op, write_json  # noqa: E402
 from dwdp_ops._cli import positive_int  # noqa: E402
 
 
@@ -152,28 +152,6 @@ def repeated(fn, k: int):
     def run():
         for _ in range(k):
             fn()
-    return run
-
-
-def graphed(fn, k: int, stream):
-    """``k`` back-to-back calls of ``fn`` captured once in a CUDA graph on ``stream`` and replayed as one op. ``fn``
-    must return every array it allocates (a tuple for several): they stay referenced by the op (``op.keep``), so the
-    memory pool never hands their blocks to anyone else while the graph writes them (a block freed during capture
-    goes back to the pool and would be overwritten by every replay); k warm-up calls first leave k calls' blocks
-    cached in the pool, so the capture allocates nothing anew."""
-    with stream:
-        warm = [fn() for _ in range(k)]
-        del warm
-        stream.synchronize()
-        stream.begin_capture()
-        try:
-            keep = [fn() for _ in range(k)]
-        finally:
-            graph = stream.end_capture()
-
-    def run():
-        graph.launch(stream)
-    run.keep = keep
     return run
 
 

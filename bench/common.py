@@ -72,6 +72,28 @@ def time_interleaved(ops: dict, stream, repeats: int = 10, warmup: int = 2, befo
     return times
 
 
+def graphed(fn, k: int, stream):
+    """``k`` back-to-back calls of ``fn`` captured once in a CUDA graph on ``stream`` and replayed as one op. ``fn``
+    must return every array it allocates (a tuple for several): they stay referenced by the op (``op.keep``), so the
+    memory pool never hands their blocks to anyone else while the graph writes them (a block freed during capture
+    goes back to the pool and would be overwritten by every replay); k warm-up calls first leave k calls' blocks
+    cached in the pool, so the capture allocates nothing anew."""
+    with stream:
+        warm = [fn() for _ in range(k)]
+        del warm
+        stream.synchronize()
+        stream.begin_capture()
+        try:
+            keep = [fn() for _ in range(k)]
+        finally:
+            graph = stream.end_capture()
+
+    def run():
+        graph.launch(stream)
+    run.keep = keep
+    return run
+
+
 def median_ratio(num: list, den: list):
     """Median over repeats of ``num[i] / den[i]`` (the per-repeat ratio of two interleaved series); None when
     either series was not run on this rank."""

@@ -6,7 +6,8 @@
 #   dispatch  build + dispatch_bandwidth (our dispatch/combine against NCCL all_to_all_single)
 #   fetch     build + fetch_bandwidth (N GPUs, and the N=2 layer-only jobs)           issue 3
 #   overlap   build + prefetch_overlap                                                issue 4
-#   can       build + coaction_bench + coaction_host + CAN-DNN/DNN training on the GPU (3 seeds)  issues 6, 16
+#   can       build + coaction_bench + coaction_host + coaction_split + CAN-DNN/DNN training on the GPU (3 seeds)
+#             issues 6, 16
 #   canprof   build + Nsight Compute of the co-action kernels at B = 8192, T = 100 (bench/coaction_profile.py:
 #             the specialised forward and backward, then the general ones)                   issue 16
 #   deepseek  build + deepseek_forward (10 repeats)                                   issue 5
@@ -69,6 +70,8 @@ if want can; then
   grep "^{'B'" "$OUT/coaction_bench.log" | cut -c1-600  # one line per case (torch.compile's autotune log around them)
   timeout 200 python3 bench/coaction_host.py > "$OUT/coaction_host.log" 2>&1; echo "coaction_host rc=$?"
   cut -c1-900 "$OUT/coaction_host.log"
+  timeout 240 python3 bench/coaction_split.py > "$OUT/coaction_split.log" 2>&1; echo "coaction_split rc=$?"
+  grep -E "^B=|checked" "$OUT/coaction_split.log" | cut -c1-200
   mkdir -p "$OUT/can"
   for seed in 0 1 2; do
     timeout 200 python3 -m dwdp_ops can-train --device gpu --samples 100000 --epochs 3 --seed $seed --quiet \
@@ -132,6 +135,7 @@ if [[ ",$what," == *",smoke,"* ]]; then
   smoke coaction_bench python3 bench/coaction_bench.py --sizes 256x20 --repeats 2 --pipeline 2 --compile-mode default
   smoke coaction_host python3 bench/coaction_host.py --repeats 2 --calls 5
   smoke coaction_profile python3 bench/coaction_profile.py --B 256 --T 20 --rows 1000
+  smoke coaction_split python3 bench/coaction_split.py --T 100 --B 1,64 --ks 1,4 --repeats 2 --calls 2
   smoke gemm_probe python3 bench/gemm_probe.py 64
   smoke attention_probe python3 bench/attention_probe.py --lengths 1024 --batch-tokens 2048 --repeats 2 --warmup 1
   smoke expert_gemm python3 bench/expert_gemm.py --tokens 256 --routing uniform --repeats 2 --warmup 1

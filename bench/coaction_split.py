@@ -1,0 +1,191 @@
+"""The co-action forward at small batches: one warp a sample against K warps a sample (the split forward), one GPU.
+
+    python bench/coaction_split.py [--T 100,1000,2000] [--B 1,16,64,256,1024,2048,4096] [--ks 1,2,4,8,16]
+                                   [--repeats 15] [--calls 10]
+
+One warp a sample leaves the GPU mostly idle when a batch has fewer samples than resident warps (3696 on an H200),
+and a long sample's time is one warp's. The split forward runs a sample on a block of K warps, each a segment of its
+positions (``dwdp_ops.coaction.fused.forward_split_warps``; ``DWDP_COACTION_SPLIT`` forces K). For every (B, T) with
+B x T at most 4096 x 1000: the forward of the CAN reference shape (table + ids, 100 000-row tables, 80 % of the
+positions unmasked, ``check_ids=False``) with each K forced, each captured in its own CUDA graph of ``--calls``
+forwards and replayed, the K variants interleaved per repeat (``common.time_interleaved``); a figure is the median
+over repeats of a forward's microseconds, ``over_k1`` the median of the per-repeat ratios to K = 1 (one warp a
+sample: the baseline, measured in the same run), and ``pick`` the K the launch takes by itself. Before timing, every
+K is checked against the float64 reference on small cases with masked segments (relative error at most 1e-5).
+
+Writes ``bench/results/coaction_split_<card>.json`` and ``docs/img/coaction_split_<card>.png``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from statistics import median
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import (  # noqa: E402
+    graphed,
+    int_list,
+    machine_facts,
+    median_ratio,
+    result_name,
+    time_interleaved,
+    write_json,
+)
+from dwdp_ops._cli import positive_int  # noqa: E402
+
+ROWS = 100_000
+MAX_POSITIONS = 4096 * 1000
+
+
+@contextmanager
+def split(k: int):
+    """DWDP_COACTION_SPLIT=k inside the block (the launch reads it at every call)."""
+    old = os.environ.get("DWDP_COACTION_SPLIT")
+    os.environ["DWDP_COACTION_SPLIT"] = str(k)
+    try:
+        yield
+    finally:
+        if old is None:
+            del os.environ["DWDP_COACTION_SPLIT"]
+        else:
+            os.environ["DWDP_COACTION_SPLIT"] = old
+
+
+def rel(a, b) -> float:
+    import numpy as np
+
+    return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
+
+
+def check(ks) -> list[dict]:
+    """Every K against the float64 reference (three specialised shapes, an all-masked sample, a half-masked one)."""
+    import cupy as cp
+    import numpy as np
+    from dwdp_ops.coaction import CoActionSpec, coaction_forward, coaction_forward_gpu
+
+    rng = np.random.default_rng(0)
+    rows = []
+    for cfg in (dict(), dict(orders=4, order_independent=True, bias=True), dict(orders=1, bias=True)):
+        spec = CoActionSpec(**cfg)
+        for B, T in ((1, 1), (3, 33), (5, 100), (2, 2000), (7, 257)):
+            ind = rng.normal(0, 0.3, (B, spec.induction_dim)).astype(np.float32)
+            feed = rng.normal(0, 0.6, (B, T, spec.feed_dim)).astype(np.float32)
+            mask = (rng.random((B, T)) < 0.8).astype(np.float32)
+            if B > 2:
+                mask[1] = 0
+                mask[2, : T // 2] = 0
+            want = coaction_forward(ind.astype(np.float64), feed.astype(np.float64), mask, spec.layer_dims,
+                                    spec.orders, spec.bias, order_independent=spec.order_independent)
+            for k in ks:
+                with split(k):
+                    got = coaction_forward_gpu(cp.asarray(ind), cp.asarray(feed), cp.asarray(mask), spec).get()
+                rows.append(dict(spec=str(cfg), B=B, T=T, K=k, rel=rel(got, want)))
+    return rows
+
+
+def plot(cases: list[dict], ts: list[int], path: Path) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib not installed: no plot (pip install matplotlib)")
+        return
+    fig, axes = plt.subplots(1, len(ts), figsize=(4.2 * len(ts), 3.6), squeeze=False)
+    for ax, T in zip(axes[0], ts, strict=True):
+        cs = [c for c in cases if c["T"] == T]
+        if not cs:
+            continue
+        xs = [c["B"] for c in cs]
+        ax.plot(xs, [c["us"]["K1"] for c in cs], "o-", color="tab:gray", label="one warp a sample (K = 1)")
+        ax.plot(xs, [c["us"][f"K{c['pick']}"] for c in cs], "s-", color="tab:blue", label="the launch's pick")
+        ax.plot(xs, [min(c["us"].values()) for c in cs], ":", color="tab:green", label="best K forced")
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xlabel("B (samples)")
+        ax.set_title(f"T = {T}")
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel("forward, us (graphed, median)")
+    axes[0][0].legend(fontsize=7)
+    fig.suptitle("Co-action forward at small batches: K warps a sample (CAN shape, one GPU)", fontsize=9)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    print(f"wrote {path}")
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--T", default="100,1000,2000", help="comma-separated sequence lengths")
+    ap.add_argument("--B", default="1,16,64,256,1024,2048,4096", help="comma-separated batch sizes")
+    ap.add_argument("--ks", default="1,2,4,8,16", help="warps a sample to force (1 must be among them: the baseline)")
+    ap.add_argument("--repeats", type=positive_int, default=15)
+    ap.add_argument("--calls", type=positive_int, default=10, help="forwards a CUDA graph")
+    ns = ap.parse_args()
+    ts, bs, ks = int_list(ap, "--T", ns.T), int_list(ap, "--B", ns.B), int_list(ap, "--ks", ns.ks)
+    if 1 not in ks or any(k & (k - 1) or k > 16 for k in ks):
+        ap.error(f"--ks must be powers of two up to 16 and include 1 (the baseline), got {ns.ks!r}")
+
+    import cupy as cp
+    import numpy as np
+    from dwdp_ops.coaction import CoActionSpec, coaction_forward_gpu
+    from dwdp_ops.coaction.fused import forward_split_warps
+
+    t0 = time.time()
+    checks = check(ks)
+    bad = [r for r in checks if r["rel"] > 1e-5]
+    print(f"checked {len(checks)} forwards against the float64 reference: largest relative error "
+          f"{max(r['rel'] for r in checks):.2e}, {len(bad)} above 1e-5", flush=True)
+    spec = CoActionSpec()
+    rs = np.random.default_rng(0)
+    s = cp.cuda.Stream(non_blocking=True)
+    table = cp.asarray(rs.normal(0, 0.3, (ROWS, spec.induction_dim)).astype(np.float32))
+    ftable = cp.asarray(rs.normal(0, 0.6, (ROWS, spec.feed_dim)).astype(np.float32))
+    facts = machine_facts()
+    cases = []
+    for T in ts:
+        for B in bs:
+            if B * T > MAX_POSITIONS:
+                continue
+            ids = cp.asarray(rs.integers(0, ROWS, B))
+            fids = cp.asarray(rs.integers(0, ROWS, (B, T)))
+            mask = cp.asarray((rs.random((B, T)) < 0.8).astype(np.float32))
+
+            def fwd():
+                return coaction_forward_gpu(table, ftable, mask, spec, ind_ids=ids, feed_ids=fids, stream=s,
+                                            check_ids=False)
+
+            ops = {}
+            for k in ks:
+                with split(k):
+                    ops[f"K{k}"] = graphed(fwd, ns.calls, s)
+            pick = forward_split_warps(spec, B, T, facts["sms"])
+            t = time_interleaved(ops, s, ns.repeats, 2)
+            us = {n: median(v) * 1000 / ns.calls for n, v in t.items()}
+            over = {n: median_ratio(v, t["K1"]) for n, v in t.items()}
+            cases.append(dict(B=B, T=T, us=us, over_k1=over, pick=pick, best=min(us, key=us.get)))
+            print(f"B={B:5d} T={T:5d} " + " ".join(f"{n} {us[n]:7.2f} us ({over[n]:.3f})" for n in us)
+                  + f"  pick K{pick}", flush=True)
+    res = dict(benchmark="coaction_split", **facts, repeats=ns.repeats, calls_per_graph=ns.calls, rows=ROWS,
+               method="each K forced through DWDP_COACTION_SPLIT, captured in its own CUDA graph, replays "
+                      "interleaved per repeat; us = median forward time; over_k1 = median of per-repeat ratios to K=1",
+               checks=checks, check_failures=len(bad), cases=cases, seconds=round(time.time() - t0, 1))
+    path = write_json(result_name("coaction_split", facts["card"]), res)
+    print(f"wrote {path}")
+    png = Path(__file__).resolve().parents[1] / "docs" / "img" / result_name("coaction_split", facts["card"]).replace(
+        ".json", ".png")
+    plot(cases, ts, png)
+    out = os.environ.get("OUT")
+    if out and png.exists():
+        Path(out, png.name).write_bytes(png.read_bytes())
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
