@@ -218,3 +218,16 @@ def test_split_names_a_bad_test_fraction(bad, exc):
         split(data, bad)
     tr, te = split(data, np.float32(0.2))
     assert len(tr) + len(te) == 50
+
+
+def test_a_training_step_on_no_sample_is_refused_before_the_model_changes():
+    """An empty batch's BatchNorm mean and variance are NaN: train_step returned a NaN loss and made the running
+    statistics NaN, so every later prediction was NaN (evaluate then failed on 'scores must not be NaN')."""
+    data, tables = synthetic(60, seed=0)
+    model = CanModel(CanConfig(tables))
+    before = model.predict(data)
+    with pytest.raises(ValueError, match=r"a training batch needs at least one sample"):
+        model.train_step(_rows(data, 0))
+    assert model.opt.t == 0 and np.isfinite(model.bn_mean).all() and np.isfinite(model.bn_var).all()
+    np.testing.assert_array_equal(model.predict(data), before)
+    assert np.isfinite(model.train_step(_rows(data, 1)))  # one sample is a batch (its variance is 0)

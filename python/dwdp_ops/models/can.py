@@ -190,7 +190,12 @@ class CanModel:
         return loss
 
     def loss_and_grads(self, b: Batchable) -> tuple[float, dict]:
-        """Mean BCE of a training batch (batch statistics in BatchNorm) and the gradient of every parameter."""
+        """Mean BCE of a training batch (batch statistics in BatchNorm) and the gradient of every parameter. Updates
+        BatchNorm's running statistics. ValueError for a batch of no sample (its batch statistics would be NaN),
+        before anything of the model changes."""
+        if len(b) == 0:
+            raise ValueError("a training batch needs at least one sample: BatchNorm's mean and variance of no sample "
+                             "are NaN (and would become its running statistics)")
         P, co, xp = self.P, self.cfg.coaction, self.xp
         b = self._on_device(b)
         logit, c = self.logits(b, train=True)
