@@ -231,3 +231,25 @@ def test_a_training_step_on_no_sample_is_refused_before_the_model_changes():
     assert model.opt.t == 0 and np.isfinite(model.bn_mean).all() and np.isfinite(model.bn_var).all()
     np.testing.assert_array_equal(model.predict(data), before)
     assert np.isfinite(model.train_step(_rows(data, 1)))  # one sample is a batch (its variance is 0)
+
+
+@pytest.mark.parametrize("call", ["predict", "evaluate", "train_step", "loss_and_grads"])
+@pytest.mark.parametrize("field, value, match", [
+    ("mid", -1, r"item ids \(mid, hist_mid\) reach -1 but the model's item table has 401 rows"),
+    ("hist_cat", 21, r"category ids \(cat, hist_cat\) reach 21 but the model's category table has 21 rows"),
+    ("uid", 10**6, r"user ids \(uid\) reach 1000000 but the model's user table has 501 rows"),
+])
+def test_the_model_names_ids_beyond_its_tables(call, field, value, match):
+    """Only train() checked ids: predict / evaluate / train_step on the CPU took a negative id as a row from the end
+    (a silent wrong answer) and a large one as numpy's IndexError naming no table; on the GPU the fused kernels,
+    called with check_ids=False, would have read out of bounds. A refused training step changes nothing."""
+    data, tables = synthetic(40, seed=0)
+    model = CanModel(CanConfig(tables))
+    bad = type(data)(*(getattr(data, f).copy() for f in data.__dataclass_fields__))
+    getattr(bad, field)[3] = value
+    with pytest.raises(ValueError, match=match):
+        getattr(model, call)(bad)
+    assert model.opt.t == 0
+    with pytest.raises(TypeError, match=r"mid must hold integer ids, got float64"):
+        getattr(model, call)(type(data)(*(getattr(data, f).astype(float) if f == "mid" else getattr(data, f)
+                                          for f in data.__dataclass_fields__)))

@@ -51,6 +51,29 @@ def _check_config(cfg: CanConfig) -> None:
         raise ValueError(f"lr must be a finite number > 0, got {cfg.lr!r}")
 
 
+_TABLES = (("user", ("uid",)), ("item", ("mid", "hist_mid")), ("category", ("cat", "hist_cat")))
+
+
+def check_ids(data: Batchable, tables, where: str) -> None:
+    """TypeError unless ``data``'s ids are integers, ValueError unless every one indexes its table of ``tables``
+    (users, items, categories); the message starts with ``where``. Numpy would wrap a negative id (a silent wrong
+    row) and the GPU kernels run with ``check_ids=False`` (an id beyond its table would be read out of bounds)."""
+    for i, (table, fields) in enumerate(_TABLES):
+        arrays = [getattr(data, f) for f in fields]
+        arrays = [a if hasattr(a, "dtype") else np.asarray(a) for a in arrays]  # (numpy or CuPy arrays as they are)
+        for f, a in zip(fields, arrays):
+            if a.dtype.kind not in "iu":
+                raise TypeError(f"{where}: {f} must hold integer ids, got {a.dtype}")
+        if not any(a.size for a in arrays):
+            continue
+        lo = min(int(a.min()) for a in arrays if a.size)
+        hi = max(int(a.max()) for a in arrays if a.size)
+        if lo < 0 or hi >= tables[i]:
+            raise ValueError(f"{where}: {table} ids ({', '.join(fields)}) reach {lo if lo < 0 else hi} but the "
+                             f"model's {table} table has {tables[i]} rows (CanConfig.tables[{i}]); build the model "
+                             "with the data's table sizes")
+
+
 class Adam:
     def __init__(self, params: dict, lr: float, b1=0.9, b2=0.999, eps=1e-8, xp=np):
         self.p, self.lr, self.b1, self.b2, self.eps, self.t, self.xp = params, lr, b1, b2, eps, 0, xp
@@ -191,11 +214,13 @@ class CanModel:
 
     def loss_and_grads(self, b: Batchable) -> tuple[float, dict]:
         """Mean BCE of a training batch (batch statistics in BatchNorm) and the gradient of every parameter. Updates
-        BatchNorm's running statistics. ValueError for a batch of no sample (its batch statistics would be NaN),
-        before anything of the model changes."""
+        BatchNorm's running statistics. ValueError for a batch of no sample (its batch statistics would be NaN) or
+        an id outside its table (``check_ids``), TypeError for ids that are not integers, before anything of the
+        model changes."""
         if len(b) == 0:
             raise ValueError("a training batch needs at least one sample: BatchNorm's mean and variance of no sample "
                              "are NaN (and would become its running statistics)")
+        check_ids(b, self.cfg.tables, "the training batch")
         P, co, xp = self.P, self.cfg.coaction, self.xp
         b = self._on_device(b)
         logit, c = self.logits(b, train=True)
@@ -237,7 +262,9 @@ class CanModel:
         return loss, grads
 
     def predict(self, data: Batchable, batch_size: int = 1024) -> np.ndarray:
-        """Click probabilities of ``data``'s samples, ``[len(data)]`` float on the host (empty for no sample)."""
+        """Click probabilities of ``data``'s samples, ``[len(data)]`` float on the host (empty for no sample).
+        ``data``'s ids are checked against the model's tables first (``check_ids``: TypeError / ValueError)."""
+        check_ids(data, self.cfg.tables, "predict's data")
         xp = self.xp
         out = [1 / (1 + xp.exp(-self.logits(self._on_device(b))[0])) for b in data.batches(batch_size)]
         if not out:  # (no batch: concatenate of nothing would raise)

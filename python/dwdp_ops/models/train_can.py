@@ -28,7 +28,7 @@ from .._cli import (
     usable_gpus,
     writable_path,
 )
-from .can import CanConfig, CanModel
+from .can import CanConfig, CanModel, check_ids
 from .can_data import load_amazon_books, split, synthetic
 
 
@@ -39,7 +39,7 @@ def train(model: CanModel, train_set, test_set, epochs: int, batch_size: int, se
     so a step's time holds the previous step's tail instead of its own: in steady state (the median) that is the
     step time per batch, without the batching, the evaluation or the model's construction. Raises ValueError for
     ``epochs`` or ``batch_size`` < 1, an empty ``train_set`` or (for a model with ``cfg.tables``) an id outside its
-    table, and FloatingPointError, naming the epoch and step, when a loss is not finite."""
+    table (TypeError for ids that are not integers), and FloatingPointError, naming the epoch and step, when a loss is not finite."""
     for name, v in (("epochs", epochs), ("batch_size", batch_size)):
         if not is_int(v) or v < 1:
             raise ValueError(f"{name} must be an integer >= 1, got {v!r}")
@@ -74,22 +74,10 @@ def train(model: CanModel, train_set, test_set, epochs: int, batch_size: int, se
     return curve
 
 
-_TABLES = (("user", ("uid",)), ("item", ("mid", "hist_mid")), ("category", ("cat", "hist_cat")))
-
-
 def _check_ids(data, tables, which: str) -> None:
-    """ValueError unless every id of ``data`` indexes its table of ``tables`` (users, items, categories): checked
-    once, before training, because numpy would wrap a negative id and the GPU kernels run with ``check_ids=False``."""
-    for i, (table, fields) in enumerate(_TABLES):
-        arrays = [np.asarray(getattr(data, f)) for f in fields]
-        if not any(a.size for a in arrays):
-            continue
-        lo = min(int(a.min()) for a in arrays if a.size)
-        hi = max(int(a.max()) for a in arrays if a.size)
-        if lo < 0 or hi >= tables[i]:
-            raise ValueError(f"{which} set: {table} ids ({', '.join(fields)}) reach {lo if lo < 0 else hi} but the "
-                             f"model's {table} table has {tables[i]} rows (CanConfig.tables[{i}]); build the model "
-                             "with the data's table sizes")
+    """``check_ids`` of the ``which`` ("train" or "test") set: checked once, before training, so that a bad test id
+    does not end the run after an epoch of training."""
+    check_ids(data, tables, f"{which} set")
 
 
 SYNTHETIC_SAMPLES = 20000  # --samples without a value
