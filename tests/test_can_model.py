@@ -209,6 +209,31 @@ def test_can_model_names_a_bad_config(kw, exc, match):
     CanModel(CanConfig((np.int64(10), 10, 3), hidden=(np.int32(8),)))  # numpy integers pass
 
 
+@pytest.mark.parametrize("kw, exc, match", [
+    ({"use_coaction": "no"}, TypeError, r"use_coaction must be a bool, got 'no' \(str\)"),
+    ({"use_coaction": 0}, TypeError, r"use_coaction must be a bool, got 0 \(int\)"),
+    ({"coaction": ((16, 8), (8, 4))}, TypeError, r"coaction must be a CoActionSpec, got \(\(16, 8\), \(8, 4\)\)"),
+    ({"hidden": 200}, TypeError, r"hidden must be a sequence of hidden layer widths \(a tuple, a list or a 1-D numpy "
+                                 r"array\), got 200 \(int\)"),
+    ({"tables": 500}, TypeError, r"tables must be three table sizes \(users, items, categories\) \(a tuple"),
+    ({"seed": None}, TypeError, r"seed must be an integer >= 0, got None"),
+    ({"seed": True}, TypeError, r"seed must be an integer >= 0, got True"),
+    ({"seed": 1.5}, TypeError, r"seed must be an integer >= 0, got 1.5"),
+    ({"seed": -1}, ValueError, r"seed must be an integer >= 0, got -1"),
+    ({"device": None}, TypeError, r"device must be 'cpu' or 'gpu', got None \(NoneType\)"),
+])
+def test_can_model_names_a_config_field_of_the_wrong_kind(kw, exc, match):
+    """use_coaction='no' (truthy) had built CAN-DNN, a seed of None drew fresh entropy (no two models alike) and True
+    was seed 1; a tuple for coaction, an int for hidden, a float or negative seed failed inside with messages naming
+    no field ('tuple' object has no attribute 'induction_dim', 'int' object is not iterable, numpy's 'expected
+    non-negative integer'); device=None was a ValueError. A 1-D numpy array of table sizes had been refused as 'not
+    three table sizes'; it passes, as do numpy bools and integers."""
+    with pytest.raises(exc, match=match):
+        CanModel(CanConfig(**{"tables": (10, 10, 3), **kw}))
+    model = CanModel(CanConfig(np.array([10, 10, 3]), use_coaction=np.bool_(False), seed=np.int64(3)))
+    assert model.predict(synthetic(5, n_users=9, n_items=9, n_cats=2)[0]).shape == (5,)
+
+
 @pytest.mark.parametrize("bad, exc", [("0.2", TypeError), (True, TypeError), (None, TypeError), (1.0, ValueError)])
 def test_split_names_a_bad_test_fraction(bad, exc):
     """split's test_fraction had not been type-checked: a string failed in a bare comparison TypeError naming

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .._checks import int_at_least, is_real
+from .._checks import int_at_least, is_bool, is_real
 from ..coaction.reference import CoActionSpec, coaction_backward, coaction_forward
 from .can_data import Batchable, auc
 
@@ -39,16 +39,31 @@ class CanConfig:
 
 def _check_config(cfg: CanConfig) -> None:
     """TypeError / ValueError naming the field: ``tables`` three integers >= 1 (users, items, categories, id 0
-    included), ``hidden`` integers >= 1, ``lr`` a finite number > 0. Numpy integers pass."""
-    if not isinstance(cfg.tables, (tuple, list)) or len(cfg.tables) != 3:
+    included), ``hidden`` a sequence of integers >= 1, each a tuple, a list or a 1-D numpy array; ``use_coaction`` a
+    bool, ``coaction`` a ``CoActionSpec``, ``lr`` a finite number > 0, ``seed`` an integer >= 0 (the weights'
+    seed: None would draw fresh entropy), ``device`` a string. Numpy integers and bools pass."""
+    if not isinstance(cfg.device, str):
+        raise TypeError(f"device must be 'cpu' or 'gpu', got {cfg.device!r} ({type(cfg.device).__name__})")
+    for name, what in (("tables", "three table sizes (users, items, categories)"),
+                       ("hidden", "a sequence of hidden layer widths")):
+        v = getattr(cfg, name)
+        if not (isinstance(v, (tuple, list)) or (isinstance(v, np.ndarray) and v.ndim == 1)):
+            raise TypeError(f"{name} must be {what} (a tuple, a list or a 1-D numpy array), got {v!r} "
+                            f"({type(v).__name__})")
+    if len(cfg.tables) != 3:
         raise ValueError(f"tables must be three table sizes (users, items, categories), got {cfg.tables!r}")
     for name, values in (("tables", cfg.tables), ("hidden", cfg.hidden)):
         for i, v in enumerate(values):
             int_at_least(f"{name}[{i}]", v, 1, "an integer")
+    if not is_bool(cfg.use_coaction):
+        raise TypeError(f"use_coaction must be a bool, got {cfg.use_coaction!r} ({type(cfg.use_coaction).__name__})")
+    if not isinstance(cfg.coaction, CoActionSpec):
+        raise TypeError(f"coaction must be a CoActionSpec, got {cfg.coaction!r} ({type(cfg.coaction).__name__})")
     if not is_real(cfg.lr):
         raise TypeError(f"lr must be a finite number > 0, got {cfg.lr!r} ({type(cfg.lr).__name__})")
     if not (math.isfinite(cfg.lr) and cfg.lr > 0):
         raise ValueError(f"lr must be a finite number > 0, got {cfg.lr!r}")
+    int_at_least("seed", cfg.seed, 0, "an integer")
 
 
 _TABLES = (("user", ("uid",)), ("item", ("mid", "hist_mid")), ("category", ("cat", "hist_cat")))
@@ -96,9 +111,9 @@ class CanModel:
     """CAN-DNN (``use_coaction=True``) or the DNN baseline. ``train_step`` returns the batch loss."""
 
     def __init__(self, cfg: CanConfig):
+        _check_config(cfg)
         if cfg.device not in ("cpu", "gpu"):
             raise ValueError(f"device must be 'cpu' or 'gpu', got {cfg.device!r}")
-        _check_config(cfg)
         self.cfg = cfg
         rng = np.random.default_rng(cfg.seed)
         U, M, C = cfg.tables
