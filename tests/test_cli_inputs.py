@@ -317,17 +317,19 @@ def test_non_finite_loss_names_epoch_and_step(bad_step, epoch, step):
         train_can.train(_DivergingModel(bad_step), data, data, 3, 10, 0, progress=False)
 
 
-@pytest.mark.parametrize("epochs, batch_size, message", [
-    (0, 10, "epochs must be an integer >= 1, got 0"),
-    (1, 0, "batch_size must be an integer >= 1, got 0"),
-    (1, -5, "batch_size must be an integer >= 1, got -5"),
-    (1.0, 10, "epochs must be an integer >= 1, got 1.0"),
-    (True, 10, "epochs must be an integer >= 1, got True"),
+@pytest.mark.parametrize("epochs, batch_size, exc, message", [
+    (0, 10, ValueError, "epochs must be an integer >= 1, got 0"),
+    (1, 0, ValueError, "batch_size must be an integer >= 1, got 0"),
+    (1, -5, ValueError, "batch_size must be an integer >= 1, got -5"),
+    (1.0, 10, TypeError, "epochs must be an integer >= 1, got 1.0 (float)"),
+    (True, 10, TypeError, "epochs must be an integer >= 1, got True (bool)"),
+    (2, "10", TypeError, "batch_size must be an integer >= 1, got '10' (str)"),
 ])
-def test_train_rejects_bad_counts(epochs, batch_size, message):
-    """The error names the argument that is wrong and its value (both arguments share the message's tail)."""
+def test_train_rejects_bad_counts(epochs, batch_size, exc, message):
+    """The error names the argument that is wrong and its value (both arguments share the message's tail); a wrong
+    type is a TypeError (it had been a ValueError, against the package's rule), a wrong value a ValueError."""
     data, _ = train_can.synthetic(50, seed=0)
-    with pytest.raises(ValueError, match=f"^{re.escape(message)}$"):
+    with pytest.raises(exc, match=f"^{re.escape(message)}$"):
         train_can.train(_DivergingModel(99), data, data, epochs, batch_size, 0, progress=False)
 
 

@@ -17,7 +17,7 @@ import time
 import numpy as np
 from tqdm import tqdm
 
-from .._checks import is_int
+from .._checks import int_at_least
 from .._cli import (
     HelpFormatter,
     existing_file,
@@ -37,13 +37,12 @@ def train(model: CanModel, train_set, test_set, epochs: int, batch_size: int, se
     test AUC, every step's loss, and ``step_ms``: every step's wall-clock milliseconds, from the batch in hand to the
     return of ``train_step``). On the GPU the loss reaches the host before the step's backward and update are done,
     so a step's time holds the previous step's tail instead of its own: in steady state (the median) that is the
-    step time per batch, without the batching, the evaluation or the model's construction. Raises ValueError for
-    ``epochs`` or ``batch_size`` < 1, an empty ``train_set`` or (for a model with ``cfg.tables``) an id outside its
+    step time per batch, without the batching, the evaluation or the model's construction. Raises TypeError for
+    ``epochs`` or ``batch_size`` not an integer (Python or numpy; a bool is refused), ValueError for one < 1, an empty ``train_set`` or (for a model with ``cfg.tables``) an id outside its
     table (TypeError for ids that are not integers), and FloatingPointError, naming the epoch and step, when a loss is not finite."""
-    for name, v in (("epochs", epochs), ("batch_size", batch_size)):
-        if not is_int(v) or v < 1:
-            raise ValueError(f"{name} must be an integer >= 1, got {v!r}")
-    epochs, batch_size = int(epochs), int(batch_size)  # Python ints from here on (range() numbers epochs either way)
+    # (Python ints from here on: range() numbers epochs either way)
+    epochs, batch_size = (int_at_least(name, v, 1, "an integer") for name, v in (("epochs", epochs),
+                                                                                 ("batch_size", batch_size)))
     if len(train_set) == 0:
         raise ValueError("the training set is empty: no step would run (and the epoch's loss would be nan)")
     tables = getattr(getattr(model, "cfg", None), "tables", None)
