@@ -278,3 +278,19 @@ def test_the_model_names_ids_beyond_its_tables(call, field, value, match):
     with pytest.raises(TypeError, match=r"mid must hold integer ids, got float64"):
         getattr(model, call)(type(data)(*(getattr(data, f).astype(float) if f == "mid" else getattr(data, f)
                                           for f in data.__dataclass_fields__)))
+
+
+@pytest.mark.parametrize("bad, exc", [(None, TypeError), (True, TypeError), (1.5, TypeError), ("7", TypeError),
+                                      (-1, ValueError)])
+@pytest.mark.parametrize("call", ["synthetic", "split", "train"])
+def test_a_seed_that_is_not_an_integer_at_least_0_is_named(call, bad, exc):
+    """A seed of None drew fresh entropy (other data, another split or other shuffles on every call: no
+    reproducibility where a seed is asked for) and True was seed 1; a float, a string or a negative seed raised
+    numpy's messages, which name no argument."""
+    data, tables = synthetic(40, seed=0)
+    tr, te = split(data, 0.25, 0)
+    calls = {"synthetic": lambda s: synthetic(10, seed=s), "split": lambda s: split(data, 0.25, s),
+             "train": lambda s: train(CanModel(CanConfig(tables)), tr, te, 1, 16, s, progress=False)}
+    with pytest.raises(exc, match=r"^seed must be an integer >= 0, got "):
+        calls[call](bad)
+    calls[call](np.int64(3))  # numpy integers pass

@@ -135,9 +135,11 @@ def synthetic(
     """Samples whose click depends on a planted interaction between the target item and the history: every item
     has a category, and ``P(click) = sigmoid(strength * mean_t A[cat(target), cat(hist_t)] + item bias)`` with a
     random +-1 table ``A``, so the signal lives in the (target, behaviour) pairs, not in either side alone.
-    Returns the data and the table sizes (users, items, categories) including id 0. ``n`` an integer >= 0, the
-    sizes and ``seq_len`` integers >= 1, ``strength`` a finite number: TypeError / ValueError naming one otherwise."""
+    Returns the data and the table sizes (users, items, categories) including id 0. ``n`` and ``seed`` integers
+    >= 0, the sizes and ``seq_len`` integers >= 1, ``strength`` a finite number: TypeError / ValueError naming one
+    otherwise."""
     n = int_at_least("n", n, 0, "an integer")
+    seed = int_at_least("seed", seed, 0, "an integer")  # (None would draw fresh entropy: other data every call)
     n_users, n_items, n_cats, seq_len = (int_at_least(k, v, 1, "an integer") for k, v in (
         ("n_users", n_users), ("n_items", n_items), ("n_cats", n_cats), ("seq_len", seq_len)))
     if not is_real(strength):
@@ -164,13 +166,14 @@ def synthetic(
 
 
 def split(data: Batchable, test_fraction: float = 0.2, seed: int = 0) -> tuple[Batchable, Batchable]:
-    """``(train, test)``: ``data`` shuffled by ``seed``, the last ``test_fraction`` of it (a real number in (0, 1))
-    the test set."""
+    """``(train, test)``: ``data`` shuffled by ``seed`` (an integer >= 0), the last ``test_fraction`` of it (a real
+    number in (0, 1)) the test set."""
     if not is_real(test_fraction):
         raise TypeError(f"test_fraction must be a number in (0, 1), got {test_fraction!r} "
                         f"({type(test_fraction).__name__})")
     if not 0 < test_fraction < 1:
         raise ValueError(f"test_fraction must be in (0, 1), got {test_fraction}")
+    seed = int_at_least("seed", seed, 0, "an integer")
     idx = np.random.default_rng(seed).permutation(len(data))
     cut = int(len(data) * (1 - test_fraction))
     pick = lambda ix: Batchable(*(getattr(data, f)[ix] for f in data.__dataclass_fields__))  # noqa: E731

@@ -38,11 +38,14 @@ def train(model: CanModel, train_set, test_set, epochs: int, batch_size: int, se
     return of ``train_step``). On the GPU the loss reaches the host before the step's backward and update are done,
     so a step's time holds the previous step's tail instead of its own: in steady state (the median) that is the
     step time per batch, without the batching, the evaluation or the model's construction. Raises TypeError for
-    ``epochs`` or ``batch_size`` not an integer (Python or numpy; a bool is refused), ValueError for one < 1, an empty ``train_set`` or (for a model with ``cfg.tables``) an id outside its
-    table (TypeError for ids that are not integers), and FloatingPointError, naming the epoch and step, when a loss is not finite."""
+    ``epochs``, ``batch_size`` or ``seed`` not an integer (Python or numpy; a bool is refused), ValueError for
+    ``epochs`` or ``batch_size`` < 1, a negative ``seed``, an empty ``train_set`` or (for a model with
+    ``cfg.tables``) an id outside its table (TypeError for ids that are not integers), and FloatingPointError, naming
+    the epoch and step, when a loss is not finite."""
     # (Python ints from here on: range() numbers epochs either way)
     epochs, batch_size = (int_at_least(name, v, 1, "an integer") for name, v in (("epochs", epochs),
                                                                                  ("batch_size", batch_size)))
+    seed = int_at_least("seed", seed, 0, "an integer")  # (None would draw fresh entropy: other shuffles every run)
     if len(train_set) == 0:
         raise ValueError("the training set is empty: no step would run (and the epoch's loss would be nan)")
     tables = getattr(getattr(model, "cfg", None), "tables", None)
