@@ -294,3 +294,18 @@ def test_a_seed_that_is_not_an_integer_at_least_0_is_named(call, bad, exc):
     with pytest.raises(exc, match=r"^seed must be an integer >= 0, got "):
         calls[call](bad)
     calls[call](np.int64(3))  # numpy integers pass
+
+
+@pytest.mark.parametrize("labels, exc, match", [
+    ([0, 1, np.nan, 1], ValueError, r"labels must be 0 or 1: 1 of 4 are not \(the first nan at 2\)"),
+    ([0, 2, 1, 0], ValueError, r"labels must be 0 or 1: 1 of 4 are not \(the first 2 at 1\)"),
+    ([-1, 1, -1, 1], ValueError, r"labels must be 0 or 1: 2 of 4 are not \(the first -1 at 0\)"),
+    (["0", "1", "0", "1"], TypeError, r"labels must be 0 / 1 numbers or booleans, got <U1"),
+])
+def test_auc_refuses_labels_that_are_not_0_or_1(labels, exc, match):
+    """Labels had been split at 0.5 without a word: a NaN label counted as a non-click (AUC 0.75 here), a 2 as a click;
+    strings failed in numpy's comparison. Booleans and 0 / 1 of any numeric dtype pass."""
+    with pytest.raises(exc, match=match):
+        auc(labels, [0.1, 0.9, 0.8, 0.7])
+    for ok in ([0, 1, 0, 1], [False, True, False, True], np.array([0, 1, 0, 1], np.float32)):
+        assert auc(ok, [0.1, 0.9, 0.8, 0.7]) == 0.75

@@ -180,9 +180,26 @@ def split(data: Batchable, test_fraction: float = 0.2, seed: int = 0) -> tuple[B
     return pick(idx[:cut]), pick(idx[cut:])
 
 
+def binary_labels(label) -> np.ndarray:
+    """``label`` (0 / 1 numbers or booleans) as booleans, True for a click. TypeError for labels that are not numbers
+    or booleans, ValueError for any other value (NaN included) or labels of one class only (no AUC)."""
+    label = np.asarray(label)
+    if label.dtype.kind not in "biuf":
+        raise TypeError(f"labels must be 0 / 1 numbers or booleans, got {label.dtype}")
+    other = ~((label == 0) | (label == 1))
+    if other.any():
+        raise ValueError(f"labels must be 0 or 1: {int(other.sum())} of {label.size} are not (the first "
+                         f"{label[other][0].item()!r} at {int(np.flatnonzero(other.reshape(-1))[0])})")
+    pos = label == 1
+    if pos.all() or not pos.any():
+        raise ValueError("AUC needs both positive and negative labels")
+    return pos
+
+
 def auc(label: np.ndarray, score: np.ndarray) -> float:
     """Area under the ROC curve (Mann-Whitney, ties averaged). ``label`` and ``score``: 1-D, one score per label;
-    ValueError for mismatched shapes, a NaN score (it has no rank) or labels of one class only."""
+    the labels 0 or 1 (numbers or booleans). ValueError for mismatched shapes, a NaN score (it has no rank), a label
+    other than 0 or 1 (NaN included) or labels of one class only; TypeError for labels that are not numbers."""
     label, score = np.asarray(label), np.asarray(score, dtype=np.float64)
     if label.ndim != 1 or score.shape != label.shape:
         raise ValueError(f"auc needs 1-D labels and one score per label: got {label.size} labels and {score.size} "
@@ -190,10 +207,8 @@ def auc(label: np.ndarray, score: np.ndarray) -> float:
     nan = int(np.isnan(score).sum())
     if nan:
         raise ValueError(f"scores must not be NaN ({nan} of {score.size} are): a NaN has no rank")
-    pos = label > 0.5
+    pos = binary_labels(label)
     n_pos, n_neg = int(pos.sum()), int((~pos).sum())
-    if n_pos == 0 or n_neg == 0:
-        raise ValueError("AUC needs both positive and negative labels")
     order = np.argsort(score, kind="mergesort")
     ranks = np.empty(len(score))
     s = score[order]
