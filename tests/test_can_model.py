@@ -309,3 +309,27 @@ def test_auc_refuses_labels_that_are_not_0_or_1(labels, exc, match):
         auc(labels, [0.1, 0.9, 0.8, 0.7])
     for ok in ([0, 1, 0, 1], [False, True, False, True], np.array([0, 1, 0, 1], np.float32)):
         assert auc(ok, [0.1, 0.9, 0.8, 0.7]) == 0.75
+
+
+@pytest.mark.parametrize("test_labels, match", [
+    ("clicks", r"test set \(50 samples\): AUC needs both positive and negative labels; its AUC is taken after every "
+               r"epoch"),
+    ("empty", r"test set \(0 samples\): AUC needs both positive and negative labels"),
+    ("nan", r"test set \(50 samples\): labels must be 0 or 1: 1 of 50 are not"),
+])
+def test_train_checks_the_test_labels_before_training(test_labels, match):
+    """A test set without both classes (or with a label that is not 0 / 1) had been found out by the AUC after the
+    whole first epoch of training (ValueError then, the epoch lost); now before the first step."""
+    data, tables = synthetic(250, seed=0)
+    tr, te = split(data, 0.2, 0)
+    te = type(te)(*(getattr(te, f).copy() for f in te.__dataclass_fields__))
+    if test_labels == "clicks":
+        te.label[:] = 1
+    elif test_labels == "nan":
+        te.label[7] = np.nan
+    else:
+        te = _rows(te, 0)
+    model = CanModel(CanConfig(tables))
+    with pytest.raises(ValueError, match=match):
+        train(model, tr, te, 1, 16, 0, progress=False)
+    assert model.opt.t == 0  # no step ran
