@@ -294,6 +294,31 @@ def test_can_train_plot_needs_matplotlib(monkeypatch, capsys, no_training, tmp_p
     assert "matplotlib" in line
 
 
+@pytest.mark.parametrize("option, argv, loader", [
+    ("--samples", ["--samples", "100000000000"], "synthetic"),
+    ("--data", ["--data", "{good}", "--max-len", "100000000000"], "load_amazon_books"),
+    ("--test", ["--data", "{good}", "--test", "{good}", "--max-len", "100000000000"], "load_amazon_books"),
+])
+def test_can_train_data_too_large_for_memory_is_one_error_line(option, argv, loader, can_files, capsys, monkeypatch,
+                                                               no_training):
+    """--samples 10**11 or --max-len 10**11 had ended in numpy's MemoryError traceback ('Unable to allocate 745. GiB
+    for an array with shape (100000000000,)'); now one usage error naming the option (the loaders raise it here, for
+    the same result on a machine that would overcommit the memory)."""
+    real = getattr(train_can, loader)
+    calls = []
+
+    def oom(*a, **k):
+        calls.append(1)
+        if option == "--test" and len(calls) == 1:
+            return real(*a, **{**k, "max_len": 5})
+        raise MemoryError("Unable to allocate 745. GiB for an array with shape (100000000000,) and data type int64")
+
+    monkeypatch.setattr(train_can, loader, oom)
+    code, _, err = run_main(train_can.main, ["--quiet", *(a.format(**can_files) for a in argv)], capsys)
+    line = assert_usage_error(code, err, f"argument {option}:", prog="dwdp-can-train")
+    assert "Unable to allocate 745. GiB" in line
+
+
 class _DivergingModel:
     class cfg:  # noqa: N801 - mimics CanModel.cfg
         lr = 10.0

@@ -140,19 +140,29 @@ def _pick_device(ap: argparse.ArgumentParser, requested: str) -> str:
 def _load(ap: argparse.ArgumentParser, ns: argparse.Namespace):
     """The train and test sets and the embedding table sizes; unusable data ends with a usage error."""
     if ns.data == "synthetic":
-        data, tables = synthetic(ns.samples, seed=ns.seed)
+        try:
+            data, tables = synthetic(ns.samples, seed=ns.seed)
+        except MemoryError as e:  # (numpy's 'Unable to allocate N GiB for an array with shape ...')
+            ap.error(f"argument --samples: {ns.samples} samples do not fit in memory ({e}); use fewer")
         train_set, test_set = split(data, 0.2, ns.seed)
         fix = "use more --samples"
     else:
+        # (a MemoryError: [samples, --max-len] arrays too large, or a file too large)
         try:
             train_set, vocab = load_amazon_books(ns.data, max_len=ns.max_len)
         except (ValueError, OSError, UnicodeDecodeError) as e:
             ap.error(f"argument --data: cannot read it: {e}")
+        except MemoryError as e:
+            ap.error(f"argument --data: out of memory loading it with --max-len {ns.max_len} ({e}); use a smaller "
+                     "--max-len")
         if ns.test:
             try:
                 test_set, _ = load_amazon_books(ns.test, vocab, ns.max_len)
             except (ValueError, OSError, UnicodeDecodeError) as e:
                 ap.error(f"argument --test: cannot read it: {e}")
+            except MemoryError as e:
+                ap.error(f"argument --test: out of memory loading it with --max-len {ns.max_len} ({e}); use a "
+                         "smaller --max-len")
         else:
             train_set, test_set = split(train_set, 0.2, ns.seed)
         tables = vocab.sizes
