@@ -223,6 +223,24 @@ def test_a_spec_and_the_older_keywords_together_are_refused():
             coaction_backward(ind, feed, mask, np.zeros((3, spec.out_dim)), spec, **kw)
 
 
+@pytest.mark.parametrize("kw", [dict(orders=3), dict(bias=False), dict(variant="code"), dict(order_independent=False),
+                                dict(layer_dims=((16, 8), (8, 4)))], ids=lambda kw: next(iter(kw)))
+def test_a_spec_and_a_keyword_of_the_default_value_together_are_refused(kw):
+    """A keyword equal to its default had passed unseen beside a CoActionSpec: CoActionSpec(orders=2) with orders=3
+    returned 2 orders, the keyword ignored without a word (the refusal compared each keyword with its default)."""
+    spec = CoActionSpec(orders=2, bias=True, order_independent=True, variant="paper", layer_dims=((16, 4),))
+    ind, feed, mask = inputs(spec)
+    name = next(iter(kw))
+    with pytest.raises(TypeError, match=rf"as keywords, not both \(got a CoActionSpec and {name}\)"):
+        coaction_forward(ind, feed, mask, spec, **kw)
+    with pytest.raises(TypeError, match="either as a CoActionSpec or as keywords"):
+        coaction_backward(ind, feed, mask, np.zeros((3, spec.out_dim)), spec, **kw)
+    # the keyword form alone: the defaults as before
+    base = CoActionSpec()
+    ind, feed, mask = inputs(base)
+    np.testing.assert_array_equal(coaction_forward(ind, feed, mask, **kw), coaction_forward(ind, feed, mask, base))
+
+
 def test_positional_layer_dims_and_the_layer_dims_keyword_together_are_refused():
     """The older positional form (layer_dims as the fourth argument) beside a layer_dims keyword had silently used the
     positional dims and ignored the keyword; now a TypeError, as for a CoActionSpec beside the keywords."""

@@ -163,21 +163,22 @@ _LEGACY_DEFAULTS = dict(layer_dims=((16, 8), (8, 4)), orders=3, bias=False, orde
 
 
 def _spec_of(spec, layer_dims, orders, bias, order_independent, variant) -> CoActionSpec:
-    """The spec from either a ``CoActionSpec`` (the GPU op's signature) or the legacy keyword form; both at once is
-    a TypeError (the keywords would be ignored), as are legacy ``layer_dims`` given both positionally and by keyword."""
+    """The spec from either a ``CoActionSpec`` (the GPU op's signature) or the legacy keyword form, whose keywords
+    default to None (``_LEGACY_DEFAULTS``); both at once is a TypeError (the keywords would be ignored), whatever the
+    keywords' values, as are legacy ``layer_dims`` given both positionally and by keyword."""
+    given = dict(layer_dims=layer_dims, orders=orders, bias=bias, order_independent=order_independent,
+                 variant=variant)
     if isinstance(spec, CoActionSpec):
-        given = dict(layer_dims=layer_dims, orders=orders, bias=bias, order_independent=order_independent,
-                     variant=variant)
-        clash = [k for k, v in given.items() if v != _LEGACY_DEFAULTS[k]]
+        clash = [k for k, v in given.items() if v is not None]
         if clash:
             raise TypeError(f"pass the shape either as a CoActionSpec or as keywords, not both (got a CoActionSpec and "
                             f"{', '.join(clash)}); set them in the CoActionSpec")
         return spec
     if spec is not None:  # legacy positional layer_dims
-        if layer_dims != _LEGACY_DEFAULTS["layer_dims"]:
+        if layer_dims is not None:
             raise TypeError(f"layer_dims twice: positionally ({spec!r}) and as the keyword ({layer_dims!r}); pass one")
-        layer_dims = spec
-    return CoActionSpec(layer_dims, orders, bias, order_independent, variant)
+        given["layer_dims"] = spec
+    return CoActionSpec(**{k: _LEGACY_DEFAULTS[k] if v is None else v for k, v in given.items()})
 
 
 def _gather(xp, table, ids, what: str, shape_hint: str, mask):
@@ -208,21 +209,23 @@ def coaction_forward(
     feed: np.ndarray,
     mask: np.ndarray,
     spec: CoActionSpec | tuple | None = None,
-    orders: int = 3,
-    bias: bool = False,
+    orders: int | None = None,
+    bias: bool | None = None,
     *,
     ind_ids=None,
     feed_ids=None,
-    layer_dims=((16, 8), (8, 4)),
-    order_independent: bool = False,
-    variant: Variant = "code",
+    layer_dims=None,
+    order_independent: bool | None = None,
+    variant: Variant | None = None,
 ) -> np.ndarray:
     """The co-action output ``[B, C * sum(d_out)]`` (``[B, sum(d_out)]`` for ``variant="paper"``).
 
     The same signature as ``coaction_forward_gpu``: ``induction`` is gathered rows ``[B, D']`` or a table
     ``[rows, D']`` with ``ind_ids [B]``; ``feed`` is ``[B, T, D]`` or a table ``[rows, D]`` with ``feed_ids [B, T]``;
     ``mask [B, T]``; ``spec`` a ``CoActionSpec`` (or, the older form, ``layer_dims, orders, bias`` and the keyword
-    options). Returns a new array; any array module (numpy or CuPy)."""
+    options, each None for ``CoActionSpec``'s default: ((16, 8), (8, 4)), 3, False, False, "code"; given beside a
+    ``CoActionSpec``, even with its default value, a TypeError). Returns a new array; any array module (numpy or
+    CuPy)."""
     spec = _spec_of(spec, layer_dims, orders, bias, order_independent, variant)
     xp = _xp(induction, feed, mask)
     induction, feed, mask = xp.asarray(induction), xp.asarray(feed), xp.asarray(mask)
@@ -250,18 +253,18 @@ def coaction_backward(
     mask: np.ndarray,
     grad_out: np.ndarray,
     spec: CoActionSpec | tuple | None = None,
-    orders: int = 3,
-    bias: bool = False,
+    orders: int | None = None,
+    bias: bool | None = None,
     *,
     ind_ids=None,
     feed_ids=None,
-    layer_dims=((16, 8), (8, 4)),
-    order_independent: bool = False,
-    variant: Variant = "code",
+    layer_dims=None,
+    order_independent: bool | None = None,
+    variant: Variant | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Gradients ``(d loss / d induction, d loss / d feed)`` given ``d loss / d output [B, out_dim]``, shaped like
     ``induction`` and ``feed``: ``[B, D']`` / ``[B, T, D]``, or table-shaped when ids are given (repeated ids add
-    up), as ``coaction_backward_gpu`` returns them."""
+    up), as ``coaction_backward_gpu`` returns them. The arguments are ``coaction_forward``'s."""
     spec = _spec_of(spec, layer_dims, orders, bias, order_independent, variant)
     xp = _xp(induction, feed, mask, grad_out)
     induction, feed, mask = xp.asarray(induction), xp.asarray(feed), xp.asarray(mask)
