@@ -265,6 +265,20 @@ def test_integer_inputs_are_refused_by_the_reference():
         coaction_forward(ind.astype(np.int64), feed, mask, spec)
 
 
+@pytest.mark.parametrize("dtype", [np.complex128, np.bool_, "<U1", object])
+def test_a_grad_out_that_is_not_real_numbers_is_refused(dtype):
+    """grad_out's dtype had not been checked: a complex one gave complex gradients without a word, a bool one was
+    taken as 0 / 1, a string one failed in numpy's dtype promotion naming no argument."""
+    spec = CoActionSpec()
+    ind, feed, mask = inputs(spec)
+    with pytest.raises(TypeError, match="grad_out must hold real numbers"):
+        coaction_backward(ind, feed, mask, np.ones((3, spec.out_dim)).astype(dtype), spec)
+    want = coaction_backward(ind, feed, mask, np.ones((3, spec.out_dim)), spec)
+    for ok in (np.int64, np.float32):
+        for a, b in zip(coaction_backward(ind, feed, mask, np.ones((3, spec.out_dim), ok), spec), want):
+            np.testing.assert_allclose(a, b, rtol=1e-6)
+
+
 def test_fused_launch_shape_fits_the_default_and_refuses_what_cannot_fit():
     from dwdp_ops.coaction import launch_shape
     from dwdp_ops.coaction.fused import uses_specialized_kernels

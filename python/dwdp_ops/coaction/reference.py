@@ -288,6 +288,8 @@ def coaction_backward(
     grad_out = xp.asarray(grad_out)
     if grad_out.shape != (feed.shape[0], spec.out_dim):
         raise ValueError(f"grad_out must be [B, {spec.out_dim}], got {grad_out.shape}")
+    if grad_out.dtype.kind not in "iuf":  # (a complex one had made complex gradients, a string numpy's promotion error)
+        raise TypeError(f"grad_out must hold real numbers (floating-point or integer), got {grad_out.dtype}")
     g_ind = xp.zeros_like(induction, dtype=np.result_type(induction.dtype, grad_out.dtype))
     g_feed = xp.zeros_like(feed, dtype=np.result_type(feed.dtype, grad_out.dtype))
     on = _present(mask)  # a masked position contributes nothing, whatever its values (NaN x 0 would be NaN)
