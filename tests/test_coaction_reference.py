@@ -212,6 +212,20 @@ def test_spec_fields_of_the_wrong_type_are_named(kwargs, must):
     assert CoActionSpec(layer_dims=((np.int32(16), 8), [8, np.int64(4)])) == CoActionSpec()
 
 
+def test_spec_fields_given_as_generators_or_of_a_wrong_type_are_named():
+    """layer_dims given as a generator had been read twice: the bool check found it exhausted and (16, True) became a
+    layer of 1 output; a variant that is not a string (None, 1) was a ValueError, not the TypeError of a wrong type."""
+    pairs = "layer_dims must be " + PAIRS
+    with pytest.raises(TypeError, match=re.escape(pairs)):
+        CoActionSpec(layer_dims=(d for d in [(16, True)]))
+    with pytest.raises(TypeError, match=re.escape(pairs)):
+        CoActionSpec(layer_dims=[(x for x in (16, True))])
+    for bad in (None, 1):
+        with pytest.raises(TypeError, match=rf"variant must be 'code' or 'paper', got {bad!r} \("):
+            CoActionSpec(variant=bad)
+    assert CoActionSpec(layer_dims=(d for d in [(16, 8), (x for x in (8, 4))])) == CoActionSpec()
+
+
 def test_a_spec_and_the_older_keywords_together_are_refused():
     """The keywords would be ignored beside a CoActionSpec (an orders=1 call returned all 3 orders)."""
     spec = CoActionSpec()

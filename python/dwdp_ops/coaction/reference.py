@@ -27,6 +27,8 @@ from typing import Literal
 
 import numpy as np
 
+from .._checks import is_bool
+
 Variant = Literal["code", "paper"]
 
 
@@ -53,11 +55,12 @@ class CoActionSpec:
     def __post_init__(self) -> None:
         want = ("layer_dims must be a non-empty sequence of positive integer (d_in, d_out) pairs, got "
                 f"{self.layer_dims!r}")
-        try:
-            dims = tuple(tuple(operator.index(x) for x in d) for d in self.layer_dims)
+        try:  # (read once: a generator, of the dims or of a pair, is not read twice)
+            raw = tuple(tuple(d) for d in self.layer_dims)
+            dims = tuple(tuple(operator.index(x) for x in d) for d in raw)
         except TypeError:  # a flat pair, floats, strings
             raise TypeError(want) from None
-        if any(isinstance(x, bool) for d in self.layer_dims for x in d):  # operator.index takes True as 1
+        if any(is_bool(x) for d in raw for x in d):  # operator.index takes True as 1
             raise TypeError(want)
         if not dims or any(len(d) != 2 or min(d) < 1 for d in dims):
             raise ValueError(want)
@@ -74,6 +77,8 @@ class CoActionSpec:
             if not isinstance(getattr(self, name), (bool, np.bool_)):
                 raise TypeError(f"{name} must be a bool, got {getattr(self, name)!r}")
             object.__setattr__(self, name, bool(getattr(self, name)))
+        if not isinstance(self.variant, str):
+            raise TypeError(f"variant must be 'code' or 'paper', got {self.variant!r} ({type(self.variant).__name__})")
         if self.variant not in ("code", "paper"):
             raise ValueError(f"variant must be 'code' or 'paper', got {self.variant!r}")
 
