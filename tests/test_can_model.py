@@ -333,3 +333,23 @@ def test_train_checks_the_test_labels_before_training(test_labels, match):
     with pytest.raises(ValueError, match=match):
         train(model, tr, te, 1, 16, 0, progress=False)
     assert model.opt.t == 0  # no step ran
+
+
+@pytest.mark.parametrize("field, cut, match", [
+    ("label", lambda a: a[:40], r"uid must be \[N\] = \[40\] \(label's N\), got shape \[50\]"),
+    ("uid", lambda a: a[:40], r"uid must be \[N\] = \[50\] \(label's N\), got shape \[40\]"),
+    ("cat", lambda a: a[:, None], r"cat must be \[N\] = \[50\] \(label's N\), got shape \[50, 1\]"),
+    ("mask", lambda a: a[:, :5], r"hist_mid must be \[N, T\] = \[50, 5\] \(mask's shape\), got shape \[50, 20\]"),
+    ("mask", lambda a: a[:45], r"mask must be \[N, T\] with N = 50 \(label's N\), got shape \[45, 20\]"),
+    ("hist_cat", lambda a: a[:, :19], r"hist_cat must be \[N, T\] = \[50, 20\] \(mask's shape\), got shape \[50, 19\]"),
+    ("label", lambda a: a[:, None], r"label must be \[N\], got shape \[50, 1\]"),
+])
+def test_a_batchable_whose_fields_disagree_is_refused(field, cut, match):
+    """The fields' shapes had not been checked: 40 labels beside 50 samples' ids gave 40 predictions of the first 40
+    samples without a word (a silent misalignment when the labels came from elsewhere), fewer ids than labels
+    numpy's IndexError, a shorter mask a broadcasting error naming no field."""
+    data, _ = synthetic(50, seed=0)
+    fields = {f: getattr(data, f) for f in data.__dataclass_fields__}
+    fields[field] = cut(fields[field])
+    with pytest.raises(ValueError, match=match):
+        type(data)(**fields)

@@ -33,6 +33,24 @@ class Batchable:
     mask: np.ndarray
     label: np.ndarray
 
+    def __post_init__(self) -> None:
+        """ValueError unless the fields agree: ``uid``, ``mid``, ``cat`` and ``label`` ``[N]``, ``hist_mid``,
+        ``hist_cat`` and ``mask`` ``[N, T]`` (numpy or CuPy arrays; their shapes alone are read)."""
+        shape = np.shape(self.label)
+        if len(shape) != 1:
+            raise ValueError(f"label must be [N], got shape {list(shape)}")
+        n = shape[0]
+        for f in ("uid", "mid", "cat"):
+            if np.shape(getattr(self, f)) != (n,):
+                raise ValueError(f"{f} must be [N] = [{n}] (label's N), got shape {list(np.shape(getattr(self, f)))}")
+        mask = np.shape(self.mask)
+        if len(mask) != 2 or mask[0] != n:
+            raise ValueError(f"mask must be [N, T] with N = {n} (label's N), got shape {list(mask)}")
+        for f in ("hist_mid", "hist_cat"):
+            if np.shape(getattr(self, f)) != mask:
+                raise ValueError(f"{f} must be [N, T] = {list(mask)} (mask's shape), got shape "
+                                 f"{list(np.shape(getattr(self, f)))}")
+
     def __len__(self) -> int:
         return len(self.label)
 
