@@ -353,3 +353,19 @@ def test_a_batchable_whose_fields_disagree_is_refused(field, cut, match):
     fields[field] = cut(fields[field])
     with pytest.raises(ValueError, match=match):
         type(data)(**fields)
+
+
+def test_batches_and_load_amazon_books_name_an_argument_of_the_wrong_type(tmp_path):
+    """batches(10, rng=0) (a seed where a Generator is asked for) had raised "'int' object has no attribute
+    'permutation'"; load_amazon_books with a dict of ids as vocab "'dict' object has no attribute 'uid'"."""
+    data, _ = synthetic(30, seed=0)
+    for bad in (0, np.random.SeedSequence(0)):
+        with pytest.raises(TypeError, match=r"rng must be a numpy.random.Generator or None \(for no shuffling\)"):
+            list(data.batches(10, rng=bad))
+    for rng in (np.random.default_rng(0), np.random.RandomState(0)):
+        assert sorted(np.concatenate([b.uid for b in data.batches(7, rng)])) == sorted(data.uid)
+    path = write_fixture(tmp_path / "train")
+    _, vocab = load_amazon_books(path)
+    with pytest.raises(TypeError, match=r"vocab must be a Vocab .* got dict"):
+        load_amazon_books(path, vocab.mid)
+    assert load_amazon_books(path, vocab)[1] is vocab

@@ -56,7 +56,11 @@ class Batchable:
 
     def batches(self, batch_size: int, rng: np.random.Generator | None = None):
         """Batchable slices of ``batch_size`` (shuffled when ``rng`` is given); the last one may be short.
-        ``batch_size``: an integer >= 1 (Python or numpy), checked at the call: TypeError / ValueError otherwise."""
+        ``batch_size``: an integer >= 1 (Python or numpy), ``rng`` a ``numpy.random.Generator`` (or a legacy
+        ``RandomState``) or None, checked at the call: TypeError / ValueError otherwise."""
+        if rng is not None and not isinstance(rng, (np.random.Generator, np.random.RandomState)):
+            raise TypeError(f"rng must be a numpy.random.Generator or None (for no shuffling), got {rng!r} "
+                            f"({type(rng).__name__}); pass np.random.default_rng(seed) for a seed")
         if not is_int(batch_size):
             raise TypeError(f"batch_size must be an integer >= 1, got {batch_size!r} ({type(batch_size).__name__})")
         if batch_size < 1:
@@ -120,10 +124,14 @@ def build_vocab(path: str | Path) -> Vocab:
 
 def load_amazon_books(path: str | Path, vocab: Vocab | None = None, max_len: int = 100) -> tuple[Batchable, Vocab]:
     """Reads one DIEN-format file; builds the vocabulary from it when none is given (pass the training file's
-    vocabulary when loading the test file)."""
+    ``Vocab`` when loading the test file). ``max_len`` an integer >= 1, ``vocab`` a ``Vocab`` or None: TypeError /
+    ValueError otherwise."""
     max_len = int_at_least("max_len", max_len, 1, "an integer")
+    if vocab is not None and not isinstance(vocab, Vocab):
+        raise TypeError(f"vocab must be a Vocab (the training file's, from load_amazon_books or build_vocab) or None, "
+                        f"got {type(vocab).__name__}")
     path = Path(path)
-    vocab = vocab or build_vocab(path)
+    vocab = vocab if vocab is not None else build_vocab(path)
     rows = _parse(path)
     N = len(rows)
     out = Batchable(
