@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
+import os
 import sys
 import time
 
@@ -187,6 +188,9 @@ def main(argv: list[str] | None = None, prog: str = "dwdp-can-train") -> int:
         ap.error("argument --samples: only with --data synthetic (a file's samples are its lines)")
     if ns.max_len is not None and ns.data == "synthetic":
         ap.error("argument --max-len: only with --data FILE (synthetic histories have their own length)")
+    if ns.json and ns.plot and os.path.realpath(ns.json) == os.path.realpath(ns.plot):
+        ap.error(f"argument --plot: {ns.plot!r} is --json's file too (the PNG would overwrite the JSON); give another "
+                 "path")
     ns.samples = SYNTHETIC_SAMPLES if ns.samples is None else ns.samples
     ns.max_len = FILE_MAX_LEN if ns.max_len is None else ns.max_len
     if ns.plot and importlib.util.find_spec("matplotlib") is None:
