@@ -369,3 +369,13 @@ def test_batches_and_load_amazon_books_name_an_argument_of_the_wrong_type(tmp_pa
     with pytest.raises(TypeError, match=r"vocab must be a Vocab .* got dict"):
         load_amazon_books(path, vocab.mid)
     assert load_amazon_books(path, vocab)[1] is vocab
+
+
+@pytest.mark.parametrize("n, fraction, n_train", [(90, 0.3, 63), (10, 0.9, 1), (500, 0.07, 465), (100, 0.9, 10),
+                                                  (50, np.float32(0.2), 40), (7, 0.5, 3), (20000, 0.2, 16000)])
+def test_split_sizes_are_exact_for_the_fraction_as_written(n, fraction, n_train):
+    """int(N * (1 - f)) in floats took a sample from the training set whenever 1 - f rounds down (643 of the (f, N)
+    pairs with f = 0.01..0.99 and N <= 1000): 90 samples at 0.3 split 62 / 28, 10 at 0.9 left no training sample."""
+    data, _ = synthetic(n, seed=0)
+    tr, te = split(data, fraction, 0)
+    assert (len(tr), len(te)) == (n_train, n - n_train)

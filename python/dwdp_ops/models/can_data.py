@@ -14,6 +14,7 @@ from __future__ import annotations
 import math
 from collections import Counter
 from dataclasses import dataclass
+from fractions import Fraction
 from pathlib import Path
 
 import numpy as np
@@ -193,7 +194,7 @@ def synthetic(
 
 def split(data: Batchable, test_fraction: float = 0.2, seed: int = 0) -> tuple[Batchable, Batchable]:
     """``(train, test)``: ``data`` shuffled by ``seed`` (an integer >= 0), the last ``test_fraction`` of it (a real
-    number in (0, 1)) the test set."""
+    number in (0, 1)) the test set: the first ``floor(N x (1 - test_fraction))`` samples train."""
     if not is_real(test_fraction):
         raise TypeError(f"test_fraction must be a number in (0, 1), got {test_fraction!r} "
                         f"({type(test_fraction).__name__})")
@@ -201,7 +202,9 @@ def split(data: Batchable, test_fraction: float = 0.2, seed: int = 0) -> tuple[B
         raise ValueError(f"test_fraction must be in (0, 1), got {test_fraction}")
     seed = int_at_least("seed", seed, 0, "an integer")
     idx = np.random.default_rng(seed).permutation(len(data))
-    cut = int(len(data) * (1 - test_fraction))
+    # floor(N x (1 - test_fraction)) training samples, in exact arithmetic on the fraction as written (its str):
+    # int(90 * (1 - 0.3)) is 62, not 63, as 1 - 0.3 is 0.69999999999999996 in floats
+    cut = math.floor(len(data) * (1 - Fraction(str(test_fraction))))
     pick = lambda ix: Batchable(*(getattr(data, f)[ix] for f in data.__dataclass_fields__))  # noqa: E731
     return pick(idx[:cut]), pick(idx[cut:])
 
