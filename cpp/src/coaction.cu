@@ -1471,7 +1471,8 @@ SpecZero spec_zero_plan(const CoActionZero& z, int B) {
   return p;
 }
 
-__device__ __forceinline__ void spec_zero_share(const SpecZero& z, int b, int B, int lane) {
+// Thread `tid` of the `nthreads` that zero the share (a warp's lanes; a split sample's whole block).
+__device__ __forceinline__ void spec_zero_share(const SpecZero& z, int b, int B, int tid, int nthreads) {
 #pragma unroll
   for (int k = 0; k < 2; ++k) {
     if (!z.p[k]) continue;
@@ -1479,8 +1480,8 @@ __device__ __forceinline__ void spec_zero_share(const SpecZero& z, int b, int B,
     const int cnt = static_cast<int>(z.q4[k]) + (b < z.r4[k] ? 1 : 0);  // at most 128 KiB / 16 (the host's bound)
     float4* q = z.p[k] + lo;
 #pragma unroll 4
-    for (int i = lane; i < cnt; i += 32) __stcs(q + i, make_float4(0.f, 0.f, 0.f, 0.f));
-    if (b == B - 1 && lane < z.ntail[k]) z.tail[k][lane] = 0.f;
+    for (int i = tid; i < cnt; i += nthreads) __stcs(q + i, make_float4(0.f, 0.f, 0.f, 0.f));
+    if (b == B - 1 && tid < z.ntail[k]) z.tail[k][tid] = 0.f;
   }
 }
 
@@ -1503,10 +1504,11 @@ __global__ void __launch_bounds__(kSplit ? kSpecSplitMax * 32 : kSpecWarps * 32,
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   int b, t_lo = 0, t_end = T_len;  // the sample and the warp's positions [t_lo, t_end)
   if constexpr (kSplit) {
-    const int K = blockDim.x >> 5, chunks = (T_len + 31) >> 5;
+    const int K = blockDim.x >> 5;
+    const int64_t chunks = (static_cast<int64_t>(T_len) + 31) >> 5;
     b = blockIdx.x;  // the grid is B blocks: no warp returns before the block's barrier below
-    t_lo = min(T_len, 32 * static_cast<int>(static_cast<int64_t>(warp) * chunks / K));
-    t_end = min(T_len, 32 * static_cast<int>(static_cast<int64_t>(warp + 1) * chunks / K));
+    t_lo = static_cast<int>(min(static_cast<int64_t>(T_len), 32 * (warp * chunks / K)));
+    t_end = static_cast<int>(min(static_cast<int64_t>(T_len), 32 * ((warp + 1) * chunks / K)));
   } else {
     b = blockIdx.x * (blockDim.x >> 5) + warp;
     if (b >= B) return;  // warps are independent: no block-wide barrier in this kernel
@@ -1586,6 +1588,7 @@ __global__ void __launch_bounds__(kSplit ? kSpecSplitMax * 32 : kSpecWarps * 32,
     for (int c = 0; c < C; ++c) *reinterpret_cast<float2*>(hs + c * N1 + 2 * lane) = make_float2(acc[c][0], acc[c][1]);
   if constexpr (kSplit) {  // the segments' sums and counts, added in warp order by warp 0
     if (lane == 0) q_[0] = valid;  // (the queue is done with)
+    spec_zero_share(zero, b, B, threadIdx.x, blockDim.x);  // the sample's share, by every warp of its block
     __syncthreads();
     if (warp != 0) return;
     const int K = blockDim.x >> 5;
@@ -1608,7 +1611,8 @@ __global__ void __launch_bounds__(kSplit ? kSpecSplitMax * 32 : kSpecWarps * 32,
     for (int i = 0; i < N1; ++i) v = fmaf(hs[c * N1 + i], w2[i * N2 + m], v);
     st(o, c * S + N1 + m, v);
   }
-  spec_zero_share(zero, b, B, lane);  // at the sample's end: measured faster than at its start (see the docs)
+  if constexpr (!kSplit)
+    spec_zero_share(zero, b, B, lane, 32);  // at the sample's end: measured faster than at its start (see the docs)
 }
 
 // A backward round's lane: h1 = tanh(z) added to its h1 sums (for W2's gradient) and dz = v u_c (1 - h1^2) in place of
@@ -2122,21 +2126,20 @@ int device_sms(int dev) {
 }  // namespace
 
 namespace {
-// coaction_split_warps for a specialised shape of `orders` orders whose warps take per_warp_bytes of shared memory.
-int split_warps(int orders, size_t per_warp_bytes, int B, int T, int sms, int forced) {
-  const int chunks = (T + 31) / 32;
+// coaction_split_warps for a specialised shape whose warps take per_warp_bytes of shared memory.
+int split_warps(size_t per_warp_bytes, int B, int T, int sms, int forced) {
+  const int64_t chunks = (static_cast<int64_t>(T) + 31) / 32;
   // the most warps a block's shared memory holds (a power of two)
   int fit = 1;
   while (2 * fit <= kSpecSplitMax && 2 * static_cast<size_t>(fit) * per_warp_bytes <= kSmemMax) fit *= 2;
   if (forced) return std::min(forced, fit);
   // The most warps a sample such that every warp keeps a chunk and the grid stays within a warp budget per SM: 16 when
   // each warp keeps at least 4 chunks, else 8 (about where the SM's issue slots fill: more warps of short segments
-  // repeat a sample's setup for no gain). Measured on one H200 (docs/benchmarks.md, "Sixteenth session"): the best K
-  // of 1-16 at T = 100 / 1000 / 2000 and B = 1-4096, or within 1 % of it.
-  const int64_t resident = static_cast<int64_t>(kSpecWarps) * (orders <= 3 ? spec_fwd_blocks<3>() : spec_fwd_blocks<4>());
+  // repeat a sample's setup for no gain). Measured on one H200 (docs/benchmarks.md, "Sixteenth session"): the fastest
+  // K of 1-16 at T = 100 / 1000 / 2000 and B = 1-4096, or within 1.1 % of it.
   int k = 1;
   for (int c = 2; c <= fit && c <= chunks; c *= 2) {
-    const int64_t budget = static_cast<int64_t>(sms) * std::min<int64_t>(chunks / c >= 4 ? 16 : 8, resident);
+    const int64_t budget = static_cast<int64_t>(sms) * (chunks / c >= 4 ? 16 : 8);
     if (static_cast<int64_t>(B) * c <= budget) k = c;
   }
   return k;
@@ -2152,13 +2155,12 @@ int coaction_split_warps(const CoActionDims& d, int elem, int B, int T, int sms,
   DWDP_REQUIRE(forced >= -1 && forced <= kSpecSplitMax && (forced <= 0 || (forced & (forced - 1)) == 0),
                "coaction_split_warps: forced must be -1 (DWDP_COACTION_SPLIT), 0 (pick) or a power of two up to "
                    << kSpecSplitMax << ", got " << forced);
-  if (forced < 0) forced = split_from_env();
   int w;
   size_t sm;
-  if (!spec_shape(d, false, elem, &w, &sm)) return 0;
+  if (!spec_shape(d, false, elem, &w, &sm)) return 0;  // (the variable is not read for such a shape)
+  if (forced < 0) forced = split_from_env();
   const Fast f = make_fast(d, false);
-  return split_warps(f.C, sizeof(float) * static_cast<size_t>(make_spec_geo(f, false, elem).per_warp), B, T, sms,
-                     forced);
+  return split_warps(sizeof(float) * static_cast<size_t>(make_spec_geo(f, false, elem).per_warp), B, T, sms, forced);
 }
 
 bool coaction_specialized(const CoActionDims& d, bool backward) {
@@ -2236,13 +2238,13 @@ void prefer_shared(const void* kernel) {
                                          cudaSharedmemCarveoutMaxShared));
 }
 
-// Raises a kernel's dynamic shared-memory limit to at least `bytes` (once per kernel and size: the split forward's
-// blocks take 1-16 warps' worth, and a launch inside a stream capture then makes no attribute call).
-void raise_smem(const void* kernel, size_t bytes) {
+// Raises a kernel's dynamic shared-memory limit on device dev (the current one) to at least `bytes`, once per device,
+// kernel and size (the attribute is a device's: a process launching on several GPUs sets it on each).
+void raise_smem(int dev, const void* kernel, size_t bytes) {
   static std::mutex mu;
-  static std::map<const void*, size_t> done;
+  static std::map<std::pair<int, const void*>, size_t> done;
   std::lock_guard<std::mutex> lock(mu);
-  size_t& have = done[kernel];
+  size_t& have = done[{dev, kernel}];
   if (bytes <= have) return;
   DWDP_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes)));
   have = bytes;
@@ -2267,6 +2269,15 @@ auto spec_forward_pick(int C, bool oi) {
 }  // namespace
 
 namespace {
+// The kernels walk a sample's positions in 32-position chunks with 32-bit indices that run up to 95 past T.
+constexpr int kMaxT = INT32_MAX - 128;
+void check_batch(int B, int T) {
+  DWDP_REQUIRE(B >= 0 && T >= 0 && T <= kMaxT,
+               "co-action: B must be >= 0 and T in [0, " << kMaxT << "] (positions a sample), got B " << B << ", T " << T);
+}
+}  // namespace
+
+namespace {
 // The arrays of z zeroed by cudaMemsetAsync on s (the forward's path when its kernel does not zero them).
 void zero_by_memset(const CoActionZero& z, cudaStream_t s) {
   for (int k = 0; k < 2; ++k)
@@ -2278,6 +2289,7 @@ void zero_by_memset(const CoActionZero& z, cudaStream_t s) {
 int coaction_forward(const CoActionDims& d, int dtype, int B, int T, const CoActionRows& rows, uintptr_t ind_ids,
                      uintptr_t feed, uintptr_t feed_ids, uintptr_t mask, uintptr_t out, uintptr_t stream,
                      bool check_ids, const CoActionZero& zero) {
+  check_batch(B, T);
   check_rows(rows, feed_ids, static_cast<int64_t>(B) * T);
   const int dev = device_of(out, "coaction_forward: out");
   DeviceGuard guard(dev);
@@ -2311,18 +2323,18 @@ int coaction_forward(const CoActionDims& d, int dtype, int B, int T, const CoAct
     size_t ssmem;
     check_dims(d);
     if (spec_shape(d, false, sizeof(E), &swarps, &ssmem)) {
+      const SpecGeo geo = make_spec_geo(f, false, sizeof(E));
+      const int forced = split_from_env();  // (a bad value raises before anything is queued)
       zero_by_memset(zm, s);
       if (B == 0 || T == 0) {
         zero_by_memset(zk, s);
         return;
       }
-      const SpecGeo geo = make_spec_geo(f, false, sizeof(E));
-      const int split = split_warps(f.C, sizeof(float) * static_cast<size_t>(geo.per_warp), B, T, device_sms(dev),
-                                    split_from_env());
+      const int split = split_warps(sizeof(float) * static_cast<size_t>(geo.per_warp), B, T, device_sms(dev), forced);
       if (split > 1) {
         const auto kspec = spec_forward_pick<E, true>(f.C, f.oi);
         const size_t ksmem = sizeof(float) * static_cast<size_t>(geo.per_warp) * split;
-        if (ksmem > kSmemDefault) raise_smem(reinterpret_cast<const void*>(kspec), ksmem);
+        if (ksmem > kSmemDefault) raise_smem(dev, reinterpret_cast<const void*>(kspec), ksmem);
         kspec<<<B, split * 32, ksmem, s>>>(f, geo, B, T, rows, ids, fd, fids, mk, o, spec_zero_plan(zk, B));
         DWDP_LAUNCH_CHECK();
         return;
@@ -2368,6 +2380,7 @@ int coaction_forward(const CoActionDims& d, int dtype, int B, int T, const CoAct
 void coaction_backward(const CoActionDims& d, int dtype, int B, int T, const CoActionRows& rows, uintptr_t ind_ids,
                        uintptr_t feed, uintptr_t feed_ids, uintptr_t mask, uintptr_t grad_out, uintptr_t grad_feed,
                        uintptr_t stream) {
+  check_batch(B, T);
   check_rows(rows, feed_ids, static_cast<int64_t>(B) * T);
   for (int i = 0; i < rows.shards; ++i) DWDP_REQUIRE(rows.grad[i] != 0, "co-action: shard " << i << " has no gradient");
   // (a caller's gradient arrays are checked to be on the op's device in Python, coaction_backward_gpu's grads=)

@@ -388,8 +388,10 @@ def forward_split_warps(spec: CoActionSpec, B: int, T: int, sms: int, dtype: str
     if dtype not in _DT:
         raise ValueError(f"dtype must be 'float32' or 'bfloat16', got {dtype!r}")
     for name, v in (("B", B), ("T", T), ("sms", sms)):
-        if not is_int(v) or not 1 <= v < 2**31:
-            raise ValueError(f"{name} must be an integer in [1, 2**31), got {v!r}")
+        if not is_int(v):
+            raise TypeError(f"{name} must be an integer, got {type(v).__name__}: {v!r}")
+        if not 1 <= v < 2**31:
+            raise ValueError(f"{name} must be in [1, 2**31), got {v}")
     elem = 4 if dtype == "float32" else 2
     return int(native().coaction_split_warps(*_spec_args(_spec(spec)), elem, int(B), int(T), int(sms), -1))
 
