@@ -178,3 +178,20 @@ def test_a_bad_split_setting_is_named(monkeypatch, value):
     ind, feed, mask = inputs(spec, 2, 10, 0)
     with pytest.raises(ValueError, match="DWDP_COACTION_SPLIT must be 'auto' or one of 1, 2, 4, 8, 16"):
         coaction_forward_gpu(cp.asarray(ind), cp.asarray(feed), cp.asarray(mask), spec)
+
+
+@pytest.mark.multigpu(n=2)
+def test_split_forward_on_a_second_device(monkeypatch):
+    """The split kernel's shared-memory limit is a device's attribute: a forward on device 1 after one on device 0
+    (which raised it there) must raise it again (16 warps a sample need more than 48 KiB on every shape)."""
+    import cupy as cp
+    from dwdp_ops.coaction import coaction_forward_gpu
+
+    monkeypatch.setenv("DWDP_COACTION_SPLIT", "16")
+    spec = CoActionSpec(orders=4, order_independent=True, bias=True)
+    ind, feed, mask = inputs(spec, 2, 2000, 5)
+    want = reference(spec, ind, feed, mask)
+    for dev in (0, 1):
+        with cp.cuda.Device(dev):
+            got = coaction_forward_gpu(cp.asarray(ind), cp.asarray(feed), cp.asarray(mask), spec).get()
+        assert rel(got, want) <= 1e-5, dev
