@@ -379,3 +379,26 @@ def test_split_sizes_are_exact_for_the_fraction_as_written(n, fraction, n_train)
     data, _ = synthetic(n, seed=0)
     tr, te = split(data, fraction, 0)
     assert (len(tr), len(te)) == (n_train, n - n_train)
+
+
+@pytest.mark.parametrize("kw, exc, match", [
+    ({"lr": float("nan")}, ValueError, r"lr must be a finite number > 0, got nan"),
+    ({"lr": float("inf")}, ValueError, r"lr must be a finite number > 0, got inf"),
+    ({"lr": -0.1}, ValueError, r"lr must be a finite number > 0, got -0.1"),
+    ({"lr": "0.1"}, TypeError, r"lr must be a finite number > 0, got '0.1' \(str\)"),
+    ({"eps": 0.0}, ValueError, r"eps must be a finite number > 0, got 0.0"),
+    ({"b1": 1.0}, ValueError, r"b1 must be a number in \[0, 1\), got 1.0"),
+    ({"b2": float("nan")}, ValueError, r"b2 must be a number in \[0, 1\), got nan"),
+    ({"b1": True}, TypeError, r"b1 must be a number in \[0, 1\), got True \(bool\)"),
+])
+def test_adam_names_a_bad_hyperparameter(kw, exc, match):
+    """Adam took any value: a NaN learning rate or b2 made every weight NaN at the first step, b1 = 1 divided by
+    1 - b1**t = 0, eps = 0 divided 0 by 0 for a parameter whose gradient is 0, a negative lr ascended the loss."""
+    from dwdp_ops.models.can import Adam
+
+    params = {"w": np.ones(3)}
+    with pytest.raises(exc, match=match):
+        Adam(params, **{"lr": 1e-3, **kw})
+    opt = Adam(params, np.float32(0.1), b1=0, b2=np.float64(0.5))
+    opt.step({"w": np.array([1.0, -1.0, 0.0])})
+    np.testing.assert_allclose(params["w"], [0.9, 1.1, 1.0])

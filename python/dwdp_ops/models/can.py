@@ -90,7 +90,19 @@ def check_ids(data: Batchable, tables, where: str) -> None:
 
 
 class Adam:
+    """Adam over ``params`` (a dict of name -> array, updated in place by ``step(grads)``, ``grads`` a dict of arrays
+    shaped like the parameters it names). ``lr`` and ``eps`` finite numbers > 0, ``b1`` and ``b2`` in [0, 1):
+    TypeError / ValueError naming one otherwise (a NaN or negative one would turn or push every weight wrong at the
+    first step)."""
+
     def __init__(self, params: dict, lr: float, b1=0.9, b2=0.999, eps=1e-8, xp=np):
+        for name, v, lo_open in (("lr", lr, True), ("eps", eps, True), ("b1", b1, False), ("b2", b2, False)):
+            want = "a finite number > 0" if lo_open else "a number in [0, 1)"
+            if not is_real(v):
+                raise TypeError(f"{name} must be {want}, got {v!r} ({type(v).__name__})")
+            ok = (math.isfinite(v) and v > 0) if lo_open else 0 <= v < 1  # (NaN fails both)
+            if not ok:
+                raise ValueError(f"{name} must be {want}, got {v!r}")
         self.p, self.lr, self.b1, self.b2, self.eps, self.t, self.xp = params, lr, b1, b2, eps, 0, xp
         self.m = {k: xp.zeros_like(v) for k, v in params.items()}
         self.v = {k: xp.zeros_like(v) for k, v in params.items()}
