@@ -402,3 +402,15 @@ def test_adam_names_a_bad_hyperparameter(kw, exc, match):
     opt = Adam(params, np.float32(0.1), b1=0, b2=np.float64(0.5))
     opt.step({"w": np.array([1.0, -1.0, 0.0])})
     np.testing.assert_allclose(params["w"], [0.9, 1.1, 1.0])
+
+
+def test_the_model_documents_what_its_methods_take_and_return():
+    """train_step and evaluate had no docstring, loss_and_grads did not say what its gradients are, logits not what
+    it returns."""
+    docs = {name: " ".join((getattr(CanModel, name).__doc__ or "").split())
+            for name in ("train_step", "evaluate", "loss_and_grads", "logits", "predict")}
+    want = {"train_step": ["[B]", "[B, T]", "mean BCE", "Python float"], "evaluate": ["AUC", "data.label"],
+            "loss_and_grads": ["shaped like the parameters", "table-shaped", "Python float"],
+            "logits": ["logits [B]", "cache"], "predict": ["[len(data)]"]}
+    missing = {k: [w for w in v if w not in docs[k]] for k, v in want.items()}
+    assert not any(missing.values()), missing

@@ -212,7 +212,9 @@ class CanModel:
         return self.xp.concatenate(parts, axis=1)
 
     def logits(self, b: Batchable, train: bool = False):
-        """Logits of a batch already on the model's device (``_on_device``) and the backward cache."""
+        """``(logits [B], cache)`` of a batch already on the model's device (``_on_device``): float64 numpy on the CPU,
+        float32 CuPy on the GPU; ``cache`` holds the backward's activations. ``train=True`` uses the batch's
+        BatchNorm statistics and updates the running ones."""
         P, xp = self.P, self.xp
         x = self._features(b)
         if train:
@@ -235,15 +237,19 @@ class CanModel:
         return h[:, 0], cache
 
     def train_step(self, b: Batchable) -> float:
+        """One Adam step on batch ``b`` (a ``Batchable`` of numpy arrays: ids ``[B]`` / ``[B, T]``, mask ``[B, T]``,
+        labels ``[B]``); returns the batch's mean BCE before the step, a Python float. Refuses what
+        ``loss_and_grads`` refuses, before any change."""
         loss, grads = self.loss_and_grads(b)
         self.opt.step(grads)
         return loss
 
     def loss_and_grads(self, b: Batchable) -> tuple[float, dict]:
-        """Mean BCE of a training batch (batch statistics in BatchNorm) and the gradient of every parameter. Updates
-        BatchNorm's running statistics. ValueError for a batch of no sample (its batch statistics would be NaN) or
-        an id outside its table (``check_ids``), TypeError for ids that are not integers, before anything of the
-        model changes."""
+        """Mean BCE of a training batch (batch statistics in BatchNorm), a Python float, and the gradient of every
+        parameter: a dict of ``P``'s names to arrays shaped like the parameters (float64 numpy on the CPU, float32 CuPy
+        on the GPU; the tables' gradients table-shaped, repeated ids added up). Updates BatchNorm's running
+        statistics. ValueError for a batch of no sample (its batch statistics would be NaN) or an id outside its
+        table (``check_ids``), TypeError for ids that are not integers, before anything of the model changes."""
         if len(b) == 0:
             raise ValueError("a training batch needs at least one sample: BatchNorm's mean and variance of no sample "
                              "are NaN (and would become its running statistics)")
@@ -300,4 +306,6 @@ class CanModel:
         return res if xp is np else res.get()
 
     def evaluate(self, data: Batchable) -> float:
+        """AUC (a float in [0, 1]) of ``predict(data)`` against ``data.label`` (0 / 1 of both classes: ``auc``'s
+        ValueError otherwise)."""
         return auc(data.label, self.predict(data))
