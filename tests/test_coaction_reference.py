@@ -558,3 +558,26 @@ def test_the_forward_says_a_callers_out_is_written_when_its_ids_are_refused():
 
     doc = " ".join(coaction_forward_gpu.__doc__.split())
     assert "a caller's ``out`` has been overwritten" in doc
+
+
+@pytest.mark.parametrize("value", [None, 0, 1, "yes"])
+def test_check_ids_must_be_a_bool_in_the_fused_ops(value):
+    """None or 0 had turned the device id check off without a word (the kernels then read a wrong row for a bad id);
+    the check comes before any GPU work, so it runs here."""
+    import numpy as np
+    from dwdp_ops.coaction import coaction_backward_gpu, coaction_forward_gpu
+
+    a = np.zeros((1, 1), np.float32)
+    with pytest.raises(TypeError, match="check_ids must be a bool"):
+        coaction_forward_gpu(a, a, a, check_ids=value)
+    with pytest.raises(TypeError, match="check_ids must be a bool"):
+        coaction_backward_gpu(a, a, a, a, check_ids=value)
+
+
+def test_check_ids_must_be_a_bool_in_the_autograd_op():
+    torch = pytest.importorskip("torch")
+    from dwdp_ops.coaction import coaction
+
+    t = torch.zeros(1, 1)
+    with pytest.raises(TypeError, match="check_ids must be a bool"):
+        coaction(t, t, t, check_ids=None)

@@ -32,6 +32,7 @@ from torch.autograd.function import once_differentiable
 
 from ..errors import CoActionArgumentError
 from ..interop import DeviceBuffer, _torch_types, cupy_stream
+from .fused import check_flag
 from .reference import CoActionSpec
 
 __all__ = ["CoActionFunction", "coaction"]
@@ -239,12 +240,13 @@ def coaction(induction: torch.Tensor, feed: torch.Tensor, mask: torch.Tensor, sp
 
     Raises:
         TypeError: a non-tensor, a `ShardedTable`, or a wrong dtype (induction and feed float32 or bfloat16 alike,
-            mask float32 or bool, integer ids).
+            mask float32 or bool, integer ids); a `check_ids` that is not a bool.
         ValueError: a tensor off CUDA or on another device than the rest, or a shape that does not fit `spec`; the
             fused op's own ValueErrors (ids out of range, a spec beyond the kernels' limits) pass through.
     """
     if spec is None:  # (not `spec or ...`: a falsy non-spec, 0 or {}, must reach the TypeError, not the default)
         spec = CoActionSpec()
+    check_flag(check_ids)
     induction, feed, mask, ind_ids, feed_ids, _ = _checked(induction, feed, mask, spec, ind_ids, feed_ids)
     # a backward can follow only with grad mode on and a tensor requiring grad (ctx.needs_input_grad inside the
     # forward sees requires_grad only, not the grad mode)

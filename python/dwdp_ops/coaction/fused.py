@@ -41,7 +41,7 @@ from typing import Any
 
 import numpy as np
 
-from .._checks import is_int
+from .._checks import is_bool, is_int
 from .._native import native
 from ..errors import CoActionArgumentError, DwdpError
 from ..interop import DeviceBuffer, cupy_stream, device_buffer, stream_handle
@@ -489,6 +489,13 @@ def _check_ids(ip: int, B: int, nrows: int, fp: int, T: int, frows: int, stream:
     _raise_bad_ids(native().coaction_check_ids(ip, B, nrows, fp, B * T, frows, stream, mask), nrows, frows)
 
 
+def check_flag(check_ids: Any) -> None:
+    """``check_ids`` must be a bool (numpy's included): None or 0 had turned the id check off without a word."""
+    if not is_bool(check_ids):
+        raise TypeError(f"check_ids must be a bool (True: range-check the ids on the device), got "
+                        f"{type(check_ids).__name__}: {check_ids!r}")
+
+
 def coaction_forward_gpu(induction: Any, feed: Any, mask: Any, spec: CoActionSpec | None = None, *, ind_ids=None,
                          feed_ids=None, dtype: str = "float32", stream: Any = None, check_ids: bool = True,
                          zero_grads: TableGrads | None = None, out: Any = None):
@@ -511,7 +518,8 @@ def coaction_forward_gpu(induction: Any, feed: Any, mask: Any, spec: CoActionSpe
     been overwritten by then (the kernel is launched before the check's result is read; it stays inside the tables,
     so the values are only meaningless). ``zero_grads``: a
     ``TableGrads(zero="forward")`` this call zeroes for the backward (see ``TableGrads``). Not collective (a
-    ``ShardedTable``'s rows are read from their owners one-sidedly)."""
+    ``ShardedTable``'s rows are read from their owners one-sidedly). ``check_ids`` must be a bool (TypeError)."""
+    check_flag(check_ids)
     spec = _spec(spec)
     return _forward(_args(spec, induction, feed, mask, ind_ids, feed_ids, dtype), induction, dtype, stream,
                     check_ids, zero_grads, out)
@@ -586,7 +594,9 @@ def coaction_backward_gpu(induction: Any, feed: Any, mask: Any, grad_out: Any, s
     ``(grad_induction, grad_feed)`` of caller-allocated contiguous float32 arrays shaped like the induction and feed
     tables, on the op's device and ready on ``stream``, with ``ind_ids`` and ``feed_ids`` given: the backward **adds**
     into them (gradient accumulation) and returns them (gathered rows' gradients are written, not added, so a pair
-    needs both ids). A ``ShardedTable`` takes only None. Not collective (a ``ShardedTable``'s remote adds aside)."""
+    needs both ids). A ``ShardedTable`` takes only None. Not collective (a ``ShardedTable``'s remote adds aside).
+    ``check_ids`` must be a bool (TypeError)."""
+    check_flag(check_ids)
     spec = _spec(spec)
     return _backward(_args(spec, induction, feed, mask, ind_ids, feed_ids, dtype), induction,
                      ind_ids is not None and feed_ids is not None, grad_out, stream, check_ids, grads)
