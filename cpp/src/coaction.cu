@@ -1487,10 +1487,10 @@ __device__ __forceinline__ void spec_zero_share(const SpecZero& z, int b, int B,
 
 // The split forward (kSplit): a block is one sample, its K = blockDim.x / 32 warps each take a segment of the
 // sample's 32-position chunks (warp k: chunks [k n / K, (k + 1) n / K) of n; a segment may be empty), and the
-// segments' h1 sums and valid counts are added in warp order by warp 0, which writes the output row (and zeroes the
-// sample's share of the table gradients). A batch too small to fill the GPU with one warp a sample then runs a
-// long sample on several warps; the sums are deterministic for a given K, but their rounding differs from K = 1's
-// (the launch picks K from B and T: split_warps, below).
+// segments' h1 sums and valid counts are added in warp order by warp 0, which writes the output row (every warp of
+// the block zeroes part of the sample's share of the table gradients). A batch too small to fill the GPU with one
+// warp a sample then runs a long sample on several warps; the sums are deterministic for a given K, but their
+// rounding differs from K = 1's (the launch picks K from B and T: split_warps, below).
 constexpr int kSpecSplitMax = 16;  // warps a sample at most
 
 template <typename T, int C, bool OI, bool kSplit>
