@@ -414,3 +414,47 @@ def test_the_model_documents_what_its_methods_take_and_return():
             "logits": ["logits [B]", "cache"], "predict": ["[len(data)]"]}
     missing = {k: [w for w in v if w not in docs[k]] for k, v in want.items()}
     assert not any(missing.values()), missing
+
+
+@pytest.mark.parametrize("bad, shown", [(np.nan, "nan"), (np.inf, "inf"), (-np.inf, "-inf"), (1.5, "1.5"),
+                                        (-0.25, "-0.25")])
+def test_train_refuses_training_labels_that_are_not_finite_in_0_1_before_training(bad, shown):
+    """A NaN training label had made the loss NaN at the first step that drew it, and the run ended in a
+    FloatingPointError advising a lower --lr (wrong advice); an infinite one the same, one outside [0, 1] trained on a
+    loss without its minimum. Now a ValueError naming the training set and the first bad index, before any step."""
+    data, tables = synthetic(250, seed=0)
+    tr, te = split(data, 0.2, 0)
+    tr = type(tr)(*(getattr(tr, f).copy() for f in tr.__dataclass_fields__))
+    tr.label[[17, 42]] = bad
+    model = CanModel(CanConfig(tables))
+    with pytest.raises(ValueError, match=rf"training set: labels must be finite numbers in \[0, 1\]: 2 of 200 are "
+                                         rf"not \(the first {shown} at index 17\)"):
+        train(model, tr, te, 1, 16, 0, progress=False)
+    assert model.opt.t == 0  # no step ran
+
+
+def test_train_accepts_soft_training_labels_and_names_a_bad_test_label():
+    """Soft labels in [0, 1] are valid targets of the BCE (only the test set's AUC needs 0 / 1)."""
+    data, tables = synthetic(250, seed=0)
+    tr, te = split(data, 0.2, 0)
+    tr = type(tr)(*(getattr(tr, f).copy() for f in tr.__dataclass_fields__))
+    tr.label[:] = np.where(tr.label > 0, 0.9, 0.1).astype(np.float32)
+    tr.label[0], tr.label[1] = 0.0, 1.0
+    curve = train(CanModel(CanConfig(tables)), tr, te, 1, 64, 0, progress=False)
+    assert np.isfinite(curve[0]["train_loss"])
+    te = type(te)(*(getattr(te, f).copy() for f in te.__dataclass_fields__))
+    te.label[3] = np.inf
+    with pytest.raises(ValueError, match=r"test set \(50 samples\): labels must be 0 or 1: 1 of 50 are not \(the "
+                                         r"first inf at 3\)"):
+        train(CanModel(CanConfig(tables)), tr, te, 1, 64, 0, progress=False)
+
+
+def test_check_labels_names_labels_that_are_not_numbers():
+    from dwdp_ops.models.can import check_labels
+
+    data, _ = synthetic(4, seed=0)
+    data.label = np.array(["0", "1", "0", "1"])
+    with pytest.raises(TypeError, match=r"training set: labels must be numbers in \[0, 1\] \(or booleans\), got <U1"):
+        check_labels(data, "training set")
+    data.label = np.array([True, False, True, True])
+    check_labels(data, "training set")

@@ -89,6 +89,21 @@ def check_ids(data: Batchable, tables, where: str) -> None:
                              "with the data's table sizes")
 
 
+def check_labels(data: Batchable, where: str) -> None:
+    """TypeError unless ``data``'s labels are numbers or booleans, ValueError unless every one is a finite number in
+    [0, 1] (soft labels pass: the BCE takes any target in [0, 1]); the message starts with ``where`` and names the
+    first bad label and its index. A NaN or infinite label makes the loss NaN at the first step that draws it (the
+    run then ended with advice to lower the learning rate), one outside [0, 1] a loss without its minimum."""
+    label = data.label if hasattr(data.label, "dtype") else np.asarray(data.label)  # (numpy or CuPy as they are)
+    if label.dtype.kind not in "biuf":
+        raise TypeError(f"{where}: labels must be numbers in [0, 1] (or booleans), got {label.dtype}")
+    bad = ~((label >= 0) & (label <= 1))  # (NaN compares False: bad)
+    if bad.any():
+        i = int(bad.reshape(-1).argmax())
+        raise ValueError(f"{where}: labels must be finite numbers in [0, 1]: {int(bad.sum())} of {label.size} are not "
+                         f"(the first {label.reshape(-1)[i].item()!r} at index {i})")
+
+
 class Adam:
     """Adam over ``params`` (a dict of name -> array, updated in place by ``step(grads)``, ``grads`` a dict of arrays
     shaped like the parameters it names). ``lr`` and ``eps`` finite numbers > 0, ``b1`` and ``b2`` in [0, 1):

@@ -29,7 +29,7 @@ from .._cli import (
     usable_gpus,
     writable_path,
 )
-from .can import CanConfig, CanModel, check_ids
+from .can import CanConfig, CanModel, check_ids, check_labels
 from .can_data import binary_labels, load_amazon_books, split, synthetic
 
 
@@ -40,16 +40,18 @@ def train(model: CanModel, train_set, test_set, epochs: int, batch_size: int, se
     so a step's time holds the previous step's tail instead of its own: in steady state (the median) that is the
     step time per batch, without the batching, the evaluation or the model's construction. Raises TypeError for
     ``epochs``, ``batch_size`` or ``seed`` not an integer (Python or numpy; a bool is refused), ValueError for
-    ``epochs`` or ``batch_size`` < 1, a negative ``seed``, an empty ``train_set``, a ``test_set`` whose labels are
-    not 0 / 1 of both classes (no AUC) or (for a model with ``cfg.tables``) an id outside its table (TypeError for
-    ids that are not integers), all before any training, and FloatingPointError, naming the epoch and step, when a
-    loss is not finite."""
+    ``epochs`` or ``batch_size`` < 1, a negative ``seed``, an empty ``train_set``, a ``train_set`` label that is
+    NaN, infinite or outside [0, 1] (soft labels pass; ``check_labels``), a ``test_set`` whose labels are not 0 / 1
+    of both classes (no AUC) or (for a model with ``cfg.tables``) an id outside its table (TypeError for labels or
+    ids that are not numbers / integers), all before any training, and FloatingPointError, naming the epoch and
+    step, when a loss is not finite."""
     # (Python ints from here on: range() numbers epochs either way)
     epochs, batch_size = (int_at_least(name, v, 1, "an integer") for name, v in (("epochs", epochs),
                                                                                  ("batch_size", batch_size)))
     seed = int_at_least("seed", seed, 0, "an integer")  # (None would draw fresh entropy: other shuffles every run)
     if len(train_set) == 0:
         raise ValueError("the training set is empty: no step would run (and the epoch's loss would be nan)")
+    check_labels(train_set, "training set")  # (NaN, infinite or outside [0, 1]: soft labels pass)
     try:  # (the AUC after the first epoch would fail: checked before any training)
         binary_labels(test_set.label)
     except (TypeError, ValueError) as e:
