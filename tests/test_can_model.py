@@ -458,3 +458,15 @@ def test_check_labels_names_labels_that_are_not_numbers():
         check_labels(data, "training set")
     data.label = np.array([True, False, True, True])
     check_labels(data, "training set")
+
+
+@pytest.mark.parametrize("score, dtype", [(["a", "b", "c", "d"], "<U1"), (["0.1", "0.9", "0.8", "0.7"], "<U3"),
+                                          ([0.1, 0.9j, 0.8, 0.7], "complex128"), ([0.1, None, 0.8, 0.7], "object")])
+def test_auc_names_scores_that_are_not_numbers(score, dtype):
+    """Strings had given numpy's own "could not convert string to float: 'a'" (a ValueError naming no argument), or,
+    strings of digits, an AUC without a word; complex scores numpy's TypeError naming no argument, a None the
+    ValueError of a NaN score."""
+    with pytest.raises(TypeError, match=rf"score must hold real numbers \(one per label\), got an array of dtype "
+                                        rf"{dtype}"):
+        auc([0, 1, 0, 1], score)
+    assert auc([0, 1, 0, 1], np.array([1, 9, 8, 7], np.int8)) == 0.75

@@ -227,9 +227,13 @@ def binary_labels(label) -> np.ndarray:
 
 def auc(label: np.ndarray, score: np.ndarray) -> float:
     """Area under the ROC curve (Mann-Whitney, ties averaged). ``label`` and ``score``: 1-D, one score per label;
-    the labels 0 or 1 (numbers or booleans). ValueError for mismatched shapes, a NaN score (it has no rank), a label
-    other than 0 or 1 (NaN included) or labels of one class only; TypeError for labels that are not numbers."""
-    label, score = np.asarray(label), np.asarray(score, dtype=np.float64)
+    the labels 0 or 1 (numbers or booleans), the scores real numbers. ValueError for mismatched shapes, a NaN score
+    (it has no rank), a label other than 0 or 1 (NaN included) or labels of one class only; TypeError for labels or
+    scores that are not numbers (strings, even of digits, complex numbers, objects)."""
+    label, score = np.asarray(label), np.asarray(score)
+    if score.dtype.kind not in "biuf":
+        raise TypeError(f"score must hold real numbers (one per label), got an array of dtype {score.dtype}")
+    score = score.astype(np.float64)
     if label.ndim != 1 or score.shape != label.shape:
         raise ValueError(f"auc needs 1-D labels and one score per label: got {label.size} labels and {score.size} "
                          f"scores (shapes {label.shape} and {score.shape})")
