@@ -470,3 +470,37 @@ def test_auc_names_scores_that_are_not_numbers(score, dtype):
                                         rf"{dtype}"):
         auc([0, 1, 0, 1], score)
     assert auc([0, 1, 0, 1], np.array([1, 9, 8, 7], np.int8)) == 0.75
+
+
+def test_empty_history_entries_are_no_behaviours(tmp_path):
+    """A doubled, leading or trailing \\x02 left an empty entry that became a vocabulary entry ('' with an id of its
+    own) and a behaviour (mask 1) in the history; a trailing separator in one history only was refused as a length
+    mismatch. Now skipped in the vocabulary and the loader alike: the file reads as the one without them."""
+    S = "\x02"
+    clean = ["1\tU1\tB3\tBooks\tB1\x02B2\tBooks\x02Fiction",
+             "0\tU1\tB9\tFiction\tB1\x02B2\x02B4\tBooks\x02Fiction\x02Books",
+             "1\tU2\tB2\tFiction\t\t"]
+    messy = [f"1\tU1\tB3\tBooks\tB1{S}{S}B2\tBooks{S}{S}Fiction",  # doubled in both
+             f"0\tU1\tB9\tFiction\t{S}B1{S}B2{S}B4{S}\tBooks{S}Fiction{S}{S}Books",  # leading + trailing / doubled
+             f"1\tU2\tB2\tFiction\t{S}\t{S}{S}"]  # nothing but separators: no behaviour
+    (tmp_path / "one").write_text(messy[0] + "\n")
+    one, one_vocab = load_amazon_books(tmp_path / "one", max_len=4)
+    assert "" not in one_vocab.mid and "" not in one_vocab.cat, one_vocab  # ('' had been item 1 and category 2)
+    assert one.mask[0].tolist() == [1, 1, 0, 0]  # (had been [1, 1, 1, 0]: three behaviours)
+    (tmp_path / "clean").write_text("\n".join(clean) + "\n")
+    (tmp_path / "messy").write_text("\n".join(messy) + "\n")
+    want, want_vocab = load_amazon_books(tmp_path / "clean", max_len=4)
+    got, vocab = load_amazon_books(tmp_path / "messy", max_len=4)
+    assert vocab == want_vocab == build_vocab(tmp_path / "messy")
+    assert "" not in vocab.mid and "" not in vocab.cat and vocab.sizes == (3, 6, 3)
+    for f in want.__dataclass_fields__:
+        np.testing.assert_array_equal(getattr(got, f), getattr(want, f), err_msg=f)
+    np.testing.assert_array_equal(got.mask, [[1, 1, 0, 0], [1, 1, 1, 0], [0, 0, 0, 0]])
+    assert ((got.hist_mid > 0) == (got.mask > 0)).all() and ((got.hist_cat > 0) == (got.mask > 0)).all()
+    # max_len keeps the most recent behaviours, not the empty entries: [B2, B4] of the second line
+    short, _ = load_amazon_books(tmp_path / "messy", vocab, max_len=2)
+    assert short.hist_mid[1].tolist() == [vocab.mid["B2"], vocab.mid["B4"]] and short.mask[1].tolist() == [1, 1]
+    # an empty entry does not stand for a missing category: histories of different non-empty lengths are refused
+    (tmp_path / "bad").write_text(f"1\tU1\tB3\tBooks\tB1{S}{S}B2\tBooks{S}Fiction{S}Books\n")
+    with pytest.raises(ValueError, match=r"bad:1: item history has 2 entries but category history 3 \(non-empty"):
+        build_vocab(tmp_path / "bad")

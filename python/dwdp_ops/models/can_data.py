@@ -2,8 +2,10 @@
 
 Amazon Books (DIEN protocol, ``local_train_splitByUser`` / ``local_test_splitByUser``): one sample per line,
 tab-separated ``label, user, item, category, item history, category history``; the histories are
-``\\x02``-separated, oldest first. Vocabularies are built from the training file, most frequent first, with id 0
-for padding and anything unseen. Histories keep the most recent ``max_len`` behaviours.
+``\\x02``-separated, oldest first; an empty entry (a doubled, leading or trailing separator) is no behaviour and is
+skipped, in the vocabulary and the histories alike, so the two histories must hold as many non-empty entries.
+Vocabularies are built from the training file, most frequent first, with id 0 for padding and anything unseen.
+Histories keep the most recent ``max_len`` behaviours.
 
 Every loader returns a ``Batchable`` of numpy arrays: ``uid [N]``, ``mid [N]``, ``cat [N]``, ``hist_mid [N, T]``,
 ``hist_cat [N, T]``, ``mask [N, T]`` (float32 0/1) and ``label [N]`` (float32).
@@ -85,6 +87,13 @@ class Vocab:
         return len(self.uid) + 1, len(self.mid) + 1, len(self.cat) + 1
 
 
+def _history(text: str) -> list[str]:
+    """The behaviours of a ``SEP``-separated history field, oldest first: its non-empty entries (a doubled, leading
+    or trailing separator leaves an empty one, which is no behaviour). ``_parse``, and so ``build_vocab`` and
+    ``load_amazon_books``, read histories through this alone."""
+    return [x for x in text.split(SEP) if x]
+
+
 def _parse(path: Path) -> list[tuple[float, str, str, str, list[str], list[str]]]:
     rows = []
     with open(path, encoding="utf-8") as f:
@@ -99,9 +108,10 @@ def _parse(path: Path) -> list[tuple[float, str, str, str, list[str], list[str]]
                     f"category history), got {len(parts)}"
                 )
             label, uid, mid, cat, hm, hc = parts
-            hm, hc = hm.split(SEP) if hm else [], hc.split(SEP) if hc else []
+            hm, hc = _history(hm), _history(hc)
             if len(hm) != len(hc):
-                raise ValueError(f"{path}:{n}: item history has {len(hm)} entries but category history {len(hc)}")
+                raise ValueError(f"{path}:{n}: item history has {len(hm)} entries but category history {len(hc)} "
+                                 "(non-empty ones: an empty entry is skipped); expected one category per item")
             if label not in ("0", "1", "0.0", "1.0"):
                 raise ValueError(f"{path}:{n}: label must be 0 or 1, got {label!r}")
             rows.append((float(label), uid, mid, cat, hm, hc))
