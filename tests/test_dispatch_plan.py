@@ -390,3 +390,27 @@ def test_plan_recv_validates_max_pairs(max_pairs, exc, match):
         plan_recv(sends, P2, 0, max_pairs=max_pairs)
     rp = plan_recv(sends, P2, 0, max_pairs=np.int64(2))
     assert rp.max_pairs == 2 and type(rp.max_pairs) is int
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_plan_send_refuses_a_non_finite_weight_of_a_selected_slot(bad):
+    """A NaN or infinite weight had been planned without a word and made the token's combined output NaN or infinite
+    (NaN where the expert output is 0). A skipped slot's weight (id -1) is never read: it stays accepted, as by the
+    kernels."""
+    ids = np.array([[0, 5], [1, -1], [2, 6]], np.int32)
+    w = np.full(ids.shape, 0.5, np.float32)
+    w[2, 1] = bad
+    with pytest.raises(ValueError, match=rf"topk_weights\[2, 1\] = {bad} \(token 2's weight of expert 6\) is not "
+                                         r"finite \(1 selected slot\(s\) are not\).*expected finite weights where "
+                                         r"topk_ids >= 0"):
+        plan_send(ids, w, P2, 0)
+    with pytest.raises(ValueError, match=r"topk_weights\[2, 1\]"):
+        reference_moe([np.ones((3, 4), np.float32), np.ones((0, 4), np.float32)],
+                      [ids, np.zeros((0, 2), np.int32)], [w, np.zeros((0, 2), np.float32)], P2, scaled)
+    w[2, 1] = 0.5
+    w[1, 1] = bad  # the skipped slot
+    sp = plan_send(ids, w, P2, 0)
+    outs = reference_moe([np.ones((3, 4), np.float32), np.ones((0, 4), np.float32)],
+                         [ids, np.zeros((0, 2), np.int32)], [w, np.zeros((0, 2), np.float32)], P2,
+                         lambda d, le, v: v)
+    assert np.isfinite(outs[0]).all() and outs[0][1].tolist() == [0.5] * 4 and sp.num_tokens == 3

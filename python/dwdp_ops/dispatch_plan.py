@@ -36,8 +36,9 @@ Bad arguments of ``plan_send`` / ``plan_recv`` (as ``partition``, ``layout`` and
 TypeError (a partition that is not an ``ExpertPartition``, ``send_plans`` that are not a sequence of ``SendPlan``,
 ``topk_ids`` / ``topk_weights`` that are not arrays of an integer / float32 dtype, a rank, ``max_tokens``, ``align``
 or ``max_pairs`` that is not an int, bools included), a wrong value ValueError (a shape, an id outside ``[-1, E)``, an
-id repeated in a row, a rank outside the world, a size below its bound, plans of another ownership, a capacity
-exceeded). Every message names the argument, what was wrong and what is expected.
+id repeated in a row, a NaN or infinite weight of a selected slot (a skipped slot's weight is never read), a rank
+outside the world, a size below its bound, plans of another ownership, a capacity exceeded). Every message names the
+argument, what was wrong and what is expected.
 """
 
 from __future__ import annotations
@@ -213,16 +214,26 @@ def _validate_routing(topk_ids, topk_weights, partition: ExpertPartition) -> tup
                 slots = np.flatnonzero(ids[t] == e).tolist()
                 raise ValueError(f"topk_ids[{t}] selects expert {e} more than once (slots {slots}); a token's expert "
                                  "ids must be distinct (only -1, a skipped slot, may repeat)")
+        # a selected pair's weight scales its expert output in the combine: NaN or inf would make the token's output
+        # NaN or inf (inf * 0: NaN) without a word. A skipped slot's weight is never read (by reference_moe nor by
+        # the kernels).
+        nonfinite = (ids >= 0) & ~np.isfinite(w)
+        if nonfinite.any():
+            t, j = np.argwhere(nonfinite)[0]
+            raise ValueError(f"topk_weights[{t}, {j}] = {w[t, j]} (token {t}'s weight of expert {ids[t, j]}) is not "
+                             f"finite ({int(nonfinite.sum())} selected slot(s) are not): the token's combined output "
+                             "would be NaN or infinite; expected finite weights where topk_ids >= 0")
     return ids.astype(np.int64), w
 
 
 def plan_send(topk_ids, topk_weights, partition: ExpertPartition, rank: int, max_tokens: int | None = None) -> SendPlan:
     """Plans source ``rank``'s dispatch of one step (pure, host). ``topk_ids [T, k]`` integer in ``[-1, E)``,
-    distinct within a row except -1, ``topk_weights [T, k]`` float32, ``max_tokens`` None (unchecked) or an int >= 0.
-    TypeError for a wrong type (``partition``, not an array, an array's dtype, a ``rank`` or ``max_tokens`` that is
-    not an int), ValueError for a wrong value (a shape, ``k`` outside ``[1, E]``, an id outside ``[-1, E)`` or
-    repeated in its row, naming the row and the id, a rank outside the world, a negative ``max_tokens``, and
-    ``T > max_tokens``, naming the step's T and the capacity)."""
+    distinct within a row except -1, ``topk_weights [T, k]`` float32, finite where the id is >= 0 (a skipped slot's
+    weight is not read), ``max_tokens`` None (unchecked) or an int >= 0. TypeError for a wrong type (``partition``,
+    not an array, an array's dtype, a ``rank`` or ``max_tokens`` that is not an int), ValueError for a wrong value (a
+    shape, ``k`` outside ``[1, E]``, an id outside ``[-1, E)`` or repeated in its row, naming the row and the id, a
+    NaN or infinite weight of a selected slot, naming the token and the slot, a rank outside the world, a negative
+    ``max_tokens``, and ``T > max_tokens``, naming the step's T and the capacity)."""
     _check_partition(partition)
     _check_rank(partition, rank)
     max_tokens = _optional_size("max_tokens", max_tokens)
