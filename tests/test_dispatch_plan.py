@@ -414,3 +414,20 @@ def test_plan_send_refuses_a_non_finite_weight_of_a_selected_slot(bad):
                          [ids, np.zeros((0, 2), np.int32)], [w, np.zeros((0, 2), np.float32)], P2,
                          lambda d, le, v: v)
     assert np.isfinite(outs[0]).all() and outs[0][1].tolist() == [0.5] * 4 and sp.num_tokens == 3
+
+
+@pytest.mark.parametrize("x1, exc, match", [
+    (np.ones((1, 4), np.int32), TypeError, r"xs_per_rank\[1\] must be a floating-point \[T, H\] array, got dtype "
+                                           r"int32 \(shape \(1, 4\)\)"),
+    (np.ones((1, 4), np.complex64), TypeError, r"xs_per_rank\[1\] must be a floating-point .* got dtype complex64"),
+    ([["a", "b", "c", "d"]], TypeError, r"xs_per_rank\[1\] must be a floating-point .* got dtype <U1"),
+    (np.ones(4, np.float32), ValueError, r"xs_per_rank\[1\] must be a float \[T, H\] array \(2-D\), got shape \(4,\)"),
+])
+def test_reference_moe_names_hidden_states_of_a_wrong_dtype_with_a_type_error(x1, exc, match):
+    """A wrong dtype of xs_per_rank[r] had been a ValueError (the house rule: TypeError for a wrong type); a wrong
+    shape stays a ValueError. The routing arrays' dtypes were TypeErrors already (plan_send)."""
+    ids, w = [OK_IDS, OK_IDS], [OK_W, OK_W]
+    with pytest.raises(exc, match=match):
+        reference_moe([np.ones((1, 4), np.float32), x1], ids, w, P2, scaled)
+    with pytest.raises(TypeError, match="topk_weights must be float32"):
+        reference_moe([np.ones((1, 4), np.float32)] * 2, ids, [OK_W, OK_W.astype(np.float64)], P2, scaled)

@@ -393,7 +393,10 @@ def reference_moe(xs_per_rank: Sequence[np.ndarray], ids_per_rank: Sequence[np.n
     - ``storage(float32 array) -> float32 array``: rounding to the hidden states' storage dtype, applied to expert
       outputs and to the final sums (``round_to_bfloat16`` for bf16); default: cast to each rank's x dtype.
 
-    Returns ``[out_r [T_r, H]]`` in each rank's x dtype (float32 for a custom storage).
+    Returns ``[out_r [T_r, H]]`` in each rank's x dtype (float32 for a custom storage). TypeError for a wrong type
+    (``partition``, an ``xs_per_rank[r]`` whose dtype is not floating-point, routing arrays of a wrong dtype, as
+    ``plan_send``), ValueError for a wrong value (not one entry per rank, a shape, tokens or hidden sizes that
+    disagree, routing ``plan_send`` refuses, an ``expert_fn`` result of another shape).
     """
     _check_partition(partition)
     N = partition.world_size
@@ -403,8 +406,11 @@ def reference_moe(xs_per_rank: Sequence[np.ndarray], ids_per_rank: Sequence[np.n
     xs = [np.asarray(x) for x in xs_per_rank]
     H = None
     for r, x in enumerate(xs):
-        if x.ndim != 2 or x.dtype.kind != "f":
-            raise ValueError(f"xs_per_rank[{r}] must be a float [T, H] array, got {x.dtype} {x.shape}")
+        if x.dtype.kind != "f":
+            raise TypeError(f"xs_per_rank[{r}] must be a floating-point [T, H] array, got dtype {x.dtype} (shape "
+                            f"{x.shape})")
+        if x.ndim != 2:
+            raise ValueError(f"xs_per_rank[{r}] must be a float [T, H] array (2-D), got shape {x.shape}")
         if np.asarray(ids_per_rank[r]).shape[:1] != x.shape[:1]:
             raise ValueError(f"ids_per_rank[{r}] has {np.asarray(ids_per_rank[r]).shape[:1]} tokens, x has "
                              f"{x.shape[0]}")
