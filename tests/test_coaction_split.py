@@ -1,12 +1,12 @@
-"""How many warps a sample the specialised co-action forward takes (``forward_split_warps``): the launch's pick, the
-``DWDP_COACTION_SPLIT`` override and its errors. Host logic: no GPU needed (the GPU tests of the split kernel are in
+"""How many warps a sample the specialised co-action forward and backward take (``split_warps``): the launch's
+pick, the ``DWDP_COACTION_SPLIT`` override and its errors. Host logic: no GPU needed (the GPU tests of the split kernel are in
 test_gpu_coaction_split.py)."""
 
 from __future__ import annotations
 
 import pytest
 from dwdp_ops.coaction import CoActionSpec
-from dwdp_ops.coaction.fused import forward_split_warps
+from dwdp_ops.coaction.fused import split_warps
 
 # The picks on an H200 (132 SMs), each the fastest K of 1-16 measured there (or within 1.1 % of it):
 # docs/benchmarks.md, "Sixteenth session"; bench/results/coaction_split_H200.json.
@@ -28,8 +28,8 @@ def _no_override(monkeypatch):
 @pytest.mark.parametrize(("bt", "k"), H200, ids=[f"{b}x{t}" for (b, t), _ in H200])
 def test_the_h200_picks(bt, k):
     B, T = bt
-    assert forward_split_warps(CoActionSpec(), B, T, 132) == k
-    assert forward_split_warps(CoActionSpec(), B, T, 132, "bfloat16") == k
+    assert split_warps(CoActionSpec(), B, T, 132) == k
+    assert split_warps(CoActionSpec(), B, T, 132, "bfloat16") == k
 
 
 @pytest.mark.parametrize("cfg", [dict(), dict(orders=4, order_independent=True, bias=True), dict(orders=1)], ids=str)
@@ -38,7 +38,7 @@ def test_a_pick_is_a_power_of_two_within_the_chunks_and_the_warp_budget(cfg, sms
     spec = CoActionSpec(**cfg)
     for T in (1, 31, 64, 100, 500, 1000, 5000):
         for B in (1, 3, 100, 1000, 10_000):
-            k = forward_split_warps(spec, B, T, sms)
+            k = split_warps(spec, B, T, sms)
             chunks = -(-T // 32)
             assert k in (1, 2, 4, 8, 16) and k <= max(1, chunks), (B, T, k)
             assert k == 1 or B * k <= 16 * sms, (B, T, k)
@@ -47,38 +47,38 @@ def test_a_pick_is_a_power_of_two_within_the_chunks_and_the_warp_budget(cfg, sms
 def test_fewer_samples_or_longer_ones_never_take_fewer_warps():
     spec = CoActionSpec()
     for T in (50, 100, 300, 1000, 2000):
-        ks = [forward_split_warps(spec, B, T, 132) for B in (1, 2, 8, 32, 128, 512, 2048, 8192)]
+        ks = [split_warps(spec, B, T, 132) for B in (1, 2, 8, 32, 128, 512, 2048, 8192)]
         assert ks == sorted(ks, reverse=True), (T, ks)
     for B in (1, 64, 256, 1024):
-        ks = [forward_split_warps(spec, B, T, 132) for T in (32, 64, 128, 256, 512, 1024, 2048)]
+        ks = [split_warps(spec, B, T, 132) for T in (32, 64, 128, 256, 512, 1024, 2048)]
         assert ks == sorted(ks), (B, ks)
 
 
 @pytest.mark.parametrize("value", ["1", "2", "4", "8", "16"])
 def test_the_override_forces_k(monkeypatch, value):
     monkeypatch.setenv("DWDP_COACTION_SPLIT", value)
-    assert forward_split_warps(CoActionSpec(), 8192, 100, 132) == int(value)
-    assert forward_split_warps(CoActionSpec(), 1, 1, 132) == int(value)  # forced even where segments are empty
+    assert split_warps(CoActionSpec(), 8192, 100, 132) == int(value)
+    assert split_warps(CoActionSpec(), 1, 1, 132) == int(value)  # forced even where segments are empty
 
 
 @pytest.mark.parametrize("value", ["auto", ""])
 def test_auto_or_empty_is_the_pick(monkeypatch, value):
     monkeypatch.setenv("DWDP_COACTION_SPLIT", value)
-    assert forward_split_warps(CoActionSpec(), 1, 2000, 132) == 16
+    assert split_warps(CoActionSpec(), 1, 2000, 132) == 16
 
 
 @pytest.mark.parametrize("value", ["0", "3", "32", "-1", "two", " 4", "4.0"])
 def test_a_bad_override_is_named(monkeypatch, value):
     monkeypatch.setenv("DWDP_COACTION_SPLIT", value)
     with pytest.raises(ValueError, match=r"DWDP_COACTION_SPLIT must be 'auto' or one of 1, 2, 4, 8, 16"):
-        forward_split_warps(CoActionSpec(), 1, 100, 132)
+        split_warps(CoActionSpec(), 1, 100, 132)
 
 
 def test_shapes_off_the_specialised_kernels_are_zero(monkeypatch):
-    assert forward_split_warps(CoActionSpec(variant="paper", bias=True), 1, 2000, 132) == 0
-    assert forward_split_warps(CoActionSpec(layer_dims=((16, 8), (8, 8))), 1, 2000, 132) == 0
+    assert split_warps(CoActionSpec(variant="paper", bias=True), 1, 2000, 132) == 0
+    assert split_warps(CoActionSpec(layer_dims=((16, 8), (8, 8))), 1, 2000, 132) == 0
     monkeypatch.setenv("DWDP_COACTION_SPECIALIZED", "0")
-    assert forward_split_warps(CoActionSpec(), 1, 2000, 132) == 0
+    assert split_warps(CoActionSpec(), 1, 2000, 132) == 0
 
 
 @pytest.mark.parametrize(("kw", "exc", "match"), [
@@ -91,16 +91,31 @@ def test_shapes_off_the_specialised_kernels_are_zero(monkeypatch):
 def test_bad_arguments_are_named(kw, exc, match):
     args = dict(B=4, T=100, sms=132) | kw
     with pytest.raises(exc, match=match):
-        forward_split_warps(CoActionSpec(), **args)
+        split_warps(CoActionSpec(), **args)
 
 
 def test_a_bad_override_is_not_read_off_the_specialised_kernels(monkeypatch):
     monkeypatch.setenv("DWDP_COACTION_SPLIT", "3")
-    assert forward_split_warps(CoActionSpec(variant="paper", bias=True), 1, 2000, 132) == 0
+    assert split_warps(CoActionSpec(variant="paper", bias=True), 1, 2000, 132) == 0
 
 
 def test_picks_near_the_int32_limit_of_t():
     spec = CoActionSpec()
     for T in (2**31 - 129, 2**31 - 1):
-        assert forward_split_warps(spec, 1, T, 132) == 16
-        assert forward_split_warps(spec, 10_000, T, 132) == 1
+        assert split_warps(spec, 1, T, 132) == 16
+        assert split_warps(spec, 10_000, T, 132) == 1
+
+
+@pytest.mark.parametrize("cfg", [dict(), dict(orders=4, order_independent=True, bias=True)], ids=str)
+def test_the_backward_picks_by_the_same_rule_within_its_shared_memory(cfg, monkeypatch):
+    spec = CoActionSpec(**cfg)
+    for (B, T), k in H200:
+        kb = split_warps(spec, B, T, 132, backward=True)
+        assert kb == k or (kb < k and kb in (1, 2, 4, 8)), (B, T, k, kb)  # fewer only where 16 warps do not fit
+    monkeypatch.setenv("DWDP_COACTION_SPLIT", "16")
+    kb = split_warps(spec, 1, 2000, 132, backward=True)
+    assert kb in (8, 16)
+    if not cfg:
+        assert kb == 16 and split_warps(spec, 1, 2000, 132, backward=False) == 16
+    with pytest.raises(TypeError, match="backward must be a bool"):
+        split_warps(spec, 1, 100, 132, backward=None)

@@ -1,5 +1,5 @@
-"""The split forward of the specialised co-action kernels (GPU): a block of K warps a sample, each a segment of the
-sample's positions (``forward_split_warps``; ``DWDP_COACTION_SPLIT`` forces K). Every K against the float64
+"""The split forward and backward of the specialised co-action kernels (GPU): a block of K warps a sample, each a
+segment of the sample's positions (``split_warps``; ``DWDP_COACTION_SPLIT`` forces K). Every K against the float64
 reference and against one warp a sample, on every specialised feature; the launch's own pick; a busy caller stream
 and CUDA-graph replays mixed with eager calls."""
 
@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from dwdp_ops.coaction import CoActionSpec, coaction_forward
+from dwdp_ops.coaction import CoActionSpec, coaction_backward, coaction_forward
 
 SPECS = [dict(), dict(orders=4, order_independent=True, bias=True), dict(orders=1, bias=True),
          dict(orders=2, order_independent=True)]
@@ -63,9 +63,38 @@ def test_every_split_equals_the_reference_and_one_warp_a_sample(monkeypatch, cfg
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("k", [2, 4, 8, 16])
+@pytest.mark.parametrize("cfg", SPECS, ids=str)
+def test_every_split_backward_equals_the_reference_and_one_warp_a_sample(monkeypatch, cfg, k):
+    """Gathered rows: the sample's induction-row gradient is the warps' rows added in warp order and written once,
+    the feed gradient written per position by the warp that owns it."""
+    import cupy as cp
+    from dwdp_ops.coaction import coaction_backward_gpu
+
+    spec = CoActionSpec(**cfg)
+    for B, T in CASES:
+        ind, feed, mask = inputs(spec, B, T, B * T + k + 1)
+        g = np.random.default_rng(B + T).normal(size=(B, spec.out_dim)).astype(np.float32)
+        args = (cp.asarray(ind), cp.asarray(feed), cp.asarray(mask), cp.asarray(g), spec)
+        monkeypatch.setenv("DWDP_COACTION_SPLIT", "1")
+        one = [a.get() for a in coaction_backward_gpu(*args)]
+        monkeypatch.setenv("DWDP_COACTION_SPLIT", str(k))
+        got = [a.get() for a in coaction_backward_gpu(*args)]
+        again = [a.get() for a in coaction_backward_gpu(*args)]
+        want = coaction_backward(ind.astype(np.float64), feed.astype(np.float64), mask, g.astype(np.float64),
+                                 spec.layer_dims, spec.orders, spec.bias, order_independent=spec.order_independent)
+        for name, a, o, r, w in zip(("induction", "feed"), got, one, again, want, strict=True):
+            assert rel(a, w) <= 1e-5, (name, B, T)
+            assert rel(a, o) <= 1e-6, (name, B, T)
+            assert np.array_equal(a, r), (name, B, T)  # deterministic for a given K
+        if B >= 3:
+            assert not got[0][1].any() and not got[1][1].any()  # no behaviour: no gradient
+
+
+@pytest.mark.gpu
 def test_split_bf16_inputs(monkeypatch):
     import cupy as cp
-    from dwdp_ops.coaction import coaction_forward_gpu
+    from dwdp_ops.coaction import coaction_backward_gpu, coaction_forward_gpu
 
     def bf16(a):  # round to nearest even, keep the top 16 bits
         u = a.astype(np.float32).view(np.uint32)
@@ -78,17 +107,25 @@ def test_split_bf16_inputs(monkeypatch):
     ind, feed, mask = inputs(spec, 4, 300, 7)
     bi, bfd = bf16(ind), bf16(feed)
     want = reference(spec, f32(bi), f32(bfd), mask)
+    g = np.random.default_rng(1).normal(size=(4, spec.out_dim)).astype(np.float32)
+    wi, wf = coaction_backward(f32(bi).astype(np.float64), f32(bfd).astype(np.float64), mask, g.astype(np.float64),
+                               spec.layer_dims, spec.orders, spec.bias)
     for k in (1, 4, 16):
         monkeypatch.setenv("DWDP_COACTION_SPLIT", str(k))
         got = coaction_forward_gpu(cp.asarray(bi), cp.asarray(bfd), cp.asarray(mask), spec, dtype="bfloat16").get()
         assert rel(f32(got), want) <= 2e-2, k
+        gi, gf = coaction_backward_gpu(cp.asarray(bi), cp.asarray(bfd), cp.asarray(mask), cp.asarray(g), spec,
+                                       dtype="bfloat16")
+        assert rel(gi.get(), wi) <= 2e-2 and rel(gf.get(), wf) <= 2e-2, k
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("k", [2, 8])
 def test_split_table_ids_repeated_and_table_grads_zeroed(monkeypatch, k):
     """The table path with heavily repeated ids equals the gathered rows; a TableGrads given to a split forward is
-    zeroed (by the kernel's warp 0 of each sample: poisoned with NaN before) and its backward equals a plain one."""
+    zeroed (by the warps of each sample's block: poisoned with NaN before); the split backward into it (the warps'
+    rows of a sample added in warp order, then one atomic an element) equals one warp a sample's and the float64
+    reference."""
     import cupy as cp
     from dwdp_ops.coaction import TableGrads, coaction_backward_gpu, coaction_forward_gpu
 
@@ -110,61 +147,77 @@ def test_split_table_ids_repeated_and_table_grads_zeroed(monkeypatch, k):
     assert rel(out.get(), want) <= 1e-5
     assert not tg.induction.any() and not tg.feed.any()  # (NaN is truthy)
     gi, gf = coaction_backward_gpu(table, ftable, mask, g, spec, ind_ids=ids, feed_ids=fids, grads=tg)
+    monkeypatch.setenv("DWDP_COACTION_SPLIT", "1")  # one warp a sample: the baseline
     wi, wf = coaction_backward_gpu(table, ftable, mask, g, spec, ind_ids=ids, feed_ids=fids)
     assert np.isfinite(gi.get()).all() and np.isfinite(gf.get()).all()
     assert rel(gi.get(), wi.get()) <= 1e-5 and rel(gf.get(), wf.get()) <= 1e-5
+    ri, rf = coaction_backward(table.get()[ids.get()].astype(np.float64), ftable.get()[fids.get()].astype(np.float64),
+                               mask.get(), g.get().astype(np.float64), spec.layer_dims, spec.orders, spec.bias)
+    wi64, wf64 = np.zeros(table.shape), np.zeros(ftable.shape)
+    np.add.at(wi64, ids.get(), ri)
+    np.add.at(wf64, fids.get(), rf)
+    assert rel(gi.get(), wi64) <= 1e-5 and rel(gf.get(), wf64) <= 1e-5
 
 
 @pytest.mark.gpu
 def test_the_launch_splits_a_small_batch_of_long_samples(monkeypatch):
     import cupy as cp
     from dwdp_ops.coaction import coaction_forward_gpu
-    from dwdp_ops.coaction.fused import forward_split_warps
+    from dwdp_ops.coaction.fused import split_warps
 
     monkeypatch.delenv("DWDP_COACTION_SPLIT", raising=False)
     spec = CoActionSpec()
     sms = cp.cuda.runtime.getDeviceProperties(cp.cuda.Device().id)["multiProcessorCount"]
-    assert forward_split_warps(spec, 2, 2000, sms) > 1
-    assert forward_split_warps(spec, 100 * sms, 100, sms) == 1
+    assert split_warps(spec, 2, 2000, sms) > 1
+    assert split_warps(spec, 100 * sms, 100, sms) == 1
     ind, feed, mask = inputs(spec, 2, 2000, 3)
     got = coaction_forward_gpu(cp.asarray(ind), cp.asarray(feed), cp.asarray(mask), spec).get()
     assert rel(got, reference(spec, ind, feed, mask)) <= 1e-5
 
 
 @pytest.mark.gpu
-def test_split_forward_on_a_busy_stream_and_in_graph_replays(monkeypatch):
-    """The split forward on the caller's non-blocking stream behind a large copy, captured in a CUDA graph whose
-    replays alternate with eager calls (whose outputs come from pool blocks poisoned with NaN): every output equals
-    the first eager call's bit for bit."""
+def test_split_step_on_a_busy_stream_and_in_graph_replays(monkeypatch):
+    """The split forward and backward on the caller's non-blocking stream behind a large copy, captured in a CUDA graph
+    whose replays alternate with eager steps (whose outputs come from pool blocks poisoned with NaN): every output
+    equals the first eager step's bit for bit (gathered rows: no atomics)."""
     import cupy as cp
-    from dwdp_ops.coaction import coaction_forward_gpu
+    from dwdp_ops.coaction import coaction_backward_gpu, coaction_forward_gpu
 
     monkeypatch.setenv("DWDP_COACTION_SPLIT", "8")
-    spec = CoActionSpec()
+    spec = CoActionSpec(bias=True)
     ind, feed, mask = inputs(spec, 5, 1000, 11)
+    g = cp.asarray(np.random.default_rng(2).normal(size=(5, spec.out_dim)).astype(np.float32))
     ind, feed, mask = cp.asarray(ind), cp.asarray(feed), cp.asarray(mask)
     s = cp.cuda.Stream(non_blocking=True)
     big = cp.ones(1 << 27, cp.float32)
+
+    def step():
+        out = coaction_forward_gpu(ind, feed, mask, spec, stream=s)
+        return (out, *coaction_backward_gpu(ind, feed, mask, g, spec, stream=s))
+
     with s:
-        want = coaction_forward_gpu(ind, feed, mask, spec, stream=s).get()
+        want = [a.get() for a in step()]
         s.begin_capture()
         try:
-            captured = coaction_forward_gpu(ind, feed, mask, spec, stream=s)
+            captured = step()
         finally:
             graph = s.end_capture()
         for i in range(6):
             dst = cp.empty_like(big)
-            dst[...] = big  # queued ahead of the forward
+            dst[...] = big  # queued ahead of the step
             if i % 2:
-                captured.fill(np.nan)
+                for a in captured:
+                    a.fill(np.nan)
                 graph.launch(s)
                 got = captured
             else:
-                cp.full(want.size, np.nan, cp.float32)  # a NaN block back to the pool for the next output
-                got = coaction_forward_gpu(ind, feed, mask, spec, stream=s)
+                for w in want:
+                    cp.full(w.size, np.nan, cp.float32)  # NaN blocks back to the pool for the next outputs
+                got = step()
             del dst
             s.synchronize()
-            assert np.array_equal(got.get(), want), i
+            for a, w in zip(got, want, strict=True):
+                assert np.array_equal(a.get(), w), i
 
 
 @pytest.mark.gpu

@@ -185,11 +185,12 @@ PYBIND11_MODULE(_C, m) {
         "whether the specialised kernels (compile-time widths) take this shape; DWDP_COACTION_SPECIALIZED=0: never");
   m.def("coaction_split_warps",
         [dims](std::vector<int> din, std::vector<int> dout, int orders, bool bias, bool order_independent, bool paper,
-               int elem, int B, int T, int sms, int forced) {
-          return dwdp::coaction_split_warps(dims(din, dout, orders, bias, order_independent, paper), elem, B, T, sms,
-                                            forced);
+               bool backward, int elem, int B, int T, int sms, int forced) {
+          return dwdp::coaction_split_warps(dims(din, dout, orders, bias, order_independent, paper), backward, elem, B,
+                                            T, sms, forced);
         },
-        "warps a sample the specialised forward takes (0: not specialised); forced -1 reads DWDP_COACTION_SPLIT");
+        "warps a sample the specialised forward / backward takes (0: not specialised); forced -1 reads "
+        "DWDP_COACTION_SPLIT");
   m.def(
       "coaction_check_ids",
       [](uintptr_t ind_ids, int64_t n_ind, int64_t ind_rows, uintptr_t feed_ids, int64_t n_feed, int64_t feed_rows,

@@ -1492,6 +1492,7 @@ __device__ __forceinline__ void spec_zero_share(const SpecZero& z, int b, int B,
 // warp a sample then runs a long sample on several warps; the sums are deterministic for a given K, but their
 // rounding differs from K = 1's (the launch picks K from B and T: split_warps, below).
 constexpr int kSpecSplitMax = 16;  // warps a sample at most
+constexpr size_t kSpecSplitStatic = sizeof(int64_t) * kSpecSplitMax;  // the split backward's static shared memory
 
 template <typename T, int C, bool OI, bool kSplit>
 __global__ void __launch_bounds__(kSplit ? kSpecSplitMax * 32 : kSpecWarps * 32, kSplit ? 1 : spec_fwd_blocks<C>())
@@ -1644,19 +1645,33 @@ __device__ __forceinline__ void spec_dz(const float* __restrict__ U, float v, fl
   }
 }
 
-template <typename T, int C, bool OI>
-__global__ void __launch_bounds__(kSpecWarps * 32, spec_bwd_blocks<C>()) spec_backward_kernel(
-    Fast f, SpecGeo g, int B, int T_len, CoActionRows rows, const int64_t* __restrict__ ind_ids,
-    const T* __restrict__ feed, const int64_t* __restrict__ feed_ids, const float* __restrict__ mask,
-    const float* __restrict__ grad_out, float* __restrict__ grad_feed) {
+// kSplit: the split backward, a block of K warps a sample as the split forward's (each warp a segment of the
+// sample's chunks); the warps' gradient rows of the sample are added in warp order (by store_row_grad's warps of
+// equal ids, or below for gathered rows) and stored once.
+template <typename T, int C, bool OI, bool kSplit>
+__global__ void __launch_bounds__(kSplit ? kSpecSplitMax * 32 : kSpecWarps * 32, kSplit ? 1 : spec_bwd_blocks<C>())
+    spec_backward_kernel(Fast f, SpecGeo g, int B, int T_len, CoActionRows rows, const int64_t* __restrict__ ind_ids,
+                         const T* __restrict__ feed, const int64_t* __restrict__ feed_ids,
+                         const float* __restrict__ mask, const float* __restrict__ grad_out,
+                         float* __restrict__ grad_feed) {
   constexpr int D = kSpecD, N1 = kSpecN1, N2 = kSpecN2, S = N1 + N2, NR = spec_row_regs<C, OI>();
   constexpr int NG = (C * S + 31) / 32;  // grad_out values per lane
   constexpr bool kGxInFeed = sizeof(T) == 4;  // the fp32 feed gradient is staged over the lane's feed row
   constexpr int FRS = spec_frs(sizeof(T));  // g.FRS, as a constant
   extern __shared__ __align__(16) float smem[];
-  __shared__ int64_t blk_row[kFastWarps];  // the table row each warp's gradient belongs to (-1: none)
+  // the table row each warp's gradient belongs to (-1: none); kSpecSplitStatic bytes at most
+  __shared__ int64_t blk_row[kSplit ? kSpecSplitMax : kFastWarps];
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-  const int b = blockIdx.x * (blockDim.x >> 5) + warp;
+  int b, t_lo = 0, t_end = T_len;  // the sample and the warp's positions [t_lo, t_end)
+  if constexpr (kSplit) {
+    const int K = blockDim.x >> 5;
+    const int64_t chunks = (static_cast<int64_t>(T_len) + 31) >> 5;
+    b = blockIdx.x;  // the grid is B blocks
+    t_lo = static_cast<int>(min(static_cast<int64_t>(T_len), 32 * (warp * chunks / K)));
+    t_end = static_cast<int>(min(static_cast<int64_t>(T_len), 32 * ((warp + 1) * chunks / K)));
+  } else {
+    b = blockIdx.x * (blockDim.x >> 5) + warp;
+  }
   float* base = smem + static_cast<size_t>(warp) * g.per_warp;
   const float* W = base + g.oW;
   float* gW = base + g.oGW;
@@ -1678,11 +1693,11 @@ __global__ void __launch_bounds__(kSpecWarps * 32, spec_bwd_blocks<C>()) spec_ba
     for (int k = 0; k < NG; ++k)
       gr[k] = lane + 32 * k < C * S ? grad_out[static_cast<size_t>(b) * f.n_out + lane + 32 * k] : 0.f;
     const float* mrow = mask + static_cast<size_t>(b) * T_len;
-    SpecQueue sq = spec_queue(mrow, T_len, lane);
+    SpecQueue sq = spec_queue(mrow, t_end, lane, t_lo);
     int ta, tb;
-    int na = spec_next_round(mrow, T_len, q, sq, lane, &ta);
+    int na = spec_next_round(mrow, t_end, q, sq, lane, &ta);
     size_t fa = spec_frow(feed_ids, rows.feed_rows, b, T_len, ta);
-    int nb = spec_next_round(mrow, T_len, q, sq, lane, &tb);
+    int nb = spec_next_round(mrow, t_end, q, sq, lane, &tb);
     size_t fb = spec_frow(feed_ids, rows.feed_rows, b, T_len, tb);
     for (int i = 4 * lane; i < g.oG - g.oGW; i += 128)  // (a multiple of 4 floats, 16-byte aligned)
       *reinterpret_cast<float4*>(gW + i) = make_float4(0.f, 0.f, 0.f, 0.f);
@@ -1730,7 +1745,7 @@ __global__ void __launch_bounds__(kSpecWarps * 32, spec_bwd_blocks<C>()) spec_ba
       if (nb > 0) spec_fetch_row(f, feed, fb, tb >= 0, fbuf + (cur ^ 1) * buf + lane * FRS);
       cp_async_commit();
       int tc;
-      const int nc = spec_next_round(mrow, T_len, q, sq, lane, &tc);
+      const int nc = spec_next_round(mrow, t_end, q, sq, lane, &tc);
       const size_t fc = spec_frow(feed_ids, rows.feed_rows, b, T_len, tc);
       cp_async_wait<1>();
       __syncwarp();  // every lane's row of round a is in: the W1 tiles read all of them
@@ -1917,6 +1932,20 @@ __global__ void __launch_bounds__(kSpecWarps * 32, spec_bwd_blocks<C>()) spec_ba
         for (int c = 0; c < C; ++c)
           gW[(OI ? c * f.wslice : 0) + f.woff[1] + N1 * N2 + m] += static_cast<float>(valid) * G[c * S + N1 + m];
     __syncwarp();
+  }
+  if constexpr (kSplit) {
+    if (!ind_ids) {  // gathered rows: the sample's row is written once, the warps' rows added in warp order
+      __syncthreads();
+      if (warp != 0 || !row) return;
+      const int K = blockDim.x >> 5;
+      float* gdst = reinterpret_cast<float*>(rows.grad[0]) + static_cast<size_t>(b) * f.ind_dim;
+      for_params(f, lane, [&](int u, int p) {
+        float v = gW[p];
+        for (int k = 1; k < K; ++k) v += smem[static_cast<size_t>(k) * g.per_warp + g.oGW + p];
+        gdst[u] = v;
+      });
+      return;
+    }
   }
   store_row_grad<true>(f, rows, ind_ids, b, row != nullptr, shard, local, smem, g.per_warp, g.oGW, blk_row, warp,
                        lane);
@@ -2126,12 +2155,14 @@ int device_sms(int dev) {
 }  // namespace
 
 namespace {
-// coaction_split_warps for a specialised shape whose warps take per_warp_bytes of shared memory.
-int split_warps(size_t per_warp_bytes, int B, int T, int sms, int forced) {
+// coaction_split_warps for a specialised shape whose warps take per_warp_bytes of shared memory (the backward's
+// block also kSpecSplitStatic bytes of static shared memory).
+int split_warps(bool backward, size_t per_warp_bytes, int B, int T, int sms, int forced) {
   const int64_t chunks = (static_cast<int64_t>(T) + 31) / 32;
   // the most warps a block's shared memory holds (a power of two)
+  const size_t room = kSmemMax - (backward ? kSpecSplitStatic : 0);
   int fit = 1;
-  while (2 * fit <= kSpecSplitMax && 2 * static_cast<size_t>(fit) * per_warp_bytes <= kSmemMax) fit *= 2;
+  while (2 * fit <= kSpecSplitMax && 2 * static_cast<size_t>(fit) * per_warp_bytes <= room) fit *= 2;
   if (forced) return std::min(forced, fit);
   // The most warps a sample such that every warp keeps a chunk and the grid stays within a warp budget per SM: 16 when
   // each warp keeps at least 4 chunks, else 8 (about where the SM's issue slots fill: more warps of short segments
@@ -2146,7 +2177,7 @@ int split_warps(size_t per_warp_bytes, int B, int T, int sms, int forced) {
 }
 }  // namespace
 
-int coaction_split_warps(const CoActionDims& d, int elem, int B, int T, int sms, int forced) {
+int coaction_split_warps(const CoActionDims& d, bool backward, int elem, int B, int T, int sms, int forced) {
   check_dims(d);
   DWDP_REQUIRE(elem == 2 || elem == 4, "coaction_split_warps: elem (bytes of a feed element) must be 2 or 4, got "
                                            << elem);
@@ -2157,10 +2188,11 @@ int coaction_split_warps(const CoActionDims& d, int elem, int B, int T, int sms,
                    << kSpecSplitMax << ", got " << forced);
   int w;
   size_t sm;
-  if (!spec_shape(d, false, elem, &w, &sm)) return 0;  // (the variable is not read for such a shape)
+  if (!spec_shape(d, backward, elem, &w, &sm)) return 0;  // (the variable is not read for such a shape)
   if (forced < 0) forced = split_from_env();
-  const Fast f = make_fast(d, false);
-  return split_warps(sizeof(float) * static_cast<size_t>(make_spec_geo(f, false, elem).per_warp), B, T, sms, forced);
+  const Fast f = make_fast(d, backward);
+  return split_warps(backward, sizeof(float) * static_cast<size_t>(make_spec_geo(f, backward, elem).per_warp), B, T,
+                     sms, forced);
 }
 
 bool coaction_specialized(const CoActionDims& d, bool backward) {
@@ -2259,6 +2291,15 @@ K spec_pick(int C, K k1, K k2, K k3, K k4) {
 
 namespace {
 // The specialised forward instance for C orders (1-4), order independence and kSplit (K warps a sample).
+// The specialised backward instance, likewise.
+template <typename E, bool kSplit>
+auto spec_backward_pick(int C, bool oi) {
+  return oi ? spec_pick(C, spec_backward_kernel<E, 1, true, kSplit>, spec_backward_kernel<E, 2, true, kSplit>,
+                        spec_backward_kernel<E, 3, true, kSplit>, spec_backward_kernel<E, 4, true, kSplit>)
+            : spec_pick(C, spec_backward_kernel<E, 1, false, kSplit>, spec_backward_kernel<E, 2, false, kSplit>,
+                        spec_backward_kernel<E, 3, false, kSplit>, spec_backward_kernel<E, 4, false, kSplit>);
+}
+
 template <typename E, bool kSplit>
 auto spec_forward_pick(int C, bool oi) {
   return oi ? spec_pick(C, spec_forward_kernel<E, 1, true, kSplit>, spec_forward_kernel<E, 2, true, kSplit>,
@@ -2330,7 +2371,8 @@ int coaction_forward(const CoActionDims& d, int dtype, int B, int T, const CoAct
         zero_by_memset(zk, s);
         return;
       }
-      const int split = split_warps(sizeof(float) * static_cast<size_t>(geo.per_warp), B, T, device_sms(dev), forced);
+      const int split =
+          split_warps(false, sizeof(float) * static_cast<size_t>(geo.per_warp), B, T, device_sms(dev), forced);
       if (split > 1) {
         const auto kspec = spec_forward_pick<E, true>(f.C, f.oi);
         const size_t ksmem = sizeof(float) * static_cast<size_t>(geo.per_warp) * split;
@@ -2384,7 +2426,8 @@ void coaction_backward(const CoActionDims& d, int dtype, int B, int T, const CoA
   check_rows(rows, feed_ids, static_cast<int64_t>(B) * T);
   for (int i = 0; i < rows.shards; ++i) DWDP_REQUIRE(rows.grad[i] != 0, "co-action: shard " << i << " has no gradient");
   // (a caller's gradient arrays are checked to be on the op's device in Python, coaction_backward_gpu's grads=)
-  DeviceGuard guard(device_of(grad_feed, "coaction_backward: grad_feed"));
+  const int dev = device_of(grad_feed, "coaction_backward: grad_feed");
+  DeviceGuard guard(dev);
   auto s = reinterpret_cast<cudaStream_t>(stream);
   auto launch = [&](auto tag, auto k8, auto k16, auto k32, auto kwarp) {
     using E = decltype(tag);
@@ -2401,17 +2444,24 @@ void coaction_backward(const CoActionDims& d, int dtype, int B, int T, const CoA
     size_t ssmem;
     check_dims(d);
     if (spec_shape(d, true, sizeof(E), &swarps, &ssmem)) {
-      const auto kspec = f.oi ? spec_pick(f.C, spec_backward_kernel<E, 1, true>, spec_backward_kernel<E, 2, true>,
-                                                spec_backward_kernel<E, 3, true>, spec_backward_kernel<E, 4, true>)
-                              : spec_pick(f.C, spec_backward_kernel<E, 1, false>,
-                                                 spec_backward_kernel<E, 2, false>, spec_backward_kernel<E, 3, false>,
-                                                 spec_backward_kernel<E, 4, false>);
+      const SpecGeo geo = make_spec_geo(f, true, sizeof(E));
+      const int forced = split_from_env();  // (a bad value raises before anything is queued)
+      if (B == 0 || T == 0) return;
+      const int split =
+          split_warps(true, sizeof(float) * static_cast<size_t>(geo.per_warp), B, T, device_sms(dev), forced);
+      if (split > 1) {
+        const auto kspec = spec_backward_pick<E, true>(f.C, f.oi);
+        const size_t ksmem = sizeof(float) * static_cast<size_t>(geo.per_warp) * split;
+        if (ksmem + kSpecSplitStatic > kSmemDefault) raise_smem(dev, reinterpret_cast<const void*>(kspec), ksmem);
+        kspec<<<B, split * 32, ksmem, s>>>(f, geo, B, T, rows, ids, fd, fids, mk, go, gf);
+        DWDP_LAUNCH_CHECK();
+        return;
+      }
+      const auto kspec = spec_backward_pick<E, false>(f.C, f.oi);
       if (ssmem + kFastStatic > kSmemDefault)
         DWDP_CUDA_CHECK(
             cudaFuncSetAttribute(kspec, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(ssmem)));
-      if (B == 0 || T == 0) return;
-      kspec<<<(B + swarps - 1) / swarps, swarps * 32, ssmem, s>>>(f, make_spec_geo(f, true, sizeof(E)), B, T, rows, ids, fd,
-                                                                  fids, mk, go, gf);
+      kspec<<<(B + swarps - 1) / swarps, swarps * 32, ssmem, s>>>(f, geo, B, T, rows, ids, fd, fids, mk, go, gf);
       DWDP_LAUNCH_CHECK();
       return;
     }

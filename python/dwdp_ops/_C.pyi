@@ -67,8 +67,8 @@ def coaction_fast_path(
     din: list[int], dout: list[int], orders: int, bias: bool, order_independent: bool, paper: bool, backward: bool,
 ) -> bool: ...
 def coaction_split_warps(
-    din: list[int], dout: list[int], orders: int, bias: bool, order_independent: bool, paper: bool, elem: int, B: int,
-    T: int, sms: int, forced: int,
+    din: list[int], dout: list[int], orders: int, bias: bool, order_independent: bool, paper: bool, backward: bool,
+    elem: int, B: int, T: int, sms: int, forced: int,
 ) -> int: ...
 def coaction_specialized(
     din: list[int], dout: list[int], orders: int, bias: bool, order_independent: bool, paper: bool, backward: bool,

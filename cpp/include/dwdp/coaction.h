@@ -89,13 +89,13 @@ void coaction_launch_shape(const CoActionDims& d, bool backward, int* warps, siz
 // Whether the specialised kernels (compile-time widths, two layers with a linear last one; see coaction.cu) take this
 // shape; DWDP_COACTION_SPECIALIZED=0 turns them off.
 bool coaction_specialized(const CoActionDims& d, bool backward);
-// Warps a sample the specialised forward takes for B samples of T positions on a GPU of `sms` multiprocessors, feed
-// elements of elem bytes (0: the specialised kernels do not take d). 1: one warp a sample, whose results do not depend
-// on B; more: a block of that many warps a sample, each a segment of its positions, for batches that one warp a sample
-// leaves short of one wave (coaction.cu, spec_forward_kernel). forced: 0 picks; a power of two up to 16 is taken,
-// capped by what a block's shared memory holds; -1 reads DWDP_COACTION_SPLIT ("auto" or unset: pick; 1, 2, 4, 8,
-// 16), as the forward does at every launch.
-int coaction_split_warps(const CoActionDims& d, int elem, int B, int T, int sms, int forced = 0);
+// Warps a sample the specialised forward (or backward) takes for B samples of T positions on a GPU of `sms`
+// multiprocessors, feed elements of elem bytes (0: the specialised kernels do not take d). 1: one warp a sample, whose
+// results do not depend on B; more: a block of that many warps a sample, each a segment of its positions, for batches
+// that one warp a sample leaves short of one wave (coaction.cu, spec_forward_kernel / spec_backward_kernel). forced:
+// 0 picks; a power of two up to 16 is taken, capped by what a block's shared memory holds; -1 reads
+// DWDP_COACTION_SPLIT ("auto" or unset: pick; 1, 2, 4, 8, 16), as the kernels' launches do at every call.
+int coaction_split_warps(const CoActionDims& d, bool backward, int elem, int B, int T, int sms, int forced = 0);
 // Range check of table ids on the device, stream-ordered (one kernel over both arrays), then the host waits for it:
 // returns bit 0 set when an ind_ids entry is outside [0, ind_rows), bit 1 for feed_ids outside [0, feed_rows). A null
 // ids pointer (or count 0) is not checked. feed_mask (0: none): the feed ids' float32 [B, T] mask; a feed id where it

@@ -15,8 +15,8 @@ from .fused import (
     TableGrads,
     coaction_backward_gpu,
     coaction_forward_gpu,
-    forward_split_warps,
     launch_shape,
+    split_warps,
 )
 from .reference import CoActionSpec, coaction_backward, coaction_forward
 
@@ -33,4 +33,4 @@ def __getattr__(name: str):
 
 __all__ = ["CoActionArgumentError", "CoActionFunction", "CoActionSpec", "ShardedTable", "TableGrads", "launch_shape",
            "coaction", "coaction_backward", "coaction_backward_gpu", "coaction_forward", "coaction_forward_gpu",
-           "forward_split_warps"]
+           "split_warps"]

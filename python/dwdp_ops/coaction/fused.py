@@ -12,7 +12,7 @@ weight gradients are column sums over the lanes' staged rows in shared memory, s
 of 4) run on the older shared-memory kernels (``uses_fast_kernels`` tells), with the same results; the CAN reference
 shape (16 -> 8 -> 4, linear last layer, 1-4 orders) runs on specialised kernels with the same organisation and
 compile-time widths (``uses_specialized_kernels``; docs/coaction.md), whose forward runs a small batch's long
-samples on K warps each (``forward_split_warps``; ``DWDP_COACTION_SPLIT``).
+samples on K warps each, forward and backward (``split_warps``; ``DWDP_COACTION_SPLIT``).
 ``dtype`` is ``float32`` or ``bfloat16`` (stored as uint16 bits, as CuPy has no bf16); the output has the input's
 storage dtype, gradients are float32. With table inputs the gradients are table-shaped and accumulated atomically
 (repeated ids add up: the warps of a block first add the rows of equal induction ids, the lanes of a round the rows
@@ -379,21 +379,25 @@ def uses_specialized_kernels(spec: CoActionSpec, backward: bool = False) -> bool
     return bool(native().coaction_specialized(*_spec_args(_spec(spec)), backward))
 
 
-def forward_split_warps(spec: CoActionSpec, B: int, T: int, sms: int, dtype: str = "float32") -> int:
-    """Warps a sample the forward of ``B`` samples of ``T`` positions takes on a GPU of ``sms`` multiprocessors, as
-    the launch picks it (``DWDP_COACTION_SPLIT`` included, read at each call; docs/environment.md). 0: ``spec`` is not
-    on the specialised kernels (the general ones take a warp a sample). 1: a warp a sample, and a sample's outputs do
-    not depend on ``B``. K > 1 (a batch that one warp a sample leaves short of one wave): a block of K warps a sample,
-    each a segment of its positions; outputs are deterministic for a given K, and differ from K = 1's in rounding."""
+def split_warps(spec: CoActionSpec, B: int, T: int, sms: int, dtype: str = "float32", backward: bool = False) -> int:
+    """Warps a sample the forward (``backward=True``: the backward) of ``B`` samples of ``T`` positions takes on a GPU
+    of ``sms`` multiprocessors, as the launch picks it (``DWDP_COACTION_SPLIT`` included, read at each call;
+    docs/environment.md). 0: ``spec`` is not on the specialised kernels (the general ones take a warp a sample). 1: a
+    warp a sample, and a sample's results do not depend on ``B``. K > 1 (a batch that one warp a sample leaves short
+    of one wave): a block of K warps a sample, each a segment of its positions; results are deterministic for a given
+    K, and differ from K = 1's in rounding."""
     if dtype not in _DT:
         raise ValueError(f"dtype must be 'float32' or 'bfloat16', got {dtype!r}")
+    if not is_bool(backward):
+        raise TypeError(f"backward must be a bool, got {type(backward).__name__}: {backward!r}")
     for name, v in (("B", B), ("T", T), ("sms", sms)):
         if not is_int(v):
             raise TypeError(f"{name} must be an integer, got {type(v).__name__}: {v!r}")
         if not 1 <= v < 2**31:
             raise ValueError(f"{name} must be in [1, 2**31), got {v}")
     elem = 4 if dtype == "float32" else 2
-    return int(native().coaction_split_warps(*_spec_args(_spec(spec)), elem, int(B), int(T), int(sms), -1))
+    return int(native().coaction_split_warps(*_spec_args(_spec(spec)), bool(backward), elem, int(B), int(T), int(sms),
+                                             -1))
 
 
 @functools.lru_cache(maxsize=256)
