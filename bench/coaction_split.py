@@ -1,19 +1,21 @@
-"""The co-action forward at small batches: one warp a sample against K warps a sample (the split forward), one GPU.
+"""The co-action forward (or backward) at small batches: one warp a sample against K warps a sample, one GPU.
 
-    python bench/coaction_split.py [--T 100,1000,2000] [--B 1,16,64,256,1024,2048,4096] [--ks 1,2,4,8,16]
-                                   [--repeats 15] [--calls 10]
+    python bench/coaction_split.py [--op forward|backward] [--T 100,1000,2000] [--B 1,16,64,256,1024,2048,4096]
+                                   [--ks 1,2,4,8,16] [--repeats 15] [--calls 10]
 
 One warp a sample leaves the GPU mostly idle when a batch has fewer samples than resident warps (3696 on an H200),
 and a long sample's time is one warp's. The split forward runs a sample on a block of K warps, each a segment of its
-positions (``dwdp_ops.coaction.fused.forward_split_warps``; ``DWDP_COACTION_SPLIT`` forces K). For every (B, T) with
+positions (``dwdp_ops.coaction.fused.split_warps``; ``DWDP_COACTION_SPLIT`` forces K). For every (B, T) with
 B x T at most 4096 x 1000: the forward of the CAN reference shape (table + ids, 100 000-row tables, 80 % of the
 positions unmasked, ``check_ids=False``) with each K forced, each captured in its own CUDA graph of ``--calls``
 forwards and replayed, the K variants interleaved per repeat (``common.time_interleaved``); a figure is the median
 over repeats of a forward's microseconds, ``over_k1`` the median of the per-repeat ratios to K = 1 (one warp a
-sample: the baseline, measured in the same run), and ``pick`` the K the launch takes by itself. Before timing, every
-K is checked against the float64 reference on small cases with masked segments (relative error at most 1e-5).
+sample: the baseline, measured in the same run), and ``pick`` the K the launch takes by itself. ``--op backward``
+times the backward the same way, into caller-allocated table gradients it adds to (no zeroing or allocation in the
+timed op). Before timing, every K is checked against the float64 reference on small cases with masked segments
+(relative error at most 1e-5; the backward's two gradients).
 
-Writes ``bench/results/coaction_split_<card>.json`` and ``docs/img/coaction_split_<card>.png``.
+Writes ``bench/results/coaction_split[_backward]_<card>.json`` and ``docs/img/coaction_split[_backward]_<card>.png``.
 """
 
 from __future__ import annotations
@@ -62,11 +64,18 @@ def rel(a, b) -> float:
     return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
 
 
-def check(ks) -> list[dict]:
-    """Every K against the float64 reference (three specialised shapes, an all-masked sample, a half-masked one)."""
+def check(ks, backward: bool = False) -> list[dict]:
+    """Every K against the float64 reference (three specialised shapes, an all-masked sample, a half-masked one);
+    ``backward``: the backward's gradients (the larger of their relative errors)."""
     import cupy as cp
     import numpy as np
-    from dwdp_ops.coaction import CoActionSpec, coaction_forward, coaction_forward_gpu
+    from dwdp_ops.coaction import (
+        CoActionSpec,
+        coaction_backward,
+        coaction_backward_gpu,
+        coaction_forward,
+        coaction_forward_gpu,
+    )
 
     rng = np.random.default_rng(0)
     rows = []
@@ -79,16 +88,26 @@ def check(ks) -> list[dict]:
             if B > 2:
                 mask[1] = 0
                 mask[2, : T // 2] = 0
-            want = coaction_forward(ind.astype(np.float64), feed.astype(np.float64), mask, spec.layer_dims,
-                                    spec.orders, spec.bias, order_independent=spec.order_independent)
+            kw = dict(order_independent=spec.order_independent)
+            f64 = (ind.astype(np.float64), feed.astype(np.float64), mask)
+            dev = (cp.asarray(ind), cp.asarray(feed), cp.asarray(mask))
+            if backward:
+                g = rng.normal(size=(B, spec.out_dim)).astype(np.float32)
+                want = coaction_backward(*f64, g.astype(np.float64), spec.layer_dims, spec.orders, spec.bias, **kw)
+            else:
+                want = coaction_forward(*f64, spec.layer_dims, spec.orders, spec.bias, **kw)
             for k in ks:
                 with split(k):
-                    got = coaction_forward_gpu(cp.asarray(ind), cp.asarray(feed), cp.asarray(mask), spec).get()
-                rows.append(dict(spec=str(cfg), B=B, T=T, K=k, rel=rel(got, want)))
+                    if backward:
+                        got = coaction_backward_gpu(*dev, cp.asarray(g), spec)
+                        err = max(rel(a.get(), w) for a, w in zip(got, want, strict=True))
+                    else:
+                        err = rel(coaction_forward_gpu(*dev, spec).get(), want)
+                rows.append(dict(spec=str(cfg), B=B, T=T, K=k, rel=err))
     return rows
 
 
-def plot(cases: list[dict], ts: list[int], path: Path) -> None:
+def plot(cases: list[dict], ts: list[int], path: Path, op: str = "forward") -> None:
     try:
         import matplotlib
 
@@ -111,9 +130,9 @@ def plot(cases: list[dict], ts: list[int], path: Path) -> None:
         ax.set_xlabel("B (samples)")
         ax.set_title(f"T = {T}")
         ax.grid(alpha=0.3)
-    axes[0][0].set_ylabel("forward, us (graphed, median)")
+    axes[0][0].set_ylabel(f"{op}, us (graphed, median)")
     axes[0][0].legend(fontsize=7)
-    fig.suptitle("Co-action forward at small batches: K warps a sample (CAN shape, one GPU)", fontsize=9)
+    fig.suptitle(f"Co-action {op} at small batches: K warps a sample (CAN shape, one GPU)", fontsize=9)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
@@ -122,6 +141,7 @@ def plot(cases: list[dict], ts: list[int], path: Path) -> None:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--op", choices=("forward", "backward"), default="forward", help="the op to time")
     ap.add_argument("--T", default="100,1000,2000", help="comma-separated sequence lengths")
     ap.add_argument("--B", default="1,16,64,256,1024,2048,4096", help="comma-separated batch sizes")
     ap.add_argument("--ks", default="1,2,4,8,16", help="warps a sample to force (1 must be among them: the baseline)")
@@ -134,13 +154,14 @@ def main() -> int:
 
     import cupy as cp
     import numpy as np
-    from dwdp_ops.coaction import CoActionSpec, coaction_forward_gpu
-    from dwdp_ops.coaction.fused import forward_split_warps
+    from dwdp_ops.coaction import CoActionSpec, coaction_backward_gpu, coaction_forward_gpu
+    from dwdp_ops.coaction.fused import split_warps
 
     t0 = time.time()
-    checks = check(ks)
+    backward = ns.op == "backward"
+    checks = check(ks, backward)
     bad = [r for r in checks if r["rel"] > 1e-5]
-    print(f"checked {len(checks)} forwards against the float64 reference: largest relative error "
+    print(f"checked {len(checks)} {ns.op}s against the float64 reference: largest relative error "
           f"{max(r['rel'] for r in checks):.2e}, {len(bad)} above 1e-5", flush=True)
     spec = CoActionSpec()
     rs = np.random.default_rng(0)
@@ -157,30 +178,38 @@ def main() -> int:
             fids = cp.asarray(rs.integers(0, ROWS, (B, T)))
             mask = cp.asarray((rs.random((B, T)) < 0.8).astype(np.float32))
 
-            def fwd():
-                return coaction_forward_gpu(table, ftable, mask, spec, ind_ids=ids, feed_ids=fids, stream=s,
-                                            check_ids=False)
+            if backward:
+                g = cp.asarray(rs.normal(size=(B, spec.out_dim)).astype(np.float32))
+                grads = (cp.zeros_like(table), cp.zeros_like(ftable))  # added to by every call: nothing zeroed
+
+                def fn():
+                    return coaction_backward_gpu(table, ftable, mask, g, spec, ind_ids=ids, feed_ids=fids, stream=s,
+                                                 check_ids=False, grads=grads)
+            else:
+                def fn():
+                    return coaction_forward_gpu(table, ftable, mask, spec, ind_ids=ids, feed_ids=fids, stream=s,
+                                                check_ids=False)
 
             ops = {}
             for k in ks:
                 with split(k):
-                    ops[f"K{k}"] = graphed(fwd, ns.calls, s)
-            pick = forward_split_warps(spec, B, T, facts["sms"])
+                    ops[f"K{k}"] = graphed(fn, ns.calls, s)
+            pick = split_warps(spec, B, T, facts["sms"], backward=backward)
             t = time_interleaved(ops, s, ns.repeats, 2)
             us = {n: median(v) * 1000 / ns.calls for n, v in t.items()}
             over = {n: median_ratio(v, t["K1"]) for n, v in t.items()}
             cases.append(dict(B=B, T=T, us=us, over_k1=over, pick=pick, best=min(us, key=us.get)))
             print(f"B={B:5d} T={T:5d} " + " ".join(f"{n} {us[n]:7.2f} us ({over[n]:.3f})" for n in us)
                   + f"  pick K{pick}", flush=True)
-    res = dict(benchmark="coaction_split", **facts, repeats=ns.repeats, calls_per_graph=ns.calls, rows=ROWS,
-               method="each K forced through DWDP_COACTION_SPLIT, captured in its own CUDA graph, replays "
-                      "interleaved per repeat; us = median forward time; over_k1 = median of per-repeat ratios to K=1",
+    res = dict(benchmark="coaction_split", op=ns.op, **facts, repeats=ns.repeats, calls_per_graph=ns.calls, rows=ROWS,
+               method=f"each K forced through DWDP_COACTION_SPLIT, captured in its own CUDA graph, replays "
+                      f"interleaved per repeat; us = median {ns.op} time; over_k1 = median of per-repeat ratios to K=1",
                checks=checks, check_failures=len(bad), cases=cases, seconds=round(time.time() - t0, 1))
-    path = write_json(result_name("coaction_split", facts["card"]), res)
+    name = result_name("coaction_split" + ("_backward" if backward else ""), facts["card"])
+    path = write_json(name, res)
     print(f"wrote {path}")
-    png = Path(__file__).resolve().parents[1] / "docs" / "img" / result_name("coaction_split", facts["card"]).replace(
-        ".json", ".png")
-    plot(cases, ts, png)
+    png = Path(__file__).resolve().parents[1] / "docs" / "img" / name.replace(".json", ".png")
+    plot(cases, ts, png, ns.op)
     out = os.environ.get("OUT")
     if out and png.exists():
         Path(out, png.name).write_bytes(png.read_bytes())
