@@ -504,3 +504,19 @@ def test_empty_history_entries_are_no_behaviours(tmp_path):
     (tmp_path / "bad").write_text(f"1\tU1\tB3\tBooks\tB1{S}{S}B2\tBooks{S}Fiction{S}Books\n")
     with pytest.raises(ValueError, match=r"bad:1: item history has 2 entries but category history 3 \(non-empty"):
         build_vocab(tmp_path / "bad")
+
+
+def test_train_checks_the_ids_once_not_at_every_step(monkeypatch):
+    """train() checks both sets' ids before training; its steps and evaluations do not check them again (work on
+    the timed step's path that repeats the check of the whole set)."""
+    from dwdp_ops.models import can as can_mod
+    from dwdp_ops.models import train_can as train_mod
+
+    data, tables = synthetic(300, seq_len=10, seed=0)
+    tr, te = split(data, 0.2, 0)
+    calls = []
+    real = can_mod.check_ids
+    monkeypatch.setattr(can_mod, "check_ids", lambda *a: (calls.append(a[2]), real(*a))[1])
+    monkeypatch.setattr(train_mod, "check_ids", lambda *a: (calls.append(a[2]), real(*a))[1])
+    train(CanModel(CanConfig(tables)), tr, te, 2, 16, 0, progress=False)
+    assert calls == ["train set", "test set"]

@@ -361,7 +361,7 @@ def test_train_rejects_bad_counts(epochs, batch_size, exc, message):
 
 
 def test_can_train_stops_on_nan_with_one_error_line(monkeypatch, capsys):
-    monkeypatch.setattr(train_can.CanModel, "train_step", lambda self, b: float("inf"))
+    monkeypatch.setattr(train_can.CanModel, "train_step", lambda self, b, **kw: float("inf"))
     code, out, err = run_main(train_can.main, ["--samples", "200", "--quiet", "--device", "cpu"], capsys)
     assert code == 1 and "Traceback" not in err
     errors = [line for line in err.splitlines() if "error:" in line]

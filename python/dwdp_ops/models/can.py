@@ -251,24 +251,27 @@ class CanModel:
                 h = z
         return h[:, 0], cache
 
-    def train_step(self, b: Batchable) -> float:
+    def train_step(self, b: Batchable, *, check: bool = True) -> float:
         """One Adam step on batch ``b`` (a ``Batchable`` of numpy arrays: ids ``[B]`` / ``[B, T]``, mask ``[B, T]``,
         labels ``[B]``); returns the batch's mean BCE before the step, a Python float. Refuses what
-        ``loss_and_grads`` refuses, before any change."""
-        loss, grads = self.loss_and_grads(b)
+        ``loss_and_grads`` refuses, before any change (``check=False``: the ids were checked already, as ``train``
+        checks the whole set once)."""
+        loss, grads = self.loss_and_grads(b, check=check)
         self.opt.step(grads)
         return loss
 
-    def loss_and_grads(self, b: Batchable) -> tuple[float, dict]:
+    def loss_and_grads(self, b: Batchable, *, check: bool = True) -> tuple[float, dict]:
         """Mean BCE of a training batch (batch statistics in BatchNorm), a Python float, and the gradient of every
         parameter: a dict of ``P``'s names to arrays shaped like the parameters (float64 numpy on the CPU, float32 CuPy
         on the GPU; the tables' gradients table-shaped, repeated ids added up). Updates BatchNorm's running
         statistics. ValueError for a batch of no sample (its batch statistics would be NaN) or an id outside its
-        table (``check_ids``), TypeError for ids that are not integers, before anything of the model changes."""
+        table (``check_ids``; ``check=False`` skips it for ids checked already), TypeError for ids that are not
+        integers, before anything of the model changes."""
         if len(b) == 0:
             raise ValueError("a training batch needs at least one sample: BatchNorm's mean and variance of no sample "
                              "are NaN (and would become its running statistics)")
-        check_ids(b, self.cfg.tables, "the training batch")
+        if check:
+            check_ids(b, self.cfg.tables, "the training batch")
         P, co, xp = self.P, self.cfg.coaction, self.xp
         b = self._on_device(b)
         logit, c = self.logits(b, train=True)
@@ -309,10 +312,12 @@ class CanModel:
                 grads[f"{name}_ind"], grads[f"{name}_feed"] = self._coaction_grads(name, tgt, hist, b.mask, g_out)
         return loss, grads
 
-    def predict(self, data: Batchable, batch_size: int = 1024) -> np.ndarray:
+    def predict(self, data: Batchable, batch_size: int = 1024, *, check: bool = True) -> np.ndarray:
         """Click probabilities of ``data``'s samples, ``[len(data)]`` float on the host (empty for no sample).
-        ``data``'s ids are checked against the model's tables first (``check_ids``: TypeError / ValueError)."""
-        check_ids(data, self.cfg.tables, "predict's data")
+        ``data``'s ids are checked against the model's tables first (``check_ids``: TypeError / ValueError;
+        ``check=False``: checked already)."""
+        if check:
+            check_ids(data, self.cfg.tables, "predict's data")
         xp = self.xp
         out = [1 / (1 + xp.exp(-self.logits(self._on_device(b))[0])) for b in data.batches(batch_size)]
         if not out:  # (no batch: concatenate of nothing would raise)
@@ -320,7 +325,7 @@ class CanModel:
         res = xp.concatenate(out)
         return res if xp is np else res.get()
 
-    def evaluate(self, data: Batchable) -> float:
+    def evaluate(self, data: Batchable, *, check: bool = True) -> float:
         """AUC (a float in [0, 1]) of ``predict(data)`` against ``data.label`` (0 / 1 of both classes: ``auc``'s
-        ValueError otherwise)."""
-        return auc(data.label, self.predict(data))
+        ValueError otherwise); ``check`` as ``predict``'s."""
+        return auc(data.label, self.predict(data, check=check))
