@@ -61,7 +61,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import os
 import sys
 import time
 from pathlib import Path
@@ -70,7 +69,7 @@ from statistics import median
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import graphed, machine_facts, median_ratio, result_name, time_interleaved, time_op, write_json  # noqa: E402
+from common import env, graphed, machine_facts, median_ratio, result_name, time_interleaved, time_op, write_json  # noqa: E402
 from dwdp_ops._cli import positive_int  # noqa: E402
 
 
@@ -105,20 +104,6 @@ def compile_mode_error(mode: str) -> str | None:
     except RuntimeError as e:
         return str(e)
     return None
-
-
-@contextlib.contextmanager
-def env(name: str, value: str):
-    """``name=value`` in the environment inside the block (the kernels read their switches at every launch)."""
-    old = os.environ.get(name)
-    os.environ[name] = value
-    try:
-        yield
-    finally:
-        if old is None:
-            os.environ.pop(name, None)
-        else:
-            os.environ[name] = old
 
 
 def pool_peak(fn, stream):

@@ -24,12 +24,12 @@ import argparse
 import os
 import sys
 import time
-from contextlib import contextmanager
 from pathlib import Path
 from statistics import median
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (  # noqa: E402
+    env,
     graphed,
     int_list,
     machine_facts,
@@ -42,20 +42,6 @@ from dwdp_ops._cli import positive_int  # noqa: E402
 
 ROWS = 100_000
 MAX_POSITIONS = 4096 * 1000
-
-
-@contextmanager
-def split(k: int):
-    """DWDP_COACTION_SPLIT=k inside the block (the launch reads it at every call)."""
-    old = os.environ.get("DWDP_COACTION_SPLIT")
-    os.environ["DWDP_COACTION_SPLIT"] = str(k)
-    try:
-        yield
-    finally:
-        if old is None:
-            del os.environ["DWDP_COACTION_SPLIT"]
-        else:
-            os.environ["DWDP_COACTION_SPLIT"] = old
 
 
 def rel(a, b) -> float:
@@ -97,7 +83,7 @@ def check(ks, backward: bool = False) -> list[dict]:
             else:
                 want = coaction_forward(*f64, spec.layer_dims, spec.orders, spec.bias, **kw)
             for k in ks:
-                with split(k):
+                with env("DWDP_COACTION_SPLIT", str(k)):
                     if backward:
                         got = coaction_backward_gpu(*dev, cp.asarray(g), spec)
                         err = max(rel(a.get(), w) for a, w in zip(got, want, strict=True))
@@ -192,7 +178,7 @@ def main() -> int:
 
             ops = {}
             for k in ks:
-                with split(k):
+                with env("DWDP_COACTION_SPLIT", str(k)):
                     ops[f"K{k}"] = graphed(fn, ns.calls, s)
             pick = split_warps(spec, B, T, facts["sms"], backward=backward)
             t = time_interleaved(ops, s, ns.repeats, 2)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import json
 import os
@@ -70,6 +71,20 @@ def time_interleaved(ops: dict, stream, repeats: int = 10, warmup: int = 2, befo
             if r >= warmup:
                 times[name].append(cp.cuda.get_elapsed_time(start, end))
     return times
+
+
+@contextlib.contextmanager
+def env(name: str, value: str):
+    """``name=value`` in the environment inside the block (the kernels read their switches at every launch)."""
+    old = os.environ.get(name)
+    os.environ[name] = value
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = old
 
 
 def graphed(fn, k: int, stream):
