@@ -11,8 +11,8 @@ weight gradients are column sums over the lanes' staged rows in shared memory, s
 ``[B, T, ...]`` intermediate and no global atomic inside a sample. Layers wider than 32 (after padding to a multiple
 of 4) run on the older shared-memory kernels (``uses_fast_kernels`` tells), with the same results; the CAN reference
 shape (16 -> 8 -> 4, linear last layer, 1-4 orders) runs on specialised kernels with the same organisation and
-compile-time widths (``uses_specialized_kernels``; docs/coaction.md), whose forward runs a small batch's long
-samples on K warps each, forward and backward (``split_warps``; ``DWDP_COACTION_SPLIT``).
+compile-time widths (``uses_specialized_kernels``; docs/coaction.md), which run each sample of a batch too small to
+fill the GPU on K warps, forward and backward (``split_warps``; ``DWDP_COACTION_SPLIT``).
 ``dtype`` is ``float32`` or ``bfloat16`` (stored as uint16 bits, as CuPy has no bf16); the output has the input's
 storage dtype, gradients are float32. With table inputs the gradients are table-shaped and accumulated atomically
 (repeated ids add up: the warps of a block first add the rows of equal induction ids, the lanes of a round the rows
