@@ -1,13 +1,15 @@
 """The co-action forward (or backward) at small batches: one warp a sample against K warps a sample, one GPU.
 
-    python bench/coaction_split.py [--op forward|backward] [--T 100,1000,2000] [--B 1,16,64,256,1024,2048,4096]
+    python bench/coaction_split.py [--op forward|backward] [--shape can|o4oi|o1] [--dtype float32|bfloat16]
+                                   [--T 100,1000,2000] [--B 1,16,64,256,1024,2048,4096]
                                    [--ks 1,2,4,8,16] [--repeats 15] [--calls 10]
 
 One warp a sample leaves the GPU mostly idle when a batch has fewer samples than resident warps (3696 on an H200),
 and a long sample's time is one warp's. The split forward runs a sample on a block of K warps, each a segment of its
 positions (``dwdp_ops.coaction.fused.split_warps``; ``DWDP_COACTION_SPLIT`` forces K). For every (B, T) with
 B x T at most 4096 x 1000: the forward of the CAN reference shape (table + ids, 100 000-row tables, 80 % of the
-positions unmasked, ``check_ids=False``) with each K forced, each captured in its own CUDA graph of ``--calls``
+positions unmasked, ``check_ids=False``; ``--shape`` another specialised shape: ``o4oi`` 4 orders, order-independent,
+with bias, ``o1`` one order with bias; ``--dtype bfloat16`` bf16 tables) with each K forced, each captured in its own CUDA graph of ``--calls``
 forwards and replayed, the K variants interleaved per repeat (``common.time_interleaved``); a figure is the median
 over repeats of a forward's microseconds, ``over_k1`` the median of the per-repeat ratios to K = 1 (one warp a
 sample: the baseline, measured in the same run), and ``pick`` the K the launch takes by itself. ``--op backward``
@@ -15,7 +17,8 @@ times the backward the same way, into caller-allocated table gradients it adds t
 timed op). Before timing, every K is checked against the float64 reference on small cases with masked segments
 (relative error at most 1e-5; the backward's two gradients).
 
-Writes ``bench/results/coaction_split[_backward]_<card>.json`` and ``docs/img/coaction_split[_backward]_<card>.png``.
+Writes ``bench/results/coaction_split[_backward][_<shape>][_bf16]_<card>.json`` and the plot of the same name under
+``docs/img/`` (the CAN shape in fp32 has no suffix).
 """
 
 from __future__ import annotations
@@ -41,6 +44,7 @@ from common import (  # noqa: E402
 from dwdp_ops._cli import positive_int  # noqa: E402
 
 ROWS = 100_000
+SHAPES = {"can": {}, "o4oi": dict(orders=4, order_independent=True, bias=True), "o1": dict(orders=1, bias=True)}
 MAX_POSITIONS = 4096 * 1000
 
 
@@ -93,7 +97,15 @@ def check(ks, backward: bool = False) -> list[dict]:
     return rows
 
 
-def plot(cases: list[dict], ts: list[int], path: Path, op: str = "forward") -> None:
+def bf16_bits(a):
+    """A float32 CuPy array's values as bf16 bits (uint16, rounded to nearest even)."""
+    import cupy as cp
+
+    u = a.view(cp.uint32)
+    return ((u + 0x7FFF + ((u >> 16) & 1)) >> 16).astype(cp.uint16)
+
+
+def plot(cases: list[dict], ts: list[int], path: Path, op: str = "forward", what: str = "CAN shape") -> None:
     try:
         import matplotlib
 
@@ -118,7 +130,7 @@ def plot(cases: list[dict], ts: list[int], path: Path, op: str = "forward") -> N
         ax.grid(alpha=0.3)
     axes[0][0].set_ylabel(f"{op}, us (graphed, median)")
     axes[0][0].legend(fontsize=7)
-    fig.suptitle(f"Co-action {op} at small batches: K warps a sample (CAN shape, one GPU)", fontsize=9)
+    fig.suptitle(f"Co-action {op} at small batches: K warps a sample ({what}, one GPU)", fontsize=9)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
@@ -128,6 +140,10 @@ def plot(cases: list[dict], ts: list[int], path: Path, op: str = "forward") -> N
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--op", choices=("forward", "backward"), default="forward", help="the op to time")
+    ap.add_argument("--shape", choices=tuple(SHAPES), default="can",
+                    help="the specialised shape: can (3 orders, the CAN default), o4oi (4 orders, order-independent, "
+                         "bias), o1 (1 order, bias)")
+    ap.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="the tables' dtype")
     ap.add_argument("--T", default="100,1000,2000", help="comma-separated sequence lengths")
     ap.add_argument("--B", default="1,16,64,256,1024,2048,4096", help="comma-separated batch sizes")
     ap.add_argument("--ks", default="1,2,4,8,16", help="warps a sample to force (1 must be among them: the baseline)")
@@ -149,11 +165,13 @@ def main() -> int:
     bad = [r for r in checks if r["rel"] > 1e-5]
     print(f"checked {len(checks)} {ns.op}s against the float64 reference: largest relative error "
           f"{max(r['rel'] for r in checks):.2e}, {len(bad)} above 1e-5", flush=True)
-    spec = CoActionSpec()
+    spec = CoActionSpec(**SHAPES[ns.shape])
     rs = np.random.default_rng(0)
     s = cp.cuda.Stream(non_blocking=True)
     table = cp.asarray(rs.normal(0, 0.3, (ROWS, spec.induction_dim)).astype(np.float32))
     ftable = cp.asarray(rs.normal(0, 0.6, (ROWS, spec.feed_dim)).astype(np.float32))
+    if ns.dtype == "bfloat16":  # bf16 tables as uint16 bits (round to nearest even); gradients stay float32
+        table, ftable = (bf16_bits(t) for t in (table, ftable))
     facts = machine_facts()
     cases = []
     for T in ts:
@@ -166,36 +184,39 @@ def main() -> int:
 
             if backward:
                 g = cp.asarray(rs.normal(size=(B, spec.out_dim)).astype(np.float32))
-                grads = (cp.zeros_like(table), cp.zeros_like(ftable))  # added to by every call: nothing zeroed
+                grads = tuple(cp.zeros(t.shape, cp.float32) for t in (table, ftable))  # added to: nothing zeroed
 
                 def fn():
                     return coaction_backward_gpu(table, ftable, mask, g, spec, ind_ids=ids, feed_ids=fids, stream=s,
-                                                 check_ids=False, grads=grads)
+                                                 check_ids=False, grads=grads, dtype=ns.dtype)
             else:
                 def fn():
                     return coaction_forward_gpu(table, ftable, mask, spec, ind_ids=ids, feed_ids=fids, stream=s,
-                                                check_ids=False)
+                                                check_ids=False, dtype=ns.dtype)
 
             ops = {}
             for k in ks:
                 with env("DWDP_COACTION_SPLIT", str(k)):
                     ops[f"K{k}"] = graphed(fn, ns.calls, s)
-            pick = split_warps(spec, B, T, facts["sms"], backward=backward)
+            pick = split_warps(spec, B, T, facts["sms"], ns.dtype, backward=backward)
             t = time_interleaved(ops, s, ns.repeats, 2)
             us = {n: median(v) * 1000 / ns.calls for n, v in t.items()}
             over = {n: median_ratio(v, t["K1"]) for n, v in t.items()}
             cases.append(dict(B=B, T=T, us=us, over_k1=over, pick=pick, best=min(us, key=us.get)))
             print(f"B={B:5d} T={T:5d} " + " ".join(f"{n} {us[n]:7.2f} us ({over[n]:.3f})" for n in us)
                   + f"  pick K{pick}", flush=True)
-    res = dict(benchmark="coaction_split", op=ns.op, **facts, repeats=ns.repeats, calls_per_graph=ns.calls, rows=ROWS,
+    res = dict(benchmark="coaction_split", op=ns.op, shape=ns.shape, spec=SHAPES[ns.shape], dtype=ns.dtype, **facts,
+               repeats=ns.repeats, calls_per_graph=ns.calls, rows=ROWS,
                method=f"each K forced through DWDP_COACTION_SPLIT, captured in its own CUDA graph, replays "
                       f"interleaved per repeat; us = median {ns.op} time; over_k1 = median of per-repeat ratios to K=1",
                checks=checks, check_failures=len(bad), cases=cases, seconds=round(time.time() - t0, 1))
-    name = result_name("coaction_split" + ("_backward" if backward else ""), facts["card"])
+    suffix = ("_backward" if backward else "") + ("" if ns.shape == "can" else f"_{ns.shape}") + (
+        "_bf16" if ns.dtype == "bfloat16" else "")
+    name = result_name("coaction_split" + suffix, facts["card"])
     path = write_json(name, res)
     print(f"wrote {path}")
     png = Path(__file__).resolve().parents[1] / "docs" / "img" / name.replace(".json", ".png")
-    plot(cases, ts, png, ns.op)
+    plot(cases, ts, png, ns.op, f"{ns.shape} shape, {ns.dtype}")
     out = os.environ.get("OUT")
     if out and png.exists():
         Path(out, png.name).write_bytes(png.read_bytes())

@@ -8,6 +8,9 @@
 #   overlap   build + prefetch_overlap                                                issue 4
 #   can       build + coaction_bench + coaction_host + coaction_split + CAN-DNN/DNN training on the GPU (3 seeds)
 #             issues 6, 16
+#   split     build + coaction_split, forward and backward, on the other specialised shapes and bf16 (SPLIT_SHAPES,
+#             default "can:bfloat16 o4oi:float32 o4oi:bfloat16 o1:float32 o1:bfloat16")                   issue 16
+#   cantrain  build + CAN-DNN/DNN training on the GPU alone (3 seeds)                                        issue 16
 #   canprof   build + Nsight Compute of the co-action kernels at B = 8192, T = 100 (bench/coaction_profile.py:
 #             the specialised forward and backward, then the general ones)                   issue 16
 #   deepseek  build + deepseek_forward (10 repeats)                                   issue 5
@@ -72,6 +75,17 @@ if want can; then
   cut -c1-900 "$OUT/coaction_host.log"
   timeout 240 python3 bench/coaction_split.py > "$OUT/coaction_split.log" 2>&1; echo "coaction_split rc=$?"
   grep -E "^B=|checked" "$OUT/coaction_split.log" | cut -c1-200
+fi
+if want split; then
+  for sd in ${SPLIT_SHAPES:-can:bfloat16 o4oi:float32 o4oi:bfloat16 o1:float32 o1:bfloat16}; do
+    for op in forward backward; do
+      log="$OUT/coaction_split_${op}_${sd/:/_}.log"
+      timeout 150 python3 bench/coaction_split.py --op $op --shape ${sd%%:*} --dtype ${sd##*:} > "$log" 2>&1
+      echo "coaction_split $op $sd rc=$?"; grep -E "^B=|checked" "$log" | cut -c1-200
+    done
+  done
+fi
+if want can || want cantrain; then
   mkdir -p "$OUT/can"
   for seed in 0 1 2; do
     timeout 200 python3 -m dwdp_ops can-train --device gpu --samples 100000 --epochs 3 --seed $seed --quiet \

@@ -24,6 +24,8 @@ CASES = [
     ("coaction_split.py", ["--T", "0"], "--T"),
     ("coaction_split.py", ["--B", "1,x"], "--B"),
     ("coaction_split.py", ["--calls", "0"], "--calls"),
+    ("coaction_split.py", ["--shape", "o9"], "--shape"),
+    ("coaction_split.py", ["--dtype", "fp16"], "--dtype"),
     ("fetch_bandwidth.py", ["--sizes-mib", "x"], "--sizes-mib"),
     ("fetch_bandwidth.py", ["--dtypes", "nope"], "--dtypes"),
     ("fetch_bandwidth.py", ["--repeats", "0"], "--repeats"),
