@@ -393,35 +393,63 @@ def reference_moe(xs_per_rank: Sequence[np.ndarray], ids_per_rank: Sequence[np.n
     - ``storage(float32 array) -> float32 array``: rounding to the hidden states' storage dtype, applied to expert
       outputs and to the final sums (``round_to_bfloat16`` for bf16); default: cast to each rank's x dtype.
 
-    Returns ``[out_r [T_r, H]]`` in each rank's x dtype (float32 for a custom storage). TypeError for a wrong type
-    (``partition``, an ``xs_per_rank[r]`` whose dtype is not floating-point, routing arrays of a wrong dtype, as
-    ``plan_send``), ValueError for a wrong value (not one entry per rank, a shape, tokens or hidden sizes that
-    disagree, routing ``plan_send`` refuses, an ``expert_fn`` result of another shape).
+    Returns ``[out_r [T_r, H]]`` in each rank's x dtype (float32 for a custom storage). Every rank's three inputs are
+    checked before any planning, each error naming the argument and the rank (``ids_per_rank[1]``): TypeError for a
+    wrong type (``partition``, one of the three not a sequence with one entry per rank, an entry that is not an array:
+    None, an object numpy holds only as an object; an ``xs_per_rank[r]`` whose dtype is not floating-point, an
+    ``ids_per_rank[r]`` not integer, a ``w_per_rank[r]`` not float32), ValueError for a wrong value (not one entry per
+    rank, a ragged entry, a shape, tokens or hidden sizes that disagree, routing ``plan_send`` refuses, an
+    ``expert_fn`` result of another shape).
     """
     _check_partition(partition)
     N = partition.world_size
-    for name, seq in (("xs_per_rank", xs_per_rank), ("ids_per_rank", ids_per_rank), ("w_per_rank", w_per_rank)):
-        if len(seq) != N:
-            raise ValueError(f"{name} must have one entry per rank ({N}), got {len(seq)}")
-    xs = [np.asarray(x) for x in xs_per_rank]
+    per_rank = (("xs_per_rank", xs_per_rank, "floating-point [T, H] array"),
+                ("ids_per_rank", ids_per_rank, "integer [T, k] array"),
+                ("w_per_rank", w_per_rank, "float32 [T, k] array"))
+    for name, seq, noun in per_rank:
+        try:  # a numpy scalar or 0-d array has __len__ but no length
+            n = None if isinstance(seq, (str, bytes)) or not hasattr(seq, "__getitem__") else len(seq)
+        except TypeError:
+            n = None
+        if n is None:
+            raise TypeError(f"{name} must be a sequence of {noun}s, one per rank ({N}), got {seq!r} "
+                            f"({type(seq).__name__})")
+        if n != N:
+            raise ValueError(f"{name} must have one entry per rank ({N}), got {n}")
+    xs, ids, ws = [], [], []
     H = None
-    for r, x in enumerate(xs):
+    for r in range(N):
+        x, i, w = (_array(f"{name}[{r}]", seq[r], ("an " if noun[0] == "i" else "a ") + noun)
+                   for name, seq, noun in per_rank)
         if x.dtype.kind != "f":
             raise TypeError(f"xs_per_rank[{r}] must be a floating-point [T, H] array, got dtype {x.dtype} (shape "
                             f"{x.shape})")
         if x.ndim != 2:
             raise ValueError(f"xs_per_rank[{r}] must be a float [T, H] array (2-D), got shape {x.shape}")
-        if np.asarray(ids_per_rank[r]).shape[:1] != x.shape[:1]:
-            raise ValueError(f"ids_per_rank[{r}] has {np.asarray(ids_per_rank[r]).shape[:1]} tokens, x has "
-                             f"{x.shape[0]}")
+        if i.dtype.kind not in "iu":
+            raise TypeError(f"ids_per_rank[{r}] must be an integer [T, k] array (rank {r}'s topk_ids), got dtype "
+                            f"{i.dtype} (shape {i.shape})")
+        if i.ndim != 2:
+            raise ValueError(f"ids_per_rank[{r}] must be an integer [T, k] array (2-D), got shape {i.shape}")
+        if i.shape[0] != x.shape[0]:
+            raise ValueError(f"ids_per_rank[{r}] has {i.shape[0]} tokens (rows), xs_per_rank[{r}] has {x.shape[0]}; "
+                             "expected one row per token")
+        if w.dtype != np.float32:
+            raise TypeError(f"w_per_rank[{r}]: rank {r}'s topk_weights must be float32 (the contract's weight dtype), "
+                            f"got {w.dtype}")
+        if w.shape != i.shape:
+            raise ValueError(f"w_per_rank[{r}] must have ids_per_rank[{r}]'s shape {i.shape}, got {w.shape}")
         if H is not None and x.shape[1] != H:
             raise ValueError(f"every rank needs the same hidden size, got {H} and {x.shape[1]} (rank {r})")
         H = x.shape[1]
+        xs.append(x)
+        ids.append(i)
+        ws.append(w)
 
     def store(a: np.ndarray, like: np.ndarray) -> np.ndarray:
         return storage(a).astype(np.float32) if storage is not None else a.astype(like.dtype).astype(np.float32)
 
-    sends = [plan_send(ids_per_rank[r], w_per_rank[r], partition, r, max_tokens) for r in range(N)]
+    sends = [plan_send(ids[r], ws[r], partition, r, max_tokens) for r in range(N)]
     partials = []  # partials[d]: [R_d, H] float32
     for d in range(N):
         rp = plan_recv(sends, partition, d, align)
