@@ -1,13 +1,15 @@
-"""CAN on the host: ``auc`` without a Python loop over the samples."""
+"""CAN on the host: ``auc`` without a Python loop over the samples, and the DIEN loader reading its file once."""
 
 from __future__ import annotations
 
+import builtins
 import sys
 import time
 
 import numpy as np
 import pytest
-from dwdp_ops.models.can_data import auc
+from dwdp_ops.models import can_data
+from dwdp_ops.models.can_data import auc, build_vocab, load_amazon_books
 
 
 # -------------------------------------------------------------------------------------------------------------- auc
@@ -103,3 +105,58 @@ def test_auc_still_checks_its_inputs():
         with pytest.raises(exc, match=match):
             auc(label, score)
     assert auc([0, 1], [0.5, 0.5]) == 0.5 and auc([1, 0], [-np.inf, np.inf]) == 0.0
+
+
+# ----------------------------------------------------------------------------------------------------- the loader
+def _write(path, n=300, seed=0):
+    rng = np.random.default_rng(seed)
+    lines = []
+    for _ in range(n):
+        k = int(rng.integers(0, 6))
+        items = [f"B{int(rng.zipf(1.5)) % 50}" for _ in range(k)]
+        lines.append("\t".join([str(int(rng.random() < 0.4)), f"U{int(rng.integers(0, 30))}",
+                                f"B{int(rng.zipf(1.5)) % 50}", f"C{int(rng.integers(0, 8))}",
+                                "\x02".join(items), "\x02".join(f"C{len(x) % 8}" for x in items)]))
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path
+
+
+@pytest.fixture
+def opens(monkeypatch):
+    """The files that can_data opens, by name."""
+    seen = []
+
+    def counting_open(file, *a, **k):
+        seen.append(str(file))
+        return builtins.open(file, *a, **k)
+
+    monkeypatch.setattr(can_data, "open", counting_open, raising=False)
+    return seen
+
+
+def test_load_amazon_books_reads_its_file_once(tmp_path, opens):
+    """Without a vocabulary the file was parsed twice: once by build_vocab, once for the samples. Same data and
+    vocabulary as build_vocab followed by a load with that vocabulary."""
+    path = _write(tmp_path / "train")
+    want_vocab = build_vocab(path)
+    want, _ = load_amazon_books(path, want_vocab, max_len=4)
+    opens.clear()
+    got, vocab = load_amazon_books(path, max_len=4)
+    assert opens == [str(path)]
+    assert vocab == want_vocab and vocab.sizes == want_vocab.sizes
+    for f in want.__dataclass_fields__:
+        a, b = getattr(got, f), getattr(want, f)
+        assert a.dtype == b.dtype, f
+        np.testing.assert_array_equal(a, b, err_msg=f)
+    opens.clear()
+    load_amazon_books(path, vocab, max_len=4)  # (with a vocabulary: one read as before)
+    build_vocab(path)
+    assert opens == [str(path)] * 2
+
+
+def test_a_bad_line_is_still_named_by_the_single_read(tmp_path, opens):
+    p = tmp_path / "bad"
+    p.write_text("1\tU1\tB1\tBooks\tB2\tBooks\nmaybe\tU1\tB1\tBooks\tB2\tBooks\n")
+    with pytest.raises(ValueError, match=r"bad:2: label must be 0 or 1, got 'maybe'"):
+        load_amazon_books(p)
+    assert opens == [str(p)]

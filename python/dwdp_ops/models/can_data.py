@@ -121,7 +121,13 @@ def _parse(path: Path) -> list[tuple[float, str, str, str, list[str], list[str]]
 
 
 def build_vocab(path: str | Path) -> Vocab:
-    rows = _parse(Path(path))
+    """The vocabulary of one DIEN-format file (the training file): ``_vocab(_parse(path))``."""
+    return _vocab(_parse(Path(path)))
+
+
+def _vocab(rows: list[tuple[float, str, str, str, list[str], list[str]]]) -> Vocab:
+    """The vocabulary of parsed rows (``_parse``'s): users, items and categories, each most frequent first (ties by
+    name), from 1 (0 is padding and anything unseen); items and categories count their histories' entries too."""
     counts = [Counter(), Counter(), Counter()]
     for _, uid, mid, cat, hm, hc in rows:
         counts[0][uid] += 1
@@ -134,16 +140,15 @@ def build_vocab(path: str | Path) -> Vocab:
 
 
 def load_amazon_books(path: str | Path, vocab: Vocab | None = None, max_len: int = 100) -> tuple[Batchable, Vocab]:
-    """Reads one DIEN-format file; builds the vocabulary from it when none is given (pass the training file's
-    ``Vocab`` when loading the test file). ``max_len`` an integer >= 1, ``vocab`` a ``Vocab`` or None: TypeError /
-    ValueError otherwise."""
+    """Reads one DIEN-format file, once; builds the vocabulary from its rows when none is given (as ``build_vocab``
+    would; pass the training file's ``Vocab`` when loading the test file). ``max_len`` an integer >= 1, ``vocab`` a
+    ``Vocab`` or None: TypeError / ValueError otherwise."""
     max_len = int_at_least("max_len", max_len, 1, "an integer")
     if vocab is not None and not isinstance(vocab, Vocab):
         raise TypeError(f"vocab must be a Vocab (the training file's, from load_amazon_books or build_vocab) or None, "
                         f"got {type(vocab).__name__}")
-    path = Path(path)
-    vocab = vocab if vocab is not None else build_vocab(path)
-    rows = _parse(path)
+    rows = _parse(Path(path))  # (read once: the vocabulary, when built here, comes from the same rows)
+    vocab = vocab if vocab is not None else _vocab(rows)
     N = len(rows)
     out = Batchable(
         np.zeros(N, np.int64), np.zeros(N, np.int64), np.zeros(N, np.int64), np.zeros((N, max_len), np.int64),
