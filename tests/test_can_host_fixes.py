@@ -1,4 +1,5 @@
-"""CAN on the host: ``auc`` without a Python loop over the samples, and the DIEN loader reading its file once."""
+"""CAN on the host: ``auc`` without a Python loop over the samples, the DIEN loader reading its file once, and
+``CanModel.loss_and_grads`` / ``train_step`` checking a batch's labels (shape and values) when called directly."""
 
 from __future__ import annotations
 
@@ -8,8 +9,12 @@ import time
 
 import numpy as np
 import pytest
+from dwdp_ops.models import can as can_mod
 from dwdp_ops.models import can_data
-from dwdp_ops.models.can_data import auc, build_vocab, load_amazon_books
+from dwdp_ops.models import train_can as train_mod
+from dwdp_ops.models.can import CanConfig, CanModel
+from dwdp_ops.models.can_data import auc, build_vocab, load_amazon_books, split, synthetic
+from dwdp_ops.models.train_can import train
 
 
 # -------------------------------------------------------------------------------------------------------------- auc
@@ -160,3 +165,109 @@ def test_a_bad_line_is_still_named_by_the_single_read(tmp_path, opens):
     with pytest.raises(ValueError, match=r"bad:2: label must be 0 or 1, got 'maybe'"):
         load_amazon_books(p)
     assert opens == [str(p)]
+
+
+# --------------------------------------------------------------------------------------- labels of a direct step
+def _batch(n=48, seed=0):
+    data, tables = synthetic(n, seq_len=6, seed=seed)
+    return type(data)(*(getattr(data, f).copy() for f in data.__dataclass_fields__)), tables
+
+
+def _with_label(b, label):
+    b.label = label  # (assigned after construction: Batchable's own shape check does not see it)
+    return b
+
+
+def _state(model):
+    return model.opt.t, model.bn_mean.copy(), model.bn_var.copy(), {k: v.copy() for k, v in model.P.items()}
+
+
+def _assert_unchanged(model, before):
+    t, mean, var, P = before
+    assert model.opt.t == t
+    np.testing.assert_array_equal(model.bn_mean, mean)
+    np.testing.assert_array_equal(model.bn_var, var)
+    for k, v in P.items():
+        np.testing.assert_array_equal(model.P[k], v, err_msg=k)
+
+
+@pytest.mark.parametrize("call", ["train_step", "loss_and_grads"])
+@pytest.mark.parametrize("edit, exc, match", [
+    (lambda y: y.__setitem__(5, np.nan) or y, ValueError,
+     r"^the training batch: labels must be finite numbers in \[0, 1\]: 1 of 48 are not \(the first nan at index 5\)"),
+    (lambda y: y.__setitem__(7, np.inf) or y, ValueError, r"the first inf at index 7"),
+    (lambda y: y.__setitem__(9, 2.0) or y, ValueError, r"1 of 48 are not \(the first 2\.0 at index 9\)"),
+    (lambda y: y.__setitem__(0, -1.0) or y, ValueError, r"the first -1\.0 at index 0"),
+    (lambda y: np.array(["0", "1"] * 24), TypeError,
+     r"^the training batch: labels must be numbers in \[0, 1\] \(or booleans\), got <U1"),
+    (lambda y: y[:, None], ValueError,
+     r"^the training batch: label must be \[B\] = \[48\] \(one per sample: uid's length\), got shape \[48, 1\]"),
+    (lambda y: y[:47], ValueError, r"label must be \[B\] = \[48\] .*got shape \[47\]"),
+    (lambda y: y[:1], ValueError, r"label must be \[B\] = \[48\] .*got shape \[1\]"),
+    (lambda y: y[:0], ValueError, r"label must be \[B\] = \[48\] .*got shape \[0\]"),
+    (lambda y: np.float32(1), ValueError, r"label must be \[B\] = \[48\] .*got shape \[\]"),
+], ids=["nan", "inf", "two", "minus-one", "strings", "Bx1", "B-1", "one", "none", "scalar"])
+def test_a_direct_step_names_bad_labels_before_the_model_changes(call, edit, exc, match):
+    """train() checked the training labels, but train_step / loss_and_grads called directly took anything: a NaN or
+    infinite label gave a NaN loss and NaN weights after the step, a 2 or a -1 a loss without its minimum; labels of
+    [B, 1] (or a single one) broadcast against the [B] logits into a [B, B] loss, silently wrong; another length
+    failed in numpy's words."""
+    b, tables = _batch()
+    model = CanModel(CanConfig(tables))
+    before = _state(model)
+    bad = _with_label(b, edit(b.label.copy()))
+    with pytest.raises(exc, match=match):
+        getattr(model, call)(bad)
+    _assert_unchanged(model, before)
+
+
+@pytest.mark.parametrize("call", ["train_step", "loss_and_grads"])
+def test_a_direct_step_takes_0_1_soft_and_boolean_labels(call):
+    """What train() accepts (soft labels in [0, 1], booleans, integers) a direct step accepts too."""
+    b, tables = _batch()
+    model = CanModel(CanConfig(tables))
+    hard = b.label.copy()
+    for label in (hard, np.where(hard > 0, 0.9, 0.1), hard > 0, hard.astype(np.int64), hard.tolist()):
+        out = getattr(model, call)(_with_label(b, label))
+        assert np.isfinite(out if call == "train_step" else out[0])
+
+
+def test_check_false_skips_the_label_checks(monkeypatch):
+    """check=False (train()'s steps, after its one check of the whole set) runs no label check: no per-batch host
+    sync on the GPU. train() checks the training labels once, not at every step."""
+    calls = []
+    for name in ("check_labels", "check_label_shape"):
+        real = getattr(can_mod, name)
+        for mod in (can_mod, train_mod):
+            monkeypatch.setattr(mod, name, lambda *a, _real=real, _name=name: (calls.append((_name, a[1])),
+                                                                               _real(*a))[1])
+    b, tables = _batch()
+    model = CanModel(CanConfig(tables))
+    model.train_step(b, check=False)
+    model.loss_and_grads(b, check=False)
+    assert calls == []
+    nan = _with_label(b, np.where(np.arange(48) == 3, np.nan, b.label))
+    assert np.isnan(model.loss_and_grads(nan, check=False)[0])  # (skipped: the caller's word that it was checked)
+    model.train_step(_with_label(b, np.ones(48, np.float32)))
+    assert calls == [("check_label_shape", "the training batch"), ("check_labels", "the training batch")]
+    calls.clear()
+    data, tables = synthetic(300, seq_len=6, seed=0)
+    tr, te = split(data, 0.2, 0)
+    train(CanModel(CanConfig(tables)), tr, te, 2, 16, 0, progress=False)
+    assert calls == [("check_label_shape", "training set"), ("check_label_shape", "test set"),
+                     ("check_labels", "training set")]
+
+
+@pytest.mark.parametrize("which", ["train", "test"])
+def test_train_names_labels_of_the_wrong_shape_before_training(which):
+    """train()'s steps and evaluations pass check=False: it checks the sets' label shapes itself, once."""
+    data, tables = synthetic(300, seq_len=6, seed=0)
+    sets = dict(zip(("train", "test"), split(data, 0.2, 0)))
+    n = len(sets[which].uid)
+    sets[which].label = sets[which].label[:, None]
+    model = CanModel(CanConfig(tables))
+    name = "training" if which == "train" else "test"
+    with pytest.raises(ValueError, match=rf"^{name} set: label must be \[B\] = \[{n}\] \(one per sample: uid's "
+                                         rf"length\), got shape \[{n}, 1\]"):
+        train(model, sets["train"], sets["test"], 1, 16, 0, progress=False)
+    assert model.opt.t == 0

@@ -104,6 +104,18 @@ def check_labels(data: Batchable, where: str) -> None:
                          f"(the first {label.reshape(-1)[i].item()!r} at index {i})")
 
 
+def check_label_shape(data: Batchable, where: str) -> None:
+    """ValueError unless ``data.label`` is ``[B]`` with ``B`` the batch's sample count (``uid``'s length); the message
+    starts with ``where``. ``Batchable`` checks its fields' shapes when it is built, but a field assigned afterwards
+    is not: a ``[B, 1]`` or a one-label batch would broadcast against the ``[B]`` logits (a ``[B, B]`` loss, silently
+    wrong), another length fail in numpy's words. Reads shapes alone (no host sync of CuPy arrays)."""
+    want = np.shape(data.uid)[:1]
+    got = np.shape(data.label)
+    if got != want:
+        raise ValueError(f"{where}: label must be [B] = {list(want)} (one per sample: uid's length), got shape "
+                         f"{list(got)}")
+
+
 class Adam:
     """Adam over ``params`` (a dict of name -> array, updated in place by ``step(grads)``, ``grads`` a dict of arrays
     shaped like the parameters it names). ``lr`` and ``eps`` finite numbers > 0, ``b1`` and ``b2`` in [0, 1):
@@ -254,8 +266,8 @@ class CanModel:
     def train_step(self, b: Batchable, *, check: bool = True) -> float:
         """One Adam step on batch ``b`` (a ``Batchable`` of numpy arrays: ids ``[B]`` / ``[B, T]``, mask ``[B, T]``,
         labels ``[B]``); returns the batch's mean BCE before the step, a Python float. Refuses what
-        ``loss_and_grads`` refuses, before any change (``check=False``: the ids were checked already, as ``train``
-        checks the whole set once)."""
+        ``loss_and_grads`` refuses, before any change (``check=False``: the ids and labels were checked already, as
+        ``train`` checks the whole set once)."""
         loss, grads = self.loss_and_grads(b, check=check)
         self.opt.step(grads)
         return loss
@@ -264,14 +276,19 @@ class CanModel:
         """Mean BCE of a training batch (batch statistics in BatchNorm), a Python float, and the gradient of every
         parameter: a dict of ``P``'s names to arrays shaped like the parameters (float64 numpy on the CPU, float32 CuPy
         on the GPU; the tables' gradients table-shaped, repeated ids added up). Updates BatchNorm's running
-        statistics. ValueError for a batch of no sample (its batch statistics would be NaN) or an id outside its
-        table (``check_ids``; ``check=False`` skips it for ids checked already), TypeError for ids that are not
-        integers, before anything of the model changes."""
+        statistics. ValueError for a batch of no sample (its batch statistics would be NaN), an id outside its
+        table (``check_ids``), labels not ``[B]`` (``check_label_shape``) or a label that is NaN, infinite or outside
+        [0, 1] (``check_labels``: soft labels pass, as in ``train``), TypeError for ids that are not integers or labels
+        that are not numbers, before anything of the model changes. ``check=False`` skips the id and label checks
+        (their host sync and their cost) for a batch whose set was checked already, as ``train`` does."""
+        if check:  # (the shape first: len(b) is the labels' length)
+            check_label_shape(b, "the training batch")
         if len(b) == 0:
             raise ValueError("a training batch needs at least one sample: BatchNorm's mean and variance of no sample "
                              "are NaN (and would become its running statistics)")
         if check:
             check_ids(b, self.cfg.tables, "the training batch")
+            check_labels(b, "the training batch")
         P, co, xp = self.P, self.cfg.coaction, self.xp
         b = self._on_device(b)
         logit, c = self.logits(b, train=True)

@@ -29,7 +29,7 @@ from .._cli import (
     usable_gpus,
     writable_path,
 )
-from .can import CanConfig, CanModel, check_ids, check_labels
+from .can import CanConfig, CanModel, check_ids, check_label_shape, check_labels
 from .can_data import binary_labels, load_amazon_books, split, synthetic
 
 
@@ -40,15 +40,18 @@ def train(model: CanModel, train_set, test_set, epochs: int, batch_size: int, se
     so a step's time holds the previous step's tail instead of its own: in steady state (the median) that is the
     step time per batch, without the batching, the evaluation or the model's construction. Raises TypeError for
     ``epochs``, ``batch_size`` or ``seed`` not an integer (Python or numpy; a bool is refused), ValueError for
-    ``epochs`` or ``batch_size`` < 1, a negative ``seed``, an empty ``train_set``, a ``train_set`` label that is
-    NaN, infinite or outside [0, 1] (soft labels pass; ``check_labels``), a ``test_set`` whose labels are not 0 / 1
-    of both classes (no AUC) or (for a model with ``cfg.tables``) an id outside its table (TypeError for labels or
-    ids that are not numbers / integers), all before any training, and FloatingPointError, naming the epoch and
-    step, when a loss is not finite."""
+    ``epochs`` or ``batch_size`` < 1, a negative ``seed``, an empty ``train_set``, labels not ``[N]`` (either set;
+    ``check_label_shape``), a ``train_set`` label that is NaN, infinite or outside [0, 1] (soft labels pass;
+    ``check_labels``), a ``test_set`` whose labels are not 0 / 1 of both classes (no AUC) or (for a model with
+    ``cfg.tables``) an id outside its table (TypeError for labels or ids that are not numbers / integers), all before
+    any training, and FloatingPointError, naming the epoch and step, when a loss is not finite."""
     # (Python ints from here on: range() numbers epochs either way)
     epochs, batch_size = (int_at_least(name, v, 1, "an integer") for name, v in (("epochs", epochs),
                                                                                  ("batch_size", batch_size)))
     seed = int_at_least("seed", seed, 0, "an integer")  # (None would draw fresh entropy: other shuffles every run)
+    # labels [N] (a field assigned after the Batchable was built is unchecked; len() is the labels' length)
+    for which, data in (("training set", train_set), ("test set", test_set)):
+        check_label_shape(data, which)
     if len(train_set) == 0:
         raise ValueError("the training set is empty: no step would run (and the epoch's loss would be nan)")
     check_labels(train_set, "training set")  # (NaN, infinite or outside [0, 1]: soft labels pass)
@@ -60,7 +63,7 @@ def train(model: CanModel, train_set, test_set, epochs: int, batch_size: int, se
     if tables is not None:
         for which, data in (("train", train_set), ("test", test_set)):
             _check_ids(data, tables, which)
-    # a CanModel's steps and evaluations skip the per-call id check: both sets were checked above, once
+    # a CanModel's steps and evaluations skip the per-call id and label checks: both sets were checked above, once
     step, evaluate = ((lambda b: model.train_step(b, check=False)), (lambda d: model.evaluate(d, check=False))) \
         if isinstance(model, CanModel) else (model.train_step, model.evaluate)
     rng = np.random.default_rng(seed)
