@@ -88,3 +88,114 @@ def test_reference_moe_still_takes_nested_lists_and_an_array_of_ranks():
     got = reference_moe([X.tolist(), X], [IDS.tolist(), IDS], np.stack([W, W]), P2, identity)
     for a, b in zip(want, got):
         np.testing.assert_array_equal(a, b)
+
+
+# -- the simulator: an owner's pairs per token never exceed min(k, c_r) ------------------------------------------------
+SKEWS = [1.0, 1.5, 3.0, 10.0, 100.0, 1e4, 1e12]
+
+
+def _loads(gpus: int, skew: float, hot: tuple[int, ...]) -> tuple[float, ...]:
+    """``skew`` x the load of the other owners on the ``hot`` ones."""
+    return tuple(skew if r in hot else 1.0 for r in range(gpus))
+
+
+def _hot_sets(gpus: int) -> list[tuple[int, ...]]:
+    return [(0,), (gpus - 1,), tuple(range(0, gpus, 7))[:max(1, gpus // 8)]]
+
+
+@pytest.mark.parametrize("gpus", [2, 3, 8, 72])
+@pytest.mark.parametrize("skew", SKEWS)
+def test_owner_pairs_per_token_never_exceed_top_k_nor_the_owners_experts(gpus, skew):
+    """A token's k expert ids are distinct, so an owner of c_r experts takes at most min(k, c_r) of its pairs:
+    f_r k c_r / E <= min(k, c_r). owner_factors had scaled owner_load to the pairs without that bound, so at N = 72
+    (c_r = 3 or 4 < k = 8) one owner at 100x the others took 4.68 pairs a token on 3 experts (at 10^4x, 7.94). Now an
+    owner takes at most its bound and the excess goes to the others in proportion to their loads: the pairs stay
+    T k (sum_r c_r f_r = E), always feasible since sum_r min(k, c_r) >= k."""
+    from dwdp_ops.sim.model import SimConfig, dep_eplb, dep_expert_counts
+
+    E, k = 256, 8
+    home = dep_expert_counts(E, gpus)
+    for hot in _hot_sets(gpus):
+        load = _loads(gpus, skew, hot)
+        cfg = SimConfig(gpus=gpus, owner_load=load)
+        f = cfg.owner_factors()
+        per_token = [x * k * c / E for x, c in zip(f, home)]
+        assert all(p <= min(k, c) * (1 + 1e-12) for p, c in zip(per_token, home)), (hot, per_token)
+        assert sum(per_token) == pytest.approx(k, rel=1e-12)  # conserved: T k pairs
+        assert sum(x * c for x, c in zip(f, home)) == pytest.approx(E, rel=1e-12)
+        # the owners below their bound keep owner_load's ratios among themselves
+        free = [r for r in range(gpus) if per_token[r] < min(k, home[r]) * (1 - 1e-12)]
+        for r in free:
+            assert per_token[r] / per_token[free[0]] == pytest.approx(load[r] / load[free[0]], rel=1e-12)
+        if len(free) == gpus:  # no bound reached: owner_load / sum(owner_load) of the pairs, as before
+            assert per_token == pytest.approx([k * x / sum(load) for x in load], rel=1e-12)
+        # EPLB's replicas keep the bound on the experts a rank's GEMMs run over (home + replicas)
+        for R in (0, cfg.dep_redundant_experts(), 2 * gpus):
+            e = dep_eplb(home, f, R)
+            after = [g * c * k / E for g, c in zip(e["factor"], home)]
+            assert sum(after) == pytest.approx(k, rel=1e-12)
+            assert all(p <= min(k, n) * (1 + 1e-12) for p, n in zip(after, e["gemm_experts"])), (R, hot, after)
+
+
+def test_an_extreme_owner_is_capped_at_its_experts_and_the_rest_go_to_the_others():
+    """N = 72: owner 0 holds 3 experts (dep_expert_counts), so at 100x the others it takes 3 pairs a token (each of
+    its experts once), not 4.68; the other 71 share the other 5 evenly. The cap is exact: f_0 = E / max(k, c_0)."""
+    from dwdp_ops.sim.model import SimConfig, dep_expert_counts
+
+    home = dep_expert_counts(256, 72)
+    f = SimConfig(gpus=72, owner_load=_loads(72, 100.0, (0,))).owner_factors()
+    assert home[0] == 3 and f[0] == 256 / 8
+    rest = [x * c * 8 / 256 for x, c in zip(f[1:], home[1:])]
+    assert rest == pytest.approx([5 / 71] * 71, rel=1e-12)
+
+
+@pytest.mark.parametrize("gpus", [2, 3, 8, 72])
+@pytest.mark.parametrize("skew", [10.0, 100.0])
+@pytest.mark.parametrize("redundant", [0, None])
+def test_simulated_dep_pairs_respect_the_bound_and_are_conserved(monkeypatch, gpus, skew, redundant):
+    """What DEP's expert GEMMs are timed at, per iteration: sum over ranks == the tokens x k, and rank r's pairs <=
+    min(k, its GEMM experts) x the tokens (with R = 0 its own c_r)."""
+    from dwdp_ops.sim.costs import CostModel
+    from dwdp_ops.sim.model import SimConfig, dep_eplb, dep_expert_counts, simulate
+
+    calls = []
+    real = CostModel.expert_ms
+
+    def recording(self, pairs, experts):
+        calls.append((pairs, experts))
+        return real(self, pairs, experts)
+
+    monkeypatch.setattr(CostModel, "expert_ms", recording)
+    cfg = SimConfig(gpus=gpus, layers=4, ratio=0.8, max_tokens=8192, iterations=2, owner_load=_loads(gpus, skew, (0,)),
+                    redundant_experts=redundant)
+    res = simulate(cfg)
+    N, it, k = gpus, cfg.iterations, 8
+    dwdp, dep = calls[:N * it], calls[N * it:]
+    assert len(dep) == N * it
+    home = dep_expert_counts(256, N)
+    e = dep_eplb(home, cfg.owner_factors(), cfg.dep_redundant_experts())
+    for i in range(it):
+        tokens = sum(dwdp[r * it + i][0] for r in range(N)) / k
+        pairs = dep[i * N:(i + 1) * N]
+        assert sum(p for p, _ in pairs) == pytest.approx(tokens * k, rel=1e-12)
+        for r, (p, experts) in enumerate(pairs):
+            assert experts == e["gemm_experts"][r]
+            assert p <= min(k, experts) * tokens * (1 + 1e-12)
+            if redundant == 0:
+                assert p <= min(k, home[r]) * tokens * (1 + 1e-12)
+    # the reported imbalance is the bounded one: at most min(k, c_r) / (k / N) (27 at N = 72, owner 0's 3 experts)
+    mean = 8 / N
+    assert res["model"]["dep_eplb"]["owner_pairs_max_over_mean"] <= max(min(8, c) for c in home) / mean * (1 + 1e-12)
+
+
+def test_the_cap_conserves_the_pairs_when_the_others_loads_underflow_against_the_hot_ones():
+    """Loads 1e300 against 1e-300: scaled to the hot owners' load the others' round to 0, so their share of the pairs
+    left by the capped owners (3 + 4 of 8 a token) must come from their loads scaled among themselves."""
+    from dwdp_ops.sim.model import SimConfig, dep_expert_counts
+
+    home = dep_expert_counts(256, 72)
+    f = SimConfig(gpus=72, owner_load=(1e300, 1e300) + (1e-300,) * 70).owner_factors()
+    per_token = [x * 8 * c / 256 for x, c in zip(f, home)]
+    assert per_token[:2] == [3.0, 4.0]
+    assert per_token[2:] == pytest.approx([1 / 70] * 70, rel=1e-12)
+    assert sum(per_token) == pytest.approx(8, rel=1e-12)

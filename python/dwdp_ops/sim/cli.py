@@ -98,7 +98,8 @@ def build_parser(prog: str = "python -m dwdp_ops sim") -> argparse.ArgumentParse
     ap.add_argument("--owner-load", type=_owner_load, default=None, metavar="L0,L1,...",
                     help="relative routed pairs per DEP owner rank (one per GPU, e.g. 0.55,1.45 for a router that "
                          "gives the second rank 2.6x the first's pairs; the pairs are conserved, so with uneven "
-                         "experts per rank equal loads are equal pairs); default: uniform routing")
+                         "experts per rank equal loads are equal pairs; an owner takes at most min(top-k, its "
+                         "experts) pairs a token, the excess going to the others); default: uniform routing")
     ap.add_argument("--redundant-experts", type=nonnegative_int, default=None, metavar="R",
                     help="DEP's redundant expert slots (EPLB: replicas of the hottest ranks' experts even out the "
                          "pairs per rank), an integer in [0, (--gpus - 1) x 256]; values that make sense: "

@@ -52,6 +52,10 @@ pairs per token) with f_r = (owner_load[r] / mean(owner_load)) (E / N) / c_r (``
 sum_r c_r f_r = E and the pairs are conserved; where N divides E, f_r is owner_load[r] / mean(owner_load). With
 uneven counts (E / N not an integer, c_r the floor or the ceiling) equal loads mean equal pairs per owner, not the
 uniform routing's pairs in proportion to c_r (a measured uniform routing has owner_load proportional to c_r, f_r = 1).
+Invariant: an owner takes at most min(k, c_r) pairs per token (a token's expert ids are distinct), f_r <= E / max(k,
+c_r); only c_r < k can bind it (N > E / k). A load beyond it (at N = 72, where c_r is 3 or 4: an owner of 3 experts
+at more than 42.6x the other 71) takes exactly the bound and its excess goes to the other owners in proportion to
+their loads, the pairs still T k (always feasible: sum_r min(k, c_r) >= k).
 A token sends owner r a row with the probability of at least one of its pairs (capped at top-k); DWDP's expert GEMMs
 are not changed (every rank computes its own tokens on all E experts: skew only reshapes its groups, a second-order
 effect not modelled). ``bench/e2e_dwdp_vs_dep.py`` records the measured per-owner pairs with every point, so a
@@ -209,15 +213,26 @@ class SimConfig:
         1.0 without ``owner_load``. ``owner_load`` is relative pairs per owner: owner r takes ``owner_load[r] /
         sum(owner_load)`` of the T k pairs, so f_r = (owner_load[r] / mean(owner_load)) x (E / N) / c_r and
         sum_r c_r f_r = E (the pairs are conserved whatever the counts). Where N divides E the last factor is exactly
-        1.0: ``owner_load`` scaled to mean 1."""
+        1.0: ``owner_load`` scaled to mean 1.
+
+        Invariant: owner r takes at most min(k, c_r) pairs a token, f_r k c_r / E <= min(k, c_r), i.e.
+        f_r <= E / max(k, c_r) (a token's k expert ids are distinct: it sends each of the owner's experts one pair
+        at most). Only c_r < k can bind it (N > E / k = 32 for R1; c_r is 3 or 4 at N = 72); an ``owner_load``
+        beyond it (at N = 72 an owner of 3 experts at more than 42.6x the other 71) takes exactly its bound and the
+        excess goes to the other owners in proportion to their loads (water-filling, repeated while another reaches
+        its bound), so sum_r c_r f_r = E still: always feasible, as sum_r min(k, c_r) >= k. Where no owner reaches
+        its bound the factors are the formula above, the same floats."""
         if self.owner_load is None:
             return [1.0] * self.gpus
-        E, N = self.model_config().n_routed_experts, self.gpus
+        cfg = self.model_config()
+        E, N, k = cfg.n_routed_experts, self.gpus, cfg.n_activated_experts
+        counts = dep_expert_counts(E, N)
         top = max(self.owner_load)  # scaled to the largest first: a sum of loads near the float maximum overflows
         mean = sum(x / top for x in self.owner_load) / len(self.owner_load)
         # E / N / c_r: 1.0 exactly where N divides E (the same floats as before); else it turns relative pairs per
         # owner into a factor on the owner's uniform share, which is in proportion to its c_r experts
-        return [x / top / mean * (E / N / c) for x, c in zip(self.owner_load, dep_expert_counts(E, N))]
+        f = [x / top / mean * (E / N / c) for x, c in zip(self.owner_load, counts)]
+        return _cap_owner_factors(f, self.owner_load, counts, E, k)
 
     @property
     def n_dense(self) -> int:
@@ -225,6 +240,33 @@ class SimConfig:
 
     def model_config(self) -> DeepSeekConfig:
         return DeepSeekConfig.r1(n_layers=self.layers).replace(n_dense_layers=self.n_dense)
+
+
+def _cap_owner_factors(f: list[float], load: tuple[float, ...], counts: list[int], E: int, k: int) -> list[float]:
+    """``f`` (owner_load's factors, sum_r c_r f_r = E) with every f_r at most E / max(k, c_r)
+    (``SimConfig.owner_factors``' invariant): the owners above their cap take it, the others share the rest of the
+    pairs in proportion to their loads, repeated while that lifts another above its cap. ``f`` itself where none is
+    above. The others' loads are scaled to the largest of them (not to the capped owners': against a load 1e300 times
+    theirs they would round to 0)."""
+    cap = [E / max(k, c) for c in counts]
+    capped = [x > m for x, m in zip(f, cap)]
+    if not any(capped):
+        return f
+    while True:
+        room = E - sum(c * m for c, m, b in zip(counts, cap, capped) if b)
+        free = [r for r, b in enumerate(capped) if not b]
+        if not free or room <= 0:
+            # the capped owners take every pair: only by rounding (an owner exactly at its cap computed above it), as
+            # sum_r min(k, c_r) >= k leaves room otherwise; the others keep their factors, negligible against the caps
+            return [m if b else x for x, m, b in zip(f, cap, capped)]
+        top = max(load[r] for r in free)
+        z = sum(load[r] / top for r in free)
+        out = [m if b else load[r] / top / z * room / c for r, (c, m, b) in enumerate(zip(counts, cap, capped))]
+        over = [r for r in free if out[r] > cap[r]]
+        if not over:
+            return out
+        for r in over:
+            capped[r] = True
 
 
 def dep_expert_counts(num_experts: int, ranks: int) -> list[int]:
