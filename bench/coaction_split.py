@@ -1,6 +1,6 @@
 """The co-action forward (or backward) at small batches: one warp a sample against K warps a sample, one GPU.
 
-    python bench/coaction_split.py [--op forward|backward] [--shape can|o4oi|o1] [--dtype float32|bfloat16]
+    python bench/coaction_split.py [--op forward|backward] [--shape can|o4oi|o4|o1] [--dtype float32|bfloat16]
                                    [--T 100,1000,2000] [--B 1,16,64,256,1024,2048,4096]
                                    [--ks 1,2,4,8,16] [--repeats 15] [--calls 10]
 
@@ -9,7 +9,7 @@ and a long sample's time is one warp's. The split forward runs a sample on a blo
 positions (``dwdp_ops.coaction.fused.split_warps``; ``DWDP_COACTION_SPLIT`` forces K). For every (B, T) with
 B x T at most 4096 x 1000: the forward of the CAN reference shape (table + ids, 100 000-row tables, 80 % of the
 positions unmasked, ``check_ids=False``; ``--shape`` another specialised shape: ``o4oi`` 4 orders, order-independent,
-with bias, ``o1`` one order with bias; ``--dtype bfloat16`` bf16 tables) with each K forced, each captured in its own CUDA graph of ``--calls``
+with bias, ``o4`` 4 orders, ``o1`` one order with bias; ``--dtype bfloat16`` bf16 tables) with each K forced, each captured in its own CUDA graph of ``--calls``
 forwards and replayed, the K variants interleaved per repeat (``common.time_interleaved``); a figure is the median
 over repeats of a forward's microseconds, ``over_k1`` the median of the per-repeat ratios to K = 1 (one warp a
 sample: the baseline, measured in the same run), and ``pick`` the K the launch takes by itself. ``--op backward``
@@ -44,7 +44,8 @@ from common import (  # noqa: E402
 from dwdp_ops._cli import positive_int  # noqa: E402
 
 ROWS = 100_000
-SHAPES = {"can": {}, "o4oi": dict(orders=4, order_independent=True, bias=True), "o1": dict(orders=1, bias=True)}
+SHAPES = {"can": {}, "o4oi": dict(orders=4, order_independent=True, bias=True), "o4": dict(orders=4),
+          "o1": dict(orders=1, bias=True)}
 MAX_POSITIONS = 4096 * 1000
 
 
@@ -142,7 +143,7 @@ def main() -> int:
     ap.add_argument("--op", choices=("forward", "backward"), default="forward", help="the op to time")
     ap.add_argument("--shape", choices=tuple(SHAPES), default="can",
                     help="the specialised shape: can (3 orders, the CAN default), o4oi (4 orders, order-independent, "
-                         "bias), o1 (1 order, bias)")
+                         "bias), o4 (4 orders), o1 (1 order, bias)")
     ap.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="the tables' dtype")
     ap.add_argument("--T", default="100,1000,2000", help="comma-separated sequence lengths")
     ap.add_argument("--B", default="1,16,64,256,1024,2048,4096", help="comma-separated batch sizes")

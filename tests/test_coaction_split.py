@@ -119,3 +119,30 @@ def test_the_backward_picks_by_the_same_rule_within_its_shared_memory(cfg, monke
         assert kb == 16 and split_warps(spec, 1, 2000, 132, backward=False) == 16
     with pytest.raises(TypeError, match="backward must be a bool"):
         split_warps(spec, 1, 100, 132, backward=None)
+
+
+# The 4-order order-independent backward with bias on an H200: an SM holds 10 of its warps in 2-warp blocks and 8 in
+# 4- or 8-warp blocks (19 904 bytes of shared memory a warp), and its split takes at most 8 warps a sample (its
+# registers). The measured fastest K (docs/benchmarks.md, "Seventeenth session"; before the residency entered the
+# pick, it took K = 2 at 1024 x 1000, 1.48x slower than K = 1, and K = 8 at 256 x 1000, 1.25x slower than K = 4).
+O4OI_BACKWARD = [((1, 100), 4), ((256, 100), 4), ((1024, 100), 1), ((1, 1000), 8), ((256, 1000), 4),
+                 ((1024, 1000), 1), ((2048, 1000), 1), ((1, 2000), 8), ((256, 2000), 4), ((1024, 2000), 1)]
+
+
+@pytest.mark.parametrize(("bt", "k"), O4OI_BACKWARD, ids=[f"{b}x{t}" for (b, t), _ in O4OI_BACKWARD])
+def test_the_pick_keeps_a_split_grid_within_what_the_sms_hold(bt, k):
+    spec = CoActionSpec(orders=4, order_independent=True, bias=True)
+    B, T = bt
+    assert split_warps(spec, B, T, 132, backward=True) == k
+    assert split_warps(spec, B, T, 132, "bfloat16", backward=True) == k
+
+
+@pytest.mark.parametrize("cfg", [dict(orders=4), dict(orders=4, order_independent=True, bias=True)], ids=str)
+def test_the_four_order_backward_takes_at_most_8_warps_a_sample(cfg, monkeypatch):
+    spec = CoActionSpec(**cfg)
+    for B in (1, 16, 256):
+        for T in (1000, 2000, 100_000):
+            assert split_warps(spec, B, T, 132, backward=True) <= 8
+    monkeypatch.setenv("DWDP_COACTION_SPLIT", "16")
+    assert split_warps(spec, 1, 2000, 132, backward=True) == 8  # forced past its bound: clamped
+    assert split_warps(spec, 1, 2000, 132, backward=False) == 16  # the forward keeps 16

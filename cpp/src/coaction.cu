@@ -1494,6 +1494,19 @@ __device__ __forceinline__ void spec_zero_share(const SpecZero& z, int b, int B,
 constexpr int kSpecSplitMax = 16;  // warps a sample at most
 constexpr size_t kSpecSplitStatic = sizeof(int64_t) * kSpecSplitMax;  // the split backward's static shared memory
 
+// Warps a sample at most for C orders: 8 for the 4-order backward, whose kernel is bounded to 12 warps a block so that
+// it may take up to 170 registers a thread (168, as the one-warp kernel: ptxas); bounded to 128 with 16 warps it
+// spilled 124-220 bytes and ran K = 2 slower than one warp a sample (docs/benchmarks.md, "Seventeenth session"). It
+// gives up K = 16 only for the one 4-order shape whose shared memory fits 16 warps (no bias, not order-independent).
+__host__ __device__ constexpr int spec_split_max(int C, bool backward) {
+  return backward && C == 4 ? 8 : kSpecSplitMax;
+}
+// Warps of the split kernels an SM holds by their registers, the most their bound allows: 16 (128 a thread), 12 for
+// the 4-order backward.
+__host__ __device__ constexpr int spec_split_reg_warps(int C, bool backward) {
+  return backward && C == 4 ? 12 : kSpecSplitMax;
+}
+
 template <typename T, int C, bool OI, bool kSplit>
 __global__ void __launch_bounds__(kSplit ? kSpecSplitMax * 32 : kSpecWarps * 32, kSplit ? 1 : spec_fwd_blocks<C>())
     spec_forward_kernel(Fast f, SpecGeo g, int B, int T_len, CoActionRows rows, const int64_t* __restrict__ ind_ids,
@@ -1649,7 +1662,8 @@ __device__ __forceinline__ void spec_dz(const float* __restrict__ U, float v, fl
 // sample's chunks); the warps' gradient rows of the sample are added in warp order (by store_row_grad's warps of
 // equal ids, or below for gathered rows) and stored once.
 template <typename T, int C, bool OI, bool kSplit>
-__global__ void __launch_bounds__(kSplit ? kSpecSplitMax * 32 : kSpecWarps * 32, kSplit ? 1 : spec_bwd_blocks<C>())
+__global__ void __launch_bounds__(kSplit ? spec_split_reg_warps(C, true) * 32 : kSpecWarps * 32,
+                                  kSplit ? 1 : spec_bwd_blocks<C>())
     spec_backward_kernel(Fast f, SpecGeo g, int B, int T_len, CoActionRows rows, const int64_t* __restrict__ ind_ids,
                          const T* __restrict__ feed, const int64_t* __restrict__ feed_ids,
                          const float* __restrict__ mask, const float* __restrict__ grad_out,
@@ -1918,7 +1932,9 @@ __global__ void __launch_bounds__(kSplit ? kSpecSplitMax * 32 : kSpecWarps * 32,
       fbuf[lane] = bsum * kTanhScale;
     }
     __syncwarp();
-    for (int j = lane; j < N1; j += 32)
+    // (a split sample's segment without a behaviour adds nothing: skipped, so that 0 times an infinite grad_out does
+    // not add a NaN that one warp a sample would not; warp-uniform)
+    for (int j = lane; j < N1 && (!kSplit || valid > 0); j += 32)
       for (int c = 0; c < C; ++c) {
         const float hsum = U[c * N1 + j], bsum = fbuf[c * N1 + j];
         float* gw = gW + (OI ? c * f.wslice : 0);
@@ -1927,7 +1943,7 @@ __global__ void __launch_bounds__(kSplit ? kSpecSplitMax * 32 : kSpecWarps * 32,
         for (int m = 0; m < N2; ++m) gw[f.woff[1] + j * N2 + m] += hsum * g2[m];
         if (f.bias) gw[D * N1 + j] += bsum;
       }
-    if (f.bias)
+    if (f.bias && (!kSplit || valid > 0))
       for (int m = lane; m < N2; m += 32)
         for (int c = 0; c < C; ++c)
           gW[(OI ? c * f.wslice : 0) + f.woff[1] + N1 * N2 + m] += static_cast<float>(valid) * G[c * S + N1 + m];
@@ -2126,7 +2142,7 @@ bool spec_shape(const CoActionDims& d, bool backward, int elem, int* warps, size
 }  // namespace
 
 namespace {
-// DWDP_COACTION_SPLIT, read at every specialised forward launch: unset or "auto" (0 returned): the launch picks the
+// DWDP_COACTION_SPLIT, read at every specialised forward and backward launch: unset or "auto" (0 returned): the launch picks the
 // warps a sample; "1", "2", "4", "8" or "16": that many. Anything else is an error naming the variable.
 int split_from_env() {
   const char* e = std::getenv("DWDP_COACTION_SPLIT");
@@ -2135,7 +2151,7 @@ int split_from_env() {
   for (int k = 1; k <= kSpecSplitMax; k *= 2)
     if (v == std::to_string(k)) return k;
   DWDP_REQUIRE(false, "DWDP_COACTION_SPLIT must be 'auto' or one of 1, 2, 4, 8, 16 (warps a sample of the "
-                      "specialised co-action forward), got '"
+                      "specialised co-action forward and backward), got '"
                           << v << "'");
   return 0;
 }
@@ -2155,22 +2171,33 @@ int device_sms(int dev) {
 }  // namespace
 
 namespace {
-// coaction_split_warps for a specialised shape whose warps take per_warp_bytes of shared memory (the backward's
-// block also kSpecSplitStatic bytes of static shared memory).
-int split_warps(bool backward, size_t per_warp_bytes, int B, int T, int sms, int forced) {
+// Shared memory of an SM (Hopper: 228 KiB, of which a block may have kSmemMax) and what each resident block reserves.
+constexpr size_t kSmemSM = 228 * 1024, kSmemBlockReserve = 1024;
+
+// coaction_split_warps for a specialised shape of C orders whose warps take per_warp_bytes of shared memory (the
+// backward's block also kSpecSplitStatic bytes of static shared memory).
+int split_warps(int C, bool backward, size_t per_warp_bytes, int B, int T, int sms, int forced) {
   const int64_t chunks = (static_cast<int64_t>(T) + 31) / 32;
-  // the most warps a block's shared memory holds (a power of two)
-  const size_t room = kSmemMax - (backward ? kSpecSplitStatic : 0);
+  const size_t stat = backward ? kSpecSplitStatic : 0;
+  // the most warps a block's shared memory and the kernel's thread bound allow (a power of two)
   int fit = 1;
-  while (2 * fit <= kSpecSplitMax && 2 * static_cast<size_t>(fit) * per_warp_bytes <= room) fit *= 2;
+  while (2 * fit <= spec_split_max(C, backward) && 2 * static_cast<size_t>(fit) * per_warp_bytes <= kSmemMax - stat)
+    fit *= 2;
   if (forced) return std::min(forced, fit);
-  // The most warps a sample such that every warp keeps a chunk and the grid stays within a warp budget per SM: 16 when
-  // each warp keeps at least 4 chunks, else 8 (about where the SM's issue slots fill: more warps of short segments
-  // repeat a sample's setup for no gain). Measured on one H200 (docs/benchmarks.md, "Sixteenth session"): the fastest
-  // K of 1-16 at T = 100 / 1000 / 2000 and B = 1-4096, or within 1.1 % of it.
+  // The most warps a sample such that every warp keeps a chunk and the grid stays within one wave of a warp budget per
+  // SM: 16 when each warp keeps at least 4 chunks, else 8 (about where the SM's issue slots fill: more warps of short
+  // segments repeat a sample's setup for no gain), and never more than the SM holds of K-warp blocks by their shared
+  // memory and registers (the 3- and 4-order order-independent backward with bias holds 8-10: a grid past that runs
+  // in two waves, 1.25-1.5x slower than the next K down). Measured on one H200 (docs/benchmarks.md, "Sixteenth
+  // session" and "Seventeenth session"): the fastest K of 1-16 at T = 100 / 1000 / 2000 and B = 1-4096 in 34 of 35
+  // cases of the CAN shape and in every other specialised shape's within 1.14x of it.
   int k = 1;
   for (int c = 2; c <= fit && c <= chunks; c *= 2) {
-    const int64_t budget = static_cast<int64_t>(sms) * (chunks / c >= 4 ? 16 : 8);
+    const int64_t by_smem =
+        c * static_cast<int64_t>(kSmemSM / (static_cast<size_t>(c) * per_warp_bytes + stat + kSmemBlockReserve));
+    const int64_t by_regs = spec_split_reg_warps(C, backward) / c * c;
+    const int64_t resident = std::min(by_smem, by_regs);
+    const int64_t budget = static_cast<int64_t>(sms) * std::min<int64_t>(resident, chunks / c >= 4 ? 16 : 8);
     if (static_cast<int64_t>(B) * c <= budget) k = c;
   }
   return k;
@@ -2191,8 +2218,8 @@ int coaction_split_warps(const CoActionDims& d, bool backward, int elem, int B, 
   if (!spec_shape(d, backward, elem, &w, &sm)) return 0;  // (the variable is not read for such a shape)
   if (forced < 0) forced = split_from_env();
   const Fast f = make_fast(d, backward);
-  return split_warps(backward, sizeof(float) * static_cast<size_t>(make_spec_geo(f, backward, elem).per_warp), B, T,
-                     sms, forced);
+  return split_warps(f.C, backward, sizeof(float) * static_cast<size_t>(make_spec_geo(f, backward, elem).per_warp), B,
+                     T, sms, forced);
 }
 
 bool coaction_specialized(const CoActionDims& d, bool backward) {
@@ -2372,7 +2399,7 @@ int coaction_forward(const CoActionDims& d, int dtype, int B, int T, const CoAct
         return;
       }
       const int split =
-          split_warps(false, sizeof(float) * static_cast<size_t>(geo.per_warp), B, T, device_sms(dev), forced);
+          split_warps(f.C, false, sizeof(float) * static_cast<size_t>(geo.per_warp), B, T, device_sms(dev), forced);
       if (split > 1) {
         const auto kspec = spec_forward_pick<E, true>(f.C, f.oi);
         const size_t ksmem = sizeof(float) * static_cast<size_t>(geo.per_warp) * split;
@@ -2448,7 +2475,7 @@ void coaction_backward(const CoActionDims& d, int dtype, int B, int T, const CoA
       const int forced = split_from_env();  // (a bad value raises before anything is queued)
       if (B == 0 || T == 0) return;
       const int split =
-          split_warps(true, sizeof(float) * static_cast<size_t>(geo.per_warp), B, T, device_sms(dev), forced);
+          split_warps(f.C, true, sizeof(float) * static_cast<size_t>(geo.per_warp), B, T, device_sms(dev), forced);
       if (split > 1) {
         const auto kspec = spec_backward_pick<E, true>(f.C, f.oi);
         const size_t ksmem = sizeof(float) * static_cast<size_t>(geo.per_warp) * split;
