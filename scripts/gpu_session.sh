@@ -9,7 +9,8 @@
 #   can       build + coaction_bench + coaction_host + coaction_split + CAN-DNN/DNN training on the GPU (3 seeds)
 #             issues 6, 16
 #   split     build + coaction_split, forward and backward, on the other specialised shapes and bf16 (SPLIT_SHAPES,
-#             default "can:bfloat16 o4oi:float32 o4oi:bfloat16 o1:float32 o1:bfloat16")                   issue 16
+#             default "can:bfloat16 o4oi:float32 o4oi:bfloat16 o1:float32 o1:bfloat16"; SPLIT_OPS, default
+#             "forward backward")                                                                          issue 16
 #   cantrain  build + CAN-DNN/DNN training on the GPU alone (3 seeds)                                        issue 16
 #   canprof   build + Nsight Compute of the co-action kernels at B = 8192, T = 100 (bench/coaction_profile.py:
 #             the specialised forward and backward, then the general ones)                   issue 16
@@ -78,7 +79,7 @@ if want can; then
 fi
 if want split; then
   for sd in ${SPLIT_SHAPES:-can:bfloat16 o4oi:float32 o4oi:bfloat16 o1:float32 o1:bfloat16}; do
-    for op in forward backward; do
+    for op in ${SPLIT_OPS:-forward backward}; do
       log="$OUT/coaction_split_${op}_${sd/:/_}.log"
       timeout 150 python3 bench/coaction_split.py --op $op --shape ${sd%%:*} --dtype ${sd##*:} > "$log" 2>&1
       echo "coaction_split $op $sd rc=$?"; grep -E "^B=|checked" "$log" | cut -c1-200
