@@ -1,21 +1,23 @@
 """The co-action forward (or backward) at small batches: one warp a sample against K warps a sample, one GPU.
 
-    python bench/coaction_split.py [--op forward|backward] [--shape can|o4oi|o4|o1] [--dtype float32|bfloat16]
-                                   [--T 100,1000,2000] [--B 1,16,64,256,1024,2048,4096]
+    python bench/coaction_split.py [--op forward|backward] [--shape can|o4oi|o4|o1|paper|deep|wide]
+                                   [--dtype float32|bfloat16] [--T 100,1000,2000] [--B 1,16,64,256,1024,2048,4096]
                                    [--ks 1,2,4,8,16] [--repeats 15] [--calls 10]
 
 One warp a sample leaves the GPU mostly idle when a batch has fewer samples than resident warps (3696 on an H200),
 and a long sample's time is one warp's. The split forward runs a sample on a block of K warps, each a segment of its
 positions (``dwdp_ops.coaction.fused.split_warps``; ``DWDP_COACTION_SPLIT`` forces K). For every (B, T) with
 B x T at most 4096 x 1000: the forward of the CAN reference shape (table + ids, 100 000-row tables, 80 % of the
-positions unmasked, ``check_ids=False``; ``--shape`` another specialised shape: ``o4oi`` 4 orders, order-independent,
-with bias, ``o4`` 4 orders, ``o1`` one order with bias; ``--dtype bfloat16`` bf16 tables) with each K forced, each captured in its own CUDA graph of ``--calls``
+positions unmasked, ``check_ids=False``) with each K forced, each captured in its own CUDA graph of ``--calls``
 forwards and replayed, the K variants interleaved per repeat (``common.time_interleaved``); a figure is the median
 over repeats of a forward's microseconds, ``over_k1`` the median of the per-repeat ratios to K = 1 (one warp a
-sample: the baseline, measured in the same run), and ``pick`` the K the launch takes by itself. ``--op backward``
-times the backward the same way, into caller-allocated table gradients it adds to (no zeroing or allocation in the
-timed op). Before timing, every K is checked against the float64 reference on small cases with masked segments
-(relative error at most 1e-5; the backward's two gradients).
+sample: the baseline, measured in the same run), and ``pick`` the K the launch takes by itself. ``--shape`` takes
+another specialised shape (``o4oi`` 4 orders, order-independent, with bias; ``o4`` 4 orders; ``o1`` one order with
+bias) or a shape of the general register-path kernels (``paper`` the paper variant with bias; ``deep`` three layers;
+``wide`` 32-wide layers); ``--dtype bfloat16`` bf16 tables. ``--op backward`` times the backward the same way, into
+caller-allocated table gradients it adds to (no zeroing or allocation in the timed op). Before timing, every K is
+checked against the float64 reference on small cases with masked segments (relative error at most 1e-5; the
+backward's two gradients), on three specialised shapes and the run's own.
 
 Writes ``bench/results/coaction_split[_backward][_<shape>][_bf16]_<card>.json`` and the plot of the same name under
 ``docs/img/`` (the CAN shape in fp32 has no suffix).
@@ -45,7 +47,11 @@ from dwdp_ops._cli import positive_int  # noqa: E402
 
 ROWS = 100_000
 SHAPES = {"can": {}, "o4oi": dict(orders=4, order_independent=True, bias=True), "o4": dict(orders=4),
-          "o1": dict(orders=1, bias=True)}
+          "o1": dict(orders=1, bias=True),
+          # the general register-path kernels
+          "paper": dict(variant="paper", bias=True), "deep": dict(layer_dims=((24, 16), (16, 16), (16, 4)), orders=2,
+                                                                bias=True),
+          "wide": dict(layer_dims=((32, 32), (32, 4)), orders=2)}
 MAX_POSITIONS = 4096 * 1000
 
 
@@ -55,9 +61,9 @@ def rel(a, b) -> float:
     return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
 
 
-def check(ks, backward: bool = False) -> list[dict]:
-    """Every K against the float64 reference (three specialised shapes, an all-masked sample, a half-masked one);
-    ``backward``: the backward's gradients (the larger of their relative errors)."""
+def check(ks, backward: bool = False, extra: dict | None = None) -> list[dict]:
+    """Every K against the float64 reference (three specialised shapes and ``extra``, an all-masked sample, a
+    half-masked one); ``backward``: the backward's gradients (the larger of their relative errors)."""
     import cupy as cp
     import numpy as np
     from dwdp_ops.coaction import (
@@ -70,7 +76,8 @@ def check(ks, backward: bool = False) -> list[dict]:
 
     rng = np.random.default_rng(0)
     rows = []
-    for cfg in (dict(), dict(orders=4, order_independent=True, bias=True), dict(orders=1, bias=True)):
+    cfgs = [dict(), dict(orders=4, order_independent=True, bias=True), dict(orders=1, bias=True)]
+    for cfg in cfgs + ([extra] if extra is not None and extra not in cfgs else []):
         spec = CoActionSpec(**cfg)
         for B, T in ((1, 1), (3, 33), (5, 100), (2, 2000), (7, 257)):
             ind = rng.normal(0, 0.3, (B, spec.induction_dim)).astype(np.float32)
@@ -79,14 +86,13 @@ def check(ks, backward: bool = False) -> list[dict]:
             if B > 2:
                 mask[1] = 0
                 mask[2, : T // 2] = 0
-            kw = dict(order_independent=spec.order_independent)
             f64 = (ind.astype(np.float64), feed.astype(np.float64), mask)
             dev = (cp.asarray(ind), cp.asarray(feed), cp.asarray(mask))
             if backward:
                 g = rng.normal(size=(B, spec.out_dim)).astype(np.float32)
-                want = coaction_backward(*f64, g.astype(np.float64), spec.layer_dims, spec.orders, spec.bias, **kw)
+                want = coaction_backward(*f64, g.astype(np.float64), spec)
             else:
-                want = coaction_forward(*f64, spec.layer_dims, spec.orders, spec.bias, **kw)
+                want = coaction_forward(*f64, spec)
             for k in ks:
                 with env("DWDP_COACTION_SPLIT", str(k)):
                     if backward:
@@ -142,8 +148,9 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--op", choices=("forward", "backward"), default="forward", help="the op to time")
     ap.add_argument("--shape", choices=tuple(SHAPES), default="can",
-                    help="the specialised shape: can (3 orders, the CAN default), o4oi (4 orders, order-independent, "
-                         "bias), o4 (4 orders), o1 (1 order, bias)")
+                    help="the shape: specialised can (3 orders, the CAN default), o4oi (4 orders, order-independent, "
+                         "bias), o4 (4 orders), o1 (1 order, bias); general paper (the paper variant, bias), deep "
+                         "(24 -> 16 -> 16 -> 4, 2 orders, bias), wide (32 -> 32 -> 4, 2 orders)")
     ap.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="the tables' dtype")
     ap.add_argument("--T", default="100,1000,2000", help="comma-separated sequence lengths")
     ap.add_argument("--B", default="1,16,64,256,1024,2048,4096", help="comma-separated batch sizes")
@@ -162,7 +169,7 @@ def main() -> int:
 
     t0 = time.time()
     backward = ns.op == "backward"
-    checks = check(ks, backward)
+    checks = check(ks, backward, SHAPES[ns.shape])
     bad = [r for r in checks if r["rel"] > 1e-5]
     print(f"checked {len(checks)} {ns.op}s against the float64 reference: largest relative error "
           f"{max(r['rel'] for r in checks):.2e}, {len(bad)} above 1e-5", flush=True)

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 from dwdp_ops.coaction import CoActionSpec
-from dwdp_ops.coaction.fused import split_warps
+from dwdp_ops.coaction.fused import split_warps, uses_fast_kernels, uses_specialized_kernels
 
 # The picks on an H200 (132 SMs), each the fastest K of 1-16 measured there (or within 1.1 % of it):
 # docs/benchmarks.md, "Sixteenth session"; bench/results/coaction_split_H200.json.
@@ -74,11 +74,38 @@ def test_a_bad_override_is_named(monkeypatch, value):
         split_warps(CoActionSpec(), 1, 100, 132)
 
 
-def test_shapes_off_the_specialised_kernels_are_zero(monkeypatch):
-    assert split_warps(CoActionSpec(variant="paper", bias=True), 1, 2000, 132) == 0
-    assert split_warps(CoActionSpec(layer_dims=((16, 8), (8, 8))), 1, 2000, 132) == 0
-    monkeypatch.setenv("DWDP_COACTION_SPECIALIZED", "0")
-    assert split_warps(CoActionSpec(), 1, 2000, 132) == 0
+# A shape off the specialised kernels whose layers fit the general register path (padded widths <= 32), and one
+# whose layers do not (the shared-memory fallback kernels, which keep one warp a sample).
+GENERAL = [CoActionSpec(variant="paper", bias=True), CoActionSpec(layer_dims=((16, 8), (8, 8))),
+           CoActionSpec(layer_dims=((24, 16), (16, 16), (16, 4)), orders=2, bias=True)]
+WIDE32 = CoActionSpec(layer_dims=((32, 32), (32, 4)), orders=2)
+FALLBACK = CoActionSpec(layer_dims=((16, 64), (64, 4)))
+
+
+@pytest.mark.parametrize("backward", [False, True])
+def test_the_general_register_path_splits_by_the_same_rule(backward, monkeypatch):
+    for spec in GENERAL:
+        assert not uses_specialized_kernels(spec, backward) and uses_fast_kernels(spec, backward)
+        for (B, T), k in H200:
+            kg = split_warps(spec, B, T, 132, backward=backward)
+            assert kg == k or (kg < k and kg in (1, 2, 4, 8)), (spec, B, T, k, kg)  # fewer only where 16 do not fit
+    monkeypatch.setenv("DWDP_COACTION_SPECIALIZED", "0")  # the CAN shape on the general kernels
+    assert split_warps(CoActionSpec(), 1, 2000, 132, backward=backward) == 16
+    assert split_warps(CoActionSpec(), 8192, 100, 132, backward=backward) == 1
+
+
+@pytest.mark.parametrize("backward", [False, True])
+def test_32_wide_layers_take_at_most_8_warps_a_sample(backward, monkeypatch):
+    assert uses_fast_kernels(WIDE32, backward) and not uses_specialized_kernels(WIDE32, backward)
+    assert split_warps(WIDE32, 1, 2000, 132, backward=backward) == 8
+    monkeypatch.setenv("DWDP_COACTION_SPLIT", "16")
+    assert split_warps(WIDE32, 1, 2000, 132, backward=backward) == 8  # forced past the kernel's bound: clamped
+
+
+def test_the_fallback_kernels_are_zero(monkeypatch):
+    assert not uses_fast_kernels(FALLBACK)
+    assert split_warps(FALLBACK, 1, 2000, 132) == 0
+    assert split_warps(FALLBACK, 1, 2000, 132, backward=True) == 0
 
 
 @pytest.mark.parametrize(("kw", "exc", "match"), [
@@ -94,9 +121,11 @@ def test_bad_arguments_are_named(kw, exc, match):
         split_warps(CoActionSpec(), **args)
 
 
-def test_a_bad_override_is_not_read_off_the_specialised_kernels(monkeypatch):
+def test_a_bad_override_is_read_by_the_general_kernels_but_not_the_fallback(monkeypatch):
     monkeypatch.setenv("DWDP_COACTION_SPLIT", "3")
-    assert split_warps(CoActionSpec(variant="paper", bias=True), 1, 2000, 132) == 0
+    assert split_warps(FALLBACK, 1, 2000, 132) == 0
+    with pytest.raises(ValueError, match="DWDP_COACTION_SPLIT must be"):
+        split_warps(CoActionSpec(variant="paper", bias=True), 1, 2000, 132)
 
 
 def test_picks_near_the_int32_limit_of_t():

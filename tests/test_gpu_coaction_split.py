@@ -1,7 +1,8 @@
-"""The split forward and backward of the specialised co-action kernels (GPU): a block of K warps a sample, each a
-segment of the sample's positions (``split_warps``; ``DWDP_COACTION_SPLIT`` forces K). Every K against the float64
-reference and against one warp a sample, on every specialised feature; the launch's own pick; a busy caller stream
-and CUDA-graph replays mixed with eager calls."""
+"""The split forward and backward of the co-action kernels (GPU), specialised and general register-path: a block of K
+warps a sample, each a segment of the sample's positions (``split_warps``; ``DWDP_COACTION_SPLIT`` forces K). Every K
+against the float64 reference and against one warp a sample, on every specialised feature and on general shapes (the
+paper variant, three layers, 8- and 32-wide registers); the launch's own pick; a busy caller stream and CUDA-graph
+replays mixed with eager calls."""
 
 from __future__ import annotations
 
@@ -10,7 +11,11 @@ import pytest
 from dwdp_ops.coaction import CoActionSpec, coaction_backward, coaction_forward
 
 SPECS = [dict(), dict(orders=4, order_independent=True, bias=True), dict(orders=1, bias=True),
-         dict(orders=2, order_independent=True)]
+         dict(orders=2, order_independent=True),
+         # the general register-path kernels: the paper variant (8-wide), three layers (24 -> 16 -> 16 -> 4), 32-wide
+         # layers (K at most 8: a forced 16 is clamped)
+         dict(variant="paper", bias=True), dict(layer_dims=((24, 16), (16, 16), (16, 4)), orders=2, bias=True),
+         dict(layer_dims=((32, 32), (32, 4)), orders=2, order_independent=True)]
 # T = 1 and 31 leave most warps of a block an empty segment; 33 and 257 end in a partial chunk
 CASES = [(1, 1), (3, 31), (3, 33), (4, 100), (2, 2000), (5, 257)]
 
@@ -34,8 +39,7 @@ def inputs(spec, B, T, seed):
 
 
 def reference(spec, ind, feed, mask):
-    return coaction_forward(ind.astype(np.float64), feed.astype(np.float64), mask, spec.layer_dims, spec.orders,
-                            spec.bias, order_independent=spec.order_independent)
+    return coaction_forward(ind.astype(np.float64), feed.astype(np.float64), mask, spec)
 
 
 @pytest.mark.gpu
@@ -81,8 +85,7 @@ def test_every_split_backward_equals_the_reference_and_one_warp_a_sample(monkeyp
         monkeypatch.setenv("DWDP_COACTION_SPLIT", str(k))
         got = [a.get() for a in coaction_backward_gpu(*args)]
         again = [a.get() for a in coaction_backward_gpu(*args)]
-        want = coaction_backward(ind.astype(np.float64), feed.astype(np.float64), mask, g.astype(np.float64),
-                                 spec.layer_dims, spec.orders, spec.bias, order_independent=spec.order_independent)
+        want = coaction_backward(ind.astype(np.float64), feed.astype(np.float64), mask, g.astype(np.float64), spec)
         for name, a, o, r, w in zip(("induction", "feed"), got, one, again, want, strict=True):
             assert rel(a, w) <= 1e-5, (name, B, T)
             assert rel(a, o) <= 1e-6, (name, B, T)
@@ -92,7 +95,8 @@ def test_every_split_backward_equals_the_reference_and_one_warp_a_sample(monkeyp
 
 
 @pytest.mark.gpu
-def test_split_bf16_inputs(monkeypatch):
+@pytest.mark.parametrize("cfg", [dict(orders=3, bias=True), dict(variant="paper", bias=True)], ids=str)
+def test_split_bf16_inputs(monkeypatch, cfg):
     import cupy as cp
     from dwdp_ops.coaction import coaction_backward_gpu, coaction_forward_gpu
 
@@ -103,13 +107,13 @@ def test_split_bf16_inputs(monkeypatch):
     def f32(u):
         return (u.astype(np.uint32) << 16).view(np.float32)
 
-    spec = CoActionSpec(orders=3, bias=True)
+    spec = CoActionSpec(**cfg)
     ind, feed, mask = inputs(spec, 4, 300, 7)
     bi, bfd = bf16(ind), bf16(feed)
     want = reference(spec, f32(bi), f32(bfd), mask)
     g = np.random.default_rng(1).normal(size=(4, spec.out_dim)).astype(np.float32)
     wi, wf = coaction_backward(f32(bi).astype(np.float64), f32(bfd).astype(np.float64), mask, g.astype(np.float64),
-                               spec.layer_dims, spec.orders, spec.bias)
+                               spec)
     for k in (1, 4, 16):
         monkeypatch.setenv("DWDP_COACTION_SPLIT", str(k))
         got = coaction_forward_gpu(cp.asarray(bi), cp.asarray(bfd), cp.asarray(mask), spec, dtype="bfloat16").get()
@@ -121,7 +125,8 @@ def test_split_bf16_inputs(monkeypatch):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("k", [2, 8])
-def test_split_table_ids_repeated_and_table_grads_zeroed(monkeypatch, k):
+@pytest.mark.parametrize("cfg", [dict(orders=3, bias=True), dict(variant="paper", bias=True)], ids=str)
+def test_split_table_ids_repeated_and_table_grads_zeroed(monkeypatch, k, cfg):
     """The table path with heavily repeated ids equals the gathered rows; a TableGrads given to a split forward is
     zeroed (by the warps of each sample's block: poisoned with NaN before); the split backward into it (the warps'
     rows of a sample added in warp order, then one atomic an element) equals one warp a sample's and the float64
@@ -129,7 +134,7 @@ def test_split_table_ids_repeated_and_table_grads_zeroed(monkeypatch, k):
     import cupy as cp
     from dwdp_ops.coaction import TableGrads, coaction_backward_gpu, coaction_forward_gpu
 
-    spec = CoActionSpec(orders=3, bias=True)
+    spec = CoActionSpec(**cfg)
     rng = np.random.default_rng(k)
     B, T, rows = 6, 700, 5  # 700 positions over 5 feed rows: every row repeated ~140 times a sample
     table = cp.asarray(rng.normal(0, 0.3, (rows, spec.induction_dim)).astype(np.float32))
@@ -152,7 +157,7 @@ def test_split_table_ids_repeated_and_table_grads_zeroed(monkeypatch, k):
     assert np.isfinite(gi.get()).all() and np.isfinite(gf.get()).all()
     assert rel(gi.get(), wi.get()) <= 1e-5 and rel(gf.get(), wf.get()) <= 1e-5
     ri, rf = coaction_backward(table.get()[ids.get()].astype(np.float64), ftable.get()[fids.get()].astype(np.float64),
-                               mask.get(), g.get().astype(np.float64), spec.layer_dims, spec.orders, spec.bias)
+                               mask.get(), g.get().astype(np.float64), spec)
     wi64, wf64 = np.zeros(table.shape), np.zeros(ftable.shape)
     np.add.at(wi64, ids.get(), ri)
     np.add.at(wf64, fids.get(), rf)
@@ -176,7 +181,8 @@ def test_the_launch_splits_a_small_batch_of_long_samples(monkeypatch):
 
 
 @pytest.mark.gpu
-def test_split_step_on_a_busy_stream_and_in_graph_replays(monkeypatch):
+@pytest.mark.parametrize("cfg", [dict(bias=True), dict(variant="paper", bias=True)], ids=str)
+def test_split_step_on_a_busy_stream_and_in_graph_replays(monkeypatch, cfg):
     """The split forward and backward on the caller's non-blocking stream behind a large copy, captured in a CUDA graph
     whose replays alternate with eager steps (whose outputs come from pool blocks poisoned with NaN): every output
     equals the first eager step's bit for bit (gathered rows: no atomics)."""
@@ -184,7 +190,7 @@ def test_split_step_on_a_busy_stream_and_in_graph_replays(monkeypatch):
     from dwdp_ops.coaction import coaction_backward_gpu, coaction_forward_gpu
 
     monkeypatch.setenv("DWDP_COACTION_SPLIT", "8")
-    spec = CoActionSpec(bias=True)
+    spec = CoActionSpec(**cfg)
     ind, feed, mask = inputs(spec, 5, 1000, 11)
     g = cp.asarray(np.random.default_rng(2).normal(size=(5, spec.out_dim)).astype(np.float32))
     ind, feed, mask = cp.asarray(ind), cp.asarray(feed), cp.asarray(mask)

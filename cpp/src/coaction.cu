@@ -297,6 +297,12 @@ __global__ void __launch_bounds__(kWarpsMax * 32) warp_backward_kernel(CoActionD
 // shared memory (see dwdp/coaction.h).
 
 constexpr int kFastWarps = 4;   // most warps (samples) per block; fewer when one warp needs > 227 KiB / 4
+// The split kernels (a batch too small to fill the GPU with one warp a sample): a block of K warps a sample, each warp
+// a segment of the sample's 32-position chunks (warp k: chunks [k n / K, (k + 1) n / K) of n; a segment may be empty),
+// the segments' sums added in warp order (deterministic for a given K; rounding differs from K = 1's). The launch
+// picks K from B and T (split_warps, below); DWDP_COACTION_SPLIT forces it.
+constexpr int kSplitMax = 16;  // warps a sample at most
+constexpr size_t kSplitStatic = sizeof(int64_t) * kSplitMax;  // the split backward's static shared memory (blk_row)
 constexpr int kQueue = 64;      // compacted behaviour indices a warp may hold: up to 31 left over + 32 new
 constexpr int kFastMaxW = 32;   // widest padded layer (and D) the register path takes
 
@@ -541,17 +547,36 @@ __device__ __forceinline__ void stage_w(const Fast& f, const T* row, float* W, i
   __syncwarp();
 }
 
-template <typename T, int MW>
-__global__ void __launch_bounds__(kFastWarps * 32) fast_forward_kernel(Fast f, int B, int T_len, CoActionRows rows,
-                                                                       const int64_t* __restrict__ ind_ids,
-                                                                       const T* __restrict__ feed,
-                                                                       const int64_t* __restrict__ feed_ids,
-                                                                       const float* __restrict__ mask,
-                                                                       T* __restrict__ out) {
+// A split kernel's sample (its block) and this warp's segment [t_lo, t_end) of its positions (see kSplitMax).
+__device__ __forceinline__ void split_segment(int T_len, int warp, int* b, int* t_lo, int* t_end) {
+  const int K = blockDim.x >> 5;
+  const int64_t chunks = (static_cast<int64_t>(T_len) + 31) >> 5;
+  *b = blockIdx.x;  // the grid is B blocks
+  *t_lo = static_cast<int>(min(static_cast<int64_t>(T_len), 32 * (warp * chunks / K)));
+  *t_end = static_cast<int>(min(static_cast<int64_t>(T_len), 32 * ((warp + 1) * chunks / K)));
+}
+
+// The general fast kernels' split (kSplit) bounds a block to 16 warps (registers: at most 128 a thread), 12 at the
+// 32-wide register arrays (their 168 registers a thread, as one warp a sample takes them); K <= 8 there.
+template <int MW>
+constexpr int fast_split_threads() { return (MW == 32 ? 12 : kSplitMax) * 32; }
+
+// kSplit: a block of K warps a sample, each a segment of its positions, the segments' pooled sums added in warp order
+// by warp 0, which writes the output row.
+template <typename T, int MW, bool kSplit>
+__global__ void __launch_bounds__(kSplit ? fast_split_threads<MW>() : kFastWarps * 32)
+    fast_forward_kernel(Fast f, int B, int T_len, CoActionRows rows, const int64_t* __restrict__ ind_ids,
+                        const T* __restrict__ feed, const int64_t* __restrict__ feed_ids,
+                        const float* __restrict__ mask, T* __restrict__ out) {
   extern __shared__ __align__(16) float smem[];
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-  const int b = blockIdx.x * (blockDim.x >> 5) + warp;
-  if (b >= B) return;  // warps are independent: no block-wide barrier in this kernel
+  int b, t_lo = 0, t_end = T_len;  // the sample and the warp's positions [t_lo, t_end)
+  if constexpr (kSplit) {
+    split_segment(T_len, warp, &b, &t_lo, &t_end);  // no warp returns before the block's barrier below
+  } else {
+    b = blockIdx.x * (blockDim.x >> 5) + warp;
+    if (b >= B) return;  // warps are independent: no block-wide barrier in this kernel
+  }
   float* base = smem + static_cast<size_t>(warp) * f.per_warp;
   float* W = base + f.oW;
   float* acc = base + f.oVec;
@@ -564,10 +589,10 @@ __global__ void __launch_bounds__(kFastWarps * 32) fast_forward_kernel(Fast f, i
   for (int i = lane; i < f.outs * f.Sp; i += 32) acc[i] = 0.f;
   stage_w(f, row, W, lane);
   const float* mrow = mask + static_cast<size_t>(b) * T_len;
-  int qn = 0, t0 = 0;
+  int qn = 0, t0 = t_lo;
   for (;;) {
     int t;
-    const int n = next_round(mrow, T_len, q, qn, t0, lane, &t);
+    const int n = next_round(mrow, t_end, q, qn, t0, lane, &t);
     if (n == 0) break;
     const size_t pos = static_cast<size_t>(b) * T_len + (t < 0 ? 0 : t);
     const size_t frow = t < 0 ? 0 : feed_ids ? feed_row(feed_ids, pos, rows.feed_rows) : pos;
@@ -602,6 +627,17 @@ __global__ void __launch_bounds__(kFastWarps * 32) fast_forward_kernel(Fast f, i
     }
   }
   __syncwarp();
+  if constexpr (kSplit) {  // the segments' sums, added in warp order by warp 0
+    __syncthreads();
+    if (warp != 0) return;
+    const int K = blockDim.x >> 5;
+    for_outputs(f, lane, [&](int k, int pk) {
+      float v = acc[pk];
+      for (int w = 1; w < K; ++w) v += smem[static_cast<size_t>(w) * f.per_warp + f.oVec + pk];
+      st(out, static_cast<size_t>(b) * f.n_out + k, v);
+    });
+    return;
+  }
   for_outputs(f, lane, [&](int k, int pk) { st(out, static_cast<size_t>(b) * f.n_out + k, acc[pk]); });
 }
 
@@ -724,18 +760,23 @@ __device__ __forceinline__ void store_row_grad(const Fast& f, const CoActionRows
   });
 }
 
-template <typename T, int MW>
-__global__ void __launch_bounds__(kFastWarps * 32) fast_backward_kernel(Fast f, int B, int T_len, CoActionRows rows,
-                                                                        const int64_t* __restrict__ ind_ids,
-                                                                        const T* __restrict__ feed,
-                                                                        const int64_t* __restrict__ feed_ids,
-                                                                        const float* __restrict__ mask,
-                                                                        const float* __restrict__ grad_out,
-                                                                        float* __restrict__ grad_feed) {
+// kSplit: a block of K warps a sample, each a segment of its positions; the warps' gradient rows of the sample are
+// added in warp order (by store_row_grad's warps of equal ids, or below for gathered rows) and stored once.
+template <typename T, int MW, bool kSplit>
+__global__ void __launch_bounds__(kSplit ? fast_split_threads<MW>() : kFastWarps * 32)
+    fast_backward_kernel(Fast f, int B, int T_len, CoActionRows rows, const int64_t* __restrict__ ind_ids,
+                         const T* __restrict__ feed, const int64_t* __restrict__ feed_ids,
+                         const float* __restrict__ mask, const float* __restrict__ grad_out,
+                         float* __restrict__ grad_feed) {
   extern __shared__ __align__(16) float smem[];
-  __shared__ int64_t blk_row[kFastWarps];  // the table row each warp's gradient belongs to (-1: none); <= kFastStatic
+  // the table row each warp's gradient belongs to (-1: none); kFastStatic / kSplitStatic bytes
+  __shared__ int64_t blk_row[kSplit ? kSplitMax : kFastWarps];
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-  const int b = blockIdx.x * (blockDim.x >> 5) + warp;
+  int b, t_lo = 0, t_end = T_len;  // the sample and the warp's positions [t_lo, t_end)
+  if constexpr (kSplit)
+    split_segment(T_len, warp, &b, &t_lo, &t_end);
+  else
+    b = blockIdx.x * (blockDim.x >> 5) + warp;
   float* base = smem + static_cast<size_t>(warp) * f.per_warp;
   float* W = base + f.oW;
   float* gW = base + f.oGW;
@@ -755,10 +796,10 @@ __global__ void __launch_bounds__(kFastWarps * 32) fast_backward_kernel(Fast f, 
     for_outputs(f, lane, [&](int k, int pk) { G[pk] = grad_out[static_cast<size_t>(b) * f.n_out + k]; });
     __syncwarp();
     const float* mrow = mask + static_cast<size_t>(b) * T_len;
-    int qn = 0, t0 = 0;
+    int qn = 0, t0 = t_lo;
     for (;;) {
       int t;
-      const int n = next_round(mrow, T_len, q, qn, t0, lane, &t);
+      const int n = next_round(mrow, t_end, q, qn, t0, lane, &t);
       if (n == 0) break;
       const size_t pos = static_cast<size_t>(b) * T_len + (t < 0 ? 0 : t);
       const size_t frow = t < 0 ? 0 : feed_ids ? feed_row(feed_ids, pos, rows.feed_rows) : pos;
@@ -878,6 +919,20 @@ __global__ void __launch_bounds__(kFastWarps * 32) fast_backward_kernel(Fast f, 
       // feed gradient of this lane's behaviour (its row's gx, complete over the orders)
       store_feed_grad(f, grad_feed, feed_ids != nullptr, frow, t, stg, f.RS, f.rGX, lane);
       __syncwarp();  // the rows are read by other lanes above and rewritten by the next round
+    }
+  }
+  if constexpr (kSplit) {
+    if (!ind_ids) {  // gathered rows: the sample's row is written once, the warps' rows added in warp order
+      __syncthreads();
+      if (warp != 0 || !row) return;
+      const int K = blockDim.x >> 5;
+      float* gdst = reinterpret_cast<float*>(rows.grad[0]) + static_cast<size_t>(b) * f.ind_dim;
+      for_params(f, lane, [&](int u, int p) {
+        float v = gW[p];
+        for (int k = 1; k < K; ++k) v += smem[static_cast<size_t>(k) * f.per_warp + f.oGW + p];
+        gdst[u] = v;
+      });
+      return;
     }
   }
   store_row_grad(f, rows, ind_ids, b, row != nullptr, shard, local, smem, f.per_warp, f.oGW, blk_row, warp, lane);
@@ -1491,24 +1546,22 @@ __device__ __forceinline__ void spec_zero_share(const SpecZero& z, int b, int B,
 // the block zeroes part of the sample's share of the table gradients). A batch too small to fill the GPU with one
 // warp a sample then runs a long sample on several warps; the sums are deterministic for a given K, but their
 // rounding differs from K = 1's (the launch picks K from B and T: split_warps, below).
-constexpr int kSpecSplitMax = 16;  // warps a sample at most
-constexpr size_t kSpecSplitStatic = sizeof(int64_t) * kSpecSplitMax;  // the split backward's static shared memory
 
 // Warps a sample at most for C orders: 8 for the 4-order backward, whose kernel is bounded to 12 warps a block so that
 // it may take up to 170 registers a thread (168, as the one-warp kernel: ptxas); bounded to 128 with 16 warps it
 // spilled 124-220 bytes and ran K = 2 slower than one warp a sample (docs/benchmarks.md, "Seventeenth session"). It
 // gives up K = 16 only for the one 4-order shape whose shared memory fits 16 warps (no bias, not order-independent).
 __host__ __device__ constexpr int spec_split_max(int C, bool backward) {
-  return backward && C == 4 ? 8 : kSpecSplitMax;
+  return backward && C == 4 ? 8 : kSplitMax;
 }
 // Warps of the split kernels an SM holds by their registers, the most their bound allows: 16 (128 a thread), 12 for
 // the 4-order backward.
 __host__ __device__ constexpr int spec_split_reg_warps(int C, bool backward) {
-  return backward && C == 4 ? 12 : kSpecSplitMax;
+  return backward && C == 4 ? 12 : kSplitMax;
 }
 
 template <typename T, int C, bool OI, bool kSplit>
-__global__ void __launch_bounds__(kSplit ? kSpecSplitMax * 32 : kSpecWarps * 32, kSplit ? 1 : spec_fwd_blocks<C>())
+__global__ void __launch_bounds__(kSplit ? kSplitMax * 32 : kSpecWarps * 32, kSplit ? 1 : spec_fwd_blocks<C>())
     spec_forward_kernel(Fast f, SpecGeo g, int B, int T_len, CoActionRows rows, const int64_t* __restrict__ ind_ids,
                         const T* __restrict__ feed, const int64_t* __restrict__ feed_ids,
                         const float* __restrict__ mask, T* __restrict__ out, SpecZero zero) {
@@ -1518,11 +1571,7 @@ __global__ void __launch_bounds__(kSplit ? kSpecSplitMax * 32 : kSpecWarps * 32,
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   int b, t_lo = 0, t_end = T_len;  // the sample and the warp's positions [t_lo, t_end)
   if constexpr (kSplit) {
-    const int K = blockDim.x >> 5;
-    const int64_t chunks = (static_cast<int64_t>(T_len) + 31) >> 5;
-    b = blockIdx.x;  // the grid is B blocks: no warp returns before the block's barrier below
-    t_lo = static_cast<int>(min(static_cast<int64_t>(T_len), 32 * (warp * chunks / K)));
-    t_end = static_cast<int>(min(static_cast<int64_t>(T_len), 32 * ((warp + 1) * chunks / K)));
+    split_segment(T_len, warp, &b, &t_lo, &t_end);  // no warp returns before the block's barrier below
   } else {
     b = blockIdx.x * (blockDim.x >> 5) + warp;
     if (b >= B) return;  // warps are independent: no block-wide barrier in this kernel
@@ -1673,19 +1722,14 @@ __global__ void __launch_bounds__(kSplit ? spec_split_reg_warps(C, true) * 32 : 
   constexpr bool kGxInFeed = sizeof(T) == 4;  // the fp32 feed gradient is staged over the lane's feed row
   constexpr int FRS = spec_frs(sizeof(T));  // g.FRS, as a constant
   extern __shared__ __align__(16) float smem[];
-  // the table row each warp's gradient belongs to (-1: none); kSpecSplitStatic bytes at most
-  __shared__ int64_t blk_row[kSplit ? kSpecSplitMax : kFastWarps];
+  // the table row each warp's gradient belongs to (-1: none); kSplitStatic bytes at most
+  __shared__ int64_t blk_row[kSplit ? kSplitMax : kFastWarps];
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   int b, t_lo = 0, t_end = T_len;  // the sample and the warp's positions [t_lo, t_end)
-  if constexpr (kSplit) {
-    const int K = blockDim.x >> 5;
-    const int64_t chunks = (static_cast<int64_t>(T_len) + 31) >> 5;
-    b = blockIdx.x;  // the grid is B blocks
-    t_lo = static_cast<int>(min(static_cast<int64_t>(T_len), 32 * (warp * chunks / K)));
-    t_end = static_cast<int>(min(static_cast<int64_t>(T_len), 32 * ((warp + 1) * chunks / K)));
-  } else {
+  if constexpr (kSplit)
+    split_segment(T_len, warp, &b, &t_lo, &t_end);
+  else
     b = blockIdx.x * (blockDim.x >> 5) + warp;
-  }
   float* base = smem + static_cast<size_t>(warp) * g.per_warp;
   const float* W = base + g.oW;
   float* gW = base + g.oGW;
@@ -2148,7 +2192,7 @@ int split_from_env() {
   const char* e = std::getenv("DWDP_COACTION_SPLIT");
   if (!e || !*e || std::string(e) == "auto") return 0;
   const std::string v(e);
-  for (int k = 1; k <= kSpecSplitMax; k *= 2)
+  for (int k = 1; k <= kSplitMax; k *= 2)
     if (v == std::to_string(k)) return k;
   DWDP_REQUIRE(false, "DWDP_COACTION_SPLIT must be 'auto' or one of 1, 2, 4, 8, 16 (warps a sample of the "
                       "specialised co-action forward and backward), got '"
@@ -2174,15 +2218,14 @@ namespace {
 // Shared memory of an SM (Hopper: 228 KiB, of which a block may have kSmemMax) and what each resident block reserves.
 constexpr size_t kSmemSM = 228 * 1024, kSmemBlockReserve = 1024;
 
-// coaction_split_warps for a specialised shape of C orders whose warps take per_warp_bytes of shared memory (the
-// backward's block also kSpecSplitStatic bytes of static shared memory).
-int split_warps(int C, bool backward, size_t per_warp_bytes, int B, int T, int sms, int forced) {
+// The warps a sample of a split kernel whose warps take per_warp_bytes of shared memory (the backward's block also
+// kSplitStatic bytes of static shared memory), at most kmax of them, of which an SM holds reg_warps by registers.
+int split_warps(int kmax, int reg_warps, bool backward, size_t per_warp_bytes, int B, int T, int sms, int forced) {
   const int64_t chunks = (static_cast<int64_t>(T) + 31) / 32;
-  const size_t stat = backward ? kSpecSplitStatic : 0;
+  const size_t stat = backward ? kSplitStatic : 0;
   // the most warps a block's shared memory and the kernel's thread bound allow (a power of two)
   int fit = 1;
-  while (2 * fit <= spec_split_max(C, backward) && 2 * static_cast<size_t>(fit) * per_warp_bytes <= kSmemMax - stat)
-    fit *= 2;
+  while (2 * fit <= kmax && 2 * static_cast<size_t>(fit) * per_warp_bytes <= kSmemMax - stat) fit *= 2;
   if (forced) return std::min(forced, fit);
   // The most warps a sample such that every warp keeps a chunk and the grid stays within one wave of a warp budget per
   // SM: 16 when each warp keeps at least 4 chunks, else 8 (about where the SM's issue slots fill: more warps of short
@@ -2195,12 +2238,26 @@ int split_warps(int C, bool backward, size_t per_warp_bytes, int B, int T, int s
   for (int c = 2; c <= fit && c <= chunks; c *= 2) {
     const int64_t by_smem =
         c * static_cast<int64_t>(kSmemSM / (static_cast<size_t>(c) * per_warp_bytes + stat + kSmemBlockReserve));
-    const int64_t by_regs = spec_split_reg_warps(C, backward) / c * c;
+    const int64_t by_regs = reg_warps / c * c;
     const int64_t resident = std::min(by_smem, by_regs);
     const int64_t budget = static_cast<int64_t>(sms) * std::min<int64_t>(resident, chunks / c >= 4 ? 16 : 8);
     if (static_cast<int64_t>(B) * c <= budget) k = c;
   }
   return k;
+}
+
+// The split of the specialised kernels (geo: their geometry for f) and of the general fast ones (f.MW > 0).
+int spec_split(const Fast& f, const SpecGeo& geo, bool backward, int B, int T, int sms, int forced) {
+  return split_warps(spec_split_max(f.C, backward), spec_split_reg_warps(f.C, backward), backward,
+                     sizeof(float) * static_cast<size_t>(geo.per_warp), B, T, sms, forced);
+}
+int fast_split(const Fast& f, bool backward, int B, int T, int sms, int forced) {
+  const int mw_threads = f.MW == 8 ? fast_split_threads<8>() : f.MW == 16 ? fast_split_threads<16>()
+                                                                           : fast_split_threads<32>();
+  const int reg_warps = mw_threads / 32;
+  int kmax = 1;
+  while (2 * kmax <= reg_warps) kmax *= 2;
+  return split_warps(kmax, reg_warps, backward, sizeof(float) * static_cast<size_t>(f.per_warp), B, T, sms, forced);
 }
 }  // namespace
 
@@ -2210,16 +2267,17 @@ int coaction_split_warps(const CoActionDims& d, bool backward, int elem, int B, 
                                            << elem);
   DWDP_REQUIRE(B >= 1 && T >= 1 && sms >= 1,
                "coaction_split_warps: B, T and sms must be >= 1, got B " << B << ", T " << T << ", sms " << sms);
-  DWDP_REQUIRE(forced >= -1 && forced <= kSpecSplitMax && (forced <= 0 || (forced & (forced - 1)) == 0),
+  DWDP_REQUIRE(forced >= -1 && forced <= kSplitMax && (forced <= 0 || (forced & (forced - 1)) == 0),
                "coaction_split_warps: forced must be -1 (DWDP_COACTION_SPLIT), 0 (pick) or a power of two up to "
-                   << kSpecSplitMax << ", got " << forced);
+                   << kSplitMax << ", got " << forced);
   int w;
   size_t sm;
-  if (!spec_shape(d, backward, elem, &w, &sm)) return 0;  // (the variable is not read for such a shape)
-  if (forced < 0) forced = split_from_env();
   const Fast f = make_fast(d, backward);
-  return split_warps(f.C, backward, sizeof(float) * static_cast<size_t>(make_spec_geo(f, backward, elem).per_warp), B,
-                     T, sms, forced);
+  const bool spec = spec_shape(d, backward, elem, &w, &sm);
+  if (!spec && !fast_fits(f)) return 0;  // the fallback kernels (the variable is not read for such a shape)
+  if (forced < 0) forced = split_from_env();
+  return spec ? spec_split(f, make_spec_geo(f, backward, elem), backward, B, T, sms, forced)
+              : fast_split(f, backward, B, T, sms, forced);
 }
 
 bool coaction_specialized(const CoActionDims& d, bool backward) {
@@ -2378,7 +2436,7 @@ int coaction_forward(const CoActionDims& d, int dtype, int B, int T, const CoAct
   // ids, see CoActionRows)
   IdCheck check(check_ids ? ind_ids : 0, B, rows.num_rows,
                 check_ids ? feed_ids : 0, static_cast<int64_t>(B) * T, rows.feed_rows, mask, s);
-  auto launch = [&](auto tag, auto k8, auto k16, auto k32, auto kwarp) {
+  auto launch = [&](auto tag, auto k8, auto k16, auto k32, auto s8, auto s16, auto s32, auto kwarp) {
     using E = decltype(tag);
     Fast f = make_fast(d, false);
     const auto* ids = reinterpret_cast<const int64_t*>(ind_ids);
@@ -2398,8 +2456,7 @@ int coaction_forward(const CoActionDims& d, int dtype, int B, int T, const CoAct
         zero_by_memset(zk, s);
         return;
       }
-      const int split =
-          split_warps(f.C, false, sizeof(float) * static_cast<size_t>(geo.per_warp), B, T, device_sms(dev), forced);
+      const int split = spec_split(f, geo, false, B, T, device_sms(dev), forced);
       if (split > 1) {
         const auto kspec = spec_forward_pick<E, true>(f.C, f.oi);
         const size_t ksmem = sizeof(float) * static_cast<size_t>(geo.per_warp) * split;
@@ -2422,9 +2479,21 @@ int coaction_forward(const CoActionDims& d, int dtype, int B, int T, const CoAct
     bool fast;
     const void* kfast = f.MW ? by_width(f.MW, k8, k16, k32) : nullptr;
     const int warps = prepare(d, false, &fast, kfast, reinterpret_cast<const void*>(kwarp), &smem);
+    const int forced = fast ? split_from_env() : 0;  // (a bad value raises before anything is queued)
     zero_by_memset(zero, s);
     if (B == 0 || T == 0) return;
-    if (fast) {
+    const int split = fast ? fast_split(f, false, B, T, device_sms(dev), forced) : 1;
+    if (split > 1) {
+      const size_t ksmem = sizeof(float) * static_cast<size_t>(f.per_warp) * split;
+      const void* ks = by_width(f.MW, s8, s16, s32);
+      if (ksmem > kSmemDefault) raise_smem(dev, ks, ksmem);
+      if (f.MW == 8)
+        s8<<<B, split * 32, ksmem, s>>>(f, B, T, rows, ids, fd, fids, mk, o);
+      else if (f.MW == 16)
+        s16<<<B, split * 32, ksmem, s>>>(f, B, T, rows, ids, fd, fids, mk, o);
+      else
+        s32<<<B, split * 32, ksmem, s>>>(f, B, T, rows, ids, fd, fids, mk, o);
+    } else if (fast) {
       const dim3 grid((B + warps - 1) / warps), block(warps * 32);
       if (f.MW == 8)
         k8<<<grid, block, smem, s>>>(f, B, T, rows, ids, fd, fids, mk, o);
@@ -2438,11 +2507,14 @@ int coaction_forward(const CoActionDims& d, int dtype, int B, int T, const CoAct
     DWDP_LAUNCH_CHECK();
   };
   if (dtype == 0)
-    launch(float{}, fast_forward_kernel<float, 8>, fast_forward_kernel<float, 16>, fast_forward_kernel<float, 32>,
-           warp_forward_kernel<float>);
+    launch(float{}, fast_forward_kernel<float, 8, false>, fast_forward_kernel<float, 16, false>,
+           fast_forward_kernel<float, 32, false>, fast_forward_kernel<float, 8, true>,
+           fast_forward_kernel<float, 16, true>, fast_forward_kernel<float, 32, true>, warp_forward_kernel<float>);
   else
-    launch(__nv_bfloat16{}, fast_forward_kernel<__nv_bfloat16, 8>, fast_forward_kernel<__nv_bfloat16, 16>,
-           fast_forward_kernel<__nv_bfloat16, 32>, warp_forward_kernel<__nv_bfloat16>);
+    launch(__nv_bfloat16{}, fast_forward_kernel<__nv_bfloat16, 8, false>, fast_forward_kernel<__nv_bfloat16, 16, false>,
+           fast_forward_kernel<__nv_bfloat16, 32, false>, fast_forward_kernel<__nv_bfloat16, 8, true>,
+           fast_forward_kernel<__nv_bfloat16, 16, true>, fast_forward_kernel<__nv_bfloat16, 32, true>,
+           warp_forward_kernel<__nv_bfloat16>);
   return check.result();
 }
 
@@ -2456,7 +2528,7 @@ void coaction_backward(const CoActionDims& d, int dtype, int B, int T, const CoA
   const int dev = device_of(grad_feed, "coaction_backward: grad_feed");
   DeviceGuard guard(dev);
   auto s = reinterpret_cast<cudaStream_t>(stream);
-  auto launch = [&](auto tag, auto k8, auto k16, auto k32, auto kwarp) {
+  auto launch = [&](auto tag, auto k8, auto k16, auto k32, auto s8, auto s16, auto s32, auto kwarp) {
     using E = decltype(tag);
     Fast f = make_fast(d, true);
     const auto* ids = reinterpret_cast<const int64_t*>(ind_ids);
@@ -2474,12 +2546,11 @@ void coaction_backward(const CoActionDims& d, int dtype, int B, int T, const CoA
       const SpecGeo geo = make_spec_geo(f, true, sizeof(E));
       const int forced = split_from_env();  // (a bad value raises before anything is queued)
       if (B == 0 || T == 0) return;
-      const int split =
-          split_warps(f.C, true, sizeof(float) * static_cast<size_t>(geo.per_warp), B, T, device_sms(dev), forced);
+      const int split = spec_split(f, geo, true, B, T, device_sms(dev), forced);
       if (split > 1) {
         const auto kspec = spec_backward_pick<E, true>(f.C, f.oi);
         const size_t ksmem = sizeof(float) * static_cast<size_t>(geo.per_warp) * split;
-        if (ksmem + kSpecSplitStatic > kSmemDefault) raise_smem(dev, reinterpret_cast<const void*>(kspec), ksmem);
+        if (ksmem + kSplitStatic > kSmemDefault) raise_smem(dev, reinterpret_cast<const void*>(kspec), ksmem);
         kspec<<<B, split * 32, ksmem, s>>>(f, geo, B, T, rows, ids, fd, fids, mk, go, gf);
         DWDP_LAUNCH_CHECK();
         return;
@@ -2496,8 +2567,20 @@ void coaction_backward(const CoActionDims& d, int dtype, int B, int T, const CoA
     bool fast;
     const void* kfast = f.MW ? by_width(f.MW, k8, k16, k32) : nullptr;
     const int warps = prepare(d, true, &fast, kfast, reinterpret_cast<const void*>(kwarp), &smem);
+    const int forced = fast ? split_from_env() : 0;  // (a bad value raises before anything is queued)
     if (B == 0 || T == 0) return;
-    if (fast) {
+    const int split = fast ? fast_split(f, true, B, T, device_sms(dev), forced) : 1;
+    if (split > 1) {
+      const size_t ksmem = sizeof(float) * static_cast<size_t>(f.per_warp) * split;
+      const void* ks = by_width(f.MW, s8, s16, s32);
+      if (ksmem + kSplitStatic > kSmemDefault) raise_smem(dev, ks, ksmem);
+      if (f.MW == 8)
+        s8<<<B, split * 32, ksmem, s>>>(f, B, T, rows, ids, fd, fids, mk, go, gf);
+      else if (f.MW == 16)
+        s16<<<B, split * 32, ksmem, s>>>(f, B, T, rows, ids, fd, fids, mk, go, gf);
+      else
+        s32<<<B, split * 32, ksmem, s>>>(f, B, T, rows, ids, fd, fids, mk, go, gf);
+    } else if (fast) {
       const dim3 grid((B + warps - 1) / warps), block(warps * 32);
       if (f.MW == 8)
         k8<<<grid, block, smem, s>>>(f, B, T, rows, ids, fd, fids, mk, go, gf);
@@ -2511,11 +2594,14 @@ void coaction_backward(const CoActionDims& d, int dtype, int B, int T, const CoA
     DWDP_LAUNCH_CHECK();
   };
   if (dtype == 0)
-    launch(float{}, fast_backward_kernel<float, 8>, fast_backward_kernel<float, 16>, fast_backward_kernel<float, 32>,
-           warp_backward_kernel<float>);
+    launch(float{}, fast_backward_kernel<float, 8, false>, fast_backward_kernel<float, 16, false>,
+           fast_backward_kernel<float, 32, false>, fast_backward_kernel<float, 8, true>,
+           fast_backward_kernel<float, 16, true>, fast_backward_kernel<float, 32, true>, warp_backward_kernel<float>);
   else
-    launch(__nv_bfloat16{}, fast_backward_kernel<__nv_bfloat16, 8>, fast_backward_kernel<__nv_bfloat16, 16>,
-           fast_backward_kernel<__nv_bfloat16, 32>, warp_backward_kernel<__nv_bfloat16>);
+    launch(__nv_bfloat16{}, fast_backward_kernel<__nv_bfloat16, 8, false>,
+           fast_backward_kernel<__nv_bfloat16, 16, false>, fast_backward_kernel<__nv_bfloat16, 32, false>,
+           fast_backward_kernel<__nv_bfloat16, 8, true>, fast_backward_kernel<__nv_bfloat16, 16, true>,
+           fast_backward_kernel<__nv_bfloat16, 32, true>, warp_backward_kernel<__nv_bfloat16>);
 }
 
 int coaction_check_ids(uintptr_t ind_ids, int64_t n_ind, int64_t ind_rows, uintptr_t feed_ids, int64_t n_feed,

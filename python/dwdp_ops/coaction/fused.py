@@ -11,8 +11,9 @@ weight gradients are column sums over the lanes' staged rows in shared memory, s
 ``[B, T, ...]`` intermediate and no global atomic inside a sample. Layers wider than 32 (after padding to a multiple
 of 4) run on the older shared-memory kernels (``uses_fast_kernels`` tells), with the same results; the CAN reference
 shape (16 -> 8 -> 4, linear last layer, 1-4 orders) runs on specialised kernels with the same organisation and
-compile-time widths (``uses_specialized_kernels``; docs/coaction.md), which run each sample of a batch too small to
-fill the GPU on K warps, forward and backward (``split_warps``; ``DWDP_COACTION_SPLIT``).
+compile-time widths (``uses_specialized_kernels``; docs/coaction.md). The specialised and the general register-path
+kernels run each sample of a batch too small to fill the GPU on K warps, forward and backward (``split_warps``;
+``DWDP_COACTION_SPLIT``).
 ``dtype`` is ``float32`` or ``bfloat16`` (stored as uint16 bits, as CuPy has no bf16); the output has the input's
 storage dtype, gradients are float32. With table inputs the gradients are table-shaped and accumulated atomically
 (repeated ids add up: the warps of a block first add the rows of equal induction ids, the lanes of a round the rows
@@ -382,10 +383,12 @@ def uses_specialized_kernels(spec: CoActionSpec, backward: bool = False) -> bool
 def split_warps(spec: CoActionSpec, B: int, T: int, sms: int, dtype: str = "float32", backward: bool = False) -> int:
     """Warps a sample the forward (``backward=True``: the backward) of ``B`` samples of ``T`` positions takes on a GPU
     of ``sms`` multiprocessors, as the launch picks it (``DWDP_COACTION_SPLIT`` included, read at each call;
-    docs/environment.md). 0: ``spec`` is not on the specialised kernels (the general ones take a warp a sample). 1: a
-    warp a sample, and a sample's results do not depend on ``B``. K > 1 (a batch that one warp a sample leaves short
-    of one wave): a block of K warps a sample, each a segment of its positions; results are deterministic for a given
-    K, and differ from K = 1's in rounding."""
+    docs/environment.md). 0: ``spec`` runs on the shared-memory fallback kernels (layers wider than 32:
+    ``uses_fast_kernels`` is False), which take a warp a sample. 1: a warp a sample, and a sample's results do not
+    depend on ``B``. K > 1 (a batch that one warp a sample leaves short of one wave; the specialised kernels and the
+    general register-path ones): a block of K warps a sample, each a segment of its positions; sums inside a sample are
+    added in a fixed order for a given K (table and feed gradients by atomics, as at K = 1), and differ from K = 1's in
+    rounding."""
     if dtype not in _DT:
         raise ValueError(f"dtype must be 'float32' or 'bfloat16', got {dtype!r}")
     if not is_bool(backward):
