@@ -1,6 +1,6 @@
 """The co-action forward (or backward) at small batches: one warp a sample against K warps a sample, one GPU.
 
-    python bench/coaction_split.py [--op forward|backward] [--shape can|o4oi|o4|o1|paper|deep|wide]
+    python bench/coaction_split.py [--op forward|backward] [--shape can|o4oi|o4|o1|narrow|paper|deep|wide]
                                    [--dtype float32|bfloat16] [--T 100,1000,2000] [--B 1,16,64,256,1024,2048,4096]
                                    [--ks 1,2,4,8,16] [--repeats 15] [--calls 10]
 
@@ -13,8 +13,8 @@ forwards and replayed, the K variants interleaved per repeat (``common.time_inte
 over repeats of a forward's microseconds, ``over_k1`` the median of the per-repeat ratios to K = 1 (one warp a
 sample: the baseline, measured in the same run), and ``pick`` the K the launch takes by itself. ``--shape`` takes
 another specialised shape (``o4oi`` 4 orders, order-independent, with bias; ``o4`` 4 orders; ``o1`` one order with
-bias) or a shape of the general register-path kernels (``paper`` the paper variant with bias; ``deep`` three layers;
-``wide`` 32-wide layers); ``--dtype bfloat16`` bf16 tables. ``--op backward`` times the backward the same way, into
+bias) or a shape of the general register-path kernels (``narrow`` 8 -> 8 -> 4 with bias; ``paper`` the paper variant
+with bias; ``deep`` three layers; ``wide`` 32-wide layers); ``--dtype bfloat16`` bf16 tables. ``--op backward`` times the backward the same way, into
 caller-allocated table gradients it adds to (no zeroing or allocation in the timed op). Before timing, every K is
 checked against the float64 reference on small cases with masked segments (relative error at most 1e-5; the
 backward's two gradients), on three specialised shapes and the run's own.
@@ -48,9 +48,9 @@ from dwdp_ops._cli import positive_int  # noqa: E402
 ROWS = 100_000
 SHAPES = {"can": {}, "o4oi": dict(orders=4, order_independent=True, bias=True), "o4": dict(orders=4),
           "o1": dict(orders=1, bias=True),
-          # the general register-path kernels
-          "paper": dict(variant="paper", bias=True), "deep": dict(layer_dims=((24, 16), (16, 16), (16, 4)), orders=2,
-                                                                bias=True),
+          # the general register-path kernels (8-, 16- and 32-wide registers)
+          "narrow": dict(layer_dims=((8, 8), (8, 4)), bias=True), "paper": dict(variant="paper", bias=True),
+          "deep": dict(layer_dims=((24, 16), (16, 16), (16, 4)), orders=2, bias=True),
           "wide": dict(layer_dims=((32, 32), (32, 4)), orders=2)}
 MAX_POSITIONS = 4096 * 1000
 
@@ -149,7 +149,8 @@ def main() -> int:
     ap.add_argument("--op", choices=("forward", "backward"), default="forward", help="the op to time")
     ap.add_argument("--shape", choices=tuple(SHAPES), default="can",
                     help="the shape: specialised can (3 orders, the CAN default), o4oi (4 orders, order-independent, "
-                         "bias), o4 (4 orders), o1 (1 order, bias); general paper (the paper variant, bias), deep "
+                         "bias), o4 (4 orders), o1 (1 order, bias); general narrow (8 -> 8 -> 4, bias), paper (the paper "
+                         "variant, bias), deep "
                          "(24 -> 16 -> 16 -> 4, 2 orders, bias), wide (32 -> 32 -> 4, 2 orders)")
     ap.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="the tables' dtype")
     ap.add_argument("--T", default="100,1000,2000", help="comma-separated sequence lengths")

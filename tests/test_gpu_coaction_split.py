@@ -1,8 +1,8 @@
 """The split forward and backward of the co-action kernels (GPU), specialised and general register-path: a block of K
 warps a sample, each a segment of the sample's positions (``split_warps``; ``DWDP_COACTION_SPLIT`` forces K). Every K
 against the float64 reference and against one warp a sample, on every specialised feature and on general shapes (the
-paper variant, three layers, 8- and 32-wide registers); the launch's own pick; a busy caller stream and CUDA-graph
-replays mixed with eager calls."""
+paper variant, three layers, 8-, 16- and 32-wide registers); the launch's own pick; a busy caller stream and
+CUDA-graph replays mixed with eager calls."""
 
 from __future__ import annotations
 
@@ -12,10 +12,12 @@ from dwdp_ops.coaction import CoActionSpec, coaction_backward, coaction_forward
 
 SPECS = [dict(), dict(orders=4, order_independent=True, bias=True), dict(orders=1, bias=True),
          dict(orders=2, order_independent=True),
-         # the general register-path kernels: the paper variant (8-wide), three layers (24 -> 16 -> 16 -> 4), 32-wide
-         # layers (K at most 8: a forced 16 is clamped)
-         dict(variant="paper", bias=True), dict(layer_dims=((24, 16), (16, 16), (16, 4)), orders=2, bias=True),
+         # the general register-path kernels by register width: 8 (8 -> 8 -> 4), 16 (the paper variant), 32 (three
+         # layers 24 -> 16 -> 16 -> 4; 32 -> 32 -> 4: K at most 8, a forced 16 is clamped)
+         dict(layer_dims=((8, 8), (8, 4)), bias=True), dict(variant="paper", bias=True),
+         dict(layer_dims=((24, 16), (16, 16), (16, 4)), orders=2, bias=True),
          dict(layer_dims=((32, 32), (32, 4)), orders=2, order_independent=True)]
+WIDE = dict(layer_dims=((32, 32), (32, 4)), orders=2, bias=True)
 # T = 1 and 31 leave most warps of a block an empty segment; 33 and 257 end in a partial chunk
 CASES = [(1, 1), (3, 31), (3, 33), (4, 100), (2, 2000), (5, 257)]
 
@@ -95,7 +97,7 @@ def test_every_split_backward_equals_the_reference_and_one_warp_a_sample(monkeyp
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("cfg", [dict(orders=3, bias=True), dict(variant="paper", bias=True)], ids=str)
+@pytest.mark.parametrize("cfg", [dict(orders=3, bias=True), dict(variant="paper", bias=True), WIDE], ids=str)
 def test_split_bf16_inputs(monkeypatch, cfg):
     import cupy as cp
     from dwdp_ops.coaction import coaction_backward_gpu, coaction_forward_gpu
@@ -125,7 +127,7 @@ def test_split_bf16_inputs(monkeypatch, cfg):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("k", [2, 8])
-@pytest.mark.parametrize("cfg", [dict(orders=3, bias=True), dict(variant="paper", bias=True)], ids=str)
+@pytest.mark.parametrize("cfg", [dict(orders=3, bias=True), dict(variant="paper", bias=True), WIDE], ids=str)
 def test_split_table_ids_repeated_and_table_grads_zeroed(monkeypatch, k, cfg):
     """The table path with heavily repeated ids equals the gathered rows; a TableGrads given to a split forward is
     zeroed (by the warps of each sample's block: poisoned with NaN before); the split backward into it (the warps'
@@ -227,16 +229,23 @@ def test_split_step_on_a_busy_stream_and_in_graph_replays(monkeypatch, cfg):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("backward", [False, True])
+@pytest.mark.parametrize("cfg", [dict(), dict(variant="paper", bias=True)], ids=str)
 @pytest.mark.parametrize("value", ["3", "32", "-1", "two"])
-def test_a_bad_split_setting_is_named(monkeypatch, value):
+def test_a_bad_split_setting_is_named(monkeypatch, value, cfg, backward):
+    """On the specialised and the general kernels, forward and backward: a ValueError naming the variable."""
     import cupy as cp
-    from dwdp_ops.coaction import coaction_forward_gpu
+    from dwdp_ops.coaction import coaction_backward_gpu, coaction_forward_gpu
 
     monkeypatch.setenv("DWDP_COACTION_SPLIT", value)
-    spec = CoActionSpec()
+    spec = CoActionSpec(**cfg)
     ind, feed, mask = inputs(spec, 2, 10, 0)
+    args = (cp.asarray(ind), cp.asarray(feed), cp.asarray(mask))
     with pytest.raises(ValueError, match="DWDP_COACTION_SPLIT must be 'auto' or one of 1, 2, 4, 8, 16"):
-        coaction_forward_gpu(cp.asarray(ind), cp.asarray(feed), cp.asarray(mask), spec)
+        if backward:
+            coaction_backward_gpu(*args, cp.ones((2, spec.out_dim), cp.float32), spec)
+        else:
+            coaction_forward_gpu(*args, spec)
 
 
 @pytest.mark.multigpu(n=2)

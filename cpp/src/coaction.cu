@@ -719,6 +719,21 @@ __device__ __forceinline__ void store_feed_grad(const Fast& f, float* __restrict
 // shard may be a peer's, and peers add into ours). With ids every warp of the block must call it (block barrier).
 // flat (the specialised kernels): gW is laid out as the row itself, 16-byte aligned; a one-shard table (no peer adds
 // into it) then takes 16-byte device-scope atomics where its row is 16-byte aligned, a quarter of the instructions.
+// A split block's (one sample's) gathered induction-row gradient: written once by warp 0, the warps' rows (gW at oGW
+// of each warp's per_warp floats) added in warp order. Every thread of the block calls it (a barrier).
+__device__ __forceinline__ void split_store_gathered(const Fast& f, const CoActionRows& rows, int b, bool has_row,
+                                                     const float* smem, int per_warp, int oGW, int warp, int lane) {
+  __syncthreads();
+  if (warp != 0 || !has_row) return;
+  const int K = blockDim.x >> 5;
+  float* gdst = reinterpret_cast<float*>(rows.grad[0]) + static_cast<size_t>(b) * f.ind_dim;
+  for_params(f, lane, [&](int u, int p) {
+    float v = smem[oGW + p];
+    for (int k = 1; k < K; ++k) v += smem[static_cast<size_t>(k) * per_warp + oGW + p];
+    gdst[u] = v;
+  });
+}
+
 template <bool flat = false>
 __device__ __forceinline__ void store_row_grad(const Fast& f, const CoActionRows& rows, const int64_t* ind_ids,
                                                int b, bool has_row, int shard, int64_t local, const float* smem,
@@ -761,7 +776,8 @@ __device__ __forceinline__ void store_row_grad(const Fast& f, const CoActionRows
 }
 
 // kSplit: a block of K warps a sample, each a segment of its positions; the warps' gradient rows of the sample are
-// added in warp order (by store_row_grad's warps of equal ids, or below for gathered rows) and stored once.
+// added in warp order and stored once (split_store_gathered for gathered rows, store_row_grad's warps of equal ids
+// for a table row).
 template <typename T, int MW, bool kSplit>
 __global__ void __launch_bounds__(kSplit ? fast_split_threads<MW>() : kFastWarps * 32)
     fast_backward_kernel(Fast f, int B, int T_len, CoActionRows rows, const int64_t* __restrict__ ind_ids,
@@ -922,18 +938,7 @@ __global__ void __launch_bounds__(kSplit ? fast_split_threads<MW>() : kFastWarps
     }
   }
   if constexpr (kSplit) {
-    if (!ind_ids) {  // gathered rows: the sample's row is written once, the warps' rows added in warp order
-      __syncthreads();
-      if (warp != 0 || !row) return;
-      const int K = blockDim.x >> 5;
-      float* gdst = reinterpret_cast<float*>(rows.grad[0]) + static_cast<size_t>(b) * f.ind_dim;
-      for_params(f, lane, [&](int u, int p) {
-        float v = gW[p];
-        for (int k = 1; k < K; ++k) v += smem[static_cast<size_t>(k) * f.per_warp + f.oGW + p];
-        gdst[u] = v;
-      });
-      return;
-    }
+    if (!ind_ids) return split_store_gathered(f, rows, b, row != nullptr, smem, f.per_warp, f.oGW, warp, lane);
   }
   store_row_grad(f, rows, ind_ids, b, row != nullptr, shard, local, smem, f.per_warp, f.oGW, blk_row, warp, lane);
 }
@@ -1708,8 +1713,8 @@ __device__ __forceinline__ void spec_dz(const float* __restrict__ U, float v, fl
 }
 
 // kSplit: the split backward, a block of K warps a sample as the split forward's (each warp a segment of the
-// sample's chunks); the warps' gradient rows of the sample are added in warp order (by store_row_grad's warps of
-// equal ids, or below for gathered rows) and stored once.
+// sample's chunks); the warps' gradient rows of the sample are added in warp order and stored once
+// (split_store_gathered for gathered rows, store_row_grad's warps of equal ids for a table row).
 template <typename T, int C, bool OI, bool kSplit>
 __global__ void __launch_bounds__(kSplit ? spec_split_reg_warps(C, true) * 32 : kSpecWarps * 32,
                                   kSplit ? 1 : spec_bwd_blocks<C>())
@@ -1994,18 +1999,7 @@ __global__ void __launch_bounds__(kSplit ? spec_split_reg_warps(C, true) * 32 : 
     __syncwarp();
   }
   if constexpr (kSplit) {
-    if (!ind_ids) {  // gathered rows: the sample's row is written once, the warps' rows added in warp order
-      __syncthreads();
-      if (warp != 0 || !row) return;
-      const int K = blockDim.x >> 5;
-      float* gdst = reinterpret_cast<float*>(rows.grad[0]) + static_cast<size_t>(b) * f.ind_dim;
-      for_params(f, lane, [&](int u, int p) {
-        float v = gW[p];
-        for (int k = 1; k < K; ++k) v += smem[static_cast<size_t>(k) * g.per_warp + g.oGW + p];
-        gdst[u] = v;
-      });
-      return;
-    }
+    if (!ind_ids) return split_store_gathered(f, rows, b, row != nullptr, smem, g.per_warp, g.oGW, warp, lane);
   }
   store_row_grad<true>(f, rows, ind_ids, b, row != nullptr, shard, local, smem, g.per_warp, g.oGW, blk_row, warp,
                        lane);
@@ -2186,8 +2180,9 @@ bool spec_shape(const CoActionDims& d, bool backward, int elem, int* warps, size
 }  // namespace
 
 namespace {
-// DWDP_COACTION_SPLIT, read at every specialised forward and backward launch: unset or "auto" (0 returned): the launch picks the
-// warps a sample; "1", "2", "4", "8" or "16": that many. Anything else is an error naming the variable.
+// DWDP_COACTION_SPLIT, read at every forward and backward launch on the specialised or the general register-path
+// kernels: unset or "auto" (0 returned): the launch picks the warps a sample; "1", "2", "4", "8" or "16": that many.
+// Anything else is an error naming the variable.
 int split_from_env() {
   const char* e = std::getenv("DWDP_COACTION_SPLIT");
   if (!e || !*e || std::string(e) == "auto") return 0;
@@ -2195,7 +2190,7 @@ int split_from_env() {
   for (int k = 1; k <= kSplitMax; k *= 2)
     if (v == std::to_string(k)) return k;
   DWDP_REQUIRE(false, "DWDP_COACTION_SPLIT must be 'auto' or one of 1, 2, 4, 8, 16 (warps a sample of the "
-                      "specialised co-action forward and backward), got '"
+                      "co-action forward and backward), got '"
                           << v << "'");
   return 0;
 }
