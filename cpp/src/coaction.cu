@@ -713,12 +713,6 @@ __device__ __forceinline__ void store_feed_grad(const Fast& f, float* __restrict
   }
 }
 
-// The sample's induction-row gradient (the warp's padded ``gW``, at ``oGW`` in each warp's ``per_warp`` floats of
-// ``smem``) to its destination. Gathered rows (no ids): row b written. Table rows: the block's warps with one id add
-// up their gradients in shared memory, and the first of them adds the sum to the owner's shard (system scope: the
-// shard may be a peer's, and peers add into ours). With ids every warp of the block must call it (block barrier).
-// flat (the specialised kernels): gW is laid out as the row itself, 16-byte aligned; a one-shard table (no peer adds
-// into it) then takes 16-byte device-scope atomics where its row is 16-byte aligned, a quarter of the instructions.
 // A split block's (one sample's) gathered induction-row gradient: written once by warp 0, the warps' rows (gW at oGW
 // of each warp's per_warp floats) added in warp order. Every thread of the block calls it (a barrier).
 __device__ __forceinline__ void split_store_gathered(const Fast& f, const CoActionRows& rows, int b, bool has_row,
@@ -734,6 +728,12 @@ __device__ __forceinline__ void split_store_gathered(const Fast& f, const CoActi
   });
 }
 
+// The sample's induction-row gradient (the warp's padded ``gW``, at ``oGW`` in each warp's ``per_warp`` floats of
+// ``smem``) to its destination. Gathered rows (no ids): row b written. Table rows: the block's warps with one id add
+// up their gradients in shared memory, and the first of them adds the sum to the owner's shard (system scope: the
+// shard may be a peer's, and peers add into ours). With ids every warp of the block must call it (block barrier).
+// flat (the specialised kernels): gW is laid out as the row itself, 16-byte aligned; a one-shard table (no peer adds
+// into it) then takes 16-byte device-scope atomics where its row is 16-byte aligned, a quarter of the instructions.
 template <bool flat = false>
 __device__ __forceinline__ void store_row_grad(const Fast& f, const CoActionRows& rows, const int64_t* ind_ids,
                                                int b, bool has_row, int shard, int64_t local, const float* smem,
@@ -2227,8 +2227,9 @@ int split_warps(int kmax, int reg_warps, bool backward, size_t per_warp_bytes, i
   // segments repeat a sample's setup for no gain), and never more than the SM holds of K-warp blocks by their shared
   // memory and registers (the 3- and 4-order order-independent backward with bias holds 8-10: a grid past that runs
   // in two waves, 1.25-1.5x slower than the next K down). Measured on one H200 (docs/benchmarks.md, "Sixteenth
-  // session" and "Seventeenth session"): the fastest K of 1-16 at T = 100 / 1000 / 2000 and B = 1-4096 in 34 of 35
-  // cases of the CAN shape and in every other specialised shape's within 1.14x of it.
+  // session" and "Seventeenth session") at T = 100 / 1000 / 2000 and B = 1-4096 on eight shapes, forward and backward:
+  // never slower than K = 1 (440 cases), within 2 % of the fastest K of 1-16 in 402; it keeps too few warps in the
+  // others (large B, long T: up to 1.48x).
   int k = 1;
   for (int c = 2; c <= fit && c <= chunks; c *= 2) {
     const int64_t by_smem =
