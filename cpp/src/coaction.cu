@@ -556,6 +556,20 @@ __device__ __forceinline__ void split_segment(int T_len, int warp, int* b, int* 
   *t_end = static_cast<int>(min(static_cast<int64_t>(T_len), 32 * ((warp + 1) * chunks / K)));
 }
 
+// This warp's sample b and its positions [t_lo, t_end): a split block's sample and the warp's segment of it (kSplit:
+// true), or the warp's own sample, all its positions (false when b is past the batch: warps are independent there).
+template <bool kSplit>
+__device__ __forceinline__ bool warp_sample(int B, int T_len, int warp, int* b, int* t_lo, int* t_end) {
+  if constexpr (kSplit) {
+    split_segment(T_len, warp, b, t_lo, t_end);
+    return true;
+  }
+  *b = blockIdx.x * (blockDim.x >> 5) + warp;
+  *t_lo = 0;
+  *t_end = T_len;
+  return *b < B;
+}
+
 // The general fast kernels' split (kSplit) bounds a block to 16 warps (registers: at most 128 a thread), 12 at the
 // 32-wide register arrays (their 168 registers a thread, as one warp a sample takes them); K <= 8 there.
 template <int MW>
@@ -570,13 +584,8 @@ __global__ void __launch_bounds__(kSplit ? fast_split_threads<MW>() : kFastWarps
                         const float* __restrict__ mask, T* __restrict__ out) {
   extern __shared__ __align__(16) float smem[];
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-  int b, t_lo = 0, t_end = T_len;  // the sample and the warp's positions [t_lo, t_end)
-  if constexpr (kSplit) {
-    split_segment(T_len, warp, &b, &t_lo, &t_end);  // no warp returns before the block's barrier below
-  } else {
-    b = blockIdx.x * (blockDim.x >> 5) + warp;
-    if (b >= B) return;  // warps are independent: no block-wide barrier in this kernel
-  }
+  int b, t_lo, t_end;  // the sample and the warp's positions [t_lo, t_end); a split block's warps never return here
+  if (!warp_sample<kSplit>(B, T_len, warp, &b, &t_lo, &t_end)) return;  // (one warp a sample: no block barrier)
   float* base = smem + static_cast<size_t>(warp) * f.per_warp;
   float* W = base + f.oW;
   float* acc = base + f.oVec;
@@ -788,11 +797,8 @@ __global__ void __launch_bounds__(kSplit ? fast_split_threads<MW>() : kFastWarps
   // the table row each warp's gradient belongs to (-1: none); kFastStatic / kSplitStatic bytes
   __shared__ int64_t blk_row[kSplit ? kSplitMax : kFastWarps];
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-  int b, t_lo = 0, t_end = T_len;  // the sample and the warp's positions [t_lo, t_end)
-  if constexpr (kSplit)
-    split_segment(T_len, warp, &b, &t_lo, &t_end);
-  else
-    b = blockIdx.x * (blockDim.x >> 5) + warp;
+  int b, t_lo, t_end;  // the sample and the warp's positions [t_lo, t_end); b may be past the batch (no row)
+  warp_sample<kSplit>(B, T_len, warp, &b, &t_lo, &t_end);
   float* base = smem + static_cast<size_t>(warp) * f.per_warp;
   float* W = base + f.oW;
   float* gW = base + f.oGW;
@@ -1574,13 +1580,8 @@ __global__ void __launch_bounds__(kSplit ? kSplitMax * 32 : kSpecWarps * 32, kSp
   constexpr int FRS = spec_frs(sizeof(T));  // g.FRS, as a constant
   extern __shared__ __align__(16) float smem[];
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-  int b, t_lo = 0, t_end = T_len;  // the sample and the warp's positions [t_lo, t_end)
-  if constexpr (kSplit) {
-    split_segment(T_len, warp, &b, &t_lo, &t_end);  // no warp returns before the block's barrier below
-  } else {
-    b = blockIdx.x * (blockDim.x >> 5) + warp;
-    if (b >= B) return;  // warps are independent: no block-wide barrier in this kernel
-  }
+  int b, t_lo, t_end;  // the sample and the warp's positions [t_lo, t_end); a split block's warps never return here
+  if (!warp_sample<kSplit>(B, T_len, warp, &b, &t_lo, &t_end)) return;  // (one warp a sample: no block barrier)
   float* base = smem + static_cast<size_t>(warp) * g.per_warp;
   float* W = base + g.oW;
   float* hs = base + g.oU;
@@ -1730,11 +1731,8 @@ __global__ void __launch_bounds__(kSplit ? spec_split_reg_warps(C, true) * 32 : 
   // the table row each warp's gradient belongs to (-1: none); kSplitStatic bytes at most
   __shared__ int64_t blk_row[kSplit ? kSplitMax : kFastWarps];
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-  int b, t_lo = 0, t_end = T_len;  // the sample and the warp's positions [t_lo, t_end)
-  if constexpr (kSplit)
-    split_segment(T_len, warp, &b, &t_lo, &t_end);
-  else
-    b = blockIdx.x * (blockDim.x >> 5) + warp;
+  int b, t_lo, t_end;  // the sample and the warp's positions [t_lo, t_end); b may be past the batch (no row)
+  warp_sample<kSplit>(B, T_len, warp, &b, &t_lo, &t_end);
   float* base = smem + static_cast<size_t>(warp) * g.per_warp;
   const float* W = base + g.oW;
   float* gW = base + g.oGW;
