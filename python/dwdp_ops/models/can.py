@@ -146,6 +146,16 @@ class Adam:
             self.p[k] -= self.lr * (m / c1) / (self.xp.sqrt(v / c2) + self.eps)
 
 
+class NonFiniteLossError(FloatingPointError):
+    """``CanModel.train_step``'s error for a batch loss that is not finite (``loss``: the value, a Python float); the
+    step was not taken, the model is as it was before it."""
+
+    def __init__(self, loss: float):
+        super().__init__(f"the training loss is {loss}, not finite: the step was not taken (the weights, Adam's moments "
+                         "and step count and BatchNorm's running statistics are as they were)")
+        self.loss = loss
+
+
 class CanModel:
     """CAN-DNN (``use_coaction=True``) or the DNN baseline. ``train_step`` returns the batch loss."""
 
@@ -242,17 +252,25 @@ class CanModel:
         """``(logits [B], cache)`` of a batch already on the model's device (``_on_device``): float64 numpy on the CPU,
         float32 CuPy on the GPU; ``cache`` holds the backward's activations. ``train=True`` uses the batch's
         BatchNorm statistics and updates the running ones."""
+        logit, cache = self._forward(b, train)
+        if train:
+            self.bn_mean, self.bn_var = cache["running"]
+        return logit, cache
+
+    def _forward(self, b: Batchable, train: bool):
+        """``logits``, but with ``train=True`` the updated running statistics are only returned, as
+        ``cache["running"]`` (mean, variance): ``loss_and_grads`` keeps them once the loss is known finite."""
         P, xp = self.P, self.xp
         x = self._features(b)
+        cache = {}
         if train:
             mu, var = x.mean(0), x.var(0)
-            self.bn_mean = 0.99 * self.bn_mean + 0.01 * mu
-            self.bn_var = 0.99 * self.bn_var + 0.01 * var
+            cache["running"] = (0.99 * self.bn_mean + 0.01 * mu, 0.99 * self.bn_var + 0.01 * var)
         else:
             mu, var = self.bn_mean, self.bn_var
         xhat = (x - mu) / xp.sqrt(var + 1e-5)
         h = xhat * P["bn_g"] + P["bn_b"]
-        cache = {"x": x, "xhat": xhat, "var": var, "acts": [h], "pre": []}
+        cache.update({"x": x, "xhat": xhat, "var": var, "acts": [h], "pre": []})
         for i in range(self.n_fc):
             z = h @ P[f"w{i}"] + P[f"b{i}"]
             cache["pre"].append(z)
@@ -267,8 +285,14 @@ class CanModel:
         """One Adam step on batch ``b`` (a ``Batchable`` of numpy arrays: ids ``[B]`` / ``[B, T]``, mask ``[B, T]``,
         labels ``[B]``); returns the batch's mean BCE before the step, a Python float. Refuses what
         ``loss_and_grads`` refuses, before any change (``check=False``: the ids and labels were checked already, as
-        ``train`` checks the whole set once)."""
+        ``train`` checks the whole set once). A loss that is NaN or infinite raises ``NonFiniteLossError`` (a
+        FloatingPointError) and the step is not taken: the weights, Adam's moments and step count and BatchNorm's
+        running statistics stay as they were. Only the loss is checked (it reaches the host anyway; checking the
+        gradients would cost a reduction and a host sync per step): a finite loss with a non-finite gradient
+        still steps."""
         loss, grads = self.loss_and_grads(b, check=check)
+        if not math.isfinite(loss):
+            raise NonFiniteLossError(loss)
         self.opt.step(grads)
         return loss
 
@@ -276,7 +300,8 @@ class CanModel:
         """Mean BCE of a training batch (batch statistics in BatchNorm), a Python float, and the gradient of every
         parameter: a dict of ``P``'s names to arrays shaped like the parameters (float64 numpy on the CPU, float32 CuPy
         on the GPU; the tables' gradients table-shaped, repeated ids added up). Updates BatchNorm's running
-        statistics. ValueError for a batch of no sample (its batch statistics would be NaN), an id outside its
+        statistics, unless the loss is NaN or infinite (then the model is left as it was and the loss returned as
+        it is). ValueError for a batch of no sample (its batch statistics would be NaN), an id outside its
         table (``check_ids``), labels not ``[B]`` (``check_label_shape``) or a label that is NaN, infinite or outside
         [0, 1] (``check_labels``: soft labels pass, as in ``train``), TypeError for ids that are not integers or labels
         that are not numbers, before anything of the model changes. ``check=False`` skips the id and label checks
@@ -291,9 +316,11 @@ class CanModel:
             check_labels(b, "the training batch")
         P, co, xp = self.P, self.cfg.coaction, self.xp
         b = self._on_device(b)
-        logit, c = self.logits(b, train=True)
+        logit, c = self._forward(b, train=True)
         y = b.label
         loss = float(xp.mean(xp.maximum(logit, 0) - logit * y + xp.log1p(xp.exp(-xp.abs(logit)))))
+        if math.isfinite(loss):  # (the running statistics only now: a NaN batch would have made them NaN for good)
+            self.bn_mean, self.bn_var = c["running"]
         g = ((1 / (1 + xp.exp(-logit)) - y) / len(y))[:, None]
         grads = {}
         for i in range(self.n_fc - 1, -1, -1):

@@ -29,7 +29,7 @@ from .._cli import (
     usable_gpus,
     writable_path,
 )
-from .can import CanConfig, CanModel, check_ids, check_label_shape, check_labels
+from .can import CanConfig, CanModel, NonFiniteLossError, check_ids, check_label_shape, check_labels
 from .can_data import binary_labels, load_amazon_books, split, synthetic
 
 
@@ -44,7 +44,9 @@ def train(model: CanModel, train_set, test_set, epochs: int, batch_size: int, se
     ``check_label_shape``), a ``train_set`` label that is NaN, infinite or outside [0, 1] (soft labels pass;
     ``check_labels``), a ``test_set`` whose labels are not 0 / 1 of both classes (no AUC) or (for a model with
     ``cfg.tables``) an id outside its table (TypeError for labels or ids that are not numbers / integers), all before
-    any training, and FloatingPointError, naming the epoch and step, when a loss is not finite."""
+    any training, and FloatingPointError, naming the epoch and step, when a loss is not finite (a CanModel refuses
+    that step: the model is as it was before it, and a caller who catches the error can lower ``model.opt.lr`` and
+    train on)."""
     # (Python ints from here on: range() numbers epochs either way)
     epochs, batch_size = (int_at_least(name, v, 1, "an integer") for name, v in (("epochs", epochs),
                                                                                  ("batch_size", batch_size)))
@@ -74,20 +76,30 @@ def train(model: CanModel, train_set, test_set, epochs: int, batch_size: int, se
                    disable=not progress, leave=False)
         for b in bar:
             t0 = time.perf_counter()
-            loss = float(step(b))
-            step_ms.append(1e3 * (time.perf_counter() - t0))
-            if not np.isfinite(loss):
+            try:
+                loss = float(step(b))
+            except NonFiniteLossError as e:  # (a CanModel's: the step was refused, the model is as it was)
                 bar.close()
-                lr = getattr(getattr(model, "cfg", None), "lr", None)
-                raise FloatingPointError(
-                    f"the training loss became {loss} at epoch {epoch}, step {len(losses) + 1}"
-                    + (f" (learning rate {lr:g})" if lr is not None else "") + "; try a lower --lr")
+                raise _diverged(model, e.loss, epoch, len(losses) + 1,
+                                " (the model is as it was before that step: it was not taken)") from e
+            step_ms.append(1e3 * (time.perf_counter() - t0))
+            if not np.isfinite(loss):  # (another model's step, which returns the loss it stepped on)
+                bar.close()
+                raise _diverged(model, loss, epoch, len(losses) + 1)
             losses.append(loss)
             if len(losses) % 20 == 0:
                 bar.set_postfix(loss=f"{np.mean(losses[-20:]):.4f}")
         curve.append({"epoch": epoch, "train_loss": float(np.mean(losses)), "test_auc": evaluate(test_set),
                       "losses": [float(x) for x in losses], "step_ms": step_ms})
     return curve
+
+
+def _diverged(model, loss: float, epoch: int, step: int, tail: str = "") -> FloatingPointError:
+    """``train``'s error for a loss that is not finite, naming the epoch and step (and the learning rate: Adam's,
+    which a caller may have lowered since ``cfg.lr`` built it)."""
+    lr = getattr(getattr(model, "opt", None), "lr", getattr(getattr(model, "cfg", None), "lr", None))
+    return FloatingPointError(f"the training loss became {loss} at epoch {epoch}, step {step}"
+                              + (f" (learning rate {lr:g})" if lr is not None else "") + "; try a lower --lr" + tail)
 
 
 def _check_ids(data, tables, which: str) -> None:
