@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 from dwdp_ops.coaction import CoActionSpec
-from dwdp_ops.coaction.fused import split_warps, uses_fast_kernels, uses_specialized_kernels
+from dwdp_ops.coaction.fused import launch_shape, split_warps, uses_fast_kernels, uses_specialized_kernels
 
 # The picks on an H200 (132 SMs), each the fastest K of 1-16 measured there (or within 1.1 % of it):
 # docs/benchmarks.md, "Sixteenth session"; bench/results/coaction_split_H200.json.
@@ -175,3 +175,35 @@ def test_the_four_order_backward_takes_at_most_8_warps_a_sample(cfg, monkeypatch
     monkeypatch.setenv("DWDP_COACTION_SPLIT", "16")
     assert split_warps(spec, 1, 2000, 132, backward=True) == 8  # forced past its bound: clamped
     assert split_warps(spec, 1, 2000, 132, backward=False) == 16  # the forward keeps 16
+
+
+@pytest.mark.parametrize("backward", [False, True])
+def test_a_pick_exists_exactly_for_the_kernels_that_split(backward):
+    """Over random shapes (1-4 layers of widths 1-48, 1-8 orders, bias, order independence, both variants):
+    ``split_warps`` is 0 exactly where the launch takes the shared-memory fallback; otherwise, for one sample of
+    100 000 positions, the most warps a block takes: as many as its shared memory holds (``launch_shape``), up to
+    the kernel's bound (8 for the 4-order specialised backward and 32-wide general layers, else 16)."""
+    import numpy as np
+
+    rng = np.random.default_rng(17)
+    seen = set()
+    for _ in range(300):
+        n = int(rng.integers(1, 5))
+        widths = [int(w) for w in rng.integers(1, 49, n + 1)]
+        spec = CoActionSpec(layer_dims=tuple(zip(widths[:-1], widths[1:], strict=True)),
+                            orders=int(rng.integers(1, 9)), bias=bool(rng.integers(2)),
+                            order_independent=bool(rng.integers(2)), variant=("code", "paper")[int(rng.integers(2))])
+        k = split_warps(spec, 1, 100_000, 132, backward=backward)
+        fast = uses_fast_kernels(spec, backward)
+        seen.add((fast, uses_specialized_kernels(spec, backward)))
+        if not fast:
+            assert k == 0, spec
+            continue
+        warps, smem = launch_shape(spec, backward)
+        per = smem // warps  # one warp's shared memory: a block of K warps takes K of it (and 128 bytes, backward)
+        fit = max(c for c in (1, 2, 4, 8, 16) if c * per <= 227 * 1024 - (128 if backward else 0))
+        bound = 8 if (not uses_specialized_kernels(spec, backward) and max(widths) > 16) or (
+            uses_specialized_kernels(spec, backward) and backward and spec.orders == 4) else 16
+        # one sample of 100 000 positions: the most warps its block takes
+        assert k == min(fit, bound), (spec, k, fit, bound)
+    assert (False, False) in seen and (True, False) in seen  # the fallback and the general kernels both drawn
