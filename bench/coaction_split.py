@@ -14,10 +14,10 @@ over repeats of a forward's microseconds, ``over_k1`` the median of the per-repe
 sample: the baseline, measured in the same run), and ``pick`` the K the launch takes by itself. ``--shape`` takes
 another specialised shape (``o4oi`` 4 orders, order-independent, with bias; ``o4`` 4 orders; ``o1`` one order with
 bias) or a shape of the general register-path kernels (``narrow`` 8 -> 8 -> 4 with bias; ``paper`` the paper variant
-with bias; ``deep`` three layers; ``wide`` 32-wide layers); ``--dtype bfloat16`` bf16 tables. ``--op backward`` times the backward the same way, into
-caller-allocated table gradients it adds to (no zeroing or allocation in the timed op). Before timing, every K is
-checked against the float64 reference on small cases with masked segments (relative error at most 1e-5; the
-backward's two gradients), on three specialised shapes and the run's own.
+with bias; ``deep`` three layers; ``wide`` 32-wide layers); ``--dtype bfloat16`` bf16 tables. ``--op backward``
+times the backward the same way, into caller-allocated table gradients it adds to (no zeroing or allocation in the
+timed op). Before timing, every K is checked against the float64 reference on small cases with masked segments
+(relative error at most 1e-5; the backward's two gradients), on three specialised shapes and the run's own.
 
 Writes ``bench/results/coaction_split[_backward][_<shape>][_bf16]_<card>.json`` and the plot of the same name under
 ``docs/img/`` (the CAN shape in fp32 has no suffix).
@@ -104,14 +104,6 @@ def check(ks, backward: bool = False, extra: dict | None = None) -> list[dict]:
     return rows
 
 
-def bf16_bits(a):
-    """A float32 CuPy array's values as bf16 bits (uint16, rounded to nearest even)."""
-    import cupy as cp
-
-    u = a.view(cp.uint32)
-    return ((u + 0x7FFF + ((u >> 16) & 1)) >> 16).astype(cp.uint16)
-
-
 def plot(cases: list[dict], ts: list[int], path: Path, op: str = "forward", what: str = "CAN shape") -> None:
     try:
         import matplotlib
@@ -149,9 +141,9 @@ def main() -> int:
     ap.add_argument("--op", choices=("forward", "backward"), default="forward", help="the op to time")
     ap.add_argument("--shape", choices=tuple(SHAPES), default="can",
                     help="the shape: specialised can (3 orders, the CAN default), o4oi (4 orders, order-independent, "
-                         "bias), o4 (4 orders), o1 (1 order, bias); general narrow (8 -> 8 -> 4, bias), paper (the paper "
-                         "variant, bias), deep "
-                         "(24 -> 16 -> 16 -> 4, 2 orders, bias), wide (32 -> 32 -> 4, 2 orders)")
+                         "bias), o4 (4 orders), o1 (1 order, bias); general narrow (8 -> 8 -> 4, bias), paper (the "
+                         "paper variant, bias), deep (24 -> 16 -> 16 -> 4, 2 orders, bias), wide (32 -> 32 -> 4, "
+                         "2 orders)")
     ap.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="the tables' dtype")
     ap.add_argument("--T", default="100,1000,2000", help="comma-separated sequence lengths")
     ap.add_argument("--B", default="1,16,64,256,1024,2048,4096", help="comma-separated batch sizes")
@@ -177,10 +169,13 @@ def main() -> int:
     spec = CoActionSpec(**SHAPES[ns.shape])
     rs = np.random.default_rng(0)
     s = cp.cuda.Stream(non_blocking=True)
-    table = cp.asarray(rs.normal(0, 0.3, (ROWS, spec.induction_dim)).astype(np.float32))
-    ftable = cp.asarray(rs.normal(0, 0.6, (ROWS, spec.feed_dim)).astype(np.float32))
-    if ns.dtype == "bfloat16":  # bf16 tables as uint16 bits (round to nearest even); gradients stay float32
-        table, ftable = (bf16_bits(t) for t in (table, ftable))
+    table, ftable = (rs.normal(0, sd, (ROWS, d)).astype(np.float32)
+                     for sd, d in ((0.3, spec.induction_dim), (0.6, spec.feed_dim)))
+    if ns.dtype == "bfloat16":  # bf16 tables as uint16 bits (the package's rounding); gradients stay float32
+        from dwdp_ops.dispatch_plan import round_to_bfloat16
+
+        table, ftable = ((round_to_bfloat16(t).view(np.uint32) >> 16).astype(np.uint16) for t in (table, ftable))
+    table, ftable = cp.asarray(table), cp.asarray(ftable)
     facts = machine_facts()
     cases = []
     for T in ts:

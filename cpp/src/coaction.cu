@@ -2369,8 +2369,7 @@ K spec_pick(int C, K k1, K k2, K k3, K k4) {
 }  // namespace
 
 namespace {
-// The specialised forward instance for C orders (1-4), order independence and kSplit (K warps a sample).
-// The specialised backward instance, likewise.
+// The specialised backward instance for C orders (1-4), order independence and kSplit (K warps a sample).
 template <typename E, bool kSplit>
 auto spec_backward_pick(int C, bool oi) {
   return oi ? spec_pick(C, spec_backward_kernel<E, 1, true, kSplit>, spec_backward_kernel<E, 2, true, kSplit>,
@@ -2379,6 +2378,7 @@ auto spec_backward_pick(int C, bool oi) {
                         spec_backward_kernel<E, 3, false, kSplit>, spec_backward_kernel<E, 4, false, kSplit>);
 }
 
+// The specialised forward instance, likewise.
 template <typename E, bool kSplit>
 auto spec_forward_pick(int C, bool oi) {
   return oi ? spec_pick(C, spec_forward_kernel<E, 1, true, kSplit>, spec_forward_kernel<E, 2, true, kSplit>,
