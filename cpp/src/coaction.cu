@@ -575,10 +575,21 @@ __device__ __forceinline__ bool warp_sample(int B, int T_len, int warp, int* b, 
 template <int MW>
 constexpr int fast_split_threads() { return (MW == 32 ? 12 : kSplitMax) * 32; }
 
+// The blocks of kFastWarps warps an SM must hold by registers: the one-warp-a-sample fast kernels' lower bound in
+// __launch_bounds__ (1: none). 4 for the 16-wide register arrays (at most 128 registers a thread, as their split
+// kernels take): unbounded, the compiler took 160 for the backward, 12 warps a SM instead of 16, and it ran 1.14-1.51x
+// slower at B >= 2048 (the paper variant, fp32 and bf16, and the CAN shape on the general kernels; the forward, at
+// 114 either way, ran the same; docs/benchmarks.md, "Eighteenth session"). The 32-wide kernels stay unbounded: 177
+// registers forward (8 warps a SM) ran 1.05-1.22x faster bounded to 168 (12 warps) at B >= 4096 but 1.08-1.24x slower
+// at B <= 2048 (deep and wide shapes); their backward's shared memory holds 2 blocks a SM on those shapes anyway.
+template <int MW>
+constexpr int fast_min_blocks() { return MW == 16 ? 4 : 1; }
+
 // kSplit: a block of K warps a sample, each a segment of its positions, the segments' pooled sums added in warp order
 // by warp 0, which writes the output row.
 template <typename T, int MW, bool kSplit>
-__global__ void __launch_bounds__(kSplit ? fast_split_threads<MW>() : kFastWarps * 32)
+__global__ void __launch_bounds__(kSplit ? fast_split_threads<MW>() : kFastWarps * 32,
+                                  kSplit ? 1 : fast_min_blocks<MW>())
     fast_forward_kernel(Fast f, int B, int T_len, CoActionRows rows, const int64_t* __restrict__ ind_ids,
                         const T* __restrict__ feed, const int64_t* __restrict__ feed_ids,
                         const float* __restrict__ mask, T* __restrict__ out) {
@@ -788,7 +799,8 @@ __device__ __forceinline__ void store_row_grad(const Fast& f, const CoActionRows
 // added in warp order and stored once (split_store_gathered for gathered rows, store_row_grad's warps of equal ids
 // for a table row).
 template <typename T, int MW, bool kSplit>
-__global__ void __launch_bounds__(kSplit ? fast_split_threads<MW>() : kFastWarps * 32)
+__global__ void __launch_bounds__(kSplit ? fast_split_threads<MW>() : kFastWarps * 32,
+                                  kSplit ? 1 : fast_min_blocks<MW>())
     fast_backward_kernel(Fast f, int B, int T_len, CoActionRows rows, const int64_t* __restrict__ ind_ids,
                          const T* __restrict__ feed, const int64_t* __restrict__ feed_ids,
                          const float* __restrict__ mask, const float* __restrict__ grad_out,
@@ -2225,9 +2237,9 @@ int split_warps(int kmax, int reg_warps, bool backward, size_t per_warp_bytes, i
   // segments repeat a sample's setup for no gain), and never more than the SM holds of K-warp blocks by their shared
   // memory and registers (the 3- and 4-order order-independent backward with bias holds 8-10: a grid past that runs
   // in two waves, 1.25-1.5x slower than the next K down). Measured on one H200 (docs/benchmarks.md, "Sixteenth
-  // session" and "Seventeenth session") at T = 100 / 1000 / 2000 and B = 1-4096 on eight shapes, forward and backward:
-  // never slower than K = 1 (440 cases), within 2 % of the fastest K of 1-16 in 402; it keeps too few warps in the
-  // others (large B, long T: up to 1.48x).
+  // session" to "Eighteenth session") at T = 100 / 1000 / 2000 and B = 1-4096 on eight shapes, forward and backward:
+  // never slower than K = 1 (460 cases), within 2 % of the fastest K of 1-16 in 425; it keeps too few warps in the
+  // others (large B, long T: up to 1.21x).
   int k = 1;
   for (int c = 2; c <= fit && c <= chunks; c *= 2) {
     const int64_t by_smem =
