@@ -158,5 +158,8 @@ def test_the_scheduler_protocol_matches_the_nvlink_dispatcher(world1):
     torch.testing.assert_close(out, want)
     d.check_errors()
     d.abandon()
-    with pytest.raises(ValueError, match="needs .* grouped rows, more than max_rows = 1"):
+    with pytest.raises(ValueError, match=r"more grouped rows than max_rows on rank\(s\) 0 \(64 > 1\)"):
         d.dispatch(x, ids, w, max_rows=1)
+    for bad in (0, -1, 2.5, "8", True):
+        with pytest.raises(ValueError, match="max_rows must be None or an int >= 1"):
+            d.dispatch(x, ids, w, max_rows=bad)

@@ -7,10 +7,13 @@ Python loop; Python loops only over the k slots and the N ranks).
 
 Per ``dispatch`` (collective over the group, every rank calls it, T = 0 included):
   1. plan on the device: dest per pair, the tokens per dest, and per (dest, local expert) pair counts;
-  2. one ``all_to_all_single`` of int64 counts ``[N, L + 2]`` per rank: rows, a bad-ids flag, pairs per local
-     expert; then ONE host synchronisation (``.cpu()`` of the sent and received counts) to get the split sizes,
-     as every user of ``all_to_all_single`` with uneven splits must; it also makes a bad ``topk_ids`` on any rank
-     raise on every rank (no rank is left waiting in the next collective);
+  2. one ``all_gather_into_tensor`` of int64 counts, ``N (L + 1) + 2`` per rank: a bad-ids flag, the rank's
+     ``max_rows`` (-1: none), its rows for every dest and its pairs for every (dest, local expert); then ONE host
+     synchronisation (``.cpu()`` of the gathered counts) to get the split sizes, as every user of
+     ``all_to_all_single`` with uneven splits must. Every rank then knows every rank's counts, so a bad
+     ``topk_ids`` on any rank, or a rank whose step needs more grouped rows than its ``max_rows``, raises on every
+     rank (no rank is left waiting in the next collective). The gathered counts grow as N^2 L (18 KB at N = 8 and
+     L = 32; ~250 KB at N = 72 and L = 4, where an ``all_to_all_single`` of N (L + 2) would do without ``max_rows``);
   3. one ``all_to_all_single`` of the packed rows: each row is the token's hidden state (input dtype, bit-exact)
      followed by k int32 local expert ids (-1 = not for that dest) and k float32 weights (bit-exact), sent as bytes;
   4. the grouped layout at the dest (groups by local expert, (s, row, j) order, starts aligned to ``align``, zero
@@ -249,19 +252,21 @@ class NcclDispatcher:
         Collective over the group. ``x [T, H]`` (any float dtype, every rank the same), ``topk_ids [T, k]`` integer
         in ``[-1, E)``, ``topk_weights [T, k]`` float32, all on the dispatcher's device; T may be 0. One host
         synchronisation (the split sizes). Raises ValueError on every rank when any rank passed ids outside
-        ``[-1, E)``. ``stream``: where the work goes (default: PyTorch's current stream). ``max_rows``: accepted for
-        the scheduler's protocol; a step needing more rows raises ValueError (on this rank) instead of dropping."""
+        ``[-1, E)``. ``stream``: where the work goes (default: PyTorch's current stream). ``max_rows``: the grouped
+        rows this rank's caller can take (an int >= 1, or None: any); a step needing more on any rank raises
+        ValueError on every rank, naming the ranks and the rows they needed, before any token moves (ranks may pass
+        different bounds; a ``max_rows`` that is not an int >= 1 raises ValueError on its own rank, before the
+        collective)."""
+        if max_rows is not None and (not is_int(max_rows) or max_rows < 1):
+            raise ValueError(f"dispatch: max_rows must be None or an int >= 1, got {max_rows!r}")
         with self._on(stream):
-            h = self._dispatch(x, topk_ids, topk_weights)
-        if max_rows is not None and h.num_rows > max_rows:
-            raise ValueError(f"dispatch: the step needs {h.num_rows} grouped rows, more than max_rows = {max_rows}")
-        return h
+            return self._dispatch(x, topk_ids, topk_weights, -1 if max_rows is None else int(max_rows))
 
-    def _dispatch(self, x, topk_ids, topk_weights) -> NcclDispatchHandle:
+    def _dispatch(self, x, topk_ids, topk_weights, max_rows: int) -> NcclDispatchHandle:
         torch, dist = _torch()
         self._check_inputs(x, topk_ids, topk_weights)
         p, dev = self.partition, self.device
-        N, L, E, s, k = p.world_size, p.experts_per_rank, p.num_experts, p.stride, self.top_k
+        N, L, E, s, k, me = p.world_size, p.experts_per_rank, p.num_experts, p.stride, self.top_k, self.rank
         T = x.shape[0]
         e = topk_ids.to(torch.int64)
         valid = e >= 0
@@ -275,19 +280,27 @@ class NcclDispatcher:
         key = torch.where(valid, dest * L + le, N * L).reshape(-1)
         pair_counts = torch.zeros(N * L + 1, dtype=torch.int64, device=dev)
         pair_counts.scatter_add_(0, key, torch.ones_like(key))
-        counts = torch.cat([send_counts.unsqueeze(1), bad.expand(N).unsqueeze(1), pair_counts[:-1].view(N, L)], 1)
-        recv = torch.empty_like(counts)
-        dist.all_to_all_single(recv.view(-1), counts.view(-1), group=self.group)
-        host = torch.cat([counts.reshape(-1), recv.reshape(-1)]).cpu().view(2, N, L + 2)  # the one host sync
-        bad_ranks = [r for r in range(N) if int(host[1, r, 1])]
+        # [bad ids, max_rows, rows to each dest (N), pairs to each (dest, local expert) (N L)], every rank's
+        mine = torch.cat([bad.view(1), torch.full((1,), max_rows, dtype=torch.int64, device=dev),
+                          send_counts.to(torch.int64), pair_counts[:-1]])
+        every = torch.empty((N, mine.numel()), dtype=torch.int64, device=dev)
+        dist.all_gather_into_tensor(every.view(-1), mine, group=self.group)
+        host = every.cpu()  # the one host sync
+        bad_ranks = [r for r in range(N) if int(host[r, 0])]
         if bad_ranks:
             raise ValueError(f"topk_ids of rank(s) {bad_ranks} hold expert ids outside [-1, {E}) (-1 = skipped "
                              f"slot); every rank raises")
-        sc = [int(c) for c in host[0, :, 0]]
-        rc = [int(c) for c in host[1, :, 0]]
-        ec = host[1, :, 2:].sum(dim=0)
-        padded = (ec + self.align - 1) // self.align * self.align
-        num_rows = int(padded.sum())
+        ec_all = host[:, 2 + N:].view(N, N, L).sum(dim=0)  # [dest, local expert]: pairs each rank receives
+        rows_all = ((ec_all + self.align - 1) // self.align * self.align).sum(dim=1)
+        over = [(r, int(rows_all[r]), int(host[r, 1])) for r in range(N) if 0 <= host[r, 1] < rows_all[r]]
+        if over:
+            raise ValueError("dispatch: the step needs more grouped rows than max_rows on rank(s) "
+                             + ", ".join(f"{r} ({need} > {cap})" for r, need, cap in over)
+                             + "; every rank raises, no token moved (rows_for(every rank's tokens) bounds a step)")
+        sc = [int(c) for c in host[me, 2:2 + N]]
+        rc = [int(c) for c in host[:, 2 + me]]
+        ec = ec_all[me]
+        num_rows = int(rows_all[me])
         S, R, P = sum(sc), sum(rc), int(ec.sum())
 
         # the packed send rows: dest-major, tokens ascending
@@ -312,7 +325,7 @@ class NcclDispatcher:
         recv_w = meta[:, k:].contiguous().reshape(-1).view(torch.float32).reshape(R, k)
 
         # the grouped layout: by local expert, (s, row, j) ascending inside a group
-        ec_d = recv[:, 2:].sum(dim=0)
+        ec_d = every[:, 2 + N + me * L:2 + N + (me + 1) * L].sum(dim=0)
         pad_d = (ec_d + self.align - 1) // self.align * self.align
         offs = torch.cumsum(pad_d, 0)
         starts = offs - pad_d

@@ -7,7 +7,7 @@ through ``NcclDispatcher``, and checks: the send positions and counts equal ``pl
 (``x_grouped``, ``offs``, ``pair_pos``) equals ``plan_recv``'s exactly, and ``combine`` of ``y = x * (le + 1)`` per
 local expert equals ``reference_moe`` bit for bit (same float32 orders; bf16 rounding emulated in numpy). Scenarios:
 random routing (disjoint and replicated partitions), T = 0 on one rank and on all, all tokens to one expert, all k
-experts on one rank, skipped slots; bad ids on one rank must raise on every rank. Prints one line per scenario and
+experts on one rank, skipped slots; bad ids on one rank, and a step past one rank's ``max_rows``, must raise on every rank. Prints one line per scenario and
 ``rank r: dispatch_nccl <n> scenarios OK`` at the end; exit code 1 on any mismatch.
 """
 
@@ -137,7 +137,22 @@ def main() -> int:
                 failures.append(f"bad ids: wrong message {e}")
             print(f"rank {me}: bad ids on rank {n - 1}: raised: {e}", flush=True)
         failures += check_case("after the error", disp, part, inputs("random", part, 5), dtype, me)
-        count += 2
+        # a step past the last rank's max_rows: every rank raises, naming it; a bound that holds changes nothing
+        data = inputs("random", part, 7)
+        x, ids, w = (torch.from_numpy(a).to(disp.device) for a in data[me])
+        need = plan_recv([plan_send(i, ww, part, r) for r, (_, i, ww) in enumerate(data)], part, n - 1,
+                         disp.align).num_rows
+        try:
+            disp.dispatch(x.to(dtype), ids, w, max_rows=need - 1 if me == n - 1 else None)
+            failures.append("max_rows: no error")
+        except ValueError as e:
+            if f"rank(s) {n - 1} ({need} > {need - 1})" not in str(e):
+                failures.append(f"max_rows: wrong message {e}")
+            print(f"rank {me}: max_rows below the step's rows on rank {n - 1}: raised: {e}", flush=True)
+        h = disp.dispatch(x.to(dtype), ids, w, max_rows=disp.rows_for([len(d[0]) for d in data]))
+        disp.combine(h.x_grouped, h)
+        failures += check_case("after the max_rows error", disp, part, inputs("random", part, 6), dtype, me)
+        count += 4
     except Exception:  # noqa: BLE001 - a rank that fails must not wait in the barrier: the launcher ends the others
         traceback.print_exc()
         sys.stdout.flush()
