@@ -404,6 +404,27 @@ def test_adam_names_a_bad_hyperparameter(kw, exc, match):
     np.testing.assert_allclose(params["w"], [0.9, 1.1, 1.0])
 
 
+def test_adam_step_refuses_a_gradient_not_shaped_like_its_parameter():
+    """Adam.step broadcast whatever it was given: a [1, n] gradient moved every row of an [m, n] parameter by the same
+    step and a scalar moved every weight alike (silently wrong); an unknown name raised a bare KeyError from its
+    moments. Now either is refused, naming it, before any parameter, moment or step count changes."""
+    from dwdp_ops.models.can import Adam
+
+    params = {"w": np.ones((2, 3)), "b": np.zeros(3)}
+    opt = Adam(params, 0.1)
+    before = {k: v.copy() for k, v in params.items()}
+    for grads, exc, match in (({"b": np.ones(3), "w": np.ones((1, 3))}, ValueError,
+                               r"gradient of 'w' is shaped \[1, 3\], its parameter \[2, 3\]"),
+                              ({"w": np.float64(1.0)}, ValueError, r"gradient of 'w' is shaped \[\], its parameter"),
+                              ({"b": np.ones(3), "v": np.ones(3)}, KeyError, r"no parameter named 'v'")):
+        with pytest.raises(exc, match=match):
+            opt.step(grads)
+        assert opt.t == 0 and all(np.array_equal(params[k], before[k]) for k in params)
+        assert all(not m.any() for m in opt.m.values())
+    opt.step({"b": np.ones(3)})  # a subset of the parameters is fine
+    assert opt.t == 1 and np.array_equal(params["w"], before["w"]) and np.allclose(params["b"], -0.1)
+
+
 def test_the_model_documents_what_its_methods_take_and_return():
     """train_step and evaluate had no docstring, loss_and_grads did not say what its gradients are, logits not what
     it returns."""

@@ -135,6 +135,16 @@ class Adam:
         self.v = {k: xp.zeros_like(v) for k, v in params.items()}
 
     def step(self, grads: dict) -> None:
+        """One update of every parameter ``grads`` names (the others keep their values and moments). Each gradient
+        must be shaped like its parameter: KeyError / ValueError naming it otherwise, before any parameter changes (a
+        ``[1, n]`` or scalar gradient would broadcast into an ``[m, n]`` parameter, silently wrong). Shapes only: no
+        host synchronisation of CuPy arrays."""
+        for k, g in grads.items():
+            if k not in self.p:
+                raise KeyError(f"Adam.step: no parameter named {k!r} (the parameters: {sorted(self.p)})")
+            if tuple(np.shape(g)) != tuple(np.shape(self.p[k])):
+                raise ValueError(f"Adam.step: the gradient of {k!r} is shaped {list(np.shape(g))}, its parameter "
+                                 f"{list(np.shape(self.p[k]))}")
         self.t += 1
         c1, c2 = 1 - self.b1**self.t, 1 - self.b2**self.t
         for k, g in grads.items():
