@@ -13,7 +13,7 @@ Per ``dispatch`` (collective over the group, every rank calls it, T = 0 included
      ``all_to_all_single`` with uneven splits must. Every rank then knows every rank's counts, so a bad
      ``topk_ids`` on any rank, or a rank whose step needs more grouped rows than its ``max_rows``, raises on every
      rank (no rank is left waiting in the next collective). The gathered counts grow as N^2 L (18 KB at N = 8 and
-     L = 32; ~250 KB at N = 72 and L = 4, where an ``all_to_all_single`` of N (L + 2) would do without ``max_rows``);
+     L = 32; ~210 KB at N = 72 and L = 4, where an ``all_to_all_single`` of N (L + 2) would do without ``max_rows``);
   3. one ``all_to_all_single`` of the packed rows: each row is the token's hidden state (input dtype, bit-exact)
      followed by k int32 local expert ids (-1 = not for that dest) and k float32 weights (bit-exact), sent as bytes;
   4. the grouped layout at the dest (groups by local expert, (s, row, j) order, starts aligned to ``align``, zero

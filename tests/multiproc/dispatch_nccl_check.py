@@ -7,8 +7,9 @@ through ``NcclDispatcher``, and checks: the send positions and counts equal ``pl
 (``x_grouped``, ``offs``, ``pair_pos``) equals ``plan_recv``'s exactly, and ``combine`` of ``y = x * (le + 1)`` per
 local expert equals ``reference_moe`` bit for bit (same float32 orders; bf16 rounding emulated in numpy). Scenarios:
 random routing (disjoint and replicated partitions), T = 0 on one rank and on all, all tokens to one expert, all k
-experts on one rank, skipped slots; bad ids on one rank, and a step past one rank's ``max_rows``, must raise on every rank. Prints one line per scenario and
-``rank r: dispatch_nccl <n> scenarios OK`` at the end; exit code 1 on any mismatch.
+experts on one rank, skipped slots; bad ids on one rank, and a step past one rank's ``max_rows``, must raise on
+every rank. Prints one line per scenario and ``rank r: dispatch_nccl <n> scenarios OK`` at the end; exit code 1 on
+any mismatch.
 """
 
 from __future__ import annotations
