@@ -579,11 +579,13 @@ constexpr int fast_split_threads() { return (MW == 32 ? 12 : kSplitMax) * 32; }
 // __launch_bounds__ (1: none). 4 for the 16-wide register arrays (at most 128 registers a thread, as their split
 // kernels take): unbounded, the compiler took 160 for the backward, 12 warps a SM instead of 16, and it ran 1.14-1.51x
 // slower at B >= 2048 (the paper variant, fp32 and bf16, and the CAN shape on the general kernels; the forward, at
-// 114 either way, ran the same; docs/benchmarks.md, "Eighteenth session"). The 32-wide kernels stay unbounded: 177
-// registers forward (8 warps a SM) ran 1.05-1.22x faster bounded to 168 (12 warps) at B >= 4096 but 1.08-1.24x slower
-// at B <= 2048 (deep and wide shapes); their backward's shared memory holds 2 blocks a SM on those shapes anyway.
+// 114 either way, ran the same). 5 for the 8-wide arrays (at most 102): the backward took 117 (16 warps a SM) and runs
+// at 96 (20 warps, 16 bytes spilled) 1.04-1.10x faster at B >= 8192 and within 2 % below (the forward's 78 are
+// under the bound). The 32-wide kernels stay unbounded: 177 registers forward (8 warps a SM) ran 1.05-1.22x faster bounded
+// to 168 (12 warps) at B >= 4096 but 1.08-1.24x slower at B <= 2048 (deep and wide shapes); their backward's shared
+// memory holds 2 blocks a SM on those shapes anyway. Measured on one H200: docs/benchmarks.md, "Eighteenth session".
 template <int MW>
-constexpr int fast_min_blocks() { return MW == 16 ? 4 : 1; }
+constexpr int fast_min_blocks() { return MW == 16 ? 4 : MW == 8 ? 5 : 1; }
 
 // kSplit: a block of K warps a sample, each a segment of its positions, the segments' pooled sums added in warp order
 // by warp 0, which writes the output row.
