@@ -264,3 +264,11 @@ def test_a_copy_of_negative_or_non_integer_bytes_is_refused(schedule, nbytes, ex
     with pytest.raises(exc, match=r"every copy must move an int >= 0 of bytes, got Copy\(peer=2"):
         order_copies(c, 0, 4, schedule)
     assert order_copies([Copy(1, 0, 0, 0)], 0, 4, schedule) in ([], [Copy(1, 0, 0, 0)])  # zero bytes: fine
+
+
+@pytest.mark.parametrize("schedule", ["per_peer", "staggered", "interleaved"])
+def test_order_copies_of_a_generator_orders_every_copy(schedule):
+    """The up-front check of every copy's bytes iterated ``copies`` once, so a generator reached the ordering
+    exhausted and every schedule returned [] (nothing fetched, no error). It is read once now."""
+    c = [Copy(1, 0, 0, 10), Copy(2, 10, 10, 10), Copy(3, 20, 20, 10)]
+    assert order_copies((x for x in c), 0, 4, schedule, 4) == order_copies(c, 0, 4, schedule, 4) != []

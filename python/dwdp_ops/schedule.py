@@ -80,9 +80,11 @@ def order_copies(
     copies: Sequence[Copy], rank: int, world_size: int, schedule: Schedule = "interleaved",
     slice_bytes: int | None = DEFAULT_SLICE,
 ) -> list[Copy]:
-    """``copies`` in ``schedule``'s order (module docstring) for ``rank`` of ``world_size``; every argument is
-    checked before anything is ordered (bad input: module docstring)."""
+    """``copies`` (any iterable of ``Copy``: a generator is read once) in ``schedule``'s order (module docstring) for
+    ``rank`` of ``world_size``, as a new list; every argument is checked before anything is ordered (bad input: module
+    docstring)."""
     rank, world_size = _check_world(rank, world_size)
+    copies = list(copies)  # read once: the checks below iterate it before it is ordered
     if schedule not in ("per_peer", "staggered", "interleaved"):
         raise ValueError(f"schedule must be 'per_peer', 'staggered' or 'interleaved', got {schedule!r}")
     if schedule == "interleaved" and slice_bytes is None:
