@@ -272,3 +272,24 @@ def test_order_copies_of_a_generator_orders_every_copy(schedule):
     exhausted and every schedule returned [] (nothing fetched, no error). It is read once now."""
     c = [Copy(1, 0, 0, 10), Copy(2, 10, 10, 10), Copy(3, 20, 20, 10)]
     assert order_copies((x for x in c), 0, 4, schedule, 4) == order_copies(c, 0, 4, schedule, 4) != []
+
+
+@pytest.mark.parametrize("c, exc, match", [
+    (Copy(1, 0, 0, -5), ValueError, r"every copy must move an int >= 0 of bytes, got Copy\(peer=1"),
+    (Copy(1, 0, 0, 2.5), TypeError, r"every copy must move an int >= 0 of bytes, got Copy\(peer=1"),
+    (Copy(1, 0, 0, True), TypeError, r"every copy must move an int >= 0 of bytes, got Copy\(peer=1"),
+    ((1, 0, 0, 10), TypeError, r"every copy must be a Copy\(peer, dst, src, nbytes\), got \(1, 0, 0, 10\) \(tuple\)"),
+])
+def test_slice_copy_refuses_a_bad_copy(c, exc, match):
+    """slice_copy checked slice_bytes only: a copy of -5 bytes was cut into [] (nothing, no error), one of 2.5 bytes
+    or a plain tuple failed inside range() / attribute access without naming the copy."""
+    with pytest.raises(exc, match=match):
+        slice_copy(c, 4)
+    assert slice_copy(Copy(1, 0, 0, 0), 4) == []
+    assert slice_copy(Copy(1, 8, 16, np.int64(10)), 4) == [Copy(1, 8, 16, 4), Copy(1, 12, 20, 4), Copy(1, 16, 24, 2)]
+
+
+@pytest.mark.parametrize("schedule", ["per_peer", "staggered", "interleaved"])
+def test_order_copies_refuses_a_copy_that_is_not_a_copy(schedule):
+    with pytest.raises(TypeError, match=r"every copy must be a Copy\(peer, dst, src, nbytes\), got \(2, 10, 10, 10\)"):
+        order_copies([Copy(1, 0, 0, 10), (2, 10, 10, 10)], 0, 4, schedule)

@@ -13,7 +13,8 @@ order.
 
 Bad input (checked up front, naming the argument): ``rank`` / ``world_size`` / ``slice_bytes`` / a copy's ``nbytes``
 that are not integers (bools included) raise TypeError; ``world_size < 1``, a rank outside ``[0, world_size)``,
-``slice_bytes < 1``, a copy of negative ``nbytes`` and an unknown schedule raise ValueError. ``slice_bytes`` is used by
+``slice_bytes < 1``, a copy of negative ``nbytes`` and an unknown schedule raise ValueError; a copy that is not a
+``Copy`` raises TypeError (``order_copies`` and ``slice_copy`` alike). ``slice_bytes`` is used by
 ``interleaved`` only: the other two schedules also accept ``None`` there (nothing is sliced); ``interleaved`` needs a
 positive int.
 """
@@ -48,6 +49,16 @@ def _check_slice(slice_bytes) -> int:
     return int(slice_bytes)
 
 
+def _check_copy(c) -> None:
+    """TypeError unless ``c`` is a ``Copy`` whose ``nbytes`` is an integer (bools refused); ValueError if negative."""
+    if not isinstance(c, Copy):
+        raise TypeError(f"every copy must be a Copy(peer, dst, src, nbytes), got {c!r} ({type(c).__name__})")
+    if not is_int(c.nbytes):
+        raise TypeError(f"every copy must move an int >= 0 of bytes, got {c}")
+    if c.nbytes < 0:
+        raise ValueError(f"every copy must move an int >= 0 of bytes, got {c}")
+
+
 def _check_world(rank, world_size) -> tuple[int, int]:
     """``(rank, world_size)`` as ints: TypeError unless both are integers (bools refused), ValueError unless
     ``world_size >= 1`` and ``0 <= rank < world_size``."""
@@ -63,7 +74,9 @@ def _check_world(rank, world_size) -> tuple[int, int]:
 
 
 def slice_copy(c: Copy, slice_bytes: int) -> list[Copy]:
-    """``c`` cut into consecutive copies of ``slice_bytes`` (a positive int; the last one may be shorter)."""
+    """``c`` cut into consecutive copies of ``slice_bytes`` (a positive int; the last one may be shorter); a copy of
+    0 bytes gives []. ``c`` must be a ``Copy`` of an int >= 0 of bytes (TypeError / ValueError naming it otherwise)."""
+    _check_copy(c)
     slice_bytes = _check_slice(slice_bytes)
     return [
         Copy(c.peer, c.dst + off, c.src + off, min(slice_bytes, c.nbytes - off)) for off in range(0, c.nbytes, slice_bytes)
@@ -93,10 +106,7 @@ def order_copies(
     if slice_bytes is not None:
         slice_bytes = _check_slice(slice_bytes)
     for c in copies:  # (interleaved's slicing drops a negative copy, the others kept it: not the same bytes)
-        if not is_int(c.nbytes):
-            raise TypeError(f"every copy must move an int >= 0 of bytes, got {c}")
-        if c.nbytes < 0:
-            raise ValueError(f"every copy must move an int >= 0 of bytes, got {c}")
+        _check_copy(c)
     if schedule == "per_peer":
         return sorted(copies, key=lambda c: (c.peer, c.dst))
     rank_of = {p: i for i, p in enumerate(peer_order(rank, world_size))}
