@@ -143,3 +143,16 @@ def test_numpy_integer_sizes_are_accepted_and_become_ints():
     assert repr(part) == repr(ExpertPartition(8, 2, 4, 4))
     with pytest.raises(ValueError, match=r"1 <= stride <= experts_per_rank fails"):
         ExpertPartition(np.int64(8), 2, np.int64(4), np.int64(0))
+
+
+@pytest.mark.parametrize("policy", ["balanced", "lowest"])
+@pytest.mark.parametrize("rank", [np.uint8(3), np.int8(3), np.int16(3), np.int64(3)], ids=lambda r: type(r).__name__)
+def test_a_small_numpy_rank_gives_the_same_plan_as_an_int(rank, policy):
+    """The rank was used unconverted: ``np.uint8(3) * 128`` wrapped, so local_range gave (128, 0) (and the 'lowest'
+    fetch plan was built from it), ``np.int8`` raised OverflowError. It is converted to an int once checked."""
+    part = ExpertPartition(1024, 8, 128, 128, policy)
+    assert part.local_range(rank) == part.local_range(3) == (384, 512)
+    assert all(type(v) is int for v in part.local_range(rank))
+    assert part.fetch_plan(rank) == part.fetch_plan(3)
+    table = part.owner_table(rank)
+    assert table == part.owner_table(3) and all(type(v) is int for v in table)

@@ -89,13 +89,17 @@ class ExpertPartition:
         per = num_experts // world_size
         return cls(num_experts, world_size, per, per, owner_policy)
 
-    def _check_rank(self, rank: int) -> None:
+    def _check_rank(self, rank: int) -> int:
+        """``rank`` as a Python int (a numpy one is converted: ``np.uint8(3) * stride`` would wrap), or TypeError /
+        ValueError."""
         _check_int(rank, "rank")
         if not 0 <= rank < self.world_size:
             raise ValueError(f"rank {rank!r} is outside the world [0, {self.world_size})")
+        return int(rank)
 
     def local_range(self, rank: int) -> tuple[int, int]:
-        self._check_rank(rank)
+        """``(start, stop)``: the experts ``[rank * stride, rank * stride + experts_per_rank)`` that ``rank`` stores."""
+        rank = self._check_rank(rank)
         start = rank * self.stride
         return start, start + self.experts_per_rank
 
@@ -113,7 +117,7 @@ class ExpertPartition:
 
     def fetch_plan(self, rank: int) -> list[tuple[int, int, int]]:
         """Contiguous runs ``(peer, start, stop)`` that this rank fetches, in expert order."""
-        self._check_rank(rank)
+        rank = self._check_rank(rank)
         s, L = self.stride, self.experts_per_rank
         lo, hi = self.local_range(rank)
         if self.owner_policy == "balanced":
@@ -130,7 +134,8 @@ class ExpertPartition:
         return runs
 
     def owner_table(self, rank: int) -> list[int]:
-        """For every expert, the rank this rank reads it from (itself for local experts)."""
+        """For every expert, the rank this rank reads it from (itself for local experts): ``num_experts`` ints."""
+        rank = self._check_rank(rank)
         table = [rank] * self.num_experts
         for peer, a, b in self.fetch_plan(rank):
             table[a:b] = [peer] * (b - a)
