@@ -4,7 +4,9 @@ Request lengths (integers >= 1, drawn with ``numpy.random.default_rng([seed, ran
 rank, the same for every mode):
   ``ratio=R``  uniform integers in [ceil(R * ISL), ISL] (the paper's "input ratio": ISL 8K, R = 0.8);
   ``cv=C``     a gamma distribution with mean ISL and coefficient of variation C (shape 1 / C^2, scale ISL * C^2),
-               rounded to the nearest integer and at least 1; C = 0 gives every request exactly ISL tokens.
+               rounded to the nearest integer and at least 1; C = 0 gives every request exactly ISL tokens
+               (a C > 0 whose shape or scale is not a finite number > 0 in floats, about C < 1e-154 or
+               C > 1e154, is refused).
                Gamma because it is positive and skewed like real prompt lengths; the long tail can exceed the
                token budget, which chunking handles.
 
@@ -70,6 +72,11 @@ def _check_source(isl: int, ratio: float | None, cv: float | None) -> None:
         raise ValueError(f"ratio must be a number in (0, 1], got {ratio!r}")
     if cv is not None and not (is_real(cv) and math.isfinite(cv) and cv >= 0):
         raise ValueError(f"cv must be a finite number >= 0, got {cv!r}")
+    if cv is not None and cv > 0:  # the gamma's shape 1 / cv^2 and scale isl cv^2 must be finite numbers > 0
+        c2 = float(cv) * float(cv)  # out of floats' range below about cv = 1e-154 and above about 1e154
+        if not (c2 > 0 and math.isfinite(1.0 / c2) and math.isfinite(isl * c2)):
+            raise ValueError(f"cv={cv!r} is out of range: the gamma's shape 1 / cv^2 and scale isl * cv^2 "
+                             f"(isl {isl}) must be finite numbers > 0")
 
 
 def request_lengths(n: int, isl: int, *, ratio: float | None = None, cv: float | None = None,
