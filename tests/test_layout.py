@@ -293,3 +293,25 @@ def test_slice_copy_refuses_a_bad_copy(c, exc, match):
 def test_order_copies_refuses_a_copy_that_is_not_a_copy(schedule):
     with pytest.raises(TypeError, match=r"every copy must be a Copy\(peer, dst, src, nbytes\), got \(2, 10, 10, 10\)"):
         order_copies([Copy(1, 0, 0, 10), (2, 10, 10, 10)], 0, 4, schedule)
+
+
+@pytest.mark.parametrize("shape, exc, match", [
+    ((0, 5), ValueError, r"every dimension of the weight shape \(0, 5\) must be a positive integer, got 0"),
+    ((-128, 128), ValueError, r"every dimension of the weight shape \(-128, 128\) must be a positive integer, got -128"),
+    ((1.5, 128), TypeError, r"every dimension .* got 1.5 \(float\)"),
+    ((True, 128), TypeError, r"every dimension .* got True \(bool\)"),
+    ((256,), ValueError, r"shape must be a 2-D \[out, in\] tuple .*, got \(256,\) \(1 dimensions\)"),
+    ((256, 256, 3), ValueError, r"shape must be a 2-D \[out, in\] tuple .* \(3 dimensions\)"),
+    (256, TypeError, r"shape must be a 2-D \[out, in\] tuple of positive integers, got 256"),
+])
+def test_fp8_scale_shape_refuses_a_bad_shape(shape, exc, match):
+    """fp8_scale_shape checked nothing: (0, 5) gave (0, 1), (-128, 128) gave (-1, 1), (1.5, 128) gave (1.0, 1), a 3-D
+    shape silently used its first two dimensions and a 1-D one raised IndexError."""
+    with pytest.raises(exc, match=match):
+        fp8_scale_shape(shape)
+
+
+def test_fp8_scale_shape_rounds_up_and_accepts_numpy_dims():
+    assert fp8_scale_shape((1, 129)) == (1, 2) and fp8_scale_shape([128, 256]) == (1, 2)
+    s = fp8_scale_shape((np.int64(4096), np.int32(7168)))
+    assert s == (32, 56) and all(type(v) is int for v in s)

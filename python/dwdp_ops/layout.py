@@ -179,8 +179,16 @@ class ExpertLayout:
 
 
 def fp8_scale_shape(shape: tuple[int, int]) -> tuple[int, int]:
-    """Shape of the fp32 block-scale tensor of an ``[out, in]`` fp8 weight (one scale per 128x128 block)."""
-    return (-(-shape[0] // FP8_BLOCK), -(-shape[1] // FP8_BLOCK))
+    """Shape of the fp32 block-scale tensor of an ``[out, in]`` fp8 weight (one scale per 128x128 block):
+    ``(ceil(out / 128), ceil(in / 128))``, ints. ``shape``: a tuple or list of two positive integers (Python or numpy;
+    TypeError / ValueError naming it otherwise)."""
+    if isinstance(shape, (str, bytes)) or not isinstance(shape, (tuple, list)):
+        raise TypeError(f"shape must be a 2-D [out, in] tuple of positive integers, got {shape!r}")
+    if len(shape) != 2:
+        raise ValueError(f"shape must be a 2-D [out, in] tuple of positive integers, got {tuple(shape)!r} "
+                         f"({len(shape)} dimensions)")
+    out, inner = (_positive_int(d, f"every dimension of the weight shape {tuple(shape)!r}") for d in shape)
+    return (-(-out // FP8_BLOCK), -(-inner // FP8_BLOCK))
 
 
 def local_allocation_bytes(layout: ExpertLayout, name: str, experts_per_rank: int, unit: int = REGISTER_UNIT) -> int:
