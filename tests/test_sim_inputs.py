@@ -18,3 +18,28 @@ def test_a_cv_whose_gamma_is_out_of_floats_range_is_refused(cv):
         workload(1, 1, 8192, 16384, cv=cv)
     for ok in (1e-150, 1e150):  # the gamma still exists in floats: lengths >= 1
         assert request_lengths(4, 8192, cv=ok, rng=np.random.default_rng(0)).min() >= 1
+
+
+@pytest.mark.parametrize("kw, name", [(dict(seed=True), "seed"), (dict(seed=-1), "seed"), (dict(seed=1.5), "seed"),
+                                      (dict(seed=None), "seed"), (dict(rank=True), "rank"), (dict(rank=-1), "rank")])
+def test_rank_and_seed_must_be_integers_at_least_0(kw, name):
+    """seed=True had drawn the queues of seed 1 without a word; -1, 1.5 or None failed inside numpy's seeding
+    ("expected non-negative integer", "object of type 'NoneType' has no len()") without naming the seed."""
+    from dwdp_ops.sim.workload import rank_iterations
+
+    args = dict(rank=0, iterations=2, isl=1024, max_tokens=4096, ratio=0.8, seed=0) | kw
+    with pytest.raises(ValueError, match=rf"^{name} must be an integer >= 0, got "):
+        rank_iterations(**args)
+    if name == "seed":
+        with pytest.raises(ValueError, match=r"^seed must be an integer >= 0"):
+            workload(2, 2, 1024, 4096, ratio=0.8, seed=kw["seed"])
+    assert workload(2, 2, 1024, 4096, ratio=0.8, seed=np.int64(3)) == workload(2, 2, 1024, 4096, ratio=0.8, seed=3)
+
+
+@pytest.mark.parametrize("n", [True, -1, 2.5])
+def test_request_count_must_be_an_integer_at_least_0(n):
+    """n=-1 or 2.5 had failed inside numpy ("negative dimensions are not allowed", "expected a sequence of
+    integers") without naming n."""
+    with pytest.raises(ValueError, match=r"^n must be an integer >= 0, got "):
+        request_lengths(n, 8192, ratio=0.8, rng=np.random.default_rng(0))
+    assert request_lengths(np.int64(0), 8192, ratio=0.8, rng=np.random.default_rng(0)).size == 0

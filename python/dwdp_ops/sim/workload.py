@@ -82,6 +82,8 @@ def _check_source(isl: int, ratio: float | None, cv: float | None) -> None:
 def request_lengths(n: int, isl: int, *, ratio: float | None = None, cv: float | None = None,
                     rng: np.random.Generator) -> np.ndarray:
     """``n`` request lengths (int64, each >= 1) by the rule of the module docstring."""
+    if not is_int(n) or n < 0:
+        raise ValueError(f"n must be an integer >= 0, got {n!r}")
     _check_source(isl, ratio, cv)
     ratio, cv = (None if ratio is None else float(ratio)), (None if cv is None else float(cv))
     if ratio is not None:
@@ -168,7 +170,10 @@ def rank_iterations(rank: int, iterations: int, isl: int, max_tokens: int, *, ra
         raise ValueError(f"iterations must be an integer >= 1, got {iterations!r}")
     iterations = int(iterations)
     _check_budget(max_tokens)
-    rng = np.random.default_rng([seed, rank])
+    for name, v in (("rank", rank), ("seed", seed)):  # numpy's seeding took True as 1 and named neither
+        if not is_int(v) or v < 0:
+            raise ValueError(f"{name} must be an integer >= 0, got {v!r}")
+    rng = np.random.default_rng([int(seed), int(rank)])
     block = draw_block(iterations, isl, max_tokens)
     return list(itertools.islice(iter_batches(drawn_lengths(rng, block, isl, ratio, cv), max_tokens), iterations))
 
