@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 from dwdp_ops import ExpertPartition
 from dwdp_ops.policy import MODES, ModeChoice, Rates, choose_mode, pair_shares
@@ -282,3 +283,23 @@ def test_allowed_given_as_one_string_is_named():
     with pytest.raises(ValueError, match=r"allowed must be a sequence of mode names, got the string 'dispatch' "
                                          r"\(write \('dispatch',\)\)"):
         choose_mode(**args, allowed="dispatch")
+
+
+@pytest.mark.parametrize("kwargs, err, match", [
+    (dict(tokens_per_rank=5), TypeError, r"^tokens_per_rank must be a sequence of one count per rank, in rank order "
+                                         r"\(a list, tuple or 1-D array\), got 5 \(int\)$"),
+    (dict(tokens_per_rank=np.array(5)), TypeError, r"^tokens_per_rank must be a sequence .*, got array\(5\)"),
+    (dict(tokens_per_rank={0: 5, 1: 7}), TypeError, r"^tokens_per_rank must be a sequence .*, got a dict: \{0: 5"),
+    (dict(tokens_per_rank={5, 7}), TypeError, r"^tokens_per_rank must be a sequence .*, got a set"),
+    (dict(allowed=None), TypeError, r"^allowed must be a sequence of mode names from \('prefetch_all', .*\), "
+                                    r"got None \(NoneType\)$"),
+])
+def test_tokens_and_allowed_that_are_not_sequences_are_named(kwargs, err, match):
+    """A count (tokens_per_rank=5) or allowed=None raised list()'s "'int' object is not iterable", naming nothing; a
+    {rank: T} dict was read as its keys, so {0: 5, 1: 7} planned for T = [0, 1] silently."""
+    args = dict(tokens_per_rank=[1, 1], partition=R1_2, layout_bytes_per_expert=R1_BYTES, hidden=7168, top_k=8)
+    args.update(kwargs)
+    with pytest.raises(err, match=match):
+        choose_mode(**args)
+    args["tokens_per_rank"] = np.array([5, 7])
+    assert choose_mode(**{**args, "allowed": MODES}) == choose_mode(**{**args, "tokens_per_rank": (5, 7), "allowed": MODES})

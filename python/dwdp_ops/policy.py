@@ -42,7 +42,7 @@ from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence, Set
 from dataclasses import dataclass, field
 
 from ._checks import int_at_least, is_real
@@ -175,7 +175,14 @@ def choose_mode(tokens_per_rank: Sequence[int], partition: ExpertPartition, layo
     if not isinstance(rates, Rates):
         raise TypeError(f"rates must be a Rates, got {type(rates).__name__}")
     E, N, L = partition.num_experts, partition.world_size, partition.experts_per_rank
-    tokens = list(tokens_per_rank)
+    if isinstance(tokens_per_rank, (Mapping, Set)):  # a {rank: T} dict lists its keys; a set has no rank order
+        raise TypeError(f"tokens_per_rank must be a sequence of one count per rank, in rank order (a list, tuple or "
+                        f"1-D array), got a {type(tokens_per_rank).__name__}: {tokens_per_rank!r}")
+    try:
+        tokens = list(tokens_per_rank)
+    except TypeError:
+        raise TypeError(f"tokens_per_rank must be a sequence of one count per rank, in rank order (a list, tuple or "
+                        f"1-D array), got {tokens_per_rank!r} ({type(tokens_per_rank).__name__})") from None
     if len(tokens) != N:
         raise ValueError(f"tokens_per_rank needs one count per rank of the partition's world ({N}), got {len(tokens)}")
     tokens = [int_at_least(f"tokens_per_rank[{r}]", t, 0) for r, t in enumerate(tokens)]
@@ -198,7 +205,11 @@ def choose_mode(tokens_per_rank: Sequence[int], partition: ExpertPartition, layo
     if isinstance(allowed, str):  # tuple("dispatch") would be its letters
         raise ValueError(f"allowed must be a sequence of mode names, got the string {allowed!r} "
                          f"(write ({allowed!r},))")
-    allowed = tuple(allowed)
+    try:
+        allowed = tuple(allowed)
+    except TypeError:
+        raise TypeError(f"allowed must be a sequence of mode names from {MODES}, got {allowed!r} "
+                        f"({type(allowed).__name__})") from None
     unknown = [a for a in allowed if a not in MODES]
     if not allowed or unknown or len(set(allowed)) != len(allowed):
         raise ValueError(f"allowed must be a non-empty subset of {MODES} without repeats, got {allowed}")
