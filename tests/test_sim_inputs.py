@@ -43,3 +43,16 @@ def test_request_count_must_be_an_integer_at_least_0(n):
     with pytest.raises(ValueError, match=r"^n must be an integer >= 0, got "):
         request_lengths(n, 8192, ratio=0.8, rng=np.random.default_rng(0))
     assert request_lengths(np.int64(0), 8192, ratio=0.8, rng=np.random.default_rng(0)).size == 0
+
+
+@pytest.mark.parametrize("ranks, error", [(0, ValueError), (-2, ValueError), (True, TypeError), (2.5, TypeError)])
+def test_rank_factors_need_at_least_one_rank(ranks, error):
+    """With a rank speed spread, rank_factors(0) and (-2) had returned one factor, [1 + s]; True one rank's [1.0];
+    2.5 failed in a list multiplication."""
+    from dwdp_ops.models.deepseek_r1.config import DeepSeekConfig
+    from dwdp_ops.sim.costs import CostModel, Overrides, load_calibration
+
+    m = CostModel(load_calibration("h200"), DeepSeekConfig.r1(), Overrides(rank_slowdown=0.25))
+    with pytest.raises(error, match=r"^ranks must be an int >= 1, got "):
+        m.rank_factors(ranks)
+    assert m.rank_factors(np.int64(3)) == [0.875, 0.875, 1.25]

@@ -49,7 +49,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .._checks import is_real
+from .._checks import int_at_least, is_real
 from ..models.deepseek_r1.config import DeepSeekConfig
 
 __all__ = ["CATEGORIES", "COMPUTE", "PROFILES", "SCHEMA", "CostModel", "Overrides", "R1Ops", "load_calibration",
@@ -262,6 +262,7 @@ class CostModel:
     def rank_factors(self, ranks: int) -> list[float]:
         """Compute-time factor of each of ``ranks`` ranks (module docstring): the last rank is the slowest, 1 + s;
         the others 1 - s / (N - 1), so their mean is 1 (the calibration's rates are means of ranks). One rank: 1."""
+        ranks = int_at_least("ranks", ranks, 1)  # 0 or -2 had given [1 + s], True [1.0]
         s = self.rank_slowdown
         if ranks == 1 or s == 0:
             return [1.0] * ranks
