@@ -56,3 +56,14 @@ def test_rank_factors_need_at_least_one_rank(ranks, error):
     with pytest.raises(error, match=r"^ranks must be an int >= 1, got "):
         m.rank_factors(ranks)
     assert m.rank_factors(np.int64(3)) == [0.875, 0.875, 1.25]
+
+
+def test_a_calibration_file_that_is_not_text_is_refused_naming_it(tmp_path):
+    """A binary file had raised UnicodeDecodeError ("'utf-8' codec can't decode byte 0xff"), naming neither the file
+    nor what it should be."""
+    from dwdp_ops.sim.costs import load_calibration
+
+    bad = tmp_path / "cal.json"
+    bad.write_bytes(b"\xff\xfe{\x00")
+    with pytest.raises(ValueError, match=r"cal\.json is not a calibration JSON file \(not UTF-8 text"):
+        load_calibration(bad)

@@ -181,7 +181,10 @@ def load_calibration(name_or_path: str | Path) -> dict:
         path = Path(name_or_path)
         if not path.is_file():
             raise ValueError(f"no calibration profile or file {str(name_or_path)!r} (profiles: {', '.join(PROFILES)})")
-        text, where = path.read_text(), str(path)
+        try:
+            text, where = path.read_text(encoding="utf-8"), str(path)
+        except UnicodeDecodeError as e:  # a ValueError that named neither the file nor what it should be
+            raise ValueError(f"{path} is not a calibration JSON file (not UTF-8 text: {e})") from None
     try:
         cal = json.loads(text)
     except json.JSONDecodeError as e:
