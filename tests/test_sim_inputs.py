@@ -67,3 +67,55 @@ def test_a_calibration_file_that_is_not_text_is_refused_naming_it(tmp_path):
     bad.write_bytes(b"\xff\xfe{\x00")
     with pytest.raises(ValueError, match=r"cal\.json is not a calibration JSON file \(not UTF-8 text"):
         load_calibration(bad)
+
+
+RESULTS = __import__("pathlib").Path(__file__).resolve().parents[1] / "bench" / "results"
+FWD, OVL, DSP, FB, PRB = ("deepseek_forward_H200_N2.json", "prefetch_overlap_H200_N2.json",
+                          "dispatch_bandwidth_H200_N2.json", "fetch_bandwidth_H200_N2_bfloat16.json",
+                          "attention_probe_H200.json")
+
+
+def _rows(j):
+    return [row for rk in j["ranks"] for row in rk["rows"]]
+
+
+@pytest.mark.skipif(not (RESULTS / FWD).is_file(), reason="bench/results not here")
+@pytest.mark.parametrize("name, breakage, field", [
+    (FWD, lambda j: j.pop("ranks"), "ranks must be a non-empty list of objects, got nothing (missing)"),
+    (FWD, lambda j: j.update(ranks="x"), "ranks must be a non-empty list of objects, got 'x'"),
+    (FWD, lambda j: j["ranks"][0]["rows"][0].update(step_ms="1"), "ranks[0].rows[0].step_ms must be a finite"),
+    (FWD, lambda j: j["ranks"][0].update(dense_tflops=None), "ranks[0].dense_tflops must be a finite number > 0"),
+    (FWD, lambda j: [r.update(expert_tflops=-5) for r in _rows(j)], "ranks[0].rows[0].expert_tflops must be"),
+    (FWD, lambda j: j["ranks"][0]["rows"][0].update(tokens=True), "ranks[0].rows[0].tokens must be an integer"),
+    (FWD, lambda j: "[]", "must hold a JSON object, got list"),
+    (FWD, lambda j: "{not json", "is not valid JSON"),
+    (DSP, lambda j: j.update(records=[]), "records must be a non-empty list of objects, got []"),
+    (DSP, lambda j: j.update(records=j["records"][-1:]), "at least 2 records of different payloads"),
+    (FB, lambda j: j.update(records=[]), "records must be a non-empty list of objects, got []"),
+    (OVL, lambda j: [r.update(slowdown=[]) for r in j["ranks"]], "ranks[0].slowdown must be a non-empty list"),
+    (PRB, lambda j: j["records"][1].update(lengths=[]), "records[1].lengths must be a non-empty list of integers"),
+])
+def test_calibration_inputs_with_a_missing_or_wrong_field_are_refused_naming_file_and_field(
+        tmp_path, capsys, name, breakage, field):
+    """A missing field had ended in a bare KeyError ("'ranks'"), a wrong-typed one in a TypeError or IndexError
+    traceback ("string indices must be integers", "expected non-empty vector for x", "list index out of range"),
+    and a negative expert GEMM rate had been replaced silently by the monotone-time rule; each is now a ValueError
+    naming the file and the field, and the command exits 2 with one error line."""
+    import json
+    import shutil
+
+    from dwdp_ops.sim import calibrate
+
+    for f in RESULTS.glob("*.json"):
+        if f.name in calibrate._CHECKS:
+            shutil.copy(f, tmp_path / f.name)
+    data = json.loads((tmp_path / name).read_text())
+    out = breakage(data)
+    (tmp_path / name).write_text(out if isinstance(out, str) else json.dumps(data))
+    with pytest.raises(ValueError) as e:
+        calibrate.h200_calibration(tmp_path)
+    assert str(e.value).startswith(str(tmp_path / name)) and field in str(e.value), str(e.value)
+    with pytest.raises(SystemExit) as e:
+        calibrate.main(["--results", str(tmp_path), "--out-dir", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and field in err and not (tmp_path / "out").exists()

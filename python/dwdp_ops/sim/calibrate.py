@@ -52,6 +52,7 @@ from statistics import mean
 
 import numpy as np
 
+from .._checks import is_int, is_real
 from ..models.deepseek_r1.config import DeepSeekConfig
 from .costs import SCHEMA, R1Ops, validate_calibration
 from .paper import PAPER
@@ -72,14 +73,146 @@ def _r(x: float, digits: int = 6) -> float:
 
 
 def _load(results: Path, name: str) -> dict:
+    """The JSON object of ``results / name``, its fields checked (``_CHECKS``): ValueError naming the file and the
+    field that is missing or wrong, instead of a KeyError / TypeError / IndexError where it is used."""
     path = results / name
     if not path.is_file():
         raise FileNotFoundError(f"{path} is missing: the H200 calibration is built from it")
-    return json.loads(path.read_text())
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path} is not valid JSON: {e}") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path} must hold a JSON object, got {type(data).__name__}")
+    _CHECKS[name](data, str(path))
+    return data
+
+
+_MISSING = object()
+
+
+def _bad(file: str, field: str, want: str, got: object) -> None:
+    raise ValueError(f"{file}: {field} must be {want}, got {'nothing (missing)' if got is _MISSING else repr(got)}")
+
+
+def _objects(d: dict, key: str, file: str, field: str, empty: bool = False) -> list[dict]:
+    v = d.get(key, _MISSING)
+    if not isinstance(v, list) or (not v and not empty):
+        _bad(file, field, "a list of objects" if empty else "a non-empty list of objects", v)
+    for i, x in enumerate(v):
+        if not isinstance(x, dict):
+            _bad(file, f"{field}[{i}]", "an object", x)
+    return v
+
+
+def _number(d: dict, key: str, file: str, field: str, lo: float = 0.0, strict: bool = True) -> None:
+    v = d.get(key, _MISSING)
+    if not (is_real(v) and math.isfinite(v) and (v > lo if strict else v >= lo)):
+        _bad(file, field, f"a finite number {'>' if strict else '>='} {lo:g}", v)
+
+
+def _integer(d: dict, key: str, file: str, field: str, lo: int = 1) -> None:
+    v = d.get(key, _MISSING)
+    if not (is_int(v) and v >= lo):
+        _bad(file, field, f"an integer >= {lo}", v)
+
+
+def _date(d: dict, file: str) -> None:
+    if "date" in d and not isinstance(d["date"], str):
+        _bad(file, "date", "a string", d["date"])
+
+
+def _check_probe(p: dict, f: str) -> None:
+    _date(p, f)
+    for i, r in enumerate(_objects(p, "records", f, "records")):
+        w = f"records[{i}]"
+        if not isinstance(r.get("kind"), str):
+            _bad(f, f"{w}.kind", "a string ('mix' or 'equal')", r.get("kind", _MISSING))
+        _integer(r, "S", f, f"{w}.S")
+        cases = r.get("cases", _MISSING)
+        if not isinstance(cases, dict):
+            _bad(f, f"{w}.cases", "an object", cases)
+        case = {"mix": "packed:loop", "equal": "packed:dense"}.get(r["kind"])
+        if case not in cases:
+            continue
+        if not isinstance(cases[case], dict):
+            _bad(f, f"{w}.cases[{case!r}]", "an object", cases[case])
+        _number(cases[case], "tflops", f, f"{w}.cases[{case!r}].tflops")
+        if r["kind"] == "mix":
+            _number(cases[case], "median_ms", f, f"{w}.cases[{case!r}].median_ms")
+            L = r.get("lengths", _MISSING)
+            if not (isinstance(L, list) and L and all(is_int(x) and x >= 1 for x in L)):
+                _bad(f, f"{w}.lengths", "a non-empty list of integers >= 1", L)
+        else:
+            _integer(r, "requests", f, f"{w}.requests")
+
+
+def _check_forward(d: dict, f: str) -> None:
+    _date(d, f)
+    _integer(d, "layers", f, "layers")
+    _integer(d, "moe_layers", f, "moe_layers")
+    if d["moe_layers"] > d["layers"]:
+        _bad(f, "moe_layers", f"at most layers ({d['layers']})", d["moe_layers"])
+    for i, rk in enumerate(_objects(d, "ranks", f, "ranks")):
+        _number(rk, "dense_tflops", f, f"ranks[{i}].dense_tflops")
+        for j, row in enumerate(_objects(rk, "rows", f, f"ranks[{i}].rows")):
+            w = f"ranks[{i}].rows[{j}]"
+            for key in ("tokens", "requests"):
+                _integer(row, key, f, f"{w}.{key}")
+            for key in ("step_ms", "attn_ms", "experts_ms", "expert_tflops", "fetch_GBps"):
+                _number(row, key, f, f"{w}.{key}")
+            _number(row, "wait_ms", f, f"{w}.wait_ms", strict=False)
+    if not any(row["tokens"] >= RANK_SPEED_MIN_TOKENS for rk in d["ranks"] for row in rk["rows"]):
+        _bad(f, "ranks[*].rows[*].tokens", f"at least {RANK_SPEED_MIN_TOKENS} in some row (the fetch rate is read "
+             "from those rows)", sorted({row["tokens"] for rk in d["ranks"] for row in rk["rows"]}))
+
+
+def _check_overlap(d: dict, f: str) -> None:
+    for i, rk in enumerate(_objects(d, "ranks", f, "ranks")):
+        _number(rk, "fetch_ce_gbps", f, f"ranks[{i}].fetch_ce_gbps")
+        for j, x in enumerate(_objects(rk, "exposed", f, f"ranks[{i}].exposed", empty=True)):
+            _integer(x, "tokens", f, f"ranks[{i}].exposed[{j}].tokens")
+            _number(x, "gemm_tflops", f, f"ranks[{i}].exposed[{j}].gemm_tflops")
+        for j, x in enumerate(_objects(rk, "slowdown", f, f"ranks[{i}].slowdown")):
+            w = f"ranks[{i}].slowdown[{j}]"
+            _integer(x, "tokens", f, f"{w}.tokens")
+            _number(x, "slowdown_ce", f, f"{w}.slowdown_ce", lo=-1.0)
+            if not isinstance(x.get("fetch_longer_than_gemm"), bool):
+                _bad(f, f"{w}.fetch_longer_than_gemm", "true or false", x.get("fetch_longer_than_gemm", _MISSING))
+    if not any(x["fetch_longer_than_gemm"] for rk in d["ranks"] for x in rk["slowdown"]):
+        _bad(f, "ranks[*].slowdown[*].fetch_longer_than_gemm", "true somewhere (the interference is read from "
+             "those points)", False)
+
+
+def _check_dispatch(d: dict, f: str) -> None:
+    payloads = set()
+    for i, r in enumerate(_objects(d, "records", f, "records")):
+        _integer(r, "tokens_per_rank", f, f"records[{i}].tokens_per_rank")
+        if r["tokens_per_rank"] < 1024:  # only these are fitted
+            continue
+        ours = r.get("modes", {}).get("ours", _MISSING) if isinstance(r.get("modes"), dict) else _MISSING
+        if not isinstance(ours, dict):
+            _bad(f, f"records[{i}].modes.ours", "an object", ours)
+        pb = ours.get("payload_bytes_per_rank", _MISSING)
+        if not (isinstance(pb, list) and pb and all(is_real(x) and math.isfinite(x) and x > 0 for x in pb)):
+            _bad(f, f"records[{i}].modes.ours.payload_bytes_per_rank", "a non-empty list of finite numbers > 0", pb)
+        _number(ours, "time_ms", f, f"records[{i}].modes.ours.time_ms")
+        payloads.add(max(pb))
+    if len(payloads) < 2:
+        _bad(f, "records[tokens_per_rank>=1024]", "at least 2 records of different payloads (a line is fitted "
+             "through them)", len(payloads))
+
+
+def _check_fetch(d: dict, f: str) -> None:
+    _integer(_objects(d, "records", f, "records")[0], "expert_bytes", f, "records[0].expert_bytes")
 
 
 PROBE = "attention_probe_H200.json"
 LATER_PROBE = "attention_probe_H200_with_flex.json"  # a later run of the same probe at S = 1024 and 8192 only
+_CHECKS = {PROBE: _check_probe, LATER_PROBE: _check_probe, "deepseek_forward_H200_N2.json": _check_forward,
+           "prefetch_overlap_H200_N2.json": _check_overlap, "dispatch_bandwidth_H200_N2.json": _check_dispatch,
+           "fetch_bandwidth_H200_N2_bfloat16.json": _check_fetch}
+
 
 
 def attention_points(results: Path, ops: R1Ops) -> tuple[list[dict], list[dict], str]:
@@ -119,7 +252,7 @@ def attention_points(results: Path, ops: R1Ops) -> tuple[list[dict], list[dict],
             f"{core[0]['seq_len']} and above {core[-1]['seq_len']} tokens)")
     later = results / LATER_PROBE
     if later.is_file():
-        lp = json.loads(later.read_text())
+        lp = _load(results, LATER_PROBE)
         diffs = []
         for r in lp["records"]:
             if r["kind"] == "mix" and "packed:loop" in r["cases"]:
