@@ -119,3 +119,13 @@ def test_calibration_inputs_with_a_missing_or_wrong_field_are_refused_naming_fil
         calibrate.main(["--results", str(tmp_path), "--out-dir", str(tmp_path / "out")])
     err = capsys.readouterr().err
     assert e.value.code == 2 and field in err and not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("cv", [1e-160, 1e200])
+def test_simconfig_refuses_a_cv_out_of_floats_range_up_front(cv):
+    """SimConfig checked cv only as a finite number >= 0: a cv whose gamma has no float shape or scale passed it and
+    was refused only when simulate() drew the workload. It is refused where the configuration is made now."""
+    from dwdp_ops.sim.model import SimConfig
+
+    with pytest.raises(ValueError, match=r"cv=.* is out of range"):
+        SimConfig(cv=cv)

@@ -214,7 +214,6 @@ _CHECKS = {PROBE: _check_probe, LATER_PROBE: _check_probe, "deepseek_forward_H20
            "fetch_bandwidth_H200_N2_bfloat16.json": _check_fetch}
 
 
-
 def attention_points(results: Path, ops: R1Ops) -> tuple[list[dict], list[dict], str]:
     """The attention core rate of ``models/attention.py``'s ``prefill_attention`` under ``auto`` from
     ``bench/results/attention_probe_H200.json``: ``core_points`` from the ``mix`` records (lengths uniform in

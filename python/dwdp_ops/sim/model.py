@@ -110,7 +110,7 @@ from ..models.deepseek_r1.config import DeepSeekConfig
 from ..partition import ExpertPartition
 from ..policy import _p_row
 from .costs import CATEGORIES, COMPUTE, CostModel, Overrides, load_calibration
-from .workload import Iteration, workload
+from .workload import Iteration, _check_source, workload
 
 __all__ = ["MAX_ISL", "MAX_REQUESTS_PER_ITERATION", "MAX_TOKENS", "RankStep", "SimConfig", "dep_eplb",
            "dep_expert_counts", "dep_iteration", "dwdp_timeline", "partition_for", "simulate"]
@@ -179,10 +179,7 @@ class SimConfig:
             raise ValueError(f"dense_layers must be an integer in [0, layers={self.layers}], got {d!r}")
         if d is not None:
             object.__setattr__(self, "dense_layers", int(d))
-        if self.ratio is not None and not (is_real(self.ratio) and 0 < self.ratio <= 1):
-            raise ValueError(f"ratio must be a number in (0, 1], got {self.ratio!r}")
-        if self.cv is not None and not (is_real(self.cv) and math.isfinite(self.cv) and self.cv >= 0):
-            raise ValueError(f"cv must be a finite number >= 0, got {self.cv!r}")
+        _check_source(self.isl, self.ratio, self.cv)  # the workload's own rule: refused here, not at simulate()
         for name in ("ratio", "cv"):  # a numpy number as a Python float: asdict() goes into JSON
             if getattr(self, name) is not None:
                 object.__setattr__(self, name, float(getattr(self, name)))
