@@ -52,3 +52,17 @@ def test_a_mask_that_is_not_numbers_is_refused(mask_dtype):
     want = coaction_forward(table, ftable, mask, spec, ind_ids=ids, feed_ids=fids)
     for ok in (mask.astype(bool), mask.astype(np.int8), mask.astype(np.float64)):
         np.testing.assert_array_equal(coaction_forward(table, ftable, ok, spec, ind_ids=ids, feed_ids=fids), want)
+
+
+@pytest.mark.parametrize("mask_dtype", ["<U1", "datetime64[s]"])
+def test_a_mask_that_is_not_numbers_is_named_beside_padded_feed_ids(mask_dtype):
+    """With feed ids padded (-1 at masked positions) the reference read a string or datetime mask's values to pick the
+    ids to range-check before it checked the mask's dtype: every position counted as present, and the error named the
+    (valid) feed_ids, "feed_ids must be in [0, 7)". Now the mask is named, forward and backward."""
+    spec, table, ftable, ids, fids, mask, g = _case()
+    padded = np.where(mask != 0, fids, -1)
+    bad = mask.astype(int).astype(mask_dtype)
+    with pytest.raises(TypeError, match=r"mask must be numbers or booleans"):
+        coaction_forward(table, ftable, bad, spec, ind_ids=ids, feed_ids=padded)
+    with pytest.raises(TypeError, match=r"mask must be numbers or booleans"):
+        coaction_backward(table, ftable, bad, g, spec, ind_ids=ids, feed_ids=padded)

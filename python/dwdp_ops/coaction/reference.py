@@ -140,9 +140,14 @@ class CoActionSpec:
         for name, a in (("induction", induction), ("feed", feed)):
             if a.dtype.kind != "f":
                 raise TypeError(f"{name} must hold floating-point values, got {a.dtype}")
-        if mask.dtype.kind not in "biuf":  # (a string mask had compared '0' != 0 and counted every position)
-            raise TypeError(f"mask must be numbers or booleans (nonzero where a behaviour is present), got "
-                            f"{mask.dtype}")
+        _check_mask_dtype(mask)
+
+
+def _check_mask_dtype(mask) -> None:
+    """TypeError unless ``mask`` holds numbers or booleans (a string mask had compared '0' != 0 and counted every
+    position); run before anything reads the mask's values (``_gather``'s masked feed ids too)."""
+    if mask.dtype.kind not in "biuf":
+        raise TypeError(f"mask must be numbers or booleans (nonzero where a behaviour is present), got {mask.dtype}")
 
 
 def _forward_order(spec: CoActionSpec, induction, feed, mask, c):
@@ -202,6 +207,8 @@ def _gather(xp, table, ids, what: str, shape_hint: str, mask):
         if ids.shape != want:
             raise ValueError(f"{what} must be {dims} = {list(want)} (the mask is [B, T] = {list(mask.shape)}), got "
                              f"shape {list(ids.shape)}")
+    if what == "feed_ids":
+        _check_mask_dtype(mask)  # (before its values pick the ids to check: a string mask had named the feed_ids)
     if what == "feed_ids" and mask.ndim == 2 and ids.shape == mask.shape and table.shape[0] > 0:
         ids = xp.where(mask != 0, ids, 0)  # (masked positions: any value, read as row 0)
     if ids.size and (int(ids.min()) < 0 or int(ids.max()) >= table.shape[0]):
