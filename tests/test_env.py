@@ -151,3 +151,25 @@ def test_a_node_size_without_a_local_rank_is_named(names):
             DistEnv.from_environ({rank_n: str(rank), world_n: "4", local_world_n: "2"})
     e = DistEnv.from_environ({rank_n: "1", world_n: "2", local_world_n: "2"})  # one node: the global rank is local
     assert (e.local_rank, e.local_world_size) == (1, 2)
+
+
+def test_a_timeout_too_long_for_a_socket_is_refused_where_it_is_parsed():
+    """DWDP_TIMEOUT=1e10 (finite, > 0) was accepted, and the rendezvous then failed deep inside with
+    'OverflowError: timestamp out of range for platform time_t' from socket.settimeout. The longest wait accepted
+    (MAX_TIMEOUT) must fit every wait it is used for: a socket, a lock, a deadline with rendezvous's 5 s of grace."""
+    import socket
+    import threading
+
+    from dwdp_ops.env import MAX_TIMEOUT, timeout_from_environ
+
+    for raw in ("1e10", "9999999999", "1e300"):
+        with pytest.raises(ValueError, match=rf"^environment variable DWDP_TIMEOUT='{raw}': expected at most 1e\+09 "
+                                             r"seconds \(about 31 years; unset it for the default 300\)$"):
+            timeout_from_environ(environ={"DWDP_TIMEOUT": raw})
+        with pytest.raises(ValueError, match=r"^timeout must be at most 1e\+09 seconds \(about 31 years\), got "):
+            timeout_from_environ(float(raw), environ={})
+    assert timeout_from_environ(environ={"DWDP_TIMEOUT": "1e9"}) == MAX_TIMEOUT
+    assert timeout_from_environ(MAX_TIMEOUT, environ={}) == MAX_TIMEOUT
+    with socket.socket() as s:
+        s.settimeout(MAX_TIMEOUT + 5.0)
+    assert threading.Lock().acquire(timeout=MAX_TIMEOUT + 5.0)

@@ -8,7 +8,7 @@ Recognised launchers, in order:
     ``OMPI_COMM_WORLD_LOCAL_SIZE``;
   * none of them: a single process, rank 0 of 1.
 The rendezvous address is ``MASTER_ADDR`` (default 127.0.0.1) and ``MASTER_PORT`` (default 29531).
-``DWDP_TIMEOUT`` (seconds a collective waits, default 300) is parsed by ``timeout_from_environ`` for ``init()`` and
+``DWDP_TIMEOUT`` (seconds a collective waits, default 300, at most ``MAX_TIMEOUT``) is parsed by ``timeout_from_environ`` for ``init()`` and
 ``dispatch_nccl.init_process_group_from_env`` alike.
 
 Under ``torchrun`` (recognised by the ``TORCHELASTIC_*`` variables its agent sets, ``under_torchrun``),
@@ -28,6 +28,9 @@ from ._checks import is_bool, is_int
 DEFAULT_MASTER_ADDR = "127.0.0.1"
 DEFAULT_MASTER_PORT = 29531
 DEFAULT_TIMEOUT = 300.0
+# The longest wait accepted (about 31 years): socket and lock timeouts overflow a bit above 9.2e9 s ("timestamp out of
+# range for platform time_t" deep inside a rendezvous), so anything longer is refused where it is parsed.
+MAX_TIMEOUT = 1e9
 TIMEOUT_VAR = "DWDP_TIMEOUT"
 
 _TORCH = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE")
@@ -58,8 +61,8 @@ def _int(env: Mapping[str, str], name: str, default: int | None = None) -> int |
 def timeout_from_environ(timeout: float | None = None, environ: Mapping[str, str] | None = None,
                          default: float = DEFAULT_TIMEOUT) -> float:
     """Seconds a collective waits: ``timeout`` when given, else ``DWDP_TIMEOUT`` (unset or blank: ``default``).
-    Invariant: the result is a finite number > 0. Otherwise ValueError names where the value came from: the
-    ``timeout`` argument, or ``DWDP_TIMEOUT=<value>`` with what is expected."""
+    Invariant: the result is a finite number > 0 and <= ``MAX_TIMEOUT`` (1e9 s). Otherwise ValueError names where the
+    value came from: the ``timeout`` argument, or ``DWDP_TIMEOUT=<value>`` with what is expected."""
     if timeout is not None:
         if is_bool(timeout):  # float(True) would be 1 second
             raise ValueError(f"timeout must be > 0 seconds (a number, not a bool), got {timeout!r}")
@@ -69,6 +72,8 @@ def timeout_from_environ(timeout: float | None = None, environ: Mapping[str, str
             raise ValueError(f"timeout must be > 0 seconds, got {timeout!r}") from None
         if not (math.isfinite(t) and t > 0):
             raise ValueError(f"timeout must be > 0 seconds and finite, got {timeout!r}")
+        if t > MAX_TIMEOUT:
+            raise ValueError(f"timeout must be at most {MAX_TIMEOUT:g} seconds (about 31 years), got {timeout!r}")
         return t
     env = os.environ if environ is None else environ
     raw = env.get(TIMEOUT_VAR)
@@ -81,6 +86,9 @@ def timeout_from_environ(timeout: float | None = None, environ: Mapping[str, str
     if not (math.isfinite(t) and t > 0):
         raise ValueError(f"environment variable {TIMEOUT_VAR}={raw!r}: expected a finite number of seconds > 0 "
                          f"(unset it for the default {default:g})")
+    if t > MAX_TIMEOUT:
+        raise ValueError(f"environment variable {TIMEOUT_VAR}={raw!r}: expected at most {MAX_TIMEOUT:g} seconds "
+                         f"(about 31 years; unset it for the default {default:g})")
     return t
 
 
