@@ -329,6 +329,29 @@ def test_launch_shape_names_the_limit_a_spec_is_beyond(spec, match):
         uses_fast_kernels(spec, backward=True)
 
 
+@pytest.mark.parametrize(
+    "spec, match",
+    [
+        (CoActionSpec(orders=2**31), r"orders must be in \[1, 8\]"),
+        (CoActionSpec(orders=10**30), r"orders must be in \[1, 8\]"),
+        (CoActionSpec(layer_dims=((2**31, 8),)), r"layer dims must be in \[1, 256\]"),
+        (CoActionSpec(layer_dims=((16, 2**70), (2**70, 4))), r"layer dims must be in \[1, 256\]"),
+        (CoActionSpec(layer_dims=((2**40, 2**40),) * 9), "1 to 8 layers"),
+    ],
+    ids=["orders-2**31", "orders-huge", "width-2**31", "width-huge", "layers"],
+)
+def test_a_spec_beyond_a_c_int_is_refused_by_its_limit(spec, match):
+    """Widths or an order count past 2**31 - 1 had reached the binding, which refused the call with a TypeError
+    ("incompatible function arguments") naming no limit; launch_shape promises the ValueError naming it."""
+    from dwdp_ops.coaction import launch_shape, split_warps
+    from dwdp_ops.coaction.fused import uses_fast_kernels, uses_specialized_kernels
+
+    for call in (lambda: launch_shape(spec), lambda: uses_fast_kernels(spec, backward=True),
+                 lambda: uses_specialized_kernels(spec), lambda: split_warps(spec, 1, 100, 132)):
+        with pytest.raises(ValueError, match=match):
+            call()
+
+
 def test_the_fused_ops_take_only_a_coaction_spec():
     """The reference's older layer_dims form is not the fused op's: a TypeError naming spec, not an AttributeError or
     an unhashable-list error from inside."""

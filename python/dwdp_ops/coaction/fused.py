@@ -356,7 +356,15 @@ def _spec(spec: Any) -> CoActionSpec:
 
 @functools.lru_cache(maxsize=256)
 def _spec_args(spec: CoActionSpec):
-    """The kernels' shape arguments of ``spec`` (cached per spec: the fused calls are on a training step's hot path)."""
+    """The kernels' shape arguments of ``spec`` (cached per spec: the fused calls are on a training step's hot path).
+    A width or an order count a C int cannot hold is refused here with the native check's own message (the binding
+    had refused the call as "incompatible function arguments", a TypeError naming no limit)."""
+    if spec.orders >= 2**31 or any(x >= 2**31 for d in spec.layer_dims for x in d):
+        if len(spec.layer_dims) > 8:  # (the native checks' order: layers, widths, orders; cpp/src/coaction.cu)
+            raise ValueError("co-action: 1 to 8 layers, din and dout of one length")
+        if any(x > 256 for d in spec.layer_dims for x in d):
+            raise ValueError("co-action: layer dims must be in [1, 256]")
+        raise ValueError("co-action: orders must be in [1, 8]")
     return (tuple(i for i, _ in spec.layer_dims), tuple(o for _, o in spec.layer_dims), spec.orders, spec.bias,
             spec.order_independent, spec.variant == "paper")
 
