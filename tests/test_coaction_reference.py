@@ -388,6 +388,25 @@ def test_non_contiguous_ids_are_refused(which):
         _args(spec, table, ftable, mask, ids, fids, "float32")
 
 
+@pytest.mark.parametrize("B, T", [(2**31, 1), (1, 2**31), (1, 2**31 - 128)], ids=["B", "T", "T-past-the-kernels"])
+def test_a_batch_past_the_kernels_32_bit_indices_is_refused_by_name(B, T):
+    """The module docstring said B and T were unbounded, but the binding takes them as C ints (and the kernels index
+    T + 95 positions in 32 bits): a mask of 2**31 samples or positions reached the binding, which refused the call
+    with "incompatible function arguments", naming neither. A ValueError now names the mask's B and T and the limits,
+    before any GPU work (DeviceBuffers at made-up addresses: only the shapes are read)."""
+    from dwdp_ops.coaction.fused import coaction_backward_gpu, coaction_forward_gpu
+    from dwdp_ops.interop import DeviceBuffer
+
+    spec, f32 = CoActionSpec(layer_dims=((1, 1),), orders=1), np.dtype(np.float32)
+    ind, feed, mask = (DeviceBuffer(0x1000, shape, f32, None) for shape in ((B, 1), (B, T, 1), (B, T)))
+    want = re.escape(f"the mask is [B, T] = [{B}, {T}]: the kernels take B <= 2**31 - 1 samples of T <= 2**31 - 129")
+    with pytest.raises(ValueError, match=want):
+        coaction_forward_gpu(ind, feed, mask, spec, stream=0, check_ids=False)
+    with pytest.raises(ValueError, match=want):
+        coaction_backward_gpu(ind, feed, mask, DeviceBuffer(0x1000, (B, 1), f32, None), spec, stream=0,
+                              check_ids=False)
+
+
 def _shape_cases():
     """(label, call, message) for each wrongly shaped argument of the fused ops: DeviceBuffers at made-up addresses,
     stream 0 and no id check, so every call is refused by the argument checks before any GPU work."""

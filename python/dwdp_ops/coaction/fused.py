@@ -29,7 +29,8 @@ touch memory outside the tables whatever the ids (an induction id outside the ta
 0), so an unchecked bad id gives a wrong result, not a fault.
 
 Limits: 1-8 layers, layer widths up to 256, orders up to 8, and one warp's shared memory within 227 KiB
-(``launch_shape`` tells); beyond them a ValueError says which. T and B are unbounded; a sharded table has at most 8
+(``launch_shape`` tells); beyond them a ValueError says which. B up to 2**31 - 1 samples and T up to 2**31 - 129
+positions a sample (the kernels' 32-bit indices; a ValueError beyond); a sharded table has at most 8
 shards, all reachable by load/store (NVLink).
 """
 
@@ -49,6 +50,7 @@ from ..interop import DeviceBuffer, cupy_stream, device_buffer, stream_handle
 from .reference import CoActionSpec
 
 _DT = {"float32": (np.dtype(np.float32), 0), "bfloat16": (np.dtype(np.uint16), 1)}
+_MAX_T = 2**31 - 129  # positions a sample the kernels index (kMaxT in cpp/src/coaction.cu)
 
 
 class ShardedTable:
@@ -429,6 +431,10 @@ def _args(spec: CoActionSpec, induction, feed, mask, ind_ids, feed_ids, dtype):
         raise CoActionArgumentError(f"mask must be a contiguous float32 [B, T] array, got "
                                     f"{'' if mk.contiguous else 'a non-contiguous '}{mk.dtype} {list(mk.shape)}")
     B, T = mk.shape
+    if B >= 2**31 or T > _MAX_T:  # (the binding takes them as C ints: it had refused the call as "incompatible
+        # function arguments", naming neither)
+        raise ValueError(f"the mask is [B, T] = [{B}, {T}]: the kernels take B <= 2**31 - 1 samples of "
+                         f"T <= 2**31 - 129 positions")
     if isinstance(induction, ShardedTable):
         if induction._closed:
             raise DwdpError("the ShardedTable is closed")
