@@ -256,3 +256,45 @@ def test_run_checks_its_arguments_before_starting_a_rank(kw, match):
     args = {"command": [sys.executable, "-c", "pass"], **kw}
     with pytest.raises(ValueError, match=match):
         launch.run(2, args.pop("command"), **args)
+
+
+def test_the_port_chosen_has_a_free_neighbour(monkeypatch):
+    """A job uses MASTER_PORT and MASTER_PORT + 1 (dispatch_nccl's torch.distributed port by default), but free_port
+    checked only the first: a port whose neighbour was in use (or 65535, whose neighbour is no TCP port) was handed
+    out, and the NCCL baseline then failed to bind or refused the port. Here the first ports offered are 65535 and
+    one whose neighbour is held; neither may come back."""
+    import socket
+
+    from dwdp_ops import launch
+
+    real = socket.socket
+    busy = []  # held until the end
+    try:
+        for _ in range(50):
+            busy.append(real(socket.AF_INET, socket.SOCK_STREAM))
+            busy[-1].bind(("127.0.0.1", 0))
+            held = busy[-1].getsockname()[1]
+            try:
+                with real(socket.AF_INET, socket.SOCK_STREAM) as probe:
+                    probe.bind(("127.0.0.1", held - 1))
+                break
+            except OSError:
+                continue
+        offered = [65535, held - 1]
+
+        class Offering(real):
+            def bind(self, address):
+                if address[1] == 0 and offered:
+                    address = (address[0], offered.pop(0))
+                return super().bind(address)
+
+        monkeypatch.setattr(socket, "socket", Offering)
+        port = launch.free_port()
+        monkeypatch.undo()
+        assert not offered and port not in (65535, held - 1)
+        for p in (port, port + 1):
+            with real(socket.AF_INET, socket.SOCK_STREAM) as s:
+                s.bind(("127.0.0.1", p))
+    finally:
+        for s in busy:
+            s.close()

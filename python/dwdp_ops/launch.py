@@ -36,9 +36,22 @@ GRACE_S = 5.0
 
 
 def free_port(addr: str = "127.0.0.1") -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((addr, 0))
-        return s.getsockname()[1]
+    """A free TCP port P of ``addr`` whose neighbour P + 1 is free too: a job uses both (``MASTER_PORT`` for
+    ``dwdp_ops.init``'s control plane, ``MASTER_PORT + 1`` for ``dispatch_nccl``'s torch.distributed by default), so
+    the neighbour must neither be in use nor past 65535."""
+    for _ in range(100):
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            s.bind((addr, 0))
+            port = s.getsockname()[1]
+            if port >= 65535:
+                continue
+            with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s1:
+                try:
+                    s1.bind((addr, port + 1))
+                except OSError:
+                    continue
+            return port
+    raise RuntimeError(f"found no two adjacent free TCP ports on {addr} in 100 tries")
 
 
 def _pump(rank: int, stream, out, lock: threading.Lock) -> None:
