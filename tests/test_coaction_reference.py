@@ -352,6 +352,20 @@ def test_a_spec_beyond_a_c_int_is_refused_by_its_limit(spec, match):
             call()
 
 
+@pytest.mark.parametrize("value", [None, 0, 1, "yes"])
+def test_the_backward_flag_of_the_launch_queries_must_be_a_bool(value):
+    """launch_shape / uses_fast_kernels / uses_specialized_kernels took backward=None or 0 as the forward and 1 as the
+    backward without a word, and refused "yes" in the binding ("incompatible function arguments", naming no
+    argument); split_warps already refused a backward that is not a bool. numpy's bool passes."""
+    from dwdp_ops.coaction import launch_shape
+    from dwdp_ops.coaction.fused import uses_fast_kernels, uses_specialized_kernels
+
+    for query in (launch_shape, uses_fast_kernels, uses_specialized_kernels):
+        with pytest.raises(TypeError, match="backward must be a bool"):
+            query(CoActionSpec(), backward=value)
+        assert query(CoActionSpec(), backward=np.bool_(True)) == query(CoActionSpec(), backward=True)
+
+
 def test_the_fused_ops_take_only_a_coaction_spec():
     """The reference's older layer_dims form is not the fused op's: a TypeError naming spec, not an AttributeError or
     an unhashable-list error from inside."""

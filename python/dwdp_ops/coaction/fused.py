@@ -371,23 +371,31 @@ def _spec_args(spec: CoActionSpec):
             spec.order_independent, spec.variant == "paper")
 
 
+def _backward_flag(backward: Any) -> bool:
+    """``backward`` checked to be a bool (numpy's included), as ``split_warps`` checks it: None or 0 had been taken
+    as the forward without a word, a string refused by the binding naming no argument."""
+    if not is_bool(backward):
+        raise TypeError(f"backward must be a bool, got {type(backward).__name__}: {backward!r}")
+    return bool(backward)
+
+
 def launch_shape(spec: CoActionSpec, backward: bool = False) -> tuple[int, int]:
     """``(warps per block, shared-memory bytes per block)`` of the kernel for ``spec`` (0 warps: one warp's shared
     memory does not fit); a spec beyond the op's limits (module docstring) is a ValueError naming the limit."""
-    return tuple(native().coaction_launch_shape(*_spec_args(_spec(spec)), backward))
+    return tuple(native().coaction_launch_shape(*_spec_args(_spec(spec)), _backward_flag(backward)))
 
 
 def uses_fast_kernels(spec: CoActionSpec, backward: bool = False) -> bool:
     """Whether ``spec`` runs on the register (fast) kernels; False: the shared-memory fallback for wide layers (or
     nothing fits, see ``launch_shape``)."""
-    return bool(native().coaction_fast_path(*_spec_args(_spec(spec)), backward))
+    return bool(native().coaction_fast_path(*_spec_args(_spec(spec)), _backward_flag(backward)))
 
 
 def uses_specialized_kernels(spec: CoActionSpec, backward: bool = False) -> bool:
     """Whether ``spec`` runs on the specialised kernels (compile-time widths: the CAN reference shape, D = 16,
     16 -> 8 -> 4, orders 1-4, bias, order independence, not the paper variant); ``DWDP_COACTION_SPECIALIZED=0``
     sends every shape to the general kernels (read at each call)."""
-    return bool(native().coaction_specialized(*_spec_args(_spec(spec)), backward))
+    return bool(native().coaction_specialized(*_spec_args(_spec(spec)), _backward_flag(backward)))
 
 
 def split_warps(spec: CoActionSpec, B: int, T: int, sms: int, dtype: str = "float32", backward: bool = False) -> int:
