@@ -121,6 +121,21 @@ def test_bad_arguments_are_named(kw, exc, match):
         split_warps(CoActionSpec(), **args)
 
 
+@pytest.mark.parametrize("dtype", [["float32"], {"float32": 1}], ids=["list", "dict"])
+def test_an_unhashable_dtype_is_named(dtype):
+    """A dtype given as a list (or another unhashable object) had raised "unhashable type: 'list'" from the dict
+    lookup, naming no argument, in split_warps and in the fused ops' checks; now the ValueError naming dtype."""
+    import numpy as np
+    from dwdp_ops.coaction import coaction_forward_gpu
+    from dwdp_ops.interop import DeviceBuffer
+
+    with pytest.raises(ValueError, match="dtype must be 'float32' or 'bfloat16'"):
+        split_warps(CoActionSpec(), 4, 100, 132, dtype=dtype)
+    a = DeviceBuffer(0x1000, (1, 1), np.dtype(np.float32), None)
+    with pytest.raises(ValueError, match="dtype must be 'float32' or 'bfloat16'"):
+        coaction_forward_gpu(a, a, a, dtype=dtype, stream=0, check_ids=False)
+
+
 def test_a_bad_override_is_read_by_the_general_kernels_but_not_the_fallback(monkeypatch):
     monkeypatch.setenv("DWDP_COACTION_SPLIT", "3")
     assert split_warps(FALLBACK, 1, 2000, 132) == 0

@@ -68,7 +68,7 @@ class ShardedTable:
         from ..runtime import get_runtime
         from ..symmetric import free_symmetric, peer_view, symmetric_empty
 
-        if dtype not in _DT:
+        if not isinstance(dtype, str) or dtype not in _DT:  # (a list: "unhashable type", naming nothing)
             raise ValueError(f"dtype must be 'float32' or 'bfloat16', got {dtype!r}")
         for name, v in (("num_rows", num_rows), ("dim", dim)):
             if not is_int(v):  # (int() had truncated a float, True was 1)
@@ -407,7 +407,7 @@ def split_warps(spec: CoActionSpec, B: int, T: int, sms: int, dtype: str = "floa
     general register-path ones): a block of K warps a sample, each a segment of its positions; sums inside a sample are
     added in a fixed order for a given K (table and feed gradients by atomics, as at K = 1), and differ from K = 1's in
     rounding."""
-    if dtype not in _DT:
+    if not isinstance(dtype, str) or dtype not in _DT:  # (a list: "unhashable type", naming nothing)
         raise ValueError(f"dtype must be 'float32' or 'bfloat16', got {dtype!r}")
     if not is_bool(backward):
         raise TypeError(f"backward must be a bool, got {type(backward).__name__}: {backward!r}")
@@ -429,7 +429,7 @@ def _dims(spec: CoActionSpec) -> tuple[tuple, tuple[int, int, int]]:
 
 
 def _args(spec: CoActionSpec, induction, feed, mask, ind_ids, feed_ids, dtype):
-    if dtype not in _DT:
+    if not isinstance(dtype, str) or dtype not in _DT:  # (a list: "unhashable type", naming nothing)
         raise ValueError(f"dtype must be 'float32' or 'bfloat16', got {dtype!r}")
     storage, code = _DT[dtype]
     spec_args, dims = _dims(spec)
