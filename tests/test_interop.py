@@ -121,6 +121,16 @@ def test_a_numpy_integer_is_an_integer_handle():
         stream_handle(np.True_)
 
 
+@pytest.mark.parametrize("bad", [-1, 2**64, -(2**70), np.int64(-3)])
+def test_an_integer_handle_outside_a_pointer_is_named(bad):
+    """A negative or a 65-bit integer handle went through and reached the bindings, which refused it with pybind11's
+    "incompatible function arguments" naming no argument (or a negative one could be read as a huge pointer). It is a
+    ValueError naming the stream and the range now; 0 and 2**64 - 1 are handles."""
+    with pytest.raises(ValueError, match=r"stream: an integer handle must be in \[0, 2\*\*64\)"):
+        stream_handle(bad)
+    assert stream_handle(0) == 0 and stream_handle(2**64 - 1) == 2**64 - 1
+
+
 def test_a_bool_and_a_non_cuda_torch_stream_are_not_streams():
     """``True`` read as handle 1 (the legacy default stream) and ``torch.Stream``, what
     ``torch.accelerator.current_stream()`` returns, was refused even on CUDA (its CUDA case: tests/test_gpu_torch_ops.py)."""

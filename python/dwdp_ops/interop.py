@@ -157,9 +157,9 @@ def stream_handle(stream: Any) -> int:
     (``.cuda_stream``), a CUDA ``torch.Stream`` (what ``torch.accelerator.current_stream()`` returns: the
     ``cuda_stream`` of the ``torch.cuda.Stream`` of its ``stream_id`` / ``device_index``; ``stream_id`` itself is
     PyTorch's internal id, not a handle), a cuda.core stream (``__cuda_stream__``) or an integer handle (Python or
-    numpy); None means CuPy's current stream (the legacy default stream when CuPy is absent). A TypeError for anything
-    else, a ``bool`` included (``True`` would read as handle 1, the legacy default stream), and for a ``torch.Stream``
-    of another device type."""
+    numpy, in [0, 2**64): a ValueError otherwise); None means CuPy's current stream (the legacy default stream when CuPy
+    is absent). A TypeError for anything else, a ``bool`` included (``True`` would read as handle 1, the legacy default
+    stream), and for a ``torch.Stream`` of another device type."""
     if stream is None:
         try:
             import cupy
@@ -170,6 +170,8 @@ def stream_handle(stream: Any) -> int:
     if is_bool(stream):
         raise TypeError(f"stream must be a CuPy/PyTorch/cuda.core stream or an integer handle, got bool {stream}")
     if is_int(stream):
+        if not 0 <= int(stream) < 2**64:  # a cudaStream_t is a pointer: the bindings take it as uintptr_t
+            raise ValueError(f"stream: an integer handle must be in [0, 2**64) (a cudaStream_t), got {int(stream)}")
         return int(stream)
     for attr in ("ptr", "cuda_stream"):
         if hasattr(stream, attr):
