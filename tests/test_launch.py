@@ -298,3 +298,29 @@ def test_the_port_chosen_has_a_free_neighbour(monkeypatch):
     finally:
         for s in busy:
             s.close()
+
+
+def test_a_slow_reader_still_gets_every_line(tmp_path):
+    """A rank that printed a lot and exited while our stdout was read slowly (``| tee`` to a slow disk, ssh): its
+    last lines were still in its pipe, and the launcher gave each rank's output 2 s after the job ended, then exited
+    without them (the last ~1000 lines and the final 'LAST' line lost, exit code 0). Only time spent waiting for
+    more output now bounds that drain, not time spent writing ours."""
+    import fcntl
+
+    script = tmp_path / "job.py"
+    script.write_text("for i in range(1200):\n    print(f'line {i:05d} ' + 'x' * 48)\nprint('LAST')\n")
+    proc = subprocess.Popen([sys.executable, "-m", "dwdp_ops.launch", "-n", "1", str(script)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    fcntl.fcntl(proc.stdout.fileno(), fcntl.F_SETPIPE_SZ, 4096)  # a small pipe: the backlog stays with the launcher
+    out = b""
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        chunk = proc.stdout.read1(1024)  # about 20 KB/s: the rank's 64 KB pipe takes > 3 s to drain
+        if not chunk:
+            break
+        out += chunk
+        time.sleep(0.05)
+    proc.stdout.close()
+    assert proc.wait(timeout=30) == 0, proc.stderr.read()
+    lines = out.decode().splitlines()
+    assert len(lines) == 1201 and lines[-1] == "[rank 0] LAST", lines[-3:]

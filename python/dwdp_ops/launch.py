@@ -54,11 +54,30 @@ def free_port(addr: str = "127.0.0.1") -> int:
     raise RuntimeError(f"found no two adjacent free TCP ports on {addr} in 100 tries")
 
 
-def _pump(rank: int, stream, out, lock: threading.Lock) -> None:
+class _ReadClock:
+    """Seconds a pump has spent waiting for its rank's output (not writing ours): what bounds the final drain."""
+
+    def __init__(self) -> None:
+        self.waited = 0.0
+        self.since: float | None = None  # when the pending read began; None while a line is being written
+
+    def reading(self) -> float:
+        since = self.since
+        return self.waited + (time.monotonic() - since if since is not None else 0.0)
+
+
+def _pump(rank: int, stream, out, lock: threading.Lock, clock: _ReadClock | None = None) -> None:
     """Copies a rank's output, prefixed, until the rank closes it; when our own output is gone (``| head``), keeps
-    draining so that the rank never blocks on a full pipe."""
+    draining so that the rank never blocks on a full pipe. ``clock`` counts the time spent waiting to read."""
+    clock = clock or _ReadClock()
     prefix = f"[rank {rank}] ".encode()
-    for line in iter(stream.readline, b""):
+    while True:
+        clock.since = time.monotonic()
+        line = stream.readline()
+        clock.waited += time.monotonic() - clock.since
+        clock.since = None
+        if not line:
+            break
         with lock:
             try:
                 out.write(prefix + line if line.endswith(b"\n") else prefix + line + b"\n")
@@ -183,7 +202,8 @@ def run(
     stopping = []
 
     def on_signal(signum, _frame):
-        if stopping:  # already cleaning up: let it finish
+        if stopping:  # already cleaning up: let it finish (a second signal only cuts the final output drain short)
+            stopping.append(signum)
             return
         stopping.append(signum)
         _say(f"received signal {signum}; terminating every rank", lock)
@@ -201,9 +221,10 @@ def run(
             p = subprocess.Popen(command, env=e, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                  start_new_session=True)
             procs[r] = p
-            t = threading.Thread(target=_pump, args=(r, p.stdout, sys.stdout.buffer, lock), daemon=True)
+            clock = _ReadClock()
+            t = threading.Thread(target=_pump, args=(r, p.stdout, sys.stdout.buffer, lock, clock), daemon=True)
             t.start()
-            pumps.append(t)
+            pumps.append((t, clock))
         return _supervise(procs, lock, timeout, keep_going)
     finally:
         stopping.append(0)
@@ -211,8 +232,14 @@ def run(
         if running:
             _terminate(procs, running)
         _reap_groups(procs)
-        for t in pumps:
-            t.join(timeout=2.0)
+        # Every rank's output reaches our stdout, however slowly that is read (``| tee`` to a slow disk, ssh): a pump
+        # is given up only after 2 s spent waiting for more output (a helper that left the rank's process group still
+        # holds the pipe) or on a second signal; the time spent writing ours does not count.
+        signals = len(stopping)
+        start = [clock.reading() for _, clock in pumps]
+        for (t, clock), t0 in zip(pumps, start):
+            while t.is_alive() and clock.reading() - t0 < 2.0 and len(stopping) == signals:
+                t.join(timeout=0.05)
         for s, h in old.items():
             signal.signal(s, h)
 
