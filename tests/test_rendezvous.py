@@ -409,12 +409,13 @@ def test_late_duplicate_rank_is_answered_at_once():
     ("5", TypeError, r"timeout must be a number of seconds, got '5' \(str\)"),
     (True, TypeError, r"timeout must be a number of seconds, got True \(bool\)"),
     (None, TypeError, r"timeout must be a number of seconds, got None \(NoneType\)"),
-], ids=["nan", "inf", "str", "bool", "none"])
+    (1e10, ValueError, r"timeout must be at most 1e\+09 seconds \(about 31 years\), got 10000000000.0"),
+], ids=["nan", "inf", "str", "bool", "none", "past-a-socket"])
 def test_bad_timeout_is_refused_at_construction(timeout, exc, match):
     """A NaN timeout passed the '<= 0' check and made a rank > 0 wait for rank 0 forever (every deadline was NaN);
-    inf raised OverflowError from the socket layer, '5' a comparison TypeError, True meant 1 second. Refused before
-    any socket opens (world 1 included, where no wait happens): a wrong type a TypeError, a bad number a ValueError,
-    each naming the value."""
+    inf (and 1e10, finite) raised OverflowError from the socket layer, '5' a comparison TypeError, True meant 1
+    second. Refused before any socket opens (world 1 included, where no wait happens): a wrong type a TypeError, a bad
+    number a ValueError, each naming the value."""
     for rank, world in ((0, 1), (1, 2)):
         with pytest.raises(exc, match=f"^rendezvous: {match}$"):
             Rendezvous(rank, world, "127.0.0.1", free_port(), timeout)

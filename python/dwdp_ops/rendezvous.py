@@ -43,7 +43,7 @@ from collections.abc import Sequence
 from datetime import timedelta
 
 from ._checks import is_int, is_real
-from .env import under_torchrun
+from .env import MAX_TIMEOUT, under_torchrun
 from .errors import RendezvousError
 
 _HEADER = struct.Struct(">I")
@@ -254,6 +254,9 @@ class Rendezvous:
                             f"({type(timeout).__name__})")
         if not (math.isfinite(timeout) and timeout > 0):  # NaN would make every deadline NaN: a wait with no end
             raise ValueError(f"rendezvous: timeout must be a finite number of seconds > 0, got {timeout}")
+        if timeout > MAX_TIMEOUT:  # a socket's timeout past the platform's time_t: OverflowError deep in a dial
+            raise ValueError(f"rendezvous: timeout must be at most {MAX_TIMEOUT:g} seconds (about 31 years), got "
+                             f"{timeout}")
         timeout = float(timeout)
         self.rank, self.world_size, self.addr, self.port, self.timeout = rank, world_size, addr, port, timeout
         if torchrun is None:

@@ -19,7 +19,7 @@ Invariants:
 
 Environment variables read here (set before ``init()``):
   ``DWDP_TIMEOUT``   seconds any collective waits for the other ranks (default 300; ``env.timeout_from_environ``: a
-                     value that is not a finite number > 0 raises ValueError naming it).
+                     value that is not a finite number in (0, 1e9] raises ValueError naming it).
   ``NVSHMEM_*``      passed through to NVSHMEM; ``init()`` sets these defaults when unset: ``NVSHMEM_DISABLE_NVLS=1``
                      (NVLink multicast stays off: it can take shared hosts' GPUs out of service), ``NVSHMEM_REMOTE_TRANSPORT=none`` (one node),
                      ``NVSHMEM_CUMEM_GRANULARITY=2097152`` (registered expert buffers of any 2 MiB multiple),
