@@ -157,6 +157,14 @@ def _p_row(m: float, E: int, k: int) -> float:
     return 1.0 - miss
 
 
+def _iterated(kind, value, what: str):
+    """``kind(value)`` (list or tuple), or a TypeError that says ``what`` and shows ``value`` when it is not iterable."""
+    try:
+        return kind(value)
+    except TypeError:
+        raise TypeError(f"{what}, got {value!r} ({type(value).__name__})") from None
+
+
 def choose_mode(tokens_per_rank: Sequence[int], partition: ExpertPartition, layout_bytes_per_expert: int,
                 hidden: int, top_k: int, rates: Rates | None = None, allowed: Sequence[str] = MODES, *,
                 param_bytes: float = 2.0, token_bytes: float = 2.0, partial_bytes: float = 4.0,
@@ -178,11 +186,8 @@ def choose_mode(tokens_per_rank: Sequence[int], partition: ExpertPartition, layo
     if isinstance(tokens_per_rank, (Mapping, Set)):  # a {rank: T} dict lists its keys; a set has no rank order
         raise TypeError(f"tokens_per_rank must be a sequence of one count per rank, in rank order (a list, tuple or "
                         f"1-D array), got a {type(tokens_per_rank).__name__}: {tokens_per_rank!r}")
-    try:
-        tokens = list(tokens_per_rank)
-    except TypeError:
-        raise TypeError(f"tokens_per_rank must be a sequence of one count per rank, in rank order (a list, tuple or "
-                        f"1-D array), got {tokens_per_rank!r} ({type(tokens_per_rank).__name__})") from None
+    tokens = _iterated(list, tokens_per_rank, "tokens_per_rank must be a sequence of one count per rank, in rank "
+                                              "order (a list, tuple or 1-D array)")
     if len(tokens) != N:
         raise ValueError(f"tokens_per_rank needs one count per rank of the partition's world ({N}), got {len(tokens)}")
     tokens = [int_at_least(f"tokens_per_rank[{r}]", t, 0) for r, t in enumerate(tokens)]
@@ -205,11 +210,7 @@ def choose_mode(tokens_per_rank: Sequence[int], partition: ExpertPartition, layo
     if isinstance(allowed, str):  # tuple("dispatch") would be its letters
         raise ValueError(f"allowed must be a sequence of mode names, got the string {allowed!r} "
                          f"(write ({allowed!r},))")
-    try:
-        allowed = tuple(allowed)
-    except TypeError:
-        raise TypeError(f"allowed must be a sequence of mode names from {MODES}, got {allowed!r} "
-                        f"({type(allowed).__name__})") from None
+    allowed = _iterated(tuple, allowed, f"allowed must be a sequence of mode names from {MODES}")
     unknown = [a for a in allowed if a not in MODES]
     if not allowed or unknown or len(set(allowed)) != len(allowed):
         raise ValueError(f"allowed must be a non-empty subset of {MODES} without repeats, got {allowed}")
