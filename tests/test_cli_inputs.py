@@ -245,6 +245,8 @@ CAN_BAD = (
        ("--samples", ["--data", "{good}", "--samples", "100"]), ("--max-len", ["--max-len", "50"])]
     + [(opt, [opt, "{tmp}/no/such/dir/out"]) for opt in ("--json", "--plot")]
     + [(opt, [opt, "{tmp}"]) for opt in ("--json", "--plot")]  # a directory, not a file
+    # a path that names a directory by its form (had passed, and open() failed with IsADirectoryError after training)
+    + [(opt, [opt, v]) for opt in ("--json", "--plot") for v in ("{tmp}/out.json/", "{tmp}/new/.", "{tmp}/new/..")]
     + [("--plot", ["--json", "{tmp}/r.out", "--plot", "{tmp}/r.out"]),  # the PNG had overwritten the JSON
        ("--plot", ["--json", "{tmp}/r.out", "--plot", "{tmp}/./r.out"])]
     + [("--model", ["--model", "gbdt"]), ("--device", ["--device", "tpu"])]

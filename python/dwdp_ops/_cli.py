@@ -97,6 +97,9 @@ def writable_path(text: str) -> str:
         raise argparse.ArgumentTypeError("expected a file path, got ''")
     if os.path.isdir(text):
         raise argparse.ArgumentTypeError(f"{text!r} is a directory; give a file path")
+    if os.path.basename(text) in ("", ".", ".."):  # 'out.json/', 'dir/.': names a directory, open() would refuse it
+        raise argparse.ArgumentTypeError(f"{text!r} names a directory (it ends with a path separator, '.' or '..'); "
+                                         "give a file path")
     parent = os.path.dirname(os.path.abspath(text))
     if not os.path.isdir(parent):
         raise argparse.ArgumentTypeError(f"the directory {parent!r} of {text!r} does not exist")
