@@ -169,6 +169,28 @@ def test_from_hf_state_dict_names_the_expert_it_cannot_encode():
         hc.from_hf_state_dict(cfg, bad)
 
 
+def test_hf_state_dict_names_the_routed_expert_it_cannot_convert():
+    """A routed expert's tensor that was missing, transposed (with its scales, so that they agree) or not fp8 codes
+    had raised a bare KeyError, numpy's 'could not broadcast' or dequant_block's message, none naming the tensor
+    the way a missing dense weight is named."""
+    from dwdp_ops.models.deepseek_r1 import DeepSeekConfig, init_weights
+    from dwdp_ops.models.deepseek_r1 import hf_convert as hc
+
+    cfg = DeepSeekConfig.tiny()
+    W = init_weights(cfg, 0)
+    p = "layers.2.ffn.experts.3.w2"
+    theirs = r"\(Hugging Face's 'model\.layers\.2\.mlp\.experts\.down_proj', expert 3\)"
+    for gone in (p, p + ".scale"):
+        with pytest.raises(KeyError, match=rf"'{gone}' {theirs} is missing from the weights"):
+            hc.hf_state_dict(cfg, {k: v for k, v in W.items() if k != gone})
+    transposed = {**W, p: W[p].T.copy(), p + ".scale": W[p + ".scale"].T.copy()}
+    with pytest.raises(ValueError, match=rf"'{p}' {theirs} has shape \[32, 64\], this config needs \[64, 32\]"):
+        hc.hf_state_dict(cfg, transposed)
+    with pytest.raises(ValueError, match=rf"'{p}' {theirs}: dequant_block: q must be uint8"):
+        hc.hf_state_dict(cfg, {**W, p: W[p].astype(np.float32)})
+    assert set(hc.from_hf_state_dict(cfg, hc.hf_state_dict(cfg, W))) == set(W)
+
+
 def test_from_hf_state_dict_warns_of_keys_it_drops():
     """Keys it does not map (DeepSeek-R1's multi-token-prediction layer, another model's) had been dropped without a
     word: one warning names them now; a clean round trip and the rotary buffers older transformers saved give none."""

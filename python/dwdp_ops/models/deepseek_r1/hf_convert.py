@@ -115,16 +115,27 @@ def hf_name_map(cfg: DeepSeekConfig) -> dict[str, str]:
 
 
 def _experts(cfg: DeepSeekConfig, W: dict[str, np.ndarray], layer: int) -> tuple[np.ndarray, np.ndarray]:
-    """``(gate_up_proj [E, 2I, H], down_proj [E, H, I])`` float32 of a MoE layer, dequantised."""
+    """``(gate_up_proj [E, 2I, H], down_proj [E, H, I])`` float32 of a MoE layer, dequantised. A missing tensor
+    raises KeyError, a wrong shape or a tensor ``dequant_fp8`` refuses ValueError, each naming our tensor and Hugging
+    Face's."""
     p = f"layers.{layer}.ffn.experts."
     E, I, d = cfg.n_routed_experts, cfg.moe_inter_dim, cfg.dim
     gate_up = np.empty((E, 2 * I, d), np.float32)
     down = np.empty((E, d, I), np.float32)
     for e in range(E):
         q = f"{p}{e}."
-        gate_up[e, :I] = dequant_fp8(W[q + "w1"], W[q + "w1.scale"], cfg.block)
-        gate_up[e, I:] = dequant_fp8(W[q + "w3"], W[q + "w3.scale"], cfg.block)
-        down[e] = dequant_fp8(W[q + "w2"], W[q + "w2.scale"], cfg.block)
+        for n, out, src in (("w1", gate_up[e, :I], 0), ("w3", gate_up[e, I:], 0), ("w2", down[e], 1)):
+            theirs = f"Hugging Face's 'model.layers.{layer}.{_EXPERTS[src]}', expert {e}"
+            for k in (q + n, q + n + ".scale"):
+                if k not in W:
+                    raise KeyError(f"weight {k!r} ({theirs}) is missing from the weights")
+            if tuple(np.shape(W[q + n])) != out.shape:  # a transposed one (with its scales) would not broadcast
+                raise ValueError(f"weight {q + n!r} ({theirs}) has shape {list(np.shape(W[q + n]))}, this config "
+                                 f"needs {list(out.shape)}")
+            try:
+                out[...] = dequant_fp8(W[q + n], W[q + n + ".scale"], cfg.block)
+            except ValueError as err:  # dequant_block's message names neither the tensor nor the expert
+                raise ValueError(f"weight {q + n!r} ({theirs}): {err}") from err
     return gate_up, down
 
 
