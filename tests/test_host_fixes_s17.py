@@ -81,6 +81,17 @@ def test_reference_moe_names_a_per_rank_argument_that_is_not_a_sequence(which, s
         reference_moe(args["xs_per_rank"], args["ids_per_rank"], args["w_per_rank"], P2, identity)
 
 
+@pytest.mark.parametrize("which", list(EXPECTED))
+@pytest.mark.parametrize("keys", [("a", "b"), (1, 2), (0, 1)])
+def test_reference_moe_refuses_a_dict_in_place_of_a_per_rank_sequence(which, keys):
+    """A dict passed the "has __getitem__ and a length" test and was then indexed by rank: keys other than 0..N-1
+    gave a bare ``KeyError: 0`` naming nothing. Now a TypeError naming the argument and the keys, whatever they are."""
+    args = dict(zip(EXPECTED, ([X, X], [IDS, IDS], [W, W])))
+    args[which] = dict(zip(keys, args[which]))
+    with pytest.raises(TypeError, match=rf"^{which} must be a sequence of .*one per rank \(2\), got a dict with keys"):
+        reference_moe(args["xs_per_rank"], args["ids_per_rank"], args["w_per_rank"], P2, identity)
+
+
 def test_reference_moe_still_takes_nested_lists_and_an_array_of_ranks():
     """What worked stays: a rank's entry as nested lists (hidden states, ids), a stacked [N, ...] array as a
     sequence."""

@@ -43,7 +43,7 @@ argument, what was wrong and what is expected.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -395,11 +395,11 @@ def reference_moe(xs_per_rank: Sequence[np.ndarray], ids_per_rank: Sequence[np.n
 
     Returns ``[out_r [T_r, H]]`` in each rank's x dtype (float32 for a custom storage). Every rank's three inputs are
     checked before any planning, each error naming the argument and the rank (``ids_per_rank[1]``): TypeError for a
-    wrong type (``partition``, one of the three not a sequence with one entry per rank, an entry that is not an array:
-    None, an object numpy holds only as an object; an ``xs_per_rank[r]`` whose dtype is not floating-point, an
-    ``ids_per_rank[r]`` not integer, a ``w_per_rank[r]`` not float32), ValueError for a wrong value (not one entry per
-    rank, a ragged entry, a shape, tokens or hidden sizes that disagree, routing ``plan_send`` refuses, an
-    ``expert_fn`` result of another shape).
+    wrong type (``partition``, one of the three not a sequence with one entry per rank, a dict included, an entry
+    that is not an array: None, an object numpy holds only as an object; an ``xs_per_rank[r]`` whose dtype is not
+    floating-point, an ``ids_per_rank[r]`` not integer, a ``w_per_rank[r]`` not float32), ValueError for a wrong
+    value (not one entry per rank, a ragged entry, a shape, tokens or hidden sizes that disagree, routing
+    ``plan_send`` refuses, an ``expert_fn`` result of another shape).
     """
     _check_partition(partition)
     N = partition.world_size
@@ -414,6 +414,10 @@ def reference_moe(xs_per_rank: Sequence[np.ndarray], ids_per_rank: Sequence[np.n
         if n is None:
             raise TypeError(f"{name} must be a sequence of {noun}s, one per rank ({N}), got {seq!r} "
                             f"({type(seq).__name__})")
+        if isinstance(seq, Mapping):  # indexed by its keys: rank r's entry would be seq[r], a KeyError unless keyed so
+            raise TypeError(f"{name} must be a sequence of {noun}s, one per rank ({N}), got a "
+                            f"{type(seq).__name__} with keys {list(seq)[:8]!r}; expected a list or tuple whose "
+                            "entry r is rank r's")
         if n != N:
             raise ValueError(f"{name} must have one entry per rank ({N}), got {n}")
     xs, ids, ws = [], [], []
