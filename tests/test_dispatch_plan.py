@@ -227,6 +227,14 @@ def test_round_to_bfloat16_ties_to_even_and_nan():
     assert np.array_equal(round_to_bfloat16(v), torch.from_numpy(v).bfloat16().float().numpy())
 
 
+@pytest.mark.parametrize("a", [np.float32(1.0 + 2**-8), 1.0 + 2**-8, np.array(1.0 + 2**-8, np.float32)])
+def test_round_to_bfloat16_keeps_a_scalars_shape(a):
+    """A scalar or 0-d array came back as a [1] array (np.ascontiguousarray makes 0-d inputs 1-D and the result was
+    reshaped to that); now the result has the input's shape, ()."""
+    r = round_to_bfloat16(a)
+    assert r.shape == () and r.dtype == np.float32 and r == 1.0
+
+
 # -- bad input and capacity --------------------------------------------------------------------------------------------
 P2 = ExpertPartition.disjoint(8, 2)
 OK_IDS = np.array([[0, 5]], np.int32)

@@ -139,12 +139,14 @@ def owner_dest(topk_ids: np.ndarray, partition: ExpertPartition, src: int) -> np
 
 
 def round_to_bfloat16(a: np.ndarray) -> np.ndarray:
-    """float32 values rounded to the nearest bfloat16 (ties to even, as torch's conversion), returned as float32.
-    NaN stays NaN. Used as ``storage`` of ``reference_moe`` for bf16 hidden states."""
-    a = np.ascontiguousarray(a, dtype=np.float32)
+    """float32 values rounded to the nearest bfloat16 (ties to even, as torch's conversion), returned as float32 of
+    ``a``'s shape (a scalar or 0-d array gives a 0-d array). NaN stays NaN. Used as ``storage`` of ``reference_moe``
+    for bf16 hidden states."""
+    shape = np.shape(a)
+    a = np.ascontiguousarray(a, dtype=np.float32)  # ndim >= 1: a 0-d input comes back [1]
     bits = a.view(np.uint32).astype(np.uint64)
     rounded = ((bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000).astype(np.uint32).view(np.float32)
-    return np.where(np.isnan(a), a, rounded).reshape(a.shape)
+    return np.where(np.isnan(a), a, rounded).reshape(shape)
 
 
 # -- the send side -----------------------------------------------------------------------------------------------------
