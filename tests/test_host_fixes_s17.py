@@ -92,6 +92,14 @@ def test_reference_moe_refuses_a_dict_in_place_of_a_per_rank_sequence(which, key
         reference_moe(args["xs_per_rank"], args["ids_per_rank"], args["w_per_rank"], P2, identity)
 
 
+def test_reference_moe_names_the_rank_whose_top_k_differs():
+    """Ranks with different top_k reached plan_recv, whose ValueError named ``send_plans`` (an argument the caller
+    never passed) and no rank. Now the check of the inputs names ``ids_per_rank[1]`` and both top_k."""
+    ids1, w1 = np.array([[0, 5, 6]], np.int32), np.ones((1, 3), np.float32)
+    with pytest.raises(ValueError, match=r"^ids_per_rank\[1\] has top_k=3 slots per token but ids_per_rank\[0\] has 2"):
+        reference_moe([X, X], [IDS, ids1], [W, w1], P2, identity)
+
+
 def test_reference_moe_still_takes_nested_lists_and_an_array_of_ranks():
     """What worked stays: a rank's entry as nested lists (hidden states, ids), a stacked [N, ...] array as a
     sequence."""

@@ -400,8 +400,8 @@ def reference_moe(xs_per_rank: Sequence[np.ndarray], ids_per_rank: Sequence[np.n
     wrong type (``partition``, one of the three not a sequence with one entry per rank, a dict included, an entry
     that is not an array: None, an object numpy holds only as an object; an ``xs_per_rank[r]`` whose dtype is not
     floating-point, an ``ids_per_rank[r]`` not integer, a ``w_per_rank[r]`` not float32), ValueError for a wrong
-    value (not one entry per rank, a ragged entry, a shape, tokens or hidden sizes that disagree, routing
-    ``plan_send`` refuses, an ``expert_fn`` result of another shape).
+    value (not one entry per rank, a ragged entry, a shape, tokens, hidden sizes or ranks' top_k that disagree,
+    routing ``plan_send`` refuses, an ``expert_fn`` result of another shape).
     """
     _check_partition(partition)
     N = partition.world_size
@@ -447,6 +447,9 @@ def reference_moe(xs_per_rank: Sequence[np.ndarray], ids_per_rank: Sequence[np.n
             raise ValueError(f"w_per_rank[{r}] must have ids_per_rank[{r}]'s shape {i.shape}, got {w.shape}")
         if H is not None and x.shape[1] != H:
             raise ValueError(f"every rank needs the same hidden size, got {H} and {x.shape[1]} (rank {r})")
+        if ids and i.shape[1] != ids[0].shape[1]:
+            raise ValueError(f"ids_per_rank[{r}] has top_k={i.shape[1]} slots per token but ids_per_rank[0] has "
+                             f"{ids[0].shape[1]}; expected every rank's routing to have the same top_k (one layer's)")
         H = x.shape[1]
         xs.append(x)
         ids.append(i)
