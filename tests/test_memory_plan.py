@@ -108,6 +108,18 @@ def test_plan_takes_a_numpy_integer_itemsize():
     assert plan_memory(R1, 8, expert_itemsize=np.int64(2)).items == plan_memory(R1, 8, expert_itemsize=2).items
 
 
+@pytest.mark.parametrize("kind", [np.int32, np.uint16, np.int64])
+def test_plan_of_a_config_with_numpy_integer_fields_is_the_plan_of_python_ints(kind):
+    """DeepSeekConfig takes numpy integers; an int32 field had kept its width, so the plan's byte counts wrapped
+    around (embedding and head -0.55 GiB, KV cache negative) and MemoryPlan.total raised OverflowError."""
+    cfg = DeepSeekConfig.r1(vocab_size=kind(32768), n_layers=kind(61), dim=kind(7168))
+    assert all(type(getattr(cfg, n)) is int for n in ("vocab_size", "n_layers", "dim", "n_dense_layers"))
+    want = plan_memory(DeepSeekConfig.r1(vocab_size=32768), 8)
+    got = plan_memory(cfg, 8)
+    assert got.items == want.items and got.total == want.total
+    assert all(v >= 0 for v in got.items.values())
+
+
 @pytest.mark.parametrize("world, err, msg", [
     (True, TypeError, r"^world must be an int, got True \(bool\)$"),
     (2.0, TypeError, r"^world must be an int, got 2.0 \(float\)$"),

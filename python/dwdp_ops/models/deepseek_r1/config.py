@@ -46,8 +46,9 @@ class DeepSeekConfig:
     block: int = 128  # fp8 weight block (128 x 128 scales)
 
     def __post_init__(self) -> None:
-        """Invariants: every integer field is an int (numbers.Integral, not bool; TypeError otherwise), >= 1
-        except ``n_shared_experts`` (>= 0) and ``n_dense_layers`` (in ``[0, n_layers]``); every float field a finite
+        """Invariants: every integer field is an int (numbers.Integral, not bool; TypeError otherwise; held as a
+        Python int), >= 1 except ``n_shared_experts`` (>= 0) and ``n_dense_layers`` (in ``[0, n_layers]``); every float
+        field a finite
         real number (not bool), with ``rope_factor > 0``, ``rope_theta > 1``, ``rms_eps >= 0`` and
         ``route_scale > 0``; the router's groups divide the experts. Errors name the field and what is expected."""
         ints = {f.name for f in fields(self) if f.type in ("int", int)}
@@ -55,6 +56,9 @@ class DeepSeekConfig:
             v = getattr(self, name)
             if not is_int(v):
                 raise TypeError(f"DeepSeekConfig.{name} must be an int, got {v!r} ({type(v).__name__})")
+            # held as a Python int: a numpy int32 / uint8 kept its width, so products of sizes (memory.plan_memory's
+            # bytes, weight shapes) wrapped around silently
+            object.__setattr__(self, name, int(v))
         for name in sorted(f.name for f in fields(self) if f.type in ("float", float)):
             v = getattr(self, name)
             if not is_real(v):
