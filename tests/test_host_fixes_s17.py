@@ -100,6 +100,17 @@ def test_reference_moe_names_the_rank_whose_top_k_differs():
         reference_moe([X, X], [IDS, ids1], [W, w1], P2, identity)
 
 
+@pytest.mark.parametrize("expert_fn, storage, match", [
+    (None, None, r"^expert_fn must be a callable .*got None \(NoneType\)"),
+    ("identity", None, r"^expert_fn must be a callable .*got 'identity' \(str\)"),
+    (identity, 3, r"^storage must be None or a callable .*got 3 \(int\)"),
+])
+def test_reference_moe_refuses_an_expert_fn_or_storage_that_is_not_callable(expert_fn, storage, match):
+    """Had been Python's bare "'NoneType' object is not callable" from inside the combine loop."""
+    with pytest.raises(TypeError, match=match):
+        reference_moe([X, X], [IDS, IDS], [W, W], P2, expert_fn, storage=storage)
+
+
 def test_reference_moe_still_takes_nested_lists_and_an_array_of_ranks():
     """What worked stays: a rank's entry as nested lists (hidden states, ids), a stacked [N, ...] array as a
     sequence."""

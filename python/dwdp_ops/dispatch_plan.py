@@ -397,13 +397,19 @@ def reference_moe(xs_per_rank: Sequence[np.ndarray], ids_per_rank: Sequence[np.n
 
     Returns ``[out_r [T_r, H]]`` in each rank's x dtype (float32 for a custom storage). Every rank's three inputs are
     checked before any planning, each error naming the argument and the rank (``ids_per_rank[1]``): TypeError for a
-    wrong type (``partition``, one of the three not a sequence with one entry per rank, a dict included, an entry
-    that is not an array: None, an object numpy holds only as an object; an ``xs_per_rank[r]`` whose dtype is not
-    floating-point, an ``ids_per_rank[r]`` not integer, a ``w_per_rank[r]`` not float32), ValueError for a wrong
-    value (not one entry per rank, a ragged entry, a shape, tokens, hidden sizes or ranks' top_k that disagree,
+    wrong type (``partition``, an ``expert_fn`` or ``storage`` that is not callable, one of the three not a sequence
+    with one entry per rank, a dict included, an entry that is not an array: None, an object numpy holds only as an
+    object; an ``xs_per_rank[r]`` whose dtype is not floating-point, an ``ids_per_rank[r]`` not integer, a
+    ``w_per_rank[r]`` not float32), ValueError for a wrong value (not one entry per rank, a ragged entry, a shape, tokens, hidden sizes or ranks' top_k that disagree,
     routing ``plan_send`` refuses, an ``expert_fn`` result of another shape).
     """
     _check_partition(partition)
+    if not callable(expert_fn):
+        raise TypeError(f"expert_fn must be a callable (rank, local_expert, x [n, H] float32) -> y [n, H], got "
+                        f"{expert_fn!r} ({type(expert_fn).__name__})")
+    if storage is not None and not callable(storage):
+        raise TypeError(f"storage must be None or a callable (float32 array) -> float32 array, got {storage!r} "
+                        f"({type(storage).__name__})")
     N = partition.world_size
     per_rank = (("xs_per_rank", xs_per_rank, "floating-point [T, H] array"),
                 ("ids_per_rank", ids_per_rank, "integer [T, k] array"),
