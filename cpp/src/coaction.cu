@@ -2458,7 +2458,8 @@ int coaction_forward(const CoActionDims& d, int dtype, int B, int T, const CoAct
     check_dims(d);
     if (spec_shape(d, false, sizeof(E), &swarps, &ssmem)) {
       const SpecGeo geo = make_spec_geo(f, false, sizeof(E));
-      const int forced = split_from_env();  // (a bad value raises before a kernel is queued: only the id check, waited for)
+      // a bad value raises before a kernel is queued but the id check (IdCheck waits for it)
+      const int forced = split_from_env();
       zero_by_memset(zm, s);
       if (B == 0 || T == 0) {
         zero_by_memset(zk, s);
@@ -2487,7 +2488,8 @@ int coaction_forward(const CoActionDims& d, int dtype, int B, int T, const CoAct
     bool fast;
     const void* kfast = f.MW ? by_width(f.MW, k8, k16, k32) : nullptr;
     const int warps = prepare(d, false, &fast, kfast, reinterpret_cast<const void*>(kwarp), &smem);
-    const int forced = fast ? split_from_env() : 0;  // (a bad value raises before a kernel is queued: only the id check, waited for)
+    // a bad value raises before a kernel is queued but the id check (IdCheck waits for it)
+    const int forced = fast ? split_from_env() : 0;
     zero_by_memset(zero, s);
     if (B == 0 || T == 0) return;
     const int split = fast ? fast_split(f, false, B, T, device_sms(dev), forced) : 1;
