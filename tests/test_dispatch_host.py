@@ -116,3 +116,19 @@ def test_max_pairs_must_be_an_int(bad):
     rt = SimpleNamespace(require=lambda what: None, world_size=lambda: 2, device=0)
     with pytest.raises(ValueError, match=r"max_pairs must be an int in \[1, 2\^31\), got"):
         TokenDispatcher(ExpertPartition.disjoint(8, 2), 64, 2, 16, max_pairs=bad, num_sms=4, runtime=rt)
+
+
+@pytest.mark.parametrize("bad", [[-100, 5], [2.9, 0], [True, True], ["7", "1"], [3], [1, 2, 3], 5, None],
+                         ids=["negative", "float", "bool", "str", "short", "long", "int", "none"])
+def test_rows_for_refuses_what_is_not_every_ranks_count(bad):
+    """rows_for took int() of each entry and any length: [-100, 5] gave 1 row, [2.9, 0] a bound of 2 tokens and
+    ["7", "1"] one of 8, all silently (too small a max_rows makes the kernels drop the overflowing pairs); a bare int
+    raised Python's "'int' object is not iterable". ValueError naming tokens_per_rank now."""
+    with pytest.raises(ValueError, match=r"^rows_for: tokens_per_rank must hold every rank's tokens \(2 ints >= 0\)"):
+        bare(align=1).rows_for(bad)
+
+
+def test_rows_for_takes_numpy_counts():
+    np = pytest.importorskip("numpy")
+    assert bare(align=1).rows_for([np.int64(3), np.uint8(1)]) == 8
+    assert bare(align=1).rows_for(np.array([3, 1])) == 8

@@ -214,9 +214,18 @@ class TokenDispatcher:
         """The most grouped rows a step with these per-rank token counts can fill (every token's pairs at this
         rank, groups padded to ``align``), capped at ``max_pairs`` and at least 1 (``dispatch`` takes ``max_rows`` in
         ``[1, max_pairs]``; an all-empty step with ``align=1`` gets 1): the ``max_rows`` that keeps a small step's
-        expert GEMMs small. Host arithmetic, no synchronisation."""
-        L = self.partition.experts_per_rank
-        need = sum(int(t) for t in tokens_per_rank) * min(self.top_k, L) + L * (self.align - 1)
+        expert GEMMs small. Host arithmetic, no synchronisation. ``tokens_per_rank``: every rank's T (``N`` ints
+        >= 0, numpy integers taken); anything else raises ValueError (a negative or truncated count would give a
+        bound too small, and the kernels would drop the overflowing pairs)."""
+        N, L = self.partition.world_size, self.partition.experts_per_rank
+        try:
+            counts = list(tokens_per_rank)
+        except TypeError:
+            counts = None
+        if counts is None or len(counts) != N or not all(is_int(t) and t >= 0 for t in counts):
+            raise ValueError(f"rows_for: tokens_per_rank must hold every rank's tokens ({N} ints >= 0), "
+                             f"got {tokens_per_rank!r}")
+        need = sum(int(t) for t in counts) * min(self.top_k, L) + L * (self.align - 1)
         return max(1, min(self.max_pairs, need))
 
     def dispatch(self, x: Any, topk_ids: Any, topk_weights: Any, stream: Any = None, *,
