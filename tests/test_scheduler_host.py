@@ -534,3 +534,31 @@ def test_a_refused_begin_step_leaves_the_last_steps_state():
     with pytest.raises(ValueError, match="tokens_per_rank must hold every rank's tokens"):
         s.begin_step(tokens=5, num_layers=1, tokens_per_rank=[5, -3])
     assert s.num_layers == 4 and s.step_policy == "dispatch"
+
+
+def test_a_prefetch_failing_in_begin_step_leaves_the_scheduler_usable():
+    """begin_step's second prefetch failing left layer 0 in flight: the exception came from begin_step itself, so
+    ``with sched.step():`` never reached its abort(), and the next begin_step raised 'layers [0] of the previous
+    step were not released'. begin_step now aborts the step it started (waiting for the prefetch enqueued) and
+    re-raises; the next step starts."""
+    store = FakeStore(4)
+    cs = Stream("copy")
+    cs.synced = 0
+
+    def sync():
+        cs.synced += 1
+
+    cs.synchronize = sync
+
+    def failing_fetch(layer, stream, **kw):
+        if layer == 1:
+            raise RuntimeError("peer copy failed")
+        stream.ops.append(("write", layer))
+
+    store.fetch_ce = failing_fetch
+    s = PrefetchScheduler(store, copy_stream=cs, event_factory=lambda: Event([]))
+    with pytest.raises(RuntimeError, match="peer copy failed"), s.step(tokens=4):
+        pass
+    assert cs.synced == 1 and not s._in_flight
+    store.fetch_ce = FakeStore.fetch_ce.__get__(store)
+    assert s.begin_step(tokens=4) == "prefetch_all" and sorted(s._in_flight) == [0, 1]

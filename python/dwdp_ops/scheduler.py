@@ -207,7 +207,8 @@ class PrefetchScheduler:
                    tokens_per_rank: Sequence[int] | None = None) -> str:
         """Starts a forward step over the first ``num_layers`` MoE layers (default: all): picks the step's mode
         (``auto`` needs ``tokens``, this rank's count; see the module docstring for ``tokens_per_rank`` and the
-        collective) and, for ``prefetch_all``, prefetches the first two. Returns the mode."""
+        collective) and, for ``prefetch_all``, prefetches the first two (a prefetch that raises ends the step with
+        ``abort()`` before the exception propagates, so the next ``begin_step`` is accepted). Returns the mode."""
         if self.policy == "auto" and tokens is None:
             raise ValueError("begin_step: the auto policy needs the number of tokens on this rank")
         if tokens is not None and (not is_int(tokens) or tokens < 0):
@@ -232,8 +233,12 @@ class PrefetchScheduler:
         self._done.clear()
         self.step_policy = policy
         if self.step_policy == "prefetch_all":
-            for p in range(min(2, self.num_layers)):
-                self._prefetch(p)
+            try:
+                for p in range(min(2, self.num_layers)):
+                    self._prefetch(p)
+            except BaseException:  # (a prefetch enqueued before the failure would block the next begin_step)
+                self.abort()
+                raise
         return self.step_policy
 
     def abort(self) -> None:
