@@ -562,3 +562,29 @@ def test_a_prefetch_failing_in_begin_step_leaves_the_scheduler_usable():
     assert cs.synced == 1 and not s._in_flight
     store.fetch_ce = FakeStore.fetch_ce.__get__(store)
     assert s.begin_step(tokens=4) == "prefetch_all" and sorted(s._in_flight) == [0, 1]
+
+
+@pytest.mark.parametrize("gathered", [[5, -3], [5, 2.9], [5, True], [5, "7"], [4, 3]],
+                         ids=["negative", "float", "bool", "str", "not-this-rank"])
+def test_gathered_counts_are_checked_as_tokens_per_rank_is(gathered):
+    """The gather's result went through int(): [5, -3] and [5, 2.9] started a dispatch step whose rows_for bound was
+    3 or 1 token short (the kernels drop the overflowing pairs), and a list whose entry for this rank was not its T
+    passed, though tokens_per_rank refuses all of these. ValueError naming the gather's result; nothing starts."""
+    store = FakeStore(2)
+    d = FakeDispatcher(store.partition, 2)
+    s = PrefetchScheduler(store, policy="dispatch", top_k=2, dispatcher=d, gather=lambda t: gathered,
+                          copy_stream=Stream("c"), event_factory=lambda: Event([]))
+    with pytest.raises(ValueError, match=r"gather must return every rank's tokens \(ints >= 0, this rank's = 5"):
+        s.begin_step(tokens=5)
+    assert s.step_tokens is None
+
+
+def test_gathered_numpy_and_tensor_counts_are_taken():
+    torch = pytest.importorskip("torch")
+    store = FakeStore(2)
+    d = FakeDispatcher(store.partition, 2)
+    for gathered in ([np.int64(5), np.uint8(3)], list(torch.tensor([5, 3]))):
+        s = PrefetchScheduler(store, policy="dispatch", top_k=2, dispatcher=d, gather=lambda t, g=gathered: g,
+                              copy_stream=Stream("c"), event_factory=lambda: Event([]))
+        assert s.begin_step(tokens=5) == "dispatch" and s.step_tokens == [5, 3]
+        assert all(type(t) is int for t in s.step_tokens)

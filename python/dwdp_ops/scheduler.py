@@ -48,10 +48,11 @@ shares. Without a dispatcher the two weight modes are rank-local and ``auto`` de
 from __future__ import annotations
 
 import contextlib
+import operator
 from collections.abc import Callable, Sequence
 from typing import Any, Literal
 
-from ._checks import is_int
+from ._checks import is_bool, is_int
 from .interop import stream_handle
 from .policy import MODES, Rates, choose_mode
 from .schedule import DEFAULT_SLICE, Schedule
@@ -196,11 +197,17 @@ class PrefetchScheduler:
 
     def _gather_tokens(self, tokens: int) -> list[int]:
         if self._gather is not None:
-            got = [int(t) for t in self._gather(tokens)]
+            raw = list(self._gather(tokens))
+            got = [_count(t) for t in raw]
         else:
-            got = [int(v) for v in self.store.rt.rendezvous.allgather("PrefetchScheduler.step", str(tokens).encode())]
+            raw = got = [int(v) for v in self.store.rt.rendezvous.allgather("PrefetchScheduler.step",
+                                                                            str(tokens).encode())]
         if len(got) != self.store.partition.world_size:
             raise ValueError(f"gather returned {len(got)} counts for {self.store.partition.world_size} ranks")
+        # (int() had truncated 2.9 to 2 and kept -3: a rows_for bound too small, the overflowing pairs dropped)
+        if any(t is None for t in got) or got[self.store.rank] != tokens:
+            raise ValueError(f"gather must return every rank's tokens (ints >= 0, this rank's = {tokens} at index "
+                             f"{self.store.rank}), got {raw}")
         return got
 
     def begin_step(self, tokens: int | None = None, num_layers: int | None = None, *,
@@ -391,6 +398,17 @@ class PrefetchScheduler:
             raise TypeError(f"layer must be an int, got {layer!r} ({type(layer).__name__})")
         if not 0 <= layer < self.num_layers:
             raise ValueError(f"layer {layer} is outside [0, {self.num_layers})")
+
+
+def _count(value: Any) -> int | None:
+    """``value`` as a token count (an int >= 0: Python, numpy or a 0-d integer tensor), else None (bools too)."""
+    if is_bool(value):
+        return None
+    try:
+        n = operator.index(value)
+    except TypeError:
+        return None
+    return n if n >= 0 else None
 
 
 def _numel(shape) -> int:
