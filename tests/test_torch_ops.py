@@ -22,7 +22,7 @@ class PrefetchScheduler:  # stand-in with the real class's name (the ops check t
 class TokenDispatcher:
     def __init__(self):
         self.partition = ExpertPartition.disjoint(16, 2)
-        self.max_pairs, self.hidden = 4096, 64
+        self.max_pairs, self.hidden, self.max_tokens, self.top_k = 4096, 64, 32, 4
 
 
 def test_handles_are_stable_kinds_are_checked_and_released_handles_raise():
@@ -121,6 +121,55 @@ def test_a_dep_moe_layer_traces_with_capacity_or_row_bound(registered):
             layer(torch.empty((T, H), dtype=torch.bfloat16), torch.empty((T, k), dtype=torch.int64),
                   torch.empty((T, k)), torch.empty((8, 64, H), dtype=torch.bfloat16),
                   torch.empty((8, H, 32), dtype=torch.bfloat16), rows)
+
+
+def _bad_dep_calls():
+    """(name, op, args after the handle, error, message) of dispatch / combine calls the dispatcher refuses (hidden
+    64, max_tokens 32, top_k 4, max_pairs 4096), as fake tensors are made of them."""
+    bf, T = torch.bfloat16, 12
+    x, ids, w = torch.empty((T, 64), dtype=bf), torch.empty((T, 4), dtype=torch.int64), torch.empty((T, 4))
+    return [
+        ("max_rows above max_pairs", "dispatch", (x, ids, w), (5000,), ValueError,
+         r"max_rows must be -1 \(the capacity\) or in \[1, max_pairs = 4096\], got 5000"),
+        ("x of another hidden size", "dispatch", (torch.empty((T, 32), dtype=bf), ids, w), (-1,), ValueError,
+         r"x must be a contiguous \[T, 64\] bf16 tensor, got shape \[12, 32\]"),
+        ("float32 x", "dispatch", (x.float(), ids, w), (-1,), TypeError, "x must be bfloat16, got torch.float32"),
+        ("1-D x", "dispatch", (torch.empty((64,), dtype=bf), ids, w), (-1,), ValueError, r"got shape \[64\]"),
+        ("more tokens than max_tokens", "dispatch", (torch.empty((40, 64), dtype=bf), torch.empty((40, 4), dtype=torch.int64),
+                                                      torch.empty((40, 4))), (-1,), ValueError,
+         "40 tokens exceed the dispatcher's max_tokens = 32"),
+        ("float ids", "dispatch", (x, w, w), (-1,), TypeError,
+         r"topk_ids must be a contiguous int32/int64 \[12, 4\] tensor, got torch.float32"),
+        ("ids of another k", "dispatch", (x, ids[:, :2], w), (-1,), TypeError, r"topk_ids .* got torch.int64 \[12, 2\]"),
+        ("bf16 weights", "dispatch", (x, ids, w.to(bf)), (-1,), TypeError,
+         r"topk_weights must be a contiguous float32 \[12, 4\] tensor, got torch.bfloat16"),
+        ("y of another hidden size", "combine", (torch.empty((100, 32), dtype=bf), x), (), TypeError,
+         r"y_grouped must be a contiguous bf16 \[rows, 64\] tensor, got torch.bfloat16 \[100, 32\]"),
+        ("float32 y", "combine", (torch.empty((100, 64)), x), (), TypeError, "y_grouped .* got torch.float32"),
+        ("1-D y", "combine", (torch.empty((100,), dtype=bf), x), (), TypeError, r"y_grouped .* \[100\]"),
+        ("1-D x", "combine", (torch.empty((100, 64), dtype=bf), torch.empty((64,), dtype=bf)), (), ValueError,
+         r"x must be the dispatch's input, \[T, 64\], got \[64\]"),
+    ]
+
+
+@pytest.mark.parametrize("case", range(len(_bad_dep_calls())), ids=[c[0] for c in _bad_dep_calls()])
+def test_dispatch_and_combine_fakes_refuse_what_the_dispatcher_refuses(registered, case):
+    """The fakes had checked max_rows only: a trace got [5000, H] rows past max_pairs, [4096, 32] for an x of the wrong
+    hidden size, [12, 32] from a combine of a y_grouped the dispatcher refuses, bf16 outputs of float32 inputs (and an
+    IndexError for a 1-D tensor), where the eager op raises."""
+    d = registered(TokenDispatcher())
+    _, op, tensors, tail, err, msg = _bad_dep_calls()[case]
+    with FakeTensorMode() as mode, pytest.raises(err, match=msg):
+        getattr(torch.ops.dwdp, op)(*(mode.from_tensor(t) for t in tensors), d, *tail)
+    with pytest.raises(err, match=msg):  # meta tensors: the same
+        getattr(torch.ops.dwdp, op)(*(t.to("meta") for t in tensors), d, *tail)
+
+
+def test_the_combine_fake_refuses_a_stale_handle():
+    h = ops.handle(TokenDispatcher())
+    ops.release_handle(h)
+    with FakeTensorMode(), pytest.raises(DwdpError, match=f"handle {h} is not registered"):
+        torch.ops.dwdp.combine(torch.empty((8, 64), dtype=torch.bfloat16), torch.empty((4, 64), dtype=torch.bfloat16), h)
 
 
 def _mlp_args(G=2, H=32, I=16, R=32):

@@ -257,7 +257,7 @@ _PENDING: dict[int, Any] = {}  # dispatcher handle -> the DispatchHandle of its 
 def dispatch(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor, disp: int,
              max_rows: int) -> tuple[torch.Tensor, torch.Tensor]:
     d = lookup(disp, "TokenDispatcher")
-    _check_max_rows(max_rows)
+    _check_dispatch(d, x, topk_ids, topk_weights, max_rows)
     _check_devices("dwdp::dispatch", _home_device(d), x=x, topk_ids=topk_ids, topk_weights=topk_weights)
     h = d.dispatch(x, topk_ids, topk_weights, _stream("dwdp::dispatch", "x", x),
                    max_rows=None if max_rows < 0 else max_rows)
@@ -273,10 +273,35 @@ def _check_max_rows(max_rows: int) -> None:
         raise ValueError(f"dwdp::dispatch: max_rows must be -1 (the capacity) or a row bound >= 1, got {max_rows}")
 
 
+def _check_dispatch(d: Any, x: torch.Tensor, ids: torch.Tensor, w: torch.Tensor, max_rows: int) -> None:
+    """The argument checks of ``dwdp::dispatch``, run by the op and by its fake (which had checked only max_rows, and
+    returned ``[max_rows, x's H]`` for what the dispatcher refuses: max_rows above max_pairs, x of another hidden
+    size or dtype, ids / weights of another dtype or shape): the dispatcher's own checks (``TokenDispatcher``), with
+    its exception types, on attributes only (no tensor data)."""
+    _check_max_rows(max_rows)
+    if max_rows > d.max_pairs:
+        raise ValueError(f"dwdp::dispatch: max_rows must be -1 (the capacity) or in [1, max_pairs = {d.max_pairs}], "
+                         f"got {max_rows}")
+    if x.dtype != torch.bfloat16:
+        raise TypeError(f"dwdp::dispatch: x must be bfloat16, got {x.dtype}")
+    if x.dim() != 2 or x.shape[1] != d.hidden or not x.is_contiguous():
+        raise ValueError(f"dwdp::dispatch: x must be a contiguous [T, {d.hidden}] bf16 tensor, got shape "
+                         f"{list(x.shape)}")
+    T = x.shape[0]
+    if T > d.max_tokens:
+        raise ValueError(f"dwdp::dispatch: {T} tokens exceed the dispatcher's max_tokens = {d.max_tokens}")
+    if ids.dtype not in (torch.int32, torch.int64) or tuple(ids.shape) != (T, d.top_k) or not ids.is_contiguous():
+        raise TypeError(f"dwdp::dispatch: topk_ids must be a contiguous int32/int64 [{T}, {d.top_k}] tensor, got "
+                        f"{ids.dtype} {list(ids.shape)}")
+    if w.dtype != torch.float32 or tuple(w.shape) != (T, d.top_k) or not w.is_contiguous():
+        raise TypeError(f"dwdp::dispatch: topk_weights must be a contiguous float32 [{T}, {d.top_k}] tensor, got "
+                        f"{w.dtype} {list(w.shape)}")
+
+
 @dispatch.register_fake
 def _(x, topk_ids, topk_weights, disp, max_rows):
     d = lookup(disp, "TokenDispatcher")
-    _check_max_rows(max_rows)
+    _check_dispatch(d, x, topk_ids, topk_weights, max_rows)
     rows = d.max_pairs if max_rows < 0 else max_rows
     return (x.new_empty((rows, x.shape[1]), dtype=torch.bfloat16),
             x.new_empty((d.partition.experts_per_rank,), dtype=torch.int32))
@@ -292,6 +317,7 @@ def combine(y_grouped: torch.Tensor, x: torch.Tensor, disp: int) -> torch.Tensor
         # (the fake gives the output x's rows: a traced graph and the eager op agree only for the dispatch's input)
         raise ValueError(f"dwdp::combine: x must be the dispatch's input, [T, H] = [{h.num_tokens}, {d.hidden}] (it "
                          f"gives the output's shape), got {list(x.shape)}")
+    _check_combine(d, y_grouped, x)
     _check_devices("dwdp::combine", _home_device(d), y_grouped=y_grouped, x=x)
     stream = _stream("dwdp::combine", "y_grouped", y_grouped)
     out = torch.empty((h.num_tokens, d.hidden), dtype=torch.bfloat16, device=y_grouped.device)
@@ -300,6 +326,20 @@ def combine(y_grouped: torch.Tensor, x: torch.Tensor, disp: int) -> torch.Tensor
     return out
 
 
+def _check_combine(d: Any, y: torch.Tensor, x: torch.Tensor) -> None:
+    """The checks of ``dwdp::combine`` that need no dispatch, run by the op and by its fake (which had returned
+    ``[T, y_grouped's width]`` for a y_grouped the dispatcher refuses, and raised IndexError for a 1-D one):
+    ``y_grouped`` a contiguous bf16 ``[rows, H]`` (TypeError, as ``TokenDispatcher.combine``), ``x`` a ``[T, H]``
+    (ValueError), H the dispatcher's hidden size."""
+    if y.dtype != torch.bfloat16 or y.dim() != 2 or y.shape[1] != d.hidden or not y.is_contiguous():
+        raise TypeError(f"dwdp::combine: y_grouped must be a contiguous bf16 [rows, {d.hidden}] tensor, got {y.dtype} "
+                        f"{list(y.shape)}")
+    if x.dim() != 2 or x.shape[1] != d.hidden:
+        raise ValueError(f"dwdp::combine: x must be the dispatch's input, [T, {d.hidden}], got {list(x.shape)}")
+
+
 @combine.register_fake
 def _(y_grouped, x, disp):
-    return x.new_empty((x.shape[0], y_grouped.shape[1]), dtype=torch.bfloat16)
+    d = lookup(disp, "TokenDispatcher")
+    _check_combine(d, y_grouped, x)
+    return x.new_empty((x.shape[0], d.hidden), dtype=torch.bfloat16)
