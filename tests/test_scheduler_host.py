@@ -588,3 +588,14 @@ def test_gathered_numpy_and_tensor_counts_are_taken():
                               copy_stream=Stream("c"), event_factory=lambda: Event([]))
         assert s.begin_step(tokens=5) == "dispatch" and s.step_tokens == [5, 3]
         assert all(type(t) is int for t in s.step_tokens)
+
+
+@pytest.mark.parametrize("bad", [2.5, True, "32"])
+def test_nvshmem_blocks_must_be_an_int(bad):
+    """nvshmem_blocks was only range-checked: 2.5 was kept (to reach the fetch kernel's binding at the first on_demand
+    layer), True ran the fetch on 1 SM, and "32" raised Python's "'<=' not supported between 'int' and 'str'"."""
+    with pytest.raises(ValueError, match=r"^nvshmem_blocks must be an int in \[1, 65535\], got "):
+        PrefetchScheduler(FakeStore(2), nvshmem_blocks=bad, copy_stream=Stream("c"), event_factory=lambda: Event([]))
+    s = PrefetchScheduler(FakeStore(2), nvshmem_blocks=np.int64(16), copy_stream=Stream("c"),
+                          event_factory=lambda: Event([]))
+    assert s.nvshmem_blocks == 16 and type(s.nvshmem_blocks) is int

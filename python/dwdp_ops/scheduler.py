@@ -103,8 +103,9 @@ class PrefetchScheduler:
         top_k = int(top_k)
         if schedule not in ("staggered", "per_peer", "interleaved"):
             raise ValueError(f"schedule must be 'staggered', 'per_peer' or 'interleaved', got {schedule!r}")
-        if not 1 <= nvshmem_blocks <= 65535:
-            raise ValueError(f"nvshmem_blocks must be in [1, 65535], got {nvshmem_blocks}")
+        if not is_int(nvshmem_blocks) or not 1 <= nvshmem_blocks <= 65535:
+            raise ValueError(f"nvshmem_blocks must be an int in [1, 65535], got {nvshmem_blocks!r}")
+        nvshmem_blocks = int(nvshmem_blocks)
         rates = Rates() if rates is None else rates
         if not isinstance(rates, Rates):
             raise TypeError(f"rates must be a dwdp_ops.policy.Rates, got {type(rates).__name__}")
