@@ -308,6 +308,37 @@ def test_ops_use_their_tensors_device_stream_and_refuse_another_gpu(monkeypatch)
         ops._stream("op", "w13", torch.empty(4))
 
 
+def test_wait_and_release_fakes_refuse_what_the_ops_refuse():
+    """The fakes had checked the ids' dtype only: a trace accepted a stale handle, a dispatcher's handle, views on
+    another GPU than the scheduler's and tensors on two GPUs, which the eager ops refuse."""
+    s, d = OnDemandScheduler(experts=16, device=0), TokenDispatcher()
+    h, hd = ops.handle(s), ops.handle(d)
+    stale = ops.handle(object())
+    ops.release_handle(stale)
+    try:
+        with FakeTensorMode():
+            on0, on1 = torch.empty((16, 4, 4), device="cuda:0"), torch.empty((16, 4, 4), device="cuda:1")
+            torch.ops.dwdp.wait(on0, on0, h, 0)  # valid: traced
+            torch.ops.dwdp.release(on0, on0, h, 0)
+            for op, args in (("wait", (on0, on0)), ("release", (on0, on0))):
+                with pytest.raises(DwdpError, match=f"handle {stale} is not registered"):
+                    getattr(torch.ops.dwdp, op)(*args, stale, 0)
+                with pytest.raises(DwdpError, match="is a TokenDispatcher, this op needs a PrefetchScheduler"):
+                    getattr(torch.ops.dwdp, op)(*args, hd, 0)
+            with pytest.raises(ValueError, match=r"dwdp::wait\(2\): the tensors must be on the library object's GPU, "
+                                                 r"cuda:0, got w13 on cuda:1, w2 on cuda:1"):
+                torch.ops.dwdp.wait(on1, on1, h, 2)
+            with pytest.raises(ValueError, match=r"dwdp::wait\(2\): every tensor must be on one device"):
+                torch.ops.dwdp.wait(on0, on0, h, 2, torch.empty((4, 2), dtype=torch.int64, device="cuda:1"))
+            with pytest.raises(ValueError, match=r"dwdp::release\(1\): every tensor must be on one device, got w13 on "
+                                                 r"cuda:0, moe_out on cuda:1"):
+                torch.ops.dwdp.release(on0, on1, h, 1)
+        assert s.got == []
+    finally:
+        ops.release_handle(h)
+        ops.release_handle(hd)
+
+
 class FlakyDispatcher:  # stand-in TokenDispatcher whose first combine raises
     def __init__(self):
         self.hidden, self.calls = 8, 0

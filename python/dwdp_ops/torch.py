@@ -216,11 +216,7 @@ def _expert_ids(layer: int, ids: torch.Tensor, num_experts: int | None) -> torch
 
 @torch.library.custom_op("dwdp::wait", mutates_args=("w13", "w2"))
 def wait(w13: torch.Tensor, w2: torch.Tensor, sched: int, layer: int, ids: torch.Tensor | None = None) -> None:
-    s = lookup(sched, "PrefetchScheduler")
-    _check_ids_dtype(layer, ids)
-    # (ids may be a host list, range-checked by _expert_ids; ids on a GPU must be on the views' device)
-    _check_devices(f"dwdp::wait({layer})", _home_device(s), w13=w13, w2=w2,
-                   ids=ids if ids is not None and ids.is_cuda else None)
+    s = _check_wait(w13, w2, sched, layer, ids)
     stream = _stream(f"dwdp::wait({layer})", "w13", w13)
     if s.step_policy == "on_demand":
         if ids is None:
@@ -231,21 +227,41 @@ def wait(w13: torch.Tensor, w2: torch.Tensor, sched: int, layer: int, ids: torch
         s.wait(layer, stream)
 
 
+def _check_wait(w13, w2, sched, layer, ids) -> Any:
+    """The checks of ``dwdp::wait`` run by the op and by its fake (which had checked the ids' dtype only, so that a
+    trace accepted a stale handle, a handle of a dispatcher, or views on another GPU than the scheduler's, all of
+    which the op refuses): the handle, the ids' dtype, the devices. Returns the scheduler."""
+    s = lookup(sched, "PrefetchScheduler")
+    _check_ids_dtype(layer, ids)
+    # (ids may be a host list, range-checked by _expert_ids; ids on a GPU must be on the views' device)
+    _check_devices(f"dwdp::wait({layer})", _home_device(s), w13=w13, w2=w2,
+                   ids=ids if ids is not None and ids.is_cuda else None)
+    return s
+
+
 @wait.register_fake
 def _(w13, w2, sched, layer, ids=None):
-    _check_ids_dtype(layer, ids)
+    _check_wait(w13, w2, sched, layer, ids)
     return None
+
+
+def _check_release(w13, moe_out, sched, layer) -> Any:
+    """The checks of ``dwdp::release``, run by the op and by its fake (which had checked nothing): the handle, the
+    devices. Returns the scheduler."""
+    s = lookup(sched, "PrefetchScheduler")
+    _check_devices(f"dwdp::release({layer})", _home_device(s), w13=w13, moe_out=moe_out)
+    return s
 
 
 @torch.library.custom_op("dwdp::release", mutates_args=("w13",))
 def release(w13: torch.Tensor, moe_out: torch.Tensor, sched: int, layer: int) -> None:
-    s = lookup(sched, "PrefetchScheduler")
-    _check_devices(f"dwdp::release({layer})", _home_device(s), w13=w13, moe_out=moe_out)
+    s = _check_release(w13, moe_out, sched, layer)
     s.release(layer, _stream(f"dwdp::release({layer})", "w13", w13))
 
 
 @release.register_fake
 def _(w13, moe_out, sched, layer):
+    _check_release(w13, moe_out, sched, layer)
     return None
 
 
