@@ -599,3 +599,26 @@ def test_nvshmem_blocks_must_be_an_int(bad):
     s = PrefetchScheduler(FakeStore(2), nvshmem_blocks=np.int64(16), copy_stream=Stream("c"),
                           event_factory=lambda: Event([]))
     assert s.nvshmem_blocks == 16 and type(s.nvshmem_blocks) is int
+
+
+def test_on_demand_fetch_into_a_slot_not_released_raises():
+    """An on_demand layer is fetched into slot layer % 2 on the compute stream; wait(2) while layer 0 was fetched and
+    not released was accepted, so layer 0's MoE, enqueued after it, would read layer 2's experts (the prefetch_all
+    step refuses the same misuse, invariant 3). RuntimeError before anything is enqueued; the other slot and a
+    refetch of the same layer stay accepted."""
+    comp = Stream("compute")
+    s = PrefetchScheduler(FakeStore(4), policy="on_demand", copy_stream=Stream("c"), event_factory=lambda: Event([]))
+    s.begin_step()
+    s.wait(0, comp, ids="ids")
+    s.wait(1, comp, ids="ids")  # the other slot
+    n = len(comp.ops)
+    with pytest.raises(RuntimeError, match=r"wait\(2\): layer 0 uses the same slot and was not released"):
+        s.wait(2, comp, ids="ids")
+    assert len(comp.ops) == n
+    s.release(0, comp)
+    s.wait(2, comp, ids="ids")
+    for p in (1, 2):
+        s.release(p, comp)
+    s.wait(3, comp, ids="ids")
+    s.release(3, comp)
+    assert s.begin_step() == "on_demand"

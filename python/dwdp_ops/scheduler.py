@@ -22,7 +22,8 @@ Invariants:
   5. An ``on_demand`` layer is fetched on the compute stream itself, right after its router: ordered behind the
      previous user of its slot by stream order, waiting on no event recorded outside, which is what makes a decode
      step capturable in a CUDA graph. Its ``release`` still records consumed, so that a later prefetch into the
-     slot waits for these reads; a fetched layer not released makes the next ``begin_step`` raise (``abort()``).
+     slot waits for these reads; a fetched layer not released makes the next ``begin_step`` raise (``abort()``),
+     as does its slot's next ``wait`` (that fetch would overwrite experts its MoE may not have read yet).
   6. Graphs and eager steps mix: inside a capture, ``release`` records consumed as an *external* event-record node,
      so every replay records it again and an eager ``prefetch_all`` step after replays waits for their reads.
   7. A step that fails half-way (an exception between ``begin_step`` and the last ``release``) is ended by
@@ -334,6 +335,12 @@ class PrefetchScheduler:
             return
         if ids is None:
             raise ValueError(f"wait({layer}): the on_demand policy needs the router's expert ids")
+        # The fetch overwrites slot layer % 2 on this stream: a layer of that slot not released yet may not have its
+        # MoE enqueued, which would then read this layer's experts.
+        clash = sorted(q for q in self._fetched if q % 2 == layer % 2 and q != layer)
+        if clash:
+            raise RuntimeError(f"wait({layer}): layer {clash[0]} uses the same slot and was not released; release it "
+                               "(after its MoE) before fetching this layer")
         self.store.fetch_nvshmem(layer, ids, count, stream, num_blocks=self.nvshmem_blocks)
         self._fetched.add(layer)
 
