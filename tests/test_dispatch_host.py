@@ -132,3 +132,16 @@ def test_rows_for_takes_numpy_counts():
     np = pytest.importorskip("numpy")
     assert bare(align=1).rows_for([np.int64(3), np.uint8(1)]) == 8
     assert bare(align=1).rows_for(np.array([3, 1])) == 8
+
+
+@pytest.mark.parametrize("bad", [float("inf"), 1e300, True, "10", None, 0, float("nan")])
+def test_timeout_must_be_finite_seconds(bad):
+    """timeout was only checked '> 0': inf passed and raised int()'s OverflowError after the symmetric allocations,
+    1e300 passed and would fail the first dispatch in the binding's long long cast, True was a silent 1 s, and "10" or
+    None raised Python's bare '>' TypeError. ValueError naming timeout, before anything is allocated."""
+    pytest.importorskip("cupy")
+    from types import SimpleNamespace
+
+    rt = SimpleNamespace(require=lambda what: None, world_size=lambda: 2, device=0)
+    with pytest.raises(ValueError, match=r"^TokenDispatcher: timeout must be a number of seconds in \(0, "):
+        TokenDispatcher(ExpertPartition.disjoint(8, 2), 64, 2, 16, num_sms=4, timeout=bad, runtime=rt)

@@ -35,7 +35,7 @@ from typing import Any
 
 import numpy as np
 
-from ._checks import is_int
+from ._checks import is_int, is_real
 from .errors import DwdpError
 from .interop import cupy_stream, device_buffer, stream_handle
 from .partition import ExpertPartition
@@ -43,6 +43,7 @@ from .runtime import Runtime, get_runtime
 
 DEFAULT_TIMEOUT_S = 100.0
 _CLOCK_HZ = 2.0e9  # cycles per second used to turn the timeout into a spin budget (H200 boost clock ~1.98 GHz)
+_MAX_TIMEOUT_S = 2.0**63 / _CLOCK_HZ  # the spin budget is a signed 64-bit cycle count (dispatch.h)
 
 
 @dataclass(frozen=True)
@@ -124,8 +125,11 @@ class TokenDispatcher:
             raise ValueError(f"TokenDispatcher: the partition is for {partition.world_size} ranks, the job has {rt.world_size()}")
         if rt.world_size() > 8:
             raise ValueError(f"TokenDispatcher: at most 8 ranks (one NVLink domain's node), got {rt.world_size()}")
-        if not timeout > 0:
-            raise ValueError(f"TokenDispatcher: timeout must be > 0 seconds, got {timeout}")
+        # (the budget int(timeout * clock) is a C++ long long: inf raised OverflowError after the allocations, and
+        # past 2^63 cycles the first dispatch failed in the binding's cast; True was a silent 1 s)
+        if not is_real(timeout) or not 0 < timeout < _MAX_TIMEOUT_S:
+            raise ValueError(f"TokenDispatcher: timeout must be a number of seconds in (0, {_MAX_TIMEOUT_S:.3g}), "
+                             f"got {timeout!r}")
         N, L = partition.world_size, partition.experts_per_rank
         worst = N * int(max_tokens) * min(int(top_k), L) + L * (int(align) - 1)
         if max_pairs is not None and not is_int(max_pairs):  # (int() had taken 2.5 as 2 and True as 1)
