@@ -245,3 +245,22 @@ def test_hidden_states_off_the_stores_gpu_are_refused(stand_in_store):
     with pytest.raises(ValueError, match="MoE position 0's hidden states are on cpu, the expert store on cuda:1"):
         dw.experts(0, torch.zeros(3, 16, dtype=torch.bfloat16), torch.zeros(3, 2, dtype=torch.int64), torch.ones(3, 2))
     dw.close()
+
+
+def test_a_forward_without_input_ids_or_inputs_embeds_is_named(stand_in_store):
+    """The step's pre-hook read the token count from inputs_embeds when input_ids was None, and raised AttributeError
+    ("'NoneType' object has no attribute 'shape'") for a forward given neither, where Hugging Face names the mistake."""
+    model = _stand_in_model()
+    views = [(ex.gate_up_proj.data, ex.down_proj.data) for _, ex in hf.moe_layers(model)]
+    sched = StandInScheduler(2)
+    dw = hf.DwdpDeepseekV3(model, views=views, scheduler=sched)
+    try:
+        for args, kwargs in (((), {}), ((), {"input_ids": None}), ((None,), {"inputs_embeds": None})):
+            with pytest.raises(ValueError, match="the forward needs input_ids or inputs_embeds, got neither"):
+                dw._begin_step(model.model, args, kwargs)
+        assert sched.log == []
+        dw._begin_step(model.model, (), {"input_ids": None, "inputs_embeds": torch.zeros(2, 3, 16)})
+        dw._begin_step(model.model, (torch.zeros(1, 5, dtype=torch.int64),), {})
+        assert sched.log == [("begin", 6), ("begin", 5)]
+    finally:
+        dw.close()

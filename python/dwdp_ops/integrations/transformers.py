@@ -242,6 +242,8 @@ class DwdpDeepseekV3:
     def _begin_step(self, module, args, kwargs):
         ids = kwargs.get("input_ids", args[0] if args else None)
         emb = kwargs.get("inputs_embeds")
+        if ids is None and emb is None:  # (had raised AttributeError: 'NoneType' object has no attribute 'shape')
+            raise ValueError("DwdpDeepseekV3: the forward needs input_ids or inputs_embeds, got neither")
         tokens = int(ids.numel()) if ids is not None else int(emb.shape[0] * emb.shape[1])
         self.sched.abort()  # a step that raised half-way (or a generate() stopped early) leaves nothing in flight
         self.sched.begin_step(tokens=tokens)
