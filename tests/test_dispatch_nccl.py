@@ -3,6 +3,7 @@ the pure reference, through tests/multiproc/dispatch_nccl_check.py; input valida
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 from conftest import GPU_COUNT
 
@@ -163,3 +164,8 @@ def test_the_scheduler_protocol_matches_the_nvlink_dispatcher(world1):
     for bad in (0, -1, 2.5, "8", True):
         with pytest.raises(ValueError, match="max_rows must be None or an int >= 1"):
             d.dispatch(x, ids, w, max_rows=bad)
+    # rows_for took int() of any entries of any length: [-3] gave a bound below the step's rows, [2.9] a truncated one
+    assert d.rows_for(np.array([3])) == d.rows_for([np.int64(3)]) == 3 * 2 + 8 * 15
+    for bad in ([-3], [2.9], [True], ["3"], [3, 1], 3):
+        with pytest.raises(ValueError, match=r"rows_for: tokens_per_rank must hold every rank's tokens \(1 ints >= 0\)"):
+            d.rows_for(bad)

@@ -37,3 +37,17 @@ def int_at_least(name: str, value: object, lo: int, noun: str = "an int") -> int
     if value < lo:
         raise ValueError(f"{name} must be {noun} >= {lo}, got {value!r}")
     return int(value)
+
+
+def rank_counts(where: str, tokens_per_rank: object, world: int) -> list[int]:
+    """``tokens_per_rank`` as a list of ``world`` Python ints >= 0 (numpy integers and arrays taken), or a ValueError
+    that starts with ``where`` and names ``tokens_per_rank``: a negative or truncated count would give a bound too
+    small for the step (the dispatchers' ``rows_for``)."""
+    try:
+        counts = list(tokens_per_rank)
+    except TypeError:
+        counts = None
+    if counts is None or len(counts) != world or not all(is_int(t) and t >= 0 for t in counts):
+        raise ValueError(f"{where}: tokens_per_rank must hold every rank's tokens ({world} ints >= 0), "
+                         f"got {tokens_per_rank!r}")
+    return [int(t) for t in counts]

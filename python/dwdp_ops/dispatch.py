@@ -35,7 +35,7 @@ from typing import Any
 
 import numpy as np
 
-from ._checks import is_int, is_real
+from ._checks import is_int, is_real, rank_counts
 from .errors import DwdpError
 from .interop import cupy_stream, device_buffer, stream_handle
 from .partition import ExpertPartition
@@ -221,15 +221,9 @@ class TokenDispatcher:
         expert GEMMs small. Host arithmetic, no synchronisation. ``tokens_per_rank``: every rank's T (``N`` ints
         >= 0, numpy integers taken); anything else raises ValueError (a negative or truncated count would give a
         bound too small, and the kernels would drop the overflowing pairs)."""
-        N, L = self.partition.world_size, self.partition.experts_per_rank
-        try:
-            counts = list(tokens_per_rank)
-        except TypeError:
-            counts = None
-        if counts is None or len(counts) != N or not all(is_int(t) and t >= 0 for t in counts):
-            raise ValueError(f"rows_for: tokens_per_rank must hold every rank's tokens ({N} ints >= 0), "
-                             f"got {tokens_per_rank!r}")
-        need = sum(int(t) for t in counts) * min(self.top_k, L) + L * (self.align - 1)
+        L = self.partition.experts_per_rank
+        counts = rank_counts("rows_for", tokens_per_rank, self.partition.world_size)
+        need = sum(counts) * min(self.top_k, L) + L * (self.align - 1)
         return max(1, min(self.max_pairs, need))
 
     def dispatch(self, x: Any, topk_ids: Any, topk_weights: Any, stream: Any = None, *,

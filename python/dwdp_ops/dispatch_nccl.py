@@ -33,7 +33,7 @@ import os
 from dataclasses import dataclass
 from typing import Any
 
-from ._checks import is_int
+from ._checks import is_int, rank_counts
 from .env import DistEnv, timeout_from_environ
 from .errors import DwdpError
 from .partition import ExpertPartition
@@ -222,10 +222,13 @@ class NcclDispatcher:
 
     # -- the protocol the scheduler drives (the same as TokenDispatcher's) -------------------------------------------
     def rows_for(self, tokens_per_rank) -> int:
-        """The most grouped rows a step with these per-rank token counts can fill (``TokenDispatcher.rows_for``);
-        informational here: the grouped rows are sized exactly per step."""
+        """The most grouped rows a step with these per-rank token counts can fill (``TokenDispatcher.rows_for``):
+        the grouped rows are sized exactly per step here, but the scheduler passes this bound to ``dispatch`` as
+        ``max_rows``. ``tokens_per_rank``: every rank's T (``N`` ints >= 0, numpy integers taken); anything else raises
+        ValueError (a negative or truncated count would give a bound too small, and the step would raise)."""
         L = self.partition.experts_per_rank
-        return sum(int(t) for t in tokens_per_rank) * min(self.top_k, L) + L * (self.align - 1)
+        counts = rank_counts("rows_for", tokens_per_rank, self.partition.world_size)
+        return sum(counts) * min(self.top_k, L) + L * (self.align - 1)
 
     def check_errors(self) -> None:
         """Nothing is deferred: bad ids raise in ``dispatch`` on every rank."""
