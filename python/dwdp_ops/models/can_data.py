@@ -37,8 +37,13 @@ class Batchable:
     label: np.ndarray
 
     def __post_init__(self) -> None:
+        self.check_shapes()
+
+    def check_shapes(self) -> None:
         """ValueError unless the fields agree: ``uid``, ``mid``, ``cat`` and ``label`` ``[N]``, ``hist_mid``,
-        ``hist_cat`` and ``mask`` ``[N, T]`` (numpy or CuPy arrays; their shapes alone are read)."""
+        ``hist_cat`` and ``mask`` ``[N, T]`` (numpy or CuPy arrays; their shapes alone are read). Run when the
+        ``Batchable`` is built and again by ``batches`` and ``split``, since a field may be assigned afterwards (one
+        longer than the labels would otherwise be cut to their ``N`` rows without a word)."""
         shape = np.shape(self.label)
         if len(shape) != 1:
             raise ValueError(f"label must be [N], got shape {list(shape)}")
@@ -60,7 +65,8 @@ class Batchable:
     def batches(self, batch_size: int, rng: np.random.Generator | None = None):
         """Batchable slices of ``batch_size`` (shuffled when ``rng`` is given); the last one may be short.
         ``batch_size``: an integer >= 1 (Python or numpy), ``rng`` a ``numpy.random.Generator`` (or a legacy
-        ``RandomState``) or None, checked at the call: TypeError / ValueError otherwise."""
+        ``RandomState``) or None, checked at the call: TypeError / ValueError otherwise; ValueError, also at the call,
+        when a field assigned since construction no longer agrees with the others (``check_shapes``)."""
         if rng is not None and not isinstance(rng, (np.random.Generator, np.random.RandomState)):
             raise TypeError(f"rng must be a numpy.random.Generator or None (for no shuffling), got {rng!r} "
                             f"({type(rng).__name__}); pass np.random.default_rng(seed) for a seed")
@@ -69,6 +75,7 @@ class Batchable:
         if batch_size < 1:
             raise ValueError(f"batch_size must be an integer >= 1, got {batch_size}")
         batch_size = int(batch_size)
+        self.check_shapes()
         order = rng.permutation(len(self)) if rng is not None else np.arange(len(self))
         fields = tuple(self.__dataclass_fields__)
         return (Batchable(*(getattr(self, f)[order[s : s + batch_size]] for f in fields))
@@ -209,13 +216,15 @@ def synthetic(
 
 def split(data: Batchable, test_fraction: float = 0.2, seed: int = 0) -> tuple[Batchable, Batchable]:
     """``(train, test)``: ``data`` shuffled by ``seed`` (an integer >= 0), the last ``test_fraction`` of it (a real
-    number in (0, 1)) the test set: the first ``floor(N x (1 - test_fraction))`` samples train."""
+    number in (0, 1)) the test set: the first ``floor(N x (1 - test_fraction))`` samples train. ValueError when
+    ``data``'s fields no longer agree (``Batchable.check_shapes``: one assigned since construction)."""
     if not is_real(test_fraction):
         raise TypeError(f"test_fraction must be a number in (0, 1), got {test_fraction!r} "
                         f"({type(test_fraction).__name__})")
     if not 0 < test_fraction < 1:
         raise ValueError(f"test_fraction must be in (0, 1), got {test_fraction}")
     seed = int_at_least("seed", seed, 0, "an integer")
+    data.check_shapes()
     idx = np.random.default_rng(seed).permutation(len(data))
     # floor(N x (1 - test_fraction)) training samples, in exact arithmetic on the fraction as written (its str):
     # int(90 * (1 - 0.3)) is 62, not 63, as 1 - 0.3 is 0.69999999999999996 in floats

@@ -30,7 +30,7 @@ from .._cli import (
     writable_path,
 )
 from .can import CanConfig, CanModel, NonFiniteLossError, check_ids, check_label_shape, check_labels
-from .can_data import binary_labels, load_amazon_books, split, synthetic
+from .can_data import Batchable, binary_labels, load_amazon_books, split, synthetic
 
 
 def train(model: CanModel, train_set, test_set, epochs: int, batch_size: int, seed: int, progress: bool = True):
@@ -41,7 +41,7 @@ def train(model: CanModel, train_set, test_set, epochs: int, batch_size: int, se
     step time per batch, without the batching, the evaluation or the model's construction. Raises TypeError for
     ``epochs``, ``batch_size`` or ``seed`` not an integer (Python or numpy; a bool is refused), ValueError for
     ``epochs`` or ``batch_size`` < 1, a negative ``seed``, an empty ``train_set``, labels not ``[N]`` (either set;
-    ``check_label_shape``), a ``train_set`` label that is NaN, infinite or outside [0, 1] (soft labels pass;
+    ``check_label_shape``), other fields that do not agree with them (either set; ``Batchable.check_shapes``), a ``train_set`` label that is NaN, infinite or outside [0, 1] (soft labels pass;
     ``check_labels``), a ``test_set`` whose labels are not 0 / 1 of both classes (no AUC) or (for a model with
     ``cfg.tables``) an id outside its table (TypeError for labels or ids that are not numbers / integers), all before
     any training, and FloatingPointError, naming the epoch and step, when a loss is not finite (a CanModel refuses
@@ -54,6 +54,12 @@ def train(model: CanModel, train_set, test_set, epochs: int, batch_size: int, se
     # labels [N] (a field assigned after the Batchable was built is unchecked; len() is the labels' length)
     for which, data in (("training set", train_set), ("test set", test_set)):
         check_label_shape(data, which)
+    for which, data in (("training set", train_set), ("test set", test_set)):
+        if isinstance(data, Batchable):  # (the other fields too: one assigned since construction may not agree)
+            try:
+                data.check_shapes()
+            except ValueError as e:
+                raise ValueError(f"{which}: {e}") from None
     if len(train_set) == 0:
         raise ValueError("the training set is empty: no step would run (and the epoch's loss would be nan)")
     check_labels(train_set, "training set")  # (NaN, infinite or outside [0, 1]: soft labels pass)
