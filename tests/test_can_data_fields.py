@@ -50,3 +50,34 @@ def test_train_refuses_a_field_assigned_longer_than_the_labels_before_training(w
     with pytest.raises(ValueError, match=rf"^{name} set: .*label's N"):
         train(model, tr, te, 1, 16, 0, progress=False)
     assert model.opt.t == 0
+
+
+@pytest.mark.parametrize("which", ["train", "test"])
+@pytest.mark.parametrize("value", [3.0, 0.5, -1.0, np.nan])
+def test_train_refuses_a_mask_that_is_not_0_or_1_before_training(which, value):
+    """A mask of 3 or 0.5 had trained without a word (the history sums weigh a behaviour by its mask, the co-action
+    counts it once), a NaN one ended the run with advice to lower the learning rate."""
+    tr, te, tables = _sets()
+    sets = {"train": tr, "test": te}
+    sets[which].mask = sets[which].mask.copy()
+    sets[which].mask[2, 0] = value
+    model = CanModel(CanConfig(tables))
+    name = "training" if which == "train" else "test"
+    with pytest.raises(ValueError, match=rf"^{name} set: mask must be 0 \(padding\) or 1 \(a behaviour\): 1 of "
+                                         rf"{sets[which].mask.size} are not \(the first {value!r} at \[2, 0\]\)"):
+        train(model, tr, te, 1, 16, 0, progress=False)
+    assert model.opt.t == 0
+
+
+def test_train_takes_boolean_and_integer_masks():
+    tr, te, tables = _sets()
+    tr.mask, te.mask = tr.mask.astype(bool), te.mask.astype(np.int64)
+    curve = train(CanModel(CanConfig(tables)), tr, te, 1, 16, 0, progress=False)
+    assert 0 <= curve[0]["test_auc"] <= 1
+
+
+def test_train_refuses_a_mask_that_is_not_numbers():
+    tr, te, tables = _sets()
+    te.mask = te.mask.astype(str)
+    with pytest.raises(TypeError, match="^test set: mask must hold 0 / 1 numbers or booleans"):
+        train(CanModel(CanConfig(tables)), tr, te, 1, 16, 0, progress=False)
