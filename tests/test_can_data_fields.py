@@ -81,3 +81,31 @@ def test_train_refuses_a_mask_that_is_not_numbers():
     te.mask = te.mask.astype(str)
     with pytest.raises(TypeError, match="^test set: mask must hold 0 / 1 numbers or booleans"):
         train(CanModel(CanConfig(tables)), tr, te, 1, 16, 0, progress=False)
+
+
+def _books(path, n=60):
+    rng = np.random.default_rng(0)
+    with open(path, "w") as f:
+        for i in range(n):
+            h = [f"i{rng.integers(30)}" for _ in range(rng.integers(1, 6))]
+            c = [f"c{int(x[1:]) % 5}" for x in h]
+            f.write(f"{i % 2}\tu{rng.integers(40)}\ti{rng.integers(30)}\tc{rng.integers(5)}\t"
+                    f"{chr(2).join(h)}\t{chr(2).join(c)}\n")
+    return path.read_text()
+
+
+@pytest.mark.parametrize("out", ["--json", "--plot"])
+@pytest.mark.parametrize("which", ["--data", "--test"])
+def test_can_train_refuses_an_output_that_is_an_input_file(tmp_path, capsys, out, which):
+    """--json (or --plot) naming the --data or --test file had overwritten the data with the run's report, without a
+    word, after training."""
+    from dwdp_ops.models.train_can import main
+
+    data, test = tmp_path / "train.txt", tmp_path / "test.txt"
+    texts = {"--data": _books(data), "--test": _books(test)}
+    alias = str(tmp_path / "." / (data if which == "--data" else test).name)  # (the same file, spelt otherwise)
+    with pytest.raises(SystemExit) as e:
+        main(["--device", "cpu", "--quiet", "--epochs", "1", "--data", str(data), "--test", str(test), out, alias])
+    assert e.value.code == 2
+    assert f"argument {out}: {alias!r} is {which}'s file" in capsys.readouterr().err
+    assert (data.read_text(), test.read_text()) == (texts["--data"], texts["--test"])  # (both as they were)

@@ -1,9 +1,10 @@
 """``python -m dwdp_ops can-train`` (also ``dwdp-can-train``): trains CAN-DNN and/or the DNN baseline and reports
 test AUC per epoch.
 
-Every option is checked before training starts (files exist, output directories are writable, matplotlib is present
-for ``--plot``, a GPU is usable for ``--device gpu``); a training loss that stops being finite ends the run with the
-epoch and step where it happened (``train`` raises ``FloatingPointError``; the command exits with code 1).
+Every option is checked before training starts (files exist, output directories are writable, ``--json`` and
+``--plot`` are not the ``--data`` or ``--test`` file, matplotlib is present for ``--plot``, a GPU is usable for
+``--device gpu``); a training loss that stops being finite ends the run with the epoch and step where it happened
+(``train`` raises ``FloatingPointError``; the command exits with code 1).
 """
 
 from __future__ import annotations
@@ -236,6 +237,13 @@ def main(argv: list[str] | None = None, prog: str = "dwdp-can-train") -> int:
     if ns.json and ns.plot and os.path.realpath(ns.json) == os.path.realpath(ns.plot):
         ap.error(f"argument --plot: {ns.plot!r} is --json's file too (the PNG would overwrite the JSON); give another "
                  "path")
+    # (an output written over an input: the data file would be lost after the run, the run's own data with it)
+    inputs = {"--data": ns.data if ns.data != "synthetic" else None, "--test": ns.test}
+    for out_opt, out in (("--json", ns.json), ("--plot", ns.plot)):
+        for in_opt, path in inputs.items():
+            if out and path and os.path.realpath(out) == os.path.realpath(path):
+                ap.error(f"argument {out_opt}: {out!r} is {in_opt}'s file (writing it would overwrite the data); give "
+                         "another path")
     ns.samples = SYNTHETIC_SAMPLES if ns.samples is None else ns.samples
     ns.max_len = FILE_MAX_LEN if ns.max_len is None else ns.max_len
     if ns.plot and importlib.util.find_spec("matplotlib") is None:
