@@ -258,3 +258,22 @@ def test_owner_factors_where_the_gpus_divide_the_experts_are_the_loads_scaled_to
     top = max(load)
     mean = sum(x / top for x in load) / gpus
     assert SimConfig(gpus=gpus, owner_load=load).owner_factors() == [x / top / mean for x in load]
+
+
+@pytest.mark.parametrize("null", ["cv", "ratio"])
+def test_validate_refuses_a_null_cv_or_ratio(null, tmp_path, capsys):
+    """A measured point with "cv": null (or "ratio": null) passed the exactly-one check (the key is there) and reached
+    SimConfig with neither, which then took its default ratio 0.8: validate() compared a CV point with a ratio-0.8
+    prediction without a word, and --validate's table raised a TypeError formatting None."""
+    import json
+
+    from dwdp_ops.sim.analysis import validate
+
+    point = {k: v for k, v in POINT.items() if k != "cv"} | {null: None}
+    with pytest.raises(ValueError, match=f"measured point 0: {null} must be a number"):
+        validate([point], layers=5, iterations=2)
+    path = tmp_path / "e2e.json"
+    path.write_text(json.dumps({"dtype": "bfloat16", "points": [dict(point, layers=5, iterations=2)]}))
+    code, out, err = _run_cli(["--validate", str(path)], capsys)
+    assert code == 2 and out == "" and "Traceback" not in err
+    assert f"error: argument --validate: measured point 0: {null} must be a number" in err, err

@@ -91,6 +91,9 @@ def _point_config(p, defaults: dict, where: str) -> SimConfig:
         raise ValueError(f"{where} {p!r} lacks {', '.join(missing)}")
     if p["mode"] not in ("dwdp", "dep"):
         raise ValueError(f"{where}: mode must be 'dwdp' or 'dep', got {p['mode']!r}")
+    for k in ("cv", "ratio"):  # a null would leave SimConfig neither and so its default, ratio 0.8
+        if k in p and p[k] is None:
+            raise ValueError(f"{where}: {k} must be a number (the point's request lengths), got None")
     for k in ("iteration_ms", "tps_per_gpu"):
         if not _finite(p[k]) or not p[k] > 0:
             raise ValueError(f"{where}: measured {k} must be a finite number > 0, got {p[k]!r}")
