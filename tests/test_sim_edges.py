@@ -277,3 +277,28 @@ def test_validate_refuses_a_null_cv_or_ratio(null, tmp_path, capsys):
     code, out, err = _run_cli(["--validate", str(path)], capsys)
     assert code == 2 and out == "" and "Traceback" not in err
     assert f"error: argument --validate: measured point 0: {null} must be a number" in err, err
+
+
+@pytest.mark.parametrize("hardware", [5, None, "", b"h200"])
+def test_hardware_that_is_no_name_or_path_is_refused_by_simconfig(hardware):
+    """SimConfig took any hardware, and simulate() then raised os.fspath's TypeError from inside load_calibration
+    (validate() too, without naming the measured point)."""
+    from dwdp_ops.sim.analysis import validate
+
+    with pytest.raises(ValueError, match="hardware must be a profile name"):
+        SimConfig(hardware=hardware)
+    with pytest.raises(ValueError, match="measured point 0: hardware must be a profile name"):
+        validate([dict(POINT, hardware=hardware)], layers=5, iterations=2)
+
+
+def test_hardware_given_as_a_path_is_kept_as_a_string():
+    """A calibration file's path may be a pathlib.Path; the result's config stays JSON."""
+    import json
+    from pathlib import Path
+
+    from dwdp_ops.sim import costs
+
+    path = Path(costs.__file__).parent / "calibration" / "h200.json"
+    cfg = SimConfig(hardware=path, layers=4, iterations=2, max_tokens=8192)
+    assert cfg.hardware == str(path)
+    json.dumps(simulate(cfg)["config"])

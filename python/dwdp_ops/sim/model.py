@@ -101,6 +101,7 @@ from __future__ import annotations
 
 import heapq
 import math
+import os
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
@@ -109,7 +110,7 @@ from .._checks import is_int, is_real
 from ..models.deepseek_r1.config import DeepSeekConfig
 from ..partition import ExpertPartition
 from ..policy import _p_row
-from .costs import CATEGORIES, COMPUTE, CostModel, Overrides, load_calibration
+from .costs import CATEGORIES, COMPUTE, PROFILES, CostModel, Overrides, load_calibration
 from .workload import Iteration, _check_source, workload
 
 __all__ = ["MAX_ISL", "MAX_REQUESTS_PER_ITERATION", "MAX_TOKENS", "RankStep", "SimConfig", "dep_eplb",
@@ -151,6 +152,11 @@ class SimConfig:
     redundant_experts: int | None = None
 
     def __post_init__(self) -> None:
+        hw = self.hardware
+        if not isinstance(hw, (str, os.PathLike)) or not str(hw):
+            raise ValueError(f"hardware must be a profile name ({', '.join(PROFILES)}) or the path of a calibration "
+                             f"file, got {hw!r}")
+        object.__setattr__(self, "hardware", os.fspath(hw))  # a path as str: asdict() goes into JSON
         if self.ratio is None and self.cv is None:
             object.__setattr__(self, "ratio", 0.8)
         if self.ratio is not None and self.cv is not None:
