@@ -302,3 +302,14 @@ def test_hardware_given_as_a_path_is_kept_as_a_string():
     cfg = SimConfig(hardware=path, layers=4, iterations=2, max_tokens=8192)
     assert cfg.hardware == str(path)
     json.dumps(simulate(cfg)["config"])
+
+
+def test_validate_refuses_a_point_whose_n_and_gpus_differ():
+    """"N (or gpus)": a point giving both, different, was simulated at N without a word; the same value twice is
+    taken."""
+    from dwdp_ops.sim.analysis import validate
+
+    with pytest.raises(ValueError, match="measured point 0: N and gpus name the same group size"):
+        validate([dict(POINT, gpus=4)], layers=5, iterations=2)
+    v = validate([dict(POINT, gpus=2)], layers=5, iterations=2)
+    assert v["points"][0]["predicted_iteration_ms"] > 0

@@ -91,6 +91,8 @@ def _point_config(p, defaults: dict, where: str) -> SimConfig:
         raise ValueError(f"{where} {p!r} lacks {', '.join(missing)}")
     if p["mode"] not in ("dwdp", "dep"):
         raise ValueError(f"{where}: mode must be 'dwdp' or 'dep', got {p['mode']!r}")
+    if "N" in p and "gpus" in p and p["N"] != p["gpus"]:
+        raise ValueError(f"{where}: N and gpus name the same group size, got N={p['N']!r} and gpus={p['gpus']!r}")
     for k in ("cv", "ratio"):  # a null would leave SimConfig neither and so its default, ratio 0.8
         if k in p and p[k] is None:
             raise ValueError(f"{where}: {k} must be a number (the point's request lengths), got None")
