@@ -313,3 +313,18 @@ def test_validate_refuses_a_point_whose_n_and_gpus_differ():
         validate([dict(POINT, gpus=4)], layers=5, iterations=2)
     v = validate([dict(POINT, gpus=2)], layers=5, iterations=2)
     assert v["points"][0]["predicted_iteration_ms"] > 0
+
+
+def test_iterations_and_warmup_are_bounded_as_the_cli_bounds_iterations():
+    """SimConfig took any iterations and warmup, and simulate() builds every one of them: a --validate file whose
+    point (or header) said 10^8 ran for hours with no word; the CLI's --iterations is at most 10000."""
+    from dwdp_ops.sim.analysis import validate
+    from dwdp_ops.sim.model import MAX_ITERATIONS
+
+    assert MAX_ITERATIONS == 10000
+    SimConfig(iterations=MAX_ITERATIONS, warmup=MAX_ITERATIONS)
+    for name in ("iterations", "warmup"):
+        with pytest.raises(ValueError, match=f"{name} must be at most 10000 per rank, got 10001"):
+            SimConfig(**{name: MAX_ITERATIONS + 1})
+        with pytest.raises(ValueError, match=f"measured point 0: {name} must be at most 10000"):
+            validate([dict(POINT, **{name: 10**8})], layers=5)

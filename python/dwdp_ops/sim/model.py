@@ -113,7 +113,7 @@ from ..policy import _p_row
 from .costs import CATEGORIES, COMPUTE, PROFILES, CostModel, Overrides, load_calibration
 from .workload import Iteration, _check_source, workload
 
-__all__ = ["MAX_ISL", "MAX_REQUESTS_PER_ITERATION", "MAX_TOKENS", "RankStep", "SimConfig", "dep_eplb",
+__all__ = ["MAX_ISL", "MAX_ITERATIONS", "MAX_REQUESTS_PER_ITERATION", "MAX_TOKENS", "RankStep", "SimConfig", "dep_eplb",
            "dep_expert_counts", "dep_iteration", "dwdp_timeline", "partition_for", "simulate"]
 
 # Upper bounds of a setting. The simulator builds every request of every iteration it simulates, so its time and
@@ -122,13 +122,15 @@ __all__ = ["MAX_ISL", "MAX_REQUESTS_PER_ITERATION", "MAX_TOKENS", "RankStep", "S
 MAX_ISL = 1 << 20  # 1048576 tokens: 6.4x DeepSeek-R1's 163840-token context
 MAX_TOKENS = 1 << 20  # 1048576 tokens per rank and iteration: 32x the paper's 32768
 MAX_REQUESTS_PER_ITERATION = 1024  # max_tokens <= this x isl: 16x the paper's largest batch (64 requests)
+MAX_ITERATIONS = 10000  # iterations, and warmup, per rank: the CLI's --iterations bound
 
 
 @dataclass(frozen=True)
 class SimConfig:
     """One simulated setting. ``hardware``: a shipped profile (``h200``, ``gb200``) or a calibration file; exactly one
     of ``ratio`` and ``cv`` (``ratio`` 0.8 if neither is given); ``dense_layers``: None = min(3, layers).
-    ``isl`` <= ``MAX_ISL``, ``max_tokens`` <= ``MAX_TOKENS`` and <= ``MAX_REQUESTS_PER_ITERATION`` x ``isl``.
+    ``isl`` <= ``MAX_ISL``, ``max_tokens`` <= ``MAX_TOKENS`` and <= ``MAX_REQUESTS_PER_ITERATION`` x ``isl``,
+    ``iterations`` and ``warmup`` (untimed iterations per rank, drawn and dropped first) <= ``MAX_ITERATIONS``.
     ``owner_load``: relative routed pairs per DEP owner rank (``gpus`` numbers > 0; None: uniform routing).
     ``redundant_experts``: DEP's redundant expert slots R (EPLB, module docstring), an integer in
     [0, (gpus - 1) x 256] (at the top every rank holds every expert); None (the default): the smallest R that gives
@@ -167,6 +169,9 @@ class SimConfig:
             if not is_int(v) or v < lo:
                 raise ValueError(f"{name} must be an integer >= {lo}, got {v!r}")
             object.__setattr__(self, name, int(v))  # a numpy integer as int: asdict() goes into JSON
+        for name in ("iterations", "warmup"):  # every one is built (the warmup's drawn and dropped)
+            if getattr(self, name) > MAX_ITERATIONS:
+                raise ValueError(f"{name} must be at most {MAX_ITERATIONS} per rank, got {getattr(self, name)}")
         if self.isl > MAX_ISL:
             raise ValueError(f"isl must be at most {MAX_ISL} (2^20 tokens), got {self.isl}")
         if self.max_tokens > MAX_TOKENS:
