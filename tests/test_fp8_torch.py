@@ -90,6 +90,21 @@ def test_fast_accumulation_rule_at_its_boundaries():
     assert fp8.use_fast_accum(fp8.FAST_ACCUM_MIN_ROWS) and fp8.use_fast_accum(65536 * 8)
 
 
+@pytest.mark.parametrize("pairs", [True, False, 1.5, 16384.0, float("nan"), float("inf"), "8", None])
+def test_fast_accumulation_rule_refuses_a_pair_count_that_is_not_an_int(pairs):
+    """A bool, a float or a string had been compared as a count without a word (True: fast accumulation on as 1
+    pair; inf: on; NaN: off)."""
+    with pytest.raises(TypeError, match=r"use_fast_accum: pairs must be an int >= 0"):
+        fp8.use_fast_accum(pairs)
+
+
+def test_fast_accumulation_rule_refuses_a_negative_pair_count():
+    """A negative count had turned fast accumulation on (it is <= FAST_ACCUM_MAX_SMALL_ROWS)."""
+    with pytest.raises(ValueError, match=r"use_fast_accum: pairs must be an int >= 0 .*got -1"):
+        fp8.use_fast_accum(-1)
+    assert fp8.use_fast_accum(np.int64(fp8.FAST_ACCUM_MIN_ROWS))  # a numpy count is a count
+
+
 def test_requant_block_and_quant_rows_name_bad_inputs():
     """Codes of another dtype (int16 had failed inside on a widened view), a bad block, K = 0 (a reduction error
     inside before) are refused by name."""

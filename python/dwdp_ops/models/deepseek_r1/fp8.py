@@ -40,7 +40,13 @@ FAST_ACCUM_MIN_ROWS = 32768 * 8
 def use_fast_accum(pairs: int) -> bool:
     """Whether a step with ``pairs`` token-expert pairs on this rank runs the fp8 GEMMs with fast accumulation: at
     most ``FAST_ACCUM_MAX_SMALL_ROWS`` or at least ``FAST_ACCUM_MIN_ROWS`` (where the benchmark measured it faster;
-    between them PyTorch's fast-accumulation kernels were slower on an H200)."""
+    between them PyTorch's fast-accumulation kernels were slower on an H200). ``pairs`` must be an int >= 0
+    (TypeError for a bool, a float or anything else that is not an integer, ValueError for a negative count)."""
+    if not is_int(pairs):
+        raise TypeError(f"use_fast_accum: pairs must be an int >= 0 (token-expert pairs), got {pairs!r} "
+                        f"({type(pairs).__name__})")
+    if pairs < 0:
+        raise ValueError(f"use_fast_accum: pairs must be an int >= 0 (token-expert pairs), got {pairs!r}")
     return pairs <= FAST_ACCUM_MAX_SMALL_ROWS or pairs >= FAST_ACCUM_MIN_ROWS
 
 
