@@ -151,6 +151,25 @@ def test_prompts_differ_by_rank_and_respect_bounds():
     assert all(3 <= len(p) <= 40 and max(p) < 100 for p in a + b)
 
 
+@pytest.mark.parametrize("args, exc, msg", [
+    ((0, -2, 1, 5, 100), ValueError, r"prompts_for: count must be an int >= 0, got -2"),  # had returned []
+    ((0, 3, 0, 5, 100), ValueError, r"prompts_for: lo must be an int >= 1, got 0"),  # empty prompts possible
+    ((0, 3, -3, 5, 100), ValueError, r"prompts_for: lo must be an int >= 1"),  # numpy's 'negative dimensions'
+    ((0, 2, 5, 3, 100), ValueError, r"prompts_for: hi must be >= lo .*lo=5 hi=3"),  # numpy's bare 'low >= high'
+    ((0, 2, 1.5, 5, 100), TypeError, r"prompts_for: lo must be an int >= 1, got 1.5"),  # had been taken
+    ((0, 2, 1, 5, True), TypeError, r"prompts_for: vocab must be an int >= 1, got True"),  # all-zero tokens
+    ((0, 2, 1, 5, 0), ValueError, r"prompts_for: vocab must be an int >= 1, got 0"),  # numpy's 'high <= 0'
+    ((-1, 2, 1, 5, 100), ValueError, r"prompts_for: rank must be an int >= 0, got -1"),
+    ((0, 2, 1, 5, 100, -1), ValueError, r"prompts_for: seed must be an int >= 0, got -1"),
+])
+def test_prompts_for_names_a_bad_argument(args, exc, msg):
+    """Bad counts, lengths or vocabularies had given no prompts, empty or all-zero prompts without a word, or numpy's
+    messages naming no argument."""
+    with pytest.raises(exc, match=msg):
+        prompts_for(*args)
+    assert prompts_for(0, 0, 1, 1, 1) == [] and prompts_for(np.int64(0), 2, 4, 4, 2) == prompts_for(0, 2, 4, 4, 2)
+
+
 def test_layer_budget_grows_with_memory_and_ranks():
     cfg = DeepSeekConfig.r1(vocab_size=32768)
     GiB = 1 << 30

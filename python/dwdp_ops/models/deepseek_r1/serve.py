@@ -9,7 +9,7 @@ from typing import Any
 
 import numpy as np
 
-from ..._checks import is_real
+from ..._checks import int_at_least, is_real
 from .config import DeepSeekConfig
 from .gpu import StepTiming
 from .gpu_weights import require_torch
@@ -192,7 +192,15 @@ def compare(a: RunResult, b: RunResult) -> dict:
 
 
 def prompts_for(rank: int, count: int, lo: int, hi: int, vocab: int, seed: int = 0) -> list[list[int]]:
-    """A rank's own requests: ``count`` prompts of lengths drawn from ``[lo, hi]`` (different per rank)."""
+    """A rank's own requests: ``count`` prompts of lengths drawn from ``[lo, hi]`` (different per rank), token ids
+    in ``[0, vocab)``. ``rank``, ``count`` and ``seed`` must be ints >= 0, ``lo`` and ``vocab`` ints >= 1 and ``hi``
+    an int >= ``lo`` (TypeError for a value that is not an int, a bool included; ValueError out of range)."""
+    for name, v, least in (("rank", rank, 0), ("count", count, 0), ("lo", lo, 1), ("hi", hi, 1), ("vocab", vocab, 1),
+                           ("seed", seed, 0)):
+        int_at_least(f"prompts_for: {name}", v, least)
+    if hi < lo:
+        raise ValueError(f"prompts_for: hi must be >= lo (the longest prompt against the shortest), got lo={lo!r} "
+                         f"hi={hi!r}")
     rng = np.random.default_rng([seed, rank, 7])
     return [rng.integers(0, vocab, size=int(rng.integers(lo, hi + 1))).tolist() for _ in range(count)]
 
