@@ -66,6 +66,23 @@ def test_compare_refuses_runs_of_another_shape():
     assert c["max_rel_err"] == 0.0 and c["tokens_equal"] and c["rel_err_per_step"] == [] and not c["flips"]
 
 
+def test_compare_refuses_logits_without_one_row_per_request():
+    """Both runs alike but their logits not [requests, vocab]: fewer rows than requests had raised numpy's IndexError
+    from inside the loop, more rows had left the extra rows out of the comparable error and the flips without a
+    word, 1-D logits had been compared as scalars."""
+    rng = np.random.default_rng(3)
+    two = [rng.normal(size=(2, 50)) for _ in range(2)]
+    three_tokens = RunResult([[1, 2], [3, 4], [5, 6]], two, [], 0.0)
+    with pytest.raises(ValueError, match=r"step 0's logits must be \[requests, vocab\] .*\(3\), got shape \(2, 50\)"):
+        compare(three_tokens, three_tokens)
+    one_token = RunResult([[1, 2]], two, [], 0.0)
+    with pytest.raises(ValueError, match=r"with one row per request \(1\), got shape \(2, 50\)"):
+        compare(one_token, one_token)
+    flat = RunResult([[1, 2], [3, 4]], [x.ravel() for x in two], [], 0.0)
+    with pytest.raises(ValueError, match=r"got shape \(100,\)"):
+        compare(flat, flat)
+
+
 def test_summary_splits_prefill_and_decode():
     steps = [StepStats("prefill", "prefetch_all", 1000, 100.0, 20.0, 50.0, 10.0, 4e12, 25e12, 8 << 30, 40.0),
              StepStats("decode", "on_demand", 4, 10.0, 2.0, 1.0, 5.0, 1e9, 1e9, 1 << 30, 5.0),

@@ -168,13 +168,17 @@ def compare(a: RunResult, b: RunResult) -> dict:
     first part (request, step, ``b``'s top-2 margin there, the largest absolute logit difference). A flip needs a
     difference of at least half the margin, so with ``comparable_rel_err`` small every flip is a near tie that
     rounding decided; the steps after it are not compared (their inputs differ). The runs must have the same
-    requests, steps and logits shapes (ValueError otherwise); two runs of no step compare equal (errors 0.0)."""
+    requests, steps and logits shapes, and each step's logits must be ``[requests, vocab]`` (ValueError otherwise);
+    two runs of no step compare equal (errors 0.0)."""
     if (len(a.tokens), len(a.logits)) != (len(b.tokens), len(b.logits)):
         raise ValueError(f"compare: the runs differ in shape: {len(a.tokens)} request(s) x {len(a.logits)} step(s) "
                          f"against {len(b.tokens)} x {len(b.logits)}")
     for i, (x, y) in enumerate(zip(a.logits, b.logits)):
         if np.shape(x) != np.shape(y):
             raise ValueError(f"compare: step {i}'s logits have shape {np.shape(x)} against {np.shape(y)}")
+        if len(np.shape(x)) != 2 or np.shape(x)[0] != len(a.tokens):
+            raise ValueError(f"compare: step {i}'s logits must be [requests, vocab] with one row per request "
+                             f"({len(a.tokens)}), got shape {np.shape(x)}")
     errs = [float(np.linalg.norm(x - y) / max(np.linalg.norm(y), 1e-30)) for x, y in zip(a.logits, b.logits)]
     comparable, flips = [], []
     for r in range(len(b.tokens)):
