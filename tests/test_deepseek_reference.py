@@ -370,3 +370,20 @@ def test_safetensors_fp8_and_bf16_tensors_load(tmp_path):
     got = load_safetensors(str(tmp_path / "c.safetensors"))["g"]
     assert got.dtype == np.float32
     np.testing.assert_array_equal(got, e5.float().numpy())
+
+
+def test_init_weights_seeds_give_unrelated_streams_or_are_refused_by_name():
+    """Each tensor group is drawn from SeedSequence([seed, *key]); a seed >= 2**32 is two uint32 words, so
+    seed 2**33 drew its embedding from seed 0's layer-0 stream ([0, 2, 0]) and seed 2**32's from seed 0's head stream:
+    two documented-different seeds gave the same weights. Such seeds, negative ones, bools and strings are refused."""
+    cfg = DeepSeekConfig.tiny(n_layers=1, n_dense_layers=1)
+    for seed, err, msg in [(2**32, ValueError, r"seed must be an int in \[0, 2\*\*32\), got 4294967296"),
+                           (2**33, ValueError, "seed must be an int in"),
+                           (-1, ValueError, r"seed must be an int in \[0, 2\*\*32\), got -1"),
+                           (True, TypeError, r"seed must be an int in .*got True \(bool\)"),
+                           ("3", TypeError, r"seed must be an int in .*got '3' \(str\)"),
+                           (1.0, TypeError, r"seed must be an int in .*got 1\.0 \(float\)")]:
+        with pytest.raises(err, match=msg):
+            init_weights(cfg, seed)
+    a, b = init_weights(cfg, np.uint32(2**32 - 1)), init_weights(cfg, 2**32 - 1)  # the largest, numpy ints taken
+    assert all(np.array_equal(a[k], b[k]) for k in a)

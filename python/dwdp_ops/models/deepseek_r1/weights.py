@@ -12,6 +12,7 @@ import os
 
 import numpy as np
 
+from ..._checks import is_int
 from ...quant import dequant_block, from_e4m3
 from .config import DeepSeekConfig
 
@@ -42,7 +43,15 @@ def _dense(rng, shape, std=0.02):
 
 def init_weights(cfg: DeepSeekConfig, seed: int = 0) -> dict[str, np.ndarray]:
     """All weights of the model, deterministic in ``seed``. Routed experts: ``layers.{l}.ffn.experts.{e}.{w1,w2,w3}``
-    (uint8 e4m3 codes) with ``.scale`` (fp32 blocks); the rest float32 (``[out, in]`` like ``nn.Linear``)."""
+    (uint8 e4m3 codes) with ``.scale`` (fp32 blocks); the rest float32 (``[out, in]`` like ``nn.Linear``).
+
+    ``seed`` is an int in ``[0, 2**32)`` (Python or numpy; TypeError for a bool, float or str, ValueError outside the
+    range): each tensor group's stream is ``SeedSequence([seed, *key])``, and a larger seed, being several uint32
+    words, would draw the streams of a smaller seed's other tensors (seed 2**33's embedding was seed 0's layer 0)."""
+    if not is_int(seed) or not 0 <= seed < 2**32:
+        raise (ValueError if is_int(seed) else TypeError)(
+            f"init_weights: seed must be an int in [0, 2**32), got {seed!r} ({type(seed).__name__})")
+    seed = int(seed)
     W: dict[str, np.ndarray] = {}
 
     def rng(*key: int) -> np.random.Generator:
