@@ -387,3 +387,17 @@ def test_init_weights_seeds_give_unrelated_streams_or_are_refused_by_name():
             init_weights(cfg, seed)
     a, b = init_weights(cfg, np.uint32(2**32 - 1)), init_weights(cfg, 2**32 - 1)  # the largest, numpy ints taken
     assert all(np.array_equal(a[k], b[k]) for k in a)
+
+
+def test_apply_rope_refuses_angles_that_would_broadcast():
+    """An angles of one row had rotated every position by that row's angles, one of one column every pair by the
+    same angle (no error); wrong sizes failed inside numpy's broadcasting without naming the argument."""
+    a = yarn_freqs(DeepSeekConfig.tiny())
+    x = np.random.default_rng(0).normal(size=(5, 3, 8)).astype(np.float32)
+    for bad in (a[2:3], a[:5, :1], a[:4], a[:5].T, a[:5, :2]):
+        with pytest.raises(ValueError, match=r"apply_rope: angles must be \[S, dim/2\] = \(5, 4\)"):
+            apply_rope(x, bad)
+    for badx in (x[0, 0], x[..., :7]):
+        with pytest.raises(ValueError, match="apply_rope: x must be"):
+            apply_rope(badx, a[:1])
+    np.testing.assert_array_equal(apply_rope(x[:, 0], a[:5]), apply_rope(x, a[:5])[:, 0])  # [S, dim] as [S, 1, dim]

@@ -89,8 +89,16 @@ def yarn_freqs(cfg: DeepSeekConfig) -> np.ndarray:
 
 
 def apply_rope(x: np.ndarray, angles: np.ndarray) -> np.ndarray:
-    """Rotates adjacent pairs ``(x[2i], x[2i+1])`` of the last axis by ``angles`` (``[S, dim/2]``, broadcast over the
-    axes between S and the last)."""
+    """Rotates adjacent pairs ``(x[2i], x[2i+1])`` of the last axis of ``x`` (``[S, ..., dim]``, dim even) by
+    ``angles`` (``[S, dim/2]``, broadcast over the axes between S and the last); returns float32 ``[S, ..., dim]``.
+    Other shapes raise ValueError (an ``angles`` of one row or one column had been broadcast over every position or
+    every pair without a word)."""
+    x, angles = np.asarray(x), np.asarray(angles)
+    if x.ndim < 2 or x.shape[-1] % 2:
+        raise ValueError(f"apply_rope: x must be [S, ..., dim] with dim even, got shape {x.shape}")
+    if angles.shape != (x.shape[0], x.shape[-1] // 2):
+        raise ValueError(f"apply_rope: angles must be [S, dim/2] = {(x.shape[0], x.shape[-1] // 2)} for x of shape "
+                         f"{x.shape}, got {angles.shape}")
     xr = x.reshape(*x.shape[:-1], -1, 2)
     a = angles.reshape(angles.shape[0], *([1] * (x.ndim - 2)), angles.shape[1])
     c, s = np.cos(a), np.sin(a)
