@@ -12,7 +12,7 @@ from dwdp_ops.models.deepseek_r1 import (
     init_weights,
     select_experts,
 )
-from dwdp_ops.models.deepseek_r1.reference import apply_rope, yarn_freqs
+from dwdp_ops.models.deepseek_r1.reference import apply_rope, rms_norm, yarn_freqs
 from dwdp_ops.models.deepseek_r1.weights import load_safetensors
 
 
@@ -401,3 +401,18 @@ def test_apply_rope_refuses_angles_that_would_broadcast():
         with pytest.raises(ValueError, match="apply_rope: x must be"):
             apply_rope(badx, a[:1])
     np.testing.assert_array_equal(apply_rope(x[:, 0], a[:5]), apply_rope(x, a[:5])[:, 0])  # [S, dim] as [S, 1, dim]
+
+
+def test_rms_norm_refuses_a_weight_that_would_broadcast(tiny):
+    """A norm weight of shape [1] or [n, 1] had been broadcast over the hidden dim (or the rows) without a word, in
+    rms_norm and so in a ReferenceModel given such a weight."""
+    x = np.random.default_rng(0).normal(size=(3, 8)).astype(np.float32)
+    want = x / np.sqrt((x * x).mean(-1, keepdims=True) + 1e-6) * 2
+    np.testing.assert_allclose(rms_norm(x, np.full(8, 2.0), 1e-6), want, rtol=1e-6)
+    for w in (np.ones(1), np.ones((3, 1)), np.ones(7), np.ones((1, 8))):
+        with pytest.raises(ValueError, match=r"rms_norm: w must have shape \(d,\) .* \(3, 8\), got"):
+            rms_norm(x, w, 1e-6)
+    cfg, W = tiny
+    W = dict(W, **{"layers.0.attn_norm": np.ones(1, np.float32)})
+    with pytest.raises(ValueError, match="rms_norm: w must have shape"):
+        ReferenceModel(cfg, W).prefill([1, 2, 3])

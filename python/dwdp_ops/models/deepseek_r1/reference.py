@@ -23,6 +23,12 @@ from .weights import dequant_fp8
 
 
 def rms_norm(x: np.ndarray, w: np.ndarray, eps: float) -> np.ndarray:
+    """``x / sqrt(mean(x**2, last axis) + eps) * w`` in float32: ``x`` ``[..., d]``, ``w`` ``[d]``; returns float32
+    ``[..., d]``. A ``w`` of another shape raises ValueError (one of shape ``[1]`` or ``[n, 1]`` had been broadcast
+    without a word)."""
+    x, w = np.asarray(x), np.asarray(w)
+    if x.ndim < 1 or w.shape != (x.shape[-1],):
+        raise ValueError(f"rms_norm: w must have shape (d,) for x of shape [..., d] = {x.shape}, got {w.shape}")
     x32 = x.astype(np.float32)
     return (x32 / np.sqrt((x32 * x32).mean(-1, keepdims=True) + eps) * w).astype(np.float32)
 
