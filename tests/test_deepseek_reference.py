@@ -416,3 +416,16 @@ def test_rms_norm_refuses_a_weight_that_would_broadcast(tiny):
     W = dict(W, **{"layers.0.attn_norm": np.ones(1, np.float32)})
     with pytest.raises(ValueError, match="rms_norm: w must have shape"):
         ReferenceModel(cfg, W).prefill([1, 2, 3])
+
+
+@pytest.mark.parametrize("scale, err, msg", [
+    (np.array([1.0, 3.0]), TypeError, "routed_scaling_factor must be a real number"),  # had scaled slot by slot
+    (True, TypeError, r"routed_scaling_factor must be a real number, got True \(bool\)"),  # had been 1.0
+    ("2.5", TypeError, "routed_scaling_factor must be a real number, got '2.5'"),  # numpy's UFuncTypeError
+    (float("nan"), ValueError, "routed_scaling_factor must be finite"),  # NaN weights
+])
+def test_gate_refuses_a_scaling_factor_that_is_not_a_finite_number(scale, err, msg):
+    with pytest.raises(err, match=msg):
+        select_experts(np.zeros((2, 8)), np.zeros(8), 4, 2, 2, scale)
+    w, _ = select_experts(np.zeros((2, 8)), np.zeros(8), 4, 2, 2, np.float32(2.5))  # numpy scalars are numbers
+    np.testing.assert_allclose(w, 1.25)

@@ -17,7 +17,7 @@ from contextlib import contextmanager
 
 import numpy as np
 
-from ..._checks import is_int
+from ..._checks import is_int, is_real
 from .config import DeepSeekConfig
 from .weights import dequant_fp8
 
@@ -42,10 +42,16 @@ def select_experts(router_logits, correction_bias, n_group, topk_group, top_k, r
     ``s + bias``; the other groups masked with ``-inf``; the top-k of ``s + bias`` chosen; weights are the unbiased
     ``s`` of the chosen experts, normalised to sum 1, times ``routed_scaling_factor``.
     Returns ``(weights [T, k] float32, ids [T, k] int64)``, ids ordered by descending selection score. The counts
-    ``n_group``, ``topk_group``, ``top_k`` are ints (bools refused: TypeError)."""
+    ``n_group``, ``topk_group``, ``top_k`` are ints (bools refused: TypeError); ``routed_scaling_factor`` a finite
+    real number (TypeError for a bool, str or array: an array had scaled each of the k slots by its own factor)."""
     for name, v in (("n_group", n_group), ("topk_group", topk_group), ("top_k", top_k)):
         if not is_int(v):
             raise TypeError(f"select_experts: {name} must be an int, got {v!r} ({type(v).__name__})")
+    if not is_real(routed_scaling_factor):
+        raise TypeError(f"select_experts: routed_scaling_factor must be a real number, got {routed_scaling_factor!r} "
+                        f"({type(routed_scaling_factor).__name__})")
+    if not math.isfinite(routed_scaling_factor):
+        raise ValueError(f"select_experts: routed_scaling_factor must be finite, got {routed_scaling_factor}")
     if n_group < 1:
         raise ValueError(f"select_experts: n_group must be >= 1, got {n_group}")
     n_group, topk_group, top_k = int(n_group), int(topk_group), int(top_k)
