@@ -62,6 +62,7 @@ DEMO_BAD = (
     + [("--dtype", ["--dtype", v]) for v in ("fp8", "float32", "int4")]
     + [("--policy", ["--policy", v]) for v in ("fast", "")]
     + [("--bogus", ["--bogus"])]
+    + [("--seed", ["--seed", v]) for v in ("4294967296", str(2**40))]  # init_weights' seeds are 32-bit
 )
 
 

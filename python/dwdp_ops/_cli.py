@@ -57,6 +57,15 @@ def nonnegative_int(text: str) -> int:
     return v
 
 
+def seed_int(text: str) -> int:
+    """A seed: an integer in [0, 2^32) (numpy's generators split a larger one into words, so that two seeds would draw
+    the same numbers; ``init_weights`` refuses it)."""
+    v = nonnegative_int(text)
+    if v >= 2**32:
+        raise argparse.ArgumentTypeError(f"expected an integer in [0, 2^32), got {v}")
+    return v
+
+
 def positive_float(text: str) -> float:
     """A finite number > 0."""
     v = _number(text, float, "a number > 0")

@@ -19,7 +19,7 @@ import time
 import numpy as np
 from tqdm import tqdm
 
-from ._cli import HelpFormatter, divisor_of, nonnegative_int, plain, positive_float, positive_int, usable_gpus
+from ._cli import HelpFormatter, divisor_of, plain, positive_float, positive_int, seed_int, usable_gpus
 from .layout import ExpertLayout
 from .partition import ExpertPartition
 
@@ -186,7 +186,8 @@ def build_parser(prog: str = "dwdp-demo") -> argparse.ArgumentParser:
                          f"(the tiny config's {DeepSeekConfig.tiny().max_seq_len} positions hold a prompt of up to "
                          f"{CPU_PROMPT_LENS[1]} tokens and the steps), at most {max_steps(0)} minus --max-len on GPUs "
                          "(R1's max_seq_len)")
-    ap.add_argument("--seed", type=nonnegative_int, default=0, help="seed of the weights and the prompts")
+    ap.add_argument("--seed", type=seed_int, default=0,
+                    help="seed of the weights and the prompts (an integer in [0, 2^32))")
     ap.add_argument("--dtype", choices=DEMO_DTYPES, default="float8_e4m3fn",
                     help="routed-expert dtype: the GPU model's experts (fp8: e4m3 bytes with rowwise scales, "
                          "requantised from the checkpoint's 128x128 blocks), or what the CPU fetch plan is sized for")
