@@ -53,6 +53,13 @@ _DT = {"float32": (np.dtype(np.float32), 0), "bfloat16": (np.dtype(np.uint16), 1
 _MAX_T = 2**31 - 129  # positions a sample the kernels index (kMaxT in cpp/src/coaction.cu)
 
 
+def _check_dtype(dtype) -> None:
+    """ValueError unless ``dtype`` is one of ``_DT``'s names (a str: a list had raised "unhashable type", naming
+    nothing)."""
+    if not isinstance(dtype, str) or dtype not in _DT:
+        raise ValueError(f"dtype must be 'float32' or 'bfloat16', got {dtype!r}")
+
+
 class ShardedTable:
     """A ``[num_rows, dim]`` embedding table split by rows over the ranks, on the NVSHMEM symmetric heap.
 
@@ -68,8 +75,7 @@ class ShardedTable:
         from ..runtime import get_runtime
         from ..symmetric import free_symmetric, peer_view, symmetric_empty
 
-        if not isinstance(dtype, str) or dtype not in _DT:  # (a list: "unhashable type", naming nothing)
-            raise ValueError(f"dtype must be 'float32' or 'bfloat16', got {dtype!r}")
+        _check_dtype(dtype)
         for name, v in (("num_rows", num_rows), ("dim", dim)):
             if not is_int(v):  # (int() had truncated a float, True was 1)
                 raise TypeError(f"{name} must be an int, got {type(v).__name__} {v!r}")
@@ -372,8 +378,8 @@ def _spec_args(spec: CoActionSpec):
 
 
 def _backward_flag(backward: Any) -> bool:
-    """``backward`` checked to be a bool (numpy's included), as ``split_warps`` checks it: None or 0 had been taken
-    as the forward without a word, a string refused by the binding naming no argument."""
+    """``backward`` checked to be a bool (numpy's included), as a Python bool: None or 0 had been taken as the
+    forward without a word, a string refused by the binding naming no argument."""
     if not is_bool(backward):
         raise TypeError(f"backward must be a bool, got {type(backward).__name__}: {backward!r}")
     return bool(backward)
@@ -407,17 +413,15 @@ def split_warps(spec: CoActionSpec, B: int, T: int, sms: int, dtype: str = "floa
     general register-path ones): a block of K warps a sample, each a segment of its positions; sums inside a sample are
     added in a fixed order for a given K (table and feed gradients by atomics, as at K = 1), and differ from K = 1's in
     rounding."""
-    if not isinstance(dtype, str) or dtype not in _DT:  # (a list: "unhashable type", naming nothing)
-        raise ValueError(f"dtype must be 'float32' or 'bfloat16', got {dtype!r}")
-    if not is_bool(backward):
-        raise TypeError(f"backward must be a bool, got {type(backward).__name__}: {backward!r}")
+    _check_dtype(dtype)
+    backward = _backward_flag(backward)
     for name, v in (("B", B), ("T", T), ("sms", sms)):
         if not is_int(v):
             raise TypeError(f"{name} must be an integer, got {type(v).__name__}: {v!r}")
         if not 1 <= v < 2**31:
             raise ValueError(f"{name} must be in [1, 2**31), got {v}")
     elem = 4 if dtype == "float32" else 2
-    return int(native().coaction_split_warps(*_spec_args(_spec(spec)), bool(backward), elem, int(B), int(T), int(sms),
+    return int(native().coaction_split_warps(*_spec_args(_spec(spec)), backward, elem, int(B), int(T), int(sms),
                                              -1))
 
 
@@ -429,8 +433,7 @@ def _dims(spec: CoActionSpec) -> tuple[tuple, tuple[int, int, int]]:
 
 
 def _args(spec: CoActionSpec, induction, feed, mask, ind_ids, feed_ids, dtype):
-    if not isinstance(dtype, str) or dtype not in _DT:  # (a list: "unhashable type", naming nothing)
-        raise ValueError(f"dtype must be 'float32' or 'bfloat16', got {dtype!r}")
+    _check_dtype(dtype)
     storage, code = _DT[dtype]
     spec_args, dims = _dims(spec)
     feed_dim, induction_dim, _ = dims
