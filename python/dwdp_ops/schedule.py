@@ -77,7 +77,11 @@ def slice_copy(c: Copy, slice_bytes: int) -> list[Copy]:
     """``c`` cut into consecutive copies of ``slice_bytes`` (a positive int; the last one may be shorter); a copy of
     0 bytes gives []. ``c`` must be a ``Copy`` of an int >= 0 of bytes (TypeError / ValueError naming it otherwise)."""
     _check_copy(c)
-    slice_bytes = _check_slice(slice_bytes)
+    return _slices(c, _check_slice(slice_bytes))
+
+
+def _slices(c: Copy, slice_bytes: int) -> list[Copy]:
+    """``slice_copy`` of arguments checked already (``order_copies`` checks every copy once, up front)."""
     return [
         Copy(c.peer, c.dst + off, c.src + off, min(slice_bytes, c.nbytes - off)) for off in range(0, c.nbytes, slice_bytes)
     ]
@@ -114,7 +118,7 @@ def order_copies(
         return sorted(copies, key=lambda c: (rank_of.get(c.peer, world_size), c.dst))
     queues: dict[int, list[Copy]] = {}
     for c in sorted(copies, key=lambda c: c.dst):
-        queues.setdefault(c.peer, []).extend(slice_copy(c, slice_bytes))
+        queues.setdefault(c.peer, []).extend(_slices(c, slice_bytes))
     staggered = peer_order(rank, world_size)
     order = [p for p in staggered if p in queues] + sorted(set(queues) - set(staggered))
     rounds = itertools.zip_longest(*(queues[p] for p in order))  # one slice per peer per round
