@@ -400,8 +400,9 @@ def reference_moe(xs_per_rank: Sequence[np.ndarray], ids_per_rank: Sequence[np.n
     wrong type (``partition``, an ``expert_fn`` or ``storage`` that is not callable, one of the three not a sequence
     with one entry per rank, a dict included, an entry that is not an array: None, an object numpy holds only as an
     object; an ``xs_per_rank[r]`` whose dtype is not floating-point, an ``ids_per_rank[r]`` not integer, a
-    ``w_per_rank[r]`` not float32), ValueError for a wrong value (not one entry per rank, a ragged entry, a shape, tokens, hidden sizes or ranks' top_k that disagree,
-    routing ``plan_send`` refuses, an ``expert_fn`` result of another shape).
+    ``w_per_rank[r]`` not float32), ValueError for a wrong value (not one entry per rank, a ragged entry, a shape,
+    tokens, hidden sizes or ranks' top_k that disagree, routing ``plan_send`` refuses, an ``expert_fn`` result of
+    another shape).
     """
     _check_partition(partition)
     if not callable(expert_fn):

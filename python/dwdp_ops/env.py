@@ -8,8 +8,8 @@ Recognised launchers, in order:
     ``OMPI_COMM_WORLD_LOCAL_SIZE``;
   * none of them: a single process, rank 0 of 1.
 The rendezvous address is ``MASTER_ADDR`` (default 127.0.0.1) and ``MASTER_PORT`` (default 29531).
-``DWDP_TIMEOUT`` (seconds a collective waits, default 300, at most ``MAX_TIMEOUT``) is parsed by ``timeout_from_environ`` for ``init()`` and
-``dispatch_nccl.init_process_group_from_env`` alike.
+``DWDP_TIMEOUT`` (seconds a collective waits, default 300, at most ``MAX_TIMEOUT``) is parsed by
+``timeout_from_environ`` for ``init()`` and ``dispatch_nccl.init_process_group_from_env`` alike.
 
 Under ``torchrun`` (recognised by the ``TORCHELASTIC_*`` variables its agent sets, ``under_torchrun``),
 ``MASTER_ADDR:MASTER_PORT`` is where torchrun's own TCPStore listens; ``rendezvous.Rendezvous`` then asks that store

@@ -45,19 +45,18 @@ def train(model: CanModel, train_set, test_set, epochs: int, batch_size: int, se
     ``check_label_shape``), other fields that do not agree with them (either set; ``Batchable.check_shapes``), a
     ``train_set`` label that is NaN, infinite or outside [0, 1] (soft labels pass; ``check_labels``), a mask value
     other than 0 or 1 (either set), a ``test_set`` whose labels are not 0 / 1 of both classes (no AUC) or (for a
-    model with ``cfg.tables``) an id outside its table (TypeError for labels or ids that are not numbers / integers), all before
-    any training, and FloatingPointError, naming the epoch and step, when a loss is not finite (a CanModel refuses
+    model with ``cfg.tables``) an id outside its table (TypeError for labels or ids that are not numbers /
+    integers), all before any training, and FloatingPointError, naming the epoch and step, when a loss is not finite (a CanModel refuses
     that step: the model is as it was before it, and a caller who catches the error can lower ``model.opt.lr`` and
     train on)."""
     # (Python ints from here on: range() numbers epochs either way)
     epochs, batch_size = (int_at_least(name, v, 1, "an integer") for name, v in (("epochs", epochs),
                                                                                  ("batch_size", batch_size)))
     seed = int_at_least("seed", seed, 0, "an integer")  # (None would draw fresh entropy: other shuffles every run)
-    # labels [N] (a field assigned after the Batchable was built is unchecked; len() is the labels' length)
+    # labels [N] (len() is the labels' length), then the other fields: one assigned since construction may not agree
     for which, data in (("training set", train_set), ("test set", test_set)):
         check_label_shape(data, which)
-    for which, data in (("training set", train_set), ("test set", test_set)):
-        if isinstance(data, Batchable):  # (the other fields too: one assigned since construction may not agree)
+        if isinstance(data, Batchable):
             try:
                 data.check_shapes()
             except ValueError as e:
