@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 
 import pytest
@@ -324,3 +325,32 @@ def test_a_slow_reader_still_gets_every_line(tmp_path):
     assert proc.wait(timeout=30) == 0, proc.stderr.read()
     lines = out.decode().splitlines()
     assert len(lines) == 1201 and lines[-1] == "[rank 0] LAST", lines[-3:]
+
+
+
+@pytest.mark.timeout(60)
+def test_terminate_does_not_wait_on_a_held_popen_lock(monkeypatch):
+    """The signal handler runs ``_terminate`` in the main thread, which it may have interrupted inside
+    ``Popen.wait`` while that held the Popen's (non-reentrant) wait lock: ``_terminate`` must end the rank anyway,
+    never block on the lock (it did: ``wait()`` after SIGKILL, a hang for good). The lock is held here by the test."""
+    from dwdp_ops import launch
+    monkeypatch.setattr(launch, "GRACE_S", 0.2)
+    p = subprocess.Popen([sys.executable, "-c", "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); "
+                          "print('ready', flush=True); time.sleep(60)"],
+                         stdout=subprocess.PIPE, text=True, start_new_session=True)
+    t = None
+    try:
+        assert p.stdout.readline().strip() == "ready"  # SIGTERM is ignored from here on
+        assert p._waitpid_lock.acquire(False)
+        t = threading.Thread(target=launch._terminate, args=({0: p}, [0]), daemon=True)
+        t.start()
+        t.join(15)
+        hung = t.is_alive()
+        p._waitpid_lock.release()
+        assert not hung, "_terminate blocked on the Popen's wait lock"
+        assert launch._status(p) == -signal.SIGKILL  # killed after the grace period, and not reaped (see _status)
+    finally:
+        p.kill()
+        p.wait()
+        if t is not None:
+            t.join(15)

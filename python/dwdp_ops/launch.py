@@ -33,6 +33,7 @@ from ._cli import HelpFormatter, plain, positive_float, positive_int
 
 SAFE_ENV = {"NVSHMEM_DISABLE_NVLS": "1", "NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1"}
 GRACE_S = 5.0
+KILL_WAIT_S = 5.0  # after SIGKILL: how long _terminate waits for a rank to exit
 
 
 def free_port(addr: str = "127.0.0.1") -> int:
@@ -142,22 +143,35 @@ def _status(p: subprocess.Popen) -> int | None:
     return r.si_status if r.si_code == os.CLD_EXITED else -r.si_status
 
 
+def _exited(procs: dict[int, subprocess.Popen], ranks: list[int], seconds: float) -> list[int]:
+    """Waits up to ``seconds`` for ``ranks`` to exit; returns those still running. Polls ``_status``: it neither reaps
+    nor takes ``Popen``'s wait lock (see ``_terminate``)."""
+    deadline = time.monotonic() + seconds
+    while True:
+        running = [r for r in ranks if _status(procs[r]) is None]
+        if not running or time.monotonic() >= deadline:
+            return running
+        time.sleep(0.02)
+
+
 def _terminate(procs: dict[int, subprocess.Popen], ranks: list[int]) -> None:
+    """SIGTERM to each rank's process group, SIGKILL to the ranks still running ``GRACE_S`` later, then up to
+    ``KILL_WAIT_S`` for those to exit (a process stuck in the kernel, e.g. in a GPU driver call, may outlive even
+    SIGKILL: it is left to ``_reap_groups``, never waited for without a bound). Never calls ``Popen.wait``: the
+    signal handler runs this while the main thread may be inside ``Popen.wait`` in this same function (a rank failed
+    or the job timed out, then Ctrl-C), holding that ``Popen``'s non-reentrant wait lock, and a blocking wait on it
+    would hang the launcher for good."""
     for r in ranks:
         try:
             os.killpg(procs[r].pid, signal.SIGTERM)
         except ProcessLookupError:
             pass
-    deadline = time.monotonic() + GRACE_S
-    for r in ranks:
+    for r in _exited(procs, ranks, GRACE_S):
         try:
-            procs[r].wait(timeout=max(0.0, deadline - time.monotonic()))
-        except subprocess.TimeoutExpired:
-            try:
-                os.killpg(procs[r].pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-            procs[r].wait()
+            os.killpg(procs[r].pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    _exited(procs, ranks, KILL_WAIT_S)
 
 
 def run(
