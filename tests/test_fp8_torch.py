@@ -242,3 +242,18 @@ def test_from_hf_state_dict_strict_refuses_keys_it_would_drop():
                                          rf"config takes the {len(sd)} keys hf_state_dict\(cfg, W\) produces"):
         hc.from_hf_state_dict(cfg, {**sd, **extra}, strict=True)
     assert hc.from_hf_state_dict(cfg, sd, strict=True).keys() == hc.from_hf_state_dict(cfg, sd).keys()
+
+
+def test_dequant_rows_decodes_uint8_bits_and_names_bad_inputs():
+    """uint8 e4m3 bits (the form requant_block and the numpy truth take) had been widened as integers 0..255 and
+    multiplied by the scales: silently wrong values; a bf16 weight or a mis-shaped scale went through as well."""
+    rng = np.random.default_rng(5)
+    x = rng.standard_normal((3, 4, 8)).astype(np.float32)
+    qn, sn = quant.quant_rowwise(x)
+    want = quant.dequant_rowwise(qn, sn)
+    for q in (torch.from_numpy(qn), torch.from_numpy(qn).view(torch.float8_e4m3fn)):
+        np.testing.assert_array_equal(fp8.dequant_rows(q, torch.from_numpy(sn)).numpy(), want)
+    with pytest.raises(ValueError, match=r"dequant_rows: q must be \[\.\.\., K\] float8_e4m3fn or uint8"):
+        fp8.dequant_rows(torch.from_numpy(x), torch.from_numpy(sn))
+    with pytest.raises(ValueError, match=r"dequant_rows: scale shape \[3, 1\] does not match q's rows: want \[3, 4\]"):
+        fp8.dequant_rows(torch.from_numpy(qn), torch.ones(3, 1))

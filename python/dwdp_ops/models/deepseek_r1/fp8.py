@@ -156,8 +156,16 @@ def swiglu_quant_torch(h: Any, inter: int) -> tuple[Any, Any]:
 
 
 def dequant_rows(q: Any, scale: Any) -> Any:
-    """``q [..., N, K]`` float8_e4m3fn, ``scale [..., N]`` -> float32 ``q * scale[..., None]``."""
-    return q.float() * scale[..., None]
+    """``q [..., N, K]`` float8_e4m3fn (or uint8 e4m3 bits, as ``requant_block`` takes them), ``scale [..., N]``
+    -> float32 ``q * scale[..., None]``. ValueError for codes of another dtype or a scale of another shape."""
+    torch = require_torch()
+    if q.dtype not in (torch.uint8, torch.float8_e4m3fn) or q.dim() < 1:
+        raise ValueError(f"dequant_rows: q must be [..., K] float8_e4m3fn or uint8 (e4m3 bits), got {q.dtype} "
+                         f"{list(q.shape)}")
+    if tuple(scale.shape) != tuple(q.shape[:-1]):
+        raise ValueError(f"dequant_rows: scale shape {list(scale.shape)} does not match q's rows: want "
+                         f"{list(q.shape[:-1])}")
+    return q.view(torch.float8_e4m3fn).float() * scale[..., None]
 
 
 def requant_block(codes: Any, scale_inv: Any, block: int = 128) -> tuple[Any, Any]:
