@@ -8,6 +8,7 @@ used again.
 
 from __future__ import annotations
 
+import math
 import numbers
 from typing import Any
 
@@ -19,6 +20,7 @@ from .interop import device_buffer, normalize_dtype, stream_handle
 from .runtime import SymmetricBuffer, get_runtime
 
 _LOGICAL: dict[int, str] = {}  # buffer ptr -> logical dtype name for byte-stored dtypes
+_MAX_BYTES = 2**63 - 1  # an array's byte size is a signed 64-bit integer (CuPy's, NumPy's, a ptrdiff_t)
 
 
 def _shape(shape: Any) -> tuple[int, ...]:
@@ -47,10 +49,13 @@ def _wrap(ptr: int, nbytes: int, shape, dtype, owner, strides=None):
 def symmetric_empty(shape: Any, dtype: Any = np.float32):
     """A CuPy array of ``shape`` on the symmetric heap, uninitialised. Collective: every rank passes the same shape
     and dtype. fp8 e4m3 and bf16 are stored as uint8 / uint16 bits (``logical_dtype`` and ``to_torch`` recover
-    them)."""
+    them). A shape of more than ``2**63 - 1`` bytes raises ValueError before anything is allocated."""
     shape = _shape(shape)
     storage, logical = normalize_dtype(dtype)
-    nbytes = int(np.prod(shape, dtype=np.int64)) * storage.itemsize
+    nbytes = math.prod(shape) * storage.itemsize  # Python ints: an int64 product would wrap around
+    if nbytes > _MAX_BYTES:
+        raise ValueError(f"symmetric_empty: shape {shape} of {logical} is {nbytes} bytes, more than an array can "
+                         f"address ({_MAX_BYTES})")
     buf = get_runtime().symmetric_alloc(nbytes, f"{logical}{list(shape)}")
     if logical != storage.name:
         _LOGICAL[buf.ptr] = logical

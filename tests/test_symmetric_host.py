@@ -1,0 +1,73 @@
+"""Host-side checks of ``dwdp_ops.symmetric`` (symmetric_empty, free_symmetric, peer_view, getmem) with a fake
+runtime: every bad argument is refused, naming it, before anything is allocated or launched. CuPy builds the arrays
+over fake addresses (no GPU needed to make one, only to touch it)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+pytest.importorskip("cupy")
+
+import dwdp_ops.symmetric as sym  # noqa: E402
+from dwdp_ops.runtime import SymmetricBuffer  # noqa: E402
+
+
+class FakeBackend:
+    def __init__(self):
+        self.calls = []
+
+    def getmem(self, *args):
+        self.calls.append(("getmem", *args))
+
+    def symmetric_peer_ptr(self, ptr, pe):
+        return ptr + (pe + 1) * (1 << 36)
+
+
+class FakeRuntime:
+    state, device = "initialized", 0
+
+    def __init__(self):
+        self.backend = FakeBackend()
+        self.buffers, self.allocs, self.frees, self.next = {}, [], [], 1 << 40
+
+    def require(self, what):
+        pass
+
+    def world_size(self):
+        return 2
+
+    def rank(self):
+        return 0
+
+    def symmetric_alloc(self, nbytes, label):
+        self.allocs.append((nbytes, label))
+        buf = SymmetricBuffer(self.next, nbytes, len(self.allocs), label)
+        self.buffers[buf.ptr], self.next = buf, self.next + (1 << 34)
+        return buf
+
+    def symmetric_free(self, buf):
+        self.frees.append(buf)
+        del self.buffers[buf.ptr]
+
+    def find_buffer(self, ptr, nbytes):
+        return next((b for b in self.buffers.values() if b.ptr <= ptr and ptr + nbytes <= b.ptr + b.nbytes), None)
+
+
+@pytest.fixture
+def rt(monkeypatch):
+    fake = FakeRuntime()
+    monkeypatch.setattr(sym, "get_runtime", lambda: fake)
+    return fake
+
+
+@pytest.mark.parametrize("shape", [(2**33, 2**31 + 1), (2**62, 4), (2**70,), (2**61, 2)])
+def test_a_shape_past_an_array_s_byte_range_is_refused_before_allocating(rt, shape):
+    """The byte size was an int64 product: (2**33, 2**31 + 1) float32 wrapped to 32 GiB and was allocated for an
+    array CuPy then described as 2**64 + 2**33 elements (every access past 32 GiB out of bounds); (2**62, 4) wrapped
+    to 0 bytes and (2**70,) raised a bare OverflowError from NumPy. Refused by name, nothing allocated."""
+    with pytest.raises(ValueError, match=r"symmetric_empty: shape .* of float32 is \d+ bytes, more than an array"):
+        sym.symmetric_empty(shape, np.float32)
+    assert rt.allocs == []
+    a = sym.symmetric_empty((4, 8), np.float32)
+    assert a.shape == (4, 8) and rt.allocs == [(128, "float32[4, 8]")]
