@@ -3,6 +3,7 @@ layer budget."""
 
 from __future__ import annotations
 
+import math
 import re
 
 import numpy as np
@@ -141,6 +142,19 @@ def test_summary_refuses_impossible_times(field, value):
     with pytest.raises(ValueError, match=rf"summarize: stats\[1\]\.{field} must be a finite number of milliseconds "
                                          rf">= 0, got {re.escape(repr(value))}"):
         summarize([_step(), st])
+
+
+@pytest.mark.parametrize("field", ["step_ms", "attn_ms", "fetch_ms"])
+def test_summary_refuses_a_time_below_a_nanosecond(field):
+    """A subnormal step time (5e-324 ms) had raised ZeroDivisionError (ms * 1e-3 underflows to 0), a tiny one an
+    infinite rate; no timer resolves such a time, so it is refused by name, and 1 ns is still taken."""
+    st = _step()
+    setattr(st, field, 5e-324)
+    with pytest.raises(ValueError, match=rf"stats\[1\]\.{field} = 5e-324 ms is below 1e-06 ms"):
+        summarize([_step(), st])
+    setattr(st, field, 1e-6)
+    assert all(v is None or math.isfinite(v) for rec in summarize([_step(), st]).values()
+               for v in rec.values() if isinstance(v, float))
 
 
 def test_demo_prints_a_summary_with_untimed_rates(capsys):

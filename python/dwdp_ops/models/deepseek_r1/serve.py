@@ -212,6 +212,9 @@ def prompts_for(rank: int, count: int, lo: int, hi: int, vocab: int, seed: int =
 _TIMES = ("step_ms", "attn_ms", "experts_ms", "wait_ms", "fetch_ms", "comm_ms")
 
 
+MIN_MS = 1e-6  # the shortest time summarize takes as measured: 1 ns
+
+
 def _rate(amount: float, ms: float, unit: float = 1.0) -> float | None:
     """``amount`` per second over ``ms`` milliseconds, in ``unit``; None where nothing was timed (``ms`` 0)."""
     return amount / (ms * 1e-3) / unit if ms > 0 else None
@@ -229,12 +232,15 @@ def summarize(stats: list[StepStats]) -> dict[str, Any]:
     ``dispatch`` steps only (no fetch). ``untimed_steps`` counts the steps with no step time, and ``untimed`` names the
     rates that are None. Rates use only the timed steps: ``tokens_per_s`` is the tokens of the steps with a step time
     over their time (every step's, as before, whenever every step is timed, as CUDA events always are). A step time
-    that is negative or not finite is a ValueError naming the step and the field."""
+    that is negative, not finite or between 0 and ``MIN_MS`` (1 ns) is a ValueError naming the step and the field."""
     for i, x in enumerate(stats):
         for name in _TIMES:
             v = getattr(x, name)
             if not (is_real(v) and math.isfinite(v) and v >= 0):
                 raise ValueError(f"summarize: stats[{i}].{name} must be a finite number of milliseconds >= 0, got {v!r}")
+            if 0 < v < MIN_MS:  # no timer resolves it (CUDA events: ~0.5 us); its rates would overflow or divide by 0
+                raise ValueError(f"summarize: stats[{i}].{name} = {v!r} ms is below {MIN_MS:g} ms (1 ns): not a "
+                                 "measured time; 0 means not measured")
     out = {}
     for kind in ("prefill", "decode"):
         s = [x for x in stats if x.kind == kind]
