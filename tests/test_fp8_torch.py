@@ -257,3 +257,30 @@ def test_dequant_rows_decodes_uint8_bits_and_names_bad_inputs():
         fp8.dequant_rows(torch.from_numpy(x), torch.from_numpy(sn))
     with pytest.raises(ValueError, match=r"dequant_rows: scale shape \[3, 1\] does not match q's rows: want \[3, 4\]"):
         fp8.dequant_rows(torch.from_numpy(qn), torch.ones(3, 1))
+
+
+def test_grouped_fp8_mlp_takes_a_list_pair_of_fast_accum_flags_and_refuses_anything_else(monkeypatch):
+    """A list pair ``[False, True]`` had been taken as one truthy flag (fast accumulation on in both GEMMs), a tuple
+    of another length failed in unpacking, a string such as "False" turned it on: each GEMM's flag is checked now."""
+    G, H, I, R = 4, 64, 32, 64
+    xg = torch.empty((R, H), dtype=torch.bfloat16, device="meta")
+    offs = torch.empty((G,), dtype=torch.int32, device="meta")
+    w13, w2 = _page_strided(G, 2 * I, H), _page_strided(G, H, I)
+    s13 = torch.empty((G, 2 * I), dtype=torch.float32, device="meta")
+    s2 = torch.empty((G, H), dtype=torch.float32, device="meta")
+    seen = []
+    real = torch._scaled_grouped_mm
+
+    def spy(*args, use_fast_accum, **kw):
+        seen.append(use_fast_accum)
+        return real(*args, use_fast_accum=use_fast_accum, **kw)
+
+    monkeypatch.setattr(torch, "_scaled_grouped_mm", spy)
+    for flags, want in (([False, True], [False, True]), ((True, False), [True, False]), (np.True_, [True, True]),
+                        (False, [False, False])):
+        seen.clear()
+        fp8.grouped_swiglu_fp8(xg, offs, w13, w2, s13, s2, I, fast_accum=flags)
+        assert seen == want, flags
+    for bad in ((True,), (True, False, True), "False", 1, [1, 0], None):
+        with pytest.raises(TypeError, match=r"grouped_swiglu_fp8: fast_accum must be a bool or a pair of bools"):
+            fp8.grouped_swiglu_fp8(xg, offs, w13, w2, s13, s2, I, fast_accum=bad)

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from ..._checks import is_int
+from ..._checks import is_bool, is_int
 from .gpu_weights import require_torch
 
 E4M3_MAX = 448.0
@@ -190,6 +190,15 @@ def requant_block(codes: Any, scale_inv: Any, block: int = 128) -> tuple[Any, An
     return quant_rows(w)
 
 
+def _fast_accum_pair(fast_accum: Any) -> tuple[bool, bool]:
+    """``fast_accum`` (a bool, or a pair of bools as a tuple or list) -> (first GEMM, second GEMM)."""
+    pair = tuple(fast_accum) if isinstance(fast_accum, (tuple, list)) else (fast_accum, fast_accum)
+    if len(pair) != 2 or not all(is_bool(f) for f in pair):
+        raise TypeError(f"grouped_swiglu_fp8: fast_accum must be a bool or a pair of bools (first GEMM, second "
+                        f"GEMM), got {fast_accum!r}")
+    return bool(pair[0]), bool(pair[1])
+
+
 def grouped_swiglu_fp8(xg: Any, offs: Any, w13: Any, w2: Any, s13: Any, s2: Any, inter: int, *,
                        fast_accum: bool | tuple[bool, bool] = False) -> Any:
     """The expert MLP over rows grouped by expert with fp8 weights: ``xg [R, H]`` bf16, or the same rows already
@@ -199,11 +208,13 @@ def grouped_swiglu_fp8(xg: Any, offs: Any, w13: Any, w2: Any, s13: Any, s2: Any,
     float8_e4m3fn (any page-strided batch stride, rows contiguous), ``s13 [G, 2I]`` / ``s2 [G, H]`` float32 row
     scales -> ``[R, H]`` bf16. bf16 activations are quantised per row before the first GEMM (``quant_rows``); the
     SwiGLU runs on the first GEMM's bf16 output, fused with the second quantisation (``swiglu_quant``). Rows past
-    ``offs[-1]`` are not meaningful. ``fast_accum``: the GEMMs' ``use_fast_accum``, one flag or a pair (first
-    GEMM, second GEMM) (Hopper: partial sums stay in the tensor core's reduced-precision accumulator instead of being
-    promoted to float32; measured in ``bench/expert_gemm.py``: faster from 32K tokens, the same error against bf16;
-    ``GpuModel`` turns it on where ``use_fast_accum`` says)."""
+    ``offs[-1]`` are not meaningful. ``fast_accum``: the GEMMs' ``use_fast_accum``, one bool or a pair of bools
+    (first GEMM, second GEMM; a tuple or a list; anything else a TypeError before any work) (Hopper: partial sums
+    stay in the tensor core's reduced-precision accumulator instead of being promoted to float32; measured in
+    ``bench/expert_gemm.py``: faster from 32K tokens, the same error against bf16; ``GpuModel`` turns it on where
+    ``use_fast_accum`` says)."""
     torch = require_torch()
+    fast1, fast2 = _fast_accum_pair(fast_accum)
     live = offs[-1:]  # rows past the last group (a worst-case-sized DEP buffer's tail) are skipped, not quantised
     if isinstance(xg, tuple):
         xq, xs = xg
@@ -212,11 +223,10 @@ def grouped_swiglu_fp8(xg: Any, offs: Any, w13: Any, w2: Any, s13: Any, s2: Any,
                              f"float32), got {xq.dtype} {list(xq.shape)} and {xs.dtype} {list(xs.shape)}")
     else:
         xq, xs = quant_rows(xg, live_rows=live)
-    fast1, fast2 = fast_accum if isinstance(fast_accum, tuple) else (fast_accum, fast_accum)
     h = torch._scaled_grouped_mm(xq, w13.transpose(-2, -1), xs, s13, offs=offs, out_dtype=torch.bfloat16,
-                                 use_fast_accum=bool(fast1))
+                                 use_fast_accum=fast1)
     del xq, xs, xg  # a large prefill's temporaries: each freed as soon as its reader is enqueued (stream-ordered pool)
     aq, as_ = swiglu_quant(h, inter, live_rows=live)
     del h
     return torch._scaled_grouped_mm(aq, w2.transpose(-2, -1), as_, s2, offs=offs, out_dtype=torch.bfloat16,
-                                    use_fast_accum=bool(fast2))
+                                    use_fast_accum=fast2)
