@@ -96,6 +96,20 @@ def test_normalize_dtype_takes_every_torch_dtype_numpy_has():
     assert normalize_dtype(np.float32) == normalize_dtype("float32") == (np.dtype(np.float32), "float32")
 
 
+@pytest.mark.parametrize("dtype", [">f4", ">i8", "U3", "S2", "M8[s]", "m8[ms]", "V4", [("a", "<i4")]])
+def test_normalize_dtype_refuses_what_a_device_cannot_compute_on(dtype):
+    """A big-endian ``'>f4'`` was taken as storage ``>f4`` named 'float32' (``symmetric_empty(n, '>f4')`` allocated a
+    CuPy array whose bytes every GPU kernel and DLPack consumer reads little-endian); strings, datetimes and records
+    were taken too. Refused by name; the native forms of the same types still pass."""
+    from dwdp_ops.interop import normalize_dtype
+
+    with pytest.raises(TypeError, match=r"dtype .* is not supported: use a native-byte-order bool, integer, float"):
+        normalize_dtype(dtype)
+    for ok in ("<f4", "=i8", "|u1", "?", "c8"):
+        dt = np.dtype(ok)
+        assert normalize_dtype(ok) == (dt, dt.name)
+
+
 def test_stream_handles_from_every_kind_of_stream():
     class CupyLike:
         ptr = 11

@@ -71,3 +71,12 @@ def test_a_shape_past_an_array_s_byte_range_is_refused_before_allocating(rt, sha
     assert rt.allocs == []
     a = sym.symmetric_empty((4, 8), np.float32)
     assert a.shape == (4, 8) and rt.allocs == [(128, "float32[4, 8]")]
+
+
+@pytest.mark.parametrize("dtype", [">f4", "U3", "M8[s]"])
+def test_a_dtype_a_device_cannot_compute_on_is_refused_before_allocating(rt, dtype):
+    """``'>f4'``, strings and datetimes were allocated on the symmetric heap (collectively) as CuPy arrays of that
+    dtype; ``normalize_dtype`` refuses them now, before any collective."""
+    with pytest.raises(TypeError, match="is not supported"):
+        sym.symmetric_empty(4, dtype)
+    assert rt.allocs == []

@@ -134,7 +134,9 @@ def device_buffer(obj: Any, name: str = "array") -> DeviceBuffer:
 def normalize_dtype(dtype: Any) -> tuple[np.dtype, str]:
     """(storage dtype, logical name) of a numpy dtype (or its name) or a torch dtype. fp8 e4m3 is stored as uint8
     bytes; its logical name is 'float8_e4m3fn'. A torch dtype is read by its name (``torch.float32`` as float32), so
-    one without a numpy form (``torch.float8_e5m2``, ``torch.complex32``) is a TypeError."""
+    one without a numpy form (``torch.float8_e5m2``, ``torch.complex32``) is a TypeError, and so is a numpy dtype that
+    is not a native-byte-order bool, integer, float or complex (``'>f4'``, strings, datetimes, records): GPU kernels,
+    CuPy's arithmetic and DLPack read every element in the host's byte order."""
     name = getattr(dtype, "__name__", None) or str(dtype)
     torch_dtype = name.startswith("torch.")
     name = name.replace("torch.", "")
@@ -149,6 +151,9 @@ def normalize_dtype(dtype: Any) -> tuple[np.dtype, str]:
         raise TypeError(f"dtype {dtype!r} is not supported: use a NumPy dtype, 'bfloat16' or 'float8_e4m3fn'") from None
     if dt.hasobject or dt.itemsize == 0:
         raise TypeError(f"dtype {dt} cannot live in device memory")
+    if dt.kind not in "biufc" or not dt.isnative:
+        raise TypeError(f"dtype {dt.str!r} ({dt}) is not supported: use a native-byte-order bool, integer, float or "
+                        "complex dtype, 'bfloat16' or 'float8_e4m3fn'")
     return dt, dt.name
 
 
