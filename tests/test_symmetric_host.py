@@ -80,3 +80,17 @@ def test_a_dtype_a_device_cannot_compute_on_is_refused_before_allocating(rt, dty
     with pytest.raises(TypeError, match="is not supported"):
         sym.symmetric_empty(4, dtype)
     assert rt.allocs == []
+
+
+def test_free_symmetric_refuses_a_slice_that_starts_at_the_allocation(rt):
+    """Only the start address was compared: ``free_symmetric(a[:2])`` freed all of ``a`` (the caller still holding
+    ``a``, now dangling), although a slice is refused. A view of the whole array still frees it."""
+    from dwdp_ops.errors import DwdpError
+
+    a = sym.symmetric_empty((4, 8), np.float32)
+    for part in (a[:2], a[:, :4], a[::2], a[0]):
+        with pytest.raises(DwdpError, match="free_symmetric: pass the array returned by symmetric_empty, not a slice"):
+            sym.free_symmetric(part)
+    assert rt.frees == []
+    sym.free_symmetric(a.reshape(32).view(np.uint8))
+    assert [b.nbytes for b in rt.frees] == [128]

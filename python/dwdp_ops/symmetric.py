@@ -73,9 +73,10 @@ def _buffer_of(array: Any, what: str) -> tuple[SymmetricBuffer, Any]:
 
 
 def free_symmetric(array: Any) -> None:
-    """Frees the symmetric allocation that ``array`` (returned by ``symmetric_empty``) owns. Collective."""
+    """Frees the symmetric allocation that ``array`` (returned by ``symmetric_empty``, or a view of all of it) owns.
+    Collective. A slice of it is refused (DwdpError), even one that starts where the allocation does."""
     buf, db = _buffer_of(array, "free_symmetric")
-    if db.ptr != buf.ptr:
+    if db.ptr != buf.ptr or db.nbytes != buf.nbytes:
         raise DwdpError("free_symmetric: pass the array returned by symmetric_empty, not a slice of it")
     get_runtime().symmetric_free(buf)
     _LOGICAL.pop(buf.ptr, None)
