@@ -210,3 +210,43 @@ def test_native_functions_check_their_arguments():
     with pytest.raises(ValueError, match="shorter than a row"):
         c.swiglu_quant_bf16(256, 16, 256, 256, 4, 16, 0, 0)
     c.quant_rows_bf16(0, 16, 0, 0, 0, 16, 0, 0)  # no rows: nothing is launched (no GPU needed)
+
+
+class _Cuda2d:
+    """What ``fp8._fused_ok`` reads of a 2-D CUDA bf16 tensor (so that its decision is testable without a GPU)."""
+
+    is_cuda = True
+    dtype = torch.bfloat16
+
+    def __init__(self, shape, stride, ptr=256):
+        self.shape, self._stride, self._ptr = shape, stride, ptr
+
+    def dim(self):
+        return 2
+
+    def stride(self, d):
+        return self._stride[d]
+
+    def data_ptr(self):
+        return self._ptr
+
+
+def test_overlapping_rows_go_to_pytorchs_path(monkeypatch):
+    """A broadcast view (``x[:1].expand(R, K)``: row stride 0) or any row stride below the row's length passed
+    ``_fused_ok`` (0 and 8 are multiples of 8), and the kernel then refused it ("row stride ... is shorter than a
+    row"): a valid tensor raised instead of taking the PyTorch path."""
+    monkeypatch.setattr(fp8, "_NATIVE", type("C", (), {"QUANT_MAX_K": 16384})())
+    assert fp8._fused_ok(_Cuda2d((4, 64), (64, 1)), 64) and fp8._fused_ok(_Cuda2d((4, 64), (72, 1)), 64)
+    assert fp8._fused_ok(_Cuda2d((1, 64), (0, 1)), 64)  # one row: the stride is never used
+    for stride in (0, 8, 56):
+        assert not fp8._fused_ok(_Cuda2d((4, 64), (stride, 1)), 64)
+        assert not fp8._fused_ok(_Cuda2d((4, 128), (stride, 1)), 64)  # swiglu: the input row is 2 * inter long
+
+
+@pytest.mark.gpu
+def test_kernels_fall_back_for_a_broadcast_row():
+    x = _rows(1, 7168, seed=9).to(torch.bfloat16)
+    xe = x.expand(5, 7168)
+    _assert_same(fp8.quant_rows(xe), fp8.quant_rows_torch(xe.contiguous()))
+    h = _rows(1, 4096, seed=10, swiglu=True).to(torch.bfloat16).expand(5, 4096)
+    _assert_same(fp8.swiglu_quant(h, 2048), fp8.swiglu_quant_torch(h.contiguous(), 2048))

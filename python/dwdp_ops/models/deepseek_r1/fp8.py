@@ -68,11 +68,13 @@ def _native_quant() -> Any:
 
 def _fused_ok(x: Any, width: int) -> bool:
     """Whether the fused kernels take ``x`` (2-D) with output rows of ``width``: a CUDA bf16 tensor, last dimension
-    contiguous, data and row stride 16-byte aligned, ``width`` a multiple of 8 up to ``_C.QUANT_MAX_K``."""
+    contiguous, rows that do not overlap (row stride >= the row's length: not a broadcast view), data and row stride
+    16-byte aligned, ``width`` a multiple of 8 up to ``_C.QUANT_MAX_K``."""
     torch = require_torch()
     if not (x.is_cuda and x.dtype == torch.bfloat16 and x.dim() == 2 and x.stride(1) == 1):
         return False
-    if width <= 0 or width % 8 or x.data_ptr() % 16 or (x.shape[0] > 1 and x.stride(0) % 8):
+    if width <= 0 or width % 8 or x.data_ptr() % 16 or (x.shape[0] > 1 and (x.stride(0) % 8 or
+                                                                          x.stride(0) < x.shape[1])):
         return False
     c = _native_quant()
     return c is not None and width <= c.QUANT_MAX_K
