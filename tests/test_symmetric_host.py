@@ -94,3 +94,38 @@ def test_free_symmetric_refuses_a_slice_that_starts_at_the_allocation(rt):
     assert rt.frees == []
     sym.free_symmetric(a.reshape(32).view(np.uint8))
     assert [b.nbytes for b in rt.frees] == [128]
+
+
+@pytest.mark.parametrize("pe, err", [(True, TypeError), (1.7, TypeError), ("1", TypeError), (2, ValueError),
+                                     (-1, ValueError), (2**70, ValueError)])
+def test_peer_view_and_getmem_take_only_an_integer_pe(rt, pe, err):
+    """``int(pe)`` took ``True`` as PE 1, ``1.7`` as PE 1 and ``'1'`` as PE 1: a view of, or a get from, a peer
+    nobody named. TypeError for a non-integer, ValueError outside the world, before any native call."""
+    a, d = sym.symmetric_empty(16, np.float32), sym.symmetric_empty(16, np.float32)
+    with pytest.raises(err, match=r"peer_view: pe .*(must be an int in|is outside) \[0, 2\)"):
+        sym.peer_view(a, pe)
+    with pytest.raises(err, match=r"getmem: pe .*(must be an int in|is outside) \[0, 2\)"):
+        sym.getmem(d, a, pe, stream=0)
+    assert rt.backend.calls == []
+    assert sym.peer_view(a, np.int64(1)).data.ptr == a.data.ptr + 2 * (1 << 36)
+
+
+@pytest.mark.parametrize("kw, err, match", [
+    ({"num_blocks": 2.5}, TypeError, r"num_blocks must be an int in \[1, 65535\], got 2.5 \(float\)"),
+    ({"num_blocks": True}, TypeError, "num_blocks must be an int in"),
+    ({"num_blocks": 0}, ValueError, "num_blocks must be an int in"),
+    ({"num_blocks": 2**40}, ValueError, "num_blocks must be an int in"),
+    ({"threads": 256.0}, TypeError, r"threads must be a multiple of 32 in \[32, 1024\], got 256.0 \(float\)"),
+    ({"threads": 100}, ValueError, "threads must be a multiple of 32"),
+    ({"threads": 2048}, ValueError, "threads must be a multiple of 32"),
+])
+def test_getmem_checks_its_launch_shape_by_name(rt, kw, err, match):
+    """``num_blocks=2.5`` launched 2 blocks and ``True`` one (``int()``), ``2**40`` met pybind's unnamed "incompatible
+    function arguments"; ``threads`` went unchecked to the native call (which refuses only after checking that
+    NVSHMEM runs). Each is refused by name first."""
+    a, d = sym.symmetric_empty(16, np.float32), sym.symmetric_empty(16, np.float32)
+    with pytest.raises(err, match=match):
+        sym.getmem(d, a, 1, stream=0, **kw)
+    assert rt.backend.calls == []
+    sym.getmem(d, a, np.int64(1), stream=0, num_blocks=np.int32(4), threads=256)
+    assert rt.backend.calls == [("getmem", d.data.ptr, a.data.ptr, 64, 1, 0, 4, 256)]

@@ -72,6 +72,16 @@ def _buffer_of(array: Any, what: str) -> tuple[SymmetricBuffer, Any]:
     return buf, db
 
 
+def _pe(pe: Any, what: str, world: int) -> int:
+    """``pe`` as an int in ``[0, world)``: TypeError unless an integer (bools, floats and strings are not PEs),
+    ValueError outside the range."""
+    if not is_int(pe):
+        raise TypeError(f"{what}: pe must be an int in [0, {world}), got {pe!r} ({type(pe).__name__})")
+    if not 0 <= pe < world:
+        raise ValueError(f"{what}: pe {pe} is outside [0, {world})")
+    return int(pe)
+
+
 def free_symmetric(array: Any) -> None:
     """Frees the symmetric allocation that ``array`` (returned by ``symmetric_empty``, or a view of all of it) owns.
     Collective. A slice of it is refused (DwdpError), even one that starts where the allocation does."""
@@ -93,9 +103,8 @@ def peer_view(array: Any, pe: int):
     writable by load/store from this GPU. Raises when ``pe`` is not P2P-reachable (use ``getmem`` there)."""
     rt = get_runtime()
     buf, db = _buffer_of(array, "peer_view")
-    if not 0 <= int(pe) < rt.world_size():
-        raise ValueError(f"peer_view: pe {pe} is outside [0, {rt.world_size()})")
-    base = rt.backend.symmetric_peer_ptr(buf.ptr, int(pe))
+    pe = _pe(pe, "peer_view", rt.world_size())
+    base = rt.backend.symmetric_peer_ptr(buf.ptr, pe)
     if base == 0:
         raise DwdpError(
             f"peer_view: PE {pe} is not reachable by load/store from PE {rt.rank()} (no P2P/NVLink mapping); "
@@ -107,7 +116,8 @@ def peer_view(array: Any, pe: int):
 
 def getmem(dst: Any, src: Any, pe: int, *, stream: Any = None, num_blocks: int = 32, threads: int = 512) -> None:
     """One-sided NVSHMEM get on ``stream``: ``dst`` (any contiguous device array on this GPU) receives the bytes of
-    ``pe``'s copy of the symmetric array ``src``. An SM-driven kernel of ``num_blocks`` blocks; no host sync."""
+    ``pe``'s copy of the symmetric array ``src``. An SM-driven kernel of ``num_blocks`` blocks (an int in [1, 65535])
+    of ``threads`` threads (a multiple of 32 in [32, 1024]); no host sync."""
     rt = get_runtime()
     _, s = _buffer_of(src, "getmem")
     d = device_buffer(dst, "getmem dst")
@@ -115,9 +125,15 @@ def getmem(dst: Any, src: Any, pe: int, *, stream: Any = None, num_blocks: int =
         raise ValueError("getmem: src and dst must be contiguous")
     if d.nbytes != s.nbytes:
         raise ValueError(f"getmem: dst holds {d.nbytes} bytes but src holds {s.nbytes}")
-    if not 0 <= int(pe) < rt.world_size():
-        raise ValueError(f"getmem: pe {pe} is outside [0, {rt.world_size()})")
-    rt.backend.getmem(d.ptr, s.ptr, s.nbytes, int(pe), stream_handle(stream), int(num_blocks), int(threads))
+    pe = _pe(pe, "getmem", rt.world_size())
+    for name, v, ok, want in (("num_blocks", num_blocks, lambda n: 1 <= n <= 65535, "an int in [1, 65535]"),
+                              ("threads", threads, lambda n: 32 <= n <= 1024 and n % 32 == 0,
+                               "a multiple of 32 in [32, 1024]")):
+        if not is_int(v):
+            raise TypeError(f"getmem: {name} must be {want}, got {v!r} ({type(v).__name__})")
+        if not ok(v):
+            raise ValueError(f"getmem: {name} must be {want}, got {v!r}")
+    rt.backend.getmem(d.ptr, s.ptr, s.nbytes, pe, stream_handle(stream), int(num_blocks), int(threads))
 
 
 def to_torch(array: Any):
