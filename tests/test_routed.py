@@ -103,3 +103,19 @@ def test_routed_experts_names_a_bad_expert_count_or_alignment(kw, exc, match):
     ids = torch.zeros(2, 1, dtype=torch.int64)
     with pytest.raises(exc, match=match):
         routed_experts(x, torch.ones(2, 1), ids, lambda xg, offs: xg, **{"num_experts": 4, **kw})
+
+
+@pytest.mark.parametrize("x, w, ids, match", [
+    (torch.zeros(6, 4), torch.ones(4, 2), torch.zeros(4, 2, dtype=torch.int64), r"x must be \[T, H\] and w \[T, k\] "
+     r"with ids' T = 4, k = 2, got x \[6, 4\], w \[4, 2\]"),
+    (torch.zeros(4, 4), torch.ones(4, 3), torch.zeros(4, 2, dtype=torch.int64), r"k = 2, got x \[4, 4\], w \[4, 3\]"),
+    (torch.zeros(4), torch.ones(4, 2), torch.zeros(4, 2, dtype=torch.int64), r"got x \[4\], w \[4, 2\]"),
+    (torch.zeros(4, 4), torch.ones(4, 2), torch.zeros(4, 2, dtype=torch.int32), r"ids must be \[T, k\] int64 "
+     r"expert ids, got torch.int32 \[4, 2\]"),
+    (torch.zeros(4, 4), torch.ones(8), torch.zeros(8, dtype=torch.int64), r"ids must be \[T, k\] int64"),
+])
+def test_routed_experts_names_mismatched_shapes(x, w, ids, match):
+    """x with more rows than ids had returned the first T tokens' result without a word (the rest dropped); a w of
+    another k, int32 ids or 1-D ids failed inside the bmm, scatter or unpacking without naming the argument."""
+    with pytest.raises(ValueError, match="routed_experts: .*" + match):
+        routed_experts(x, w, ids, lambda xg, offs: xg, num_experts=4)

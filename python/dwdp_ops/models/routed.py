@@ -29,12 +29,18 @@ def routed_experts(x: Any, w: Any, ids: Any, mlp: Callable[[Any, Any], Any], *, 
     only), with k times fewer rows quantised and half the gather's bytes.
 
     ``num_experts`` and ``align``: integers >= 1 (Python or numpy; ``align=1``: groups packed back to back), checked
-    on the host before anything is enqueued (TypeError / ValueError naming the argument)."""
+    on the host before anything is enqueued (TypeError / ValueError naming the argument), as are the shapes and
+    ``ids``' dtype (ValueError; the ids' range is not: reading them would synchronise the device)."""
     import torch
 
     int_at_least("num_experts", num_experts, 1, "an integer")
     align = int_at_least("align", align, 1, "an integer")
+    if ids.dim() != 2 or ids.dtype != torch.int64:
+        raise ValueError(f"routed_experts: ids must be [T, k] int64 expert ids, got {ids.dtype} {list(ids.shape)}")
     T, k = ids.shape
+    if x.dim() != 2 or x.shape[0] != T or tuple(w.shape) != (T, k):
+        raise ValueError(f"routed_experts: x must be [T, H] and w [T, k] with ids' T = {T}, k = {k}, got x "
+                         f"{list(x.shape)}, w {list(w.shape)}")
     if quantize is not None:
         xq, xsc = quantize(x)
 
