@@ -285,3 +285,49 @@ def test_close_after_finalize_says_so_instead_of_blaming_a_peer():
             store.close()
         assert "peer" not in str(info.value) and "retries" not in str(info.value)
     assert +be.live == held
+
+
+class _FakeDeviceArray:
+    """A device array over a fake address, as ``_device_const`` / ``_scratch_for`` return (no GPU touched)."""
+
+    def __init__(self, host):
+        self.data = type("Ptr", (), {"ptr": 1 << 20})()
+        self.__cuda_array_interface__ = {"data": (1 << 20, False), "shape": host.shape, "typestr": host.dtype.str,
+                                         "version": 3}
+
+
+@pytest.mark.parametrize("kw, err, match", [
+    ({"count": True}, TypeError, r"count must be an int or a device int32 scalar, got True \(bool\)"),
+    ({"count": 2.7}, TypeError, "count must be an int"),
+    ({"count": "3"}, TypeError, "count must be an int"),
+    ({"num_blocks": 2.0}, TypeError, r"num_blocks must be an int in \[1, 65535\], got 2.0 \(float\)"),
+    ({"num_blocks": True}, TypeError, "num_blocks must be an int in"),
+    ({"num_blocks": 0}, ValueError, r"num_blocks must be an int in \[1, 65535\], got 0"),
+    ({"threads": 100}, ValueError, r"threads must be a multiple of 32 in \[32, 1024\], got 100"),
+    ({"threads": 256.0}, TypeError, "threads must be a multiple of 32"),
+    ({"chunk": 32.0}, TypeError, r"chunk must be a multiple of 16 bytes in \[16, 2\*\*62\], got 32.0 \(float\)"),
+    ({"chunk": 2**70}, ValueError, "chunk must be a multiple of 16 bytes"),
+    ({"chunk": 24}, ValueError, "chunk must be a multiple of 16 bytes"),
+    ({"peer_ptr": "no"}, TypeError, r"peer_ptr must be True, False or None, got 'no'"),
+])
+def test_fetch_nvshmem_checks_its_scalars_by_name_before_building_anything(kw, err, match):
+    """count=True fetched one id, 2.7 two and '3' three (``int()``); num_blocks=True launched one block; threads=100
+    reached the native call unchecked; num_blocks=2.0, threads=256.0, chunk=32.0, chunk=2**70 and peer_ptr='no' met
+    pybind's unnamed "incompatible function arguments" -- each after the layer's descriptor table had been built
+    (a device allocation and a synchronisation). All are refused by name first."""
+    be = FakeBackend()
+    launched = []
+    be.stream_is_capturing = lambda s: False
+    be.fetch_experts = lambda *args: launched.append(args)
+    store, _ = make(be)
+    store._device_const = lambda host, what: _FakeDeviceArray(host)
+    store._scratch_for = lambda s: (_FakeDeviceArray(np.zeros(2, np.int32)), _FakeDeviceArray(np.zeros(8, np.int32)))
+    with pytest.raises(err, match=rf"^fetch_nvshmem: {match}"):
+        store.fetch_nvshmem(0, stream=0, **kw)
+    assert launched == [] and ("nvshmem", 0) not in store._cache
+    store.fetch_nvshmem(0, count=np.int64(3), stream=0, num_blocks=np.int32(4), threads=256, chunk=1 << 16,
+                        peer_ptr=np.bool_(True))
+    (args,) = launched
+    assert args[5:7] == (3, 1 << 16) and args[10:13] == (True, 4, 256)
+    assert [type(a) for a in args[10:13]] == [bool, int, int]
+    store.close()

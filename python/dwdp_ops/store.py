@@ -505,9 +505,25 @@ class ExpertStore:
         faster on H200: see docs/benchmarks.md) instead of ``nvshmemx_getmem_nbi_block``. ``count`` is an int or a device int32
         scalar read by the kernel (no host round trip). Local ids are skipped and a repeated id is fetched once, so
         a router's ids can be passed as they are; out-of-range ids in a device list are skipped and reported by
-        ``check_errors()``; in a host list they raise here."""
+        ``check_errors()``; in a host list they raise here. ``num_blocks`` (in [1, 65535]), ``threads`` (a multiple of
+        32 in [32, 1024]), ``chunk`` (bytes, a multiple of 16 in [16, 2**62]) and a host ``count`` are integers,
+        ``peer_ptr`` a bool or None: checked by name before anything is built or launched."""
         import cupy as cp
 
+        if count is not None and not hasattr(count, "__cuda_array_interface__") and not is_int(count):
+            raise TypeError(f"fetch_nvshmem: count must be an int or a device int32 scalar, got {count!r} "
+                            f"({type(count).__name__})")
+        for name, v, ok, want in (
+                ("num_blocks", num_blocks, lambda n: 1 <= n <= 65535, "an int in [1, 65535]"),
+                ("threads", threads, lambda n: 32 <= n <= 1024 and n % 32 == 0, "a multiple of 32 in [32, 1024]"),
+                ("chunk", chunk, lambda n: 16 <= n <= 1 << 62 and n % 16 == 0,
+                 "a multiple of 16 bytes in [16, 2**62]")):
+            if not is_int(v):
+                raise TypeError(f"fetch_nvshmem: {name} must be {want}, got {v!r} ({type(v).__name__})")
+            if not ok(v):
+                raise ValueError(f"fetch_nvshmem: {name} must be {want}, got {v!r}")
+        if peer_ptr is not None and not isinstance(peer_ptr, (bool, np.bool_)):
+            raise TypeError(f"fetch_nvshmem: peer_ptr must be True, False or None, got {peer_ptr!r}")
         table = self.nvshmem_table(layer)
         s = stream_handle(stream)
         if ids is None:
@@ -548,14 +564,11 @@ class ExpertStore:
             peer_ptr = not unreachable
         elif peer_ptr and unreachable:
             raise DwdpError(f"fetch_nvshmem: peer_ptr=True needs every owner P2P-reachable; PE(s) {unreachable} are not")
-        if chunk < 16 or chunk % 16:
-            raise ValueError(f"fetch_nvshmem: chunk must be a positive multiple of 16 bytes, got {chunk}")
-        if not 1 <= num_blocks <= 65535:
-            raise ValueError(f"fetch_nvshmem: num_blocks must be in [1, 65535], got {num_blocks}")
         err, first = self._scratch_for(s)
+        chunk = int(chunk)
         self.be.fetch_experts(
             table.data.ptr, self.E, len(self.layout.tensors), d.ptr, count_dev, cap, chunk, -(-max_bytes // chunk),
-            err.data.ptr, first.data.ptr, peer_ptr, num_blocks, threads, s,
+            err.data.ptr, first.data.ptr, bool(peer_ptr), int(num_blocks), int(threads), s,
         )
 
     def check_errors(self) -> None:
