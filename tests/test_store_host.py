@@ -331,3 +331,24 @@ def test_fetch_nvshmem_checks_its_scalars_by_name_before_building_anything(kw, e
     assert args[5:7] == (3, 1 << 16) and args[10:13] == (True, 4, 256)
     assert [type(a) for a in args[10:13]] == [bool, int, int]
     store.close()
+
+
+@pytest.mark.parametrize("kw, err, match", [
+    ({"schedule": ["staggered"]}, ValueError, r"fetch_ce: schedule must be 'per_peer', 'staggered' or 'interleaved', "
+                                              r"got \['staggered'\]"),
+    ({"batched": "no"}, TypeError, r"fetch_ce: batched must be True or False, got 'no' \(str\)"),
+    ({"batched": None}, TypeError, r"fetch_ce: batched must be True or False, got None"),
+])
+def test_fetch_ce_names_a_bad_schedule_or_batched_flag(kw, err, match):
+    """A list as schedule raised a bare "unhashable type: 'list'" (the plan cache's key); batched='no' reached the
+    native call and met pybind's unnamed "incompatible function arguments", and batched=None was taken as False."""
+    be = FakeBackend()
+    copied = []
+    be.ce_copy = lambda *args: copied.append(args)
+    store, _ = make(be)
+    with pytest.raises(err, match=match):
+        store.fetch_ce(0, 0, **kw)
+    assert copied == []
+    assert store.fetch_ce(0, 0, batched=np.bool_(False)) > 0
+    assert copied[0][3:] == (0, False)
+    store.close()

@@ -420,8 +420,13 @@ class ExpertStore:
     ) -> int:
         """Fills every remote slot of ``layer`` with the copy engine, on ``stream``. Returns the bytes moved.
         ``staggered`` (the default) reached the raw peer-copy rate on 4 x H200 while ``per_peer`` lost half of it to
-        owner contention and ``interleaved`` slices a third to per-copy overhead (docs/benchmarks.md)."""
+        owner contention and ``interleaved`` slices a third to per-copy overhead (docs/benchmarks.md). ``batched``:
+        True or False (TypeError otherwise)."""
         self._check(layer, self.layout.tensors[0].name, "fetch_ce")
+        if not isinstance(schedule, str):  # (the plan cache is keyed by it: an unhashable one met a bare TypeError)
+            raise ValueError(f"fetch_ce: schedule must be 'per_peer', 'staggered' or 'interleaved', got {schedule!r}")
+        if not isinstance(batched, (bool, np.bool_)):
+            raise TypeError(f"fetch_ce: batched must be True or False, got {batched!r} ({type(batched).__name__})")
         if self.E == self.L:
             return 0
         dsts, srcs, sizes = self._ce_plan(layer, schedule, slice_bytes)
