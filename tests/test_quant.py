@@ -239,6 +239,25 @@ def test_rowwise_errors():
         dequant_rowwise(q.astype(np.int16), np.ones(2, dtype=np.float32))
 
 
+def test_float64_beyond_float32_is_named_not_called_non_finite():
+    """A finite float64 beyond float32's range (1e39) had been reported as "non-finite values (inf or NaN)" after
+    the float32 cast, with numpy's overflow warning from inside the module; to_e4m3 saturates it (documented) and
+    warned as well."""
+    import warnings
+
+    x = np.array([[1e39, 1.0], [-2e40, 0.5]])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.raises(ValueError, match=r"quant_rowwise: x has finite values beyond float32's range "
+                                             r"\(magnitude 2e\+40 > 3\.4028235e\+38\)"):
+            quant_rowwise(x)
+        with pytest.raises(ValueError, match=r"quant_block: w has finite values beyond float32's range"):
+            quant_block(x)
+        assert to_e4m3(x).tolist() == [[0x7E, 0x38], [0xFE, 0x30]]
+    with pytest.raises(ValueError, match="quant_rowwise: non-finite"):  # a real inf is still called non-finite
+        quant_rowwise(np.array([[np.inf, 1.0]]))
+
+
 # -- block-scaled -----------------------------------------------------------------------------------------------------
 
 

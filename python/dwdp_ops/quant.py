@@ -32,8 +32,9 @@ Memory. Everything is vectorised and works through the data in chunks of about `
 rows, so the float32 temporaries stay at tens of MiB even for all experts of a layer (``[256, 4096, 7168]``).
 
 Errors. Bad dtypes (codes that are not uint8, scales that are not float32, non-float values), bad shapes (a scale
-shape that does not match the rows or the blocks) and non-finite scales or inputs raise ValueError naming the
-argument, what was given and what is expected.
+shape that does not match the rows or the blocks), non-finite scales or inputs and float64 inputs beyond float32's
+range (quantisation computes in float32; ``to_e4m3`` alone saturates them, as the cast does) raise ValueError naming
+the argument, what was given and what is expected.
 """
 
 from __future__ import annotations
@@ -106,6 +107,19 @@ def _scales(s: Any, name: str, fn: str, want: tuple[int, ...], what: str) -> np.
     return a
 
 
+def _chunk32(a: np.ndarray, name: str, fn: str) -> np.ndarray:
+    """A chunk of float input as float32 (quantisation computes in float32); ValueError naming ``name`` for finite
+    values that overflow float32 (float64 beyond +-3.4e38: they would be reported as non-finite)."""
+    with np.errstate(over="ignore"):
+        x = a.astype(np.float32)
+    if a.dtype.itemsize > 4 and not np.isfinite(x).all():
+        big = np.abs(a[np.isinf(x) & np.isfinite(a)])
+        if big.size:
+            raise ValueError(f"{fn}: {name} has finite values beyond float32's range (magnitude {big.max():.6g} > "
+                             f"{np.finfo(np.float32).max:.8g}); quantisation computes in float32")
+    return x
+
+
 def _block_size(block: Any, fn: str) -> int:
     if not is_int(block) or block < 1:
         raise ValueError(f"{fn}: block must be a positive integer, got {block!r}")
@@ -156,7 +170,8 @@ def to_e4m3(x: Any) -> np.ndarray:
     flat = a.reshape(-1)
     out = np.empty(flat.shape, dtype=np.uint8)
     for i in range(0, flat.size, _CHUNK_ELEMS):
-        out[i : i + _CHUNK_ELEMS] = _encode32(flat[i : i + _CHUNK_ELEMS].astype(np.float32))
+        with np.errstate(over="ignore"):  # float64 beyond float32's range: inf, saturated like any value > 448
+            out[i : i + _CHUNK_ELEMS] = _encode32(flat[i : i + _CHUNK_ELEMS].astype(np.float32))
     return out.reshape(a.shape)
 
 
@@ -187,7 +202,7 @@ def quant_rowwise(x: Any) -> tuple[np.ndarray, np.ndarray]:
     ``x [..., K]`` float16/32/64 (finite; K >= 1) -> ``(q [..., K] uint8, scale [...] float32)`` with, in float32,
     ``scale = amax(|row|) / 448`` (1.0 where that is 0: a zero row, or amax < ~3e-43) and ``q = to_e4m3(row / scale)``.
     Dequantise with ``dequant_rowwise`` (``from_e4m3(q) * scale[..., None]``). Raises ValueError for non-float
-    input, K = 0 or non-finite values.
+    input, K = 0, non-finite values or float64 values beyond float32's range.
     """
     fn = "quant_rowwise"
     a = _float_array(x, "x", fn)
@@ -199,7 +214,7 @@ def quant_rowwise(x: Any) -> tuple[np.ndarray, np.ndarray]:
     s = np.empty(x2.shape[0], dtype=np.float32)
     step = _row_chunk(k)
     for r in range(0, x2.shape[0], step):
-        _quant_rows32(x2[r : r + step].astype(np.float32), q[r : r + step], s[r : r + step], fn)
+        _quant_rows32(_chunk32(x2[r : r + step], "x", fn), q[r : r + step], s[r : r + step], fn)
     return q.reshape(a.shape), s.reshape(a.shape[:-1])
 
 
@@ -242,7 +257,7 @@ def quant_block(w: Any, block: int = 128) -> tuple[np.ndarray, np.ndarray]:
     step = _row_chunk(k, b)
     for m in range(w3.shape[0]):
         for r in range(0, n, step):
-            xs = w3[m, r : r + step].astype(np.float32)
+            xs = _chunk32(w3[m, r : r + step], "w", fn)
             if not np.isfinite(xs).all():
                 raise ValueError(f"{fn}: w has non-finite values (inf or NaN); only finite values can be quantised")
             ab = np.abs(xs)
