@@ -91,3 +91,10 @@ def test_a_bad_softmax_scale_is_named_before_any_kernel(scale, exc):
     with pytest.raises(exc, match=r"scale must be a finite number > 0 \(the softmax scale\)"):
         A.prefill_attention(q, q, v, [4], scale, backend="loop")
     assert A.prefill_attention(q, q, v, [4], np.float32(0.5), backend="loop").shape == (4, 2, 4)
+
+
+@pytest.mark.parametrize("lengths", [5, np.int64(5), None, 2.5])
+def test_check_lengths_names_a_lengths_that_is_not_a_sequence(lengths):
+    """A single count (``5`` for one request) had raised list()'s bare "'int' object is not iterable"."""
+    with pytest.raises(TypeError, match=r"lengths must be a sequence of the requests' token counts, got"):
+        A.check_lengths(lengths, 5)

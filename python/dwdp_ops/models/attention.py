@@ -64,8 +64,13 @@ def backend_order(environ=None) -> tuple[str, ...]:
 
 def check_lengths(lengths: Sequence[int], tokens: int) -> list[int]:
     """The request lengths as ints; raises TypeError unless each is an integer (Python or numpy; bools, floats and
-    strings refused rather than truncated) and ValueError unless each is >= 1 and they sum to ``tokens``."""
-    out = list(lengths)
+    strings refused rather than truncated, and a ``lengths`` that is not a sequence) and ValueError unless each is
+    >= 1 and they sum to ``tokens``."""
+    try:
+        out = list(lengths)
+    except TypeError:
+        raise TypeError(f"lengths must be a sequence of the requests' token counts, got {lengths!r} "
+                        f"({type(lengths).__name__})") from None
     for i, x in enumerate(out):
         if not is_int(x):
             raise TypeError(f"lengths must be integers (token counts), got lengths[{i}] = {x!r} ({type(x).__name__})")
