@@ -35,6 +35,7 @@ from typing import Any
 
 import numpy as np
 
+from ..._checks import is_int
 from .config import DeepSeekConfig
 from .weights import dequant_fp8
 
@@ -88,7 +89,21 @@ def dense_shapes(cfg: DeepSeekConfig) -> dict[str, tuple[tuple[int, ...], float 
 
 
 class _ExpertsFp8:
-    """The fp8 expert methods shared by both weight sources (they need ``_block_codes(layer, e)``)."""
+    """The fp8 expert methods shared by both weight sources (they need ``_block_codes(layer, e)``), and the check of
+    an expert range both sources' ``experts`` share."""
+
+    def _check_experts(self, layer: Any, lo: Any, hi: Any) -> None:
+        """ValueError unless ``layer`` is a MoE layer of the config and ``lo .. hi-1`` experts of it (ints,
+        ``0 <= lo <= hi <= n_routed_experts``): a random source would otherwise draw weights for experts or layers
+        the model does not have, without a word."""
+        cfg = self.cfg
+        E = cfg.n_routed_experts
+        if not (is_int(layer) and cfg.n_dense_layers <= layer < cfg.n_layers):
+            raise ValueError(f"layer must be a MoE layer, an int in [{cfg.n_dense_layers}, {cfg.n_layers}), "
+                             f"got {layer!r}")
+        if not (is_int(lo) and is_int(hi) and 0 <= lo <= hi <= E):
+            raise ValueError(f"experts lo .. hi-1 must have ints 0 <= lo <= hi <= {E} (n_routed_experts), got lo "
+                             f"{lo!r}, hi {hi!r}")
 
     def experts_fp8(self, layer: int, lo: int, hi: int):
         """``(w13 [n, 2I, H], w2 [n, H, I])`` float8_e4m3fn and ``(s13 [n, 2I], s2 [n, H])`` float32 of experts
@@ -96,6 +111,7 @@ class _ExpertsFp8:
         torch = require_torch()
         from .fp8 import requant_block
 
+        self._check_experts(layer, lo, hi)
         cfg = self.cfg
         I, d, n = cfg.moe_inter_dim, cfg.dim, hi - lo
         w13 = torch.empty((n, 2 * I, d), dtype=torch.float8_e4m3fn, device=self.device)
@@ -189,8 +205,9 @@ class DeviceWeights(_ExpertsFp8):
 
     def experts(self, layer: int, lo: int, hi: int, out: tuple[Any, Any] | None = None):
         """``(w13 [n, 2I, H], w2 [n, H, I])`` of experts ``lo .. hi-1`` of MoE layer ``layer`` (written into
-        ``out`` when given)."""
+        ``out`` when given). ValueError for a layer or an expert range the config does not have."""
         torch = require_torch()
+        self._check_experts(layer, lo, hi)
         cfg = self.cfg
         I, d, n = cfg.moe_inter_dim, cfg.dim, hi - lo
         if out is None:
@@ -239,6 +256,7 @@ class NumpyWeights(_ExpertsFp8):
 
     def experts(self, layer: int, lo: int, hi: int, out: tuple[Any, Any] | None = None):
         torch = require_torch()
+        self._check_experts(layer, lo, hi)
         b = self.cfg.block
         p = f"layers.{layer}.ffn.experts."
 

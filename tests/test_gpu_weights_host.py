@@ -1,0 +1,27 @@
+"""Host-side checks of the GPU forward's weight sources (``models.deepseek_r1.gpu_weights``), made before any
+tensor is drawn or moved, so they need no GPU."""
+
+from __future__ import annotations
+
+import pytest
+
+torch = pytest.importorskip("torch")
+from dwdp_ops.models.deepseek_r1 import DeepSeekConfig, init_weights  # noqa: E402
+from dwdp_ops.models.deepseek_r1.gpu_weights import DeviceWeights, NumpyWeights  # noqa: E402
+
+
+@pytest.mark.parametrize("method", ["experts", "experts_fp8"])
+def test_weight_sources_refuse_layers_and_experts_the_model_does_not_have(method):
+    """DeviceWeights had drawn random weights for expert 16 of 16, for a dense layer or a layer past the model
+    without a word (each is only a seed); NumpyWeights failed with a bare KeyError or np.stack's message."""
+    cfg = DeepSeekConfig.tiny()
+    E, moe = cfg.n_routed_experts, cfg.n_dense_layers
+    W = init_weights(cfg, 0)
+    for src in (DeviceWeights(cfg, device=0), NumpyWeights(cfg, W, device=0)):
+        fn = getattr(src, method)
+        for layer in (moe - 1, cfg.n_layers, float(moe), True):
+            with pytest.raises(ValueError, match=rf"layer must be a MoE layer, an int in \[{moe}, {cfg.n_layers}\)"):
+                fn(layer, 0, 1)
+        for lo, hi in ((0, E + 1), (-1, 2), (3, 2), (True, 2), (0, 2.0)):
+            with pytest.raises(ValueError, match=rf"experts lo \.\. hi-1 must have ints 0 <= lo <= hi <= {E} "):
+                fn(moe, lo, hi)
