@@ -207,6 +207,18 @@ def test_subnormal_codes_and_subnormal_float32_rows():
     assert np.array_equal(q, torch_quant_rows(y)[0])
 
 
+def test_subnormal_scales_lose_precision_as_the_module_docstring_says():
+    """Pins the documented loss (no code change): amax 9.3e-43 gets the smallest subnormal scale, 9.3e-43 / 2^-149
+    = 663.7 saturates to 448 (-4e-43 is -285 * 2^-149: 285 rounds to 288), and the amax element comes back a third
+    low; amax 1e-40 stays within 0.2 %."""
+    tiny = np.float32(2.0**-149)
+    q, s = quant_rowwise(np.array([[9.3e-43, -4e-43]], dtype=np.float32))
+    assert s[0] == tiny and q[0].tolist() == [0x7E, 0xF9]
+    assert dequant_rowwise(q, s)[0, 0] == np.float32(448 * 2.0**-149)
+    q, s = quant_rowwise(np.array([[1e-40]], dtype=np.float32))
+    assert abs(float(dequant_rowwise(q, s)[0, 0]) / 1e-40 - 1) < 2e-3
+
+
 def test_quant_rowwise_chunks_and_dtypes(monkeypatch):
     rng = np.random.default_rng(7)
     x = rng.standard_normal((37, 129)).astype(np.float64)

@@ -23,7 +23,11 @@ Scales. Weights are stored rowwise: one float32 scale per output row, ``W ~= fro
 with ``scale = amax(|row|) / 448`` and ``q = to_e4m3(row / scale)``, all in float32 (a true division, not a multiply
 by the reciprocal, which rounds differently). A row whose scale comes out 0 (a row of zeros, or amax below about
 3e-43 so that amax / 448 underflows) gets scale 1.0; its codes are then +-0 (``0x00``, ``0x80`` for -0.0 inputs, as
-the cast gives). Activations are quantised per token the same way (``quant_rowwise``). DeepSeek-R1's checkpoints
+the cast gives). Below amax = 448 * 2^-126 (about 5.3e-36) the scale is a float32 subnormal, with fewer significant
+bits the smaller it is: amax / 448 rounds on a coarse grid, amax / scale can exceed 448 and the largest elements
+saturate, so the round trip loses up to a third of amax (amax 9.3e-43: scale 2^-149, the amax element comes back as
+448 * 2^-149 = 6.3e-43); the PyTorch path and the CUDA kernels compute the same bits, and no such row is refused.
+Activations are quantised per token the same way (``quant_rowwise``). DeepSeek-R1's checkpoints
 are block-scaled instead: ``W = from_e4m3(q) * scale_inv`` of the 128 x 128 block holding the element (partial
 blocks at the edges); ``requant_rowwise_from_block`` turns those into the rowwise format (dequantise in float32,
 requantise per row) and ``requant_error`` measures what that costs.
