@@ -25,3 +25,27 @@ def test_store_across_ranks(run_ranks, n, seed):
     assert proc.returncode == 0, proc.stdout[-8000:] + proc.stderr[-3000:]
     for r in range(n):
         assert f"[rank {r}] rank {r}: store checks passed" in proc.stdout
+
+
+@pytest.mark.gpu
+def test_vmm_map_undoes_the_mapping_when_access_cannot_be_granted():
+    """vmm_map maps, then grants access; when the grant failed it raised with the mapping still in place, and the
+    store's rollback (which records an unmap only for a map that returned) then failed to free the range and left
+    the physical memory mapped after its release. Now the mapping is undone first: the range maps again."""
+    cp = pytest.importorskip("cupy")
+    from dwdp_ops._native import native
+
+    c = native()
+    cp.cuda.Device(0).use()
+    cp.empty(1)  # a current context for the driver calls
+    g = c.vmm_granularity(0)
+    h = c.vmm_create(g, 0)
+    va = c.vmm_reserve(g, 0)
+    try:
+        with pytest.raises(RuntimeError, match="cuMemSetAccess failed"):
+            c.vmm_map(va, g, h, 0, 1 << 20)  # no such device: the grant fails after the map succeeded
+        c.vmm_map(va, g, h, 0, 0)  # cuMemMap refuses a range that is still mapped
+        c.vmm_unmap(va, g)
+    finally:
+        c.vmm_free(va, g)
+        c.vmm_release(h)

@@ -92,7 +92,14 @@ void vmm_map(uintptr_t va, size_t bytes, uint64_t handle, size_t offset, int dev
   desc.location.type = CU_MEM_LOCATION_TYPE_DEVICE;
   desc.location.id = device;
   desc.flags = CU_MEM_ACCESS_FLAGS_PROT_READWRITE;
-  check(access(static_cast<CUdeviceptr>(va), bytes, &desc, 1), "cuMemSetAccess");
+  const CUresult r = access(static_cast<CUdeviceptr>(va), bytes, &desc, 1);
+  if (r != CUDA_SUCCESS) {
+    // Undo the mapping before raising: a caller records an unmap only for a vmm_map that returned, and a mapping
+    // left behind keeps the allocation's memory alive after vmm_release and makes vmm_free of the range fail.
+    static auto unmap = entry<CUresult (*)(CUdeviceptr, size_t)>("cuMemUnmap");
+    unmap(static_cast<CUdeviceptr>(va), bytes);
+    check(r, "cuMemSetAccess");
+  }
 }
 
 void vmm_unmap(uintptr_t va, size_t bytes) {

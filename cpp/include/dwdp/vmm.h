@@ -17,7 +17,8 @@ void vmm_release(uint64_t handle);
 // A reserved virtual address range of `bytes`, aligned to `alignment` (0 = granularity).
 uintptr_t vmm_reserve(size_t bytes, size_t alignment);
 void vmm_free(uintptr_t va, size_t bytes);
-// Maps `bytes` of `handle` starting at `offset` to `va` and grants `device` read/write access.
+// Maps `bytes` of `handle` starting at `offset` to `va` and grants `device` read/write access; if granting fails,
+// the mapping is undone before the error is raised (the range is left as it was).
 void vmm_map(uintptr_t va, size_t bytes, uint64_t handle, size_t offset, int device);
 void vmm_unmap(uintptr_t va, size_t bytes);
 
