@@ -1239,3 +1239,36 @@ def test_table_grads_across_streams():
         del gi, gf, tg
         for a, b in zip(got, want):
             assert rel(a, b) <= 1e-6
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("shape", [dict(layer_dims=((32, 32), (32, 4)), orders=2, bias=True),
+                                   dict(layer_dims=((24, 16), (16, 16), (16, 4)), orders=2, bias=True)],
+                         ids=["wide", "deep"])
+def test_32_wide_forward_at_batches_of_several_waves(shape, dtype):
+    """The 32-wide one-warp forward runs its register-bounded build where the grid takes fewer waves of it
+    (fast32_bounded: on an H200 from B ~ 2800, at 8 -> 12 warps a SM; the other tests' batches stay below). At
+    B = 8192 against the float64 reference, and its first 1024 samples equal to a B = 1024 call (the unbounded
+    build) within rounding."""
+    import cupy as cp
+    from dwdp_ops.coaction import coaction_forward_gpu
+
+    spec = CoActionSpec(**shape)
+    B, T = 8192, 6
+    ind, feed, mask, _ = inputs(spec, B, T, 11)
+    if dtype == "bfloat16":
+        ind_in, feed_in = bf16_bits(ind), bf16_bits(feed)
+        ind, feed = bf16_value(ind_in), bf16_value(feed_in)
+    else:
+        ind_in, feed_in = ind, feed
+
+    def forward(n):
+        out = coaction_forward_gpu(cp.asarray(ind_in[:n]), cp.asarray(feed_in[:n]), cp.asarray(mask[:n]), spec,
+                                   dtype=dtype).get()
+        return bf16_value(out) if dtype == "bfloat16" else out
+
+    got, small = forward(B), forward(1024)
+    want = coaction_forward(ind.astype(np.float64), feed.astype(np.float64), mask, spec)
+    assert rel(got, want) <= TOL[dtype]
+    assert rel(got[:1024], small) <= (1e-6 if dtype == "float32" else 1e-3)

@@ -9,6 +9,7 @@
 #include <mutex>
 #include <set>
 #include <string>
+#include <tuple>
 
 #include "dwdp/check.h"
 #include "dwdp/coaction.h"
@@ -575,23 +576,28 @@ __device__ __forceinline__ bool warp_sample(int B, int T_len, int warp, int* b, 
 template <int MW>
 constexpr int fast_split_threads() { return (MW == 32 ? 12 : kSplitMax) * 32; }
 
+// Blocks of kFastWarps warps a SM that the bounded 32-wide forward asks for (at most 168 registers a thread).
+constexpr int kFast32BoundBlocks = 3;
+
 // The blocks of kFastWarps warps an SM must hold by registers: the one-warp-a-sample fast kernels' lower bound in
 // __launch_bounds__ (1: none). 4 for the 16-wide register arrays (at most 128 registers a thread, as their split
 // kernels take): unbounded, the compiler took 160 for the backward, 12 warps a SM instead of 16, and it ran 1.14-1.51x
 // slower at B >= 2048 (the paper variant, fp32 and bf16, and the CAN shape on the general kernels; the forward, at
 // 114 either way, ran the same). 5 for the 8-wide arrays (at most 102): the backward took 117 (16 warps a SM) and runs
 // at 96 (20 warps, 16 bytes spilled) 1.04-1.10x faster at B >= 8192 and within 2 % below (the forward's 78 are
-// under the bound). The 32-wide kernels stay unbounded: 177 registers forward (8 warps a SM) ran 1.05-1.22x faster bounded
-// to 168 (12 warps) at B >= 4096 but 1.08-1.24x slower at B <= 2048 (deep and wide shapes); their backward's shared
-// memory holds 2 blocks a SM on those shapes anyway. Measured on one H200: docs/benchmarks.md, "Eighteenth session".
-template <int MW>
-constexpr int fast_min_blocks() { return MW == 16 ? 4 : MW == 8 ? 5 : 1; }
+// under the bound). The 32-wide forward is built twice: unbounded (177 registers, 8 warps a SM) and bounded to 3 blocks
+// (kBound: at most 168, 12 warps), which ran 1.05-1.22x faster at B >= 4096 but 1.08-1.24x slower at B <= 2048 (deep
+// and wide shapes): the launch picks by the grid's waves (fast32_bounded). The 32-wide backward stays unbounded: its
+// shared memory holds 2 blocks a SM on those shapes anyway. Measured on one H200: docs/benchmarks.md, "Eighteenth
+// session" and "Nineteenth session".
+template <int MW, bool kBound = false>
+constexpr int fast_min_blocks() { return kBound ? kFast32BoundBlocks : MW == 16 ? 4 : MW == 8 ? 5 : 1; }
 
 // kSplit: a block of K warps a sample, each a segment of its positions, the segments' pooled sums added in warp order
 // by warp 0, which writes the output row.
-template <typename T, int MW, bool kSplit>
+template <typename T, int MW, bool kSplit, bool kBound = false>
 __global__ void __launch_bounds__(kSplit ? fast_split_threads<MW>() : kFastWarps * 32,
-                                  kSplit ? 1 : fast_min_blocks<MW>())
+                                  kSplit ? 1 : fast_min_blocks<MW, kBound>())
     fast_forward_kernel(Fast f, int B, int T_len, CoActionRows rows, const int64_t* __restrict__ ind_ids,
                         const T* __restrict__ feed, const int64_t* __restrict__ feed_ids,
                         const float* __restrict__ mask, T* __restrict__ out) {
@@ -2375,6 +2381,40 @@ void raise_smem(int dev, const void* kernel, size_t bytes) {
   have = bytes;
 }
 
+// Blocks of `threads` threads and `smem` bytes of dynamic shared memory that an SM of device dev (the current one)
+// holds of `kernel` (cached per device, kernel, block and size; the kernel's shared-memory limit is raised first).
+int resident_blocks(int dev, const void* kernel, int threads, size_t smem) {
+  raise_smem(dev, kernel, smem);
+  static std::mutex mu;
+  static std::map<std::tuple<int, const void*, int, size_t>, int> got;
+  std::lock_guard<std::mutex> lock(mu);
+  const auto key = std::make_tuple(dev, kernel, threads, smem);
+  auto it = got.find(key);
+  if (it != got.end()) return it->second;
+  int n = 0;
+  DWDP_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, kernel, threads, smem));
+  got[key] = n;
+  return n;
+}
+
+// Whether the 32-wide one-warp forward runs its bounded build (fast_min_blocks): a grid of `blocks` blocks takes
+// ceil(blocks / resident) waves of either build, and a wave of the bounded one, which holds more blocks a SM, takes
+// longer: its samples share the SM with more warps and spill a little. Measured on one H200 (docs/benchmarks.md,
+// "Eighteenth session"; deep and wide shapes, B = 1024-16384, T = 100-2000) its wave took 1.17-1.27x the unbounded
+// one's at 1.5x the resident blocks, so it is picked where its waves times kFast32BoundWave are fewer: on an H200 (264
+// -> 396 resident blocks of 4 samples) from B = 2113, but not where the two come out even (B = 4753-5280: 5 waves
+// against 4 x 1.25), and never where the occupancy is the same. Checked there at B = 1024-16384 (docs/benchmarks.md,
+// "Nineteenth session"): the pick was the faster build in every case.
+constexpr double kFast32BoundWave = 1.25;
+bool fast32_bounded(int dev, const void* unbounded, const void* bounded, int threads, size_t smem, int64_t blocks) {
+  const int64_t sms = device_sms(dev);
+  const int64_t ru = sms * resident_blocks(dev, unbounded, threads, smem);
+  const int64_t rb = sms * resident_blocks(dev, bounded, threads, smem);
+  if (ru <= 0 || rb <= ru) return false;
+  const int64_t wu = (blocks + ru - 1) / ru, wb = (blocks + rb - 1) / rb;
+  return static_cast<double>(wb) * kFast32BoundWave < static_cast<double>(wu);
+}
+
 // The specialised kernel instance for C orders (1-4; spec_shape admits no other).
 template <typename K>
 K spec_pick(int C, K k1, K k2, K k3, K k4) {
@@ -2444,7 +2484,7 @@ int coaction_forward(const CoActionDims& d, int dtype, int B, int T, const CoAct
   // ids, see CoActionRows)
   IdCheck check(check_ids ? ind_ids : 0, B, rows.num_rows,
                 check_ids ? feed_ids : 0, static_cast<int64_t>(B) * T, rows.feed_rows, mask, s);
-  auto launch = [&](auto tag, auto k8, auto k16, auto k32, auto s8, auto s16, auto s32, auto kwarp) {
+  auto launch = [&](auto tag, auto k8, auto k16, auto k32, auto k32b, auto s8, auto s16, auto s32, auto kwarp) {
     using E = decltype(tag);
     Fast f = make_fast(d, false);
     const auto* ids = reinterpret_cast<const int64_t*>(ind_ids);
@@ -2509,6 +2549,9 @@ int coaction_forward(const CoActionDims& d, int dtype, int B, int T, const CoAct
         k8<<<grid, block, smem, s>>>(f, B, T, rows, ids, fd, fids, mk, o);
       else if (f.MW == 16)
         k16<<<grid, block, smem, s>>>(f, B, T, rows, ids, fd, fids, mk, o);
+      else if (fast32_bounded(dev, reinterpret_cast<const void*>(k32), reinterpret_cast<const void*>(k32b),
+                              warps * 32, smem, grid.x))
+        k32b<<<grid, block, smem, s>>>(f, B, T, rows, ids, fd, fids, mk, o);
       else
         k32<<<grid, block, smem, s>>>(f, B, T, rows, ids, fd, fids, mk, o);
     } else {
@@ -2518,11 +2561,13 @@ int coaction_forward(const CoActionDims& d, int dtype, int B, int T, const CoAct
   };
   if (dtype == 0)
     launch(float{}, fast_forward_kernel<float, 8, false>, fast_forward_kernel<float, 16, false>,
-           fast_forward_kernel<float, 32, false>, fast_forward_kernel<float, 8, true>,
-           fast_forward_kernel<float, 16, true>, fast_forward_kernel<float, 32, true>, warp_forward_kernel<float>);
+           fast_forward_kernel<float, 32, false>, fast_forward_kernel<float, 32, false, true>,
+           fast_forward_kernel<float, 8, true>, fast_forward_kernel<float, 16, true>,
+           fast_forward_kernel<float, 32, true>, warp_forward_kernel<float>);
   else
     launch(__nv_bfloat16{}, fast_forward_kernel<__nv_bfloat16, 8, false>, fast_forward_kernel<__nv_bfloat16, 16, false>,
-           fast_forward_kernel<__nv_bfloat16, 32, false>, fast_forward_kernel<__nv_bfloat16, 8, true>,
+           fast_forward_kernel<__nv_bfloat16, 32, false>, fast_forward_kernel<__nv_bfloat16, 32, false, true>,
+           fast_forward_kernel<__nv_bfloat16, 8, true>,
            fast_forward_kernel<__nv_bfloat16, 16, true>, fast_forward_kernel<__nv_bfloat16, 32, true>,
            warp_forward_kernel<__nv_bfloat16>);
   return check.result();
