@@ -207,18 +207,21 @@ def test_real_module_without_gpu_raises_clearly():
 @pytest.mark.parametrize("size, err, match", [
     ("0", ValueError, r"^heap_size '0' is 0 bytes; it must be positive$"),
     ("-4g", ValueError, r"^heap_size '-4g' is -4294967296 bytes; it must be positive$"),
-    ("0.0001k", ValueError, r"^heap_size '0.0001k' is 0 bytes; it must be positive$"),
+    ("0.0001k", ValueError, r"^heap_size '0.0001k' is 0.1024 bytes, not a whole number of bytes$"),  # (had been "is 0 bytes")
+    ("1.3k", ValueError, r"^heap_size '1.3k' is 1331.2 bytes, not a whole number of bytes$"),  # (had been 1331 bytes)
+    ("-0.1k", ValueError, r"^heap_size '-0.1k' is -102.4 bytes, not a whole number of bytes$"),
     ("inf g", ValueError, r"^heap_size 'inf g' is not a size"),
     ("nang", ValueError, r"^heap_size 'nang' is not a size"),
     (True, TypeError, r"^heap_size must be a size in bytes .*, got True$"),
     (False, TypeError, r"^heap_size must be a size in bytes .*, got False$"),
     (np.True_, TypeError, r"^heap_size must be a size in bytes .*, got (np\.)?True_?$"),  # (had been a ValueError)
     (np.int64(0), ValueError, r"^heap_size must be positive, got 0$"),
-], ids=["0", "-4g", "0.0001k", "inf-g", "nang", "True", "False", "np.True_", "np.int64(0)"])
+], ids=["0", "-4g", "0.0001k", "1.3k", "-0.1k", "inf-g", "nang", "True", "False", "np.True_", "np.int64(0)"])
 def test_heap_size_must_be_a_positive_finite_size(size, err, match):
     """A heap size given as a string went unchecked: '0' and '-4g' reached NVSHMEM_SYMMETRIC_SIZE as 0 and
-    -4294967296, 'inf g' raised a bare OverflowError; True was taken as 1 byte. Each is refused before anything
-    starts, naming the value (the match had been the word 'heap_size' alone, in every message, under either error
+    -4294967296, 'inf g' raised a bare OverflowError; True was taken as 1 byte; '1.3k' was truncated to 1331 bytes
+    (the docstring refuses any size that is not a whole number of bytes). Each is refused before anything starts,
+    naming the value (the match had been the word 'heap_size' alone, in every message, under either error
     type)."""
     be = FakeBackend()
     with pytest.raises(err, match=match):
@@ -226,7 +229,7 @@ def test_heap_size_must_be_a_positive_finite_size(size, err, match):
     assert be.calls == []
 
 
-@pytest.mark.parametrize("size, want", [("1.5g", 3 << 29), ("4096", 4096), (1 << 30, 1 << 30), (" 2M ", 2 << 20),
+@pytest.mark.parametrize("size, want", [("1.5g", 3 << 29), ("0.5k", 512), ("4096", 4096), (1 << 30, 1 << 30), (" 2M ", 2 << 20),
                                         (np.int64(1 << 30), 1 << 30)])
 def test_heap_size_good_values(size, want):
     from dwdp_ops.runtime import _parse_size

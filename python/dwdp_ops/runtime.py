@@ -76,9 +76,12 @@ def _parse_size(size: int | str | None) -> int | None:
     s = str(size).strip().lower()
     mult = {"k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
     try:
-        n = int(float(s[:-1]) * mult[s[-1]]) if s and s[-1] in mult else int(s)
+        x = float(s[:-1]) * mult[s[-1]] if s and s[-1] in mult else int(s)
+        n = int(x)
     except (ValueError, OverflowError):
         raise ValueError(f"heap_size {size!r} is not a size (bytes, or a number with k/m/g/t)") from None
+    if n != x:  # '1.3k' is 1331.2 bytes: refused, not truncated
+        raise ValueError(f"heap_size {size!r} is {x!r} bytes, not a whole number of bytes")
     if n <= 0:
         raise ValueError(f"heap_size {size!r} is {n} bytes; it must be positive")
     return n
