@@ -246,3 +246,45 @@ def test_device_must_be_an_int(device):
     with pytest.raises(TypeError, match="device must be an int"):
         Runtime(be).init(environ={}, device=device)
     assert be.calls == []
+
+
+_NVSHMEM_VARS = ("NVSHMEM_DISABLE_NVLS", "NVSHMEM_REMOTE_TRANSPORT", "NVSHMEM_CUMEM_GRANULARITY",
+                 "NVSHMEM_BOOTSTRAP_UID_SOCK_IFNAME", "NVSHMEM_BOOTSTRAP_UID_SOCK_FAMILY", "NVSHMEM_SYMMETRIC_SIZE")
+
+
+@pytest.mark.parametrize("where", ["rendezvous", "get_unique_id", "init"])
+def test_failed_init_restores_the_nvshmem_variables(monkeypatch, where):
+    """A failed init() left the NVSHMEM_* variables it had set in os.environ, so a retry without heap_size kept the
+    failed attempt's NVSHMEM_SYMMETRIC_SIZE. Each goes back to its value before (here: one set by the caller, the
+    others unset), whether the control plane, the unique ID or NVSHMEM's init failed; a retry starts clean."""
+    import os
+
+    import dwdp_ops.runtime as rt_mod
+
+    for name in _NVSHMEM_VARS:  # set, then deleted: monkeypatch puts back the session's values afterwards
+        monkeypatch.setenv(name, "x")
+        monkeypatch.delenv(name)
+    monkeypatch.setenv("NVSHMEM_REMOTE_TRANSPORT", "ibrc")
+    before = {k: v for k, v in os.environ.items() if k.startswith("NVSHMEM_")}
+    real_rendezvous = rt_mod.Rendezvous
+
+    def boom(*_a, **_k):
+        raise OSError("injected failure")
+
+    be = FakeBackend()
+    if where == "rendezvous":
+        monkeypatch.setattr(rt_mod, "Rendezvous", boom)  # e.g. the port is taken
+    else:
+        monkeypatch.setattr(be, where, boom)
+    rt = Runtime(be)
+    with pytest.raises((OSError, DwdpError), match="injected failure"):
+        rt.init(environ={}, heap_size="1g", timeout=5)
+    assert {k: v for k, v in os.environ.items() if k.startswith("NVSHMEM_")} == before
+    assert rt.state == ("finalized" if where == "init" else "new")
+
+    if where != "init":  # NVSHMEM never touched: a retry without heap_size gets no heap size from the first try
+        monkeypatch.setattr(rt_mod, "Rendezvous", real_rendezvous)
+        rt._backend = FakeBackend()
+        rt.init(environ={}, timeout=5)
+        assert "NVSHMEM_SYMMETRIC_SIZE" not in os.environ and os.environ["NVSHMEM_REMOTE_TRANSPORT"] == "ibrc"
+        rt.finalize()

@@ -8,8 +8,9 @@ NVSHMEM from ``_C`` (the module that holds the device code).
 Invariants:
   * States go ``new -> initialized -> finalized``; nothing goes back. NVSHMEM cannot start twice in a process, so
     ``init()`` after ``finalize()`` raises, and a second ``init()`` is a no-op only with the same arguments.
-  * A failed ``init()`` rolls back what it opened (the control plane) and leaves the runtime ``new`` if NVSHMEM was
-    never touched, ``finalized`` otherwise.
+  * A failed ``init()`` rolls back what it opened (the control plane) and the ``NVSHMEM_*`` variables it set (each
+    back to its value before, or unset), and leaves the runtime ``new`` if NVSHMEM was never touched, ``finalized``
+    otherwise.
   * Collective calls (``barrier``, symmetric allocation and free, ``finalize``) first meet on the control plane,
     which has a timeout naming the missing ranks, so a dead rank makes the survivors raise instead of hanging in
     NVSHMEM.
@@ -87,6 +88,15 @@ def _parse_size(size: int | str | None) -> int | None:
     return n
 
 
+def _restore_environ(saved: Mapping[str, str | None]) -> None:
+    """Puts back the variables ``Runtime._set_nvshmem_env`` changed: each to its value before, or unset."""
+    for name, old in saved.items():
+        if old is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = old
+
+
 class Runtime:
     """The per-process runtime. ``backend`` is the native module (``_C``); tests pass a fake with the same
     functions to exercise the host logic without a GPU."""
@@ -151,8 +161,12 @@ class Runtime:
         if not 0 <= dev < count:
             raise DwdpError(f"{where}: device {dev} does not exist; {count} GPU(s) are visible")
 
-        self._set_nvshmem_env(env, heap)
-        rdv = Rendezvous(env.rank, env.world_size, env.master_addr, env.master_port, timeout)
+        saved = self._set_nvshmem_env(env, heap)
+        try:
+            rdv = Rendezvous(env.rank, env.world_size, env.master_addr, env.master_port, timeout)
+        except BaseException:
+            _restore_environ(saved)
+            raise
         touched = False
         try:
             uid = be.get_unique_id(dev) if env.rank == 0 else b""
@@ -169,6 +183,7 @@ class Runtime:
             rdv.barrier("init:done")
         except BaseException as e:
             rdv.close()
+            _restore_environ(saved)
             if touched:
                 self.state = "finalized"
             if isinstance(e, (DwdpError, ValueError, KeyboardInterrupt)):
@@ -182,18 +197,28 @@ class Runtime:
         return self
 
     @staticmethod
-    def _set_nvshmem_env(env: DistEnv, heap: int | None) -> None:
-        os.environ.setdefault("NVSHMEM_DISABLE_NVLS", "1")
-        os.environ.setdefault("NVSHMEM_REMOTE_TRANSPORT", "none")
+    def _set_nvshmem_env(env: DistEnv, heap: int | None) -> dict[str, str | None]:
+        """Sets the module docstring's ``NVSHMEM_*`` defaults; returns each variable it changed with its value before
+        (None: it was unset), for ``_restore_environ`` when init fails."""
+        saved: dict[str, str | None] = {}
+
+        def put(name: str, value: str, *, override: bool = False) -> None:  # a default unless override
+            if override or name not in os.environ:
+                saved[name] = os.environ.get(name)
+                os.environ[name] = value
+
+        put("NVSHMEM_DISABLE_NVLS", "1")
+        put("NVSHMEM_REMOTE_TRANSPORT", "none")
         # 2 MiB lets NVSHMEM register any page-multiple buffer (measured on NVSHMEM 3.4.5: the 512 MiB default refuses
         # smaller buffers), so each layer's local experts can be one allocation that is also mapped, whole, into
         # the layer's composite view (cuMemMap maps whole allocations only).
-        os.environ.setdefault("NVSHMEM_CUMEM_GRANULARITY", str(2 << 20))
+        put("NVSHMEM_CUMEM_GRANULARITY", str(2 << 20))
         if env.master_addr in ("127.0.0.1", "localhost"):
-            os.environ.setdefault("NVSHMEM_BOOTSTRAP_UID_SOCK_IFNAME", "lo")
-            os.environ.setdefault("NVSHMEM_BOOTSTRAP_UID_SOCK_FAMILY", "AF_INET")
+            put("NVSHMEM_BOOTSTRAP_UID_SOCK_IFNAME", "lo")
+            put("NVSHMEM_BOOTSTRAP_UID_SOCK_FAMILY", "AF_INET")
         if heap is not None:
-            os.environ["NVSHMEM_SYMMETRIC_SIZE"] = str(heap)
+            put("NVSHMEM_SYMMETRIC_SIZE", str(heap), override=True)
+        return saved
 
     def finalize(self) -> None:
         """Frees the symmetric buffers still alive and shuts NVSHMEM down. Idempotent; collective."""
