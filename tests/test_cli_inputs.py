@@ -189,6 +189,21 @@ def test_demo_gpu_path_runs_the_ranks_asked_for(monkeypatch, capsys):
     assert code == 0 and len(json.loads(out)["plans"]) == demo.CPU_RANKS
 
 
+def test_demo_default_ranks_must_divide_r1_experts(monkeypatch, capsys):
+    """Without --ranks the GPU demo runs every usable GPU; on 6 (or 3, 5, 7) that count does not divide R1's 256
+    experts and the ranks started, then each failed in the memory plan ('world must divide'). Now a usage error
+    before any rank starts, naming --ranks and the counts that work; --ranks 4 on the same machine still runs."""
+    started = []
+    monkeypatch.setattr(demo, "usable_gpus", lambda: (6, ""))
+    monkeypatch.setattr(demo, "run_gpu", lambda ns, gpus: started.append(gpus) or {"ranks": []})
+    monkeypatch.setattr(demo, "print_gpu", lambda rep: None)
+    code, out, err = run_main(demo.main, [], capsys)
+    line = assert_usage_error(code, err, "--ranks", prog="dwdp-demo")
+    assert "6 usable GPUs" in line and "[2, 4]" in line and out == "" and started == []
+    code, out, err = run_main(demo.main, ["--ranks", "4"], capsys)
+    assert code == 0 and started == [4], err
+
+
 @pytest.mark.parametrize("value", ["59", "100"])
 def test_demo_moe_layers_are_bounded_by_r1(value, capsys):
     """--moe-layers above R1's MoE layer count (58) passed parsing: ignored on CPU, an error only in the GPU ranks."""

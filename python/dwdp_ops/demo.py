@@ -229,12 +229,19 @@ def check_path_args(ap: argparse.ArgumentParser, ns: argparse.Namespace, on_gpus
     """Fills the path's defaults of ``--ranks`` (every one of the ``gpus`` usable GPUs, or ``CPU_RANKS``),
     ``--prompts`` and ``--steps``, checks ``--ranks`` against the GPUs on the GPU path and ``--steps`` against the
     path's longest sequence (``cpu_max_steps()`` on CPU, ``demo_gpu.max_steps(--max-len)`` on GPUs); a bad value
-    exits with code 2 and one ``error:`` line naming the limit, before any work."""
+    exits with code 2 and one ``error:`` line naming the limit, before any work. The default ``--ranks`` on GPUs
+    must divide R1's routed experts as a given one must (6 GPUs: a usage error asking for ``--ranks``)."""
     from .demo_gpu import check_steps
+    from .models.deepseek_r1 import DeepSeekConfig
 
     if on_gpus and ns.ranks is not None and not 2 <= ns.ranks <= gpus:
         ap.error(f"argument --ranks: the GPU demo runs one rank per GPU, from 2 to the {gpus} usable here, got "
                  f"{ns.ranks} (--cpu plans for any divisor of R1's experts on the numpy reference)")
+    experts = DeepSeekConfig.r1().n_routed_experts
+    if on_gpus and ns.ranks is None and experts % gpus:
+        fits = [d for d in range(2, gpus + 1) if experts % d == 0]
+        ap.error(f"argument --ranks: its default, every one of the {gpus} usable GPUs, does not divide DeepSeek-R1's "
+                 f"{experts} routed experts; give --ranks, one of {fits}")
     ns.ranks = (gpus if on_gpus else CPU_RANKS) if ns.ranks is None else ns.ranks
     ns.prompts = (8 if on_gpus else 2) if ns.prompts is None else ns.prompts
     ns.steps = (16 if on_gpus else 8) if ns.steps is None else ns.steps
