@@ -59,6 +59,7 @@ DEMO_BAD = (
     + [("--timeout", ["--timeout", v]) for v in ("0", "-1", "nan", "inf", "soon")]
     + [("--vocab", ["--vocab", "129281"])]
     + [("--min-len", ["--min-len", "100", "--max-len", "99"])]
+    + [("--max-len", ["--max-len", v]) for v in ("16384", "20000")]  # R1's max_seq_len leaves no step: on every path
     + [("--dtype", ["--dtype", v]) for v in ("fp8", "float32", "int4")]
     + [("--policy", ["--policy", v]) for v in ("fast", "")]
     + [("--bogus", ["--bogus"])]
