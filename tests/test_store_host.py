@@ -352,3 +352,34 @@ def test_fetch_ce_names_a_bad_schedule_or_batched_flag(kw, err, match):
     assert store.fetch_ce(0, 0, batched=np.bool_(False)) > 0
     assert copied[0][3:] == (0, False)
     store.close()
+
+
+@pytest.mark.parametrize("kw, err, match", [
+    ({"layers": 5}, TypeError, r"layers must be a sequence of layer indices \(ints\) or None, got 5 \(int\)"),
+    ({"layers": "01"}, TypeError, r"layers must be a sequence of layer indices \(ints\) or None, got '01' \(str\)"),
+    ({"layers": [0, 5]}, ValueError, r"layer 5 is outside \[0, 2\)"),
+    ({"layers": [True]}, TypeError, r"layers must hold ints, got True \(bool\)"),
+    ({"layers": [1.0]}, TypeError, r"layers must hold ints, got 1.0 \(float\)"),
+    ({"streams": 0}, TypeError, r"streams must be a sequence of streams, got 0 \(int\)"),
+    ({"streams": None}, TypeError, r"streams must be a sequence of streams, got None"),
+    ({"streams": [0, "x"]}, TypeError, r"streams\[1\]: stream must be a CuPy/PyTorch/cuda.core stream"),
+    ({"streams": [-1]}, ValueError, r"streams\[0\]: stream: an integer handle must be in \[0, 2\*\*64\)"),
+])
+def test_prepare_checks_layers_and_streams_by_name_before_building_anything(monkeypatch, kw, err, match):
+    """prepare(layers=5) and prepare(streams=0) raised a bare "'int' object is not iterable" (streams=0 after every
+    layer's table had been built); layers=[0, 5] built layer 0's table before nvshmem_table refused layer 5, and a bad
+    stream failed after the tables, without saying it was one of prepare's streams. Each is refused by name first."""
+    be = FakeBackend()
+    store, _ = make(be)
+    store._device_const = lambda host, what: _FakeDeviceArray(host)
+    scratch = []
+    store._scratch_for = scratch.append
+    with pytest.raises(err, match=rf"^prepare: {match}"):
+        store.prepare(**kw)
+    assert store._cache == {} and scratch == []
+    import cupy
+
+    monkeypatch.setattr(cupy.cuda, "Device", lambda d: type("Dev", (), {"synchronize": lambda self: None})())
+    store.prepare(layers=(np.int64(1),), streams=[7])
+    assert set(store._cache) == {("nvshmem", 1), "all_ids"} and scratch == [7]
+    store.close()

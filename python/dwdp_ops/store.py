@@ -40,7 +40,7 @@ Invariants:
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import numpy as np
@@ -459,15 +459,33 @@ class ExpertStore:
 
     def prepare(self, layers: Sequence[int] | None = None, streams: Sequence[Any] = ()) -> None:
         """Builds the device tables of ``layers`` (default: all) and the fetch scratch of ``streams`` now, so that a
-        CUDA graph captured later finds them (nothing may be built during a capture)."""
+        CUDA graph captured later finds them (nothing may be built during a capture). ``layers`` is a sequence of ints
+        in [0, num_layers), ``streams`` a sequence of streams (``interop.stream_handle``): both are checked, by name,
+        before anything is built (a bare int for either is a TypeError)."""
         import cupy as cp
 
-        for layer in range(self.num_layers) if layers is None else layers:
+        for name, v, want in (("layers", layers, "a sequence of layer indices (ints) or None"),
+                              ("streams", streams, "a sequence of streams")):
+            if (v is not None or name == "streams") and (isinstance(v, (str, bytes)) or not isinstance(v, Iterable)):
+                raise TypeError(f"prepare: {name} must be {want}, got {v!r} ({type(v).__name__})")
+        todo = range(self.num_layers) if layers is None else list(layers)
+        for layer in todo:
+            if not is_int(layer):  # (bools refused: True is not layer 1)
+                raise TypeError(f"prepare: layers must hold ints, got {layer!r} ({type(layer).__name__})")
+            if not 0 <= layer < self.num_layers:
+                raise ValueError(f"prepare: layer {layer} is outside [0, {self.num_layers})")
+        handles = []
+        for i, st in enumerate(streams):
+            try:
+                handles.append(stream_handle(st))
+            except (TypeError, ValueError) as e:
+                raise type(e)(f"prepare: streams[{i}]: {e}") from None
+        for layer in todo:
             self.nvshmem_table(layer)
         if "all_ids" not in self._cache:
             self._cache["all_ids"] = self._device_const(self.remote_ids(), "remote id list")
-        for st in streams:
-            self._scratch_for(stream_handle(st))
+        for s in handles:
+            self._scratch_for(s)
         cp.cuda.Device(self.device).synchronize()
 
     def _scratch_for(self, s: int):
