@@ -220,6 +220,19 @@ def test_demo_moe_layers_are_bounded_by_r1(value, capsys):
     assert demo_gpu.moe_layers_arg(str(most)) == demo_gpu.moe_layers_arg("all") == most
 
 
+@pytest.mark.parametrize("where", ["missing/r.json", "", "dir"])
+def test_demo_gpu_out_is_checked_before_the_run(where, tmp_path, capsys):
+    """The worker's --out was opened only by rank 0 after the whole run (store, prefill, decode, the all-local
+    check): a path in a missing directory, or a directory, failed there with open()'s traceback and lost the
+    report. Now a usage error naming --out when the arguments are parsed."""
+    from dwdp_ops import demo_gpu
+
+    (tmp_path / "dir").mkdir()
+    out = str(tmp_path / where) if where else ""
+    code, _, err = run_main(demo_gpu.main, ["--out", out], capsys)
+    assert_usage_error(code, err, "--out", prog="dwdp_ops.demo_gpu")
+
+
 def test_demo_cpu_names_the_gpu_options_it_did_not_use(capsys):
     """GPU-only options are accepted on the CPU path (as --vocab, --policy, ... always were) but no longer silently:
     the closing note names those given, and the help says so."""

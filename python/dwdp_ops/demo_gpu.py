@@ -76,6 +76,8 @@ def check_steps(ap: argparse.ArgumentParser, steps: int, max_len: int) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from dwdp_ops._cli import writable_path
+
     ap = argparse.ArgumentParser(prog="dwdp_ops.demo_gpu")
     ap.add_argument("--moe-layers", type=moe_layers_arg, default=None,
                     help="MoE layers, 1 to R1's 58, or 'all' (58); default: as many as fit. A count that does not fit "
@@ -101,7 +103,8 @@ def main(argv: list[str] | None = None) -> int:
                          "of --policy and this policy on the same store, interleaved with the leader alternating, "
                          "each checked against the all-local run (bench/demo_policies.py)")
     ap.add_argument("--pairs", type=int, default=3, help="pairs of the interleaved comparison")
-    ap.add_argument("--out", required=True)
+    ap.add_argument("--out", required=True, type=writable_path,
+                    help="the report's JSON file (rank 0 writes it at the end; checked before the run)")
     ns = ap.parse_args(argv)
     if ns.compare_policy == ns.policy:
         ap.error("--compare-policy must differ from --policy")
