@@ -233,6 +233,25 @@ def test_demo_gpu_out_is_checked_before_the_run(where, tmp_path, capsys):
     assert_usage_error(code, err, "--out", prog="dwdp_ops.demo_gpu")
 
 
+DEMO_GPU_BAD = (
+    [(opt, [opt, "0"]) for opt in ("--prompts", "--check-steps", "--vocab", "--min-len", "--max-len", "--steps")]
+    + [(opt, [opt, "-1"]) for opt in ("--prompts", "--check-steps", "--seed")]
+    + [("--seed", ["--seed", "4294967296"]), ("--vocab", ["--vocab", "129281"]),
+       ("--min-len", ["--min-len", "9", "--max-len", "8"])]
+)
+
+
+@pytest.mark.parametrize("option, argv", DEMO_GPU_BAD, ids=[" ".join(a) for _, a in DEMO_GPU_BAD])
+def test_demo_gpu_refuses_bad_counts_before_the_ranks_initialise(option, argv, capsys):
+    """The worker took its counts as any int: --prompts 0 failed after init with max()'s 'empty sequence',
+    --min-len > --max-len, --vocab 0 or > R1's and a negative --seed in the ranks, and --check-steps 0 or -1 was
+    silently 1. Now usage errors naming the option, as the demo's own."""
+    from dwdp_ops import demo_gpu
+
+    code, _, err = run_main(demo_gpu.main, ["--out", "/tmp/x.json"] + argv, capsys)
+    assert_usage_error(code, err, option, prog="dwdp_ops.demo_gpu")
+
+
 def test_demo_cpu_names_the_gpu_options_it_did_not_use(capsys):
     """GPU-only options are accepted on the CPU path (as --vocab, --policy, ... always were) but no longer silently:
     the closing note names those given, and the help says so."""

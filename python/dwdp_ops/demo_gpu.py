@@ -76,27 +76,28 @@ def check_steps(ap: argparse.ArgumentParser, steps: int, max_len: int) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from dwdp_ops._cli import writable_path
+    from dwdp_ops._cli import positive_int, seed_int, writable_path
+    from dwdp_ops.models.deepseek_r1 import DeepSeekConfig
 
     ap = argparse.ArgumentParser(prog="dwdp_ops.demo_gpu")
     ap.add_argument("--moe-layers", type=moe_layers_arg, default=None,
                     help="MoE layers, 1 to R1's 58, or 'all' (58); default: as many as fit. A count that does not fit "
                          "is an error naming the memory plan, before anything is allocated")
-    ap.add_argument("--vocab", type=int, default=32768)
-    ap.add_argument("--prompts", type=int, default=4)
-    ap.add_argument("--min-len", type=int, default=64)
-    ap.add_argument("--max-len", type=int, default=1024)
-    ap.add_argument("--steps", type=int, default=16,
+    ap.add_argument("--vocab", type=positive_int, default=32768)
+    ap.add_argument("--prompts", type=positive_int, default=4)
+    ap.add_argument("--min-len", type=positive_int, default=64)
+    ap.add_argument("--max-len", type=positive_int, default=1024)
+    ap.add_argument("--steps", type=positive_int, default=16,
                     help=f"greedy steps per request; at most {max_steps(0)} (R1's max_seq_len) minus --max-len")
     ap.add_argument("--policy", default="auto", choices=["auto", "prefetch_all", "on_demand", "dispatch"])
     ap.add_argument("--dtype", default="float8_e4m3fn", choices=["bfloat16", "float8_e4m3fn"],
                     help="routed experts: bf16, or fp8 e4m3 with rowwise scales (requantised from 128x128 blocks)")
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--seed", type=seed_int, default=0)
     ap.add_argument("--router", choices=("balanced", "skewed"), default="balanced",
                     help="the random router (models.deepseek_r1.gpu_weights.ROUTERS)")
     ap.add_argument("--no-check", action="store_true")
     ap.add_argument("--no-graphs", action="store_true", help="run decode steps eagerly (default: CUDA graphs)")
-    ap.add_argument("--check-steps", type=int, default=4,
+    ap.add_argument("--check-steps", type=positive_int, default=4,
                     help="steps of the all-local check (it regenerates every layer's experts at every step)")
     ap.add_argument("--compare-policy", default=None, choices=["auto", "prefetch_all", "on_demand", "dispatch"],
                     help="after the main run, time --pairs pairs of whole runs (prefill + decode of the same prompts) "
@@ -110,6 +111,11 @@ def main(argv: list[str] | None = None) -> int:
         ap.error("--compare-policy must differ from --policy")
     if ns.pairs < 1:
         ap.error("--pairs must be >= 1")
+    if ns.min_len > ns.max_len:
+        ap.error(f"--min-len ({ns.min_len}) must be <= --max-len ({ns.max_len})")
+    if ns.vocab > DeepSeekConfig.r1().vocab_size:
+        ap.error(f"argument --vocab: expected at most {DeepSeekConfig.r1().vocab_size} (DeepSeek-R1's vocabulary), "
+                 f"got {ns.vocab}")
     check_steps(ap, ns.steps, ns.max_len)
 
     import cupy as cp
@@ -119,7 +125,6 @@ def main(argv: list[str] | None = None) -> int:
     import dwdp_ops
     from dwdp_ops import TokenDispatcher
     from dwdp_ops.env import DistEnv
-    from dwdp_ops.models.deepseek_r1 import DeepSeekConfig
     from dwdp_ops.models.deepseek_r1.gpu import CACHE_ALIGN, DwdpExperts, GpuModel, LocalExperts, dense_gemm_tflops
     from dwdp_ops.models.deepseek_r1.gpu_weights import DeviceWeights
     from dwdp_ops.models.deepseek_r1.memory import moe_layers_that_fit, plan_memory
