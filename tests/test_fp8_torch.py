@@ -244,6 +244,33 @@ def test_from_hf_state_dict_strict_refuses_keys_it_would_drop():
     assert hc.from_hf_state_dict(cfg, sd, strict=True).keys() == hc.from_hf_state_dict(cfg, sd).keys()
 
 
+@pytest.mark.parametrize("inter, err, match", [
+    (True, TypeError, r"got True \(bool\)"), (1.0, TypeError, r"got 1.0 \(float\)"),
+    ("1", TypeError, r"got '1' \(str\)"), (0, ValueError, r"got 0$"),
+])
+def test_swiglu_quant_refuses_an_inter_that_is_not_a_positive_int(inter, err, match):
+    """inter=True was taken as 1 (a [R, 2] h went through); inter=1.0 failed inside with "slice indices must be
+    integers"; each is refused by name. A numpy integer is an int."""
+    h = torch.randn(3, 2)
+    with pytest.raises(err, match=r"^swiglu_quant: inter must be an int >= 1 \(the intermediate size\), " + match):
+        fp8.swiglu_quant(h, inter)
+    q, s = fp8.swiglu_quant(h, np.int64(1))
+    want_q, want_s = fp8.swiglu_quant_torch(h, 1)
+    assert torch.equal(s, want_s) and np.array_equal(_bits(q), _bits(want_q))
+
+
+def test_quant_rows_and_swiglu_quant_name_an_input_that_is_not_a_tensor():
+    """A numpy array (or a list) had failed inside with "'numpy.ndarray' object has no attribute 'dim'"."""
+    x = np.ones((2, 4), np.float32)
+    for fn in (fp8.quant_rows, fp8.quant_rows_torch):
+        for bad in (x, x.tolist()):
+            with pytest.raises(TypeError, match=rf"^quant_rows: x must be a torch.Tensor \[rows, K\], got "
+                                                rf"{type(bad).__name__}$"):
+                fn(bad)
+    with pytest.raises(TypeError, match=r"^swiglu_quant: h must be a torch.Tensor \[rows, K\], got ndarray$"):
+        fp8.swiglu_quant(x, 2)
+
+
 def test_dequant_rows_decodes_uint8_bits_and_names_bad_inputs():
     """uint8 e4m3 bits (the form requant_block and the numpy truth take) had been widened as integers 0..255 and
     multiplied by the scales: silently wrong values; a bf16 weight or a mis-shaped scale went through as well."""

@@ -98,6 +98,13 @@ def _fused(fn: str, x: Any, width: int, live_rows: Any = None) -> tuple[Any, Any
     return q, scale
 
 
+def _check_tensor(x: Any, fn: str, name: str) -> None:
+    """TypeError naming ``name`` unless ``x`` is a torch.Tensor (a numpy array failed inside with AttributeError)."""
+    torch = require_torch()
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{fn}: {name} must be a torch.Tensor [rows, K], got {type(x).__name__}")
+
+
 def _check_chunk(chunk: Any) -> int:
     if not is_int(chunk) or chunk < 1:
         raise ValueError(f"quant_rows: chunk must be an int >= 1, got {chunk!r}")
@@ -110,7 +117,9 @@ def quant_rows(x: Any, chunk: int = QUANT_CHUNK, *, live_rows: Any = None) -> tu
     current stream); capturable (no host round trip). CUDA bf16 rows (16-byte aligned, K a multiple of 8): the fused
     kernel, one pass; anything else: ``quant_rows_torch`` (the same bits). ``live_rows``: None, or an int32 tensor
     on x's GPU whose first element bounds the rows the fused kernel processes (rows past it are left unwritten:
-    the tail of a grouped buffer sized for the worst case; the PyTorch path computes them anyway)."""
+    the tail of a grouped buffer sized for the worst case; the PyTorch path computes them anyway). ``x`` must be a
+    torch.Tensor (TypeError otherwise: numpy goes to ``dwdp_ops.quant.quant_rowwise``)."""
+    _check_tensor(x, "quant_rows", "x")
     _check_chunk(chunk)
     if x.dim() == 2 and _fused_ok(x, x.shape[1]):
         return _fused("quant_rows_bf16", x, x.shape[1], live_rows)
@@ -123,6 +132,7 @@ def quant_rows_torch(x: Any, chunk: int = QUANT_CHUNK) -> tuple[Any, Any]:
     finite (not checked: reading the data would synchronise a device; the numpy reference raises, here a non-finite
     row gives a NaN or infinite scale and NaN codes)."""
     torch = require_torch()
+    _check_tensor(x, "quant_rows", "x")
     chunk = _check_chunk(chunk)
     if x.dim() != 2 or x.shape[1] == 0:
         raise ValueError(f"quant_rows: x must be [rows, K] with K >= 1, got shape {list(x.shape)}")
@@ -142,7 +152,15 @@ def quant_rows_torch(x: Any, chunk: int = QUANT_CHUNK) -> tuple[Any, Any]:
 def swiglu_quant(h: Any, inter: int, *, live_rows: Any = None) -> tuple[Any, Any]:
     """``h [R, 2I]`` -> ``quant_rows(silu(h[:, :I]) * h[:, I:])`` (the SwiGLU in ``h``'s dtype, PyTorch's rounding).
     CUDA bf16: one fused kernel (each row of ``h`` read once, the product never written); else
-    ``swiglu_quant_torch``. ``live_rows`` as for ``quant_rows``."""
+    ``swiglu_quant_torch``. ``live_rows`` as for ``quant_rows``. ``h`` a torch.Tensor and ``inter`` an int >= 1
+    (a bool is not an int: True had been taken as 1), refused by name otherwise."""
+    _check_tensor(h, "swiglu_quant", "h")
+    if not is_int(inter):
+        raise TypeError(f"swiglu_quant: inter must be an int >= 1 (the intermediate size), got {inter!r} "
+                        f"({type(inter).__name__})")
+    if inter < 1:
+        raise ValueError(f"swiglu_quant: inter must be an int >= 1 (the intermediate size), got {inter!r}")
+    inter = int(inter)
     if h.dim() != 2 or h.shape[1] != 2 * inter:
         raise ValueError(f"swiglu_quant: h must be [rows, 2 * {inter}], got shape {list(h.shape)}")
     if _fused_ok(h, inter):
