@@ -50,3 +50,22 @@ def test_forward_refuses_float_and_bool_ids_as_the_reference_does(requests, toke
     with pytest.raises(err, match=msg):
         m.forward(requests, tokens)
     assert m.lengths == [0, 0]
+
+
+@pytest.mark.parametrize("kw, err, msg", [
+    (dict(max_requests=2, max_seq=0), ValueError, "max_seq must be an int >= 1, got 0"),  # had been max_seq_len
+    (dict(max_requests=2, max_seq=-4), ValueError, "max_seq must be an int >= 1, got -4"),
+    (dict(max_requests=2, max_seq=8.5), TypeError, "max_seq must be an int >= 1, got 8.5"),
+    (dict(max_requests=2.9, max_seq=8), TypeError, "max_requests must be an int >= 1, got 2.9"),  # had been 2
+    (dict(max_requests=True, max_seq=8), TypeError, "max_requests must be an int >= 1, got True"),  # had been 1
+    (dict(max_requests=0, max_seq=8), ValueError, "max_requests must be an int >= 1, got 0"),
+])
+def test_constructor_refuses_counts_it_would_truncate_or_default(kw, err, msg):
+    """GpuModel took ``int(max_requests)`` and ``int(max_seq or cfg.max_seq_len)``: 2.9 requests were 2, True one,
+    and max_seq=0 silently the model's whole max_seq_len. Refused before any CUDA call (the weights are a stand-in:
+    the checks come before they are read)."""
+    import types
+
+    w = types.SimpleNamespace(dtype=None, device="cuda")
+    with pytest.raises(err, match=msg):
+        GpuModel(DeepSeekConfig.tiny(), w, None, **kw)

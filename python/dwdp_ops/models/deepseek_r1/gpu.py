@@ -41,7 +41,7 @@ from typing import Any
 
 import numpy as np
 
-from ..._checks import is_int
+from ..._checks import int_at_least, is_int
 from ..attention import prefill_attention
 from ..routed import combine_pairs, routed_experts
 from .config import DeepSeekConfig
@@ -223,12 +223,14 @@ class GpuModel:
     def __init__(self, cfg: DeepSeekConfig, weights, experts, *, max_requests: int, max_seq: int | None = None,
                  stream: Any = None, grouped: bool | None = None, align: int = 16):
         torch = require_torch()
+        # counts, not truncated or defaulted: max_seq=0 had become cfg.max_seq_len (every cache that long),
+        # max_requests=2.9 two slots and True one
+        self.max_requests = int_at_least("max_requests", max_requests, 1)
+        self.max_seq = cfg.max_seq_len if max_seq is None else int_at_least("max_seq", max_seq, 1)
         import cupy as cp
 
         self.cfg, self.experts = cfg, experts
         self.dtype, self.device = weights.dtype, weights.device
-        self.max_requests = int(max_requests)
-        self.max_seq = int(max_seq or cfg.max_seq_len)
         if self.max_seq > cfg.max_seq_len:
             raise ValueError(f"max_seq {self.max_seq} exceeds the model's max_seq_len {cfg.max_seq_len}")
         self.stream = stream or cp.cuda.Stream(non_blocking=True)
