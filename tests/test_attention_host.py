@@ -33,6 +33,21 @@ def test_padded_rows_maps_each_token_into_its_request_slot():
     assert rows.dtype == np.int64
     # equal lengths: the identity
     np.testing.assert_array_equal(A.padded_rows([4, 4]), np.arange(8))
+    np.testing.assert_array_equal(A.padded_rows(np.array([2, 1])), [0, 1, 2])  # numpy lengths are ints
+
+
+@pytest.mark.parametrize("lengths, err, match", [
+    ([], ValueError, r"lengths must be one int >= 1 per request \(at least one\), got \[\]$"),
+    ([2, 0], ValueError, r"lengths must be one int >= 1 per request \(at least one\), got \[2, 0\]$"),
+    ([-1], ValueError, r"got \[-1\]$"),
+    ([1.5], TypeError, r"lengths must be ints \(token counts\), got lengths\[0\] = 1.5 \(float\)$"),
+    ([2, True], TypeError, r"got lengths\[1\] = True \(bool\)$"),
+])
+def test_padded_rows_names_lengths_it_cannot_map(lengths, err, match):
+    """[] raised a bare "max() arg is an empty sequence"; [-1] returned no rows and [2, 0] the rows of [2]; [1.5]
+    gave float rows and True counted as one token. Each is refused by name."""
+    with pytest.raises(err, match=r"^padded_rows: .*" + match):
+        A.padded_rows(lengths)
 
 
 def test_shape_and_backend_errors_come_before_any_kernel():

@@ -83,7 +83,15 @@ def check_lengths(lengths: Sequence[int], tokens: int) -> list[int]:
 
 def padded_rows(lengths: Sequence[int]) -> np.ndarray:
     """For each packed token, its row in a ``[requests * longest]`` zero-padded batch (int64): request ``b``'s token
-    ``i`` goes to ``b * longest + i``."""
+    ``i`` goes to ``b * longest + i``. ``lengths``: at least one request, each an int >= 1 (as ``check_lengths``);
+    TypeError for a length that is not an int, ValueError for none or one below 1."""
+    lengths = list(lengths)
+    for i, n in enumerate(lengths):
+        if not is_int(n):
+            raise TypeError(f"padded_rows: lengths must be ints (token counts), got lengths[{i}] = {n!r} "
+                            f"({type(n).__name__})")
+    if not lengths or min(lengths) < 1:
+        raise ValueError(f"padded_rows: lengths must be one int >= 1 per request (at least one), got {lengths}")
     L = max(lengths)
     return np.concatenate([b * L + np.arange(n, dtype=np.int64) for b, n in enumerate(lengths)])
 
