@@ -29,10 +29,11 @@ def dispatch_capacity(world: int, prompts: int, min_len: int, max_len: int, voca
 
 def plan_layers(cfg, world: int, requested: int | None, free_bytes: int, reserve: int, expert_itemsize: int = 2) -> int:
     """MoE layers that fit beside ``reserve`` bytes (activations, caches, buffers): ``memory.plan_memory``'s weight and
-    slot items for ``cfg``'s vocabulary (as many as fit, at most ``requested``)."""
+    slot items for ``cfg``'s vocabulary (as many as fit, at most ``requested``; 0 when ``reserve`` alone exceeds
+    ``free_bytes``)."""
     from dwdp_ops.models.deepseek_r1.memory import moe_layers_that_fit
 
-    fit = moe_layers_that_fit(world, free_bytes - reserve, vocab_size=cfg.vocab_size, expert_itemsize=expert_itemsize,
+    fit = moe_layers_that_fit(world, max(0, free_bytes - reserve), vocab_size=cfg.vocab_size, expert_itemsize=expert_itemsize,
                               requests=0, cache_len=0, step_tokens=0)
     return int(fit if requested is None else min(fit, requested))
 
