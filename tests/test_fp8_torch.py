@@ -244,6 +244,22 @@ def test_from_hf_state_dict_strict_refuses_keys_it_would_drop():
     assert hc.from_hf_state_dict(cfg, sd, strict=True).keys() == hc.from_hf_state_dict(cfg, sd).keys()
 
 
+def test_requant_block_with_nan_codes_poisons_only_their_rows_as_documented():
+    """NaN codes (e4m3 0x7F / 0xFF) are a documented precondition, not checked (a device read per call): the rows
+    holding one get a NaN scale and NaN codes, the other rows requantise as the numpy truth does, which refuses the
+    whole matrix. (Documentation fix: this pins the behaviour the docstring now states; it passes on the old code.)"""
+    codes = torch.full((4, 8), 0x38, dtype=torch.uint8)  # 1.0
+    codes[1, 3], codes[2, 0] = 0x7F, 0xFF
+    q, s = fp8.requant_block(codes, torch.ones((1, 1)), 128)
+    assert torch.isnan(s[1:3]).all() and torch.isnan(q[1:3].float()).all()
+    ok = codes[[0, 3]].numpy()
+    want_q, want_s = quant.requant_rowwise_from_block(ok, np.ones((1, 1), np.float32), 128)
+    np.testing.assert_array_equal(s[[0, 3]].numpy(), want_s)
+    np.testing.assert_array_equal(_bits(q)[[0, 3]], want_q)
+    with pytest.raises(ValueError, match="q holds NaN codes"):
+        quant.requant_rowwise_from_block(codes.numpy(), np.ones((1, 1), np.float32), 128)
+
+
 @pytest.mark.parametrize("inter, err, match", [
     (True, TypeError, r"got True \(bool\)"), (1.0, TypeError, r"got 1.0 \(float\)"),
     ("1", TypeError, r"got '1' \(str\)"), (0, ValueError, r"got 0$"),

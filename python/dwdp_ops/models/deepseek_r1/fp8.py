@@ -191,8 +191,11 @@ def dequant_rows(q: Any, scale: Any) -> Any:
 def requant_block(codes: Any, scale_inv: Any, block: int = 128) -> tuple[Any, Any]:
     """A checkpoint's block-scaled weight (``codes [N, K]`` uint8 e4m3 bits, ``scale_inv [ceil(N/b), ceil(K/b)]``
     float32) -> rowwise ``(q [N, K] float8_e4m3fn, scale [N] float32)``: dequantised in float32, requantised per
-    row. The float32 temporary is ``[N, K]``; callers go expert by expert. Precondition: finite scales (not checked,
-    as in ``quant_rows_torch``)."""
+    row. The float32 temporary is ``[N, K]``; callers go expert by expert. Preconditions, not checked (as in
+    ``quant_rows_torch``: reading the data would synchronise a device, once per call at load): finite scales, no NaN
+    codes (e4m3 0x7F / 0xFF) and no block whose values overflow float32. A row that breaks one gets a NaN (or
+    infinite) scale and NaN codes; the other rows are unaffected. The numpy ``quant.requant_rowwise_from_block``
+    raises ValueError for each."""
     torch = require_torch()
     if codes.dtype not in (torch.uint8, torch.float8_e4m3fn) or codes.dim() != 2:
         raise ValueError(f"requant_block: codes must be [N, K] uint8 (e4m3 bits) or float8_e4m3fn, got {codes.dtype} "
