@@ -64,10 +64,14 @@ def test_cv_zero_gives_exactly_isl_and_draws_are_seeded():
     assert a != rank_iterations(0, 8, 8192, 32768, cv=0.2, seed=4)
 
 
-@pytest.mark.parametrize("kw", [dict(), dict(ratio=0.8, cv=0.2), dict(ratio=0.0), dict(ratio=1.5), dict(cv=-0.1),
-                                dict(cv=float("nan"))])
-def test_length_source_errors(kw):
-    with pytest.raises(ValueError):
+@pytest.mark.parametrize("kw, match", [
+    (dict(), "give exactly one of ratio"), (dict(ratio=0.8, cv=0.2), "give exactly one of ratio"),
+    (dict(ratio=0.0), r"ratio must be a number in \(0, 1\], got 0.0$"),
+    (dict(ratio=1.5), r"ratio must be a number in \(0, 1\], got 1.5$"),
+    (dict(cv=-0.1), "cv must be a finite number >= 0, got -0.1$"),
+    (dict(cv=float("nan")), "cv must be a finite number >= 0, got nan$")])
+def test_length_source_errors(kw, match):
+    with pytest.raises(ValueError, match=match):
         request_lengths(4, 8192, rng=np.random.default_rng(0), **kw)
 
 
@@ -109,9 +113,9 @@ def test_chunking_of_a_long_request():
 def test_rank_iterations_and_workload_shapes():
     w = workload(3, 5, 8192, 16384, ratio=0.8, seed=1)
     assert len(w) == 3 and all(len(r) == 5 for r in w)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="request lengths must be >= 1, got 0 at position 1$"):
         batch_requests([10, 0], 100)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="max_tokens must be an integer >= 1, got 0$"):
         batch_requests([10], 0)
 
 
@@ -523,10 +527,17 @@ def test_simulation_is_deterministic_per_seed():
         "iteration_ms"]
 
 
-@pytest.mark.parametrize("kw", [dict(gpus=0), dict(layers=62), dict(ratio=0.8, cv=0.1), dict(dense_layers=9),
-                                dict(iterations=0), dict(cv=-1.0), dict(max_tokens=0)])
-def test_bad_configs_are_refused(kw):
-    with pytest.raises(ValueError):
+@pytest.mark.parametrize("kw, match", [
+    (dict(gpus=0), "gpus must be an integer >= 1, got 0$"),
+    (dict(layers=62), r"layers must be at most 61 \(DeepSeek-R1\), got 62$"),
+    (dict(ratio=0.8, cv=0.1), "give one of ratio and cv, not both$"),
+    (dict(dense_layers=9), r"dense_layers must be an integer in \[0, layers=8\], got 9$"),
+    (dict(iterations=0), "iterations must be an integer >= 1, got 0$"),
+    (dict(cv=-1.0), "cv must be a finite number >= 0, got -1.0$"),
+    (dict(max_tokens=0), "max_tokens must be an integer >= 1, got 0$")])
+def test_bad_configs_are_refused(kw, match):
+    """Each refused for its own reason (a bare ValueError would pass if another check raised first)."""
+    with pytest.raises(ValueError, match=match):
         small(**kw)
 
 
