@@ -3,6 +3,9 @@ tensor is drawn or moved, so they need no GPU."""
 
 from __future__ import annotations
 
+import re
+
+import numpy as np
 import pytest
 
 torch = pytest.importorskip("torch")
@@ -25,3 +28,16 @@ def test_weight_sources_refuse_layers_and_experts_the_model_does_not_have(method
         for lo, hi in ((0, E + 1), (-1, 2), (3, 2), (True, 2), (0, 2.0)):
             with pytest.raises(ValueError, match=rf"experts lo \.\. hi-1 must have ints 0 <= lo <= hi <= {E} "):
                 fn(moe, lo, hi)
+
+
+@pytest.mark.parametrize("seed", [1.5, 2.0, True, np.True_, "3"])
+def test_device_weights_refuse_a_seed_that_is_not_an_int(seed):
+    """DeviceWeights(seed=1.5) drew seed 1's weights and seed=True seed 1's (int() truncated them), seed='3' seed 3's;
+    each is refused by name, as init_weights refuses its seed. A numpy integer is an int."""
+    cfg = DeepSeekConfig.tiny()
+    with pytest.raises(TypeError, match=rf"^DeviceWeights: seed must be an int, got {re.escape(repr(seed))} "
+                                        rf"\({type(seed).__name__}\)$"):
+        DeviceWeights(cfg, seed, device=0)
+    w = DeviceWeights(cfg, np.int64(7), device=0)
+    assert w.seed == 7 and type(w.seed) is int
+

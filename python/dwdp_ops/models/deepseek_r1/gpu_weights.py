@@ -144,7 +144,10 @@ class DeviceWeights(_ExpertsFp8):
                  expert_dtype: Any = None, router: str = "balanced"):
         """``expert_dtype``: ``torch.float8_e4m3fn`` to serve the routed experts as fp8 with rowwise scales
         (``experts_fp8``); default the model dtype (``experts``, dequantised). ``router``: a key of ``ROUTERS``
-        (see the module docstring)."""
+        (see the module docstring). ``seed``: an int (Python or numpy; TypeError for a bool, a float or a str, which
+        ``int()`` had truncated or parsed: 1.5 drew seed 1's weights)."""
+        if not is_int(seed):
+            raise TypeError(f"DeviceWeights: seed must be an int, got {seed!r} ({type(seed).__name__})")
         torch = require_torch()
         if router not in ROUTERS:
             raise ValueError(f"router must be one of {sorted(ROUTERS)}, got {router!r}")
