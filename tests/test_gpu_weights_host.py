@@ -41,3 +41,17 @@ def test_device_weights_refuse_a_seed_that_is_not_an_int(seed):
     w = DeviceWeights(cfg, np.int64(7), device=0)
     assert w.seed == 7 and type(w.seed) is int
 
+
+def test_numpy_weights_serve_an_empty_expert_range_as_device_weights_do():
+    """lo == hi is a valid (empty) range: DeviceWeights returns [0, 2I, H] / [0, H, I] stacks, NumpyWeights failed
+    with np.stack's "need at least one array to stack". Both now return the empty stacks (tensors kept on the CPU:
+    no GPU here)."""
+    cfg = DeepSeekConfig.tiny()
+    I, d, moe = cfg.moe_inter_dim, cfg.dim, cfg.n_dense_layers
+    dev, num = DeviceWeights(cfg, device=0), NumpyWeights(cfg, init_weights(cfg, 0), device=0)
+    dev.device = num.device = torch.device("cpu")
+    for src in (dev, num):
+        w13, w2 = src.experts(moe, 2, 2)
+        assert tuple(w13.shape) == (0, 2 * I, d) and tuple(w2.shape) == (0, d, I) and w13.dtype == src.dtype
+    w13, w2 = num.experts(moe, 2, 3)  # a non-empty range still stacks
+    assert tuple(w13.shape) == (1, 2 * I, d) and tuple(w2.shape) == (1, d, I)

@@ -258,16 +258,21 @@ class NumpyWeights(_ExpertsFp8):
         return t if _is_fp32(name) else t.to(self.dtype)
 
     def experts(self, layer: int, lo: int, hi: int, out: tuple[Any, Any] | None = None):
+        """As ``DeviceWeights.experts``: ``(w13 [n, 2I, H], w2 [n, H, I])`` of experts ``lo .. hi-1``, dequantised on
+        the host (an empty range, lo == hi, gives n = 0)."""
         torch = require_torch()
         self._check_experts(layer, lo, hi)
-        b = self.cfg.block
+        b, I, d = self.cfg.block, self.cfg.moe_inter_dim, self.cfg.dim
         p = f"layers.{layer}.ffn.experts."
 
         def deq(e, n):
             return dequant_fp8(self.W[f"{p}{e}.{n}"], self.W[f"{p}{e}.{n}.scale"], b)
 
-        w13 = np.stack([np.concatenate([deq(e, "w1"), deq(e, "w3")]) for e in range(lo, hi)])
-        w2 = np.stack([deq(e, "w2") for e in range(lo, hi)])
+        if lo == hi:  # np.stack refuses an empty list
+            w13, w2 = np.zeros((0, 2 * I, d), np.float32), np.zeros((0, d, I), np.float32)
+        else:
+            w13 = np.stack([np.concatenate([deq(e, "w1"), deq(e, "w3")]) for e in range(lo, hi)])
+            w2 = np.stack([deq(e, "w2") for e in range(lo, hi)])
         t13 = torch.from_numpy(w13).to(self.device, self.dtype)
         t2 = torch.from_numpy(w2).to(self.device, self.dtype)
         if out is not None:
