@@ -479,6 +479,60 @@ def test_a_wrong_shape_is_both_a_value_and_a_type_error(case, exc):
         call()
 
 
+def _dtype_and_empty_table_cases():
+    """(label, call, exception, message) for the fused ops' dtype checks and their refusal of ids into an empty
+    table: DeviceBuffers at made-up addresses, stream 0, refused by the argument checks before any device work (the
+    GPU tests test_bf16_is_close_and_bad_input_is_named and test_empty_tables_with_ids_are_refused_before_any_launch
+    check the same on CuPy arrays; these run without a GPU)."""
+    from dwdp_ops.coaction.fused import coaction_backward_gpu, coaction_forward_gpu
+    from dwdp_ops.interop import DeviceBuffer
+
+    spec, f32, f64, u16, i64 = (CoActionSpec(), np.dtype(np.float32), np.dtype(np.float64), np.dtype(np.uint16),
+                                np.dtype(np.int64))
+    B, T, rows = 2, 3, 4
+
+    def buf(shape, dtype=f32):
+        return DeviceBuffer(0x1000, shape, dtype, None)
+
+    ind, feed, mask = buf((B, spec.induction_dim)), buf((B, T, spec.feed_dim)), buf((B, T))
+    ids, fids, gout = buf((B,), i64), buf((B, T), i64), buf((B, spec.out_dim))
+
+    def fwd(i=ind, f=feed, **kw):
+        return lambda: coaction_forward_gpu(i, f, mask, spec, stream=0, **kw)
+
+    def bwd(i, f, **kw):
+        return lambda: coaction_backward_gpu(i, f, mask, gout, spec, stream=0, **kw)
+
+    return [
+        ("float64 induction", fwd(i=buf(ind.shape, f64)), TypeError, r"^induction must hold float32 \(float32\), got float64$"),
+        ("float64 feed", fwd(f=buf(feed.shape, f64)), TypeError, r"^feed must hold float32 \(float32\), got float64$"),
+        ("float32 as bf16", fwd(dtype="bfloat16"), TypeError, r"^induction must hold bfloat16 \(uint16\), got float32$"),
+        ("bf16 feed float32", fwd(i=buf(ind.shape, u16), dtype="bfloat16"), TypeError,
+         r"^feed must hold bfloat16 \(uint16\), got float32$"),
+        ("float16", fwd(dtype="float16"), ValueError, "dtype must be 'float32' or 'bfloat16'"),
+        ("empty feed table", fwd(i=buf((rows, spec.induction_dim)), f=buf((0, spec.feed_dim)), ind_ids=ids,
+                                 feed_ids=fids, check_ids=False),
+         ValueError, r"^feed_ids must be in \[0, 0\): the feed table is empty$"),
+        ("empty induction table", fwd(i=buf((0, spec.induction_dim)), f=buf((rows, spec.feed_dim)), ind_ids=ids,
+                                      feed_ids=fids),
+         ValueError, r"^ind_ids must be in \[0, 0\): the induction table is empty$"),
+        ("backward, empty induction table", bwd(buf((0, spec.induction_dim)), buf((rows, spec.feed_dim)),
+                                                ind_ids=ids, feed_ids=fids),
+         ValueError, r"^ind_ids must be in \[0, 0\): the induction table is empty$"),
+        ("backward, empty feed table", bwd(buf((rows, spec.induction_dim)), buf((0, spec.feed_dim)), ind_ids=ids,
+                                           feed_ids=fids, check_ids=False),
+         ValueError, r"^feed_ids must be in \[0, 0\): the feed table is empty$"),
+    ]
+
+
+@pytest.mark.parametrize("case", range(len(_dtype_and_empty_table_cases())),
+                         ids=[label for label, *_ in _dtype_and_empty_table_cases()])
+def test_fused_ops_refuse_a_wrong_dtype_or_an_empty_table_without_a_gpu(case):
+    _, call, exc, match = _dtype_and_empty_table_cases()[case]
+    with pytest.raises(exc, match=match):
+        call()
+
+
 def test_coaction_argument_error_is_exported():
     import dwdp_ops
     import dwdp_ops.coaction
