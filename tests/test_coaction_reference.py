@@ -480,10 +480,11 @@ def test_a_wrong_shape_is_both_a_value_and_a_type_error(case, exc):
 
 
 def _dtype_and_empty_table_cases():
-    """(label, call, exception, message) for the fused ops' dtype checks and their refusal of ids into an empty
-    table: DeviceBuffers at made-up addresses, stream 0, refused by the argument checks before any device work (the
-    GPU tests test_bf16_is_close_and_bad_input_is_named and test_empty_tables_with_ids_are_refused_before_any_launch
-    check the same on CuPy arrays; these run without a GPU)."""
+    """(label, call, exception, message) for the fused ops' dtype and layout checks and their refusal of ids into an
+    empty table: DeviceBuffers at made-up addresses, stream 0, refused by the argument checks before any device work (the
+    GPU tests test_bf16_is_close_and_bad_input_is_named, test_empty_tables_with_ids_are_refused_before_any_launch
+    and test_apply_without_the_checks_still_refuses_by_name check the same on device arrays; these run without a
+    GPU)."""
     from dwdp_ops.coaction.fused import coaction_backward_gpu, coaction_forward_gpu
     from dwdp_ops.interop import DeviceBuffer
 
@@ -510,6 +511,12 @@ def _dtype_and_empty_table_cases():
         ("bf16 feed float32", fwd(i=buf(ind.shape, u16), dtype="bfloat16"), TypeError,
          r"^feed must hold bfloat16 \(uint16\), got float32$"),
         ("float16", fwd(dtype="float16"), ValueError, "dtype must be 'float32' or 'bfloat16'"),
+        ("strided induction", fwd(i=DeviceBuffer(0x1000, ind.shape, f32, (4, 4 * B))), ValueError,
+         "^induction must be contiguous$"),
+        ("strided feed", fwd(f=DeviceBuffer(0x1000, feed.shape, f32, (4 * spec.feed_dim, 4 * B * spec.feed_dim, 4))),
+         ValueError, "^feed must be contiguous$"),
+        ("bool mask", lambda: coaction_forward_gpu(ind, feed, buf((B, T), np.dtype(bool)), spec, stream=0),
+         TypeError, r"^mask must be a contiguous float32 \[B, T\] array, got bool \[2, 3\]$"),
         ("empty feed table", fwd(i=buf((rows, spec.induction_dim)), f=buf((0, spec.feed_dim)), ind_ids=ids,
                                  feed_ids=fids, check_ids=False),
          ValueError, r"^feed_ids must be in \[0, 0\): the feed table is empty$"),
