@@ -124,7 +124,7 @@ def test_wait_narrows_gpu_ids_on_the_device_without_wrapping_them():
     ops.release_handle(h)
 
 
-@pytest.mark.gpu
+@pytest.mark.multigpu(n=2)
 def test_ops_and_hf_experts_run_on_the_stream_of_their_tensors_device(monkeypatch):
     """Tensors on cuda:1 with cuda:0 current: wait / release (and the Hugging Face experts' wait / release) get
     cuda:1's current stream (they got cuda:0's: the wait ordered nothing the expert kernels on cuda:1 read), and a
