@@ -145,11 +145,11 @@ def test_broken_rendezvous_refuses_further_use():
     assert isinstance(out[0], RendezvousError) and "failed earlier" in str(out[0])
 
 
-def _victim(rank, world, port, ready):
+def _victim(rank, world, port, ready, victim):
     rdv = Rendezvous(rank, world, "127.0.0.1", port, 30.0)
     rdv.barrier("ready")
     ready.set()
-    if rank == 1:
+    if rank == victim:
         time.sleep(60)  # killed by the test
     t0 = time.monotonic()
     try:
@@ -160,12 +160,12 @@ def _victim(rank, world, port, ready):
     os._exit(0)
 
 
-@pytest.mark.parametrize("victim", [1])
+@pytest.mark.parametrize("victim", [1, 2])  # a middle rank and the last one (rank 0 serves the rendezvous)
 def test_killed_rank_makes_survivors_fail_fast(victim, capfd):
     ctx = mp.get_context("fork")
     port = free_port()
     ready = ctx.Event()
-    procs = [ctx.Process(target=_victim, args=(r, 3, port, ready)) for r in range(3)]
+    procs = [ctx.Process(target=_victim, args=(r, 3, port, ready, victim)) for r in range(3)]
     for p in procs:
         p.start()
     assert ready.wait(30)
@@ -178,7 +178,7 @@ def test_killed_rank_makes_survivors_fail_fast(victim, capfd):
             assert p.exitcode == 7, f"rank {r} did not fail cleanly: exit {p.exitcode}"
     assert time.monotonic() - t0 < 15
     err = capfd.readouterr().out
-    assert "rank(s) [1] disconnected" in err
+    assert f"rank(s) [{victim}] disconnected" in err
 
 
 def test_collectives_from_several_threads_of_one_rank_never_mix_replies():
