@@ -483,8 +483,8 @@ def _dtype_and_empty_table_cases():
     """(label, call, exception, message) for the fused ops' dtype and layout checks and their refusal of ids into an
     empty table: DeviceBuffers at made-up addresses, stream 0, refused by the argument checks before any device work (the
     GPU tests test_bf16_is_close_and_bad_input_is_named, test_empty_tables_with_ids_are_refused_before_any_launch
-    and test_apply_without_the_checks_still_refuses_by_name check the same on device arrays; these run without a
-    GPU)."""
+    test_apply_without_the_checks_still_refuses_by_name, test_backward_adds_into_given_gradients and
+    test_table_grads_misuse_is_refused_by_name check the same on device arrays; these run without a GPU)."""
     from dwdp_ops.coaction.fused import coaction_backward_gpu, coaction_forward_gpu
     from dwdp_ops.interop import DeviceBuffer
 
@@ -526,6 +526,14 @@ def _dtype_and_empty_table_cases():
         ("backward, empty induction table", bwd(buf((0, spec.induction_dim)), buf((rows, spec.feed_dim)),
                                                 ind_ids=ids, feed_ids=fids),
          ValueError, r"^ind_ids must be in \[0, 0\): the induction table is empty$"),
+        ("grads not a pair", bwd(buf((rows, spec.induction_dim)), buf((rows, spec.feed_dim)), ind_ids=ids,
+                                 feed_ids=fids, check_ids=False, grads=(buf((rows, spec.induction_dim)),)),
+         TypeError, r"^grads must be None, a TableGrads or a pair \(grad_induction, grad_feed\), got tuple$"),
+        ("grads pair without ind_ids", bwd(ind, buf((rows, spec.feed_dim)), feed_ids=fids, check_ids=False,
+                                           grads=(buf(ind.shape), buf((rows, spec.feed_dim)))),
+         ValueError, r"^grads=\(grad_induction, grad_feed\) adds into table-shaped gradients: it needs ind_ids "),
+        ("zero_grads not a TableGrads", fwd(zero_grads=(buf(ind.shape), buf(feed.shape))), TypeError,
+         "^zero_grads must be a TableGrads or None, got tuple$"),
         ("backward, empty feed table", bwd(buf((rows, spec.induction_dim)), buf((0, spec.feed_dim)), ind_ids=ids,
                                            feed_ids=fids, check_ids=False),
          ValueError, r"^feed_ids must be in \[0, 0\): the feed table is empty$"),
