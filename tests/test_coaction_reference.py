@@ -706,3 +706,36 @@ def test_check_ids_must_be_a_bool_in_the_autograd_op():
     t = torch.zeros(1, 1)
     with pytest.raises(TypeError, match="check_ids must be a bool"):
         coaction(t, t, t, check_ids=None)
+
+
+@pytest.mark.parametrize("bits, match", [
+    (1, r"^ind_ids must be in \[0, 10\) \(the table's rows\)$"),
+    (2, r"^feed_ids must be in \[0, 7\) \(the table's rows\)$"),
+    (3, r"^ind_ids must be in \[0, 10\) \(the table's rows\)$"),  # both bad: the induction ids are named first
+    (0, r"^grad_out must be a contiguous float32 \[4, 36\] array"),  # none bad: on to the next check
+])
+def test_the_id_checks_verdict_names_the_bad_array(monkeypatch, bits, match):
+    """The host side of the device id check (tested on a GPU by test_id_check_names_the_bad_array): the backward
+    hands the native check both id arrays, their counts (B and B * T), both tables' rows, the stream and the mask, and
+    turns the bits it returns into a ValueError naming the array and its table's rows. The native call is a stand-in
+    returning ``bits``; DeviceBuffers at made-up addresses."""
+    from dwdp_ops.coaction import fused
+    from dwdp_ops.interop import DeviceBuffer
+
+    spec, f32, i64 = CoActionSpec(), np.dtype(np.float32), np.dtype(np.int64)
+    B, T = 4, 5
+    table, ftable = DeviceBuffer(0x1000, (10, spec.induction_dim), f32, None), DeviceBuffer(0x2000, (7, 16), f32, None)
+    mask, ids, fids = (DeviceBuffer(0x3000, (B, T), f32, None), DeviceBuffer(0x4000, (B,), i64, None),
+                       DeviceBuffer(0x5000, (B, T), i64, None))
+    calls = []
+
+    class Native:
+        def coaction_check_ids(self, *args):
+            calls.append(args)
+            return bits
+
+    monkeypatch.setattr(fused, "native", Native)
+    with pytest.raises(ValueError, match=match):
+        fused.coaction_backward_gpu(table, ftable, mask, DeviceBuffer(0x6000, (B, 35), f32, None), spec,
+                                    ind_ids=ids, feed_ids=fids, stream=0)
+    assert calls == [(0x4000, B, 10, 0x5000, B * T, 7, 0, 0x3000)]
