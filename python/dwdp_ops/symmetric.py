@@ -48,8 +48,16 @@ def _wrap(ptr: int, nbytes: int, shape, dtype, owner, strides=None):
 
 def symmetric_empty(shape: Any, dtype: Any = np.float32):
     """A CuPy array of ``shape`` on the symmetric heap, uninitialised. Collective: every rank passes the same shape
-    and dtype. fp8 e4m3 and bf16 are stored as uint8 / uint16 bits (``logical_dtype`` and ``to_torch`` recover
-    them). A shape of more than ``2**63 - 1`` bytes raises ValueError before anything is allocated."""
+    and dtype, in the same order. fp8 e4m3 and bf16 are stored as uint8 / uint16 bits (``logical_dtype`` and
+    ``to_torch`` recover them).
+
+    ``shape``: an int or a sequence of positive ints. ``dtype``: a NumPy native-byte-order bool, integer, float or
+    complex dtype, a torch dtype of one, ``'bfloat16'`` or ``'float8_e4m3fn'`` (``interop.normalize_dtype``).
+    Returned: the caller owns it and frees it with ``free_symmetric`` (collective); usable once this call returns
+    (the ranks have agreed on the allocation on the control plane). Raises TypeError for a shape that is not ints or
+    an unsupported dtype, ValueError for an empty shape, a non-positive extent or more than ``2**63 - 1`` bytes
+    (before anything is allocated), DwdpError before ``init()``, when the ranks ask for different shapes / dtypes,
+    or when the allocation failed on any rank (every rank raises)."""
     shape = _shape(shape)
     storage, logical = normalize_dtype(dtype)
     nbytes = math.prod(shape) * storage.itemsize  # Python ints: an int64 product would wrap around
@@ -84,7 +92,10 @@ def _pe(pe: Any, what: str, world: int) -> int:
 
 def free_symmetric(array: Any) -> None:
     """Frees the symmetric allocation that ``array`` (returned by ``symmetric_empty``, or a view of all of it) owns.
-    Collective. A slice of it is refused (DwdpError), even one that starts where the allocation does."""
+    Collective: every rank frees the same allocation, in the same order. A slice of it is refused (DwdpError), even
+    one that starts where the allocation does; so are an array that is not on the heap (or was freed already) and a
+    call before ``init()`` or after ``finalize()``. It synchronises this rank's device before freeing (work queued on
+    any of its streams finishes first)."""
     buf, db = _buffer_of(array, "free_symmetric")
     if db.ptr != buf.ptr or db.nbytes != buf.nbytes:
         raise DwdpError("free_symmetric: pass the array returned by symmetric_empty, not a slice of it")
@@ -100,7 +111,10 @@ def logical_dtype(array: Any) -> str:
 
 def peer_view(array: Any, pe: int):
     """A CuPy array over ``pe``'s copy of the symmetric ``array`` (same shape, strides, offset), readable and
-    writable by load/store from this GPU. Raises when ``pe`` is not P2P-reachable (use ``getmem`` there)."""
+    writable by load/store from this GPU. Local (not collective; no copy: the view aliases the peer's memory, and
+    ordering against the peer's writes is the caller's). Raises DwdpError when ``pe`` is not P2P-reachable (use
+    ``getmem`` there) or ``array`` is not on the symmetric heap, TypeError for a ``pe`` that is not an int,
+    ValueError for one outside ``[0, world_size)``."""
     rt = get_runtime()
     buf, db = _buffer_of(array, "peer_view")
     pe = _pe(pe, "peer_view", rt.world_size())
@@ -117,7 +131,14 @@ def peer_view(array: Any, pe: int):
 def getmem(dst: Any, src: Any, pe: int, *, stream: Any = None, num_blocks: int = 32, threads: int = 512) -> None:
     """One-sided NVSHMEM get on ``stream``: ``dst`` (any contiguous device array on this GPU) receives the bytes of
     ``pe``'s copy of the symmetric array ``src``. An SM-driven kernel of ``num_blocks`` blocks (an int in [1, 65535])
-    of ``threads`` threads (a multiple of 32 in [32, 1024]); no host sync."""
+    of ``threads`` threads (a multiple of 32 in [32, 1024]); no host sync. Local and one-sided: ``pe`` takes no
+    part (it must have written ``src`` before, ordered by a barrier or the like).
+
+    ``dst``: caller-allocated, contiguous, of exactly ``src``'s byte size (its dtype and shape are not compared: the
+    bytes are copied); it holds the data once ``stream``'s work up to this call has run. ``src``: a contiguous array
+    on the symmetric heap (or a slice of one). Raises ValueError for a non-contiguous array or a size mismatch,
+    DwdpError when ``src`` is not on the heap (or before ``init()``), TypeError for a ``dst`` that is not a device
+    array, TypeError / ValueError for a ``pe``, ``num_blocks`` or ``threads`` that is not an int / out of range."""
     rt = get_runtime()
     _, s = _buffer_of(src, "getmem")
     d = device_buffer(dst, "getmem dst")
@@ -137,7 +158,9 @@ def getmem(dst: Any, src: Any, pe: int, *, stream: Any = None, num_blocks: int =
 
 
 def to_torch(array: Any):
-    """A PyTorch tensor sharing ``array``'s memory (DLPack), viewed as its logical dtype (fp8 e4m3, bf16)."""
+    """A PyTorch tensor sharing ``array``'s memory (DLPack, no copy: same shape; the array stays the owner, so
+    the tensor must not outlive ``free_symmetric``), viewed as its logical dtype (fp8 e4m3, bf16) when ``array`` is
+    a live symmetric allocation; any other CUDA device array keeps its own dtype. Local."""
     import torch
 
     t = torch.from_dlpack(array)
