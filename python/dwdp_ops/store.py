@@ -60,6 +60,16 @@ EXPERT_COPY_DTYPE = np.dtype(
 
 
 class ExpertStore:
+    """The expert storage, slots and views of one rank (module docstring).
+
+    Construction is collective: every rank constructs it at the same point with the same partition, layout and
+    ``num_layers`` (checked on the control plane). Raises DwdpError before ``init()``, for a
+    geometry that differs between ranks, for an NVSHMEM registration unit that does not divide the local blocks, or
+    when a construction phase failed on any rank (every rank raises); ValueError for a partition of another world
+    size, ``num_layers < 1`` or a layout page that is not a multiple of the VMM granularity; TypeError for a
+    ``num_layers`` that is not an int. Views and fetches are local unless their docstring says otherwise; they raise
+    DwdpError after ``close()``, for a released layer, and after ``dwdp_ops.finalize()``."""
+
     def __init__(
         self,
         partition: ExpertPartition,
@@ -292,17 +302,26 @@ class ExpertStore:
 
     # -- views ---------------------------------------------------------------------------------------------------
     def local(self, layer: int, name: str):
-        """This rank's ``[L, ...]`` experts of ``layer`` (strided by the page-rounded stride)."""
+        """This rank's ``[L, *shape]`` experts of ``layer`` (``shape``: the tensor kind ``name``'s), a CuPy array of
+        its storage dtype (uint8 for fp8, uint16 for bf16 bits) over local storage, strided by the page-rounded stride
+        (not contiguous across experts). Returned, no copy, valid until ``close()``. Local. Raises ValueError for a
+        layer outside ``[0, num_layers)``, KeyError for a ``name`` the layout does not hold."""
         ti = self._check(layer, name, "local")
         return self._array(self.local_address(layer, ti, self.lo), self.layout.tensors[ti].shape, ti, self.L, self)
 
     def composite(self, layer: int, name: str):
-        """``[E, ...]`` over the layer's composite range: local experts zero-copy, remote ones in the slots."""
+        """``[E, *shape]`` over the layer's composite range: local experts zero-copy, remote ones in the slots. A
+        CuPy array of the storage dtype, strided as ``local``; returned, no copy, valid until ``close()``. The remote
+        rows hold layer ``layer`` only after its fetch has run (on the fetching stream) and until a fetch of another
+        layer of the same parity overwrites the slots. Local; raises as ``local``."""
         ti = self._check(layer, name, "composite")
         return self._array(self._composite[layer, ti], self.layout.tensors[ti].shape, ti, self.E, self)
 
     def table(self, layer: int, name: str):
-        """A device array of E uint64 pointers to each expert's tensor (local storage or slot)."""
+        """A device array ``[E]`` uint64 of pointers to each expert's tensor (local storage or slot), for
+        pointer-array grouped GEMMs. Built on first use (copied and synchronised; refused with DwdpError inside a
+        CUDA-graph capture: ``prepare()`` first), cached and owned by the store until ``close()``. Local; raises as
+        ``local``."""
 
         ti = self._check(layer, name, "table")
         key = ("table", layer, ti)
@@ -328,7 +347,12 @@ class ExpertStore:
         return dev
 
     def merge(self, layer: int, name: str, out: Any = None, stream: Any = None):
-        """Copies all E experts into a dense ``[E, ...]`` array (allocated when ``out`` is None) on ``stream``."""
+        """Copies all E experts into a dense ``[E, *shape]`` array on ``stream`` (one batched copy-engine call) and
+        returns it. ``out``: None (a new contiguous CuPy array of the storage dtype, allocated on ``stream``) or a
+        caller-allocated contiguous device array of exactly ``E * spec.nbytes`` bytes (only its size and contiguity are
+        checked, not its dtype or shape). The copy is valid once ``stream`` has run it; the remote experts must have
+        been fetched before, in stream order. Local. Raises ValueError for a wrong-sized or non-contiguous ``out`` (and
+        as ``local``)."""
         import cupy as cp
 
         ti = self._check(layer, name, "merge")
@@ -350,8 +374,11 @@ class ExpertStore:
     def load(self, layer: int, name: str, experts: Any, stream: Any = None) -> None:
         """Packs this rank's experts of ``layer`` into local storage with the pack kernel. ``experts`` is a stacked
         ``[E, ...]`` (this rank's slice is taken) or ``[L, ...]`` device array, or a sequence of L per-expert device
-        arrays, of the tensor's storage dtype (uint8 for fp8, uint16 for bf16 bits). It synchronizes this device when
-        done; peers may fetch these experts only after a barrier that every rank reaches after its loads."""
+        arrays, of the tensor's storage dtype (uint8 for fp8, uint16 for bf16 bits), each expert 16-byte aligned and a
+        multiple of 16 bytes. It synchronizes ``stream`` (not the whole device) when done; peers may fetch these
+        experts only after a barrier that every rank reaches after its loads. Local (the barrier is the caller's).
+        Raises TypeError for another dtype or a non-device array, ValueError for a wrong shape or count, a
+        non-contiguous stacked array or a misaligned expert."""
         import cupy as cp
 
         ti = self._check(layer, name, "load")
@@ -421,7 +448,11 @@ class ExpertStore:
         """Fills every remote slot of ``layer`` with the copy engine, on ``stream``. Returns the bytes moved.
         ``staggered`` (the default) reached the raw peer-copy rate on 4 x H200 while ``per_peer`` lost half of it to
         owner contention and ``interleaved`` slices a third to per-copy overhead (docs/benchmarks.md). ``batched``:
-        True or False (TypeError otherwise)."""
+        True or False (TypeError otherwise). Local and one-sided (the owners take no part; their loads must be done,
+        ordered by a barrier); the slots hold the layer once ``stream`` has run the copies, and a later fetch of a
+        layer of the same parity overwrites them (the caller orders that). Needs every owner P2P-reachable (DwdpError
+        otherwise: use ``fetch_nvshmem``); ValueError for an unknown ``schedule``, TypeError / ValueError for a bad
+        ``slice_bytes`` (None only without ``interleaved``)."""
         self._check(layer, self.layout.tensors[0].name, "fetch_ce")
         if not isinstance(schedule, str):  # (the plan cache is keyed by it: an unhashable one met a bare TypeError)
             raise ValueError(f"fetch_ce: schedule must be 'per_peer', 'staggered' or 'interleaved', got {schedule!r}")
@@ -435,7 +466,8 @@ class ExpertStore:
 
     # -- fetch: NVSHMEM, SM-driven ------------------------------------------------------------------------------------
     def nvshmem_table(self, layer: int):
-        """Device array of E * T ExpertCopy records (pe = -1 for local experts)."""
+        """Device array of E * T ExpertCopy records (``EXPERT_COPY_DTYPE``, viewed as uint8 bytes; pe = -1 for local
+        experts), built on first use as ``table`` is, cached and owned by the store. Local."""
 
         self._check(layer, self.layout.tensors[0].name, "nvshmem_table")
         key = ("nvshmem", layer)
@@ -530,7 +562,15 @@ class ExpertStore:
         a router's ids can be passed as they are; out-of-range ids in a device list are skipped and reported by
         ``check_errors()``; in a host list they raise here. ``num_blocks`` (in [1, 65535]), ``threads`` (a multiple of
         32 in [32, 1024]), ``chunk`` (bytes, a multiple of 16 in [16, 2**62]) and a host ``count`` are integers,
-        ``peer_ptr`` a bool or None: checked by name before anything is built or launched."""
+        ``peer_ptr`` a bool or None: checked by name before anything is built or launched.
+
+        ``ids``: a contiguous 1-D ``[n]`` int32 device array (read by the kernel on ``stream``: it must stay alive
+        until then; in a CUDA graph, as long as the graph), or a host 1-D integer sequence (copied to a temporary on
+        ``stream``; refused with DwdpError inside a graph capture). ``count``: the ids to read, at most ``n`` (None:
+        all). The slots hold the fetched experts once ``stream`` has run the kernel. Local and one-sided (the owners
+        take no part). Raises TypeError for ids / count of another type, dtype or shape, ValueError for a host id
+        outside ``[0, E)`` or a host count outside ``[0, n]``, DwdpError for ``peer_ptr=True`` with an unreachable
+        owner or a first fetch on a stream inside a capture (``prepare(streams=...)`` first)."""
         import cupy as cp
 
         if count is not None and not hasattr(count, "__cuda_array_interface__") and not is_int(count):
@@ -595,8 +635,8 @@ class ExpertStore:
         )
 
     def check_errors(self) -> None:
-        """Raises if a fetch kernel on any stream met an out-of-range expert id, then clears the flags. Synchronises
-        the device first, so the flags are read and cleared with no fetch in flight."""
+        """Raises DwdpError if a fetch kernel on any stream met an out-of-range expert id, then clears the flags.
+        Synchronises the device first, so the flags are read and cleared with no fetch in flight. Local."""
         import cupy as cp
 
         if not self._scratch:
