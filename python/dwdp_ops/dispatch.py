@@ -93,11 +93,14 @@ class TokenDispatcher:
             GPU (a model's dispatch runs alone on its stream: on 2 x H200, 132 blocks moved 162 GB/s at 32K tokens
             per rank, 32 blocks 83). A call launches ``min(num_sms, ceil(rows / 16))`` blocks (at least 8), ``rows``
             being the most rows it can send or receive, so that a decode-sized call does not pay for idle blocks.
-        threads: threads per block.
+        threads: threads per block, a multiple of 32 in [64, 1024].
         timeout: seconds a device wait may spin before it reports and traps.
 
-    Collective: construction and ``close()`` (symmetric allocations). Needs every peer reachable over NVLink, and
-    ``N * max_tokens * (6 * H + 8 * k) + 20 * N`` bytes of the NVSHMEM symmetric heap (``init(heap_size=...)``).
+    Collective: construction and ``close()`` (symmetric allocations). Needs every peer reachable over NVLink, at
+    most 8 ranks, and ``N * max_tokens * (6 * H + 8 * k) + 20 * N`` bytes of the NVSHMEM symmetric heap
+    (``init(heap_size=...)``). Construction raises ValueError for an argument out of range (each named), a partition
+    of another world size or more than 8 ranks, and DwdpError before ``init()``, for an unreachable peer or a
+    failed symmetric allocation (what was allocated is freed again).
     """
 
     def __init__(self, partition: ExpertPartition, hidden: int, top_k: int, max_tokens: int, *, align: int = 16,
@@ -229,7 +232,8 @@ class TokenDispatcher:
     def dispatch(self, x: Any, topk_ids: Any, topk_weights: Any, stream: Any = None, *,
                  max_rows: int | None = None) -> DispatchHandle:
         """Sends each token's hidden state once to every owner of its routed experts and groups what this rank
-        receives by local expert. Collective in the sense that every rank must call it for the same layer.
+        receives by local expert. Collective: every rank must call it for the same layer, in the same order (a rank
+        without tokens passes T = 0). No host synchronisation; the data moves when ``stream`` runs the kernels.
 
         Args:
             x: ``[T, H]`` bf16 (a PyTorch bf16 tensor, or uint16 bits), contiguous, T <= max_tokens.
@@ -240,7 +244,14 @@ class TokenDispatcher:
                 bound that always holds). A step needing more sets the capacity error ``check_errors`` reports.
         Returns:
             a ``DispatchHandle`` whose ``x_grouped`` / ``offs`` the caller's expert GEMMs read (owned by the
-            dispatcher, valid until the next dispatch).
+            dispatcher, valid on ``stream`` once its kernels have run, until the next dispatch overwrites them).
+
+        Raises:
+            ValueError: ``x`` not a contiguous ``[T, H]`` array, T above ``max_tokens``, a bad ``max_rows``.
+            TypeError: ``x`` not bf16 / uint16 bits, ``topk_ids`` or ``topk_weights`` of another dtype or shape, or
+                not contiguous; a non-device array.
+            DwdpError: the previous dispatch was not combined, the dispatcher is closed, or the runtime is not
+                initialised. Bad expert ids and a capacity overflow are not raised here: ``check_errors``.
         """
         self._require("dispatch")
         rows = self.max_pairs if max_rows is None else max_rows
@@ -264,7 +275,8 @@ class TokenDispatcher:
         return self._pending
 
     def combine(self, y_grouped: Any, handle: DispatchHandle, out: Any = None, stream: Any = None):
-        """Returns every token's weighted sum of its experts' outputs to this rank.
+        """Returns every token's weighted sum of its experts' outputs to this rank. Collective: every rank calls it
+        for the layer whose dispatch it follows (it waits for every rank's partials). No host synchronisation.
 
         Args:
             y_grouped: ``[rows, H]`` bf16 expert outputs (a PyTorch bf16 tensor, or uint16 bits) in
@@ -274,7 +286,14 @@ class TokenDispatcher:
                 ``stream`` otherwise (CuPy uint16).
             stream: as for ``dispatch``.
         Returns:
-            ``out``: ``[T, H]`` bf16, token t = sum over its valid slots of weight * expert output (0 without any).
+            ``out``: ``[T, H]`` bf16, token t = sum over its valid slots of weight * expert output (0 without any),
+            valid on ``stream`` once the combine kernels have run.
+
+        Raises:
+            TypeError: ``y_grouped`` or ``out`` not a contiguous 2-byte array of the right width / shape.
+            ValueError: ``y_grouped`` with fewer than ``handle.rows`` rows.
+            DwdpError: ``handle`` is not the latest dispatch's (or was combined already), or the dispatcher is
+                closed.
         """
         import cupy as cp
 
@@ -306,8 +325,8 @@ class TokenDispatcher:
         self._pending = None
 
     def check_errors(self) -> None:
-        """Raises (after synchronising the device) if a dispatch met an expert id outside [-1, E) or needed more
-        grouped rows than ``max_pairs``; clears the flag."""
+        """Raises DwdpError (after synchronising the device) if a dispatch met an expert id outside [-1, E) or needed
+        more grouped rows than its ``max_rows`` / ``max_pairs``; clears the flag. Local."""
         import cupy as cp
 
         cp.cuda.Device(self.rt.device).synchronize()
