@@ -259,7 +259,10 @@ class NcclDispatcher:
         rows this rank's caller can take (an int >= 1, or None: any); a step needing more on any rank raises
         ValueError on every rank, naming the ranks and the rows they needed, before any token moves (ranks may pass
         different bounds; a ``max_rows`` that is not an int >= 1 raises ValueError on its own rank, before the
-        collective)."""
+        collective). Every rank calls it for the same layer, in the same order. Returns a new ``NcclDispatchHandle``
+        whose tensors (allocated per call, owned by the handle) are valid on ``stream`` in stream order. Before the
+        collective, on its own rank: TypeError for a non-tensor, a non-float ``x``, non-integer ids or non-float32
+        weights; ValueError for a tensor on another device or a shape other than the above."""
         if max_rows is not None and (not is_int(max_rows) or max_rows < 1):
             raise ValueError(f"dispatch: max_rows must be None or an int >= 1, got {max_rows!r}")
         with self._on(stream):
@@ -352,7 +355,11 @@ class NcclDispatcher:
         """Weighted sum of each token's expert outputs, back at its source. Collective over the group.
         ``y_grouped [rows >= num_rows, H]`` (the experts' outputs in ``handle.x_grouped``'s layout, any float dtype;
         padding rows and rows past ``num_rows`` are not read). Returns ``out [T, H]`` in x's dtype: the caller's
-        tensor when given (written in place), else a new one. No host synchronisation. ``stream`` as ``dispatch``."""
+        tensor when given (written in place), else a new one. No host synchronisation. ``stream`` as ``dispatch``.
+        Every rank calls it for the layer whose dispatch it follows. Before the collective, on its own rank:
+        TypeError for a ``handle`` that is not an ``NcclDispatchHandle`` or a non-float ``y_grouped`` (or one on
+        another device); ValueError for a ``y_grouped`` that is not a tensor of that shape, or an ``out`` that is not a
+        ``[T, H]`` tensor of x's dtype on the dispatcher's device."""
         torch, _ = _torch()
         if not isinstance(handle, NcclDispatchHandle):
             raise TypeError(f"handle must be an NcclDispatchHandle, got {type(handle).__name__}")
