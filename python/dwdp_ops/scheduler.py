@@ -317,8 +317,12 @@ class PrefetchScheduler:
 
     def wait(self, layer: int, stream: Any, *, ids: Any = None, count: Any = None) -> None:
         """Before layer ``layer``'s MoE on ``stream``. ``prefetch_all``: waits for its prefetch. ``on_demand``:
-        fetches the remote experts named by the router's device ids (``ids``, int32; ``count`` optional, host int
-        or device int32) on ``stream``."""
+        fetches the remote experts named by the router's ids (``ids``: a contiguous 1-D ``[n]`` int32 device array,
+        or a host integer sequence; ``count`` optional, host int or device int32) on ``stream``
+        (``ExpertStore.fetch_nvshmem``, which raises for bad ids). Local: no other rank takes part. Raises TypeError /
+        ValueError for a ``layer`` that is not an int in range, RuntimeError for a ``dispatch`` step, a layer not
+        prefetched or already released (``prefetch_all``) or a slot still held by an unreleased layer
+        (``on_demand``), ValueError for ``on_demand`` without ``ids``."""
         self._check(layer)
         if self.step_policy == "dispatch":
             raise RuntimeError(f"wait({layer}): this step moves tokens (dispatch); call dispatch() and combine()")
@@ -348,7 +352,9 @@ class PrefetchScheduler:
         """``dispatch`` mode, layer ``layer``: sends this rank's tokens to their experts' owners (collective: every
         rank calls it for the layer). Tensors as ``TokenDispatcher.dispatch`` (``x [T, H]`` bf16, ``topk_ids
         [T, k]`` int32/int64, ``topk_weights [T, k]`` float32, all on this GPU); returns its ``DispatchHandle``,
-        whose grouped rows the caller's expert GEMMs read with the store's ``local`` experts."""
+        whose grouped rows the caller's expert GEMMs read with the store's ``local`` experts (owned by the
+        dispatcher). Raises RuntimeError outside a ``dispatch`` step or while another layer is not combined, and what
+        the dispatcher raises."""
         self._check(layer)
         if self.step_policy != "dispatch":
             raise RuntimeError(f"dispatch({layer}): this step's mode is {self.step_policy!r}, not 'dispatch'")
@@ -361,8 +367,10 @@ class PrefetchScheduler:
 
     def combine(self, layer: int, y_grouped: Any, handle: Any, stream: Any, out: Any = None):
         """``dispatch`` mode: returns the weighted expert outputs of layer ``layer`` to their tokens (collective).
-        ``y_grouped [max_pairs, H]`` bf16 in ``handle``'s row order; ``out [T, H]`` bf16, caller-allocated or
-        returned."""
+        ``y_grouped [rows, H]`` bf16 in ``handle``'s row order, at least ``handle.rows`` rows (the step's row bound,
+        ``max_pairs`` only when no bound was set); ``out [T, H]`` bf16, caller-allocated or returned (new, on
+        ``stream``). Raises RuntimeError when ``layer`` was not dispatched, and what the dispatcher's ``combine``
+        raises."""
         self._check(layer)
         if self._dispatched != layer:
             raise RuntimeError(f"combine({layer}): layer {layer} was not dispatched")
@@ -372,7 +380,9 @@ class PrefetchScheduler:
 
     def release(self, layer: int, stream: Any) -> None:
         """After layer ``layer``'s MoE kernels are enqueued on ``stream``: records consumed, then enqueues the
-        prefetch of the MoE layer two positions ahead (``prefetch_all``)."""
+        prefetch of the MoE layer two positions ahead (``prefetch_all``). Local; no host synchronisation. Raises
+        RuntimeError for a dispatched layer not combined, or (``prefetch_all``) a layer that is not the oldest in
+        flight or was not waited for (module docstring, invariant 3)."""
         self._check(layer)
         if self._dispatched == layer:
             raise RuntimeError(f"release({layer}): the layer was dispatched and not combined")
