@@ -22,7 +22,7 @@ the host; each refuses, by name, tensors on another device than the rest or than
     (``models.routed`` and ``TokenDispatcher`` pad groups to 16 rows). The op reads no tensor on the host (it must
     stay capturable), so ``offs``'s values are the caller's contract, not checked; shapes, dtypes and devices are,
     in the op and its fake alike (``TypeError`` for a dtype, ``ValueError`` for a shape, a missing scale or a
-    device).
+    device). Local (no communication).
 ``dwdp::wait(Tensor(a!) w13, Tensor(b!) w2, int sched, int layer, Tensor? ids) -> ()``
     Before layer ``layer``'s MoE: makes the layer's composite views (``w13``, ``w2``: the store's ``[E, ...]``
     views of that layer, which it writes) hold every expert the step needs: waits for the prefetch
@@ -32,19 +32,30 @@ the host; each refuses, by name, tensors on another device than the rest or than
     to ``-1`` / ``2**31 - 1``, out of every store's range, so that the fetch kernel skips them and
     ``ExpertStore.check_errors()`` reports them (no host synchronisation; a plain cast would wrap ``2**32 + 3`` to
     expert 3); ids on the CPU are range-checked on the host (``ValueError``). Declared as mutating the views, so
-    that it orders before their readers and is never dropped.
+    that it orders before their readers and is never dropped. Local (the fetches are one-sided; no other rank takes
+    part). Raises ``DwdpError`` for a stale handle or one that is not a scheduler's, ``ValueError`` for views / ids
+    on different devices or off the scheduler's GPU and for an ``on_demand`` step without ids, and the scheduler's
+    protocol errors (``RuntimeError``).
 ``dwdp::release(Tensor(a!) w13, Tensor moe_out, int sched, int layer) -> ()``
     After the layer's expert kernels (``moe_out``: their output, so the op orders after them): hands the slot back
-    (the prefetch of layer + 2 may overwrite it). Declared as mutating ``w13`` for the same reasons.
+    (the prefetch of layer + 2 may overwrite it). Declared as mutating ``w13`` for the same reasons. Local. Raises as
+    ``wait`` for the handle and the devices, and the scheduler's protocol errors (``RuntimeError``).
 ``dwdp::dispatch(Tensor x, Tensor topk_ids, Tensor topk_weights, int disp, int max_rows) -> (Tensor, Tensor)``
     DEP: ``x [T, H]`` bf16, ``topk_ids [T, k]`` int32/int64, ``topk_weights [T, k]`` float32 -> ``(x_grouped
     [max_rows, H] bf16, offs [L] int32)``: views of the dispatcher's own buffers, valid until its next dispatch
     (not fresh memory: read them before the layer's combine, as the MoE layer does). ``max_rows``: the step's row
-    bound (``TokenDispatcher.rows_for``; -1 for the capacity). Collective: every rank calls it for the layer.
+    bound (``TokenDispatcher.rows_for``; -1 for the capacity). Collective: every rank calls it for the layer, in
+    the same order. Raises ``TypeError`` for a dtype and for non-contiguous ids / weights, ``ValueError`` for a
+    non-contiguous or wrongly shaped ``x``, more than ``max_tokens`` tokens, a ``max_rows`` that is 0, below -1 or
+    above ``max_pairs``, or tensors off the dispatcher's GPU, ``DwdpError`` for a stale handle or a dispatch not
+    combined yet.
 ``dwdp::combine(Tensor y_grouped, Tensor x, int disp) -> Tensor``
     The weighted expert outputs back to their tokens: ``y_grouped [rows, H]`` bf16 (in the dispatch's row order),
     ``x`` the dispatch's ``[T, H]`` input (for the output's shape; not read; another shape is a ``ValueError``) ->
-    ``[T, H]`` bf16, returned. Collective. A combine that raised leaves the dispatch pending (it can be retried).
+    ``[T, H]`` bf16, returned (new, on the current stream of ``y_grouped``'s device). Collective. A combine that
+    raised leaves the dispatch pending (it can be retried). Raises ``DwdpError`` without a pending dispatch (or for a
+    stale handle), ``TypeError`` for a ``y_grouped`` that is not a contiguous bf16 ``[rows, H]``, ``ValueError`` for
+    fewer rows than the dispatch's, another ``x`` shape or tensors off the dispatcher's GPU.
 """
 
 from __future__ import annotations
