@@ -38,7 +38,10 @@ rows, so the float32 temporaries stay at tens of MiB even for all experts of a l
 Errors. Bad dtypes (codes that are not uint8, scales that are not float32, non-float values), bad shapes (a scale
 shape that does not match the rows or the blocks), non-finite scales or inputs and float64 inputs beyond float32's
 range (quantisation computes in float32; ``to_e4m3`` alone saturates them, as the cast does) raise ValueError naming
-the argument, what was given and what is expected.
+the argument, what was given and what is expected; so does a ``block`` that is not a positive integer.
+
+Every function is local host (numpy) code: inputs are array-likes (read, never written), results are new numpy
+arrays the caller owns (``requant_error``: a dict of floats).
 """
 
 from __future__ import annotations
@@ -168,7 +171,8 @@ def to_e4m3(x: Any) -> np.ndarray:
     ``x``: array-like of float16/float32/float64, any shape. Returns uint8 of the same shape: nearest e4m3 value,
     ties to even, beyond +-448 (and +-inf) saturated to +-448, NaN -> 0x7F (0xFF with the sign bit), -0.0 -> 0x80.
     float64 is rounded to float32 first (as PyTorch's cast does). Equal bit for bit to
-    ``torch.from_numpy(x).clamp(-448, 448).to(torch.float8_e4m3fn).view(torch.uint8)``.
+    ``torch.from_numpy(x).clamp(-448, 448).to(torch.float8_e4m3fn).view(torch.uint8)``. ValueError for a non-float
+    ``x``.
     """
     a = _float_array(x, "x", "to_e4m3")
     flat = a.reshape(-1)
@@ -181,7 +185,8 @@ def to_e4m3(x: Any) -> np.ndarray:
 
 def from_e4m3(q: Any) -> np.ndarray:
     """Decode float8_e4m3fn bit patterns. ``q``: uint8, any shape. Returns float32 of the same shape, exact
-    (0x80 -> -0.0, 0x7F / 0xFF -> NaN), equal to ``torch.from_numpy(q).view(torch.float8_e4m3fn).float()``."""
+    (0x80 -> -0.0, 0x7F / 0xFF -> NaN), equal to ``torch.from_numpy(q).view(torch.float8_e4m3fn).float()``.
+    ValueError for a ``q`` that is not uint8."""
     return np.asarray(_DECODE[_codes(q, "q", "from_e4m3")])
 
 
@@ -223,7 +228,8 @@ def quant_rowwise(x: Any) -> tuple[np.ndarray, np.ndarray]:
 
 
 def dequant_rowwise(q: Any, scale: Any) -> np.ndarray:
-    """``q [..., K]`` uint8 codes, ``scale [...]`` float32 (finite) -> float32 ``from_e4m3(q) * scale[..., None]``."""
+    """``q [..., K]`` uint8 codes, ``scale [...]`` float32 (finite) -> float32 ``from_e4m3(q) * scale[..., None]``.
+    ValueError for another dtype, a 0-d ``q``, a scale shape other than ``q.shape[:-1]`` or a non-finite scale."""
     fn = "dequant_rowwise"
     qa = _codes(q, "q", fn, min_ndim=1)
     sa = _scales(scale, "scale", fn, qa.shape[:-1], f"q's rows (q shape {qa.shape})")
@@ -246,7 +252,8 @@ def quant_block(w: Any, block: int = 128) -> tuple[np.ndarray, np.ndarray]:
     ``w [..., N, K]`` float16/32/64 (finite) -> ``(q [..., N, K] uint8, scale_inv [..., ceil(N/b), ceil(K/b)]
     float32)``: per ``b x b`` block (the last row / column of blocks may be partial), in float32,
     ``scale_inv = amax(|block|) / 448`` (1.0 where that is 0) and ``q = to_e4m3(w / scale_inv)``. Dequantise with
-    ``dequant_block``.
+    ``dequant_block``. ValueError for non-float input, N or K = 0, non-finite values, float64 values beyond float32's
+    range or a bad ``block``.
     """
     fn = "quant_block"
     b = _block_size(block, fn)
@@ -299,7 +306,8 @@ def _block_chunks(qa: np.ndarray, sa: np.ndarray, b: int):
 def dequant_block(q: Any, scale_inv: Any, block: int = 128) -> np.ndarray:
     """``q [..., N, K]`` uint8 codes, ``scale_inv [..., ceil(N/b), ceil(K/b)]`` float32 (finite) -> float32
     ``[..., N, K]``: each code's value times its block's scale_inv (one float32 multiply, as DeepSeek's
-    ``weight_dequant`` does)."""
+    ``weight_dequant`` does). ValueError for another dtype, N or K = 0, a scale_inv shape other than the block grid,
+    a non-finite scale or a bad ``block``."""
     qa, sa, b = _check_block_pair(q, scale_inv, block, "dequant_block")
     n, k = qa.shape[-2:]
     out = np.empty(qa.shape, dtype=np.float32)
@@ -338,6 +346,8 @@ def requant_error(q: Any, scale_inv: Any, block: int = 128) -> dict[str, float]:
     - ``rel_fro``: ``||D||_F / ||W||_F`` over all rows (0.0 when W is all zero);
     - ``max_abs``: ``max |D|``;
     - ``max_rel_row``: ``max over rows of ||D_row||_2 / ||W_row||_2`` (a zero row counts 0: it requantises exactly).
+
+    Raises ValueError as ``requant_rowwise_from_block``.
     """
     fn = "requant_error"
     qa, sa, b = _check_block_pair(q, scale_inv, block, fn)
