@@ -106,6 +106,29 @@ def test_missing_ranks_are_named_on_timeout():
     assert time.monotonic() - t0 < 5
 
 
+@pytest.mark.timeout(60)
+def test_rank_that_starts_before_rank0_learns_the_missing_ranks():
+    """Same timeout everywhere, rank 1 started 0.5 s before rank 0, rank 2 never comes: rank 1 waited for its welcome
+    only until its own deadline, so it gave up half a second before rank 0's report and said just 'rank 0 did not
+    admit it', naming no missing rank. It now waits a grace period for rank 0's report, as in a collective."""
+    port, out = free_port(), {}
+
+    def rank(r, delay):
+        time.sleep(delay)
+        try:
+            Rendezvous(r, 3, "127.0.0.1", port, 2.0).close()
+        except RendezvousError as e:
+            out[r] = e
+
+    ts = [threading.Thread(target=rank, args=a) for a in ((1, 0.0), (0, 0.5))]
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join(20)
+    for r in (0, 1):
+        assert isinstance(out.get(r), RendezvousError) and "rank(s) [2] of 3 never arrived" in str(out[r]), out
+
+
 def test_rank_without_root_times_out():
     with pytest.raises(RendezvousError, match=r"rank 1 could not reach rank 0 at 127.0.0.1:\d+ within 0.5 s"):
         Rendezvous(1, 2, "127.0.0.1", free_port(), 0.5)

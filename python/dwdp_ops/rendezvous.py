@@ -13,8 +13,9 @@ otherwise rank 0 hosts a multi-tenant TCPStore at ``MASTER_PORT``, as ``torch.di
 Invariants:
   * Every collective (``allgather``, ``broadcast``, ``barrier``) carries a name and a sequence number; rank 0 checks
     that all ranks called the same collective in the same order and fails all of them if not.
-  * Nobody waits longer than ``timeout`` seconds. When rank 0 gives up it tells every connected rank why (the ranks
-    that never arrived, or that disconnected) before raising, so the message is the same on every survivor.
+  * Nobody waits longer than ``timeout`` seconds (a rank > 0 ``_GRACE_S`` more, for rank 0's report). When rank 0
+    gives up it tells every connected rank why (the ranks that never arrived, or that disconnected) before raising, so
+    the message is the same on every survivor.
     Sending is bounded too: a frame that a peer does not read in time fails the collective naming that peer, and
     a frame over ``_MAX_FRAME`` is refused by its sender before anything is sent.
   * A rank whose connection to rank 0 breaks raises at once, naming rank 0. A rank that gives up on rank 0 tells it
@@ -51,6 +52,9 @@ _MAX_FRAME = 64 << 20
 _TELL_S = 1.0  # how long a best-effort error or abort frame may take to send
 _JOB_VARS = ("DWDP_JOB_ID", "TORCHELASTIC_RUN_ID", "PMIX_NAMESPACE", "OMPI_MCA_ess_base_jobid", "SLURM_JOB_ID")
 _DOORMAN_S = 0.25  # seconds the doorman gives a late client to say hello, and to take its answer
+# Rank 0 enforces the timeout and reports why it gave up; a rank > 0 waits this much longer for that report, so that
+# it learns the missing ranks even when it started its wait before rank 0 did.
+_GRACE_S = 5.0
 
 
 def job_id(environ=None) -> str | None:
@@ -322,9 +326,10 @@ class Rendezvous:
                 time.sleep(0.05)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         conn = _Conn(sock, 0)
-        try:
-            conn.send({"op": "hello", "rank": self.rank, "world": self.world_size, "job": self.job}, deadline)
-            msg = conn.recv(deadline, "welcome")
+        try:  # rank 0 may have started later: give its report of the missing ranks the grace period to come
+            conn.send({"op": "hello", "rank": self.rank, "world": self.world_size, "job": self.job},
+                      deadline + _GRACE_S)
+            msg = conn.recv(deadline + _GRACE_S, "welcome")
         except TimeoutError:
             conn.close()
             raise RendezvousError(
@@ -566,7 +571,7 @@ class Rendezvous:
             raise RendezvousError(lost) from None
         # Rank 0 enforces the timeout and reports; allow it a grace period to do so.
         try:
-            reply = hub.recv(time.monotonic() + self.timeout + 5.0, name)
+            reply = hub.recv(time.monotonic() + self.timeout + _GRACE_S, name)
         except TimeoutError:
             raise self._give_up(f"{name}: rank 0 did not answer rank {self.rank} within {self.timeout:g} s",
                                 tell=True) from None
