@@ -118,7 +118,9 @@ def quant_rows(x: Any, chunk: int = QUANT_CHUNK, *, live_rows: Any = None) -> tu
     kernel, one pass; anything else: ``quant_rows_torch`` (the same bits). ``live_rows``: None, or an int32 tensor
     on x's GPU whose first element bounds the rows the fused kernel processes (rows past it are left unwritten:
     the tail of a grouped buffer sized for the worst case; the PyTorch path computes them anyway). ``x`` must be a
-    torch.Tensor (TypeError otherwise: numpy goes to ``dwdp_ops.quant.quant_rowwise``)."""
+    torch.Tensor (TypeError otherwise: numpy goes to ``dwdp_ops.quant.quant_rowwise``). Local. Raises ValueError for a
+    ``chunk`` that is not an int >= 1, an ``x`` that is not ``[R, K]`` with K >= 1, and (fused path only: the
+    PyTorch path ignores it) a ``live_rows`` that is not an int32 tensor on x's GPU."""
     _check_tensor(x, "quant_rows", "x")
     _check_chunk(chunk)
     if x.dim() == 2 and _fused_ok(x, x.shape[1]):
@@ -130,7 +132,9 @@ def quant_rows_torch(x: Any, chunk: int = QUANT_CHUNK) -> tuple[Any, Any]:
     """``quant_rows`` in PyTorch operations, any device and float dtype (in row chunks of ``chunk``: bounds the
     float32 temporary); bit for bit the numpy ``dwdp_ops.quant.quant_rowwise`` on finite input. Precondition: ``x``
     finite (not checked: reading the data would synchronise a device; the numpy reference raises, here a non-finite
-    row gives a NaN or infinite scale and NaN codes)."""
+    row gives a NaN or infinite scale and NaN codes). Returns new ``(q [R, K] float8_e4m3fn, scale [R] float32)`` on
+    x's device. Local. Raises TypeError for a non-tensor, ValueError for a bad ``chunk`` or a shape that is not
+    ``[R, K]`` with K >= 1 (both named as ``quant_rows``'s)."""
     torch = require_torch()
     _check_tensor(x, "quant_rows", "x")
     chunk = _check_chunk(chunk)
@@ -153,7 +157,10 @@ def swiglu_quant(h: Any, inter: int, *, live_rows: Any = None) -> tuple[Any, Any
     """``h [R, 2I]`` -> ``quant_rows(silu(h[:, :I]) * h[:, I:])`` (the SwiGLU in ``h``'s dtype, PyTorch's rounding).
     CUDA bf16: one fused kernel (each row of ``h`` read once, the product never written); else
     ``swiglu_quant_torch``. ``live_rows`` as for ``quant_rows``. ``h`` a torch.Tensor and ``inter`` an int >= 1
-    (a bool is not an int: True had been taken as 1), refused by name otherwise."""
+    (a bool is not an int: True had been taken as 1), refused by name otherwise. Returns new ``(q [R, I]
+    float8_e4m3fn, scale [R] float32)`` on h's device (current stream). Local. Raises TypeError for a non-tensor
+    ``h`` or a non-int ``inter``, ValueError for ``inter < 1``, an ``h`` that is not ``[R, 2 * inter]``, or a bad
+    ``live_rows`` (fused path)."""
     _check_tensor(h, "swiglu_quant", "h")
     if not is_int(inter):
         raise TypeError(f"swiglu_quant: inter must be an int >= 1 (the intermediate size), got {inter!r} "
@@ -169,7 +176,9 @@ def swiglu_quant(h: Any, inter: int, *, live_rows: Any = None) -> tuple[Any, Any
 
 
 def swiglu_quant_torch(h: Any, inter: int) -> tuple[Any, Any]:
-    """``swiglu_quant`` in PyTorch operations: the reference of the fused kernel."""
+    """``swiglu_quant`` in PyTorch operations: the reference of the fused kernel. ``h [R, 2I]`` -> new ``(q [R, I]
+    float8_e4m3fn, scale [R] float32)``. ``h`` and ``inter`` are not checked here (``swiglu_quant`` checks them); the
+    product goes through ``quant_rows_torch``'s checks."""
     torch = require_torch()
     a = torch.nn.functional.silu(h[:, :inter]) * h[:, inter:]
     return quant_rows_torch(a)
@@ -177,7 +186,9 @@ def swiglu_quant_torch(h: Any, inter: int) -> tuple[Any, Any]:
 
 def dequant_rows(q: Any, scale: Any) -> Any:
     """``q [..., N, K]`` float8_e4m3fn (or uint8 e4m3 bits, as ``requant_block`` takes them), ``scale [..., N]``
-    -> float32 ``q * scale[..., None]``. ValueError for codes of another dtype or a scale of another shape."""
+    -> float32 ``q * scale[..., None]`` (new; ``scale`` should be float32: its dtype is not checked, and PyTorch's
+    promotion makes a float64 scale give a float64 result). Local. ValueError for codes of another dtype, a 0-d
+    ``q`` or a scale of another shape."""
     torch = require_torch()
     if q.dtype not in (torch.uint8, torch.float8_e4m3fn) or q.dim() < 1:
         raise ValueError(f"dequant_rows: q must be [..., K] float8_e4m3fn or uint8 (e4m3 bits), got {q.dtype} "
@@ -195,7 +206,9 @@ def requant_block(codes: Any, scale_inv: Any, block: int = 128) -> tuple[Any, An
     ``quant_rows_torch``: reading the data would synchronise a device, once per call at load): finite scales, no NaN
     codes (e4m3 0x7F / 0xFF) and no block whose values overflow float32. A row that breaks one gets a NaN (or
     infinite) scale and NaN codes; the other rows are unaffected. The numpy ``quant.requant_rowwise_from_block``
-    raises ValueError for each."""
+    raises ValueError for each. Returns new tensors on codes' device (through ``quant_rows``). Local. Raises
+    ValueError for codes that are not 2-D uint8 / float8_e4m3fn, a ``block`` that is not an int >= 1, or a
+    ``scale_inv`` shape other than the block grid (its dtype is converted with ``.float()``, not checked)."""
     torch = require_torch()
     if codes.dtype not in (torch.uint8, torch.float8_e4m3fn) or codes.dim() != 2:
         raise ValueError(f"requant_block: codes must be [N, K] uint8 (e4m3 bits) or float8_e4m3fn, got {codes.dtype} "
@@ -235,7 +248,11 @@ def grouped_swiglu_fp8(xg: Any, offs: Any, w13: Any, w2: Any, s13: Any, s2: Any,
     (first GEMM, second GEMM; a tuple or a list; anything else a TypeError before any work) (Hopper: partial sums
     stay in the tensor core's reduced-precision accumulator instead of being promoted to float32; measured in
     ``bench/expert_gemm.py``: faster from 32K tokens, the same error against bf16; ``GpuModel`` turns it on where
-    ``use_fast_accum`` says)."""
+    ``use_fast_accum`` says).
+
+    Returns a new tensor on the current stream. Local. Only ``fast_accum`` (TypeError) and a quantised input (a
+    ``tuple`` whose dtypes or scale shape differ: ValueError) are checked here; other shapes, dtypes and ``offs`` go
+    unchecked to ``quant_rows`` and ``torch._scaled_grouped_mm`` (``dwdp::expert_mlp`` checks them first)."""
     torch = require_torch()
     fast1, fast2 = _fast_accum_pair(fast_accum)
     live = offs[-1:]  # rows past the last group (a worst-case-sized DEP buffer's tail) are skipped, not quantised
