@@ -235,8 +235,9 @@ def coaction(induction: torch.Tensor, feed: torch.Tensor, mask: torch.Tensor, sp
             (not for the forward) and raises ValueError on an id outside its table.
 
     Returns:
-        `[B, spec.out_dim]` of the inputs' dtype, on their device. Its gradients reach `induction` and `feed`
-        (table-shaped with ids, repeated ids added up), of their dtype.
+        `[B, spec.out_dim]` of the inputs' dtype, on their device: a new tensor, computed on PyTorch's current stream
+        of that device (the backward too). Its gradients reach `induction` and `feed` (table-shaped with ids,
+        repeated ids added up), of their dtype. Local: no other rank takes part.
 
     Raises:
         TypeError: a non-tensor, a `ShardedTable`, or a wrong dtype (induction and feed float32 or bfloat16 alike,

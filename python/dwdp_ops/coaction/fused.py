@@ -550,7 +550,13 @@ def coaction_forward_gpu(induction: Any, feed: Any, mask: Any, spec: CoActionSpe
     been overwritten by then (the kernel is launched before the check's result is read; it stays inside the tables,
     so the values are only meaningless). ``zero_grads``: a
     ``TableGrads(zero="forward")`` this call zeroes for the backward (see ``TableGrads``). Not collective (a
-    ``ShardedTable``'s rows are read from their owners one-sidedly). ``check_ids`` must be a bool (TypeError)."""
+    ``ShardedTable``'s rows are read from their owners one-sidedly). ``check_ids`` must be a bool (TypeError).
+
+    Raises ``CoActionArgumentError`` (a TypeError and a ValueError) for an array whose shape does not fit ``spec``
+    or the mask, or a mask / ids / ``out`` of another dtype or not contiguous; TypeError for an induction / feed of
+    another dtype than ``dtype``, a non-device array or a ``zero_grads`` that is not a ``TableGrads``; ValueError for
+    a non-contiguous induction / feed, B or T beyond the kernels' limits, an array on another device, ids out of
+    range (with ``check_ids``) or a spec beyond the kernels' limits; DwdpError for a closed ``ShardedTable``."""
     check_flag(check_ids)
     spec = _spec(spec)
     return _forward(_args(spec, induction, feed, mask, ind_ids, feed_ids, dtype), induction, dtype, stream,
@@ -627,7 +633,10 @@ def coaction_backward_gpu(induction: Any, feed: Any, mask: Any, grad_out: Any, s
     tables, on the op's device and ready on ``stream``, with ``ind_ids`` and ``feed_ids`` given: the backward **adds**
     into them (gradient accumulation) and returns them (gathered rows' gradients are written, not added, so a pair
     needs both ids). A ``ShardedTable`` takes only None. Not collective (a ``ShardedTable``'s remote adds aside).
-    ``check_ids`` must be a bool (TypeError)."""
+    ``check_ids`` must be a bool (TypeError). Raises as ``coaction_forward_gpu`` for the inputs, and
+    ``CoActionArgumentError`` for a ``grad_out`` that is not a contiguous float32 ``[B, out_dim]``; misused ``grads``
+    (not a pair, a pair without both ids, a used or unzeroed ``TableGrads``, grads with a ``ShardedTable``) raise
+    TypeError or ValueError naming it."""
     check_flag(check_ids)
     spec = _spec(spec)
     return _backward(_args(spec, induction, feed, mask, ind_ids, feed_ids, dtype), induction,
