@@ -380,6 +380,24 @@ def test_rank_that_gives_up_tells_rank0():
 
 
 @pytest.mark.timeout(60)
+def test_rank_that_gives_up_does_not_hide_the_missing_rank():
+    """Rank 0 comes 6.5 s late (past rank 1's timeout + grace) and rank 2 never comes: rank 1 can only blame rank 0,
+    and rank 0's error (the one it tells every survivor) said just 'rank 1 gave up', naming rank 2 nowhere."""
+    def fn(rdv, r):
+        if r == 2:
+            time.sleep(8.0)
+            return "silent"
+        if r == 0:
+            time.sleep(6.5)
+        return rdv.barrier("b")
+
+    out = _ranks_in_threads(3, fn, timeout=1.0, join_s=20)
+    assert isinstance(out[1], RendezvousError) and "rank 0 did not answer rank 1" in str(out[1]), out
+    assert isinstance(out[0], RendezvousError) and "b: rank 1 gave up" in str(out[0]), out
+    assert "rank(s) [2] had not arrived" in str(out[0]), out[0]
+
+
+@pytest.mark.timeout(60)
 def test_client_of_another_job_is_turned_away():
     port, out = free_port(), {}
 

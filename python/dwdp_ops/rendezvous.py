@@ -602,8 +602,10 @@ class Rendezvous:
                 sel.unregister(conn.sock)
                 return None
             for m in msgs:
-                if m.get("op") == "abort":
-                    return f"{name}: rank {conn.rank} gave up: {m.get('msg')}"
+                if m.get("op") == "abort":  # its reason may only blame rank 0: name the ranks still missing too
+                    late = sorted(set(range(self.world_size)) - set(got) - {conn.rank})
+                    return f"{name}: rank {conn.rank} gave up: {m.get('msg')}" + (
+                        f"; rank(s) {_ranks(late)} had not arrived either" if late else "")
                 if m.get("name") != name or m.get("seq") != self._seq:
                     return (
                         f"collective mismatch: rank 0 called {name!r} (#{self._seq}) while rank {conn.rank} "
