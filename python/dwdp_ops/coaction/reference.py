@@ -237,7 +237,10 @@ def coaction_forward(
     ``mask [B, T]``; ``spec`` a ``CoActionSpec`` (or, the older form, ``layer_dims, orders, bias`` and the keyword
     options, each None for ``CoActionSpec``'s default: ((16, 8), (8, 4)), 3, False, False, "code"; given beside a
     ``CoActionSpec``, even with its default value, a TypeError). Returns a new array; any array module (numpy or
-    CuPy)."""
+    CuPy). Floating-point ``induction`` / ``feed`` (computed in their dtype, as NumPy / CuPy promote), a mask of
+    numbers or booleans (nonzero: present), integer ids. Local. Raises ValueError for a shape that does not fit
+    ``spec`` or the mask and for ids outside their table, TypeError for a non-float induction / feed, a mask that is
+    not numbers or booleans or non-integer ids."""
     spec = _spec_of(spec, layer_dims, orders, bias, order_independent, variant)
     xp = _xp(induction, feed, mask)
     induction, feed, mask = xp.asarray(induction), xp.asarray(feed), xp.asarray(mask)
@@ -276,7 +279,8 @@ def coaction_backward(
 ) -> tuple[np.ndarray, np.ndarray]:
     """Gradients ``(d loss / d induction, d loss / d feed)`` given ``d loss / d output [B, out_dim]``, shaped like
     ``induction`` and ``feed``: ``[B, D']`` / ``[B, T, D]``, or table-shaped when ids are given (repeated ids add
-    up), as ``coaction_backward_gpu`` returns them. The arguments are ``coaction_forward``'s."""
+    up), as ``coaction_backward_gpu`` returns them (new arrays). The arguments are ``coaction_forward``'s, and raise
+    as there; ``grad_out`` of another shape is a ValueError."""
     spec = _spec_of(spec, layer_dims, orders, bias, order_independent, variant)
     xp = _xp(induction, feed, mask, grad_out)
     induction, feed, mask = xp.asarray(induction), xp.asarray(feed), xp.asarray(mask)
