@@ -39,7 +39,13 @@ want() { [[ ",$what," == *",$1,"* || $what == all ]]; }
   nvidia-smi nvlink -s -i 0 | head -6; python3 --version; nvcc --version | tail -1
 } > "$OUT/machine.txt" 2>&1
 t0=$(date +%s)
+# A warm machine keeps build/ from its last call, and ninja rebuilds by timestamps: a source copied over with an older
+# modification time than that build's objects (e.g. one the last call had checked out afresh) would not be rebuilt,
+# and the tests would run the old extension. The sources' content hash decides instead.
+src_hash=$(cat CMakeLists.txt pyproject.toml cpp/include/dwdp/* cpp/src/* | sha256sum | cut -d' ' -f1)
+if [[ "$(cat build/.dwdp_src_hash 2>/dev/null)" != "$src_hash" ]]; then touch cpp/src/* cpp/include/dwdp/*; fi
 python3 -m pip install --no-build-isolation --no-deps -e . > "$OUT/build.log" 2>&1 || { tail -50 "$OUT/build.log"; exit 1; }
+mkdir -p build && echo "$src_hash" > build/.dwdp_src_hash
 echo "build: $(( $(date +%s) - t0 )) s"
 rc=0
 if want tests; then
