@@ -290,10 +290,10 @@ def test_close_after_finalize_says_so_instead_of_blaming_a_peer():
 class _FakeDeviceArray:
     """A device array over a fake address, as ``_device_const`` / ``_scratch_for`` return (no GPU touched)."""
 
-    def __init__(self, host):
+    def __init__(self, host, shape=None):
         self.data = type("Ptr", (), {"ptr": 1 << 20})()
-        self.__cuda_array_interface__ = {"data": (1 << 20, False), "shape": host.shape, "typestr": host.dtype.str,
-                                         "version": 3}
+        self.__cuda_array_interface__ = {"data": (1 << 20, False), "shape": host.shape if shape is None else shape,
+                                         "typestr": host.dtype.str, "version": 3}
 
 
 @pytest.mark.parametrize("kw, err, match", [
@@ -382,4 +382,29 @@ def test_prepare_checks_layers_and_streams_by_name_before_building_anything(monk
     monkeypatch.setattr(cupy.cuda, "Device", lambda d: type("Dev", (), {"synchronize": lambda self: None})())
     store.prepare(layers=(np.int64(1),), streams=[7])
     assert set(store._cache) == {("nvshmem", 1), "all_ids"} and scratch == [7]
+    store.close()
+
+
+@pytest.mark.parametrize("shape, dtype, err, match", [
+    ((8, 256, 256), np.float16, TypeError, r"merge out: expected storage dtype uint16 for bfloat16 weights, got float16"),
+    ((8, 256, 256), np.int16, TypeError, "merge out: expected storage dtype uint16"),
+    ((2048, 256), np.uint16, ValueError, r"merge out: expected a contiguous array of shape \[8, 256, 256\], got shape "
+                                         r"\[2048, 256\]"),
+    ((8, 65536), np.uint16, ValueError, r"got shape \[8, 65536\]"),
+    ((8, 256, 512), np.uint8, TypeError, "got uint8"),
+])
+def test_merge_refuses_an_out_of_another_dtype_or_shape_before_copying(shape, dtype, err, match):
+    """merge(out=...) checked only out's byte size and contiguity: a float16 [E, *shape] array or a uint16 array of
+    another shape but the same byte size was accepted and written as raw bytes. out must be [E, *shape] of the storage
+    dtype (as its docstring says); anything else is refused by name before the copy is launched."""
+    be = FakeBackend()
+    copied = []
+    be.ce_copy = lambda *args: copied.append(args)
+    store, _ = make(be)
+    with pytest.raises(err, match=match):
+        store.merge(0, "w13", out=_FakeDeviceArray(np.empty(0, dtype), shape), stream=0)
+    assert copied == []
+    good = _FakeDeviceArray(np.empty(0, np.uint16), (8, 256, 256))
+    assert store.merge(0, "w13", out=good, stream=0) is good
+    assert len(copied) == 1
     store.close()

@@ -349,10 +349,11 @@ class ExpertStore:
     def merge(self, layer: int, name: str, out: Any = None, stream: Any = None):
         """Copies all E experts into a dense ``[E, *shape]`` array on ``stream`` (one batched copy-engine call) and
         returns it. ``out``: None (a new contiguous CuPy array of the storage dtype, allocated on ``stream``) or a
-        caller-allocated contiguous device array of exactly ``E * spec.nbytes`` bytes (only its size and contiguity are
-        checked, not its dtype or shape). The copy is valid once ``stream`` has run it; the remote experts must have
-        been fetched before, in stream order. Local. Raises ValueError for a wrong-sized or non-contiguous ``out`` (and
-        as ``local``)."""
+        caller-allocated contiguous device array of shape ``[E, *shape]`` and the storage dtype (uint8 for fp8, uint16
+        for bf16 bits; a PyTorch bf16 / float8_e4m3fn tensor reads as those). The copy is valid once ``stream`` has run
+        it; the remote experts must have been fetched before, in stream order. Local. Raises TypeError for an ``out``
+        of another dtype or not a device array, ValueError for one of another shape or non-contiguous (both before
+        anything is launched), and as ``local``."""
         import cupy as cp
 
         ti = self._check(layer, name, "merge")
@@ -361,8 +362,11 @@ class ExpertStore:
             with cupy_stream(stream):  # allocated on the stream that writes it
                 out = cp.empty((self.E, *spec.shape), dtype=spec.storage)
         d = device_buffer(out, "merge out")
-        if d.nbytes != self.E * spec.nbytes or not d.contiguous:
-            raise ValueError(f"merge: out must be a contiguous array of {self.E * spec.nbytes} bytes")
+        self._check_dtype(d.dtype, spec, "merge out")
+        want = (self.E, *spec.shape)
+        if tuple(d.shape) != want or not d.contiguous:
+            raise ValueError(f"merge out: expected a contiguous array of shape {list(want)}, got shape "
+                             f"{list(d.shape)}{'' if d.contiguous else ' (not contiguous)'}")
 
         dsts = np.array([d.ptr + e * spec.nbytes for e in range(self.E)], dtype=np.uint64)
         srcs = np.array([self.expert_address(layer, ti, e) for e in range(self.E)], dtype=np.uint64)
