@@ -408,3 +408,23 @@ def test_merge_refuses_an_out_of_another_dtype_or_shape_before_copying(shape, dt
     assert store.merge(0, "w13", out=good, stream=0) is good
     assert len(copied) == 1
     store.close()
+
+
+def test_address_helpers_refuse_a_released_layer_and_a_finalized_runtime_like_the_views():
+    """local_address / slot_address / expert_address refused a closed store only: for a released layer, or after
+    dwdp_ops.finalize(), they still returned addresses (the views raised). They now share the views' check."""
+    store, rt = make(FakeBackend())
+    helpers = [(store.local_address, 1), (store.slot_address, 5), (store.expert_address, 1), (store.expert_address, 5)]
+    store.release(1)
+    for fn, expert in helpers:
+        with pytest.raises(DwdpError, match=rf"^{fn.__name__}: layer 1 was released"):
+            fn(1, 0, expert)
+        assert fn(0, 0, expert) > 0  # layer 0 still usable
+    with pytest.raises(DwdpError, match="local: layer 1 was released"):
+        store.local(1, "w13")
+    rt.state = "finalized"
+    for fn, expert in helpers:
+        with pytest.raises(DwdpError, match=rf"ExpertStore.{fn.__name__}: the dwdp_ops runtime was finalized"):
+            fn(0, 0, expert)
+    rt.state = "initialized"
+    store.close()

@@ -67,8 +67,8 @@ class ExpertStore:
     geometry that differs between ranks, for an NVSHMEM registration unit that does not divide the local blocks, or
     when a construction phase failed on any rank (every rank raises); ValueError for a partition of another world
     size, ``num_layers < 1`` or a layout page that is not a multiple of the VMM granularity; TypeError for a
-    ``num_layers`` that is not an int. Views and fetches are local unless their docstring says otherwise; they raise
-    DwdpError after ``close()``, for a released layer, and after ``dwdp_ops.finalize()``."""
+    ``num_layers`` that is not an int. Views and fetches are local unless their docstring says otherwise; they and the
+    address helpers raise DwdpError after ``close()``, for a released layer, and after ``dwdp_ops.finalize()``."""
 
     def __init__(
         self,
@@ -236,7 +236,9 @@ class ExpertStore:
                 self._composite[layer, ti] = va
 
     # -- addressing --------------------------------------------------------------------------------------------
-    def _check(self, layer: int, name: str, what: str) -> int:
+    def _check_layer(self, layer: int, what: str) -> None:
+        """The views', plans' and address helpers' shared check: a live runtime, an open store, an integer layer in
+        range that was not released."""
         self.rt.require(f"ExpertStore.{what}")
         if self._closed:
             raise DwdpError(f"{what}: the ExpertStore is closed")
@@ -244,15 +246,18 @@ class ExpertStore:
             raise ValueError(f"{what}: layer {layer} is outside [0, {self.num_layers})")
         if layer in self._released:
             raise DwdpError(f"{what}: layer {layer} was released")
+
+    def _check(self, layer: int, name: str, what: str) -> int:
+        self._check_layer(layer, what)
         return self.layout.index(name)
 
     def _where(self, what: str, layer: int, ti: int, expert: int, lo: int, hi: int) -> None:
-        """Cheap host-side checks shared by the address helpers: open store, integer layer/kind/expert in range."""
-        if self._closed:
-            raise DwdpError(f"{what}: the ExpertStore is closed")
-        for name, v, n in (("layer", layer, self.num_layers), ("tensor kind", ti, len(self.layout.strides))):
-            if not is_int(v) or not 0 <= v < n:
-                raise ValueError(f"{what}: {name} {v!r} is outside [0, {n})")
+        """Cheap host-side checks shared by the address helpers: the views' layer check (live runtime, open store,
+        layer in range and not released), then an integer tensor kind and expert in range."""
+        self._check_layer(layer, what)
+        n = len(self.layout.strides)
+        if not is_int(ti) or not 0 <= ti < n:
+            raise ValueError(f"{what}: tensor kind {ti!r} is outside [0, {n})")
         if not is_int(expert) or not lo <= expert < hi:
             raise ValueError(f"{what}: expert {expert!r} is outside [{lo}, {hi})")
 
