@@ -174,7 +174,8 @@ def test_close_with_a_failed_barrier_keeps_its_memory_and_a_retry_releases_it():
     """A failed closing barrier means a peer is gone: close() then releases nothing (unregistering symmetric memory
     is collective and would wait for that peer forever) and raises a DwdpError saying so, the barrier's error its
     cause; the store is unusable from then on. Before, the barrier came after marking the store closed, and a second
-    close() returned at once with everything still allocated; now it retries from the barrier."""
+    close() returned at once with everything still allocated; now it tries the barrier again (this fake barrier can
+    pass again; dwdp_ops's rendezvous cannot: see the next test)."""
     be = FakeBackend()
     store, rt = make(be)
     held = +be.live
@@ -193,6 +194,37 @@ def test_close_with_a_failed_barrier_keeps_its_memory_and_a_retry_releases_it():
     store.close()
     assert not +be.live
     store.close()
+
+
+def test_close_after_a_failed_barrier_on_the_real_rendezvous_fails_again_and_does_not_promise_a_retry():
+    """close()'s docstring and error said "close() again retries from the barrier", but a failed collective breaks
+    dwdp_ops's rendezvous for good: the retry fails at once ("failed earlier") and the memory stays. Both now say so."""
+    import threading
+
+    from dwdp_ops.launch import free_port
+    from dwdp_ops.rendezvous import Rendezvous
+
+    port, peer = free_port(), {}
+    t = threading.Thread(target=lambda: peer.setdefault(1, Rendezvous(1, 2, port=port, timeout=5.0)))
+    t.start()
+    r0 = Rendezvous(0, 2, port=port, timeout=5.0)
+    t.join()
+    be = FakeBackend()
+    store, rt = make(be)
+    held = +be.live
+    rt.rendezvous = r0
+    peer[1].close()  # the peer is gone
+    try:
+        with pytest.raises(DwdpError, match=r"closing barrier failed.*disconnected.*breaks the rendezvous for good, "
+                                            r"so a later close\(\) fails the same way") as info:
+            store.close()
+        assert "retries" not in str(info.value)
+        with pytest.raises(DwdpError, match="closing barrier failed.*failed earlier and cannot be used"):
+            store.close()
+        assert +be.live == held
+        assert "retries from the barrier" not in ExpertStore.close.__doc__
+    finally:
+        r0.close()
 
 
 def test_close_retries_exactly_the_release_steps_that_failed():

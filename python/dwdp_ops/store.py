@@ -680,7 +680,9 @@ class ExpertStore:
         Invariants: the store is unusable (views, plans, fetches, addresses raise) from the first call on, even if
         that call fails. The closing barrier comes first: if it fails (a peer is gone or late), nothing is released,
         because unregistering symmetric memory is collective and would wait for that peer forever; the DwdpError
-        says so (the barrier's error is its cause) and a later ``close()`` retries from the barrier. After the
+        says so (the barrier's error is its cause). A later ``close()`` tries the barrier again, but a failed
+        collective leaves dwdp_ops's rendezvous broken for good, so that retry fails at once (its cause says the
+        rendezvous "failed earlier") and this rank's store memory stays until the process exits. After the
         barrier every release step is attempted; those that failed are listed in one DwdpError at the end and stay
         queued, so calling ``close()`` again retries exactly those. A failed device synchronisation before the
         barrier is reported the same way, after the release. After ``dwdp_ops.finalize()`` it releases nothing and
@@ -704,7 +706,8 @@ class ExpertStore:
             except Exception as e:
                 raise DwdpError(f"ExpertStore.close: the closing barrier failed ({type(e).__name__}: {e}); this rank "
                                 "keeps its memory, since unregistering symmetric memory is collective and a peer is "
-                                "missing (close() again retries from the barrier)") from e
+                                "missing; a failed collective breaks the rendezvous for good, so a later close() fails "
+                                "the same way and the memory stays until the process exits") from e
             self._released_barrier = True
             self._cache.clear()
             self._retired.clear()
