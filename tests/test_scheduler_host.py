@@ -622,3 +622,18 @@ def test_on_demand_fetch_into_a_slot_not_released_raises():
     s.wait(3, comp, ids="ids")
     s.release(3, comp)
     assert s.begin_step() == "on_demand"
+
+
+@pytest.mark.parametrize("bad", ["no", 1, 0.0, [True]])
+def test_batched_is_checked_at_construction(bad):
+    """batched was not checked: a bad value was kept until the first prefetch, where fetch_ce refused it inside
+    begin_step (which then aborted the step). TypeError naming batched at construction; numpy bools are taken (as
+    fetch_ce takes them) and kept as bools."""
+    with pytest.raises(TypeError, match=r"^batched must be True, False or None, got "):
+        PrefetchScheduler(FakeStore(2), batched=bad, copy_stream=Stream("c"), event_factory=lambda: Event([]))
+    s = PrefetchScheduler(FakeStore(2), batched=np.bool_(False), copy_stream=Stream("c"),
+                          event_factory=lambda: Event([]))
+    assert s.batched is False
+    assert PrefetchScheduler(FakeStore(2), schedule="interleaved", copy_stream=Stream("c"),
+                             event_factory=lambda: Event([])).batched is True
+

@@ -107,6 +107,8 @@ class PrefetchScheduler:
         if not is_int(nvshmem_blocks) or not 1 <= nvshmem_blocks <= 65535:
             raise ValueError(f"nvshmem_blocks must be an int in [1, 65535], got {nvshmem_blocks!r}")
         nvshmem_blocks = int(nvshmem_blocks)
+        if batched is not None and not is_bool(batched):  # (fetch_ce refused it only at the first prefetch)
+            raise TypeError(f"batched must be True, False or None, got {batched!r} ({type(batched).__name__})")
         rates = Rates() if rates is None else rates
         if not isinstance(rates, Rates):
             raise TypeError(f"rates must be a dwdp_ops.policy.Rates, got {type(rates).__name__}")
@@ -125,7 +127,7 @@ class PrefetchScheduler:
             event_factory = event_factory or (lambda: cp.cuda.Event(disable_timing=True))
         self.store, self.policy, self.top_k = store, policy, top_k
         self.schedule, self.slice_bytes = schedule, slice_bytes
-        self.batched = (schedule == "interleaved") if batched is None else batched
+        self.batched = (schedule == "interleaved") if batched is None else bool(batched)
         self.nvshmem_blocks, self.rates, self.dispatcher = nvshmem_blocks, rates, dispatcher
         self._gather = gather
         self.num_layers = store.num_layers
