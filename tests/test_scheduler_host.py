@@ -637,3 +637,20 @@ def test_batched_is_checked_at_construction(bad):
     assert PrefetchScheduler(FakeStore(2), schedule="interleaved", copy_stream=Stream("c"),
                              event_factory=lambda: Event([])).batched is True
 
+
+@pytest.mark.parametrize("policy", ["prefetch_all", "on_demand", "auto"])
+@pytest.mark.parametrize("counts", [[5, -3], [5, 2.9], [5, True], [4, 3], [5], 5, "53", {0: 5, 1: 3}])
+def test_tokens_per_rank_is_checked_under_every_policy(policy, counts):
+    """policy_for checked tokens_per_rank only for auto and dispatch: prefetch_all and on_demand returned their mode
+    and ignored a malformed list. The same check (and message) now runs for every policy; a valid list is kept as the
+    step's counts."""
+    s = PrefetchScheduler(FakeStore(2), policy=policy, top_k=2, copy_stream=Stream("c"),
+                          event_factory=lambda: Event([]))
+    with pytest.raises(ValueError, match=r"^tokens_per_rank must hold every rank's tokens \(2 ints >= 0, this rank's "
+                                         r"= 5\), got "):
+        s.policy_for(5, tokens_per_rank=counts)
+    with pytest.raises(ValueError, match="tokens_per_rank must hold every rank's tokens"):
+        s.begin_step(tokens=5, tokens_per_rank=counts)
+    assert not s._in_flight  # refused before anything was prefetched
+    mode = s.begin_step(tokens=5, tokens_per_rank=(5, np.int64(3)))
+    assert mode == (mode if policy == "auto" else policy) and s.step_tokens == [5, 3]

@@ -50,7 +50,7 @@ from __future__ import annotations
 
 import contextlib
 import operator
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence, Set
 from typing import Any, Literal
 
 from ._checks import is_bool, is_int
@@ -180,17 +180,17 @@ class PrefetchScheduler:
         """The step's mode: the forced policy, or ``auto``'s choice (see the module docstring). With a dispatcher,
         ``tokens`` and no ``tokens_per_rank`` this is a collective (every rank must call it): every rank's T is
         gathered, which also bounds the step's grouped rows (``TokenDispatcher.rows_for``), so that a decode step's
-        expert GEMMs cover a few rows rather than the dispatcher's whole capacity."""
+        expert GEMMs cover a few rows rather than the dispatcher's whole capacity. A given ``tokens_per_rank`` is
+        checked under every policy (ValueError unless it holds one int >= 0 per rank, this rank's equal to
+        ``tokens``) and kept as ``step_tokens``."""
         self.step_tokens = None
+        # Checked under every policy (a forced weight policy ignored a malformed list; it is still the step's counts)
+        given = None if tokens_per_rank is None else self._check_tokens_per_rank(tokens, tokens_per_rank)
         if self.policy in ("prefetch_all", "on_demand"):
+            self.step_tokens = given
             return self.policy
-        if tokens_per_rank is not None:
-            if (len(tokens_per_rank) != self.store.partition.world_size
-                    or not all(is_int(t) and t >= 0 for t in tokens_per_rank)
-                    or tokens_per_rank[self.store.rank] != tokens):
-                raise ValueError(f"tokens_per_rank must hold every rank's tokens ({self.store.partition.world_size} "
-                                 f"ints >= 0, this rank's = {tokens}), got {list(tokens_per_rank)}")
-            self.step_tokens = [int(t) for t in tokens_per_rank]
+        if given is not None:
+            self.step_tokens = given
         elif self.dispatcher is not None and tokens is not None:
             self.step_tokens = self._gather_tokens(tokens)
         if self.policy == "dispatch":
@@ -198,6 +198,22 @@ class PrefetchScheduler:
         # auto; without a dispatcher the weight modes are rank-local: this rank's T alone
         self.last_choice = self.choose(self.step_tokens or [tokens] * self.store.partition.world_size)
         return self.last_choice.mode
+
+    def _check_tokens_per_rank(self, tokens: int | None, tokens_per_rank: Sequence[int]) -> list[int]:
+        """``tokens_per_rank`` as ints: a sequence of every rank's count (ints >= 0, ``_count``), this rank's equal
+        to ``tokens``; else ValueError naming the list."""
+        world = self.store.partition.world_size
+        got = None
+        if not isinstance(tokens_per_rank, (str, bytes, Mapping, Set)):
+            try:
+                got = [_count(t) for t in tokens_per_rank]
+            except TypeError:  # not iterable
+                got = None
+        if got is None or len(got) != world or None in got or got[self.store.rank] != tokens:
+            shown = list(tokens_per_rank) if isinstance(tokens_per_rank, Sequence) else tokens_per_rank
+            raise ValueError(f"tokens_per_rank must hold every rank's tokens ({world} ints >= 0, this rank's = "
+                             f"{tokens}), got {shown!r}")
+        return got
 
     def _gather_tokens(self, tokens: int) -> list[int]:
         if self._gather is not None:
