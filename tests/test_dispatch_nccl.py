@@ -141,6 +141,20 @@ def test_combine_rejects_a_wrong_shape(world1):
         d.combine(h.x_grouped, h, out=torch.zeros(3, 16))
 
 
+def test_combine_refuses_a_non_tensor_with_type_error_as_dispatch_does(world1):
+    """combine raised ValueError for a non-tensor ``y_grouped`` / ``out`` where dispatch raises TypeError for its
+    non-tensors; a tensor of the wrong shape stays a ValueError (test_combine_rejects_a_wrong_shape)."""
+    d = NcclDispatcher(ExpertPartition.disjoint(8, 1), 16, 2)
+    h = d.dispatch(torch.zeros(2, 16), torch.tensor([[0, 1], [1, 2]], dtype=torch.int32), torch.ones(2, 2))
+    for bad in (h.x_grouped.numpy(), h.x_grouped.tolist(), None):
+        with pytest.raises(TypeError, match=rf"^y_grouped must be a torch.Tensor, got {type(bad).__name__}$"):
+            d.combine(bad, h)
+    for bad in (np.zeros((2, 16), np.float32), [[0.0] * 16] * 2):
+        with pytest.raises(TypeError, match=rf"^out must be a torch.Tensor, got {type(bad).__name__}$"):
+            d.combine(h.x_grouped, h, out=bad)
+    assert d.combine(h.x_grouped, h, out=None).shape == (2, 16)  # out=None is still "a new tensor"
+
+
 def test_the_scheduler_protocol_matches_the_nvlink_dispatcher(world1):
     """What PrefetchScheduler and GpuModel call on a dispatcher: rows_for, max_tokens, dispatch(stream, max_rows),
     handle.torch() / rows, combine(out=, stream=) with extra rows, check_errors, abandon."""

@@ -357,22 +357,23 @@ class NcclDispatcher:
         padding rows and rows past ``num_rows`` are not read). Returns ``out [T, H]`` in x's dtype: the caller's
         tensor when given (written in place), else a new one. No host synchronisation. ``stream`` as ``dispatch``.
         Every rank calls it for the layer whose dispatch it follows. Before the collective, on its own rank:
-        TypeError for a ``handle`` that is not an ``NcclDispatchHandle`` or a non-float ``y_grouped`` (or one on
-        another device); ValueError for a ``y_grouped`` that is not a tensor of that shape, or an ``out`` that is not a
-        ``[T, H]`` tensor of x's dtype on the dispatcher's device."""
+        TypeError for a ``handle`` that is not an ``NcclDispatchHandle``, a ``y_grouped`` or ``out`` that is not a
+        tensor (as ``dispatch``), or a non-float ``y_grouped`` (or one on another device); ValueError for a
+        ``y_grouped`` tensor of another shape, or an ``out`` tensor that is not ``[T, H]`` of x's dtype on the
+        dispatcher's device."""
         torch, _ = _torch()
         if not isinstance(handle, NcclDispatchHandle):
             raise TypeError(f"handle must be an NcclDispatchHandle, got {type(handle).__name__}")
-        if (not isinstance(y_grouped, torch.Tensor) or y_grouped.dim() != 2 or y_grouped.shape[0] < handle.num_rows
-                or y_grouped.shape[1] != self.hidden):
-            got = tuple(y_grouped.shape) if isinstance(y_grouped, torch.Tensor) else type(y_grouped).__name__
+        for name, a in (("y_grouped", y_grouped), ("out", out)):  # as dispatch: a non-tensor is a TypeError
+            if not (a is None and name == "out") and not isinstance(a, torch.Tensor):
+                raise TypeError(f"{name} must be a torch.Tensor, got {type(a).__name__}")
+        if y_grouped.dim() != 2 or y_grouped.shape[0] < handle.num_rows or y_grouped.shape[1] != self.hidden:
             raise ValueError(f"y_grouped must be a [>= {handle.num_rows}, {self.hidden}] tensor (the handle's grouped "
-                             f"rows), got {got}")
-        if out is not None and (not isinstance(out, torch.Tensor) or tuple(out.shape) != (handle.num_tokens, self.hidden)
-                                or out.dtype != handle.dtype or out.device != self.device):
-            got = f"{tuple(out.shape)} {out.dtype} on {out.device}" if isinstance(out, torch.Tensor) else type(out).__name__
+                             f"rows), got {tuple(y_grouped.shape)}")
+        if out is not None and (tuple(out.shape) != (handle.num_tokens, self.hidden) or out.dtype != handle.dtype
+                                or out.device != self.device):
             raise ValueError(f"out must be a [{handle.num_tokens}, {self.hidden}] {handle.dtype} tensor on "
-                             f"{self.device}, got {got}")
+                             f"{self.device}, got {tuple(out.shape)} {out.dtype} on {out.device}")
         with self._on(stream):
             res = self._combine(y_grouped[: handle.num_rows], handle)
             if out is None:
