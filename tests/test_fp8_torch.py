@@ -327,3 +327,20 @@ def test_grouped_fp8_mlp_takes_a_list_pair_of_fast_accum_flags_and_refuses_anyth
     for bad in ((True,), (True, False, True), "False", 1, [1, 0], None):
         with pytest.raises(TypeError, match=r"grouped_swiglu_fp8: fast_accum must be a bool or a pair of bools"):
             fp8.grouped_swiglu_fp8(xg, offs, w13, w2, s13, s2, I, fast_accum=bad)
+
+
+def test_dequant_rows_names_a_q_or_scale_that_is_not_a_tensor():
+    """A list q failed with AttributeError ("'list' object has no attribute 'dtype'"), a numpy q with a ValueError
+    calling its uint8 codes a wrong dtype, and a numpy scale was silently taken. TypeError naming the argument."""
+    qn, sn = quant.quant_rowwise(np.ones((3, 8), np.float32))
+    q, s = torch.from_numpy(qn), torch.from_numpy(sn)
+    for bad in (qn, qn.tolist()):
+        with pytest.raises(TypeError, match=rf"^dequant_rows: q must be a torch.Tensor \[\.\.\., K\], got "
+                                            rf"{type(bad).__name__}$"):
+            fp8.dequant_rows(bad, s)
+    for bad in (sn, sn.tolist(), 1.0):
+        with pytest.raises(TypeError, match=rf"^dequant_rows: scale must be a torch.Tensor \[\.\.\.\], got "
+                                            rf"{type(bad).__name__}$"):
+            fp8.dequant_rows(q, bad)
+    assert fp8.dequant_rows(q, s).dtype == torch.float32
+    assert fp8.dequant_rows(q, s.double()).dtype == torch.float64  # documented: the scale's dtype is not checked

@@ -98,11 +98,11 @@ def _fused(fn: str, x: Any, width: int, live_rows: Any = None) -> tuple[Any, Any
     return q, scale
 
 
-def _check_tensor(x: Any, fn: str, name: str) -> None:
+def _check_tensor(x: Any, fn: str, name: str, shape: str = "[rows, K]") -> None:
     """TypeError naming ``name`` unless ``x`` is a torch.Tensor (a numpy array failed inside with AttributeError)."""
     torch = require_torch()
     if not isinstance(x, torch.Tensor):
-        raise TypeError(f"{fn}: {name} must be a torch.Tensor [rows, K], got {type(x).__name__}")
+        raise TypeError(f"{fn}: {name} must be a torch.Tensor {shape}, got {type(x).__name__}")
 
 
 def _check_chunk(chunk: Any) -> int:
@@ -187,9 +187,11 @@ def swiglu_quant_torch(h: Any, inter: int) -> tuple[Any, Any]:
 def dequant_rows(q: Any, scale: Any) -> Any:
     """``q [..., N, K]`` float8_e4m3fn (or uint8 e4m3 bits, as ``requant_block`` takes them), ``scale [..., N]``
     -> float32 ``q * scale[..., None]`` (new; ``scale`` should be float32: its dtype is not checked, and PyTorch's
-    promotion makes a float64 scale give a float64 result). Local. ValueError for codes of another dtype, a 0-d
-    ``q`` or a scale of another shape."""
+    promotion makes a float64 scale give a float64 result). Local. TypeError for a ``q`` or ``scale`` that is not a
+    torch.Tensor, ValueError for codes of another dtype, a 0-d ``q`` or a scale of another shape."""
     torch = require_torch()
+    _check_tensor(q, "dequant_rows", "q", "[..., K]")
+    _check_tensor(scale, "dequant_rows", "scale", "[...]")
     if q.dtype not in (torch.uint8, torch.float8_e4m3fn) or q.dim() < 1:
         raise ValueError(f"dequant_rows: q must be [..., K] float8_e4m3fn or uint8 (e4m3 bits), got {q.dtype} "
                          f"{list(q.shape)}")
