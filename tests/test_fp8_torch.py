@@ -344,3 +344,21 @@ def test_dequant_rows_names_a_q_or_scale_that_is_not_a_tensor():
             fp8.dequant_rows(q, bad)
     assert fp8.dequant_rows(q, s).dtype == torch.float32
     assert fp8.dequant_rows(q, s.double()).dtype == torch.float64  # documented: the scale's dtype is not checked
+
+
+@pytest.mark.parametrize("live_rows", [5, "3", torch.tensor([3], dtype=torch.int64), torch.tensor([], dtype=torch.int32),
+                                       torch.tensor([3.0])])
+def test_quant_rows_and_swiglu_quant_check_live_rows_on_the_pytorch_path_too(live_rows):
+    """live_rows was checked on the fused CUDA path only: on the PyTorch path (CPU, float, unaligned rows) any value
+    was ignored, so a bad one surfaced only once the inputs took the fused path. The same check runs on every path."""
+    x = torch.randn(4, 8)
+    with pytest.raises(ValueError, match=r"^quant_rows: live_rows must be an int32 tensor on x's device \(cpu; "):
+        fp8.quant_rows(x, live_rows=live_rows)
+    with pytest.raises(ValueError, match=r"^swiglu_quant: live_rows must be an int32 tensor on h's device \(cpu; "):
+        fp8.swiglu_quant(x, 4, live_rows=live_rows)
+    n = torch.tensor([2, 9], dtype=torch.int32)
+    for got, want in ((fp8.quant_rows(x, live_rows=n), fp8.quant_rows(x)),
+                      (fp8.swiglu_quant(x, 4, live_rows=n), fp8.swiglu_quant(x, 4))):
+        assert torch.equal(got[1], want[1]) and np.array_equal(_bits(got[0]), _bits(want[0]))
+    with pytest.raises(ValueError, match="live_rows must be an int32 tensor on x's device"):
+        fp8.quant_rows(x, live_rows=n.to("meta"))  # another device

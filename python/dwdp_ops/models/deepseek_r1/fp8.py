@@ -83,12 +83,7 @@ def _fused_ok(x: Any, width: int) -> bool:
 def _fused(fn: str, x: Any, width: int, live_rows: Any = None) -> tuple[Any, Any]:
     torch = require_torch()
     R = x.shape[0]
-    lr = 0
-    if live_rows is not None:
-        if not (live_rows.is_cuda and live_rows.dtype == torch.int32 and live_rows.numel() >= 1
-                and live_rows.device == x.device):
-            raise ValueError("live_rows must be an int32 tensor on x's GPU (its first element bounds the rows)")
-        lr = live_rows.data_ptr()
+    lr = 0 if live_rows is None else live_rows.data_ptr()  # (checked by the caller, _check_live_rows)
     q = torch.empty((R, width), dtype=torch.float8_e4m3fn, device=x.device)
     scale = torch.empty((R,), dtype=torch.float32, device=x.device)
     if R:
@@ -96,6 +91,20 @@ def _fused(fn: str, x: Any, width: int, live_rows: Any = None) -> tuple[Any, Any
         getattr(_native_quant(), fn)(x.data_ptr(), stride, q.data_ptr(), scale.data_ptr(), R, width, x.device.index,
                                      torch.cuda.current_stream(x.device).cuda_stream, lr)
     return q, scale
+
+
+def _check_live_rows(live_rows: Any, x: Any, fn: str, name: str) -> None:
+    """ValueError unless ``live_rows`` is None or an int32 tensor of at least one element on ``x``'s device: checked
+    on every path (the PyTorch path ignores it, but a bad one would fail on a GPU whose inputs take the fused path)."""
+    if live_rows is None:
+        return
+    torch = require_torch()
+    if not (isinstance(live_rows, torch.Tensor) and live_rows.dtype == torch.int32 and live_rows.numel() >= 1
+            and live_rows.device == x.device):
+        got = (f"{live_rows.dtype} {list(live_rows.shape)} on {live_rows.device}" if isinstance(live_rows, torch.Tensor)
+               else f"{live_rows!r} ({type(live_rows).__name__})")
+        raise ValueError(f"{fn}: live_rows must be an int32 tensor on {name}'s device ({x.device}; its first element "
+                         f"bounds the rows), got {got}")
 
 
 def _check_tensor(x: Any, fn: str, name: str, shape: str = "[rows, K]") -> None:
@@ -117,12 +126,13 @@ def quant_rows(x: Any, chunk: int = QUANT_CHUNK, *, live_rows: Any = None) -> tu
     current stream); capturable (no host round trip). CUDA bf16 rows (16-byte aligned, K a multiple of 8): the fused
     kernel, one pass; anything else: ``quant_rows_torch`` (the same bits). ``live_rows``: None, or an int32 tensor
     on x's GPU whose first element bounds the rows the fused kernel processes (rows past it are left unwritten:
-    the tail of a grouped buffer sized for the worst case; the PyTorch path computes them anyway). ``x`` must be a
-    torch.Tensor (TypeError otherwise: numpy goes to ``dwdp_ops.quant.quant_rowwise``). Local. Raises ValueError for a
-    ``chunk`` that is not an int >= 1, an ``x`` that is not ``[R, K]`` with K >= 1, and (fused path only: the
-    PyTorch path ignores it) a ``live_rows`` that is not an int32 tensor on x's GPU."""
+    the tail of a grouped buffer sized for the worst case; the PyTorch path computes them anyway, but checks it
+    too). ``x`` must be a torch.Tensor (TypeError otherwise: numpy goes to ``dwdp_ops.quant.quant_rowwise``). Local.
+    Raises ValueError for a ``chunk`` that is not an int >= 1, an ``x`` that is not ``[R, K]`` with K >= 1, and (on
+    every path) a ``live_rows`` that is not None or an int32 tensor of at least one element on x's device."""
     _check_tensor(x, "quant_rows", "x")
     _check_chunk(chunk)
+    _check_live_rows(live_rows, x, "quant_rows", "x")
     if x.dim() == 2 and _fused_ok(x, x.shape[1]):
         return _fused("quant_rows_bf16", x, x.shape[1], live_rows)
     return quant_rows_torch(x, chunk)
@@ -160,7 +170,7 @@ def swiglu_quant(h: Any, inter: int, *, live_rows: Any = None) -> tuple[Any, Any
     (a bool is not an int: True had been taken as 1), refused by name otherwise. Returns new ``(q [R, I]
     float8_e4m3fn, scale [R] float32)`` on h's device (current stream). Local. Raises TypeError for a non-tensor
     ``h`` or a non-int ``inter``, ValueError for ``inter < 1``, an ``h`` that is not ``[R, 2 * inter]``, or a bad
-    ``live_rows`` (fused path)."""
+    ``live_rows`` (on every path, as ``quant_rows``)."""
     _check_tensor(h, "swiglu_quant", "h")
     if not is_int(inter):
         raise TypeError(f"swiglu_quant: inter must be an int >= 1 (the intermediate size), got {inter!r} "
@@ -170,6 +180,7 @@ def swiglu_quant(h: Any, inter: int, *, live_rows: Any = None) -> tuple[Any, Any
     inter = int(inter)
     if h.dim() != 2 or h.shape[1] != 2 * inter:
         raise ValueError(f"swiglu_quant: h must be [rows, 2 * {inter}], got shape {list(h.shape)}")
+    _check_live_rows(live_rows, h, "swiglu_quant", "h")
     if _fused_ok(h, inter):
         return _fused("swiglu_quant_bf16", h, inter, live_rows)
     return swiglu_quant_torch(h, inter)
