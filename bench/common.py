@@ -14,6 +14,7 @@ from pathlib import Path
 from statistics import median
 
 RESULTS = Path(__file__).resolve().parent / "results"
+NVIDIA_SMI_TIMEOUT_S = 30  # the longest a machine-facts query of nvidia-smi may take (a hung driver must not hang a run)
 
 
 def time_op(op, stream, repeats=10, warmup=2, before=None):
@@ -119,7 +120,8 @@ def median_ratio(num: list, den: list):
 def nvlink_facts(device: int = 0) -> dict:
     """Link count and per-link rate from ``nvidia-smi nvlink -s``."""
     try:
-        out = subprocess.run(["nvidia-smi", "nvlink", "-s", "-i", str(device)], capture_output=True, text=True, timeout=30).stdout
+        out = subprocess.run(["nvidia-smi", "nvlink", "-s", "-i", str(device)], capture_output=True, text=True,
+                             timeout=NVIDIA_SMI_TIMEOUT_S).stdout
     except (OSError, subprocess.TimeoutExpired):
         return {"links": 0, "gbps_per_link": None, "raw": ""}
     rates = [float(x) for x in re.findall(r"Link \d+: ([\d.]+) GB/s", out)]
@@ -127,12 +129,15 @@ def nvlink_facts(device: int = 0) -> dict:
 
 
 def machine_facts() -> dict:
+    """The card, SMs, driver, CUDA runtime, date and command of this run. ``driver`` is None when ``nvidia-smi`` is
+    missing, prints nothing, or does not answer within ``NVIDIA_SMI_TIMEOUT_S`` (as ``nvlink_facts``)."""
     import cupy as cp
 
     props = cp.cuda.runtime.getDeviceProperties(cp.cuda.Device().id)
     try:
-        drv = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"], capture_output=True, text=True).stdout.split()[0]
-    except (OSError, IndexError):
+        drv = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"], capture_output=True,
+                             text=True, timeout=NVIDIA_SMI_TIMEOUT_S).stdout.split()[0]
+    except (OSError, IndexError, subprocess.TimeoutExpired):
         drv = None
     return {
         "card": props["name"].decode() if isinstance(props["name"], bytes) else props["name"],

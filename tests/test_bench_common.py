@@ -3,6 +3,7 @@ count (bench/coaction_bench.py ``roofline``): host logic, no GPU."""
 
 from __future__ import annotations
 
+import os
 import sys
 import types
 from collections import Counter
@@ -54,3 +55,30 @@ def test_coaction_roofline_counts_only_what_the_op_must_move(monkeypatch):
     assert full["fwd_bytes"] - half["fwd_bytes"] == (B * T // 2) * (4 * D + 8)  # a row and an id per valid position
     assert full["step_bytes"] - half["step_bytes"] == (B * T // 2) * (2 * (4 * D + 8) + 2 * 4 * D)
     assert half["fwd_flops"] * 2 == full["fwd_flops"] and half["step_flops"] == 3 * half["fwd_flops"]
+
+
+def _fake_cupy():
+    """Just what ``machine_facts`` asks of cupy (no GPU here)."""
+    rt = types.SimpleNamespace(getDeviceProperties=lambda i: {"name": b"Fake GPU", "multiProcessorCount": 7},
+                               runtimeGetVersion=lambda: 12080)
+    return types.SimpleNamespace(cuda=types.SimpleNamespace(runtime=rt, Device=lambda: types.SimpleNamespace(id=0)))
+
+
+def test_machine_facts_gives_up_on_a_hung_nvidia_smi(monkeypatch, tmp_path):
+    """``machine_facts`` ran ``nvidia-smi`` without a timeout (a hung driver hung the benchmark before it measured
+    anything); it now has ``nvlink_facts``' limit (NVIDIA_SMI_TIMEOUT_S, 30 s; 0.5 s here) and records no driver."""
+    import time
+
+    smi = tmp_path / "nvidia-smi"
+    smi.write_text("#!/bin/sh\nexec sleep 30\n")
+    smi.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tmp_path}:{os.environ['PATH']}")
+    monkeypatch.setitem(sys.modules, "cupy", _fake_cupy())
+    monkeypatch.setattr(common, "NVIDIA_SMI_TIMEOUT_S", 0.5, raising=False)
+    t0 = time.monotonic()
+    facts = common.machine_facts()
+    assert time.monotonic() - t0 < 10
+    assert facts["driver"] is None and facts["card"] == "Fake GPU" and facts["sms"] == 7
+    assert common.nvlink_facts()["links"] == 0  # the sibling, with the same limit
+    smi.write_text("#!/bin/sh\necho 570.86.15\n")  # an answering one is still read
+    assert common.machine_facts()["driver"] == "570.86.15"
