@@ -362,3 +362,24 @@ def test_quant_rows_and_swiglu_quant_check_live_rows_on_the_pytorch_path_too(liv
         assert torch.equal(got[1], want[1]) and np.array_equal(_bits(got[0]), _bits(want[0]))
     with pytest.raises(ValueError, match="live_rows must be an int32 tensor on x's device"):
         fp8.quant_rows(x, live_rows=n.to("meta"))  # another device
+
+
+def test_grouped_fp8_mlp_takes_a_quantised_pair_as_a_list_and_names_a_bad_one():
+    """The quantised input was taken only as a tuple: a [q, scale] list went to quant_rows, which said "x must be a
+    torch.Tensor"; a tuple of another length failed in unpacking ("too many values to unpack"). A list pair is taken
+    as a tuple is (as fast_accum's pair); anything else that is not two tensors is refused saying what is expected."""
+    G, H, I, R = 4, 64, 32, 64
+    offs = torch.empty((G,), dtype=torch.int32, device="meta")
+    w13, w2 = _page_strided(G, 2 * I, H), _page_strided(G, H, I)
+    s13 = torch.empty((G, 2 * I), dtype=torch.float32, device="meta")
+    s2 = torch.empty((G, H), dtype=torch.float32, device="meta")
+    q = torch.empty((R, H), dtype=torch.float8_e4m3fn, device="meta")
+    s = torch.empty((R,), dtype=torch.float32, device="meta")
+    y = fp8.grouped_swiglu_fp8([q, s], offs, w13, w2, s13, s2, I)
+    assert y.shape == (R, H) and y.dtype == torch.bfloat16
+    for bad in ([q], (q, s, s), [q, "scale"], ()):
+        with pytest.raises(ValueError, match=r"^grouped_swiglu_fp8: a quantised input must be a pair \(q \[R, H\] "
+                                             r"float8_e4m3fn, scale \[R\] float32\) of tensors"):
+            fp8.grouped_swiglu_fp8(bad, offs, w13, w2, s13, s2, I)
+    with pytest.raises(ValueError, match=r"scale \[R\] float32\), got"):
+        fp8.grouped_swiglu_fp8([q, s[:, None]], offs, w13, w2, s13, s2, I)

@@ -251,8 +251,8 @@ def _fast_accum_pair(fast_accum: Any) -> tuple[bool, bool]:
 def grouped_swiglu_fp8(xg: Any, offs: Any, w13: Any, w2: Any, s13: Any, s2: Any, inter: int, *,
                        fast_accum: bool | tuple[bool, bool] = False) -> Any:
     """The expert MLP over rows grouped by expert with fp8 weights: ``xg [R, H]`` bf16, or the same rows already
-    quantised as a pair ``(q [R, H] float8_e4m3fn, scale [R] float32)`` (``quant_rows``' output: the routed step
-    quantises each token once and gathers the fp8 rows, ``models.routed``), group g in rows
+    quantised as a pair ``(q [R, H] float8_e4m3fn, scale [R] float32)`` (a tuple or a list; ``quant_rows``' output:
+    the routed step quantises each token once and gathers the fp8 rows, ``models.routed``), group g in rows
     ``[offs[g-1], offs[g])`` (``offs [G]`` int32, multiples of 16), ``w13 [G, 2I, H]`` / ``w2 [G, H, I]``
     float8_e4m3fn (any page-strided batch stride, rows contiguous), ``s13 [G, 2I]`` / ``s2 [G, H]`` float32 row
     scales -> ``[R, H]`` bf16. bf16 activations are quantised per row before the first GEMM (``quant_rows``); the
@@ -264,12 +264,17 @@ def grouped_swiglu_fp8(xg: Any, offs: Any, w13: Any, w2: Any, s13: Any, s2: Any,
     ``use_fast_accum`` says).
 
     Returns a new tensor on the current stream. Local. Only ``fast_accum`` (TypeError) and a quantised input (a
-    ``tuple`` whose dtypes or scale shape differ: ValueError) are checked here; other shapes, dtypes and ``offs`` go
-    unchecked to ``quant_rows`` and ``torch._scaled_grouped_mm`` (``dwdp::expert_mlp`` checks them first)."""
+    tuple or list that is not two tensors, or whose dtypes or scale shape differ: ValueError) are checked here;
+    other shapes, dtypes and ``offs`` go unchecked to ``quant_rows`` and ``torch._scaled_grouped_mm``
+    (``dwdp::expert_mlp`` checks them first)."""
     torch = require_torch()
     fast1, fast2 = _fast_accum_pair(fast_accum)
     live = offs[-1:]  # rows past the last group (a worst-case-sized DEP buffer's tail) are skipped, not quantised
-    if isinstance(xg, tuple):
+    if isinstance(xg, (tuple, list)):  # a pair, as fast_accum's (a list had gone to quant_rows: "x must be a Tensor")
+        if len(xg) != 2 or not all(isinstance(t, torch.Tensor) for t in xg):
+            raise ValueError("grouped_swiglu_fp8: a quantised input must be a pair (q [R, H] float8_e4m3fn, scale [R] "
+                             f"float32) of tensors (a tuple or a list), got {len(xg)} items of types "
+                             f"{[type(t).__name__ for t in xg]}")
         xq, xs = xg
         if xq.dtype != torch.float8_e4m3fn or xs.dtype != torch.float32 or xs.shape != (xq.shape[0],):
             raise ValueError("grouped_swiglu_fp8: a quantised input must be (q [R, H] float8_e4m3fn, scale [R] "
