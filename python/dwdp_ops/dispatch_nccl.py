@@ -30,13 +30,15 @@ from __future__ import annotations
 
 import datetime as _dt
 import os
+import time
 from dataclasses import dataclass
 from typing import Any
 
 from ._checks import is_int, rank_counts
 from .env import DistEnv, timeout_from_environ
-from .errors import DwdpError
+from .errors import DwdpError, RendezvousError
 from .partition import ExpertPartition
+from .rendezvous import _GRACE_S, _TELL_S, _ranks
 
 __all__ = ["NcclDispatchHandle", "NcclDispatcher", "init_process_group_from_env"]
 
@@ -84,9 +86,94 @@ def init_process_group_from_env(backend: str | None = None, timeout_s: float | N
         if not torch.cuda.is_available():
             raise DwdpError("backend 'nccl' needs CUDA, but torch sees no GPU")
         torch.cuda.set_device(env.local_rank)
-    dist.init_process_group(backend, init_method=f"tcp://{env.master_addr}:{port}", rank=env.rank,
-                            world_size=env.world_size, timeout=_dt.timedelta(seconds=t))
+    store = _join(env, port, t)
+    dist.init_process_group(backend, store=store, rank=env.rank, world_size=env.world_size,
+                            timeout=_dt.timedelta(seconds=t))
     return env
+
+
+# Keys of the join check in torch.distributed's store (torch's own keys there live under the group's prefix).
+_JOINED = "dwdp/joined/"  # + rank: set by each rank when it has reached the store
+_VERDICT = "dwdp/joined/verdict"  # set by rank 0: "ok", or the error every rank raises
+_ACK = "dwdp/joined/ack/"  # + rank: a rank > 0 has read a failed verdict (rank 0 then stops hosting the store)
+
+
+def _await_listener(host: str, port: int, deadline: float) -> None:
+    """Returns once something accepts TCP connections at ``host:port``; TimeoutError at ``deadline`` (monotonic)."""
+    import socket
+
+    while True:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise TimeoutError(f"nothing accepted a connection at {host}:{port}")
+        try:
+            socket.create_connection((host, port), timeout=min(left, 1.0)).close()
+            return
+        except OSError:
+            time.sleep(min(0.1, max(0.0, deadline - time.monotonic())))
+
+
+def _join(env: DistEnv, port: int, t: float):
+    """The store of ``init_process_group_from_env``, and a join check on it that names missing ranks.
+
+    ``torch.distributed``'s own rendezvous fails after the timeout with "Timed out after T seconds waiting for
+    clients. 1/2 clients joined" (rank 0) or "The client socket has timed out ... while trying to connect" (the
+    others): no rank named. Here every rank sets ``dwdp/joined/<rank>`` in a TCPStore at ``MASTER_ADDR:port``
+    (hosted by rank 0); rank 0 waits up to ``t`` seconds for all of them and sets a verdict that every rank waits for:
+    "ok", or a message naming the ranks whose keys are absent, which every arrived rank raises (RendezvousError).
+    A rank > 0 waits ``rendezvous._GRACE_S`` longer than ``t`` (for the store to answer, and for the verdict), so
+    that one started before rank 0 still gets rank 0's report; past that it raises naming rank 0. Set-up only: the
+    steps after it are untouched. Returns the store (``init_process_group(store=...)`` keeps it)."""
+    _, dist = _torch()
+    me, n, addr = env.rank, env.world_size, f"{env.master_addr}:{port}"
+    wait = t if me == 0 else t + _GRACE_S
+    t0 = time.monotonic()
+    try:
+        if me > 0:  # torch's own connect retries back off past its timeout (17 s for 8): wait for the port here
+            _await_listener(env.master_addr, port, t0 + wait)
+        store = dist.TCPStore(env.master_addr, port, n, me == 0, timeout=_dt.timedelta(seconds=wait),
+                              wait_for_workers=False, multi_tenant=True)
+    except Exception as e:  # noqa: BLE001 - torch raises DistNetworkError, DistStoreError or RuntimeError by version
+        if me == 0:
+            raise RendezvousError(f"torch.distributed set-up: rank 0 could not host the store at {addr}: {e}") from e
+        raise RendezvousError(f"torch.distributed set-up: rank {me} of {n} waited {time.monotonic() - t0:.1f} s "
+                              f"(the timeout {t:g} s + {_GRACE_S:g} s) for rank 0, which hosts the store at {addr}, "
+                              f"and it did not answer: rank 0 is missing (or late, or the address is wrong); the "
+                              f"other ranks cannot be checked without it") from e
+    store.set(f"{_JOINED}{me}", "1")
+    if me == 0:
+        missing = []
+        try:
+            store.wait([f"{_JOINED}{r}" for r in range(n)], _dt.timedelta(seconds=max(t - (time.monotonic() - t0), 1e-3)))
+        except Exception:  # noqa: BLE001 - the wait's timeout (DistStoreError or RuntimeError by version)
+            missing = [r for r in range(n) if not store.check([f"{_JOINED}{r}"])]
+        if not missing:
+            store.set(_VERDICT, "ok")
+            return store
+        came = [r for r in range(1, n) if r not in missing]
+        msg = (f"torch.distributed set-up at {addr}: rank(s) {_ranks(missing)} of {n} did not arrive within "
+               f"{t:g} s (DWDP_TIMEOUT or timeout_s); arrived: {_ranks([0, *came])}")
+        store.set(_VERDICT, msg)
+        if came:  # keep hosting the store until they have read it (at most rendezvous._TELL_S)
+            try:
+                store.wait([f"{_ACK}{r}" for r in came], _dt.timedelta(seconds=_TELL_S))
+            except Exception:  # noqa: BLE001 - best effort
+                pass
+        raise RendezvousError(msg)
+    try:
+        store.wait([_VERDICT], _dt.timedelta(seconds=max(wait - (time.monotonic() - t0), 1e-3)))
+        verdict = store.get(_VERDICT).decode()
+    except Exception as e:  # noqa: BLE001 - the wait's timeout, or rank 0 gone
+        raise RendezvousError(f"torch.distributed set-up: rank {me} of {n} reached rank 0's store at {addr} but got "
+                              f"no verdict from rank 0 within {wait:g} s (the timeout {t:g} s + {_GRACE_S:g} s): "
+                              f"rank 0 stalled or died ({type(e).__name__}: {e})") from e
+    if verdict != "ok":
+        try:
+            store.set(f"{_ACK}{me}", "1")
+        except Exception:  # noqa: BLE001 - rank 0 may be gone already
+            pass
+        raise RendezvousError(f"{verdict} (rank 0's verdict, raised on rank {me})")
+    return store
 
 
 @dataclass(frozen=True, eq=False)
