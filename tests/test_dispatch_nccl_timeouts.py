@@ -34,7 +34,7 @@ def _start(scenario: str, rank: int, world: int, port: int):
 
 
 def _result(proc, limit: float = 30) -> tuple[float, str]:
-    """(seconds, message) of the rank's RESULT line; its whole output on failure."""
+    """(seconds, message) of the rank's RESULT line; (None, its output) without one (a rank that exits or aborts)."""
     try:
         out, _ = proc.communicate(timeout=limit)
     except subprocess.TimeoutExpired:
@@ -42,8 +42,7 @@ def _result(proc, limit: float = 30) -> tuple[float, str]:
         out, _ = proc.communicate()
         pytest.fail(f"the rank did not finish within {limit} s:\n{out[-4000:]}")
     m = re.search(r"^RESULT rank \d+ after ([\d.]+) s: (.*)$", out, re.M)
-    assert m, out[-4000:]
-    return float(m.group(1)), m.group(2)
+    return (float(m.group(1)), m.group(2)) if m else (None, "no RESULT line; output:\n" + out[-4000:])
 
 
 def _run(scenario: str, world: int, ranks, delays=None) -> dict[int, tuple[float, str]]:
@@ -86,3 +85,35 @@ def test_an_early_rank_gets_rank_0s_report_of_a_missing_rank():
 def test_all_ranks_present_set_up_passes():
     res = _run("init", 3, [0, 1, 2], delays={2: 1.0})
     assert all(msg == "ok" for _, msg in res.values()), res
+
+
+@pytest.mark.timeout(20)
+def test_a_silent_rank_in_a_dispatch_is_named():
+    """The last rank is alive but never dispatches: gloo's wait times out on the others."""
+    res = _run("silent", 3, [0, 1, 2])
+    for r in (0, 1):
+        s, msg = res[r]
+        assert msg.startswith("DwdpError: NcclDispatcher: all_gather_into_tensor of the counts in dispatch #1 failed "
+                              f"on rank {r} of 3 after "), res
+        assert "(timeout 3 s): rank(s) [2] had not reached dispatch #1 (last dispatch entered: rank 2 #0)" in msg, res
+        assert "torch.distributed said: " in msg and s < TIMEOUT + 4, res
+
+
+@pytest.mark.timeout(20)
+def test_a_dead_rank_in_a_dispatch_is_named():
+    """The last rank exits after set-up: the others' dispatch fails at once ("Connection reset by peer")."""
+    res = _run("dead", 2, [0, 1])
+    s, msg = res[0]
+    assert msg.startswith("DwdpError: NcclDispatcher: all_gather_into_tensor of the counts in dispatch #1 failed "
+                          "on rank 0 of 2"), msg
+    assert "rank(s) [1] had not reached dispatch #1 (last dispatch entered: rank 1 #0)" in msg, msg
+
+
+@pytest.mark.timeout(20)
+def test_a_rank_that_skips_a_combine_is_named():
+    """The last rank skips the combine of dispatch #1 and enters dispatch #2: the others' combine names it."""
+    res = _run("combine", 2, [0, 1])
+    s, msg = res[0]
+    assert msg.startswith("DwdpError: NcclDispatcher: all_to_all_single of the partials in the combine of dispatch #1 "
+                          "failed on rank 0 of 2"), res
+    assert "rank(s) [1] had moved on to a later dispatch without this combine (rank 1 #2)" in msg, res

@@ -89,13 +89,33 @@ def init_process_group_from_env(backend: str | None = None, timeout_s: float | N
     store = _join(env, port, t)
     dist.init_process_group(backend, store=store, rank=env.rank, world_size=env.world_size,
                             timeout=_dt.timedelta(seconds=t))
+    global _WATCH
+    _WATCH = _Watch(store, env.rank, env.world_size, t, dist.group.WORLD) if backend == "gloo" else None
     return env
+
+
+@dataclass(frozen=True)
+class _Watch:
+    """The store and timeout of the world that ``init_process_group_from_env`` set up with gloo (``pg``: its group,
+    to tell it from a later one)."""
+
+    store: Any
+    rank: int
+    world: int
+    timeout: float
+    pg: Any
+
+
+_WATCH: _Watch | None = None
+_world_seq = 0  # dispatches entered on the default group by this process (the same count on every rank)
 
 
 # Keys of the join check in torch.distributed's store (torch's own keys there live under the group's prefix).
 _JOINED = "dwdp/joined/"  # + rank: set by each rank when it has reached the store
 _VERDICT = "dwdp/joined/verdict"  # set by rank 0: "ok", or the error every rank raises
 _ACK = "dwdp/joined/ack/"  # + rank: a rank > 0 has read a failed verdict (rank 0 then stops hosting the store)
+_AT = "dwdp/nccl/at/"  # + rank: the last dispatch # this rank entered (0: none yet), for the collectives' messages
+_READ = "dwdp/nccl/read/"  # + collective/rank: a failed rank has read the progress keys (rank 0 may stop hosting)
 
 
 def _await_listener(host: str, port: int, deadline: float) -> None:
@@ -140,6 +160,7 @@ def _join(env: DistEnv, port: int, t: float):
                               f"(the timeout {t:g} s + {_GRACE_S:g} s) for rank 0, which hosts the store at {addr}, "
                               f"and it did not answer: rank 0 is missing (or late, or the address is wrong); the "
                               f"other ranks cannot be checked without it") from e
+    store.set(f"{_AT}{me}", "0")  # before the join: every rank's key exists once set-up has passed
     store.set(f"{_JOINED}{me}", "1")
     if me == 0:
         missing = []
@@ -192,6 +213,7 @@ class NcclDispatchHandle:
     send_pos    [T, N] int64            row of token t among the tokens sent to d, -1 if none
     send_counts, recv_counts tuple[int] rows sent to / received from each rank (host)
     num_tokens  int                     T of this rank; dtype: x's dtype (the output's)
+    seq         int                     the dispatch # it came from (1, 2, ... per group), named by failures
     """
 
     x_grouped: Any
@@ -207,6 +229,7 @@ class NcclDispatchHandle:
     recv_counts: tuple
     num_tokens: int
     dtype: Any
+    seq: int = 0  # the dispatch # (``NcclDispatcher``'s failure messages)
 
     @property
     def rows(self) -> int:
@@ -259,9 +282,92 @@ class NcclDispatcher:
         else:
             self.device = torch.device("cpu")
         self.max_tokens = 2**31 - 1  # no capacity: buffers are allocated per step
+        self._seq = 0  # dispatches entered on a group other than the default one
+        w = _WATCH
+        # the progress keys: only on the world that init_process_group_from_env set up with gloo (see _collective)
+        self._watch = w if group is None and w is not None and w.pg is dist.group.WORLD and w.world == world else None
         self.capturable = False  # one host synchronisation per dispatch: never inside a CUDA graph
 
     # -- helpers -------------------------------------------------------------------------------------------------
+    def _enter(self) -> int:
+        """Numbers the dispatch about to start its collectives (1, 2, ... per group; every rank calls the same
+        collectives in the same order, so the numbers agree) and, when watched, records it in the store under
+        ``dwdp/nccl/at/<rank>``: one ``store.set``, a TCP round trip to rank 0's store, per dispatch (combine sets
+        none). That is the only cost on the step, and only on the gloo world of ``init_process_group_from_env``;
+        with nccl nothing is set (the benchmarked baseline stays as users would write it)."""
+        global _world_seq
+        if self.group is None:
+            _world_seq += 1
+            seq = _world_seq
+        else:
+            self._seq += 1
+            seq = self._seq
+        if self._watch is not None:
+            self._watch.store.set(f"{_AT}{self._watch.rank}", str(seq))
+        return seq
+
+    def _collective(self, what: str, seq: int, combine: bool, fn):
+        """``fn()``; a RuntimeError from torch.distributed in it (gloo's "Timed out waiting 3000ms for send
+        operation to complete", "Connection reset by peer", ...) becomes a DwdpError naming the collective, the
+        dispatch #, the timeout and, when watched (gloo world of ``init_process_group_from_env``), the ranks that had
+        not reached it, from their ``dwdp/nccl/at/<rank>`` keys (read on failure only). With nccl the collectives
+        are asynchronous: a peer that never comes leaves the host in dispatch's ``.cpu()`` until NCCL's watchdog
+        ends the process with its own message, which this cannot wrap."""
+        t0 = time.monotonic()
+        try:
+            return fn()
+        except RuntimeError as e:
+            if isinstance(e, DwdpError):
+                raise
+            raise DwdpError(self._failure(what, seq, combine, time.monotonic() - t0, e)) from e
+
+    def _failure(self, what: str, seq: int, combine: bool, waited: float, e: Exception) -> str:
+        w = self._watch
+        step = f"the combine of dispatch #{seq}" if combine else f"dispatch #{seq}"
+        head = (f"NcclDispatcher: {what} in {step} failed on rank {self.rank} of {self.partition.world_size} after "
+                f"{waited:.1f} s (timeout " + (f"{w.timeout:g} s" if w else "the process group's") + ")")
+        if w is None:
+            who = ("which ranks had not reached it is not recorded (only on the default group of "
+                   "init_process_group_from_env with gloo)")
+        else:
+            try:
+                at = [int(v) for v in w.store.multi_get([f"{_AT}{r}" for r in range(w.world)])]
+            except Exception as err:  # noqa: BLE001 - the store's host (rank 0) may be gone
+                at = None
+                who = f"the ranks' progress could not be read from rank 0's store ({type(err).__name__}: {err})"
+            if at is not None:
+                done = f"{_READ}{'c' if combine else 'd'}{seq}/"
+                try:  # rank 0 hosts the store: it waits (up to rendezvous._TELL_S) for the others that fail too
+                    if w.rank == 0:
+                        peers = [f"{done}{r}" for r in range(1, w.world) if at[r] >= seq]
+                        if peers:
+                            w.store.wait(peers, _dt.timedelta(seconds=_TELL_S))
+                    else:
+                        w.store.set(f"{done}{w.rank}", "1")
+                except Exception:  # noqa: BLE001 - best effort
+                    pass
+
+                def last(rs):
+                    return ", ".join(f"rank {r} #{at[r]}" for r in rs)
+
+                behind = [r for r in range(w.world) if at[r] < seq]
+                ahead = [r for r in range(w.world) if at[r] > seq]
+                parts = []
+                if behind:
+                    parts.append(f"rank(s) {_ranks(behind)} had not reached dispatch #{seq} (last dispatch entered: "
+                                 f"{last(behind)})")
+                if ahead:
+                    parts.append(f"rank(s) {_ranks(ahead)} had moved on to a later dispatch without this combine "
+                                 f"({last(ahead)})")
+                same = [r for r in range(w.world) if at[r] == seq and r != self.rank]
+                if combine and same:
+                    parts.append(f"rank(s) {_ranks(same)} had entered dispatch #{seq} (whether they reached its "
+                                 f"combine is not recorded)")
+                if not behind and not ahead and not (combine and same):
+                    parts.append(f"every rank had entered dispatch #{seq}: a rank died or stalled inside it")
+                who = "; ".join(parts)
+        return f"{head}: {who}. torch.distributed said: {e}"
+
     def _a2a_rows(self, inp, out_rows: int, out_splits: list[int], in_splits: list[int]):
         """all_to_all_single of 2-D rows of any dtype, moved as bytes (bit-exact, any backend)."""
         torch, dist = _torch()
@@ -377,8 +483,13 @@ class NcclDispatcher:
         mine = torch.cat([bad.view(1), torch.full((1,), max_rows, dtype=torch.int64, device=dev),
                           send_counts.to(torch.int64), pair_counts[:-1]])
         every = torch.empty((N, mine.numel()), dtype=torch.int64, device=dev)
-        dist.all_gather_into_tensor(every.view(-1), mine, group=self.group)
-        host = every.cpu()  # the one host sync
+        seq = self._enter()
+
+        def counts():
+            dist.all_gather_into_tensor(every.view(-1), mine, group=self.group)
+            return every.cpu()  # the one host sync
+
+        host = self._collective("all_gather_into_tensor of the counts", seq, False, counts)
         bad_ranks = [r for r in range(N) if int(host[r, 0])]
         if bad_ranks:
             raise ValueError(f"topk_ids of rank(s) {bad_ranks} hold expert ids outside [-1, {E}) (-1 = skipped "
@@ -411,7 +522,7 @@ class NcclDispatcher:
         packed = torch.cat([xs.reshape(-1).view(torch.uint8).reshape(S, hb),
                             row_le.reshape(-1).view(torch.uint8).reshape(S, 4 * k),
                             row_w.reshape(-1).view(torch.uint8).reshape(S, 4 * k)], 1)
-        got = self._a2a_rows(packed, R, rc, sc)
+        got = self._collective("all_to_all_single of the rows", seq, False, lambda: self._a2a_rows(packed, R, rc, sc))
         x_recv = got[:, :hb].contiguous().reshape(-1).view(x.dtype).reshape(R, self.hidden)
         meta = got[:, hb:].contiguous().reshape(-1).view(torch.int32).reshape(R, 2 * k)
         recv_le = meta[:, :k].contiguous()
@@ -436,7 +547,7 @@ class NcclDispatcher:
             x_grouped=x_grouped, offs=offs.to(torch.int32), num_rows=num_rows,
             expert_counts=tuple(int(c) for c in ec), pair_pos=pair_pos.view(R, k), recv_local_expert=recv_le,
             recv_weight=recv_w, send_token=send_token, send_pos=send_pos, send_counts=tuple(sc),
-            recv_counts=tuple(rc), num_tokens=T, dtype=x.dtype)
+            recv_counts=tuple(rc), num_tokens=T, dtype=x.dtype, seq=seq)
 
     def combine(self, y_grouped, handle: NcclDispatchHandle, out: Any = None, stream: Any = None):
         """Weighted sum of each token's expert outputs, back at its source. Collective over the group.
@@ -480,8 +591,8 @@ class NcclDispatcher:
                 pp = handle.pair_pos[:, j]
                 term = handle.recv_weight[:, j:j + 1] * y_grouped[pp.clamp(min=0)].to(torch.float32)
                 acc = acc + torch.where((pp >= 0).unsqueeze(1), term, torch.zeros((), device=self.device))
-        back = self._a2a_rows(acc.to(self.combine_dtype), handle.num_sent, list(handle.send_counts),
-                              list(handle.recv_counts))
+        back = self._collective("all_to_all_single of the partials", handle.seq, True, lambda: self._a2a_rows(
+            acc.to(self.combine_dtype), handle.num_sent, list(handle.send_counts), list(handle.recv_counts)))
         out = torch.zeros((handle.num_tokens, H), dtype=torch.float32, device=self.device)
         a = 0
         for c in handle.send_counts:  # dests ascending; a token appears at most once per dest
