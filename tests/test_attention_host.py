@@ -113,3 +113,11 @@ def test_check_lengths_names_a_lengths_that_is_not_a_sequence(lengths):
     """A single count (``5`` for one request) had raised list()'s bare "'int' object is not iterable"."""
     with pytest.raises(TypeError, match=r"lengths must be a sequence of the requests' token counts, got"):
         A.check_lengths(lengths, 5)
+
+
+@pytest.mark.parametrize("lengths", [5, np.int64(5), None, 2.5])
+def test_padded_rows_names_a_lengths_that_is_not_a_sequence(lengths):
+    """padded_rows checks its lengths "as check_lengths does", but a single count (``5`` for one request) still raised
+    list()'s bare "'int' object is not iterable" there; named as check_lengths names it."""
+    with pytest.raises(TypeError, match=r"^padded_rows: lengths must be a sequence of the requests' token counts, got"):
+        A.padded_rows(lengths)

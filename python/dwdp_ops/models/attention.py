@@ -62,19 +62,27 @@ def backend_order(environ=None) -> tuple[str, ...]:
     return names
 
 
+def _int_lengths(lengths: Sequence[int], where: str, noun: str) -> list[int]:
+    """``lengths`` as a list of Python ints (numpy integers taken); TypeError, starting with ``where``, for a
+    ``lengths`` that is not a sequence or an entry that is not an integer (bools, floats and strings refused rather
+    than truncated). Shared by ``check_lengths`` and ``padded_rows``."""
+    try:
+        out = list(lengths)
+    except TypeError:
+        raise TypeError(f"{where}lengths must be a sequence of the requests' token counts, got {lengths!r} "
+                        f"({type(lengths).__name__})") from None
+    for i, x in enumerate(out):
+        if not is_int(x):
+            raise TypeError(f"{where}lengths must be {noun} (token counts), got lengths[{i}] = {x!r} "
+                            f"({type(x).__name__})")
+    return [int(x) for x in out]
+
+
 def check_lengths(lengths: Sequence[int], tokens: int) -> list[int]:
     """The request lengths as ints; raises TypeError unless each is an integer (Python or numpy; bools, floats and
     strings refused rather than truncated, and a ``lengths`` that is not a sequence) and ValueError unless each is
     >= 1 and they sum to ``tokens``."""
-    try:
-        out = list(lengths)
-    except TypeError:
-        raise TypeError(f"lengths must be a sequence of the requests' token counts, got {lengths!r} "
-                        f"({type(lengths).__name__})") from None
-    for i, x in enumerate(out):
-        if not is_int(x):
-            raise TypeError(f"lengths must be integers (token counts), got lengths[{i}] = {x!r} ({type(x).__name__})")
-    out = [int(x) for x in out]
+    out = _int_lengths(lengths, "", "integers")
     if not out or min(out) < 1 or sum(out) != tokens:
         raise ValueError(f"lengths must be positive and sum to the {tokens} packed tokens, got {len(out)} lengths "
                          f"summing to {sum(out)} (min {min(out) if out else None})")
@@ -84,12 +92,9 @@ def check_lengths(lengths: Sequence[int], tokens: int) -> list[int]:
 def padded_rows(lengths: Sequence[int]) -> np.ndarray:
     """For each packed token, its row in a ``[requests * longest]`` zero-padded batch (int64): request ``b``'s token
     ``i`` goes to ``b * longest + i``. ``lengths``: at least one request, each an int >= 1 (as ``check_lengths``);
-    TypeError for a length that is not an int, ValueError for none or one below 1."""
-    lengths = list(lengths)
-    for i, n in enumerate(lengths):
-        if not is_int(n):
-            raise TypeError(f"padded_rows: lengths must be ints (token counts), got lengths[{i}] = {n!r} "
-                            f"({type(n).__name__})")
+    TypeError for a ``lengths`` that is not a sequence or a length that is not an int, ValueError for none or one
+    below 1."""
+    lengths = _int_lengths(lengths, "padded_rows: ", "ints")
     if not lengths or min(lengths) < 1:
         raise ValueError(f"padded_rows: lengths must be one int >= 1 per request (at least one), got {lengths}")
     L = max(lengths)
