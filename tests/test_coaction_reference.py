@@ -481,8 +481,8 @@ def test_a_wrong_shape_is_both_a_value_and_a_type_error(case, exc):
 
 def _dtype_and_empty_table_cases():
     """(label, call, exception, message) for the fused ops' dtype and layout checks and their refusal of ids into an
-    empty table: DeviceBuffers at made-up addresses, stream 0, refused by the argument checks before any device work (the
-    GPU tests test_bf16_is_close_and_bad_input_is_named, test_empty_tables_with_ids_are_refused_before_any_launch
+    empty table: DeviceBuffers at made-up addresses, stream 0, refused by the argument checks before any device work
+    (the GPU tests test_bf16_is_close_and_bad_input_is_named, test_empty_tables_with_ids_are_refused_before_any_launch,
     test_apply_without_the_checks_still_refuses_by_name, test_backward_adds_into_given_gradients and
     test_table_grads_misuse_is_refused_by_name check the same on device arrays; these run without a GPU)."""
     from dwdp_ops.coaction.fused import coaction_backward_gpu, coaction_forward_gpu
@@ -505,9 +505,11 @@ def _dtype_and_empty_table_cases():
         return lambda: coaction_backward_gpu(i, f, mask, gout, spec, stream=0, **kw)
 
     return [
-        ("float64 induction", fwd(i=buf(ind.shape, f64)), TypeError, r"^induction must hold float32 \(float32\), got float64$"),
+        ("float64 induction", fwd(i=buf(ind.shape, f64)), TypeError,
+         r"^induction must hold float32 \(float32\), got float64$"),
         ("float64 feed", fwd(f=buf(feed.shape, f64)), TypeError, r"^feed must hold float32 \(float32\), got float64$"),
-        ("float32 as bf16", fwd(dtype="bfloat16"), TypeError, r"^induction must hold bfloat16 \(uint16\), got float32$"),
+        ("float32 as bf16", fwd(dtype="bfloat16"), TypeError,
+         r"^induction must hold bfloat16 \(uint16\), got float32$"),
         ("bf16 feed float32", fwd(i=buf(ind.shape, u16), dtype="bfloat16"), TypeError,
          r"^feed must hold bfloat16 \(uint16\), got float32$"),
         ("float16", fwd(dtype="float16"), ValueError, "dtype must be 'float32' or 'bfloat16'"),

@@ -346,8 +346,8 @@ def test_dequant_rows_names_a_q_or_scale_that_is_not_a_tensor():
     assert fp8.dequant_rows(q, s.double()).dtype == torch.float64  # documented: the scale's dtype is not checked
 
 
-@pytest.mark.parametrize("live_rows", [5, "3", torch.tensor([3], dtype=torch.int64), torch.tensor([], dtype=torch.int32),
-                                       torch.tensor([3.0])])
+@pytest.mark.parametrize("live_rows", [5, "3", torch.tensor([3], dtype=torch.int64),
+                                       torch.tensor([], dtype=torch.int32), torch.tensor([3.0])])
 def test_quant_rows_and_swiglu_quant_check_live_rows_on_the_pytorch_path_too(live_rows):
     """live_rows was checked on the fused CUDA path only: on the PyTorch path (CPU, float, unaligned rows) any value
     was ignored, so a bad one surfaced only once the inputs took the fused path. The same check runs on every path."""

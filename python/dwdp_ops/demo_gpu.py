@@ -33,8 +33,8 @@ def plan_layers(cfg, world: int, requested: int | None, free_bytes: int, reserve
     ``free_bytes``)."""
     from dwdp_ops.models.deepseek_r1.memory import moe_layers_that_fit
 
-    fit = moe_layers_that_fit(world, max(0, free_bytes - reserve), vocab_size=cfg.vocab_size, expert_itemsize=expert_itemsize,
-                              requests=0, cache_len=0, step_tokens=0)
+    fit = moe_layers_that_fit(world, max(0, free_bytes - reserve), vocab_size=cfg.vocab_size,
+                              expert_itemsize=expert_itemsize, requests=0, cache_len=0, step_tokens=0)
     return int(fit if requested is None else min(fit, requested))
 
 
