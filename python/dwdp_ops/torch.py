@@ -45,10 +45,10 @@ the host; each refuses, by name, tensors on another device than the rest or than
     [max_rows, H] bf16, offs [L] int32)``: views of the dispatcher's own buffers, valid until its next dispatch
     (not fresh memory: read them before the layer's combine, as the MoE layer does). ``max_rows``: the step's row
     bound (``TokenDispatcher.rows_for``; -1 for the capacity). Collective: every rank calls it for the layer, in
-    the same order. Raises ``TypeError`` for a dtype and for non-contiguous ids / weights, ``ValueError`` for a
-    non-contiguous or wrongly shaped ``x``, more than ``max_tokens`` tokens, a ``max_rows`` that is 0, below -1 or
-    above ``max_pairs``, or tensors off the dispatcher's GPU, ``DwdpError`` for a stale handle or a dispatch not
-    combined yet.
+    the same order. Raises ``TypeError`` for a dtype and for ids / weights that are not contiguous ``[T, k]`` (a
+    wrong shape included), ``ValueError`` for a non-contiguous or wrongly shaped ``x``, more than ``max_tokens``
+    tokens, a ``max_rows`` that is 0, below -1 or above ``max_pairs``, or tensors off the dispatcher's GPU,
+    ``DwdpError`` for a stale handle or a dispatch not combined yet.
 ``dwdp::combine(Tensor y_grouped, Tensor x, int disp) -> Tensor``
     The weighted expert outputs back to their tokens: ``y_grouped [rows, H]`` bf16 (in the dispatch's row order),
     ``x`` the dispatch's ``[T, H]`` input (for the output's shape; not read; another shape is a ``ValueError``) ->
