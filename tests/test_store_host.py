@@ -460,3 +460,24 @@ def test_address_helpers_refuse_a_released_layer_and_a_finalized_runtime_like_th
             fn(0, 0, expert)
     rt.state = "initialized"
     store.close()
+
+
+@pytest.mark.parametrize("first, bad, err", [
+    (None, [1 << 20], TypeError), (1 << 20, float(1 << 20), TypeError), (1 << 20, np.float64(1 << 20), TypeError),
+    (None, 0, ValueError),
+])
+def test_fetch_ce_checks_slice_bytes_before_the_plan_cache(first, bad, err):
+    """The copy plans are cached by slice_bytes, which order_copies checked only when a plan was built: a list met a
+    bare "unhashable type: 'list'" from the cache key, and 2.0 (or True) after a fetch with 2 (or 1) hit that plan and
+    was taken, though a first call with it was refused (True is not tested: a 1-byte plan takes a minute to build). Checked before the cache, every time; numpy ints are taken."""
+    be = FakeBackend()
+    copied = []
+    be.ce_copy = lambda *args: copied.append(args)
+    store, _ = make(be)
+    if first is not None:
+        store.fetch_ce(0, 0, schedule="interleaved", slice_bytes=first)
+    with pytest.raises(err, match=r"^slice_bytes must be a positive int \(bytes\), got "):
+        store.fetch_ce(0, 0, schedule="interleaved", slice_bytes=bad)
+    assert len(copied) == (first is not None)
+    assert store.fetch_ce(0, 0, schedule="interleaved", slice_bytes=np.int64(1 << 20)) > 0
+    store.close()

@@ -51,7 +51,7 @@ from .interop import cupy_stream, device_buffer, stream_handle
 from .layout import ExpertLayout, local_allocation_bytes, registration_overhead
 from .partition import ExpertPartition
 from .runtime import Runtime, get_runtime
-from .schedule import DEFAULT_SLICE, Copy, Schedule, order_copies, peer_order
+from .schedule import DEFAULT_SLICE, Copy, Schedule, _check_slice, order_copies, peer_order
 
 # Mirrors dwdp::ExpertCopy in cpp/include/dwdp/fetch.h.
 EXPERT_COPY_DTYPE = np.dtype(
@@ -444,6 +444,8 @@ class ExpertStore:
         return out
 
     def _ce_plan(self, layer: int, schedule: Schedule, slice_bytes: int):
+        if slice_bytes is not None:  # (before the cache key: a list was unhashable, 2.0 / True hit 2's / 1's plan)
+            slice_bytes = _check_slice(slice_bytes)
         key = ("ce", layer, schedule, slice_bytes)
         if key not in self._cache:
             copies = order_copies(self.ce_copies(layer), self.rank, self.world, schedule, slice_bytes)
