@@ -481,3 +481,30 @@ def test_fetch_ce_checks_slice_bytes_before_the_plan_cache(first, bad, err):
     assert len(copied) == (first is not None)
     assert store.fetch_ce(0, 0, schedule="interleaved", slice_bytes=np.int64(1 << 20)) > 0
     store.close()
+
+
+def test_a_pointer_table_built_inside_a_capture_names_table_not_prepare(monkeypatch):
+    """table()'s docstring said "prepare() first" and its refusal inside a CUDA-graph capture said "call
+    store.prepare()", but prepare() builds the NVSHMEM descriptor tables, not table()'s pointer arrays: a caller who
+    followed the advice met the same refusal. Both now name table() itself; the fetch tables still name prepare()."""
+    import cupy
+
+    class Ctx:
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+    monkeypatch.setattr(cupy.cuda, "Device", lambda d: Ctx())
+    monkeypatch.setattr(cupy.cuda, "get_current_stream", lambda: type("S", (), {"ptr": 5})())
+    be = FakeBackend()
+    be.stream_is_capturing = lambda s: True
+    store, _ = make(be)
+    with pytest.raises(DwdpError, match=r"the table plan .* capture; call store\.table\(1, 'w2'\) \(or run the step "
+                                        r"once eagerly\) before capturing"):
+        store.table(1, "w2")
+    with pytest.raises(DwdpError, match=r"the NVSHMEM descriptor plan .* capture; call store\.prepare\(\) \(or run"):
+        store.nvshmem_table(1)
+    assert "prepare() first" not in ExpertStore.table.__doc__
+    store.close()

@@ -325,19 +325,20 @@ class ExpertStore:
     def table(self, layer: int, name: str):
         """A device array ``[E]`` uint64 of pointers to each expert's tensor (local storage or slot), for
         pointer-array grouped GEMMs. Built on first use (copied and synchronised; refused with DwdpError inside a
-        CUDA-graph capture: ``prepare()`` first), cached and owned by the store until ``close()``. Local; raises as
-        ``local``."""
+        CUDA-graph capture: call ``table`` once before capturing, ``prepare()`` does not build these), cached and
+        owned by the store until ``close()``. Local; raises as ``local``."""
 
         ti = self._check(layer, name, "table")
         key = ("table", layer, ti)
         if key not in self._cache:
             ptrs = np.array([self.expert_address(layer, ti, e) for e in range(self.E)], dtype=np.uint64)
-            self._cache[key] = self._device_const(ptrs, "table")
+            self._cache[key] = self._device_const(ptrs, "table", remedy=f"call store.table({layer}, {name!r})")
         return self._cache[key]
 
-    def _device_const(self, host: np.ndarray, what: str):
+    def _device_const(self, host: np.ndarray, what: str, remedy: str = "call store.prepare()"):
         """A device copy of ``host`` that every stream may read: copied and synchronised now (plans are built once,
-        before use). Refused while a CUDA graph is being captured (a synchronisation would break the capture)."""
+        before use). Refused while a CUDA graph is being captured (a synchronisation would break the capture), the
+        error saying to ``remedy`` first."""
         import cupy as cp
 
         with cp.cuda.Device(self.device):
@@ -345,7 +346,7 @@ class ExpertStore:
             if self.be.stream_is_capturing(s.ptr):
                 raise DwdpError(
                     f"ExpertStore: the {what} plan is built on first use, which cannot happen inside a CUDA graph "
-                    "capture; call store.prepare() (or run the step once eagerly) before capturing"
+                    f"capture; {remedy} (or run the step once eagerly) before capturing"
                 )
             dev = cp.asarray(host)
             s.synchronize()
@@ -501,10 +502,11 @@ class ExpertStore:
         return self._cache[key]
 
     def prepare(self, layers: Sequence[int] | None = None, streams: Sequence[Any] = ()) -> None:
-        """Builds the device tables of ``layers`` (default: all) and the fetch scratch of ``streams`` now, so that a
-        CUDA graph captured later finds them (nothing may be built during a capture). ``layers`` is a sequence of ints
-        in [0, num_layers), ``streams`` a sequence of streams (``interop.stream_handle``): both are checked, by name,
-        before anything is built (a bare int for either is a TypeError)."""
+        """Builds the NVSHMEM descriptor tables of ``layers`` (default: all; not ``table``'s pointer arrays, built by
+        calling ``table``) and the fetch scratch of ``streams`` now, so that a CUDA graph captured later finds them
+        (nothing may be built during a capture). ``layers`` is a sequence of ints in [0, num_layers), ``streams`` a
+        sequence of streams (``interop.stream_handle``): both are checked, by name, before anything is built (a bare
+        int for either is a TypeError)."""
         import cupy as cp
 
         for name, v, want in (("layers", layers, "a sequence of layer indices (ints) or None"),
