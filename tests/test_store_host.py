@@ -418,7 +418,8 @@ def test_prepare_checks_layers_and_streams_by_name_before_building_anything(monk
 
 
 @pytest.mark.parametrize("shape, dtype, err, match", [
-    ((8, 256, 256), np.float16, TypeError, r"merge out: expected storage dtype uint16 for bfloat16 weights, got float16"),
+    ((8, 256, 256), np.float16, TypeError,
+     r"merge out: expected storage dtype uint16 for bfloat16 weights, got float16"),
     ((8, 256, 256), np.int16, TypeError, "merge out: expected storage dtype uint16"),
     ((2048, 256), np.uint16, ValueError, r"merge out: expected a contiguous array of shape \[8, 256, 256\], got shape "
                                          r"\[2048, 256\]"),
@@ -469,7 +470,8 @@ def test_address_helpers_refuse_a_released_layer_and_a_finalized_runtime_like_th
 def test_fetch_ce_checks_slice_bytes_before_the_plan_cache(first, bad, err):
     """The copy plans are cached by slice_bytes, which order_copies checked only when a plan was built: a list met a
     bare "unhashable type: 'list'" from the cache key, and 2.0 (or True) after a fetch with 2 (or 1) hit that plan and
-    was taken, though a first call with it was refused (True is not tested: a 1-byte plan takes a minute to build). Checked before the cache, every time; numpy ints are taken."""
+    was taken, though a first call with it was refused (True is not tested: a 1-byte plan takes a minute to build).
+    Checked before the cache, every time; numpy ints are taken."""
     be = FakeBackend()
     copied = []
     be.ce_copy = lambda *args: copied.append(args)
