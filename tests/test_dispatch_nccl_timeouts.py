@@ -117,3 +117,19 @@ def test_a_rank_that_skips_a_combine_is_named():
     assert msg.startswith("DwdpError: NcclDispatcher: all_to_all_single of the partials in the combine of dispatch #1 "
                           "failed on rank 0 of 2"), res
     assert "rank(s) [1] had moved on to a later dispatch without this combine (rank 1 #2)" in msg, res
+
+
+@pytest.mark.timeout(30)
+def test_a_second_set_up_on_the_same_port_checks_afresh():
+    """A second set-up in the same processes, on the same port, after destroy_process_group: rank 0's store (kept
+    alive by the module for the dispatches' messages) still held the first set-up's keys, so rank 0 found every rank
+    joined at once and said "ok" with rank 2 gone, and rank 1 read the first verdict before rank 0 had come back.
+    Both must raise rank 0's new verdict naming rank 2."""
+    res = _run("reinit", 3, [0, 1, 2])
+    assert res[2][1] == "ok", res
+    for r in (0, 1):
+        s, msg = res[r]
+        assert msg.startswith("RendezvousError: torch.distributed set-up at 127.0.0.1:"), res
+        assert "rank(s) [2] of 3 did not arrive within 3 s" in msg and "arrived: [0, 1]" in msg, res
+    assert "rank 0's verdict, raised on rank 1" in res[1][1], res
+    assert TIMEOUT - 0.5 < res[0][0] < TIMEOUT + 3, res

@@ -114,6 +114,7 @@ _world_seq = 0  # dispatches entered on the default group by this process (the s
 _JOINED = "dwdp/joined/"  # + rank: set by each rank when it has reached the store
 _VERDICT = "dwdp/joined/verdict"  # set by rank 0: "ok", or the error every rank raises
 _ACK = "dwdp/joined/ack/"  # + rank: a rank > 0 has read a failed verdict (rank 0 then stops hosting the store)
+_OKS = "dwdp/joined/oks"  # how many ranks > 0 have read an "ok" verdict (the last one deletes the verdict)
 _AT = "dwdp/nccl/at/"  # + rank: the last dispatch # this rank entered (0: none yet), for the collectives' messages
 _READ = "dwdp/nccl/read/"  # + collective/rank: a failed rank has read the progress keys (rank 0 may stop hosting)
 
@@ -142,8 +143,12 @@ def _join(env: DistEnv, port: int, t: float):
     (hosted by rank 0); rank 0 waits up to ``t`` seconds for all of them and sets a verdict that every rank waits for:
     "ok", or a message naming the ranks whose keys are absent, which every arrived rank raises (RendezvousError).
     A rank > 0 waits ``rendezvous._GRACE_S`` longer than ``t`` (for the store to answer, and for the verdict), so
-    that one started before rank 0 still gets rank 0's report; past that it raises naming rank 0. Set-up only: the
-    steps after it are untouched. Returns the store (``init_process_group(store=...)`` keeps it)."""
+    that one started before rank 0 still gets rank 0's report; past that it raises naming rank 0. The keys are
+    deleted once read (the joined keys by rank 0 before its verdict, an "ok" by the last rank to read it, a failed
+    verdict by rank 0 once told): rank 0's store outlives the group (``_WATCH``), and a later set-up on the same port
+    in this process reuses it (multi-tenant), so a key left there would pass that set-up's check or answer it with
+    this verdict. Set-up only: the steps after it are untouched. Returns the store (``init_process_group(store=...)``
+    keeps it)."""
     _, dist = _torch()
     me, n, addr = env.rank, env.world_size, f"{env.master_addr}:{port}"
     wait = t if me == 0 else t + _GRACE_S
@@ -165,11 +170,14 @@ def _join(env: DistEnv, port: int, t: float):
     if me == 0:
         missing = []
         try:
-            store.wait([f"{_JOINED}{r}" for r in range(n)], _dt.timedelta(seconds=max(t - (time.monotonic() - t0), 1e-3)))
+            store.wait([f"{_JOINED}{r}" for r in range(n)],
+                       _dt.timedelta(seconds=max(t - (time.monotonic() - t0), 1e-3)))
         except Exception:  # noqa: BLE001 - the wait's timeout (DistStoreError or RuntimeError by version)
             missing = [r for r in range(n) if not store.check([f"{_JOINED}{r}"])]
         if not missing:
-            store.set(_VERDICT, "ok")
+            _forget(store, [f"{_JOINED}{r}" for r in range(n)])
+            if n > 1:
+                store.set(_VERDICT, "ok")
             return store
         came = [r for r in range(1, n) if r not in missing]
         msg = (f"torch.distributed set-up at {addr}: rank(s) {_ranks(missing)} of {n} did not arrive within "
@@ -180,6 +188,7 @@ def _join(env: DistEnv, port: int, t: float):
                 store.wait([f"{_ACK}{r}" for r in came], _dt.timedelta(seconds=_TELL_S))
             except Exception:  # noqa: BLE001 - best effort
                 pass
+        _forget(store, [_VERDICT, *(f"{_ACK}{r}" for r in range(1, n)), *(f"{_JOINED}{r}" for r in range(n))])
         raise RendezvousError(msg)
     try:
         store.wait([_VERDICT], _dt.timedelta(seconds=max(wait - (time.monotonic() - t0), 1e-3)))
@@ -194,7 +203,18 @@ def _join(env: DistEnv, port: int, t: float):
         except Exception:  # noqa: BLE001 - rank 0 may be gone already
             pass
         raise RendezvousError(f"{verdict} (rank 0's verdict, raised on rank {me})")
+    if store.add(_OKS, 1) == n - 1:  # the last rank to read it: every rank has
+        _forget(store, [_VERDICT, _OKS])
     return store
+
+
+def _forget(store, keys) -> None:
+    """Deletes ``keys`` from ``store``, best effort (``_join``'s keys once read; rank 0 may be gone already)."""
+    for k in keys:
+        try:
+            store.delete_key(k)
+        except Exception:  # noqa: BLE001 - best effort
+            pass
 
 
 @dataclass(frozen=True, eq=False)
