@@ -141,6 +141,24 @@ def test_combine_rejects_a_wrong_shape(world1):
         d.combine(h.x_grouped, h, out=torch.zeros(3, 16))
 
 
+def test_an_out_of_memory_error_in_a_collective_is_not_called_a_rank_failure(world1, monkeypatch):
+    """``_collective`` turns torch.distributed's RuntimeErrors into a DwdpError naming the ranks behind; an
+    allocation failing in the same call (torch.OutOfMemoryError, a RuntimeError: the receive buffer, the host copy of
+    the counts) was wrapped too, as "... failed on rank 0 ... torch.distributed said: CUDA out of memory", and a
+    caller catching torch.OutOfMemoryError missed it. It passes through as itself."""
+    d = NcclDispatcher(ExpertPartition.disjoint(8, 1), 16, 2)
+    x, ids, w = torch.zeros(2, 16), torch.tensor([[0, 1], [1, 2]], dtype=torch.int32), torch.ones(2, 2)
+    h = d.dispatch(x, ids, w)
+
+    def oom(*a, **k):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(d, "_a2a_rows", oom)
+    for call in (lambda: d.dispatch(x, ids, w), lambda: d.combine(h.x_grouped, h)):
+        with pytest.raises(torch.OutOfMemoryError, match=r"^CUDA out of memory"):
+            call()
+
+
 def test_combine_refuses_a_non_tensor_with_type_error_as_dispatch_does(world1):
     """combine raised ValueError for a non-tensor ``y_grouped`` / ``out`` where dispatch raises TypeError for its
     non-tensors; a tensor of the wrong shape stays a ValueError (test_combine_rejects_a_wrong_shape)."""

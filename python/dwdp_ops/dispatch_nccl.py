@@ -332,12 +332,14 @@ class NcclDispatcher:
         dispatch #, the timeout and, when watched (gloo world of ``init_process_group_from_env``), the ranks that had
         not reached it, from their ``dwdp/nccl/at/<rank>`` keys (read on failure only). With nccl the collectives
         are asynchronous: a peer that never comes leaves the host in dispatch's ``.cpu()`` until NCCL's watchdog
-        ends the process with its own message, which this cannot wrap."""
+        ends the process with its own message, which this cannot wrap. An allocation failing in ``fn``
+        (torch.OutOfMemoryError, also a RuntimeError) is no rank's failure: it passes through unwrapped."""
+        torch, _ = _torch()
         t0 = time.monotonic()
         try:
             return fn()
         except RuntimeError as e:
-            if isinstance(e, DwdpError):
+            if isinstance(e, (DwdpError, torch.OutOfMemoryError)):
                 raise
             raise DwdpError(self._failure(what, seq, combine, time.monotonic() - t0, e)) from e
 
