@@ -28,6 +28,7 @@ step); the NVLink kernels are the capacity-bounded, graph-capturable path.
 
 from __future__ import annotations
 
+import atexit
 import datetime as _dt
 import os
 import time
@@ -107,6 +108,15 @@ class _Watch:
 
 
 _WATCH: _Watch | None = None
+
+
+@atexit.register
+def _drop_watch() -> None:
+    """Lets go of ``_WATCH``'s store at exit, before the interpreter's teardown: rank 0's store, kept there past
+    ``destroy_process_group``, was otherwise destroyed during that teardown, and its server thread sometimes ended
+    rank 0 with "terminate called without an active exception" (SIGABRT) after a clean run."""
+    global _WATCH
+    _WATCH = None
 _world_seq = 0  # dispatches entered on the default group by this process (the same count on every rank)
 
 
