@@ -344,12 +344,11 @@ class NcclDispatcher:
         are asynchronous: a peer that never comes leaves the host in dispatch's ``.cpu()`` until NCCL's watchdog
         ends the process with its own message, which this cannot wrap. An allocation failing in ``fn``
         (torch.OutOfMemoryError, also a RuntimeError) is no rank's failure: it passes through unwrapped."""
-        torch, _ = _torch()
         t0 = time.monotonic()
         try:
             return fn()
         except RuntimeError as e:
-            if isinstance(e, (DwdpError, torch.OutOfMemoryError)):
+            if isinstance(e, (DwdpError, _torch()[0].OutOfMemoryError)):
                 raise
             raise DwdpError(self._failure(what, seq, combine, time.monotonic() - t0, e)) from e
 
