@@ -14,7 +14,7 @@ from pathlib import Path
 from statistics import median
 
 RESULTS = Path(__file__).resolve().parent / "results"
-NVIDIA_SMI_TIMEOUT_S = 30  # the longest a machine-facts query of nvidia-smi may take (a hung driver must not hang a run)
+NVIDIA_SMI_TIMEOUT_S = 30  # the longest a machine-facts query of nvidia-smi may take (a hung driver must not hang it)
 
 
 def time_op(op, stream, repeats=10, warmup=2, before=None):

@@ -207,7 +207,8 @@ def test_real_module_without_gpu_raises_clearly():
 @pytest.mark.parametrize("size, err, match", [
     ("0", ValueError, r"^heap_size '0' is 0 bytes; it must be positive$"),
     ("-4g", ValueError, r"^heap_size '-4g' is -4294967296 bytes; it must be positive$"),
-    ("0.0001k", ValueError, r"^heap_size '0.0001k' is 0.1024 bytes, not a whole number of bytes$"),  # (had been "is 0 bytes")
+    # (had been "is 0 bytes")
+    ("0.0001k", ValueError, r"^heap_size '0.0001k' is 0.1024 bytes, not a whole number of bytes$"),
     ("1.3k", ValueError, r"^heap_size '1.3k' is 1331.2 bytes, not a whole number of bytes$"),  # (had been 1331 bytes)
     ("-0.1k", ValueError, r"^heap_size '-0.1k' is -102.4 bytes, not a whole number of bytes$"),
     ("inf g", ValueError, r"^heap_size 'inf g' is not a size"),
@@ -229,8 +230,8 @@ def test_heap_size_must_be_a_positive_finite_size(size, err, match):
     assert be.calls == []
 
 
-@pytest.mark.parametrize("size, want", [("1.5g", 3 << 29), ("0.5k", 512), ("4096", 4096), (1 << 30, 1 << 30), (" 2M ", 2 << 20),
-                                        (np.int64(1 << 30), 1 << 30)])
+@pytest.mark.parametrize("size, want", [("1.5g", 3 << 29), ("0.5k", 512), ("4096", 4096), (1 << 30, 1 << 30),
+                                        (" 2M ", 2 << 20), (np.int64(1 << 30), 1 << 30)])
 def test_heap_size_good_values(size, want):
     from dwdp_ops.runtime import _parse_size
 
