@@ -57,8 +57,11 @@ def init_process_group_from_env(backend: str | None = None, timeout_s: float | N
     """Initialises ``torch.distributed`` for this process from our launcher's environment (``python -m
     dwdp_ops.launch``, torchrun or mpirun: ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR``, ...).
 
-    Rendezvous ``tcp://MASTER_ADDR:PORT`` with PORT = ``DWDP_NCCL_PORT`` when set, else ``MASTER_PORT + 1``
-    (``MASTER_PORT`` itself is ``dwdp_ops.init``'s control plane; both can run in one job). Backend: ``backend``,
+    The group's store is a ``TCPStore`` at ``MASTER_ADDR:PORT``, hosted by rank 0, with PORT = ``DWDP_NCCL_PORT`` when
+    set, else ``MASTER_PORT + 1`` (``MASTER_PORT`` itself is ``dwdp_ops.init``'s control plane; both can run in one
+    job). Before the group forms, a join check on that store (``_join``) raises RendezvousError on every arrived
+    rank naming the ranks that did not arrive within the timeout (ranks > 0 wait ``rendezvous._GRACE_S`` longer,
+    then name rank 0 when it never answered). Backend: ``backend``,
     else ``nccl`` when CUDA is available, else ``gloo``; with nccl the current CUDA device is set to ``LOCAL_RANK``.
     Timeout: ``timeout_s``, else ``DWDP_TIMEOUT`` (default 300 s; ``env.timeout_from_environ``, checked before
     anything starts: a bad value raises ValueError naming it). Collective (every rank calls it). A group already
