@@ -330,3 +330,30 @@ def test_iterations_and_warmup_are_bounded_as_the_cli_bounds_iterations():
             SimConfig(**{name: MAX_ITERATIONS + 1})
         with pytest.raises(ValueError, match=f"measured point 0: {name} must be at most 10000"):
             validate([dict(POINT, **{name: 10**8})], layers=5)
+
+
+def test_products_of_the_bounds_are_bounded(capsys):
+    """Each bound alone held, their product did not: --gpus 256 --iterations 10000 (every value in range) ran for
+    about 20 minutes, and --gpus 256 --iterations 100 --isl 1 --max-tokens 1024 --layers 1 took 48 s and 4.6 GB
+    (with --iterations 10000: hours, hundreds of GB), while docs/simulator.md said the bounds keep a run within
+    seconds and megabytes. SimConfig and the CLI now refuse what exceeds MAX_LAYER_STEPS or MAX_REQUESTS."""
+    from dwdp_ops.sim.cli import main
+    from dwdp_ops.sim.model import MAX_LAYER_STEPS, MAX_REQUESTS
+
+    with pytest.raises(ValueError, match="gpus x iterations x layers must be at most"):
+        SimConfig(gpus=256, iterations=10000)
+    with pytest.raises(ValueError, match=r"gpus x \(iterations \+ warmup\) x max_tokens / isl"):
+        SimConfig(gpus=256, iterations=100, isl=1, max_tokens=1024, layers=1)
+    with pytest.raises(ValueError, match=r"gpus x \(iterations \+ warmup\)"):  # the warmup is built too
+        SimConfig(gpus=2, iterations=10, warmup=10000, isl=1, max_tokens=1024, layers=1)
+    SimConfig(gpus=256, iterations=MAX_LAYER_STEPS // (256 * 61), layers=61)  # at the bounds: taken
+    SimConfig(gpus=4, iterations=MAX_REQUESTS // (4 * 1024), isl=1, max_tokens=1024, layers=1)
+    for argv in (["--gpus", "256", "--iterations", "10000"],
+                 ["--gpus", "256", "--iterations", "100", "--isl", "1", "--max-tokens", "1024", "--layers", "1"],
+                 ["--gpus", "256", "--iterations", "200", "--isl", "32", "--max-tokens", "32", "--layers", "1",
+                  "--sweep"]):  # --sweep's budgets (32768) count
+        with pytest.raises(SystemExit) as e:
+            main(argv)
+        assert e.value.code == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert "error: argument --iterations:" in err[-1] and "must be at most" in err[-1]

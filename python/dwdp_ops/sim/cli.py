@@ -19,7 +19,7 @@ import sys
 from .._cli import HelpFormatter, existing_file, nonnegative_int, plain, positive_float, writable_path
 from .analysis import is_paper_setting, paper_comparison, sweep, validate_e2e, validation_table
 from .costs import CATEGORIES, PROFILES, Overrides
-from .model import MAX_ISL, MAX_REQUESTS_PER_ITERATION, MAX_TOKENS, SimConfig, simulate
+from .model import MAX_ISL, MAX_REQUESTS_PER_ITERATION, MAX_TOKENS, SimConfig, simulate, work_error
 from .plot import MISSING, have_matplotlib, plot, plot_format
 
 __all__ = ["build_parser", "main"]
@@ -175,6 +175,10 @@ def check_args(ap: argparse.ArgumentParser, ns: argparse.Namespace, given: set[s
         ap.error(f"argument --max-tokens: expected at most {MAX_REQUESTS_PER_ITERATION} x --isl "
                  f"({MAX_REQUESTS_PER_ITERATION * ns.isl} for --isl {ns.isl}: about {MAX_REQUESTS_PER_ITERATION} "
                  f"requests per iteration), got {what}")
+    err = None if ns.validate else work_error(ns.gpus, ns.iterations, 0, ns.layers, ns.isl, max(budgets))
+    if err:
+        ap.error(f"argument --iterations: {err} (fewer --iterations, --gpus or --layers, or a smaller --max-tokens / "
+                 "--isl)")
     if ns.dense_layers is not None and ns.dense_layers > ns.layers:
         ap.error(f"argument --dense-layers: expected at most --layers ({ns.layers}), got {ns.dense_layers}")
     if ns.plot and not have_matplotlib():

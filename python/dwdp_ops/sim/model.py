@@ -113,16 +113,36 @@ from ..policy import _p_row
 from .costs import CATEGORIES, COMPUTE, PROFILES, CostModel, Overrides, load_calibration
 from .workload import Iteration, _check_source, workload
 
-__all__ = ["MAX_ISL", "MAX_ITERATIONS", "MAX_REQUESTS_PER_ITERATION", "MAX_TOKENS", "RankStep", "SimConfig", "dep_eplb",
-           "dep_expert_counts", "dep_iteration", "dwdp_timeline", "partition_for", "simulate"]
+__all__ = ["MAX_ISL", "MAX_ITERATIONS", "MAX_LAYER_STEPS", "MAX_REQUESTS", "MAX_REQUESTS_PER_ITERATION", "MAX_TOKENS",
+           "RankStep", "SimConfig", "dep_eplb", "dep_expert_counts", "dep_iteration", "dwdp_timeline", "partition_for",
+           "simulate", "work_error"]
 
 # Upper bounds of a setting. The simulator builds every request of every iteration it simulates, so its time and
 # memory grow with iterations x ranks x requests per iteration (about max_tokens / isl: both distributions have mean
-# length isl, or at least isl / 2 for a ratio); the bounds keep one setting within seconds and megabytes.
+# length isl, or at least isl / 2 for a ratio), and the timelines with iterations x ranks x layers. Each bound below
+# alone is not enough (256 GPUs x 10000 iterations x 61 layers, every value in range, ran for about 20 minutes; 1024
+# requests an iteration on top, for hours and hundreds of GB): MAX_LAYER_STEPS and MAX_REQUESTS bound the products,
+# which keeps one setting within about 15 s and 1 GB.
 MAX_ISL = 1 << 20  # 1048576 tokens: 6.4x DeepSeek-R1's 163840-token context
 MAX_TOKENS = 1 << 20  # 1048576 tokens per rank and iteration: 32x the paper's 32768
 MAX_REQUESTS_PER_ITERATION = 1024  # max_tokens <= this x isl: 16x the paper's largest batch (64 requests)
 MAX_ITERATIONS = 10000  # iterations, and warmup, per rank: the CLI's --iterations bound
+MAX_LAYER_STEPS = 1 << 21  # gpus x iterations x layers (timed; ~7 us each): 256 GPUs x 134 iterations at 61 layers
+MAX_REQUESTS = 1 << 22  # gpus x (iterations + warmup) x max_tokens / isl: the requests built, about (~2 us each)
+
+
+def work_error(gpus: int, iterations: int, warmup: int, layers: int, isl: int, max_tokens: int) -> str | None:
+    """Why a setting is too large to simulate in seconds (``MAX_LAYER_STEPS``, ``MAX_REQUESTS``), or None."""
+    steps = gpus * iterations * layers
+    if steps > MAX_LAYER_STEPS:
+        return (f"gpus x iterations x layers must be at most {MAX_LAYER_STEPS} (2^21: about 15 s), got {gpus} x "
+                f"{iterations} x {layers} = {steps}")
+    requests = gpus * (iterations + warmup) * max_tokens / isl
+    if requests > MAX_REQUESTS:
+        return (f"gpus x (iterations + warmup) x max_tokens / isl (about the requests built) must be at most "
+                f"{MAX_REQUESTS} (2^22: about 10 s and 1 GB), got {gpus} x {iterations + warmup} x {max_tokens} / "
+                f"{isl} = {requests:.0f}")
+    return None
 
 
 @dataclass(frozen=True)
@@ -130,7 +150,8 @@ class SimConfig:
     """One simulated setting. ``hardware``: a shipped profile (``h200``, ``gb200``) or a calibration file; exactly one
     of ``ratio`` and ``cv`` (``ratio`` 0.8 if neither is given); ``dense_layers``: None = min(3, layers).
     ``isl`` <= ``MAX_ISL``, ``max_tokens`` <= ``MAX_TOKENS`` and <= ``MAX_REQUESTS_PER_ITERATION`` x ``isl``,
-    ``iterations`` and ``warmup`` (untimed iterations per rank, drawn and dropped first) <= ``MAX_ITERATIONS``.
+    ``iterations`` and ``warmup`` (untimed iterations per rank, drawn and dropped first) <= ``MAX_ITERATIONS``,
+    and their products within ``MAX_LAYER_STEPS`` and ``MAX_REQUESTS`` (``work_error``).
     ``owner_load``: relative routed pairs per DEP owner rank (``gpus`` numbers > 0; None: uniform routing).
     ``redundant_experts``: DEP's redundant expert slots R (EPLB, module docstring), an integer in
     [0, (gpus - 1) x 256] (at the top every rank holds every expert); None (the default): the smallest R that gives
@@ -185,6 +206,9 @@ class SimConfig:
             raise ValueError(f"layers must be at most 61 (DeepSeek-R1), got {self.layers}")
         if self.gpus > 256:
             raise ValueError(f"gpus must be at most 256 (one expert per GPU), got {self.gpus}")
+        err = work_error(self.gpus, self.iterations, self.warmup, self.layers, self.isl, self.max_tokens)
+        if err:
+            raise ValueError(err)
         d = self.dense_layers
         if d is not None and (not is_int(d) or not 0 <= d <= self.layers):
             raise ValueError(f"dense_layers must be an integer in [0, layers={self.layers}], got {d!r}")
