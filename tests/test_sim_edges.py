@@ -357,3 +357,30 @@ def test_products_of_the_bounds_are_bounded(capsys):
         assert e.value.code == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert "error: argument --iterations:" in err[-1] and "must be at most" in err[-1]
+
+
+@pytest.mark.parametrize("as_json", [False, True])
+def test_cli_plot_that_cannot_be_written_keeps_the_results(tmp_path, capsys, monkeypatch, as_json):
+    """--plot's path is checked when parsed, but the write can still fail at the end (as root, --plot /proc/x.png
+    passes the check): the OSError's traceback came after the whole run and before any result was printed, so the
+    run was lost. Now the results are printed first and the failed figure is one error line, exit 1."""
+    pytest.importorskip("matplotlib")
+    import json
+
+    from dwdp_ops.sim import cli
+
+    def fail(res, path, rows):
+        raise FileNotFoundError(2, "No such file or directory", path)
+
+    monkeypatch.setattr(cli, "plot", fail)
+    path = tmp_path / "x.png"
+    code, out, err = _run_cli(["--layers", "5", "--iterations", "2", "--plot", str(path)]
+                              + (["--json"] if as_json else []), capsys)
+    assert code == 1
+    if as_json:
+        assert json.loads(out)["ratio"] > 0
+    else:
+        assert "TPS/GPU: DWDP" in out and "figure:" not in out
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and "error: argument --plot: the figure was not written" in lines[0], err
+    assert str(path) in lines[0]

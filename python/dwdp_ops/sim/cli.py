@@ -290,13 +290,19 @@ def main(argv: list[str] | None = None, prog: str = "python -m dwdp_ops sim") ->
                      redundant_experts=ns.redundant_experts)
         if ns.sweep:
             res["sweep"] = rows
-    if ns.plot:
-        plot(res, ns.plot, [r for r in rows if "cv" in r])
+    # the results first: a figure that cannot be written (checked when parsed, but the file system can still refuse:
+    # root in /proc, a full disk, a directory removed meanwhile) loses only itself, with one error line
     if ns.json:
-        print(json.dumps(res, indent=1))
+        print(json.dumps(res, indent=1), flush=True)
     else:
-        print(_text(res, res.get("sweep")))
-        if ns.plot:
+        print(_text(res, res.get("sweep")), flush=True)
+    if ns.plot:
+        try:
+            plot(res, ns.plot, [r for r in rows if "cv" in r])
+        except OSError as e:
+            print(f"{ap.prog}: error: argument --plot: the figure was not written: {e}", file=sys.stderr)
+            return 1
+        if not ns.json:
             print(f"figure: {ns.plot}")
     return 0
 
