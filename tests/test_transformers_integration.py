@@ -93,6 +93,7 @@ def test_plan_keeps_a_slice_per_rank_and_names_what_it_cannot_serve():
     ([2, 1], "strictly increasing"),  # MoE position p is the p-th MoE layer run
     ([1, 3], r"in \[0, 3\) \(num_hidden_layers\), got 3"),
     ([-1], r"in \[0, 3\)"),
+    ([0, 1, 2], r"decoder layer 0 .* is dense \(first_k_dense_replace = 1"),  # had been planned as a MoE layer
 ])
 def test_plan_of_a_config_checks_the_layer_indices(layers, msg):
     with pytest.raises(ValueError, match=msg):

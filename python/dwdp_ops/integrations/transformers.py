@@ -78,8 +78,8 @@ def moe_layers(model: Any) -> list[tuple[int, Any]]:
 def plan(model_or_config: Any, world: int, rank: int, partition: ExpertPartition | None = None,
          layers: list[int] | None = None) -> ExpertPlan:
     """Which experts rank ``rank`` of ``world`` keeps, for a ``DeepseekV3ForCausalLM`` (or its config with
-    ``layers``, the MoE layer indices: strictly increasing ints below ``num_hidden_layers``). Pure; raises ValueError
-    naming what is unsupported."""
+    ``layers``, the MoE layer indices: strictly increasing ints in ``[first_k_dense_replace, num_hidden_layers)``).
+    Pure; raises ValueError naming what is unsupported."""
     config = getattr(model_or_config, "config", model_or_config)
     cfg = _text_config(config)
     if getattr(cfg, "model_type", None) not in ("deepseek_v3", "kimi_k2"):
@@ -96,6 +96,10 @@ def plan(model_or_config: Any, world: int, rank: int, partition: ExpertPartition
         if not is_int(i) or i < 0 or (is_int(n_layers) and i >= n_layers) or (j and i <= layers[j - 1]):
             raise ValueError(f"layers must be strictly increasing decoder-layer indices (ints) {bound}, got {i!r} "
                              f"({type(i).__name__}) at position {j} of {layers}")
+    dense = getattr(cfg, "first_k_dense_replace", None)
+    if is_int(dense) and layers and layers[0] < dense:  # DeepseekV3DecoderLayer: MoE iff layer_idx >= it
+        raise ValueError(f"layers must be MoE layers: decoder layer {layers[0]} of {layers} is dense "
+                         f"(first_k_dense_replace = {dense}: layers 0 to {dense - 1} have a dense MLP, no experts)")
     if not layers:
         raise ValueError("this DeepSeek-V3 configuration has no MoE layer (first_k_dense_replace >= "
                          f"num_hidden_layers = {getattr(cfg, 'num_hidden_layers', '?')}): nothing to distribute")
