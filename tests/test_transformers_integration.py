@@ -103,6 +103,15 @@ def test_plan_of_a_config_checks_the_layer_indices(layers, msg):
 
 
 @needs_hf
+@pytest.mark.parametrize("top_k", [0, 17])
+def test_plan_refuses_a_top_k_outside_the_experts(top_k):
+    """num_experts_per_tok > n_routed_experts had been planned; HF's router raised only at the first forward, after
+    DwdpDeepseekV3 had moved the experts into the store and freed the model's."""
+    with pytest.raises(ValueError, match=rf"num_experts_per_tok must be an int in \[1, 16\].*got {top_k}"):
+        hf.plan(tiny_config(num_experts_per_tok=top_k), 2, 0, layers=[1, 2])
+
+
+@needs_hf
 @pytest.mark.parametrize("world, rank", [(2, True), (2, 0.0), (2, 2), (0, 0)])
 def test_plan_names_a_bad_world_or_rank(world, rank):
     """A bool or float rank passed the range check and failed in the partition with a TypeError, where the docstring

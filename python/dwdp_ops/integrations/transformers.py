@@ -115,9 +115,12 @@ def plan(model_or_config: Any, world: int, rank: int, partition: ExpertPartition
     if partition.num_experts != E or partition.world_size != world:
         raise ValueError(f"the partition is for {partition.num_experts} experts over {partition.world_size} ranks; "
                          f"the model has {E} experts and the job {world} ranks")
+    top_k = getattr(cfg, "num_experts_per_tok", None)
+    if not is_int(top_k) or not 1 <= top_k <= E:  # HF's router fails only at the first forward (torch.topk)
+        raise ValueError(f"num_experts_per_tok must be an int in [1, {E}] (n_routed_experts), got {top_k!r}")
     lo, hi = partition.local_range(rank)
     return ExpertPlan(tuple(int(i) for i in layers), partition, rank, lo, hi, int(cfg.hidden_size),
-                      int(cfg.moe_intermediate_size), int(cfg.num_experts_per_tok))
+                      int(cfg.moe_intermediate_size), int(top_k))
 
 
 def dwdp_experts_forward(self, hidden_states, top_k_index, top_k_weights):
