@@ -4,6 +4,7 @@ CMake check, the README's set-up commands, the licence, and messages when _C, th
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -303,3 +304,23 @@ def test_cmake_refuses_two_nvshmem_wheels(tmp_path, dists, ok):
     assert (proc.returncode == 0) is ok, text
     if not ok:
         assert "several NVSHMEM wheels are installed" in text
+
+
+def test_a_host_library_that_cannot_load_is_named_not_a_traceback(monkeypatch):
+    """A damaged or foreign libnvshmem_host.so.3 in the wheel's folder: ctypes.CDLL's OSError had escaped from every
+    command (``info`` included) as a traceback; native() now raises a DwdpError naming the file and the reinstall, so
+    native_or_reason gives the one-line reason."""
+    wheel = pytest.importorskip("nvidia.nvshmem", reason="the NVSHMEM wheel is not installed")
+    lib = next(p for p in (f"{r}/lib/libnvshmem_host.so.3" for r in wheel.__path__) if os.path.exists(p))
+
+    def cdll(path, *args, **kw):
+        raise OSError(f"{path}: invalid ELF header")
+
+    monkeypatch.setattr(_native.ctypes, "CDLL", cdll)
+    monkeypatch.setattr(_native, "_module", None)
+    monkeypatch.setattr(_native, "installed_nvshmem_wheels", lambda: {"nvidia-nvshmem-cu13": "3.4.5"})
+    c, why = _native.native_or_reason()
+    assert c is None
+    assert why.startswith(f"the NVSHMEM host library {lib} cannot be loaded ({lib}: invalid ELF header)"), why
+    assert "installed: nvidia-nvshmem-cu13==3.4.5" in why, why
+    assert "pip install 'nvidia-nvshmem-cu13==3.4.5' --force-reinstall" in why, why

@@ -37,7 +37,16 @@ def _preload_nvshmem() -> None:
     for root in getattr(wheel, "__path__", []):
         lib = os.path.join(root, "lib", _HOST_LIB)
         if os.path.exists(lib):
-            ctypes.CDLL(lib, mode=ctypes.RTLD_GLOBAL)
+            try:
+                ctypes.CDLL(lib, mode=ctypes.RTLD_GLOBAL)
+            except OSError as e:  # a damaged or foreign file: say so instead of a traceback from every command
+                wheels = installed_nvshmem_wheels()
+                major = next((wheel_cuda_major(d) for d in wheels), None) or 13
+                raise DwdpError(
+                    f"the NVSHMEM host library {lib} cannot be loaded ({e}); reinstall the wheel that holds it "
+                    f"(installed: {', '.join(f'{d}=={v}' for d, v in wheels.items()) or 'none found'}), e.g. "
+                    f"`{install_command(major)} --force-reinstall`"
+                ) from e
             return
 
 
