@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import inspect
 
+import numpy as np
 import pytest
 from dwdp_ops.dispatch import TokenDispatcher
 from dwdp_ops.errors import DwdpError
@@ -145,3 +146,12 @@ def test_timeout_must_be_finite_seconds(bad):
     rt = SimpleNamespace(require=lambda what: None, world_size=lambda: 2, device=0)
     with pytest.raises(ValueError, match=r"^TokenDispatcher: timeout must be a number of seconds in \(0, "):
         TokenDispatcher(ExpertPartition.disjoint(8, 2), 64, 2, 16, num_sms=4, timeout=bad, runtime=rt)
+
+
+@pytest.mark.parametrize("bad", [{0: 5, 1: 3}, {4, 9}, "53"], ids=["dict", "set", "str"])
+def test_rows_for_refuses_a_mapping_set_or_string(bad):
+    """rows_for's check (shared with the scheduler's step counts: _checks.rank_counts) took a dict's keys, a set's
+    members or a string's characters as the counts ({0: 5, 1: 3} gave a bound for 1 token); ValueError now."""
+    with pytest.raises(ValueError, match=r"^rows_for: tokens_per_rank must hold every rank's tokens \(2 ints >= 0\)"):
+        bare(align=1).rows_for(bad)
+    assert bare(align=1).rows_for(np.array([3, 4])) == bare(align=1).rows_for([3, 4])

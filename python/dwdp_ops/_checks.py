@@ -10,6 +10,8 @@ always a mistake where a count or an index is asked for.
 from __future__ import annotations
 
 import numbers
+import operator
+from collections.abc import Mapping, Sequence, Set
 
 
 def is_int(value: object) -> bool:
@@ -39,15 +41,33 @@ def int_at_least(name: str, value: object, lo: int, noun: str = "an int") -> int
     return int(value)
 
 
-def rank_counts(where: str, tokens_per_rank: object, world: int) -> list[int]:
-    """``tokens_per_rank`` as a list of ``world`` Python ints >= 0 (numpy integers and arrays taken), or a ValueError
-    that starts with ``where`` and names ``tokens_per_rank``: a negative or truncated count would give a bound too
-    small for the step (the dispatchers' ``rows_for``)."""
+def as_count(value: object) -> int | None:
+    """``value`` as a token count (an int >= 0: Python, numpy or a 0-d integer tensor), else None (bools too)."""
+    if is_bool(value):
+        return None
     try:
-        counts = list(tokens_per_rank)
+        n = operator.index(value)
     except TypeError:
-        counts = None
-    if counts is None or len(counts) != world or not all(is_int(t) and t >= 0 for t in counts):
-        raise ValueError(f"{where}: tokens_per_rank must hold every rank's tokens ({world} ints >= 0), "
-                         f"got {tokens_per_rank!r}")
-    return [int(t) for t in counts]
+        return None
+    return n if n >= 0 else None
+
+
+def rank_counts(where: str, tokens_per_rank: object, world: int, *, rank: int | None = None,
+                tokens: int | None = None) -> list[int]:
+    """``tokens_per_rank`` as a list of ``world`` Python ints >= 0 (``as_count``: numpy integers and 0-d integer
+    tensors taken; a string, mapping or set refused: a dict's keys are not counts), with ``rank``'s entry equal to
+    ``tokens`` when ``rank`` is given; else a ValueError that starts with ``where: `` (when given) and names
+    ``tokens_per_rank``: a negative or truncated count would give a bound too small for the step (the dispatchers'
+    ``rows_for``, the scheduler's step counts)."""
+    got = None
+    if not isinstance(tokens_per_rank, (str, bytes, Mapping, Set)):
+        try:
+            got = [as_count(t) for t in tokens_per_rank]
+        except TypeError:  # not iterable
+            got = None
+    if got is None or len(got) != world or None in got or (rank is not None and got[rank] != tokens):
+        shown = list(tokens_per_rank) if isinstance(tokens_per_rank, Sequence) else tokens_per_rank
+        mine = f", this rank's = {tokens}" if rank is not None else ""
+        raise ValueError(f"{where + ': ' if where else ''}tokens_per_rank must hold every rank's tokens ({world} ints "
+                         f">= 0{mine}), got {shown!r}")
+    return got

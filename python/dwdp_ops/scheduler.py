@@ -49,11 +49,10 @@ shares. Without a dispatcher the two weight modes are rank-local and ``auto`` de
 from __future__ import annotations
 
 import contextlib
-import operator
-from collections.abc import Callable, Mapping, Sequence, Set
+from collections.abc import Callable, Sequence
 from typing import Any, Literal
 
-from ._checks import is_bool, is_int
+from ._checks import as_count, is_bool, is_int, rank_counts
 from .interop import stream_handle
 from .policy import MODES, Rates, choose_mode
 from .schedule import DEFAULT_SLICE, Schedule
@@ -200,25 +199,14 @@ class PrefetchScheduler:
         return self.last_choice.mode
 
     def _check_tokens_per_rank(self, tokens: int | None, tokens_per_rank: Sequence[int]) -> list[int]:
-        """``tokens_per_rank`` as ints: a sequence of every rank's count (ints >= 0, ``_count``), this rank's equal
-        to ``tokens``; else ValueError naming the list."""
-        world = self.store.partition.world_size
-        got = None
-        if not isinstance(tokens_per_rank, (str, bytes, Mapping, Set)):
-            try:
-                got = [_count(t) for t in tokens_per_rank]
-            except TypeError:  # not iterable
-                got = None
-        if got is None or len(got) != world or None in got or got[self.store.rank] != tokens:
-            shown = list(tokens_per_rank) if isinstance(tokens_per_rank, Sequence) else tokens_per_rank
-            raise ValueError(f"tokens_per_rank must hold every rank's tokens ({world} ints >= 0, this rank's = "
-                             f"{tokens}), got {shown!r}")
-        return got
+        """``tokens_per_rank`` as ints: every rank's count (``_checks.rank_counts``), this rank's equal to ``tokens``;
+        else ValueError naming the list."""
+        return rank_counts("", tokens_per_rank, self.store.partition.world_size, rank=self.store.rank, tokens=tokens)
 
     def _gather_tokens(self, tokens: int) -> list[int]:
         if self._gather is not None:
             raw = list(self._gather(tokens))
-            got = [_count(t) for t in raw]
+            got = [as_count(t) for t in raw]
         else:
             raw = got = [int(v) for v in self.store.rt.rendezvous.allgather("PrefetchScheduler.step",
                                                                             str(tokens).encode())]
@@ -434,17 +422,6 @@ class PrefetchScheduler:
             raise TypeError(f"layer must be an int, got {layer!r} ({type(layer).__name__})")
         if not 0 <= layer < self.num_layers:
             raise ValueError(f"layer {layer} is outside [0, {self.num_layers})")
-
-
-def _count(value: Any) -> int | None:
-    """``value`` as a token count (an int >= 0: Python, numpy or a 0-d integer tensor), else None (bools too)."""
-    if is_bool(value):
-        return None
-    try:
-        n = operator.index(value)
-    except TypeError:
-        return None
-    return n if n >= 0 else None
 
 
 def _numel(shape) -> int:
