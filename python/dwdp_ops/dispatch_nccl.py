@@ -120,6 +120,8 @@ def _drop_watch() -> None:
     rank 0 with "terminate called without an active exception" (SIGABRT) after a clean run."""
     global _WATCH
     _WATCH = None
+
+
 _world_seq = 0  # dispatches entered on the default group by this process (the same count on every rank)
 
 
