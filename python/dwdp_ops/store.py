@@ -59,6 +59,14 @@ EXPERT_COPY_DTYPE = np.dtype(
 )
 
 
+# fetch_nvshmem's launch arguments: (name, its range, what is expected), checked on every call (the decode path's).
+_FETCH_ARGS = (
+    ("num_blocks", lambda n: 1 <= n <= 65535, "an int in [1, 65535]"),
+    ("threads", lambda n: 32 <= n <= 1024 and n % 32 == 0, "a multiple of 32 in [32, 1024]"),
+    ("chunk", lambda n: 16 <= n <= 1 << 62 and n % 16 == 0, "a multiple of 16 bytes in [16, 2**62]"),
+)
+
+
 class ExpertStore:
     """The expert storage, slots and views of one rank (module docstring).
 
@@ -589,11 +597,7 @@ class ExpertStore:
         if count is not None and not hasattr(count, "__cuda_array_interface__") and not is_int(count):
             raise TypeError(f"fetch_nvshmem: count must be an int or a device int32 scalar, got {count!r} "
                             f"({type(count).__name__})")
-        for name, v, ok, want in (
-                ("num_blocks", num_blocks, lambda n: 1 <= n <= 65535, "an int in [1, 65535]"),
-                ("threads", threads, lambda n: 32 <= n <= 1024 and n % 32 == 0, "a multiple of 32 in [32, 1024]"),
-                ("chunk", chunk, lambda n: 16 <= n <= 1 << 62 and n % 16 == 0,
-                 "a multiple of 16 bytes in [16, 2**62]")):
+        for (name, ok, want), v in zip(_FETCH_ARGS, (num_blocks, threads, chunk)):
             if not is_int(v):
                 raise TypeError(f"fetch_nvshmem: {name} must be {want}, got {v!r} ({type(v).__name__})")
             if not ok(v):
