@@ -71,3 +71,23 @@ def rank_counts(where: str, tokens_per_rank: object, world: int, *, rank: int | 
         raise ValueError(f"{where + ': ' if where else ''}tokens_per_rank must hold every rank's tokens ({world} ints "
                          f">= 0{mine}), got {shown!r}")
     return got
+
+
+# The copy kernels' launch arguments (getmem, ExpertStore.fetch_nvshmem): name -> (its range, what is expected).
+_LAUNCH = {
+    "num_blocks": (lambda n: 1 <= n <= 65535, "an int in [1, 65535]"),
+    "threads": (lambda n: 32 <= n <= 1024 and n % 32 == 0, "a multiple of 32 in [32, 1024]"),
+    "chunk": (lambda n: 16 <= n <= 1 << 62 and n % 16 == 0, "a multiple of 16 bytes in [16, 2**62]"),
+}
+
+
+def launch_args(where: str, **values: object) -> None:
+    """Checks copy-kernel launch arguments by name (``num_blocks``, ``threads``, ``chunk``), in the order given:
+    TypeError for a non-integer (bools included), ValueError outside its range, each message starting with
+    ``where``."""
+    for name, v in values.items():
+        ok, want = _LAUNCH[name]
+        if not is_int(v):
+            raise TypeError(f"{where}: {name} must be {want}, got {v!r} ({type(v).__name__})")
+        if not ok(v):
+            raise ValueError(f"{where}: {name} must be {want}, got {v!r}")

@@ -45,7 +45,7 @@ from typing import Any
 
 import numpy as np
 
-from ._checks import is_int
+from ._checks import is_int, launch_args
 from .errors import DwdpError
 from .interop import cupy_stream, device_buffer, stream_handle
 from .layout import ExpertLayout, local_allocation_bytes, registration_overhead
@@ -56,14 +56,6 @@ from .schedule import DEFAULT_SLICE, Copy, Schedule, _check_slice, order_copies,
 # Mirrors dwdp::ExpertCopy in cpp/include/dwdp/fetch.h.
 EXPERT_COPY_DTYPE = np.dtype(
     [("src", "<u8"), ("src_peer", "<u8"), ("dst", "<u8"), ("bytes", "<u8"), ("pe", "<i4"), ("pad", "<i4")]
-)
-
-
-# fetch_nvshmem's launch arguments: (name, its range, what is expected), checked on every call (the decode path's).
-_FETCH_ARGS = (
-    ("num_blocks", lambda n: 1 <= n <= 65535, "an int in [1, 65535]"),
-    ("threads", lambda n: 32 <= n <= 1024 and n % 32 == 0, "a multiple of 32 in [32, 1024]"),
-    ("chunk", lambda n: 16 <= n <= 1 << 62 and n % 16 == 0, "a multiple of 16 bytes in [16, 2**62]"),
 )
 
 
@@ -597,11 +589,7 @@ class ExpertStore:
         if count is not None and not hasattr(count, "__cuda_array_interface__") and not is_int(count):
             raise TypeError(f"fetch_nvshmem: count must be an int or a device int32 scalar, got {count!r} "
                             f"({type(count).__name__})")
-        for (name, ok, want), v in zip(_FETCH_ARGS, (num_blocks, threads, chunk)):
-            if not is_int(v):
-                raise TypeError(f"fetch_nvshmem: {name} must be {want}, got {v!r} ({type(v).__name__})")
-            if not ok(v):
-                raise ValueError(f"fetch_nvshmem: {name} must be {want}, got {v!r}")
+        launch_args("fetch_nvshmem", num_blocks=num_blocks, threads=threads, chunk=chunk)
         if peer_ptr is not None and not isinstance(peer_ptr, (bool, np.bool_)):
             raise TypeError(f"fetch_nvshmem: peer_ptr must be True, False or None, got {peer_ptr!r}")
         table = self.nvshmem_table(layer)

@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from ._checks import is_int
+from ._checks import is_int, launch_args
 from .errors import DwdpError
 from .interop import device_buffer, normalize_dtype, stream_handle
 from .runtime import SymmetricBuffer, get_runtime
@@ -147,13 +147,7 @@ def getmem(dst: Any, src: Any, pe: int, *, stream: Any = None, num_blocks: int =
     if d.nbytes != s.nbytes:
         raise ValueError(f"getmem: dst holds {d.nbytes} bytes but src holds {s.nbytes}")
     pe = _pe(pe, "getmem", rt.world_size())
-    for name, v, ok, want in (("num_blocks", num_blocks, lambda n: 1 <= n <= 65535, "an int in [1, 65535]"),
-                              ("threads", threads, lambda n: 32 <= n <= 1024 and n % 32 == 0,
-                               "a multiple of 32 in [32, 1024]")):
-        if not is_int(v):
-            raise TypeError(f"getmem: {name} must be {want}, got {v!r} ({type(v).__name__})")
-        if not ok(v):
-            raise ValueError(f"getmem: {name} must be {want}, got {v!r}")
+    launch_args("getmem", num_blocks=num_blocks, threads=threads)
     rt.backend.getmem(d.ptr, s.ptr, s.nbytes, pe, stream_handle(stream), int(num_blocks), int(threads))
 
 
