@@ -220,11 +220,9 @@ def build_parser(prog: str = "dwdp-demo") -> argparse.ArgumentParser:
 def check_args(ap: argparse.ArgumentParser, ns: argparse.Namespace) -> None:
     """Checks that involve several options, and ``--max-len`` against R1's ``max_seq_len`` (on every path, as the
     epilog says of the GPU options); a bad value exits with code 2 and one ``error:`` line."""
-    from .demo_gpu import max_steps
+    from .demo_gpu import check_max_len
 
-    if max_steps(ns.max_len) < 1:
-        ap.error(f"argument --max-len: expected at most {max_steps(0) - 1} (DeepSeek-R1's max_seq_len "
-                 f"{max_steps(0)} minus one step), got {ns.max_len}")
+    check_max_len(ap, ns.max_len)
     if ns.min_len > ns.max_len:
         ap.error(f"--min-len ({ns.min_len}) must be <= --max-len ({ns.max_len})")
     if ns.vocab > ns.max_vocab:

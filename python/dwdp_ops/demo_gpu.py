@@ -64,13 +64,19 @@ def max_steps(max_len: int) -> int:
     return DeepSeekConfig.r1().max_seq_len - max_len
 
 
+def check_max_len(ap: argparse.ArgumentParser, max_len: int) -> None:
+    """``--max-len`` against R1's ``max_seq_len`` (room for one step at least): exits with code 2 and one ``error:``
+    line naming the limit (``demo`` checks it on every path, the GPU worker again in ``check_steps``)."""
+    if max_steps(max_len) < 1:
+        ap.error(f"argument --max-len: expected at most {max_steps(0) - 1} (DeepSeek-R1's max_seq_len "
+                 f"{max_steps(0)} minus one step), got {max_len}")
+
+
 def check_steps(ap: argparse.ArgumentParser, steps: int, max_len: int) -> None:
     """``--steps`` against ``max_steps(--max-len)``: exits with code 2 and one ``error:`` line naming the limit, before
     any rank initialises (the model would refuse it only after the store is built)."""
+    check_max_len(ap, max_len)
     most = max_steps(max_len)
-    if most < 1:
-        ap.error(f"argument --max-len: expected at most {max_steps(0) - 1} (DeepSeek-R1's max_seq_len "
-                 f"{max_steps(0)} minus one step), got {max_len}")
     if steps > most:
         ap.error(f"argument --steps: expected at most {most} on GPUs (DeepSeek-R1's max_seq_len {max_steps(0)} "
                  f"minus --max-len {max_len}), got {steps}")
