@@ -77,9 +77,40 @@ def test_without_the_agent_store_rank0_hosts_the_store():
                               env=dict(base, RANK=str(r), LOCAL_RANK=str(r)), stdout=subprocess.PIPE,
                               stderr=subprocess.STDOUT, text=True, cwd=ROOT) for r in range(2)]
     outs = [p.communicate(timeout=100)[0] for p in procs]
+    both = "".join(f"--- rank {r} (exit {p.returncode}) ---\n{text}" for r, (p, text) in enumerate(zip(procs, outs)))
     for r, (p, text) in enumerate(zip(procs, outs)):
-        assert p.returncode == 0, text
-        assert f"launcher_check ok rank={r} world=2 launcher=torchrun torchrun_store=True" in text, text
+        assert p.returncode == 0, both
+        assert f"launcher_check ok rank={r} world=2 launcher=torchrun torchrun_store=True" in text, both
+
+
+@needs_torch
+@pytest.mark.timeout(60)
+def test_rank0s_hosted_store_outlives_its_rendezvous(monkeypatch):
+    """Without the agent store, the TCPStore server rank 0 hosts at MASTER_PORT stays up after its rendezvous closes.
+    It used to stop with its last TCPStore object: rank 1, already connected to it for the next rendezvous, lost its
+    connection and rank 0 then waited the whole timeout for it ("rank(s) [1] of 2 never arrived")."""
+    from datetime import timedelta
+
+    from dwdp_ops.rendezvous import Rendezvous
+    from torch.distributed import TCPStore
+
+    monkeypatch.setenv("TORCHELASTIC_USE_AGENT_STORE", "False")
+    port = free_port()
+    code = ("import sys; from dwdp_ops.rendezvous import Rendezvous\n"
+            f"with Rendezvous(1, 2, '127.0.0.1', {port}, 30.0, torchrun=True) as r: r.barrier('b')\n"
+            "print('rank 1 ok', flush=True)")
+    peer = subprocess.Popen([sys.executable, "-c", code], env=dict(launcher_free_env(), TORCHELASTIC_USE_AGENT_STORE="False"),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT)
+    try:
+        with Rendezvous(0, 2, "127.0.0.1", port, 30.0, torchrun=True) as rdv:
+            rdv.barrier("b")
+        out = peer.communicate(timeout=30)[0]
+    finally:
+        peer.kill()
+    assert peer.returncode == 0 and "rank 1 ok" in out, out
+    client = TCPStore("127.0.0.1", port, is_master=False, timeout=timedelta(seconds=3), wait_for_workers=False)
+    client.set("after", "1")
+    assert client.get("after") == b"1"
 
 
 @needs_torch

@@ -8,7 +8,9 @@ Under ``torchrun`` (``env.under_torchrun``) torchrun's own TCPStore already list
 There rank 0 listens on a free port of ``MASTER_ADDR`` (bound before it is published, so it cannot be taken) and
 publishes it in torchrun's store under a key unique to this rendezvous; the other ranks read it from the store and
 connect as usual. The store is torchrun's agent store when torchrun says so (``TORCHELASTIC_USE_AGENT_STORE=True``),
-otherwise rank 0 hosts a multi-tenant TCPStore at ``MASTER_PORT``, as ``torch.distributed``'s ``env://`` does.
+otherwise rank 0 hosts a multi-tenant TCPStore at ``MASTER_PORT``, as ``torch.distributed``'s ``env://`` does, and
+keeps it for the life of the process: the server stops with its last TCPStore object, and a rank > 0 that had already
+connected to it for the next rendezvous would lose its connection (and rank 0 would wait for it to the timeout).
 
 Invariants:
   * Every collective (``allgather``, ``broadcast``, ``barrier``) carries a name and a sequence number; rank 0 checks
@@ -189,6 +191,7 @@ class _TorchrunPort:
     """Publishes rank 0's control-plane port through torchrun's TCPStore at ``addr:port`` and reads it elsewhere."""
 
     _uses = 0  # rendezvous made through the store in this process; every rank makes them in the same order
+    _hosted: dict = {}  # (addr, port) -> the first TCPStore rank 0 hosted there: keeps the server up for the process
 
     def __init__(self, rank: int, addr: str, port: int, timeout: float):
         try:
@@ -212,6 +215,8 @@ class _TorchrunPort:
                 f"rendezvous: rank {rank} cannot reach torchrun's store at {self.where} ({e}); check MASTER_ADDR and "
                 "MASTER_PORT"
             ) from None
+        if rank == 0 and not agent:
+            _TorchrunPort._hosted.setdefault((addr, port), self.store)
 
     def publish(self, port: int) -> None:
         self.store.set(self.key, str(port))
