@@ -25,11 +25,11 @@ comparison with the paper's GB200 context-only result.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterable, Sequence
 
-from .._checks import is_int, is_real
+from .._checks import is_int
 from ..models.deepseek_r1.config import DeepSeekConfig
+from ._finite import is_finite_real
 from .costs import CATEGORIES, Overrides, load_calibration
 from .model import SimConfig, simulate
 from .paper import PAPER
@@ -74,7 +74,7 @@ def sweep(hardware: str = "h200", gpus: int = 2, *, isl: int = 8192, cvs: Sequen
 
 
 def _finite(v) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+    return isinstance(v, (int, float)) and is_finite_real(v)
 
 
 def _point_config(p, defaults: dict, where: str) -> SimConfig:
@@ -124,7 +124,7 @@ def validate(measured_points: Iterable[dict], *, hardware: str = "h200", isl: in
     once. A point that is not an object, lacks a field, or has a measured figure that is not a finite number > 0
     raises ValueError naming the point (``measured point i``, counted from 0) and the field; so do no point at all
     and a ``tolerance`` that is not a finite number >= 0."""
-    if not (is_real(tolerance) and math.isfinite(tolerance) and tolerance >= 0):
+    if not (is_finite_real(tolerance) and tolerance >= 0):
         raise ValueError(f"tolerance must be a finite number >= 0 (a relative error, e.g. 0.10), got {tolerance!r}")
     tolerance = float(tolerance)
     defaults = dict(hardware=hardware, isl=isl, layers=layers, dense_layers=dense_layers, seed=seed,

@@ -52,8 +52,9 @@ from statistics import mean
 
 import numpy as np
 
-from .._checks import is_int, is_real
+from .._checks import is_int
 from ..models.deepseek_r1.config import DeepSeekConfig
+from ._finite import is_finite_real
 from .costs import SCHEMA, R1Ops, validate_calibration
 from .paper import PAPER
 
@@ -107,7 +108,7 @@ def _objects(d: dict, key: str, file: str, field: str, empty: bool = False) -> l
 
 def _number(d: dict, key: str, file: str, field: str, lo: float = 0.0, strict: bool = True) -> None:
     v = d.get(key, _MISSING)
-    if not (is_real(v) and math.isfinite(v) and (v > lo if strict else v >= lo)):
+    if not (is_finite_real(v) and (v > lo if strict else v >= lo)):
         _bad(file, field, f"a finite number {'>' if strict else '>='} {lo:g}", v)
 
 
@@ -194,7 +195,7 @@ def _check_dispatch(d: dict, f: str) -> None:
         if not isinstance(ours, dict):
             _bad(f, f"records[{i}].modes.ours", "an object", ours)
         pb = ours.get("payload_bytes_per_rank", _MISSING)
-        if not (isinstance(pb, list) and pb and all(is_real(x) and math.isfinite(x) and x > 0 for x in pb)):
+        if not (isinstance(pb, list) and pb and all(is_finite_real(x) and x > 0 for x in pb)):
             _bad(f, f"records[{i}].modes.ours.payload_bytes_per_rank", "a non-empty list of finite numbers > 0", pb)
         _number(ours, "time_ms", f, f"records[{i}].modes.ours.time_ms")
         payloads.add(max(pb))

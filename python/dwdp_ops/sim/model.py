@@ -106,10 +106,11 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
-from .._checks import is_int, is_real
+from .._checks import is_int
 from ..models.deepseek_r1.config import DeepSeekConfig
 from ..partition import ExpertPartition
 from ..policy import _p_row
+from ._finite import is_finite_real
 from .costs import CATEGORIES, COMPUTE, PROFILES, CostModel, Overrides, load_calibration
 from .workload import Iteration, _check_source, workload
 
@@ -221,7 +222,7 @@ class SimConfig:
         if self.owner_load is not None:
             ol = self.owner_load
             if (not isinstance(ol, tuple) or len(ol) != self.gpus
-                    or not all(is_real(x) and math.isfinite(x) and x > 0 for x in ol)):
+                    or not all(is_finite_real(x) and x > 0 for x in ol)):
                 raise ValueError(f"owner_load must be a tuple of {self.gpus} finite numbers > 0 (one per GPU), "
                                  f"got {ol!r}")
             object.__setattr__(self, "owner_load", tuple(float(x) for x in ol))

@@ -33,6 +33,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .._checks import is_int, is_real
+from ._finite import is_finite_real
 
 __all__ = ["DRAW_BLOCK_MAX", "Chunk", "Iteration", "batch_requests", "draw_block", "drawn_lengths", "iter_batches",
            "rank_iterations", "request_lengths", "workload"]
@@ -70,7 +71,7 @@ def _check_source(isl: int, ratio: float | None, cv: float | None) -> None:
         raise ValueError("give exactly one of ratio (uniform in [ratio * isl, isl]) and cv (gamma, mean isl)")
     if ratio is not None and not (is_real(ratio) and 0 < ratio <= 1):
         raise ValueError(f"ratio must be a number in (0, 1], got {ratio!r}")
-    if cv is not None and not (is_real(cv) and math.isfinite(cv) and cv >= 0):
+    if cv is not None and not (is_finite_real(cv) and cv >= 0):
         raise ValueError(f"cv must be a finite number >= 0, got {cv!r}")
     if cv is not None and cv > 0:  # the gamma's shape 1 / cv^2 and scale isl cv^2 must be finite numbers > 0
         c2 = float(cv) * float(cv)  # out of floats' range below about cv = 1e-154 and above about 1e154

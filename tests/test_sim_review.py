@@ -1,0 +1,64 @@
+"""Bad inputs of the simulator (``dwdp_ops.sim``) found in review: each test failed on the code before its fix (an
+OverflowError, a ZeroDivisionError or a silent wrong answer far from the cause). CPU only."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import numpy as np
+import pytest
+from dwdp_ops.sim import analysis, cli, costs, model
+from dwdp_ops.sim.workload import request_lengths
+
+HUGE = 10**400  # an integer beyond floats' range: what a JSON file's 401-digit literal parses to
+
+
+def _shipped(name: str = "h200") -> str:
+    from importlib import resources
+
+    return resources.files("dwdp_ops.sim").joinpath("calibration", f"{name}.json").read_text()
+
+
+@pytest.mark.parametrize("make, name", [
+    (lambda: costs.Overrides(fetch_gbps=HUGE), "fetch_gbps"),
+    (lambda: costs.Overrides(dispatch_latency_us=HUGE), "dispatch_latency_us"),
+    (lambda: costs.Overrides(interference=HUGE), "interference"),
+    (lambda: model.SimConfig(cv=HUGE), "cv"),
+    (lambda: model.SimConfig(owner_load=(1, HUGE)), "owner_load"),
+    (lambda: request_lengths(2, 8192, cv=HUGE, rng=np.random.default_rng(0)), "cv"),
+    (lambda: analysis.validate([], tolerance=HUGE), "tolerance"),
+])
+def test_an_integer_beyond_floats_range_is_refused_naming_the_argument(make, name):
+    """math.isfinite(10**400) raises OverflowError ("int too large to convert to float"), which named nothing."""
+    with pytest.raises(ValueError, match=rf"^{name}"):
+        make()
+
+
+def test_a_calibration_file_with_an_integer_beyond_floats_range_is_refused(tmp_path, capsys):
+    """A 401-digit rate in a --calibration file had given a traceback (OverflowError) instead of an error line."""
+    text = re.sub(r'"gbps": [0-9.]+', '"gbps": ' + str(HUGE), _shipped(), count=1)
+    path = tmp_path / "cal.json"
+    path.write_text(text)
+    with pytest.raises(ValueError, match=r"fetch\.gbps must be a finite number > 0"):
+        costs.load_calibration(path)
+    with pytest.raises(SystemExit) as e:
+        cli.main(["--calibration", str(path), "--layers", "2", "--iterations", "1"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert "argument --calibration" in err[-1] and "fetch.gbps" in err[-1]
+
+
+def test_a_validation_file_with_an_integer_beyond_floats_range_is_refused(tmp_path, capsys):
+    """A 401-digit measured iteration_ms in a --validate file had given a traceback (OverflowError)."""
+    result = {"dtype": "bfloat16", "points": [{"mode": "dwdp", "N": 2, "cv": 0, "max_tokens": 8192, "isl": 8192,
+                                               "layers": 2, "iterations": 1, "iteration_ms": HUGE,
+                                               "tps_per_gpu": 1000.0}]}
+    path = tmp_path / "e2e.json"
+    path.write_text(json.dumps(result))
+    with pytest.raises(ValueError, match=r"^measured point 0: measured iteration_ms must be a finite number"):
+        analysis.validate_e2e(result)
+    with pytest.raises(SystemExit) as e:
+        cli.main(["--validate", str(path)])
+    assert e.value.code == 2
+    assert "argument --validate: measured point 0" in capsys.readouterr().err
