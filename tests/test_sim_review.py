@@ -62,3 +62,26 @@ def test_a_validation_file_with_an_integer_beyond_floats_range_is_refused(tmp_pa
         cli.main(["--validate", str(path)])
     assert e.value.code == 2
     assert "argument --validate: measured point 0" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("isl", [2**63, 10**300, 10**400], ids=["2^63", "10^300", "10^400"])
+@pytest.mark.parametrize("src", [dict(ratio=0.5), dict(cv=0), dict(cv=0.5)])
+def test_request_lengths_refuse_an_isl_beyond_int64(isl, src):
+    """The lengths are int64: isl = 10**300 with cv 0.5 had given every request -2^63 tokens (a RuntimeWarning from
+    numpy's cast, nothing else), 2**63 "high is out of bounds for int64" or "Python int too large to convert to C
+    long", 10**400 an OverflowError; none named isl."""
+    with pytest.raises(ValueError, match=r"^isl must be an integer in \[1, 2\*\*63 - 1\]"):
+        request_lengths(2, isl, rng=np.random.default_rng(0), **src)
+    top = request_lengths(2, 2**63 - 1, rng=np.random.default_rng(0), **(src if "ratio" in src else dict(cv=0)))
+    assert top.min() >= 1
+
+
+def test_a_gamma_draw_beyond_int64_is_refused_not_wrapped():
+    """A draw of the gamma above 2^63 tokens (isl 2^62, cv 5: a tail of many times the mean) had been cast to
+    -2^63 with a RuntimeWarning and no error."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.raises(ValueError, match=r"cv=5.*isl=4611686018427387904.*int64"):
+            request_lengths(1000, 2**62, cv=5, rng=np.random.default_rng(0))

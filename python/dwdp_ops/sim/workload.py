@@ -39,6 +39,9 @@ __all__ = ["DRAW_BLOCK_MAX", "Chunk", "Iteration", "batch_requests", "draw_block
            "rank_iterations", "request_lengths", "workload"]
 
 
+INT64_MAX = 2**63 - 1  # the largest isl: request lengths are int64
+
+
 @dataclass(frozen=True)
 class Chunk:
     """``length`` new tokens of request ``request`` after ``prefix`` tokens already in its KV cache; ``last``: the
@@ -65,8 +68,8 @@ class Iteration:
 
 
 def _check_source(isl: int, ratio: float | None, cv: float | None) -> None:
-    if not is_int(isl) or isl < 1:
-        raise ValueError(f"isl must be an integer >= 1, got {isl!r}")
+    if not is_int(isl) or not 1 <= isl <= INT64_MAX:  # the lengths are int64 (10**300 had drawn -2^63 each)
+        raise ValueError(f"isl must be an integer in [1, 2**63 - 1] (request lengths are int64), got {isl!r}")
     if (ratio is None) == (cv is None):
         raise ValueError("give exactly one of ratio (uniform in [ratio * isl, isl]) and cv (gamma, mean isl)")
     if ratio is not None and not (is_real(ratio) and 0 < ratio <= 1):
@@ -82,7 +85,8 @@ def _check_source(isl: int, ratio: float | None, cv: float | None) -> None:
 
 def request_lengths(n: int, isl: int, *, ratio: float | None = None, cv: float | None = None,
                     rng: np.random.Generator) -> np.ndarray:
-    """``n`` request lengths (int64, each >= 1) by the rule of the module docstring."""
+    """``n`` request lengths (int64, each >= 1) by the rule of the module docstring; ``isl`` at most
+    ``INT64_MAX``, and a gamma draw beyond int64 is refused (ValueError), not wrapped."""
     if not is_int(n) or n < 0:
         raise ValueError(f"n must be an integer >= 0, got {n!r}")
     _check_source(isl, ratio, cv)
@@ -92,8 +96,11 @@ def request_lengths(n: int, isl: int, *, ratio: float | None = None, cv: float |
         return rng.integers(lo, isl + 1, size=n, dtype=np.int64)
     if cv == 0:
         return np.full(n, isl, dtype=np.int64)
-    x = rng.gamma(1.0 / cv**2, isl * cv**2, size=n)
-    return np.maximum(1, np.rint(x)).astype(np.int64)
+    x = np.maximum(1, np.rint(rng.gamma(1.0 / cv**2, isl * cv**2, size=n)))
+    if x.size and not x.max() < 2.0**63:  # the cast had wrapped it to -2^63 with only a RuntimeWarning
+        raise ValueError(f"cv={cv!r} with isl={isl} drew a request length of {x.max():.4g} tokens, beyond int64: "
+                         "a smaller isl or cv")
+    return x.astype(np.int64)
 
 
 def iter_batches(lengths, max_tokens: int, first_request: int = 0) -> Iterator[Iteration]:
