@@ -104,6 +104,33 @@ def check_labels(data: Batchable, where: str) -> None:
                          f"(the first {label.reshape(-1)[i].item()!r} at index {i})")
 
 
+def check_mask(data: Batchable, where: str) -> None:
+    """TypeError unless ``data.mask`` holds numbers or booleans, ValueError unless each is 0 or 1 (the message starts
+    with ``where`` and names the first other value and its position). The model's history sums weigh a behaviour
+    by its mask value while the co-action counts any nonzero one once, so another value is a silently inconsistent
+    feature, and a NaN one a NaN loss (reported as a divergence) or NaN predictions."""
+    mask = data.mask if hasattr(data.mask, "dtype") else np.asarray(data.mask)  # (numpy or CuPy as they are)
+    if mask.dtype.kind not in "biuf":
+        raise TypeError(f"{where}: mask must hold 0 / 1 numbers or booleans, got {mask.dtype}")
+    bad = ~((mask == 0) | (mask == 1))  # (NaN compares False: bad)
+    if bad.any():
+        i = int(bad.reshape(-1).argmax())
+        at = tuple(int(x) for x in np.unravel_index(i, mask.shape))
+        raise ValueError(f"{where}: mask must be 0 (padding) or 1 (a behaviour): {int(bad.sum())} of {mask.size} "
+                         f"are not (the first {mask.reshape(-1)[i].item()!r} at {list(at)})")
+
+
+def _check_call(data, check, where: str) -> None:
+    """TypeError unless ``data`` is a ``Batchable`` (anything else had failed on a missing attribute) and ``check``
+    a bool (numpy's too: None or 0 had skipped the checks without a word, as ``check_ids=None`` had in the fused
+    ops)."""
+    if not isinstance(data, Batchable):
+        raise TypeError(f"{where} must be a Batchable, got {type(data).__name__}")
+    if not is_bool(check):
+        raise TypeError(f"check must be a bool (False: the ids, labels and mask were checked already), got "
+                        f"{type(check).__name__}: {check!r}")
+
+
 def check_label_shape(data: Batchable, where: str) -> None:
     """ValueError unless ``data.label`` is ``[B]`` with ``B`` the batch's sample count (``uid``'s length); the message
     starts with ``where``. ``Batchable`` checks its fields' shapes when it is built, but a field assigned afterwards
@@ -312,10 +339,13 @@ class CanModel:
         on the GPU; the tables' gradients table-shaped, repeated ids added up). Updates BatchNorm's running
         statistics, unless the loss is NaN or infinite (then the model is left as it was and the loss returned as
         it is). ValueError for a batch of no sample (its batch statistics would be NaN), an id outside its
-        table (``check_ids``), labels not ``[B]`` (``check_label_shape``) or a label that is NaN, infinite or outside
-        [0, 1] (``check_labels``: soft labels pass, as in ``train``), TypeError for ids that are not integers or labels
-        that are not numbers, before anything of the model changes. ``check=False`` skips the id and label checks
-        (their host sync and their cost) for a batch whose set was checked already, as ``train`` does."""
+        table (``check_ids``), labels not ``[B]`` (``check_label_shape``), a label that is NaN, infinite or outside
+        [0, 1] (``check_labels``: soft labels pass, as in ``train``) or a mask value other than 0 or 1
+        (``check_mask``), TypeError for a ``b`` that is not a ``Batchable``, a ``check`` that is not a bool, ids
+        that are not integers or labels or a mask that are not numbers, before anything of the model changes.
+        ``check=False`` skips the id, label and mask checks (their host sync and their cost) for a batch whose set
+        was checked already, as ``train`` does."""
+        _check_call(b, check, "the training batch")
         if check:  # (the shape first: len(b) is the labels' length)
             check_label_shape(b, "the training batch")
         if len(b) == 0:
@@ -324,6 +354,7 @@ class CanModel:
         if check:
             check_ids(b, self.cfg.tables, "the training batch")
             check_labels(b, "the training batch")
+            check_mask(b, "the training batch")
         P, co, xp = self.P, self.cfg.coaction, self.xp
         b = self._on_device(b)
         logit, c = self._forward(b, train=True)
@@ -368,10 +399,13 @@ class CanModel:
 
     def predict(self, data: Batchable, batch_size: int = 1024, *, check: bool = True) -> np.ndarray:
         """Click probabilities of ``data``'s samples, ``[len(data)]`` float on the host (empty for no sample).
-        ``data``'s ids are checked against the model's tables first (``check_ids``: TypeError / ValueError;
-        ``check=False``: checked already)."""
+        ``data``'s ids are checked against the model's tables and its mask to be 0 / 1 first (``check_ids``,
+        ``check_mask``: TypeError / ValueError; ``check=False``: checked already). TypeError for a ``data`` that is
+        not a ``Batchable`` or a ``check`` that is not a bool."""
+        _check_call(data, check, "predict's data")
         if check:
             check_ids(data, self.cfg.tables, "predict's data")
+            check_mask(data, "predict's data")
         xp = self.xp
         out = [1 / (1 + xp.exp(-self.logits(self._on_device(b))[0])) for b in data.batches(batch_size)]
         if not out:  # (no batch: concatenate of nothing would raise)

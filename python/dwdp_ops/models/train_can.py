@@ -30,7 +30,7 @@ from .._cli import (
     usable_gpus,
     writable_path,
 )
-from .can import CanConfig, CanModel, NonFiniteLossError, check_ids, check_label_shape, check_labels
+from .can import CanConfig, CanModel, NonFiniteLossError, check_ids, check_label_shape, check_labels, check_mask
 from .can_data import Batchable, binary_labels, load_amazon_books, split, synthetic
 
 
@@ -65,7 +65,7 @@ def train(model: CanModel, train_set, test_set, epochs: int, batch_size: int, se
         raise ValueError("the training set is empty: no step would run (and the epoch's loss would be nan)")
     check_labels(train_set, "training set")  # (NaN, infinite or outside [0, 1]: soft labels pass)
     for which, data in (("training set", train_set), ("test set", test_set)):
-        _check_mask(data, which)
+        check_mask(data, which)
     try:  # (the AUC after the first epoch would fail: checked before any training)
         binary_labels(test_set.label)
     except (TypeError, ValueError) as e:
@@ -109,22 +109,6 @@ def _diverged(model, loss: float, epoch: int, step: int, tail: str = "") -> Floa
     lr = getattr(getattr(model, "opt", None), "lr", getattr(getattr(model, "cfg", None), "lr", None))
     return FloatingPointError(f"the training loss became {loss} at epoch {epoch}, step {step}"
                               + (f" (learning rate {lr:g})" if lr is not None else "") + "; try a lower --lr" + tail)
-
-
-def _check_mask(data, which: str) -> None:
-    """TypeError unless ``data.mask`` holds numbers or booleans, ValueError unless each is 0 or 1 (the message starts
-    with ``which`` and names the first other value and its position). The model's history sums weigh a behaviour
-    by its mask value while the co-action counts any nonzero one once, so another value is a silently inconsistent
-    feature, and a NaN one a NaN loss (reported as a divergence)."""
-    mask = data.mask if hasattr(data.mask, "dtype") else np.asarray(data.mask)  # (numpy or CuPy as they are)
-    if mask.dtype.kind not in "biuf":
-        raise TypeError(f"{which}: mask must hold 0 / 1 numbers or booleans, got {mask.dtype}")
-    bad = ~((mask == 0) | (mask == 1))  # (NaN compares False: bad)
-    if bad.any():
-        i = int(bad.reshape(-1).argmax())
-        at = tuple(int(x) for x in np.unravel_index(i, mask.shape))
-        raise ValueError(f"{which}: mask must be 0 (padding) or 1 (a behaviour): {int(bad.sum())} of {mask.size} "
-                         f"are not (the first {mask.reshape(-1)[i].item()!r} at {list(at)})")
 
 
 def _check_ids(data, tables, which: str) -> None:
