@@ -85,3 +85,48 @@ def test_a_gamma_draw_beyond_int64_is_refused_not_wrapped():
         warnings.simplefilter("error")
         with pytest.raises(ValueError, match=r"cv=5.*isl=4611686018427387904.*int64"):
             request_lengths(1000, 2**62, cv=5, rng=np.random.default_rng(0))
+
+
+def _rates(cal: dict, scale: float) -> dict:
+    """Every rate of ``cal`` times ``scale`` and its fixed costs 0 (in place)."""
+    c = cal
+    c["dense_gemm"]["tflops"] *= scale
+    for p in c["expert_gemm"]["points"] + c["attention"]["core_points"] + c["attention"].get("equal_length_points", []):
+        p["tflops"] *= scale
+    c["attention"]["others_ns_per_token"] = 0
+    for p in c["others"]["points"]:
+        p["ns_per_token"] = 0
+    c["dispatch"]["latency_us"] = 0
+    c["dispatch"]["gbps"] *= scale
+    c["fetch"]["gbps"] *= scale
+    return c
+
+
+@pytest.mark.parametrize("edit", [
+    lambda c: c["weights"].__setitem__("expert_bytes", 1e308),  # DWDP's fetch inf: its TPS/GPU 0, ratio 0.0
+    lambda c: c["dense_gemm"].__setitem__("tflops", 1e-320),  # ZeroDivisionError: TPS/GPU 0 in both modes
+    lambda c: _rates(c, 1e296),  # numpy overflow warnings, compute 0 but the fetch: ratio 0.248
+], ids=["expert_bytes", "dense_tflops", "all_rates"])
+def test_a_calibration_whose_times_are_not_finite_numbers_is_refused(edit):
+    """Each value passed the schema (a finite number > 0) but made an iteration time inf or 0: simulate had returned
+    ratio 0.0 and an iteration of inf ms (json.dumps writes Infinity, not JSON), raised ZeroDivisionError, or
+    returned a ratio of 0.248 after numpy's overflow warnings (every compute time rounded to 0, not the fetch)."""
+    import warnings
+
+    cal = costs.load_calibration("h200")
+    edit(cal)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.raises(ValueError, match=r"^the calibration .* beyond floats' range"):
+            model.simulate(model.SimConfig(layers=5, iterations=2), calibration=cal)
+
+
+def test_cli_a_what_if_whose_times_are_beyond_floats_is_one_error_line(capsys):
+    """--fetch-gbps 1e-310 (a number > 0) had printed a DWDP iteration of inf ms and a ratio of 0.0000."""
+    with pytest.raises(SystemExit) as e:
+        cli.main(["--fetch-gbps", "1e-310", "--layers", "5", "--iterations", "2"])
+    assert e.value.code == 2
+    out = capsys.readouterr()
+    assert out.out == ""
+    err = out.err.strip().splitlines()
+    assert "error: " in err[-1] and "fetch_gbps" in err[-1] and "beyond floats' range" in err[-1]

@@ -279,7 +279,10 @@ def main(argv: list[str] | None = None, prog: str = "python -m dwdp_ops sim") ->
     cfg = SimConfig(hardware=hardware, gpus=ns.gpus, isl=ns.isl, ratio=ns.ratio, cv=ns.cv, max_tokens=ns.max_tokens,
                     layers=ns.layers, dense_layers=ns.dense_layers, seed=ns.seed, iterations=ns.iterations,
                     overrides=ov, owner_load=ns.owner_load, redundant_experts=ns.redundant_experts)
-    res = simulate(cfg)
+    try:  # rates (profile or what-if) that take a time beyond floats' range
+        res = simulate(cfg)
+    except ValueError as e:
+        ap.error(str(e))
     if is_paper_setting(res["config"]) and res["config"]["calibration"] == "gb200" and ns.owner_load is None:
         res["paper"] = paper_comparison(res)
     rows = None

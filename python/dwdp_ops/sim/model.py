@@ -572,10 +572,40 @@ def _summary(times: np.ndarray, tokens: np.ndarray, breakdowns: list[list[dict]]
     return out
 
 
+def _what(config: SimConfig) -> str:
+    ov = {k: v for k, v in asdict(config.overrides).items() if v is not None}
+    return f"the calibration {config.hardware!r}" + (f" with the what-ifs {ov}" if ov else "")
+
+
+def _check_times(mode: str, times: np.ndarray, tokens: np.ndarray, config: SimConfig) -> None:
+    """ValueError unless every iteration time and TPS/GPU of ``mode`` is a finite number > 0: rates that pass the
+    schema (finite numbers > 0) can still overflow a time to inf or round it to 0 (e.g. expert_bytes 1e308, a dense
+    rate of 1e-320 TFLOP/s), which had given a ratio of 0.0 or a ZeroDivisionError."""
+    with np.errstate(over="ignore", divide="ignore", invalid="ignore"):  # refused below
+        tps = tokens.sum(axis=1) / (times.sum(axis=1) * 1e-3)
+    ok = np.isfinite(times) & (times > 0)
+    if not (np.all(ok) and np.all(np.isfinite(tps)) and np.all(tps > 0)):
+        got = float(times[~ok][0]) if not np.all(ok) else float(times.min())
+        raise ValueError(f"{_what(config)} gives {mode} an iteration time of {got!r} ms, beyond floats' range (not a "
+                         "finite number > 0, or a TPS/GPU that is not): a rate too small or too large, or "
+                         "expert_bytes too large")
+
+
 def simulate(config: SimConfig, calibration: dict | None = None) -> dict:
     """Predict DWDP and DEP for ``config`` (module docstring). ``calibration``: a calibration dict to use instead of
     loading ``config.hardware``. Returns a JSON-ready dict with ``dwdp``, ``dep``, ``ratio`` (DWDP / DEP TPS/GPU) and
-    ``iteration_latency_change`` (DWDP / DEP iteration time - 1)."""
+    ``iteration_latency_change`` (DWDP / DEP iteration time - 1). ValueError where the calibration's rates (finite
+    numbers > 0, but extreme) take a time beyond floats' range (numpy had warned and the result was inf, 0 or
+    nonsense)."""
+    try:
+        with np.errstate(over="raise", divide="raise", invalid="raise"):
+            return _simulate(config, calibration)
+    except FloatingPointError as e:
+        raise ValueError(f"{_what(config)} gives a time beyond floats' range ({e}): a rate too small or too large, "
+                         "or expert_bytes too large") from None
+
+
+def _simulate(config: SimConfig, calibration: dict | None) -> dict:
     cal = load_calibration(config.hardware) if calibration is None else calibration
     cfg = config.model_config()
     costs = CostModel(cal, cfg, config.overrides)
@@ -607,6 +637,7 @@ def simulate(config: SimConfig, calibration: dict | None = None) -> dict:
             for c in COMPUTE:
                 dw_x[c] += res["interference_ms"][c]
     n_it = N * config.iterations
+    _check_times("DWDP", dw_t, tokens, config)
     dwdp = _summary(dw_t, tokens, dw_b, {c: v / n_it for c, v in dw_x.items()}, dw_copy / n_it, dw_d)
 
     owner = config.owner_factors()
@@ -637,6 +668,7 @@ def simulate(config: SimConfig, calibration: dict | None = None) -> dict:
         for r in range(N):
             dep_b[r].append(res["breakdown"][r])
             dep_d[r].append(res["detail"][r])
+    _check_times("DEP", dep_t, tokens, config)
     dep = _summary(dep_t, tokens, dep_b, None, 0.0, dep_d)
     mean_pairs = sum(x * n for x, n in zip(owner, dep_count)) / N
     if N > 1 and M > 0:
