@@ -94,3 +94,16 @@ def test_train_step_and_predict_refuse_what_is_not_a_batchable(what):
         model.train_step(what)
     with pytest.raises(TypeError, match=r"^predict's data must be a Batchable"):
         model.predict(what)
+
+
+@pytest.mark.parametrize("field", ["uid", "hist_mid", "mask", "label"])
+def test_batchable_refuses_a_field_that_is_not_an_array(field):
+    """A list (its shape read by np.shape) had passed construction and then failed deep inside: ``batches`` and
+    ``split`` on "only integer scalar arrays can be converted to a scalar index", ``train_step`` on "list indices
+    must be integers or slices, not tuple"; assigned afterwards, it passes no later check either."""
+    _, data = _model_and_data()
+    with pytest.raises(TypeError, match=rf"^{field} must be an array \(numpy or CuPy\), got list"):
+        _with(data, **{field: getattr(data, field).tolist()})
+    setattr(data, field, getattr(data, field).tolist())
+    with pytest.raises(TypeError, match=rf"^{field} must be an array \(numpy or CuPy\), got list"):
+        data.batches(8)

@@ -41,9 +41,14 @@ class Batchable:
 
     def check_shapes(self) -> None:
         """ValueError unless the fields agree: ``uid``, ``mid``, ``cat`` and ``label`` ``[N]``, ``hist_mid``,
-        ``hist_cat`` and ``mask`` ``[N, T]`` (numpy or CuPy arrays; their shapes alone are read). Run when the
-        ``Batchable`` is built and again by ``batches`` and ``split``, since a field may be assigned afterwards (one
-        longer than the labels would otherwise be cut to their ``N`` rows without a word)."""
+        ``hist_cat`` and ``mask`` ``[N, T]`` (numpy or CuPy arrays; their shapes alone are read), and TypeError for a
+        field that is not an array (a list had passed here and failed deep inside ``batches``, ``split`` or the
+        model). Run when the ``Batchable`` is built and again by ``batches`` and ``split``, since a field may be
+        assigned afterwards (one longer than the labels would otherwise be cut to their ``N`` rows without a word)."""
+        for f in self.__dataclass_fields__:
+            a = getattr(self, f)
+            if not (hasattr(a, "shape") and hasattr(a, "dtype")):
+                raise TypeError(f"{f} must be an array (numpy or CuPy), got {type(a).__name__}")
         shape = np.shape(self.label)
         if len(shape) != 1:
             raise ValueError(f"label must be [N], got shape {list(shape)}")
