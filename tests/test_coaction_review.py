@@ -107,3 +107,28 @@ def test_batchable_refuses_a_field_that_is_not_an_array(field):
     setattr(data, field, getattr(data, field).tolist())
     with pytest.raises(TypeError, match=rf"^{field} must be an array \(numpy or CuPy\), got list"):
         data.batches(8)
+
+
+def test_adam_refuses_params_and_grads_of_the_wrong_type():
+    """Params or grads not a dict had raised AttributeError ("'list' object has no attribute 'items'"), an integer
+    parameter numpy's UFuncTypeError at the first step, a list gradient "can't multiply sequence by non-int" after
+    the step count had moved on."""
+    from dwdp_ops.models.can import Adam
+
+    with pytest.raises(TypeError, match=r"^params must be a dict of name -> float array, got list"):
+        Adam([np.zeros(2)], 1e-3)
+    with pytest.raises(TypeError, match=r"^params\['a'\] must be a floating-point array, got int64"):
+        Adam({"a": np.zeros(2, np.int64)}, 1e-3)
+    with pytest.raises(TypeError, match=r"^params\['a'\] must be a floating-point array, got list"):
+        Adam({"a": [0.0, 1.0]}, 1e-3)
+    opt = Adam({"a": np.zeros(2)}, 1e-3)
+    with pytest.raises(TypeError, match=r"^Adam.step: grads must be a dict of name -> array, got list"):
+        opt.step([("a", np.ones(2))])
+    with pytest.raises(TypeError, match=r"^Adam.step: the gradient of 'a' must be an array of real numbers, got list"):
+        opt.step({"a": [1.0, 2.0]})
+    with pytest.raises(TypeError, match=r"^Adam.step: the gradient of 'a' must be an array of real numbers, got "
+                                        r"array of <U1"):
+        opt.step({"a": np.array(["1", "2"])})
+    assert opt.t == 0 and np.array_equal(opt.p["a"], np.zeros(2))
+    opt.step({"a": np.ones(2, np.float32)})
+    assert opt.t == 1

@@ -147,7 +147,8 @@ class Adam:
     """Adam over ``params`` (a dict of name -> array, updated in place by ``step(grads)``, ``grads`` a dict of arrays
     shaped like the parameters it names). ``lr`` and ``eps`` finite numbers > 0, ``b1`` and ``b2`` in [0, 1):
     TypeError / ValueError naming one otherwise (a NaN or negative one would turn or push every weight wrong at the
-    first step)."""
+    first step). ``params`` a dict of floating-point arrays (numpy or CuPy, updated in place): TypeError naming the
+    one that is not."""
 
     def __init__(self, params: dict, lr: float, b1=0.9, b2=0.999, eps=1e-8, xp=np):
         for name, v, lo_open in (("lr", lr, True), ("eps", eps, True), ("b1", b1, False), ("b2", b2, False)):
@@ -157,16 +158,30 @@ class Adam:
             ok = (math.isfinite(v) and v > 0) if lo_open else 0 <= v < 1  # (NaN fails both)
             if not ok:
                 raise ValueError(f"{name} must be {want}, got {v!r}")
+        if not isinstance(params, dict):
+            raise TypeError(f"params must be a dict of name -> float array, got {type(params).__name__}")
+        for k, v in params.items():
+            kind = getattr(getattr(v, "dtype", None), "kind", None)
+            if kind != "f":  # (updated in place: an integer array cannot take the step, a list is no array)
+                raise TypeError(f"params[{k!r}] must be a floating-point array, got "
+                                f"{v.dtype if kind is not None else type(v).__name__}")
         self.p, self.lr, self.b1, self.b2, self.eps, self.t, self.xp = params, lr, b1, b2, eps, 0, xp
         self.m = {k: xp.zeros_like(v) for k, v in params.items()}
         self.v = {k: xp.zeros_like(v) for k, v in params.items()}
 
     def step(self, grads: dict) -> None:
         """One update of every parameter ``grads`` names (the others keep their values and moments). Each gradient
-        must be shaped like its parameter: KeyError / ValueError naming it otherwise, before any parameter changes (a
-        ``[1, n]`` or scalar gradient would broadcast into an ``[m, n]`` parameter, silently wrong). Shapes only: no
-        host synchronisation of CuPy arrays."""
+        must be an array of real numbers shaped like its parameter: KeyError / TypeError / ValueError naming it
+        otherwise, before any parameter changes (a ``[1, n]`` or scalar gradient would broadcast into an ``[m, n]``
+        parameter, silently wrong). ``grads`` not a dict: TypeError. Shapes and dtypes only: no host synchronisation
+        of CuPy arrays."""
+        if not isinstance(grads, dict):
+            raise TypeError(f"Adam.step: grads must be a dict of name -> array, got {type(grads).__name__}")
         for k, g in grads.items():
+            kind = getattr(getattr(g, "dtype", None), "kind", None)
+            if kind is None or kind not in "biuf":
+                raise TypeError(f"Adam.step: the gradient of {k!r} must be an array of real numbers, got "
+                                f"{'array of ' + str(g.dtype) if kind is not None else type(g).__name__}")
             if k not in self.p:
                 raise KeyError(f"Adam.step: no parameter named {k!r} (the parameters: {sorted(self.p)})")
             if tuple(np.shape(g)) != tuple(np.shape(self.p[k])):
