@@ -130,3 +130,17 @@ def test_cli_a_what_if_whose_times_are_beyond_floats_is_one_error_line(capsys):
     assert out.out == ""
     err = out.err.strip().splitlines()
     assert "error: " in err[-1] and "fetch_gbps" in err[-1] and "beyond floats' range" in err[-1]
+
+
+@pytest.mark.parametrize("kw, name", [(dict(cvs=None), "cvs"), (dict(cvs=0.1), "cvs"), (dict(cvs="0.1"), "cvs"),
+                                      (dict(budgets=16384), "budgets"), (dict(budgets="16384"), "budgets"),
+                                      (dict(budgets=None), "budgets")])
+def test_sweep_refuses_a_cvs_or_budgets_that_is_not_a_sequence_naming_it(kw, name):
+    """cvs=None or budgets=16384 had raised a bare "object is not iterable"; budgets="16384" (a string, iterated
+    by character) "max_tokens must be an integer >= 1, got '1'", naming neither the argument nor what it expects."""
+    with pytest.raises(TypeError, match=rf"^{name} must be a sequence of numbers"):
+        analysis.sweep(layers=2, iterations=1, **kw)
+    assert len(analysis.sweep(layers=2, iterations=1, cvs=(0.1,), budgets=[8192], ratio=None)) == 1
+    rows = analysis.sweep(layers=2, iterations=1, cvs=(c for c in (0.0, 0.1)), budgets=np.array([8192, 16384]),
+                          ratio=None)  # a generator of cvs had given the CV rows of the first budget only
+    assert [(r["max_tokens"], r["cv"]) for r in rows] == [(8192, 0.0), (8192, 0.1), (16384, 0.0), (16384, 0.1)]

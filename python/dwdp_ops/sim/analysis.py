@@ -60,6 +60,16 @@ def sweep(hardware: str = "h200", gpus: int = 2, *, isl: int = 8192, cvs: Sequen
     ``max_tokens``, ``dwdp`` / ``dep`` (TPS/GPU, iteration ms, DEP's sync and communication shares, DWDP's exposed
     fetch share), ``ratio`` (DWDP / DEP TPS/GPU) and ``iteration_latency_change``. ``redundant_experts``: DEP's
     (``SimConfig``; None: its default)."""
+    def numbers(name: str, v) -> tuple:  # None or 16384 had failed bare, "16384" by character; a generator of
+        if not isinstance(v, (str, bytes)):  # cvs had given CV rows for the first budget only
+            try:
+                return tuple(v)
+            except TypeError:
+                pass
+        raise TypeError(f"{name} must be a sequence of numbers (e.g. {(0.0, 0.1) if name == 'cvs' else (16384,)}), "
+                        f"got {v!r}")
+
+    cvs, budgets = numbers("cvs", cvs), numbers("budgets", budgets)
     rows = []
     ov = overrides or Overrides()
     for budget in budgets:
