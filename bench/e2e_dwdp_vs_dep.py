@@ -232,7 +232,7 @@ def run(ns, budgets, dists, modes) -> int:  # pragma: no cover - GPU only
                     if me == 0:  # kept as it comes: a later failure (memory, timeout) loses nothing measured
                         write_json(result_name("e2e_dwdp_vs_dep", "partial", f"_N{world}"),
                                    {"records": records, "dtype": ns.dtype, "layers": cfg.n_layers})
-            store.check_errors()
+            store.nvshmem.check_errors()
             disp.check_errors()
         finally:
             dwdp_ops.barrier()

@@ -262,7 +262,7 @@ def check_fetched(b: Bench, store: ExpertStore, part: ExpertPartition, name: str
     for g in b.rt.rendezvous.allgather(f"checksums:{name}", json.dumps(mine).encode()):
         owners.update({int(k): v for k, v in json.loads(g).items()})
     comp = store.composite(0, name)
-    ids = store.remote_ids()
+    ids = store.nvshmem.remote_ids()
     for e in ids[:: max(1, ids.size // 8)]:
         if checksum(comp[int(e)]) != owners[int(e)]:
             raise RuntimeError(f"fetch_bandwidth: expert {int(e)} ({name}) differs from its owner's copy")
@@ -278,26 +278,26 @@ def dwdp_layer(b: Bench, dtype: str) -> None:
             fill_random(store.local(0, t.name), 1000 * me + ti)
         b.barrier()
         nb = store.remote_bytes()
-        fetched = store.remote_ids().size * layout.expert_bytes
+        fetched = store.nvshmem.remote_ids().size * layout.expert_bytes
         extra = dict(num_experts=256, remote_experts=part.num_remote, expert_bytes=layout.expert_bytes)
         modes = [
-            ("ce_serial_per_peer", "dwdp", nb, lambda: store.fetch_ce(0, s, schedule="per_peer", batched=False), extra),
-            ("ce_per_peer_batched", "dwdp", nb, lambda: store.fetch_ce(0, s, schedule="per_peer", batched=True), extra),
-            ("ce_staggered", "dwdp", nb, lambda: store.fetch_ce(0, s, schedule="staggered", batched=False), extra),
+            ("ce_serial_per_peer", "dwdp", nb, lambda: store.copy_engine.fetch(0, s, schedule="per_peer", batched=False), extra),
+            ("ce_per_peer_batched", "dwdp", nb, lambda: store.copy_engine.fetch(0, s, schedule="per_peer", batched=True), extra),
+            ("ce_staggered", "dwdp", nb, lambda: store.copy_engine.fetch(0, s, schedule="staggered", batched=False), extra),
         ]
         for sl in (2, 8, 32):
             modes.append((f"ce_interleaved_{sl}MiB", "dwdp", nb,
-                          lambda sl=sl: store.fetch_ce(0, s, schedule="interleaved", slice_bytes=sl * MiB),
+                          lambda sl=sl: store.copy_engine.fetch(0, s, schedule="interleaved", slice_bytes=sl * MiB),
                           dict(slice_mib=sl, **extra)))
         for k in (8, 16, 32, sms):
             modes.append((f"nvshmem_get_{k}sm", "dwdp", fetched,
-                          lambda k=k: store.fetch_nvshmem(0, None, None, s, num_blocks=k, peer_ptr=False),
+                          lambda k=k: store.nvshmem.fetch(0, None, None, s, num_blocks=k, peer_ptr=False),
                           dict(sms=k, **extra)))
             modes.append((f"nvshmem_ptr_{k}sm", "dwdp", fetched,
-                          lambda k=k: store.fetch_nvshmem(0, None, None, s, num_blocks=k, threads=1024, peer_ptr=True),
+                          lambda k=k: store.nvshmem.fetch(0, None, None, s, num_blocks=k, threads=1024, peer_ptr=True),
                           dict(sms=k, **extra)))
         b.group(f"dwdp_layer_{dtype}", modes)
-        store.check_errors()
+        store.nvshmem.check_errors()
         # correctness of what was just fetched, against the owners' bytes (sampled experts, both tensors)
         for t in layout.tensors:
             check_fetched(b, store, part, t.name)

@@ -390,7 +390,7 @@ def main(argv: list[str] | None = None) -> int:
         side = cp.cuda.Stream(non_blocking=True)
         # fill every slot once so that the GEMMs never read uninitialised pages
         for layer in range(ns.layers):
-            store.fetch_ce(layer, side)
+            store.copy_engine.fetch(layer, side)
         side.synchronize()
         dwdp_ops.barrier()
 
@@ -399,8 +399,8 @@ def main(argv: list[str] | None = None) -> int:
             dwdp_ops.barrier()
 
         # 0. fetch bandwidth B (copy engine, staggered) and the NVSHMEM kernel, one layer, all ranks at once
-        ft = time_interleaved({"ce": lambda: store.fetch_ce(1, compute),
-                               "nvshmem16": lambda: store.fetch_nvshmem(1, None, None, compute, num_blocks=16)},
+        ft = time_interleaved({"ce": lambda: store.copy_engine.fetch(1, compute),
+                               "nvshmem16": lambda: store.nvshmem.fetch(1, None, None, compute, num_blocks=16)},
                               compute, ns.repeats, 2, before=bar)
         fetch_ms = median(ft["ce"])
         B = store.remote_bytes() / (fetch_ms * 1e6)
@@ -417,8 +417,8 @@ def main(argv: list[str] | None = None) -> int:
 
             t = time_interleaved({
                 "alone": gemm,
-                "ce": (lambda: store.fetch_ce(1, side), gemm),
-                "nvshmem16": (lambda: store.fetch_nvshmem(1, None, None, side, num_blocks=16), gemm),
+                "ce": (lambda: store.copy_engine.fetch(1, side), gemm),
+                "nvshmem16": (lambda: store.nvshmem.fetch(1, None, None, side, num_blocks=16), gemm),
             }, compute, ns.repeats, 2, before=bar, after=side.synchronize)
             alone = median(t["alone"])
             rec["slowdown"].append({

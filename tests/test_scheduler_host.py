@@ -4,6 +4,7 @@ orders must never let a layer read a slot that holds another layer, and the auto
 from __future__ import annotations
 
 import random
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -39,6 +40,10 @@ class FakeStore:
         self.layout = ExpertLayout.moe(7168, 2048, "bfloat16")
         self.rank = rank
         self.plans = []
+        # the engines call back into these methods at call time, so a test may replace store.fetch_ce and the like
+        self.copy_engine = SimpleNamespace(plan=lambda *a: self._ce_plan(*a), fetch=lambda *a, **k: self.fetch_ce(*a, **k))
+        self.nvshmem = SimpleNamespace(table=lambda layer: self.nvshmem_table(layer),
+                                       fetch=lambda *a, **k: self.fetch_nvshmem(*a, **k))
 
     def _ce_plan(self, layer, schedule, slice_bytes):
         self.plans.append(layer)

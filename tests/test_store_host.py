@@ -167,7 +167,7 @@ def test_calls_after_finalize_raise():
     with pytest.raises(DwdpError, match="finalized"):
         store.composite(0, "w13")
     with pytest.raises(DwdpError, match="finalized"):
-        store.fetch_ce(0)
+        store.copy_engine.fetch(0)
 
 
 def test_close_with_a_failed_barrier_keeps_its_memory_and_a_retry_releases_it():
@@ -287,16 +287,16 @@ def test_ce_copies_checks_its_layer_like_the_other_plans():
     """ce_copies (the copy-engine plan fetch_ce and the scheduler build) raised KeyError (5, 0) for layer 5 and
     KeyError (-1, 0) for -1, and planned a released layer's copies although release() says its plans raise."""
     store, _ = make(FakeBackend())
-    assert len(store.ce_copies(1)) == 2
+    assert len(store.copy_engine.copies(1)) == 2
     for bad in (5, -1):
         with pytest.raises(ValueError, match=rf"ce_copies: layer {bad} is outside \[0, 2\)"):
-            store.ce_copies(bad)
+            store.copy_engine.copies(bad)
     store.release(0)
     with pytest.raises(DwdpError, match="ce_copies: layer 0 was released"):
-        store.ce_copies(0)
+        store.copy_engine.copies(0)
     store.close()
     with pytest.raises(DwdpError, match="ce_copies: the ExpertStore is closed"):
-        store.ce_copies(1)
+        store.copy_engine.copies(1)
 
 
 def test_close_after_finalize_says_so_instead_of_blaming_a_peer():
@@ -320,9 +320,10 @@ def test_close_after_finalize_says_so_instead_of_blaming_a_peer():
 
 
 class _FakeDeviceArray:
-    """A device array over a fake address, as ``_device_const`` / ``_scratch_for`` return (no GPU touched)."""
+    """A device array over a fake address, as ``device_constant`` / ``_scratch_for`` return (no GPU touched)."""
 
     def __init__(self, host, shape=None):
+        self.host = host
         self.data = type("Ptr", (), {"ptr": 1 << 20})()
         self.__cuda_array_interface__ = {"data": (1 << 20, False), "shape": host.shape if shape is None else shape,
                                          "typestr": host.dtype.str, "version": 3}
@@ -352,12 +353,12 @@ def test_fetch_nvshmem_checks_its_scalars_by_name_before_building_anything(kw, e
     be.stream_is_capturing = lambda s: False
     be.fetch_experts = lambda *args: launched.append(args)
     store, _ = make(be)
-    store._device_const = lambda host, what: _FakeDeviceArray(host)
-    store._scratch_for = lambda s: (_FakeDeviceArray(np.zeros(2, np.int32)), _FakeDeviceArray(np.zeros(8, np.int32)))
+    store.device_constant = lambda host, what, remedy: _FakeDeviceArray(host)
+    store.nvshmem._scratch_for = lambda s: (_FakeDeviceArray(np.zeros(2, np.int32)), _FakeDeviceArray(np.zeros(8, np.int32)))
     with pytest.raises(err, match=rf"^fetch_nvshmem: {match}"):
-        store.fetch_nvshmem(0, stream=0, **kw)
-    assert launched == [] and ("nvshmem", 0) not in store._cache
-    store.fetch_nvshmem(0, count=np.int64(3), stream=0, num_blocks=np.int32(4), threads=256, chunk=1 << 16,
+        store.nvshmem.fetch(0, stream=0, **kw)
+    assert launched == [] and 0 not in store.nvshmem._tables
+    store.nvshmem.fetch(0, count=np.int64(3), stream=0, num_blocks=np.int32(4), threads=256, chunk=1 << 16,
                         peer_ptr=np.bool_(True))
     (args,) = launched
     assert args[5:7] == (3, 1 << 16) and args[10:13] == (True, 4, 256)
@@ -379,9 +380,9 @@ def test_fetch_ce_names_a_bad_schedule_or_batched_flag(kw, err, match):
     be.ce_copy = lambda *args: copied.append(args)
     store, _ = make(be)
     with pytest.raises(err, match=match):
-        store.fetch_ce(0, 0, **kw)
+        store.copy_engine.fetch(0, 0, **kw)
     assert copied == []
-    assert store.fetch_ce(0, 0, batched=np.bool_(False)) > 0
+    assert store.copy_engine.fetch(0, 0, batched=np.bool_(False)) > 0
     assert copied[0][3:] == (0, False)
     store.close()
 
@@ -403,17 +404,17 @@ def test_prepare_checks_layers_and_streams_by_name_before_building_anything(monk
     stream failed after the tables, without saying it was one of prepare's streams. Each is refused by name first."""
     be = FakeBackend()
     store, _ = make(be)
-    store._device_const = lambda host, what: _FakeDeviceArray(host)
+    store.device_constant = lambda host, what, remedy: _FakeDeviceArray(host)
     scratch = []
-    store._scratch_for = scratch.append
+    store.nvshmem._scratch_for = scratch.append
     with pytest.raises(err, match=rf"^prepare: {match}"):
-        store.prepare(**kw)
-    assert store._cache == {} and scratch == []
+        store.nvshmem.prepare(**kw)
+    assert store.nvshmem._tables == {} and store.nvshmem._all_ids is None and scratch == []
     import cupy
 
     monkeypatch.setattr(cupy.cuda, "Device", lambda d: type("Dev", (), {"synchronize": lambda self: None})())
-    store.prepare(layers=(np.int64(1),), streams=[7])
-    assert set(store._cache) == {("nvshmem", 1), "all_ids"} and scratch == [7]
+    store.nvshmem.prepare(layers=(np.int64(1),), streams=[7])
+    assert set(store.nvshmem._tables) == {1} and store.nvshmem._all_ids is not None and scratch == [7]
     store.close()
 
 
@@ -477,18 +478,19 @@ def test_fetch_ce_checks_slice_bytes_before_the_plan_cache(first, bad, err):
     be.ce_copy = lambda *args: copied.append(args)
     store, _ = make(be)
     if first is not None:
-        store.fetch_ce(0, 0, schedule="interleaved", slice_bytes=first)
+        store.copy_engine.fetch(0, 0, schedule="interleaved", slice_bytes=first)
     with pytest.raises(err, match=r"^slice_bytes must be a positive int \(bytes\), got "):
-        store.fetch_ce(0, 0, schedule="interleaved", slice_bytes=bad)
+        store.copy_engine.fetch(0, 0, schedule="interleaved", slice_bytes=bad)
     assert len(copied) == (first is not None)
-    assert store.fetch_ce(0, 0, schedule="interleaved", slice_bytes=np.int64(1 << 20)) > 0
+    assert store.copy_engine.fetch(0, 0, schedule="interleaved", slice_bytes=np.int64(1 << 20)) > 0
     store.close()
 
 
 def test_a_pointer_table_built_inside_a_capture_names_table_not_prepare(monkeypatch):
     """table()'s docstring said "prepare() first" and its refusal inside a CUDA-graph capture said "call
     store.prepare()", but prepare() builds the NVSHMEM descriptor tables, not table()'s pointer arrays: a caller who
-    followed the advice met the same refusal. Both now name table() itself; the fetch tables still name prepare()."""
+    followed the advice met the same refusal. Both now name table() itself; the fetch tables still name prepare()
+    (``store.nvshmem.prepare()`` since the fetch engines moved to ``dwdp_ops.fetch``)."""
     import cupy
 
     class Ctx:
@@ -506,7 +508,42 @@ def test_a_pointer_table_built_inside_a_capture_names_table_not_prepare(monkeypa
     with pytest.raises(DwdpError, match=r"the table plan .* capture; call store\.table\(1, 'w2'\) \(or run the step "
                                         r"once eagerly\) before capturing"):
         store.table(1, "w2")
-    with pytest.raises(DwdpError, match=r"the NVSHMEM descriptor plan .* capture; call store\.prepare\(\) \(or run"):
-        store.nvshmem_table(1)
+    with pytest.raises(DwdpError, match=r"the NVSHMEM descriptor plan .* capture; call store\.nvshmem\.prepare\(\) \(or run"):
+        store.nvshmem.table(1)
     assert "prepare() first" not in ExpertStore.table.__doc__
     store.close()
+
+
+def test_the_fetch_engines_end_with_the_stores_layers_and_the_store():
+    """The fetch engines live in ``dwdp_ops.fetch`` and their plans follow the store's lifetimes: a released layer's
+    copy plan is dropped and its NVSHMEM descriptor table retired (kept alive, since a queued fetch may read it) until
+    ``close()``, which drops everything; every engine call on a released layer or a closed store raises, naming it."""
+    from dwdp_ops.fetch import EXPERT_COPY_DTYPE, CopyEngineFetch, NvshmemFetch
+
+    be = FakeBackend()
+    be.ce_copy = lambda *args: None
+    store, _ = make(be)
+    assert isinstance(store.copy_engine, CopyEngineFetch) and isinstance(store.nvshmem, NvshmemFetch)
+    store.device_constant = lambda host, what, remedy: _FakeDeviceArray(host)
+    # rank 0 of 2 holds experts [0, 4): the four others come from rank 1, one record per (expert, tensor kind)
+    assert store.reachable_peers(0) == [True, True]
+    table = store.nvshmem.table(0)
+    recs = np.frombuffer(table.host.tobytes(), EXPERT_COPY_DTYPE).reshape(8, 2)
+    assert (recs["pe"][:4] == -1).all() and (recs["pe"][4:] == 1).all()
+    assert recs["dst"][4, 1] == store.slot_address(0, 1, 4) and recs["src"][5, 0] == store.owner_address(0, 0, 5, 1, "sym")
+    assert list(store.nvshmem.remote_ids()) == [4, 5, 6, 7]
+    assert store.copy_engine.fetch(0, 0) == sum(c.nbytes for c in store.copy_engine.copies(0)) > 0
+    assert store.copy_engine.fetch(1, 0) > 0 and len(store.copy_engine._plans) == 2
+    store.release(0)
+    assert store.nvshmem._retired == [table] and 0 not in store.nvshmem._tables
+    assert [k[0] for k in store.copy_engine._plans] == [1]
+    for call in (lambda: store.copy_engine.fetch(0, 0), lambda: store.nvshmem.fetch(0, stream=0),
+                 lambda: store.nvshmem.table(0), lambda: store.owner_address(0, 0, 5, 1, "sym")):
+        with pytest.raises(DwdpError, match="layer 0 was released"):
+            call()
+    store.close()
+    assert store.nvshmem._retired == [] and store.nvshmem._tables == {} and store.copy_engine._plans == {}
+    with pytest.raises(DwdpError, match="fetch_ce: the ExpertStore is closed"):
+        store.copy_engine.fetch(1, 0)
+    with pytest.raises(DwdpError, match="nvshmem_table: the ExpertStore is closed"):
+        store.nvshmem.fetch(1, stream=0)

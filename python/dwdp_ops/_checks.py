@@ -73,7 +73,7 @@ def rank_counts(where: str, tokens_per_rank: object, world: int, *, rank: int | 
     return got
 
 
-# The copy kernels' launch arguments (getmem, ExpertStore.fetch_nvshmem): name -> (its range, what is expected).
+# The copy kernels' launch arguments (getmem, NvshmemFetch.fetch): name -> (its range, what is expected).
 _LAUNCH = {
     "num_blocks": (lambda n: 1 <= n <= 65535, "an int in [1, 65535]"),
     "threads": (lambda n: 32 <= n <= 1024 and n % 32 == 0, "a multiple of 32 in [32, 1024]"),

@@ -220,7 +220,7 @@ def main(argv: list[str] | None = None) -> int:
                         pair[pol] = run_requests(model, prompts, ns.steps, scheduler=sched, store=store, graph=graph)
                     interleaved.append((order[0], pair))
                 sched.set_policy(ns.policy)
-            store.check_errors()
+            store.nvshmem.check_errors()
             if disp is not None:
                 disp.check_errors()
             del model

@@ -106,7 +106,7 @@ class PrefetchScheduler:
         if not is_int(nvshmem_blocks) or not 1 <= nvshmem_blocks <= 65535:
             raise ValueError(f"nvshmem_blocks must be an int in [1, 65535], got {nvshmem_blocks!r}")
         nvshmem_blocks = int(nvshmem_blocks)
-        if batched is not None and not is_bool(batched):  # (fetch_ce refused it only at the first prefetch)
+        if batched is not None and not is_bool(batched):  # (the copy engine refused it only at the first prefetch)
             raise TypeError(f"batched must be True, False or None, got {batched!r} ({type(batched).__name__})")
         rates = Rates() if rates is None else rates
         if not isinstance(rates, Rates):
@@ -138,8 +138,8 @@ class PrefetchScheduler:
         # Build every plan now (invariant 4).
         for layer in range(self.num_layers):
             if store.E != store.L:
-                store._ce_plan(layer, schedule, slice_bytes)
-            store.nvshmem_table(layer)
+                store.copy_engine.plan(layer, schedule, slice_bytes)
+            store.nvshmem.table(layer)
         self.step_policy = {"auto": "prefetch_all"}.get(policy, policy)
         self.last_choice = None  # the ModeChoice of the latest auto step (costs per mode, for logs)
         self.step_tokens: list[int] | None = None  # every rank's T this step, where gathered or given
@@ -307,7 +307,7 @@ class PrefetchScheduler:
         self._wait_event(cs, self.consumed[slot])
         if self.trace is not None:  # timing only: allocates events, off by default
             self.trace.append(("fetch", layer, self._timed_event(cs)))
-        self.store.fetch_ce(layer, cs, schedule=self.schedule, slice_bytes=self.slice_bytes, batched=self.batched)
+        self.store.copy_engine.fetch(layer, cs, schedule=self.schedule, slice_bytes=self.slice_bytes, batched=self.batched)
         if self.trace is not None:
             self.trace.append(("fetch_end", layer, self._timed_event(cs)))
         self.ready[slot].record(cs)
@@ -325,7 +325,7 @@ class PrefetchScheduler:
         """Before layer ``layer``'s MoE on ``stream``. ``prefetch_all``: waits for its prefetch. ``on_demand``:
         fetches the remote experts named by the router's ids (``ids``: a contiguous 1-D ``[n]`` int32 device array,
         or a host integer sequence; ``count`` optional, host int or device int32) on ``stream``
-        (``ExpertStore.fetch_nvshmem``, which raises for bad ids). Local: no other rank takes part. Raises TypeError /
+        (``store.nvshmem.fetch``, which raises for bad ids). Local: no other rank takes part. Raises TypeError /
         ValueError for a ``layer`` that is not an int in range, RuntimeError for a ``dispatch`` step, a layer not
         prefetched or already released (``prefetch_all``) or a slot still held by an unreleased layer
         (``on_demand``), ValueError for ``on_demand`` without ``ids``."""
@@ -351,7 +351,7 @@ class PrefetchScheduler:
         if clash:
             raise RuntimeError(f"wait({layer}): layer {clash[0]} uses the same slot and was not released; release it "
                                "(after its MoE) before fetching this layer")
-        self.store.fetch_nvshmem(layer, ids, count, stream, num_blocks=self.nvshmem_blocks)
+        self.store.nvshmem.fetch(layer, ids, count, stream, num_blocks=self.nvshmem_blocks)
         self._fetched.add(layer)
 
     def dispatch(self, layer: int, x: Any, topk_ids: Any, topk_weights: Any, stream: Any):

@@ -14,9 +14,11 @@ Views of a layer (all of the same bytes, no copy for the first two):
   * ``table(layer, name)``: a device array of E pointers (local storage or slot), for pointer-array grouped GEMMs;
   * ``merge(layer, name)``: a device-to-device copy into a dense ``[E, ...]`` buffer (the baseline).
 
-Fetch engines fill a layer's remote slots from the owners: ``fetch_ce`` (copy engine, per-peer or interleaved
-slices, optionally one ``cudaMemcpyBatchAsync``) and ``fetch_nvshmem`` (SM-driven kernel over a device-resident
-list of expert ids). Plans are built once per layer and cached; fetching allocates nothing.
+The store owns one fetch engine of each kind (``fetch``: moving weights, the sibling of ``dispatch``), which fill a
+layer's remote slots from the owners: ``store.copy_engine`` (``CopyEngineFetch``: the copy engines, every remote
+expert) and ``store.nvshmem`` (``NvshmemFetch``: an SM-driven kernel over a device-resident list of expert ids). The
+store gives them addresses (``slot_address``, ``owner_address``, ``reachable_peers``) and ends their plans with its
+layers (``release``) and itself (``close``).
 
 Invariants:
   * Geometry (partition, layout, layer count) is identical on every rank: checked collectively at construction.
@@ -30,33 +32,28 @@ Invariants:
   * Stream order: everything a call enqueues (kernels, copies, and the temporaries it allocates, such as a host id
     list copied to the device) goes on the caller's stream; a temporary returns to the memory pool of that stream
     (CuPy's pool is stream-ordered), so it is reused only behind the work that reads it. Plans and descriptor tables
-    are built once, synchronously, before any stream reads them (``prepare``); a CUDA-graph capture never builds one.
-  * Per-stream scratch: the repeat-detection array and the error flag of ``fetch_nvshmem`` exist once per stream, so
-    fetches on different streams never share them. A graph captured on stream S uses S's scratch.
-  * Lifetimes: ``release(layer)`` makes the layer's views and fetches raise, but its device tables stay alive until
-    ``close()`` (a fetch already queued may still read them). After ``dwdp_ops.finalize()`` every call raises.
+    are built once, synchronously, before any stream reads them (``store.nvshmem.prepare``, and ``table`` for the
+    pointer arrays); a CUDA-graph capture never builds one.
+  * Lifetimes: ``release(layer)`` makes the layer's views and its engines' fetches raise, but its device tables stay
+    alive until ``close()`` (a fetch already queued may still read them). After ``dwdp_ops.finalize()`` every call
+    raises.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
 
-from ._checks import is_int, launch_args
+from ._checks import is_int
 from .errors import DwdpError
+from .fetch import CopyEngineFetch, NvshmemFetch
 from .interop import cupy_stream, device_buffer, stream_handle
 from .layout import ExpertLayout, local_allocation_bytes, registration_overhead
 from .partition import ExpertPartition
 from .runtime import Runtime, get_runtime
-from .schedule import DEFAULT_SLICE, Copy, Schedule, _check_slice, order_copies, peer_order
-
-# Mirrors dwdp::ExpertCopy in cpp/include/dwdp/fetch.h.
-EXPERT_COPY_DTYPE = np.dtype(
-    [("src", "<u8"), ("src_peer", "<u8"), ("dst", "<u8"), ("bytes", "<u8"), ("pe", "<i4"), ("pad", "<i4")]
-)
 
 
 class ExpertStore:
@@ -68,7 +65,9 @@ class ExpertStore:
     when a construction phase failed on any rank (every rank raises); ValueError for a partition of another world
     size, ``num_layers < 1`` or a layout page that is not a multiple of the VMM granularity; TypeError for a
     ``num_layers`` that is not an int. Views and fetches are local unless their docstring says otherwise; they and the
-    address helpers raise DwdpError after ``close()``, for a released layer, and after ``dwdp_ops.finalize()``."""
+    address helpers raise DwdpError after ``close()``, for a released layer, and after ``dwdp_ops.finalize()``.
+
+    ``copy_engine`` (``fetch.CopyEngineFetch``) and ``nvshmem`` (``fetch.NvshmemFetch``) are its fetch engines."""
 
     def __init__(
         self,
@@ -107,9 +106,9 @@ class ExpertStore:
         self._released: set[int] = set()
         self._closed = False
         self._released_barrier = False  # close() passed its barrier (the release may then run, and be retried)
-        self._cache: dict[Any, Any] = {}
-        self._scratch: dict[int, tuple[Any, Any]] = {}  # stream handle -> (error flag [2], first occurrence [E])
+        self._cache: dict[Any, Any] = {}  # ("table", layer, ti) -> device pointer array
         self._retired: list[Any] = []  # device tables of released layers, freed at close()
+        self.copy_engine, self.nvshmem = CopyEngineFetch(self), NvshmemFetch(self)
         geometry = json.dumps(
             [partition.num_experts, partition.experts_per_rank, partition.stride, num_layers,
              [[t.name, list(t.shape), t.dtype] for t in layout.tensors], layout.page, register_unit]
@@ -236,9 +235,10 @@ class ExpertStore:
                 self._composite[layer, ti] = va
 
     # -- addressing --------------------------------------------------------------------------------------------
-    def _check_layer(self, layer: int, what: str) -> None:
-        """The views', plans' and address helpers' shared check: a live runtime, an open store, an integer layer in
-        range that was not released."""
+    def check_layer(self, layer: int, what: str) -> None:
+        """The views', fetch engines' and address helpers' shared check, ``what`` naming the caller in its errors: a
+        live runtime (DwdpError), an open store (DwdpError), an integer layer in range (ValueError) that was not
+        released (DwdpError)."""
         self.rt.require(f"ExpertStore.{what}")
         if self._closed:
             raise DwdpError(f"{what}: the ExpertStore is closed")
@@ -248,13 +248,13 @@ class ExpertStore:
             raise DwdpError(f"{what}: layer {layer} was released")
 
     def _check(self, layer: int, name: str, what: str) -> int:
-        self._check_layer(layer, what)
+        self.check_layer(layer, what)
         return self.layout.index(name)
 
     def _where(self, what: str, layer: int, ti: int, expert: int, lo: int, hi: int) -> None:
         """Cheap host-side checks shared by the address helpers: the views' layer check (live runtime, open store,
         layer in range and not released), then an integer tensor kind and expert in range."""
-        self._check_layer(layer, what)
+        self.check_layer(layer, what)
         n = len(self.layout.strides)
         if not is_int(ti) or not 0 <= ti < n:
             raise ValueError(f"{what}: tensor kind {ti!r} is outside [0, {n})")
@@ -266,14 +266,23 @@ class ExpertStore:
         self._where("local_address", layer, ti, expert, self.lo, self.hi)
         return self._local[layer, ti][1] + (expert - self.lo) * self.layout.strides[ti]
 
-    def _owner_address(self, layer: int, ti: int, expert: int, peer: int, base: str) -> int:
-        """Address of ``peer``'s copy of ``expert``: symmetric (for NVSHMEM gets) or its P2P mapping (loads, CE)."""
+    def owner_address(self, layer: int, ti: int, expert: int, peer: int, base: str) -> int:
+        """Address of ``peer``'s copy of ``expert`` (``peer`` owns it): ``base="sym"``, the symmetric address (for
+        NVSHMEM gets), else its P2P mapping (loads, copy engine; DwdpError where ``peer`` is not P2P-reachable).
+        Unchecked beyond the layer's (the fetch engines pass owners from the partition)."""
+        self.check_layer(layer, "owner_address")
         _h, _va, sym, peers = self._local[layer, ti]
         start = self.partition.local_range(peer)[0]
         root = sym if base == "sym" else peers[peer]
         if root == 0:
             raise DwdpError(f"PE {peer} is not P2P-reachable from PE {self.rank}: use the NVSHMEM engine")
         return root + (expert - start) * self.layout.strides[ti]
+
+    def reachable_peers(self, layer: int) -> list[bool]:
+        """``[world]``: whether each PE's local storage of ``layer`` is P2P-mapped here (loads and copy-engine copies
+        can read it); this rank's own entry is True."""
+        self.check_layer(layer, "reachable_peers")
+        return [p == self.rank or bool(ptr) for p, ptr in enumerate(self._local[layer, 0][3])]
 
     def slot_address(self, layer: int, ti: int, expert: int) -> int:
         """Where remote expert ``expert`` (in ``[0, E)``, outside ``[lo, hi)``) of ``layer`` lands (its slot)."""
@@ -325,20 +334,21 @@ class ExpertStore:
     def table(self, layer: int, name: str):
         """A device array ``[E]`` uint64 of pointers to each expert's tensor (local storage or slot), for
         pointer-array grouped GEMMs. Built on first use (copied and synchronised; refused with DwdpError inside a
-        CUDA-graph capture: call ``table`` once before capturing, ``prepare()`` does not build these), cached and
+        CUDA-graph capture: call ``table`` once before capturing, ``nvshmem.prepare()`` does not build these), cached and
         owned by the store until ``close()``. Local; raises as ``local``."""
 
         ti = self._check(layer, name, "table")
         key = ("table", layer, ti)
         if key not in self._cache:
             ptrs = np.array([self.expert_address(layer, ti, e) for e in range(self.E)], dtype=np.uint64)
-            self._cache[key] = self._device_const(ptrs, "table", remedy=f"call store.table({layer}, {name!r})")
+            self._cache[key] = self.device_constant(ptrs, "table", f"call store.table({layer}, {name!r})")
         return self._cache[key]
 
-    def _device_const(self, host: np.ndarray, what: str, remedy: str = "call store.prepare()"):
-        """A device copy of ``host`` that every stream may read: copied and synchronised now (plans are built once,
-        before use). Refused while a CUDA graph is being captured (a synchronisation would break the capture), the
-        error saying to ``remedy`` first."""
+    def device_constant(self, host: np.ndarray, what: str, remedy: str):
+        """A device copy (a CuPy array on the store's device) of ``host`` that every stream may read, for the store's
+        tables and its engines' plans: copied and synchronised now (plans are built once, before use). Refused with
+        DwdpError while a CUDA graph is being captured (a synchronisation would break the capture), the error naming
+        the ``what`` plan and saying to ``remedy`` first."""
         import cupy as cp
 
         with cp.cuda.Device(self.device):
@@ -433,241 +443,16 @@ class ExpertStore:
             raise ValueError(f"{what}: expected a contiguous tensor of shape {list(spec.shape)}, got {list(d.shape)}")
         return d.ptr
 
-    # -- fetch: copy engine ------------------------------------------------------------------------------------------
-    def ce_copies(self, layer: int) -> list[Copy]:
-        """The layer's remote runs as copies (whole page-rounded strides, one per tensor kind and run)."""
-        self._check(layer, self.layout.tensors[0].name, "ce_copies")
-        out = []
-        for ti, stride in enumerate(self.layout.strides):
-            for peer, a, b in self.partition.fetch_plan(self.rank):
-                src = self._owner_address(layer, ti, a, peer, "peer")
-                out.append(Copy(peer, self.slot_address(layer, ti, a), src, (b - a) * stride))
-        return out
-
-    def _ce_plan(self, layer: int, schedule: Schedule, slice_bytes: int):
-        if slice_bytes is not None:  # (before the cache key: a list was unhashable, 2.0 / True hit 2's / 1's plan)
-            slice_bytes = _check_slice(slice_bytes)
-        key = ("ce", layer, schedule, slice_bytes)
-        if key not in self._cache:
-            copies = order_copies(self.ce_copies(layer), self.rank, self.world, schedule, slice_bytes)
-            self._cache[key] = tuple(np.array(x, dtype=np.uint64) for x in zip(*[(c.dst, c.src, c.nbytes) for c in copies]))
-        return self._cache[key]
-
-    def fetch_ce(
-        self, layer: int, stream: Any = None, *, schedule: Schedule = "staggered", slice_bytes: int = DEFAULT_SLICE,
-        batched: bool = True,
-    ) -> int:
-        """Fills every remote slot of ``layer`` with the copy engine, on ``stream``. Returns the bytes moved.
-        ``staggered`` (the default) reached the raw peer-copy rate on 4 x H200 while ``per_peer`` lost half of it to
-        owner contention and ``interleaved`` slices a third to per-copy overhead (docs/benchmarks.md). ``batched``:
-        True or False (TypeError otherwise). Local and one-sided (the owners take no part; their loads must be done,
-        ordered by a barrier); the slots hold the layer once ``stream`` has run the copies, and a later fetch of a
-        layer of the same parity overwrites them (the caller orders that). Needs every owner P2P-reachable (DwdpError
-        otherwise: use ``fetch_nvshmem``); ValueError for an unknown ``schedule``, TypeError / ValueError for a bad
-        ``slice_bytes`` (None only without ``interleaved``)."""
-        self._check(layer, self.layout.tensors[0].name, "fetch_ce")
-        if not isinstance(schedule, str):  # (the plan cache is keyed by it: an unhashable one met a bare TypeError)
-            raise ValueError(f"fetch_ce: schedule must be 'per_peer', 'staggered' or 'interleaved', got {schedule!r}")
-        if not isinstance(batched, (bool, np.bool_)):
-            raise TypeError(f"fetch_ce: batched must be True or False, got {batched!r} ({type(batched).__name__})")
-        if self.E == self.L:
-            return 0
-        dsts, srcs, sizes = self._ce_plan(layer, schedule, slice_bytes)
-        self.be.ce_copy(dsts, srcs, sizes, stream_handle(stream), batched)
-        return int(sizes.sum())
-
-    # -- fetch: NVSHMEM, SM-driven ------------------------------------------------------------------------------------
-    def nvshmem_table(self, layer: int):
-        """Device array of E * T ExpertCopy records (``EXPERT_COPY_DTYPE``, viewed as uint8 bytes; pe = -1 for local
-        experts), built on first use as ``table`` is, cached and owned by the store. Local."""
-
-        self._check(layer, self.layout.tensors[0].name, "nvshmem_table")
-        key = ("nvshmem", layer)
-        if key not in self._cache:
-            owner = self.partition.owner_table(self.rank)
-            T = len(self.layout.tensors)
-            rec = np.zeros(self.E * T, dtype=EXPERT_COPY_DTYPE)
-            rec["pe"] = -1
-            for e in range(self.E):
-                if owner[e] == self.rank:
-                    continue
-                for ti, spec in enumerate(self.layout.tensors):
-                    i = e * T + ti
-                    rec["src"][i] = self._owner_address(layer, ti, e, owner[e], "sym")
-                    rec["src_peer"][i] = self._owner_address(layer, ti, e, owner[e], "peer") if self._local[layer, ti][3][owner[e]] else 0
-                    rec["dst"][i] = self.slot_address(layer, ti, e)
-                    rec["bytes"][i] = spec.nbytes
-                    rec["pe"][i] = owner[e]
-            self._cache[key] = self._device_const(rec.view(np.uint8), "NVSHMEM descriptor")
-        return self._cache[key]
-
-    def prepare(self, layers: Sequence[int] | None = None, streams: Sequence[Any] = ()) -> None:
-        """Builds the NVSHMEM descriptor tables of ``layers`` (default: all; not ``table``'s pointer arrays, built by
-        calling ``table``) and the fetch scratch of ``streams`` now, so that a CUDA graph captured later finds them
-        (nothing may be built during a capture). ``layers`` is a sequence of ints in [0, num_layers), ``streams`` a
-        sequence of streams (``interop.stream_handle``): both are checked, by name, before anything is built (a bare
-        int for either is a TypeError)."""
-        import cupy as cp
-
-        for name, v, want in (("layers", layers, "a sequence of layer indices (ints) or None"),
-                              ("streams", streams, "a sequence of streams")):
-            if (v is not None or name == "streams") and (isinstance(v, (str, bytes)) or not isinstance(v, Iterable)):
-                raise TypeError(f"prepare: {name} must be {want}, got {v!r} ({type(v).__name__})")
-        todo = range(self.num_layers) if layers is None else list(layers)
-        for layer in todo:
-            if not is_int(layer):  # (bools refused: True is not layer 1)
-                raise TypeError(f"prepare: layers must hold ints, got {layer!r} ({type(layer).__name__})")
-            if not 0 <= layer < self.num_layers:
-                raise ValueError(f"prepare: layer {layer} is outside [0, {self.num_layers})")
-        handles = []
-        for i, st in enumerate(streams):
-            try:
-                handles.append(stream_handle(st))
-            except (TypeError, ValueError) as e:
-                raise type(e)(f"prepare: streams[{i}]: {e}") from None
-        for layer in todo:
-            self.nvshmem_table(layer)
-        if "all_ids" not in self._cache:
-            self._cache["all_ids"] = self._device_const(self.remote_ids(), "remote id list")
-        for s in handles:
-            self._scratch_for(s)
-        cp.cuda.Device(self.device).synchronize()
-
-    def _scratch_for(self, s: int):
-        """(error flag [2], first occurrence [E]) of stream handle ``s``, created on that stream."""
-        import cupy as cp
-
-        if s not in self._scratch:
-            if self.be.stream_is_capturing(s):
-                raise DwdpError(
-                    "fetch_nvshmem: first fetch on this stream inside a CUDA graph capture; call "
-                    "store.prepare(streams=[stream]) (or fetch once eagerly on it) before capturing"
-                )
-            with cupy_stream(s):
-                self._scratch[s] = (cp.zeros(2, dtype=cp.int32), cp.empty(self.E, dtype=cp.int32))
-        return self._scratch[s]
-
-    def remote_ids(self) -> np.ndarray:
-        """The expert ids this rank fetches, grouped by owner in staggered order (the peer after this rank
-        first), so that ranks fetching everything at once start at different owners."""
-        order = {p: i for i, p in enumerate(peer_order(self.rank, self.world))}
-        owner = self.partition.owner_table(self.rank)
-        ids = [e for e in range(self.E) if not self.lo <= e < self.hi]
-        return np.array(sorted(ids, key=lambda e: (order[owner[e]], e)), dtype=np.int32)
-
-    def fetch_nvshmem(
-        self,
-        layer: int,
-        ids: Any = None,
-        count: Any = None,
-        stream: Any = None,
-        *,
-        num_blocks: int = 32,
-        threads: int = 512,
-        chunk: int = 1 << 20,
-        peer_ptr: bool | None = None,
-    ) -> None:
-        """Fetches the remote experts named in ``ids`` (a device int32 array, e.g. the router's selection; None =
-        every remote expert) with the SM-driven kernel on ``num_blocks`` SMs. ``peer_ptr``: copy with vector loads
-        through the NVLink mapping of the owner's buffer (None = whenever every owner is P2P-reachable, which was
-        faster on H200: see docs/benchmarks.md) instead of ``nvshmemx_getmem_nbi_block``. ``count`` is an int or a device int32
-        scalar read by the kernel (no host round trip). Local ids are skipped and a repeated id is fetched once, so
-        a router's ids can be passed as they are; out-of-range ids in a device list are skipped and reported by
-        ``check_errors()``; in a host list they raise here. ``num_blocks`` (in [1, 65535]), ``threads`` (a multiple of
-        32 in [32, 1024]), ``chunk`` (bytes, a multiple of 16 in [16, 2**62]) and a host ``count`` are integers,
-        ``peer_ptr`` a bool or None: checked by name before anything is built or launched.
-
-        ``ids``: a contiguous 1-D ``[n]`` int32 device array (read by the kernel on ``stream``: it must stay alive
-        until then; in a CUDA graph, as long as the graph), or a host 1-D integer sequence (copied to a temporary on
-        ``stream``; refused with DwdpError inside a graph capture). ``count``: the ids to read, at most ``n`` (None:
-        all). The slots hold the fetched experts once ``stream`` has run the kernel. Local and one-sided (the owners
-        take no part). Raises TypeError for ids / count of another type, dtype or shape, ValueError for a host id
-        outside ``[0, E)`` or a host count outside ``[0, n]``, DwdpError for ``peer_ptr=True`` with an unreachable
-        owner or a first fetch on a stream inside a capture (``prepare(streams=...)`` first)."""
-        import cupy as cp
-
-        if count is not None and not hasattr(count, "__cuda_array_interface__") and not is_int(count):
-            raise TypeError(f"fetch_nvshmem: count must be an int or a device int32 scalar, got {count!r} "
-                            f"({type(count).__name__})")
-        launch_args("fetch_nvshmem", num_blocks=num_blocks, threads=threads, chunk=chunk)
-        if peer_ptr is not None and not isinstance(peer_ptr, (bool, np.bool_)):
-            raise TypeError(f"fetch_nvshmem: peer_ptr must be True, False or None, got {peer_ptr!r}")
-        table = self.nvshmem_table(layer)
-        s = stream_handle(stream)
-        if ids is None:
-            if "all_ids" not in self._cache:
-                self._cache["all_ids"] = self._device_const(self.remote_ids(), "remote id list")
-            ids = self._cache["all_ids"]
-        elif not hasattr(ids, "__cuda_array_interface__"):
-            host = np.asarray(ids)
-            if host.ndim != 1 or (host.size and host.dtype.kind not in "iu"):
-                raise TypeError(f"fetch_nvshmem: a host id list must be a 1-D sequence of integers, got {host.dtype} {list(host.shape)}")
-            if host.size and (host.min() < 0 or host.max() >= self.E):
-                bad = host[(host < 0) | (host >= self.E)][0]
-                raise ValueError(f"fetch_nvshmem: expert id {int(bad)} is outside [0, {self.E})")
-            if self.be.stream_is_capturing(s):
-                raise DwdpError(
-                    "fetch_nvshmem: a host id list cannot be used inside a CUDA graph capture (the replay would read a "
-                    "temporary); pass a device int32 array that lives as long as the graph"
-                )
-            with cupy_stream(s):  # a temporary on the caller's stream: reused only behind the kernel that reads it
-                ids = cp.asarray(host.astype(np.int32))
-        d = device_buffer(ids, "ids")
-        if d.dtype != np.int32 or len(d.shape) != 1 or not d.contiguous:
-            raise TypeError(f"fetch_nvshmem: ids must be a contiguous 1-D int32 device array, got {d.dtype} {list(d.shape)}")
-        count_dev, cap = 0, d.shape[0]
-        if count is not None and hasattr(count, "__cuda_array_interface__"):
-            c = device_buffer(count, "count")
-            if c.dtype != np.int32 or c.nbytes != 4:
-                raise TypeError(f"fetch_nvshmem: a device count must be one int32, got {c.dtype} {list(c.shape)}")
-            count_dev = c.ptr
-        elif count is not None:
-            if not 0 <= int(count) <= cap:
-                raise ValueError(f"fetch_nvshmem: count {count} is outside [0, {cap}]")
-            cap = int(count)
-        max_bytes = max(t.nbytes for t in self.layout.tensors)
-        peers = self._local[layer, 0][3]
-        unreachable = [p for p in range(self.world) if p != self.rank and not peers[p]]
-        if peer_ptr is None:
-            peer_ptr = not unreachable
-        elif peer_ptr and unreachable:
-            raise DwdpError(f"fetch_nvshmem: peer_ptr=True needs every owner P2P-reachable; PE(s) {unreachable} are not")
-        err, first = self._scratch_for(s)
-        chunk = int(chunk)
-        self.be.fetch_experts(
-            table.data.ptr, self.E, len(self.layout.tensors), d.ptr, count_dev, cap, chunk, -(-max_bytes // chunk),
-            err.data.ptr, first.data.ptr, bool(peer_ptr), int(num_blocks), int(threads), s,
-        )
-
-    def check_errors(self) -> None:
-        """Raises DwdpError if a fetch kernel on any stream met an out-of-range expert id, then clears the flags.
-        Synchronises the device first, so the flags are read and cleared with no fetch in flight. Local."""
-        import cupy as cp
-
-        if not self._scratch:
-            return
-        cp.cuda.Device(self.device).synchronize()
-        bad = []
-        for err, _first in self._scratch.values():
-            flag, eid = (int(x) for x in err.get())
-            if flag:
-                bad.append(eid)
-                err[...] = 0
-        cp.cuda.Device(self.device).synchronize()
-        if bad:
-            more = f" (and {bad[1:]} on other streams)" if len(bad) > 1 else ""
-            raise DwdpError(
-                f"fetch_nvshmem: the device id list held expert id {bad[0]}{more}, outside [0, {self.E}); it was skipped"
-            )
-
     # -- lifecycle ---------------------------------------------------------------------------------------------
     def release(self, layer: int) -> None:
         """Marks a layer released: its views, plans and fetches raise from now on. Its device tables stay alive
         until ``close()``, since a fetch already queued on some stream may still read them."""
-        self._check(layer, self.layout.tensors[0].name, "release")
+        self.check_layer(layer, "release")
         self._released.add(layer)
-        for k in [k for k in self._cache if isinstance(k, tuple) and len(k) > 1 and k[1] == layer]:
+        for k in [k for k in self._cache if k[1] == layer]:
             self._retired.append(self._cache.pop(k))
+        self.copy_engine._release(layer)
+        self.nvshmem._release(layer)
 
     def close(self) -> None:
         """Unmaps and frees everything; collective (symmetric memory is unregistered). Idempotent once it has
@@ -707,7 +492,8 @@ class ExpertStore:
             self._released_barrier = True
             self._cache.clear()
             self._retired.clear()
-            self._scratch.clear()
+            self.copy_engine._clear()
+            self.nvshmem._clear()
         if failure is None:
             self._rollback(keep_failed=True)
             return

@@ -30,7 +30,7 @@ the host; each refuses, by name, tensors on another device than the rest or than
     dtype: a float or bool tensor is refused with a ``TypeError``, as the router's weights passed by mistake would
     otherwise name expert 0). Ids on the GPU are narrowed to int32 on the device with values outside int32 clamped
     to ``-1`` / ``2**31 - 1``, out of every store's range, so that the fetch kernel skips them and
-    ``ExpertStore.check_errors()`` reports them (no host synchronisation; a plain cast would wrap ``2**32 + 3`` to
+    ``store.nvshmem.check_errors()`` reports them (no host synchronisation; a plain cast would wrap ``2**32 + 3`` to
     expert 3); ids on the CPU are range-checked on the host (``ValueError``). Declared as mutating the views, so
     that it orders before their readers and is never dropped. Local (the fetches are one-sided; no other rank takes
     part). Raises ``DwdpError`` for a stale handle or one that is not a scheduler's, ``ValueError`` for views / ids
@@ -209,7 +209,7 @@ def _expert_ids(layer: int, ids: torch.Tensor, num_experts: int | None) -> torch
     range-checked here (ValueError; against ``[0, num_experts)`` where known). On the GPU: no host read (the op must
     not synchronise); a dtype wider than int32 is clamped to ``[-1, 2**31 - 1]`` on the device before the cast, so that
     a value outside int32 becomes an id outside every store's range (the fetch kernel skips it and
-    ``ExpertStore.check_errors()`` reports it) instead of wrapping onto a real expert."""
+    ``store.nvshmem.check_errors()`` reports it) instead of wrapping onto a real expert."""
     flat = ids.reshape(-1)
     if not ids.is_cuda:
         if flat.numel():

@@ -91,7 +91,7 @@ def main() -> int:
                 if policy == "auto":
                     choices[name] = sched.last_choice.table()
                 del model
-            store.check_errors()
+            store.nvshmem.check_errors()
             if disp is not None:
                 disp.check_errors()
         finally:

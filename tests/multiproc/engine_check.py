@@ -88,12 +88,12 @@ def hostlist(seed):
         ids = list(rng.choice(remote, size=min(len(remote), 3), replace=False)) if remote else []
         poison(store, layer, s)
         spin(s, 20)
-        store.fetch_nvshmem(layer, ids, stream=s, num_blocks=8)
+        store.nvshmem.fetch(layer, ids, stream=s, num_blocks=8)
         junk = cp.full(64, store.lo if store.lo < store.hi else 0, cp.int32)  # reuses the pool right away
         junk += 0
         s.synchronize()
         ok &= check(store, layer, full, ids, f"hostlist trial {trial}")
-    store.check_errors()
+    store.nvshmem.check_errors()
     store.close()
     return ok
 
@@ -108,12 +108,12 @@ def streams(seed):
         for s, layer in ((s1, 0), (s2, 1)):
             poison(store, layer, s)
             spin(s, 5)
-        store.fetch_nvshmem(0, ids, stream=s1, num_blocks=4)
-        store.fetch_nvshmem(1, ids, stream=s2, num_blocks=4)
+        store.nvshmem.fetch(0, ids, stream=s1, num_blocks=4)
+        store.nvshmem.fetch(1, ids, stream=s2, num_blocks=4)
         s1.synchronize()
         s2.synchronize()
         ok &= check(store, 0, full, remote, f"stream 1 trial {trial}") and check(store, 1, full, remote, f"stream 2 trial {trial}")
-    store.check_errors()
+    store.nvshmem.check_errors()
     store.close()
     return ok
 
@@ -125,7 +125,7 @@ def chunks(seed):
     ok = True
     for chunk in (4096 + 16, 65536 + 48, 1 << 20):
         poison(store, 2, s)
-        store.fetch_nvshmem(2, cp.asarray(np.array(remote, np.int32)), stream=s, chunk=chunk, peer_ptr=True, num_blocks=8)
+        store.nvshmem.fetch(2, cp.asarray(np.array(remote, np.int32)), stream=s, chunk=chunk, peer_ptr=True, num_blocks=8)
         s.synchronize()
         ok &= check(store, 2, full, remote, f"chunk {chunk}")
     store.close()
@@ -157,7 +157,7 @@ def graph(seed):
                 read_slot0()
             sched.release(p, g_stream)
 
-    store.prepare(streams=[g_stream])
+    store.nvshmem.prepare(streams=[g_stream])
     with g_stream:
         od_step()
         g_stream.synchronize()

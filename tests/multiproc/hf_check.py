@@ -70,7 +70,7 @@ def main() -> int:
         with DwdpDeepseekV3(model, policy=policy) as dw, torch.no_grad():
             got = model(ids).logits.float()
             tokens = model.generate(ids, max_new_tokens=8, do_sample=False)
-            dw.store.check_errors()
+            dw.store.nvshmem.check_errors()
             dwdp_ops.barrier()
         rel = float((got - want).norm() / want.norm())
         ok = rel == 0.0 and torch.equal(tokens, want_tokens)

@@ -79,7 +79,7 @@ def run_case(seed, world, rank):
         # copy engine, every schedule; layer l and l+2 share slots (parity), so check right after each fetch
         for layer, (schedule, batched) in enumerate([("per_peer", False), ("interleaved", True), ("staggered", True)]):
             poison(store, layer)
-            store.fetch_ce(layer, stream, schedule=schedule, batched=batched, slice_bytes=(1 << 20) * (1 + seed % 3))
+            store.copy_engine.fetch(layer, stream, schedule=schedule, batched=batched, slice_bytes=(1 << 20) * (1 + seed % 3))
             stream.synchronize()
             check_layer(store, layer, fulls[layer], f"ce {schedule} batched={batched}", lambda e: True)
         # NVSHMEM: random id lists (repeats, local ids, empty), both copy paths, host and device counts
@@ -91,16 +91,16 @@ def run_case(seed, world, rank):
             chosen = set(ids.tolist())
             dev_ids = cp.asarray(ids) if n else cp.zeros(1, cp.int32)
             count = cp.asarray(np.array([n], np.int32)) if trial % 2 else n
-            store.fetch_nvshmem(layer, dev_ids, count, stream, num_blocks=int(rng.choice([1, 8, 32])),
+            store.nvshmem.fetch(layer, dev_ids, count, stream, num_blocks=int(rng.choice([1, 8, 32])),
                                 peer_ptr=bool(trial % 2), chunk=(256 << 10) * (1 + trial))
             stream.synchronize()
-            store.check_errors()
+            store.nvshmem.check_errors()
             check_layer(store, layer, fulls[layer], f"nvshmem trial {trial}", lambda e, chosen=chosen: e in chosen)
             # the experts not asked for are untouched (still poisoned)
             comp = store.composite(layer, "w2")
             for e in set(range(E)) - chosen - set(range(store.lo, store.hi)):
                 assert bool((B(comp[e]) == 0xFF).all()), f"expert {e} was fetched unasked"
-        store.fetch_nvshmem(0, None, None, stream, num_blocks=16)
+        store.nvshmem.fetch(0, None, None, stream, num_blocks=16)
         stream.synchronize()
         check_layer(store, 0, fulls[0], "nvshmem all", lambda e: True)
         bad_input(store, stream, E)
@@ -117,10 +117,10 @@ def bad_input(store, stream, E):
             return
         raise AssertionError(f"{text}: no {exc.__name__} raised")
 
-    expect(ValueError, lambda: store.fetch_nvshmem(0, np.array([0, E], np.int32)), f"expert id {E} is outside")
-    store.fetch_nvshmem(0, cp.asarray(np.array([E + 5, E + 5], np.int32)), None, stream)
+    expect(ValueError, lambda: store.nvshmem.fetch(0, np.array([0, E], np.int32)), f"expert id {E} is outside")
+    store.nvshmem.fetch(0, cp.asarray(np.array([E + 5, E + 5], np.int32)), None, stream)
     stream.synchronize()
-    expect(DwdpError, store.check_errors, f"expert id {E + 5}")
+    expect(DwdpError, store.nvshmem.check_errors, f"expert id {E + 5}")
     t = store.layout.tensors[0]
     expect(TypeError, lambda: store.load(0, "w13", cp.zeros((E, *t.shape), cp.float32)), "expected storage dtype")
     raw = cp.zeros(E * t.nbytes + 16, cp.uint8)
@@ -131,8 +131,8 @@ def bad_input(store, stream, E):
     expect(KeyError, lambda: store.composite(0, "w3"), "no tensor 'w3'")
     store.release(2)
     expect(DwdpError, lambda: store.composite(2, "w13"), "layer 2 was released")
-    expect(DwdpError, lambda: store.fetch_ce(2, stream), "layer 2 was released")
-    expect(DwdpError, lambda: store.fetch_nvshmem(2), "layer 2 was released")
+    expect(DwdpError, lambda: store.copy_engine.fetch(2, stream), "layer 2 was released")
+    expect(DwdpError, lambda: store.nvshmem.fetch(2), "layer 2 was released")
 
 
 def main() -> int:

@@ -176,7 +176,7 @@ class DwdpExperts:
 
     def prepare_capture(self, stream) -> None:
         """Before a CUDA-graph capture on ``stream``: the store's plans and this stream's fetch scratch exist."""
-        self.store.prepare(streams=[stream])
+        self.store.nvshmem.prepare(streams=[stream])
 
     def abort(self) -> None:
         """After a step failed half-way (``PrefetchScheduler.abort``)."""
