@@ -229,3 +229,20 @@ def test_the_watched_store_is_let_go_at_exit():
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "after destroy, watched: True" in proc.stdout, proc.stdout  # kept for the dispatches, as designed
     assert "at exit, watched: False" in proc.stdout, proc.stdout
+
+
+def test_a_new_world_numbers_its_dispatches_from_one(world1):
+    """The default group's dispatch numbers went on counting across destroy_process_group and a new
+    init_process_group_from_env: the new world's first dispatch was recorded as #3 in its store (whose progress keys
+    _join had just set to 0), and a failure message named a dispatch the new world never had."""
+    from dwdp_ops import dispatch_nccl
+
+    part = ExpertPartition.disjoint(8, 1)
+    x, ids, w = torch.randn(2, 16), torch.tensor([[0, 1], [2, 3]], dtype=torch.int32), torch.rand(2, 2)
+    for _ in range(2):
+        NcclDispatcher(part, 16, 2).dispatch(x, ids, w)
+    assert dispatch_nccl._WATCH.store.get(f"{dispatch_nccl._AT}0") == b"2"
+    dist.destroy_process_group()
+    init_process_group_from_env("gloo", timeout_s=30)
+    NcclDispatcher(part, 16, 2).dispatch(x, ids, w)
+    assert dispatch_nccl._WATCH.store.get(f"{dispatch_nccl._AT}0") == b"1"

@@ -93,8 +93,9 @@ def init_process_group_from_env(backend: str | None = None, timeout_s: float | N
     store = _join(env, port, t)
     dist.init_process_group(backend, store=store, rank=env.rank, world_size=env.world_size,
                             timeout=_dt.timedelta(seconds=t))
-    global _WATCH
+    global _WATCH, _world_seq
     _WATCH = _Watch(store, env.rank, env.world_size, t, dist.group.WORLD) if backend == "gloo" else None
+    _world_seq = 0  # a new world numbers its dispatches from 1, as its progress keys (set to 0 by _join) expect
     return env
 
 
@@ -122,7 +123,7 @@ def _drop_watch() -> None:
     _WATCH = None
 
 
-_world_seq = 0  # dispatches entered on the default group by this process (the same count on every rank)
+_world_seq = 0  # dispatches entered on the default group since init_process_group_from_env formed it (every rank's)
 
 
 # Keys of the join check in torch.distributed's store (torch's own keys there live under the group's prefix).
