@@ -132,3 +132,17 @@ def test_adam_refuses_params_and_grads_of_the_wrong_type():
     assert opt.t == 0 and np.array_equal(opt.p["a"], np.zeros(2))
     opt.step({"a": np.ones(2, np.float32)})
     assert opt.t == 1
+
+
+@pytest.mark.parametrize("shape", [(True, 2), (4, np.True_), (False,)], ids=str)
+def test_table_grads_refuses_bools_as_sizes(shape):
+    """A bool had been taken as a size ((True, 2) as (1, 2)); the package's other size checks refuse bools
+    (``_checks.is_int``). numpy integers still pass."""
+    from dwdp_ops.coaction import TableGrads
+    from dwdp_ops.coaction.fused import _shape
+
+    with pytest.raises(TypeError, match=r"^induction_shape must be a tuple of ints"):
+        _shape(shape, "induction_shape")
+    with pytest.raises(TypeError, match=r"^feed_shape must be a tuple of ints"):
+        TableGrads((4, 160), shape)
+    assert _shape((np.int64(4), 2), "induction_shape") == (4, 2)

@@ -344,7 +344,10 @@ def _stream_wait(waiter: int, on: int) -> None:
 def _shape(shape, name: str) -> tuple:
     """``shape`` as a tuple of ints >= 0 (at least one), or a TypeError / ValueError naming ``name``."""
     try:
-        shape = tuple(operator.index(v) for v in shape)
+        values = tuple(shape)
+        if any(is_bool(v) for v in values):  # (operator.index takes True as 1; sizes elsewhere refuse bools too)
+            raise TypeError
+        shape = tuple(operator.index(v) for v in values)
     except TypeError:
         raise TypeError(f"{name} must be a tuple of ints, got {shape!r}") from None
     if not shape or any(v < 0 for v in shape):
