@@ -146,3 +146,20 @@ def test_table_grads_refuses_bools_as_sizes(shape):
     with pytest.raises(TypeError, match=r"^feed_shape must be a tuple of ints"):
         TableGrads((4, 160), shape)
     assert _shape((np.int64(4), 2), "induction_shape") == (4, 2)
+
+
+@pytest.mark.parametrize("backward", [False, True])
+def test_split_warps_is_zero_where_no_kernel_fits(backward):
+    """Eight 256 x 256 layers: one warp's shared memory is past 227 KiB (``launch_shape`` gives (0, 0); the op's
+    launch raises ValueError). ``split_warps`` answers 0 there, as for the fallback kernels
+    (tests/test_coaction_split.py asserts 0 wherever ``uses_fast_kernels`` is False); its docstring had said 0 meant
+    the fallback only; it says both now, and ``launch_shape`` tells them apart."""
+    from dwdp_ops.coaction import CoActionSpec
+    from dwdp_ops.coaction.fused import launch_shape, split_warps, uses_fast_kernels
+
+    spec = CoActionSpec(layer_dims=((256, 256),) * 8)
+    assert launch_shape(spec, backward) == (0, 0) and not uses_fast_kernels(spec, backward)
+    assert split_warps(spec, 1, 100, 132, backward=backward) == 0
+    assert "no kernel at all" in split_warps.__doc__
+    fallback = CoActionSpec(layer_dims=((64, 8),))
+    assert launch_shape(fallback, backward)[0] >= 1 and split_warps(fallback, 1, 100, 132, backward=backward) == 0

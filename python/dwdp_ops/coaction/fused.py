@@ -410,12 +410,14 @@ def uses_specialized_kernels(spec: CoActionSpec, backward: bool = False) -> bool
 def split_warps(spec: CoActionSpec, B: int, T: int, sms: int, dtype: str = "float32", backward: bool = False) -> int:
     """Warps a sample the forward (``backward=True``: the backward) of ``B`` samples of ``T`` positions takes on a GPU
     of ``sms`` multiprocessors, as the launch picks it (``DWDP_COACTION_SPLIT`` included, read at each call;
-    docs/environment.md). 0: ``spec`` runs on the shared-memory fallback kernels (layers wider than 32:
-    ``uses_fast_kernels`` is False), which take a warp a sample. 1: a warp a sample, and a sample's results do not
-    depend on ``B``. K > 1 (a batch that one warp a sample leaves short of one wave; the specialised kernels and the
-    general register-path ones): a block of K warps a sample, each a segment of its positions; sums inside a sample are
-    added in a fixed order for a given K (table and feed gradients by atomics, as at K = 1), and differ from K = 1's in
-    rounding."""
+    docs/environment.md). 0: no split: ``spec`` runs on the shared-memory fallback kernels (layers wider than 32:
+    ``uses_fast_kernels`` is False), which take a warp a sample, or on no kernel at all (one warp's shared memory past
+    227 KiB: ``launch_shape`` gives 0 warps, and the op raises ValueError at its launch). 1: a warp a sample, and a
+    sample's results do not depend on ``B``. K > 1 (a batch that one warp a sample leaves short of one wave; the
+    specialised kernels and the general register-path ones): a block of K warps a sample, each a segment of its
+    positions; sums inside a sample are added in a fixed order for a given K (table and feed gradients by atomics, as
+    at K = 1), and differ from K = 1's in rounding. ``B``, ``T`` and ``sms`` may be up to 2**31 - 1 (the pick's
+    arithmetic); the op itself takes T <= 2**31 - 129."""
     _check_dtype(dtype)
     backward = _backward_flag(backward)
     for name, v in (("B", B), ("T", T), ("sms", sms)):
