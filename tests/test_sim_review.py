@@ -144,3 +144,58 @@ def test_sweep_refuses_a_cvs_or_budgets_that_is_not_a_sequence_naming_it(kw, nam
     rows = analysis.sweep(layers=2, iterations=1, cvs=(c for c in (0.0, 0.1)), budgets=np.array([8192, 16384]),
                           ratio=None)  # a generator of cvs had given the CV rows of the first budget only
     assert [(r["max_tokens"], r["cv"]) for r in rows] == [(8192, 0.0), (8192, 0.1), (16384, 0.0), (16384, 0.1)]
+
+
+RESULTS = __import__("pathlib").Path(__file__).resolve().parents[1] / "bench" / "results"
+
+
+def _results_with(tmp_path, name: str, edit) -> None:
+    """The calibration's input files copied to ``tmp_path``, ``edit`` applied to ``name``'s JSON."""
+    import shutil
+
+    from dwdp_ops.sim import calibrate
+
+    for n in calibrate._CHECKS:
+        shutil.copy(RESULTS / n, tmp_path / n)
+    data = json.loads((tmp_path / name).read_text())
+    edit(data)
+    (tmp_path / name).write_text(json.dumps(data))
+
+
+@pytest.mark.skipif(not (RESULTS / "deepseek_forward_H200_N2.json").is_file(), reason="bench/results not here")
+@pytest.mark.parametrize("name, edit, field", [
+    ("deepseek_forward_H200_N2.json", lambda d: d["ranks"][0]["rows"][0].update(tokens=HUGE),
+     "ranks[0].rows[0].tokens"),  # OverflowError: int too large to convert to float
+    ("deepseek_forward_H200_N2.json", lambda d: [r.update(requests=HUGE) for rk in d["ranks"] for r in rk["rows"]],
+     "ranks[0].rows[0].requests"),  # ZeroDivisionError (T / requests rounded to 0.0)
+    ("deepseek_forward_H200_N2.json", lambda d: d.update(layers=HUGE, moe_layers=HUGE), "layers"),  # OverflowError
+    ("attention_probe_H200.json", lambda d: d["records"][0].update(S=HUGE), "records[0].S"),  # OverflowError
+    ("attention_probe_H200.json", lambda d: [r.update(lengths=[10**300] * len(r["lengths"])) for r in d["records"]
+                                             if r["kind"] == "mix"], ".lengths"),  # "cannot convert float NaN"
+])
+def test_calibrate_refuses_an_integer_beyond_int64_naming_the_field(tmp_path, capsys, name, edit, field):
+    """A whole number too large passed calibrate's integer check, then failed where it was used: OverflowError or
+    ZeroDivisionError tracebacks from ``python -m dwdp_ops.sim.calibrate`` (main catches ValueError only), or a
+    ValueError naming no field. Now a ValueError naming the file and the field; the command exits 2, one line."""
+    from dwdp_ops.sim import calibrate
+
+    _results_with(tmp_path, name, edit)
+    with pytest.raises(ValueError, match=r"must be an? .*integers? in \[1, 2\*\*63 - 1\]") as e:
+        calibrate.h200_calibration(tmp_path)
+    assert str(e.value).startswith(str(tmp_path / name)) and field in str(e.value), str(e.value)
+    with pytest.raises(SystemExit) as e:
+        calibrate.main(["--results", str(tmp_path), "--out-dir", str(tmp_path / "out")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and err[-1].startswith("python -m dwdp_ops.sim.calibrate: error: ") and field in err[-1]
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.skipif(not (RESULTS / "deepseek_forward_H200_N2.json").is_file(), reason="bench/results not here")
+def test_calibrate_takes_an_integer_up_to_int64(tmp_path):
+    """The bound is 2**63 - 1, as for the workload's isl: an equal-length record of that many requests is read."""
+    from dwdp_ops.sim import calibrate
+
+    _results_with(tmp_path, "attention_probe_H200.json",
+                  lambda d: [r.update(requests=2**63 - 1) for r in d["records"] if r["kind"] == "equal"])
+    assert calibrate.h200_calibration(tmp_path)["attention"]["equal_length_points"]
+

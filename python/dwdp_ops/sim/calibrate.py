@@ -112,10 +112,13 @@ def _number(d: dict, key: str, file: str, field: str, lo: float = 0.0, strict: b
         _bad(file, field, f"a finite number {'>' if strict else '>='} {lo:g}", v)
 
 
+INT64_MAX = 2**63 - 1  # the largest integer read: 10**400 had raised OverflowError (float(T)), ZeroDivisionError
+
+
 def _integer(d: dict, key: str, file: str, field: str, lo: int = 1) -> None:
     v = d.get(key, _MISSING)
-    if not (is_int(v) and v >= lo):
-        _bad(file, field, f"an integer >= {lo}", v)
+    if not (is_int(v) and lo <= v <= INT64_MAX):
+        _bad(file, field, f"an integer in [{lo}, 2**63 - 1]", v)
 
 
 def _date(d: dict, file: str) -> None:
@@ -142,8 +145,8 @@ def _check_probe(p: dict, f: str) -> None:
         if r["kind"] == "mix":
             _number(cases[case], "median_ms", f, f"{w}.cases[{case!r}].median_ms")
             L = r.get("lengths", _MISSING)
-            if not (isinstance(L, list) and L and all(is_int(x) and x >= 1 for x in L)):
-                _bad(f, f"{w}.lengths", "a non-empty list of integers >= 1", L)
+            if not (isinstance(L, list) and L and all(is_int(x) and 1 <= x <= INT64_MAX for x in L)):
+                _bad(f, f"{w}.lengths", "a non-empty list of integers in [1, 2**63 - 1]", L)
         else:
             _integer(r, "requests", f, f"{w}.requests")
 
