@@ -199,3 +199,22 @@ def test_calibrate_takes_an_integer_up_to_int64(tmp_path):
                   lambda d: [r.update(requests=2**63 - 1) for r in d["records"] if r["kind"] == "equal"])
     assert calibrate.h200_calibration(tmp_path)["attention"]["equal_length_points"]
 
+
+@pytest.mark.parametrize("first, exc", [(1.5, TypeError), (2.0, TypeError), (True, TypeError), ("3", TypeError),
+                                        (None, TypeError), (-1, ValueError)])
+@pytest.mark.parametrize("fn", ["iter_batches", "batch_requests"])
+def test_batching_refuses_a_first_request_that_is_not_an_integer_ge_0(fn, first, exc):
+    """first_request was never checked: 1.5 gave request ids 1.5, 2.5, ..., True ids 1, 2, ..., -1 the id -1."""
+    from dwdp_ops.sim.workload import batch_requests, iter_batches
+
+    f = {"iter_batches": iter_batches, "batch_requests": batch_requests}[fn]
+    with pytest.raises(exc, match=rf"^first_request must be an integer >= 0, got {re.escape(repr(first))}"):
+        f([3, 4], 8, first_request=first)  # iter_batches: at the call, not at the first next()
+
+
+def test_batching_takes_a_numpy_first_request_as_a_python_int():
+    from dwdp_ops.sim.workload import batch_requests
+
+    its = batch_requests([3, 4], 8, first_request=np.int64(5))
+    assert [c.request for c in its[0].chunks] == [5, 6] and all(type(c.request) is int for c in its[0].chunks)
+

@@ -109,14 +109,25 @@ def iter_batches(lengths, max_tokens: int, first_request: int = 0) -> Iterator[I
     ``max_tokens`` (module docstring), one at a time: an iteration is yielded as soon as it is closed (by a request
     that did not fit, or as a full piece of a chunked request), so taking the first k of them reads only the
     requests up to the one that closed the k-th, and builds only k iterations (however many pieces a long request
-    has). When ``lengths`` ends, the open iteration (if any) comes last, though it may have had room for more."""
+    has). When ``lengths`` ends, the open iteration (if any) comes last, though it may have had room for more.
+    ``first_request``: the id of the queue's first request (an integer >= 0; a float or a bool raises TypeError, a
+    negative one ValueError)."""
     _check_budget(max_tokens)
-    return _batches(lengths, max_tokens, first_request)
+    return _batches(lengths, max_tokens, _check_first_request(first_request))
 
 
 def _check_budget(max_tokens: int) -> None:
     if not is_int(max_tokens) or max_tokens < 1:
         raise ValueError(f"max_tokens must be an integer >= 1, got {max_tokens!r}")
+
+
+def _check_first_request(first_request: int) -> int:
+    """``first_request`` as a Python int (1.5, True or -1 had become request ids 1.5, 1 or -1 without a word)."""
+    if not is_int(first_request):
+        raise TypeError(f"first_request must be an integer >= 0, got {first_request!r}")
+    if first_request < 0:
+        raise ValueError(f"first_request must be an integer >= 0, got {first_request!r}")
+    return int(first_request)
 
 
 def _batches(lengths, max_tokens: int, first_request: int) -> Iterator[Iteration]:
