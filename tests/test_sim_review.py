@@ -218,3 +218,12 @@ def test_batching_takes_a_numpy_first_request_as_a_python_int():
     its = batch_requests([3, 4], 8, first_request=np.int64(5))
     assert [c.request for c in its[0].chunks] == [5, 6] and all(type(c.request) is int for c in its[0].chunks)
 
+
+@pytest.mark.parametrize("points", [5, None, 2.5, {"mode": "dwdp"}, "points"],
+                         ids=["int", "None", "float", "dict", "str"])
+def test_validate_refuses_measured_points_that_are_not_a_collection_of_points(points):
+    """validate(5) had raised a bare "'int' object is not iterable"; a single point (a dict) or a string had been
+    iterated into its keys / characters ("measured point 0 must be an object ..., got str 'mode'")."""
+    with pytest.raises(TypeError, match=r"^measured_points must be a list \(or other iterable\) of point objects"):
+        analysis.validate(points)
+

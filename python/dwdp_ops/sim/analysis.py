@@ -133,7 +133,11 @@ def validate(measured_points: Iterable[dict], *, hardware: str = "h200", isl: in
     (``e2e_categories``)), ``max_abs_rel_err`` and ``all_within``. Settings shared by several points are simulated
     once. A point that is not an object, lacks a field, or has a measured figure that is not a finite number > 0
     raises ValueError naming the point (``measured point i``, counted from 0) and the field; so do no point at all
-    and a ``tolerance`` that is not a finite number >= 0."""
+    and a ``tolerance`` that is not a finite number >= 0; ``measured_points`` that is not an iterable of points (a
+    number, None, a single point's dict, a string) raises TypeError naming it."""
+    if isinstance(measured_points, (str, bytes, dict)) or not isinstance(measured_points, Iterable):
+        raise TypeError(f"measured_points must be a list (or other iterable) of point objects (dicts), got "
+                        f"{type(measured_points).__name__} {measured_points!r}")  # 5 had failed bare: not iterable
     if not (is_finite_real(tolerance) and tolerance >= 0):
         raise ValueError(f"tolerance must be a finite number >= 0 (a relative error, e.g. 0.10), got {tolerance!r}")
     tolerance = float(tolerance)
