@@ -227,3 +227,12 @@ def test_validate_refuses_measured_points_that_are_not_a_collection_of_points(po
     with pytest.raises(TypeError, match=r"^measured_points must be a list \(or other iterable\) of point objects"):
         analysis.validate(points)
 
+
+def test_sweep_rows_hold_python_numbers_for_numpy_budgets_and_cvs():
+    """Each budget and CV was stored as given: numpy integers in the rows, which json.dumps refuses ("Object of
+    type int64 is not JSON serializable")."""
+    rows = analysis.sweep(layers=2, iterations=1, cvs=np.array([0.0, 0.1], dtype=np.float32),
+                          budgets=np.array([8192]), ratio=np.float32(0.8))
+    json.dumps(rows)
+    assert all(type(r["max_tokens"]) is int for r in rows)
+    assert [type(r.get("cv", r.get("input_ratio"))) for r in rows] == [float] * 3

@@ -76,10 +76,14 @@ def sweep(hardware: str = "h200", gpus: int = 2, *, isl: int = 8192, cvs: Sequen
         base = dict(hardware=hardware, gpus=gpus, isl=isl, max_tokens=budget, layers=layers,
                     dense_layers=dense_layers, seed=seed, iterations=iterations, overrides=ov,
                     redundant_experts=redundant_experts)
+        # the rows hold the setting as SimConfig normalised it (Python int / float): a numpy budget or cv had gone
+        # into them as given, which json.dumps refuses ("Object of type int64 is not JSON serializable")
         if ratio is not None:
-            rows.append(_row(simulate(SimConfig(ratio=ratio, **base)), {"input_ratio": ratio, "max_tokens": budget}))
+            cfg = SimConfig(ratio=ratio, **base)
+            rows.append(_row(simulate(cfg), {"input_ratio": cfg.ratio, "max_tokens": cfg.max_tokens}))
         for cv in cvs:
-            rows.append(_row(simulate(SimConfig(cv=cv, **base)), {"cv": cv, "max_tokens": budget}))
+            cfg = SimConfig(cv=cv, **base)
+            rows.append(_row(simulate(cfg), {"cv": cfg.cv, "max_tokens": cfg.max_tokens}))
     return rows
 
 
