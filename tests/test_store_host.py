@@ -547,3 +547,17 @@ def test_the_fetch_engines_end_with_the_stores_layers_and_the_store():
         store.copy_engine.fetch(1, 0)
     with pytest.raises(DwdpError, match="nvshmem_table: the ExpertStore is closed"):
         store.nvshmem.fetch(1, stream=0)
+
+
+def test_the_copy_engine_plan_checks_its_layer_before_its_cache():
+    """``CopyEngineFetch.plan`` looked its cache up before checking the layer: once layer 1's plan was cached,
+    ``plan(True)`` and ``plan(1.0)`` returned it, and after ``dwdp_ops.finalize()`` ``plan(1)`` still answered."""
+    store, rt = make(FakeBackend())
+    plan = store.copy_engine.plan(1)
+    assert store.copy_engine.plan(1) is plan
+    for bad in (True, 1.0):
+        with pytest.raises(ValueError, match=r"ce_copies: layer .* is outside \[0, 2\)"):
+            store.copy_engine.plan(bad)
+    rt.state = "finalized"
+    with pytest.raises(DwdpError, match="finalized"):
+        store.copy_engine.plan(1)

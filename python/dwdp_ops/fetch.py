@@ -67,6 +67,7 @@ class CopyEngineFetch:
     def plan(self, layer: int, schedule: Schedule = "staggered", slice_bytes: int | None = DEFAULT_SLICE):
         """``(dsts, srcs, sizes)``: three ``[n]`` uint64 host arrays, the layer's copies in ``schedule``'s order;
         built on first use and cached. Raises as ``fetch``."""
+        self.store.check_layer(layer, "ce_copies")  # (before the cache: a cached plan answered for True, 1.0, ...)
         if slice_bytes is not None:  # (before the cache key: a list was unhashable, 2.0 / True hit 2's / 1's plan)
             slice_bytes = _check_slice(slice_bytes)
         if not isinstance(schedule, str):  # (the cache is keyed by it: an unhashable one met a bare TypeError)
