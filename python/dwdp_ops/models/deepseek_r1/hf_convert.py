@@ -139,15 +139,36 @@ def _experts(cfg: DeepSeekConfig, W: dict[str, np.ndarray], layer: int) -> tuple
     return gate_up, down
 
 
+def _float_dtype(where: str, dtype: Any):
+    """``dtype`` (None: float32) as a floating-point ``torch.dtype``; a string or numpy dtype raises TypeError (Tensor.to
+    takes a string for a device), an integer or complex torch dtype ValueError (it would truncate the weights)."""
+    import torch
+
+    if dtype is None:
+        return torch.float32
+    if not isinstance(dtype, torch.dtype):
+        raise TypeError(f"{where}: dtype must be a floating-point torch.dtype (torch.bfloat16, say) or None, got "
+                        f"{dtype!r} ({type(dtype).__name__})")
+    if not dtype.is_floating_point:
+        raise ValueError(f"{where}: dtype must be a floating-point torch.dtype (torch.bfloat16, say) or None, got "
+                         f"{dtype}")
+    return dtype
+
+
 def hf_state_dict(cfg: DeepSeekConfig, W: dict[str, np.ndarray], dtype: Any = None) -> dict:
     """``W`` (``init_weights(cfg)`` or a checkpoint of the same names) as ``DeepseekV3ForCausalLM``'s state dict:
     ``{name: torch.Tensor}`` in ``dtype`` (default float32), the router's ``e_score_correction_bias`` in float32 always
     (transformers keeps it so: ``_keep_in_fp32_modules_strict``); routed experts dequantised from fp8 to float32 first.
-    Load with ``model.load_state_dict(sd, strict=True)``."""
+    Load with ``model.load_state_dict(sd, strict=True)``. A missing tensor raises KeyError, one of another shape than
+    ``cfg`` gives ValueError (each naming our tensor and Hugging Face's); a ``dtype`` that is not a floating-point
+    ``torch.dtype`` TypeError / ValueError."""
     import torch
 
-    dtype = dtype or torch.float32
+    from .gpu_weights import dense_shapes
+
+    dtype = _float_dtype("hf_state_dict", dtype)
     check_expressible(cfg)
+    shapes = dense_shapes(cfg)
 
     def t(a: np.ndarray, dt=dtype):
         return torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32)).to(dt)
@@ -156,6 +177,9 @@ def hf_state_dict(cfg: DeepSeekConfig, W: dict[str, np.ndarray], dtype: Any = No
     for ours, theirs in hf_name_map(cfg).items():
         if ours not in W:
             raise KeyError(f"weight {ours!r} (Hugging Face's {theirs!r}) is missing from the weights")
+        if tuple(np.shape(W[ours])) != shapes[ours][0]:  # (a transposed one had gone into the state dict as it was)
+            raise ValueError(f"weight {ours!r} (Hugging Face's {theirs!r}) has shape {list(np.shape(W[ours]))}, this "
+                             f"config needs {list(shapes[ours][0])}")
         sd[theirs] = t(W[ours], torch.float32 if theirs.endswith("e_score_correction_bias") else dtype)
     for layer in range(cfg.n_dense_layers, cfg.n_layers):
         gate_up, down = _experts(cfg, W, layer)
@@ -171,10 +195,9 @@ def hf_model(cfg: DeepSeekConfig, W: dict[str, np.ndarray], dtype: Any = None, d
     rotary inverse frequencies stay float32 (a plain ``model.to(bfloat16)`` rounds both: the first moves routing
     decisions, the second every rope angle by up to 2**-9 relative). Attention and experts default to Hugging Face's
     plain implementations (``eager``: the reference loops, not SDPA or ``grouped_mm``)."""
-    import torch
     import transformers
 
-    dtype = dtype or torch.float32
+    dtype = _float_dtype("hf_model", dtype)
     config = hf_config(cfg, attn_implementation=attn_implementation, experts_implementation=experts_implementation)
     model = transformers.DeepseekV3ForCausalLM(config)
     model.load_state_dict(hf_state_dict(cfg, W), strict=True)
@@ -199,6 +222,8 @@ def from_hf_state_dict(cfg: DeepSeekConfig, sd: dict, *, strict: bool = False) -
     produce for ``cfg`` (a multi-token-prediction layer such as DeepSeek-R1's ``model.layers.61.*``, another model's
     keys) are dropped with one warning giving their count and the first five, or refused with ``ValueError`` when
     ``strict``; the rotary ``inv_freq`` buffers older transformers saved are dropped silently."""
+    import torch
+
     from ...quant import quant_block
     from .gpu_weights import dense_shapes
 
@@ -206,6 +231,9 @@ def from_hf_state_dict(cfg: DeepSeekConfig, sd: dict, *, strict: bool = False) -
         if name not in sd:
             raise KeyError(f"{name!r} is missing from the Hugging Face state dict")
         t = sd[name]
+        if not isinstance(t, torch.Tensor):  # (a numpy array failed on t.is_floating_point, naming no key)
+            raise TypeError(f"{name!r} is a {type(t).__module__}.{type(t).__name__}: the state dict's values must be "
+                            "torch.Tensor (torch.from_numpy converts numpy arrays)")
         if tuple(t.shape) != tuple(shape):  # a transposed or other-layout tensor would be mislabelled silently
             raise ValueError(f"{name!r} has shape {list(t.shape)}, this config needs {list(shape)} (Hugging Face's "
                              "DeepseekV3 layout; check the config and the transformers version)")
