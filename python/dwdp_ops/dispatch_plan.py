@@ -91,6 +91,16 @@ def _optional_size(name: str, value) -> int | None:
     return int(value)
 
 
+def _world_index(name: str, value, world: int) -> int:
+    """``value`` as a rank in ``[0, world)``: TypeError unless an integer (bools refused), ValueError outside (a
+    negative index would have picked a rank from the end)."""
+    if not is_int(value):
+        raise TypeError(f"{name} must be a rank in [0, {world}) (an int), got {value!r} ({type(value).__name__})")
+    if not 0 <= value < world:
+        raise ValueError(f"{name} must be a rank in [0, {world}), got {value!r}")
+    return int(value)
+
+
 def _array(name: str, value, expected: str) -> np.ndarray:
     """``value`` as a numpy array; a ragged nesting is a ValueError and anything numpy holds only as objects (None, a
     mix of types) a TypeError, both naming ``name`` and ``expected``."""
@@ -182,7 +192,9 @@ class SendPlan:
     partition: ExpertPartition
 
     def rows_for(self, d: int) -> slice:
-        """The packed send rows going to dest ``d``."""
+        """The packed send rows going to dest ``d``, a rank in ``[0, world_size)`` (TypeError / ValueError
+        otherwise)."""
+        d = _world_index("d", d, self.world_size)
         a = int(self.send_offsets[d])
         return slice(a, a + int(self.send_counts[d]))
 
@@ -303,6 +315,8 @@ class RecvPlan:
         return np.concatenate([[0], self.offs[:-1]]).astype(np.int64)
 
     def rows_from(self, s: int) -> slice:
+        """The received rows from source ``s``, a rank in ``[0, N)`` (TypeError / ValueError otherwise)."""
+        s = _world_index("s", s, len(self.recv_counts))
         a = int(self.recv_offsets[s])
         return slice(a, a + int(self.recv_counts[s]))
 
@@ -400,9 +414,9 @@ def reference_moe(xs_per_rank: Sequence[np.ndarray], ids_per_rank: Sequence[np.n
     wrong type (``partition``, an ``expert_fn`` or ``storage`` that is not callable, one of the three not a sequence
     with one entry per rank, a dict included, an entry that is not an array: None, an object numpy holds only as an
     object; an ``xs_per_rank[r]`` whose dtype is not floating-point, an ``ids_per_rank[r]`` not integer, a
-    ``w_per_rank[r]`` not float32), ValueError for a wrong value (not one entry per rank, a ragged entry, a shape,
-    tokens, hidden sizes or ranks' top_k that disagree, routing ``plan_send`` refuses, an ``expert_fn`` result of
-    another shape).
+    ``w_per_rank[r]`` not float32; a ``storage`` result that is not a float array), ValueError for a wrong value (not
+    one entry per rank, a ragged entry, a shape, tokens, hidden sizes or ranks' top_k that disagree, routing
+    ``plan_send`` refuses, an ``expert_fn`` or ``storage`` result of another shape).
     """
     _check_partition(partition)
     if not callable(expert_fn):
@@ -462,8 +476,19 @@ def reference_moe(xs_per_rank: Sequence[np.ndarray], ids_per_rank: Sequence[np.n
         ids.append(i)
         ws.append(w)
 
+    def stored(a: np.ndarray) -> np.ndarray:
+        """``storage(a)`` as float32, checked: a result of another shape would broadcast into the grouped rows (a
+        scalar) or become the output (rows dropped), silently."""
+        got = storage(a)
+        want = f"storage must return a float array of its argument's shape {a.shape}, got"
+        if not (isinstance(got, np.ndarray) or np.isscalar(got)) or np.asarray(got).dtype.kind != "f":
+            raise TypeError(f"{want} {got!r} ({type(got).__name__})"[:300])
+        if np.shape(got) != a.shape:
+            raise ValueError(f"{want} shape {np.shape(got)}")
+        return np.asarray(got).astype(np.float32)
+
     def store(a: np.ndarray, like: np.ndarray) -> np.ndarray:
-        return storage(a).astype(np.float32) if storage is not None else a.astype(like.dtype).astype(np.float32)
+        return stored(a) if storage is not None else a.astype(like.dtype).astype(np.float32)
 
     sends = [plan_send(ids[r], ws[r], partition, r, max_tokens) for r in range(N)]
     partials = []  # partials[d]: [R_d, H] float32
@@ -493,5 +518,5 @@ def reference_moe(xs_per_rank: Sequence[np.ndarray], ids_per_rank: Sequence[np.n
         for d in range(N):
             ok = sp.send_pos[:, d] >= 0
             acc[ok] = acc[ok] + partials[d][offs[d] + sp.send_pos[ok, d]]
-        outs.append(storage(acc).astype(np.float32) if storage is not None else acc.astype(xs[s].dtype))
+        outs.append(stored(acc) if storage is not None else acc.astype(xs[s].dtype))
     return outs

@@ -1,0 +1,68 @@
+"""Review of the host logic of dispatch_plan, policy and TokenDispatcher's argument checks (CPU only): bad input that
+had crashed deep inside (a bare IndexError, AttributeError, OverflowError or StopIteration) or given a silently wrong
+answer now raises a TypeError / ValueError naming the argument and what is expected."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from dwdp_ops.dispatch_plan import plan_recv, plan_send, reference_moe
+from dwdp_ops.partition import ExpertPartition
+
+P2 = ExpertPartition.disjoint(8, 2)
+IDS = np.array([[0, 5], [7, -1]])
+W = np.ones((2, 2), np.float32)
+SENDS = [plan_send(IDS, W, P2, r, 4) for r in range(2)]
+
+
+# -- SendPlan.rows_for / RecvPlan.rows_from -----------------------------------------------------------------------------
+@pytest.mark.parametrize("d", [-1, 2, 10])
+def test_rows_for_refuses_a_dest_outside_the_world(d):
+    """rows_for(-1) returned the LAST dest's rows (numpy's negative index), silently, and rows_for(2) a bare
+    IndexError; rows_from the same. ValueError naming the dest and the world now."""
+    with pytest.raises(ValueError, match=r"d must be a rank in \[0, 2\)"):
+        SENDS[0].rows_for(d)
+    rp = plan_recv(SENDS, P2, 0)
+    with pytest.raises(ValueError, match=r"s must be a rank in \[0, 2\)"):
+        rp.rows_from(d)
+
+
+@pytest.mark.parametrize("d", [1.0, True, "1", None])
+def test_rows_for_refuses_a_dest_that_is_not_an_int(d):
+    with pytest.raises(TypeError, match=r"d must be a rank in \[0, 2\)"):
+        SENDS[0].rows_for(d)
+    with pytest.raises(TypeError, match=r"s must be a rank in \[0, 2\)"):
+        plan_recv(SENDS, P2, 0).rows_from(d)
+
+
+def test_rows_for_takes_numpy_ints():
+    assert SENDS[0].rows_for(np.int64(1)) == SENDS[0].rows_for(1)
+    rp = plan_recv(SENDS, P2, 1)
+    assert rp.rows_from(np.uint8(1)) == rp.rows_from(1)
+
+
+# -- reference_moe's storage ------------------------------------------------------------------------------------------
+def _moe(**kw):
+    xs = [np.ones((2, 4), np.float32)] * 2
+    return reference_moe(xs, [IDS] * 2, [W] * 2, P2, lambda r, le, x: x * (le + 1), **kw)
+
+
+@pytest.mark.parametrize("storage", [lambda a: np.float32(0), lambda a: a[:1], lambda a: a.reshape(-1)],
+                         ids=["scalar", "fewer-rows", "flat"])
+def test_a_storage_of_another_shape_is_refused(storage):
+    """A storage that returned a scalar made every output a 0-d scalar, one that dropped rows gave [1, H] outputs for
+    T = 2 tokens, silently (broadcast into the grouped rows, returned as the result). ValueError naming storage."""
+    with pytest.raises(ValueError, match=r"storage must return a float array of its argument's shape"):
+        _moe(storage=storage)
+
+
+def test_a_storage_returning_none_is_named():
+    """storage returning None raised AttributeError: 'NoneType' object has no attribute 'astype'."""
+    with pytest.raises(TypeError, match=r"storage must return a float array of its argument's shape"):
+        _moe(storage=lambda a: None)
+
+
+def test_a_good_storage_is_unchanged():
+    out = _moe(storage=lambda a: a)
+    assert [o.shape for o in out] == [(2, 4), (2, 4)] and all(o.dtype == np.float32 for o in out)
+    np.testing.assert_array_equal(out[0], _moe()[0])
