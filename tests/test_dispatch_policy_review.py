@@ -4,10 +4,13 @@ answer now raises a TypeError / ValueError naming the argument and what is expec
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 from dwdp_ops.dispatch_plan import plan_recv, plan_send, reference_moe
 from dwdp_ops.partition import ExpertPartition
+from dwdp_ops.policy import Rates, choose_mode, expected_distinct
 
 P2 = ExpertPartition.disjoint(8, 2)
 IDS = np.array([[0, 5], [7, -1]])
@@ -66,3 +69,54 @@ def test_a_good_storage_is_unchanged():
     out = _moe(storage=lambda a: a)
     assert [o.shape for o in out] == [(2, 4), (2, 4)] and all(o.dtype == np.float32 for o in out)
     np.testing.assert_array_equal(out[0], _moe()[0])
+
+
+# -- policy: numbers beyond floats' range ---------------------------------------------------------------------------
+ARGS = dict(tokens_per_rank=[1, 1], partition=P2, layout_bytes_per_expert=10**6, hidden=16, top_k=2)
+
+
+@pytest.mark.parametrize("kwargs, name", [
+    (dict(layout_bytes_per_expert=10**400), "layout_bytes_per_expert"),
+    (dict(hidden=10**400), "hidden"),
+    (dict(tokens_per_rank=[10**400, 1]), "tokens_per_rank"),
+    (dict(param_bytes=10**400), "param_bytes"),
+    (dict(token_bytes=10**400), "token_bytes"),
+    (dict(fetch_bytes_per_expert=10**400), "fetch_bytes_per_expert"),
+])
+def test_choose_mode_sizes_beyond_floats_are_value_errors(kwargs, name):
+    """An integer size beyond floats' range raised a bare OverflowError ('int too large to convert to float') from
+    the rate model's arithmetic. ValueError naming the argument now."""
+    with pytest.raises(ValueError, match=name):
+        choose_mode(**{**ARGS, **kwargs})
+
+
+def test_rates_beyond_floats_are_value_errors():
+    """Rates(ce_gbps=10**400) raised OverflowError from math.isfinite."""
+    with pytest.raises(ValueError, match=r"Rates.ce_gbps must be a finite number"):
+        Rates(ce_gbps=10**400)
+
+
+@pytest.mark.parametrize("tokens", [0, 1, [1, 0]])
+def test_rates_giving_times_beyond_floats_are_refused(tokens):
+    """A GEMM rate that passes Rates' check (finite, > 0) but is so small that a pair's time is inf: with a rank of
+    0 tokens the cost was 0 * inf = NaN and choose_mode raised a bare StopIteration (no mode equals a NaN minimum);
+    otherwise every cost was inf and the choice meaningless. ValueError naming the rates now."""
+    tokens = tokens if isinstance(tokens, list) else [tokens, tokens]
+    with pytest.raises(ValueError, match=r"beyond floats' range.*rates"):
+        choose_mode(**{**ARGS, "tokens_per_rank": tokens}, rates=Rates(gemm_tflops=5e-324))
+
+
+def test_expected_distinct_of_many_tokens():
+    """expected_distinct(8, 2, 10**400) raised OverflowError; the value is E (every expert selected)."""
+    assert expected_distinct(8, 2, 10**400) == 8.0
+    assert expected_distinct(8, 2, 2**2000) == 8.0
+    assert expected_distinct(8, 2, 10) == 8 * (1 - 0.75**10)
+
+
+def test_expected_distinct_of_too_many_experts_is_named():
+    with pytest.raises(ValueError, match="num_experts"):
+        expected_distinct(10**400, 2, 10)
+
+
+def test_finite_math_unchanged():
+    assert math.isfinite(choose_mode(**ARGS).cost_us["dispatch"])

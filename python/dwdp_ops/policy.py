@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import functools
 import math
+import sys
 from collections.abc import Mapping, Sequence, Set
 from dataclasses import dataclass, field
 
@@ -82,7 +83,7 @@ class Rates:
             if type(v) not in (int, float):
                 v = float(v)
                 object.__setattr__(self, name, v)
-            if not math.isfinite(v):
+            if not _finite(v):  # (math.isfinite of an int beyond floats' range raised OverflowError)
                 raise ValueError(f"Rates.{name} must be a finite number, got {v!r}")
             if v < 0 or (v == 0 and name != "dispatch_latency_us"):
                 raise ValueError(f"Rates.{name} must be > 0 (latency >= 0), got {v}")
@@ -106,14 +107,18 @@ class ModeChoice:
 
 def expected_distinct(num_experts: int, top_k: int, tokens: int) -> float:
     """Expected distinct experts selected by ``tokens`` tokens each choosing ``top_k`` of ``num_experts`` uniformly.
-    Integers (Python or numpy): ``num_experts >= 1``, ``top_k`` in ``[1, num_experts]``, ``tokens >= 0``; TypeError /
-    ValueError naming the argument otherwise."""
+    Integers (Python or numpy): ``num_experts >= 1`` (within floats' range), ``top_k`` in ``[1, num_experts]``,
+    ``tokens >= 0``; TypeError / ValueError naming the argument otherwise."""
     num_experts = int_at_least("num_experts", num_experts, 1)
     top_k = int_at_least("top_k", top_k, 1)
     if top_k > num_experts:
         raise ValueError(f"top_k must be in [1, {num_experts}] (num_experts), got {top_k}")
     tokens = int_at_least("tokens", tokens, 0)
-    return num_experts * (1.0 - (1.0 - top_k / num_experts) ** tokens)
+    if not _finite(num_experts):
+        raise ValueError(f"num_experts must be at most {sys.float_info.max:.6g} (a float's range), got {num_experts}")
+    # base ** tokens is 0.0 for any base < 1 long before 2^1000 tokens (base <= 1 - 2^-53); a Python int exponent
+    # beyond floats' range raised OverflowError
+    return num_experts * (1.0 - (1.0 - top_k / num_experts) ** min(tokens, 2**1000))
 
 
 def pair_shares(partition: ExpertPartition, top_k: int) -> list[list[float]]:
@@ -148,6 +153,14 @@ def _shares(partition: ExpertPartition, top_k: int) -> tuple[tuple[tuple[float, 
     return tuple(tuple(r) for r in m), q
 
 
+def _finite(v) -> bool:
+    """``math.isfinite(v)``, False (not OverflowError) for an int beyond floats' range."""
+    try:
+        return math.isfinite(v)
+    except OverflowError:
+        return False
+
+
 def _p_row(m: float, E: int, k: int) -> float:
     """P(a token sends at least one pair to a dest that takes m pairs per token in expectation)."""
     n = m * E / k
@@ -176,13 +189,15 @@ def choose_mode(tokens_per_rank: Sequence[int], partition: ExpertPartition, layo
     ``fetch_bytes_per_expert``: what the copy-engine prefetch moves per expert (``ExpertLayout.expert_stride``: the
     padded stride, more than ``expert_bytes`` for a shape with padding; None: ``layout_bytes_per_expert``). Pure; not a
     collective (the caller gathers ``tokens_per_rank``). Counts and sizes may be Python or numpy numbers (converted);
-    a wrong type (bools included) raises TypeError, a bad value ValueError, each naming the argument."""
+    a wrong type (bools included) raises TypeError, a bad value ValueError, each naming the argument (a count or size
+    beyond floats' range included); rates and sizes that give a cost beyond floats' range (infinite, or NaN) raise
+    ValueError naming them all."""
     if not isinstance(partition, ExpertPartition):
         raise TypeError(f"partition must be an ExpertPartition, got {type(partition).__name__}")
     rates = Rates() if rates is None else rates
     if not isinstance(rates, Rates):
         raise TypeError(f"rates must be a Rates, got {type(rates).__name__}")
-    E, N, L = partition.num_experts, partition.world_size, partition.experts_per_rank
+    E, N = partition.num_experts, partition.world_size
     if isinstance(tokens_per_rank, (Mapping, Set)):  # a {rank: T} dict lists its keys; a set has no rank order
         raise TypeError(f"tokens_per_rank must be a sequence of one count per rank, in rank order (a list, tuple or "
                         f"1-D array), got a {type(tokens_per_rank).__name__}: {tokens_per_rank!r}")
@@ -197,13 +212,17 @@ def choose_mode(tokens_per_rank: Sequence[int], partition: ExpertPartition, layo
     k = int_at_least("top_k", top_k, 1)
     if k > E:
         raise ValueError(f"top_k must be in [1, {E}] (the layer's experts), got {k}")
+    for name, v in ([(f"tokens_per_rank[{r}]", t) for r, t in enumerate(tokens)]
+                    + [("layout_bytes_per_expert", X), ("fetch_bytes_per_expert", Xf), ("hidden", H)]):
+        if not _finite(v):  # (the rate model's float arithmetic raised OverflowError)
+            raise ValueError(f"{name} must be at most {sys.float_info.max:.6g} (a float's range), got {v}")
     sizes = {}
     for name, v in (("param_bytes", param_bytes), ("token_bytes", token_bytes), ("partial_bytes", partial_bytes)):
         if not is_real(v):
             raise TypeError(f"{name} must be a number > 0, got {v!r} ({type(v).__name__})")
         if not v > 0:
             raise ValueError(f"{name} must be a number > 0, got {v!r}")
-        if not math.isfinite(v):
+        if not _finite(v):
             raise ValueError(f"{name} must be a finite number > 0, got {v!r}")
         sizes[name] = v if type(v) in (int, float) else float(v)
     param_bytes, token_bytes, partial_bytes = sizes["param_bytes"], sizes["token_bytes"], sizes["partial_bytes"]
@@ -215,6 +234,31 @@ def choose_mode(tokens_per_rank: Sequence[int], partition: ExpertPartition, layo
     if not allowed or unknown or len(set(allowed)) != len(allowed):
         raise ValueError(f"allowed must be a non-empty subset of {MODES} without repeats, got {allowed}")
 
+    try:
+        per_rank = _costs(tokens, partition, rates, X, Xf, H, k, param_bytes, token_bytes, partial_bytes, allowed)
+    except OverflowError:
+        per_rank = None
+    bad = None if per_rank is None else next(((md, r, c) for md, cs in per_rank.items() for r, c in enumerate(cs)
+                                              if not math.isfinite(c)), None)
+    if per_rank is None or bad is not None:
+        # a NaN cost (0 tokens x an infinite pair time) had made the choice below raise a bare StopIteration, an
+        # infinite one a meaningless choice
+        what = "a cost" if bad is None else f"the {bad[0]} cost of rank {bad[1]} ({bad[2]} us)"
+        raise ValueError(f"choose_mode: {what} is beyond floats' range: rates={rates}, tokens_per_rank={tokens}, "
+                         f"layout_bytes_per_expert={X}, fetch_bytes_per_expert={Xf}, hidden={H}, top_k={k}, "
+                         f"param_bytes={param_bytes}, token_bytes={token_bytes}, partial_bytes={partial_bytes}; "
+                         "expected rates and sizes that give finite times")
+    cost = {mode: max(c) for mode, c in per_rank.items()}
+    best = min(cost.values())
+    mode = next(md for md in MODES if md in cost and cost[md] == best)
+    return ModeChoice(mode, cost, per_rank)
+
+
+def _costs(tokens: list[int], partition: ExpertPartition, rates: Rates, X: int, Xf: int, H: int, k: int,
+           param_bytes: float, token_bytes: float, partial_bytes: float,
+           allowed: tuple[str, ...]) -> dict[str, tuple[float, ...]]:
+    """``choose_mode``'s per-rank costs (µs) of each allowed mode, from checked arguments (module docstring)."""
+    E, N, L = partition.num_experts, partition.world_size, partition.experts_per_rank
     C = rates.fp8_gemm_tflops if param_bytes == 1 else rates.gemm_tflops
     pair_s = 2.0 * (X / param_bytes) / (C * 1e12)
     fetch_all = (E - L) * Xf / (rates.ce_gbps * 1e9)
@@ -240,7 +284,4 @@ def choose_mode(tokens_per_rank: Sequence[int], partition: ExpertPartition, layo
                 c = 2 * lat + rows * (bytes_d + bytes_c) / (rates.dispatch_gbps * 1e9) + work
             costs.append(c * 1e6)
         per_rank[mode] = tuple(costs)
-    cost = {mode: max(c) for mode, c in per_rank.items()}
-    best = min(cost.values())
-    mode = next(md for md in MODES if md in cost and cost[md] == best)
-    return ModeChoice(mode, cost, per_rank)
+    return per_rank
