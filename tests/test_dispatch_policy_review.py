@@ -5,6 +5,7 @@ answer now raises a TypeError / ValueError naming the argument and what is expec
 from __future__ import annotations
 
 import math
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -120,3 +121,16 @@ def test_expected_distinct_of_too_many_experts_is_named():
 
 def test_finite_math_unchanged():
     assert math.isfinite(choose_mode(**ARGS).cost_us["dispatch"])
+
+
+# -- TokenDispatcher's argument checks ------------------------------------------------------------------------------
+@pytest.mark.parametrize("bad", [(8, 2), None, "8x2"])
+def test_token_dispatcher_refuses_a_partition_that_is_not_one(bad):
+    """A partition that is not an ExpertPartition raised AttributeError ('tuple' object has no attribute
+    'num_experts') from the top_k check. TypeError naming partition now, before any allocation."""
+    pytest.importorskip("cupy")
+    from dwdp_ops.dispatch import TokenDispatcher
+
+    rt = SimpleNamespace(require=lambda what: None, world_size=lambda: 2, device=0)
+    with pytest.raises(TypeError, match=r"TokenDispatcher: partition must be an ExpertPartition"):
+        TokenDispatcher(bad, 64, 2, 16, num_sms=4, runtime=rt)

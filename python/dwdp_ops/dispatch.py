@@ -98,8 +98,8 @@ class TokenDispatcher:
 
     Collective: construction and ``close()`` (symmetric allocations). Needs every peer reachable over NVLink, at
     most 8 ranks, and ``N * max_tokens * (6 * H + 8 * k) + 20 * N`` bytes of the NVSHMEM symmetric heap
-    (``init(heap_size=...)``). Construction raises ValueError for an argument out of range (each named), a partition
-    of another world size or more than 8 ranks, and DwdpError before ``init()``, for an unreachable peer or a
+    (``init(heap_size=...)``). Construction raises TypeError for a partition that is not an ``ExpertPartition``,
+    ValueError for an argument out of range (each named), a partition of another world size or more than 8 ranks, and DwdpError before ``init()``, for an unreachable peer or a
     failed symmetric allocation (what was allocated is freed again).
     """
 
@@ -112,6 +112,9 @@ class TokenDispatcher:
 
         rt = runtime or get_runtime()
         rt.require("TokenDispatcher")
+        if not isinstance(partition, ExpertPartition):  # (its attributes were read below: a bare AttributeError)
+            raise TypeError(f"TokenDispatcher: partition must be an ExpertPartition, got {partition!r} "
+                            f"({type(partition).__name__})")
         if num_sms is None:
             num_sms = int(cp.cuda.runtime.getDeviceProperties(rt.device)["multiProcessorCount"])
         for name, v, lo in (("hidden", hidden, 8), ("top_k", top_k, 1), ("max_tokens", max_tokens, 1),
