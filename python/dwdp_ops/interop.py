@@ -8,6 +8,7 @@ fused ops read several arrays per call); streams from CuPy (``.ptr``), PyTorch (
 
 from __future__ import annotations
 
+import math
 import sys
 from dataclasses import dataclass
 from typing import Any
@@ -36,7 +37,8 @@ class DeviceBuffer:
 
     @property
     def nbytes(self) -> int:
-        return int(np.prod(self.shape, dtype=np.int64)) * self.dtype.itemsize
+        # (Python ints: an int64 product wrapped around, 2**32 x 2**32 elements read as 0 bytes)
+        return math.prod(int(n) for n in self.shape) * self.dtype.itemsize
 
     @property
     def contiguous(self) -> bool:
@@ -127,8 +129,42 @@ def device_buffer(obj: Any, name: str = "array") -> DeviceBuffer:
             f"{name} must be a CUDA device array (CuPy, PyTorch, Numba: anything with __cuda_array_interface__), "
             f"got {type(obj).__name__}"
         )
-    ptr = int(cai["data"][0])
-    return DeviceBuffer(ptr, tuple(int(x) for x in cai["shape"]), np.dtype(cai["typestr"]), cai.get("strides"))
+    return _from_interface(cai, name)
+
+
+def _from_interface(cai: Any, name: str) -> DeviceBuffer:
+    """A DeviceBuffer of a ``__cuda_array_interface__`` dict, or TypeError / ValueError naming ``name`` and the
+    field: a missing key, a data pointer or extent that is not an int >= 0, a dtype that is not a native-byte-order
+    number or bool (``normalize_dtype``'s rule) or plain bytes (``<V2``: bf16 bits), a mask (not supported: every
+    element would be read as valid)."""
+    try:
+        data, shape, typestr = cai["data"], cai["shape"], cai["typestr"]
+    except (KeyError, TypeError) as e:
+        raise TypeError(f"{name}: its __cuda_array_interface__ lacks {e} (needs 'data', 'shape' and 'typestr')") \
+            from None
+    try:
+        ptr = data[0]
+        shape = tuple(shape)
+        ok = is_int(ptr) and all(is_int(n) for n in shape)
+    except (TypeError, IndexError):
+        ok = False
+    if not ok:
+        raise TypeError(f"{name}: __cuda_array_interface__ 'data' must be (pointer, read_only) and 'shape' a tuple "
+                        f"of ints, got data={data!r}, shape={cai['shape']!r}")
+    if ptr < 0 or any(n < 0 for n in shape):
+        raise ValueError(f"{name}: __cuda_array_interface__ has a negative pointer or extent: pointer {ptr}, shape "
+                         f"{shape}")
+    try:
+        dt = np.dtype(typestr)
+    except (TypeError, ValueError):
+        dt = None
+    raw = dt is not None and dt.kind == "V" and dt.names is None and dt.subdtype is None  # '<V2': PyTorch's bf16
+    if dt is None or not (raw or (dt.kind in "biufc" and dt.isnative)):
+        raise TypeError(f"{name}: __cuda_array_interface__ typestr {typestr!r} is not supported: use a "
+                        "native-byte-order bool, integer, float or complex dtype (or raw bytes '<V2' of bf16)")
+    if cai.get("mask") is not None:
+        raise TypeError(f"{name}: a masked array (__cuda_array_interface__ 'mask') is not supported")
+    return DeviceBuffer(int(ptr), tuple(int(n) for n in shape), dt, cai.get("strides"))
 
 
 def normalize_dtype(dtype: Any) -> tuple[np.dtype, str]:
@@ -137,6 +173,8 @@ def normalize_dtype(dtype: Any) -> tuple[np.dtype, str]:
     one without a numpy form (``torch.float8_e5m2``, ``torch.complex32``) is a TypeError, and so is a numpy dtype that
     is not a native-byte-order bool, integer, float or complex (``'>f4'``, strings, datetimes, records): GPU kernels,
     CuPy's arithmetic and DLPack read every element in the host's byte order."""
+    if dtype is None:  # (np.dtype(None) is float64: a missing dtype became float64 silently)
+        raise TypeError("dtype None is not supported: use a NumPy dtype, 'bfloat16' or 'float8_e4m3fn'")
     name = getattr(dtype, "__name__", None) or str(dtype)
     torch_dtype = name.startswith("torch.")
     name = name.replace("torch.", "")
@@ -180,13 +218,23 @@ def stream_handle(stream: Any) -> int:
         return int(stream)
     for attr in ("ptr", "cuda_stream"):
         if hasattr(stream, attr):
-            return int(getattr(stream, attr))
+            return _object_handle(getattr(stream, attr), type(stream).__name__, attr)
     if hasattr(stream, "__cuda_stream__"):
-        return int(stream.__cuda_stream__()[1])
+        return _object_handle(stream.__cuda_stream__()[1], type(stream).__name__, "__cuda_stream__()")
     torch = sys.modules.get("torch")
     if torch is not None and isinstance(stream, getattr(torch, "Stream", ())):
         return _torch_stream_handle(torch, stream)
     raise TypeError(f"stream must be a CuPy/PyTorch/cuda.core stream or an integer handle, got {type(stream).__name__}")
+
+
+def _object_handle(h: Any, kind: str, attr: str) -> int:
+    """A stream object's handle, checked as an integer handle is (it went through unchecked: a negative one or one of
+    2**64 and more reached the bindings, None met a bare int() TypeError)."""
+    if not is_int(h):
+        raise TypeError(f"stream: {kind}.{attr} must be an integer cudaStream_t, got {h!r} ({type(h).__name__})")
+    if not 0 <= int(h) < 2**64:
+        raise ValueError(f"stream: {kind}.{attr} must be a handle in [0, 2**64) (a cudaStream_t), got {int(h)}")
+    return int(h)
 
 
 def _torch_stream_handle(torch: Any, stream: Any) -> int:

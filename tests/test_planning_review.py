@@ -1,0 +1,95 @@
+"""Review of the host-side planning modules: bad input that crashed deep inside or gave a silent wrong answer."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from dwdp_ops.interop import DeviceBuffer, device_buffer, normalize_dtype, stream_handle
+
+
+class _Cai:
+    """A fake device array: only ``__cuda_array_interface__``."""
+
+    def __init__(self, **cai):
+        self.__cuda_array_interface__ = {"data": (4096, False), "shape": (2,), "typestr": "<f4", "version": 3, **cai}
+
+
+def test_device_buffer_nbytes_does_not_wrap_around():
+    """``np.prod(shape, dtype=int64)`` wrapped: 2**32 x 2**32 float32 elements read as 0 bytes."""
+    b = DeviceBuffer(4096, (2**32, 2**32), np.dtype(np.float32), None)
+    assert b.nbytes == 2**66
+    assert DeviceBuffer(4096, (3, 5), np.dtype(np.float32), None).nbytes == 60
+    assert DeviceBuffer(4096, (np.int64(3), np.int64(5)), np.dtype(np.int16), None).nbytes == 30
+
+
+def test_normalize_dtype_refuses_none():
+    """``np.dtype(None)`` is float64: a missing dtype silently became float64."""
+    with pytest.raises(TypeError, match="dtype None"):
+        normalize_dtype(None)
+
+
+@pytest.mark.parametrize("handle", [-5, 2**64, None, 1.5])
+def test_stream_objects_handles_are_checked(handle):
+    """A stream object's handle (``.ptr``, ``.cuda_stream``, ``__cuda_stream__``) went through unchecked: a negative
+    one or one of 2**64 and more came back as the handle; None met a bare int() TypeError."""
+
+    class Ptr:
+        ptr = handle
+
+    class Cs:
+        cuda_stream = handle
+
+    class Proto:
+        def __cuda_stream__(self):
+            return 0, handle
+
+    for s in (Ptr(), Cs(), Proto()):
+        exc = TypeError if handle is None or isinstance(handle, float) else ValueError
+        with pytest.raises(exc, match="stream"):
+            stream_handle(s)
+
+
+def test_stream_objects_good_handles_pass():
+    class Ptr:
+        ptr = np.uint64(2**64 - 1)
+
+    class Proto:
+        def __cuda_stream__(self):
+            return 0, 7
+
+    assert stream_handle(Ptr()) == 2**64 - 1
+    assert stream_handle(Proto()) == 7
+
+
+@pytest.mark.parametrize("cai, exc, match", [
+    ({"data": None}, TypeError, "data"),
+    ({"typestr": "|O"}, TypeError, "typestr"),
+    ({"typestr": ">f4"}, TypeError, "typestr"),
+    ({"typestr": "zz"}, TypeError, "typestr"),
+    ({"shape": (-2,)}, ValueError, "shape"),
+    ({"data": (-1, False)}, ValueError, "pointer"),
+    ({"mask": "not none"}, TypeError, "mask"),
+])
+def test_device_buffer_checks_the_interface(cai, exc, match):
+    """A malformed or unsupported ``__cuda_array_interface__`` gave a bare KeyError / int() TypeError, or a
+    DeviceBuffer of an object / big-endian dtype, a negative extent or pointer, or one that ignored a mask."""
+    with pytest.raises(exc, match=match) as ei:
+        device_buffer(_Cai(**cai), "x")
+    assert "x" in str(ei.value)
+
+
+def test_device_buffer_missing_key_is_named():
+    obj = _Cai()
+    del obj.__cuda_array_interface__["data"]
+    with pytest.raises(TypeError, match="'data'"):
+        device_buffer(obj, "x")
+
+
+def test_device_buffer_good_interface():
+    b = device_buffer(_Cai(shape=(3, 5), strides=(20, 4), mask=None), "x")
+    assert (b.ptr, b.shape, b.dtype, b.strides) == (4096, (3, 5), np.dtype(np.float32), (20, 4))
+
+
+def test_device_buffer_takes_raw_bf16_bytes():
+    """PyTorch exports bf16 as '<V2' (``dispatch._bf16`` takes it): still accepted."""
+    assert device_buffer(_Cai(typestr="<V2"), "x").dtype == np.dtype("V2")
