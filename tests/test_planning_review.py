@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from dwdp_ops.env import DistEnv
 from dwdp_ops.interop import DeviceBuffer, device_buffer, normalize_dtype, stream_handle
 
 
@@ -88,6 +89,18 @@ def test_device_buffer_missing_key_is_named():
 def test_device_buffer_good_interface():
     b = device_buffer(_Cai(shape=(3, 5), strides=(20, 4), mask=None), "x")
     assert (b.ptr, b.shape, b.dtype, b.strides) == (4096, (3, 5), np.dtype(np.float32), (20, 4))
+
+
+def test_launchers_local_values_must_agree():
+    """Both launcher sets present: only rank and size were compared, so a disagreeing local rank (another GPU) was
+    taken silently from torchrun's set (docs/environment.md: "when both sets are present they must agree")."""
+    env = {"RANK": "1", "WORLD_SIZE": "4", "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "2",
+           "OMPI_COMM_WORLD_RANK": "1", "OMPI_COMM_WORLD_SIZE": "4", "OMPI_COMM_WORLD_LOCAL_RANK": "0",
+           "OMPI_COMM_WORLD_LOCAL_SIZE": "2"}
+    with pytest.raises(ValueError, match="launcher environments disagree.*LOCAL_RANK=1.*OMPI_COMM_WORLD_LOCAL_RANK=0"):
+        DistEnv.from_environ(env)
+    env["OMPI_COMM_WORLD_LOCAL_RANK"] = "1"
+    assert DistEnv.from_environ(env).local_rank == 1
 
 
 def test_device_buffer_takes_raw_bf16_bytes():

@@ -130,10 +130,11 @@ class DistEnv:
         port = _int(env, "MASTER_PORT", DEFAULT_MASTER_PORT)
         torch = cls._read(env, _TORCH)
         ompi = cls._read(env, _OMPI)
-        if torch and ompi and (torch[0], torch[1]) != (ompi[0], ompi[1]):
+        if torch and ompi and torch != ompi:  # (all four: a disagreeing local rank picked another GPU silently)
             raise ValueError(
-                f"launcher environments disagree: RANK={torch[0]} WORLD_SIZE={torch[1]} but "
-                f"OMPI_COMM_WORLD_RANK={ompi[0]} OMPI_COMM_WORLD_SIZE={ompi[1]}; unset one of them"
+                "launcher environments disagree: "
+                + " ".join(f"{n}={v}" for n, v in zip(_TORCH, torch)) + " but "
+                + " ".join(f"{n}={v}" for n, v in zip(_OMPI, ompi)) + "; unset one of them"
             )
         found = torch or ompi
         if found is None:
