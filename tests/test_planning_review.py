@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 from dwdp_ops.env import DistEnv
 from dwdp_ops.interop import DeviceBuffer, device_buffer, normalize_dtype, stream_handle
+from dwdp_ops.schedule import Copy, order_copies, slice_copy
 
 
 class _Cai:
@@ -101,6 +102,25 @@ def test_launchers_local_values_must_agree():
         DistEnv.from_environ(env)
     env["OMPI_COMM_WORLD_LOCAL_RANK"] = "1"
     assert DistEnv.from_environ(env).local_rank == 1
+
+
+@pytest.mark.parametrize("copy, exc", [
+    (Copy("1", 0, 0, 5), TypeError),
+    (Copy(None, 0, 0, 5), TypeError),
+    (Copy(1, None, 0, 5), TypeError),
+    (Copy(1, 0.5, 0, 5), TypeError),
+    (Copy(1, 0, "0", 5), TypeError),
+    (Copy(1, -4, 0, 5), ValueError),
+    (Copy(1, 0, -4, 5), ValueError),
+])
+@pytest.mark.parametrize("schedule", ["per_peer", "staggered", "interleaved"])
+def test_copies_fields_are_checked(copy, exc, schedule):
+    """Only ``nbytes`` was checked: a str peer was silently ordered as a non-peer, a None peer / dst crashed in
+    ``sorted`` ('<' not supported), a float dst was sliced into float addresses."""
+    with pytest.raises(exc, match="copy"):
+        order_copies([copy, Copy(1, 100, 100, 5)], 0, 2, schedule, 2)
+    with pytest.raises(exc, match="copy"):
+        slice_copy(copy, 2)
 
 
 def test_device_buffer_takes_raw_bf16_bytes():

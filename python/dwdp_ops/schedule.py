@@ -14,7 +14,8 @@ order.
 Bad input (checked up front, naming the argument): ``rank`` / ``world_size`` / ``slice_bytes`` / a copy's ``nbytes``
 that are not integers (bools included) raise TypeError; ``world_size < 1``, a rank outside ``[0, world_size)``,
 ``slice_bytes < 1``, a copy of negative ``nbytes`` and an unknown schedule raise ValueError; a copy that is not a
-``Copy`` raises TypeError (``order_copies`` and ``slice_copy`` alike). ``slice_bytes`` is used by
+``Copy``, or one whose ``peer`` / ``dst`` / ``src`` is not an integer, raises TypeError and a negative ``dst`` /
+``src`` ValueError (``order_copies`` and ``slice_copy`` alike). ``slice_bytes`` is used by
 ``interleaved`` only: the other two schedules also accept ``None`` there (nothing is sliced); ``interleaved`` needs a
 positive int.
 """
@@ -50,9 +51,16 @@ def _check_slice(slice_bytes) -> int:
 
 
 def _check_copy(c) -> None:
-    """TypeError unless ``c`` is a ``Copy`` whose ``nbytes`` is an integer (bools refused); ValueError if negative."""
+    """TypeError unless ``c`` is a ``Copy`` of integers (bools refused); ValueError if ``nbytes``, ``dst`` or ``src``
+    is negative."""
     if not isinstance(c, Copy):
         raise TypeError(f"every copy must be a Copy(peer, dst, src, nbytes), got {c!r} ({type(c).__name__})")
+    # (a str peer was ordered as a non-peer, a None one crashed in sorted(), a float dst was sliced into floats)
+    for field in ("peer", "dst", "src"):
+        if not is_int(getattr(c, field)):
+            raise TypeError(f"every copy's {field} must be an int, got {c}")
+    if c.dst < 0 or c.src < 0:
+        raise ValueError(f"every copy's dst and src must be addresses >= 0, got {c}")
     if not is_int(c.nbytes):
         raise TypeError(f"every copy must move an int >= 0 of bytes, got {c}")
     if c.nbytes < 0:
