@@ -134,3 +134,14 @@ def test_token_dispatcher_refuses_a_partition_that_is_not_one(bad):
     rt = SimpleNamespace(require=lambda what: None, world_size=lambda: 2, device=0)
     with pytest.raises(TypeError, match=r"TokenDispatcher: partition must be an ExpertPartition"):
         TokenDispatcher(bad, 64, 2, 16, num_sms=4, runtime=rt)
+
+
+@pytest.mark.parametrize("result", ["abc", None, [["a"] * 4] * 2, np.ones((2, 4), np.complex64)],
+                         ids=["str", "none", "strings", "complex"])
+def test_an_expert_fn_result_that_is_not_real_numbers_is_named(result):
+    """A string result raised numpy's bare "could not convert string to float: 'abc'", None became a NaN scalar
+    (reported as 'returned shape ()'), and a complex result lost its imaginary part with only a ComplexWarning.
+    TypeError naming expert_fn now."""
+    xs = [np.ones((2, 4), np.float32)] * 2
+    with pytest.raises(TypeError, match=r"^expert_fn\(0, 0, x \(2, 4\)\) must return a real \[n, H\] array"):
+        reference_moe(xs, [IDS] * 2, [W] * 2, P2, lambda r, le, x: result)

@@ -414,7 +414,8 @@ def reference_moe(xs_per_rank: Sequence[np.ndarray], ids_per_rank: Sequence[np.n
     wrong type (``partition``, an ``expert_fn`` or ``storage`` that is not callable, one of the three not a sequence
     with one entry per rank, a dict included, an entry that is not an array: None, an object numpy holds only as an
     object; an ``xs_per_rank[r]`` whose dtype is not floating-point, an ``ids_per_rank[r]`` not integer, a
-    ``w_per_rank[r]`` not float32; a ``storage`` result that is not a float array), ValueError for a wrong value (not
+    ``w_per_rank[r]`` not float32; an ``expert_fn`` result that is not real numbers, a ``storage`` result that is
+    not a float array), ValueError for a wrong value (not
     one entry per rank, a ragged entry, a shape, tokens, hidden sizes or ranks' top_k that disagree, routing
     ``plan_send`` refuses, an ``expert_fn`` or ``storage`` result of another shape).
     """
@@ -500,7 +501,17 @@ def reference_moe(xs_per_rank: Sequence[np.ndarray], ids_per_rank: Sequence[np.n
         for le, (a, c) in enumerate(zip(rp.group_starts, rp.expert_counts)):
             if c:
                 rows = x_recv[rp.grouped_row[a:a + c]]
-                out = np.asarray(expert_fn(d, le, rows), dtype=np.float32)
+                got = expert_fn(d, le, rows)
+                try:  # (not around the call: expert_fn's own errors pass as they are)
+                    out = np.asarray(got)
+                except (TypeError, ValueError) as e:
+                    out, why = None, f"numpy cannot read it ({e})"
+                else:
+                    why = f"dtype {out.dtype}"
+                if out is None or out.dtype.kind not in "fiu":  # a string, None, objects, complex (had lost .imag)
+                    raise TypeError(f"expert_fn({d}, {le}, x {rows.shape}) must return a real [n, H] array of x's "
+                                    f"shape, got {type(got).__name__}: {why}"[:400])
+                out = out.astype(np.float32)
                 if out.shape != rows.shape:
                     raise ValueError(f"expert_fn({d}, {le}, x {rows.shape}) returned shape {out.shape}")
                 y[a:a + c] = store(out, xs[d])
