@@ -49,3 +49,48 @@ def test_hf_state_dict_refuses_a_non_expert_weight_of_the_wrong_shape(tiny):
                                          r"'model.layers.1.self_attn.kv_b_proj.weight'\) has shape \[32, 128\], this "
                                          r"config needs \[128, 32\]"):
         hf_convert.hf_state_dict(cfg, bad)
+
+
+# -- integrations.transformers.plan ----------------------------------------------------------------------------------
+def _hf_config(**kw):
+    from types import SimpleNamespace as NS
+
+    base = dict(model_type="deepseek_v3", hidden_size=64, moe_intermediate_size=32, num_hidden_layers=3,
+                n_routed_experts=16, num_experts_per_tok=4, first_k_dense_replace=1)
+    base.update(kw)
+    return NS(**base)
+
+
+def test_plan_refuses_a_partition_that_is_not_an_expert_partition():
+    """A tuple failed with "'tuple' object has no attribute 'num_experts'"."""
+    from dwdp_ops.integrations import transformers as hf
+
+    with pytest.raises(TypeError, match=r"partition must be a dwdp_ops.ExpertPartition or None, got tuple"):
+        hf.plan(_hf_config(), 2, 0, partition=(16, 2, 8, 8), layers=[1, 2])
+
+
+@pytest.mark.parametrize("field, value", [
+    ("n_routed_experts", 16.7),  # had been truncated to 16 experts
+    ("n_routed_experts", "16"),  # had been parsed
+    ("hidden_size", 64.5),  # had been truncated
+    ("hidden_size", 0),  # had been planned
+    ("moe_intermediate_size", None),  # int(None): "int() argument must be ..."
+    ("moe_intermediate_size", True),
+])
+def test_plan_names_a_config_size_that_is_not_a_positive_int(field, value):
+    from dwdp_ops.integrations import transformers as hf
+
+    with pytest.raises(ValueError, match=rf"config.{field} must be an int >= 1, got {value!r}"):
+        hf.plan(_hf_config(**{field: value}), 2, 0, layers=[1, 2])
+    assert hf.plan(_hf_config(hidden_size=np.int64(64)), 2, 0, layers=[1, 2]).hidden == 64
+
+
+def test_plan_names_a_missing_config_size():
+    """A config without moe_intermediate_size failed with AttributeError after every other check."""
+    from types import SimpleNamespace as NS
+
+    from dwdp_ops.integrations import transformers as hf
+
+    cfg = NS(model_type="deepseek_v3", hidden_size=64, num_hidden_layers=3, n_routed_experts=16, num_experts_per_tok=4)
+    with pytest.raises(ValueError, match=r"config.moe_intermediate_size must be an int >= 1, got None"):
+        hf.plan(cfg, 2, 0, layers=[1, 2])

@@ -79,7 +79,8 @@ def plan(model_or_config: Any, world: int, rank: int, partition: ExpertPartition
          layers: list[int] | None = None) -> ExpertPlan:
     """Which experts rank ``rank`` of ``world`` keeps, for a ``DeepseekV3ForCausalLM`` (or its config with
     ``layers``, the MoE layer indices: strictly increasing ints in ``[first_k_dense_replace, num_hidden_layers)``).
-    Pure; raises ValueError naming what is unsupported."""
+    Pure; raises ValueError naming what is unsupported (the config's ``n_routed_experts``, ``hidden_size`` and
+    ``moe_intermediate_size`` must be ints >= 1), TypeError for a ``partition`` that is not an ``ExpertPartition``."""
     config = getattr(model_or_config, "config", model_or_config)
     cfg = _text_config(config)
     if getattr(cfg, "model_type", None) not in ("deepseek_v3", "kimi_k2"):
@@ -103,10 +104,15 @@ def plan(model_or_config: Any, world: int, rank: int, partition: ExpertPartition
     if not layers:
         raise ValueError("this DeepSeek-V3 configuration has no MoE layer (first_k_dense_replace >= "
                          f"num_hidden_layers = {getattr(cfg, 'num_hidden_layers', '?')}): nothing to distribute")
-    E = int(getattr(cfg, "n_routed_experts", 0) or getattr(cfg, "num_local_experts", 0))
+    e_name = "n_routed_experts" if getattr(cfg, "n_routed_experts", None) or not hasattr(cfg, "num_local_experts") \
+        else "num_local_experts"
+    # (int() had truncated a float size and parsed a string; a missing one failed with AttributeError at the end)
+    E, hidden, inter = (_config_size(cfg, n) for n in (e_name, "hidden_size", "moe_intermediate_size"))
     if not is_int(world) or world < 1 or not is_int(rank) or not 0 <= rank < world:
         raise ValueError(f"world must be >= 1 and rank in [0, world), got world {world!r}, rank {rank!r}")
     world = int(world)
+    if partition is not None and not isinstance(partition, ExpertPartition):
+        raise TypeError(f"partition must be a dwdp_ops.ExpertPartition or None, got {type(partition).__name__}")
     if partition is None:
         if E % world:
             raise ValueError(f"{E} routed experts do not split evenly over {world} ranks; pass a partition "
@@ -119,8 +125,15 @@ def plan(model_or_config: Any, world: int, rank: int, partition: ExpertPartition
     if not is_int(top_k) or not 1 <= top_k <= E:  # HF's router fails only at the first forward (torch.topk)
         raise ValueError(f"num_experts_per_tok must be an int in [1, {E}] (n_routed_experts), got {top_k!r}")
     lo, hi = partition.local_range(rank)
-    return ExpertPlan(tuple(int(i) for i in layers), partition, rank, lo, hi, int(cfg.hidden_size),
-                      int(cfg.moe_intermediate_size), int(top_k))
+    return ExpertPlan(tuple(int(i) for i in layers), partition, rank, lo, hi, hidden, inter, int(top_k))
+
+
+def _config_size(cfg: Any, name: str) -> int:
+    """``cfg.name`` as an int >= 1, else a ValueError naming the field (missing: None)."""
+    v = getattr(cfg, name, None)
+    if not is_int(v) or v < 1:
+        raise ValueError(f"config.{name} must be an int >= 1, got {v!r}")
+    return int(v)
 
 
 def dwdp_experts_forward(self, hidden_states, top_k_index, top_k_weights):
