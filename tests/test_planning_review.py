@@ -126,3 +126,19 @@ def test_copies_fields_are_checked(copy, exc, schedule):
 def test_device_buffer_takes_raw_bf16_bytes():
     """PyTorch exports bf16 as '<V2' (``dispatch._bf16`` takes it): still accepted."""
     assert device_buffer(_Cai(typestr="<V2"), "x").dtype == np.dtype("V2")
+
+
+def test_writable_path_refuses_a_nul_byte():
+    """'out\\0.json' passed (os.path.isdir / exists answer False for it) and open() failed only at the run's end
+    ('embedded null byte'); the CLI now stops at parsing, exit 2."""
+    import argparse
+
+    from dwdp_ops._cli import writable_path
+
+    with pytest.raises(argparse.ArgumentTypeError, match="NUL"):
+        writable_path("out\0.json")
+    parser = argparse.ArgumentParser(prog="p")
+    parser.add_argument("--json", type=writable_path)
+    with pytest.raises(SystemExit) as ei:
+        parser.parse_args(["--json", "out\0.json"])
+    assert ei.value.code == 2

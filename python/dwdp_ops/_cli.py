@@ -104,6 +104,8 @@ def writable_path(text: str) -> str:
     Checked when the arguments are parsed, so a long run does not fail only at its end."""
     if not text:
         raise argparse.ArgumentTypeError("expected a file path, got ''")
+    if "\0" in text:  # (os.path answers False for it, so it passed and open() refused it at the run's end)
+        raise argparse.ArgumentTypeError(f"{text!r} contains a NUL byte; give a file path")
     if os.path.isdir(text):
         raise argparse.ArgumentTypeError(f"{text!r} is a directory; give a file path")
     if os.path.basename(text) in ("", ".", ".."):  # 'out.json/', 'dir/.': names a directory, open() would refuse it
