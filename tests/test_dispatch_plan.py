@@ -1,5 +1,5 @@
 """The pure dispatch/combine plan (dwdp_ops.dispatch_plan) against brute-force per-pair loops written from the
-contract (notes/dispatch_api.md), over random routings and the edge cases of issue 12."""
+contract (dispatch_plan's docstring), over random routings and the edge cases of issue 12."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The NCCL baseline of DEP token dispatch/combine: the contract of ``notes/dispatch_api.md`` (issue 12) through
+"""The NCCL baseline of DEP token dispatch/combine: the contract of ``dispatch_plan``'s docstring (issue 12) through
 ``torch.distributed.all_to_all_single`` (NCCL on GPUs, gloo on CPU for tests), as users would otherwise write it.
 
 Semantics are ``dwdp_ops.dispatch_plan``'s (owner rule, send order, grouped receive layout, reduction orders); the

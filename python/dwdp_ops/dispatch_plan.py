@@ -1,5 +1,5 @@
-"""Token dispatch/combine planning for expert parallelism (DEP): the pure numpy reference of the contract in
-``notes/dispatch_api.md`` (issue 12), shared by the NCCL baseline and the NVLink kernels. No CUDA here.
+"""Token dispatch/combine planning for expert parallelism (DEP): the pure numpy reference of issue 12's contract,
+stated in this docstring, shared by the NCCL baseline and the NVLink kernels. No CUDA here.
 
 Routing of one step on a source rank ``src``: ``x [T, H]``, ``topk_ids [T, k]`` (expert ids in ``[0, E)`` or ``-1``
 = skipped slot; the ids of one token are distinct, only ``-1`` may repeat in a row), ``topk_weights [T, k]`` float32,
