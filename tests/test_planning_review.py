@@ -142,3 +142,12 @@ def test_writable_path_refuses_a_nul_byte():
     with pytest.raises(SystemExit) as ei:
         parser.parse_args(["--json", "out\0.json"])
     assert ei.value.code == 2
+
+
+def test_timeout_too_large_for_a_float_is_named():
+    """``init(timeout=10**400)``: float() raised a bare OverflowError ('int too large to convert to float') instead of
+    the ValueError naming the timeout and the limit."""
+    from dwdp_ops.env import timeout_from_environ
+
+    with pytest.raises(ValueError, match="timeout must be at most"):
+        timeout_from_environ(10**400)

@@ -68,6 +68,8 @@ def timeout_from_environ(timeout: float | None = None, environ: Mapping[str, str
             raise ValueError(f"timeout must be > 0 seconds (a number, not a bool), got {timeout!r}")
         try:
             t = float(timeout)
+        except OverflowError:  # (an int beyond floats' range: float() raised a bare OverflowError)
+            t = 2 * MAX_TIMEOUT if timeout > 0 else -1.0  # too long / not > 0, as a float of it would be
         except (TypeError, ValueError):
             raise ValueError(f"timeout must be > 0 seconds, got {timeout!r}") from None
         if not (math.isfinite(t) and t > 0):
