@@ -94,3 +94,67 @@ def test_plan_names_a_missing_config_size():
     cfg = NS(model_type="deepseek_v3", hidden_size=64, num_hidden_layers=3, n_routed_experts=16, num_experts_per_tok=4)
     with pytest.raises(ValueError, match=r"config.moe_intermediate_size must be an int >= 1, got None"):
         hf.plan(cfg, 2, 0, layers=[1, 2])
+
+
+# -- dwdp_ops.torch --------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("bad", [1.5, True, "1"])
+def test_lookup_and_release_handle_refuse_a_handle_that_is_not_an_int(bad):
+    """int(h) had turned 1.5, True and '1' into handle 1: lookup returned another object and release_handle forgot
+    it without a word."""
+    from dwdp_ops import torch as ops
+
+    objs = [object() for _ in range(2)]
+    hs = [ops.handle(o) for o in objs]
+    try:
+        with pytest.raises(TypeError, match=r"handle must be an int"):
+            ops.lookup(bad)
+        with pytest.raises(TypeError, match=r"handle must be an int"):
+            ops.release_handle(bad)
+        assert [ops.lookup(h) for h in hs] == objs and ops.lookup(np.int64(hs[0])) is objs[0]
+    finally:
+        for h in hs:
+            ops.release_handle(h)
+
+
+class TokenDispatcher:  # stand-in with the real class's name, on GPU 0
+    def __init__(self):
+        from types import SimpleNamespace as NS
+
+        from dwdp_ops.partition import ExpertPartition
+
+        self.partition = ExpertPartition.disjoint(16, 2)
+        self.max_pairs, self.hidden, self.max_tokens, self.top_k = 4096, 64, 32, 4
+        self.rt = NS(device=0)
+
+
+def test_dispatch_and_combine_fakes_refuse_the_devices_the_ops_refuse():
+    """The dispatch / combine fakes checked shapes and dtypes but not devices: a trace accepted tensors on another GPU
+    than the dispatcher's, or on two GPUs, which the eager ops refuse (the fakes of expert_mlp, wait and release
+    check them)."""
+    from dwdp_ops import torch as ops
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    h = ops.handle(TokenDispatcher())
+    try:
+        with FakeTensorMode():
+            bf = torch.bfloat16
+
+            def args(x_dev, ids_dev="cuda:0"):
+                return (torch.empty((12, 64), dtype=bf, device=x_dev),
+                        torch.empty((12, 4), dtype=torch.int64, device=ids_dev),
+                        torch.empty((12, 4), device=ids_dev))
+
+            xg, offs = torch.ops.dwdp.dispatch(*args("cuda:0"), h, -1)  # valid: traced
+            assert xg.device == torch.device("cuda:0") and offs.shape == (8,)
+            with pytest.raises(ValueError, match=r"dwdp::dispatch: the tensors must be on the library object's GPU, "
+                                                 r"cuda:0, got x on cuda:1"):
+                torch.ops.dwdp.dispatch(*args("cuda:1", "cuda:1"), h, -1)
+            with pytest.raises(ValueError, match=r"dwdp::dispatch: every tensor must be on one device"):
+                torch.ops.dwdp.dispatch(*args("cuda:0", "cuda:1"), h, -1)
+            x0 = torch.empty((12, 64), dtype=bf, device="cuda:0")
+            assert torch.ops.dwdp.combine(torch.empty((100, 64), dtype=bf, device="cuda:0"), x0, h).shape == (12, 64)
+            with pytest.raises(ValueError, match=r"dwdp::combine: every tensor must be on one device, got y_grouped on "
+                                                 r"cuda:1, x on cuda:0"):
+                torch.ops.dwdp.combine(torch.empty((100, 64), dtype=bf, device="cuda:1"), x0, h)
+    finally:
+        ops.release_handle(h)

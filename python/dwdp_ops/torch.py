@@ -66,6 +66,7 @@ from typing import Any
 
 import torch
 
+from ._checks import is_int
 from .errors import DwdpError
 
 __all__ = ["handle", "release_handle", "lookup"]
@@ -87,17 +88,29 @@ def handle(obj: Any) -> int:
         return h
 
 
+def _as_handle(h: Any) -> int:
+    """``h`` as an int handle: a TypeError for a bool, float or string (``int()`` had made 1.5, True and '1' handle
+    1, another object's). A ``torch.SymInt`` (an int argument a trace made symbolic) is taken as before."""
+    if not is_int(h) and not isinstance(h, torch.SymInt):
+        raise TypeError(f"dwdp op: handle must be an int (dwdp_ops.torch.handle(obj) gives one), got {h!r} "
+                        f"({type(h).__name__})")
+    return int(h)
+
+
 def release_handle(h: int) -> None:
-    """Forgets a handle (the ops raise for it afterwards), and its dispatch not yet combined (its buffers' views)."""
+    """Forgets a handle (the ops raise for it afterwards), and its dispatch not yet combined (its buffers' views).
+    A handle that is not an int raises TypeError."""
+    h = _as_handle(h)
     with _LOCK:
-        _REGISTRY.pop(int(h), None)
-        _PENDING.pop(int(h), None)
+        _REGISTRY.pop(h, None)
+        _PENDING.pop(h, None)
 
 
 def lookup(h: int, kind: str | None = None) -> Any:
     """The object behind handle ``h``; a DwdpError names a stale handle or one of the wrong kind (``kind``: a class
-    name, matched against the object's class and its bases, so that a subclass is of its base's kind)."""
-    obj = _REGISTRY.get(int(h))
+    name, matched against the object's class and its bases, so that a subclass is of its base's kind); a TypeError a
+    handle that is not an int."""
+    obj = _REGISTRY.get(_as_handle(h))
     if obj is None:
         raise DwdpError(f"dwdp op: handle {h} is not registered (dwdp_ops.torch.handle(obj) gives one)")
     if kind is not None and type(obj).__name__ != kind and all(c.__name__ != kind for c in type(obj).__mro__):
@@ -329,6 +342,7 @@ def _check_dispatch(d: Any, x: torch.Tensor, ids: torch.Tensor, w: torch.Tensor,
 def _(x, topk_ids, topk_weights, disp, max_rows):
     d = lookup(disp, "TokenDispatcher")
     _check_dispatch(d, x, topk_ids, topk_weights, max_rows)
+    _check_devices("dwdp::dispatch", _home_device(d), x=x, topk_ids=topk_ids, topk_weights=topk_weights)
     rows = d.max_pairs if max_rows < 0 else max_rows
     return (x.new_empty((rows, x.shape[1]), dtype=torch.bfloat16),
             x.new_empty((d.partition.experts_per_rank,), dtype=torch.int32))
@@ -369,4 +383,5 @@ def _check_combine(d: Any, y: torch.Tensor, x: torch.Tensor) -> None:
 def _(y_grouped, x, disp):
     d = lookup(disp, "TokenDispatcher")
     _check_combine(d, y_grouped, x)
+    _check_devices("dwdp::combine", _home_device(d), y_grouped=y_grouped, x=x)  # (as the op: the fake had not)
     return x.new_empty((x.shape[0], d.hidden), dtype=torch.bfloat16)
