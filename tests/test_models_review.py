@@ -158,3 +158,17 @@ def test_dispatch_and_combine_fakes_refuse_the_devices_the_ops_refuse():
                 torch.ops.dwdp.combine(torch.empty((100, 64), dtype=bf, device="cuda:1"), x0, h)
     finally:
         ops.release_handle(h)
+
+
+# -- memory / reference: the config argument -------------------------------------------------------------------------
+@pytest.mark.parametrize("cfg", [None, {"n_layers": 61}])
+def test_plan_memory_and_the_reference_model_name_a_config_that_is_not_a_deepseek_config(cfg):
+    """plan_memory(None, 8) failed with "'NoneType' object has no attribute 'n_routed_experts'", ReferenceModel with
+    yarn_freqs' AttributeError."""
+    from dwdp_ops.models.deepseek_r1.memory import plan_memory
+    from dwdp_ops.models.deepseek_r1.reference import ReferenceModel
+
+    with pytest.raises(TypeError, match=r"plan_memory: cfg must be a DeepSeekConfig, got"):
+        plan_memory(cfg, 8)
+    with pytest.raises(TypeError, match=r"ReferenceModel: cfg must be a DeepSeekConfig, got"):
+        ReferenceModel(cfg, {})

@@ -100,7 +100,9 @@ def plan_memory(cfg: DeepSeekConfig, world: int, *, expert_itemsize: int = 1, re
     """The per-rank plan of ``cfg`` (its layer count and vocabulary) on ``world`` ranks (module docstring);
     ``step_tokens``: the largest step's tokens on this rank (a prefill). ``world`` >= 1, ``requests``,
     ``cache_len``, ``step_tokens``, ``dispatcher_bytes`` and ``free`` >= 0: ints (bools refused; TypeError /
-    ValueError naming the argument)."""
+    ValueError naming the argument); ``cfg`` a ``DeepSeekConfig`` (TypeError)."""
+    if not isinstance(cfg, DeepSeekConfig):  # (had failed with AttributeError on n_routed_experts)
+        raise TypeError(f"plan_memory: cfg must be a DeepSeekConfig, got {type(cfg).__name__}")
     world = _count(world, "world", 1)
     requests, cache_len = _count(requests, "requests"), _count(cache_len, "cache_len")
     step_tokens, free = _count(step_tokens, "step_tokens"), _count(free, "free (bytes)")

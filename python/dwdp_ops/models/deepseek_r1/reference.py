@@ -123,6 +123,8 @@ class ReferenceModel:
     ``generate(tokens, steps)`` for greedy tokens. ``absorbed=True`` caches the MLA latent instead of K/V."""
 
     def __init__(self, cfg: DeepSeekConfig, weights: dict[str, np.ndarray], absorbed: bool = False):
+        if not isinstance(cfg, DeepSeekConfig):  # (had failed in yarn_freqs with AttributeError)
+            raise TypeError(f"ReferenceModel: cfg must be a DeepSeekConfig, got {type(cfg).__name__}")
         self.cfg, self.W, self.absorbed = cfg, weights, absorbed
         self.angles = yarn_freqs(cfg)
         self._experts: dict[tuple[int, int], tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
