@@ -172,3 +172,20 @@ def test_plan_memory_and_the_reference_model_name_a_config_that_is_not_a_deepsee
         plan_memory(cfg, 8)
     with pytest.raises(TypeError, match=r"ReferenceModel: cfg must be a DeepSeekConfig, got"):
         ReferenceModel(cfg, {})
+
+
+def test_the_gate_refuses_nan_logits_and_a_non_finite_bias():
+    """NaN router logits (or a NaN / infinite bias) gave NaN weights for experts chosen by where argsort puts NaN
+    (experts 8 to 11 of 16 for all-NaN logits), without a word."""
+    from dwdp_ops.models.deepseek_r1.reference import select_experts
+
+    bias = np.zeros(16)
+    logits = np.zeros((2, 16))
+    logits[1, 3] = np.nan
+    with pytest.raises(ValueError, match=r"router_logits must not be NaN \(token 1\)"):
+        select_experts(logits, bias, 4, 2, 4, 1.0)
+    bias[5] = np.inf
+    with pytest.raises(ValueError, match=r"correction_bias must be finite"):
+        select_experts(np.zeros((2, 16)), bias, 4, 2, 4, 1.0)
+    w, _ = select_experts(np.full((1, 16), np.inf), np.zeros(16), 4, 2, 4, 1.0)  # saturated: sigmoid 1, as before
+    assert np.allclose(w, 0.25)

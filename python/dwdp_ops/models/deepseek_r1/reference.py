@@ -43,7 +43,8 @@ def select_experts(router_logits, correction_bias, n_group, topk_group, top_k, r
     ``s`` of the chosen experts, normalised to sum 1, times ``routed_scaling_factor``.
     Returns ``(weights [T, k] float32, ids [T, k] int64)``, ids ordered by descending selection score. The counts
     ``n_group``, ``topk_group``, ``top_k`` are ints (bools refused: TypeError); ``routed_scaling_factor`` a finite
-    real number (TypeError for a bool, str or array: an array had scaled each of the k slots by its own factor)."""
+    real number (TypeError for a bool, str or array: an array had scaled each of the k slots by its own factor).
+    NaN logits and a non-finite bias raise ValueError."""
     for name, v in (("n_group", n_group), ("topk_group", topk_group), ("top_k", top_k)):
         if not is_int(v):
             raise TypeError(f"select_experts: {name} must be an int, got {v!r} ({type(v).__name__})")
@@ -64,6 +65,11 @@ def select_experts(router_logits, correction_bias, n_group, topk_group, top_k, r
     bias = np.asarray(correction_bias, dtype=np.float32)
     if bias.shape != (E,):
         raise ValueError(f"correction_bias must have shape ({E},), got {bias.shape}")
+    # (NaN had given NaN weights for the experts argsort happens to put first; +-inf logits saturate the sigmoid)
+    if np.isnan(logits).any():
+        raise ValueError(f"router_logits must not be NaN (token {int(np.isnan(logits).any(-1).argmax())})")
+    if not np.isfinite(bias).all():
+        raise ValueError("correction_bias must be finite")
     per = E // n_group
     if not 1 <= topk_group <= n_group or not 1 <= top_k <= topk_group * per:
         raise ValueError(f"need 1 <= topk_group <= {n_group} and 1 <= top_k <= topk_group * {per}")
