@@ -189,3 +189,16 @@ def test_the_gate_refuses_nan_logits_and_a_non_finite_bias():
         select_experts(np.zeros((2, 16)), bias, 4, 2, 4, 1.0)
     w, _ = select_experts(np.full((1, 16), np.inf), np.zeros(16), 4, 2, 4, 1.0)  # saturated: sigmoid 1, as before
     assert np.allclose(w, 0.25)
+
+
+def test_a_config_with_yarns_betas_reversed_is_refused():
+    """beta_fast < beta_slow reversed YaRN's ramp (yarn_freqs: low above high), so the wrong frequency dims were
+    scaled without a word; it is refused by name, and equal betas (a step ramp) still pass."""
+    import dataclasses
+
+    from dwdp_ops.models.deepseek_r1 import DeepSeekConfig
+
+    tiny = DeepSeekConfig.tiny()
+    with pytest.raises(ValueError, match=r"beta_fast \(1\) must be >= beta_slow \(32\)"):
+        dataclasses.replace(tiny, beta_fast=1, beta_slow=32)
+    assert dataclasses.replace(tiny, beta_fast=4, beta_slow=4).beta_fast == 4

@@ -47,10 +47,10 @@ class DeepSeekConfig:
 
     def __post_init__(self) -> None:
         """Invariants: every integer field is an int (numbers.Integral, not bool; TypeError otherwise; held as a
-        Python int), >= 1 except ``n_shared_experts`` (>= 0) and ``n_dense_layers`` (in ``[0, n_layers]``); every float
-        field a finite
-        real number (not bool), with ``rope_factor > 0``, ``rope_theta > 1``, ``rms_eps >= 0`` and
-        ``route_scale > 0``; the router's groups divide the experts. Errors name the field and what is expected."""
+        Python int), >= 1 except ``n_shared_experts`` (>= 0) and ``n_dense_layers`` (in ``[0, n_layers]``), with
+        ``beta_fast >= beta_slow``; every float field a finite real number (not bool), with ``rope_factor > 0``,
+        ``rope_theta > 1``, ``rms_eps >= 0`` and ``route_scale > 0``; the router's groups divide the experts. Errors
+        name the field and what is expected."""
         ints = {f.name for f in fields(self) if f.type in ("int", int)}
         for name in sorted(ints):
             v = getattr(self, name)
@@ -94,6 +94,9 @@ class DeepSeekConfig:
             raise ValueError("n_activated_experts exceeds the experts of the selected groups")
         if self.qk_rope_head_dim % 2:
             raise ValueError("qk_rope_head_dim must be even")
+        if self.beta_fast < self.beta_slow:  # (YaRN's ramp runs from beta_fast's dims to beta_slow's: reversed, the
+            # wrong dims were scaled, silently)
+            raise ValueError(f"DeepSeekConfig.beta_fast ({self.beta_fast}) must be >= beta_slow ({self.beta_slow})")
 
     @property
     def qk_head_dim(self) -> int:
