@@ -145,3 +145,38 @@ def test_an_expert_fn_result_that_is_not_real_numbers_is_named(result):
     xs = [np.ones((2, 4), np.float32)] * 2
     with pytest.raises(TypeError, match=r"^expert_fn\(0, 0, x \(2, 4\)\) must return a real \[n, H\] array"):
         reference_moe(xs, [IDS] * 2, [W] * 2, P2, lambda r, le, x: result)
+
+
+@pytest.mark.parametrize("args, err, match", [
+    (("P", 5, 2, 16), TypeError, "partition must be an ExpertPartition, got str"),
+    ((None, 5, 2, 16), TypeError, "partition must be an ExpertPartition, got NoneType"),
+    ((True, 2, 16), TypeError, r"max_tokens must be an int, got True"),
+    ((5, 2.0, 16), TypeError, r"top_k must be an int, got 2.0"),
+    ((-1, 2, 16), ValueError, r"max_tokens must be >= 0, got -1"),
+    ((5, 0, 16), ValueError, r"top_k must be >= 1, got 0"),
+    ((5, 2, 0), ValueError, r"align must be >= 1, got 0"),
+])
+def test_default_max_pairs_checks_its_arguments(args, err, match):
+    """default_max_pairs (public) took anything: a str partition raised AttributeError, a negative max_tokens or
+    align, or a bool, gave a silent number."""
+    from dwdp_ops.dispatch_plan import default_max_pairs
+
+    part = ExpertPartition.disjoint(8, 2)
+    full = args if len(args) == 4 else (part, *args)
+    with pytest.raises(err, match=rf"^default_max_pairs: {match}"):
+        default_max_pairs(*full)
+    assert default_max_pairs(part, np.int64(5), 2, 16) == 2 * 5 * 2 + 4 * 15
+
+
+def test_a_default_max_pairs_past_the_int32_range_names_max_tokens_not_max_pairs():
+    """With max_pairs not given and a huge max_tokens, the error said "max_pairs must be in [1, 2^31), got ..." for
+    an argument the caller never passed; it now names the default's worst case and what to lower."""
+    pytest.importorskip("cupy")
+    from types import SimpleNamespace
+
+    from dwdp_ops.dispatch import TokenDispatcher
+
+    rt = SimpleNamespace(require=lambda what: None, world_size=lambda: 2, device=0)
+    with pytest.raises(ValueError, match=r"the default max_pairs, the worst case .* is not below 2\^31; lower "
+                                         r"max_tokens or pass a smaller max_pairs"):
+        TokenDispatcher(ExpertPartition.disjoint(8, 2), 64, 2, 2**30, num_sms=4, runtime=rt)

@@ -140,6 +140,10 @@ class TokenDispatcher:
         worst = N * int(max_tokens) * min(int(top_k), L) + L * (int(align) - 1)
         if max_pairs is not None and not is_int(max_pairs):  # (int() had taken 2.5 as 2 and True as 1)
             raise ValueError(f"TokenDispatcher: max_pairs must be an int in [1, 2^31), got {max_pairs!r}")
+        if max_pairs is None and worst >= 2**31:  # (the message had blamed a max_pairs the caller never passed)
+            raise ValueError(f"TokenDispatcher: the default max_pairs, the worst case N * max_tokens * min(top_k, L) + "
+                             f"L * (align - 1) = {worst} grouped rows, is not below 2^31; lower max_tokens or pass a "
+                             "smaller max_pairs")
         max_pairs = worst if max_pairs is None else int(max_pairs)
         if not 1 <= max_pairs < 2**31:
             raise ValueError(f"TokenDispatcher: max_pairs must be in [1, 2^31), got {max_pairs}")

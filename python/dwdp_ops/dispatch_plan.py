@@ -129,7 +129,17 @@ def _describe(partition: ExpertPartition) -> str:
 
 
 def default_max_pairs(partition: ExpertPartition, max_tokens: int, top_k: int, align: int) -> int:
-    """The contract's worst case of grouped rows at one dest: ``N * max_tokens * min(k, L) + L * (align - 1)``."""
+    """The contract's worst case of grouped rows at one dest: ``N * max_tokens * min(k, L) + L * (align - 1)``.
+    TypeError for a partition that is not an ``ExpertPartition`` or sizes that are not ints (bools refused),
+    ValueError for ``max_tokens < 0``, ``top_k < 1`` or ``align < 1``."""
+    if not isinstance(partition, ExpertPartition):
+        raise TypeError(f"default_max_pairs: partition must be an ExpertPartition, got {type(partition).__name__}")
+    for name, v, lo in (("max_tokens", max_tokens, 0), ("top_k", top_k, 1), ("align", align, 1)):
+        if not is_int(v):
+            raise TypeError(f"default_max_pairs: {name} must be an int, got {v!r} ({type(v).__name__})")
+        if v < lo:
+            raise ValueError(f"default_max_pairs: {name} must be >= {lo}, got {v}")
+    max_tokens, top_k, align = int(max_tokens), int(top_k), int(align)
     L = partition.experts_per_rank
     return partition.world_size * max_tokens * min(top_k, L) + L * (align - 1)
 
