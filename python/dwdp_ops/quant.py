@@ -242,8 +242,9 @@ def dequant_rowwise(q: Any, scale: Any) -> np.ndarray:
 
 
 def _expand(s: np.ndarray, rows: int, k: int, block: int) -> np.ndarray:
-    """Block scales ``[ceil(rows/b), ceil(k/b)]`` -> per-element ``[rows, k]`` (float32)."""
-    return np.repeat(np.repeat(s, block, axis=0)[:rows], block, axis=1)[:, :k]
+    """Block scales ``[ceil(rows/b), ceil(k/b)]`` -> per-element ``[rows, k]`` (float32). A block longer than
+    ``rows`` (or ``k``) is one block along that axis: repeated only ``rows`` (``k``) times, not ``block`` times."""
+    return np.repeat(np.repeat(s, min(block, rows), axis=0)[:rows], min(block, k), axis=1)[:, :k]
 
 
 def quant_block(w: Any, block: int = 128) -> tuple[np.ndarray, np.ndarray]:

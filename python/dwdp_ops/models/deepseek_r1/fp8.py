@@ -234,7 +234,8 @@ def requant_block(codes: Any, scale_inv: Any, block: int = 128) -> tuple[Any, An
     if tuple(scale_inv.shape) != want:
         raise ValueError(f"requant_block: scale_inv shape {tuple(scale_inv.shape)} does not match {N}x{K} in "
                          f"{block}x{block} blocks: want {want}")
-    full = scale_inv.float().repeat_interleave(block, 0).repeat_interleave(block, 1)[:N, :K]
+    # a block longer than N (or K) is one block along that axis: repeat no more than the matrix needs
+    full = scale_inv.float().repeat_interleave(min(block, N), 0).repeat_interleave(min(block, K), 1)[:N, :K]
     w = codes.view(torch.float8_e4m3fn).float() * full
     return quant_rows(w)
 
