@@ -221,8 +221,11 @@ def requant_block(codes: Any, scale_inv: Any, block: int = 128) -> tuple[Any, An
     infinite) scale and NaN codes; the other rows are unaffected. The numpy ``quant.requant_rowwise_from_block``
     raises ValueError for each. Returns new tensors on codes' device (through ``quant_rows``). Local. Raises
     ValueError for codes that are not 2-D uint8 / float8_e4m3fn, a ``block`` that is not an int >= 1, or a
-    ``scale_inv`` shape other than the block grid (its dtype is converted with ``.float()``, not checked)."""
+    ``scale_inv`` shape other than the block grid (its dtype is converted with ``.float()``, not checked); TypeError
+    for a ``codes`` or ``scale_inv`` that is not a torch.Tensor (numpy goes to ``quant.requant_rowwise_from_block``)."""
     torch = require_torch()
+    _check_tensor(codes, "requant_block", "codes", "[N, K]")
+    _check_tensor(scale_inv, "requant_block", "scale_inv", "[ceil(N/b), ceil(K/b)]")
     if codes.dtype not in (torch.uint8, torch.float8_e4m3fn) or codes.dim() != 2:
         raise ValueError(f"requant_block: codes must be [N, K] uint8 (e4m3 bits) or float8_e4m3fn, got {codes.dtype} "
                          f"{list(codes.shape)}")
