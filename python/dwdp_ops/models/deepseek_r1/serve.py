@@ -28,9 +28,17 @@ def torch_to_cupy(t):
 
 
 def layout_dtype(dtype) -> str:
+    """The ``ExpertLayout`` dtype name of a torch dtype (bfloat16, float32, float16 or float8_e4m3fn); TypeError for
+    a ``dtype`` that is not a torch.dtype, ValueError for another torch dtype (had been a bare KeyError)."""
     torch = require_torch()
-    return {torch.bfloat16: "bfloat16", torch.float32: "float32", torch.float16: "float16",
-            torch.float8_e4m3fn: "float8_e4m3fn"}[dtype]
+    names = {torch.bfloat16: "bfloat16", torch.float32: "float32", torch.float16: "float16",
+             torch.float8_e4m3fn: "float8_e4m3fn"}
+    if not isinstance(dtype, torch.dtype):
+        raise TypeError(f"layout_dtype: dtype must be a torch.dtype (one of {list(names.values())}), got {dtype!r} "
+                        f"({type(dtype).__name__})")
+    if dtype not in names:
+        raise ValueError(f"layout_dtype: the expert store holds {list(names.values())}, got {dtype}")
+    return names[dtype]
 
 
 def build_store(cfg: DeepSeekConfig, weights, progress: bool = False):
