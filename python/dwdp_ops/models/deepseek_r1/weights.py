@@ -12,7 +12,7 @@ import os
 
 import numpy as np
 
-from ..._checks import is_int
+from ..._checks import int_at_least, is_int
 from ...quant import dequant_block, from_e4m3
 from .config import DeepSeekConfig
 
@@ -29,7 +29,15 @@ def dequant_fp8(codes: np.ndarray, scale: np.ndarray, block: int = 128) -> np.nd
 
 
 def random_fp8(rng: np.random.Generator, shape: tuple[int, int], block: int) -> tuple[np.ndarray, np.ndarray]:
-    """Random e4m3 codes (never NaN, magnitudes up to 448) and block scales, so the weights have std about 0.02."""
+    """Random e4m3 codes (never NaN, magnitudes up to 448) and block scales, so the weights have std about 0.02.
+    ``rng`` a numpy Generator, ``shape`` two ints >= 0, ``block`` an int >= 1 (TypeError / ValueError naming the
+    argument otherwise: block 0 had raised ZeroDivisionError)."""
+    if not isinstance(rng, np.random.Generator):
+        raise TypeError(f"random_fp8: rng must be a numpy.random.Generator, got {rng!r} ({type(rng).__name__})")
+    shape = tuple(shape) if isinstance(shape, (tuple, list)) else shape
+    if not (isinstance(shape, tuple) and len(shape) == 2 and all(is_int(n) and n >= 0 for n in shape)):
+        raise ValueError(f"random_fp8: shape must be two ints >= 0 (rows, columns), got {shape!r}")
+    int_at_least("random_fp8: block", block, 1)
     codes = rng.integers(0, 256, size=shape, dtype=np.uint8)
     codes[(codes & 0x7F) == 0x7F] -= 1  # no NaN codes
     # e4m3 codes of uniform bytes are heavy-tailed; scale each block to a typical weight magnitude
@@ -47,7 +55,10 @@ def init_weights(cfg: DeepSeekConfig, seed: int = 0) -> dict[str, np.ndarray]:
 
     ``seed`` is an int in ``[0, 2**32)`` (Python or numpy; TypeError for a bool, float or str, ValueError outside the
     range): each tensor group's stream is ``SeedSequence([seed, *key])``, and a larger seed, being several uint32
-    words, would draw the streams of a smaller seed's other tensors (seed 2**33's embedding was seed 0's layer 0)."""
+    words, would draw the streams of a smaller seed's other tensors (seed 2**33's embedding was seed 0's layer 0).
+    TypeError for a ``cfg`` that is not a DeepSeekConfig."""
+    if not isinstance(cfg, DeepSeekConfig):
+        raise TypeError(f"init_weights: cfg must be a DeepSeekConfig, got {cfg!r} ({type(cfg).__name__})")
     if not is_int(seed) or not 0 <= seed < 2**32:
         raise (ValueError if is_int(seed) else TypeError)(
             f"init_weights: seed must be an int in [0, 2**32), got {seed!r} ({type(seed).__name__})")
