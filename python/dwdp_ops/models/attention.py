@@ -193,13 +193,24 @@ def prefill_attention(q, k, v, lengths: Sequence[int], scale: float, backend: st
     tokens back to back (last dim contiguous; other strides free); ``lengths``: the requests' token counts (host
     ints, each >= 1, summing to ``T``); ``scale``: the softmax scale, a finite number > 0 (TypeError / ValueError
     otherwise, before any kernel). Returns a new ``[T, H, Dv]`` tensor of q's dtype, computed on the caller's current
-    stream. Not collective.
+    stream. Not collective. TypeError for a q, k or v that is not a torch.Tensor or a ``backend`` that is not a str,
+    ValueError for q, k and v of different dtypes or devices (checked before any backend runs: ``auto`` would have
+    remembered a backend that raised on the mix as refusing these head dims and dtype for good).
 
     ``backend``: one of ``BACKENDS``, or ``auto``: ``dense`` for equal lengths, else the order of ``backend_order()``
     (the fused varlen kernels skipped for float32; a backend that raises on these head dims and dtype is skipped from
     then on, with one warning naming the error). An explicit backend's error propagates."""
     import torch
 
+    if not all(isinstance(t, torch.Tensor) for t in (q, k, v)):
+        raise TypeError(f"prefill_attention: q, k and v must be torch.Tensors, got "
+                        f"{', '.join(type(t).__name__ for t in (q, k, v))}")
+    if not isinstance(backend, str):
+        raise TypeError(f"backend must be 'auto' or one of {BACKENDS}, got {backend!r} ({type(backend).__name__})")
+    if len({(t.dtype, t.device) for t in (q, k, v)}) != 1:
+        # before any backend: under ``auto`` a backend that raised on this mix would be remembered as refusing
+        raise ValueError(f"prefill_attention: q, k and v must have one dtype and device, got "
+                         f"{', '.join(f'{t.dtype} on {t.device}' for t in (q, k, v))}")
     if q.dim() != 3 or k.shape != q.shape or v.dim() != 3 or v.shape[:2] != q.shape[:2]:
         raise ValueError(f"expected q, k [T, H, Dqk] and v [T, H, Dv] with equal T and H, got {tuple(q.shape)}, "
                          f"{tuple(k.shape)}, {tuple(v.shape)}")
