@@ -30,9 +30,13 @@ def routed_experts(x: Any, w: Any, ids: Any, mlp: Callable[[Any, Any], Any], *, 
 
     ``num_experts`` and ``align``: integers >= 1 (Python or numpy; ``align=1``: groups packed back to back), checked
     on the host before anything is enqueued (TypeError / ValueError naming the argument), as are the shapes and
-    ``ids``' dtype (ValueError; the ids' range is not: reading them would synchronise the device)."""
+    ``ids``' dtype (ValueError; the ids' range only on the CPU: on a GPU reading them would synchronise the device).
+    TypeError for an ``x``, ``w`` or ``ids`` that is not a torch.Tensor."""
     import torch
 
+    for name, t in (("x", x), ("w", w), ("ids", ids)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"routed_experts: {name} must be a torch.Tensor, got {type(t).__name__}")
     int_at_least("num_experts", num_experts, 1, "an integer")
     align = int_at_least("align", align, 1, "an integer")
     if ids.dim() != 2 or ids.dtype != torch.int64:
@@ -41,6 +45,11 @@ def routed_experts(x: Any, w: Any, ids: Any, mlp: Callable[[Any, Any], Any], *, 
     if x.dim() != 2 or x.shape[0] != T or tuple(w.shape) != (T, k):
         raise ValueError(f"routed_experts: x must be [T, H] and w [T, k] with ids' T = {T}, k = {k}, got x "
                          f"{list(x.shape)}, w {list(w.shape)}")
+    if ids.device.type == "cpu" and ids.numel():  # free on the host (scatter_add_ had named no argument)
+        bad = ids[(ids < 0) | (ids >= num_experts)]
+        if bad.numel():
+            raise ValueError(f"routed_experts: ids must be in [0, {int(num_experts)}) (num_experts), got "
+                             f"{int(bad[0])}")
     if quantize is not None:
         xq, xsc = quantize(x)
 
