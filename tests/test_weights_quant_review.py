@@ -147,3 +147,19 @@ def test_routed_experts_names_expert_ids_out_of_range_on_the_cpu(align, bad):
     ids = torch.tensor([[0, bad], [1, 2], [2, 3]])
     with pytest.raises(ValueError, match=rf"routed_experts: ids must be in \[0, 4\) \(num_experts\), got {bad}"):
         routed.routed_experts(x, torch.ones(3, 2), ids, lambda xg, offs: xg, num_experts=4, align=align)
+
+
+# -- serve.compare ---------------------------------------------------------------------------------------------------
+
+
+def test_compare_does_not_hide_nan_logits_behind_an_earlier_step():
+    """A run whose second step's logits were NaN compared with max_rel_err 0.0 and comparable_rel_err 0.0 (Python's
+    max keeps 0.0 against a NaN that comes after it): a broken run reported as bit-equal."""
+    ok = [np.ones((1, 4), np.float32), np.ones((1, 4), np.float32)]
+    bad = [np.ones((1, 4), np.float32), np.full((1, 4), np.nan, np.float32)]
+    for a, b in ((bad, ok), (ok, bad)):
+        r = serve.compare(serve.RunResult([[0, 0]], a, [], 0.0), serve.RunResult([[0, 0]], b, [], 0.0))
+        assert np.isnan(r["rel_err_per_step"][1])
+        assert np.isnan(r["max_rel_err"]) and np.isnan(r["comparable_rel_err"])
+    r = serve.compare(serve.RunResult([[0, 0]], ok, [], 0.0), serve.RunResult([[0, 0]], ok, [], 0.0))
+    assert r["max_rel_err"] == 0.0 and r["comparable_rel_err"] == 0.0

@@ -177,7 +177,7 @@ def compare(a: RunResult, b: RunResult) -> dict:
     difference of at least half the margin, so with ``comparable_rel_err`` small every flip is a near tie that
     rounding decided; the steps after it are not compared (their inputs differ). The runs must have the same
     requests, steps and logits shapes, and each step's logits must be ``[requests, vocab]`` (ValueError otherwise);
-    two runs of no step compare equal (errors 0.0)."""
+    two runs of no step compare equal (errors 0.0). A step whose error is NaN (NaN logits) makes the maxima NaN."""
     if (len(a.tokens), len(a.logits)) != (len(b.tokens), len(b.logits)):
         raise ValueError(f"compare: the runs differ in shape: {len(a.tokens)} request(s) x {len(a.logits)} step(s) "
                          f"against {len(b.tokens)} x {len(b.logits)}")
@@ -199,8 +199,10 @@ def compare(a: RunResult, b: RunResult) -> dict:
                 top2 = np.sort(y)[-2:]
                 flips.append({"request": r, "step": i, "margin": float(top2[1] - top2[0]),
                               "max_abs_diff": float(np.abs(x - y).max())})
-    return {"max_rel_err": max(errs, default=0.0), "rel_err_per_step": errs, "tokens_equal": a.tokens == b.tokens,
-            "comparable_rel_err": max(comparable) if comparable else 0.0, "flips": flips}
+    # np.max propagates NaN (a run with NaN logits); Python's max kept whichever came first (0.0 before a NaN)
+    return {"max_rel_err": float(np.max(errs)) if errs else 0.0, "rel_err_per_step": errs,
+            "tokens_equal": a.tokens == b.tokens,
+            "comparable_rel_err": float(np.max(comparable)) if comparable else 0.0, "flips": flips}
 
 
 def prompts_for(rank: int, count: int, lo: int, hi: int, vocab: int, seed: int = 0) -> list[list[int]]:
