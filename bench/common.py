@@ -192,6 +192,23 @@ def launcher_ranks(ap, minimum: int, why: str) -> int | None:
     return world
 
 
+def dry_run_world(ap, given: int | None, default: int = 2) -> int:
+    """The world size a ``--dry-run`` plans for: ``given`` (``--world``), else ``WORLD_SIZE``, else ``default``. A
+    ``WORLD_SIZE`` that is not an integer >= 1 is ``ap.error`` (one ``error:`` line, exit 2) naming it."""
+    if given is not None:
+        return given
+    text = os.environ.get("WORLD_SIZE")
+    if text is None:
+        return default
+    try:
+        world = int(text)
+    except ValueError:
+        world = 0
+    if world < 1:
+        ap.error(f"--dry-run without --world plans for WORLD_SIZE, which must be an integer >= 1, got {text!r}")
+    return world
+
+
 def disjoint_world(ap, world: int | None, experts: int, case: str) -> None:
     """``ap.error`` (one ``error:`` line, exit 2) unless ``world`` ranks divide ``experts``: for a script whose
     ``case`` splits the experts disjointly over the ranks (``ExpertPartition.disjoint`` refuses any other world).

@@ -41,6 +41,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (  # noqa: E402
     RESULTS,
     disjoint_world,
+    dry_run_world,
     launcher_ranks,
     machine_facts,
     nvlink_facts,
@@ -303,12 +304,17 @@ def main() -> int:
         ap.error(f"--check-max must be >= 0, got {ns.check_max}")
     if (ns.num_sms is not None and ns.num_sms < 1) or (ns.world is not None and ns.world < 1):
         ap.error(f"--num-sms and --world must be >= 1, got {ns.num_sms}, {ns.world}")
+    from dwdp_ops.runtime import _parse_size
+
+    try:
+        _parse_size(ns.heap)  # (dwdp_ops.init reads it only after the imports of torch and NCCL, on every rank)
+    except ValueError as e:
+        ap.error(f"--heap: {e}")
     if ns.dry_run:
         import importlib.util
-        import os
 
-        world = ns.world or int(os.environ.get("WORLD_SIZE", "2"))
-        if world < 1 or EXPERTS % world:
+        world = dry_run_world(ap, ns.world)
+        if EXPERTS % world:
             ap.error(f"--world must divide {EXPERTS}, got {world}")
         have = importlib.util.find_spec("dwdp_ops.dispatch") is not None
         return dry_run(ns.tokens, world, have)

@@ -55,7 +55,8 @@ from pathlib import Path
 from statistics import mean, median
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import disjoint_world, launcher_ranks, machine_facts, result_name, write_json  # noqa: E402
+from common import disjoint_world, dry_run_world, launcher_ranks, machine_facts, result_name, write_json  # noqa: E402
+from dwdp_ops._cli import seed_int  # noqa: E402
 
 GiB = 1 << 30
 MODES = ("dwdp", "dep", "dep_nccl")
@@ -108,7 +109,7 @@ def main() -> int:
     ap.add_argument("--moe-only", action="store_true", help="no dense layers (the 'MoE layers only' variant)")
     ap.add_argument("--vocab", type=int, default=32768)
     ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float8_e4m3fn"])
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--seed", type=seed_int, default=0)
     ap.add_argument("--router", choices=("balanced", "skewed"), default="balanced",
                     help="the random model's router (models.deepseek_r1.gpu_weights.ROUTERS): balanced gives DEP even "
                          "expert loads, skewed (the runs before 2026-12-01) overloads one rank's experts")
@@ -118,10 +119,15 @@ def main() -> int:
     ns = ap.parse_args()
     try:
         budgets = [int(b) for b in ns.budgets.split(",") if b.strip()]
+    except ValueError:
+        ap.error(f"--budgets must be comma-separated integers, got {ns.budgets!r}")
+    try:
         dists = [(d, parse_dist(d)) for d in ns.dists.split(",") if d.strip()]
     except ValueError as e:
-        ap.error(str(e))
+        ap.error(f"--dists: {e}")
     modes = [m for m in ns.modes.split(",") if m]
+    if len(set(modes)) != len(modes):  # one mode's rows of an iteration would be two runs (summarise pairs them)
+        ap.error(f"--modes: each mode once, got {ns.modes!r}")
     if not budgets or min(budgets) < 1 or not dists or any(m not in MODES for m in modes) or not modes:
         ap.error(f"--budgets >= 1, at least one --dists, --modes a subset of {MODES}")
     if ns.isl < 1 or ns.iterations < 1 or ns.warmup < 0:
@@ -132,9 +138,7 @@ def main() -> int:
         ap.error(f"--iterations must be a multiple of the {len(modes)} modes, so that each leads as many iterations "
                  f"(the leading mode pays what is new to the iteration), got {ns.iterations}")
     if ns.dry_run:
-        import os
-
-        world = ns.world or int(os.environ.get("WORLD_SIZE", "2"))
+        world = dry_run_world(ap, ns.world)
         for b in budgets:
             for name, d in dists:
                 p = plan(world, ns.warmup + ns.iterations, ns.isl, b, d, ns.seed)

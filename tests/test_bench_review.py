@@ -1,0 +1,62 @@
+"""Review of the CPU-reachable parts of bench/*.py: bad command-line values end in one ``error:`` line naming the
+option and exit code 2 before any GPU work (no traceback, no value passed on to fail later), and the host-side
+helpers (plots, records) do what their docstrings say. No GPU needed."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "bench"))
+
+
+def run(script: str, args: list[str], env: dict | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, f"bench/{script}", *args], cwd=ROOT, capture_output=True, text=True,
+                          timeout=120, env=env)
+
+
+def _no_launcher_env() -> dict:
+    return {k: v for k, v in os.environ.items() if not k.startswith(("OMPI_COMM_WORLD_", "RANK", "WORLD_SIZE"))}
+
+
+def one_error(r: subprocess.CompletedProcess, script: str, name: str) -> None:
+    assert r.returncode == 2, (r.returncode, r.stdout[-1000:], r.stderr[-2000:])
+    assert "Traceback" not in r.stderr, r.stderr[-2000:]
+    errors = [ln for ln in r.stderr.splitlines() if ln.startswith(f"{script}: error:")]
+    assert len(errors) == 1 and name in errors[0], r.stderr
+
+
+@pytest.mark.parametrize(("args", "name"), [
+    (["--budgets", "16384,x"], "--budgets"),  # had said only "invalid literal for int() with base 10: 'x'"
+    (["--dists", "ratio0.8,zz"], "--dists"),  # had said "a distribution is ..." without the option
+    (["--modes", "dep,dep", "--iterations", "2"], "--modes"),  # had been accepted (see below)
+    (["--modes", "dwdp,dep,dep", "--iterations", "3"], "--modes"),
+    (["--seed", "-1"], "--seed"),  # had been a numpy traceback in the dry run's plan
+])
+def test_e2e_bad_values_name_their_option(args, name):
+    """A repeated mode had been accepted: its rows of every iteration fell into one list of twice the iterations, and
+    ``summarise`` raised ValueError (rows not the same iterations) after the whole GPU run, or mixed two runs of one
+    mode into its figures."""
+    one_error(run("e2e_dwdp_vs_dep.py", ["--dry-run", *args]), "e2e_dwdp_vs_dep.py", name)
+
+
+@pytest.mark.parametrize("script", ["e2e_dwdp_vs_dep.py", "dispatch_bandwidth.py"])
+@pytest.mark.parametrize("value", ["abc", "0", "-2"])
+def test_dry_run_world_from_a_bad_world_size_is_one_error_line(script, value):
+    """--dry-run without --world reads WORLD_SIZE: a malformed one had been a ValueError traceback; 0 had printed an
+    empty plan ("tokens per iteration per rank []") with exit code 0 in e2e_dwdp_vs_dep."""
+    r = run(script, ["--dry-run"], {**_no_launcher_env(), "WORLD_SIZE": value})
+    one_error(r, script, "WORLD_SIZE")
+    assert run(script, ["--dry-run"], {**_no_launcher_env(), "WORLD_SIZE": "4"}).returncode == 0
+
+
+def test_dispatch_bandwidth_refuses_a_bad_heap_before_any_gpu_work():
+    """--heap went to dwdp_ops.init unchecked: a ValueError traceback from runtime._parse_size after the imports of
+    torch and NCCL (on a GPU machine, after the launcher started every rank)."""
+    one_error(run("dispatch_bandwidth.py", ["--heap", "abc"], _no_launcher_env()), "dispatch_bandwidth.py", "--heap")
+    one_error(run("dispatch_bandwidth.py", ["--heap", "0"], _no_launcher_env()), "dispatch_bandwidth.py", "--heap")
