@@ -48,15 +48,19 @@ def category(name: str) -> str:
 
 
 def parse(argv=None):
+    from dwdp_ops._cli import seed_int
+    from dwdp_ops.demo_gpu import moe_layers_arg
+    from dwdp_ops.models.deepseek_r1 import DeepSeekConfig
+
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--moe-layers", type=int, default=6)
+    ap.add_argument("--moe-layers", type=moe_layers_arg, default=6, help="1 to R1's 58, or 'all'")
     ap.add_argument("--dtype", default="float8_e4m3fn", choices=["bfloat16", "float8_e4m3fn"], help="routed experts")
     ap.add_argument("--prompts", type=int, default=8)
     ap.add_argument("--min-len", type=int, default=1024)
     ap.add_argument("--max-len", type=int, default=4096)
     ap.add_argument("--steps", type=int, default=8)
     ap.add_argument("--vocab", type=int, default=32768)
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--seed", type=seed_int, default=0)
     ap.add_argument("--router", choices=("balanced", "skewed"), default="balanced",
                     help="the random model's router (models.deepseek_r1.gpu_weights.ROUTERS)")
     ap.add_argument("--top", type=int, default=15, help="kernels listed by name")
@@ -65,8 +69,8 @@ def parse(argv=None):
     ns = ap.parse_args(argv)
     if ns.moe_layers < 1 or ns.prompts < 1 or ns.steps < 1 or not 1 <= ns.min_len <= ns.max_len:
         ap.error("--moe-layers, --prompts and --steps must be >= 1 and 1 <= --min-len <= --max-len")
-    if ns.vocab < 1:
-        ap.error(f"--vocab must be >= 1, got {ns.vocab}")
+    if not 1 <= ns.vocab <= DeepSeekConfig.r1().vocab_size:  # the model is R1 cut to --vocab
+        ap.error(f"--vocab must be in [1, {DeepSeekConfig.r1().vocab_size}] (DeepSeek-R1's vocabulary), got {ns.vocab}")
     if ns.top < 0:
         ap.error(f"--top must be >= 0, got {ns.top}")
     return ns

@@ -40,7 +40,9 @@ POLICIES = ("auto", "prefetch_all", "on_demand", "dispatch")
 
 
 def parse(argv=None):
-    from dwdp_ops._cli import positive_int
+    from dwdp_ops._cli import positive_int, seed_int
+    from dwdp_ops.demo_gpu import check_steps, moe_layers_arg
+    from dwdp_ops.models.deepseek_r1 import DeepSeekConfig
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--policies", default="auto,on_demand", help="two policies, comma-separated; ratios first / second")
@@ -49,9 +51,9 @@ def parse(argv=None):
     ap.add_argument("--min-len", type=int, default=1024)
     ap.add_argument("--max-len", type=int, default=4096)
     ap.add_argument("--steps", type=int, default=16)
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--seed", type=seed_int, default=0)
     ap.add_argument("--vocab", type=positive_int, default=32768)
-    ap.add_argument("--moe-layers", type=positive_int, default=None, help="default: as many as fit")
+    ap.add_argument("--moe-layers", type=moe_layers_arg, default=None, help="1 to R1's 58 or 'all'; default: as many as fit")
     ap.add_argument("--timeout", type=positive_int, default=540,
                     help="seconds for the whole job (set-up, the first policy's run, its warm-up, 2 x --pairs runs, "
                          "the all-local check); within one 10-minute device call")
@@ -68,6 +70,11 @@ def parse(argv=None):
         ap.error(f"--policies needs two different policies of {', '.join(POLICIES)}, got {ns.policies!r}")
     if ns.pairs < 1 or ns.prompts < 1 or ns.steps < 2 or not 1 <= ns.min_len <= ns.max_len:
         ap.error("--pairs and --prompts must be >= 1, --steps >= 2 and 1 <= --min-len <= --max-len")
+    # what every rank worker of dwdp_ops.demo_gpu refuses, refused here before the job starts on every GPU
+    if ns.vocab > DeepSeekConfig.r1().vocab_size:
+        ap.error(f"argument --vocab: expected at most {DeepSeekConfig.r1().vocab_size} (DeepSeek-R1's vocabulary), "
+                 f"got {ns.vocab}")
+    check_steps(ap, ns.steps, ns.max_len)
     return ns
 
 

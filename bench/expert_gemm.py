@@ -88,12 +88,14 @@ def plan(tokens, routings):
 
 
 def main() -> int:
+    from dwdp_ops._cli import seed_int
+
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--tokens", default=",".join(map(str, DEFAULT_TOKENS)))
     ap.add_argument("--routing", default="uniform,zipf")
     ap.add_argument("--repeats", type=int, default=10)
     ap.add_argument("--warmup", type=int, default=2)
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--seed", type=seed_int, default=0)
     ap.add_argument("--dry-run", action="store_true")
     ns = ap.parse_args()
     try:

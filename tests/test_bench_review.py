@@ -60,3 +60,29 @@ def test_dispatch_bandwidth_refuses_a_bad_heap_before_any_gpu_work():
     torch and NCCL (on a GPU machine, after the launcher started every rank)."""
     one_error(run("dispatch_bandwidth.py", ["--heap", "abc"], _no_launcher_env()), "dispatch_bandwidth.py", "--heap")
     one_error(run("dispatch_bandwidth.py", ["--heap", "0"], _no_launcher_env()), "dispatch_bandwidth.py", "--heap")
+
+
+def test_expert_gemm_refuses_a_negative_seed():
+    """numpy's generator refuses a negative seed: a traceback in the dry run (and in the GPU run after the weights)."""
+    one_error(run("expert_gemm.py", ["--dry-run", "--seed", "-1", "--tokens", "8"]), "expert_gemm.py", "--seed")
+
+
+@pytest.mark.parametrize(("args", "name"), [
+    (["--seed", "-1"], "--seed"),  # prompts_for refuses it after the weights were built on the GPU
+    (["--moe-layers", "100"], "--moe-layers"),  # R1 has 58 MoE layers: the dry run had printed 1127 GB of experts
+    (["--vocab", "1000000"], "--vocab"),  # beyond R1's vocabulary, which the model is cut to
+])
+def test_decode_breakdown_bad_values(args, name):
+    one_error(run("decode_breakdown.py", ["--dry-run", *args]), "decode_breakdown.py", name)
+
+
+@pytest.mark.parametrize(("args", "name"), [
+    (["--seed", "-1"], "--seed"),
+    (["--moe-layers", "59"], "--moe-layers"),
+    (["--vocab", "1000000"], "--vocab"),
+    (["--steps", "200000"], "--steps"),
+])
+def test_demo_policies_checks_what_its_job_would_refuse(args, name):
+    """demo_policies passes these to every rank worker of ``dwdp_ops.demo_gpu``, which refuses them: the dry run had
+    printed a command that fails, and a real run launched the job on every GPU to fail there."""
+    one_error(run("demo_policies.py", ["--dry-run", *args]), "demo_policies.py", name)
