@@ -163,3 +163,16 @@ def test_compare_does_not_hide_nan_logits_behind_an_earlier_step():
         assert np.isnan(r["max_rel_err"]) and np.isnan(r["comparable_rel_err"])
     r = serve.compare(serve.RunResult([[0, 0]], ok, [], 0.0), serve.RunResult([[0, 0]], ok, [], 0.0))
     assert r["max_rel_err"] == 0.0 and r["comparable_rel_err"] == 0.0
+
+
+# -- fp8.quant_rows: non-float input ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [torch.int32, torch.int64, torch.bool, torch.uint8])
+def test_quant_rows_refuses_a_non_float_tensor(dtype):
+    """An integer or bool tensor (token ids, a mask, e4m3 codes as uint8) was quantised without a word, where the
+    numpy reference (``quant.quant_rowwise``) refuses non-float input."""
+    with pytest.raises(ValueError, match=rf"quant_rows: x must be a floating-point tensor .*got {dtype}"):
+        fp8.quant_rows(torch.ones(2, 8, dtype=dtype))
+    with pytest.raises(ValueError, match=r"quant_rows: x must be a floating-point tensor"):
+        fp8.quant_rows_torch(torch.ones(2, 8, dtype=dtype))

@@ -143,13 +143,15 @@ def quant_rows_torch(x: Any, chunk: int = QUANT_CHUNK) -> tuple[Any, Any]:
     float32 temporary); bit for bit the numpy ``dwdp_ops.quant.quant_rowwise`` on finite input. Precondition: ``x``
     finite (not checked: reading the data would synchronise a device; the numpy reference raises, here a non-finite
     row gives a NaN or infinite scale and NaN codes). Returns new ``(q [R, K] float8_e4m3fn, scale [R] float32)`` on
-    x's device. Local. Raises TypeError for a non-tensor, ValueError for a bad ``chunk`` or a shape that is not
-    ``[R, K]`` with K >= 1 (both named as ``quant_rows``'s)."""
+    x's device. Local. Raises TypeError for a non-tensor, ValueError for a bad ``chunk``, a shape that is not
+    ``[R, K]`` with K >= 1 or a dtype that is not floating point (all named as ``quant_rows``'s)."""
     torch = require_torch()
     _check_tensor(x, "quant_rows", "x")
     chunk = _check_chunk(chunk)
     if x.dim() != 2 or x.shape[1] == 0:
         raise ValueError(f"quant_rows: x must be [rows, K] with K >= 1, got shape {list(x.shape)}")
+    if not x.dtype.is_floating_point:  # as the numpy reference: an integer or bool tensor was quantised silently
+        raise ValueError(f"quant_rows: x must be a floating-point tensor (bf16 / float), got {x.dtype}")
     R, K = x.shape
     q = torch.empty((R, K), dtype=torch.float8_e4m3fn, device=x.device)
     scale = torch.empty((R,), dtype=torch.float32, device=x.device)
