@@ -120,7 +120,9 @@ def plot(cases: list[dict], ts: list[int], path: Path, op: str = "forward", what
             continue
         xs = [c["B"] for c in cs]
         ax.plot(xs, [c["us"]["K1"] for c in cs], "o-", color="tab:gray", label="one warp a sample (K = 1)")
-        ax.plot(xs, [c["us"][f"K{c['pick']}"] for c in cs], "s-", color="tab:blue", label="the launch's pick")
+        picked = [c for c in cs if f"K{c['pick']}" in c["us"]]  # (a pick outside --ks was not timed)
+        ax.plot([c["B"] for c in picked], [c["us"][f"K{c['pick']}"] for c in picked], "s-", color="tab:blue",
+                label="the launch's pick")
         ax.plot(xs, [min(c["us"].values()) for c in cs], ":", color="tab:green", label="best K forced")
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")

@@ -317,6 +317,8 @@ def main() -> int:
     bad = [dt for dt in dtypes if dt not in DTYPES]
     if bad:
         ap.error(f"--dtypes: {', '.join(map(repr, bad))} not among {', '.join(sorted(DTYPES))}")
+    if len(set(dtypes)) != len(dtypes):  # two layer cases of one name: their rows merged in render's table and plot
+        ap.error(f"--dtypes: each dtype once, got {ns.dtypes!r}")
     world = launcher_ranks(ap, 2, "every case reads from peers")
     disjoint_world(ap, world, 256, "the DWDP layer case (dwdp_layer_<dtype>, every --dtypes, --layer-only too)")
     if world and not ns.layer_only and every_peer_part(max(sizes) * MiB, world) == 0:

@@ -86,3 +86,23 @@ def test_demo_policies_checks_what_its_job_would_refuse(args, name):
     """demo_policies passes these to every rank worker of ``dwdp_ops.demo_gpu``, which refuses them: the dry run had
     printed a command that fails, and a real run launched the job on every GPU to fail there."""
     one_error(run("demo_policies.py", ["--dry-run", *args]), "demo_policies.py", name)
+
+
+def test_coaction_split_plot_when_the_pick_was_not_forced(tmp_path):
+    """``--ks 1,2`` times K = 1 and 2, while the launch may pick 4: the plot had raised KeyError ('K4') after the JSON
+    was written (no plot). The pick's line now leaves such cases out."""
+    pytest.importorskip("matplotlib")
+    import coaction_split
+
+    cases = [dict(B=1, T=100, us={"K1": 9.0, "K2": 5.0}, pick=4), dict(B=16, T=100, us={"K1": 9.5, "K2": 6.0}, pick=2)]
+    path = tmp_path / "split.png"
+    coaction_split.plot(cases, [100], path)
+    assert path.stat().st_size > 0
+
+
+def test_fetch_bandwidth_refuses_a_repeated_dtype():
+    """A repeated --dtypes had timed the layer twice under one case name: render.tables merged the two runs' rows
+    under one heading and the plot drew their bars over each other."""
+    r = run("fetch_bandwidth.py", ["--dtypes", "bfloat16,bfloat16"], {**_no_launcher_env(), "RANK": "0",
+                                                                       "WORLD_SIZE": "2"})
+    one_error(r, "fetch_bandwidth.py", "--dtypes")
