@@ -186,12 +186,14 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(prog="python bench/render.py", description=re.sub(r"``(.+?)``", r"\1", __doc__),
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.parse_args(argv)
+    doc = DOC.read_text() if DOC.exists() else f"# Benchmarks\n\n{BEGIN}\n{END}\n"
+    if BEGIN not in doc or END not in doc:  # (checked before any PNG is rewritten)
+        raise SystemExit(f"{DOC} has no generated section ({BEGIN} ... {END}): not rewritten")
     files = load()
     pngs = plot(files)
     timelines = plot_timelines()
     print(f"timelines: {timelines}")
     body = tables(files) + "\n" + "\n".join(f"![{p}](../bench/results/{p})" for p in pngs) + "\n"
-    doc = DOC.read_text() if DOC.exists() else f"# Benchmarks\n\n{BEGIN}\n{END}\n"
     doc = re.sub(re.escape(BEGIN) + ".*?" + re.escape(END), lambda _: f"{BEGIN}\n{body}{END}", doc, flags=re.DOTALL)
     DOC.write_text(doc)
     print(f"wrote {DOC} and {len(pngs)} plots")

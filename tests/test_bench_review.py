@@ -106,3 +106,18 @@ def test_fetch_bandwidth_refuses_a_repeated_dtype():
     r = run("fetch_bandwidth.py", ["--dtypes", "bfloat16,bfloat16"], {**_no_launcher_env(), "RANK": "0",
                                                                        "WORLD_SIZE": "2"})
     one_error(r, "fetch_bandwidth.py", "--dtypes")
+
+
+def test_render_refuses_a_doc_without_its_markers(tmp_path, monkeypatch):
+    """docs/benchmarks.md without the generated section's markers: render had left it as it was and printed "wrote
+    ...", so the tables were silently not regenerated. Now it exits naming the markers and leaves the file alone."""
+    pytest.importorskip("matplotlib")
+    import render
+
+    doc = tmp_path / "benchmarks.md"
+    doc.write_text("# Benchmarks\n\nno markers here\n")
+    monkeypatch.setattr(render, "RESULTS", tmp_path)
+    monkeypatch.setattr(render, "DOC", doc)
+    with pytest.raises(SystemExit, match="fetch_bandwidth:begin"):
+        render.main([])
+    assert doc.read_text() == "# Benchmarks\n\nno markers here\n"
