@@ -13,10 +13,11 @@ Before timing, per size: both modes' combined outputs are checked against the pu
 rebuilds every rank's inputs from the seeds) at sizes <= ``--check-max`` tokens (bit-exact expected; any rel. err
 > 1e-2 fails the run), and against ``x * sum_j w_j`` at every size (max rel. err reported).
 
-Timing: per repeat, the modes run one after the other (A, B, A, B, ...), each started after a device sync and a
-barrier, timed with CUDA events on the current stream (the NCCL path includes its one host sync, the counts). One
-timed op is ``--chain`` dispatch + combine pairs back to back (default 8; the figure is the time per pair), as a
-model's MoE layers follow each other: with ``--chain 1`` the ranks' skew at leaving the host barrier (tens to
+Timing: per repeat, the modes run one after the other, in an order drawn afresh per repeat as ``time_interleaved``
+draws it (``common._order``: the same on every rank), each started after a device sync and a barrier, timed with
+CUDA events on the current stream (the NCCL path includes its one host sync, the counts). One timed op is
+``--chain`` dispatch + combine pairs back to back (default 8; the figure is the time per pair), as a model's MoE
+layers follow each other: with ``--chain 1`` the ranks' skew at leaving the host barrier (tens to
 hundreds of microseconds) is counted as latency, which a model pays once per step, not once per layer.
 Per size and mode: each rank's median; ``time_ms`` = the slowest rank's median (a collective is as slow as its
 slowest rank); ``ratio`` = median over repeats of ours / NCCL, each repeat's time taken as the slowest rank's.
@@ -40,6 +41,7 @@ from statistics import median
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (  # noqa: E402
     RESULTS,
+    _order,
     disjoint_world,
     dry_run_world,
     launcher_ranks,
@@ -182,7 +184,7 @@ class Runner:
         times = {m: [] for m in self.modes}
         names = list(self.modes)
         for i in range(self.ns.warmup + self.ns.repeats):
-            for m in names:  # A, B, A, B, ...
+            for m in _order(names, i):  # interleaved, an order drawn per repeat (time_interleaved's)
                 self.sync_barrier()
                 a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
                 a.record()
