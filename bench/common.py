@@ -154,6 +154,17 @@ def result_name(benchmark: str, card: str, suffix: str = "") -> str:
     return f"{benchmark}_{card.replace('NVIDIA ', '').replace(' ', '_')}{suffix}.json"
 
 
+def file_tag(text: str) -> str:
+    """argparse ``type`` of ``--tag``, the result file name's suffix: letters, digits, ``.``, ``_`` and ``-`` only
+    (a ``/`` had put the file in a directory that does not exist, failing at the write after the whole run)."""
+    import argparse
+
+    if not re.fullmatch(r"[A-Za-z0-9._-]*", text):
+        raise argparse.ArgumentTypeError(f"{text!r} may hold only letters, digits, '.', '_' and '-' (it ends the "
+                                         "result file's name)")
+    return text
+
+
 def write_json(name: str, data: dict) -> Path:
     RESULTS.mkdir(parents=True, exist_ok=True)
     path = RESULTS / name

@@ -27,7 +27,7 @@ from pathlib import Path
 from statistics import median
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import machine_facts, result_name, write_json  # noqa: E402
+from common import file_tag, machine_facts, result_name, write_json  # noqa: E402
 
 # first match wins; kernel names of PyTorch 2.11 / CUTLASS / cuBLAS on Hopper and of dwdp_ops._C
 CATEGORIES = [
@@ -64,7 +64,7 @@ def parse(argv=None):
     ap.add_argument("--router", choices=("balanced", "skewed"), default="balanced",
                     help="the random model's router (models.deepseek_r1.gpu_weights.ROUTERS)")
     ap.add_argument("--top", type=int, default=15, help="kernels listed by name")
-    ap.add_argument("--tag", default="")
+    ap.add_argument("--tag", type=file_tag, default="")
     ap.add_argument("--dry-run", action="store_true")
     ns = ap.parse_args(argv)
     if ns.moe_layers < 1 or ns.prompts < 1 or ns.steps < 1 or not 1 <= ns.min_len <= ns.max_len:

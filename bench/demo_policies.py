@@ -34,7 +34,7 @@ from pathlib import Path
 from statistics import median
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import machine_facts, result_name, write_json  # noqa: E402
+from common import file_tag, machine_facts, result_name, write_json  # noqa: E402
 
 POLICIES = ("auto", "prefetch_all", "on_demand", "dispatch")
 
@@ -62,7 +62,7 @@ def parse(argv=None):
     ap.add_argument("--router", choices=("balanced", "skewed"), default="balanced",
                     help="the random model's router (models.deepseek_r1.gpu_weights.ROUTERS)")
     ap.add_argument("--gpus", type=positive_int, default=None, help="default: every GPU of the machine")
-    ap.add_argument("--tag", default="")
+    ap.add_argument("--tag", type=file_tag, default="")
     ap.add_argument("--dry-run", action="store_true", help="print the command and exit")
     ns = ap.parse_args(argv)
     ns.policy_list = [p for p in ns.policies.split(",") if p]

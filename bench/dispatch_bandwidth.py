@@ -44,6 +44,7 @@ from common import (  # noqa: E402
     _order,
     disjoint_world,
     dry_run_world,
+    file_tag,
     launcher_ranks,
     machine_facts,
     nvlink_facts,
@@ -290,7 +291,7 @@ def main() -> int:
     ap.add_argument("--chain", type=int, default=8, help="dispatch + combine pairs per timed op (time per pair)")
     ap.add_argument("--num-sms", type=int, default=None, help="SMs of our kernels (TokenDispatcher's default)")
     ap.add_argument("--heap", default="16g", help="NVSHMEM symmetric heap per rank")
-    ap.add_argument("--tag", default="", help="suffix of the result file names")
+    ap.add_argument("--tag", type=file_tag, default="", help="suffix of the result file names")
     ap.add_argument("--dry-run", action="store_true", help="print the plan of sizes; needs no GPU")
     ap.add_argument("--world", type=int, default=None, help="ranks assumed by --dry-run (default WORLD_SIZE or 2)")
     ns = ap.parse_args()

@@ -55,7 +55,15 @@ from pathlib import Path
 from statistics import mean, median
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import disjoint_world, dry_run_world, launcher_ranks, machine_facts, result_name, write_json  # noqa: E402
+from common import (  # noqa: E402
+    disjoint_world,
+    dry_run_world,
+    file_tag,
+    launcher_ranks,
+    machine_facts,
+    result_name,
+    write_json,
+)
 from dwdp_ops._cli import seed_int  # noqa: E402
 
 GiB = 1 << 30
@@ -113,7 +121,7 @@ def main() -> int:
     ap.add_argument("--router", choices=("balanced", "skewed"), default="balanced",
                     help="the random model's router (models.deepseek_r1.gpu_weights.ROUTERS): balanced gives DEP even "
                          "expert loads, skewed (the runs before 2026-12-01) overloads one rank's experts")
-    ap.add_argument("--tag", default="")
+    ap.add_argument("--tag", type=file_tag, default="")
     ap.add_argument("--dry-run", action="store_true")
     ap.add_argument("--world", type=int, default=None, help="ranks assumed by --dry-run (default WORLD_SIZE or 2)")
     ns = ap.parse_args()

@@ -41,6 +41,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import dwdp_ops
 from common import (
     disjoint_world,
+    file_tag,
     int_list,
     launcher_ranks,
     machine_facts,
@@ -310,7 +311,7 @@ def main() -> int:
     ap.add_argument("--layer-only", action="store_true", help="only the DWDP layer (each group has its baseline)")
     ap.add_argument("--sizes-mib", default="2,8,32,128,512,1024")
     ap.add_argument("--dtypes", default="float8_e4m3fn,bfloat16")
-    ap.add_argument("--tag", default="", help="suffix of the JSON file name")
+    ap.add_argument("--tag", type=file_tag, default="", help="suffix of the JSON file name")
     ns = ap.parse_args()
     sizes = int_list(ap, "--sizes-mib", ns.sizes_mib)
     dtypes = ns.dtypes.split(",")

@@ -46,6 +46,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import dwdp_ops
 from common import (
     disjoint_world,
+    file_tag,
     int_list,
     launcher_ranks,
     machine_facts,
@@ -73,7 +74,7 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--tokens", default="1024,2048,4096,8192,16384,32768,65536")
     ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--repeats", type=int, default=10, help="timed repeats of every interleaved comparison")
-    ap.add_argument("--tag", default="", help="suffix of the result file name")
+    ap.add_argument("--tag", type=file_tag, default="", help="suffix of the result file name")
     ap.add_argument("--skip-slowdown", action="store_true", help="only the exposed-fetch sweep")
     ap.add_argument("--dtype", default="float16", choices=DTYPES,
                     help="expert weights: fp16 (torch.bmm) or fp8 e4m3 with rowwise scales (torch._scaled_grouped_mm)")

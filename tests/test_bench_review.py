@@ -121,3 +121,23 @@ def test_render_refuses_a_doc_without_its_markers(tmp_path, monkeypatch):
     with pytest.raises(SystemExit, match="fetch_bandwidth:begin"):
         render.main([])
     assert doc.read_text() == "# Benchmarks\n\nno markers here\n"
+
+
+@pytest.mark.parametrize("script, extra", [
+    ("e2e_dwdp_vs_dep.py", ["--dry-run"]),
+    ("dispatch_bandwidth.py", ["--dry-run"]),
+    ("fetch_bandwidth.py", []),
+    ("prefetch_overlap.py", []),
+    ("decode_breakdown.py", []),
+    ("demo_policies.py", []),
+])
+def test_a_tag_that_is_no_file_name_suffix_is_a_usage_error(script, extra):
+    """--tag ends the result file's name: 'a/b' had put it in a directory that does not exist, so the write failed
+    with FileNotFoundError after the whole (GPU) run. Every script now refuses it when parsing, naming --tag."""
+    one_error(run(script, ["--tag", "a/b", *extra], env=_no_launcher_env()), script, "--tag")
+
+
+def test_file_tag_keeps_a_plain_suffix():
+    from common import file_tag
+
+    assert file_tag("") == "" and file_tag("_session20-b.1") == "_session20-b.1"
