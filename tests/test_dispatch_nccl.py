@@ -246,3 +246,28 @@ def test_a_new_world_numbers_its_dispatches_from_one(world1):
     init_process_group_from_env("gloo", timeout_s=30)
     NcclDispatcher(part, 16, 2).dispatch(x, ids, w)
     assert dispatch_nccl._WATCH.store.get(f"{dispatch_nccl._AT}0") == b"1"
+
+
+def test_a_new_worlds_failure_reports_are_keyed_apart_from_an_earlier_worlds(world1):
+    """The store's server outlives destroy_process_group (a new set-up on the same port shares its keys), and a new
+    world numbers its dispatches from 1 again: rank 0's wait for the others' failure reports of dispatch #1 would have
+    been answered at once by an earlier world's reports of its own dispatch #1. The keys now carry the world."""
+    from types import SimpleNamespace
+
+    from dwdp_ops import dispatch_nccl
+
+    waited = []
+    store = SimpleNamespace(multi_get=lambda keys: [b"1"] * len(keys), wait=lambda keys, t: waited.append(keys),
+                            set=lambda k, v: None)
+
+    def report():
+        d = object.__new__(NcclDispatcher)
+        d.rank, d.partition = 0, ExpertPartition.disjoint(8, 2)
+        d._watch = dispatch_nccl._Watch(store, 0, 2, 5.0, None)
+        d._failure("all_to_all", 1, False, 0.0, RuntimeError("peer gone"))
+
+    report()
+    dist.destroy_process_group()
+    init_process_group_from_env("gloo", timeout_s=30)
+    report()
+    assert len(waited) == 2 and waited[0] != waited[1], waited

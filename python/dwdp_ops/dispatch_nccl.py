@@ -93,9 +93,10 @@ def init_process_group_from_env(backend: str | None = None, timeout_s: float | N
     store = _join(env, port, t)
     dist.init_process_group(backend, store=store, rank=env.rank, world_size=env.world_size,
                             timeout=_dt.timedelta(seconds=t))
-    global _WATCH, _world_seq
+    global _WATCH, _world_seq, _world_gen
     _WATCH = _Watch(store, env.rank, env.world_size, t, dist.group.WORLD) if backend == "gloo" else None
     _world_seq = 0  # a new world numbers its dispatches from 1, as its progress keys (set to 0 by _join) expect
+    _world_gen += 1  # ... and keys its failure reports apart from an earlier world's (the store's server outlives it)
     return env
 
 
@@ -124,6 +125,7 @@ def _drop_watch() -> None:
 
 
 _world_seq = 0  # dispatches entered on the default group since init_process_group_from_env formed it (every rank's)
+_world_gen = 0  # worlds init_process_group_from_env formed in this process (every rank's: each forms the same ones)
 
 
 # Keys of the join check in torch.distributed's store (torch's own keys there live under the group's prefix).
@@ -132,7 +134,7 @@ _VERDICT = "dwdp/joined/verdict"  # set by rank 0: "ok", or the error every rank
 _ACK = "dwdp/joined/ack/"  # + rank: a rank > 0 has read a failed verdict (rank 0 then stops hosting the store)
 _OKS = "dwdp/joined/oks"  # how many ranks > 0 have read an "ok" verdict (the last one deletes the verdict)
 _AT = "dwdp/nccl/at/"  # + rank: the last dispatch # this rank entered (0: none yet), for the collectives' messages
-_READ = "dwdp/nccl/read/"  # + collective/rank: a failed rank has read the progress keys (rank 0 may stop hosting)
+_READ = "dwdp/nccl/read/"  # + world/collective/rank: a failed rank has read the progress keys (rank 0 may stop hosting)
 
 
 def _await_listener(host: str, port: int, deadline: float) -> None:
@@ -373,7 +375,7 @@ class NcclDispatcher:
                 at = None
                 who = f"the ranks' progress could not be read from rank 0's store ({type(err).__name__}: {err})"
             if at is not None:
-                done = f"{_READ}{'c' if combine else 'd'}{seq}/"
+                done = f"{_READ}{_world_gen}/{'c' if combine else 'd'}{seq}/"
                 try:  # rank 0 hosts the store: it waits (up to rendezvous._TELL_S) for the others that fail too
                     if w.rank == 0:
                         peers = [f"{done}{r}" for r in range(1, w.world) if at[r] >= seq]
