@@ -27,8 +27,8 @@ Invariants:
   6. Graphs and eager steps mix: inside a capture, ``release`` records consumed as an *external* event-record node,
      so every replay records it again and an eager ``prefetch_all`` step after replays waits for their reads.
   7. A step that fails half-way (an exception between ``begin_step`` and the last ``release``) is ended by
-     ``abort()``, which waits for the prefetches in flight and clears them; ``with sched.step(tokens=T):`` calls it
-     on an exception. The next ``begin_step`` then starts cleanly.
+     ``abort()``, which waits for the prefetches in flight and clears them (and records consumed behind an
+     ``on_demand`` fetch not released); ``with sched.step(tokens=T):`` calls it on an exception. The next ``begin_step`` then starts cleanly.
 
 Modes (per step; the scheduler's ``policy`` forces one, or ``auto`` picks one per step):
   ``prefetch_all``  every remote expert of the layer, before routing, by the copy engine (hidden behind compute);
@@ -146,7 +146,7 @@ class PrefetchScheduler:
         self._in_flight: set[int] = set()
         self._waited: set[int] = set()  # prefetch_all: layers in flight whose wait() ran (release needs it)
         self._done: set[int] = set()  # prefetch_all: layers released this step (for the error message)
-        self._fetched: set[int] = set()  # on_demand: layers fetched (wait) and not released yet
+        self._fetched: dict[int, Any] = {}  # on_demand: layers fetched (wait) and not released yet -> their stream
         self._dispatched: int | None = None  # the layer whose tokens are out (dispatch mode)
         self.trace: list | None = None  # set to [] to record (kind, layer, event) of every prefetch (benchmarks)
 
@@ -237,7 +237,7 @@ class PrefetchScheduler:
         if not 1 <= n <= self.store.num_layers:
             raise ValueError(f"begin_step: num_layers {n} is outside [1, {self.store.num_layers}]")
         if self._in_flight or self._fetched or self._dispatched is not None:
-            busy = sorted(self._in_flight | self._fetched) or [self._dispatched]
+            busy = sorted(self._in_flight | set(self._fetched)) or [self._dispatched]
             raise RuntimeError(
                 f"begin_step: layers {busy} of the previous step were not released; release them, "
                 "or call abort() after a failed step"
@@ -258,12 +258,18 @@ class PrefetchScheduler:
 
     def abort(self) -> None:
         """Ends a step that failed half-way: waits for the prefetches in flight (the copy stream) and forgets them.
-        Consumed events stay as recorded, so the next prefetch into a slot still waits for the reads queued before."""
+        An ``on_demand`` layer fetched and not released gets its consumed event recorded on the stream that fetched
+        it (no host synchronisation), so the next prefetch into its slot waits for that fetch's writes (and the reads
+        queued behind it); other consumed events stay as recorded."""
         if self._in_flight:
             self.copy_stream.synchronize()
             self._in_flight.clear()
         self._waited.clear()
-        self._fetched.clear()  # its reads are the failed step's; the next step's own reads wait for their data
+        # (forgotten without a record, the failed step's on-demand write, still queued on its stream, could land
+        # after the next step's prefetch into the slot: that step's layer would read the failed layer's experts)
+        fetched, self._fetched = self._fetched, {}
+        for layer, stream in sorted(fetched.items(), key=lambda kv: kv[0]):
+            self._record(self.consumed[layer % 2], stream)
         # A dispatch without its combine cannot be undone: the peers wait in their combine for this rank's partials
         # and trap at the dispatcher's timeout, naming this rank. The scheduler forgets it so that a process that
         # survives (one rank) can go on.
@@ -352,7 +358,7 @@ class PrefetchScheduler:
             raise RuntimeError(f"wait({layer}): layer {clash[0]} uses the same slot and was not released; release it "
                                "(after its MoE) before fetching this layer")
         self.store.nvshmem.fetch(layer, ids, count, stream, num_blocks=self.nvshmem_blocks)
-        self._fetched.add(layer)
+        self._fetched[layer] = stream
 
     def dispatch(self, layer: int, x: Any, topk_ids: Any, topk_weights: Any, stream: Any):
         """``dispatch`` mode, layer ``layer``: sends this rank's tokens to their experts' owners (collective: every
@@ -408,7 +414,7 @@ class PrefetchScheduler:
         slot = layer % 2
         # Recorded under every policy: an on_demand step's reads must also hold off a later step's prefetch.
         self._record(self.consumed[slot], stream)
-        self._fetched.discard(layer)
+        self._fetched.pop(layer, None)
         if self.step_policy == "prefetch_all":
             self._in_flight.discard(layer)
             self._waited.discard(layer)

@@ -1,0 +1,65 @@
+"""Review of the CPU-reachable core (scheduler, store, fetch engines): each test failed on the code before its fix."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+from dwdp_ops import ExpertStore
+from dwdp_ops.scheduler import PrefetchScheduler
+from test_scheduler_host import Event, FakeStore, Stream, execute
+
+
+@pytest.fixture(autouse=True)
+def no_gpu_sync(monkeypatch):
+    monkeypatch.setattr(ExpertStore, "_synchronize", lambda self: None)
+
+
+def _simulated(policy="on_demand", layers=4):
+    """A scheduler whose streams log (stream, op) in host order, as test_scheduler_host.run_protocol's do, with the
+    fetches of both engines logged as writes of their stream."""
+    host = []
+
+    class S(Stream):
+        def wait_event(self, ev):
+            host.append((self, ("wait", ev)))
+
+    class E(Event):
+        def record(self, stream):
+            host.append((stream, ("record", self)))
+
+    store = FakeStore(layers)
+    store.fetch_ce = lambda layer, stream, **kw: host.append((stream, ("write", layer)))
+    store.fetch_nvshmem = lambda layer, ids, count, stream, num_blocks: host.append((stream, ("write", layer)))
+    compute, copy = S("compute"), S("copy")
+    sched = PrefetchScheduler(store, policy=policy, top_k=1, copy_stream=copy, event_factory=lambda: E([]))
+    return sched, host, compute, copy
+
+
+def test_abort_of_an_on_demand_step_orders_its_slot_writes_before_the_next_prefetch():
+    """An on_demand layer is fetched into slot layer % 2 on the compute stream. abort() after a failure between that
+    fetch and the layer's release forgot the layer without recording consumed, so the next prefetch_all step's copy
+    into that slot waited for an older consumed record only: the failed step's on-demand write, still queued on the
+    compute stream, could land after the copy and the next step's layer 0 read the failed layer 2's experts (a
+    write-write race on the slot that corrupts a good step). abort() now records consumed of each fetched, unreleased
+    layer on the stream that fetched it."""
+    for seed in range(40):
+        rng = random.Random(seed)
+        sched, host, compute, copy = _simulated()
+        with pytest.raises(KeyError), sched.step() as mode:
+            assert mode == "on_demand"
+            for p in range(2):
+                sched.wait(p, compute, ids="ids")
+                host.append((compute, ("read", p)))
+                sched.release(p, compute)
+            sched.wait(2, compute, ids="ids")  # slot 0, written on compute; the step fails before release(2)
+            raise KeyError("the model failed after the router")
+        sched.set_policy("prefetch_all")
+        assert sched.begin_step() == "prefetch_all"
+        for p in range(4):
+            sched.wait(p, compute)
+            host.append((compute, ("read", p)))
+            sched.release(p, compute)
+        for _ in range(20):
+            seen = execute(host, compute, copy, rng)
+            assert all(layer == got for layer, got in seen), f"seed {seed}: {seen}"
