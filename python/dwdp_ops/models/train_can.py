@@ -2,9 +2,10 @@
 test AUC per epoch.
 
 Every option is checked before training starts (files exist, output directories are writable, ``--json`` and
-``--plot`` are not the ``--data`` or ``--test`` file, matplotlib is present for ``--plot``, a GPU is usable for
-``--device gpu``); a training loss that stops being finite ends the run with the epoch and step where it happened
-(``train`` raises ``FloatingPointError``; the command exits with code 1).
+``--plot`` are not the ``--data`` or ``--test`` file, matplotlib is present for ``--plot`` and can write its
+extension's format, a GPU is usable for ``--device gpu``); a training loss that stops being finite ends the run with
+the epoch and step where it happened (``train`` raises ``FloatingPointError``; the command exits with code 1), and so
+does an output the file system refuses at the end (one ``error:`` line naming the option, after the curves).
 """
 
 from __future__ import annotations
@@ -147,7 +148,8 @@ def build_parser(prog: str = "dwdp-can-train") -> argparse.ArgumentParser:
                          "auto: gpu when one is usable")
     ap.add_argument("--json", type=writable_path, default=None, help="write the curves and AUCs to this file")
     ap.add_argument("--plot", type=writable_path, default=None,
-                    help="write a PNG of the training curves to this file (needs matplotlib)")
+                    help="write a figure of the training curves to this file, in the format of its extension "
+                         "(png without one; needs matplotlib)")
     ap.add_argument("--quiet", action="store_true", help="no progress bars")
     return ap
 
@@ -231,6 +233,13 @@ def main(argv: list[str] | None = None, prog: str = "dwdp-can-train") -> int:
     ns.max_len = FILE_MAX_LEN if ns.max_len is None else ns.max_len
     if ns.plot and importlib.util.find_spec("matplotlib") is None:
         ap.error("argument --plot: needs matplotlib, which is not installed (pip install matplotlib)")
+    if ns.plot:
+        from ..sim.plot import plot_format
+
+        try:  # (matplotlib refused an unknown extension only after training)
+            plot_format(ns.plot)
+        except ValueError as e:
+            ap.error(f"argument --plot: {e}")
     device = _pick_device(ap, ns.device)
     train_set, test_set, tables = _load(ap, ns)
     results = {}
@@ -248,16 +257,28 @@ def main(argv: list[str] | None = None, prog: str = "dwdp-can-train") -> int:
         for c in curve:
             print(f"{name} ({device}): epoch {c['epoch']} train loss {c['train_loss']:.4f} "
                   f"test AUC {c['test_auc']:.4f} median step {np.median(c['step_ms']):.2f} ms")
+    # (the paths were checked when parsed, but the file system can still refuse: a directory removed meanwhile, a
+    # full disk): one error line per output, after the curves
+    failed = False
     if ns.json:
-        with open(ns.json, "w") as f:
-            json.dump({"args": vars(ns), "results": results}, f, indent=1)
+        try:
+            with open(ns.json, "w") as f:
+                json.dump({"args": vars(ns), "results": results}, f, indent=1)
+        except OSError as e:
+            print(f"{ap.prog}: error: argument --json: the report was not written: {e}", file=sys.stderr)
+            failed = True
     if ns.plot:
-        plot(results, ns.plot, f"CAN-DNN vs DNN, data={ns.data}, seed {ns.seed}, {device}")
-    return 0
+        try:
+            plot(results, ns.plot, f"CAN-DNN vs DNN, data={ns.data}, seed {ns.seed}, {device}")
+        except OSError as e:
+            print(f"{ap.prog}: error: argument --plot: the figure was not written: {e}", file=sys.stderr)
+            failed = True
+    return 1 if failed else 0
 
 
 def plot(results: dict, path: str, title: str) -> None:
-    """PNG of the smoothed training loss per step and the test AUC per epoch of every model in ``results``."""
+    """A figure of the smoothed training loss per step and the test AUC per epoch of every model in ``results``,
+    written at ``path`` in the format of its extension (PNG without one; ``sim.plot.plot_format``)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -278,8 +299,12 @@ def plot(results: dict, path: str, title: str) -> None:
         a.grid(alpha=0.3)
     fig.suptitle(title)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    from ..sim.plot import plot_format
+
+    try:
+        fig.savefig(path, dpi=110, format=plot_format(path))
+    finally:
+        plt.close(fig)
 
 
 if __name__ == "__main__":

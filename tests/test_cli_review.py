@@ -1,0 +1,98 @@
+"""Review of the user-facing command lines (``demo``, ``sim``, ``can-train``): each test failed on the code before its
+fix. A bad argument is an argparse usage error (exit 2, one ``error:`` line naming the option) before any work; a
+``--json`` output is valid JSON; no traceback and no silent wrong answer."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+from dwdp_ops.models import train_can
+
+
+def run_main(main, argv, capsys, **kw):
+    """(exit code, stdout, stderr) of ``main(argv)`` run in-process; SystemExit is the exit code."""
+    try:
+        code = main(argv, **kw)
+    except SystemExit as e:
+        code = e.code
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def error_lines(err: str) -> list[str]:
+    return [line for line in err.splitlines() if "error:" in line]
+
+
+def assert_usage_error(code, err, option):
+    assert code == 2, err
+    assert "Traceback" not in err
+    errors = error_lines(err)
+    assert len(errors) == 1, err
+    assert option in errors[0], errors[0]
+    return errors[0]
+
+
+def _strict_json(text: str):
+    """``json.loads`` refusing NaN and Infinity, which are not JSON."""
+    def bad(name):
+        raise ValueError(f"{name} is not JSON")
+    return json.loads(text, parse_constant=bad)
+
+
+# ----------------------------------------------------------------------------------------------------- can-train
+@pytest.fixture
+def no_training(monkeypatch):
+    """Fails the test if training starts: every check must come before it."""
+    calls = []
+    monkeypatch.setattr(train_can, "train", lambda *a, **k: calls.append(a) or pytest.fail("training started"))
+    return calls
+
+
+CAN_SMALL = ["--samples", "300", "--epochs", "1", "--quiet", "--model", "dnn", "--device", "cpu"]
+
+
+def test_can_train_plot_format_matplotlib_cannot_write_is_a_usage_error(tmp_path, capsys, no_training):
+    """--plot out.xyz had trained every model and then ended in matplotlib's ValueError traceback ('Format 'xyz' is
+    not supported')."""
+    pytest.importorskip("matplotlib")
+    code, _, err = run_main(train_can.main, ["--quiet", "--plot", str(tmp_path / "out.xyz")], capsys)
+    line = assert_usage_error(code, err, "argument --plot")
+    assert ".xyz" in line
+
+
+def test_can_train_plot_without_extension_is_written_at_its_path(tmp_path, capsys):
+    """--plot FILE (no extension) had been written to FILE.png by matplotlib: the checked path was not the written
+    one, so '--json r.png --plot r' passed the same-file check and the PNG overwrote the JSON."""
+    pytest.importorskip("matplotlib")
+    plot, report = tmp_path / "curves", tmp_path / "curves.png"
+    code, _, err = run_main(train_can.main, [*CAN_SMALL, "--plot", str(plot), "--json", str(report)], capsys)
+    assert code == 0, err
+    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert json.loads(report.read_text())["results"]["dnn"]["curve"][0]["epoch"] == 1
+
+
+@pytest.mark.parametrize("option", ["--json", "--plot"])
+def test_can_train_output_the_file_system_refuses_at_the_end_is_one_error_line(option, tmp_path, capsys,
+                                                                              monkeypatch):
+    """An output whose directory went away during training (checked when parsed) had ended in an OSError
+    traceback; now the curves are printed and the failure is one error line naming the option, exit 1."""
+    if option == "--plot":
+        pytest.importorskip("matplotlib")
+    gone = tmp_path / "gone"
+    gone.mkdir()
+    real = train_can.train
+
+    def train_then_remove(*a, **k):
+        curve = real(*a, **k)
+        shutil.rmtree(gone)
+        return curve
+
+    monkeypatch.setattr(train_can, "train", train_then_remove)
+    code, out, err = run_main(train_can.main, [*CAN_SMALL, option, str(gone / "out.png")], capsys)
+    assert code == 1, err
+    assert "Traceback" not in err
+    errors = error_lines(err)
+    assert len(errors) == 1 and f"argument {option}" in errors[0], err
+    assert "dnn (cpu): epoch 1" in out
