@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import random
+from collections import Counter
 
 import pytest
-from dwdp_ops import ExpertStore
+from dwdp_ops import DwdpError, ExpertLayout, ExpertPartition, ExpertStore
 from dwdp_ops.scheduler import PrefetchScheduler
 from test_scheduler_host import Event, FakeStore, Stream, execute
+from test_store_host import MIB, FakeBackend, FakeRendezvous, FakeRuntime
 
 
 @pytest.fixture(autouse=True)
@@ -63,3 +65,50 @@ def test_abort_of_an_on_demand_step_orders_its_slot_writes_before_the_next_prefe
         for _ in range(20):
             seen = execute(host, compute, copy, rng)
             assert all(layer == got for layer, got in seen), f"seed {seed}: {seen}"
+
+
+class _Recording(FakeRendezvous):
+    def __init__(self, world, peer_failures=None, fail_at=None):
+        super().__init__(world, peer_failures)
+        self.names, self.fail_at = [], fail_at
+
+    def allgather(self, name, payload):
+        self.names.append(name)
+        if name == self.fail_at:
+            raise DwdpError(f"rendezvous: {name} timed out (rank 1 missing)")
+        return super().allgather(name, payload)
+
+
+def test_a_registration_unit_that_does_not_fit_is_refused_after_the_geometry_collective():
+    """The registration-unit check raised before the geometry all-gather: the unit comes from this rank's
+    environment (NVSHMEM_CUMEM_GRANULARITY), so a rank whose unit did not divide its blocks raised alone and its peers
+    waited in the "ExpertStore" all-gather until the control plane timed out. The check now runs after that
+    collective (which compares the units, part of the geometry), so every rank raises."""
+    be = FakeBackend()
+    be.register_unit = lambda: 512 * MIB
+    rdv = _Recording(2)
+    rt = FakeRuntime(be, rdv)
+    with pytest.raises(DwdpError, match="NVSHMEM registers buffers in units of"):
+        ExpertStore(ExpertPartition.disjoint(8, 2), ExpertLayout.moe(256, 128, "bfloat16"), 2, runtime=rt)
+    assert rdv.names == ["ExpertStore"] and not be.calls
+
+
+def test_a_failed_agreement_after_registration_does_not_unregister_behind_a_missing_peer():
+    """When a phase's agreement itself failed (the control plane: a peer is gone), construction rolled back
+    everything, unregister_symmetric included: that is collective in NVSHMEM and would wait for the missing peer
+    forever (close() refuses to for that reason). The rollback now releases what was created after the registration
+    and keeps the registered local storage (it stays until the process exits), saying so in a note."""
+    be = FakeBackend()
+    rdv = _Recording(2, fail_at="ExpertStore:slots and views")
+    rt = FakeRuntime(be, rdv)
+    with pytest.raises(DwdpError, match="timed out") as info:
+        ExpertStore(ExpertPartition.disjoint(8, 2), ExpertLayout.moe(256, 128, "bfloat16"), 2, runtime=rt)
+    assert be.calls["unregister_symmetric"] == 0 and be.live["registration"] == 4
+    assert +be.live == Counter(registration=4, handle=4, range=4, map=4)  # the local storage only
+    assert "unregister" in "".join(getattr(info.value, "__notes__", []))
+    # a failed agreement before the registration still releases everything
+    be = FakeBackend()
+    rt = FakeRuntime(be, _Recording(2, fail_at="ExpertStore:local storage"))
+    with pytest.raises(DwdpError, match="timed out"):
+        ExpertStore(ExpertPartition.disjoint(8, 2), ExpertLayout.moe(256, 128, "bfloat16"), 2, runtime=rt)
+    assert not +be.live

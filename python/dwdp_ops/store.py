@@ -27,8 +27,10 @@ Invariants:
   * Construction is collective and runs in three phases (local storage, symmetric registration, slots and views);
     after each phase the ranks agree on the control plane, so a failure on any rank makes every rank release what it
     created (in reverse order) and raise the same error naming the failed ranks, instead of leaving peers waiting in
-    NVSHMEM. Errors met while releasing are reported (an exception note, or a DwdpError from ``close()``), never
-    swallowed. ``close()`` is collective (it unregisters symmetric memory).
+    NVSHMEM. Where an agreement itself fails (the control plane: a peer is gone), the release stops before the
+    collective unregistration, as ``close()`` does after a failed barrier: the registered local storage stays until
+    the process exits (a note on the error says so). Errors met while releasing are reported (an exception note, or
+    a DwdpError from ``close()``), never swallowed. ``close()`` is collective (it unregisters symmetric memory).
   * Stream order: everything a call enqueues (kernels, copies, and the temporaries it allocates, such as a host id
     list copied to the device) goes on the caller's stream; a temporary returns to the memory pool of that stream
     (CuPy's pool is stream-ordered), so it is reused only behind the work that reads it. Plans and descriptor tables
@@ -95,17 +97,11 @@ class ExpertStore:
         self.lo, self.hi = partition.local_range(self.rank)
         self.register_unit = register_unit = self.be.register_unit()
         self.registration_overhead = registration_overhead(layout, self.L, register_unit)
-        if self.registration_overhead:
-            raise DwdpError(
-                f"ExpertStore: NVSHMEM registers buffers in units of {register_unit} bytes, which do not divide this "
-                f"rank's local expert blocks ({[self.L * s for s in layout.strides]} bytes); a padded block could not "
-                "be mapped whole into the composite view. Leave NVSHMEM_CUMEM_GRANULARITY unset (dwdp_ops.init sets "
-                "2 MiB) or set it to the page size."
-            )
         self._undo: list[tuple[str, Callable[[], None]]] = []
         self._released: set[int] = set()
         self._closed = False
         self._released_barrier = False  # close() passed its barrier (the release may then run, and be retried)
+        self._control_failed = False  # a construction agreement's all-gather raised (a peer is missing)
         self._cache: dict[Any, Any] = {}  # ("table", layer, ti) -> device pointer array
         self._retired: list[Any] = []  # device tables of released layers, freed at close()
         self.copy_engine, self.nvshmem = CopyEngineFetch(self), NvshmemFetch(self)
@@ -117,6 +113,14 @@ class ExpertStore:
         if any(v != geometry for v in views):
             bad = [r for r, v in enumerate(views) if v != views[0]]
             raise DwdpError(f"ExpertStore: rank(s) {bad} describe a different partition/layout/layer count than rank 0")
+        # (after the collective: the unit is this rank's environment's; raised alone, the peers waited in it)
+        if self.registration_overhead:
+            raise DwdpError(
+                f"ExpertStore: NVSHMEM registers buffers in units of {register_unit} bytes, which do not divide this "
+                f"rank's local expert blocks ({[self.L * s for s in layout.strides]} bytes); a padded block could not "
+                "be mapped whole into the composite view. Leave NVSHMEM_CUMEM_GRANULARITY unset (dwdp_ops.init sets "
+                "2 MiB) or set it to the page size."
+            )
         gran = self.be.vmm_granularity(self.device)
         if layout.page % gran:
             raise ValueError(f"layout page {layout.page} is not a multiple of the device's VMM granularity {gran}")
@@ -130,14 +134,20 @@ class ExpertStore:
                     failure = e
                 self._agree(phase, failure)
         except BaseException as e:
-            self._rollback(e)
+            # A failed agreement means a peer is missing: unregistering symmetric memory is collective and would wait
+            # for it forever, so the rollback stops there (as close() does after a failed barrier).
+            self._rollback(e, stop_at="unregister_symmetric" if self._control_failed else None)
             raise
 
     # -- construction ----------------------------------------------------------------------------------------
     def _agree(self, phase: str, failure: BaseException | None) -> None:
         """All ranks report how ``phase`` went; if it failed anywhere, every rank raises the same DwdpError."""
         mine = b"" if failure is None else f"{type(failure).__name__}: {failure}".encode()
-        views = self.rt.rendezvous.allgather(f"ExpertStore:{phase}", mine)
+        try:
+            views = self.rt.rendezvous.allgather(f"ExpertStore:{phase}", mine)
+        except BaseException:
+            self._control_failed = True
+            raise
         failed = {r: v.decode(errors="replace") for r, v in enumerate(views) if v}
         if failed:
             detail = "; ".join(f"rank {r}: {m}" for r, m in sorted(failed.items()))
@@ -149,13 +159,24 @@ class ExpertStore:
     def _push(self, what: str, undo: Callable[[], None]) -> None:
         self._undo.append((what, undo))
 
-    def _rollback(self, cause: BaseException | None = None, keep_failed: bool = False) -> None:
+    def _rollback(self, cause: BaseException | None = None, keep_failed: bool = False,
+                  stop_at: str | None = None) -> None:
         """Releases everything created so far, in reverse order. Every step is attempted; failures are reported on
         ``cause`` (as a note) or, without one, raised as one DwdpError. With ``keep_failed`` the failed steps stay
-        queued (in their order), so a later call retries them; the ones that succeeded never run again."""
+        queued (in their order), so a later call retries them; the ones that succeeded never run again. With
+        ``stop_at`` (and a ``cause``) the release stops at the first step of that name, which stays queued with
+        everything created before it, and a note on ``cause`` says so."""
         errors = []
         failed: list[tuple[str, Callable[[], None]]] = []
         while self._undo:
+            if stop_at is not None and self._undo[-1][0] == stop_at:
+                kept = len(self._undo)
+                if cause is not None and hasattr(cause, "add_note"):
+                    cause.add_note(f"ExpertStore: the control plane failed after the symmetric registration; "
+                                   f"{kept} release step(s) were not run (unregister_symmetric is collective and a "
+                                   "peer is missing): this rank's local expert storage stays until the process "
+                                   "exits")
+                break
             what, fn = self._undo.pop()
             try:
                 fn()
