@@ -96,3 +96,15 @@ def test_can_train_output_the_file_system_refuses_at_the_end_is_one_error_line(o
     errors = error_lines(err)
     assert len(errors) == 1 and f"argument {option}" in errors[0], err
     assert "dnn (cpu): epoch 1" in out
+
+
+# ----------------------------------------------------------------------------------------------------------- sim
+def test_sim_text_states_the_shortest_request_the_workload_draws(capsys):
+    """--ratio R with R x ISL < 1 draws lengths in [1, ISL] (workload.request_lengths: at least one token), but the
+    header had said 'uniform in [0, ISL]'."""
+    from dwdp_ops.sim import cli
+
+    argv = ["--ratio", "1e-12", "--isl", "100", "--max-tokens", "1000", "--layers", "4", "--iterations", "1"]
+    code, out, err = run_main(cli.main, argv, capsys)
+    assert code == 0, err
+    assert "request lengths uniform in [1, 100]" in out.splitlines()[0]

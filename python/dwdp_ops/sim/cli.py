@@ -207,7 +207,7 @@ def _span(lo_hi: list[int]) -> str:
 def _text(res: dict, rows: list[dict] | None) -> str:
     c, w, m = res["config"], res["workload"], res["model"]
     eplb = m["dep_eplb"]
-    src = (f"uniform in [{math.ceil(c['ratio'] * c['isl'] - 1e-9)}, {c['isl']}]" if c.get("ratio") is not None
+    src = (f"uniform in [{max(1, math.ceil(c['ratio'] * c['isl'] - 1e-9))}, {c['isl']}]" if c.get("ratio") is not None
            else f"gamma, mean {c['isl']}, CV {c['cv']:g}")
     lines = [
         f"DeepSeek-R1 prefill on {c['gpus']} x {c['calibration']}: {c['layers']} layers ({c['dense_layers']} dense + "
