@@ -9,7 +9,7 @@ import pytest
 from dwdp_ops import DwdpError, ExpertLayout, ExpertPartition, ExpertStore
 from dwdp_ops.scheduler import PrefetchScheduler
 from test_scheduler_host import Event, FakeStore, Stream, execute
-from test_store_host import MIB, FakeBackend, FakeRendezvous, FakeRuntime
+from test_store_host import MIB, FakeBackend, FakeRendezvous, FakeRuntime, make
 
 
 @pytest.fixture(autouse=True)
@@ -112,3 +112,34 @@ def test_a_failed_agreement_after_registration_does_not_unregister_behind_a_miss
     with pytest.raises(DwdpError, match="timed out"):
         ExpertStore(ExpertPartition.disjoint(8, 2), ExpertLayout.moe(256, 128, "bfloat16"), 2, runtime=rt)
     assert not +be.live
+
+
+def test_prepare_refuses_a_released_layer_or_a_closed_store_before_building_anything(monkeypatch):
+    """prepare() checked its layers' type and range only: a released layer in ``layers`` was met by nvshmem_table
+    after the tables of the layers before it had been built (the docstring says both arguments are checked before
+    anything is built), prepare() with its default (every layer) always failed once any layer was released, and on
+    a closed store (or after finalize) prepare(layers=[]) built the remote id list and stream scratch, device memory
+    nothing would free. The store's layer check now runs first, for each layer; the default is every layer not
+    released."""
+    import cupy
+    from test_store_host import _FakeDeviceArray
+
+    monkeypatch.setattr(cupy.cuda, "Device", lambda d: type("Dev", (), {"synchronize": lambda self: None})())
+    store, rt = make(FakeBackend(), layers=3)
+    store.device_constant = lambda host, what, remedy: _FakeDeviceArray(host)
+    scratch = []
+    store.nvshmem._scratch_for = scratch.append
+    store.release(1)
+    with pytest.raises(DwdpError, match="^prepare: layer 1 was released"):
+        store.nvshmem.prepare(layers=[0, 1], streams=[7])
+    assert store.nvshmem._tables == {} and store.nvshmem._all_ids is None and scratch == []
+    store.nvshmem.prepare(streams=[7])
+    assert set(store.nvshmem._tables) == {0, 2} and scratch == [7]
+    rt.state = "finalized"
+    with pytest.raises(DwdpError, match="finalized"):
+        store.nvshmem.prepare(layers=[], streams=[8])
+    rt.state = "initialized"
+    store.close()
+    with pytest.raises(DwdpError, match="^prepare: the ExpertStore is closed"):
+        store.nvshmem.prepare(layers=[], streams=[8])
+    assert store.nvshmem._all_ids is None and scratch == [7]

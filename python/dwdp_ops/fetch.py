@@ -162,11 +162,12 @@ class NvshmemFetch:
         return self._all_ids
 
     def prepare(self, layers: Sequence[int] | None = None, streams: Sequence[Any] = ()) -> None:
-        """Builds the descriptor tables of ``layers`` (default: all; not ``store.table``'s pointer arrays, built by
-        calling ``table``), the remote id list and the scratch of ``streams`` now, so that a CUDA graph captured later
-        finds them (nothing may be built during a capture). ``layers`` is a sequence of ints in [0, num_layers),
-        ``streams`` a sequence of streams (``interop.stream_handle``): both are checked, by name, before anything is
-        built (a bare int for either is a TypeError). Synchronises the device. Local."""
+        """Builds the descriptor tables of ``layers`` (default: every layer not released; not ``store.table``'s
+        pointer arrays, built by calling ``table``), the remote id list and the scratch of ``streams`` now, so that a
+        CUDA graph captured later finds them (nothing may be built during a capture). ``layers`` is a sequence of ints
+        in [0, num_layers), ``streams`` a sequence of streams (``interop.stream_handle``): both are checked, by name,
+        before anything is built (a bare int for either is a TypeError; a released layer, a closed store or a
+        finalized runtime a DwdpError). Synchronises the device. Local."""
         import cupy as cp
 
         st = self.store
@@ -174,12 +175,19 @@ class NvshmemFetch:
                               ("streams", streams, "a sequence of streams")):
             if (v is not None or name == "streams") and (isinstance(v, (str, bytes)) or not isinstance(v, Iterable)):
                 raise TypeError(f"prepare: {name} must be {want}, got {v!r} ({type(v).__name__})")
-        todo = range(st.num_layers) if layers is None else list(layers)
+        todo = [la for la in range(st.num_layers) if la not in st._released] if layers is None else list(layers)
         for layer in todo:
             if not is_int(layer):  # (bools refused: True is not layer 1)
                 raise TypeError(f"prepare: layers must hold ints, got {layer!r} ({type(layer).__name__})")
             if not 0 <= layer < st.num_layers:
                 raise ValueError(f"prepare: layer {layer} is outside [0, {st.num_layers})")
+        # the store's state and released layers, before anything is built (a closed store's id list and scratch
+        # would be device memory nothing frees; a released layer met after earlier layers' tables were built)
+        st.rt.require("ExpertStore.prepare")
+        if st._closed:
+            raise DwdpError("prepare: the ExpertStore is closed")
+        for layer in todo:
+            st.check_layer(layer, "prepare")
         handles = []
         for i, s in enumerate(streams):
             try:
