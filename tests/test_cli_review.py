@@ -108,3 +108,35 @@ def test_sim_text_states_the_shortest_request_the_workload_draws(capsys):
     code, out, err = run_main(cli.main, argv, capsys)
     assert code == 0, err
     assert "request lengths uniform in [1, 100]" in out.splitlines()[0]
+
+
+# ---------------------------------------------------------------------------------------------------------- demo
+def _gpu_report(err: float) -> dict:
+    """A GPU demo report (rank 0's, as ``demo_gpu`` writes it) whose check against the all-local run found ``err``."""
+    from dwdp_ops.models.deepseek_r1.serve import StepStats, summarize
+
+    step = StepStats(kind="prefill", policy="prefetch_all", tokens=100, step_ms=50.0, attn_ms=10.0, experts_ms=5.0,
+                     wait_ms=1.0, attn_flops=1e12, expert_flops=1e12, fetch_bytes=10**9, fetch_ms=2.0)
+    check = {"max_rel_err": err, "comparable_rel_err": err, "tokens_equal": False, "flips": [], "steps": 4}
+    return {"gpus": 2, "card": "X", "policy": "auto", "graphs": True,
+            "config": {"layers": 4, "dense_layers": 3, "moe_layers": 1, "experts": 256, "top_k": 8, "vocab": 32768},
+            "ranks": [{"rank": r, "summary": summarize([step]), "dense_tflops": 600.0, "check": dict(check)}
+                      for r in range(2)]}
+
+
+@pytest.mark.parametrize("err, spelled", [(float("nan"), "NaN"), (float("inf"), "Infinity")])
+def test_demo_gpu_json_is_valid_json_when_the_check_is_not_finite(err, spelled, monkeypatch, capsys):
+    """NaN logits make the check's errors NaN (serve.compare); --json had printed them as NaN, which is not JSON
+    (a strict parser refuses the whole report). Now the string JavaScript and Python spell it with; the text still
+    prints nan / inf."""
+    from dwdp_ops import demo
+
+    monkeypatch.setattr(demo, "usable_gpus", lambda: (2, ""))
+    monkeypatch.setattr(demo, "run_gpu", lambda ns, gpus: _gpu_report(err))
+    code, out, err_text = run_main(demo.main, ["--json"], capsys)
+    assert code == 0, err_text
+    rep = _strict_json(out)
+    assert [r["check"]["max_rel_err"] for r in rep["ranks"]] == [spelled, spelled]
+    code, out, err_text = run_main(demo.main, [], capsys)
+    assert code == 0, err_text
+    assert f"max logits rel err {err:.2e}" in out

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import time
 
 import numpy as np
@@ -119,6 +120,22 @@ def run_gpu(ns, gpus: int) -> dict:
             raise SystemExit(f"the GPU demo failed (launcher exit code {proc.returncode}); see the rank output above")
         with open(out) as f:
             return json.load(f)
+
+
+def json_text(report) -> str:
+    """``report`` as JSON text: a float that is not finite (the check's errors with NaN logits, ``serve.compare``)
+    becomes the string "NaN", "Infinity" or "-Infinity" (how JavaScript and Python spell it), since NaN and Infinity
+    are not JSON and a strict parser would refuse the whole report."""
+    def fix(v):
+        if isinstance(v, float) and not math.isfinite(v):
+            return "NaN" if v != v else ("Infinity" if v > 0 else "-Infinity")
+        if isinstance(v, dict):
+            return {k: fix(x) for k, x in v.items()}
+        if isinstance(v, (list, tuple)):
+            return [fix(x) for x in v]
+        return v
+
+    return json.dumps(fix(report), indent=1, allow_nan=False)
 
 
 def _num(value, spec: str) -> str:
@@ -274,7 +291,7 @@ def main(argv: list[str] | None = None, prog: str = "dwdp-demo") -> int:
     if on_gpus:
         rep = run_gpu(ns, ns.ranks)
         if ns.json:
-            print(json.dumps(rep, indent=1))
+            print(json_text(rep))
         else:
             print_gpu(rep)
         return 0
