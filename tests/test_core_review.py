@@ -143,3 +143,76 @@ def test_prepare_refuses_a_released_layer_or_a_closed_store_before_building_anyt
     with pytest.raises(DwdpError, match="^prepare: the ExpertStore is closed"):
         store.nvshmem.prepare(layers=[], streams=[8])
     assert store.nvshmem._all_ids is None and scratch == [7]
+
+
+def _execute_with_syncs(host, compute, copy, rng):
+    """test_scheduler_host.execute, with a host synchronisation of a stream (abort's) modelled as what it is: every op
+    the host enqueues after it, on any stream, starts after everything enqueued on that stream before it."""
+    out = []
+    for st, op in host:
+        if op[0] == "sync":
+            marker = object()
+            out.append((st, ("record", marker)))
+            out += [(s, ("wait", marker)) for s in (compute, copy)]
+        else:
+            out.append((st, op))
+    return execute(out, compute, copy, rng)
+
+
+@pytest.mark.parametrize("seed", range(100))
+def test_random_steps_with_failures_never_let_a_clean_step_read_another_layer(seed):
+    """Property: random policies (set_policy between steps, auto's per-step choice), step lengths, failures injected
+    in the body (after a wait, after a read, before a release) and in the prefetches; refused calls mid-step
+    (begin_step, set_policy) change nothing. In every interleaving of the two streams, each read of a step that
+    completed sees its own layer in the slot, whatever the failed steps before it left queued."""
+    rng = random.Random(seed)
+    layers = rng.randint(1, 6)
+    sched, host, compute, copy = _simulated("prefetch_all", layers)
+    compute.synchronize = lambda: host.append((compute, ("sync", None)))
+    copy.synchronize = lambda: host.append((copy, ("sync", None)))
+    store = sched.store
+    clean_reads = []  # (host index of the read) for steps that completed
+    for _ in range(rng.randint(1, 6)):
+        sched.set_policy(rng.choice(["prefetch_all", "on_demand", "auto"]))
+        n = rng.randint(1, layers)
+        fail_fetch = rng.choice([None] * 3 + list(range(n)))
+
+        def fetch_ce(layer, stream, fail_fetch=fail_fetch, **kw):
+            if layer == fail_fetch:
+                raise RuntimeError("injected copy failure")
+            host.append((stream, ("write", layer)))
+
+        store.fetch_ce = fetch_ce
+        fail_at = rng.choice([None] * 2 + [(p, where) for p in range(n) for where in ("wait", "read", "release")])
+        reads = []
+        try:
+            with sched.step(tokens=rng.choice([1, 4096]), num_layers=n) as mode:
+                for p in range(n):
+                    sched.wait(p, compute, ids="ids")
+                    if fail_at == (p, "wait"):
+                        raise KeyError("after wait")
+                    reads.append(len(host))
+                    host.append((compute, ("read", p)))
+                    if fail_at == (p, "read"):
+                        raise KeyError("after read")
+                    if rng.random() < 0.2:  # refused mid-step: nothing enqueued, nothing changed
+                        before = (len(host), sorted(sched._in_flight), dict(sched._fetched))
+                        with pytest.raises(RuntimeError):
+                            sched.begin_step(tokens=1)
+                        with pytest.raises(RuntimeError):
+                            sched.set_policy("on_demand")
+                        assert (len(host), sorted(sched._in_flight), dict(sched._fetched)) == before, mode
+                    if fail_at == (p, "release"):
+                        raise KeyError("before release")
+                    sched.release(p, compute)
+        except (KeyError, RuntimeError) as e:
+            assert isinstance(e, KeyError) or "injected" in str(e)
+            assert not sched._in_flight and not sched._fetched and sched._dispatched is None
+            continue
+        clean_reads += reads
+    for _ in range(10):
+        seen = _execute_with_syncs(host, compute, copy, rng)
+        # every read is on the compute stream, so they run (and are seen) in host order
+        k_of = {i: k for k, i in enumerate(i for i, (_st, op) in enumerate(host) if op[0] == "read")}
+        bad = [seen[k_of[i]] for i in clean_reads if seen[k_of[i]][0] != seen[k_of[i]][1]]
+        assert not bad, f"clean-step reads saw another layer's slot: {bad}"
