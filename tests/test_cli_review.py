@@ -140,3 +140,42 @@ def test_demo_gpu_json_is_valid_json_when_the_check_is_not_finite(err, spelled, 
     code, out, err_text = run_main(demo.main, [], capsys)
     assert code == 0, err_text
     assert f"max logits rel err {err:.2e}" in out
+
+
+# ---------------------------------------------------------------------------------------- coaction (autograd op)
+def _coaction_inputs(B: int = 4, T: int = 3):
+    torch = pytest.importorskip("torch")
+    from dwdp_ops.coaction import CoActionSpec
+
+    spec = CoActionSpec()
+    return (spec, torch.zeros(B, spec.induction_dim), torch.zeros(B, T, spec.feed_dim), torch.ones(B, T))
+
+
+@pytest.mark.parametrize("which", ["induction", "feed", "mask"])
+def test_coaction_names_a_sparse_tensor_instead_of_sending_it_to_cuda(which):
+    """A sparse (COO) tensor passed the checks up to the device's: on the CPU the op said 'move them with .cuda()',
+    and on a GPU ``.contiguous()`` then raised PyTorch's 'unsupported memory format option Contiguous'. Now a
+    TypeError naming the tensor and its layout, before the device check."""
+    from dwdp_ops.coaction import coaction
+
+    spec, ind, feed, mask = _coaction_inputs()
+    args = {"induction": ind, "feed": feed, "mask": mask}
+    args[which] = args[which].to_sparse()
+    with pytest.raises(TypeError, match=rf"{which} must be a dense \(strided\) tensor, got torch.sparse_coo"):
+        coaction(args["induction"], args["feed"], args["mask"], spec)
+
+
+def test_coaction_names_a_nested_tensor_instead_of_failing_on_its_shape():
+    """A nested tensor as ``feed`` (3 dims) reached the shape message, whose ``feed.shape`` raised PyTorch's
+    'NestedTensorImpl doesn't support sizes' RuntimeError."""
+    import warnings
+
+    torch = pytest.importorskip("torch")
+    from dwdp_ops.coaction import coaction
+
+    spec, ind, feed, mask = _coaction_inputs()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # (PyTorch's prototype-stage warning)
+        nested = torch.nested.nested_tensor([feed[0], feed[1, :2], feed[2], feed[3]])
+    with pytest.raises(TypeError, match=r"feed must be a dense \(strided\) tensor, got a nested tensor"):
+        coaction(ind, nested, mask, spec)

@@ -95,6 +95,11 @@ def _checked(induction, feed, mask, spec, ind_ids, feed_ids):
     for name, t in named.items():
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        # (a sparse tensor had reached .contiguous(), PyTorch's 'unsupported memory format' on a GPU, a nested one
+        # the shape messages, whose .shape raises)
+        if t.is_nested or t.layout is not torch.strided:
+            raise TypeError(f"{name} must be a dense (strided) tensor, got "
+                            f"{'a nested tensor' if t.is_nested else t.layout}")
     if induction.dtype not in _DTYPES:
         raise TypeError(f"induction must be float32 or bfloat16, got {induction.dtype}")
     if feed.dtype != induction.dtype:
@@ -240,8 +245,8 @@ def coaction(induction: torch.Tensor, feed: torch.Tensor, mask: torch.Tensor, sp
         repeated ids added up), of their dtype. Local: no other rank takes part.
 
     Raises:
-        TypeError: a non-tensor, a `ShardedTable`, or a wrong dtype (induction and feed float32 or bfloat16 alike,
-            mask float32 or bool, integer ids); a `check_ids` that is not a bool.
+        TypeError: a non-tensor, a sparse or nested tensor, a `ShardedTable`, or a wrong dtype (induction and feed
+            float32 or bfloat16 alike, mask float32 or bool, integer ids); a `check_ids` that is not a bool.
         ValueError: a tensor off CUDA or on another device than the rest, or a shape that does not fit `spec`; the
             fused op's own ValueErrors (ids out of range, a spec beyond the kernels' limits) pass through.
     """
