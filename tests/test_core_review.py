@@ -5,10 +5,12 @@ from __future__ import annotations
 import random
 from collections import Counter
 
+import numpy as np
 import pytest
 from dwdp_ops import DwdpError, ExpertLayout, ExpertPartition, ExpertStore
 from dwdp_ops.scheduler import PrefetchScheduler
 from test_scheduler_host import Event, FakeStore, Stream, execute
+from test_scheduler_host import FakeDispatcher as _Dispatcher
 from test_store_host import MIB, FakeBackend, FakeRendezvous, FakeRuntime, make
 
 
@@ -216,3 +218,34 @@ def test_random_steps_with_failures_never_let_a_clean_step_read_another_layer(se
         k_of = {i: k for k, i in enumerate(i for i, (_st, op) in enumerate(host) if op[0] == "read")}
         bad = [seen[k_of[i]] for i in clean_reads if seen[k_of[i]][0] != seen[k_of[i]][1]]
         assert not bad, f"clean-step reads saw another layer's slot: {bad}"
+
+
+def test_choose_and_policy_for_name_bad_counts_before_any_collective():
+    """choose() with a dispatcher took max() of the raw list first: [5, None] or [5, '3'] raised "'>' not supported
+    between instances ...", and list() turned a {rank: T} dict into its keys ([0, 1]: two ranks of 0 and 1 tokens, a
+    mode silently chosen for the wrong counts). policy_for checked tokens only through the gather: -1 and 2.5 were
+    sent to every rank in the collective before anyone refused them, and auto without tokens met None deep in the
+    rule. Each is now a TypeError / ValueError naming the argument, before any gather."""
+    store = FakeStore(2)
+    gathered = []
+    d = _Dispatcher(store.partition, 2)
+    with_d = PrefetchScheduler(store, policy="auto", top_k=2, dispatcher=d,
+                               gather=lambda t: gathered.append(t) or [t, t], copy_stream=Stream("c"),
+                               event_factory=lambda: Event([]))
+    without = PrefetchScheduler(store, policy="auto", top_k=2, copy_stream=Stream("c"),
+                                event_factory=lambda: Event([]))
+    for s in (with_d, without):
+        for bad, match in (([5, None], r"tokens_per_rank\[1\] must be an int >= 0, got None"),
+                           ([5, "3"], r"tokens_per_rank\[1\] must be an int >= 0, got '3'"),
+                           ({0: 4, 1: 4}, "got a dict"), (5, "tokens_per_rank must be a sequence")):
+            with pytest.raises(TypeError, match=match):
+                s.choose(bad)
+        assert s.choose(np.array([4, 4])).mode == s.choose([4, 4]).mode
+        for bad in (-1, 2.5, True):
+            with pytest.raises(ValueError, match=r"^policy_for: tokens must be an int >= 0 or None, got "):
+                s.policy_for(bad)
+        with pytest.raises(ValueError, match="^policy_for: the auto policy needs the number of tokens"):
+            s.policy_for(None)
+    assert gathered == []
+    assert with_d.choose([4, 4]).mode == "dispatch" and with_d.policy_for(np.int64(4)) == "dispatch"
+    assert gathered == [4]

@@ -49,7 +49,7 @@ shares. Without a dispatcher the two weight modes are rank-local and ``auto`` de
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence, Set
 from typing import Any, Literal
 
 from ._checks import as_count, is_bool, is_int, rank_counts
@@ -168,10 +168,17 @@ class PrefetchScheduler:
         s = self.store
         allowed = ("prefetch_all", "on_demand")
         d = self.dispatcher
-        if d is not None and max(tokens_per_rank, default=0) <= d.max_tokens:
+        # (max() of the raw list raised "'>' not supported ..." for a None or a str entry, and list() made a
+        # {rank: T} dict its keys: choose_mode names both)
+        counts = tokens_per_rank
+        if not isinstance(counts, (str, bytes, Mapping, Set)):
+            with contextlib.suppress(TypeError):  # not iterable: choose_mode names it
+                counts = list(counts)
+        if d is not None and isinstance(counts, list) and all(is_int(t) for t in counts) \
+                and max(counts, default=0) <= d.max_tokens:
             allowed = MODES
         lay = s.layout
-        return choose_mode(list(tokens_per_rank), s.partition, lay.expert_bytes, d.hidden if d else 1, self.top_k,
+        return choose_mode(counts, s.partition, lay.expert_bytes, d.hidden if d else 1, self.top_k,
                            self.rates, allowed, param_bytes=lay.expert_bytes / sum(
                                _numel(t.shape) for t in lay.tensors), fetch_bytes_per_expert=lay.expert_stride)
 
@@ -182,6 +189,11 @@ class PrefetchScheduler:
         expert GEMMs cover a few rows rather than the dispatcher's whole capacity. A given ``tokens_per_rank`` is
         checked under every policy (ValueError unless it holds one int >= 0 per rank, this rank's equal to
         ``tokens``) and kept as ``step_tokens``."""
+        # (before the collective: a bad count went into the gather, and auto's rule met None or 2.5 deep inside)
+        if tokens is not None and (not is_int(tokens) or tokens < 0):
+            raise ValueError(f"policy_for: tokens must be an int >= 0 or None, got {tokens!r}")
+        if tokens is not None:
+            tokens = int(tokens)
         self.step_tokens = None
         # Checked under every policy (a forced weight policy ignored a malformed list; it is still the step's counts)
         given = None if tokens_per_rank is None else self._check_tokens_per_rank(tokens, tokens_per_rank)
@@ -195,6 +207,8 @@ class PrefetchScheduler:
         if self.policy == "dispatch":
             return "dispatch"
         # auto; without a dispatcher the weight modes are rank-local: this rank's T alone
+        if self.step_tokens is None and tokens is None:
+            raise ValueError("policy_for: the auto policy needs the number of tokens on this rank")
         self.last_choice = self.choose(self.step_tokens or [tokens] * self.store.partition.world_size)
         return self.last_choice.mode
 
