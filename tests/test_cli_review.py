@@ -179,3 +179,26 @@ def test_coaction_names_a_nested_tensor_instead_of_failing_on_its_shape():
         nested = torch.nested.nested_tensor([feed[0], feed[1, :2], feed[2], feed[3]])
     with pytest.raises(TypeError, match=r"feed must be a dense \(strided\) tensor, got a nested tensor"):
         coaction(ind, nested, mask, spec)
+
+
+def _dien(path, rows) -> str:
+    path.write_text("".join(f"{label}\tu{i}\t{item}\tc{i % 3}\ti1\x02i2\tc1\x02c2\n" for i, (label, item) in
+                            enumerate(rows)))
+    return str(path)
+
+
+def test_can_train_json_args_hold_only_the_data_source_options_used(tmp_path, capsys):
+    """The report's ``args`` had held --samples 20000 for a --data FILE run (whose samples are its lines) and
+    --max-len 100 for a synthetic one (which has its own history length): the defaults of the options the run
+    refuses for its source, as if used."""
+    data = _dien(tmp_path / "train.txt", [(i % 2, f"i{i % 7}") for i in range(60)])
+    report = tmp_path / "r.json"
+    code, _, err = run_main(train_can.main, ["--data", data, "--epochs", "1", "--quiet", "--model", "dnn", "--device",
+                                             "cpu", "--json", str(report)], capsys)
+    assert code == 0, err
+    args = json.loads(report.read_text())["args"]
+    assert args["samples"] is None and args["max_len"] == train_can.FILE_MAX_LEN
+    code, _, err = run_main(train_can.main, [*CAN_SMALL, "--json", str(report)], capsys)
+    assert code == 0, err
+    args = json.loads(report.read_text())["args"]
+    assert args["samples"] == 300 and args["max_len"] is None

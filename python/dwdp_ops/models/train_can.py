@@ -229,8 +229,11 @@ def main(argv: list[str] | None = None, prog: str = "dwdp-can-train") -> int:
             if out and path and os.path.realpath(out) == os.path.realpath(path):
                 ap.error(f"argument {out_opt}: {out!r} is {in_opt}'s file (writing it would overwrite the data); give "
                          "another path")
-    ns.samples = SYNTHETIC_SAMPLES if ns.samples is None else ns.samples
-    ns.max_len = FILE_MAX_LEN if ns.max_len is None else ns.max_len
+    # (the default of the source's own option only: the report's args had held --samples 20000 for a file run)
+    if ns.data == "synthetic":
+        ns.samples = SYNTHETIC_SAMPLES if ns.samples is None else ns.samples
+    else:
+        ns.max_len = FILE_MAX_LEN if ns.max_len is None else ns.max_len
     if ns.plot and importlib.util.find_spec("matplotlib") is None:
         ap.error("argument --plot: needs matplotlib, which is not installed (pip install matplotlib)")
     if ns.plot:
