@@ -249,3 +249,17 @@ def test_choose_and_policy_for_name_bad_counts_before_any_collective():
     assert gathered == []
     assert with_d.choose([4, 4]).mode == "dispatch" and with_d.policy_for(np.int64(4)) == "dispatch"
     assert gathered == [4]
+
+
+@pytest.mark.parametrize("which", ["partition", "layout"])
+def test_store_names_a_partition_or_layout_of_another_type(which):
+    """ExpertStore took any object as partition and layout: a str partition raised "'str' object has no attribute
+    'world_size'", a layout dict "'dict' object has no attribute 'strides'" from inside registration_overhead.
+    TypeError naming the argument, before any collective or allocation."""
+    be = FakeBackend()
+    rdv = _Recording(2)
+    args = {"partition": ExpertPartition.disjoint(8, 2), "layout": ExpertLayout.moe(256, 128, "bfloat16")}
+    args[which] = {"experts": 8}
+    with pytest.raises(TypeError, match=rf"^ExpertStore: {which} must be an Expert"):
+        ExpertStore(args["partition"], args["layout"], 2, runtime=FakeRuntime(be, rdv))
+    assert not be.calls and rdv.names == []

@@ -66,7 +66,8 @@ class ExpertStore:
     geometry that differs between ranks, for an NVSHMEM registration unit that does not divide the local blocks, or
     when a construction phase failed on any rank (every rank raises); ValueError for a partition of another world
     size, ``num_layers < 1`` or a layout page that is not a multiple of the VMM granularity; TypeError for a
-    ``num_layers`` that is not an int. Views and fetches are local unless their docstring says otherwise; they and the
+    ``num_layers`` that is not an int, or a partition / layout that is not an ``ExpertPartition`` /
+    ``ExpertLayout``. Views and fetches are local unless their docstring says otherwise; they and the
     address helpers raise DwdpError after ``close()``, for a released layer, and after ``dwdp_ops.finalize()``.
 
     ``copy_engine`` (``fetch.CopyEngineFetch``) and ``nvshmem`` (``fetch.NvshmemFetch``) are its fetch engines."""
@@ -81,6 +82,9 @@ class ExpertStore:
     ):
         rt = runtime or get_runtime()
         rt.require("ExpertStore")
+        for name, v, cls in (("partition", partition, ExpertPartition), ("layout", layout, ExpertLayout)):
+            if not isinstance(v, cls):  # (their attributes were met deep inside: "'str' object has no attribute ...")
+                raise TypeError(f"ExpertStore: {name} must be an {cls.__name__}, got {type(v).__name__}")
         if partition.world_size != rt.world_size():
             raise ValueError(
                 f"partition is for world size {partition.world_size} but the runtime has {rt.world_size()} ranks"
