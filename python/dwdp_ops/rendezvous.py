@@ -26,7 +26,9 @@ Invariants:
     it belongs to another job (``job_id``: ``DWDP_JOB_ID``, which ``dwdp_ops.launch`` exports, ``TORCHELASTIC_RUN_ID``,
     ``PMIX_NAMESPACE``, ``OMPI_MCA_ess_base_jobid``, ``SLURM_JOB_ID``), is turned away and rank 0 keeps waiting; if
     set-up then fails, the error lists those clients by address. Without any of these variables two jobs on one port
-    cannot be told apart. After set-up a late client (a duplicate ``RANK``) is answered with an error at once.
+    cannot be told apart. After set-up a late client (a duplicate ``RANK``) is answered with an error at once,
+    except a rank > 0 whose previous rendezvous at that address this process closed (rank 0 may not have closed
+    its side yet): it dials again until its timeout (``_dial``).
   * When rank 0 cannot deliver a result to some ranks, it still delivers it to the others, then raises naming them;
     any failed collective leaves the rendezvous broken (further collectives raise).
 """
@@ -241,6 +243,9 @@ class Rendezvous:
     ``job``: this job's identity, sent in the hello; None (default) takes it from the launcher's environment
     (``job_id``). Rank 0 turns away a client whose job differs (another job on the same port) and keeps waiting."""
 
+    # (addr, port, rank) -> the session of the last rendezvous this process closed there as that rank > 0
+    _closed_sessions: dict = {}
+
     def __init__(
         self,
         rank: int,
@@ -280,6 +285,9 @@ class Rendezvous:
         self._closed = False
         self._broken: str | None = None
         self._doorman: threading.Thread | None = None
+        # rank 0: a fresh token, sent in the welcome and in its doorman's answers; a rank > 0: the one it was welcomed
+        # with, recorded in _closed_sessions when it closes (see _dial)
+        self._session: str | None = os.urandom(8).hex() if rank == 0 else None
         self.job = job if job is not None else job_id()
         try:
             self._connect()
@@ -318,6 +326,23 @@ class Rendezvous:
             self._hub = self._dial(deadline, where)
 
     def _dial(self, deadline: float, where: str) -> _Conn:
+        """Connects and says hello until admitted. A rendezvous at ``addr:port`` after an earlier one there may reach
+        rank 0 while it still holds the earlier one: when that one's doorman answers (its session is the one this rank
+        closed last there), or its listener closes before answering, this rank dials again until ``deadline``."""
+        while True:
+            conn = self._dial_once(deadline, where)
+            if isinstance(conn, _Conn):
+                return conn
+            if time.monotonic() >= deadline:
+                raise RendezvousError(
+                    f"rendezvous: rank {self.rank} could not join at {where} within {self.timeout:g} s: rank 0 there "
+                    f"still held the previous rendezvous, which rank {self.rank} had closed ({conn})"
+                )
+            time.sleep(0.05)
+
+    def _dial_once(self, deadline: float, where: str) -> _Conn | str:
+        """One dial: the admitted connection, or why to dial again (rank 0 still holds an earlier rendezvous)."""
+        key = (self.addr, self.port, self.rank)
         while True:
             try:
                 sock = socket.create_connection((self.addr, self.port), timeout=max(0.1, deadline - time.monotonic()))
@@ -348,13 +373,18 @@ class Rendezvous:
             raise RendezvousError(f"rendezvous: rank {self.rank} got a bad answer from {where}: {e}") from None
         if msg is None:
             conn.close()
+            if key in Rendezvous._closed_sessions:  # the earlier rendezvous's listener closed with us in its backlog
+                return "its listener closed before answering"
             raise RendezvousError(f"rendezvous: rank 0 at {where} closed the connection during set-up")
         if msg.get("op") == "error":
             conn.close()
+            if msg.get("session") is not None and msg.get("session") == Rendezvous._closed_sessions.get(key):
+                return "its doorman answered"
             raise RendezvousError(str(msg.get("msg")))
         if msg.get("op") != "welcome":
             conn.close()
             raise RendezvousError(f"rendezvous: unexpected answer {msg.get('op')!r} from {where} during set-up")
+        self._session = msg.get("session")
         return conn
 
     @staticmethod
@@ -441,7 +471,8 @@ class Rendezvous:
         send_deadline = time.monotonic() + self.timeout
         failed = [
             c.rank for c in self._peers.values()
-            if self._tell([c], {"op": "welcome"}, max(_TELL_S, send_deadline - time.monotonic()))
+            if self._tell([c], {"op": "welcome", "session": self._session},
+                          max(_TELL_S, send_deadline - time.monotonic()))
         ]
         if failed:
             error = (
@@ -510,7 +541,7 @@ class Rendezvous:
                     self._tell([conn], {"op": "error", "msg": (
                         f"rendezvous at {where}: {who} (from {conn.addr}) arrived after all {world} ranks had "
                         f"joined; check the RANK of every process, or whether another job uses this MASTER_PORT"
-                    )}, _DOORMAN_S)
+                    ), "session": self._session}, _DOORMAN_S)
                     conn.close()
             finally:
                 sel.close()
@@ -709,6 +740,8 @@ class Rendezvous:
             conn.close()
         if self._hub is not None:
             self._hub.close()
+            if self._session is not None:
+                Rendezvous._closed_sessions[(self.addr, self.port, self.rank)] = self._session
         if self._listener is not None:
             self._listener.close()
         self._store = None
