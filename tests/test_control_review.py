@@ -36,3 +36,91 @@ def test_second_rendezvous_on_the_same_port_waits_for_the_first_to_close():
     for t in ts:
         t.join(100)
     assert out == {0: [b"\x00", b"\x01"], 1: [b"\x00", b"\x01"]}, out
+
+
+class _Backend:
+    """A fake ``_C`` (as in test_runtime_host.py): ``fail`` maps a method name to the exception it raises."""
+
+    def __init__(self, fail=None):
+        self.fail, self.calls, self.pe, self.npes = fail or {}, [], None, None
+
+    def _maybe_fail(self, name):
+        self.calls.append(name)
+        if name in self.fail:
+            raise self.fail[name]
+
+    def cuda_device_count(self):
+        return 4, ""
+
+    def unique_id_size(self):
+        return 128
+
+    def get_unique_id(self, device):
+        self._maybe_fail("get_unique_id")
+        return bytes(128)
+
+    def init(self, uid, rank, world, device):
+        self._maybe_fail("init")
+        self.pe, self.npes = rank, world
+
+    def my_pe(self):
+        return self.pe
+
+    def n_pes(self):
+        return self.npes
+
+    def barrier_all(self):
+        pass
+
+    def finalize(self):
+        self._maybe_fail("finalize")
+
+
+def _environ(rank, world, port):
+    return {"RANK": str(rank), "WORLD_SIZE": str(world), "LOCAL_RANK": str(rank), "LOCAL_WORLD_SIZE": str(world),
+            "MASTER_PORT": str(port)}
+
+
+@pytest.mark.timeout(120)
+def test_finalize_closes_the_control_plane_when_nvshmem_finalize_raises():
+    """NVSHMEM's finalize raising on rank 0 left rank 0's control plane open for the life of the process (``rdv.close``
+    came after ``be.finalize()`` in the same ``finally``): its listener kept MASTER_PORT, its doorman thread ran on."""
+    import socket
+
+    from dwdp_ops.runtime import Runtime
+
+    port, out = free_port(), {}
+
+    def rank(r):
+        rt = Runtime(_Backend({"finalize": RuntimeError("nvshmem finalize failed")} if r == 0 else None))
+        try:
+            rt.init(environ=_environ(r, 2, port), timeout=20)
+            rt.finalize()
+            out[r] = rt.state
+        except Exception as e:  # noqa: BLE001
+            out[r] = e
+
+    ts = [threading.Thread(target=rank, args=(r,)) for r in range(2)]
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join(100)
+    assert out[1] == "finalized", out
+    assert isinstance(out[0], RuntimeError) and "nvshmem finalize failed" in str(out[0]), out
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:  # what a new control plane at this port does
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        s.bind(("127.0.0.1", port))
+        s.listen(1)
+
+
+@pytest.mark.timeout(60)
+def test_init_lets_system_exit_through():
+    """``sys.exit`` during ``init()`` (a signal handler's, or a backend's) became "DwdpError: NVSHMEM initialisation
+    failed: 3", exiting with 1 instead of the code asked for; KeyboardInterrupt already went through unchanged."""
+    from dwdp_ops.runtime import Runtime
+
+    rt = Runtime(_Backend({"get_unique_id": SystemExit(3)}))
+    with pytest.raises(SystemExit) as info:
+        rt.init(environ={}, timeout=5)
+    assert info.value.code == 3
+    assert rt.state == "new"  # NVSHMEM was never touched

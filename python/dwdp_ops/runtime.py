@@ -186,7 +186,7 @@ class Runtime:
             _restore_environ(saved)
             if touched:
                 self.state = "finalized"
-            if isinstance(e, (DwdpError, ValueError, KeyboardInterrupt)):
+            if isinstance(e, (DwdpError, ValueError)) or not isinstance(e, Exception):  # SystemExit, Ctrl-C: as is
                 raise
             raise DwdpError(f"{where}: NVSHMEM initialisation failed: {e}") from e
         self.env, self.device, self._args, self._rdv = env, dev, args, rdv
@@ -246,9 +246,11 @@ class Runtime:
             raise
         finally:
             self.state = "finalized"
-            if clean:
-                be.finalize()
-            rdv.close()
+            try:
+                if clean:
+                    be.finalize()
+            finally:  # even when NVSHMEM's finalize raises: the listener and doorman must not outlive the runtime
+                rdv.close()
 
     def _finalize_at_exit(self) -> None:
         try:
