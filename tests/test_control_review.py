@@ -124,3 +124,13 @@ def test_init_lets_system_exit_through():
         rt.init(environ={}, timeout=5)
     assert info.value.code == 3
     assert rt.state == "new"  # NVSHMEM was never touched
+
+
+@pytest.mark.parametrize("shape", [2.0, None, object()], ids=["float", "none", "object"])
+def test_symmetric_empty_names_a_shape_that_is_not_a_sequence(shape):
+    """A shape that is neither an int nor iterable raised Python's own "'float' object is not iterable", naming
+    neither the argument nor what it must be; checked before the runtime is asked for anything."""
+    from dwdp_ops.symmetric import symmetric_empty
+
+    with pytest.raises(TypeError, match=r"shape must be an int or a sequence of ints, got "):
+        symmetric_empty(shape)

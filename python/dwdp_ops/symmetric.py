@@ -29,7 +29,14 @@ def _shape(shape: Any) -> tuple[int, ...]:
     truncated; an empty shape or a non-positive extent raises ValueError."""
     if isinstance(shape, (str, bytes)):
         raise TypeError(f"shape must be an int or a sequence of ints, got the string {shape!r}")
-    shape = (shape,) if isinstance(shape, (numbers.Integral, bool)) else tuple(shape)
+    if isinstance(shape, (numbers.Integral, bool)):
+        shape = (shape,)
+    else:
+        try:
+            shape = tuple(shape)
+        except TypeError:  # (a float, None, a 0-d array: "'float' object is not iterable" named no shape)
+            raise TypeError(f"shape must be an int or a sequence of ints, got {shape!r} "
+                            f"({type(shape).__name__})") from None
     bad = [n for n in shape if not is_int(n)]
     if bad:
         raise TypeError(f"shape {shape} must hold ints, got {bad[0]!r} ({type(bad[0]).__name__})")
