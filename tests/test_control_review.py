@@ -134,3 +134,24 @@ def test_symmetric_empty_names_a_shape_that_is_not_a_sequence(shape):
 
     with pytest.raises(TypeError, match=r"shape must be an int or a sequence of ints, got "):
         symmetric_empty(shape)
+
+
+@pytest.mark.parametrize("addr, lo", [("127.0.1.1", True), ("127.0.0.1", True), ("localhost", True),
+                                      ("10.0.0.5", False), ("node1", False)])
+def test_loopback_master_addr_sets_the_uid_bootstrap_to_lo(monkeypatch, addr, lo):
+    """docs/environment.md: ``init()`` defaults NVSHMEM_BOOTSTRAP_UID_SOCK_IFNAME / _FAMILY to lo / AF_INET "when
+    MASTER_ADDR is a loopback address"; only the strings '127.0.0.1' and 'localhost' were recognised, so 127.0.1.1
+    (Debian's address of the host's own name) left NVSHMEM's unique-ID bootstrap on another interface."""
+    from dwdp_ops.env import DistEnv
+    from dwdp_ops.runtime import Runtime, _restore_environ
+
+    for name in ("NVSHMEM_BOOTSTRAP_UID_SOCK_IFNAME", "NVSHMEM_BOOTSTRAP_UID_SOCK_FAMILY"):
+        monkeypatch.delenv(name, raising=False)
+    import os
+
+    saved = Runtime._set_nvshmem_env(DistEnv(master_addr=addr), None)
+    try:
+        got = (os.environ.get("NVSHMEM_BOOTSTRAP_UID_SOCK_IFNAME"), os.environ.get("NVSHMEM_BOOTSTRAP_UID_SOCK_FAMILY"))
+    finally:
+        _restore_environ(saved)
+    assert got == (("lo", "AF_INET") if lo else (None, None))

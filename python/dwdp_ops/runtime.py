@@ -31,6 +31,7 @@ Environment variables read here (set before ``init()``):
 from __future__ import annotations
 
 import atexit
+import ipaddress
 import json
 import os
 import warnings
@@ -86,6 +87,18 @@ def _parse_size(size: int | str | None) -> int | None:
     if n <= 0:
         raise ValueError(f"heap_size {size!r} is {n} bytes; it must be positive")
     return n
+
+
+def _is_loopback(addr: str) -> bool:
+    """True for ``localhost`` and any IPv4 loopback address (127.0.0.0/8: Debian maps the host name to 127.0.1.1), as
+    docs/environment.md says; the control plane is IPv4 only."""
+    if addr.strip().lower() == "localhost":
+        return True
+    try:
+        ip = ipaddress.ip_address(addr.strip())
+    except ValueError:
+        return False
+    return ip.version == 4 and ip.is_loopback
 
 
 def _restore_environ(saved: Mapping[str, str | None]) -> None:
@@ -213,7 +226,7 @@ class Runtime:
         # smaller buffers), so each layer's local experts can be one allocation that is also mapped, whole, into
         # the layer's composite view (cuMemMap maps whole allocations only).
         put("NVSHMEM_CUMEM_GRANULARITY", str(2 << 20))
-        if env.master_addr in ("127.0.0.1", "localhost"):
+        if _is_loopback(env.master_addr):
             put("NVSHMEM_BOOTSTRAP_UID_SOCK_IFNAME", "lo")
             put("NVSHMEM_BOOTSTRAP_UID_SOCK_FAMILY", "AF_INET")
         if heap is not None:
