@@ -99,8 +99,9 @@ class TokenDispatcher:
     Collective: construction and ``close()`` (symmetric allocations). Needs every peer reachable over NVLink, at
     most 8 ranks, and ``N * max_tokens * (6 * H + 8 * k) + 20 * N`` bytes of the NVSHMEM symmetric heap
     (``init(heap_size=...)``). Construction raises TypeError for a partition that is not an ``ExpertPartition``,
-    ValueError for an argument out of range (each named), a partition of another world size or more than 8 ranks, and DwdpError before ``init()``, for an unreachable peer or a
-    failed symmetric allocation (what was allocated is freed again).
+    ValueError for an argument out of range (each named), a partition of another world size or more than 8 ranks,
+    and DwdpError before ``init()``, for an unreachable peer or a failed symmetric allocation (what was allocated is
+    freed again).
     """
 
     def __init__(self, partition: ExpertPartition, hidden: int, top_k: int, max_tokens: int, *, align: int = 16,

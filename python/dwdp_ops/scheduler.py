@@ -28,7 +28,8 @@ Invariants:
      so every replay records it again and an eager ``prefetch_all`` step after replays waits for their reads.
   7. A step that fails half-way (an exception between ``begin_step`` and the last ``release``) is ended by
      ``abort()``, which waits for the prefetches in flight and clears them (and records consumed behind an
-     ``on_demand`` fetch not released); ``with sched.step(tokens=T):`` calls it on an exception. The next ``begin_step`` then starts cleanly.
+     ``on_demand`` fetch not released); ``with sched.step(tokens=T):`` calls it on an exception. The next
+     ``begin_step`` then starts cleanly.
 
 Modes (per step; the scheduler's ``policy`` forces one, or ``auto`` picks one per step):
   ``prefetch_all``  every remote expert of the layer, before routing, by the copy engine (hidden behind compute);

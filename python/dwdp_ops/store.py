@@ -359,8 +359,8 @@ class ExpertStore:
     def table(self, layer: int, name: str):
         """A device array ``[E]`` uint64 of pointers to each expert's tensor (local storage or slot), for
         pointer-array grouped GEMMs. Built on first use (copied and synchronised; refused with DwdpError inside a
-        CUDA-graph capture: call ``table`` once before capturing, ``nvshmem.prepare()`` does not build these), cached and
-        owned by the store until ``close()``. Local; raises as ``local``."""
+        CUDA-graph capture: call ``table`` once before capturing, ``nvshmem.prepare()`` does not build these),
+        cached and owned by the store until ``close()``. Local; raises as ``local``."""
 
         ti = self._check(layer, name, "table")
         key = ("table", layer, ti)

@@ -140,8 +140,9 @@ def _experts(cfg: DeepSeekConfig, W: dict[str, np.ndarray], layer: int) -> tuple
 
 
 def _float_dtype(where: str, dtype: Any):
-    """``dtype`` (None: float32) as a floating-point ``torch.dtype``; a string or numpy dtype raises TypeError (Tensor.to
-    takes a string for a device), an integer or complex torch dtype ValueError (it would truncate the weights)."""
+    """``dtype`` (None: float32) as a floating-point ``torch.dtype``; a string or numpy dtype raises TypeError
+    (Tensor.to takes a string for a device), an integer or complex torch dtype ValueError (it would truncate the
+    weights)."""
     import torch
 
     if dtype is None:
