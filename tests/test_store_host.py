@@ -561,3 +561,31 @@ def test_the_copy_engine_plan_checks_its_layer_before_its_cache():
     rt.state = "finalized"
     with pytest.raises(DwdpError, match="finalized"):
         store.copy_engine.plan(1)
+
+
+def test_check_errors_after_close_says_the_store_is_closed():
+    """NvshmemFetch.check_errors returned quietly after close() (its flags dropped, so an out-of-range id met by a
+    fetch queued before close was never reported), although every call raises after close; it now says so."""
+    store, rt = make(FakeBackend())
+    store.close()
+    with pytest.raises(DwdpError, match="check_errors: the ExpertStore is closed"):
+        store.nvshmem.check_errors()
+    store2, rt2 = make(FakeBackend())
+    rt2.state = "finalized"
+    with pytest.raises(DwdpError, match="finalized"):
+        store2.nvshmem.check_errors()
+
+
+def test_an_all_local_copy_fetch_still_checks_slice_bytes():
+    """With every expert local (E == L) fetch returned 0 before checking slice_bytes, so a bad value passed on one
+    world size and raised on another."""
+    from dwdp_ops import ExpertLayout, ExpertPartition, ExpertStore
+
+    part = ExpertPartition.disjoint(8, 1)
+    rt = FakeRuntime(FakeBackend(), FakeRendezvous(1, None))
+    rt.world_size = lambda: 1
+    store = ExpertStore(part, ExpertLayout.moe(256, 128, "bfloat16"), 2, runtime=rt)
+    assert store.copy_engine.fetch(0, 0) == 0
+    with pytest.raises(ValueError, match=r"slice_bytes must be a positive int"):
+        store.copy_engine.fetch(0, 0, schedule="interleaved", slice_bytes=-5)
+    store.close()

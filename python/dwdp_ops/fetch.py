@@ -98,6 +98,8 @@ class CopyEngineFetch:
         if not isinstance(batched, (bool, np.bool_)):
             raise TypeError(f"fetch_ce: batched must be True or False, got {batched!r} ({type(batched).__name__})")
         if st.E == st.L:
+            if slice_bytes is not None:  # (checked as the plan checks it: every world size refuses the same values)
+                _check_slice(slice_bytes)
             return 0
         dsts, srcs, sizes = self.plan(layer, schedule, slice_bytes)
         st.be.ce_copy(dsts, srcs, sizes, stream_handle(stream), batched)
@@ -301,9 +303,11 @@ class NvshmemFetch:
 
     def check_errors(self) -> None:
         """Raises DwdpError if a fetch kernel on any stream met an out-of-range expert id, then clears the flags.
-        Synchronises the device first, so the flags are read and cleared with no fetch in flight. Local."""
+        Synchronises the device first, so the flags are read and cleared with no fetch in flight. Local. After the
+        store's ``close()`` (its flags are gone) or ``dwdp_ops.finalize()`` it raises DwdpError saying so."""
         import cupy as cp
 
+        self.store.check_open("check_errors")  # (it had returned quietly: the flags of fetches before close were lost)
         if not self._scratch:
             return
         cp.cuda.Device(self.store.device).synchronize()

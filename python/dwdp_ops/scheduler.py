@@ -16,9 +16,11 @@ Invariants:
      ahead, so at most two layers are in flight and each slot has at most one writer. In a ``prefetch_all`` step
      ``release(p)`` is accepted only for the oldest layer in flight, after its ``wait(p)``: a second release, or
      a release out of order or before the read, raises before anything is enqueued.
-  4. No call synchronizes the host, and nothing is allocated after construction: events, streams, copy plans and
-     the NVSHMEM descriptor tables are built in ``__init__`` (``on_demand`` layers read the router's device-resident
-     ids; the host never sees them).
+  4. No call synchronizes the host, and nothing is allocated after construction but the NVSHMEM fetch's scratch:
+     events, streams, copy plans and the NVSHMEM descriptor tables are built in ``__init__`` (``on_demand`` layers
+     read the router's device-resident ids; the host never sees them). The first ``on_demand`` fetch on a stream
+     allocates that stream's scratch (and a host id list a temporary), so capture a decode step only after
+     ``store.nvshmem.prepare(streams=[compute])`` or an eager step on that stream.
   5. An ``on_demand`` layer is fetched on the compute stream itself, right after its router: ordered behind the
      previous user of its slot by stream order, waiting on no event recorded outside, which is what makes a decode
      step capturable in a CUDA graph. Its ``release`` still records consumed, so that a later prefetch into the

@@ -260,13 +260,17 @@ class ExpertStore:
                 self._composite[layer, ti] = va
 
     # -- addressing --------------------------------------------------------------------------------------------
+    def check_open(self, what: str) -> None:
+        """DwdpError, ``what`` naming the caller, unless the runtime is live and the store open."""
+        self.rt.require(f"ExpertStore.{what}")
+        if self._closed:
+            raise DwdpError(f"{what}: the ExpertStore is closed")
+
     def check_layer(self, layer: int, what: str) -> None:
         """The views', fetch engines' and address helpers' shared check, ``what`` naming the caller in its errors: a
         live runtime (DwdpError), an open store (DwdpError), an integer layer in range (ValueError) that was not
         released (DwdpError)."""
-        self.rt.require(f"ExpertStore.{what}")
-        if self._closed:
-            raise DwdpError(f"{what}: the ExpertStore is closed")
+        self.check_open(what)
         if not is_int(layer) or not 0 <= layer < self.num_layers:  # (bools refused: True is not layer 1)
             raise ValueError(f"{what}: layer {layer} is outside [0, {self.num_layers})")
         if layer in self._released:
