@@ -155,3 +155,48 @@ def test_loopback_master_addr_sets_the_uid_bootstrap_to_lo(monkeypatch, addr, lo
     finally:
         _restore_environ(saved)
     assert got == (("lo", "AF_INET") if lo else (None, None))
+
+
+@pytest.mark.timeout(120)
+def test_a_rank_that_sent_its_part_and_died_fails_the_collective_at_once_naming_the_ranks_missing():
+    """Rank 0 counted a rank that had sent its part and then died both as arrived and as dead: with rank 2 not yet
+    there it stopped waiting and said "rank(s) [1] disconnected; 2 of 3 ranks arrived", counting the dead rank and
+    naming nobody missing (and a rank that died before sending made it wait the whole timeout). It now fails at once
+    on a death, counting only the live ranks that arrived and naming those that had not."""
+    import subprocess
+    import sys
+
+    from dwdp_ops.errors import RendezvousError
+
+    port, timeout = free_port(), 40.0
+    code = ("import os, threading; from dwdp_ops.rendezvous import Rendezvous\n"
+            f"r = Rendezvous(1, 3, '127.0.0.1', {port}, {timeout})\n"
+            "threading.Timer(1.0, os._exit, (3,)).start()\n"  # dies after it has sent its part
+            "r.allgather('g', b'one')\n")
+    peer = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    late, stop = {}, threading.Event()
+
+    def rank2():  # joins the job but has not reached the collective
+        try:
+            with Rendezvous(2, 3, "127.0.0.1", port, timeout):
+                stop.wait(60)
+        except Exception as e:  # noqa: BLE001
+            late["error"] = e
+
+    t = threading.Thread(target=rank2, daemon=True)
+    t.start()
+    try:
+        with Rendezvous(0, 3, "127.0.0.1", port, timeout) as rdv:
+            t0 = time.monotonic()
+            with pytest.raises(RendezvousError) as info:
+                rdv.allgather("g", b"zero")
+            took = time.monotonic() - t0
+    finally:
+        stop.set()
+        peer.kill()
+        peer.wait(30)
+        t.join(30)
+    msg = str(info.value)
+    assert "rank(s) [1] disconnected" in msg and "1 of 3 ranks arrived" in msg, msg
+    assert "rank(s) [2] had not arrived" in msg, msg
+    assert took < timeout / 2, took  # at once, not at the timeout

@@ -652,7 +652,9 @@ class Rendezvous:
             return None
 
         try:
-            while len(got) + len(dead) < self.world_size and error is None:
+            # (a death fails the collective at once: a rank that had sent its part and died was counted twice, as
+            # arrived and as dead, and one that died before sending left rank 0 waiting the whole timeout)
+            while len(got) < self.world_size and not dead and error is None:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     break
@@ -672,9 +674,12 @@ class Rendezvous:
         finally:
             sel.close()
         if error is None and dead:
+            arrived = set(got) - set(dead)
+            waiting = sorted(set(range(self.world_size)) - arrived - set(dead))
             error = (
                 f"{name}: rank(s) {_ranks(dead)} disconnected (their process exited or was killed); "
-                f"{len(got)} of {self.world_size} ranks arrived"
+                f"{len(arrived)} of {self.world_size} ranks arrived"
+                + (f"; rank(s) {_ranks(waiting)} had not arrived" if waiting else "")
             )
         if error is None and len(got) < self.world_size:
             missing = sorted(set(range(self.world_size)) - set(got))
