@@ -135,3 +135,38 @@ def test_no_store_at_master_port_is_reported():
 
     with pytest.raises(RendezvousError, match=r"rank 1 cannot reach torchrun's store at 127\.0\.0\.1:\d+"):
         Rendezvous(1, 2, "127.0.0.1", free_port(), 1.0, torchrun=True)
+
+
+@needs_torch
+@pytest.mark.timeout(60)
+def test_a_late_store_without_rank0s_port_fails_within_the_timeout(monkeypatch):
+    """Rank 1 may wait for torchrun's store to come up (rank 0 hosts it without the agent store), then for rank 0's
+    port in it: the wait for the port took a whole timeout more after the store answered, so a store that came up
+    late and never got the port kept rank 1 for up to twice the timeout. Both now share the set-up's deadline."""
+    import threading
+    import time
+    from datetime import timedelta
+
+    from dwdp_ops.errors import RendezvousError
+    from dwdp_ops.rendezvous import Rendezvous
+    from torch.distributed import TCPStore
+
+    monkeypatch.setenv("TORCHELASTIC_USE_AGENT_STORE", "False")
+    port, timeout, out = free_port(), 4.0, {}
+
+    def rank1():
+        t0 = time.monotonic()
+        try:
+            Rendezvous(1, 2, "127.0.0.1", port, timeout, torchrun=True)
+        except RendezvousError as e:
+            out["error"] = e
+        out["took"] = time.monotonic() - t0
+
+    t = threading.Thread(target=rank1)
+    t.start()
+    time.sleep(timeout * 0.75)  # the store comes up late, and rank 0's port never reaches it
+    store = TCPStore("127.0.0.1", port, is_master=True, timeout=timedelta(seconds=30), wait_for_workers=False)
+    t.join(30)
+    del store
+    assert "did not find rank 0's control-plane port" in str(out.get("error")), out
+    assert out["took"] < timeout * 1.5, out  # had been about timeout * 1.75

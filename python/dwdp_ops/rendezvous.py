@@ -223,9 +223,12 @@ class _TorchrunPort:
     def publish(self, port: int) -> None:
         self.store.set(self.key, str(port))
 
-    def lookup(self, rank: int) -> int:
+    def lookup(self, rank: int, deadline: float | None = None) -> int:
+        """Rank 0's control-plane port, waiting for it until ``deadline`` (``time.monotonic()``; None: ``timeout``
+        from now): the set-up's own deadline, so that reaching the store and this wait take ``timeout`` together."""
+        wait = self.timeout if deadline is None else max(deadline - time.monotonic(), 1e-3)
         try:
-            self.store.wait([self.key], timedelta(seconds=self.timeout))
+            self.store.wait([self.key], timedelta(seconds=wait))
             return int(self.store.get(self.key))
         except (RuntimeError, ValueError) as e:
             raise RendezvousError(
@@ -303,7 +306,7 @@ class Rendezvous:
         if self._torchrun:
             self._store = _TorchrunPort(self.rank, self.addr, self.port, self.timeout)
             if self.rank != 0:
-                self.port = self._store.lookup(self.rank)
+                self.port = self._store.lookup(self.rank, deadline)  # (a full timeout more had been waited here)
         where = f"{self.addr}:{self.port}"
         if self.rank == 0:
             ls = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
