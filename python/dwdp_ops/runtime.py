@@ -64,6 +64,7 @@ class _InitArgs:
     device: int
     heap_size: int | None
     master: str
+    timeout: float
 
 
 def _parse_size(size: int | str | None) -> int | None:
@@ -146,13 +147,16 @@ class Runtime:
                 "in one process; start a new process"
             )
         env = DistEnv.from_environ(environ)
-        timeout = timeout_from_environ(timeout, default=DEFAULT_TIMEOUT)  # names DWDP_TIMEOUT when it is bad
+        # names DWDP_TIMEOUT when it is bad; read from ``environ`` as the launcher's variables are (it had been read
+        # from os.environ whatever ``environ`` said)
+        timeout = timeout_from_environ(timeout, environ, default=DEFAULT_TIMEOUT)
         heap = _parse_size(heap_size)
         if device is not None and not is_int(device):
             raise TypeError(f"dwdp_ops.init(): device must be an int (a CUDA device index) or None, got {device!r} "
                             f"({type(device).__name__})")
         dev = env.local_rank if device is None else int(device)
-        args = _InitArgs(env.rank, env.world_size, env.local_rank, dev, heap, f"{env.master_addr}:{env.master_port}")
+        args = _InitArgs(env.rank, env.world_size, env.local_rank, dev, heap, f"{env.master_addr}:{env.master_port}",
+                         timeout)  # (a second init with another timeout had been a silent no-op)
         if self.state == "initialized":
             if args != self._args:
                 raise DwdpError(f"dwdp_ops.init() called again with other arguments: first {self._args}, now {args}")
