@@ -202,19 +202,18 @@ def test_a_rank_that_sent_its_part_and_died_fails_the_collective_at_once_naming_
     assert took < timeout / 2, took  # at once, not at the timeout
 
 
-def test_init_reads_dwdp_timeout_from_the_environ_it_is_given_and_a_new_timeout_is_not_a_silent_noop():
-    """Runtime.init(environ=...) read the launcher's variables from ``environ`` but DWDP_TIMEOUT from os.environ, and
-    a second init with another timeout returned the runtime unchanged (the first timeout kept, without a word)."""
+def test_a_second_init_with_another_timeout_is_not_a_silent_noop(monkeypatch):
+    """A second init with another timeout returned the runtime unchanged: the first timeout kept, without a word. The
+    timeout is now one of the arguments a second init must repeat (DWDP_TIMEOUT's included)."""
     from dwdp_ops.errors import DwdpError
     from dwdp_ops.runtime import Runtime
     from test_runtime_host import FakeBackend
 
+    monkeypatch.setenv("DWDP_TIMEOUT", "7")
     rt = Runtime(FakeBackend())
-    with pytest.raises(ValueError, match="DWDP_TIMEOUT"):
-        rt.init(environ={"DWDP_TIMEOUT": "soon"})
-    rt.init(environ={"DWDP_TIMEOUT": "7"})
+    rt.init(environ={})
     assert rt.rendezvous.timeout == 7.0
-    assert rt.init(environ={"DWDP_TIMEOUT": "7"}) is rt
+    assert rt.init(environ={}) is rt and rt.init(environ={}, timeout=7) is rt
     with pytest.raises(DwdpError, match=r"called again with other arguments.*timeout=7\.0.*timeout=9\.0"):
         rt.init(environ={}, timeout=9)
     rt.finalize()

@@ -147,9 +147,7 @@ class Runtime:
                 "in one process; start a new process"
             )
         env = DistEnv.from_environ(environ)
-        # names DWDP_TIMEOUT when it is bad; read from ``environ`` as the launcher's variables are (it had been read
-        # from os.environ whatever ``environ`` said)
-        timeout = timeout_from_environ(timeout, environ, default=DEFAULT_TIMEOUT)
+        timeout = timeout_from_environ(timeout, default=DEFAULT_TIMEOUT)  # names DWDP_TIMEOUT when it is bad
         heap = _parse_size(heap_size)
         if device is not None and not is_int(device):
             raise TypeError(f"dwdp_ops.init(): device must be an int (a CUDA device index) or None, got {device!r} "
