@@ -9,16 +9,7 @@ import shutil
 
 import pytest
 from dwdp_ops.models import train_can
-
-
-def run_main(main, argv, capsys, **kw):
-    """(exit code, stdout, stderr) of ``main(argv)`` run in-process; SystemExit is the exit code."""
-    try:
-        code = main(argv, **kw)
-    except SystemExit as e:
-        code = e.code
-    out, err = capsys.readouterr()
-    return code, out, err
+from test_cli_inputs import run_main
 
 
 def error_lines(err: str) -> list[str]:

@@ -9,6 +9,7 @@ import time
 import pytest
 from dwdp_ops.launch import free_port
 from dwdp_ops.rendezvous import Rendezvous
+from test_runtime_host import FakeBackend
 
 
 @pytest.mark.timeout(120)
@@ -30,50 +31,38 @@ def test_second_rendezvous_on_the_same_port_waits_for_the_first_to_close():
         except Exception as e:  # noqa: BLE001
             out[r] = e
 
-    ts = [threading.Thread(target=rank, args=(r,)) for r in range(2)]
-    for t in ts:
-        t.start()
-    for t in ts:
-        t.join(100)
+    _run_ranks(rank)
     assert out == {0: [b"\x00", b"\x01"], 1: [b"\x00", b"\x01"]}, out
 
 
-class _Backend:
-    """A fake ``_C`` (as in test_runtime_host.py): ``fail`` maps a method name to the exception it raises."""
+class _Backend(FakeBackend):
+    """test_runtime_host's fake ``_C`` with failures injected: ``fail`` maps a method name to the exception it
+    raises."""
 
     def __init__(self, fail=None):
-        self.fail, self.calls, self.pe, self.npes = fail or {}, [], None, None
+        super().__init__()
+        self.fail = fail or {}
 
     def _maybe_fail(self, name):
-        self.calls.append(name)
         if name in self.fail:
             raise self.fail[name]
 
-    def cuda_device_count(self):
-        return 4, ""
-
-    def unique_id_size(self):
-        return 128
-
     def get_unique_id(self, device):
         self._maybe_fail("get_unique_id")
-        return bytes(128)
-
-    def init(self, uid, rank, world, device):
-        self._maybe_fail("init")
-        self.pe, self.npes = rank, world
-
-    def my_pe(self):
-        return self.pe
-
-    def n_pes(self):
-        return self.npes
-
-    def barrier_all(self):
-        pass
+        return super().get_unique_id(device)
 
     def finalize(self):
         self._maybe_fail("finalize")
+        super().finalize()
+
+
+def _run_ranks(rank, world: int = 2, join_s: float = 100) -> None:
+    """Runs ``rank(r)`` for every rank of ``world`` in threads and joins them."""
+    ts = [threading.Thread(target=rank, args=(r,)) for r in range(world)]
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join(join_s)
 
 
 def _environ(rank, world, port):
@@ -100,11 +89,7 @@ def test_finalize_closes_the_control_plane_when_nvshmem_finalize_raises():
         except Exception as e:  # noqa: BLE001
             out[r] = e
 
-    ts = [threading.Thread(target=rank, args=(r,)) for r in range(2)]
-    for t in ts:
-        t.start()
-    for t in ts:
-        t.join(100)
+    _run_ranks(rank)
     assert out[1] == "finalized", out
     assert isinstance(out[0], RuntimeError) and "nvshmem finalize failed" in str(out[0]), out
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:  # what a new control plane at this port does
