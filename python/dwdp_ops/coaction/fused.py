@@ -130,8 +130,9 @@ class ShardedTable:
 
     @property
     def local_rows(self) -> tuple[int, int]:
-        """The global row range ``[lo, hi)`` this rank owns (``hi`` capped at ``num_rows``)."""
-        lo = self.rank * self.rows_per_shard
+        """The global row range ``[lo, hi)`` this rank owns (both capped at ``num_rows``: empty, ``lo == hi``, on a
+        rank past the last row)."""
+        lo = min(self.rank * self.rows_per_shard, self.num_rows)
         return lo, min(lo + self.rows_per_shard, self.num_rows)
 
     def sync(self) -> None:
@@ -511,6 +512,15 @@ def _args(spec: CoActionSpec, induction, feed, mask, ind_ids, feed_ids, dtype):
     return geo, rows, fd, mk, ids_ptr, fids_ptr, storage, dims
 
 
+def _check_runnable(spec_args: tuple, backward: bool) -> None:
+    """ValueError naming the limit unless a kernel runs ``spec_args`` (``_spec_args``' tuple): the check the native
+    launch makes, for the calls that launch nothing (B = 0), so that a spec beyond the limits is refused whatever
+    the batch."""
+    if not native().coaction_launch_shape(*spec_args, backward)[0]:  # (the limits raise in there)
+        raise ValueError("co-action: one warp's induction row and activations need more than 227 KiB of shared "
+                         "memory (use smaller layers or fewer orders)")
+
+
 def _raise_bad_ids(bad: int, nrows: int, frows: int) -> None:
     """The ValueError for the id check's bits (bit 0: an ind id out of range, bit 1: a feed id), if any."""
     if bad & 1:
@@ -574,6 +584,8 @@ def _forward(a: tuple, induction: Any, dtype: str, stream: Any, check_ids: bool,
 
     geo, (bases, rps, nrows), fd, mk, ip, fp, storage, (_, induction_dim, out_dim) = a
     B, T = geo[-2], geo[-1]
+    if B == 0:  # (launches nothing: the spec's limits are checked here)
+        _check_runnable(geo[:6], False)
     h = stream_handle(stream)
     if zero_grads is None:
         zp, zn = [], []
@@ -655,6 +667,8 @@ def _backward(a: tuple, induction: Any, both_ids: bool, grad_out: Any, stream: A
     import cupy as cp
 
     geo, (bases, rps, nrows), fd, mk, ip, fp, _, (_, induction_dim, out_dim) = a
+    if geo[-2] == 0:  # (launches nothing: the spec's limits are checked here)
+        _check_runnable(geo[:6], True)
     h = stream_handle(stream)
     if check_ids:
         _check_ids(ip, geo[-2], nrows, fp, geo[-1], fd.shape[0], h, mk.ptr)
