@@ -221,7 +221,8 @@ def synthetic(
 
 def split(data: Batchable, test_fraction: float = 0.2, seed: int = 0) -> tuple[Batchable, Batchable]:
     """``(train, test)``: ``data`` shuffled by ``seed`` (an integer >= 0), the last ``test_fraction`` of it (a real
-    number in (0, 1)) the test set: the first ``floor(N x (1 - test_fraction))`` samples train. ValueError when
+    number in (0, 1)) the test set: the first ``floor(N x (1 - test_fraction))`` samples train. TypeError for a
+    ``data`` that is not a ``Batchable``; ValueError when
     ``data``'s fields no longer agree (``Batchable.check_shapes``: one assigned since construction)."""
     if not is_real(test_fraction):
         raise TypeError(f"test_fraction must be a number in (0, 1), got {test_fraction!r} "
@@ -229,6 +230,8 @@ def split(data: Batchable, test_fraction: float = 0.2, seed: int = 0) -> tuple[B
     if not 0 < test_fraction < 1:
         raise ValueError(f"test_fraction must be in (0, 1), got {test_fraction}")
     seed = int_at_least("seed", seed, 0, "an integer")
+    if not isinstance(data, Batchable):  # (had failed on data.check_shapes: a bare AttributeError)
+        raise TypeError(f"data must be a Batchable (load_amazon_books' or synthetic's), got {type(data).__name__}")
     data.check_shapes()
     idx = np.random.default_rng(seed).permutation(len(data))
     # floor(N x (1 - test_fraction)) training samples, in exact arithmetic on the fraction as written (its str):

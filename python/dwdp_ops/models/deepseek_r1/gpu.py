@@ -50,10 +50,27 @@ from .reference import yarn_freqs
 
 
 def select_experts_torch(logits, bias, n_group: int, topk_group: int, top_k: int, scale: float):
-    """The gate of ``reference.select_experts`` on the GPU (float32). Returns ``(weights [T, k], ids [T, k])``."""
+    """The gate of ``reference.select_experts`` on the GPU (float32). Returns ``(weights [T, k], ids [T, k])``.
+    Checked on the host (shapes and counts only, no sync), as the reference checks them: ``logits [T, E]``, ``bias
+    [E]``, ``n_group``, ``topk_group``, ``top_k`` ints (not bools) with ``n_group`` dividing ``E``, ``1 <= topk_group
+    <= n_group`` and ``1 <= top_k <= topk_group * E / n_group``; TypeError / ValueError otherwise (a top_k past the
+    kept groups' experts had returned masked experts' ids, a bias of one element or one per token broadcast)."""
     torch = require_torch()
+    for name, v in (("n_group", n_group), ("topk_group", topk_group), ("top_k", top_k)):
+        if not is_int(v):
+            raise TypeError(f"select_experts_torch: {name} must be an int, got {v!r} ({type(v).__name__})")
+    if logits.dim() != 2:
+        raise ValueError(f"select_experts_torch: logits must be [tokens, experts], got {list(logits.shape)}")
     T, E = logits.shape
+    if n_group < 1 or E % n_group:
+        raise ValueError(f"select_experts_torch: n_group must be an int >= 1 dividing the {E} experts, got {n_group}")
     per = E // n_group
+    if tuple(bias.shape) != (E,):
+        raise ValueError(f"select_experts_torch: bias must have shape [{E}] (one per expert), got {list(bias.shape)}")
+    if not 1 <= topk_group <= n_group or not 1 <= top_k <= topk_group * per:
+        raise ValueError(f"select_experts_torch: need 1 <= topk_group <= {n_group} and 1 <= top_k <= topk_group * "
+                         f"{per}, got topk_group {topk_group}, top_k {top_k}")
+    n_group, topk_group, top_k = int(n_group), int(topk_group), int(top_k)
     scores = logits.float().sigmoid()
     sel = scores + bias
     top2 = sel.view(T, n_group, per).topk(min(2, per), dim=-1).values.sum(-1)  # a group of one: its one score
@@ -227,6 +244,8 @@ class GpuModel:
         # max_requests=2.9 two slots and True one
         self.max_requests = int_at_least("max_requests", max_requests, 1)
         self.max_seq = cfg.max_seq_len if max_seq is None else int_at_least("max_seq", max_seq, 1)
+        # the expert groups' row alignment, checked as routed_experts checks it (int(align) had made 2.9 2, True 1)
+        self.align = int_at_least("align", align, 1)
         import cupy as cp
 
         self.cfg, self.experts = cfg, experts
@@ -236,7 +255,6 @@ class GpuModel:
         self.stream = stream or cp.cuda.Stream(non_blocking=True)
         self.tstream = torch.cuda.ExternalStream(self.stream.ptr, device=self.device)
         self.grouped = (self.dtype == torch.bfloat16 and hasattr(torch, "_grouped_mm")) if grouped is None else grouped
-        self.align = int(align)
         self._step_pairs = 0  # this step's token-expert pairs on this rank (set by forward)
         self.P = {n: weights.dense(n) for n in dense_shapes(cfg)}
         ang = yarn_freqs(cfg)[: self.max_seq]
@@ -494,8 +512,11 @@ class GpuModel:
         step's own span to the caller's events); its numbers equal the eager step's."""
         torch = require_torch()
         cfg = self.cfg
-        if len(requests) != len(tokens) or not requests:
+        if len(requests) != len(tokens) or len(requests) == 0:  # (not `not requests`: an array has no truth value)
             raise ValueError("forward needs one non-empty token list per request")
+        # each request's tokens as a 1-D array (a list, tuple, numpy array or CPU tensor): an int in place of a list
+        # had failed on len(), an array or tensor on its truth value, and a nested list passed as [1, 2]-shaped ids
+        tokens = [_token_list(i, t) for i, t in enumerate(tokens)]
         if (len(set(requests)) != len(requests)
                 or not all(is_int(r) and 0 <= r < self.max_requests for r in requests)):
             raise ValueError(f"requests must be distinct slots (ints) in [0, {self.max_requests}), got {requests!r}")
@@ -506,7 +527,7 @@ class GpuModel:
                              "request (one token each after a prefill); this one mixes both")
         segments, pos, flat, a = [], [], [], 0
         for r, t in zip(requests, tokens):
-            if not t:
+            if len(t) == 0:
                 raise ValueError(f"request {r}: empty token list")
             start = self.lengths[r] if decode else 0  # a prefill starts a new sequence in the slot
             if start + len(t) > self.max_seq:
@@ -596,6 +617,21 @@ class GpuModel:
         graph.replay()
         self.last_ids = last_ids
         return out.clone()  # the next replay overwrites the static output
+
+
+def _token_list(i: int, t) -> np.ndarray:
+    """``tokens[i]`` of ``GpuModel.forward`` as a 1-D numpy array (its dtype checked by the caller): TypeError for a
+    bare id or a string, ValueError for a nested or ragged list."""
+    if isinstance(t, (str, bytes)) or not hasattr(t, "__len__"):
+        raise TypeError(f"tokens[{i}] must be a list of token ids (one list per request), got {t!r} "
+                        f"({type(t).__name__})")
+    try:
+        a = np.asarray(t)
+    except ValueError as e:  # ragged
+        raise ValueError(f"tokens[{i}] must be a flat list of token ids, got a nested one ({e})") from None
+    if a.ndim != 1:
+        raise ValueError(f"tokens[{i}] must be a flat list of token ids, got shape {list(a.shape)}")
+    return a
 
 
 def dense_gemm_tflops(n: int = 8192, dtype: Any = None, repeats: int = 10) -> float:

@@ -105,6 +105,20 @@ class _ExpertsFp8:
             raise ValueError(f"experts lo .. hi-1 must have ints 0 <= lo <= hi <= {E} (n_routed_experts), got lo "
                              f"{lo!r}, hi {hi!r}")
 
+    def _check_out(self, out: Any, n: int) -> None:
+        """ValueError unless ``out`` is a pair ``(w13 [n, 2I, H], w2 [n, H, I])`` of tensors of the model dtype: a
+        larger one had been filled in its first n experts only (DeviceWeights) or with expert lo broadcast to all of
+        them (NumpyWeights' ``copy_``), without a word."""
+        I, d = self.cfg.moe_inter_dim, self.cfg.dim
+        want = ((n, 2 * I, d), (n, d, I))
+        if (not isinstance(out, (tuple, list)) or len(out) != 2
+                or any(tuple(getattr(o, "shape", ())) != w or getattr(o, "dtype", None) != self.dtype
+                       for o, w in zip(out, want))):
+            got = ([(tuple(getattr(o, "shape", ())), getattr(o, "dtype", type(o).__name__)) for o in out]
+                   if isinstance(out, (tuple, list)) else type(out).__name__)
+            raise ValueError(f"out must be (w13 {list(want[0])}, w2 {list(want[1])}) tensors of {self.dtype} for "
+                             f"experts lo .. hi-1 ({n}), got {got}")
+
     def experts_fp8(self, layer: int, lo: int, hi: int):
         """``(w13 [n, 2I, H], w2 [n, H, I])`` float8_e4m3fn and ``(s13 [n, 2I], s2 [n, H])`` float32 of experts
         ``lo .. hi-1``: each projection's block-scaled codes requantised per output row."""
@@ -208,11 +222,14 @@ class DeviceWeights(_ExpertsFp8):
 
     def experts(self, layer: int, lo: int, hi: int, out: tuple[Any, Any] | None = None):
         """``(w13 [n, 2I, H], w2 [n, H, I])`` of experts ``lo .. hi-1`` of MoE layer ``layer`` (written into
-        ``out`` when given). ValueError for a layer or an expert range the config does not have."""
+        ``out`` when given: exactly those shapes, in the model dtype). ValueError for a layer or an expert range the
+        config does not have, or another ``out``."""
         torch = require_torch()
         self._check_experts(layer, lo, hi)
         cfg = self.cfg
         I, d, n = cfg.moe_inter_dim, cfg.dim, hi - lo
+        if out is not None:
+            self._check_out(out, n)
         if out is None:
             out = (torch.empty((n, 2 * I, d), dtype=self.dtype, device=self.device),
                    torch.empty((n, d, I), dtype=self.dtype, device=self.device))
@@ -263,6 +280,8 @@ class NumpyWeights(_ExpertsFp8):
         torch = require_torch()
         self._check_experts(layer, lo, hi)
         b, I, d = self.cfg.block, self.cfg.moe_inter_dim, self.cfg.dim
+        if out is not None:
+            self._check_out(out, hi - lo)
         p = f"layers.{layer}.ffn.experts."
 
         def deq(e, n):
