@@ -129,3 +129,29 @@ def test_split_refuses_data_that_is_not_a_batchable():
     data, _ = synthetic(10)
     train, test = split(data, 0.3)
     assert len(train) == 7 and len(test) == 3
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", torch.int32, torch.bool, torch.float8_e4m3fn, np.float32])
+def test_weight_sources_refuse_a_model_dtype_they_cannot_compute_in(dtype):
+    """``dtype='bfloat16'`` failed in ``Tensor.to`` as "Invalid device string", torch.int32 served every dense weight
+    rounded to integers without a word; both sources now refuse a dtype that is not a torch float of >= 16 bits."""
+    cfg = DeepSeekConfig.tiny()
+    with pytest.raises(TypeError, match="dtype must be a torch floating dtype of 16 bits or more"):
+        DeviceWeights(cfg, dtype=dtype, device=0)
+    with pytest.raises(TypeError, match="dtype must be a torch floating dtype of 16 bits or more"):
+        NumpyWeights(cfg, {}, dtype=dtype, device=0)
+    assert DeviceWeights(cfg, device=0).dtype == torch.bfloat16 and NumpyWeights(cfg, {}, device=0).dtype == torch.float32
+    assert NumpyWeights(cfg, {}, dtype=torch.float16, device=0).dtype == torch.float16
+
+
+def test_numpy_weights_refuse_a_dense_tensor_of_another_config():
+    """Weights of another config (a dim of 32 for a dim of 64) were served as they were and failed later in a GEMM;
+    ``dense`` now names the tensor and both shapes."""
+    cfg = DeepSeekConfig.tiny()
+    num = NumpyWeights(cfg, init_weights(DeepSeekConfig.tiny(dim=32), 0), device=0)
+    num.device = torch.device("cpu")
+    with pytest.raises(ValueError, match=r"weight 'layers.0.attn.wq_a' has shape \[48, 32\], the config's is \[48, 64\]"):
+        num.dense("layers.0.attn.wq_a")
+    ok = NumpyWeights(cfg, init_weights(cfg, 0), device=0)
+    ok.device = torch.device("cpu")
+    assert tuple(ok.dense("layers.0.attn.wq_a").shape) == (48, 64)

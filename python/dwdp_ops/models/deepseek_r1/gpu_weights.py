@@ -54,6 +54,17 @@ def require_torch():
 ROUTERS = {"skewed": 0.5, "balanced": 0.0}  # router -> std of the gate's random correction bias
 
 
+def _model_dtype(torch, dtype: Any, default: Any) -> Any:
+    """``dtype`` (default ``default``) if it is a torch floating dtype of 16 bits or more (the model computes in it),
+    else TypeError: the string 'bfloat16' had failed in ``Tensor.to`` as a device string, and torch.int32 had served
+    every dense weight rounded to integers, silently."""
+    dtype = default if dtype is None else dtype
+    if not (isinstance(dtype, torch.dtype) and dtype.is_floating_point and torch.finfo(dtype).bits >= 16):
+        raise TypeError(f"dtype must be a torch floating dtype of 16 bits or more (torch.bfloat16, torch.float32, "
+                        f"...), got {dtype!r}")
+    return dtype
+
+
 def _is_fp32(name: str) -> bool:
     """RMSNorm weights and the router stay in float32."""
     leaf = name.rsplit(".", 1)[-1]
@@ -167,7 +178,7 @@ class DeviceWeights(_ExpertsFp8):
             raise ValueError(f"router must be one of {sorted(ROUTERS)}, got {router!r}")
         self.router, self._bias_std = router, ROUTERS[router]
         self.cfg, self.seed = cfg, int(seed)
-        self.dtype = dtype or torch.bfloat16
+        self.dtype = _model_dtype(torch, dtype, torch.bfloat16)
         self.expert_dtype = expert_dtype or self.dtype
         if self.expert_dtype not in (self.dtype, torch.float8_e4m3fn):
             raise ValueError(f"expert_dtype must be the model dtype or torch.float8_e4m3fn, got {self.expert_dtype}")
@@ -251,7 +262,8 @@ class NumpyWeights(_ExpertsFp8):
                  expert_dtype: Any = None):
         torch = require_torch()
         self.cfg, self.W = cfg, weights
-        self.dtype = dtype or torch.float32
+        self.dtype = _model_dtype(torch, dtype, torch.float32)
+        self.shapes = dense_shapes(cfg)
         self.expert_dtype = expert_dtype or self.dtype
         if self.expert_dtype not in (self.dtype, torch.float8_e4m3fn):
             raise ValueError(f"expert_dtype must be the model dtype or torch.float8_e4m3fn, got {self.expert_dtype}")
@@ -271,6 +283,9 @@ class NumpyWeights(_ExpertsFp8):
         torch = require_torch()
         if name not in self.W:
             raise KeyError(f"no tensor {name!r} in the weights")
+        want = self.shapes[name][0] if name in self.shapes else None
+        if want is not None and tuple(np.shape(self.W[name])) != want:  # (another config's weights: failed in a GEMM)
+            raise ValueError(f"weight {name!r} has shape {list(np.shape(self.W[name]))}, the config's is {list(want)}")
         t = torch.from_numpy(np.ascontiguousarray(self.W[name], dtype=np.float32)).to(self.device)
         return t if _is_fp32(name) else t.to(self.dtype)
 
