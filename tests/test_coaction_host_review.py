@@ -77,3 +77,25 @@ def test_an_empty_batch_of_a_runnable_spec_still_returns_its_arrays(monkeypatch)
     got = fused.coaction_backward_gpu(a["induction"], a["feed"], a["mask"], a["grad_out"], spec, ind_ids=a["ind_ids"],
                                       feed_ids=a["feed_ids"], stream=0, check_ids=False, grads=a["grads"])
     assert got[0] is a["grads"][0] and got[1] is a["grads"][1]
+
+
+@pytest.mark.parametrize("which, at", [("induction", 0x1002), ("feed", 0x2006), ("mask", 0x3002),
+                                       ("ind_ids", 0x4004), ("feed_ids", 0x5001)])
+def test_an_address_off_its_element_size_is_refused_before_any_launch(which, at):
+    """An array whose address is not a multiple of its element size (an __cuda_array_interface__ at 0x1002 for
+    float32) passed every check and reached the kernels, whose misaligned access ends the CUDA context; each is
+    now a ValueError naming it. The argument check runs without a GPU (DeviceBuffers at made-up addresses)."""
+    from dwdp_ops.coaction import fused
+    from dwdp_ops.interop import DeviceBuffer
+
+    spec = CoActionSpec()
+    a = _zero_batch(spec)
+    B, T = 2, 5
+    a["mask"] = DeviceBuffer(0x3000, (B, T), np.dtype(np.float32), None)
+    a["ind_ids"] = DeviceBuffer(0x4000, (B,), np.dtype(np.int64), None)
+    a["feed_ids"] = DeviceBuffer(0x5000, (B, T), np.dtype(np.int64), None)
+    fused._args(spec, a["induction"], a["feed"], a["mask"], a["ind_ids"], a["feed_ids"], "float32")  # aligned: ok
+    b = a[which]
+    a[which] = DeviceBuffer(at, b.shape, b.dtype, None)
+    with pytest.raises(ValueError, match=rf"^{which}: its address {at:#x} is not a multiple of its element size"):
+        fused._args(spec, a["induction"], a["feed"], a["mask"], a["ind_ids"], a["feed_ids"], "float32")

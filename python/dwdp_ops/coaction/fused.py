@@ -508,6 +508,13 @@ def _args(spec: CoActionSpec, induction, feed, mask, ind_ids, feed_ids, dtype):
         here.append(("induction", induction, rows[0][0]))
     here += [(n, a, p) for n, a, p in (("ind_ids", ind_ids, ids_ptr), ("feed_ids", feed_ids, fids_ptr)) if p]
     _check_devices(here, "the op runs on the current device")
+    # an address off its element size (an __cuda_array_interface__ at 0x1002 for float32) passed every check and
+    # would be a misaligned access in the kernels, which ends the CUDA context; int64 ids, float32 mask, rows
+    for name, _, ptr in here:
+        size = 8 if name.endswith("ids") else 4 if name == "mask" else storage.itemsize
+        if ptr % size:
+            raise ValueError(f"{name}: its address {ptr:#x} is not a multiple of its element size ({size} bytes); "
+                             "the kernels cannot read it")
     geo = (*spec_args, code, B, T)
     return geo, rows, fd, mk, ids_ptr, fids_ptr, storage, dims
 
