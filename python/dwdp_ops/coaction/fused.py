@@ -510,11 +510,13 @@ def _args(spec: CoActionSpec, induction, feed, mask, ind_ids, feed_ids, dtype):
     _check_devices(here, "the op runs on the current device")
     # an address off its element size (an __cuda_array_interface__ at 0x1002 for float32) passed every check and
     # would be a misaligned access in the kernels, which ends the CUDA context; int64 ids, float32 mask, rows
-    for name, _, ptr in here:
-        size = 8 if name.endswith("ids") else 4 if name == "mask" else storage.itemsize
-        if ptr % size:
-            raise ValueError(f"{name}: its address {ptr:#x} is not a multiple of its element size ({size} bytes); "
-                             "the kernels cannot read it")
+    ind_ptr = 0 if isinstance(induction, ShardedTable) else rows[0][0]
+    if (fd.ptr | ind_ptr) % storage.itemsize or mk.ptr % 4 or (ids_ptr | fids_ptr) % 8:
+        for name, _, ptr in here:  # (the slow path: name the first)
+            size = 8 if name.endswith("ids") else 4 if name == "mask" else storage.itemsize
+            if ptr % size:
+                raise ValueError(f"{name}: its address {ptr:#x} is not a multiple of its element size ({size} "
+                                 "bytes); the kernels cannot read it")
     geo = (*spec_args, code, B, T)
     return geo, rows, fd, mk, ids_ptr, fids_ptr, storage, dims
 
