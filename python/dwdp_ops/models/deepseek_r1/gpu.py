@@ -516,7 +516,8 @@ class GpuModel:
             raise ValueError("forward needs one non-empty token list per request")
         # each request's tokens as a 1-D array (a list, tuple, numpy array or CPU tensor): an int in place of a list
         # had failed on len(), an array or tensor on its truth value, and a nested list passed as [1, 2]-shaped ids
-        tokens = [_token_list(i, t) for i, t in enumerate(tokens)]
+        # (lists as given, on the step's host path; anything else through _token_list, as Python ints)
+        tokens = [t if type(t) is list else _token_list(i, t).tolist() for i, t in enumerate(tokens)]
         if (len(set(requests)) != len(requests)
                 or not all(is_int(r) and 0 <= r < self.max_requests for r in requests)):
             raise ValueError(f"requests must be distinct slots (ints) in [0, {self.max_requests}), got {requests!r}")
@@ -536,18 +537,25 @@ class GpuModel:
             pos.extend(range(start, start + len(t)))
             flat.extend(t)
             a += len(t)
-        ids = np.asarray(flat)
+        try:
+            ids = np.asarray(flat)
+        except ValueError:  # ragged nested lists
+            ids = None
+        if ids is None or ids.ndim != 1:  # a nested list: named by _token_list (only on this error path)
+            for i, t in enumerate(tokens):
+                _token_list(i, t)
+            raise ValueError("tokens must be flat lists of token ids, one per request")
         if ids.dtype.kind not in "iu":  # as the reference: floats and bools are refused, not truncated
             raise TypeError(f"token ids must be integers, got {ids.dtype}")
         ids = ids.astype(np.int64)
-        self._step_pairs = len(flat) * cfg.n_activated_experts
+        self._step_pairs = a * cfg.n_activated_experts
         if ids.min() < 0 or ids.max() >= cfg.vocab_size:
             raise ValueError(f"token ids must be in [0, {cfg.vocab_size})")
         if not decode:  # only once the step is accepted: a refused prefill leaves the cached sequences
             for r in requests:
                 self.lengths[r] = 0
         with torch.cuda.stream(self.tstream):
-            mode = self.experts.begin_step(len(flat)) if cfg.n_moe_layers else "local"
+            mode = self.experts.begin_step(a) if cfg.n_moe_layers else "local"
             self.last_policy = mode if cfg.n_moe_layers else None
             # LocalExperts(regenerate=True) draws weights inside the step: never captured
             self.graphed = bool(graph and decode and mode in GRAPH_MODES and not getattr(self.experts, "regenerate", False)
