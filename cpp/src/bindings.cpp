@@ -135,6 +135,10 @@ PYBIND11_MODULE(_C, m) {
         dwdp::CoActionZero z;
         for (size_t i = 0; i < zero_ptrs.size(); ++i) {
           if (zero_floats[i] < 0) throw std::invalid_argument("coaction_forward: a negative count to zero");
+          // the forward adds both counts and multiplies by 4 bytes (int64): a count past this had wrapped
+          if (zero_floats[i] > INT64_MAX / 8)
+            throw std::invalid_argument("coaction_forward: zero_floats " + std::to_string(zero_floats[i]) +
+                                        " is more floats than an address space holds");
           z.ptr[i] = zero_ptrs[i];
           z.n[i] = zero_floats[i];
         }
@@ -158,6 +162,8 @@ PYBIND11_MODULE(_C, m) {
                                 rows_of(bases, grads, rows_per_shard, num_rows, feed_ids, feed_rows), ind_ids, feed,
                                 feed_ids, mask, grad_out, grad_feed, stream);
       });
+  // The shape queries run without a GPU; their flags are not converted (backward=2 or bias=None had been taken as a
+  // flag without a word) and every argument is named in a refusal.
   m.def("coaction_launch_shape",
         [dims](std::vector<int> din, std::vector<int> dout, int orders, bool bias, bool order_independent, bool paper,
                bool backward) {
@@ -165,7 +171,9 @@ PYBIND11_MODULE(_C, m) {
           size_t smem;
           dwdp::coaction_launch_shape(dims(din, dout, orders, bias, order_independent, paper), backward, &warps, &smem);
           return py::make_tuple(warps, smem);
-        });
+        },
+        py::arg("din"), py::arg("dout"), py::arg("orders"), py::arg("bias").noconvert(),
+        py::arg("order_independent").noconvert(), py::arg("paper").noconvert(), py::arg("backward").noconvert());
   m.def("coaction_fast_path",
         [dims](std::vector<int> din, std::vector<int> dout, int orders, bool bias, bool order_independent, bool paper,
                bool backward) {
@@ -176,12 +184,16 @@ PYBIND11_MODULE(_C, m) {
                                       &fast);
           return fast;
         },
+        py::arg("din"), py::arg("dout"), py::arg("orders"), py::arg("bias").noconvert(),
+        py::arg("order_independent").noconvert(), py::arg("paper").noconvert(), py::arg("backward").noconvert(),
         "whether the register (fast) kernels take this shape; else the shared-memory fallback (or nothing fits)");
   m.def("coaction_specialized",
         [dims](std::vector<int> din, std::vector<int> dout, int orders, bool bias, bool order_independent, bool paper,
                bool backward) {
           return dwdp::coaction_specialized(dims(din, dout, orders, bias, order_independent, paper), backward);
         },
+        py::arg("din"), py::arg("dout"), py::arg("orders"), py::arg("bias").noconvert(),
+        py::arg("order_independent").noconvert(), py::arg("paper").noconvert(), py::arg("backward").noconvert(),
         "whether the specialised kernels (compile-time widths) take this shape; DWDP_COACTION_SPECIALIZED=0: never");
   m.def("coaction_split_warps",
         [dims](std::vector<int> din, std::vector<int> dout, int orders, bool bias, bool order_independent, bool paper,
@@ -189,6 +201,9 @@ PYBIND11_MODULE(_C, m) {
           return dwdp::coaction_split_warps(dims(din, dout, orders, bias, order_independent, paper), backward, elem, B,
                                             T, sms, forced);
         },
+        py::arg("din"), py::arg("dout"), py::arg("orders"), py::arg("bias").noconvert(),
+        py::arg("order_independent").noconvert(), py::arg("paper").noconvert(), py::arg("backward").noconvert(),
+        py::arg("elem"), py::arg("B"), py::arg("T"), py::arg("sms"), py::arg("forced"),
         "warps a sample the specialised forward / backward takes (0: not specialised); forced -1 reads "
         "DWDP_COACTION_SPLIT");
   m.def(

@@ -2148,7 +2148,9 @@ void check_rows(const CoActionRows& r, uintptr_t feed_ids, int64_t n_feed_ids) {
   DWDP_REQUIRE(!feed_ids || n_feed_ids == 0 || r.feed_rows >= 1, "co-action: feed ids index a feed table with no rows");
   DWDP_REQUIRE(r.shards >= 1 && r.shards <= kCoMaxShards, "co-action: 1 to " << kCoMaxShards << " table shards");
   DWDP_REQUIRE(r.rows_per_shard >= 1, "co-action: rows_per_shard must be positive");
-  DWDP_REQUIRE(r.num_rows >= 0 && r.num_rows <= r.rows_per_shard * r.shards,
+  // (num_rows - 1) / shards < rows_per_shard: num_rows <= rows_per_shard x shards without the product, which wraps
+  // past 2**63 (rows_per_shard 2**61 on 8 shards had refused 5 rows)
+  DWDP_REQUIRE(r.num_rows >= 0 && (r.num_rows == 0 || (r.num_rows - 1) / r.shards < r.rows_per_shard),
                "co-action: num_rows must be in [0, rows_per_shard x shards]");
   for (int s = 0; s < r.shards; ++s) DWDP_REQUIRE(r.base[s] != 0, "co-action: shard " << s << " has no address");
 }
@@ -2295,6 +2297,7 @@ int coaction_split_warps(const CoActionDims& d, bool backward, int elem, int B, 
 }
 
 bool coaction_specialized(const CoActionDims& d, bool backward) {
+  check_dims(d);  // the op's limits, as coaction_launch_shape checks them (orders 9 had been "not specialised")
   int w;
   size_t sm;
   return spec_shape(d, backward, 4, &w, &sm);
@@ -2661,6 +2664,9 @@ void coaction_backward(const CoActionDims& d, int dtype, int B, int T, const CoA
 
 int coaction_check_ids(uintptr_t ind_ids, int64_t n_ind, int64_t ind_rows, uintptr_t feed_ids, int64_t n_feed,
                        int64_t feed_rows, uintptr_t stream, uintptr_t feed_mask) {
+  // a negative count had been "nothing to check", returning 0 (in range) for ids never read
+  DWDP_REQUIRE(n_ind >= 0 && n_feed >= 0, "coaction_check_ids: n_ind and n_feed (ids to check) must be >= 0, got n_ind "
+                                              << n_ind << ", n_feed " << n_feed);
   const bool ci = ind_ids && n_ind > 0, cf = feed_ids && n_feed > 0;
   if (!ci && !cf) return 0;
   DeviceGuard guard(device_of(ci ? ind_ids : feed_ids, "coaction_check_ids: ids"));

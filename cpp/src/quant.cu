@@ -133,7 +133,7 @@ void launch(const char* fn, uintptr_t x, int64_t x_stride, uintptr_t q, uintptr_
   while (per < 8 && (nvec + per - 1) / per > 128) per *= 2;  // at most 128 threads a row while 8 vectors do
   const int tpr = static_cast<int>(((nvec + per - 1) / per + 31) / 32 * 32);
   const int rpb = std::max(1, kBlock / tpr);
-  const long long blocks = (rows + rpb - 1) / rpb;
+  const long long blocks = rows / rpb + (rows % rpb != 0);  // (rows + rpb - 1 wraps for rows near 2**63)
   DWDP_REQUIRE(blocks <= 0x7FFFFFFFLL, fn << ": too many rows (" << rows << ")");
 
   DeviceGuard guard(device);

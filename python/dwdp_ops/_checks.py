@@ -45,6 +45,11 @@ def as_count(value: object) -> int | None:
     """``value`` as a token count (an int >= 0: Python, numpy or a 0-d integer tensor), else None (bools too)."""
     if is_bool(value):
         return None
+    # a tensor's __index__ takes a bool tensor as 0 / 1 and a [1] or [1, 1] tensor as its element: only a 0-d integer
+    # one is a count (numpy's arrays refuse both already)
+    dtype = getattr(value, "dtype", None)
+    if dtype is not None and (getattr(value, "ndim", 0) != 0 or "bool" in str(dtype)):
+        return None
     try:
         n = operator.index(value)
     except TypeError:
@@ -59,6 +64,9 @@ def rank_counts(where: str, tokens_per_rank: object, world: int, *, rank: int | 
     ``tokens`` when ``rank`` is given; else a ValueError that starts with ``where: `` (when given) and names
     ``tokens_per_rank``: a negative or truncated count would give a bound too small for the step (the dispatchers'
     ``rows_for``, the scheduler's step counts)."""
+    # a rank outside [0, world): -1 had compared the last rank's entry, world had raised IndexError
+    if rank is not None and not (is_int(rank) and 0 <= rank < world):
+        raise ValueError(f"{where + ': ' if where else ''}rank must be an int in [0, {world}), got {rank!r}")
     got = None
     if not isinstance(tokens_per_rank, (str, bytes, Mapping, Set)):
         try:
