@@ -2,6 +2,7 @@
 #include <nvshmem.h>
 #include <nvshmemx.h>
 
+#include <cmath>
 #include <cstdlib>
 #include <cstring>
 #include <mutex>
@@ -187,15 +188,23 @@ uintptr_t symmetric_peer_ptr(uintptr_t ptr, int pe) {
 size_t register_unit() {
   // NVSHMEM maps registered buffers in units of its VMM granularity (NVSHMEM_CUMEM_GRANULARITY, 512 MiB by
   // default); a buffer that is not a multiple makes NVSHMEM fail inside and end the process, so it is refused here.
+  // A value that is not a whole number of bytes >= 1 (a number with an optional k / m / g) is refused: 0.5 had made
+  // a unit of 0 (register_symmetric's bytes % unit: a division by zero that ended the process), "abc" had been
+  // taken as the default and 1e30 overflowed the conversion.
   size_t unit = size_t(512) << 20;
-  if (const char* env = std::getenv("NVSHMEM_CUMEM_GRANULARITY")) {
+  const char* env = std::getenv("NVSHMEM_CUMEM_GRANULARITY");
+  if (env && *env) {  // (set but empty: as unset)
     char* end = nullptr;
-    double v = std::strtod(env, &end);
-    size_t mult = 1;
-    if (end && (*end == 'k' || *end == 'K')) mult = size_t(1) << 10;
-    if (end && (*end == 'm' || *end == 'M')) mult = size_t(1) << 20;
-    if (end && (*end == 'g' || *end == 'G')) mult = size_t(1) << 30;
-    if (v > 0) unit = static_cast<size_t>(v * mult);
+    const double v = std::strtod(env, &end);
+    double mult = 1;
+    if (end != env && (*end == 'k' || *end == 'K')) mult = 1024.0, ++end;
+    else if (end != env && (*end == 'm' || *end == 'M')) mult = 1048576.0, ++end;
+    else if (end != env && (*end == 'g' || *end == 'G')) mult = 1073741824.0, ++end;
+    const double bytes = v * mult;
+    DWDP_REQUIRE(end != env && *end == '\0' && bytes >= 1 && bytes <= 1099511627776.0 && bytes == std::floor(bytes),
+                 "NVSHMEM_CUMEM_GRANULARITY=" << env << " is not a size of at least one byte and at most 1 TiB (a "
+                 "whole number of bytes, optionally with k, m or g); unset it (dwdp_ops.init sets 2 MiB)");
+    unit = static_cast<size_t>(bytes);
   }
   return unit;
 }
