@@ -164,7 +164,9 @@ class DwdpDeepseekV3:
         rates: the measured rates ``auto`` decides with (a ``dwdp_ops.policy.Rates``; None: H200 figures).
 
     Raises:
-        ValueError / TypeError: an unsupported model, policy, partition or ``rates``, before anything is built.
+        ValueError / TypeError: an unsupported model, policy, partition or ``rates``, before anything is built (a
+            model whose experts a live ``DwdpDeepseekV3`` serves, or whose expert tensors are not the config's
+            ``[E, 2I, H]`` / ``[E, H, I]``, freed by an earlier one, is unsupported).
             A failure after the experts moved into the store (the scheduler's construction, say) closes the store
             (collective, as its construction), removes what was installed on the model and re-raises; the model's
             expert tensors stay freed (the store held only this rank's slice, so they cannot be restored from it):
@@ -175,6 +177,7 @@ class DwdpDeepseekV3:
                  views: list | None = None, scheduler: Any = None, rates: Any = None):
         self.model = model
         self._hooks: list[Any] = []
+        self._closed = False
         self.store = None
         if views is None:
             from ..runtime import get_runtime
@@ -188,11 +191,22 @@ class DwdpDeepseekV3:
         self._experts = [layers[i] for i in self.plan.layers]
         import torch
 
-        for ex in self._experts:
+        pl = self.plan
+        for i, ex in zip(pl.layers, self._experts):
+            if hasattr(ex, "_dwdp"):  # (a second wrapper had taken the layers over from a live one)
+                raise ValueError(f"decoder layer {i}'s experts are already served by a DwdpDeepseekV3; close() it "
+                                 f"first")
             if hasattr(ex, "gate_up_proj_scale_inv") or ex.gate_up_proj.dtype != torch.bfloat16:
                 raise ValueError(f"DwdpDeepseekV3 serves bf16 experts; this model's are {ex.gate_up_proj.dtype}"
                                  + (" with block scales (an fp8 checkpoint: load it with dequantize=True)"
                                     if hasattr(ex, "gate_up_proj_scale_inv") else " (cast the model to bfloat16)"))
+            E = pl.partition.num_experts
+            for name, want in (("gate_up_proj", (E, 2 * pl.inter, pl.hidden)), ("down_proj", (E, pl.hidden, pl.inter))):
+                got = tuple(getattr(ex, name).shape)
+                if got != want:  # (freed ones had reached the collective store construction and failed in load)
+                    raise ValueError(f"decoder layer {i}'s experts.{name} must be {list(want)} (the config's "
+                                     f"[E, 2I, H] / [E, H, I]), got {list(got)}: experts a DwdpDeepseekV3 moved into "
+                                     f"its store are freed from the model (reload it)")
         if policy not in ("prefetch_all", "on_demand", "auto"):
             raise ValueError(f"policy must be 'prefetch_all', 'on_demand' or 'auto' (DEP through this integration "
                              f"is not supported yet), got {policy!r}")
@@ -295,7 +309,14 @@ class DwdpDeepseekV3:
     # -- lifetime ----------------------------------------------------------------------------------------------------
     def close(self) -> None:
         """Removes the hooks, restores the model's experts implementation name and frees the store (collective). The
-        model's expert weights are not restored (they were freed): the model is unusable without DWDP after this."""
+        model's expert weights are not restored (they were freed): the model is unusable without DWDP after this.
+        A second call does nothing (it had restored the name again, under a later wrapper or the user's own)."""
+        if self._closed:
+            return
+        self._closed = True
+        for ex in self._experts:  # (the layers had kept pointing at the closed wrapper and its store)
+            if getattr(ex, "_dwdp", (None,))[0] is self:
+                del ex._dwdp
         for h in self._hooks:
             h.remove()
         self._hooks.clear()
