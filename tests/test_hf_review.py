@@ -111,6 +111,29 @@ def test_a_model_whose_experts_were_moved_out_is_refused_before_the_store(stand_
     assert stand_in_store == ["register", "build", "close"]
 
 
+def test_a_second_close_retries_a_store_whose_close_raised(stand_in_store):
+    """ExpertStore.close() may raise and is retried by calling it again (it says so); the wrapper's close() must pass
+    the retry on even though the rest of its closing is done once."""
+    from types import SimpleNamespace as NS
+
+    model = _stand_in_model()
+    dw = hf.DwdpDeepseekV3(model, views=_views(model), scheduler=StandInScheduler(2))
+    calls = []
+
+    def close():
+        calls.append("close")
+        if len(calls) == 1:
+            raise DwdpError("a release step failed")
+
+    dw.store = NS(device=None, close=close)
+    with pytest.raises(DwdpError, match="a release step failed"):
+        dw.close()
+    assert not model.model._forward_pre_hooks
+    dw.close()
+    dw.close()
+    assert calls == ["close", "close"] and dw.store is None
+
+
 @pytest.mark.parametrize("T, k, E, align", [(5, 2, 4, 16), (5, 2, 4, 1), (9, 4, 3, 4), (7, 3, 8, 1), (0, 2, 4, 16),
                                             (1, 1, 1, 16)])
 def test_routed_experts_equal_a_loop_over_tokens_and_slots(T, k, E, align):

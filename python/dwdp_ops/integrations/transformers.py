@@ -310,18 +310,18 @@ class DwdpDeepseekV3:
     def close(self) -> None:
         """Removes the hooks, restores the model's experts implementation name and frees the store (collective). The
         model's expert weights are not restored (they were freed): the model is unusable without DWDP after this.
-        A second call does nothing (it had restored the name again, under a later wrapper or the user's own)."""
-        if self._closed:
-            return
-        self._closed = True
-        for ex in self._experts:  # (the layers had kept pointing at the closed wrapper and its store)
-            if getattr(ex, "_dwdp", (None,))[0] is self:
-                del ex._dwdp
-        for h in self._hooks:
-            h.remove()
-        self._hooks.clear()
-        cfg = _text_config(self.model.config)
-        cfg._experts_implementation = self._previous
+        A second call only retries a store whose ``close()`` raised (it had also restored the name again, under a
+        later wrapper or the user's own)."""
+        if not self._closed:
+            self._closed = True
+            for ex in self._experts:  # (the layers had kept pointing at the closed wrapper and its store)
+                if getattr(ex, "_dwdp", (None,))[0] is self:
+                    del ex._dwdp
+            for h in self._hooks:
+                h.remove()
+            self._hooks.clear()
+            cfg = _text_config(self.model.config)
+            cfg._experts_implementation = self._previous
         if self.store is not None:
             self.store.close()
             self.store = None
