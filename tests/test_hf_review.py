@@ -134,6 +134,16 @@ def test_a_second_close_retries_a_store_whose_close_raised(stand_in_store):
     assert calls == ["close", "close"] and dw.store is None
 
 
+def test_a_scheduler_without_views_is_refused(stand_in_store):
+    """scheduler= is the stand-in of the views test path; without views it was ignored silently (the store-backed
+    path builds its own PrefetchScheduler), after the experts had moved into the store."""
+    model = _stand_in_model()
+    with pytest.raises(ValueError, match="scheduler .* comes with views"):
+        hf.DwdpDeepseekV3(model, scheduler=StandInScheduler(2))
+    assert stand_in_store == []
+    assert all(ex.gate_up_proj.shape == (4, 16, 16) for _, ex in hf.moe_layers(model))
+
+
 @pytest.mark.parametrize("T, k, E, align", [(5, 2, 4, 16), (5, 2, 4, 1), (9, 4, 3, 4), (7, 3, 8, 1), (0, 2, 4, 16),
                                             (1, 1, 1, 16)])
 def test_routed_experts_equal_a_loop_over_tokens_and_slots(T, k, E, align):

@@ -160,7 +160,8 @@ class DwdpDeepseekV3:
         policy: ``prefetch_all``, ``on_demand`` or ``auto`` (``PrefetchScheduler``).
         partition: the expert placement (default: disjoint over the job's ranks).
         views: for tests without a GPU only: per MoE position ``(w13, w2)`` tensors standing in for the store's
-            composite views, with ``scheduler`` a stand-in (no store is built, no expert tensor is freed).
+            composite views, with ``scheduler`` a stand-in (no store is built, no expert tensor is freed); a
+            ``scheduler`` without ``views`` is refused.
         rates: the measured rates ``auto`` decides with (a ``dwdp_ops.policy.Rates``; None: H200 figures).
 
     Raises:
@@ -218,6 +219,9 @@ class DwdpDeepseekV3:
             raise TypeError(f"rates must be a dwdp_ops.policy.Rates, got {type(rates).__name__}")
         if views is not None and (scheduler is None or len(views) != len(self._experts)):
             raise ValueError("views (one (w13, w2) per MoE layer) come with a stand-in scheduler")
+        if views is None and scheduler is not None:  # (had been ignored: the store path builds its own)
+            raise ValueError("scheduler (a stand-in) comes with views; without them DwdpDeepseekV3 builds its "
+                             "PrefetchScheduler from policy and rates")
         register()  # (idempotent; imports transformers' experts interface)
         cfg = _text_config(model.config)
         self._previous = getattr(cfg, "_experts_implementation", None)
