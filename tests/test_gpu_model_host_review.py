@@ -155,3 +155,14 @@ def test_numpy_weights_refuse_a_dense_tensor_of_another_config():
     ok = NumpyWeights(cfg, init_weights(cfg, 0), device=0)
     ok.device = torch.device("cpu")
     assert tuple(ok.dense("layers.0.attn.wq_a").shape) == (48, 64)
+
+
+@pytest.mark.parametrize("n, fraction, empty", [(1, 0.2, "training"), (2, 0.6, "training"), (3, 0.9, "training")])
+def test_a_split_that_leaves_a_set_empty_is_refused(n, fraction, empty):
+    """can_data.split gave an empty training set without a word (1 sample at 0.2: nothing to train on, which
+    failed later); it now names the set and the fraction (the test set holds at least one sample at any fraction)."""
+    from dwdp_ops.models.can_data import split, synthetic
+
+    data, _ = synthetic(n, seq_len=6, seed=0)
+    with pytest.raises(ValueError, match=rf"leaves the {empty} set empty"):
+        split(data, fraction)

@@ -222,8 +222,8 @@ def synthetic(
 def split(data: Batchable, test_fraction: float = 0.2, seed: int = 0) -> tuple[Batchable, Batchable]:
     """``(train, test)``: ``data`` shuffled by ``seed`` (an integer >= 0), the last ``test_fraction`` of it (a real
     number in (0, 1)) the test set: the first ``floor(N x (1 - test_fraction))`` samples train. TypeError for a
-    ``data`` that is not a ``Batchable``; ValueError when
-    ``data``'s fields no longer agree (``Batchable.check_shapes``: one assigned since construction)."""
+    ``data`` that is not a ``Batchable``; ValueError when ``data``'s fields no longer agree
+    (``Batchable.check_shapes``: one assigned since construction) or when either set would be empty."""
     if not is_real(test_fraction):
         raise TypeError(f"test_fraction must be a number in (0, 1), got {test_fraction!r} "
                         f"({type(test_fraction).__name__})")
@@ -237,6 +237,9 @@ def split(data: Batchable, test_fraction: float = 0.2, seed: int = 0) -> tuple[B
     # floor(N x (1 - test_fraction)) training samples, in exact arithmetic on the fraction as written (its str):
     # int(90 * (1 - 0.3)) is 62, not 63, as 1 - 0.3 is 0.69999999999999996 in floats
     cut = math.floor(len(data) * (1 - Fraction(str(test_fraction))))
+    if not 0 < cut < len(data):  # (an empty set went on to fail, or to give no AUC, later)
+        raise ValueError(f"test_fraction {test_fraction} of {len(data)} samples leaves the "
+                         f"{'training' if cut == 0 else 'test'} set empty; more samples or another fraction")
     pick = lambda ix: Batchable(*(getattr(data, f)[ix] for f in data.__dataclass_fields__))  # noqa: E731
     return pick(idx[:cut]), pick(idx[cut:])
 
