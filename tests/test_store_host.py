@@ -589,3 +589,24 @@ def test_an_all_local_copy_fetch_still_checks_slice_bytes():
     with pytest.raises(ValueError, match=r"slice_bytes must be a positive int"):
         store.copy_engine.fetch(0, 0, schedule="interleaved", slice_bytes=-5)
     store.close()
+
+
+def test_a_peer_with_another_vmm_granularity_fails_every_rank_at_the_geometry_check():
+    """The device's VMM granularity was checked after the geometry all-gather, on each rank alone: on a node of mixed
+    GPUs the rank whose granularity does not divide the page raised its ValueError while its peers went on into the
+    first phase's agreement and waited there until the timeout. It is now part of the geometry every rank compares."""
+    import json
+
+    class PeerGranularity(FakeRendezvous):
+        def allgather(self, name, payload):
+            if name != "ExpertStore":
+                return super().allgather(name, payload)
+            peer = json.loads(payload)
+            peer[-1] *= 2  # the peer's device: another granularity, everything else alike
+            return [payload, json.dumps(peer).encode()]
+
+    be = FakeBackend()
+    rt = FakeRuntime(be, PeerGranularity(2))
+    with pytest.raises(DwdpError, match=r"rank\(s\) \[1\] describe a different .*VMM granularity than rank 0"):
+        ExpertStore(ExpertPartition.disjoint(8, 2), ExpertLayout.moe(256, 128, "bfloat16"), 2, runtime=rt)
+    assert not +be.live  # nothing was built

@@ -109,14 +109,18 @@ class ExpertStore:
         self._cache: dict[Any, Any] = {}  # ("table", layer, ti) -> device pointer array
         self._retired: list[Any] = []  # device tables of released layers, freed at close()
         self.copy_engine, self.nvshmem = CopyEngineFetch(self), NvshmemFetch(self)
+        # the device's VMM granularity is part of the geometry: checked after the collective on a rank alone (a node
+        # of mixed GPUs), its ValueError had left the peers waiting in the first phase's agreement until the timeout
+        gran = self.be.vmm_granularity(self.device)
         geometry = json.dumps(
             [partition.num_experts, partition.experts_per_rank, partition.stride, num_layers,
-             [[t.name, list(t.shape), t.dtype] for t in layout.tensors], layout.page, register_unit]
+             [[t.name, list(t.shape), t.dtype] for t in layout.tensors], layout.page, register_unit, gran]
         ).encode()
         views = rt.rendezvous.allgather("ExpertStore", geometry)
         if any(v != geometry for v in views):
             bad = [r for r, v in enumerate(views) if v != views[0]]
-            raise DwdpError(f"ExpertStore: rank(s) {bad} describe a different partition/layout/layer count than rank 0")
+            raise DwdpError(f"ExpertStore: rank(s) {bad} describe a different partition, layout, layer count, "
+                            "registration unit or VMM granularity than rank 0")
         # (after the collective: the unit is this rank's environment's; raised alone, the peers waited in it)
         if self.registration_overhead:
             raise DwdpError(
@@ -125,7 +129,6 @@ class ExpertStore:
                 "be mapped whole into the composite view. Leave NVSHMEM_CUMEM_GRANULARITY unset (dwdp_ops.init sets "
                 "2 MiB) or set it to the page size."
             )
-        gran = self.be.vmm_granularity(self.device)
         if layout.page % gran:
             raise ValueError(f"layout page {layout.page} is not a multiple of the device's VMM granularity {gran}")
         try:
