@@ -120,6 +120,8 @@ class NvshmemFetch:
     def __init__(self, store: ExpertStore):
         self.store = store
         self._tables: dict[int, Any] = {}  # layer -> device ExpertCopy records
+        self._unreachable: dict[int, list[int]] = {}  # layer -> the owners not P2P-mapped here (with its table)
+        self._max_bytes = max(t.nbytes for t in store.layout.tensors)  # the largest tensor of an expert
         self._all_ids: Any = None  # device copy of remote_ids()
         self._scratch: dict[int, tuple[Any, Any]] = {}  # stream handle -> (error flag [2], first occurrence [E])
         self._retired: list[Any] = []  # device tables of released layers, freed at the store's close()
@@ -136,6 +138,7 @@ class NvshmemFetch:
             rec = np.zeros(st.E * T, dtype=EXPERT_COPY_DTYPE)
             rec["pe"] = -1
             reachable = st.reachable_peers(layer)
+            self._unreachable[layer] = [p for p in range(st.world) if not reachable[p]]
             for e in range(st.E):
                 if owner[e] == st.rank:
                     continue
@@ -185,9 +188,7 @@ class NvshmemFetch:
                 raise ValueError(f"prepare: layer {layer} is outside [0, {st.num_layers})")
         # the store's state and released layers, before anything is built (a closed store's id list and scratch
         # would be device memory nothing frees; a released layer met after earlier layers' tables were built)
-        st.rt.require("ExpertStore.prepare")
-        if st._closed:
-            raise DwdpError("prepare: the ExpertStore is closed")
+        st.check_open("prepare")
         for layer in todo:
             st.check_layer(layer, "prepare")
         handles = []
@@ -287,9 +288,7 @@ class NvshmemFetch:
             if not 0 <= int(count) <= cap:
                 raise ValueError(f"fetch_nvshmem: count {count} is outside [0, {cap}]")
             cap = int(count)
-        max_bytes = max(t.nbytes for t in st.layout.tensors)
-        reachable = st.reachable_peers(layer)
-        unreachable = [p for p in range(st.world) if p != st.rank and not reachable[p]]
+        unreachable = self._unreachable[layer]  # (found with the table: fixed for the store's life)
         if peer_ptr is None:
             peer_ptr = not unreachable
         elif peer_ptr and unreachable:
@@ -297,7 +296,7 @@ class NvshmemFetch:
         err, first = self._scratch_for(s)
         chunk = int(chunk)
         st.be.fetch_experts(
-            table.data.ptr, st.E, len(st.layout.tensors), d.ptr, count_dev, cap, chunk, -(-max_bytes // chunk),
+            table.data.ptr, st.E, len(st.layout.tensors), d.ptr, count_dev, cap, chunk, -(-self._max_bytes // chunk),
             err.data.ptr, first.data.ptr, bool(peer_ptr), int(num_blocks), int(threads), s,
         )
 
@@ -328,9 +327,11 @@ class NvshmemFetch:
     def _release(self, layer: int) -> None:
         if layer in self._tables:  # a fetch already queued may still read it: kept until the store's close()
             self._retired.append(self._tables.pop(layer))
+            del self._unreachable[layer]
 
     def _clear(self) -> None:
         self._tables.clear()
+        self._unreachable.clear()
         self._retired.clear()
         self._scratch.clear()
         self._all_ids = None
