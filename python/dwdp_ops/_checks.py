@@ -1,14 +1,15 @@
 """The "is an integer" and "is a real number" tests behind the package's argument checks.
 
-``is_int``, ``is_real`` and ``is_bool`` are the predicates: a caller with its own message, exception type or range check builds
-on them, so that an error still names the argument and what it expects; ``int_at_least`` is the common whole check
-("``name`` must be an int >= lo"). Python and numpy integers pass (a count read from an array
-or a JSON file is as good as a literal); bools do not, though ``bool`` subclasses ``int``: ``True`` is almost
-always a mistake where a count or an index is asked for.
+``is_int``, ``is_real``, ``is_bool`` and ``is_finite_real`` (a real within floats' range) are the predicates: a caller
+with its own message, exception type or range check builds on them, so that an error still names the argument and what
+it expects; ``int_at_least`` is the common whole check ("``name`` must be an int >= lo"). Python and numpy integers
+pass (a count read from an array or a JSON file is as good as a literal); bools do not, though ``bool`` subclasses
+``int``: ``True`` is almost always a mistake where a count or an index is asked for.
 """
 
 from __future__ import annotations
 
+import math
 import numbers
 import operator
 from collections.abc import Mapping, Sequence, Set
@@ -29,6 +30,18 @@ def is_real(value: object) -> bool:
     """True for a real number, Python or numpy (any ``numbers.Real``: numpy floats and integers pass); bools refused,
     as ``is_int`` does (``True`` where a ratio, a rate or a timeout is asked for is a mistake, not 1.0)."""
     return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def is_finite_real(value: object) -> bool:
+    """True for a real number (``is_real``: bools refused) that is a finite float: an integer beyond floats' range
+    (10**400, a JSON file's 401-digit literal) is not one (``math.isfinite`` raises OverflowError for it, which named
+    no argument)."""
+    if not is_real(value):
+        return False
+    try:
+        return math.isfinite(float(value))
+    except OverflowError:
+        return False
 
 
 def int_at_least(name: str, value: object, lo: int, noun: str = "an int") -> int:

@@ -46,7 +46,7 @@ import sys
 from collections.abc import Mapping, Sequence, Set
 from dataclasses import dataclass, field
 
-from ._checks import int_at_least, is_real
+from ._checks import int_at_least, is_finite_real, is_real
 from .partition import ExpertPartition
 
 __all__ = ["MODES", "ModeChoice", "Rates", "choose_mode", "expected_distinct", "pair_shares"]
@@ -83,7 +83,7 @@ class Rates:
             if type(v) not in (int, float):
                 v = float(v)
                 object.__setattr__(self, name, v)
-            if not _finite(v):  # (math.isfinite of an int beyond floats' range raised OverflowError)
+            if not is_finite_real(v):  # (math.isfinite of an int beyond floats' range raised OverflowError)
                 raise ValueError(f"Rates.{name} must be a finite number, got {v!r}")
             if v < 0 or (v == 0 and name != "dispatch_latency_us"):
                 raise ValueError(f"Rates.{name} must be > 0 (latency >= 0), got {v}")
@@ -114,7 +114,7 @@ def expected_distinct(num_experts: int, top_k: int, tokens: int) -> float:
     if top_k > num_experts:
         raise ValueError(f"top_k must be in [1, {num_experts}] (num_experts), got {top_k}")
     tokens = int_at_least("tokens", tokens, 0)
-    if not _finite(num_experts):
+    if not is_finite_real(num_experts):
         raise ValueError(f"num_experts must be at most {sys.float_info.max:.6g} (a float's range), got {num_experts}")
     # base ** tokens is 0.0 for any base < 1 long before 2^1000 tokens (base <= 1 - 2^-53); a Python int exponent
     # beyond floats' range raised OverflowError
@@ -152,13 +152,6 @@ def _shares(partition: ExpertPartition, top_k: int) -> tuple[tuple[tuple[float, 
     q = tuple(tuple(_p_row(m[s][d], E, top_k) for d in range(N)) for s in range(N))
     return tuple(tuple(r) for r in m), q
 
-
-def _finite(v) -> bool:
-    """``math.isfinite(v)``, False (not OverflowError) for an int beyond floats' range."""
-    try:
-        return math.isfinite(v)
-    except OverflowError:
-        return False
 
 
 def _p_row(m: float, E: int, k: int) -> float:
@@ -214,7 +207,7 @@ def choose_mode(tokens_per_rank: Sequence[int], partition: ExpertPartition, layo
         raise ValueError(f"top_k must be in [1, {E}] (the layer's experts), got {k}")
     for name, v in ([(f"tokens_per_rank[{r}]", t) for r, t in enumerate(tokens)]
                     + [("layout_bytes_per_expert", X), ("fetch_bytes_per_expert", Xf), ("hidden", H)]):
-        if not _finite(v):  # (the rate model's float arithmetic raised OverflowError)
+        if not is_finite_real(v):  # (the rate model's float arithmetic raised OverflowError)
             raise ValueError(f"{name} must be at most {sys.float_info.max:.6g} (a float's range), got {v}")
     sizes = {}
     for name, v in (("param_bytes", param_bytes), ("token_bytes", token_bytes), ("partial_bytes", partial_bytes)):
@@ -222,7 +215,7 @@ def choose_mode(tokens_per_rank: Sequence[int], partition: ExpertPartition, layo
             raise TypeError(f"{name} must be a number > 0, got {v!r} ({type(v).__name__})")
         if not v > 0:
             raise ValueError(f"{name} must be a number > 0, got {v!r}")
-        if not _finite(v):
+        if not is_finite_real(v):
             raise ValueError(f"{name} must be a finite number > 0, got {v!r}")
         sizes[name] = v if type(v) in (int, float) else float(v)
     param_bytes, token_bytes, partial_bytes = sizes["param_bytes"], sizes["token_bytes"], sizes["partial_bytes"]

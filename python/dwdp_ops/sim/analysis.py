@@ -27,9 +27,8 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 
-from .._checks import is_int
+from .._checks import is_finite_real, is_int
 from ..models.deepseek_r1.config import DeepSeekConfig
-from ._finite import is_finite_real
 from .costs import CATEGORIES, Overrides, load_calibration
 from .model import SimConfig, simulate
 from .paper import PAPER

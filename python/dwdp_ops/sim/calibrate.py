@@ -52,9 +52,8 @@ from statistics import mean
 
 import numpy as np
 
-from .._checks import is_int
+from .._checks import is_finite_real, is_int
 from ..models.deepseek_r1.config import DeepSeekConfig
-from ._finite import is_finite_real
 from .costs import SCHEMA, R1Ops, validate_calibration
 from .paper import PAPER
 

@@ -48,9 +48,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .._checks import int_at_least
+from .._checks import int_at_least, is_finite_real
 from ..models.deepseek_r1.config import DeepSeekConfig
-from ._finite import is_finite_real
 
 __all__ = ["CATEGORIES", "COMPUTE", "PROFILES", "SCHEMA", "CostModel", "Overrides", "R1Ops", "load_calibration",
            "validate_calibration"]

@@ -106,11 +106,10 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
-from .._checks import is_int
+from .._checks import is_finite_real, is_int
 from ..models.deepseek_r1.config import DeepSeekConfig
 from ..partition import ExpertPartition
 from ..policy import _p_row
-from ._finite import is_finite_real
 from .costs import CATEGORIES, COMPUTE, PROFILES, CostModel, Overrides, load_calibration
 from .workload import Iteration, _check_source, workload
 

@@ -32,8 +32,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .._checks import is_int, is_real
-from ._finite import is_finite_real
+from .._checks import is_finite_real, is_int, is_real
 
 __all__ = ["DRAW_BLOCK_MAX", "Chunk", "Iteration", "batch_requests", "draw_block", "drawn_lengths", "iter_batches",
            "rank_iterations", "request_lengths", "workload"]
