@@ -100,23 +100,19 @@ def test_a_silent_rank_in_a_dispatch_is_named():
 
 
 @pytest.mark.timeout(20)
-def test_a_dead_rank_in_a_dispatch_is_named():
-    """The last rank exits after set-up: the others' dispatch fails at once ("Connection reset by peer")."""
-    res = _run("dead", 2, [0, 1])
+@pytest.mark.parametrize("mode, head, who", [
+    # the last rank exits after set-up: the others' dispatch fails at once ("Connection reset by peer")
+    ("dead", "all_gather_into_tensor of the counts in dispatch #1 failed on rank 0 of 2",
+     "rank(s) [1] had not reached dispatch #1 (last dispatch entered: rank 1 #0)"),
+    # the last rank skips the combine of dispatch #1 and enters dispatch #2: the others' combine names it
+    ("combine", "all_to_all_single of the partials in the combine of dispatch #1 failed on rank 0 of 2",
+     "rank(s) [1] had moved on to a later dispatch without this combine (rank 1 #2)"),
+], ids=["dead-rank-in-a-dispatch", "rank-skipping-a-combine"])
+def test_a_rank_that_breaks_a_collective_is_named(mode, head, who):
+    res = _run(mode, 2, [0, 1])
     s, msg = res[0]
-    assert msg.startswith("DwdpError: NcclDispatcher: all_gather_into_tensor of the counts in dispatch #1 failed "
-                          "on rank 0 of 2"), msg
-    assert "rank(s) [1] had not reached dispatch #1 (last dispatch entered: rank 1 #0)" in msg, msg
-
-
-@pytest.mark.timeout(20)
-def test_a_rank_that_skips_a_combine_is_named():
-    """The last rank skips the combine of dispatch #1 and enters dispatch #2: the others' combine names it."""
-    res = _run("combine", 2, [0, 1])
-    s, msg = res[0]
-    assert msg.startswith("DwdpError: NcclDispatcher: all_to_all_single of the partials in the combine of dispatch #1 "
-                          "failed on rank 0 of 2"), res
-    assert "rank(s) [1] had moved on to a later dispatch without this combine (rank 1 #2)" in msg, res
+    assert msg.startswith(f"DwdpError: NcclDispatcher: {head}"), res
+    assert who in msg, res
 
 
 @pytest.mark.timeout(30)
